@@ -1,0 +1,30 @@
+"""NATS subject and stream names (DESIGN §3, api.md §16)."""
+
+from __future__ import annotations
+
+from ckp_core.ids import encode_token
+
+EVENT_STREAM = "LO_EVT"
+COMMAND_STREAM = "LO_CMD"
+PROCEDURES_BUCKET = "lo_procedures"
+STEPS_BUCKET = "lo_steps"
+
+
+def event_subject(aggregate: str, aggregate_id: str, event_type: str) -> str:
+    """``lo.evt.<aggregate>.<encoded id>.<type>``."""
+    return f"lo.evt.{aggregate}.{encode_token(aggregate_id)}.{event_type}"
+
+
+def aggregate_filter(aggregate: str, aggregate_id: str) -> str:
+    """Subject filter covering every event of one aggregate."""
+    return f"lo.evt.{aggregate}.{encode_token(aggregate_id)}.>"
+
+
+def command_subject(aggregate: str, verb: str) -> str:
+    """``lo.cmd.<aggregate>.<verb>``."""
+    return f"lo.cmd.{aggregate}.{verb}"
+
+
+def procedure_key(procedure_id: str, version: str) -> str:
+    """KV key of a compiled procedure version in ``lo_procedures``."""
+    return f"{encode_token(procedure_id)}.{encode_token(version)}"

@@ -1,0 +1,193 @@
+"""JetStream: topology set-up, the ``EventStore`` adapter and command publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
+from ckp_core.commands import Command
+from ckp_core.errors import ConcurrencyError
+from ckp_core.eventstore import AggregateHead, StoredEvent
+from ckp_core.events import EventEnvelope
+from ckp_core.subjects import (
+    COMMAND_STREAM,
+    EVENT_STREAM,
+    PROCEDURES_BUCKET,
+    STEPS_BUCKET,
+    aggregate_filter,
+    command_subject,
+    event_subject,
+)
+
+log = logging.getLogger(__name__)
+
+WRONG_LAST_SEQUENCE = 10071
+
+STREAMS = (
+    StreamConfig(name=EVENT_STREAM, subjects=["lo.evt.>"], retention=RetentionPolicy.LIMITS,
+                 storage=StorageType.FILE, duplicate_window=120.0, allow_direct=True),
+    StreamConfig(name=COMMAND_STREAM, subjects=["lo.cmd.>"], retention=RetentionPolicy.WORK_QUEUE,
+                 storage=StorageType.FILE, duplicate_window=600.0),
+)
+BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET)
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect to NATS, retrying the first connection for a few seconds."""
+    return await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
+                              reconnect_time_wait=0.5)
+
+
+async def ensure_topology(js: JetStreamContext) -> None:
+    """Create the streams and KV buckets if missing (idempotent; safe from every replica)."""
+    for cfg in STREAMS:
+        try:
+            await js.stream_info(cfg.name or "")
+            await js.update_stream(cfg)
+        except NotFoundError:
+            try:
+                await js.add_stream(cfg)
+            except BadRequestError:  # created concurrently by another replica
+                await js.stream_info(cfg.name or "")
+    for bucket in BUCKETS:
+        try:
+            await js.key_value(bucket)
+        except NotFoundError:
+            await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+
+
+def encode_envelope(envelope: EventEnvelope) -> bytes:
+    return envelope.model_dump_json().encode()
+
+
+def decode_message(msg: Msg) -> StoredEvent:
+    """Decode an ``LO_EVT`` message into its envelope and stream position."""
+    envelope = EventEnvelope.model_validate_json(msg.data)
+    return StoredEvent(envelope, msg.metadata.sequence.stream)
+
+
+class JetStreamEventStore:
+    """``EventStore`` on ``LO_EVT`` with per-aggregate expected-last-sequence checks."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+
+    async def append(self, events: Sequence[EventEnvelope], *, expected_position: int) -> list[int]:
+        positions: list[int] = []
+        expected = expected_position
+        for ev in events:
+            filt = aggregate_filter(ev.aggregate, ev.aggregate_id)
+            headers = {
+                "Nats-Msg-Id": ev.event_id,
+                "Nats-Expected-Last-Subject-Sequence": str(expected),
+                "Nats-Expected-Last-Subject-Sequence-Subject": filt,
+            }
+            try:
+                ack = await self.js.publish(event_subject(ev.aggregate, ev.aggregate_id, ev.type),
+                                            encode_envelope(ev), headers=headers)
+            except APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                last = await self._last_message(filt)
+                if last is not None and (last.headers or {}).get("Nats-Msg-Id") == ev.event_id:
+                    positions.append(last.seq)  # an earlier try of this same append landed
+                    expected = last.seq
+                    continue
+                raise ConcurrencyError(
+                    f"{ev.aggregate} {ev.aggregate_id}: expected position {expected}, found "
+                    f"{last.seq if last else 0}",
+                    details={"expected": expected, "actual": last.seq if last else 0},
+                ) from exc
+            positions.append(ack.seq)
+            expected = ack.seq
+        return positions
+
+    async def _last_message(self, filt: str) -> Any:
+        try:
+            return await self.js.get_last_msg(EVENT_STREAM, filt)
+        except NotFoundError:
+            return None
+
+    async def head(self, aggregate: str, aggregate_id: str) -> AggregateHead | None:
+        last = await self._last_message(aggregate_filter(aggregate, aggregate_id))
+        if last is None:
+            return None
+        envelope = EventEnvelope.model_validate_json(last.data)
+        return AggregateHead(envelope.seq, last.seq)
+
+    async def read(self, aggregate: str, aggregate_id: str, after_position: int = 0) -> list[StoredEvent]:
+        head = await self.head(aggregate, aggregate_id)
+        if head is None or head.position <= after_position:
+            return []
+        out: list[StoredEvent] = []
+        async for stored in follow(self.js, aggregate_filter(aggregate, aggregate_id), after_position):
+            out.append(stored)
+            if stored.position >= head.position:
+                break
+        return out
+
+
+async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
+                 *, new_only: bool = False) -> AsyncIterator[StoredEvent]:
+    """Yield events on ``subject`` after ``after_position`` and then live, via an ordered consumer."""
+    if new_only:
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    elif after_position > 0:
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_position + 1)
+    else:
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    sub = await js.subscribe(subject, ordered_consumer=True, config=cfg, stream=EVENT_STREAM)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
+            yield decode_message(msg)
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection may already be closed on shutdown
+            log.debug("unsubscribe after follow failed", exc_info=True)
+
+
+async def publish_command(js: JetStreamContext, command: Command, *, msg_id: str | None = None) -> int:
+    """Publish a command on ``lo.cmd.<aggregate>.<verb>`` with ``Nats-Msg-Id`` (= command id by default)."""
+    ack = await js.publish(
+        command_subject(command.AGGREGATE, command.VERB),
+        command.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": msg_id or command.command_id},
+    )
+    return int(ack.seq)
+
+
+async def stream_last_position(js: JetStreamContext) -> int:
+    """The last sequence of ``LO_EVT`` (0 when empty)."""
+    info = await js.stream_info(EVENT_STREAM)
+    return int(info.state.last_seq)
+
+
+def json_dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+async def wait_closed(nc: NATS) -> None:
+    """Drain and close a connection, tolerating one that is already gone."""
+    try:
+        await asyncio.wait_for(nc.drain(), 5)
+    except Exception:  # noqa: BLE001 - best effort on shutdown
+        log.debug("drain failed", exc_info=True)
