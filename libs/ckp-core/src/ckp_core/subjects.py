@@ -26,5 +26,9 @@ def command_subject(aggregate: str, verb: str) -> str:
 
 
 def procedure_key(procedure_id: str, version: str) -> str:
-    """KV key of a compiled procedure version in ``lo_procedures``."""
-    return f"{encode_token(procedure_id)}.{encode_token(version)}"
+    """KV key of a compiled procedure version in ``lo_procedures``.
+
+    KV keys may not contain ``~``, so the token encoding's escape character is written ``=`` here
+    (``invoice.v2`` / ``1.0.0`` → ``invoice=2Ev2.1=2E0=2E0``); ``=`` never occurs in an encoded token.
+    """
+    return f"{encode_token(procedure_id)}.{encode_token(version)}".replace("~", "=")

@@ -41,7 +41,6 @@ class GatewaySettings(CommonSettings):
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")
     sse_keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
-    max_page_size: int = Field(500, description="Largest accepted `limit` on lists.")
 
 
 class UpSettings(CommonSettings):

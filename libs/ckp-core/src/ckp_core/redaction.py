@@ -1,0 +1,52 @@
+"""Redaction of event payloads, views and logs (ckp.md §7.15, api.md §1.7)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+REDACTED = "***REDACTED***"
+
+_SENSITIVE_KEY = re.compile(
+    r"^(password|passwd|secret|client_secret|api_key|apikey|api-key|authorization|cookie|private_key|"
+    r"access_key|credentials?|.*_token|token)$",
+    re.IGNORECASE,
+)
+_COUNTERS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+
+
+def is_sensitive_key(key: str, extra: frozenset[str] = frozenset()) -> bool:
+    """True when a key's value must be redacted wherever it appears."""
+    if key in extra:
+        return True
+    if key.lower() in _COUNTERS:
+        return False
+    return bool(_SENSITIVE_KEY.match(key))
+
+
+class Redactor:
+    """Redacts by key (built-in rules plus extra names) and masks known sensitive values."""
+
+    def __init__(self, extra_keys: Iterable[str] = (), values: Iterable[str] = ()) -> None:
+        self.extra_keys = frozenset(extra_keys)
+        self.values = sorted({v for v in values if isinstance(v, str) and len(v) >= 4}, key=len, reverse=True)
+
+    def _mask(self, s: str) -> str:
+        for v in self.values:
+            if v in s:
+                s = s.replace(v, REDACTED)
+        return s
+
+    def redact(self, value: Any) -> Any:
+        """Return a redacted deep copy of a JSON value."""
+        if isinstance(value, dict):
+            return {
+                k: REDACTED if is_sensitive_key(str(k), self.extra_keys) else self.redact(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [self.redact(v) for v in value]
+        if isinstance(value, str) and self.values:
+            return self._mask(value)
+        return value

@@ -1,0 +1,431 @@
+"""The gateway: FastAPI REST + SSE over the projections, publishing commands to JetStream.
+
+``create_app(settings)`` is the composition root: it opens NATS and PostgreSQL once in the lifespan, starts
+the projector, and hands the clients to the routes through ``request.app.state``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from ckp_core.commands import ImportProcedure, StartRun
+from ckp_core.compiler import compile_document
+from ckp_core.errors import InvalidInputVars
+from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_time, make_event
+from ckp_core.ids import new_id
+from ckp_core.subjects import EVENT_STREAM, aggregate_filter
+from ckp_core.variables import VariableSpec, validate_inputs
+from langorch_gateway import views
+from langorch_gateway.problems import ApiProblem, install
+from langorch_gateway.projector import Projector, ensure_schema
+from langorch_infra.jetstream import (
+    JetStreamEventStore,
+    connect,
+    decode_message,
+    ensure_topology,
+    follow,
+    publish_command,
+)
+from langorch_infra.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "1"
+SERVICE_VERSION = "0.1.0"
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LARGE_BODY_PATHS = ("/api/procedures",)
+MAX_PAGE_SIZE = 500
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+Offset = Annotated[int, Query(ge=0)]
+AfterQuery = Annotated[int | None, Query(ge=0)]
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
+MinPosition = Annotated[int | None, Header(alias="X-LangOrch-Min-Position")]
+
+
+class ImportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ckp_json: dict[str, Any]
+    project_id: str | None = None
+
+
+class RunCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    procedure_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    procedure_version: str | None = None
+    release_channel: str | None = Field(None, pattern=r"^(dev|qa|prod)$")
+    input_vars: dict[str, Any] = Field(default_factory=dict)
+    project_id: str | None = None
+    case_id: None = None
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    """Build the gateway application."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nc = await connect(settings.nats_url, "langorch-gateway")
+        js = nc.jetstream()
+        await ensure_topology(js)
+        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+        assert pool is not None
+        await ensure_schema(pool)
+        projector = Projector(pool, js)
+        projector.start()
+        app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
+        app.state.store = JetStreamEventStore(js)
+        try:
+            yield
+        finally:
+            await projector.stop()
+            await pool.close()
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    app = FastAPI(title="LangOrch API", version=SERVICE_VERSION, lifespan=lifespan)
+    app.state.settings = settings
+    install(app)
+
+    @app.middleware("http")
+    async def envelope(request: Request, call_next: Any) -> Response:
+        rid = request.headers.get("x-request-id")
+        request.state.request_id = rid if rid and REQUEST_ID.match(rid) else new_id()
+        problem: ApiProblem | None = None
+        if request.method in ("POST", "PUT", "PATCH"):
+            ctype = request.headers.get("content-type", "")
+            length = int(request.headers.get("content-length") or 0)
+            limit = 10 * 1024 * 1024 if request.url.path.startswith(LARGE_BODY_PATHS) else 1024 * 1024
+            if length and not ctype.split(";")[0].strip().endswith("json"):
+                problem = ApiProblem("unsupported_media_type", f"content type '{ctype}' is not accepted; "
+                                     "send application/json")
+            elif length > limit:
+                problem = ApiProblem("payload_too_large", f"body of {length} bytes exceeds {limit} bytes")
+        if problem is not None:
+            from langorch_gateway.problems import problem_response
+
+            response: Response = problem_response(request, problem.code, problem.detail)
+        else:
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        response.headers["LangOrch-API-Version"] = API_VERSION
+        response.headers["X-LangOrch-Auth"] = "disabled"
+        return response
+
+    def pool(request: Request) -> asyncpg.Pool:
+        return request.app.state.pool  # type: ignore[no-any-return]
+
+    async def ryw(request: Request, position: int) -> None:
+        projector: Projector = request.app.state.projector
+        if not await projector.wait(position, settings.ryw_timeout_ms / 1000):
+            log.warning("projection did not reach %s within the RYW timeout", position)
+
+    # -- meta ---------------------------------------------------------------------------------------
+    @app.get("/api/health")
+    async def health() -> dict[str, Any]:
+        """Liveness: the process serves HTTP."""
+        return {"status": "ok", "service": "gateway", "version": SERVICE_VERSION, "auth": "disabled"}
+
+    @app.get("/api/schemas/events")
+    async def schemas() -> dict[str, Any]:
+        """JSON Schemas of the event envelope and payloads, generated from ckp-core."""
+        return event_json_schemas()
+
+    # -- procedures ---------------------------------------------------------------------------------
+    @app.post("/api/procedures", status_code=201)
+    async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
+        """Compile, then import a procedure version through the compiler service."""
+        result = compile_document(body.ckp_json)
+        diagnostics = [d.model_dump(mode="json") for d in result.diagnostics]
+        identity_errors = {f"ckp_json.{d.path.lstrip('/')}": [d.message] for d in result.errors
+                           if d.path in ("/procedure_id", "/version")}
+        if identity_errors:
+            raise ApiProblem("validation_failed", "procedure_id or version is missing or malformed",
+                             errors=identity_errors, diagnostics=diagnostics)
+        if not result.ok:
+            n = len(result.errors)
+            raise ApiProblem("compile_failed", f"{n} compile error{'s' if n != 1 else ''}", errors={},
+                             diagnostics=diagnostics)
+        assert result.ir is not None
+        pid, version = result.ir.procedure_id, result.ir.version
+        existing = await pool(request).fetchrow(
+            "SELECT content_hash FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
+        if existing is not None:
+            raise ApiProblem("procedure_version_exists", f"procedure {pid} version {version} already exists",
+                             existing_content_hash=existing["content_hash"],
+                             identical=existing["content_hash"] == result.ir.content_hash)
+        command = ImportProcedure(actor=ANONYMOUS, causation_id=request.state.request_id,
+                                  ckp_json=body.ckp_json, project_id=body.project_id)
+        outcome = await _await_outcome(request, "procedure", pid, command)
+        if outcome is None:
+            return _pending(command.command_id, "import_procedure")
+        envelope, position = outcome
+        if envelope.type == "command_rejected":
+            d = envelope.data
+            raise ApiProblem(d["code"], d["detail"], **d.get("extra", {}))
+        await ryw(request, position)
+        row = await pool(request).fetchrow(
+            "SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
+        if row is None:
+            return _pending(command.command_id, "import_procedure")
+        return JSONResponse(views.procedure_detail(row), status_code=201, headers={
+            "Location": f"/api/procedures/{pid}/{version}", "X-LangOrch-Command-ID": command.command_id,
+            "X-LangOrch-Position": str(position)})
+
+    @app.get("/api/procedures")
+    async def list_procedures(
+        request: Request,
+        procedure_id: str | None = None,
+        status: str | None = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Page of procedure versions, newest first."""
+        where, args = _filters({"procedure_id": procedure_id, "status": status})
+        rows, total = await _page(pool(request), "procedures", where, args,
+                                  "created_at DESC, procedure_id, version", limit, offset)
+        return views.page([views.procedure_out(r) for r in rows], total, limit, offset)
+
+    @app.get("/api/procedures/{procedure_id}/{version}")
+    async def get_procedure(request: Request, procedure_id: str, version: str) -> JSONResponse:
+        """One procedure version with its document; ``latest`` is the most recently imported."""
+        if version == "latest":
+            row = await pool(request).fetchrow(
+                "SELECT * FROM procedures WHERE procedure_id = $1 ORDER BY position DESC LIMIT 1", procedure_id)
+        else:
+            row = await pool(request).fetchrow(
+                "SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", procedure_id, version)
+        if row is None:
+            raise ApiProblem("not_found", f"procedure {procedure_id} version {version} not found",
+                             resource="procedure")
+        return JSONResponse(views.procedure_detail(row), headers={"ETag": f'"{row["revision"]}"'})
+
+    # -- runs ---------------------------------------------------------------------------------------
+    @app.post("/api/runs", status_code=201)
+    async def create_run(request: Request, body: RunCreate) -> JSONResponse:
+        """Validate inputs, append ``run_created`` and publish ``lo.cmd.run.start``."""
+        db = pool(request)
+        row = await _resolve_version(db, body)
+        eff = row["effective_date"]
+        if eff and date.fromisoformat(eff) > datetime.now(UTC).date():
+            raise ApiProblem("procedure_not_effective", f"version {row['version']} is effective from {eff}")
+        schema = views._json(row["variables_schema"]) or {}
+        variables = {n: VariableSpec.model_validate(s | {"has_default": s.get("default") is not None})
+                     for n, s in schema.items()}
+        run_id = new_id()
+        builtins = {"run_id": run_id, "root_run_id": run_id, "parent_run_id": None,
+                    "procedure_id": row["procedure_id"], "procedure_version": row["version"],
+                    "trigger_type": "api", "triggered_by": None, "now": format_time(datetime.now(UTC)),
+                    "today": datetime.now(UTC).date().isoformat()}
+        try:
+            inputs = validate_inputs(variables, body.input_vars, builtins)
+        except InvalidInputVars as exc:
+            raise ApiProblem("invalid_input_vars", exc.message, errors=exc.errors) from exc
+        data = RunCreated(procedure_id=row["procedure_id"], procedure_version=row["version"],
+                          release_channel=row["release_channel"] if body.procedure_version is None else None,
+                          input_vars=inputs, trigger_type="api", root_run_id=run_id,
+                          project_id=body.project_id or row["project_id"])
+        command = StartRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
+        event = make_event(data, aggregate_id=run_id, seq=1, actor=ANONYMOUS,
+                           causation_id=command.command_id, correlation_id=run_id)
+        [position] = await request.app.state.store.append([event], expected_position=0)
+        await publish_command(request.app.state.js, command)
+        await ryw(request, position)
+        run = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+        if run is None:
+            return _pending(command.command_id, "start_run")
+        return JSONResponse(views.run_out(run), status_code=201, headers={
+            "Location": f"/api/runs/{run_id}", "X-LangOrch-Command-ID": command.command_id,
+            "X-LangOrch-Position": str(position)})
+
+    @app.get("/api/runs")
+    async def list_runs(
+        request: Request,
+        procedure_id: str | None = None,
+        procedure_version: str | None = None,
+        status: str | None = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Page of runs, newest first."""
+        statuses = [s.strip().replace("cancelled", "canceled") for s in status.split(",")] if status else None
+        where, args = _filters({"procedure_id": procedure_id, "procedure_version": procedure_version,
+                                "status": statuses})
+        rows, total = await _page(pool(request), "runs", where, args, "created_at DESC, run_id DESC", limit,
+                                  offset)
+        return views.page([views.run_out(r) for r in rows], total, limit, offset)
+
+    @app.get("/api/runs/{run_id}")
+    async def get_run(request: Request, run_id: str,
+                      min_position: MinPosition = None) -> JSONResponse:
+        """One run."""
+        if min_position:
+            await ryw(request, min_position)
+        row = await pool(request).fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+        if row is None:
+            raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
+        return JSONResponse(views.run_out(row), headers={
+            "X-LangOrch-Position": str(request.app.state.projector.position)})
+
+    @app.get("/api/runs/{run_id}/events")
+    async def run_events(
+        request: Request,
+        run_id: str,
+        event_type: str | None = None,
+        node_id: str | None = None,
+        step_id: str | None = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        """Page of a run's events in ``seq`` order."""
+        db = pool(request)
+        if await db.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id) is None:
+            raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
+        types = [t.strip() for t in event_type.split(",")] if event_type else None
+        where, args = _filters({"run_id": run_id, "event_type": types, "node_id": node_id,
+                                "step_id": step_id})
+        rows, total = await _page(db, "run_events", where, args, "seq", limit, offset)
+        return views.page([views.event_out_from_row(r) for r in rows], total, limit, offset)
+
+    @app.get("/api/runs/{run_id}/stream")
+    async def run_stream(
+        request: Request,
+        run_id: str,
+        after: AfterQuery = None,
+        history: bool = True,
+        last_event_id: LastEventId = None,
+    ) -> EventSourceResponse:
+        """Live SSE of a run's events straight from JetStream, resumable with ``Last-Event-ID``."""
+        store: JetStreamEventStore = request.app.state.store
+        known = await pool(request).fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id)
+        if known is None and await store.head("run", run_id) is None:
+            raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
+        start = after or 0
+        if last_event_id is not None:
+            if not last_event_id.isdigit():
+                raise ApiProblem("validation_failed", "Last-Event-ID must be a stream sequence",
+                                 errors={"header.Last-Event-ID": ["Must be a non-negative integer"]})
+            start = int(last_event_id)
+        new_only = last_event_id is None and after is None and not history
+        js = request.app.state.js
+
+        async def events() -> AsyncIterator[ServerSentEvent]:
+            yield ServerSentEvent(comment="langorch run stream", retry=3000)
+            async for stored in follow(js, aggregate_filter("run", run_id), start, new_only=new_only):
+                env = stored.envelope
+                yield ServerSentEvent(json.dumps(views.event_out(env, stored.position), separators=(",", ":")),
+                                      event="run_event", id=str(stored.position))
+                if env.type in ("run_completed", "run_failed", "run_canceled", "run_deleted"):
+                    status = {"run_completed": "completed", "run_failed": "failed",
+                              "run_canceled": "canceled", "run_deleted": "deleted"}[env.type]
+                    yield ServerSentEvent(json.dumps({"run_id": run_id, "status": status}), event="end")
+                    return
+
+        return EventSourceResponse(events(), ping=settings.sse_keepalive_s,
+                                   headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def _pending(command_id: str, command_type: str) -> JSONResponse:
+    return JSONResponse(
+        {"command_id": command_id, "command_type": command_type, "status": "pending",
+         "location": f"/api/commands/{command_id}"},
+        status_code=202, headers={"Location": f"/api/commands/{command_id}"})
+
+
+async def _await_outcome(request: Request, aggregate: str, aggregate_id: str,
+                         command: ImportProcedure) -> tuple[Any, int] | None:
+    """Publish a command and wait for the event it caused on its aggregate (None on timeout).
+
+    The ordered consumer is created before the command is published, so the outcome cannot be missed.
+    """
+    js = request.app.state.js
+    settings: GatewaySettings = request.app.state.settings
+    sub = await js.subscribe(aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
+    try:
+        await publish_command(js, command)
+        deadline = asyncio.get_running_loop().time() + settings.command_timeout_s
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return None
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except NatsTimeoutError:
+                return None
+            stored = decode_message(msg)
+            if stored.envelope.causation_id == command.command_id:
+                return stored.envelope, stored.position
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+def _filters(values: dict[str, Any]) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    for column, value in values.items():
+        if value is None:
+            continue
+        args.append(value)
+        clauses.append(f"{column} = ANY(${len(args)})" if isinstance(value, list) else f"{column} = ${len(args)}")
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+async def _page(db: asyncpg.Pool, table: str, where: str, args: list[Any], order: str, limit: int,
+                offset: int) -> tuple[list[asyncpg.Record], int]:
+    async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        total = await conn.fetchval(f"SELECT count(*) FROM {table}{where}", *args)  # noqa: S608
+        rows = await conn.fetch(
+            f"SELECT * FROM {table}{where} ORDER BY {order} LIMIT {limit} OFFSET {offset}", *args)  # noqa: S608
+    return list(rows), int(total)
+
+
+async def _resolve_version(db: asyncpg.Pool, body: RunCreate) -> asyncpg.Record:
+    """The procedure version a new run executes (api.md §5.3 RunCreate)."""
+    pid = body.procedure_id
+    if body.procedure_version not in (None, "latest"):
+        row = await db.fetchrow("SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", pid,
+                                body.procedure_version)
+        if row is None:
+            raise ApiProblem("not_found", f"procedure {pid} version {body.procedure_version} not found",
+                             resource="procedure")
+        if row["status"] not in ("draft", "active"):
+            raise ApiProblem("procedure_not_runnable", f"version {row['version']} is {row['status']}")
+        return row
+    if body.procedure_version == "latest":
+        row = await db.fetchrow(
+            "SELECT * FROM procedures WHERE procedure_id = $1 AND status IN ('draft', 'active') "
+            "ORDER BY position DESC LIMIT 1", pid)
+    else:
+        channels = [body.release_channel] if body.release_channel else ["prod", "qa", "dev"]
+        row = None
+        for channel in channels:
+            row = await db.fetchrow(
+                "SELECT * FROM procedures WHERE procedure_id = $1 AND status = 'active' AND release_channel = $2",
+                pid, channel)
+            if row is not None:
+                break
+    if row is None:
+        if await db.fetchval("SELECT 1 FROM procedures WHERE procedure_id = $1", pid) is None:
+            raise ApiProblem("not_found", f"procedure {pid} not found", resource="procedure")
+        raise ApiProblem("no_runnable_version", f"procedure {pid} has no runnable version here: name a "
+                         "procedure_version (or 'latest'), or activate a version")
+    return row

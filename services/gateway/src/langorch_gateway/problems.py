@@ -1,0 +1,126 @@
+"""Problem details (RFC 9457, api.md §1.2): one exception type and the one place codes become statuses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    "malformed_json": 400, "callback_mismatch": 400,
+    "not_found": 404, "method_not_allowed": 405,
+    "procedure_version_exists": 409, "procedure_not_runnable": 409, "procedure_not_effective": 409,
+    "no_runnable_version": 409, "invalid_run_transition": 409,
+    "payload_too_large": 413, "unsupported_media_type": 415,
+    "validation_failed": 422, "unknown_field": 422, "unsupported_field": 422, "compile_failed": 422,
+    "invalid_input_vars": 422,
+    "internal_error": 500, "unavailable": 503,
+}
+TITLES = {
+    "malformed_json": "Malformed JSON", "not_found": "Not found", "method_not_allowed": "Method not allowed",
+    "procedure_version_exists": "Procedure version exists", "procedure_not_runnable": "Procedure not runnable",
+    "procedure_not_effective": "Procedure not effective yet", "no_runnable_version": "No runnable version",
+    "payload_too_large": "Payload too large", "unsupported_media_type": "Unsupported media type",
+    "validation_failed": "Validation failed", "unknown_field": "Unknown field",
+    "unsupported_field": "Unsupported field", "compile_failed": "Compile failed",
+    "invalid_input_vars": "Invalid input variables", "internal_error": "Internal error",
+    "unavailable": "Service unavailable",
+}
+RETRYABLE = frozenset({"unavailable"})
+
+
+class ApiProblem(Exception):
+    """Raise to answer with a problem response; ``extra`` becomes extension members."""
+
+    def __init__(self, code: str, detail: str, *, errors: dict[str, list[str]] | None = None,
+                 status: int | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.errors = errors
+        self.status = status or STATUS.get(code, 400)
+        self.extra = extra
+
+
+def problem_response(request: Request, code: str, detail: str, *, status: int | None = None,
+                     errors: dict[str, list[str]] | None = None, **extra: Any) -> JSONResponse:
+    status = status or STATUS.get(code, 400)
+    request_id = getattr(request.state, "request_id", None)
+    body: dict[str, Any] = {
+        "type": f"urn:langorch:problem:{code}", "title": TITLES.get(code, code.replace("_", " ").capitalize()),
+        "status": status, "detail": detail, "instance": request.url.path, "code": code,
+        "request_id": request_id, "retryable": code in RETRYABLE,
+    }
+    if errors is not None or status == 422:
+        body["errors"] = errors or {}
+    body.update(extra)
+    headers = {"Retry-After": "1"} if code in RETRYABLE else None
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    where, *rest = loc if loc else ("body",)
+    dotted = ".".join(str(p) for p in rest)
+    if where == "body":
+        return dotted or "body"
+    if where == "query":
+        return f"query.{dotted}"
+    if where == "header":
+        return f"header.{dotted}"
+    return f"{where}.{dotted}" if dotted else str(where)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem+json."""
+
+    @app.exception_handler(ApiProblem)
+    async def _problem(request: Request, exc: ApiProblem) -> JSONResponse:
+        return problem_response(request, exc.code, exc.detail, status=exc.status, errors=exc.errors,
+                                **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors: dict[str, list[str]] = {}
+        kinds = set()
+        for err in exc.errors():
+            kinds.add(err.get("type"))
+            if err.get("type") == "json_invalid":
+                return problem_response(request, "malformed_json", "request body is not valid JSON")
+            loc = tuple(err.get("loc", ()))
+            if err.get("type") == "extra_forbidden":
+                message = "Unknown field"
+            elif err.get("type") == "missing":
+                message = "This field is required"
+            else:
+                message = str(err.get("msg", "invalid"))
+            errors.setdefault(_field_path(loc), []).append(message)
+        code = "unknown_field" if kinds == {"extra_forbidden"} else "validation_failed"
+        n = len(errors)
+        return problem_response(request, code, f"{n} field{'s' if n != 1 else ''} failed validation",
+                                errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                415: "unsupported_media_type"}.get(exc.status_code, "validation_failed")
+        extra = {"resource": "route"} if exc.status_code == 404 else {}
+        return problem_response(request, code, str(exc.detail), status=exc.status_code, **extra)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        from asyncpg import PostgresConnectionError
+        from nats.errors import ConnectionClosedError, NoRespondersError
+        from nats.errors import TimeoutError as NatsTimeout
+
+        if isinstance(exc, PostgresConnectionError | ConnectionClosedError | NoRespondersError | NatsTimeout
+                      | OSError):
+            log.warning("dependency unavailable: %r", exc)
+            return problem_response(request, "unavailable", "NATS or PostgreSQL is unreachable; retry later")
+        log.exception("internal error on %s", request.url.path)
+        return problem_response(request, "internal_error", "an internal error occurred; quote the request_id")

@@ -1,0 +1,218 @@
+"""The projector: applies ``LO_EVT`` to the ``procedures``, ``runs`` and ``run_events`` tables exactly once.
+
+Each batch of events is applied in one transaction together with the new stream position, so a crash at
+any point either keeps or loses the whole batch; events at or below the stored position are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from importlib import resources
+from typing import Any
+
+import asyncpg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from ckp_core.eventstore import StoredEvent
+from ckp_core.subjects import EVENT_STREAM
+from langorch_infra.jetstream import decode_message, stream_last_position
+
+log = logging.getLogger(__name__)
+
+NAME = "core"
+TABLES = ("procedures", "runs", "run_events")
+LIFTED = ("node_id", "step_id", "attempt")
+BATCH = 500
+
+
+def schema_sql() -> str:
+    return resources.files("langorch_gateway").joinpath("schema.sql").read_text()
+
+
+async def ensure_schema(pool: asyncpg.Pool) -> None:
+    """Create the projection tables if missing."""
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock(72021)")
+        try:
+            await conn.execute(schema_sql())
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(72021)")
+
+
+async def drop_schema(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute("DROP TABLE IF EXISTS procedures, runs, run_events, projection_positions")
+
+
+def _j(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+async def apply_event(conn: asyncpg.Connection, stored: StoredEvent) -> None:
+    """Apply one event to the tables (inside the caller's transaction)."""
+    ev = stored.envelope
+    d = ev.data
+    at = ev.occurred_at
+    if ev.aggregate == "procedure" and ev.type == "procedure_imported":
+        await conn.execute(
+            """INSERT INTO procedures (procedure_id, version, name, description, status, release_channel,
+                 project_id, tags, content_hash, compiler_version, ir_key, ckp_json, variables_schema, trigger,
+                 effective_date, diagnostics, revision, created_at, created_by, updated_at, position)
+               VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9,$10,$11,$12::jsonb,$13::jsonb,$14::jsonb,$15,$16::jsonb,
+                 1,$17,$18,$17,$19)
+               ON CONFLICT (procedure_id, version) DO NOTHING""",
+            d["procedure_id"], d["version"], d.get("name"), d.get("description"), d.get("status", "draft"),
+            d.get("release_channel", "dev"), d.get("project_id"), _j(d.get("tags", [])), d["content_hash"],
+            d["compiler_version"], d["ir_key"], _j(d["ckp_json"]), _j(d.get("variables_schema", {})),
+            _j(d.get("trigger")) if d.get("trigger") is not None else None, d.get("effective_date"),
+            _j(d.get("diagnostics", [])), at, ev.actor.render(), stored.position,
+        )
+        return
+    if ev.aggregate != "run":
+        return
+    run_id = ev.aggregate_id
+    lifted = {k: d.get(k) for k in LIFTED}
+    payload = {k: v for k, v in d.items() if k not in LIFTED}
+    await conn.execute(
+        """INSERT INTO run_events (run_id, seq, event_id, stream_seq, event_type, node_id, step_id, attempt,
+             actor, payload, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11)
+           ON CONFLICT DO NOTHING""",
+        run_id, ev.seq, ev.event_id, stored.position, ev.type, lifted["node_id"], lifted["step_id"],
+        lifted["attempt"], ev.actor.render(), _j(payload), at,
+    )
+    if ev.type == "run_created":
+        await conn.execute(
+            """INSERT INTO runs (run_id, procedure_id, procedure_version, release_channel, status, input_vars,
+                 trigger_type, triggered_by, created_by, project_id, parent_run_id, parent_node_id, root_run_id,
+                 rerun_of, created_at, updated_at, seq, position)
+               VALUES ($1,$2,$3,$4,'created',$5::jsonb,$6,$7,$8,$9,$10,$11,$12,$13,$14,$14,$15,$16)
+               ON CONFLICT (run_id) DO NOTHING""",
+            run_id, d["procedure_id"], d["procedure_version"], d.get("release_channel"),
+            _j(d.get("input_vars", {})), d.get("trigger_type", "api"), d.get("triggered_by"), ev.actor.render(),
+            d.get("project_id"), d.get("parent_run_id"), d.get("parent_node_id"), d.get("root_run_id") or run_id,
+            d.get("rerun_of"), at, ev.seq, stored.position,
+        )
+        return
+    sets = ["updated_at = $2", "seq = $3", "position = $4"]
+    args: list[Any] = [run_id, at, ev.seq, stored.position]
+
+    def put(column: str, value: Any, cast: str = "") -> None:
+        args.append(value)
+        sets.append(f"{column} = ${len(args)}{cast}")
+
+    if ev.type == "execution_started":
+        put("status", "running")
+        sets.append("started_at = COALESCE(started_at, $2)")
+    elif ev.type in ("execution_resumed", "execution_recovered"):
+        put("status", "running")
+    elif ev.type == "node_started":
+        put("last_node_id", d.get("node_id"))
+    elif ev.type == "step_started":
+        put("last_step_id", d.get("step_id"))
+    elif ev.type == "run_completed":
+        put("status", "completed")
+        put("output_vars", _j(d.get("outputs", {})), "::jsonb")
+        sets.append("ended_at = $2")
+    elif ev.type == "run_failed":
+        put("status", "failed")
+        put("output_vars", _j(d.get("outputs", {})), "::jsonb")
+        put("error", _j(d.get("error")), "::jsonb")
+        sets.append("ended_at = $2")
+    await conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = $1 AND seq < $3", *args)  # noqa: S608
+
+
+class Projector:
+    """Follows ``LO_EVT`` and keeps the projection tables current; ``wait(position)`` serves read-your-writes."""
+
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext) -> None:
+        self.pool = pool
+        self.js = js
+        self.position = 0
+        self._advanced = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def load_position(self) -> int:
+        async with self.pool.acquire() as conn:
+            pos = await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1", NAME)
+        self.position = int(pos or 0)
+        return self.position
+
+    async def apply_batch(self, batch: list[StoredEvent]) -> None:
+        fresh = [e for e in batch if e.position > self.position]
+        if not fresh:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            stored = await conn.fetchval(
+                "SELECT position FROM projection_positions WHERE name = $1 FOR UPDATE", NAME
+            )
+            floor = int(stored or 0)
+            for e in fresh:
+                if e.position > floor:
+                    await apply_event(conn, e)
+            await conn.execute(
+                """INSERT INTO projection_positions (name, position) VALUES ($1, $2)
+                   ON CONFLICT (name) DO UPDATE SET position = GREATEST(projection_positions.position, $2)""",
+                NAME, fresh[-1].position,
+            )
+        async with self._advanced:
+            self.position = fresh[-1].position
+            self._advanced.notify_all()
+
+    async def run(self) -> None:
+        """Consume forever from the stored position (an ordered consumer; no server-side state to clean)."""
+        await self.load_position()
+        start = self.position + 1
+        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        sub = await self.js.subscribe("lo.evt.>", ordered_consumer=True, config=cfg, stream=EVENT_STREAM,
+                                      pending_msgs_limit=100_000)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
+                batch = [decode_message(msg)]
+                while len(batch) < BATCH and sub.pending_msgs > 0:
+                    batch.append(decode_message(await sub.next_msg()))
+                await self.apply_batch(batch)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="projector")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait(self, position: int, timeout: float) -> bool:
+        """Wait until the projection has applied ``position``; False on timeout."""
+        async with self._advanced:
+            try:
+                await asyncio.wait_for(self._advanced.wait_for(lambda: self.position >= position), timeout)
+            except TimeoutError:
+                return False
+        return True
+
+    async def catch_up(self, timeout: float = 60) -> None:
+        """Wait until everything in the stream right now has been applied."""
+        head = await stream_last_position(self.js)
+        if not await self.wait(head, timeout):
+            raise TimeoutError(f"projector stuck at {self.position}, stream head {head}")
+
+
+async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, timeout: float = 300) -> int:
+    """Drop and recreate the projection tables, then replay ``LO_EVT`` up to its current head."""
+    await drop_schema(pool)
+    await ensure_schema(pool)
+    projector = Projector(pool, js)
+    projector.start()
+    try:
+        await projector.catch_up(timeout)
+    finally:
+        await projector.stop()
+    return projector.position

@@ -1,0 +1,76 @@
+-- Projections of LO_EVT (api.md §1.5). Every row derives from events only, so a rebuild is row-for-row equal.
+CREATE TABLE IF NOT EXISTS projection_positions (
+    name        text PRIMARY KEY,
+    position    bigint NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS procedures (
+    procedure_id      text NOT NULL,
+    version           text NOT NULL,
+    name              text,
+    description       text,
+    status            text NOT NULL,
+    release_channel   text NOT NULL,
+    project_id        text,
+    tags              jsonb NOT NULL,
+    content_hash      text NOT NULL,
+    compiler_version  text NOT NULL,
+    ir_key            text NOT NULL,
+    ckp_json          jsonb NOT NULL,
+    variables_schema  jsonb NOT NULL,
+    trigger           jsonb,
+    effective_date    text,
+    diagnostics       jsonb NOT NULL,
+    revision          integer NOT NULL,
+    created_at        timestamptz NOT NULL,
+    created_by        text NOT NULL,
+    updated_at        timestamptz NOT NULL,
+    position          bigint NOT NULL,
+    PRIMARY KEY (procedure_id, version)
+);
+CREATE INDEX IF NOT EXISTS procedures_created_at ON procedures (created_at DESC, procedure_id, version);
+
+CREATE TABLE IF NOT EXISTS runs (
+    run_id            text PRIMARY KEY,
+    procedure_id      text NOT NULL,
+    procedure_version text NOT NULL,
+    release_channel   text,
+    status            text NOT NULL,
+    input_vars        jsonb NOT NULL,
+    output_vars       jsonb,
+    error             jsonb,
+    last_node_id      text,
+    last_step_id      text,
+    trigger_type      text NOT NULL,
+    triggered_by      text,
+    created_by        text NOT NULL,
+    project_id        text,
+    parent_run_id     text,
+    parent_node_id    text,
+    root_run_id       text,
+    rerun_of          text,
+    retry_count       integer NOT NULL DEFAULT 0,
+    created_at        timestamptz NOT NULL,
+    started_at        timestamptz,
+    ended_at          timestamptz,
+    updated_at        timestamptz NOT NULL,
+    seq               integer NOT NULL,
+    position          bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_created_at ON runs (created_at DESC, run_id);
+CREATE INDEX IF NOT EXISTS runs_procedure ON runs (procedure_id, procedure_version);
+
+CREATE TABLE IF NOT EXISTS run_events (
+    run_id      text NOT NULL,
+    seq         integer NOT NULL,
+    event_id    text NOT NULL UNIQUE,
+    stream_seq  bigint NOT NULL UNIQUE,
+    event_type  text NOT NULL,
+    node_id     text,
+    step_id     text,
+    attempt     integer,
+    actor       text NOT NULL,
+    payload     jsonb NOT NULL,
+    created_at  timestamptz NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);

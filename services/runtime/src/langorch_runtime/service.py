@@ -1,0 +1,221 @@
+"""The runtime service: consumes ``lo.cmd.run.*`` and executes runs durably.
+
+A start message is acknowledged only when its run is terminal; while the run works the replica signals
+progress (``+WPI``) every third of the ack wait, so a replica that dies loses the message to another one,
+which continues from the last LangGraph checkpoint and emits ``execution_recovered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+import psycopg
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from ckp_core.commands import StartRun
+from ckp_core.errors import ConcurrencyError
+from ckp_core.events import (
+    TERMINAL_RUN_EVENTS,
+    Actor,
+    ErrorObject,
+    ExecutionRecovered,
+    ExecutionStarted,
+    RunCompleted,
+    RunFailed,
+    format_time,
+    utc_now,
+)
+from ckp_core.eventstore import AggregateHead
+from ckp_core.ir import ProcedureIR
+from ckp_core.redaction import Redactor
+from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
+from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
+from langorch_infra.settings import RuntimeSettings
+from langorch_runtime.executor import RunContext, RunWriter, build_graph
+from langorch_runtime.steps import StepStore
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "runtime"
+ACTOR = Actor.system("runtime")
+
+
+async def open_checkpointer(database_url: str) -> tuple[AsyncConnectionPool[Any], AsyncPostgresSaver]:
+    """Open the pool and the official PostgreSQL saver, creating its tables once (serialised by a lock)."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute("SELECT pg_advisory_lock(72022)")
+        try:
+            await AsyncPostgresSaver(conn).setup()  # type: ignore[arg-type]
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(72022)")
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        database_url, min_size=1, max_size=10, open=False,
+        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+    )
+    await pool.open()
+    return pool, AsyncPostgresSaver(pool)  # type: ignore[arg-type]
+
+
+class RuntimeService:
+    """One runtime replica."""
+
+    def __init__(self, settings: RuntimeSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.pool: AsyncConnectionPool[Any] | None = None
+        self.saver: AsyncPostgresSaver | None = None
+        self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
+        self.js = self.nc.jetstream()
+        await ensure_topology(self.js)
+        self.pool, self.saver = await open_checkpointer(self.settings.database_url)
+        self.store = JetStreamEventStore(self.js)
+        self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
+        self.steps_kv = await self.js.key_value(STEPS_BUCKET)
+        cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+                             ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
+                             max_ack_pending=1000)
+        try:
+            await self.js.add_consumer(COMMAND_STREAM, cfg)
+        except Exception:  # noqa: BLE001 - exists with another ack_wait: keep the server's
+            log.debug("runtime consumer exists", exc_info=True)
+        self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
+
+    async def run(self) -> None:
+        """Fetch start commands forever, executing up to ``max_concurrent_runs`` at once."""
+        while True:
+            await self.slots.acquire()
+            try:
+                msgs = await self.sub.fetch(1, timeout=5)
+            except TimeoutError:
+                self.slots.release()
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(msg))
+                self.tasks.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+
+    async def stop(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        if self.pool is not None:
+            await self.pool.close()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    async def _handle(self, msg: Msg) -> None:
+        heartbeat = asyncio.create_task(self._progress(msg))
+        try:
+            command = StartRun.model_validate_json(msg.data)
+            await self.execute(command, msg.metadata.num_delivered or 1)
+            await msg.ack_sync()
+        except ConcurrencyError as exc:
+            # another replica writes this run now; leave the message to JetStream's redelivery
+            log.warning("run lost to another writer: %s", exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("run command failed; it will be redelivered")
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=5)
+        finally:
+            heartbeat.cancel()
+
+    async def _progress(self, msg: Msg) -> None:
+        interval = max(0.2, self.settings.ack_wait_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
+        try:
+            entry = await self.procedures.get(procedure_key(procedure_id, version))
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        return ProcedureIR.model_validate_json(entry.value or b"{}")
+
+    async def execute(self, command: StartRun, delivery: int) -> None:
+        """Execute (or continue) one run until it is terminal."""
+        run_id = command.run_id
+        events = await self.store.read("run", run_id)
+        if not events:
+            log.error("start command for unknown run %s dropped", run_id)
+            return
+        if any(e.envelope.type in TERMINAL_RUN_EVENTS for e in events):
+            return
+        created = events[0].envelope.data
+        head = AggregateHead(events[-1].envelope.seq, events[-1].position)
+        ir = await self.load_ir(created["procedure_id"], created["procedure_version"])
+        sensitive = [n for n, s in (ir.variables.items() if ir else []) if s.sensitive]
+        redactor = Redactor(extra_keys=[*(ir.global_config.redacted_fields if ir else []), *sensitive],
+                            values=[str(created["input_vars"].get(n, "")) for n in sensitive])
+        writer = RunWriter(self.store, run_id, head, redactor, ACTOR, command.command_id)
+        if ir is None:
+            await writer.emit(RunFailed(error=ErrorObject(
+                code="procedure_not_runnable", message=f"procedure {created['procedure_id']}@"
+                f"{created['procedure_version']} is not available to the runtime")))
+            return
+        started = next((e for e in events if e.envelope.type == "execution_started"), None)
+        started_at = format_time(started.envelope.occurred_at if started else utc_now())
+        ctx = RunContext(ir=ir, run_id=run_id, run_created=created, writer=writer,
+                         steps=StepStore(self.steps_kv, run_id), started_at=started_at)
+        assert self.saver is not None
+        graph = build_graph(ctx, self.saver)
+        config: dict[str, Any] = {"configurable": {"thread_id": run_id}}
+        snapshot = await graph.aget_state(config)
+        has_checkpoint = bool(snapshot.values)
+        if started is None:
+            await writer.emit(ExecutionStarted(entry_node_id=ir.start_node,
+                                               execution_mode=ir.global_config.execution_mode))
+        else:
+            checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id") if has_checkpoint \
+                else None
+            await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=checkpoint_id))
+        if has_checkpoint:
+            final = await graph.ainvoke(None, config, durability="sync") if snapshot.next else snapshot.values
+        else:
+            initial = {"vars": dict(created.get("input_vars", {})), "cursor": ir.start_node, "hops": 0,
+                       "visits": {}, "outcome": None, "warned": []}
+            final = await graph.ainvoke(initial, config, durability="sync")
+        outcome = final.get("outcome") or {"status": "completed", "outputs": {}}
+        if outcome["status"] == "completed":
+            await writer.emit(RunCompleted(outputs=outcome.get("outputs") or {}))
+        else:
+            await writer.emit(RunFailed(error=ErrorObject.model_validate(outcome["error"]),
+                                        outputs=outcome.get("outputs") or {}))
+
+
+async def serve(settings: RuntimeSettings) -> None:
+    """Run one runtime replica until cancelled."""
+    service = RuntimeService(settings)
+    await service.start()
+    try:
+        await service.run()
+    finally:
+        await service.stop()

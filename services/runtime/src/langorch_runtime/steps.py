@@ -1,0 +1,67 @@
+"""The step store: KV ``lo_steps`` records of step identities (ckp.md §7.4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, Field
+
+
+class StepRecord(BaseModel):
+    status: Literal["started", "completed", "failed"]
+    attempt: int
+    idempotency_key: str
+    node_id: str
+    step_id: str
+    frame: str
+    result: Any = None
+    writes: dict[str, Any] = Field(default_factory=dict)
+    updated_at: str
+
+
+def natural_identity(node_id: str, step_id: str, frame: str) -> str:
+    return f"{node_id}:{step_id}:{frame}"
+
+
+def idempotency_key(run_id: str, node_id: str, step_id: str, frame: str, attempt: int) -> str:
+    """``lo1:<run_id>:<node_id>:<step_id>:<F>:<attempt>``, hashed when longer than 255 characters."""
+    key = f"lo1:{run_id}:{node_id}:{step_id}:{frame}:{attempt}"
+    if len(key) > 255:
+        key = "lo1:sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
+class StepStore:
+    """Claims and records step identities so a completed step is never executed twice."""
+
+    def __init__(self, kv: KeyValue, run_id: str) -> None:
+        self.kv = kv
+        self.run_id = run_id
+
+    def key(self, identity: str) -> str:
+        return f"{self.run_id}.{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+
+    async def get(self, identity: str) -> StepRecord | None:
+        try:
+            entry = await self.kv.get(self.key(identity))
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return StepRecord.model_validate_json(entry.value)
+
+    async def put(self, identity: str, record: StepRecord) -> None:
+        await self.kv.put(self.key(identity), record.model_dump_json().encode())
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,3 @@
+from langorch.cli import app
+
+app()

@@ -1,0 +1,156 @@
+"""Fixtures that start real servers: NATS with JetStream and PostgreSQL from the project's own wheels, or
+the servers named by LANGORCH_TEST_NATS_URL / LANGORCH_TEST_DATABASE_URL. Each test gets a fresh JetStream
+store (a new embedded server, or a wiped one) and a fresh database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import nats
+import pytest
+import uvicorn
+
+from langorch_compiler.service import CompilerService
+from langorch_gateway.app import create_app
+from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
+from langorch_runtime.service import RuntimeService
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database for one test."""
+    name = f"lo_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    conn = await asyncpg.connect(pg_server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _wipe_jetstream(url: str) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    for name in ("LO_EVT", "LO_CMD", "KV_lo_procedures", "KV_lo_steps"):
+        with contextlib.suppress(Exception):
+            await js.delete_stream(name)
+    await nc.close()
+
+
+@pytest.fixture
+async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+    """A NATS server with an empty JetStream store for one test."""
+    url = os.environ.get("LANGORCH_TEST_NATS_URL")
+    if url:
+        await _wipe_jetstream(url)
+        yield url
+        return
+    server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@dataclass
+class Platform:
+    """Services of one test, in this process; the gateway serves real HTTP on a free port."""
+
+    base_url: str
+    nats_url: str
+    database_url: str
+    client: httpx.AsyncClient
+    app: Any
+
+
+async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asyncio.Task[None], Any]:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    for _ in range(400):
+        if server.started:
+            break
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.025)
+    return server, task, app
+
+
+@contextlib.asynccontextmanager
+async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True) -> AsyncIterator[Platform]:
+    env = {"nats_url": nats_url, "database_url": database_url}
+    port = free_port()
+    server, gateway_task, app = await _serve_gateway(GatewaySettings(**env, port=port))
+    compiler = CompilerService(CompilerSettings(**env))
+    await compiler.start()
+    tasks = [asyncio.create_task(compiler.run())]
+    runtime_service = None
+    if runtime:
+        runtime_service = RuntimeService(RuntimeSettings(**env, ack_wait_s=5))
+        await runtime_service.start()
+        tasks.append(asyncio.create_task(runtime_service.run()))
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        try:
+            yield Platform(base, nats_url, database_url, client, app)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            if runtime_service is not None:
+                await runtime_service.stop()
+            await compiler.stop()
+            server.should_exit = True
+            await gateway_task
+
+
+@pytest.fixture
+async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(nats_url, database_url) as p:
+        yield p
+
+
+def langorch_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "langorch", *args]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
