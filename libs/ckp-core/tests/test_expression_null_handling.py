@@ -89,18 +89,22 @@ def test_null_containers_and_affixes() -> None:
 
 
 def test_emptiness() -> None:
-    for value in (None, "", [], {}):
+    empties: list[Any] = [None, "", [], {}]
+    for value in empties:
         assert ev("is_empty x", x=value) is True
         assert ev("is_not_empty x", x=value) is False
-    for value in (0, False, " ", [None], {"a": None}):
+    non_empties: list[Any] = [0, False, " ", [None], {"a": None}]
+    for value in non_empties:
         assert ev("is_empty x", x=value) is False
     assert ev("is_empty missing") is True
 
 
 def test_truthiness() -> None:
-    for value in (None, False, 0, 0.0, "", [], {}):
+    falsy: list[Any] = [None, False, 0, 0.0, "", [], {}]
+    for value in falsy:
         assert truthy(value) is False
-    for value in ("false", "0", [0], {"a": 0}, -1, 0.1, True):
+    truthy_values: list[Any] = ["false", "0", [0], {"a": 0}, -1, 0.1, True]
+    for value in truthy_values:
         assert truthy(value) is True
     assert ev("not 'false'") is False
 

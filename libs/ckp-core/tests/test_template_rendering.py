@@ -147,7 +147,8 @@ def test_placeholders_paths_and_roots() -> None:
 
 
 def test_non_string_templates_pass_through() -> None:
-    for value in (3, 2.5, True, None, [], {}):
+    values: list[Any] = [3, 2.5, True, None, [], {}]
+    for value in values:
         template = compile_template(value)
         assert template.placeholders == ()
         assert render(template, MappingScope()) == value

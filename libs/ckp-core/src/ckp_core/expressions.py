@@ -263,7 +263,7 @@ class BoolOp:
 
 @dataclass(frozen=True)
 class PlaceholderExpr:
-    """``{{ expr | fallback }}``; ``source`` is the expression text (trimmed) between ``{{`` and ``|``/``}}``."""
+    """``{{ expr | fallback }}``; ``source`` is the trimmed expression text before ``|``/``}}``."""
 
     expr: Node
     has_fallback: bool
@@ -1073,9 +1073,17 @@ def referenced_roots(node: Node) -> frozenset[str]:
 
 
 def parse_expression(source: str) -> Expression:
-    """Parse an expression (§5.3). Raises :class:`ExpressionSyntaxError` (or a subclass)."""
+    """Parse an expression (§5.3). Raises :class:`ExpressionSyntaxError` (or a subclass).
+
+    Results are immutable and cached by source text.
+    """
     if not isinstance(source, str):
         raise ExpressionSyntaxError("expression must be a string")
+    return _parse_cached(source)
+
+
+@lru_cache(maxsize=2048)
+def _parse_cached(source: str) -> Expression:
     if len(source.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
         raise ExpressionSyntaxError(f"expression longer than {MAX_SOURCE_BYTES} bytes")
     try:

@@ -1,0 +1,73 @@
+"""Issue 2 acceptance: two writers appending to one run with the same expected position — exactly one wins.
+The same contract runs against the in-memory adapter and the JetStream adapter."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+
+from ckp_core.errors import ConcurrencyError
+from ckp_core.events import Actor, Log, RunCreated, make_event
+from ckp_core.eventstore import EventStore, MemoryEventStore
+from ckp_core.ids import new_id
+from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
+
+ACTOR = Actor.system("test")
+
+
+@pytest.fixture(params=["memory", "jetstream"])
+async def store(request: pytest.FixtureRequest, nats_url: str) -> AsyncIterator[EventStore]:
+    if request.param == "memory":
+        yield MemoryEventStore()
+        return
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_topology(js)
+    yield JetStreamEventStore(js)
+    await nc.close()
+
+
+def created(run_id: str) -> object:
+    return make_event(RunCreated(procedure_id="p", procedure_version="1", root_run_id=run_id),
+                      aggregate_id=run_id, seq=1, actor=ACTOR)
+
+
+async def test_two_writers_with_the_same_expected_position_one_wins(store: EventStore) -> None:
+    run_id = new_id()
+    [first] = await store.append([created(run_id)], expected_position=0)  # type: ignore[list-item]
+    a = make_event(Log(level="INFO", message="a"), aggregate_id=run_id, seq=2, actor=ACTOR)
+    b = make_event(Log(level="INFO", message="b"), aggregate_id=run_id, seq=2, actor=ACTOR)
+    results = await asyncio.gather(store.append([a], expected_position=first),
+                                   store.append([b], expected_position=first), return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["ConcurrencyError", "list"]
+    events = await store.read("run", run_id)
+    assert [e.envelope.seq for e in events] == [1, 2]
+    assert events[1].envelope.data["message"] in ("a", "b")
+
+
+async def test_other_aggregates_do_not_conflict(store: EventStore) -> None:
+    one, two = new_id(), new_id()
+    await store.append([created(one)], expected_position=0)  # type: ignore[list-item]
+    await store.append([created(two)], expected_position=0)  # type: ignore[list-item]
+    head = await store.head("run", one)
+    assert head is not None and head.seq == 1
+
+
+async def test_a_new_aggregate_must_be_new(store: EventStore) -> None:
+    run_id = new_id()
+    await store.append([created(run_id)], expected_position=0)  # type: ignore[list-item]
+    with pytest.raises(ConcurrencyError):
+        await store.append([make_event(Log(level="INFO", message="x"), aggregate_id=run_id, seq=1,
+                                       actor=ACTOR)], expected_position=0)
+
+
+async def test_reappending_the_same_event_is_idempotent(store: EventStore) -> None:
+    run_id = new_id()
+    event = created(run_id)
+    [p1] = await store.append([event], expected_position=0)  # type: ignore[list-item]
+    [p2] = await store.append([event], expected_position=0)  # type: ignore[list-item]
+    assert p1 == p2
+    assert len(await store.read("run", run_id)) == 1
