@@ -20,12 +20,13 @@ import httpx
 import nats
 import pytest
 import uvicorn
-
 from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
 from langorch_runtime.service import RuntimeService
+
+from langorch.server import ManagedServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -99,8 +100,7 @@ class Platform:
 async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asyncio.Task[None], Any]:
     app = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = ManagedServer(config)
     task = asyncio.create_task(server.serve())
     for _ in range(400):
         if server.started:

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
-
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import Actor, Log, RunCreated, make_event
 from ckp_core.eventstore import EventStore, MemoryEventStore
@@ -53,7 +52,8 @@ async def test_other_aggregates_do_not_conflict(store: EventStore) -> None:
     await store.append([created(one)], expected_position=0)  # type: ignore[list-item]
     await store.append([created(two)], expected_position=0)  # type: ignore[list-item]
     head = await store.head("run", one)
-    assert head is not None and head.seq == 1
+    assert head is not None
+    assert head.seq == 1
 
 
 async def test_a_new_aggregate_must_be_new(store: EventStore) -> None:

@@ -42,7 +42,8 @@ async def test_rebuild_gives_identical_rows(nats_url: str, database_url: str) ->
             assert end == "completed"
         await p.app.state.projector.catch_up()
     before = await dump(database_url)
-    assert len(before["procedures"]) == 2 and len(before["runs"]) == 2
+    assert len(before["procedures"]) == 2
+    assert len(before["runs"]) == 2
     assert len(before["run_events"]) > 10
 
     env = os.environ | {"LANGORCH_NATS_URL": nats_url, "LANGORCH_DATABASE_URL": database_url}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import nats
 import pytest
-
 from langorch_infra.jetstream import JetStreamEventStore
+
 from tests.conftest import langorch_command, platform_of
 from tests.helpers import follow_run, import_procedure
 
@@ -79,7 +79,8 @@ async def test_second_runtime_finishes_a_run_after_sigkill(nats_url: str, databa
     assert [e.seq for e in events] == list(range(1, len(events) + 1)), "gaps or duplicates in seq"
     completions = Counter((e.data["node_id"], e.data["step_id"], e.data["frame"])
                           for e in events if e.type == "step_completed")
-    assert completions and max(completions.values()) == 1, completions
+    assert completions
+    assert max(completions.values()) == 1, completions
     types = [e.type for e in events]
     assert "execution_recovered" in types
     recovered = next(e for e in events if e.type == "execution_recovered")

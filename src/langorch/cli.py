@@ -52,25 +52,26 @@ async def ensure_database(url: str, name: str = "langorch") -> str:
 async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str,
                           port: int, on_ready: Any = None) -> None:
     import uvicorn
-
     from langorch_compiler.service import serve as serve_compiler
     from langorch_gateway.app import create_app
     from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
     from langorch_runtime.service import serve as serve_runtime
 
-    env = {"nats_url": nats_url, "database_url": database_url}
+    from langorch.server import ManagedServer
+
     tasks: list[asyncio.Task[Any]] = []
     if "compiler" in names:
-        tasks.append(asyncio.create_task(serve_compiler(CompilerSettings(**env)), name="compiler"))
+        compiler = CompilerSettings(nats_url=nats_url, database_url=database_url)
+        tasks.append(asyncio.create_task(serve_compiler(compiler), name="compiler"))
     if "runtime" in names:
-        tasks.append(asyncio.create_task(serve_runtime(RuntimeSettings(**env)), name="runtime"))
+        runtime = RuntimeSettings(nats_url=nats_url, database_url=database_url)
+        tasks.append(asyncio.create_task(serve_runtime(runtime), name="runtime"))
     server = None
     if "gateway" in names:
-        settings = GatewaySettings(**env, host=host, port=port)
+        settings = GatewaySettings(nats_url=nats_url, database_url=database_url, host=host, port=port)
         config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
                                 lifespan="on")
-        server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server = ManagedServer(config)
         tasks.append(asyncio.create_task(server.serve(), name="gateway"))
 
     stop = asyncio.Event()
@@ -204,7 +205,6 @@ def run(
 def projections_rebuild() -> None:
     """Drop the projection tables and replay LO_EVT into them (stop gateways first)."""
     import asyncpg
-
     from langorch_gateway.projector import rebuild
     from langorch_infra.jetstream import connect
     from langorch_infra.settings import CommonSettings

@@ -71,7 +71,7 @@ GLOBAL_CONFIG_FIELDS = frozenset({
     "min_llm_quality",
 })
 # global_config fields whose runtime semantics are not built yet: accepted only at their inert defaults.
-GLOBAL_CONFIG_PENDING = {
+GLOBAL_CONFIG_PENDING: dict[str, Any] = {
     "on_failure": None, "timeout_ms": None, "resume_on_failure": False, "mock_external_calls": False,
     "test_data_overrides": {}, "max_cost_usd": None,
 }
@@ -204,7 +204,7 @@ class _Compiler:
             return None
         for root in expr.referenced_roots:
             self.reads.append((root, path, node_id, None))
-        return source
+        return str(source)
 
     def template(self, value: Any, path: str, node_id: str | None, step_id: str | None = None) -> bool:
         try:
@@ -294,13 +294,15 @@ class _Compiler:
                         self.add("error", "unknown_target",
                                  f"Node '{e.source}': {_edge_field(e)} '{e.target}' not found",
                                  _edge_path(e), e.source)
-                if not unknown_types and start_node in raw_nodes:
+                if not unknown_types and start_node is not None and start_node in raw_nodes:
                     self.reachability(start_node, list(raw_nodes), edges)
         self.undeclared(variables)
         self.diags.sort(key=sort_key)
         if any(d.severity == "error" for d in self.diags):
             return CompileResult(self.diags, None, procedure_id, version)
-        assert procedure_id and version and start_node
+        assert procedure_id
+        assert version
+        assert start_node
         ir = ProcedureIR(
             procedure_id=procedure_id, version=version, name=name or procedure_id, description=description,
             status=status, effective_date=effective, content_hash=content_hash(self.original),
@@ -319,7 +321,7 @@ class _Compiler:
         if not pattern.match(v):
             self.add("error", "invalid_identifier", f"/{key}: '{v}' is not a valid {kind}", f"/{key}")
             return None
-        return v
+        return str(v)
 
     def global_config(self) -> GlobalConfigIR:
         raw = self.doc.get("global_config")
@@ -386,7 +388,7 @@ class _Compiler:
         else:
             entries = [(n, s, pointer("variables_schema", n), None) for n, s in raw.items()]
         out: dict[str, VariableSpec] = {}
-        for name, spec, path, flag in entries:
+        for name, spec, path, group_flag in entries:
             if name.startswith("_"):
                 continue
             if not VAR_RE.match(name):
@@ -397,7 +399,7 @@ class _Compiler:
                 continue
             if not self.expect(spec, (dict,), "object", path):
                 continue
-            parsed = self.variable_spec(spec, path, flag)
+            parsed = self.variable_spec(spec, path, group_flag)
             if parsed is not None:
                 out[name] = parsed
         return out
@@ -411,9 +413,7 @@ class _Compiler:
             self.add("error", "invalid_value", f"{path}/type: '{vtype}' is not valid; expected one of "
                      + ", ".join(VAR_TYPES), f"{path}/type")
             return None
-        required = spec.get("required", flag if flag is not None else False)
-        if flag is not None and "required" not in spec:
-            required = flag
+        required = spec.get("required", bool(flag))
         if not self.expect(required, (bool,), "boolean", f"{path}/required"):
             return None
         validation = spec.get("validation") or {}

@@ -319,7 +319,7 @@ def make_event(
     return EventEnvelope(
         event_id=event_id or new_id(),
         type=data.TYPE,
-        aggregate=aggregate or data.AGGREGATE,  # type: ignore[arg-type]
+        aggregate=aggregate or data.AGGREGATE,
         aggregate_id=aggregate_id,
         seq=seq,
         actor=actor,

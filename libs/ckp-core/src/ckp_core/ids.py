@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+
 import uuid_utils
 
 _SAFE = re.compile(r"[A-Za-z0-9_-]")

@@ -9,6 +9,19 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nats
+from ckp_core.commands import Command
+from ckp_core.errors import ConcurrencyError
+from ckp_core.events import EventEnvelope
+from ckp_core.eventstore import AggregateHead, StoredEvent
+from ckp_core.subjects import (
+    COMMAND_STREAM,
+    EVENT_STREAM,
+    PROCEDURES_BUCKET,
+    STEPS_BUCKET,
+    aggregate_filter,
+    command_subject,
+    event_subject,
+)
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -21,20 +34,6 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import APIError, BadRequestError, NotFoundError
-
-from ckp_core.commands import Command
-from ckp_core.errors import ConcurrencyError
-from ckp_core.eventstore import AggregateHead, StoredEvent
-from ckp_core.events import EventEnvelope
-from ckp_core.subjects import (
-    COMMAND_STREAM,
-    EVENT_STREAM,
-    PROCEDURES_BUCKET,
-    STEPS_BUCKET,
-    aggregate_filter,
-    command_subject,
-    event_subject,
-)
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +155,12 @@ async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
     sub = await js.subscribe(subject, ordered_consumer=True, config=cfg, stream=EVENT_STREAM)
     try:
         while True:
-            msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
+            msg = await sub.next_msg(timeout=None)
             yield decode_message(msg)
     finally:
         try:
             await sub.unsubscribe()
-        except Exception:  # noqa: BLE001 - the connection may already be closed on shutdown
+        except Exception:
             log.debug("unsubscribe after follow failed", exc_info=True)
 
 
@@ -189,5 +188,5 @@ async def wait_closed(nc: NATS) -> None:
     """Drain and close a connection, tolerating one that is already gone."""
     try:
         await asyncio.wait_for(nc.drain(), 5)
-    except Exception:  # noqa: BLE001 - best effort on shutdown
+    except Exception:
         log.debug("drain failed", exc_info=True)

@@ -109,8 +109,9 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                 415: "unsupported_media_type"}.get(exc.status_code, "validation_failed")
-        extra = {"resource": "route"} if exc.status_code == 404 else {}
-        return problem_response(request, code, str(exc.detail), status=exc.status_code, **extra)
+        if exc.status_code == 404:
+            return problem_response(request, code, str(exc.detail), status=404, resource="route")
+        return problem_response(request, code, str(exc.detail), status=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -14,12 +14,11 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
-
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import EVENT_STREAM
 from langorch_infra.jetstream import decode_message, stream_last_position
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def _j(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-async def apply_event(conn: asyncpg.Connection, stored: StoredEvent) -> None:
+async def apply_event(conn: Any, stored: StoredEvent) -> None:
     """Apply one event to the tables (inside the caller's transaction)."""
     ev = stored.envelope
     d = ev.data
@@ -171,7 +170,7 @@ class Projector:
                                       pending_msgs_limit=100_000)
         try:
             while True:
-                msg = await sub.next_msg(timeout=None)  # type: ignore[arg-type]
+                msg = await sub.next_msg(timeout=None)
                 batch = [decode_message(msg)]
                 while len(batch) < BATCH and sub.pending_msgs > 0:
                     batch.append(decode_message(await sub.next_msg()))

@@ -16,10 +16,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.graph import END, START, StateGraph
-
-from ckp_core.eventstore import AggregateHead, EventStore
 from ckp_core.events import (
     Actor,
     ErrorObject,
@@ -35,10 +31,14 @@ from ckp_core.events import (
     format_time,
     make_event,
 )
+from ckp_core.eventstore import AggregateHead, EventStore
 from ckp_core.expressions import Expression, ExpressionError, MappingScope, evaluate, parse_expression, truthy
 from ckp_core.ir import LogicPayload, NodeIR, ProcedureIR, SequencePayload, StepIR, TerminatePayload
 from ckp_core.redaction import Redactor
 from ckp_core.templates import Template, compile_template, render
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+
 from langorch_runtime.steps import StepRecord, StepStore, idempotency_key, natural_identity, now_iso
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class RunContext:
             "parent_run_id": rc.get("parent_run_id"), "procedure_id": self.ir.procedure_id,
             "procedure_version": self.ir.version, "trigger_type": rc.get("trigger_type", "api"),
             "triggered_by": rc.get("triggered_by"), "node_id": node_id, "step_id": step_id,
-            "loop_index": None, "loop_item": None, "error": None, "now": format_time(now), "today": now.date().isoformat(), "run_started_at": self.started_at, "vars": vars_,
+            "loop_index": None, "loop_item": None, "error": None, "now": format_time(now),
+            "today": now.date().isoformat(), "run_started_at": self.started_at, "vars": vars_,
         }
 
 
@@ -362,7 +363,7 @@ def build_graph(ctx: RunContext, checkpointer: BaseCheckpointSaver[Any]) -> Any:
         return str(state["cursor"])
 
     for node_id, node in ctx.ir.nodes.items():
-        graph.add_node(node_id, _node_fn(interpreter, node))
+        graph.add_node(node_id, _node_fn(interpreter, node))  # type: ignore[call-overload]
         graph.add_conditional_edges(node_id, route, [*node_names, END])
     graph.add_conditional_edges(START, route, [*node_names, END])
     return graph.compile(checkpointer=checkpointer)

@@ -15,15 +15,6 @@ import socket
 from typing import Any
 
 import psycopg
-from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import KeyNotFoundError, NotFoundError
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
-
 from ckp_core.commands import StartRun
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
@@ -41,8 +32,17 @@ from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import RuntimeSettings
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
 from langorch_runtime.executor import RunContext, RunWriter, build_graph
 from langorch_runtime.steps import StepStore
 
@@ -65,7 +65,7 @@ async def open_checkpointer(database_url: str) -> tuple[AsyncConnectionPool[Any]
         kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
     )
     await pool.open()
-    return pool, AsyncPostgresSaver(pool)  # type: ignore[arg-type]
+    return pool, AsyncPostgresSaver(pool)
 
 
 class RuntimeService:
@@ -94,7 +94,7 @@ class RuntimeService:
                              max_ack_pending=1000)
         try:
             await self.js.add_consumer(COMMAND_STREAM, cfg)
-        except Exception:  # noqa: BLE001 - exists with another ack_wait: keep the server's
+        except Exception:
             log.debug("runtime consumer exists", exc_info=True)
         self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
 
