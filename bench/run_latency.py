@@ -25,8 +25,8 @@ import nats
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
-from tests.conftest import platform_of  # noqa: E402
-from tests.helpers import example, follow_run, import_procedure  # noqa: E402
+from tests.conftest import platform_of
+from tests.helpers import example, follow_run, import_procedure
 
 
 async def baseline_publish(url: str, n: int = 200) -> float:

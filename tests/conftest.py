@@ -20,13 +20,13 @@ import httpx
 import nats
 import pytest
 import uvicorn
+
+from langorch.server import ManagedServer
 from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
 from langorch_runtime.service import RuntimeService
-
-from langorch.server import ManagedServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

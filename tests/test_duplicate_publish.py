@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from ckp_core.commands import StartRun
 from ckp_core.events import ANONYMOUS
 from langorch_infra.jetstream import JetStreamEventStore, encode_envelope, publish_command
-
 from tests.conftest import Platform
 from tests.helpers import example, follow_run, import_procedure
 

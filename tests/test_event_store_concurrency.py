@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
+
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import Actor, Log, RunCreated, make_event
 from ckp_core.eventstore import EventStore, MemoryEventStore

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from langorch_infra.embedded import free_port
 
+from langorch_infra.embedded import free_port
 from tests.conftest import langorch_command
 from tests.helpers import example, follow_run
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import nats
 import pytest
-from langorch_infra.jetstream import JetStreamEventStore
 
+from langorch_infra.jetstream import JetStreamEventStore
 from tests.conftest import langorch_command, platform_of
 from tests.helpers import follow_run, import_procedure
 

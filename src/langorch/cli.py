@@ -52,12 +52,12 @@ async def ensure_database(url: str, name: str = "langorch") -> str:
 async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str,
                           port: int, on_ready: Any = None) -> None:
     import uvicorn
+
+    from langorch.server import ManagedServer
     from langorch_compiler.service import serve as serve_compiler
     from langorch_gateway.app import create_app
     from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
     from langorch_runtime.service import serve as serve_runtime
-
-    from langorch.server import ManagedServer
 
     tasks: list[asyncio.Task[Any]] = []
     if "compiler" in names:
@@ -205,6 +205,7 @@ def run(
 def projections_rebuild() -> None:
     """Drop the projection tables and replay LO_EVT into them (stop gateways first)."""
     import asyncpg
+
     from langorch_gateway.projector import rebuild
     from langorch_infra.jetstream import connect
     from langorch_infra.settings import CommonSettings

@@ -3,6 +3,7 @@
 from typing import Any
 
 import pytest
+
 from ckp_core.expressions import ExpressionError, MappingScope, evaluate, parse_expression
 
 pytestmark = pytest.mark.unit

@@ -3,6 +3,7 @@
 from typing import Any
 
 import pytest
+
 from ckp_core.expressions import MappingScope, evaluate, parse_expression
 from ckp_core.templates import compile_template, render
 

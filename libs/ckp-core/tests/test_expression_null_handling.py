@@ -3,6 +3,7 @@
 from typing import Any
 
 import pytest
+
 from ckp_core.expressions import MappingScope, evaluate, parse_expression, truthy
 
 pytestmark = pytest.mark.unit

@@ -3,6 +3,7 @@
 from typing import Any
 
 import pytest
+
 from ckp_core.expressions import (
     Arith,
     BoolOp,

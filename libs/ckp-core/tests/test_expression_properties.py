@@ -4,6 +4,9 @@ import contextlib
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from ckp_core.expressions import (
     Expression,
     ExpressionError,
@@ -13,8 +16,6 @@ from ckp_core.expressions import (
     parse_expression,
 )
 from ckp_core.templates import TemplateSyntaxError, compile_template, render
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.unit
 

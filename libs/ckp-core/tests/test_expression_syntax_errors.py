@@ -1,6 +1,7 @@
 """Compile-time errors: syntax errors with line/column, unknown functions, arity, literal regexes, limits."""
 
 import pytest
+
 from ckp_core.expressions import (
     MAX_DEPTH,
     ExpressionError,

@@ -9,6 +9,19 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, BadRequestError, NotFoundError
+
 from ckp_core.commands import Command
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import EventEnvelope
@@ -22,18 +35,6 @@ from ckp_core.subjects import (
     command_subject,
     event_subject,
 )
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import (
-    ConsumerConfig,
-    DeliverPolicy,
-    KeyValueConfig,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
-from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,11 @@ import asyncio
 import contextlib
 import logging
 
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+
 from ckp_core.commands import ImportProcedure
 from ckp_core.compiler import compile_document
 from ckp_core.errors import ConcurrencyError
@@ -18,10 +23,6 @@ from ckp_core.events import Actor, CommandRejected, EventData, ProcedureImported
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, procedure_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import CompilerSettings
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 log = logging.getLogger(__name__)
 

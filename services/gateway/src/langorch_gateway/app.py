@@ -16,6 +16,13 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import asyncpg
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
 from ckp_core.commands import ImportProcedure, StartRun
 from ckp_core.compiler import compile_document
 from ckp_core.errors import InvalidInputVars
@@ -23,8 +30,9 @@ from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_ti
 from ckp_core.ids import new_id
 from ckp_core.subjects import EVENT_STREAM, aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
-from fastapi import FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from langorch_gateway import views
+from langorch_gateway.problems import ApiProblem, install
+from langorch_gateway.projector import Projector, ensure_schema
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
@@ -34,14 +42,6 @@ from langorch_infra.jetstream import (
     publish_command,
 )
 from langorch_infra.settings import GatewaySettings
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import ConsumerConfig, DeliverPolicy
-from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
-
-from langorch_gateway import views
-from langorch_gateway.problems import ApiProblem, install
-from langorch_gateway.projector import Projector, ensure_schema
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import EVENT_STREAM
 from langorch_infra.jetstream import decode_message, stream_last_position
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 log = logging.getLogger(__name__)
 

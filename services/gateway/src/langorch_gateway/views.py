@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+
 from ckp_core.events import format_time
 from ckp_core.redaction import Redactor
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.graph import END, START, StateGraph
+
 from ckp_core.events import (
     Actor,
     ErrorObject,
@@ -36,9 +39,6 @@ from ckp_core.expressions import Expression, ExpressionError, MappingScope, eval
 from ckp_core.ir import LogicPayload, NodeIR, ProcedureIR, SequencePayload, StepIR, TerminatePayload
 from ckp_core.redaction import Redactor
 from ckp_core.templates import Template, compile_template, render
-from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.graph import END, START, StateGraph
-
 from langorch_runtime.steps import StepRecord, StepStore, idempotency_key, natural_identity, now_iso
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,15 @@ import socket
 from typing import Any
 
 import psycopg
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
 from ckp_core.commands import StartRun
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
@@ -32,17 +41,8 @@ from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
-from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import RuntimeSettings
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import KeyNotFoundError, NotFoundError
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
-
 from langorch_runtime.executor import RunContext, RunWriter, build_graph
 from langorch_runtime.steps import StepStore
 
