@@ -19,7 +19,7 @@ from typing import Any
 import re2
 
 from ckp_core.diagnostics import Diagnostic, Severity, pointer, sort_key
-from ckp_core.expressions import ExpressionSyntaxError, parse_expression
+from ckp_core.expressions import ExpressionSyntaxError, json_type_name, parse_expression
 from ckp_core.ir import (
     Binding,
     EdgeIR,
@@ -124,22 +124,6 @@ def content_hash(doc: Any) -> str:
     return "sha256:" + hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
 
 
-def _type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    return "object"
-
-
 @dataclass
 class _Compiler:
     doc: dict[str, Any]
@@ -158,7 +142,7 @@ class _Compiler:
                node_id: str | None = None, step_id: str | None = None) -> bool:
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok:
-            self.add("error", "invalid_type", f"{path}: expected {expected}, got {_type_name(value)}",
+            self.add("error", "invalid_type", f"{path}: expected {expected}, got {json_type_name(value)}",
                      path, node_id, step_id)
         return ok
 

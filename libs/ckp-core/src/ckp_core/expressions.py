@@ -54,6 +54,7 @@ __all__ = [
     "evaluate_condition",
     "format_embedded",
     "has_placeholder",
+    "json_type_name",
     "parse_expression",
     "referenced_roots",
     "scan_template",
@@ -1125,7 +1126,8 @@ def _numeric_string(s: str) -> int | float | None:
         return float(t)
 
 
-def _type_name(v: Any) -> str:
+def json_type_name(v: Any) -> str:
+    """The JSON type name of a value (`null`, `boolean`, `integer`, `number`, `string`, `array`, `object`)."""
     if v is None:
         return "null"
     if isinstance(v, bool):
@@ -1344,7 +1346,7 @@ class _Evaluator:
             if value is None:
                 return None
             if not _is_num(value):
-                raise self.fail(f"unary '-' needs a number, got {_type_name(value)}", node.pos)
+                raise self.fail(f"unary '-' needs a number, got {json_type_name(value)}", node.pos)
             return -value
         if isinstance(node, ListExpr):
             return [self.eval(item) for item in node.items]
@@ -1413,9 +1415,9 @@ class _Evaluator:
                 if len(a) + len(b) > _MAX_LIST_LEN:
                     raise self.fail("list too large", pos)
                 return [*a, *b]
-            raise self.fail(f"cannot add {_type_name(a)} and {_type_name(b)}", pos)
+            raise self.fail(f"cannot add {json_type_name(a)} and {json_type_name(b)}", pos)
         if not (a_num and b_num):
-            raise self.fail(f"'{op}' needs numbers, got {_type_name(a)} and {_type_name(b)}", pos)
+            raise self.fail(f"'{op}' needs numbers, got {json_type_name(a)} and {json_type_name(b)}", pos)
         try:
             if op == "-":
                 return self.number(a - b, pos)
@@ -1447,7 +1449,7 @@ class _Evaluator:
             n = _numeric_string(a)
             if n is not None:
                 return n, b
-        raise self.fail(f"cannot compare {_type_name(a)} with {_type_name(b)} using '{op}'", pos)
+        raise self.fail(f"cannot compare {json_type_name(a)} with {json_type_name(b)} using '{op}'", pos)
 
     def contains(self, container: Any, item: Any, op: str, pos: int) -> bool:
         if container is None:
@@ -1462,7 +1464,7 @@ class _Evaluator:
                 return item in container
             if _is_num(item):
                 return format_embedded(item) in container
-            raise self.fail(f"'{op}' cannot look for {_type_name(item)} in a string", pos)
+            raise self.fail(f"'{op}' cannot look for {json_type_name(item)} in a string", pos)
         if _is_obj(container):
             if item is None:
                 return False
@@ -1470,8 +1472,8 @@ class _Evaluator:
                 return item in container
             if isinstance(item, int) and not isinstance(item, bool):
                 return str(item) in container
-            raise self.fail(f"'{op}' cannot look for {_type_name(item)} among object keys", pos)
-        raise self.fail(f"'{op}' needs a list, string or object, got {_type_name(container)}", pos)
+            raise self.fail(f"'{op}' cannot look for {json_type_name(item)} among object keys", pos)
+        raise self.fail(f"'{op}' needs a list, string or object, got {json_type_name(container)}", pos)
 
     def affix_operand(self, value: Any, op: str, pos: int) -> str | None:
         if value is None:
@@ -1480,7 +1482,7 @@ class _Evaluator:
             return value
         if _is_num(value):
             return format_embedded(value)
-        raise self.fail(f"'{op}' needs strings, got {_type_name(value)}", pos)
+        raise self.fail(f"'{op}' needs strings, got {json_type_name(value)}", pos)
 
     def compare(self, node: Compare) -> bool:
         op = node.op
@@ -1520,7 +1522,7 @@ class _Evaluator:
         if pattern is None:
             return False
         if not isinstance(pattern, str):
-            raise self.fail(f"'matches' needs a string pattern, got {_type_name(pattern)}", pos)
+            raise self.fail(f"'matches' needs a string pattern, got {json_type_name(pattern)}", pos)
         problem = _regex_problem(pattern)
         if problem is not None:
             raise self.fail(f"invalid regex: {problem}", pos)
@@ -1562,7 +1564,7 @@ def _fn_len(ev: _Evaluator, args: list[Any], pos: int) -> Any:
         return 0
     if isinstance(x, (str, list, tuple)) or _is_obj(x):
         return len(x)
-    raise ev.fail(f"len() needs a string, list or object, got {_type_name(x)}", pos)
+    raise ev.fail(f"len() needs a string, list or object, got {json_type_name(x)}", pos)
 
 
 def _string_fn(name: str, fn: Callable[[str], str]) -> _Impl:
@@ -1571,7 +1573,7 @@ def _string_fn(name: str, fn: Callable[[str], str]) -> _Impl:
         if x is None:
             return None
         if not isinstance(x, str):
-            raise ev.fail(f"{name}() needs a string, got {_type_name(x)}", pos)
+            raise ev.fail(f"{name}() needs a string, got {json_type_name(x)}", pos)
         return fn(x)
 
     return impl
@@ -1579,7 +1581,7 @@ def _string_fn(name: str, fn: Callable[[str], str]) -> _Impl:
 
 def _need_str(ev: _Evaluator, fname: str, value: Any, pos: int) -> str:
     if not isinstance(value, str):
-        raise ev.fail(f"{fname}() needs a string, got {_type_name(value)}", pos)
+        raise ev.fail(f"{fname}() needs a string, got {json_type_name(value)}", pos)
     return value
 
 
@@ -1607,7 +1609,7 @@ def _fn_join(ev: _Evaluator, args: list[Any], pos: int) -> Any:
         return None
     sep = _need_str(ev, "join", args[1], pos) if len(args) > 1 else ","
     if not _is_list(items):
-        raise ev.fail(f"join() needs a list, got {_type_name(items)}", pos)
+        raise ev.fail(f"join() needs a list, got {json_type_name(items)}", pos)
     ev.tick(pos, len(items))
     text = sep.join(format_embedded(item) for item in items)
     if len(text) > _MAX_STR_LEN:
@@ -1625,7 +1627,7 @@ def _to_number(ev: _Evaluator, fname: str, x: Any, pos: int) -> int | float | No
         if n is not None:
             return n
         raise ev.fail(f"{fname}() cannot convert {x[:40]!r} to a number", pos)
-    raise ev.fail(f"{fname}() needs a number or numeric string, got {_type_name(x)}", pos)
+    raise ev.fail(f"{fname}() needs a number or numeric string, got {json_type_name(x)}", pos)
 
 
 def _fn_int(ev: _Evaluator, args: list[Any], pos: int) -> Any:
@@ -1671,9 +1673,9 @@ def _fn_round(ev: _Evaluator, args: list[Any], pos: int) -> Any:
     if x is None:
         return None
     if not _is_num(x):
-        raise ev.fail(f"round() needs a number, got {_type_name(x)}", pos)
+        raise ev.fail(f"round() needs a number, got {json_type_name(x)}", pos)
     if not isinstance(ndigits, int) or isinstance(ndigits, bool):
-        raise ev.fail(f"round() needs an integer number of digits, got {_type_name(ndigits)}", pos)
+        raise ev.fail(f"round() needs an integer number of digits, got {json_type_name(ndigits)}", pos)
     if isinstance(x, int):
         if ndigits >= 0:
             return x
@@ -1698,7 +1700,7 @@ def _fn_abs(ev: _Evaluator, args: list[Any], pos: int) -> Any:
     if x is None:
         return None
     if not _is_num(x):
-        raise ev.fail(f"abs() needs a number, got {_type_name(x)}", pos)
+        raise ev.fail(f"abs() needs a number, got {json_type_name(x)}", pos)
     return abs(x)
 
 
@@ -1716,10 +1718,10 @@ def _aggregate_values(ev: _Evaluator, fname: str, args: list[Any], pos: int) -> 
     if items is None:
         return []
     if not _is_list(items):
-        raise ev.fail(f"{fname}() needs a list, got {_type_name(items)}", pos)
+        raise ev.fail(f"{fname}() needs a list, got {json_type_name(items)}", pos)
     field_name = args[1] if len(args) > 1 else None
     if field_name is not None and not isinstance(field_name, str):
-        raise ev.fail(f"{fname}() needs a field name, got {_type_name(field_name)}", pos)
+        raise ev.fail(f"{fname}() needs a field name, got {json_type_name(field_name)}", pos)
     ev.tick(pos, len(items))
     if field_name is None:
         return [item for item in items if item is not None]
@@ -1730,7 +1732,7 @@ def _aggregate_values(ev: _Evaluator, fname: str, args: list[Any], pos: int) -> 
 def _numbers(ev: _Evaluator, fname: str, values: list[Any], pos: int) -> list[int | float]:
     for v in values:
         if not _is_num(v):
-            raise ev.fail(f"{fname}() needs numbers, got {_type_name(v)}", pos)
+            raise ev.fail(f"{fname}() needs numbers, got {json_type_name(v)}", pos)
     return values
 
 
@@ -1768,7 +1770,7 @@ def _extreme(fname: str, want_less: bool) -> _Impl:
         best: Any = None
         for v in values:
             if not (_is_num(v) or isinstance(v, str)):
-                raise ev.fail(f"{fname}() needs numbers or strings, got {_type_name(v)}", pos)
+                raise ev.fail(f"{fname}() needs numbers or strings, got {json_type_name(v)}", pos)
             if best is None:
                 best = v
                 continue
@@ -1785,7 +1787,7 @@ def _fn_keys(ev: _Evaluator, args: list[Any], pos: int) -> Any:
     if x is None:
         return None
     if not _is_obj(x):
-        raise ev.fail(f"keys() needs an object, got {_type_name(x)}", pos)
+        raise ev.fail(f"keys() needs an object, got {json_type_name(x)}", pos)
     return list(x.keys())
 
 
@@ -1794,7 +1796,7 @@ def _fn_values(ev: _Evaluator, args: list[Any], pos: int) -> Any:
     if x is None:
         return None
     if not _is_obj(x):
-        raise ev.fail(f"values() needs an object, got {_type_name(x)}", pos)
+        raise ev.fail(f"values() needs an object, got {json_type_name(x)}", pos)
     return list(x.values())
 
 
