@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -179,15 +177,3 @@ async def stream_last_position(js: JetStreamContext) -> int:
     """The last sequence of ``LO_EVT`` (0 when empty)."""
     info = await js.stream_info(EVENT_STREAM)
     return int(info.state.last_seq)
-
-
-def json_dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-async def wait_closed(nc: NATS) -> None:
-    """Drain and close a connection, tolerating one that is already gone."""
-    try:
-        await asyncio.wait_for(nc.drain(), 5)
-    except Exception:
-        log.debug("drain failed", exc_info=True)

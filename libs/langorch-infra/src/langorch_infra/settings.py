@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,15 +39,3 @@ class GatewaySettings(CommonSettings):
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")
     sse_keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
-
-
-class UpSettings(CommonSettings):
-    """Settings of `langorch up` (all services in one process)."""
-
-    state_dir: Path = Field(Path(".langorch"), description="Where embedded NATS and PostgreSQL keep data.")
-    nats_url: str | None = Field(None, description="Use this NATS instead of starting an embedded one.")  # type: ignore[assignment]
-    database_url: str | None = Field(  # type: ignore[assignment]
-        None, description="Use this PostgreSQL instead of starting an embedded one."
-    )
-    host: str = Field("127.0.0.1", description="Bind address of the HTTP API.")
-    port: int = Field(8080, description="Port of the HTTP API.")

@@ -7,7 +7,6 @@ the procedure aggregate's expected position, so two racing imports give one succ
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 
@@ -19,7 +18,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from ckp_core.commands import ImportProcedure
 from ckp_core.compiler import compile_document
 from ckp_core.errors import ConcurrencyError
-from ckp_core.events import Actor, CommandRejected, EventData, ProcedureImported, make_event
+from ckp_core.events import CommandRejected, EventData, ProcedureImported, make_event
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, procedure_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import CompilerSettings
@@ -27,7 +26,6 @@ from langorch_infra.settings import CompilerSettings
 log = logging.getLogger(__name__)
 
 CONSUMER = "compiler"
-ACTOR = Actor.system("compiler")
 
 
 class CompilerService:
@@ -142,7 +140,3 @@ async def serve(settings: CompilerSettings) -> None:
         await service.run()
     finally:
         await service.stop()
-
-
-def main() -> None:  # pragma: no cover - convenience for `python -m`
-    asyncio.run(serve(CompilerSettings()))

@@ -183,9 +183,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
         if row is None:
             return _pending(command.command_id, "import_procedure")
-        return JSONResponse(views.procedure_detail(row), status_code=201, headers={
-            "Location": f"/api/procedures/{pid}/{version}", "X-LangOrch-Command-ID": command.command_id,
-            "X-LangOrch-Position": str(position)})
+        return _created(views.procedure_detail(row), f"/api/procedures/{pid}/{version}", command.command_id,
+                        position)
 
     @app.get("/api/procedures")
     async def list_procedures(
@@ -249,9 +248,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         run = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
         if run is None:
             return _pending(command.command_id, "start_run")
-        return JSONResponse(views.run_out(run), status_code=201, headers={
-            "Location": f"/api/runs/{run_id}", "X-LangOrch-Command-ID": command.command_id,
-            "X-LangOrch-Position": str(position)})
+        return _created(views.run_out(run), f"/api/runs/{run_id}", command.command_id, position)
 
     @app.get("/api/runs")
     async def list_runs(
@@ -340,6 +337,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                    headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def _created(body: dict[str, Any], location: str, command_id: str, position: int) -> JSONResponse:
+    """201 with the resource, where it lives, the command that made it and the stream position it reached."""
+    return JSONResponse(body, status_code=201, headers={
+        "Location": location, "X-LangOrch-Command-ID": command_id, "X-LangOrch-Position": str(position)})
 
 
 def _pending(command_id: str, command_type: str) -> JSONResponse:
