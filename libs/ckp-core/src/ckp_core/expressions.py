@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
 from functools import lru_cache
@@ -50,8 +50,11 @@ __all__ = [
     "Scope",
     "TemplateStr",
     "UnknownFunctionError",
+    "ast_from_json",
+    "ast_to_json",
     "evaluate",
     "evaluate_condition",
+    "expression_from_json",
     "format_embedded",
     "has_placeholder",
     "json_type_name",
@@ -1092,6 +1095,50 @@ def _parse_cached(source: str) -> Expression:
         return Expression(source, ast, referenced_roots(ast))
     except RecursionError:
         raise ExpressionSyntaxError("expression nested too deeply") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Syntax trees as JSON (the IR stores parsed trees, so nothing is parsed again at run time)
+# ---------------------------------------------------------------------------------------------------------
+
+_NODE_CLASSES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (Const, TemplateStr, ListExpr, Name, Member, Index, Access, Call, Neg, Not, ArithStep, Arith,
+                Compare, EmptyTest, BoolOp, PlaceholderExpr)
+}
+
+
+def ast_to_json(node: Any) -> Any:
+    """A JSON value for a syntax tree: nodes become objects tagged ``"t"``, tuples become arrays.
+
+    Literal values inside nodes are JSON scalars, so objects in the output are always nodes.
+    """
+    if isinstance(node, tuple):
+        return [ast_to_json(item) for item in node]
+    name = type(node).__name__
+    if _NODE_CLASSES.get(name) is type(node):
+        out: dict[str, Any] = {"t": name}
+        for f in fields(node):  # type: ignore[arg-type]
+            out[f.name] = ast_to_json(getattr(node, f.name))
+        return out
+    return node
+
+
+def ast_from_json(data: Any) -> Any:
+    """Rebuild a syntax tree written by :func:`ast_to_json`."""
+    if isinstance(data, list):
+        return tuple(ast_from_json(item) for item in data)
+    if isinstance(data, dict):
+        cls = _NODE_CLASSES.get(str(data.get("t")))
+        if cls is None:
+            raise ValueError(f"unknown syntax tree node {data.get('t')!r}")
+        return cls(**{k: ast_from_json(v) for k, v in data.items() if k != "t"})
+    return data
+
+
+def expression_from_json(source: str, ast: Any, roots: Any) -> Expression:
+    """Rebuild an :class:`Expression` from its IR form without parsing the source again."""
+    return Expression(source, ast_from_json(ast), frozenset(roots))
 
 
 # ---------------------------------------------------------------------------------------------------------

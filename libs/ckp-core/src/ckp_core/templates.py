@@ -17,7 +17,9 @@ from ckp_core.expressions import (
     ExpressionSyntaxError,
     PlaceholderExpr,
     Scope,
+    ast_to_json,
     evaluate,
+    expression_from_json,
     format_embedded,
     has_placeholder,
     referenced_roots,
@@ -34,6 +36,8 @@ __all__ = [
     "render",
     "render_text",
     "template_errors",
+    "template_from_json",
+    "template_to_json",
 ]
 
 TemplateUnresolvedCallback: TypeAlias = Callable[[str, str, str], None]
@@ -171,6 +175,49 @@ def template_errors(value: Any) -> list[TemplateSyntaxError]:
     errors: list[TemplateSyntaxError] = []
     _walk(value, "", {}, [], errors)
     return errors
+
+
+def _placeholder_to_json(ph: Placeholder) -> dict[str, Any]:
+    return {
+        "path": ph.path, "raw": ph.raw, "source": ph.expression.source, "ast": ast_to_json(ph.expression.ast),
+        "roots": sorted(ph.expression.referenced_roots), "fallback_set": ph.fallback_set, "fallback": ph.fallback,
+    }
+
+
+def template_to_json(template: Template) -> dict[str, Any]:
+    """The IR form of a compiled template (ckp.md §6.6): its source and every compiled string, with the
+    placeholders' syntax trees and JSON paths, so that :func:`template_from_json` never parses again."""
+    strings = []
+    for path, compiled in template._strings.items():
+        parts: list[Any] = [
+            part if isinstance(part, str) else {"ph": _placeholder_to_json(part)} for part in compiled.parts
+        ]
+        whole = None
+        if compiled.whole is not None:
+            whole = next(i for i, part in enumerate(compiled.parts) if part is compiled.whole)
+        strings.append({"path": path, "parts": parts, "whole": whole})
+    return {"source": template.source, "strings": strings}
+
+
+def template_from_json(data: Mapping[str, Any]) -> Template:
+    """Rebuild a compiled template from :func:`template_to_json` output."""
+    strings: dict[str, _StringTemplate] = {}
+    out: list[Placeholder] = []
+    for entry in data.get("strings", []):
+        parts: list[str | Placeholder] = []
+        for part in entry["parts"]:
+            if isinstance(part, str):
+                parts.append(part)
+            else:
+                ph = part["ph"]
+                expression = expression_from_json(ph["source"], ph["ast"], ph["roots"])
+                placeholder = Placeholder(ph["path"], expression, ph["fallback_set"], ph["fallback"], ph["raw"])
+                parts.append(placeholder)
+                out.append(placeholder)
+        whole_index = entry.get("whole")
+        whole = parts[whole_index] if whole_index is not None else None
+        strings[entry["path"]] = _StringTemplate(tuple(parts), whole if isinstance(whole, Placeholder) else None)
+    return Template(data.get("source"), tuple(out), strings)
 
 
 def _value(ph: Placeholder, scope: Scope, on_unresolved: TemplateUnresolvedCallback | None) -> Any:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
@@ -35,10 +35,10 @@ from ckp_core.events import (
     make_event,
 )
 from ckp_core.eventstore import AggregateHead, EventStore
-from ckp_core.expressions import Expression, ExpressionError, MappingScope, evaluate, parse_expression, truthy
+from ckp_core.expressions import ExpressionError, MappingScope, evaluate, truthy
 from ckp_core.ir import LogicPayload, NodeIR, ProcedureIR, SequencePayload, StepIR, TerminatePayload
 from ckp_core.redaction import Redactor
-from ckp_core.templates import Template, compile_template, render
+from ckp_core.templates import render
 from langorch_runtime.steps import StepRecord, StepStore, idempotency_key, natural_identity, now_iso
 
 log = logging.getLogger(__name__)
@@ -88,36 +88,55 @@ class RunWriter:
         return position
 
 
-class _Compiled:
-    """Parsed expressions and templates of one IR, cached by content hash."""
-
-    def __init__(self, ir: ProcedureIR) -> None:
-        self.ir = ir
-        self.templates: dict[int, Template] = {}
-        self.expressions: dict[str, Expression] = {}
-
-    def template(self, value: Any) -> Template:
-        key = id(value)
-        tpl = self.templates.get(key)
-        if tpl is None:
-            tpl = self.templates[key] = compile_template(value)
-        return tpl
-
-    def expression(self, source: str) -> Expression:
-        expr = self.expressions.get(source)
-        if expr is None:
-            expr = self.expressions[source] = parse_expression(source)
-        return expr
+SUPPORTED_OPERATIONS = frozenset({"log", "set_variable", "wait"})
 
 
-_CACHE: dict[str, _Compiled] = {}
+def unsupported_features(ir: ProcedureIR) -> list[str]:
+    """What this runtime cannot execute yet, as JSON-path-like descriptions (empty: the IR is runnable).
 
-
-def compiled(ir: ProcedureIR) -> _Compiled:
-    c = _CACHE.get(ir.content_hash)
-    if c is None:
-        c = _CACHE[ir.content_hash] = _Compiled(ir)
-    return c
+    The compiler accepts the whole CKP language; the runtime executes ``sequence`` (internal ``log``,
+    ``set_variable`` and ``wait`` steps; channel steps fail with ``no_executor``), ``logic`` and ``terminate``.
+    A run of a procedure using anything else fails at start with ``procedure_not_runnable`` naming it.
+    """
+    out: list[str] = []
+    gc = ir.global_config
+    if gc.on_failure is not None:
+        out.append("global_config.on_failure")
+    if gc.timeout_ms is not None:
+        out.append("global_config.timeout_ms")
+    if gc.execution_mode != "production":
+        out.append(f"global_config.execution_mode={gc.execution_mode}")
+    if gc.mock_external_calls or gc.test_data_overrides:
+        out.append("global_config.mock_external_calls/test_data_overrides")
+    for node in ir.nodes.values():
+        where = f"nodes.{node.id}"
+        if node.type not in ("sequence", "logic", "terminate"):
+            out.append(f"{where} (type {node.type})")
+        if node.error_handlers:
+            out.append(f"{where}.error_handlers")
+        if node.sla is not None:
+            out.append(f"{where}.sla")
+        if node.idempotency_key is not None:
+            out.append(f"{where}.idempotency_key")
+        p = node.payload
+        if isinstance(p, SequencePayload):
+            if p.validations:
+                out.append(f"{where}.validations")
+            for step in p.steps:
+                sw = f"{where}.steps.{step.step_id}"
+                if step.binding.kind == "internal" and step.action not in SUPPORTED_OPERATIONS:
+                    out.append(f"{sw} (operation {step.action})")
+                if step.retry is not None:
+                    out.append(f"{sw}.retry")
+                if step.output_mapping:
+                    out.append(f"{sw}.output_mapping")
+                if step.idempotency_key is not None:
+                    out.append(f"{sw}.idempotency_key")
+                if step.screenshot_on_complete:
+                    out.append(f"{sw}.screenshot_on_complete")
+        if isinstance(p, TerminatePayload) and (p.cleanup_actions or p.error_actions or p.final_audit_log):
+            out.append(f"{where} (cleanup_actions/error_actions/final_audit_log)")
+    return out
 
 
 @dataclass
@@ -130,10 +149,6 @@ class RunContext:
     writer: RunWriter
     steps: StepStore
     started_at: str
-    compiled: _Compiled = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.compiled = compiled(self.ir)
 
     def builtins(self, node_id: str | None, step_id: str | None, vars_: dict[str, Any]) -> dict[str, Any]:
         now = datetime.now(UTC)
@@ -251,7 +266,7 @@ class Interpreter:
             scope = self.scope(state, node.id, None)
             warnings = _Warnings(state["warned"], node.id, None, "")
             for i, rule in enumerate(p.rules):
-                expr = self.ctx.compiled.expression(rule.condition)
+                expr = rule.condition.compiled
                 warnings.base = f"/rules/{i}/condition"
                 try:
                     hit = truthy(evaluate(expr, scope, lambda v, r: warnings(v, r)))
@@ -269,7 +284,7 @@ class Interpreter:
             return {"cursor": p.default_next_node}
         assert isinstance(p, TerminatePayload)
         warnings = _Warnings(state["warned"], node.id, None, "/outputs")
-        outputs = render(self.ctx.compiled.template(p.outputs), self.scope(state, node.id, None), warnings)
+        outputs = render(p.outputs.compiled, self.scope(state, node.id, None), warnings)
         await warnings.flush(self.ctx.writer)
         if p.status == "success":
             return {"cursor": None, "outcome": {"status": "completed", "outputs": outputs}}
@@ -295,7 +310,7 @@ class Interpreter:
             await asyncio.sleep(step.wait_ms / 1000)
         key = idempotency_key(ctx.run_id, node.id, step.step_id, frame, attempt)
         warnings = _Warnings(state["warned"], node.id, step.step_id, f"/steps/{step.step_id}")
-        params = render(ctx.compiled.template(step.params), self.scope(state, node.id, step.step_id), warnings)
+        params = render(step.params.compiled, self.scope(state, node.id, step.step_id), warnings)
         await ctx.steps.put(identity, StepRecord(status="started", attempt=attempt, idempotency_key=key,
                                                  node_id=node.id, step_id=step.step_id, frame=frame,
                                                  updated_at=now_iso()))
@@ -346,7 +361,7 @@ class Interpreter:
             return {"waited_ms": int((time.monotonic() - started) * 1000)}, {}
         if action == "set_variable":
             value = params.get("value")
-            return value, {str(params["variable"]): value}
+            return value, {step.names["variable"]: value}
         raise NodeFailure(ErrorObject(code="operation_failed", message=f"operation '{action}' is not supported",
                                       node_id=node.id, step_id=step.step_id))
 

@@ -43,7 +43,7 @@ from ckp_core.redaction import Redactor
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import RuntimeSettings
-from langorch_runtime.executor import RunContext, RunWriter, build_graph
+from langorch_runtime.executor import RunContext, RunWriter, build_graph, unsupported_features
 from langorch_runtime.steps import StepStore
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,12 @@ class RuntimeService:
             await writer.emit(RunFailed(error=ErrorObject(
                 code="procedure_not_runnable", message=f"procedure {created['procedure_id']}@"
                 f"{created['procedure_version']} is not available to the runtime")))
+            return
+        missing = unsupported_features(ir)
+        if missing:
+            await writer.emit(RunFailed(error=ErrorObject(
+                code="procedure_not_runnable", message=f"procedure {ir.procedure_id}@{ir.version} uses features this "
+                f"LangOrch runtime cannot execute yet: {', '.join(missing)}", details={"unsupported": missing})))
             return
         started = next((e for e in events if e.envelope.type == "execution_started"), None)
         started_at = format_time(started.envelope.occurred_at if started else utc_now())
