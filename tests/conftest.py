@@ -65,7 +65,8 @@ async def database_url(pg_server_url: str) -> AsyncIterator[str]:
 async def _wipe_jetstream(url: str) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    for name in ("LO_EVT", "LO_CMD", "KV_lo_procedures", "KV_lo_steps"):
+    for name in ("LO_EVT", "LO_CMD", "KV_lo_procedures", "KV_lo_steps", "KV_lo_leases", "KV_lo_locks",
+                 "KV_lo_presence"):
         with contextlib.suppress(Exception):
             await js.delete_stream(name)
     await nc.close()
@@ -80,6 +81,38 @@ async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
         yield url
         return
     server = EmbeddedNats(tmp_path / "nats").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+async def module_database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh database shared by the tests of one module (they must use distinct ids)."""
+    name = f"lo_mod_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
+    conn = await asyncpg.connect(pg_server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+async def module_nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A NATS server with an empty JetStream store shared by the tests of one module."""
+    url = os.environ.get("LANGORCH_TEST_NATS_URL")
+    if url:
+        await _wipe_jetstream(url)
+        yield url
+        return
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats")).start()
     try:
         yield server.url
     finally:

@@ -38,3 +38,123 @@ class StartRun(Command):
     VERB = "start"
 
     run_id: str
+
+
+class ReplaceProcedure(Command):
+    """``lo.cmd.procedure.replace``: replace a draft version's document (``expected_revision`` from If-Match)."""
+
+    AGGREGATE = "procedure"
+    VERB = "replace"
+
+    procedure_id: str
+    version: str
+    ckp_json: dict[str, Any]
+    expected_revision: int | None = None
+
+
+class DeleteProcedureVersion(Command):
+    """``lo.cmd.procedure.delete``: remove a draft, deprecated or archived version."""
+
+    AGGREGATE = "procedure"
+    VERB = "delete"
+
+    procedure_id: str
+    version: str
+    expected_revision: int | None = None
+
+
+class SetProcedureStatus(Command):
+    """``lo.cmd.procedure.set_status``: move a version through the lifecycle of api.md §4.4."""
+
+    AGGREGATE = "procedure"
+    VERB = "set_status"
+
+    procedure_id: str
+    version: str
+    status: str
+    reason: str | None = None
+
+
+class PromoteProcedure(Command):
+    """``lo.cmd.procedure.promote``: activate a version in ``target_channel`` (api.md §4.5)."""
+
+    AGGREGATE = "procedure"
+    VERB = "promote"
+
+    procedure_id: str
+    version: str
+    target_channel: str
+    reason: str | None = None
+
+
+class RollbackProcedure(Command):
+    """``lo.cmd.procedure.rollback``: restore an earlier version of ``target_channel`` (api.md §4.5)."""
+
+    AGGREGATE = "procedure"
+    VERB = "rollback"
+
+    procedure_id: str
+    version: str
+    target_channel: str
+    rollback_to_version: str | None = None
+    reason: str | None = None
+
+
+class RegisterAgent(Command):
+    """``lo.cmd.agent.register``: a new agent (capabilities already probed by the gateway when none given)."""
+
+    AGGREGATE = "agent"
+    VERB = "register"
+
+    agent_id: str
+    name: str
+    channel: str
+    protocol: str = "http"
+    base_url: str
+    concurrency_limit: int = 1
+    resource_key: str
+    pool_id: str
+    capabilities: list[dict[str, Any]] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    auth: dict[str, Any] = Field(default_factory=dict)
+    token_sha256: str
+
+
+class UpdateAgent(Command):
+    """``lo.cmd.agent.update``: change fields (``changes``), replace synced capabilities, or rotate the token.
+
+    ``operation`` selects the resulting event: ``update`` → ``agent_updated`` (+ ``agent_status_changed`` when
+    ``status`` changes), ``sync_capabilities`` → ``agent_capabilities_synced``, ``rotate_token`` →
+    ``agent_token_rotated``.
+    """
+
+    AGGREGATE = "agent"
+    VERB = "update"
+
+    agent_id: str
+    operation: str = "update"
+    changes: dict[str, Any] = Field(default_factory=dict)
+    capabilities: list[dict[str, Any]] | None = None
+    token_sha256: str | None = None
+    reason: str | None = None
+
+
+class RemoveAgent(Command):
+    """``lo.cmd.agent.remove``."""
+
+    AGGREGATE = "agent"
+    VERB = "remove"
+
+    agent_id: str
+
+
+class ReleaseLease(Command):
+    """``lo.cmd.lease.release``: force-release one lease key of ``lo_leases`` (revision-checked)."""
+
+    AGGREGATE = "lease"
+    VERB = "release"
+
+    lease_id: str
+    key: str
+    revision: int
+    reason: str | None = None

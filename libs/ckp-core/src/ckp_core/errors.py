@@ -38,3 +38,15 @@ class InvalidInputVars(CkpError):
         n = len(errors)
         super().__init__(f"{n} input variable{'s' if n != 1 else ''} failed validation")
         self.errors = errors
+
+
+class CommandRefused(CkpError):
+    """A command conflicts with its aggregate's state; its owner appends one ``command_rejected`` event.
+
+    ``code`` is the stable problem code the gateway answers with; ``extra`` holds the problem's extension
+    members (``current_status``, ``allowed``, ``diagnostics`` …).
+    """
+
+    def __init__(self, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail, code=code, details=extra)
+        self.extra = extra

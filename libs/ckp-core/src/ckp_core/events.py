@@ -120,6 +120,87 @@ class ProcedureImported(EventData):
     diagnostics: list[dict[str, Any]] = Field(default_factory=list)
 
 
+class ProcedureReplaced(EventData):
+    """A draft version's document was replaced (and re-compiled)."""
+
+    TYPE = "procedure_replaced"
+    AGGREGATE = "procedure"
+
+    procedure_id: str
+    version: str
+    name: str | None
+    description: str | None
+    tags: list[str] = Field(default_factory=list)
+    content_hash: str
+    compiler_version: str
+    ir_key: str
+    ckp_json: dict[str, Any]
+    variables_schema: dict[str, Any]
+    trigger: dict[str, Any] | None = None
+    effective_date: str | None = None
+    diagnostics: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ProcedureVersionDeleted(EventData):
+    """A version was removed; its IR key in ``lo_procedures`` is deleted after this event."""
+
+    TYPE = "procedure_version_deleted"
+    AGGREGATE = "procedure"
+
+    procedure_id: str
+    version: str
+    ir_key: str
+
+
+class ProcedureStatusChanged(EventData):
+    """A version moved through the lifecycle (api.md §4.4); an activation carries the version it displaced."""
+
+    TYPE = "procedure_status_changed"
+    AGGREGATE = "procedure"
+
+    procedure_id: str
+    version: str
+    from_status: str
+    status: str
+    release_channel: str
+    reason: str | None = None
+    displaced_version: str | None = None
+    compiler_version: str | None = None
+    diagnostics: list[dict[str, Any]] | None = None
+
+
+class ProcedurePromoted(EventData):
+    """A version became ``active`` in ``target_channel``, deprecating the one active there (api.md §4.5)."""
+
+    TYPE = "procedure_promoted"
+    AGGREGATE = "procedure"
+
+    procedure_id: str
+    version: str
+    deployment_id: str
+    from_channel: str
+    from_status: str
+    target_channel: str
+    displaced_version: str | None = None
+    reason: str | None = None
+    compiler_version: str | None = None
+    diagnostics: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ProcedureRolledBack(EventData):
+    """``version`` (active in ``target_channel``) was deprecated and ``restored_version`` re-activated."""
+
+    TYPE = "procedure_rolled_back"
+    AGGREGATE = "procedure"
+
+    procedure_id: str
+    version: str
+    deployment_id: str
+    target_channel: str
+    restored_version: str
+    reason: str | None = None
+
+
 class CommandRejected(EventData):
     TYPE = "command_rejected"
     AGGREGATE = "procedure"
@@ -292,12 +373,141 @@ class TemplateWarning(EventData):
     location: dict[str, Any]
 
 
+# --- project aggregate (gateway-owned) ------------------------------------------------------------------
+
+
+class ProjectCreated(EventData):
+    TYPE = "project_created"
+    AGGREGATE = "project"
+
+    project_id: str
+    name: str
+    description: str | None = None
+
+
+class ProjectUpdated(EventData):
+    """The project's state after the change (every field, so the projection needs no history)."""
+
+    TYPE = "project_updated"
+    AGGREGATE = "project"
+
+    project_id: str
+    name: str
+    description: str | None = None
+
+
+class ProjectDeleted(EventData):
+    TYPE = "project_deleted"
+    AGGREGATE = "project"
+
+    project_id: str
+
+
+# --- agent aggregate (runtime-owned) and leases -----------------------------------------------------------
+
+
+class AgentRegistered(EventData):
+    """A new agent; only the SHA-256 of its token is ever recorded."""
+
+    TYPE = "agent_registered"
+    AGGREGATE = "agent"
+
+    agent_id: str
+    name: str
+    channel: str
+    protocol: str = "http"
+    base_url: str
+    status: str = "online"
+    concurrency_limit: int = 1
+    resource_key: str
+    pool_id: str
+    capabilities: list[dict[str, Any]] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    auth: dict[str, Any] = Field(default_factory=lambda: {"type": "none", "secret_ref": None})
+    token_sha256: str
+
+
+class AgentUpdated(EventData):
+    """Changed fields of an agent with their new values (``status`` changes use ``agent_status_changed``)."""
+
+    TYPE = "agent_updated"
+    AGGREGATE = "agent"
+
+    agent_id: str
+    changes: dict[str, Any]
+
+
+class AgentCapabilitiesSynced(EventData):
+    TYPE = "agent_capabilities_synced"
+    AGGREGATE = "agent"
+
+    agent_id: str
+    capabilities: list[dict[str, Any]]
+
+
+class AgentTokenRotated(EventData):
+    TYPE = "agent_token_rotated"
+    AGGREGATE = "agent"
+
+    agent_id: str
+    token_sha256: str
+
+
+class AgentStatusChanged(EventData):
+    TYPE = "agent_status_changed"
+    AGGREGATE = "agent"
+
+    agent_id: str
+    from_status: str
+    status: str
+    reason: str | None = None
+
+
+class AgentCircuitOpened(EventData):
+    TYPE = "agent_circuit_opened"
+    AGGREGATE = "agent"
+
+    agent_id: str
+    consecutive_failures: int
+    last_error: str | None = None
+
+
+class AgentCircuitClosed(EventData):
+    TYPE = "agent_circuit_closed"
+    AGGREGATE = "agent"
+
+    agent_id: str
+
+
+class AgentRemoved(EventData):
+    TYPE = "agent_removed"
+    AGGREGATE = "agent"
+
+    agent_id: str
+
+
+class LeaseForceReleased(EventData):
+    """An operator deleted a lease key; the holding runtime aborts its step with ``lease_revoked``."""
+
+    TYPE = "lease_force_released"
+    AGGREGATE = "lease"
+
+    lease_id: str
+    resource_key: str
+    slot: int | None = None
+    run_id: str | None = None
+    reason: str | None = None
+
+
 EVENT_TYPES: dict[str, type[EventData]] = {
     cls.TYPE: cls
     for cls in (
-        ProcedureImported, CommandRejected, RunCreated, ExecutionStarted, ExecutionRecovered, RunCompleted,
+        ProcedureImported, ProcedureReplaced, ProcedureVersionDeleted, ProcedureStatusChanged, ProcedurePromoted,
+        ProcedureRolledBack, CommandRejected, RunCreated, ExecutionStarted, ExecutionRecovered, RunCompleted,
         RunFailed, NodeStarted, NodeCompleted, NodeError, StepStarted, StepCompleted, StepReplayed,
-        StepFailed, Log, TemplateWarning,
+        StepFailed, Log, TemplateWarning, ProjectCreated, ProjectUpdated, ProjectDeleted, AgentRegistered,
+        AgentUpdated, AgentCapabilitiesSynced, AgentTokenRotated, AgentStatusChanged, AgentCircuitOpened,
+        AgentCircuitClosed, AgentRemoved, LeaseForceReleased,
     )
 }
 

@@ -1,4 +1,5 @@
-"""The compiler service: ``lo.cmd.procedure.import`` → ``procedure_imported`` | ``command_rejected``.
+"""The compiler service: owner of the procedure aggregate. ``lo.cmd.procedure.{import,replace,delete,set_status,
+promote,rollback}`` → ``procedure_*`` events | ``command_rejected``.
 
 The compiler is the authority on procedure versions: it compiles again (the gateway's compile is a fast
 pre-check), refuses a version that exists, stores the IR in KV ``lo_procedures`` and appends the event with
@@ -9,16 +10,51 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from datetime import date
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import KeyNotFoundError, NotFoundError
 
-from ckp_core.commands import ImportProcedure
+from ckp_core.commands import (
+    Command,
+    DeleteProcedureVersion,
+    ImportProcedure,
+    PromoteProcedure,
+    ReplaceProcedure,
+    RollbackProcedure,
+    SetProcedureStatus,
+)
 from ckp_core.compiler import compile_document
-from ckp_core.errors import ConcurrencyError
-from ckp_core.events import CommandRejected, EventData, ProcedureImported, make_event
+from ckp_core.errors import CommandRefused, ConcurrencyError
+from ckp_core.events import (
+    CommandRejected,
+    EventData,
+    EventEnvelope,
+    ProcedureImported,
+    ProcedurePromoted,
+    ProcedureReplaced,
+    ProcedureRolledBack,
+    ProcedureStatusChanged,
+    ProcedureVersionDeleted,
+    make_event,
+)
+from ckp_core.ids import new_id
+from ckp_core.ir import ProcedureIR
+from ckp_core.procedure_lifecycle import (
+    ProcedureState,
+    VersionState,
+    decide_delete,
+    decide_promote,
+    decide_replace,
+    decide_rollback,
+    decide_status,
+    fold,
+)
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, procedure_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import CompilerSettings
@@ -63,17 +99,51 @@ class CompilerService:
                 await self.nc.close()
 
     async def _handle(self, msg: Msg) -> None:
+        verb = msg.subject.rsplit(".", 1)[-1]
+        handler = self.handlers.get(verb)
         try:
-            if msg.subject.endswith(".import"):
-                await self.on_import(ImportProcedure.model_validate_json(msg.data))
-            else:
+            if handler is None:
                 log.error("unknown procedure command %s dropped", msg.subject)
+            else:
+                await handler(msg.data)
             await msg.ack_sync()
         except ConcurrencyError:
-            await msg.nak()  # another import of this procedure landed first: decide again on redelivery
+            await msg.nak()  # another command on this procedure landed first: decide again on redelivery
         except Exception:
             log.exception("procedure command failed; it will be redelivered")
             await msg.nak(delay=2)
+
+    @property
+    def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:
+        return {
+            "import": lambda raw: self.on_import(ImportProcedure.model_validate_json(raw)),
+            "replace": lambda raw: self.on_replace(ReplaceProcedure.model_validate_json(raw)),
+            "delete": lambda raw: self.on_delete(DeleteProcedureVersion.model_validate_json(raw)),
+            "set_status": lambda raw: self.on_set_status(SetProcedureStatus.model_validate_json(raw)),
+            "promote": lambda raw: self.on_promote(PromoteProcedure.model_validate_json(raw)),
+            "rollback": lambda raw: self.on_rollback(RollbackProcedure.model_validate_json(raw)),
+        }
+
+    async def _load(self, procedure_id: str, command: Command) -> tuple[ProcedureState, EventEnvelope | None]:
+        """The aggregate's state, and the event this command already caused (a redelivery) if any."""
+        history = await self.store.read("procedure", procedure_id)
+        state = fold(procedure_id, ((e.envelope, e.position) for e in history))
+        done = next((e.envelope for e in history if e.envelope.causation_id == command.command_id), None)
+        return state, done
+
+    async def _append(self, state: ProcedureState, data: EventData, command: Command) -> None:
+        event = make_event(data, aggregate_id=state.procedure_id, seq=state.seq + 1, actor=command.actor,
+                           causation_id=command.command_id, aggregate="procedure")
+        await self.store.append([event], expected_position=state.position)
+
+    async def _reject(self, state: ProcedureState, command: Command, command_type: str,
+                      refusal: CommandRefused) -> None:
+        await self._append(state, CommandRejected(command_id=command.command_id, command_type=command_type,
+                                                  code=refusal.code, detail=refusal.message,
+                                                  extra=refusal.extra), command)
+
+    async def _put_ir(self, ir: ProcedureIR) -> None:
+        await self.kv.put(procedure_key(ir.procedure_id, ir.version), ir.model_dump_json(by_alias=True).encode())
 
     async def on_import(self, cmd: ImportProcedure) -> None:
         """Compile and store one version, or reject the command with a stable code.
@@ -83,54 +153,193 @@ class CompilerService:
         """
         result = compile_document(cmd.ckp_json)
         pid = result.procedure_id or str(cmd.ckp_json.get("procedure_id", "unknown"))
-        history = await self.store.read("procedure", pid)
-        head_seq = history[-1].envelope.seq if history else 0
-        head_pos = history[-1].position if history else 0
+        state, done = await self._load(pid, cmd)
         ir = result.ir
-        for stored in history:
-            ev = stored.envelope
-            if ev.causation_id == cmd.command_id:
-                if ev.type == "procedure_imported" and ir is not None:
-                    await self.kv.put(ev.data["ir_key"], ir.model_dump_json(by_alias=True).encode())
-                return
-        rejection: CommandRejected | None = None
+        if done is not None:
+            if done.type == "procedure_imported" and ir is not None and ir.version in state.versions:
+                await self._put_ir(ir)
+            return
         if ir is None:
-            rejection = CommandRejected(
-                command_id=cmd.command_id, command_type="import_procedure", code="compile_failed",
-                detail=f"{len(result.errors)} compile errors",
-                extra={"diagnostics": [d.model_dump(mode="json") for d in result.diagnostics]},
-            )
-        else:
-            existing = next((e.envelope.data["content_hash"] for e in history
-                             if e.envelope.type == "procedure_imported"
-                             and e.envelope.data.get("version") == ir.version), None)
-            if existing is not None:
-                rejection = CommandRejected(
-                    command_id=cmd.command_id, command_type="import_procedure",
-                    code="procedure_version_exists",
-                    detail=f"procedure {ir.procedure_id} version {ir.version} already exists",
-                    extra={"existing_content_hash": existing, "identical": existing == ir.content_hash},
-                )
-        data: EventData
-        if rejection is not None:
-            data = rejection
-        else:
-            assert ir is not None
-            trigger = cmd.ckp_json.get("trigger")
-            data = ProcedureImported(
-                procedure_id=ir.procedure_id, version=ir.version, name=ir.name, description=ir.description,
-                project_id=cmd.project_id, tags=ir.tags, content_hash=ir.content_hash,
-                compiler_version=ir.compiler_version, ir_key=procedure_key(ir.procedure_id, ir.version),
-                ckp_json=cmd.ckp_json, variables_schema=ir.variables_schema(),
-                trigger=trigger if isinstance(trigger, dict) else None, effective_date=ir.effective_date,
-                diagnostics=[d.model_dump(mode="json") for d in result.diagnostics],
-            )
-        event = make_event(data, aggregate_id=pid, seq=head_seq + 1, actor=cmd.actor,
-                           causation_id=cmd.command_id, aggregate="procedure")
-        await self.store.append([event], expected_position=head_pos)
-        if ir is not None and rejection is None:
-            await self.kv.put(procedure_key(ir.procedure_id, ir.version),
-                              ir.model_dump_json(by_alias=True).encode())
+            return await self._reject(state, cmd, "import_procedure", CommandRefused(
+                "compile_failed", f"{len(result.errors)} compile errors",
+                diagnostics=[d.model_dump(mode="json") for d in result.diagnostics]))
+        existing = state.versions.get(ir.version)
+        if existing is not None:
+            return await self._reject(state, cmd, "import_procedure", CommandRefused(
+                "procedure_version_exists", f"procedure {ir.procedure_id} version {ir.version} already exists",
+                existing_content_hash=existing.content_hash, identical=existing.content_hash == ir.content_hash))
+        trigger = cmd.ckp_json.get("trigger")
+        await self._append(state, ProcedureImported(
+            procedure_id=ir.procedure_id, version=ir.version, name=ir.name, description=ir.description,
+            project_id=cmd.project_id, tags=ir.tags, content_hash=ir.content_hash,
+            compiler_version=ir.compiler_version, ir_key=procedure_key(ir.procedure_id, ir.version),
+            ckp_json=cmd.ckp_json, variables_schema=ir.variables_schema(),
+            trigger=trigger if isinstance(trigger, dict) else None, effective_date=ir.effective_date,
+            diagnostics=[d.model_dump(mode="json") for d in result.diagnostics],
+        ), cmd)
+        await self._put_ir(ir)
+
+    async def on_replace(self, cmd: ReplaceProcedure) -> None:
+        """Replace a draft's document, compiled like an import (api.md §4.3)."""
+        state, done = await self._load(cmd.procedure_id, cmd)
+        result = compile_document(cmd.ckp_json)
+        if done is not None:
+            if done.type == "procedure_replaced" and result.ir is not None:
+                await self._put_ir(result.ir)
+            return
+        try:
+            decide_replace(state, cmd.version, cmd.expected_revision)
+            ir = result.ir
+            if ir is None:
+                raise CommandRefused("compile_failed", f"{len(result.errors)} compile errors",
+                                     diagnostics=[d.model_dump(mode="json") for d in result.diagnostics])
+            if (ir.procedure_id, ir.version) != (cmd.procedure_id, cmd.version):
+                raise CommandRefused("validation_failed", "procedure_id and version inside the document must "
+                                     "match the path", errors={"ckp_json.version": ["Must match the path"]})
+        except CommandRefused as refusal:
+            return await self._reject(state, cmd, "replace_procedure", refusal)
+        trigger = cmd.ckp_json.get("trigger")
+        await self._append(state, ProcedureReplaced(
+            procedure_id=ir.procedure_id, version=ir.version, name=ir.name, description=ir.description,
+            tags=ir.tags, content_hash=ir.content_hash, compiler_version=ir.compiler_version,
+            ir_key=procedure_key(ir.procedure_id, ir.version), ckp_json=cmd.ckp_json,
+            variables_schema=ir.variables_schema(), trigger=trigger if isinstance(trigger, dict) else None,
+            effective_date=ir.effective_date, diagnostics=[d.model_dump(mode="json") for d in result.diagnostics],
+        ), cmd)
+        await self._put_ir(ir)
+
+    async def on_delete(self, cmd: DeleteProcedureVersion) -> None:
+        """Delete a version that is not active; its IR key goes after the event."""
+        state, done = await self._load(cmd.procedure_id, cmd)
+        if done is not None:
+            if done.type == "procedure_version_deleted":
+                await self._delete_ir(done.data["ir_key"])
+            return
+        try:
+            v = decide_delete(state, cmd.version, cmd.expected_revision)
+        except CommandRefused as refusal:
+            return await self._reject(state, cmd, "delete_procedure_version", refusal)
+        await self._append(state, ProcedureVersionDeleted(procedure_id=cmd.procedure_id, version=v.version,
+                                                          ir_key=v.ir_key), cmd)
+        await self._delete_ir(v.ir_key)
+
+    async def _delete_ir(self, key: str) -> None:
+        with contextlib.suppress(KeyNotFoundError, NotFoundError):
+            await self.kv.delete(key)
+
+    def _recompile(self, v: VersionState, code: str) -> tuple[ProcedureIR, list[dict[str, Any]]]:
+        """Compile a stored document again with the current compiler; errors refuse the command."""
+        result = compile_document(v.ckp_json)
+        diagnostics = [d.model_dump(mode="json") for d in result.diagnostics]
+        if result.ir is None:
+            raise CommandRefused(code, f"version {v.version} no longer compiles: {len(result.errors)} errors",
+                                 diagnostics=diagnostics)
+        return result.ir, diagnostics
+
+    async def on_set_status(self, cmd: SetProcedureStatus) -> None:
+        """Move a version through §4.4; activation re-compiles and deprecates the channel's active version."""
+        state, done = await self._load(cmd.procedure_id, cmd)
+        if done is not None:
+            return
+        try:
+            decision = decide_status(state, cmd.version, cmd.status)
+            if decision is None:
+                return  # a no-op appends nothing
+            v, displaced = decision
+            ir, diagnostics = self._recompile(v, "compile_failed") if cmd.status == "active" else (None, None)
+        except CommandRefused as refusal:
+            return await self._reject(state, cmd, "set_procedure_status", refusal)
+        await self._append(state, ProcedureStatusChanged(
+            procedure_id=cmd.procedure_id, version=v.version, from_status=v.status, status=cmd.status,
+            release_channel=v.release_channel, reason=cmd.reason, displaced_version=displaced,
+            compiler_version=ir.compiler_version if ir else None, diagnostics=diagnostics), cmd)
+        if ir is not None:
+            await self._put_ir(ir)
+
+    async def on_promote(self, cmd: PromoteProcedure) -> None:
+        """Validate and activate a version in a channel (api.md §4.5)."""
+        state, done = await self._load(cmd.procedure_id, cmd)
+        if done is not None:
+            return
+        try:
+            decision = decide_promote(state, cmd.version, cmd.target_channel)
+            if decision is None:
+                return
+            v, displaced = decision
+            ir, diagnostics = await self._promotion_checks(state, v)
+        except CommandRefused as refusal:
+            return await self._reject(state, cmd, "promote_procedure", refusal)
+        await self._append(state, ProcedurePromoted(
+            procedure_id=cmd.procedure_id, version=v.version, deployment_id=new_id(),
+            from_channel=v.release_channel, from_status=v.status, target_channel=cmd.target_channel,
+            displaced_version=displaced, reason=cmd.reason, compiler_version=ir.compiler_version,
+            diagnostics=diagnostics), cmd)
+        await self._put_ir(ir)
+
+    async def _promotion_checks(self, state: ProcedureState,
+                                v: VersionState) -> tuple[ProcedureIR, list[dict[str, Any]]]:
+        """Every promotion check at once: re-compile, subflow targets runnable, effective date well-formed."""
+        result = compile_document(v.ckp_json)
+        diagnostics = [d.model_dump(mode="json") for d in result.diagnostics]
+        problems = [d for d in diagnostics if d.get("severity") == "error"]
+        eff = v.ckp_json.get("effective_date")
+        if eff is not None:
+            try:
+                date.fromisoformat(str(eff))
+            except ValueError:
+                problems.append(_diagnostic("invalid_effective_date", f"effective_date {eff!r} is not YYYY-MM-DD",
+                                            "/effective_date"))
+        for ref in getattr(result.ir, "subflow_refs", None) or []:
+            pid, version = _ref_identity(ref)
+            if pid is None:
+                continue
+            target = state if pid == state.procedure_id else fold(pid, (
+                (e.envelope, e.position) for e in await self.store.read("procedure", pid)))
+            if not _runnable(target, version):
+                problems.append(_diagnostic("subflow_not_found", f"subflow target {pid}@{version or 'active'} "
+                                            "has no runnable version", _ref_path(ref)))
+        if problems or result.ir is None:
+            raise CommandRefused("promotion_validation_failed", f"{len(problems)} promotion checks failed",
+                                 diagnostics=problems + [d for d in diagnostics if d not in problems])
+        return result.ir, diagnostics
+
+    async def on_rollback(self, cmd: RollbackProcedure) -> None:
+        """Deprecate the channel's active version and re-activate an earlier one (api.md §4.5)."""
+        state, done = await self._load(cmd.procedure_id, cmd)
+        if done is not None:
+            return
+        try:
+            target = decide_rollback(state, cmd.version, cmd.target_channel, cmd.rollback_to_version)
+        except CommandRefused as refusal:
+            return await self._reject(state, cmd, "rollback_procedure", refusal)
+        await self._append(state, ProcedureRolledBack(
+            procedure_id=cmd.procedure_id, version=cmd.version, deployment_id=new_id(),
+            target_channel=cmd.target_channel, restored_version=target.version, reason=cmd.reason), cmd)
+
+
+def _diagnostic(code: str, message: str, path: str) -> dict[str, Any]:
+    return {"severity": "error", "code": code, "message": message, "path": path, "node_id": None,
+            "step_id": None, "hint": None}
+
+
+def _ref_identity(ref: Any) -> tuple[str | None, str | None]:
+    """(procedure_id, version) of a subflow reference, whatever its exact shape (IR model or dict)."""
+    get = ref.get if isinstance(ref, dict) else lambda k, default=None: getattr(ref, k, default)
+    pid = get("procedure_id")
+    version = get("version")
+    return (str(pid) if pid else None), (str(version) if version not in (None, "latest") else None)
+
+
+def _ref_path(ref: Any) -> str:
+    node = ref.get("node_id") if isinstance(ref, dict) else getattr(ref, "node_id", None)
+    return f"/workflow_graph/nodes/{node}" if node else "/workflow_graph"
+
+
+def _runnable(state: ProcedureState, version: str | None) -> bool:
+    if version is not None:
+        v = state.versions.get(version)
+        return v is not None and v.status in ("draft", "active")
+    return any(v.status == "active" for v in state.versions.values())
 
 
 async def serve(settings: CompilerSettings) -> None:

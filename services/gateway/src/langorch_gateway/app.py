@@ -6,7 +6,6 @@ the projector, and hands the clients to the routes through ``request.app.state``
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -18,25 +17,21 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from ckp_core.commands import ImportProcedure, StartRun
-from ckp_core.compiler import compile_document
+from ckp_core.commands import StartRun
 from ckp_core.errors import InvalidInputVars
 from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_time, make_event
 from ckp_core.ids import new_id
-from ckp_core.subjects import EVENT_STREAM, aggregate_filter
+from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import views
+from langorch_gateway import routes_procedures, routes_projects, views
 from langorch_gateway.problems import ApiProblem, install
 from langorch_gateway.projector import Projector, ensure_schema
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
-    decode_message,
     ensure_topology,
     follow,
     publish_command,
@@ -55,13 +50,6 @@ Offset = Annotated[int, Query(ge=0)]
 AfterQuery = Annotated[int | None, Query(ge=0)]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
 MinPosition = Annotated[int | None, Header(alias="X-LangOrch-Min-Position")]
-
-
-class ImportIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ckp_json: dict[str, Any]
-    project_id: str | None = None
 
 
 class RunCreate(BaseModel):
@@ -146,73 +134,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """JSON Schemas of the event envelope and payloads, generated from ckp-core."""
         return event_json_schemas()
 
-    # -- procedures ---------------------------------------------------------------------------------
-    @app.post("/api/procedures", status_code=201)
-    async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
-        """Compile, then import a procedure version through the compiler service."""
-        result = compile_document(body.ckp_json)
-        diagnostics = [d.model_dump(mode="json") for d in result.diagnostics]
-        identity_errors = {f"ckp_json.{d.path.lstrip('/')}": [d.message] for d in result.errors
-                           if d.path in ("/procedure_id", "/version")}
-        if identity_errors:
-            raise ApiProblem("validation_failed", "procedure_id or version is missing or malformed",
-                             errors=identity_errors, diagnostics=diagnostics)
-        if not result.ok:
-            n = len(result.errors)
-            raise ApiProblem("compile_failed", f"{n} compile error{'s' if n != 1 else ''}", errors={},
-                             diagnostics=diagnostics)
-        assert result.ir is not None
-        pid, version = result.ir.procedure_id, result.ir.version
-        existing = await pool(request).fetchrow(
-            "SELECT content_hash FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
-        if existing is not None:
-            raise ApiProblem("procedure_version_exists", f"procedure {pid} version {version} already exists",
-                             existing_content_hash=existing["content_hash"],
-                             identical=existing["content_hash"] == result.ir.content_hash)
-        command = ImportProcedure(actor=ANONYMOUS, causation_id=request.state.request_id,
-                                  ckp_json=body.ckp_json, project_id=body.project_id)
-        outcome = await _await_outcome(request, "procedure", pid, command)
-        if outcome is None:
-            return _pending(command.command_id, "import_procedure")
-        envelope, position = outcome
-        if envelope.type == "command_rejected":
-            d = envelope.data
-            raise ApiProblem(d["code"], d["detail"], **d.get("extra", {}))
-        await ryw(request, position)
-        row = await pool(request).fetchrow(
-            "SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
-        if row is None:
-            return _pending(command.command_id, "import_procedure")
-        return _created(views.procedure_detail(row), f"/api/procedures/{pid}/{version}", command.command_id,
-                        position)
-
-    @app.get("/api/procedures")
-    async def list_procedures(
-        request: Request,
-        procedure_id: str | None = None,
-        status: str | None = None,
-        limit: Limit = 100,
-        offset: Offset = 0,
-    ) -> dict[str, Any]:
-        """Page of procedure versions, newest first."""
-        where, args = _filters({"procedure_id": procedure_id, "status": status})
-        rows, total = await _page(pool(request), "procedures", where, args,
-                                  "created_at DESC, procedure_id, version", limit, offset)
-        return views.page([views.procedure_out(r) for r in rows], total, limit, offset)
-
-    @app.get("/api/procedures/{procedure_id}/{version}")
-    async def get_procedure(request: Request, procedure_id: str, version: str) -> JSONResponse:
-        """One procedure version with its document; ``latest`` is the most recently imported."""
-        if version == "latest":
-            row = await pool(request).fetchrow(
-                "SELECT * FROM procedures WHERE procedure_id = $1 ORDER BY position DESC LIMIT 1", procedure_id)
-        else:
-            row = await pool(request).fetchrow(
-                "SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", procedure_id, version)
-        if row is None:
-            raise ApiProblem("not_found", f"procedure {procedure_id} version {version} not found",
-                             resource="procedure")
-        return JSONResponse(views.procedure_detail(row), headers={"ETag": f'"{row["revision"]}"'})
+    # -- procedures --------------------------------------------------------------------------------
+    # Routes whose second path segment is a literal (POST /api/procedures/validate, GET /api/procedures/{id}/diff)
+    # must be registered ABOVE this line: the router's /api/procedures/{procedure_id}/{version} would swallow them.
+    app.include_router(routes_procedures.router)
+    app.include_router(routes_projects.router)
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)
@@ -350,35 +276,6 @@ def _pending(command_id: str, command_type: str) -> JSONResponse:
         {"command_id": command_id, "command_type": command_type, "status": "pending",
          "location": f"/api/commands/{command_id}"},
         status_code=202, headers={"Location": f"/api/commands/{command_id}"})
-
-
-async def _await_outcome(request: Request, aggregate: str, aggregate_id: str,
-                         command: ImportProcedure) -> tuple[Any, int] | None:
-    """Publish a command and wait for the event it caused on its aggregate (None on timeout).
-
-    The ordered consumer is created before the command is published, so the outcome cannot be missed.
-    """
-    js = request.app.state.js
-    settings: GatewaySettings = request.app.state.settings
-    sub = await js.subscribe(aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
-                             config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
-    try:
-        await publish_command(js, command)
-        deadline = asyncio.get_running_loop().time() + settings.command_timeout_s
-        while True:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return None
-            try:
-                msg = await sub.next_msg(timeout=remaining)
-            except NatsTimeoutError:
-                return None
-            stored = decode_message(msg)
-            if stored.envelope.causation_id == command.command_id:
-                return stored.envelope, stored.position
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
 
 
 def _filters(values: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -17,6 +17,11 @@ STATUS = {
     "not_found": 404, "method_not_allowed": 405,
     "procedure_version_exists": 409, "procedure_not_runnable": 409, "procedure_not_effective": 409,
     "no_runnable_version": 409, "invalid_run_transition": 409,
+    "version_not_draft": 409, "invalid_status_transition": 409, "invalid_promotion": 409, "invalid_rollback": 409,
+    "procedure_version_active": 409, "procedure_version_in_use": 409, "agent_exists": 409,
+    "resource_limit_conflict": 409, "project_exists": 409, "project_not_empty": 409,
+    "unauthenticated": 401, "invalid_token": 401, "forbidden": 403, "precondition_failed": 412,
+    "promotion_validation_failed": 422, "url_not_allowed": 422, "upstream_error": 502, "upstream_timeout": 504,
     "payload_too_large": 413, "unsupported_media_type": 415,
     "validation_failed": 422, "unknown_field": 422, "unsupported_field": 422, "compile_failed": 422,
     "invalid_input_vars": 422,
@@ -30,7 +35,15 @@ TITLES = {
     "validation_failed": "Validation failed", "unknown_field": "Unknown field",
     "unsupported_field": "Unsupported field", "compile_failed": "Compile failed",
     "invalid_input_vars": "Invalid input variables", "internal_error": "Internal error",
-    "unavailable": "Service unavailable",
+    "unavailable": "Service unavailable", "version_not_draft": "Version is not a draft",
+    "invalid_status_transition": "Invalid status transition", "invalid_promotion": "Invalid promotion",
+    "invalid_rollback": "Invalid rollback", "procedure_version_active": "Procedure version is active",
+    "procedure_version_in_use": "Procedure version in use", "agent_exists": "Agent exists",
+    "resource_limit_conflict": "Resource limit conflict", "project_exists": "Project exists",
+    "project_not_empty": "Project not empty", "unauthenticated": "Unauthenticated", "invalid_token": "Invalid token",
+    "forbidden": "Forbidden", "precondition_failed": "Precondition failed",
+    "promotion_validation_failed": "Promotion validation failed", "url_not_allowed": "URL not allowed",
+    "upstream_error": "Upstream error", "upstream_timeout": "Upstream timeout",
 }
 RETRYABLE = frozenset({"unavailable"})
 
@@ -60,7 +73,9 @@ def problem_response(request: Request, code: str, detail: str, *, status: int | 
     if errors is not None or status == 422:
         body["errors"] = errors or {}
     body.update(extra)
-    headers = {"Retry-After": "1"} if code in RETRYABLE else None
+    headers = {"Retry-After": "1"} if code in RETRYABLE else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 

@@ -1,4 +1,4 @@
-"""The projector: applies ``LO_EVT`` to the ``procedures``, ``runs`` and ``run_events`` tables exactly once.
+"""The projector: applies ``LO_EVT`` to the projection tables (``TABLES``) exactly once.
 
 Each batch of events is applied in one transaction together with the new stream position, so a crash at
 any point either keeps or loses the whole batch; events at or below the stored position are skipped.
@@ -19,12 +19,13 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import EVENT_STREAM
+from langorch_gateway.projections import apply_agent_event, apply_procedure_event, apply_project_event
 from langorch_infra.jetstream import decode_message, stream_last_position
 
 log = logging.getLogger(__name__)
 
 NAME = "core"
-TABLES = ("procedures", "runs", "run_events")
+TABLES = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events")
 LIFTED = ("node_id", "step_id", "attempt")
 BATCH = 500
 
@@ -45,7 +46,7 @@ async def ensure_schema(pool: asyncpg.Pool) -> None:
 
 async def drop_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        await conn.execute("DROP TABLE IF EXISTS procedures, runs, run_events, projection_positions")
+        await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES)}, projection_positions")
 
 
 def _j(value: Any) -> str:
@@ -57,20 +58,14 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
     ev = stored.envelope
     d = ev.data
     at = ev.occurred_at
-    if ev.aggregate == "procedure" and ev.type == "procedure_imported":
-        await conn.execute(
-            """INSERT INTO procedures (procedure_id, version, name, description, status, release_channel,
-                 project_id, tags, content_hash, compiler_version, ir_key, ckp_json, variables_schema, trigger,
-                 effective_date, diagnostics, revision, created_at, created_by, updated_at, position)
-               VALUES ($1,$2,$3,$4,$5,$6,$7,$8::jsonb,$9,$10,$11,$12::jsonb,$13::jsonb,$14::jsonb,$15,$16::jsonb,
-                 1,$17,$18,$17,$19)
-               ON CONFLICT (procedure_id, version) DO NOTHING""",
-            d["procedure_id"], d["version"], d.get("name"), d.get("description"), d.get("status", "draft"),
-            d.get("release_channel", "dev"), d.get("project_id"), _j(d.get("tags", [])), d["content_hash"],
-            d["compiler_version"], d["ir_key"], _j(d["ckp_json"]), _j(d.get("variables_schema", {})),
-            _j(d.get("trigger")) if d.get("trigger") is not None else None, d.get("effective_date"),
-            _j(d.get("diagnostics", [])), at, ev.actor.render(), stored.position,
-        )
+    if ev.aggregate == "procedure":
+        await apply_procedure_event(conn, stored)
+        return
+    if ev.aggregate == "project":
+        await apply_project_event(conn, stored)
+        return
+    if ev.aggregate == "agent":
+        await apply_agent_event(conn, stored)
         return
     if ev.aggregate != "run":
         return

@@ -74,3 +74,63 @@ CREATE TABLE IF NOT EXISTS run_events (
     created_at  timestamptz NOT NULL,
     PRIMARY KEY (run_id, seq)
 );
+
+-- issue 5: lifecycle, search and deployment records of procedures
+ALTER TABLE procedures ADD COLUMN IF NOT EXISTS promoted_from_version text;
+ALTER TABLE procedures ADD COLUMN IF NOT EXISTS promoted_at timestamptz;
+ALTER TABLE procedures ADD COLUMN IF NOT EXISTS promoted_by text;
+ALTER TABLE procedures ADD COLUMN IF NOT EXISTS retrieval_metadata jsonb;
+ALTER TABLE procedures ADD COLUMN IF NOT EXISTS search_text text NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS procedures_project ON procedures (project_id);
+
+CREATE TABLE IF NOT EXISTS procedure_deployments (
+    deployment_id     text PRIMARY KEY,
+    procedure_id      text NOT NULL,
+    action            text NOT NULL,
+    target_channel    text NOT NULL,
+    deployed_version  text NOT NULL,
+    replaced_version  text,
+    deployed_by       text NOT NULL,
+    deployed_at       timestamptz NOT NULL,
+    reason            text,
+    position          bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS procedure_deployments_procedure ON procedure_deployments (procedure_id, position DESC);
+
+CREATE TABLE IF NOT EXISTS projects (
+    project_id   text PRIMARY KEY,
+    name         text NOT NULL,
+    description  text,
+    created_at   timestamptz NOT NULL,
+    created_by   text NOT NULL,
+    updated_at   timestamptz NOT NULL,
+    seq          integer NOT NULL,
+    position     bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS projects_name ON projects (lower(name));
+
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id               text PRIMARY KEY,
+    name                   text NOT NULL,
+    channel                text NOT NULL,
+    protocol               text NOT NULL,
+    base_url               text NOT NULL,
+    status                 text NOT NULL,
+    concurrency_limit      integer NOT NULL,
+    resource_key           text NOT NULL,
+    pool_id                text NOT NULL,
+    capabilities           jsonb NOT NULL,
+    labels                 jsonb NOT NULL,
+    auth                   jsonb NOT NULL,
+    token_sha256           text NOT NULL,
+    circuit_state          text NOT NULL DEFAULT 'closed',
+    consecutive_failures   integer NOT NULL DEFAULT 0,
+    circuit_open_at        timestamptz,
+    registered_by          text NOT NULL,
+    created_at             timestamptz NOT NULL,
+    updated_at             timestamptz NOT NULL,
+    seq                    integer NOT NULL,
+    position               bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS agents_channel ON agents (channel, pool_id);
+CREATE INDEX IF NOT EXISTS agents_token ON agents (token_sha256);

@@ -28,8 +28,9 @@ def procedure_out(row: asyncpg.Record) -> dict[str, Any]:
     return {
         "procedure_id": row["procedure_id"], "version": row["version"], "name": row["name"],
         "description": row["description"], "status": row["status"], "effective_date": row["effective_date"],
-        "release_channel": row["release_channel"], "promoted_from_version": None, "promoted_at": None,
-        "promoted_by": None, "project_id": row["project_id"], "tags": _json(row["tags"]) or [],
+        "release_channel": row["release_channel"], "promoted_from_version": row["promoted_from_version"],
+        "promoted_at": _time(row["promoted_at"]), "promoted_by": row["promoted_by"],
+        "project_id": row["project_id"], "tags": _json(row["tags"]) or [],
         "content_hash": row["content_hash"], "compiler_version": row["compiler_version"],
         "diagnostics_summary": {
             "errors": 0,
@@ -46,7 +47,7 @@ def procedure_detail(row: asyncpg.Record) -> dict[str, Any]:
     ckp = _json(row["ckp_json"])
     return procedure_out(row) | {
         "ckp_json": ckp, "variables_schema": _json(row["variables_schema"]), "trigger": _json(row["trigger"]),
-        "provenance": ckp.get("provenance"), "retrieval_metadata": ckp.get("retrieval_metadata"),
+        "provenance": ckp.get("provenance"), "retrieval_metadata": _json(row["retrieval_metadata"]),
         "diagnostics": _json(row["diagnostics"]) or [],
     }
 
@@ -98,3 +99,20 @@ def event_out(envelope: Any, position: int) -> dict[str, Any]:
 
 def page(items: list[dict[str, Any]], total: int, limit: int, offset: int) -> dict[str, Any]:
     return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+def deployment_out(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "deployment_id": row["deployment_id"], "action": row["action"], "target_channel": row["target_channel"],
+        "deployed_version": row["deployed_version"], "replaced_version": row["replaced_version"],
+        "deployed_by": row["deployed_by"], "deployed_at": _time(row["deployed_at"]), "reason": row["reason"],
+    }
+
+
+def project_out(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "project_id": row["project_id"], "name": row["name"], "description": row["description"],
+        "created_at": _time(row["created_at"]), "created_by": row["created_by"],
+        "updated_at": _time(row["updated_at"]), "procedure_count": int(row["procedure_count"]),
+        "active_run_count": int(row["active_run_count"]),
+    }

@@ -1,0 +1,116 @@
+"""Publishing commands and awaiting their outcome (api.md §1.5): one place for every router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from ckp_core.commands import Command
+from ckp_core.events import EventEnvelope
+from ckp_core.subjects import EVENT_STREAM, aggregate_filter
+from langorch_gateway.problems import ApiProblem
+from langorch_infra.jetstream import decode_message, publish_command
+from langorch_infra.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The events one command caused on its aggregate (its first one decides accepted vs rejected)."""
+
+    envelope: EventEnvelope
+    position: int
+
+
+async def send(request: Request, aggregate: str, aggregate_id: str, command: Command,
+               command_type: str) -> Outcome | None:
+    """Publish ``command`` and wait for the first event it caused on ``aggregate_id`` (None on timeout).
+
+    The ordered consumer exists before the command is published, so the outcome cannot be missed.
+    """
+    js = request.app.state.js
+    settings: GatewaySettings = request.app.state.settings
+    metrics = getattr(request.app.state, "metrics", None)
+    sub = await js.subscribe(aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
+    outcome: Outcome | None = None
+    try:
+        await publish_command(js, command)
+        deadline = asyncio.get_running_loop().time() + settings.command_timeout_s
+        while outcome is None:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except NatsTimeoutError:
+                break
+            stored = decode_message(msg)
+            if stored.envelope.causation_id == command.command_id:
+                outcome = Outcome(stored.envelope, stored.position)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    if metrics is not None:
+        state = "pending" if outcome is None else (
+            "rejected" if outcome.envelope.type == "command_rejected" else "accepted")
+        metrics.commands.labels(command_type=command_type, outcome=state).inc()
+    return outcome
+
+
+def raise_if_rejected(outcome: Outcome) -> None:
+    """A ``command_rejected`` outcome becomes the problem response named by its code."""
+    if outcome.envelope.type == "command_rejected":
+        d = outcome.envelope.data
+        extra: dict[str, Any] = dict(d.get("extra") or {})
+        errors = extra.pop("errors", None)
+        raise ApiProblem(d["code"], d["detail"], errors=errors, **extra)
+
+
+async def ryw(request: Request, position: int) -> bool:
+    """Wait (bounded) until the projection has applied ``position``; False when it did not in time."""
+    settings: GatewaySettings = request.app.state.settings
+    started = time.monotonic()
+    reached: bool = await request.app.state.projector.wait(position, settings.ryw_timeout_ms / 1000)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.ryw_wait.observe(time.monotonic() - started)
+    if not reached:
+        log.warning("projection did not reach %s within the RYW timeout", position)
+    return reached
+
+
+async def min_position(request: Request) -> dict[str, str]:
+    """Honour ``X-LangOrch-Min-Position``; returns the consistency headers of the answer."""
+    raw = request.headers.get("x-langorch-min-position")
+    headers: dict[str, str] = {}
+    if raw:
+        if not raw.isdigit():
+            raise ApiProblem("validation_failed", "X-LangOrch-Min-Position must be a stream sequence",
+                             errors={"header.X-LangOrch-Min-Position": ["Must be a non-negative integer"]})
+        if not await ryw(request, int(raw)):
+            headers["X-LangOrch-Consistency"] = "stale"
+    headers["X-LangOrch-Position"] = str(request.app.state.projector.position)
+    return headers
+
+
+def pending(command_id: str, command_type: str) -> JSONResponse:
+    """202: no outcome in time; the command stays durable and is processed once (api.md §1.5)."""
+    return JSONResponse(
+        {"command_id": command_id, "command_type": command_type, "status": "pending",
+         "location": f"/api/commands/{command_id}"},
+        status_code=202, headers={"Location": f"/api/commands/{command_id}", "X-LangOrch-Command-ID": command_id})
+
+
+def accepted_headers(command_id: str, position: int) -> dict[str, str]:
+    return {"X-LangOrch-Command-ID": command_id, "X-LangOrch-Position": str(position)}

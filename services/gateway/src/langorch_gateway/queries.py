@@ -1,0 +1,66 @@
+"""Query helpers shared by the routers: paging parameters, comma lists, one-snapshot pages (api.md §1.4)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import Query
+
+from langorch_gateway.problems import ApiProblem
+
+MAX_PAGE_SIZE = 500
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+Offset = Annotated[int, Query(ge=0)]
+Order = Annotated[Literal["asc", "desc"], Query()]
+
+
+def comma_list(name: str, raw: str | None, allowed: tuple[str, ...] | None = None,
+               aliases: dict[str, str] | None = None) -> list[str] | None:
+    """Split a multi-value filter (``status=failed,canceled``); unknown values → 422 at ``query.<name>``."""
+    if raw is None:
+        return None
+    values = [(aliases or {}).get(v.strip(), v.strip()) for v in raw.split(",") if v.strip()]
+    if allowed is not None:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ApiProblem("validation_failed", f"unknown {name} value(s): {', '.join(bad)}",
+                             errors={f"query.{name}": [f"Must be one of: {', '.join(allowed)}"]})
+    return values
+
+
+class Where:
+    """Accumulates ``AND``-ed SQL conditions with numbered parameters."""
+
+    def __init__(self) -> None:
+        self.clauses: list[str] = []
+        self.args: list[Any] = []
+
+    def arg(self, value: Any) -> str:
+        self.args.append(value)
+        return f"${len(self.args)}"
+
+    def eq(self, column: str, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, list):
+            self.clauses.append(f"{column} = ANY({self.arg(value)})")
+        else:
+            self.clauses.append(f"{column} = {self.arg(value)}")
+
+    def add(self, clause: str) -> None:
+        self.clauses.append(clause)
+
+    def sql(self) -> str:
+        return (" WHERE " + " AND ".join(self.clauses)) if self.clauses else ""
+
+
+async def fetch_page(db: asyncpg.Pool, source: str, where: Where, order: str, limit: int,
+                     offset: int, columns: str = "*") -> tuple[list[asyncpg.Record], int]:
+    """Rows and exact total of one filtered list, read in one repeatable-read snapshot."""
+    async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        total = await conn.fetchval(f"SELECT count(*) FROM {source}{where.sql()}", *where.args)  # noqa: S608
+        rows = await conn.fetch(
+            f"SELECT {columns} FROM {source}{where.sql()} ORDER BY {order} "  # noqa: S608
+            f"LIMIT {int(limit)} OFFSET {int(offset)}", *where.args)
+    return list(rows), int(total)
