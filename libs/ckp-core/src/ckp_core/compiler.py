@@ -79,7 +79,7 @@ from ckp_core.ir import (
     ValidationIR,
     VerificationPayload,
 )
-from ckp_core.templates import compile_template, has_placeholder, template_errors, template_to_json
+from ckp_core.templates import TemplateSyntaxError, compile_template_checked, has_placeholder, template_to_json
 from ckp_core.variables import BUILTIN_NAMES, VariableSpec, VariableValidation, check_value
 
 COMPILER_VERSION = "0.2.0"
@@ -562,34 +562,36 @@ class _Compiler:
             return None
         return expr
 
-    def template(self, value: Any, path: str, secrets: str = "deny",
+    def template(self, value: Any, path: str, secrets: str | frozenset[str] = "deny",
                  local_names: frozenset[str] = frozenset(),
                  secret_refs: list[SecretRefIR] | None = None) -> TemplateIR | None:
-        """Compile a template field. ``secrets``: ``deny`` (§7.14 default), ``allow`` (agent params, keys)."""
+        """Compile a template field. ``secrets`` (§7.14): ``deny``, ``allow`` (agent parameters) or the set of
+        top-level keys where they are allowed (``{"key"}`` for encrypt/decrypt/hash)."""
         try:
-            errors = template_errors(value)
-        except RecursionError:
+            tpl, errors = compile_template_checked(value)
+        except (RecursionError, TemplateSyntaxError):
             self.add("error", "template_syntax_error", f"{path}: template nested too deeply", path)
             return None
         for exc in errors:
             where = path + exc.path
             self.add("error", "template_syntax_error", f"{where}: invalid placeholder '{exc.raw}': {exc.reason}",
                      where)
-        if errors:
+        if tpl is None:
             return None
-        tpl = compile_template(value)
         ok = True
         for ph in tpl.placeholders:
             where = path + ph.path
             uses: list[tuple[str | None, str | None]] = []
-            _secret_uses(ph.expression.ast, uses)
-            if uses and secrets == "deny":
+            if "secrets" in ph.expression.referenced_roots:
+                _secret_uses(ph.expression.ast, uses)
+            allowed = secrets == "allow" or (
+                isinstance(secrets, frozenset) and ph.path.split("/")[1:2] and ph.path.split("/")[1] in secrets)
+            if uses and not allowed:
                 self.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
                          "and encryption keys", where)
                 ok = False
+                continue
             for alias, fld in uses:
-                if secrets == "deny":
-                    break
                 if alias is None:
                     self.add("error", "secret_not_allowed", f"{where}: secrets must be referenced as "
                              "secrets.<alias>[.<field>]", where)
@@ -1350,16 +1352,11 @@ class _Compiler:
                     and self.enum(params, key, path, values) is None:
                 ok = False
         ok = self.operation_checks(action, params, path) and ok
-        secret_params = {k: v for k, v in params.items() if k == "key" and action in SECRET_KEY_OPERATIONS}
-        plain = {k: v for k, v in params.items() if k not in secret_params}
-        tpl = self.template(plain, path)
-        secret_tpl = self.template(secret_params, path, secrets="allow", secret_refs=secret_refs)
-        if tpl is None or secret_tpl is None or not ok:
+        allowed = frozenset({"key"}) if action in SECRET_KEY_OPERATIONS else "deny"
+        tpl = self.template(params, path, secrets=allowed, secret_refs=secret_refs)
+        if tpl is None or not ok:
             return None
-        full = self.template(params, path, secrets="allow") if secret_params else tpl
-        if full is None:
-            return None
-        return full, names, expression
+        return tpl, names, expression
 
     def operation_checks(self, action: str, params: dict[str, Any], path: str) -> bool:
         ok = True
@@ -2325,11 +2322,36 @@ def _dialect(doc: dict[str, Any]) -> Diagnostic | None:
     return None
 
 
+MAX_NESTING = 128
+
+
+def _document_problem(doc: Any) -> str | None:
+    """Why a decoded document cannot be stored as canonical JSON: too deep, non-finite numbers, lone surrogates."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_NESTING:
+                return f"CKP document is nested deeper than {MAX_NESTING} levels"
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    try:
+        json.dumps(doc, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except ValueError as exc:
+        return f"CKP document holds a value JSON cannot represent: {exc}"
+    except (TypeError, RecursionError) as exc:
+        return f"CKP document is not JSON data: {exc}"
+    return None
+
+
 def compile_document(doc: Any, lookup: ProcedureLookup | None = None) -> CompileResult:
     """Compile a decoded CKP document. Never raises for bad input: problems come back as diagnostics."""
     if not isinstance(doc, dict):
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
                                          message="CKP document must be a JSON object")])
+    problem = _document_problem(doc)
+    if problem is not None:
+        return CompileResult([Diagnostic(severity="error", code="invalid_document", path="", message=problem)])
     dialect = _dialect(doc)
     if dialect is not None:
         return CompileResult([dialect])

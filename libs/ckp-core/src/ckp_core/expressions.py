@@ -1108,20 +1108,31 @@ _NODE_CLASSES: dict[str, type] = {
 }
 
 
+_NODE_FIELDS: dict[type, tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in _NODE_CLASSES.values()}
+_AST_JSON_CACHE: dict[int, tuple[Any, Any]] = {}
+
+
 def ast_to_json(node: Any) -> Any:
     """A JSON value for a syntax tree: nodes become objects tagged ``"t"``, tuples become arrays.
 
-    Literal values inside nodes are JSON scalars, so objects in the output are always nodes.
+    Literal values inside nodes are JSON scalars, so objects in the output are always nodes. Results are cached
+    by tree identity (parsed trees are immutable and shared through the parser caches); do not mutate them.
     """
-    if isinstance(node, tuple):
-        return [ast_to_json(item) for item in node]
-    name = type(node).__name__
-    if _NODE_CLASSES.get(name) is type(node):
-        out: dict[str, Any] = {"t": name}
-        for f in fields(node):  # type: ignore[arg-type]
-            out[f.name] = ast_to_json(getattr(node, f.name))
-        return out
-    return node
+    names = _NODE_FIELDS.get(type(node))
+    if names is None:
+        if isinstance(node, tuple):
+            return [ast_to_json(item) for item in node]
+        return node
+    cached = _AST_JSON_CACHE.get(id(node))
+    if cached is not None and cached[0] is node:
+        return cached[1]
+    out: dict[str, Any] = {"t": type(node).__name__}
+    for name in names:
+        out[name] = ast_to_json(getattr(node, name))
+    if len(_AST_JSON_CACHE) > 65536:
+        _AST_JSON_CACHE.clear()
+    _AST_JSON_CACHE[id(node)] = (node, out)
+    return out
 
 
 def ast_from_json(data: Any) -> Any:

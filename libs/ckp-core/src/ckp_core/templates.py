@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, TypeAlias
 
 from ckp_core.expressions import (
@@ -31,6 +32,7 @@ __all__ = [
     "Template",
     "TemplateSyntaxError",
     "compile_template",
+    "compile_template_checked",
     "format_embedded",
     "has_placeholder",
     "render",
@@ -117,6 +119,17 @@ def _placeholder(path: str, node: PlaceholderExpr) -> Placeholder:
     return Placeholder(path, expression, node.has_fallback, node.fallback, node.raw)
 
 
+@lru_cache(maxsize=8192)
+def _scan(s: str) -> tuple[tuple[str | PlaceholderExpr, ...], tuple[tuple[str, str, ExpressionSyntaxError], ...]]:
+    """Scan one template string (cached by content: the trees are immutable)."""
+    bad: list[tuple[str, str, ExpressionSyntaxError]] = []
+    try:
+        nodes = scan_template(s, errors=bad)
+    except RecursionError:
+        raise TemplateSyntaxError("", "", "placeholder nested too deeply") from None
+    return nodes, tuple(bad)
+
+
 def _compile_string(
     s: str, path: str, errors: list[TemplateSyntaxError] | None
 ) -> _StringTemplate | None:
@@ -124,13 +137,12 @@ def _compile_string(
         if "\\{{" in s:
             return _StringTemplate((s.replace("\\{{", "{{"),), None)
         return None
-    bad: list[tuple[str, str, ExpressionSyntaxError]] = []
     try:
-        nodes = scan_template(s, errors=bad)
-    except RecursionError:
-        raise TemplateSyntaxError(path, "", "placeholder nested too deeply") from None
-    for inner, raw, exc in bad:
-        error = TemplateSyntaxError(path, inner, str(exc), raw, exc)
+        nodes, bad = _scan(s)
+    except TemplateSyntaxError as deep:
+        raise TemplateSyntaxError(path, deep.placeholder, deep.reason) from None
+    for inner, raw, cause in bad:
+        error = TemplateSyntaxError(path, inner, str(cause), raw, cause)
         if errors is None:
             raise error
         errors.append(error)
@@ -168,6 +180,17 @@ def compile_template(value: Any) -> Template:
     out: list[Placeholder] = []
     _walk(value, "", strings, out, None)
     return Template(value, tuple(out), strings)
+
+
+def compile_template_checked(value: Any) -> tuple[Template | None, list[TemplateSyntaxError]]:
+    """Compile a template in one pass, collecting every bad placeholder (template None when there is one)."""
+    strings: dict[str, _StringTemplate] = {}
+    out: list[Placeholder] = []
+    errors: list[TemplateSyntaxError] = []
+    _walk(value, "", strings, out, errors)
+    if errors:
+        return None, errors
+    return Template(value, tuple(out), strings), errors
 
 
 def template_errors(value: Any) -> list[TemplateSyntaxError]:
