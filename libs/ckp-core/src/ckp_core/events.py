@@ -549,3 +549,7 @@ def event_json_schemas() -> dict[str, Any]:
             for name, cls in EVENT_TYPES.items()
         },
     }
+
+
+# The remaining run payloads of ckp.md §8 live in their own module; importing it registers them above.
+import ckp_core.run_events  # noqa: E402, F401
