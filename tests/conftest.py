@@ -26,6 +26,7 @@ from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
+from langorch_runtime.agents import AgentService
 from langorch_runtime.service import RuntimeService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,6 +129,7 @@ class Platform:
     database_url: str
     client: httpx.AsyncClient
     app: Any
+    agent_service: Any = None
 
 
 async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asyncio.Task[None], Any]:
@@ -145,10 +147,12 @@ async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asy
 
 
 @contextlib.asynccontextmanager
-async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True) -> AsyncIterator[Platform]:
+async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True, agents: bool = True,
+                      runtime_settings: dict[str, Any] | None = None,
+                      gateway_settings: dict[str, Any] | None = None) -> AsyncIterator[Platform]:
     env = {"nats_url": nats_url, "database_url": database_url}
     port = free_port()
-    server, gateway_task, app = await _serve_gateway(GatewaySettings(**env, port=port))
+    server, gateway_task, app = await _serve_gateway(GatewaySettings(**env, port=port, **(gateway_settings or {})))
     compiler = CompilerService(CompilerSettings(**env))
     await compiler.start()
     tasks = [asyncio.create_task(compiler.run())]
@@ -157,10 +161,15 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True)
         runtime_service = RuntimeService(RuntimeSettings(**env, ack_wait_s=5))
         await runtime_service.start()
         tasks.append(asyncio.create_task(runtime_service.run()))
+    agent_service = None
+    if agents:
+        agent_service = AgentService(RuntimeSettings(**env, **(runtime_settings or {})))
+        await agent_service.start()
+        tasks.append(asyncio.create_task(agent_service.run()))
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         try:
-            yield Platform(base, nats_url, database_url, client, app)
+            yield Platform(base, nats_url, database_url, client, app, agent_service)
         finally:
             for t in tasks:
                 t.cancel()
@@ -169,6 +178,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True)
                     await t
             if runtime_service is not None:
                 await runtime_service.stop()
+            if agent_service is not None:
+                await agent_service.stop()
             await compiler.stop()
             server.should_exit = True
             await gateway_task

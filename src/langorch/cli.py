@@ -57,6 +57,7 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
     from langorch_compiler.service import serve as serve_compiler
     from langorch_gateway.app import create_app
     from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
+    from langorch_runtime.agents import serve as serve_agents
     from langorch_runtime.service import serve as serve_runtime
 
     tasks: list[asyncio.Task[Any]] = []
@@ -66,6 +67,7 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
     if "runtime" in names:
         runtime = RuntimeSettings(nats_url=nats_url, database_url=database_url)
         tasks.append(asyncio.create_task(serve_runtime(runtime), name="runtime"))
+        tasks.append(asyncio.create_task(serve_agents(runtime), name="runtime-agents"))
     server = None
     if "gateway" in names:
         settings = GatewaySettings(nats_url=nats_url, database_url=database_url, host=host, port=port)

@@ -8,6 +8,9 @@ EVENT_STREAM = "LO_EVT"
 COMMAND_STREAM = "LO_CMD"
 PROCEDURES_BUCKET = "lo_procedures"
 STEPS_BUCKET = "lo_steps"
+LEASES_BUCKET = "lo_leases"
+LOCKS_BUCKET = "lo_locks"
+PRESENCE_BUCKET = "lo_presence"
 
 
 def event_subject(aggregate: str, aggregate_id: str, event_type: str) -> str:
@@ -32,3 +35,23 @@ def procedure_key(procedure_id: str, version: str) -> str:
     (``invoice.v2`` / ``1.0.0`` → ``invoice=2Ev2.1=2E0=2E0``); ``=`` never occurs in an encoded token.
     """
     return f"{encode_token(procedure_id)}.{encode_token(version)}".replace("~", "=")
+
+
+def kv_token(value: str) -> str:
+    """One KV key token for an id (the subject token encoding, with ``=`` as the escape; see ``procedure_key``)."""
+    return encode_token(value).replace("~", "=")
+
+
+def agent_presence_key(agent_id: str) -> str:
+    """``lo_presence`` key of an agent's heartbeat (api.md §7.3)."""
+    return f"agent.{kv_token(agent_id)}"
+
+
+def agent_probe_key(agent_id: str) -> str:
+    """``lo_presence`` key of the last health probe of an agent (written by the elected poller)."""
+    return f"probe.{kv_token(agent_id)}"
+
+
+def lease_key(resource_key: str, slot: int) -> str:
+    """``lo_leases`` key of one concurrency slot: ``<resource_key>.<slot>`` (api.md §8)."""
+    return f"{kv_token(resource_key)}.{slot}"

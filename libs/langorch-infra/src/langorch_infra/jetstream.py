@@ -27,6 +27,9 @@ from ckp_core.eventstore import AggregateHead, StoredEvent
 from ckp_core.subjects import (
     COMMAND_STREAM,
     EVENT_STREAM,
+    LEASES_BUCKET,
+    LOCKS_BUCKET,
+    PRESENCE_BUCKET,
     PROCEDURES_BUCKET,
     STEPS_BUCKET,
     aggregate_filter,
@@ -44,7 +47,7 @@ STREAMS = (
     StreamConfig(name=COMMAND_STREAM, subjects=["lo.cmd.>"], retention=RetentionPolicy.WORK_QUEUE,
                  storage=StorageType.FILE, duplicate_window=600.0),
 )
-BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET)
+BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET, LEASES_BUCKET, LOCKS_BUCKET, PRESENCE_BUCKET)
 
 
 async def connect(url: str, name: str) -> NATS:
@@ -68,7 +71,10 @@ async def ensure_topology(js: JetStreamContext) -> None:
         try:
             await js.key_value(bucket)
         except NotFoundError:
-            await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+            try:
+                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+            except BadRequestError:  # created concurrently by another replica
+                await js.key_value(bucket)
 
 
 def encode_envelope(envelope: EventEnvelope) -> bytes:

@@ -29,6 +29,15 @@ class RuntimeSettings(CommonSettings):
     ack_wait_s: float = Field(30.0, description="JetStream ack wait of run commands; a runtime that stops "
                               "signalling progress for this long loses its runs to another replica.")
     max_concurrent_runs: int = Field(16, ge=1, description="Runs one replica executes at once.")
+    agent_health_interval_s: float = Field(30.0, gt=0, description="Seconds between health probes of every "
+                                           "agent by the elected replica (api.md §7.3).")
+    agent_heartbeat_interval_s: float = Field(15.0, gt=0, description="Agents' heartbeat interval; a heartbeat "
+                                              "is fresh for 3 intervals.")
+    agent_circuit_failures: int = Field(3, ge=1, description="Consecutive failed probes that open an agent's "
+                                        "circuit.")
+    agent_probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of one agent health probe.")
+    leader_lock_ttl_s: float = Field(15.0, ge=1, description="TTL of leader keys in lo_locks; a dead leader is "
+                                     "replaced within this time.")
 
 
 class GatewaySettings(CommonSettings):
@@ -39,3 +48,15 @@ class GatewaySettings(CommonSettings):
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")
     sse_keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
+    public_url: str | None = Field(None, description="Base of callback, webhook and agent URLs (default: "
+                                   "http://<host>:<port>).")
+    agent_heartbeat_interval_s: float = Field(15.0, gt=0, description="Heartbeat interval told to agents; "
+                                              "presence keys live 3 intervals.")
+    agent_circuit_half_open_s: float = Field(60.0, gt=0, description="An open agent circuit reads half_open "
+                                             "after this many seconds.")
+    agent_url_allowlist: list[str] = Field(default_factory=list, description="Hosts or CIDRs agents may live "
+                                           "at; empty = any address except link-local and metadata ones.")
+    agent_require_explicit_capabilities: bool = Field(True, description="Refuse the wildcard capability '*'.")
+    agent_probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of capability probes.")
+    agent_recommended_concurrency: int = Field(1, ge=1, description="Concurrency suggested by the bootstrap "
+                                               "endpoint.")

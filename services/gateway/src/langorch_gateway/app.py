@@ -26,7 +26,7 @@ from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_ti
 from ckp_core.ids import new_id
 from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import routes_procedures, routes_projects, views
+from langorch_gateway import routes_agents, routes_procedures, routes_projects, views
 from langorch_gateway.problems import ApiProblem, install
 from langorch_gateway.projector import Projector, ensure_schema
 from langorch_infra.jetstream import (
@@ -139,6 +139,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # must be registered ABOVE this line: the router's /api/procedures/{procedure_id}/{version} would swallow them.
     app.include_router(routes_procedures.router)
     app.include_router(routes_projects.router)
+    app.include_router(routes_agents.router)
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)

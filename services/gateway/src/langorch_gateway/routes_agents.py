@@ -1,0 +1,552 @@
+"""Agents, pools and leases (api.md §7, §8). The runtime owns agent aggregates: mutations are commands
+``lo.cmd.agent.*`` awaited until the ``agents`` projection applied them; presence (heartbeats, probe results)
+lives in KV ``lo_presence`` and leases in KV ``lo_leases``, read directly.
+
+Literal paths (``probe-capabilities``, ``pools``, ``bootstrap``, ``heartbeat``) are declared before
+``/api/agents/{agent_id}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
+from ckp_core.events import ANONYMOUS, Actor, format_time
+from ckp_core.subjects import LEASES_BUCKET, PRESENCE_BUCKET, agent_presence_key, agent_probe_key
+from langorch_gateway import views
+from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
+from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
+from langorch_gateway.problems import ApiProblem
+from langorch_gateway.queries import Limit, Offset, Order, Where, fetch_page
+from langorch_infra.kv import put_with_ttl
+from langorch_infra.settings import GatewaySettings
+
+router = APIRouter()
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+ID_RE = re.compile(ID_PATTERN)
+AgentId = Annotated[str, Field(pattern=ID_PATTERN)]
+Status = Literal["online", "offline", "draining"]
+Protocol = Literal["http", "mcp"]
+
+
+class AgentAuth(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["none", "bearer"] = "none"
+    secret_ref: str | None = Field(None, pattern=ID_PATTERN)
+
+
+class AgentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: AgentId | None = None
+    name: str = Field(min_length=1, max_length=200)
+    channel: AgentId
+    base_url: str = Field(min_length=1, max_length=2000)
+    protocol: Protocol = "http"
+    concurrency_limit: int = Field(1, ge=1, le=10_000)
+    resource_key: AgentId | None = None
+    pool_id: AgentId | None = None
+    capabilities: list[str | dict[str, Any]] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    auth: AgentAuth | None = None
+
+
+class AgentPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    status: Status | None = None
+    base_url: str | None = Field(None, min_length=1, max_length=2000)
+    protocol: Protocol | None = None
+    concurrency_limit: int | None = Field(None, ge=1, le=10_000)
+    pool_id: AgentId | None = None
+    capabilities: list[str | dict[str, Any]] | None = None
+    labels: dict[str, str] | None = None
+    auth: AgentAuth | None = None
+
+
+class HeartbeatIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: AgentId
+    status: Status = "online"
+    cpu_percent: float | None = Field(None, ge=0, le=100)
+    memory_percent: float | None = Field(None, ge=0, le=100)
+    active_tasks: int | None = Field(None, ge=0)
+    agent_version: str | None = Field(None, max_length=100)
+
+
+def _db(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool  # type: ignore[no-any-return]
+
+
+def _settings(request: Request) -> GatewaySettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _new_token() -> str:
+    return "lo_agt_" + secrets.token_urlsafe(32)
+
+
+async def agent_principal(request: Request) -> str | None:
+    """The agent an ``Authorization: Bearer lo_agt_…`` token belongs to; a present but unknown one → 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith("lo_agt_"):
+        return None
+    agent_id = await _db(request).fetchval("SELECT agent_id FROM agents WHERE token_sha256 = $1", _sha256(token))
+    if agent_id is None:
+        raise ApiProblem("invalid_token", "the agent token is not valid (rotated or unknown)")
+    return str(agent_id)
+
+
+def _capabilities(raw: list[Any], field: str, settings: GatewaySettings) -> list[dict[str, Any]]:
+    """Normalised capabilities; every bad entry reported at ``capabilities.<i>.<member>``."""
+    errors: dict[str, list[str]] = {}
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(raw):
+        try:
+            [cap] = normalise_capabilities([item])
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                message = "Unknown field" if err["type"] == "extra_forbidden" else str(err["msg"])
+                errors.setdefault(f"{field}.{i}.{loc}" if loc else f"{field}.{i}", []).append(message)
+            continue
+        if cap["name"] == "*" and settings.agent_require_explicit_capabilities:
+            errors.setdefault(f"{field}.{i}.name", []).append(
+                "The wildcard capability needs LANGORCH_AGENT_REQUIRE_EXPLICIT_CAPABILITIES=false")
+        out.append(cap)
+    if errors:
+        raise ApiProblem("validation_failed", f"{len(errors)} capability fields failed validation", errors=errors)
+    return out
+
+
+# -- reading presence and leases ---------------------------------------------------------------------------
+
+
+async def _kv_json(request: Request, bucket: str, key: str) -> dict[str, Any] | None:
+    kv = await request.app.state.js.key_value(bucket)
+    try:
+        entry = await kv.get(key)
+        value = json.loads(entry.value or b"{}")
+    except (KeyNotFoundError, NotFoundError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+async def read_leases(request: Request) -> list[tuple[str, int, dict[str, Any]]]:
+    """Every live lease: (key, revision, value). Reads KV ``lo_leases`` directly, so it is always current."""
+    kv = await request.app.state.js.key_value(LEASES_BUCKET)
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    out: list[tuple[str, int, dict[str, Any]]] = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+            value = json.loads(entry.value or b"{}")
+        except (KeyNotFoundError, NotFoundError, ValueError):
+            continue
+        if isinstance(value, dict) and value.get("lease_id"):
+            out.append((key, int(entry.revision or 0), value))
+    return out
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def lease_out(value: dict[str, Any]) -> dict[str, Any]:
+    expires = _parse_time(value.get("expires_at"))
+    out = {k: value.get(k) for k in ("lease_id", "resource_key", "slot", "agent_id", "pool_id", "run_id", "node_id",
+                                     "step_id", "holder", "acquired_at", "renewed_at", "expires_at")}
+    out["is_active"] = expires is None or expires > datetime.now(UTC)
+    return out
+
+
+async def render_agents(request: Request, rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    leases = [v for _, _, v in await read_leases(request)] if rows else []
+    half_open_after = timedelta(seconds=_settings(request).agent_circuit_half_open_s)
+    out = []
+    for row in rows:
+        presence = await _kv_json(request, PRESENCE_BUCKET, agent_presence_key(row["agent_id"])) or {}
+        probe = await _kv_json(request, PRESENCE_BUCKET, agent_probe_key(row["agent_id"])) or {}
+        circuit = row["circuit_state"]
+        opened = row["circuit_open_at"]
+        if circuit == "open" and opened is not None and datetime.now(UTC) - opened >= half_open_after:
+            circuit = "half_open"
+        active = sum(1 for v in leases if v.get("agent_id") == row["agent_id"] and lease_out(v)["is_active"])
+        auth = views._json(row["auth"]) or {}
+        out.append({
+            "agent_id": row["agent_id"], "name": row["name"], "channel": row["channel"], "protocol": row["protocol"],
+            "base_url": row["base_url"], "status": row["status"], "concurrency_limit": row["concurrency_limit"],
+            "resource_key": row["resource_key"], "pool_id": row["pool_id"],
+            "capabilities": views._json(row["capabilities"]) or [], "labels": views._json(row["labels"]) or {},
+            "auth": {"type": auth.get("type", "none"), "secret_ref": auth.get("secret_ref")},
+            "circuit_state": circuit, "consecutive_failures": max(row["consecutive_failures"],
+                                                                  int(probe.get("consecutive_failures", 0))),
+            "circuit_open_at": format_time(opened) if opened else None,
+            "last_heartbeat_at": presence.get("last_heartbeat_at"), "last_probe_at": probe.get("last_probe_at"),
+            "cpu_percent": presence.get("cpu_percent"), "memory_percent": presence.get("memory_percent"),
+            "active_leases": active, "agent_version": presence.get("agent_version"),
+            "registered_by": row["registered_by"], "created_at": format_time(row["created_at"]),
+            "updated_at": format_time(row["updated_at"]),
+        })
+    return out
+
+
+async def _row(request: Request, agent_id: str) -> asyncpg.Record:
+    row = await _db(request).fetchrow("SELECT * FROM agents WHERE agent_id = $1", agent_id)
+    if row is None:
+        raise ApiProblem("not_found", f"agent {agent_id} not found", resource="agent")
+    return row
+
+
+async def _agent_response(request: Request, agent_id: str, status: int = 200, extra: dict[str, Any] | None = None,
+                          headers: dict[str, str] | None = None) -> JSONResponse:
+    [body] = await render_agents(request, [await _row(request, agent_id)])
+    return JSONResponse(body | (extra or {}), status_code=status, headers=headers)
+
+
+async def _limit_conflict(request: Request, agent_id: str, resource_key: str, limit: int) -> None:
+    other = await _db(request).fetchval(
+        """SELECT agent_id FROM agents WHERE resource_key = $1 AND agent_id <> $2 AND concurrency_limit <> $3
+           LIMIT 1""", resource_key, agent_id, limit)
+    if other is not None:
+        raise ApiProblem("resource_limit_conflict", f"agent {other} shares resource_key {resource_key} with another "
+                         "concurrency_limit", conflicting_agent=other)
+
+
+async def _update(request: Request, command: UpdateAgent, command_type: str,
+                  extra: dict[str, Any] | None = None) -> JSONResponse:
+    outcome = await send(request, "agent", command.agent_id, command, command_type)
+    if outcome is None:
+        return pending(command.command_id, command_type)
+    raise_if_rejected(outcome)
+    await ryw(request, outcome.position)
+    headers = accepted_headers(command.command_id, outcome.position)
+    if extra is not None:
+        return JSONResponse(extra, headers=headers)
+    return await _agent_response(request, command.agent_id, headers=headers)
+
+
+# -- collection and literal paths -----------------------------------------------------------------------------
+
+
+@router.get("/api/agents")
+async def list_agents(
+    request: Request,
+    channel: str | None = None,
+    status: Status | None = None,
+    pool_id: str | None = None,
+    protocol: Protocol | None = None,
+    capability: str | None = None,
+    sort: Literal["agent_id", "updated_at"] = "agent_id",
+    order: Order = "asc",
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> JSONResponse:
+    """Page of agents with live presence, probe and lease figures."""
+    headers = await min_position(request)
+    where = Where()
+    where.eq("channel", channel.lower() if channel else None)
+    where.eq("status", status)
+    where.eq("pool_id", pool_id)
+    where.eq("protocol", protocol)
+    if capability:
+        where.add(f"capabilities @> {where.arg(json.dumps([{'name': capability}]))}::jsonb")
+    order_sql = f"agent_id {order}" if sort == "agent_id" else f"updated_at {order}, agent_id {order}"
+    rows, total = await fetch_page(_db(request), "agents", where, order_sql, limit, offset)
+    return JSONResponse(views.page(await render_agents(request, rows), total, limit, offset), headers=headers)
+
+
+@router.post("/api/agents", status_code=201)
+async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
+    """Register an agent; without ``capabilities`` they are probed from the agent (api.md §7.3)."""
+    settings = _settings(request)
+    channel = body.channel.lower()
+    agent_id = body.agent_id or f"{channel}_{body.name.lower().replace(' ', '_')}"
+    if not ID_RE.match(agent_id):
+        raise ApiProblem("validation_failed", "the default agent_id is not a valid id; name one",
+                         errors={"agent_id": [f"Must match {ID_PATTERN}"]})
+    if body.auth is not None and body.auth.type == "bearer" and not body.auth.secret_ref:
+        raise ApiProblem("validation_failed", "bearer auth names a secret",
+                         errors={"auth.secret_ref": ["This field is required"]})
+    await check_url(body.base_url, settings.agent_url_allowlist)
+    if body.capabilities is None:
+        capabilities, _ = await probe_capabilities(body.base_url, body.protocol, settings.agent_probe_timeout_s)
+    else:
+        capabilities = _capabilities(body.capabilities, "capabilities", settings)
+    resource_key = body.resource_key or agent_id
+    if await _db(request).fetchval("SELECT 1 FROM agents WHERE agent_id = $1", agent_id):
+        raise ApiProblem("agent_exists", f"agent {agent_id} is already registered")
+    await _limit_conflict(request, agent_id, resource_key, body.concurrency_limit)
+    token = _new_token()
+    command = RegisterAgent(
+        actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id, name=body.name, channel=channel,
+        protocol=body.protocol, base_url=body.base_url, concurrency_limit=body.concurrency_limit,
+        resource_key=resource_key, pool_id=body.pool_id or f"{channel}_default", capabilities=capabilities,
+        labels=body.labels, auth=(body.auth or AgentAuth()).model_dump(), token_sha256=_sha256(token))
+    outcome = await send(request, "agent", agent_id, command, "register_agent")
+    if outcome is None:
+        return pending(command.command_id, "register_agent")
+    raise_if_rejected(outcome)
+    await ryw(request, outcome.position)
+    return await _agent_response(request, agent_id, 201, {"agent_token": token}, {
+        "Location": f"/api/agents/{agent_id}", **accepted_headers(command.command_id, outcome.position)})
+
+
+@router.get("/api/agents/probe-capabilities")
+async def probe(request: Request, base_url: Annotated[str, Query(min_length=1, max_length=2000)],
+                protocol: Protocol = "http") -> dict[str, Any]:
+    """Fetch an agent's capabilities without storing anything."""
+    settings = _settings(request)
+    await check_url(base_url, settings.agent_url_allowlist, field="query.base_url")
+    capabilities, info = await probe_capabilities(base_url, protocol, settings.agent_probe_timeout_s)
+    return {"capabilities": capabilities, "agent_info": info}
+
+
+@router.get("/api/agents/pools")
+async def list_pools(request: Request, channel: str | None = None, limit: Limit = 100,
+                     offset: Offset = 0) -> JSONResponse:
+    """Pools with their capacity: agents, slots, active leases and open circuits."""
+    headers = await min_position(request)
+    where = Where()
+    where.eq("channel", channel.lower() if channel else None)
+    source = """(SELECT pool_id, min(channel) AS channel, count(*) AS agent_count,
+                   jsonb_object_agg(status, n) AS status_breakdown
+                 FROM (SELECT pool_id, channel, status, count(*) OVER (PARTITION BY pool_id, status) AS n
+                       FROM agents) a GROUP BY pool_id) AS pools"""
+    rows, total = await fetch_page(_db(request), source, where, "pool_id", limit, offset)
+    agents = await _db(request).fetch("SELECT * FROM agents WHERE pool_id = ANY($1::text[])",
+                                      [r["pool_id"] for r in rows])
+    leases = [lease_out(v) for _, _, v in await read_leases(request)] if rows else []
+    items = []
+    for r in rows:
+        members = [a for a in agents if a["pool_id"] == r["pool_id"]]
+        ids = {a["agent_id"] for a in members}
+        active = [x for x in leases
+                  if x["is_active"] and (x.get("pool_id") == r["pool_id"] or x.get("agent_id") in ids)]
+        usable = [a for a in members if a["status"] == "online" and a["circuit_state"] != "open"]
+        breakdown = {"online": 0, "offline": 0, "draining": 0} | {
+            k: int(v) for k, v in (views._json(r["status_breakdown"]) or {}).items()}
+        items.append({
+            "pool_id": r["pool_id"], "channel": r["channel"], "agent_count": int(r["agent_count"]),
+            "status_breakdown": breakdown,
+            "concurrency_limit_total": sum(a["concurrency_limit"] for a in members),
+            "active_leases": len(active),
+            "available_capacity": max(0, sum(a["concurrency_limit"] for a in usable)
+                                      - sum(1 for x in active if x.get("agent_id") in {a["agent_id"] for a in usable})),
+            # the runtime does not record lease waits yet (api.md §8 pool_saturated); none can be waiting
+            "waiting_steps": 0,
+            "circuit_open_count": sum(1 for a in members if a["circuit_state"] == "open"),
+        })
+    return JSONResponse(views.page(items, total, limit, offset), headers=headers)
+
+
+@router.get("/api/agents/bootstrap/{channel}")
+async def bootstrap(request: Request, channel: str) -> dict[str, Any]:
+    """What a new agent of ``channel`` needs to register and heartbeat, from settings."""
+    if not ID_RE.match(channel):
+        raise ApiProblem("validation_failed", "invalid channel", errors={"path.channel": [f"Must match {ID_PATTERN}"]})
+    settings = _settings(request)
+    base = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    channel = channel.lower()
+    return {"channel": channel, "default_pool": f"{channel}_default",
+            "recommended_concurrency": settings.agent_recommended_concurrency,
+            "heartbeat_interval_seconds": settings.agent_heartbeat_interval_s,
+            "register_url": f"{base}/api/agents", "heartbeat_url": f"{base}/api/agents/heartbeat"}
+
+
+@router.post("/api/agents/heartbeat")
+async def heartbeat(request: Request, body: HeartbeatIn) -> JSONResponse:
+    """Refresh the agent's presence (KV TTL of 3 intervals); a status change also appends an event."""
+    principal = await agent_principal(request)
+    if principal is not None and principal != body.agent_id:
+        raise ApiProblem("forbidden", "an agent token may only heartbeat its own agent", required_role="operator")
+    row = await _row(request, body.agent_id)
+    settings = _settings(request)
+    value = body.model_dump() | {"last_heartbeat_at": format_time(datetime.now(UTC))}
+    await put_with_ttl(request.app.state.js, PRESENCE_BUCKET, agent_presence_key(body.agent_id),
+                       json.dumps(value).encode(), 3 * settings.agent_heartbeat_interval_s)
+    answer = {"status": "ok", "agent_id": body.agent_id,
+              "heartbeat_interval_seconds": settings.agent_heartbeat_interval_s}
+    if body.status != row["status"]:
+        actor = Actor(kind="agent", id=principal) if principal else ANONYMOUS
+        command = UpdateAgent(actor=actor, causation_id=request.state.request_id, agent_id=body.agent_id,
+                              changes={"status": body.status}, reason="heartbeat")
+        return await _update(request, command, "update_agent", answer)
+    return JSONResponse(answer)
+
+
+# -- one agent ---------------------------------------------------------------------------------------------------
+
+
+@router.get("/api/agents/{agent_id}")
+async def get_agent(request: Request, agent_id: str) -> JSONResponse:
+    headers = await min_position(request)
+    return await _agent_response(request, agent_id, headers=headers)
+
+
+async def _patch(request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
+    principal = await agent_principal(request)
+    fields = {f for f in body.model_fields_set}
+    if principal is not None:
+        if principal != agent_id:
+            raise ApiProblem("forbidden", "an agent token may only change its own agent", required_role="operator")
+        if fields - {"status", "capabilities"}:
+            raise ApiProblem("forbidden", "an agent token may change only status and capabilities",
+                             required_role="operator")
+    row = await _row(request, agent_id)
+    settings = _settings(request)
+    nulls = [f for f in fields if getattr(body, f) is None]
+    if nulls:
+        raise ApiProblem("validation_failed", "fields cannot be set to null",
+                         errors={f: ["Must not be null"] for f in sorted(nulls)})
+    changes: dict[str, Any] = {}
+    for f in fields:
+        value = getattr(body, f)
+        if f == "capabilities":
+            value = _capabilities(value, "capabilities", settings)
+        elif f == "auth":
+            value = value.model_dump()
+        elif f == "base_url":
+            await check_url(value, settings.agent_url_allowlist)
+        current = views._json(row[f]) if f in ("capabilities", "labels", "auth") else row[f]
+        if value != current:
+            changes[f] = value
+    if "concurrency_limit" in changes:
+        await _limit_conflict(request, agent_id, row["resource_key"], changes["concurrency_limit"])
+    if not changes:
+        return await _agent_response(request, agent_id)
+    actor = Actor(kind="agent", id=principal) if principal else ANONYMOUS
+    command = UpdateAgent(actor=actor, causation_id=request.state.request_id, agent_id=agent_id, changes=changes)
+    return await _update(request, command, "update_agent")
+
+
+@router.patch("/api/agents/{agent_id}")
+async def patch_agent(request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
+    """Partial update; an agent token may change only its own ``status`` and ``capabilities``."""
+    return await _patch(request, agent_id, body)
+
+
+@router.put("/api/agents/{agent_id}", deprecated=True)
+async def put_agent(request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
+    """Accepted alias of PATCH (api.md §1.8)."""
+    return await _patch(request, agent_id, body)
+
+
+@router.delete("/api/agents/{agent_id}", status_code=204)
+async def delete_agent(request: Request, agent_id: str) -> Response:
+    """Remove an agent (``agent_removed``): dispatched steps finish, nothing new is sent."""
+    await _row(request, agent_id)
+    command = RemoveAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id)
+    outcome = await send(request, "agent", agent_id, command, "remove_agent")
+    if outcome is None:
+        return pending(command.command_id, "remove_agent")
+    raise_if_rejected(outcome)
+    await ryw(request, outcome.position)
+    return Response(status_code=204, headers=accepted_headers(command.command_id, outcome.position))
+
+
+@router.post("/api/agents/{agent_id}/sync-capabilities")
+async def sync_capabilities(request: Request, agent_id: str) -> JSONResponse:
+    """Probe the agent again and store what it reports."""
+    row = await _row(request, agent_id)
+    settings = _settings(request)
+    await check_url(row["base_url"], settings.agent_url_allowlist)
+    capabilities, _ = await probe_capabilities(row["base_url"], row["protocol"], settings.agent_probe_timeout_s)
+    command = UpdateAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id,
+                          operation="sync_capabilities", capabilities=capabilities)
+    return await _update(request, command, "update_agent")
+
+
+@router.post("/api/agents/{agent_id}/token")
+async def rotate_token(request: Request, agent_id: str) -> JSONResponse:
+    """Issue a new agent token; the previous one stops working (only its SHA-256 was ever stored)."""
+    await _row(request, agent_id)
+    token = _new_token()
+    command = UpdateAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id,
+                          operation="rotate_token", token_sha256=_sha256(token))
+    return await _update(request, command, "update_agent", {"agent_id": agent_id, "agent_token": token})
+
+
+# -- leases ------------------------------------------------------------------------------------------------------
+
+
+@router.get("/api/leases")
+async def list_leases(
+    request: Request,
+    resource_key: str | None = None,
+    agent_id: str | None = None,
+    pool_id: str | None = None,
+    run_id: str | None = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
+) -> dict[str, Any]:
+    """Page of leases straight from KV ``lo_leases`` (ascending ``acquired_at``)."""
+    wanted = {"resource_key": resource_key, "agent_id": agent_id, "pool_id": pool_id, "run_id": run_id}
+    leases = [lease_out(v) for _, _, v in await read_leases(request)
+              if all(want is None or v.get(k) == want for k, want in wanted.items())]
+    leases.sort(key=lambda x: (str(x.get("acquired_at") or ""), str(x["lease_id"])))
+    return views.page(leases[offset:offset + limit], len(leases), limit, offset)
+
+
+async def _find_lease(request: Request, lease_id: str) -> tuple[str, int, dict[str, Any]]:
+    for key, revision, value in await read_leases(request):
+        if value.get("lease_id") == lease_id:
+            return key, revision, value
+    raise ApiProblem("not_found", f"lease {lease_id} not found", resource="lease")
+
+
+@router.get("/api/leases/{lease_id}")
+async def get_lease(request: Request, lease_id: str) -> dict[str, Any]:
+    _, _, value = await _find_lease(request, lease_id)
+    return lease_out(value)
+
+
+@router.delete("/api/leases/{lease_id}", status_code=204)
+async def release_lease(request: Request, lease_id: str,
+                        reason: Annotated[str | None, Query(max_length=2000)] = None) -> Response:
+    """Force-release a stuck lease: ``lo.cmd.lease.release`` (runtime), awaited until the key is gone."""
+    key, revision, _ = await _find_lease(request, lease_id)
+    command = ReleaseLease(actor=ANONYMOUS, causation_id=request.state.request_id, lease_id=lease_id, key=key,
+                           revision=revision, reason=reason)
+    outcome = await send(request, "lease", lease_id, command, "release_lease")
+    if outcome is None:
+        return pending(command.command_id, "release_lease")
+    raise_if_rejected(outcome)
+    deadline = asyncio.get_running_loop().time() + _settings(request).ryw_timeout_ms / 1000
+    while asyncio.get_running_loop().time() < deadline:
+        current = await _kv_json(request, LEASES_BUCKET, key)
+        if current is None or current.get("lease_id") != lease_id:
+            break
+        await asyncio.sleep(0.02)
+    return Response(status_code=204, headers=accepted_headers(command.command_id, outcome.position))

@@ -1,0 +1,456 @@
+"""Agents and leases in the runtime (api.md §7, §8): the agent aggregate's command handling, the health poller
+run by ONE elected replica, and force-release of lease keys.
+
+Commands ``lo.cmd.agent.{register,update,remove}`` and ``lo.cmd.lease.release`` arrive on their own durable
+consumer (``runtime-agents``), separate from run execution. Every decision reads the aggregate's events from
+``LO_EVT`` and appends with its expected position. The poller keeps a registry of all agents by following
+``lo.evt.agent.>`` and probes ``GET <base_url>/health`` only while this replica holds ``leader.agent_health`` in
+KV ``lo_locks``; results go to KV ``lo_presence`` (``probe.<agent_id>``), events only on changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+
+from ckp_core.commands import Command, RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
+from ckp_core.errors import CommandRefused, ConcurrencyError
+from ckp_core.events import (
+    Actor,
+    AgentCapabilitiesSynced,
+    AgentCircuitClosed,
+    AgentCircuitOpened,
+    AgentRegistered,
+    AgentRemoved,
+    AgentStatusChanged,
+    AgentTokenRotated,
+    AgentUpdated,
+    CommandRejected,
+    EventData,
+    EventEnvelope,
+    LeaseForceReleased,
+    format_time,
+    make_event,
+)
+from ckp_core.subjects import (
+    COMMAND_STREAM,
+    EVENT_STREAM,
+    LEASES_BUCKET,
+    PRESENCE_BUCKET,
+    agent_presence_key,
+    agent_probe_key,
+)
+from langorch_infra.jetstream import JetStreamEventStore, connect, decode_message, ensure_topology
+from langorch_infra.kv import LeaderLock, put_with_ttl
+from langorch_infra.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "runtime-agents"
+ACTOR = Actor.system("runtime")
+VERSION = "0.1.0"
+
+
+# -- the agent aggregate (pure) -------------------------------------------------------------------------
+
+
+@dataclass
+class AgentState:
+    """One agent as its events describe it (``exists`` is False before registration and after removal)."""
+
+    agent_id: str
+    exists: bool = False
+    status: str = "offline"
+    base_url: str = ""
+    protocol: str = "http"
+    resource_key: str = ""
+    concurrency_limit: int = 1
+    circuit_open: bool = False
+    seq: int = 0
+    position: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def evolve_agent(state: AgentState, ev: EventEnvelope, position: int) -> None:
+    """Apply one event of the agent aggregate to ``state`` (in place)."""
+    state.seq, state.position = ev.seq, position
+    d = ev.data
+    if ev.type == "agent_registered":
+        state.exists, state.circuit_open = True, False
+        state.fields = dict(d)
+        state.status, state.base_url, state.protocol = d.get("status", "online"), d["base_url"], d.get("protocol",
+                                                                                                        "http")
+        state.resource_key, state.concurrency_limit = d["resource_key"], int(d.get("concurrency_limit", 1))
+    elif ev.type == "agent_updated":
+        changes = d.get("changes", {})
+        state.fields.update(changes)
+        state.status = changes.get("status", state.status)
+        state.base_url = changes.get("base_url", state.base_url)
+        state.protocol = changes.get("protocol", state.protocol)
+        state.resource_key = changes.get("resource_key", state.resource_key)
+        state.concurrency_limit = int(changes.get("concurrency_limit", state.concurrency_limit))
+    elif ev.type == "agent_status_changed":
+        state.status = d["status"]
+    elif ev.type == "agent_circuit_opened":
+        state.circuit_open = True
+    elif ev.type == "agent_circuit_closed":
+        state.circuit_open = False
+    elif ev.type == "agent_removed":
+        state.exists = False
+
+
+def shares_limit_conflict(agents: Iterable[AgentState], agent_id: str, resource_key: str, limit: int) -> str | None:
+    """Another agent on ``resource_key`` with a different ``concurrency_limit`` (api.md §7.1), if any."""
+    for other in agents:
+        if other.exists and other.agent_id != agent_id and other.resource_key == resource_key \
+                and other.concurrency_limit != limit:
+            return other.agent_id
+    return None
+
+
+# -- the service -------------------------------------------------------------------------------------------
+
+
+class AgentService:
+    """Agent and lease commands plus the elected health poller of one runtime replica."""
+
+    def __init__(self, settings: RuntimeSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.nc: NATS | None = None
+        self.registry: dict[str, AgentState] = {}
+        self.registry_position = 0
+        self.polls = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-agents-{self.instance}")
+        self.js: JetStreamContext = self.nc.jetstream()
+        await ensure_topology(self.js)
+        self.store = JetStreamEventStore(self.js)
+        self.presence = await self.js.key_value(PRESENCE_BUCKET)
+        self.leases = await self.js.key_value(LEASES_BUCKET)
+        cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
+                             filter_subjects=["lo.cmd.agent.>", "lo.cmd.lease.>"])
+        with contextlib.suppress(Exception):
+            await self.js.add_consumer(COMMAND_STREAM, cfg)
+        self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
+        self.lock = LeaderLock(self.js, "agent_health", self.instance, self.settings.leader_lock_ttl_s)
+        self.http = httpx.AsyncClient(follow_redirects=False, timeout=self.settings.agent_probe_timeout_s,
+                                      headers={"User-Agent": f"langorch-runtime/{VERSION}",
+                                               "X-LangOrch-Instance": self.instance})
+
+    async def run(self) -> None:
+        """Handle commands, follow the registry, hold the leader lock and poll health — until cancelled."""
+        self._tasks = [asyncio.create_task(c) for c in
+                       (self._consume(), self._follow_registry(), self.lock.keep(), self._poll_forever())]
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            for t in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.lock.release()
+        with contextlib.suppress(Exception):
+            await self.http.aclose()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    # -- commands ----------------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        while True:
+            try:
+                msgs = await self.sub.fetch(10, timeout=5)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                await self._handle(msg)
+
+    @property
+    def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:
+        return {
+            "lo.cmd.agent.register": lambda raw: self.on_register(RegisterAgent.model_validate_json(raw)),
+            "lo.cmd.agent.update": lambda raw: self.on_update(UpdateAgent.model_validate_json(raw)),
+            "lo.cmd.agent.remove": lambda raw: self.on_remove(RemoveAgent.model_validate_json(raw)),
+            "lo.cmd.lease.release": lambda raw: self.on_release_lease(ReleaseLease.model_validate_json(raw)),
+        }
+
+    async def _handle(self, msg: Msg) -> None:
+        handler = self.handlers.get(msg.subject)
+        try:
+            if handler is None:
+                log.error("unknown command %s dropped", msg.subject)
+            else:
+                await handler(msg.data)
+            await msg.ack_sync()
+        except ConcurrencyError:
+            await msg.nak()  # another writer of this aggregate landed first: decide again on redelivery
+        except Exception:
+            log.exception("agent command failed; it will be redelivered")
+            await msg.nak(delay=2)
+
+    async def _load(self, agent_id: str, command: Command) -> tuple[AgentState, bool]:
+        """The agent's state and whether this command already has its outcome (a redelivery)."""
+        state = AgentState(agent_id)
+        done = False
+        for stored in await self.store.read("agent", agent_id):
+            evolve_agent(state, stored.envelope, stored.position)
+            done = done or stored.envelope.causation_id == command.command_id
+        return state, done
+
+    async def _append(self, aggregate: str, aggregate_id: str, seq: int, position: int, data: EventData,
+                      actor: Actor, causation_id: str | None) -> None:
+        event = make_event(data, aggregate_id=aggregate_id, seq=seq + 1, actor=actor, causation_id=causation_id,
+                           aggregate=aggregate)
+        await self.store.append([event], expected_position=position)
+
+    async def _reject(self, aggregate: str, aggregate_id: str, seq: int, position: int, command: Command,
+                      command_type: str, refusal: CommandRefused) -> None:
+        await self._append(aggregate, aggregate_id, seq, position, CommandRejected(
+            command_id=command.command_id, command_type=command_type, code=refusal.code, detail=refusal.message,
+            extra=refusal.extra), command.actor, command.command_id)
+
+    async def _synced_registry(self) -> list[AgentState]:
+        """The registry once it has applied every agent event now in the stream (for cross-agent checks)."""
+        try:
+            last = await self.js.get_last_msg(EVENT_STREAM, "lo.evt.agent.>")
+            head = int(last.seq or 0)
+        except NotFoundError:
+            head = 0
+        for _ in range(100):
+            if self.registry_position >= head:
+                break
+            await asyncio.sleep(0.02)
+        return list(self.registry.values())
+
+    async def on_register(self, cmd: RegisterAgent) -> None:
+        state, done = await self._load(cmd.agent_id, cmd)
+        if done:
+            return
+        try:
+            if state.exists:
+                raise CommandRefused("agent_exists", f"agent {cmd.agent_id} is already registered")
+            other = shares_limit_conflict(await self._synced_registry(), cmd.agent_id, cmd.resource_key,
+                                          cmd.concurrency_limit)
+            if other is not None:
+                raise CommandRefused("resource_limit_conflict", f"agent {other} shares resource_key "
+                                     f"{cmd.resource_key} with another concurrency_limit", conflicting_agent=other)
+        except CommandRefused as refusal:
+            return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "register_agent",
+                                      refusal)
+        await self._append("agent", cmd.agent_id, state.seq, state.position, AgentRegistered(
+            agent_id=cmd.agent_id, name=cmd.name, channel=cmd.channel, protocol=cmd.protocol, base_url=cmd.base_url,
+            status="online", concurrency_limit=cmd.concurrency_limit, resource_key=cmd.resource_key,
+            pool_id=cmd.pool_id, capabilities=cmd.capabilities, labels=cmd.labels,
+            auth=cmd.auth or {"type": "none", "secret_ref": None}, token_sha256=cmd.token_sha256,
+        ), cmd.actor, cmd.command_id)
+
+    async def on_update(self, cmd: UpdateAgent) -> None:
+        state, done = await self._load(cmd.agent_id, cmd)
+        if done:
+            return
+        data: EventData
+        try:
+            if not state.exists:
+                raise CommandRefused("not_found", f"agent {cmd.agent_id} not found", resource="agent")
+            if cmd.operation == "sync_capabilities":
+                data = AgentCapabilitiesSynced(agent_id=cmd.agent_id, capabilities=cmd.capabilities or [])
+            elif cmd.operation == "rotate_token" and cmd.token_sha256:
+                data = AgentTokenRotated(agent_id=cmd.agent_id, token_sha256=cmd.token_sha256)
+            elif set(cmd.changes) == {"status"}:
+                data = AgentStatusChanged(agent_id=cmd.agent_id, from_status=state.status,
+                                          status=cmd.changes["status"], reason=cmd.reason)
+            else:
+                if "resource_key" in cmd.changes or "concurrency_limit" in cmd.changes:
+                    other = shares_limit_conflict(
+                        await self._synced_registry(), cmd.agent_id,
+                        cmd.changes.get("resource_key", state.resource_key),
+                        int(cmd.changes.get("concurrency_limit", state.concurrency_limit)))
+                    if other is not None:
+                        raise CommandRefused("resource_limit_conflict", f"agent {other} shares the resource_key "
+                                             "with another concurrency_limit", conflicting_agent=other)
+                data = AgentUpdated(agent_id=cmd.agent_id, changes=cmd.changes)
+        except CommandRefused as refusal:
+            return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "update_agent",
+                                      refusal)
+        await self._append("agent", cmd.agent_id, state.seq, state.position, data, cmd.actor, cmd.command_id)
+
+    async def on_remove(self, cmd: RemoveAgent) -> None:
+        state, done = await self._load(cmd.agent_id, cmd)
+        if done:
+            return
+        if not state.exists:
+            return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "remove_agent",
+                                      CommandRefused("not_found", f"agent {cmd.agent_id} not found",
+                                                     resource="agent"))
+        await self._append("agent", cmd.agent_id, state.seq, state.position, AgentRemoved(agent_id=cmd.agent_id),
+                           cmd.actor, cmd.command_id)
+        with contextlib.suppress(KeyNotFoundError, NotFoundError):
+            await self.presence.delete(agent_presence_key(cmd.agent_id))
+
+    async def on_release_lease(self, cmd: ReleaseLease) -> None:
+        """Force-release: the event decides, then the key is deleted revision-checked (redelivery repeats only
+        the delete). A key that now holds another lease is left alone: that slot was re-acquired legitimately."""
+        history = await self.store.read("lease", cmd.lease_id)
+        seq = history[-1].envelope.seq if history else 0
+        position = history[-1].position if history else 0
+        if not any(e.envelope.causation_id == cmd.command_id for e in history):
+            lease = await self._lease_at(cmd.key)
+            if lease is None or lease[0].get("lease_id") != cmd.lease_id:
+                return await self._reject("lease", cmd.lease_id, seq, position, cmd, "release_lease", CommandRefused(
+                    "not_found", f"lease {cmd.lease_id} not found", resource="lease"))
+            value = lease[0]
+            await self._append("lease", cmd.lease_id, seq, position, LeaseForceReleased(
+                lease_id=cmd.lease_id, resource_key=str(value.get("resource_key", "")), slot=value.get("slot"),
+                run_id=value.get("run_id"), reason=cmd.reason), cmd.actor, cmd.command_id)
+        for _ in range(5):
+            lease = await self._lease_at(cmd.key)
+            if lease is None or lease[0].get("lease_id") != cmd.lease_id:
+                return
+            try:
+                await self.leases.delete(cmd.key, last=lease[1])
+                return
+            except KeyWrongLastSequenceError:
+                continue  # renewed in between: same lease, newer revision
+
+    async def _lease_at(self, key: str) -> tuple[dict[str, Any], int] | None:
+        try:
+            entry = await self.leases.get(key)
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        try:
+            value = json.loads(entry.value or b"{}")
+        except ValueError:
+            return None
+        return (value, int(entry.revision or 0)) if isinstance(value, dict) else None
+
+    # -- registry and health ----------------------------------------------------------------------------------
+
+    async def _follow_registry(self) -> None:
+        sub = await self.js.subscribe("lo.evt.agent.>", ordered_consumer=True, stream=EVENT_STREAM,
+                                      config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        try:
+            while True:
+                stored = decode_message(await sub.next_msg(timeout=None))
+                ev = stored.envelope
+                state = self.registry.setdefault(ev.aggregate_id, AgentState(ev.aggregate_id))
+                evolve_agent(state, ev, stored.position)
+                self.registry_position = stored.position
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.agent_health_interval_s)
+            if not self.lock.is_leader:
+                continue
+            try:
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent health round failed")
+
+    async def poll_once(self) -> None:
+        """Probe every registered agent once (leader only)."""
+        self.polls += 1
+        agents = [a for a in self.registry.values() if a.exists]
+        await asyncio.gather(*(self._probe(a) for a in agents))
+
+    async def _probe(self, agent: AgentState) -> None:
+        ok, error = await self._check_health(agent)
+        previous = await self._last_probe(agent.agent_id)
+        failures = 0 if ok else int(previous.get("consecutive_failures", 0)) + 1
+        now = format_time(datetime.now(UTC))
+        record = {"agent_id": agent.agent_id, "ok": ok, "error": error, "consecutive_failures": failures,
+                  "last_probe_at": now, "last_success_at": now if ok else previous.get("last_success_at"),
+                  "prober": self.instance}
+        ttl = max(self.settings.agent_health_interval_s * 10, self.settings.agent_heartbeat_interval_s * 3)
+        await put_with_ttl(self.js, PRESENCE_BUCKET, agent_probe_key(agent.agent_id), json.dumps(record).encode(),
+                           ttl)
+        if not ok and failures >= self.settings.agent_circuit_failures and not agent.circuit_open:
+            await self._system_event(agent, AgentCircuitOpened(agent_id=agent.agent_id, consecutive_failures=failures,
+                                                               last_error=error))
+        elif ok and agent.circuit_open:
+            await self._system_event(agent, AgentCircuitClosed(agent_id=agent.agent_id))
+        if agent.status == "draining":
+            return  # an operator's choice; health does not override it
+        heartbeat_fresh = await self._heartbeat_fresh(agent.agent_id)
+        wanted = "online" if ok or heartbeat_fresh else "offline"
+        if wanted != agent.status and (ok or failures >= self.settings.agent_circuit_failures or heartbeat_fresh):
+            reason = "health probe succeeded" if ok else ("heartbeat" if heartbeat_fresh else f"health: {error}")
+            await self._system_event(agent, AgentStatusChanged(agent_id=agent.agent_id, from_status=agent.status,
+                                                               status=wanted, reason=reason))
+
+    async def _check_health(self, agent: AgentState) -> tuple[bool, str | None]:
+        base = agent.base_url.rstrip("/")
+        try:
+            if agent.protocol == "mcp":
+                # MCP has no /health; a JSON-RPC ping that the server answers below 500 shows it is serving
+                r = await self.http.post(base, json={"jsonrpc": "2.0", "id": "health", "method": "ping"},
+                                         headers={"Accept": "application/json, text/event-stream"})
+                return (r.status_code < 500), (None if r.status_code < 500 else f"HTTP {r.status_code}")
+            r = await self.http.get(f"{base}/health")
+        except httpx.TimeoutException:
+            return False, "timeout"
+        except httpx.HTTPError as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:200]
+        return (r.status_code == 200), (None if r.status_code == 200 else f"HTTP {r.status_code}")
+
+    async def _last_probe(self, agent_id: str) -> dict[str, Any]:
+        try:
+            entry = await self.presence.get(agent_probe_key(agent_id))
+            value = json.loads(entry.value or b"{}")
+            return value if isinstance(value, dict) else {}
+        except (KeyNotFoundError, NotFoundError, ValueError):
+            return {}
+
+    async def _heartbeat_fresh(self, agent_id: str) -> bool:
+        try:
+            await self.presence.get(agent_presence_key(agent_id))
+        except (KeyNotFoundError, NotFoundError):
+            return False
+        return True
+
+    async def _system_event(self, agent: AgentState, data: EventData) -> None:
+        try:
+            await self._append("agent", agent.agent_id, agent.seq, agent.position, data, ACTOR, None)
+        except ConcurrencyError:
+            log.info("agent %s changed while probing; its health is re-judged next round", agent.agent_id)
+        else:
+            # apply locally at once so the next round does not repeat the event before the registry catches up
+            evolve_agent(agent, make_event(data, aggregate_id=agent.agent_id, seq=agent.seq + 1, actor=ACTOR),
+                         agent.position)
+
+
+async def serve(settings: RuntimeSettings) -> None:
+    """Run the agent/lease side of one runtime replica until cancelled."""
+    service = AgentService(settings)
+    await service.start()
+    try:
+        await service.run()
+    finally:
+        await service.stop()
