@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,5 +58,6 @@ class GatewaySettings(CommonSettings):
                                            "at; empty = any address except link-local and metadata ones.")
     agent_require_explicit_capabilities: bool = Field(True, description="Refuse the wildcard capability '*'.")
     agent_probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of capability probes.")
+    metrics_token: SecretStr | None = Field(None, description="Bearer token GET /metrics requires when set.")
     agent_recommended_concurrency: int = Field(1, ge=1, description="Concurrency suggested by the bootstrap "
                                                "endpoint.")

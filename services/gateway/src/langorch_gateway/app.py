@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
@@ -26,7 +27,8 @@ from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_ti
 from ckp_core.ids import new_id
 from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import routes_agents, routes_procedures, routes_projects, views
+from langorch_gateway import dispatch, routes_agents, routes_metrics, routes_procedures, routes_projects, views
+from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.problems import ApiProblem, install
 from langorch_gateway.projector import Projector, ensure_schema
 from langorch_infra.jetstream import (
@@ -88,10 +90,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="LangOrch API", version=SERVICE_VERSION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION)
     install(app)
 
     @app.middleware("http")
     async def envelope(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
         rid = request.headers.get("x-request-id")
         request.state.request_id = rid if rid and REQUEST_ID.match(rid) else new_id()
         problem: ApiProblem | None = None
@@ -110,6 +114,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             response: Response = problem_response(request, problem.code, problem.detail)
         else:
             response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", None) or "<unmatched>"
+        metrics.http_requests.labels(method=request.method, route=template, status=str(response.status_code)).inc()
+        metrics.http_duration.labels(method=request.method, route=template).observe(time.perf_counter() - started)
         response.headers["X-Request-ID"] = request.state.request_id
         response.headers["LangOrch-API-Version"] = API_VERSION
         response.headers["X-LangOrch-Auth"] = "disabled"
@@ -119,9 +127,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return request.app.state.pool  # type: ignore[no-any-return]
 
     async def ryw(request: Request, position: int) -> None:
-        projector: Projector = request.app.state.projector
-        if not await projector.wait(position, settings.ryw_timeout_ms / 1000):
-            log.warning("projection did not reach %s within the RYW timeout", position)
+        await dispatch.ryw(request, position)
 
     # -- meta ---------------------------------------------------------------------------------------
     @app.get("/api/health")
@@ -140,6 +146,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(routes_procedures.router)
     app.include_router(routes_projects.router)
     app.include_router(routes_agents.router)
+    app.include_router(routes_metrics.router)
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)
@@ -249,6 +256,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         js = request.app.state.js
 
         async def events() -> AsyncIterator[ServerSentEvent]:
+            metrics.sse.labels(stream="run").inc()
+            try:
+                async for event in run_events_of():
+                    yield event
+            finally:
+                metrics.sse.labels(stream="run").dec()
+
+        async def run_events_of() -> AsyncIterator[ServerSentEvent]:
             yield ServerSentEvent(comment="langorch run stream", retry=3000)
             async for stored in follow(js, aggregate_filter("run", run_id), start, new_only=new_only):
                 env = stored.envelope

@@ -1,0 +1,48 @@
+"""``GET /metrics`` (and its alias ``/api/metrics``) and ``GET /api/metrics/summary`` (api.md §13)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from langorch_gateway.metrics import CONTENT_TYPE, GatewayMetrics, summary
+from langorch_gateway.problems import ApiProblem
+from langorch_gateway.routes_agents import lease_out, read_leases
+from langorch_infra.settings import GatewaySettings
+
+router = APIRouter()
+
+
+async def _exposition(request: Request) -> Response:
+    settings: GatewaySettings = request.app.state.settings
+    if settings.metrics_token is not None:
+        expected = f"Bearer {settings.metrics_token.get_secret_value()}"
+        if not hmac.compare_digest(request.headers.get("authorization", ""), expected):
+            raise ApiProblem("unauthenticated", "GET /metrics needs the metrics bearer token")
+    metrics: GatewayMetrics = request.app.state.metrics
+    await metrics.refresh(request.app.state.pool, request.app.state.js, request.app.state.projector.position)
+    return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus(request: Request) -> Response:
+    """Prometheus text exposition of the gateway's registry."""
+    return await _exposition(request)
+
+
+@router.get("/api/metrics", deprecated=True)
+async def prometheus_alias(request: Request) -> Response:
+    """Accepted alias of ``GET /metrics`` (api.md §1.8)."""
+    return await _exposition(request)
+
+
+@router.get("/api/metrics/summary")
+async def metrics_summary(request: Request,
+                          window_hours: Annotated[int, Query(ge=1, le=720)] = 24) -> dict[str, Any]:
+    """Cluster-wide figures over the last ``window_hours``, computed from the projections."""
+    leases = [lease_out(v) for _, _, v in await read_leases(request)]
+    return await summary(request.app.state.pool, request.app.state.js, request.app.state.projector.position,
+                         window_hours, leases)
