@@ -40,6 +40,60 @@ class StartRun(Command):
     run_id: str
 
 
+class ResumeRun(Command):
+    """``lo.cmd.run.resume``: resolve one wait of a suspended run (ckp.md §7.2).
+
+    ``resolution`` carries ``wait_id`` plus the decision (approvals: ``status``, ``decision``, ``decided_by``,
+    ``comment``, ``payload``, ``source``), the callback or the child outcome; ``resume_reason`` is the
+    ``execution_resumed`` reason.
+    """
+
+    AGGREGATE = "run"
+    VERB = "resume"
+
+    run_id: str
+    resume_reason: str
+    resolution: dict[str, Any]
+
+
+class RequestApproval(Command):
+    """``lo.cmd.approval.request``: a run reached a ``human_approval`` node (api.md §6); the approvals service
+    appends the approval aggregate's ``approval_requested`` and owns its timer. ``approval_id`` is the run's
+    wait id: the decision resumes the run with ``ResumeRun.resolution.wait_id = approval_id``."""
+
+    AGGREGATE = "approval"
+    VERB = "request"
+
+    approval_id: str
+    run_id: str
+    procedure_id: str
+    procedure_version: str
+    project_id: str | None = None
+    node_id: str
+    node_name: str | None = None
+    prompt: str = ""
+    context_data: Any = None
+    decision_type: str = "approve_reject"
+    options: list[str] = Field(default_factory=list)
+    input_schema: dict[str, Any] = Field(default_factory=dict)
+    expires_at: str | None = None
+    timeout_action: str | None = None
+    approval_level: str | None = None
+    escalation_contact: str | None = None
+
+
+class DecideApproval(Command):
+    """``lo.cmd.approval.decide``: a principal's decision on a pending approval (api.md §6.3)."""
+
+    AGGREGATE = "approval"
+    VERB = "decide"
+
+    approval_id: str
+    decision: str
+    comment: str | None = None
+    payload: Any = None
+
+
 class ReplaceProcedure(Command):
     """``lo.cmd.procedure.replace``: replace a draft version's document (``expected_revision`` from If-Match)."""
 

@@ -290,6 +290,50 @@ class ApprovalRequested(_Positioned):
     escalation_contact: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=dict)
     suspends_run: bool = True
+    # on the approval aggregate (api.md §6), the same event also carries the run's identity:
+    run_id: str | None = None
+    procedure_id: str | None = None
+    procedure_version: str | None = None
+    project_id: str | None = None
+
+
+class ApprovalDecided(EventData):
+    """Approval aggregate: a principal decided (api.md §6.3)."""
+
+    TYPE = "approval_decided"
+    AGGREGATE = "approval"
+    approval_id: str
+    run_id: str
+    status: str
+    decision: str
+    decided_by: str
+    decided_at: str
+    comment: str | None = None
+    payload: Any = None
+
+
+class ApprovalTimedOut(EventData):
+    """Approval aggregate: ``expires_at`` passed (api.md §6.4)."""
+
+    TYPE = "approval_timed_out"
+    AGGREGATE = "approval"
+    approval_id: str
+    run_id: str
+    status: str
+    decision: str
+    decided_by: str = "system:approvals"
+    decided_at: str
+    timeout_action: str | None = None
+
+
+class ApprovalCanceled(EventData):
+    """Approval aggregate: its run ended while it was pending."""
+
+    TYPE = "approval_canceled"
+    AGGREGATE = "approval"
+    approval_id: str
+    run_id: str
+    reason: str | None = None
 
 
 class ApprovalDecisionReceived(_Positioned):
@@ -377,7 +421,8 @@ RUN_EVENT_TYPES: dict[str, type[EventData]] = {
         ArtifactCreated, PoolSaturated, RateLimitWait, ValidationFailed, VerificationWarning, NotificationRequested,
         AuditLog, LoopStarted, LoopIteration, LoopIterationFailed, LoopCompleted, ParallelStarted,
         ParallelBranchCompleted, ParallelMergeConflict, ParallelCompleted, SubflowStarted, SubflowCompleted,
-        SubflowFailed, ApprovalRequested, ApprovalDecisionReceived, ApprovalAutoResolved, WorkflowDelegated,
+        SubflowFailed, ApprovalRequested, ApprovalDecided, ApprovalTimedOut, ApprovalCanceled,
+        ApprovalDecisionReceived, ApprovalAutoResolved, WorkflowDelegated,
         WorkflowCallbackReceived, CallbackTimedOut, LlmUsage, LlmRouteSelected, BudgetExceeded,
     )
 }

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.types import Command
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -24,7 +25,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from ckp_core.commands import StartRun
+from ckp_core.commands import RequestApproval, ResumeRun, StartRun
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
     TERMINAL_RUN_EVENTS,
@@ -40,10 +41,12 @@ from ckp_core.events import (
 from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
+from ckp_core.run_events import ExecutionResumed
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
-from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
+from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
 from langorch_infra.settings import RuntimeSettings
-from langorch_runtime.executor import RunContext, RunWriter, build_graph, unsupported_features
+from langorch_runtime.executor import RunWriter, build_graph, unsupported_features
+from langorch_runtime.machine import Machine, RunInfo
 from langorch_runtime.steps import StepStore
 
 log = logging.getLogger(__name__)
@@ -131,7 +134,11 @@ class RuntimeService:
     async def _handle(self, msg: Msg) -> None:
         heartbeat = asyncio.create_task(self._progress(msg))
         try:
-            command = StartRun.model_validate_json(msg.data)
+            command: StartRun | ResumeRun
+            if msg.subject.endswith(".resume"):
+                command = ResumeRun.model_validate_json(msg.data)
+            else:
+                command = StartRun.model_validate_json(msg.data)
             await self.execute(command, msg.metadata.num_delivered or 1)
             await msg.ack_sync()
         except ConcurrencyError as exc:
@@ -160,12 +167,12 @@ class RuntimeService:
             return None
         return ProcedureIR.model_validate_json(entry.value or b"{}")
 
-    async def execute(self, command: StartRun, delivery: int) -> None:
-        """Execute (or continue) one run until it is terminal."""
+    async def execute(self, command: StartRun | ResumeRun, delivery: int) -> None:
+        """Execute (or continue, or resume) one run until it is terminal or durably suspended."""
         run_id = command.run_id
         events = await self.store.read("run", run_id)
         if not events:
-            log.error("start command for unknown run %s dropped", run_id)
+            log.error("command for unknown run %s dropped", run_id)
             return
         if any(e.envelope.type in TERMINAL_RUN_EVENTS for e in events):
             return
@@ -188,33 +195,74 @@ class RuntimeService:
                 f"LangOrch runtime cannot execute yet: {', '.join(missing)}", details={"unsupported": missing})))
             return
         started = next((e for e in events if e.envelope.type == "execution_started"), None)
+        mode = created.get("execution_mode") or ir.global_config.execution_mode
+        if ir.global_config.execution_mode == "validation_only" or mode == "validation_only":
+            if started is None:
+                await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode="validation_only"))
+            await writer.emit(RunCompleted(outputs={}, mode="validation_only", message=VALIDATION_ONLY_MESSAGE))
+            return
         started_at = format_time(started.envelope.occurred_at if started else utc_now())
-        ctx = RunContext(ir=ir, run_id=run_id, run_created=created, writer=writer,
-                         steps=StepStore(self.steps_kv, run_id), started_at=started_at)
+        js = self.js
+        assert js is not None
+
+        async def request_approval(body: dict[str, Any]) -> None:
+            await publish_command(js, RequestApproval(actor=ACTOR, causation_id=command.command_id, **body),
+                                  msg_id=f"approval-request-{body['approval_id']}")
+
+        machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at),
+                          emit=writer.emit, steps=StepStore(self.steps_kv, run_id), on_approval=request_approval)
         assert self.saver is not None
-        graph = build_graph(ctx, self.saver)
-        config: dict[str, Any] = {"configurable": {"thread_id": run_id}}
+        graph = build_graph(machine, self.saver)
+        config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
         snapshot = await graph.aget_state(config)
         has_checkpoint = bool(snapshot.values)
-        if started is None:
-            await writer.emit(ExecutionStarted(entry_node_id=ir.start_node,
-                                               execution_mode=ir.global_config.execution_mode))
+        suspended = tuple(snapshot.next) == ("suspend",)
+        if isinstance(command, ResumeRun):
+            if not suspended:
+                if not snapshot.next:
+                    return  # nothing to resume (terminal, or not started yet: the start command runs it)
+                await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=_checkpoint_id(snapshot)))
+                final = await graph.ainvoke(None, config, durability="sync")
+            else:
+                await writer.emit(ExecutionResumed(entry_node_id=None, resume_reason=command.resume_reason))
+                final = await graph.ainvoke(Command(resume=command.resolution), config, durability="sync")
+        elif started is None:
+            await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode))
+            final = await graph.ainvoke(machine.initial_state(dict(created.get("input_vars", {}))), config,
+                                        durability="sync")
+        elif has_checkpoint and suspended:
+            return  # durably suspended: a resume command continues it
         else:
-            checkpoint_id = snapshot.config.get("configurable", {}).get("checkpoint_id") if has_checkpoint \
-                else None
-            await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=checkpoint_id))
-        if has_checkpoint:
-            final = await graph.ainvoke(None, config, durability="sync") if snapshot.next else snapshot.values
-        else:
-            initial = {"vars": dict(created.get("input_vars", {})), "cursor": ir.start_node, "hops": 0,
-                       "visits": {}, "outcome": None, "warned": []}
-            final = await graph.ainvoke(initial, config, durability="sync")
-        outcome = final.get("outcome") or {"status": "completed", "outputs": {}}
+            await writer.emit(ExecutionRecovered(delivery_count=delivery,
+                                                 checkpoint_id=_checkpoint_id(snapshot) if has_checkpoint else None))
+            if has_checkpoint and snapshot.next:
+                final = await graph.ainvoke(None, config, durability="sync")
+            elif has_checkpoint:
+                final = snapshot.values
+            else:
+                final = await graph.ainvoke(machine.initial_state(dict(created.get("input_vars", {}))), config,
+                                            durability="sync")
+        outcome = final.get("outcome")
+        if outcome is None:
+            return  # suspended on a wait (interrupt): acknowledged; a resume command continues the run
         if outcome["status"] == "completed":
-            await writer.emit(RunCompleted(outputs=outcome.get("outputs") or {}))
+            await writer.emit(RunCompleted(outputs=outcome.get("outputs") or {},
+                                           recovered_via=outcome.get("recovered_via")))
         else:
-            await writer.emit(RunFailed(error=ErrorObject.model_validate(outcome["error"]),
-                                        outputs=outcome.get("outputs") or {}))
+            recovery_error = outcome.get("recovery_error")
+            await writer.emit(RunFailed(
+                error=ErrorObject.model_validate(outcome["error"]), outputs=outcome.get("outputs") or {},
+                recovered_via=outcome.get("recovered_via"),
+                recovery_error=ErrorObject.model_validate(recovery_error) if recovery_error else None))
+
+
+VALIDATION_ONLY_MESSAGE = "Execution skipped (mode=validation_only). CKP compiled and validated successfully."
+RECURSION_LIMIT = 1_000_000
+
+
+def _checkpoint_id(snapshot: Any) -> str | None:
+    value = snapshot.config.get("configurable", {}).get("checkpoint_id")
+    return str(value) if value is not None else None
 
 
 async def serve(settings: RuntimeSettings) -> None:

@@ -36,6 +36,14 @@ def idempotency_key(run_id: str, node_id: str, step_id: str, frame: str, attempt
     return key
 
 
+def custom_idempotency_key(base: str, attempt: int) -> str:
+    """``lo1:<rendered custom key>:<attempt>`` (``base`` is ``lo1:<rendered>``), hashed when too long."""
+    key = f"{base}:{attempt}"
+    if len(key) > 255:
+        key = "lo1:sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
 class StepStore:
     """Claims and records step identities so a completed step is never executed twice."""
 
@@ -57,6 +65,20 @@ class StepStore:
 
     async def put(self, identity: str, record: StepRecord) -> None:
         await self.kv.put(self.key(identity), record.model_dump_json().encode())
+
+
+class MemoryStepStore(StepStore):
+    """An in-process step store for unit tests of the interpreter (no NATS)."""
+
+    def __init__(self, run_id: str = "run") -> None:
+        self.run_id = run_id
+        self.records: dict[str, StepRecord] = {}
+
+    async def get(self, identity: str) -> StepRecord | None:
+        return self.records.get(identity)
+
+    async def put(self, identity: str, record: StepRecord) -> None:
+        self.records[identity] = record
 
 
 def now_iso() -> str:

@@ -1,0 +1,1381 @@
+"""The CKP interpreter (ckp.md §3, §4.7, §7): executes a run's frames node by node.
+
+:meth:`Machine.advance` is one LangGraph super-step: it runs one node (or the continuation of a container node:
+a loop or parallel node whose child frames finished, a node whose wait was resolved) of every runnable frame,
+concurrently, and returns the new state, which the PostgreSQL checkpointer persists before the next super-step.
+External side effects are made exactly once through the step store (§7.4): a super-step re-executed after a
+crash replays completed steps from their records instead of executing them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ckp_core.events import (
+    ErrorObject,
+    EventData,
+    NodeCompleted,
+    NodeError,
+    NodeStarted,
+    StepCompleted,
+    StepFailed,
+    StepReplayed,
+    StepStarted,
+    TemplateWarning,
+    format_time,
+)
+from ckp_core.expressions import ExpressionError, MappingScope, evaluate, format_embedded, truthy
+from ckp_core.ids import new_id
+from ckp_core.ir import (
+    ErrorHandlerIR,
+    ExpressionIR,
+    HumanApprovalPayload,
+    LlmActionPayload,
+    LogicPayload,
+    LoopPayload,
+    NodeIR,
+    OperationIR,
+    ParallelPayload,
+    ProcedureIR,
+    ProcessingPayload,
+    RetryPolicyIR,
+    SequencePayload,
+    StepIR,
+    SubflowPayload,
+    TemplateIR,
+    TerminatePayload,
+    TransformPayload,
+    ValidationIR,
+    VerificationPayload,
+)
+from ckp_core.run_events import (
+    ApprovalAutoResolved,
+    ApprovalDecisionReceived,
+    ApprovalRequested,
+    AuditLog,
+    CheckpointSaved,
+    DryRunStepSkipped,
+    LoopCompleted,
+    LoopIteration,
+    LoopIterationFailed,
+    LoopStarted,
+    NodePaused,
+    ParallelBranchCompleted,
+    ParallelCompleted,
+    ParallelMergeConflict,
+    ParallelStarted,
+    RecoveryStarted,
+    RunSuspended,
+    ScreenshotRequested,
+    SlaBreached,
+    StepErrorNotification,
+    StepEscalated,
+    StepMockApplied,
+    StepRetrying,
+    StepTestOverrideApplied,
+    StepTimeout,
+    ValidationFailed,
+    VerificationWarning,
+)
+from ckp_core.templates import render, render_text
+from langorch_runtime.errors import StepError
+from langorch_runtime.frames import (
+    APPROVALS_KEY,
+    Frame,
+    RunState,
+    children_of,
+    descendants,
+    frame_string,
+    loop_context,
+    new_frame,
+    vars_of,
+)
+from langorch_runtime.steps import StepRecord, StepStore, custom_idempotency_key, idempotency_key, now_iso
+
+log = logging.getLogger(__name__)
+
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+NEVER_RETRIED = frozenset({"canceled", "deadline_exceeded", "budget_exceeded"})
+HANDLER_NAME_ALIASES = {
+    "timeouterror": "step_timeout", "timeoutexception": "step_timeout", "noexecutorerror": "no_executor",
+    "agentactionerror": "agent_error", "mcptoolerror": "mcp_tool_error", "ratelimiterror": "rate_limited",
+}
+
+
+class NodeFailure(Exception):
+    """A node failed. ``bypass``: skip node-scope handlers (§3.3); ``step_level``: handlers already saw it."""
+
+    def __init__(self, error: ErrorObject, bypass: bool = False, step_level: bool = False) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.bypass = bypass
+        self.step_level = step_level
+
+
+# -- outcomes of one node execution (§3.2) -------------------------------------------------------------------
+
+
+@dataclass
+class Next:
+    target: str | None
+    error: dict[str, Any] | None = None  # set the frame's built-in ``error`` (fallback routes)
+
+
+@dataclass
+class Pause:
+    wait_id: str
+    reason: str
+
+
+@dataclass
+class Spawn:
+    """The node started child frames and waits for them."""
+
+
+@dataclass
+class Terminate:
+    status: str
+    outputs: dict[str, Any]
+
+
+@dataclass
+class Routed:
+    """The frame's cursor was already moved (a handler's fallback route); nothing else to apply."""
+
+
+@dataclass
+class RetryNode:
+    """Re-run the node as a new visit (handler ``retry``/``retry_node``, validation ``retry_node``)."""
+
+    delay_ms: int = 0
+
+
+Outcome = Next | Pause | Spawn | Terminate | RetryNode | Routed
+
+
+# -- collaborators -------------------------------------------------------------------------------------------
+
+
+Emit = Callable[[EventData], Awaitable[int]]
+
+
+@dataclass
+class DispatchRequest:
+    node: NodeIR
+    step_id: str
+    action: str
+    channel: str | None
+    params: dict[str, Any]
+    attempt: int
+    idempotency_key: str
+    frame: str
+    timeout_ms: int | None
+    dispatch_mode: str
+
+
+class Dispatcher:
+    """Executes external dispatches (agents, MCP tools). The default has no executors (``no_executor``)."""
+
+    async def dispatch(self, request: DispatchRequest) -> Any:
+        raise StepError(ErrorObject(
+            code="no_executor", retryable=True, message=f"no executor for action '{request.action}' on channel "
+            f"'{request.channel}': no agent is registered for it", details={"channel": request.channel,
+                                                                             "action": request.action}))
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    run_created: dict[str, Any]
+    started_at: str
+
+
+@dataclass
+class Machine:
+    """Executes the frames of one run against its IR."""
+
+    ir: ProcedureIR
+    run: RunInfo
+    emit: Emit
+    steps: StepStore
+    dispatcher: Dispatcher = field(default_factory=Dispatcher)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    on_approval: Callable[[dict[str, Any]], Awaitable[None]] | None = None  # publishes lo.cmd.approval.request
+
+    # -- scopes and templates -------------------------------------------------------------------------------
+    def builtins(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        rc = self.run.run_created
+        namespace = vars_of(state, frame)
+        loop = loop_context(state, frame)
+        return {
+            "run_id": self.run.run_id, "root_run_id": rc.get("root_run_id") or self.run.run_id,
+            "parent_run_id": rc.get("parent_run_id"), "procedure_id": self.ir.procedure_id,
+            "procedure_version": self.ir.version, "trigger_type": rc.get("trigger_type", "api"),
+            "triggered_by": rc.get("triggered_by"), "node_id": node_id, "step_id": step_id,
+            "loop_index": loop["index"] if loop else None, "loop_item": loop["item"] if loop else None,
+            "error": frame.get("error"), "approval": dict(namespace.get(APPROVALS_KEY, {})),
+            "now": format_time(now), "today": now.date().isoformat(), "run_started_at": self.run.started_at,
+            "vars": {k: v for k, v in namespace.items() if k != APPROVALS_KEY},
+        }
+
+    def scope(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None = None,
+              locals_: Mapping[str, Any] | None = None) -> MappingScope:
+        namespace = {k: v for k, v in vars_of(state, frame).items() if k != APPROVALS_KEY}
+        layers: list[Mapping[str, Any]] = [locals_] if locals_ else []
+        return MappingScope(*layers, namespace, self.builtins(state, frame, node_id, step_id))
+
+    def warnings(self, state: RunState, node_id: str, step_id: str | None, base: str) -> _Warnings:
+        return _Warnings(state.setdefault("warned", []), node_id, step_id, base)
+
+    async def render(self, tpl: TemplateIR, state: RunState, frame: Frame, node_id: str, step_id: str | None,
+                     base: str, text: bool = False, locals_: Mapping[str, Any] | None = None) -> Any:
+        warnings = self.warnings(state, node_id, step_id, base)
+        try:
+            scope = self.scope(state, frame, node_id, step_id, locals_)
+            value = render_text(tpl.compiled, scope, warnings) if text else render(tpl.compiled, scope, warnings)
+        except ExpressionError as exc:
+            await warnings.flush(self.emit)
+            raise NodeFailure(_expression_error(exc, node_id, step_id)) from exc
+        await warnings.flush(self.emit)
+        return value
+
+    async def evaluate(self, expr: ExpressionIR, state: RunState, frame: Frame, node_id: str, base: str,
+                       step_id: str | None = None) -> Any:
+        warnings = self.warnings(state, node_id, step_id, base)
+        try:
+            value = evaluate(expr.compiled, self.scope(state, frame, node_id, step_id),
+                             lambda v, r: warnings(v, r))
+        except ExpressionError as exc:
+            await warnings.flush(self.emit)
+            raise NodeFailure(_expression_error(exc, node_id, step_id)) from exc
+        await warnings.flush(self.emit)
+        return value
+
+    # -- the super-step -------------------------------------------------------------------------------------
+    def initial_state(self, inputs: dict[str, Any]) -> RunState:
+        state: RunState = {"vars": dict(inputs), "frames": {}, "order": [], "waits": {}, "resolutions": {},
+                           "outcome": None, "warned": [], "seq": 0, "recovery": None, "failure_point": None}
+        new_frame(state, "main", None, "", self.ir.start_node, None)
+        return state
+
+    def runnable(self, state: RunState) -> list[Frame]:
+        return [f for f in (state["frames"][fid] for fid in state.get("order", [])) if f.get("status") == "running"]
+
+    async def advance(self, state: RunState) -> RunState:
+        """Advance every runnable frame by one node; returns the new state (to be checkpointed)."""
+        state = copy.deepcopy(state)
+        frames = self.runnable(state)
+        if len(frames) == 1:
+            await self.unit(state, frames[0])
+        elif frames:
+            results = await asyncio.gather(*(self.unit(state, f) for f in frames), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        if state.get("outcome") is None and not self.runnable(state) and state.get("waits"):
+            pending = [w for w in state["waits"].values() if not w.get("announced")]
+            if any(not w.get("suspends_run") for w in pending):
+                status = "waiting_approval" if any(w["kind"] == "approval" for w in state["waits"].values()) \
+                    else "paused"
+                await self.emit(RunSuspended(status=status, waiting_on=[
+                    {"kind": w["kind"], "id": w["id"], "node_id": w["node_id"]} for w in state["waits"].values()]))
+            for w in pending:
+                w["announced"] = True
+        return state
+
+    def resolve(self, state: RunState, resolution: Mapping[str, Any]) -> RunState:
+        """Apply a resume payload ``{"wait_id": …, …}`` to the state: the waiting frame becomes runnable."""
+        state = copy.deepcopy(state)
+        wait_id = str(resolution.get("wait_id"))
+        wait = state.get("waits", {}).pop(wait_id, None)
+        if wait is None:
+            return state
+        state.setdefault("resolutions", {})[wait_id] = dict(resolution)
+        frame = state["frames"].get(wait["frame_id"])
+        if frame is not None and frame.get("status") == "paused":
+            frame["pending"] = [w for w in frame.get("pending", []) if w != wait_id]
+            if not frame["pending"]:
+                frame["status"] = "running"
+        return state
+
+    # -- one frame, one node ----------------------------------------------------------------------------------
+    async def unit(self, state: RunState, frame: Frame) -> None:
+        current = frame.get("node")
+        if current is None:
+            cursor = frame.get("cursor")
+            if cursor is None or cursor == frame.get("stop_at"):
+                await self.finish(state, frame, {"status": "completed", "error": None})
+                return
+            if frame.get("hops", 0) >= self.ir.global_config.max_hops:
+                error = ErrorObject(code="max_hops_exceeded", message=f"max_hops {self.ir.global_config.max_hops} "
+                                    "reached in this frame", node_id=cursor, frame=frame_string(frame))
+                await self.emit(NodeError(node_id=cursor, frame=frame_string(frame), error=error))
+                await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
+                return
+            frame["hops"] = frame.get("hops", 0) + 1
+            visits = frame.setdefault("visits", {})
+            visits[cursor] = visits.get(cursor, 0) + 1
+            node = self.ir.nodes[cursor]
+            current = frame["node"] = {"id": cursor, "visit": visits[cursor], "started": time.time(), "data": {}}
+            await self.emit(NodeStarted(node_id=cursor, frame=frame_string(frame, cursor, visits[cursor]),
+                                        node_type=node.type, node_name=node.description, visit=visits[cursor]))
+        node = self.ir.nodes[current["id"]]
+        try:
+            outcome = await self.execute(state, frame, node, current)
+        except NodeFailure as failure:
+            outcome = await self.node_error(state, frame, node, current, failure)
+        except StepError as failure:
+            outcome = await self.node_error(state, frame, node, current, NodeFailure(failure.error))
+        if outcome is not None:
+            await self.apply(state, frame, node, current, outcome)
+
+    async def apply(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                    outcome: Outcome) -> None:
+        fs = frame_string(frame, node.id, current["visit"])
+        if isinstance(outcome, Routed):
+            return
+        if isinstance(outcome, Spawn):
+            frame["status"] = "waiting"
+            return
+        if isinstance(outcome, Pause):
+            frame["status"] = "paused"
+            frame["pending"] = [outcome.wait_id]
+            await self.emit(NodePaused(node_id=node.id, frame=fs, reason=outcome.reason, wait_id=outcome.wait_id))
+            return
+        if isinstance(outcome, RetryNode):
+            if outcome.delay_ms:
+                await self.sleep(outcome.delay_ms / 1000)
+            frame["node"] = None
+            frame["cursor"] = node.id
+            return
+        if isinstance(outcome, Next):
+            checked = await self.sla(state, frame, node, current, outcome)
+            if checked is None:
+                return
+            outcome = checked
+        duration = int((time.time() - current["started"]) * 1000)
+        target = outcome.target if isinstance(outcome, Next) else None
+        await self.emit(NodeCompleted(node_id=node.id, frame=fs, node_type=node.type, next_node=target,
+                                      duration_ms=duration))
+        if node.is_checkpoint and self.ir.global_config.checkpoint_strategy != "disabled":
+            await self.emit(CheckpointSaved(node_id=node.id, frame=fs, reason="is_checkpoint"))
+        frame["node"] = None
+        if isinstance(outcome, Terminate):
+            await self.terminate(state, frame, node, outcome)
+            return
+        assert isinstance(outcome, Next)
+        if outcome.error is not None:
+            frame["error"] = outcome.error
+        frame["cursor"] = outcome.target
+
+    async def sla(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                  outcome: Next) -> Next | None:
+        sla = node.sla
+        if sla is None:
+            return outcome
+        elapsed = int((time.time() - current["started"]) * 1000)
+        if elapsed <= sla.max_duration_ms:
+            return outcome
+        fs = frame_string(frame, node.id, current["visit"])
+        await self.emit(SlaBreached(node_id=node.id, frame=fs, limit_ms=sla.max_duration_ms, elapsed_ms=elapsed,
+                                    on_breach=sla.on_breach, escalation_handler=sla.escalation_handler,
+                                    enforced=sla.enforce))
+        error = ErrorObject(code="sla_breached", message=f"Node '{node.id}' took {elapsed} ms; its SLA is "
+                            f"{sla.max_duration_ms} ms", node_id=node.id, frame=fs,
+                            details={"limit_ms": sla.max_duration_ms, "elapsed_ms": elapsed})
+        if sla.on_breach == "fail":
+            replacement = await self.node_error(state, frame, node, current, NodeFailure(error))
+            if replacement is not None:
+                await self.apply(state, frame, node, current, replacement)
+            return None
+        if sla.on_breach == "escalate" and sla.escalation_handler is not None:
+            return Next(sla.escalation_handler, error=_dump(error))
+        return outcome
+
+    # -- frames ending ------------------------------------------------------------------------------------------
+    async def finish(self, state: RunState, frame: Frame, result: dict[str, Any]) -> None:
+        frame["status"] = "done"
+        frame["result"] = result
+        frame["node"] = None
+        parent_id = frame.get("parent")
+        if parent_id is not None:
+            parent = state["frames"][parent_id]
+            if parent.get("status") == "waiting":
+                parent["status"] = "running"
+            return
+        if frame["kind"] == "main":
+            if result["status"] == "completed":
+                state["outcome"] = {"status": "completed", "outputs": {}}
+                return
+            on_failure = self.ir.global_config.on_failure
+            error = result["error"]
+            if on_failure is not None:
+                state["recovery"] = {"node": on_failure, "error": error}
+                await self.emit(RecoveryStarted(on_failure_node=on_failure, error=ErrorObject.model_validate(error)))
+                new_frame(state, "recovery", None, "recovery", on_failure, None, error=error)
+                return
+            state["outcome"] = {"status": "failed", "error": error, "outputs": {}}
+            return
+        # the recovery frame
+        recovery = state.get("recovery") or {}
+        if result["status"] == "completed":
+            state["outcome"] = {"status": "completed", "outputs": {}, "recovered_via": recovery.get("node")}
+        else:
+            state["outcome"] = {"status": "failed", "error": recovery.get("error"), "outputs": {},
+                                "recovered_via": recovery.get("node"), "recovery_error": result["error"]}
+
+    async def terminate(self, state: RunState, frame: Frame, node: NodeIR, outcome: Terminate) -> None:
+        recovery = state.get("recovery")
+        in_recovery = frame["kind"] == "recovery" or any(
+            f["kind"] == "recovery" for f in self.ancestors(state, frame))
+        out: dict[str, Any] = {"outputs": outcome.outputs}
+        if in_recovery and recovery is not None:
+            out["recovered_via"] = recovery.get("node")
+        if outcome.status == "success":
+            out["status"] = "completed"
+        else:
+            out["status"] = "failed"
+            terminated = ErrorObject(code="terminated_failed", message=f"run ended at terminate node '{node.id}' "
+                                     "with status failed", node_id=node.id)
+            if in_recovery and recovery is not None:
+                out["error"] = recovery.get("error")
+            else:
+                out["error"] = _dump(terminated)
+        for other in state["frames"].values():
+            if other.get("status") != "done":
+                other["status"] = "done"
+                other["result"] = {"status": "canceled", "error": None}
+        state["waits"] = {}
+        state["outcome"] = out
+
+    def ancestors(self, state: RunState, frame: Frame) -> list[Frame]:
+        out: list[Frame] = []
+        parent = frame.get("parent")
+        while parent is not None:
+            f = state["frames"][parent]
+            out.append(f)
+            parent = f.get("parent")
+        return out
+
+    def cancel_frames(self, state: RunState, frames: list[Frame]) -> None:
+        for f in frames:
+            for d in [f, *descendants(state, f)]:
+                if d.get("status") != "done":
+                    d["status"] = "done"
+                    d["result"] = {"status": "canceled", "error": None}
+                    for wait_id in d.get("pending", []):
+                        state.get("waits", {}).pop(wait_id, None)
+
+    # -- node errors and handlers (§3.3, §4.10) ----------------------------------------------------------------
+    async def node_error(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                         failure: NodeFailure) -> Outcome | None:
+        fs = frame_string(frame, node.id, current["visit"])
+        error = failure.error.model_copy(update={"node_id": failure.error.node_id or node.id,
+                                                 "frame": failure.error.frame or fs})
+        if not failure.bypass and not failure.step_level and error.code != "canceled":
+            for handler in node.error_handlers:
+                if not handler_matches(handler, error):
+                    continue
+                routed = await self.node_handler(state, frame, node, current, handler, error)
+                if routed is not None:
+                    return routed
+                break
+        await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=None))
+        state["failure_point"] = {"node_id": node.id, "frame_id": frame["id"]}
+        await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
+        return None
+
+    async def node_handler(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                           handler: ErrorHandlerIR, error: ErrorObject) -> Outcome | None:
+        fs = frame_string(frame, node.id, current["visit"])
+        if handler.error_metadata:
+            error = error.model_copy(update={"details": {**error.details, "handler_metadata": handler.error_metadata}})
+        if handler.notify_on_error:
+            await self.emit(StepErrorNotification(node_id=node.id, frame=fs, error_type=handler.error_type or "*",
+                                                  error=error, handler_action=handler.action))
+        await self.recovery_steps(state, frame, node, current, handler, None)
+        if handler.action in ("retry", "retry_node"):
+            retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
+            key = f"{node.id}#handler{handler.index}"
+            used = retries.get(key, 0)
+            if used < handler.max_retries:
+                retries[key] = used + 1
+                return RetryNode(delay_ms=_handler_delay(handler, used))
+            return None
+        if handler.action == "screenshot_and_fail":
+            await self.emit(ScreenshotRequested(node_id=node.id, frame=fs, reason="screenshot_and_fail", error=error))
+            return None
+        if handler.action == "ignore":
+            target = handler.fallback_node or node.next_node
+            if handler.fallback_node:
+                await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=handler.fallback_node))
+                frame["node"] = None
+                frame["error"] = _dump(error)
+                frame["cursor"] = handler.fallback_node
+                return Routed()
+            return Next(target)
+        if handler.action == "escalate":
+            await self.emit(StepEscalated(node_id=node.id, frame=fs, handler_index=handler.index,
+                                          fallback_node=handler.fallback_node, error=error))
+            if handler.fallback_node:
+                await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=handler.fallback_node))
+                frame["node"] = None
+                frame["error"] = _dump(error)
+                frame["cursor"] = handler.fallback_node
+                return Routed()
+        return None
+
+    async def recovery_steps(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                             handler: ErrorHandlerIR, step: StepIR | None) -> None:
+        for rs in handler.recovery_steps:
+            prefix = f"{step.step_id if step else node.id}/recovery/"
+            try:
+                await self.run_step(state, frame, node, current, rs, identity_step_id=prefix + rs.step_id,
+                                    allow_handlers=False)
+            except (StepError, NodeFailure):
+                continue  # failures of recovery steps are reported (step_failed) and otherwise ignored
+
+    # -- node types -----------------------------------------------------------------------------------------------
+    async def execute(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any]) -> Outcome | None:
+        p = node.payload
+        if isinstance(p, SequencePayload):
+            return await self.sequence(state, frame, node, current, p)
+        if isinstance(p, LogicPayload):
+            for i, rule in enumerate(p.rules):
+                if truthy(await self.evaluate(rule.condition, state, frame, node.id, f"/rules/{i}/condition")):
+                    return Next(rule.next_node)
+            if p.default_next_node is None:
+                raise NodeFailure(ErrorObject(code="logic_no_route", message=f"Node '{node.id}': no rule matched and "
+                                              "there is no default_next_node"))
+            return Next(p.default_next_node)
+        if isinstance(p, LoopPayload):
+            return await self.loop(state, frame, node, current, p)
+        if isinstance(p, ParallelPayload):
+            return await self.parallel(state, frame, node, current, p)
+        if isinstance(p, ProcessingPayload):
+            for op in p.operations:
+                await self.operation(state, frame, node, current, op, f"/operations/{op.index}")
+            return Next(node.next_node)
+        if isinstance(p, VerificationPayload):
+            return await self.verification(state, frame, node, p)
+        if isinstance(p, TransformPayload):
+            return await self.transform(state, frame, node, p)
+        if isinstance(p, HumanApprovalPayload):
+            return await self.approval(state, frame, node, current, p)
+        if isinstance(p, LlmActionPayload):
+            return await self.llm_action(state, frame, node, current, p)
+        if isinstance(p, SubflowPayload):
+            return await self.subflow(state, frame, node, current, p)
+        assert isinstance(p, TerminatePayload)
+        return await self.terminate_node(state, frame, node, current, p)
+
+    async def sequence(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                       p: SequencePayload) -> Outcome | None:
+        data = current["data"]
+        start = data.get("index", 0)
+        for index in range(start, len(p.steps)):
+            data["index"] = index
+            step = p.steps[index]
+            routed = await self.run_step(state, frame, node, current, step)
+            if routed is not None:
+                return routed
+        data["index"] = len(p.steps)
+        for validation in p.validations:
+            outcome = await self.validation(state, frame, node, current, validation)
+            if outcome is not None:
+                return outcome
+        return Next(node.next_node)
+
+    async def validation(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                         v: ValidationIR) -> Outcome | None:
+        fs = frame_string(frame, node.id, current["visit"])
+        base = f"/validations/{v.id}"
+        passed = True
+        if v.condition is not None:
+            passed = truthy(await self.evaluate(v.condition, state, frame, node.id, f"{base}/condition"))
+        else:
+            action = "wait_for_text" if v.check == "screen_text_contains" else "wait_for_element"
+            for i, expected in enumerate(v.expected_values):
+                params = {"text": expected} if action == "wait_for_text" else {"target": expected}
+                key = idempotency_key(self.run.run_id, node.id, f"validation/{v.id}/{i}", fs, 1)
+                try:
+                    await self.dispatcher.dispatch(DispatchRequest(
+                        node=node, step_id=f"validation/{v.id}/{i}", action=action, channel=node.channel,
+                        params=params, attempt=1, idempotency_key=key, frame=fs, timeout_ms=None,
+                        dispatch_mode="sync"))
+                except StepError:
+                    passed = False
+                    break
+        if passed:
+            return None
+        message = None
+        if v.message is not None:
+            message = await self.render(v.message, state, frame, node.id, None, f"{base}/message", text=True)
+        await self.emit(ValidationFailed(node_id=node.id, frame=fs, validation_id=v.id, message=message,
+                                         on_failure=v.on_failure))
+        error = ErrorObject(code="validation_failed", message=message or f"validation '{v.id}' failed",
+                            node_id=node.id, frame=fs, details={"validation_id": v.id})
+        if v.on_failure == "retry_node":
+            retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
+            key = f"{node.id}#validation:{v.id}"
+            if retries.get(key, 0) < v.max_node_retries:
+                retries[key] = retries.get(key, 0) + 1
+                return RetryNode()
+        raise NodeFailure(error, bypass=v.on_failure == "fail_workflow")
+
+    async def verification(self, state: RunState, frame: Frame, node: NodeIR, p: VerificationPayload) -> Outcome:
+        fs = frame_string(frame, node.id, (frame.get("node") or {}).get("visit", 1))
+        for check in p.checks:
+            if truthy(await self.evaluate(check.condition, state, frame, node.id, f"/checks/{check.id}/condition")):
+                continue
+            if check.on_fail == "warn":
+                await self.emit(VerificationWarning(node_id=node.id, frame=fs, check_id=check.id,
+                                                    message=check.message))
+                continue
+            if check.on_fail == "continue":
+                continue
+            raise NodeFailure(ErrorObject(code="verification_failed", message=check.message or
+                                          f"verification check '{check.id}' failed", node_id=node.id, frame=fs,
+                                          details={"check_id": check.id}), bypass=True)
+        return Next(node.next_node)
+
+    async def loop(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                   p: LoopPayload) -> Outcome:
+        data = current["data"]
+        fs = frame_string(frame, node.id, current["visit"])
+        namespace = vars_of(state, frame)
+        if "items" not in data:
+            items = await self.evaluate(p.iterator, state, frame, node.id, "/iterator")
+            if items is None:
+                items = []
+            if not isinstance(items, list):
+                raise NodeFailure(ErrorObject(code="loop_iterator_invalid", message=f"Node '{node.id}': the iterator "
+                                              f"is a {type(items).__name__}, not a list", node_id=node.id, frame=fs))
+            n = len(items) if p.max_iterations is None else min(len(items), p.max_iterations)
+            data.update({"items": items, "n": n, "i": 0, "collected": [], "errors": [], "child": None,
+                         "succeeded": 0, "failed": 0})
+            await self.emit(LoopStarted(node_id=node.id, frame=fs, total=len(items), iterations=n))
+        elif data.get("child") is not None:
+            child = state["frames"][data["child"]]
+            i = data["i"]
+            result = child.get("result") or {}
+            if result.get("status") == "completed":
+                data["succeeded"] += 1
+                if p.collect_variable:
+                    if p.collect_expression is not None:
+                        value = await self.render(p.collect_expression, state, frame, node.id, None,
+                                                  "/collect_expression")
+                    else:
+                        value = data["items"][i]
+                    data["collected"].append(value)
+            else:
+                data["failed"] += 1
+                error = ErrorObject.model_validate(result.get("error") or {"code": "internal_error",
+                                                                            "message": "iteration failed"})
+                await self.emit(LoopIterationFailed(node_id=node.id, frame=fs, iteration=i, error=error))
+                if not p.continue_on_error:
+                    raise NodeFailure(ErrorObject(code="loop_iteration_failed", message=f"Node '{node.id}': "
+                                                  f"iteration {i} failed: {error.message}", node_id=node.id, frame=fs,
+                                                  details={"iteration": i}, cause=_dump(error)))
+                data["errors"].append({"iteration": i, "error": _dump(error)})
+            data["i"] = i + 1
+            data["child"] = None
+        i = data["i"]
+        if i < data["n"]:
+            item = data["items"][i]
+            namespace[p.iterator_variable] = copy.deepcopy(item)
+            if p.index_variable:
+                namespace[p.index_variable] = i
+            await self.emit(LoopIteration(node_id=node.id, frame=fs, iteration=i, total=data["n"],
+                                          item_preview=format_embedded(item)[:256]))
+            segment = f"{node.id}{'#' + str(current['visit']) if current['visit'] > 1 else ''}[{i}]"
+            child = new_frame(state, "iteration", frame, _join(frame.get("path", ""), segment), p.body_node, node.id,
+                              loop={"index": i, "item": item})
+            data["child"] = child["id"]
+            return Spawn()
+        if p.collect_variable:
+            namespace[p.collect_variable] = data["collected"]
+        if p.errors_variable:
+            namespace[p.errors_variable] = data["errors"]
+        await self.emit(LoopCompleted(node_id=node.id, frame=fs, iterations=data["n"], succeeded=data["succeeded"],
+                                      failed=data["failed"]))
+        return Next(node.next_node)
+
+    async def parallel(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                       p: ParallelPayload) -> Outcome:
+        data = current["data"]
+        fs = frame_string(frame, node.id, current["visit"])
+        namespace = vars_of(state, frame)
+        segment_base = f"{node.id}{'#' + str(current['visit']) if current['visit'] > 1 else ''}"
+        if "snapshot" not in data:
+            data.update({"snapshot": copy.deepcopy(namespace), "frames": {}, "queue": [b.branch_id for b in
+                                                                                       p.branches],
+                         "status": {}, "errors": {}, "winner": None})
+            await self.emit(ParallelStarted(node_id=node.id, frame=fs, branches=[b.branch_id for b in p.branches],
+                                            wait_strategy=p.wait_strategy))
+        starts = {b.branch_id: b.start_node for b in p.branches}
+        # record finished branches
+        for bid, fid in data["frames"].items():
+            if bid in data["status"]:
+                continue
+            child = state["frames"][fid]
+            if child.get("status") != "done":
+                continue
+            result = child.get("result") or {}
+            status = result.get("status", "failed")
+            data["status"][bid] = status
+            error = result.get("error")
+            data["errors"][bid] = error
+            await self.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status=status,
+                                                    error=ErrorObject.model_validate(error) if error else None))
+            if status == "completed" and p.wait_strategy == "any" and data["winner"] is None:
+                data["winner"] = bid
+            if status == "failed" and p.branch_failure == "fail":
+                await self.cancel_branches(state, node, fs, data)
+                raise NodeFailure(ErrorObject(code="parallel_branch_failed", message=f"Node '{node.id}': branch "
+                                              f"'{bid}' failed", node_id=node.id, frame=fs,
+                                              details={"branch_id": bid}, cause=error))
+        if data["winner"] is not None:
+            await self.cancel_branches(state, node, fs, data)
+        # start queued branches up to max_concurrency
+        running = [bid for bid in data["frames"] if bid not in data["status"]]
+        limit = p.max_concurrency or len(p.branches)
+        while data["queue"] and len(running) < limit and data["winner"] is None:
+            bid = data["queue"].pop(0)
+            child = new_frame(state, "branch", frame, _join(frame.get("path", ""), f"{segment_base}/{bid}"),
+                              starts[bid], node.next_node, vars_=copy.deepcopy(data["snapshot"]))
+            data["frames"][bid] = child["id"]
+            running.append(bid)
+        if running:
+            return Spawn()
+        # merge (§3.8 step 5)
+        snapshot = data["snapshot"]
+        merged = copy.deepcopy(snapshot)
+        changed_by: dict[str, list[str]] = {}
+        contributors = [data["winner"]] if data["winner"] else [b.branch_id for b in p.branches
+                                                                 if data["status"].get(b.branch_id) == "completed"]
+        for bid in contributors:
+            branch_vars = state["frames"][data["frames"][bid]].get("vars") or {}
+            for key, value in branch_vars.items():
+                if key == APPROVALS_KEY:
+                    records = merged.setdefault(APPROVALS_KEY, {})
+                    for node_key, record in value.items():
+                        if snapshot.get(APPROVALS_KEY, {}).get(node_key) != record:
+                            records[node_key] = record
+                    continue
+                if key not in snapshot or snapshot[key] != value:
+                    changed_by.setdefault(key, []).append(bid)
+                    merged[key] = copy.deepcopy(value)
+        for key, branches in changed_by.items():
+            if len(branches) > 1:
+                await self.emit(ParallelMergeConflict(node_id=node.id, frame=fs, variable=key, branches=branches))
+        succeeded = sum(1 for s in data["status"].values() if s == "completed")
+        failed = sum(1 for s in data["status"].values() if s == "failed")
+        canceled = sum(1 for s in data["status"].values() if s == "canceled")
+        merged["parallel_results"] = {
+            "branches": {b.branch_id: {"status": data["status"].get(b.branch_id, "canceled"),
+                                       "error": data["errors"].get(b.branch_id)} for b in p.branches},
+            "winner": data["winner"],
+        }
+        namespace.clear()
+        namespace.update(merged)
+        if succeeded == 0:
+            raise NodeFailure(ErrorObject(code="parallel_all_failed", message=f"Node '{node.id}': every branch "
+                                          "failed", node_id=node.id, frame=fs))
+        await self.emit(ParallelCompleted(node_id=node.id, frame=fs, succeeded=succeeded, failed=failed,
+                                          canceled=canceled, winner=data["winner"]))
+        return Next(node.next_node)
+
+    async def cancel_branches(self, state: RunState, node: NodeIR, fs: str, data: dict[str, Any]) -> None:
+        for bid, fid in data["frames"].items():
+            if bid in data["status"]:
+                continue
+            self.cancel_frames(state, [state["frames"][fid]])
+            data["status"][bid] = "canceled"
+            data["errors"][bid] = None
+            await self.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status="canceled"))
+        for bid in data["queue"]:
+            data["status"][bid] = "canceled"
+            data["errors"][bid] = None
+        data["queue"] = []
+
+    async def transform(self, state: RunState, frame: Frame, node: NodeIR, p: TransformPayload) -> Outcome:
+        from langorch_runtime.transforms import run_transformation
+
+        namespace = vars_of(state, frame)
+        for t in p.transformations:
+            params = await self.render(t.params, state, frame, node.id, None, f"/transformations/{t.index}/params")
+            try:
+                value = run_transformation(t, params, self.scope(state, frame, node.id))
+            except StepError as exc:
+                raise NodeFailure(exc.error.model_copy(update={"node_id": node.id})) from exc
+            namespace[t.output_variable] = value
+        return Next(node.next_node)
+
+    async def approval(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                       p: HumanApprovalPayload) -> Outcome:
+        data = current["data"]
+        fs = frame_string(frame, node.id, current["visit"])
+        gc = self.ir.global_config
+        resolution: dict[str, Any] | None = None
+        if "wait_id" in data:
+            resolution = state.get("resolutions", {}).pop(data["wait_id"], None)
+            if resolution is None:
+                return Pause(data["wait_id"], "awaiting_approval")
+            decision = self.decision_record(p, resolution, data["wait_id"])
+        elif node.id in gc.test_data_overrides:
+            override = gc.test_data_overrides[node.id]
+            await self.emit(StepTestOverrideApplied(node_id=node.id, frame=fs, override_key=node.id))
+            raw = override if isinstance(override, dict) else {"decision": override}
+            decision = self.decision_record(p, {**raw, "source": "test_override"}, None)
+        elif gc.execution_mode == "dry_run":
+            auto = p.options[0] if p.decision_type == "select_option" and p.options else "approved"
+            decision = self.decision_record(p, {"decision": auto, "payload": {} if p.decision_type ==
+                                                "provide_input" else None, "source": "dry_run"}, None)
+            route = self.route_decision(p, decision)
+            await self.emit(ApprovalAutoResolved(node_id=node.id, frame=fs, decision=auto,
+                                                 payload=decision.get("payload"), routed_to=route))
+            self.store_decision(state, frame, node, p, decision)
+            return Next(route)
+        else:
+            prompt = await self.render(p.prompt, state, frame, node.id, None, "/prompt", text=True)
+            context = None
+            if p.context_data is not None:
+                context = await self.render(p.context_data, state, frame, node.id, None, "/context_data")
+            identity = f"{node.id}:approval:{fs}"
+            record = await self.steps.get(identity)
+            known = (record.result or {}) if record is not None else {}
+            approval_id = str(known.get("approval_id") or new_id())
+            expires_at = known.get("expires_at")
+            if record is None:
+                if p.timeout_ms is not None:
+                    expires_at = format_time(datetime.now(UTC) + timedelta(milliseconds=p.timeout_ms))
+                await self.steps.put(identity, StepRecord(
+                    status="started", attempt=1, idempotency_key=approval_id, node_id=node.id, step_id="approval",
+                    frame=fs, result={"approval_id": approval_id, "expires_at": expires_at, "announced": False},
+                    updated_at=now_iso()))
+            suspends = len(self.runnable(state)) <= 1
+            state.setdefault("waits", {})[approval_id] = {
+                "kind": "approval", "id": approval_id, "node_id": node.id, "step_id": None, "frame_id": frame["id"],
+                "frame": fs, "expires_at": expires_at, "suspends_run": suspends,
+            }
+            data["wait_id"] = approval_id
+            if not known.get("announced"):
+                input_schema = {k: v.model_dump(mode="json", exclude={"has_default"}, exclude_none=True)
+                                for k, v in p.input_schema.items()}
+                await self.emit(ApprovalRequested(
+                    node_id=node.id, frame=fs, approval_id=approval_id, node_name=node.description,
+                    decision_type=p.decision_type, options=p.options, prompt=prompt, context_data=context,
+                    expires_at=expires_at, timeout_action=p.timeout_action, approval_level=p.approval_level,
+                    escalation_contact=p.escalation_contact, input_schema=input_schema, suspends_run=suspends))
+                if self.on_approval is not None:
+                    await self.on_approval({
+                        "approval_id": approval_id, "run_id": self.run.run_id,
+                        "procedure_id": self.ir.procedure_id, "procedure_version": self.ir.version,
+                        "project_id": self.run.run_created.get("project_id"), "node_id": node.id,
+                        "node_name": node.description, "prompt": prompt, "context_data": context,
+                        "decision_type": p.decision_type, "options": p.options, "input_schema": input_schema,
+                        "expires_at": expires_at, "timeout_action": p.timeout_action,
+                        "approval_level": p.approval_level, "escalation_contact": p.escalation_contact})
+                await self.steps.put(identity, StepRecord(
+                    status="started", attempt=1, idempotency_key=approval_id, node_id=node.id, step_id="approval",
+                    frame=fs, result={"approval_id": approval_id, "expires_at": expires_at, "announced": True},
+                    updated_at=now_iso()))
+            return Pause(approval_id, "awaiting_approval")
+        route = self.route_decision(p, decision)
+        self.store_decision(state, frame, node, p, decision)
+        await self.emit(ApprovalDecisionReceived(
+            node_id=node.id, frame=fs, approval_id=decision.get("approval_id"), status=decision["status"],
+            decision=decision.get("decision"), decided_by=decision.get("decided_by"), comment=decision.get("comment"),
+            source=decision.get("source") or "human", routed_to=route, resumes_run=resolution is not None))
+        return Next(route)
+
+    def decision_record(self, p: HumanApprovalPayload, raw: Mapping[str, Any], approval_id: str | None
+                        ) -> dict[str, Any]:
+        decision = raw.get("decision")
+        if decision in ("approve", "reject"):
+            decision = f"{decision}d"
+        status = raw.get("status")
+        if status is None:
+            status = decision if decision in ("approved", "rejected") else "decided"
+        return {"approval_id": approval_id or raw.get("approval_id"), "status": status, "decision": decision,
+                "decided_by": raw.get("decided_by"), "decided_at": raw.get("decided_at") or now_iso(),
+                "comment": raw.get("comment"), "payload": raw.get("payload"), "source": raw.get("source") or "human"}
+
+    def route_decision(self, p: HumanApprovalPayload, d: Mapping[str, Any]) -> str | None:
+        decision, status = d.get("decision"), d.get("status")
+        if status == "escalated" or decision == "timeout":
+            return p.on_timeout if p.on_timeout is not None else p.on_reject
+        if decision == "approved":
+            return p.on_approve
+        if decision == "rejected":
+            return p.on_reject
+        if isinstance(decision, str) and decision in p.options:
+            return p.option_routes.get(decision, p.on_approve)
+        return p.on_reject
+
+    def store_decision(self, state: RunState, frame: Frame, node: NodeIR, p: HumanApprovalPayload,
+                       decision: dict[str, Any]) -> None:
+        namespace = vars_of(state, frame)
+        records = dict(namespace.get(APPROVALS_KEY, {}))
+        records[node.id] = decision
+        namespace[APPROVALS_KEY] = records
+        if p.decision_variable:
+            namespace[p.decision_variable] = decision.get("decision")
+        if p.decision_type == "provide_input" and p.input_variable:
+            namespace[p.input_variable] = decision.get("payload")
+
+    async def llm_action(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                         p: LlmActionPayload) -> Outcome:
+        from langorch_runtime.mappings import apply_output_mapping
+
+        fs = frame_string(frame, node.id, current["visit"])
+        gc = self.ir.global_config
+        if node.id in gc.test_data_overrides:
+            value = gc.test_data_overrides[node.id]
+            text = value if isinstance(value, str) else _json(value)
+            await self.emit(StepTestOverrideApplied(node_id=node.id, step_id="llm", frame=fs, override_key=node.id))
+        elif gc.execution_mode == "dry_run":
+            text = ""
+            await self.emit(DryRunStepSkipped(node_id=node.id, step_id="llm", frame=fs, action="chat",
+                                              binding_kind="llm"))
+        elif gc.mock_external_calls:
+            text = ""
+            await self.emit(StepMockApplied(node_id=node.id, step_id="llm", frame=fs, action="chat",
+                                            binding_kind="llm"))
+        else:
+            raise NodeFailure(ErrorObject(code="llm_error", retryable=False, node_id=node.id, frame=fs,
+                                          message="no LLM provider is configured for this runtime "
+                                          "(LANGORCH_LLM_MODELS); llm_action can run only with test_data_overrides, "
+                                          "dry_run or mock_external_calls", details={"reason": "not_configured"}))
+        namespace = vars_of(state, frame)
+        if p.outputs:
+            for var, mapping in p.outputs.items():
+                value, warns = apply_output_mapping(mapping, text, self.scope(state, frame, node.id))
+                namespace[var] = value
+                for w in warns:
+                    await self.emit(TemplateWarning(variable=var, reason=w, location={
+                        "node_id": node.id, "step_id": None, "field": f"/outputs/{var}"}))
+        else:
+            namespace["llm_output"] = text
+        if p.orchestration_mode:
+            requested = None
+            try:
+                import json as _jsonlib
+
+                parsed = _jsonlib.loads(text)
+                requested = parsed.get("_next_node") if isinstance(parsed, dict) else None
+            except ValueError:
+                requested = None
+            valid = isinstance(requested, str) and requested in p.branches
+            chosen = requested if valid else (node.next_node or (p.branches[0] if p.branches else None))
+            from ckp_core.run_events import LlmRouteSelected
+
+            await self.emit(LlmRouteSelected(node_id=node.id, frame=fs, requested=requested
+                                             if isinstance(requested, str) else None, chosen=chosen or "",
+                                             valid=valid))
+            return Next(chosen)
+        return Next(node.next_node)
+
+    async def subflow(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                      p: SubflowPayload) -> Outcome:
+        fs = frame_string(frame, node.id, current["visit"])
+        gc = self.ir.global_config
+        if node.id not in gc.test_data_overrides:
+            raise NodeFailure(ErrorObject(code="subflow_failed", node_id=node.id, frame=fs,
+                                          message="child runs are not available in this LangOrch version yet; a "
+                                          "subflow node runs only with a test_data_overrides entry",
+                                          details={"reason": "not_implemented"}))
+        outputs = gc.test_data_overrides[node.id]
+        await self.emit(StepTestOverrideApplied(node_id=node.id, step_id="subflow", frame=fs, override_key=node.id))
+        namespace = vars_of(state, frame)
+        if p.output_mapping:
+            scope = MappingScope(outputs if isinstance(outputs, dict) else {})
+            for var, path in p.output_mapping.items():
+                namespace[var] = evaluate(path.compiled, scope)
+        else:
+            namespace["subflow_output"] = outputs
+        return Next(node.next_node)
+
+    async def terminate_node(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                             p: TerminatePayload) -> Outcome:
+        fs = frame_string(frame, node.id, current["visit"])
+        in_recovery = frame["kind"] == "recovery" or any(f["kind"] == "recovery" for f in self.ancestors(state, frame))
+        action_lists = [("cleanup", p.cleanup_actions)]
+        if p.status == "failed" or in_recovery:
+            action_lists.append(("error_actions", p.error_actions))
+        for label, actions in action_lists:
+            for op in actions:
+                try:
+                    await self.operation(state, frame, node, current, op, f"/{label}/{op.index}")
+                except (StepError, NodeFailure) as exc:
+                    error = exc.error
+                    await self.emit(StepFailed(node_id=node.id, step_id=f"{label}[{op.index}]", frame=fs, attempt=1,
+                                               action=op.action, error=error))
+        outputs = await self.render(p.outputs, state, frame, node.id, None, "/outputs")
+        if p.final_audit_log is not None and self.ir.global_config.audit_enabled:
+            entry = await self.render(p.final_audit_log, state, frame, node.id, None, "/final_audit_log")
+            await self.emit(AuditLog(node_id=node.id, frame=fs, entry=entry))
+        return Terminate(p.status, outputs if isinstance(outputs, dict) else {})
+
+    # -- operations and steps (§4.3, §4.7) ---------------------------------------------------------------------
+    async def operation(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                        op: OperationIR, base: str, step_id: str | None = None) -> Any:
+        from langorch_runtime.operations import OpContext, apply_writes, run_operation
+
+        params = await self.render(op.params, state, frame, node.id, step_id, base)
+        namespace = vars_of(state, frame)
+        ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
+                        sleep=self.sleep)
+        try:
+            outcome = await run_operation(op, params, namespace, ctx)
+        except StepError as exc:
+            raise NodeFailure(exc.error.model_copy(update={"node_id": node.id, "step_id": step_id})) from exc
+        for event in outcome.events:
+            await self.emit(event)
+        writes = dict(outcome.writes)
+        if op.output_variable:
+            writes[op.output_variable] = outcome.result
+        apply_writes(namespace, writes)
+        return outcome.result
+
+    async def run_step(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any], step: StepIR,
+                       identity_step_id: str | None = None, allow_handlers: bool = True) -> Outcome | None:
+        """Run one step to completion (§4.7). Returns an outcome when a handler routes the node elsewhere."""
+        from langorch_runtime.operations import OpContext, apply_writes, run_operation
+
+        step_id = identity_step_id or step.step_id
+        fs = frame_string(frame, node.id, current["visit"])
+        namespace = vars_of(state, frame)
+        base = f"/steps/{step.step_id}"
+        if step.idempotency_key is not None:
+            rendered = await self.render(step.idempotency_key, state, frame, node.id, step.step_id,
+                                         f"{base}/idempotency_key", text=True)
+            identity = f"custom:{rendered}"
+            key_base = f"lo1:{rendered}"
+        elif node.idempotency_key is not None:
+            rendered = await self.render(node.idempotency_key, state, frame, node.id, None, "/idempotency_key",
+                                         text=True)
+            identity = f"custom:{rendered}/{step_id}"
+            key_base = f"lo1:{rendered}/{step_id}"
+        else:
+            identity = f"{node.id}:{step_id}:{fs}"
+            key_base = None
+        record = await self.steps.get(identity)
+        if record is not None and record.status == "completed":
+            apply_writes(namespace, record.writes)
+            await self.emit(StepReplayed(node_id=node.id, step_id=step_id, frame=fs, action=step.action,
+                                         output_variable=step.output_variable, original_attempt=record.attempt))
+            return None
+        attempt = record.attempt if record is not None else 1
+        if step.wait_ms and record is None:
+            await self.sleep(step.wait_ms / 1000)
+        handler_retries: dict[int, int] = {}
+        policy_retries = 0
+        while True:
+            key = custom_idempotency_key(key_base, attempt) if key_base else idempotency_key(
+                self.run.run_id, node.id, step_id, fs, attempt)
+            params = await self.render(step.params, state, frame, node.id, step.step_id, base)
+            await self.steps.put(identity, StepRecord(status="started", attempt=attempt, idempotency_key=key,
+                                                      node_id=node.id, step_id=step_id, frame=fs, updated_at=now_iso()))
+            internal = step.binding.kind == "internal"
+            await self.emit(StepStarted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
+                                        binding_kind="internal" if internal else "channel",
+                                        channel=step.binding.channel, idempotency_key=key, params=params))
+            started = time.monotonic()
+            try:
+                if internal:
+                    ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
+                                    sleep=self.sleep)
+                    op_outcome = await run_operation(step.as_operation(), params, namespace, ctx)
+                    for event in op_outcome.events:
+                        await self.emit(event)
+                    result, writes = op_outcome.result, dict(op_outcome.writes)
+                else:
+                    result = await self.external(state, frame, node, step, step_id, fs, params, attempt, key)
+                    writes = {}
+                break
+            except StepError as exc:
+                error = exc.error.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
+                                                     "attempt": attempt})
+            if error.code == "step_timeout":
+                await self.emit(StepTimeout(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                            action=step.action, timeout_ms=step.timeout_ms or 0,
+                                            binding_kind="internal" if internal else "channel"))
+            policy = step.retry
+            if policy is not None and policy_retries < policy.max_retries and retry_allowed(policy, error):
+                delay = retry_delay(policy, policy_retries)
+                policy_retries += 1
+                await self.emit(StepRetrying(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                             action=step.action, delay_ms=delay, next_attempt=attempt + 1,
+                                             source="retry_policy", error=error))
+                await self.sleep(delay / 1000)
+                attempt += 1
+                continue
+            if self.ir.global_config.screenshot_on_fail and not internal:
+                await self.emit(ScreenshotRequested(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                    reason="screenshot_on_fail", error=error))
+            if allow_handlers:
+                handled = await self.step_handlers(state, frame, node, current, step, step_id, fs, attempt, error,
+                                                   handler_retries)
+                if handled == "retry":
+                    attempt += 1
+                    continue
+                if isinstance(handled, tuple):
+                    kind, value = handled
+                    if kind == "suppress":
+                        namespace_writes: dict[str, Any] = {}
+                        if step.output_variable:
+                            namespace_writes[step.output_variable] = None
+                        apply_writes(namespace, namespace_writes)
+                        await self.steps.put(identity, StepRecord(
+                            status="completed", attempt=attempt, idempotency_key=key, node_id=node.id,
+                            step_id=step_id, frame=fs, result=None, writes=namespace_writes, updated_at=now_iso()))
+                        await self.emit(StepCompleted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                      action=step.action, output_variable=step.output_variable,
+                                                      duration_ms=int((time.monotonic() - started) * 1000),
+                                                      retry_count=attempt - 1, suppressed_error=error))
+                        return None
+                    if kind == "route":
+                        await self.record_failed(identity, key, node, step_id, fs, attempt, error)
+                        await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                   action=step.action, error=error))
+                        await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=value))
+                        frame["node"] = None
+                        frame["error"] = _dump(error)
+                        frame["cursor"] = value
+                        return Routed()
+                    if kind == "retry_node":
+                        await self.record_failed(identity, key, node, step_id, fs, attempt, error)
+                        await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                   action=step.action, error=error))
+                        return RetryNode(delay_ms=int(value))
+            await self.record_failed(identity, key, node, step_id, fs, attempt, error)
+            await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                       action=step.action, error=error))
+            raise NodeFailure(error, step_level=True)
+        if step.output_variable:
+            writes[step.output_variable] = result
+        if step.output_mapping:
+            from langorch_runtime.mappings import apply_output_mapping
+
+            for var, mapping in step.output_mapping.items():
+                value, warns = apply_output_mapping(mapping, result, self.scope(state, frame, node.id, step.step_id))
+                writes[var] = value
+                for w in warns:
+                    await self.emit(TemplateWarning(variable=var, reason=w, location={
+                        "node_id": node.id, "step_id": step.step_id, "field": f"{base}/output_mapping/{var}"}))
+        apply_writes(namespace, writes)
+        await self.steps.put(identity, StepRecord(status="completed", attempt=attempt, idempotency_key=key,
+                                                  node_id=node.id, step_id=step_id, frame=fs, result=result,
+                                                  writes=writes, updated_at=now_iso()))
+        await self.emit(StepCompleted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
+                                      output_variable=step.output_variable,
+                                      duration_ms=int((time.monotonic() - started) * 1000), retry_count=attempt - 1))
+        if step.wait_after_ms:
+            await self.sleep(step.wait_after_ms / 1000)
+        return None
+
+    async def record_failed(self, identity: str, key: str, node: NodeIR, step_id: str, fs: str, attempt: int,
+                            error: ErrorObject) -> None:
+        await self.steps.put(identity, StepRecord(status="failed", attempt=attempt, idempotency_key=key,
+                                                  node_id=node.id, step_id=step_id, frame=fs,
+                                                  result={"error": _dump(error)}, updated_at=now_iso()))
+
+    async def step_handlers(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                            step: StepIR, step_id: str, fs: str, attempt: int, error: ErrorObject,
+                            handler_retries: dict[int, int]) -> str | tuple[str, Any] | None:
+        for handler in node.error_handlers:
+            if not handler_matches(handler, error):
+                continue
+            if handler.error_metadata:
+                error.details["handler_metadata"] = handler.error_metadata
+            if handler.notify_on_error:
+                await self.emit(StepErrorNotification(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                      error_type=handler.error_type or "*", error=error,
+                                                      handler_action=handler.action))
+            await self.recovery_steps(state, frame, node, current, handler, step)
+            if handler.action == "retry":
+                used = handler_retries.get(handler.index, 0)
+                if used < handler.max_retries:
+                    handler_retries[handler.index] = used + 1
+                    delay = _handler_delay(handler, used)
+                    await self.emit(StepRetrying(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                 action=step.action, delay_ms=delay, next_attempt=attempt + 1,
+                                                 source="error_handler", error=error))
+                    await self.sleep(delay / 1000)
+                    return "retry"
+                return None
+            if handler.action == "retry_node":
+                retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
+                rkey = f"{node.id}#handler{handler.index}"
+                used = retries.get(rkey, 0)
+                if used < handler.max_retries:
+                    retries[rkey] = used + 1
+                    return ("retry_node", _handler_delay(handler, used))
+                return None
+            if handler.action == "screenshot_and_fail":
+                await self.emit(ScreenshotRequested(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                    reason="screenshot_and_fail", error=error))
+                return None
+            if handler.action == "ignore":
+                if handler.fallback_node:
+                    return ("route", handler.fallback_node)
+                return ("suppress", None)
+            if handler.action == "escalate":
+                await self.emit(StepEscalated(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                              handler_index=handler.index, fallback_node=handler.fallback_node,
+                                              error=error))
+                if handler.fallback_node:
+                    return ("route", handler.fallback_node)
+                return None
+            return None
+        return None
+
+    async def external(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
+                       params: dict[str, Any], attempt: int, key: str) -> Any:
+        """Executor resolution of a dispatched step (§4.5): override → dry run → mock → dispatch."""
+        gc = self.ir.global_config
+        for override_key in (f"{node.id}.{step.step_id}", step.step_id):
+            if override_key in gc.test_data_overrides:
+                await self.emit(StepTestOverrideApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                        override_key=override_key))
+                return copy.deepcopy(gc.test_data_overrides[override_key])
+        if gc.execution_mode == "dry_run":
+            await self.emit(DryRunStepSkipped(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                              action=step.action, binding_kind="channel",
+                                              channel=step.binding.channel))
+            return {"dry_run": True, "skipped_action": step.action, "channel": step.binding.channel}
+        if gc.mock_external_calls:
+            await self.emit(StepMockApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                            action=step.action, binding_kind="channel", channel=step.binding.channel))
+            return {"mocked": True, "action": step.action, "channel": step.binding.channel}
+        request = DispatchRequest(node=node, step_id=step_id, action=step.action, channel=step.binding.channel,
+                                  params=params, attempt=attempt, idempotency_key=key, frame=fs,
+                                  timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode)
+        if step.timeout_ms is None:
+            return await self.dispatcher.dispatch(request)
+        try:
+            return await asyncio.wait_for(self.dispatcher.dispatch(request), step.timeout_ms / 1000)
+        except TimeoutError:
+            raise StepError(ErrorObject(code="step_timeout", retryable=True, message=f"step '{step_id}' timed out "
+                                        f"after {step.timeout_ms} ms")) from None
+
+
+class _Warnings:
+    """Collects template warnings so each (variable, location) is emitted once per run."""
+
+    def __init__(self, warned: list[str], node_id: str, step_id: str | None, base: str) -> None:
+        self.warned = warned
+        self.pending: list[TemplateWarning] = []
+        self.node_id = node_id
+        self.step_id = step_id
+        self.base = base
+
+    def __call__(self, variable: str, reason: str, path: str = "") -> None:
+        field_path = self.base + path
+        key = f"{variable}|{self.node_id}|{self.step_id}|{field_path}"
+        if key in self.warned:
+            return
+        self.warned.append(key)
+        self.pending.append(TemplateWarning(variable=variable, reason=reason, location={
+            "node_id": self.node_id, "step_id": self.step_id, "field": field_path}))
+
+    async def flush(self, emit: Emit) -> None:
+        for w in self.pending:
+            await emit(w)
+        self.pending.clear()
+
+
+def handler_matches(handler: ErrorHandlerIR, error: ErrorObject) -> bool:
+    """§4.10 matching: ``error_type`` against code/type/error_code (with the class-name aliases), plus triggers."""
+    wanted = handler.error_type.lower()
+    if wanted not in ("", "*"):
+        names = {n.lower() for n in (error.code, error.type, error.error_code) if n}
+        alias = HANDLER_NAME_ALIASES.get(wanted)
+        if wanted not in names and (alias is None or alias not in names):
+            return False
+    trigger = handler.trigger
+    if trigger is None:
+        return True
+    if trigger.error_text_contains and not any(t.lower() in error.message.lower()
+                                               for t in trigger.error_text_contains):
+        return False
+    if trigger.error_code and not any(c in (error.error_code, error.code) for c in trigger.error_code):
+        return False
+    return not (trigger.http_status_codes and error.http_status not in trigger.http_status_codes)
+
+
+def retry_allowed(policy: RetryPolicyIR, error: ErrorObject) -> bool:
+    if error.code in NEVER_RETRIED:
+        return False
+    if policy.retry_on is not None:
+        return any(c in (error.code, error.type, error.error_code) for c in policy.retry_on)
+    return error.retryable
+
+
+def retry_delay(policy: RetryPolicyIR, n: int) -> int:
+    """Delay before retry ``n`` (0-based) in ms (§4.8)."""
+    b = policy.retry_delay_ms
+    if policy.strategy == "fixed":
+        delay = float(b)
+    elif policy.strategy == "linear":
+        delay = float(b * (n + 1))
+    elif policy.strategy == "exponential_backoff":
+        delay = b * policy.backoff_multiplier ** n
+    else:
+        fib_a, fib_b = 1, 1
+        for _ in range(n):
+            fib_a, fib_b = fib_b, fib_a + fib_b
+        delay = float(b * fib_a)
+    delay = min(delay, policy.max_delay_ms)
+    if policy.jitter:
+        delay *= 1 - policy.jitter * random.random()
+    return int(delay)
+
+
+def _handler_delay(handler: ErrorHandlerIR, n: int) -> int:
+    if handler.retry_policy is not None:
+        return retry_delay(handler.retry_policy, n)
+    return handler.delay_ms
+
+
+def _expression_error(exc: ExpressionError, node_id: str, step_id: str | None) -> ErrorObject:
+    return ErrorObject(code="expression_error", message=str(exc), node_id=node_id, step_id=step_id,
+                       details=exc.details())
+
+
+def _dump(error: ErrorObject) -> dict[str, Any]:
+    return error.model_dump(mode="json")
+
+
+def _join(path: str, segment: str) -> str:
+    return f"{path}/{segment}" if path else segment
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+__all__ = [
+    "DispatchRequest",
+    "Dispatcher",
+    "Machine",
+    "NodeFailure",
+    "RunInfo",
+    "StepError",
+    "children_of",
+    "handler_matches",
+    "retry_delay",
+]
