@@ -179,6 +179,10 @@ class DispatchRequest:
     frame: str
     timeout_ms: int | None
     dispatch_mode: str
+    run_id: str = ""
+    procedure_id: str = ""
+    emit: Emit | None = None  # for dispatch-time events (pool_saturated, rate_limit_wait, artifact_created)
+    deadline_at: str | None = None
 
 
 class Dispatcher:
@@ -611,7 +615,8 @@ class Machine:
                     await self.dispatcher.dispatch(DispatchRequest(
                         node=node, step_id=f"validation/{v.id}/{i}", action=action, channel=node.channel,
                         params=params, attempt=1, idempotency_key=key, frame=fs, timeout_ms=None,
-                        dispatch_mode="sync"))
+                        dispatch_mode="sync", run_id=self.run.run_id, procedure_id=self.ir.procedure_id,
+                        emit=self.emit))
                 except StepError:
                     passed = False
                     break
@@ -1261,7 +1266,8 @@ class Machine:
             return {"mocked": True, "action": step.action, "channel": step.binding.channel}
         request = DispatchRequest(node=node, step_id=step_id, action=step.action, channel=step.binding.channel,
                                   params=params, attempt=attempt, idempotency_key=key, frame=fs,
-                                  timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode)
+                                  timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode,
+                                  run_id=self.run.run_id, procedure_id=self.ir.procedure_id, emit=self.emit)
         if step.timeout_ms is None:
             return await self.dispatcher.dispatch(request)
         try:
