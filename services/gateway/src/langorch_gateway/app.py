@@ -27,7 +27,15 @@ from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_ti
 from ckp_core.ids import new_id
 from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import dispatch, routes_agents, routes_metrics, routes_procedures, routes_projects, views
+from langorch_gateway import (
+    dispatch,
+    routes_agents,
+    routes_analysis,
+    routes_metrics,
+    routes_procedures,
+    routes_projects,
+    views,
+)
 from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.problems import ApiProblem, install
 from langorch_gateway.projector import Projector, ensure_schema
@@ -143,6 +151,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # -- procedures --------------------------------------------------------------------------------
     # Routes whose second path segment is a literal (POST /api/procedures/validate, GET /api/procedures/{id}/diff)
     # must be registered ABOVE this line: the router's /api/procedures/{procedure_id}/{version} would swallow them.
+    app.include_router(routes_analysis.router)
     app.include_router(routes_procedures.router)
     app.include_router(routes_projects.router)
     app.include_router(routes_agents.router)
