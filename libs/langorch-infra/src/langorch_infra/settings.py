@@ -17,6 +17,9 @@ class CommonSettings(BaseSettings):
         description="PostgreSQL for projections and LangGraph checkpoints.",
     )
     instance_id: str | None = Field(None, description="Name of this replica in logs and events.")
+    callback_secret: SecretStr = Field(SecretStr("langorch-development-callback-secret"), description="HMAC key "
+                                       "of async-callback tokens; runtime and gateway must share it (set it in "
+                                       "production).")
 
 
 class CompilerSettings(CommonSettings):
@@ -29,6 +32,10 @@ class RuntimeSettings(CommonSettings):
     ack_wait_s: float = Field(30.0, description="JetStream ack wait of run commands; a runtime that stops "
                               "signalling progress for this long loses its runs to another replica.")
     max_concurrent_runs: int = Field(16, ge=1, description="Runs one replica executes at once.")
+    public_url: str = Field("http://127.0.0.1:8080", description="Base URL of the gateway as agents reach it "
+                            "(async callbacks go to <public_url>/api/runs/<run_id>/callback).")
+    callback_timeout_s: float = Field(3600.0, gt=0, description="How long an async workflow delegation may wait "
+                                      "for its callback (ckp.md §4.6).")
     agent_health_interval_s: float = Field(30.0, gt=0, description="Seconds between health probes of every "
                                            "agent by the elected replica (api.md §7.3).")
     agent_heartbeat_interval_s: float = Field(15.0, gt=0, description="Agents' heartbeat interval; a heartbeat "
