@@ -17,9 +17,9 @@ class CommonSettings(BaseSettings):
         description="PostgreSQL for projections and LangGraph checkpoints.",
     )
     instance_id: str | None = Field(None, description="Name of this replica in logs and events.")
-    callback_secret: SecretStr = Field(SecretStr("langorch-development-callback-secret"), description="HMAC key "
-                                       "of async-callback tokens; runtime and gateway must share it (set it in "
-                                       "production).")
+    auth_secret_key: SecretStr = Field(SecretStr("langorch-development-secret-key"), description="Secret the "
+                                       "callback-token key is derived from (HKDF); runtime and gateway must share "
+                                       "it (set it in production).")
 
 
 class CompilerSettings(CommonSettings):
