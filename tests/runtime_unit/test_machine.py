@@ -358,3 +358,49 @@ async def test_no_agent_fails_with_no_executor_naming_channel_and_action() -> No
     assert run.outcome is not None
     assert run.outcome["error"]["code"] == "no_executor"
     assert "web" in run.outcome["error"]["message"]
+
+
+def _delegating(request: Any) -> Any:
+    from langorch_runtime.machine import Delegated
+
+    assert request.callback is not None
+    raise Delegated(request.callback.delegation_id, agent_id="hybrid-1")
+
+
+ASYNC_DOC = doc({
+    "a": {"type": "sequence", "agent": "HYBRID", "next_node": "z", "steps": [
+        {"step_id": "before", "action": "tool", "output_variable": "t"},
+        {"step_id": "flow", "action": "run_flow", "output_variable": "f"},
+        {"step_id": "after", "action": "tool", "output_variable": "u"}]},
+    "z": {"type": "terminate", "outputs": {"f": "{{f}}", "u": "{{u}}"}}})
+
+
+async def test_async_delegation_pauses_until_the_callback_then_continues_after_the_step() -> None:
+    from langorch_runtime.machine import CallbackConfig
+
+    agent = ScriptedDispatcher({"tool": [{"ok": 1}], "run_flow": [_delegating]})
+    run = await run_doc(ASYNC_DOC, dispatcher=agent,
+                        callbacks=CallbackConfig(key=b"k" * 32, public_url="http://gw", timeout_s=60))
+    assert run.outcome is None
+    [wait] = run.waits
+    assert wait["kind"] == "callback"
+    [delegated] = run.of("workflow_delegated")
+    assert delegated.callback_url == "http://gw/api/runs/run-1/callback"
+    assert [r.action for r in agent.requests] == ["tool", "run_flow"]
+    await run.resume(wait_id=wait["id"], status="success", output={"done": True})
+    assert run.outcome == {"status": "completed", "outputs": {"f": {"done": True}, "u": {"ok": 1}}}
+    assert [r.action for r in agent.requests] == ["tool", "run_flow", "tool"]
+    assert [e.step_id for e in run.of("step_replayed")] == []
+    assert run.of("workflow_callback_received")[0].status == "success"
+
+
+async def test_async_failure_callback_is_a_step_error() -> None:
+    from langorch_runtime.machine import CallbackConfig
+
+    agent = ScriptedDispatcher({"tool": [{"ok": 1}], "run_flow": [_delegating]})
+    run = await run_doc(ASYNC_DOC, dispatcher=agent,
+                        callbacks=CallbackConfig(key=b"k" * 32, public_url="http://gw", timeout_s=60))
+    await run.resume(wait_id=run.waits[0]["id"], status="failure", error="login failed", error_code="bad_login")
+    assert run.outcome is not None
+    assert run.outcome["error"]["code"] == "bad_login"
+    assert [r.action for r in agent.requests] == ["tool", "run_flow"]

@@ -31,6 +31,7 @@ from langorch_gateway import (
     dispatch,
     routes_agents,
     routes_analysis,
+    routes_callbacks,
     routes_metrics,
     routes_procedures,
     routes_projects,
@@ -152,6 +153,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # Routes whose second path segment is a literal (POST /api/procedures/validate, GET /api/procedures/{id}/diff)
     # must be registered ABOVE this line: the router's /api/procedures/{procedure_id}/{version} would swallow them.
     app.include_router(routes_analysis.router)
+    app.include_router(routes_callbacks.router)
     app.include_router(routes_procedures.router)
     app.include_router(routes_projects.router)
     app.include_router(routes_agents.router)

@@ -84,8 +84,11 @@ from ckp_core.run_events import (
     StepTimeout,
     ValidationFailed,
     VerificationWarning,
+    WorkflowCallbackReceived,
+    WorkflowDelegated,
 )
 from ckp_core.templates import render, render_text
+from langorch_infra.callbacks import GRACE_S, make_token
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import (
     APPROVALS_KEY,
@@ -183,6 +186,34 @@ class DispatchRequest:
     procedure_id: str = ""
     emit: Emit | None = None  # for dispatch-time events (pool_saturated, rate_limit_wait, artifact_created)
     deadline_at: str | None = None
+    callback: CallbackInfo | None = None  # for async workflow capabilities (api.md §15.2)
+
+
+@dataclass
+class CallbackInfo:
+    """The delegation an async workflow dispatch would create: its id, callback URL and token."""
+
+    delegation_id: str
+    url: str
+    token: str
+    expires_at: str
+
+
+class Delegated(Exception):
+    """Raised by a dispatcher when an agent accepted an async workflow step (202 / ``status: accepted``)."""
+
+    def __init__(self, delegation_id: str, agent_id: str | None = None, agent_url: str | None = None) -> None:
+        super().__init__(delegation_id)
+        self.delegation_id = delegation_id
+        self.agent_id = agent_id
+        self.agent_url = agent_url
+
+
+@dataclass
+class CallbackConfig:
+    key: bytes
+    public_url: str
+    timeout_s: float
 
 
 class Dispatcher:
@@ -213,6 +244,7 @@ class Machine:
     dispatcher: Dispatcher = field(default_factory=Dispatcher)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     on_approval: Callable[[dict[str, Any]], Awaitable[None]] | None = None  # publishes lo.cmd.approval.request
+    callbacks: CallbackConfig | None = None
 
     # -- scopes and templates -------------------------------------------------------------------------------
     def builtins(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None) -> dict[str, Any]:
@@ -1056,7 +1088,7 @@ class Machine:
     async def run_step(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any], step: StepIR,
                        identity_step_id: str | None = None, allow_handlers: bool = True) -> Outcome | None:
         """Run one step to completion (§4.7). Returns an outcome when a handler routes the node elsewhere."""
-        from langorch_runtime.operations import OpContext, apply_writes, run_operation
+        from langorch_runtime.operations import apply_writes
 
         step_id = identity_step_id or step.step_id
         fs = frame_string(frame, node.id, current["visit"])
@@ -1082,6 +1114,31 @@ class Machine:
                                          output_variable=step.output_variable, original_attempt=record.attempt))
             return None
         attempt = record.attempt if record is not None else 1
+        preset: tuple[Any] | ErrorObject | None = None
+        delegation = (record.result or {}).get("delegation") if record is not None and record.status == "started" \
+            and isinstance(record.result, dict) else None
+        if delegation is not None:
+            resolution = state.setdefault("resolutions", {}).pop(delegation["id"], None)
+            if resolution is None:
+                state.setdefault("waits", {}).setdefault(delegation["id"], {
+                    "kind": "callback", "id": delegation["id"], "node_id": node.id, "step_id": step_id,
+                    "frame_id": frame["id"], "frame": fs, "expires_at": delegation.get("expires_at"),
+                    "suspends_run": True})
+                return Pause(delegation["id"], "workflow_pending")
+            status = resolution.get("status", "success")
+            await self.emit(WorkflowCallbackReceived(
+                node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, delegation_id=delegation["id"],
+                status=status, output=resolution.get("output"), error=resolution.get("error"),
+                error_code=resolution.get("error_code"), resumes_run=True))
+            if status == "success":
+                preset = (resolution.get("output"),)
+            elif status == "timed_out":
+                preset = ErrorObject(code="callback_timeout", retryable=True, message=f"no callback for step "
+                                     f"'{step_id}' within {delegation.get('timeout_s')} s")
+            else:
+                preset = ErrorObject(code=resolution.get("error_code") or "workflow_failed",
+                                     error_code=resolution.get("error_code"),
+                                     message=str(resolution.get("error") or "the agent reported a failure"))
         if step.wait_ms and record is None:
             await self.sleep(step.wait_ms / 1000)
         handler_retries: dict[int, int] = {}
@@ -1089,29 +1146,36 @@ class Machine:
         while True:
             key = custom_idempotency_key(key_base, attempt) if key_base else idempotency_key(
                 self.run.run_id, node.id, step_id, fs, attempt)
-            params = await self.render(step.params, state, frame, node.id, step.step_id, base)
-            await self.steps.put(identity, StepRecord(status="started", attempt=attempt, idempotency_key=key,
-                                                      node_id=node.id, step_id=step_id, frame=fs, updated_at=now_iso()))
             internal = step.binding.kind == "internal"
-            await self.emit(StepStarted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
-                                        binding_kind="internal" if internal else "channel",
-                                        channel=step.binding.channel, idempotency_key=key, params=params))
             started = time.monotonic()
-            try:
-                if internal:
-                    ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
-                                    sleep=self.sleep)
-                    op_outcome = await run_operation(step.as_operation(), params, namespace, ctx)
-                    for event in op_outcome.events:
-                        await self.emit(event)
-                    result, writes = op_outcome.result, dict(op_outcome.writes)
-                else:
-                    result = await self.external(state, frame, node, step, step_id, fs, params, attempt, key)
-                    writes = {}
-                break
-            except StepError as exc:
-                error = exc.error.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
-                                                     "attempt": attempt})
+            if preset is not None:
+                outcome_preset, preset = preset, None
+                if isinstance(outcome_preset, tuple):
+                    result = outcome_preset[0]
+                    writes = {} if step.output_variable or not isinstance(result, dict) else dict(result)
+                    break
+                error = outcome_preset.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
+                                                          "attempt": attempt})
+            else:
+                params = await self.render(step.params, state, frame, node.id, step.step_id, base)
+                same = record is not None and record.attempt == attempt and isinstance(record.result, dict)
+                delegation_id = str((record.result or {}).get("delegation_id") if same and record else "") or new_id()
+                await self.steps.put(identity, StepRecord(
+                    status="started", attempt=attempt, idempotency_key=key, node_id=node.id, step_id=step_id,
+                    frame=fs, result={"delegation_id": delegation_id}, updated_at=now_iso()))
+                await self.emit(StepStarted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                            action=step.action, binding_kind="internal" if internal else "channel",
+                                            channel=step.binding.channel, idempotency_key=key, params=params))
+                try:
+                    result, writes = await self.attempt(state, frame, node, step, step_id, fs, params, attempt, key,
+                                                        namespace, delegation_id)
+                    break
+                except StepError as exc:
+                    error = exc.error.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
+                                                         "attempt": attempt})
+                except Delegated as delegated:
+                    return await self.delegated(state, frame, node, step, step_id, fs, attempt, key, identity,
+                                                delegated)
             if error.code == "step_timeout":
                 await self.emit(StepTimeout(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                             action=step.action, timeout_ms=step.timeout_ms or 0,
@@ -1190,6 +1254,53 @@ class Machine:
             await self.sleep(step.wait_after_ms / 1000)
         return None
 
+    async def attempt(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
+                      params: dict[str, Any], attempt: int, key: str, namespace: dict[str, Any],
+                      delegation_id: str) -> tuple[Any, dict[str, Any]]:
+        """One attempt of a step: an internal operation, or an external dispatch (§4.5)."""
+        from langorch_runtime.operations import OpContext, run_operation
+
+        if step.binding.kind == "internal":
+            ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
+                            sleep=self.sleep)
+            op_outcome = await run_operation(step.as_operation(), params, namespace, ctx)
+            for event in op_outcome.events:
+                await self.emit(event)
+            return op_outcome.result, dict(op_outcome.writes)
+        callback = None
+        if self.callbacks is not None:
+            expires = datetime.now(UTC) + timedelta(seconds=self.callbacks.timeout_s)
+            expires_unix = int(expires.timestamp()) + GRACE_S
+            token = make_token(self.callbacks.key, self.run.run_id, node.id, step_id, delegation_id, expires_unix)
+            callback = CallbackInfo(delegation_id=delegation_id, token=token, expires_at=format_time(expires),
+                                    url=f"{self.callbacks.public_url.rstrip('/')}/api/runs/{self.run.run_id}/callback")
+        result = await self.external(state, frame, node, step, step_id, fs, params, attempt, key, callback)
+        return result, {}
+
+    async def delegated(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
+                        attempt: int, key: str, identity: str, delegated: Delegated) -> Outcome:
+        """An agent accepted an async workflow step: suspend the frame until its callback (§4.6)."""
+        timeout_s = self.callbacks.timeout_s if self.callbacks else None
+        expires_at = format_time(datetime.now(UTC) + timedelta(seconds=timeout_s)) if timeout_s else None
+        delegation = {"id": delegated.delegation_id, "expires_at": expires_at, "timeout_s": timeout_s,
+                      "agent_id": delegated.agent_id}
+        await self.steps.put(identity, StepRecord(status="started", attempt=attempt, idempotency_key=key,
+                                                  node_id=node.id, step_id=step_id, frame=fs,
+                                                  result={"delegation_id": delegated.delegation_id,
+                                                          "delegation": delegation}, updated_at=now_iso()))
+        suspends = len(self.runnable(state)) <= 1
+        state.setdefault("waits", {})[delegated.delegation_id] = {
+            "kind": "callback", "id": delegated.delegation_id, "node_id": node.id, "step_id": step_id,
+            "frame_id": frame["id"], "frame": fs, "expires_at": expires_at, "suspends_run": suspends}
+        callback_url = None
+        if self.callbacks is not None:
+            callback_url = f"{self.callbacks.public_url.rstrip('/')}/api/runs/{self.run.run_id}/callback"
+        await self.emit(WorkflowDelegated(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                          delegation_id=delegated.delegation_id, action=step.action,
+                                          agent_id=delegated.agent_id, agent_url=delegated.agent_url,
+                                          callback_url=callback_url, expires_at=expires_at, suspends_run=suspends))
+        return Pause(delegated.delegation_id, "workflow_pending")
+
     async def record_failed(self, identity: str, key: str, node: NodeIR, step_id: str, fs: str, attempt: int,
                             error: ErrorObject) -> None:
         await self.steps.put(identity, StepRecord(status="failed", attempt=attempt, idempotency_key=key,
@@ -1247,7 +1358,7 @@ class Machine:
         return None
 
     async def external(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
-                       params: dict[str, Any], attempt: int, key: str) -> Any:
+                       params: dict[str, Any], attempt: int, key: str, callback: CallbackInfo | None = None) -> Any:
         """Executor resolution of a dispatched step (§4.5): override → dry run → mock → dispatch."""
         gc = self.ir.global_config
         for override_key in (f"{node.id}.{step.step_id}", step.step_id):
@@ -1267,7 +1378,8 @@ class Machine:
         request = DispatchRequest(node=node, step_id=step_id, action=step.action, channel=step.binding.channel,
                                   params=params, attempt=attempt, idempotency_key=key, frame=fs,
                                   timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode,
-                                  run_id=self.run.run_id, procedure_id=self.ir.procedure_id, emit=self.emit)
+                                  run_id=self.run.run_id, procedure_id=self.ir.procedure_id, emit=self.emit,
+                                  callback=callback)
         if step.timeout_ms is None:
             return await self.dispatcher.dispatch(request)
         try:

@@ -43,10 +43,11 @@ from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
 from ckp_core.run_events import ExecutionResumed
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
+from langorch_infra.callbacks import callback_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.executor import RunWriter, build_graph, unsupported_features
-from langorch_runtime.machine import Machine, RunInfo
+from langorch_runtime.machine import CallbackConfig, Dispatcher, Machine, RunInfo
 from langorch_runtime.steps import StepStore
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class RuntimeService:
         self.saver: AsyncPostgresSaver | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.dispatcher: Dispatcher = Dispatcher()
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
@@ -209,8 +211,11 @@ class RuntimeService:
             await publish_command(js, RequestApproval(actor=ACTOR, causation_id=command.command_id, **body),
                                   msg_id=f"approval-request-{body['approval_id']}")
 
+        callbacks = CallbackConfig(key=callback_key(self.settings.auth_secret_key.get_secret_value()),
+                                   public_url=self.settings.public_url, timeout_s=self.settings.callback_timeout_s)
         machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at),
-                          emit=writer.emit, steps=StepStore(self.steps_kv, run_id), on_approval=request_approval)
+                          emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
+                          on_approval=request_approval, callbacks=callbacks)
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}

@@ -1,0 +1,89 @@
+"""Async agent callbacks (api.md §5.10, §15.2): an agent finishes an async workflow step.
+
+The token names one delegation; the gateway checks it against the ``workflow_delegated`` event the runtime
+appended (node, step), then publishes ``lo.cmd.run.resume`` (Nats-Msg-Id per delegation, so a repeated
+callback is dropped by JetStream) and answers 202. The runtime appends ``workflow_callback_received``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ckp_core.commands import ResumeRun
+from ckp_core.events import Actor
+from langorch_gateway.problems import ApiProblem
+from langorch_infra.callbacks import callback_key, parse_token, verify_token
+from langorch_infra.jetstream import publish_command
+from langorch_infra.settings import GatewaySettings
+
+router = APIRouter()
+
+TERMINAL = ("completed", "failed", "canceled")
+
+
+class CallbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    status: Literal["success", "failure"] = "success"
+    output: dict[str, Any] | None = Field(None, validation_alias="output_vars")
+    node_id: str | None = None
+    step_id: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+    artifacts: list[Any] | None = None
+
+
+@router.post("/api/runs/{run_id}/callback", status_code=202)
+async def run_callback(
+    request: Request, run_id: str, body: CallbackIn,
+    token_header: str | None = Header(None, alias="X-LangOrch-Callback-Token"),
+    token_query: str | None = Query(None, alias="token"),
+) -> JSONResponse:
+    """Resume a run paused on an async delegation."""
+    settings: GatewaySettings = request.app.state.settings
+    db: asyncpg.Pool = request.app.state.pool
+    raw = token_header or token_query
+    token = parse_token(raw) if raw else None
+    if token is None:
+        raise ApiProblem("invalid_callback_token", "callback token missing or malformed", status=403)
+    run = await db.fetchrow("SELECT status FROM runs WHERE run_id = $1", run_id)
+    if run is None:
+        raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
+    delegated = await db.fetchrow(
+        """SELECT node_id, step_id FROM run_events WHERE run_id = $1 AND event_type = 'workflow_delegated'
+             AND payload->>'delegation_id' = $2 ORDER BY seq DESC LIMIT 1""", run_id, token.delegation_id)
+    key = callback_key(settings.auth_secret_key.get_secret_value())
+    if delegated is None or not verify_token(key, token, run_id, delegated["node_id"], delegated["step_id"]):
+        raise ApiProblem("invalid_callback_token", "the callback token does not match a delegation of this run",
+                         status=403)
+    if token.expires_unix < time.time():
+        raise ApiProblem("callback_token_expired", "the callback token has expired", status=403)
+    if (body.node_id and body.node_id != delegated["node_id"]) or (body.step_id and body.step_id !=
+                                                                    delegated["step_id"]):
+        raise ApiProblem("callback_mismatch", f"the token names node {delegated['node_id']} step "
+                         f"{delegated['step_id']}", status=400)
+    if run["status"] in TERMINAL:
+        return JSONResponse({"resumed": False, "status": run["status"]}, status_code=200)
+    answered = await db.fetchval(
+        """SELECT payload->>'status' FROM run_events WHERE run_id = $1 AND event_type IN
+             ('workflow_callback_received', 'callback_timed_out') AND payload->>'delegation_id' = $2 LIMIT 1""",
+        run_id, token.delegation_id)
+    if answered is not None:
+        status = "timed_out" if answered == "timed_out" else "duplicate"
+        return JSONResponse({"resumed": False, "status": status}, status_code=200)
+    resolution = {"wait_id": token.delegation_id, "status": body.status, "output": body.output,
+                  "error": body.error, "error_code": body.error_code, "artifacts": body.artifacts,
+                  "node_id": delegated["node_id"], "step_id": delegated["step_id"]}
+    if len(json.dumps(resolution, default=str)) > 10 * 1024 * 1024:
+        raise ApiProblem("payload_too_large", "callback output larger than 10 MiB")
+    command = ResumeRun(actor=Actor(kind="agent", id=None), run_id=run_id, resume_reason="workflow_callback",
+                        resolution=resolution, causation_id=request.headers.get("X-Request-ID"))
+    await publish_command(request.app.state.js, command, msg_id=f"callback-{token.delegation_id}")
+    return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202)
