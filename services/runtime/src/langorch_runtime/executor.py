@@ -58,8 +58,8 @@ def unsupported_features(ir: ProcedureIR) -> list[str]:
     """What this runtime cannot execute yet, as JSON-path-like descriptions (empty: the IR is runnable).
 
     A run of a procedure using any of these fails at start with ``procedure_not_runnable`` naming them, instead
-    of failing half-way: child runs (subflows without a test override), LLM calls (without override, dry run or
-    mocks), the run deadline, secrets, async workflow dispatch and rate limits are not built yet.
+    of failing half-way: LLM calls (without override, dry run or
+    mocks), the run deadline, secrets and rate limits are not built yet.
     """
     out: list[str] = []
     gc = ir.global_config
@@ -71,8 +71,6 @@ def unsupported_features(ir: ProcedureIR) -> list[str]:
     for node in ir.nodes.values():
         where = f"nodes.{node.id}"
         p = node.payload
-        if node.type == "subflow" and node.id not in overrides:
-            out.append(f"{where} (subflow child runs)")
         if node.type == "llm_action" and node.id not in overrides and gc.execution_mode != "dry_run" \
                 and not gc.mock_external_calls:
             out.append(f"{where} (LLM calls)")

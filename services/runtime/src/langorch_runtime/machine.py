@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from ckp_core.events import (
     ErrorObject,
@@ -82,6 +82,9 @@ from ckp_core.run_events import (
     StepRetrying,
     StepTestOverrideApplied,
     StepTimeout,
+    SubflowCompleted,
+    SubflowFailed,
+    SubflowStarted,
     ValidationFailed,
     VerificationWarning,
     WorkflowCallbackReceived,
@@ -209,6 +212,17 @@ class Delegated(Exception):
         self.agent_url = agent_url
 
 
+class ChildRuns(Protocol):
+    """Creates child runs for subflow nodes (run_created on the child, then its start command)."""
+
+    async def start(self, *, parent_run_id: str, parent_node_id: str, root_run_id: str, call_chain: list[str],
+                    procedure_id: str, version: str | None, inputs: dict[str, Any], child_run_id: str,
+                    rerun_of: str | None, dry_run: bool, project_id: str | None) -> str:
+        """Start (idempotently) the child run; returns the version it runs. Raises StepError for
+        ``subflow_not_found`` and ``subflow_input_invalid``."""
+        ...
+
+
 @dataclass
 class CallbackConfig:
     key: bytes
@@ -245,6 +259,7 @@ class Machine:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     on_approval: Callable[[dict[str, Any]], Awaitable[None]] | None = None  # publishes lo.cmd.approval.request
     callbacks: CallbackConfig | None = None
+    children: ChildRuns | None = None
 
     # -- scopes and templates -------------------------------------------------------------------------------
     def builtins(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None) -> dict[str, Any]:
@@ -997,7 +1012,10 @@ class Machine:
         namespace = vars_of(state, frame)
         if p.outputs:
             for var, mapping in p.outputs.items():
-                value, warns = apply_output_mapping(mapping, text, self.scope(state, frame, node.id))
+                try:
+                    value, warns = apply_output_mapping(mapping, text, self.scope(state, frame, node.id), llm=True)
+                except StepError as exc:
+                    raise NodeFailure(exc.error.model_copy(update={"node_id": node.id})) from exc
                 namespace[var] = value
                 for w in warns:
                     await self.emit(TemplateWarning(variable=var, reason=w, location={
@@ -1025,23 +1043,111 @@ class Machine:
 
     async def subflow(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
                       p: SubflowPayload) -> Outcome:
+        """A child run (§3.9): started once per visit, awaited, its outputs mapped back."""
         fs = frame_string(frame, node.id, current["visit"])
         gc = self.ir.global_config
-        if node.id not in gc.test_data_overrides:
-            raise NodeFailure(ErrorObject(code="subflow_failed", node_id=node.id, frame=fs,
-                                          message="child runs are not available in this LangOrch version yet; a "
-                                          "subflow node runs only with a test_data_overrides entry",
-                                          details={"reason": "not_implemented"}))
-        outputs = gc.test_data_overrides[node.id]
-        await self.emit(StepTestOverrideApplied(node_id=node.id, step_id="subflow", frame=fs, override_key=node.id))
+        data = current["data"]
         namespace = vars_of(state, frame)
-        if p.output_mapping:
-            scope = MappingScope(outputs if isinstance(outputs, dict) else {})
-            for var, path in p.output_mapping.items():
-                namespace[var] = evaluate(path.compiled, scope)
-        else:
-            namespace["subflow_output"] = outputs
-        return Next(node.next_node)
+        if node.id in gc.test_data_overrides and "child" not in data:
+            outputs = gc.test_data_overrides[node.id]
+            await self.emit(StepTestOverrideApplied(node_id=node.id, step_id="subflow", frame=fs,
+                                                    override_key=node.id))
+            await self.map_child_outputs(state, frame, node, p, outputs if isinstance(outputs, dict) else {}, {})
+            return Next(node.next_node)
+        if self.children is None:
+            raise NodeFailure(ErrorObject(code="subflow_failed", node_id=node.id, frame=fs, message="this runtime "
+                                          "has no child-run support configured", details={"reason": "no_children"}))
+        if "child" in data:
+            child_id = data["child"]
+            resolution = state.setdefault("resolutions", {}).pop(child_id, None)
+            if resolution is None:
+                state.setdefault("waits", {}).setdefault(child_id, {
+                    "kind": "child_run", "id": child_id, "node_id": node.id, "step_id": None,
+                    "frame_id": frame["id"], "frame": fs, "expires_at": None, "suspends_run": True})
+                return Pause(child_id, "child_run")
+            status = resolution.get("status")
+            base = {"node_id": node.id, "frame": fs, "child_run_id": child_id, "procedure_id": p.procedure_id,
+                    "version": data.get("version") or "", "resumes_run": True}
+            if status == "completed":
+                mapped = await self.map_child_outputs(state, frame, node, p, resolution.get("outputs") or {},
+                                                      resolution.get("variables") or {})
+                await self.emit(SubflowCompleted(**base, mapped_variables=mapped))
+                return Next(node.next_node)
+            error = ErrorObject.model_validate(resolution.get("error") or {
+                "code": "canceled" if status == "canceled" else "internal_error",
+                "message": f"child run {child_id} ended {status}"})
+            await self.emit(SubflowFailed(**base, on_failure=p.on_failure, error=error))
+            if p.on_failure == "continue":
+                return Next(node.next_node)
+            if p.on_failure == "retry" and data.get("attempt", 1) <= p.max_retries:
+                return await self.start_child(state, frame, node, current, p, fs, rerun_of=child_id)
+            raise NodeFailure(ErrorObject(code="subflow_failed", node_id=node.id, frame=fs,
+                                          message=f"child run {child_id} of '{p.procedure_id}' {status}: "
+                                          f"{error.message}", cause=_dump(error)))
+        del namespace  # the child gets inputs only through its mapping
+        return await self.start_child(state, frame, node, current, p, fs, rerun_of=None)
+
+    async def start_child(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                          p: SubflowPayload, fs: str, rerun_of: str | None) -> Outcome:
+        assert self.children is not None
+        data = current["data"]
+        chain = list(self.run.run_created.get("call_chain") or [self.ir.procedure_id])
+        if p.procedure_id in chain:
+            raise NodeFailure(ErrorObject(code="subflow_recursion", node_id=node.id, frame=fs,
+                                          message=f"subflow '{p.procedure_id}' is already on the call chain "
+                                          f"({' -> '.join([*chain, p.procedure_id])})"))
+        if len(chain) >= 10:
+            raise NodeFailure(ErrorObject(code="subflow_depth_exceeded", node_id=node.id, frame=fs,
+                                          message=f"a chain of {len(chain)} runs may not start another child"))
+        namespace = vars_of(state, frame)
+        inputs: dict[str, Any] = {}
+        if p.inherit_context:
+            inputs.update({k: copy.deepcopy(v) for k, v in namespace.items() if k != APPROVALS_KEY})
+        for key, path in p.input_paths.items():
+            inputs[key] = await self.evaluate(path, state, frame, node.id, f"/input_mapping/{key}")
+        mapped = await self.render(p.input_mapping, state, frame, node.id, None, "/input_mapping")
+        if isinstance(mapped, dict):
+            inputs.update(mapped)
+        attempt = data.get("attempt", 0) + 1
+        identity = f"{node.id}:subflow:{fs}:{attempt}"
+        record = await self.steps.get(identity)
+        child_id = str((record.result or {}).get("child_run_id")) if record and record.result else new_id()
+        if record is None:
+            await self.steps.put(identity, StepRecord(status="started", attempt=attempt, idempotency_key=child_id,
+                                                      node_id=node.id, step_id="subflow", frame=fs,
+                                                      result={"child_run_id": child_id}, updated_at=now_iso()))
+        version = await self.children.start(
+            parent_run_id=self.run.run_id, parent_node_id=node.id,
+            root_run_id=self.run.run_created.get("root_run_id") or self.run.run_id,
+            call_chain=[*chain, p.procedure_id], procedure_id=p.procedure_id, version=p.version, inputs=inputs,
+            child_run_id=child_id, rerun_of=rerun_of,
+            dry_run=self.ir.global_config.execution_mode == "dry_run" or self.run.run_created.get(
+                "execution_mode") == "dry_run",
+            project_id=self.run.run_created.get("project_id"))
+        data.update({"child": child_id, "version": version, "attempt": attempt})
+        suspends = len(self.runnable(state)) <= 1
+        state.setdefault("waits", {})[child_id] = {
+            "kind": "child_run", "id": child_id, "node_id": node.id, "step_id": None, "frame_id": frame["id"],
+            "frame": fs, "expires_at": None, "suspends_run": suspends}
+        await self.emit(SubflowStarted(node_id=node.id, frame=fs, child_run_id=child_id, procedure_id=p.procedure_id,
+                                       version=version, attempt=attempt, suspends_run=suspends))
+        return Pause(child_id, "child_run")
+
+    async def map_child_outputs(self, state: RunState, frame: Frame, node: NodeIR, p: SubflowPayload,
+                                outputs: dict[str, Any], variables: dict[str, Any]) -> list[str]:
+        namespace = vars_of(state, frame)
+        if not p.output_mapping:
+            namespace["subflow_output"] = copy.deepcopy(outputs)
+            return ["subflow_output"]
+        for var, path in p.output_mapping.items():
+            root = path.roots[0] if path.roots else None
+            source = outputs if root is not None and root in outputs else variables
+            unresolved: list[tuple[str, str]] = []
+            namespace[var] = evaluate(path.compiled, MappingScope(source), _collector(unresolved))
+            for variable, reason in unresolved[:1]:
+                await self.emit(TemplateWarning(variable=variable, reason=reason, location={
+                    "node_id": node.id, "step_id": None, "field": f"/output_mapping/{var}"}))
+        return list(p.output_mapping)
 
     async def terminate_node(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
                              p: TerminatePayload) -> Outcome:
@@ -1072,7 +1178,7 @@ class Machine:
         params = await self.render(op.params, state, frame, node.id, step_id, base)
         namespace = vars_of(state, frame)
         ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
-                        sleep=self.sleep)
+                        sleep=self.sleep, scope=self.scope(state, frame, node.id, step_id))
         try:
             outcome = await run_operation(op, params, namespace, ctx)
         except StepError as exc:
@@ -1238,7 +1344,12 @@ class Machine:
             from langorch_runtime.mappings import apply_output_mapping
 
             for var, mapping in step.output_mapping.items():
-                value, warns = apply_output_mapping(mapping, result, self.scope(state, frame, node.id, step.step_id))
+                try:
+                    value, warns = apply_output_mapping(mapping, result, self.scope(state, frame, node.id,
+                                                                                     step.step_id))
+                except StepError as exc:
+                    raise NodeFailure(exc.error.model_copy(update={"node_id": node.id, "step_id": step_id}),
+                                      step_level=True) from exc
                 writes[var] = value
                 for w in warns:
                     await self.emit(TemplateWarning(variable=var, reason=w, location={
@@ -1261,9 +1372,10 @@ class Machine:
         from langorch_runtime.operations import OpContext, run_operation
 
         if step.binding.kind == "internal":
-            ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
-                            sleep=self.sleep)
-            op_outcome = await run_operation(step.as_operation(), params, namespace, ctx)
+            ctx = OpContext(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                            logging_level=self.ir.global_config.logging_level, sleep=self.sleep,
+                            scope=self.scope(state, frame, node.id, step.step_id))
+            op_outcome = await run_operation(step, params, namespace, ctx)
             for event in op_outcome.events:
                 await self.emit(event)
             return op_outcome.result, dict(op_outcome.writes)
@@ -1474,6 +1586,13 @@ def _expression_error(exc: ExpressionError, node_id: str, step_id: str | None) -
 
 def _dump(error: ErrorObject) -> dict[str, Any]:
     return error.model_dump(mode="json")
+
+
+def _collector(into: list[tuple[str, str]]) -> Callable[[str, str], None]:
+    def collect(variable: str, reason: str) -> None:
+        into.append((variable, reason))
+
+    return collect
 
 
 def _join(path: str, segment: str) -> str:

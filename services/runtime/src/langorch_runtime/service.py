@@ -46,7 +46,9 @@ from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, p
 from langorch_infra.callbacks import callback_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
 from langorch_infra.settings import RuntimeSettings
+from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph, unsupported_features
+from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.machine import CallbackConfig, Dispatcher, Machine, RunInfo
 from langorch_runtime.steps import StepStore
 
@@ -94,6 +96,7 @@ class RuntimeService:
         self.store = JetStreamEventStore(self.js)
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
+        self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                              ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
                              max_ack_pending=1000)
@@ -176,9 +179,13 @@ class RuntimeService:
         if not events:
             log.error("command for unknown run %s dropped", run_id)
             return
-        if any(e.envelope.type in TERMINAL_RUN_EVENTS for e in events):
-            return
         created = events[0].envelope.data
+        terminal = next((e for e in events if e.envelope.type in TERMINAL_RUN_EVENTS), None)
+        if terminal is not None:
+            if terminal.envelope.type in ("run_completed", "run_failed") and self.js is not None:
+                status = "completed" if terminal.envelope.type == "run_completed" else "failed"
+                await resume_parent(self.js, created, run_id, {**terminal.envelope.data, "status": status}, {}, ACTOR)
+            return
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
         ir = await self.load_ir(created["procedure_id"], created["procedure_version"])
         sensitive = [n for n, s in (ir.variables.items() if ir else []) if s.sensitive]
@@ -215,7 +222,7 @@ class RuntimeService:
                                    public_url=self.settings.public_url, timeout_s=self.settings.callback_timeout_s)
         machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at),
                           emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
-                          on_approval=request_approval, callbacks=callbacks)
+                          on_approval=request_approval, callbacks=callbacks, children=self.children)
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
@@ -259,6 +266,8 @@ class RuntimeService:
                 error=ErrorObject.model_validate(outcome["error"]), outputs=outcome.get("outputs") or {},
                 recovered_via=outcome.get("recovered_via"),
                 recovery_error=ErrorObject.model_validate(recovery_error) if recovery_error else None))
+        variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
+        await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
 
 
 VALIDATION_ONLY_MESSAGE = "Execution skipped (mode=validation_only). CKP compiled and validated successfully."
