@@ -1436,14 +1436,15 @@ class _Compiler:
                 self.add("info", "alias_normalised", f"{op_path}/action: '{action}' read as '{canonical}'",
                          f"{op_path}/action")
             params = {k: v for k, v in o.items() if k != "action"}
-            body = self.operation_body(canonical, params, op_path, [])
+            refs: list[SecretRefIR] = []
+            body = self.operation_body(canonical, params, op_path, refs)
             if body is None:
                 ok = False
                 continue
             tpl, names, expression = body
             out_var = names.pop("output_variable", None)
             out.append(OperationIR(index=i, action=canonical, params=tpl, names=names, expression=expression,
-                                   output_variable=out_var))
+                                   output_variable=out_var, secrets=refs))
         return out if ok else None
 
     def output_mappings(self, raw: Any, path: str) -> dict[str, OutputMappingIR]:

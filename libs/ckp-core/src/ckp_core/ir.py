@@ -154,6 +154,7 @@ class OperationIR(_Frozen):
     names: dict[str, str] = Field(default_factory=dict)
     expression: ExpressionIR | None = None
     output_variable: str | None = None
+    secrets: list[SecretRefIR] = Field(default_factory=list)
 
 
 class StepIR(_Frozen):

@@ -32,6 +32,13 @@ class Redactor:
         self.extra_keys = frozenset(extra_keys)
         self.values = sorted({v for v in values if isinstance(v, str) and len(v) >= 4}, key=len, reverse=True)
 
+    def add(self, keys: Iterable[str] = (), values: Iterable[str] = ()) -> None:
+        """Redact more keys and mask more values from now on (secrets handed out, decrypted outputs)."""
+        self.extra_keys = self.extra_keys | frozenset(keys)
+        fresh = {v for v in values if isinstance(v, str) and len(v) >= 4} - set(self.values)
+        if fresh:
+            self.values = sorted({*self.values, *fresh}, key=len, reverse=True)
+
     def _mask(self, s: str) -> str:
         for v in self.values:
             if v in s:

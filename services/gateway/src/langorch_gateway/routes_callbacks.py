@@ -1,4 +1,4 @@
-"""Async agent callbacks (api.md §5.10, §15.2): an agent finishes an async workflow step.
+"""Agent-facing endpoints: async callbacks (api.md §5.10, §15.2) and credential-grant redemption (§15.3).
 
 The token names one delegation; the gateway checks it against the ``workflow_delegated`` event the runtime
 appended (node, step), then publishes ``lo.cmd.run.resume`` (Nats-Msg-Id per delegation, so a repeated
@@ -12,6 +12,7 @@ import time
 from typing import Any, Literal
 
 import asyncpg
+import jwt
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +22,7 @@ from ckp_core.events import Actor
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.callbacks import callback_key, parse_token, verify_token
 from langorch_infra.jetstream import publish_command
+from langorch_infra.secrets import env_secret, grant_key, verify_grant
 from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
@@ -87,3 +89,34 @@ async def run_callback(
                         resolution=resolution, causation_id=request.headers.get("X-Request-ID"))
     await publish_command(request.app.state.js, command, msg_id=f"callback-{token.delegation_id}")
     return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202)
+
+
+@router.get("/api/agent-credentials/{secret_name}")
+async def redeem_credential(request: Request, secret_name: str,
+                            authorization: str | None = Header(None)) -> JSONResponse:
+    """Exchange a credential grant for the secret's value, resolved from the provider now."""
+    settings: GatewaySettings = request.app.state.settings
+    token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
+    if not token:
+        raise ApiProblem("invalid_grant", "a credential grant is required (Authorization: Bearer <grant>)",
+                         status=401)
+    try:
+        claims = verify_grant(grant_key(settings.auth_secret_key.get_secret_value()), token)
+    except jwt.InvalidTokenError as exc:
+        raise ApiProblem("invalid_grant", f"invalid or expired grant: {type(exc).__name__}", status=401) from exc
+    if claims.get("secret_name") != secret_name:
+        raise ApiProblem("forbidden", "the grant is for another secret", status=403)
+    db: asyncpg.Pool = request.app.state.pool
+    status = await db.fetchval("SELECT status FROM runs WHERE run_id = $1", claims.get("sub"))
+    if status is None or status in TERMINAL:
+        raise ApiProblem("forbidden", "the grant's run is no longer active", status=403)
+    value = env_secret(secret_name)
+    if value is None:
+        raise ApiProblem("not_found", f"secret {secret_name} has no value in the provider", resource="secret")
+    field = claims.get("field")
+    if field:
+        try:
+            value = json.loads(value)[field]
+        except (ValueError, KeyError, TypeError):
+            raise ApiProblem("not_found", f"secret {secret_name} has no field {field}", resource="secret") from None
+    return JSONResponse({"value": value}, headers={"Cache-Control": "no-store"})

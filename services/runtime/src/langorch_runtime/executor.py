@@ -18,7 +18,7 @@ from langgraph.types import interrupt
 
 from ckp_core.events import Actor, EventData, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
-from ckp_core.ir import ProcedureIR, SequencePayload, TerminatePayload
+from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
 from langorch_runtime.frames import RunState
 from langorch_runtime.machine import Machine
@@ -58,8 +58,8 @@ def unsupported_features(ir: ProcedureIR) -> list[str]:
     """What this runtime cannot execute yet, as JSON-path-like descriptions (empty: the IR is runnable).
 
     A run of a procedure using any of these fails at start with ``procedure_not_runnable`` naming them, instead
-    of failing half-way: LLM calls (without override, dry run or
-    mocks), the run deadline, secrets and rate limits are not built yet.
+    of failing half-way: LLM calls (without override, dry run or mocks), the run deadline and rate limits are
+    not built yet.
     """
     out: list[str] = []
     gc = ir.global_config
@@ -70,19 +70,9 @@ def unsupported_features(ir: ProcedureIR) -> list[str]:
         out.append("global_config.rate_limiting")
     for node in ir.nodes.values():
         where = f"nodes.{node.id}"
-        p = node.payload
         if node.type == "llm_action" and node.id not in overrides and gc.execution_mode != "dry_run" \
                 and not gc.mock_external_calls:
             out.append(f"{where} (LLM calls)")
-        if isinstance(p, SequencePayload):
-            for step in p.steps:
-                if step.secrets:
-                    out.append(f"{where}.steps.{step.step_id} (secrets)")
-        if isinstance(p, TerminatePayload) and any(
-            op.action in ("encrypt", "decrypt", "hash") and "key" in (op.params.source or {})
-            for op in [*p.cleanup_actions, *p.error_actions]
-        ):
-            out.append(f"{where} (secrets)")
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json as _jsonlib
 import logging
 import random
 import time
@@ -212,6 +213,14 @@ class Delegated(Exception):
         self.agent_url = agent_url
 
 
+class SecretsAccess(Protocol):
+    """Secrets at the moment of use (§7.14): values for internal keys and MCP, grants for HTTP agents."""
+
+    async def value(self, name: str) -> str | None: ...
+
+    def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None) -> str: ...
+
+
 class ChildRuns(Protocol):
     """Creates child runs for subflow nodes (run_created on the child, then its start command)."""
 
@@ -260,6 +269,8 @@ class Machine:
     on_approval: Callable[[dict[str, Any]], Awaitable[None]] | None = None  # publishes lo.cmd.approval.request
     callbacks: CallbackConfig | None = None
     children: ChildRuns | None = None
+    secrets: SecretsAccess | None = None
+    on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
 
     # -- scopes and templates -------------------------------------------------------------------------------
     def builtins(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None) -> dict[str, Any]:
@@ -1175,7 +1186,12 @@ class Machine:
                         op: OperationIR, base: str, step_id: str | None = None) -> Any:
         from langorch_runtime.operations import OpContext, apply_writes, run_operation
 
-        params = await self.render(op.params, state, frame, node.id, step_id, base)
+        layer = None
+        if op.secrets:
+            as_step = StepIR(step_id=step_id or f"op{op.index}", action=op.action, params=op.params,
+                             binding={"kind": "internal", "action": op.action}, secrets=op.secrets)
+            layer = await self.secret_layer(node, as_step, as_step.step_id, internal=True)
+        params = await self.render(op.params, state, frame, node.id, step_id, base, locals_=layer)
         namespace = vars_of(state, frame)
         ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
                         sleep=self.sleep, scope=self.scope(state, frame, node.id, step_id))
@@ -1183,6 +1199,8 @@ class Machine:
             outcome = await run_operation(op, params, namespace, ctx)
         except StepError as exc:
             raise NodeFailure(exc.error.model_copy(update={"node_id": node.id, "step_id": step_id})) from exc
+        if self.on_sensitive is not None and (outcome.sensitive_outputs or outcome.sensitive_values):
+            self.on_sensitive(set(outcome.sensitive_outputs), set(outcome.sensitive_values))
         for event in outcome.events:
             await self.emit(event)
         writes = dict(outcome.writes)
@@ -1263,7 +1281,8 @@ class Machine:
                 error = outcome_preset.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
                                                           "attempt": attempt})
             else:
-                params = await self.render(step.params, state, frame, node.id, step.step_id, base)
+                layer = await self.secret_layer(node, step, step_id, internal) if step.secrets else None
+                params = await self.render(step.params, state, frame, node.id, step.step_id, base, locals_=layer)
                 same = record is not None and record.attempt == attempt and isinstance(record.result, dict)
                 delegation_id = str((record.result or {}).get("delegation_id") if same and record else "") or new_id()
                 await self.steps.put(identity, StepRecord(
@@ -1365,6 +1384,40 @@ class Machine:
             await self.sleep(step.wait_after_ms / 1000)
         return None
 
+    async def secret_layer(self, node: NodeIR, step: StepIR, step_id: str, internal: bool) -> dict[str, Any]:
+        """The ``secrets`` local of a step's parameters: values (internal keys) or grants (agents), masked."""
+        layer: dict[str, Any] = {}
+        handed: set[str] = set()
+        for ref in step.secrets:
+            declared = self.ir.secrets.get(ref.alias)
+            name = declared.key if declared else ref.alias
+            fld = ref.field or (declared.field if declared else None)
+            if internal or self.secrets is None:
+                raw = await self.secrets.value(name) if self.secrets is not None else None
+                if raw is None:
+                    raise StepError(ErrorObject(code="secret_not_found", message=f"secret '{ref.alias}' "
+                                                f"({name}) has no value in the configured provider"))
+                value: Any = raw
+                if fld is not None:
+                    try:
+                        value = _jsonlib.loads(raw)[fld]
+                    except (ValueError, KeyError, TypeError):
+                        raise StepError(ErrorObject(code="secret_not_found", message=f"secret '{ref.alias}' has "
+                                                    f"no field '{fld}'")) from None
+            else:
+                value = self.secrets.grant(run_id=self.run.run_id, secret_name=name, node_id=node.id,
+                                           step_id=step_id, field=fld)
+            handed.add(str(value))
+            if ref.field is not None:
+                entry = layer.setdefault(ref.alias, {})
+                if isinstance(entry, dict):
+                    entry[ref.field] = value
+            else:
+                layer[ref.alias] = value
+        if self.on_sensitive is not None:
+            self.on_sensitive(set(), handed)
+        return {"secrets": layer}
+
     async def attempt(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
                       params: dict[str, Any], attempt: int, key: str, namespace: dict[str, Any],
                       delegation_id: str) -> tuple[Any, dict[str, Any]]:
@@ -1376,6 +1429,8 @@ class Machine:
                             logging_level=self.ir.global_config.logging_level, sleep=self.sleep,
                             scope=self.scope(state, frame, node.id, step.step_id))
             op_outcome = await run_operation(step, params, namespace, ctx)
+            if self.on_sensitive is not None and (op_outcome.sensitive_outputs or op_outcome.sensitive_values):
+                self.on_sensitive(set(op_outcome.sensitive_outputs), set(op_outcome.sensitive_values))
             for event in op_outcome.events:
                 await self.emit(event)
             return op_outcome.result, dict(op_outcome.writes)

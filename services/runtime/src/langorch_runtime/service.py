@@ -45,6 +45,7 @@ from ckp_core.run_events import ExecutionResumed
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
 from langorch_infra.callbacks import callback_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
+from langorch_infra.secrets import env_secret, grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph, unsupported_features
@@ -97,6 +98,7 @@ class RuntimeService:
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
+        self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                              ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
                              max_ack_pending=1000)
@@ -189,6 +191,7 @@ class RuntimeService:
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
         ir = await self.load_ir(created["procedure_id"], created["procedure_version"])
         sensitive = [n for n, s in (ir.variables.items() if ir else []) if s.sensitive]
+        sensitive += decrypt_outputs(ir) if ir else []
         redactor = Redactor(extra_keys=[*(ir.global_config.redacted_fields if ir else []), *sensitive],
                             values=[str(created["input_vars"].get(n, "")) for n in sensitive])
         writer = RunWriter(self.store, run_id, head, redactor, ACTOR, command.command_id)
@@ -222,12 +225,16 @@ class RuntimeService:
                                    public_url=self.settings.public_url, timeout_s=self.settings.callback_timeout_s)
         machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at),
                           emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
-                          on_approval=request_approval, callbacks=callbacks, children=self.children)
+                          on_approval=request_approval, callbacks=callbacks, children=self.children,
+                          secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values))
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
         snapshot = await graph.aget_state(config)
         has_checkpoint = bool(snapshot.values)
+        if has_checkpoint:  # values of sensitive variables known before a restart stay masked after it
+            known = snapshot.values.get("vars") or {}
+            redactor.add(values=[v if isinstance(v, str) else str(v) for n, v in known.items() if n in sensitive])
         suspended = tuple(snapshot.next) == ("suspend",)
         if isinstance(command, ResumeRun):
             if not suspended:
@@ -268,6 +275,31 @@ class RuntimeService:
                 recovery_error=ErrorObject.model_validate(recovery_error) if recovery_error else None))
         variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
         await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
+
+
+class EnvSecrets:
+    """The ``env`` secret provider and HTTP-agent credential grants (ckp.md §7.14, api.md §15.3)."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    async def value(self, name: str) -> str | None:
+        return env_secret(name)
+
+    def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None) -> str:
+        return make_grant(self.key, run_id=run_id, secret_name=secret_name, node_id=node_id, step_id=step_id,
+                          field=field)
+
+
+def decrypt_outputs(ir: ProcedureIR) -> list[str]:
+    """Variables that receive decrypted plaintext: redacted by key in every event (ckp.md §7.15)."""
+    names: list[str] = []
+    for node in ir.nodes.values():
+        p = node.payload
+        ops: list[Any] = [*getattr(p, "steps", []), *getattr(p, "operations", []),
+                          *getattr(p, "cleanup_actions", []), *getattr(p, "error_actions", [])]
+        names.extend(op.output_variable for op in ops if op.action == "decrypt" and op.output_variable)
+    return names
 
 
 VALIDATION_ONLY_MESSAGE = "Execution skipped (mode=validation_only). CKP compiled and validated successfully."
