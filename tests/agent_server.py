@@ -1,5 +1,5 @@
 """A real, small agent for tests: FastAPI under uvicorn on a free port, speaking the agent HTTP protocol
-(api.md §15.1: /health, /capabilities) and, at /mcp, enough MCP streamable HTTP for discovery (§15.4)."""
+(api.md §15.1: /health, /capabilities, /execute) and, at /mcp, enough MCP streamable HTTP for discovery (§15.4)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ class AgentBehaviour:
     capabilities_delay_s: float = 0.0
     redirect: bool = False
     health_hits: list[str] = field(default_factory=list)  # X-LangOrch-Instance of each prober
+    # /execute: scripted answers (status, JSON body or raw text, headers) taken in order, then the default
+    # success envelope echoing the request; every request is recorded with its headers and arrival/end times
+    name: str = "agent"
+    execute_script: list[tuple[int, Any, dict[str, str]]] = field(default_factory=list)
+    execute_delay_s: float = 0.0
+    executions: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +70,23 @@ def agent_app(b: AgentBehaviour) -> FastAPI:
             return JSONResponse({"error": "nope"}, status_code=b.capabilities_status)
         return JSONResponse({"agent_id": "web-1", "channel": "web", "description": "test agent",
                              "capabilities": b.capabilities})
+
+    @app.post("/execute")
+    async def execute(request: Request) -> Response:
+        record: dict[str, Any] = {"body": await request.json(), "headers": dict(request.headers),
+                                  "started": asyncio.get_running_loop().time(), "ended": None}
+        b.executions.append(record)
+        try:
+            await asyncio.sleep(b.execute_delay_s)
+        finally:
+            record["ended"] = asyncio.get_running_loop().time()
+        if b.execute_script:
+            status, body, headers = b.execute_script.pop(0)
+            if isinstance(body, str):
+                return Response(body, status_code=status, headers=headers, media_type="text/plain")
+            return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse({"status": "success", "result": {"agent": b.name, "action": record["body"]["action"],
+                                                             "params": record["body"]["params"]}})
 
     @app.post("/mcp")
     async def mcp(request: Request) -> Response:

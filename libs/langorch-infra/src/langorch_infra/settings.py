@@ -45,6 +45,18 @@ class RuntimeSettings(CommonSettings):
     agent_probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of one agent health probe.")
     leader_lock_ttl_s: float = Field(15.0, ge=1, description="TTL of leader keys in lo_locks; a dead leader is "
                                      "replaced within this time.")
+    lease_ttl_s: float = Field(60.0, ge=1, description="TTL of a lease key in lo_leases (renewed every TTL/3 "
+                               "while the step runs; a crashed runtime's leases expire after it).")
+    lease_wait_timeout_s: float = Field(600.0, ge=0, description="Longest wait for a free lease slot before the "
+                                        "attempt fails with lease_wait_timeout (ckp.md §7.5).")
+    agent_timeout_s: float = Field(120.0, gt=0, description="Attempt timeout of agent calls and sync workflows "
+                                   "when neither the step nor global_config sets one (ckp.md §4.9).")
+    mcp_timeout_s: float = Field(60.0, gt=0, description="Attempt timeout of MCP tool calls when neither the step "
+                                 "nor global_config sets one (ckp.md §4.9).")
+    agent_strict_response: bool = Field(True, description="A 2xx agent body that is not the response envelope is "
+                                        "agent_protocol_error; false takes a bare object as the result.")
+    agent_circuit_half_open_s: float = Field(60.0, gt=0, description="An open agent circuit becomes half-open "
+                                             "(tried again by dispatch) after this many seconds.")
 
 
 class GatewaySettings(CommonSettings):

@@ -106,6 +106,8 @@ def evolve_agent(state: AgentState, ev: EventEnvelope, position: int) -> None:
         state.concurrency_limit = int(changes.get("concurrency_limit", state.concurrency_limit))
     elif ev.type == "agent_status_changed":
         state.status = d["status"]
+    elif ev.type == "agent_capabilities_synced":
+        state.fields["capabilities"] = list(d.get("capabilities", []))
     elif ev.type == "agent_circuit_opened":
         state.circuit_open = True
     elif ev.type == "agent_circuit_closed":

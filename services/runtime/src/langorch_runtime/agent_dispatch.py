@@ -1,0 +1,723 @@
+"""Dispatch of channel steps to registered agents (ckp.md §4.5–4.9, §7.5, §9; api.md §7.3, §8, §15.1, §15.4).
+
+One :class:`AgentDispatcher` per runtime replica, shared by every run it executes:
+
+* a live registry of agents, built by following ``lo.evt.agent.>`` from the start with an ordered consumer and
+  :func:`langorch_runtime.agents.evolve_agent`, corrected by the live values in KV ``lo_presence`` (a fresh
+  heartbeat's ``status``, the elected prober's consecutive failures);
+* candidate selection: channel, ``online``, circuit not open (half-open after
+  ``agent_circuit_half_open_s``), a capability named like the action or ``*``; the run's previous agent on the
+  channel while it is a healthy, free candidate (affinity, in memory), otherwise the most free lease slots,
+  ties round-robin;
+* a lease per attempt: KV ``lo_leases`` key ``<resource_key>.<slot>`` created atomically with a per-key TTL,
+  renewed (revision-checked) every TTL/3, deleted (revision-checked) when the attempt ends or is cancelled; a
+  renewal that finds the key gone or changed aborts the call with ``lease_revoked``;
+* the wire: ``POST <base_url>/execute`` for HTTP agents (one shared ``httpx.AsyncClient``) and ``tools/call``
+  through the official MCP SDK over streamable HTTP (one session per server and replica) for MCP servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+import mcp_types
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from ckp_core.events import ErrorObject, format_time
+from ckp_core.ids import new_id
+from ckp_core.ir import SequencePayload
+from ckp_core.run_events import PoolSaturated
+from ckp_core.subjects import (
+    EVENT_STREAM,
+    LEASES_BUCKET,
+    PRESENCE_BUCKET,
+    agent_presence_key,
+    agent_probe_key,
+    lease_key,
+)
+from langorch_infra.jetstream import connect, decode_message, ensure_topology
+from langorch_infra.kv import put_with_ttl
+from langorch_infra.settings import RuntimeSettings
+from langorch_runtime.agents import VERSION, AgentState, evolve_agent
+from langorch_runtime.errors import StepError
+from langorch_runtime.machine import Dispatcher, DispatchRequest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AgentDispatcher", "Candidate", "Lease"]
+
+IN_PROGRESS_DEFAULT_S = 5.0  # api.md §15.1: wait before asking again about a key still executing
+MAX_RETRY_AFTER_S = 600.0  # ckp.md §4.8: a Retry-After counts up to 600 s
+AFFINITY_LIMIT = 10_000  # (run, channel) choices remembered
+MCP_CLIENT = mcp_types.Implementation(name="langorch-runtime", version=VERSION)
+
+
+def _error(code: str, message: str, *, retryable: bool, **extra: Any) -> StepError:
+    details = extra.pop("details", {})
+    return StepError(ErrorObject(code=code, message=message, retryable=retryable, details=details, **extra))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds, also fractional, or an HTTP date); None when absent/invalid."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - _now()).total_seconds()
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def _capability(agent: AgentState, action: str) -> dict[str, Any] | None:
+    """The agent's capability serving ``action`` (exact name first, then ``*``), normalised to a dict."""
+    wildcard = None
+    for raw in agent.fields.get("capabilities") or []:
+        cap = {"name": raw, "type": "tool"} if isinstance(raw, str) else raw
+        if not isinstance(cap, dict):
+            continue
+        if cap.get("name") == action:
+            return cap
+        if cap.get("name") == "*" and wildcard is None:
+            wildcard = cap
+    return wildcard
+
+
+@dataclass
+class Candidate:
+    """An agent able to take the step now, with the free slots of its resource."""
+
+    agent: AgentState
+    capability: dict[str, Any]
+    free_slots: int
+
+    @property
+    def agent_id(self) -> str:
+        return self.agent.agent_id
+
+    @property
+    def resource_key(self) -> str:
+        return self.agent.resource_key or self.agent.agent_id
+
+    @property
+    def pool_id(self) -> str | None:
+        pool = self.agent.fields.get("pool_id")
+        return str(pool) if pool else None
+
+
+@dataclass
+class Lease:
+    """One held slot: its KV key, current revision and LeaseOut value (api.md §8)."""
+
+    key: str
+    revision: int
+    value: dict[str, Any]
+    revoked: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class AgentDispatcher(Dispatcher):
+    """Executes dispatched step attempts on registered agents and MCP servers (one per runtime replica).
+
+    Life cycle: ``await start()`` (connects to NATS, replays the agent events, opens the HTTP client), then
+    :meth:`dispatch` from any number of runs concurrently, then ``await stop()``. :meth:`forget_run` drops a
+    finished run's affinity.
+    """
+
+    def __init__(self, settings: RuntimeSettings, *, instance_id: str | None = None) -> None:
+        self.settings = settings
+        self.instance = instance_id or settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.registry: dict[str, AgentState] = {}
+        self.registry_position = 0
+        self.circuit_opened_at: dict[str, datetime] = {}
+        self.affinity: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._round_robin: dict[str, int] = {}
+        self._mcp: dict[tuple[str, str | None], _McpSession] = {}
+        self._mcp_lock = asyncio.Lock()
+        self._nc: NATS | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._registry_changed = asyncio.Event()
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._nc = await connect(self.settings.nats_url, f"langorch-runtime-dispatch-{self.instance}")
+        self.js: JetStreamContext = self._nc.jetstream()
+        await ensure_topology(self.js)
+        self.leases: KeyValue = await self.js.key_value(LEASES_BUCKET)
+        self.presence: KeyValue = await self.js.key_value(PRESENCE_BUCKET)
+        self.http = httpx.AsyncClient(follow_redirects=False, headers={"User-Agent": f"langorch-runtime/{VERSION}"},
+                                      timeout=httpx.Timeout(self.settings.agent_timeout_s, connect=10.0))
+        self._follower = asyncio.create_task(self._follow_registry(), name="agent-dispatch-registry")
+        await self.sync_registry(timeout_s=10.0)
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(BaseException):
+                await self._follower
+        for session in list(self._mcp.values()):
+            await session.close()
+        self._mcp.clear()
+        with contextlib.suppress(Exception):
+            await self.http.aclose()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    def forget_run(self, run_id: str) -> None:
+        """Drop the affinity of a run that ended."""
+        for key in [k for k in self.affinity if k[0] == run_id]:
+            del self.affinity[key]
+
+    # -- registry ---------------------------------------------------------------------------------------------
+
+    async def _follow_registry(self) -> None:
+        sub = await self.js.subscribe("lo.evt.agent.>", ordered_consumer=True, stream=EVENT_STREAM,
+                                      config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+        try:
+            while True:
+                stored = decode_message(await sub.next_msg(timeout=None))
+                ev = stored.envelope
+                state = self.registry.setdefault(ev.aggregate_id, AgentState(ev.aggregate_id))
+                evolve_agent(state, ev, stored.position)
+                if ev.type == "agent_circuit_opened":
+                    self.circuit_opened_at[ev.aggregate_id] = ev.occurred_at
+                elif ev.type in ("agent_circuit_closed", "agent_registered", "agent_removed"):
+                    self.circuit_opened_at.pop(ev.aggregate_id, None)
+                self.registry_position = stored.position
+                self._registry_changed.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def sync_registry(self, timeout_s: float = 2.0) -> bool:
+        """Wait until the registry has applied every agent event now in ``LO_EVT`` (True when it has)."""
+        try:
+            head = int((await self.js.get_last_msg(EVENT_STREAM, "lo.evt.agent.>")).seq or 0)
+        except NotFoundError:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while self.registry_position < head:
+            if time.monotonic() > deadline:
+                return False
+            self._registry_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._registry_changed.wait(), max(0.01, deadline - time.monotonic()))
+        return True
+
+    async def _kv_json(self, kv: KeyValue, key: str) -> dict[str, Any] | None:
+        try:
+            entry = await kv.get(key)
+            value = json.loads(entry.value or b"{}")
+        except (KeyNotFoundError, KeyDeletedError, NotFoundError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    async def _live(self, agent: AgentState) -> bool:
+        """Online with a circuit that is not open, by the registry corrected with KV ``lo_presence``."""
+        heartbeat, probe = await asyncio.gather(self._kv_json(self.presence, agent_presence_key(agent.agent_id)),
+                                                self._kv_json(self.presence, agent_probe_key(agent.agent_id)))
+        status = agent.status
+        if heartbeat is not None and isinstance(heartbeat.get("status"), str):
+            status = heartbeat["status"]  # a fresh heartbeat is the most current word on the agent's status
+        if status != "online":
+            return False
+        failing = probe is not None and not probe.get("ok", True) and \
+            int(probe.get("consecutive_failures", 0)) >= self.settings.agent_circuit_failures
+        if agent.circuit_open or failing:
+            opened = self.circuit_opened_at.get(agent.agent_id)
+            half_open = opened is not None and _now() - opened >= timedelta(
+                seconds=self.settings.agent_circuit_half_open_s)
+            return half_open and not failing
+        return True
+
+    async def free_slots(self, resource_key: str, limit: int) -> int:
+        """Slots of ``resource_key`` not held by a lease (KV ``lo_leases``)."""
+
+        async def held(slot: int) -> bool:
+            try:
+                await self.leases.get(lease_key(resource_key, slot))
+            except (KeyNotFoundError, KeyDeletedError, NotFoundError):
+                return False
+            return True
+
+        return sum(1 for taken in await asyncio.gather(*(held(s) for s in range(limit))) if not taken)
+
+    async def candidates(self, channel: str, action: str) -> list[Candidate]:
+        """Agents that may take ``action`` on ``channel`` now, with the free slots of their resources."""
+        matching = [(a, cap) for a in list(self.registry.values())
+                    if a.exists and str(a.fields.get("channel", "")).lower() == channel
+                    and (cap := _capability(a, action)) is not None]
+        if not matching:
+            return []
+        live = await asyncio.gather(*(self._live(a) for a, _ in matching))
+        chosen = [(a, cap) for (a, cap), ok in zip(matching, live, strict=True) if ok]
+        slots: dict[str, int] = {}
+        for a, _ in chosen:
+            rk = a.resource_key or a.agent_id
+            if rk not in slots:
+                slots[rk] = await self.free_slots(rk, max(1, a.concurrency_limit))
+        return [Candidate(a, cap, slots[a.resource_key or a.agent_id]) for a, cap in chosen]
+
+    def rank(self, run_id: str, channel: str, found: list[Candidate]) -> list[Candidate]:
+        """Candidates in order of preference: affinity while free, then most free slots, ties round-robin."""
+        ordered = sorted(found, key=lambda c: c.agent_id)
+        counter = self._round_robin.get(channel, 0)
+        self._round_robin[channel] = counter + 1
+        if ordered:
+            shift = counter % len(ordered)
+            ordered = ordered[shift:] + ordered[:shift]
+        ordered.sort(key=lambda c: -c.free_slots)  # stable: equal free slots keep the rotated order
+        preferred = self.affinity.get((run_id, channel))
+        for i, c in enumerate(ordered):
+            if c.agent_id == preferred and c.free_slots > 0:
+                ordered.insert(0, ordered.pop(i))
+                break
+        return ordered
+
+    def _remember(self, run_id: str, channel: str, agent_id: str) -> None:
+        self.affinity[(run_id, channel)] = agent_id
+        self.affinity.move_to_end((run_id, channel))
+        while len(self.affinity) > AFFINITY_LIMIT:
+            self.affinity.popitem(last=False)
+
+    # -- leases -----------------------------------------------------------------------------------------------
+
+    def _lease_value(self, c: Candidate, slot: int, request: DispatchRequest, lease_id: str,
+                     acquired_at: str) -> dict[str, Any]:
+        now = _now()
+        return {"lease_id": lease_id, "resource_key": c.resource_key, "slot": slot, "agent_id": c.agent_id,
+                "pool_id": c.pool_id, "run_id": request.run_id or None, "node_id": request.node.id,
+                "step_id": request.step_id, "holder": self.instance, "acquired_at": acquired_at,
+                "renewed_at": format_time(now),
+                "expires_at": format_time(now + timedelta(seconds=self.settings.lease_ttl_s))}
+
+    async def try_acquire(self, c: Candidate, request: DispatchRequest) -> Lease | None:
+        """Create a free slot key of the candidate's resource atomically, or None when every slot is held."""
+        ttl = max(1, round(self.settings.lease_ttl_s))
+        for slot in range(max(1, c.agent.concurrency_limit)):
+            key = lease_key(c.resource_key, slot)
+            value = self._lease_value(c, slot, request, new_id(), format_time(_now()))
+            try:
+                revision = await self.leases.create(key, json.dumps(value).encode(), msg_ttl=ttl)
+            except KeyWrongLastSequenceError:
+                continue  # held (or taken between our read and write)
+            return Lease(key, int(revision), value)
+        return None
+
+    async def _renew_forever(self, lease: Lease) -> None:
+        """Renew every TTL/3 (revision-checked); return when the key is gone or holds something else."""
+        interval = self.settings.lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            now = _now()
+            value = lease.value | {"renewed_at": format_time(now), "expires_at": format_time(
+                now + timedelta(seconds=self.settings.lease_ttl_s))}
+            try:
+                lease.revision = await put_with_ttl(self.js, LEASES_BUCKET, lease.key, json.dumps(value).encode(),
+                                                    self.settings.lease_ttl_s, last=lease.revision)
+                lease.value = value
+            except KeyWrongLastSequenceError:
+                log.warning("lease %s on %s was force-released", lease.value["lease_id"], lease.key)
+                lease.revoked.set()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("renewing lease %s failed; trying again", lease.key, exc_info=True)
+
+    async def release(self, lease: Lease) -> None:
+        """Delete the lease key unless it changed hands (revision-checked)."""
+        if lease.revoked.is_set():
+            return
+        try:
+            await self.leases.delete(lease.key, last=lease.revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError, NotFoundError):
+            pass
+        except Exception:
+            log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
+
+    async def acquire(self, request: DispatchRequest, channel: str) -> tuple[Candidate, Lease]:
+        """A candidate and a held slot of its resource, waiting while every candidate is full (§7.5)."""
+        started = time.monotonic()
+        deadline = started + self.settings.lease_wait_timeout_s
+        delay = 0.02
+        saturated = False
+        synced = False
+        while True:
+            found = await self.candidates(channel, request.action)
+            if not found and not synced:
+                synced = True  # an agent registered a moment ago may not have reached the registry yet
+                if await self.sync_registry():
+                    found = await self.candidates(channel, request.action)
+            if not found:
+                raise _error("no_executor", f"no executor for action '{request.action}' on channel '{channel}': "
+                             "no online agent with a matching capability", retryable=True,
+                             details={"channel": channel, "action": request.action})
+            ranked = self.rank(request.run_id, channel, found)
+            for c in ranked:
+                if c.free_slots <= 0:
+                    continue
+                lease = await self.try_acquire(c, request)
+                if lease is not None:
+                    return c, lease
+            if not saturated:
+                saturated = True
+                top = ranked[0]
+                if request.emit is not None:
+                    await request.emit(PoolSaturated(
+                        node_id=request.node.id, step_id=request.step_id, frame=request.frame,
+                        attempt=request.attempt, agent_id=top.agent_id, channel=channel,
+                        resource_key=top.resource_key, pool_id=top.pool_id))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _error("lease_wait_timeout", f"no free lease slot for action '{request.action}' on channel "
+                             f"'{channel}' within {self.settings.lease_wait_timeout_s:g} s", retryable=True,
+                             details={"channel": channel, "action": request.action,
+                                      "resource_keys": sorted({c.resource_key for c in ranked})})
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 1.5, 0.5)
+
+    # -- dispatch ---------------------------------------------------------------------------------------------
+
+    async def dispatch(self, request: DispatchRequest) -> Any:
+        channel = (request.channel or request.node.channel or "").lower()
+        candidate, lease = await self.acquire(request, channel)
+        self._remember(request.run_id, channel, candidate.agent_id)
+        try:
+            return await self._under_lease(lease, self._call(candidate, request, channel))
+        finally:
+            await asyncio.shield(self.release(lease))
+
+    async def _under_lease(self, lease: Lease, call: Any) -> Any:
+        """Run ``call`` while renewing the lease; abort it with ``lease_revoked`` when the lease is taken."""
+        call_task: asyncio.Task[Any] = asyncio.ensure_future(call)
+        renew_task = asyncio.create_task(self._renew_forever(lease))
+        try:
+            await asyncio.wait({call_task, renew_task}, return_when=asyncio.FIRST_COMPLETED)
+            if call_task.done():
+                return call_task.result()
+            if renew_task.done() and renew_task.exception() is not None:
+                raise renew_task.exception()  # type: ignore[misc]
+            raise _error("lease_revoked", f"lease {lease.value['lease_id']} on {lease.key} was force-released "
+                         "during the call", retryable=True,
+                         details={"lease_id": lease.value["lease_id"], "resource_key": lease.value["resource_key"],
+                                  "slot": lease.value["slot"]})
+        finally:
+            for task in (call_task, renew_task):
+                task.cancel()
+            for task in (call_task, renew_task):
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _call(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
+        kind = c.capability.get("type", "tool")
+        if kind == "workflow" and request.dispatch_mode != "sync":
+            raise _error("dispatch_failed", "async workflow dispatch is not available yet", retryable=False,
+                         details={"agent_id": c.agent_id, "action": request.action})
+        if c.agent.protocol == "mcp":
+            return await self._call_mcp(c, request)
+        params = dict(request.params)
+        if kind == "workflow":
+            params["_workflow_context"] = self.workflow_context(request, channel)
+        return await self._call_http(c, request, params, "sync" if kind == "workflow" else "tool")
+
+    def workflow_context(self, request: DispatchRequest, channel: str) -> dict[str, Any]:
+        """``params._workflow_context`` of a workflow capability (ckp.md §4.6)."""
+        steps = request.node.payload.steps if isinstance(request.node.payload, SequencePayload) else []
+        current = next((s for s in steps if s.step_id == request.step_id), None)
+        return {
+            "dispatch_mode": request.dispatch_mode, "channel": channel, "run_id": request.run_id,
+            "procedure_id": request.procedure_id, "node_id": request.node.id, "current_step_id": request.step_id,
+            "current_step_action": current.action if current else request.action,
+            "current_step_params": request.params,
+            "node_steps": [{"step_id": s.step_id, "action": s.action, "params": s.params.source,
+                            "timeout_ms": s.timeout_ms, "wait_ms": s.wait_ms, "wait_after_ms": s.wait_after_ms,
+                            "workflow_dispatch_mode": s.dispatch_mode, "output_variable": s.output_variable}
+                           for s in steps]}
+
+    def _auth_header(self, agent: AgentState) -> dict[str, str]:
+        auth = agent.fields.get("auth") or {}
+        ref = auth.get("secret_ref") if isinstance(auth, Mapping) else None
+        if not ref or auth.get("type", "bearer") == "none":
+            return {}
+        secret = os.environ.get(str(ref))
+        if secret is None:
+            raise _error("secret_not_found", f"secret '{ref}' named by agent {agent.agent_id}'s auth is not set",
+                         retryable=False, details={"agent_id": agent.agent_id, "secret_ref": ref})
+        return {"Authorization": f"Bearer {secret}"}
+
+    def _timeout_s(self, request: DispatchRequest, default_s: float) -> tuple[float, bool]:
+        """The wire timeout and whether it is the binding default (the interpreter enforces a step's own)."""
+        if request.timeout_ms is not None:
+            return request.timeout_ms / 1000 + 1.0, False  # slack: the interpreter's wait_for fires first
+        return default_s, True
+
+    async def _call_http(self, c: Candidate, request: DispatchRequest, params: dict[str, Any],
+                         dispatch_mode: str) -> Any:
+        timeout_s, binding_default = self._timeout_s(request, self.settings.agent_timeout_s)
+        deadline_at = request.deadline_at or format_time(_now() + timedelta(seconds=timeout_s))
+        body = {"action": request.action, "params": params, "run_id": request.run_id, "node_id": request.node.id,
+                "step_id": request.step_id, "attempt": request.attempt, "idempotency_key": request.idempotency_key,
+                "deadline_at": deadline_at, "dispatch_mode": dispatch_mode, "callback": None}
+        headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
+                   "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
+                   "X-LangOrch-Attempt": str(request.attempt), "traceparent": _traceparent(),
+                   **self._auth_header(c.agent)}
+        url = f"{c.agent.base_url.rstrip('/')}/execute"
+        where = {"agent_id": c.agent_id, "url": url}
+        ends = time.monotonic() + timeout_s
+        while True:
+            remaining = ends - time.monotonic()
+            if remaining <= 0:
+                raise self._timed_out(request, timeout_s, where)
+            try:
+                r = await self.http.post(url, json=body, headers=headers, timeout=remaining)
+            except httpx.TimeoutException:
+                if binding_default:
+                    raise self._timed_out(request, timeout_s, where) from None
+                raise _error("agent_unavailable", f"agent {c.agent_id} did not answer in time", retryable=True,
+                             details=where) from None
+            except httpx.HTTPError as exc:
+                raise _error("agent_unavailable", f"agent {c.agent_id} could not be reached: "
+                             f"{type(exc).__name__}", retryable=True, details=where | {"reason": str(exc)[:300]}) \
+                    from None
+            envelope = _json_object(r)
+            if r.status_code == 409 and envelope is not None and envelope.get("error_code") == "in_progress":
+                wait = _retry_after_s(r.headers.get("retry-after"))
+                wait = IN_PROGRESS_DEFAULT_S if wait is None else wait
+                if time.monotonic() + wait >= ends:
+                    raise self._timed_out(request, timeout_s, where) if binding_default else _error(
+                        "agent_unavailable", f"agent {c.agent_id} still runs key {request.idempotency_key}",
+                        retryable=True, details=where | {"retry_after_ms": int(wait * 1000)})
+                log.info("agent %s: key %s in progress, asking again in %.1f s", c.agent_id,
+                         request.idempotency_key, wait)
+                await asyncio.sleep(wait)
+                continue
+            return self._interpret(c, r, envelope, where)
+
+    def _timed_out(self, request: DispatchRequest, timeout_s: float, where: dict[str, Any]) -> StepError:
+        return _error("step_timeout", f"step '{request.step_id}' timed out after {timeout_s:g} s (binding default)",
+                      retryable=True, details=where | {"timeout_ms": int(timeout_s * 1000)})
+
+    def _interpret(self, c: Candidate, r: httpx.Response, envelope: dict[str, Any] | None,
+                   where: dict[str, Any]) -> Any:
+        status = r.status_code
+        retry_after = _retry_after_s(r.headers.get("retry-after"))
+        if status in (408, 429) or status >= 500:
+            details = where | ({"retry_after_ms": int(retry_after * 1000)} if retry_after is not None else {})
+            raise _error("agent_unavailable", f"agent {c.agent_id} answered HTTP {status}", retryable=True,
+                         http_status=status, details=details)
+        if 400 <= status < 500:
+            message = (envelope or {}).get("error") or f"agent {c.agent_id} answered HTTP {status}"
+            raise _error(f"agent_http_{status}", str(message), retryable=False, http_status=status,
+                         error_code=(envelope or {}).get("error_code"), details=where)
+        if status == 202:
+            raise _error("agent_protocol_error", f"agent {c.agent_id} accepted a synchronous call (HTTP 202)",
+                         retryable=False, http_status=status, details=where)
+        if not 200 <= status < 300:
+            raise _error("agent_protocol_error", f"agent {c.agent_id} answered HTTP {status}", retryable=False,
+                         http_status=status, details=where)
+        kind = envelope.get("status") if envelope is not None else None
+        if kind == "success":
+            result = envelope.get("result") if envelope is not None else None
+            return {} if result is None else result
+        if kind == "error" and envelope is not None:
+            error_code = envelope.get("error_code")
+            message = envelope.get("error") or f"agent {c.agent_id} reported an error"
+            raise _error("agent_error", str(message), retryable=envelope.get("retryable") is True,
+                         type=envelope.get("error_type"), error_code=error_code if isinstance(error_code, str)
+                         else None, http_status=status, details=where)
+        if kind == "accepted":
+            raise _error("agent_protocol_error", f"agent {c.agent_id} accepted a synchronous call", retryable=False,
+                         http_status=status, details=where)
+        if envelope is not None and kind is None and not self.settings.agent_strict_response:
+            return envelope
+        raise _error("agent_protocol_error", f"agent {c.agent_id} answered without the response envelope",
+                     retryable=False, http_status=status, details=where | {"body": r.text[:500]})
+
+    # -- MCP --------------------------------------------------------------------------------------------------
+
+    async def _mcp_session(self, agent: AgentState) -> _McpSession:
+        headers = self._auth_header(agent)
+        key = (agent.base_url, headers.get("Authorization"))
+        async with self._mcp_lock:
+            session = self._mcp.get(key)
+            if session is None or session.broken:
+                if session is not None:
+                    await session.close()
+                session = _McpSession(agent.base_url, headers)
+                self._mcp[key] = session
+        await session.ready(self.settings.mcp_timeout_s)
+        return session
+
+    async def _call_mcp(self, c: Candidate, request: DispatchRequest) -> Any:
+        timeout_s, binding_default = self._timeout_s(request, self.settings.mcp_timeout_s)
+        meta = {"langorch/run_id": request.run_id, "langorch/idempotency_key": request.idempotency_key}
+        where = {"agent_id": c.agent_id, "url": c.agent.base_url, "tool": request.action}
+        for again in (True, False):
+            try:
+                session = await self._mcp_session(c.agent)
+                result = await session.call(request.action, dict(request.params), meta, timeout_s)
+            except MCPError as exc:
+                if again and exc.code == mcp_types.INVALID_REQUEST and "Session terminated" in exc.message:
+                    await self._drop_mcp(c.agent)  # the server forgot our session: initialise once more
+                    continue
+                retryable = exc.code in (mcp_types.INTERNAL_ERROR, mcp_types.CONNECTION_CLOSED)
+                if exc.code == mcp_types.REQUEST_TIMEOUT and binding_default:
+                    raise _error("step_timeout", f"MCP tool '{request.action}' timed out after {timeout_s:g} s",
+                                 retryable=True, details=where) from None
+                if retryable:
+                    await self._drop_mcp(c.agent)
+                raise _error("mcp_error", f"MCP server {c.agent_id}: {exc.message}", retryable=retryable,
+                             error_code=str(exc.code), details=where | {"jsonrpc_code": exc.code}) from None
+            except StepError:
+                raise
+            except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError,
+                    OSError, RuntimeError, ExceptionGroup) as exc:
+                await self._drop_mcp(c.agent)
+                raise _error("mcp_error", f"MCP server {c.agent_id} could not be reached: {type(exc).__name__}",
+                             retryable=True, details=where | {"reason": str(exc)[:300]}) from None
+            return _tool_output(c.agent_id, result, where)
+        raise AssertionError("unreachable")
+
+    async def _drop_mcp(self, agent: AgentState) -> None:
+        async with self._mcp_lock:
+            for key in [k for k in self._mcp if k[0] == agent.base_url]:
+                await self._mcp.pop(key).close()
+
+
+def _json_object(r: httpx.Response) -> dict[str, Any] | None:
+    try:
+        value = r.json()
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _tool_output(agent_id: str, result: mcp_types.CallToolResult, where: dict[str, Any]) -> Any:
+    """The step output of a ``tools/call`` result (api.md §15.4)."""
+    texts = [item.text for item in result.content if isinstance(item, mcp_types.TextContent)]
+    if result.is_error:
+        message = "\n".join(texts) or f"MCP tool '{where['tool']}' failed"
+        raise _error("mcp_tool_error", message[:2000], retryable=False, details=where)
+    if result.structured_content is not None:
+        return result.structured_content
+    if len(result.content) == 1 and texts:
+        try:
+            return json.loads(texts[0])
+        except ValueError:
+            return texts[0]
+    return [item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in result.content]
+
+
+class _McpSession:
+    """One MCP session (``initialize`` + ``notifications/initialized``) held open by its own task, so calls from
+    any run can share it and the SDK's task group is entered and left in the same task."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url = url
+        self.headers = headers
+        self.client: Client | None = None
+        self.broken = False
+        self._ready = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._task = asyncio.create_task(self._hold(), name=f"mcp-session {url}")
+
+    async def _hold(self) -> None:
+        http = httpx2.AsyncClient(
+            follow_redirects=False, timeout=httpx2.Timeout(30.0, read=300.0),
+            headers={"User-Agent": f"langorch-runtime/{VERSION}", **self.headers},
+            event_hooks={"request": [_stamp_request]})
+        try:
+            async with http, Client(streamable_http_client(self.url, http_client=http), mode="legacy",
+                                    client_info=MCP_CLIENT) as client:
+                self.client = client
+                self._ready.set()
+                await self._closing.wait()
+        except BaseException as exc:  # reported to the callers waiting for readiness
+            self._failure = exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self.broken = True
+            self.client = None
+            self._ready.set()
+
+    async def ready(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        if self.client is None:
+            failure = self._failure
+            if isinstance(failure, MCPError):
+                raise failure
+            raise ConnectionError(f"MCP session to {self.url} failed: {type(failure).__name__}: {failure}")
+
+    async def call(self, name: str, arguments: dict[str, Any], meta: dict[str, Any],
+                   timeout_s: float) -> mcp_types.CallToolResult:
+        client = self.client
+        if client is None:
+            raise ConnectionError(f"MCP session to {self.url} is closed")
+        return await client.call_tool(name, arguments, read_timeout_seconds=timeout_s, meta=meta)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        self._closing.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 5.0)
+        except BaseException:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+async def _stamp_request(request: httpx2.Request) -> None:
+    """Per-request headers of MCP calls: ``Idempotency-Key`` from the ``tools/call`` ``_meta`` and a fresh
+    ``traceparent`` (the SDK has no per-call headers; the body is already encoded here)."""
+    request.headers.setdefault("traceparent", _traceparent())
+    if request.method != "POST":
+        return
+    try:
+        message = json.loads(request.content or b"{}")
+    except (ValueError, httpx2.RequestNotRead):
+        return
+    if isinstance(message, dict) and message.get("method") == "tools/call":
+        meta = (message.get("params") or {}).get("_meta") or {}
+        key = meta.get("langorch/idempotency_key") if isinstance(meta, dict) else None
+        if isinstance(key, str):
+            request.headers["Idempotency-Key"] = key

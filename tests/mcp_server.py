@@ -1,0 +1,87 @@
+"""A real MCP server for tests: the official SDK's ``MCPServer`` over streamable HTTP, served by uvicorn on a free
+port (api.md §15.4). Tools record the headers and ``_meta`` of every call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+from langorch.server import ManagedServer
+from langorch_infra.embedded import free_port
+
+
+@dataclass
+class RunningMcp:
+    url: str
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def mcp_server(calls: list[dict[str, Any]]) -> MCPServer:
+    server = MCPServer("test-tools")
+
+    def record(ctx: Context, tool: str, arguments: dict[str, Any]) -> None:
+        meta = ctx.request_context.meta
+        calls.append({"tool": tool, "arguments": arguments, "headers": dict(ctx.headers or {}),
+                      "meta": dict(meta) if isinstance(meta, dict) else (meta.model_dump(by_alias=True)
+                                                                         if meta is not None else {})})
+
+    @server.tool(structured_output=True)
+    async def lookup_price(sku: str, ctx: Context) -> dict[str, Any]:
+        """Price of a SKU (structured output)."""
+        record(ctx, "lookup_price", {"sku": sku})
+        return {"sku": sku, "price": 12.5}
+
+    @server.tool(structured_output=False)
+    async def as_json_text(value: int, ctx: Context) -> str:
+        """One text item holding JSON."""
+        record(ctx, "as_json_text", {"value": value})
+        return json.dumps({"doubled": value * 2})
+
+    @server.tool(structured_output=False)
+    async def plain_text(ctx: Context) -> str:
+        """One text item that is not JSON."""
+        record(ctx, "plain_text", {})
+        return "hello there"
+
+    @server.tool(structured_output=False)
+    async def two_lines(ctx: Context) -> list[str]:
+        """Two text items: the step output is the content list."""
+        record(ctx, "two_lines", {})
+        return ["first", "second"]
+
+    @server.tool(structured_output=False)
+    async def broken(reason: str, ctx: Context) -> str:
+        """Always fails with a tool error (isError)."""
+        record(ctx, "broken", {"reason": reason})
+        raise ToolError(f"cannot do it: {reason}")
+
+    return server
+
+
+@contextlib.asynccontextmanager
+async def running_mcp() -> AsyncIterator[RunningMcp]:
+    """Serve the MCP test server on 127.0.0.1 until the block ends (endpoint ``/mcp``)."""
+    calls: list[dict[str, Any]] = []
+    app = mcp_server(calls).streamable_http_app(streamable_http_path="/mcp")
+    port = free_port()
+    server = ManagedServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    for _ in range(400):
+        if server.started:
+            break
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield RunningMcp(f"http://127.0.0.1:{port}/mcp", calls)
+    finally:
+        server.should_exit = True
+        await task
