@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,8 @@ class Run:
 
 async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
                   dispatcher: Dispatcher | None = None, run_id: str = "run-1",
-                  callbacks: CallbackConfig | None = None) -> Run:
+                  callbacks: CallbackConfig | None = None,
+                  sleep: Callable[[float], Awaitable[None]] | None = None) -> Run:
     ir = compile_ok(doc)
     events: list[EventData] = []
 
@@ -89,7 +91,7 @@ async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
     machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created={"input_vars": values, "root_run_id": run_id},
                                          started_at="2026-01-01T00:00:00.000000Z"),
                       emit=emit, steps=MemoryStepStore(run_id), dispatcher=dispatcher or Dispatcher(),
-                      sleep=no_sleep, callbacks=callbacks)
+                      sleep=sleep or no_sleep, callbacks=callbacks)
     graph = build_graph(machine, InMemorySaver())
     config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": 100_000}
     run = Run(ir=ir, machine=machine, graph=graph, config=config, events=events)

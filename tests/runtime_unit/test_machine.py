@@ -404,3 +404,16 @@ async def test_async_failure_callback_is_a_step_error() -> None:
     assert run.outcome is not None
     assert run.outcome["error"]["code"] == "bad_login"
     assert [r.action for r in agent.requests] == ["tool", "run_flow"]
+
+
+async def test_run_deadline_fails_the_executing_node_and_bypasses_its_handlers() -> None:
+    import asyncio
+
+    document = doc({"a": {"type": "sequence", "next_node": "z", "error_handlers": [{"action": "ignore"}],
+                          "steps": [{"step_id": "w", "action": "wait", "duration_ms": 5000}]},
+                    "z": END, "rescue": {"type": "terminate", "outputs": {"code": "{{error.code}}"}}},
+                   global_config={"timeout_ms": 50, "on_failure": "rescue"})
+    # a real sleep here: the deadline bounds executing time
+    run = await run_doc(document, sleep=asyncio.sleep)
+    assert run.outcome == {"status": "completed", "outputs": {"code": "deadline_exceeded"}, "recovered_via": "rescue"}
+    assert [e.error.code for e in run.of("node_error")] == ["deadline_exceeded"]

@@ -56,6 +56,26 @@ class ResumeRun(Command):
     resolution: dict[str, Any]
 
 
+class CancelRun(Command):
+    """``lo.cmd.run.cancel``: cancel a run (api.md §5.4)."""
+
+    AGGREGATE = "run"
+    VERB = "cancel"
+
+    run_id: str
+    reason: str | None = None
+
+
+class RetryRun(Command):
+    """``lo.cmd.run.retry``: resume a failed or canceled run at its failure point (ckp.md §7.12)."""
+
+    AGGREGATE = "run"
+    VERB = "retry"
+
+    run_id: str
+    automatic: bool = False
+
+
 class RequestApproval(Command):
     """``lo.cmd.approval.request``: a run reached a ``human_approval`` node (api.md §6); the approvals service
     appends the approval aggregate's ``approval_requested`` and owns its timer. ``approval_id`` is the run's

@@ -40,6 +40,12 @@ class RunWriter:
         self.causation_id = causation_id
         self.lock = asyncio.Lock()
 
+    async def refresh(self) -> None:
+        """Re-read the run's head (another replica appended to it, e.g. ``run_cancel_requested``)."""
+        head = await self.store.head("run", self.run_id)
+        if head is not None:
+            self.seq, self.position = head.seq, head.position
+
     async def emit(self, data: EventData) -> int:
         async with self.lock:
             return await self._emit(data)
@@ -58,14 +64,11 @@ def unsupported_features(ir: ProcedureIR) -> list[str]:
     """What this runtime cannot execute yet, as JSON-path-like descriptions (empty: the IR is runnable).
 
     A run of a procedure using any of these fails at start with ``procedure_not_runnable`` naming them, instead
-    of failing half-way: LLM calls (without override, dry run or mocks), the run deadline and rate limits are
-    not built yet.
+    of failing half-way: LLM calls (without override, dry run or mocks) and rate limits are not built yet.
     """
     out: list[str] = []
     gc = ir.global_config
     overrides = gc.test_data_overrides
-    if gc.timeout_ms is not None:
-        out.append("global_config.timeout_ms (run deadline)")
     if gc.rate_limiting.enabled:
         out.append("global_config.rate_limiting")
     for node in ir.nodes.values():

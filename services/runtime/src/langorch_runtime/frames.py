@@ -48,6 +48,8 @@ class RunState(TypedDict, total=False):
     seq: int  # frame id counter
     recovery: dict[str, Any] | None  # {"node", "error"} once the recovery path started
     failure_point: dict[str, Any] | None
+    executed_ms: int  # executing time used against the run deadline (§7.11), summed over resumes
+    deadline_hit: int | None  # executed_ms when the deadline passed (the recovery path's grace starts there)
 
 
 def new_frame(state: RunState, kind: FrameKind, parent: Frame | None, path: str, cursor: str | None,

@@ -110,6 +110,7 @@ from langorch_runtime.steps import StepRecord, StepStore, custom_idempotency_key
 log = logging.getLogger(__name__)
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+RECOVERY_GRACE_MS = 60_000  # LANGORCH_RECOVERY_GRACE_S
 NEVER_RETRIED = frozenset({"canceled", "deadline_exceeded", "budget_exceeded"})
 HANDLER_NAME_ALIASES = {
     "timeouterror": "step_timeout", "timeoutexception": "step_timeout", "noexecutorerror": "no_executor",
@@ -336,13 +337,23 @@ class Machine:
         """Advance every runnable frame by one node; returns the new state (to be checkpointed)."""
         state = copy.deepcopy(state)
         frames = self.runnable(state)
-        if len(frames) == 1:
+        remaining = self.remaining_s(state)
+        began = time.monotonic()
+        if remaining is not None and remaining <= 0:
+            await self.deadline(state, frames)
+        elif len(frames) == 1 and remaining is None:
             await self.unit(state, frames[0])
         elif frames:
-            results = await asyncio.gather(*(self.unit(state, f) for f in frames), return_exceptions=True)
+            work = asyncio.gather(*(self.unit(state, f) for f in frames), return_exceptions=True)
+            try:
+                results = await asyncio.wait_for(work, remaining)
+            except TimeoutError:
+                results = []
+                await self.deadline(state, self.runnable(state))
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
+        state["executed_ms"] = state.get("executed_ms", 0) + int((time.monotonic() - began) * 1000)
         if state.get("outcome") is None and not self.runnable(state) and state.get("waits"):
             pending = [w for w in state["waits"].values() if not w.get("announced")]
             if any(not w.get("suspends_run") for w in pending):
@@ -353,6 +364,32 @@ class Machine:
             for w in pending:
                 w["announced"] = True
         return state
+
+    def remaining_s(self, state: RunState) -> float | None:
+        """Executing time left before the run deadline (§7.11); None without a deadline."""
+        limit = self.ir.global_config.timeout_ms
+        if limit is None:
+            return None
+        hit = state.get("deadline_hit")
+        if state.get("recovery") is not None and hit is not None:
+            limit = hit + RECOVERY_GRACE_MS
+        return (limit - state.get("executed_ms", 0)) / 1000
+
+    async def deadline(self, state: RunState, frames: list[Frame]) -> None:
+        """The run deadline passed: every executing frame fails with ``deadline_exceeded`` (bypassing node
+        handlers; the recovery path, when configured, gets its own grace period)."""
+        state["deadline_hit"] = state.get("executed_ms", 0)
+        limit = self.ir.global_config.timeout_ms
+        for frame in frames:
+            if frame.get("status") == "done":
+                continue
+            current = frame.get("node") or {}
+            node_id = current.get("id") or frame.get("cursor")
+            error = ErrorObject(code="deadline_exceeded", message=f"the run exceeded its deadline of {limit} ms of "
+                                "execution", node_id=node_id, frame=frame_string(frame))
+            if node_id is not None:
+                await self.emit(NodeError(node_id=node_id, frame=frame_string(frame), error=error))
+            await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
 
     def resolve(self, state: RunState, resolution: Mapping[str, Any]) -> RunState:
         """Apply a resume payload ``{"wait_id": …, …}`` to the state: the waiting frame becomes runnable."""
@@ -1238,6 +1275,8 @@ class Machine:
                                          output_variable=step.output_variable, original_attempt=record.attempt))
             return None
         attempt = record.attempt if record is not None else 1
+        if record is not None and record.status == "failed":
+            attempt += 1  # a retried run (or re-run node) executes the failed step as a new attempt (§7.12)
         preset: tuple[Any] | ErrorObject | None = None
         delegation = (record.result or {}).get("delegation") if record is not None and record.status == "started" \
             and isinstance(record.result, dict) else None

@@ -25,7 +25,7 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from ckp_core.commands import RequestApproval, ResumeRun, StartRun
+from ckp_core.commands import CancelRun, RequestApproval, ResumeRun, RetryRun, StartRun
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
     TERMINAL_RUN_EVENTS,
@@ -41,16 +41,17 @@ from ckp_core.events import (
 from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
-from ckp_core.run_events import ExecutionResumed
-from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, procedure_key
+from ckp_core.run_events import ExecutionResumed, RunCanceled, RunCancelRequested, RunRetryRequested
+from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, event_subject, procedure_key
 from langorch_infra.callbacks import callback_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
 from langorch_infra.secrets import env_secret, grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
+from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph, unsupported_features
 from langorch_runtime.frames import APPROVALS_KEY
-from langorch_runtime.machine import CallbackConfig, Dispatcher, Machine, RunInfo
+from langorch_runtime.machine import CallbackConfig, Machine, RunInfo
 from langorch_runtime.steps import StepStore
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class RuntimeService:
         self.saver: AsyncPostgresSaver | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.dispatcher: Dispatcher = Dispatcher()
+        self.dispatcher = AgentDispatcher(settings, instance_id=self.instance)
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
@@ -98,6 +99,7 @@ class RuntimeService:
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
+        await self.dispatcher.start()
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                              ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
@@ -132,6 +134,8 @@ class RuntimeService:
         for task in list(self.tasks):
             with contextlib.suppress(BaseException):
                 await task
+        with contextlib.suppress(Exception):
+            await self.dispatcher.stop()
         if self.pool is not None:
             await self.pool.close()
         if self.nc is not None:
@@ -141,9 +145,15 @@ class RuntimeService:
     async def _handle(self, msg: Msg) -> None:
         heartbeat = asyncio.create_task(self._progress(msg))
         try:
-            command: StartRun | ResumeRun
+            command: StartRun | ResumeRun | RetryRun
+            if msg.subject.endswith(".cancel"):
+                await self.cancel(CancelRun.model_validate_json(msg.data))
+                await msg.ack_sync()
+                return
             if msg.subject.endswith(".resume"):
                 command = ResumeRun.model_validate_json(msg.data)
+            elif msg.subject.endswith(".retry"):
+                command = RetryRun.model_validate_json(msg.data)
             else:
                 command = StartRun.model_validate_json(msg.data)
             await self.execute(command, msg.metadata.num_delivered or 1)
@@ -167,6 +177,56 @@ class RuntimeService:
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
+    async def invoke(self, run_id: str, graph: Any, value: Any, config: dict[str, Any], **kwargs: Any) -> Any:
+        """Run the graph until it ends or suspends; returns ``CANCELED`` when the run is canceled meanwhile
+        (``run_cancel_requested`` seen on its subject, whichever replica appended it)."""
+        assert self.nc is not None
+        requested = asyncio.Event()
+
+        async def on_cancel(msg: Msg) -> None:
+            requested.set()
+
+        sub = await self.nc.subscribe(event_subject("run", run_id, "run_cancel_requested"), cb=on_cancel)
+        task = asyncio.create_task(graph.ainvoke(value, config, **kwargs))
+        waiter = asyncio.create_task(requested.wait())
+        try:
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return CANCELED
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def cancel(self, command: CancelRun) -> None:
+        """Cancel a run (api.md §5.4): at once when nothing executes it, else through the executing replica."""
+        events = await self.store.read("run", command.run_id)
+        if not events:
+            return
+        status = run_status(events)
+        if status in ("completed", "failed", "canceled", "canceling"):
+            return
+        head = AggregateHead(events[-1].envelope.seq, events[-1].position)
+        writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
+        requested_by = command.actor.render()
+        if status == "running":
+            await writer.emit(RunCancelRequested(reason=command.reason, requested_by=requested_by))
+            return
+        await writer.emit(RunCanceled(reason=command.reason, requested_by=requested_by))
+        if self.js is not None:
+            await resume_parent(self.js, events[0].envelope.data, command.run_id, {"status": "canceled"}, {}, ACTOR)
+            children = {e.envelope.data["child_run_id"] for e in events if e.envelope.type == "subflow_started"}
+            children -= {e.envelope.data["child_run_id"] for e in events
+                         if e.envelope.type in ("subflow_completed", "subflow_failed")}
+            for child in sorted(children):
+                await publish_command(self.js, CancelRun(actor=ACTOR, run_id=child, reason="parent canceled"))
+
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
         try:
             entry = await self.procedures.get(procedure_key(procedure_id, version))
@@ -174,16 +234,22 @@ class RuntimeService:
             return None
         return ProcedureIR.model_validate_json(entry.value or b"{}")
 
-    async def execute(self, command: StartRun | ResumeRun, delivery: int) -> None:
-        """Execute (or continue, or resume) one run until it is terminal or durably suspended."""
+    async def execute(self, command: StartRun | ResumeRun | RetryRun, delivery: int) -> None:
+        """Execute (or continue, resume, retry) one run until it is terminal or durably suspended."""
         run_id = command.run_id
         events = await self.store.read("run", run_id)
         if not events:
             log.error("command for unknown run %s dropped", run_id)
             return
         created = events[0].envelope.data
-        terminal = next((e for e in events if e.envelope.type in TERMINAL_RUN_EVENTS), None)
-        if terminal is not None:
+        status = run_status(events)
+        if isinstance(command, RetryRun) and status not in ("failed", "canceled"):
+            log.info("retry of run %s in status %s ignored", run_id, status)
+            return
+        retries = [i for i, e in enumerate(events) if e.envelope.type == "run_retry_requested"]
+        current = events[retries[-1]:] if retries else events
+        terminal = next((e for e in current if e.envelope.type in TERMINAL_RUN_EVENTS), None)
+        if terminal is not None and not isinstance(command, RetryRun):
             if terminal.envelope.type in ("run_completed", "run_failed") and self.js is not None:
                 status = "completed" if terminal.envelope.type == "run_completed" else "failed"
                 await resume_parent(self.js, created, run_id, {**terminal.envelope.data, "status": status}, {}, ACTOR)
@@ -205,6 +271,12 @@ class RuntimeService:
             await writer.emit(RunFailed(error=ErrorObject(
                 code="procedure_not_runnable", message=f"procedure {ir.procedure_id}@{ir.version} uses features this "
                 f"LangOrch runtime cannot execute yet: {', '.join(missing)}", details={"unsupported": missing})))
+            return
+        if status == "canceling":  # the replica that executed it died before finishing the cancel
+            requested = next(e for e in reversed(events) if e.envelope.type == "run_cancel_requested")
+            await writer.emit(RunCanceled(reason=requested.envelope.data.get("reason"),
+                                          requested_by=requested.envelope.data.get("requested_by")))
+            await resume_parent(self.js, created, run_id, {"status": "canceled"}, {}, ACTOR) if self.js else None
             return
         started = next((e for e in events if e.envelope.type == "execution_started"), None)
         mode = created.get("execution_mode") or ir.global_config.execution_mode
@@ -236,31 +308,56 @@ class RuntimeService:
             known = snapshot.values.get("vars") or {}
             redactor.add(values=[v if isinstance(v, str) else str(v) for n, v in known.items() if n in sensitive])
         suspended = tuple(snapshot.next) == ("suspend",)
-        if isinstance(command, ResumeRun):
+        if isinstance(command, RetryRun):
+            target = None
+            async for past in graph.aget_state_history(config):  # newest first
+                if past.values.get("outcome") is None and not past.values.get("recovery") and past.next:
+                    target = past
+                    break
+            if target is None:
+                log.warning("run %s has no checkpoint to retry from", run_id)
+                return
+            point = (target.values.get("failure_point") or {}).get("node_id")
+            failed_at = next((e.envelope.data.get("node_id") for e in reversed(events)
+                              if e.envelope.type == "node_error"), point)
+            await writer.emit(RunRetryRequested(retry_count=len(retries) + 1, automatic=command.automatic,
+                                                failure_node_id=failed_at))
+            await writer.emit(ExecutionResumed(entry_node_id=failed_at, resume_reason="retry"))
+            final = await self.invoke(run_id, graph, None, {**target.config, "recursion_limit": RECURSION_LIMIT},
+                                      durability="sync")
+        elif isinstance(command, ResumeRun):
             if not suspended:
                 if not snapshot.next:
                     return  # nothing to resume (terminal, or not started yet: the start command runs it)
                 await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=_checkpoint_id(snapshot)))
-                final = await graph.ainvoke(None, config, durability="sync")
+                final = await self.invoke(run_id, graph, None, config, durability="sync")
             else:
                 await writer.emit(ExecutionResumed(entry_node_id=None, resume_reason=command.resume_reason))
-                final = await graph.ainvoke(Command(resume=command.resolution), config, durability="sync")
+                final = await self.invoke(run_id, graph, Command(resume=command.resolution), config,
+                                          durability="sync")
         elif started is None:
             await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode))
-            final = await graph.ainvoke(machine.initial_state(dict(created.get("input_vars", {}))), config,
-                                        durability="sync")
+            initial = machine.initial_state(dict(created.get("input_vars", {})))
+            final = await self.invoke(run_id, graph, initial, config, durability="sync")
         elif has_checkpoint and suspended:
             return  # durably suspended: a resume command continues it
         else:
             await writer.emit(ExecutionRecovered(delivery_count=delivery,
                                                  checkpoint_id=_checkpoint_id(snapshot) if has_checkpoint else None))
             if has_checkpoint and snapshot.next:
-                final = await graph.ainvoke(None, config, durability="sync")
+                final = await self.invoke(run_id, graph, None, config, durability="sync")
             elif has_checkpoint:
                 final = snapshot.values
             else:
-                final = await graph.ainvoke(machine.initial_state(dict(created.get("input_vars", {}))), config,
-                                            durability="sync")
+                initial = machine.initial_state(dict(created.get("input_vars", {})))
+                final = await self.invoke(run_id, graph, initial, config, durability="sync")
+        if final is CANCELED:
+            await writer.refresh()
+            cancel = next((e.envelope.data for e in reversed(await self.store.read("run", run_id))
+                           if e.envelope.type == "run_cancel_requested"), {})
+            await writer.emit(RunCanceled(reason=cancel.get("reason"), requested_by=cancel.get("requested_by")))
+            await resume_parent(js, created, run_id, {"status": "canceled"}, {}, ACTOR)
+            return
         outcome = final.get("outcome")
         if outcome is None:
             return  # suspended on a wait (interrupt): acknowledged; a resume command continues the run
@@ -275,6 +372,33 @@ class RuntimeService:
                 recovery_error=ErrorObject.model_validate(recovery_error) if recovery_error else None))
         variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
         await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
+
+
+CANCELED: dict[str, Any] = {"canceled": True}
+
+
+def run_status(events: list[Any]) -> str:
+    """The run's status from its events (api.md §5.2), as the single writer sees it."""
+    status = "created"
+    for stored in events:
+        t, d = stored.envelope.type, stored.envelope.data
+        if t in ("execution_started", "execution_resumed", "execution_recovered"):
+            status = "running"
+        elif t in ("approval_requested", "workflow_delegated", "subflow_started") and d.get("suspends_run"):
+            status = "waiting_approval" if t == "approval_requested" else "paused"
+        elif t == "run_suspended":
+            status = str(d.get("status") or "paused")
+        elif t == "run_retry_requested":
+            status = "queued"
+        elif t == "run_cancel_requested":
+            status = "canceling"
+        elif t == "run_completed":
+            status = "completed"
+        elif t == "run_failed":
+            status = "failed"
+        elif t == "run_canceled":
+            status = "canceled"
+    return status
 
 
 class EnvSecrets:
