@@ -35,6 +35,7 @@ from langorch_gateway import (
     routes_metrics,
     routes_procedures,
     routes_projects,
+    routes_run_control,
     views,
 )
 from langorch_gateway.metrics import GatewayMetrics
@@ -154,6 +155,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # must be registered ABOVE this line: the router's /api/procedures/{procedure_id}/{version} would swallow them.
     app.include_router(routes_analysis.router)
     app.include_router(routes_callbacks.router)
+    app.include_router(routes_run_control.router)
     app.include_router(routes_procedures.router)
     app.include_router(routes_projects.router)
     app.include_router(routes_agents.router)

@@ -104,6 +104,17 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
         sets.append("started_at = COALESCE(started_at, $2)")
     elif ev.type in ("execution_resumed", "execution_recovered"):
         put("status", "running")
+    elif ev.type == "run_cancel_requested":
+        put("status", "canceling")
+        sets.append("cancel_requested_at = COALESCE(cancel_requested_at, $2)")
+    elif ev.type == "run_canceled":
+        put("status", "canceled")
+        sets.append("ended_at = $2")
+    elif ev.type == "run_retry_requested":
+        put("status", "queued")
+        put("error", None)
+        sets.append("ended_at = NULL")
+        sets.append("retry_count = retry_count + 1")
     elif ev.type == "node_started":
         put("last_node_id", d.get("node_id"))
     elif ev.type == "step_started":

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS runs (
     root_run_id       text,
     rerun_of          text,
     retry_count       integer NOT NULL DEFAULT 0,
+    cancel_requested_at timestamptz,
     created_at        timestamptz NOT NULL,
     started_at        timestamptz,
     ended_at          timestamptz,
@@ -134,3 +135,5 @@ CREATE TABLE IF NOT EXISTS agents (
 );
 CREATE INDEX IF NOT EXISTS agents_channel ON agents (channel, pool_id);
 CREATE INDEX IF NOT EXISTS agents_token ON agents (token_sha256);
+
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS cancel_requested_at timestamptz;

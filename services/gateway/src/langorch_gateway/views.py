@@ -72,7 +72,8 @@ def run_out(row: asyncpg.Record) -> dict[str, Any]:
         "trigger_type": row["trigger_type"], "triggered_by": row["triggered_by"],
         "created_by": row["created_by"], "project_id": row["project_id"],
         "created_at": _time(row["created_at"]), "started_at": _time(started), "ended_at": _time(ended),
-        "updated_at": _time(row["updated_at"]), "cancel_requested_at": None, "duration_seconds": duration,
+        "updated_at": _time(row["updated_at"]), "cancel_requested_at": _time(row["cancel_requested_at"]),
+        "duration_seconds": duration,
         "seq": row["seq"],
     }
 

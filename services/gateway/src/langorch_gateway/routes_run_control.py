@@ -1,0 +1,87 @@
+"""Run control (api.md §5.2, §5.4, §5.5): cancel and retry, decided by the runtime (the run's single writer)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ckp_core.commands import CancelRun, RetryRun
+from ckp_core.events import ANONYMOUS
+from langorch_gateway import views
+from langorch_gateway.dispatch import accepted_headers, pending, ryw, send
+from langorch_gateway.problems import ApiProblem
+
+router = APIRouter()
+
+NOT_EXECUTING = ("created", "queued", "waiting_approval", "paused")
+ALLOWED: dict[str, list[str]] = {
+    "created": ["cancel", "rerun"], "queued": ["cancel", "rerun"], "waiting_approval": ["cancel", "rerun"],
+    "paused": ["cancel", "rerun"], "running": ["cancel", "rerun"], "canceling": ["cancel", "rerun"],
+    "completed": ["rerun", "delete"], "failed": ["retry", "rerun", "delete"],
+    "canceled": ["cancel", "retry", "rerun", "delete"],
+}
+
+
+class CancelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=2000)
+
+
+class RetryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+async def _run(request: Request, run_id: str) -> asyncpg.Record:
+    db: asyncpg.Pool = request.app.state.pool
+    row = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+    if row is None:
+        raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
+    return row
+
+
+def _transition(status: str, action: str) -> ApiProblem:
+    return ApiProblem("invalid_run_transition", f"a {status} run cannot be {action}", current_status=status,
+                      allowed=ALLOWED.get(status, []))
+
+
+async def _after(request: Request, run_id: str, position: int, command_id: str, status: int) -> JSONResponse:
+    await ryw(request, position)
+    row = await _run(request, run_id)
+    return JSONResponse(views.run_out(row), status_code=status, headers=accepted_headers(command_id, position))
+
+
+@router.post("/api/runs/{run_id}/cancel")
+async def cancel_run(request: Request, run_id: str, body: CancelIn | None = None) -> Any:
+    """Cancel: at once when nothing executes the run (200), else ``canceling`` until the runtime stops (202)."""
+    row = await _run(request, run_id)
+    status = row["status"]
+    if status in ("completed", "failed"):
+        raise _transition(status, "canceled")
+    if status in ("canceled", "canceling"):
+        return JSONResponse(views.run_out(row), status_code=200 if status == "canceled" else 202)
+    command = CancelRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id,
+                        reason=(body.reason if body else None))
+    outcome = await send(request, "run", run_id, command, "cancel_run")
+    if outcome is None:
+        return pending(command.command_id, "cancel_run")
+    code = 200 if outcome.envelope.type == "run_canceled" else 202
+    return await _after(request, run_id, outcome.position, command.command_id, code)
+
+
+@router.post("/api/runs/{run_id}/retry")
+async def retry_run(request: Request, run_id: str, body: RetryIn | None = None) -> Any:
+    """Retry a failed or canceled run from its failure point (``queued``)."""
+    row = await _run(request, run_id)
+    status = row["status"]
+    if status not in ("failed", "canceled"):
+        raise _transition(status, "retried")
+    command = RetryRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
+    outcome = await send(request, "run", run_id, command, "retry_run")
+    if outcome is None:
+        return pending(command.command_id, "retry_run")
+    return await _after(request, run_id, outcome.position, command.command_id, 200)

@@ -1,0 +1,201 @@
+"""Runs that dispatch to real HTTP agents (ckp.md §4.5, §4.7, §7.4, §7.10, §7.12), end to end through the API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Platform, platform_of
+from tests.helpers import example
+from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
+
+pytestmark = pytest.mark.integration
+
+TERMINAL = ("completed", "failed", "canceled")
+
+
+@pytest.fixture
+async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(nats_url, database_url) as p:
+        yield p
+
+
+async def register(c: httpx.AsyncClient, agent: ScriptedAgent, channel: str, name: str = "one") -> None:
+    r = await c.post("/api/agents", json={"name": name, "channel": channel, "base_url": agent.base_url,
+                                          "capabilities": list(agent.handlers)})
+    assert r.status_code == 201, r.text
+    for _ in range(100):  # the runtime's registry follows agent events
+        agents = (await c.get("/api/agents", params={"channel": channel})).json()["items"]
+        if any(a["name"] == name for a in agents):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+
+
+async def wait_status(c: httpx.AsyncClient, run_id: str, wanted: tuple[str, ...] = TERMINAL,
+                      timeout: float = 30) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
+        if body["status"] in wanted:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+async def events_of(c: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
+    return (await c.get(f"/api/runs/{run_id}/events", params={"limit": 500})).json()["items"]  # type: ignore[no-any-return]
+
+
+async def start(c: httpx.AsyncClient, doc: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
+    r = await c.post("/api/procedures", json={"ckp_json": doc})
+    assert r.status_code in (201, 409), r.text
+    r = await c.post("/api/runs", json={"procedure_id": doc["procedure_id"], "procedure_version": doc["version"],
+                                        "input_vars": inputs or {}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["run_id"])
+
+
+def web_agent(title: str) -> ScriptedAgent:
+    return ScriptedAgent({"navigate": lambda b: {"url": b["params"]["url"]}, "wait_for_element": lambda b: {},
+                          "extract_text": lambda b: title, "screenshot": lambda b: {"uri": "file:///tmp/s.png"}})
+
+
+async def test_web_title_check_completes_with_the_agent(platform: Platform) -> None:
+    c = platform.client
+    async with serving(web_agent("Example Domain")) as agent:
+        await register(c, agent, "web")
+        run_id = await start(c, example("web_title_check.ckp.json"))
+        run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"]["title"] == "Example Domain"
+    assert [r["action"] for r in agent.requests] == ["navigate", "wait_for_element", "extract_text", "screenshot"]
+    assert all(r["idempotency_key"].startswith(f"lo1:{run_id}:open_page:") for r in agent.requests)
+
+
+async def test_web_title_check_verification_failure_ends_the_run(platform: Platform) -> None:
+    c = platform.client
+    async with serving(web_agent("Another title")) as agent:
+        await register(c, agent, "web")
+        run_id = await start(c, example("web_title_check.ckp.json"))
+        run = await wait_status(c, run_id)
+    assert run["status"] == "failed"
+    assert run["error"]["code"] == "verification_failed"
+    started = [e["node_id"] for e in await events_of(c, run_id) if e["event_type"] == "node_started"]
+    assert "done" not in started
+
+
+LOOP_DOC = {
+    "procedure_id": "loop_calls", "version": "1",
+    "workflow_graph": {"start_node": "each", "nodes": {
+        "each": {"type": "loop", "iterator": "[1, 2, 3]", "iterator_variable": "n", "body_node": "call",
+                 "collect_variable": "results", "collect_expression": "{{r}}", "next_node": "done"},
+        "call": {"type": "sequence", "agent": "API", "steps": [
+            {"step_id": "compute", "action": "compute", "n": "{{n}}", "output_variable": "r"}]},
+        "done": {"type": "terminate", "outputs": {"results": "{{results}}"}}}},
+}
+
+
+async def test_loop_of_three_agent_calls_returns_three_distinct_results(platform: Platform) -> None:
+    c = platform.client
+    agent = ScriptedAgent({"compute": lambda b: {"value": b["params"]["n"] * 10}})
+    async with serving(agent):
+        await register(c, agent, "api")
+        run_id = await start(c, LOOP_DOC)
+        run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"]["results"] == [{"value": 10}, {"value": 20}, {"value": 30}]
+    assert len(agent.executed) == len(set(agent.executed)) == 3
+    assert [k.split(":")[4] for k in agent.executed] == ["each[0]", "each[1]", "each[2]"]
+
+
+RETRY_DOC = {
+    "procedure_id": "retry_me", "version": "1",
+    "workflow_graph": {"start_node": "work", "nodes": {
+        "work": {"type": "sequence", "agent": "API", "next_node": "done", "steps": [
+            {"step_id": "first", "action": "first", "output_variable": "a"},
+            {"step_id": "second", "action": "second", "output_variable": "b"}]},
+        "done": {"type": "terminate", "outputs": {"a": "{{a}}", "b": "{{b}}"}}}},
+}
+
+
+async def test_retry_resumes_at_the_failure_point(platform: Platform) -> None:
+    c = platform.client
+    calls = {"second": 0}
+
+    def second(body: dict[str, Any]) -> Any:
+        calls["second"] += 1
+        if calls["second"] == 1:
+            raise AgentFailure("not yet", "flaky")
+        return "ok"
+
+    agent = ScriptedAgent({"first": lambda b: "A", "second": second})
+    async with serving(agent):
+        await register(c, agent, "api")
+        run_id = await start(c, RETRY_DOC)
+        failed = await wait_status(c, run_id)
+        assert failed["status"] == "failed"
+        assert failed["error"]["code"] == "agent_error"
+        r = await c.post(f"/api/runs/{run_id}/retry", json={})
+        assert r.status_code == 200, r.text
+        done = await wait_status(c, run_id)
+    assert done["status"] == "completed", done["error"]
+    assert done["output_vars"] == {"a": "A", "b": "ok"}
+    assert done["retry_count"] == 1
+    assert [b["action"] for b in agent.requests] == ["first", "second", "second"]
+    assert [b["attempt"] for b in agent.requests if b["action"] == "second"] == [1, 2]
+    types = [e["event_type"] for e in await events_of(c, run_id)]
+    assert "run_retry_requested" in types
+    assert "step_replayed" in types
+    again = await c.post(f"/api/runs/{run_id}/retry", json={})
+    assert again.status_code == 409
+    assert again.json()["code"] == "invalid_run_transition"
+
+
+async def test_cancel_a_running_run_aborts_the_in_flight_call(platform: Platform) -> None:
+    c = platform.client
+    release = asyncio.Event()
+
+    async def slow(body: dict[str, Any]) -> Any:
+        await asyncio.wait_for(release.wait(), 30)
+        return "late"
+
+    agent = ScriptedAgent({"first": slow, "second": lambda b: "never"})
+    async with serving(agent):
+        await register(c, agent, "api")
+        run_id = await start(c, RETRY_DOC)
+        for _ in range(200):
+            if agent.requests:
+                break
+            await asyncio.sleep(0.05)
+        r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "canceling"
+        run = await wait_status(c, run_id)
+        release.set()
+    assert run["status"] == "canceled"
+    assert [b["action"] for b in agent.requests] == ["first"]
+    canceled = [e for e in await events_of(c, run_id) if e["event_type"] == "run_canceled"]
+    assert canceled[0]["payload"]["reason"] == "operator"
+    finished = await c.post(f"/api/runs/{run_id}/cancel", json={})
+    assert finished.status_code == 200
+
+
+async def test_cancel_a_suspended_run_is_immediate(platform: Platform) -> None:
+    c = platform.client
+    doc = {"procedure_id": "gate_only", "version": "1", "workflow_graph": {"start_node": "g", "nodes": {
+        "g": {"type": "human_approval", "on_approve": "e", "on_reject": "e"}, "e": {"type": "terminate"}}}}
+    run_id = await start(c, doc)
+    for _ in range(200):
+        if any(e["event_type"] == "approval_requested" for e in await events_of(c, run_id)):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    r = await c.post(f"/api/runs/{run_id}/cancel", json={})
+    assert r.status_code in (200, 202), r.text
+    run = await wait_status(c, run_id)
+    assert run["status"] == "canceled"
