@@ -61,7 +61,7 @@ async def stored_bytes(database_url: str) -> bytes:
     try:
         chunks: list[bytes] = []
         for table in ("run_events", "runs", "checkpoints", "checkpoint_blobs", "checkpoint_writes"):
-            for row in await conn.fetch(f"SELECT * FROM {table}"):  # noqa: S608 - fixed table names
+            for row in await conn.fetch(f"SELECT * FROM {table}"):  # fixed table names
                 for value in row.values():
                     chunks.append(value if isinstance(value, bytes) else str(value).encode())
         return b"\n".join(chunks)
