@@ -53,7 +53,7 @@ class ScriptedAgent:
                     answer = await answer
             except AgentFailure as failure:
                 envelope: dict[str, Any] = {"status": "error", "error": failure.message,
-                                            "error_code": failure.code, "retryable": False}
+                                            "error_code": failure.code, "retryable": failure.retryable}
             else:
                 envelope = {"status": "success", "result": answer}
             self.results[key] = envelope
@@ -63,10 +63,11 @@ class ScriptedAgent:
 
 
 class AgentFailure(Exception):
-    def __init__(self, message: str, code: str = "failed") -> None:
+    def __init__(self, message: str, code: str = "failed", retryable: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.retryable = retryable
 
 
 @contextlib.asynccontextmanager

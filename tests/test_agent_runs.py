@@ -199,3 +199,30 @@ async def test_cancel_a_suspended_run_is_immediate(platform: Platform) -> None:
     assert r.status_code in (200, 202), r.text
     run = await wait_status(c, run_id)
     assert run["status"] == "canceled"
+
+
+async def test_resume_on_failure_retries_a_retryable_failure_once(platform: Platform) -> None:
+    c = platform.client
+    calls = {"second": 0}
+
+    def second(body: dict[str, Any]) -> Any:
+        calls["second"] += 1
+        if calls["second"] == 1:
+            raise AgentFailure("busy", "busy", retryable=True)
+        return "ok"
+
+    doc = {**RETRY_DOC, "procedure_id": "auto_retry",
+           "global_config": {"resume_on_failure": True, "retry_delay_ms": 100}}
+    agent = ScriptedAgent({"first": lambda b: "A", "second": second})
+    async with serving(agent):
+        await register(c, agent, "api")
+        run_id = await start(c, doc)
+        for _ in range(400):
+            run = await wait_status(c, run_id)
+            if run["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+    assert run["status"] == "completed", run["error"]
+    retries = [e for e in await events_of(c, run_id) if e["event_type"] == "run_retry_requested"]
+    assert [e["payload"]["automatic"] for e in retries] == [True]
+    assert calls["second"] == 2

@@ -309,6 +309,8 @@ class RuntimeService:
             redactor.add(values=[v if isinstance(v, str) else str(v) for n, v in known.items() if n in sensitive])
         suspended = tuple(snapshot.next) == ("suspend",)
         if isinstance(command, RetryRun):
+            if command.automatic:  # resume_on_failure: one retry after retry_delay_ms (ckp.md §7.12)
+                await asyncio.sleep(min(ir.global_config.retry_delay_ms, 60_000) / 1000)
             target = None
             async for past in graph.aget_state_history(config):  # newest first
                 if past.values.get("outcome") is None and not past.values.get("recovery") and past.next:
@@ -366,10 +368,16 @@ class RuntimeService:
                                            recovered_via=outcome.get("recovered_via")))
         else:
             recovery_error = outcome.get("recovery_error")
+            error = ErrorObject.model_validate(outcome["error"])
             await writer.emit(RunFailed(
-                error=ErrorObject.model_validate(outcome["error"]), outputs=outcome.get("outputs") or {},
-                recovered_via=outcome.get("recovered_via"),
+                error=error, outputs=outcome.get("outputs") or {}, recovered_via=outcome.get("recovered_via"),
                 recovery_error=ErrorObject.model_validate(recovery_error) if recovery_error else None))
+            automatic = [e for e in events if e.envelope.type == "run_retry_requested" and
+                         e.envelope.data.get("automatic")]
+            if ir.global_config.resume_on_failure and error.retryable and not automatic and \
+                    not (isinstance(command, RetryRun) and command.automatic):
+                await publish_command(js, RetryRun(actor=ACTOR, run_id=run_id, automatic=True),
+                                      msg_id=f"auto-retry-{run_id}")
         variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
         await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
 
