@@ -11,6 +11,7 @@ STEPS_BUCKET = "lo_steps"
 LEASES_BUCKET = "lo_leases"
 LOCKS_BUCKET = "lo_locks"
 PRESENCE_BUCKET = "lo_presence"
+RATELIMITS_BUCKET = "lo_ratelimits"
 
 
 def event_subject(aggregate: str, aggregate_id: str, event_type: str) -> str:

@@ -31,6 +31,7 @@ from ckp_core.subjects import (
     LOCKS_BUCKET,
     PRESENCE_BUCKET,
     PROCEDURES_BUCKET,
+    RATELIMITS_BUCKET,
     STEPS_BUCKET,
     aggregate_filter,
     command_subject,
@@ -47,7 +48,7 @@ STREAMS = (
     StreamConfig(name=COMMAND_STREAM, subjects=["lo.cmd.>"], retention=RetentionPolicy.WORK_QUEUE,
                  storage=StorageType.FILE, duplicate_window=600.0),
 )
-BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET, LEASES_BUCKET, LOCKS_BUCKET, PRESENCE_BUCKET)
+BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET, LEASES_BUCKET, LOCKS_BUCKET, PRESENCE_BUCKET, RATELIMITS_BUCKET)
 
 
 async def connect(url: str, name: str) -> NATS:

@@ -64,13 +64,11 @@ def unsupported_features(ir: ProcedureIR) -> list[str]:
     """What this runtime cannot execute yet, as JSON-path-like descriptions (empty: the IR is runnable).
 
     A run of a procedure using any of these fails at start with ``procedure_not_runnable`` naming them, instead
-    of failing half-way: LLM calls (without override, dry run or mocks) and rate limits are not built yet.
+    of failing half-way: LLM calls (without override, dry run or mocks) are not built yet.
     """
     out: list[str] = []
     gc = ir.global_config
     overrides = gc.test_data_overrides
-    if gc.rate_limiting.enabled:
-        out.append("global_config.rate_limiting")
     for node in ir.nodes.values():
         where = f"nodes.{node.id}"
         if node.type == "llm_action" and node.id not in overrides and gc.execution_mode != "dry_run" \

@@ -10,6 +10,7 @@ crash replays completed steps from their records instead of executing them again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json as _jsonlib
 import logging
@@ -214,6 +215,13 @@ class Delegated(Exception):
         self.agent_url = agent_url
 
 
+class Limiter(Protocol):
+    """Admits external dispatches under the procedure's rate limits (§7.6)."""
+
+    def admit(self, procedure_id: str, limits: Any, emit: Emit | None,
+              position: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+
 class SecretsAccess(Protocol):
     """Secrets at the moment of use (§7.14): values for internal keys and MCP, grants for HTTP agents."""
 
@@ -271,6 +279,7 @@ class Machine:
     callbacks: CallbackConfig | None = None
     children: ChildRuns | None = None
     secrets: SecretsAccess | None = None
+    limiter: Limiter | None = None
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
 
     # -- scopes and templates -------------------------------------------------------------------------------
@@ -1581,6 +1590,14 @@ class Machine:
             await self.emit(StepMockApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                             action=step.action, binding_kind="channel", channel=step.binding.channel))
             return {"mocked": True, "action": step.action, "channel": step.binding.channel}
+        if self.limiter is not None and gc.rate_limiting.enabled:
+            position = {"node_id": node.id, "step_id": step_id, "frame": fs, "attempt": attempt}
+            async with self.limiter.admit(self.ir.procedure_id, gc.rate_limiting, self.emit, position):
+                return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback)
+        return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback)
+
+    async def dispatch_step(self, node: NodeIR, step: StepIR, step_id: str, fs: str, params: dict[str, Any],
+                            attempt: int, key: str, callback: CallbackInfo | None) -> Any:
         request = DispatchRequest(node=node, step_id=step_id, action=step.action, channel=step.binding.channel,
                                   params=params, attempt=attempt, idempotency_key=key, frame=fs,
                                   timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode,

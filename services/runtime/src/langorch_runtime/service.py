@@ -52,6 +52,7 @@ from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph, unsupported_features
 from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.machine import CallbackConfig, Machine, RunInfo
+from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import StepStore
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class RuntimeService:
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
         await self.dispatcher.start()
+        self.limiter = await ProcedureLimiter.open(self.js, self.instance)
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                              ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
@@ -298,7 +300,8 @@ class RuntimeService:
         machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at),
                           emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
-                          secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values))
+                          secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
+                          limiter=self.limiter)
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
