@@ -417,3 +417,34 @@ async def test_run_deadline_fails_the_executing_node_and_bypasses_its_handlers()
     run = await run_doc(document, sleep=asyncio.sleep)
     assert run.outcome == {"status": "completed", "outputs": {"code": "deadline_exceeded"}, "recovered_via": "rescue"}
     assert [e.error.code for e in run.of("node_error")] == ["deadline_exceeded"]
+
+
+@pytest.mark.parametrize(("on_breach", "enforce", "expected"), [
+    ("warn", False, {"status": "completed", "via": "z", "breaches": 1}),
+    ("fail", False, {"status": "failed", "via": None, "breaches": 1}),
+    ("escalate", False, {"status": "completed", "via": "esc", "breaches": 1}),
+    ("fail", True, {"status": "failed", "via": None, "breaches": 1}),
+    ("escalate", True, {"status": "completed", "via": "esc", "breaches": 1}),
+])
+async def test_sla_breaches(on_breach: str, enforce: bool, expected: dict[str, Any]) -> None:
+    import asyncio
+
+    sla: dict[str, Any] = {"max_duration_ms": 30, "on_breach": on_breach, "enforce": enforce}
+    if on_breach == "escalate":
+        sla["escalation_handler"] = "esc"
+    document = doc({"a": {"type": "sequence", "next_node": "z", "sla": sla,
+                          "steps": [{"step_id": "w", "action": "wait", "duration_ms": 120 if not enforce else 5000}]},
+                    "z": {"type": "terminate", "outputs": {"via": "z", "err": "{{error.code}}"}},
+                    "esc": {"type": "terminate", "outputs": {"via": "esc", "err": "{{error.code}}"}}})
+    run = await run_doc(document, sleep=asyncio.sleep)
+    assert run.outcome is not None
+    assert run.outcome["status"] == expected["status"]
+    if expected["via"] is not None:
+        assert run.outcome["outputs"]["via"] == expected["via"]
+    else:
+        assert run.outcome["error"]["code"] == "sla_breached"
+    breaches = run.of("sla_breached")
+    assert len(breaches) == expected["breaches"]
+    assert breaches[0].enforced is enforce
+    if expected["via"] == "esc":
+        assert run.outcome["outputs"]["err"] == "sla_breached"

@@ -438,7 +438,15 @@ class Machine:
                                         node_type=node.type, node_name=node.description, visit=visits[cursor]))
         node = self.ir.nodes[current["id"]]
         try:
-            outcome = await self.execute(state, frame, node, current)
+            sla = node.sla
+            if sla is not None and sla.enforce:
+                left = sla.max_duration_ms / 1000 - (time.time() - current["started"])
+                try:
+                    outcome = await asyncio.wait_for(self.execute(state, frame, node, current), max(0.0, left))
+                except TimeoutError:
+                    outcome = await self.sla_enforced(state, frame, node, current)
+            else:
+                outcome = await self.execute(state, frame, node, current)
         except NodeFailure as failure:
             outcome = await self.node_error(state, frame, node, current, failure)
         except StepError as failure:
@@ -485,10 +493,29 @@ class Machine:
             frame["error"] = outcome.error
         frame["cursor"] = outcome.target
 
+    async def sla_enforced(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any]) -> Outcome:
+        """An enforced SLA expired: the node was canceled at its deadline; the breach is handled at once."""
+        sla = node.sla
+        assert sla is not None
+        current["sla_reported"] = True
+        fs = frame_string(frame, node.id, current["visit"])
+        elapsed = int((time.time() - current["started"]) * 1000)
+        await self.emit(SlaBreached(node_id=node.id, frame=fs, limit_ms=sla.max_duration_ms, elapsed_ms=elapsed,
+                                    on_breach=sla.on_breach, escalation_handler=sla.escalation_handler,
+                                    enforced=True))
+        error = ErrorObject(code="sla_breached", message=f"Node '{node.id}' was canceled at its SLA of "
+                            f"{sla.max_duration_ms} ms", node_id=node.id, frame=fs,
+                            details={"limit_ms": sla.max_duration_ms, "elapsed_ms": elapsed})
+        if sla.on_breach == "fail":
+            raise NodeFailure(error)
+        if sla.on_breach == "escalate" and sla.escalation_handler is not None:
+            return Next(sla.escalation_handler, error=_dump(error))
+        return Next(node.next_node)
+
     async def sla(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
                   outcome: Next) -> Next | None:
         sla = node.sla
-        if sla is None:
+        if sla is None or current.get("sla_reported"):
             return outcome
         elapsed = int((time.time() - current["started"]) * 1000)
         if elapsed <= sla.max_duration_ms:
