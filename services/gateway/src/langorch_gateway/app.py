@@ -41,6 +41,7 @@ from langorch_gateway import (
 from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.problems import ApiProblem, install
 from langorch_gateway.projector import Projector, ensure_schema
+from langorch_gateway.text_safety import check_request
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
@@ -118,10 +119,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                                      "send application/json")
             elif length > limit:
                 problem = ApiProblem("payload_too_large", f"body of {length} bytes exceeds {limit} bytes")
+        if problem is None:
+            try:
+                await check_request(request)
+            except ApiProblem as refused:
+                problem = refused
         if problem is not None:
             from langorch_gateway.problems import problem_response
 
-            response: Response = problem_response(request, problem.code, problem.detail)
+            response: Response = problem_response(request, problem.code, problem.detail, errors=problem.errors)
         else:
             response = await call_next(request)
         route = request.scope.get("route")
