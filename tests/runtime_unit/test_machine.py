@@ -448,3 +448,25 @@ async def test_sla_breaches(on_breach: str, enforce: bool, expected: dict[str, A
     assert breaches[0].enforced is enforce
     if expected["via"] == "esc":
         assert run.outcome["outputs"]["err"] == "sla_breached"
+
+
+@pytest.mark.parametrize(("resolution", "status"), [
+    ({"decision": "approved"}, "completed"),
+    ({"decision": "rejected"}, "failed"),
+    ({"decision": "timeout", "status": "timed_out", "source": "timeout"}, None),
+])
+async def test_product_enrichment_premium_path_pauses_after_both_branches(resolution: dict[str, Any],
+                                                                        status: str | None) -> None:
+    document = json.loads((EXAMPLES / "product_enrichment_pipeline.ckp.json").read_text())
+    run = await run_doc(document, {"product_id": 7, "enrichment_mode": "premium"})
+    assert run.outcome is None
+    completed_branches = [e.branch_id for e in run.of("parallel_branch_completed")]
+    assert sorted(completed_branches) == ["sentiment_branch", "tags_branch"]
+    [wait] = run.waits
+    await run.resume(wait_id=wait["id"], **resolution)
+    assert run.outcome is not None
+    received = run.of("approval_decision_received")[0]
+    if status is not None:
+        assert run.outcome["status"] == status
+    else:  # the timeout routes to its own node
+        assert received.routed_to == document["workflow_graph"]["nodes"][wait["node_id"]]["on_timeout"]

@@ -63,6 +63,7 @@ from ckp_core.run_events import (
     ApprovalDecisionReceived,
     ApprovalRequested,
     AuditLog,
+    CallbackTimedOut,
     CheckpointSaved,
     DryRunStepSkipped,
     LoopCompleted,
@@ -1325,10 +1326,15 @@ class Machine:
                     "suspends_run": True})
                 return Pause(delegation["id"], "workflow_pending")
             status = resolution.get("status", "success")
-            await self.emit(WorkflowCallbackReceived(
-                node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, delegation_id=delegation["id"],
-                status=status, output=resolution.get("output"), error=resolution.get("error"),
-                error_code=resolution.get("error_code"), resumes_run=True))
+            if status == "timed_out":
+                await self.emit(CallbackTimedOut(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                 delegation_id=delegation["id"],
+                                                 timeout_s=float(delegation.get("timeout_s") or 0), resumes_run=True))
+            else:
+                await self.emit(WorkflowCallbackReceived(
+                    node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, delegation_id=delegation["id"],
+                    status=status, output=resolution.get("output"), error=resolution.get("error"),
+                    error_code=resolution.get("error_code"), resumes_run=True))
             if status == "success":
                 preset = (resolution.get("output"),)
             elif status == "timed_out":

@@ -54,6 +54,7 @@ from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.machine import CallbackConfig, Machine, RunInfo
 from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import StepStore
+from langorch_runtime.timers import CallbackTimer
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class RuntimeService:
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
+        self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
+        await self.timer.start()
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                              ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
@@ -136,6 +139,8 @@ class RuntimeService:
         for task in list(self.tasks):
             with contextlib.suppress(BaseException):
                 await task
+        with contextlib.suppress(Exception):
+            await self.timer.stop()
         with contextlib.suppress(Exception):
             await self.dispatcher.stop()
         if self.pool is not None:
