@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LlmModelConfig(BaseModel):
+    """One entry of ``LANGORCH_LLM_MODELS`` (api.md §15.5): where a model lives, its prices and fallback chain."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str | None = Field(None, description="Provider base URL of this model (default LANGORCH_LLM_BASE_URL).")
+    api_key_secret: str | None = Field(None, description="Name of the secret holding this model's API key.")
+    prompt_usd_per_1k: float | None = Field(None, ge=0, description="USD per 1000 prompt tokens.")
+    completion_usd_per_1k: float | None = Field(None, ge=0, description="USD per 1000 completion tokens.")
+    quality: float | None = Field(None, description="Quality score compared with a node's min_llm_quality.")
+    fallbacks: list[str] = Field(default_factory=list, description="Models tried, in order, after a retryable "
+                                 "failure of this one.")
+
+    @property
+    def priced(self) -> bool:
+        return self.prompt_usd_per_1k is not None or self.completion_usd_per_1k is not None
 
 
 class CommonSettings(BaseSettings):
@@ -57,6 +75,17 @@ class RuntimeSettings(CommonSettings):
                                         "agent_protocol_error; false takes a bare object as the result.")
     agent_circuit_half_open_s: float = Field(60.0, gt=0, description="An open agent circuit becomes half-open "
                                              "(tried again by dispatch) after this many seconds.")
+    llm_base_url: str = Field("https://api.openai.com/v1", description="Base URL of the OpenAI-compatible "
+                              "provider (POST <base_url>/chat/completions, api.md §15.5).")
+    llm_api_key: SecretStr | None = Field(None, description="API key sent as Bearer token to llm_base_url.")
+    llm_default_model: str = Field("gpt-4o", description="Model of llm_action nodes that name none.")
+    llm_timeout_s: float = Field(60.0, gt=0, description="Timeout of one LLM call when the node sets no "
+                                 "timeout_ms.")
+    llm_extra_headers: dict[str, str] = Field(default_factory=dict, description="Headers added to every LLM "
+                                              "request; values may be '{{secrets.<name>}}' references.")
+    llm_models: dict[str, LlmModelConfig] = Field(default_factory=dict, description="Model table (JSON): "
+                                                  "{<model>: {base_url?, api_key_secret?, prompt_usd_per_1k, "
+                                                  "completion_usd_per_1k, quality?, fallbacks: []}}.")
 
 
 class GatewaySettings(CommonSettings):
