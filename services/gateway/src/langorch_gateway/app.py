@@ -29,6 +29,7 @@ from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import (
     dispatch,
+    idempotency,
     routes_agents,
     routes_analysis,
     routes_callbacks,
@@ -87,6 +88,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         assert pool is not None
         await ensure_schema(pool)
+        await idempotency.purge_expired(pool)
         projector = Projector(pool, js)
         projector.start()
         app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
@@ -128,6 +130,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             from langorch_gateway.problems import problem_response
 
             response: Response = problem_response(request, problem.code, problem.detail, errors=problem.errors)
+        elif idempotency.applies(request) and "idempotency-key" in request.headers:
+            try:
+                response = await idempotency.handle(request, call_next)
+            except ApiProblem as refused:
+                from langorch_gateway.problems import problem_response
+
+                response = problem_response(request, refused.code, refused.detail, errors=refused.errors,
+                                            **refused.extra)
         else:
             response = await call_next(request)
         route = request.scope.get("route")

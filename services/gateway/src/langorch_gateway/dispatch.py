@@ -44,6 +44,9 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
     sub = await js.subscribe(aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
                              config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
     outcome: Outcome | None = None
+    fixed_id = getattr(request.state, "command_id", None)
+    if fixed_id:  # an idempotent request: the command id (hence Nats-Msg-Id) belongs to its Idempotency-Key
+        command.command_id = fixed_id
     try:
         await publish_command(js, command)
         deadline = asyncio.get_running_loop().time() + settings.command_timeout_s

@@ -21,7 +21,8 @@ STATUS = {
     "procedure_version_active": 409, "procedure_version_in_use": 409, "agent_exists": 409,
     "resource_limit_conflict": 409, "project_exists": 409, "project_not_empty": 409,
     "unauthenticated": 401, "invalid_token": 401, "forbidden": 403, "precondition_failed": 412,
-    "promotion_validation_failed": 422, "url_not_allowed": 422, "upstream_error": 502, "upstream_timeout": 504,
+    "promotion_validation_failed": 422, "idempotency_key_in_progress": 409, "idempotency_key_reused": 422,
+    "url_not_allowed": 422, "upstream_error": 502, "upstream_timeout": 504,
     "payload_too_large": 413, "unsupported_media_type": 415,
     "validation_failed": 422, "unknown_field": 422, "unsupported_field": 422, "compile_failed": 422,
     "invalid_input_vars": 422,
@@ -44,8 +45,9 @@ TITLES = {
     "forbidden": "Forbidden", "precondition_failed": "Precondition failed",
     "promotion_validation_failed": "Promotion validation failed", "url_not_allowed": "URL not allowed",
     "upstream_error": "Upstream error", "upstream_timeout": "Upstream timeout",
+    "idempotency_key_in_progress": "Idempotency key in progress", "idempotency_key_reused": "Idempotency key reused",
 }
-RETRYABLE = frozenset({"unavailable"})
+RETRYABLE = frozenset({"unavailable", "idempotency_key_in_progress"})
 
 
 class ApiProblem(Exception):

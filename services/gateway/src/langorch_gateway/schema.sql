@@ -137,3 +137,20 @@ CREATE INDEX IF NOT EXISTS agents_channel ON agents (channel, pool_id);
 CREATE INDEX IF NOT EXISTS agents_token ON agents (token_sha256);
 
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS cancel_requested_at timestamptz;
+
+-- Not a projection (api.md §1.5): submitted requests with an Idempotency-Key and their response snapshots.
+-- A cache: losing it loses only the idempotent replay of old requests. Survives `projections rebuild`.
+CREATE TABLE IF NOT EXISTS api_commands (
+    principal         text NOT NULL,
+    idempotency_key   text NOT NULL,
+    request_hash      text NOT NULL,
+    method            text NOT NULL,
+    path              text NOT NULL,
+    command_id        text NOT NULL,
+    state             text NOT NULL,
+    response_status   integer,
+    response_body     bytea,
+    response_headers  jsonb,
+    submitted_at      timestamptz NOT NULL,
+    PRIMARY KEY (principal, idempotency_key)
+);
