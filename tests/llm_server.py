@@ -62,6 +62,7 @@ def llm_app(state: LlmServerState) -> FastAPI:
         body = await request.json()
         model = body.get("model")
         record: dict[str, Any] = {"prefix": prefix, "model": model, "body": body, "headers": dict(request.headers),
+                                  "raw_headers": [(k.lower(), v) for k, v in request.headers.items()],
                                   "finished": False, "disconnected": False}
         state.requests.append(record)
         b = state.model(model)

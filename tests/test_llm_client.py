@@ -135,6 +135,15 @@ async def test_api_keys_per_model_and_base_url(srv: RunningLlmServer) -> None:
     assert "sk-" not in json.dumps(err.value.error.model_dump())
 
 
+async def test_protocol_headers_win_over_extra_headers(srv: RunningLlmServer) -> None:
+    async with client_for(srv, llm_api_key="sk-1",
+                          llm_extra_headers={"authorization": "Bearer other", "idempotency-key": "x"}) as c:
+        await c.complete(LlmRequest(messages=USER, idempotency_key="k"))
+    raw = state(srv).requests[0]["raw_headers"]
+    assert [v for k, v in raw if k == "authorization"] == ["Bearer sk-1"]
+    assert [v for k, v in raw if k == "idempotency-key"] == ["k"]
+
+
 async def test_no_authorization_without_key(srv: RunningLlmServer) -> None:
     async with client_for(srv) as c:
         await c.complete(LlmRequest(messages=USER))

@@ -388,27 +388,26 @@ class LlmClient:
         """Every (base URL, model) this client has called, with its circuit state (for metrics and health)."""
         return {key: self.circuit_state(key[1], key[0]) for key in self._circuits}
 
-    def _admit(self, key: tuple[str, str]) -> bool:
-        """Whether a call may go to this circuit now; half-open lets one probe through."""
+    def _admit(self, key: tuple[str, str]) -> Literal["call", "probe"] | None:
+        """Whether a call may go to this circuit now (None: open); half-open lets one probe through."""
         c = self._circuits.setdefault(key, _Circuit())
         if c.opened_at is None:
-            return True
+            return "call"
         if self._clock() - c.opened_at < self.circuit_open_s or c.probing:
-            return False
+            return None
         c.probing = True
-        return True
+        return "probe"
 
-    def _record(self, key: tuple[str, str], ok: bool | None) -> None:
-        """``ok`` True: success; False: a retryable failure; None: neither (non-retryable answer, cancellation)."""
+    def _record(self, key: tuple[str, str], ok: bool, probe: bool) -> None:
+        """The outcome of a call: ``ok`` True for a success, False for a retryable failure."""
         c = self._circuits.setdefault(key, _Circuit())
-        was_probe, c.probing = c.probing, False
-        if ok is None:
-            return
+        if probe:
+            c.probing = False
         if ok:
             c.failures, c.opened_at = 0, None
             return
         c.failures += 1
-        if was_probe or c.failures >= self.circuit_failures:
+        if probe or c.failures >= self.circuit_failures:
             c.opened_at = self._clock()
 
     # -- chain --
@@ -448,13 +447,14 @@ class LlmClient:
                     and projected_call > request.max_cost_per_llm_call_usd):
                 failures.append({"model": name, "reason": "above_max_call_cost", "projected_usd": projected_call})
                 continue
-            if not self._admit(target.key):
+            admission = self._admit(target.key)
+            if admission is None:
                 tried = True
                 failures.append({"model": name, "reason": "circuit_open"})
                 continue
             try:
                 await self._check_budget(request, projected_call)
-                return await self._call(request, target, requested, failures)
+                return await self._call(request, target, requested, failures, admission == "probe")
             except _Retryable as exc:
                 tried = True
                 failures.append(exc.info)
@@ -462,10 +462,9 @@ class LlmClient:
                 if exc.retry_after_s is not None:
                     retry_after = max(retry_after or 0.0, exc.retry_after_s)
             finally:
-                # a probe that raised anything but a retryable failure (4xx, budget, cancellation) ends here
-                c = self._circuits.get(target.key)
-                if c is not None and c.probing:
-                    c.probing = False
+                # a probe that ended without a verdict (other 4xx, budget, secret, cancellation) frees the slot
+                if admission == "probe":
+                    self._circuits[target.key].probing = False
         if not tried:
             raise StepError(ErrorObject(
                 code="llm_error", retryable=False, message=f"no model of the chain of '{requested}' is eligible "
@@ -495,8 +494,8 @@ class LlmClient:
             message=f"projected cost {projected} USD exceeds the run budget of {request.max_cost_usd} USD",
             details={"max_cost_usd": request.max_cost_usd, "spent_usd": spent, "projected_usd": projected}))
 
-    async def _headers(self, request: LlmRequest, target: _Target) -> dict[str, str]:
-        headers: dict[str, str] = {}
+    async def _headers(self, request: LlmRequest, target: _Target) -> httpx.Headers:
+        headers = httpx.Headers()
         for name, value in self._extra_headers.items():
             headers[name] = await self._resolve_refs(value)
         key: str | None = None
@@ -541,8 +540,8 @@ class LlmClient:
         body["stream"] = False
         return body
 
-    async def _call(self, request: LlmRequest, target: _Target, requested: str,
-                    failures: list[dict[str, Any]]) -> LlmResult:
+    async def _call(self, request: LlmRequest, target: _Target, requested: str, failures: list[dict[str, Any]],
+                    probe: bool) -> LlmResult:
         headers = await self._headers(request, target)
         body = self._body(request, target.model)
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms is not None else self.timeout_s
@@ -553,26 +552,25 @@ class LlmClient:
                 response = await self._http.post(f"{target.base_url}/chat/completions", json=body, headers=headers,
                                                  timeout=httpx.Timeout(timeout_s))
         except (TimeoutError, httpx.TimeoutException) as exc:
-            self._record(target.key, False)
+            self._record(target.key, False, probe)
             raise _Retryable(where | {"reason": "timeout", "timeout_ms": int(timeout_s * 1000)}) from exc
         except httpx.TransportError as exc:
-            self._record(target.key, False)
+            self._record(target.key, False, probe)
             raise _Retryable(where | {"reason": "transport", "error": type(exc).__name__}) from exc
         latency_ms = int((time.monotonic() - started) * 1000)
         status = response.status_code
         if status == 408 or status == 429 or status >= 500:
-            self._record(target.key, False)
+            self._record(target.key, False, probe)
             raise _Retryable(where | {"reason": "http_error", "http_status": status,
                                       "provider_message": _error_excerpt(response)},
                              _retry_after_s(response.headers.get("retry-after")))
         if status >= 300:
-            self._record(target.key, None)
             raise StepError(ErrorObject(
                 code="llm_error", retryable=False, http_status=status,
                 message=f"model '{target.model}' answered HTTP {status}",
                 details=where | {"reason": "http_error", "requested_model": requested,
                                  "provider_message": _error_excerpt(response), "attempts": failures}))
-        self._record(target.key, True)
+        self._record(target.key, True, probe)
         text, provider_model, usage_raw = self._parse(response, target, requested)
         usage = self._usage(usage_raw, request.messages, text)
         cost = _call_cost(target.config, usage.prompt_tokens, usage.completion_tokens)
