@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class LlmModelConfig(BaseModel):
@@ -102,10 +104,24 @@ class GatewaySettings(CommonSettings):
                                               "presence keys live 3 intervals.")
     agent_circuit_half_open_s: float = Field(60.0, gt=0, description="An open agent circuit reads half_open "
                                              "after this many seconds.")
-    agent_url_allowlist: list[str] = Field(default_factory=list, description="Hosts or CIDRs agents may live "
-                                           "at; empty = any address except link-local and metadata ones.")
+    agent_url_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts or CIDRs agents may live at, comma-separated (a JSON list also "
+        "works); empty = any address except link-local and metadata ones.")
     agent_require_explicit_capabilities: bool = Field(True, description="Refuse the wildcard capability '*'.")
     agent_probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of capability probes.")
     metrics_token: SecretStr | None = Field(None, description="Bearer token GET /metrics requires when set.")
     agent_recommended_concurrency: int = Field(1, ge=1, description="Concurrency suggested by the bootstrap "
                                                "endpoint.")
+
+    @field_validator("agent_url_allowlist", mode="before")
+    @classmethod
+    def _split_allowlist(cls, value: Any) -> Any:
+        """``LANGORCH_AGENT_URL_ALLOWLIST=10.0.0.0/8,agents.internal`` or a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
