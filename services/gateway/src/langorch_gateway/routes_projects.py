@@ -24,7 +24,6 @@ from langorch_gateway.queries import Limit, Offset, Order, Where, fetch_page
 
 router = APIRouter()
 
-ACTIVE_RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling")
 PROJECTS_VIEW = """(SELECT p.*,
     (SELECT count(DISTINCT procedure_id) FROM procedures pr WHERE pr.project_id = p.project_id) AS procedure_count,
     (SELECT count(*) FROM runs r WHERE r.project_id = p.project_id
