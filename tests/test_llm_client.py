@@ -44,6 +44,16 @@ def srv(llm_server: RunningLlmServer) -> RunningLlmServer:
     return llm_server
 
 
+class Clock:
+    """A manual monotonic clock for the circuit windows (no sleeping, no timing flakiness)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Events:
     def __init__(self) -> None:
         self.items: list[EventData] = []
@@ -57,7 +67,7 @@ class Events:
 
 def client_for(srv: RunningLlmServer, models: dict[str, dict[str, Any]] | None = None, **kw: Any) -> LlmClient:
     secrets: Any = kw.pop("secrets", None)
-    circuit: dict[str, Any] = {k: kw.pop(k) for k in ("circuit_open_s", "circuit_failures") if k in kw}
+    circuit: dict[str, Any] = {k: kw.pop(k) for k in ("circuit_open_s", "circuit_failures", "clock") if k in kw}
     settings = RuntimeSettings(llm_base_url=srv.base_url(), llm_default_model=kw.pop("default", "m-default"),
                                llm_models={k: LlmModelConfig(**v) for k, v in (models or {}).items()}, **kw)
     return LlmClient(settings, secrets=secrets, **circuit)
@@ -245,13 +255,13 @@ CHAIN = {"a": {"fallbacks": ["b", "c"]}, "b": {}, "c": {}}
     ((408, None, {}), "http_error"), ((500, "boom", {}), "http_error"), ("delay", "timeout")])
 async def test_retryable_failure_moves_to_the_next_model(srv: RunningLlmServer, failure: Any, reason: str) -> None:
     if failure == "delay":
-        state(srv).model("a").delay_s = 0.5
+        state(srv).model("a").delay_s = 2.0
     else:
         state(srv).model("a").script.append(failure)
     state(srv).model("b").answer = "from b"
     events = Events()
     async with client_for(srv, CHAIN) as c:
-        result = await c.complete(LlmRequest(messages=USER, model="a", timeout_ms=60, idempotency_key="k1",
+        result = await c.complete(LlmRequest(messages=USER, model="a", timeout_ms=250, idempotency_key="k1",
                                              emit=events, node_id="n", frame="/n#1", attempt=1))
     assert (result.text, result.model, result.requested_model, result.fallback_attempt) == ("from b", "b", "a", 1)
     assert result.failures[0]["model"] == "a"
@@ -378,20 +388,24 @@ async def test_success_resets_the_failure_count(srv: RunningLlmServer) -> None:
 
 
 async def test_half_open_probe_closes_or_reopens_the_circuit(srv: RunningLlmServer) -> None:
+    clock = Clock()
     a = state(srv).model("a")
     a.status = 503
-    async with client_for(srv, {"a": {"fallbacks": ["b"]}}, circuit_open_s=0.05) as c:
+    async with client_for(srv, {"a": {"fallbacks": ["b"]}}, clock=clock) as c:
         for _ in range(5):
             await c.complete(LlmRequest(messages=USER, model="a"))
         assert c.circuit_state("a") == "open"
-        await asyncio.sleep(0.06)
+        clock.now += 59.9  # open for 60 s
+        assert c.circuit_state("a") == "open"
+        assert (await c.complete(LlmRequest(messages=USER, model="a"))).failures[0]["reason"] == "circuit_open"
+        clock.now += 0.1
         assert c.circuit_state("a") == "half_open"
         # a failing probe opens the circuit again at once
         assert (await c.complete(LlmRequest(messages=USER, model="a"))).model == "b"
         assert len(state(srv).calls("a")) == 6
         assert c.circuit_state("a") == "open"
         assert (await c.complete(LlmRequest(messages=USER, model="a"))).failures[0]["reason"] == "circuit_open"
-        await asyncio.sleep(0.06)
+        clock.now += 60.0
         # a successful probe closes it
         a.status = 200
         a.answer = "back"
@@ -402,12 +416,13 @@ async def test_half_open_probe_closes_or_reopens_the_circuit(srv: RunningLlmServ
 
 
 async def test_half_open_lets_one_probe_through(srv: RunningLlmServer) -> None:
+    clock = Clock()
     a = state(srv).model("a")
     a.status = 503
-    async with client_for(srv, {"a": {"fallbacks": ["b"]}}, circuit_open_s=0.05) as c:
+    async with client_for(srv, {"a": {"fallbacks": ["b"]}}, clock=clock) as c:
         for _ in range(5):
             await c.complete(LlmRequest(messages=USER, model="a"))
-        await asyncio.sleep(0.06)
+        clock.now += 60.0
         a.status, a.delay_s = 200, 0.2
         results = await asyncio.gather(*(c.complete(LlmRequest(messages=USER, model="a")) for _ in range(3)))
     assert sorted(r.model for r in results) == ["a", "b", "b"]
@@ -516,11 +531,11 @@ async def test_cancellation_aborts_the_request(srv: RunningLlmServer) -> None:
 
 
 async def test_settings_timeout_applies_without_node_timeout(srv: RunningLlmServer) -> None:
-    state(srv).model("a").delay_s = 0.5
-    async with client_for(srv, {"a": {"fallbacks": ["b"]}}, llm_timeout_s=0.05) as c:
+    state(srv).model("a").delay_s = 2.0
+    async with client_for(srv, {"a": {"fallbacks": ["b"]}}, llm_timeout_s=0.25) as c:
         result = await c.complete(LlmRequest(messages=USER, model="a"))
     assert result.model == "b"
-    assert result.failures == [{"model": "a", "reason": "timeout", "timeout_ms": 50}]
+    assert result.failures == [{"model": "a", "reason": "timeout", "timeout_ms": 250}]
     for _ in range(200):
         if state(srv).requests[0]["disconnected"]:
             break
