@@ -158,7 +158,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
     tasks = [asyncio.create_task(compiler.run())]
     runtime_service = None
     if runtime:
-        runtime_service = RuntimeService(RuntimeSettings(**env, ack_wait_s=5, public_url=f"http://127.0.0.1:{port}"))
+        runtime_service = RuntimeService(RuntimeSettings(**env, ack_wait_s=5, public_url=f"http://127.0.0.1:{port}",
+                                                         **(runtime_settings or {})))
         await runtime_service.start()
         tasks.append(asyncio.create_task(runtime_service.run()))
     agent_service = None

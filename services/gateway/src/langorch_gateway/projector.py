@@ -104,6 +104,10 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
         sets.append("started_at = COALESCE(started_at, $2)")
     elif ev.type in ("execution_resumed", "execution_recovered"):
         put("status", "running")
+    elif ev.type == "llm_usage":
+        sets.append(f"total_prompt_tokens = total_prompt_tokens + {int(d.get('prompt_tokens') or 0)}")
+        sets.append(f"total_completion_tokens = total_completion_tokens + {int(d.get('completion_tokens') or 0)}")
+        sets.append(f"estimated_cost_usd = estimated_cost_usd + {float(d.get('estimated_cost_usd') or 0.0)!r}")
     elif ev.type == "run_cancel_requested":
         put("status", "canceling")
         sets.append("cancel_requested_at = COALESCE(cancel_requested_at, $2)")

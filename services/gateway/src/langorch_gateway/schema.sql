@@ -154,3 +154,6 @@ CREATE TABLE IF NOT EXISTS api_commands (
     submitted_at      timestamptz NOT NULL,
     PRIMARY KEY (principal, idempotency_key)
 );
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS total_prompt_tokens bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS total_completion_tokens bigint NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS estimated_cost_usd double precision NOT NULL DEFAULT 0;

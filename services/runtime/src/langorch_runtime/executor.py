@@ -18,7 +18,6 @@ from langgraph.types import interrupt
 
 from ckp_core.events import Actor, EventData, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
-from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
 from langorch_runtime.frames import RunState
 from langorch_runtime.machine import Machine
@@ -58,23 +57,6 @@ class RunWriter:
         self.seq += 1
         self.position = position
         return position
-
-
-def unsupported_features(ir: ProcedureIR) -> list[str]:
-    """What this runtime cannot execute yet, as JSON-path-like descriptions (empty: the IR is runnable).
-
-    A run of a procedure using any of these fails at start with ``procedure_not_runnable`` naming them, instead
-    of failing half-way: LLM calls (without override, dry run or mocks) are not built yet.
-    """
-    out: list[str] = []
-    gc = ir.global_config
-    overrides = gc.test_data_overrides
-    for node in ir.nodes.values():
-        where = f"nodes.{node.id}"
-        if node.type == "llm_action" and node.id not in overrides and gc.execution_mode != "dry_run" \
-                and not gc.mock_external_calls:
-            out.append(f"{where} (LLM calls)")
-    return out
 
 
 def build_graph(machine: Machine, checkpointer: BaseCheckpointSaver[Any]) -> Any:

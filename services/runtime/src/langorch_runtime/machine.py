@@ -281,6 +281,7 @@ class Machine:
     children: ChildRuns | None = None
     secrets: SecretsAccess | None = None
     limiter: Limiter | None = None
+    llm: Any = None  # langorch_runtime.llm.LlmClient
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
 
     # -- scopes and templates -------------------------------------------------------------------------------
@@ -1090,10 +1091,7 @@ class Machine:
             await self.emit(StepMockApplied(node_id=node.id, step_id="llm", frame=fs, action="chat",
                                             binding_kind="llm"))
         else:
-            raise NodeFailure(ErrorObject(code="llm_error", retryable=False, node_id=node.id, frame=fs,
-                                          message="no LLM provider is configured for this runtime "
-                                          "(LANGORCH_LLM_MODELS); llm_action can run only with test_data_overrides, "
-                                          "dry_run or mock_external_calls", details={"reason": "not_configured"}))
+            text = await self.llm_call(state, frame, node, current, p, fs)
         namespace = vars_of(state, frame)
         if p.outputs:
             for var, mapping in p.outputs.items():
@@ -1125,6 +1123,73 @@ class Machine:
                                              valid=valid))
             return Next(chosen)
         return Next(node.next_node)
+
+    async def llm_call(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+                       p: LlmActionPayload, fs: str) -> str:
+        """The model call of an ``llm_action`` (§3.12, §7.13), recorded under step id ``llm`` so a replay
+        reuses the completion instead of calling again (§7.4)."""
+        from langorch_runtime.llm import build_messages, request_for
+
+        if self.llm is None:
+            raise NodeFailure(ErrorObject(code="llm_error", node_id=node.id, frame=fs, message="this runtime has "
+                                          "no LLM client", details={"reason": "not_configured"}))
+        identity = f"{node.id}:llm:{fs}"
+        record = await self.steps.get(identity)
+        if record is not None and record.status == "completed" and isinstance(record.result, dict):
+            await self.emit(StepReplayed(node_id=node.id, step_id="llm", frame=fs, action="chat",
+                                         output_variable=None, original_attempt=record.attempt))
+            return str(record.result.get("text") or "")
+        system = None
+        if p.system_prompt is not None:
+            system = await self.render(p.system_prompt, state, frame, node.id, None, "/system_prompt", text=True)
+        prompt = await self.render(p.prompt, state, frame, node.id, None, "/prompt", text=True)
+        attachments = [(a, await self.render(a.source, state, frame, node.id, None, f"/attachments/{i}/source"))
+                       for i, a in enumerate(p.attachments)]
+        try:
+            messages = build_messages(p, system, prompt, attachments)
+        except StepError as exc:
+            raise NodeFailure(exc.error.model_copy(update={"node_id": node.id, "frame": fs})) from exc
+        attempt = (record.attempt + (1 if record.status == "failed" else 0)) if record is not None else 1
+        retries = 0
+        counters = state.setdefault("llm", {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0})
+        while True:
+            key = idempotency_key(self.run.run_id, node.id, "llm", fs, attempt)
+            await self.steps.put(identity, StepRecord(status="started", attempt=attempt, idempotency_key=key,
+                                                      node_id=node.id, step_id="llm", frame=fs, updated_at=now_iso()))
+            request = request_for(p, self.ir.global_config, messages, spent_usd=float(counters["cost_usd"]),
+                                  idempotency_key=key, emit=self.emit, node_id=node.id, frame=fs, attempt=attempt)
+            try:
+                if self.limiter is not None and self.ir.global_config.rate_limiting.enabled:
+                    position = {"node_id": node.id, "step_id": "llm", "frame": fs, "attempt": attempt}
+                    async with self.limiter.admit(self.ir.procedure_id, self.ir.global_config.rate_limiting,
+                                                  self.emit, position):
+                        result = await self.llm.complete(request)
+                else:
+                    result = await self.llm.complete(request)
+                break
+            except StepError as exc:
+                error = exc.error.model_copy(update={"node_id": node.id, "step_id": "llm", "frame": fs,
+                                                     "attempt": attempt})
+            policy = p.retry
+            if policy is not None and retries < policy.max_retries and retry_allowed(policy, error):
+                delay = retry_delay(policy, retries)
+                retries += 1
+                await self.emit(StepRetrying(node_id=node.id, step_id="llm", frame=fs, attempt=attempt, action="chat",
+                                             delay_ms=delay, next_attempt=attempt + 1, source="retry_policy",
+                                             error=error))
+                await self.sleep(delay / 1000)
+                attempt += 1
+                continue
+            await self.record_failed(identity, key, node, "llm", fs, attempt, error)
+            raise NodeFailure(error)
+        counters["prompt_tokens"] += result.usage.prompt_tokens
+        counters["completion_tokens"] += result.usage.completion_tokens
+        counters["cost_usd"] += result.estimated_cost_usd or 0.0
+        await self.steps.put(identity, StepRecord(status="completed", attempt=attempt, idempotency_key=key,
+                                                  node_id=node.id, step_id="llm", frame=fs,
+                                                  result={"text": result.text, "model": result.model},
+                                                  updated_at=now_iso()))
+        return str(result.text)
 
     async def subflow(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
                       p: SubflowPayload) -> Outcome:

@@ -49,8 +49,9 @@ from langorch_infra.secrets import env_secret, grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
-from langorch_runtime.executor import RunWriter, build_graph, unsupported_features
+from langorch_runtime.executor import RunWriter, build_graph
 from langorch_runtime.frames import APPROVALS_KEY
+from langorch_runtime.llm import LlmClient
 from langorch_runtime.machine import CallbackConfig, Machine, RunInfo
 from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import StepStore
@@ -103,6 +104,7 @@ class RuntimeService:
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
+        self.llm = LlmClient(self.settings)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
@@ -141,6 +143,8 @@ class RuntimeService:
                 await task
         with contextlib.suppress(Exception):
             await self.timer.stop()
+        with contextlib.suppress(Exception):
+            await self.llm.aclose()
         with contextlib.suppress(Exception):
             await self.dispatcher.stop()
         if self.pool is not None:
@@ -273,12 +277,6 @@ class RuntimeService:
                 code="procedure_not_runnable", message=f"procedure {created['procedure_id']}@"
                 f"{created['procedure_version']} is not available to the runtime")))
             return
-        missing = unsupported_features(ir)
-        if missing:
-            await writer.emit(RunFailed(error=ErrorObject(
-                code="procedure_not_runnable", message=f"procedure {ir.procedure_id}@{ir.version} uses features this "
-                f"LangOrch runtime cannot execute yet: {', '.join(missing)}", details={"unsupported": missing})))
-            return
         if status == "canceling":  # the replica that executed it died before finishing the cancel
             requested = next(e for e in reversed(events) if e.envelope.type == "run_cancel_requested")
             await writer.emit(RunCanceled(reason=requested.envelope.data.get("reason"),
@@ -306,7 +304,7 @@ class RuntimeService:
                           emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
-                          limiter=self.limiter)
+                          limiter=self.limiter, llm=self.llm)
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
