@@ -104,7 +104,7 @@ class RuntimeService:
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
-        self.llm = LlmClient(self.settings)
+        self.llm = LlmClient(self.settings, secrets=self.secrets.value)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
