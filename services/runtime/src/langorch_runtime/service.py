@@ -104,10 +104,10 @@ class RuntimeService:
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
+        self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         self.llm = LlmClient(self.settings, secrets=self.secrets.value)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
-        self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                              ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
                              max_ack_pending=1000)
