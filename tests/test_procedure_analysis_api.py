@@ -129,3 +129,18 @@ async def test_diff_between_versions(client: httpx.AsyncClient) -> None:
     assert any(line.startswith("+") and '"2.0.0"' in line for line in lines)
     missing = await client.get("/api/procedures/greeting_diff/diff", params={"from": "1.0.0"})
     assert missing.status_code == 422
+
+
+async def test_import_refuses_a_subflow_cycle_through_stored_procedures(client: httpx.AsyncClient) -> None:
+    b = {"procedure_id": "cyc_b", "version": "1", "workflow_graph": {"start_node": "s", "nodes": {
+        "s": {"type": "subflow", "procedure_id": "cyc_a", "next_node": "e"}, "e": {"type": "terminate"}}}}
+    await imported(client, b)
+    await client.patch("/api/procedures/cyc_b/1/status", json={"status": "active"})
+    a = {"procedure_id": "cyc_a", "version": "1", "workflow_graph": {"start_node": "s", "nodes": {
+        "s": {"type": "subflow", "procedure_id": "cyc_b", "next_node": "e"}, "e": {"type": "terminate"}}}}
+    r = await client.post("/api/procedures", json={"ckp_json": a})
+    assert r.status_code == 422
+    assert r.json()["code"] == "compile_failed"
+    [cycle] = [d for d in r.json()["diagnostics"] if d["code"] == "subflow_recursion"]
+    assert cycle["path"] == "/workflow_graph/nodes/s/procedure_id"
+    assert "cyc_a -> cyc_b -> cyc_a" in cycle["message"]

@@ -30,6 +30,7 @@ from langorch_gateway import views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, comma_list, fetch_page
+from langorch_gateway.routes_analysis import StoredLookup, stored_lookup
 
 router = APIRouter()
 
@@ -116,9 +117,10 @@ def _check_if_match(row: asyncpg.Record, expected: int | None) -> None:
                          current_revision=row["revision"])
 
 
-def _compile_for_store(ckp_json: dict[str, Any]) -> Any:
-    """Compile like an import: identity errors → 422 validation_failed, other errors → 422 compile_failed."""
-    result = compile_document(ckp_json)
+def _compile_for_store(ckp_json: dict[str, Any], lookup: StoredLookup | None = None) -> Any:
+    """Compile like an import: identity errors → 422 validation_failed, other errors → 422 compile_failed.
+    ``lookup`` lets subflow references be checked against the stored procedures (recursion, missing targets)."""
+    result = compile_document(ckp_json, lookup)
     diagnostics = [d.model_dump(mode="json") for d in result.diagnostics]
     identity_errors = {f"ckp_json.{d.path.lstrip('/')}": [d.message] for d in result.errors
                        if d.path in ("/procedure_id", "/version")}
@@ -143,7 +145,7 @@ def _detail_response(row: asyncpg.Record, status: int = 200, headers: dict[str, 
 @router.post("/api/procedures", status_code=201)
 async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
     """Compile, then import a procedure version through the compiler service."""
-    ir = _compile_for_store(body.ckp_json)
+    ir = _compile_for_store(body.ckp_json, await stored_lookup(_db(request), body.ckp_json))
     pid, version = ir.procedure_id, ir.version
     db = _db(request)
     if body.project_id is not None and await db.fetchval(
@@ -296,7 +298,7 @@ async def replace_procedure(request: Request, procedure_id: str, version: str, b
     row = await _version_row(request, procedure_id, version)
     expected = _revision_of(if_match)
     _check_if_match(row, expected)
-    ir = _compile_for_store(body.ckp_json)
+    ir = _compile_for_store(body.ckp_json, await stored_lookup(_db(request), body.ckp_json))
     mismatch = {f"ckp_json.{k}": ["Must match the path"] for k, a, b in
                 (("procedure_id", ir.procedure_id, procedure_id), ("version", ir.version, version)) if a != b}
     if mismatch:
