@@ -230,3 +230,20 @@ def test_error_handler_recovery_strategy_alias_and_recovery_steps() -> None:
     assert handler.action == "escalate"
     assert [s.binding.plan for s in handler.recovery_steps] == ["channel:desktop:press_keys"]
     assert ("a", "b", "fallback") in {(e.source, e.target, e.kind) for e in ir.edges}
+
+
+def test_event_payloads_are_bounded() -> None:
+    from ckp_core.redaction import FIELD_LIMIT, PAYLOAD_LIMIT, bound_payload
+
+    big = "x" * (FIELD_LIMIT + 10)
+    out = bound_payload({"small": "ok", "big": big})
+    assert out["small"] == "ok"
+    assert out["big"]["_truncated"] is True
+    assert out["big"]["bytes"] == len(big) + 2
+    many = {f"f{i}": "y" * (FIELD_LIMIT - 100) for i in range(6)}
+    bounded = bound_payload(many)
+    truncated = [k for k, v in bounded.items() if isinstance(v, dict)]
+    assert 0 < len(truncated) < 6
+    import json
+
+    assert len(json.dumps(bounded)) <= PAYLOAD_LIMIT

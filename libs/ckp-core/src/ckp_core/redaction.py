@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -57,3 +59,33 @@ class Redactor:
         if isinstance(value, str) and self.values:
             return self._mask(value)
         return value
+
+
+FIELD_LIMIT = 64 * 1024
+PAYLOAD_LIMIT = 256 * 1024
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
+
+
+def _stub(value: Any) -> dict[str, Any]:
+    raw = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+    return {"_truncated": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def bound_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """Bound an event payload (ckp.md §7.15): a field over 64 KiB becomes ``{"_truncated": true, "bytes",
+    "sha256"}``; a payload still over 256 KiB has its largest fields truncated first until it fits."""
+    out = {k: (_stub(v) if _size(v) > FIELD_LIMIT else v) for k, v in payload.items()}
+    largest_first = [k for k, _ in sorted(((k, _size(v)) for k, v in out.items()), key=lambda kv: kv[1],
+                                          reverse=True)]
+    total = _size(out)
+    for key in largest_first:
+        if total <= PAYLOAD_LIMIT:
+            break
+        if isinstance(out[key], dict) and out[key].get("_truncated"):
+            continue
+        out[key] = _stub(out[key])
+        total = _size(out)
+    return out

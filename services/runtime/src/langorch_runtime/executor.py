@@ -18,7 +18,7 @@ from langgraph.types import interrupt
 
 from ckp_core.events import Actor, EventData, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
-from ckp_core.redaction import Redactor
+from ckp_core.redaction import Redactor, bound_payload
 from langorch_runtime.frames import RunState
 from langorch_runtime.machine import Machine
 
@@ -50,9 +50,9 @@ class RunWriter:
             return await self._emit(data)
 
     async def _emit(self, data: EventData) -> int:
-        clean = type(data).model_validate(self.redactor.redact(data.model_dump(mode="json")))
-        envelope = make_event(clean, aggregate_id=self.run_id, seq=self.seq + 1, actor=self.actor,
+        envelope = make_event(data, aggregate_id=self.run_id, seq=self.seq + 1, actor=self.actor,
                               causation_id=self.causation_id, correlation_id=self.run_id)
+        envelope.data = bound_payload(self.redactor.redact(envelope.data))
         [position] = await self.store.append([envelope], expected_position=self.position)
         self.seq += 1
         self.position = position
