@@ -226,3 +226,32 @@ async def test_resume_on_failure_retries_a_retryable_failure_once(platform: Plat
     retries = [e for e in await events_of(c, run_id) if e["event_type"] == "run_retry_requested"]
     assert [e["payload"]["automatic"] for e in retries] == [True]
     assert calls["second"] == 2
+
+
+async def test_inline_artifact_is_stored_and_replaced_in_the_result(platform: Platform) -> None:
+    import base64
+
+    import nats
+
+    c = platform.client
+    content = base64.b64encode(b"report body").decode()
+    agent = ScriptedAgent({"export": lambda b: {"artifact": {"kind": "file", "name": "r.txt",
+                                                             "mime_type": "text/plain", "content_base64": content}}})
+    doc = {"procedure_id": "artifact_out", "version": "1", "workflow_graph": {"start_node": "a", "nodes": {
+        "a": {"type": "sequence", "agent": "API", "next_node": "z",
+              "steps": [{"step_id": "e", "action": "export", "output_variable": "exported"}]},
+        "z": {"type": "terminate", "outputs": {"exported": "{{exported}}"}}}}}
+    async with serving(agent):
+        await register(c, agent, "api")
+        run = await wait_status(c, await start(c, doc))
+    assert run["status"] == "completed", run["error"]
+    [created] = [e["payload"] for e in await events_of(c, run["run_id"]) if e["event_type"] == "artifact_created"]
+    assert (created["stored"], created["size_bytes"], created["name"]) == (True, 11, "r.txt")
+    assert run["output_vars"]["exported"]["artifact"] == {"artifact_id": created["artifact_id"],
+                                                          "uri": f"lo-artifact://{created['artifact_id']}"}
+    nc = await nats.connect(platform.nats_url)
+    try:
+        store = await nc.jetstream().object_store("lo_artifacts")
+        assert (await store.get(created["artifact_id"])).data == b"report body"
+    finally:
+        await nc.close()

@@ -470,3 +470,18 @@ async def test_product_enrichment_premium_path_pauses_after_both_branches(resolu
         assert run.outcome["status"] == status
     else:  # the timeout routes to its own node
         assert received.routed_to == document["workflow_graph"]["nodes"][wait["node_id"]]["on_timeout"]
+
+
+async def test_artifacts_named_by_a_step_result_are_recorded() -> None:
+    agent = ScriptedDispatcher({"snap": [{"screenshot": "file:///tmp/a.png",
+                                          "artifacts": [{"kind": "report", "uri": "s3://b/r.pdf", "name": "r"}],
+                                          "uri": "not-an-artifact"}]})
+    document = doc({"a": {"type": "sequence", "agent": "WEB", "next_node": "z",
+                          "steps": [{"step_id": "s", "action": "snap", "output_variable": "out"}]},
+                    "z": {"type": "terminate", "outputs": {"out": "{{out}}"}}})
+    run = await run_doc(document, dispatcher=agent)
+    created = run.of("artifact_created")
+    assert [(e.kind, e.uri, e.stored) for e in created] == [("screenshot", "file:///tmp/a.png", False),
+                                                           ("report", "s3://b/r.pdf", False)]
+    assert run.outcome is not None
+    assert run.outcome["outputs"]["out"]["uri"] == "not-an-artifact"

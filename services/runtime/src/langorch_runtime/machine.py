@@ -62,6 +62,7 @@ from ckp_core.run_events import (
     ApprovalAutoResolved,
     ApprovalDecisionReceived,
     ApprovalRequested,
+    ArtifactCreated,
     AuditLog,
     CallbackTimedOut,
     CheckpointSaved,
@@ -216,6 +217,12 @@ class Delegated(Exception):
         self.agent_url = agent_url
 
 
+class ArtifactStore(Protocol):
+    """Stores inline artifact content (≤ 50 MiB); returns its URI and size."""
+
+    async def put(self, artifact_id: str, spec: dict[str, Any]) -> tuple[str, int]: ...
+
+
 class Limiter(Protocol):
     """Admits external dispatches under the procedure's rate limits (§7.6)."""
 
@@ -282,6 +289,7 @@ class Machine:
     secrets: SecretsAccess | None = None
     limiter: Limiter | None = None
     llm: Any = None  # langorch_runtime.llm.LlmClient
+    artifacts: ArtifactStore | None = None
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
 
     # -- scopes and templates -------------------------------------------------------------------------------
@@ -1503,6 +1511,18 @@ class Machine:
             await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                        action=step.action, error=error))
             raise NodeFailure(error, step_level=True)
+        await self.complete_step(state, frame, node, step, step_id, fs, attempt, key, identity, base, namespace,
+                                 internal, result, writes, started)
+        return None
+
+    async def complete_step(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
+                            attempt: int, key: str, identity: str, base: str, namespace: dict[str, Any],
+                            internal: bool, result: Any, writes: dict[str, Any], started: float) -> None:
+        """A step succeeded: artifacts, output variable and mappings, the completed record, ``wait_after_ms``."""
+        from langorch_runtime.operations import apply_writes
+
+        if result is not None and not internal:
+            result = await self.harvest(node, step_id, fs, attempt, result)
         if step.output_variable:
             writes[step.output_variable] = result
         if step.output_mapping:
@@ -1528,7 +1548,6 @@ class Machine:
                                       duration_ms=int((time.monotonic() - started) * 1000), retry_count=attempt - 1))
         if step.wait_after_ms:
             await self.sleep(step.wait_after_ms / 1000)
-        return None
 
     async def secret_layer(self, node: NodeIR, step: StepIR, step_id: str, internal: bool) -> dict[str, Any]:
         """The ``secrets`` local of a step's parameters: values (internal keys) or grants (agents), masked."""
@@ -1613,6 +1632,43 @@ class Machine:
                                           agent_id=delegated.agent_id, agent_url=delegated.agent_url,
                                           callback_url=callback_url, expires_at=expires_at, suspends_run=suspends))
         return Pause(delegated.delegation_id, "workflow_pending")
+
+    async def harvest(self, node: NodeIR, step_id: str, fs: str, attempt: int, result: Any) -> Any:
+        """Record the artifacts a step result names (§4.12): screenshots, artifact links and inline content
+        (stored through ``artifacts.put`` and replaced by ``{artifact_id, uri}`` in the result)."""
+        if not isinstance(result, dict):
+            return result
+        found: list[tuple[str | None, dict[str, Any]]] = []  # (key to replace, spec)
+        if isinstance(result.get("screenshot"), str):
+            found.append((None, {"kind": "screenshot", "uri": result["screenshot"]}))
+        if isinstance(result.get("artifact"), dict):
+            found.append(("artifact", result["artifact"]))
+        for item in result.get("artifacts") or [] if isinstance(result.get("artifacts"), list) else []:
+            if isinstance(item, dict):
+                found.append((None, item))
+        if isinstance(result.get("artifact_uri"), str) and isinstance(result.get("artifact_kind"), str):
+            found.append((None, {"kind": result["artifact_kind"], "uri": result["artifact_uri"]}))
+        if not found:
+            return result
+        out = dict(result)
+        for replace, spec in found:
+            artifact_id = new_id()
+            uri = spec.get("uri")
+            stored = False
+            size = None
+            content = spec.get("content_base64")
+            if isinstance(content, str) and self.artifacts is not None:
+                uri, size = await self.artifacts.put(artifact_id, spec)
+                stored = True
+            elif isinstance(content, str):
+                continue  # no artifact store in this runtime: the content stays in the result
+            await self.emit(ArtifactCreated(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                            artifact_id=artifact_id, kind=str(spec.get("kind") or "file"),
+                                            name=spec.get("name"), uri=uri, mime_type=spec.get("mime_type"),
+                                            size_bytes=size, stored=stored))
+            if replace is not None and stored:
+                out[replace] = {"artifact_id": artifact_id, "uri": uri}
+        return out
 
     async def record_failed(self, identity: str, key: str, node: NodeIR, step_id: str, fs: str, attempt: int,
                             error: ErrorObject) -> None:

@@ -48,6 +48,7 @@ from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topolo
 from langorch_infra.secrets import env_secret, grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agent_dispatch import AgentDispatcher
+from langorch_runtime.artifacts import ObjectStoreArtifacts
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph
 from langorch_runtime.frames import APPROVALS_KEY
@@ -104,6 +105,7 @@ class RuntimeService:
         self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
+        self.artifacts = await ObjectStoreArtifacts.open(self.js)
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         self.llm = LlmClient(self.settings, secrets=self.secrets.value)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
@@ -304,7 +306,7 @@ class RuntimeService:
                           emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
-                          limiter=self.limiter, llm=self.llm)
+                          limiter=self.limiter, llm=self.llm, artifacts=self.artifacts)
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
