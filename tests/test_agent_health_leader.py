@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 @contextlib.asynccontextmanager
 async def poller(nats_url: str, database_url: str, name: str) -> AsyncIterator[AgentService]:
     service = AgentService(RuntimeSettings(nats_url=nats_url, database_url=database_url, instance_id=name,
-                                           agent_health_interval_s=0.15, leader_lock_ttl_s=1,
+                                           agent_health_interval_s=0.15, leader_lock_ttl_s=3,
                                            agent_probe_timeout_s=1))
     await service.start()
     task = asyncio.create_task(service.run())
@@ -34,7 +34,7 @@ async def poller(nats_url: str, database_url: str, name: str) -> AsyncIterator[A
         await service.stop()
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 8.0) -> Any:
+async def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         result = await check()

@@ -1,5 +1,6 @@
 """api.md §1.5: with no outcome in time the gateway answers 202 pending; the command stays durable in LO_CMD
-and is processed once when the owning service is back."""
+and is processed once when the owning service is back; GET /api/commands/{id} (§3) follows it from pending to
+accepted or rejected."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ async def test_register_without_a_runtime_is_pending_then_applied(nats_url: str,
                         "location": f"/api/commands/{body['command_id']}"}
         assert r.headers["Location"] == body["location"]
         assert (await c.get("/api/agents/later")).status_code == 404
+        command = (await c.get(body["location"])).json()
+        assert command == {"command_id": body["command_id"], "command_type": "register_agent", "actor": "anonymous",
+                           "submitted_at": command["submitted_at"], "status": "pending", "position": None,
+                           "resource": "/api/agents/later", "problem": None}
+        # a second registration of the same id also passes the gateway's check: the runtime will refuse it
+        dup = await c.post("/api/agents", json={"agent_id": "later", "name": "Later", "channel": "web",
+                                                "base_url": "http://127.0.0.1:9", "capabilities": ["a"]})
+        assert dup.status_code == 202
 
         service = AgentService(RuntimeSettings(nats_url=nats_url, database_url=database_url))
         await service.start()
@@ -38,6 +47,19 @@ async def test_register_without_a_runtime_is_pending_then_applied(nats_url: str,
                 await asyncio.sleep(0.05)
             agent = (await c.get("/api/agents/later")).json()
             assert (agent["agent_id"], agent["status"]) == ("later", "online")
+            accepted = (await c.get(body["location"])).json()
+            assert accepted["status"] == "accepted"
+            assert isinstance(accepted["position"], int)
+            for _ in range(100):
+                rejected = (await c.get(dup.json()["location"])).json()
+                if rejected["status"] != "pending":
+                    break
+                await asyncio.sleep(0.05)
+            assert rejected["status"] == "rejected"
+            assert rejected["problem"]["code"] == "agent_exists"
+            assert rejected["problem"]["status"] == 409
+            missing = await c.get("/api/commands/01a2ffff-0000-7000-8000-000000000000")
+            assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
         finally:
             task.cancel()
             with contextlib.suppress(BaseException):

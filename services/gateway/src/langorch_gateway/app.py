@@ -33,6 +33,7 @@ from langorch_gateway import (
     routes_agents,
     routes_analysis,
     routes_callbacks,
+    routes_commands,
     routes_metrics,
     routes_procedures,
     routes_projects,
@@ -176,6 +177,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(routes_projects.router)
     app.include_router(routes_agents.router)
     app.include_router(routes_metrics.router)
+    app.include_router(routes_commands.router)
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)

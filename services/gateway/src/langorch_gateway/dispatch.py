@@ -33,10 +33,11 @@ class Outcome:
 
 
 async def send(request: Request, aggregate: str, aggregate_id: str, command: Command,
-               command_type: str) -> Outcome | None:
+               command_type: str, resource: str | None = None) -> Outcome | None:
     """Publish ``command`` and wait for the first event it caused on ``aggregate_id`` (None on timeout).
 
-    The ordered consumer exists before the command is published, so the outcome cannot be missed.
+    The ordered consumer exists before the command is published, so the outcome cannot be missed. The command
+    is logged first (``api_command_log``) so ``GET /api/commands/{id}`` can report it, pending or decided.
     """
     js = request.app.state.js
     settings: GatewaySettings = request.app.state.settings
@@ -47,6 +48,10 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
     fixed_id = getattr(request.state, "command_id", None)
     if fixed_id:  # an idempotent request: the command id (hence Nats-Msg-Id) belongs to its Idempotency-Key
         command.command_id = fixed_id
+    await request.app.state.pool.execute(
+        """INSERT INTO api_command_log (command_id, command_type, actor, aggregate, aggregate_id, resource,
+             submitted_at) VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (command_id) DO NOTHING""",
+        command.command_id, command_type, command.actor.render(), aggregate, aggregate_id, resource)
     try:
         await publish_command(js, command)
         deadline = asyncio.get_running_loop().time() + settings.command_timeout_s

@@ -246,7 +246,8 @@ async def _limit_conflict(request: Request, agent_id: str, resource_key: str, li
 
 async def _update(request: Request, command: UpdateAgent, command_type: str,
                   extra: dict[str, Any] | None = None) -> JSONResponse:
-    outcome = await send(request, "agent", command.agent_id, command, command_type)
+    outcome = await send(request, "agent", command.agent_id, command, command_type,
+                         f"/api/agents/{command.agent_id}")
     if outcome is None:
         return pending(command.command_id, command_type)
     raise_if_rejected(outcome)
@@ -314,7 +315,7 @@ async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
         protocol=body.protocol, base_url=body.base_url, concurrency_limit=body.concurrency_limit,
         resource_key=resource_key, pool_id=body.pool_id or f"{channel}_default", capabilities=capabilities,
         labels=body.labels, auth=(body.auth or AgentAuth()).model_dump(), token_sha256=_sha256(token))
-    outcome = await send(request, "agent", agent_id, command, "register_agent")
+    outcome = await send(request, "agent", agent_id, command, "register_agent", f"/api/agents/{agent_id}")
     if outcome is None:
         return pending(command.command_id, "register_agent")
     raise_if_rejected(outcome)
@@ -468,7 +469,7 @@ async def delete_agent(request: Request, agent_id: str) -> Response:
     """Remove an agent (``agent_removed``): dispatched steps finish, nothing new is sent."""
     await _row(request, agent_id)
     command = RemoveAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id)
-    outcome = await send(request, "agent", agent_id, command, "remove_agent")
+    outcome = await send(request, "agent", agent_id, command, "remove_agent", f"/api/agents/{agent_id}")
     if outcome is None:
         return pending(command.command_id, "remove_agent")
     raise_if_rejected(outcome)
@@ -539,7 +540,7 @@ async def release_lease(request: Request, lease_id: str,
     key, revision, _ = await _find_lease(request, lease_id)
     command = ReleaseLease(actor=ANONYMOUS, causation_id=request.state.request_id, lease_id=lease_id, key=key,
                            revision=revision, reason=reason)
-    outcome = await send(request, "lease", lease_id, command, "release_lease")
+    outcome = await send(request, "lease", lease_id, command, "release_lease", f"/api/leases/{lease_id}")
     if outcome is None:
         return pending(command.command_id, "release_lease")
     raise_if_rejected(outcome)

@@ -159,7 +159,8 @@ async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
                          identical=existing["content_hash"] == ir.content_hash)
     command = ImportProcedure(actor=ANONYMOUS, causation_id=request.state.request_id,
                               ckp_json=body.ckp_json, project_id=body.project_id)
-    outcome = await send(request, "procedure", pid, command, "import_procedure")
+    outcome = await send(request, "procedure", pid, command, "import_procedure",
+                         f"/api/procedures/{pid}/{version}")
     if outcome is None:
         return pending(command.command_id, "import_procedure")
     raise_if_rejected(outcome)
@@ -328,7 +329,8 @@ async def delete_procedure(request: Request, procedure_id: str, version: str,
                          run_ids=[r["run_id"] for r in in_use])
     command = DeleteProcedureVersion(actor=ANONYMOUS, causation_id=request.state.request_id,
                                      procedure_id=procedure_id, version=version, expected_revision=expected)
-    outcome = await send(request, "procedure", procedure_id, command, "delete_procedure_version")
+    outcome = await send(request, "procedure", procedure_id, command, "delete_procedure_version",
+                         f"/api/procedures/{procedure_id}/{version}")
     if outcome is None:
         return pending(command.command_id, "delete_procedure_version")
     raise_if_rejected(outcome)
@@ -357,7 +359,8 @@ async def promote(request: Request, procedure_id: str, version: str, body: Promo
                              "diagnostics": []})
     command = PromoteProcedure(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
                                version=version, target_channel=body.target_channel, reason=body.reason)
-    outcome = await send(request, "procedure", procedure_id, command, "promote_procedure")
+    outcome = await send(request, "procedure", procedure_id, command, "promote_procedure",
+                         f"/api/procedures/{procedure_id}/{version}")
     if outcome is None:
         return pending(command.command_id, "promote_procedure")
     raise_if_rejected(outcome)
@@ -376,7 +379,8 @@ async def rollback(request: Request, procedure_id: str, version: str, body: Roll
     command = RollbackProcedure(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
                                 version=version, target_channel=body.target_channel,
                                 rollback_to_version=body.rollback_to_version, reason=body.reason)
-    outcome = await send(request, "procedure", procedure_id, command, "rollback_procedure")
+    outcome = await send(request, "procedure", procedure_id, command, "rollback_procedure",
+                         f"/api/procedures/{procedure_id}")
     if outcome is None:
         return pending(command.command_id, "rollback_procedure")
     raise_if_rejected(outcome)
@@ -388,7 +392,8 @@ async def rollback(request: Request, procedure_id: str, version: str, body: Roll
 
 async def _finish(request: Request, command: ReplaceProcedure | SetProcedureStatus, command_type: str,
                   procedure_id: str, version: str, *, detail: bool) -> JSONResponse:
-    outcome = await send(request, "procedure", procedure_id, command, command_type)
+    outcome = await send(request, "procedure", procedure_id, command, command_type,
+                         f"/api/procedures/{procedure_id}/{version}")
     if outcome is None:
         return pending(command.command_id, command_type)
     raise_if_rejected(outcome)

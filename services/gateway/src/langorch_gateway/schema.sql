@@ -157,3 +157,15 @@ CREATE TABLE IF NOT EXISTS api_commands (
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS total_prompt_tokens bigint NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS total_completion_tokens bigint NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS estimated_cost_usd double precision NOT NULL DEFAULT 0;
+
+-- Not a projection: every command the gateway published (api.md §3 GET /api/commands/{id}); its outcome is
+-- looked up on the aggregate's events by causation id.
+CREATE TABLE IF NOT EXISTS api_command_log (
+    command_id    text PRIMARY KEY,
+    command_type  text NOT NULL,
+    actor         text NOT NULL,
+    aggregate     text NOT NULL,
+    aggregate_id  text NOT NULL,
+    resource      text,
+    submitted_at  timestamptz NOT NULL
+);

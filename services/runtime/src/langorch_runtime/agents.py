@@ -223,10 +223,11 @@ class AgentService:
         return state, done
 
     async def _append(self, aggregate: str, aggregate_id: str, seq: int, position: int, data: EventData,
-                      actor: Actor, causation_id: str | None) -> None:
+                      actor: Actor, causation_id: str | None) -> tuple[EventEnvelope, int]:
         event = make_event(data, aggregate_id=aggregate_id, seq=seq + 1, actor=actor, causation_id=causation_id,
                            aggregate=aggregate)
-        await self.store.append([event], expected_position=position)
+        [appended] = await self.store.append([event], expected_position=position)
+        return event, appended
 
     async def _reject(self, aggregate: str, aggregate_id: str, seq: int, position: int, command: Command,
                       command_type: str, refusal: CommandRefused) -> None:
@@ -439,13 +440,14 @@ class AgentService:
 
     async def _system_event(self, agent: AgentState, data: EventData) -> None:
         try:
-            await self._append("agent", agent.agent_id, agent.seq, agent.position, data, ACTOR, None)
+            event, position = await self._append("agent", agent.agent_id, agent.seq, agent.position, data, ACTOR,
+                                                 None)
         except ConcurrencyError:
             log.info("agent %s changed while probing; its health is re-judged next round", agent.agent_id)
         else:
-            # apply locally at once so the next round does not repeat the event before the registry catches up
-            evolve_agent(agent, make_event(data, aggregate_id=agent.agent_id, seq=agent.seq + 1, actor=ACTOR),
-                         agent.position)
+            # apply at once, so a second decision of this round (status after circuit) appends at the new head
+            # and the next round does not repeat the event before the registry catches up
+            evolve_agent(agent, event, position)
 
 
 async def serve(settings: RuntimeSettings) -> None:
