@@ -1,6 +1,9 @@
 """A real HTTP agent for end-to-end runs: FastAPI under uvicorn on a free port, speaking the agent protocol
 (api.md §15.1). Each action is answered by a handler the test supplies; every request is recorded, and a
-repeated Idempotency-Key is answered from the first result instead of being executed again."""
+repeated Idempotency-Key is answered from the first result instead of being executed again. A key whose first
+execution is still running is not executed again either: it is answered with HTTP 409 ``{"status": "error",
+"error_code": "in_progress"}`` and ``Retry-After`` (``in_progress="conflict"``, the default), or the request waits
+for the first execution and gets its result (``in_progress="wait"``)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 
 from langorch.server import ManagedServer
 from langorch_infra.embedded import free_port
@@ -27,6 +31,11 @@ class ScriptedAgent:
     requests: list[dict[str, Any]] = field(default_factory=list)  # every /execute body, in arrival order
     executed: list[str] = field(default_factory=list)  # idempotency keys actually executed
     results: dict[str, Any] = field(default_factory=dict)
+    in_progress: str = "conflict"  # a key still executing: "conflict" (409 in_progress) or "wait" (first result)
+    retry_after_s: int = 1  # Retry-After of a 409 in_progress answer
+    in_progress_answers: list[str] = field(default_factory=list)  # keys answered 409 in_progress (or made to wait)
+    running: dict[str, asyncio.Event] = field(default_factory=dict)  # keys whose first execution is running
+    on_answered: Callable[[str, dict[str, Any]], Any] | None = None  # called once an execution's answer is sent
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -46,20 +55,38 @@ class ScriptedAgent:
             key = request.headers.get("idempotency-key", "")
             if key in self.results:
                 return JSONResponse(self.results[key])
+            first = self.running.get(key)
+            if first is not None:  # the first execution of this key has not finished: never execute it twice
+                self.in_progress_answers.append(key)
+                if self.in_progress == "wait":
+                    await first.wait()
+                    if key in self.results:
+                        return JSONResponse(self.results[key])
+                return JSONResponse({"status": "error", "error": f"idempotency key {key} is still executing",
+                                     "error_code": "in_progress", "retryable": True}, status_code=409,
+                                    headers={"Retry-After": str(self.retry_after_s)})
             self.executed.append(key)
+            finished = self.running[key] = asyncio.Event()
             try:
-                answer = self.handlers[body["action"]](body)
-                if asyncio.iscoroutine(answer):
-                    answer = await answer
-            except AgentFailure as failure:
-                envelope: dict[str, Any] = {"status": "error", "error": failure.message,
-                                            "error_code": failure.code, "retryable": failure.retryable}
-            else:
-                envelope = {"status": "success", "result": answer}
-            self.results[key] = envelope
-            return JSONResponse(envelope)
+                envelope = await self._run_handler(body)
+                self.results[key] = envelope  # recorded before anyone waiting on the key is woken
+            finally:
+                self.running.pop(key, None)
+                finished.set()
+            after = BackgroundTask(self.on_answered, key, envelope) if self.on_answered is not None else None
+            return JSONResponse(envelope, background=after)  # the background task runs after the body is sent
 
         return app
+
+    async def _run_handler(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            answer = self.handlers[body["action"]](body)
+            if asyncio.iscoroutine(answer):
+                answer = await answer
+        except AgentFailure as failure:
+            return {"status": "error", "error": failure.message, "error_code": failure.code,
+                    "retryable": failure.retryable}
+        return {"status": "success", "result": answer}
 
 
 class AgentFailure(Exception):
