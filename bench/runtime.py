@@ -1,0 +1,302 @@
+"""Runtime overhead, with its baselines measured in the same run on the same servers.
+
+(a) A generated 10-node internal procedure (8 `sequence` nodes of set_variable/calculate/log steps, a `logic` node,
+    a `terminate`) run N times through the real platform (gateway, compiler, runtime in this process; NATS
+    JetStream and PostgreSQL), one run at a time and then N runs at once; against a bare LangGraph `StateGraph`
+    of 10 trivial async nodes on the same `AsyncPostgresSaver` (same database, `durability="sync"`).
+(b) Agent dispatch: steps dispatched by the runtime to a local HTTP agent (tests/scripted_agent.py), timed from
+    `step_started` to `step_completed`, against direct httpx POSTs to the same agent's /execute.
+
+    uv run python bench/runtime.py [--runs 20] [--calls 50]
+
+Prints one JSON object. Starts its own embedded NATS and PostgreSQL unless LANGORCH_TEST_NATS_URL /
+LANGORCH_TEST_DATABASE_URL are set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TypedDict
+
+import asyncpg
+import httpx
+import nats
+from langgraph.graph import END, START, StateGraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
+
+from ckp_core.subjects import event_subject
+from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
+from langorch_infra.jetstream import JetStreamEventStore
+from langorch_runtime.service import open_checkpointer
+from tests.conftest import platform_of
+from tests.helpers import import_procedure
+from tests.scripted_agent import ScriptedAgent, serving
+
+NODES = 10
+
+
+def ten_node_procedure() -> dict[str, Any]:
+    """8 sequence nodes (3 internal steps each), a logic node and a terminate: 10 nodes, all executed."""
+    nodes: dict[str, Any] = {}
+    for i in range(1, 9):
+        nodes[f"s{i}"] = {"type": "sequence", "next_node": f"s{i + 1}" if i < 8 else "route", "steps": [
+            {"step_id": "set", "action": "set_variable", "variable": f"v{i}", "value": i},
+            {"step_id": "calc", "action": "calculate", "expression": f"total + v{i}", "output_variable": "total"},
+            {"step_id": "note", "action": "log", "message": f"node {i}: total={{{{total}}}}"},
+        ]}
+    nodes["route"] = {"type": "logic", "rules": [{"condition": "total == 36", "next_node": "done"}],
+                      "default_next_node": "done"}
+    nodes["done"] = {"type": "terminate", "outputs": {"total": "{{total}}"}}
+    return {"procedure_id": "bench_ten_nodes", "version": "1",
+            "variables_schema": {"total": {"type": "number", "default": 0}},
+            "workflow_graph": {"start_node": "s1", "nodes": nodes}}
+
+
+def agent_procedure(calls: int) -> dict[str, Any]:
+    return {"procedure_id": "bench_agent_calls", "version": "1",
+            "workflow_graph": {"start_node": "each", "nodes": {
+                "each": {"type": "loop", "iterator": json.dumps(list(range(calls))), "iterator_variable": "n",
+                         "body_node": "call", "next_node": "done"},
+                "call": {"type": "sequence", "agent": "BENCH", "steps": [
+                    {"step_id": "echo", "action": "echo", "n": "{{n}}", "output_variable": "r"}]},
+                "done": {"type": "terminate", "outputs": {"r": "{{r}}"}}}}}
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"median": round(statistics.median(ordered), 3),
+            "p90": round(ordered[max(0, int(0.9 * len(ordered) + 0.5) - 1)], 3),
+            "min": round(ordered[0], 3), "n": len(ordered)}
+
+
+async def run_events(nats_url: str, run_id: str) -> list[Any]:
+    nc = await nats.connect(nats_url)
+    try:
+        return [e.envelope for e in await JetStreamEventStore(nc.jetstream()).read("run", run_id)]
+    finally:
+        await nc.close()
+
+
+class Completions:
+    """Terminal run events as the runtime appends them (core NATS subscription on the event subjects), so waiting
+    for a run costs nothing on the gateway's event loop (polling it would slow the runtime sharing the process)."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.nats_url = nats_url
+        self.done: dict[str, str] = {}
+        self.changed = asyncio.Event()
+
+    async def __aenter__(self) -> Completions:
+        self.nc = await nats.connect(self.nats_url)
+        for kind in ("run_completed", "run_failed", "run_canceled"):
+            await self.nc.subscribe(f"lo.evt.run.*.{kind}", cb=self._on)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.nc.close()
+
+    async def _on(self, msg: Any) -> None:
+        _, _, _, token, kind = msg.subject.split(".")
+        self.done[token] = kind
+        self.changed.set()
+
+    async def wait(self, run_id: str, timeout: float = 60) -> None:
+        token = event_subject("run", run_id, "x").split(".")[3]
+        deadline = time.perf_counter() + timeout
+        while token not in self.done:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), max(0.001, deadline - time.perf_counter()))
+        assert self.done[token] == "run_completed", (run_id, self.done[token])
+
+
+async def start(c: httpx.AsyncClient, procedure_id: str) -> str:
+    r = await c.post("/api/runs", json={"procedure_id": procedure_id, "procedure_version": "1"})
+    assert r.status_code == 201, r.text
+    return str(r.json()["run_id"])
+
+
+def executing_ms(events: list[Any]) -> float:
+    """Runtime time of a run: ``execution_started`` → ``run_completed`` (event timestamps)."""
+    started = next(e.occurred_at for e in events if e.type == "execution_started")
+    ended = next(e.occurred_at for e in events if e.type == "run_completed")
+    return float((ended - started).total_seconds() * 1000)
+
+
+async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions) -> dict[str, Any]:
+    c = p.client
+    doc = ten_node_procedure()
+    await import_procedure(c, doc)
+    for _ in range(3):  # warm-up
+        await ends.wait(await start(c, doc["procedure_id"]))
+    e2e: list[float] = []
+    in_runtime: list[float] = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        run_id = await start(c, doc["procedure_id"])
+        await ends.wait(run_id)
+        e2e.append((time.perf_counter() - t) * 1000)
+        events = await run_events(nats_url, run_id)
+        assert events[-1].data["outputs"] == {"total": 36}, events[-1].data
+        in_runtime.append(executing_ms(events))
+    n_events = len(events)
+    # throughput: N runs started together
+    t = time.perf_counter()
+    ids = await asyncio.gather(*(start(c, doc["procedure_id"]) for _ in range(runs)))
+    await asyncio.gather(*(ends.wait(r, timeout=300) for r in ids))
+    concurrent_s = time.perf_counter() - t
+    return {"e2e_ms": e2e, "runtime_ms": in_runtime, "events_per_run": n_events,
+            "concurrent_runs_per_s": runs / concurrent_s}
+
+
+class BareState(TypedDict):
+    n: int
+
+
+async def langgraph_baseline(database_url: str, runs: int) -> dict[str, Any]:
+    """A bare StateGraph of 10 trivial async nodes on the same AsyncPostgresSaver and database."""
+    pool, saver = await open_checkpointer(database_url)
+    try:
+        graph: StateGraph[BareState] = StateGraph(BareState)
+
+        async def step(state: BareState) -> BareState:
+            return {"n": state["n"] + 1}
+
+        for i in range(NODES):
+            graph.add_node(f"n{i}", step)
+            graph.add_edge(START if i == 0 else f"n{i - 1}", f"n{i}")
+        graph.add_edge(f"n{NODES - 1}", END)
+        app = graph.compile(checkpointer=saver)
+
+        async def one() -> float:
+            t = time.perf_counter()
+            out = await app.ainvoke({"n": 0}, {"configurable": {"thread_id": f"bench-{uuid.uuid4()}"}},
+                                    durability="sync")
+            assert out["n"] == NODES
+            return (time.perf_counter() - t) * 1000
+
+        for _ in range(3):
+            await one()
+        times = [await one() for _ in range(runs)]
+        t = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(runs)))
+        concurrent_s = time.perf_counter() - t
+    finally:
+        await pool.close()
+    return {"ms": times, "concurrent_runs_per_s": runs / concurrent_s}
+
+
+async def dispatch_bench(p: Any, nats_url: str, calls: int, ends: Completions) -> dict[str, Any]:
+    c = p.client
+    agent = ScriptedAgent({"echo": lambda b: {"n": b["params"]["n"]}})
+    async with serving(agent):
+        r = await c.post("/api/agents", json={"name": "bench-agent", "channel": "bench", "base_url": agent.base_url,
+                                              "capabilities": ["echo"], "concurrency_limit": 4})
+        assert r.status_code == 201, r.text
+        for _ in range(200):
+            items = (await c.get("/api/agents", params={"channel": "bench"})).json()["items"]
+            if items:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        doc = agent_procedure(calls + 3)
+        await import_procedure(c, doc)
+        run_id = await start(c, doc["procedure_id"])
+        await ends.wait(run_id, timeout=300)
+        events = await run_events(nats_url, run_id)
+        started = {e.data["frame"]: e.occurred_at for e in events if e.type == "step_started"}
+        through_runtime = [(e.occurred_at - started[e.data["frame"]]).total_seconds() * 1000
+                           for e in events if e.type == "step_completed"][3:]  # first 3: warm-up
+        assert len(through_runtime) == calls
+        assert len(agent.executed) == calls + 3
+        # the same agent, the same kind of request, straight from an httpx client
+        direct: list[float] = []
+        async with httpx.AsyncClient(timeout=30) as http:
+            for i in range(calls + 3):
+                key = f"lo1:bench-direct:call:echo:each[{i}]:1"
+                body = {"action": "echo", "params": {"n": i}, "run_id": "bench-direct", "node_id": "call",
+                        "step_id": "echo", "attempt": 1, "idempotency_key": key, "deadline_at": None,
+                        "dispatch_mode": "tool", "callback": None}
+                t = time.perf_counter()
+                resp = await http.post(f"{agent.base_url}/execute", json=body, headers={"Idempotency-Key": key})
+                direct.append((time.perf_counter() - t) * 1000)
+                assert resp.json() == {"status": "success", "result": {"n": i}}
+        direct = direct[3:]
+    return {"runtime_ms": through_runtime, "direct_ms": direct}
+
+
+async def main(runs: int, calls: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp())
+    nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
+    pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
+    servers = []
+    if not nats_url:
+        servers.append(EmbeddedNats(tmp / "nats").start())
+        nats_url = servers[-1].url
+    if not pg_url:
+        servers.append(EmbeddedPostgres(tmp / "pg").start())
+        pg_url = servers[-1].url
+    conn = await asyncpg.connect(pg_url)
+    await conn.execute("DROP DATABASE IF EXISTS lo_bench_runtime WITH (FORCE)")
+    await conn.execute("CREATE DATABASE lo_bench_runtime")
+    await conn.close()
+    db = pg_url.rsplit("/", 1)[0] + "/lo_bench_runtime"
+    try:
+        async with platform_of(nats_url, db) as p, Completions(nats_url) as ends:
+            platform = await platform_bench(p, nats_url, runs, ends)
+            dispatch = await dispatch_bench(p, nats_url, calls, ends)
+        bare = await langgraph_baseline(db, runs)
+    finally:
+        for s in servers:
+            s.stop()
+    e2e, rt, lg = stats(platform["e2e_ms"]), stats(platform["runtime_ms"]), stats(bare["ms"])
+    through, direct = stats(dispatch["runtime_ms"]), stats(dispatch["direct_ms"])
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "a_ten_node_internal_procedure": {
+            "procedure": "8 sequence nodes x (set_variable, calculate, log) + logic + terminate; 10 nodes executed",
+            "runs": runs, "events_per_run": platform["events_per_run"],
+            "platform_run_end_to_end_ms": e2e,
+            "platform_run_in_runtime_ms": rt,
+            "platform_runs_per_s_sequential": round(1000 / e2e["median"], 2),
+            "platform_runs_per_s_concurrent": round(platform["concurrent_runs_per_s"], 2),
+            "platform_per_node_ms_in_runtime": round(rt["median"] / NODES, 3),
+            "platform_per_node_ms_end_to_end": round(e2e["median"] / NODES, 3),
+            "baseline_langgraph_10_nodes_postgres_sync_ms": lg,
+            "baseline_runs_per_s_sequential": round(1000 / lg["median"], 2),
+            "baseline_runs_per_s_concurrent": round(bare["concurrent_runs_per_s"], 2),
+            "baseline_per_node_ms": round(lg["median"] / NODES, 3),
+            "ratio_in_runtime_to_baseline": round(rt["median"] / lg["median"], 2),
+            "ratio_end_to_end_to_baseline": round(e2e["median"] / lg["median"], 2),
+            "ratio_concurrent_throughput_baseline_to_platform": round(
+                bare["concurrent_runs_per_s"] / platform["concurrent_runs_per_s"], 2),
+        },
+        "b_agent_dispatch": {
+            "calls": calls,
+            "through_runtime_ms": through,
+            "direct_httpx_post_ms": direct,
+            "overhead_ms_median": round(through["median"] - direct["median"], 3),
+            "ratio_median": round(through["median"] / direct["median"], 2),
+            "ratio_p90": round(through["p90"] / direct["p90"], 2),
+            "note": "through_runtime = step_started -> step_completed event timestamps (candidate selection, "
+                    "lease create/release in KV, the HTTP call, step store write); agent, gateway and runtime share "
+                    "one process and event loop, as does the direct client",
+        },
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=50)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.runs, args.calls)), indent=2))
