@@ -238,7 +238,7 @@ async def main(runs: int, calls: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
     pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
-    servers = []
+    servers: list[EmbeddedNats | EmbeddedPostgres] = []
     if not nats_url:
         servers.append(EmbeddedNats(tmp / "nats").start())
         nats_url = servers[-1].url
