@@ -22,10 +22,11 @@ import pytest
 import uvicorn
 
 from langorch.server import ManagedServer
+from langorch_approvals.service import ApprovalsService
 from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
+from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
 from langorch_runtime.agents import AgentService
 from langorch_runtime.service import RuntimeService
 
@@ -131,6 +132,7 @@ class Platform:
     client: httpx.AsyncClient
     app: Any
     agent_service: Any = None
+    approvals_service: Any = None
 
 
 async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asyncio.Task[None], Any]:
@@ -150,7 +152,8 @@ async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asy
 @contextlib.asynccontextmanager
 async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True, agents: bool = True,
                       runtime_settings: dict[str, Any] | None = None,
-                      gateway_settings: dict[str, Any] | None = None) -> AsyncIterator[Platform]:
+                      gateway_settings: dict[str, Any] | None = None, approvals: bool = True,
+                      approvals_settings: dict[str, Any] | None = None) -> AsyncIterator[Platform]:
     env = {"nats_url": nats_url, "database_url": database_url}
     port = free_port()
     server, gateway_task, app = await _serve_gateway(GatewaySettings(**env, port=port, **(gateway_settings or {})))
@@ -168,10 +171,15 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
         agent_service = AgentService(RuntimeSettings(**env, **(runtime_settings or {})))
         await agent_service.start()
         tasks.append(asyncio.create_task(agent_service.run()))
+    approvals_service = None
+    if approvals:
+        approvals_service = ApprovalsService(ApprovalsSettings(**env, **(approvals_settings or {})))
+        await approvals_service.start()
+        tasks.append(asyncio.create_task(approvals_service.run()))
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         try:
-            yield Platform(base, nats_url, database_url, client, app, agent_service)
+            yield Platform(base, nats_url, database_url, client, app, agent_service, approvals_service)
         finally:
             for t in tasks:
                 t.cancel()
@@ -182,6 +190,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                 await runtime_service.stop()
             if agent_service is not None:
                 await agent_service.stop()
+            if approvals_service is not None:
+                await approvals_service.stop()
             await compiler.stop()
             server.should_exit = True
             await gateway_task

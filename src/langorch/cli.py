@@ -23,7 +23,7 @@ app = typer.Typer(help="LangOrch: durable orchestration of CKP procedures.", no_
 projections_app = typer.Typer(help="Maintain the PostgreSQL projections.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
 console = Console()
-SERVICES = ("compiler", "runtime", "gateway")
+SERVICES = ("compiler", "runtime", "approvals", "gateway")
 
 
 def _logging(level: str = "INFO") -> None:
@@ -55,9 +55,10 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
     import uvicorn
 
     from langorch.server import ManagedServer
+    from langorch_approvals.service import serve as serve_approvals
     from langorch_compiler.service import serve as serve_compiler
     from langorch_gateway.app import create_app
-    from langorch_infra.settings import CompilerSettings, GatewaySettings, RuntimeSettings
+    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
     from langorch_runtime.agents import serve as serve_agents
     from langorch_runtime.service import serve as serve_runtime
 
@@ -69,6 +70,9 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
         runtime = RuntimeSettings(nats_url=nats_url, database_url=database_url)
         tasks.append(asyncio.create_task(serve_runtime(runtime), name="runtime"))
         tasks.append(asyncio.create_task(serve_agents(runtime), name="runtime-agents"))
+    if "approvals" in names:
+        approvals = ApprovalsSettings(nats_url=nats_url, database_url=database_url)
+        tasks.append(asyncio.create_task(serve_approvals(approvals), name="approvals"))
     server = None
     if "gateway" in names:
         settings = GatewaySettings(nats_url=nats_url, database_url=database_url, host=host, port=port)
@@ -144,7 +148,7 @@ def up(
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="compiler, runtime or gateway")],
+    service: Annotated[str, typer.Argument(help="compiler, runtime, approvals or gateway")],
     host: Annotated[str, typer.Option(envvar="LANGORCH_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="LANGORCH_PORT")] = 8080,
 ) -> None:

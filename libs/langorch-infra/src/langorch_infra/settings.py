@@ -90,6 +90,16 @@ class RuntimeSettings(CommonSettings):
                                                   "completion_usd_per_1k, quality?, fallbacks: []}}.")
 
 
+class ApprovalsSettings(CommonSettings):
+    """Settings of the approvals service (api.md §6)."""
+
+    leader_lock_ttl_s: float = Field(15.0, ge=1, description="TTL of the approval timer's leader key in lo_locks; "
+                                     "a dead leader is replaced within this time.")
+    timer_tick_s: float = Field(0.1, gt=0, le=5, description="How often the elected replica looks for expired "
+                                "approvals (the lateness of a timeout is at most this).")
+    ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait of approval commands.")
+
+
 class GatewaySettings(CommonSettings):
     """Settings of the gateway (REST/SSE API and projector)."""
 

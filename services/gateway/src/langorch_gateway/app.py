@@ -32,6 +32,7 @@ from langorch_gateway import (
     idempotency,
     routes_agents,
     routes_analysis,
+    routes_approvals,
     routes_callbacks,
     routes_commands,
     routes_metrics,
@@ -176,6 +177,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(routes_procedures.router)
     app.include_router(routes_projects.router)
     app.include_router(routes_agents.router)
+    app.include_router(routes_approvals.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_commands.router)
 

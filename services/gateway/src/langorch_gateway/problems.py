@@ -27,6 +27,7 @@ STATUS = {
     "validation_failed": 422, "unknown_field": 422, "unsupported_field": 422, "compile_failed": 422,
     "invalid_input_vars": 422,
     "internal_error": 500, "unavailable": 503,
+    "approval_not_pending": 409, "approval_expired": 409, "invalid_decision": 422, "decided_by_mismatch": 422,
 }
 TITLES = {
     "malformed_json": "Malformed JSON", "not_found": "Not found", "method_not_allowed": "Method not allowed",
@@ -46,6 +47,8 @@ TITLES = {
     "promotion_validation_failed": "Promotion validation failed", "url_not_allowed": "URL not allowed",
     "upstream_error": "Upstream error", "upstream_timeout": "Upstream timeout",
     "idempotency_key_in_progress": "Idempotency key in progress", "idempotency_key_reused": "Idempotency key reused",
+    "approval_not_pending": "Approval not pending", "approval_expired": "Approval expired",
+    "invalid_decision": "Invalid decision", "decided_by_mismatch": "decided_by does not match the principal",
 }
 RETRYABLE = frozenset({"unavailable", "idempotency_key_in_progress"})
 

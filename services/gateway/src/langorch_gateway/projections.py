@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ckp_core.approvals import parse_time
 from ckp_core.eventstore import StoredEvent
 
 SEARCH_KEYS = ("domain", "business_domain", "intents", "primary_intents", "keywords", "tags")
@@ -192,3 +193,42 @@ async def apply_agent_event(conn: Any, stored: StoredEvent) -> None:
     else:
         return
     await conn.execute(f"UPDATE agents SET {', '.join(sets)} WHERE agent_id = $1 AND seq < $3", *args)  # noqa: S608
+
+
+def _jn(value: Any) -> str | None:
+    return _j(value) if value is not None else None
+
+
+def _ts(value: Any) -> Any:
+    return parse_time(value)
+
+
+async def apply_approval_event(conn: Any, stored: StoredEvent) -> None:
+    """The ``approvals`` projection (api.md §6): one row per approval, from the approval aggregate's events."""
+    ev = stored.envelope
+    d = ev.data
+    aid, at = ev.aggregate_id, ev.occurred_at
+    if ev.type == "approval_requested":
+        await conn.execute(
+            """INSERT INTO approvals (approval_id, run_id, procedure_id, procedure_version, node_id, node_name,
+                 project_id, prompt, context_data, decision_type, options, input_schema, status, created_at,
+                 expires_at, timeout_action, escalation_contact, approval_level, updated_at, seq, position)
+               VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9::jsonb,$10,$11::jsonb,$12::jsonb,'pending',$13,$14,$15,$16,$17,
+                 $13,$18,$19)
+               ON CONFLICT (approval_id) DO NOTHING""",
+            aid, d.get("run_id") or ev.correlation_id, d.get("procedure_id"), d.get("procedure_version"),
+            d.get("node_id"), d.get("node_name"), d.get("project_id"), str(d.get("prompt") or ""),
+            _jn(d.get("context_data")), d.get("decision_type") or "approve_reject", _j(d.get("options") or []),
+            _j(d.get("input_schema") or {}), at, _ts(d.get("expires_at")), d.get("timeout_action"),
+            d.get("escalation_contact"), d.get("approval_level"), ev.seq, stored.position)
+    elif ev.type in ("approval_decided", "approval_timed_out"):
+        await conn.execute(
+            """UPDATE approvals SET status = $2, decision = $3, decided_by = $4, decided_at = $5, comment = $6,
+                 decision_payload = $7::jsonb, updated_at = $8, seq = $9, position = $10
+               WHERE approval_id = $1 AND seq < $9""",
+            aid, d["status"], d.get("decision"), d.get("decided_by"), _ts(d.get("decided_at")), d.get("comment"),
+            _jn(d.get("payload")), at, ev.seq, stored.position)
+    elif ev.type == "approval_canceled":
+        await conn.execute(
+            """UPDATE approvals SET status = 'canceled', updated_at = $2, seq = $3, position = $4
+               WHERE approval_id = $1 AND seq < $3""", aid, at, ev.seq, stored.position)

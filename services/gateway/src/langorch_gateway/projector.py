@@ -19,13 +19,18 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import EVENT_STREAM
-from langorch_gateway.projections import apply_agent_event, apply_procedure_event, apply_project_event
+from langorch_gateway.projections import (
+    apply_agent_event,
+    apply_approval_event,
+    apply_procedure_event,
+    apply_project_event,
+)
 from langorch_infra.jetstream import decode_message, stream_last_position
 
 log = logging.getLogger(__name__)
 
 NAME = "core"
-TABLES = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events")
+TABLES = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals")
 LIFTED = ("node_id", "step_id", "attempt")
 BATCH = 500
 
@@ -67,6 +72,9 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
     if ev.aggregate == "agent":
         await apply_agent_event(conn, stored)
         return
+    if ev.aggregate == "approval":
+        await apply_approval_event(conn, stored)
+        return
     if ev.aggregate != "run":
         return
     run_id = ev.aggregate_id
@@ -104,6 +112,17 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
         sets.append("started_at = COALESCE(started_at, $2)")
     elif ev.type in ("execution_resumed", "execution_recovered"):
         put("status", "running")
+    elif ev.type in PAUSING and d.get("suspends_run"):
+        put("status", "waiting_approval" if ev.type == "approval_requested" else "paused")
+        put("waiting_on", _j(waiting_on(ev.type, d)), "::jsonb")
+    elif ev.type == "run_suspended":
+        put("status", d.get("status") or "paused")
+        put("waiting_on", _j(suspended_on(d.get("waiting_on"))), "::jsonb")
+    elif ev.type in RESUMING and d.get("resumes_run"):
+        # waiting → queued (api.md §5.2); the runtime appends execution_resumed first, so a run already
+        # running again keeps its status
+        sets.append("status = CASE WHEN status IN ('waiting_approval', 'paused') THEN 'queued' ELSE status END")
+        sets.append("waiting_on = NULL")
     elif ev.type == "llm_usage":
         sets.append(f"total_prompt_tokens = total_prompt_tokens + {int(d.get('prompt_tokens') or 0)}")
         sets.append(f"total_completion_tokens = total_completion_tokens + {int(d.get('completion_tokens') or 0)}")
@@ -132,7 +151,40 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
         put("output_vars", _j(d.get("outputs", {})), "::jsonb")
         put("error", _j(d.get("error")), "::jsonb")
         sets.append("ended_at = $2")
+    if ev.type in NOT_WAITING:
+        sets.append("waiting_on = NULL")
     await conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = $1 AND seq < $3", *args)  # noqa: S608
+
+
+PAUSING = ("approval_requested", "workflow_delegated", "subflow_started")
+RESUMING = ("approval_decision_received", "workflow_callback_received", "callback_timed_out", "subflow_completed",
+            "subflow_failed")
+NOT_WAITING = ("execution_started", "execution_resumed", "run_completed", "run_failed", "run_canceled",
+               "run_retry_requested")
+
+
+def waiting_on(event_type: str, d: dict[str, Any]) -> dict[str, Any]:
+    """``RunOut.waiting_on`` (api.md §5.1) of a pause event."""
+    if event_type == "approval_requested":
+        return {"kind": "approval", "approval_id": d.get("approval_id")}
+    if event_type == "subflow_started":
+        return {"kind": "child_run", "run_id": d.get("child_run_id")}
+    return {"kind": "callback", "node_id": d.get("node_id"), "step_id": d.get("step_id"),
+            "expires_at": d.get("expires_at")}
+
+
+def suspended_on(waits: Any) -> dict[str, Any] | None:
+    """``waiting_on`` of ``run_suspended``: the first approval it waits on, else its first wait."""
+    items = [w for w in waits if isinstance(w, dict)] if isinstance(waits, list) else []
+    if not items:
+        return None
+    w = next((w for w in items if w.get("kind") == "approval"), items[0])
+    if w.get("kind") == "approval":
+        return {"kind": "approval", "approval_id": w.get("id")}
+    if w.get("kind") == "child_run":
+        return {"kind": "child_run", "run_id": w.get("id")}
+    return {"kind": "callback", "node_id": w.get("node_id"), "step_id": w.get("step_id"),
+            "expires_at": w.get("expires_at")}
 
 
 class Projector:

@@ -169,3 +169,37 @@ CREATE TABLE IF NOT EXISTS api_command_log (
     resource      text,
     submitted_at  timestamptz NOT NULL
 );
+
+-- issue 5: approvals (api.md §6) and what a paused run waits on (api.md §5.1)
+CREATE TABLE IF NOT EXISTS approvals (
+    approval_id        text PRIMARY KEY,
+    run_id             text NOT NULL,
+    procedure_id       text,
+    procedure_version  text,
+    node_id            text,
+    node_name          text,
+    project_id         text,
+    prompt             text NOT NULL,
+    context_data       jsonb,
+    decision_type      text NOT NULL,
+    options            jsonb NOT NULL,
+    input_schema       jsonb NOT NULL,
+    status             text NOT NULL,
+    decision           text,
+    decided_by         text,
+    decided_at         timestamptz,
+    comment            text,
+    decision_payload   jsonb,
+    created_at         timestamptz NOT NULL,
+    expires_at         timestamptz,
+    timeout_action     text,
+    escalation_contact text,
+    approval_level     text,
+    updated_at         timestamptz NOT NULL,
+    seq                integer NOT NULL,
+    position           bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_created_at ON approvals (created_at DESC, approval_id);
+CREATE INDEX IF NOT EXISTS approvals_run ON approvals (run_id);
+CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, expires_at);
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS waiting_on jsonb;

@@ -1,0 +1,356 @@
+"""The approvals service: single writer of approval aggregates (api.md §6).
+
+* ``lo.cmd.approval.request`` (the runtime reached a ``human_approval`` node) → ``approval_requested``.
+* ``lo.cmd.approval.decide`` (a principal's decision through the gateway) → ``approval_decided`` and then
+  ``lo.cmd.run.resume`` | ``command_rejected{approval_not_pending|approval_expired|invalid_decision|
+  validation_failed}``.
+* Timers (§6.4): every replica folds ``lo.evt.approval.>`` from the start of the stream to know the pending
+  approvals; only the holder of ``leader.approval_timer`` in ``lo_locks`` appends ``approval_timed_out`` when one
+  passes its ``expires_at`` and resumes the run with ``resume_reason: approval_timeout``.
+* Run ends (§5.2): a durable consumer of the runs' terminal events cancels their pending approvals
+  (``approval_canceled``, actor ``system:approvals``).
+
+Every append carries the aggregate's expected position, so of a decision, a timeout and a cancel racing on one
+approval exactly one lands; the others re-read the aggregate and are rejected or dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from ckp_core.approvals import ApprovalState, check_decision, evolve, fold, resolution, timeout_outcome
+from ckp_core.commands import Command, DecideApproval, RequestApproval, ResumeRun
+from ckp_core.errors import CommandRefused, ConcurrencyError
+from ckp_core.events import (
+    Actor,
+    CommandRejected,
+    EventData,
+    EventEnvelope,
+    format_time,
+    make_event,
+    utc_now,
+)
+from ckp_core.run_events import ApprovalCanceled, ApprovalDecided, ApprovalRequested, ApprovalTimedOut
+from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, aggregate_filter
+from langorch_infra.jetstream import (
+    JetStreamEventStore,
+    connect,
+    decode_message,
+    ensure_topology,
+    follow,
+    publish_command,
+)
+from langorch_infra.kv import LeaderLock
+from langorch_infra.settings import ApprovalsSettings
+
+log = logging.getLogger(__name__)
+
+COMMAND_CONSUMER = "approvals"
+RUN_ENDS_CONSUMER = "approvals_run_ends"
+ACTOR = Actor.system("approvals")
+RUN_END_TYPES = {"run_completed": "completed", "run_failed": "failed", "run_canceled": "canceled"}
+RUN_TERMINAL_TYPES = frozenset({*RUN_END_TYPES, "run_deleted"})
+
+
+def resume_msg_id(approval_id: str) -> str:
+    """One resume per approval: a decision and a timeout cannot both land, and a republish is dropped."""
+    return f"approval-resume-{approval_id}"
+
+
+class ApprovalsService:
+    """One approvals replica."""
+
+    def __init__(self, settings: ApprovalsSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.nc: NATS | None = None
+        self.pending: dict[str, ApprovalState] = {}  # approval id → state, pending ones only
+        self.by_run: dict[str, set[str]] = {}
+        self.index_position = 0
+        self.unresumed: dict[str, ApprovalState] = {}  # timed out, but publishing the resume failed: retried
+        self._indexed = asyncio.Condition()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, f"langorch-approvals-{self.instance}")
+        self.js: JetStreamContext = self.nc.jetstream()
+        await ensure_topology(self.js)
+        self.store = JetStreamEventStore(self.js)
+        commands = ConsumerConfig(durable_name=COMMAND_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
+                                  ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.approval.>")
+        with contextlib.suppress(Exception):
+            await self.js.add_consumer(COMMAND_STREAM, commands)
+        self.commands = await self.js.pull_subscribe_bind(COMMAND_CONSUMER, stream=COMMAND_STREAM)
+        ends = ConsumerConfig(durable_name=RUN_ENDS_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
+                              deliver_policy=DeliverPolicy.ALL,
+                              filter_subjects=[f"lo.evt.run.*.{t}" for t in RUN_END_TYPES])
+        with contextlib.suppress(Exception):
+            await self.js.add_consumer(EVENT_STREAM, ends)
+        self.run_ends = await self.js.pull_subscribe_bind(RUN_ENDS_CONSUMER, stream=EVENT_STREAM)
+        self.lock = LeaderLock(self.js, "approval_timer", self.instance, self.settings.leader_lock_ttl_s)
+
+    async def run(self) -> None:
+        """Handle commands and run ends, keep the index, hold the timer lock and fire timeouts — until cancelled."""
+        self._tasks = [asyncio.create_task(c) for c in (
+            self._consume(self.commands, self._handle_command), self._consume(self.run_ends, self._handle_run_end),
+            self._follow_approvals(), self.lock.keep(), self._tick_forever())]
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            for t in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.lock.release()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    @staticmethod
+    async def _consume(sub: Any, handle: Callable[[Msg], Awaitable[None]]) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(10, timeout=5)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                await handle(msg)
+
+    # -- commands ----------------------------------------------------------------------------------------
+
+    @property
+    def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:
+        return {
+            "lo.cmd.approval.request": lambda raw: self.on_request(RequestApproval.model_validate_json(raw)),
+            "lo.cmd.approval.decide": lambda raw: self.on_decide(DecideApproval.model_validate_json(raw)),
+        }
+
+    async def _handle_command(self, msg: Msg) -> None:
+        handler = self.handlers.get(msg.subject)
+        try:
+            if handler is None:
+                log.error("unknown approval command %s dropped", msg.subject)
+            else:
+                await handler(msg.data)
+            await msg.ack_sync()
+        except ConcurrencyError:
+            await msg.nak()  # a decision, timeout or cancel landed first: decide again on redelivery
+        except Exception:
+            log.exception("approval command failed; it will be redelivered")
+            await msg.nak(delay=2)
+
+    async def load(self, approval_id: str, command: Command | None = None
+                   ) -> tuple[ApprovalState, EventEnvelope | None]:
+        """The aggregate's state, and the event ``command`` already caused (a redelivery) if any."""
+        history = await self.store.read("approval", approval_id)
+        state = fold(approval_id, ((e.envelope, e.position) for e in history))
+        done = None
+        if command is not None:
+            done = next((e.envelope for e in history if e.envelope.causation_id == command.command_id), None)
+        return state, done
+
+    async def _append(self, state: ApprovalState, data: EventData, actor: Actor, causation_id: str | None) -> int:
+        event = make_event(data, aggregate_id=state.approval_id, seq=state.seq + 1, actor=actor,
+                           causation_id=causation_id, correlation_id=state.run_id, aggregate="approval")
+        [position] = await self.store.append([event], expected_position=state.position)
+        evolve(state, event, position)
+        return position
+
+    async def on_request(self, cmd: RequestApproval) -> None:
+        """Open the approval (first event of its aggregate); a redelivery finds it open and changes nothing."""
+        state, _ = await self.load(cmd.approval_id)
+        if not state.exists:
+            state.run_id = cmd.run_id
+            await self._append(state, ApprovalRequested(
+                approval_id=cmd.approval_id, run_id=cmd.run_id, procedure_id=cmd.procedure_id,
+                procedure_version=cmd.procedure_version, project_id=cmd.project_id, node_id=cmd.node_id,
+                node_name=cmd.node_name, prompt=cmd.prompt, context_data=cmd.context_data,
+                decision_type=cmd.decision_type, options=cmd.options, input_schema=cmd.input_schema,
+                expires_at=cmd.expires_at, timeout_action=cmd.timeout_action, approval_level=cmd.approval_level,
+                escalation_contact=cmd.escalation_contact), cmd.actor, cmd.command_id)
+        # the run may have ended before this request was handled: then nothing would ever cancel the approval
+        ended = await self._run_end(cmd.run_id)
+        if ended is not None and state.pending:
+            await self.cancel(state.approval_id, ended, causation_id=cmd.command_id)
+
+    async def on_decide(self, cmd: DecideApproval) -> None:
+        """Record a principal's decision and resume the run, or reject the command with a stable code."""
+        state, done = await self.load(cmd.approval_id, cmd)
+        if done is not None:
+            if done.type == "approval_decided":
+                await self._resume(state, "approval_decision", "human", cmd.actor, cmd.command_id)
+            return
+        try:
+            status, decision, payload = check_decision(state, cmd.decision, cmd.payload, datetime.now(UTC))
+        except CommandRefused as refusal:
+            await self._append(state, CommandRejected(
+                command_id=cmd.command_id, command_type="decide_approval", code=refusal.code,
+                detail=refusal.message, extra=refusal.extra), cmd.actor, cmd.command_id)
+            return
+        assert state.run_id is not None
+        await self._append(state, ApprovalDecided(
+            approval_id=state.approval_id, run_id=state.run_id, status=status, decision=decision,
+            decided_by=cmd.actor.render(), decided_at=format_time(utc_now()), comment=cmd.comment,
+            payload=payload), cmd.actor, cmd.command_id)
+        await self._resume(state, "approval_decision", "human", cmd.actor, cmd.command_id)
+
+    async def _resume(self, state: ApprovalState, reason: str, source: str, actor: Actor,
+                      causation_id: str | None) -> None:
+        assert state.run_id is not None
+        await publish_command(self.js, ResumeRun(actor=actor, causation_id=causation_id, run_id=state.run_id,
+                                                 resume_reason=reason, resolution=resolution(state, source)),
+                              msg_id=resume_msg_id(state.approval_id))
+
+    # -- the index of pending approvals -----------------------------------------------------------------------
+
+    async def _follow_approvals(self) -> None:
+        async for stored in follow(self.js, "lo.evt.approval.>"):
+            ev = stored.envelope
+            state = self.pending.get(ev.aggregate_id)
+            if state is None and ev.type == "approval_requested":
+                state = ApprovalState(ev.aggregate_id)
+            if state is not None:
+                evolve(state, ev, stored.position)
+                if state.pending:
+                    self.pending[state.approval_id] = state
+                    if state.run_id:
+                        self.by_run.setdefault(state.run_id, set()).add(state.approval_id)
+                else:
+                    self._forget(state)
+            async with self._indexed:
+                self.index_position = stored.position
+                self._indexed.notify_all()
+
+    def _forget(self, state: ApprovalState) -> None:
+        self.pending.pop(state.approval_id, None)
+        if state.run_id and state.run_id in self.by_run:
+            self.by_run[state.run_id].discard(state.approval_id)
+            if not self.by_run[state.run_id]:
+                del self.by_run[state.run_id]
+
+    async def synced(self, timeout: float = 30.0) -> None:
+        """Wait until the index has applied every approval event now in the stream."""
+        try:
+            last = await self.js.get_last_msg(EVENT_STREAM, "lo.evt.approval.>")
+        except NotFoundError:
+            return
+        target = int(last.seq or 0)
+        async with self._indexed:
+            await asyncio.wait_for(self._indexed.wait_for(lambda: self.index_position >= target), timeout)
+
+    # -- run ends ------------------------------------------------------------------------------------------
+
+    async def _handle_run_end(self, msg: Msg) -> None:
+        try:
+            stored = decode_message(msg)
+            ev = stored.envelope
+            await self.synced()
+            for approval_id in sorted(self.by_run.get(ev.aggregate_id, set())):
+                await self.cancel(approval_id, RUN_END_TYPES.get(ev.type, "ended"), causation_id=ev.event_id)
+            await msg.ack_sync()
+        except Exception:
+            log.exception("canceling the approvals of an ended run failed; it will be redelivered")
+            await msg.nak(delay=2)
+
+    async def _run_end(self, run_id: str) -> str | None:
+        """How the run ended (``completed``/``failed``/``canceled``/``deleted``) when its last event ends it."""
+        try:
+            last = await self.js.get_last_msg(EVENT_STREAM, aggregate_filter("run", run_id))
+        except NotFoundError:
+            return None
+        kind = EventEnvelope.model_validate_json(last.data or b"{}").type
+        if kind not in RUN_TERMINAL_TYPES:
+            return None
+        return RUN_END_TYPES.get(kind, "deleted")
+
+    async def cancel(self, approval_id: str, run_status: str, *, causation_id: str | None) -> None:
+        """Cancel a still-pending approval of an ended run (a racing decision or timeout may win instead)."""
+        for _ in range(5):
+            state, _ = await self.load(approval_id)
+            if not state.pending:
+                return
+            assert state.run_id is not None
+            try:
+                await self._append(state, ApprovalCanceled(approval_id=approval_id, run_id=state.run_id,
+                                                           reason=f"run {run_status}"), ACTOR, causation_id)
+                return
+            except ConcurrencyError:
+                continue
+        raise ConcurrencyError(f"approval {approval_id} kept changing while being canceled")
+
+    # -- timeouts ----------------------------------------------------------------------------------------------
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.timer_tick_s)
+            if not self.lock.is_leader:
+                continue
+            try:
+                await self.fire_due(datetime.now(UTC))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("approval timer round failed")
+
+    async def fire_due(self, now: datetime) -> int:
+        """Time out every pending approval whose ``expires_at`` has passed (leader only); returns how many."""
+        fired = 0
+        for approval_id, state in list(self.unresumed.items()):
+            await self._resume(state, "approval_timeout", "timeout", ACTOR, None)
+            del self.unresumed[approval_id]
+        for approval_id, indexed in list(self.pending.items()):
+            expires = indexed.expires()
+            if expires is None or expires > now:
+                continue
+            state, _ = await self.load(approval_id)
+            if not state.pending:
+                self._forget(state)
+                continue
+            assert state.run_id is not None
+            ended = await self._run_end(state.run_id)
+            if ended is not None:
+                await self.cancel(approval_id, ended, causation_id=None)
+                continue
+            status, decision = timeout_outcome(state.timeout_action)
+            try:
+                await self._append(state, ApprovalTimedOut(
+                    approval_id=approval_id, run_id=state.run_id, status=status, decision=decision,
+                    decided_at=format_time(now), timeout_action=state.timeout_action), ACTOR, None)
+            except ConcurrencyError:
+                continue  # a decision or cancel landed meanwhile; the next round re-reads it
+            self._forget(state)
+            fired += 1
+            try:
+                await self._resume(state, "approval_timeout", "timeout", ACTOR, None)
+            except Exception:
+                log.warning("resuming run %s after the timeout of %s failed; retried next round", state.run_id,
+                            approval_id, exc_info=True)
+                self.unresumed[approval_id] = state
+        return fired
+
+
+async def serve(settings: ApprovalsSettings) -> None:
+    """Run one approvals replica until cancelled."""
+    service = ApprovalsService(settings)
+    await service.start()
+    try:
+        await service.run()
+    finally:
+        await service.stop()
