@@ -67,8 +67,8 @@ async def database_url(pg_server_url: str) -> AsyncIterator[str]:
 async def _wipe_jetstream(url: str) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    for name in ("LO_EVT", "LO_CMD", "KV_lo_procedures", "KV_lo_steps", "KV_lo_leases", "KV_lo_locks",
-                 "KV_lo_presence",
+    for name in ("LO_EVT", "LO_CMD", "LO_EXT", "LO_AUDIT", "KV_lo_procedures", "KV_lo_steps", "KV_lo_leases",
+                 "KV_lo_locks", "KV_lo_presence",
                  "KV_lo_ratelimits", "OBJ_lo_artifacts"):
         with contextlib.suppress(Exception):
             await js.delete_stream(name)

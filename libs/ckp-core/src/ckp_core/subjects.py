@@ -6,6 +6,8 @@ from ckp_core.ids import encode_token
 
 EVENT_STREAM = "LO_EVT"
 COMMAND_STREAM = "LO_CMD"
+EXTERNAL_STREAM = "LO_EXT"
+AUDIT_STREAM = "LO_AUDIT"
 PROCEDURES_BUCKET = "lo_procedures"
 STEPS_BUCKET = "lo_steps"
 LEASES_BUCKET = "lo_leases"

@@ -25,8 +25,10 @@ from ckp_core.errors import ConcurrencyError
 from ckp_core.events import EventEnvelope
 from ckp_core.eventstore import AggregateHead, StoredEvent
 from ckp_core.subjects import (
+    AUDIT_STREAM,
     COMMAND_STREAM,
     EVENT_STREAM,
+    EXTERNAL_STREAM,
     LEASES_BUCKET,
     LOCKS_BUCKET,
     PRESENCE_BUCKET,
@@ -47,6 +49,11 @@ STREAMS = (
                  storage=StorageType.FILE, duplicate_window=120.0, allow_direct=True),
     StreamConfig(name=COMMAND_STREAM, subjects=["lo.cmd.>"], retention=RetentionPolicy.WORK_QUEUE,
                  storage=StorageType.FILE, duplicate_window=600.0),
+    # api.md §16.2: inbound events of other systems (7 days, 10 min dedupe) and audit records
+    StreamConfig(name=EXTERNAL_STREAM, subjects=["lo.ext.>"], retention=RetentionPolicy.LIMITS,
+                 storage=StorageType.FILE, duplicate_window=600.0, max_age=7 * 86400.0),
+    StreamConfig(name=AUDIT_STREAM, subjects=["lo.audit.>"], retention=RetentionPolicy.LIMITS,
+                 storage=StorageType.FILE, duplicate_window=120.0, max_age=365 * 86400.0),
 )
 BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET, LEASES_BUCKET, LOCKS_BUCKET, PRESENCE_BUCKET, RATELIMITS_BUCKET)
 

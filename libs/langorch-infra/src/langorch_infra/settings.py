@@ -119,6 +119,8 @@ class GatewaySettings(CommonSettings):
         "works); empty = any address except link-local and metadata ones.")
     agent_require_explicit_capabilities: bool = Field(True, description="Refuse the wildcard capability '*'.")
     agent_probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of capability probes.")
+    ready_max_lag: int = Field(10_000, ge=0, description="GET /api/ready answers 503 while a projection is more "
+                               "than this many events behind the stream head.")
     metrics_token: SecretStr | None = Field(None, description="Bearer token GET /metrics requires when set.")
     agent_recommended_concurrency: int = Field(1, ge=1, description="Concurrency suggested by the bootstrap "
                                                "endpoint.")

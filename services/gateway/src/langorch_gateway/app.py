@@ -35,6 +35,7 @@ from langorch_gateway import (
     routes_approvals,
     routes_callbacks,
     routes_commands,
+    routes_health,
     routes_metrics,
     routes_procedures,
     routes_projects,
@@ -180,6 +181,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(routes_approvals.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_commands.router)
+    app.include_router(routes_health.router)
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)

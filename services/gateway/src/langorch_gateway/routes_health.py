@@ -1,0 +1,57 @@
+"""``GET /api/ready`` (api.md §3): NATS connected, the four streams present, PostgreSQL answering, and every
+projection within ``ready_max_lag`` events of the stream head. 503 (same document) when any check fails."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from nats.js.errors import NotFoundError
+
+from ckp_core.subjects import AUDIT_STREAM, COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM
+from langorch_gateway.metrics import PROJECTIONS
+from langorch_infra.jetstream import stream_last_position
+from langorch_infra.settings import GatewaySettings
+
+router = APIRouter()
+
+STREAMS = (EVENT_STREAM, COMMAND_STREAM, EXTERNAL_STREAM, AUDIT_STREAM)
+
+
+@router.get("/api/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness for traffic; each check is ``"ok"`` or a short reason."""
+    settings: GatewaySettings = request.app.state.settings
+    state = request.app.state
+    checks: dict[str, str] = {}
+    lag: dict[str, int] = {}
+    checks["nats"] = "ok" if state.nc.is_connected else "disconnected"
+    missing: list[str] = []
+    head: int | None = None
+    try:
+        for name in STREAMS:
+            try:
+                await asyncio.wait_for(state.js.stream_info(name), 2)
+            except NotFoundError:
+                missing.append(name)
+        head = await asyncio.wait_for(stream_last_position(state.js), 2)
+        checks["streams"] = "ok" if not missing else "missing " + ", ".join(missing)
+    except Exception as exc:  # any NATS failure means not ready, never a 500
+        checks["streams"] = f"unavailable: {type(exc).__name__}"
+    try:
+        await asyncio.wait_for(state.pool.fetchval("SELECT 1"), 2)
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"unavailable: {type(exc).__name__}"
+    if head is None:
+        checks["projections"] = "unknown: stream head unavailable"
+    else:
+        behind = max(0, head - state.projector.position)
+        lag = dict.fromkeys(PROJECTIONS, behind)  # the tables share the projector's one position
+        checks["projections"] = "ok" if behind <= settings.ready_max_lag else f"{behind} events behind"
+    ok = all(v == "ok" for v in checks.values())
+    body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "auth": "disabled", "checks": checks,
+                            "projection_lag": lag}
+    return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})

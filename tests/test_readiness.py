@@ -1,0 +1,34 @@
+"""api.md §3: GET /api/ready reports NATS, the four streams, PostgreSQL and projection lag; 503 when not ready."""
+
+from __future__ import annotations
+
+import nats
+import pytest
+
+from langorch_gateway.metrics import PROJECTIONS
+from tests.conftest import platform_of
+
+pytestmark = pytest.mark.integration
+
+
+async def test_ready_then_not_ready_without_a_stream(nats_url: str, database_url: str) -> None:
+    async with platform_of(nats_url, database_url, runtime=False, agents=False,
+                           gateway_settings={"ready_max_lag": 0}) as p:
+        await p.app.state.projector.catch_up()
+        r = await p.client.get("/api/ready")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"status": "ready", "auth": "disabled",
+                            "checks": {"nats": "ok", "streams": "ok", "postgres": "ok", "projections": "ok"},
+                            "projection_lag": dict.fromkeys(PROJECTIONS, 0)}
+        nc = await nats.connect(nats_url)
+        try:
+            await nc.jetstream().delete_stream("LO_AUDIT")
+        finally:
+            await nc.close()
+        r = await p.client.get("/api/ready")
+        assert r.status_code == 503
+        body = r.json()
+        assert body["status"] == "not_ready"
+        assert body["checks"]["streams"] == "missing LO_AUDIT"
+        assert r.headers["Retry-After"] == "1"
+        assert (await p.client.get("/api/health")).status_code == 200  # liveness is unaffected
