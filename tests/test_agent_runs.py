@@ -255,3 +255,17 @@ async def test_inline_artifact_is_stored_and_replaced_in_the_result(platform: Pl
         assert (await store.get(created["artifact_id"])).data == b"report body"
     finally:
         await nc.close()
+
+
+async def test_validation_only_mode_completes_without_running_a_node(platform: Platform) -> None:
+    c = platform.client
+    doc = {"procedure_id": "validate_only", "version": "1", "global_config": {"execution_mode": "validation_only"},
+           "workflow_graph": {"start_node": "a", "nodes": {
+               "a": {"type": "sequence", "agent": "API", "next_node": "z", "steps": [{"step_id": "s", "action": "x"}]},
+               "z": {"type": "terminate"}}}}
+    run = await wait_status(c, await start(c, doc))
+    assert run["status"] == "completed"
+    events = await events_of(c, run["run_id"])
+    assert [e["event_type"] for e in events] == ["run_created", "execution_started", "run_completed"]
+    assert events[-1]["payload"]["mode"] == "validation_only"
+    assert events[-1]["payload"]["message"].startswith("Execution skipped (mode=validation_only)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,8 @@ class ScriptedDispatcher(Dispatcher):
         if isinstance(answer, ErrorObject):
             raise StepError(answer)
         if callable(answer):
-            return answer(request)
+            produced = answer(request)
+            return await produced if inspect.isawaitable(produced) else produced
         return answer
 
 

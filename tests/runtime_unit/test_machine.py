@@ -485,3 +485,43 @@ async def test_artifacts_named_by_a_step_result_are_recorded() -> None:
                                                            ("report", "s3://b/r.pdf", False)]
     assert run.outcome is not None
     assert run.outcome["outputs"]["out"]["uri"] == "not-an-artifact"
+
+
+@pytest.mark.parametrize(("on_failure", "status", "runs_of_a"), [
+    ("throw_exception", "completed", 1),  # the node's ignore handler applies
+    ("fail_workflow", "failed", 1),  # bypasses the node's handlers
+    ("retry_node", "completed", 3),  # re-runs the node max_node_retries times, then as throw_exception
+])
+async def test_sequence_validations(on_failure: str, status: str, runs_of_a: int) -> None:
+    document = doc({
+        "a": {"type": "sequence", "next_node": "z", "error_handlers": [{"error_type": "validation_failed",
+                                                                        "action": "ignore"}],
+              "steps": [log_step("s")],
+              "validations": [{"id": "v", "condition": "1 > 2", "on_failure": on_failure, "max_node_retries": 2,
+                               "message": "one is not more than {{'two'}}"}]},
+        "z": END})
+    run = await run_doc(document)
+    assert run.outcome is not None
+    assert run.outcome["status"] == status
+    assert len([e for e in run.of("node_started") if e.node_id == "a"]) == runs_of_a
+    failures = run.of("validation_failed")
+    assert failures[0].message == "one is not more than two"
+    assert failures[0].on_failure == on_failure
+
+
+async def test_step_timeout_is_retryable_and_reported() -> None:
+    import asyncio
+
+    async def hang(request: Any) -> Any:
+        await asyncio.sleep(10)
+
+    agent = ScriptedDispatcher({"slow": [hang], "fast": [{"ok": True}]})
+    document = doc({"a": {"type": "sequence", "agent": "API", "next_node": "z", "steps": [
+        {"step_id": "s", "action": "slow", "timeout_ms": 20, "retry_config": {"max_retries": 1, "strategy": "fixed",
+                                                                             "retry_delay_ms": 1}}]},
+                    "z": END})
+    run = await run_doc(document, dispatcher=agent)
+    assert run.outcome is not None
+    assert run.outcome["error"]["code"] == "step_timeout"
+    assert [e.timeout_ms for e in run.of("step_timeout")] == [20, 20]
+    assert len(run.of("step_retrying")) == 1
