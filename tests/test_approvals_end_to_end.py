@@ -404,3 +404,31 @@ async def test_stream_delivers_updates_and_resumes_after_last_event_id(platform:
     [(after_id, after)] = await read_updates(c, lambda d: True, params={"after": str(int(first_id) - 1)})
     assert (after_id, after["event_type"], after["approval_id"]) == (first_id, "approval_requested",
                                                                      approval["approval_id"])
+
+
+CHILD = procedure("child_review", {"on_approve": "approved_end", "on_reject": "rejected_end"},
+                  "approved_end", "rejected_end")
+PARENT = {"procedure_id": "parent_of_review", "version": "1", "workflow_graph": {"start_node": "call", "nodes": {
+    "call": {"type": "subflow", "procedure_id": "child_review", "version": "1", "input_mapping": {"amount": "9"},
+             "output_mapping": {"child_route": "route"}, "next_node": "end"},
+    "end": {"type": "terminate", "outputs": {"child_route": "{{child_route}}"}}}}}
+
+
+async def test_an_approval_in_a_child_run_pauses_the_parent(platform: Platform) -> None:
+    c = platform.client
+    for doc in (CHILD, PARENT):
+        r = await c.post("/api/procedures", json={"ckp_json": doc})
+        assert r.status_code == 201, r.text
+    parent_id = await start(c, "parent_of_review")
+    parent = await run_until(c, parent_id, ("paused", *TERMINAL))
+    assert parent["status"] == "paused", parent
+    assert parent["waiting_on"]["kind"] == "child_run"
+    child_id = parent["waiting_on"]["run_id"]
+    approval = await pending_approval(c, child_id)
+    assert approval["procedure_id"] == "child_review"
+    r = await decide(c, approval["approval_id"], decision="approved")
+    assert r.status_code == 200, r.text
+    parent = await run_until(c, parent_id, TERMINAL)
+    assert parent["status"] == "completed", parent
+    assert parent["waiting_on"] is None
+    assert parent["output_vars"] == {"child_route": "approved_end"}
