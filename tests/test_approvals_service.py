@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,7 +23,7 @@ from langorch_approvals.service import ApprovalsService
 from langorch_gateway.projector import rebuild
 from langorch_infra.jetstream import JetStreamEventStore, connect, publish_command
 from langorch_infra.settings import ApprovalsSettings
-from tests.conftest import Platform, platform_of
+from tests.conftest import Platform, langorch_command, platform_of
 from tests.test_approvals_end_to_end import approval_when, decide, pending_approval, procedure, run_until, start
 
 pytestmark = pytest.mark.integration
@@ -197,3 +201,26 @@ async def test_two_approvals_in_branches_and_a_rebuild_gives_identical_rows(nats
         finally:
             await pool.close()
         assert await dump(database_url) == before
+
+
+async def test_langorch_serve_approvals_runs_the_service(nats_url: str, database_url: str, tmp_path: Path) -> None:
+    """``langorch serve approvals`` (what a Kubernetes pod runs) serves approvals for a platform without one."""
+    env = os.environ | {"LANGORCH_NATS_URL": nats_url, "LANGORCH_DATABASE_URL": database_url}
+    log = tmp_path / "approvals.log"
+    async with platform_of(nats_url, database_url, approvals=False) as p:
+        c = p.client
+        assert (await c.post("/api/procedures", json={"ckp_json": PLAIN})).status_code == 201
+        with log.open("wb") as out:
+            proc = subprocess.Popen(langorch_command("serve", "approvals"), env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        try:
+            run_id = await start(c, "svc_plain")
+            approval = await pending_approval(c, run_id)
+            r = await decide(c, approval["approval_id"], decision="approved")
+            assert r.status_code == 200, r.text
+            run = await run_until(c, run_id, ("completed",))
+            assert run["output_vars"]["route"] == "approved_end"
+        finally:
+            proc.send_signal(signal.SIGINT)
+            code = await asyncio.to_thread(proc.wait, 60)
+    assert code == 0, log.read_text()
