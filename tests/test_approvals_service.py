@@ -224,3 +224,26 @@ async def test_langorch_serve_approvals_runs_the_service(nats_url: str, database
             proc.send_signal(signal.SIGINT)
             code = await asyncio.to_thread(proc.wait, 60)
     assert code == 0, log.read_text()
+
+
+async def test_a_decision_while_the_service_is_down_is_pending_then_applied_once(nats_url: str,
+                                                                                  database_url: str) -> None:
+    async with platform_of(nats_url, database_url, approvals=False, gateway_settings={"command_timeout_s": 1}) as p:
+        c = p.client
+        assert (await c.post("/api/procedures", json={"ckp_json": PLAIN})).status_code == 201
+        async with replica(p, "before"):
+            run_id = await start(c, "svc_plain")
+            approval = await pending_approval(c, run_id)
+        r = await decide(c, approval["approval_id"], decision="rejected", comment="while down")
+        assert r.status_code == 202, r.text
+        command_id = r.json()["command_id"]
+        assert (r.json()["command_type"], r.headers["Location"]) == ("decide_approval", f"/api/commands/{command_id}")
+        status = (await c.get(f"/api/commands/{command_id}")).json()
+        assert (status["status"], status["resource"]) == ("pending", f"/api/approvals/{approval['approval_id']}")
+        async with replica(p, "after"):
+            run = await run_until(c, run_id, ("completed", "failed", "canceled"))
+        assert run["output_vars"]["route"] == "rejected_end"
+        assert (await c.get(f"/api/commands/{command_id}")).json()["status"] == "accepted"
+        decided = (await c.get(f"/api/approvals/{approval['approval_id']}")).json()
+        assert (decided["status"], decided["comment"]) == ("rejected", "while down")
+        assert await approval_events(p, approval["approval_id"]) == ["approval_requested", "approval_decided"]

@@ -242,7 +242,8 @@ async def decide(request: Request, approval_id: str, body: DecisionIn) -> JSONRe
         raise ApiProblem("not_found", f"approval {approval_id} not found", resource="approval")
     command = DecideApproval(actor=principal, causation_id=request.state.request_id, approval_id=approval_id,
                              decision=decision, comment=body.comment, payload=body.payload)
-    outcome = await send(request, "approval", approval_id, command, "decide_approval")
+    outcome = await send(request, "approval", approval_id, command, "decide_approval",
+                         resource=f"/api/approvals/{approval_id}")
     if outcome is None:
         return pending(command.command_id, "decide_approval")
     raise_if_rejected(outcome)
