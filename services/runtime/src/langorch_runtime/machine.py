@@ -1039,11 +1039,41 @@ class Machine:
             return Pause(approval_id, "awaiting_approval")
         route = self.route_decision(p, decision)
         self.store_decision(state, frame, node, p, decision)
-        await self.emit(ApprovalDecisionReceived(
+        if not (resolution or {}).get("_announced"):
+            await self.emit(self.decision_received(node, fs, p, decision, resumes_run=resolution is not None))
+        return Next(route)
+
+    def decision_received(self, node: NodeIR, fs: str, p: HumanApprovalPayload, decision: dict[str, Any],
+                          resumes_run: bool) -> ApprovalDecisionReceived:
+        return ApprovalDecisionReceived(
             node_id=node.id, frame=fs, approval_id=decision.get("approval_id"), status=decision["status"],
             decision=decision.get("decision"), decided_by=decision.get("decided_by"), comment=decision.get("comment"),
-            source=decision.get("source") or "human", routed_to=route, resumes_run=resolution is not None))
-        return Next(route)
+            source=decision.get("source") or "human", routed_to=self.route_decision(p, decision),
+            resumes_run=resumes_run)
+
+    def resume_event(self, state: RunState, resolution: Mapping[str, Any]) -> EventData | None:
+        """The event that moves a suspended run to ``queued`` for this resume (§7.1), emitted before
+        ``execution_resumed``; the node continuation then does not emit it again."""
+        wait = (state.get("waits") or {}).get(str(resolution.get("wait_id")))
+        if wait is None:
+            return None
+        node = self.ir.nodes.get(wait["node_id"])
+        if node is None:
+            return None
+        if wait["kind"] == "approval" and isinstance(node.payload, HumanApprovalPayload):
+            decision = self.decision_record(node.payload, resolution, wait["id"])
+            return self.decision_received(node, wait["frame"], node.payload, decision, resumes_run=True)
+        if wait["kind"] == "callback":
+            status = resolution.get("status", "success")
+            if status == "timed_out":
+                return CallbackTimedOut(node_id=node.id, step_id=wait.get("step_id"), frame=wait["frame"],
+                                        delegation_id=wait["id"], timeout_s=self.callbacks.timeout_s
+                                        if self.callbacks else 0.0, resumes_run=True)
+            return WorkflowCallbackReceived(node_id=node.id, step_id=wait.get("step_id"), frame=wait["frame"],
+                                            delegation_id=wait["id"], status=status,
+                                            output=resolution.get("output"), error=resolution.get("error"),
+                                            error_code=resolution.get("error_code"), resumes_run=True)
+        return None
 
     def decision_record(self, p: HumanApprovalPayload, raw: Mapping[str, Any], approval_id: str | None
                         ) -> dict[str, Any]:
@@ -1399,7 +1429,9 @@ class Machine:
                     "suspends_run": True})
                 return Pause(delegation["id"], "workflow_pending")
             status = resolution.get("status", "success")
-            if status == "timed_out":
+            if resolution.get("_announced"):
+                pass
+            elif status == "timed_out":
                 await self.emit(CallbackTimedOut(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                                  delegation_id=delegation["id"],
                                                  timeout_s=float(delegation.get("timeout_s") or 0), resumes_run=True))

@@ -342,9 +342,13 @@ class RuntimeService:
                 await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=_checkpoint_id(snapshot)))
                 final = await self.invoke(run_id, graph, None, config, durability="sync")
             else:
+                resolution = dict(command.resolution)
+                announced = machine.resume_event(snapshot.values, resolution)
+                if announced is not None:  # the decision or callback first moves the run to queued (§7.1)
+                    await writer.emit(announced)
+                    resolution["_announced"] = True
                 await writer.emit(ExecutionResumed(entry_node_id=None, resume_reason=command.resume_reason))
-                final = await self.invoke(run_id, graph, Command(resume=command.resolution), config,
-                                          durability="sync")
+                final = await self.invoke(run_id, graph, Command(resume=resolution), config, durability="sync")
         elif started is None:
             await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode))
             initial = machine.initial_state(dict(created.get("input_vars", {})))
