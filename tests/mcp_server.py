@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.exceptions import MCPError
 
 from langorch.server import ManagedServer
 from langorch_infra.embedded import free_port
@@ -58,6 +59,23 @@ def mcp_server(calls: list[dict[str, Any]]) -> MCPServer:
         return ["first", "second"]
 
     @server.tool(structured_output=False)
+    async def slow(seconds: float, ctx: Context) -> str:
+        """Sleeps; records whether the call was cancelled by the client."""
+        record(ctx, "slow", {"seconds": seconds})
+        try:
+            await asyncio.sleep(seconds)
+        except BaseException:
+            calls[-1]["cancelled"] = True
+            raise
+        return "slept"
+
+    @server.tool(structured_output=False)
+    async def rpc_fail(code: int, ctx: Context) -> str:
+        """Answers with a JSON-RPC error of the given code."""
+        record(ctx, "rpc_fail", {"code": code})
+        raise MCPError(code, f"failed with {code}")
+
+    @server.tool(structured_output=False)
     async def broken(reason: str, ctx: Context) -> str:
         """Always fails with a tool error (isError)."""
         record(ctx, "broken", {"reason": reason})
@@ -67,12 +85,13 @@ def mcp_server(calls: list[dict[str, Any]]) -> MCPServer:
 
 
 @contextlib.asynccontextmanager
-async def running_mcp() -> AsyncIterator[RunningMcp]:
-    """Serve the MCP test server on 127.0.0.1 until the block ends (endpoint ``/mcp``)."""
+async def running_mcp(port: int | None = None) -> AsyncIterator[RunningMcp]:
+    """Serve the MCP test server on 127.0.0.1 (a free port unless given) until the block ends (endpoint ``/mcp``)."""
     calls: list[dict[str, Any]] = []
     app = mcp_server(calls).streamable_http_app(streamable_http_path="/mcp")
-    port = free_port()
-    server = ManagedServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    port = port or free_port()
+    server = ManagedServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                          timeout_graceful_shutdown=1))
     task = asyncio.create_task(server.serve())
     for _ in range(400):
         if server.started:

@@ -444,7 +444,7 @@ async def test_mcp_tool_calls(nats_url: str) -> None:
     async with running_mcp() as server, harness(nats_url) as h:
         await h.register("docs", server.url, channel="docs", protocol="mcp",
                          capabilities=["lookup_price", "as_json_text", "plain_text", "two_lines", "broken",
-                                       "missing_tool"])
+                                       "missing_tool", "rpc_fail"])
         request = h.request("lookup_price", channel="docs", params={"sku": "A-1"})
         assert await h.dispatcher.dispatch(request) == {"sku": "A-1", "price": 12.5}
         [call] = server.calls
@@ -463,9 +463,43 @@ async def test_mcp_tool_calls(nats_url: str) -> None:
         assert (error.code, error.retryable) == ("mcp_tool_error", False)
         assert "cannot do it: x" in error.message
         error = await failure(h.dispatcher.dispatch(h.request("missing_tool", channel="docs", params={})))
-        assert error.code in ("mcp_error", "mcp_tool_error")
-        assert len(h.dispatcher._mcp) == 1  # one session per server, reused by every call
+        assert (error.code, error.message) == ("mcp_tool_error", "Unknown tool: missing_tool")
+        for code, retryable in ((-32602, False), (-32603, True)):
+            error = await failure(h.dispatcher.dispatch(h.request("rpc_fail", channel="docs", params={"code": code})))
+            assert (error.code, error.retryable, error.details["jsonrpc_code"]) == ("mcp_error", retryable, code)
+            assert error.message.endswith(f"failed with {code}")
+        assert await h.dispatcher.dispatch(h.request("lookup_price", channel="docs", params={"sku": "B"})) == {
+            "sku": "B", "price": 12.5}
+        assert len(server.calls) == 8  # the unknown tool never ran
+        assert len({c["headers"]["mcp-session-id"] for c in server.calls}) == 1  # one session, reused
         assert await h.leases() == {}
+
+
+async def test_mcp_timeout_cancels_the_call_and_keeps_the_session(nats_url: str) -> None:
+    async with running_mcp() as server, harness(nats_url) as h:
+        await h.register("docs", server.url, channel="docs", protocol="mcp", capabilities=["slow", "lookup_price"])
+        with pytest.raises(TimeoutError):  # as the interpreter's step timeout
+            await asyncio.wait_for(h.dispatcher.dispatch(h.request("slow", channel="docs", params={"seconds": 5})),
+                                   0.5)
+        assert await h.leases() == {}
+        await h.until(lambda: server.calls[-1].get("cancelled") is True)  # notifications/cancelled reached it
+        assert await h.dispatcher.dispatch(h.request("lookup_price", channel="docs", params={"sku": "C"})) == {
+            "sku": "C", "price": 12.5}
+        assert server.calls[0]["headers"]["mcp-session-id"] == server.calls[1]["headers"]["mcp-session-id"]
+
+
+async def test_mcp_server_restart_reinitialises_the_session(nats_url: str) -> None:
+    port = free_port()
+    async with harness(nats_url) as h:
+        async with running_mcp(port) as before:
+            await h.register("docs", before.url, channel="docs", protocol="mcp", capabilities=["lookup_price"])
+            assert (await h.dispatcher.dispatch(h.request("lookup_price", channel="docs", params={"sku": "1"})))[
+                "sku"] == "1"
+        async with running_mcp(port) as after:  # a new server process: it does not know the old session id
+            assert (await h.dispatcher.dispatch(h.request("lookup_price", channel="docs", params={"sku": "2"})))[
+                "sku"] == "2"
+            assert [c["arguments"] for c in after.calls] == [{"sku": "2"}]
+            assert after.calls[0]["headers"]["mcp-session-id"] != before.calls[0]["headers"]["mcp-session-id"]
 
 
 async def test_mcp_server_unreachable_is_retryable_mcp_error(nats_url: str) -> None:

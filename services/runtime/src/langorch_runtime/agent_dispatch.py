@@ -592,18 +592,19 @@ class AgentDispatcher(Dispatcher):
         meta = {"langorch/run_id": request.run_id, "langorch/idempotency_key": request.idempotency_key}
         where = {"agent_id": c.agent_id, "url": c.agent.base_url, "tool": request.action}
         for again in (True, False):
+            session: _McpSession | None = None
             try:
                 session = await self._mcp_session(c.agent)
                 result = await session.call(request.action, dict(request.params), meta, timeout_s)
             except MCPError as exc:
-                if again and exc.code == mcp_types.INVALID_REQUEST and "Session terminated" in exc.message:
-                    await self._drop_mcp(c.agent)  # the server forgot our session: initialise once more
+                if again and session is not None and session.lost:
+                    await self._drop_mcp(c.agent)  # 404 on our session id: the server forgot it; initialise once
                     continue
                 retryable = exc.code in (mcp_types.INTERNAL_ERROR, mcp_types.CONNECTION_CLOSED)
                 if exc.code == mcp_types.REQUEST_TIMEOUT and binding_default:
                     raise _error("step_timeout", f"MCP tool '{request.action}' timed out after {timeout_s:g} s",
                                  retryable=True, details=where) from None
-                if retryable:
+                if exc.code == mcp_types.CONNECTION_CLOSED:
                     await self._drop_mcp(c.agent)
                 raise _error("mcp_error", f"MCP server {c.agent_id}: {exc.message}", retryable=retryable,
                              error_code=str(exc.code), details=where | {"jsonrpc_code": exc.code}) from None
@@ -656,6 +657,7 @@ class _McpSession:
         self.headers = headers
         self.client: Client | None = None
         self.broken = False
+        self.lost = False  # the server answered 404 to a request carrying our session id
         self._ready = asyncio.Event()
         self._closing = asyncio.Event()
         self._failure: BaseException | None = None
@@ -665,7 +667,7 @@ class _McpSession:
         http = httpx2.AsyncClient(
             follow_redirects=False, timeout=httpx2.Timeout(30.0, read=300.0),
             headers={"User-Agent": f"langorch-runtime/{VERSION}", **self.headers},
-            event_hooks={"request": [_stamp_request]})
+            event_hooks={"request": [_stamp_request], "response": [self._watch_response]})
         try:
             async with http, Client(streamable_http_client(self.url, http_client=http), mode="legacy",
                                     client_info=MCP_CLIENT) as client:
@@ -680,6 +682,10 @@ class _McpSession:
             self.broken = True
             self.client = None
             self._ready.set()
+
+    async def _watch_response(self, response: httpx2.Response) -> None:
+        if response.status_code == 404 and response.request.headers.get("mcp-session-id"):
+            self.lost = True
 
     async def ready(self, timeout_s: float) -> None:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
