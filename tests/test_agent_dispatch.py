@@ -19,7 +19,7 @@ from ckp_core.commands import RegisterAgent, ReleaseLease, UpdateAgent
 from ckp_core.events import Actor, AgentCircuitOpened, EventData, make_event
 from ckp_core.ids import new_id
 from ckp_core.ir import Binding, NodeIR, SequencePayload, StepIR, TemplateIR
-from ckp_core.subjects import lease_key
+from ckp_core.subjects import agent_presence_key, agent_probe_key, lease_key
 from langorch_infra.embedded import free_port
 from langorch_infra.jetstream import JetStreamEventStore, publish_command
 from langorch_infra.settings import RuntimeSettings
@@ -160,6 +160,30 @@ async def test_candidates_by_channel_capability_status_and_circuit(nats_url: str
         assert error.details == {"channel": "web", "action": "extract_text"}
         assert "'web'" in error.message
         assert "'extract_text'" in error.message
+
+
+async def test_live_presence_and_half_open_circuit(nats_url: str) -> None:
+    async with running_agent() as agent, harness(nats_url, agent_circuit_half_open_s=0.4) as h:
+        await h.register("web1", agent.base_url)
+        presence = h.dispatcher.presence
+        # the elected prober's failures count at once, before its circuit event reaches the registry
+        await presence.put(agent_probe_key("web1"), json.dumps({"ok": False, "consecutive_failures": 3}).encode())
+        assert await h.dispatcher.candidates("web", "extract_text") == []
+        await presence.put(agent_probe_key("web1"), json.dumps({"ok": True, "consecutive_failures": 0}).encode())
+        # a fresh heartbeat's status is the live one
+        await presence.put(agent_presence_key("web1"), json.dumps({"agent_id": "web1", "status": "draining"}).encode())
+        assert await h.dispatcher.candidates("web", "extract_text") == []
+        await presence.put(agent_presence_key("web1"), json.dumps({"agent_id": "web1", "status": "online"}).encode())
+        assert [c.agent_id for c in await h.dispatcher.candidates("web", "extract_text")] == ["web1"]
+        # an open circuit keeps the agent out until it turns half-open
+        state = h.dispatcher.registry["web1"]
+        await JetStreamEventStore(h.service.js).append(
+            [make_event(AgentCircuitOpened(agent_id="web1", consecutive_failures=3), aggregate_id="web1",
+                        seq=state.seq + 1, actor=Actor.system("runtime"))], expected_position=state.position)
+        await h.until(lambda: h.dispatcher.registry["web1"].circuit_open)
+        assert await h.dispatcher.candidates("web", "extract_text") == []
+        await asyncio.sleep(0.45)
+        assert (await h.dispatcher.dispatch(h.request()))["agent"] == "agent"  # half-open: tried again
 
 
 async def test_no_executor_for_unknown_channel_or_action(nats_url: str) -> None:
