@@ -86,7 +86,12 @@ class ScriptedAgent:
         except AgentFailure as failure:
             return {"status": "error", "error": failure.message, "error_code": failure.code,
                     "retryable": failure.retryable}
+        if answer is ACCEPTED:  # an async workflow accepted: the agent calls back later (api.md §15.2)
+            return {"status": "accepted"}
         return {"status": "success", "result": answer}
+
+
+ACCEPTED = object()
 
 
 class AgentFailure(Exception):

@@ -338,7 +338,7 @@ async def test_binding_default_timeout(nats_url: str) -> None:
 # -- workflow capabilities ----------------------------------------------------------------------------------
 
 
-async def test_workflow_capability_sync_gets_context_and_async_is_refused(nats_url: str) -> None:
+async def test_workflow_capability_sync_gets_context_and_async_without_callback_is_refused(nats_url: str) -> None:
     step = StepIR(step_id="fill", action="fill_form", binding=Binding(kind="channel", channel="web",
                                                                       action="fill_form"),
                   params=TemplateIR(source={"form": "{{form_id}}"}), timeout_ms=5000, output_variable="filled",
@@ -362,7 +362,7 @@ async def test_workflow_capability_sync_gets_context_and_async_is_refused(nats_u
         error = await failure(h.dispatcher.dispatch(h.request("fill_form", node=node, step_id="fill",
                                                               dispatch_mode="async")))
         assert error.code == "dispatch_failed"
-        assert error.message == "async workflow dispatch is not available yet"
+        assert error.message == "async workflow dispatch needs an HTTP agent and a callback"
         assert len(agent.behaviour.executions) == 1
         assert await h.leases() == {}
 

@@ -63,7 +63,7 @@ from langorch_infra.kv import put_with_ttl
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
 from langorch_runtime.errors import StepError
-from langorch_runtime.machine import Dispatcher, DispatchRequest
+from langorch_runtime.machine import Delegated, Dispatcher, DispatchRequest
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ IN_PROGRESS_DEFAULT_S = 5.0  # api.md §15.1: wait before asking again about a k
 MAX_RETRY_AFTER_S = 600.0  # ckp.md §4.8: a Retry-After counts up to 600 s
 AFFINITY_LIMIT = 10_000  # (run, channel) choices remembered
 MCP_CLIENT = mcp_types.Implementation(name="langorch-runtime", version=VERSION)
+
+
+ASYNC_ACCEPT_TIMEOUT_S = 10.0
 
 
 def _error(code: str, message: str, *, retryable: bool, **extra: Any) -> StepError:
@@ -449,14 +452,55 @@ class AgentDispatcher(Dispatcher):
     async def _call(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
         kind = c.capability.get("type", "tool")
         if kind == "workflow" and request.dispatch_mode != "sync":
-            raise _error("dispatch_failed", "async workflow dispatch is not available yet", retryable=False,
-                         details={"agent_id": c.agent_id, "action": request.action})
+            if c.agent.protocol == "mcp" or request.callback is None:
+                raise _error("dispatch_failed", "async workflow dispatch needs an HTTP agent and a callback",
+                             retryable=False, details={"agent_id": c.agent_id, "action": request.action})
+            return await self._call_async(c, request, channel)
         if c.agent.protocol == "mcp":
             return await self._call_mcp(c, request)
         params = dict(request.params)
         if kind == "workflow":
             params["_workflow_context"] = self.workflow_context(request, channel)
         return await self._call_http(c, request, params, "sync" if kind == "workflow" else "tool")
+
+    async def _call_async(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
+        """Async workflow dispatch (ckp.md §4.6, api.md §15.2): POST ``/execute`` with the callback and wait at most
+        10 s for the acceptance (tried 3 times, 1 s and 2 s apart, same key); acceptance raises
+        :class:`Delegated` (the interpreter suspends the step until the callback), else ``dispatch_failed``."""
+        callback = request.callback
+        assert callback is not None
+        params = dict(request.params)
+        params["_workflow_context"] = self.workflow_context(request, channel)
+        params["callback_url"] = f"{callback.url}?token={callback.token}"
+        url = f"{c.agent.base_url.rstrip('/')}/execute"
+        body = {"action": request.action, "params": params, "run_id": request.run_id, "node_id": request.node.id,
+                "step_id": request.step_id, "attempt": request.attempt, "idempotency_key": request.idempotency_key,
+                "deadline_at": callback.expires_at, "dispatch_mode": "async",
+                "callback": {"url": callback.url, "token": callback.token, "expires_at": callback.expires_at}}
+        headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
+                   "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
+                   "X-LangOrch-Attempt": str(request.attempt), "traceparent": _traceparent(),
+                   **self._auth_header(c.agent)}
+        where = {"agent_id": c.agent_id, "url": url}
+        last: str = ""
+        for pause in (0.0, 1.0, 2.0):
+            if pause:
+                await asyncio.sleep(pause)
+            try:
+                r = await self.http.post(url, json=body, headers=headers, timeout=ASYNC_ACCEPT_TIMEOUT_S)
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}"
+                continue
+            envelope = _json_object(r)
+            state = envelope.get("status") if envelope is not None else None
+            if r.status_code == 202 or (200 <= r.status_code < 300 and state == "accepted"):
+                raise Delegated(callback.delegation_id, agent_id=c.agent_id, agent_url=c.agent.base_url)
+            if r.status_code in (408, 429) or r.status_code >= 500:
+                last = f"HTTP {r.status_code}"
+                continue
+            return self._interpret(c, r, envelope, where)  # a direct answer or an error ends the dispatch
+        raise _error("dispatch_failed", f"agent {c.agent_id} did not accept the async workflow step after 3 tries "
+                     f"({last})", retryable=True, details=where | {"tries": 3})
 
     def workflow_context(self, request: DispatchRequest, channel: str) -> dict[str, Any]:
         """``params._workflow_context`` of a workflow capability (ckp.md §4.6)."""
