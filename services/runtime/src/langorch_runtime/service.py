@@ -392,6 +392,7 @@ class RuntimeService:
                                       msg_id=f"auto-retry-{run_id}")
         variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
         await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
+        self.dispatcher.forget_run(run_id)
 
 
 CANCELED: dict[str, Any] = {"canceled": True}
