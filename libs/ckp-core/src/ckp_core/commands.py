@@ -232,3 +232,13 @@ class ReleaseLease(Command):
     key: str
     revision: int
     reason: str | None = None
+
+
+class DeleteRun(Command):
+    """``lo.cmd.run.delete``: delete a terminal run and, with it, its child runs (api.md §5.6)."""
+
+    AGGREGATE = "run"
+    VERB = "delete"
+
+    run_id: str
+    cleanup_id: str | None = None

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
 from fastapi import FastAPI, Header, Query, Request
@@ -30,6 +30,7 @@ from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import (
     dispatch,
     idempotency,
+    queries,
     routes_agents,
     routes_analysis,
     routes_approvals,
@@ -40,6 +41,7 @@ from langorch_gateway import (
     routes_procedures,
     routes_projects,
     routes_run_control,
+    routes_runs_more,
     views,
 )
 from langorch_gateway.metrics import GatewayMetrics
@@ -62,6 +64,9 @@ SERVICE_VERSION = "0.1.0"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LARGE_BODY_PATHS = ("/api/procedures",)
 MAX_PAGE_SIZE = 500
+RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", "completed", "failed",
+                "canceled")
+TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 Offset = Annotated[int, Query(ge=0)]
 AfterQuery = Annotated[int | None, Query(ge=0)]
@@ -172,6 +177,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     # -- procedures --------------------------------------------------------------------------------
     # Routes whose second path segment is a literal (POST /api/procedures/validate, GET /api/procedures/{id}/diff)
     # must be registered ABOVE this line: the router's /api/procedures/{procedure_id}/{version} would swallow them.
+    app.include_router(routes_runs_more.router)  # before the {run_id} routes: owns /api/runs/cleanup
     app.include_router(routes_analysis.router)
     app.include_router(routes_callbacks.router)
     app.include_router(routes_run_control.router)
@@ -227,14 +233,42 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         status: str | None = None,
         limit: Limit = 100,
         offset: Offset = 0,
-    ) -> dict[str, Any]:
-        """Page of runs, newest first."""
-        statuses = [s.strip().replace("cancelled", "canceled") for s in status.split(",")] if status else None
-        where, args = _filters({"procedure_id": procedure_id, "procedure_version": procedure_version,
-                                "status": statuses})
-        rows, total = await _page(pool(request), "runs", where, args, "created_at DESC, run_id DESC", limit,
-                                  offset)
-        return views.page([views.run_out(r) for r in rows], total, limit, offset)
+        project_id: str | None = None,
+        trigger_type: str | None = None,
+        created_by: str | None = None,
+        parent_run_id: str | None = None,
+        top_level: bool | None = None,
+        rerun_of: str | None = None,
+        created_from: str | None = None,
+        created_to: str | None = None,
+        sort: Annotated[Literal["created_at", "updated_at", "ended_at", "duration_seconds"],
+                        Query()] = "created_at",
+        order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+    ) -> JSONResponse:
+        """Page of runs (api.md §5.3 filters), newest first by default."""
+        headers = await dispatch.min_position(request)
+        where = queries.Where()
+        where.eq("procedure_id", procedure_id)
+        where.eq("procedure_version", procedure_version)
+        where.eq("status", queries.comma_list("status", status, RUN_STATUSES, {"cancelled": "canceled"}))
+        where.eq("trigger_type", queries.comma_list("trigger_type", trigger_type, TRIGGER_TYPES))
+        where.eq("project_id", project_id)
+        where.eq("created_by", created_by)
+        where.eq("parent_run_id", parent_run_id)
+        where.eq("rerun_of", rerun_of)
+        if top_level is not None:
+            where.add("parent_run_id IS NULL" if top_level else "parent_run_id IS NOT NULL")
+        since = routes_runs_more.parse_query_time("created_from", created_from)
+        until = routes_runs_more.parse_query_time("created_to", created_to)
+        if since is not None:
+            where.add(f"created_at >= {where.arg(since)}")
+        if until is not None:
+            where.add(f"created_at < {where.arg(until)}")
+        key = "(COALESCE(ended_at, now()) - started_at)" if sort == "duration_seconds" else sort
+        rows, total = await queries.fetch_page(pool(request), "runs", where,
+                                               f"{key} {order.upper()} NULLS LAST, run_id {order.upper()}", limit,
+                                               offset)
+        return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
 
     @app.get("/api/runs/{run_id}")
     async def get_run(request: Request, run_id: str,

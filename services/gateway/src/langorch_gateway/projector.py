@@ -25,12 +25,14 @@ from langorch_gateway.projections import (
     apply_procedure_event,
     apply_project_event,
 )
+from langorch_gateway.routes_runs_more import apply_run_removal_or_artifact
 from langorch_infra.jetstream import decode_message, stream_last_position
 
 log = logging.getLogger(__name__)
 
 NAME = "core"
-TABLES = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals")
+TABLES = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals",
+          "run_artifacts")
 LIFTED = ("node_id", "step_id", "attempt")
 BATCH = 500
 
@@ -99,6 +101,9 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
             d.get("project_id"), d.get("parent_run_id"), d.get("parent_node_id"), d.get("root_run_id") or run_id,
             d.get("rerun_of"), at, ev.seq, stored.position,
         )
+        return
+    if ev.type in ("run_deleted", "artifact_created"):
+        await apply_run_removal_or_artifact(conn, stored)
         return
     sets = ["updated_at = $2", "seq = $3", "position = $4"]
     args: list[Any] = [run_id, at, ev.seq, stored.position]

@@ -203,3 +203,21 @@ CREATE INDEX IF NOT EXISTS approvals_created_at ON approvals (created_at DESC, a
 CREATE INDEX IF NOT EXISTS approvals_run ON approvals (run_id);
 CREATE INDEX IF NOT EXISTS approvals_status ON approvals (status, expires_at);
 ALTER TABLE runs ADD COLUMN IF NOT EXISTS waiting_on jsonb;
+
+-- issue: artifacts of runs (api.md §5.8), from artifact_created run events
+CREATE TABLE IF NOT EXISTS run_artifacts (
+    artifact_id  text PRIMARY KEY,
+    run_id       text NOT NULL,
+    node_id      text,
+    step_id      text,
+    kind         text NOT NULL,
+    name         text,
+    uri          text,
+    mime_type    text,
+    size_bytes   bigint,
+    stored       boolean NOT NULL,
+    created_at   timestamptz NOT NULL,
+    position     bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_artifacts_run ON run_artifacts (run_id, created_at, artifact_id);
+CREATE INDEX IF NOT EXISTS runs_parent ON runs (parent_run_id, created_at);

@@ -25,23 +25,25 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from ckp_core.commands import CancelRun, RequestApproval, ResumeRun, RetryRun, StartRun
+from ckp_core.commands import CancelRun, DeleteRun, RequestApproval, ResumeRun, RetryRun, StartRun
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
     TERMINAL_RUN_EVENTS,
     Actor,
+    CommandRejected,
     ErrorObject,
     ExecutionRecovered,
     ExecutionStarted,
     RunCompleted,
     RunFailed,
     format_time,
+    make_event,
     utc_now,
 )
 from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
-from ckp_core.run_events import ExecutionResumed, RunCanceled, RunCancelRequested, RunRetryRequested
+from ckp_core.run_events import ExecutionResumed, RunCanceled, RunCancelRequested, RunDeleted, RunRetryRequested
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, event_subject, procedure_key
 from langorch_infra.callbacks import callback_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
@@ -161,6 +163,10 @@ class RuntimeService:
             command: StartRun | ResumeRun | RetryRun
             if msg.subject.endswith(".cancel"):
                 await self.cancel(CancelRun.model_validate_json(msg.data))
+                await msg.ack_sync()
+                return
+            if msg.subject.endswith(".delete"):
+                await self.delete_run(DeleteRun.model_validate_json(msg.data))
                 await msg.ack_sync()
                 return
             if msg.subject.endswith(".resume"):
@@ -393,6 +399,41 @@ class RuntimeService:
         variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
         await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
         self.dispatcher.forget_run(run_id)
+
+    async def delete_run(self, command: DeleteRun) -> None:
+        """Delete a terminal run (api.md §5.6): ``run_deleted``, then its ``lo_steps`` keys, stored artifacts and
+        child runs (one ``lo.cmd.run.delete`` each); a run that is not terminal gets ``command_rejected``."""
+        events = await self.store.read("run", command.run_id)
+        if not events or events[-1].envelope.type == "run_deleted":
+            return
+        status = run_status(events)
+        head = AggregateHead(events[-1].envelope.seq, events[-1].position)
+        if status not in ("completed", "failed", "canceled"):
+            rejected = make_event(CommandRejected(
+                command_id=command.command_id, command_type="delete_run", code="invalid_run_transition",
+                detail=f"a {status} run cannot be deleted",
+                extra={"current_status": status, "allowed": ["cancel", "rerun"]}),
+                aggregate_id=command.run_id, seq=head.seq + 1, actor=ACTOR, causation_id=command.command_id,
+                correlation_id=command.run_id, aggregate="run")
+            await self.store.append([rejected], expected_position=head.position)
+            return
+        writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
+        await writer.emit(RunDeleted())
+        with contextlib.suppress(Exception):
+            for key in await self.steps_kv.keys(filters=[f"{command.run_id}.>"]):
+                await self.steps_kv.purge(key)
+        for stored in events:
+            d = stored.envelope.data
+            if stored.envelope.type == "artifact_created" and d.get("stored"):
+                with contextlib.suppress(Exception):
+                    await self.artifacts.store.delete(str(d["artifact_id"]))
+        children = sorted({str(e.envelope.data["child_run_id"]) for e in events
+                           if e.envelope.type == "subflow_started" and e.envelope.data.get("child_run_id")})
+        if self.js is not None:
+            for child in children:
+                await publish_command(self.js, DeleteRun(actor=command.actor, causation_id=command.command_id,
+                                                         run_id=child, cleanup_id=command.cleanup_id))
+
 
 
 CANCELED: dict[str, Any] = {"canceled": True}

@@ -1,0 +1,436 @@
+"""More of the runs API (api.md §5.3, §5.5, §5.6, §5.8, §5.9): rerun, delete, cleanup, children, artifacts and
+diagnostics; plus the projection of ``run_deleted`` and ``artifact_created`` (table ``run_artifacts``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from nats.js.errors import NoKeysError, NotFoundError, ObjectNotFoundError
+from pydantic import BaseModel, ConfigDict, Field
+
+from ckp_core.commands import DeleteRun, StartRun
+from ckp_core.errors import InvalidInputVars
+from ckp_core.events import ANONYMOUS, RunCreated, format_time, make_event
+from ckp_core.eventstore import StoredEvent
+from ckp_core.ids import new_id
+from ckp_core.subjects import STEPS_BUCKET
+from ckp_core.variables import VariableSpec, validate_inputs
+from langorch_gateway import views
+from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
+from langorch_gateway.problems import ApiProblem, problem_response
+from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page
+from langorch_gateway.routes_agents import lease_out, read_leases
+from langorch_infra.jetstream import publish_command
+
+router = APIRouter()
+
+TERMINAL = ("completed", "failed", "canceled")
+ARTIFACT_BUCKET = "lo_artifacts"
+ERROR_EVENTS = ("node_error", "step_failed", "run_failed")
+MAX_CLEANUP = 10_000
+
+
+# -- projection ------------------------------------------------------------------------------------------------
+
+
+async def apply_run_removal_or_artifact(conn: Any, stored: StoredEvent) -> None:
+    """``run_deleted`` removes the run from every run table; ``artifact_created`` adds a ``run_artifacts`` row."""
+    ev = stored.envelope
+    d = ev.data
+    if ev.type == "run_deleted":
+        for table in ("run_artifacts", "run_events", "runs"):
+            await conn.execute(f"DELETE FROM {table} WHERE run_id = $1", ev.aggregate_id)  # noqa: S608
+        return
+    await conn.execute(
+        """INSERT INTO run_artifacts (artifact_id, run_id, node_id, step_id, kind, name, uri, mime_type, size_bytes,
+             stored, created_at, position) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)
+           ON CONFLICT (artifact_id) DO NOTHING""",
+        str(d["artifact_id"]), ev.aggregate_id, d.get("node_id"), d.get("step_id"), str(d.get("kind") or "file"),
+        d.get("name"), d.get("uri"), d.get("mime_type"), d.get("size_bytes"), bool(d.get("stored")),
+        ev.occurred_at, stored.position)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _db(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool  # type: ignore[no-any-return]
+
+
+async def _run(request: Request, run_id: str) -> asyncpg.Record:
+    row = await _db(request).fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+    if row is None:
+        raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
+    return row
+
+
+def parse_query_time(name: str, raw: str | None) -> datetime | None:
+    """An RFC 3339 query datetime with an offset (api.md §1.1); anything else → 422 at ``query.<name>``."""
+    if raw is None:
+        return None
+    text = raw.strip().replace(" ", "+") if re.search(r"\d \d\d:\d\d$", raw.strip()) else raw.strip()
+    ok = re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", text)
+    parsed = None
+    if ok:
+        try:
+            parsed = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+    if parsed is None:
+        raise ApiProblem("validation_failed", f"{name} is not an RFC 3339 datetime with offset",
+                         errors={f"query.{name}": ["Must be an RFC 3339 datetime with an offset"]})
+    return parsed
+
+
+# -- rerun -----------------------------------------------------------------------------------------------------
+
+
+class RerunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_vars: dict[str, Any] | None = None
+    procedure_version: str | None = None
+
+
+@router.post("/api/runs/{run_id}/rerun", status_code=201)
+async def rerun(request: Request, run_id: str, body: RerunIn | None = None) -> JSONResponse:
+    """A new run of the same procedure (``rerun_of``), the original's version and inputs unless given."""
+    body = body or RerunIn()
+    original = await _run(request, run_id)
+    db = _db(request)
+    version = body.procedure_version or original["procedure_version"]
+    pid = original["procedure_id"]
+    if version == "latest":
+        row = await db.fetchrow("SELECT * FROM procedures WHERE procedure_id = $1 AND status IN ('draft', 'active') "
+                                "ORDER BY position DESC LIMIT 1", pid)
+    else:
+        row = await db.fetchrow("SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
+    if row is None:
+        raise ApiProblem("not_found", f"procedure {pid} version {version} not found", resource="procedure")
+    if row["status"] not in ("draft", "active"):
+        raise ApiProblem("procedure_not_runnable", f"version {row['version']} is {row['status']}")
+    eff = row["effective_date"]
+    if eff and date.fromisoformat(eff) > datetime.now(UTC).date():
+        raise ApiProblem("procedure_not_effective", f"version {row['version']} is effective from {eff}")
+    schema = views._json(row["variables_schema"]) or {}
+    variables = {n: VariableSpec.model_validate(s | {"has_default": s.get("default") is not None})
+                 for n, s in schema.items()}
+    raw_inputs = body.input_vars if body.input_vars is not None else (views._json(original["input_vars"]) or {})
+    new_run = new_id()
+    builtins = {"run_id": new_run, "root_run_id": new_run, "parent_run_id": None,
+                "procedure_id": pid, "procedure_version": row["version"], "trigger_type": "api",
+                "triggered_by": f"rerun:{run_id}", "now": format_time(datetime.now(UTC)),
+                "today": datetime.now(UTC).date().isoformat()}
+    try:
+        inputs = validate_inputs(variables, raw_inputs, builtins)
+    except InvalidInputVars as exc:
+        raise ApiProblem("invalid_input_vars", exc.message, errors=exc.errors) from exc
+    data = RunCreated(procedure_id=pid, procedure_version=row["version"], release_channel=None, input_vars=inputs,
+                      trigger_type="api", triggered_by=f"rerun:{run_id}", root_run_id=new_run, rerun_of=run_id,
+                      project_id=original["project_id"] or row["project_id"])
+    command = StartRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=new_run)
+    fixed_id = getattr(request.state, "command_id", None)
+    if fixed_id:
+        command.command_id = fixed_id
+    event = make_event(data, aggregate_id=new_run, seq=1, actor=ANONYMOUS, causation_id=command.command_id,
+                       correlation_id=new_run)
+    [position] = await request.app.state.store.append([event], expected_position=0)
+    await publish_command(request.app.state.js, command)
+    await ryw(request, position)
+    created = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", new_run)
+    if created is None:
+        return pending(command.command_id, "start_run")
+    return JSONResponse(views.run_out(created), status_code=201, headers={
+        "Location": f"/api/runs/{new_run}", **accepted_headers(command.command_id, position)})
+
+
+# -- delete and cleanup ----------------------------------------------------------------------------------------
+
+
+async def _descendants(db: asyncpg.Pool, run_id: str) -> int:
+    return int(await db.fetchval(
+        """WITH RECURSIVE tree AS (SELECT run_id FROM runs WHERE parent_run_id = $1
+             UNION SELECT r.run_id FROM runs r JOIN tree t ON r.parent_run_id = t.run_id)
+           SELECT count(*) FROM tree""", run_id))
+
+
+@router.delete("/api/runs/{run_id}")
+async def delete_run(request: Request, run_id: str) -> JSONResponse:
+    """Delete a terminal run and its children (``lo.cmd.run.delete``); waits for the row to disappear."""
+    row = await _run(request, run_id)
+    status = row["status"]
+    if status not in TERMINAL:
+        from langorch_gateway.routes_run_control import ALLOWED
+
+        raise ApiProblem("invalid_run_transition", f"a {status} run cannot be deleted", current_status=status,
+                         allowed=ALLOWED.get(status, []))
+    children = await _descendants(_db(request), run_id)
+    command = DeleteRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
+    outcome = await send(request, "run", run_id, command, "delete_run")
+    if outcome is None:
+        return pending(command.command_id, "delete_run")
+    raise_if_rejected(outcome)
+    await ryw(request, outcome.position)
+    return JSONResponse({"deleted": True, "run_id": run_id, "children_deleted": children},
+                        headers=accepted_headers(command.command_id, outcome.position))
+
+
+class CleanupIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    before: str
+    statuses: list[str] | None = None
+    procedure_id: str | None = None
+    project_id: str | None = None
+    dry_run: bool = True
+    limit: int = Field(1000, ge=1, le=MAX_CLEANUP)
+
+
+def _body_time(name: str, raw: str) -> datetime:
+    try:
+        parsed = parse_query_time(name, raw)
+    except ApiProblem:
+        parsed = None
+    if parsed is None:
+        raise ApiProblem("validation_failed", f"{name} is not an RFC 3339 datetime with offset",
+                         errors={name: ["Must be an RFC 3339 datetime with an offset"]})
+    return parsed
+
+
+def _terminal_statuses(field: str, values: list[str] | None) -> list[str]:
+    if not values:
+        return list(TERMINAL)
+    out = [v.strip().replace("cancelled", "canceled") for v in values]
+    bad = [v for v in out if v not in TERMINAL]
+    if bad:
+        raise ApiProblem("validation_failed", f"not terminal statuses: {', '.join(bad)}",
+                         errors={field: [f"Must be terminal statuses: {', '.join(TERMINAL)}"]})
+    return out
+
+
+async def _cleanup(request: Request, before: datetime, statuses: list[str], procedure_id: str | None,
+                   project_id: str | None, limit: int, dry_run: bool) -> dict[str, Any]:
+    where = Where()
+    where.add(f"created_at < {where.arg(before)}")
+    where.eq("status", statuses)
+    where.eq("procedure_id", procedure_id)
+    where.eq("project_id", project_id)
+    rows, matched = await fetch_page(_db(request), "runs", where, "created_at, run_id", limit if not dry_run else 50,
+                                     0, columns="run_id")
+    base: dict[str, Any] = {"dry_run": dry_run, "matched": matched}
+    if dry_run:
+        return base | {"sample_run_ids": [r["run_id"] for r in rows], "before": format_time(before.astimezone(UTC)),
+                       "statuses": statuses}
+    cleanup_id = new_id()
+    for r in rows:
+        await publish_command(request.app.state.js, DeleteRun(
+            actor=ANONYMOUS, causation_id=request.state.request_id, run_id=r["run_id"], cleanup_id=cleanup_id))
+    return base | {"accepted": len(rows), "cleanup_id": cleanup_id}
+
+
+@router.post("/api/runs/cleanup")
+async def cleanup(request: Request, body: CleanupIn) -> JSONResponse:
+    """Preview (``dry_run``, 200) or delete (202) terminal runs created before ``before`` (api.md §5.6)."""
+    before = _body_time("before", body.before)
+    statuses = _terminal_statuses("statuses", body.statuses)
+    out = await _cleanup(request, before, statuses, body.procedure_id, body.project_id, body.limit, body.dry_run)
+    return JSONResponse(out, status_code=200 if body.dry_run else 202)
+
+
+@router.delete("/api/runs/cleanup/history", deprecated=True)
+async def cleanup_history(
+    request: Request,
+    before: Annotated[str, Query()],
+    status: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_CLEANUP)] = 1000,
+) -> dict[str, Any]:
+    """Alias of ``POST /api/runs/cleanup`` with ``dry_run: false`` (api.md §1.8)."""
+    when = parse_query_time("before", before)
+    assert when is not None
+    statuses = _terminal_statuses("query.status", status.split(",") if status else None)
+    out = await _cleanup(request, when, statuses, None, None, limit, False)
+    return {"deleted_count": out["accepted"], "before": before, "status": status}
+
+
+# -- children --------------------------------------------------------------------------------------------------
+
+
+@router.get("/api/runs/{run_id}/children")
+async def children(request: Request, run_id: str, status: str | None = None, limit: Limit = 100,
+                   offset: Offset = 0) -> JSONResponse:
+    """Page of a run's child runs, oldest first."""
+    headers = await min_position(request)
+    await _run(request, run_id)
+    where = Where()
+    where.eq("parent_run_id", run_id)
+    where.eq("status", comma_list("status", status, aliases={"cancelled": "canceled"}))
+    rows, total = await fetch_page(_db(request), "runs", where, "created_at, run_id", limit, offset)
+    return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
+
+
+# -- artifacts -------------------------------------------------------------------------------------------------
+
+
+def artifact_out(row: asyncpg.Record) -> dict[str, Any]:
+    stored = bool(row["stored"])
+    content = f"/api/runs/{row['run_id']}/artifacts/{row['artifact_id']}/content"
+    return {
+        "artifact_id": row["artifact_id"], "run_id": row["run_id"], "node_id": row["node_id"],
+        "step_id": row["step_id"], "kind": row["kind"], "name": row["name"], "uri": row["uri"],
+        "mime_type": row["mime_type"], "size_bytes": row["size_bytes"], "sha256": None, "stored": stored,
+        "download_url": content if stored else row["uri"], "created_at": views._time(row["created_at"]),
+    }
+
+
+@router.get("/api/runs/{run_id}/artifacts")
+async def artifacts(request: Request, run_id: str, kind: str | None = None, node_id: str | None = None,
+                    limit: Limit = 100, offset: Offset = 0) -> JSONResponse:
+    """Page of a run's artifacts in ``created_at`` order."""
+    headers = await min_position(request)
+    await _run(request, run_id)
+    where = Where()
+    where.eq("run_id", run_id)
+    where.eq("kind", comma_list("kind", kind))
+    where.eq("node_id", node_id)
+    rows, total = await fetch_page(_db(request), "run_artifacts", where, "created_at, artifact_id", limit, offset)
+    return JSONResponse(views.page([artifact_out(r) for r in rows], total, limit, offset), headers=headers)
+
+
+async def _artifact(request: Request, run_id: str, artifact_id: str) -> asyncpg.Record:
+    await _run(request, run_id)
+    row = await _db(request).fetchrow("SELECT * FROM run_artifacts WHERE run_id = $1 AND artifact_id = $2", run_id,
+                                      artifact_id)
+    if row is None:
+        raise ApiProblem("not_found", f"artifact {artifact_id} of run {run_id} not found", resource="artifact")
+    return row
+
+
+@router.get("/api/runs/{run_id}/artifacts/{artifact_id}")
+async def artifact(request: Request, run_id: str, artifact_id: str) -> JSONResponse:
+    headers = await min_position(request)
+    return JSONResponse(artifact_out(await _artifact(request, run_id, artifact_id)), headers=headers)
+
+
+def _range(header: str, size: int) -> tuple[int, int] | None:
+    """``(start, end)`` inclusive of a single ``bytes=`` range; None when it cannot be satisfied."""
+    m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if m is None or (not m.group(1) and not m.group(2)):
+        return None
+    if not m.group(1):
+        n = int(m.group(2))
+        if n == 0 or size == 0:
+            return None
+        return max(0, size - n), size - 1
+    start = int(m.group(1))
+    end = int(m.group(2)) if m.group(2) else size - 1
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+@router.get("/api/runs/{run_id}/artifacts/{artifact_id}/content")
+async def artifact_content(request: Request, run_id: str, artifact_id: str) -> Response:
+    """The stored bytes (Range supported); a link artifact → 409 ``artifact_external`` with its ``uri``."""
+    row = await _artifact(request, run_id, artifact_id)
+    if not row["stored"]:
+        raise ApiProblem("artifact_external", f"artifact {artifact_id} is a link, not stored content",
+                         status=409, uri=row["uri"])
+    try:
+        store = await request.app.state.js.object_store(ARTIFACT_BUCKET)
+        result = await store.get(artifact_id)
+        data: bytes = result.data or b""
+    except (NotFoundError, ObjectNotFoundError):
+        raise ApiProblem("not_found", f"content of artifact {artifact_id} is no longer stored",
+                         resource="artifact_content") from None
+    name = (row["name"] or artifact_id).replace('"', "")
+    headers = {"Content-Disposition": f'attachment; filename="{name}"', "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "sandbox", "Accept-Ranges": "bytes"}
+    media = row["mime_type"] or "application/octet-stream"
+    raw_range = request.headers.get("range")
+    if raw_range:
+        span = _range(raw_range, len(data))
+        if span is None:
+            refused = problem_response(request, "range_not_satisfiable",
+                                       f"range {raw_range!r} is outside {len(data)} bytes", status=416)
+            refused.headers["Content-Range"] = f"bytes */{len(data)}"
+            return refused
+        start, end = span
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        return Response(data[start:end + 1], status_code=206, media_type=media, headers=headers)
+    return Response(data, media_type=media, headers=headers)
+
+
+# -- diagnostics -----------------------------------------------------------------------------------------------
+
+
+async def _step_entries(request: Request, run_id: str) -> list[dict[str, Any]]:
+    kv = await request.app.state.js.key_value(STEPS_BUCKET)
+    try:
+        keys = await kv.keys(filters=[f"{run_id}.>"])
+    except NoKeysError:
+        return []
+    out: list[dict[str, Any]] = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+            value = json.loads(entry.value or b"{}")
+        except (NotFoundError, ValueError):
+            continue
+        if not isinstance(value, dict):
+            continue
+        frame = str(value.get("frame") or "")
+        loops = re.findall(r"\[(\d+)\]", frame)
+        out.append({"idempotency_key": value.get("idempotency_key"), "node_id": value.get("node_id"),
+                    "step_id": value.get("step_id"), "iteration": int(loops[-1]) if loops else None,
+                    "attempt": value.get("attempt"), "status": value.get("status"),
+                    "has_cached_result": value.get("status") == "completed" and value.get("result") is not None,
+                    "updated_at": value.get("updated_at")})
+    out.sort(key=lambda e: str(e["updated_at"] or ""))
+    return out
+
+
+@router.get("/api/runs/{run_id}/diagnostics")
+async def diagnostics(request: Request, run_id: str) -> JSONResponse:
+    """What an operator needs to see why a run is stuck or failed (api.md §5.8 ``RunDiagnostics``)."""
+    headers = await min_position(request)
+    row = await _run(request, run_id)
+    db = _db(request)
+    counts = await db.fetch("SELECT event_type, count(*) AS n FROM run_events WHERE run_id = $1 GROUP BY event_type",
+                            run_id)
+    by_type = {r["event_type"]: int(r["n"]) for r in counts}
+    last_progress = await db.fetchval("SELECT max(created_at) FROM run_events WHERE run_id = $1", run_id)
+    checkpoint = await db.fetchrow(
+        "SELECT payload FROM run_events WHERE run_id = $1 AND event_type = 'checkpoint_saved' ORDER BY seq DESC "
+        "LIMIT 1", run_id)
+    started = await db.fetchrow(
+        "SELECT payload FROM run_events WHERE run_id = $1 AND event_type IN ('execution_started', "
+        "'execution_resumed', 'execution_recovered') ORDER BY seq DESC LIMIT 1", run_id)
+    started_payload = views._json(started["payload"]) if started else {}
+    run = views.run_out(row)
+    leases = [lease_out(v) for _, _, v in await read_leases(request) if v.get("run_id") == run_id]
+    body = {k: run[k] for k in ("run_id", "thread_id", "status", "last_node_id", "last_step_id", "retry_count",
+                                "waiting_on")}
+    body |= {
+        "has_retry_event": by_type.get("run_retry_requested", 0) > 0,
+        "idempotency_entries": await _step_entries(request, run_id),
+        "active_leases": [lease for lease in leases if lease["is_active"]],
+        "total_events": sum(by_type.values()),
+        "error_events": sum(by_type.get(t, 0) for t in ERROR_EVENTS),
+        "events_by_type": by_type,
+        "execution": {
+            "runtime_instance": (started_payload or {}).get("runtime_instance") or (started_payload or {}).get(
+                "instance"),
+            "delivery_count": 1 + by_type.get("execution_recovered", 0) if started else 0,
+            "last_progress_at": views._time(last_progress),
+            "checkpoint_count": by_type.get("checkpoint_saved", 0),
+            "last_checkpoint_id": (views._json(checkpoint["payload"]) or {}).get("checkpoint_id") if checkpoint
+            else None,
+        },
+    }
+    return JSONResponse(body, headers=headers)
