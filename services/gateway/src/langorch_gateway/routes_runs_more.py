@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from nats.js.errors import NoKeysError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckp_core.commands import DeleteRun, StartRun
@@ -371,10 +372,7 @@ async def artifact_content(request: Request, run_id: str, artifact_id: str) -> R
 
 async def _step_entries(request: Request, run_id: str) -> list[dict[str, Any]]:
     kv = await request.app.state.js.key_value(STEPS_BUCKET)
-    try:
-        keys = await kv.keys(filters=[f"{run_id}.>"])
-    except NoKeysError:
-        return []
+    keys = await run_keys(kv, run_id)
     out: list[dict[str, Any]] = []
     for key in keys:
         try:
@@ -393,6 +391,20 @@ async def _step_entries(request: Request, run_id: str) -> list[dict[str, Any]]:
                     "updated_at": value.get("updated_at")})
     out.sort(key=lambda e: str(e["updated_at"] or ""))
     return out
+
+
+async def run_keys(kv: KeyValue, run_id: str) -> list[str]:
+    """Keys ``<run_id>.*`` of a KV bucket, through a subject-filtered watcher (no scan of the whole bucket)."""
+    watcher = await kv.watch(f"{run_id}.>", ignore_deletes=True, meta_only=True)
+    keys: list[str] = []
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            keys.append(entry.key)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return keys
 
 
 @router.get("/api/runs/{run_id}/diagnostics")

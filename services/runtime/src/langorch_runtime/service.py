@@ -420,7 +420,14 @@ class RuntimeService:
         writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
         await writer.emit(RunDeleted())
         with contextlib.suppress(Exception):
-            for key in await self.steps_kv.keys(filters=[f"{command.run_id}.>"]):
+            watcher = await self.steps_kv.watch(f"{command.run_id}.>", ignore_deletes=True, meta_only=True)
+            keys: list[str] = []
+            async for entry in watcher:
+                if entry is None:
+                    break
+                keys.append(entry.key)
+            await watcher.stop()  # type: ignore[no-untyped-call]
+            for key in keys:
                 await self.steps_kv.purge(key)
         for stored in events:
             d = stored.envelope.data
@@ -433,7 +440,6 @@ class RuntimeService:
             for child in children:
                 await publish_command(self.js, DeleteRun(actor=command.actor, causation_id=command.command_id,
                                                          run_id=child, cleanup_id=command.cleanup_id))
-
 
 
 CANCELED: dict[str, Any] = {"canceled": True}
