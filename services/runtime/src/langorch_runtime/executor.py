@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -38,6 +40,7 @@ class RunWriter:
         self.actor = actor
         self.causation_id = causation_id
         self.lock = asyncio.Lock()
+        self.observer: Callable[[EventData, float], None] | None = None  # metrics, after each append
 
     async def refresh(self) -> None:
         """Re-read the run's head (another replica appended to it, e.g. ``run_cancel_requested``)."""
@@ -56,6 +59,11 @@ class RunWriter:
         [position] = await self.store.append([envelope], expected_position=self.position)
         self.seq += 1
         self.position = position
+        if self.observer is not None:
+            try:
+                self.observer(data, time.time())
+            except Exception:  # metrics never break a run
+                log.warning("metrics observer failed on %s", data.TYPE, exc_info=True)
         return position
 
 

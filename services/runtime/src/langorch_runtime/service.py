@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from prometheus_client import start_http_server
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -56,6 +57,7 @@ from langorch_runtime.executor import RunWriter, build_graph
 from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
 from langorch_runtime.machine import CallbackConfig, Machine, RunInfo
+from langorch_runtime.metrics import RuntimeMetrics
 from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import StepStore
 from langorch_runtime.timers import CallbackTimer
@@ -95,6 +97,7 @@ class RuntimeService:
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher = AgentDispatcher(settings, instance_id=self.instance)
+        self.metrics = RuntimeMetrics()
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
@@ -299,6 +302,8 @@ class RuntimeService:
             await writer.emit(RunCompleted(outputs={}, mode="validation_only", message=VALIDATION_ONLY_MESSAGE))
             return
         started_at = format_time(started.envelope.occurred_at if started else utc_now())
+        writer.observer = self.metrics.observer(ir, created, started.envelope.occurred_at.timestamp()
+                                                if started else None)
         js = self.js
         assert js is not None
 
@@ -504,8 +509,13 @@ def _checkpoint_id(snapshot: Any) -> str | None:
 
 
 async def serve(settings: RuntimeSettings) -> None:
-    """Run one runtime replica until cancelled."""
+    """Run one runtime replica until cancelled (with its Prometheus endpoint on ``metrics_port``)."""
     service = RuntimeService(settings)
+    if settings.metrics_port:
+        try:
+            start_http_server(settings.metrics_port, registry=service.metrics.registry)
+        except OSError as exc:
+            log.warning("runtime metrics not served on port %s: %s", settings.metrics_port, exc)
     await service.start()
     try:
         await service.run()

@@ -1,0 +1,131 @@
+"""Runtime metrics (api.md §13.1): derived from the run events this replica appends, so every count matches the
+timeline. Labels stay bounded: binding kinds, statuses, error codes and configured metric names only."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ckp_core.events import EventData
+from ckp_core.ir import ProcedureIR
+
+CUSTOM_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MAX_CUSTOM_NAMES = 100
+FAILURE_CODES = frozenset({
+    "no_executor", "agent_error", "agent_unavailable", "agent_protocol_error", "dispatch_failed", "callback_timeout",
+    "workflow_failed", "mcp_tool_error", "mcp_error", "step_timeout", "lease_wait_timeout", "lease_revoked",
+    "rate_limited", "llm_error", "budget_exceeded", "secret_not_found", "secret_unavailable", "expression_error",
+    "operation_failed", "schema_validation_failed", "decryption_failed", "conversion_failed", "validation_failed",
+    "verification_failed", "logic_no_route", "loop_iterator_invalid", "loop_iteration_failed",
+    "parallel_branch_failed", "parallel_all_failed", "subflow_failed", "subflow_not_found", "subflow_recursion",
+    "subflow_depth_exceeded", "subflow_input_invalid", "sla_breached", "max_hops_exceeded", "deadline_exceeded",
+    "state_too_large", "procedure_not_runnable", "procedure_not_effective", "terminated_failed", "internal_error",
+})
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+class RuntimeMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.run_started = Counter("langorch_run_started_total", "Runs started", ["trigger_type"], registry=r)
+        self.run_completed = Counter("langorch_run_completed_total", "Runs ended", ["status"], registry=r)
+        self.run_duration = Histogram("langorch_run_duration_seconds", "Run duration, first start to end",
+                                      ["status"], buckets=DURATION_BUCKETS, registry=r)
+        self.run_failures = Counter("langorch_run_failures_total", "Failed runs by error code", ["error_code"],
+                                    registry=r)
+        self.run_recovered = Counter("langorch_run_recovered_total", "Runs resumed after their replica died",
+                                     registry=r)
+        self.steps = Counter("langorch_step_execution_total", "Step executions", ["binding", "status"], registry=r)
+        self.step_duration = Histogram("langorch_step_duration_seconds", "Step attempt duration", ["binding"],
+                                       registry=r)
+        self.step_timeouts = Counter("langorch_step_timeout_total", "Step attempt timeouts", ["binding"], registry=r)
+        self.retries = Counter("langorch_retry_attempts_total", "Step retries", ["binding"], registry=r)
+        self.llm_tokens = Counter("langorch_llm_tokens_total", "LLM tokens", ["model", "kind"], registry=r)
+        self.llm_cost = Counter("langorch_llm_cost_usd_total", "Estimated LLM cost", ["model"], registry=r)
+        self.sla_breaches = Counter("langorch_sla_breach_total", "SLA breaches", ["on_breach"], registry=r)
+        self.budget_exceeded = Counter("langorch_budget_exceeded_total", "LLM budgets exceeded", registry=r)
+        self.callback_timeouts = Counter("langorch_callback_timeout_total", "Async callbacks that timed out",
+                                         ["callback_type"], registry=r)
+        self.custom = Counter("langorch_custom_metric_total", "Node telemetry.custom_metrics", ["name"], registry=r)
+        self._custom_names: set[str] = set()
+
+    def observer(self, ir: ProcedureIR, run_created: dict[str, Any], started_at: float | None) -> RunObserver:
+        return RunObserver(self, ir, run_created, started_at)
+
+
+class RunObserver:
+    """Updates the metrics from one run's events (bindings remembered per step attempt)."""
+
+    def __init__(self, metrics: RuntimeMetrics, ir: ProcedureIR, run_created: dict[str, Any],
+                 started_at: float | None) -> None:
+        self.m = metrics
+        self.ir = ir
+        self.trigger_type = str(run_created.get("trigger_type") or "api")
+        self.started_at = started_at
+        self.bindings: dict[tuple[Any, Any, Any], str] = {}
+
+    def binding(self, data: dict[str, Any]) -> str:
+        return self.bindings.get((data.get("node_id"), data.get("step_id"), data.get("frame")), "internal")
+
+    def __call__(self, event: EventData, occurred: float) -> None:
+        t, d = event.TYPE, event.model_dump(mode="json")
+        m = self.m
+        if t == "execution_started":
+            m.run_started.labels(self.trigger_type).inc()
+            self.started_at = occurred
+        elif t == "execution_recovered":
+            m.run_recovered.inc()
+        elif t == "step_started":
+            kind = d.get("binding_kind") or "internal"
+            self.bindings[(d.get("node_id"), d.get("step_id"), d.get("frame"))] = \
+                "internal" if kind == "internal" else "agent_http"
+        elif t == "step_completed":
+            binding = self.binding(d)
+            m.steps.labels(binding, "completed").inc()
+            m.step_duration.labels(binding).observe((d.get("duration_ms") or 0) / 1000)
+        elif t == "step_replayed":
+            m.steps.labels(self.binding(d), "replayed").inc()
+        elif t == "step_failed":
+            m.steps.labels(self.binding(d), "failed").inc()
+        elif t == "step_timeout":
+            m.step_timeouts.labels(self.binding(d)).inc()
+        elif t == "step_retrying":
+            m.retries.labels(self.binding(d)).inc()
+        elif t == "llm_usage":
+            model = str(d.get("model") or "other")
+            m.llm_tokens.labels(model, "prompt").inc(d.get("prompt_tokens") or 0)
+            m.llm_tokens.labels(model, "completion").inc(d.get("completion_tokens") or 0)
+            m.llm_cost.labels(model).inc(d.get("estimated_cost_usd") or 0.0)
+        elif t == "sla_breached":
+            m.sla_breaches.labels(str(d.get("on_breach"))).inc()
+        elif t == "budget_exceeded":
+            m.budget_exceeded.inc()
+        elif t == "callback_timed_out":
+            m.callback_timeouts.labels("workflow").inc()
+        elif t == "node_completed":
+            self.custom_metrics(str(d.get("node_id")))
+        elif t in ("run_completed", "run_failed", "run_canceled"):
+            status = {"run_completed": "completed", "run_failed": "failed", "run_canceled": "canceled"}[t]
+            m.run_completed.labels(status).inc()
+            if self.started_at is not None:
+                m.run_duration.labels(status).observe(max(0.0, occurred - self.started_at))
+            if t == "run_failed":
+                code = str((d.get("error") or {}).get("code") or "internal_error")
+                code = "agent_http_4xx" if code.startswith("agent_http_") else code
+                m.run_failures.labels(code if code in FAILURE_CODES or code == "agent_http_4xx" else "other").inc()
+
+    def custom_metrics(self, node_id: str) -> None:
+        node = self.ir.nodes.get(node_id)
+        if node is None or node.telemetry is None or not self.ir.global_config.telemetry_enabled:
+            return
+        for metric in node.telemetry.custom_metrics:
+            name = metric.name
+            if name not in self.m._custom_names:
+                if len(self.m._custom_names) >= MAX_CUSTOM_NAMES or not CUSTOM_NAME.match(name):
+                    name = "other"
+                else:
+                    self.m._custom_names.add(name)
+            self.m.custom.labels(name).inc(metric.value)
