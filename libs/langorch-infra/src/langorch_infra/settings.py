@@ -52,6 +52,8 @@ class RuntimeSettings(CommonSettings):
     ack_wait_s: float = Field(30.0, description="JetStream ack wait of run commands; a runtime that stops "
                               "signalling progress for this long loses its runs to another replica.")
     max_concurrent_runs: int = Field(16, ge=1, description="Runs one replica executes at once.")
+    metrics_port: int = Field(9464, ge=0, description="Port of this replica's Prometheus /metrics (0: none; "
+                              "`langorch serve runtime` only).")
     public_url: str = Field("http://127.0.0.1:8080", description="Base URL of the gateway as agents reach it "
                             "(async callbacks go to <public_url>/api/runs/<run_id>/callback).")
     callback_timeout_s: float = Field(3600.0, gt=0, description="How long an async workflow delegation may wait "
