@@ -397,6 +397,21 @@ async def test_one_slot_second_dispatch_waits_for_the_first(nats_url: str) -> No
         assert await h.leases() == {}
 
 
+async def test_step_timeout_covers_the_call_not_the_wait_for_a_lease(nats_url: str) -> None:
+    behaviour = AgentBehaviour(execute_delay_s=0.5)
+    async with running_agent(behaviour) as agent, harness(nats_url) as h:
+        await h.register("solo", agent.base_url, resource_key="one_slot", concurrency_limit=1)
+        first = asyncio.create_task(h.dispatcher.dispatch(h.request(timeout_ms=800)))
+        await h.until(lambda: len(behaviour.executions) == 1)
+        # waits ~0.5 s for the slot, then its own call takes 0.5 s: 1 s in all, over its 0.8 s timeout
+        await h.dispatcher.dispatch(h.request(timeout_ms=800))
+        await first
+        behaviour.execute_delay_s = 2.0
+        error = await failure(h.dispatcher.dispatch(h.request(timeout_ms=300)))
+        assert (error.code, error.retryable) == ("step_timeout", True)
+        assert await h.leases() == {}
+
+
 async def test_shared_resource_key_slots_and_wait_timeout(nats_url: str) -> None:
     behaviour = AgentBehaviour(execute_delay_s=1.0)
     async with running_agent(behaviour) as agent, harness(nats_url, lease_wait_timeout_s=0.3) as h:

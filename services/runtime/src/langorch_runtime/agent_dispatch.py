@@ -419,14 +419,25 @@ class AgentDispatcher(Dispatcher):
 
     # -- dispatch ---------------------------------------------------------------------------------------------
 
+    enforces_step_timeout = True  # the step's timeout covers the call only, not the wait for a lease (§4.9)
+
     async def dispatch(self, request: DispatchRequest) -> Any:
         channel = (request.channel or request.node.channel or "").lower()
         candidate, lease = await self.acquire(request, channel)
         self._remember(request.run_id, channel, candidate.agent_id)
         try:
-            return await self._under_lease(lease, self._call(candidate, request, channel))
+            return await self._under_lease(lease, self._timed(request, self._call(candidate, request, channel)))
         finally:
             await asyncio.shield(self.release(lease))
+
+    async def _timed(self, request: DispatchRequest, call: Any) -> Any:
+        if request.timeout_ms is None:
+            return await call
+        try:
+            return await asyncio.wait_for(call, request.timeout_ms / 1000)
+        except TimeoutError:
+            raise _error("step_timeout", f"step '{request.step_id}' timed out after {request.timeout_ms} ms",
+                         retryable=True, details={"timeout_ms": request.timeout_ms}) from None
 
     async def _under_lease(self, lease: Lease, call: Any) -> Any:
         """Run ``call`` while renewing the lease; abort it with ``lease_revoked`` when the lease is taken."""

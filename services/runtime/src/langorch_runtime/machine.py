@@ -1789,7 +1789,7 @@ class Machine:
                                   timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode,
                                   run_id=self.run.run_id, procedure_id=self.ir.procedure_id, emit=self.emit,
                                   callback=callback)
-        if step.timeout_ms is None:
+        if step.timeout_ms is None or getattr(self.dispatcher, "enforces_step_timeout", False):
             return await self.dispatcher.dispatch(request)
         try:
             return await asyncio.wait_for(self.dispatcher.dispatch(request), step.timeout_ms / 1000)
