@@ -525,3 +525,31 @@ async def test_step_timeout_is_retryable_and_reported() -> None:
     assert run.outcome["error"]["code"] == "step_timeout"
     assert [e.timeout_ms for e in run.of("step_timeout")] == [20, 20]
     assert len(run.of("step_retrying")) == 1
+
+
+async def test_failure_and_completion_screenshots_go_to_the_channel_agent() -> None:
+    agent = ScriptedDispatcher({"click": [ErrorObject(code="agent_error", message="no button")],
+                                "type": [{"typed": True}], "screenshot": [{"screenshot": "file:///tmp/s.png"}]})
+    document = doc({"a": {"type": "sequence", "agent": "WEB", "next_node": "z",
+                          "error_handlers": [{"action": "screenshot_and_fail"}],
+                          "steps": [{"step_id": "t", "action": "type", "screenshot_on_complete": True},
+                                    {"step_id": "c", "action": "click"}]},
+                    "z": END})
+    run = await run_doc(document, dispatcher=agent)
+    assert run.outcome is not None
+    assert run.outcome["error"]["code"] == "agent_error"
+    shots = [r for r in agent.requests if r.action == "screenshot"]
+    assert [r.step_id for r in shots] == ["t~screenshot", "c~screenshot"]
+    assert [r.params["reason"] for r in shots] == ["on_complete", "screenshot_and_fail"]
+    assert len(run.of("artifact_created")) == 2
+    assert run.of("screenshot_requested") == []
+
+
+async def test_without_an_agent_a_failure_screenshot_is_requested() -> None:
+    document = doc({"a": {"type": "sequence", "agent": "WEB", "next_node": "z",
+                          "steps": [{"step_id": "c", "action": "click"}]}, "z": END},
+                   global_config={"screenshot_on_fail": True})
+    run = await run_doc(document)
+    [requested] = run.of("screenshot_requested")
+    assert (requested.reason, requested.error.code if requested.error else None) == ("screenshot_on_fail",
+                                                                                    "no_executor")

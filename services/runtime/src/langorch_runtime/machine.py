@@ -657,7 +657,7 @@ class Machine:
                 return RetryNode(delay_ms=_handler_delay(handler, used))
             return None
         if handler.action == "screenshot_and_fail":
-            await self.emit(ScreenshotRequested(node_id=node.id, frame=fs, reason="screenshot_and_fail", error=error))
+            await self.screenshot(node, None, fs, None, "screenshot_and_fail", error)
             return None
         if handler.action == "ignore":
             target = handler.fallback_node or node.next_node
@@ -1502,8 +1502,7 @@ class Machine:
                 attempt += 1
                 continue
             if self.ir.global_config.screenshot_on_fail and not internal:
-                await self.emit(ScreenshotRequested(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                                    reason="screenshot_on_fail", error=error))
+                await self.screenshot(node, step_id, fs, attempt, "screenshot_on_fail", error)
             if allow_handlers:
                 handled = await self.step_handlers(state, frame, node, current, step, step_id, fs, attempt, error,
                                                    handler_retries)
@@ -1578,8 +1577,33 @@ class Machine:
         await self.emit(StepCompleted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
                                       output_variable=step.output_variable,
                                       duration_ms=int((time.monotonic() - started) * 1000), retry_count=attempt - 1))
+        if step.screenshot_on_complete:
+            await self.screenshot(node, step_id, fs, attempt, "on_complete", None)
         if step.wait_after_ms:
             await self.sleep(step.wait_after_ms / 1000)
+
+    async def screenshot(self, node: NodeIR, step_id: str | None, fs: str, attempt: int | None, reason: str,
+                         error: ErrorObject | None) -> None:
+        """A failure or completion screenshot (§4.10): dispatched as ``screenshot`` to the node's channel (identity
+        ``<step_id>~screenshot``, artifacts harvested, failures ignored), else ``screenshot_requested``."""
+        shot_id = f"{step_id or node.id}~screenshot"
+        if not node.orchestrator:
+            request = DispatchRequest(node=node, step_id=shot_id, action="screenshot", channel=node.channel,
+                                      params={"reason": reason}, attempt=attempt or 1,
+                                      idempotency_key=idempotency_key(self.run.run_id, node.id, shot_id, fs,
+                                                                      attempt or 1),
+                                      frame=fs, timeout_ms=None, dispatch_mode="sync", run_id=self.run.run_id,
+                                      procedure_id=self.ir.procedure_id, emit=self.emit)
+            try:
+                result = await self.dispatcher.dispatch(request)
+            except StepError as exc:
+                if exc.error.code != "no_executor":
+                    return  # the screenshot's own failure is ignored
+            else:
+                await self.harvest(node, shot_id, fs, attempt or 1, result)
+                return
+        await self.emit(ScreenshotRequested(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                            reason=reason, error=error))
 
     async def secret_layer(self, node: NodeIR, step: StepIR, step_id: str, internal: bool) -> dict[str, Any]:
         """The ``secrets`` local of a step's parameters: values (internal keys) or grants (agents), masked."""
@@ -1741,8 +1765,7 @@ class Machine:
                     return ("retry_node", _handler_delay(handler, used))
                 return None
             if handler.action == "screenshot_and_fail":
-                await self.emit(ScreenshotRequested(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                                    reason="screenshot_and_fail", error=error))
+                await self.screenshot(node, step_id, fs, attempt, "screenshot_and_fail", error)
                 return None
             if handler.action == "ignore":
                 if handler.fallback_node:
