@@ -9,12 +9,14 @@ import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import nats
 import pytest
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from langorch_gateway.routes_runs_more import run_keys
+from langorch_infra.jetstream import JetStreamEventStore
 from tests.conftest import Platform, platform_of
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register, start, wait_status
@@ -137,7 +139,18 @@ async def test_artifacts_content_diagnostics_and_delete(platform: Platform) -> N
     assert diag["execution"]["delivery_count"] == 1
     is_problem(await c.get("/api/runs/0192f7c4-6a1e-7c3b-8e55-9d2f4b1a7c10/diagnostics"), 404, "not_found")
 
-    r = await c.delete(f"/api/runs/{run_id}")
+    db = await asyncpg.connect(platform.database_url)
+    try:
+        checkpoints = "SELECT count(*) FROM checkpoints WHERE thread_id = $1"
+        assert await db.fetchval(checkpoints, run_id) > 0
+        r = await c.delete(f"/api/runs/{run_id}")
+        for _ in range(100):  # the runtime deletes the LangGraph thread after appending run_deleted
+            if await db.fetchval(checkpoints, run_id) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await db.fetchval(checkpoints, run_id) == 0
+    finally:
+        await db.close()
     assert r.status_code == 200, r.text
     is_problem(await c.get(f"/api/runs/{run_id}/artifacts"), 404, "not_found")
     nc = await nats.connect(platform.nats_url)
@@ -157,5 +170,7 @@ async def test_artifacts_content_diagnostics_and_delete(platform: Platform) -> N
             await asyncio.sleep(0.05)
         assert keys == []
         assert content_left is False
+        left = await JetStreamEventStore(js).read("run", run_id)
+        assert [e.envelope.type for e in left] == ["run_deleted"]  # earlier events purged, the tombstone kept
     finally:
         await nc.close()

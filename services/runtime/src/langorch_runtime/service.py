@@ -45,7 +45,15 @@ from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
 from ckp_core.run_events import ExecutionResumed, RunCanceled, RunCancelRequested, RunDeleted, RunRetryRequested
-from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, STEPS_BUCKET, event_subject, procedure_key
+from ckp_core.subjects import (
+    COMMAND_STREAM,
+    EVENT_STREAM,
+    PROCEDURES_BUCKET,
+    STEPS_BUCKET,
+    aggregate_filter,
+    event_subject,
+    procedure_key,
+)
 from langorch_infra.callbacks import callback_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
 from langorch_infra.secrets import env_secret, grant_key, make_grant
@@ -423,7 +431,14 @@ class RuntimeService:
             await self.store.append([rejected], expected_position=head.position)
             return
         writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
-        await writer.emit(RunDeleted())
+        deleted_at = await writer.emit(RunDeleted())
+        if self.js is not None:  # the run's earlier events go; the run_deleted tombstone stays
+            with contextlib.suppress(Exception):
+                await self.js.purge_stream(EVENT_STREAM, subject=aggregate_filter("run", command.run_id),
+                                           seq=deleted_at)
+        if self.saver is not None:
+            with contextlib.suppress(Exception):
+                await self.saver.adelete_thread(command.run_id)
         with contextlib.suppress(Exception):
             watcher = await self.steps_kv.watch(f"{command.run_id}.>", ignore_deletes=True, meta_only=True)
             keys: list[str] = []
