@@ -553,3 +553,24 @@ async def test_without_an_agent_a_failure_screenshot_is_requested() -> None:
     [requested] = run.of("screenshot_requested")
     assert (requested.reason, requested.error.code if requested.error else None) == ("screenshot_on_fail",
                                                                                     "no_executor")
+
+
+async def test_agent_affinity_is_kept_in_the_run_state() -> None:
+    seen: list[str | None] = []
+
+    def answer(request: Any) -> Any:
+        seen.append(request.affinity)
+        request.agent_id = "agent-7"
+        return {"ok": True}
+
+    agent = ScriptedDispatcher({"go": [answer]})
+    document = doc({"a": {"type": "sequence", "agent": "API", "next_node": "g", "steps": [
+        {"step_id": "one", "action": "go"}]},
+        "g": {"type": "human_approval", "on_approve": "b", "on_reject": "b"},
+        "b": {"type": "sequence", "agent": "API", "next_node": "z", "steps": [{"step_id": "two", "action": "go"}]},
+        "z": END})
+    run = await run_doc(document, dispatcher=agent)
+    assert run.final["affinity"] == {"api": "agent-7"}
+    run.machine.affinity = {}  # a fresh replica resuming the run knows only the persisted state
+    await run.resume(wait_id=run.waits[0]["id"], decision="approved")
+    assert seen == [None, "agent-7"]

@@ -423,8 +423,11 @@ class AgentDispatcher(Dispatcher):
 
     async def dispatch(self, request: DispatchRequest) -> Any:
         channel = (request.channel or request.node.channel or "").lower()
+        if request.affinity and (request.run_id, channel) not in self.affinity:
+            self._remember(request.run_id, channel, request.affinity)  # persisted in the run's state (§4.5)
         candidate, lease = await self.acquire(request, channel)
         self._remember(request.run_id, channel, candidate.agent_id)
+        request.agent_id = candidate.agent_id
         try:
             return await self._under_lease(lease, self._timed(request, self._call(candidate, request, channel)))
         finally:

@@ -51,6 +51,7 @@ class RunState(TypedDict, total=False):
     executed_ms: int  # executing time used against the run deadline (§7.11), summed over resumes
     deadline_hit: int | None  # executed_ms when the deadline passed (the recovery path's grace starts there)
     llm: dict[str, Any]  # the run's LLM counters: prompt_tokens, completion_tokens, cost_usd
+    affinity: dict[str, str]  # channel → the agent this run used there (preferred while healthy and free)
 
 
 def new_frame(state: RunState, kind: FrameKind, parent: Frame | None, path: str, cursor: str | None,

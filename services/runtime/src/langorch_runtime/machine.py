@@ -195,6 +195,8 @@ class DispatchRequest:
     emit: Emit | None = None  # for dispatch-time events (pool_saturated, rate_limit_wait, artifact_created)
     deadline_at: str | None = None
     callback: CallbackInfo | None = None  # for async workflow capabilities (api.md §15.2)
+    affinity: str | None = None  # the agent this run used on this channel before (kept in run state)
+    agent_id: str | None = None  # set by the dispatcher: the agent chosen
 
 
 @dataclass
@@ -290,6 +292,7 @@ class Machine:
     limiter: Limiter | None = None
     llm: Any = None  # langorch_runtime.llm.LlmClient
     artifacts: ArtifactStore | None = None
+    affinity: dict[str, str] = field(default_factory=dict)  # channel → agent, mirrored into the run state
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
 
     # -- scopes and templates -------------------------------------------------------------------------------
@@ -355,6 +358,7 @@ class Machine:
     async def advance(self, state: RunState) -> RunState:
         """Advance every runnable frame by one node; returns the new state (to be checkpointed)."""
         state = copy.deepcopy(state)
+        self.affinity = state.setdefault("affinity", {})
         frames = self.runnable(state)
         remaining = self.remaining_s(state)
         began = time.monotonic()
@@ -1807,18 +1811,27 @@ class Machine:
 
     async def dispatch_step(self, node: NodeIR, step: StepIR, step_id: str, fs: str, params: dict[str, Any],
                             attempt: int, key: str, callback: CallbackInfo | None) -> Any:
+        channel = step.binding.channel or ""
         request = DispatchRequest(node=node, step_id=step_id, action=step.action, channel=step.binding.channel,
                                   params=params, attempt=attempt, idempotency_key=key, frame=fs,
                                   timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode,
                                   run_id=self.run.run_id, procedure_id=self.ir.procedure_id, emit=self.emit,
-                                  callback=callback)
+                                  callback=callback, affinity=self.affinity.get(channel))
+        try:
+            return await self._dispatch(request, step)
+        finally:
+            if request.agent_id:
+                self.affinity[channel] = request.agent_id
+
+    async def _dispatch(self, request: DispatchRequest, step: StepIR) -> Any:
         if step.timeout_ms is None or getattr(self.dispatcher, "enforces_step_timeout", False):
             return await self.dispatcher.dispatch(request)
         try:
             return await asyncio.wait_for(self.dispatcher.dispatch(request), step.timeout_ms / 1000)
         except TimeoutError:
-            raise StepError(ErrorObject(code="step_timeout", retryable=True, message=f"step '{step_id}' timed out "
-                                        f"after {step.timeout_ms} ms")) from None
+            raise StepError(ErrorObject(code="step_timeout", retryable=True,
+                                        message=f"step '{request.step_id}' timed out after {step.timeout_ms} ms")) \
+                from None
 
 
 class _Warnings:
