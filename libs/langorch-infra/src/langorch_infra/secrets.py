@@ -46,3 +46,37 @@ def verify_grant(key: bytes, token: str) -> dict[str, Any]:
     """The grant's claims; raises ``jwt.InvalidTokenError`` (expired, bad signature, wrong audience)."""
     claims: dict[str, Any] = jwt.decode(token, key, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER)
     return claims
+
+
+_JWT = re.compile(r"[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}")
+
+
+def redeem_grants(value: Any, key: bytes, resolve: Any = env_secret) -> Any:
+    """Replace every credential grant inside ``value`` (any JSON value) by the secret it names, in memory: MCP
+    tools get values, not grants (ckp.md §7.14). A grant that does not verify is left as it is."""
+    if isinstance(value, dict):
+        return {k: redeem_grants(v, key, resolve) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redeem_grants(v, key, resolve) for v in value]
+    if not isinstance(value, str) or "." not in value:
+        return value
+
+    def swap(match: re.Match[str]) -> str:
+        try:
+            claims = verify_grant(key, match.group(0))
+        except jwt.InvalidTokenError:
+            return match.group(0)
+        secret = resolve(str(claims.get("secret_name")))
+        if secret is None:
+            return match.group(0)
+        field = claims.get("field")
+        if field:
+            import json
+
+            try:
+                return str(json.loads(secret)[field])
+            except (ValueError, KeyError, TypeError):
+                return match.group(0)
+        return str(secret)
+
+    return _JWT.sub(swap, value)

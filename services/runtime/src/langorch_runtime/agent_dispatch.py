@@ -60,6 +60,7 @@ from ckp_core.subjects import (
 )
 from langorch_infra.jetstream import connect, decode_message, ensure_topology
 from langorch_infra.kv import put_with_ttl
+from langorch_infra.secrets import grant_key, redeem_grants
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
 from langorch_runtime.errors import StepError
@@ -175,6 +176,7 @@ class AgentDispatcher(Dispatcher):
         self._nc: NATS | None = None
         self._follower: asyncio.Task[None] | None = None
         self._registry_changed = asyncio.Event()
+        self.grant_key = grant_key(settings.auth_secret_key.get_secret_value())
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -653,7 +655,8 @@ class AgentDispatcher(Dispatcher):
             session: _McpSession | None = None
             try:
                 session = await self._mcp_session(c.agent)
-                result = await session.call(request.action, dict(request.params), meta, timeout_s)
+                arguments = redeem_grants(dict(request.params), self.grant_key)  # MCP tools get values
+                result = await session.call(request.action, arguments, meta, timeout_s)
             except MCPError as exc:
                 if again and session is not None and session.lost:
                     await self._drop_mcp(c.agent)  # 404 on our session id: the server forgot it; initialise once
