@@ -348,3 +348,56 @@ async def test_cleanup_preview_delete_and_alias(platform: Platform) -> None:
     assert (await c.get(f"/api/runs/{waiting}")).json()["status"] == "waiting_approval"
     is_problem(await c.delete("/api/runs/cleanup/history"), 422, "validation_failed")
     is_problem(await c.delete("/api/runs/cleanup/history", params={"before": "now"}), 422, "validation_failed")
+
+
+async def test_checkpoints_list_and_detail(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("cp_simple"))
+    run_id = await start(c, "cp_simple", {"n": 5, "api_key": "sk-very-secret-value"})
+    assert (await wait_status(c, run_id))["status"] == "completed"
+
+    page = (await c.get(f"/api/runs/{run_id}/checkpoints")).json()
+    assert set(page) == {"items", "total", "limit", "offset"}
+    assert page["total"] >= 2
+    assert len(page["items"]) == page["total"]
+    first = page["items"][0]
+    assert set(first) == {"checkpoint_id", "thread_id", "checkpoint_ns", "parent_checkpoint_id", "step", "source",
+                          "node_ids", "writes", "created_at"}
+    assert first["thread_id"] == run_id
+    assert first["checkpoint_ns"] == ""
+    steps = [x["step"] for x in page["items"]]
+    assert steps == sorted(steps, reverse=True)  # newest first
+    assert page["items"][-1]["parent_checkpoint_id"] is None
+    assert first["parent_checkpoint_id"] == page["items"][1]["checkpoint_id"]
+    assert first["created_at"].endswith("Z")
+    second = (await c.get(f"/api/runs/{run_id}/checkpoints", params={"limit": 1, "offset": 1})).json()
+    assert [x["checkpoint_id"] for x in second["items"]] == [page["items"][1]["checkpoint_id"]]
+    assert second["total"] == page["total"]
+    assert (await c.get(f"/api/runs/{run_id}/checkpoints", params={"checkpoint_ns": "nope"})).json()["total"] == 0
+
+    r = await c.get(f"/api/runs/{run_id}/checkpoints/{first['checkpoint_id']}")
+    assert r.status_code == 200, r.text
+    detail = r.json()
+    assert set(detail) == {"checkpoint_id", "thread_id", "checkpoint_ns", "parent_checkpoint_id", "created_at",
+                           "step", "source", "channel_values", "channel_versions", "versions_seen",
+                           "pending_writes", "metadata", "truncated_paths"}
+    assert detail["checkpoint_id"] == first["checkpoint_id"]
+    assert detail["parent_checkpoint_id"] == first["parent_checkpoint_id"]
+    assert detail["truncated_paths"] == []
+    assert "sk-very-secret-value" not in r.text  # never in an answer (api.md §1.7)
+    small = (await c.get(f"/api/runs/{run_id}/checkpoints/{first['checkpoint_id']}",
+                         params={"max_value_bytes": 1})).json()
+    assert small["truncated_paths"]
+    path = small["truncated_paths"][0]
+    assert path.startswith(("channel_values.", "pending_writes."))
+    if path.startswith("channel_values."):
+        marker = small["channel_values"][path.split(".", 1)[1]]
+        assert marker["_truncated"] is True
+        assert len(marker["sha256"]) == 64
+
+    is_problem(await c.get(f"/api/runs/{run_id}/checkpoints/0192f7c4-0000-7000-8000-000000000000"), 404,
+               "not_found")
+    is_problem(await c.get("/api/runs/0192f7c4-6a1e-7c3b-8e55-9d2f4b1a7c10/checkpoints"), 404, "not_found")
+    body = is_problem(await c.get(f"/api/runs/{run_id}/checkpoints/{first['checkpoint_id']}",
+                                  params={"max_value_bytes": 0}), 422, "validation_failed")
+    assert "query.max_value_bytes" in body["errors"]

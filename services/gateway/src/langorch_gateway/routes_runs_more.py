@@ -3,6 +3,7 @@ diagnostics; plus the projection of ``run_deleted`` and ``artifact_created`` (ta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import UTC, date, datetime
@@ -11,6 +12,9 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import CheckpointTuple
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +24,7 @@ from ckp_core.errors import InvalidInputVars
 from ckp_core.events import ANONYMOUS, RunCreated, format_time, make_event
 from ckp_core.eventstore import StoredEvent
 from ckp_core.ids import new_id
+from ckp_core.redaction import Redactor
 from ckp_core.subjects import STEPS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import views
@@ -446,3 +451,119 @@ async def diagnostics(request: Request, run_id: str) -> JSONResponse:
         },
     }
     return JSONResponse(body, headers=headers)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------------
+
+MAX_VALUE_BYTES = 1_048_576
+_REDACT = Redactor()
+
+
+def _plain(value: Any) -> Any:
+    """A checkpoint value as JSON (LangGraph may hold non-JSON objects: rendered as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _checkpoint_ts(checkpoint: dict[str, Any]) -> str | None:
+    ts = checkpoint.get("ts")
+    if not isinstance(ts, str):
+        return None
+    try:
+        return format_time(datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC))
+    except ValueError:
+        return ts
+
+
+def _changed(current: dict[str, Any], parent: dict[str, Any] | None) -> list[str]:
+    parent = parent or {}
+    return sorted(k for k, v in current.items() if not k.startswith("__") and parent.get(k) != v)
+
+
+def checkpoint_summary(tup: CheckpointTuple, parent: CheckpointTuple | None) -> dict[str, Any]:
+    """``CheckpointSummary`` (api.md §5.8): ``writes`` are the channels whose version moved since the parent
+    checkpoint, ``node_ids`` the nodes whose seen versions moved (the nodes of the step that wrote it)."""
+    cp, meta = tup.checkpoint, tup.metadata or {}
+    conf = tup.config["configurable"]
+    pcp = parent.checkpoint if parent is not None else None
+    return {
+        "checkpoint_id": cp["id"], "thread_id": conf.get("thread_id"), "checkpoint_ns": conf.get("checkpoint_ns", ""),
+        "parent_checkpoint_id": (tup.parent_config or {}).get("configurable", {}).get("checkpoint_id"),
+        "step": meta.get("step"), "source": meta.get("source"),
+        "node_ids": _changed(dict(cp.get("versions_seen") or {}),
+                             dict(pcp.get("versions_seen") or {}) if pcp is not None else None),
+        "writes": _changed(dict(cp.get("channel_versions") or {}),
+                           dict(pcp.get("channel_versions") or {}) if pcp is not None else None),
+        "created_at": _checkpoint_ts(dict(cp)),
+    }
+
+
+async def _thread(request: Request, run_id: str, checkpoint_ns: str) -> list[CheckpointTuple]:
+    """Every checkpoint of the run's thread in ``checkpoint_ns``, newest first, through the official saver."""
+    settings = request.app.state.settings
+    config: RunnableConfig = {"configurable": {"thread_id": run_id, "checkpoint_ns": checkpoint_ns}}
+    async with AsyncPostgresSaver.from_conn_string(settings.database_url) as saver:
+        return [t async for t in saver.alist(config)
+                if t.config["configurable"].get("checkpoint_ns", "") == checkpoint_ns]
+
+
+@router.get("/api/runs/{run_id}/checkpoints")
+async def checkpoints(request: Request, run_id: str, checkpoint_ns: str = "", limit: Limit = 100,
+                      offset: Offset = 0) -> dict[str, Any]:
+    """Page of the run's LangGraph checkpoints, newest first."""
+    await _run(request, run_id)
+    tuples = await _thread(request, run_id, checkpoint_ns)
+    by_id = {t.checkpoint["id"]: t for t in tuples}
+    items = []
+    for t in tuples[offset:offset + limit]:
+        parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
+        items.append(checkpoint_summary(t, by_id.get(parent_id) if parent_id else None))
+    return views.page(items, len(tuples), limit, offset)
+
+
+def _bounded(values: dict[str, Any], prefix: str, max_bytes: int, truncated: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        raw = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) > max_bytes:
+            out[key] = {"_truncated": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+            truncated.append(f"{prefix}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+@router.get("/api/runs/{run_id}/checkpoints/{checkpoint_id}")
+async def checkpoint_detail(
+    request: Request,
+    run_id: str,
+    checkpoint_id: str,
+    checkpoint_ns: str = "",
+    max_value_bytes: Annotated[int, Query(ge=1, le=MAX_VALUE_BYTES)] = 65_536,
+) -> dict[str, Any]:
+    """One checkpoint's state, redacted (api.md §1.7), values above ``max_value_bytes`` truncated."""
+    await _run(request, run_id)
+    settings = request.app.state.settings
+    config: RunnableConfig = {"configurable": {"thread_id": run_id, "checkpoint_ns": checkpoint_ns,
+                                               "checkpoint_id": checkpoint_id}}
+    async with AsyncPostgresSaver.from_conn_string(settings.database_url) as saver:
+        tup = await saver.aget_tuple(config)
+    if tup is None or tup.checkpoint["id"] != checkpoint_id:
+        raise ApiProblem("not_found", f"checkpoint {checkpoint_id} of run {run_id} not found", resource="checkpoint")
+    cp = tup.checkpoint
+    truncated: list[str] = []
+    values = _REDACT.redact(_plain(dict(cp.get("channel_values") or {})))
+    writes = []
+    for i, (task_id, channel, value) in enumerate(tup.pending_writes or []):
+        bounded = _bounded({"value": _REDACT.redact(_plain(value))}, f"pending_writes.{i}", max_value_bytes,
+                           truncated)
+        writes.append({"task_id": task_id, "channel": channel, "value": bounded["value"]})
+    metadata = _REDACT.redact(_plain(dict(tup.metadata or {})))
+    return {
+        "checkpoint_id": cp["id"], "thread_id": run_id, "checkpoint_ns": checkpoint_ns,
+        "parent_checkpoint_id": (tup.parent_config or {}).get("configurable", {}).get("checkpoint_id"),
+        "created_at": _checkpoint_ts(dict(cp)), "step": metadata.get("step"), "source": metadata.get("source"),
+        "channel_values": _bounded(values, "channel_values", max_value_bytes, truncated),
+        "channel_versions": _plain(dict(cp.get("channel_versions") or {})),
+        "versions_seen": _plain(dict(cp.get("versions_seen") or {})),
+        "pending_writes": writes, "metadata": metadata, "truncated_paths": truncated,
+    }
