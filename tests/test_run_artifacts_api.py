@@ -115,6 +115,12 @@ async def test_artifacts_content_diagnostics_and_delete(platform: Platform) -> N
                           "artifact_external")
     assert external["uri"] == "https://example.com/report.pdf"
 
+    alias = await c.get(f"/api/artifacts/{run_id}/report.txt")  # api.md §1.8, resolved by name
+    assert alias.status_code == 200
+    assert alias.content == CONTENT
+    assert (await c.get(f"/api/artifacts/{run_id}/report.txt", headers={"Range": "bytes=0-4"})).content == b"hello"
+    is_problem(await c.get(f"/api/artifacts/{run_id}/missing.txt"), 404, "not_found")
+
     diag = (await c.get(f"/api/runs/{run_id}/diagnostics")).json()
     for field in ("run_id", "thread_id", "status", "last_node_id", "last_step_id", "retry_count", "waiting_on",
                   "has_retry_event", "idempotency_entries", "active_leases", "total_events", "error_events",

@@ -343,7 +343,24 @@ def _range(header: str, size: int) -> tuple[int, int] | None:
 @router.get("/api/runs/{run_id}/artifacts/{artifact_id}/content")
 async def artifact_content(request: Request, run_id: str, artifact_id: str) -> Response:
     """The stored bytes (Range supported); a link artifact → 409 ``artifact_external`` with its ``uri``."""
-    row = await _artifact(request, run_id, artifact_id)
+    return await _content(request, await _artifact(request, run_id, artifact_id))
+
+
+@router.get("/api/artifacts/{run_id}/{name}", deprecated=True)
+async def artifact_by_name(request: Request, run_id: str, name: str) -> Response:
+    """Alias of ``…/artifacts/{artifact_id}/content`` resolved by artifact ``name`` (api.md §1.8); the newest
+    artifact of that name when several share it."""
+    await _run(request, run_id)
+    row = await _db(request).fetchrow(
+        "SELECT * FROM run_artifacts WHERE run_id = $1 AND name = $2 ORDER BY created_at DESC, artifact_id DESC "
+        "LIMIT 1", run_id, name)
+    if row is None:
+        raise ApiProblem("not_found", f"no artifact named {name!r} in run {run_id}", resource="artifact")
+    return await _content(request, row)
+
+
+async def _content(request: Request, row: asyncpg.Record) -> Response:
+    artifact_id = row["artifact_id"]
     if not row["stored"]:
         raise ApiProblem("artifact_external", f"artifact {artifact_id} is a link, not stored content",
                          status=409, uri=row["uri"])
