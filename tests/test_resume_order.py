@@ -58,3 +58,51 @@ async def test_approval_decision_is_recorded_before_execution_resumes(platform: 
     assert types[i + 1:i + 3] == ["execution_resumed", "node_completed"]
     assert types.count("approval_decision_received") == 1
     assert types[:5] == ["run_created", "execution_started", "node_started", "approval_requested", "node_paused"]
+
+
+async def test_retry_asks_again_for_an_approval_canceled_when_the_run_failed(platform: Platform) -> None:
+    from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
+    from tests.test_agent_runs import register
+
+    c = platform.client
+    calls = {"n": 0}
+
+    def flaky(body: dict[str, Any]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise AgentFailure("down", "down")
+        return "ok"
+
+    doc = {"procedure_id": "gate_and_work", "version": "1", "workflow_graph": {"start_node": "fan", "nodes": {
+        "fan": {"type": "parallel", "branch_failure": "fail", "next_node": "z", "branches": [
+            {"branch_id": "gate", "start_node": "g"}, {"branch_id": "work", "start_node": "w"}]},
+        "g": {"type": "human_approval", "on_approve": "z", "on_reject": "z"},
+        "w": {"type": "sequence", "agent": "API", "next_node": "z", "steps": [{"step_id": "s", "action": "flaky"}]},
+        "z": {"type": "terminate", "outputs": {"decision": "{{approval.g.decision}}"}}}}}
+    agent = ScriptedAgent({"flaky": flaky})
+    async with serving(agent):
+        await register(c, agent, "api")
+        run_id = await start(c, doc)
+        failed = await wait_status(c, run_id)
+        assert failed["status"] == "failed"
+        for _ in range(100):
+            first = (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"]
+            if first and first[0]["status"] == "canceled":
+                break
+            await asyncio.sleep(0.05)
+        assert [a["status"] for a in first] == ["canceled"]
+        assert (await c.post(f"/api/runs/{run_id}/retry", json={})).status_code == 200
+        fresh: list[dict[str, Any]] = []
+        for _ in range(200):
+            fresh = [a for a in (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"]
+                     if a["status"] == "pending"]
+            if fresh:
+                break
+            await asyncio.sleep(0.05)
+        assert len(fresh) == 1, " ".join(f"{e['event_type']}:{e['node_id']}" for e in await events_of(c, run_id))
+        assert fresh[0]["approval_id"] != first[0]["approval_id"]
+        r = await c.post(f"/api/approvals/{fresh[0]['approval_id']}/decision", json={"decision": "approved"})
+        assert r.status_code == 200, r.text
+        done = await wait_status(c, run_id)
+    assert done["status"] == "completed", done["error"]
+    assert done["output_vars"] == {"decision": "approved"}

@@ -273,6 +273,7 @@ class RunInfo:
     run_id: str
     run_created: dict[str, Any]
     started_at: str
+    retry_epoch: int = 0  # accepted retries of the run (approvals are requested anew after a retry)
 
 
 @dataclass
@@ -413,6 +414,25 @@ class Machine:
             if node_id is not None:
                 await self.emit(NodeError(node_id=node_id, frame=frame_string(frame), error=error))
             await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
+
+    def renew_approvals(self, state: RunState) -> RunState:
+        """For a retried run: approvals it was waiting on were canceled when it ended, so every approval wait is
+        dropped and its node asks again (a new approval) when the run continues."""
+        state = copy.deepcopy(state)
+        for wait_id, wait in list((state.get("waits") or {}).items()):
+            if wait.get("kind") != "approval":
+                continue
+            del state["waits"][wait_id]
+            frame = state["frames"].get(wait["frame_id"])
+            if frame is None:
+                continue
+            current = frame.get("node") or {}
+            data = current.get("data") or {}
+            data.pop("wait_id", None)
+            frame["pending"] = [w for w in frame.get("pending", []) if w != wait_id]
+            if not frame["pending"] and frame.get("status") == "paused":
+                frame["status"] = "running"
+        return state
 
     def resolve(self, state: RunState, resolution: Mapping[str, Any]) -> RunState:
         """Apply a resume payload ``{"wait_id": …, …}`` to the state: the waiting frame becomes runnable."""
@@ -1001,7 +1021,8 @@ class Machine:
             context = None
             if p.context_data is not None:
                 context = await self.render(p.context_data, state, frame, node.id, None, "/context_data")
-            identity = f"{node.id}:approval:{fs}"
+            # a retried run asks again: its earlier approvals were canceled when it ended
+            identity = f"{node.id}:approval:{fs}" + (f":retry{self.run.retry_epoch}" if self.run.retry_epoch else "")
             record = await self.steps.get(identity)
             known = (record.result or {}) if record is not None else {}
             approval_id = str(known.get("approval_id") or new_id())

@@ -321,7 +321,9 @@ class RuntimeService:
 
         callbacks = CallbackConfig(key=callback_key(self.settings.auth_secret_key.get_secret_value()),
                                    public_url=self.settings.public_url, timeout_s=self.settings.callback_timeout_s)
-        machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at),
+        epoch = len(retries) + (1 if isinstance(command, RetryRun) else 0)
+        machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at,
+                                             retry_epoch=epoch),
                           emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
@@ -339,10 +341,18 @@ class RuntimeService:
             if command.automatic:  # resume_on_failure: one retry after retry_delay_ms (ckp.md §7.12)
                 await asyncio.sleep(min(ir.global_config.retry_delay_ms, 60_000) / 1000)
             target = None
+            point = snapshot.values.get("failure_point") or {}
+            fallback = None
             async for past in graph.aget_state_history(config):  # newest first
-                if past.values.get("outcome") is None and not past.values.get("recovery") and past.next:
-                    target = past
+                values = past.values
+                if values.get("outcome") is not None or values.get("recovery") or not past.next:
+                    continue
+                fallback = fallback or past
+                frame = (values.get("frames") or {}).get(point.get("frame_id"))
+                if frame is not None and frame.get("node") is None and frame.get("cursor") == point.get("node_id"):
+                    target = past  # just before the failing node started: it runs again as a whole (§7.12)
                     break
+            target = target or fallback
             if target is None:
                 log.warning("run %s has no checkpoint to retry from", run_id)
                 return
@@ -352,7 +362,11 @@ class RuntimeService:
             await writer.emit(RunRetryRequested(retry_count=len(retries) + 1, automatic=command.automatic,
                                                 failure_node_id=failed_at))
             await writer.emit(ExecutionResumed(entry_node_id=failed_at, resume_reason="retry"))
-            final = await self.invoke(run_id, graph, None, {**target.config, "recursion_limit": RECURSION_LIMIT},
+            retry_config = target.config
+            if any(w.get("kind") == "approval" for w in (target.values.get("waits") or {}).values()):
+                retry_config = await graph.aupdate_state(target.config, machine.renew_approvals(target.values),
+                                                         as_node="advance")
+            final = await self.invoke(run_id, graph, None, {**retry_config, "recursion_limit": RECURSION_LIMIT},
                                       durability="sync")
         elif isinstance(command, ResumeRun):
             if not suspended:
