@@ -68,8 +68,8 @@ RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "c
                 "canceled")
 TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
-Offset = Annotated[int, Query(ge=0)]
-AfterQuery = Annotated[int | None, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=queries.MAX_BIGINT)]
+AfterQuery = Annotated[int | None, Query(ge=0, le=queries.MAX_BIGINT)]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
 MinPosition = Annotated[int | None, Header(alias="X-LangOrch-Min-Position")]
 

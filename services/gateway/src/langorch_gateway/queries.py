@@ -10,8 +10,9 @@ from fastapi import Query
 from langorch_gateway.problems import ApiProblem
 
 MAX_PAGE_SIZE = 500
+MAX_BIGINT = 2**63 - 1  # offsets and stream positions reach PostgreSQL as bigint: larger ones are a 422, not a 500
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=MAX_BIGINT)]
 Order = Annotated[Literal["asc", "desc"], Query()]
 
 
