@@ -26,7 +26,7 @@ from ckp_core.events import ANONYMOUS, format_time
 from ckp_core.redaction import Redactor
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
-from langorch_gateway.queries import Limit, Offset, Order, Where, comma_list, fetch_page
+from langorch_gateway.queries import MAX_BIGINT, Limit, Offset, Order, Where, comma_list, fetch_page
 from langorch_infra.jetstream import JetStreamEventStore, follow
 from langorch_infra.settings import GatewaySettings
 
@@ -163,14 +163,14 @@ async def list_approvals(
 async def approvals_stream(
     request: Request,
     status: str | None = None,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     """Live ``approval_update`` events from the tail, or exactly after ``Last-Event-ID`` / ``?after=``."""
     statuses = comma_list("status", status, STATUSES, STATUS_ALIASES)
     start = after
     if last_event_id is not None:
-        if not last_event_id.isdigit():
+        if not last_event_id.isdigit() or int(last_event_id) > MAX_BIGINT:
             raise ApiProblem("validation_failed", "Last-Event-ID must be a stream sequence",
                              errors={"header.Last-Event-ID": ["Must be a non-negative integer"]})
         start = int(last_event_id)
