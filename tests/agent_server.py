@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from langorch.server import ManagedServer
-from langorch_infra.embedded import free_port
+from tests.serving import serve_app
 
 
 @dataclass
@@ -115,18 +113,5 @@ def agent_app(b: AgentBehaviour) -> FastAPI:
 async def running_agent(behaviour: AgentBehaviour | None = None) -> AsyncIterator[RunningAgent]:
     """Serve a test agent on 127.0.0.1 until the block ends."""
     b = behaviour or AgentBehaviour()
-    port = free_port()
-    server = ManagedServer(uvicorn.Config(agent_app(b), host="127.0.0.1", port=port, log_level="warning",
-                                          lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started:
-            break
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield RunningAgent(f"http://127.0.0.1:{port}", b)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(agent_app(b)) as base_url:
+        yield RunningAgent(base_url, b)

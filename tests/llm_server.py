@@ -13,12 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from langorch.server import ManagedServer
-from langorch_infra.embedded import free_port
+from tests.serving import serve_app
 
 DEFAULT_USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
@@ -104,18 +102,5 @@ class RunningLlmServer:
 async def running_llm_server(state: LlmServerState | None = None) -> AsyncIterator[RunningLlmServer]:
     """Serve the fake provider on 127.0.0.1 until the block ends."""
     s = state or LlmServerState()
-    port = free_port()
-    server = ManagedServer(uvicorn.Config(llm_app(s), host="127.0.0.1", port=port, log_level="warning",
-                                          lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started:
-            break
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield RunningLlmServer(f"http://127.0.0.1:{port}", s)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(llm_app(s)) as root:
+        yield RunningLlmServer(root, s)

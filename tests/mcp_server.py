@@ -10,13 +10,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 
-from langorch.server import ManagedServer
-from langorch_infra.embedded import free_port
+from tests.serving import serve_app
 
 
 @dataclass
@@ -89,18 +87,5 @@ async def running_mcp(port: int | None = None) -> AsyncIterator[RunningMcp]:
     """Serve the MCP test server on 127.0.0.1 (a free port unless given) until the block ends (endpoint ``/mcp``)."""
     calls: list[dict[str, Any]] = []
     app = mcp_server(calls).streamable_http_app(streamable_http_path="/mcp")
-    port = port or free_port()
-    server = ManagedServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                          timeout_graceful_shutdown=1))
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started:
-            break
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield RunningMcp(f"http://127.0.0.1:{port}/mcp", calls)
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_app(app, port, lifespan="on", timeout_graceful_shutdown=1) as base_url:
+        yield RunningMcp(f"{base_url}/mcp", calls)

@@ -13,13 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
-from langorch.server import ManagedServer
-from langorch_infra.embedded import free_port
+from tests.serving import serve_app
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
 
@@ -104,17 +102,6 @@ class AgentFailure(Exception):
 
 @contextlib.asynccontextmanager
 async def serving(agent: ScriptedAgent) -> AsyncIterator[ScriptedAgent]:
-    port = free_port()
-    server = ManagedServer(uvicorn.Config(agent.app(), host="127.0.0.1", port=port, log_level="warning",
-                                          lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started:
-            break
-        await asyncio.sleep(0.01)
-    agent.base_url = f"http://127.0.0.1:{port}"
-    try:
+    async with serve_app(agent.app()) as base_url:
+        agent.base_url = base_url
         yield agent
-    finally:
-        server.should_exit = True
-        await task
