@@ -686,21 +686,13 @@ class Machine:
         if handler.action == "ignore":
             target = handler.fallback_node or node.next_node
             if handler.fallback_node:
-                await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=handler.fallback_node))
-                frame["node"] = None
-                frame["error"] = _dump(error)
-                frame["cursor"] = handler.fallback_node
-                return Routed()
+                return await self.route_to_fallback(frame, node, fs, error, handler.fallback_node)
             return Next(target)
         if handler.action == "escalate":
             await self.emit(StepEscalated(node_id=node.id, frame=fs, handler_index=handler.index,
                                           fallback_node=handler.fallback_node, error=error))
             if handler.fallback_node:
-                await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=handler.fallback_node))
-                frame["node"] = None
-                frame["error"] = _dump(error)
-                frame["cursor"] = handler.fallback_node
-                return Routed()
+                return await self.route_to_fallback(frame, node, fs, error, handler.fallback_node)
         return None
 
     async def recovery_steps(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
@@ -1550,22 +1542,12 @@ class Machine:
                                                       retry_count=attempt - 1, suppressed_error=error))
                         return None
                     if kind == "route":
-                        await self.record_failed(identity, key, node, step_id, fs, attempt, error)
-                        await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                                   action=step.action, error=error))
-                        await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=value))
-                        frame["node"] = None
-                        frame["error"] = _dump(error)
-                        frame["cursor"] = value
-                        return Routed()
+                        await self.fail_step(identity, key, node, step, step_id, fs, attempt, error)
+                        return await self.route_to_fallback(frame, node, fs, error, value)
                     if kind == "retry_node":
-                        await self.record_failed(identity, key, node, step_id, fs, attempt, error)
-                        await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                                   action=step.action, error=error))
+                        await self.fail_step(identity, key, node, step, step_id, fs, attempt, error)
                         return RetryNode(delay_ms=int(value))
-            await self.record_failed(identity, key, node, step_id, fs, attempt, error)
-            await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                       action=step.action, error=error))
+            await self.fail_step(identity, key, node, step, step_id, fs, attempt, error)
             raise NodeFailure(error, step_level=True)
         await self.complete_step(state, frame, node, step, step_id, fs, attempt, key, identity, base, namespace,
                                  internal, result, writes, started)
@@ -1750,6 +1732,22 @@ class Machine:
             if replace is not None and stored:
                 out[replace] = {"artifact_id": artifact_id, "uri": uri}
         return out
+
+    async def fail_step(self, identity: str, key: str, node: NodeIR, step: StepIR, step_id: str, fs: str,
+                        attempt: int, error: ErrorObject) -> None:
+        """A step failed for good: its record says so and ``step_failed`` is emitted."""
+        await self.record_failed(identity, key, node, step_id, fs, attempt, error)
+        await self.emit(StepFailed(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
+                                   error=error))
+
+    async def route_to_fallback(self, frame: Frame, node: NodeIR, fs: str, error: ErrorObject,
+                                target: str) -> Outcome:
+        """A handler routes the failed node to its ``fallback_node``; the built-in ``error`` is set there."""
+        await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=target))
+        frame["node"] = None
+        frame["error"] = _dump(error)
+        frame["cursor"] = target
+        return Routed()
 
     async def record_failed(self, identity: str, key: str, node: NodeIR, step_id: str, fs: str, attempt: int,
                             error: ErrorObject) -> None:
