@@ -297,7 +297,9 @@ class Machine:
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
 
     # -- scopes and templates -------------------------------------------------------------------------------
-    def builtins(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None) -> dict[str, Any]:
+    def builtins(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None,
+                 user_vars: dict[str, Any]) -> dict[str, Any]:
+        """The built-in names (§2.4); ``user_vars`` is the namespace without engine-only keys (``vars``)."""
         now = datetime.now(UTC)
         rc = self.run.run_created
         namespace = vars_of(state, frame)
@@ -310,14 +312,14 @@ class Machine:
             "loop_index": loop["index"] if loop else None, "loop_item": loop["item"] if loop else None,
             "error": frame.get("error"), "approval": dict(namespace.get(APPROVALS_KEY, {})),
             "now": format_time(now), "today": now.date().isoformat(), "run_started_at": self.run.started_at,
-            "vars": {k: v for k, v in namespace.items() if k != APPROVALS_KEY},
+            "vars": user_vars,
         }
 
     def scope(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None = None,
               locals_: Mapping[str, Any] | None = None) -> MappingScope:
         namespace = {k: v for k, v in vars_of(state, frame).items() if k != APPROVALS_KEY}
         layers: list[Mapping[str, Any]] = [locals_] if locals_ else []
-        return MappingScope(*layers, namespace, self.builtins(state, frame, node_id, step_id))
+        return MappingScope(*layers, namespace, self.builtins(state, frame, node_id, step_id, namespace))
 
     def warnings(self, state: RunState, node_id: str, step_id: str | None, base: str) -> _Warnings:
         return _Warnings(state.setdefault("warned", []), node_id, step_id, base)
