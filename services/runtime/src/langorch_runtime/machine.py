@@ -101,14 +101,20 @@ from langorch_runtime.frames import (
     APPROVALS_KEY,
     Frame,
     RunState,
-    children_of,
     descendants,
     frame_string,
     loop_context,
     new_frame,
     vars_of,
 )
-from langorch_runtime.steps import StepRecord, StepStore, custom_idempotency_key, idempotency_key, now_iso
+from langorch_runtime.steps import (
+    StepRecord,
+    StepStore,
+    custom_idempotency_key,
+    idempotency_key,
+    natural_identity,
+    now_iso,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1425,7 +1431,7 @@ class Machine:
             identity = f"custom:{rendered}/{step_id}"
             key_base = f"lo1:{rendered}/{step_id}"
         else:
-            identity = f"{node.id}:{step_id}:{fs}"
+            identity = natural_identity(node.id, step_id, fs)
             key_base = None
         record = await self.steps.get(identity)
         if record is not None and record.status == "completed":
@@ -1966,7 +1972,6 @@ __all__ = [
     "NodeFailure",
     "RunInfo",
     "StepError",
-    "children_of",
     "handler_matches",
     "retry_delay",
 ]
