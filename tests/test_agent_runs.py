@@ -269,3 +269,12 @@ async def test_validation_only_mode_completes_without_running_a_node(platform: P
     assert [e["event_type"] for e in events] == ["run_created", "execution_started", "run_completed"]
     assert events[-1]["payload"]["mode"] == "validation_only"
     assert events[-1]["payload"]["message"].startswith("Execution skipped (mode=validation_only)")
+
+
+async def test_web_title_check_without_an_agent_fails_with_no_executor(platform: Platform) -> None:
+    c = platform.client
+    run_id = await start(c, example("web_title_check.ckp.json"))
+    run = await wait_status(c, run_id, timeout=60)
+    assert run["status"] == "failed"
+    assert run["error"]["code"] == "no_executor", run["error"]
+    assert "web" in run["error"]["message"].lower(), run["error"]
