@@ -1,7 +1,7 @@
 """``product_enrichment_pipeline`` end to end on the real platform (examples/README.md): the premium path runs both
 branches, passes the ``is_checkpoint`` node and pauses for approval; the runtime that ran it is SIGKILLed while the
 run waits, a fresh runtime subprocess takes the decision, and the run finishes without repeating a completed step.
-The standard path completes without an approval."""
+The standard path runs only its own branch."""
 
 from __future__ import annotations
 
@@ -74,13 +74,15 @@ async def test_premium_run_survives_a_runtime_kill_while_waiting_for_approval(
         assert run["output_vars"]["publish_response"] == {"status": "published", "product_id": 7}
 
 
-async def test_standard_run_completes_without_approval(nats_url: str, database_url: str) -> None:
+async def test_standard_run_takes_the_standard_branch_only(nats_url: str, database_url: str, tmp_path: Path) -> None:
     async with platform_of(nats_url, database_url) as p:
         c = p.client
         run_id = await start_run(c, DOC, {"product_id": 3})
-        deadline = asyncio.get_running_loop().time() + 30
-        while (run := (await c.get(f"/api/runs/{run_id}")).json())["status"] not in ("completed", "failed"):
-            assert asyncio.get_running_loop().time() < deadline, run
-            await asyncio.sleep(0.05)
+        approval_id = await waiting_approval(c, run_id, tmp_path)
+        r = await c.post(f"/api/approvals/{approval_id}/decision", json={"decision": "approved"})
+        assert r.status_code == 200, r.text
+        run = await wait_terminal(c, run_id, 30, tmp_path)
     assert run["status"] == "completed", run["error"]
-    assert "approval_requested" not in [e.type for e in await run_events(nats_url, run_id)]
+    started = [e.data["node_id"] for e in await run_events(nats_url, run_id) if e.type == "node_started"]
+    assert started == ["fetch_product", "quality_check", "standard_enrichment", "aggregate_results", "approval_gate",
+                       "publish_results", "success_termination"]
