@@ -19,7 +19,7 @@ async def test_ready_then_not_ready_without_a_stream(nats_url: str, database_url
         assert r.status_code == 200, r.text
         assert r.json() == {"status": "ready", "auth": "disabled",
                             "checks": {"nats": "ok", "streams": "ok", "postgres": "ok", "projections": "ok"},
-                            "projection_lag": dict.fromkeys(PROJECTIONS, 0)}
+                            "projection_lag": dict.fromkeys(PROJECTIONS, 0) | {"audit_log": 0}}
         nc = await nats.connect(nats_url)
         try:
             await nc.jetstream().delete_stream("LO_AUDIT")

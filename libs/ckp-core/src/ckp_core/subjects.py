@@ -31,6 +31,11 @@ def command_subject(aggregate: str, verb: str) -> str:
     return f"lo.cmd.{aggregate}.{verb}"
 
 
+def audit_subject(category: str, action: str) -> str:
+    """``lo.audit.<category>.<action>`` (api.md §16.1)."""
+    return f"lo.audit.{encode_token(category)}.{encode_token(action)}"
+
+
 def procedure_key(procedure_id: str, version: str) -> str:
     """KV key of a compiled procedure version in ``lo_procedures``.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import nats
@@ -64,11 +65,25 @@ async def connect(url: str, name: str) -> NATS:
                               reconnect_time_wait=0.5)
 
 
-async def ensure_topology(js: JetStreamContext) -> None:
-    """Create the streams and KV buckets if missing (idempotent; safe from every replica)."""
-    for cfg in STREAMS:
+def _with_retention(cfg: StreamConfig, audit_retention_days: int | None) -> StreamConfig:
+    """``LO_AUDIT`` keeps records ``audit_retention_days`` (api.md §16.2; the setting of the same name)."""
+    if cfg.name != AUDIT_STREAM or audit_retention_days is None:
+        return cfg
+    return replace(cfg, max_age=audit_retention_days * 86400.0)
+
+
+async def ensure_topology(js: JetStreamContext, *, audit_retention_days: int | None = None) -> None:
+    """Create the streams and KV buckets if missing (idempotent; safe from every replica).
+
+    ``audit_retention_days`` sets ``LO_AUDIT``'s max age; a caller that passes none leaves an existing
+    ``LO_AUDIT`` as it is (and creates a missing one with the default 365 days).
+    """
+    for default in STREAMS:
+        cfg = _with_retention(default, audit_retention_days)
         try:
             await js.stream_info(cfg.name or "")
+            if cfg.name == AUDIT_STREAM and audit_retention_days is None:
+                continue
             await js.update_stream(cfg)
         except NotFoundError:
             try:

@@ -40,6 +40,8 @@ class CommonSettings(BaseSettings):
     auth_secret_key: SecretStr = Field(SecretStr("langorch-development-secret-key"), description="Secret the "
                                        "callback-token key is derived from (HKDF); runtime and gateway must share "
                                        "it (set it in production).")
+    audit_retention_days: int = Field(365, ge=1, description="Days audit records are kept in stream LO_AUDIT "
+                                      "(api.md §12).")
 
 
 class CompilerSettings(CommonSettings):

@@ -45,6 +45,7 @@ from ckp_core.events import (
 )
 from ckp_core.run_events import ApprovalCanceled, ApprovalDecided, ApprovalRequested, ApprovalTimedOut
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, aggregate_filter
+from langorch_infra.audit import AuditWriter
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
@@ -87,8 +88,9 @@ class ApprovalsService:
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-approvals-{self.instance}")
         self.js: JetStreamContext = self.nc.jetstream()
-        await ensure_topology(self.js)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.store = JetStreamEventStore(self.js)
+        self.audit = AuditWriter(self.js)
         commands = ConsumerConfig(durable_name=COMMAND_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                                   ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.approval.>")
         with contextlib.suppress(Exception):
@@ -166,25 +168,32 @@ class ApprovalsService:
             done = next((e.envelope for e in history if e.envelope.causation_id == command.command_id), None)
         return state, done
 
-    async def _append(self, state: ApprovalState, data: EventData, actor: Actor, causation_id: str | None) -> int:
+    async def _append(self, state: ApprovalState, data: EventData, actor: Actor,
+                      causation_id: str | None) -> EventEnvelope:
         event = make_event(data, aggregate_id=state.approval_id, seq=state.seq + 1, actor=actor,
                            causation_id=causation_id, correlation_id=state.run_id, aggregate="approval")
         [position] = await self.store.append([event], expected_position=state.position)
         evolve(state, event, position)
-        return position
+        return event
+
+    async def _decide(self, state: ApprovalState, data: EventData, command: Command) -> None:
+        """Append a command's outcome and audit it (one record per command)."""
+        await self.audit.outcome(command, await self._append(state, data, command.actor, command.command_id))
 
     async def on_request(self, cmd: RequestApproval) -> None:
         """Open the approval (first event of its aggregate); a redelivery finds it open and changes nothing."""
-        state, _ = await self.load(cmd.approval_id)
-        if not state.exists:
+        state, done = await self.load(cmd.approval_id, cmd)
+        if done is not None or state.exists:  # a redelivery (or a second request of the same wait)
+            await self.audit.outcome(cmd, done)
+        else:
             state.run_id = cmd.run_id
-            await self._append(state, ApprovalRequested(
+            await self._decide(state, ApprovalRequested(
                 approval_id=cmd.approval_id, run_id=cmd.run_id, procedure_id=cmd.procedure_id,
                 procedure_version=cmd.procedure_version, project_id=cmd.project_id, node_id=cmd.node_id,
                 node_name=cmd.node_name, prompt=cmd.prompt, context_data=cmd.context_data,
                 decision_type=cmd.decision_type, options=cmd.options, input_schema=cmd.input_schema,
                 expires_at=cmd.expires_at, timeout_action=cmd.timeout_action, approval_level=cmd.approval_level,
-                escalation_contact=cmd.escalation_contact), cmd.actor, cmd.command_id)
+                escalation_contact=cmd.escalation_contact), cmd)
         # the run may have ended before this request was handled: then nothing would ever cancel the approval
         ended = await self._run_end(cmd.run_id)
         if ended is not None and state.pending:
@@ -194,21 +203,22 @@ class ApprovalsService:
         """Record a principal's decision and resume the run, or reject the command with a stable code."""
         state, done = await self.load(cmd.approval_id, cmd)
         if done is not None:
+            await self.audit.outcome(cmd, done)  # a redelivery: a duplicate record is dropped
             if done.type == "approval_decided":
                 await self._resume(state, "approval_decision", "human", cmd.actor, cmd.command_id)
             return
         try:
             status, decision, payload = check_decision(state, cmd.decision, cmd.payload, datetime.now(UTC))
         except CommandRefused as refusal:
-            await self._append(state, CommandRejected(
+            await self._decide(state, CommandRejected(
                 command_id=cmd.command_id, command_type="decide_approval", code=refusal.code,
-                detail=refusal.message, extra=refusal.extra), cmd.actor, cmd.command_id)
+                detail=refusal.message, extra=refusal.extra), cmd)
             return
         assert state.run_id is not None
-        await self._append(state, ApprovalDecided(
+        await self._decide(state, ApprovalDecided(
             approval_id=state.approval_id, run_id=state.run_id, status=status, decision=decision,
             decided_by=cmd.actor.render(), decided_at=format_time(utc_now()), comment=cmd.comment,
-            payload=payload), cmd.actor, cmd.command_id)
+            payload=payload), cmd)
         await self._resume(state, "approval_decision", "human", cmd.actor, cmd.command_id)
 
     async def _resume(self, state: ApprovalState, reason: str, source: str, actor: Actor,

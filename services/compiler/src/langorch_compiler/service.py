@@ -56,6 +56,7 @@ from ckp_core.procedure_lifecycle import (
     fold,
 )
 from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, procedure_key
+from langorch_infra.audit import AuditWriter
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import CompilerSettings
 
@@ -75,8 +76,9 @@ class CompilerService:
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, "langorch-compiler")
         self.js = self.nc.jetstream()
-        await ensure_topology(self.js)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.store = JetStreamEventStore(self.js)
+        self.audit = AuditWriter(self.js)
         self.kv = await self.js.key_value(PROCEDURES_BUCKET)
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
                              filter_subject="lo.cmd.procedure.>")
@@ -125,16 +127,24 @@ class CompilerService:
         }
 
     async def _load(self, procedure_id: str, command: Command) -> tuple[ProcedureState, EventEnvelope | None]:
-        """The aggregate's state, and the event this command already caused (a redelivery) if any."""
+        """The aggregate's state, and the event this command already caused (a redelivery) if any.
+
+        A redelivery's audit record is published again: a duplicate is dropped (same ``Nats-Msg-Id``, and the
+        projection keys records by command), and a record lost before the crash is written now.
+        """
         history = await self.store.read("procedure", procedure_id)
         state = fold(procedure_id, ((e.envelope, e.position) for e in history))
         done = next((e.envelope for e in history if e.envelope.causation_id == command.command_id), None)
+        if done is not None:
+            await self.audit.outcome(command, done)
         return state, done
 
     async def _append(self, state: ProcedureState, data: EventData, command: Command) -> None:
+        """Append the command's outcome (every procedure command has exactly one) and audit it."""
         event = make_event(data, aggregate_id=state.procedure_id, seq=state.seq + 1, actor=command.actor,
                            causation_id=command.command_id, aggregate="procedure")
         await self.store.append([event], expected_position=state.position)
+        await self.audit.outcome(command, event)
 
     async def _reject(self, state: ProcedureState, command: Command, command_type: str,
                       refusal: CommandRefused) -> None:
@@ -244,6 +254,7 @@ class CompilerService:
         try:
             decision = decide_status(state, cmd.version, cmd.status)
             if decision is None:
+                await self.audit.outcome(cmd, None)
                 return  # a no-op appends nothing
             v, displaced = decision
             ir, diagnostics = self._recompile(v, "compile_failed") if cmd.status == "active" else (None, None)
@@ -264,6 +275,7 @@ class CompilerService:
         try:
             decision = decide_promote(state, cmd.version, cmd.target_channel)
             if decision is None:
+                await self.audit.outcome(cmd, None)
                 return
             v, displaced = decision
             ir, diagnostics = await self._promotion_checks(state, v)

@@ -34,6 +34,7 @@ from langorch_gateway import (
     routes_agents,
     routes_analysis,
     routes_approvals,
+    routes_audit,
     routes_callbacks,
     routes_commands,
     routes_health,
@@ -46,7 +47,7 @@ from langorch_gateway import (
 )
 from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.problems import ApiProblem, install
-from langorch_gateway.projector import Projector, ensure_schema
+from langorch_gateway.projector import AuditProjector, Projector, ensure_schema
 from langorch_gateway.text_safety import check_request
 from langorch_infra.jetstream import (
     JetStreamEventStore,
@@ -92,19 +93,22 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nc = await connect(settings.nats_url, "langorch-gateway")
         js = nc.jetstream()
-        await ensure_topology(js)
+        await ensure_topology(js, audit_retention_days=settings.audit_retention_days)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         assert pool is not None
         await ensure_schema(pool)
         await idempotency.purge_expired(pool)
         projector = Projector(pool, js)
         projector.start()
+        app.state.audit_projector = audit_projector = AuditProjector(pool, js)
+        audit_projector.start()
         app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
         app.state.store = JetStreamEventStore(js)
         try:
             yield
         finally:
             await projector.stop()
+            await audit_projector.stop()
             await pool.close()
             with contextlib.suppress(Exception):
                 await nc.close()
@@ -188,6 +192,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(routes_metrics.router)
     app.include_router(routes_commands.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_audit.router)
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)

@@ -1,4 +1,5 @@
-"""Projection of the procedure lifecycle, deployment records, projects and agents (api.md §4, §7, §9).
+"""Projection of the procedure lifecycle, deployment records, projects, agents (api.md §4, §7, §9) and the audit
+log (§12).
 
 Called by the projector inside its batch transaction; every row derives from events only, so a rebuild by
 replay gives the same rows.
@@ -10,6 +11,7 @@ import json
 from typing import Any
 
 from ckp_core.approvals import parse_time
+from ckp_core.audit import AuditEntry
 from ckp_core.eventstore import StoredEvent
 
 SEARCH_KEYS = ("domain", "business_domain", "intents", "primary_intents", "keywords", "tags")
@@ -232,3 +234,16 @@ async def apply_approval_event(conn: Any, stored: StoredEvent) -> None:
         await conn.execute(
             """UPDATE approvals SET status = 'canceled', updated_at = $2, seq = $3, position = $4
                WHERE approval_id = $1 AND seq < $3""", aid, at, ev.seq, stored.position)
+
+
+async def apply_audit_entry(conn: Any, entry: AuditEntry, position: int) -> None:
+    """One ``LO_AUDIT`` record into ``audit_log``; a record already there (same event id) is kept as it is."""
+    await conn.execute(
+        """INSERT INTO audit_log (event_id, ts, category, action, outcome, actor, actor_kind, description,
+             resource_type, resource_id, request_id, command_id, correlation_id, auth_disabled, meta, position)
+           VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15::jsonb,$16)
+           ON CONFLICT (event_id) DO NOTHING""",
+        entry.event_id, entry.ts, entry.category, entry.action, entry.outcome, entry.actor, entry.actor_kind,
+        entry.description, entry.resource_type, entry.resource_id, entry.request_id, entry.command_id,
+        entry.correlation_id, entry.auth_disabled, _j(entry.meta), position,
+    )

@@ -1,7 +1,8 @@
-"""The projector: applies ``LO_EVT`` to the projection tables (``TABLES``) exactly once.
+"""The projectors: ``Projector`` applies ``LO_EVT`` to the projection tables (``TABLES``) exactly once, and
+``AuditProjector`` applies ``LO_AUDIT`` to ``audit_log`` (api.md §12) with its own stored position.
 
-Each batch of events is applied in one transaction together with the new stream position, so a crash at
-any point either keeps or loses the whole batch; events at or below the stored position are skipped.
+Each batch of messages is applied in one transaction together with the new stream position, so a crash at
+any point either keeps or loses the whole batch; messages at or below the stored position are skipped.
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import asyncpg
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from ckp_core.audit import AuditEntry
 from ckp_core.eventstore import StoredEvent
-from ckp_core.subjects import EVENT_STREAM
+from ckp_core.subjects import AUDIT_STREAM, EVENT_STREAM
 from langorch_gateway.projections import (
     apply_agent_event,
     apply_approval_event,
+    apply_audit_entry,
     apply_procedure_event,
     apply_project_event,
 )
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 NAME = "core"
 TABLES = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals",
           "run_artifacts")
+AUDIT_NAME = "audit"
+AUDIT_TABLES = ("audit_log",)
 LIFTED = ("node_id", "step_id", "attempt")
 BATCH = 500
 
@@ -53,7 +60,7 @@ async def ensure_schema(pool: asyncpg.Pool) -> None:
 
 async def drop_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES)}, projection_positions")
+        await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES + AUDIT_TABLES)}, projection_positions")
 
 
 def _j(value: Any) -> str:
@@ -192,8 +199,30 @@ def suspended_on(waits: Any) -> dict[str, Any] | None:
             "expires_at": w.get("expires_at")}
 
 
-class Projector:
-    """Follows ``LO_EVT`` and keeps the projection tables current; ``wait(position)`` serves read-your-writes."""
+class _Positioned(Protocol):
+    @property
+    def position(self) -> int: ...
+
+
+M = TypeVar("M", bound=_Positioned)
+
+
+@dataclass(frozen=True)
+class StoredAudit:
+    """An audit record together with its ``LO_AUDIT`` position."""
+
+    entry: AuditEntry
+    position: int
+
+
+class StreamProjector(Generic[M]):
+    """Follows one stream from the position stored under ``NAME`` in ``projection_positions`` and applies its
+    messages in batches; ``wait(position)`` serves read-your-writes. A failing batch is retried from the
+    stored position (its transaction was rolled back), so a transient database error does not stop it."""
+
+    NAME: ClassVar[str]
+    STREAM: ClassVar[str]
+    SUBJECT: ClassVar[str]
 
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext) -> None:
         self.pool = pool
@@ -202,53 +231,70 @@ class Projector:
         self._advanced = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
+    def decode(self, msg: Msg) -> M:
+        raise NotImplementedError
+
+    async def apply(self, conn: Any, item: M) -> None:
+        raise NotImplementedError
+
     async def load_position(self) -> int:
         async with self.pool.acquire() as conn:
-            pos = await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1", NAME)
+            pos = await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1", self.NAME)
         self.position = int(pos or 0)
         return self.position
 
-    async def apply_batch(self, batch: list[StoredEvent]) -> None:
+    async def apply_batch(self, batch: list[M]) -> None:
         fresh = [e for e in batch if e.position > self.position]
         if not fresh:
             return
         async with self.pool.acquire() as conn, conn.transaction():
             stored = await conn.fetchval(
-                "SELECT position FROM projection_positions WHERE name = $1 FOR UPDATE", NAME
+                "SELECT position FROM projection_positions WHERE name = $1 FOR UPDATE", self.NAME
             )
             floor = int(stored or 0)
             for e in fresh:
                 if e.position > floor:
-                    await apply_event(conn, e)
+                    await self.apply(conn, e)
             await conn.execute(
                 """INSERT INTO projection_positions (name, position) VALUES ($1, $2)
                    ON CONFLICT (name) DO UPDATE SET position = GREATEST(projection_positions.position, $2)""",
-                NAME, fresh[-1].position,
+                self.NAME, fresh[-1].position,
             )
         async with self._advanced:
             self.position = fresh[-1].position
             self._advanced.notify_all()
 
     async def run(self) -> None:
-        """Consume forever from the stored position (an ordered consumer; no server-side state to clean)."""
+        """Consume forever; after a failure, start again from the stored position a second later."""
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("projection %s failed; resuming from its stored position", self.NAME)
+                await asyncio.sleep(1)
+
+    async def _consume(self) -> None:
+        """Consume from the stored position (an ordered consumer; no server-side state to clean)."""
         await self.load_position()
         start = self.position + 1
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        sub = await self.js.subscribe("lo.evt.>", ordered_consumer=True, config=cfg, stream=EVENT_STREAM,
+        sub = await self.js.subscribe(self.SUBJECT, ordered_consumer=True, config=cfg, stream=self.STREAM,
                                       pending_msgs_limit=100_000)
         try:
             while True:
                 msg = await sub.next_msg(timeout=None)
-                batch = [decode_message(msg)]
+                batch = [self.decode(msg)]
                 while len(batch) < BATCH and sub.pending_msgs > 0:
-                    batch.append(decode_message(await sub.next_msg()))
+                    batch.append(self.decode(await sub.next_msg()))
                 await self.apply_batch(batch)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name="projector")
+        self._task = asyncio.create_task(self.run(), name=f"projector-{self.NAME}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -265,21 +311,60 @@ class Projector:
                 return False
         return True
 
+    async def head(self) -> int:
+        """The last sequence of the followed stream (0 when empty)."""
+        info = await self.js.stream_info(self.STREAM)
+        return int(info.state.last_seq)
+
     async def catch_up(self, timeout: float = 60) -> None:
         """Wait until everything in the stream right now has been applied."""
-        head = await stream_last_position(self.js)
+        head = await self.head()
         if not await self.wait(head, timeout):
-            raise TimeoutError(f"projector stuck at {self.position}, stream head {head}")
+            raise TimeoutError(f"projection {self.NAME} stuck at {self.position}, stream head {head}")
+
+
+class Projector(StreamProjector[StoredEvent]):
+    """Follows ``LO_EVT`` and keeps the projection tables current."""
+
+    NAME = NAME
+    STREAM = EVENT_STREAM
+    SUBJECT = "lo.evt.>"
+
+    def decode(self, msg: Msg) -> StoredEvent:
+        return decode_message(msg)
+
+    async def apply(self, conn: Any, item: StoredEvent) -> None:
+        await apply_event(conn, item)
+
+    async def head(self) -> int:
+        return await stream_last_position(self.js)
+
+
+class AuditProjector(StreamProjector[StoredAudit]):
+    """Follows ``LO_AUDIT`` into ``audit_log`` (api.md §12)."""
+
+    NAME = AUDIT_NAME
+    STREAM = AUDIT_STREAM
+    SUBJECT = "lo.audit.>"
+
+    def decode(self, msg: Msg) -> StoredAudit:
+        return StoredAudit(AuditEntry.model_validate_json(msg.data), msg.metadata.sequence.stream)
+
+    async def apply(self, conn: Any, item: StoredAudit) -> None:
+        await apply_audit_entry(conn, item.entry, item.position)
 
 
 async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, timeout: float = 300) -> int:
-    """Drop and recreate the projection tables, then replay ``LO_EVT`` up to its current head."""
+    """Drop and recreate the projection tables, then replay ``LO_EVT`` and ``LO_AUDIT`` up to their current
+    heads; returns the ``LO_EVT`` position reached."""
     await drop_schema(pool)
     await ensure_schema(pool)
-    projector = Projector(pool, js)
+    projector, audit = Projector(pool, js), AuditProjector(pool, js)
     projector.start()
+    audit.start()
     try:
-        await projector.catch_up(timeout)
+        await asyncio.gather(projector.catch_up(timeout), audit.catch_up(timeout))
     finally:
         await projector.stop()
+        await audit.stop()
     return projector.position

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
 from ckp_core.events import ANONYMOUS, Actor, format_time
 from ckp_core.subjects import LEASES_BUCKET, PRESENCE_BUCKET, agent_presence_key, agent_probe_key
-from langorch_gateway import views
+from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
 from langorch_gateway.problems import ApiProblem
@@ -306,9 +306,12 @@ async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
     else:
         capabilities = _capabilities(body.capabilities, "capabilities", settings)
     resource_key = body.resource_key or agent_id
-    if await _db(request).fetchval("SELECT 1 FROM agents WHERE agent_id = $1", agent_id):
-        raise ApiProblem("agent_exists", f"agent {agent_id} is already registered")
-    await _limit_conflict(request, agent_id, resource_key, body.concurrency_limit)
+    async with auditing.conflicts_audited(request, "agent", "register", resource_type="agent", resource_id=agent_id,
+                                          meta={"base_url": body.base_url, "channel": channel,
+                                                "resource_key": resource_key}):
+        if await _db(request).fetchval("SELECT 1 FROM agents WHERE agent_id = $1", agent_id):
+            raise ApiProblem("agent_exists", f"agent {agent_id} is already registered")
+        await _limit_conflict(request, agent_id, resource_key, body.concurrency_limit)
     token = _new_token()
     command = RegisterAgent(
         actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id, name=body.name, channel=channel,

@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckp_core.commands import ResumeRun
-from ckp_core.events import Actor
+from ckp_core.events import ANONYMOUS, Actor
+from langorch_gateway import auditing
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.callbacks import callback_key, parse_token, verify_token
 from langorch_infra.jetstream import publish_command
@@ -94,14 +95,27 @@ async def run_callback(
 @router.get("/api/agent-credentials/{secret_name}")
 async def redeem_credential(request: Request, secret_name: str,
                             authorization: str | None = Header(None)) -> JSONResponse:
-    """Exchange a credential grant for the secret's value, resolved from the provider now."""
+    """Exchange a credential grant for the secret's value, resolved from the provider now; every redemption,
+    refused or not, is audited (``secret_mgmt/redeem``, actor ``agent:<agent_id>``, never the value)."""
+    claims: dict[str, Any] = {}
+    try:
+        value = await _redeem(request, secret_name, authorization, claims)
+    except ApiProblem as problem:
+        await _audit_redeem(request, secret_name, claims, problem)
+        raise
+    await _audit_redeem(request, secret_name, claims, None)
+    return JSONResponse({"value": value}, headers={"Cache-Control": "no-store"})
+
+
+async def _redeem(request: Request, secret_name: str, authorization: str | None, claims: dict[str, Any]) -> Any:
+    """The secret's value for a valid grant (``claims`` is filled with the grant's claims once verified)."""
     settings: GatewaySettings = request.app.state.settings
     token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
     if not token:
         raise ApiProblem("invalid_grant", "a credential grant is required (Authorization: Bearer <grant>)",
                          status=401)
     try:
-        claims = verify_grant(grant_key(settings.auth_secret_key.get_secret_value()), token)
+        claims.update(verify_grant(grant_key(settings.auth_secret_key.get_secret_value()), token))
     except jwt.InvalidTokenError as exc:
         raise ApiProblem("invalid_grant", f"invalid or expired grant: {type(exc).__name__}", status=401) from exc
     if claims.get("secret_name") != secret_name:
@@ -119,4 +133,18 @@ async def redeem_credential(request: Request, secret_name: str,
             value = json.loads(value)[field]
         except (ValueError, KeyError, TypeError):
             raise ApiProblem("not_found", f"secret {secret_name} has no field {field}", resource="secret") from None
-    return JSONResponse({"value": value}, headers={"Cache-Control": "no-store"})
+    return value
+
+
+async def _audit_redeem(request: Request, secret_name: str, claims: dict[str, Any],
+                        problem: ApiProblem | None) -> None:
+    agent_id = claims.get("agent_id")
+    run_id = claims.get("sub")
+    meta = {"secret_name": secret_name, "run_id": run_id, "node_id": claims.get("node_id"),
+            "step_id": claims.get("step_id"), "field": claims.get("field"), "grant_id": claims.get("jti")}
+    await auditing.decided(
+        request, "secret_mgmt", "redeem", resource_type="secret", resource_id=secret_name,
+        outcome="rejected" if problem else "accepted", meta=meta, code=problem.code if problem else None,
+        detail=problem.detail if problem else None,
+        actor=Actor(kind="agent", id=str(agent_id)) if agent_id else ANONYMOUS,
+        correlation_id=str(run_id) if run_id else None)

@@ -45,13 +45,25 @@ async def ready(request: Request) -> JSONResponse:
         checks["postgres"] = "ok"
     except Exception as exc:
         checks["postgres"] = f"unavailable: {type(exc).__name__}"
-    if head is None:
+    audit_behind = await _audit_lag(state)
+    if head is None or audit_behind is None:
         checks["projections"] = "unknown: stream head unavailable"
     else:
         behind = max(0, head - state.projector.position)
         lag = dict.fromkeys(PROJECTIONS, behind)  # the tables share the projector's one position
-        checks["projections"] = "ok" if behind <= settings.ready_max_lag else f"{behind} events behind"
+        lag["audit_log"] = audit_behind  # its own stream (LO_AUDIT) and position
+        worst = max(behind, audit_behind)
+        checks["projections"] = "ok" if worst <= settings.ready_max_lag else f"{worst} events behind"
     ok = all(v == "ok" for v in checks.values())
     body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "auth": "disabled", "checks": checks,
                             "projection_lag": lag}
     return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
+
+
+async def _audit_lag(state: Any) -> int | None:
+    """Records of ``LO_AUDIT`` not yet in ``audit_log`` (None when the stream head is unavailable)."""
+    try:
+        head = await asyncio.wait_for(state.audit_projector.head(), 2)
+    except Exception:  # any NATS failure means not ready, never a 500
+        return None
+    return max(0, int(head) - int(state.audit_projector.position))

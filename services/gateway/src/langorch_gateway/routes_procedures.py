@@ -26,7 +26,7 @@ from ckp_core.commands import (
 from ckp_core.compiler import compile_document
 from ckp_core.events import ANONYMOUS
 from ckp_core.procedure_lifecycle import CHANNELS, STATUSES
-from langorch_gateway import views
+from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, comma_list, fetch_page
@@ -153,12 +153,12 @@ async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
         raise ApiProblem("not_found", f"project {body.project_id} not found", resource="project")
     existing = await db.fetchrow(
         "SELECT content_hash FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
-    if existing is not None:
-        raise ApiProblem("procedure_version_exists", f"procedure {pid} version {version} already exists",
-                         existing_content_hash=existing["content_hash"],
-                         identical=existing["content_hash"] == ir.content_hash)
     command = ImportProcedure(actor=ANONYMOUS, causation_id=request.state.request_id,
                               ckp_json=body.ckp_json, project_id=body.project_id)
+    if existing is not None:
+        raise await auditing.refused(request, command, ApiProblem(
+            "procedure_version_exists", f"procedure {pid} version {version} already exists",
+            existing_content_hash=existing["content_hash"], identical=existing["content_hash"] == ir.content_hash))
     outcome = await send(request, "procedure", pid, command, "import_procedure",
                          f"/api/procedures/{pid}/{version}")
     if outcome is None:

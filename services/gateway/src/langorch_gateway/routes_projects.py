@@ -17,12 +17,14 @@ from ckp_core.errors import ConcurrencyError
 from ckp_core.events import ANONYMOUS, EventData, ProjectCreated, ProjectDeleted, ProjectUpdated, make_event
 from ckp_core.eventstore import EventStore
 from ckp_core.ids import new_id
-from langorch_gateway import views
+from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import min_position, ryw
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, fetch_page
 
 router = APIRouter()
+
+ACTIONS = {"project_created": "create", "project_updated": "update", "project_deleted": "delete"}
 
 PROJECTS_VIEW = """(SELECT p.*,
     (SELECT count(DISTINCT procedure_id) FROM procedures pr WHERE pr.project_id = p.project_id) AS procedure_count,
@@ -76,7 +78,7 @@ async def _name_taken(request: Request, name: str, other_than: str | None = None
 
 
 async def _append(request: Request, project_id: str, data: EventData) -> int:
-    """Append one event at the aggregate's head (the check makes concurrent writers serialise)."""
+    """Append one event at the aggregate's head (the check makes concurrent writers serialise), and audit it."""
     store: EventStore = request.app.state.store
     for _ in range(5):
         head = await store.head("project", project_id)
@@ -86,6 +88,8 @@ async def _append(request: Request, project_id: str, data: EventData) -> int:
             [position] = await store.append([event], expected_position=head.position if head else 0)
         except ConcurrencyError:
             continue
+        await auditing.decided(request, "project", ACTIONS[data.TYPE], resource_type="project",
+                               resource_id=project_id, meta=data.model_dump(mode="json"), event_id=event.event_id)
         await ryw(request, position)
         return position
     raise ApiProblem("unavailable", "project is being changed concurrently; retry", status=503)
@@ -115,7 +119,8 @@ async def list_projects(
 async def create_project(request: Request, body: ProjectIn) -> JSONResponse:
     """Create a project (name unique, case-insensitively)."""
     project_id = new_id()
-    async with _names_lock(request):
+    async with _names_lock(request), auditing.conflicts_audited(request, "project", "create", resource_type="project",
+                                                                resource_id=None, meta=body.model_dump()):
         await _name_taken(request, body.name)
         position = await _append(request, project_id, ProjectCreated(
             project_id=project_id, name=body.name.strip(), description=body.description))
@@ -131,7 +136,9 @@ async def get_project(request: Request, project_id: str) -> JSONResponse:
 
 
 async def _update(request: Request, project_id: str, body: ProjectPatch) -> JSONResponse:
-    async with _names_lock(request):
+    async with _names_lock(request), auditing.conflicts_audited(request, "project", "update", resource_type="project",
+                                                                resource_id=project_id,
+                                                                meta=body.model_dump(exclude_unset=True)):
         row = await _row(request, project_id)
         fields = body.model_fields_set
         name = body.name.strip() if "name" in fields and body.name is not None else row["name"]
@@ -165,8 +172,9 @@ async def delete_project(request: Request, project_id: str) -> Response:
     """Delete a project that no procedure is assigned to."""
     row = await _row(request, project_id)
     if row["procedure_count"]:
-        raise ApiProblem("project_not_empty", f"{row['procedure_count']} procedure(s) are assigned to project "
-                         f"{project_id}", procedure_count=int(row["procedure_count"]))
+        problem = ApiProblem("project_not_empty", f"{row['procedure_count']} procedure(s) are assigned to project "
+                             f"{project_id}", procedure_count=int(row["procedure_count"]))
+        raise await auditing.refused_decision(request, "project", "delete", "project", project_id, problem)
     position = await _append(request, project_id, ProjectDeleted(project_id=project_id))
     return Response(status_code=204, headers={"X-LangOrch-Position": str(position)})
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ckp_core.commands import CancelRun, RetryRun
 from ckp_core.events import ANONYMOUS
-from langorch_gateway import views
+from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, pending, ryw, send
 from langorch_gateway.problems import ApiProblem
 
@@ -60,12 +60,13 @@ async def cancel_run(request: Request, run_id: str, body: CancelIn | None = None
     """Cancel: at once when nothing executes the run (200), else ``canceling`` until the runtime stops (202)."""
     row = await _run(request, run_id)
     status = row["status"]
-    if status in ("completed", "failed"):
-        raise _transition(status, "canceled")
-    if status in ("canceled", "canceling"):
-        return JSONResponse(views.run_out(row), status_code=200 if status == "canceled" else 202)
     command = CancelRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id,
                         reason=(body.reason if body else None))
+    if status in ("completed", "failed"):
+        raise await auditing.refused(request, command, _transition(status, "canceled"))
+    if status in ("canceled", "canceling"):
+        await auditing.noop(request, command)
+        return JSONResponse(views.run_out(row), status_code=200 if status == "canceled" else 202)
     outcome = await send(request, "run", run_id, command, "cancel_run")
     if outcome is None:
         return pending(command.command_id, "cancel_run")
@@ -78,9 +79,9 @@ async def retry_run(request: Request, run_id: str, body: RetryIn | None = None) 
     """Retry a failed or canceled run from its failure point (``queued``)."""
     row = await _run(request, run_id)
     status = row["status"]
-    if status not in ("failed", "canceled"):
-        raise _transition(status, "retried")
     command = RetryRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
+    if status not in ("failed", "canceled"):
+        raise await auditing.refused(request, command, _transition(status, "retried"))
     outcome = await send(request, "run", run_id, command, "retry_run")
     if outcome is None:
         return pending(command.command_id, "retry_run")

@@ -27,7 +27,7 @@ from ckp_core.ids import new_id
 from ckp_core.redaction import Redactor
 from ckp_core.subjects import STEPS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import views
+from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem, problem_response
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page
@@ -171,13 +171,14 @@ async def delete_run(request: Request, run_id: str) -> JSONResponse:
     """Delete a terminal run and its children (``lo.cmd.run.delete``); waits for the row to disappear."""
     row = await _run(request, run_id)
     status = row["status"]
+    command = DeleteRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
     if status not in TERMINAL:
         from langorch_gateway.routes_run_control import ALLOWED
 
-        raise ApiProblem("invalid_run_transition", f"a {status} run cannot be deleted", current_status=status,
-                         allowed=ALLOWED.get(status, []))
+        raise await auditing.refused(request, command, ApiProblem(
+            "invalid_run_transition", f"a {status} run cannot be deleted", current_status=status,
+            allowed=ALLOWED.get(status, [])))
     children = await _descendants(_db(request), run_id)
-    command = DeleteRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
     outcome = await send(request, "run", run_id, command, "delete_run")
     if outcome is None:
         return pending(command.command_id, "delete_run")
@@ -237,7 +238,11 @@ async def _cleanup(request: Request, before: datetime, statuses: list[str], proc
     for r in rows:
         await publish_command(request.app.state.js, DeleteRun(
             actor=ANONYMOUS, causation_id=request.state.request_id, run_id=r["run_id"], cleanup_id=cleanup_id))
-    return base | {"accepted": len(rows), "cleanup_id": cleanup_id}
+    out = base | {"accepted": len(rows), "cleanup_id": cleanup_id}
+    await auditing.decided(request, "run", "cleanup", resource_type="run", resource_id=None, event_id=cleanup_id,
+                           meta=out | {"before": format_time(before.astimezone(UTC)), "statuses": statuses,
+                                       "procedure_id": procedure_id, "project_id": project_id, "limit": limit})
+    return out
 
 
 @router.post("/api/runs/cleanup")
@@ -575,6 +580,9 @@ async def checkpoint_detail(
                            truncated)
         writes.append({"task_id": task_id, "channel": channel, "value": bounded["value"]})
     metadata = _REDACT.redact(_plain(dict(tup.metadata or {})))
+    await auditing.decided(request, "run", "checkpoint_viewed", resource_type="run", resource_id=run_id,
+                           meta={"checkpoint_id": checkpoint_id, "checkpoint_ns": checkpoint_ns},
+                           correlation_id=run_id)
     return {
         "checkpoint_id": cp["id"], "thread_id": run_id, "checkpoint_ns": checkpoint_ns,
         "parent_checkpoint_id": (tup.parent_config or {}).get("configurable", {}).get("checkpoint_id"),

@@ -221,3 +221,27 @@ CREATE TABLE IF NOT EXISTS run_artifacts (
 );
 CREATE INDEX IF NOT EXISTS run_artifacts_run ON run_artifacts (run_id, created_at, artifact_id);
 CREATE INDEX IF NOT EXISTS runs_parent ON runs (parent_run_id, created_at);
+
+-- The audit log (api.md §12): a projection of stream LO_AUDIT with its own position ("audit"); one row per
+-- record, keyed by event_id (a command's id for command outcomes), so a record published twice lands once.
+CREATE TABLE IF NOT EXISTS audit_log (
+    event_id        text PRIMARY KEY,
+    ts              timestamptz NOT NULL,
+    category        text NOT NULL,
+    action          text NOT NULL,
+    outcome         text NOT NULL,
+    actor           text NOT NULL,
+    actor_kind      text NOT NULL,
+    description     text NOT NULL,
+    resource_type   text,
+    resource_id     text,
+    request_id      text,
+    command_id      text,
+    correlation_id  text,
+    auth_disabled   boolean NOT NULL,
+    meta            jsonb NOT NULL,
+    position        bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts DESC, event_id DESC);
+CREATE INDEX IF NOT EXISTS audit_log_resource ON audit_log (resource_type, resource_id);
+CREATE INDEX IF NOT EXISTS audit_log_request ON audit_log (request_id);

@@ -55,6 +55,7 @@ from ckp_core.subjects import (
     agent_presence_key,
     agent_probe_key,
 )
+from langorch_infra.audit import AuditWriter
 from langorch_infra.jetstream import JetStreamEventStore, connect, decode_message, ensure_topology
 from langorch_infra.kv import LeaderLock, put_with_ttl
 from langorch_infra.settings import RuntimeSettings
@@ -143,8 +144,9 @@ class AgentService:
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-agents-{self.instance}")
         self.js: JetStreamContext = self.nc.jetstream()
-        await ensure_topology(self.js)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.store = JetStreamEventStore(self.js)
+        self.audit = AuditWriter(self.js)
         self.presence = await self.js.key_value(PRESENCE_BUCKET)
         self.leases = await self.js.key_value(LEASES_BUCKET)
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
@@ -214,13 +216,17 @@ class AgentService:
             await msg.nak(delay=2)
 
     async def _load(self, agent_id: str, command: Command) -> tuple[AgentState, bool]:
-        """The agent's state and whether this command already has its outcome (a redelivery)."""
+        """The agent's state and whether this command already has its outcome (a redelivery, whose audit record
+        is published again: a duplicate is dropped, a record lost before the crash is written now)."""
         state = AgentState(agent_id)
-        done = False
+        done: EventEnvelope | None = None
         for stored in await self.store.read("agent", agent_id):
             evolve_agent(state, stored.envelope, stored.position)
-            done = done or stored.envelope.causation_id == command.command_id
-        return state, done
+            if done is None and stored.envelope.causation_id == command.command_id:
+                done = stored.envelope
+        if done is not None:
+            await self.audit.outcome(command, done)
+        return state, done is not None
 
     async def _append(self, aggregate: str, aggregate_id: str, seq: int, position: int, data: EventData,
                       actor: Actor, causation_id: str | None) -> tuple[EventEnvelope, int]:
@@ -229,11 +235,18 @@ class AgentService:
         [appended] = await self.store.append([event], expected_position=position)
         return event, appended
 
+    async def _decide(self, aggregate: str, aggregate_id: str, seq: int, position: int, data: EventData,
+                      command: Command) -> None:
+        """Append a command's outcome and audit it (one record per command)."""
+        event, _ = await self._append(aggregate, aggregate_id, seq, position, data, command.actor,
+                                      command.command_id)
+        await self.audit.outcome(command, event)
+
     async def _reject(self, aggregate: str, aggregate_id: str, seq: int, position: int, command: Command,
                       command_type: str, refusal: CommandRefused) -> None:
-        await self._append(aggregate, aggregate_id, seq, position, CommandRejected(
+        await self._decide(aggregate, aggregate_id, seq, position, CommandRejected(
             command_id=command.command_id, command_type=command_type, code=refusal.code, detail=refusal.message,
-            extra=refusal.extra), command.actor, command.command_id)
+            extra=refusal.extra), command)
 
     async def _synced_registry(self) -> list[AgentState]:
         """The registry once it has applied every agent event now in the stream (for cross-agent checks)."""
@@ -263,12 +276,12 @@ class AgentService:
         except CommandRefused as refusal:
             return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "register_agent",
                                       refusal)
-        await self._append("agent", cmd.agent_id, state.seq, state.position, AgentRegistered(
+        await self._decide("agent", cmd.agent_id, state.seq, state.position, AgentRegistered(
             agent_id=cmd.agent_id, name=cmd.name, channel=cmd.channel, protocol=cmd.protocol, base_url=cmd.base_url,
             status="online", concurrency_limit=cmd.concurrency_limit, resource_key=cmd.resource_key,
             pool_id=cmd.pool_id, capabilities=cmd.capabilities, labels=cmd.labels,
             auth=cmd.auth or {"type": "none", "secret_ref": None}, token_sha256=cmd.token_sha256,
-        ), cmd.actor, cmd.command_id)
+        ), cmd)
 
     async def on_update(self, cmd: UpdateAgent) -> None:
         state, done = await self._load(cmd.agent_id, cmd)
@@ -298,7 +311,7 @@ class AgentService:
         except CommandRefused as refusal:
             return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "update_agent",
                                       refusal)
-        await self._append("agent", cmd.agent_id, state.seq, state.position, data, cmd.actor, cmd.command_id)
+        await self._decide("agent", cmd.agent_id, state.seq, state.position, data, cmd)
 
     async def on_remove(self, cmd: RemoveAgent) -> None:
         state, done = await self._load(cmd.agent_id, cmd)
@@ -308,8 +321,8 @@ class AgentService:
             return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "remove_agent",
                                       CommandRefused("not_found", f"agent {cmd.agent_id} not found",
                                                      resource="agent"))
-        await self._append("agent", cmd.agent_id, state.seq, state.position, AgentRemoved(agent_id=cmd.agent_id),
-                           cmd.actor, cmd.command_id)
+        await self._decide("agent", cmd.agent_id, state.seq, state.position, AgentRemoved(agent_id=cmd.agent_id),
+                           cmd)
         with contextlib.suppress(KeyNotFoundError, NotFoundError):
             await self.presence.delete(agent_presence_key(cmd.agent_id))
 
@@ -319,15 +332,18 @@ class AgentService:
         history = await self.store.read("lease", cmd.lease_id)
         seq = history[-1].envelope.seq if history else 0
         position = history[-1].position if history else 0
-        if not any(e.envelope.causation_id == cmd.command_id for e in history):
+        done = next((e.envelope for e in history if e.envelope.causation_id == cmd.command_id), None)
+        if done is not None:
+            await self.audit.outcome(cmd, done)
+        else:
             lease = await self._lease_at(cmd.key)
             if lease is None or lease[0].get("lease_id") != cmd.lease_id:
                 return await self._reject("lease", cmd.lease_id, seq, position, cmd, "release_lease", CommandRefused(
                     "not_found", f"lease {cmd.lease_id} not found", resource="lease"))
             value = lease[0]
-            await self._append("lease", cmd.lease_id, seq, position, LeaseForceReleased(
+            await self._decide("lease", cmd.lease_id, seq, position, LeaseForceReleased(
                 lease_id=cmd.lease_id, resource_key=str(value.get("resource_key", "")), slot=value.get("slot"),
-                run_id=value.get("run_id"), reason=cmd.reason), cmd.actor, cmd.command_id)
+                run_id=value.get("run_id"), reason=cmd.reason), cmd)
         for _ in range(5):
             lease = await self._lease_at(cmd.key)
             if lease is None or lease[0].get("lease_id") != cmd.lease_id:

@@ -26,7 +26,9 @@ from prometheus_client import start_http_server
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from ckp_core.audit import Outcome, command_entry
 from ckp_core.commands import CancelRun, DeleteRun, RequestApproval, ResumeRun, RetryRun, StartRun
+from ckp_core.commands import Command as LoCommand
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
     TERMINAL_RUN_EVENTS,
@@ -54,6 +56,7 @@ from ckp_core.subjects import (
     event_subject,
     procedure_key,
 )
+from langorch_infra.audit import AuditWriter
 from langorch_infra.callbacks import callback_key
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
 from langorch_infra.secrets import env_secret, grant_key, make_grant
@@ -110,7 +113,8 @@ class RuntimeService:
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
         self.js = self.nc.jetstream()
-        await ensure_topology(self.js)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        self.audit = AuditWriter(self.js)
         self.pool, self.saver = await open_checkpointer(self.settings.database_url)
         self.store = JetStreamEventStore(self.js)
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
@@ -234,13 +238,22 @@ class RuntimeService:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def _audit(self, command: LoCommand, outcome: Outcome = "accepted", *, code: str | None = None,
+                     detail: str | None = None, **kwargs: Any) -> None:
+        """The command's one audit record (api.md §12); a redelivery publishes it again and is deduplicated."""
+        await self.audit.write(command_entry(command, outcome, code=code, detail=detail, **kwargs))
+
     async def cancel(self, command: CancelRun) -> None:
         """Cancel a run (api.md §5.4): at once when nothing executes it, else through the executing replica."""
         events = await self.store.read("run", command.run_id)
         if not events:
-            return
+            return await self._audit(command, "rejected", code="not_found", detail=f"run {command.run_id} not found")
         status = run_status(events)
-        if status in ("completed", "failed", "canceled", "canceling"):
+        if status in ("completed", "failed"):
+            return await self._audit(command, "rejected", code="invalid_run_transition",
+                                     detail=f"a {status} run cannot be canceled")
+        await self._audit(command)
+        if status in ("canceled", "canceling"):
             return
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
         writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
@@ -270,16 +283,18 @@ class RuntimeService:
         events = await self.store.read("run", run_id)
         if not events:
             log.error("command for unknown run %s dropped", run_id)
-            return
+            return await self._audit(command, "rejected", code="not_found", detail=f"run {run_id} not found")
         created = events[0].envelope.data
         status = run_status(events)
         if isinstance(command, RetryRun) and status not in ("failed", "canceled"):
             log.info("retry of run %s in status %s ignored", run_id, status)
-            return
+            return await self._audit(command, "rejected", code="invalid_run_transition",
+                                     detail=f"a {status} run cannot be retried")
         retries = [i for i, e in enumerate(events) if e.envelope.type == "run_retry_requested"]
         current = events[retries[-1]:] if retries else events
         terminal = next((e for e in current if e.envelope.type in TERMINAL_RUN_EVENTS), None)
         if terminal is not None and not isinstance(command, RetryRun):
+            await self._audit(command, extra_meta={"noop": True})  # ended meanwhile: nothing to do
             if terminal.envelope.type in ("run_completed", "run_failed") and self.js is not None:
                 status = "completed" if terminal.envelope.type == "run_completed" else "failed"
                 await resume_parent(self.js, created, run_id, {**terminal.envelope.data, "status": status}, {}, ACTOR)
@@ -291,6 +306,8 @@ class RuntimeService:
         redactor = Redactor(extra_keys=[*(ir.global_config.redacted_fields if ir else []), *sensitive],
                             values=[str(created["input_vars"].get(n, "")) for n in sensitive])
         writer = RunWriter(self.store, run_id, head, redactor, ACTOR, command.command_id)
+        await self._audit(command, sensitive_keys=redactor.extra_keys, sensitive_values=redactor.values,
+                          extra_meta=run_meta(command, created))
         if ir is None:
             await writer.emit(RunFailed(error=ErrorObject(
                 code="procedure_not_runnable", message=f"procedure {created['procedure_id']}@"
@@ -431,8 +448,10 @@ class RuntimeService:
         """Delete a terminal run (api.md §5.6): ``run_deleted``, then its ``lo_steps`` keys, stored artifacts and
         child runs (one ``lo.cmd.run.delete`` each); a run that is not terminal gets ``command_rejected``."""
         events = await self.store.read("run", command.run_id)
-        if not events or events[-1].envelope.type == "run_deleted":
-            return
+        if not events:
+            return await self._audit(command, "rejected", code="not_found", detail=f"run {command.run_id} not found")
+        if events[-1].envelope.type == "run_deleted":
+            return await self._audit(command, extra_meta={"noop": True})
         status = run_status(events)
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
         if status not in ("completed", "failed", "canceled"):
@@ -443,9 +462,11 @@ class RuntimeService:
                 aggregate_id=command.run_id, seq=head.seq + 1, actor=ACTOR, causation_id=command.command_id,
                 correlation_id=command.run_id, aggregate="run")
             await self.store.append([rejected], expected_position=head.position)
+            await self.audit.outcome(command, rejected)
             return
         writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
         deleted_at = await writer.emit(RunDeleted())
+        await self._audit(command, extra_meta={"procedure_id": events[0].envelope.data.get("procedure_id")})
         if self.js is not None:  # the run's earlier events go; the run_deleted tombstone stays
             with contextlib.suppress(Exception):
                 await self.js.purge_stream(EVENT_STREAM, subject=aggregate_filter("run", command.run_id),
@@ -477,6 +498,17 @@ class RuntimeService:
 
 
 CANCELED: dict[str, Any] = {"canceled": True}
+
+
+def run_meta(command: StartRun | ResumeRun | RetryRun, created: dict[str, Any]) -> dict[str, Any]:
+    """What the audit record of a run command adds to its parameters: the procedure, and for a start the
+    inputs (redacted by the caller like the run's events: sensitive variables and redacted fields)."""
+    meta: dict[str, Any] = {"procedure_id": created.get("procedure_id"),
+                            "procedure_version": created.get("procedure_version")}
+    if isinstance(command, StartRun):
+        meta["input_vars"] = created.get("input_vars") or {}
+        meta["trigger_type"] = created.get("trigger_type")
+    return meta
 
 
 def run_status(events: list[Any]) -> str:
