@@ -51,40 +51,49 @@ async def ensure_database(url: str, name: str = "langorch") -> str:
 
 
 async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str,
-                          port: int, on_ready: Any = None) -> None:
+                          port: int, on_ready: Any = None, stop: asyncio.Event | None = None) -> None:
+    """Run ``names`` in this process until SIGINT/SIGTERM (or ``stop`` is set, when given).
+
+    With the gateway and other services together (``langorch up``) the gateway's ``GET /metrics`` serves every
+    service's registry as one, and no service opens the metrics port; a single service (``langorch serve``)
+    serves its own ``/metrics``, ``/health`` and ``/ready`` on ``LANGORCH_METRICS_PORT``.
+    """
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
     from langorch.server import ManagedServer
-    from langorch_approvals.service import serve as serve_approvals
-    from langorch_compiler.service import serve as serve_compiler
+    from langorch_approvals.service import host as approvals_host
+    from langorch_compiler.service import host as compiler_host
     from langorch_gateway.app import create_app
+    from langorch_infra.hosting import ServiceHost
     from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
-    from langorch_runtime.agents import serve as serve_agents
-    from langorch_runtime.service import serve as serve_runtime
+    from langorch_runtime.service import host as runtime_host
 
-    tasks: list[asyncio.Task[Any]] = []
+    env: dict[str, Any] = {"nats_url": nats_url, "database_url": database_url}
+    hosts: list[ServiceHost] = []
     if "compiler" in names:
-        compiler = CompilerSettings(nats_url=nats_url, database_url=database_url)
-        tasks.append(asyncio.create_task(serve_compiler(compiler), name="compiler"))
+        hosts.append(compiler_host(CompilerSettings(**env)))
     if "runtime" in names:
-        runtime = RuntimeSettings(nats_url=nats_url, database_url=database_url)
-        tasks.append(asyncio.create_task(serve_runtime(runtime), name="runtime"))
-        tasks.append(asyncio.create_task(serve_agents(runtime), name="runtime-agents"))
+        hosts.append(runtime_host(RuntimeSettings(**env)))  # runs and the agent/lease side
     if "approvals" in names:
-        approvals = ApprovalsSettings(nats_url=nats_url, database_url=database_url)
-        tasks.append(asyncio.create_task(serve_approvals(approvals), name="approvals"))
+        hosts.append(approvals_host(ApprovalsSettings(**env)))
+    combined = "gateway" in names and bool(hosts)
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(h.serve(0 if combined else None), name=h.service)
+                                      for h in hosts]
     server = None
     if "gateway" in names:
-        settings = GatewaySettings(nats_url=nats_url, database_url=database_url, host=host, port=port)
-        config = uvicorn.Config(create_app(settings), host=host, port=port, log_level="warning",
-                                lifespan="on")
+        settings = GatewaySettings(**env, host=host, port=port)
+        registries: list[CollectorRegistry] = [h.registry for h in hosts]
+        config = uvicorn.Config(create_app(settings, extra_registries=registries), host=host, port=port,
+                                log_level="warning", lifespan="on")
         server = ManagedServer(config)
         tasks.append(asyncio.create_task(server.serve(), name="gateway"))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
     if server is not None:
         while not server.started:
             if any(t.done() for t in tasks):

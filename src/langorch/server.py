@@ -2,15 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Generator
+from langorch_infra.hosting import ManagedServer
 
-import uvicorn
-
-
-class ManagedServer(uvicorn.Server):
-    """Leaves SIGINT/SIGTERM to the host process, which stops the server with ``should_exit``."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
+__all__ = ["ManagedServer"]

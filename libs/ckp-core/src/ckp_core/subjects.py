@@ -55,6 +55,11 @@ def agent_presence_key(agent_id: str) -> str:
     return f"agent.{kv_token(agent_id)}"
 
 
+def service_presence_key(service: str, instance_id: str) -> str:
+    """``lo_presence`` key of one service replica: ``service.<service>.<instance>`` (api.md §14)."""
+    return f"service.{kv_token(service)}.{kv_token(instance_id)}"
+
+
 def agent_probe_key(agent_id: str) -> str:
     """``lo_presence`` key of the last health probe of an agent (written by the elected poller)."""
     return f"probe.{kv_token(agent_id)}"

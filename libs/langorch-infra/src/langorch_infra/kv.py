@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -40,15 +41,22 @@ class LeaderLock:
 
     def __init__(self, js: JetStreamContext, name: str, holder: str, ttl_s: float = 15.0) -> None:
         self.js = js
+        self.name = name
         self.key = f"leader.{name}"
         self.holder = holder
         self.ttl_s = max(1.0, ttl_s)
         self.revision: int | None = None
+        self.renewed_at = 0.0  # monotonic time of the last successful write
         self._task: asyncio.Task[None] | None = None
 
     @property
     def is_leader(self) -> bool:
         return self.revision is not None
+
+    @property
+    def held(self) -> bool:
+        """Whether this replica holds the lock now: written by us and not yet past its TTL (no NATS call)."""
+        return self.revision is not None and time.monotonic() - self.renewed_at < self.ttl_s
 
     async def try_acquire(self) -> bool:
         """Take the lock if free, or renew it if held by us; False when another holder has it."""
@@ -61,6 +69,7 @@ class LeaderLock:
             else:
                 self.revision = await put_with_ttl(self.js, LOCKS_BUCKET, self.key, value, self.ttl_s,
                                                    last=self.revision)
+            self.renewed_at = time.monotonic()
         except KeyWrongLastSequenceError:
             if self.revision is not None:
                 log.warning("%s lost leadership of %s", self.holder, self.key)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -40,6 +41,11 @@ class CommonSettings(BaseSettings):
     auth_secret_key: SecretStr = Field(SecretStr("langorch-development-secret-key"), description="Secret the "
                                        "callback-token key is derived from (HKDF); runtime and gateway must share "
                                        "it (set it in production).")
+    metrics_port: int = Field(9464, ge=0, description="Port of this replica's GET /metrics, /health and /ready "
+                              "(compiler, runtime, approvals; 0: none). The gateway serves them on its API port, "
+                              "and `langorch up` serves one combined /metrics there.")
+    presence_ttl_s: float = Field(30.0, ge=1, description="TTL of this replica's key in KV lo_presence (renewed "
+                                  "every third of it); a replica that dies leaves GET /api/config after it.")
     audit_retention_days: int = Field(365, ge=1, description="Days audit records are kept in stream LO_AUDIT "
                                       "(api.md §12).")
 
@@ -54,8 +60,6 @@ class RuntimeSettings(CommonSettings):
     ack_wait_s: float = Field(30.0, description="JetStream ack wait of run commands; a runtime that stops "
                               "signalling progress for this long loses its runs to another replica.")
     max_concurrent_runs: int = Field(16, ge=1, description="Runs one replica executes at once.")
-    metrics_port: int = Field(9464, ge=0, description="Port of this replica's Prometheus /metrics (0: none; "
-                              "`langorch serve runtime` only).")
     public_url: str = Field("http://127.0.0.1:8080", description="Base URL of the gateway as agents reach it "
                             "(async callbacks go to <public_url>/api/runs/<run_id>/callback).")
     callback_timeout_s: float = Field(3600.0, gt=0, description="How long an async workflow delegation may wait "
@@ -141,3 +145,61 @@ class GatewaySettings(CommonSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+
+REDACTED_VALUE = "***REDACTED***"
+TOKEN_URL_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
+_QUERY_SECRET = re.compile(r"(?<=[?&])(password|passwd|pwd|token|secret|api_key|sslpassword)=[^&#]*", re.IGNORECASE)
+
+
+def effective_settings(settings: BaseSettings) -> dict[str, Any]:
+    """The effective settings as JSON, safe to publish (KV ``lo_presence``, ``GET /api/config``, api.md §14).
+
+    Secrets appear as ``{"set": bool}``, header maps keep their keys with redacted values, and the password of
+    every URL (``postgresql://user:pw@…``, ``nats://user:pw@…``) is redacted, wherever it is nested.
+    """
+    out: dict[str, Any] = {}
+    for name, field in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if _is_secret(field.annotation) or isinstance(value, SecretStr):
+            out[name] = {"set": value is not None and bool(value.get_secret_value())}
+        elif name.endswith("headers") and isinstance(value, dict):
+            out[name] = dict.fromkeys(value, REDACTED_VALUE)
+        else:
+            dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+            out[name] = _redact_urls(TypeAdapter(Any).dump_python(dumped, mode="json"))
+    return out
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in get_args(annotation)
+
+
+def _redact_urls(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_url_password(value)
+    if isinstance(value, dict):
+        return {k: _redact_urls(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_urls(v) for v in value]
+    return value
+
+
+def redact_url_password(text: str) -> str:
+    """``scheme://user:pw@host/…`` → ``scheme://user:***REDACTED***@host/…`` (each URL of a comma list too)."""
+    return ",".join(_redact_one(part) for part in text.split(","))
+
+
+def _redact_one(url: str) -> str:
+    url = _QUERY_SECRET.sub(lambda m: f"{m.group(1)}={REDACTED_VALUE}", url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    if ":" not in userinfo:  # a bare user name, except NATS's token form nats://<token>@host
+        return f"{scheme}://{REDACTED_VALUE}@{host}{slash}{tail}" if scheme in TOKEN_URL_SCHEMES else url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:{REDACTED_VALUE}@{host}{slash}{tail}"

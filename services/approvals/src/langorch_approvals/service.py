@@ -44,8 +44,10 @@ from ckp_core.events import (
     utc_now,
 )
 from ckp_core.run_events import ApprovalCanceled, ApprovalDecided, ApprovalRequested, ApprovalTimedOut
-from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, aggregate_filter
+from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, LOCKS_BUCKET, aggregate_filter
+from langorch_approvals.metrics import VERSION, ApprovalsMetrics
 from langorch_infra.audit import AuditWriter
+from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
@@ -55,6 +57,7 @@ from langorch_infra.jetstream import (
     publish_command,
 )
 from langorch_infra.kv import LeaderLock
+from langorch_infra.metrics import ObservedEventStore
 from langorch_infra.settings import ApprovalsSettings
 
 log = logging.getLogger(__name__)
@@ -84,12 +87,14 @@ class ApprovalsService:
         self.unresumed: dict[str, ApprovalState] = {}  # timed out, but publishing the resume failed: retried
         self._indexed = asyncio.Condition()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.metrics = ApprovalsMetrics()
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-approvals-{self.instance}")
         self.js: JetStreamContext = self.nc.jetstream()
         await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
-        self.store = JetStreamEventStore(self.js)
+        self.store: JetStreamEventStore = ObservedEventStore(
+            self.js, lambda event: self.metrics.observe(event, self._requested_at))
         self.audit = AuditWriter(self.js)
         commands = ConsumerConfig(durable_name=COMMAND_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
                                   ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.approval.>")
@@ -124,6 +129,20 @@ class ApprovalsService:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()
+
+    def leader_of(self) -> list[str]:
+        """The leader locks this replica holds now (its presence lists them)."""
+        lock: LeaderLock | None = getattr(self, "lock", None)
+        return [lock.name] if lock is not None and lock.held else []
+
+    async def ready_checks(self) -> dict[str, str]:
+        """NATS connected, the event and command streams and the lock bucket present (api.md §3)."""
+        return await bus_checks(self.nc, getattr(self, "js", None), (EVENT_STREAM, COMMAND_STREAM), (LOCKS_BUCKET,))
+
+    async def _requested_at(self, approval_id: str) -> float | None:
+        """When an approval was requested (its first event), for the decision latency."""
+        history = await self.store.read("approval", approval_id)
+        return history[0].envelope.occurred_at.timestamp() if history else None
 
     @staticmethod
     async def _consume(sub: Any, handle: Callable[[Msg], Awaitable[None]]) -> None:
@@ -356,11 +375,12 @@ class ApprovalsService:
         return fired
 
 
-async def serve(settings: ApprovalsSettings) -> None:
-    """Run one approvals replica until cancelled."""
+def host(settings: ApprovalsSettings) -> ServiceHost:
+    """One approvals replica with its presence key and its /metrics, /health and /ready."""
     service = ApprovalsService(settings)
-    await service.start()
-    try:
-        await service.run()
-    finally:
-        await service.stop()
+    return ServiceHost("approvals", VERSION, settings, [service], service.metrics.registry)
+
+
+async def serve(settings: ApprovalsSettings, *, metrics_port: int | None = None) -> None:
+    """Run one approvals replica until cancelled (``metrics_port`` 0: no HTTP endpoint)."""
+    await host(settings).serve(metrics_port)

@@ -29,7 +29,6 @@ from ckp_core.commands import (
     RollbackProcedure,
     SetProcedureStatus,
 )
-from ckp_core.compiler import compile_document
 from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import (
     CommandRejected,
@@ -55,8 +54,10 @@ from ckp_core.procedure_lifecycle import (
     decide_status,
     fold,
 )
-from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, procedure_key
+from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, PROCEDURES_BUCKET, procedure_key
+from langorch_compiler.metrics import VERSION, CompilerMetrics
 from langorch_infra.audit import AuditWriter
+from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import CompilerSettings
 
@@ -72,6 +73,7 @@ class CompilerService:
         self.settings = settings
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
+        self.metrics = CompilerMetrics()
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, "langorch-compiler")
@@ -99,6 +101,14 @@ class CompilerService:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()
+
+    def leader_of(self) -> list[str]:
+        """The compiler holds no leader lock: every replica consumes the same durable consumer."""
+        return []
+
+    async def ready_checks(self) -> dict[str, str]:
+        """NATS connected, the command and event streams and the IR bucket present (api.md §3)."""
+        return await bus_checks(self.nc, self.js, (EVENT_STREAM, COMMAND_STREAM), (PROCEDURES_BUCKET,))
 
     async def _handle(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
@@ -161,7 +171,7 @@ class CompilerService:
         The event decides (the stream is the truth); the IR is written to KV after it, and a redelivered
         command whose event already landed only repairs the KV entry.
         """
-        result = compile_document(cmd.ckp_json)
+        result = self.metrics.compile(cmd.ckp_json)
         pid = result.procedure_id or str(cmd.ckp_json.get("procedure_id", "unknown"))
         state, done = await self._load(pid, cmd)
         ir = result.ir
@@ -192,7 +202,7 @@ class CompilerService:
     async def on_replace(self, cmd: ReplaceProcedure) -> None:
         """Replace a draft's document, compiled like an import (api.md §4.3)."""
         state, done = await self._load(cmd.procedure_id, cmd)
-        result = compile_document(cmd.ckp_json)
+        result = self.metrics.compile(cmd.ckp_json)
         if done is not None:
             if done.type == "procedure_replaced" and result.ir is not None:
                 await self._put_ir(result.ir)
@@ -239,7 +249,7 @@ class CompilerService:
 
     def _recompile(self, v: VersionState, code: str) -> tuple[ProcedureIR, list[dict[str, Any]]]:
         """Compile a stored document again with the current compiler; errors refuse the command."""
-        result = compile_document(v.ckp_json)
+        result = self.metrics.compile(v.ckp_json)
         diagnostics = [d.model_dump(mode="json") for d in result.diagnostics]
         if result.ir is None:
             raise CommandRefused(code, f"version {v.version} no longer compiles: {len(result.errors)} errors",
@@ -291,7 +301,7 @@ class CompilerService:
     async def _promotion_checks(self, state: ProcedureState,
                                 v: VersionState) -> tuple[ProcedureIR, list[dict[str, Any]]]:
         """Every promotion check at once: re-compile, subflow targets runnable, effective date well-formed."""
-        result = compile_document(v.ckp_json)
+        result = self.metrics.compile(v.ckp_json)
         diagnostics = [d.model_dump(mode="json") for d in result.diagnostics]
         problems = [d for d in diagnostics if d.get("severity") == "error"]
         eff = v.ckp_json.get("effective_date")
@@ -354,10 +364,12 @@ def _runnable(state: ProcedureState, version: str | None) -> bool:
     return any(v.status == "active" for v in state.versions.values())
 
 
-async def serve(settings: CompilerSettings) -> None:
+def host(settings: CompilerSettings) -> ServiceHost:
+    """One compiler replica with its presence key and its /metrics, /health and /ready."""
     service = CompilerService(settings)
-    await service.start()
-    try:
-        await service.run()
-    finally:
-        await service.stop()
+    return ServiceHost("compiler", VERSION, settings, [service], service.metrics.registry)
+
+
+async def serve(settings: CompilerSettings, *, metrics_port: int | None = None) -> None:
+    """Run one compiler replica until cancelled (``metrics_port`` 0: no HTTP endpoint)."""
+    await host(settings).serve(metrics_port)

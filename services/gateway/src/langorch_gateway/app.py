@@ -11,13 +11,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -37,6 +38,7 @@ from langorch_gateway import (
     routes_audit,
     routes_callbacks,
     routes_commands,
+    routes_config,
     routes_health,
     routes_metrics,
     routes_procedures,
@@ -56,6 +58,7 @@ from langorch_infra.jetstream import (
     follow,
     publish_command,
 )
+from langorch_infra.presence import Presence, new_instance_id
 from langorch_infra.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -86,8 +89,9 @@ class RunCreate(BaseModel):
     case_id: None = None
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
-    """Build the gateway application."""
+def create_app(settings: GatewaySettings, *, extra_registries: Sequence[CollectorRegistry] = ()) -> FastAPI:
+    """Build the gateway application; ``extra_registries`` (the other services of ``langorch up``) are served
+    with the gateway's own in ``GET /metrics`` (api.md §13.1)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,9 +108,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         audit_projector.start()
         app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
         app.state.store = JetStreamEventStore(js)
+        presence = Presence(js, "gateway", settings.instance_id or new_instance_id(), SERVICE_VERSION, settings,
+                            ttl_s=settings.presence_ttl_s)
+        await presence.start()
         try:
             yield
         finally:
+            await presence.stop()
             await projector.stop()
             await audit_projector.stop()
             await pool.close()
@@ -115,7 +123,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="LangOrch API", version=SERVICE_VERSION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION)
+    app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     install(app)
 
     @app.middleware("http")
@@ -191,6 +199,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(routes_approvals.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_commands.router)
+    app.include_router(routes_config.router)
     app.include_router(routes_health.router)
     app.include_router(routes_audit.router)
 

@@ -6,6 +6,7 @@ One ``CollectorRegistry`` per application (no module-level globals). Gauges mark
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ckp_core.events import format_time
 from ckp_core.subjects import COMMAND_STREAM
 from langorch_infra.jetstream import stream_last_position
+from langorch_infra.metrics import combined_registry, register_build_info
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", "completed", "failed",
@@ -26,13 +28,16 @@ RUNTIME_CONSUMER = "runtime"
 
 
 class GatewayMetrics:
-    """The gateway's metric families, registered in their own registry."""
+    """The gateway's metric families, registered in their own registry.
 
-    def __init__(self, version: str) -> None:
+    ``extra`` registries (the other services of a ``langorch up`` process) are served with it as one registry.
+    """
+
+    def __init__(self, version: str, extra: Sequence[CollectorRegistry] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        Gauge("langorch_build_info", "Build of this process.", ["service", "version"], registry=r).labels(
-            service="gateway", version=version).set(1)
+        self.exposed = combined_registry([r, *extra]) if extra else r
+        register_build_info(r, "gateway", version)
         self.http_requests = Counter("langorch_http_requests", "HTTP requests answered.",
                                      ["method", "route", "status"], registry=r)
         self.http_duration = Histogram("langorch_http_request_duration_seconds", "HTTP request duration.",
@@ -59,7 +64,7 @@ class GatewayMetrics:
             self.projection_lag.labels(projection=name).set(lag)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
 
 def _num(value: Any) -> float | None:

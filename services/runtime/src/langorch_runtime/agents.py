@@ -56,6 +56,7 @@ from ckp_core.subjects import (
     agent_probe_key,
 )
 from langorch_infra.audit import AuditWriter
+from langorch_infra.hosting import bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, connect, decode_message, ensure_topology
 from langorch_infra.kv import LeaderLock, put_with_ttl
 from langorch_infra.settings import RuntimeSettings
@@ -158,6 +159,16 @@ class AgentService:
         self.http = httpx.AsyncClient(follow_redirects=False, timeout=self.settings.agent_probe_timeout_s,
                                       headers={"User-Agent": f"langorch-runtime/{VERSION}",
                                                "X-LangOrch-Instance": self.instance})
+
+    def leader_of(self) -> list[str]:
+        """The leader locks this replica holds now (the runtime's presence lists them)."""
+        lock: LeaderLock | None = getattr(self, "lock", None)
+        return [lock.name] if lock is not None and lock.held else []
+
+    async def ready_checks(self) -> dict[str, str]:
+        """NATS connected, the command and event streams and the agent buckets present."""
+        return await bus_checks(self.nc, getattr(self, "js", None), (EVENT_STREAM, COMMAND_STREAM),
+                                (PRESENCE_BUCKET, LEASES_BUCKET))
 
     async def run(self) -> None:
         """Handle commands, follow the registry, hold the leader lock and poll health — until cancelled."""

@@ -22,7 +22,6 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
-from prometheus_client import start_http_server
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -50,6 +49,7 @@ from ckp_core.run_events import ExecutionResumed, RunCanceled, RunCancelRequeste
 from ckp_core.subjects import (
     COMMAND_STREAM,
     EVENT_STREAM,
+    LOCKS_BUCKET,
     PROCEDURES_BUCKET,
     STEPS_BUCKET,
     aggregate_filter,
@@ -58,10 +58,13 @@ from ckp_core.subjects import (
 )
 from langorch_infra.audit import AuditWriter
 from langorch_infra.callbacks import callback_key
+from langorch_infra.hosting import ServiceHost, bus_checks, probe_check
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
+from langorch_infra.metrics import package_version, register_build_info
 from langorch_infra.secrets import env_secret, grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agent_dispatch import AgentDispatcher
+from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph
@@ -77,6 +80,7 @@ log = logging.getLogger(__name__)
 
 CONSUMER = "runtime"
 ACTOR = Actor.system("runtime")
+VERSION = package_version("langorch-runtime")
 
 
 async def open_checkpointer(database_url: str) -> tuple[AsyncConnectionPool[Any], AsyncPostgresSaver]:
@@ -109,6 +113,7 @@ class RuntimeService:
         self.tasks: set[asyncio.Task[None]] = set()
         self.dispatcher = AgentDispatcher(settings, instance_id=self.instance)
         self.metrics = RuntimeMetrics()
+        register_build_info(self.metrics.registry, "runtime", VERSION)
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
@@ -171,6 +176,25 @@ class RuntimeService:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.close()
+
+    def leader_of(self) -> list[str]:
+        """The leader locks this replica holds now (its presence lists them)."""
+        timer: CallbackTimer | None = getattr(self, "timer", None)
+        return [timer.lock.name] if timer is not None and timer.lock.held else []
+
+    async def ready_checks(self) -> dict[str, str]:
+        """NATS connected, the streams and buckets runs need present, PostgreSQL (checkpoints) answering."""
+        checks = await bus_checks(self.nc, self.js, (EVENT_STREAM, COMMAND_STREAM),
+                                  (PROCEDURES_BUCKET, STEPS_BUCKET, LOCKS_BUCKET))
+        pool = self.pool
+
+        async def select_one() -> None:
+            assert pool is not None
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+
+        checks["postgres"] = await probe_check(select_one if pool is not None else None)
+        return checks
 
     async def _handle(self, msg: Msg) -> None:
         heartbeat = asyncio.create_task(self._progress(msg))
@@ -569,16 +593,13 @@ def _checkpoint_id(snapshot: Any) -> str | None:
     return str(value) if value is not None else None
 
 
-async def serve(settings: RuntimeSettings) -> None:
-    """Run one runtime replica until cancelled (with its Prometheus endpoint on ``metrics_port``)."""
+def host(settings: RuntimeSettings) -> ServiceHost:
+    """One runtime replica — runs and the agent/lease side, in one process — with its presence key and its
+    /metrics, /health and /ready on ``metrics_port``."""
     service = RuntimeService(settings)
-    if settings.metrics_port:
-        try:
-            start_http_server(settings.metrics_port, registry=service.metrics.registry)
-        except OSError as exc:
-            log.warning("runtime metrics not served on port %s: %s", settings.metrics_port, exc)
-    await service.start()
-    try:
-        await service.run()
-    finally:
-        await service.stop()
+    return ServiceHost("runtime", VERSION, settings, [service, AgentService(settings)], service.metrics.registry)
+
+
+async def serve(settings: RuntimeSettings, *, metrics_port: int | None = None) -> None:
+    """Run one runtime replica until cancelled (``metrics_port`` 0: no HTTP endpoint)."""
+    await host(settings).serve(metrics_port)

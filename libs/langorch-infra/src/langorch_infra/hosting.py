@@ -1,0 +1,216 @@
+"""Running one service replica (compiler, runtime, approvals): its components, its presence key and its small
+HTTP endpoint on ``LANGORCH_METRICS_PORT`` (api.md §3, §13.1, §14).
+
+The endpoint is a tiny ASGI app served by uvicorn: ``GET /metrics`` (the service's own registry),
+``GET /health`` (liveness: the process serves HTTP) and ``GET /ready`` (the service's own checks; 503 when one
+fails). It starts before the components, so a replica that is still connecting answers ``/health`` and reports
+``not_ready``. The gateway serves the same on its API port and needs none of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from typing import Any, Protocol
+
+import uvicorn
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from langorch_infra.presence import Presence, new_instance_id
+from langorch_infra.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 2.0
+Checks = Callable[[], Awaitable[dict[str, str]]]
+
+
+class ManagedServer(uvicorn.Server):
+    """Leaves SIGINT/SIGTERM to the host process, which stops the server with ``should_exit``."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Component(Protocol):
+    """One part of a replica: started, run until cancelled, stopped; reports its locks and readiness."""
+
+    @property
+    def js(self) -> JetStreamContext | None: ...
+
+    async def start(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def leader_of(self) -> list[str]: ...
+
+    async def ready_checks(self) -> dict[str, str]: ...
+
+
+async def bus_checks(nc: NATS | None, js: JetStreamContext | None, streams: Sequence[str],
+                     buckets: Sequence[str] = ()) -> dict[str, str]:
+    """``nats`` (connected) and ``streams`` (the named streams and KV buckets exist); never raises."""
+    checks = {"nats": "ok" if nc is not None and nc.is_connected else "disconnected"}
+    if js is None or nc is None or not nc.is_connected:
+        checks["streams"] = "unknown: not connected"
+        return checks
+    missing: list[str] = []
+    try:
+        for name in [*streams, *(f"KV_{b}" for b in buckets)]:
+            try:
+                await asyncio.wait_for(js.stream_info(name), CHECK_TIMEOUT_S)
+            except NotFoundError:
+                missing.append(name.removeprefix("KV_"))
+        checks["streams"] = "ok" if not missing else "missing " + ", ".join(missing)
+    except Exception as exc:  # any NATS failure means not ready
+        checks["streams"] = f"unavailable: {type(exc).__name__}"
+    return checks
+
+
+async def probe_check(probe: Callable[[], Awaitable[Any]] | None) -> str:
+    """``"ok"`` when ``probe()`` answers within the check timeout, else a short reason."""
+    if probe is None:
+        return "unknown: not connected"
+    try:
+        await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
+    return "ok"
+
+
+class OpsApp:
+    """The ASGI app of ``/metrics``, ``/health`` and ``/ready``."""
+
+    def __init__(self, service: str, version: str, registry: CollectorRegistry, checks: Checks) -> None:
+        self.service = service
+        self.version = version
+        self.registry = registry
+        self.checks = checks
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        status, content_type, body = await self.answer(scope["method"], scope["path"])
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+    async def answer(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return _json(405, {"title": "Method Not Allowed", "status": 405, "detail": f"{method} is not served"})
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        if path == "/health":
+            return _json(200, {"status": "ok", "service": self.service, "version": self.version})
+        if path == "/ready":
+            try:
+                checks = await self.checks()
+            except Exception as exc:
+                checks = {"service": f"unavailable: {type(exc).__name__}"}
+            ok = all(v == "ok" for v in checks.values())
+            return _json(200 if ok else 503, {"status": "ready" if ok else "not_ready", "service": self.service,
+                                              "checks": checks})
+        return _json(404, {"title": "Not Found", "status": 404, "detail": f"{path} is not served here"})
+
+
+def _json(status: int, body: dict[str, Any]) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body).encode()
+
+
+class OpsServer:
+    """:class:`OpsApp` under uvicorn on ``host:port``, started and stopped with the replica."""
+
+    def __init__(self, app: OpsApp, port: int, host: str = "0.0.0.0") -> None:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self.server = ManagedServer(config)
+        self.port = port
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> bool:
+        """Serve; False (logged) when the port cannot be bound, which does not stop the replica."""
+        self._task = asyncio.create_task(self.server.serve(), name=f"ops-http-{self.port}")
+        while not self.server.started:
+            if self._task.done():
+                break
+            await asyncio.sleep(0.01)
+        if self.server.started:
+            return True
+        with contextlib.suppress(BaseException):
+            await self._task
+        log.warning("metrics, health and readiness not served: port %s cannot be bound", self.port)
+        self._task = None
+        return False
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._task, 5)
+        self._task = None
+
+
+class ServiceHost:
+    """One replica of ``service``: its components, its presence key, and its ops endpoint on the metrics port."""
+
+    def __init__(self, service: str, version: str, settings: CommonSettings, components: Sequence[Component],
+                 registry: CollectorRegistry) -> None:
+        self.service = service
+        self.version = version
+        self.settings = settings
+        self.components = list(components)
+        self.registry = registry
+        self.instance_id = settings.instance_id or new_instance_id()
+        self.presence: Presence | None = None
+        self.ops: OpsServer | None = None
+
+    def leader_of(self) -> list[str]:
+        return sorted({name for c in self.components for name in c.leader_of()})
+
+    async def ready_checks(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        for component in self.components:
+            for name, verdict in (await component.ready_checks()).items():
+                checks[name] = verdict if checks.get(name, "ok") == "ok" else checks[name]
+        return checks
+
+    async def serve(self, metrics_port: int | None = None) -> None:
+        """Run until cancelled; ``metrics_port`` overrides the setting (0: no HTTP endpoint)."""
+        port = self.settings.metrics_port if metrics_port is None else metrics_port
+        if port:
+            self.ops = OpsServer(OpsApp(self.service, self.version, self.registry, self.ready_checks), port)
+            await self.ops.start()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for component in self.components:
+                await component.start()
+            js = self.components[0].js
+            assert js is not None
+            self.presence = Presence(js, self.service, self.instance_id, self.version, self.settings,
+                                     leader_of=self.leader_of, ttl_s=self.settings.presence_ttl_s)
+            await self.presence.start()
+            tasks = [asyncio.create_task(c.run(), name=f"{self.service}-{i}") for i, c in enumerate(self.components)]
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            if self.presence is not None:
+                await self.presence.stop()
+            for component in reversed(self.components):
+                with contextlib.suppress(Exception):
+                    await component.stop()
+            if self.ops is not None:
+                await self.ops.stop()
