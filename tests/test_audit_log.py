@@ -96,6 +96,16 @@ async def test_import_accepted_and_duplicate_import_rejected_once_each(platform:
     assert rejected["meta"]["code"] == "procedure_version_exists"
     assert "procedure_version_exists" in rejected["description"]
 
+    broken = {"procedure_id": "au_broken", "version": "1", "workflow_graph": {"start_node": "nowhere", "nodes": {
+        "done": {"type": "terminate"}}}}
+    r = await c.post("/api/procedures", json={"ckp_json": broken}, headers={"X-Request-ID": "au-invalid"})
+    assert r.status_code == 422, r.text
+    [invalid] = await records(c, 1, request_id="au-invalid")
+    assert (invalid["category"], invalid["action"], invalid["outcome"]) == ("procedure", "import", "rejected")
+    assert invalid["meta"]["code"] == "compile_failed"
+    assert invalid["resource_id"] == "au_broken"
+    assert invalid["meta"]["ckp_json"]["_summarised"] is True
+
 
 async def test_run_start_is_audited_by_the_runtime_with_sensitive_inputs_redacted(platform: Platform) -> None:
     c = platform.client

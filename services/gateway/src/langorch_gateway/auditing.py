@@ -58,14 +58,15 @@ async def refused_decision(request: Request, category: str, action: str, resourc
 
 
 @contextlib.asynccontextmanager
-async def conflicts_audited(request: Request, category: str, action: str, *, resource_type: str,
-                            resource_id: str | None, meta: dict[str, Any] | None = None) -> AsyncIterator[None]:
-    """Audit a state conflict (409) raised inside the block as a rejected ``category/action``; validation
-    failures (4xx other than 409) are not decisions and are not recorded."""
+async def refusals_audited(request: Request, category: str, action: str, *, resource_type: str,
+                           resource_id: str | None, meta: dict[str, Any] | None = None,
+                           statuses: tuple[int, ...] = (CONFLICT,)) -> AsyncIterator[None]:
+    """Audit a refusal with one of ``statuses`` (by default a state conflict, 409) raised inside the block as a
+    rejected ``category/action``; other 4xx (malformed requests) are not recorded."""
     try:
         yield
     except ApiProblem as problem:
-        if problem.status == CONFLICT:
+        if problem.status in statuses:
             await decided(request, category, action, resource_type=resource_type, resource_id=resource_id,
                           outcome="rejected", meta=meta, code=problem.code, detail=problem.detail)
         raise

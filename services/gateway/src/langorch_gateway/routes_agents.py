@@ -306,7 +306,7 @@ async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
     else:
         capabilities = _capabilities(body.capabilities, "capabilities", settings)
     resource_key = body.resource_key or agent_id
-    async with auditing.conflicts_audited(request, "agent", "register", resource_type="agent", resource_id=agent_id,
+    async with auditing.refusals_audited(request, "agent", "register", resource_type="agent", resource_id=agent_id,
                                           meta={"base_url": body.base_url, "channel": channel,
                                                 "resource_key": resource_key}):
         if await _db(request).fetchval("SELECT 1 FROM agents WHERE agent_id = $1", agent_id):

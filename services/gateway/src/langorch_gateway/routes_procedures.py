@@ -144,8 +144,14 @@ def _detail_response(row: asyncpg.Record, status: int = 200, headers: dict[str, 
 
 @router.post("/api/procedures", status_code=201)
 async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
-    """Compile, then import a procedure version through the compiler service."""
-    ir = _compile_for_store(body.ckp_json, await stored_lookup(_db(request), body.ckp_json))
+    """Compile, then import a procedure version through the compiler service (a document that does not compile
+    is refused here, and audited as a rejected import)."""
+    named = body.ckp_json.get("procedure_id")
+    async with auditing.refusals_audited(request, "procedure", "import", resource_type="procedure",
+                                         resource_id=named if isinstance(named, str) else None,
+                                         meta={"ckp_json": body.ckp_json, "project_id": body.project_id},
+                                         statuses=(422,)):
+        ir = _compile_for_store(body.ckp_json, await stored_lookup(_db(request), body.ckp_json))
     pid, version = ir.procedure_id, ir.version
     db = _db(request)
     if body.project_id is not None and await db.fetchval(

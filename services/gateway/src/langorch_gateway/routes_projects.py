@@ -119,7 +119,7 @@ async def list_projects(
 async def create_project(request: Request, body: ProjectIn) -> JSONResponse:
     """Create a project (name unique, case-insensitively)."""
     project_id = new_id()
-    async with _names_lock(request), auditing.conflicts_audited(request, "project", "create", resource_type="project",
+    async with _names_lock(request), auditing.refusals_audited(request, "project", "create", resource_type="project",
                                                                 resource_id=None, meta=body.model_dump()):
         await _name_taken(request, body.name)
         position = await _append(request, project_id, ProjectCreated(
@@ -136,7 +136,7 @@ async def get_project(request: Request, project_id: str) -> JSONResponse:
 
 
 async def _update(request: Request, project_id: str, body: ProjectPatch) -> JSONResponse:
-    async with _names_lock(request), auditing.conflicts_audited(request, "project", "update", resource_type="project",
+    async with _names_lock(request), auditing.refusals_audited(request, "project", "update", resource_type="project",
                                                                 resource_id=project_id,
                                                                 meta=body.model_dump(exclude_unset=True)):
         row = await _row(request, project_id)
