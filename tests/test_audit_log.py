@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 
+from ckp_core.audit import record_entry
 from ckp_core.commands import SetProcedureStatus
-from ckp_core.events import ANONYMOUS
+from ckp_core.events import ANONYMOUS, Actor, utc_now
 from ckp_core.subjects import AUDIT_STREAM
 from langorch_gateway.projector import rebuild
+from langorch_infra.audit import AuditWriter
 from langorch_infra.jetstream import publish_command
 from tests.conftest import Platform, platform_of
 from tests.test_approvals_end_to_end import decide, pending_approval, run_until
@@ -249,3 +252,17 @@ async def test_rebuild_reproduces_the_audit_log(platform: Platform) -> None:
     assert position == (await app.state.js.stream_info(AUDIT_STREAM)).state.last_seq
     app.state.projector.start()
     app.state.audit_projector.start()
+
+
+async def test_records_older_than_the_retention_are_not_kept(platform: Platform) -> None:
+    """``audit_log`` keeps what ``LO_AUDIT`` keeps: LANGORCH_AUDIT_RETENTION_DAYS (365 by default)."""
+    c = platform.client
+    writer = AuditWriter(platform.app.state.js)
+    old = record_entry("auth", "login", Actor(kind="user", id="old"), request_id="au-old")
+    old.ts = utc_now() - timedelta(days=400)
+    assert await writer.write(old)
+    assert await writer.write(record_entry("auth", "login", Actor(kind="user", id="new"), request_id="au-new"))
+    [fresh] = await records(c, 1, request_id="au-new")
+    assert (fresh["actor"], fresh["actor_kind"], fresh["auth_disabled"]) == ("user:new", "user", False)
+    await platform.app.state.audit_projector.catch_up()
+    assert (await audit(c, request_id="au-old"))["total"] == 0

@@ -451,7 +451,7 @@ def projections_rebuild() -> None:
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
         assert pool is not None
         try:
-            return await rebuild(pool, nc.jetstream())
+            return await rebuild(pool, nc.jetstream(), audit_retention_days=settings.audit_retention_days)
         finally:
             await pool.close()
             await nc.close()

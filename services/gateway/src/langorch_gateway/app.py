@@ -104,7 +104,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         await idempotency.purge_expired(pool)
         projector = Projector(pool, js)
         projector.start()
-        app.state.audit_projector = audit_projector = AuditProjector(pool, js)
+        app.state.audit_projector = audit_projector = AuditProjector(pool, js, settings.audit_retention_days)
         audit_projector.start()
         app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
         app.state.store = JetStreamEventStore(js)

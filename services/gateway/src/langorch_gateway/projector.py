@@ -237,6 +237,9 @@ class StreamProjector(Generic[M]):
     async def apply(self, conn: Any, item: M) -> None:
         raise NotImplementedError
 
+    async def after_batch(self, conn: Any) -> None:
+        """Work done with every batch, in its transaction (nothing by default)."""
+
     async def load_position(self) -> int:
         async with self.pool.acquire() as conn:
             pos = await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1", self.NAME)
@@ -255,6 +258,7 @@ class StreamProjector(Generic[M]):
             for e in fresh:
                 if e.position > floor:
                     await self.apply(conn, e)
+            await self.after_batch(conn)
             await conn.execute(
                 """INSERT INTO projection_positions (name, position) VALUES ($1, $2)
                    ON CONFLICT (name) DO UPDATE SET position = GREATEST(projection_positions.position, $2)""",
@@ -341,11 +345,21 @@ class Projector(StreamProjector[StoredEvent]):
 
 
 class AuditProjector(StreamProjector[StoredAudit]):
-    """Follows ``LO_AUDIT`` into ``audit_log`` (api.md §12)."""
+    """Follows ``LO_AUDIT`` into ``audit_log`` (api.md §12). Rows older than ``retention_days`` are deleted with
+    every batch, as ``LO_AUDIT`` drops its messages after the same age, so a rebuild gives the same rows."""
 
     NAME = AUDIT_NAME
     STREAM = AUDIT_STREAM
     SUBJECT = "lo.audit.>"
+
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, retention_days: int | None = None) -> None:
+        super().__init__(pool, js)
+        self.retention_days = retention_days
+
+    async def after_batch(self, conn: Any) -> None:
+        if self.retention_days is not None:
+            await conn.execute("DELETE FROM audit_log WHERE ts < now() - make_interval(days => $1)",
+                               self.retention_days)
 
     def decode(self, msg: Msg) -> StoredAudit:
         return StoredAudit(AuditEntry.model_validate_json(msg.data), msg.metadata.sequence.stream)
@@ -354,12 +368,13 @@ class AuditProjector(StreamProjector[StoredAudit]):
         await apply_audit_entry(conn, item.entry, item.position)
 
 
-async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, timeout: float = 300) -> int:
+async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, timeout: float = 300,
+                  audit_retention_days: int | None = None) -> int:
     """Drop and recreate the projection tables, then replay ``LO_EVT`` and ``LO_AUDIT`` up to their current
     heads; returns the ``LO_EVT`` position reached."""
     await drop_schema(pool)
     await ensure_schema(pool)
-    projector, audit = Projector(pool, js), AuditProjector(pool, js)
+    projector, audit = Projector(pool, js), AuditProjector(pool, js, audit_retention_days)
     projector.start()
     audit.start()
     try:
