@@ -18,7 +18,7 @@ from ckp_core.events import ANONYMOUS, Actor, utc_now
 from ckp_core.subjects import AUDIT_STREAM
 from langorch_gateway.projector import rebuild
 from langorch_infra.audit import AuditWriter
-from langorch_infra.jetstream import publish_command
+from langorch_infra.jetstream import ensure_topology, publish_command
 from tests.conftest import Platform, platform_of
 from tests.test_approvals_end_to_end import decide, pending_approval, run_until
 
@@ -266,3 +266,15 @@ async def test_records_older_than_the_retention_are_not_kept(platform: Platform)
     assert (fresh["actor"], fresh["actor_kind"], fresh["auth_disabled"]) == ("user:new", "user", False)
     await platform.app.state.audit_projector.catch_up()
     assert (await audit(c, request_id="au-old"))["total"] == 0
+
+
+async def test_lo_audit_max_age_follows_the_retention_setting(platform: Platform) -> None:
+    js = platform.app.state.js
+    day = 86400.0
+    assert (await js.stream_info(AUDIT_STREAM)).config.max_age == 365 * day
+    await ensure_topology(js, audit_retention_days=30)
+    assert (await js.stream_info(AUDIT_STREAM)).config.max_age == 30 * day
+    await ensure_topology(js)  # a caller without the setting leaves the retention alone
+    assert (await js.stream_info(AUDIT_STREAM)).config.max_age == 30 * day
+    await ensure_topology(js, audit_retention_days=365)
+    assert (await js.stream_info(AUDIT_STREAM)).config.max_age == 365 * day
