@@ -45,8 +45,9 @@ from tests.scripted_agent import ScriptedAgent, serving
 NODES = 10
 
 
-def ten_node_procedure() -> dict[str, Any]:
-    """8 sequence nodes (3 internal steps each), a logic node and a terminate: 10 nodes, all executed."""
+def ten_node_procedure(strategy: str = "every_node") -> dict[str, Any]:
+    """8 sequence nodes (3 internal steps each), a logic node and a terminate: 10 nodes, all executed, under the
+    given ``checkpoint_strategy``."""
     nodes: dict[str, Any] = {}
     for i in range(1, 9):
         nodes[f"s{i}"] = {"type": "sequence", "next_node": f"s{i + 1}" if i < 8 else "route", "steps": [
@@ -57,7 +58,8 @@ def ten_node_procedure() -> dict[str, Any]:
     nodes["route"] = {"type": "logic", "rules": [{"condition": "total == 36", "next_node": "done"}],
                       "default_next_node": "done"}
     nodes["done"] = {"type": "terminate", "outputs": {"total": "{{total}}"}}
-    return {"procedure_id": "bench_ten_nodes", "version": "1",
+    return {"procedure_id": f"bench_ten_nodes_{strategy}", "version": "1",
+            "global_config": {"checkpoint_strategy": strategy},
             "variables_schema": {"total": {"type": "number", "default": 0}},
             "workflow_graph": {"start_node": "s1", "nodes": nodes}}
 
@@ -132,9 +134,10 @@ def executing_ms(events: list[Any]) -> float:
     return float((ended - started).total_seconds() * 1000)
 
 
-async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions) -> dict[str, Any]:
+async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions,
+                         strategy: str = "every_node") -> dict[str, Any]:
     c = p.client
-    doc = ten_node_procedure()
+    doc = ten_node_procedure(strategy)
     await import_procedure(c, doc)
     for _ in range(3):  # warm-up
         await ends.wait(await start(c, doc["procedure_id"]))
@@ -253,6 +256,7 @@ async def main(runs: int, calls: int) -> dict[str, Any]:
     try:
         async with platform_of(nats_url, db) as p, Completions(nats_url) as ends:
             platform = await platform_bench(p, nats_url, runs, ends)
+            unpersisted = await platform_bench(p, nats_url, runs, ends, "disabled")
             dispatch = await dispatch_bench(p, nats_url, calls, ends)
         bare = await langgraph_baseline(db, runs)
     finally:
@@ -260,6 +264,7 @@ async def main(runs: int, calls: int) -> dict[str, Any]:
             s.stop()
     e2e, rt, lg = stats(platform["e2e_ms"]), stats(platform["runtime_ms"]), stats(bare["ms"])
     through, direct = stats(dispatch["runtime_ms"]), stats(dispatch["direct_ms"])
+    off_e2e, off_rt = stats(unpersisted["e2e_ms"]), stats(unpersisted["runtime_ms"])
     return {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "a_ten_node_internal_procedure": {
@@ -279,6 +284,15 @@ async def main(runs: int, calls: int) -> dict[str, Any]:
             "ratio_end_to_end_to_baseline": round(e2e["median"] / lg["median"], 2),
             "ratio_concurrent_throughput_baseline_to_platform": round(
                 bare["concurrent_runs_per_s"] / platform["concurrent_runs_per_s"], 2),
+        },
+        "a2_ten_node_checkpoint_strategy_disabled": {
+            "procedure": "the same 10 nodes with checkpoint_strategy: disabled (persisted at the end only)",
+            "platform_run_end_to_end_ms": off_e2e,
+            "platform_run_in_runtime_ms": off_rt,
+            "platform_runs_per_s_concurrent": round(unpersisted["concurrent_runs_per_s"], 2),
+            "ratio_in_runtime_every_node_to_disabled": round(rt["median"] / off_rt["median"], 2),
+            "ratio_end_to_end_every_node_to_disabled": round(e2e["median"] / off_e2e["median"], 2),
+            "ratio_in_runtime_disabled_to_baseline": round(off_rt["median"] / lg["median"], 2),
         },
         "b_agent_dispatch": {
             "calls": calls,

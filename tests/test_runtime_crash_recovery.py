@@ -1,4 +1,5 @@
-"""Issue 2 acceptance: a runtime process SIGKILLed in the middle of a run; a second one finishes it."""
+"""Issue 2 acceptance: a runtime process SIGKILLed in the middle of a run; a second one finishes it, from the last
+state its ``checkpoint_strategy`` persisted (ckp.md §7.3)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.integration
 SLOW = {
     "procedure_id": "crash_window", "version": "1.0.0",
     "variables_schema": {"label": {"type": "string", "default": "x"}},
-    "workflow_graph": {"start_node": "work", "nodes": {
+    "workflow_graph": {"start_node": "prep", "nodes": {
+        "prep": {"type": "sequence", "next_node": "work", "is_checkpoint": True, "steps": [
+            {"step_id": "first", "action": "set_variable", "variable": "ready", "value": True}]},
         "work": {"type": "sequence", "next_node": "finish", "steps": [
             {"step_id": "before", "action": "set_variable", "variable": "seen", "value": "{{label}}-1"},
             {"step_id": "pause", "action": "wait", "duration_ms": 2500},
@@ -42,11 +45,12 @@ def start_runtime(nats_url: str, database_url: str, log: Path) -> subprocess.Pop
                                 stderr=subprocess.STDOUT)
 
 
-async def test_second_runtime_finishes_a_run_after_sigkill(nats_url: str, database_url: str,
-                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["every_node", "critical_nodes_only", "disabled"])
+async def test_second_runtime_finishes_a_run_after_sigkill(nats_url: str, database_url: str, tmp_path: Path,
+                                                          strategy: str) -> None:
     async with platform_of(nats_url, database_url, runtime=False) as p:
         c = p.client
-        await import_procedure(c, SLOW)
+        await import_procedure(c, {**SLOW, "global_config": {"checkpoint_strategy": strategy}})
         first = start_runtime(nats_url, database_url, tmp_path / "runtime-a.log")
         second: subprocess.Popen[bytes] | None = None
         try:
@@ -88,7 +92,17 @@ async def test_second_runtime_finishes_a_run_after_sigkill(nats_url: str, databa
     # the step finished before the crash is replayed, not executed again
     assert completions[("work", "before", "-")] == 1
     replays = [e.data["step_id"] for e in events if e.type == "step_replayed"]
-    assert replays == ["before"]
+    # every_node resumes at the node that was executing, critical_nodes_only after prep (is_checkpoint),
+    # disabled at the start of the main path: prep runs again and its step is replayed
+    assert replays == (["first", "before"] if strategy == "disabled" else ["before"])
+    saved = [e.data for e in events if e.type == "checkpoint_saved"]
+    if strategy == "disabled":
+        assert saved == []
+    else:
+        [point] = saved
+        assert (point["reason"], point["node_id"]) == ("is_checkpoint", "prep")
+        assert point["checkpoint_id"] is not None
+        assert recovered.data["checkpoint_id"] is not None
     # the interrupted wait is re-sent with the same attempt and idempotency key
     pause_starts = [e.data for e in events if e.type == "step_started" and e.data["step_id"] == "pause"]
     assert len(pause_starts) == 2

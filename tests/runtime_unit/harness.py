@@ -71,7 +71,7 @@ class Run:
         return list(self.final.get("waits", {}).values())
 
     async def resume(self, **resolution: Any) -> Run:
-        self.final = await self.graph.ainvoke(Command(resume=resolution), self.config)
+        self.final = await self.graph.ainvoke(Command(resume=resolution), self.config, durability="sync")
         return self
 
 
@@ -97,7 +97,7 @@ async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
     graph = build_graph(machine, InMemorySaver())
     config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": 100_000}
     run = Run(ir=ir, machine=machine, graph=graph, config=config, events=events)
-    run.final = await graph.ainvoke(machine.initial_state(values), config)
+    run.final = await graph.ainvoke(machine.initial_state(values), config, durability="sync")
     return run
 
 

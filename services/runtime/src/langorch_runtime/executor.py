@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
@@ -21,6 +22,7 @@ from langgraph.types import interrupt
 from ckp_core.events import Actor, EventData, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
 from ckp_core.redaction import Redactor, bound_payload
+from ckp_core.run_events import CheckpointSaved
 from langorch_runtime.frames import RunState
 from langorch_runtime.machine import Machine
 
@@ -70,14 +72,27 @@ class RunWriter:
 def build_graph(machine: Machine, checkpointer: BaseCheckpointSaver[Any]) -> Any:
     """The LangGraph graph of one run.
 
-    ``advance`` executes one node of every runnable frame per super-step (checkpointed after each); when no
-    frame can run and waits are pending, ``suspend`` calls ``interrupt()`` — the run is durably suspended until
-    a ``Command(resume=…)`` carrying ``{"wait_id": …}`` and the decision, callback or child outcome arrives.
+    ``advance`` executes the run up to its next persisted point (:meth:`Machine.advance`: one super-step under
+    ``checkpoint_strategy: every_node``), and LangGraph persists the state after it. When a save was forced
+    there (``is_checkpoint``, ``set_checkpoint``), ``saved`` emits ``checkpoint_saved`` with the id of the
+    checkpoint just written. When no frame can run and waits are pending, ``suspend`` calls ``interrupt()`` —
+    the run is durably suspended until a ``Command(resume=…)`` carrying ``{"wait_id": …}`` and the decision,
+    callback or child outcome arrives. Run it with ``durability="sync"``, so a node starts only once the
+    previous state is stored.
     """
     graph: StateGraph[RunState] = StateGraph(RunState)
 
     async def advance(state: RunState) -> RunState:
         return await machine.advance(state)
+
+    async def saved(state: RunState, config: RunnableConfig) -> RunState:
+        thread = config.get("configurable", {}).get("thread_id")
+        latest = await checkpointer.aget_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
+        checkpoint_id = latest.checkpoint["id"] if latest is not None else None
+        for save in state.get("saves") or []:
+            await machine.emit(CheckpointSaved(node_id=save.get("node_id"), frame=save.get("frame"),
+                                               reason=save["reason"], checkpoint_id=checkpoint_id))
+        return {"saves": []}
 
     async def suspend(state: RunState) -> RunState:
         waiting = [{k: v for k, v in w.items() if k != "announced"} for w in state.get("waits", {}).values()]
@@ -85,6 +100,8 @@ def build_graph(machine: Machine, checkpointer: BaseCheckpointSaver[Any]) -> Any
         return machine.resolve(state, resolution if isinstance(resolution, dict) else {})
 
     def route(state: RunState) -> str:
+        if state.get("saves"):
+            return "saved"
         if state.get("outcome") is not None:
             return END
         if machine.runnable(state):
@@ -94,8 +111,41 @@ def build_graph(machine: Machine, checkpointer: BaseCheckpointSaver[Any]) -> Any
         return END
 
     graph.add_node("advance", advance)
+    graph.add_node("saved", saved)
     graph.add_node("suspend", suspend)
     graph.add_edge(START, "advance")
-    graph.add_conditional_edges("advance", route, ["advance", "suspend", END])
+    graph.add_conditional_edges("advance", route, ["advance", "saved", "suspend", END])
+    graph.add_conditional_edges("saved", route, ["advance", "saved", "suspend", END])
     graph.add_edge("suspend", "advance")
     return graph.compile(checkpointer=checkpointer)
+
+
+_STATE_DEFAULTS: dict[str, Any] = {
+    "vars": {}, "frames": {}, "order": [], "waits": {}, "resolutions": {}, "outcome": None, "warned": [], "seq": 0,
+    "recovery": None, "failure_point": None, "executed_ms": 0, "deadline_hit": None,
+    "llm": {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}, "affinity": {}, "saves": []}
+
+
+async def retry_target(graph: Any, config: dict[str, Any]) -> Any | None:
+    """The checkpoint a retry restarts from (ckp.md §7.12): the state just before the failing node started.
+
+    Under ``every_node`` that is a checkpoint of the run's history (the failing node's frame at that node, not
+    yet started; else the newest checkpoint outside the recovery path). Under the other strategies the state
+    persisted at the failure point carries that image (:meth:`Machine.keep_failure_image`): it is written as
+    the run's newest checkpoint, every channel set (nothing of the failed state leaks into it)."""
+    current = await graph.aget_state(config)
+    point = current.values.get("failure_point") or {}
+    image = point.get("restore")
+    if image is not None:
+        restored = {**_STATE_DEFAULTS, **image}
+        return await graph.aget_state(await graph.aupdate_state(current.config, restored, as_node="advance"))
+    fallback = None
+    async for past in graph.aget_state_history(config):  # newest first
+        values = past.values
+        if values.get("outcome") is not None or values.get("recovery") or not past.next:
+            continue
+        fallback = fallback or past
+        frame = (values.get("frames") or {}).get(point.get("frame_id"))
+        if frame is not None and frame.get("node") is None and frame.get("cursor") == point.get("node_id"):
+            return past  # just before the failing node started: it runs again as a whole (§7.12)
+    return fallback

@@ -52,6 +52,7 @@ class RunState(TypedDict, total=False):
     deadline_hit: int | None  # executed_ms when the deadline passed (the recovery path's grace starts there)
     llm: dict[str, Any]  # the run's LLM counters: prompt_tokens, completion_tokens, cost_usd
     affinity: dict[str, str]  # channel → the agent this run used there (preferred while healthy and free)
+    saves: list[dict[str, Any]]  # forced saves asked by the last super-step: {"reason", "node_id", "frame"}
 
 
 def new_frame(state: RunState, kind: FrameKind, parent: Frame | None, path: str, cursor: str | None,

@@ -65,7 +65,6 @@ from ckp_core.run_events import (
     ArtifactCreated,
     AuditLog,
     CallbackTimedOut,
-    CheckpointSaved,
     DryRunStepSkipped,
     LoopCompleted,
     LoopIteration,
@@ -365,9 +364,58 @@ class Machine:
         return [f for f in (state["frames"][fid] for fid in state.get("order", [])) if f.get("status") == "running"]
 
     async def advance(self, state: RunState) -> RunState:
-        """Advance every runnable frame by one node; returns the new state (to be checkpointed)."""
+        """Advance the run; returns the new state, which LangGraph persists (§7.3).
+
+        Under ``every_node`` that is one super-step (every runnable frame by one node). Under the other
+        strategies super-steps follow each other here, unpersisted, until the run reaches a point where its
+        state is persisted: a save was asked (``is_checkpoint``, ``set_checkpoint``), a wait was added (before
+        the pause), the run ended or suspended, or a node failed (the failure point, §7.12: the state from
+        before that node started travels with it, since a retry restarts the node from there)."""
         state = copy.deepcopy(state)
+        state["saves"] = []
         self.affinity = state.setdefault("affinity", {})
+        if self.ir.global_config.checkpoint_strategy == "every_node":
+            await self.super_step(state)
+            return state
+        starts: dict[str, RunState] = {}  # frame id → the state before its node in progress started
+        while True:
+            starting = [f["id"] for f in self.runnable(state) if f.get("node") is None]
+            if starting:
+                before = copy.deepcopy(state)
+                starts.update((fid, before) for fid in starting)
+            waits, point = set(state.get("waits") or {}), state.get("failure_point")
+            await self.super_step(state)
+            if state.get("failure_point") != point:
+                self.keep_failure_image(state, starts)
+                return state
+            if state["saves"] or set(state.get("waits") or {}) - waits or state.get("outcome") is not None \
+                    or not self.runnable(state):
+                return state
+            for fid in [fid for fid in starts if state["frames"].get(fid, {}).get("status") == "done"]:
+                del starts[fid]
+
+    @staticmethod
+    def keep_failure_image(state: RunState, starts: dict[str, RunState]) -> None:
+        """Attach to the failure point the state from just before the failing node started, when that was
+        in this (unpersisted) stretch of super-steps; a retry restores it (:func:`restore_state`)."""
+        point = state.get("failure_point") or {}
+        image = starts.get(point.get("frame_id", ""))
+        frame = (image or {}).get("frames", {}).get(point.get("frame_id", ""))
+        if image is None or frame is None or frame.get("cursor") != point.get("node_id"):
+            return
+        image = copy.deepcopy(image)
+        if image.get("failure_point"):
+            image["failure_point"] = {k: v for k, v in (image["failure_point"] or {}).items() if k != "restore"}
+        state["failure_point"] = {**point, "restore": image}
+
+    def save(self, state: RunState, reason: str, node_id: str, fs: str) -> None:
+        """Ask for a save when the super-step ends (``is_checkpoint``, ``set_checkpoint``; none under
+        ``disabled``): the graph persists the state, then emits ``checkpoint_saved`` with the saved id."""
+        if self.ir.global_config.checkpoint_strategy != "disabled":
+            state.setdefault("saves", []).append({"reason": reason, "node_id": node_id, "frame": fs})
+
+    async def super_step(self, state: RunState) -> None:
+        """One super-step on ``state`` (in place): every runnable frame advances by one node."""
         frames = self.runnable(state)
         remaining = self.remaining_s(state)
         began = time.monotonic()
@@ -395,7 +443,6 @@ class Machine:
                     {"kind": w["kind"], "id": w["id"], "node_id": w["node_id"]} for w in state["waits"].values()]))
             for w in pending:
                 w["announced"] = True
-        return state
 
     def remaining_s(self, state: RunState) -> float | None:
         """Executing time left before the run deadline (§7.11); None without a deadline."""
@@ -524,8 +571,8 @@ class Machine:
         target = outcome.target if isinstance(outcome, Next) else None
         await self.emit(NodeCompleted(node_id=node.id, frame=fs, node_type=node.type, next_node=target,
                                       duration_ms=duration))
-        if node.is_checkpoint and self.ir.global_config.checkpoint_strategy != "disabled":
-            await self.emit(CheckpointSaved(node_id=node.id, frame=fs, reason="is_checkpoint"))
+        if node.is_checkpoint:
+            self.save(state, "is_checkpoint", node.id, fs)
         frame["node"] = None
         if isinstance(outcome, Terminate):
             await self.terminate(state, frame, node, outcome)
@@ -1405,6 +1452,8 @@ class Machine:
             self.on_sensitive(set(outcome.sensitive_outputs), set(outcome.sensitive_values))
         for event in outcome.events:
             await self.emit(event)
+        if outcome.checkpoint:
+            self.save(state, "set_checkpoint", node.id, frame_string(frame, node.id, current.get("visit", 1)))
         writes = dict(outcome.writes)
         if op.output_variable:
             writes[op.output_variable] = outcome.result
@@ -1669,6 +1718,8 @@ class Machine:
                 self.on_sensitive(set(op_outcome.sensitive_outputs), set(op_outcome.sensitive_values))
             for event in op_outcome.events:
                 await self.emit(event)
+            if op_outcome.checkpoint:  # "now": the state is persisted when this super-step ends
+                self.save(state, "set_checkpoint", node.id, fs)
             return op_outcome.result, dict(op_outcome.writes)
         callback = None
         if self.callbacks is not None:

@@ -67,7 +67,7 @@ from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
-from langorch_runtime.executor import RunWriter, build_graph
+from langorch_runtime.executor import RunWriter, build_graph, retry_target
 from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
 from langorch_runtime.machine import CallbackConfig, Machine, RunInfo
@@ -381,19 +381,7 @@ class RuntimeService:
         if isinstance(command, RetryRun):
             if command.automatic:  # resume_on_failure: one retry after retry_delay_ms (ckp.md §7.12)
                 await asyncio.sleep(min(ir.global_config.retry_delay_ms, 60_000) / 1000)
-            target = None
-            point = snapshot.values.get("failure_point") or {}
-            fallback = None
-            async for past in graph.aget_state_history(config):  # newest first
-                values = past.values
-                if values.get("outcome") is not None or values.get("recovery") or not past.next:
-                    continue
-                fallback = fallback or past
-                frame = (values.get("frames") or {}).get(point.get("frame_id"))
-                if frame is not None and frame.get("node") is None and frame.get("cursor") == point.get("node_id"):
-                    target = past  # just before the failing node started: it runs again as a whole (§7.12)
-                    break
-            target = target or fallback
+            target = await retry_target(graph, config)
             if target is None:
                 log.warning("run %s has no checkpoint to retry from", run_id)
                 return
