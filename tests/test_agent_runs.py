@@ -75,6 +75,13 @@ async def test_web_title_check_completes_with_the_agent(platform: Platform) -> N
     assert run["output_vars"]["title"] == "Example Domain"
     assert [r["action"] for r in agent.requests] == ["navigate", "wait_for_element", "extract_text", "screenshot"]
     assert all(r["idempotency_key"].startswith(f"lo1:{run_id}:open_page:") for r in agent.requests)
+    # step_started names the agent chosen for the attempt (ckp.md §8); internal steps have none
+    started = [e for e in await events_of(c, run_id) if e["event_type"] == "step_started"]
+    agents = {e["payload"]["action"]: e["payload"]["agent_id"] for e in started}
+    assert agents["navigate"] == agents["extract_text"] == "web_one"
+    assert all(e["payload"]["agent_id"] is None for e in started if e["payload"]["binding_kind"] == "internal")
+    order = [e["event_type"] for e in await events_of(c, run_id) if e.get("step_id") == "navigate"]
+    assert order[:2] == ["step_started", "step_completed"]
 
 
 async def test_web_title_check_verification_failure_ends_the_run(platform: Platform) -> None:

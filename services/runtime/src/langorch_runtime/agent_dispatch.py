@@ -422,6 +422,7 @@ class AgentDispatcher(Dispatcher):
     # -- dispatch ---------------------------------------------------------------------------------------------
 
     enforces_step_timeout = True  # the step's timeout covers the call only, not the wait for a lease (§4.9)
+    announces_agent = True  # step_started carries the agent chosen (ckp.md §8)
 
     async def dispatch(self, request: DispatchRequest) -> Any:
         channel = (request.channel or request.node.channel or "").lower()
@@ -431,6 +432,8 @@ class AgentDispatcher(Dispatcher):
         self._remember(request.run_id, channel, candidate.agent_id)
         request.agent_id = candidate.agent_id
         try:
+            if request.on_selected is not None:
+                await request.on_selected(candidate.agent_id)
             return await self._under_lease(lease, self._timed(request, self._call(candidate, request, channel)))
         finally:
             await asyncio.shield(self.release(lease))

@@ -202,6 +202,8 @@ class DispatchRequest:
     callback: CallbackInfo | None = None  # for async workflow capabilities (api.md §15.2)
     affinity: str | None = None  # the agent this run used on this channel before (kept in run state)
     agent_id: str | None = None  # set by the dispatcher: the agent chosen
+    on_selected: Callable[[str | None], Awaitable[None]] | None = None  # called by dispatchers that announce the
+    # agent (``announces_agent``) once it is chosen and its lease held, before the call: emits step_started
 
 
 @dataclass
@@ -265,6 +267,8 @@ class CallbackConfig:
 
 class Dispatcher:
     """Executes external dispatches (agents, MCP tools). The default has no executors (``no_executor``)."""
+
+    announces_agent = False  # True: calls ``request.on_selected(agent_id)`` once the agent is chosen
 
     async def dispatch(self, request: DispatchRequest) -> Any:
         raise StepError(ErrorObject(
@@ -1548,17 +1552,23 @@ class Machine:
                 await self.steps.put(identity, StepRecord(
                     status="started", attempt=attempt, idempotency_key=key, node_id=node.id, step_id=step_id,
                     frame=fs, result={"delegation_id": delegation_id}, updated_at=now_iso()))
-                await self.emit(StepStarted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                            action=step.action, binding_kind="internal" if internal else "channel",
-                                            channel=step.binding.channel, idempotency_key=key, params=params))
+                announce = _Announcement(self.emit, StepStarted(
+                    node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
+                    binding_kind="internal" if internal else "channel", channel=step.binding.channel,
+                    idempotency_key=key, params=params))
+                if internal or not self.dispatcher.announces_agent:
+                    await announce(None)
                 try:
                     result, writes = await self.attempt(state, frame, node, step, step_id, fs, params, attempt, key,
-                                                        namespace, delegation_id)
+                                                        namespace, delegation_id, announce)
+                    await announce(None)
                     break
                 except StepError as exc:
+                    await announce(None)
                     error = exc.error.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
                                                          "attempt": attempt})
                 except Delegated as delegated:
+                    await announce(None)
                     return await self.delegated(state, frame, node, step, step_id, fs, attempt, key, identity,
                                                 delegated)
             if error.code == "step_timeout":
@@ -1705,7 +1715,7 @@ class Machine:
 
     async def attempt(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
                       params: dict[str, Any], attempt: int, key: str, namespace: dict[str, Any],
-                      delegation_id: str) -> tuple[Any, dict[str, Any]]:
+                      delegation_id: str, announce: _Announcement | None = None) -> tuple[Any, dict[str, Any]]:
         """One attempt of a step: an internal operation, or an external dispatch (§4.5)."""
         from langorch_runtime.operations import OpContext, run_operation
 
@@ -1728,7 +1738,8 @@ class Machine:
             token = make_token(self.callbacks.key, self.run.run_id, node.id, step_id, delegation_id, expires_unix)
             callback = CallbackInfo(delegation_id=delegation_id, token=token, expires_at=format_time(expires),
                                     url=f"{self.callbacks.public_url.rstrip('/')}/api/runs/{self.run.run_id}/callback")
-        result = await self.external(state, frame, node, step, step_id, fs, params, attempt, key, callback)
+        result = await self.external(state, frame, node, step, step_id, fs, params, attempt, key, callback,
+                                     announce)
         return result, {}
 
     async def delegated(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
@@ -1864,9 +1875,14 @@ class Machine:
         return None
 
     async def external(self, state: RunState, frame: Frame, node: NodeIR, step: StepIR, step_id: str, fs: str,
-                       params: dict[str, Any], attempt: int, key: str, callback: CallbackInfo | None = None) -> Any:
-        """Executor resolution of a dispatched step (§4.5): override → dry run → mock → dispatch."""
+                       params: dict[str, Any], attempt: int, key: str, callback: CallbackInfo | None = None,
+                       announce: _Announcement | None = None) -> Any:
+        """Executor resolution of a dispatched step (§4.5): override → dry run → mock → dispatch. ``step_started``
+        (``announce``) is emitted once the agent is chosen, or at once when no agent will be."""
         gc = self.ir.global_config
+        if announce is not None and (gc.execution_mode == "dry_run" or gc.mock_external_calls or any(
+                k in gc.test_data_overrides for k in (f"{node.id}.{step.step_id}", step.step_id))):
+            await announce(None)
         for override_key in (f"{node.id}.{step.step_id}", step.step_id):
             if override_key in gc.test_data_overrides:
                 await self.emit(StepTestOverrideApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
@@ -1884,17 +1900,18 @@ class Machine:
         if self.limiter is not None and gc.rate_limiting.enabled:
             position = {"node_id": node.id, "step_id": step_id, "frame": fs, "attempt": attempt}
             async with self.limiter.admit(self.ir.procedure_id, gc.rate_limiting, self.emit, position):
-                return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback)
-        return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback)
+                return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback, announce)
+        return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback, announce)
 
     async def dispatch_step(self, node: NodeIR, step: StepIR, step_id: str, fs: str, params: dict[str, Any],
-                            attempt: int, key: str, callback: CallbackInfo | None) -> Any:
+                            attempt: int, key: str, callback: CallbackInfo | None,
+                            announce: _Announcement | None = None) -> Any:
         channel = step.binding.channel or ""
         request = DispatchRequest(node=node, step_id=step_id, action=step.action, channel=step.binding.channel,
                                   params=params, attempt=attempt, idempotency_key=key, frame=fs,
                                   timeout_ms=step.timeout_ms, dispatch_mode=step.dispatch_mode,
                                   run_id=self.run.run_id, procedure_id=self.ir.procedure_id, emit=self.emit,
-                                  callback=callback, affinity=self.affinity.get(channel))
+                                  callback=callback, affinity=self.affinity.get(channel), on_selected=announce)
         try:
             return await self._dispatch(request, step)
         finally:
@@ -1910,6 +1927,20 @@ class Machine:
             raise StepError(ErrorObject(code="step_timeout", retryable=True,
                                         message=f"step '{request.step_id}' timed out after {step.timeout_ms} ms")) \
                 from None
+
+
+class _Announcement:
+    """``step_started`` of one attempt, emitted once: with the agent chosen for a dispatched step (ckp.md §8),
+    or without one when the step fails or completes before any agent is chosen."""
+
+    def __init__(self, emit: Emit, event: StepStarted) -> None:
+        self.emit = emit
+        self.event: StepStarted | None = event
+
+    async def __call__(self, agent_id: str | None) -> None:
+        event, self.event = self.event, None
+        if event is not None:
+            await self.emit(event.model_copy(update={"agent_id": agent_id}))
 
 
 class _Warnings:
