@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,27 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
         assert await read_presence(nc.jetstream()) == []  # every replica deleted its key on the way out
     finally:
         await nc.close()
+
+
+async def test_a_replica_whose_metrics_port_is_taken_still_runs(nats_url: str, database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        replica = compiler_host(CompilerSettings(nats_url=nats_url, database_url=database_url, metrics_port=port))
+        task = asyncio.create_task(replica.serve())
+        nc = await connect(nats_url, "test-port-taken")
+        try:
+            async def listed() -> bool:
+                if task.done():
+                    task.result()
+                return [v["instance_id"] for v in await read_presence(nc.jetstream())] == [replica.instance_id]
+
+            await eventually(listed, what="the compiler to run without its HTTP endpoint")
+            assert replica.ops is not None
+            assert await replica.ops.start() is False
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await nc.close()

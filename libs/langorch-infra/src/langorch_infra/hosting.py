@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, Protocol
 
@@ -133,23 +134,27 @@ class OpsServer:
     def __init__(self, app: OpsApp, port: int, host: str = "0.0.0.0") -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         self.server = ManagedServer(config)
+        self.host = host
         self.port = port
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> bool:
-        """Serve; False (logged) when the port cannot be bound, which does not stop the replica."""
-        self._task = asyncio.create_task(self.server.serve(), name=f"ops-http-{self.port}")
-        while not self.server.started:
-            if self._task.done():
-                break
+        """Serve; False (logged) when the port cannot be bound, which does not stop the replica.
+
+        The socket is bound here, not by uvicorn, whose bind failure exits the whole process.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            log.warning("metrics, health and readiness not served on port %s: %s", self.port, exc)
+            return False
+        self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name=f"ops-http-{self.port}")
+        while not self.server.started and not self._task.done():
             await asyncio.sleep(0.01)
-        if self.server.started:
-            return True
-        with contextlib.suppress(BaseException):
-            await self._task
-        log.warning("metrics, health and readiness not served: port %s cannot be bound", self.port)
-        self._task = None
-        return False
+        return True
 
     async def stop(self) -> None:
         if self._task is None:
