@@ -4,17 +4,22 @@ port (api.md §15.4). Tools record the headers and ``_meta`` of every call."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import mcp_types
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 
 from tests.serving import serve_app
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5"
+                       "ErkJggg==")  # a 1x1 PNG
 
 
 @dataclass
@@ -78,6 +83,23 @@ def mcp_server(calls: list[dict[str, Any]]) -> MCPServer:
         """Always fails with a tool error (isError)."""
         record(ctx, "broken", {"reason": reason})
         raise ToolError(f"cannot do it: {reason}")
+
+    @server.tool(structured_output=False)
+    async def snapshot(page: str, ctx: Context) -> list[mcp_types.ContentBlock]:
+        """A text item, a PNG image, an embedded text resource, an embedded binary resource and a resource link
+        (the image and resources become artifacts, api.md §15.4)."""
+        record(ctx, "snapshot", {"page": page})
+        return [
+            mcp_types.TextContent(type="text", text=f"captured {page}"),
+            mcp_types.ImageContent(type="image", data=base64.b64encode(PNG).decode(), mime_type="image/png"),
+            mcp_types.EmbeddedResource(type="resource", resource=mcp_types.TextResourceContents(
+                uri=f"file:///pages/{page}.html", mime_type="text/html", text=f"<h1>{page}</h1>")),
+            mcp_types.EmbeddedResource(type="resource", resource=mcp_types.BlobResourceContents(
+                uri="file:///pages/raw.bin", mime_type="application/octet-stream",
+                blob=base64.b64encode(b"\x00\x01raw").decode())),
+            mcp_types.ResourceLink(type="resource_link", name="elsewhere", uri="https://example.com/page.pdf",
+                                   mime_type="application/pdf"),
+        ]
 
     return server
 

@@ -5,6 +5,7 @@ events), real HTTP agents and a real MCP server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -26,9 +27,9 @@ from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import AgentService
 from langorch_runtime.errors import StepError
-from langorch_runtime.machine import DispatchRequest
+from langorch_runtime.machine import ContentArtifacts, DispatchRequest
 from tests.agent_server import AgentBehaviour, running_agent
-from tests.mcp_server import running_mcp
+from tests.mcp_server import PNG, running_mcp
 
 pytestmark = pytest.mark.integration
 
@@ -549,3 +550,19 @@ async def test_mcp_server_unreachable_is_retryable_mcp_error(nats_url: str) -> N
         assert (error.code, error.retryable) == ("mcp_error", True)
         assert await h.leases() == {}
 
+
+
+async def test_mcp_image_and_resource_content_become_artifact_specs(nats_url: str) -> None:
+    async with running_mcp() as server, harness(nats_url) as h:
+        await h.register("docs", server.url, channel="docs", protocol="mcp", capabilities=["snapshot"])
+        out = await h.dispatcher.dispatch(h.request("snapshot", channel="docs", params={"page": "home"}))
+    assert isinstance(out, ContentArtifacts)
+    assert out.value[0] == {"type": "text", "text": "captured home"}
+    assert [item["type"] for item in out.value] == ["text", "image", "resource", "resource", "resource_link"]
+    image, page, raw, link = out.artifacts
+    assert (image["at"], image["kind"], image["mime_type"], image["name"]) == (1, "image", "image/png", "image.png")
+    assert base64.b64decode(image["content_base64"]) == PNG
+    assert (page["at"], page["name"], page["mime_type"]) == (2, "home.html", "text/html")
+    assert base64.b64decode(page["content_base64"]) == b"<h1>home</h1>"
+    assert (raw["at"], base64.b64decode(raw["content_base64"])) == (3, b"\x00\x01raw")
+    assert (link["at"], link["uri"], "content_base64" in link) == (4, "https://example.com/page.pdf", False)

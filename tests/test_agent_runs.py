@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import Platform, platform_of
 from tests.helpers import example
+from tests.mcp_server import PNG, running_mcp
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration
@@ -285,3 +286,42 @@ async def test_web_title_check_without_an_agent_fails_with_no_executor(platform:
     assert run["status"] == "failed"
     assert run["error"]["code"] == "no_executor", run["error"]
     assert "web" in run["error"]["message"].lower(), run["error"]
+
+
+MCP_DOC = {
+    "procedure_id": "mcp_snapshot", "version": "1",
+    "workflow_graph": {"start_node": "shoot", "nodes": {
+        "shoot": {"type": "sequence", "agent": "DOCS", "next_node": "done", "steps": [
+            {"step_id": "snap", "action": "snapshot", "page": "home", "output_variable": "shot"}]},
+        "done": {"type": "terminate", "outputs": {"shot": "{{shot}}"}}}},
+}
+
+
+async def test_mcp_image_and_resource_content_are_stored_artifacts_linked_in_the_output(platform: Platform) -> None:
+    c = platform.client
+    async with running_mcp() as server:
+        r = await c.post("/api/agents", json={"name": "docs", "channel": "docs", "base_url": server.url,
+                                              "protocol": "mcp", "capabilities": ["snapshot"]})
+        assert r.status_code == 201, r.text
+        await asyncio.sleep(0.5)  # the runtime's registry follows agent events
+        run_id = await start(c, MCP_DOC)
+        run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run["error"]
+    text, image, page, raw, link = run["output_vars"]["shot"]
+    assert text == {"type": "text", "text": "captured home"}
+    created = {e["payload"]["artifact_id"]: e["payload"] for e in await events_of(c, run_id)
+               if e["event_type"] == "artifact_created"}
+    assert len(created) == 4
+    assert all(e["step_id"] == "snap" for e in await events_of(c, run_id) if e["event_type"] == "artifact_created")
+    assert (image["type"], image["mime_type"], image["uri"]) == ("image", "image/png",
+                                                                 f"lo-artifact://{image['artifact_id']}")
+    assert created[image["artifact_id"]]["stored"] is True
+    assert created[image["artifact_id"]]["size_bytes"] == len(PNG)
+    content = await c.get(f"/api/runs/{run_id}/artifacts/{image['artifact_id']}/content")
+    assert content.status_code == 200
+    assert content.content == PNG
+    assert (page["type"], page["name"], page["mime_type"]) == ("resource", "home.html", "text/html")
+    assert (await c.get(f"/api/runs/{run_id}/artifacts/{page['artifact_id']}/content")).content == b"<h1>home</h1>"
+    assert (await c.get(f"/api/runs/{run_id}/artifacts/{raw['artifact_id']}/content")).content == b"\x00\x01raw"
+    assert link["uri"] == "https://example.com/page.pdf"
+    assert created[link["artifact_id"]]["stored"] is False

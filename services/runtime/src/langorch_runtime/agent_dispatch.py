@@ -19,6 +19,7 @@ One :class:`AgentDispatcher` per runtime replica, shared by every run it execute
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import json
@@ -64,7 +65,7 @@ from langorch_infra.secrets import grant_key, redeem_grants
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
 from langorch_runtime.errors import StepError
-from langorch_runtime.machine import Delegated, Dispatcher, DispatchRequest
+from langorch_runtime.machine import ContentArtifacts, Delegated, Dispatcher, DispatchRequest
 
 log = logging.getLogger(__name__)
 
@@ -697,19 +698,48 @@ def _json_object(r: httpx.Response) -> dict[str, Any] | None:
 
 
 def _tool_output(agent_id: str, result: mcp_types.CallToolResult, where: dict[str, Any]) -> Any:
-    """The step output of a ``tools/call`` result (api.md §15.4)."""
+    """The step output of a ``tools/call`` result (api.md §15.4); ``image`` and ``resource`` items are artifacts
+    (:class:`ContentArtifacts`: stored by the interpreter, linked in the output where they were)."""
     texts = [item.text for item in result.content if isinstance(item, mcp_types.TextContent)]
     if result.is_error:
         message = "\n".join(texts) or f"MCP tool '{where['tool']}' failed"
         raise _error("mcp_tool_error", message[:2000], retryable=False, details=where)
+    single_text = len(result.content) == 1 and bool(texts)
+    value: Any
     if result.structured_content is not None:
-        return result.structured_content
-    if len(result.content) == 1 and texts:
+        value = result.structured_content
+    elif single_text:
         try:
-            return json.loads(texts[0])
+            value = json.loads(texts[0])
         except ValueError:
-            return texts[0]
-    return [item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in result.content]
+            value = texts[0]
+    else:
+        value = [item.model_dump(mode="json", by_alias=True, exclude_none=True) for item in result.content]
+    in_list = result.structured_content is None and not single_text
+    artifacts = [spec | {"at": i if in_list else None} for i, item in enumerate(result.content)
+                 if (spec := _content_artifact(item)) is not None]
+    return ContentArtifacts(value, artifacts) if artifacts else value
+
+
+def _content_artifact(item: Any) -> dict[str, Any] | None:
+    """The artifact spec (ckp.md §4.12) of an MCP ``image``, ``resource`` or ``resource_link`` content item."""
+    if isinstance(item, mcp_types.ImageContent):
+        extension = item.mime_type.split("/")[-1].split("+")[0] or "bin"
+        return {"type": "image", "kind": "image", "name": f"image.{extension}", "mime_type": item.mime_type,
+                "content_base64": item.data}
+    if isinstance(item, mcp_types.EmbeddedResource):
+        contents = item.resource
+        name = str(contents.uri).rstrip("/").rsplit("/", 1)[-1] or str(contents.uri)
+        if isinstance(contents, mcp_types.BlobResourceContents):
+            data = contents.blob
+        else:
+            data = base64.b64encode(contents.text.encode()).decode()
+        return {"type": "resource", "kind": "file", "name": name, "mime_type": contents.mime_type,
+                "content_base64": data}
+    if isinstance(item, mcp_types.ResourceLink):
+        return {"type": "resource_link", "kind": "file", "name": item.name, "uri": str(item.uri),
+                "mime_type": item.mime_type}
+    return None
 
 
 class _McpSession:

@@ -216,6 +216,17 @@ class CallbackInfo:
     expires_at: str
 
 
+@dataclass
+class ContentArtifacts:
+    """A dispatch result with artifacts that are not keys of it (MCP ``image``/``resource`` content, api.md
+    §15.4): ``value`` is the step output; each of ``artifacts`` (an artifact spec, §4.12, inline content or a
+    link) is recorded, and when the spec's ``at`` is set the output list item at that index becomes the link
+    ``{type, artifact_id, uri, name, mime_type}``."""
+
+    value: Any
+    artifacts: list[dict[str, Any]]
+
+
 class Delegated(Exception):
     """Raised by a dispatcher when an agent accepted an async workflow step (202 / ``status: accepted``)."""
 
@@ -1769,6 +1780,8 @@ class Machine:
     async def harvest(self, node: NodeIR, step_id: str, fs: str, attempt: int, result: Any) -> Any:
         """Record the artifacts a step result names (§4.12): screenshots, artifact links and inline content
         (stored through ``artifacts.put`` and replaced by ``{artifact_id, uri}`` in the result)."""
+        if isinstance(result, ContentArtifacts):
+            return await self.harvest_content(node, step_id, fs, attempt, result)
         if not isinstance(result, dict):
             return result
         found: list[tuple[str | None, dict[str, Any]]] = []  # (key to replace, spec)
@@ -1802,6 +1815,28 @@ class Machine:
             if replace is not None and stored:
                 out[replace] = {"artifact_id": artifact_id, "uri": uri}
         return out
+
+    async def harvest_content(self, node: NodeIR, step_id: str, fs: str, attempt: int,
+                              result: ContentArtifacts) -> Any:
+        """Record the content artifacts of an MCP result; the output links them where they were."""
+        value = await self.harvest(node, step_id, fs, attempt, copy.deepcopy(result.value))
+        for spec in result.artifacts:
+            artifact_id = new_id()
+            uri, size, stored = spec.get("uri"), None, False
+            if isinstance(spec.get("content_base64"), str):
+                if self.artifacts is None:
+                    continue  # no artifact store in this runtime: the content stays in the output
+                uri, size = await self.artifacts.put(artifact_id, spec)
+                stored = True
+            await self.emit(ArtifactCreated(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                            artifact_id=artifact_id, kind=str(spec.get("kind") or "file"),
+                                            name=spec.get("name"), uri=uri, mime_type=spec.get("mime_type"),
+                                            size_bytes=size, stored=stored))
+            at = spec.get("at")
+            if isinstance(at, int) and isinstance(value, list) and 0 <= at < len(value):
+                value[at] = {"type": spec.get("type"), "artifact_id": artifact_id, "uri": uri,
+                             "name": spec.get("name"), "mime_type": spec.get("mime_type")}
+        return value
 
     async def fail_step(self, identity: str, key: str, node: NodeIR, step: StepIR, step_id: str, fs: str,
                         attempt: int, error: ErrorObject) -> None:
