@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import re
@@ -26,6 +27,7 @@ from langorch_runtime.llm import (
     orchestration_instruction,
     prompt_text,
     request_for,
+    resolve_image_artifacts,
 )
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 
@@ -208,8 +210,8 @@ def test_messages_without_system_or_attachments() -> None:
     ("ftp://example.com/a.png", "an image source must be an http(s) or data: URL"),
     ("cat.png", "an image source must be an http(s) or data: URL"),
     (42, "an image source must be an http(s) or data: URL"),
-    ({"artifact_id": "art-1"}, "images from stored artifacts are not supported yet"),
-    ({"screenshot": "s-1"}, "images from stored artifacts are not supported yet"),
+    ({"artifact_id": "art-1"}, "this runtime has no artifact store to read the image from"),
+    ({"screenshot": "s-1"}, "this runtime has no artifact store to read the image from"),
 ])
 def test_invalid_image_attachment(source: Any, problem: str) -> None:
     with pytest.raises(StepError) as err:
@@ -217,6 +219,66 @@ def test_invalid_image_attachment(source: Any, problem: str) -> None:
     e = err.value.error
     assert (e.code, e.retryable) == ("llm_error", False)
     assert e.details == {"reason": "invalid_attachment", "index": 1, "type": "image", "problem": problem}
+
+
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+
+
+class FakeArtifacts:
+    """Artifact content by id (the object store's role), recording the reads."""
+
+    def __init__(self, objects: dict[str, bytes], sizes: dict[str, int] | None = None) -> None:
+        self.objects = objects
+        self.sizes = sizes or {}
+        self.reads: list[str] = []
+
+    async def size(self, artifact_id: str) -> int | None:
+        if artifact_id not in self.objects:
+            return None
+        return self.sizes.get(artifact_id, len(self.objects[artifact_id]))
+
+    async def read(self, artifact_id: str) -> bytes:
+        self.reads.append(artifact_id)
+        return self.objects[artifact_id]
+
+
+async def test_image_attachments_from_stored_artifacts_become_data_urls() -> None:
+    store = FakeArtifacts({"a1": PNG_BYTES, "a2": b"GIF89a...", "a3": b"whatever"})
+    declared = AttachmentIR.model_validate({"type": "image", "source": TemplateIR(source="x"),
+                                            "mime_type": "image/webp"})
+    resolved = await resolve_image_artifacts([
+        (att("text"), {"artifact_id": "a1"}),  # not an image attachment: left as it is
+        (att("image"), {"artifact_id": "a1"}),
+        (att("image"), {"uri": "lo-artifact://a2"}),
+        (att("image"), {"screenshot": "https://example.com/s.png"}),
+        (declared, {"artifact_id": "a3"}),
+        (att("image"), {"uri": "lo-artifact://a1", "mime_type": "image/jpeg"}),
+        (att("image"), "https://example.com/cat.png"),
+    ], store)
+    b64 = base64.b64encode
+    assert [src for _, src in resolved] == [
+        {"artifact_id": "a1"}, f"data:image/png;base64,{b64(PNG_BYTES).decode()}",
+        f"data:image/gif;base64,{b64(b'GIF89a...').decode()}", "https://example.com/s.png",
+        f"data:image/webp;base64,{b64(b'whatever').decode()}", f"data:image/jpeg;base64,{b64(PNG_BYTES).decode()}",
+        "https://example.com/cat.png"]
+    messages = build_messages(payload(), None, "Look", resolved[1:])
+    assert messages[0]["content"][1] == {"type": "image_url", "image_url": {"url": resolved[1][1]}}
+
+
+@pytest.mark.parametrize(("source", "problem"), [
+    ({"artifact_id": "gone"}, "no stored artifact 'gone'"),
+    ({"uri": "lo-artifact://big"}, "artifact 'big' has 20971521 bytes, more than the 20971520 allowed for an image"),
+    ({"artifact_id": "notes"}, "artifact 'notes' is not an image"),
+    ({"artifact_id": "pdf", "mime_type": "application/pdf"}, "artifact 'pdf' is not an image (application/pdf)"),
+])
+async def test_unusable_artifact_images_are_invalid_attachments(source: dict[str, Any], problem: str) -> None:
+    store = FakeArtifacts({"big": b"", "notes": b"plain text", "pdf": b"%PDF-1.7"}, {"big": 20 * 1024 * 1024 + 1})
+    with pytest.raises(StepError) as err:
+        await resolve_image_artifacts([(att("text"), "ok"), (att("image"), source)], store)
+    e = err.value.error
+    assert (e.code, e.retryable) == ("llm_error", False)
+    assert e.details == {"reason": "invalid_attachment", "index": 1, "type": "image", "problem": problem}
+    assert "big" not in store.reads  # the size is checked before the content is read
 
 
 def test_orchestration_mode_instruction_and_json() -> None:

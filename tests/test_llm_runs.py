@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,7 +11,9 @@ import pytest
 
 from tests.conftest import Platform, platform_of
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
-from tests.test_agent_runs import events_of, start, wait_status
+from tests.mcp_server import PNG
+from tests.scripted_agent import ScriptedAgent, serving
+from tests.test_agent_runs import events_of, register, start, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +90,47 @@ async def test_budget_exceeded_before_the_call(platform: Platform, llm: RunningL
     assert run["status"] == "failed"
     assert run["error"]["code"] == "budget_exceeded"
     assert llm.state.requests == []
+
+
+VISION_DOC = {
+    "procedure_id": "llm_vision", "version": "1",
+    "variables_schema": {"image_id": {"type": "string", "default": ""}},
+    "workflow_graph": {"start_node": "shoot", "nodes": {
+        "shoot": {"type": "sequence", "agent": "WEB", "next_node": "look", "steps": [
+            {"step_id": "snap", "action": "capture", "output_variable": "shot"}]},
+        "look": {"type": "llm_action", "model": "m-small", "prompt": "What is on the page?", "attachments": [
+            {"type": "image", "source": "{{shot.artifact}}", "description": "the page"},
+            {"type": "image", "source": {"artifact_id": "{{image_id}}"}, "description": "another one"}],
+            "next_node": "done"},
+        "done": {"type": "terminate", "outputs": {"answer": "{{llm_output}}"}}}},
+}
+
+
+async def test_llm_image_attachment_from_a_stored_artifact(platform: Platform, llm: RunningLlmServer) -> None:
+    c = platform.client
+    png = base64.b64encode(PNG).decode()
+    agent = ScriptedAgent({"capture": lambda b: {"artifact": {"kind": "screenshot", "name": "page.png",
+                                                              "mime_type": "image/png", "content_base64": png}}})
+    async with serving(agent):
+        await register(c, agent, "web")
+        # the second attachment names the artifact the first run stored; a missing one fails the node
+        missing = await wait_status(c, await start(c, VISION_DOC, {"image_id": "0192f7c4-0000-7000-8000-00000000"}))
+        assert missing["status"] == "failed"
+        assert missing["error"]["code"] == "llm_error", missing["error"]
+        [failure] = [e["payload"]["error"] for e in await events_of(c, missing["run_id"])
+                     if e["event_type"] == "node_error"]
+        assert failure["details"]["reason"] == "invalid_attachment"
+        assert failure["details"]["problem"] == "no stored artifact '0192f7c4-0000-7000-8000-00000000'"
+        assert llm.state.requests == []
+        stored = [e["payload"]["artifact_id"] for e in await events_of(c, missing["run_id"])
+                  if e["event_type"] == "artifact_created"]
+        llm.state.model("m-small").answer = "a login form"
+        run = await wait_status(c, await start(c, VISION_DOC, {"image_id": stored[0]}))
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"answer": "a login form"}
+    [request] = llm.state.requests
+    parts = request["body"]["messages"][-1]["content"]
+    assert parts[0] == {"type": "text", "text": "What is on the page?"}
+    url = f"data:image/png;base64,{png}"
+    assert parts[1:] == [{"type": "image_url", "image_url": {"url": url}},
+                         {"type": "image_url", "image_url": {"url": url}}]

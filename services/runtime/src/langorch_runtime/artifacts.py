@@ -8,7 +8,7 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import ObjectStoreConfig, StorageType
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadObjectMetaError, BadRequestError, NotFoundError, ObjectDeletedError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from ckp_core.events import ErrorObject
@@ -44,3 +44,15 @@ class ObjectStoreArtifacts:
                                         f"larger than {MAX_BYTES}", details={"name": spec.get("name")}))
         await self.store.put(artifact_id, data)
         return f"lo-artifact://{artifact_id}", len(data)
+
+    async def size(self, artifact_id: str) -> int | None:
+        """The stored size of an artifact; None when there is none of that id (or it was deleted)."""
+        try:
+            info = await self.store.get_info(artifact_id)
+        except (NotFoundError, ObjectNotFoundError, ObjectDeletedError, BadObjectMetaError):
+            return None
+        return int(info.size or 0)
+
+    async def read(self, artifact_id: str) -> bytes:
+        result = await self.store.get(artifact_id)
+        return bytes(result.data or b"")

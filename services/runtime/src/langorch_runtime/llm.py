@@ -30,6 +30,7 @@ Choices where the spec is silent (kept deliberately simple and documented here):
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import json
 import math
@@ -40,7 +41,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -56,6 +57,7 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "CIRCUIT_FAILURES",
     "CIRCUIT_OPEN_S",
+    "MAX_IMAGE_BYTES",
     "LlmClient",
     "LlmRequest",
     "LlmResult",
@@ -66,6 +68,7 @@ __all__ = [
     "orchestration_instruction",
     "prompt_text",
     "request_for",
+    "resolve_image_artifacts",
 ]
 
 CIRCUIT_FAILURES = 5
@@ -123,12 +126,75 @@ def _attachment_part(index: int, attachment: AttachmentIR, source: Any) -> dict[
             if scheme in ("http", "https", "data"):
                 return {"type": "image_url", "image_url": {"url": source}}
             raise _invalid_attachment(index, attachment, "an image source must be an http(s) or data: URL")
-        if isinstance(source, dict) and any(k in source for k in ("artifact_id", "uri", "screenshot")):
-            # TODO(artifacts): build a data: URL from the stored artifact (≤ 20 MiB) once the artifact store
-            # is reachable from here; until then such sources are refused like any other invalid one.
-            raise _invalid_attachment(index, attachment, "images from stored artifacts are not supported yet")
+        if _artifact_ref(source) is not None:  # resolved by resolve_image_artifacts when there is a store
+            raise _invalid_attachment(index, attachment, "this runtime has no artifact store to read the image from")
         raise _invalid_attachment(index, attachment, "an image source must be an http(s) or data: URL")
     raise _invalid_attachment(index, attachment, "unknown attachment type")  # pragma: no cover - IR forbids it
+
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+_ARTIFACT_URI = "lo-artifact://"
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+                (b"GIF89a", "image/gif"))
+
+
+class ArtifactReader(Protocol):
+    """Reads stored artifact content (the runtime's ``lo_artifacts`` object store)."""
+
+    async def size(self, artifact_id: str) -> int | None: ...  # None: no such artifact
+
+    async def read(self, artifact_id: str) -> bytes: ...
+
+
+def _artifact_ref(source: Any) -> str | None:
+    """The artifact an image source object names (``artifact_id``, ``uri`` or ``screenshot``), as a stored
+    artifact id or, for a ``uri``/``screenshot`` that is not an ``lo-artifact://`` URI, that URI itself."""
+    if not isinstance(source, dict):
+        return None
+    for key in ("artifact_id", "uri", "screenshot"):
+        value = source.get(key)
+        if isinstance(value, str) and value:
+            return value[len(_ARTIFACT_URI):] if value.startswith(_ARTIFACT_URI) else value
+    return None
+
+
+def _image_type(attachment: AttachmentIR, source: dict[str, Any], data: bytes) -> str | None:
+    """The image's media type: the attachment's ``mime_type``, else the source's, else sniffed from its bytes."""
+    for declared in (attachment.mime_type, source.get("mime_type")):
+        if isinstance(declared, str) and declared:
+            return declared.split(";")[0].strip().lower()
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _IMAGE_MAGIC if data.startswith(magic)), None)
+
+
+async def resolve_image_artifacts(attachments: Sequence[tuple[AttachmentIR, Any]],
+                                  store: ArtifactReader) -> list[tuple[AttachmentIR, Any]]:
+    """Image attachments whose source names a stored artifact get a ``data:`` URL of its content (§3.12 step 1,
+    ≤ 20 MiB); a missing artifact, a larger one or one that is not an image is ``invalid_attachment``. A
+    ``uri``/``screenshot`` that is an http(s) or ``data:`` URL is used as the image URL as it is."""
+    out: list[tuple[AttachmentIR, Any]] = []
+    for index, (attachment, source) in enumerate(attachments):
+        ref = _artifact_ref(source) if attachment.type == "image" else None
+        if ref is None:
+            out.append((attachment, source))
+            continue
+        if ref.split(":", 1)[0].lower() in ("http", "https", "data") and ":" in ref:
+            out.append((attachment, ref))
+            continue
+        size = await store.size(ref)
+        if size is None:
+            raise _invalid_attachment(index, attachment, f"no stored artifact '{ref}'")
+        if size > MAX_IMAGE_BYTES:
+            raise _invalid_attachment(index, attachment, f"artifact '{ref}' has {size} bytes, more than the "
+                                      f"{MAX_IMAGE_BYTES} allowed for an image")
+        data = await store.read(ref)
+        kind = _image_type(attachment, source, data)
+        if kind is None or not kind.startswith("image/"):
+            raise _invalid_attachment(index, attachment, f"artifact '{ref}' is not an image"
+                                      + (f" ({kind})" if kind else ""))
+        out.append((attachment, f"data:{kind};base64,{base64.b64encode(data).decode()}"))
+    return out
 
 
 def build_messages(payload: LlmActionPayload, system: str | None, prompt: str,

@@ -242,6 +242,10 @@ class ArtifactStore(Protocol):
 
     async def put(self, artifact_id: str, spec: dict[str, Any]) -> tuple[str, int]: ...
 
+    async def size(self, artifact_id: str) -> int | None: ...  # None: no such artifact
+
+    async def read(self, artifact_id: str) -> bytes: ...
+
 
 class Limiter(Protocol):
     """Admits external dispatches under the procedure's rate limits (§7.6)."""
@@ -1253,7 +1257,7 @@ class Machine:
                        p: LlmActionPayload, fs: str) -> str:
         """The model call of an ``llm_action`` (§3.12, §7.13), recorded under step id ``llm`` so a replay
         reuses the completion instead of calling again (§7.4)."""
-        from langorch_runtime.llm import build_messages, request_for
+        from langorch_runtime.llm import build_messages, request_for, resolve_image_artifacts
 
         if self.llm is None:
             raise NodeFailure(ErrorObject(code="llm_error", node_id=node.id, frame=fs, message="this runtime has "
@@ -1271,6 +1275,8 @@ class Machine:
         attachments = [(a, await self.render(a.source, state, frame, node.id, None, f"/attachments/{i}/source"))
                        for i, a in enumerate(p.attachments)]
         try:
+            if self.artifacts is not None:
+                attachments = await resolve_image_artifacts(attachments, self.artifacts)
             messages = build_messages(p, system, prompt, attachments)
         except StepError as exc:
             raise NodeFailure(exc.error.model_copy(update={"node_id": node.id, "frame": fs})) from exc
