@@ -96,6 +96,18 @@ class RuntimeSettings(CommonSettings):
     llm_models: dict[str, LlmModelConfig] = Field(default_factory=dict, description="Model table (JSON): "
                                                   "{<model>: {base_url?, api_key_secret?, prompt_usd_per_1k, "
                                                   "completion_usd_per_1k, quality?, fallbacks: []}}.")
+    notify_webhook_url: SecretStr | None = Field(None, description="Notification webhook: every notify operation "
+                                                 "POSTs its notification_requested payload here (best effort; "
+                                                 "skipped in dry_run and under mocks; ckp.md §4.3). A secret: "
+                                                 "webhook URLs often carry their token.")
+    alert_webhook_url: SecretStr | None = Field(None, description="Alert webhook: an error handler with "
+                                                "notify_on_error POSTs its step_error_notification here (best "
+                                                "effort; ckp.md §4.10). A secret, like notify_webhook_url.")
+    notify_webhook_headers: dict[str, str] = Field(default_factory=dict, description="Headers added to both "
+                                                   "webhooks' POSTs (JSON object); values may be "
+                                                   "'{{secrets.<name>}}' references.")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Timeout of one webhook POST; a failed POST "
+                                     "is tried once more, then dropped (logged).")
 
 
 class ApprovalsSettings(CommonSettings):
