@@ -278,3 +278,20 @@ async def test_lo_audit_max_age_follows_the_retention_setting(platform: Platform
     assert (await js.stream_info(AUDIT_STREAM)).config.max_age == 30 * day
     await ensure_topology(js, audit_retention_days=365)
     assert (await js.stream_info(AUDIT_STREAM)).config.max_age == 365 * day
+
+
+async def test_rerun_of_an_archived_version_is_a_rejected_start(platform: Platform) -> None:
+    c = platform.client
+    doc = SIMPLE | {"procedure_id": "au_archived"}
+    assert (await c.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
+    run_id = await run_to_end(c, "au_archived", {"n": 1}, "au-archived-run")
+    r = await c.patch("/api/procedures/au_archived/1/status", json={"status": "archived"})
+    assert r.status_code == 200, r.text
+    [status] = await records(c, 1, category="procedure", action="set_status", resource_id="au_archived")
+    assert (status["outcome"], status["meta"]["status"]) == ("accepted", "archived")
+    r = await c.post(f"/api/runs/{run_id}/rerun", json={}, headers={"X-Request-ID": "au-rerun"})
+    assert r.status_code == 409, r.text
+    [rerun] = await records(c, 1, request_id="au-rerun")
+    assert (rerun["category"], rerun["action"], rerun["outcome"]) == ("run", "start", "rejected")
+    assert rerun["meta"]["code"] == "procedure_not_runnable"
+    assert rerun["meta"]["rerun_of"] == run_id

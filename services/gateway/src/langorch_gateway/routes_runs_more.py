@@ -119,11 +119,13 @@ async def rerun(request: Request, run_id: str, body: RerunIn | None = None) -> J
         row = await db.fetchrow("SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
     if row is None:
         raise ApiProblem("not_found", f"procedure {pid} version {version} not found", resource="procedure")
-    if row["status"] not in ("draft", "active"):
-        raise ApiProblem("procedure_not_runnable", f"version {row['version']} is {row['status']}")
-    eff = row["effective_date"]
-    if eff and date.fromisoformat(eff) > datetime.now(UTC).date():
-        raise ApiProblem("procedure_not_effective", f"version {row['version']} is effective from {eff}")
+    async with auditing.refusals_audited(request, "run", "start", resource_type="run", resource_id=None,
+                                         meta={"rerun_of": run_id, "procedure_id": pid, "procedure_version": version}):
+        if row["status"] not in ("draft", "active"):
+            raise ApiProblem("procedure_not_runnable", f"version {row['version']} is {row['status']}")
+        eff = row["effective_date"]
+        if eff and date.fromisoformat(eff) > datetime.now(UTC).date():
+            raise ApiProblem("procedure_not_effective", f"version {row['version']} is effective from {eff}")
     schema = views._json(row["variables_schema"]) or {}
     variables = {n: VariableSpec.model_validate(s | {"has_default": s.get("default") is not None})
                  for n, s in schema.items()}
