@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ckp_core.events import (
     ErrorObject,
@@ -247,6 +247,12 @@ class ArtifactStore(Protocol):
     async def read(self, artifact_id: str) -> bytes: ...
 
 
+class WebhookPoster(Protocol):
+    """Schedules a best-effort POST to the server's ``notify`` or ``alert`` webhook (:mod:`.webhooks`)."""
+
+    def post(self, kind: Literal["notify", "alert"], payload: dict[str, Any]) -> None: ...
+
+
 class Limiter(Protocol):
     """Admits external dispatches under the procedure's rate limits (§7.6)."""
 
@@ -319,6 +325,31 @@ class Machine:
     artifacts: ArtifactStore | None = None
     affinity: dict[str, str] = field(default_factory=dict)  # channel → agent, mirrored into the run state
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
+    webhooks: WebhookPoster | None = None  # the server's notification and alert webhooks (scheduled POSTs)
+
+    # -- webhooks (ckp.md §4.3 notify, §4.10 notify_on_error) ------------------------------------------------
+    def rehearsal(self) -> bool:
+        """A dry run or a run under mocks: nothing is posted to the webhooks."""
+        gc = self.ir.global_config
+        return gc.execution_mode == "dry_run" or self.run.run_created.get("execution_mode") == "dry_run" or \
+            gc.mock_external_calls
+
+    def notifier(self) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
+        """The ``notify`` operation's webhook: schedules the POST and returns at once."""
+        webhooks = self.webhooks
+        if webhooks is None or self.rehearsal():
+            return None
+
+        async def post(payload: dict[str, Any]) -> None:
+            webhooks.post("notify", payload)
+
+        return post
+
+    async def alert(self, event: StepErrorNotification) -> None:
+        """Emit ``step_error_notification`` and post it to the alert webhook (best effort)."""
+        await self.emit(event)
+        if self.webhooks is not None and not self.rehearsal():
+            self.webhooks.post("alert", event.model_dump(mode="json"))
 
     # -- scopes and templates -------------------------------------------------------------------------------
     def builtins(self, state: RunState, frame: Frame, node_id: str | None, step_id: str | None,
@@ -743,8 +774,8 @@ class Machine:
         if handler.error_metadata:
             error = error.model_copy(update={"details": {**error.details, "handler_metadata": handler.error_metadata}})
         if handler.notify_on_error:
-            await self.emit(StepErrorNotification(node_id=node.id, frame=fs, error_type=handler.error_type or "*",
-                                                  error=error, handler_action=handler.action))
+            await self.alert(StepErrorNotification(node_id=node.id, frame=fs, error_type=handler.error_type or "*",
+                                                   error=error, handler_action=handler.action))
         await self.recovery_steps(state, frame, node, current, handler, None)
         if handler.action in ("retry", "retry_node"):
             retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
@@ -1464,7 +1495,7 @@ class Machine:
         params = await self.render(op.params, state, frame, node.id, step_id, base, locals_=layer)
         namespace = vars_of(state, frame)
         ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
-                        sleep=self.sleep, scope=self.scope(state, frame, node.id, step_id))
+                        sleep=self.sleep, scope=self.scope(state, frame, node.id, step_id), notifier=self.notifier())
         try:
             outcome = await run_operation(op, params, namespace, ctx)
         except StepError as exc:
@@ -1739,7 +1770,7 @@ class Machine:
         if step.binding.kind == "internal":
             ctx = OpContext(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                             logging_level=self.ir.global_config.logging_level, sleep=self.sleep,
-                            scope=self.scope(state, frame, node.id, step.step_id))
+                            scope=self.scope(state, frame, node.id, step.step_id), notifier=self.notifier())
             op_outcome = await run_operation(step, params, namespace, ctx)
             if self.on_sensitive is not None and (op_outcome.sensitive_outputs or op_outcome.sensitive_values):
                 self.on_sensitive(set(op_outcome.sensitive_outputs), set(op_outcome.sensitive_values))
@@ -1875,9 +1906,9 @@ class Machine:
             if handler.error_metadata:
                 error.details["handler_metadata"] = handler.error_metadata
             if handler.notify_on_error:
-                await self.emit(StepErrorNotification(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                                      error_type=handler.error_type or "*", error=error,
-                                                      handler_action=handler.action))
+                await self.alert(StepErrorNotification(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                       error_type=handler.error_type or "*", error=error,
+                                                       handler_action=handler.action))
             await self.recovery_steps(state, frame, node, current, handler, step)
             if handler.action == "retry":
                 used = handler_retries.get(handler.index, 0)

@@ -75,6 +75,7 @@ from langorch_runtime.metrics import RuntimeMetrics
 from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import StepStore
 from langorch_runtime.timers import CallbackTimer
+from langorch_runtime.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class RuntimeService:
         self.artifacts = await ObjectStoreArtifacts.open(self.js)
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
         self.llm = LlmClient(self.settings, secrets=self.secrets.value)
+        self.webhooks = Webhooks(self.settings, secrets=self.secrets.value)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
         cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
@@ -169,6 +171,8 @@ class RuntimeService:
             await self.timer.stop()
         with contextlib.suppress(Exception):
             await self.llm.aclose()
+        with contextlib.suppress(Exception):
+            await self.webhooks.aclose()
         with contextlib.suppress(Exception):
             await self.dispatcher.stop()
         if self.pool is not None:
@@ -368,7 +372,8 @@ class RuntimeService:
                           emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
-                          limiter=self.limiter, llm=self.llm, artifacts=self.artifacts)
+                          limiter=self.limiter, llm=self.llm, artifacts=self.artifacts,
+                          webhooks=self.webhooks.for_run(run_id, ir.procedure_id, redactor))
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
