@@ -17,6 +17,7 @@ from tests.agent_server import running_agent
 from tests.conftest import Platform, platform_of
 from tests.helpers import follow_run
 from tests.lifecycle_docs import procedure_doc
+from tests.test_approvals_end_to_end import APPROVE_REJECT, TIMED, approval_when, decide, pending_approval, start
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +140,23 @@ async def test_summary_from_projections(platform: Platform) -> None:
         r = await c.get("/api/metrics/summary", params={"window_hours": bad})
         assert r.status_code == 422
         assert list(r.json()["errors"]) == ["query.window_hours"]
+
+
+async def test_summary_and_gauge_count_approvals(nats_url: str, database_url: str) -> None:
+    """One approval decided by a person, one expired (auto_reject) and one still pending, as §13.2 and the
+    ``langorch_approvals_pending`` gauge of §13.1 report them."""
+    async with platform_of(nats_url, database_url) as p:
+        c = p.client
+        for doc in (APPROVE_REJECT, TIMED["t_reject"]):
+            assert (await c.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
+        decided = await pending_approval(c, await start(c, "ar"))
+        assert (await decide(c, decided["approval_id"], decision="approved")).status_code == 200
+        expired = await pending_approval(c, await start(c, "t_reject"))
+        await approval_when(c, expired["approval_id"], "timed_out")
+        await pending_approval(c, await start(c, "ar"))
+        s = (await c.get("/api/metrics/summary", params={"window_hours": 1})).json()["approvals"]
+        exposition = (await c.get("/metrics")).text
+    assert (s["pending"], s["decided"], s["timed_out"]) == (1, 1, 1)
+    latency = s["decision_latency_seconds"]
+    assert 0 <= latency["p50"] <= latency["p95"]
+    assert "langorch_approvals_pending 1.0" in exposition

@@ -52,6 +52,8 @@ class GatewayMetrics:
         # auth is not implemented yet: every request acts as `anonymous` holding every role (api.md §2.4)
         Gauge("langorch_auth_disabled", "1 while authentication is disabled.", registry=r).set(1)
         self.runs = Gauge("langorch_runs", "Runs by status (from the runs projection).", ["status"], registry=r)
+        self.approvals_pending = Gauge("langorch_approvals_pending", "Pending approvals (from the approvals "
+                                       "projection).", registry=r)
 
     async def refresh(self, pool: asyncpg.Pool, js: JetStreamContext, applied: int) -> None:
         """Set the projection-derived gauges just before a scrape."""
@@ -59,6 +61,7 @@ class GatewayMetrics:
             "SELECT status, count(*) AS n FROM runs GROUP BY status")}
         for status in sorted(set(RUN_STATUSES) | set(counts)):
             self.runs.labels(status=status).set(counts.get(status, 0))
+        self.approvals_pending.set(int(await pool.fetchval("SELECT count(*) FROM approvals WHERE status = 'pending'")))
         lag = max(0, await stream_last_position(js) - applied)
         for name in PROJECTIONS:  # all tables share the projector's one position
             self.projection_lag.labels(projection=name).set(lag)
@@ -84,7 +87,9 @@ async def summary(pool: asyncpg.Pool, js: JetStreamContext, applied: int, window
                   leases: list[dict[str, Any]]) -> dict[str, Any]:
     """``GET /api/metrics/summary`` (api.md §13.2) from the projections, KV leases and the runtime consumer.
 
-    Sections whose sources do not exist yet (approvals, triggers) report zeros and nulls.
+    The triggers section reports zeros until a triggers service exists. Approvals: ``pending`` is the current count;
+    ``decided`` counts human decisions (``approved``, ``rejected``, ``decided``) and ``timed_out`` expiries
+    (``timed_out``, ``escalated``) within the window, with the request-to-outcome latency of both.
     """
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         by_status = {r["status"]: int(r["n"]) for r in await conn.fetch(
@@ -112,6 +117,17 @@ async def summary(pool: asyncpg.Pool, js: JetStreamContext, applied: int, window
                        COALESCE(sum((payload->>'estimated_cost_usd')::numeric), 0) AS cost
                 FROM run_events WHERE event_type = 'llm_usage' AND created_at >= now() - make_interval(hours => $1)""",
             window_hours)
+        approvals = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+                      count(*) FILTER (WHERE status IN ('approved', 'rejected', 'decided') AND decided_at >= since)
+                        AS decided,
+                      count(*) FILTER (WHERE status IN ('timed_out', 'escalated') AND decided_at >= since)
+                        AS timed_out,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - created_at))
+                        FILTER (WHERE status <> 'pending' AND status <> 'canceled' AND decided_at >= since) AS p50,
+                      percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM decided_at - created_at))
+                        FILTER (WHERE status <> 'pending' AND status <> 'canceled' AND decided_at >= since) AS p95
+               FROM approvals, (SELECT now() - make_interval(hours => $1) AS since) w""", window_hours)
         agents = {r["status"]: int(r["n"]) for r in await conn.fetch(
             "SELECT status, count(*) AS n FROM agents GROUP BY status")}
         circuit_open = int(await conn.fetchval("SELECT count(*) FROM agents WHERE circuit_state = 'open'"))
@@ -123,6 +139,7 @@ async def summary(pool: asyncpg.Pool, js: JetStreamContext, applied: int, window
                FROM agents GROUP BY pool_id ORDER BY pool_id""")
     assert durations is not None
     assert llm is not None
+    assert approvals is not None
     finished = sum(ended.values())
     active = [x for x in leases if x["is_active"]]
     saturated = []
@@ -141,9 +158,9 @@ async def summary(pool: asyncpg.Pool, js: JetStreamContext, applied: int, window
                                       "max": _num(durations["max"])}},
         "steps": {"completed": steps.get("step_completed", 0), "failed": steps.get("step_failed", 0),
                   "replayed": steps.get("step_replayed", 0)},
-        # no approvals service or projection exists yet
-        "approvals": {"pending": 0, "decided": 0, "timed_out": 0,
-                      "decision_latency_seconds": {"p50": None, "p95": None}},
+        "approvals": {"pending": int(approvals["pending"]), "decided": int(approvals["decided"]),
+                      "timed_out": int(approvals["timed_out"]),
+                      "decision_latency_seconds": {"p50": _num(approvals["p50"]), "p95": _num(approvals["p95"])}},
         "agents": {"online": agents.get("online", 0), "offline": agents.get("offline", 0),
                    "draining": agents.get("draining", 0), "circuit_open": circuit_open},
         "leases": {"active": len(active), "saturated_pools": saturated},
