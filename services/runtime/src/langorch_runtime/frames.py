@@ -2,8 +2,9 @@
 
 The interpreter keeps every path it executes — the main path, loop iterations, parallel branches and the
 recovery path — as a *frame* record inside the LangGraph state. Each super-step advances every runnable frame by
-one node, and the state is checkpointed after it, so a run resumes exactly where it was (also inside loops and
-branches) after a crash or a pause. Frames are plain JSON-able dicts so the checkpointer stores them as they are.
+one node, and the state is checkpointed after it (``checkpoint_strategy: every_node``; the other strategies persist
+fewer points, §7.3), so a run resumes exactly where it was (also inside loops and branches) after a crash or a
+pause. Frames are plain JSON-able dicts so the checkpointer stores them as they are.
 """
 
 from __future__ import annotations

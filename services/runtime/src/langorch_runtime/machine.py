@@ -2,7 +2,9 @@
 
 :meth:`Machine.advance` is one LangGraph super-step: it runs one node (or the continuation of a container node:
 a loop or parallel node whose child frames finished, a node whose wait was resolved) of every runnable frame,
-concurrently, and returns the new state, which the PostgreSQL checkpointer persists before the next super-step.
+concurrently; :meth:`Machine.advance` returns the state after one super-step (``checkpoint_strategy: every_node``)
+or after the super-steps up to the next point its strategy persists (§7.3), and the PostgreSQL checkpointer
+persists it before the graph goes on.
 External side effects are made exactly once through the step store (§7.4): a super-step re-executed after a
 crash replays completed steps from their records instead of executing them again.
 """
