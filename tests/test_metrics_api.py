@@ -56,7 +56,9 @@ async def test_prometheus_exposition(platform: Platform) -> None:
     assert got[("langorch_commands_total", (("command_type", "set_procedure_status"), ("outcome", "rejected")))] == 1
     assert got[("langorch_runs", (("status", "completed"),))] == 1
     assert got[("langorch_runs", (("status", "running"),))] == 0
-    assert got[("langorch_projection_lag_events", (("projection", "runs"),))] == 0
+    for projection in ("runs", "approvals", "run_artifacts"):
+        assert got[("langorch_projection_lag_events", (("projection", projection),))] == 0
+    assert ("langorch_projection_lag_events", (("projection", "audit_log"),)) in got
     assert got[("langorch_build_info", (("service", "gateway"), ("version", "0.1.0")))] == 1
     assert got[("langorch_auth_disabled", ())] == 1
     assert got[("langorch_read_your_writes_wait_seconds_count", ())] >= 2

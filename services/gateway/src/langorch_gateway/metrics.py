@@ -23,7 +23,8 @@ from langorch_infra.metrics import combined_registry, register_build_info
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", "completed", "failed",
                 "canceled")
-PROJECTIONS = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events")
+PROJECTIONS = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals",
+               "run_artifacts")
 RUNTIME_CONSUMER = "runtime"
 
 
@@ -55,8 +56,9 @@ class GatewayMetrics:
         self.approvals_pending = Gauge("langorch_approvals_pending", "Pending approvals (from the approvals "
                                        "projection).", registry=r)
 
-    async def refresh(self, pool: asyncpg.Pool, js: JetStreamContext, applied: int) -> None:
-        """Set the projection-derived gauges just before a scrape."""
+    async def refresh(self, pool: asyncpg.Pool, js: JetStreamContext, applied: int,
+                      audit_lag: int | None = None) -> None:
+        """Set the projection-derived gauges just before a scrape (``audit_lag``: ``audit_log``'s own lag)."""
         counts = {r["status"]: int(r["n"]) for r in await pool.fetch(
             "SELECT status, count(*) AS n FROM runs GROUP BY status")}
         for status in sorted(set(RUN_STATUSES) | set(counts)):
@@ -65,6 +67,8 @@ class GatewayMetrics:
         lag = max(0, await stream_last_position(js) - applied)
         for name in PROJECTIONS:  # all tables share the projector's one position
             self.projection_lag.labels(projection=name).set(lag)
+        if audit_lag is not None:
+            self.projection_lag.labels(projection="audit_log").set(audit_lag)
 
     def render(self) -> bytes:
         return generate_latest(self.exposed)

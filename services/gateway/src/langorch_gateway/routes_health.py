@@ -45,7 +45,7 @@ async def ready(request: Request) -> JSONResponse:
         checks["postgres"] = "ok"
     except Exception as exc:
         checks["postgres"] = f"unavailable: {type(exc).__name__}"
-    audit_behind = await _audit_lag(state)
+    audit_behind = await audit_lag(state)
     if head is None or audit_behind is None:
         checks["projections"] = "unknown: stream head unavailable"
     else:
@@ -60,7 +60,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
 
-async def _audit_lag(state: Any) -> int | None:
+async def audit_lag(state: Any) -> int | None:
     """Records of ``LO_AUDIT`` not yet in ``audit_log`` (None when the stream head is unavailable)."""
     try:
         head = await asyncio.wait_for(state.audit_projector.head(), 2)

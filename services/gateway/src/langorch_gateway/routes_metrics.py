@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from langorch_gateway.metrics import CONTENT_TYPE, GatewayMetrics, summary
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.routes_agents import lease_out, read_leases
+from langorch_gateway.routes_health import audit_lag
 from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
@@ -23,7 +24,8 @@ async def _exposition(request: Request) -> Response:
         if not hmac.compare_digest(request.headers.get("authorization", ""), expected):
             raise ApiProblem("unauthenticated", "GET /metrics needs the metrics bearer token")
     metrics: GatewayMetrics = request.app.state.metrics
-    await metrics.refresh(request.app.state.pool, request.app.state.js, request.app.state.projector.position)
+    state = request.app.state
+    await metrics.refresh(state.pool, state.js, state.projector.position, await audit_lag(state))
     return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
