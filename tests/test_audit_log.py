@@ -5,6 +5,7 @@ paging, 422s); records are redacted, survive run deletion and are reproduced by 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -295,3 +296,31 @@ async def test_rerun_of_an_archived_version_is_a_rejected_start(platform: Platfo
     assert (rerun["category"], rerun["action"], rerun["outcome"]) == ("run", "start", "rejected")
     assert rerun["meta"]["code"] == "procedure_not_runnable"
     assert rerun["meta"]["rerun_of"] == run_id
+
+
+async def test_refused_run_starts_are_rejected_records(platform: Platform) -> None:
+    """Inputs that fail validation (422) and a start of an archived version (409) are decided refusals of
+    ``run/start``; the refused input value itself stays out of the record."""
+    c = platform.client
+    r = await c.post("/api/runs", json={"procedure_id": "au_simple", "procedure_version": "1",
+                                        "input_vars": {"n": SECRET}}, headers={"X-Request-ID": "au-bad-inputs"})
+    assert r.status_code == 422, r.text
+    [bad] = await records(c, 1, request_id="au-bad-inputs")
+    assert (bad["category"], bad["action"], bad["outcome"]) == ("run", "start", "rejected")
+    assert bad["meta"]["code"] == "invalid_input_vars"
+    assert bad["meta"]["procedure_id"] == "au_simple"
+    assert SECRET not in json.dumps(bad)
+    doc = SIMPLE | {"procedure_id": "au_archived_start"}
+    assert (await c.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
+    r = await c.patch("/api/procedures/au_archived_start/1/status", json={"status": "archived"})
+    assert r.status_code == 200, r.text
+    r = await c.post("/api/runs", json={"procedure_id": "au_archived_start", "procedure_version": "1"},
+                     headers={"X-Request-ID": "au-archived-start"})
+    assert r.status_code == 409, r.text
+    [archived] = await records(c, 1, request_id="au-archived-start")
+    assert (archived["outcome"], archived["meta"]["code"]) == ("rejected", "procedure_not_runnable")
+    r = await c.post("/api/runs", json={"procedure_id": "au_nope", "procedure_version": "1"},
+                     headers={"X-Request-ID": "au-missing"})
+    assert r.status_code == 404
+    await asyncio.sleep(1)
+    assert (await audit(c, request_id="au-missing"))["total"] == 0  # not found: nothing was decided

@@ -29,6 +29,7 @@ from ckp_core.ids import new_id
 from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import (
+    auditing,
     dispatch,
     idempotency,
     queries,
@@ -208,22 +209,28 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     async def create_run(request: Request, body: RunCreate) -> JSONResponse:
         """Validate inputs, append ``run_created`` and publish ``lo.cmd.run.start``."""
         db = pool(request)
-        row = await _resolve_version(db, body)
-        eff = row["effective_date"]
-        if eff and date.fromisoformat(eff) > datetime.now(UTC).date():
-            raise ApiProblem("procedure_not_effective", f"version {row['version']} is effective from {eff}")
-        schema = views._json(row["variables_schema"]) or {}
-        variables = {n: VariableSpec.model_validate(s | {"has_default": s.get("default") is not None})
-                     for n, s in schema.items()}
         run_id = new_id()
-        builtins = {"run_id": run_id, "root_run_id": run_id, "parent_run_id": None,
-                    "procedure_id": row["procedure_id"], "procedure_version": row["version"],
-                    "trigger_type": "api", "triggered_by": None, "now": format_time(datetime.now(UTC)),
-                    "today": datetime.now(UTC).date().isoformat()}
-        try:
-            inputs = validate_inputs(variables, body.input_vars, builtins)
-        except InvalidInputVars as exc:
-            raise ApiProblem("invalid_input_vars", exc.message, errors=exc.errors) from exc
+        # refusals on the procedure's state (409) or on the inputs (422) are decided outcomes: audited
+        async with auditing.refusals_audited(request, "run", "start", resource_type="run", resource_id=None,
+                                             meta={"procedure_id": body.procedure_id,
+                                                   "procedure_version": body.procedure_version,
+                                                   "release_channel": body.release_channel},
+                                             statuses=(409, 422)):
+            row = await _resolve_version(db, body)
+            eff = row["effective_date"]
+            if eff and date.fromisoformat(eff) > datetime.now(UTC).date():
+                raise ApiProblem("procedure_not_effective", f"version {row['version']} is effective from {eff}")
+            schema = views._json(row["variables_schema"]) or {}
+            variables = {n: VariableSpec.model_validate(s | {"has_default": s.get("default") is not None})
+                         for n, s in schema.items()}
+            builtins = {"run_id": run_id, "root_run_id": run_id, "parent_run_id": None,
+                        "procedure_id": row["procedure_id"], "procedure_version": row["version"],
+                        "trigger_type": "api", "triggered_by": None, "now": format_time(datetime.now(UTC)),
+                        "today": datetime.now(UTC).date().isoformat()}
+            try:
+                inputs = validate_inputs(variables, body.input_vars, builtins)
+            except InvalidInputVars as exc:
+                raise ApiProblem("invalid_input_vars", exc.message, errors=exc.errors) from exc
         data = RunCreated(procedure_id=row["procedure_id"], procedure_version=row["version"],
                           release_channel=row["release_channel"] if body.procedure_version is None else None,
                           input_vars=inputs, trigger_type="api", root_run_id=run_id,

@@ -138,7 +138,8 @@ async def rerun(request: Request, run_id: str, body: RerunIn | None = None) -> J
     try:
         inputs = validate_inputs(variables, raw_inputs, builtins)
     except InvalidInputVars as exc:
-        raise ApiProblem("invalid_input_vars", exc.message, errors=exc.errors) from exc
+        raise await auditing.refused_decision(request, "run", "start", "run", None, ApiProblem(
+            "invalid_input_vars", exc.message, errors=exc.errors)) from exc
     data = RunCreated(procedure_id=pid, procedure_version=row["version"], release_channel=None, input_vars=inputs,
                       trigger_type="api", triggered_by=f"rerun:{run_id}", root_run_id=new_run, rerun_of=run_id,
                       project_id=original["project_id"] or row["project_id"])
