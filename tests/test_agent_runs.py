@@ -131,7 +131,9 @@ RETRY_DOC = {
 }
 
 
-async def test_retry_resumes_at_the_failure_point(platform: Platform) -> None:
+@pytest.mark.parametrize("strategy", ["every_node", "disabled"])
+async def test_retry_resumes_at_the_failure_point(platform: Platform, strategy: str) -> None:
+    """Under every strategy (ckp.md §7.12): under disabled the failure point is the only state persisted there."""
     c = platform.client
     calls = {"second": 0}
 
@@ -144,7 +146,7 @@ async def test_retry_resumes_at_the_failure_point(platform: Platform) -> None:
     agent = ScriptedAgent({"first": lambda b: "A", "second": second})
     async with serving(agent):
         await register(c, agent, "api")
-        run_id = await start(c, RETRY_DOC)
+        run_id = await start(c, {**RETRY_DOC, "global_config": {"checkpoint_strategy": strategy}})
         failed = await wait_status(c, run_id)
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "agent_error"
