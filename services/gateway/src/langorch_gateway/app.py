@@ -45,6 +45,7 @@ from langorch_gateway import (
     routes_procedures,
     routes_projects,
     routes_run_control,
+    routes_run_graph,
     routes_runs_more,
     views,
 )
@@ -192,6 +193,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     # must be registered ABOVE this line: the router's /api/procedures/{procedure_id}/{version} would swallow them.
     app.include_router(routes_runs_more.router)  # before the {run_id} routes: owns /api/runs/cleanup
     app.include_router(routes_analysis.router)
+    app.include_router(routes_run_graph.router)
     app.include_router(routes_callbacks.router)
     app.include_router(routes_run_control.router)
     app.include_router(routes_procedures.router)
