@@ -27,7 +27,7 @@ async def dump(pool: asyncpg.Pool) -> dict[str, list[tuple[object, ...]]]:
 
 async def test_projector_killed_mid_stream_then_restarted_equals_a_rebuild(nats_url: str,
                                                                           database_url: str) -> None:
-    async with platform_of(nats_url, database_url) as p:
+    async with platform_of(nats_url, database_url, gateway_settings={"ryw_timeout_ms": 1000}) as p:
         c = p.client
         await import_procedure(c, example("simple_http_test.ckp.json"))
         await import_procedure(c, example("product_enrichment_pipeline.ckp.json"))
@@ -40,6 +40,16 @@ async def test_projector_killed_mid_stream_then_restarted_equals_a_rebuild(nats_
                                                 "procedure_version": "1.0.0",
                                                 "input_vars": {"product_id": 3, "enrichment_mode": mode}})
             assert r.status_code == 202  # accepted, but the projection cannot show it yet
+        # a gateway-owned write is durable at its append: answered from the event, marked stale
+        r = await c.post("/api/projects", json={"name": "while-down"})
+        assert r.status_code == 201, r.text
+        assert r.headers["X-LangOrch-Consistency"] == "stale"
+        assert (r.json()["name"], r.json()["procedure_count"]) == ("while-down", 0)
+        # a command accepted by its service but not yet visible: 202, never a 404 of what was just created
+        r = await c.post("/api/agents", json={"name": "down-agent", "channel": "web",
+                                              "base_url": "http://127.0.0.1:9", "capabilities": ["navigate"]})
+        assert r.status_code == 202, r.text
+        assert r.json()["command_type"] == "register_agent"
         await asyncio.sleep(2)  # the runtime keeps appending while the projector is down
         restarted = Projector(p.app.state.pool, p.app.state.js)
         restarted.start()
@@ -52,4 +62,7 @@ async def test_projector_killed_mid_stream_then_restarted_equals_a_rebuild(nats_
         await rebuild(p.app.state.pool, p.app.state.js)
         rebuilt = await dump(p.app.state.pool)
     assert len(after_restart["runs"]) == 3
+    assert len(after_restart["approvals"]) == 2  # both enrichment modes wait for approval
+    assert [r for r in after_restart["projects"] if "while-down" in r]
+    assert len(after_restart["agents"]) == 1
     assert after_restart == rebuilt

@@ -120,5 +120,10 @@ def pending(command_id: str, command_type: str) -> JSONResponse:
         status_code=202, headers={"Location": f"/api/commands/{command_id}", "X-LangOrch-Command-ID": command_id})
 
 
-def accepted_headers(command_id: str, position: int) -> dict[str, str]:
-    return {"X-LangOrch-Command-ID": command_id, "X-LangOrch-Position": str(position)}
+def accepted_headers(command_id: str, position: int, projected: bool = True) -> dict[str, str]:
+    """Headers of an accepted command; ``projected`` False (the read-your-writes wait ran out) marks the view
+    served from the projection as ``X-LangOrch-Consistency: stale``, as for ``X-LangOrch-Min-Position``."""
+    headers = {"X-LangOrch-Command-ID": command_id, "X-LangOrch-Position": str(position)}
+    if not projected:
+        headers["X-LangOrch-Consistency"] = "stale"
+    return headers

@@ -251,8 +251,7 @@ async def _update(request: Request, command: UpdateAgent, command_type: str,
     if outcome is None:
         return pending(command.command_id, command_type)
     raise_if_rejected(outcome)
-    await ryw(request, outcome.position)
-    headers = accepted_headers(command.command_id, outcome.position)
+    headers = accepted_headers(command.command_id, outcome.position, await ryw(request, outcome.position))
     if extra is not None:
         return JSONResponse(extra, headers=headers)
     return await _agent_response(request, command.agent_id, headers=headers)
@@ -322,7 +321,8 @@ async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
     if outcome is None:
         return pending(command.command_id, "register_agent")
     raise_if_rejected(outcome)
-    await ryw(request, outcome.position)
+    if not await ryw(request, outcome.position):  # registered, but the agents view does not show it yet
+        return pending(command.command_id, "register_agent")
     return await _agent_response(request, agent_id, 201, {"agent_token": token}, {
         "Location": f"/api/agents/{agent_id}", **accepted_headers(command.command_id, outcome.position)})
 

@@ -370,12 +370,12 @@ async def promote(request: Request, procedure_id: str, version: str, body: Promo
     if outcome is None:
         return pending(command.command_id, "promote_procedure")
     raise_if_rejected(outcome)
-    await ryw(request, outcome.position)
+    projected = await ryw(request, outcome.position)
     fresh = await _version_row(request, procedure_id, version)
     d = outcome.envelope.data
     return JSONResponse({"promoted": views.procedure_out(fresh), "previous_channel_version": d.get("displaced_version"),
                          "diagnostics": d.get("diagnostics", [])},
-                        headers=accepted_headers(command.command_id, outcome.position))
+                        headers=accepted_headers(command.command_id, outcome.position, projected))
 
 
 @router.post("/api/procedures/{procedure_id}/{version}/rollback")
@@ -390,10 +390,10 @@ async def rollback(request: Request, procedure_id: str, version: str, body: Roll
     if outcome is None:
         return pending(command.command_id, "rollback_procedure")
     raise_if_rejected(outcome)
-    await ryw(request, outcome.position)
+    projected = await ryw(request, outcome.position)
     restored = await _version_row(request, procedure_id, outcome.envelope.data["restored_version"])
     return JSONResponse({"restored": views.procedure_out(restored), "replaced_version": version},
-                        headers=accepted_headers(command.command_id, outcome.position))
+                        headers=accepted_headers(command.command_id, outcome.position, projected))
 
 
 async def _finish(request: Request, command: ReplaceProcedure | SetProcedureStatus, command_type: str,
@@ -403,8 +403,8 @@ async def _finish(request: Request, command: ReplaceProcedure | SetProcedureStat
     if outcome is None:
         return pending(command.command_id, command_type)
     raise_if_rejected(outcome)
-    await ryw(request, outcome.position)
+    projected = await ryw(request, outcome.position)
     row = await _version_row(request, procedure_id, version)
-    headers = {"ETag": f'"{row["revision"]}"', **accepted_headers(command.command_id, outcome.position)}
+    headers = {"ETag": f'"{row["revision"]}"', **accepted_headers(command.command_id, outcome.position, projected)}
     body = views.procedure_detail(row) if detail else views.procedure_out(row)
     return JSONResponse(body, headers=headers)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import asyncpg
 from fastapi import APIRouter, Query, Request
@@ -14,7 +14,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckp_core.errors import ConcurrencyError
-from ckp_core.events import ANONYMOUS, EventData, ProjectCreated, ProjectDeleted, ProjectUpdated, make_event
+from ckp_core.events import (
+    ANONYMOUS,
+    EventData,
+    EventEnvelope,
+    ProjectCreated,
+    ProjectDeleted,
+    ProjectUpdated,
+    format_time,
+    make_event,
+)
 from ckp_core.eventstore import EventStore
 from ckp_core.ids import new_id
 from langorch_gateway import auditing, views
@@ -24,6 +33,7 @@ from langorch_gateway.queries import Limit, Offset, Order, Where, fetch_page
 
 router = APIRouter()
 
+STALE = {"X-LangOrch-Consistency": "stale"}
 ACTIONS = {"project_created": "create", "project_updated": "update", "project_deleted": "delete"}
 
 PROJECTS_VIEW = """(SELECT p.*,
@@ -77,7 +87,13 @@ async def _name_taken(request: Request, name: str, other_than: str | None = None
         raise ApiProblem("project_exists", f"a project named {name!r} exists", existing_project_id=existing)
 
 
-async def _append(request: Request, project_id: str, data: EventData) -> int:
+class Appended(NamedTuple):
+    position: int
+    event: EventEnvelope
+    projected: bool  # the projection applied it within the read-your-writes wait
+
+
+async def _append(request: Request, project_id: str, data: EventData) -> Appended:
     """Append one event at the aggregate's head (the check makes concurrent writers serialise), and audit it."""
     store: EventStore = request.app.state.store
     for _ in range(5):
@@ -90,8 +106,7 @@ async def _append(request: Request, project_id: str, data: EventData) -> int:
             continue
         await auditing.decided(request, "project", ACTIONS[data.TYPE], resource_type="project",
                                resource_id=project_id, meta=data.model_dump(mode="json"), event_id=event.event_id)
-        await ryw(request, position)
-        return position
+        return Appended(position, event, await ryw(request, position))
     raise ApiProblem("unavailable", "project is being changed concurrently; retry", status=503)
 
 
@@ -122,11 +137,16 @@ async def create_project(request: Request, body: ProjectIn) -> JSONResponse:
     async with _names_lock(request), auditing.refusals_audited(request, "project", "create", resource_type="project",
                                                                 resource_id=None, meta=body.model_dump()):
         await _name_taken(request, body.name)
-        position = await _append(request, project_id, ProjectCreated(
+        done = await _append(request, project_id, ProjectCreated(
             project_id=project_id, name=body.name.strip(), description=body.description))
-    row = await _row(request, project_id)
-    return JSONResponse(views.project_out(row), status_code=201, headers={
-        "Location": f"/api/projects/{project_id}", "X-LangOrch-Position": str(position)})
+    headers = {"Location": f"/api/projects/{project_id}", "X-LangOrch-Position": str(done.position)}
+    if not done.projected:  # the event is durable; answer from it rather than from a projection that lags
+        ts = format_time(done.event.occurred_at)
+        out = {"project_id": project_id, "name": body.name.strip(), "description": body.description,
+               "created_at": ts, "created_by": done.event.actor.render(), "updated_at": ts, "procedure_count": 0,
+               "active_run_count": 0}
+        return JSONResponse(out, status_code=201, headers=headers | STALE)
+    return JSONResponse(views.project_out(await _row(request, project_id)), status_code=201, headers=headers)
 
 
 @router.get("/api/projects/{project_id}")
@@ -149,10 +169,14 @@ async def _update(request: Request, project_id: str, body: ProjectPatch) -> JSON
             return JSONResponse(views.project_out(row))
         if name.lower() != row["name"].lower():
             await _name_taken(request, name, other_than=project_id)
-        position = await _append(request, project_id, ProjectUpdated(project_id=project_id, name=name,
-                                                                     description=description))
-    return JSONResponse(views.project_out(await _row(request, project_id)),
-                        headers={"X-LangOrch-Position": str(position)})
+        done = await _append(request, project_id, ProjectUpdated(project_id=project_id, name=name,
+                                                                 description=description))
+    headers = {"X-LangOrch-Position": str(done.position)}
+    if not done.projected:  # the projection lags: its row with this update applied
+        out = views.project_out(row) | {"name": name, "description": description,
+                                        "updated_at": format_time(done.event.occurred_at)}
+        return JSONResponse(out, headers=headers | STALE)
+    return JSONResponse(views.project_out(await _row(request, project_id)), headers=headers)
 
 
 @router.patch("/api/projects/{project_id}")
@@ -175,8 +199,9 @@ async def delete_project(request: Request, project_id: str) -> Response:
         problem = ApiProblem("project_not_empty", f"{row['procedure_count']} procedure(s) are assigned to project "
                              f"{project_id}", procedure_count=int(row["procedure_count"]))
         raise await auditing.refused_decision(request, "project", "delete", "project", project_id, problem)
-    position = await _append(request, project_id, ProjectDeleted(project_id=project_id))
-    return Response(status_code=204, headers={"X-LangOrch-Position": str(position)})
+    done = await _append(request, project_id, ProjectDeleted(project_id=project_id))
+    return Response(status_code=204, headers={"X-LangOrch-Position": str(done.position)}
+                    | ({} if done.projected else STALE))
 
 
 @router.get("/api/projects/{project_id}/cost-summary")

@@ -50,9 +50,10 @@ def _transition(status: str, action: str) -> ApiProblem:
 
 
 async def _after(request: Request, run_id: str, position: int, command_id: str, status: int) -> JSONResponse:
-    await ryw(request, position)
+    projected = await ryw(request, position)
     row = await _run(request, run_id)
-    return JSONResponse(views.run_out(row), status_code=status, headers=accepted_headers(command_id, position))
+    return JSONResponse(views.run_out(row), status_code=status,
+                        headers=accepted_headers(command_id, position, projected))
 
 
 @router.post("/api/runs/{run_id}/cancel")
