@@ -60,7 +60,8 @@ async def ensure_schema(pool: asyncpg.Pool) -> None:
 
 async def drop_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
-        await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES + AUDIT_TABLES)}, projection_positions")
+        await conn.execute(f"DROP TABLE IF EXISTS {', '.join(TABLES + AUDIT_TABLES)}, projection_positions, "
+                           "projection_dead_letters")
 
 
 def _j(value: Any) -> str:
@@ -215,10 +216,33 @@ class StoredAudit:
     position: int
 
 
+@dataclass(frozen=True)
+class Poison:
+    """A message that cannot be decoded (it is recorded as a dead letter in its place)."""
+
+    position: int
+    subject: str
+    error: str
+
+
+def _connection_trouble(exc: BaseException) -> bool:
+    """Errors that say nothing about the message itself: the batch is retried, never dead-lettered."""
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError,
+                            asyncpg.InterfaceError, asyncpg.exceptions.OperatorInterventionError,
+                            asyncpg.exceptions.InsufficientResourcesError))
+
+
 class StreamProjector(Generic[M]):
     """Follows one stream from the position stored under ``NAME`` in ``projection_positions`` and applies its
     messages in batches; ``wait(position)`` serves read-your-writes. A failing batch is retried from the
-    stored position (its transaction was rolled back), so a transient database error does not stop it."""
+    stored position (its transaction was rolled back), so a transient database error does not stop it.
+
+    A **poison message** — one that cannot be decoded, or whose application fails for a reason other than the
+    connection — must not stall every projection behind it: the batch is applied again one message at a time,
+    each in a savepoint, and a message that fails is recorded in ``projection_dead_letters`` (name, position,
+    subject, error) and skipped. The same message fails the same way in a rebuild, so live and rebuilt tables
+    stay identical.
+    """
 
     NAME: ClassVar[str]
     STREAM: ClassVar[str]
@@ -246,7 +270,16 @@ class StreamProjector(Generic[M]):
         self.position = int(pos or 0)
         return self.position
 
-    async def apply_batch(self, batch: list[M]) -> None:
+    async def apply_batch(self, batch: list[M | Poison]) -> None:
+        try:
+            await self._apply_batch(batch, isolate=False)
+        except Exception as exc:
+            if _connection_trouble(exc):
+                raise
+            log.warning("projection %s: a batch failed (%s); applying it message by message", self.NAME, exc)
+            await self._apply_batch(batch, isolate=True)
+
+    async def _apply_batch(self, batch: list[M | Poison], *, isolate: bool) -> None:
         fresh = [e for e in batch if e.position > self.position]
         if not fresh:
             return
@@ -256,8 +289,20 @@ class StreamProjector(Generic[M]):
             )
             floor = int(stored or 0)
             for e in fresh:
-                if e.position > floor:
+                if e.position <= floor:
+                    continue
+                if isinstance(e, Poison):
+                    await self._dead_letter(conn, e.position, e.subject, e.error)
+                elif not isolate:
                     await self.apply(conn, e)
+                else:
+                    try:
+                        async with conn.transaction():  # a savepoint: a failure undoes this message only
+                            await self.apply(conn, e)
+                    except Exception as exc:
+                        if _connection_trouble(exc):
+                            raise
+                        await self._dead_letter(conn, e.position, self.subject_of(e), f"{type(exc).__name__}: {exc}")
             await self.after_batch(conn)
             await conn.execute(
                 """INSERT INTO projection_positions (name, position) VALUES ($1, $2)
@@ -267,6 +312,22 @@ class StreamProjector(Generic[M]):
         async with self._advanced:
             self.position = fresh[-1].position
             self._advanced.notify_all()
+
+    def subject_of(self, item: M) -> str:
+        """The subject an item came from, for a dead letter (the projector's filter when unknown)."""
+        return self.SUBJECT
+
+    async def _dead_letter(self, conn: Any, position: int, subject: str, error: str) -> None:
+        log.error("projection %s: message %s on %s skipped as poison: %s", self.NAME, position, subject, error)
+        await conn.execute(
+            """INSERT INTO projection_dead_letters (name, position, subject, error) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (name, position) DO NOTHING""", self.NAME, position, subject, error[:2000])
+
+    def _decode(self, msg: Msg) -> M | Poison:
+        try:
+            return self.decode(msg)
+        except Exception as exc:
+            return Poison(msg.metadata.sequence.stream, msg.subject, f"{type(exc).__name__}: {exc}")
 
     async def run(self) -> None:
         """Consume forever; after a failure, start again from the stored position a second later."""
@@ -289,9 +350,9 @@ class StreamProjector(Generic[M]):
         try:
             while True:
                 msg = await sub.next_msg(timeout=None)
-                batch = [self.decode(msg)]
+                batch = [self._decode(msg)]
                 while len(batch) < BATCH and sub.pending_msgs > 0:
-                    batch.append(self.decode(await sub.next_msg()))
+                    batch.append(self._decode(await sub.next_msg()))
                 await self.apply_batch(batch)
         finally:
             with contextlib.suppress(Exception):
@@ -339,6 +400,10 @@ class Projector(StreamProjector[StoredEvent]):
 
     async def apply(self, conn: Any, item: StoredEvent) -> None:
         await apply_event(conn, item)
+
+    def subject_of(self, item: StoredEvent) -> str:
+        ev = item.envelope
+        return f"lo.evt.{ev.aggregate}.{ev.aggregate_id}.{ev.type}"
 
     async def head(self) -> int:
         return await stream_last_position(self.js)

@@ -4,6 +4,16 @@ CREATE TABLE IF NOT EXISTS projection_positions (
     position    bigint NOT NULL
 );
 
+-- messages a projector skipped because they could not be decoded or applied (poison), kept for operators
+CREATE TABLE IF NOT EXISTS projection_dead_letters (
+    name        text NOT NULL,
+    position    bigint NOT NULL,
+    subject     text NOT NULL,
+    error       text NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, position)
+);
+
 CREATE TABLE IF NOT EXISTS procedures (
     procedure_id      text NOT NULL,
     version           text NOT NULL,
