@@ -133,6 +133,8 @@ class Platform:
     app: Any
     agent_service: Any = None
     approvals_service: Any = None
+    runtime_service: Any = None
+    compiler_service: Any = None
 
 
 async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asyncio.Task[None], Any]:
@@ -179,7 +181,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         try:
-            yield Platform(base, nats_url, database_url, client, app, agent_service, approvals_service)
+            yield Platform(base, nats_url, database_url, client, app, agent_service, approvals_service,
+                           runtime_service, compiler)
         finally:
             for t in tasks:
                 t.cancel()

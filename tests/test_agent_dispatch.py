@@ -28,6 +28,7 @@ from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import AgentService
 from langorch_runtime.errors import StepError
 from langorch_runtime.machine import ContentArtifacts, DispatchRequest
+from langorch_runtime.metrics import RuntimeMetrics
 from tests.agent_server import AgentBehaviour, running_agent
 from tests.mcp_server import PNG, running_mcp
 
@@ -95,12 +96,12 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def harness(nats_url: str, **settings: Any) -> AsyncIterator[Harness]:
+async def harness(nats_url: str, *, metrics: RuntimeMetrics | None = None, **settings: Any) -> AsyncIterator[Harness]:
     rs = RuntimeSettings(nats_url=nats_url, instance_id="runtime-test", **settings)
     service = AgentService(rs)
     await service.start()
     task = asyncio.create_task(service.run())
-    dispatcher = AgentDispatcher(rs)
+    dispatcher = AgentDispatcher(rs, metrics=metrics)
     await dispatcher.start()
     try:
         yield Harness(service, dispatcher)

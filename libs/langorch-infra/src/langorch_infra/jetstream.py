@@ -40,6 +40,7 @@ from ckp_core.subjects import (
     command_subject,
     event_subject,
 )
+from langorch_infra.bus import record_append_conflict
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class JetStreamEventStore:
                     positions.append(last.seq)  # an earlier try of this same append landed
                     expected = last.seq
                     continue
+                record_append_conflict(ev.aggregate)
                 raise ConcurrencyError(
                     f"{ev.aggregate} {ev.aggregate_id}: expected position {expected}, found "
                     f"{last.seq if last else 0}",

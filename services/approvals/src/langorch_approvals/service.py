@@ -47,6 +47,7 @@ from ckp_core.run_events import ApprovalCanceled, ApprovalDecided, ApprovalReque
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, LOCKS_BUCKET, aggregate_filter
 from langorch_approvals.metrics import VERSION, ApprovalsMetrics
 from langorch_infra.audit import AuditWriter
+from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
 from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import (
     JetStreamEventStore,
@@ -88,6 +89,7 @@ class ApprovalsService:
         self._indexed = asyncio.Condition()
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics = ApprovalsMetrics()
+        self.bus = BusMetrics(self.metrics.registry, "approvals")
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-approvals-{self.instance}")
@@ -112,7 +114,8 @@ class ApprovalsService:
     async def run(self) -> None:
         """Handle commands and run ends, keep the index, hold the timer lock and fire timeouts — until cancelled."""
         self._tasks = [asyncio.create_task(c) for c in (
-            self._consume(self.commands, self._handle_command), self._consume(self.run_ends, self._handle_run_end),
+            consume(self.commands, self._handle_command, self.bus),
+            consume(self.run_ends, self._handle_run_end, self.bus),
             self._follow_approvals(), self.lock.keep(), self._tick_forever())]
         try:
             await asyncio.gather(*self._tasks)
@@ -144,16 +147,6 @@ class ApprovalsService:
         history = await self.store.read("approval", approval_id)
         return history[0].envelope.occurred_at.timestamp() if history else None
 
-    @staticmethod
-    async def _consume(sub: Any, handle: Callable[[Msg], Awaitable[None]]) -> None:
-        while True:
-            try:
-                msgs = await sub.fetch(10, timeout=5)
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                await handle(msg)
-
     # -- commands ----------------------------------------------------------------------------------------
 
     @property
@@ -163,19 +156,16 @@ class ApprovalsService:
             "lo.cmd.approval.decide": lambda raw: self.on_decide(DecideApproval.model_validate_json(raw)),
         }
 
-    async def _handle_command(self, msg: Msg) -> None:
+    async def _handle_command(self, msg: Msg) -> Settle:
         handler = self.handlers.get(msg.subject)
         try:
             if handler is None:
                 log.error("unknown approval command %s dropped", msg.subject)
-            else:
-                await handler(msg.data)
-            await msg.ack_sync()
+                return TERM
+            await handler(msg.data)
+            return ACK
         except ConcurrencyError:
-            await msg.nak()  # a decision, timeout or cancel landed first: decide again on redelivery
-        except Exception:
-            log.exception("approval command failed; it will be redelivered")
-            await msg.nak(delay=2)
+            return nak()  # a decision, timeout or cancel landed first: decide again on redelivery
 
     async def load(self, approval_id: str, command: Command | None = None
                    ) -> tuple[ApprovalState, EventEnvelope | None]:
@@ -286,17 +276,13 @@ class ApprovalsService:
 
     # -- run ends ------------------------------------------------------------------------------------------
 
-    async def _handle_run_end(self, msg: Msg) -> None:
-        try:
-            stored = decode_message(msg)
-            ev = stored.envelope
-            await self.synced()
-            for approval_id in sorted(self.by_run.get(ev.aggregate_id, set())):
-                await self.cancel(approval_id, RUN_END_TYPES.get(ev.type, "ended"), causation_id=ev.event_id)
-            await msg.ack_sync()
-        except Exception:
-            log.exception("canceling the approvals of an ended run failed; it will be redelivered")
-            await msg.nak(delay=2)
+    async def _handle_run_end(self, msg: Msg) -> Settle:
+        stored = decode_message(msg)
+        ev = stored.envelope
+        await self.synced()
+        for approval_id in sorted(self.by_run.get(ev.aggregate_id, set())):
+            await self.cancel(approval_id, RUN_END_TYPES.get(ev.type, "ended"), causation_id=ev.event_id)
+        return ACK
 
     async def _run_end(self, run_id: str) -> str | None:
         """How the run ended (``completed``/``failed``/``canceled``/``deleted``) when its last event ends it."""

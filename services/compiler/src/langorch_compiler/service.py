@@ -57,6 +57,7 @@ from ckp_core.procedure_lifecycle import (
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, PROCEDURES_BUCKET, procedure_key
 from langorch_compiler.metrics import VERSION, CompilerMetrics
 from langorch_infra.audit import AuditWriter
+from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
 from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
 from langorch_infra.settings import CompilerSettings
@@ -74,6 +75,7 @@ class CompilerService:
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
         self.metrics = CompilerMetrics()
+        self.bus = BusMetrics(self.metrics.registry, "compiler")
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, "langorch-compiler")
@@ -89,13 +91,7 @@ class CompilerService:
         self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
 
     async def run(self) -> None:
-        while True:
-            try:
-                msgs = await self.sub.fetch(10, timeout=5)
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                await self._handle(msg)
+        await consume(self.sub, self._handle, self.bus)
 
     async def stop(self) -> None:
         if self.nc is not None:
@@ -110,20 +106,17 @@ class CompilerService:
         """NATS connected, the command and event streams and the IR bucket present (api.md §3)."""
         return await bus_checks(self.nc, self.js, (EVENT_STREAM, COMMAND_STREAM), (PROCEDURES_BUCKET,))
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg) -> Settle:
         verb = msg.subject.rsplit(".", 1)[-1]
         handler = self.handlers.get(verb)
         try:
             if handler is None:
                 log.error("unknown procedure command %s dropped", msg.subject)
-            else:
-                await handler(msg.data)
-            await msg.ack_sync()
+                return TERM
+            await handler(msg.data)
+            return ACK
         except ConcurrencyError:
-            await msg.nak()  # another command on this procedure landed first: decide again on redelivery
-        except Exception:
-            log.exception("procedure command failed; it will be redelivered")
-            await msg.nak(delay=2)
+            return nak()  # another command on this procedure landed first: decide again on redelivery
 
     @property
     def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:

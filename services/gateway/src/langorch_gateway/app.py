@@ -105,8 +105,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         await ensure_schema(pool)
         await idempotency.purge_expired(pool)
         projector = Projector(pool, js)
-        projector.start()
         app.state.audit_projector = audit_projector = AuditProjector(pool, js, settings.audit_retention_days)
+        projector.bus = audit_projector.bus = app.state.metrics.bus
+        projector.start()
         audit_projector.start()
         app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
         app.state.store = JetStreamEventStore(js)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ckp_core.events import format_time
 from ckp_core.subjects import COMMAND_STREAM
+from langorch_infra.bus import BusMetrics
 from langorch_infra.jetstream import stream_last_position
 from langorch_infra.metrics import combined_registry, register_build_info
 
@@ -52,6 +53,7 @@ class GatewayMetrics:
                                 registry=r)
         # auth is not implemented yet: every request acts as `anonymous` holding every role (api.md §2.4)
         Gauge("langorch_auth_disabled", "1 while authentication is disabled.", registry=r).set(1)
+        self.bus = BusMetrics(r, "gateway")  # projector messages; the gateway has no pull consumer
         self.runs = Gauge("langorch_runs", "Runs by status (from the runs projection).", ["status"], registry=r)
         self.approvals_pending = Gauge("langorch_approvals_pending", "Pending approvals (from the approvals "
                                        "projection).", registry=r)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -31,6 +32,7 @@ from langorch_gateway.projections import (
     apply_project_event,
 )
 from langorch_gateway.routes_runs_more import apply_run_removal_or_artifact
+from langorch_infra.bus import BusMetrics
 from langorch_infra.jetstream import decode_message, stream_last_position
 
 log = logging.getLogger(__name__)
@@ -254,6 +256,7 @@ class StreamProjector(Generic[M]):
         self.position = 0
         self._advanced = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self.bus: BusMetrics | None = None  # langorch_bus_* of the gateway (set by the app)
 
     def decode(self, msg: Msg) -> M:
         raise NotImplementedError
@@ -350,10 +353,18 @@ class StreamProjector(Generic[M]):
         try:
             while True:
                 msg = await sub.next_msg(timeout=None)
+                started = time.monotonic()
+                subjects = [msg.subject]
                 batch = [self._decode(msg)]
                 while len(batch) < BATCH and sub.pending_msgs > 0:
-                    batch.append(self._decode(await sub.next_msg()))
+                    msg = await sub.next_msg()
+                    subjects.append(msg.subject)
+                    batch.append(self._decode(msg))
                 await self.apply_batch(batch)
+                if self.bus is not None:  # a batch shares one transaction: each message its share of the time
+                    share = (time.monotonic() - started) / len(batch)
+                    for subject, item in zip(subjects, batch, strict=True):
+                        self.bus.observe(subject, "term" if isinstance(item, Poison) else "ack", share)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -66,6 +66,7 @@ from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
 from langorch_runtime.errors import StepError
 from langorch_runtime.machine import ContentArtifacts, Delegated, Dispatcher, DispatchRequest
+from langorch_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,12 @@ class AgentDispatcher(Dispatcher):
     finished run's affinity.
     """
 
-    def __init__(self, settings: RuntimeSettings, *, instance_id: str | None = None) -> None:
+    def __init__(self, settings: RuntimeSettings, *, instance_id: str | None = None,
+                 metrics: RuntimeMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.state.circuits.append(self.open_circuits)
         self.instance = instance_id or settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.registry: dict[str, AgentState] = {}
         self.registry_position = 0
@@ -205,6 +210,15 @@ class AgentDispatcher(Dispatcher):
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
+
+    def open_circuits(self) -> list[tuple[str, str]]:
+        """(``agent``|``mcp``, agent id) of every agent whose circuit is open now (for the gauge)."""
+        out = []
+        for agent_id in list(self.circuit_opened_at):
+            agent = self.registry.get(agent_id)
+            if agent is not None and agent.exists and agent.circuit_open:
+                out.append(("mcp" if agent.protocol == "mcp" else "agent", agent_id))
+        return out
 
     def forget_run(self, run_id: str) -> None:
         """Drop the affinity of a run that ended."""
@@ -402,10 +416,16 @@ class AgentDispatcher(Dispatcher):
                     continue
                 lease = await self.try_acquire(c, request)
                 if lease is not None:
+                    if self.metrics is not None:
+                        pool = c.pool_id or c.agent_id
+                        self.metrics.lease_wait.labels(pool).observe(time.monotonic() - started)
+                        self.metrics.leases_active.labels(pool).inc()
                     return c, lease
             if not saturated:
                 saturated = True
                 top = ranked[0]
+                if self.metrics is not None:
+                    self.metrics.pool_saturation.labels(top.pool_id or top.agent_id).inc()
                 if request.emit is not None:
                     await request.emit(PoolSaturated(
                         node_id=request.node.id, step_id=request.step_id, frame=request.frame,
@@ -434,10 +454,47 @@ class AgentDispatcher(Dispatcher):
         request.agent_id = candidate.agent_id
         try:
             if request.on_selected is not None:
-                await request.on_selected(candidate.agent_id)
-            return await self._under_lease(lease, self._timed(request, self._call(candidate, request, channel)))
+                await request.on_selected(candidate.agent_id, self.binding_of(candidate))
+            return await self._under_lease(lease, self._timed(request, self._measured(candidate, request, channel)))
         finally:
+            if self.metrics is not None:
+                self.metrics.leases_active.labels(candidate.pool_id or candidate.agent_id).dec()
             await asyncio.shield(self.release(lease))
+
+    @staticmethod
+    def binding_of(c: Candidate) -> str:
+        """The step's binding once its agent is chosen (ckp.md §7.1): MCP tool, workflow or HTTP tool."""
+        if c.agent.protocol == "mcp":
+            return "mcp_tool"
+        return "agent_workflow" if c.capability.get("type", "tool") == "workflow" else "agent_http"
+
+    async def _measured(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
+        """:meth:`_call`, counted in ``langorch_agent_requests_total`` / ``langorch_mcp_requests_total`` (api.md
+        §13.1): one request per dispatched attempt, whatever retries of ``in_progress`` it took on the wire."""
+        metrics = self.metrics
+        if metrics is None:
+            return await self._call(c, request, channel)
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            result = await self._call(c, request, channel)
+            outcome = "success"
+            return result
+        except Delegated:
+            outcome = "success"  # the agent accepted the async workflow step
+            raise
+        except StepError as exc:
+            outcome = _call_outcome(exc.error)
+            raise
+        except asyncio.CancelledError:
+            outcome = "timeout" if request.timeout_ms is not None else "transport_error"
+            raise
+        finally:
+            if c.agent.protocol == "mcp":
+                metrics.mcp_requests.labels(channel, outcome).inc()
+            else:
+                metrics.agent_requests.labels(channel, outcome).inc()
+                metrics.agent_duration.labels(channel).observe(time.monotonic() - started)
 
     async def _timed(self, request: DispatchRequest, call: Any) -> Any:
         if request.timeout_ms is None:
@@ -577,7 +634,7 @@ class AgentDispatcher(Dispatcher):
                 if binding_default:
                     raise self._timed_out(request, timeout_s, where) from None
                 raise _error("agent_unavailable", f"agent {c.agent_id} did not answer in time", retryable=True,
-                             details=where) from None
+                             details=where | {"reason": "timeout"}) from None
             except httpx.HTTPError as exc:
                 raise _error("agent_unavailable", f"agent {c.agent_id} could not be reached: "
                              f"{type(exc).__name__}", retryable=True, details=where | {"reason": str(exc)[:300]}) \
@@ -687,6 +744,21 @@ class AgentDispatcher(Dispatcher):
         async with self._mcp_lock:
             for key in [k for k in self._mcp if k[0] == agent.base_url]:
                 await self._mcp.pop(key).close()
+
+
+def _call_outcome(error: ErrorObject) -> str:
+    """The ``outcome`` label of a failed agent or MCP call (api.md §13.1)."""
+    if error.code == "step_timeout":
+        return "timeout"
+    if error.code == "agent_protocol_error":
+        return "protocol_error"
+    details = error.details or {}
+    if details.get("reason") == "timeout" or details.get("jsonrpc_code") == mcp_types.REQUEST_TIMEOUT:
+        return "timeout"
+    if error.code in ("agent_unavailable", "mcp_error", "dispatch_failed") and error.http_status is None:
+        code = details.get("jsonrpc_code")
+        return "error" if code is not None and code != mcp_types.CONNECTION_CLOSED else "transport_error"
+    return "error"
 
 
 def _json_object(r: httpx.Response) -> dict[str, Any] | None:

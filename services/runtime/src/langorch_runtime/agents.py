@@ -56,6 +56,7 @@ from ckp_core.subjects import (
     agent_probe_key,
 )
 from langorch_infra.audit import AuditWriter
+from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
 from langorch_infra.hosting import bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, connect, decode_message, ensure_topology
 from langorch_infra.kv import LeaderLock, put_with_ttl
@@ -133,8 +134,9 @@ def shares_limit_conflict(agents: Iterable[AgentState], agent_id: str, resource_
 class AgentService:
     """Agent and lease commands plus the elected health poller of one runtime replica."""
 
-    def __init__(self, settings: RuntimeSettings) -> None:
+    def __init__(self, settings: RuntimeSettings, *, bus: BusMetrics | None = None) -> None:
         self.settings = settings
+        self.bus = bus
         self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.nc: NATS | None = None
         self.registry: dict[str, AgentState] = {}
@@ -195,13 +197,7 @@ class AgentService:
     # -- commands ----------------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        while True:
-            try:
-                msgs = await self.sub.fetch(10, timeout=5)
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                await self._handle(msg)
+        await consume(self.sub, self._handle, self.bus)
 
     @property
     def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:
@@ -212,19 +208,16 @@ class AgentService:
             "lo.cmd.lease.release": lambda raw: self.on_release_lease(ReleaseLease.model_validate_json(raw)),
         }
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg) -> Settle:
         handler = self.handlers.get(msg.subject)
         try:
             if handler is None:
                 log.error("unknown command %s dropped", msg.subject)
-            else:
-                await handler(msg.data)
-            await msg.ack_sync()
+                return TERM
+            await handler(msg.data)
+            return ACK
         except ConcurrencyError:
-            await msg.nak()  # another writer of this aggregate landed first: decide again on redelivery
-        except Exception:
-            log.exception("agent command failed; it will be redelivered")
-            await msg.nak(delay=2)
+            return nak()  # another writer of this aggregate landed first: decide again on redelivery
 
     async def _load(self, agent_id: str, command: Command) -> tuple[AgentState, bool]:
         """The agent's state and whether this command already has its outcome (a redelivery, whose audit record

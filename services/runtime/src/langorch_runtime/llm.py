@@ -52,6 +52,7 @@ from ckp_core.run_events import BudgetExceeded, LlmUsage
 from langorch_infra.secrets import env_secret
 from langorch_infra.settings import LlmModelConfig, RuntimeSettings
 from langorch_runtime.errors import StepError
+from langorch_runtime.metrics import RuntimeMetrics
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -409,7 +410,8 @@ class LlmClient:
 
     def __init__(self, settings: RuntimeSettings, *, secrets: SecretLookup | None = None,
                  http: httpx.AsyncClient | None = None, circuit_failures: int = CIRCUIT_FAILURES,
-                 circuit_open_s: float = CIRCUIT_OPEN_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 circuit_open_s: float = CIRCUIT_OPEN_S, clock: Callable[[], float] = time.monotonic,
+                 metrics: RuntimeMetrics | None = None) -> None:
         self.base_url = settings.llm_base_url.rstrip("/")
         self._api_key = settings.llm_api_key
         self.default_model = settings.llm_default_model
@@ -425,6 +427,10 @@ class LlmClient:
         self.circuit_open_s = circuit_open_s
         self._clock = clock
         self._circuits: dict[tuple[str, str], _Circuit] = {}
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.configure_models([self.default_model, *self.models])
+            metrics.state.circuits.append(self.open_circuits)
 
     @staticmethod
     async def _env_secret(name: str) -> str | None:
@@ -453,6 +459,11 @@ class LlmClient:
     def circuits(self) -> dict[tuple[str, str], CircuitState]:
         """Every (base URL, model) this client has called, with its circuit state (for metrics and health)."""
         return {key: self.circuit_state(key[1], key[0]) for key in self._circuits}
+
+    def open_circuits(self) -> list[tuple[str, str]]:
+        """(``llm``, model label) of every model whose circuit is open now (for the gauge)."""
+        label = self.metrics.model_label if self.metrics is not None else (lambda name: name)
+        return [("llm", label(model)) for (url, model), state in self.circuits().items() if state == "open"]
 
     def _admit(self, key: tuple[str, str]) -> Literal["call", "probe"] | None:
         """Whether a call may go to this circuit now (None: open); half-open lets one probe through."""
@@ -520,7 +531,11 @@ class LlmClient:
                 continue
             try:
                 await self._check_budget(request, projected_call)
-                return await self._call(request, target, requested, failures, admission == "probe")
+                result = await self._measured(request, target, requested, failures, admission == "probe")
+                if target.position > 0 and self.metrics is not None:
+                    self.metrics.llm_fallbacks.labels(self.metrics.model_label(requested),
+                                                      self.metrics.model_label(target.model)).inc()
+                return result
             except _Retryable as exc:
                 tried = True
                 failures.append(exc.info)
@@ -605,6 +620,30 @@ class LlmClient:
             body["response_format"] = {"type": "json_object"}
         body["stream"] = False
         return body
+
+    async def _measured(self, request: LlmRequest, target: _Target, requested: str,
+                        failures: list[dict[str, Any]], probe: bool) -> LlmResult:
+        """:meth:`_call`, counted in ``langorch_llm_requests_total`` and timed (api.md §13.1)."""
+        metrics = self.metrics
+        if metrics is None:
+            return await self._call(request, target, requested, failures, probe)
+        model = metrics.model_label(target.model)
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            result = await self._call(request, target, requested, failures, probe)
+            outcome = "success"
+            return result
+        except _Retryable as exc:
+            reason = exc.info.get("reason")
+            outcome = {"timeout": "timeout", "transport": "transport_error"}.get(str(reason), "error")
+            raise
+        except StepError as exc:
+            outcome = "protocol_error" if exc.error.details.get("reason") == "invalid_response" else "error"
+            raise
+        finally:
+            metrics.llm_requests.labels(model, outcome).inc()
+            metrics.llm_duration.labels(model).observe(time.monotonic() - started)
 
     async def _call(self, request: LlmRequest, target: _Target, requested: str, failures: list[dict[str, Any]],
                     probe: bool) -> LlmResult:

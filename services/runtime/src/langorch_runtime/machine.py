@@ -204,8 +204,9 @@ class DispatchRequest:
     callback: CallbackInfo | None = None  # for async workflow capabilities (api.md §15.2)
     affinity: str | None = None  # the agent this run used on this channel before (kept in run state)
     agent_id: str | None = None  # set by the dispatcher: the agent chosen
-    on_selected: Callable[[str | None], Awaitable[None]] | None = None  # called by dispatchers that announce the
-    # agent (``announces_agent``) once it is chosen and its lease held, before the call: emits step_started
+    on_selected: Callable[[str | None, str | None], Awaitable[None]] | None = None  # called by dispatchers that
+    # announce the agent (``announces_agent``) once it is chosen and its lease held, before the call, with the agent
+    # and the binding (agent_http, agent_workflow, mcp_tool): emits step_started
 
 
 @dataclass
@@ -1585,6 +1586,7 @@ class Machine:
             key = custom_idempotency_key(key_base, attempt) if key_base else idempotency_key(
                 self.run.run_id, node.id, step_id, fs, attempt)
             internal = step.binding.kind == "internal"
+            binding_kind = "internal" if internal else "channel"
             started = time.monotonic()
             if preset is not None:
                 outcome_preset, preset = preset, None
@@ -1604,8 +1606,7 @@ class Machine:
                     frame=fs, result={"delegation_id": delegation_id}, updated_at=now_iso()))
                 announce = _Announcement(self.emit, StepStarted(
                     node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
-                    binding_kind="internal" if internal else "channel", channel=step.binding.channel,
-                    idempotency_key=key, params=params))
+                    binding_kind=binding_kind, channel=step.binding.channel, idempotency_key=key, params=params))
                 if internal or not self.dispatcher.announces_agent:
                     await announce(None)
                 try:
@@ -1615,6 +1616,7 @@ class Machine:
                     break
                 except StepError as exc:
                     await announce(None)
+                    binding_kind = announce.binding_kind
                     error = exc.error.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
                                                          "attempt": attempt})
                 except Delegated as delegated:
@@ -1624,7 +1626,7 @@ class Machine:
             if error.code == "step_timeout":
                 await self.emit(StepTimeout(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                             action=step.action, timeout_ms=step.timeout_ms or 0,
-                                            binding_kind="internal" if internal else "channel"))
+                                            binding_kind=binding_kind))
             policy = step.retry
             if policy is not None and policy_retries < policy.max_retries and retry_allowed(policy, error):
                 delay = retry_delay(policy, policy_retries)
@@ -2010,11 +2012,14 @@ class _Announcement:
     def __init__(self, emit: Emit, event: StepStarted) -> None:
         self.emit = emit
         self.event: StepStarted | None = event
+        self.binding_kind = event.binding_kind  # ``channel`` until an agent is chosen (ckp.md §8)
 
-    async def __call__(self, agent_id: str | None) -> None:
+    async def __call__(self, agent_id: str | None, binding_kind: str | None = None) -> None:
         event, self.event = self.event, None
         if event is not None:
-            await self.emit(event.model_copy(update={"agent_id": agent_id}))
+            if binding_kind:
+                self.binding_kind = binding_kind
+            await self.emit(event.model_copy(update={"agent_id": agent_id, "binding_kind": self.binding_kind}))
 
 
 class _Warnings:

@@ -4,9 +4,12 @@ timeline. Labels stay bounded: binding kinds, statuses, error codes and configur
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from ckp_core.events import EventData
 from ckp_core.ir import ProcedureIR
@@ -24,6 +27,39 @@ FAILURE_CODES = frozenset({
     "state_too_large", "procedure_not_runnable", "procedure_not_effective", "terminated_failed", "internal_error",
 })
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 600)
+CALL_OUTCOMES = frozenset({"success", "error", "timeout", "transport_error", "protocol_error"})
+BINDINGS = frozenset({"internal", "agent_http", "agent_workflow", "mcp_tool", "llm"})
+
+# (target_kind, target) of every circuit open now: agent/MCP circuits from the registry, LLM ones per model
+CircuitSource = Callable[[], Iterable[tuple[str, str]]]
+
+
+class _StateCollector:
+    """Gauges read at scrape time from the dispatcher's and the LLM client's own state."""
+
+    def __init__(self) -> None:
+        self.circuits: list[CircuitSource] = []
+        self.queue_depth: dict[str, int] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        circuits = GaugeMetricFamily("langorch_circuit_breaker_open", "Circuit breakers open now (1 per target)",
+                                     labels=["target_kind", "target"])
+        seen: set[tuple[str, str]] = set()
+        for source in self.circuits:
+            for kind, target in source():
+                if (kind, target) not in seen:
+                    seen.add((kind, target))
+                    circuits.add_metric([kind, target], 1)
+        queues = GaugeMetricFamily("langorch_queue_depth", "Messages pending in the runtime's consumers",
+                                   labels=["queue_type"])
+        for queue_type, depth in sorted(self.queue_depth.items()):
+            queues.add_metric([queue_type], depth)
+        return [circuits, queues]
 
 
 class RuntimeMetrics:
@@ -51,9 +87,51 @@ class RuntimeMetrics:
                                          ["callback_type"], registry=r)
         self.custom = Counter("langorch_custom_metric_total", "Node telemetry.custom_metrics", ["name"], registry=r)
         self._custom_names: set[str] = set()
+        # calls made by the dispatcher and the LLM client (one per dispatched attempt / per model tried)
+        self.agent_requests = Counter("langorch_agent_requests_total", "HTTP agent calls", ["channel", "outcome"],
+                                      registry=r)
+        self.agent_duration = Histogram("langorch_agent_request_duration_seconds", "HTTP agent call duration",
+                                        ["channel"], buckets=CALL_BUCKETS, registry=r)
+        self.mcp_requests = Counter("langorch_mcp_requests_total", "MCP tool calls", ["channel", "outcome"],
+                                    registry=r)
+        self.llm_requests = Counter("langorch_llm_requests_total", "LLM chat completion requests",
+                                    ["model", "outcome"], registry=r)
+        self.llm_duration = Histogram("langorch_llm_request_duration_seconds", "LLM request duration", ["model"],
+                                      buckets=CALL_BUCKETS, registry=r)
+        self.llm_fallbacks = Counter("langorch_llm_fallbacks_total", "LLM calls answered by a fallback model",
+                                     ["primary_model", "used_model"], registry=r)
+        self.pool_saturation = Counter("langorch_pool_saturation_total",
+                                       "Dispatches that found every slot of their candidates held", ["pool_id"],
+                                       registry=r)
+        self.lease_wait = Histogram("langorch_lease_wait_seconds", "Wait for a free lease slot", ["pool_id"],
+                                    buckets=WAIT_BUCKETS, registry=r)
+        self.leases_active = Gauge("langorch_leases_active", "Lease slots this replica holds now", ["pool_id"],
+                                   registry=r)
+        self.state = _StateCollector()
+        r.register(self.state)
+        self.models: frozenset[str] = frozenset()
+
+    def configure_models(self, names: Iterable[str]) -> None:
+        """The configured model names: any other model is reported as ``other`` (bounded labels)."""
+        self.models = frozenset(names)
+
+    def model_label(self, name: str | None) -> str:
+        return name if name is not None and name in self.models else "other"
+
+    def call_outcome(self, outcome: str) -> str:
+        return outcome if outcome in CALL_OUTCOMES else "error"
 
     def observer(self, ir: ProcedureIR, run_created: dict[str, Any], started_at: float | None) -> RunObserver:
         return RunObserver(self, ir, run_created, started_at)
+
+
+def binding_label(step_started: dict[str, Any]) -> str:
+    """The ``binding`` label of a step from its ``step_started`` payload (api.md §13.1); ``channel`` (a step
+    answered before an agent was chosen: override, mock, dry run, no executor) counts as ``agent_http``."""
+    kind = step_started.get("binding_kind") or "internal"
+    if kind in BINDINGS:
+        return str(kind)
+    return "agent_http" if kind == "channel" else "internal"
 
 
 class RunObserver:
@@ -79,9 +157,7 @@ class RunObserver:
         elif t == "execution_recovered":
             m.run_recovered.inc()
         elif t == "step_started":
-            kind = d.get("binding_kind") or "internal"
-            self.bindings[(d.get("node_id"), d.get("step_id"), d.get("frame"))] = \
-                "internal" if kind == "internal" else "agent_http"
+            self.bindings[(d.get("node_id"), d.get("step_id"), d.get("frame"))] = binding_label(d)
         elif t == "step_completed":
             binding = self.binding(d)
             m.steps.labels(binding, "completed").inc()

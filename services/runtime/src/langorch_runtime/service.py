@@ -57,6 +57,7 @@ from ckp_core.subjects import (
     procedure_key,
 )
 from langorch_infra.audit import AuditWriter
+from langorch_infra.bus import ACK, LEAVE, BusMetrics, Settle, handle_one, nak
 from langorch_infra.callbacks import callback_key
 from langorch_infra.hosting import ServiceHost, bus_checks, probe_check
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
@@ -64,6 +65,7 @@ from langorch_infra.metrics import package_version, register_build_info
 from langorch_infra.secrets import env_secret, grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agent_dispatch import AgentDispatcher
+from langorch_runtime.agents import CONSUMER as AGENTS_CONSUMER
 from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
@@ -80,6 +82,7 @@ from langorch_runtime.webhooks import Webhooks
 log = logging.getLogger(__name__)
 
 CONSUMER = "runtime"
+QUEUE_POLL_S = 5.0
 ACTOR = Actor.system("runtime")
 VERSION = package_version("langorch-runtime")
 
@@ -112,9 +115,11 @@ class RuntimeService:
         self.saver: AsyncPostgresSaver | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.dispatcher = AgentDispatcher(settings, instance_id=self.instance)
         self.metrics = RuntimeMetrics()
         register_build_info(self.metrics.registry, "runtime", VERSION)
+        self.bus = BusMetrics(self.metrics.registry, "runtime")
+        self.dispatcher = AgentDispatcher(settings, instance_id=self.instance, metrics=self.metrics)
+        self._queues: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
@@ -130,7 +135,7 @@ class RuntimeService:
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
         self.artifacts = await ObjectStoreArtifacts.open(self.js)
         self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
-        self.llm = LlmClient(self.settings, secrets=self.secrets.value)
+        self.llm = LlmClient(self.settings, secrets=self.secrets.value, metrics=self.metrics)
         self.webhooks = Webhooks(self.settings, secrets=self.secrets.value)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
@@ -142,6 +147,22 @@ class RuntimeService:
         except Exception:
             log.debug("runtime consumer exists", exc_info=True)
         self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
+        self._queues = asyncio.create_task(self._watch_queues(), name="runtime-queue-depth")
+
+    async def _watch_queues(self) -> None:
+        """``langorch_queue_depth``: messages not yet delivered of the run consumer (``run_queue``) and of the
+        agent/lease command consumer (``control``), read every ``QUEUE_POLL_S``."""
+        assert self.js is not None
+        while True:
+            for queue_type, durable in (("run_queue", CONSUMER), ("control", AGENTS_CONSUMER)):
+                try:
+                    info = await self.js.consumer_info(COMMAND_STREAM, durable)
+                    self.metrics.state.queue_depth[queue_type] = int(info.num_pending or 0)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.debug("reading consumer %s failed", durable, exc_info=True)
+            await asyncio.sleep(QUEUE_POLL_S)
 
     async def run(self) -> None:
         """Fetch start commands forever, executing up to ``max_concurrent_runs`` at once."""
@@ -153,7 +174,7 @@ class RuntimeService:
                 self.slots.release()
                 continue
             for msg in msgs:
-                task = asyncio.create_task(self._handle(msg))
+                task = asyncio.create_task(handle_one(msg, self._handle, self.bus))
                 self.tasks.add(task)
                 task.add_done_callback(self._done)
 
@@ -162,6 +183,8 @@ class RuntimeService:
         self.slots.release()
 
     async def stop(self) -> None:
+        if self._queues is not None:
+            self._queues.cancel()
         for task in list(self.tasks):
             task.cancel()
         for task in list(self.tasks):
@@ -200,18 +223,16 @@ class RuntimeService:
         checks["postgres"] = await probe_check(select_one if pool is not None else None)
         return checks
 
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg) -> Settle:
         heartbeat = asyncio.create_task(self._progress(msg))
         try:
             command: StartRun | ResumeRun | RetryRun
             if msg.subject.endswith(".cancel"):
                 await self.cancel(CancelRun.model_validate_json(msg.data))
-                await msg.ack_sync()
-                return
+                return ACK
             if msg.subject.endswith(".delete"):
                 await self.delete_run(DeleteRun.model_validate_json(msg.data))
-                await msg.ack_sync()
-                return
+                return ACK
             if msg.subject.endswith(".resume"):
                 command = ResumeRun.model_validate_json(msg.data)
             elif msg.subject.endswith(".retry"):
@@ -219,16 +240,16 @@ class RuntimeService:
             else:
                 command = StartRun.model_validate_json(msg.data)
             await self.execute(command, msg.metadata.num_delivered or 1)
-            await msg.ack_sync()
+            return ACK
         except ConcurrencyError as exc:
             # another replica writes this run now; leave the message to JetStream's redelivery
             log.warning("run lost to another writer: %s", exc)
+            return LEAVE
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("run command failed; it will be redelivered")
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=5)
+            return nak(5.0)
         finally:
             heartbeat.cancel()
 
@@ -590,7 +611,8 @@ def host(settings: RuntimeSettings) -> ServiceHost:
     """One runtime replica — runs and the agent/lease side, in one process — with its presence key and its
     /metrics, /health and /ready on ``metrics_port``."""
     service = RuntimeService(settings)
-    return ServiceHost("runtime", VERSION, settings, [service, AgentService(settings)], service.metrics.registry)
+    return ServiceHost("runtime", VERSION, settings, [service, AgentService(settings, bus=service.bus)],
+                       service.metrics.registry)
 
 
 async def serve(settings: RuntimeSettings, *, metrics_port: int | None = None) -> None:
