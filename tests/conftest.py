@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -35,16 +37,21 @@ EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_url() -> Iterator[str]:
     url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg")).start()
+    # not under pytest's basetemp: a second pytest session starting on this machine resets the permissions of
+    # /tmp/pytest-of-<user> to 0700, and the unprivileged server user (when we run as root) then loses its way
+    # to the data directory and PANICs in the middle of this session
+    state = Path(tempfile.mkdtemp(prefix="langorch-test-pg-"))
+    server = EmbeddedPostgres(state).start()
     try:
         yield server.url
     finally:
         server.stop()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture

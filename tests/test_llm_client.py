@@ -232,8 +232,8 @@ class FakeArtifacts:
         self.sizes = sizes or {}
         self.reads: list[str] = []
 
-    async def size(self, artifact_id: str) -> int | None:
-        if artifact_id not in self.objects:
+    async def size(self, artifact_id: str, *, root_run_id: str | None = None) -> int | None:
+        if artifact_id not in self.objects or root_run_id not in (None, "root-1"):
             return None
         return self.sizes.get(artifact_id, len(self.objects[artifact_id]))
 
@@ -266,7 +266,7 @@ async def test_image_attachments_from_stored_artifacts_become_data_urls() -> Non
 
 
 @pytest.mark.parametrize(("source", "problem"), [
-    ({"artifact_id": "gone"}, "no stored artifact 'gone'"),
+    ({"artifact_id": "gone"}, "no stored artifact 'gone' of this run"),
     ({"uri": "lo-artifact://big"}, "artifact 'big' has 20971521 bytes, more than the 20971520 allowed for an image"),
     ({"artifact_id": "notes"}, "artifact 'notes' is not an image"),
     ({"artifact_id": "pdf", "mime_type": "application/pdf"}, "artifact 'pdf' is not an image (application/pdf)"),
@@ -279,6 +279,16 @@ async def test_unusable_artifact_images_are_invalid_attachments(source: dict[str
     assert (e.code, e.retryable) == ("llm_error", False)
     assert e.details == {"reason": "invalid_attachment", "index": 1, "type": "image", "problem": problem}
     assert "big" not in store.reads  # the size is checked before the content is read
+
+
+async def test_an_artifact_of_another_run_tree_is_not_found() -> None:
+    store = FakeArtifacts({"a1": PNG_BYTES})  # owned by the tree of "root-1"
+    ok = await resolve_image_artifacts([(att("image"), {"artifact_id": "a1"})], store, "root-1")
+    assert ok[0][1].startswith("data:image/png;base64,")
+    with pytest.raises(StepError) as err:
+        await resolve_image_artifacts([(att("image"), {"artifact_id": "a1"})], store, "root-2")
+    assert err.value.error.details["problem"] == "no stored artifact 'a1' of this run"
+    assert store.reads == ["a1"]  # the refused one was never read
 
 
 def test_orchestration_mode_instruction_and_json() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -111,21 +112,30 @@ async def test_llm_image_attachment_from_a_stored_artifact(platform: Platform, l
     png = base64.b64encode(PNG).decode()
     agent = ScriptedAgent({"capture": lambda b: {"artifact": {"kind": "screenshot", "name": "page.png",
                                                               "mime_type": "image/png", "content_base64": png}}})
+
+    async def refused(run_id: str, artifact_id: str) -> list[str]:
+        run = await wait_status(c, run_id)
+        assert run["status"] == "failed"
+        assert run["error"]["code"] == "llm_error", run["error"]
+        events = await events_of(c, run_id)
+        [failure] = [e["payload"]["error"] for e in events if e["event_type"] == "node_error"]
+        assert failure["details"]["reason"] == "invalid_attachment"
+        assert failure["details"]["problem"] == f"no stored artifact '{artifact_id}' of this run"
+        return [e["payload"]["artifact_id"] for e in events if e["event_type"] == "artifact_created"]
+
     async with serving(agent):
         await register(c, agent, "web")
-        # the second attachment names the artifact the first run stored; a missing one fails the node
-        missing = await wait_status(c, await start(c, VISION_DOC, {"image_id": "0192f7c4-0000-7000-8000-00000000"}))
-        assert missing["status"] == "failed"
-        assert missing["error"]["code"] == "llm_error", missing["error"]
-        [failure] = [e["payload"]["error"] for e in await events_of(c, missing["run_id"])
-                     if e["event_type"] == "node_error"]
-        assert failure["details"]["reason"] == "invalid_attachment"
-        assert failure["details"]["problem"] == "no stored artifact '0192f7c4-0000-7000-8000-00000000'"
+        # the second attachment names a missing artifact, then one another run stored: both fail the node
+        missing = "0192f7c4-0000-7000-8000-00000000"
+        stored = await refused(await start(c, VISION_DOC, {"image_id": missing}), missing)
+        await refused(await start(c, VISION_DOC, {"image_id": stored[0]}), stored[0])
         assert llm.state.requests == []
-        stored = [e["payload"]["artifact_id"] for e in await events_of(c, missing["run_id"])
-                  if e["event_type"] == "artifact_created"]
         llm.state.model("m-small").answer = "a login form"
-        run = await wait_status(c, await start(c, VISION_DOC, {"image_id": stored[0]}))
+        own = copy.deepcopy(VISION_DOC)
+        own["procedure_id"] = "llm_vision_own"
+        own["workflow_graph"]["nodes"]["look"]["attachments"][1]["source"] = {
+            "artifact_id": "{{shot.artifact.artifact_id}}"}
+        run = await wait_status(c, await start(c, own))
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"answer": "a login form"}
     [request] = llm.state.requests

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -46,8 +49,17 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait(60)
 
 
-async def test_up_serves_health_and_runs_the_quickstart(tmp_path: Path) -> None:
-    state, log, port = tmp_path / "state", tmp_path / "up.log", free_port()
+@pytest.fixture
+def state() -> Iterator[Path]:
+    """The state directory, outside pytest's basetemp (see ``pg_server_url`` in conftest: the embedded
+    PostgreSQL must keep its way to its data directory whatever another pytest session does meanwhile)."""
+    path = Path(tempfile.mkdtemp(prefix="langorch-up-test-"))
+    yield path / "state"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_up_serves_health_and_runs_the_quickstart(tmp_path: Path, state: Path) -> None:
+    log, port = tmp_path / "up.log", free_port()
     base = f"http://127.0.0.1:{port}"
     proc = start_up(state, port, log)
     try:

@@ -142,7 +142,8 @@ _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jp
 class ArtifactReader(Protocol):
     """Reads stored artifact content (the runtime's ``lo_artifacts`` object store)."""
 
-    async def size(self, artifact_id: str) -> int | None: ...  # None: no such artifact
+    async def size(self, artifact_id: str, *, root_run_id: str | None = None) -> int | None: ...
+    # None: no such artifact, or (``root_run_id`` given) one of another run tree
 
     async def read(self, artifact_id: str) -> bytes: ...
 
@@ -169,10 +170,11 @@ def _image_type(attachment: AttachmentIR, source: dict[str, Any], data: bytes) -
     return next((kind for magic, kind in _IMAGE_MAGIC if data.startswith(magic)), None)
 
 
-async def resolve_image_artifacts(attachments: Sequence[tuple[AttachmentIR, Any]],
-                                  store: ArtifactReader) -> list[tuple[AttachmentIR, Any]]:
+async def resolve_image_artifacts(attachments: Sequence[tuple[AttachmentIR, Any]], store: ArtifactReader,
+                                  root_run_id: str | None = None) -> list[tuple[AttachmentIR, Any]]:
     """Image attachments whose source names a stored artifact get a ``data:`` URL of its content (§3.12 step 1,
-    ≤ 20 MiB); a missing artifact, a larger one or one that is not an image is ``invalid_attachment``. A
+    ≤ 20 MiB); a missing artifact, one of another run tree than ``root_run_id``, a larger one or one that is not
+    an image is ``invalid_attachment``. A
     ``uri``/``screenshot`` that is an http(s) or ``data:`` URL is used as the image URL as it is."""
     out: list[tuple[AttachmentIR, Any]] = []
     for index, (attachment, source) in enumerate(attachments):
@@ -183,9 +185,9 @@ async def resolve_image_artifacts(attachments: Sequence[tuple[AttachmentIR, Any]
         if ref.split(":", 1)[0].lower() in ("http", "https", "data") and ":" in ref:
             out.append((attachment, ref))
             continue
-        size = await store.size(ref)
+        size = await store.size(ref, root_run_id=root_run_id)
         if size is None:
-            raise _invalid_attachment(index, attachment, f"no stored artifact '{ref}'")
+            raise _invalid_attachment(index, attachment, f"no stored artifact '{ref}' of this run")
         if size > MAX_IMAGE_BYTES:
             raise _invalid_attachment(index, attachment, f"artifact '{ref}' has {size} bytes, more than the "
                                       f"{MAX_IMAGE_BYTES} allowed for an image")

@@ -241,11 +241,13 @@ class Delegated(Exception):
 
 
 class ArtifactStore(Protocol):
-    """Stores inline artifact content (≤ 50 MiB); returns its URI and size."""
+    """Stores inline artifact content (≤ 50 MiB) owned by a run tree (its root run); returns its URI and size.
+    ``size`` with ``root_run_id`` answers None for an artifact of another run tree, as for a missing one."""
 
-    async def put(self, artifact_id: str, spec: dict[str, Any]) -> tuple[str, int]: ...
+    async def put(self, artifact_id: str, spec: dict[str, Any], *, run_id: str, root_run_id: str
+                  ) -> tuple[str, int]: ...
 
-    async def size(self, artifact_id: str) -> int | None: ...  # None: no such artifact
+    async def size(self, artifact_id: str, *, root_run_id: str | None = None) -> int | None: ...
 
     async def read(self, artifact_id: str) -> bytes: ...
 
@@ -329,6 +331,11 @@ class Machine:
     affinity: dict[str, str] = field(default_factory=dict)  # channel → agent, mirrored into the run state
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
     webhooks: WebhookPoster | None = None  # the server's notification and alert webhooks (scheduled POSTs)
+
+    @property
+    def root_run_id(self) -> str:
+        """The root of this run's tree (itself unless it is a child run): owner of the artifacts it stores."""
+        return str(self.run.run_created.get("root_run_id") or self.run.run_id)
 
     # -- webhooks (ckp.md §4.3 notify, §4.10 notify_on_error) ------------------------------------------------
     def rehearsal(self) -> bool:
@@ -1310,7 +1317,7 @@ class Machine:
                        for i, a in enumerate(p.attachments)]
         try:
             if self.artifacts is not None:
-                attachments = await resolve_image_artifacts(attachments, self.artifacts)
+                attachments = await resolve_image_artifacts(attachments, self.artifacts, self.root_run_id)
             messages = build_messages(p, system, prompt, attachments)
         except StepError as exc:
             raise NodeFailure(exc.error.model_copy(update={"node_id": node.id, "frame": fs})) from exc
@@ -1845,7 +1852,8 @@ class Machine:
             size = None
             content = spec.get("content_base64")
             if isinstance(content, str) and self.artifacts is not None:
-                uri, size = await self.artifacts.put(artifact_id, spec)
+                uri, size = await self.artifacts.put(artifact_id, spec, run_id=self.run.run_id,
+                                                     root_run_id=self.root_run_id)
                 stored = True
             elif isinstance(content, str):
                 continue  # no artifact store in this runtime: the content stays in the result
@@ -1867,7 +1875,8 @@ class Machine:
             if isinstance(spec.get("content_base64"), str):
                 if self.artifacts is None:
                     continue  # no artifact store in this runtime: the content stays in the output
-                uri, size = await self.artifacts.put(artifact_id, spec)
+                uri, size = await self.artifacts.put(artifact_id, spec, run_id=self.run.run_id,
+                                                     root_run_id=self.root_run_id)
                 stored = True
             await self.emit(ArtifactCreated(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                             artifact_id=artifact_id, kind=str(spec.get("kind") or "file"),
