@@ -68,7 +68,9 @@ async def test_one_elected_poller_probes_and_drives_circuit_and_status(nats_url:
 
             assert (await detail())["last_probe_at"] is not None
             behaviour.healthy = False
-            opened = await eventually(lambda: _matching(detail, lambda d: d["circuit_state"] == "open"))
+            # the circuit event and the status event are two appends: wait until the projection has both
+            opened = await eventually(lambda: _matching(
+                detail, lambda d: d["circuit_state"] == "open" and d["status"] != "online"))
             assert opened["status"] == "offline"
             assert opened["consecutive_failures"] >= 3
             assert opened["circuit_open_at"].endswith("Z")
@@ -77,7 +79,8 @@ async def test_one_elected_poller_probes_and_drives_circuit_and_status(nats_url:
             hits_before = len(behaviour.health_hits)
             await _stop(leader)
             behaviour.healthy = True
-            closed = await eventually(lambda: _matching(detail, lambda d: d["circuit_state"] == "closed"))
+            closed = await eventually(lambda: _matching(
+                detail, lambda d: d["circuit_state"] == "closed" and d["status"] != "offline"))
             assert closed["status"] == "online"
             assert closed["consecutive_failures"] == 0
             assert set(behaviour.health_hits[hits_before:]) == {follower.instance}
