@@ -6,6 +6,7 @@ The standard path runs only its own branch."""
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,23 @@ async def test_standard_run_takes_the_standard_branch_only(nats_url: str, databa
     started = [e.data["node_id"] for e in await run_events(nats_url, run_id) if e.type == "node_started"]
     assert started == ["fetch_product", "quality_check", "standard_enrichment", "aggregate_results", "approval_gate",
                        "publish_results", "success_termination"]
+
+
+async def test_approval_timeout_routes_to_cleanup_rejected_by_itself(nats_url: str, database_url: str,
+                                                                      tmp_path: Path) -> None:
+    """examples/README.md: "a timeout routes to cleanup_rejected by itself" — the same document with the approval's
+    300 s timeout shortened to 1 s, and nobody deciding."""
+    doc = copy.deepcopy(DOC)
+    doc["procedure_id"] = "product_enrichment_timeout"
+    doc["workflow_graph"]["nodes"]["approval_gate"]["timeout_ms"] = 1000
+    async with platform_of(nats_url, database_url) as p:
+        c = p.client
+        run_id = await start_run(c, doc, {"product_id": 5})
+        approval_id = await waiting_approval(c, run_id, tmp_path)
+        run = await wait_terminal(c, run_id, 30, tmp_path)
+        approval = (await c.get(f"/api/approvals/{approval_id}")).json()
+    assert approval["status"] == "timed_out", approval
+    assert run["status"] == "failed", run["error"]
+    started = [e.data["node_id"] for e in await run_events(nats_url, run_id) if e.type == "node_started"]
+    assert started[-3:] == ["approval_gate", "cleanup_rejected", "rejection_termination"]
+    assert "publish_results" not in started
