@@ -79,7 +79,13 @@ async def test_agent_requests_by_outcome_and_duration(nats_url: str) -> None:
         for code in ("agent_error", "agent_unavailable", "agent_protocol_error"):
             assert (await failure(h.dispatcher.dispatch(h.request()))).code == code
         agent.behaviour.execute_delay_s = 2.0
-        assert (await failure(h.dispatcher.dispatch(h.request()))).code == "step_timeout"
+        assert (await failure(h.dispatcher.dispatch(h.request()))).code == "step_timeout"  # binding default
+        assert (await failure(h.dispatcher.dispatch(h.request(timeout_ms=200)))).code == "step_timeout"  # the step's
+        cancelled = asyncio.create_task(h.dispatcher.dispatch(h.request()))  # a run canceled mid-call: no outcome
+        await h.until(lambda: len(agent.behaviour.executions) == 7)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
         agent.behaviour.execute_delay_s = 0.0
         await h.register("gone", f"http://127.0.0.1:{free_port()}", channel="void")
         assert (await failure(h.dispatcher.dispatch(h.request(channel="void")))).code == "agent_unavailable"
@@ -89,9 +95,9 @@ async def test_agent_requests_by_outcome_and_duration(nats_url: str) -> None:
         assert value(got, count, channel="web", outcome="success") == 1
         assert value(got, count, channel="web", outcome="error") == 2  # agent error envelope, HTTP 503
         assert value(got, count, channel="web", outcome="protocol_error") == 1
-        assert value(got, count, channel="web", outcome="timeout") == 1
+        assert value(got, count, channel="web", outcome="timeout") == 2
         assert value(got, count, channel="void", outcome="transport_error") == 1
-        assert value(got, "langorch_agent_request_duration_seconds_count", channel="web") == 5
+        assert value(got, "langorch_agent_request_duration_seconds_count", channel="web") == 6
         assert value(got, "langorch_agent_request_duration_seconds_sum", channel="web") >= 0.5  # the timeout
         assert value(got, "langorch_mcp_requests_total", channel="web", outcome="success") == 0
 

@@ -29,7 +29,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -455,7 +455,8 @@ class AgentDispatcher(Dispatcher):
         try:
             if request.on_selected is not None:
                 await request.on_selected(candidate.agent_id, self.binding_of(candidate))
-            return await self._under_lease(lease, self._timed(request, self._measured(candidate, request, channel)))
+            call = self._timed(request, self._call(candidate, request, channel))
+            return await self._under_lease(lease, self._measured(candidate, channel, call))
         finally:
             if self.metrics is not None:
                 self.metrics.leases_active.labels(candidate.pool_id or candidate.agent_id).dec()
@@ -468,16 +469,17 @@ class AgentDispatcher(Dispatcher):
             return "mcp_tool"
         return "agent_workflow" if c.capability.get("type", "tool") == "workflow" else "agent_http"
 
-    async def _measured(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
-        """:meth:`_call`, counted in ``langorch_agent_requests_total`` / ``langorch_mcp_requests_total`` (api.md
-        §13.1): one request per dispatched attempt, whatever retries of ``in_progress`` it took on the wire."""
+    async def _measured(self, c: Candidate, channel: str, call: Coroutine[Any, Any, Any]) -> Any:
+        """The timed call, counted in ``langorch_agent_requests_total`` / ``langorch_mcp_requests_total`` (api.md
+        §13.1): one request per dispatched attempt, whatever retries of ``in_progress`` it took on the wire. A call
+        cancelled from outside (run canceled, lease revoked) has no outcome and is not counted."""
         metrics = self.metrics
         if metrics is None:
-            return await self._call(c, request, channel)
+            return await call
         started = time.monotonic()
-        outcome = "error"
+        outcome: str | None = None
         try:
-            result = await self._call(c, request, channel)
+            result = await call
             outcome = "success"
             return result
         except Delegated:
@@ -486,15 +488,20 @@ class AgentDispatcher(Dispatcher):
         except StepError as exc:
             outcome = _call_outcome(exc.error)
             raise
-        except asyncio.CancelledError:
-            outcome = "timeout" if request.timeout_ms is not None else "transport_error"
+        except Exception:
+            outcome = "error"
             raise
         finally:
-            if c.agent.protocol == "mcp":
-                metrics.mcp_requests.labels(channel, outcome).inc()
-            else:
-                metrics.agent_requests.labels(channel, outcome).inc()
-                metrics.agent_duration.labels(channel).observe(time.monotonic() - started)
+            if outcome is not None:
+                self._count(c, channel, outcome, time.monotonic() - started)
+
+    def _count(self, c: Candidate, channel: str, outcome: str, seconds: float) -> None:
+        assert self.metrics is not None
+        if c.agent.protocol == "mcp":
+            self.metrics.mcp_requests.labels(channel, outcome).inc()
+        else:
+            self.metrics.agent_requests.labels(channel, outcome).inc()
+            self.metrics.agent_duration.labels(channel).observe(seconds)
 
     async def _timed(self, request: DispatchRequest, call: Any) -> Any:
         if request.timeout_ms is None:
