@@ -23,7 +23,7 @@ import nats
 import pytest
 import uvicorn
 
-from langorch.server import ManagedServer
+from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
 from langorch_approvals.service import ApprovalsService
 from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
@@ -146,7 +146,8 @@ class Platform:
 
 async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asyncio.Task[None], Any]:
     app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     server = ManagedServer(config)
     task = asyncio.create_task(server.serve())
     for _ in range(400):
@@ -156,6 +157,14 @@ async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asy
             task.result()
         await asyncio.sleep(0.025)
     return server, task, app
+
+
+async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
+    """Await one shutdown step; a step that hangs fails the test naming it, instead of a silent timeout."""
+    try:
+        await asyncio.wait_for(awaitable, timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not stop within {timeout_s:g} s") from None
 
 
 @contextlib.asynccontextmanager
@@ -195,16 +204,16 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                 t.cancel()
             for t in tasks:
                 with contextlib.suppress(BaseException):
-                    await t
+                    await _stopping("a service task", asyncio.shield(t))
             if runtime_service is not None:
-                await runtime_service.stop()
+                await _stopping("the runtime", runtime_service.stop())
             if agent_service is not None:
-                await agent_service.stop()
+                await _stopping("the agent service", agent_service.stop())
             if approvals_service is not None:
-                await approvals_service.stop()
-            await compiler.stop()
+                await _stopping("the approvals service", approvals_service.stop())
+            await _stopping("the compiler", compiler.stop())
             server.should_exit = True
-            await gateway_task
+            await _stopping("the gateway", asyncio.shield(gateway_task))
 
 
 @pytest.fixture

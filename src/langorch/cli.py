@@ -61,7 +61,7 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from langorch.server import ManagedServer
+    from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
     from langorch_approvals.service import host as approvals_host
     from langorch_compiler.service import host as compiler_host
     from langorch_gateway.app import create_app
@@ -85,7 +85,7 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
         settings = GatewaySettings(**env, host=host, port=port)
         registries: list[CollectorRegistry] = [h.registry for h in hosts]
         config = uvicorn.Config(create_app(settings, extra_registries=registries), host=host, port=port,
-                                log_level="warning", lifespan="on")
+                                log_level="warning", lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         server = ManagedServer(config)
         tasks.append(asyncio.create_task(server.serve(), name="gateway"))
 

@@ -4,4 +4,7 @@ from __future__ import annotations
 
 from langorch_infra.hosting import ManagedServer
 
-__all__ = ["ManagedServer"]
+# how long a stopping gateway waits for open requests and SSE streams before closing them
+SHUTDOWN_GRACE_S = 10
+
+__all__ = ["SHUTDOWN_GRACE_S", "ManagedServer"]

@@ -6,6 +6,7 @@ the projector, and hands the clients to the routes through ``request.app.state``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -66,6 +67,7 @@ from langorch_infra.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 API_VERSION = "1"
+POOL_CLOSE_S = 10.0  # shutdown: wait this long for pooled PostgreSQL connections to be released
 SERVICE_VERSION = "0.1.0"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LARGE_BODY_PATHS = ("/api/procedures",)
@@ -120,7 +122,11 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             await presence.stop()
             await projector.stop()
             await audit_projector.stop()
-            await pool.close()
+            try:  # close waits for every connection to be released; a stuck one must not hold up the exit
+                await asyncio.wait_for(pool.close(), POOL_CLOSE_S)
+            except TimeoutError:
+                log.warning("PostgreSQL pool did not close within %s s; terminating its connections", POOL_CLOSE_S)
+                pool.terminate()
             with contextlib.suppress(Exception):
                 await nc.close()
 
