@@ -432,3 +432,45 @@ async def test_an_approval_in_a_child_run_pauses_the_parent(platform: Platform) 
     assert parent["status"] == "completed", parent
     assert parent["waiting_on"] is None
     assert parent["output_vars"] == {"child_route": "approved_end"}
+
+
+LOOPED = {
+    "procedure_id": "looped_review", "version": "1",
+    "variables_schema": {"items": {"type": "array", "default": ["a", "b", "c"]}},
+    "workflow_graph": {"start_node": "each", "nodes": {
+        "each": {"type": "loop", "iterator": "items", "iterator_variable": "item", "body_node": "review",
+                 "collect_variable": "decisions",
+                 "collect_expression": "{{item}}:{{approval.review.decision}}", "next_node": "done"},
+        "review": {"type": "human_approval", "prompt": "Keep {{item}}?", "context_data": {"item": "{{item}}"},
+                   "on_approve": "noted", "on_reject": "noted"},
+        "noted": {"type": "sequence", "steps": [
+            {"step_id": "say", "action": "log", "message": "{{item}} {{approval.review.status}}"}]},
+        "done": {"type": "terminate", "outputs": {"decisions": "{{decisions}}"}}}},
+}
+
+
+async def test_an_approval_in_a_loop_body_asks_again_on_every_iteration(platform: Platform) -> None:
+    """ckp.md §3.7 / §3.13: every visit opens a new approval (earlier decisions are never reused), the iteration
+    frame survives the pause, and ``approval.<node>`` holds the latest visit's record."""
+    c = platform.client
+    r = await c.post("/api/procedures", json={"ckp_json": LOOPED})
+    assert r.status_code == 201, r.text
+    run_id = await start(c, "looped_review")
+    seen: list[str] = []
+    for decision in ("approved", "rejected", "approved"):
+        approval = await pending_approval(c, run_id)
+        assert approval["approval_id"] not in seen
+        assert approval["context_data"] == {"item": "abc"[len(seen)]}
+        seen.append(approval["approval_id"])
+        r = await decide(c, approval["approval_id"], decision=decision)
+        assert r.status_code == 200, r.text
+        if len(seen) < 3:  # wait until the run has moved on to the next iteration's approval
+            deadline = asyncio.get_running_loop().time() + 30
+            while (await c.get(f"/api/runs/{run_id}")).json().get("waiting_on", {}).get("approval_id") in seen:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+    run = await run_until(c, run_id, TERMINAL)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"]["decisions"] == ["a:approved", "b:rejected", "c:approved"]
+    logs = [e["payload"]["message"] for e in await run_events(c, run_id) if e["event_type"] == "log"]
+    assert logs == ["a approved", "b rejected", "c approved"]
