@@ -226,6 +226,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                                                    "release_channel": body.release_channel},
                                              statuses=(409, 422)):
             row = await _resolve_version(db, body)
+            if body.project_id is not None and await db.fetchval(
+                    "SELECT 1 FROM projects WHERE project_id = $1", body.project_id) is None:
+                raise ApiProblem("not_found", f"project {body.project_id} not found", resource="project")
             eff = row["effective_date"]
             if eff and date.fromisoformat(eff) > datetime.now(UTC).date():
                 raise ApiProblem("procedure_not_effective", f"version {row['version']} is effective from {eff}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
@@ -114,7 +114,9 @@ def _query_time(name: str, raw: str | None) -> datetime | None:
         return None
     try:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
+        if value.tzinfo is not None:  # its UTC instant must stay within years 1…9999 (else a database error)
+            value = value.astimezone(UTC)
+    except (ValueError, OverflowError):
         value = None
     if value is None or value.tzinfo is None:
         raise ApiProblem("validation_failed", f"{name} must be an RFC 3339 datetime with an offset",

@@ -83,6 +83,13 @@ async def retry_run(request: Request, run_id: str, body: RetryIn | None = None) 
     command = RetryRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
     if status not in ("failed", "canceled"):
         raise await auditing.refused(request, command, _transition(status, "retried"))
+    db: asyncpg.Pool = request.app.state.pool
+    version = await db.fetchval("SELECT status FROM procedures WHERE procedure_id = $1 AND version = $2",
+                                row["procedure_id"], row["procedure_version"])
+    if version is None or version == "archived":  # api.md §5.5: the version must exist and not be archived
+        raise await auditing.refused(request, command, ApiProblem(
+            "procedure_version_unavailable", f"version {row['procedure_version']} of {row['procedure_id']} is "
+            f"{'archived' if version else 'deleted'}; rerun the run on another version instead"))
     outcome = await send(request, "run", run_id, command, "retry_run")
     if outcome is None:
         return pending(command.command_id, "retry_run")

@@ -37,6 +37,7 @@ from langorch_infra.jetstream import publish_command
 router = APIRouter()
 
 TERMINAL = ("completed", "failed", "canceled")
+RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", *TERMINAL)
 ARTIFACT_BUCKET = "lo_artifacts"
 ERROR_EVENTS = ("node_error", "step_failed", "run_failed")
 MAX_CLEANUP = 10_000
@@ -84,9 +85,9 @@ def parse_query_time(name: str, raw: str | None) -> datetime | None:
     ok = re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", text)
     parsed = None
     if ok:
-        try:
-            parsed = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
-        except ValueError:
+        try:  # in UTC: a time whose UTC instant leaves years 1…9999 is out of range too, not a 500 from the database
+            parsed = datetime.fromisoformat(text.upper().replace("Z", "+00:00")).astimezone(UTC)
+        except (ValueError, OverflowError):
             parsed = None
     if parsed is None:
         raise ApiProblem("validation_failed", f"{name} is not an RFC 3339 datetime with offset",
@@ -283,7 +284,7 @@ async def children(request: Request, run_id: str, status: str | None = None, lim
     await _run(request, run_id)
     where = Where()
     where.eq("parent_run_id", run_id)
-    where.eq("status", comma_list("status", status, aliases={"cancelled": "canceled"}))
+    where.eq("status", comma_list("status", status, RUN_STATUSES, {"cancelled": "canceled"}))
     rows, total = await fetch_page(_db(request), "runs", where, "created_at, run_id", limit, offset)
     return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
 

@@ -1,0 +1,270 @@
+"""Acceptance audit of the gateway REST API and the approvals service against api.md (§1, §4–§9, §13.2).
+
+Written by an outside checker: each test covers what the per-area contract tests (tests/test_*_api.py,
+tests/test_approvals_*.py) do not — bad query values on every list (a 422 naming ``query.<param>``, never a
+500), the problem+json envelope of every error kind, and the status codes the spec lists but nothing checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Platform, platform_of
+
+pytestmark = pytest.mark.integration
+
+TERMINAL = ("completed", "failed", "canceled")
+PROBLEM_MEMBERS = ("type", "title", "status", "detail", "instance", "code", "request_id", "retryable")
+
+
+@pytest.fixture(scope="module")
+async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(module_nats_url, module_database_url) as p:
+        yield p
+
+
+def simple(pid: str, version: str = "1") -> dict[str, Any]:
+    """Completes for ``n >= 0``, fails (terminate ``failed``) for ``n < 0``."""
+    return {"procedure_id": pid, "version": version,
+            "variables_schema": {"n": {"type": "number", "required": True, "validation": {"max": 100}}},
+            "workflow_graph": {"start_node": "check", "nodes": {
+                "check": {"type": "logic", "rules": [{"condition": "n < 0", "next_node": "bad"}],
+                          "default_next_node": "done"},
+                "bad": {"type": "terminate", "status": "failed", "outputs": {"why": "negative"}},
+                "done": {"type": "terminate", "outputs": {"n": "{{n}}"}}}}}
+
+
+async def imported(c: httpx.AsyncClient, doc: dict[str, Any]) -> None:
+    r = await c.post("/api/procedures", json={"ckp_json": doc})
+    assert r.status_code in (201, 409), r.text
+
+
+async def start(c: httpx.AsyncClient, pid: str, inputs: dict[str, Any] | None = None, version: str = "1") -> str:
+    r = await c.post("/api/runs", json={"procedure_id": pid, "procedure_version": version,
+                                        "input_vars": inputs or {}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["run_id"])
+
+
+async def wait_status(c: httpx.AsyncClient, run_id: str, wanted: tuple[str, ...] = TERMINAL,
+                      timeout: float = 30) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
+        if body.get("status") in wanted:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+def problem(r: httpx.Response, status: int, code: str, field: str | None = None) -> dict[str, Any]:
+    """Assert a complete RFC 9457 body of ``code`` (and, for a 422, an error at ``field``)."""
+    assert r.status_code == status, (r.request.url, r.text)
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body: dict[str, Any] = r.json()
+    for member in PROBLEM_MEMBERS:
+        assert member in body, (member, body)
+    assert body["code"] == code, body
+    assert body["type"] == f"urn:langorch:problem:{code}"
+    assert body["status"] == status
+    assert body["instance"] == r.request.url.path
+    assert body["request_id"] == r.headers["x-request-id"]
+    if status == 422:
+        assert isinstance(body["errors"], dict), body
+    if field is not None:
+        assert field in body["errors"], body
+    return body
+
+
+# -- §1.4 bad query values on every list: 422 naming the parameter ---------------------------------------------
+
+BAD_QUERIES: list[tuple[str, str, str]] = [
+    ("/api/runs", "limit=0", "query.limit"),
+    ("/api/runs", "limit=501", "query.limit"),
+    ("/api/runs", "offset=-1", "query.offset"),
+    ("/api/runs", "limit=abc", "query.limit"),
+    ("/api/runs", "status=bogus", "query.status"),
+    ("/api/runs", "trigger_type=cron", "query.trigger_type"),
+    ("/api/runs", "top_level=maybe", "query.top_level"),
+    ("/api/runs", "created_from=2025-01-01T00:00:00", "query.created_from"),
+    ("/api/runs", "created_to=yesterday", "query.created_to"),
+    ("/api/runs", "created_from=0001-01-01T00:00:00%2B01:00", "query.created_from"),
+    ("/api/runs", "created_to=9999-12-31T23:59:59-01:00", "query.created_to"),
+    ("/api/runs", "sort=name", "query.sort"),
+    ("/api/runs", "order=up", "query.order"),
+    ("/api/procedures", "status=bogus", "query.status"),
+    ("/api/procedures", "release_channel=staging", "query.release_channel"),
+    ("/api/procedures", "latest_only=maybe", "query.latest_only"),
+    ("/api/procedures", "sort=version", "query.sort"),
+    ("/api/procedures", "limit=0", "query.limit"),
+    ("/api/approvals", "status=bogus", "query.status"),
+    ("/api/approvals", "sort=decided_at", "query.sort"),
+    ("/api/approvals", "created_from=2025-01-01", "query.created_from"),
+    ("/api/approvals", "expires_before=0001-01-01T00:00:00%2B01:00", "query.expires_before"),
+    ("/api/approvals", "created_to=9999-12-31T23:59:59-01:00", "query.created_to"),
+    ("/api/approvals", "limit=501", "query.limit"),
+    ("/api/agents", "status=busy", "query.status"),
+    ("/api/agents", "protocol=grpc", "query.protocol"),
+    ("/api/agents", "sort=name", "query.sort"),
+    ("/api/agents", "limit=0", "query.limit"),
+    ("/api/agents/pools", "offset=-5", "query.offset"),
+    ("/api/leases", "limit=0", "query.limit"),
+    ("/api/leases", "offset=x", "query.offset"),
+    ("/api/projects", "sort=procedure_count", "query.sort"),
+    ("/api/projects", "limit=1000", "query.limit"),
+    ("/api/metrics/summary", "window_hours=0", "query.window_hours"),
+    ("/api/metrics/summary", "window_hours=721", "query.window_hours"),
+    ("/api/metrics/summary", "window_hours=day", "query.window_hours"),
+]
+
+
+async def test_bad_query_values_are_422_naming_the_parameter(platform: Platform) -> None:
+    c = platform.client
+    for path, query, field in BAD_QUERIES:
+        problem(await c.get(f"{path}?{query}"), 422, "validation_failed", field)
+
+
+async def test_run_sub_lists_validate_their_queries(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_sub"))
+    run_id = await start(c, "audit_sub", {"n": 1})
+    await wait_status(c, run_id)
+    for sub, query, field in [("children", "status=bogus", "query.status"),
+                              ("children", "limit=0", "query.limit"),
+                              ("events", "limit=0", "query.limit"),
+                              ("events", "offset=-1", "query.offset"),
+                              ("artifacts", "limit=501", "query.limit"),
+                              ("checkpoints", "limit=0", "query.limit")]:
+        problem(await c.get(f"/api/runs/{run_id}/{sub}?{query}"), 422, "validation_failed", field)
+    # a status filter names statuses the spec knows, its cancelled alias included
+    r = await c.get(f"/api/runs/{run_id}/children?status=completed,cancelled")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"items": [], "total": 0, "limit": 100, "offset": 0}
+    # an offset past the total: no items, the real total
+    r = await c.get(f"/api/runs/{run_id}/events?offset=1000")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["items"] == []
+    assert body["total"] > 0
+    assert body["offset"] == 1000
+    # the read-your-writes header is a stream sequence
+    problem(await c.get(f"/api/runs/{run_id}", headers={"X-LangOrch-Min-Position": "abc"}), 422,
+            "validation_failed")
+
+
+async def test_unknown_resources_are_404_not_found(platform: Platform) -> None:
+    c = platform.client
+    missing = "0192f7c4-6a1e-7c3b-8e55-9d2f4b1a7c10"
+    for path in [f"/api/runs/{missing}", f"/api/runs/{missing}/events", f"/api/runs/{missing}/children",
+                 f"/api/runs/{missing}/artifacts", f"/api/runs/{missing}/artifacts/{missing}",
+                 f"/api/runs/{missing}/diagnostics", f"/api/runs/{missing}/checkpoints",
+                 f"/api/runs/{missing}/checkpoints/{missing}", f"/api/runs/{missing}/graph",
+                 f"/api/approvals/{missing}", "/api/agents/nobody", f"/api/leases/{missing}",
+                 f"/api/projects/{missing}", "/api/procedures/nothing_here",
+                 "/api/procedures/nothing_here/versions", "/api/procedures/nothing_here/deployments",
+                 "/api/procedures/nothing_here/1"]:
+        body = problem(await c.get(path), 404, "not_found")
+        assert body["resource"], body
+    for method, path, payload in [("POST", f"/api/runs/{missing}/cancel", {}),
+                                  ("POST", f"/api/runs/{missing}/retry", {}),
+                                  ("POST", f"/api/runs/{missing}/rerun", {}),
+                                  ("DELETE", f"/api/runs/{missing}", None),
+                                  ("POST", f"/api/approvals/{missing}/decision", {"decision": "approved"}),
+                                  ("DELETE", f"/api/leases/{missing}", None),
+                                  ("DELETE", f"/api/projects/{missing}", None)]:
+        problem(await c.request(method, path, json=payload), 404, "not_found")
+
+
+async def test_problem_envelope_of_transport_errors(platform: Platform) -> None:
+    c = platform.client
+    problem(await c.patch("/api/runs"), 405, "method_not_allowed")
+    problem(await c.post("/api/runs", content=b"{not json", headers={"content-type": "application/json"}), 400,
+            "malformed_json")
+    problem(await c.post("/api/runs", content=b"procedure_id=x", headers={"content-type": "text/plain"}), 415,
+            "unsupported_media_type")
+    problem(await c.post("/api/runs", json={"procedure_id": "x", "colour": "red"}), 422, "unknown_field",
+            "colour")
+    problem(await c.post("/api/runs", json={"procedure_id": "x", "case_id": "c-1"}), 422, "validation_failed",
+            "case_id")
+    r = await c.get("/api/health")
+    assert r.headers["LangOrch-API-Version"] == "1"
+
+
+# -- §5.3 runs -------------------------------------------------------------------------------------------------
+
+
+async def test_run_create_names_an_unknown_project(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_proj"))
+    body = problem(await c.post("/api/runs", json={"procedure_id": "audit_proj", "procedure_version": "1",
+                                                   "input_vars": {"n": 1}, "project_id": "no_such_project"}),
+                   404, "not_found")
+    assert body["resource"] == "project"
+
+
+async def test_retry_of_an_archived_version_is_procedure_version_unavailable(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_archived"))
+    run_id = await start(c, "audit_archived", {"n": -1})
+    assert (await wait_status(c, run_id))["status"] == "failed"
+    r = await c.patch("/api/procedures/audit_archived/1/status", json={"status": "archived"})
+    assert r.status_code == 200, r.text
+    body = problem(await c.post(f"/api/runs/{run_id}/retry", json={}), 409, "procedure_version_unavailable")
+    assert body["retryable"] is False
+    run = (await c.get(f"/api/runs/{run_id}")).json()
+    assert run["status"] == "failed"
+    assert run["retry_count"] == 0
+
+
+async def test_run_state_conflicts_carry_current_status_and_allowed(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_conflict"))
+    run_id = await start(c, "audit_conflict", {"n": 1})
+    assert (await wait_status(c, run_id))["status"] == "completed"
+    for method, path in [("POST", f"/api/runs/{run_id}/cancel"), ("POST", f"/api/runs/{run_id}/retry")]:
+        body = problem(await c.request(method, path, json={}), 409, "invalid_run_transition")
+        assert body["current_status"] == "completed"
+        assert sorted(body["allowed"]) == ["delete", "rerun"]
+    # rerun with inputs that fail validation: every failure under input_vars.
+    body = problem(await c.post(f"/api/runs/{run_id}/rerun", json={"input_vars": {"n": 500}}), 422,
+                   "invalid_input_vars", "input_vars.n")
+    # rerun of a version that does not exist
+    problem(await c.post(f"/api/runs/{run_id}/rerun", json={"procedure_version": "9"}), 404, "not_found")
+
+
+async def test_cleanup_validates_its_body(platform: Platform) -> None:
+    c = platform.client
+    for payload, field in [({}, "before"), ({"before": "2025-01-01"}, "before"),
+                           ({"before": "2025-01-01T00:00:00Z", "statuses": ["running"]}, "statuses"),
+                           ({"before": "2025-01-01T00:00:00Z", "limit": 0}, "limit"),
+                           ({"before": "2025-01-01T00:00:00Z", "limit": 10_001}, "limit"),
+                           ({"before": "0001-01-01T00:00:00+01:00"}, "before")]:
+        problem(await c.post("/api/runs/cleanup", json=payload), 422, "validation_failed", field)
+    problem(await c.post("/api/runs/cleanup", json={"before": "2025-01-01T00:00:00Z", "everything": True}), 422,
+            "unknown_field", "everything")
+    r = await c.post("/api/runs/cleanup", json={"before": "2000-01-01T00:00:00+02:00"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"dry_run": True, "matched": 0, "sample_run_ids": [], "before": "1999-12-31T22:00:00.000000Z",
+                        "statuses": ["completed", "failed", "canceled"]}
+    problem(await c.delete("/api/runs/cleanup/history?before=not-a-time"), 422, "validation_failed",
+            "query.before")
+    problem(await c.delete("/api/runs/cleanup/history"), 422, "validation_failed", "query.before")
+
+
+async def test_checkpoint_detail_bounds(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_cp"))
+    run_id = await start(c, "audit_cp", {"n": 2})
+    await wait_status(c, run_id)
+    page = (await c.get(f"/api/runs/{run_id}/checkpoints")).json()
+    assert page["total"] >= 1
+    cp = page["items"][0]["checkpoint_id"]
+    for bad in ("0", "1048577", "many"):
+        problem(await c.get(f"/api/runs/{run_id}/checkpoints/{cp}?max_value_bytes={bad}"), 422,
+                "validation_failed", "query.max_value_bytes")
+    problem(await c.get(f"/api/runs/{run_id}/checkpoints/{cp}?checkpoint_ns=elsewhere"), 404, "not_found")
