@@ -268,3 +268,33 @@ async def test_checkpoint_detail_bounds(platform: Platform) -> None:
         problem(await c.get(f"/api/runs/{run_id}/checkpoints/{cp}?max_value_bytes={bad}"), 422,
                 "validation_failed", "query.max_value_bytes")
     problem(await c.get(f"/api/runs/{run_id}/checkpoints/{cp}?checkpoint_ns=elsewhere"), 404, "not_found")
+
+
+# -- §5.7 / §6.5 stream limits ---------------------------------------------------------------------------------
+
+
+async def test_streams_per_principal_are_limited(nats_url: str, database_url: str) -> None:
+    async with platform_of(nats_url, database_url, runtime=False, agents=False, approvals=False,
+                           gateway_settings={"sse_max_per_principal": 2}) as p:
+        c = p.client
+        async with c.stream("GET", "/api/approvals/stream") as first:
+            assert first.status_code == 200
+            async with c.stream("GET", "/api/approvals/stream?status=pending") as second:
+                assert second.status_code == 200
+                for path in ("/api/approvals/stream", "/api/runs/0192f7c4-6a1e-7c3b-8e55-9d2f4b1a7c10/stream"):
+                    r = await c.get(path)
+                    if path.startswith("/api/approvals"):
+                        body = problem(r, 429, "too_many_streams")
+                        assert body["retryable"] is True
+                        assert int(r.headers["Retry-After"]) >= 1
+                    else:  # an unknown run is still a 404, limit or not
+                        problem(r, 404, "not_found")
+        # both closed: the slots come back once the gateway has seen the disconnects
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with c.stream("GET", "/api/approvals/stream") as again, \
+                    c.stream("GET", "/api/approvals/stream") as and_again:
+                if again.status_code == 200 and and_again.status_code == 200:
+                    break
+            assert asyncio.get_running_loop().time() < deadline, "stream slots were not released"
+            await asyncio.sleep(0.1)

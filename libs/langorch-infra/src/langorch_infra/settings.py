@@ -128,6 +128,8 @@ class GatewaySettings(CommonSettings):
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")
     sse_keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
+    sse_max_per_principal: int = Field(20, ge=1, description="Open SSE streams (runs and approvals together) one "
+                                       "principal may hold; more → 429 too_many_streams.")
     public_url: str | None = Field(None, description="Base of callback, webhook and agent URLs (default: "
                                    "http://<host>:<port>).")
     agent_heartbeat_interval_s: float = Field(15.0, gt=0, description="Heartbeat interval told to agents; "

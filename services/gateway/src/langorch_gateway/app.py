@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from ckp_core.commands import StartRun
 from ckp_core.errors import InvalidInputVars
@@ -53,6 +54,7 @@ from langorch_gateway import (
 from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.problems import ApiProblem, install
 from langorch_gateway.projector import AuditProjector, Projector, ensure_schema
+from langorch_gateway.streams import StreamSlots
 from langorch_gateway.text_safety import check_request
 from langorch_infra.jetstream import (
     JetStreamEventStore,
@@ -133,6 +135,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app = FastAPI(title="LangOrch API", version=SERVICE_VERSION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
+    app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
     install(app)
 
     @app.middleware("http")
@@ -356,6 +359,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             start = int(last_event_id)
         new_only = last_event_id is None and after is None and not history
         js = request.app.state.js
+        release = request.app.state.stream_slots.acquire(ANONYMOUS.render())
 
         async def events() -> AsyncIterator[ServerSentEvent]:
             metrics.sse.labels(stream="run").inc()
@@ -364,6 +368,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                     yield event
             finally:
                 metrics.sse.labels(stream="run").dec()
+                release()
 
         async def run_events_of() -> AsyncIterator[ServerSentEvent]:
             yield ServerSentEvent(comment="langorch run stream", retry=3000)
@@ -377,8 +382,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                     yield ServerSentEvent(json.dumps({"run_id": run_id, "status": status}), event="end")
                     return
 
-        return EventSourceResponse(events(), ping=settings.sse_keepalive_s,
-                                   headers={"Cache-Control": "no-cache"})
+        return EventSourceResponse(events(), ping=settings.sse_keepalive_s, headers={"Cache-Control": "no-cache"},
+                                   background=BackgroundTask(release))
 
     return app
 

@@ -26,7 +26,7 @@ STATUS = {
     "payload_too_large": 413, "unsupported_media_type": 415,
     "validation_failed": 422, "unknown_field": 422, "unsupported_field": 422, "compile_failed": 422,
     "invalid_input_vars": 422,
-    "internal_error": 500, "unavailable": 503,
+    "internal_error": 500, "unavailable": 503, "too_many_streams": 429,
     "approval_not_pending": 409, "approval_expired": 409, "invalid_decision": 422, "decided_by_mismatch": 422,
 }
 TITLES = {
@@ -50,8 +50,9 @@ TITLES = {
     "idempotency_key_in_progress": "Idempotency key in progress", "idempotency_key_reused": "Idempotency key reused",
     "approval_not_pending": "Approval not pending", "approval_expired": "Approval expired",
     "invalid_decision": "Invalid decision", "decided_by_mismatch": "decided_by does not match the principal",
+    "too_many_streams": "Too many streams",
 }
-RETRYABLE = frozenset({"unavailable", "idempotency_key_in_progress"})
+RETRYABLE = frozenset({"unavailable", "idempotency_key_in_progress", "too_many_streams"})
 
 
 class ApiProblem(Exception):

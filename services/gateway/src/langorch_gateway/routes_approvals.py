@@ -19,6 +19,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 
 from ckp_core.approvals import STATUSES, ApprovalState, approval_view, evolve, fold, normalise_decision
 from ckp_core.commands import DecideApproval
@@ -181,6 +182,7 @@ async def approvals_stream(
     db = _db(request)
     settings: GatewaySettings = request.app.state.settings
     metrics = getattr(request.app.state, "metrics", None)
+    release = request.app.state.stream_slots.acquire(ANONYMOUS.render())
 
     async def updates() -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(comment="langorch approval stream", retry=3000)
@@ -215,8 +217,10 @@ async def approvals_stream(
         finally:
             if metrics is not None:
                 metrics.sse.labels(stream="approvals").dec()
+            release()
 
-    return EventSourceResponse(counted(), ping=settings.sse_keepalive_s, headers={"Cache-Control": "no-cache"})
+    return EventSourceResponse(counted(), ping=settings.sse_keepalive_s, headers={"Cache-Control": "no-cache"},
+                               background=BackgroundTask(release))
 
 
 @router.get("/api/approvals/{approval_id}")
