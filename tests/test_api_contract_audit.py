@@ -298,3 +298,27 @@ async def test_streams_per_principal_are_limited(nats_url: str, database_url: st
                     break
             assert asyncio.get_running_loop().time() < deadline, "stream slots were not released"
             await asyncio.sleep(0.1)
+
+
+async def test_default_run_channel_setting_picks_the_channel(nats_url: str, database_url: str) -> None:
+    async with platform_of(nats_url, database_url, runtime=False, agents=False, approvals=False,
+                           gateway_settings={"default_run_channel": "dev"}) as p:
+        c = p.client
+        await imported(c, simple("audit_chan", "1"))
+        await imported(c, simple("audit_chan", "2"))
+        r = await c.post("/api/procedures/audit_chan/2/promote", json={"target_channel": "prod"})
+        assert r.status_code == 200, r.text
+        # prod has an active version, dev none: the setting names dev, so nothing is runnable
+        body = problem(await c.post("/api/runs", json={"procedure_id": "audit_chan", "input_vars": {"n": 1}}), 409,
+                       "no_runnable_version")
+        assert "procedure_version" in body["detail"]
+        r = await c.patch("/api/procedures/audit_chan/1/status", json={"status": "active"})
+        assert r.status_code == 200, r.text
+        r = await c.post("/api/runs", json={"procedure_id": "audit_chan", "input_vars": {"n": 1}})
+        assert r.status_code == 201, r.text
+        assert (r.json()["procedure_version"], r.json()["release_channel"]) == ("1", "dev")
+        # an explicit channel still wins over the setting
+        r = await c.post("/api/runs", json={"procedure_id": "audit_chan", "release_channel": "prod",
+                                            "input_vars": {"n": 1}})
+        assert r.status_code == 201, r.text
+        assert (r.json()["procedure_version"], r.json()["release_channel"]) == ("2", "prod")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -128,6 +128,9 @@ class GatewaySettings(CommonSettings):
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")
     sse_keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
+    default_run_channel: Literal["dev", "qa", "prod"] | None = Field(
+        None, description="Channel whose active version a run created with neither procedure_version nor "
+        "release_channel executes; unset: the first active version in prod, then qa, then dev.")
     sse_max_per_principal: int = Field(20, ge=1, description="Open SSE streams (runs and approvals together) one "
                                        "principal may hold; more → 429 too_many_streams.")
     public_url: str | None = Field(None, description="Base of callback, webhook and agent URLs (default: "

@@ -228,7 +228,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                                                    "procedure_version": body.procedure_version,
                                                    "release_channel": body.release_channel},
                                              statuses=(409, 422)):
-            row = await _resolve_version(db, body)
+            row = await _resolve_version(db, body, settings.default_run_channel)
             if body.project_id is not None and await db.fetchval(
                     "SELECT 1 FROM projects WHERE project_id = $1", body.project_id) is None:
                 raise ApiProblem("not_found", f"project {body.project_id} not found", resource="project")
@@ -421,8 +421,9 @@ async def _page(db: asyncpg.Pool, table: str, where: str, args: list[Any], order
     return list(rows), int(total)
 
 
-async def _resolve_version(db: asyncpg.Pool, body: RunCreate) -> asyncpg.Record:
-    """The procedure version a new run executes (api.md §5.3 RunCreate)."""
+async def _resolve_version(db: asyncpg.Pool, body: RunCreate, default_channel: str | None) -> asyncpg.Record:
+    """The procedure version a new run executes (api.md §5.3 RunCreate); ``default_channel`` is
+    ``LANGORCH_DEFAULT_RUN_CHANNEL``, used when the request names neither a version nor a channel."""
     pid = body.procedure_id
     if body.procedure_version not in (None, "latest"):
         row = await db.fetchrow("SELECT * FROM procedures WHERE procedure_id = $1 AND version = $2", pid,
@@ -438,7 +439,8 @@ async def _resolve_version(db: asyncpg.Pool, body: RunCreate) -> asyncpg.Record:
             "SELECT * FROM procedures WHERE procedure_id = $1 AND status IN ('draft', 'active') "
             "ORDER BY position DESC LIMIT 1", pid)
     else:
-        channels = [body.release_channel] if body.release_channel else ["prod", "qa", "dev"]
+        named = body.release_channel or default_channel
+        channels = [named] if named else ["prod", "qa", "dev"]
         row = None
         for channel in channels:
             row = await db.fetchrow(
