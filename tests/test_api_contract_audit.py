@@ -322,3 +322,23 @@ async def test_default_run_channel_setting_picks_the_channel(nats_url: str, data
                                             "input_vars": {"n": 1}})
         assert r.status_code == 201, r.text
         assert (r.json()["procedure_version"], r.json()["release_channel"]) == ("2", "prod")
+
+
+async def test_stream_positions_in_headers_are_validated(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_hdr"))
+    run_id = await start(c, "audit_hdr", {"n": 1})
+    await wait_status(c, run_id)
+    for value in ("\u00b2", "1" * 30, "-1", "abc"):
+        raw = value.encode("latin-1")
+        problem(await c.get(f"/api/runs/{run_id}/stream", headers={"Last-Event-ID": raw}), 422, "validation_failed",
+                "header.Last-Event-ID")
+        problem(await c.get("/api/approvals/stream", headers={"Last-Event-ID": raw}), 422, "validation_failed",
+                "header.Last-Event-ID")
+        problem(await c.get(f"/api/runs/{run_id}", headers={"X-LangOrch-Min-Position": raw}), 422,
+                "validation_failed", "header.X-LangOrch-Min-Position")
+        problem(await c.get("/api/runs", headers={"X-LangOrch-Min-Position": raw}), 422, "validation_failed",
+                "header.X-LangOrch-Min-Position")
+    for value in ("\u00b2", "abc"):
+        r = await c.delete("/api/procedures/audit_hdr/1", headers={"If-Match": f'"{value}"'.encode("latin-1")})
+        problem(r, 412, "precondition_failed")

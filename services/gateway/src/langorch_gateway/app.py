@@ -81,7 +81,6 @@ Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 Offset = Annotated[int, Query(ge=0, le=queries.MAX_BIGINT)]
 AfterQuery = Annotated[int | None, Query(ge=0, le=queries.MAX_BIGINT)]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]
-MinPosition = Annotated[int | None, Header(alias="X-LangOrch-Min-Position")]
 
 
 class RunCreate(BaseModel):
@@ -307,16 +306,13 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
 
     @app.get("/api/runs/{run_id}")
-    async def get_run(request: Request, run_id: str,
-                      min_position: MinPosition = None) -> JSONResponse:
+    async def get_run(request: Request, run_id: str) -> JSONResponse:
         """One run."""
-        if min_position:
-            await ryw(request, min_position)
+        headers = await dispatch.min_position(request)
         row = await pool(request).fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
         if row is None:
             raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
-        return JSONResponse(views.run_out(row), headers={
-            "X-LangOrch-Position": str(request.app.state.projector.position)})
+        return JSONResponse(views.run_out(row), headers=headers)
 
     @app.get("/api/runs/{run_id}/events")
     async def run_events(
@@ -353,10 +349,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
         start = after or 0
         if last_event_id is not None:
-            if not last_event_id.isdigit():
-                raise ApiProblem("validation_failed", "Last-Event-ID must be a stream sequence",
-                                 errors={"header.Last-Event-ID": ["Must be a non-negative integer"]})
-            start = int(last_event_id)
+            start = queries.header_position("Last-Event-ID", last_event_id)
         new_only = last_event_id is None and after is None and not history
         js = request.app.state.js
         release = request.app.state.stream_slots.acquire(ANONYMOUS.render())

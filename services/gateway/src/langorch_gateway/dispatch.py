@@ -18,6 +18,7 @@ from ckp_core.commands import Command
 from ckp_core.events import EventEnvelope
 from ckp_core.subjects import EVENT_STREAM, aggregate_filter
 from langorch_gateway.problems import ApiProblem
+from langorch_gateway.queries import header_position
 from langorch_infra.jetstream import decode_message, publish_command
 from langorch_infra.settings import GatewaySettings
 
@@ -102,12 +103,8 @@ async def min_position(request: Request) -> dict[str, str]:
     """Honour ``X-LangOrch-Min-Position``; returns the consistency headers of the answer."""
     raw = request.headers.get("x-langorch-min-position")
     headers: dict[str, str] = {}
-    if raw:
-        if not raw.isdigit():
-            raise ApiProblem("validation_failed", "X-LangOrch-Min-Position must be a stream sequence",
-                             errors={"header.X-LangOrch-Min-Position": ["Must be a non-negative integer"]})
-        if not await ryw(request, int(raw)):
-            headers["X-LangOrch-Consistency"] = "stale"
+    if raw and not await ryw(request, header_position("X-LangOrch-Min-Position", raw)):
+        headers["X-LangOrch-Consistency"] = "stale"
     headers["X-LangOrch-Position"] = str(request.app.state.projector.position)
     return headers
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import asyncpg
@@ -14,6 +15,16 @@ MAX_BIGINT = 2**63 - 1  # offsets and stream positions reach PostgreSQL as bigin
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 Offset = Annotated[int, Query(ge=0, le=MAX_BIGINT)]
 Order = Annotated[Literal["asc", "desc"], Query()]
+_POSITION = re.compile(r"[0-9]{1,19}")
+
+
+def header_position(name: str, raw: str) -> int:
+    """A stream sequence sent in a header (``Last-Event-ID``, ``X-LangOrch-Min-Position``): ASCII digits within
+    PostgreSQL's bigint, else 422 at ``header.<name>`` (``str.isdigit`` also accepts ``²``, which ``int`` refuses)."""
+    if not _POSITION.fullmatch(raw) or int(raw) > MAX_BIGINT:
+        raise ApiProblem("validation_failed", f"{name} must be a stream sequence",
+                         errors={f"header.{name}": ["Must be a non-negative integer"]})
+    return int(raw)
 
 
 def comma_list(name: str, raw: str | None, allowed: tuple[str, ...] | None = None,

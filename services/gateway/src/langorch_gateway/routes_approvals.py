@@ -27,7 +27,7 @@ from ckp_core.events import ANONYMOUS, format_time
 from ckp_core.redaction import Redactor
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
-from langorch_gateway.queries import MAX_BIGINT, Limit, Offset, Order, Where, comma_list, fetch_page
+from langorch_gateway.queries import MAX_BIGINT, Limit, Offset, Order, Where, comma_list, fetch_page, header_position
 from langorch_infra.jetstream import JetStreamEventStore, follow
 from langorch_infra.settings import GatewaySettings
 
@@ -173,10 +173,7 @@ async def approvals_stream(
     statuses = comma_list("status", status, STATUSES, STATUS_ALIASES)
     start = after
     if last_event_id is not None:
-        if not last_event_id.isdigit() or int(last_event_id) > MAX_BIGINT:
-            raise ApiProblem("validation_failed", "Last-Event-ID must be a stream sequence",
-                             errors={"header.Last-Event-ID": ["Must be a non-negative integer"]})
-        start = int(last_event_id)
+        start = header_position("Last-Event-ID", last_event_id)
     js = request.app.state.js
     store: JetStreamEventStore = request.app.state.store
     db = _db(request)

@@ -106,7 +106,7 @@ def _revision_of(if_match: str | None) -> int | None:
     if if_match is None or if_match.strip() == "*":
         return None
     raw = if_match.strip().removeprefix("W/").strip('"')
-    if not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit():
         raise ApiProblem("precondition_failed", f"If-Match {if_match!r} does not name a revision")
     return int(raw)
 
