@@ -342,3 +342,36 @@ async def test_stream_positions_in_headers_are_validated(platform: Platform) -> 
     for value in ("\u00b2", "abc"):
         r = await c.delete("/api/procedures/audit_hdr/1", headers={"If-Match": f'"{value}"'.encode("latin-1")})
         problem(r, 412, "precondition_failed")
+
+
+async def test_chunked_bodies_get_the_same_type_and_size_checks(platform: Platform) -> None:
+    c = platform.client
+
+    async def chunks(data: bytes, size: int = 65_536) -> AsyncIterator[bytes]:
+        for i in range(0, len(data), size):
+            yield data[i:i + size]
+
+    # no Content-Length (Transfer-Encoding: chunked): a body of another type is still 415 ...
+    r = await c.post("/api/projects", content=chunks(b"name=x"), headers={"content-type": "text/plain"})
+    problem(r, 415, "unsupported_media_type")
+    # ... and a body over 1 MiB still 413
+    big = b'{"name": "' + b"x" * (1024 * 1024 + 10) + b'"}'
+    r = await c.post("/api/projects", content=chunks(big), headers={"content-type": "application/json"})
+    problem(r, 413, "payload_too_large")
+    # a small chunked JSON body is served as usual
+    r = await c.post("/api/projects", content=chunks(b'{"name": "audit chunked"}'),
+                     headers={"content-type": "application/json"})
+    assert r.status_code in (201, 409), r.text
+
+
+async def test_agent_callbacks_take_bodies_up_to_10_mib(platform: Platform) -> None:
+    c = platform.client
+    output = {"blob": "x" * (3 * 1024 * 1024)}
+    missing = "0192f7c4-6a1e-7c3b-8e55-9d2f4b1a7c10"
+    # 3 MiB is within the callback limit: the answer is about the (missing) token, not the size
+    problem(await c.post(f"/api/runs/{missing}/callback", json={"output": output}), 403, "invalid_callback_token")
+    problem(await c.post(f"/api/runs/{missing}/callback", content=b" " * (10 * 1024 * 1024 + 1),
+                         headers={"content-type": "application/json"}), 413, "payload_too_large")
+    # elsewhere the limit stays 1 MiB
+    problem(await c.post(f"/api/runs/{missing}/cancel", json={"reason": "x" * (2 * 1024 * 1024)}), 413,
+            "payload_too_large")

@@ -73,6 +73,7 @@ POOL_CLOSE_S = 10.0  # shutdown: wait this long for pooled PostgreSQL connection
 SERVICE_VERSION = "0.1.0"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LARGE_BODY_PATHS = ("/api/procedures",)
+CALLBACK_PATH = re.compile(r"^/api/runs/[^/]+/callback$")  # agent callbacks carry step outputs up to 10 MiB too
 MAX_PAGE_SIZE = 500
 RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", "completed", "failed",
                 "canceled")
@@ -145,8 +146,12 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         problem: ApiProblem | None = None
         if request.method in ("POST", "PUT", "PATCH"):
             ctype = request.headers.get("content-type", "")
-            length = int(request.headers.get("content-length") or 0)
-            limit = 10 * 1024 * 1024 if request.url.path.startswith(LARGE_BODY_PATHS) else 1024 * 1024
+            raw_length = request.headers.get("content-length")
+            # without Content-Length (chunked) the body is read here, so its type and size are checked the same way
+            length = int(raw_length) if raw_length and raw_length.isascii() and raw_length.isdigit() else len(
+                await request.body())
+            large = request.url.path.startswith(LARGE_BODY_PATHS) or CALLBACK_PATH.match(request.url.path)
+            limit = 10 * 1024 * 1024 if large else 1024 * 1024
             if length and not ctype.split(";")[0].strip().endswith("json"):
                 problem = ApiProblem("unsupported_media_type", f"content type '{ctype}' is not accepted; "
                                      "send application/json")
