@@ -8,6 +8,8 @@ tests/test_approvals_*.py) do not — bad query values on every list (a 422 nami
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +17,8 @@ import httpx
 import pytest
 
 from tests.conftest import Platform, platform_of
+from tests.scripted_agent import ScriptedAgent, serving
+from tests.test_agent_runs import register
 
 pytestmark = pytest.mark.integration
 
@@ -375,3 +379,30 @@ async def test_agent_callbacks_take_bodies_up_to_10_mib(platform: Platform) -> N
     # elsewhere the limit stays 1 MiB
     problem(await c.post(f"/api/runs/{missing}/cancel", json={"reason": "x" * (2 * 1024 * 1024)}), 413,
             "payload_too_large")
+
+
+async def test_stored_artifacts_carry_the_sha256_of_their_content(platform: Platform) -> None:
+    content = b"audited artifact bytes"
+    doc = {"procedure_id": "audit_art", "version": "1", "workflow_graph": {"start_node": "make", "nodes": {
+        "make": {"type": "sequence", "agent": "AUDITART", "next_node": "done", "steps": [
+            {"step_id": "produce", "action": "produce", "output_variable": "made"}]},
+        "done": {"type": "terminate"}}}}
+
+    def produce(body: dict[str, Any]) -> dict[str, Any]:
+        return {"artifact": {"kind": "file", "name": "a.txt", "mime_type": "text/plain",
+                             "content_base64": base64.b64encode(content).decode()},
+                "artifact_uri": "https://example.com/a.pdf", "artifact_kind": "link"}
+
+    c = platform.client
+    agent = ScriptedAgent({"produce": produce})
+    async with serving(agent):
+        await register(c, agent, "auditart")
+        await imported(c, doc)
+        run_id = await start(c, "audit_art")
+        assert (await wait_status(c, run_id))["status"] == "completed"
+    page = (await c.get(f"/api/runs/{run_id}/artifacts")).json()
+    by_kind = {a["kind"]: a for a in page["items"]}
+    assert by_kind["file"]["sha256"] == hashlib.sha256(content).hexdigest()
+    assert by_kind["link"]["sha256"] is None  # a link's content is not known
+    detail = (await c.get(f"/api/runs/{run_id}/artifacts/{by_kind['file']['artifact_id']}")).json()
+    assert detail == by_kind["file"]

@@ -3,6 +3,7 @@ diagnostics; plus the projection of ``run_deleted`` and ``artifact_created`` (ta
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -292,13 +293,35 @@ async def children(request: Request, run_id: str, status: str | None = None, lim
 # -- artifacts -------------------------------------------------------------------------------------------------
 
 
-def artifact_out(row: asyncpg.Record) -> dict[str, Any]:
+async def stored_sha256(request: Request, rows: list[asyncpg.Record]) -> dict[str, str]:
+    """SHA-256 (hex) of the stored content of ``rows``, from the object store's digest; content that has expired
+    or was never stored has none."""
+    out: dict[str, str] = {}
+    wanted = [r["artifact_id"] for r in rows if r["stored"]]
+    if not wanted:
+        return out
+    try:
+        store = await request.app.state.js.object_store(ARTIFACT_BUCKET)
+    except NotFoundError:
+        return out
+    for artifact_id in wanted:
+        try:
+            info = await store.get_info(artifact_id)
+        except (NotFoundError, ObjectNotFoundError):
+            continue
+        digest = info.digest or ""
+        if digest.upper().startswith("SHA-256="):
+            out[artifact_id] = base64.urlsafe_b64decode(digest[8:] + "=" * (-len(digest[8:]) % 4)).hex()
+    return out
+
+
+def artifact_out(row: asyncpg.Record, sha256: str | None = None) -> dict[str, Any]:
     stored = bool(row["stored"])
     content = f"/api/runs/{row['run_id']}/artifacts/{row['artifact_id']}/content"
     return {
         "artifact_id": row["artifact_id"], "run_id": row["run_id"], "node_id": row["node_id"],
         "step_id": row["step_id"], "kind": row["kind"], "name": row["name"], "uri": row["uri"],
-        "mime_type": row["mime_type"], "size_bytes": row["size_bytes"], "sha256": None, "stored": stored,
+        "mime_type": row["mime_type"], "size_bytes": row["size_bytes"], "sha256": sha256, "stored": stored,
         "download_url": content if stored else row["uri"], "created_at": views._time(row["created_at"]),
     }
 
@@ -314,7 +337,9 @@ async def artifacts(request: Request, run_id: str, kind: str | None = None, node
     where.eq("kind", comma_list("kind", kind))
     where.eq("node_id", node_id)
     rows, total = await fetch_page(_db(request), "run_artifacts", where, "created_at, artifact_id", limit, offset)
-    return JSONResponse(views.page([artifact_out(r) for r in rows], total, limit, offset), headers=headers)
+    digests = await stored_sha256(request, rows)
+    return JSONResponse(views.page([artifact_out(r, digests.get(r["artifact_id"])) for r in rows], total, limit,
+                                   offset), headers=headers)
 
 
 async def _artifact(request: Request, run_id: str, artifact_id: str) -> asyncpg.Record:
@@ -329,7 +354,9 @@ async def _artifact(request: Request, run_id: str, artifact_id: str) -> asyncpg.
 @router.get("/api/runs/{run_id}/artifacts/{artifact_id}")
 async def artifact(request: Request, run_id: str, artifact_id: str) -> JSONResponse:
     headers = await min_position(request)
-    return JSONResponse(artifact_out(await _artifact(request, run_id, artifact_id)), headers=headers)
+    row = await _artifact(request, run_id, artifact_id)
+    digests = await stored_sha256(request, [row])
+    return JSONResponse(artifact_out(row, digests.get(artifact_id)), headers=headers)
 
 
 def _range(header: str, size: int) -> tuple[int, int] | None:
