@@ -406,3 +406,18 @@ async def test_stored_artifacts_carry_the_sha256_of_their_content(platform: Plat
     assert by_kind["link"]["sha256"] is None  # a link's content is not known
     detail = (await c.get(f"/api/runs/{run_id}/artifacts/{by_kind['file']['artifact_id']}")).json()
     assert detail == by_kind["file"]
+
+
+async def test_run_events_honour_min_position(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_ryw"))
+    r = await c.post("/api/runs", json={"procedure_id": "audit_ryw", "procedure_version": "1", "input_vars": {"n": 1}})
+    assert r.status_code == 201, r.text
+    run_id, position = r.json()["run_id"], int(r.headers["X-LangOrch-Position"])
+    events = await c.get(f"/api/runs/{run_id}/events", headers={"X-LangOrch-Min-Position": str(position)})
+    assert events.status_code == 200, events.text
+    assert int(events.headers["X-LangOrch-Position"]) >= position
+    assert "X-LangOrch-Consistency" not in events.headers
+    assert events.json()["items"][0]["event_type"] == "run_created"
+    problem(await c.get(f"/api/runs/{run_id}/events", headers={"X-LangOrch-Min-Position": "later"}), 422,
+            "validation_failed", "header.X-LangOrch-Min-Position")

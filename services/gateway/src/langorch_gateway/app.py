@@ -328,8 +328,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         step_id: str | None = None,
         limit: Limit = 100,
         offset: Offset = 0,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Page of a run's events in ``seq`` order."""
+        headers = await dispatch.min_position(request)
         db = pool(request)
         if await db.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id) is None:
             raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
@@ -337,7 +338,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         where, args = _filters({"run_id": run_id, "event_type": types, "node_id": node_id,
                                 "step_id": step_id})
         rows, total = await _page(db, "run_events", where, args, "seq", limit, offset)
-        return views.page([views.event_out_from_row(r) for r in rows], total, limit, offset)
+        return JSONResponse(views.page([views.event_out_from_row(r) for r in rows], total, limit, offset),
+                            headers=headers)
 
     @app.get("/api/runs/{run_id}/stream")
     async def run_stream(
