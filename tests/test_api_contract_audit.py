@@ -421,3 +421,18 @@ async def test_run_events_honour_min_position(platform: Platform) -> None:
     assert events.json()["items"][0]["event_type"] == "run_created"
     problem(await c.get(f"/api/runs/{run_id}/events", headers={"X-LangOrch-Min-Position": "later"}), 422,
             "validation_failed", "header.X-LangOrch-Min-Position")
+
+
+async def test_an_empty_multi_value_filter_is_no_filter(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_empty"))
+    run_id = await start(c, "audit_empty", {"n": 1})
+    await wait_status(c, run_id)
+    for path, query in [("/api/runs", "status="), ("/api/runs", "trigger_type=%20,"),
+                        ("/api/procedures", "status="), ("/api/procedures", "release_channel="),
+                        ("/api/approvals", "status="), (f"/api/runs/{run_id}/events", "event_type="),
+                        (f"/api/runs/{run_id}/events", "event_type=,")]:
+        unfiltered = (await c.get(path)).json()
+        r = await c.get(f"{path}?{query}")
+        assert r.status_code == 200, (path, query, r.text)
+        assert r.json()["total"] == unfiltered["total"], (path, query)

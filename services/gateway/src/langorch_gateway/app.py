@@ -334,7 +334,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         db = pool(request)
         if await db.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id) is None:
             raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
-        types = [t.strip() for t in event_type.split(",")] if event_type else None
+        types = queries.comma_list("event_type", event_type)
         where, args = _filters({"run_id": run_id, "event_type": types, "node_id": node_id,
                                 "step_id": step_id})
         rows, total = await _page(db, "run_events", where, args, "seq", limit, offset)

@@ -29,7 +29,8 @@ def header_position(name: str, raw: str) -> int:
 
 def comma_list(name: str, raw: str | None, allowed: tuple[str, ...] | None = None,
                aliases: dict[str, str] | None = None) -> list[str] | None:
-    """Split a multi-value filter (``status=failed,canceled``); unknown values → 422 at ``query.<name>``."""
+    """Split a multi-value filter (``status=failed,canceled``); unknown values → 422 at ``query.<name>``; a filter
+    that names no value (``status=``) is no filter (None), not one that matches nothing."""
     if raw is None:
         return None
     values = [(aliases or {}).get(v.strip(), v.strip()) for v in raw.split(",") if v.strip()]
@@ -38,7 +39,7 @@ def comma_list(name: str, raw: str | None, allowed: tuple[str, ...] | None = Non
         if bad:
             raise ApiProblem("validation_failed", f"unknown {name} value(s): {', '.join(bad)}",
                              errors={f"query.{name}": [f"Must be one of: {', '.join(allowed)}"]})
-    return values
+    return values or None
 
 
 class Where:
