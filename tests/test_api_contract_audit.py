@@ -436,3 +436,19 @@ async def test_an_empty_multi_value_filter_is_no_filter(platform: Platform) -> N
         r = await c.get(f"{path}?{query}")
         assert r.status_code == 200, (path, query, r.text)
         assert r.json()["total"] == unfiltered["total"], (path, query)
+
+
+async def test_every_failing_query_parameter_is_reported(platform: Platform) -> None:
+    c = platform.client
+    for path, query, fields in [
+        ("/api/runs", "status=bogus&trigger_type=cron&created_from=x&created_to=2025-01-01",
+         {"query.status", "query.trigger_type", "query.created_from", "query.created_to"}),
+        ("/api/approvals", "status=bogus&created_from=x&expires_before=y",
+         {"query.status", "query.created_from", "query.expires_before"}),
+        ("/api/procedures", "status=bogus&release_channel=staging", {"query.status", "query.release_channel"}),
+    ]:
+        body = problem(await c.get(f"{path}?{query}"), 422, "validation_failed")
+        assert set(body["errors"]) == fields, body
+    body = problem(await c.post("/api/runs/cleanup", json={"before": "soon", "statuses": ["running"]}), 422,
+                   "validation_failed")
+    assert set(body["errors"]) == {"before", "statuses"}

@@ -287,19 +287,22 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     ) -> JSONResponse:
         """Page of runs (api.md §5.3 filters), newest first by default."""
         headers = await dispatch.min_position(request)
+        statuses, trigger_types, since, until = queries.gather(
+            lambda: queries.comma_list("status", status, RUN_STATUSES, {"cancelled": "canceled"}),
+            lambda: queries.comma_list("trigger_type", trigger_type, TRIGGER_TYPES),
+            lambda: routes_runs_more.parse_query_time("created_from", created_from),
+            lambda: routes_runs_more.parse_query_time("created_to", created_to))
         where = queries.Where()
         where.eq("procedure_id", procedure_id)
         where.eq("procedure_version", procedure_version)
-        where.eq("status", queries.comma_list("status", status, RUN_STATUSES, {"cancelled": "canceled"}))
-        where.eq("trigger_type", queries.comma_list("trigger_type", trigger_type, TRIGGER_TYPES))
+        where.eq("status", statuses)
+        where.eq("trigger_type", trigger_types)
         where.eq("project_id", project_id)
         where.eq("created_by", created_by)
         where.eq("parent_run_id", parent_run_id)
         where.eq("rerun_of", rerun_of)
         if top_level is not None:
             where.add("parent_run_id IS NULL" if top_level else "parent_run_id IS NOT NULL")
-        since = routes_runs_more.parse_query_time("created_from", created_from)
-        until = routes_runs_more.parse_query_time("created_to", created_to)
         if since is not None:
             where.add(f"created_at >= {where.arg(since)}")
         if until is not None:

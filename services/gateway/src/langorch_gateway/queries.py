@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import asyncpg
@@ -40,6 +41,26 @@ def comma_list(name: str, raw: str | None, allowed: tuple[str, ...] | None = Non
             raise ApiProblem("validation_failed", f"unknown {name} value(s): {', '.join(bad)}",
                              errors={f"query.{name}": [f"Must be one of: {', '.join(allowed)}"]})
     return values or None
+
+
+def gather(*checks: Callable[[], Any]) -> list[Any]:
+    """Run every check and return their results; when any fail with a 422, raise one 422 with the errors of all
+    of them (api.md §1.2: validation errors report every failing field, not only the first)."""
+    results: list[Any] = []
+    errors: dict[str, list[str]] = {}
+    for check in checks:
+        try:
+            results.append(check())
+        except ApiProblem as problem:
+            if problem.status != 422 or not problem.errors:
+                raise
+            for field, messages in problem.errors.items():
+                errors.setdefault(field, []).extend(messages)
+            results.append(None)
+    if errors:
+        n = len(errors)
+        raise ApiProblem("validation_failed", f"{n} field{'s' if n != 1 else ''} failed validation", errors=errors)
+    return results
 
 
 class Where:

@@ -27,7 +27,17 @@ from ckp_core.events import ANONYMOUS, format_time
 from ckp_core.redaction import Redactor
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
-from langorch_gateway.queries import MAX_BIGINT, Limit, Offset, Order, Where, comma_list, fetch_page, header_position
+from langorch_gateway.queries import (
+    MAX_BIGINT,
+    Limit,
+    Offset,
+    Order,
+    Where,
+    comma_list,
+    fetch_page,
+    gather,
+    header_position,
+)
 from langorch_infra.jetstream import JetStreamEventStore, follow
 from langorch_infra.settings import GatewaySettings
 
@@ -143,14 +153,16 @@ async def list_approvals(
     offset: Offset = 0,
 ) -> JSONResponse:
     """Page of approvals (newest first by default)."""
+    statuses, since, until, expires = gather(
+        lambda: comma_list("status", status, STATUSES, STATUS_ALIASES),
+        lambda: _query_time("created_from", created_from), lambda: _query_time("created_to", created_to),
+        lambda: _query_time("expires_before", expires_before))
     where = Where()
-    where.eq("status", comma_list("status", status, STATUSES, STATUS_ALIASES))
+    where.eq("status", statuses)
     for column, value in (("run_id", run_id), ("procedure_id", procedure_id), ("node_id", node_id),
                           ("project_id", project_id), ("decided_by", decided_by)):
         where.eq(column, value)
-    bounds = (("created_at >=", _query_time("created_from", created_from)),
-              ("created_at <", _query_time("created_to", created_to)),
-              ("expires_at <", _query_time("expires_before", expires_before)))
+    bounds = (("created_at >=", since), ("created_at <", until), ("expires_at <", expires))
     for clause, bound in bounds:
         if bound is not None:
             where.add(f"{clause} {where.arg(bound)}")

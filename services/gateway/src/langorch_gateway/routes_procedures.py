@@ -29,7 +29,7 @@ from ckp_core.procedure_lifecycle import CHANNELS, STATUSES
 from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
-from langorch_gateway.queries import Limit, Offset, Order, Where, comma_list, fetch_page
+from langorch_gateway.queries import Limit, Offset, Order, Where, comma_list, fetch_page, gather
 from langorch_gateway.routes_analysis import StoredLookup, stored_lookup
 
 router = APIRouter()
@@ -200,10 +200,12 @@ async def list_procedures(
 ) -> JSONResponse:
     """Page of procedure versions with filters, sort and exact total (api.md §4.2)."""
     headers = await min_position(request)
+    statuses, channels = gather(lambda: comma_list("status", status, STATUSES),
+                                lambda: comma_list("release_channel", release_channel, CHANNELS))
     where = Where()
     where.eq("project_id", project_id)
-    where.eq("status", comma_list("status", status, STATUSES))
-    where.eq("release_channel", comma_list("release_channel", release_channel, CHANNELS))
+    where.eq("status", statuses)
+    where.eq("release_channel", channels)
     where.eq("procedure_id", procedure_id)
     wanted_tags = comma_list("tags", tags)
     if wanted_tags:

@@ -31,7 +31,7 @@ from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem, problem_response
-from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page
+from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page, gather
 from langorch_gateway.routes_agents import lease_out, read_leases
 from langorch_infra.jetstream import publish_command
 
@@ -253,8 +253,8 @@ async def _cleanup(request: Request, before: datetime, statuses: list[str], proc
 @router.post("/api/runs/cleanup")
 async def cleanup(request: Request, body: CleanupIn) -> JSONResponse:
     """Preview (``dry_run``, 200) or delete (202) terminal runs created before ``before`` (api.md §5.6)."""
-    before = _body_time("before", body.before)
-    statuses = _terminal_statuses("statuses", body.statuses)
+    before, statuses = gather(lambda: _body_time("before", body.before),
+                              lambda: _terminal_statuses("statuses", body.statuses))
     out = await _cleanup(request, before, statuses, body.procedure_id, body.project_id, body.limit, body.dry_run)
     return JSONResponse(out, status_code=200 if body.dry_run else 202)
 
