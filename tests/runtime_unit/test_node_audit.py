@@ -1,0 +1,423 @@
+"""Acceptance audit of the CKP node types (ckp.md §3.2–§3.15), run in-process through the interpreter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.runtime_unit.harness import Run, doc, run_doc
+
+pytestmark = pytest.mark.unit
+
+END = {"type": "terminate"}
+
+
+def setv(step_id: str, variable: str, value: Any) -> dict[str, Any]:
+    return {"step_id": step_id, "action": "set_variable", "variable": variable, "value": value}
+
+
+def calc(step_id: str, expression: str, out: str | None = None) -> dict[str, Any]:
+    step: dict[str, Any] = {"step_id": step_id, "action": "calculate", "expression": expression}
+    if out:
+        step["output_variable"] = out
+    return step
+
+
+def outputs(run: Run) -> dict[str, Any]:
+    assert run.outcome is not None, run.final
+    assert run.outcome["status"] == "completed", run.outcome
+    result: dict[str, Any] = run.outcome["outputs"]
+    return result
+
+
+def error(run: Run) -> dict[str, Any]:
+    assert run.outcome is not None, run.final
+    assert run.outcome["status"] == "failed", run.outcome
+    result: dict[str, Any] = run.outcome["error"]
+    return result
+
+
+# --- §3.7 loop -------------------------------------------------------------------------------------------
+
+
+async def test_loop_max_iterations_caps_and_reports_total() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[10, 20, 30, 40]", "iterator_variable": "x", "index_variable": "i",
+                 "body_node": "body", "collect_variable": "got", "max_iterations": 2, "next_node": "z"},
+        "body": {"type": "sequence", "steps": [calc("c", "x + 1", "y")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "x": "{{x}}", "i": "{{i}}"}}}, start="each"))
+    assert outputs(run) == {"got": [10, 20], "x": 20, "i": 1}
+    [started] = run.of("loop_started")
+    assert (started.total, started.iterations) == (4, 2)
+    assert len(run.of("loop_iteration")) == 2
+
+
+async def test_loop_max_iterations_zero_runs_no_iteration_and_writes_empty_lists() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2]", "iterator_variable": "x", "body_node": "body",
+                 "collect_variable": "got", "errors_variable": "bad", "max_iterations": 0, "next_node": "z"},
+        "body": {"type": "sequence", "steps": [calc("c", "1 / 0")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "bad": "{{bad}}"}}}, start="each"))
+    assert outputs(run) == {"got": [], "bad": []}
+    completed = run.of("loop_completed")[0]
+    assert (completed.iterations, completed.succeeded, completed.failed) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("iterator", ["missing", "nothing", "{{nothing}}"])
+async def test_loop_over_null_or_undefined_is_empty(iterator: str) -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": iterator, "iterator_variable": "x", "body_node": "body",
+                 "collect_variable": "got", "next_node": "z"},
+        "body": {"type": "sequence", "steps": [calc("c", "1 / 0")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}"}}}, start="each",
+        variables_schema={"nothing": {"type": "object", "default": None}, "missing": {"type": "array"}}))
+    assert outputs(run) == {"got": []}
+    assert run.of("loop_started")[0].iterations == 0
+
+
+@pytest.mark.parametrize("value", ["abc", {"a": 1}, 5, True])
+async def test_loop_over_a_non_list_fails_with_loop_iterator_invalid(value: Any) -> None:
+    run = await run_doc(doc({
+        "init": {"type": "sequence", "next_node": "each", "steps": [setv("s", "thing", value)]},
+        "each": {"type": "loop", "iterator": "thing", "iterator_variable": "x", "body_node": "body",
+                 "next_node": "z"},
+        "body": {"type": "sequence", "steps": []},
+        "z": END}, start="init"))
+    assert error(run)["code"] == "loop_iterator_invalid"
+    assert run.of("loop_iteration") == []
+
+
+async def test_loop_collect_default_is_the_original_item_and_expression_sees_body_writes() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "rows", "iterator_variable": "row", "body_node": "body",
+                 "collect_variable": "orig", "next_node": "each2"},
+        "body": {"type": "sequence", "steps": [setv("s", "row.seen", True)]},
+        "each2": {"type": "loop", "iterator": "rows", "iterator_variable": "row", "body_node": "body2",
+                  "collect_variable": "changed", "collect_expression": "{{row}}", "next_node": "z"},
+        "body2": {"type": "sequence", "steps": [setv("s", "row.seen", True)]},
+        "z": {"type": "terminate", "outputs": {"orig": "{{orig}}", "changed": "{{changed}}", "rows": "{{rows}}"}}},
+        start="each", variables_schema={"rows": {"type": "array", "default": [{"id": 1}, {"id": 2}]}}))
+    out = outputs(run)
+    assert out["orig"] == [{"id": 1}, {"id": 2}]
+    assert out["changed"] == [{"id": 1, "seen": True}, {"id": 2, "seen": True}]
+    assert out["rows"] == [{"id": 1}, {"id": 2}]
+
+
+async def test_loop_reentry_starts_fresh_collected_and_error_lists() -> None:
+    run = await run_doc(doc({
+        "init": {"type": "sequence", "next_node": "each", "steps": [setv("s", "round", 0)]},
+        "each": {"type": "loop", "iterator": "if(round == 0, [1, 0], [5])", "iterator_variable": "n",
+                 "body_node": "body", "collect_variable": "got", "errors_variable": "bad",
+                 "continue_on_error": True, "next_node": "again"},
+        "body": {"type": "sequence", "steps": [calc("c", "10 / n")]},
+        "again": {"type": "logic", "rules": [{"condition": "round == 0", "next_node": "bump"}],
+                  "default_next_node": "z"},
+        "bump": {"type": "sequence", "next_node": "each", "steps": [setv("s", "round", 1)]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "bad": "{{len(bad)}}"}}}, start="init"))
+    assert outputs(run) == {"got": [5], "bad": 0}
+
+
+async def test_loop_errors_variable_records_iteration_and_error_object() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 0, 2, 0]", "iterator_variable": "n", "body_node": "body",
+                 "collect_variable": "got", "collect_expression": "{{q}}", "errors_variable": "bad",
+                 "continue_on_error": True, "next_node": "z"},
+        "body": {"type": "sequence", "steps": [calc("c", "10 / n", "q")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "bad": "{{bad}}"}}}, start="each"))
+    out = outputs(run)
+    assert out["got"] == [10, 5]
+    assert [b["iteration"] for b in out["bad"]] == [1, 3]
+    assert all(b["error"]["code"] == "expression_error" for b in out["bad"])
+    assert len(run.of("loop_iteration_failed")) == 2
+    completed = run.of("loop_completed")[0]
+    assert (completed.iterations, completed.succeeded, completed.failed) == (4, 2, 2)
+
+
+async def test_loop_body_routing_back_to_the_loop_ends_the_iteration() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2, 3]", "iterator_variable": "n", "body_node": "b1",
+                 "collect_variable": "got", "next_node": "z"},
+        "b1": {"type": "sequence", "next_node": "b2", "steps": [calc("c", "n * 2", "d")]},
+        "b2": {"type": "logic", "rules": [{"condition": "n == 2", "next_node": "each"}], "default_next_node": "b3"},
+        "b3": {"type": "sequence", "next_node": "each", "steps": [setv("s", "last_b3", "{{n}}")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "last_b3": "{{last_b3}}"}}}, start="each"))
+    assert outputs(run) == {"got": [1, 2, 3], "last_b3": 3}
+    assert [e.frame for e in run.of("node_started") if e.node_id == "b3"] == ["each[0]", "each[2]"]
+    assert [e.node_id for e in run.of("node_started")].count("each") == 1
+
+
+async def test_nested_loops_collect_inner_lists_and_builtins_describe_the_innermost_iteration() -> None:
+    run = await run_doc(doc({
+        "outer": {"type": "loop", "iterator": "[[1, 2], [], [3]]", "iterator_variable": "row", "index_variable": "r",
+                  "body_node": "inner", "collect_variable": "sums", "collect_expression": "{{inner_out}}",
+                  "next_node": "z"},
+        "inner": {"type": "loop", "iterator": "row", "iterator_variable": "cell", "index_variable": "c",
+                  "body_node": "work", "collect_variable": "inner_out",
+                  "collect_expression": "{{seen}}"},
+        "work": {"type": "sequence", "steps": [
+            setv("s", "seen", {"r": "{{r}}", "c": "{{c}}", "li": "{{loop_index}}", "item": "{{loop_item}}"})]},
+        "z": {"type": "terminate", "outputs": {"sums": "{{sums}}"}}}, start="outer"))
+    assert outputs(run)["sums"] == [
+        [{"r": 0, "c": 0, "li": 0, "item": 1}, {"r": 0, "c": 1, "li": 1, "item": 2}],
+        [],
+        [{"r": 2, "c": 0, "li": 0, "item": 3}]]
+
+
+async def test_inner_loop_failure_with_outer_continue_on_error() -> None:
+    run = await run_doc(doc({
+        "outer": {"type": "loop", "iterator": "[[1], [0], [2]]", "iterator_variable": "row",
+                  "body_node": "inner", "collect_variable": "ok", "errors_variable": "bad",
+                  "continue_on_error": True, "next_node": "z"},
+        "inner": {"type": "loop", "iterator": "row", "iterator_variable": "n", "body_node": "work"},
+        "work": {"type": "sequence", "steps": [calc("c", "1 / n")]},
+        "z": {"type": "terminate", "outputs": {"ok": "{{ok}}", "bad": "{{bad}}"}}}, start="outer"))
+    out = outputs(run)
+    assert out["ok"] == [[1], [2]]
+    [bad] = out["bad"]
+    assert bad["iteration"] == 1
+    assert bad["error"]["code"] == "loop_iteration_failed"
+    assert bad["error"]["cause"]["code"] == "expression_error"
+
+
+async def test_terminate_inside_a_loop_body_ends_the_run() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2, 3]", "iterator_variable": "n", "body_node": "chk",
+                 "next_node": "after"},
+        "chk": {"type": "logic", "rules": [{"condition": "n == 2", "next_node": "stop"}], "default_next_node": "w"},
+        "w": {"type": "sequence", "steps": [setv("s", "last", "{{n}}")]},
+        "stop": {"type": "terminate", "outputs": {"at": "{{n}}", "last": "{{last}}"}},
+        "after": {"type": "terminate", "outputs": {"at": "after"}}}, start="each"))
+    assert outputs(run) == {"at": 2, "last": 1}
+    assert run.of("loop_completed") == []
+
+
+async def test_loop_failure_gets_node_scope_handlers() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 0]", "iterator_variable": "n", "body_node": "body",
+                 "next_node": "z", "error_handlers": [{"action": "ignore"}]},
+        "body": {"type": "sequence", "steps": [calc("c", "1 / n")]},
+        "z": {"type": "terminate", "outputs": {"ok": True}}}, start="each"))
+    assert outputs(run) == {"ok": True}
+
+
+# --- §3.8 parallel ---------------------------------------------------------------------------------------
+
+
+def fan(**extra: Any) -> dict[str, Any]:
+    return {"type": "parallel", "next_node": "join", **extra,
+            "branches": [{"branch_id": "b1", "start_node": "one"}, {"branch_id": "b2", "start_node": "two"},
+                         {"branch_id": "b3", "start_node": "three"}]}
+
+
+JOIN = {"type": "terminate", "outputs": {"a": "{{a}}", "b": "{{b}}", "c": "{{c}}", "results": "{{parallel_results}}"}}
+
+
+async def test_parallel_continue_keeps_completed_branches_and_drops_failed_writes() -> None:
+    run = await run_doc(doc({
+        "fan": fan(),
+        "one": {"type": "sequence", "next_node": "join", "steps": [setv("s", "a", 1)]},
+        "two": {"type": "sequence", "next_node": "join", "steps": [setv("s", "b", 2), calc("c", "1 / 0")]},
+        "three": {"type": "sequence", "steps": [setv("s", "c", 3)]},
+        "join": JOIN}, start="fan"))
+    out = outputs(run)
+    assert (out["a"], out["b"], out["c"]) == (1, None, 3)
+    branches = out["results"]["branches"]
+    assert branches["b1"] == {"status": "completed", "error": None}
+    assert branches["b2"]["status"] == "failed"
+    assert branches["b2"]["error"]["code"] == "expression_error"
+    assert out["results"]["winner"] is None
+    [done] = run.of("parallel_completed")
+    assert (done.succeeded, done.failed, done.canceled) == (2, 1, 0)
+    statuses = {e.branch_id: e.status for e in run.of("parallel_branch_completed")}
+    assert statuses == {"b1": "completed", "b2": "failed", "b3": "completed"}
+
+
+async def test_parallel_every_branch_failing_is_parallel_all_failed() -> None:
+    failing = {"type": "sequence", "steps": [calc("c", "1 / 0")]}
+    run = await run_doc(doc({"fan": fan(), "one": failing, "two": failing, "three": failing, "join": JOIN},
+                            start="fan"))
+    assert error(run)["code"] == "parallel_all_failed"
+
+
+@pytest.mark.parametrize("mode", ["fail", "stop"])
+async def test_parallel_branch_failure_fail_cancels_the_rest(mode: str) -> None:
+    run = await run_doc(doc({
+        "fan": fan(branch_failure=mode, max_concurrency=1),
+        "one": {"type": "sequence", "steps": [calc("c", "1 / 0")]},
+        "two": {"type": "sequence", "steps": [setv("s", "b", 2)]},
+        "three": {"type": "sequence", "steps": [setv("s", "c", 3)]},
+        "join": JOIN}, start="fan"))
+    err = error(run)
+    assert err["code"] == "parallel_branch_failed"
+    assert err["details"] == {"branch_id": "b1"}
+    assert err["cause"]["code"] == "expression_error"
+    assert run.of("step_started")[-1].frame == "fan/b1"
+
+
+async def test_parallel_any_skips_a_failed_branch_and_takes_the_first_completed() -> None:
+    run = await run_doc(doc({
+        "fan": fan(wait_strategy="any", max_concurrency=1),
+        "one": {"type": "sequence", "steps": [setv("s", "a", 1), calc("c", "1 / 0")]},
+        "two": {"type": "sequence", "steps": [setv("s", "b", 2)]},
+        "three": {"type": "sequence", "steps": [setv("s", "c", 3)]},
+        "join": JOIN}, start="fan"))
+    out = outputs(run)
+    assert out["results"]["winner"] == "b2"
+    assert (out["a"], out["b"], out["c"]) == (None, 2, None)
+    assert out["results"]["branches"]["b3"]["status"] == "canceled"
+    [done] = run.of("parallel_completed")
+    assert (done.succeeded, done.failed, done.canceled) == (1, 1, 1)
+
+
+async def test_parallel_branches_run_on_private_copies_and_deltas_use_deep_equality() -> None:
+    run = await run_doc(doc({
+        "init": {"type": "sequence", "next_node": "fan", "steps": [
+            setv("s", "cfg", {"k": [1, 2]}), setv("t", "a", 0), setv("u", "gone", 1)]},
+        "fan": fan(max_concurrency=1),
+        "one": {"type": "sequence", "steps": [setv("s", "a", 1), setv("t", "cfg", {"k": [1, 2]})]},
+        # b2 does not see b1's write of a
+        "two": {"type": "sequence", "steps": [setv("s", "b", "{{a}}"), setv("t", "cfg", {"k": [1, 2]})]},
+        "three": {"type": "sequence", "steps": [setv("s", "c", "{{a}}")]},
+        "join": {"type": "terminate", "outputs": {"a": "{{a}}", "b": "{{b}}", "c": "{{c}}", "cfg": "{{cfg}}",
+                                                  "gone": "{{gone}}"}}}, start="init"))
+    assert outputs(run) == {"a": 1, "b": 0, "c": 0, "cfg": {"k": [1, 2]}, "gone": 1}
+    assert run.of("parallel_merge_conflict") == []
+
+
+async def test_parallel_three_way_conflict_lists_every_branch_and_last_wins() -> None:
+    run = await run_doc(doc({
+        "fan": fan(),
+        "one": {"type": "sequence", "steps": [setv("s", "a", 1)]},
+        "two": {"type": "sequence", "steps": [setv("s", "a", 2)]},
+        "three": {"type": "sequence", "steps": [setv("s", "a", 3)]},
+        "join": JOIN}, start="fan"))
+    assert outputs(run)["a"] == 3
+    conflicts = run.of("parallel_merge_conflict")
+    assert [c.variable for c in conflicts] == ["a"]
+    assert conflicts[0].branches == ["b1", "b2", "b3"]
+
+
+async def test_terminate_in_a_branch_ends_the_run_with_its_status() -> None:
+    run = await run_doc(doc({
+        "fan": fan(max_concurrency=1),
+        "one": {"type": "terminate", "status": "failure", "outputs": {"from": "b1"}},
+        "two": {"type": "sequence", "steps": [setv("s", "b", 2)]},
+        "three": {"type": "sequence", "steps": [setv("s", "c", 3)]},
+        "join": JOIN}, start="fan"))
+    assert run.outcome is not None
+    assert run.outcome["status"] == "failed"
+    assert run.outcome["outputs"] == {"from": "b1"}
+    assert run.of("parallel_completed") == []
+    assert "join" not in [e.node_id for e in run.of("node_started")]
+
+
+async def test_branch_path_stops_at_the_join() -> None:
+    run = await run_doc(doc({
+        "fan": fan(),
+        "one": {"type": "sequence", "next_node": "join", "steps": [setv("s", "a", 1)]},
+        "two": {"type": "sequence", "next_node": "join", "steps": [setv("s", "b", 2)]},
+        "three": {"type": "sequence", "next_node": "join", "steps": [setv("s", "c", 3)]},
+        "join": JOIN}, start="fan"))
+    assert outputs(run)["a"] == 1
+    assert [e.frame for e in run.of("node_started") if e.node_id == "join"] == ["-"]
+
+
+# --- §3.6 logic ------------------------------------------------------------------------------------------
+
+
+async def test_logic_first_true_rule_wins_and_default_applies() -> None:
+    nodes = {
+        "r": {"type": "logic", "default_next_node": "d", "rules": [
+            {"condition": "n > 10", "next_node": "big"}, {"condition": "n > 5", "next_node": "mid"},
+            {"condition": "run_id == 'run-1'", "next_node": "builtin"}]},
+        "big": {"type": "terminate", "outputs": {"r": "big"}}, "mid": {"type": "terminate", "outputs": {"r": "mid"}},
+        "builtin": {"type": "terminate", "outputs": {"r": "builtin"}},
+        "d": {"type": "terminate", "outputs": {"r": "d"}}}
+    schema = {"n": {"type": "number", "required": True}}
+    assert outputs(await run_doc(doc(nodes, start="r", variables_schema=schema), {"n": 20}))["r"] == "big"
+    assert outputs(await run_doc(doc(nodes, start="r", variables_schema=schema), {"n": 6}))["r"] == "mid"
+    assert outputs(await run_doc(doc(nodes, start="r", variables_schema=schema), {"n": 1}))["r"] == "builtin"
+    assert outputs(await run_doc(doc(nodes, start="r", variables_schema=schema), {"n": 1},
+                                 run_id="other"))["r"] == "d"
+
+
+async def test_logic_without_default_and_no_match_is_logic_no_route() -> None:
+    run = await run_doc(doc({"r": {"type": "logic", "rules": [{"condition": "false", "next_node": "z"}]},
+                             "z": END}, start="r"))
+    assert error(run)["code"] == "logic_no_route"
+
+
+async def test_logic_type_error_is_an_expression_error_not_a_false_rule() -> None:
+    run = await run_doc(doc({"r": {"type": "logic", "default_next_node": "z", "rules": [
+        {"condition": "name > 3", "next_node": "z"}]}, "z": {"type": "terminate", "outputs": {"r": "d"}}},
+        start="r", variables_schema={"name": {"type": "string", "default": "abc"}}))
+    assert error(run)["code"] == "expression_error"
+
+
+async def test_logic_no_route_error_goes_to_node_handlers_fallback() -> None:
+    run = await run_doc(doc({
+        "r": {"type": "logic", "rules": [{"condition": "false", "next_node": "z"}],
+              "error_handlers": [{"action": "ignore", "fallback_node": "fb"}]},
+        "fb": {"type": "terminate", "outputs": {"code": "{{error.code}}"}},
+        "z": END}, start="r"))
+    assert outputs(run) == {"code": "logic_no_route"}
+
+
+# --- §3.10 processing ------------------------------------------------------------------------------------
+
+
+async def test_processing_renders_each_operation_after_earlier_writes() -> None:
+    run = await run_doc(doc({
+        "p": {"type": "processing", "next_node": "z", "operations": [
+            {"action": "set_variable", "variable": "a", "value": 2},
+            {"action": "set_variable", "variable": "b", "value": "{{a}}"},
+            {"action": "calculate", "expression": "a + b", "output_variable": "c"},
+            {"action": "append_to_array", "array": "lst", "value": "{{c}}"},
+            {"action": "append_to_array", "array": "lst", "value": "{{b}}"},
+            {"action": "format_string", "template": "{{a}}-{{lst}}", "output_variable": "s"},
+            {"action": "parse_json", "source": "```json\n{\"x\": [1]}\n```", "output_variable": "j"},
+            {"action": "parse_csv", "source": "k,v\na,1\nb,2\n", "infer_types": True, "output_variable": "csv"},
+            {"action": "parse_xml", "source": "<r><i>1</i><i>2</i></r>", "output_variable": "xml"},
+            {"action": "extract_regex", "source": "id=42;id=7", "pattern": "id=(\\d+)", "all": True,
+             "output_variable": "ids"},
+            {"action": "convert_type", "value": "12", "target_type": "integer", "output_variable": "n"},
+            {"action": "hash", "value": "abc", "output_variable": "h"},
+            {"action": "validate_schema", "value": {"x": 1}, "schema": {"type": "object", "required": ["y"]},
+             "on_invalid": "report", "output_variable": "vs"},
+            {"action": "generate_id", "prefix": "o-", "format": "short", "output_variable": "gid"},
+            {"action": "log", "message": "{{s}}"}]},
+        "z": {"type": "terminate", "outputs": {k: "{{" + k + "}}" for k in
+                                               ["b", "c", "lst", "s", "j", "csv", "xml", "ids", "n", "h", "gid"]}
+              | {"valid": "{{vs.valid}}"}}}, start="p"))
+    out = outputs(run)
+    assert (out["b"], out["c"], out["lst"]) == (2, 4, [4, 2])
+    assert out["s"] == "2-[4,2]"
+    assert out["j"] == {"x": [1]}
+    assert out["csv"] == [{"k": "a", "v": 1}, {"k": "b", "v": 2}]
+    assert out["xml"] == {"r": {"i": ["1", "2"]}}
+    assert out["ids"] == ["42", "7"]
+    assert out["n"] == 12
+    assert out["h"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert out["valid"] is False
+    assert out["gid"].startswith("o-")
+    assert len(out["gid"]) == 14
+    assert [e.message for e in run.of("log")] == [out["s"]]
+
+
+async def test_processing_failure_names_index_and_action_and_stops() -> None:
+    run = await run_doc(doc({
+        "p": {"type": "processing", "next_node": "z", "operations": [
+            {"action": "set_variable", "variable": "a", "value": 1},
+            {"action": "parse_json", "source": "{nope"},
+            {"action": "set_variable", "variable": "never", "value": 1}],
+            "error_handlers": [{"action": "ignore", "fallback_node": "fb"}]},
+        "fb": {"type": "terminate", "outputs": {"code": "{{error.code}}", "details": "{{error.details}}",
+                                                "a": "{{a}}", "never": "{{never}}"}},
+        "z": END}, start="p"))
+    out = outputs(run)
+    assert out["code"] == "operation_failed"
+    assert out["details"]["index"] == 1
+    assert out["details"]["action"] == "parse_json"
+    assert out["details"]["reason"] == "invalid_json"
+    assert (out["a"], out["never"]) == (1, None)
