@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import Platform, platform_of
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register
+from tests.test_async_workflow_runs import hybrid_agent, register_hybrid
 
 pytestmark = pytest.mark.integration
 
@@ -452,3 +453,27 @@ async def test_every_failing_query_parameter_is_reported(platform: Platform) -> 
     body = problem(await c.post("/api/runs/cleanup", json={"before": "soon", "statuses": ["running"]}), 422,
                    "validation_failed")
     assert set(body["errors"]) == {"before", "statuses"}
+
+
+async def test_a_callback_after_its_delegation_timed_out_is_not_resumed(nats_url: str, database_url: str) -> None:
+    doc = {"procedure_id": "audit_cb_timeout", "version": "1", "global_config": {"on_failure": "gate"},
+           "workflow_graph": {"start_node": "work", "nodes": {
+        "work": {"type": "sequence", "agent": "HYBRID", "next_node": "end", "steps": [
+            {"step_id": "slow", "action": "run_full_salesforce_login", "workflow_dispatch_mode": "async"}]},
+        "gate": {"type": "human_approval", "on_approve": "end", "on_reject": "end"},
+        "end": {"type": "terminate"}}}}
+    async with platform_of(nats_url, database_url, runtime_settings={"callback_timeout_s": 1}) as p:
+        c = p.client
+        async with serving(hybrid_agent()) as agent:
+            await register_hybrid(c, agent)
+            await imported(c, doc)
+            run_id = await start(c, "audit_cb_timeout")
+            run = await wait_status(c, run_id, ("waiting_approval", *TERMINAL))
+            assert run["status"] == "waiting_approval", run
+            token = agent.requests[-1]["callback"]["token"]
+            r = await c.post(f"/api/runs/{run_id}/callback", json={"status": "success", "output": {"late": True}},
+                             headers={"X-LangOrch-Callback-Token": token})
+            assert r.status_code == 200, r.text
+            assert r.json() == {"resumed": False, "status": "timed_out"}
+            events = (await c.get(f"/api/runs/{run_id}/events?event_type=workflow_callback_received")).json()
+            assert events["total"] == 0

@@ -74,12 +74,13 @@ async def run_callback(
                          f"{delegated['step_id']}", status=400)
     if run["status"] in TERMINAL:
         return JSONResponse({"resumed": False, "status": run["status"]}, status_code=200)
-    answered = await db.fetchval(
-        """SELECT payload->>'status' FROM run_events WHERE run_id = $1 AND event_type IN
-             ('workflow_callback_received', 'callback_timed_out') AND payload->>'delegation_id' = $2 LIMIT 1""",
+    answered = await db.fetchval(  # callback_timed_out carries no status member: its type says it
+        """SELECT event_type FROM run_events WHERE run_id = $1 AND event_type IN
+             ('workflow_callback_received', 'callback_timed_out') AND payload->>'delegation_id' = $2
+           ORDER BY seq LIMIT 1""",
         run_id, token.delegation_id)
     if answered is not None:
-        status = "timed_out" if answered == "timed_out" else "duplicate"
+        status = "timed_out" if answered == "callback_timed_out" else "duplicate"
         return JSONResponse({"resumed": False, "status": status}, status_code=200)
     resolution = {"wait_id": token.delegation_id, "status": body.status, "output": body.output,
                   "error": body.error, "error_code": body.error_code, "artifacts": body.artifacts,
