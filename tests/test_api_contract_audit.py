@@ -194,8 +194,9 @@ async def test_problem_envelope_of_transport_errors(platform: Platform) -> None:
             "unsupported_media_type")
     problem(await c.post("/api/runs", json={"procedure_id": "x", "colour": "red"}), 422, "unknown_field",
             "colour")
-    problem(await c.post("/api/runs", json={"procedure_id": "x", "case_id": "c-1"}), 422, "validation_failed",
+    problem(await c.post("/api/runs", json={"procedure_id": "x", "case_id": "c-1"}), 422, "unsupported_field",
             "case_id")
+    problem(await c.post("/api/runs", json={"procedure_id": "x", "case_id": None}), 404, "not_found")
     r = await c.get("/api/health")
     assert r.headers["LangOrch-API-Version"] == "1"
 

@@ -92,7 +92,7 @@ class RunCreate(BaseModel):
     release_channel: str | None = Field(None, pattern=r"^(dev|qa|prod)$")
     input_vars: dict[str, Any] = Field(default_factory=dict)
     project_id: str | None = None
-    case_id: None = None
+    case_id: Any = None  # reserved: a non-null value is 422 unsupported_field (api.md §5.3), not a type error
 
 
 def create_app(settings: GatewaySettings, *, extra_registries: Sequence[CollectorRegistry] = ()) -> FastAPI:
@@ -224,6 +224,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     @app.post("/api/runs", status_code=201)
     async def create_run(request: Request, body: RunCreate) -> JSONResponse:
         """Validate inputs, append ``run_created`` and publish ``lo.cmd.run.start``."""
+        if body.case_id is not None:
+            raise ApiProblem("unsupported_field", "case_id is reserved for a later version; send null or omit it",
+                             errors={"case_id": ["Not supported: must be null"]})
         db = pool(request)
         run_id = new_id()
         # refusals on the procedure's state (409) or on the inputs (422) are decided outcomes: audited
