@@ -264,6 +264,7 @@ async def test_parallel_any_skips_a_failed_branch_and_takes_the_first_completed(
         "join": JOIN}, start="fan"))
     out = outputs(run)
     assert out["results"]["winner"] == "b2"
+    assert run.of("parallel_started")[0].wait_strategy == "any"
     assert (out["a"], out["b"], out["c"]) == (None, 2, None)
     assert out["results"]["branches"]["b3"]["status"] == "canceled"
     [done] = run.of("parallel_completed")
@@ -421,3 +422,273 @@ async def test_processing_failure_names_index_and_action_and_stops() -> None:
     assert out["details"]["action"] == "parse_json"
     assert out["details"]["reason"] == "invalid_json"
     assert (out["a"], out["never"]) == (1, None)
+
+
+# --- §3.11 verification ----------------------------------------------------------------------------------
+
+
+async def test_verification_warn_continue_and_fail_workflow_stops_later_checks() -> None:
+    run = await run_doc(doc({
+        "v": {"type": "verification", "next_node": "z", "checks": [
+            {"id": "ok", "condition": "n == 1", "on_fail": "warn", "message": "never"},
+            {"id": "w", "condition": "n > 5", "on_fail": "warn", "message": "small n"},
+            {"id": "c", "condition": "n > 5", "on_fail": "continue", "message": "quiet"},
+            {"id": "f", "condition": "n > 5", "message": "hard"},
+            {"id": "w2", "condition": "false", "on_fail": "warn", "message": "after the failure"}]},
+        "z": END}, start="v", variables_schema={"n": {"type": "integer", "default": 1}}))
+    err = error(run)
+    assert err["code"] == "verification_failed"
+    assert err["message"] == "hard"
+    assert err["details"]["check_id"] == "f"
+    assert [(e.check_id, e.message) for e in run.of("verification_warning")] == [("w", "small n")]
+
+
+async def test_verification_warn_only_completes_the_node() -> None:
+    run = await run_doc(doc({
+        "v": {"type": "verification", "next_node": "z", "checks": [
+            {"id": "w", "condition": "false", "on_fail": "warn", "message": "m"},
+            {"id": "c", "condition": "false", "on_fail": "continue", "message": "m"}]},
+        "z": {"type": "terminate", "outputs": {"done": True}}}, start="v"))
+    assert outputs(run) == {"done": True}
+    assert len(run.of("verification_warning")) == 1
+
+
+async def test_verification_expression_error_ignores_on_fail_and_is_a_node_scope_error() -> None:
+    nodes: dict[str, Any] = {
+        "v": {"type": "verification", "next_node": "z", "checks": [
+            {"id": "bad", "condition": "name > 3", "on_fail": "continue", "message": "m"}]},
+        "z": {"type": "terminate", "outputs": {"done": True}}}
+    schema = {"name": {"type": "string", "default": "abc"}}
+    assert error(await run_doc(doc(nodes, start="v", variables_schema=schema)))["code"] == "expression_error"
+    nodes["v"]["error_handlers"] = [{"action": "ignore"}]
+    assert outputs(await run_doc(doc(nodes, start="v", variables_schema=schema))) == {"done": True}
+
+
+async def test_verification_failure_bypasses_node_handlers_but_reaches_loop_and_recovery() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2, 3]", "iterator_variable": "n", "body_node": "v",
+                 "collect_variable": "ok", "errors_variable": "bad", "continue_on_error": True, "next_node": "v2"},
+        "v": {"type": "verification", "error_handlers": [{"action": "ignore"}],
+              "checks": [{"id": "odd", "condition": "n % 2 == 1", "message": "even"}]},
+        "v2": {"type": "verification", "next_node": "z", "error_handlers": [{"action": "ignore"}],
+               "checks": [{"id": "none", "condition": "len(bad) == 0", "message": "some failed"}]},
+        "z": END,
+        "rescue": {"type": "terminate", "outputs": {"ok": "{{ok}}", "code": "{{error.code}}",
+                                                    "check": "{{error.details.check_id}}"}}},
+        start="each", global_config={"on_failure": "rescue"}))
+    assert outputs(run) == {"ok": [1, 3], "code": "verification_failed", "check": "none"}
+    assert run.outcome is not None
+    assert run.outcome["recovered_via"] == "rescue"
+
+
+# --- §3.14 transform -------------------------------------------------------------------------------------
+
+
+async def test_transform_node_chains_every_type() -> None:
+    rows = [{"id": 1, "region": "eu", "q": "a", "amount": 5, "tags": ["x"]},
+            {"id": 2, "region": "us", "q": "a", "amount": 7, "tags": ["y"]},
+            {"id": 3, "region": "eu", "q": "b", "amount": None, "tags": ["x"]},
+            {"id": 1, "region": "eu", "q": "a", "amount": 5, "tags": ["x"]}]
+    t = [
+        {"type": "unique", "source_variable": "rows", "output_variable": "uniq"},
+        {"type": "deduplicate", "source_variable": "rows", "params": {"key": "region"}, "output_variable": "regions"},
+        {"type": "filter", "source_variable": "uniq", "expression": "amount != null and amount > min_amount",
+         "output_variable": "big"},
+        {"type": "map", "source_variable": "uniq", "expression": "id * 10 + index", "output_variable": "ids"},
+        {"type": "reduce", "source_variable": "uniq", "expression": "acc + if(amount == null, 0, amount)",
+         "params": {"initial": "{{start}}"}, "output_variable": "total"},
+        {"type": "join", "source_variable": "uniq", "expression": "region", "params": {"separator": "|"},
+         "output_variable": "joined"},
+        {"type": "join", "source_variable": "nothing", "output_variable": "empty_join"},
+        {"type": "aggregate", "source_variable": "uniq", "expression": "count, count(amount), sum(amount) as s, "
+         "avg(amount), min(amount), max(amount)", "output_variable": "agg"},
+        {"type": "aggregate", "source_variable": "uniq", "expression": "count, sum(amount)",
+         "params": {"group_by": "region"}, "output_variable": "by_region"},
+        {"type": "pivot", "source_variable": "uniq",
+         "params": {"index": "region", "columns": "q", "values": "amount", "aggregate": "sum"},
+         "output_variable": "pv"},
+        {"type": "sort", "source_variable": "uniq", "params": {"key": "amount", "descending": True},
+         "output_variable": "sorted"},
+        {"type": "aggregate", "source_variable": "nothing", "expression": "count, sum(amount), avg(amount)",
+         "output_variable": "agg_empty"},
+    ]
+    names = [x["output_variable"] for x in t]
+    run = await run_doc(doc({
+        "t": {"type": "transform", "next_node": "z", "transformations": t},
+        "z": {"type": "terminate", "outputs": {n: "{{" + n + "}}" for n in names}}}, start="t",
+        variables_schema={"rows": {"type": "array", "default": rows}, "min_amount": {"type": "number", "default": 5},
+                          "start": {"type": "number", "default": 100}}))
+    out = outputs(run)
+    assert [r["id"] for r in out["uniq"]] == [1, 2, 3]
+    assert [r["id"] for r in out["regions"]] == [1, 2]
+    assert [r["id"] for r in out["big"]] == [2]
+    assert out["ids"] == [10, 21, 32]
+    assert out["total"] == 112
+    assert out["joined"] == "eu|us|eu"
+    assert out["empty_join"] == ""
+    assert out["agg"] == {"count": 3, "count_amount": 2, "s": 12, "avg_amount": 6, "min_amount": 5, "max_amount": 7}
+    assert out["by_region"] == [{"region": "eu", "count": 2, "sum_amount": 5}, {"region": "us", "count": 1,
+                                                                               "sum_amount": 7}]
+    assert out["pv"] == [{"region": "eu", "a": 5, "b": 0}, {"region": "us", "a": 7}]
+    assert [r["id"] for r in out["sorted"]] == [2, 1, 3]
+    assert out["agg_empty"] == {"count": 0, "sum_amount": 0, "avg_amount": None}
+
+
+async def test_transform_non_list_source_fails_and_later_transformations_do_not_run() -> None:
+    run = await run_doc(doc({
+        "t": {"type": "transform", "next_node": "z", "error_handlers": [{"action": "ignore", "fallback_node": "fb"}],
+              "transformations": [
+                  {"type": "map", "source_variable": "rows", "expression": "item", "output_variable": "first"},
+                  {"type": "map", "source_variable": "cfg", "expression": "item", "output_variable": "second"},
+                  {"type": "map", "source_variable": "rows", "expression": "item", "output_variable": "third"}]},
+        "fb": {"type": "terminate", "outputs": {"code": "{{error.code}}", "reason": "{{error.details.reason}}",
+                                                "first": "{{first}}", "third": "{{third}}"}},
+        "z": END}, start="t",
+        variables_schema={"rows": {"type": "array", "default": [1]}, "cfg": {"type": "object", "default": {"a": 1}}}))
+    assert outputs(run) == {"code": "operation_failed", "reason": "source_not_a_list", "first": [1], "third": None}
+
+
+# --- §3.15 terminate -------------------------------------------------------------------------------------
+
+
+async def test_terminate_outputs_literals_typed_values_and_cleanup_writes() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "terminate",
+              "outputs": {"lit": "plain text", "n": "{{n}}", "emb": "n={{n}}", "obj": {"k": ["{{n}}"]},
+                          "cleaned": "{{cleaned}}"},
+              "cleanup_actions": [{"action": "set_variable", "variable": "cleaned", "value": True}],
+              "error_actions": [{"action": "log", "message": "must not run"}],
+              "final_audit_log": {"n": "{{n}}", "note": "done"}}}, variables_schema={"n": {"type": "integer",
+                                                                                         "default": 3}}))
+    assert outputs(run) == {"lit": "plain text", "n": 3, "emb": "n=3", "obj": {"k": [3]}, "cleaned": True}
+    assert run.of("log") == []
+    [audit] = run.of("audit_log")
+    assert audit.entry == {"n": 3, "note": "done"}
+
+
+async def test_terminate_failing_cleanup_action_is_reported_and_does_not_change_the_outcome() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "terminate", "status": "failure", "outputs": {"why": "x"},
+              "cleanup_actions": [{"action": "parse_json", "source": "{bad"}, {"action": "log", "message": "c1"}],
+              "error_actions": [{"action": "calculate", "expression": "1 / 0"}, {"action": "log", "message": "e1"}]}}))
+    assert run.outcome is not None
+    assert run.outcome["status"] == "failed"
+    assert run.outcome["error"]["code"] == "terminated_failed"
+    assert run.outcome["outputs"] == {"why": "x"}
+    assert [e.step_id for e in run.of("step_failed")] == ["cleanup[0]", "error_actions[0]"]
+    assert [e.message for e in run.of("log")] == ["c1", "e1"]
+
+
+async def test_terminate_on_a_recovery_path_runs_error_actions_even_on_success() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "sequence", "next_node": "z", "steps": [calc("c", "1 / 0")]},
+        "z": END,
+        "rescue": {"type": "terminate", "outputs": {"ok": True},
+                   "error_actions": [{"action": "log", "message": "recovering from {{error.code}}"}]}},
+        global_config={"on_failure": "rescue"}))
+    assert outputs(run) == {"ok": True}
+    assert [e.message for e in run.of("log")] == ["recovering from expression_error"]
+
+
+async def test_terminate_inside_a_branch_inside_a_loop_cancels_the_loop() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2, 3]", "iterator_variable": "n", "body_node": "fan",
+                 "next_node": "after"},
+        "fan": {"type": "parallel", "branches": [{"branch_id": "l", "start_node": "chk"},
+                                                 {"branch_id": "r", "start_node": "w"}]},
+        "chk": {"type": "logic", "rules": [{"condition": "n == 2", "next_node": "stop"}]},
+        "w": {"type": "sequence", "steps": [{"step_id": "l", "action": "log", "message": "{{n}}"}]},
+        "stop": {"type": "terminate", "status": "success", "outputs": {"at": "{{n}}"}},
+        "after": {"type": "terminate", "outputs": {"at": "after"}}}, start="each"))
+    # iteration 0: branch l fails (logic_no_route) and branch_failure continue keeps the node going
+    assert outputs(run) == {"at": 2}
+    assert len(run.of("loop_iteration")) == 2
+    assert run.of("loop_completed") == []
+    assert [e.message for e in run.of("log")][:1] == ["1"]
+
+
+# --- §3.3 error resolution -------------------------------------------------------------------------------
+
+
+def flaky_processing(**extra: Any) -> dict[str, Any]:
+    return {"type": "processing", "next_node": "z", **extra, "operations": [
+        {"action": "append_to_array", "array": "visits", "value": 1},
+        {"action": "calculate", "expression": "1 / (len(visits) - 1) / (len(visits) - 2)"}]}
+
+
+async def test_node_scope_retry_reruns_the_node_until_it_succeeds() -> None:
+    run = await run_doc(doc({
+        "a": flaky_processing(error_handlers=[{"action": "retry", "max_retries": 3, "delay_ms": 0}]),
+        "z": {"type": "terminate", "outputs": {"visits": "{{len(visits)}}"}}}))
+    assert outputs(run) == {"visits": 3}
+    assert [e.node_id for e in run.of("node_started")] == ["a", "a", "a", "z"]
+
+
+async def test_node_scope_retry_exhausted_fails_with_the_error() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "processing", "next_node": "z",
+              "error_handlers": [{"action": "retry", "max_retries": 2, "delay_ms": 0}],
+              "operations": [{"action": "append_to_array", "array": "visits", "value": 1},
+                             {"action": "calculate", "expression": "1 / 0"}]},
+        "z": END}))
+    assert error(run)["code"] == "expression_error"
+    assert len([e for e in run.of("node_started") if e.node_id == "a"]) == 3
+
+
+async def test_unresolved_step_error_is_not_offered_again_at_node_scope() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "sequence", "next_node": "z",
+              "error_handlers": [{"action": "retry", "max_retries": 1, "delay_ms": 0}],
+              "steps": [calc("c", "1 / 0")]},
+        "z": END}))
+    assert error(run)["code"] == "expression_error"
+    assert len(run.of("step_started")) == 2
+    assert len(run.of("node_started")) == 1
+
+
+async def test_fallback_sets_error_for_the_rest_of_the_frame_and_it_is_cleared_when_the_frame_ends() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[0, 1]", "iterator_variable": "n", "body_node": "p",
+                 "collect_variable": "seen", "collect_expression": "{{in_fb}}", "next_node": "z"},
+        "p": {"type": "processing", "error_handlers": [{"action": "ignore", "fallback_node": "fb"}],
+              "next_node": "ok", "operations": [{"action": "calculate", "expression": "1 / n"}]},
+        "fb": {"type": "sequence", "steps": [setv("s", "in_fb", "{{error.code}}")]},
+        "ok": {"type": "sequence", "steps": [setv("s", "in_fb", "{{error}}")]},
+        "z": {"type": "terminate", "outputs": {"seen": "{{seen}}", "in_fb": "{{in_fb}}", "after": "{{error}}"}}},
+        start="each"))
+    # iteration 0 routes to fb with error set; iteration 1 (a new frame) reaches ok with error cleared
+    assert outputs(run) == {"seen": ["expression_error", None], "in_fb": None, "after": None}
+
+
+async def test_recovery_path_failure_keeps_the_original_error_and_reports_the_recovery_error() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "sequence", "next_node": "z", "steps": [calc("c", "1 / 0")]},
+        "z": END,
+        "rescue": {"type": "processing", "operations": [{"action": "parse_json", "source": "{x"}]}},
+        global_config={"on_failure": "rescue"}))
+    err = error(run)
+    assert err["code"] == "expression_error"
+    assert run.outcome is not None
+    assert run.outcome["recovery_error"]["code"] == "operation_failed"
+
+
+async def test_recovery_terminate_failed_fails_the_run_with_recovered_via() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "sequence", "next_node": "z", "steps": [calc("c", "1 / 0")]},
+        "z": END,
+        "rescue": {"type": "terminate", "status": "failed", "outputs": {"why": "{{error.code}}"}}},
+        global_config={"on_failure": "rescue"}))
+    assert run.outcome is not None
+    assert run.outcome["status"] == "failed"
+    assert run.outcome["recovered_via"] == "rescue"
+    assert run.outcome["outputs"] == {"why": "expression_error"}
+
+
+async def test_recovery_path_normal_end_completes_as_recovered_with_empty_outputs() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "sequence", "next_node": "z", "steps": [calc("c", "1 / 0")]},
+        "z": END,
+        "rescue": {"type": "sequence", "steps": [{"step_id": "l", "action": "log", "message": "{{error.code}}"}]}},
+        global_config={"on_failure": "rescue"}))
+    assert run.outcome == {"status": "completed", "outputs": {}, "recovered_via": "rescue"}
+    assert [e.message for e in run.of("log")] == ["expression_error"]
