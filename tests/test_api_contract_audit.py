@@ -478,3 +478,35 @@ async def test_a_callback_after_its_delegation_timed_out_is_not_resumed(nats_url
             assert r.json() == {"resumed": False, "status": "timed_out"}
             events = (await c.get(f"/api/runs/{run_id}/events?event_type=workflow_callback_received")).json()
             assert events["total"] == 0
+
+
+# api.md §1.2's table of statuses and codes, as written there
+SPEC_CODES = {
+    400: "malformed_json callback_mismatch",
+    401: "unauthenticated invalid_token token_expired invalid_credentials invalid_signature stale_signature",
+    403: "forbidden csrf_failed invalid_callback_token callback_token_expired invalid_grant",
+    404: "not_found", 405: "method_not_allowed",
+    409: "procedure_version_exists version_not_draft invalid_status_transition invalid_promotion invalid_rollback "
+         "procedure_version_active procedure_version_in_use procedure_not_runnable procedure_not_effective "
+         "no_runnable_version invalid_run_transition procedure_version_unavailable approval_not_pending "
+         "approval_expired run_not_paused duplicate_delivery agent_exists resource_limit_conflict project_exists "
+         "secret_exists project_not_empty secret_in_use user_exists last_admin artifact_external "
+         "idempotency_key_in_progress",
+    412: "precondition_failed", 413: "payload_too_large", 415: "unsupported_media_type", 416: "range_not_satisfiable",
+    422: "validation_failed unknown_field unsupported_field compile_failed promotion_validation_failed "
+         "invalid_input_vars invalid_decision decided_by_mismatch idempotency_key_reused url_not_allowed "
+         "secret_value_not_accepted unsupported_event_source",
+    429: "rate_limited too_many_login_attempts max_concurrent_runs too_many_streams",
+    500: "internal_error", 502: "upstream_error", 504: "upstream_timeout", 503: "unavailable",
+}
+
+
+def test_every_spec_code_maps_to_its_status_in_one_place() -> None:
+    from langorch_gateway.problems import RETRYABLE, STATUS, TITLES
+
+    for status, codes in SPEC_CODES.items():
+        for code in codes.split():
+            assert STATUS.get(code) == status, (code, STATUS.get(code), status)
+            assert code in TITLES, code
+            if status in (429, 503):
+                assert code in RETRYABLE, code

@@ -28,6 +28,13 @@ STATUS = {
     "invalid_input_vars": 422,
     "internal_error": 500, "unavailable": 503, "too_many_streams": 429,
     "approval_not_pending": 409, "approval_expired": 409, "invalid_decision": 422, "decided_by_mismatch": 422,
+    # the rest of api.md §1.2's table, so a code raised or rejected anywhere gets its status from this one place
+    "token_expired": 401, "invalid_credentials": 401, "invalid_signature": 401, "stale_signature": 401,
+    "csrf_failed": 403, "invalid_callback_token": 403, "callback_token_expired": 403, "invalid_grant": 403,
+    "run_not_paused": 409, "duplicate_delivery": 409, "secret_exists": 409, "secret_in_use": 409,
+    "user_exists": 409, "last_admin": 409, "artifact_external": 409, "range_not_satisfiable": 416,
+    "secret_value_not_accepted": 422, "unsupported_event_source": 422,
+    "rate_limited": 429, "too_many_login_attempts": 429, "max_concurrent_runs": 429,
 }
 TITLES = {
     "malformed_json": "Malformed JSON", "not_found": "Not found", "method_not_allowed": "Method not allowed",
@@ -50,9 +57,20 @@ TITLES = {
     "idempotency_key_in_progress": "Idempotency key in progress", "idempotency_key_reused": "Idempotency key reused",
     "approval_not_pending": "Approval not pending", "approval_expired": "Approval expired",
     "invalid_decision": "Invalid decision", "decided_by_mismatch": "decided_by does not match the principal",
-    "too_many_streams": "Too many streams",
+    "too_many_streams": "Too many streams", "callback_mismatch": "Callback mismatch",
+    "invalid_run_transition": "Invalid run transition",
+    "token_expired": "Token expired", "invalid_credentials": "Invalid credentials",
+    "invalid_signature": "Invalid signature", "stale_signature": "Stale signature", "csrf_failed": "CSRF check failed",
+    "invalid_callback_token": "Invalid callback token", "callback_token_expired": "Callback token expired",
+    "invalid_grant": "Invalid grant", "run_not_paused": "Run not paused", "duplicate_delivery": "Duplicate delivery",
+    "secret_exists": "Secret exists", "secret_in_use": "Secret in use", "user_exists": "User exists",
+    "last_admin": "Last admin", "artifact_external": "Artifact is external",
+    "range_not_satisfiable": "Range not satisfiable", "secret_value_not_accepted": "Secret value not accepted",
+    "unsupported_event_source": "Unsupported event source", "rate_limited": "Rate limited",
+    "too_many_login_attempts": "Too many login attempts", "max_concurrent_runs": "Too many concurrent runs",
 }
-RETRYABLE = frozenset({"unavailable", "idempotency_key_in_progress", "too_many_streams"})
+RETRYABLE = frozenset({"unavailable", "idempotency_key_in_progress", "too_many_streams", "rate_limited",
+                       "too_many_login_attempts", "max_concurrent_runs"})  # 503, 429 and the in-flight key (§1.2)
 
 
 class ApiProblem(Exception):
