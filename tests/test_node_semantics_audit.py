@@ -1,0 +1,191 @@
+"""Acceptance audit of subflow nodes (ckp.md §3.9) run end to end on the real platform: version pinning and
+`latest`, input/output mapping, inherit_context, on_failure retry, and the depth bound."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Platform, platform_of
+
+pytestmark = pytest.mark.integration
+
+TERMINAL = ("completed", "failed", "canceled")
+
+
+@pytest.fixture(scope="module")
+async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(module_nats_url, module_database_url) as p:
+        yield p
+
+
+async def terminal(c: httpx.AsyncClient, run_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
+        if body.get("status") in TERMINAL:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.1)
+
+
+async def events(c: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
+    r = await c.get(f"/api/runs/{run_id}/events", params={"limit": 500})
+    return r.json()["items"]  # type: ignore[no-any-return]
+
+
+async def imp(c: httpx.AsyncClient, document: dict[str, Any], activate: bool = False) -> None:
+    r = await c.post("/api/procedures", json={"ckp_json": document})
+    assert r.status_code == 201, r.text
+    if activate:
+        r = await c.patch(f"/api/procedures/{document['procedure_id']}/{document['version']}/status",
+                          json={"status": "active"})
+        assert r.status_code == 200, r.text
+
+
+async def run(c: httpx.AsyncClient, pid: str, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    r = await c.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1", "input_vars": inputs or {}})
+    assert r.status_code == 201, r.text
+    return await terminal(c, str(r.json()["run_id"]))
+
+
+def proc(pid: str, nodes: dict[str, Any], start: str, version: str = "1", **extra: Any) -> dict[str, Any]:
+    return {"procedure_id": pid, "version": version, **extra, "workflow_graph": {"start_node": start,
+                                                                                   "nodes": nodes}}
+
+
+def versioned_child(version: str) -> dict[str, Any]:
+    return proc("au_sv", {"t": {"type": "terminate", "outputs": {"v": version}}}, "t", version=version)
+
+
+def caller(pid: str, version: str | None) -> dict[str, Any]:
+    call: dict[str, Any] = {"type": "subflow", "procedure_id": "au_sv", "next_node": "end"}
+    if version is not None:
+        call["version"] = version
+    return proc(pid, {"call": call, "end": {"type": "terminate", "outputs": {"got": "{{subflow_output.v}}"}}},
+                "call")
+
+
+async def test_version_pinning_and_latest_resolve_to_the_newest_active_version(platform: Platform) -> None:
+    c = platform.client
+    await imp(c, versioned_child("1"), activate=True)
+    await imp(c, versioned_child("2"), activate=True)
+    await imp(c, versioned_child("3"))  # draft: runnable when pinned, never chosen as latest
+    for pid, version in (("au_pin3", "3"), ("au_latest", "latest"), ("au_omitted", None)):
+        await imp(c, caller(pid, version))
+    pinned = await run(c, "au_pin3")
+    assert pinned["status"] == "completed", pinned["error"]
+    assert pinned["output_vars"] == {"got": "3"}
+    for pid in ("au_latest", "au_omitted"):
+        latest = await run(c, pid)
+        assert latest["status"] == "completed", latest["error"]
+        assert latest["output_vars"] == {"got": "2"}
+        [started] = [e for e in await events(c, latest["run_id"]) if e["event_type"] == "subflow_started"]
+        assert started["payload"]["version"] == "2"
+
+
+async def test_missing_version_is_subflow_not_found(platform: Platform) -> None:
+    c = platform.client
+    await imp(c, proc("au_nf", {"call": {"type": "subflow", "procedure_id": "au_nowhere", "next_node": "end"},
+                                "end": {"type": "terminate"}}, "call"))
+    failed = await run(c, "au_nf")
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "subflow_not_found"
+
+
+MAPPING_CHILD = proc("au_mchild", {
+    "calc": {"type": "processing", "next_node": "done", "operations": [
+        {"action": "calculate", "expression": "order.total * rate", "output_variable": "internal"},
+        {"action": "set_variable", "variable": "seen_extra", "value": "{{extra}}"}]},
+    "done": {"type": "terminate", "outputs": {"total": "{{internal}}", "nested": {"k": "{{label}}"}}}}, "calc",
+    variables_schema={"order": {"type": "object", "required": True}, "rate": {"type": "number", "required": True},
+                      "label": {"type": "string"}})
+
+
+async def test_input_and_output_mapping_with_inherit_context(platform: Platform) -> None:
+    c = platform.client
+    await imp(c, MAPPING_CHILD)
+    await imp(c, proc("au_mparent", {
+        "prep": {"type": "processing", "next_node": "call", "operations": [
+            {"action": "set_variable", "variable": "extra", "value": "from parent"}]},
+        "call": {"type": "subflow", "procedure_id": "au_mchild", "version": "1", "inherit_context": True,
+                 "input_mapping": {"order": "my_order", "rate": "{{factor}}", "label": "id-{{my_order.id}}"},
+                 "output_mapping": {"total": "total", "k": "nested.k", "from_vars": "seen_extra",
+                                    "absent": "no_such_key"},
+                 "next_node": "end"},
+        "end": {"type": "terminate", "outputs": {"total": "{{total}}", "k": "{{k}}", "from_vars": "{{from_vars}}",
+                                                 "absent": "{{absent}}"}}}, "prep",
+        variables_schema={"my_order": {"type": "object", "default": {"id": 7, "total": 10}},
+                          "factor": {"type": "number", "default": 2}}))
+    parent = await run(c, "au_mparent")
+    assert parent["status"] == "completed", parent["error"]
+    assert parent["output_vars"] == {"total": 20, "k": "id-7", "from_vars": "from parent", "absent": None}
+    parent_events = await events(c, parent["run_id"])
+    [started] = [e for e in parent_events if e["event_type"] == "subflow_started"]
+    child = await terminal(c, started["payload"]["child_run_id"])
+    assert child["input_vars"]["order"] == {"id": 7, "total": 10}
+    assert child["input_vars"]["rate"] == 2
+    assert child["input_vars"]["extra"] == "from parent"
+    assert "run_id" not in child["input_vars"]
+    warnings = [e["payload"] for e in parent_events if e["event_type"] == "template_warning"]
+    assert any(w["location"]["field"] == "/output_mapping/absent" for w in warnings), warnings
+
+
+FLAKY_CHILD = proc("au_flaky", {
+    "check": {"type": "logic", "rules": [{"condition": "attempt_no < 3", "next_node": "bad"}],
+              "default_next_node": "ok"},
+    "bad": {"type": "terminate", "status": "failed", "outputs": {"why": "early"}},
+    "ok": {"type": "terminate", "outputs": {"ok": True}}}, "check",
+    variables_schema={"attempt_no": {"type": "integer", "required": True}})
+
+
+async def test_on_failure_retry_reruns_the_child_then_fails_the_parent(platform: Platform) -> None:
+    c = platform.client
+    await imp(c, FLAKY_CHILD)
+    await imp(c, proc("au_retry", {
+        "call": {"type": "subflow", "procedure_id": "au_flaky", "version": "1", "on_failure": "retry",
+                 "max_retries": 2, "input_mapping": {"attempt_no": 1}, "next_node": "end"},
+        "end": {"type": "terminate", "outputs": {"ok": "{{subflow_output.ok}}"}}}, "call"))
+    failed = await run(c, "au_retry")
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "subflow_failed"
+    evs = await events(c, failed["run_id"])
+    [run_failed] = [e["payload"] for e in evs if e["event_type"] == "run_failed"]
+    assert run_failed["error"]["cause"]["code"] == "terminated_failed"
+    started = [e["payload"] for e in evs if e["event_type"] == "subflow_started"]
+    assert [e["attempt"] for e in evs if e["event_type"] == "subflow_started"] == [1, 2, 3]
+    assert len([e for e in evs if e["event_type"] == "subflow_failed"]) == 3
+    children = [await terminal(c, s["child_run_id"]) for s in started]
+    assert children[0]["rerun_of"] is None
+    assert children[1]["rerun_of"] == children[0]["run_id"]
+    assert children[2]["rerun_of"] == children[1]["run_id"]
+
+
+def chain_link(i: int, last: int) -> dict[str, Any]:
+    if i == last:
+        return proc(f"au_d{i}", {"t": {"type": "terminate", "outputs": {"depth": i}}}, "t")
+    return proc(f"au_d{i}", {
+        "call": {"type": "subflow", "procedure_id": f"au_d{i + 1}", "version": "1", "next_node": "t"},
+        "t": {"type": "terminate", "outputs": {"depth": "{{subflow_output.depth}}"}}}, "call")
+
+
+async def test_a_chain_of_ten_runs_completes_and_an_eleventh_is_subflow_depth_exceeded(platform: Platform) -> None:
+    c = platform.client
+    for i in range(10, -1, -1):
+        await imp(c, chain_link(i, 10))
+    ok = await run(c, "au_d1")  # au_d1 .. au_d10: ten runs
+    assert ok["status"] == "completed", ok["error"]
+    assert ok["output_vars"] == {"depth": 10}
+    deep = await run(c, "au_d0")  # au_d0 .. au_d10 would be eleven runs
+    assert deep["status"] == "failed"
+    [run_failed] = [e["payload"] for e in await events(c, deep["run_id"]) if e["event_type"] == "run_failed"]
+    err = run_failed["error"]
+    codes = []
+    while err is not None:
+        codes.append(err["code"])
+        err = err.get("cause")
+    assert codes == ["subflow_failed"] * 9 + ["subflow_depth_exceeded"]
