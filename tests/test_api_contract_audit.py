@@ -510,3 +510,31 @@ def test_every_spec_code_maps_to_its_status_in_one_place() -> None:
             assert code in TITLES, code
             if status in (429, 503):
                 assert code in RETRYABLE, code
+
+
+async def test_a_repeated_callback_is_a_duplicate_not_a_second_resume(nats_url: str, database_url: str) -> None:
+    doc = {"procedure_id": "audit_cb_twice", "version": "1", "workflow_graph": {"start_node": "work", "nodes": {
+        "work": {"type": "sequence", "agent": "HYBRID", "next_node": "gate", "steps": [
+            {"step_id": "slow", "action": "run_full_salesforce_login", "workflow_dispatch_mode": "async"}]},
+        "gate": {"type": "human_approval", "on_approve": "end", "on_reject": "end"},
+        "end": {"type": "terminate"}}}}
+    async with platform_of(nats_url, database_url, runtime_settings={"callback_timeout_s": 60}) as p:
+        c = p.client
+        async with serving(hybrid_agent()) as agent:
+            await register_hybrid(c, agent)
+            await imported(c, doc)
+            run_id = await start(c, "audit_cb_twice")
+            assert (await wait_status(c, run_id, ("paused", *TERMINAL)))["status"] == "paused"
+            token = agent.requests[-1]["callback"]["token"]
+            headers = {"X-LangOrch-Callback-Token": token}
+            first = await c.post(f"/api/runs/{run_id}/callback", json={"output": {"n": 1}}, headers=headers)
+            assert first.status_code == 202, first.text
+            assert first.json() == {"resumed": True, "status": "queued", "run_id": run_id}
+            # the answer came once the run had taken the callback: a repeat is told so at once
+            second = await c.post(f"/api/runs/{run_id}/callback", json={"output": {"n": 2}}, headers=headers)
+            assert second.status_code == 200, second.text
+            assert second.json() == {"resumed": False, "status": "duplicate"}
+            await wait_status(c, run_id, ("waiting_approval", *TERMINAL))
+            received = (await c.get(f"/api/runs/{run_id}/events?event_type=workflow_callback_received")).json()
+            assert received["total"] == 1
+            assert received["items"][0]["payload"]["output"] == {"n": 1}

@@ -34,7 +34,7 @@ class Outcome:
 
 
 async def send(request: Request, aggregate: str, aggregate_id: str, command: Command,
-               command_type: str, resource: str | None = None) -> Outcome | None:
+               command_type: str, resource: str | None = None, *, msg_id: str | None = None) -> Outcome | None:
     """Publish ``command`` and wait for the first event it caused on ``aggregate_id`` (None on timeout).
 
     The ordered consumer exists before the command is published, so the outcome cannot be missed. The command
@@ -54,7 +54,7 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
              submitted_at) VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (command_id) DO NOTHING""",
         command.command_id, command_type, command.actor.render(), aggregate, aggregate_id, resource)
     try:
-        await publish_command(js, command)
+        await publish_command(js, command, msg_id=msg_id)
         deadline = asyncio.get_running_loop().time() + settings.command_timeout_s
         while outcome is None:
             remaining = deadline - asyncio.get_running_loop().time()

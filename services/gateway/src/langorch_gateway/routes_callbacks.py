@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckp_core.commands import ResumeRun
 from ckp_core.events import ANONYMOUS, Actor
 from langorch_gateway import auditing
+from langorch_gateway.dispatch import accepted_headers, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.callbacks import callback_key, parse_token, verify_token
-from langorch_infra.jetstream import publish_command
 from langorch_infra.secrets import env_secret, grant_key, verify_grant
 from langorch_infra.settings import GatewaySettings
 
@@ -88,9 +88,15 @@ async def run_callback(
     if len(json.dumps(resolution, default=str)) > 10 * 1024 * 1024:
         raise ApiProblem("payload_too_large", "callback output larger than 10 MiB")
     command = ResumeRun(actor=Actor(kind="agent", id=None), run_id=run_id, resume_reason="workflow_callback",
-                        resolution=resolution, causation_id=request.headers.get("X-Request-ID"))
-    await publish_command(request.app.state.js, command, msg_id=f"callback-{token.delegation_id}")
-    return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202)
+                        resolution=resolution, causation_id=request.state.request_id)
+    # wait (bounded) until the run has taken the callback, so a repeat finds it answered (api.md §5.11)
+    outcome = await send(request, "run", run_id, command, "resume_run", f"/api/runs/{run_id}",
+                         msg_id=f"callback-{token.delegation_id}")
+    headers = {"X-LangOrch-Command-ID": command.command_id}
+    if outcome is not None:
+        raise_if_rejected(outcome)
+        headers = accepted_headers(command.command_id, outcome.position, await ryw(request, outcome.position))
+    return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202, headers=headers)
 
 
 @router.get("/api/agent-credentials/{secret_name}")
