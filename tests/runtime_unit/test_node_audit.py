@@ -692,3 +692,127 @@ async def test_recovery_path_normal_end_completes_as_recovered_with_empty_output
         global_config={"on_failure": "rescue"}))
     assert run.outcome == {"status": "completed", "outputs": {}, "recovered_via": "rescue"}
     assert [e.message for e in run.of("log")] == ["expression_error"]
+
+
+# --- §3.2 frames and pauses ------------------------------------------------------------------------------
+
+
+async def test_each_iteration_frame_keeps_its_own_hop_count() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2, 3, 4, 5, 6]", "iterator_variable": "n", "body_node": "b1",
+                 "collect_variable": "got", "next_node": "z"},
+        "b1": {"type": "sequence", "next_node": "b2", "steps": []},
+        "b2": {"type": "sequence", "next_node": "b3", "steps": []},
+        "b3": {"type": "sequence", "steps": []},
+        "z": {"type": "terminate", "outputs": {"got": "{{len(got)}}"}}}, start="each",
+        global_config={"max_hops": 4}))
+    # 18 body hops in total, 3 per iteration frame; the main frame makes 2 hops
+    assert outputs(run) == {"got": 6}
+
+
+async def test_max_hops_inside_an_iteration_fails_that_iteration() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2]", "iterator_variable": "n", "body_node": "a",
+                 "continue_on_error": True, "errors_variable": "bad", "next_node": "z"},
+        "a": {"type": "sequence", "next_node": "b", "steps": []},
+        "b": {"type": "logic", "rules": [{"condition": "n == 2", "next_node": "a"}], "default_next_node": "c"},
+        "c": {"type": "sequence", "steps": []},
+        "z": {"type": "terminate", "outputs": {"bad": "{{bad}}"}}}, start="each", global_config={"max_hops": 5}))
+    [bad] = outputs(run)["bad"]
+    assert bad["iteration"] == 1
+    assert bad["error"]["code"] == "max_hops_exceeded"
+
+
+APPROVE = {"type": "human_approval", "prompt": "ok {{loop_index}}?", "on_approve": "mark", "on_reject": "mark"}
+
+
+async def test_approval_inside_a_loop_resumes_the_same_iteration() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "['a', 'b']", "iterator_variable": "x", "index_variable": "i",
+                 "body_node": "ask", "collect_variable": "got", "collect_expression": "{{x}}={{approval.ask.decision}}",
+                 "next_node": "z"},
+        "ask": APPROVE,
+        "mark": {"type": "sequence", "steps": [setv("s", "marked", "{{x}}")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "x": "{{x}}", "i": "{{i}}"}}}, start="each"))
+    assert run.outcome is None
+    [wait] = run.waits
+    assert wait["frame"] == "each[0]"
+    await run.resume(wait_id=wait["id"], decision="approved", status="approved")
+    assert run.outcome is None
+    [wait] = run.waits
+    assert wait["frame"] == "each[1]"
+    await run.resume(wait_id=wait["id"], decision="rejected", status="rejected")
+    assert outputs(run) == {"got": ["a=approved", "b=rejected"], "x": "b", "i": 1}
+    assert [e.prompt for e in run.of("approval_requested")] == ["ok 0?", "ok 1?"]
+
+
+async def test_parallel_any_cancels_a_paused_branch_and_drops_its_wait() -> None:
+    run = await run_doc(doc({
+        "fan": {"type": "parallel", "wait_strategy": "any", "next_node": "z",
+                "branches": [{"branch_id": "slow", "start_node": "ask"}, {"branch_id": "fast", "start_node": "w"}]},
+        "ask": APPROVE,
+        "mark": {"type": "sequence", "steps": [setv("s", "marked", True)]},
+        "w": {"type": "sequence", "steps": [setv("s", "fast", True)]},
+        "z": {"type": "terminate", "outputs": {"fast": "{{fast}}", "marked": "{{marked}}",
+                                               "winner": "{{parallel_results.winner}}",
+                                               "slow": "{{parallel_results.branches.slow.status}}"}}}, start="fan"))
+    assert outputs(run) == {"fast": True, "marked": None, "winner": "fast", "slow": "canceled"}
+    assert run.waits == []
+
+
+async def test_parallel_all_waits_for_a_paused_branch_then_merges_its_writes() -> None:
+    run = await run_doc(doc({
+        "fan": {"type": "parallel", "next_node": "z",
+                "branches": [{"branch_id": "slow", "start_node": "ask"}, {"branch_id": "fast", "start_node": "w"}]},
+        "ask": APPROVE,
+        "mark": {"type": "sequence", "steps": [setv("s", "marked", True)]},
+        "w": {"type": "sequence", "steps": [setv("s", "fast", True)]},
+        "z": {"type": "terminate", "outputs": {"fast": "{{fast}}", "marked": "{{marked}}",
+                                               "decision": "{{approval.ask.decision}}"}}}, start="fan"))
+    assert run.outcome is None
+    assert len(run.of("parallel_branch_completed")) == 1
+    await run.resume(wait_id=run.waits[0]["id"], decision="approved", status="approved")
+    assert outputs(run) == {"fast": True, "marked": True, "decision": "approved"}
+
+
+async def test_parallel_fail_mode_cancels_a_paused_branch() -> None:
+    run = await run_doc(doc({
+        "fan": {"type": "parallel", "branch_failure": "fail", "next_node": "z",
+                "branches": [{"branch_id": "slow", "start_node": "ask"}, {"branch_id": "bad", "start_node": "w"}]},
+        "ask": APPROVE,
+        "mark": {"type": "sequence", "steps": []},
+        "w": {"type": "sequence", "steps": [calc("c", "1 / 0")]},
+        "z": END}, start="fan"))
+    err = error(run)
+    assert err["code"] == "parallel_branch_failed"
+    assert err["details"] == {"branch_id": "bad"}
+    assert run.waits == []
+
+
+async def test_parallel_inside_a_loop_merges_into_the_iteration() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2]", "iterator_variable": "n", "body_node": "fan",
+                 "collect_variable": "got", "collect_expression": "{{l + r}}", "next_node": "z"},
+        "fan": {"type": "parallel", "branches": [{"branch_id": "l", "start_node": "lw"},
+                                                 {"branch_id": "r", "start_node": "rw"}]},
+        "lw": {"type": "sequence", "steps": [calc("c", "n * 10", "l")]},
+        "rw": {"type": "sequence", "steps": [calc("c", "n", "r")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}"}}}, start="each"))
+    assert outputs(run) == {"got": [11, 22]}
+    assert {e.frame for e in run.of("step_started")} == {"each[0]/fan/l", "each[0]/fan/r", "each[1]/fan/l",
+                                                          "each[1]/fan/r"}
+
+
+async def test_nested_parallel_branch_failure_propagates_to_the_outer_branch() -> None:
+    run = await run_doc(doc({
+        "outer": {"type": "parallel", "next_node": "z",
+                  "branches": [{"branch_id": "o1", "start_node": "inner"}, {"branch_id": "o2", "start_node": "ok"}]},
+        "inner": {"type": "parallel", "branch_failure": "fail",
+                  "branches": [{"branch_id": "i1", "start_node": "bad"}, {"branch_id": "i2", "start_node": "ok2"}]},
+        "bad": {"type": "sequence", "steps": [calc("c", "1 / 0")]},
+        "ok2": {"type": "sequence", "steps": [setv("s", "i2", True)]},
+        "ok": {"type": "sequence", "steps": [setv("s", "o2", True)]},
+        "z": {"type": "terminate", "outputs": {"o2": "{{o2}}", "i2": "{{i2}}",
+                                               "o1": "{{parallel_results.branches.o1.error.code}}"}}},
+        start="outer"))
+    assert outputs(run) == {"o2": True, "i2": None, "o1": "parallel_branch_failed"}
