@@ -538,3 +538,30 @@ async def test_a_repeated_callback_is_a_duplicate_not_a_second_resume(nats_url: 
             received = (await c.get(f"/api/runs/{run_id}/events?event_type=workflow_callback_received")).json()
             assert received["total"] == 1
             assert received["items"][0]["payload"]["output"] == {"n": 1}
+
+
+async def test_a_run_retried_while_it_waited_for_a_callback_reads_paused(nats_url: str, database_url: str) -> None:
+    doc = {"procedure_id": "audit_cb_retry", "version": "1", "workflow_graph": {"start_node": "work", "nodes": {
+        "work": {"type": "sequence", "agent": "HYBRID", "next_node": "end", "steps": [
+            {"step_id": "slow", "action": "run_full_salesforce_login", "workflow_dispatch_mode": "async"}]},
+        "end": {"type": "terminate"}}}}
+    async with platform_of(nats_url, database_url, runtime_settings={"callback_timeout_s": 60}) as p:
+        c = p.client
+        async with serving(hybrid_agent()) as agent:
+            await register_hybrid(c, agent)
+            await imported(c, doc)
+            run_id = await start(c, "audit_cb_retry")
+            assert (await wait_status(c, run_id, ("paused", *TERMINAL)))["status"] == "paused"
+            token = agent.requests[-1]["callback"]["token"]
+            assert (await c.post(f"/api/runs/{run_id}/cancel", json={})).json()["status"] == "canceled"
+            r = await c.post(f"/api/runs/{run_id}/retry", json={})
+            assert r.status_code == 200, r.text
+            # the retried run waits for the same delegation again: paused, not running (api.md §5.2)
+            run = await wait_status(c, run_id, ("paused", "completed", "failed"))
+            assert run["status"] == "paused", run
+            assert run["waiting_on"]["kind"] == "callback"
+            assert run["waiting_on"]["node_id"] == "work"
+            r = await c.post(f"/api/runs/{run_id}/callback", json={"output": {"ok": 1}},
+                             headers={"X-LangOrch-Callback-Token": token})
+            assert r.status_code == 202, r.text
+            assert (await wait_status(c, run_id))["status"] == "completed"

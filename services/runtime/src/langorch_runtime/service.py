@@ -45,7 +45,14 @@ from ckp_core.events import (
 from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
 from ckp_core.redaction import Redactor
-from ckp_core.run_events import ExecutionResumed, RunCanceled, RunCancelRequested, RunDeleted, RunRetryRequested
+from ckp_core.run_events import (
+    ExecutionResumed,
+    RunCanceled,
+    RunCancelRequested,
+    RunDeleted,
+    RunRetryRequested,
+    RunSuspended,
+)
 from ckp_core.subjects import (
     COMMAND_STREAM,
     EVENT_STREAM,
@@ -462,6 +469,14 @@ class RuntimeService:
             return
         outcome = final.get("outcome")
         if outcome is None:
+            waits = list((final.get("waits") or {}).values())
+            if isinstance(command, RetryRun) and waits:
+                # a retry that resumed into waits announced before the cancel (an async callback, a child run)
+                # appends no pausing event of its own: say the run is waiting again (api.md §5.2)
+                status = "waiting_approval" if any(w.get("kind") == "approval" for w in waits) else "paused"
+                await writer.emit(RunSuspended(status=status, waiting_on=[
+                    {k: w.get(k) for k in ("kind", "id", "node_id", "step_id", "expires_at") if k in w}
+                    for w in waits]))
             return  # suspended on a wait (interrupt): acknowledged; a resume command continues the run
         if outcome["status"] == "completed":
             await writer.emit(RunCompleted(outputs=outcome.get("outputs") or {},
