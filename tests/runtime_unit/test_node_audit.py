@@ -816,3 +816,34 @@ async def test_nested_parallel_branch_failure_propagates_to_the_outer_branch() -
                                                "o1": "{{parallel_results.branches.o1.error.code}}"}}},
         start="outer"))
     assert outputs(run) == {"o2": True, "i2": None, "o1": "parallel_branch_failed"}
+
+
+async def test_parallel_merge_compares_json_values_so_a_boolean_replacing_a_number_is_a_delta() -> None:
+    run = await run_doc(doc({
+        "init": {"type": "sequence", "next_node": "fan", "steps": [
+            setv("s", "flag", 1), setv("t", "cfg", {"on": 0}), setv("u", "ratio", 2)]},
+        "fan": fan(),
+        "one": {"type": "sequence", "steps": [setv("s", "flag", True)]},
+        "two": {"type": "sequence", "steps": [setv("s", "cfg", {"on": False})]},
+        "three": {"type": "sequence", "steps": [calc("c", "4 / 2", "ratio")]},  # 2.0 equals 2: no delta
+        "join": {"type": "terminate", "outputs": {"flag": "{{flag}}", "cfg": "{{cfg}}", "ratio": "{{ratio}}"}}},
+        start="init"))
+    out = outputs(run)
+    assert out["flag"] is True
+    assert out["cfg"]["on"] is False
+    assert out["ratio"] == 2
+    assert run.of("parallel_merge_conflict") == []
+
+
+async def test_node_scope_retry_budget_is_fresh_on_each_new_entry_of_the_node() -> None:
+    # 'work' fails on the first try of every round (odd visit counts) and succeeds on its retry; the cycle enters it
+    # twice, so each entry needs its own budget of one retry.
+    run = await run_doc(doc({
+        "work": {"type": "processing", "next_node": "again",
+                 "error_handlers": [{"action": "retry", "max_retries": 1, "delay_ms": 0}],
+                 "operations": [{"action": "append_to_array", "array": "tries", "value": 1},
+                                {"action": "calculate", "expression": "1 / ((len(tries) + 1) % 2)"}]},
+        "again": {"type": "logic", "rules": [{"condition": "len(tries) < 4", "next_node": "work"}],
+                  "default_next_node": "z"},
+        "z": {"type": "terminate", "outputs": {"tries": "{{len(tries)}}"}}}, start="work"))
+    assert outputs(run) == {"tries": 4}

@@ -116,3 +116,17 @@ def descendants(state: RunState, frame: Frame) -> list[Frame]:
         out.append(child)
         out.extend(descendants(state, child))
     return out
+
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Deep equality of JSON values (§3.8 merge deltas): booleans never equal numbers (Python's ``True == 1``
+    does), numbers compare by value (``2 == 2.0``), objects by keys and lists by position."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(v, b[k]) for k, v in a.items())
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and bool(a == b)

@@ -104,6 +104,7 @@ from langorch_runtime.frames import (
     RunState,
     descendants,
     frame_string,
+    json_equal,
     loop_context,
     new_frame,
     vars_of,
@@ -634,6 +635,7 @@ class Machine:
         if node.is_checkpoint:
             self.save(state, "is_checkpoint", node.id, fs)
         frame["node"] = None
+        forget_retries(frame, node.id)
         if isinstance(outcome, Terminate):
             await self.terminate(state, frame, node, outcome)
             return
@@ -1046,10 +1048,10 @@ class Machine:
                 if key == APPROVALS_KEY:
                     records = merged.setdefault(APPROVALS_KEY, {})
                     for node_key, record in value.items():
-                        if snapshot.get(APPROVALS_KEY, {}).get(node_key) != record:
+                        if not json_equal(snapshot.get(APPROVALS_KEY, {}).get(node_key), record):
                             records[node_key] = record
                     continue
-                if key not in snapshot or snapshot[key] != value:
+                if key not in snapshot or not json_equal(snapshot[key], value):
                     changed_by.setdefault(key, []).append(bid)
                     merged[key] = copy.deepcopy(value)
         for key, branches in changed_by.items():
@@ -1900,6 +1902,7 @@ class Machine:
         """A handler routes the failed node to its ``fallback_node``; the built-in ``error`` is set there."""
         await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=target))
         frame["node"] = None
+        forget_retries(frame, node.id)
         frame["error"] = _dump(error)
         frame["cursor"] = target
         return Routed()
@@ -2112,6 +2115,15 @@ def _handler_delay(handler: ErrorHandlerIR, n: int) -> int:
 def _expression_error(exc: ExpressionError, node_id: str, step_id: str | None) -> ErrorObject:
     return ErrorObject(code="expression_error", message=str(exc), node_id=node_id, step_id=step_id,
                        details=exc.details())
+
+
+def forget_retries(frame: Frame, node_id: str) -> None:
+    """A node left normally or through a fallback: node-level retry budgets (handler ``retry``/``retry_node``,
+    validation ``retry_node``) count per entry of the node, so a later entry (a cycle) starts with a fresh budget."""
+    retries: dict[str, int] | None = frame.get("retries")  # type: ignore[assignment]
+    if retries:
+        for key in [k for k in retries if k.startswith(f"{node_id}#")]:
+            del retries[key]
 
 
 def _dump(error: ErrorObject) -> dict[str, Any]:
