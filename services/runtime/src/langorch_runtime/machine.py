@@ -671,6 +671,7 @@ class Machine:
         elapsed = int((time.time() - current["started"]) * 1000)
         if elapsed <= sla.max_duration_ms:
             return outcome
+        current["sla_reported"] = True  # emitted once: a handler's replacement outcome is not checked again
         fs = frame_string(frame, node.id, current["visit"])
         await self.emit(SlaBreached(node_id=node.id, frame=fs, limit_ms=sla.max_duration_ms, elapsed_ms=elapsed,
                                     on_breach=sla.on_breach, escalation_handler=sla.escalation_handler,
@@ -788,7 +789,7 @@ class Machine:
         if handler.notify_on_error:
             await self.alert(StepErrorNotification(node_id=node.id, frame=fs, error_type=handler.error_type or "*",
                                                    error=error, handler_action=handler.action))
-        await self.recovery_steps(state, frame, node, current, handler, None)
+        await self.recovery_steps(state, frame, node, current, handler, None, None)
         if handler.action in ("retry", "retry_node"):
             retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
             key = f"{node.id}#handler{handler.index}"
@@ -813,12 +814,13 @@ class Machine:
         return None
 
     async def recovery_steps(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
-                             handler: ErrorHandlerIR, step: StepIR | None) -> None:
+                             handler: ErrorHandlerIR, step: StepIR | None, attempt: int | None) -> None:
+        """Run before the handler's action each time it applies (§4.10): once per failing attempt of ``step``."""
         for rs in handler.recovery_steps:
             prefix = f"{step.step_id if step else node.id}/recovery/"
             try:
                 await self.run_step(state, frame, node, current, rs, identity_step_id=prefix + rs.step_id,
-                                    allow_handlers=False)
+                                    allow_handlers=False, application=attempt)
             except (StepError, NodeFailure):
                 continue  # failures of recovery steps are reported (step_failed) and otherwise ignored
 
@@ -1346,7 +1348,7 @@ class Machine:
                                                      "attempt": attempt})
             policy = p.retry
             if policy is not None and retries < policy.max_retries and retry_allowed(policy, error):
-                delay = retry_delay(policy, retries)
+                delay = after_retry_after(retry_delay(policy, retries), error)
                 retries += 1
                 await self.emit(StepRetrying(node_id=node.id, step_id="llm", frame=fs, attempt=attempt, action="chat",
                                              delay_ms=delay, next_attempt=attempt + 1, source="retry_policy",
@@ -1525,8 +1527,11 @@ class Machine:
         return outcome.result
 
     async def run_step(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any], step: StepIR,
-                       identity_step_id: str | None = None, allow_handlers: bool = True) -> Outcome | None:
-        """Run one step to completion (§4.7). Returns an outcome when a handler routes the node elsewhere."""
+                       identity_step_id: str | None = None, allow_handlers: bool = True,
+                       application: int | None = None) -> Outcome | None:
+        """Run one step to completion (§4.7). Returns an outcome when a handler routes the node elsewhere.
+        ``application``: a recovery step's run for the failing step's attempt ``application``; a record completed
+        for an earlier attempt is run again (as attempt ``application``), one for this attempt is replayed."""
         from langorch_runtime.operations import apply_writes
 
         step_id = identity_step_id or step.step_id
@@ -1539,15 +1544,19 @@ class Machine:
             identity = f"custom:{rendered}"
             key_base = f"lo1:{rendered}"
         elif node.idempotency_key is not None:
-            rendered = await self.render(node.idempotency_key, state, frame, node.id, None, "/idempotency_key",
-                                         text=True)
+            data = current.setdefault("data", {})
+            rendered = data.get("idempotency_key")
+            if rendered is None:  # rendered once per node visit, before its first step: writes of steps don't count
+                rendered = data["idempotency_key"] = await self.render(
+                    node.idempotency_key, state, frame, node.id, None, "/idempotency_key", text=True)
             identity = f"custom:{rendered}/{step_id}"
             key_base = f"lo1:{rendered}/{step_id}"
         else:
             identity = natural_identity(node.id, step_id, fs)
             key_base = None
         record = await self.steps.get(identity)
-        if record is not None and record.status == "completed":
+        again = application is not None and record is not None and record.attempt < application
+        if record is not None and record.status == "completed" and not again:
             apply_writes(namespace, record.writes)
             await self.emit(StepReplayed(node_id=node.id, step_id=step_id, frame=fs, action=step.action,
                                          output_variable=step.output_variable, original_attempt=record.attempt))
@@ -1555,6 +1564,8 @@ class Machine:
         attempt = record.attempt if record is not None else 1
         if record is not None and record.status == "failed":
             attempt += 1  # a retried run (or re-run node) executes the failed step as a new attempt (§7.12)
+        if again and application is not None:
+            attempt, record = max(attempt, application), None  # recovery steps run each time a handler applies
         preset: tuple[Any] | ErrorObject | None = None
         delegation = (record.result or {}).get("delegation") if record is not None and record.status == "started" \
             and isinstance(record.result, dict) else None
@@ -1638,7 +1649,7 @@ class Machine:
                                             binding_kind=binding_kind))
             policy = step.retry
             if policy is not None and policy_retries < policy.max_retries and retry_allowed(policy, error):
-                delay = retry_delay(policy, policy_retries)
+                delay = after_retry_after(retry_delay(policy, policy_retries), error)
                 policy_retries += 1
                 await self.emit(StepRetrying(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                              action=step.action, delay_ms=delay, next_attempt=attempt + 1,
@@ -1784,7 +1795,15 @@ class Machine:
             ctx = OpContext(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                             logging_level=self.ir.global_config.logging_level, sleep=self.sleep,
                             scope=self.scope(state, frame, node.id, step.step_id), notifier=self.notifier())
-            op_outcome = await run_operation(step, params, namespace, ctx)
+            if step.timeout_ms is None:
+                op_outcome = await run_operation(step, params, namespace, ctx)
+            else:  # §4.9: a step's own (or the default) timeout bounds internal operations too
+                try:
+                    op_outcome = await asyncio.wait_for(run_operation(step, params, namespace, ctx),
+                                                        step.timeout_ms / 1000)
+                except TimeoutError:
+                    raise StepError(ErrorObject(code="step_timeout", retryable=True, message=f"step '{step_id}' "
+                                                f"timed out after {step.timeout_ms} ms")) from None
             if self.on_sensitive is not None and (op_outcome.sensitive_outputs or op_outcome.sensitive_values):
                 self.on_sensitive(set(op_outcome.sensitive_outputs), set(op_outcome.sensitive_values))
             for event in op_outcome.events:
@@ -1925,12 +1944,12 @@ class Machine:
                 await self.alert(StepErrorNotification(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                                        error_type=handler.error_type or "*", error=error,
                                                        handler_action=handler.action))
-            await self.recovery_steps(state, frame, node, current, handler, step)
+            await self.recovery_steps(state, frame, node, current, handler, step, attempt)
             if handler.action == "retry":
                 used = handler_retries.get(handler.index, 0)
                 if used < handler.max_retries:
                     handler_retries[handler.index] = used + 1
-                    delay = _handler_delay(handler, used)
+                    delay = after_retry_after(_handler_delay(handler, used), error)
                     await self.emit(StepRetrying(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                                  action=step.action, delay_ms=delay, next_attempt=attempt + 1,
                                                  source="error_handler", error=error))
@@ -2104,6 +2123,15 @@ def retry_delay(policy: RetryPolicyIR, n: int) -> int:
     if policy.jitter:
         delay *= 1 - policy.jitter * random.random()
     return int(delay)
+
+
+def after_retry_after(delay: int, error: ErrorObject) -> int:
+    """§4.8: a ``Retry-After`` from an agent or LLM (``details.retry_after_ms``) raises a retry delay to at least
+    that value, at most 600 s. The rate limiter's own hint is not an agent's answer and is not applied."""
+    after = error.details.get("retry_after_ms") if isinstance(error.details, dict) else None
+    if error.code == "rate_limited" or isinstance(after, bool) or not isinstance(after, int | float) or after <= 0:
+        return delay
+    return max(delay, min(int(after), 600_000))
 
 
 def _handler_delay(handler: ErrorHandlerIR, n: int) -> int:
