@@ -565,3 +565,17 @@ async def test_a_run_retried_while_it_waited_for_a_callback_reads_paused(nats_ur
                              headers={"X-LangOrch-Callback-Token": token})
             assert r.status_code == 202, r.text
             assert (await wait_status(c, run_id))["status"] == "completed"
+
+
+async def test_query_datetimes_parse_alike_on_every_list(platform: Platform) -> None:
+    c = platform.client
+    for path, name in [("/api/runs", "created_from"), ("/api/approvals", "created_from"),
+                       ("/api/approvals", "expires_before"), ("/api/audit", "since")]:
+        for good in ("2025-01-01T00:00:00Z", "2025-01-01 00:00:00+01:00", "2025-01-01T00:00:00.5-05:00"):
+            r = await c.get(path, params={name: good})
+            assert r.status_code == 200, (path, good, r.text)
+        # an unencoded '+' of the offset arrives as a space
+        r = await c.get(f"{path}?{name}=2025-01-01T00:00:00+01:00")
+        assert r.status_code == 200, (path, r.text)
+        for bad in ("20250101T000000Z", "2025-01-01T00:00Z", "2025-W01-1T00:00:00Z", "2025-01-01"):
+            problem(await c.get(path, params={name: bad}), 422, "validation_failed", f"query.{name}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
@@ -38,6 +38,7 @@ from langorch_gateway.queries import (
     gather,
     header_position,
 )
+from langorch_gateway.routes_runs_more import parse_query_time
 from langorch_infra.jetstream import JetStreamEventStore, follow
 from langorch_infra.settings import GatewaySettings
 
@@ -120,19 +121,8 @@ async def _row(request: Request, approval_id: str) -> asyncpg.Record | None:
 
 
 def _query_time(name: str, raw: str | None) -> datetime | None:
-    """A query datetime: RFC 3339 with an offset (api.md §1.1); without one → 422 at ``query.<name>``."""
-    if raw is None:
-        return None
-    try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
-        if value.tzinfo is not None:  # its UTC instant must stay within years 1…9999 (else a database error)
-            value = value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        value = None
-    if value is None or value.tzinfo is None:
-        raise ApiProblem("validation_failed", f"{name} must be an RFC 3339 datetime with an offset",
-                         errors={f"query.{name}": ["Must be an RFC 3339 datetime with an offset"]})
-    return value
+    """A query datetime, parsed as on every other list (RFC 3339 with an offset, api.md §1.1)."""
+    return parse_query_time(name, raw)
 
 
 @router.get("/api/approvals")

@@ -82,8 +82,11 @@ def parse_query_time(name: str, raw: str | None) -> datetime | None:
     """An RFC 3339 query datetime with an offset (api.md §1.1); anything else → 422 at ``query.<name>``."""
     if raw is None:
         return None
-    text = raw.strip().replace(" ", "+") if re.search(r"\d \d\d:\d\d$", raw.strip()) else raw.strip()
-    ok = re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", text)
+    text = raw.strip()
+    unescaped = re.fullmatch(r"(.*\d) (\d\d:\d\d)", text)  # a '+' of the offset sent unencoded reads as a space
+    if unescaped:
+        text = f"{unescaped.group(1)}+{unescaped.group(2)}"
+    ok = re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", text)
     parsed = None
     if ok:
         try:  # in UTC: a time whose UTC instant leaves years 1…9999 is out of range too, not a 500 from the database
