@@ -579,3 +579,16 @@ async def test_query_datetimes_parse_alike_on_every_list(platform: Platform) -> 
         assert r.status_code == 200, (path, r.text)
         for bad in ("20250101T000000Z", "2025-01-01T00:00Z", "2025-W01-1T00:00:00Z", "2025-01-01"):
             problem(await c.get(path, params={name: bad}), 422, "validation_failed", f"query.{name}")
+
+
+async def test_diagnostics_count_the_checkpoints_the_run_has(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_diag"))
+    run_id = await start(c, "audit_diag", {"n": 3})
+    await wait_status(c, run_id)
+    listed = (await c.get(f"/api/runs/{run_id}/checkpoints")).json()
+    assert listed["total"] >= 1
+    diag = (await c.get(f"/api/runs/{run_id}/diagnostics")).json()
+    assert diag["execution"]["checkpoint_count"] == listed["total"]
+    assert diag["execution"]["last_checkpoint_id"] == listed["items"][0]["checkpoint_id"]
+    assert diag["execution"]["delivery_count"] == 1

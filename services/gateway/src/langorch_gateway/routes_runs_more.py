@@ -478,9 +478,8 @@ async def diagnostics(request: Request, run_id: str) -> JSONResponse:
                             run_id)
     by_type = {r["event_type"]: int(r["n"]) for r in counts}
     last_progress = await db.fetchval("SELECT max(created_at) FROM run_events WHERE run_id = $1", run_id)
-    checkpoint = await db.fetchrow(
-        "SELECT payload FROM run_events WHERE run_id = $1 AND event_type = 'checkpoint_saved' ORDER BY seq DESC "
-        "LIMIT 1", run_id)
+    saved = await _thread(request, run_id, "")  # every checkpoint of the root namespace, newest first (not only
+    # the forced saves that emit checkpoint_saved), as GET …/checkpoints lists them
     started = await db.fetchrow(
         "SELECT payload FROM run_events WHERE run_id = $1 AND event_type IN ('execution_started', "
         "'execution_resumed', 'execution_recovered') ORDER BY seq DESC LIMIT 1", run_id)
@@ -501,9 +500,8 @@ async def diagnostics(request: Request, run_id: str) -> JSONResponse:
                 "instance"),
             "delivery_count": 1 + by_type.get("execution_recovered", 0) if started else 0,
             "last_progress_at": views._time(last_progress),
-            "checkpoint_count": by_type.get("checkpoint_saved", 0),
-            "last_checkpoint_id": (views._json(checkpoint["payload"]) or {}).get("checkpoint_id") if checkpoint
-            else None,
+            "checkpoint_count": len(saved),
+            "last_checkpoint_id": saved[0].checkpoint["id"] if saved else None,
         },
     }
     return JSONResponse(body, headers=headers)
