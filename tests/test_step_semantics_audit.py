@@ -904,3 +904,107 @@ async def test_screenshot_on_complete_and_on_fail_reasons(platform: Platform) ->
     [on_fail] = of(events, "screenshot_requested", "bad")
     assert on_fail["payload"]["error"]["code"] == "agent_error"
     assert on_fail["attempt"] == 2
+
+
+# -- §4.10 matching on the agent's error type, §4.8 retry_on agent types ---------------------------------------------
+
+async def test_agent_error_type_matches_handlers_and_retry_on(platform: Platform) -> None:
+    c = platform.client
+    envelope = {"status": "error", "error": "no such element", "error_type": "ElementNotFound",
+                "error_code": "E_NF"}
+    app, seen = status_agent([(200, envelope, {}), (200, envelope, {}), (200, envelope, {})])
+    doc = one_node("audit_error_type", "et1", [
+        {"step_id": "find", "action": "find", "output_variable": "f",
+         "retry_config": {"max_retries": 1, "delay_ms": 0, "retry_on": ["ElementNotFound"]}}],
+        {"f": "{{f}}"}, handlers=[{"error_type": "E_NF", "trigger": {"error_code": "E_XX"}, "action": "fail"},
+                                  {"error_type": "elementnotfound", "action": "retry", "max_retries": 0},
+                                  {"action": "ignore"}])
+    async with serve_app(app) as url:
+        await register_url(c, url, "et1", "et1", ["find"])
+        run, events = await finished(c, doc)
+    assert run["status"] == "failed"  # handler 1 matched (by type); retries 0 → unresolved; handler 2 not tried
+    assert len(seen) == 2  # the policy retried once on the agent type
+    error = of(events, "run_failed")[0]["payload"]["error"]
+    assert (error["code"], error["type"], error["error_code"], error["attempt"]) == (
+        "agent_error", "ElementNotFound", "E_NF", 2)
+    assert [e["payload"]["source"] for e in of(events, "step_retrying")] == ["retry_policy"]
+
+
+# -- §7.12 retry of a run discards what the recovery path changed ---------------------------------------------------
+
+async def test_run_retry_discards_recovery_changes_and_resumes_at_the_failure_point(platform: Platform) -> None:
+    c = platform.client
+    agent = ScriptedAgent({"work": failing_times(1, "once", retryable=False, then="worked")})
+    doc = {"procedure_id": "audit_retry_recovery", "version": "1", "global_config": {"on_failure": "rescue"},
+           "variables_schema": {"flag": {"type": "string", "default": "orig"}},
+           "workflow_graph": {"start_node": "prep", "nodes": {
+               "prep": {"type": "processing", "next_node": "work", "operations": [
+                   {"action": "append_to_array", "array": "trail", "value": "prep"}]},
+               "work": {"type": "sequence", "agent": "RC1", "next_node": "done", "steps": [
+                   {"step_id": "w", "action": "work", "output_variable": "r"}]},
+               "done": {"type": "terminate", "outputs": {"flag": "{{flag}}", "r": "{{r}}", "trail": "{{trail}}"}},
+               "rescue": {"type": "processing", "next_node": "rescue_end", "operations": [
+                   {"action": "set_variable", "variable": "flag", "value": "recovered"}]},
+               "rescue_end": {"type": "terminate", "status": "failed", "outputs": {"flag": "{{flag}}"}}}}}
+    async with serving(agent):
+        await register(c, agent, "rc1", "rc1")
+        run_id = await start(c, doc)
+        failed = await wait_status(c, run_id)
+        assert failed["status"] == "failed"
+        events = await events_of(c, run_id)
+        [first_failure] = of(events, "run_failed")
+        assert first_failure["payload"]["recovered_via"] == "rescue"
+        assert first_failure["payload"]["error"]["code"] == "agent_error"
+        r = await c.post(f"/api/runs/{run_id}/retry", json={})
+        assert r.status_code == 200, r.text
+        run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"flag": "orig", "r": "worked", "trail": ["prep"]}
+    events = await events_of(c, run_id)
+    [requested] = of(events, "run_retry_requested")
+    assert (requested["payload"]["retry_count"], requested["payload"]["automatic"],
+            requested["payload"]["failure_node_id"]) == (1, False, "work")
+    assert [b["attempt"] for b in agent.requests] == [1, 2]
+
+
+# -- §7.15 redacted_fields and bounded payloads -----------------------------------------------------------------------
+
+async def test_redacted_fields_and_oversized_fields_in_events(platform: Platform) -> None:
+    c = platform.client
+    agent = ScriptedAgent({"send": lambda b: {"ssn": "123-45-6789", "ok": True}, "upload": lambda b: "stored"})
+    big = "x" * (70 * 1024)
+    doc = one_node("audit_redacted_fields", "rf1", [
+        {"step_id": "send", "action": "send", "ssn": "123-45-6789", "output_variable": "r"},
+        {"step_id": "upload", "action": "upload", "blob": big}],
+        {"r": "{{r}}"}, gc={"audit_config": {"redacted_fields": ["ssn"]}})
+    async with serving(agent):
+        await register(c, agent, "rf1", "rf1")
+        run, events = await finished(c, doc)
+    assert run["status"] == "completed", run["error"]
+    assert agent.requests[0]["params"]["ssn"] == "123-45-6789"
+    assert len(agent.requests[1]["params"]["blob"]) == len(big)
+    [started] = of(events, "step_started", "send")
+    assert started["payload"]["params"]["ssn"] == "***REDACTED***"
+    [upload] = of(events, "step_started", "upload")
+    stub = upload["payload"]["params"]  # a payload field over 64 KiB is replaced by a stub
+    assert stub == {"_truncated": True, "bytes": stub["bytes"], "sha256": stub["sha256"]}
+    assert stub["bytes"] > len(big)
+    assert upload["payload"]["action"] == "upload"
+    assert run["output_vars"]["r"] == {"ssn": "***REDACTED***", "ok": True}
+
+
+# -- §7.7 enforced SLA ------------------------------------------------------------------------------------------------
+
+async def test_enforced_sla_cancels_the_node_at_its_deadline(platform: Platform) -> None:
+    c = platform.client
+    doc = {"procedure_id": "audit_sla_enforced", "version": "1", "workflow_graph": {"start_node": "slow", "nodes": {
+        "slow": {"type": "processing", "next_node": "after", "operations": [
+            {"action": "wait", "duration_ms": 20000}, {"action": "set_variable", "variable": "late", "value": True}],
+            "sla": {"max_duration_ms": 200, "on_breach": "escalate", "escalation_handler": "esc", "enforce": True}},
+        "after": {"type": "terminate", "outputs": {"via": "after"}},
+        "esc": {"type": "terminate", "outputs": {"via": "esc", "late": "{{late}}", "err": "{{error.code}}"}}}}}
+    run, events = await finished(c, doc, timeout=15)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"via": "esc", "late": None, "err": "sla_breached"}
+    [breach] = of(events, "sla_breached")
+    assert (breach["payload"]["enforced"], breach["payload"]["on_breach"]) == (True, "escalate")
