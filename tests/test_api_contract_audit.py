@@ -592,3 +592,22 @@ async def test_diagnostics_count_the_checkpoints_the_run_has(platform: Platform)
     assert diag["execution"]["checkpoint_count"] == listed["total"]
     assert diag["execution"]["last_checkpoint_id"] == listed["items"][0]["checkpoint_id"]
     assert diag["execution"]["delivery_count"] == 1
+
+
+async def test_an_approval_without_context_has_an_empty_context_object(platform: Platform) -> None:
+    c = platform.client
+    doc = {"procedure_id": "audit_bare_gate", "version": "1", "workflow_graph": {"start_node": "g", "nodes": {
+        "g": {"type": "human_approval", "on_approve": "e", "on_reject": "e"}, "e": {"type": "terminate"}}}}
+    await imported(c, doc)
+    run_id = await start(c, "audit_bare_gate")
+    run = await wait_status(c, run_id, ("waiting_approval", *TERMINAL))
+    approval_id = run["waiting_on"]["approval_id"]
+    listed = (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"][0]
+    detail = (await c.get(f"/api/approvals/{approval_id}")).json()
+    for view in (listed, detail):
+        assert view["context_data"] == {}
+        assert view["options"] == []
+    r = await c.post(f"/api/approvals/{approval_id}/decision", json={"decision": "approved"})
+    assert r.status_code == 200, r.text
+    assert r.json()["context_data"] == {}
+    assert r.json()["decided_by"] == "anonymous"

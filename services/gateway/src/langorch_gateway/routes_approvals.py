@@ -91,7 +91,7 @@ def _time(value: datetime | None) -> str | None:
 def approval_out(state: ApprovalState, run_status: str | None) -> dict[str, Any]:
     """``ApprovalOut`` (api.md §6.1), redacted (§1.7)."""
     out = approval_view(state, run_status)
-    out["context_data"] = _REDACT.redact(out["context_data"])
+    out["context_data"] = _REDACT.redact(out["context_data"] or {})  # an object: none declared is {} (§1.1)
     out["decision_payload"] = _REDACT.redact(out["decision_payload"])
     return out
 
