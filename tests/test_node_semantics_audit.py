@@ -189,3 +189,58 @@ async def test_a_chain_of_ten_runs_completes_and_an_eleventh_is_subflow_depth_ex
         codes.append(err["code"])
         err = err.get("cause")
     assert codes == ["subflow_failed"] * 9 + ["subflow_depth_exceeded"]
+
+
+WAITING_CHILD = proc("au_waiter", {
+    "ask": {"type": "human_approval", "prompt": "hold", "on_approve": "done", "on_reject": "done"},
+    "done": {"type": "terminate", "outputs": {"ok": True}}}, "ask")
+
+
+async def wait_for(c: httpx.AsyncClient, run_id: str, event_type: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        found = [e for e in await events(c, run_id) if e["event_type"] == event_type]
+        if found:
+            return found[0]
+        assert asyncio.get_running_loop().time() < deadline, event_type
+        await asyncio.sleep(0.1)
+
+
+async def test_canceling_a_running_parent_cancels_its_waiting_child(platform: Platform) -> None:
+    c = platform.client
+    await imp(c, WAITING_CHILD)
+    await imp(c, proc("au_cancel_parent", {
+        "fan": {"type": "parallel", "next_node": "end", "branches": [
+            {"branch_id": "sub", "start_node": "call"}, {"branch_id": "slow", "start_node": "nap"}]},
+        "call": {"type": "subflow", "procedure_id": "au_waiter", "version": "1"},
+        "nap": {"type": "processing", "operations": [{"action": "wait", "duration_ms": 30000}]},
+        "end": {"type": "terminate"}}, "fan"))
+    r = await c.post("/api/runs", json={"procedure_id": "au_cancel_parent", "procedure_version": "1"})
+    assert r.status_code == 201, r.text
+    parent_id = r.json()["run_id"]
+    started = await wait_for(c, parent_id, "subflow_started")
+    child_id = started["payload"]["child_run_id"]
+    await wait_for(c, child_id, "approval_requested")
+    r = await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "operator"})
+    assert r.status_code in (200, 202), r.text
+    assert (await terminal(c, parent_id))["status"] == "canceled"
+    assert (await terminal(c, child_id))["status"] == "canceled"
+
+
+async def test_a_parent_ended_by_terminate_cancels_a_child_still_waiting(platform: Platform) -> None:
+    c = platform.client
+    await imp(c, proc("au_term_parent", {
+        "fan": {"type": "parallel", "next_node": "end", "branches": [
+            {"branch_id": "sub", "start_node": "call"}, {"branch_id": "quick", "start_node": "nap"}]},
+        "call": {"type": "subflow", "procedure_id": "au_waiter", "version": "1"},
+        "nap": {"type": "processing", "next_node": "stop", "operations": [{"action": "wait", "duration_ms": 300}]},
+        "stop": {"type": "terminate", "outputs": {"by": "quick"}},
+        "end": {"type": "terminate"}}, "fan"))
+    if not (await c.get("/api/procedures/au_waiter/1")).is_success:
+        await imp(c, WAITING_CHILD)
+    parent = await run(c, "au_term_parent")
+    assert parent["status"] == "completed", parent["error"]
+    assert parent["output_vars"] == {"by": "quick"}
+    started = [e for e in await events(c, parent["run_id"]) if e["event_type"] == "subflow_started"]
+    child = await terminal(c, started[0]["payload"]["child_run_id"])
+    assert child["status"] == "canceled"

@@ -320,11 +320,21 @@ class RuntimeService:
         await writer.emit(RunCanceled(reason=command.reason, requested_by=requested_by))
         if self.js is not None:
             await resume_parent(self.js, events[0].envelope.data, command.run_id, {"status": "canceled"}, {}, ACTOR)
-            children = {e.envelope.data["child_run_id"] for e in events if e.envelope.type == "subflow_started"}
-            children -= {e.envelope.data["child_run_id"] for e in events
-                         if e.envelope.type in ("subflow_completed", "subflow_failed")}
-            for child in sorted(children):
-                await publish_command(self.js, CancelRun(actor=ACTOR, run_id=child, reason="parent canceled"))
+            await self.cancel_open_children(command.run_id, "parent canceled", events)
+
+    async def cancel_open_children(self, run_id: str, reason: str, events: list[Any] | None = None) -> None:
+        """A parent that ends — canceled, or completed/failed while a branch still waited on a child (a terminate
+        from a sibling branch, a parallel ``any`` winner, ``branch_failure: fail``) — cancels every child run it
+        started that has not finished (ckp.md §3.9 step 5), so no orphan keeps waiting or working."""
+        if self.js is None:
+            return
+        if events is None:
+            events = await self.store.read("run", run_id)
+        children = {e.envelope.data["child_run_id"] for e in events if e.envelope.type == "subflow_started"}
+        children -= {e.envelope.data["child_run_id"] for e in events
+                     if e.envelope.type in ("subflow_completed", "subflow_failed")}
+        for child in sorted(children):
+            await publish_command(self.js, CancelRun(actor=ACTOR, run_id=child, reason=reason))
 
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
         try:
@@ -374,6 +384,7 @@ class RuntimeService:
             await writer.emit(RunCanceled(reason=requested.envelope.data.get("reason"),
                                           requested_by=requested.envelope.data.get("requested_by")))
             await resume_parent(self.js, created, run_id, {"status": "canceled"}, {}, ACTOR) if self.js else None
+            await self.cancel_open_children(run_id, "parent canceled")
             return
         started = next((e for e in events if e.envelope.type == "execution_started"), None)
         mode = created.get("execution_mode") or ir.global_config.execution_mode
@@ -466,6 +477,7 @@ class RuntimeService:
                            if e.envelope.type == "run_cancel_requested"), {})
             await writer.emit(RunCanceled(reason=cancel.get("reason"), requested_by=cancel.get("requested_by")))
             await resume_parent(js, created, run_id, {"status": "canceled"}, {}, ACTOR)
+            await self.cancel_open_children(run_id, "parent canceled")
             return
         outcome = final.get("outcome")
         if outcome is None:
@@ -495,6 +507,8 @@ class RuntimeService:
                                       msg_id=f"auto-retry-{run_id}")
         variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
         await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
+        if any(n.type == "subflow" for n in ir.nodes.values()):
+            await self.cancel_open_children(run_id, f"parent {outcome['status']}")
         self.dispatcher.forget_run(run_id)
 
     async def delete_run(self, command: DeleteRun) -> None:
