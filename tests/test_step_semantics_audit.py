@@ -1008,3 +1008,65 @@ async def test_enforced_sla_cancels_the_node_at_its_deadline(platform: Platform)
     assert run["output_vars"] == {"via": "esc", "late": None, "err": "sla_breached"}
     [breach] = of(events, "sla_breached")
     assert (breach["payload"]["enforced"], breach["payload"]["on_breach"]) == (True, "escalate")
+
+
+# -- §7.9 a dry run dispatches nothing: child runs, screen validations, failure screenshots --------------------------
+
+async def test_dry_run_child_run_and_screen_checks_dispatch_nothing(platform: Platform) -> None:
+    c = platform.client
+    agent = ScriptedAgent({"touch": lambda b: "touched", "wait_for_text": lambda b: {},
+                           "screenshot": lambda b: {"screenshot": "https://shots.example/dry.png"}})
+    child = one_node("audit_dry_child", "dr9", [{"step_id": "touch", "action": "touch", "output_variable": "t"}],
+                     {"t": "{{t}}"})
+    r = await c.post("/api/procedures", json={"ckp_json": child})
+    assert r.status_code in (201, 409), r.text
+    parent = {"procedure_id": "audit_dry_parent", "version": "1", "global_config": {"execution_mode": "dry_run"},
+              "workflow_graph": {"start_node": "check", "nodes": {
+                  "check": {"type": "sequence", "agent": "DR9", "next_node": "call",
+                            "steps": [{"step_id": "touch", "action": "touch", "screenshot_on_complete": True}],
+                            "validations": [{"id": "shown", "check": "screen_text_contains",
+                                             "expected_values": ["Welcome"]}]},
+                  "call": {"type": "subflow", "procedure_id": "audit_dry_child", "version": "1",
+                           "output_mapping": {"child_t": "t"}, "next_node": "done"},
+                  "done": {"type": "terminate", "outputs": {"child_t": "{{child_t}}"}}}}}
+    async with serving(agent):
+        await register(c, agent, "dr9", "dr9")
+        run, events = await finished(c, parent)
+        assert run["status"] == "completed", run["error"]
+        assert run["output_vars"] == {"child_t": {"dry_run": True, "skipped_action": "touch", "channel": "dr9"}}
+        assert agent.requests == []
+        skipped = [(e["step_id"], e["payload"]["action"]) for e in of(events, "dry_run_step_skipped")]
+        assert skipped == [("touch", "touch"), ("touch~screenshot", "screenshot"),
+                           ("validation/shown/0", "wait_for_text")]
+        [sub] = of(events, "subflow_started")
+        child_events = await events_of(c, sub["payload"]["child_run_id"])
+        assert of(child_events, "execution_started")[0]["payload"]["execution_mode"] == "dry_run"
+        assert [e["step_id"] for e in of(child_events, "dry_run_step_skipped")] == ["touch"]
+
+        mocked = one_node("audit_mock_checks", "dr9", [{"step_id": "touch", "action": "touch"}],
+                          gc={"mock_external_calls": True, "screenshot_on_fail": True},
+                          node={"validations": [{"id": "shown", "check": "screen_text_contains",
+                                                 "expected_values": ["Welcome"]}]})
+        run, events = await finished(c, mocked)
+    assert run["status"] == "completed", run["error"]
+    assert agent.requests == []
+    assert [e["step_id"] for e in of(events, "step_mock_applied")] == ["touch", "validation/shown/0"]
+
+
+async def test_screenshot_on_fail_covers_internal_steps_of_a_channel_node(platform: Platform) -> None:
+    """§4.7: the failure screenshot is taken for any step that finally fails, internal operations included."""
+    c = platform.client
+    agent = ScriptedAgent({"read": lambda b: "not json", "screenshot": lambda b: {"uri": "file:///tmp/x.png"}})
+    doc = one_node("audit_shot_internal", "sh4", [
+        {"step_id": "read", "action": "read", "output_variable": "raw"},
+        {"step_id": "parse", "action": "parse_json", "source": "{{raw}}"}], gc={"screenshot_on_fail": True})
+    async with serving(agent):
+        await register(c, agent, "sh4", "sh4")
+        run, events = await finished(c, doc)
+    assert run["status"] == "failed"
+    assert run["error"]["code"] == "operation_failed"
+    rid = run["run_id"]
+    shots = [b for b in agent.requests if b["action"] == "screenshot"]
+    assert [(b["params"]["reason"], b["idempotency_key"]) for b in shots] == [
+        ("screenshot_on_fail", f"lo1:{rid}:work:parse~screenshot:-:1")]
+    assert not of(events, "screenshot_requested")

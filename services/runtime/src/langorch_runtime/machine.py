@@ -341,9 +341,25 @@ class Machine:
     # -- webhooks (ckp.md §4.3 notify, §4.10 notify_on_error) ------------------------------------------------
     def rehearsal(self) -> bool:
         """A dry run or a run under mocks: nothing is posted to the webhooks."""
-        gc = self.ir.global_config
-        return gc.execution_mode == "dry_run" or self.run.run_created.get("execution_mode") == "dry_run" or \
-            gc.mock_external_calls
+        return self.dry_run() or self.ir.global_config.mock_external_calls
+
+    def dry_run(self) -> bool:
+        """§7.9: the document's mode, or the run's own (a child run of a dry run inherits it, §3.9)."""
+        return self.ir.global_config.execution_mode == "dry_run" or \
+            self.run.run_created.get("execution_mode") == "dry_run"
+
+    async def rehearsed(self, node: NodeIR, step_id: str, fs: str, attempt: int | None, action: str) -> bool:
+        """A screen validation or failure screenshot dispatch that a dry run skips or mocks answer (§7.9)."""
+        channel = node.channel
+        if self.dry_run():
+            await self.emit(DryRunStepSkipped(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                              action=action, binding_kind="channel", channel=channel))
+            return True
+        if self.ir.global_config.mock_external_calls:
+            await self.emit(StepMockApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                            action=action, binding_kind="channel", channel=channel))
+            return True
+        return False
 
     def notifier(self) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         """The ``notify`` operation's webhook: schedules the POST and returns at once."""
@@ -887,6 +903,8 @@ class Machine:
             for i, expected in enumerate(v.expected_values):
                 params = {"text": expected} if action == "wait_for_text" else {"target": expected}
                 key = idempotency_key(self.run.run_id, node.id, f"validation/{v.id}/{i}", fs, 1)
+                if await self.rehearsed(node, f"validation/{v.id}/{i}", fs, 1, action):
+                    continue
                 try:
                     await self.dispatcher.dispatch(DispatchRequest(
                         node=node, step_id=f"validation/{v.id}/{i}", action=action, channel=node.channel,
@@ -1118,7 +1136,7 @@ class Machine:
             await self.emit(StepTestOverrideApplied(node_id=node.id, frame=fs, override_key=node.id))
             raw = override if isinstance(override, dict) else {"decision": override}
             decision = self.decision_record(p, {**raw, "source": "test_override"}, None)
-        elif gc.execution_mode == "dry_run":
+        elif self.dry_run():
             auto = p.options[0] if p.decision_type == "select_option" and p.options else "approved"
             decision = self.decision_record(p, {"decision": auto, "payload": {} if p.decision_type ==
                                                 "provide_input" else None, "source": "dry_run"}, None)
@@ -1256,7 +1274,7 @@ class Machine:
             value = gc.test_data_overrides[node.id]
             text = value if isinstance(value, str) else _json(value)
             await self.emit(StepTestOverrideApplied(node_id=node.id, step_id="llm", frame=fs, override_key=node.id))
-        elif gc.execution_mode == "dry_run":
+        elif self.dry_run():
             text = ""
             await self.emit(DryRunStepSkipped(node_id=node.id, step_id="llm", frame=fs, action="chat",
                                               binding_kind="llm"))
@@ -1447,8 +1465,7 @@ class Machine:
             root_run_id=self.run.run_created.get("root_run_id") or self.run.run_id,
             call_chain=[*chain, p.procedure_id], procedure_id=p.procedure_id, version=p.version, inputs=inputs,
             child_run_id=child_id, rerun_of=rerun_of,
-            dry_run=self.ir.global_config.execution_mode == "dry_run" or self.run.run_created.get(
-                "execution_mode") == "dry_run",
+            dry_run=self.dry_run(),
             project_id=self.run.run_created.get("project_id"))
         data.update({"child": child_id, "version": version, "attempt": attempt})
         suspends = len(self.runnable(state)) <= 1
@@ -1657,7 +1674,7 @@ class Machine:
                 await self.sleep(delay / 1000)
                 attempt += 1
                 continue
-            if self.ir.global_config.screenshot_on_fail and not internal:
+            if self.ir.global_config.screenshot_on_fail:  # every step (§4.7), internal ones included
                 await self.screenshot(node, step_id, fs, attempt, "screenshot_on_fail", error)
             if allow_handlers:
                 handled = await self.step_handlers(state, frame, node, current, step, step_id, fs, attempt, error,
@@ -1733,6 +1750,8 @@ class Machine:
         """A failure or completion screenshot (§4.10): dispatched as ``screenshot`` to the node's channel (identity
         ``<step_id>~screenshot``, artifacts harvested, failures ignored), else ``screenshot_requested``."""
         shot_id = f"{step_id or node.id}~screenshot"
+        if not node.orchestrator and await self.rehearsed(node, shot_id, fs, attempt, "screenshot"):
+            return
         if not node.orchestrator:
             request = DispatchRequest(node=node, step_id=shot_id, action="screenshot", channel=node.channel,
                                       params={"reason": reason}, attempt=attempt or 1,
@@ -1987,7 +2006,7 @@ class Machine:
         """Executor resolution of a dispatched step (§4.5): override → dry run → mock → dispatch. ``step_started``
         (``announce``) is emitted once the agent is chosen, or at once when no agent will be."""
         gc = self.ir.global_config
-        if announce is not None and (gc.execution_mode == "dry_run" or gc.mock_external_calls or any(
+        if announce is not None and (self.dry_run() or gc.mock_external_calls or any(
                 k in gc.test_data_overrides for k in (f"{node.id}.{step.step_id}", step.step_id))):
             await announce(None)
         for override_key in (f"{node.id}.{step.step_id}", step.step_id):
@@ -1995,7 +2014,7 @@ class Machine:
                 await self.emit(StepTestOverrideApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                                         override_key=override_key))
                 return copy.deepcopy(gc.test_data_overrides[override_key])
-        if gc.execution_mode == "dry_run":
+        if self.dry_run():
             await self.emit(DryRunStepSkipped(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                               action=step.action, binding_kind="channel",
                                               channel=step.binding.channel))
