@@ -1070,3 +1070,21 @@ async def test_screenshot_on_fail_covers_internal_steps_of_a_channel_node(platfo
     assert [(b["params"]["reason"], b["idempotency_key"]) for b in shots] == [
         ("screenshot_on_fail", f"lo1:{rid}:work:parse~screenshot:-:1")]
     assert not of(events, "screenshot_requested")
+
+
+async def test_binding_default_timeout_is_reported_in_step_timeout(nats_url: str, database_url: str) -> None:
+    """§4.9: without a step or default timeout the binding default (LANGORCH_AGENT_TIMEOUT_S) bounds an agent call;
+    ``step_timeout.timeout_ms`` names it."""
+    async def slow(body: dict[str, Any]) -> Any:
+        await asyncio.sleep(5)
+        return "late"
+
+    agent = ScriptedAgent({"slow": slow})
+    doc = one_node("audit_binding_timeout", "bt1", [{"step_id": "call", "action": "slow"}])
+    async with platform_of(nats_url, database_url, runtime_settings={"agent_timeout_s": 1}) as p, serving(agent):
+        await register(p.client, agent, "bt1", "bt1")
+        run, events = await finished(p.client, doc)
+    assert run["status"] == "failed"
+    assert run["error"]["code"] == "step_timeout"
+    [timeout] = of(events, "step_timeout", "call")
+    assert (timeout["payload"]["timeout_ms"], timeout["payload"]["binding_kind"]) == (1000, "agent_http")

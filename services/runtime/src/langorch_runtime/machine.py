@@ -1662,7 +1662,8 @@ class Machine:
                                                 delegated)
             if error.code == "step_timeout":
                 await self.emit(StepTimeout(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                            action=step.action, timeout_ms=step.timeout_ms or 0,
+                                            action=step.action, timeout_ms=step.timeout_ms or
+                                            int(error.details.get("timeout_ms") or 0),  # the binding default
                                             binding_kind=binding_kind))
             policy = step.retry
             if policy is not None and policy_retries < policy.max_retries and retry_allowed(policy, error):
