@@ -244,3 +244,33 @@ async def test_a_parent_ended_by_terminate_cancels_a_child_still_waiting(platfor
     started = [e for e in await events(c, parent["run_id"]) if e["event_type"] == "subflow_started"]
     child = await terminal(c, started[0]["payload"]["child_run_id"])
     assert child["status"] == "canceled"
+
+
+async def test_a_child_of_a_branch_canceled_by_an_any_winner_is_canceled_while_the_parent_goes_on(
+        platform: Platform) -> None:
+    c = platform.client
+    if not (await c.get("/api/procedures/au_waiter/1")).is_success:
+        await imp(c, WAITING_CHILD)
+    await imp(c, proc("au_any_parent", {
+        "fan": {"type": "parallel", "wait_strategy": "any", "next_node": "hold", "branches": [
+            {"branch_id": "sub", "start_node": "call"}, {"branch_id": "quick", "start_node": "nap"}]},
+        "call": {"type": "subflow", "procedure_id": "au_waiter", "version": "1"},
+        "nap": {"type": "processing", "operations": [{"action": "wait", "duration_ms": 300}]},
+        "hold": {"type": "human_approval", "prompt": "parent waits", "on_approve": "end", "on_reject": "end"},
+        "end": {"type": "terminate", "outputs": {"winner": "{{parallel_results.winner}}"}}}, "fan"))
+    r = await c.post("/api/runs", json={"procedure_id": "au_any_parent", "procedure_version": "1"})
+    assert r.status_code == 201, r.text
+    parent_id = r.json()["run_id"]
+    started = await wait_for(c, parent_id, "subflow_started")
+    child = await terminal(c, started["payload"]["child_run_id"])
+    assert child["status"] == "canceled"
+    await wait_for(c, parent_id, "approval_requested")
+    # the canceled child's end reaches the parent as a resume for a wait it no longer has: ignored
+    deadline = asyncio.get_running_loop().time() + 5
+    while asyncio.get_running_loop().time() < deadline:
+        assert (await c.get(f"/api/runs/{parent_id}")).json()["status"] == "waiting_approval"
+        await asyncio.sleep(0.2)
+    types = [e["event_type"] for e in await events(c, parent_id)]
+    assert types.count("execution_resumed") == 0, types
+    await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "test done"})
+    assert (await terminal(c, parent_id))["status"] == "canceled"

@@ -1023,3 +1023,21 @@ async def test_subflow_in_a_loop_starts_one_child_per_iteration() -> None:
         await run.resume(wait_id=start["child_run_id"], status="completed", outputs={"double": expected * 2})
     assert outputs(run) == {"got": [2, 4]}
     assert len({s["child_run_id"] for s in kids.starts}) == 2
+
+
+async def test_a_late_result_of_a_child_whose_branch_was_canceled_is_ignored() -> None:
+    kids = FakeChildren()
+    run = await run_with_children(doc({
+        "fan": {"type": "parallel", "wait_strategy": "any", "next_node": "ask",
+                "branches": [{"branch_id": "sub", "start_node": "c"}, {"branch_id": "fast", "start_node": "w"}]},
+        "c": call(output_mapping={"from_child": "v"}, next_node=None),
+        "w": {"type": "sequence", "steps": [setv("s", "fast", True)]},
+        "ask": {"type": "human_approval", "on_approve": "z", "on_reject": "z"},
+        "z": {"type": "terminate", "outputs": {"fast": "{{fast}}", "from_child": "{{from_child}}",
+                                               "winner": "{{parallel_results.winner}}"}}}, start="fan"), kids)
+    assert [w["kind"] for w in run.waits] == ["approval"]
+    await run.resume(wait_id=kids.starts[0]["child_run_id"], status="completed", outputs={"v": "late"})
+    assert run.outcome is None
+    assert [w["kind"] for w in run.waits] == ["approval"]
+    await run.resume(wait_id=run.waits[0]["id"], decision="approved", status="approved")
+    assert outputs(run) == {"fast": True, "from_child": None, "winner": "fast"}

@@ -322,10 +322,12 @@ class RuntimeService:
             await resume_parent(self.js, events[0].envelope.data, command.run_id, {"status": "canceled"}, {}, ACTOR)
             await self.cancel_open_children(command.run_id, "parent canceled", events)
 
-    async def cancel_open_children(self, run_id: str, reason: str, events: list[Any] | None = None) -> None:
+    async def cancel_open_children(self, run_id: str, reason: str, events: list[Any] | None = None,
+                                   keep: set[str] | None = None) -> None:
         """A parent that ends — canceled, or completed/failed while a branch still waited on a child (a terminate
         from a sibling branch, a parallel ``any`` winner, ``branch_failure: fail``) — cancels every child run it
-        started that has not finished (ckp.md §3.9 step 5), so no orphan keeps waiting or working."""
+        started that has not finished (ckp.md §3.9 step 5), so no orphan keeps waiting or working. A suspended
+        parent passes the children it still waits on as ``keep``: the others belong to frames canceled meanwhile."""
         if self.js is None:
             return
         if events is None:
@@ -333,6 +335,7 @@ class RuntimeService:
         children = {e.envelope.data["child_run_id"] for e in events if e.envelope.type == "subflow_started"}
         children -= {e.envelope.data["child_run_id"] for e in events
                      if e.envelope.type in ("subflow_completed", "subflow_failed")}
+        children -= keep or set()
         for child in sorted(children):
             await publish_command(self.js, CancelRun(actor=ACTOR, run_id=child, reason=reason))
 
@@ -447,6 +450,11 @@ class RuntimeService:
                     return  # nothing to resume (terminal, or not started yet: the start command runs it)
                 await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=_checkpoint_id(snapshot)))
                 final = await self.invoke(run_id, graph, None, config, durability="sync")
+            elif str(command.resolution.get("wait_id")) not in (snapshot.values.get("waits") or {}):
+                # a wait the run no longer has (a child of a canceled branch ended): nothing resumes, and no
+                # execution_resumed may move the suspended run back to running
+                log.info("run %s: resume for unknown wait %s ignored", run_id, command.resolution.get("wait_id"))
+                return
             else:
                 resolution = dict(command.resolution)
                 announced = machine.resume_event(snapshot.values, resolution)
@@ -489,6 +497,9 @@ class RuntimeService:
                 await writer.emit(RunSuspended(status=status, waiting_on=[
                     {k: w.get(k) for k in ("kind", "id", "node_id", "step_id", "expires_at") if k in w}
                     for w in waits]))
+            if any(n.type == "subflow" for n in ir.nodes.values()):  # children of branches canceled meanwhile
+                await self.cancel_open_children(run_id, "parent branch canceled",
+                                                keep={str(w.get("id")) for w in waits if w.get("kind") == "child_run"})
             return  # suspended on a wait (interrupt): acknowledged; a resume command continues the run
         if outcome["status"] == "completed":
             await writer.emit(RunCompleted(outputs=outcome.get("outputs") or {},
