@@ -1088,3 +1088,42 @@ async def test_binding_default_timeout_is_reported_in_step_timeout(nats_url: str
     assert run["error"]["code"] == "step_timeout"
     [timeout] = of(events, "step_timeout", "call")
     assert (timeout["payload"]["timeout_ms"], timeout["payload"]["binding_kind"]) == (1000, "agent_http")
+
+
+# -- §4.3 internal operation failures carry their codes and reasons ------------------------------------------------
+
+async def test_internal_operation_errors_codes_and_reasons(platform: Platform) -> None:
+    c = platform.client
+    steps = [
+        {"step_id": "scalar", "action": "set_variable", "variable": "s", "value": 5},
+        {"step_id": "deep", "action": "set_variable", "variable": "s.inner", "value": 1},
+        {"step_id": "made", "action": "set_variable", "variable": "cfg.a.b", "value": 2},
+        {"step_id": "push", "action": "append_to_array", "array": "s", "value": 1},
+        {"step_id": "json", "action": "parse_json", "source": "```json\n{\"k\": 1}\n```", "output_variable": "j"},
+        {"step_id": "badjson", "action": "parse_json", "source": "{nope"},
+        {"step_id": "div", "action": "calculate", "expression": "1 / 0"},
+        {"step_id": "conv", "action": "convert_type", "value": "1.5", "target_type": "integer"},
+        {"step_id": "schema", "action": "validate_schema", "value": {"n": "x"}, "on_invalid": "report",
+         "schema": {"type": "object", "properties": {"n": {"type": "number"}}}, "output_variable": "report"},
+        {"step_id": "strict", "action": "validate_schema", "value": {"n": "x"},
+         "schema": {"type": "object", "properties": {"n": {"type": "number"}}}},
+        {"step_id": "regex", "action": "extract_regex", "source": "abc", "pattern": "{{pat}}"},
+    ]
+    doc = {"procedure_id": "audit_op_errors", "version": "1",
+           "variables_schema": {"pat": {"type": "string", "default": "("}},
+           "workflow_graph": {"start_node": "ops", "nodes": {
+        "ops": {"type": "sequence", "next_node": "done", "error_handlers": [{"action": "ignore"}], "steps": steps},
+        "done": {"type": "terminate", "outputs": {"s": "{{s}}", "cfg": "{{cfg}}", "j": "{{j}}",
+                                                  "valid": "{{report.valid}}"}}}}}
+    run, events = await finished(c, doc)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"s": 5, "cfg": {"a": {"b": 2}}, "j": {"k": 1}, "valid": False}
+    suppressed = {e["step_id"]: e["payload"]["suppressed_error"] for e in of(events, "step_completed")
+                  if e["payload"].get("suppressed_error")}
+    codes = {k: (v["code"], v["details"].get("reason")) for k, v in suppressed.items()}
+    assert codes == {"deep": ("operation_failed", "not_an_object"), "push": ("operation_failed", "not_a_list"),
+                     "badjson": ("operation_failed", "invalid_json"), "div": ("expression_error", codes["div"][1]),
+                     "conv": ("conversion_failed", codes["conv"][1]),
+                     "strict": ("schema_validation_failed", None), "regex": ("operation_failed", "invalid_regex")}
+    assert suppressed["strict"]["details"]["errors"]
+    assert all(v["retryable"] is False for v in suppressed.values())
