@@ -611,3 +611,19 @@ async def test_an_approval_without_context_has_an_empty_context_object(platform:
     assert r.status_code == 200, r.text
     assert r.json()["context_data"] == {}
     assert r.json()["decided_by"] == "anonymous"
+
+
+async def test_max_page_size_setting_bounds_every_list(nats_url: str, database_url: str) -> None:
+    async with platform_of(nats_url, database_url, runtime=False, agents=False, approvals=False,
+                           gateway_settings={"max_page_size": 5}) as p:
+        c = p.client
+        for path in ("/api/runs", "/api/procedures", "/api/approvals", "/api/agents", "/api/leases", "/api/projects",
+                     "/api/audit"):
+            r = await c.get(path, params={"limit": 5})
+            assert r.status_code == 200, (path, r.text)
+            assert r.json()["limit"] == 5
+            problem(await c.get(path, params={"limit": 6}), 422, "validation_failed", "query.limit")
+            # without a limit the page is the default (100) or the setting when that is lower
+            r = await c.get(path)
+            assert r.status_code == 200, (path, r.text)
+            assert r.json()["limit"] == 5

@@ -128,6 +128,7 @@ class GatewaySettings(CommonSettings):
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")
     sse_keepalive_s: float = Field(15.0, description="Seconds between SSE keep-alive comments.")
+    max_page_size: int = Field(500, ge=1, le=10_000, description="Largest `limit` a list accepts; more → 422.")
     default_run_channel: Literal["dev", "qa", "prod"] | None = Field(
         None, description="Channel whose active version a run created with neither procedure_version nor "
         "release_channel executes; unset: the first active version in prod, then qa, then dev.")

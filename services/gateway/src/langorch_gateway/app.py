@@ -74,11 +74,10 @@ SERVICE_VERSION = "0.1.0"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LARGE_BODY_PATHS = ("/api/procedures",)
 CALLBACK_PATH = re.compile(r"^/api/runs/[^/]+/callback$")  # agent callbacks carry step outputs up to 10 MiB too
-MAX_PAGE_SIZE = 500
 RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", "completed", "failed",
                 "canceled")
 TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+Limit = queries.Limit
 Offset = Annotated[int, Query(ge=0, le=queries.MAX_BIGINT)]
 AfterQuery = Annotated[int | None, Query(ge=0, le=queries.MAX_BIGINT)]
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID")]

@@ -7,13 +7,27 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import Query
+from fastapi import Depends, Query, Request
 
 from langorch_gateway.problems import ApiProblem
 
-MAX_PAGE_SIZE = 500
+PAGE_SIZE_CEILING = 10_000  # the highest LANGORCH_MAX_PAGE_SIZE may be set to (the limit the OpenAPI shows)
 MAX_BIGINT = 2**63 - 1  # offsets and stream positions reach PostgreSQL as bigint: larger ones are a 422, not a 500
-Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+
+
+def page_limit(request: Request, limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_CEILING)] = 100) -> int:
+    """``limit`` of a list: 1…``LANGORCH_MAX_PAGE_SIZE`` (api.md §1.4), out of range → 422, never clamped; when
+    not given, 100 or the setting if that is lower."""
+    highest = int(getattr(request.app.state.settings, "max_page_size", 500))
+    if "limit" not in request.query_params:
+        return min(limit, highest)
+    if limit > highest:
+        raise ApiProblem("validation_failed", f"limit must be at most {highest}",
+                         errors={"query.limit": [f"Input should be less than or equal to {highest}"]})
+    return limit
+
+
+Limit = Annotated[int, Depends(page_limit)]
 Offset = Annotated[int, Query(ge=0, le=MAX_BIGINT)]
 Order = Annotated[Literal["asc", "desc"], Query()]
 _POSITION = re.compile(r"[0-9]{1,19}")
