@@ -1127,3 +1127,42 @@ async def test_internal_operation_errors_codes_and_reasons(platform: Platform) -
                      "strict": ("schema_validation_failed", None), "regex": ("operation_failed", "invalid_regex")}
     assert suppressed["strict"]["details"]["errors"]
     assert all(v["retryable"] is False for v in suppressed.values())
+
+
+async def test_frame_strings_of_branches_nested_loops_revisited_loops_and_recovery(platform: Platform) -> None:
+    """§7.4 frame strings: ``<parallel>/<branch_id>``, ``<loop>[<i>]`` nested inward, ``<loop>#<visit>[i]`` when the
+    loop node itself is revisited, and ``recovery`` for the recovery frame."""
+    c = platform.client
+    agent = ScriptedAgent({"ping": lambda b: "pong", "boom": failing_times(99, "boom", retryable=False)})
+    doc = {"procedure_id": "audit_frame_strings", "version": "1", "global_config": {"on_failure": "rescue"},
+           "variables_schema": {"round": {"type": "number", "default": 0}},
+           "workflow_graph": {"start_node": "fan", "nodes": {
+               "fan": {"type": "parallel", "branches": [{"branch_id": "b1", "start_node": "outer"},
+                                                        {"branch_id": "b2", "start_node": "solo"}],
+                       "next_node": "again"},
+               "outer": {"type": "loop", "iterator": "[0, 1]", "iterator_variable": "o", "body_node": "inner",
+                         "next_node": "again"},
+               "inner": {"type": "loop", "iterator": "[0]", "iterator_variable": "x", "body_node": "call",
+                         "next_node": "outer"},
+               "call": {"type": "sequence", "agent": "FS1", "next_node": "inner",
+                        "steps": [{"step_id": "p", "action": "ping"}]},
+               "solo": {"type": "sequence", "agent": "FS1", "next_node": "again",
+                        "steps": [{"step_id": "p", "action": "ping"}]},
+               "again": {"type": "processing", "next_node": "loop2", "operations": [
+                   {"action": "calculate", "expression": "round + 1", "output_variable": "round"}]},
+               "loop2": {"type": "loop", "iterator": "[0]", "iterator_variable": "y", "body_node": "call2",
+                         "next_node": "check"},
+               "call2": {"type": "sequence", "agent": "FS1", "next_node": "loop2",
+                         "steps": [{"step_id": "p", "action": "ping"}]},
+               "check": {"type": "logic", "rules": [{"condition": "round < 2", "next_node": "again"}],
+                         "default_next_node": "fail"},
+               "fail": {"type": "sequence", "agent": "FS1", "steps": [{"step_id": "b", "action": "boom"}]},
+               "rescue": {"type": "sequence", "agent": "FS1", "steps": [{"step_id": "p", "action": "ping"}]}}}}
+    async with serving(agent):
+        await register(c, agent, "fs1", "fs1")
+        run, _ = await finished(c, doc)
+    assert run["status"] == "completed", run["error"]
+    frames = sorted(f"{b['node_id']}@{b['idempotency_key'].split(':')[4]}" for b in agent.requests
+                    if b["action"] == "ping")
+    assert frames == sorted(["call@fan/b1/outer[0]/inner[0]", "call@fan/b1/outer[1]/inner[0]", "solo@fan/b2",
+                             "call2@loop2[0]", "call2@loop2#2[0]", "rescue@recovery"])
