@@ -328,6 +328,11 @@ async def test_default_run_channel_setting_picks_the_channel(nats_url: str, data
                                             "input_vars": {"n": 1}})
         assert r.status_code == 201, r.text
         assert (r.json()["procedure_version"], r.json()["release_channel"]) == ("2", "prod")
+        # a channel picks a version only when none is named: both together is ambiguous
+        for version in ("1", "latest"):
+            problem(await c.post("/api/runs", json={"procedure_id": "audit_chan", "procedure_version": version,
+                                                    "release_channel": "prod", "input_vars": {"n": 1}}),
+                    422, "validation_failed", "release_channel")
 
 
 async def test_stream_positions_in_headers_are_validated(platform: Platform) -> None:

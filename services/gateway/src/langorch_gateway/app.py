@@ -226,6 +226,10 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         if body.case_id is not None:
             raise ApiProblem("unsupported_field", "case_id is reserved for a later version; send null or omit it",
                              errors={"case_id": ["Not supported: must be null"]})
+        if body.release_channel is not None and body.procedure_version is not None:
+            raise ApiProblem("validation_failed", "release_channel chooses a version only when procedure_version is "
+                             "omitted; send one of them", errors={"release_channel": [
+                                 "Only allowed when procedure_version is omitted"]})
         db = pool(request)
         run_id = new_id()
         # refusals on the procedure's state (409) or on the inputs (422) are decided outcomes: audited
