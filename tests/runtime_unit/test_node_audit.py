@@ -1102,3 +1102,90 @@ def test_every_edge_kind_counts_for_reachability(nodes: dict[str, Any]) -> None:
 def test_on_failure_counts_as_an_edge() -> None:
     found = diagnostics({"a": END, "rescue": END}, global_config={"on_failure": "rescue"})
     assert not [d for d in found if d[1] == "unreachable_node"], found
+
+
+# --- more runtime corners ------------------------------------------------------------------------------------
+
+
+async def test_iterator_placeholder_and_condition_placeholders() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "{{order.lines}}", "iterator_variable": "line", "body_node": "r",
+                 "collect_variable": "got", "collect_expression": "{{tag}}", "next_node": "z"},
+        "r": {"type": "logic", "rules": [{"condition": "{{line.qty}} > 1", "next_node": "many"}],
+              "default_next_node": "one"},
+        "many": {"type": "sequence", "steps": [setv("s", "tag", "many")]},
+        "one": {"type": "sequence", "steps": [setv("s", "tag", "one")]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}"}}}, start="each",
+        variables_schema={"order": {"type": "object", "default": {"lines": [{"qty": 1}, {"qty": 3}]}}}))
+    assert outputs(run) == {"got": ["one", "many"]}
+
+
+async def test_parallel_max_concurrency_starts_branches_in_declaration_order() -> None:
+    run = await run_doc(doc({
+        "fan": fan(max_concurrency=2),
+        "one": {"type": "sequence", "next_node": "one2", "steps": [setv("s", "a", 1)]},
+        "one2": {"type": "sequence", "steps": [setv("s", "a2", 1)]},
+        "two": {"type": "sequence", "steps": [setv("s", "b", 2)]},
+        "three": {"type": "sequence", "steps": [setv("s", "c", 3)]},
+        "join": JOIN}, start="fan"))
+    out = outputs(run)
+    assert (out["a"], out["b"], out["c"]) == (1, 2, 3)
+    firsts: list[str] = []
+    for e in run.of("node_started"):
+        branch = e.frame.split("/")[-1] if e.frame and "/" in e.frame else None
+        if branch and branch not in firsts:
+            firsts.append(branch)
+    assert firsts == ["b1", "b2", "b3"]
+    # b3 starts only once b2 (one node) has finished, while b1 is still on its second node
+    started = [(e.node_id, e.frame) for e in run.of("node_started")]
+    assert started.index(("three", "fan/b3")) > started.index(("two", "fan/b2"))
+
+
+async def test_node_scope_retry_of_a_loop_starts_fresh_lists() -> None:
+    run = await run_doc(doc({
+        "each": {"type": "loop", "iterator": "[1, 2]", "iterator_variable": "n", "body_node": "body",
+                 "collect_variable": "got", "next_node": "z",
+                 "error_handlers": [{"action": "retry", "max_retries": 1, "delay_ms": 0}]},
+        "body": {"type": "processing", "operations": [
+            {"action": "append_to_array", "array": "seen", "value": "{{n}}"},
+            {"action": "calculate", "expression": "1 / (len(seen) - 2)"}]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "seen": "{{seen}}"}}}, start="each"))
+    # first entry: iteration 0 ok (len 1), iteration 1 fails (len 2) -> loop fails -> retry: both iterations pass
+    assert outputs(run) == {"got": [1, 2], "seen": [1, 2, 1, 2]}
+    assert [e.frame for e in run.of("loop_started")] == ["-", "#2"]
+
+
+async def test_recovery_path_can_pause_for_an_approval() -> None:
+    run = await run_doc(doc({
+        "a": {"type": "sequence", "next_node": "z", "steps": [calc("c", "1 / 0")]},
+        "z": END,
+        "ask": {"type": "human_approval", "prompt": "{{error.code}}", "on_approve": "ok", "on_reject": "no"},
+        "ok": {"type": "terminate", "outputs": {"code": "{{error.code}}"}},
+        "no": {"type": "terminate", "status": "failed", "outputs": {"code": "{{error.code}}"}}},
+        global_config={"on_failure": "ask"}))
+    assert run.outcome is None
+    [requested] = run.of("approval_requested")
+    assert requested.prompt == "expression_error"
+    await run.resume(wait_id=run.waits[0]["id"], decision="rejected", status="rejected")
+    assert run.outcome is not None
+    assert run.outcome["status"] == "failed"
+    assert run.outcome["recovered_via"] == "ask"
+    assert run.outcome["error"]["code"] == "expression_error"
+    assert run.outcome["outputs"] == {"code": "expression_error"}
+
+
+async def test_final_audit_log_is_not_emitted_when_audit_is_disabled() -> None:
+    run = await run_doc(doc({"a": {"type": "terminate", "final_audit_log": {"x": 1}}},
+                            global_config={"audit_config": {"enabled": False}}))
+    assert outputs(run) == {}
+    assert run.of("audit_log") == []
+
+
+async def test_loop_variables_written_inside_a_branch_merge_back() -> None:
+    run = await run_doc(doc({
+        "fan": {"type": "parallel", "next_node": "z", "branches": [{"branch_id": "l", "start_node": "each"}]},
+        "each": {"type": "loop", "iterator": "[5, 6]", "iterator_variable": "x", "index_variable": "i",
+                 "body_node": "w", "collect_variable": "got"},
+        "w": {"type": "sequence", "steps": []},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}", "x": "{{x}}", "i": "{{i}}"}}}, start="fan"))
+    assert outputs(run) == {"got": [5, 6], "x": 6, "i": 1}
