@@ -274,3 +274,28 @@ async def test_a_child_of_a_branch_canceled_by_an_any_winner_is_canceled_while_t
     assert types.count("execution_resumed") == 0, types
     await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "test done"})
     assert (await terminal(c, parent_id))["status"] == "canceled"
+
+
+async def test_a_parent_waiting_on_an_approval_and_a_child_reads_waiting_approval(platform: Platform) -> None:
+    c = platform.client
+    if not (await c.get("/api/procedures/au_waiter/1")).is_success:
+        await imp(c, WAITING_CHILD)
+    await imp(c, proc("au_mixed_waits", {
+        "fan": {"type": "parallel", "next_node": "end", "branches": [
+            {"branch_id": "sub", "start_node": "call"}, {"branch_id": "ask", "start_node": "hold"}]},
+        "call": {"type": "subflow", "procedure_id": "au_waiter", "version": "1"},
+        "hold": {"type": "human_approval", "prompt": "parent asks", "on_approve": "end", "on_reject": "end"},
+        "end": {"type": "terminate"}}, "fan"))
+    r = await c.post("/api/runs", json={"procedure_id": "au_mixed_waits", "procedure_version": "1"})
+    assert r.status_code == 201, r.text
+    parent_id = r.json()["run_id"]
+    started = await wait_for(c, parent_id, "subflow_started")
+    await wait_for(c, parent_id, "approval_requested")
+    deadline = asyncio.get_running_loop().time() + 30
+    while (status := (await c.get(f"/api/runs/{parent_id}")).json()["status"]) not in ("waiting_approval",):
+        assert status in ("created", "queued", "running"), status
+        assert asyncio.get_running_loop().time() < deadline, status
+        await asyncio.sleep(0.1)
+    await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "test done"})
+    assert (await terminal(c, parent_id))["status"] == "canceled"
+    assert (await terminal(c, started["payload"]["child_run_id"]))["status"] == "canceled"
