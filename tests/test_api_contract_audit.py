@@ -632,3 +632,18 @@ async def test_max_page_size_setting_bounds_every_list(nats_url: str, database_u
             r = await c.get(path)
             assert r.status_code == 200, (path, r.text)
             assert r.json()["limit"] == 5
+
+
+async def test_non_standard_json_numbers_are_malformed_json(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_nan"))
+    json_headers = {"content-type": "application/json"}
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        body = f'{{"procedure_id": "audit_nan", "procedure_version": "1", "input_vars": {{"n": 1, "x": {literal}}}}}'
+        problem(await c.post("/api/runs", content=body.encode(), headers=json_headers), 400, "malformed_json")
+        r = await c.post("/api/procedures/validate", content=f'{{"ckp_json": {{"a": {literal}}}}}'.encode(),
+                         headers=json_headers)
+        problem(r, 400, "malformed_json")
+    # the projection still answers (nothing unstorable was appended)
+    run_id = await start(c, "audit_nan", {"n": 1})
+    assert (await wait_status(c, run_id))["status"] == "completed"

@@ -41,6 +41,8 @@ async def check_request(request: Request) -> None:
             errors[f"query.{name.replace(chr(0), '')}"] = [MESSAGE]
     if request.method in ("POST", "PUT", "PATCH"):
         raw = await request.body()
+        if b"NaN" in raw or b"Infinity" in raw:
+            _refuse_non_json_numbers(raw)
         if b"\\u0000" in raw.lower():  # cheap pre-filter; JSON can only carry U+0000 escaped
             try:
                 body = json.loads(raw)
@@ -50,3 +52,21 @@ async def check_request(request: Request) -> None:
                 errors[where] = [MESSAGE]
     if errors:
         raise ApiProblem("validation_failed", f"{len(errors)} field(s) contain the NUL character", errors=errors)
+
+
+class _NonJsonNumber(ValueError):
+    pass
+
+
+def _constant(name: str) -> Any:
+    raise _NonJsonNumber(name)
+
+
+def _refuse_non_json_numbers(raw: bytes) -> None:
+    """Python's JSON parser takes ``NaN``/``Infinity`` (not JSON, RFC 8259 §6); they would be stored as null."""
+    try:
+        json.loads(raw, parse_constant=_constant)
+    except _NonJsonNumber as exc:
+        raise ApiProblem("malformed_json", f"request body is not valid JSON: {exc} is not a JSON number") from None
+    except ValueError:
+        return  # otherwise malformed: answered 400 by the route's validation
