@@ -1166,3 +1166,25 @@ async def test_frame_strings_of_branches_nested_loops_revisited_loops_and_recove
                     if b["action"] == "ping")
     assert frames == sorted(["call@fan/b1/outer[0]/inner[0]", "call@fan/b1/outer[1]/inner[0]", "solo@fan/b2",
                              "call2@loop2[0]", "call2@loop2#2[0]", "rescue@recovery"])
+
+
+# -- §7.11 the deadline counts executing time only ------------------------------------------------------------------
+
+async def test_time_suspended_on_an_approval_does_not_count_toward_the_deadline(platform: Platform) -> None:
+    from tests.test_approvals_end_to_end import decide, pending_approval
+
+    c = platform.client
+    doc = {"procedure_id": "audit_deadline_suspended", "version": "1", "global_config": {"timeout_ms": 1500},
+           "workflow_graph": {"start_node": "gate", "nodes": {
+               "gate": {"type": "human_approval", "on_approve": "nap", "on_reject": "nap"},
+               "nap": {"type": "processing", "next_node": "done", "operations": [
+                   {"action": "wait", "duration_ms": 800}]},
+               "done": {"type": "terminate", "outputs": {"ok": True}}}}}
+    run_id = await start(c, doc)
+    approval = await pending_approval(c, run_id)
+    await asyncio.sleep(2)  # longer than the whole deadline, but suspended
+    r = await decide(c, approval["approval_id"], decision="approved")
+    assert r.status_code == 200, r.text
+    run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"ok": True}
