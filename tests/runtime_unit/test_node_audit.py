@@ -1189,3 +1189,35 @@ async def test_loop_variables_written_inside_a_branch_merge_back() -> None:
         "w": {"type": "sequence", "steps": []},
         "z": {"type": "terminate", "outputs": {"got": "{{got}}", "x": "{{x}}", "i": "{{i}}"}}}, start="fan"))
     assert outputs(run) == {"got": [5, 6], "x": 6, "i": 1}
+
+
+@pytest.mark.parametrize(("op", "code", "reason"), [
+    ({"action": "calculate", "expression": "1 / 0"}, "expression_error", None),
+    ({"action": "convert_type", "value": "x", "target_type": "integer"}, "conversion_failed", None),
+    ({"action": "validate_schema", "value": {}, "schema": {"type": "object", "required": ["a"]}},
+     "schema_validation_failed", None),
+    ({"action": "append_to_array", "array": "scalar", "value": 1}, "operation_failed", "not_a_list"),
+])
+async def test_a_failing_operation_names_its_index_and_action_whatever_its_code(op: dict[str, Any], code: str,
+                                                                                 reason: str | None) -> None:
+    run = await run_doc(doc({
+        "p": {"type": "processing", "next_node": "z", "operations": [
+            {"action": "set_variable", "variable": "scalar", "value": 3}, op]},
+        "z": END}, start="p"))
+    err = error(run)
+    assert err["code"] == code
+    assert err["details"]["index"] == 1
+    assert err["details"]["action"] == op["action"]
+    if reason is not None:
+        assert err["details"]["reason"] == reason
+
+
+async def test_a_fallback_error_in_a_branch_does_not_leak_past_the_join() -> None:
+    run = await run_doc(doc({
+        "fan": {"type": "parallel", "next_node": "z", "branches": [{"branch_id": "l", "start_node": "p"}]},
+        "p": {"type": "processing", "error_handlers": [{"action": "ignore", "fallback_node": "fb"}],
+              "operations": [{"action": "calculate", "expression": "1 / 0"}]},
+        "fb": {"type": "sequence", "steps": [setv("s", "seen", "{{error.code}}")]},
+        "z": {"type": "terminate", "outputs": {"seen": "{{seen}}", "error": "{{error}}",
+                                               "index": "{{loop_index}}"}}}, start="fan"))
+    assert outputs(run) == {"seen": "expression_error", "error": None, "index": None}
