@@ -299,3 +299,21 @@ async def test_a_parent_waiting_on_an_approval_and_a_child_reads_waiting_approva
     await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "test done"})
     assert (await terminal(c, parent_id))["status"] == "canceled"
     assert (await terminal(c, started["payload"]["child_run_id"]))["status"] == "canceled"
+
+
+async def test_child_inputs_failing_the_child_schema_list_every_field(platform: Platform) -> None:
+    c = platform.client
+    await imp(c, proc("au_strict", {"t": {"type": "terminate"}}, "t", variables_schema={
+        "n": {"type": "integer", "required": True}, "region": {"type": "string", "required": True,
+                                                              "validation": {"allowed_values": ["eu", "us"]}}}))
+    await imp(c, proc("au_strict_parent", {
+        "call": {"type": "subflow", "procedure_id": "au_strict", "version": "1",
+                 "input_mapping": {"n": "1.5", "region": "mars"}, "next_node": "end"},
+        "end": {"type": "terminate"}}, "call"))
+    parent = await run(c, "au_strict_parent")
+    assert parent["status"] == "failed"
+    assert parent["error"]["code"] == "subflow_input_invalid"
+    [failed] = [e["payload"] for e in await events(c, parent["run_id"]) if e["event_type"] == "run_failed"]
+    assert failed["error"]["details"]["errors"] == {"input_vars.n": ["Must be an integer"],
+                                                    "input_vars.region": ["Must be one of: eu, us"]}
+    assert (await c.get("/api/runs", params={"procedure_id": "au_strict"})).json()["total"] == 0
