@@ -647,3 +647,12 @@ async def test_non_standard_json_numbers_are_malformed_json(platform: Platform) 
     # the projection still answers (nothing unstorable was appended)
     run_id = await start(c, "audit_nan", {"n": 1})
     assert (await wait_status(c, run_id))["status"] == "completed"
+
+
+async def test_deeply_nested_bodies_are_refused_not_a_500(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_deep"))
+    deep = "[" * 100_000 + "]" * 100_000
+    body = f'{{"procedure_id": "audit_deep", "procedure_version": "1", "input_vars": {{"n": 1, "x": {deep}}}}}'
+    r = await c.post("/api/runs", content=body.encode(), headers={"content-type": "application/json"})
+    problem(r, 400, "malformed_json")  # FastAPI's parser gives up (recursion): the body is unusable JSON

@@ -147,7 +147,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+        code = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                 415: "unsupported_media_type"}.get(exc.status_code, "validation_failed")
         if exc.status_code == 404:
             return problem_response(request, code, str(exc.detail), status=404, resource="route")
