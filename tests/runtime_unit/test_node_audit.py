@@ -1221,3 +1221,15 @@ async def test_a_fallback_error_in_a_branch_does_not_leak_past_the_join() -> Non
         "z": {"type": "terminate", "outputs": {"seen": "{{seen}}", "error": "{{error}}",
                                                "index": "{{loop_index}}"}}}, start="fan"))
     assert outputs(run) == {"seen": "expression_error", "error": None, "index": None}
+
+
+def test_unknown_node_type_is_one_diagnostic_and_skips_reachability() -> None:
+    found = diagnostics({"a": {"type": "teleporter", "next_node": "nowhere", "bogus": 1}, "b": END})
+    assert found == [("error", "unknown_node_type", f"{NODE}/a/type")], found
+
+
+def test_fields_of_other_types_draw_unknown_field_warnings() -> None:
+    found = diagnostics({"a": {"type": "sequence", "next_node": "z", "outputs": {"x": 1}, "iterator": "xs"},
+                         "z": END})
+    assert ("warning", "unknown_field", f"{NODE}/a/outputs") in found, found
+    assert ("warning", "unknown_field", f"{NODE}/a/iterator") in found, found
