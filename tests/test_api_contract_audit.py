@@ -656,3 +656,8 @@ async def test_deeply_nested_bodies_are_refused_not_a_500(platform: Platform) ->
     body = f'{{"procedure_id": "audit_deep", "procedure_version": "1", "input_vars": {{"n": 1, "x": {deep}}}}}'
     r = await c.post("/api/runs", content=body.encode(), headers={"content-type": "application/json"})
     problem(r, 400, "malformed_json")  # FastAPI's parser gives up (recursion): the body is unusable JSON
+    # the same with what the gateway's own body checks look for (a NUL escape, a NaN)
+    for extra in ('"\\u0000"', "NaN"):
+        body = f'{{"procedure_id": "audit_deep", "input_vars": {{"n": 1, "y": {extra}, "x": {deep}}}}}'
+        r = await c.post("/api/runs", content=body.encode(), headers={"content-type": "application/json"})
+        problem(r, 400, "malformed_json")

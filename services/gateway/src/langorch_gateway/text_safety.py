@@ -46,7 +46,7 @@ async def check_request(request: Request) -> None:
         if b"\\u0000" in raw.lower():  # cheap pre-filter; JSON can only carry U+0000 escaped
             try:
                 body = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):
                 body = None  # malformed JSON is answered 400 by the route's validation
             for where in nul_paths(body):
                 errors[where] = [MESSAGE]
@@ -68,5 +68,5 @@ def _refuse_non_json_numbers(raw: bytes) -> None:
         json.loads(raw, parse_constant=_constant)
     except _NonJsonNumber as exc:
         raise ApiProblem("malformed_json", f"request body is not valid JSON: {exc} is not a JSON number") from None
-    except ValueError:
+    except (ValueError, RecursionError):
         return  # otherwise malformed: answered 400 by the route's validation
