@@ -317,3 +317,22 @@ async def test_child_inputs_failing_the_child_schema_list_every_field(platform: 
     assert failed["error"]["details"]["errors"] == {"input_vars.n": ["Must be an integer"],
                                                     "input_vars.region": ["Must be one of: eu, us"]}
     assert (await c.get("/api/runs", params={"procedure_id": "au_strict"})).json()["total"] == 0
+
+
+async def test_a_dry_run_parent_forces_dry_run_on_its_child(platform: Platform) -> None:
+    c = platform.client
+    if not (await c.get("/api/procedures/au_waiter/1")).is_success:
+        await imp(c, WAITING_CHILD)
+    await imp(c, proc("au_dry_parent", {
+        "call": {"type": "subflow", "procedure_id": "au_waiter", "version": "1", "next_node": "end"},
+        "end": {"type": "terminate", "outputs": {"ok": "{{subflow_output.ok}}"}}}, "call",
+        global_config={"execution_mode": "dry_run"}))
+    parent = await run(c, "au_dry_parent")
+    assert parent["status"] == "completed", parent["error"]
+    assert parent["output_vars"] == {"ok": True}
+    [started] = [e for e in await events(c, parent["run_id"]) if e["event_type"] == "subflow_started"]
+    child_events = await events(c, started["payload"]["child_run_id"])
+    assert [e["payload"]["execution_mode"] for e in child_events if e["event_type"] == "execution_started"] == [
+        "dry_run"]
+    assert [e for e in child_events if e["event_type"] == "approval_auto_resolved"]
+    assert not [e for e in child_events if e["event_type"] == "approval_requested"]
