@@ -661,3 +661,19 @@ async def test_deeply_nested_bodies_are_refused_not_a_500(platform: Platform) ->
         body = f'{{"procedure_id": "audit_deep", "input_vars": {{"n": 1, "y": {extra}, "x": {deep}}}}}'
         r = await c.post("/api/runs", content=body.encode(), headers={"content-type": "application/json"})
         problem(r, 400, "malformed_json")
+
+
+async def test_bodies_nesting_deeper_than_128_levels_are_422(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_nest"))
+    for depth, status in ((126, 201), (127, 422), (500, 422)):  # the body object and input_vars are 2 levels
+        deep = "[" * depth + "]" * depth
+        body = f'{{"procedure_id": "audit_nest", "procedure_version": "1", "input_vars": {{"n": 1, "x": {deep}}}}}'
+        r = await c.post("/api/runs", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == status, (depth, r.text)
+        if status == 422:
+            errors = problem(r, 422, "validation_failed")["errors"]
+            [where] = errors
+            assert where.startswith("input_vars.x.0.0")
+        else:
+            assert (await wait_status(c, r.json()["run_id"]))["status"] == "completed"

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from langorch_gateway.problems import ApiProblem
 
 MESSAGE = "Must not contain the NUL character (U+0000)"
+MAX_DEPTH = 128  # JSON nesting a body may have: events carry it, and their serialiser stops at 255 levels
 
 
 def nul_paths(value: Any, path: str = "") -> list[str]:
@@ -43,6 +44,8 @@ async def check_request(request: Request) -> None:
         raw = await request.body()
         if b"NaN" in raw or b"Infinity" in raw:
             _refuse_non_json_numbers(raw)
+        if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # only then can it nest too deep
+            _refuse_deep_nesting(raw)
         if b"\\u0000" in raw.lower():  # cheap pre-filter; JSON can only carry U+0000 escaped
             try:
                 body = json.loads(raw)
@@ -70,3 +73,32 @@ def _refuse_non_json_numbers(raw: bytes) -> None:
         raise ApiProblem("malformed_json", f"request body is not valid JSON: {exc} is not a JSON number") from None
     except (ValueError, RecursionError):
         return  # otherwise malformed: answered 400 by the route's validation
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """Dotted path of the first object or array nested deeper than ``limit`` levels (iterative), else None."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict):
+            children: list[tuple[str, Any]] = [(str(k), v) for k, v in item.items()]
+        elif isinstance(item, list):
+            children = [(str(i), v) for i, v in enumerate(item)]
+        else:
+            continue
+        if depth > limit:
+            return path or "body"
+        for key, child in children:
+            stack.append((child, f"{path}.{key}" if path else key, depth + 1))
+    return None
+
+
+def _refuse_deep_nesting(raw: bytes) -> None:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return  # malformed (or nested past the parser's own limit): answered 400 by the route
+    where = too_deep(body)
+    if where is not None:
+        raise ApiProblem("validation_failed", f"the body nests deeper than {MAX_DEPTH} levels",
+                         errors={where: [f"Must not nest deeper than {MAX_DEPTH} levels"]})
