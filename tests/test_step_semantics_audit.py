@@ -1188,3 +1188,62 @@ async def test_time_suspended_on_an_approval_does_not_count_toward_the_deadline(
     run = await wait_status(c, run_id)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"ok": True}
+
+
+# -- §4.8/§4.10 retry budgets hold across async callback pauses ------------------------------------------------------
+
+async def test_retry_budgets_of_an_async_workflow_step_hold_across_its_pauses(platform: Platform) -> None:
+    """A failure callback fails the step (§4.6); the step policy and the handler then retry it, each within its
+    budget for this step instance, even though every attempt suspends the run until its callback."""
+    from tests.scripted_agent import ACCEPTED
+
+    c = platform.client
+    agent = ScriptedAgent({"job": lambda b: ACCEPTED})
+    doc = one_node("audit_async_budgets", "aw1", [
+        {"step_id": "job", "action": "job", "workflow_dispatch_mode": "async",
+         "retry_config": {"max_retries": 1, "delay_ms": 0, "retry_on": ["job_failed"]}}],
+        handlers=[{"error_type": "job_failed", "action": "retry", "max_retries": 1, "delay_ms": 0}])
+    async with serving(agent):
+        r = await c.post("/api/agents", json={"name": "aw1", "channel": "aw1", "base_url": agent.base_url,
+                                              "capabilities": [{"name": "job", "type": "workflow"}]})
+        assert r.status_code == 201, r.text
+        await asyncio.sleep(0.5)
+        run_id = await start(c, doc)
+        for _ in range(5):
+            run = await wait_status(c, run_id, ("paused", "failed", "completed"))
+            if run["status"] != "paused":
+                break
+            body = agent.requests[-1]
+            async with httpx.AsyncClient() as outside:
+                answer = await outside.post(body["params"]["callback_url"], json={
+                    "status": "failure", "error": "job broke", "error_code": "job_failed"})
+            assert answer.status_code == 202, answer.text
+            seen = len(agent.requests)
+            for _ in range(300):  # until the next attempt is dispatched or the run ends
+                now = (await c.get(f"/api/runs/{run_id}")).json()
+                if len(agent.requests) > seen or now["status"] in ("failed", "completed"):
+                    break
+                await asyncio.sleep(0.05)
+    assert run["status"] == "failed"
+    assert run["error"]["code"] == "job_failed"
+    assert [b["attempt"] for b in agent.requests] == [1, 2, 3]
+    events = await events_of(c, run_id)
+    assert [e["payload"]["source"] for e in of(events, "step_retrying", "job")] == ["retry_policy", "error_handler"]
+
+
+async def test_a_run_retry_gives_the_failed_step_its_retry_policy_again(platform: Platform) -> None:
+    c = platform.client
+    agent = ScriptedAgent({"flaky": failing_times(3, "busy", retryable=True, then="finally")})
+    doc = one_node("audit_retry_budget_reset", "rb1", [
+        {"step_id": "f", "action": "flaky", "output_variable": "r",
+         "retry_config": {"max_retries": 1, "delay_ms": 0}}], {"r": "{{r}}"})
+    async with serving(agent):
+        await register(c, agent, "rb1", "rb1")
+        run_id = await start(c, doc)
+        failed = await wait_status(c, run_id)
+        assert failed["status"] == "failed"
+        assert (await c.post(f"/api/runs/{run_id}/retry", json={})).status_code == 200
+        run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"r": "finally"}
+    assert [b["attempt"] for b in agent.requests] == [1, 2, 3, 4]

@@ -1617,8 +1617,14 @@ class Machine:
                                      message=str(resolution.get("error") or "the agent reported a failure"))
         if step.wait_ms and record is None:
             await self.sleep(step.wait_ms / 1000)
-        handler_retries: dict[int, int] = {}
-        policy_retries = 0
+        # retry budgets of this step instance live in the node's persisted data: an async step pauses the run
+        # between attempts and must not get a fresh budget on every resume (§4.8, §4.10); a run retry does
+        books = current.setdefault("data", {}).setdefault("retry_budgets", {})
+        budget = books.get(identity)
+        if budget is None or budget.get("epoch") != self.run.retry_epoch:
+            budget = books[identity] = {"epoch": self.run.retry_epoch, "policy": 0, "handlers": {}}
+        handler_retries: dict[str, int] = budget["handlers"]
+        policy_retries = int(budget["policy"])
         while True:
             key = custom_idempotency_key(key_base, attempt) if key_base else idempotency_key(
                 self.run.run_id, node.id, step_id, fs, attempt)
@@ -1669,6 +1675,7 @@ class Machine:
             if policy is not None and policy_retries < policy.max_retries and retry_allowed(policy, error):
                 delay = after_retry_after(retry_delay(policy, policy_retries), error)
                 policy_retries += 1
+                budget["policy"] = policy_retries
                 await self.emit(StepRetrying(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                              action=step.action, delay_ms=delay, next_attempt=attempt + 1,
                                              source="retry_policy", error=error))
@@ -1954,7 +1961,7 @@ class Machine:
 
     async def step_handlers(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
                             step: StepIR, step_id: str, fs: str, attempt: int, error: ErrorObject,
-                            handler_retries: dict[int, int]) -> str | tuple[str, Any] | None:
+                            handler_retries: dict[str, int]) -> str | tuple[str, Any] | None:
         for handler in node.error_handlers:
             if not handler_matches(handler, error):
                 continue
@@ -1966,9 +1973,9 @@ class Machine:
                                                        handler_action=handler.action))
             await self.recovery_steps(state, frame, node, current, handler, step, attempt)
             if handler.action == "retry":
-                used = handler_retries.get(handler.index, 0)
+                used = handler_retries.get(str(handler.index), 0)
                 if used < handler.max_retries:
-                    handler_retries[handler.index] = used + 1
+                    handler_retries[str(handler.index)] = used + 1
                     delay = after_retry_after(_handler_delay(handler, used), error)
                     await self.emit(StepRetrying(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                                  action=step.action, delay_ms=delay, next_attempt=attempt + 1,
