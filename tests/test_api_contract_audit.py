@@ -663,10 +663,10 @@ async def test_deeply_nested_bodies_are_refused_not_a_500(platform: Platform) ->
         problem(r, 400, "malformed_json")
 
 
-async def test_bodies_nesting_deeper_than_128_levels_are_422(platform: Platform) -> None:
+async def test_bodies_nesting_deeper_than_160_levels_are_422(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_nest"))
-    for depth, status in ((126, 201), (127, 422), (500, 422)):  # the body object and input_vars are 2 levels
+    for depth, status in ((158, 201), (159, 422), (500, 422)):  # the body object and input_vars are 2 levels
         deep = "[" * depth + "]" * depth
         body = f'{{"procedure_id": "audit_nest", "procedure_version": "1", "input_vars": {{"n": 1, "x": {deep}}}}}'
         r = await c.post("/api/runs", content=body.encode(), headers={"content-type": "application/json"})
@@ -677,3 +677,21 @@ async def test_bodies_nesting_deeper_than_128_levels_are_422(platform: Platform)
             assert where.startswith("input_vars.x.0.0")
         else:
             assert (await wait_status(c, r.json()["run_id"]))["status"] == "completed"
+
+
+async def test_lone_surrogates_in_bodies_are_422_at_their_path(platform: Platform) -> None:
+    c = platform.client
+    await imported(c, simple("audit_sur"))
+    h = {"content-type": "application/json"}
+    r = await c.post("/api/runs", content=b'{"procedure_id": "audit_sur", "procedure_version": "1", '
+                     b'"input_vars": {"n": 1, "x": "a\\ud800", "y": ["\\udfff"]}}', headers=h)
+    errors = problem(r, 422, "validation_failed")["errors"]
+    assert set(errors) == {"input_vars.x", "input_vars.y.0"}
+    r = await c.post("/api/runs", content=b'{"procedure_id": "audit_sur", "procedure_version": "1", '
+                     b'"input_vars": {"n": 1, "\\ud800k": 1}}', headers=h)
+    assert set(problem(r, 422, "validation_failed")["errors"]) == {"input_vars.\\ud800k"}
+    # a surrogate pair is one real character and is taken
+    r = await c.post("/api/runs", content=b'{"procedure_id": "audit_sur", "procedure_version": "1", '
+                     b'"input_vars": {"n": 1, "smile": "\\ud83d\\ude00"}}', headers=h)
+    assert r.status_code == 201, r.text
+    assert r.json()["input_vars"]["smile"] == "\U0001f600"

@@ -1,9 +1,12 @@
-"""Refuse the NUL character (U+0000) in request input: PostgreSQL text and jsonb cannot store it, so an event
-carrying one would be appended but could never be projected. Reported as 422 at the exact field path."""
+"""Refuse request input no event could carry: the NUL character (U+0000; PostgreSQL text and jsonb cannot store
+it, so an event carrying one would be appended but could never be projected), lone surrogates, non-JSON numbers and
+nesting past the event serialiser's depth. Reported at the exact field path."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -11,25 +14,49 @@ from starlette.requests import Request
 from langorch_gateway.problems import ApiProblem
 
 MESSAGE = "Must not contain the NUL character (U+0000)"
-MAX_DEPTH = 128  # JSON nesting a body may have: events carry it, and their serialiser stops at 255 levels
+SURROGATE_MESSAGE = "Must be valid Unicode (a lone surrogate escape such as \\ud800 is not a character)"
+SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+# JSON nesting a body may have: events carry it, and their serialiser stops at 255 levels. CKP documents have their
+# own limit of 128 inside ``ckp_json`` (compiler diagnostic ``invalid_document``), which this leaves room for.
+MAX_DEPTH = 160
+COMPILED_PATHS = "/api/procedures"  # ckp_json is vetted by the compiler (diagnostics, 200 from validate)
 
 
 def nul_paths(value: Any, path: str = "") -> list[str]:
     """Dotted paths (``a.b.2``) of every string or key in ``value`` that contains U+0000."""
+    return _paths(value, lambda text: "\x00" in text, path)
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def surrogate_paths(value: Any) -> list[str]:
+    """Paths of every string or key holding a lone surrogate (``"\\ud800"`` parses, but is no character: it cannot
+    be encoded as UTF-8, so no event could carry it)."""
+    return _paths(value, _has_surrogate)
+
+
+def _paths(value: Any, bad: Callable[[str], bool], path: str = "") -> list[str]:
     found: list[str] = []
     if isinstance(value, str):
-        if "\x00" in value:
+        if bad(value):
             found.append(path or "body")
     elif isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
-            if "\x00" in str(key):
-                found.append(where.replace("\x00", "\\u0000"))
-            found.extend(nul_paths(item, where))
+            if bad(str(key)):
+                found.append(_printable(where))
+            found.extend(_paths(item, bad, where))
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            found.extend(nul_paths(item, f"{path}.{i}" if path else str(i)))
+            found.extend(_paths(item, bad, f"{path}.{i}" if path else str(i)))
     return found
+
+
+def _printable(path: str) -> str:
+    """A path whose key is itself bad, with the offending characters written as JSON escapes."""
+    return "".join(f"\\u{ord(ch):04x}" if ch == "\x00" or "\ud800" <= ch <= "\udfff" else ch for ch in path)
 
 
 async def check_request(request: Request) -> None:
@@ -53,8 +80,17 @@ async def check_request(request: Request) -> None:
                 body = None  # malformed JSON is answered 400 by the route's validation
             for where in nul_paths(body):
                 errors[where] = [MESSAGE]
+        if not request.url.path.startswith(COMPILED_PATHS) and SURROGATE_ESCAPE.search(raw):
+            # a surrogate can only arrive escaped (raw ones are not UTF-8)
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError):
+                body = None
+            for where in surrogate_paths(body):
+                errors.setdefault(where, []).append(SURROGATE_MESSAGE)
     if errors:
-        raise ApiProblem("validation_failed", f"{len(errors)} field(s) contain the NUL character", errors=errors)
+        raise ApiProblem("validation_failed", f"{len(errors)} field(s) contain the NUL character or a lone "
+                         "surrogate", errors=errors)
 
 
 class _NonJsonNumber(ValueError):
