@@ -1247,3 +1247,19 @@ async def test_a_run_retry_gives_the_failed_step_its_retry_policy_again(platform
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"r": "finally"}
     assert [b["attempt"] for b in agent.requests] == [1, 2, 3, 4]
+
+
+async def test_resume_on_failure_leaves_a_non_retryable_failure_alone(platform: Platform) -> None:
+    c = platform.client
+    agent = ScriptedAgent({"strict": failing_times(1, "invalid", retryable=False, then="ok")})
+    doc = one_node("audit_auto_retry_strict", "ar2", [{"step_id": "s", "action": "strict"}],
+                   gc={"resume_on_failure": True, "retry_delay_ms": 50})
+    async with serving(agent):
+        await register(c, agent, "ar2", "ar2")
+        run, _ = await finished(c, doc)
+        await asyncio.sleep(1)  # an automatic retry would have been requested by now
+        events = await events_of(c, run["run_id"])
+        again = (await c.get(f"/api/runs/{run['run_id']}")).json()
+    assert run["status"] == again["status"] == "failed"
+    assert of(events, "run_retry_requested") == []
+    assert len(agent.requests) == 1
