@@ -435,10 +435,12 @@ async def test_an_empty_multi_value_filter_is_no_filter(platform: Platform) -> N
     await imported(c, simple("audit_empty"))
     run_id = await start(c, "audit_empty", {"n": 1})
     await wait_status(c, run_id)
-    for path, query in [("/api/runs", "status="), ("/api/runs", "trigger_type=%20,"),
+    for path, query in [("/api/runs", "status="), ("/api/runs", "trigger_type=%20,"), ("/api/runs", "procedure_id="),
+                        ("/api/runs", "created_by=&project_id="), ("/api/approvals", "run_id="),
+                        ("/api/leases", "run_id="), ("/api/agents", "pool_id="),
                         ("/api/procedures", "status="), ("/api/procedures", "release_channel="),
                         ("/api/approvals", "status="), (f"/api/runs/{run_id}/events", "event_type="),
-                        (f"/api/runs/{run_id}/events", "event_type=,")]:
+                        (f"/api/runs/{run_id}/events", "event_type=,"), (f"/api/runs/{run_id}/events", "node_id=")]:
         unfiltered = (await c.get(path)).json()
         r = await c.get(f"{path}?{query}")
         assert r.status_code == 200, (path, query, r.text)

@@ -414,7 +414,7 @@ def _filters(values: dict[str, Any]) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
     for column, value in values.items():
-        if value is None:
+        if value is None or value == "":  # an empty filter is no filter (queries.Where.eq)
             continue
         args.append(value)
         clauses.append(f"{column} = ANY(${len(args)})" if isinstance(value, list) else f"{column} = ${len(args)}")

@@ -89,7 +89,7 @@ class Where:
         return f"${len(self.args)}"
 
     def eq(self, column: str, value: Any) -> None:
-        if value is None:
+        if value is None or value == "":  # an empty filter (?procedure_id=) filters nothing out, like no filter
             return
         if isinstance(value, list):
             self.clauses.append(f"{column} = ANY({self.arg(value)})")

@@ -518,7 +518,7 @@ async def list_leases(
     """Page of leases straight from KV ``lo_leases`` (ascending ``acquired_at``)."""
     wanted = {"resource_key": resource_key, "agent_id": agent_id, "pool_id": pool_id, "run_id": run_id}
     leases = [lease_out(v) for _, _, v in await read_leases(request)
-              if all(want is None or v.get(k) == want for k, want in wanted.items())]
+              if all(want is None or want == "" or v.get(k) == want for k, want in wanted.items())]
     leases.sort(key=lambda x: (str(x.get("acquired_at") or ""), str(x["lease_id"])))
     return views.page(leases[offset:offset + limit], len(leases), limit, offset)
 
