@@ -10,12 +10,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
+from ckp_core.events import ANONYMOUS, make_event
+from ckp_core.ids import new_id
+from ckp_core.run_events import WorkflowDelegated
+from langorch_infra.callbacks import callback_key, make_token
+from langorch_infra.settings import GatewaySettings
 from tests.conftest import Platform, platform_of
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register
@@ -697,3 +703,39 @@ async def test_lone_surrogates_in_bodies_are_422_at_their_path(platform: Platfor
                      b'"input_vars": {"n": 1, "smile": "\\ud83d\\ude00"}}', headers=h)
     assert r.status_code == 201, r.text
     assert r.json()["input_vars"]["smile"] == "\U0001f600"
+
+
+async def test_a_callback_faster_than_the_delegation_event_is_accepted(nats_url: str, database_url: str) -> None:
+    """An agent may call back before the runtime has appended ``workflow_delegated`` (it answers the dispatch, then
+    calls back at once): the gateway waits (bounded) for the delegation instead of refusing the token."""
+    async with platform_of(nats_url, database_url, runtime=False, agents=False, approvals=False,
+                           gateway_settings={"command_timeout_s": 1, "ryw_timeout_ms": 2000}) as p:
+        c = p.client
+        await imported(c, simple("audit_fast_cb"))
+        run_id = await start(c, "audit_fast_cb", {"n": 1})  # no runtime: the run stays created
+        delegation_id = new_id()
+        key = callback_key(GatewaySettings().auth_secret_key.get_secret_value())
+        token = make_token(key, run_id, "check", "s1", delegation_id, int(time.time()) + 600)
+        store = p.app.state.store
+
+        async def delegate_later() -> None:
+            await asyncio.sleep(0.5)
+            head = await store.head("run", run_id)
+            event = make_event(WorkflowDelegated(node_id="check", step_id="s1", delegation_id=delegation_id,
+                                                 action="slow"), aggregate_id=run_id, seq=head.seq + 1,
+                               actor=ANONYMOUS)
+            await store.append([event], expected_position=head.position)
+
+        later = asyncio.create_task(delegate_later())
+        r = await c.post(f"/api/runs/{run_id}/callback", json={"output": {"ok": True}},
+                         headers={"X-LangOrch-Callback-Token": token})
+        await later
+        assert r.status_code == 202, r.text
+        assert r.json() == {"resumed": True, "status": "queued", "run_id": run_id}
+        # a token naming a delegation that never comes is still refused once the wait is over
+        other = make_token(key, run_id, "check", "s1", new_id(), int(time.time()) + 600)
+        problem(await c.post(f"/api/runs/{run_id}/callback", json={},
+                             headers={"X-LangOrch-Callback-Token": other}), 403, "invalid_callback_token")
+        # tokens whose numbers are not ASCII digits are malformed, not a 500
+        for bad in ("v1.\u00b2.d.s", "v1.1.d"):
+            problem(await c.post(f"/api/runs/{run_id}/callback?token={bad}", json={}), 403, "invalid_callback_token")

@@ -39,7 +39,7 @@ class ParsedToken:
 
 def parse_token(token: str) -> ParsedToken | None:
     parts = token.split(".")
-    if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit() or not parts[2]:
+    if len(parts) != 4 or parts[0] != "v1" or not (parts[1].isascii() and parts[1].isdigit()) or not parts[2]:
         return None
     return ParsedToken(int(parts[1]), parts[2], parts[3])
 

@@ -7,6 +7,7 @@ callback is dropped by JetStream) and answers 202. The runtime appends ``workflo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any, Literal
@@ -59,9 +60,7 @@ async def run_callback(
     run = await db.fetchrow("SELECT status FROM runs WHERE run_id = $1", run_id)
     if run is None:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
-    delegated = await db.fetchrow(
-        """SELECT node_id, step_id FROM run_events WHERE run_id = $1 AND event_type = 'workflow_delegated'
-             AND payload->>'delegation_id' = $2 ORDER BY seq DESC LIMIT 1""", run_id, token.delegation_id)
+    delegated = await _delegation(request, run_id, token.delegation_id, wait=run["status"] not in TERMINAL)
     key = callback_key(settings.auth_secret_key.get_secret_value())
     if delegated is None or not verify_token(key, token, run_id, delegated["node_id"], delegated["step_id"]):
         raise ApiProblem("invalid_callback_token", "the callback token does not match a delegation of this run",
@@ -97,6 +96,22 @@ async def run_callback(
         raise_if_rejected(outcome)
         headers = accepted_headers(command.command_id, outcome.position, await ryw(request, outcome.position))
     return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202, headers=headers)
+
+
+async def _delegation(request: Request, run_id: str, delegation_id: str, *, wait: bool) -> asyncpg.Record | None:
+    """The ``workflow_delegated`` event of ``delegation_id``. An agent may call back before the runtime has appended
+    it (the agent answers the dispatch, then calls back at once), so while the run is live the lookup is repeated
+    for up to ``LANGORCH_RYW_TIMEOUT_MS`` before the token is refused."""
+    db: asyncpg.Pool = request.app.state.pool
+    settings: GatewaySettings = request.app.state.settings
+    deadline = time.monotonic() + (settings.ryw_timeout_ms / 1000 if wait else 0)
+    while True:
+        row: asyncpg.Record | None = await db.fetchrow(
+            """SELECT node_id, step_id FROM run_events WHERE run_id = $1 AND event_type = 'workflow_delegated'
+                 AND payload->>'delegation_id' = $2 ORDER BY seq DESC LIMIT 1""", run_id, delegation_id)
+        if row is not None or time.monotonic() >= deadline:
+            return row
+        await asyncio.sleep(0.05)
 
 
 @router.get("/api/agent-credentials/{secret_name}")
