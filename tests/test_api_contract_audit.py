@@ -419,6 +419,14 @@ async def test_stored_artifacts_carry_the_sha256_of_their_content(platform: Plat
     assert by_kind["link"]["sha256"] is None  # a link's content is not known
     detail = (await c.get(f"/api/runs/{run_id}/artifacts/{by_kind['file']['artifact_id']}")).json()
     assert detail == by_kind["file"]
+    url = detail["download_url"]
+    # Range headers the server does not take are ignored (RFC 9110 §14.2); only one outside the content is 416
+    for ignored in ("bytes=0-1,3-4", "items=0-1", "bytes=abc"):
+        r = await c.get(url, headers={"Range": ignored})
+        assert (r.status_code, r.content) == (200, content), ignored
+    problem(await c.get(url, headers={"Range": f"bytes={len(content)}-"}), 416, "range_not_satisfiable")
+    r = await c.get(url, headers={"Range": "bytes=0-6"})
+    assert (r.status_code, r.content) == (206, content[:7])
 
 
 async def test_run_events_honour_min_position(platform: Platform) -> None:

@@ -362,6 +362,9 @@ async def artifact(request: Request, run_id: str, artifact_id: str) -> JSONRespo
     return JSONResponse(artifact_out(row, digests.get(artifact_id)), headers=headers)
 
 
+RANGE_SYNTAX = re.compile(r"\s*bytes=(\d+-\d*|-\d+)\s*")
+
+
 def _range(header: str, size: int) -> tuple[int, int] | None:
     """``(start, end)`` inclusive of a single ``bytes=`` range; None when it cannot be satisfied."""
     m = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
@@ -415,7 +418,9 @@ async def _content(request: Request, row: asyncpg.Record) -> Response:
                "Content-Security-Policy": "sandbox", "Accept-Ranges": "bytes"}
     media = row["mime_type"] or "application/octet-stream"
     raw_range = request.headers.get("range")
-    if raw_range:
+    # a Range this server does not take (another unit, several ranges, bad syntax) is ignored: the whole content
+    # (RFC 9110 §14.2); 416 is only for a single byte range outside the content (api.md §1.2)
+    if raw_range and RANGE_SYNTAX.fullmatch(raw_range):
         span = _range(raw_range, len(data))
         if span is None:
             refused = problem_response(request, "range_not_satisfiable",
