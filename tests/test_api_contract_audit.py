@@ -187,6 +187,16 @@ async def test_unknown_resources_are_404_not_found(platform: Platform) -> None:
                                   ("DELETE", f"/api/runs/{missing}", None),
                                   ("POST", f"/api/approvals/{missing}/decision", {"decision": "approved"}),
                                   ("DELETE", f"/api/leases/{missing}", None),
+                                  ("DELETE", "/api/agents/nobody", None), ("PATCH", "/api/agents/nobody", {}),
+                                  ("POST", "/api/agents/nobody/token", None),
+                                  ("POST", "/api/agents/nobody/sync-capabilities", None),
+                                  ("POST", "/api/agents/heartbeat", {"agent_id": "nobody"}),
+                                  ("PATCH", f"/api/projects/{missing}", {"name": "x"}),
+                                  ("GET", f"/api/projects/{missing}/cost-summary", None),
+                                  ("PATCH", "/api/procedures/nothing_here/1/status", {"status": "active"}),
+                                  ("POST", "/api/procedures/nothing_here/1/promote", {"target_channel": "qa"}),
+                                  ("POST", "/api/procedures/nothing_here/1/rollback", {"target_channel": "qa"}),
+                                  ("DELETE", "/api/procedures/nothing_here/1", None),
                                   ("DELETE", f"/api/projects/{missing}", None)]:
         problem(await c.request(method, path, json=payload), 404, "not_found")
 
