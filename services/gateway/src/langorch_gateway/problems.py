@@ -30,7 +30,8 @@ STATUS = {
     "approval_not_pending": 409, "approval_expired": 409, "invalid_decision": 422, "decided_by_mismatch": 422,
     # the rest of api.md §1.2's table, so a code raised or rejected anywhere gets its status from this one place
     "token_expired": 401, "invalid_credentials": 401, "invalid_signature": 401, "stale_signature": 401,
-    "csrf_failed": 403, "invalid_callback_token": 403, "callback_token_expired": 403, "invalid_grant": 403,
+    "csrf_failed": 403, "invalid_callback_token": 403, "callback_token_expired": 403,
+    "invalid_grant": 401,  # §15.3's endpoint table (401 "bad or expired"); §1.2's table lists it under 403
     "run_not_paused": 409, "duplicate_delivery": 409, "secret_exists": 409, "secret_in_use": 409,
     "user_exists": 409, "last_admin": 409, "artifact_external": 409, "range_not_satisfiable": 416,
     "secret_value_not_accepted": 422, "unsupported_event_source": 422,
