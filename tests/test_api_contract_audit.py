@@ -760,3 +760,41 @@ async def test_a_callback_faster_than_the_delegation_event_is_accepted(nats_url:
         # tokens whose numbers are not ASCII digits are malformed, not a 500
         for bad in ("v1.\u00b2.d.s", "v1.1.d"):
             problem(await c.post(f"/api/runs/{run_id}/callback?token={bad}", json={}), 403, "invalid_callback_token")
+
+
+async def test_a_callback_while_another_branch_still_runs(nats_url: str, database_url: str) -> None:
+    """A delegation can be open while the run reads ``running`` (a parallel branch still executes). The gateway waits
+    (bounded) for the run to suspend; a run that is still executing then is 409 ``run_not_paused`` (a resume sent
+    now would be lost), and the same callback later is taken (api.md §5.10)."""
+    doc = {"procedure_id": "audit_cb_par", "version": "1", "workflow_graph": {"start_node": "fan", "nodes": {
+        "fan": {"type": "parallel", "next_node": "end", "branches": [
+            {"branch_id": "ask", "start_node": "work"}, {"branch_id": "slow", "start_node": "nap"}]},
+        "work": {"type": "sequence", "agent": "HYBRID", "next_node": "end", "steps": [
+            {"step_id": "s", "action": "run_full_salesforce_login", "workflow_dispatch_mode": "async",
+             "output_variable": "got"}]},
+        "nap": {"type": "processing", "operations": [{"action": "wait", "duration_ms": 4000}], "next_node": "end"},
+        "end": {"type": "terminate", "outputs": {"got": "{{got}}"}}}}}
+    async with platform_of(nats_url, database_url, runtime_settings={"callback_timeout_s": 60},
+                           gateway_settings={"ryw_timeout_ms": 1000}) as p:
+        c = p.client
+        async with serving(hybrid_agent()) as agent:
+            await register_hybrid(c, agent)
+            await imported(c, doc)
+            run_id = await start(c, "audit_cb_par")
+            deadline = asyncio.get_running_loop().time() + 20
+            while not any(r.get("dispatch_mode") == "async" for r in agent.requests):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            token = next(r for r in agent.requests if r.get("dispatch_mode") == "async")["callback"]["token"]
+            headers = {"X-LangOrch-Callback-Token": token}
+            early = await c.post(f"/api/runs/{run_id}/callback", json={"output": {"session": "S"}}, headers=headers)
+            body = problem(early, 409, "run_not_paused")
+            assert body["current_status"] == "running"
+            assert (await wait_status(c, run_id, ("paused", *TERMINAL)))["status"] == "paused"
+            late = await c.post(f"/api/runs/{run_id}/callback", json={"output": {"session": "S"}}, headers=headers)
+            assert late.status_code == 202, late.text
+            run = await wait_status(c, run_id)
+            events = (await c.get(f"/api/runs/{run_id}/events?limit=500")).json()["items"]
+    assert run["status"] == "completed", run
+    assert run["output_vars"]["got"] == {"session": "S"}
+    assert "execution_recovered" not in [e["event_type"] for e in events]  # no resume reached it while it ran

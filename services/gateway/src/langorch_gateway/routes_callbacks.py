@@ -30,6 +30,7 @@ from langorch_infra.settings import GatewaySettings
 router = APIRouter()
 
 TERMINAL = ("completed", "failed", "canceled")
+WAITING = ("paused", "waiting_approval")  # suspended: a resume is taken (the callback's frame waits in either)
 
 
 class CallbackIn(BaseModel):
@@ -71,16 +72,22 @@ async def run_callback(
                                                                     delegated["step_id"]):
         raise ApiProblem("callback_mismatch", f"the token names node {delegated['node_id']} step "
                          f"{delegated['step_id']}", status=400)
-    if run["status"] in TERMINAL:
-        return JSONResponse({"resumed": False, "status": run["status"]}, status_code=200)
+    status = await _settled(request, run_id)
+    if status == "deleted":
+        raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
+    if status in TERMINAL:
+        return JSONResponse({"resumed": False, "status": status}, status_code=200)
     answered = await db.fetchval(  # callback_timed_out carries no status member: its type says it
         """SELECT event_type FROM run_events WHERE run_id = $1 AND event_type IN
              ('workflow_callback_received', 'callback_timed_out') AND payload->>'delegation_id' = $2
            ORDER BY seq LIMIT 1""",
         run_id, token.delegation_id)
     if answered is not None:
-        status = "timed_out" if answered == "callback_timed_out" else "duplicate"
-        return JSONResponse({"resumed": False, "status": status}, status_code=200)
+        said = "timed_out" if answered == "callback_timed_out" else "duplicate"
+        return JSONResponse({"resumed": False, "status": said}, status_code=200)
+    if status not in WAITING:  # a resume now would reach a run still executing, and be lost (api.md §5.10)
+        raise ApiProblem("run_not_paused", f"run {run_id} is {status}, not waiting for this callback yet; retry",
+                         current_status=status)
     resolution = {"wait_id": token.delegation_id, "status": body.status, "output": body.output,
                   "error": body.error, "error_code": body.error_code, "artifacts": body.artifacts,
                   "node_id": delegated["node_id"], "step_id": delegated["step_id"]}
@@ -96,6 +103,20 @@ async def run_callback(
         raise_if_rejected(outcome)
         headers = accepted_headers(command.command_id, outcome.position, await ryw(request, outcome.position))
     return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202, headers=headers)
+
+
+async def _settled(request: Request, run_id: str) -> str:
+    """The run's status once it waits or has ended: a run that has just delegated may still be executing (the
+    runtime appends the pausing event after the step, or another parallel branch still runs), so a live status is
+    re-read for up to ``LANGORCH_RYW_TIMEOUT_MS``."""
+    db: asyncpg.Pool = request.app.state.pool
+    settings: GatewaySettings = request.app.state.settings
+    deadline = time.monotonic() + settings.ryw_timeout_ms / 1000
+    while True:
+        status = str(await db.fetchval("SELECT status FROM runs WHERE run_id = $1", run_id) or "deleted")
+        if status in WAITING or status in TERMINAL or status == "deleted" or time.monotonic() >= deadline:
+            return status
+        await asyncio.sleep(0.05)
 
 
 async def _delegation(request: Request, run_id: str, delegation_id: str, *, wait: bool) -> asyncpg.Record | None:
