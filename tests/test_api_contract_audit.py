@@ -798,3 +798,28 @@ async def test_a_callback_while_another_branch_still_runs(nats_url: str, databas
     assert run["status"] == "completed", run
     assert run["output_vars"]["got"] == {"session": "S"}
     assert "execution_recovered" not in [e["event_type"] for e in events]  # no resume reached it while it ran
+
+
+async def test_a_decision_while_another_branch_still_runs_is_applied(platform: Platform) -> None:
+    """api.md §6.3: the decision resumes the run. A run whose other parallel branch still executes takes the
+    resume once it suspends (it used to be taken as a crash recovery: the decision was lost and the run hung)."""
+    c = platform.client
+    doc = {"procedure_id": "audit_apar", "version": "1", "workflow_graph": {"start_node": "fan", "nodes": {
+        "fan": {"type": "parallel", "next_node": "end", "branches": [
+            {"branch_id": "ask", "start_node": "gate"}, {"branch_id": "slow", "start_node": "nap"}]},
+        "gate": {"type": "human_approval", "on_approve": "end", "on_reject": "end"},
+        "nap": {"type": "processing", "operations": [{"action": "wait", "duration_ms": 2000}], "next_node": "end"},
+        "end": {"type": "terminate", "outputs": {"d": "{{approval.gate.decision}}"}}}}}
+    await imported(c, doc)
+    run_id = await start(c, "audit_apar")
+    deadline = asyncio.get_running_loop().time() + 20
+    while not (items := (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"]):
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    r = await c.post(f"/api/approvals/{items[0]['approval_id']}/decision", json={"decision": "approved"})
+    assert r.status_code == 200, r.text
+    run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run
+    assert run["output_vars"] == {"d": "approved"}
+    events = (await c.get(f"/api/runs/{run_id}/events?limit=500")).json()["items"]
+    assert "execution_recovered" not in [e["event_type"] for e in events]

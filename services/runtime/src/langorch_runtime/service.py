@@ -110,6 +110,10 @@ async def open_checkpointer(database_url: str) -> tuple[AsyncConnectionPool[Any]
     return pool, AsyncPostgresSaver(pool)
 
 
+class RunBusy(Exception):
+    """A resume reached a run that is executing: settle it later."""
+
+
 class RuntimeService:
     """One runtime replica."""
 
@@ -248,6 +252,8 @@ class RuntimeService:
                 command = StartRun.model_validate_json(msg.data)
             await self.execute(command, msg.metadata.num_delivered or 1)
             return ACK
+        except RunBusy:
+            return nak(1.0)
         except ConcurrencyError as exc:
             # another replica writes this run now; leave the message to JetStream's redelivery
             log.warning("run lost to another writer: %s", exc)
@@ -448,6 +454,12 @@ class RuntimeService:
             if not suspended:
                 if not snapshot.next:
                     return  # nothing to resume (terminal, or not started yet: the start command runs it)
+                if not any(e.envelope.causation_id == command.command_id for e in events):
+                    # not applied yet and the run is not suspended: another command executes it now (a decision
+                    # while a parallel branch still runs). Taking it as a crash recovery would run the frames
+                    # twice and lose this resume: redeliver it once the run suspends (a crashed run is recovered
+                    # by its own redelivered command).
+                    raise RunBusy(run_id)
                 await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=_checkpoint_id(snapshot)))
                 final = await self.invoke(run_id, graph, None, config, durability="sync")
             elif str(command.resolution.get("wait_id")) not in (snapshot.values.get("waits") or {}):
