@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.agent_server import AgentBehaviour, running_agent
 from tests.conftest import Platform, platform_of
 from tests.helpers import example
 from tests.mcp_server import PNG, running_mcp
@@ -327,3 +328,34 @@ async def test_mcp_image_and_resource_content_are_stored_artifacts_linked_in_the
     assert (await c.get(f"/api/runs/{run_id}/artifacts/{raw['artifact_id']}/content")).content == b"\x00\x01raw"
     assert link["uri"] == "https://example.com/page.pdf"
     assert created[link["artifact_id"]]["stored"] is False
+
+
+async def test_pool_waiting_steps_count_attempts_waiting_for_a_slot(platform: Platform) -> None:
+    """api.md §7.1 PoolOut.waiting_steps: a step whose pool is saturated waits (``pool_saturated``) and is counted
+    until it gets the slot."""
+    c = platform.client
+    behaviour = AgentBehaviour(execute_delay_s=1.5)
+    async with running_agent(behaviour) as agent:
+        r = await c.post("/api/agents", json={"agent_id": "slow1", "name": "slow1", "channel": "slowpool",
+                                              "base_url": agent.base_url, "concurrency_limit": 1,
+                                              "pool_id": "slow_pool", "capabilities": ["extract_text"]})
+        assert r.status_code == 201, r.text
+        await asyncio.sleep(0.5)  # the runtime's registry follows agent events
+        doc = {"procedure_id": "pool_wait", "version": "1", "workflow_graph": {"start_node": "get", "nodes": {
+            "get": {"type": "sequence", "agent": "SLOWPOOL", "steps": [
+                {"step_id": "t", "action": "extract_text", "output_variable": "out"}], "next_node": "end"},
+            "end": {"type": "terminate"}}}}
+        first = await start(c, doc)
+        second = await start(c, doc)
+
+        async def waiting() -> int:
+            pools = (await c.get("/api/agents/pools", params={"channel": "slowpool"})).json()["items"]
+            return int(pools[0]["waiting_steps"])
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while await waiting() != 1:
+            assert asyncio.get_running_loop().time() < deadline, "no step ever waited for the pool"
+            await asyncio.sleep(0.05)
+        for run_id in (first, second):
+            assert (await wait_status(c, run_id))["status"] == "completed"
+        assert await waiting() == 0

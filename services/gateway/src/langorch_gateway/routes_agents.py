@@ -352,6 +352,7 @@ async def list_pools(request: Request, channel: str | None = None, limit: Limit 
     agents = await _db(request).fetch("SELECT * FROM agents WHERE pool_id = ANY($1::text[])",
                                       [r["pool_id"] for r in rows])
     leases = [lease_out(v) for _, _, v in await read_leases(request)] if rows else []
+    waiting = await _waiting_steps(_db(request), [r["pool_id"] for r in rows]) if rows else {}
     items = []
     for r in rows:
         members = [a for a in agents if a["pool_id"] == r["pool_id"]]
@@ -368,11 +369,29 @@ async def list_pools(request: Request, channel: str | None = None, limit: Limit 
             "active_leases": len(active),
             "available_capacity": max(0, sum(a["concurrency_limit"] for a in usable)
                                       - sum(1 for x in active if x.get("agent_id") in {a["agent_id"] for a in usable})),
-            # the runtime does not record lease waits yet (api.md §8 pool_saturated); none can be waiting
-            "waiting_steps": 0,
+            "waiting_steps": waiting.get(r["pool_id"], 0),
             "circuit_open_count": sum(1 for a in members if a["circuit_state"] == "open"),
         })
     return JSONResponse(views.page(items, total, limit, offset), headers=headers)
+
+
+async def _waiting_steps(db: Any, pool_ids: list[str]) -> dict[str, int]:
+    """Step attempts of live runs waiting for a slot of each pool: a ``pool_saturated`` not yet followed by the
+    attempt's ``step_started`` (it got a slot) or its end (it gave up: ``lease_wait_timeout``, cancel)."""
+    rows = await db.fetch(
+        """SELECT e.payload->>'pool_id' AS pool_id, count(*) AS n
+             FROM runs r JOIN run_events e ON e.run_id = r.run_id
+            WHERE r.status IN ('running', 'canceling') AND e.event_type = 'pool_saturated'
+              AND e.payload->>'pool_id' = ANY($1::text[])
+              AND NOT EXISTS (
+                  SELECT 1 FROM run_events s
+                   WHERE s.run_id = e.run_id AND s.seq > e.seq
+                     AND s.event_type IN ('step_started', 'step_completed', 'step_failed', 'step_timeout')
+                     AND s.node_id IS NOT DISTINCT FROM e.node_id AND s.step_id IS NOT DISTINCT FROM e.step_id
+                     AND s.attempt IS NOT DISTINCT FROM e.attempt
+                     AND s.payload->>'frame' IS NOT DISTINCT FROM e.payload->>'frame')
+            GROUP BY 1""", pool_ids)
+    return {str(r["pool_id"]): int(r["n"]) for r in rows}
 
 
 @router.get("/api/agents/bootstrap/{channel}")
