@@ -29,7 +29,6 @@ FAILURE_CODES = frozenset({
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 600)
-CALL_OUTCOMES = frozenset({"success", "error", "timeout", "transport_error", "protocol_error"})
 BINDINGS = frozenset({"internal", "agent_http", "agent_workflow", "mcp_tool", "llm"})
 
 # (target_kind, target) of every circuit open now: agent/MCP circuits from the registry, LLM ones per model
@@ -117,9 +116,6 @@ class RuntimeMetrics:
 
     def model_label(self, name: str | None) -> str:
         return name if name is not None and name in self.models else "other"
-
-    def call_outcome(self, outcome: str) -> str:
-        return outcome if outcome in CALL_OUTCOMES else "error"
 
     def observer(self, ir: ProcedureIR, run_created: dict[str, Any], started_at: float | None) -> RunObserver:
         return RunObserver(self, ir, run_created, started_at)
