@@ -231,14 +231,13 @@ def steps_of(keys: Any) -> set[str]:
 
 
 KILL_MOMENTS: dict[str, Callable[[ScriptedAgent], bool]] = {
-    # inside the first super-step: b1's node finished (l1), b2's node is half done (r1 answered, r1b in flight);
-    # nothing of the super-step is checkpointed yet, so l1 and r1 must come back from the step store
-    "mid_superstep": lambda a: {"l1", "r1"} <= steps_of(a.results) and "r1b" in steps_of(a.running),
-    # the second super-step: the first is checkpointed and each branch has a call in flight (l2 and r2)
-    "both_in_flight": lambda a: {"l2", "r2"} <= steps_of(a.running),
+    # inside the first super-step: b1's first node finished (l1) and, since its sibling's node is still executing,
+    # b1 went on with its second (l2 in flight); b2's node is half done (r1 answered, r1b in flight). Nothing of
+    # the super-step is checkpointed yet, so l1 and r1 must come back from the step store
+    "mid_superstep": lambda a: {"l1", "r1"} <= steps_of(a.results) and {"r1b", "l2"} <= steps_of(a.running),
+    # the second super-step: the first is checkpointed (l1, l2, r1, r1b done) and b2's last call is in flight
+    "after_checkpoint": lambda a: "r2" in steps_of(a.running),
 }
-
-
 @pytest.mark.parametrize("moment", list(KILL_MOMENTS))
 async def test_sigkill_while_parallel_branches_execute(nats_url: str, database_url: str, tmp_path: Path,
                                                        moment: str) -> None:
@@ -267,17 +266,25 @@ async def test_sigkill_while_parallel_branches_execute(nats_url: str, database_u
     replayed = {(e.data["step_id"], e.data["frame"]) for e in events if e.type == "step_replayed"}
     sent = Counter(r["step_id"] for r in agent.requests)
     if moment == "mid_superstep":
-        # r1 finished in the interrupted super-step: it comes back from the step store; r1b is re-sent, same key
-        assert ("r1", "fan/b2") in replayed
-        assert sent["r1b"] == 2
-        assert sent["l2"] == sent["r2"] == 1
+        # l1 and r1 finished in the interrupted super-step: they come back from the step store; the calls in
+        # flight (r1b, l2) are re-sent with the same keys
+        assert {("l1", "fan/b1"), ("r1", "fan/b2")} <= replayed
+        assert sent == {"l1": 1, "r1": 1, "r1b": 2, "l2": 2, "r2": 1}
     else:
-        # the first super-step was checkpointed: nothing to replay, both in-flight calls are re-sent, same keys
+        # the first super-step was checkpointed: nothing to replay, the call in flight is re-sent, same key
         assert replayed == set()
-        assert sent == {"l1": 1, "r1": 1, "r1b": 1, "l2": 2, "r2": 2}
+        assert sent == {"l1": 1, "r1": 1, "r1b": 1, "l2": 1, "r2": 2}
     types = [e.type for e in events]
     assert types.count("parallel_started") == 1
-    assert sorted(e.data["branch_id"] for e in events if e.type == "parallel_branch_completed") == ["b1", "b2"]
+    reported = Counter(e.data["branch_id"] for e in events if e.type == "parallel_branch_completed")
+    if moment == "mid_superstep":
+        assert reported == {"b1": 1, "b2": 1}
+    else:
+        # b1 reached the join inside the interrupted super-step and the parallel node took note of it at once;
+        # that internal work is executed again from the checkpoint (ckp.md §7.3), so b1 may be reported twice
+        assert set(reported) == {"b1", "b2"}
+        assert reported["b2"] == 1
+        assert reported["b1"] in (1, 2), reported
     assert types.count("parallel_completed") == 1
 
 

@@ -15,7 +15,15 @@ from ckp_core.events import ErrorObject, EventData
 from ckp_core.ir import ProcedureIR
 from ckp_core.variables import validate_inputs
 from langorch_runtime.executor import build_graph
-from langorch_runtime.machine import CallbackConfig, Dispatcher, DispatchRequest, Machine, RunInfo, StepError
+from langorch_runtime.machine import (
+    CallbackConfig,
+    Dispatcher,
+    DispatchRequest,
+    Limiter,
+    Machine,
+    RunInfo,
+    StepError,
+)
 from langorch_runtime.steps import MemoryStepStore
 
 
@@ -78,7 +86,7 @@ class Run:
 async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
                   dispatcher: Dispatcher | None = None, run_id: str = "run-1",
                   callbacks: CallbackConfig | None = None,
-                  sleep: Callable[[float], Awaitable[None]] | None = None) -> Run:
+                  sleep: Callable[[float], Awaitable[None]] | None = None, limiter: Limiter | None = None) -> Run:
     ir = compile_ok(doc)
     events: list[EventData] = []
 
@@ -93,7 +101,7 @@ async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
     machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created={"input_vars": values, "root_run_id": run_id},
                                          started_at="2026-01-01T00:00:00.000000Z"),
                       emit=emit, steps=MemoryStepStore(run_id), dispatcher=dispatcher or Dispatcher(),
-                      sleep=sleep or no_sleep, callbacks=callbacks)
+                      sleep=sleep or no_sleep, callbacks=callbacks, limiter=limiter)
     graph = build_graph(machine, InMemorySaver())
     config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": 100_000}
     run = Run(ir=ir, machine=machine, graph=graph, config=config, events=events)

@@ -230,9 +230,11 @@ def test_sort_incomparable_keys(keys: list[Any]) -> None:
 
 
 def test_deduplicate() -> None:
-    xs = [{"a": 1, "b": 2}, {"b": 2, "a": 1}, 1, 1.0, "1", None, None, [1], [1], True]
-    assert apply({"type": "deduplicate", "source_variable": "xs"}, {"xs": xs}) == [
-        {"a": 1, "b": 2}, 1, 1.0, "1", None, [1], True]
+    # compared as JSON values: 1 and 1.0 are one number (also nested), true is not 1, "1" is a string
+    xs = [{"a": 1, "b": 2}, {"b": 2.0, "a": 1}, 1, 1.0, "1", None, None, [1], [1.0], True, 1.5, 1.5]
+    out = apply({"type": "deduplicate", "source_variable": "xs"}, {"xs": xs})
+    assert out == [{"a": 1, "b": 2}, 1, "1", None, [1], True, 1.5]
+    assert [type(x) for x in out[1:3]] == [int, str]
     assert [o["id"] for o in apply({"type": "unique", "source_variable": "orders",
                                     "params": {"key": "customer.region"}})] == [1, 2]
     assert [o["id"] for o in apply({"type": "deduplicate", "source_variable": "orders",

@@ -51,6 +51,12 @@ class RunWriter:
             self.seq, self.position = head.seq, head.position
 
     async def emit(self, data: EventData) -> int:
+        """Append one event. Shielded: a frame canceled by a sibling (a parallel ``any`` loser, a ``terminate``)
+        may be cut off while it emits, and an append cut off between the store and its acknowledgement would
+        leave this writer behind the stream; the append finishes, the caller sees the cancellation."""
+        return await asyncio.shield(self._locked_emit(data))
+
+    async def _locked_emit(self, data: EventData) -> int:
         async with self.lock:
             return await self._emit(data)
 

@@ -332,6 +332,7 @@ class Machine:
     affinity: dict[str, str] = field(default_factory=dict)  # channel → agent, mirrored into the run state
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
     webhooks: WebhookPoster | None = None  # the server's notification and alert webhooks (scheduled POSTs)
+    _in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def root_run_id(self) -> str:
@@ -348,18 +349,37 @@ class Machine:
         return self.ir.global_config.execution_mode == "dry_run" or \
             self.run.run_created.get("execution_mode") == "dry_run"
 
-    async def rehearsed(self, node: NodeIR, step_id: str, fs: str, attempt: int | None, action: str) -> bool:
-        """A screen validation or failure screenshot dispatch that a dry run skips or mocks answer (§7.9)."""
+    async def side_dispatch(self, node: NodeIR, step_id: str, fs: str, attempt: int, action: str,
+                            params: dict[str, Any]) -> tuple[Any, bool]:
+        """A screen validation or failure screenshot dispatch (§4.10, §4.11) resolved like a step's (§7.9):
+        ``test_data_overrides`` (under ``<node_id>.<step_id>``, else ``<step_id>``) → dry-run skip → mock → real
+        dispatch, which consumes the procedure's rate limits (§7.6). Returns ``(result, dispatched)``; a failed
+        dispatch raises :class:`StepError`."""
+        gc = self.ir.global_config
         channel = node.channel
+        for override_key in (f"{node.id}.{step_id}", step_id):
+            if override_key in gc.test_data_overrides:
+                await self.emit(StepTestOverrideApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
+                                                        override_key=override_key))
+                return copy.deepcopy(gc.test_data_overrides[override_key]), False
         if self.dry_run():
             await self.emit(DryRunStepSkipped(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                               action=action, binding_kind="channel", channel=channel))
-            return True
-        if self.ir.global_config.mock_external_calls:
+            return {"dry_run": True, "skipped_action": action, "channel": channel}, False
+        if gc.mock_external_calls:
             await self.emit(StepMockApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                             action=action, binding_kind="channel", channel=channel))
-            return True
-        return False
+            return {"mocked": True, "action": action, "channel": channel}, False
+        request = DispatchRequest(node=node, step_id=step_id, action=action, channel=channel, params=params,
+                                  attempt=attempt, idempotency_key=idempotency_key(self.run.run_id, node.id, step_id,
+                                                                                   fs, attempt),
+                                  frame=fs, timeout_ms=None, dispatch_mode="sync", run_id=self.run.run_id,
+                                  procedure_id=self.ir.procedure_id, emit=self.emit)
+        if self.limiter is not None and gc.rate_limiting.enabled:
+            position = {"node_id": node.id, "step_id": step_id, "frame": fs, "attempt": attempt}
+            async with self.limiter.admit(self.ir.procedure_id, gc.rate_limiting, self.emit, position):
+                return await self.dispatcher.dispatch(request), True
+        return await self.dispatcher.dispatch(request), True
 
     def notifier(self) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         """The ``notify`` operation's webhook: schedules the POST and returns at once."""
@@ -492,7 +512,16 @@ class Machine:
             state.setdefault("saves", []).append({"reason": reason, "node_id": node_id, "frame": fs})
 
     async def super_step(self, state: RunState) -> None:
-        """One super-step on ``state`` (in place): every runnable frame advances by one node."""
+        """One super-step on ``state`` (in place): every runnable frame advances by at least one node.
+
+        Frames run concurrently and by wall-clock time (ckp.md §3.8 step 3, §3.15): while a node that began the
+        super-step is still executing, a frame that finished its node goes on with its next one, and a frame that
+        becomes runnable (a parallel node whose branch just ended) runs at once. So a branch of quick nodes is not
+        held back by a sibling's slow call, a parallel ``any`` is won by the first branch to finish in time, and a
+        frame ended by another one (a losing branch, ``branch_failure: fail``, a ``terminate``) has its node in
+        progress canceled on the spot — its in-flight agent, LLM or MCP call is aborted (:meth:`abort_frames`).
+        No node starts once every node that began the super-step has finished; the super-step ends when the
+        nodes in progress are done, and the state is persisted after it."""
         frames = self.runnable(state)
         remaining = self.remaining_s(state)
         began = time.monotonic()
@@ -501,15 +530,7 @@ class Machine:
         elif len(frames) == 1 and remaining is None:
             await self.unit(state, frames[0])
         elif frames:
-            work = asyncio.gather(*(self.unit(state, f) for f in frames), return_exceptions=True)
-            try:
-                results = await asyncio.wait_for(work, remaining)
-            except TimeoutError:
-                results = []
-                await self.deadline(state, self.runnable(state))
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            await self.concurrently(state, frames, remaining)
         state["executed_ms"] = state.get("executed_ms", 0) + int((time.monotonic() - began) * 1000)
         if state.get("outcome") is None and not self.runnable(state) and state.get("waits"):
             pending = [w for w in state["waits"].values() if not w.get("announced")]
@@ -520,6 +541,56 @@ class Machine:
                     {"kind": w["kind"], "id": w["id"], "node_id": w["node_id"]} for w in state["waits"].values()]))
             for w in pending:
                 w["announced"] = True
+
+    async def concurrently(self, state: RunState, frames: list[Frame], remaining: float | None) -> None:
+        """The frames' nodes of one super-step as tasks, scheduled by wall-clock time (see :meth:`super_step`)."""
+        loop = asyncio.get_running_loop()
+        until = None if remaining is None else loop.time() + remaining
+        tasks: dict[str, asyncio.Task[None]] = {}
+        self._in_flight = tasks
+        for f in frames:
+            tasks[f["id"]] = asyncio.create_task(self.unit(state, f), name=f"frame-{f['id']}")
+        first = set(tasks.values())  # the nodes that began the super-step
+        try:
+            while tasks:
+                timeout = None if until is None else max(0.0, until - loop.time())
+                done, _ = await asyncio.wait(tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # the run deadline passed (§7.11): the nodes in progress are cut off
+                    await self._settle(tasks)
+                    await self.deadline(state, self.runnable(state))
+                    return
+                for fid, task in list(tasks.items()):
+                    if not task.done():
+                        continue
+                    del tasks[fid]
+                    failure = None if task.cancelled() else task.exception()
+                    if failure is not None:
+                        raise failure
+                if state.get("outcome") is None and any(t in first for t in tasks.values()):
+                    for f in self.runnable(state):
+                        if f["id"] not in tasks:
+                            tasks[f["id"]] = asyncio.create_task(self.unit(state, f), name=f"frame-{f['id']}")
+        finally:
+            await self._settle(tasks)
+            self._in_flight = {}
+
+    @staticmethod
+    async def _settle(tasks: dict[str, asyncio.Task[None]]) -> None:
+        for task in tasks.values():
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        tasks.clear()
+
+    def abort_frames(self, frame_ids: list[str]) -> None:
+        """Cancel the nodes in progress of frames another frame just ended (§3.8 step 3, §3.15): their in-flight
+        external calls are aborted and, like those cut off by a run cancel (§7.10), stay ``started`` in the step
+        store. Synchronous, so a canceled frame cannot record anything more."""
+        current = asyncio.current_task()
+        for fid in frame_ids:
+            task = self._in_flight.get(fid)
+            if task is not None and task is not current and not task.done():
+                task.cancel()
 
     def remaining_s(self, state: RunState) -> float | None:
         """Executing time left before the run deadline (§7.11); None without a deadline."""
@@ -589,12 +660,18 @@ class Machine:
             if cursor is None or cursor == frame.get("stop_at"):
                 await self.finish(state, frame, {"status": "completed", "error": None})
                 return
-            if frame.get("hops", 0) >= self.ir.global_config.max_hops:
-                error = ErrorObject(code="max_hops_exceeded", message=f"max_hops {self.ir.global_config.max_hops} "
-                                    "reached in this frame", node_id=cursor, frame=frame_string(frame))
+            limit = self.ir.global_config.max_hops
+            owner = self.reentered(state, frame, cursor)
+            if frame.get("hops", 0) >= limit or (owner is not None and owner.get("hops", 0) >= limit):
+                where = "this frame" if frame.get("hops", 0) >= limit else \
+                    f"the frame '{frame_string(owner or frame)}', whose node '{cursor}' this frame re-entered"
+                error = ErrorObject(code="max_hops_exceeded", message=f"max_hops {limit} reached in {where}",
+                                    node_id=cursor, frame=frame_string(frame))
                 await self.emit(NodeError(node_id=cursor, frame=frame_string(frame), error=error))
                 await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
                 return
+            if owner is not None:
+                owner["hops"] = owner.get("hops", 0) + 1
             frame["hops"] = frame.get("hops", 0) + 1
             visits = frame.setdefault("visits", {})
             visits[cursor] = visits.get(cursor, 0) + 1
@@ -757,8 +834,20 @@ class Machine:
             if other.get("status") != "done":
                 other["status"] = "done"
                 other["result"] = {"status": "canceled", "error": None}
+                self.abort_frames([other["id"]])
         state["waits"] = {}
         state["outcome"] = out
+
+    def reentered(self, state: RunState, frame: Frame, node_id: str) -> Frame | None:
+        """The outermost enclosing frame whose node in progress is ``node_id``: a branch routed back into its own
+        parallel node (or a path into an enclosing loop node) nests a new copy of that node inside it. Every such
+        re-entry is a hop of that outer frame, so nesting is bounded by its ``max_hops`` (each frame's own hop
+        count starts at 0 and could never trip)."""
+        owner: Frame | None = None
+        for f in self.ancestors(state, frame):
+            if (f.get("node") or {}).get("id") == node_id:
+                owner = f
+        return owner
 
     def ancestors(self, state: RunState, frame: Frame) -> list[Frame]:
         out: list[Frame] = []
@@ -777,6 +866,7 @@ class Machine:
                     d["result"] = {"status": "canceled", "error": None}
                     for wait_id in d.get("pending", []):
                         state.get("waits", {}).pop(wait_id, None)
+                    self.abort_frames([d["id"]])
 
     # -- node errors and handlers (§3.3, §4.10) ----------------------------------------------------------------
     async def node_error(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
@@ -902,16 +992,12 @@ class Machine:
             action = "wait_for_text" if v.check == "screen_text_contains" else "wait_for_element"
             for i, expected in enumerate(v.expected_values):
                 params = {"text": expected} if action == "wait_for_text" else {"target": expected}
-                key = idempotency_key(self.run.run_id, node.id, f"validation/{v.id}/{i}", fs, 1)
-                if await self.rehearsed(node, f"validation/{v.id}/{i}", fs, 1, action):
-                    continue
                 try:
-                    await self.dispatcher.dispatch(DispatchRequest(
-                        node=node, step_id=f"validation/{v.id}/{i}", action=action, channel=node.channel,
-                        params=params, attempt=1, idempotency_key=key, frame=fs, timeout_ms=None,
-                        dispatch_mode="sync", run_id=self.run.run_id, procedure_id=self.ir.procedure_id,
-                        emit=self.emit))
+                    result, _ = await self.side_dispatch(node, f"validation/{v.id}/{i}", fs, 1, action, params)
                 except StepError:
+                    passed = False
+                    break
+                if result is False:  # an override (§7.9) of false: the check did not find what it waits for
                     passed = False
                     break
         if passed:
@@ -1758,22 +1844,16 @@ class Machine:
         """A failure or completion screenshot (§4.10): dispatched as ``screenshot`` to the node's channel (identity
         ``<step_id>~screenshot``, artifacts harvested, failures ignored), else ``screenshot_requested``."""
         shot_id = f"{step_id or node.id}~screenshot"
-        if not node.orchestrator and await self.rehearsed(node, shot_id, fs, attempt, "screenshot"):
-            return
         if not node.orchestrator:
-            request = DispatchRequest(node=node, step_id=shot_id, action="screenshot", channel=node.channel,
-                                      params={"reason": reason}, attempt=attempt or 1,
-                                      idempotency_key=idempotency_key(self.run.run_id, node.id, shot_id, fs,
-                                                                      attempt or 1),
-                                      frame=fs, timeout_ms=None, dispatch_mode="sync", run_id=self.run.run_id,
-                                      procedure_id=self.ir.procedure_id, emit=self.emit)
             try:
-                result = await self.dispatcher.dispatch(request)
+                result, dispatched = await self.side_dispatch(node, shot_id, fs, attempt or 1, "screenshot",
+                                                              {"reason": reason})
             except StepError as exc:
                 if exc.error.code != "no_executor":
                     return  # the screenshot's own failure is ignored
             else:
-                await self.harvest(node, shot_id, fs, attempt or 1, result)
+                if dispatched:
+                    await self.harvest(node, shot_id, fs, attempt or 1, result)
                 return
         await self.emit(ScreenshotRequested(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                             reason=reason, error=error))

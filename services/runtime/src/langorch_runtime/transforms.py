@@ -211,9 +211,21 @@ def _group(items: list[Any], key_of: Callable[[Any], Any]) -> list[tuple[Any, li
 
 def _canonical(value: Any) -> str:
     try:
-        return canonical_json(value)
+        return canonical_json(_json_number_form(value))
     except (TypeError, ValueError):
         return repr(value)
+
+
+def _json_number_form(value: Any) -> Any:
+    """JSON has one number type: ``1`` and ``1.0`` are the same value, so an integral float compares as its integer
+    (booleans stay booleans; ``true`` is not ``1``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _json_number_form(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_number_form(v) for v in value]
+    return value
 
 
 # -- the transformations ---------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""Parallel branches by wall-clock time, end to end with a real HTTP agent (ckp.md §3.8 step 3, §3.15): the branch
+that finishes first wins ``any`` while the sibling's agent call is still unanswered, and that call is aborted (its
+lease released at once); a ``terminate`` in one branch ends the run without waiting for a sibling's call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import Platform, platform_of
+from tests.scripted_agent import ScriptedAgent, serving
+from tests.test_agent_runs import events_of, start, wait_status
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(nats_url, database_url) as p:
+        yield p
+
+
+def race(procedure_id: str, quick_end: dict[str, Any], wait_strategy: str = "any") -> dict[str, Any]:
+    return {"procedure_id": procedure_id, "version": "1", "workflow_graph": {"start_node": "fan", "nodes": {
+        "fan": {"type": "parallel", "wait_strategy": wait_strategy, "next_node": "join", "branches": [
+            {"branch_id": "slow", "start_node": "call"}, {"branch_id": "quick", "start_node": "q1"}]},
+        "call": {"type": "sequence", "agent": "RACE", "next_node": "join", "steps": [
+            {"step_id": "wait", "action": "slow", "output_variable": "slow_out"}]},
+        "q1": {"type": "sequence", "next_node": "q2", "steps": [
+            {"step_id": "s1", "action": "set_variable", "variable": "q", "value": 1}]},
+        "q2": {"type": "sequence", "next_node": "q3", "steps": [
+            {"step_id": "s2", "action": "set_variable", "variable": "q", "value": 2}]},
+        "q3": quick_end,
+        "join": {"type": "terminate", "outputs": {"q": "{{q}}", "slow": "{{slow_out}}",
+                                                  "winner": "{{parallel_results.winner}}"}}}}}
+
+
+class Blocked:
+    """The slow action: answers only when released (or after 30 s)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, body: dict[str, Any]) -> Any:
+        self.calls += 1
+        await asyncio.wait_for(self.release.wait(), 30)
+        return "late"
+
+
+async def registered(c: httpx.AsyncClient, agent: ScriptedAgent) -> None:
+    r = await c.post("/api/agents", json={"agent_id": "racer", "name": "racer", "channel": "race",
+                                          "base_url": agent.base_url, "concurrency_limit": 1,
+                                          "capabilities": list(agent.handlers)})
+    assert r.status_code == 201, r.text
+    for _ in range(100):  # the runtime's registry follows agent events
+        if (await c.get("/api/agents", params={"channel": "race"})).json()["items"]:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+
+
+async def test_any_winner_is_decided_while_the_losing_agent_call_is_in_flight(platform: Platform) -> None:
+    c = platform.client
+    blocked = Blocked()
+    agent = ScriptedAgent({"slow": blocked, "ping": lambda body: "pong"})
+    async with serving(agent):
+        await registered(c, agent)
+        run_id = await start(c, race("race_any", {"type": "sequence", "next_node": "join", "steps": [
+            {"step_id": "s3", "action": "set_variable", "variable": "q", "value": 3}]}))
+        run = await wait_status(c, run_id)
+        # decided while the slow call was still unanswered
+        assert not blocked.release.is_set()
+        assert blocked.calls == 1
+        assert run["status"] == "completed", run["error"]
+        assert run["output_vars"] == {"q": 3, "slow": None, "winner": "quick"}
+        events = await events_of(c, run_id)
+        branches = {e["payload"]["branch_id"]: e["payload"]["status"] for e in events
+                    if e["event_type"] == "parallel_branch_completed"}
+        assert branches == {"quick": "completed", "slow": "canceled"}
+        assert not [e for e in events if e["event_type"] == "step_completed" and e.get("step_id") == "wait"]
+        # the aborted call released its lease: the agent's only slot is free for the next run
+        assert (await c.get("/api/leases", params={"run_id": run_id})).json()["items"] == []
+        ping = {"procedure_id": "race_ping", "version": "1", "workflow_graph": {"start_node": "p", "nodes": {
+            "p": {"type": "sequence", "agent": "RACE", "next_node": "end", "steps": [
+                {"step_id": "ping", "action": "ping", "output_variable": "pong"}]},
+            "end": {"type": "terminate", "outputs": {"pong": "{{pong}}"}}}}}
+        after = await wait_status(c, await start(c, ping), timeout=15)
+        assert after["status"] == "completed", after["error"]
+        assert after["output_vars"] == {"pong": "pong"}
+        assert not blocked.release.is_set()
+        blocked.release.set()
+
+
+async def test_terminate_in_a_branch_does_not_wait_for_the_sibling_call(platform: Platform) -> None:
+    c = platform.client
+    blocked = Blocked()
+    agent = ScriptedAgent({"slow": blocked})
+    async with serving(agent):
+        await registered(c, agent)
+        run_id = await start(c, race("race_terminate", {"type": "terminate", "status": "failed",
+                                                        "outputs": {"ended_by": "quick"}}, wait_strategy="all"))
+        run = await wait_status(c, run_id)
+        assert not blocked.release.is_set()
+        assert run["status"] == "failed"
+        assert run["error"]["code"] == "terminated_failed"
+        assert run["output_vars"] == {"ended_by": "quick"}
+        assert (await c.get("/api/leases", params={"run_id": run_id})).json()["items"] == []
+        blocked.release.set()
