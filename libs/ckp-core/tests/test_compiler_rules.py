@@ -295,3 +295,15 @@ def test_diagnostics_are_sorted_by_path_then_code() -> None:
     result = compile_document(doc({"b": seq(LOG, next_node="x1"), "a": seq(LOG, next_node="x2")}))
     keys = [(d.path, d.code) for d in result.diagnostics]
     assert keys == sorted(keys)
+
+
+def test_integers_beyond_a_double_are_diagnosed_not_a_crash() -> None:
+    """An integer too large for a float (JSON allows any size) is a diagnostic with its path, never an exception."""
+    huge = 10**400
+    result = compile_document(doc({"a": {"type": "sequence", "next_node": "z", "steps": [
+        {"step_id": "s", "action": "log", "message": "hi"}], "telemetry": {"custom_metrics": {"big": huge}}},
+        "z": {"type": "terminate"}}, global_config={"retry_policy": {"backoff_multiplier": huge}}))
+    errors = [(d.code, d.path) for d in result.errors]
+    assert ("invalid_value", "/global_config/retry_policy/backoff_multiplier") in errors
+    warnings = [(d.code, d.path) for d in result.diagnostics if d.severity == "warning"]
+    assert ("invalid_custom_metric", "/workflow_graph/nodes/a/telemetry/custom_metrics/big") in warnings

@@ -475,7 +475,11 @@ class _Compiler:
             bound = f"> {minimum}" if exclusive else f">= {minimum}"
             self.add("error", "invalid_value", f"{p}: '{v}' is not valid; expected a number {bound}", p)
             return None
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:  # an integer beyond a double's range
+            self.add("error", "invalid_value", f"{p}: the number is too large (beyond ±1.8e308)", p)
+            return None
 
     def enum(self, obj: Mapping[str, Any], key: str, path: str, values: tuple[str, ...],
              aliases: Mapping[str, str] | None = None, fold_case: bool = False,
@@ -1679,7 +1683,13 @@ class _Compiler:
                 self.add("warning", "invalid_custom_metric", f"Node '{self.node_id}': custom metric '{name}' has a "
                          f"non-numeric value ({json_type_name(value)}); it counts 1", ep)
                 value = 1
-            metrics.append(CustomMetricIR(name=name, value=float(value)))
+            try:
+                amount = float(value)
+            except OverflowError:  # an integer beyond a double's range
+                self.add("warning", "invalid_custom_metric", f"Node '{self.node_id}': custom metric '{name}' has a "
+                         "value too large for a number (beyond ±1.8e308); it counts 1", ep)
+                amount = 1.0
+            metrics.append(CustomMetricIR(name=name, value=amount))
         return TelemetryIR(track_duration=self.boolean(t, "track_duration", path, True),
                            track_retries=self.boolean(t, "track_retries", path, True), custom_metrics=metrics,
                            trace_id=self.string(t, "trace_id", path), span_id=self.string(t, "span_id", path))
