@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,41 @@ async def import_procedure(client: httpx.AsyncClient, doc: dict[str, Any]) -> di
     r = await client.post("/api/procedures", json={"ckp_json": doc})
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
+
+
+TERMINAL = ("completed", "failed", "canceled")
+
+
+async def wait_status(client: httpx.AsyncClient, run_id: str, wanted: tuple[str, ...] = TERMINAL,
+                      timeout: float = 30) -> dict[str, Any]:
+    """Poll ``GET /api/runs/{id}`` until the run reads one of ``wanted`` (terminal by default); fails the test with
+    the last body read when ``timeout`` passes first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body: dict[str, Any] = (await client.get(f"/api/runs/{run_id}")).json()
+        if body.get("status") in wanted:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+async def events_of(client: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
+    """A run's events from the projection (first 500)."""
+    r = await client.get(f"/api/runs/{run_id}/events", params={"limit": 500})
+    assert r.status_code == 200, r.text
+    return r.json()["items"]  # type: ignore[no-any-return]
+
+
+async def imported(client: httpx.AsyncClient, doc: dict[str, Any]) -> None:
+    """Import a procedure version; one already imported (409) is fine."""
+    r = await client.post("/api/procedures", json={"ckp_json": doc})
+    assert r.status_code in (201, 409), r.text
+
+
+async def start_run(client: httpx.AsyncClient, procedure_id: str, inputs: dict[str, Any] | None = None,
+                    version: str = "1") -> str:
+    """``POST /api/runs`` for an imported procedure version; returns the run id."""
+    r = await client.post("/api/runs", json={"procedure_id": procedure_id, "procedure_version": version,
+                                             "input_vars": inputs or {}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["run_id"])

@@ -11,13 +11,12 @@ import pytest
 
 from tests.agent_server import AgentBehaviour, running_agent
 from tests.conftest import Platform, platform_of
-from tests.helpers import example
+from tests.helpers import events_of, example, wait_status
 from tests.mcp_server import PNG, running_mcp
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = ("completed", "failed", "canceled")
 
 
 @pytest.fixture
@@ -38,19 +37,8 @@ async def register(c: httpx.AsyncClient, agent: ScriptedAgent, channel: str, nam
     await asyncio.sleep(0.3)
 
 
-async def wait_status(c: httpx.AsyncClient, run_id: str, wanted: tuple[str, ...] = TERMINAL,
-                      timeout: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
-        if body["status"] in wanted:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
 
 
-async def events_of(c: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
-    return (await c.get(f"/api/runs/{run_id}/events", params={"limit": 500})).json()["items"]  # type: ignore[no-any-return]
 
 
 async def start(c: httpx.AsyncClient, doc: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:

@@ -23,13 +23,13 @@ from ckp_core.run_events import WorkflowDelegated
 from langorch_infra.callbacks import callback_key, make_token
 from langorch_infra.settings import GatewaySettings
 from tests.conftest import Platform, platform_of
+from tests.helpers import TERMINAL, imported, start_run, wait_status
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register
 from tests.test_async_workflow_runs import hybrid_agent, register_hybrid
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = ("completed", "failed", "canceled")
 PROBLEM_MEMBERS = ("type", "title", "status", "detail", "instance", "code", "request_id", "retryable")
 
 
@@ -50,27 +50,10 @@ def simple(pid: str, version: str = "1") -> dict[str, Any]:
                 "done": {"type": "terminate", "outputs": {"n": "{{n}}"}}}}}
 
 
-async def imported(c: httpx.AsyncClient, doc: dict[str, Any]) -> None:
-    r = await c.post("/api/procedures", json={"ckp_json": doc})
-    assert r.status_code in (201, 409), r.text
 
 
-async def start(c: httpx.AsyncClient, pid: str, inputs: dict[str, Any] | None = None, version: str = "1") -> str:
-    r = await c.post("/api/runs", json={"procedure_id": pid, "procedure_version": version,
-                                        "input_vars": inputs or {}})
-    assert r.status_code == 201, r.text
-    return str(r.json()["run_id"])
 
 
-async def wait_status(c: httpx.AsyncClient, run_id: str, wanted: tuple[str, ...] = TERMINAL,
-                      timeout: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
-        if body.get("status") in wanted:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
 
 
 def problem(r: httpx.Response, status: int, code: str, field: str | None = None) -> dict[str, Any]:
@@ -143,7 +126,7 @@ async def test_bad_query_values_are_422_naming_the_parameter(platform: Platform)
 async def test_run_sub_lists_validate_their_queries(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_sub"))
-    run_id = await start(c, "audit_sub", {"n": 1})
+    run_id = await start_run(c, "audit_sub", {"n": 1})
     await wait_status(c, run_id)
     for sub, query, field in [("children", "status=bogus", "query.status"),
                               ("children", "limit=0", "query.limit"),
@@ -232,7 +215,7 @@ async def test_run_create_names_an_unknown_project(platform: Platform) -> None:
 async def test_retry_of_an_archived_version_is_procedure_version_unavailable(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_archived"))
-    run_id = await start(c, "audit_archived", {"n": -1})
+    run_id = await start_run(c, "audit_archived", {"n": -1})
     assert (await wait_status(c, run_id))["status"] == "failed"
     r = await c.patch("/api/procedures/audit_archived/1/status", json={"status": "archived"})
     assert r.status_code == 200, r.text
@@ -246,7 +229,7 @@ async def test_retry_of_an_archived_version_is_procedure_version_unavailable(pla
 async def test_run_state_conflicts_carry_current_status_and_allowed(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_conflict"))
-    run_id = await start(c, "audit_conflict", {"n": 1})
+    run_id = await start_run(c, "audit_conflict", {"n": 1})
     assert (await wait_status(c, run_id))["status"] == "completed"
     for method, path in [("POST", f"/api/runs/{run_id}/cancel"), ("POST", f"/api/runs/{run_id}/retry")]:
         body = problem(await c.request(method, path, json={}), 409, "invalid_run_transition")
@@ -281,7 +264,7 @@ async def test_cleanup_validates_its_body(platform: Platform) -> None:
 async def test_checkpoint_detail_bounds(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_cp"))
-    run_id = await start(c, "audit_cp", {"n": 2})
+    run_id = await start_run(c, "audit_cp", {"n": 2})
     await wait_status(c, run_id)
     page = (await c.get(f"/api/runs/{run_id}/checkpoints")).json()
     assert page["total"] >= 1
@@ -354,7 +337,7 @@ async def test_default_run_channel_setting_picks_the_channel(nats_url: str, data
 async def test_stream_positions_in_headers_are_validated(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_hdr"))
-    run_id = await start(c, "audit_hdr", {"n": 1})
+    run_id = await start_run(c, "audit_hdr", {"n": 1})
     await wait_status(c, run_id)
     for value in ("\u00b2", "1" * 30, "-1", "abc"):
         raw = value.encode("latin-1")
@@ -421,7 +404,7 @@ async def test_stored_artifacts_carry_the_sha256_of_their_content(platform: Plat
     async with serving(agent):
         await register(c, agent, "auditart")
         await imported(c, doc)
-        run_id = await start(c, "audit_art")
+        run_id = await start_run(c, "audit_art")
         assert (await wait_status(c, run_id))["status"] == "completed"
     page = (await c.get(f"/api/runs/{run_id}/artifacts")).json()
     by_kind = {a["kind"]: a for a in page["items"]}
@@ -457,7 +440,7 @@ async def test_run_events_honour_min_position(platform: Platform) -> None:
 async def test_an_empty_multi_value_filter_is_no_filter(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_empty"))
-    run_id = await start(c, "audit_empty", {"n": 1})
+    run_id = await start_run(c, "audit_empty", {"n": 1})
     await wait_status(c, run_id)
     for path, query in [("/api/runs", "status="), ("/api/runs", "trigger_type=%20,"), ("/api/runs", "procedure_id="),
                         ("/api/runs", "created_by=&project_id="), ("/api/approvals", "run_id="),
@@ -499,7 +482,7 @@ async def test_a_callback_after_its_delegation_timed_out_is_not_resumed(nats_url
         async with serving(hybrid_agent()) as agent:
             await register_hybrid(c, agent)
             await imported(c, doc)
-            run_id = await start(c, "audit_cb_timeout")
+            run_id = await start_run(c, "audit_cb_timeout")
             run = await wait_status(c, run_id, ("waiting_approval", *TERMINAL))
             assert run["status"] == "waiting_approval", run
             token = agent.requests[-1]["callback"]["token"]
@@ -557,7 +540,7 @@ async def test_a_repeated_callback_is_a_duplicate_not_a_second_resume(nats_url: 
         async with serving(hybrid_agent()) as agent:
             await register_hybrid(c, agent)
             await imported(c, doc)
-            run_id = await start(c, "audit_cb_twice")
+            run_id = await start_run(c, "audit_cb_twice")
             assert (await wait_status(c, run_id, ("paused", *TERMINAL)))["status"] == "paused"
             token = agent.requests[-1]["callback"]["token"]
             headers = {"X-LangOrch-Callback-Token": token}
@@ -584,7 +567,7 @@ async def test_a_run_retried_while_it_waited_for_a_callback_reads_paused(nats_ur
         async with serving(hybrid_agent()) as agent:
             await register_hybrid(c, agent)
             await imported(c, doc)
-            run_id = await start(c, "audit_cb_retry")
+            run_id = await start_run(c, "audit_cb_retry")
             assert (await wait_status(c, run_id, ("paused", *TERMINAL)))["status"] == "paused"
             token = agent.requests[-1]["callback"]["token"]
             assert (await c.post(f"/api/runs/{run_id}/cancel", json={})).json()["status"] == "canceled"
@@ -618,7 +601,7 @@ async def test_query_datetimes_parse_alike_on_every_list(platform: Platform) -> 
 async def test_diagnostics_count_the_checkpoints_the_run_has(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("audit_diag"))
-    run_id = await start(c, "audit_diag", {"n": 3})
+    run_id = await start_run(c, "audit_diag", {"n": 3})
     await wait_status(c, run_id)
     listed = (await c.get(f"/api/runs/{run_id}/checkpoints")).json()
     assert listed["total"] >= 1
@@ -633,7 +616,7 @@ async def test_an_approval_without_context_has_an_empty_context_object(platform:
     doc = {"procedure_id": "audit_bare_gate", "version": "1", "workflow_graph": {"start_node": "g", "nodes": {
         "g": {"type": "human_approval", "on_approve": "e", "on_reject": "e"}, "e": {"type": "terminate"}}}}
     await imported(c, doc)
-    run_id = await start(c, "audit_bare_gate")
+    run_id = await start_run(c, "audit_bare_gate")
     run = await wait_status(c, run_id, ("waiting_approval", *TERMINAL))
     approval_id = run["waiting_on"]["approval_id"]
     listed = (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"][0]
@@ -674,7 +657,7 @@ async def test_non_standard_json_numbers_are_malformed_json(platform: Platform) 
                          headers=json_headers)
         problem(r, 400, "malformed_json")
     # the projection still answers (nothing unstorable was appended)
-    run_id = await start(c, "audit_nan", {"n": 1})
+    run_id = await start_run(c, "audit_nan", {"n": 1})
     assert (await wait_status(c, run_id))["status"] == "completed"
 
 
@@ -733,7 +716,7 @@ async def test_a_callback_faster_than_the_delegation_event_is_accepted(nats_url:
                            gateway_settings={"command_timeout_s": 1, "ryw_timeout_ms": 2000}) as p:
         c = p.client
         await imported(c, simple("audit_fast_cb"))
-        run_id = await start(c, "audit_fast_cb", {"n": 1})  # no runtime: the run stays created
+        run_id = await start_run(c, "audit_fast_cb", {"n": 1})  # no runtime: the run stays created
         delegation_id = new_id()
         key = callback_key(GatewaySettings().auth_secret_key.get_secret_value())
         token = make_token(key, run_id, "check", "s1", delegation_id, int(time.time()) + 600)
@@ -780,7 +763,7 @@ async def test_a_callback_while_another_branch_still_runs(nats_url: str, databas
         async with serving(hybrid_agent()) as agent:
             await register_hybrid(c, agent)
             await imported(c, doc)
-            run_id = await start(c, "audit_cb_par")
+            run_id = await start_run(c, "audit_cb_par")
             deadline = asyncio.get_running_loop().time() + 20
             while not any(r.get("dispatch_mode") == "async" for r in agent.requests):
                 assert asyncio.get_running_loop().time() < deadline
@@ -811,7 +794,7 @@ async def test_a_decision_while_another_branch_still_runs_is_applied(platform: P
         "nap": {"type": "processing", "operations": [{"action": "wait", "duration_ms": 2000}], "next_node": "end"},
         "end": {"type": "terminate", "outputs": {"d": "{{approval.gate.decision}}"}}}}}
     await imported(c, doc)
-    run_id = await start(c, "audit_apar")
+    run_id = await start_run(c, "audit_apar")
     deadline = asyncio.get_running_loop().time() + 20
     while not (items := (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"]):
         assert asyncio.get_running_loop().time() < deadline

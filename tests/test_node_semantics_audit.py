@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from tests.conftest import Platform, platform_of
+from tests.helpers import events_of, wait_status
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = ("completed", "failed", "canceled")
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +23,8 @@ async def platform(module_nats_url: str, module_database_url: str) -> AsyncItera
         yield p
 
 
-async def terminal(c: httpx.AsyncClient, run_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
-        if body.get("status") in TERMINAL:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.1)
 
 
-async def events(c: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
-    r = await c.get(f"/api/runs/{run_id}/events", params={"limit": 500})
-    return r.json()["items"]  # type: ignore[no-any-return]
 
 
 async def imp(c: httpx.AsyncClient, document: dict[str, Any], activate: bool = False) -> None:
@@ -50,7 +39,7 @@ async def imp(c: httpx.AsyncClient, document: dict[str, Any], activate: bool = F
 async def run(c: httpx.AsyncClient, pid: str, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     r = await c.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1", "input_vars": inputs or {}})
     assert r.status_code == 201, r.text
-    return await terminal(c, str(r.json()["run_id"]))
+    return await wait_status(c, str(r.json()["run_id"]), timeout=60)
 
 
 def proc(pid: str, nodes: dict[str, Any], start: str, version: str = "1", **extra: Any) -> dict[str, Any]:
@@ -84,7 +73,7 @@ async def test_version_pinning_and_latest_resolve_to_the_newest_active_version(p
         latest = await run(c, pid)
         assert latest["status"] == "completed", latest["error"]
         assert latest["output_vars"] == {"got": "2"}
-        [started] = [e for e in await events(c, latest["run_id"]) if e["event_type"] == "subflow_started"]
+        [started] = [e for e in await events_of(c, latest["run_id"]) if e["event_type"] == "subflow_started"]
         assert started["payload"]["version"] == "2"
 
 
@@ -124,9 +113,9 @@ async def test_input_and_output_mapping_with_inherit_context(platform: Platform)
     parent = await run(c, "au_mparent")
     assert parent["status"] == "completed", parent["error"]
     assert parent["output_vars"] == {"total": 20, "k": "id-7", "from_vars": "from parent", "absent": None}
-    parent_events = await events(c, parent["run_id"])
+    parent_events = await events_of(c, parent["run_id"])
     [started] = [e for e in parent_events if e["event_type"] == "subflow_started"]
-    child = await terminal(c, started["payload"]["child_run_id"])
+    child = await wait_status(c, started["payload"]["child_run_id"])
     assert child["input_vars"]["order"] == {"id": 7, "total": 10}
     assert child["input_vars"]["rate"] == 2
     assert child["input_vars"]["extra"] == "from parent"
@@ -153,13 +142,13 @@ async def test_on_failure_retry_reruns_the_child_then_fails_the_parent(platform:
     failed = await run(c, "au_retry")
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "subflow_failed"
-    evs = await events(c, failed["run_id"])
+    evs = await events_of(c, failed["run_id"])
     [run_failed] = [e["payload"] for e in evs if e["event_type"] == "run_failed"]
     assert run_failed["error"]["cause"]["code"] == "terminated_failed"
     started = [e["payload"] for e in evs if e["event_type"] == "subflow_started"]
     assert [e["attempt"] for e in evs if e["event_type"] == "subflow_started"] == [1, 2, 3]
     assert len([e for e in evs if e["event_type"] == "subflow_failed"]) == 3
-    children = [await terminal(c, s["child_run_id"]) for s in started]
+    children = [await wait_status(c, s["child_run_id"]) for s in started]
     assert children[0]["rerun_of"] is None
     assert children[1]["rerun_of"] == children[0]["run_id"]
     assert children[2]["rerun_of"] == children[1]["run_id"]
@@ -182,7 +171,7 @@ async def test_a_chain_of_ten_runs_completes_and_an_eleventh_is_subflow_depth_ex
     assert ok["output_vars"] == {"depth": 10}
     deep = await run(c, "au_d0")  # au_d0 .. au_d10 would be eleven runs
     assert deep["status"] == "failed"
-    [run_failed] = [e["payload"] for e in await events(c, deep["run_id"]) if e["event_type"] == "run_failed"]
+    [run_failed] = [e["payload"] for e in await events_of(c, deep["run_id"]) if e["event_type"] == "run_failed"]
     err = run_failed["error"]
     codes = []
     while err is not None:
@@ -199,7 +188,7 @@ WAITING_CHILD = proc("au_waiter", {
 async def wait_for(c: httpx.AsyncClient, run_id: str, event_type: str, timeout: float = 30) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        found = [e for e in await events(c, run_id) if e["event_type"] == event_type]
+        found = [e for e in await events_of(c, run_id) if e["event_type"] == event_type]
         if found:
             return found[0]
         assert asyncio.get_running_loop().time() < deadline, event_type
@@ -223,8 +212,8 @@ async def test_canceling_a_running_parent_cancels_its_waiting_child(platform: Pl
     await wait_for(c, child_id, "approval_requested")
     r = await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "operator"})
     assert r.status_code in (200, 202), r.text
-    assert (await terminal(c, parent_id))["status"] == "canceled"
-    assert (await terminal(c, child_id))["status"] == "canceled"
+    assert (await wait_status(c, parent_id))["status"] == "canceled"
+    assert (await wait_status(c, child_id))["status"] == "canceled"
 
 
 async def test_a_parent_ended_by_terminate_cancels_a_child_still_waiting(platform: Platform) -> None:
@@ -241,8 +230,8 @@ async def test_a_parent_ended_by_terminate_cancels_a_child_still_waiting(platfor
     parent = await run(c, "au_term_parent")
     assert parent["status"] == "completed", parent["error"]
     assert parent["output_vars"] == {"by": "quick"}
-    started = [e for e in await events(c, parent["run_id"]) if e["event_type"] == "subflow_started"]
-    child = await terminal(c, started[0]["payload"]["child_run_id"])
+    started = [e for e in await events_of(c, parent["run_id"]) if e["event_type"] == "subflow_started"]
+    child = await wait_status(c, started[0]["payload"]["child_run_id"])
     assert child["status"] == "canceled"
 
 
@@ -262,7 +251,7 @@ async def test_a_child_of_a_branch_canceled_by_an_any_winner_is_canceled_while_t
     assert r.status_code == 201, r.text
     parent_id = r.json()["run_id"]
     started = await wait_for(c, parent_id, "subflow_started")
-    child = await terminal(c, started["payload"]["child_run_id"])
+    child = await wait_status(c, started["payload"]["child_run_id"])
     assert child["status"] == "canceled"
     await wait_for(c, parent_id, "approval_requested")
     # the canceled child's end reaches the parent as a resume for a wait it no longer has: ignored
@@ -270,10 +259,10 @@ async def test_a_child_of_a_branch_canceled_by_an_any_winner_is_canceled_while_t
     while asyncio.get_running_loop().time() < deadline:
         assert (await c.get(f"/api/runs/{parent_id}")).json()["status"] == "waiting_approval"
         await asyncio.sleep(0.2)
-    types = [e["event_type"] for e in await events(c, parent_id)]
+    types = [e["event_type"] for e in await events_of(c, parent_id)]
     assert types.count("execution_resumed") == 0, types
     await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "test done"})
-    assert (await terminal(c, parent_id))["status"] == "canceled"
+    assert (await wait_status(c, parent_id))["status"] == "canceled"
 
 
 async def test_a_parent_waiting_on_an_approval_and_a_child_reads_waiting_approval(platform: Platform) -> None:
@@ -297,8 +286,8 @@ async def test_a_parent_waiting_on_an_approval_and_a_child_reads_waiting_approva
         assert asyncio.get_running_loop().time() < deadline, status
         await asyncio.sleep(0.1)
     await c.post(f"/api/runs/{parent_id}/cancel", json={"reason": "test done"})
-    assert (await terminal(c, parent_id))["status"] == "canceled"
-    assert (await terminal(c, started["payload"]["child_run_id"]))["status"] == "canceled"
+    assert (await wait_status(c, parent_id))["status"] == "canceled"
+    assert (await wait_status(c, started["payload"]["child_run_id"]))["status"] == "canceled"
 
 
 async def test_child_inputs_failing_the_child_schema_list_every_field(platform: Platform) -> None:
@@ -313,7 +302,7 @@ async def test_child_inputs_failing_the_child_schema_list_every_field(platform: 
     parent = await run(c, "au_strict_parent")
     assert parent["status"] == "failed"
     assert parent["error"]["code"] == "subflow_input_invalid"
-    [failed] = [e["payload"] for e in await events(c, parent["run_id"]) if e["event_type"] == "run_failed"]
+    [failed] = [e["payload"] for e in await events_of(c, parent["run_id"]) if e["event_type"] == "run_failed"]
     assert failed["error"]["details"]["errors"] == {"input_vars.n": ["Must be an integer"],
                                                     "input_vars.region": ["Must be one of: eu, us"]}
     assert (await c.get("/api/runs", params={"procedure_id": "au_strict"})).json()["total"] == 0
@@ -330,8 +319,8 @@ async def test_a_dry_run_parent_forces_dry_run_on_its_child(platform: Platform) 
     parent = await run(c, "au_dry_parent")
     assert parent["status"] == "completed", parent["error"]
     assert parent["output_vars"] == {"ok": True}
-    [started] = [e for e in await events(c, parent["run_id"]) if e["event_type"] == "subflow_started"]
-    child_events = await events(c, started["payload"]["child_run_id"])
+    [started] = [e for e in await events_of(c, parent["run_id"]) if e["event_type"] == "subflow_started"]
+    child_events = await events_of(c, started["payload"]["child_run_id"])
     assert [e["payload"]["execution_mode"] for e in child_events if e["event_type"] == "execution_started"] == [
         "dry_run"]
     assert [e for e in child_events if e["event_type"] == "approval_auto_resolved"]

@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from tests.conftest import Platform, platform_of
+from tests.helpers import events_of, wait_status
 from tests.scripted_agent import ScriptedAgent, serving
-from tests.test_agent_runs import events_of, start, wait_status
+from tests.test_agent_runs import start
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,10 @@ from ckp_core.commands import DeleteRun
 from ckp_core.events import ANONYMOUS
 from langorch_infra.jetstream import publish_command
 from tests.conftest import Platform, platform_of
+from tests.helpers import imported, start_run, wait_status
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = ("completed", "failed", "canceled")
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +44,10 @@ def gate(pid: str) -> dict[str, Any]:
         "g": {"type": "human_approval", "on_approve": "e", "on_reject": "e"}, "e": {"type": "terminate"}}}}
 
 
-async def imported(c: httpx.AsyncClient, doc: dict[str, Any]) -> None:
-    r = await c.post("/api/procedures", json={"ckp_json": doc})
-    assert r.status_code in (201, 409), r.text
 
 
-async def start(c: httpx.AsyncClient, pid: str, inputs: dict[str, Any] | None = None) -> str:
-    r = await c.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1", "input_vars": inputs or {}})
-    assert r.status_code == 201, r.text
-    return str(r.json()["run_id"])
 
 
-async def wait_status(c: httpx.AsyncClient, run_id: str, wanted: tuple[str, ...] = TERMINAL,
-                      timeout: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
-        if body.get("status") in wanted:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
 
 
 async def gone(c: httpx.AsyncClient, run_id: str, timeout: float = 30) -> None:
@@ -87,9 +71,9 @@ async def test_list_filters_sort_and_paging(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("lf_simple"))
     await imported(c, gate("lf_gate"))
-    ok = [await start(c, "lf_simple", {"n": i}) for i in range(3)]
-    bad = await start(c, "lf_simple", {"n": -1})
-    waiting = await start(c, "lf_gate")
+    ok = [await start_run(c, "lf_simple", {"n": i}) for i in range(3)]
+    bad = await start_run(c, "lf_simple", {"n": -1})
+    waiting = await start_run(c, "lf_gate")
     for run_id in [*ok, bad]:
         await wait_status(c, run_id)
     await wait_status(c, waiting, ("waiting_approval",))
@@ -166,7 +150,7 @@ async def test_list_filters_sort_and_paging(platform: Platform) -> None:
 async def test_rerun_creates_a_new_run(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("rr_simple"))
-    first = await start(c, "rr_simple", {"n": 7})
+    first = await start_run(c, "rr_simple", {"n": 7})
     await wait_status(c, first)
 
     r = await c.post(f"/api/runs/{first}/rerun", json={})
@@ -211,8 +195,8 @@ async def test_delete_terminal_runs_only(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("del_simple"))
     await imported(c, gate("del_gate"))
-    done = await start(c, "del_simple", {"n": 1})
-    waiting = await start(c, "del_gate")
+    done = await start_run(c, "del_simple", {"n": 1})
+    waiting = await start_run(c, "del_gate")
     await wait_status(c, done)
     await wait_status(c, waiting, ("waiting_approval",))
 
@@ -258,7 +242,7 @@ async def test_children_and_cascading_delete(platform: Platform) -> None:
     c = platform.client
     await imported(c, CHILD)
     await imported(c, PARENT)
-    parent = await start(c, "kid_parent")
+    parent = await start_run(c, "kid_parent")
     assert (await wait_status(c, parent))["status"] == "completed"
 
     page = (await c.get(f"/api/runs/{parent}/children")).json()
@@ -292,8 +276,8 @@ async def test_cleanup_preview_delete_and_alias(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("cl_simple"))
     await imported(c, gate("cl_gate"))
-    runs = [await start(c, "cl_simple", {"n": i}) for i in (1, 2, -1)]
-    waiting = await start(c, "cl_gate")
+    runs = [await start_run(c, "cl_simple", {"n": i}) for i in (1, 2, -1)]
+    waiting = await start_run(c, "cl_gate")
     for run_id in runs:
         await wait_status(c, run_id)
     await wait_status(c, waiting, ("waiting_approval",))
@@ -353,7 +337,7 @@ async def test_cleanup_preview_delete_and_alias(platform: Platform) -> None:
 async def test_checkpoints_list_and_detail(platform: Platform) -> None:
     c = platform.client
     await imported(c, simple("cp_simple"))
-    run_id = await start(c, "cp_simple", {"n": 5, "api_key": "sk-very-secret-value"})
+    run_id = await start_run(c, "cp_simple", {"n": 5, "api_key": "sk-very-secret-value"})
     assert (await wait_status(c, run_id))["status"] == "completed"
 
     page = (await c.get(f"/api/runs/{run_id}/checkpoints")).json()

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import Platform, platform_of
+from tests.helpers import events_of, start_run, wait_status
 
 pytestmark = pytest.mark.integration
 
-TERMINAL = ("completed", "failed", "canceled")
 
 
 @pytest.fixture(scope="module")
@@ -22,20 +20,8 @@ async def platform(module_nats_url: str, module_database_url: str) -> AsyncItera
         yield p
 
 
-async def terminal(c: httpx.AsyncClient, run_id: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        r = await c.get(f"/api/runs/{run_id}")
-        body: dict[str, Any] = r.json()
-        if body.get("status") in TERMINAL:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.1)
 
 
-async def events(c: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
-    r = await c.get(f"/api/runs/{run_id}/events", params={"limit": 500})
-    return r.json()["items"]  # type: ignore[no-any-return]
 
 
 CHILD = {"procedure_id": "doubler", "version": "1", "variables_schema": {"n": {"type": "number", "required": True}},
@@ -57,10 +43,6 @@ def parent(pid: str, on_failure: str = "fail_parent", mapping: Any = None) -> di
                 "end": {"type": "terminate", "outputs": {"result": "{{result}}"}}}}}
 
 
-async def start(c: httpx.AsyncClient, pid: str, inputs: dict[str, Any]) -> str:
-    r = await c.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1", "input_vars": inputs})
-    assert r.status_code == 201, r.text
-    return str(r.json()["run_id"])
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +57,14 @@ async def imported(platform: Platform) -> None:
 @pytest.mark.usefixtures("imported")
 async def test_child_run_is_created_awaited_and_mapped_back(platform: Platform) -> None:
     c = platform.client
-    run_id = await start(c, "p_ok", {"x": 21})
-    run = await terminal(c, run_id)
+    run_id = await start_run(c, "p_ok", {"x": 21})
+    run = await wait_status(c, run_id)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"result": 42}
-    parent_events = await events(c, run_id)
+    parent_events = await events_of(c, run_id)
     [started] = [e for e in parent_events if e["event_type"] == "subflow_started"]
     child_id = started["payload"]["child_run_id"]
-    child = await terminal(c, child_id)
+    child = await wait_status(c, child_id)
     assert (child["parent_run_id"], child["root_run_id"], child["trigger_type"]) == (run_id, run_id, "subflow")
     assert child["input_vars"] == {"n": 21}
     types = [e["event_type"] for e in parent_events]
@@ -92,10 +74,10 @@ async def test_child_run_is_created_awaited_and_mapped_back(platform: Platform) 
 @pytest.mark.usefixtures("imported")
 async def test_failed_child_fails_the_parent_or_continues(platform: Platform) -> None:
     c = platform.client
-    failed = await terminal(c, await start(c, "p_ok", {"x": -1}))
+    failed = await wait_status(c, await start_run(c, "p_ok", {"x": -1}))
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "subflow_failed"
-    continued = await terminal(c, await start(c, "p_continue", {"x": -1}))
+    continued = await wait_status(c, await start_run(c, "p_continue", {"x": -1}))
     assert continued["status"] == "completed"
     assert continued["output_vars"] == {"result": None}
 
@@ -103,6 +85,6 @@ async def test_failed_child_fails_the_parent_or_continues(platform: Platform) ->
 @pytest.mark.usefixtures("imported")
 async def test_invalid_child_inputs_fail_the_subflow_node(platform: Platform) -> None:
     c = platform.client
-    run = await terminal(c, await start(c, "p_bad_inputs", {"x": 1}))
+    run = await wait_status(c, await start_run(c, "p_bad_inputs", {"x": 1}))
     assert run["status"] == "failed"
     assert run["error"]["code"] == "subflow_input_invalid"
