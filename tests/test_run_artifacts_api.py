@@ -15,8 +15,8 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
-from langorch_gateway.routes_runs_more import run_keys
 from langorch_infra.jetstream import JetStreamEventStore
+from langorch_infra.kv import kv_live
 from tests.conftest import Platform, platform_of
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register, start, wait_status
@@ -162,10 +162,9 @@ async def test_artifacts_content_diagnostics_and_delete(platform: Platform) -> N
     nc = await nats.connect(platform.nats_url)
     try:
         js = nc.jetstream()
-        steps = await js.key_value("lo_steps")
         store = await js.object_store("lo_artifacts")
         for _ in range(100):  # the runtime purges after appending run_deleted
-            keys = await run_keys(steps, run_id)
+            keys = await kv_live(js, "lo_steps", f"{run_id}.>")
             try:
                 await store.get(stored["artifact_id"])
                 content_left = True

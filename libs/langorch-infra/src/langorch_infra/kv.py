@@ -32,6 +32,38 @@ async def put_with_ttl(js: JetStreamContext, bucket: str, key: str, value: bytes
     return int(ack.seq)
 
 
+async def kv_keys(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[str]:
+    """The keys of a KV bucket matching ``pattern`` (NATS subject wildcards), from the stream's subject index.
+
+    A consistent snapshot in one request. nats-py's ``watch``/``keys`` signal "initial values done" from a consumer
+    info that can race the first deliveries and end the listing before values that exist; this does not. Keys
+    whose newest message is a delete, purge or TTL-expiry marker are listed too: read them with :func:`kv_live`.
+    """
+    prefix = f"$KV.{bucket}."
+    try:
+        info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + pattern)
+    except NotFoundError:
+        return []
+    return sorted(subject[len(prefix):] for subject in (info.state.subjects or {}))
+
+
+async def kv_live(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[tuple[str, int, bytes]]:
+    """``(key, revision, value)`` of the live keys matching ``pattern``: deleted, purged and expired ones skipped."""
+    keys = await kv_keys(js, bucket, pattern)
+    if not keys:
+        return []
+    kv = await js.key_value(bucket)
+    out: list[tuple[str, int, bytes]] = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except (KeyNotFoundError, KeyDeletedError, NotFoundError):
+            continue
+        if entry.value:  # a server-placed expiry marker (Nats-Marker-Reason) reads as an empty value
+            out.append((key, int(entry.revision or 0), entry.value))
+    return out
+
+
 class LeaderLock:
     """Leadership of one singleton task, held as a TTL key in ``lo_locks`` and renewed every ``ttl_s / 3``.
 

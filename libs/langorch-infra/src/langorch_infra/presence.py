@@ -20,12 +20,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
 from pydantic_settings import BaseSettings
 
 from ckp_core.events import format_time
 from ckp_core.subjects import PRESENCE_BUCKET, service_presence_key
-from langorch_infra.kv import put_with_ttl
+from langorch_infra.kv import kv_live, put_with_ttl
 from langorch_infra.settings import effective_settings
 
 log = logging.getLogger(__name__)
@@ -103,27 +102,12 @@ class Presence:
 
 async def read_presence(js: JetStreamContext) -> list[dict[str, Any]]:
     """Every live service replica in ``lo_presence`` (``service.*.*`` keys), ordered by service and instance."""
-    try:
-        kv = await js.key_value(PRESENCE_BUCKET)
-    except NotFoundError:
-        return []
     out: list[dict[str, Any]] = []
-    watcher = await kv.watch("service.*.*", ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:  # the initial values are all delivered
-                break
-            if entry.operation is not None:  # a delete or purge marker
-                continue
-            try:
-                value = json.loads(entry.value or b"{}")
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                out.append(value)
-    except (KeyNotFoundError, NotFoundError):
-        pass
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+    for _key, _revision, raw in await kv_live(js, PRESENCE_BUCKET, "service.*.*"):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
     return sorted(out, key=lambda v: (str(v.get("service")), str(v.get("instance_id"))))

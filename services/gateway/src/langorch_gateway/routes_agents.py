@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
@@ -30,7 +30,7 @@ from langorch_gateway.dispatch import accepted_headers, min_position, pending, r
 from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, fetch_page
-from langorch_infra.kv import put_with_ttl
+from langorch_infra.kv import kv_live, put_with_ttl
 from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
@@ -156,20 +156,14 @@ async def _kv_json(request: Request, bucket: str, key: str) -> dict[str, Any] | 
 
 async def read_leases(request: Request) -> list[tuple[str, int, dict[str, Any]]]:
     """Every live lease: (key, revision, value). Reads KV ``lo_leases`` directly, so it is always current."""
-    kv = await request.app.state.js.key_value(LEASES_BUCKET)
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     out: list[tuple[str, int, dict[str, Any]]] = []
-    for key in keys:
+    for key, revision, raw in await kv_live(request.app.state.js, LEASES_BUCKET):
         try:
-            entry = await kv.get(key)
-            value = json.loads(entry.value or b"{}")
-        except (KeyNotFoundError, NotFoundError, ValueError):
+            value = json.loads(raw)
+        except ValueError:
             continue
         if isinstance(value, dict) and value.get("lease_id"):
-            out.append((key, int(entry.revision or 0), value))
+            out.append((key, revision, value))
     return out
 
 

@@ -17,7 +17,6 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import CheckpointTuple
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from nats.js.errors import NotFoundError, ObjectNotFoundError
-from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckp_core.commands import DeleteRun, StartRun
@@ -34,6 +33,7 @@ from langorch_gateway.problems import ApiProblem, problem_response
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page, gather
 from langorch_gateway.routes_agents import lease_out, read_leases
 from langorch_infra.jetstream import publish_command
+from langorch_infra.kv import kv_live
 
 router = APIRouter()
 
@@ -437,14 +437,11 @@ async def _content(request: Request, row: asyncpg.Record) -> Response:
 
 
 async def _step_entries(request: Request, run_id: str) -> list[dict[str, Any]]:
-    kv = await request.app.state.js.key_value(STEPS_BUCKET)
-    keys = await run_keys(kv, run_id)
     out: list[dict[str, Any]] = []
-    for key in keys:
+    for _key, _revision, raw in await kv_live(request.app.state.js, STEPS_BUCKET, f"{run_id}.>"):
         try:
-            entry = await kv.get(key)
-            value = json.loads(entry.value or b"{}")
-        except (NotFoundError, ValueError):
+            value = json.loads(raw)
+        except ValueError:
             continue
         if not isinstance(value, dict):
             continue
@@ -457,20 +454,6 @@ async def _step_entries(request: Request, run_id: str) -> list[dict[str, Any]]:
                     "updated_at": value.get("updated_at")})
     out.sort(key=lambda e: str(e["updated_at"] or ""))
     return out
-
-
-async def run_keys(kv: KeyValue, run_id: str) -> list[str]:
-    """Keys ``<run_id>.*`` of a KV bucket, through a subject-filtered watcher (no scan of the whole bucket)."""
-    watcher = await kv.watch(f"{run_id}.>", ignore_deletes=True, meta_only=True)
-    keys: list[str] = []
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            keys.append(entry.key)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return keys
 
 
 @router.get("/api/runs/{run_id}/diagnostics")

@@ -68,6 +68,7 @@ from langorch_infra.bus import ACK, LEAVE, BusMetrics, Settle, handle_one, nak
 from langorch_infra.callbacks import callback_key
 from langorch_infra.hosting import ServiceHost, bus_checks, probe_check
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
+from langorch_infra.kv import kv_keys
 from langorch_infra.metrics import package_version, register_build_info
 from langorch_infra.secrets import env_secret, grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
@@ -565,14 +566,7 @@ class RuntimeService:
             with contextlib.suppress(Exception):
                 await self.saver.adelete_thread(command.run_id)
         with contextlib.suppress(Exception):
-            watcher = await self.steps_kv.watch(f"{command.run_id}.>", ignore_deletes=True, meta_only=True)
-            keys: list[str] = []
-            async for entry in watcher:
-                if entry is None:
-                    break
-                keys.append(entry.key)
-            await watcher.stop()  # type: ignore[no-untyped-call]
-            for key in keys:
+            for key in await kv_keys(self.js, STEPS_BUCKET, f"{command.run_id}.>") if self.js is not None else []:
                 await self.steps_kv.purge(key)
         for stored in events:
             d = stored.envelope.data
