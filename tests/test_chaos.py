@@ -131,7 +131,13 @@ def check_recovered_run(events: list[Any], agent: ScriptedAgent, run_id: str,
     assert [e.seq for e in events] == list(range(1, len(events) + 1)), "gaps or duplicates in the run's seq"
     types = [e.type for e in events]
     assert "execution_recovered" in types, types
-    assert next(e for e in events if e.type == "execution_recovered").data["delivery_count"] >= 2
+    recovered = next(e for e in events if e.type == "execution_recovered").data
+    assert recovered["delivery_count"] >= 2
+    # the replica that took the run over names itself, and it is not the one that started the run (diagnostics)
+    started = next(e for e in events if e.type == "execution_started").data
+    assert recovered["runtime_instance"]
+    assert started["runtime_instance"]
+    assert recovered["runtime_instance"] != started["runtime_instance"]
     assert types.count("run_completed") == 1
     completions = Counter((e.data["node_id"], e.data["step_id"], e.data["frame"])
                           for e in events if e.type == "step_completed")

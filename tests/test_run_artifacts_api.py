@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -143,6 +145,8 @@ async def test_artifacts_content_diagnostics_and_delete(platform: Platform) -> N
     assert set(diag["execution"]) == {"runtime_instance", "delivery_count", "last_progress_at", "checkpoint_count",
                                       "last_checkpoint_id"}
     assert diag["execution"]["delivery_count"] == 1
+    # the runtime replica that executed it (this process; no LANGORCH_INSTANCE_ID set): hostname-pid
+    assert diag["execution"]["runtime_instance"] == f"{socket.gethostname()}-{os.getpid()}"
     is_problem(await c.get("/api/runs/0192f7c4-6a1e-7c3b-8e55-9d2f4b1a7c10/diagnostics"), 404, "not_found")
 
     db = await asyncpg.connect(platform.database_url)

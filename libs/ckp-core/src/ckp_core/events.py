@@ -239,6 +239,7 @@ class ExecutionStarted(EventData):
 
     entry_node_id: str
     execution_mode: str
+    runtime_instance: str | None = None  # the runtime replica executing the run (diagnostics, api.md §5.8)
 
 
 class ExecutionRecovered(EventData):
@@ -247,6 +248,7 @@ class ExecutionRecovered(EventData):
 
     delivery_count: int
     checkpoint_id: str | None
+    runtime_instance: str | None = None  # the replica that took the run over
 
 
 class RunCompleted(EventData):

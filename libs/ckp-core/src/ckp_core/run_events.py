@@ -28,6 +28,7 @@ class ExecutionResumed(_RunEvent):
     TYPE = "execution_resumed"
     entry_node_id: str | None = None
     resume_reason: str
+    runtime_instance: str | None = None  # the runtime replica executing the run (diagnostics, api.md §5.8)
 
 
 class RunSuspended(_RunEvent):

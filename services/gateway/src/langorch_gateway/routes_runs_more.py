@@ -484,8 +484,7 @@ async def diagnostics(request: Request, run_id: str) -> JSONResponse:
         "error_events": sum(by_type.get(t, 0) for t in ERROR_EVENTS),
         "events_by_type": by_type,
         "execution": {
-            "runtime_instance": (started_payload or {}).get("runtime_instance") or (started_payload or {}).get(
-                "instance"),
+            "runtime_instance": (started_payload or {}).get("runtime_instance"),
             "delivery_count": 1 + by_type.get("execution_recovered", 0) if started else 0,
             "last_progress_at": views._time(last_progress),
             "checkpoint_count": len(saved),

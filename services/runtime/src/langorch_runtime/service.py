@@ -400,7 +400,8 @@ class RuntimeService:
         mode = created.get("execution_mode") or ir.global_config.execution_mode
         if ir.global_config.execution_mode == "validation_only" or mode == "validation_only":
             if started is None:
-                await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode="validation_only"))
+                await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode="validation_only",
+                                                   runtime_instance=self.instance))
             await writer.emit(RunCompleted(outputs={}, mode="validation_only", message=VALIDATION_ONLY_MESSAGE))
             return
         started_at = format_time(started.envelope.occurred_at if started else utc_now())
@@ -444,7 +445,8 @@ class RuntimeService:
                               if e.envelope.type == "node_error"), point)
             await writer.emit(RunRetryRequested(retry_count=len(retries) + 1, automatic=command.automatic,
                                                 failure_node_id=failed_at))
-            await writer.emit(ExecutionResumed(entry_node_id=failed_at, resume_reason="retry"))
+            await writer.emit(ExecutionResumed(entry_node_id=failed_at, resume_reason="retry",
+                                              runtime_instance=self.instance))
             retry_config = target.config
             if any(w.get("kind") == "approval" for w in (target.values.get("waits") or {}).values()):
                 retry_config = await graph.aupdate_state(target.config, machine.renew_approvals(target.values),
@@ -461,7 +463,8 @@ class RuntimeService:
                     # twice and lose this resume: redeliver it once the run suspends (a crashed run is recovered
                     # by its own redelivered command).
                     raise RunBusy(run_id)
-                await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=_checkpoint_id(snapshot)))
+                await writer.emit(ExecutionRecovered(delivery_count=delivery, checkpoint_id=_checkpoint_id(snapshot),
+                                                      runtime_instance=self.instance))
                 final = await self.invoke(run_id, graph, None, config, durability="sync")
             elif str(command.resolution.get("wait_id")) not in (snapshot.values.get("waits") or {}):
                 # a wait the run no longer has (a child of a canceled branch ended): nothing resumes, and no
@@ -474,17 +477,20 @@ class RuntimeService:
                 if announced is not None:  # the decision or callback first moves the run to queued (§7.1)
                     await writer.emit(announced)
                     resolution["_announced"] = True
-                await writer.emit(ExecutionResumed(entry_node_id=None, resume_reason=command.resume_reason))
+                await writer.emit(ExecutionResumed(entry_node_id=None, resume_reason=command.resume_reason,
+                                                  runtime_instance=self.instance))
                 final = await self.invoke(run_id, graph, Command(resume=resolution), config, durability="sync")
         elif started is None:
-            await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode))
+            await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode,
+                                               runtime_instance=self.instance))
             initial = machine.initial_state(dict(created.get("input_vars", {})))
             final = await self.invoke(run_id, graph, initial, config, durability="sync")
         elif has_checkpoint and suspended:
             return  # durably suspended: a resume command continues it
         else:
             await writer.emit(ExecutionRecovered(delivery_count=delivery,
-                                                 checkpoint_id=_checkpoint_id(snapshot) if has_checkpoint else None))
+                                                 checkpoint_id=_checkpoint_id(snapshot) if has_checkpoint else None,
+                                                 runtime_instance=self.instance))
             if has_checkpoint and snapshot.next:
                 final = await self.invoke(run_id, graph, None, config, durability="sync")
             elif has_checkpoint:
