@@ -6,6 +6,9 @@
     of 10 trivial async nodes on the same `AsyncPostgresSaver` (same database, `durability="sync"`).
 (b) Agent dispatch: steps dispatched by the runtime to a local HTTP agent (tests/scripted_agent.py), timed from
     `step_started` to `step_completed`, against direct httpx POSTs to the same agent's /execute.
+(c) Parallel branches by wall-clock time: a `parallel` node of a slow branch (one agent call answered after
+    SLOW_MS) and a quick branch (4 internal nodes), under `wait_strategy: all` and `any`; the run's time in the
+    runtime against the slow call alone and against the quick branch run on its own.
 
     uv run python bench/runtime.py [--runs 20] [--calls 50]
 
@@ -72,6 +75,29 @@ def agent_procedure(calls: int) -> dict[str, Any]:
                 "call": {"type": "sequence", "agent": "BENCH", "steps": [
                     {"step_id": "echo", "action": "echo", "n": "{{n}}", "output_variable": "r"}]},
                 "done": {"type": "terminate", "outputs": {"r": "{{r}}"}}}}}
+
+
+SLOW_MS = 300
+
+
+def race_procedure(wait_strategy: str) -> dict[str, Any]:
+    quick = {f"q{i}": {"type": "sequence", "next_node": f"q{i + 1}" if i < 4 else "join", "steps": [
+        {"step_id": "set", "action": "set_variable", "variable": "q", "value": i}]} for i in range(1, 5)}
+    return {"procedure_id": f"bench_race_{wait_strategy}", "version": "1",
+            "workflow_graph": {"start_node": "fan", "nodes": {
+                "fan": {"type": "parallel", "wait_strategy": wait_strategy, "next_node": "join", "branches": [
+                    {"branch_id": "slow", "start_node": "call"}, {"branch_id": "quick", "start_node": "q1"}]},
+                "call": {"type": "sequence", "agent": "RACE", "next_node": "join", "steps": [
+                    {"step_id": "slow", "action": "slow", "output_variable": "s"}]},
+                **quick,
+                "join": {"type": "terminate", "outputs": {"q": "{{q}}"}}}}}
+
+
+def quick_alone_procedure() -> dict[str, Any]:
+    doc = race_procedure("all")
+    nodes = doc["workflow_graph"]["nodes"]
+    del nodes["fan"], nodes["call"]
+    return {**doc, "procedure_id": "bench_race_quick_alone", "workflow_graph": {"start_node": "q1", "nodes": nodes}}
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -237,6 +263,42 @@ async def dispatch_bench(p: Any, nats_url: str, calls: int, ends: Completions) -
     return {"runtime_ms": through_runtime, "direct_ms": direct}
 
 
+async def race_bench(p: Any, nats_url: str, runs: int, ends: Completions) -> dict[str, Any]:
+    c = p.client
+
+    async def slow(body: dict[str, Any]) -> str:
+        await asyncio.sleep(SLOW_MS / 1000)
+        return "slow"
+
+    agent = ScriptedAgent({"slow": slow})
+    out: dict[str, list[float]] = {}
+    async with serving(agent):
+        r = await c.post("/api/agents", json={"name": "race-agent", "channel": "race", "base_url": agent.base_url,
+                                              "capabilities": ["slow"], "concurrency_limit": 8})
+        assert r.status_code == 201, r.text
+        for _ in range(200):
+            if (await c.get("/api/agents", params={"channel": "race"})).json()["items"]:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        for name, doc in (("all", race_procedure("all")), ("any", race_procedure("any")),
+                          ("quick_alone", quick_alone_procedure())):
+            await import_procedure(c, doc)
+            times: list[float] = []
+            for i in range(runs + 1):  # the first run warms up
+                run_id = await start(c, doc["procedure_id"])
+                await ends.wait(run_id)
+                events = await run_events(nats_url, run_id)
+                assert events[-1].data["outputs"] == {"q": 4}, events[-1].data
+                if name == "any":
+                    winner = next(e for e in events if e.type == "parallel_completed").data.get("winner")
+                    assert winner == "quick", winner
+                if i:
+                    times.append(executing_ms(events))
+            out[name] = times
+    return out
+
+
 async def main(runs: int, calls: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp())
     nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
@@ -258,6 +320,7 @@ async def main(runs: int, calls: int) -> dict[str, Any]:
             platform = await platform_bench(p, nats_url, runs, ends)
             unpersisted = await platform_bench(p, nats_url, runs, ends, "disabled")
             dispatch = await dispatch_bench(p, nats_url, calls, ends)
+            race = await race_bench(p, nats_url, max(3, runs // 2), ends)
         bare = await langgraph_baseline(db, runs)
     finally:
         for s in servers:
@@ -293,6 +356,18 @@ async def main(runs: int, calls: int) -> dict[str, Any]:
             "ratio_in_runtime_every_node_to_disabled": round(rt["median"] / off_rt["median"], 2),
             "ratio_end_to_end_every_node_to_disabled": round(e2e["median"] / off_e2e["median"], 2),
             "ratio_in_runtime_disabled_to_baseline": round(off_rt["median"] / lg["median"], 2),
+        },
+        "c_parallel_wall_clock": {
+            "procedure": f"parallel of a slow branch (one agent call answered after {SLOW_MS} ms) and a quick branch "
+                         "(4 internal nodes); run time in the runtime",
+            "slow_call_ms": SLOW_MS,
+            "quick_branch_alone_ms": stats(race["quick_alone"]),
+            "wait_all_ms": stats(race["all"]),
+            "wait_any_ms": stats(race["any"]),
+            "ratio_all_to_slow_call": round(stats(race["all"])["median"] / SLOW_MS, 2),
+            "ratio_any_to_quick_branch_alone": round(stats(race["any"])["median"] /
+                                                     stats(race["quick_alone"])["median"], 2),
+            "ratio_any_to_slow_call": round(stats(race["any"])["median"] / SLOW_MS, 2),
         },
         "b_agent_dispatch": {
             "calls": calls,
