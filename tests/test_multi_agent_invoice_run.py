@@ -58,7 +58,11 @@ METADATA = {
                  "due_date": "2026-12-21", "line_items": [{"sku": "G-9", "qty": 1}], "tax_amount": 156.47},
 }
 CONFIDENCE = {"INV-1001": 96, "INV-1002": 88}
-PORTAL_GRANT = re.compile(r"^[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}$")
+# the document's secrets resolve through the server's env provider: only that provider exists in this build, so
+# secrets_config.provider azure_keyvault and its vault_url are not consulted (docs/decisions.md, Runtime)
+PORTAL_SECRET = {"username": "ap-robot", "password": "Portal-PW-unique-4711"}
+DB_SECRET = "Server=erp-db;Database=ap;Password=DB-PW-unique-0815"
+GRANT = re.compile(r"^[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}$")
 
 
 def workbook(rows: list[dict[str, Any]]) -> str:
@@ -85,6 +89,8 @@ class Channels:
     failures: Counter[str] = field(default_factory=Counter)  # action → failures still to answer
     failure_codes: dict[str, str] = field(default_factory=dict)
     clipboard: Iterator[int] = field(default_factory=lambda: iter(range(5100000001, 5100000100)))
+    gateway: str = ""  # where agents redeem credential grants (api.md §15.3)
+    redeemed: list[Any] = field(default_factory=list)
     email: ScriptedAgent = field(init=False)
     web: ScriptedAgent = field(init=False)
     desktop: ScriptedAgent = field(init=False)
@@ -98,7 +104,7 @@ class Channels:
                                      "accepted": True}})
         self.web = ScriptedAgent({
             "navigate": lambda b: {"url": b["params"]["url"], "title": "Vendor Portal"},
-            "type": lambda b: {"typed": True}, "click": lambda b: {"clicked": b["params"]["target"]},
+            "type": self.web_type, "click": lambda b: {"clicked": b["params"]["target"]},
             "wait_for_element": lambda b: {"found": b["params"]["target"]},
             "extract_table_data": self.extract_table_data,
             "take_screenshot": lambda b: {"screenshot": f"https://vendor.portal.com/shots/{b['step_id']}-"
@@ -108,7 +114,27 @@ class Channels:
                                             "press_key", "wait_for_dialog", "press_keys")},
             "copy_to_clipboard": lambda b: str(next(self.clipboard)),
             "screenshot": lambda b: {"screenshot": f"file:///C:/Temp/erp-{len(self.desktop.requests)}.png"}})
-        self.database = ScriptedAgent({"execute_query": lambda b: {"rows_affected": 1}})
+        self.database = ScriptedAgent({"execute_query": self.execute_query})
+
+    async def redeem(self, grant: str) -> Any:
+        """What an agent does with a credential grant: exchange it at the gateway for the value, now."""
+        claims = json.loads(base64.urlsafe_b64decode(grant.split(".")[1] + "=="))
+        async with httpx.AsyncClient(base_url=self.gateway) as client:
+            r = await client.get(f"/api/agent-credentials/{claims['secret_name']}",
+                                 headers={"Authorization": f"Bearer {grant}"})
+        assert r.status_code == 200, r.text
+        self.redeemed.append(r.json()["value"])
+        return r.json()["value"]
+
+    async def web_type(self, body: dict[str, Any]) -> dict[str, Any]:
+        value = body["params"]["value"]
+        if isinstance(value, str) and GRANT.match(value):
+            await self.redeem(value)
+        return {"typed": True}
+
+    async def execute_query(self, body: dict[str, Any]) -> dict[str, Any]:
+        await self.redeem(body["params"]["connection_string"])
+        return {"rows_affected": 1}
 
     def fail_first(self, action: str, code: str, times: int = 1) -> None:
         self.failures[action] = times
@@ -165,7 +191,10 @@ async def llm() -> AsyncIterator[RunningLlmServer]:
 
 
 @pytest.fixture
-async def platform(nats_url: str, database_url: str, llm: RunningLlmServer) -> AsyncIterator[Platform]:
+async def platform(nats_url: str, database_url: str, llm: RunningLlmServer,
+                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Platform]:
+    monkeypatch.setenv("LANGORCH_SECRET_VENDOR_PORTAL_CREDS", json.dumps(PORTAL_SECRET))
+    monkeypatch.setenv("LANGORCH_SECRET_DB_CONNECTION", DB_SECRET)
     # the runtime's LLM endpoint is the test server; the document asks for model gpt-4
     models = {"gpt-4": {"prompt_usd_per_1k": 0.03, "completion_usd_per_1k": 0.06}}
     async with platform_of(nats_url, database_url, runtime_settings={
@@ -175,6 +204,7 @@ async def platform(nats_url: str, database_url: str, llm: RunningLlmServer) -> A
 
 @asynccontextmanager
 async def agents_of(c: httpx.AsyncClient, channels: Channels) -> AsyncIterator[Channels]:
+    channels.gateway = str(c.base_url)
     async with AsyncExitStack() as stack:
         for channel, agent in channels.all():
             await stack.enter_async_context(serving(agent))
@@ -244,10 +274,16 @@ async def test_happy_path_processes_every_invoice_once(platform: Platform, llm: 
     search = channels.email.requests[0]["params"]
     assert search == {"target": "ap@company.com", "value": {"subject": "Invoice", "unread": True,
                                                             "has_attachments": True, "from_date": DATE}}
+    # the document writes "C:\\Temp\\Invoices\\{{execution_date}}" meaning a folder per date, but `\{{` is a
+    # literal `{{` (ckp.md §5.1): the spec wins, the backslash escapes the placeholder and nothing is rendered
+    download = channels.email.requests[1]["params"]
+    assert download["file_path"] == "C:\\Temp\\Invoices{{execution_date}}"
+    assert download["target"] == channels.email.results[channels.email.executed[0]]["result"]
     typed = [r["params"]["value"] for r in channels.web.requests if r["action"] == "type"]
     assert [t for t in typed if t.startswith("INV-")] == ["INV-1001", "INV-1002"]
     credentials = [t for t in typed if not t.startswith("INV-")]
-    assert len(credentials) == 4 and all(PORTAL_GRANT.match(t) for t in credentials), credentials
+    assert len(credentials) == 4
+    assert all(GRANT.match(t) for t in credentials), credentials
     erp_typed = [r["params"]["value"] for r in channels.desktop.requests if r["action"] == "type"]
     assert erp_typed == ["FB60", "V-ACME", "2026-11-20", 1250.5, "FB60", "V-GLOBEX", "2026-11-21", 980]
     inserts = [r["params"] for r in channels.database.requests]
@@ -256,16 +292,20 @@ async def test_happy_path_processes_every_invoice_once(platform: Platform, llm: 
          "date": DATE, "status": "completed"},
         {"invoice_number": "INV-1002", "vendor": "Globex Corporation", "amount": 980, "erp_id": "5100000002",
          "date": DATE, "status": "completed"}]
-    assert all(PORTAL_GRANT.match(p["connection_string"]) for p in inserts)
+    assert all(GRANT.match(p["connection_string"]) for p in inserts)
+    # the agents redeemed every grant for the secret (fields of the JSON secret for the portal login)
+    assert channels.redeemed == [PORTAL_SECRET["username"], PORTAL_SECRET["password"], DB_SECRET] * 2
     drafts = [r["params"] for r in channels.email.requests if r["action"] == "compose_email"]
     assert drafts[0]["recipients"] == ["ap.team@company.com", "buyer.one@company.com"]
     assert drafts[0]["subject"] == "Invoice INV-1001 Processed Successfully"
-    assert ("Invoice INV-1001 from Acme Supplies Ltd has been processed.\n\nAmount: $1250.5\n"
+    assert drafts[0]["body"] == ("Invoice INV-1001 from Acme Supplies Ltd has been processed.\n\nAmount: $1250.5\n"
             "ERP Transaction ID: 5100000001\nProcessed Date: 2026-11-27\n\nPortal Validation: Passed\n"
-            "Confidence Score: 96%") == drafts[0]["body"]
-    assert "ERP Transaction ID: 5100000002" in drafts[1]["body"] and "Confidence Score: 88%" in drafts[1]["body"]
+            "Confidence Score: 96%")
+    assert "ERP Transaction ID: 5100000002" in drafts[1]["body"]
+    assert "Confidence Score: 88%" in drafts[1]["body"]
     sent = [r["params"]["value"] for r in channels.email.requests if r["action"] == "send_email"]
-    assert sent[0]["draft_id"] and sent[0]["subject"] == drafts[0]["subject"]  # email_draft = compose's result
+    assert sent[0]["draft_id"]
+    assert sent[0]["subject"] == drafts[0]["subject"]
     assert drafts[2]["subject"] == f"Daily Invoice Processing Summary - {DATE}"
     # summary_stats.avg_confidence is not a key of the aggregate (avg_confidence_score is): renders "" (§5.1)
     assert ("Total Processed: 2\nTotal Amount: $2230.5\nAverage Confidence: %\nFailed: 0\n") in drafts[2]["body"]
@@ -301,15 +341,26 @@ async def test_happy_path_processes_every_invoice_once(platform: Platform, llm: 
     saved = [(p["node_id"], p["reason"]) for p in of_type(events, "checkpoint_saved")]
     assert saved == [("init_workflow", "is_checkpoint"), ("process_in_erp", "is_checkpoint"),
                      ("process_in_erp", "is_checkpoint"), ("loop_invoices", "is_checkpoint")]
-    logs = [p["message"] for p in of_type(events, "log")]
-    assert logs[:2] == [f"Starting invoice processing workflow for {DATE}", "Parsed 2 invoices"]
-    assert logs[-1] == f"Invoice processing workflow completed for {DATE}"
+    # log events carry their position, also from processing operations and terminate cleanup actions (§8)
+    logs = [(p["node_id"], p.get("frame"), p["message"]) for p in of_type(events, "log")]
+    assert logs == [("init_workflow", "-", f"Starting invoice processing workflow for {DATE}"),
+                    ("parse_invoice_data", "-", "Parsed 2 invoices"),
+                    ("workflow_complete", "-", f"Invoice processing workflow completed for {DATE}")]
     [audit] = of_type(events, "audit_log")
     assert audit["entry"] == {"workflow_id": PID, "execution_date": DATE, "status": "success"}
     shots = [p for p in of_type(events, "artifact_created") if p["node_id"] == "validate_in_portal"]
     assert len(shots) == 2
     assert of_type(events, "run_completed")[0]["outputs"] == run["output_vars"]
-    assert of_type(events, "step_failed") == [] and of_type(events, "node_error") == []
+    assert of_type(events, "step_failed") == []
+    assert of_type(events, "node_error") == []
+    assert [p["reason"] for p in of_type(events, "screenshot_requested")] == ["orchestrator_step"]
+    warnings = {(p["variable"], p["reason"], p["location"]["node_id"]) for p in of_type(events, "template_warning")}
+    assert ("telemetry", "undefined", "workflow_complete") in warnings
+    assert ("summary_stats", "missing_key", "send_summary_email") in warnings
+    # secret values never reach the run's events
+    everything = json.dumps(events)
+    assert PORTAL_SECRET["password"] not in everything
+    assert DB_SECRET not in everything
 
 
 async def test_a_mail_without_invoices_takes_the_no_invoices_route(platform: Platform,
@@ -325,7 +376,8 @@ async def test_a_mail_without_invoices_takes_the_no_invoices_route(platform: Pla
     assert started_nodes(events) == ["init_workflow", "fetch_emails", "parse_invoice_data",
                                      "validate_invoice_count", "no_invoices_node", "workflow_complete"]
     [notice] = of_type(events, "notification_requested")
-    assert notice["channel"] == "email" and notice["recipients"] == ["ap.team@company.com"]
+    assert notice["channel"] == "email"
+    assert notice["recipients"] == ["ap.team@company.com"]
     assert notice["subject"] == "No Invoices to Process"
     assert notice["message"] == f"No new invoices found for processing on {DATE}"
     assert actions(channels.email) == ["search_email", "download_attachment"]
@@ -459,9 +511,24 @@ async def test_transient_failures_heal_through_the_documents_handlers(platform: 
     assert waits == [f"lo1:{run_id}:process_in_erp:wait_sap_window:loop_invoices[0]:{a}" for a in (1, 2)]
     assert len(llm.state.calls("gpt-4")) == 2
     events = await events_of(c, run_id)
-    retrying = [(p["step_id"], p["source"]) for p in of_type(events, "step_retrying")]
-    assert ("search_invoices", "error_handler") in retrying and ("wait_sap_window", "error_handler") in retrying
-    assert of_type(events, "recovery_started") == [] and of_type(events, "loop_iteration_failed") == []
+    retrying = {p["step_id"]: p for p in of_type(events, "step_retrying")}
+    assert sorted(retrying) == ["llm", "search_invoices", "wait_sap_window"]
+    search = retrying["search_invoices"]
+    # exponential_backoff from 5000 ms with full jitter: the first delay is 5000·(1 − u), u in [0, 1) (§4.8)
+    assert (search["source"], search["next_attempt"], search["error"]["error_code"]) == (
+        "error_handler", 2, "EmailConnectionException")
+    assert 0 < search["delay_ms"] <= 5000
+    window = retrying["wait_sap_window"]
+    assert (window["source"], window["delay_ms"], window["frame"]) == ("error_handler", 1000, "loop_invoices[0]")
+    llm_retry = retrying["llm"]
+    assert (llm_retry["source"], llm_retry["delay_ms"], llm_retry["error"]["code"]) == ("retry_policy", 1000,
+                                                                                        "llm_error")
+    # screenshot_on_fail: EMAIL offers no screenshot action, so the failure is only announced
+    [shot] = [p for p in of_type(events, "screenshot_requested") if p["reason"] != "orchestrator_step"]
+    assert (shot["node_id"], shot["step_id"], shot["error"]["error_code"]) == (
+        "fetch_emails", "search_invoices", "EmailConnectionException")
+    assert of_type(events, "recovery_started") == []
+    assert of_type(events, "loop_iteration_failed") == []
     assert Counter(started_nodes(events))["enrich_with_llm"] == 1
 
 
@@ -489,10 +556,17 @@ async def test_no_invoice_mail_fails_into_the_error_notification_path(platform: 
     notice = channels.email.requests[-1]["params"]
     assert notice["subject"] == f"Invoice Processing Workflow Failed - {DATE}"
     assert "Error Details: No invoice emails found for processing\nFailed Node: fetch_emails" in notice["body"]
-    logs = [p["message"] for p in of_type(events, "log")]
-    assert logs[-1] == "Invoice processing workflow failed: No invoice emails found for processing"
+    [*_, last_log] = of_type(events, "log")
+    assert (last_log["node_id"], last_log.get("frame"), last_log["level"], last_log["message"]) == (
+        "workflow_failed", "recovery", "ERROR", "Invoice processing workflow failed: No invoice emails found for "
+        "processing")
     assert of_type(events, "run_retry_requested") == []  # resume_on_failure retries only retryable errors
-    assert channels.web.requests == [] and llm.state.requests == []
+    assert [(p["node_id"], p.get("frame"), p["reason"]) for p in of_type(events, "screenshot_requested")] == [
+        ("init_workflow", "-", "orchestrator_step"), ("workflow_failed", "recovery", "orchestrator_step")]
+    [failure] = of_type(events, "validation_failed")
+    assert (failure["validation_id"], failure["on_failure"]) == ("check_emails_found", "fail_workflow")
+    assert channels.web.requests == []
+    assert llm.state.requests == []
 
 
 async def test_an_inactive_vendor_fails_its_iteration_and_the_loop_goes_on(platform: Platform,

@@ -1611,8 +1611,9 @@ class Machine:
             layer = await self.secret_layer(node, as_step, as_step.step_id, internal=True)
         params = await self.render(op.params, state, frame, node.id, step_id, base, locals_=layer)
         namespace = vars_of(state, frame)
-        ctx = OpContext(node_id=node.id, step_id=step_id, logging_level=self.ir.global_config.logging_level,
-                        sleep=self.sleep, scope=self.scope(state, frame, node.id, step_id), notifier=self.notifier())
+        ctx = OpContext(node_id=node.id, step_id=step_id, frame=frame_string(frame, node.id, current.get("visit", 1)),
+                        logging_level=self.ir.global_config.logging_level, sleep=self.sleep,
+                        scope=self.scope(state, frame, node.id, step_id), notifier=self.notifier())
         try:
             outcome = await run_operation(op, params, namespace, ctx)
         except StepError as exc:
