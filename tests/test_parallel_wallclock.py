@@ -112,3 +112,40 @@ async def test_terminate_in_a_branch_does_not_wait_for_the_sibling_call(platform
         assert run["output_vars"] == {"ended_by": "quick"}
         assert (await c.get("/api/leases", params={"run_id": run_id})).json()["items"] == []
         blocked.release.set()
+
+
+async def test_cancel_aborts_the_calls_in_flight_in_every_branch(platform: Platform) -> None:
+    """§7.10 with concurrent branches: both branches' calls are in flight; a cancel ends the run without waiting
+    for either, and both leases are released."""
+    c = platform.client
+    blocked = Blocked()
+    agent = ScriptedAgent({"slow": blocked})
+    doc = race("race_cancel", {"type": "sequence", "agent": "RACE", "next_node": "join", "steps": [
+        {"step_id": "wait_too", "action": "slow", "output_variable": "also"}]}, wait_strategy="all")
+    doc["workflow_graph"]["nodes"]["q1"] = doc["workflow_graph"]["nodes"]["q3"]  # the quick branch calls at once
+    async with serving(agent):
+        r = await c.post("/api/agents", json={"agent_id": "racer", "name": "racer", "channel": "race",
+                                              "base_url": agent.base_url, "concurrency_limit": 2,
+                                              "capabilities": ["slow"]})
+        assert r.status_code == 201, r.text
+        for _ in range(100):
+            if (await c.get("/api/agents", params={"channel": "race"})).json()["items"]:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        run_id = await start(c, doc)
+        for _ in range(200):
+            if blocked.calls == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert blocked.calls == 2
+        assert len((await c.get("/api/leases", params={"run_id": run_id})).json()["items"]) == 2
+        r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
+        assert r.status_code == 202, r.text
+        run = await wait_status(c, run_id)
+        assert not blocked.release.is_set()
+        assert run["status"] == "canceled"
+        assert (await c.get("/api/leases", params={"run_id": run_id})).json()["items"] == []
+        events = await events_of(c, run_id)
+        assert not [e for e in events if e["event_type"] == "step_completed"]
+        blocked.release.set()
