@@ -259,7 +259,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         data = RunCreated(procedure_id=row["procedure_id"], procedure_version=row["version"],
                           release_channel=row["release_channel"] if body.procedure_version is None else None,
                           input_vars=inputs, trigger_type="api", root_run_id=run_id,
-                          project_id=body.project_id or row["project_id"])
+                          execution_mode=views.execution_mode_of(row), project_id=body.project_id or row["project_id"])
         command = StartRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
         event = make_event(data, aggregate_id=run_id, seq=1, actor=ANONYMOUS,
                            causation_id=command.command_id, correlation_id=run_id)

@@ -147,6 +147,7 @@ async def rerun(request: Request, run_id: str, body: RerunIn | None = None) -> J
             "invalid_input_vars", exc.message, errors=exc.errors)) from exc
     data = RunCreated(procedure_id=pid, procedure_version=row["version"], release_channel=None, input_vars=inputs,
                       trigger_type="api", triggered_by=f"rerun:{run_id}", root_run_id=new_run, rerun_of=run_id,
+                      execution_mode=views.execution_mode_of(row),
                       project_id=original["project_id"] or row["project_id"])
     command = StartRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=new_run)
     fixed_id = getattr(request.state, "command_id", None)

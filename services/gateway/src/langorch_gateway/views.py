@@ -22,6 +22,13 @@ def _json(v: Any) -> Any:
     return json.loads(v) if isinstance(v, str) else v
 
 
+def execution_mode_of(row: asyncpg.Record) -> str:
+    """A new run's ``execution_mode`` (``run_created``, ckp.md §8): its version's ``global_config.execution_mode``."""
+    config = (_json(row["ckp_json"]) or {}).get("global_config")
+    mode = config.get("execution_mode") if isinstance(config, dict) else None
+    return mode if mode in ("production", "dry_run", "validation_only") else "production"
+
+
 def procedure_out(row: asyncpg.Record) -> dict[str, Any]:
     diagnostics = _json(row["diagnostics"]) or []
     trigger = _json(row["trigger"])

@@ -537,8 +537,8 @@ class Machine:
             if any(not w.get("suspends_run") for w in pending):
                 status = "waiting_approval" if any(w["kind"] == "approval" for w in state["waits"].values()) \
                     else "paused"
-                await self.emit(RunSuspended(status=status, waiting_on=[
-                    {"kind": w["kind"], "id": w["id"], "node_id": w["node_id"]} for w in state["waits"].values()]))
+                await self.emit(RunSuspended(status=status, waiting_on=[  # the pending waits of §7.3
+                    {k: w.get(k) for k in WAIT_FIELDS} for w in state["waits"].values()]))
             for w in pending:
                 w["announced"] = True
 
@@ -694,6 +694,10 @@ class Machine:
             outcome = await self.node_error(state, frame, node, current, failure)
         except StepError as failure:
             outcome = await self.node_error(state, frame, node, current, NodeFailure(failure.error))
+        if isinstance(outcome, Next | Terminate):  # §2.3: a write over the state limits fails the writing node
+            too_large = _state_too_large(vars_of(state, frame))
+            if too_large is not None:
+                outcome = await self.node_error(state, frame, node, current, NodeFailure(too_large))
         if outcome is not None:
             await self.apply(state, frame, node, current, outcome)
 
@@ -830,6 +834,8 @@ class Machine:
                 out["error"] = recovery.get("error")
             else:
                 out["error"] = _dump(terminated)
+                # §7.12: the terminate node is the failure point (a retry runs it again)
+                state["failure_point"] = {"node_id": node.id, "frame_id": frame["id"]}
         for other in state["frames"].values():
             if other.get("status") != "done":
                 other["status"] = "done"
@@ -883,7 +889,8 @@ class Machine:
                     return routed
                 break
         await self.emit(NodeError(node_id=node.id, frame=fs, error=error, routed_to=None))
-        state["failure_point"] = {"node_id": node.id, "frame_id": frame["id"]}
+        if state.get("recovery") is None:  # §7.12: a failing recovery path keeps the main path's failure point
+            state["failure_point"] = {"node_id": node.id, "frame_id": frame["id"]}
         await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
         return None
 
@@ -1064,8 +1071,8 @@ class Machine:
                     data["collected"].append(value)
             else:
                 data["failed"] += 1
-                error = ErrorObject.model_validate(result.get("error") or {"code": "internal_error",
-                                                                            "message": "iteration failed"})
+                error = ErrorObject.model_validate(result.get("error") or {
+                    "code": "internal_error", "message": "iteration failed", "retryable": True})
                 await self.emit(LoopIterationFailed(node_id=node.id, frame=fs, iteration=i, error=error))
                 if not p.continue_on_error:
                     raise NodeFailure(ErrorObject(code="loop_iteration_failed", message=f"Node '{node.id}': "
@@ -1504,7 +1511,7 @@ class Machine:
                 await self.emit(SubflowCompleted(**base, mapped_variables=mapped))
                 return Next(node.next_node)
             error = ErrorObject.model_validate(resolution.get("error") or {
-                "code": "canceled" if status == "canceled" else "internal_error",
+                "code": "canceled" if status == "canceled" else "internal_error", "retryable": status != "canceled",
                 "message": f"child run {child_id} ended {status}"})
             await self.emit(SubflowFailed(**base, on_failure=p.on_failure, error=error))
             if p.on_failure == "continue":
@@ -2260,6 +2267,35 @@ def forget_retries(frame: Frame, node_id: str) -> None:
     if retries:
         for key in [k for k in retries if k.startswith(f"{node_id}#")]:
             del retries[key]
+
+
+WAIT_FIELDS = ("kind", "id", "node_id", "step_id", "frame", "expires_at")  # a pending wait in ``run_suspended``
+MAX_VARIABLE_BYTES = 1024 * 1024
+MAX_NAMESPACE_BYTES = 16 * 1024 * 1024
+
+
+def _json_bytes(value: Any) -> int:
+    return len(_jsonlib.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              default=str).encode("utf-8"))
+
+
+def _state_too_large(namespace: dict[str, Any]) -> ErrorObject | None:
+    """§2.3: a variable over 1 MiB or a namespace over 16 MiB (canonical JSON) is ``state_too_large``. An oversized
+    variable is dropped from the namespace, so it reaches neither the checkpoint nor a recovery path."""
+    total = _json_bytes(namespace)
+    if total <= MAX_VARIABLE_BYTES:
+        return None
+    for name, value in list(namespace.items()):
+        size = _json_bytes(value)
+        if size > MAX_VARIABLE_BYTES:
+            del namespace[name]
+            return ErrorObject(code="state_too_large", message=f"variable '{name}' is {size} bytes; the limit is "
+                               f"{MAX_VARIABLE_BYTES}", details={"variable": name, "bytes": size,
+                                                                 "limit_bytes": MAX_VARIABLE_BYTES})
+    if total > MAX_NAMESPACE_BYTES:
+        return ErrorObject(code="state_too_large", message=f"the variables take {total} bytes; the limit is "
+                           f"{MAX_NAMESPACE_BYTES}", details={"bytes": total, "limit_bytes": MAX_NAMESPACE_BYTES})
+    return None
 
 
 def _dump(error: ErrorObject) -> dict[str, Any]:

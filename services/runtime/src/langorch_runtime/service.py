@@ -44,6 +44,7 @@ from ckp_core.events import (
 )
 from ckp_core.eventstore import AggregateHead
 from ckp_core.ir import ProcedureIR
+from ckp_core.procedure_lifecycle import fold
 from ckp_core.redaction import Redactor
 from ckp_core.run_events import (
     ExecutionResumed,
@@ -76,11 +77,11 @@ from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import CONSUMER as AGENTS_CONSUMER
 from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
-from langorch_runtime.children import JetStreamChildRuns, resume_parent
+from langorch_runtime.children import RUNNABLE, JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph, retry_target
 from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
-from langorch_runtime.machine import CallbackConfig, Machine, RunInfo
+from langorch_runtime.machine import WAIT_FIELDS, CallbackConfig, Machine, RunInfo
 from langorch_runtime.metrics import RuntimeMetrics
 from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import StepStore
@@ -346,6 +347,23 @@ class RuntimeService:
         for child in sorted(children):
             await publish_command(self.js, CancelRun(actor=ACTOR, run_id=child, reason=reason))
 
+    async def start_gate(self, created: dict[str, Any], ir: ProcedureIR) -> ErrorObject | None:
+        """§7.2 (2): a version archived or deleted since the run was created is ``procedure_not_runnable``, one whose
+        ``effective_date`` is still ahead ``procedure_not_effective``; the run fails before it starts."""
+        procedure_id, version = str(created["procedure_id"]), str(created["procedure_version"])
+        events = await self.store.read("procedure", procedure_id)
+        state = fold(procedure_id, ((e.envelope, e.position) for e in events))
+        found = state.versions.get(version)
+        if found is None or found.status not in RUNNABLE:
+            return ErrorObject(code="procedure_not_runnable", message=f"procedure {procedure_id}@{version} is "
+                               f"{found.status if found else 'deleted'}", details={"status": found.status if found
+                                                                                    else None})
+        today = utc_now().date().isoformat()
+        if ir.effective_date and ir.effective_date > today:
+            return ErrorObject(code="procedure_not_effective", message=f"procedure {procedure_id}@{version} is "
+                               f"effective from {ir.effective_date}", details={"effective_date": ir.effective_date})
+        return None
+
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
         try:
             entry = await self.procedures.get(procedure_key(procedure_id, version))
@@ -397,7 +415,18 @@ class RuntimeService:
             await self.cancel_open_children(run_id, "parent canceled")
             return
         started = next((e for e in events if e.envelope.type == "execution_started"), None)
-        mode = created.get("execution_mode") or ir.global_config.execution_mode
+        if started is None and isinstance(command, StartRun):
+            refused = await self.start_gate(created, ir)
+            if refused is not None:  # §7.2 (2): the version was archived, deleted or is not effective yet
+                await writer.emit(RunFailed(error=refused))
+                if self.js is not None:
+                    await resume_parent(self.js, created, run_id, {"status": "failed",
+                                                                   "error": refused.model_dump(mode="json")},
+                                        {}, ACTOR)
+                return
+        # the run's own mode when it is not the default (a dry-run parent's child), else the document's (§7.9)
+        own = created.get("execution_mode")
+        mode = own if own and own != "production" else ir.global_config.execution_mode
         if ir.global_config.execution_mode == "validation_only" or mode == "validation_only":
             if started is None:
                 await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode="validation_only",
@@ -440,9 +469,10 @@ class RuntimeService:
             if target is None:
                 log.warning("run %s has no checkpoint to retry from", run_id)
                 return
-            point = (target.values.get("failure_point") or {}).get("node_id")
-            failed_at = next((e.envelope.data.get("node_id") for e in reversed(events)
-                              if e.envelope.type == "node_error"), point)
+            # the failure point is recorded in the failed state (the target is the state before that node ran)
+            point = (snapshot.values.get("failure_point") or target.values.get("failure_point") or {}).get("node_id")
+            failed_at = point or next((e.envelope.data.get("node_id") for e in reversed(events)
+                                       if e.envelope.type == "node_error"), None)
             await writer.emit(RunRetryRequested(retry_count=len(retries) + 1, automatic=command.automatic,
                                                 failure_node_id=failed_at))
             await writer.emit(ExecutionResumed(entry_node_id=failed_at, resume_reason="retry",
@@ -477,7 +507,9 @@ class RuntimeService:
                 if announced is not None:  # the decision or callback first moves the run to queued (§7.1)
                     await writer.emit(announced)
                     resolution["_announced"] = True
-                await writer.emit(ExecutionResumed(entry_node_id=None, resume_reason=command.resume_reason,
+                wait = (snapshot.values.get("waits") or {}).get(str(command.resolution.get("wait_id"))) or {}
+                await writer.emit(ExecutionResumed(entry_node_id=wait.get("node_id"),  # the node that continues
+                                                  resume_reason=command.resume_reason,
                                                   runtime_instance=self.instance))
                 final = await self.invoke(run_id, graph, Command(resume=resolution), config, durability="sync")
         elif started is None:
@@ -514,8 +546,7 @@ class RuntimeService:
                 # appends no pausing event of its own: say the run is waiting again (api.md §5.2)
                 status = "waiting_approval" if any(w.get("kind") == "approval" for w in waits) else "paused"
                 await writer.emit(RunSuspended(status=status, waiting_on=[
-                    {k: w.get(k) for k in ("kind", "id", "node_id", "step_id", "expires_at") if k in w}
-                    for w in waits]))
+                    {k: w.get(k) for k in WAIT_FIELDS} for w in waits]))
             if any(n.type == "subflow" for n in ir.nodes.values()):  # children of branches canceled meanwhile
                 await self.cancel_open_children(run_id, "parent branch canceled",
                                                 keep={str(w.get("id")) for w in waits if w.get("kind") == "child_run"})

@@ -1,0 +1,193 @@
+"""Run events only the services emit (ckp.md §7.1, §7.2, §7.12, §8), pinned end to end against real NATS JetStream
+and PostgreSQL: ``run_created``, ``execution_started``/``_resumed``, ``run_completed``/``run_failed``,
+``run_retry_requested``, ``run_canceled``, and the start gates of §7.2."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from langorch_infra.settings import RuntimeSettings
+from langorch_runtime.service import RuntimeService
+from tests.conftest import Platform, platform_of
+from tests.helpers import events_of, imported, start_run, wait_status
+
+pytestmark = pytest.mark.integration
+
+RUN_CREATED = ("procedure_id", "procedure_version", "release_channel", "input_vars", "trigger_type", "triggered_by",
+               "parent_run_id", "parent_node_id", "root_run_id", "rerun_of", "execution_mode")
+ERROR_FIELDS = ("code", "message", "retryable", "node_id", "step_id", "frame", "attempt", "type", "error_code",
+                "http_status", "details", "cause")
+
+
+@pytest.fixture
+async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(nats_url, database_url) as p:
+        yield p
+
+
+def of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e["payload"] for e in events if e["event_type"] == kind]
+
+
+def graph(procedure_id: str, nodes: dict[str, Any], start: str, **extra: Any) -> dict[str, Any]:
+    return {"procedure_id": procedure_id, "version": "1", **extra,
+            "workflow_graph": {"start_node": start, "nodes": nodes}}
+
+
+async def test_run_created_and_execution_started_carry_the_documents_execution_mode(platform: Platform) -> None:
+    """§8: ``run_created.execution_mode`` and ``execution_started.execution_mode`` are the run's mode — for an API
+    run, the document's ``global_config.execution_mode`` (a dry run skips the agent step)."""
+    c = platform.client
+    doc = graph("contract_dry", {
+        "fetch": {"type": "sequence", "agent": "WEB", "next_node": "done",
+                  "steps": [{"step_id": "open", "action": "open_page", "output_variable": "page"}]},
+        "done": {"type": "terminate", "outputs": {"page": "{{page}}", "who": "{{who}}"}}}, "fetch",
+        variables_schema={"who": {"type": "string", "default": "ann"}},
+        global_config={"execution_mode": "dry_run"})
+    await imported(c, doc)
+    run_id = await start_run(c, "contract_dry")
+    run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run
+    events = await events_of(c, run_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    [created] = of(events, "run_created")
+    assert set(RUN_CREATED) <= set(created), sorted(created)
+    assert (created["procedure_id"], created["procedure_version"], created["input_vars"], created["trigger_type"],
+            created["root_run_id"], created["parent_run_id"], created["rerun_of"], created["execution_mode"]) == \
+        ("contract_dry", "1", {"who": "ann"}, "api", run_id, None, None, "dry_run")
+    [started] = of(events, "execution_started")
+    assert (started["entry_node_id"], started["execution_mode"]) == ("fetch", "dry_run")
+    [skipped] = of(events, "dry_run_step_skipped")
+    assert (skipped["action"], skipped["binding_kind"], skipped["channel"]) == ("open_page", "channel", "web")
+    [completed] = of(events, "run_completed")
+    assert completed["outputs"] == {"page": {"dry_run": True, "skipped_action": "open_page", "channel": "web"},
+                                    "who": "ann"}
+    assert completed["recovered_via"] is None
+    assert "mode" not in completed or completed["mode"] is None
+
+
+async def test_validation_only_run_completes_with_mode_and_message(platform: Platform) -> None:
+    c = platform.client
+    doc = graph("contract_validate", {"a": {"type": "terminate"}}, "a",
+                global_config={"execution_mode": "validation_only"})
+    await imported(c, doc)
+    run_id = await start_run(c, "contract_validate")
+    assert (await wait_status(c, run_id))["status"] == "completed"
+    events = await events_of(c, run_id)
+    assert [e["event_type"] for e in events] == ["run_created", "execution_started", "run_completed"]
+    assert of(events, "run_created")[0]["execution_mode"] == "validation_only"
+    assert of(events, "execution_started")[0]["execution_mode"] == "validation_only"
+    [completed] = of(events, "run_completed")
+    assert completed["mode"] == "validation_only"
+    assert completed["outputs"] == {}
+    assert completed["message"] == ("Execution skipped (mode=validation_only). CKP compiled and validated "
+                                    "successfully.")
+
+
+async def test_retry_of_a_run_failed_at_a_terminate_names_that_node(platform: Platform) -> None:
+    """§7.12: a run failed at a ``terminate`` has that node as its failure point; ``run_retry_requested
+    {retry_count, automatic, failure_node_id}`` names it and ``execution_resumed`` enters there."""
+    c = platform.client
+    doc = graph("contract_stop", {
+        "a": {"type": "sequence", "next_node": "stop",
+              "steps": [{"step_id": "s", "action": "set_variable", "variable": "n", "value": 1}]},
+        "stop": {"type": "terminate", "status": "failed", "outputs": {"n": "{{n}}"}}}, "a")
+    await imported(c, doc)
+    run_id = await start_run(c, "contract_stop")
+    assert (await wait_status(c, run_id))["status"] == "failed"
+    events = await events_of(c, run_id)
+    [failed] = of(events, "run_failed")
+    assert set(ERROR_FIELDS) <= set(failed["error"])
+    assert (failed["error"]["code"], failed["error"]["retryable"], failed["error"]["node_id"]) == \
+        ("terminated_failed", False, "stop")
+    assert (failed["outputs"], failed["recovered_via"], failed["recovery_error"]) == ({"n": 1}, None, None)
+    r = await c.post(f"/api/runs/{run_id}/retry", json={})
+    assert r.status_code in (200, 202), r.text
+    for _ in range(400):
+        events = await events_of(c, run_id)
+        if len(of(events, "run_failed")) == 2:
+            break
+        await asyncio.sleep(0.05)
+    [retry] = of(events, "run_retry_requested")
+    assert (retry["retry_count"], retry["automatic"], retry["failure_node_id"]) == (1, False, "stop")
+    resumed = of(events, "execution_resumed")
+    assert [(e["entry_node_id"], e["resume_reason"]) for e in resumed] == [("stop", "retry")]
+    types = [e["event_type"] for e in events]
+    i = types.index("run_retry_requested")
+    assert types[i + 1] == "execution_resumed"
+    # the failing node ran again from the failure point: the sequence before it did not
+    assert [e["node_id"] for e in events[i:] if e["event_type"] == "node_started"] == ["stop"]
+    assert len(of(events, "run_failed")) == 2
+
+
+async def test_resume_after_an_approval_enters_at_the_approval_node(platform: Platform) -> None:
+    """§7.2: ``execution_resumed {entry_node_id, resume_reason}`` — the node the resumed frame continues in."""
+    c = platform.client
+    doc = graph("contract_resume", {
+        "review": {"type": "human_approval", "prompt": "ok?", "on_approve": "yes", "on_reject": "no"},
+        "yes": {"type": "terminate", "outputs": {"r": "yes"}},
+        "no": {"type": "terminate", "outputs": {"r": "no"}}}, "review")
+    await imported(c, doc)
+    run_id = await start_run(c, "contract_resume")
+    await wait_status(c, run_id, ("waiting_approval",))
+    [approval] = (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"]
+    r = await c.post(f"/api/approvals/{approval['approval_id']}/decision", json={"decision": "approve"})
+    assert r.status_code == 200, r.text
+    assert (await wait_status(c, run_id))["status"] == "completed"
+    events = await events_of(c, run_id)
+    [resumed] = of(events, "execution_resumed")
+    assert (resumed["entry_node_id"], resumed["resume_reason"]) == ("review", "approval_decision")
+    [decided] = of(events, "approval_decision_received")
+    assert (decided["approval_id"], decided["source"], decided["routed_to"], decided["resumes_run"]) == \
+        (approval["approval_id"], "human", "yes", True)
+
+
+async def test_cancel_of_a_waiting_run_is_run_canceled_with_reason_and_requester(platform: Platform) -> None:
+    c = platform.client
+    doc = graph("contract_cancel", {
+        "review": {"type": "human_approval", "prompt": "ok?", "on_approve": "done", "on_reject": "done"},
+        "done": {"type": "terminate"}}, "review")
+    await imported(c, doc)
+    run_id = await start_run(c, "contract_cancel")
+    await wait_status(c, run_id, ("waiting_approval",))
+    r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator said so"})
+    assert r.status_code in (200, 202), r.text
+    assert (await wait_status(c, run_id))["status"] == "canceled"
+    events = await events_of(c, run_id)
+    [canceled] = of(events, "run_canceled")
+    assert canceled["reason"] == "operator said so"
+    assert isinstance(canceled["requested_by"], str)
+    assert canceled["requested_by"]
+    assert not of(events, "run_cancel_requested")  # not executing: ended at once (§7.10)
+
+
+async def test_a_version_archived_before_its_run_starts_fails_the_run(nats_url: str, database_url: str) -> None:
+    """§7.2 (2): the runtime refuses a version archived since the run was created (``procedure_not_runnable``)
+    by failing the run; nothing executes."""
+    async with platform_of(nats_url, database_url, runtime=False) as p:
+        c = p.client
+        doc = graph("contract_gate", {"a": {"type": "terminate"}}, "a")
+        await imported(c, doc)
+        run_id = await start_run(c, "contract_gate")
+        r = await c.patch("/api/procedures/contract_gate/1/status", json={"status": "archived"})
+        assert r.status_code == 200, r.text
+        runtime = RuntimeService(RuntimeSettings(nats_url=nats_url, database_url=database_url, ack_wait_s=5))
+        await runtime.start()
+        task = asyncio.create_task(runtime.run())
+        try:
+            run = await wait_status(c, run_id)
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            await runtime.stop()
+        assert run["status"] == "failed", run
+        events = await events_of(c, run_id)
+        assert [e["event_type"] for e in events] == ["run_created", "run_failed"]
+        [failed] = of(events, "run_failed")
+        assert (failed["error"]["code"], failed["error"]["retryable"]) == ("procedure_not_runnable", False)
