@@ -599,3 +599,42 @@ async def test_step_errors_keep_their_code_and_retryable_in_run_failed(agent_err
     error = run.outcome["error"]
     assert (error["code"], error["retryable"], error["node_id"], error["step_id"], error["frame"],
             error["attempt"]) == (code, retryable, "a", "s", "-", 1)
+
+
+async def test_screenshot_requested_and_artifact_created_payloads() -> None:
+    """§4.10: no agent could take the failure screenshot → ``screenshot_requested {reason, error}``; §4.12: a
+    screenshot a step result names → ``artifact_created {artifact_id, kind, name, uri, mime_type, size_bytes,
+    stored}``."""
+    agent = ScriptedDispatcher({"snap": [{"screenshot": "file:///tmp/page.png"}], "boom": [err("agent_error")]})
+    run = checked(await run_doc(doc({
+        "a": {"type": "sequence", "agent": "WEB", "next_node": "b", "steps": [{"step_id": "s", "action": "snap"}]},
+        "b": {"type": "sequence", "agent": "WEB", "next_node": "z", "steps": [{"step_id": "t", "action": "boom"}],
+              "error_handlers": [{"action": "screenshot_and_fail"}]},
+        "z": {"type": "terminate"}}), dispatcher=agent))
+    [artifact] = payload(run, "artifact_created")
+    assert (artifact["node_id"], artifact["step_id"], artifact["kind"], artifact["uri"], artifact["stored"]) == \
+        ("a", "s", "screenshot", "file:///tmp/page.png", False)
+    assert isinstance(artifact["artifact_id"], str)
+    assert artifact["artifact_id"]
+    [shot] = payload(run, "screenshot_requested")
+    assert (shot["reason"], shot["node_id"], shot["step_id"], shot["error"]["code"]) == \
+        ("screenshot_and_fail", "b", "t", "agent_error")
+    assert run.outcome is not None
+    assert run.outcome["error"]["code"] == "agent_error"
+
+
+async def test_retry_node_runs_completed_steps_again_under_new_identities() -> None:
+    """§4.10: ``retry_node`` re-runs the node as a new visit — completed steps run again under new identities (frame
+    ``#2``, a new Idempotency-Key), they are not replayed (§7.4)."""
+    agent = ScriptedDispatcher({"fetch": [{"v": 1}], "flaky": [err("agent_error"), {"ok": True}]})
+    run = checked(await run_doc(doc({
+        "a": {"type": "sequence", "agent": "API", "next_node": "z", "steps": [
+            {"step_id": "f", "action": "fetch", "output_variable": "got"}, {"step_id": "g", "action": "flaky"}],
+              "error_handlers": [{"action": "retry_node", "max_retries": 1, "delay_ms": 0}]},
+        "z": {"type": "terminate", "outputs": {"got": "{{got}}"}}}), dispatcher=agent))
+    assert run.outcome == {"status": "completed", "outputs": {"got": {"v": 1}}}
+    assert not run.of("step_replayed")
+    fetches = [s for s in payload(run, "step_started") if s["step_id"] == "f"]
+    assert [(s["frame"], s["idempotency_key"]) for s in fetches] == [
+        ("-", "lo1:run-1:a:f:-:1"), ("#2", "lo1:run-1:a:f:#2:1")]
+    assert [(n["node_id"], n["visit"]) for n in payload(run, "node_started")] == [("a", 1), ("a", 2), ("z", 1)]
