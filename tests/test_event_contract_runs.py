@@ -15,6 +15,8 @@ from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.service import RuntimeService
 from tests.conftest import Platform, platform_of
 from tests.helpers import events_of, imported, start_run, wait_status
+from tests.scripted_agent import ScriptedAgent, serving
+from tests.test_agent_runs import register
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +193,37 @@ async def test_a_version_archived_before_its_run_starts_fails_the_run(nats_url: 
         assert [e["event_type"] for e in events] == ["run_created", "run_failed"]
         [failed] = of(events, "run_failed")
         assert (failed["error"]["code"], failed["error"]["retryable"]) == ("procedure_not_runnable", False)
+
+
+async def test_rate_limit_wait_over_a_second_is_reported_before_the_attempt_starts(platform: Platform) -> None:
+    """§7.6 / §8: a rate-limit wait over 1 s emits ``rate_limit_wait {limiter, waited_ms}`` (with the step's
+    position), before that attempt's ``step_started``."""
+    c = platform.client
+    release = asyncio.Event()
+
+    async def hold(body: dict[str, Any]) -> str:
+        if not release.is_set():
+            release.set()
+            await asyncio.sleep(1.5)  # the other branch waits for the one concurrency slot meanwhile
+        return "done"
+
+    doc = graph("contract_ratelimit", {
+        "fan": {"type": "parallel", "next_node": "done", "branches": [
+            {"branch_id": "a", "start_node": "x"}, {"branch_id": "b", "start_node": "y"}]},
+        "x": {"type": "sequence", "agent": "API", "next_node": "done", "steps": [{"step_id": "s", "action": "hold"}]},
+        "y": {"type": "sequence", "agent": "API", "next_node": "done", "steps": [{"step_id": "s", "action": "hold"}]},
+        "done": {"type": "terminate"}}, "fan",
+        global_config={"rate_limiting": {"enabled": True, "max_concurrent_operations": 1, "max_wait_ms": 10000}})
+    agent = ScriptedAgent({"hold": hold})
+    async with serving(agent):
+        await register(c, agent, "api", name="holder")
+        await imported(c, doc)
+        run = await wait_status(c, await start_run(c, "contract_ratelimit"))
+    assert run["status"] == "completed", run
+    events = await events_of(c, run["run_id"])
+    [wait] = [e for e in events if e["event_type"] == "rate_limit_wait"]
+    assert wait["payload"]["limiter"] == "concurrent_operations"
+    assert wait["payload"]["waited_ms"] > 1000
+    assert (wait["node_id"], wait["step_id"], wait["attempt"]) in (("x", "s", 1), ("y", "s", 1))
+    started = [e for e in events if e["event_type"] == "step_started" and e["node_id"] == wait["node_id"]]
+    assert [e["seq"] > wait["seq"] for e in started] == [True]
