@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.service import RuntimeService
 from tests.conftest import Platform, platform_of
 from tests.helpers import events_of, imported, start_run, wait_status
-from tests.scripted_agent import ScriptedAgent, serving
+from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import register
 
 pytestmark = pytest.mark.integration
@@ -227,3 +228,45 @@ async def test_rate_limit_wait_over_a_second_is_reported_before_the_attempt_star
     assert (wait["node_id"], wait["step_id"], wait["attempt"]) in (("x", "s", 1), ("y", "s", 1))
     started = [e for e in events if e["event_type"] == "step_started" and e["node_id"] == wait["node_id"]]
     assert [e["seq"] > wait["seq"] for e in started] == [True]
+
+
+async def test_automatic_retry_comes_retry_delay_ms_after_the_failure(platform: Platform) -> None:
+    """§7.12: with ``resume_on_failure``, a retryable failure is retried once, ``retry_delay_ms`` after it
+    (``run_retry_requested {retry_count: 1, automatic: true, failure_node_id}``); the delay is honoured as given
+    (it was cut to 60 s and slept while holding a run slot)."""
+    c = platform.client
+    calls = {"n": 0}
+
+    def flaky(body: dict[str, Any]) -> str:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise AgentFailure("busy", "busy", retryable=True)
+        return "ok"
+
+    doc = graph("contract_auto_retry", {
+        "work": {"type": "sequence", "agent": "API", "next_node": "done",
+                 "steps": [{"step_id": "call", "action": "flaky", "output_variable": "r"}]},
+        "done": {"type": "terminate", "outputs": {"r": "{{r}}"}}}, "work",
+        global_config={"resume_on_failure": True, "retry_delay_ms": 1500})
+    agent = ScriptedAgent({"flaky": flaky})
+    async with serving(agent):
+        await register(c, agent, "api", name="flaky")
+        await imported(c, doc)
+        run_id = await start_run(c, "contract_auto_retry")
+        run: dict[str, Any] = {}
+        for _ in range(600):
+            run = await wait_status(c, run_id)
+            if run["status"] == "completed":
+                break
+            await asyncio.sleep(0.05)
+    assert run["status"] == "completed", run
+    assert run["output_vars"] == {"r": "ok"}
+    events = await events_of(c, run_id)
+    [failed] = [e for e in events if e["event_type"] == "run_failed"]
+    assert failed["payload"]["error"]["retryable"] is True
+    [retry] = [e for e in events if e["event_type"] == "run_retry_requested"]
+    assert (retry["payload"]["retry_count"], retry["payload"]["automatic"], retry["payload"]["failure_node_id"]) == \
+        (1, True, "work")
+    gap = datetime.fromisoformat(retry["created_at"]) - datetime.fromisoformat(failed["created_at"])
+    assert gap.total_seconds() >= 1.5
+    assert calls["n"] == 2

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import psycopg
@@ -114,6 +115,14 @@ async def open_checkpointer(database_url: str) -> tuple[AsyncConnectionPool[Any]
 
 class RunBusy(Exception):
     """A resume reached a run that is executing: settle it later."""
+
+
+class RetryNotDue(Exception):
+    """An automatic retry taken up before ``retry_delay_ms`` passed: redeliver it when it is due."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"retry due in {seconds:.3f} s")
+        self.seconds = seconds
 
 
 class RuntimeService:
@@ -256,6 +265,8 @@ class RuntimeService:
             return ACK
         except RunBusy:
             return nak(1.0)
+        except RetryNotDue as exc:
+            return nak(exc.seconds)
         except ConcurrencyError as exc:
             # another replica writes this run now; leave the message to JetStream's redelivery
             log.warning("run lost to another writer: %s", exc)
@@ -463,8 +474,12 @@ class RuntimeService:
             redactor.add(values=[v if isinstance(v, str) else str(v) for n, v in known.items() if n in sensitive])
         suspended = tuple(snapshot.next) == ("suspend",)
         if isinstance(command, RetryRun):
-            if command.automatic:  # resume_on_failure: one retry after retry_delay_ms (ckp.md §7.12)
-                await asyncio.sleep(min(ir.global_config.retry_delay_ms, 60_000) / 1000)
+            if command.automatic:  # resume_on_failure: one retry retry_delay_ms after the failure (ckp.md §7.12)
+                ended = next((e.envelope.occurred_at for e in reversed(events) if e.envelope.type == "run_failed"),
+                             None)
+                due = (ended.timestamp() if ended else time.time()) + ir.global_config.retry_delay_ms / 1000
+                if due > time.time():  # redelivered when due: no replica slot is held while waiting
+                    raise RetryNotDue(due - time.time())
             target = await retry_target(graph, config)
             if target is None:
                 log.warning("run %s has no checkpoint to retry from", run_id)
