@@ -23,10 +23,12 @@ import copy
 import io
 import json
 import re
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,6 +40,7 @@ from tests.helpers import events_of, example, imported, start_run, wait_status
 from tests.llm_server import DEFAULT_USAGE, LlmServerState, RunningLlmServer, running_llm_server
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import register
+from tests.test_chaos import instance, kill, logs, run_events, runtimes, start_runtime, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -190,15 +193,21 @@ async def llm() -> AsyncIterator[RunningLlmServer]:
         yield server
 
 
+MODELS = {"gpt-4": {"prompt_usd_per_1k": 0.03, "completion_usd_per_1k": 0.06}}
+
+
 @pytest.fixture
-async def platform(nats_url: str, database_url: str, llm: RunningLlmServer,
-                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Platform]:
+def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LANGORCH_SECRET_VENDOR_PORTAL_CREDS", json.dumps(PORTAL_SECRET))
     monkeypatch.setenv("LANGORCH_SECRET_DB_CONNECTION", DB_SECRET)
+
+
+@pytest.fixture
+async def platform(nats_url: str, database_url: str, llm: RunningLlmServer,
+                   secrets_env: None) -> AsyncIterator[Platform]:
     # the runtime's LLM endpoint is the test server; the document asks for model gpt-4
-    models = {"gpt-4": {"prompt_usd_per_1k": 0.03, "completion_usd_per_1k": 0.06}}
     async with platform_of(nats_url, database_url, runtime_settings={
-            "llm_base_url": llm.base_url(), "llm_models": models, "llm_default_model": "gpt-4"}) as p:
+            "llm_base_url": llm.base_url(), "llm_models": MODELS, "llm_default_model": "gpt-4"}) as p:
         yield p
 
 
@@ -591,3 +600,70 @@ async def test_an_inactive_vendor_fails_its_iteration_and_the_loop_goes_on(platf
     assert [r["params"]["parameters"]["invoice_number"] for r in channels.database.requests] == ["INV-1002"]
     assert len(llm.state.calls("gpt-4")) == 1
     assert of_type(events, "recovery_started") == []
+
+
+async def test_a_runtime_killed_inside_the_erp_entry_resumes_without_repeating_a_call(
+        nats_url: str, database_url: str, llm: RunningLlmServer, secrets_env: None, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """critical_nodes_only: the last save before process_in_erp is init_workflow's is_checkpoint. The runtime is
+    SIGKILLed in the pause after press_enter; a fresh runtime resumes there, replays every completed call from the
+    step store (EMAIL, WEB, the LLM completion, the first DESKTOP steps) and executes only the rest (§7.3, §7.4)."""
+    monkeypatch.setenv("LANGORCH_LLM_BASE_URL", llm.base_url())
+    monkeypatch.setenv("LANGORCH_LLM_MODELS", json.dumps(MODELS))
+    monkeypatch.setenv("LANGORCH_LLM_DEFAULT_MODEL", "gpt-4")
+    # the killed runtime's DESKTOP lease outlives it until its TTL (§7.5): 5 s instead of 60 s keeps the wait short
+    monkeypatch.setenv("LANGORCH_LEASE_TTL_S", "5")
+    one = INVOICES[:1]
+    channels = Channels(one, portal=active_portal(one))
+    llm.state.model("gpt-4").script = [completion("INV-1001")]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def killer(key: str, envelope: dict[str, Any]) -> None:
+        if ":press_enter:" in key and len(procs) == 1:
+            kill(procs[0])
+
+    channels.desktop.on_answered = killer
+    async with platform_of(nats_url, database_url, runtime=False) as p, \
+            runtimes(nats_url, database_url, tmp_path) as started:
+        c = p.client
+        async with agents_of(c, channels):
+            procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-a.log"))
+            started.extend(procs)
+            run_id = await run_doc(c)
+            for _ in range(1200):
+                if procs[0].poll() is not None:
+                    break
+                await _sleep()
+            assert procs[0].poll() is not None, logs(tmp_path)
+            started.append(start_runtime(nats_url, database_url, tmp_path / "runtime-b.log"))
+            run = await wait_terminal(c, run_id, RUN_TIMEOUT_S, tmp_path)
+    assert run["status"] == "completed", (run["error"], logs(tmp_path))
+    assert run["output_vars"] == {"total_processed": 1, "total_amount": 1250.5, "execution_duration_ms": None}
+    events = await run_events(nats_url, run_id)
+    types = [e.type for e in events]
+    assert "execution_recovered" in types
+    assert types.count("run_completed") == 1
+    # every agent executed each step instance once, on attempt 1; nothing was executed twice across the crash
+    for _, agent in channels.all():
+        assert len(agent.executed) == len(set(agent.executed)), agent.executed
+        assert {instance(k)[3] for k in agent.executed} == {"1"}
+    erp = [instance(k)[1] for k in channels.desktop.executed]
+    assert erp == ["launch_sap", "wait_sap_window", "activate_sap", "open_transaction", "press_enter",
+                   "wait_invoice_screen", "enter_vendor", "tab_to_date", "enter_invoice_date", "enter_amount",
+                   "save_transaction", "copy_doc_number", "screenshot_erp"]
+    assert len(channels.web.executed) == 9
+    assert [r["action"] for r in channels.email.requests[:2]] == ["search_email", "download_attachment"]
+    assert len(llm.state.calls("gpt-4")) == 1  # the completion recorded before the kill is replayed
+    completions = Counter((e.data["node_id"], e.data["step_id"], e.data["frame"])
+                          for e in events if e.type == "step_completed")
+    assert max(completions.values()) == 1, completions
+    replayed = {(e.data["node_id"], e.data["step_id"]) for e in events if e.type == "step_replayed"}
+    after = types.index("execution_recovered")
+    assert {("fetch_emails", "search_invoices"), ("enrich_with_llm", "llm"), ("process_in_erp", "launch_sap"),
+            ("process_in_erp", "open_transaction")} <= replayed
+    assert not any(e.type == "step_started" and e.data["step_id"] == "launch_sap" for e in events[after:])
+    # the kill landed while press_enter's answer was being recorded: after the restart it was either replayed from
+    # the step store or sent again with the same key and answered from the agent's record
+    enter = f"lo1:{run_id}:process_in_erp:press_enter:loop_invoices[0]:1"
+    resent = [r["idempotency_key"] for r in channels.desktop.requests].count(enter) == 2
+    assert (("process_in_erp", "press_enter") in replayed) != resent
