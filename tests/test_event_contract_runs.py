@@ -270,3 +270,32 @@ async def test_automatic_retry_comes_retry_delay_ms_after_the_failure(platform: 
     gap = datetime.fromisoformat(retry["created_at"]) - datetime.fromisoformat(failed["created_at"])
     assert gap.total_seconds() >= 1.5
     assert calls["n"] == 2
+
+
+async def test_recovery_path_past_the_deadline_has_its_grace_then_fails(nats_url: str, database_url: str) -> None:
+    """§7.11: after ``deadline_exceeded`` the recovery path gets ``LANGORCH_RECOVERY_GRACE_S`` of its own; past it
+    the run fails with ``run_failed {error: deadline_exceeded, recovered_via, recovery_error: deadline_exceeded}``."""
+    async def slow(body: dict[str, Any]) -> str:
+        await asyncio.sleep(3)
+        return "late"
+
+    doc = graph("contract_grace", {
+        "work": {"type": "sequence", "agent": "API", "next_node": "done",
+                 "steps": [{"step_id": "s", "action": "slow"}]},
+        "rescue": {"type": "sequence", "agent": "API", "next_node": "done",
+                   "steps": [{"step_id": "r", "action": "slow"}]},
+        "done": {"type": "terminate"}}, "work", global_config={"timeout_ms": 300, "on_failure": "rescue"})
+    agent = ScriptedAgent({"slow": slow})
+    async with serving(agent), platform_of(nats_url, database_url, runtime_settings={"recovery_grace_s": 0.3}) as p:
+        c = p.client
+        await register(c, agent, "api", name="slowpoke")
+        await imported(c, doc)
+        run = await wait_status(c, await start_run(c, "contract_grace"))
+        events = await events_of(c, run["run_id"])
+    assert run["status"] == "failed", run
+    [recovery] = of(events, "recovery_started")
+    assert (recovery["on_failure_node"], recovery["error"]["code"]) == ("rescue", "deadline_exceeded")
+    [failed] = of(events, "run_failed")
+    assert (failed["error"]["code"], failed["recovered_via"], failed["recovery_error"]["code"]) == \
+        ("deadline_exceeded", "rescue", "deadline_exceeded")
+    assert failed["recovery_error"]["node_id"] == "rescue"

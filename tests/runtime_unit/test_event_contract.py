@@ -336,6 +336,22 @@ async def test_deadline_exceeded_bypasses_node_handlers_and_is_not_retryable() -
     assert run.outcome["error"]["code"] == "deadline_exceeded"
 
 
+async def test_deadline_exceeded_goes_to_the_recovery_path() -> None:
+    """§7.11: on expiry the node fails with ``deadline_exceeded`` and the recovery path runs (with its own grace)."""
+    async def slow(request: Any) -> Any:
+        await asyncio.sleep(5)
+        return "late"
+
+    run = checked(await run_doc(doc({
+        "a": {"type": "sequence", "agent": "API", "next_node": "z", "steps": [{"step_id": "s", "action": "slow"}]},
+        "rescue": {"type": "terminate", "outputs": {"was": "{{error.code}}"}},
+        "z": {"type": "terminate"}}, global_config={"timeout_ms": 50, "on_failure": "rescue"}),
+        dispatcher=ScriptedDispatcher({"slow": [slow]})))
+    [started] = payload(run, "recovery_started")
+    assert (started["on_failure_node"], started["error"]["code"]) == ("rescue", "deadline_exceeded")
+    assert run.outcome == {"status": "completed", "outputs": {"was": "deadline_exceeded"}, "recovered_via": "rescue"}
+
+
 async def test_max_hops_exceeded_is_a_node_error_of_the_cycling_node() -> None:
     run = checked(await run_doc(doc({
         "a": {"type": "sequence", "next_node": "a", "steps": [

@@ -64,6 +64,8 @@ class RuntimeSettings(CommonSettings):
                             "(async callbacks go to <public_url>/api/runs/<run_id>/callback).")
     callback_timeout_s: float = Field(3600.0, gt=0, description="How long an async workflow delegation may wait "
                                       "for its callback (ckp.md §4.6).")
+    recovery_grace_s: float = Field(60.0, ge=0, description="Executing time the recovery path gets of its own "
+                                    "after the run deadline passed (global_config.timeout_ms, ckp.md §7.11).")
     agent_health_interval_s: float = Field(30.0, gt=0, description="Seconds between health probes of every "
                                            "agent by the elected replica (api.md §7.3).")
     agent_heartbeat_interval_s: float = Field(15.0, gt=0, description="Agents' heartbeat interval; a heartbeat "

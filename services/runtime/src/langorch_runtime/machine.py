@@ -332,6 +332,7 @@ class Machine:
     affinity: dict[str, str] = field(default_factory=dict)  # channel → agent, mirrored into the run state
     on_sensitive: Callable[[set[str], set[str]], None] | None = None  # (variable names, values) to redact
     webhooks: WebhookPoster | None = None  # the server's notification and alert webhooks (scheduled POSTs)
+    recovery_grace_ms: int = RECOVERY_GRACE_MS  # LANGORCH_RECOVERY_GRACE_S: the recovery path's time past the deadline
     _in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -599,7 +600,7 @@ class Machine:
             return None
         hit = state.get("deadline_hit")
         if state.get("recovery") is not None and hit is not None:
-            limit = hit + RECOVERY_GRACE_MS
+            limit = hit + self.recovery_grace_ms
         return (limit - state.get("executed_ms", 0)) / 1000
 
     async def deadline(self, state: RunState, frames: list[Frame]) -> None:

@@ -463,7 +463,8 @@ class RuntimeService:
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
                           limiter=self.limiter, llm=self.llm, artifacts=self.artifacts,
-                          webhooks=self.webhooks.for_run(run_id, ir.procedure_id, redactor))
+                          webhooks=self.webhooks.for_run(run_id, ir.procedure_id, redactor),
+                          recovery_grace_ms=int(self.settings.recovery_grace_s * 1000))
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
