@@ -16,6 +16,7 @@ from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.service import RuntimeService
 from tests.conftest import Platform, platform_of
 from tests.helpers import events_of, imported, start_run, wait_status
+from tests.llm_server import LlmServerState, running_llm_server
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import register
 
@@ -299,3 +300,64 @@ async def test_recovery_path_past_the_deadline_has_its_grace_then_fails(nats_url
     assert (failed["error"]["code"], failed["recovered_via"], failed["recovery_error"]["code"]) == \
         ("deadline_exceeded", "rescue", "deadline_exceeded")
     assert failed["recovery_error"]["node_id"] == "rescue"
+
+
+LLM_USAGE = ("model", "requested_model", "provider_host", "prompt_tokens", "completion_tokens", "total_tokens",
+             "estimated_cost_usd", "usage_reported", "latency_ms", "attempt", "fallback_attempt")
+
+
+async def test_llm_usage_budget_exceeded_and_llm_error_payloads(nats_url: str, database_url: str) -> None:
+    """§7.13 / §8: ``llm_usage`` of a fallback call, ``budget_exceeded {max_cost_usd, spent_usd, projected_usd}``
+    and ``llm_error`` (retryable when the chain ended on 5xx) against a real OpenAI-compatible server."""
+    models = {"m-small": {"prompt_usd_per_1k": 1.0, "completion_usd_per_1k": 2.0, "fallbacks": ["m-backup"]},
+              "m-backup": {"prompt_usd_per_1k": 1.0, "completion_usd_per_1k": 2.0}}
+    state = LlmServerState()
+    async with running_llm_server(state) as llm, platform_of(nats_url, database_url, runtime_settings={
+            "llm_base_url": llm.base_url(), "llm_models": models, "llm_default_model": "m-small"}) as p:
+        c = p.client
+        state.model("m-small").script = [(503, None, {})]
+        ok = graph("contract_llm", {"ask": {"type": "llm_action", "model": "m-small", "prompt": "hi",
+                                            "next_node": "done"},
+                                    "done": {"type": "terminate", "outputs": {"t": "{{llm_output}}"}}}, "ask")
+        await imported(c, ok)
+        run = await wait_status(c, await start_run(c, "contract_llm"))
+        assert run["status"] == "completed", run
+        events = await events_of(c, run["run_id"])
+        [usage_event] = [e for e in events if e["event_type"] == "llm_usage"]
+        usage = usage_event["payload"]
+        assert set(LLM_USAGE) - {"attempt"} <= set(usage), sorted(usage)
+        assert (usage_event["node_id"], usage_event["step_id"], usage_event["attempt"]) == ("ask", "llm", 1)
+        assert (usage["model"], usage["requested_model"], usage["fallback_attempt"], usage["usage_reported"]) == \
+            ("m-backup", "m-small", 1, True)
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert usage["estimated_cost_usd"] == pytest.approx(
+            (usage["prompt_tokens"] * 1.0 + usage["completion_tokens"] * 2.0) / 1000)
+        assert isinstance(usage["provider_host"], str)
+        assert usage["provider_host"]
+        assert isinstance(usage["latency_ms"], int)
+
+        poor = graph("contract_llm_budget", {"ask": {"type": "llm_action", "model": "m-small", "prompt": "hi",
+                                                     "max_tokens": 500, "next_node": "done"},
+                                             "done": {"type": "terminate"}}, "ask",
+                     global_config={"max_cost_usd": 0.000001})
+        await imported(c, poor)
+        run = await wait_status(c, await start_run(c, "contract_llm_budget"))
+        assert run["status"] == "failed", run
+        events = await events_of(c, run["run_id"])
+        [budget] = of(events, "budget_exceeded")
+        assert (budget["max_cost_usd"], budget["spent_usd"]) == (0.000001, 0.0)
+        assert budget["projected_usd"] > budget["max_cost_usd"]
+        [failed] = of(events, "run_failed")
+        assert (failed["error"]["code"], failed["error"]["retryable"]) == ("budget_exceeded", False)
+
+        state.model("m-small").status = 503
+        state.model("m-backup").status = 502
+        down = graph("contract_llm_down", {"ask": {"type": "llm_action", "model": "m-small", "prompt": "hi",
+                                                   "next_node": "done"},
+                                           "done": {"type": "terminate"}}, "ask")
+        await imported(c, down)
+        run = await wait_status(c, await start_run(c, "contract_llm_down"))
+        assert run["status"] == "failed", run
+        [failed] = of(await events_of(c, run["run_id"]), "run_failed")
+        assert (failed["error"]["code"], failed["error"]["retryable"], failed["error"]["node_id"]) == \
+            ("llm_error", True, "ask")
