@@ -363,9 +363,10 @@ async def test_happy_path_processes_every_invoice_once(platform: Platform, llm: 
     assert of_type(events, "step_failed") == []
     assert of_type(events, "node_error") == []
     assert [p["reason"] for p in of_type(events, "screenshot_requested")] == ["orchestrator_step"]
-    warnings = {(p["variable"], p["reason"], p["location"]["node_id"]) for p in of_type(events, "template_warning")}
-    assert ("telemetry", "undefined", "workflow_complete") in warnings
-    assert ("summary_stats", "missing_key", "send_summary_email") in warnings
+    warnings = [(p["variable"], p["reason"], p["location"]["node_id"], p["location"]["field"])
+                for p in of_type(events, "template_warning")]
+    assert warnings == [("summary_stats", "missing_key", "send_summary_email", "/steps/0/body"),
+                        ("telemetry", "undefined", "workflow_complete", "/outputs/execution_duration_ms")]
     # secret values never reach the run's events
     everything = json.dumps(events)
     assert PORTAL_SECRET["password"] not in everything

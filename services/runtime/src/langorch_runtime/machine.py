@@ -992,7 +992,7 @@ class Machine:
     async def validation(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
                          v: ValidationIR) -> Outcome | None:
         fs = frame_string(frame, node.id, current["visit"])
-        base = f"/validations/{v.id}"
+        base = _path_in_node(node, v) or f"/validations/{v.id}"
         passed = True
         if v.condition is not None:
             passed = truthy(await self.evaluate(v.condition, state, frame, node.id, f"{base}/condition"))
@@ -1028,7 +1028,8 @@ class Machine:
     async def verification(self, state: RunState, frame: Frame, node: NodeIR, p: VerificationPayload) -> Outcome:
         fs = frame_string(frame, node.id, (frame.get("node") or {}).get("visit", 1))
         for check in p.checks:
-            if truthy(await self.evaluate(check.condition, state, frame, node.id, f"/checks/{check.id}/condition")):
+            where = _path_in_node(node, check) or f"/checks/{check.id}"
+            if truthy(await self.evaluate(check.condition, state, frame, node.id, f"{where}/condition")):
                 continue
             if check.on_fail == "warn":
                 await self.emit(VerificationWarning(node_id=node.id, frame=fs, check_id=check.id,
@@ -1596,7 +1597,8 @@ class Machine:
         for label, actions in action_lists:
             for op in actions:
                 try:
-                    await self.operation(state, frame, node, current, op, f"/{label}/{op.index}")
+                    await self.operation(state, frame, node, current, op,
+                                         f"/{'cleanup_actions' if label == 'cleanup' else label}/{op.index}")
                 except (StepError, NodeFailure) as exc:
                     error = exc.error
                     await self.emit(StepFailed(node_id=node.id, step_id=f"{label}[{op.index}]", frame=fs, attempt=1,
@@ -1649,7 +1651,7 @@ class Machine:
         step_id = identity_step_id or step.step_id
         fs = frame_string(frame, node.id, current["visit"])
         namespace = vars_of(state, frame)
-        base = f"/steps/{step.step_id}"
+        base = _path_in_node(node, step) or f"/steps/{step.step_id}"
         if step.idempotency_key is not None:
             rendered = await self.render(step.idempotency_key, state, frame, node.id, step.step_id,
                                          f"{base}/idempotency_key", text=True)
@@ -2296,6 +2298,20 @@ def _state_too_large(namespace: dict[str, Any]) -> ErrorObject | None:
     if total > MAX_NAMESPACE_BYTES:
         return ErrorObject(code="state_too_large", message=f"the variables take {total} bytes; the limit is "
                            f"{MAX_NAMESPACE_BYTES}", details={"bytes": total, "limit_bytes": MAX_NAMESPACE_BYTES})
+    return None
+
+
+def _path_in_node(node: NodeIR, item: object) -> str | None:
+    """The JSON path of a step, validation, check or recovery step inside its node: ``location.field`` of a
+    ``template_warning`` is the template's JSON path in the node (ckp.md §5.1), so ``/steps/0/body``, not the id."""
+    for name in ("steps", "validations", "checks"):
+        for i, candidate in enumerate(getattr(node.payload, name, None) or []):
+            if candidate is item:
+                return f"/{name}/{i}"
+    for handler in node.error_handlers:
+        for i, candidate in enumerate(handler.recovery_steps):
+            if candidate is item:
+                return f"/error_handlers/{handler.index}/recovery_steps/{i}"
     return None
 
 
