@@ -654,3 +654,45 @@ async def test_retry_node_runs_completed_steps_again_under_new_identities() -> N
     assert [(s["frame"], s["idempotency_key"]) for s in fetches] == [
         ("-", "lo1:run-1:a:f:-:1"), ("#2", "lo1:run-1:a:f:#2:1")]
     assert [(n["node_id"], n["visit"]) for n in payload(run, "node_started")] == [("a", 1), ("a", 2), ("z", 1)]
+
+
+# --- §7.15: payloads are redacted and bounded as they are appended ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "redacted"), [
+    ("password", True), ("PassWd", True), ("client_secret", True), ("api-key", True), ("Authorization", True),
+    ("cookie", True), ("private_key", True), ("credentials", True), ("token", True), ("access_token", True),
+    ("refreshToken", True), ("csrftoken", True), ("prompt_tokens", False), ("total_tokens", False),
+    ("author", False), ("oauth_state", False), ("tokens_left", False), ("token_count", False),
+])
+def test_sensitive_keys_of_7_15(key: str, redacted: bool) -> None:
+    from ckp_core.redaction import is_sensitive_key
+
+    assert is_sensitive_key(key) is redacted
+
+
+async def test_run_writer_redacts_masks_and_bounds_every_payload() -> None:
+    from ckp_core.events import ANONYMOUS, Log, StepStarted
+    from ckp_core.eventstore import AggregateHead, MemoryEventStore
+    from ckp_core.redaction import Redactor
+    from langorch_runtime.executor import RunWriter
+
+    store = MemoryEventStore()
+    writer = RunWriter(store, "run-9", AggregateHead(0, 0), Redactor(extra_keys=["iban"], values=["s3cr3t-value"]),
+                       ANONYMOUS, None)
+    await writer.emit(StepStarted(node_id="a", step_id="s", attempt=1, action="post", binding_kind="agent_http",
+                                  idempotency_key="lo1:run-9:a:s:-:1", params={
+                                      "password": "p", "nested": {"refreshToken": "t", "iban": "DE00"},
+                                      "note": "uses s3cr3t-value here"}))
+    [stored] = await store.read("run", "run-9")
+    params = stored.envelope.data["params"]
+    assert params["password"] == "***REDACTED***"
+    assert params["nested"] == {"refreshToken": "***REDACTED***", "iban": "***REDACTED***"}
+    assert params["note"] == "uses ***REDACTED*** here"
+    assert stored.envelope.data["action"] == "post"
+    await writer.emit(Log(node_id="a", level="INFO", message="y" * (64 * 1024 + 1)))
+    stored_log = (await store.read("run", "run-9"))[1].envelope
+    assert (stored_log.seq, stored_log.data["level"]) == (2, "INFO")
+    assert stored_log.data["message"]["_truncated"] is True
+    assert stored_log.data["message"]["bytes"] == 64 * 1024 + 3  # the JSON string, quotes included
+    assert len(stored_log.data["message"]["sha256"]) == 64

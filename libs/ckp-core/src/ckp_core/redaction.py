@@ -12,7 +12,7 @@ REDACTED = "***REDACTED***"
 
 _SENSITIVE_KEY = re.compile(
     r"^(password|passwd|secret|client_secret|api_key|apikey|api-key|authorization|cookie|private_key|"
-    r"access_key|credentials?|.*_token|token)$",
+    r"access_key|credentials?|.*token)$",  # a key equal to or ending in token (refreshToken, csrf_token)
     re.IGNORECASE,
 )
 _COUNTERS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
