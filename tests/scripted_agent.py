@@ -27,6 +27,7 @@ class ScriptedAgent:
     handlers: dict[str, Handler]
     base_url: str = ""
     requests: list[dict[str, Any]] = field(default_factory=list)  # every /execute body, in arrival order
+    headers: list[dict[str, str]] = field(default_factory=list)  # the headers of each of ``requests``
     executed: list[str] = field(default_factory=list)  # idempotency keys actually executed
     results: dict[str, Any] = field(default_factory=dict)
     in_progress: str = "conflict"  # a key still executing: "conflict" (409 in_progress) or "wait" (first result)
@@ -50,6 +51,7 @@ class ScriptedAgent:
         async def execute(request: Request) -> JSONResponse:
             body = await request.json()
             self.requests.append(body)
+            self.headers.append(dict(request.headers))
             key = request.headers.get("idempotency-key", "")
             if key in self.results:
                 return JSONResponse(self.results[key])

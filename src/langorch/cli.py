@@ -65,6 +65,7 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
     from langorch_approvals.service import host as approvals_host
     from langorch_compiler.service import host as compiler_host
     from langorch_gateway.app import create_app
+    from langorch_infra import jsonlog
     from langorch_infra.hosting import ServiceHost
     from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
     from langorch_runtime.service import host as runtime_host
@@ -82,6 +83,7 @@ async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: s
                                       for h in hosts]
     server = None
     if "gateway" in names:
+        jsonlog.install("langorch_gateway")  # the gateway logs JSON lines (api.md §1.3), one per request at least
         settings = GatewaySettings(**env, host=host, port=port)
         registries: list[CollectorRegistry] = [h.registry for h in hosts]
         config = uvicorn.Config(create_app(settings, extra_registries=registries), host=host, port=port,

@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from langorch_infra import tracing
+
 log = logging.getLogger(__name__)
 
 HANDLER_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -86,11 +88,13 @@ async def settle(msg: Msg, how: Settle) -> None:
 
 
 async def handle_one(msg: Msg, handler: Callable[[Msg], Awaitable[Settle]], metrics: BusMetrics | None) -> None:
-    """Run ``handler`` on ``msg``, settle it and count it. A handler that raises naks the message after 2 s (it
-    is logged); settling errors (a connection lost meanwhile) are logged and left to redelivery."""
+    """Run ``handler`` on ``msg`` in a span whose parent is the trace context of the message headers (api.md §1.3),
+    settle it and count it. A handler that raises naks the message after 2 s (it is logged); settling errors (a
+    connection lost meanwhile) are logged and left to redelivery."""
     started = time.monotonic()
     try:
-        how = await handler(msg)
+        with tracing.consumer_span(subject_template(msg.subject), msg.headers):
+            how = await handler(msg)
     except asyncio.CancelledError:
         raise
     except Exception:

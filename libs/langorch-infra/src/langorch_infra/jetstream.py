@@ -40,6 +40,7 @@ from ckp_core.subjects import (
     command_subject,
     event_subject,
 )
+from langorch_infra import tracing
 from langorch_infra.bus import record_append_conflict
 
 log = logging.getLogger(__name__)
@@ -195,11 +196,14 @@ async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
 
 
 async def publish_command(js: JetStreamContext, command: Command, *, msg_id: str | None = None) -> int:
-    """Publish a command on ``lo.cmd.<aggregate>.<verb>`` with ``Nats-Msg-Id`` (= command id by default)."""
+    """Publish a command on ``lo.cmd.<aggregate>.<verb>`` with ``Nats-Msg-Id`` (= command id by default) and the
+    current trace context (``traceparent``/``tracestate``, api.md §1.3) when a span is current."""
+    headers = {"Nats-Msg-Id": msg_id or command.command_id}
+    tracing.inject(headers)
     ack = await js.publish(
         command_subject(command.AGGREGATE, command.VERB),
         command.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": msg_id or command.command_id},
+        headers=headers,
     )
     return int(ack.seq)
 

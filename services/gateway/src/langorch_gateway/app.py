@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date, datetime
@@ -52,10 +53,11 @@ from langorch_gateway import (
     views,
 )
 from langorch_gateway.metrics import GatewayMetrics
-from langorch_gateway.problems import ApiProblem, install
+from langorch_gateway.problems import ApiProblem, install, internal_problem, problem_response
 from langorch_gateway.projector import AuditProjector, Projector, ensure_schema
 from langorch_gateway.streams import StreamSlots
 from langorch_gateway.text_safety import check_request
+from langorch_infra import tracing
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
@@ -67,6 +69,7 @@ from langorch_infra.presence import Presence, new_instance_id
 from langorch_infra.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("langorch_gateway.access")  # one JSON line per request (api.md §1.3)
 
 API_VERSION = "1"
 POOL_CLOSE_S = 10.0  # shutdown: wait this long for pooled PostgreSQL connections to be released
@@ -142,6 +145,32 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         started = time.perf_counter()
         rid = request.headers.get("x-request-id")
         request.state.request_id = rid if rid and REQUEST_ID.match(rid) else new_id()
+        # the request span: a child of a valid incoming traceparent, else a new trace (api.md §1.3)
+        with tracing.server_span(f"{request.method} {request.url.path}", request.headers) as span:
+            request.state.trace_id = tracing.trace_id_of(span) or secrets.token_hex(16)
+            try:
+                response = await respond(request, call_next)
+            except Exception as exc:  # answered here so that it carries the headers below and is logged once
+                response = internal_problem(request, exc)
+            route = request.scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            span.update_name(f"{request.method} {template}")
+            span.set_attribute("http.route", template)
+            span.set_attribute("http.response.status_code", response.status_code)
+        elapsed = time.perf_counter() - started
+        metrics.http_requests.labels(method=request.method, route=template, status=str(response.status_code)).inc()
+        metrics.http_duration.labels(method=request.method, route=template).observe(elapsed)
+        response.headers["X-Request-ID"] = request.state.request_id
+        response.headers["X-Trace-ID"] = request.state.trace_id
+        response.headers["LangOrch-API-Version"] = API_VERSION
+        response.headers["X-LangOrch-Auth"] = "disabled"
+        access_log.info("%s %s %s", request.method, request.url.path, response.status_code, extra={
+            "request_id": request.state.request_id, "trace_id": request.state.trace_id,
+            "actor": ANONYMOUS.render(), "method": request.method, "route": template, "path": request.url.path,
+            "status": response.status_code, "duration_ms": round(elapsed * 1000, 3)})
+        return response
+
+    async def respond(request: Request, call_next: Any) -> Response:
         problem: ApiProblem | None = None
         if request.method in ("POST", "PUT", "PATCH"):
             ctype = request.headers.get("content-type", "")
@@ -162,27 +191,14 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             except ApiProblem as refused:
                 problem = refused
         if problem is not None:
-            from langorch_gateway.problems import problem_response
-
-            response: Response = problem_response(request, problem.code, problem.detail, errors=problem.errors)
-        elif idempotency.applies(request) and "idempotency-key" in request.headers:
+            return problem_response(request, problem.code, problem.detail, errors=problem.errors)
+        if idempotency.applies(request) and "idempotency-key" in request.headers:
             try:
-                response = await idempotency.handle(request, call_next)
+                return await idempotency.handle(request, call_next)
             except ApiProblem as refused:
-                from langorch_gateway.problems import problem_response
-
-                response = problem_response(request, refused.code, refused.detail, errors=refused.errors,
-                                            **refused.extra)
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", None) or "<unmatched>"
-        metrics.http_requests.labels(method=request.method, route=template, status=str(response.status_code)).inc()
-        metrics.http_duration.labels(method=request.method, route=template).observe(time.perf_counter() - started)
-        response.headers["X-Request-ID"] = request.state.request_id
-        response.headers["LangOrch-API-Version"] = API_VERSION
-        response.headers["X-LangOrch-Auth"] = "disabled"
-        return response
+                return problem_response(request, refused.code, refused.detail, errors=refused.errors,
+                                        **refused.extra)
+        return await call_next(request)  # type: ignore[no-any-return]
 
     def pool(request: Request) -> asyncpg.Pool:
         return request.app.state.pool  # type: ignore[no-any-return]

@@ -156,13 +156,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        from asyncpg import PostgresConnectionError
-        from nats.errors import ConnectionClosedError, NoRespondersError
-        from nats.errors import TimeoutError as NatsTimeout
+        return internal_problem(request, exc)
 
-        if isinstance(exc, PostgresConnectionError | ConnectionClosedError | NoRespondersError | NatsTimeout
-                      | OSError):
-            log.warning("dependency unavailable: %r", exc)
-            return problem_response(request, "unavailable", "NATS or PostgreSQL is unreachable; retry later")
-        log.exception("internal error on %s", request.url.path)
-        return problem_response(request, "internal_error", "an internal error occurred; quote the request_id")
+
+def internal_problem(request: Request, exc: Exception) -> JSONResponse:
+    """The problem of an unexpected exception: ``unavailable`` when NATS or PostgreSQL is unreachable, else
+    ``internal_error`` (logged with its traceback)."""
+    from asyncpg import PostgresConnectionError
+    from nats.errors import ConnectionClosedError, NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    if isinstance(exc, PostgresConnectionError | ConnectionClosedError | NoRespondersError | NatsTimeout | OSError):
+        log.warning("dependency unavailable: %r", exc)
+        return problem_response(request, "unavailable", "NATS or PostgreSQL is unreachable; retry later")
+    log.error("internal error on %s", request.url.path, exc_info=exc)
+    return problem_response(request, "internal_error", "an internal error occurred; quote the request_id")

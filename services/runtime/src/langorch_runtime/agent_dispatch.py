@@ -25,7 +25,6 @@ import email.utils
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from collections import OrderedDict
@@ -59,6 +58,7 @@ from ckp_core.subjects import (
     agent_probe_key,
     lease_key,
 )
+from langorch_infra import tracing
 from langorch_infra.jetstream import connect, decode_message, ensure_topology
 from langorch_infra.kv import put_with_ttl
 from langorch_infra.secrets import grant_key, redeem_grants
@@ -90,8 +90,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _traceparent() -> str:
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+def _trace_headers(name: str) -> dict[str, str]:
+    """``traceparent`` (and ``tracestate``) of one outbound call: the trace of the command the run executes under
+    (api.md §1.3), a span id of this call's own."""
+    return tracing.outbound_headers(name)
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -563,7 +565,7 @@ class AgentDispatcher(Dispatcher):
                 "callback": {"url": callback.url, "token": callback.token, "expires_at": callback.expires_at}}
         headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
                    "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
-                   "X-LangOrch-Attempt": str(request.attempt), "traceparent": _traceparent(),
+                   "X-LangOrch-Attempt": str(request.attempt), **_trace_headers("agent.execute"),
                    **self._auth_header(c.agent)}
         where = {"agent_id": c.agent_id, "url": url}
         last: str = ""
@@ -626,7 +628,7 @@ class AgentDispatcher(Dispatcher):
                 "deadline_at": deadline_at, "dispatch_mode": dispatch_mode, "callback": None}
         headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
                    "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
-                   "X-LangOrch-Attempt": str(request.attempt), "traceparent": _traceparent(),
+                   "X-LangOrch-Attempt": str(request.attempt), **_trace_headers("agent.execute"),
                    **self._auth_header(c.agent)}
         url = f"{c.agent.base_url.rstrip('/')}/execute"
         where = {"agent_id": c.agent_id, "url": url}
@@ -717,7 +719,10 @@ class AgentDispatcher(Dispatcher):
 
     async def _call_mcp(self, c: Candidate, request: DispatchRequest) -> Any:
         timeout_s, binding_default = self._timeout_s(request, self.settings.mcp_timeout_s)
-        meta = {"langorch/run_id": request.run_id, "langorch/idempotency_key": request.idempotency_key}
+        # the session's transport runs in its own task: the call's trace context travels in ``_meta`` (where MCP
+        # servers look for it too) and _stamp_request copies it into the HTTP headers
+        meta = {"langorch/run_id": request.run_id, "langorch/idempotency_key": request.idempotency_key,
+                **_trace_headers("mcp.tools/call")}
         where = {"agent_id": c.agent_id, "url": c.agent.base_url, "tool": request.action}
         for again in (True, False):
             session: _McpSession | None = None
@@ -886,17 +891,21 @@ class _McpSession:
 
 
 async def _stamp_request(request: httpx2.Request) -> None:
-    """Per-request headers of MCP calls: ``Idempotency-Key`` from the ``tools/call`` ``_meta`` and a fresh
-    ``traceparent`` (the SDK has no per-call headers; the body is already encoded here)."""
-    request.headers.setdefault("traceparent", _traceparent())
-    if request.method != "POST":
-        return
-    try:
-        message = json.loads(request.content or b"{}")
-    except (ValueError, httpx2.RequestNotRead):
-        return
+    """Per-request headers of MCP calls: ``Idempotency-Key`` and ``traceparent``/``tracestate`` from the
+    ``tools/call`` ``_meta`` (the SDK has no per-call headers; the body is already encoded here); other requests
+    (initialize, notifications) get a ``traceparent`` of their own."""
+    trace_headers: dict[str, str] = {}
+    message: Any = None
+    if request.method == "POST":
+        with contextlib.suppress(ValueError, httpx2.RequestNotRead):
+            message = json.loads(request.content or b"{}")
     if isinstance(message, dict) and message.get("method") == "tools/call":
         meta = (message.get("params") or {}).get("_meta") or {}
-        key = meta.get("langorch/idempotency_key") if isinstance(meta, dict) else None
+        meta = meta if isinstance(meta, dict) else {}
+        key = meta.get("langorch/idempotency_key")
         if isinstance(key, str):
             request.headers["Idempotency-Key"] = key
+        trace_headers = {h: v for h in (tracing.TRACEPARENT, tracing.TRACESTATE)
+                         if isinstance(v := meta.get(h), str)}
+    for name, value in (trace_headers or _trace_headers("mcp.request")).items():
+        request.headers.setdefault(name, value)

@@ -35,7 +35,6 @@ import email.utils
 import json
 import math
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -49,6 +48,7 @@ import httpx
 from ckp_core.events import ErrorObject, EventData
 from ckp_core.ir import AttachmentIR, GlobalConfigIR, LlmActionPayload
 from ckp_core.run_events import BudgetExceeded, LlmUsage
+from langorch_infra import tracing
 from langorch_infra.secrets import env_secret
 from langorch_infra.settings import LlmModelConfig, RuntimeSettings
 from langorch_runtime.errors import StepError
@@ -260,7 +260,7 @@ class LlmRequest:
     timeout_ms: int | None = None
     idempotency_key: str | None = None
     request_id: str | None = None  # X-Request-ID; default the idempotency key, else a fresh UUID
-    traceparent: str | None = None  # W3C trace context; default a fresh one
+    traceparent: str | None = None  # W3C trace context; default a child of the current span (else a new trace)
     # run budget (global_config.max_cost_usd and what the run has spent so far)
     max_cost_usd: float | None = None
     spent_usd: float = 0.0
@@ -592,7 +592,10 @@ class LlmClient:
             headers["Idempotency-Key"] = (request.idempotency_key if target.position == 0
                                           else f"{request.idempotency_key}:{target.model}")
         headers["X-Request-ID"] = request.request_id or request.idempotency_key or str(uuid.uuid4())
-        headers["traceparent"] = request.traceparent or f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+        if request.traceparent:
+            headers["traceparent"] = request.traceparent
+        else:  # the trace of the command the run executes under (api.md §1.3), a span id of this call's own
+            headers.update(tracing.outbound_headers("llm.chat"))
         return headers
 
     async def _secret(self, name: str) -> str:
