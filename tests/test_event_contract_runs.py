@@ -361,3 +361,31 @@ async def test_llm_usage_budget_exceeded_and_llm_error_payloads(nats_url: str, d
         [failed] = of(await events_of(c, run["run_id"]), "run_failed")
         assert (failed["error"]["code"], failed["error"]["retryable"], failed["error"]["node_id"]) == \
             ("llm_error", True, "ask")
+
+
+async def test_a_validation_only_child_run_resumes_its_parent(platform: Platform) -> None:
+    """§3.9 step 4 / §8: a child run ends (here at once, ``validation_only``) → the parent resumes with
+    ``subflow_completed {child_run_id, procedure_id, version, resumes_run, mapped_variables}`` (the parent used to wait
+    for ever: the validation-only path never told it)."""
+    c = platform.client
+    child = graph("contract_child_check", {"a": {"type": "terminate", "outputs": {"x": 1}}}, "a",
+                  global_config={"execution_mode": "validation_only"})
+    parent = graph("contract_parent", {
+        "call": {"type": "subflow", "procedure_id": "contract_child_check", "version": "1", "next_node": "done"},
+        "done": {"type": "terminate", "outputs": {"child": "{{subflow_output}}"}}}, "call")
+    await imported(c, child)
+    await imported(c, parent)
+    run = await wait_status(c, await start_run(c, "contract_parent"))
+    assert run["status"] == "completed", run
+    assert run["output_vars"] == {"child": {}}
+    events = await events_of(c, run["run_id"])
+    [started_event] = [e for e in events if e["event_type"] == "subflow_started"]
+    started = started_event["payload"]
+    assert (started["procedure_id"], started["version"], started_event["attempt"], started["suspends_run"]) == \
+        ("contract_child_check", "1", 1, True)
+    [completed] = of(events, "subflow_completed")
+    assert (completed["child_run_id"], completed["procedure_id"], completed["version"], completed["resumes_run"],
+            completed["mapped_variables"]) == (started["child_run_id"], "contract_child_check", "1", True,
+                                               ["subflow_output"])
+    [resumed] = of(events, "execution_resumed")
+    assert (resumed["entry_node_id"], resumed["resume_reason"]) == ("call", "child_run_finished")

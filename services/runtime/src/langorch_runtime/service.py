@@ -414,9 +414,12 @@ class RuntimeService:
         await self._audit(command, sensitive_keys=redactor.extra_keys, sensitive_values=redactor.values,
                           extra_meta=run_meta(command, created))
         if ir is None:
-            await writer.emit(RunFailed(error=ErrorObject(
-                code="procedure_not_runnable", message=f"procedure {created['procedure_id']}@"
-                f"{created['procedure_version']} is not available to the runtime")))
+            unavailable = ErrorObject(code="procedure_not_runnable", message=f"procedure {created['procedure_id']}@"
+                                      f"{created['procedure_version']} is not available to the runtime")
+            await writer.emit(RunFailed(error=unavailable))
+            if self.js is not None:  # a child run: its parent waits for it
+                await resume_parent(self.js, created, run_id, {"status": "failed",
+                                                               "error": unavailable.model_dump(mode="json")}, {}, ACTOR)
             return
         if status == "canceling":  # the replica that executed it died before finishing the cancel
             requested = next(e for e in reversed(events) if e.envelope.type == "run_cancel_requested")
@@ -443,6 +446,8 @@ class RuntimeService:
                 await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode="validation_only",
                                                    runtime_instance=self.instance))
             await writer.emit(RunCompleted(outputs={}, mode="validation_only", message=VALIDATION_ONLY_MESSAGE))
+            if self.js is not None:  # a child run: its parent waits for it
+                await resume_parent(self.js, created, run_id, {"status": "completed", "outputs": {}}, {}, ACTOR)
             return
         started_at = format_time(started.envelope.occurred_at if started else utc_now())
         writer.observer = self.metrics.observer(ir, created, started.envelope.occurred_at.timestamp()
