@@ -221,9 +221,10 @@ async def agents_of(c: httpx.AsyncClient, channels: Channels) -> AsyncIterator[C
         yield channels
 
 
-async def run_doc(c: httpx.AsyncClient, doc: dict[str, Any] = DOC) -> str:
+async def run_doc(c: httpx.AsyncClient, doc: dict[str, Any] = DOC, inputs: dict[str, Any] | None = None) -> str:
     await imported(c, doc)
-    return await start_run(c, doc["procedure_id"], {"execution_date": DATE}, version=doc["version"])
+    given = {"execution_date": DATE} if inputs is None else inputs
+    return await start_run(c, doc["procedure_id"], given, version=doc["version"])
 
 
 def of_type(events: list[dict[str, Any]], event_type: str) -> list[dict[str, Any]]:
@@ -360,6 +361,9 @@ async def test_happy_path_processes_every_invoice_once(platform: Platform, llm: 
     shots = [p for p in of_type(events, "artifact_created") if p["node_id"] == "validate_in_portal"]
     assert len(shots) == 2
     assert of_type(events, "run_completed")[0]["outputs"] == run["output_vars"]
+    # telemetry.custom_metrics {"metric_type": "email_fetch"}: a non-numeric value counts 1 (§7.8)
+    registry = platform.runtime_service.metrics.registry
+    assert registry.get_sample_value("langorch_custom_metric_total", {"name": "metric_type"}) == 1
     assert of_type(events, "step_failed") == []
     assert of_type(events, "node_error") == []
     assert [p["reason"] for p in of_type(events, "screenshot_requested")] == ["orchestrator_step"]
@@ -378,9 +382,13 @@ async def test_a_mail_without_invoices_takes_the_no_invoices_route(platform: Pla
     c = platform.client
     channels = Channels([])  # one invoice mail whose workbook has only its header row
     async with agents_of(c, channels):
-        run_id = await run_doc(c)
+        run_id = await run_doc(c, inputs={})  # both inputs from their defaults
         run = await wait_status(c, run_id, timeout=RUN_TIMEOUT_S)
     assert run["status"] == "completed", run["error"]
+    # execution_date's default "{{today}}" is rendered once at run creation (ckp.md §2.1): the UTC date then
+    today = run["input_vars"]["execution_date"]
+    assert today == run["created_at"][:10]
+    assert run["input_vars"]["email_inbox"] == "ap@company.com"
     assert run["output_vars"] == {"total_processed": None, "total_amount": None, "execution_duration_ms": None}
     events = await events_of(c, run_id)
     assert started_nodes(events) == ["init_workflow", "fetch_emails", "parse_invoice_data",
@@ -389,12 +397,12 @@ async def test_a_mail_without_invoices_takes_the_no_invoices_route(platform: Pla
     assert notice["channel"] == "email"
     assert notice["recipients"] == ["ap.team@company.com"]
     assert notice["subject"] == "No Invoices to Process"
-    assert notice["message"] == f"No new invoices found for processing on {DATE}"
+    assert notice["message"] == f"No new invoices found for processing on {today}"
     assert actions(channels.email) == ["search_email", "download_attachment"]
     assert channels.web.requests == channels.desktop.requests == channels.database.requests == []
     assert llm.state.requests == []
     assert [p["message"] for p in of_type(events, "log")][1:3] == [
-        "Parsed 0 invoices", f"No invoices to process for {DATE}"]
+        "Parsed 0 invoices", f"No invoices to process for {today}"]
 
 
 def batch(n: int) -> list[dict[str, Any]]:
