@@ -395,6 +395,7 @@ async def test_a_mail_without_invoices_takes_the_no_invoices_route(platform: Pla
                                      "validate_invoice_count", "no_invoices_node", "workflow_complete"]
     [notice] = of_type(events, "notification_requested")
     assert notice["channel"] == "email"
+    assert (notice["node_id"], notice["frame"]) == ("no_invoices_node", "-")
     assert notice["recipients"] == ["ap.team@company.com"]
     assert notice["subject"] == "No Invoices to Process"
     assert notice["message"] == f"No new invoices found for processing on {today}"
@@ -609,6 +610,45 @@ async def test_an_inactive_vendor_fails_its_iteration_and_the_loop_goes_on(platf
     assert [r["params"]["parameters"]["invoice_number"] for r in channels.database.requests] == ["INV-1002"]
     assert len(llm.state.calls("gpt-4")) == 1
     assert of_type(events, "recovery_started") == []
+
+
+async def test_an_erp_window_that_never_appears_fails_the_iteration_after_the_handlers_retries(
+        platform: Platform, llm: RunningLlmServer) -> None:
+    """WindowNotFoundException every time: the handler's 2 retries (each after its recovery step) are used up, the
+    step fails, process_in_erp fails, and the iteration fails; continue_on_error keeps the run going (§4.10, §3.7)."""
+    c = platform.client
+    one = INVOICES[:1]
+    channels = Channels(one, portal=active_portal(one))
+    channels.fail_first("wait_for_window", "WindowNotFoundException", times=99)
+    llm.state.model("gpt-4").script = [completion("INV-1001")]
+    async with agents_of(c, channels):
+        run_id = await run_doc(c)
+        run = await wait_status(c, run_id, timeout=RUN_TIMEOUT_S)
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"total_processed": 0, "total_amount": 0, "execution_duration_ms": None}
+    waits = [r["idempotency_key"] for r in channels.desktop.requests if r["action"] == "wait_for_window"]
+    assert waits == [f"lo1:{run_id}:process_in_erp:wait_sap_window:loop_invoices[0]:{a}" for a in (1, 2, 3)]
+    for _, agent in channels.all():
+        executed_once_each(agent)
+    erp = actions(channels.desktop)
+    assert erp[0] == "launch_app"
+    assert "activate_window" not in erp  # nothing after the failed step ran
+    assert erp.count("screenshot") == 3  # screenshot_on_fail after every failing attempt
+    recovery = [r for r in channels.desktop.requests if r["action"] == "press_keys"]
+    # the handler matches all three failures: its recovery step runs before its action each time, also before the
+    # exhausted retry gives up (§4.10 "each time the handler applies")
+    assert len(recovery) == 3
+    assert {r["step_id"] for r in recovery} == {"wait_sap_window/recovery/close_all_sap"}
+    assert channels.database.requests == []
+    events = await events_of(c, run_id)
+    [failed_step] = of_type(events, "step_failed")
+    assert (failed_step["step_id"], failed_step["error"]["error_code"]) == ("wait_sap_window",
+                                                                           "WindowNotFoundException")
+    [iteration] = of_type(events, "loop_iteration_failed")
+    assert (iteration["iteration"], iteration["error"]["error_code"]) == (0, "WindowNotFoundException")
+    assert [p["next_attempt"] for p in of_type(events, "step_retrying")] == [2, 3]
+    assert of_type(events, "recovery_started") == []
+    assert [r["action"] for r in channels.email.requests][-2:] == ["compose_email", "send_email"]  # the summary
 
 
 async def test_a_runtime_killed_inside_the_erp_entry_resumes_without_repeating_a_call(
