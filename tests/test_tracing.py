@@ -24,6 +24,7 @@ from langorch_infra import jsonlog
 from tests.conftest import Platform, platform_of
 from tests.helpers import wait_status
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
+from tests.mcp_server import running_mcp
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register
 
@@ -43,6 +44,15 @@ DOC: dict[str, Any] = {
         "after": {"type": "sequence", "agent": "WEB", "steps": [
             {"step_id": "third", "action": "extract_text", "target": "h2"}], "next_node": "done"},
         "done": {"type": "terminate"}}},
+}
+
+
+MCP_DOC: dict[str, Any] = {
+    "procedure_id": "traced_mcp", "version": "1",
+    "workflow_graph": {"start_node": "use", "nodes": {
+        "use": {"type": "sequence", "agent": "TOOLS", "next_node": "done", "steps": [
+            {"step_id": "hello", "action": "plain_text", "output_variable": "said"}]},
+        "done": {"type": "terminate", "outputs": {"said": "{{said}}"}}}},
 }
 
 
@@ -68,8 +78,9 @@ async def platform(module_nats_url: str, module_database_url: str,
                    llm: RunningLlmServer) -> AsyncIterator[Platform]:
     async with platform_of(module_nats_url, module_database_url, runtime_settings={
             "llm_base_url": llm.base_url(), "llm_models": {"m-small": {}}, "llm_default_model": "m-small"}) as p:
-        r = await p.client.post("/api/procedures", json={"ckp_json": DOC})
-        assert r.status_code == 201, r.text
+        for doc in (DOC, MCP_DOC):
+            r = await p.client.post("/api/procedures", json={"ckp_json": doc})
+            assert r.status_code == 201, r.text
         yield p
 
 
@@ -205,6 +216,34 @@ async def test_the_clients_trace_reaches_the_agent_and_llm_calls_and_a_decision_
     after_trace, after_span, _ = parts(agent_calls(agent, run_id)["third"]["traceparent"])
     assert after_trace == decision_trace
     assert after_span not in spans
+
+
+async def test_the_clients_trace_reaches_an_mcp_tool_call(platform: Platform) -> None:
+    """Two runs in two traces share the runtime's one MCP session (whose transport task was started by the first
+    call): each tool call carries the trace of its own run."""
+    c = platform.client
+    traces = []
+    async with running_mcp() as server:
+        r = await c.post("/api/agents", json={"name": "tools", "channel": "tools", "base_url": server.url,
+                                              "protocol": "mcp", "capabilities": ["plain_text"]})
+        assert r.status_code == 201, r.text
+        await asyncio.sleep(0.5)  # the runtime's registry follows agent events
+        for state in ("acme=one", "acme=two"):
+            traceparent, trace_id, parent_span = new_traceparent()
+            traces.append((trace_id, parent_span, state))
+            r = await c.post("/api/runs", json={"procedure_id": "traced_mcp", "procedure_version": "1"},
+                             headers={"traceparent": traceparent, "tracestate": state})
+            assert r.status_code == 201, r.text
+            run = await wait_status(c, r.json()["run_id"])
+            assert run["status"] == "completed", run["error"]
+    calls = [call for call in server.calls if call["tool"] == "plain_text"]
+    assert len(calls) == 2
+    for call, (trace_id, parent_span, state) in zip(calls, traces, strict=True):
+        called_trace, span, _ = parts(call["headers"]["traceparent"])
+        assert called_trace == trace_id
+        assert span != parent_span
+        assert call["headers"]["tracestate"] == state
+        assert call["meta"]["traceparent"] == call["headers"]["traceparent"]  # in _meta too, for MCP servers
 
 
 async def test_an_invalid_traceparent_on_a_run_start_gives_the_run_a_new_trace(

@@ -719,10 +719,9 @@ class AgentDispatcher(Dispatcher):
 
     async def _call_mcp(self, c: Candidate, request: DispatchRequest) -> Any:
         timeout_s, binding_default = self._timeout_s(request, self.settings.mcp_timeout_s)
-        # the session's transport runs in its own task: the call's trace context travels in ``_meta`` (where MCP
-        # servers look for it too) and _stamp_request copies it into the HTTP headers
-        meta = {"langorch/run_id": request.run_id, "langorch/idempotency_key": request.idempotency_key,
-                **_trace_headers("mcp.tools/call")}
+        # the SDK adds the trace context of this call (a client span of the current one) to ``_meta`` (SEP-414);
+        # its transport runs in the session's own task, so _stamp_request copies it from there into the headers
+        meta = {"langorch/run_id": request.run_id, "langorch/idempotency_key": request.idempotency_key}
         where = {"agent_id": c.agent_id, "url": c.agent.base_url, "tool": request.action}
         for again in (True, False):
             session: _McpSession | None = None
