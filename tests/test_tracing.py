@@ -25,7 +25,7 @@ from tests.conftest import Platform, platform_of
 from tests.helpers import wait_status
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 from tests.mcp_server import running_mcp
-from tests.scripted_agent import ScriptedAgent, serving
+from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import register
 
 pytestmark = pytest.mark.integration
@@ -56,6 +56,15 @@ MCP_DOC: dict[str, Any] = {
 }
 
 
+RETRY_DOC: dict[str, Any] = {
+    "procedure_id": "traced_retry", "version": "1",
+    "workflow_graph": {"start_node": "work", "nodes": {
+        "work": {"type": "sequence", "agent": "API", "next_node": "done", "steps": [
+            {"step_id": "flaky", "action": "flaky", "output_variable": "got"}]},
+        "done": {"type": "terminate", "outputs": {"got": "{{got}}"}}}},
+}
+
+
 def new_traceparent(flags: str = "01") -> tuple[str, str, str]:
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     return f"00-{trace_id}-{span_id}-{flags}", trace_id, span_id
@@ -78,7 +87,7 @@ async def platform(module_nats_url: str, module_database_url: str,
                    llm: RunningLlmServer) -> AsyncIterator[Platform]:
     async with platform_of(module_nats_url, module_database_url, runtime_settings={
             "llm_base_url": llm.base_url(), "llm_models": {"m-small": {}}, "llm_default_model": "m-small"}) as p:
-        for doc in (DOC, MCP_DOC):
+        for doc in (DOC, MCP_DOC, RETRY_DOC):
             r = await p.client.post("/api/procedures", json={"ckp_json": doc})
             assert r.status_code == 201, r.text
         yield p
@@ -244,6 +253,36 @@ async def test_the_clients_trace_reaches_an_mcp_tool_call(platform: Platform) ->
         assert span != parent_span
         assert call["headers"]["tracestate"] == state
         assert call["meta"]["traceparent"] == call["headers"]["traceparent"]  # in _meta too, for MCP servers
+
+
+async def test_a_retried_run_calls_the_agent_in_the_retry_requests_trace(platform: Platform) -> None:
+    c = platform.client
+    tries = []
+
+    def flaky(body: dict[str, Any]) -> Any:
+        tries.append(body["attempt"])
+        if len(tries) == 1:
+            raise AgentFailure("not yet", "flaky")
+        return "ok"
+
+    async with serving(ScriptedAgent({"flaky": flaky})) as api:
+        await register(c, api, "api", name="flaky")
+        start_parent, start_trace, _ = new_traceparent()
+        r = await c.post("/api/runs", json={"procedure_id": "traced_retry", "procedure_version": "1"},
+                         headers={"traceparent": start_parent})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["run_id"]
+        assert (await wait_status(c, run_id))["status"] == "failed"
+        retry_parent, retry_trace, retry_span = new_traceparent()
+        retried = await c.post(f"/api/runs/{run_id}/retry", json={}, headers={"traceparent": retry_parent})
+        assert retried.status_code == 200, retried.text
+        assert retried.headers["X-Trace-ID"] == retry_trace
+        run = await wait_status(c, run_id)
+    assert run["status"] == "completed", run["error"]
+    first, second = (parts(h["traceparent"]) for h in api.headers)
+    assert first[0] == start_trace
+    assert second[0] == retry_trace
+    assert second[1] != retry_span
 
 
 async def test_an_invalid_traceparent_on_a_run_start_gives_the_run_a_new_trace(
