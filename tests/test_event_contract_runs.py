@@ -389,3 +389,32 @@ async def test_a_validation_only_child_run_resumes_its_parent(platform: Platform
                                                ["subflow_output"])
     [resumed] = of(events, "execution_resumed")
     assert (resumed["entry_node_id"], resumed["resume_reason"]) == ("call", "child_run_finished")
+
+
+async def test_a_defect_fails_the_run_with_retryable_internal_error(platform: Platform,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """§7.16 ``internal_error`` (retryable): a node that keeps raising an unexpected exception (a defect, injected
+    here into the in-process runtime) fails the run after a few deliveries instead of being redelivered for ever."""
+    from langorch_runtime.machine import Machine
+
+    original = Machine.verification
+
+    async def broken(self: Machine, state: Any, frame: Any, node: Any, p: Any) -> Any:
+        if node.id == "boom":
+            raise TypeError("a defect")
+        return await original(self, state, frame, node, p)
+
+    monkeypatch.setattr(Machine, "verification", broken)
+    c = platform.client
+    doc = graph("contract_defect", {
+        "boom": {"type": "verification", "next_node": "done", "checks": [{"id": "c", "condition": "1 == 1"}]},
+        "done": {"type": "terminate"}}, "boom")
+    await imported(c, doc)
+    run = await wait_status(c, await start_run(c, "contract_defect"))
+    assert run["status"] == "failed", run
+    events = await events_of(c, run["run_id"])
+    [failed] = of(events, "run_failed")
+    assert (failed["error"]["code"], failed["error"]["retryable"]) == ("internal_error", True)
+    assert "TypeError" in failed["error"]["message"]
+    assert "a defect" not in failed["error"]["message"]
+    assert len(of(events, "execution_recovered")) == 2  # redelivered twice, then failed

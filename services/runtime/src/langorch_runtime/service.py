@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.types import Command
+from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -93,6 +94,7 @@ log = logging.getLogger(__name__)
 
 CONSUMER = "runtime"
 QUEUE_POLL_S = 5.0
+DEFECT_DELIVERIES = 3  # a run command failing this often on a defect (not the infrastructure) fails its run
 ACTOR = Actor.system("runtime")
 VERSION = package_version("langorch-runtime")
 
@@ -247,8 +249,8 @@ class RuntimeService:
 
     async def _handle(self, msg: Msg) -> Settle:
         heartbeat = asyncio.create_task(self._progress(msg))
+        command: StartRun | ResumeRun | RetryRun | None = None
         try:
-            command: StartRun | ResumeRun | RetryRun
             if msg.subject.endswith(".cancel"):
                 await self.cancel(CancelRun.model_validate_json(msg.data))
                 return ACK
@@ -273,11 +275,38 @@ class RuntimeService:
             return LEAVE
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            defect = not _infrastructure(exc)
+            if defect and command is not None and (msg.metadata.num_delivered or 1) >= DEFECT_DELIVERIES:
+                log.exception("run %s failed on a defect %d times: the run fails with internal_error",
+                              command.run_id, DEFECT_DELIVERIES)
+                try:
+                    await self.fail_defect(command, exc)
+                    return ACK
+                except Exception:
+                    log.exception("failing run %s with internal_error failed", command.run_id)
             log.exception("run command failed; it will be redelivered")
-            return nak(5.0)
+            return nak(1.0 if defect else 5.0)
         finally:
             heartbeat.cancel()
+
+    async def fail_defect(self, command: StartRun | ResumeRun | RetryRun, exc: Exception) -> None:
+        """ckp.md §7.16 ``internal_error`` (retryable): a run whose command keeps failing on a defect in LangOrch
+        fails instead of being redelivered for ever. The message names the exception type only (its text may
+        carry run data)."""
+        events = await self.store.read("run", command.run_id)
+        if not events or run_status(events) in ("completed", "failed", "canceled"):
+            return
+        head = AggregateHead(events[-1].envelope.seq, events[-1].position)
+        writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
+        error = ErrorObject(code="internal_error", retryable=True, message=f"an internal error "
+                            f"({type(exc).__name__}) stopped the run; the runtime log has the details",
+                            details={"exception": type(exc).__name__, "deliveries": DEFECT_DELIVERIES})
+        await writer.emit(RunFailed(error=error))
+        if self.js is not None:
+            await resume_parent(self.js, events[0].envelope.data, command.run_id,
+                                {"status": "failed", "error": error.model_dump(mode="json")}, {}, ACTOR)
+            await self.cancel_open_children(command.run_id, "parent failed")
 
     async def _progress(self, msg: Msg) -> None:
         interval = max(0.2, self.settings.ack_wait_s / 3)
@@ -704,6 +733,11 @@ def decrypt_outputs(ir: ProcedureIR) -> list[str]:
 
 VALIDATION_ONLY_MESSAGE = "Execution skipped (mode=validation_only). CKP compiled and validated successfully."
 RECURSION_LIMIT = 1_000_000
+
+
+def _infrastructure(exc: BaseException) -> bool:
+    """An outage of NATS, PostgreSQL or the network (redelivered until it passes), not a defect."""
+    return isinstance(exc, OSError | nats_errors.Error | psycopg.OperationalError | psycopg.InterfaceError)
 
 
 def _checkpoint_id(snapshot: Any) -> str | None:
