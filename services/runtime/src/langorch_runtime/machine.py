@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
+import orjson
+
 from ckp_core.events import (
     ErrorObject,
     EventData,
@@ -2278,8 +2280,12 @@ MAX_NAMESPACE_BYTES = 16 * 1024 * 1024
 
 
 def _json_bytes(value: Any) -> int:
-    return len(_jsonlib.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                              default=str).encode("utf-8"))
+    """Bytes of ``value`` as compact UTF-8 JSON (key order does not change the size); orjson (a dependency of the
+    LangGraph checkpointers) keeps the check of every node cheap, the standard library covers what it refuses."""
+    try:
+        return len(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS))
+    except TypeError:  # e.g. an integer beyond 64 bits
+        return len(_jsonlib.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
 
 
 def _state_too_large(namespace: dict[str, Any]) -> ErrorObject | None:
