@@ -79,7 +79,7 @@ from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import CONSUMER as AGENTS_CONSUMER
 from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
-from langorch_runtime.children import RUNNABLE, JetStreamChildRuns, resume_parent
+from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.executor import RunWriter, build_graph, retry_target
 from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
@@ -389,12 +389,13 @@ class RuntimeService:
 
     async def start_gate(self, created: dict[str, Any], ir: ProcedureIR) -> ErrorObject | None:
         """§7.2 (2): a version archived or deleted since the run was created is ``procedure_not_runnable``, one whose
-        ``effective_date`` is still ahead ``procedure_not_effective``; the run fails before it starts."""
+        ``effective_date`` is still ahead ``procedure_not_effective``; the run fails before it starts. A version
+        deprecated meanwhile (a promotion) still runs the runs created before: only new runs are refused on it."""
         procedure_id, version = str(created["procedure_id"]), str(created["procedure_version"])
         events = await self.store.read("procedure", procedure_id)
         state = fold(procedure_id, ((e.envelope, e.position) for e in events))
         found = state.versions.get(version)
-        if found is None or found.status not in RUNNABLE:
+        if found is None or found.status == "archived":
             return ErrorObject(code="procedure_not_runnable", message=f"procedure {procedure_id}@{version} is "
                                f"{found.status if found else 'deleted'}", details={"status": found.status if found
                                                                                     else None})
