@@ -429,3 +429,26 @@ async def test_a_defect_fails_the_run_with_retryable_internal_error(platform: Pl
     assert "TypeError" in failed["error"]["message"]
     assert "a defect" not in failed["error"]["message"]
     assert len(of(events, "execution_recovered")) == 2  # redelivered twice, then failed
+
+
+async def test_a_child_of_a_version_not_yet_effective_fails_at_the_start_gate(platform: Platform) -> None:
+    """§7.2 (2): a version whose ``effective_date`` is still ahead fails the run with ``procedure_not_effective``
+    before it executes (reached here through a subflow, which the API cannot refuse); the parent sees
+    ``subflow_failed {…, error}``."""
+    c = platform.client
+    child = {**graph("contract_future", {"a": {"type": "terminate"}}, "a"), "effective_date": "2999-01-01"}
+    parent = graph("contract_future_parent", {
+        "call": {"type": "subflow", "procedure_id": "contract_future", "version": "1", "on_failure": "continue",
+                 "next_node": "done"},
+        "done": {"type": "terminate"}}, "call")
+    await imported(c, child)
+    await imported(c, parent)
+    run = await wait_status(c, await start_run(c, "contract_future_parent"))
+    assert run["status"] == "completed", run
+    events = await events_of(c, run["run_id"])
+    [failed] = of(events, "subflow_failed")
+    assert (failed["procedure_id"], failed["on_failure"], failed["resumes_run"]) == \
+        ("contract_future", "continue", True)
+    assert (failed["error"]["code"], failed["error"]["retryable"]) == ("procedure_not_effective", False)
+    child_events = await events_of(c, failed["child_run_id"])
+    assert [e["event_type"] for e in child_events] == ["run_created", "run_failed"]
