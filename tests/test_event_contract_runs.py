@@ -452,3 +452,54 @@ async def test_a_child_of_a_version_not_yet_effective_fails_at_the_start_gate(pl
     assert (failed["error"]["code"], failed["error"]["retryable"]) == ("procedure_not_effective", False)
     child_events = await events_of(c, failed["child_run_id"])
     assert [e["event_type"] for e in child_events] == ["run_created", "run_failed"]
+
+
+async def test_async_delegation_and_callback_payloads_with_callback_artifacts(nats_url: str,
+                                                                             database_url: str) -> None:
+    """§4.6 / §8: ``workflow_delegated {delegation_id, action, agent_id, agent_url, callback_url (no token),
+    expires_at, dispatch_mode, suspends_run}``, ``workflow_callback_received {delegation_id, status, output, error,
+    error_code, resumes_run}`` and the callback's own artifacts as ``artifact_created`` (api.md §5.10)."""
+    import httpx
+
+    from tests.helpers import example
+    from tests.test_async_workflow_runs import hybrid_agent, register_hybrid
+
+    async with platform_of(nats_url, database_url, runtime_settings={"callback_timeout_s": 60}) as p:
+        c = p.client
+        async with serving(hybrid_agent()) as agent:
+            await register_hybrid(c, agent)
+            doc = example("hybrid_dispatch.ckp.json")
+            await imported(c, doc)
+            run_id = await start_run(c, doc["procedure_id"], version=doc["version"])
+            await wait_status(c, run_id, ("paused",))
+            url = agent.requests[1]["params"]["callback_url"]
+            async with httpx.AsyncClient() as outside:
+                r = await outside.post(url, json={"status": "failure", "error": "bad password",
+                                                  "error_code": "login_failed", "artifacts": [
+                                                      {"kind": "screenshot", "uri": "file:///tmp/login.png",
+                                                       "name": "login"}]})
+            assert r.status_code == 202, r.text
+            run = await wait_status(c, run_id)
+        events = await events_of(c, run_id)
+    assert run["status"] == "failed", run
+    [delegated_event] = [e for e in events if e["event_type"] == "workflow_delegated"]
+    delegated = delegated_event["payload"]
+    assert (delegated["action"], delegated["dispatch_mode"], delegated["suspends_run"]) == \
+        ("run_full_salesforce_login", "async", True)
+    assert delegated["agent_url"] == agent.base_url
+    assert isinstance(delegated["agent_id"], str)
+    assert delegated["callback_url"].endswith(f"/api/runs/{run_id}/callback")
+    assert "token" not in delegated["callback_url"]
+    assert delegated["expires_at"].endswith("Z")
+    [received] = of(events, "workflow_callback_received")
+    assert (received["delegation_id"], received["status"], received["output"], received["error"],
+            received["error_code"], received["resumes_run"]) == \
+        (delegated["delegation_id"], "failure", None, "bad password", "login_failed", True)
+    [artifact_event] = [e for e in events if e["event_type"] == "artifact_created"]
+    artifact = artifact_event["payload"]
+    assert (artifact_event["node_id"], artifact_event["step_id"]) == (delegated_event["node_id"],
+                                                                       delegated_event["step_id"])
+    assert (artifact["kind"], artifact["uri"], artifact["name"], artifact["stored"]) == \
+        ("screenshot", "file:///tmp/login.png", "login", False)
+    [step_failed] = of(events, "step_failed")
+    assert (step_failed["error"]["code"], step_failed["error"]["error_code"]) == ("login_failed", "login_failed")

@@ -1714,6 +1714,9 @@ class Machine:
                 preset = ErrorObject(code=resolution.get("error_code") or "workflow_failed",
                                      error_code=resolution.get("error_code"),
                                      message=str(resolution.get("error") or "the agent reported a failure"))
+            if isinstance(resolution.get("artifacts"), list) and resolution["artifacts"]:
+                # the callback's own artifacts (api.md §5.10, ckp.md §4.12), whatever its status
+                await self.harvest(node, step_id, fs, attempt, {"artifacts": resolution["artifacts"]})
         if step.wait_ms and record is None:
             await self.sleep(step.wait_ms / 1000)
         # retry budgets of this step instance live in the node's persisted data: an async step pauses the run
