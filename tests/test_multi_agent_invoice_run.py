@@ -374,6 +374,7 @@ async def test_happy_path_processes_every_invoice_once(platform: Platform, llm: 
     # secret values never reach the run's events
     everything = json.dumps(events)
     assert PORTAL_SECRET["password"] not in everything
+    assert not [g for g in credentials if g in everything]  # nor the grants handed to the agents (§7.15)
     assert DB_SECRET not in everything
 
 
