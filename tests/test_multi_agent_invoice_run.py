@@ -11,13 +11,16 @@ emails, summary transform, terminate outputs); the "no invoices" route; more tha
 rejected, and the manager's timeout escalated to an executive who rejects; transient failures healed by the
 document's own handlers (EMAIL retry policy, DESKTOP retry with recovery steps, the LLM ``retry``); an inbox with
 no invoice mail failing the ``fail_workflow`` validation into ``global_config.on_failure`` and the failure
-terminate; an inactive vendor failing one loop iteration (``continue_on_error``).
+terminate; an inactive vendor, and an ERP window that never appears (the handler's retries used up), each failing
+only their loop iteration (``continue_on_error``); the runtime SIGKILLed in the middle of the ERP entry and a new
+one resuming from the last checkpoint without executing any call twice.
 
 The document's many ``wait_after_ms`` make one invoice take about 20 s of the run's own pauses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import io
@@ -430,8 +433,6 @@ async def pending_approval(c: httpx.AsyncClient, run_id: str, node_id: str) -> d
 
 
 async def _sleep() -> None:
-    import asyncio
-
     await asyncio.sleep(0.05)
 
 
