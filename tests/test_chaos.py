@@ -71,9 +71,10 @@ def logs(tmp_path: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(tmp_path.glob("runtime-*.log")))
 
 
-async def register(c: httpx.AsyncClient, agent: ScriptedAgent, channel: str) -> None:
+async def register(c: httpx.AsyncClient, agent: ScriptedAgent, channel: str, concurrency_limit: int = 4) -> None:
     r = await c.post("/api/agents", json={"name": f"{channel}-agent", "channel": channel, "base_url": agent.base_url,
-                                          "capabilities": list(agent.handlers), "concurrency_limit": 4})
+                                          "capabilities": list(agent.handlers),
+                                          "concurrency_limit": concurrency_limit})
     assert r.status_code == 201, r.text
     for _ in range(100):  # the gateway's projection follows the agent events; the runtime reads them from NATS
         items = (await c.get("/api/agents", params={"channel": channel})).json()["items"]
@@ -306,9 +307,11 @@ IN_FLIGHT = {
 }
 
 
-@pytest.mark.parametrize("in_progress", ["conflict", "wait"])
+@pytest.mark.parametrize(("in_progress", "slots"), [("conflict", 4), ("wait", 4), ("wait", 1)])
 async def test_sigkill_while_an_agent_call_is_in_flight(nats_url: str, database_url: str, tmp_path: Path,
-                                                        in_progress: str) -> None:
+                                                        in_progress: str, slots: int) -> None:
+    """With one slot, the killed runtime's lease (TTL 60 s) still holds the agent's only slot: the recovered run
+    takes it over for the same attempt instead of waiting for it to expire."""
     agent: ScriptedAgent
 
     async def slow(body: dict[str, Any]) -> Any:
@@ -321,7 +324,7 @@ async def test_sigkill_while_an_agent_call_is_in_flight(nats_url: str, database_
     async with platform_of(nats_url, database_url, runtime=False) as p, serving(agent), \
             runtimes(nats_url, database_url, tmp_path) as procs:
         c = p.client
-        await register(c, agent, "api")
+        await register(c, agent, "api", concurrency_limit=slots)
         procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-a.log"))
         run_id = await start_run(c, IN_FLIGHT)
         await until(lambda: bool(agent.running), 20, "the slow call to reach the agent", tmp_path)

@@ -346,7 +346,8 @@ class AgentDispatcher(Dispatcher):
         now = _now()
         return {"lease_id": lease_id, "resource_key": c.resource_key, "slot": slot, "agent_id": c.agent_id,
                 "pool_id": c.pool_id, "run_id": request.run_id or None, "node_id": request.node.id,
-                "step_id": request.step_id, "holder": self.instance, "acquired_at": acquired_at,
+                "step_id": request.step_id, "idempotency_key": request.idempotency_key or None,
+                "holder": self.instance, "acquired_at": acquired_at,
                 "renewed_at": format_time(now),
                 "expires_at": format_time(now + timedelta(seconds=self.settings.lease_ttl_s))}
 
@@ -361,6 +362,37 @@ class AgentDispatcher(Dispatcher):
             except KeyWrongLastSequenceError:
                 continue  # held (or taken between our read and write)
             return Lease(key, int(revision), value)
+        return None
+
+    async def adopt(self, c: Candidate, request: DispatchRequest) -> Lease | None:
+        """A slot still held for this very attempt — same run and idempotency key — by the replica that executed
+        it before a crash (or by this replica before it restarted under the same instance id): the run was
+        redelivered here, so that execution is gone (one replica executes a run at a time), and the attempt re-sent
+        with the same key is the same call for the agent (§7.4). Taking the slot
+        over (revision-checked) spares the recovered run a wait of up to the lease TTL for its own lease."""
+        if not request.run_id or not request.idempotency_key:
+            return None
+        ttl = max(1, round(self.settings.lease_ttl_s))
+        for slot in range(max(1, c.agent.concurrency_limit)):
+            key = lease_key(c.resource_key, slot)
+            try:
+                entry = await self.leases.get(key)
+                held = json.loads(entry.value or b"{}")
+            except (KeyNotFoundError, KeyDeletedError, NotFoundError, ValueError):
+                continue
+            if not isinstance(held, dict) or held.get("run_id") != request.run_id or \
+                    held.get("idempotency_key") != request.idempotency_key:
+                continue
+            value = self._lease_value(c, slot, request, new_id(), format_time(_now())) | {
+                "adopted_from": held.get("holder")}
+            try:
+                revision = await put_with_ttl(self.js, LEASES_BUCKET, key, json.dumps(value).encode(), ttl,
+                                              last=int(entry.revision or 0))
+            except KeyWrongLastSequenceError:
+                continue
+            log.info("lease %s on %s: taken over from %s for the recovered attempt %s", value["lease_id"], key,
+                     held.get("holder"), request.idempotency_key)
+            return Lease(key, revision, value)
         return None
 
     async def _renew_forever(self, lease: Lease) -> None:
@@ -424,6 +456,14 @@ class AgentDispatcher(Dispatcher):
                         self.metrics.leases_active.labels(pool).inc()
                     return c, lease
             if not saturated:
+                for c in ranked:  # every slot is held: one may still be held for this very attempt
+                    lease = await self.adopt(c, request)
+                    if lease is not None:
+                        if self.metrics is not None:
+                            pool = c.pool_id or c.agent_id
+                            self.metrics.lease_wait.labels(pool).observe(time.monotonic() - started)
+                            self.metrics.leases_active.labels(pool).inc()
+                        return c, lease
                 saturated = True
                 top = ranked[0]
                 if self.metrics is not None:
