@@ -315,6 +315,7 @@ async def test_terminate_failed_is_terminated_failed_at_a_failure_point() -> Non
     assert (run.outcome["error"]["code"], run.outcome["error"]["retryable"], run.outcome["error"]["node_id"]) == \
         ("terminated_failed", False, "stop")
     assert run.outcome["outputs"] == {"x": 1}
+    assert run.outcome["error"]["frame"] == "-"  # §7.16: the error object names where it happened
     assert (run.final.get("failure_point") or {}).get("node_id") == "stop"
 
 
@@ -334,6 +335,8 @@ async def test_deadline_exceeded_bypasses_node_handlers_and_is_not_retryable() -
     assert node_error["routed_to"] is None
     assert run.outcome is not None
     assert run.outcome["error"]["code"] == "deadline_exceeded"
+    # §7.12: the node the deadline cut off is the failure point (a retry restarts it)
+    assert (run.final.get("failure_point") or {}).get("node_id") == "a"
 
 
 async def test_deadline_exceeded_goes_to_the_recovery_path() -> None:

@@ -619,6 +619,8 @@ class Machine:
                                 "execution", node_id=node_id, frame=frame_string(frame))
             if node_id is not None:
                 await self.emit(NodeError(node_id=node_id, frame=frame_string(frame), error=error))
+                if not state.get("failure_point"):  # §7.12: a retry restarts the node the deadline cut off
+                    state["failure_point"] = {"node_id": node_id, "frame_id": frame["id"]}
             await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
 
     def renew_approvals(self, state: RunState) -> RunState:
@@ -832,7 +834,8 @@ class Machine:
         else:
             out["status"] = "failed"
             terminated = ErrorObject(code="terminated_failed", message=f"run ended at terminate node '{node.id}' "
-                                     "with status failed", node_id=node.id)
+                                     "with status failed", node_id=node.id,
+                                     frame=frame_string(frame, node.id, (frame.get("visits") or {}).get(node.id, 1)))
             if in_recovery and recovery is not None:
                 out["error"] = recovery.get("error")
             else:
