@@ -158,6 +158,10 @@ async def test_parallel_any_keeps_only_the_winner() -> None:
     outputs = run.outcome["outputs"]
     assert outputs["results"]["winner"] == "b1"
     assert (outputs["left"], outputs["right"]) == (1, None)
+    # b2 never started (max_concurrency 1): canceled, and reported like a started branch (§3.8 step 4)
+    assert [(e.branch_id, e.status) for e in run.of("parallel_branch_completed")] == [("b1", "completed"),
+                                                                                     ("b2", "canceled")]
+    assert [(e.succeeded, e.canceled) for e in run.of("parallel_completed")] == [(1, 1)]
 
 
 async def test_verification_failure_ends_the_run_and_the_next_node_never_runs() -> None:

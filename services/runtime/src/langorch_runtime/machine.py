@@ -1202,9 +1202,10 @@ class Machine:
             data["status"][bid] = "canceled"
             data["errors"][bid] = None
             await self.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status="canceled"))
-        for bid in data["queue"]:
+        for bid in data["queue"]:  # never started (max_concurrency): canceled too, and reported like the others
             data["status"][bid] = "canceled"
             data["errors"][bid] = None
+            await self.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status="canceled"))
         data["queue"] = []
 
     async def transform(self, state: RunState, frame: Frame, node: NodeIR, p: TransformPayload) -> Outcome:
