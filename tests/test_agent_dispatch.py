@@ -383,7 +383,8 @@ async def test_one_slot_second_dispatch_waits_for_the_first(nats_url: str) -> No
         assert list(held) == [lease_key("printer", 0)]
         value = held[lease_key("printer", 0)]
         assert set(value) == {"lease_id", "resource_key", "slot", "agent_id", "pool_id", "run_id", "node_id",
-                              "step_id", "holder", "acquired_at", "renewed_at", "expires_at"}
+                              "step_id", "idempotency_key", "holder", "acquired_at", "renewed_at", "expires_at"}
+        assert value["idempotency_key"] == first_request.idempotency_key
         assert (value["resource_key"], value["slot"], value["agent_id"], value["pool_id"], value["run_id"],
                 value["node_id"], value["step_id"], value["holder"]) == (
             "printer", 0, "solo", "web_default", "run-one", "scrape", "title", "runtime-test")
