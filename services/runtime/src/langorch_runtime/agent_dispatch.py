@@ -612,9 +612,10 @@ class AgentDispatcher(Dispatcher):
         for pause in (0.0, 1.0, 2.0):
             if pause:
                 await asyncio.sleep(pause)
-            try:
-                r = await self.http.post(url, json=body, headers=headers, timeout=ASYNC_ACCEPT_TIMEOUT_S)
-            except httpx.HTTPError as exc:
+            try:  # the acceptance, body included, within 10 s (httpx's own timeout is per read)
+                r = await asyncio.wait_for(self.http.post(url, json=body, headers=headers,
+                                                          timeout=ASYNC_ACCEPT_TIMEOUT_S), ASYNC_ACCEPT_TIMEOUT_S)
+            except (httpx.HTTPError, TimeoutError) as exc:
                 last = f"{type(exc).__name__}"
                 continue
             envelope = _json_object(r)
@@ -677,9 +678,10 @@ class AgentDispatcher(Dispatcher):
             remaining = ends - time.monotonic()
             if remaining <= 0:
                 raise self._timed_out(request, timeout_s, where)
-            try:
-                r = await self.http.post(url, json=body, headers=headers, timeout=remaining)
-            except httpx.TimeoutException:
+            try:  # httpx's timeout is per read: wait_for bounds the whole exchange, a trickling body included
+                r = await asyncio.wait_for(self.http.post(url, json=body, headers=headers, timeout=remaining),
+                                           remaining)
+            except (httpx.TimeoutException, TimeoutError):
                 if binding_default:
                     raise self._timed_out(request, timeout_s, where) from None
                 raise _error("agent_unavailable", f"agent {c.agent_id} did not answer in time", retryable=True,
@@ -729,10 +731,18 @@ class AgentDispatcher(Dispatcher):
             result = envelope.get("result") if envelope is not None else None
             return {} if result is None else result
         if kind == "error" and envelope is not None:
+            wrong = [f for f, t in (("error", str), ("error_code", str), ("error_type", str), ("retryable", bool))
+                     if envelope.get(f) is not None and not isinstance(envelope.get(f), t)]
+            if wrong and self.settings.agent_strict_response:
+                raise _error("agent_protocol_error", f"agent {c.agent_id} answered an error envelope whose "
+                             f"{', '.join(wrong)} {'has' if len(wrong) == 1 else 'have'} the wrong type",
+                             retryable=False, http_status=status, details=where | {"body": r.text[:500]})
+            error_type = envelope.get("error_type")
             error_code = envelope.get("error_code")
             message = envelope.get("error") or f"agent {c.agent_id} reported an error"
             raise _error("agent_error", str(message), retryable=envelope.get("retryable") is True,
-                         type=envelope.get("error_type"), error_code=error_code if isinstance(error_code, str)
+                         type=error_type if isinstance(error_type, str) else None,
+                         error_code=error_code if isinstance(error_code, str)
                          else None, http_status=status, details=where)
         if kind == "accepted":
             raise _error("agent_protocol_error", f"agent {c.agent_id} accepted a synchronous call", retryable=False,

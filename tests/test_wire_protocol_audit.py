@@ -1,0 +1,132 @@
+"""Acceptance audit of what the runtime sends to and accepts from agents (ckp.md §4.5–§4.6, §7.5, §9; api.md §15)
+through the real platform: malformed, slow and hostile answers of real HTTP agents and MCP servers must end as
+precise step errors, never as a crash or a hung run.
+
+Every test uses its own channel and procedure id, so the module shares one platform. Its binding default agent
+timeout (``LANGORCH_AGENT_TIMEOUT_S``) and MCP timeout are short so that "never hangs" is observable."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tests.conftest import Platform, platform_of
+from tests.helpers import wait_status
+from tests.serving import serve_app
+from tests.test_agent_runs import start
+
+pytestmark = pytest.mark.integration
+
+AGENT_TIMEOUT_S = 2.0
+MCP_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
+    settings = {"agent_timeout_s": AGENT_TIMEOUT_S, "mcp_timeout_s": MCP_TIMEOUT_S}
+    async with platform_of(module_nats_url, module_database_url, runtime_settings=settings) as p:
+        yield p
+
+
+Answer = Callable[[dict[str, Any]], Response]
+
+
+def raw_agent(answers: dict[str, Answer], seen: list[dict[str, Any]]) -> FastAPI:
+    """An HTTP agent whose ``/execute`` answers are whatever ``answers[action]`` builds (any status, body, headers)."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/capabilities")
+    async def capabilities() -> dict[str, Any]:
+        return {"capabilities": list(answers)}
+
+    @app.post("/execute")
+    async def execute(request: Request) -> Response:
+        body = await request.json()
+        seen.append({"body": body, "headers": dict(request.headers)})
+        return answers[body["action"]](body)
+
+    return app
+
+
+async def register_raw(c: httpx.AsyncClient, base_url: str, channel: str, actions: list[str],
+                       protocol: str = "http") -> None:
+    r = await c.post("/api/agents", json={"name": f"{channel}-agent", "channel": channel, "base_url": base_url,
+                                          "protocol": protocol, "capabilities": actions})
+    assert r.status_code == 201, r.text
+    await asyncio.sleep(0.5)  # the runtime's registry follows agent events
+
+
+def doc_of(pid: str, channel: str, steps: list[dict[str, Any]], outputs: dict[str, Any] | None = None,
+           node: dict[str, Any] | None = None) -> dict[str, Any]:
+    work = {"type": "sequence", "agent": channel.upper(), "next_node": "done", "steps": steps, **(node or {})}
+    return {"procedure_id": pid, "version": "1", "workflow_graph": {"start_node": "work", "nodes": {
+        "work": work, "done": {"type": "terminate", "outputs": outputs or {}}}}}
+
+
+async def failed_with(c: httpx.AsyncClient, doc: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    run = await wait_status(c, await start(c, doc), timeout=timeout)
+    assert run["status"] == "failed", run
+    error: dict[str, Any] = run["error"]
+    return error
+
+
+def drip(first: bytes, seconds: float, every: float = 0.25) -> StreamingResponse:
+    """A 200 whose headers come at once and whose body trickles in, one byte every ``every`` seconds."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield first
+        for _ in range(int(seconds / every)):
+            await asyncio.sleep(every)
+            yield b" "
+
+    return StreamingResponse(body(), media_type="application/json")
+
+
+# -- §9.1 / api.md §15.1: malformed or slow /execute answers -----------------------------------------------------
+
+
+async def test_a_body_that_trickles_in_is_cut_at_the_binding_default_timeout(platform: Platform) -> None:
+    """The binding default (LANGORCH_AGENT_TIMEOUT_S) bounds the whole call, body included: an agent that sends its
+    headers and then one byte at a time never keeps the step past it."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    app = raw_agent({"trickle": lambda b: drip(b'{"status": "success", "result": {}', 60)}, seen)
+    async with serve_app(app) as base_url:
+        await register_raw(c, base_url, "wa_drip", ["trickle"])
+        error = await failed_with(c, doc_of("wire_drip", "wa_drip", [{"step_id": "s", "action": "trickle"}]),
+                                  timeout=20)
+    assert error["code"] == "step_timeout", error
+    assert len(seen) == 1
+
+
+async def test_envelope_fields_of_the_wrong_type_are_a_protocol_error(platform: Platform) -> None:
+    """``error``, ``error_code``, ``error_type`` are strings and ``retryable`` a boolean (api.md §15.1): an error
+    envelope that breaks that is not the envelope, so ``agent_protocol_error`` (not a crash of the attempt)."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    bodies = {
+        "bad_type": {"status": "error", "error": "boom", "error_code": "x", "error_type": {"class": "E"}},
+        "bad_code": {"status": "error", "error": "boom", "error_code": 42},
+        "bad_retryable": {"status": "error", "error": "boom", "retryable": "yes"},
+        "bad_message": {"status": "error", "error": ["boom"]},
+    }
+    app = raw_agent({a: (lambda b, body=body: JSONResponse(body)) for a, body in bodies.items()}, seen)
+    async with serve_app(app) as base_url:
+        await register_raw(c, base_url, "wa_types", list(bodies))
+        for action in bodies:
+            error = await failed_with(c, doc_of(f"wire_types_{action}", "wa_types",
+                                                [{"step_id": "s", "action": action}]))
+            assert error["code"] == "agent_protocol_error", (action, error)
+            assert "wrong type" in error["message"], error
+            assert error["step_id"] == "s"
+    assert len(seen) == len(bodies)
