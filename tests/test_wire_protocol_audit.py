@@ -130,3 +130,92 @@ async def test_envelope_fields_of_the_wrong_type_are_a_protocol_error(platform: 
             assert "wrong type" in error["message"], error
             assert error["step_id"] == "s"
     assert len(seen) == len(bodies)
+
+
+# -- §9.2 / api.md §15.4: malformed MCP answers, cancellation ----------------------------------------------------
+
+McpAnswer = Callable[[int | str], Response]
+
+
+def raw_mcp(calls: dict[str, McpAnswer], seen: list[dict[str, Any]]) -> FastAPI:
+    """A streamable-HTTP MCP server speaking just enough JSON-RPC (initialize, tools/list) whose ``tools/call``
+    answers are whatever ``calls[name]`` builds; every message it receives is recorded."""
+    app = FastAPI()
+
+    @app.post("/mcp")
+    async def mcp(request: Request) -> Response:
+        message = await request.json()
+        seen.append(message)
+        method, rid = message.get("method"), message.get("id")
+        if rid is None:
+            return Response(status_code=202)
+        if method == "initialize":
+            result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}},
+                      "serverInfo": {"name": "raw-mcp", "version": "1.0"}}
+            return JSONResponse({"jsonrpc": "2.0", "id": rid, "result": result}, headers={"Mcp-Session-Id": "raw-1"})
+        if method == "tools/list":
+            tools = [{"name": n, "inputSchema": {"type": "object"}} for n in calls]
+            return JSONResponse({"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}})
+        if method == "tools/call":
+            answer = calls[message["params"]["name"]]
+            response = answer(rid)
+            if isinstance(response, _Slow):
+                await asyncio.sleep(response.seconds)
+                return JSONResponse({"jsonrpc": "2.0", "id": rid, "result": {"content": []}})
+            return response
+        return JSONResponse({"jsonrpc": "2.0", "id": rid, "result": {}})
+
+    return app
+
+
+class _Slow(Response):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+
+def rpc(result: Any) -> McpAnswer:
+    return lambda rid: JSONResponse({"jsonrpc": "2.0", "id": rid, "result": result})
+
+
+async def test_malformed_mcp_answers_are_mcp_errors(platform: Platform) -> None:
+    """A ``tools/call`` answer that is not a valid result (wrong shapes, an HTTP error, a body that is not JSON-RPC)
+    fails the step with ``mcp_error`` at once: never a crash, never a hang until the timeout."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    calls: dict[str, McpAnswer] = {
+        "bad_content": rpc({"content": "not a list"}),
+        "bad_item": rpc({"content": [{"type": "text"}]}),
+        "http_500": lambda rid: Response("boom", status_code=500, media_type="text/plain"),
+        "not_json": lambda rid: Response("<html>nope</html>", media_type="application/json"),
+    }
+    async with serve_app(raw_mcp(calls, seen)) as base_url:
+        await register_raw(c, f"{base_url}/mcp", "wm_bad", list(calls), protocol="mcp")
+        for tool in calls:
+            error = await failed_with(c, doc_of(f"wire_mcp_{tool}", "wm_bad", [{"step_id": "s", "action": tool}]))
+            assert error["code"] == "mcp_error", (tool, error)
+    assert {m["params"]["name"] for m in seen if m.get("method") == "tools/call"} == set(calls)
+
+
+async def test_canceling_a_run_sends_notifications_cancelled_to_the_mcp_server(platform: Platform) -> None:
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    async with serve_app(raw_mcp({"slow": lambda rid: _Slow(20)}, seen)) as base_url:
+        await register_raw(c, f"{base_url}/mcp", "wm_cancel", ["slow"], protocol="mcp")
+        run_id = await start(c, doc_of("wire_mcp_cancel", "wm_cancel", [{"step_id": "s", "action": "slow",
+                                                                         "timeout_ms": 60_000}]))
+        for _ in range(200):
+            if any(m.get("method") == "tools/call" for m in seen):
+                break
+            await asyncio.sleep(0.05)
+        r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
+        assert r.status_code == 202, r.text
+        run = await wait_status(c, run_id)
+        for _ in range(100):
+            if any(m.get("method") == "notifications/cancelled" for m in seen):
+                break
+            await asyncio.sleep(0.05)
+    assert run["status"] == "canceled"
+    [call] = [m for m in seen if m.get("method") == "tools/call"]
+    cancelled = [m for m in seen if m.get("method") == "notifications/cancelled"]
+    assert [m["params"]["requestId"] for m in cancelled] == [call["id"]], seen

@@ -793,6 +793,10 @@ class AgentDispatcher(Dispatcher):
                              error_code=str(exc.code), details=where | {"jsonrpc_code": exc.code}) from None
             except StepError:
                 raise
+            except ValueError as exc:  # pydantic's ValidationError: a result that is not a CallToolResult
+                raise _error("mcp_error", f"MCP server {c.agent_id} answered tools/call with an invalid result: "
+                             f"{type(exc).__name__}", retryable=False,
+                             details=where | {"reason": str(exc)[:300]}) from None
             except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, httpx2.HTTPError,
                     OSError, RuntimeError, ExceptionGroup) as exc:
                 await self._drop_mcp(c.agent)
