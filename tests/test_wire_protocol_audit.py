@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tests.conftest import Platform, platform_of
-from tests.helpers import wait_status
+from tests.helpers import events_of, wait_status
 from tests.serving import serve_app
 from tests.test_agent_runs import start
 
@@ -219,3 +219,80 @@ async def test_canceling_a_run_sends_notifications_cancelled_to_the_mcp_server(p
     [call] = [m for m in seen if m.get("method") == "tools/call"]
     cancelled = [m for m in seen if m.get("method") == "notifications/cancelled"]
     assert [m["params"]["requestId"] for m in cancelled] == [call["id"]], seen
+
+
+# -- §4.6 / api.md §15.2: workflow dispatch mode and the async dispatch on the wire ------------------------------
+
+
+def workflow_agent(seen: list[dict[str, Any]], async_answer: Callable[[], Response]) -> FastAPI:
+    """A workflow capability ``job``: sync calls succeed, async dispatches get ``async_answer()``."""
+
+    def answer(body: dict[str, Any]) -> Response:
+        if body["dispatch_mode"] == "async":
+            return async_answer()
+        return JSONResponse({"status": "success", "result": {"mode": body["dispatch_mode"]}})
+
+    return raw_agent({"job": answer}, seen)
+
+
+async def register_workflow(c: httpx.AsyncClient, base_url: str, channel: str) -> None:
+    r = await c.post("/api/agents", json={"name": f"{channel}-agent", "channel": channel, "base_url": base_url,
+                                          "capabilities": [{"name": "job", "type": "workflow"}]})
+    assert r.status_code == 201, r.text
+    await asyncio.sleep(0.5)
+
+
+async def test_workflow_dispatch_mode_is_step_then_node_then_global_then_async(platform: Platform) -> None:
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    refuse = lambda: JSONResponse({"status": "error", "error": "no async here"}, status_code=422)  # noqa: E731
+    async with serve_app(workflow_agent(seen, refuse)) as base_url:
+        await register_workflow(c, base_url, "wf_modes")
+        node_over_global = doc_of("wire_modes_1", "wf_modes", [
+            {"step_id": "a", "action": "job"},
+            {"step_id": "b", "action": "job", "workflow_dispatch_mode": "async"}], node={"dispatch_mode": "sync"})
+        node_over_global["global_config"] = {"workflow_dispatch_mode": "async"}
+        error = await failed_with(c, node_over_global)
+        assert (error["code"], error["step_id"]) == ("agent_http_422", "b")
+        assert [(s["body"]["step_id"], s["body"]["dispatch_mode"]) for s in seen] == [("a", "sync"), ("b", "async")]
+
+        seen.clear()
+        global_sync = doc_of("wire_modes_2", "wf_modes", [{"step_id": "a", "action": "job", "output_variable": "r"}],
+                             outputs={"r": "{{r}}"})
+        global_sync["global_config"] = {"workflow_dispatch_mode": "sync"}
+        run = await wait_status(c, await start(c, global_sync))
+        assert run["status"] == "completed", run
+        assert run["output_vars"]["r"] == {"mode": "sync"}
+        assert [s["body"]["dispatch_mode"] for s in seen] == ["sync"]
+
+        seen.clear()
+        error = await failed_with(c, doc_of("wire_modes_3", "wf_modes", [{"step_id": "a", "action": "job"}]))
+        assert error["code"] == "agent_http_422"
+        assert [s["body"]["dispatch_mode"] for s in seen] == ["async"]
+    async_body = next(s for s in seen if s["body"]["dispatch_mode"] == "async")["body"]
+    assert async_body["params"]["_workflow_context"]["dispatch_mode"] == "async"
+
+
+async def test_async_dispatch_tries_three_times_with_one_key_then_dispatch_failed(platform: Platform) -> None:
+    """api.md §15.2 step 1–2: the async POST carries ``dispatch_mode: async``, ``params.callback_url`` (with the
+    token) and ``callback {url (without it), token, expires_at}``; 5xx answers are tried 3 times with the same
+    Idempotency-Key, then the step fails with ``dispatch_failed``."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    busy = lambda: JSONResponse({"error": "overloaded"}, status_code=503)  # noqa: E731
+    async with serve_app(workflow_agent(seen, busy)) as base_url:
+        await register_workflow(c, base_url, "wf_busy")
+        error = await failed_with(c, doc_of("wire_async_busy", "wf_busy", [{"step_id": "a", "action": "job"}]))
+    assert error["code"] == "dispatch_failed", error
+    assert len(seen) == 3
+    assert len({s["headers"]["idempotency-key"] for s in seen}) == 1
+    body = seen[0]["body"]
+    assert body["dispatch_mode"] == "async"
+    callback = body["callback"]
+    assert set(callback) == {"url", "token", "expires_at"}
+    assert "token" not in callback["url"]
+    assert callback["url"].endswith("/callback")
+    assert body["params"]["callback_url"] == f"{callback['url']}?token={callback['token']}"
+    assert body["params"]["_workflow_context"]["current_step_id"] == "a"
+    events = await events_of(c, body["run_id"])
+    assert not [e for e in events if e["event_type"] == "workflow_delegated"]
