@@ -296,3 +296,27 @@ async def test_async_dispatch_tries_three_times_with_one_key_then_dispatch_faile
     assert body["params"]["_workflow_context"]["current_step_id"] == "a"
     events = await events_of(c, body["run_id"])
     assert not [e for e in events if e["event_type"] == "workflow_delegated"]
+
+
+async def test_async_dispatch_answered_in_progress_asks_again_after_retry_after(platform: Platform) -> None:
+    """ckp.md §9.1: HTTP 409 ``in_progress`` means the same key is still running, ask again after ``Retry-After``;
+    for an async dispatch too (the agent still handling the previous dispatch of that key), and the acceptance that
+    follows delegates the step."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    answers = [JSONResponse({"status": "error", "error_code": "in_progress", "error": "still dispatching"},
+                            status_code=409, headers={"Retry-After": "0.2"}),
+               JSONResponse({"status": "accepted"}, status_code=202)]
+    async with serve_app(workflow_agent(seen, lambda: answers.pop(0))) as base_url:
+        await register_workflow(c, base_url, "wf_again")
+        run_id = await start(c, doc_of("wire_async_again", "wf_again", [{"step_id": "a", "action": "job"}]))
+        run = await wait_status(c, run_id, ("paused", "failed", "completed"))
+        assert run["status"] == "paused", run
+        events = await events_of(c, run_id)
+        assert len([e for e in events if e["event_type"] == "workflow_delegated"]) == 1
+        assert len(seen) == 2
+        assert len({s["headers"]["idempotency-key"] for s in seen}) == 1
+        assert {s["body"]["attempt"] for s in seen} == {1}
+        r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "done"})
+        assert r.status_code in (200, 202), r.text
+        assert (await wait_status(c, run_id))["status"] == "canceled"

@@ -609,7 +609,10 @@ class AgentDispatcher(Dispatcher):
                    **self._auth_header(c.agent)}
         where = {"agent_id": c.agent_id, "url": url}
         last: str = ""
+        asked_back: float | None = None  # the Retry-After of a 409 in_progress, which replaces the back-off
         for pause in (0.0, 1.0, 2.0):
+            if asked_back is not None:
+                pause, asked_back = asked_back, None
             if pause:
                 await asyncio.sleep(pause)
             try:  # the acceptance, body included, within 10 s (httpx's own timeout is per read)
@@ -624,6 +627,11 @@ class AgentDispatcher(Dispatcher):
                 raise Delegated(callback.delegation_id, agent_id=c.agent_id, agent_url=c.agent.base_url)
             if r.status_code in (408, 429) or r.status_code >= 500:
                 last = f"HTTP {r.status_code}"
+                continue
+            if r.status_code == 409 and envelope is not None and envelope.get("error_code") == "in_progress":
+                wait = _retry_after_s(r.headers.get("retry-after"))  # the same key is still being dispatched
+                asked_back = min(IN_PROGRESS_DEFAULT_S if wait is None else wait, ASYNC_ACCEPT_TIMEOUT_S)
+                last = "HTTP 409 in_progress"
                 continue
             return self._interpret(c, r, envelope, where)  # a direct answer or an error ends the dispatch
         raise _error("dispatch_failed", f"agent {c.agent_id} did not accept the async workflow step after 3 tries "
