@@ -25,11 +25,12 @@ pytestmark = pytest.mark.integration
 
 AGENT_TIMEOUT_S = 2.0
 MCP_TIMEOUT_S = 3.0
+LEASE_TTL_S = 3.0  # renewed every second
 
 
 @pytest.fixture(scope="module")
 async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
-    settings = {"agent_timeout_s": AGENT_TIMEOUT_S, "mcp_timeout_s": MCP_TIMEOUT_S}
+    settings = {"agent_timeout_s": AGENT_TIMEOUT_S, "mcp_timeout_s": MCP_TIMEOUT_S, "lease_ttl_s": LEASE_TTL_S}
     async with platform_of(module_nats_url, module_database_url, runtime_settings=settings) as p:
         yield p
 
@@ -317,6 +318,84 @@ async def test_async_dispatch_answered_in_progress_asks_again_after_retry_after(
         assert len(seen) == 2
         assert len({s["headers"]["idempotency-key"] for s in seen}) == 1
         assert {s["body"]["attempt"] for s in seen} == {1}
+        # ckp.md §7.5: an async workflow dispatch holds no lease while it waits for the callback
+        assert (await c.get("/api/leases", params={"run_id": run_id})).json()["total"] == 0
         r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "done"})
         assert r.status_code in (200, 202), r.text
         assert (await wait_status(c, run_id))["status"] == "canceled"
+
+
+# -- §7.5 leases around a real call ------------------------------------------------------------------------------
+
+
+HOLD = [{"step_id": "s", "action": "hold", "timeout_ms": 20_000}]
+
+
+async def held_lease(c: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
+    for _ in range(200):
+        items = (await c.get("/api/leases", params={"run_id": run_id})).json()["items"]
+        if items:
+            lease: dict[str, Any] = items[0]
+            return lease
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {run_id} never held a lease")
+
+
+def slow_agent(seen: list[dict[str, Any]], release: asyncio.Event) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/execute")
+    async def execute(request: Request) -> Response:
+        seen.append(await request.json())
+        await asyncio.wait_for(release.wait(), 30)
+        return JSONResponse({"status": "success", "result": {"late": True}})
+
+    return app
+
+
+async def test_lease_is_renewed_during_the_call_and_a_force_release_aborts_it(platform: Platform) -> None:
+    """The lease of an attempt names it (run, node, step, idempotency key), is renewed every TTL/3 while the call
+    runs, and a force release (``DELETE /api/leases/{id}``) aborts the attempt with ``lease_revoked``."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    release = asyncio.Event()
+    async with serve_app(slow_agent(seen, release)) as base_url:
+        await register_raw(c, base_url, "wl_revoke", ["hold"])
+        run_id = await start(c, doc_of("wire_lease_revoke", "wl_revoke", HOLD))
+        lease = await held_lease(c, run_id)
+        assert (lease["node_id"], lease["step_id"], lease["is_active"]) == ("work", "s", True)
+        for _ in range(100):  # renewed while the call runs (TTL 3 s: every second)
+            renewed = (await c.get(f"/api/leases/{lease['lease_id']}")).json()
+            if renewed["renewed_at"] != lease["renewed_at"]:
+                break
+            await asyncio.sleep(0.1)
+        assert renewed["renewed_at"] > lease["renewed_at"]
+        assert renewed["expires_at"] > lease["expires_at"]
+        r = await c.delete(f"/api/leases/{lease['lease_id']}", params={"reason": "stuck"})
+        assert r.status_code == 204, r.text
+        run = await wait_status(c, run_id, timeout=20)
+        release.set()
+    assert run["status"] == "failed", run
+    assert run["error"]["code"] == "lease_revoked", run["error"]
+    assert len(seen) == 1
+
+
+async def test_canceling_a_run_releases_the_lease_of_its_call(platform: Platform) -> None:
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    release = asyncio.Event()
+    async with serve_app(slow_agent(seen, release)) as base_url:
+        await register_raw(c, base_url, "wl_cancel", ["hold"])
+        run_id = await start(c, doc_of("wire_lease_cancel", "wl_cancel", HOLD))
+        lease = await held_lease(c, run_id)
+        r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
+        assert r.status_code == 202, r.text
+        assert (await wait_status(c, run_id))["status"] == "canceled"
+        gone = (await c.get(f"/api/leases/{lease['lease_id']}")).status_code
+        release.set()
+    assert gone == 404
+    assert (await c.get("/api/leases", params={"run_id": run_id})).json()["total"] == 0
