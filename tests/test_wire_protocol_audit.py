@@ -201,7 +201,7 @@ async def test_malformed_mcp_answers_are_mcp_errors(platform: Platform) -> None:
 async def test_canceling_a_run_sends_notifications_cancelled_to_the_mcp_server(platform: Platform) -> None:
     c = platform.client
     seen: list[dict[str, Any]] = []
-    async with serve_app(raw_mcp({"slow": lambda rid: _Slow(20)}, seen)) as base_url:
+    async with serve_app(raw_mcp({"slow": lambda rid: _Slow(6)}, seen)) as base_url:
         await register_raw(c, f"{base_url}/mcp", "wm_cancel", ["slow"], protocol="mcp")
         run_id = await start(c, doc_of("wire_mcp_cancel", "wm_cancel", [{"step_id": "s", "action": "slow",
                                                                          "timeout_ms": 60_000}]))
@@ -399,3 +399,47 @@ async def test_canceling_a_run_releases_the_lease_of_its_call(platform: Platform
         release.set()
     assert gone == 404
     assert (await c.get("/api/leases", params={"run_id": run_id})).json()["total"] == 0
+
+
+async def test_mcp_binding_default_timeout_fails_the_step_and_sends_notifications_cancelled(
+        platform: Platform) -> None:
+    """api.md §15.4: without ``timeout_ms`` the call is bounded by ``LANGORCH_MCP_TIMEOUT_S``; on timeout the runtime
+    sends ``notifications/cancelled {requestId, reason}`` and the step fails with ``step_timeout``."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    async with serve_app(raw_mcp({"slow": lambda rid: _Slow(6)}, seen)) as base_url:
+        await register_raw(c, f"{base_url}/mcp", "wm_timeout", ["slow"], protocol="mcp")
+        error = await failed_with(c, doc_of("wire_mcp_timeout", "wm_timeout", [{"step_id": "s", "action": "slow"}]),
+                                  timeout=15)
+        for _ in range(100):
+            if any(m.get("method") == "notifications/cancelled" for m in seen):
+                break
+            await asyncio.sleep(0.05)
+    assert error["code"] == "step_timeout", error
+    [call] = [m for m in seen if m.get("method") == "tools/call"]
+    [cancelled] = [m for m in seen if m.get("method") == "notifications/cancelled"]
+    assert cancelled["params"]["requestId"] == call["id"]
+    assert cancelled["params"].get("reason")
+
+
+async def test_in_progress_is_asked_again_without_a_new_attempt(platform: Platform) -> None:
+    """ckp.md §9.1: 409 ``in_progress`` → ask again after ``Retry-After`` with the same key; not a new attempt (one
+    ``step_started``, no ``step_retrying``, the same ``attempt`` on the wire)."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    answers = [JSONResponse({"status": "error", "error_code": "in_progress"}, status_code=409,
+                            headers={"Retry-After": "0.3"}),
+               JSONResponse({"status": "success", "result": {"n": 1}})]
+    async with serve_app(raw_agent({"once": lambda b: answers.pop(0)}, seen)) as base_url:
+        await register_raw(c, base_url, "wa_again", ["once"])
+        doc = doc_of("wire_in_progress", "wa_again", [{"step_id": "s", "action": "once", "output_variable": "r"}],
+                     outputs={"r": "{{r}}"})
+        run = await wait_status(c, await start(c, doc))
+    assert run["status"] == "completed", run
+    assert run["output_vars"]["r"] == {"n": 1}
+    assert len(seen) == 2
+    assert len({s["headers"]["idempotency-key"] for s in seen}) == 1
+    assert [s["body"]["attempt"] for s in seen] == [1, 1]
+    events = await events_of(c, run["run_id"])
+    assert len([e for e in events if e["event_type"] == "step_started"]) == 1
+    assert not [e for e in events if e["event_type"] == "step_retrying"]
