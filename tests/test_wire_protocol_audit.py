@@ -189,6 +189,8 @@ async def test_malformed_mcp_answers_are_mcp_errors(platform: Platform) -> None:
         "bad_item": rpc({"content": [{"type": "text"}]}),
         "http_500": lambda rid: Response("boom", status_code=500, media_type="text/plain"),
         "not_json": lambda rid: Response("<html>nope</html>", media_type="application/json"),
+        "redirect": lambda rid: Response(status_code=307, headers={"Location": "http://169.254.169.254/mcp"}),
+        "rpc_garbage": lambda rid: JSONResponse({"jsonrpc": "2.0", "id": rid, "error": {"code": "x"}}),
     }
     async with serve_app(raw_mcp(calls, seen)) as base_url:
         await register_raw(c, f"{base_url}/mcp", "wm_bad", list(calls), protocol="mcp")
