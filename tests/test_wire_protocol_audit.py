@@ -445,3 +445,47 @@ async def test_in_progress_is_asked_again_without_a_new_attempt(platform: Platfo
     events = await events_of(c, run["run_id"])
     assert len([e for e in events if e["event_type"] == "step_started"]) == 1
     assert not [e for e in events if e["event_type"] == "step_retrying"]
+
+
+async def callback_of(c: httpx.AsyncClient, run_id: str, seen: list[dict[str, Any]], n: int,
+                      body: dict[str, Any]) -> None:
+    """Wait for the run's n-th async dispatch to be delegated (run paused), then post ``body`` to its callback."""
+    for _ in range(300):
+        delegated = [e for e in await events_of(c, run_id) if e["event_type"] == "workflow_delegated"]
+        if len(delegated) >= n and (await c.get(f"/api/runs/{run_id}")).json()["status"] == "paused":
+            break
+        await asyncio.sleep(0.05)
+    url = [s for s in seen if s["body"]["run_id"] == run_id][n - 1]["body"]["params"]["callback_url"]
+    async with httpx.AsyncClient() as outside:
+        r = await outside.post(url, json=body)
+    assert r.status_code == 202, r.text
+
+
+async def test_success_callback_output_is_stored_or_merged_and_failure_defaults_to_workflow_failed(
+        platform: Platform) -> None:
+    """ckp.md §4.6: a ``success`` callback's ``output`` is the step result — in ``output_variable``, or merged key by
+    key into the variables when the step has none — and the node continues; a ``failure`` callback without an
+    ``error_code`` fails the step with ``workflow_failed``."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    accept = lambda: JSONResponse({"status": "accepted"}, status_code=202)  # noqa: E731
+    async with serve_app(workflow_agent(seen, accept)) as base_url:
+        await register_workflow(c, base_url, "wf_cb")
+        doc = doc_of("wire_callbacks", "wf_cb", [{"step_id": "a", "action": "job", "output_variable": "r"},
+                                                 {"step_id": "b", "action": "job"}],
+                     outputs={"r": "{{r}}", "x": "{{x}}", "y": "{{y}}"})
+        run_id = await start(c, doc)
+        await callback_of(c, run_id, seen, 1, {"status": "success", "output": {"first": True}, "node_id": "work",
+                                                "step_id": "a"})
+        await callback_of(c, run_id, seen, 2, {"status": "success", "output": {"x": 1, "y": "two"},
+                                                "node_id": "work", "step_id": "b"})
+        run = await wait_status(c, run_id)
+        assert run["status"] == "completed", run
+        assert run["output_vars"] == {"r": {"first": True}, "x": 1, "y": "two"}
+
+        failing = await start(c, doc_of("wire_callback_failure", "wf_cb", [{"step_id": "a", "action": "job"}]))
+        await callback_of(c, failing, seen, 1, {"status": "failure", "error": "gave up", "node_id": "work",
+                                                "step_id": "a"})
+        run = await wait_status(c, failing)
+    assert run["status"] == "failed", run
+    assert (run["error"]["code"], run["error"]["step_id"]) == ("workflow_failed", "a")
