@@ -26,11 +26,13 @@ pytestmark = pytest.mark.integration
 AGENT_TIMEOUT_S = 2.0
 MCP_TIMEOUT_S = 3.0
 LEASE_TTL_S = 3.0  # renewed every second
+LEASE_WAIT_S = 1.5
 
 
 @pytest.fixture(scope="module")
 async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
-    settings = {"agent_timeout_s": AGENT_TIMEOUT_S, "mcp_timeout_s": MCP_TIMEOUT_S, "lease_ttl_s": LEASE_TTL_S}
+    settings = {"agent_timeout_s": AGENT_TIMEOUT_S, "mcp_timeout_s": MCP_TIMEOUT_S, "lease_ttl_s": LEASE_TTL_S,
+                "lease_wait_timeout_s": LEASE_WAIT_S}
     async with platform_of(module_nats_url, module_database_url, runtime_settings=settings) as p:
         yield p
 
@@ -489,3 +491,29 @@ async def test_success_callback_output_is_stored_or_merged_and_failure_defaults_
         run = await wait_status(c, failing)
     assert run["status"] == "failed", run
     assert (run["error"]["code"], run["error"]["step_id"]) == ("workflow_failed", "a")
+
+
+async def test_a_full_resource_waits_with_one_pool_saturated_then_lease_wait_timeout(platform: Platform) -> None:
+    """ckp.md §7.5: every slot held → the step waits, ``pool_saturated {agent_id, channel, resource_key, pool_id}``
+    once per wait, and after ``LANGORCH_LEASE_WAIT_TIMEOUT_S`` the attempt fails with ``lease_wait_timeout``."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    release = asyncio.Event()
+    async with serve_app(slow_agent(seen, release)) as base_url:
+        await register_raw(c, base_url, "wl_full", ["hold"])
+        holder = await start(c, doc_of("wire_lease_holder", "wl_full", HOLD))
+        await held_lease(c, holder)
+        waiter = await start(c, doc_of("wire_lease_waiter", "wl_full", HOLD))
+        run = await wait_status(c, waiter)
+        release.set()
+        assert (await wait_status(c, holder))["status"] == "completed"
+    assert run["status"] == "failed", run
+    assert run["error"]["code"] == "lease_wait_timeout", run["error"]
+    events = await events_of(c, waiter)
+    [saturated] = [e for e in events if e["event_type"] == "pool_saturated"]
+    agent = (await c.get("/api/agents", params={"channel": "wl_full"})).json()["items"][0]
+    assert saturated["payload"]["agent_id"] == agent["agent_id"]
+    assert saturated["payload"]["channel"] == "wl_full"
+    assert saturated["payload"]["resource_key"] == (agent.get("resource_key") or agent["agent_id"])
+    assert "pool_id" in saturated["payload"]
+    assert len(seen) == 1  # the waiting run never reached the agent
