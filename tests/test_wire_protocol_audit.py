@@ -135,6 +135,17 @@ async def test_envelope_fields_of_the_wrong_type_are_a_protocol_error(platform: 
     assert len(seen) == len(bodies)
 
 
+async def test_a_4xx_with_a_wrongly_typed_error_code_is_still_agent_http_status(platform: Platform) -> None:
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    answer = lambda b: JSONResponse({"error": {"why": "bad"}, "error_code": 42}, status_code=400)  # noqa: E731
+    async with serve_app(raw_agent({"reject": answer}, seen)) as base_url:
+        await register_raw(c, base_url, "wa_4xx", ["reject"])
+        error = await failed_with(c, doc_of("wire_4xx_types", "wa_4xx", [{"step_id": "s", "action": "reject"}]))
+    assert error["code"] == "agent_http_400", error
+    assert len(seen) == 1
+
+
 # -- §9.2 / api.md §15.4: malformed MCP answers, cancellation ----------------------------------------------------
 
 McpAnswer = Callable[[int | str], Response]

@@ -726,8 +726,9 @@ class AgentDispatcher(Dispatcher):
                          http_status=status, details=details)
         if 400 <= status < 500:
             message = (envelope or {}).get("error") or f"agent {c.agent_id} answered HTTP {status}"
+            error_code = (envelope or {}).get("error_code")  # any body may come with a 4xx: keep a string code only
             raise _error(f"agent_http_{status}", str(message), retryable=False, http_status=status,
-                         error_code=(envelope or {}).get("error_code"), details=where)
+                         error_code=error_code if isinstance(error_code, str) else None, details=where)
         if status == 202:
             raise _error("agent_protocol_error", f"agent {c.agent_id} accepted a synchronous call (HTTP 202)",
                          retryable=False, http_status=status, details=where)
