@@ -528,3 +528,17 @@ async def test_a_full_resource_waits_with_one_pool_saturated_then_lease_wait_tim
     assert saturated["payload"]["resource_key"] == (agent.get("resource_key") or agent["agent_id"])
     assert "pool_id" in saturated["payload"]
     assert len(seen) == 1  # the waiting run never reached the agent
+
+
+async def test_an_async_acceptance_that_trickles_in_is_cut_at_ten_seconds_per_try(platform: Platform) -> None:
+    """api.md §15.2: the acceptance must arrive within 10 s (body included); an agent trickling it is tried 3 times
+    and the step fails with ``dispatch_failed`` instead of the run hanging."""
+    c = platform.client
+    seen: list[dict[str, Any]] = []
+    trickle = lambda: drip(b'{"status": "accepted"', 120)  # noqa: E731
+    async with serve_app(workflow_agent(seen, trickle)) as base_url:
+        await register_workflow(c, base_url, "wf_trickle")
+        error = await failed_with(c, doc_of("wire_async_trickle", "wf_trickle", [{"step_id": "a", "action": "job"}]),
+                                  timeout=60)
+    assert error["code"] == "dispatch_failed", error
+    assert len(seen) == 3
