@@ -427,6 +427,14 @@ class AgentDispatcher(Dispatcher):
         except Exception:
             log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
 
+    def _held(self, c: Candidate, lease: Lease, started: float) -> tuple[Candidate, Lease]:
+        """A slot was taken: record the wait and the active lease of its pool."""
+        if self.metrics is not None:
+            pool = c.pool_id or c.agent_id
+            self.metrics.lease_wait.labels(pool).observe(time.monotonic() - started)
+            self.metrics.leases_active.labels(pool).inc()
+        return c, lease
+
     async def acquire(self, request: DispatchRequest, channel: str) -> tuple[Candidate, Lease]:
         """A candidate and a held slot of its resource, waiting while every candidate is full (§7.5)."""
         started = time.monotonic()
@@ -450,20 +458,12 @@ class AgentDispatcher(Dispatcher):
                     continue
                 lease = await self.try_acquire(c, request)
                 if lease is not None:
-                    if self.metrics is not None:
-                        pool = c.pool_id or c.agent_id
-                        self.metrics.lease_wait.labels(pool).observe(time.monotonic() - started)
-                        self.metrics.leases_active.labels(pool).inc()
-                    return c, lease
+                    return self._held(c, lease, started)
             if not saturated:
                 for c in ranked:  # every slot is held: one may still be held for this very attempt
                     lease = await self.adopt(c, request)
                     if lease is not None:
-                        if self.metrics is not None:
-                            pool = c.pool_id or c.agent_id
-                            self.metrics.lease_wait.labels(pool).observe(time.monotonic() - started)
-                            self.metrics.leases_active.labels(pool).inc()
-                        return c, lease
+                        return self._held(c, lease, started)
                 saturated = True
                 top = ranked[0]
                 if self.metrics is not None:

@@ -352,37 +352,51 @@ class Machine:
         return self.ir.global_config.execution_mode == "dry_run" or \
             self.run.run_created.get("execution_mode") == "dry_run"
 
-    async def side_dispatch(self, node: NodeIR, step_id: str, fs: str, attempt: int, action: str,
-                            params: dict[str, Any]) -> tuple[Any, bool]:
-        """A screen validation or failure screenshot dispatch (§4.10, §4.11) resolved like a step's (§7.9):
-        ``test_data_overrides`` (under ``<node_id>.<step_id>``, else ``<step_id>``) → dry-run skip → mock → real
-        dispatch, which consumes the procedure's rate limits (§7.6). Returns ``(result, dispatched)``; a failed
-        dispatch raises :class:`StepError`."""
+    async def rehearsed(self, node: NodeIR, override_id: str, step_id: str, fs: str, attempt: int, action: str,
+                        channel: str | None) -> tuple[bool, Any]:
+        """Executor resolution before a real dispatch (§4.5, §7.9): ``test_data_overrides`` (under
+        ``<node_id>.<override_id>``, else ``<override_id>``) → dry-run skip → mock. Returns ``(True, answer)`` when
+        one of them answered, else ``(False, None)``."""
         gc = self.ir.global_config
-        channel = node.channel
-        for override_key in (f"{node.id}.{step_id}", step_id):
+        for override_key in (f"{node.id}.{override_id}", override_id):
             if override_key in gc.test_data_overrides:
                 await self.emit(StepTestOverrideApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                                         override_key=override_key))
-                return copy.deepcopy(gc.test_data_overrides[override_key]), False
+                return True, copy.deepcopy(gc.test_data_overrides[override_key])
         if self.dry_run():
             await self.emit(DryRunStepSkipped(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                               action=action, binding_kind="channel", channel=channel))
-            return {"dry_run": True, "skipped_action": action, "channel": channel}, False
+            return True, {"dry_run": True, "skipped_action": action, "channel": channel}
         if gc.mock_external_calls:
             await self.emit(StepMockApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                             action=action, binding_kind="channel", channel=channel))
-            return {"mocked": True, "action": action, "channel": channel}, False
-        request = DispatchRequest(node=node, step_id=step_id, action=action, channel=channel, params=params,
+            return True, {"mocked": True, "action": action, "channel": channel}
+        return False, None
+
+    def admitted(self, node_id: str, step_id: str, fs: str, attempt: int) -> contextlib.AbstractAsyncContextManager[
+            None]:
+        """The procedure's rate limits (§7.6) around one external dispatch attempt (a no-op when disabled)."""
+        limits = self.ir.global_config.rate_limiting
+        if self.limiter is None or not limits.enabled:
+            return contextlib.nullcontext()
+        position = {"node_id": node_id, "step_id": step_id, "frame": fs, "attempt": attempt}
+        return self.limiter.admit(self.ir.procedure_id, limits, self.emit, position)
+
+    async def side_dispatch(self, node: NodeIR, step_id: str, fs: str, attempt: int, action: str,
+                            params: dict[str, Any]) -> tuple[Any, bool]:
+        """A screen validation or failure screenshot dispatch (§4.10, §4.11) resolved like a step's: override →
+        dry-run skip → mock → real dispatch under the rate limits. Returns ``(result, dispatched)``; a failed
+        dispatch raises :class:`StepError`."""
+        answered, answer = await self.rehearsed(node, step_id, step_id, fs, attempt, action, node.channel)
+        if answered:
+            return answer, False
+        request = DispatchRequest(node=node, step_id=step_id, action=action, channel=node.channel, params=params,
                                   attempt=attempt, idempotency_key=idempotency_key(self.run.run_id, node.id, step_id,
                                                                                    fs, attempt),
                                   frame=fs, timeout_ms=None, dispatch_mode="sync", run_id=self.run.run_id,
                                   procedure_id=self.ir.procedure_id, emit=self.emit)
-        if self.limiter is not None and gc.rate_limiting.enabled:
-            position = {"node_id": node.id, "step_id": step_id, "frame": fs, "attempt": attempt}
-            async with self.limiter.admit(self.ir.procedure_id, gc.rate_limiting, self.emit, position):
-                return await self.dispatcher.dispatch(request), True
-        return await self.dispatcher.dispatch(request), True
+        async with self.admitted(node.id, step_id, fs, attempt):
+            return await self.dispatcher.dispatch(request), True
 
     def notifier(self) -> Callable[[dict[str, Any]], Awaitable[None]] | None:
         """The ``notify`` operation's webhook: schedules the POST and returns at once."""
@@ -522,7 +536,7 @@ class Machine:
         becomes runnable (a parallel node whose branch just ended) runs at once. So a branch of quick nodes is not
         held back by a sibling's slow call, a parallel ``any`` is won by the first branch to finish in time, and a
         frame ended by another one (a losing branch, ``branch_failure: fail``, a ``terminate``) has its node in
-        progress canceled on the spot — its in-flight agent, LLM or MCP call is aborted (:meth:`abort_frames`).
+        progress canceled on the spot — its in-flight agent, LLM or MCP call is aborted (:meth:`abort_frame`).
         No node starts once every node that began the super-step has finished; the super-step ends when the
         nodes in progress are done, and the state is persisted after it."""
         frames = self.runnable(state)
@@ -585,15 +599,13 @@ class Machine:
             await asyncio.gather(*tasks.values(), return_exceptions=True)
         tasks.clear()
 
-    def abort_frames(self, frame_ids: list[str]) -> None:
-        """Cancel the nodes in progress of frames another frame just ended (§3.8 step 3, §3.15): their in-flight
-        external calls are aborted and, like those cut off by a run cancel (§7.10), stay ``started`` in the step
+    def abort_frame(self, frame_id: str) -> None:
+        """Cancel the node in progress of a frame another frame just ended (§3.8 step 3, §3.15): its in-flight
+        external call is aborted and, like one cut off by a run cancel (§7.10), stays ``started`` in the step
         store. Synchronous, so a canceled frame cannot record anything more."""
-        current = asyncio.current_task()
-        for fid in frame_ids:
-            task = self._in_flight.get(fid)
-            if task is not None and task is not current and not task.done():
-                task.cancel()
+        task = self._in_flight.get(frame_id)
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
 
     def remaining_s(self, state: RunState) -> float | None:
         """Executing time left before the run deadline (§7.11); None without a deadline."""
@@ -842,11 +854,7 @@ class Machine:
                 out["error"] = _dump(terminated)
                 # §7.12: the terminate node is the failure point (a retry runs it again)
                 state["failure_point"] = {"node_id": node.id, "frame_id": frame["id"]}
-        for other in state["frames"].values():
-            if other.get("status") != "done":
-                other["status"] = "done"
-                other["result"] = {"status": "canceled", "error": None}
-                self.abort_frames([other["id"]])
+        self.cancel_frames(state, [f for f in state["frames"].values() if f.get("status") != "done"])
         state["waits"] = {}
         state["outcome"] = out
 
@@ -878,7 +886,7 @@ class Machine:
                     d["result"] = {"status": "canceled", "error": None}
                     for wait_id in d.get("pending", []):
                         state.get("waits", {}).pop(wait_id, None)
-                    self.abort_frames([d["id"]])
+                    self.abort_frame(d["id"])
 
     # -- node errors and handlers (§3.3, §4.10) ----------------------------------------------------------------
     async def node_error(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
@@ -1454,12 +1462,7 @@ class Machine:
             request = request_for(p, self.ir.global_config, messages, spent_usd=float(counters["cost_usd"]),
                                   idempotency_key=key, emit=self.emit, node_id=node.id, frame=fs, attempt=attempt)
             try:
-                if self.limiter is not None and self.ir.global_config.rate_limiting.enabled:
-                    position = {"node_id": node.id, "step_id": "llm", "frame": fs, "attempt": attempt}
-                    async with self.limiter.admit(self.ir.procedure_id, self.ir.global_config.rate_limiting,
-                                                  self.emit, position):
-                        result = await self.llm.complete(request)
-                else:
+                async with self.admitted(node.id, "llm", fs, attempt):
                     result = await self.llm.complete(request)
                 break
             except StepError as exc:
@@ -2117,25 +2120,12 @@ class Machine:
         if announce is not None and (self.dry_run() or gc.mock_external_calls or any(
                 k in gc.test_data_overrides for k in (f"{node.id}.{step.step_id}", step.step_id))):
             await announce(None)
-        for override_key in (f"{node.id}.{step.step_id}", step.step_id):
-            if override_key in gc.test_data_overrides:
-                await self.emit(StepTestOverrideApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                                        override_key=override_key))
-                return copy.deepcopy(gc.test_data_overrides[override_key])
-        if self.dry_run():
-            await self.emit(DryRunStepSkipped(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                              action=step.action, binding_kind="channel",
-                                              channel=step.binding.channel))
-            return {"dry_run": True, "skipped_action": step.action, "channel": step.binding.channel}
-        if gc.mock_external_calls:
-            await self.emit(StepMockApplied(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
-                                            action=step.action, binding_kind="channel", channel=step.binding.channel))
-            return {"mocked": True, "action": step.action, "channel": step.binding.channel}
-        if self.limiter is not None and gc.rate_limiting.enabled:
-            position = {"node_id": node.id, "step_id": step_id, "frame": fs, "attempt": attempt}
-            async with self.limiter.admit(self.ir.procedure_id, gc.rate_limiting, self.emit, position):
-                return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback, announce)
-        return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback, announce)
+        answered, answer = await self.rehearsed(node, step.step_id, step_id, fs, attempt, step.action,
+                                                step.binding.channel)
+        if answered:
+            return answer
+        async with self.admitted(node.id, step_id, fs, attempt):
+            return await self.dispatch_step(node, step, step_id, fs, params, attempt, key, callback, announce)
 
     async def dispatch_step(self, node: NodeIR, step: StepIR, step_id: str, fs: str, params: dict[str, Any],
                             attempt: int, key: str, callback: CallbackInfo | None,
