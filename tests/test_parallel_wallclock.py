@@ -53,9 +53,9 @@ class Blocked:
         return "late"
 
 
-async def registered(c: httpx.AsyncClient, agent: ScriptedAgent) -> None:
+async def registered(c: httpx.AsyncClient, agent: ScriptedAgent, slots: int = 1) -> None:
     r = await c.post("/api/agents", json={"agent_id": "racer", "name": "racer", "channel": "race",
-                                          "base_url": agent.base_url, "concurrency_limit": 1,
+                                          "base_url": agent.base_url, "concurrency_limit": slots,
                                           "capabilities": list(agent.handlers)})
     assert r.status_code == 201, r.text
     for _ in range(100):  # the runtime's registry follows agent events
@@ -124,15 +124,7 @@ async def test_cancel_aborts_the_calls_in_flight_in_every_branch(platform: Platf
         {"step_id": "wait_too", "action": "slow", "output_variable": "also"}]}, wait_strategy="all")
     doc["workflow_graph"]["nodes"]["q1"] = doc["workflow_graph"]["nodes"]["q3"]  # the quick branch calls at once
     async with serving(agent):
-        r = await c.post("/api/agents", json={"agent_id": "racer", "name": "racer", "channel": "race",
-                                              "base_url": agent.base_url, "concurrency_limit": 2,
-                                              "capabilities": ["slow"]})
-        assert r.status_code == 201, r.text
-        for _ in range(100):
-            if (await c.get("/api/agents", params={"channel": "race"})).json()["items"]:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+        await registered(c, agent, slots=2)
         run_id = await start(c, doc)
         for _ in range(200):
             if blocked.calls == 2:
