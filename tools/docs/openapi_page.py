@@ -1,0 +1,1 @@
+"""MkDocs hook (see mkdocs.yml): generates a reference page at build time. To be written."""
