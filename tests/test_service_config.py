@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ckp_core.subjects import PRESENCE_BUCKET, service_presence_key
-from langorch.cli import SERVICES, _serve_services
+from langorch.serving import SERVICES, serve_services
 from langorch_approvals.service import host as approvals_host
 from langorch_compiler.service import host as compiler_host
 from langorch_infra.embedded import EmbeddedNats, free_port
@@ -280,7 +280,7 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
     monkeypatch.setenv("LANGORCH_PRESENCE_TTL_S", "3")
     port = free_port()
     stop = asyncio.Event()
-    up = asyncio.create_task(_serve_services(SERVICES, nats_url, with_password(database_url, SECRETS["db"]),
+    up = asyncio.create_task(serve_services(SERVICES, nats_url, with_password(database_url, SECRETS["db"]),
                                              "127.0.0.1", port, stop=stop))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:

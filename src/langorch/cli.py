@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -17,13 +15,13 @@ import typer
 from rich.console import Console
 
 from langorch import timeline
+from langorch.serving import SERVICES, ensure_database, serve_services
 
 app = typer.Typer(help="LangOrch: durable orchestration of CKP procedures.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 projections_app = typer.Typer(help="Maintain the PostgreSQL projections.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
 console = Console()
-SERVICES = ("compiler", "runtime", "approvals", "gateway")
 
 
 def _logging(level: str = "INFO") -> None:
@@ -33,90 +31,6 @@ def _logging(level: str = "INFO") -> None:
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
     for noisy in ("nats", "httpx", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-async def ensure_database(url: str, name: str = "langorch") -> str:
-    """Create database ``name`` on the server of ``url`` if missing; return the URL pointing at it."""
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
-    try:
-        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name) is None:
-            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    base = url.rsplit("/", 1)[0]
-    return f"{base}/{name}"
-
-
-async def _serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str,
-                          port: int, on_ready: Any = None, stop: asyncio.Event | None = None) -> None:
-    """Run ``names`` in this process until SIGINT/SIGTERM (or ``stop`` is set, when given).
-
-    With the gateway and other services together (``langorch up``) the gateway's ``GET /metrics`` serves every
-    service's registry as one, and no service opens the metrics port; a single service (``langorch serve``)
-    serves its own ``/metrics``, ``/health`` and ``/ready`` on ``LANGORCH_METRICS_PORT``.
-    """
-    import uvicorn
-    from prometheus_client import CollectorRegistry
-
-    from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
-    from langorch_approvals.service import host as approvals_host
-    from langorch_compiler.service import host as compiler_host
-    from langorch_gateway.app import create_app
-    from langorch_infra import jsonlog
-    from langorch_infra.hosting import ServiceHost
-    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
-    from langorch_runtime.service import host as runtime_host
-
-    env: dict[str, Any] = {"nats_url": nats_url, "database_url": database_url}
-    hosts: list[ServiceHost] = []
-    if "compiler" in names:
-        hosts.append(compiler_host(CompilerSettings(**env)))
-    if "runtime" in names:
-        hosts.append(runtime_host(RuntimeSettings(**env)))  # runs and the agent/lease side
-    if "approvals" in names:
-        hosts.append(approvals_host(ApprovalsSettings(**env)))
-    combined = "gateway" in names and bool(hosts)
-    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(h.serve(0 if combined else None), name=h.service)
-                                      for h in hosts]
-    server = None
-    if "gateway" in names:
-        jsonlog.install("langorch_gateway")  # the gateway logs JSON lines (api.md §1.3), one per request at least
-        settings = GatewaySettings(**env, host=host, port=port)
-        registries: list[CollectorRegistry] = [h.registry for h in hosts]
-        config = uvicorn.Config(create_app(settings, extra_registries=registries), host=host, port=port,
-                                log_level="warning", lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-        server = ManagedServer(config)
-        tasks.append(asyncio.create_task(server.serve(), name="gateway"))
-
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-    if server is not None:
-        while not server.started:
-            if any(t.done() for t in tasks):
-                break
-            await asyncio.sleep(0.05)
-    if on_ready is not None:
-        on_ready()
-    stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    failed = [t for t in done if t is not stopper and t.exception() is not None]
-    if server is not None:
-        server.should_exit = True
-    for task in tasks:
-        if task.get_name() != "gateway":
-            task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(task, 10)
-    stopper.cancel()
-    if failed:
-        raise failed[0].exception()  # type: ignore[misc]
 
 
 @app.command()
@@ -150,7 +64,7 @@ def up(
             console.print(f"[bold green]LangOrch is up[/]: API http://{host}:{port}/api  "
                           f"(docs http://{host}:{port}/docs) — Ctrl-C to stop")
 
-        asyncio.run(_serve_services(SERVICES, nats_url, database_url, host, port, ready))
+        asyncio.run(serve_services(SERVICES, nats_url, database_url, host, port, ready))
     finally:
         for server in reversed(embedded):
             server.stop()
@@ -171,7 +85,7 @@ def serve(
         raise typer.Exit(2)
     _logging()
     common = CommonSettings()
-    asyncio.run(_serve_services((service,), common.nats_url, common.database_url, host, port))
+    asyncio.run(serve_services((service,), common.nats_url, common.database_url, host, port))
 
 
 SEVERITY_COLORS = {"error": "red", "warning": "yellow", "info": "blue"}

@@ -1,0 +1,105 @@
+"""Run LangOrch services in this process: every service for ``langorch up``, one for ``langorch serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from typing import Any
+
+SERVICES = ("compiler", "runtime", "approvals", "gateway")
+
+
+async def ensure_database(url: str, name: str = "langorch") -> str:
+    """Create database ``name`` on the server of ``url`` if missing; return the URL pointing at it."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name) is None:
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base = url.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+async def serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str, port: int,
+                         on_ready: Callable[[], None] | None = None, stop: asyncio.Event | None = None,
+                         grace_s: float | None = None) -> None:
+    """Run ``names`` in this process until SIGINT/SIGTERM (or ``stop`` is set, when given).
+
+    With the gateway and other services together (``langorch up``) the gateway's ``GET /metrics`` serves every
+    service's registry as one, and no service opens the metrics port; a single service (``langorch serve``)
+    serves its own ``/metrics``, ``/health`` and ``/ready`` on ``LANGORCH_METRICS_PORT``.
+
+    Stopping: the gateway stops accepting requests and gets ``grace_s`` (default ``SHUTDOWN_GRACE_S``) for open
+    requests and streams; the other services are canceled at once (a run in progress is picked up again from its
+    last checkpoint). The whole stop is bounded by ``grace_s`` plus a few seconds.
+    """
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
+    from langorch_approvals.service import host as approvals_host
+    from langorch_compiler.service import host as compiler_host
+    from langorch_gateway.app import create_app
+    from langorch_infra import jsonlog
+    from langorch_infra.hosting import ServiceHost
+    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
+    from langorch_runtime.service import host as runtime_host
+
+    grace = SHUTDOWN_GRACE_S if grace_s is None else grace_s
+    env: dict[str, Any] = {"nats_url": nats_url, "database_url": database_url}
+    hosts: list[ServiceHost] = []
+    if "compiler" in names:
+        hosts.append(compiler_host(CompilerSettings(**env)))
+    if "runtime" in names:
+        hosts.append(runtime_host(RuntimeSettings(**env)))  # runs and the agent/lease side
+    if "approvals" in names:
+        hosts.append(approvals_host(ApprovalsSettings(**env)))
+    combined = "gateway" in names and bool(hosts)
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(h.serve(0 if combined else None), name=h.service)
+                                      for h in hosts]
+    server = None
+    if "gateway" in names:
+        jsonlog.install("langorch_gateway")  # the gateway logs JSON lines, one per request at least
+        settings = GatewaySettings(**env, host=host, port=port)
+        registries: list[CollectorRegistry] = [h.registry for h in hosts]
+        config = uvicorn.Config(create_app(settings, extra_registries=registries), host=host, port=port,
+                                log_level="warning", lifespan="on", timeout_graceful_shutdown=max(1, round(grace)))
+        server = ManagedServer(config)
+        tasks.append(asyncio.create_task(server.serve(), name="gateway"))
+
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    if server is not None:
+        while not server.started and not stop.is_set() and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.05)
+    if on_ready is not None and not stop.is_set() and not any(t.done() for t in tasks):
+        on_ready()
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
+    if server is not None:
+        server.should_exit = True
+    for task in tasks:
+        if task.get_name() != "gateway":
+            task.cancel()
+    # the gateway drains within ``grace``; the canceled services close their NATS and database connections
+    _, late = await asyncio.wait(tasks, timeout=grace + 3)
+    for task in late:
+        task.cancel()
+    if late:
+        await asyncio.wait(late, timeout=2)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it again at exit
+    stopper.cancel()
+    if failed:
+        raise failed[0].exception()  # type: ignore[misc]
