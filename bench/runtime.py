@@ -308,7 +308,7 @@ async def main(runs: int, calls: int) -> dict[str, Any]:
         servers.append(EmbeddedNats(tmp / "nats").start())
         nats_url = servers[-1].url
     if not pg_url:
-        servers.append(EmbeddedPostgres(tmp / "pg").start())
+        servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
         pg_url = servers[-1].url
     conn = await asyncpg.connect(pg_url)
     await conn.execute("DROP DATABASE IF EXISTS lo_bench_runtime WITH (FORCE)")

@@ -46,7 +46,7 @@ def pg_server_url() -> Iterator[str]:
     # /tmp/pytest-of-<user> to 0700, and the unprivileged server user (when we run as root) then loses its way
     # to the data directory and PANICs in the middle of this session
     state = Path(tempfile.mkdtemp(prefix="langorch-test-pg-"))
-    server = EmbeddedPostgres(state).start()
+    server = EmbeddedPostgres(state, fsync=False).start()  # tests trade durability for speed
     try:
         yield server.url
     finally:

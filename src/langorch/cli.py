@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from langorch import timeline
-from langorch.serving import SERVICES, ensure_database, serve_services
+from langorch.serving import SERVICES, serve_services
 
 app = typer.Typer(help="LangOrch: durable orchestration of CKP procedures.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -35,40 +35,33 @@ def _logging(level: str = "INFO") -> None:
 
 @app.command()
 def up(
-    state_dir: Annotated[Path, typer.Option(envvar="LANGORCH_STATE_DIR", help="Data of embedded servers.")]
-    = Path(".langorch"),
-    host: Annotated[str, typer.Option(envvar="LANGORCH_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="LANGORCH_PORT")] = 8080,
+    state_dir: Annotated[Path, typer.Option(envvar="LANGORCH_STATE_DIR", help="Data and logs of the embedded "
+                                            "servers.")] = Path(".langorch"),
+    host: Annotated[str, typer.Option(envvar="LANGORCH_HOST", help="Address the API listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="LANGORCH_PORT", help="Port of the API.")] = 8080,
+    nats_port: Annotated[int | None, typer.Option(envvar="LANGORCH_NATS_PORT", help="Port of the embedded NATS "
+                                                  "server (default: chosen on the first start, then kept).")] = None,
+    postgres_port: Annotated[int | None, typer.Option(envvar="LANGORCH_POSTGRES_PORT", help="Port of the embedded "
+                                                      "PostgreSQL (default: chosen on the first start, then kept).")]
+    = None,
 ) -> None:
     """Start LangOrch in one process: embedded NATS and PostgreSQL (unless LANGORCH_NATS_URL /
-    LANGORCH_DATABASE_URL are set) and every service. Ctrl-C stops it; data stays in the state directory."""
-    from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
+    LANGORCH_DATABASE_URL name existing servers) and every service. Ctrl-C stops it (a second Ctrl-C forces the
+    stop); the data stays in the state directory. Exit codes: 0 stopped on request, 1 failed while running,
+    2 could not start (port taken, state directory in use)."""
+    from langorch.up import UpError, UpOptions
+    from langorch.up import run as run_up
 
     _logging()
-    nats_url = os.environ.get("LANGORCH_NATS_URL")
-    database_url = os.environ.get("LANGORCH_DATABASE_URL")
-    embedded: list[Any] = []
+    options = UpOptions(state_dir=state_dir, host=host, port=port, nats_port=nats_port, postgres_port=postgres_port,
+                        nats_url=os.environ.get("LANGORCH_NATS_URL") or None,
+                        database_url=os.environ.get("LANGORCH_DATABASE_URL") or None)
     try:
-        if not nats_url:
-            nats = EmbeddedNats(state_dir / "nats").start()
-            embedded.append(nats)
-            nats_url = nats.url
-            console.print(f"[dim]embedded NATS (JetStream) on {nats_url}, data in {state_dir / 'nats'}[/]")
-        if not database_url:
-            pg = EmbeddedPostgres(state_dir / "postgres").start()
-            embedded.append(pg)
-            database_url = asyncio.run(ensure_database(pg.url))
-            console.print(f"[dim]embedded PostgreSQL on 127.0.0.1:{pg.port}, data in {state_dir / 'postgres'}[/]")
-
-        def ready() -> None:
-            console.print(f"[bold green]LangOrch is up[/]: API http://{host}:{port}/api  "
-                          f"(docs http://{host}:{port}/docs) — Ctrl-C to stop")
-
-        asyncio.run(serve_services(SERVICES, nats_url, database_url, host, port, ready))
-    finally:
-        for server in reversed(embedded):
-            server.stop()
-        console.print("[dim]stopped; data kept in[/] " + str(state_dir))
+        code = run_up(options, console)
+    except UpError as exc:
+        Console(stderr=True).print(f"[red]langorch up[/]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    raise typer.Exit(code)
 
 
 @app.command()

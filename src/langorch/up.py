@@ -1,0 +1,335 @@
+"""``langorch up``: every service in one process, on embedded NATS and PostgreSQL, with a clean start and stop.
+
+1. **Checks before anything starts.** The state directory is locked (one ``langorch up`` per directory), the API
+   port must be free, and so must ports given for the embedded servers. A problem is one line and exit code 2.
+2. **Embedded servers** run in sessions of their own, so a terminal's Ctrl-C reaches only this process. They keep
+   their ports across restarts (chosen free on the first start and remembered in ``<state>/servers.json``), write
+   their output to ``<state>/logs/``, and are stopped by this process. A server left running by a killed
+   ``langorch up`` is stopped before a new one starts.
+3. **A banner** names the API, docs and metrics URLs, the NATS and PostgreSQL URLs other systems connect to, the
+   state directory and the log files.
+4. **Stop.** The first Ctrl-C (or SIGTERM) stops the services (the gateway drains for ``STOP_GRACE_S``), then
+   NATS, then PostgreSQL. A second one forces the stop: the servers are killed (both recover on their next start)
+   and the process exits with 130.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+
+# how long the gateway waits for open requests and SSE streams when `langorch up` stops
+STOP_GRACE_S = 1.0
+FORCED_EXIT_CODE = 130
+
+
+class UpError(Exception):
+    """A problem found before or while starting, reported as one line with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class UpOptions:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    nats_port: int | None = None
+    postgres_port: int | None = None
+    nats_url: str | None = None  # an existing server instead of the embedded one
+    database_url: str | None = None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` fails right now (with ``SO_REUSEADDR``, as uvicorn binds)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise UpError(f"cannot listen on host {host!r}: {exc.strerror}; give an address with --host") from exc
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError:
+            return True
+    return False
+
+
+def _free_port() -> int:
+    from langorch_infra.embedded import free_port
+
+    return free_port()
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def _hide_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass
+class StateDir:
+    """``<state>``: ``nats/`` and ``postgres/`` data, ``logs/``, ``servers.json`` (ports and pids) and the lock."""
+
+    path: Path
+    _lock: TextIO | None = None
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def servers_file(self) -> Path:
+        return self.path / "servers.json"
+
+    def lock(self) -> None:
+        """Hold ``<state>/up.lock`` while this process runs; another ``langorch up`` on it is refused."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / "up.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until exit
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise UpError(f"{self.path} is in use by another `langorch up` (pid {holder}); stop it, or start this "
+                          "one with another --state-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock = handle
+
+    def servers(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.servers_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def remember(self, servers: dict[str, Any]) -> None:
+        self.servers_file.write_text(json.dumps(servers, indent=2) + "\n", encoding="utf-8")
+
+
+def choose_port(name: str, explicit: int | None, remembered: Any, option: str, notes: list[str]) -> int:
+    """The explicit port (which must be free), else the remembered one when free, else a free one."""
+    if explicit is not None:
+        if port_in_use("127.0.0.1", explicit):
+            raise UpError(f"port {explicit} for the embedded {name} is already in use; choose another with {option}")
+        return explicit
+    if isinstance(remembered, int) and remembered > 0:
+        if not port_in_use("127.0.0.1", remembered):
+            return remembered
+        chosen = _free_port()
+        notes.append(f"the embedded {name}'s port {remembered} is taken now; it listens on {chosen} instead")
+        return chosen
+    return _free_port()
+
+
+def _stop_orphan_nats(pid: Any, store: Path) -> None:
+    """A ``nats-server`` on our store left running by a killed ``langorch up``: stop it."""
+    if not isinstance(pid, int) or pid <= 0:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if not cmdline or not cmdline[0].endswith(b"nats-server") or str(store).encode() not in cmdline:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@dataclass
+class Up:
+    """One ``langorch up``: checks, embedded servers, services, and the stop."""
+
+    options: UpOptions
+    console: Console
+    state: StateDir = field(init=False)
+    embedded: list[Any] = field(default_factory=list)
+    signals: int = 0
+    signaled_at: float | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    stop_event: asyncio.Event | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.state = StateDir(self.options.state_dir.absolute())
+
+    # -- signals ------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            self.force()
+        self.signaled_at = time.monotonic()
+        self.console.print("[dim]stopping LangOrch… (Ctrl-C again to force)[/]", highlight=False)
+        if self.loop is not None and self.stop_event is not None:
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        else:
+            raise KeyboardInterrupt  # still starting: unwind, stopping whatever has started
+
+    def force(self) -> None:
+        """The second Ctrl-C: kill the embedded servers and leave now."""
+        for server in reversed(self.embedded):
+            with contextlib.suppress(Exception):
+                if hasattr(server, "kill"):
+                    server.kill()
+                else:
+                    server.stop("immediate")
+        self.console.print("[yellow]forced stop[/]; the servers recover their data on the next start",
+                           highlight=False)
+        sys.stdout.flush()
+        os._exit(FORCED_EXIT_CODE)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # -- phases ---------------------------------------------------------------------------------------------------
+    def check(self) -> dict[str, Any]:
+        """Everything that can be refused before anything starts; returns the ports for the embedded servers."""
+        o = self.options
+        if not 0 < o.port < 65536:
+            raise UpError(f"--port {o.port} is not a TCP port (1-65535)")
+        self.state.lock()
+        if port_in_use(o.host, o.port):
+            raise UpError(f"port {o.port} on {o.host} is already in use; start LangOrch on another port with "
+                          f"--port <n> or LANGORCH_PORT=<n>")
+        remembered = self.state.servers()
+        servers: dict[str, Any] = {}
+        if not o.nats_url:
+            _stop_orphan_nats(remembered.get("nats", {}).get("pid"), self.state.path / "nats")
+            servers["nats"] = {"port": choose_port("NATS server", o.nats_port, remembered.get("nats", {}).get("port"),
+                                                   "--nats-port or LANGORCH_NATS_PORT", self.notes)}
+        if not o.database_url:
+            servers["postgres"] = {"port": choose_port(
+                "PostgreSQL server", o.postgres_port, remembered.get("postgres", {}).get("port"),
+                "--postgres-port or LANGORCH_POSTGRES_PORT", self.notes)}
+        return servers
+
+    def start_servers(self, servers: dict[str, Any]) -> tuple[str, str]:
+        from langorch.serving import ensure_database
+        from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
+
+        o = self.options
+        nats_url, database_url = o.nats_url, o.database_url
+        if servers:
+            self.console.print("[dim]starting the embedded "
+                               + " and ".join({"nats": "NATS", "postgres": "PostgreSQL"}[k] for k in servers)
+                               + " servers…[/]", highlight=False)
+        if "nats" in servers:
+            nats = EmbeddedNats(self.state.path / "nats", servers["nats"]["port"],
+                                log_file=self.state.logs / "nats-server.log")
+            self.embedded.append(nats)
+            nats.start()
+            assert nats.proc is not None
+            servers["nats"]["pid"] = nats.proc.pid
+            nats_url = nats.url
+        if "postgres" in servers:
+            pg = EmbeddedPostgres(self.state.path / "postgres", servers["postgres"]["port"],
+                                  log_file=self.state.logs / "postgresql.log")
+            pg.stop_orphan()
+            self.embedded.append(pg)
+            pg.start()
+            database_url = asyncio.run(ensure_database(pg.url))
+        self.state.remember(servers)
+        assert nats_url is not None
+        assert database_url is not None
+        return nats_url, database_url
+
+    def banner(self, nats_url: str, database_url: str, started: float) -> None:
+        o = self.options
+        base = f"http://{_display_host(o.host)}:{o.port}"
+        rows = [("API", f"{base}/api"), ("API docs", f"{base}/docs  (ReDoc: {base}/redoc)"),
+                ("Metrics", f"{base}/metrics"),
+                ("NATS", nats_url + ("  (embedded, JetStream)" if not o.nats_url else "")),
+                ("PostgreSQL", _hide_password(database_url) + ("  (embedded)" if not o.database_url else "")),
+                ("State", str(self.state.path))]
+        logs = [p for p in (self.state.logs / "nats-server.log", self.state.logs / "postgresql.log") if p.exists()]
+        if logs:
+            rows.append(("Logs", ", ".join(str(p) for p in logs)))
+        self.console.print(f"[bold green]LangOrch is up[/] in {time.monotonic() - started:.1f} s — "
+                           "Ctrl-C stops it; the data is kept", highlight=False)
+        for label, value in rows:
+            self.console.print(f"  {label:<11} {value}", highlight=False, soft_wrap=True)
+        for note in self.notes:
+            self.console.print(f"  [yellow]note[/]: {note}", highlight=False)
+
+    async def serve(self, nats_url: str, database_url: str, started: float) -> None:
+        from langorch.serving import SERVICES, serve_services
+
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        if self.signals:
+            self.stop_event.set()
+        o = self.options
+        await serve_services(SERVICES, nats_url, database_url, o.host, o.port,
+                             on_ready=lambda: self.banner(nats_url, database_url, started), stop=self.stop_event,
+                             grace_s=STOP_GRACE_S)
+
+    def stop_servers(self) -> None:
+        while self.embedded:
+            server = self.embedded.pop()
+            with contextlib.suppress(Exception):
+                server.stop()
+
+    def run(self) -> int:
+        """Start, serve until stopped, stop; the exit code."""
+        started = time.monotonic()
+        with self._signals():
+            try:
+                servers = self.check()
+                try:
+                    nats_url, database_url = self.start_servers(servers)
+                except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as exc:
+                    if self.signals:
+                        raise KeyboardInterrupt from exc
+                    raise UpError(f"an embedded server did not start ({exc}); its log is in {self.state.logs}",
+                                  1) from exc
+                asyncio.run(self.serve(nats_url, database_url, started))
+            except KeyboardInterrupt:
+                pass
+            finally:
+                self.stop_servers()
+        if self.signaled_at is not None:
+            self.console.print(f"stopped in {time.monotonic() - self.signaled_at:.1f} s; data kept in "
+                               f"{self.state.path}", highlight=False)
+        return 0
+
+
+def run(options: UpOptions, console: Console) -> int:
+    """``langorch up``: the exit code (0 after a requested stop, 2 for a problem found before starting)."""
+    return Up(options, console).run()

@@ -1,0 +1,224 @@
+"""``langorch up`` as a terminal runs it: a process group that Ctrl-C reaches as a whole.
+
+The embedded NATS and PostgreSQL run in sessions of their own, so the group's SIGINT reaches only LangOrch, which
+stops its services first and the servers last; a second Ctrl-C forces the stop; a taken port or a state directory
+in use is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from langorch_infra.embedded import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+START_DEADLINE_S = 120
+
+
+@dataclass
+class Up:
+    """A ``langorch up`` child in a new process group, its output collected line by line with arrival times."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    lines: list[tuple[float, str]] = field(default_factory=list)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def after(self, moment: float) -> list[str]:
+        return [line for t, line in self.lines if t >= moment]
+
+    def wait_for_line(self, needle: str, deadline_s: float = START_DEADLINE_S) -> None:
+        deadline = time.monotonic() + deadline_s
+        while not any(needle in line for _, line in self.lines):
+            assert self.proc.poll() is None, f"langorch up exited with {self.proc.returncode}:\n{self.text}"
+            assert time.monotonic() < deadline, f"no line with {needle!r} after {deadline_s} s:\n{self.text}"
+            time.sleep(0.05)
+
+    def wait_ready(self) -> None:
+        self.wait_for_line("LangOrch is up")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/api/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, self.text
+            time.sleep(0.1)
+
+    def interrupt(self) -> float:
+        """Ctrl-C in the terminal: SIGINT to the whole process group."""
+        moment = time.monotonic()
+        os.killpg(self.proc.pid, signal.SIGINT)
+        return moment
+
+
+def _env(state_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_")}
+    return {**env, "LANGORCH_STATE_DIR": str(state_dir), "LANGORCH_PORT": str(port), "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def start_up(state_dir: Path, port: int, *args: str) -> Up:
+    proc = subprocess.Popen([sys.executable, "-m", "langorch", "up", *args], cwd=ROOT, env=_env(state_dir, port),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    up = Up(proc, port)
+    threading.Thread(target=up._read, daemon=True).start()
+    return up
+
+
+def _processes_using(path: Path) -> list[str]:
+    """Command lines of running processes that name ``path`` (the embedded servers do)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmdline and "pytest" not in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def _wait_gone(path: Path, deadline_s: float = 10) -> list[str]:
+    deadline = time.monotonic() + deadline_s
+    while (left := _processes_using(path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "state"
+    yield path
+    for line in _processes_using(path):  # never leave servers behind, whatever the test did
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and_ports(state_dir: Path) -> None:
+    port = free_port()
+    up = start_up(state_dir, port)
+    up.wait_ready()
+    banner = up.text
+    for shown in (f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}/docs", f"http://127.0.0.1:{port}/metrics",
+                  "nats://127.0.0.1:", "postgresql://postgres@127.0.0.1:", str(state_dir),
+                  str(state_dir / "logs" / "nats-server.log"), str(state_dir / "logs" / "postgresql.log")):
+        assert shown in banner, f"the banner does not show {shown}:\n{banner}"
+    # the embedded servers' chatter is in their log files, not in the terminal
+    assert "initdb" not in banner and "database system is ready" not in banner and "RuntimeDirWarning" not in banner
+    assert (state_dir / "logs" / "postgresql.log").read_text().strip()
+    assert "JetStream" in (state_dir / "logs" / "nats-server.log").read_text()
+    servers = json.loads((state_dir / "servers.json").read_text())
+    assert f"nats://127.0.0.1:{servers['nats']['port']}" in banner
+
+    # the data survives the stop: import a procedure now, find it after the restart
+    doc = json.loads((ROOT / "examples" / "minimal_greeting.ckp.json").read_text())
+    r = httpx.post(f"http://127.0.0.1:{port}/api/procedures", json={"ckp_json": doc}, timeout=30)
+    assert r.status_code == 201, r.text
+
+    # a second `langorch up` on the same state directory is refused at once, and the first keeps running
+    second = subprocess.run([sys.executable, "-m", "langorch", "up", "--port", str(free_port())], cwd=ROOT,
+                            env=_env(state_dir, port), capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "in use by another `langorch up`" in second.stderr and "Traceback" not in second.stderr + second.stdout
+    assert up.proc.poll() is None
+
+    signaled = up.interrupt()
+    try:
+        up.proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"langorch up still running 5 s after SIGINT:\n{up.text}")
+    after = up.after(signaled)
+    assert up.proc.returncode == 0, up.text
+    assert "Traceback" not in up.text
+    assert len(after) < 20, "\n".join(after)
+    assert any("stopped in" in line for line in after), "\n".join(after)
+    assert not _wait_gone(state_dir), "embedded servers left running after the stop"
+
+    again = start_up(state_dir, port)
+    again.wait_ready()
+    assert f"nats://127.0.0.1:{servers['nats']['port']}" in again.text, "the NATS port changed across a restart"
+    assert f"@127.0.0.1:{servers['postgres']['port']}/" in again.text, "the PostgreSQL port changed across a restart"
+    r = httpx.get(f"http://127.0.0.1:{port}/api/procedures/e2e_test_procedure", timeout=30)
+    assert r.status_code == 200, r.text
+    again.interrupt()
+    assert again.proc.wait(timeout=30) == 0, again.text
+
+
+def test_a_second_ctrl_c_forces_the_stop(state_dir: Path) -> None:
+    port = free_port()
+    up = start_up(state_dir, port)
+    up.wait_ready()
+    # an open live stream makes the gateway drain for its grace period, so the second Ctrl-C lands mid-stop
+    with httpx.Client(timeout=httpx.Timeout(30, read=None)) as client, \
+            client.stream("GET", f"http://127.0.0.1:{port}/api/approvals/stream") as stream:
+        assert stream.status_code == 200
+        signaled = up.interrupt()
+        up.wait_for_line("Ctrl-C again to force", 10)
+        os.killpg(up.proc.pid, signal.SIGINT)
+        try:
+            code = up.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a second Ctrl-C did not stop langorch up:\n{up.text}")
+    assert code == 130, up.text
+    after = up.after(signaled)
+    assert any("forced stop" in line for line in after), "\n".join(after)
+    assert "Traceback" not in up.text
+    assert not _wait_gone(state_dir), "embedded servers left running after a forced stop"
+
+
+def test_a_taken_port_is_refused_before_anything_starts(state_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "langorch", "up"], cwd=ROOT, env=_env(state_dir, port),
+                              capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert elapsed < 3, f"refusing a taken port took {elapsed:.1f} s"
+    assert f"port {port}" in output and "--port" in output and "LANGORCH_PORT" in output, output
+    assert "Traceback" not in output
+    assert len(output.strip().splitlines()) <= 2, output
+    assert not (state_dir / "nats").exists() and not (state_dir / "postgres").exists(), "a server was started"
+    assert not _processes_using(state_dir)
+
+
+def test_a_taken_port_for_an_embedded_server_is_refused_by_name(state_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        nats_port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "langorch", "up", "--nats-port", str(nats_port)], cwd=ROOT,
+                              env=_env(state_dir, free_port()), capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert f"port {nats_port}" in output and "--nats-port" in output, output
+    assert "Traceback" not in output
+    assert not (state_dir / "nats").exists()
