@@ -38,6 +38,7 @@ from langorch_gateway import (
     queries,
     routes_agents,
     routes_analysis,
+    routes_api_docs,
     routes_approvals,
     routes_audit,
     routes_callbacks,
@@ -134,7 +135,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    app = FastAPI(title="LangOrch API", version=SERVICE_VERSION, lifespan=lifespan)
+    # /docs and /redoc: routes_api_docs serves them from vendored assets (FastAPI's load them from a CDN)
+    app = FastAPI(title="LangOrch API", version=SERVICE_VERSION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.settings = settings
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
@@ -233,6 +236,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.include_router(routes_commands.router)
     app.include_router(routes_config.router)
     app.include_router(routes_health.router)
+    app.include_router(routes_api_docs.router)
     app.include_router(routes_audit.router)
 
     # -- runs ---------------------------------------------------------------------------------------
