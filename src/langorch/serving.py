@@ -57,7 +57,12 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     if "compiler" in names:
         hosts.append(compiler_host(CompilerSettings(**env)))
     if "runtime" in names:
-        hosts.append(runtime_host(RuntimeSettings(**env)))  # runs and the agent/lease side
+        runtime = RuntimeSettings(**env)
+        if "gateway" in names and "public_url" not in runtime.model_fields_set:
+            # one process: async callbacks go to this gateway's own address unless LANGORCH_PUBLIC_URL says otherwise
+            shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+            runtime = RuntimeSettings(**env, public_url=f"http://{shown}:{port}")
+        hosts.append(runtime_host(runtime))  # runs and the agent/lease side
     if "approvals" in names:
         hosts.append(approvals_host(ApprovalsSettings(**env)))
     combined = "gateway" in names and bool(hosts)
