@@ -24,9 +24,10 @@ A fenced block in ``docs/`` is checked when the line just before its opening fen
     Lines ``{"action": ..., ...} => RESULT``: the internal operation compiles (as one operation of a
     ``processing`` node), its fields are rendered against the variables and it runs; its writes (and
     ``output_variable``) are applied to the variables, so later lines see them. ``RESULT`` is JSON,
-    ``error CODE [REASON]`` (the error's ``code`` and ``details.reason``) or ``matches REGEX`` (a string result
-    that the regular expression matches in full). ``# secrets: {...}`` is the ``secrets`` object the ``key``
-    field sees; ``# clock: RFC3339`` is the current time (default 2025-01-15T09:30:00Z).
+    ``error CODE [REASON]`` (the error's ``code`` and ``details.reason``) or ``matches REGEX`` (the regular
+    expression matches the whole result: a string, or the compact JSON text of any other value).
+    ``# secrets: {...}`` is the ``secrets`` object the ``key`` field sees; ``# clock: RFC3339`` is the current
+    time (default 2025-01-15T09:30:00Z).
 ``<!-- ckp: transforms -->``
     Lines ``{"type": ..., "output_variable": ..., ...} => RESULT``: the transformation compiles (in a
     ``transform`` node) and gives that result (or ``error CODE [REASON]``), which is written to its
@@ -37,8 +38,10 @@ A fenced block in ``docs/`` is checked when the line just before its opening fen
 In every line-based block, ``# vars: {...}`` sets the variables of the lines after it, ``# expect vars: {...}``
 asserts them (operations and transforms), other ``#`` lines are comments. Results are compared as JSON with
 their types: ``1`` is not ``1.0`` and ``true`` is not ``1``. In ``templates``, ``mappings``, ``operations``
-and ``transforms`` a line that leaves a path unresolved (a ``template_warning``) must say so after its result:
-``=> null warning undefined`` (reasons comma-separated, in any order); a line without ``warning`` asserts none.
+and ``transforms`` a line with a result whose templates leave a path unresolved (the runtime's
+``template_warning``) must say so after the result: ``=> null warning undefined`` (reasons comma-separated, in any
+order); a result without ``warning`` asserts none (error lines do not check warnings). As in the runtime,
+``calculate`` and transform expressions report no unresolved paths.
 
 Without ``nodes``/``step`` the block is a whole CKP document. ``nodes`` is a ``workflow_graph.nodes`` object whose
 first node is the start node; ``step`` is one step, placed in a ``sequence`` node that ends in ``terminate``.
@@ -289,9 +292,9 @@ def _lines(snippet: Snippet, state: _Lines) -> Iterator[tuple[str, str]]:
 def _compare(where: str, expected: _Expected, got: Any, warnings: list[str]) -> None:
     assert expected.error is None, f"{where}: documented as an error, but it gives {got!r}"
     if expected.pattern is not None:
-        assert isinstance(got, str), f"{where}: documented as a string matching a pattern, but it gives {got!r}"
-        assert re2.fullmatch(expected.pattern, got), \
-            f"{where}: documented as matching {expected.pattern!r}, but it gives {got!r}"
+        text = got if isinstance(got, str) else json.dumps(got, separators=(",", ":"), ensure_ascii=False)
+        assert re2.fullmatch(expected.pattern, text), \
+            f"{where}: documented as matching {expected.pattern!r}, but it gives {text!r}"
     else:
         assert _json_text(got) == _json_text(expected.value), \
             f"{where}: documented {expected.value!r}, but it gives {got!r}"
@@ -321,9 +324,6 @@ class _Warnings(list[str]):
     """Collects the reasons of unresolved paths (what the runtime reports as ``template_warning``)."""
 
     def rendering(self, _variable: str, reason: str, _path: str) -> None:
-        self.append(reason)
-
-    def evaluating(self, _variable: str, reason: str) -> None:
         self.append(reason)
 
 
@@ -387,8 +387,8 @@ def _operation_line(state: _Lines, where: str, line: str) -> None:
     clock = state.clock
     try:
         params = render(op.params.compiled, rendering, warnings.rendering)
-        ctx = OpContext(node_id="node", sleep=_no_sleep, clock=lambda: clock, scope=scope,
-                        on_unresolved=warnings.evaluating)
+        # as in the runtime: unresolved paths of a ``calculate`` expression raise no template_warning
+        ctx = OpContext(node_id="node", sleep=_no_sleep, clock=lambda: clock, scope=scope)
         outcome = asyncio.run(run_operation(op, params, state.variables, ctx))
     except StepError as exc:
         _compare_error(where, expected, exc)
@@ -413,7 +413,7 @@ def _transform_line(state: _Lines, where: str, line: str) -> None:
     scope = MappingScope(state.variables)
     try:
         params = render(t.params.compiled, scope, warnings.rendering)
-        got = run_transformation(t, params, scope, on_unresolved=warnings.evaluating)
+        got = run_transformation(t, params, scope)  # as in the runtime: expressions raise no template_warning
     except StepError as exc:
         _compare_error(where, expected, exc)
     except ExpressionError as exc:
