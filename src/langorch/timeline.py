@@ -1,4 +1,9 @@
-"""The ``langorch run`` client: import over the REST API, start a run, print the live SSE timeline."""
+"""The ``langorch run`` client: import over the REST API, start a run, print the live SSE timeline.
+
+An answer that is not what the API promises (an error status, or a body that is not the JSON expected) raises
+:class:`ApiError`, which ``langorch``'s error handler prints (``cli.py``); transport errors (``httpx.ConnectError``,
+``httpx.TimeoutException``) propagate to the same handler.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,96 @@ from httpx_sse import aconnect_sse
 from rich.console import Console
 
 STATUS_COLORS = {"completed": "green", "failed": "red", "canceled": "yellow"}
+# what to do about a problem, by its ``code``, when the problem's detail does not say
+HINTS = {
+    "procedure_version_exists": "the file differs from the version already imported; change its \"version\"",
+}
+
+
+def _problem(response: httpx.Response) -> dict[str, Any] | None:
+    """The JSON object of ``response``, or None when its body is not a JSON object."""
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+class ApiError(Exception):
+    """The LangOrch API answered ``action`` with an error status, or with a body that is not the JSON expected.
+
+    ``problem`` is the answer's JSON object (an RFC 9457 problem for an error status), None when the body is not
+    a JSON object; ``document`` is the CKP file's bytes when the request was its import, so that compile
+    diagnostics can be shown on the source lines.
+    """
+
+    def __init__(self, action: str, response: httpx.Response, *, document: bytes | None = None) -> None:
+        self.action = action
+        self.method = response.request.method
+        self.url = str(response.request.url)
+        self.status = response.status_code
+        self.content_type = response.headers.get("content-type", "").split(";")[0].strip()
+        self.problem = _problem(response)
+        self.body = response.text
+        self.document = document
+        super().__init__(self.headline())
+
+    @property
+    def is_problem(self) -> bool:
+        return self.problem is not None and self.status >= 400 and bool(
+            self.problem.get("title") or self.problem.get("detail"))
+
+    def headline(self) -> str:
+        """One line: what failed, the request, and what the server said."""
+        where = f"{self.method} {self.url}"
+        if self.is_problem:
+            assert self.problem is not None
+            title = str(self.problem.get("title") or "").strip()
+            detail = str(self.problem.get("detail") or "").strip()
+            said = ": ".join(part for part in (title, detail) if part)
+            hint = HINTS.get(str(self.problem.get("code")))
+            return f"{self.action} failed: {where} answered {self.status} {said}" + (f" ({hint})" if hint else "")
+        if self.problem is None:
+            kind = self.content_type or "no content type"
+            snippet = " ".join(self.body.split())[:80]
+            return (f"{self.action} failed: unexpected response from {where}: {self.status} {kind}, not the "
+                    f"LangOrch API's JSON" + (f" ({snippet!r})" if snippet else "")
+                    + "; do --api / LANGORCH_API_URL point at the LangOrch API?")
+        snippet = json.dumps(self.problem, ensure_ascii=False)[:200]
+        return (f"{self.action} failed: {where} answered {self.status} {snippet}"
+                + ("; do --api / LANGORCH_API_URL point at the LangOrch API?" if self.status < 400 else ""))
+
+    def field_errors(self) -> list[tuple[str, str]]:
+        """``(path, message)`` of each field error the problem lists (``errors``: an object of path → messages,
+        or a list of ``{pointer|path|field, detail|message}``)."""
+        errors = (self.problem or {}).get("errors")
+        out: list[tuple[str, str]] = []
+        if isinstance(errors, dict):
+            for path, messages in errors.items():
+                if isinstance(messages, list):
+                    out.append((str(path), "; ".join(str(m) for m in messages)))
+                else:
+                    out.append((str(path), str(messages)))
+        elif isinstance(errors, list):
+            for item in errors:
+                if isinstance(item, dict):
+                    path = item.get("pointer") or item.get("path") or item.get("field") or "/"
+                    out.append((str(path), str(item.get("detail") or item.get("message") or item)))
+                else:
+                    out.append(("/", str(item)))
+        return out
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """The compile diagnostics of the problem (``compile_failed``, ``validation_failed`` of an import)."""
+        found = (self.problem or {}).get("diagnostics")
+        return [d for d in found if isinstance(d, dict)] if isinstance(found, list) else []
+
+
+def _json_object(action: str, response: httpx.Response) -> dict[str, Any]:
+    body = _problem(response)
+    if body is None:
+        raise ApiError(action, response)
+    return body
 
 
 def describe(event: dict[str, Any]) -> str:
@@ -26,35 +121,55 @@ def describe(event: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-async def import_and_run(api: str, ckp: dict[str, Any], inputs: dict[str, Any], follow: bool,
-                         console: Console) -> int:
-    """Return the process exit code: 0 when the run completed (or was started without --follow)."""
+async def import_and_run(api: str, ckp: Any, inputs: dict[str, Any], follow: bool, console: Console, *,
+                         document: bytes | None = None) -> int:
+    """Return the process exit code: 0 when the run completed (or was started without --follow), 1 when it ended
+    otherwise. An error answer raises :class:`ApiError` (``document``, the file's bytes, goes with the import's)."""
     async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+        action = "importing the procedure"
         r = await client.post("/api/procedures", json={"ckp_json": ckp})
-        if r.status_code == 409 and r.json().get("identical"):
-            console.print(f"[dim]{ckp.get('procedure_id')}@{ckp.get('version')} already imported[/]")
+        if r.status_code == 202:
+            pending = _json_object(action, r)
+            console.print(f"[dim]import accepted, still pending (command {pending.get('command_id')})[/]",
+                          highlight=False)
+        elif r.status_code == 409 and (_problem(r) or {}).get("identical"):
+            console.print(f"[dim]{ckp.get('procedure_id')}@{ckp.get('version')} already imported[/]",
+                          highlight=False)
         elif r.status_code != 201:
-            console.print(f"[red]import failed ({r.status_code})[/]")
-            console.print_json(r.text)
-            return 1
+            raise ApiError(action, r, document=document)
+        else:
+            _json_object(action, r)
+        action = "starting the run"
         r = await client.post("/api/runs", json={"procedure_id": ckp["procedure_id"],
                                                  "procedure_version": ckp["version"], "input_vars": inputs})
-        if r.status_code != 201:
-            console.print(f"[red]run refused ({r.status_code})[/]")
-            console.print_json(r.text)
+        if r.status_code == 202:
+            pending = _json_object(action, r)
+            console.print(f"[yellow]run start accepted but still pending[/] (command {pending.get('command_id')}; "
+                          f"see GET {api.rstrip('/')}{pending.get('location', '/api/commands')})", highlight=False)
             return 1
-        run = r.json()
+        if r.status_code != 201:
+            raise ApiError(action, r)
+        run = _json_object(action, r)
+        if not isinstance(run.get("run_id"), str):
+            raise ApiError(action, r)
         console.print(f"run [bold]{run['run_id']}[/] created")
         if not follow:
             return 0
         status = "unknown"
         async with aconnect_sse(client, "GET", f"/api/runs/{run['run_id']}/stream",
                                 timeout=httpx.Timeout(30, read=None)) as source:
+            response = source.response
+            if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
+                    "text/event-stream"):
+                await response.aread()
+                raise ApiError("following the run", response)
             async for sse in source.aiter_sse():
                 if sse.event == "run_event":
                     console.print(describe(json.loads(sse.data)), highlight=False)
                 elif sse.event == "end":
                     status = json.loads(sse.data)["status"]
                     break
+        if status == "unknown":
+            console.print("[red]the event stream closed before the run ended[/]")
         console.print(f"run ended: [{STATUS_COLORS.get(status, 'white')}]{status}[/]")
         return 0 if status == "completed" else 1
