@@ -151,16 +151,23 @@ class EmbeddedPostgres:
                 pw = pwd.getpwnam(self.user)
                 os.chown(d, pw.pw_uid, pw.pw_gid)
             d.chmod(0o700)
+        if self.user:
+            # the server user must be able to traverse to its directories
+            for parent in {*self.state_dir.parents, self.state_dir, *self.log_file.parents}:
+                if not parent.exists():
+                    continue
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    parent.chmod(mode | 0o001)
+
+    def _prepare_log(self) -> None:
+        """The server log, writable by the server user (pg_ctl opens it as that user); after initdb, which wants
+        an empty data directory, since the default log lives in it."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.touch()
         if self.user:
             pw = pwd.getpwnam(self.user)
-            os.chown(self.log_file, pw.pw_uid, pw.pw_gid)  # pg_ctl opens it as the server user
-            # the server user must be able to traverse to its directories
-            for parent in {*self.state_dir.parents, self.state_dir, *self.log_file.parents}:
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    parent.chmod(mode | 0o001)
+            os.chown(self.log_file, pw.pw_uid, pw.pw_gid)
 
     def _command(self, program: str, args: list[str]) -> None:
         """Run ``initdb``/``pg_ctl`` with their output appended to the commands log (the wheel would log it)."""
@@ -172,6 +179,7 @@ class EmbeddedPostgres:
                                                          **self._run_kwargs())
         finally:
             logger.setLevel(level)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file.with_name(self.log_file.name + ".commands"), "a", encoding="utf-8") as log:
             log.write(f"$ {program} {' '.join(args)}\n{output}\n")
 
@@ -180,6 +188,7 @@ class EmbeddedPostgres:
         if not (self.pgdata / "PG_VERSION").exists():
             self._command("initdb", ["-U", "postgres", "--auth=trust", "-E", "UTF8"]
                           + ([] if self.fsync else ["--no-sync"]))
+        self._prepare_log()
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c fsync={'on' if self.fsync else 'off'}"
         self._command("pg_ctl", ["-w", "-t", "30", "-l", str(self.log_file), "-o", opts, "start"])
         _wait_port(self.port, 30)
