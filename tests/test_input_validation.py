@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ckp_core.analysis import explain
 from ckp_core.compiler import compile_document
 from ckp_core.errors import InvalidInputVars
 from ckp_core.ids import decode_token, encode_token
@@ -44,6 +45,18 @@ def test_required_and_reserved_names() -> None:
         validate_inputs(variables(), {"order_total": "  ", "run_id": "x"})
     assert info.value.errors == {"input_vars.order_total": ["This field is required"],
                                  "input_vars.run_id": ["Reserved name"]}
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", " -Infinity ", "1e999"])
+def test_strings_that_are_not_finite_json_numbers_are_not_numbers(raw: str) -> None:
+    """§2.2: a string is coerced to a number only when it holds a JSON number; ``json.loads`` also reads NaN and
+    the infinities, and NaN passed the ``min: 0`` bound. ``explain`` reports the same through the same validator."""
+    with pytest.raises(InvalidInputVars) as info:
+        validate_inputs(variables(), {"order_total": raw})
+    assert info.value.errors == {"input_vars.order_total": ["Must be a number"]}
+    ir = compile_document(ORDER_TRIAGE).ir
+    assert ir is not None
+    assert explain(ir, {"order_total": raw})["input_errors"] == {"input_vars.order_total": ["Must be a number"]}
 
 
 def test_undeclared_inputs_pass_through() -> None:

@@ -52,11 +52,21 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def _numeric_string(v: str) -> int | float | None:
+    """The number a string holds when, after trimming, it is a JSON number that is finite as a float.
+
+    ``json.loads`` alone also reads ``NaN``/``Infinity`` (not JSON) and overflows ``1e999`` to infinity: none of
+    them is a number a run can hold (its inputs are JSON), and ``NaN`` passes every ``min``/``max`` check."""
     s = v.strip()
     try:
-        parsed = json.loads(s)
+        parsed = json.loads(s, parse_constant=_not_json)
     except ValueError:
+        return None
+    if isinstance(parsed, float) and not math.isfinite(parsed):
         return None
     return parsed if _is_number(parsed) else None
 
