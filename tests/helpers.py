@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import aconnect_sse
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+T = TypeVar("T")
 
 
 def example(name: str) -> dict[str, Any]:
@@ -45,17 +48,43 @@ async def import_procedure(client: httpx.AsyncClient, doc: dict[str, Any]) -> di
 TERMINAL = ("completed", "failed", "canceled")
 
 
+async def wait_until(read: Callable[[], Awaitable[T] | T], done: Callable[[T], object] = bool,
+                     timeout: float = 30, every: float = 0.05) -> T:
+    """Call ``read`` (a coroutine function or a plain one) until ``done`` holds for what it returns (by default:
+    until it is truthy); fails the test with the last value read when ``timeout`` passes first. ``done`` sees
+    whatever an endpoint answered, so it must not assume that a field is there or not null (read it with ``.get``
+    and ``or``)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = read()
+        value: T = await got if inspect.isawaitable(got) else got  # type: ignore[assignment]
+        if done(value):
+            return value
+        assert asyncio.get_running_loop().time() < deadline, value
+        await asyncio.sleep(every)
+
+
+async def wait_run(client: httpx.AsyncClient, run_id: str, done: Callable[[dict[str, Any]], bool],
+                   timeout: float = 30) -> dict[str, Any]:
+    """Poll ``GET /api/runs/{id}`` until ``done(body)``; the body may be a problem (a 404 before the run exists)."""
+    async def read() -> dict[str, Any]:
+        return (await client.get(f"/api/runs/{run_id}")).json()  # type: ignore[no-any-return]
+
+    return await wait_until(read, done, timeout)
+
+
+def ended_after_a_retry(run: dict[str, Any]) -> bool:
+    """For :func:`wait_run`: the run completed, or it ended again after a retry (a failure before any retry may be
+    followed by an automatic one)."""
+    return run.get("status") == "completed" or (
+        (run.get("retry_count") or 0) >= 1 and run.get("status") in ("failed", "canceled"))
+
+
 async def wait_status(client: httpx.AsyncClient, run_id: str, wanted: tuple[str, ...] = TERMINAL,
                       timeout: float = 30) -> dict[str, Any]:
     """Poll ``GET /api/runs/{id}`` until the run reads one of ``wanted`` (terminal by default); fails the test with
     the last body read when ``timeout`` passes first."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await client.get(f"/api/runs/{run_id}")).json()
-        if body.get("status") in wanted:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
+    return await wait_run(client, run_id, lambda body: body.get("status") in wanted, timeout)
 
 
 async def events_of(client: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import pytest
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.service import RuntimeService
 from tests.conftest import Platform, platform_of
-from tests.helpers import events_of, imported, start_run, wait_status
+from tests.helpers import ended_after_a_retry, events_of, imported, start_run, wait_run, wait_status, wait_until
 from tests.llm_server import LlmServerState, running_llm_server
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import register
@@ -112,11 +112,7 @@ async def test_retry_of_a_run_failed_at_a_terminate_names_that_node(platform: Pl
     assert (failed["outputs"], failed["recovered_via"], failed["recovery_error"]) == ({"n": 1}, None, None)
     r = await c.post(f"/api/runs/{run_id}/retry", json={})
     assert r.status_code in (200, 202), r.text
-    for _ in range(400):
-        events = await events_of(c, run_id)
-        if len(of(events, "run_failed")) == 2:
-            break
-        await asyncio.sleep(0.05)
+    events = await wait_until(lambda: events_of(c, run_id), lambda got: len(of(got, "run_failed")) == 2)
     [retry] = of(events, "run_retry_requested")
     assert (retry["retry_count"], retry["automatic"], retry["failure_node_id"]) == (1, False, "stop")
     resumed = of(events, "execution_resumed")
@@ -265,12 +261,8 @@ async def test_automatic_retry_comes_retry_delay_ms_after_the_failure(platform: 
         await register(c, agent, "api", name="flaky")
         await imported(c, doc)
         run_id = await start_run(c, "contract_auto_retry")
-        run: dict[str, Any] = {}
-        for _ in range(600):
-            run = await wait_status(c, run_id)
-            if run["status"] == "completed":
-                break
-            await asyncio.sleep(0.05)
+        # failed first (retryable), then retried automatically once and completed
+        run = await wait_run(c, run_id, ended_after_a_retry)
     assert run["status"] == "completed", run
     assert run["output_vars"] == {"r": "ok"}
     events = await events_of(c, run_id)
@@ -429,6 +421,41 @@ async def test_a_defect_fails_the_run_with_retryable_internal_error(platform: Pl
     assert "TypeError" in failed["error"]["message"]
     assert "a defect" not in failed["error"]["message"]
     assert len(of(events, "execution_recovered")) == 2  # redelivered twice, then failed
+
+
+async def test_resume_on_failure_retries_a_run_failed_by_a_defect(platform: Platform,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """§7.12 / §7.16: ``internal_error`` is retryable, so with ``resume_on_failure`` a run failed by a defect is
+    retried automatically once, like any run failed with a retryable error (it stayed failed: the flag said
+    retryable, the engine never retried). Here the defect lasts for the three deliveries of the start command."""
+    from langorch_runtime.machine import Machine
+
+    original = Machine.verification
+    calls = {"n": 0}
+
+    async def broken_three_times(self: Machine, state: Any, frame: Any, node: Any, p: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise TypeError("a defect")
+        return await original(self, state, frame, node, p)
+
+    monkeypatch.setattr(Machine, "verification", broken_three_times)
+    c = platform.client
+    doc = graph("contract_defect_retried", {
+        "boom": {"type": "verification", "next_node": "done", "checks": [{"id": "c", "condition": "1 == 1"}]},
+        "done": {"type": "terminate", "outputs": {"ok": True}}}, "boom",
+        global_config={"resume_on_failure": True, "retry_delay_ms": 200})
+    await imported(c, doc)
+    run_id = await start_run(c, "contract_defect_retried")
+    run = await wait_run(c, run_id, ended_after_a_retry)
+    assert run["status"] == "completed", run
+    assert run["output_vars"] == {"ok": True}
+    events = await events_of(c, run_id)
+    [failed] = of(events, "run_failed")
+    assert (failed["error"]["code"], failed["error"]["retryable"]) == ("internal_error", True)
+    [retry] = of(events, "run_retry_requested")
+    assert (retry["retry_count"], retry["automatic"]) == (1, True)
+    assert calls["n"] == 4
 
 
 async def test_a_child_of_a_version_not_yet_effective_fails_at_the_start_gate(platform: Platform) -> None:

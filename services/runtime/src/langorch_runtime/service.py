@@ -44,7 +44,7 @@ from ckp_core.events import (
     make_event,
     utc_now,
 )
-from ckp_core.eventstore import AggregateHead
+from ckp_core.eventstore import AggregateHead, StoredEvent
 from ckp_core.ir import ProcedureIR
 from ckp_core.procedure_lifecycle import fold
 from ckp_core.redaction import Redactor
@@ -304,7 +304,15 @@ class RuntimeService:
                             details={"exception": type(exc).__name__, "deliveries": DEFECT_DELIVERIES})
         await writer.emit(RunFailed(error=error))
         if self.js is not None:
-            await resume_parent(self.js, events[0].envelope.data, command.run_id,
+            created = events[0].envelope.data
+            try:  # the version's resume_on_failure applies to this retryable error too (§7.12)
+                ir = await self.load_ir(created["procedure_id"], created["procedure_version"])
+            except Exception:  # the defect may be in loading the version: the run stays failed
+                log.exception("run %s: no automatic retry, its version could not be loaded", command.run_id)
+                ir = None
+            if ir is not None:
+                await retry_automatically(self.js, ir, error, events, command)
+            await resume_parent(self.js, created, command.run_id,
                                 {"status": "failed", "error": error.model_dump(mode="json")}, {}, ACTOR)
             await self.cancel_open_children(command.run_id, "parent failed")
 
@@ -611,12 +619,7 @@ class RuntimeService:
             await writer.emit(RunFailed(
                 error=error, outputs=outcome.get("outputs") or {}, recovered_via=outcome.get("recovered_via"),
                 recovery_error=ErrorObject.model_validate(recovery_error) if recovery_error else None))
-            automatic = [e for e in events if e.envelope.type == "run_retry_requested" and
-                         e.envelope.data.get("automatic")]
-            if ir.global_config.resume_on_failure and error.retryable and not automatic and \
-                    not (isinstance(command, RetryRun) and command.automatic):
-                await publish_command(js, RetryRun(actor=ACTOR, run_id=run_id, automatic=True),
-                                      msg_id=f"auto-retry-{run_id}")
+            await retry_automatically(js, ir, error, events, command)
         variables = {k: v for k, v in (final.get("vars") or {}).items() if k != APPROVALS_KEY}
         await resume_parent(js, created, run_id, outcome, redactor.redact(variables), ACTOR)
         if any(n.type == "subflow" for n in ir.nodes.values()):
@@ -734,6 +737,17 @@ def decrypt_outputs(ir: ProcedureIR) -> list[str]:
 
 VALIDATION_ONLY_MESSAGE = "Execution skipped (mode=validation_only). CKP compiled and validated successfully."
 RECURSION_LIMIT = 1_000_000
+
+
+async def retry_automatically(js: JetStreamContext, ir: ProcedureIR, error: ErrorObject, events: list[StoredEvent],
+                              command: StartRun | ResumeRun | RetryRun) -> None:
+    """``resume_on_failure`` (ckp.md §7.12): a run that just failed with a retryable error is retried once,
+    ``retry_delay_ms`` after the failure, unless it was retried automatically before."""
+    automatic = any(e.envelope.type == "run_retry_requested" and e.envelope.data.get("automatic") for e in events)
+    if ir.global_config.resume_on_failure and error.retryable and not automatic and \
+            not (isinstance(command, RetryRun) and command.automatic):
+        await publish_command(js, RetryRun(actor=ACTOR, run_id=command.run_id, automatic=True),
+                              msg_id=f"auto-retry-{command.run_id}")
 
 
 def _infrastructure(exc: BaseException) -> bool:
