@@ -11,7 +11,7 @@ keep-alive connection, so client and server share the 2 cores but not one event 
 warm-up of 200 requests that is not counted.
 
 Measured:
-* ``GET /api/runs/{id}`` of a completed simple_http_test run vs ``GET /empty``;
+* ``GET /api/runs/{id}`` of a completed internal_variables run vs ``GET /empty``;
 * ``POST /api/runs`` (each request starts a real run, which the in-process runtime then executes) vs
   ``POST /empty`` with the same JSON body;
 * the same ``POST /api/runs`` against a second gateway with no runtime, agents or approvals in the process
@@ -53,7 +53,7 @@ from langorch_infra.jetstream import JetStreamEventStore
 from tests.conftest import platform_of
 from tests.helpers import example, follow_run, import_procedure
 
-RUN_BODY = {"procedure_id": "simple-http-test", "procedure_version": "1.0.0"}
+RUN_BODY = {"procedure_id": "internal-variables", "procedure_version": "1.0.0"}
 WARMUP = 200
 
 
@@ -158,7 +158,7 @@ async def projection_lag(nats_url: str, projector: Any, rate: float, seconds: fl
 
     async def one() -> None:
         run_id = new_id()
-        data = RunCreated(procedure_id="simple-http-test", procedure_version="1.0.0", input_vars={"post_id": 1},
+        data = RunCreated(procedure_id="internal-variables", procedure_version="1.0.0", input_vars={"post_id": 1},
                           trigger_type="api", root_run_id=run_id)
         event = make_event(data, aggregate_id=run_id, seq=1, actor=ANONYMOUS, causation_id=new_id(),
                            correlation_id=run_id)
@@ -226,7 +226,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     n, c = args.requests, args.concurrency
     try:
         async with platform_of(nats_url, db) as p, serve_empty() as empty:
-            await import_procedure(p.client, example("simple_http_test.ckp.json"))
+            await import_procedure(p.client, example("internal_variables.ckp.json"))
             r = await p.client.post("/api/runs", json=RUN_BODY)
             run_id = r.json()["run_id"]
             _, end = await follow_run(p.client, run_id)

@@ -73,11 +73,11 @@ async def main(runs: int) -> dict[str, object]:
     db = pg_url.rsplit("/", 1)[0] + "/lo_bench"
     try:
         async with platform_of(nats_url, db) as p:
-            await import_procedure(p.client, example("simple_http_test.ckp.json"))
+            await import_procedure(p.client, example("internal_variables.ckp.json"))
             times = []
             for _ in range(runs + 2):
                 t = time.perf_counter()
-                r = await p.client.post("/api/runs", json={"procedure_id": "simple-http-test",
+                r = await p.client.post("/api/runs", json={"procedure_id": "internal-variables",
                                                            "procedure_version": "1.0.0"})
                 events, end = await follow_run(p.client, r.json()["run_id"])
                 assert end == "completed"
@@ -91,7 +91,7 @@ async def main(runs: int) -> dict[str, object]:
             s.stop()
     median = statistics.median(times)
     return {
-        "procedure": "simple_http_test (4 nodes, 3 executed, 2 internal steps)",
+        "procedure": "internal_variables (4 nodes, 3 executed, 2 internal steps)",
         "runs": runs, "events_per_run": n_events,
         "run_end_to_end_ms": {"median": round(median, 1), "p90": round(sorted(times)[int(0.9 * len(times)) - 1], 1),
                               "min": round(min(times), 1)},

@@ -33,7 +33,7 @@ def line_of(text: str, needle: str) -> int:
 
 @pytest.fixture
 def bad_file(tmp_path: Path) -> Path:
-    doc = example("simple_http_test.ckp.json")
+    doc = example("internal_variables.ckp.json")
     doc["workflow_graph"]["nodes"]["fetch_data"]["next_node"] = "nowhere"
     path = tmp_path / "bad.ckp.json"
     path.write_text(json.dumps(doc, indent=2))
@@ -166,7 +166,7 @@ def test_explain_json_lists_every_external_call() -> None:
 
 
 def test_explain_vars_select_the_route() -> None:
-    path = str(EXAMPLES / "simple_http_test.ckp.json")
+    path = str(EXAMPLES / "internal_variables.ckp.json")
     for value, end in (("7", "success"), ("0", "failure")):
         result = runner.invoke(app, ["explain", path, "--var", f"post_id={value}", "--json"])
         assert result.exit_code == 0, result.output
@@ -224,7 +224,7 @@ def test_graph_rejects_unknown_formats_and_broken_documents(bad_file: Path) -> N
 
 
 def test_entry_point_runs_as_a_module() -> None:
-    path = str(EXAMPLES / "simple_http_test.ckp.json")
+    path = str(EXAMPLES / "internal_variables.ckp.json")
     proc = subprocess.run([sys.executable, "-m", "langorch", "graph", path, "--format", "json"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr

@@ -90,8 +90,9 @@ def test_every_rejected_file_is_listed() -> None:
     assert {f for f in FILES if f.startswith("rejected/")} == set(REJECTED)
 
 
-@pytest.mark.parametrize("name", ["minimal_greeting.ckp.json", "simple_http_test.ckp.json", "hybrid_dispatch.ckp.json",
-                                  "web_title_check.ckp.json", "product_enrichment_pipeline.ckp.json"])
+@pytest.mark.parametrize("name", ["minimal_greeting.ckp.json", "internal_variables.ckp.json",
+                                  "simple_http_test.ckp.json", "hybrid_dispatch.ckp.json", "web_title_check.ckp.json",
+                                  "product_enrichment_pipeline.ckp.json"])
 def test_plain_examples_have_no_warnings(name: str) -> None:
     result = compile_text((EXAMPLES / name).read_bytes())
     assert [d for d in result.diagnostics if d.severity == "warning"] == []
@@ -123,11 +124,23 @@ def test_multi_agent_invoice_graph_has_every_node_and_edge() -> None:
     assert (doc["workflow_graph"]["start_node"], doc["global_config"]["on_failure"], "on_failure") in edges
 
 
-def test_simple_http_test_ir_has_the_expected_graph() -> None:
-    result = compile_text((EXAMPLES / "simple_http_test.ckp.json").read_bytes())
+def test_internal_variables_ir_has_the_expected_graph() -> None:
+    result = compile_text((EXAMPLES / "internal_variables.ckp.json").read_bytes())
     assert result.ir is not None
     edges = {(e.source, e.target, e.kind) for e in result.ir.edges}
     assert edges == {("fetch_data", "check_response", "next"), ("check_response", "success", "condition"),
                      ("check_response", "failure", "default")}
     assert result.ir.variables["post_id"].required is True
     assert result.ir.content_hash.startswith("sha256:")
+
+
+def test_simple_http_test_makes_its_http_request_through_an_api_agent() -> None:
+    """The example's name is true: its one external call is ``http_request`` on the ``api`` channel (an agent
+    performs it; tests/test_simple_http_run_end_to_end.py runs it against a real server), retried on failure."""
+    result = compile_text((EXAMPLES / "simple_http_test.ckp.json").read_bytes())
+    assert result.ir is not None
+    calls = [(n.id, s.step_id, s.binding.kind, s.binding.channel, s.action)
+             for n in result.ir.nodes.values() for s in getattr(n.payload, "steps", [])]
+    assert calls == [("fetch_post", "get_post", "channel", "api", "http_request")]
+    [step] = result.ir.nodes["fetch_post"].payload.steps  # type: ignore[union-attr]
+    assert step.retry is not None

@@ -88,7 +88,7 @@ async def test_graph_has_every_node_and_edge_with_positions(client: httpx.AsyncC
 
 
 async def test_explain_stored_and_unsaved_edit(client: httpx.AsyncClient) -> None:
-    doc = example("simple_http_test.ckp.json")
+    doc = example("internal_variables.ckp.json")
     await imported(client, doc)
     path = f"/api/procedures/{doc['procedure_id']}/{doc['version']}/explain"
     r = await client.post(path, json={"input_vars": {"post_id": 1}})

@@ -10,7 +10,7 @@ import pytest
 
 from langorch_gateway.projector import TABLES, Projector, rebuild
 from tests.conftest import platform_of
-from tests.helpers import example, import_procedure
+from tests.helpers import example, import_procedure, wait_until
 from tests.test_agent_runs import wait_status
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,9 @@ async def test_projector_killed_mid_stream_then_restarted_equals_a_rebuild(nats_
                                                                           database_url: str) -> None:
     async with platform_of(nats_url, database_url, gateway_settings={"ryw_timeout_ms": 1000}) as p:
         c = p.client
-        await import_procedure(c, example("simple_http_test.ckp.json"))
+        await import_procedure(c, example("internal_variables.ckp.json"))
         await import_procedure(c, example("product_enrichment_pipeline.ckp.json"))
-        first = (await c.post("/api/runs", json={"procedure_id": "simple-http-test",
+        first = (await c.post("/api/runs", json={"procedure_id": "internal-variables",
                                                  "procedure_version": "1.0.0"})).json()["run_id"]
         await wait_status(c, first)
         await p.app.state.projector.stop()  # killed mid-stream: the runs below are not projected meanwhile
@@ -54,10 +54,18 @@ async def test_projector_killed_mid_stream_then_restarted_equals_a_rebuild(nats_
         restarted = Projector(p.app.state.pool, p.app.state.js)
         restarted.start()
         p.app.state.projector = restarted
-        await restarted.catch_up()
-        await asyncio.sleep(0.5)
-        await restarted.catch_up()
-        after_restart = await dump(p.app.state.pool)
+        previous: list[dict[str, list[tuple[object, ...]]]] = [{}]
+
+        async def caught_up() -> tuple[bool, dict[str, list[tuple[object, ...]]]]:
+            await restarted.catch_up()
+            now = await dump(p.app.state.pool)
+            same, previous[0] = now == previous[0], now
+            return same, now
+
+        # until the projection holds what the platform ends with (both enrichment runs wait for an approval, each
+        # opened, the agent registered) and two reads in a row agree: nothing is appended any more
+        _, after_restart = await wait_until(caught_up, lambda got: got[0] and len(got[1]["runs"]) == 3 and len(
+            got[1]["approvals"]) == 2 and len(got[1]["agents"]) == 1, every=0.25)
         await restarted.stop()
         await rebuild(p.app.state.pool, p.app.state.js)
         rebuilt = await dump(p.app.state.pool)

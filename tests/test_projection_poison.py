@@ -34,7 +34,7 @@ async def test_poison_events_are_dead_lettered_and_skipped(nats_url: str, databa
             hollow = await js.publish(f"lo.evt.run.{broken.aggregate_id}.run_created", encode_envelope(broken))
         finally:
             await nc.close()
-        run_id = await start(c, example("simple_http_test.ckp.json"))
+        run_id = await start(c, example("internal_variables.ckp.json"))
         run = await wait_status(c, run_id)
         assert run["status"] == "completed"
         await p.app.state.projector.catch_up(10)

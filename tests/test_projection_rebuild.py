@@ -32,12 +32,13 @@ async def dump(database_url: str) -> dict[str, list[tuple[object, ...]]]:
 async def test_rebuild_gives_identical_rows(nats_url: str, database_url: str) -> None:
     async with platform_of(nats_url, database_url) as p:
         c = p.client
-        await import_procedure(c, example("simple_http_test.ckp.json"))
+        await import_procedure(c, example("internal_variables.ckp.json"))
         await import_procedure(c, example("minimal_greeting.ckp.json"))
-        for body in ({"procedure_id": "simple-http-test", "procedure_version": "1.0.0",
+        for body in ({"procedure_id": "internal-variables", "procedure_version": "1.0.0",
                       "input_vars": {"post_id": 7}},
                      {"procedure_id": "e2e_test_procedure", "procedure_version": "1.0.0"}):
             r = await c.post("/api/runs", json=body)
+            assert r.status_code == 201, r.text
             _, end = await follow_run(c, r.json()["run_id"])
             assert end == "completed"
         await p.app.state.projector.catch_up()

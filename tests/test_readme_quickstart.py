@@ -66,9 +66,9 @@ async def test_up_serves_health_and_runs_the_quickstart(tmp_path: Path, state: P
         health = await wait_healthy(base, proc, log)
         assert health["status"] == "ok"
         async with httpx.AsyncClient(base_url=base, timeout=30) as c:
-            r = await c.post("/api/procedures", json={"ckp_json": example("simple_http_test.ckp.json")})
+            r = await c.post("/api/procedures", json={"ckp_json": example("internal_variables.ckp.json")})
             assert r.status_code == 201, r.text
-            r = await c.post("/api/runs", json={"procedure_id": "simple-http-test", "procedure_version": "1.0.0"})
+            r = await c.post("/api/runs", json={"procedure_id": "internal-variables", "procedure_version": "1.0.0"})
             assert r.status_code == 201, r.text
             run_id = r.json()["run_id"]
             events, end = await follow_run(c, run_id)

@@ -4,7 +4,7 @@ a defect and is never caused by client input).
 
 The platform (gateway on a free port, compiler, runtime, agents, approvals) runs in this test's event loop; the
 synchronous schemathesis/hypothesis driver runs in a worker thread and talks to it over real HTTP. Data is
-seeded first (the simple_http_test procedure, a completed run, a project) and path parameters are drawn half of
+seeded first (the internal_variables procedure, a completed run, a project) and path parameters are drawn half of
 the time from those real ids, so the fuzzing also reaches the code behind existing resources.
 
 Excluded operations: only the two SSE streams, ``GET /api/runs/{run_id}/stream`` and ``GET /api/approvals/stream``
@@ -108,15 +108,15 @@ def _fuzz(base_url: str, known: dict[str, str]) -> Report:
 async def test_no_server_errors_on_any_operation(module_nats_url: str, module_database_url: str) -> None:
     async with platform_of(module_nats_url, module_database_url) as p:
         c = p.client
-        await import_procedure(c, example("simple_http_test.ckp.json"))
-        r = await c.post("/api/runs", json={"procedure_id": "simple-http-test", "procedure_version": "1.0.0"})
+        await import_procedure(c, example("internal_variables.ckp.json"))
+        r = await c.post("/api/runs", json={"procedure_id": "internal-variables", "procedure_version": "1.0.0"})
         assert r.status_code == 201, r.text
         run_id = r.json()["run_id"]
         _, end = await follow_run(c, run_id)
         assert end == "completed"
         r = await c.post("/api/projects", json={"name": "fuzz-project"})
         project_id = r.json().get("project_id") if r.status_code == 201 else None
-        known = {"run_id": run_id, "procedure_id": "simple-http-test", "version": "1.0.0"}
+        known = {"run_id": run_id, "procedure_id": "internal-variables", "version": "1.0.0"}
         if project_id:
             known["project_id"] = project_id
 

@@ -1,112 +1,92 @@
-"""Issue 2 acceptance: simple_http_test imported over HTTP, run with defaults, followed over SSE."""
+"""``examples/simple_http_test.ckp.json`` end to end: its ``http_request`` step goes to the example agent
+(``examples/agents/http_agent.py``, registered on the ``api`` channel), which really requests a posts API served
+by the test; the logic node checks the answer and the run ends on the matching terminate."""
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from examples.agents.http_agent import create_app as http_agent_app
 from tests.conftest import Platform
-from tests.helpers import example, follow_run, import_procedure
+from tests.helpers import events_of, example, import_procedure, start_run, wait_status
+from tests.serving import serve_app
 
 pytestmark = pytest.mark.integration
 
+MISSING_POST = 42  # the posts API answers 404 for this one
 
-async def test_default_run_completes_with_typed_outputs(platform: Platform) -> None:
+
+@dataclass
+class PostsApi:
+    url: str = ""
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Accept
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.get("/posts/{post_id}")
+        async def post(post_id: int, request: Request) -> JSONResponse:
+            self.requests.append((request.method, request.url.path, request.headers.get("accept")))
+            if post_id == MISSING_POST:
+                return JSONResponse({"error": "no such post"}, status_code=404)
+            return JSONResponse({"userId": 1, "id": post_id, "title": f"Post {post_id}", "body": "..."})
+
+        return app
+
+
+@pytest.fixture
+async def posts() -> AsyncIterator[PostsApi]:
+    api = PostsApi()
+    async with serve_app(api.app()) as url:
+        api.url = url
+        yield api
+
+
+@pytest.fixture
+async def http_agent(platform: Platform) -> AsyncIterator[str]:
+    """The example agent, served and registered on the ``api`` channel (capabilities probed from it)."""
+    async with serve_app(http_agent_app()) as url:
+        r = await platform.client.post("/api/agents", json={"name": "http", "channel": "api", "base_url": url})
+        assert r.status_code == 201, r.text
+        assert [c["name"] for c in r.json()["capabilities"]] == ["http_request"]
+        yield url
+
+
+async def run_example(platform: Platform, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     c = platform.client
     detail = await import_procedure(c, example("simple_http_test.ckp.json"))
-    assert detail["procedure_id"] == "simple-http-test"
-    assert detail["status"] == "draft"
-    assert detail["variables_schema"]["post_id"]["required"] is True
-
-    r = await c.post("/api/runs", json={"procedure_id": "simple-http-test", "procedure_version": "1.0.0"})
-    assert r.status_code == 201, r.text
-    run = r.json()
-    assert run["status"] in ("created", "running", "completed")  # the runtime may already have begun
-    assert run["input_vars"] == {"post_id": 1}
-    assert r.headers["Location"] == f"/api/runs/{run['run_id']}"
-
-    # read-your-writes: the run is visible to the very next GET
-    assert (await c.get(f"/api/runs/{run['run_id']}")).status_code == 200
-
-    events, end = await follow_run(c, run["run_id"])
-    assert end == "completed"
-    types = [e["event_type"] for e in events]
-    assert types[0] == "run_created"
-    assert types[-1] == "run_completed"
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    outputs = events[-1]["payload"]["outputs"]
-    assert outputs["result"] == "ok"
-    assert outputs["response"]["id"] == 1
-    assert type(outputs["response"]["id"]) is int
-    assert outputs["response"]["title"] == "Demo post 1"
-    log_events = [e for e in events if e["event_type"] == "log"]
-    assert log_events[0]["payload"]["message"] == "Prepared response for post 1"
-    route = [e["node_id"] for e in events if e["event_type"] == "node_started"]
-    assert route == ["fetch_data", "check_response", "success"]
-
-    # the stream runs ahead of the projection; X-LangOrch-Min-Position makes the read wait for it
-    ryw = {"X-LangOrch-Min-Position": str(events[-1]["stream_seq"])}
-    final = (await c.get(f"/api/runs/{run['run_id']}", headers=ryw)).json()
-    assert final["status"] == "completed"
-    assert final["output_vars"] == outputs
-    page = (await c.get(f"/api/runs/{run['run_id']}/events", params={"limit": 500})).json()
-    assert page["total"] == len(events)
-    assert [e["event_id"] for e in page["items"]] == [e["event_id"] for e in events]
+    assert (detail["procedure_id"], detail["version"]) == ("simple-http-test", "2.0.0")
+    run = await wait_status(c, await start_run(c, "simple-http-test", inputs, version="2.0.0"), timeout=60)
+    return run, await events_of(c, run["run_id"])
 
 
-@pytest.mark.parametrize(("post_id", "message"), [
-    (0, "Must be at least 1"), (101, "Must be at most 100"), ("abc", "Must be a number"),
-])
-async def test_bad_input_is_refused_with_a_per_field_error(platform: Platform, post_id: object,
-                                                           message: str) -> None:
-    c = platform.client
-    await import_procedure(c, example("simple_http_test.ckp.json"))
-    r = await c.post("/api/runs", json={"procedure_id": "simple-http-test", "procedure_version": "1.0.0",
-                                        "input_vars": {"post_id": post_id}})
-    assert r.status_code == 422
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body = r.json()
-    assert body["code"] == "invalid_input_vars"
-    assert body["errors"] == {"input_vars.post_id": [message]}
-    assert (await c.get("/api/runs")).json()["total"] == 0
+async def test_the_example_fetches_the_post_over_http_and_completes(platform: Platform, posts: PostsApi,
+                                                                    http_agent: str) -> None:
+    run, events = await run_example(platform, {"post_id": 7, "api_base_url": posts.url})
+    assert run["status"] == "completed", run["error"]
+    assert run["output_vars"] == {"result": "ok", "post_id": 7, "title": "Post 7"}
+    assert posts.requests == [("GET", "/posts/7", "application/json")]  # one real request, by the agent
+    [started] = [e for e in events if e["event_type"] == "step_started"]
+    assert (started["step_id"], started["payload"]["action"], started["payload"]["binding_kind"]) == (
+        "get_post", "http_request", "agent_http")
+    assert started["payload"]["params"]["url"] == f"{posts.url}/posts/7"
+    [completed] = [e for e in events if e["event_type"] == "step_completed"]
+    assert completed["attempt"] == 1
+    assert [e["node_id"] for e in events if e["event_type"] == "node_started"] == [
+        "fetch_post", "check_response", "success"]
 
 
-async def test_numeric_string_input_is_coerced(platform: Platform) -> None:
-    c = platform.client
-    await import_procedure(c, example("simple_http_test.ckp.json"))
-    r = await c.post("/api/runs", json={"procedure_id": "simple-http-test", "procedure_version": "latest",
-                                        "input_vars": {"post_id": "42"}})
-    assert r.status_code == 201, r.text
-    events, end = await follow_run(c, r.json()["run_id"])
-    assert end == "completed"
-    assert events[-1]["payload"]["outputs"]["response"]["id"] == 42
-
-
-async def test_rejected_document_gives_422_with_diagnostics(platform: Platform) -> None:
-    c = platform.client
-    r = await c.post("/api/procedures", json={"ckp_json": example("rejected/unknown_node_type_hil.json")})
-    assert r.status_code == 422
-    body = r.json()
-    assert body["code"] == "compile_failed"
-    [diag] = [d for d in body["diagnostics"] if d["severity"] == "error"]
-    assert diag["code"] == "unknown_node_type"
-    assert diag["path"] == "/workflow_graph/nodes/gate/type"
-    assert (await c.get("/api/procedures")).json()["total"] == 0
-
-
-async def test_second_import_of_a_version_conflicts(platform: Platform) -> None:
-    c = platform.client
-    doc = example("minimal_greeting.ckp.json")
-    await import_procedure(c, doc)
-    r = await c.post("/api/procedures", json={"ckp_json": doc})
-    assert r.status_code == 409
-    assert r.json()["code"] == "procedure_version_exists"
-    assert r.json()["identical"] is True
-
-
-async def test_minimal_greeting_runs_without_inputs(platform: Platform) -> None:
-    c = platform.client
-    await import_procedure(c, example("minimal_greeting.ckp.json"))
-    r = await c.post("/api/runs", json={"procedure_id": "e2e_test_procedure", "procedure_version": "1.0.0"})
-    events, end = await follow_run(c, r.json()["run_id"])
-    assert end == "completed"
-    assert [e["payload"]["message"] for e in events if e["event_type"] == "log"] == ["e2e test run: hello e2e"]
+async def test_a_missing_post_ends_on_the_failure_terminate(platform: Platform, posts: PostsApi,
+                                                           http_agent: str) -> None:
+    run, events = await run_example(platform, {"post_id": MISSING_POST, "api_base_url": posts.url})
+    assert run["status"] == "failed", run
+    assert (run["error"]["code"], run["error"]["node_id"]) == ("terminated_failed", "failure")
+    [failed] = [e for e in events if e["event_type"] == "run_failed"]
+    assert failed["payload"]["outputs"] == {"result": "unexpected_response", "status_code": 404}
+    assert posts.requests == [("GET", f"/posts/{MISSING_POST}", "application/json")]

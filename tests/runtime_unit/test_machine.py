@@ -24,8 +24,8 @@ def setv(step_id: str, variable: str, value: Any) -> dict[str, Any]:
     return {"step_id": step_id, "action": "set_variable", "variable": variable, "value": value}
 
 
-async def test_simple_http_example_completes_with_typed_outputs() -> None:
-    run = await run_doc(json.loads((EXAMPLES / "simple_http_test.ckp.json").read_text()))
+async def test_internal_variables_example_completes_with_typed_outputs() -> None:
+    run = await run_doc(json.loads((EXAMPLES / "internal_variables.ckp.json").read_text()))
     assert run.outcome is not None
     assert run.outcome["status"] == "completed"
     assert run.outcome["outputs"]["result"] == "ok"

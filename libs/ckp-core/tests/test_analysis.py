@@ -136,10 +136,10 @@ def test_explain_lists_every_external_call_of_multi_agent_invoice() -> None:
     assert ("enrich_with_llm", "llm", "llm", None, "gpt-4") in got
 
 
-def test_explain_of_simple_http_test_has_no_external_calls_and_the_declared_variables() -> None:
-    out = analysis.explain(compile_ok(load("simple_http_test.ckp.json")), {"post_id": 7})
+def test_explain_of_internal_variables_has_no_external_calls_and_the_declared_variables() -> None:
+    out = analysis.explain(compile_ok(load("internal_variables.ckp.json")), {"post_id": 7})
     assert out["external_calls"] == []
-    assert out["procedure_id"] == "simple-http-test"
+    assert out["procedure_id"] == "internal-variables"
     assert out["variables"]["schema"]["post_id"]["required"] is True
     assert out["variables"]["required"] == []  # required, but satisfied by its default
     assert out["variables"]["provided"] == ["post_id"]
@@ -152,7 +152,7 @@ def test_explain_of_simple_http_test_has_no_external_calls_and_the_declared_vari
 
 @pytest.mark.parametrize(("post_id", "end"), [(5, "success"), ("42", "success"), (0, "failure")])
 def test_route_trace_follows_the_branch_the_inputs_select(post_id: Any, end: str) -> None:
-    out = analysis.explain(compile_ok(load("simple_http_test.ckp.json")), {"post_id": post_id})
+    out = analysis.explain(compile_ok(load("internal_variables.ckp.json")), {"post_id": post_id})
     trace = out["route_trace"]
     assert [t["node_id"] for t in trace] == ["fetch_data", "check_response", end]
     assert trace[-1]["type"] == "terminate"
@@ -264,7 +264,7 @@ def test_diff_of_identical_documents() -> None:
 
 
 def test_diff_reports_nodes_added_removed_and_changed_with_field_paths() -> None:
-    a = load("simple_http_test.ckp.json")
+    a = load("internal_variables.ckp.json")
     b = copy.deepcopy(a)
     nodes = b["workflow_graph"]["nodes"]
     nodes["success"]["outputs"]["result"] = "fine"
@@ -272,7 +272,7 @@ def test_diff_reports_nodes_added_removed_and_changed_with_field_paths() -> None
     nodes["failure_v2"] = nodes.pop("failure")
     nodes["fetch_data"]["steps"].append({"step_id": "extra", "action": "log", "message": "x"})
     b["global_config"]["max_retries"] = 4
-    out = analysis.diff(a, b, "1.0.0", "1.1.0", "simple-http-test")
+    out = analysis.diff(a, b, "1.0.0", "1.1.0", "internal-variables")
     assert out["identical"] is False
     s = out["summary"]
     assert (s["nodes_added"], s["nodes_removed"]) == (["failure_v2"], ["failure"])
@@ -309,7 +309,7 @@ def test_diff_changes_rebuild_the_target_document() -> None:
 
 
 def test_diff_variables_changed_uses_the_normalised_flat_schema() -> None:
-    a = load("simple_http_test.ckp.json")
+    a = load("internal_variables.ckp.json")
     flat = copy.deepcopy(a)
     nested = flat.pop("variables_schema")
     flat["variables_schema"] = {**{k: {**v, "required": True} for k, v in nested["required"].items()},
@@ -326,13 +326,13 @@ def test_diff_variables_changed_uses_the_normalised_flat_schema() -> None:
 
 
 def test_diff_unified_mode() -> None:
-    a = load("simple_http_test.ckp.json")
+    a = load("internal_variables.ckp.json")
     b = copy.deepcopy(a)
     b["workflow_graph"]["nodes"]["success"]["outputs"]["result"] = "fine"
-    out = analysis.diff(a, b, "1.0.0", "1.1.0", "simple-http-test", unified=True)
+    out = analysis.diff(a, b, "1.0.0", "1.1.0", "internal-variables", unified=True)
     assert out["changes"] == []
     text = out["unified"]
-    assert text.startswith("--- simple-http-test@1.0.0\n+++ simple-http-test@1.1.0\n")
+    assert text.startswith("--- internal-variables@1.0.0\n+++ internal-variables@1.1.0\n")
     assert '-          "result": "ok",\n' in text
     assert '+          "result": "fine",\n' in text
     assert analysis.diff(a, a, "1", "1", "p", unified=True)["unified"] == ""

@@ -34,7 +34,7 @@ EXAMPLE_FILES = sorted(EXAMPLES.glob("*.ckp.json")) + sorted((EXAMPLES / "reject
 EXAMPLE_TEXTS: dict[str, str] = {p.name: p.read_text(encoding="utf-8") for p in EXAMPLE_FILES}
 EXAMPLE_DOCS: dict[str, Any] = {name: json.loads(text) for name, text in EXAMPLE_TEXTS.items()}
 # The two examples the compiler accepts today are listed twice so mutations reach the IR path more often.
-COMPILING = ("minimal_greeting.ckp.json", "simple_http_test.ckp.json")
+COMPILING = ("minimal_greeting.ckp.json", "internal_variables.ckp.json")
 EXAMPLE_CHOICES = sorted(EXAMPLE_DOCS) + [n for n in COMPILING if n in EXAMPLE_DOCS]
 
 POINTER_RE = re.compile(r"(/([^/~]|~[01])*)*")
