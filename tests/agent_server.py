@@ -28,6 +28,7 @@ class AgentBehaviour:
     capabilities_delay_s: float = 0.0
     redirect: bool = False
     health_hits: list[str] = field(default_factory=list)  # X-LangOrch-Instance of each prober
+    capabilities_hits: int = 0  # GET /capabilities requests received (counted before the delay)
     # /execute: scripted answers (status, JSON body or raw text, headers) taken in order, then the default
     # success envelope echoing the request; every request is recorded with its headers and arrival/end times
     name: str = "agent"
@@ -63,6 +64,7 @@ def agent_app(b: AgentBehaviour) -> FastAPI:
     async def capabilities() -> Response:
         if b.redirect:
             return Response(status_code=302, headers={"Location": "http://169.254.169.254/"})
+        b.capabilities_hits += 1
         await asyncio.sleep(b.capabilities_delay_s)
         if b.capabilities_status != 200:
             return JSONResponse({"error": "nope"}, status_code=b.capabilities_status)

@@ -30,6 +30,7 @@ from langorch_runtime.errors import StepError
 from langorch_runtime.machine import ContentArtifacts, DispatchRequest
 from langorch_runtime.metrics import RuntimeMetrics
 from tests.agent_server import AgentBehaviour, running_agent
+from tests.helpers import wait_until
 from tests.mcp_server import PNG, running_mcp
 
 pytestmark = pytest.mark.integration
@@ -454,10 +455,14 @@ async def test_force_released_lease_aborts_with_lease_revoked(nats_url: str) -> 
         call = asyncio.create_task(h.dispatcher.dispatch(h.request()))
         await h.until(lambda: len(behaviour.executions) == 1)
         key = lease_key("solo", 0)
-        await asyncio.sleep(0.7)  # renewed once already (every TTL/3 = 0.5 s)
-        entry = await h.dispatcher.leases.get(key)
-        value = json.loads(entry.value or b"{}")
-        assert value["renewed_at"] > value["acquired_at"]
+
+        async def lease() -> tuple[Any, dict[str, Any]]:
+            entry = await h.dispatcher.leases.get(key)
+            return entry, json.loads(entry.value or b"{}")
+
+        # renewed once already (every TTL/3 = 0.5 s)
+        entry, value = await wait_until(lease, lambda got: got[1].get("renewed_at", "") > got[1].get("acquired_at", ""),
+                                        timeout=2)
         await publish_command(h.service.js, ReleaseLease(actor=OPERATOR, lease_id=value["lease_id"], key=key,
                                                          revision=int(entry.revision or 0), reason="test"))
         started = asyncio.get_running_loop().time()

@@ -11,7 +11,7 @@ import pytest
 
 from tests.agent_server import AgentBehaviour, running_agent
 from tests.conftest import Platform, platform_of
-from tests.helpers import events_of, example, wait_status
+from tests.helpers import TERMINAL, ended_after_a_retry, events_of, example, wait_run, wait_status, wait_until
 from tests.mcp_server import PNG, running_mcp
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 
@@ -28,13 +28,9 @@ async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
 async def register(c: httpx.AsyncClient, agent: ScriptedAgent, channel: str, name: str = "one") -> None:
     r = await c.post("/api/agents", json={"name": name, "channel": channel, "base_url": agent.base_url,
                                           "capabilities": list(agent.handlers)})
+    # 201: the agent is registered and projected; a dispatch that finds no candidate first waits until the
+    # runtime's registry has applied every agent event (AgentDispatcher.sync_registry), so nothing to wait for here
     assert r.status_code == 201, r.text
-    for _ in range(100):  # the runtime's registry follows agent events
-        agents = (await c.get("/api/agents", params={"channel": channel})).json()["items"]
-        if any(a["name"] == name for a in agents):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
 
 
 
@@ -167,10 +163,7 @@ async def test_cancel_a_running_run_aborts_the_in_flight_call(platform: Platform
     async with serving(agent):
         await register(c, agent, "api")
         run_id = await start(c, RETRY_DOC)
-        for _ in range(200):
-            if agent.requests:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: agent.requests)  # the first call is in flight
         r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
         assert r.status_code == 202, r.text
         assert r.json()["status"] == "canceling"
@@ -189,11 +182,7 @@ async def test_cancel_a_suspended_run_is_immediate(platform: Platform) -> None:
     doc = {"procedure_id": "gate_only", "version": "1", "workflow_graph": {"start_node": "g", "nodes": {
         "g": {"type": "human_approval", "on_approve": "e", "on_reject": "e"}, "e": {"type": "terminate"}}}}
     run_id = await start(c, doc)
-    for _ in range(200):
-        if any(e["event_type"] == "approval_requested" for e in await events_of(c, run_id)):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
+    assert (await wait_status(c, run_id, ("waiting_approval", *TERMINAL)))["status"] == "waiting_approval"
     r = await c.post(f"/api/runs/{run_id}/cancel", json={})
     assert r.status_code in (200, 202), r.text
     run = await wait_status(c, run_id)
@@ -216,11 +205,8 @@ async def test_resume_on_failure_retries_a_retryable_failure_once(platform: Plat
     async with serving(agent):
         await register(c, agent, "api")
         run_id = await start(c, doc)
-        for _ in range(400):
-            run = await wait_status(c, run_id)
-            if run["status"] == "completed":
-                break
-            await asyncio.sleep(0.05)
+        # failed first (retryable), then retried automatically once (run_retry_requested) and completed
+        run = await wait_run(c, run_id, ended_after_a_retry)
     assert run["status"] == "completed", run["error"]
     retries = [e for e in await events_of(c, run_id) if e["event_type"] == "run_retry_requested"]
     assert [e["payload"]["automatic"] for e in retries] == [True]
@@ -294,7 +280,6 @@ async def test_mcp_image_and_resource_content_are_stored_artifacts_linked_in_the
         r = await c.post("/api/agents", json={"name": "docs", "channel": "docs", "base_url": server.url,
                                               "protocol": "mcp", "capabilities": ["snapshot"]})
         assert r.status_code == 201, r.text
-        await asyncio.sleep(0.5)  # the runtime's registry follows agent events
         run_id = await start(c, MCP_DOC)
         run = await wait_status(c, run_id)
     assert run["status"] == "completed", run["error"]
@@ -328,7 +313,6 @@ async def test_pool_waiting_steps_count_attempts_waiting_for_a_slot(platform: Pl
                                               "base_url": agent.base_url, "concurrency_limit": 1,
                                               "pool_id": "slow_pool", "capabilities": ["extract_text"]})
         assert r.status_code == 201, r.text
-        await asyncio.sleep(0.5)  # the runtime's registry follows agent events
         doc = {"procedure_id": "pool_wait", "version": "1", "workflow_graph": {"start_node": "get", "nodes": {
             "get": {"type": "sequence", "agent": "SLOWPOOL", "steps": [
                 {"step_id": "t", "action": "extract_text", "output_variable": "out"}], "next_node": "end"},

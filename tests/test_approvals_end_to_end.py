@@ -17,7 +17,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.conftest import Platform, platform_of
-from tests.helpers import start_run, wait_status
+from tests.helpers import start_run, wait_run, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -451,11 +451,11 @@ async def test_an_approval_in_a_loop_body_asks_again_on_every_iteration(platform
         seen.append(approval["approval_id"])
         r = await decide(c, approval["approval_id"], decision=decision)
         assert r.status_code == 200, r.text
-        if len(seen) < 3:  # wait until the run has moved on to the next iteration's approval
-            deadline = asyncio.get_running_loop().time() + 30
-            while (await c.get(f"/api/runs/{run_id}")).json().get("waiting_on", {}).get("approval_id") in seen:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.05)
+        if len(seen) < 3:  # wait until the run waits on the next iteration's approval (between two approvals it
+            # reads running or queued, with waiting_on null)
+            await wait_run(c, run_id, lambda run: run.get("status") in TERMINAL or (
+                run.get("status") == "waiting_approval"
+                and (run.get("waiting_on") or {}).get("approval_id") not in (None, *seen)))
     run = await run_until(c, run_id, TERMINAL)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"]["decisions"] == ["a:approved", "b:rejected", "c:approved"]

@@ -3,7 +3,6 @@ the async step until the agent's callback, then resumes after that step, not fro
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,8 +27,7 @@ async def register_hybrid(c: httpx.AsyncClient, agent: ScriptedAgent) -> None:
     r = await c.post("/api/agents", json={"name": "hybrid", "channel": "hybrid", "base_url": agent.base_url,
                                           "capabilities": ["browser.navigate", {"name": "run_full_salesforce_login",
                                                                                 "type": "workflow"}]})
-    assert r.status_code == 201, r.text
-    await asyncio.sleep(0.5)
+    assert r.status_code == 201, r.text  # registered: a dispatch syncs the runtime's registry before it looks
 
 
 def hybrid_agent() -> ScriptedAgent:

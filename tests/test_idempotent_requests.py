@@ -11,6 +11,7 @@ import pytest
 
 from tests.agent_server import AgentBehaviour, running_agent
 from tests.conftest import Platform, platform_of
+from tests.helpers import wait_until
 from tests.lifecycle_docs import procedure_doc
 
 pytestmark = pytest.mark.integration
@@ -72,11 +73,12 @@ async def test_import_and_run_creation_replay(platform: Platform) -> None:
 
 async def test_a_repeat_while_the_first_is_in_flight_is_409(platform: Platform) -> None:
     c = platform.client
-    async with running_agent(AgentBehaviour(capabilities_delay_s=0.8)) as agent:
+    behaviour = AgentBehaviour(capabilities_delay_s=2)
+    async with running_agent(behaviour) as agent:
         body = {"agent_id": "slowpoke", "name": "Slow", "channel": "idem", "base_url": agent.base_url}
         key = {"Idempotency-Key": "register-slowpoke"}
         first = asyncio.create_task(c.post("/api/agents", json=body, headers=key))
-        await asyncio.sleep(0.3)  # the first is probing the agent's capabilities
+        await wait_until(lambda: behaviour.capabilities_hits, timeout=10)  # the first is probing the agent
         second = await c.post("/api/agents", json=body, headers=key)
         assert second.status_code == 409
         assert second.json()["code"] == "idempotency_key_in_progress"

@@ -12,6 +12,7 @@ import pytest
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import AgentService
 from tests.conftest import platform_of
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +42,8 @@ async def test_register_without_a_runtime_is_pending_then_applied(nats_url: str,
         await service.start()
         task = asyncio.create_task(service.run())
         try:
-            for _ in range(200):
-                if (await c.get("/api/agents/later")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
-            agent = (await c.get("/api/agents/later")).json()
+            found = await wait_until(lambda: c.get("/api/agents/later"), lambda r: r.status_code == 200, timeout=10)
+            agent = found.json()
             assert (agent["agent_id"], agent["status"]) == ("later", "online")
             accepted = (await c.get(body["location"])).json()
             assert accepted["status"] == "accepted"

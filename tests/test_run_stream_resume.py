@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import Platform
-from tests.helpers import follow_run, import_procedure
+from tests.helpers import follow_run, import_procedure, start_run
 from tests.test_agent_runs import events_of, wait_status
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ DOC = {"procedure_id": "chatty", "version": "1", "workflow_graph": {"start_node"
 async def test_reconnecting_with_last_event_id_gets_exactly_the_missed_events(platform: Platform) -> None:
     c = platform.client
     await import_procedure(c, DOC)
-    run_id = (await c.post("/api/runs", json={"procedure_id": "chatty", "procedure_version": "1"})).json()["run_id"]
+    run_id = await start_run(c, "chatty")
     first, end = await follow_run(c, run_id, limit=7)  # then the client goes away mid-run
     assert end is None
     assert len(first) == 7

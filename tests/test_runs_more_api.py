@@ -16,7 +16,7 @@ from ckp_core.commands import DeleteRun
 from ckp_core.events import ANONYMOUS
 from langorch_infra.jetstream import publish_command
 from tests.conftest import Platform, platform_of
-from tests.helpers import imported, start_run, wait_status
+from tests.helpers import imported, start_run, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -210,11 +210,12 @@ async def test_delete_terminal_runs_only(platform: Platform) -> None:
     nc = await nats.connect(platform.nats_url)
     try:
         await publish_command(nc.jetstream(), DeleteRun(actor=ANONYMOUS, run_id=waiting))
-        for _ in range(200):
-            events = (await c.get(f"/api/runs/{waiting}/events", params={"event_type": "command_rejected"})).json()
-            if events["items"]:
-                break
-            await asyncio.sleep(0.05)
+
+        async def rejections() -> dict[str, Any]:
+            r = await c.get(f"/api/runs/{waiting}/events", params={"event_type": "command_rejected"})
+            return r.json()  # type: ignore[no-any-return]
+
+        events = await wait_until(rejections, lambda page: page.get("items"))
         assert events["items"][0]["payload"]["code"] == "invalid_run_transition"
         assert events["items"][0]["payload"]["command_type"] == "delete_run"
     finally:

@@ -72,8 +72,9 @@ async def stored_bytes(database_url: str) -> bytes:
 async def test_secret_values_are_never_stored_and_grants_redeem(platform: Platform, database_url: str) -> None:
     c = platform.client
     assert (await c.post("/api/procedures", json={"ckp_json": DOC})).status_code == 201
-    run = (await c.post("/api/runs", json={"procedure_id": "secret_use", "procedure_version": "1"})).json()
-    run_id = run["run_id"]
+    r = await c.post("/api/runs", json={"procedure_id": "secret_use", "procedure_version": "1"})
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
     events: list[dict[str, Any]] = []
     for _ in range(300):  # the run suspends at the approval gate
         events = (await c.get(f"/api/runs/{run_id}/events", params={"limit": 500})).json()["items"]

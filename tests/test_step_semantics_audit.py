@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from tests.conftest import Platform, platform_of
+from tests.helpers import wait_until
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.serving import serve_app
 from tests.test_agent_runs import events_of, register, start, wait_status
@@ -216,13 +217,7 @@ def status_agent(answers: list[tuple[int, dict[str, Any], dict[str, str]]]) -> t
 async def register_url(c: httpx.AsyncClient, base_url: str, channel: str, name: str, caps: list[str]) -> None:
     r = await c.post("/api/agents", json={"name": name, "channel": channel, "base_url": base_url,
                                           "capabilities": caps})
-    assert r.status_code == 201, r.text
-    for _ in range(100):
-        agents = (await c.get("/api/agents", params={"channel": channel})).json()["items"]
-        if any(a["name"] == name for a in agents):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)
+    assert r.status_code == 201, r.text  # registered: a dispatch syncs the runtime's registry before it looks
 
 
 async def test_retry_after_raises_the_retry_delay(platform: Platform) -> None:
@@ -767,10 +762,11 @@ async def test_cancel_during_an_internal_wait_runs_no_handler_or_recovery(platfo
                "done": {"type": "terminate"},
                "rescue": {"type": "terminate", "outputs": {"rescued": True}}}}}
     run_id = await start(c, doc)
-    for _ in range(200):
-        if of(await events_of(c, run_id), "step_started", "nap"):
-            break
-        await asyncio.sleep(0.05)
+
+    async def napping() -> bool:
+        return bool(of(await events_of(c, run_id), "step_started", "nap"))
+
+    await wait_until(napping)
     r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "enough"})
     assert r.status_code == 202, r.text
     run = await wait_status(c, run_id, timeout=10)
@@ -1207,7 +1203,6 @@ async def test_retry_budgets_of_an_async_workflow_step_hold_across_its_pauses(pl
         r = await c.post("/api/agents", json={"name": "aw1", "channel": "aw1", "base_url": agent.base_url,
                                               "capabilities": [{"name": "job", "type": "workflow"}]})
         assert r.status_code == 201, r.text
-        await asyncio.sleep(0.5)
         run_id = await start(c, doc)
         for _ in range(5):
             run = await wait_status(c, run_id, ("paused", "failed", "completed"))

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tests.conftest import Platform, platform_of
-from tests.helpers import events_of, wait_status
+from tests.helpers import events_of, wait_status, wait_until
 from tests.serving import serve_app
 from tests.test_agent_runs import start
 
@@ -65,8 +65,7 @@ async def register_raw(c: httpx.AsyncClient, base_url: str, channel: str, action
                        protocol: str = "http") -> None:
     r = await c.post("/api/agents", json={"name": f"{channel}-agent", "channel": channel, "base_url": base_url,
                                           "protocol": protocol, "capabilities": actions})
-    assert r.status_code == 201, r.text
-    await asyncio.sleep(0.5)  # the runtime's registry follows agent events
+    assert r.status_code == 201, r.text  # registered: a dispatch syncs the runtime's registry before it looks
 
 
 def doc_of(pid: str, channel: str, steps: list[dict[str, Any]], outputs: dict[str, Any] | None = None,
@@ -220,10 +219,7 @@ async def test_canceling_a_run_sends_notifications_cancelled_to_the_mcp_server(p
         await register_raw(c, f"{base_url}/mcp", "wm_cancel", ["slow"], protocol="mcp")
         run_id = await start(c, doc_of("wire_mcp_cancel", "wm_cancel", [{"step_id": "s", "action": "slow",
                                                                          "timeout_ms": 60_000}]))
-        for _ in range(200):
-            if any(m.get("method") == "tools/call" for m in seen):
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: any(m.get("method") == "tools/call" for m in seen))
         r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
         assert r.status_code == 202, r.text
         run = await wait_status(c, run_id)
@@ -255,7 +251,6 @@ async def register_workflow(c: httpx.AsyncClient, base_url: str, channel: str) -
     r = await c.post("/api/agents", json={"name": f"{channel}-agent", "channel": channel, "base_url": base_url,
                                           "capabilities": [{"name": "job", "type": "workflow"}]})
     assert r.status_code == 201, r.text
-    await asyncio.sleep(0.5)
 
 
 async def test_workflow_dispatch_mode_is_step_then_node_then_global_then_async(platform: Platform) -> None:
@@ -463,11 +458,11 @@ async def test_in_progress_is_asked_again_without_a_new_attempt(platform: Platfo
 async def callback_of(c: httpx.AsyncClient, run_id: str, seen: list[dict[str, Any]], n: int,
                       body: dict[str, Any]) -> None:
     """Wait for the run's n-th async dispatch to be delegated (run paused), then post ``body`` to its callback."""
-    for _ in range(300):
-        delegated = [e for e in await events_of(c, run_id) if e["event_type"] == "workflow_delegated"]
-        if len(delegated) >= n and (await c.get(f"/api/runs/{run_id}")).json()["status"] == "paused":
-            break
-        await asyncio.sleep(0.05)
+    async def delegated() -> bool:
+        found = [e for e in await events_of(c, run_id) if e["event_type"] == "workflow_delegated"]
+        return len(found) >= n and (await c.get(f"/api/runs/{run_id}")).json().get("status") == "paused"
+
+    await wait_until(delegated, timeout=15)
     url = [s for s in seen if s["body"]["run_id"] == run_id][n - 1]["body"]["params"]["callback_url"]
     async with httpx.AsyncClient() as outside:
         r = await outside.post(url, json=body)
