@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from langorch.up import REPEAT_WINDOW_S
 from langorch_infra.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +194,10 @@ def test_a_second_ctrl_c_forces_the_stop(state_dir: Path) -> None:
         assert stream.status_code == 200
         signaled = up.interrupt()
         up.wait_for_line("Ctrl-C again to force", 10)
+        # a repeat within REPEAT_WINDOW_S is the same Ctrl-C delivered twice (as `uv run` relays it): ignored
+        os.killpg(up.proc.pid, signal.SIGINT)
+        time.sleep(REPEAT_WINDOW_S + 0.2)
+        assert up.proc.poll() is None, f"a repeated delivery of one Ctrl-C forced the stop:\n{up.text}"
         os.killpg(up.proc.pid, signal.SIGINT)
         try:
             code = up.proc.wait(timeout=10)

@@ -35,6 +35,10 @@ from rich.console import Console
 # how long the gateway waits for open requests and SSE streams when `langorch up` stops
 STOP_GRACE_S = 1.0
 FORCED_EXIT_CODE = 130
+# A stop signal this soon after the first is the same request, not a second Ctrl-C: `uv run` relays the SIGINT
+# that the terminal already sent to the whole process group when it has no terminal of its own, so one Ctrl-C
+# (or one `kill -INT -<pgid>`) can arrive twice within milliseconds.
+REPEAT_WINDOW_S = 0.5
 
 
 class UpError(Exception):
@@ -186,10 +190,13 @@ class Up:
 
     # -- signals ------------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.signaled_at is not None and now - self.signaled_at < REPEAT_WINDOW_S:
+            return  # the same Ctrl-C delivered twice (see REPEAT_WINDOW_S)
         self.signals += 1
         if self.signals > 1:
             self.force()
-        self.signaled_at = time.monotonic()
+        self.signaled_at = now
         self.console.print("[dim]stopping LangOrch… (Ctrl-C again to force)[/]", highlight=False)
         if self.loop is not None and self.stop_event is not None:
             self.loop.call_soon_threadsafe(self.stop_event.set)
@@ -301,10 +308,11 @@ class Up:
                              grace_s=STOP_GRACE_S)
 
     def stop_servers(self) -> None:
+        # a server leaves the list only once stopped, so a forced stop meanwhile still kills it
         while self.embedded:
-            server = self.embedded.pop()
             with contextlib.suppress(Exception):
-                server.stop()
+                self.embedded[-1].stop()
+            self.embedded.pop()
 
     def run(self) -> int:
         """Start, serve until stopped, stop; the exit code."""
