@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,8 +82,8 @@ def _env(state_dir: Path, port: int) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
-def start_up(state_dir: Path, port: int, *args: str) -> Up:
-    proc = subprocess.Popen([sys.executable, "-m", "langorch", "up", *args], cwd=ROOT, env=_env(state_dir, port),
+def start_up(state_dir: Path, port: int, *args: str, launcher: tuple[str, ...] = (sys.executable, "-m")) -> Up:
+    proc = subprocess.Popen([*launcher, "langorch", "up", *args], cwd=ROOT, env=_env(state_dir, port),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     up = Up(proc, port)
@@ -182,6 +183,25 @@ def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and
     assert r.status_code == 200, r.text
     again.interrupt()
     assert again.proc.wait(timeout=30) == 0, again.text
+
+
+def test_the_readme_command_under_uv_run_stops_gracefully_on_one_ctrl_c(state_dir: Path) -> None:
+    """`uv run` relays the group's SIGINT to its child when it has no terminal: one Ctrl-C, not a forced stop."""
+    uv = os.environ.get("UV") or shutil.which("uv")
+    assert uv, "uv is not on PATH and UV is unset: run the tests with `uv run pytest`, as the README says"
+    up = start_up(state_dir, free_port(), launcher=(uv, "run", "--frozen", "--no-sync"))
+    up.wait_ready()
+    signaled = up.interrupt()
+    try:
+        code = up.proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"uv run langorch up still running 5 s after SIGINT:\n{up.text}")
+    after = up.after(signaled)
+    assert code == 0, up.text
+    assert any("stopped in" in line for line in after), "\n".join(after)
+    assert not any("forced stop" in line for line in after), "\n".join(after)
+    assert "Traceback" not in up.text
+    assert not _wait_gone(state_dir), "embedded servers left running after the stop"
 
 
 def test_a_second_ctrl_c_forces_the_stop(state_dir: Path) -> None:
