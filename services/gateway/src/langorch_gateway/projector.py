@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from ckp_core import runs
 from ckp_core.audit import AuditEntry
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import AUDIT_STREAM, EVENT_STREAM
@@ -104,12 +105,12 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
             """INSERT INTO runs (run_id, procedure_id, procedure_version, release_channel, status, input_vars,
                  trigger_type, triggered_by, created_by, project_id, parent_run_id, parent_node_id, root_run_id,
                  rerun_of, created_at, updated_at, seq, position)
-               VALUES ($1,$2,$3,$4,'created',$5::jsonb,$6,$7,$8,$9,$10,$11,$12,$13,$14,$14,$15,$16)
+               VALUES ($1,$2,$3,$4,$17,$5::jsonb,$6,$7,$8,$9,$10,$11,$12,$13,$14,$14,$15,$16)
                ON CONFLICT (run_id) DO NOTHING""",
             run_id, d["procedure_id"], d["procedure_version"], d.get("release_channel"),
             _j(d.get("input_vars", {})), d.get("trigger_type", "api"), d.get("triggered_by"), ev.actor.render(),
             d.get("project_id"), d.get("parent_run_id"), d.get("parent_node_id"), d.get("root_run_id") or run_id,
-            d.get("rerun_of"), at, ev.seq, stored.position,
+            d.get("rerun_of"), at, ev.seq, stored.position, runs.INITIAL_STATUS,
         )
         return
     if ev.type in ("run_deleted", "artifact_created"):
@@ -122,34 +123,28 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
         args.append(value)
         sets.append(f"{column} = ${len(args)}{cast}")
 
-    if ev.type == "execution_started":
-        put("status", "running")
-        sets.append("started_at = COALESCE(started_at, $2)")
-    elif ev.type in ("execution_resumed", "execution_recovered"):
-        put("status", "running")
-    elif ev.type in PAUSING and d.get("suspends_run"):
-        put("status", "waiting_approval" if ev.type == "approval_requested" else "paused")
-        put("waiting_on", _j(waiting_on(ev.type, d)), "::jsonb")
-    elif ev.type == "run_suspended":
-        put("status", d.get("status") or "paused")
-        put("waiting_on", _j(suspended_on(d.get("waiting_on"))), "::jsonb")
-    elif ev.type in RESUMING and d.get("resumes_run"):
-        # waiting → queued (api.md §5.2); the runtime appends execution_resumed first, so a run already
-        # running again keeps its status
-        sets.append("status = CASE WHEN status IN ('waiting_approval', 'paused') THEN 'queued' ELSE status END")
+    change = runs.effect(ev.type, d)  # status and waiting_on: the run aggregate's own rule
+    if change.status is not None and change.only_from is None:
+        put("status", change.status)
+    elif change.status is not None and change.only_from is not None:  # only from some statuses (a resume)
+        args.extend([list(change.only_from), change.status])
+        sets.append(f"status = CASE WHEN status = ANY(${len(args) - 1}::text[]) THEN ${len(args)}::text "
+                    "ELSE status END")
+    if change.waiting == "set":
+        put("waiting_on", _j(change.waiting_on), "::jsonb")
+    elif change.waiting == "clear":
         sets.append("waiting_on = NULL")
+    if ev.type == "execution_started":
+        sets.append("started_at = COALESCE(started_at, $2)")
     elif ev.type == "llm_usage":
         sets.append(f"total_prompt_tokens = total_prompt_tokens + {int(d.get('prompt_tokens') or 0)}")
         sets.append(f"total_completion_tokens = total_completion_tokens + {int(d.get('completion_tokens') or 0)}")
         sets.append(f"estimated_cost_usd = estimated_cost_usd + {float(d.get('estimated_cost_usd') or 0.0)!r}")
     elif ev.type == "run_cancel_requested":
-        put("status", "canceling")
         sets.append("cancel_requested_at = COALESCE(cancel_requested_at, $2)")
     elif ev.type == "run_canceled":
-        put("status", "canceled")
         sets.append("ended_at = $2")
     elif ev.type == "run_retry_requested":
-        put("status", "queued")
         put("error", None)
         sets.append("ended_at = NULL")
         sets.append("retry_count = retry_count + 1")
@@ -158,48 +153,13 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
     elif ev.type == "step_started":
         put("last_step_id", d.get("step_id"))
     elif ev.type == "run_completed":
-        put("status", "completed")
         put("output_vars", _j(d.get("outputs", {})), "::jsonb")
         sets.append("ended_at = $2")
     elif ev.type == "run_failed":
-        put("status", "failed")
         put("output_vars", _j(d.get("outputs", {})), "::jsonb")
         put("error", _j(d.get("error")), "::jsonb")
         sets.append("ended_at = $2")
-    if ev.type in NOT_WAITING:
-        sets.append("waiting_on = NULL")
     await conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = $1 AND seq < $3", *args)  # noqa: S608
-
-
-PAUSING = ("approval_requested", "workflow_delegated", "subflow_started")
-RESUMING = ("approval_decision_received", "workflow_callback_received", "callback_timed_out", "subflow_completed",
-            "subflow_failed")
-NOT_WAITING = ("execution_started", "execution_resumed", "run_completed", "run_failed", "run_canceled",
-               "run_retry_requested")
-
-
-def waiting_on(event_type: str, d: dict[str, Any]) -> dict[str, Any]:
-    """``RunOut.waiting_on`` (api.md §5.1) of a pause event."""
-    if event_type == "approval_requested":
-        return {"kind": "approval", "approval_id": d.get("approval_id")}
-    if event_type == "subflow_started":
-        return {"kind": "child_run", "run_id": d.get("child_run_id")}
-    return {"kind": "callback", "node_id": d.get("node_id"), "step_id": d.get("step_id"),
-            "expires_at": d.get("expires_at")}
-
-
-def suspended_on(waits: Any) -> dict[str, Any] | None:
-    """``waiting_on`` of ``run_suspended``: the first approval it waits on, else its first wait."""
-    items = [w for w in waits if isinstance(w, dict)] if isinstance(waits, list) else []
-    if not items:
-        return None
-    w = next((w for w in items if w.get("kind") == "approval"), items[0])
-    if w.get("kind") == "approval":
-        return {"kind": "approval", "approval_id": w.get("id")}
-    if w.get("kind") == "child_run":
-        return {"kind": "child_run", "run_id": w.get("id")}
-    return {"kind": "callback", "node_id": w.get("node_id"), "step_id": w.get("step_id"),
-            "expires_at": w.get("expires_at")}
 
 
 class _Positioned(Protocol):
