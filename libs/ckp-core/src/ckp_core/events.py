@@ -513,8 +513,6 @@ EVENT_TYPES: dict[str, type[EventData]] = {
     )
 }
 
-TERMINAL_RUN_EVENTS = frozenset({"run_completed", "run_failed", "run_canceled", "run_deleted"})
-
 
 def make_event(
     data: EventData,

@@ -27,12 +27,12 @@ from nats.js.errors import KeyNotFoundError, NotFoundError
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from ckp_core import runs
 from ckp_core.audit import Outcome, command_entry
 from ckp_core.commands import CancelRun, DeleteRun, RequestApproval, ResumeRun, RetryRun, StartRun
 from ckp_core.commands import Command as LoCommand
-from ckp_core.errors import ConcurrencyError
+from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import (
-    TERMINAL_RUN_EVENTS,
     Actor,
     CommandRejected,
     ErrorObject,
@@ -295,7 +295,7 @@ class RuntimeService:
         fails instead of being redelivered for ever. The message names the exception type only (its text may
         carry run data)."""
         events = await self.store.read("run", command.run_id)
-        if not events or run_status(events) in ("completed", "failed", "canceled"):
+        if not events or run_status(events) in runs.TERMINAL_STATUSES:
             return
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
         writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
@@ -360,17 +360,17 @@ class RuntimeService:
         events = await self.store.read("run", command.run_id)
         if not events:
             return await self._audit(command, "rejected", code="not_found", detail=f"run {command.run_id} not found")
-        status = run_status(events)
-        if status in ("completed", "failed"):
-            return await self._audit(command, "rejected", code="invalid_run_transition",
-                                     detail=f"a {status} run cannot be canceled")
+        try:
+            decision = runs.decide_cancel(run_status(events))
+        except CommandRefused as refusal:
+            return await self._audit(command, "rejected", code=refusal.code, detail=refusal.message)
         await self._audit(command)
-        if status in ("canceled", "canceling"):
+        if decision == "noop":
             return
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
         writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
         requested_by = command.actor.render()
-        if status == "running":
+        if decision == "request":  # it runs: the executing replica stops it and appends run_canceled
             await writer.emit(RunCancelRequested(reason=command.reason, requested_by=requested_by))
             return
         await writer.emit(RunCanceled(reason=command.reason, requested_by=requested_by))
@@ -429,17 +429,19 @@ class RuntimeService:
             return await self._audit(command, "rejected", code="not_found", detail=f"run {run_id} not found")
         created = events[0].envelope.data
         status = run_status(events)
-        if isinstance(command, RetryRun) and status not in ("failed", "canceled"):
-            log.info("retry of run %s in status %s ignored", run_id, status)
-            return await self._audit(command, "rejected", code="invalid_run_transition",
-                                     detail=f"a {status} run cannot be retried")
+        if isinstance(command, RetryRun):
+            try:
+                runs.decide_retry(status)
+            except CommandRefused as refusal:
+                log.info("retry of run %s in status %s ignored", run_id, status)
+                return await self._audit(command, "rejected", code=refusal.code, detail=refusal.message)
         retries = [i for i, e in enumerate(events) if e.envelope.type == "run_retry_requested"]
         current = events[retries[-1]:] if retries else events
-        terminal = next((e for e in current if e.envelope.type in TERMINAL_RUN_EVENTS), None)
+        terminal = next((e for e in current if e.envelope.type in runs.ENDS), None)
         if terminal is not None and not isinstance(command, RetryRun):
             await self._audit(command, extra_meta={"noop": True})  # ended meanwhile: nothing to do
             if terminal.envelope.type in ("run_completed", "run_failed") and self.js is not None:
-                status = "completed" if terminal.envelope.type == "run_completed" else "failed"
+                status = runs.END_EVENTS[terminal.envelope.type]
                 await resume_parent(self.js, created, run_id, {**terminal.envelope.data, "status": status}, {}, ACTOR)
             return
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
@@ -603,8 +605,7 @@ class RuntimeService:
             if isinstance(command, RetryRun) and waits:
                 # a retry that resumed into waits announced before the cancel (an async callback, a child run)
                 # appends no pausing event of its own: say the run is waiting again (api.md §5.2)
-                status = "waiting_approval" if any(w.get("kind") == "approval" for w in waits) else "paused"
-                await writer.emit(RunSuspended(status=status, waiting_on=[
+                await writer.emit(RunSuspended(status=runs.suspended_status(waits), waiting_on=[
                     {k: w.get(k) for k in WAIT_FIELDS} for w in waits]))
             if any(n.type == "subflow" for n in ir.nodes.values()):  # children of branches canceled meanwhile
                 await self.cancel_open_children(run_id, "parent branch canceled",
@@ -634,13 +635,13 @@ class RuntimeService:
             return await self._audit(command, "rejected", code="not_found", detail=f"run {command.run_id} not found")
         if events[-1].envelope.type == "run_deleted":
             return await self._audit(command, extra_meta={"noop": True})
-        status = run_status(events)
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
-        if status not in ("completed", "failed", "canceled"):
+        try:
+            runs.decide_delete(run_status(events))
+        except CommandRefused as refusal:
             rejected = make_event(CommandRejected(
-                command_id=command.command_id, command_type="delete_run", code="invalid_run_transition",
-                detail=f"a {status} run cannot be deleted",
-                extra={"current_status": status, "allowed": ["cancel", "rerun"]}),
+                command_id=command.command_id, command_type="delete_run", code=refusal.code,
+                detail=refusal.message, extra=refusal.extra),
                 aggregate_id=command.run_id, seq=head.seq + 1, actor=ACTOR, causation_id=command.command_id,
                 correlation_id=command.run_id, aggregate="run")
             await self.store.append([rejected], expected_position=head.position)
@@ -686,28 +687,9 @@ def run_meta(command: StartRun | ResumeRun | RetryRun, created: dict[str, Any]) 
     return meta
 
 
-def run_status(events: list[Any]) -> str:
-    """The run's status from its events (api.md §5.2), as the single writer sees it."""
-    status = "created"
-    for stored in events:
-        t, d = stored.envelope.type, stored.envelope.data
-        if t in ("execution_started", "execution_resumed", "execution_recovered"):
-            status = "running"
-        elif t in ("approval_requested", "workflow_delegated", "subflow_started") and d.get("suspends_run"):
-            status = "waiting_approval" if t == "approval_requested" else "paused"
-        elif t == "run_suspended":
-            status = str(d.get("status") or "paused")
-        elif t == "run_retry_requested":
-            status = "queued"
-        elif t == "run_cancel_requested":
-            status = "canceling"
-        elif t == "run_completed":
-            status = "completed"
-        elif t == "run_failed":
-            status = "failed"
-        elif t == "run_canceled":
-            status = "canceled"
-    return status
+def run_status(events: list[StoredEvent]) -> runs.RunStatus:
+    """The run's status from its stored events (api.md §5.2), as the single writer sees it."""
+    return runs.fold(e.envelope for e in events).status
 
 
 class EnvSecrets:
