@@ -9,13 +9,25 @@ pause. Frames are plain JSON-able dicts so the checkpointer stores them as they 
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 FrameKind = Literal["main", "iteration", "branch", "recovery"]
 FrameStatus = Literal["running", "waiting", "paused", "done"]
 
 APPROVALS_KEY = "\x00approval"  # approval records live in the namespace (so branch copies merge them) but can
 # never be named by a CKP identifier.
+
+
+class NodeState(TypedDict):
+    """A frame's node in progress (``Frame.node``): entered at ``started`` (epoch seconds) on its ``visit``-th
+    entry in the frame; ``data`` is what its node kind keeps between super-steps (a loop's iteration, a parallel
+    node's branches, a sequence's step index, retry budgets, the wait it is paused on)."""
+
+    id: str
+    visit: int
+    started: float
+    data: dict[str, Any]
+    sla_reported: NotRequired[bool]  # its SLA breach was reported (once per visit)
 
 
 class Frame(TypedDict, total=False):
@@ -31,9 +43,10 @@ class Frame(TypedDict, total=False):
     vars: dict[str, Any] | None  # branch frames: private copy of the variables; others: None (shared)
     error: dict[str, Any] | None  # the built-in ``error`` in this frame (fallback and recovery paths)
     loop: dict[str, Any] | None  # iteration frames: {"index", "item"}
-    node: dict[str, Any] | None  # the node in progress: {"id", "visit", "started", "data": {...}}
+    node: NodeState | None  # the node in progress
     result: dict[str, Any] | None  # when done: {"status": completed|failed|canceled, "error"}
     pending: list[str]  # wait ids this frame is paused on
+    retries: dict[str, int]  # node-scope retry budgets used ("<node_id>#handler<i>", "<node_id>#validation:<id>")
 
 
 class RunState(TypedDict, total=False):

@@ -16,14 +16,11 @@ import contextlib
 import copy
 import json as _jsonlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
-
-import orjson
+from typing import Any
 
 from ckp_core.events import (
     ErrorObject,
@@ -52,7 +49,6 @@ from ckp_core.ir import (
     ParallelPayload,
     ProcedureIR,
     ProcessingPayload,
-    RetryPolicyIR,
     SequencePayload,
     StepIR,
     SubflowPayload,
@@ -103,6 +99,7 @@ from langorch_runtime.errors import StepError
 from langorch_runtime.frames import (
     APPROVALS_KEY,
     Frame,
+    NodeState,
     RunState,
     descendants,
     frame_string,
@@ -110,6 +107,46 @@ from langorch_runtime.frames import (
     loop_context,
     new_frame,
     vars_of,
+)
+from langorch_runtime.machine.outcomes import (
+    Next,
+    NodeFailure,
+    Outcome,
+    Pause,
+    RetryNode,
+    Routed,
+    Spawn,
+    Terminate,
+)
+from langorch_runtime.machine.outcomes import dump as _dump
+from langorch_runtime.machine.policies import (
+    HANDLER_NAME_ALIASES,
+    MAX_NAMESPACE_BYTES,
+    MAX_VARIABLE_BYTES,
+    NEVER_RETRIED,
+    RECOVERY_GRACE_MS,
+    after_retry_after,
+    forget_retries,
+    handler_matches,
+    retry_allowed,
+    retry_delay,
+)
+from langorch_runtime.machine.policies import handler_delay as _handler_delay
+from langorch_runtime.machine.policies import state_too_large as _state_too_large
+from langorch_runtime.machine.ports import (
+    ArtifactStore,
+    CallbackConfig,
+    CallbackInfo,
+    ChildRuns,
+    ContentArtifacts,
+    Delegated,
+    Dispatcher,
+    DispatchRequest,
+    Emit,
+    Limiter,
+    RunInfo,
+    SecretsAccess,
+    WebhookPoster,
 )
 from langorch_runtime.steps import (
     StepRecord,
@@ -121,197 +158,6 @@ from langorch_runtime.steps import (
 )
 
 log = logging.getLogger(__name__)
-
-LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
-RECOVERY_GRACE_MS = 60_000  # LANGORCH_RECOVERY_GRACE_S
-NEVER_RETRIED = frozenset({"canceled", "deadline_exceeded", "budget_exceeded"})
-HANDLER_NAME_ALIASES = {
-    "timeouterror": "step_timeout", "timeoutexception": "step_timeout", "noexecutorerror": "no_executor",
-    "agentactionerror": "agent_error", "mcptoolerror": "mcp_tool_error", "ratelimiterror": "rate_limited",
-}
-
-
-class NodeFailure(Exception):
-    """A node failed. ``bypass``: skip node-scope handlers (§3.3); ``step_level``: handlers already saw it."""
-
-    def __init__(self, error: ErrorObject, bypass: bool = False, step_level: bool = False) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.bypass = bypass
-        self.step_level = step_level
-
-
-# -- outcomes of one node execution (§3.2) -------------------------------------------------------------------
-
-
-@dataclass
-class Next:
-    target: str | None
-    error: dict[str, Any] | None = None  # set the frame's built-in ``error`` (fallback routes)
-
-
-@dataclass
-class Pause:
-    wait_id: str
-    reason: str
-
-
-@dataclass
-class Spawn:
-    """The node started child frames and waits for them."""
-
-
-@dataclass
-class Terminate:
-    status: str
-    outputs: dict[str, Any]
-
-
-@dataclass
-class Routed:
-    """The frame's cursor was already moved (a handler's fallback route); nothing else to apply."""
-
-
-@dataclass
-class RetryNode:
-    """Re-run the node as a new visit (handler ``retry``/``retry_node``, validation ``retry_node``)."""
-
-    delay_ms: int = 0
-
-
-Outcome = Next | Pause | Spawn | Terminate | RetryNode | Routed
-
-
-# -- collaborators -------------------------------------------------------------------------------------------
-
-
-Emit = Callable[[EventData], Awaitable[int]]
-
-
-@dataclass
-class DispatchRequest:
-    node: NodeIR
-    step_id: str
-    action: str
-    channel: str | None
-    params: dict[str, Any]
-    attempt: int
-    idempotency_key: str
-    frame: str
-    timeout_ms: int | None
-    dispatch_mode: str
-    run_id: str = ""
-    procedure_id: str = ""
-    emit: Emit | None = None  # for dispatch-time events (pool_saturated, rate_limit_wait, artifact_created)
-    deadline_at: str | None = None
-    callback: CallbackInfo | None = None  # for async workflow capabilities (api.md §15.2)
-    affinity: str | None = None  # the agent this run used on this channel before (kept in run state)
-    agent_id: str | None = None  # set by the dispatcher: the agent chosen
-    on_selected: Callable[[str | None, str | None], Awaitable[None]] | None = None  # called by dispatchers that
-    # announce the agent (``announces_agent``) once it is chosen and its lease held, before the call, with the agent
-    # and the binding (agent_http, agent_workflow, mcp_tool): emits step_started
-
-
-@dataclass
-class CallbackInfo:
-    """The delegation an async workflow dispatch would create: its id, callback URL and token."""
-
-    delegation_id: str
-    url: str
-    token: str
-    expires_at: str
-
-
-@dataclass
-class ContentArtifacts:
-    """A dispatch result with artifacts that are not keys of it (MCP ``image``/``resource`` content, api.md
-    §15.4): ``value`` is the step output; each of ``artifacts`` (an artifact spec, §4.12, inline content or a
-    link) is recorded, and when the spec's ``at`` is set the output list item at that index becomes the link
-    ``{type, artifact_id, uri, name, mime_type}``."""
-
-    value: Any
-    artifacts: list[dict[str, Any]]
-
-
-class Delegated(Exception):
-    """Raised by a dispatcher when an agent accepted an async workflow step (202 / ``status: accepted``)."""
-
-    def __init__(self, delegation_id: str, agent_id: str | None = None, agent_url: str | None = None) -> None:
-        super().__init__(delegation_id)
-        self.delegation_id = delegation_id
-        self.agent_id = agent_id
-        self.agent_url = agent_url
-
-
-class ArtifactStore(Protocol):
-    """Stores inline artifact content (≤ 50 MiB) owned by a run tree (its root run); returns its URI and size.
-    ``size`` with ``root_run_id`` answers None for an artifact of another run tree, as for a missing one."""
-
-    async def put(self, artifact_id: str, spec: dict[str, Any], *, run_id: str, root_run_id: str
-                  ) -> tuple[str, int]: ...
-
-    async def size(self, artifact_id: str, *, root_run_id: str | None = None) -> int | None: ...
-
-    async def read(self, artifact_id: str) -> bytes: ...
-
-
-class WebhookPoster(Protocol):
-    """Schedules a best-effort POST to the server's ``notify`` or ``alert`` webhook (:mod:`.webhooks`)."""
-
-    def post(self, kind: Literal["notify", "alert"], payload: dict[str, Any]) -> None: ...
-
-
-class Limiter(Protocol):
-    """Admits external dispatches under the procedure's rate limits (§7.6)."""
-
-    def admit(self, procedure_id: str, limits: Any, emit: Emit | None,
-              position: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[None]: ...
-
-
-class SecretsAccess(Protocol):
-    """Secrets at the moment of use (§7.14): values for internal keys and MCP, grants for HTTP agents."""
-
-    async def value(self, name: str) -> str | None: ...
-
-    def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None) -> str: ...
-
-
-class ChildRuns(Protocol):
-    """Creates child runs for subflow nodes (run_created on the child, then its start command)."""
-
-    async def start(self, *, parent_run_id: str, parent_node_id: str, root_run_id: str, call_chain: list[str],
-                    procedure_id: str, version: str | None, inputs: dict[str, Any], child_run_id: str,
-                    rerun_of: str | None, dry_run: bool, project_id: str | None) -> str:
-        """Start (idempotently) the child run; returns the version it runs. Raises StepError for
-        ``subflow_not_found`` and ``subflow_input_invalid``."""
-        ...
-
-
-@dataclass
-class CallbackConfig:
-    key: bytes
-    public_url: str
-    timeout_s: float
-
-
-class Dispatcher:
-    """Executes external dispatches (agents, MCP tools). The default has no executors (``no_executor``)."""
-
-    announces_agent = False  # True: calls ``request.on_selected(agent_id)`` once the agent is chosen
-
-    async def dispatch(self, request: DispatchRequest) -> Any:
-        raise StepError(ErrorObject(
-            code="no_executor", retryable=True, message=f"no executor for action '{request.action}' on channel "
-            f"'{request.channel}': no agent is registered for it", details={"channel": request.channel,
-                                                                             "action": request.action}))
-
-
-@dataclass
-class RunInfo:
-    run_id: str
-    run_created: dict[str, Any]
-    started_at: str
-    retry_epoch: int = 0  # accepted retries of the run (approvals are requested anew after a retry)
 
 
 @dataclass
@@ -625,8 +471,8 @@ class Machine:
         for frame in frames:
             if frame.get("status") == "done":
                 continue
-            current = frame.get("node") or {}
-            node_id = current.get("id") or frame.get("cursor")
+            current = frame.get("node")
+            node_id = (current.get("id") if current else None) or frame.get("cursor")
             error = ErrorObject(code="deadline_exceeded", message=f"the run exceeded its deadline of {limit} ms of "
                                 "execution", node_id=node_id, frame=frame_string(frame))
             if node_id is not None:
@@ -646,9 +492,9 @@ class Machine:
             frame = state["frames"].get(wait["frame_id"])
             if frame is None:
                 continue
-            current = frame.get("node") or {}
-            data = current.get("data") or {}
-            data.pop("wait_id", None)
+            current = frame.get("node")
+            if current and current.get("data"):
+                current["data"].pop("wait_id", None)
             frame["pending"] = [w for w in frame.get("pending", []) if w != wait_id]
             if not frame["pending"] and frame.get("status") == "paused":
                 frame["status"] = "running"
@@ -718,7 +564,7 @@ class Machine:
         if outcome is not None:
             await self.apply(state, frame, node, current, outcome)
 
-    async def apply(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def apply(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                     outcome: Outcome) -> None:
         fs = frame_string(frame, node.id, current["visit"])
         if isinstance(outcome, Routed):
@@ -758,7 +604,7 @@ class Machine:
             frame["error"] = outcome.error
         frame["cursor"] = outcome.target
 
-    async def sla_enforced(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any]) -> Outcome:
+    async def sla_enforced(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState) -> Outcome:
         """An enforced SLA expired: the node was canceled at its deadline; the breach is handled at once."""
         sla = node.sla
         assert sla is not None
@@ -777,7 +623,7 @@ class Machine:
             return Next(sla.escalation_handler, error=_dump(error))
         return Next(node.next_node)
 
-    async def sla(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def sla(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                   outcome: Next) -> Next | None:
         sla = node.sla
         if sla is None or current.get("sla_reported"):
@@ -865,7 +711,8 @@ class Machine:
         count starts at 0 and could never trip)."""
         owner: Frame | None = None
         for f in self.ancestors(state, frame):
-            if (f.get("node") or {}).get("id") == node_id:
+            in_progress = f.get("node")
+            if in_progress and in_progress.get("id") == node_id:
                 owner = f
         return owner
 
@@ -889,7 +736,7 @@ class Machine:
                     self.abort_frame(d["id"])
 
     # -- node errors and handlers (§3.3, §4.10) ----------------------------------------------------------------
-    async def node_error(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def node_error(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                          failure: NodeFailure) -> Outcome | None:
         fs = frame_string(frame, node.id, current["visit"])
         error = failure.error.model_copy(update={"node_id": failure.error.node_id or node.id,
@@ -908,7 +755,7 @@ class Machine:
         await self.finish(state, frame, {"status": "failed", "error": _dump(error)})
         return None
 
-    async def node_handler(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def node_handler(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                            handler: ErrorHandlerIR, error: ErrorObject) -> Outcome | None:
         fs = frame_string(frame, node.id, current["visit"])
         if handler.error_metadata:
@@ -918,7 +765,7 @@ class Machine:
                                                    error=error, handler_action=handler.action))
         await self.recovery_steps(state, frame, node, current, handler, None, None)
         if handler.action in ("retry", "retry_node"):
-            retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
+            retries = frame.setdefault("retries", {})
             key = f"{node.id}#handler{handler.index}"
             used = retries.get(key, 0)
             if used < handler.max_retries:
@@ -940,7 +787,7 @@ class Machine:
                 return await self.route_to_fallback(frame, node, fs, error, handler.fallback_node)
         return None
 
-    async def recovery_steps(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def recovery_steps(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                              handler: ErrorHandlerIR, step: StepIR | None, attempt: int | None) -> None:
         """Run before the handler's action each time it applies (§4.10): once per failing attempt of ``step``."""
         for rs in handler.recovery_steps:
@@ -952,7 +799,7 @@ class Machine:
                 continue  # failures of recovery steps are reported (step_failed) and otherwise ignored
 
     # -- node types -----------------------------------------------------------------------------------------------
-    async def execute(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any]) -> Outcome | None:
+    async def execute(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState) -> Outcome | None:
         p = node.payload
         if isinstance(p, SequencePayload):
             return await self.sequence(state, frame, node, current, p)
@@ -985,7 +832,7 @@ class Machine:
         assert isinstance(p, TerminatePayload)
         return await self.terminate_node(state, frame, node, current, p)
 
-    async def sequence(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def sequence(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                        p: SequencePayload) -> Outcome | None:
         data = current["data"]
         start = data.get("index", 0)
@@ -1002,7 +849,7 @@ class Machine:
                 return outcome
         return Next(node.next_node)
 
-    async def validation(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def validation(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                          v: ValidationIR) -> Outcome | None:
         fs = frame_string(frame, node.id, current["visit"])
         base = _path_in_node(node, v) or f"/validations/{v.id}"
@@ -1031,7 +878,7 @@ class Machine:
         error = ErrorObject(code="validation_failed", message=message or f"validation '{v.id}' failed",
                             node_id=node.id, frame=fs, details={"validation_id": v.id})
         if v.on_failure == "retry_node":
-            retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
+            retries = frame.setdefault("retries", {})
             key = f"{node.id}#validation:{v.id}"
             if retries.get(key, 0) < v.max_node_retries:
                 retries[key] = retries.get(key, 0) + 1
@@ -1039,7 +886,8 @@ class Machine:
         raise NodeFailure(error, bypass=v.on_failure == "fail_workflow")
 
     async def verification(self, state: RunState, frame: Frame, node: NodeIR, p: VerificationPayload) -> Outcome:
-        fs = frame_string(frame, node.id, (frame.get("node") or {}).get("visit", 1))
+        in_progress = frame.get("node")
+        fs = frame_string(frame, node.id, in_progress.get("visit", 1) if in_progress else 1)
         for check in p.checks:
             where = _path_in_node(node, check) or f"/checks/{check.id}"
             if truthy(await self.evaluate(check.condition, state, frame, node.id, f"{where}/condition")):
@@ -1055,7 +903,7 @@ class Machine:
                                           details={"check_id": check.id}), bypass=True)
         return Next(node.next_node)
 
-    async def loop(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def loop(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                    p: LoopPayload) -> Outcome:
         data = current["data"]
         fs = frame_string(frame, node.id, current["visit"])
@@ -1117,7 +965,7 @@ class Machine:
                                       failed=data["failed"]))
         return Next(node.next_node)
 
-    async def parallel(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def parallel(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                        p: ParallelPayload) -> Outcome:
         data = current["data"]
         fs = frame_string(frame, node.id, current["visit"])
@@ -1229,7 +1077,7 @@ class Machine:
             namespace[t.output_variable] = value
         return Next(node.next_node)
 
-    async def approval(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def approval(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                        p: HumanApprovalPayload) -> Outcome:
         data = current["data"]
         fs = frame_string(frame, node.id, current["visit"])
@@ -1373,7 +1221,7 @@ class Machine:
         if p.decision_type == "provide_input" and p.input_variable:
             namespace[p.input_variable] = decision.get("payload")
 
-    async def llm_action(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def llm_action(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                          p: LlmActionPayload) -> Outcome:
         from langorch_runtime.mappings import apply_output_mapping
 
@@ -1425,7 +1273,7 @@ class Machine:
             return Next(chosen)
         return Next(node.next_node)
 
-    async def llm_call(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def llm_call(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                        p: LlmActionPayload, fs: str) -> str:
         """The model call of an ``llm_action`` (§3.12, §7.13), recorded under step id ``llm`` so a replay
         reuses the completion instead of calling again (§7.4)."""
@@ -1489,7 +1337,7 @@ class Machine:
                                                   updated_at=now_iso()))
         return str(result.text)
 
-    async def subflow(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def subflow(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                       p: SubflowPayload) -> Outcome:
         """A child run (§3.9): started once per visit, awaited, its outputs mapped back."""
         fs = frame_string(frame, node.id, current["visit"])
@@ -1535,7 +1383,7 @@ class Machine:
         del namespace  # the child gets inputs only through its mapping
         return await self.start_child(state, frame, node, current, p, fs, rerun_of=None)
 
-    async def start_child(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def start_child(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                           p: SubflowPayload, fs: str, rerun_of: str | None) -> Outcome:
         assert self.children is not None
         data = current["data"]
@@ -1596,7 +1444,7 @@ class Machine:
                     "node_id": node.id, "step_id": None, "field": f"/output_mapping/{var}"}))
         return list(p.output_mapping)
 
-    async def terminate_node(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def terminate_node(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                              p: TerminatePayload) -> Outcome:
         fs = frame_string(frame, node.id, current["visit"])
         in_recovery = frame["kind"] == "recovery" or any(f["kind"] == "recovery" for f in self.ancestors(state, frame))
@@ -1619,7 +1467,7 @@ class Machine:
         return Terminate(p.status, outputs if isinstance(outputs, dict) else {})
 
     # -- operations and steps (§4.3, §4.7) ---------------------------------------------------------------------
-    async def operation(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def operation(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                         op: OperationIR, base: str, step_id: str | None = None) -> Any:
         from langorch_runtime.operations import OpContext, apply_writes, run_operation
 
@@ -1649,7 +1497,7 @@ class Machine:
         apply_writes(namespace, writes)
         return outcome.result
 
-    async def run_step(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any], step: StepIR,
+    async def run_step(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState, step: StepIR,
                        identity_step_id: str | None = None, allow_handlers: bool = True,
                        application: int | None = None) -> Outcome | None:
         """Run one step to completion (§4.7). Returns an outcome when a handler routes the node elsewhere.
@@ -2062,7 +1910,7 @@ class Machine:
                                                   node_id=node.id, step_id=step_id, frame=fs,
                                                   result={"error": _dump(error)}, updated_at=now_iso()))
 
-    async def step_handlers(self, state: RunState, frame: Frame, node: NodeIR, current: dict[str, Any],
+    async def step_handlers(self, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                             step: StepIR, step_id: str, fs: str, attempt: int, error: ErrorObject,
                             handler_retries: dict[str, int]) -> str | tuple[str, Any] | None:
         for handler in node.error_handlers:
@@ -2087,7 +1935,7 @@ class Machine:
                     return "retry"
                 return None
             if handler.action == "retry_node":
-                retries = frame.setdefault("retries", {})  # type: ignore[typeddict-item]
+                retries = frame.setdefault("retries", {})
                 rkey = f"{node.id}#handler{handler.index}"
                 used = retries.get(rkey, 0)
                 if used < handler.max_retries:
@@ -2195,114 +2043,14 @@ class _Warnings:
         self.pending.clear()
 
 
-def handler_matches(handler: ErrorHandlerIR, error: ErrorObject) -> bool:
-    """§4.10 matching: ``error_type`` against code/type/error_code (with the class-name aliases), plus triggers."""
-    wanted = handler.error_type.lower()
-    if wanted not in ("", "*"):
-        names = {n.lower() for n in (error.code, error.type, error.error_code) if n}
-        alias = HANDLER_NAME_ALIASES.get(wanted)
-        if wanted not in names and (alias is None or alias not in names):
-            return False
-    trigger = handler.trigger
-    if trigger is None:
-        return True
-    if trigger.error_text_contains and not any(t.lower() in error.message.lower()
-                                               for t in trigger.error_text_contains):
-        return False
-    if trigger.error_code and not any(c in (error.error_code, error.code) for c in trigger.error_code):
-        return False
-    return not (trigger.http_status_codes and error.http_status not in trigger.http_status_codes)
-
-
-def retry_allowed(policy: RetryPolicyIR, error: ErrorObject) -> bool:
-    if error.code in NEVER_RETRIED:
-        return False
-    if policy.retry_on is not None:
-        return any(c in (error.code, error.type, error.error_code) for c in policy.retry_on)
-    return error.retryable
-
-
-def retry_delay(policy: RetryPolicyIR, n: int) -> int:
-    """Delay before retry ``n`` (0-based) in ms (§4.8)."""
-    b = policy.retry_delay_ms
-    if policy.strategy == "fixed":
-        delay = float(b)
-    elif policy.strategy == "linear":
-        delay = float(b * (n + 1))
-    elif policy.strategy == "exponential_backoff":
-        delay = b * policy.backoff_multiplier ** n
-    else:
-        fib_a, fib_b = 1, 1
-        for _ in range(n):
-            fib_a, fib_b = fib_b, fib_a + fib_b
-        delay = float(b * fib_a)
-    delay = min(delay, policy.max_delay_ms)
-    if policy.jitter:
-        delay *= 1 - policy.jitter * random.random()
-    return int(delay)
-
-
-def after_retry_after(delay: int, error: ErrorObject) -> int:
-    """§4.8: a ``Retry-After`` from an agent or LLM (``details.retry_after_ms``) raises a retry delay to at least
-    that value, at most 600 s. The rate limiter's own hint is not an agent's answer and is not applied."""
-    after = error.details.get("retry_after_ms") if isinstance(error.details, dict) else None
-    if error.code == "rate_limited" or isinstance(after, bool) or not isinstance(after, int | float) or after <= 0:
-        return delay
-    return max(delay, min(int(after), 600_000))
-
-
-def _handler_delay(handler: ErrorHandlerIR, n: int) -> int:
-    if handler.retry_policy is not None:
-        return retry_delay(handler.retry_policy, n)
-    return handler.delay_ms
-
 
 def _expression_error(exc: ExpressionError, node_id: str, step_id: str | None) -> ErrorObject:
     return ErrorObject(code="expression_error", message=str(exc), node_id=node_id, step_id=step_id,
                        details=exc.details())
 
 
-def forget_retries(frame: Frame, node_id: str) -> None:
-    """A node left normally or through a fallback: node-level retry budgets (handler ``retry``/``retry_node``,
-    validation ``retry_node``) count per entry of the node, so a later entry (a cycle) starts with a fresh budget."""
-    retries: dict[str, int] | None = frame.get("retries")  # type: ignore[assignment]
-    if retries:
-        for key in [k for k in retries if k.startswith(f"{node_id}#")]:
-            del retries[key]
-
 
 WAIT_FIELDS = ("kind", "id", "node_id", "step_id", "frame", "expires_at")  # a pending wait in ``run_suspended``
-MAX_VARIABLE_BYTES = 1024 * 1024
-MAX_NAMESPACE_BYTES = 16 * 1024 * 1024
-
-
-def _json_bytes(value: Any) -> int:
-    """Bytes of ``value`` as compact UTF-8 JSON (key order does not change the size); orjson (a dependency of the
-    LangGraph checkpointers) keeps the check of every node cheap, the standard library covers what it refuses."""
-    try:
-        return len(orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS))
-    except TypeError:  # e.g. an integer beyond 64 bits
-        return len(_jsonlib.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
-
-
-def _state_too_large(namespace: dict[str, Any]) -> ErrorObject | None:
-    """§2.3: a variable over 1 MiB or a namespace over 16 MiB (canonical JSON) is ``state_too_large``. An oversized
-    variable is dropped from the namespace, so it reaches neither the checkpoint nor a recovery path."""
-    total = _json_bytes(namespace)
-    if total <= MAX_VARIABLE_BYTES:
-        return None
-    for name, value in list(namespace.items()):
-        size = _json_bytes(value)
-        if size > MAX_VARIABLE_BYTES:
-            del namespace[name]
-            return ErrorObject(code="state_too_large", message=f"variable '{name}' is {size} bytes; the limit is "
-                               f"{MAX_VARIABLE_BYTES}", details={"variable": name, "bytes": size,
-                                                                 "limit_bytes": MAX_VARIABLE_BYTES})
-    if total > MAX_NAMESPACE_BYTES:
-        return ErrorObject(code="state_too_large", message=f"the variables take {total} bytes; the limit is "
-                           f"{MAX_NAMESPACE_BYTES}", details={"bytes": total, "limit_bytes": MAX_NAMESPACE_BYTES})
-    return None
-
 
 def _path_in_node(node: NodeIR, item: object) -> str | None:
     """The JSON path of a step, validation, check or recovery step inside its node: ``location.field`` of a
@@ -2317,9 +2065,6 @@ def _path_in_node(node: NodeIR, item: object) -> str | None:
                 return f"/error_handlers/{handler.index}/recovery_steps/{i}"
     return None
 
-
-def _dump(error: ErrorObject) -> dict[str, Any]:
-    return error.model_dump(mode="json")
 
 
 def _collector(into: list[tuple[str, str]]) -> Callable[[str, str], None]:
@@ -2340,12 +2085,38 @@ def _json(value: Any) -> str:
 
 
 __all__ = [
+    "HANDLER_NAME_ALIASES",
+    "MAX_NAMESPACE_BYTES",
+    "MAX_VARIABLE_BYTES",
+    "NEVER_RETRIED",
+    "RECOVERY_GRACE_MS",
+    "WAIT_FIELDS",
+    "ArtifactStore",
+    "CallbackConfig",
+    "CallbackInfo",
+    "ChildRuns",
+    "ContentArtifacts",
+    "Delegated",
     "DispatchRequest",
     "Dispatcher",
+    "Emit",
+    "Limiter",
     "Machine",
+    "Next",
     "NodeFailure",
+    "Outcome",
+    "Pause",
+    "RetryNode",
+    "Routed",
     "RunInfo",
+    "SecretsAccess",
+    "Spawn",
     "StepError",
+    "Terminate",
+    "WebhookPoster",
+    "after_retry_after",
+    "forget_retries",
     "handler_matches",
+    "retry_allowed",
     "retry_delay",
 ]
