@@ -65,7 +65,7 @@ from langorch_infra.secrets import grant_key, redeem_grants
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
 from langorch_runtime.errors import StepError
-from langorch_runtime.machine import ContentArtifacts, Delegated, Dispatcher, DispatchRequest
+from langorch_runtime.machine.ports import ContentArtifacts, Delegated, Dispatcher, DispatchRequest
 from langorch_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger(__name__)
