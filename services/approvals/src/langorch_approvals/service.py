@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from ckp_core import runs
 from ckp_core.approvals import ApprovalState, check_decision, evolve, fold, resolution, timeout_outcome
 from ckp_core.commands import Command, DecideApproval, RequestApproval, ResumeRun
 from ckp_core.errors import CommandRefused, ConcurrencyError
@@ -66,8 +67,6 @@ log = logging.getLogger(__name__)
 COMMAND_CONSUMER = "approvals"
 RUN_ENDS_CONSUMER = "approvals_run_ends"
 ACTOR = Actor.system("approvals")
-RUN_END_TYPES = {"run_completed": "completed", "run_failed": "failed", "run_canceled": "canceled"}
-RUN_TERMINAL_TYPES = frozenset({*RUN_END_TYPES, "run_deleted"})
 
 
 def resume_msg_id(approval_id: str) -> str:
@@ -105,7 +104,7 @@ class ApprovalsService:
         self.commands = await self.js.pull_subscribe_bind(COMMAND_CONSUMER, stream=COMMAND_STREAM)
         ends = ConsumerConfig(durable_name=RUN_ENDS_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
                               deliver_policy=DeliverPolicy.ALL,
-                              filter_subjects=[f"lo.evt.run.*.{t}" for t in RUN_END_TYPES])
+                              filter_subjects=[f"lo.evt.run.*.{t}" for t in runs.END_EVENTS])
         with contextlib.suppress(Exception):
             await self.js.add_consumer(EVENT_STREAM, ends)
         self.run_ends = await self.js.pull_subscribe_bind(RUN_ENDS_CONSUMER, stream=EVENT_STREAM)
@@ -281,7 +280,7 @@ class ApprovalsService:
         ev = stored.envelope
         await self.synced()
         for approval_id in sorted(self.by_run.get(ev.aggregate_id, set())):
-            await self.cancel(approval_id, RUN_END_TYPES.get(ev.type, "ended"), causation_id=ev.event_id)
+            await self.cancel(approval_id, runs.END_EVENTS.get(ev.type, "ended"), causation_id=ev.event_id)
         return ACK
 
     async def _run_end(self, run_id: str) -> str | None:
@@ -291,9 +290,7 @@ class ApprovalsService:
         except NotFoundError:
             return None
         kind = EventEnvelope.model_validate_json(last.data or b"{}").type
-        if kind not in RUN_TERMINAL_TYPES:
-            return None
-        return RUN_END_TYPES.get(kind, "deleted")
+        return runs.ENDS.get(kind)
 
     async def cancel(self, approval_id: str, run_status: str, *, causation_id: str | None) -> None:
         """Cancel a still-pending approval of an ended run (a racing decision or timeout may win instead)."""

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
+from ckp_core import runs
 from ckp_core.commands import StartRun
 from ckp_core.errors import InvalidInputVars
 from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_time, make_event
@@ -78,8 +79,6 @@ SERVICE_VERSION = "0.1.0"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LARGE_BODY_PATHS = ("/api/procedures",)
 CALLBACK_PATH = re.compile(r"^/api/runs/[^/]+/callback$")  # agent callbacks carry step outputs up to 10 MiB too
-RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", "completed", "failed",
-                "canceled")
 TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
 Limit = queries.Limit
 Offset = Annotated[int, Query(ge=0, le=queries.MAX_BIGINT)]
@@ -314,7 +313,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         """Page of runs (api.md §5.3 filters), newest first by default."""
         headers = await dispatch.min_position(request)
         statuses, trigger_types, since, until = queries.gather(
-            lambda: queries.comma_list("status", status, RUN_STATUSES, {"cancelled": "canceled"}),
+            lambda: queries.comma_list("status", status, runs.STATUSES, {"cancelled": "canceled"}),
             lambda: queries.comma_list("trigger_type", trigger_type, TRIGGER_TYPES),
             lambda: routes_runs_more.parse_query_time("created_from", created_from),
             lambda: routes_runs_more.parse_query_time("created_to", created_to))
@@ -405,10 +404,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                 env = stored.envelope
                 yield ServerSentEvent(json.dumps(views.event_out(env, stored.position), separators=(",", ":")),
                                       event="run_event", id=str(stored.position))
-                if env.type in ("run_completed", "run_failed", "run_canceled", "run_deleted"):
-                    status = {"run_completed": "completed", "run_failed": "failed",
-                              "run_canceled": "canceled", "run_deleted": "deleted"}[env.type]
-                    yield ServerSentEvent(json.dumps({"run_id": run_id, "status": status}), event="end")
+                if env.type in runs.ENDS:
+                    yield ServerSentEvent(json.dumps({"run_id": run_id, "status": runs.ENDS[env.type]}), event="end")
                     return
 
         return EventSourceResponse(events(), ping=settings.sse_keepalive_s, headers={"Cache-Control": "no-cache"},

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ckp_core import runs
 from ckp_core.events import format_time
 from ckp_core.subjects import COMMAND_STREAM
 from langorch_infra.bus import BusMetrics
@@ -22,8 +23,6 @@ from langorch_infra.jetstream import stream_last_position
 from langorch_infra.metrics import combined_registry, register_build_info
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", "completed", "failed",
-                "canceled")
 PROJECTIONS = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals",
                "run_artifacts")
 RUNTIME_CONSUMER = "runtime"
@@ -63,7 +62,7 @@ class GatewayMetrics:
         """Set the projection-derived gauges just before a scrape (``audit_lag``: ``audit_log``'s own lag)."""
         counts = {r["status"]: int(r["n"]) for r in await pool.fetch(
             "SELECT status, count(*) AS n FROM runs GROUP BY status")}
-        for status in sorted(set(RUN_STATUSES) | set(counts)):
+        for status in sorted(set(runs.STATUSES) | set(counts)):
             self.runs.labels(status=status).set(counts.get(status, 0))
         self.approvals_pending.set(int(await pool.fetchval("SELECT count(*) FROM approvals WHERE status = 'pending'")))
         lag = max(0, await stream_last_position(js) - applied)
@@ -106,7 +105,7 @@ async def summary(pool: asyncpg.Pool, js: JetStreamContext, applied: int, window
             "SELECT count(*) FROM runs WHERE started_at >= now() - make_interval(hours => $1)", window_hours))
         ended = {r["status"]: int(r["n"]) for r in await conn.fetch(
             """SELECT status, count(*) AS n FROM runs WHERE ended_at >= now() - make_interval(hours => $1)
-                AND status IN ('completed', 'failed', 'canceled') GROUP BY status""", window_hours)}
+                AND status = ANY($2::text[]) GROUP BY status""", window_hours, list(runs.TERMINAL_STATUSES))}
         durations = await conn.fetchrow(
             """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d) AS p50,
                        percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95, max(d) AS max

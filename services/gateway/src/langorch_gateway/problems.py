@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ckp_core.errors import CommandRefused
+
 log = logging.getLogger(__name__)
 
 STATUS = {
@@ -85,6 +87,11 @@ class ApiProblem(Exception):
         self.errors = errors
         self.status = status or STATUS.get(code, 400)
         self.extra = extra
+
+
+def refused_problem(refusal: CommandRefused) -> ApiProblem:
+    """The problem of a refusal by a pure ``ckp-core`` guard: its code, detail and extension members."""
+    return ApiProblem(refusal.code, refusal.message, **refusal.extra)
 
 
 def problem_response(request: Request, code: str, detail: str, *, status: int | None = None,

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ckp_core import runs
 from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
 from ckp_core.events import ANONYMOUS, Actor, format_time
 from ckp_core.subjects import LEASES_BUCKET, PRESENCE_BUCKET, agent_presence_key, agent_probe_key
@@ -375,7 +376,7 @@ async def _waiting_steps(db: Any, pool_ids: list[str]) -> dict[str, int]:
     rows = await db.fetch(
         """SELECT e.payload->>'pool_id' AS pool_id, count(*) AS n
              FROM runs r JOIN run_events e ON e.run_id = r.run_id
-            WHERE r.status IN ('running', 'canceling') AND e.event_type = 'pool_saturated'
+            WHERE r.status = ANY($2::text[]) AND e.event_type = 'pool_saturated'
               AND e.payload->>'pool_id' = ANY($1::text[])
               AND NOT EXISTS (
                   SELECT 1 FROM run_events s
@@ -384,7 +385,7 @@ async def _waiting_steps(db: Any, pool_ids: list[str]) -> dict[str, int]:
                      AND s.node_id IS NOT DISTINCT FROM e.node_id AND s.step_id IS NOT DISTINCT FROM e.step_id
                      AND s.attempt IS NOT DISTINCT FROM e.attempt
                      AND s.payload->>'frame' IS NOT DISTINCT FROM e.payload->>'frame')
-            GROUP BY 1""", pool_ids)
+            GROUP BY 1""", pool_ids, list(runs.EXECUTING_STATUSES))
     return {str(r["pool_id"]): int(r["n"]) for r in rows}
 
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ckp_core import runs
 from ckp_core.commands import ResumeRun
 from ckp_core.events import ANONYMOUS, Actor
 from langorch_gateway import auditing
@@ -29,8 +30,6 @@ from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
 
-TERMINAL = ("completed", "failed", "canceled")
-WAITING = ("paused", "waiting_approval")  # suspended: a resume is taken (the callback's frame waits in either)
 
 
 class CallbackIn(BaseModel):
@@ -61,7 +60,8 @@ async def run_callback(
     run = await db.fetchrow("SELECT status FROM runs WHERE run_id = $1", run_id)
     if run is None:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
-    delegated = await _delegation(request, run_id, token.delegation_id, wait=run["status"] not in TERMINAL)
+    delegated = await _delegation(request, run_id, token.delegation_id,
+                                  wait=run["status"] not in runs.TERMINAL_STATUSES)
     key = callback_key(settings.auth_secret_key.get_secret_value())
     if delegated is None or not verify_token(key, token, run_id, delegated["node_id"], delegated["step_id"]):
         raise ApiProblem("invalid_callback_token", "the callback token does not match a delegation of this run",
@@ -73,9 +73,9 @@ async def run_callback(
         raise ApiProblem("callback_mismatch", f"the token names node {delegated['node_id']} step "
                          f"{delegated['step_id']}", status=400)
     status = await _settled(request, run_id)
-    if status == "deleted":
+    if status == runs.DELETED:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
-    if status in TERMINAL:
+    if status in runs.TERMINAL_STATUSES:
         return JSONResponse({"resumed": False, "status": status}, status_code=200)
     answered = await db.fetchval(  # callback_timed_out carries no status member: its type says it
         """SELECT event_type FROM run_events WHERE run_id = $1 AND event_type IN
@@ -85,7 +85,9 @@ async def run_callback(
     if answered is not None:
         said = "timed_out" if answered == "callback_timed_out" else "duplicate"
         return JSONResponse({"resumed": False, "status": said}, status_code=200)
-    if status not in WAITING:  # a resume now would reach a run still executing, and be lost (api.md §5.10)
+    # suspended (the callback's frame waits in either status) or a resume now would reach a run still executing,
+    # and be lost (api.md §5.10)
+    if status not in runs.WAITING_STATUSES:
         raise ApiProblem("run_not_paused", f"run {run_id} is {status}, not waiting for this callback yet; retry",
                          current_status=status)
     resolution = {"wait_id": token.delegation_id, "status": body.status, "output": body.output,
@@ -113,8 +115,9 @@ async def _settled(request: Request, run_id: str) -> str:
     settings: GatewaySettings = request.app.state.settings
     deadline = time.monotonic() + settings.ryw_timeout_ms / 1000
     while True:
-        status = str(await db.fetchval("SELECT status FROM runs WHERE run_id = $1", run_id) or "deleted")
-        if status in WAITING or status in TERMINAL or status == "deleted" or time.monotonic() >= deadline:
+        status = str(await db.fetchval("SELECT status FROM runs WHERE run_id = $1", run_id) or runs.DELETED)
+        if (status in runs.WAITING_STATUSES or status in runs.TERMINAL_STATUSES or status == runs.DELETED
+                or time.monotonic() >= deadline):
             return status
         await asyncio.sleep(0.05)
 
@@ -165,7 +168,7 @@ async def _redeem(request: Request, secret_name: str, authorization: str | None,
         raise ApiProblem("forbidden", "the grant is for another secret", status=403)
     db: asyncpg.Pool = request.app.state.pool
     status = await db.fetchval("SELECT status FROM runs WHERE run_id = $1", claims.get("sub"))
-    if status is None or status in TERMINAL:
+    if status is None or status in runs.TERMINAL_STATUSES:
         raise ApiProblem("forbidden", "the grant's run is no longer active", status=403)
     value = env_secret(secret_name)
     if value is None:

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ckp_core import runs
 from ckp_core.commands import (
     DeleteProcedureVersion,
     ImportProcedure,
@@ -35,7 +36,6 @@ from langorch_gateway.routes_analysis import StoredLookup, stored_lookup
 router = APIRouter()
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-TERMINAL_RUN_STATUSES = ("completed", "failed", "canceled")
 Channel = Literal["dev", "qa", "prod"]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
 
@@ -331,7 +331,7 @@ async def delete_procedure(request: Request, procedure_id: str, version: str,
     in_use = await _db(request).fetch(
         """SELECT run_id FROM runs WHERE procedure_id = $1 AND procedure_version = $2
              AND status <> ALL($3::text[]) ORDER BY created_at LIMIT 100""",
-        procedure_id, version, list(TERMINAL_RUN_STATUSES))
+        procedure_id, version, list(runs.TERMINAL_STATUSES))
     if in_use:
         raise ApiProblem("procedure_version_in_use", f"{len(in_use)} unfinished run(s) use version {version}",
                          run_ids=[r["run_id"] for r in in_use])

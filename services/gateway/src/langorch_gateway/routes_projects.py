@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from ckp_core import runs
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
     ANONYMOUS,
@@ -36,12 +37,13 @@ router = APIRouter()
 STALE = {"X-LangOrch-Consistency": "stale"}
 ACTIONS = {"project_created": "create", "project_updated": "update", "project_deleted": "delete"}
 
-PROJECTS_VIEW = """(SELECT p.*,
+_ACTIVE = ", ".join(f"'{s}'" for s in runs.ACTIVE_STATUSES)  # the run aggregate's constants, not input
+PROJECTS_VIEW = f"""(SELECT p.*,
     (SELECT count(DISTINCT procedure_id) FROM procedures pr WHERE pr.project_id = p.project_id) AS procedure_count,
     (SELECT count(*) FROM runs r WHERE r.project_id = p.project_id
-       AND r.status IN ('created', 'queued', 'running', 'waiting_approval', 'paused', 'canceling'))
+       AND r.status IN ({_ACTIVE}))
        AS active_run_count
-  FROM projects p) AS projects_view"""
+  FROM projects p) AS projects_view"""  # noqa: S608
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"\S")]
 
 

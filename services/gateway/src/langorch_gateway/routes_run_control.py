@@ -9,21 +9,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ckp_core import runs
 from ckp_core.commands import CancelRun, RetryRun
+from ckp_core.errors import CommandRefused
 from ckp_core.events import ANONYMOUS
 from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, pending, ryw, send
-from langorch_gateway.problems import ApiProblem
+from langorch_gateway.problems import ApiProblem, refused_problem
 
 router = APIRouter()
-
-NOT_EXECUTING = ("created", "queued", "waiting_approval", "paused")
-ALLOWED: dict[str, list[str]] = {
-    "created": ["cancel", "rerun"], "queued": ["cancel", "rerun"], "waiting_approval": ["cancel", "rerun"],
-    "paused": ["cancel", "rerun"], "running": ["cancel", "rerun"], "canceling": ["cancel", "rerun"],
-    "completed": ["rerun", "delete"], "failed": ["retry", "rerun", "delete"],
-    "canceled": ["cancel", "retry", "rerun", "delete"],
-}
 
 
 class CancelIn(BaseModel):
@@ -44,11 +38,6 @@ async def _run(request: Request, run_id: str) -> asyncpg.Record:
     return row
 
 
-def _transition(status: str, action: str) -> ApiProblem:
-    return ApiProblem("invalid_run_transition", f"a {status} run cannot be {action}", current_status=status,
-                      allowed=ALLOWED.get(status, []))
-
-
 async def _after(request: Request, run_id: str, position: int, command_id: str, status: int) -> JSONResponse:
     projected = await ryw(request, position)
     row = await _run(request, run_id)
@@ -63,9 +52,11 @@ async def cancel_run(request: Request, run_id: str, body: CancelIn | None = None
     status = row["status"]
     command = CancelRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id,
                         reason=(body.reason if body else None))
-    if status in ("completed", "failed"):
-        raise await auditing.refused(request, command, _transition(status, "canceled"))
-    if status in ("canceled", "canceling"):
+    try:
+        decision = runs.decide_cancel(status)
+    except CommandRefused as refusal:
+        raise await auditing.refused(request, command, refused_problem(refusal)) from None
+    if decision == "noop":
         await auditing.noop(request, command)
         return JSONResponse(views.run_out(row), status_code=200 if status == "canceled" else 202)
     outcome = await send(request, "run", run_id, command, "cancel_run")
@@ -81,8 +72,10 @@ async def retry_run(request: Request, run_id: str, body: RetryIn | None = None) 
     row = await _run(request, run_id)
     status = row["status"]
     command = RetryRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
-    if status not in ("failed", "canceled"):
-        raise await auditing.refused(request, command, _transition(status, "retried"))
+    try:
+        runs.decide_retry(status)
+    except CommandRefused as refusal:
+        raise await auditing.refused(request, command, refused_problem(refusal)) from None
     db: asyncpg.Pool = request.app.state.pool
     version = await db.fetchval("SELECT status FROM procedures WHERE procedure_id = $1 AND version = $2",
                                 row["procedure_id"], row["procedure_version"])

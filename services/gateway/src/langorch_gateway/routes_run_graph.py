@@ -18,7 +18,7 @@ import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ckp_core import analysis
+from ckp_core import analysis, runs
 from ckp_core.compiler import compile_document
 from ckp_core.events import format_time
 from langorch_gateway import views
@@ -27,7 +27,6 @@ from langorch_gateway.problems import ApiProblem
 
 router = APIRouter()
 
-TERMINAL = frozenset({"completed", "failed", "canceled"})
 NODE_EVENTS = ("node_started", "node_completed", "node_error", "node_paused")
 _BY_EVENT = {"node_started": "running", "node_completed": "completed", "node_error": "failed",
              "node_paused": "paused"}
@@ -48,7 +47,7 @@ def fold_node_status(events: list[asyncpg.Record] | list[dict[str, Any]], node_i
             entry["ended_at"] = None
         elif e["event_type"] in ("node_completed", "node_error"):
             entry["ended_at"] = format_time(e["created_at"])
-    ended = run_status in TERMINAL
+    ended = run_status in runs.TERMINAL_STATUSES
     for node in node_ids:
         entry = out.setdefault(node, {"status": "skipped" if ended else "not_started", "started_at": None,
                                       "ended_at": None, "attempts": 0, "last_seq": None})

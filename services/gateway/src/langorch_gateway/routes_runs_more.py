@@ -19,8 +19,9 @@ from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
+from ckp_core import runs
 from ckp_core.commands import DeleteRun, StartRun
-from ckp_core.errors import InvalidInputVars
+from ckp_core.errors import CommandRefused, InvalidInputVars
 from ckp_core.events import ANONYMOUS, RunCreated, format_time, make_event
 from ckp_core.eventstore import StoredEvent
 from ckp_core.ids import new_id
@@ -29,7 +30,7 @@ from ckp_core.subjects import STEPS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
-from langorch_gateway.problems import ApiProblem, problem_response
+from langorch_gateway.problems import ApiProblem, problem_response, refused_problem
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page, gather
 from langorch_gateway.routes_agents import lease_out, read_leases
 from langorch_infra.jetstream import publish_command
@@ -37,8 +38,6 @@ from langorch_infra.kv import kv_live
 
 router = APIRouter()
 
-TERMINAL = ("completed", "failed", "canceled")
-RUN_STATUSES = ("created", "queued", "running", "waiting_approval", "paused", "canceling", *TERMINAL)
 ARTIFACT_BUCKET = "lo_artifacts"
 ERROR_EVENTS = ("node_error", "step_failed", "run_failed")
 MAX_CLEANUP = 10_000
@@ -181,12 +180,10 @@ async def delete_run(request: Request, run_id: str) -> JSONResponse:
     row = await _run(request, run_id)
     status = row["status"]
     command = DeleteRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
-    if status not in TERMINAL:
-        from langorch_gateway.routes_run_control import ALLOWED
-
-        raise await auditing.refused(request, command, ApiProblem(
-            "invalid_run_transition", f"a {status} run cannot be deleted", current_status=status,
-            allowed=ALLOWED.get(status, [])))
+    try:
+        runs.decide_delete(status)
+    except CommandRefused as refusal:
+        raise await auditing.refused(request, command, refused_problem(refusal)) from None
     children = await _descendants(_db(request), run_id)
     outcome = await send(request, "run", run_id, command, "delete_run")
     if outcome is None:
@@ -221,12 +218,12 @@ def _body_time(name: str, raw: str) -> datetime:
 
 def _terminal_statuses(field: str, values: list[str] | None) -> list[str]:
     if not values:
-        return list(TERMINAL)
+        return list(runs.TERMINAL_STATUSES)
     out = [v.strip().replace("cancelled", "canceled") for v in values]
-    bad = [v for v in out if v not in TERMINAL]
+    bad = [v for v in out if v not in runs.TERMINAL_STATUSES]
     if bad:
         raise ApiProblem("validation_failed", f"not terminal statuses: {', '.join(bad)}",
-                         errors={field: [f"Must be terminal statuses: {', '.join(TERMINAL)}"]})
+                         errors={field: [f"Must be terminal statuses: {', '.join(runs.TERMINAL_STATUSES)}"]})
     return out
 
 
@@ -289,7 +286,7 @@ async def children(request: Request, run_id: str, status: str | None = None, lim
     await _run(request, run_id)
     where = Where()
     where.eq("parent_run_id", run_id)
-    where.eq("status", comma_list("status", status, RUN_STATUSES, {"cancelled": "canceled"}))
+    where.eq("status", comma_list("status", status, runs.STATUSES, {"cancelled": "canceled"}))
     rows, total = await fetch_page(_db(request), "runs", where, "created_at, run_id", limit, offset)
     return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
 

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from ckp_core import runs
 from ckp_core.events import EventData
 from ckp_core.ir import ProcedureIR
 
@@ -179,8 +180,8 @@ class RunObserver:
             m.callback_timeouts.labels("workflow").inc()
         elif t == "node_completed":
             self.custom_metrics(str(d.get("node_id")))
-        elif t in ("run_completed", "run_failed", "run_canceled"):
-            status = {"run_completed": "completed", "run_failed": "failed", "run_canceled": "canceled"}[t]
+        elif t in runs.END_EVENTS:
+            status = runs.END_EVENTS[t]
             m.run_completed.labels(status).inc()
             if self.started_at is not None:
                 m.run_duration.labels(status).observe(max(0.0, occurred - self.started_at))
