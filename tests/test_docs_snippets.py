@@ -75,7 +75,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-COMPILER_SOURCES = sorted((ROOT / "libs" / "ckp-core" / "src" / "ckp_core").glob("*.py"))
+COMPILER_SOURCES = sorted((ROOT / "libs" / "ckp-core" / "src" / "ckp_core").rglob("*.py"))
 MARKER = re.compile(r"^<!--\s*ckp:\s*(?P<spec>.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 DIRECTIVE = re.compile(r"^#\s*(?P<key>vars|expect vars|result|text|secrets|clock):\s*(?P<value>.*)$")

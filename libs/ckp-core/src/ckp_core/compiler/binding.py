@@ -1,0 +1,165 @@
+"""Expressions and templates: compiled, with what they reference recorded on the compilation.
+
+Every variable an expression or a placeholder reads is noted for the undeclared-variable check; ``secrets``
+references are allowed only where the caller says so (§7.14) and noted for the undeclared-alias check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ckp_core.compiler.fields import Compilation, Read
+from ckp_core.expressions import (
+    Access,
+    Const,
+    ExpressionSyntaxError,
+    Index,
+    Member,
+    Name,
+    PlaceholderExpr,
+    ast_to_json,
+    parse_expression,
+)
+from ckp_core.expressions import Node as AstNode
+from ckp_core.ir import ExpressionIR, SecretRefIR, TemplateIR
+from ckp_core.templates import TemplateSyntaxError, compile_template_checked, template_to_json
+
+
+def expression(c: Compilation, source: Any, path: str, check_roots: bool = True,
+               local_names: frozenset[str] = frozenset()) -> ExpressionIR | None:
+    if not c.expect(source, (str,), "string", path):
+        return None
+    try:
+        expr = parse_expression(source)
+    except ExpressionSyntaxError as exc:
+        c.add("error", _expression_code(exc), f"{path}: {exc}", path)
+        return None
+    except RecursionError:
+        c.add("error", "expression_syntax_error", f"{path}: expression nested too deeply", path)
+        return None
+    uses: list[tuple[str | None, str | None]] = []
+    _secret_uses(expr.ast, uses)
+    if uses:
+        c.add("error", "secret_not_allowed", f"{path}: secrets may only be used in agent parameters and "
+              "encryption keys", path)
+        return None
+    if check_roots:
+        for root in expr.referenced_roots - local_names:
+            c.reads.append(Read(root, path, c.node_id, c.step_id))
+    return ExpressionIR(source=source, ast=ast_to_json(expr.ast), roots=sorted(expr.referenced_roots))
+
+
+def path_expression(c: Compilation, source: Any, path: str, check_roots: bool = True) -> ExpressionIR | None:
+    """An expression that must be a path (§5.2): ``name{.segment|[index]}``."""
+    expr = expression(c, source, path, check_roots)
+    if expr is None:
+        return None
+    if not _is_path(expr.compiled.ast):
+        c.add("error", "expression_syntax_error", f"{path}: '{source}' is not a path (name.segment[index])",
+              path)
+        return None
+    return expr
+
+
+def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str] = "deny",
+             local_names: frozenset[str] = frozenset(),
+             secret_refs: list[SecretRefIR] | None = None) -> TemplateIR | None:
+    """Compile a template field. ``secrets`` (§7.14): ``deny``, ``allow`` (agent parameters) or the set of
+    top-level keys where they are allowed (``{"key"}`` for encrypt/decrypt/hash)."""
+    try:
+        tpl, errors = compile_template_checked(value)
+    except (RecursionError, TemplateSyntaxError):
+        c.add("error", "template_syntax_error", f"{path}: template nested too deeply", path)
+        return None
+    for exc in errors:
+        where = path + exc.path
+        c.add("error", "template_syntax_error", f"{where}: invalid placeholder '{exc.raw}': {exc.reason}",
+              where)
+    if tpl is None:
+        return None
+    ok = True
+    for ph in tpl.placeholders:
+        where = path + ph.path
+        uses: list[tuple[str | None, str | None]] = []
+        if "secrets" in ph.expression.referenced_roots:
+            _secret_uses(ph.expression.ast, uses)
+        allowed = secrets == "allow" or (
+            isinstance(secrets, frozenset) and ph.path.split("/")[1:2] and ph.path.split("/")[1] in secrets)
+        if uses and not allowed:
+            c.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
+                  "and encryption keys", where)
+            ok = False
+            continue
+        for alias, fld in uses:
+            if alias is None:
+                c.add("error", "secret_not_allowed", f"{where}: secrets must be referenced as "
+                      "secrets.<alias>[.<field>]", where)
+                ok = False
+                continue
+            c.secret_uses.append((alias, where, c.node_id, c.step_id))
+            if secret_refs is not None:
+                secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
+        for root in ph.expression.referenced_roots - local_names - {"secrets"}:
+            c.reads.append(Read(root, where, c.node_id, c.step_id))
+    if not ok:
+        return None
+    data = template_to_json(tpl)
+    return TemplateIR(source=data["source"], strings=data["strings"])
+
+
+def opt_template(c: Compilation, obj: Mapping[str, Any], key: str, path: str, **kw: Any) -> TemplateIR | None:
+    if key not in obj:
+        return None
+    return template(c, obj[key], f"{path}/{key}", **kw)
+
+
+def _expression_code(exc: ExpressionSyntaxError) -> str:
+    return {
+        "UnknownFunctionError": "unknown_function",
+        "FunctionArityError": "function_arity",
+        "InvalidRegexError": "invalid_regex",
+    }.get(type(exc).__name__, "expression_syntax_error")
+
+
+def _secret_uses(node: Any, out: list[tuple[str | None, str | None]]) -> None:
+    """Collect ``secrets.<alias>[.<field>]`` reads of a syntax tree (alias None: not a literal reference)."""
+    if isinstance(node, Access) and isinstance(node.base, Name) and node.base.name == "secrets":
+        accs = node.accessors
+        alias = _literal_key(accs[0]) if accs else None
+        fld = _literal_key(accs[1]) if len(accs) > 1 else None
+        out.append((alias, fld))
+        for acc in accs:
+            if isinstance(acc, Index):
+                _secret_uses(acc.expr, out)
+        return
+    if isinstance(node, Name):
+        if node.name == "secrets":
+            out.append((None, None))
+        return
+    if isinstance(node, tuple):
+        for item in node:
+            _secret_uses(item, out)
+        return
+    if hasattr(node, "__dataclass_fields__"):
+        for name in node.__dataclass_fields__:
+            _secret_uses(getattr(node, name), out)
+
+
+def _literal_key(acc: Any) -> str | None:
+    if isinstance(acc, Member):
+        return str(acc.key)
+    if isinstance(acc, Index) and isinstance(acc.expr, Const) and isinstance(acc.expr.value, str):
+        return acc.expr.value
+    return None
+
+
+def _is_path(node: AstNode) -> bool:
+    if isinstance(node, Name):
+        return True
+    if isinstance(node, Access) and isinstance(node.base, Name):
+        return all(isinstance(a, Member) or (isinstance(a, Index) and isinstance(a.expr, Const))
+                   for a in node.accessors)
+    if isinstance(node, PlaceholderExpr) and not node.has_fallback:
+        return _is_path(node.expr)
+    return False

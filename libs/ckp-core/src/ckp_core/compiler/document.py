@@ -1,0 +1,242 @@
+"""The entry points and the document level: decoding, the dialect check, the top-level fields, and the order of
+the passes that build the :class:`ProcedureIR`."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from ckp_core.compiler.checks import ProcedureLookup, check_secret_aliases, reachability, subflow_checks, undeclared
+from ckp_core.compiler.config import global_config
+from ckp_core.compiler.fields import MISSING, PROCEDURE_ID_RE, Compilation, strip_object
+from ckp_core.compiler.graph import graph
+from ckp_core.compiler.nodes.subflow import finish_subflows
+from ckp_core.compiler.trigger import trigger
+from ckp_core.compiler.variables_schema import variables_schema
+from ckp_core.diagnostics import Diagnostic, sort_key
+from ckp_core.expressions import json_type_name
+from ckp_core.ir import ProcedureIR, SubflowPayload, SubflowRefIR
+
+COMPILER_VERSION = "0.2.0"
+MAX_DOCUMENT_BYTES = 10 * 1024 * 1024
+MAX_NESTING = 128
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+RESERVED_VERSIONS = frozenset({"latest", "versions", "deployments", "diff"})
+ROOT_FIELDS = frozenset({
+    "procedure_id", "version", "name", "description", "status", "effective_date", "trigger",
+    "retrieval_metadata", "global_config", "variables_schema", "workflow_graph", "provenance", "release",
+    "$schema",
+})
+RETRIEVAL_ALIASES = {"intents": "primary_intents", "domain": "business_domain"}
+
+
+@dataclass
+class CompileResult:
+    """Either an IR (no errors) or the diagnostics explaining why not; warnings/infos in both cases."""
+
+    diagnostics: list[Diagnostic]
+    ir: ProcedureIR | None = None
+    procedure_id: str | None = None
+    version: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.ir is not None
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+    def summary(self) -> dict[str, int]:
+        out = {"errors": 0, "warnings": 0, "infos": 0}
+        for d in self.diagnostics:
+            out[{"error": "errors", "warning": "warnings", "info": "infos"}[d.severity]] += 1
+        return out
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON text: sorted keys, compact separators, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(doc: Any) -> str:
+    """``sha256:<hex>`` of the canonical JSON of a document."""
+    return "sha256:" + hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+
+
+def compile_text(text: str | bytes, lookup: ProcedureLookup | None = None) -> CompileResult:
+    """Decode JSON text (≤ 10 MiB) and compile it."""
+    size = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    if size > MAX_DOCUMENT_BYTES:
+        return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
+                                         message=f"CKP document is {size} bytes; the limit is 10 MiB")])
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
+                                         message=f"CKP document is not valid JSON: {exc}")])
+    return compile_document(doc, lookup)
+
+
+def compile_document(doc: Any, lookup: ProcedureLookup | None = None) -> CompileResult:
+    """Compile a decoded CKP document. Never raises for bad input: problems come back as diagnostics."""
+    if not isinstance(doc, dict):
+        return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
+                                         message="CKP document must be a JSON object")])
+    problem = _document_problem(doc)
+    if problem is not None:
+        return CompileResult([Diagnostic(severity="error", code="invalid_document", path="", message=problem)])
+    dialect = _dialect(doc)
+    if dialect is not None:
+        return CompileResult([dialect])
+    # Compiling allocates many small objects that all stay alive until the end: the cyclic collector would
+    # only rescan them (about a third of the time on large documents). It is paused for this synchronous call.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return compile_procedure(strip_object(doc), doc, lookup)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _document_problem(doc: Any) -> str | None:
+    """Why a decoded document cannot be stored as canonical JSON: too deep, non-finite numbers, lone surrogates."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_NESTING:
+                return f"CKP document is nested deeper than {MAX_NESTING} levels"
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    try:
+        json.dumps(doc, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except ValueError as exc:
+        return f"CKP document holds a value JSON cannot represent: {exc}"
+    except (TypeError, RecursionError) as exc:
+        return f"CKP document is not JSON data: {exc}"
+    return None
+
+
+def _dialect(doc: dict[str, Any]) -> Diagnostic | None:
+    wg = doc.get("workflow_graph")
+    if isinstance(wg, dict) and isinstance(wg.get("nodes"), list):
+        return Diagnostic(severity="error", code="unsupported_dialect", path="/workflow_graph/nodes",
+                          message="unsupported CKP dialect: workflow_graph.nodes must be an object keyed by node id")
+    if "workflow_graph" not in doc:
+        if isinstance(doc.get("nodes"), list):
+            return Diagnostic(severity="error", code="unsupported_dialect", path="/nodes",
+                              message="unsupported CKP dialect: nodes must be inside workflow_graph as an object keyed "
+                              "by node id (found a top-level 'nodes' array)")
+        for key in ("start_node_id", "entry"):
+            if key in doc:
+                return Diagnostic(severity="error", code="unsupported_dialect", path=f"/{key}",
+                                  message="unsupported CKP dialect: the entry node is workflow_graph.start_node "
+                                  f"(found '{key}')")
+    return None
+
+
+def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: ProcedureLookup | None) -> CompileResult:
+    """The passes over a document that passed the dialect check (``doc``: ``original`` without comments)."""
+    c = Compilation()
+    c.unknown_fields(doc, ROOT_FIELDS, "")
+    procedure_id = identity(c, doc, "procedure_id", PROCEDURE_ID_RE, "procedure id")
+    version = identity(c, doc, "version", VERSION_RE, "version")
+    if version is not None and version.lower() in RESERVED_VERSIONS:
+        c.add("error", "invalid_value", f"/version: '{version}' is not valid; expected a version that is not "
+              "a reserved word (latest, versions, deployments, diff)", "/version")
+    if procedure_id == "validate":
+        c.add("error", "invalid_value", "/procedure_id: 'validate' is not valid; expected a procedure id "
+              "that is not reserved", "/procedure_id")
+    name = c.string(doc, "name", "")
+    description = c.string(doc, "description", "")
+    status = c.enum(doc, "status", "", ("draft", "active", "approved", "inactive", "deprecated", "archived"),
+                    severity="warning")
+    status = status or (doc.get("status") if isinstance(doc.get("status"), str) else None)
+    effective = effective_date(c, doc)
+    c.gc, gc_on_failure = global_config(c, doc)
+    variables = variables_schema(c, doc)
+    trigger_ir = trigger(c, doc)
+    retrieval = retrieval_metadata(c, doc)
+    provenance = c.obj(doc["provenance"], "/provenance") if "provenance" in doc else None
+    nodes, start_node, edges, unknown_types, raw_node_ids = graph(c, doc, gc_on_failure)
+    finish_subflows(c, nodes, variables, trigger_ir)
+    subflow_refs = [SubflowRefIR(node_id=n.id, procedure_id=n.payload.procedure_id, version=n.payload.version)
+                    for n in nodes.values() if isinstance(n.payload, SubflowPayload)]
+    subflow_checks(c, lookup, procedure_id, subflow_refs)
+    if not unknown_types and start_node is not None and start_node in raw_node_ids:
+        reachability(c, start_node, raw_node_ids, edges, nodes)
+    undeclared(c, variables, trigger_ir)
+    check_secret_aliases(c)
+    c.diags.sort(key=sort_key)
+    if any(d.severity == "error" for d in c.diags):
+        return CompileResult(c.diags, None, procedure_id, version)
+    assert procedure_id is not None
+    assert version is not None
+    assert start_node is not None
+    ir = ProcedureIR(
+        procedure_id=procedure_id, version=version, name=name or procedure_id, description=description,
+        status=status, effective_date=effective, content_hash=content_hash(original),
+        compiler_version=COMPILER_VERSION, trigger=trigger_ir, global_config=c.gc, variables=variables,
+        secrets=c.secrets, start_node=start_node, nodes=nodes, edges=edges, subflow_refs=subflow_refs,
+        retrieval_metadata=retrieval, provenance=provenance, tags=_tags(retrieval), diagnostics=c.diags,
+    )
+    return CompileResult(c.diags, ir, procedure_id, version)
+
+
+def identity(c: Compilation, doc: dict[str, Any], key: str, pattern: re.Pattern[str],
+             kind: str) -> str | None:
+    v = c.required(doc, key, "")
+    if v is MISSING:
+        return None
+    return c.identifier(v, f"/{key}", kind, pattern)
+
+
+def effective_date(c: Compilation, doc: dict[str, Any]) -> str | None:
+    effective = c.string(doc, "effective_date", "")
+    if effective is None:
+        return None
+    try:
+        if len(effective) != 10:
+            raise ValueError(effective)
+        date.fromisoformat(effective)
+    except ValueError:
+        c.add("error", "invalid_value", f"/effective_date: '{effective}' is not valid; expected YYYY-MM-DD",
+              "/effective_date")
+        return None
+    return effective
+
+
+def retrieval_metadata(c: Compilation, doc: dict[str, Any]) -> dict[str, Any] | None:
+    raw = doc.get("retrieval_metadata")
+    if raw is None:
+        return None
+    meta = c.obj(raw, "/retrieval_metadata")
+    if meta is None:
+        return None
+    for alias, canonical in RETRIEVAL_ALIASES.items():
+        if alias in meta:
+            value = meta.pop(alias)
+            c.add("info", "alias_normalised", f"/retrieval_metadata/{alias}: '{alias}' read as '{canonical}'",
+                  f"/retrieval_metadata/{alias}")
+            meta.setdefault(canonical, value)
+    for key in ("primary_intents", "negative_intents", "keywords", "tags"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(i, str) for i in v)):
+            c.add("error", "invalid_type", f"/retrieval_metadata/{key}: expected array of strings, got "
+                  f"{json_type_name(v)}", f"/retrieval_metadata/{key}")
+    if "business_domain" in meta:
+        c.expect(meta["business_domain"], (str,), "string", "/retrieval_metadata/business_domain")
+    return meta
+
+
+def _tags(meta: Mapping[str, Any] | None) -> list[str]:
+    tags = meta.get("tags") if meta else None
+    return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []

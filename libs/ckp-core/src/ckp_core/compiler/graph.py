@@ -1,0 +1,204 @@
+"""``workflow_graph``: the nodes, the fields every node has (agent, next_node, error handlers, SLA, telemetry),
+the payload of its type, and the edges between nodes (unknown targets reported)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ckp_core.compiler.binding import opt_template
+from ckp_core.compiler.fields import ID_RE, MISSING, Compilation, NodeContext
+from ckp_core.compiler.nodes import PAYLOADS
+from ckp_core.compiler.policies import error_handlers, sla, telemetry
+from ckp_core.diagnostics import pointer
+from ckp_core.ir import (
+    EdgeIR,
+    ErrorHandlerIR,
+    HumanApprovalPayload,
+    LlmActionPayload,
+    LogicPayload,
+    LoopPayload,
+    NodeIR,
+    ParallelPayload,
+)
+
+NODE_TYPES = (
+    "sequence", "logic", "loop", "parallel", "subflow", "processing", "verification", "llm_action",
+    "human_approval", "transform", "terminate",
+)
+NODE_COMMON_FIELDS = frozenset({
+    "type", "description", "agent", "next_node", "error_handlers", "is_checkpoint", "sla", "telemetry",
+    "idempotency_key", "dispatch_mode", "workflow_dispatch_mode",
+})
+TYPE_FIELDS: dict[str, frozenset[str]] = {
+    "sequence": frozenset({"steps", "validations"}),
+    "logic": frozenset({"rules", "default_next_node"}),
+    "loop": frozenset({"iterator", "iterator_variable", "index_variable", "body_node", "collect_variable",
+                       "collect_expression", "errors_variable", "max_iterations", "continue_on_error"}),
+    "parallel": frozenset({"branches", "wait_strategy", "branch_failure", "max_concurrency"}),
+    "subflow": frozenset({"procedure_id", "version", "input_mapping", "output_mapping", "inherit_context",
+                          "on_failure", "max_retries"}),
+    "processing": frozenset({"operations"}),
+    "verification": frozenset({"checks"}),
+    "llm_action": frozenset({"prompt", "system_prompt", "model", "temperature", "max_tokens", "json_mode",
+                             "attachments", "retry", "timeout_ms", "max_cost_per_llm_call_usd", "min_llm_quality",
+                             "outputs", "orchestration_mode", "branches"}),
+    "human_approval": frozenset({"prompt", "decision_type", "options", "option_routes", "input_schema",
+                                 "input_variable", "decision_variable", "context_data", "timeout_ms",
+                                 "timeout_action", "escalation_contact", "approval_level", "on_approve",
+                                 "on_reject", "on_timeout"}),
+    "transform": frozenset({"transformations"}),
+    "terminate": frozenset({"status", "outputs", "cleanup_actions", "error_actions", "final_audit_log"}),
+}
+NO_NEXT_NODE = frozenset({"logic", "human_approval", "terminate"})
+
+
+def is_orchestrator(agent: Any) -> bool:
+    return agent is None or (isinstance(agent, str) and agent.lower() == "masteragent")
+
+
+def graph(c: Compilation, doc: dict[str, Any],
+          on_failure: str | None) -> tuple[dict[str, NodeIR], str | None, list[EdgeIR], bool, list[str]]:
+    """Every node and edge: (nodes, start_node, edges, whether a node has no or an unknown type, node ids)."""
+    nodes: dict[str, NodeIR] = {}
+    edges: list[EdgeIR] = []
+    wg = c.required(doc, "workflow_graph", "")
+    if wg is MISSING:
+        return nodes, None, edges, False, []
+    graph = c.obj(wg, "/workflow_graph", ("start_node", "nodes"))
+    if graph is None:
+        return nodes, None, edges, False, []
+    start_node = c.node_ref(graph, "start_node", "/workflow_graph", required=True)
+    raw_nodes = c.required(graph, "nodes", "/workflow_graph")
+    if raw_nodes is MISSING or not c.expect(raw_nodes, (dict,), "object", "/workflow_graph/nodes"):
+        return nodes, start_node, edges, False, []
+    node_ids = [k for k in raw_nodes if not k.startswith("_")]
+    if not node_ids:
+        c.add("error", "invalid_value", "/workflow_graph/nodes: '{}' is not valid; expected at least one node",
+              "/workflow_graph/nodes")
+    unknown_types = False
+    for node_id in node_ids:
+        result = node(c, node_id, raw_nodes[node_id])
+        c.node_id = c.step_id = None
+        if result == "unknown":
+            unknown_types = True
+        elif isinstance(result, NodeIR):
+            nodes[node_id] = result
+            edges.extend(_edges_of(result))
+    if on_failure is not None and start_node is not None:
+        edges.append(EdgeIR(source=start_node, target=on_failure, kind="on_failure",
+                            field="/global_config/on_failure"))
+    if start_node is not None and start_node not in raw_nodes:
+        c.add("error", "unknown_start_node", f"start_node '{start_node}' does not exist in nodes",
+              "/workflow_graph/start_node")
+    for e in edges:
+        if e.target not in raw_nodes or e.target.startswith("_"):
+            c.node_id = e.source if e.kind != "on_failure" else None
+            label = _edge_field_name(e)
+            who = f"Node '{e.source}'" if e.kind != "on_failure" else "global_config"
+            c.add("error", "unknown_target", f"{who}: {label} '{e.target}' not found", e.field)
+    c.node_id = None
+    return nodes, start_node, edges, unknown_types, node_ids
+
+
+def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
+    """One node: the fields every node has, then the payload of its type (``"unknown"``: no or an unknown type)."""
+    path = pointer("workflow_graph", "nodes", node_id)
+    c.node_id, c.step_id = node_id, None
+    if not ID_RE.match(node_id):
+        c.add("error", "invalid_identifier", f"{path}: '{node_id}' is not a valid node id", path)
+    n = c.obj(raw, path)
+    if n is None:
+        return None
+    ntype = c.required(n, "type", path)
+    if ntype is MISSING:
+        return "unknown"
+    if not isinstance(ntype, str) or ntype not in NODE_TYPES:
+        c.add("error", "unknown_node_type", f"Node '{node_id}': unknown node type '{ntype}' (expected one of: "
+              f"{', '.join(NODE_TYPES)})", f"{path}/type")
+        return "unknown"
+    c.unknown_fields(n, NODE_COMMON_FIELDS | TYPE_FIELDS[ntype], path)
+    agent = n.get("agent")
+    if agent is not None and not c.expect(agent, (str,), "string", f"{path}/agent"):
+        agent = None
+    orchestrator = is_orchestrator(agent)
+    channel = None if orchestrator else str(agent).lower()
+    next_node = c.node_ref(n, "next_node", path)
+    if next_node is not None and ntype in NO_NEXT_NODE:
+        c.add("error", "edge_not_allowed", f"Node '{node_id}' ({ntype}) must not have next_node",
+              f"{path}/next_node")
+        next_node = None
+    if "workflow_dispatch_mode" in n and "dispatch_mode" not in n:
+        c.add("info", "alias_normalised", f"{path}/workflow_dispatch_mode: 'workflow_dispatch_mode' read as "
+              "'dispatch_mode'", f"{path}/workflow_dispatch_mode")
+        n["dispatch_mode"] = n.pop("workflow_dispatch_mode")
+    dispatch_mode = c.dispatch_mode(n, "dispatch_mode", path)
+    handlers: list[ErrorHandlerIR] = []
+    if "error_handlers" in n:
+        if ntype == "terminate":
+            c.add("error", "edge_not_allowed", f"Node '{node_id}' (terminate) must not have error_handlers",
+                  f"{path}/error_handlers")
+        else:
+            handlers = error_handlers(c, n["error_handlers"], f"{path}/error_handlers", orchestrator, channel)
+    node_sla = sla(c, n["sla"], f"{path}/sla", ntype) if "sla" in n else None
+    node_telemetry = telemetry(c, n["telemetry"], f"{path}/telemetry") if "telemetry" in n else None
+    idem = opt_template(c, n, "idempotency_key", path)
+    ctx = NodeContext(node_id, ntype, path, orchestrator, channel, dispatch_mode)
+    payload = PAYLOADS[ntype](c, ctx, n)
+    if payload is None:
+        return None
+    description = c.string(n, "description", path)
+    return NodeIR(
+        id=node_id, type=ntype, description=description, agent=agent, channel=channel,
+        orchestrator=orchestrator, next_node=next_node, error_handlers=handlers,
+        is_checkpoint=c.boolean(n, "is_checkpoint", path), sla=node_sla, telemetry=node_telemetry,
+        idempotency_key=idem, dispatch_mode=dispatch_mode, payload=payload,
+    )
+
+
+def _edges_of(node: NodeIR) -> list[EdgeIR]:
+    base = pointer("workflow_graph", "nodes", node.id)
+    out: list[EdgeIR] = []
+
+    def edge(target: str | None, kind: str, fld: str, label: str | None = None) -> None:
+        if target is not None:
+            out.append(EdgeIR(source=node.id, target=target, kind=kind, label=label, field=f"{base}/{fld}"))
+
+    p = node.payload
+    if isinstance(p, LogicPayload):
+        for i, rule in enumerate(p.rules):
+            edge(rule.next_node, "condition", f"rules/{i}/next_node", rule.condition.source)
+        edge(p.default_next_node, "default", "default_next_node")
+    elif isinstance(p, LoopPayload):
+        edge(p.body_node, "loop_body", "body_node")
+    elif isinstance(p, ParallelPayload):
+        for i, br in enumerate(p.branches):
+            edge(br.start_node, "branch", f"branches/{i}/start_node", br.branch_id)
+    elif isinstance(p, LlmActionPayload) and p.orchestration_mode:
+        for i, target in enumerate(p.branches):
+            edge(target, "condition", f"branches/{i}", "_next_node")
+    elif isinstance(p, HumanApprovalPayload):
+        edge(p.on_approve, "approve", "on_approve")
+        edge(p.on_reject, "reject", "on_reject")
+        edge(p.on_timeout, "timeout", "on_timeout")
+        for option, target in p.option_routes.items():
+            edge(target, "option", f"option_routes/{pointer(option)[1:]}", option)
+    edge(node.next_node, "next", "next_node")
+    for h in node.error_handlers:
+        edge(h.fallback_node, "fallback", f"error_handlers/{h.index}/fallback_node", h.error_type or "*")
+    if node.sla is not None:
+        edge(node.sla.escalation_handler, "fallback", "sla/escalation_handler", "sla")
+    return out
+
+
+def _edge_field_name(e: EdgeIR) -> str:
+    """``rules[0].next_node`` style field name of an edge, for messages."""
+    if e.kind == "on_failure":
+        return "on_failure"
+    parts = e.field.split("/")[4:]
+    out = ""
+    for part in parts:
+        if part.isdigit():
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part.replace("~1", "/").replace("~0", "~")
+    return out
