@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from ckp_core import runs
 from ckp_core.events import ErrorObject, EventData, NodeError
 from ckp_core.ir import HumanApprovalPayload
 from ckp_core.run_events import CallbackTimedOut, RunSuspended, WorkflowCallbackReceived
@@ -109,8 +110,7 @@ class Machine(NodeLifecycle):
         if state.get("outcome") is None and not self.runnable(state) and state.get("waits"):
             pending = [w for w in state["waits"].values() if not w.get("announced")]
             if any(not w.get("suspends_run") for w in pending):
-                status = "waiting_approval" if any(w["kind"] == "approval" for w in state["waits"].values()) \
-                    else "paused"
+                status = runs.suspended_status(state["waits"].values())
                 await self.emit(RunSuspended(status=status, waiting_on=[  # the pending waits of §7.3
                     {k: w.get(k) for k in WAIT_FIELDS} for w in state["waits"].values()]))
             for w in pending:
