@@ -36,6 +36,43 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+# -- order and distribution over pytest-xdist workers (`-n` in pyproject.toml) -----------------------------------
+# The suite mostly waits (documents' pauses, timeouts, subprocesses starting), so it runs on more workers than cores.
+# The files whose tests take longest go first, so that they overlap with everything else instead of running alone
+# at the end; those whose tests start their own servers or subprocesses are split into one work unit per test
+# (``SPLIT``). Every other file is one work unit (its module-scoped servers start once per run). The order and the
+# split are only about speed: the tests pass in any order.
+SLOW_FIRST = (
+    "test_multi_agent_invoice_run.py", "test_schemathesis.py", "test_up_lifecycle.py", "test_runtime_crash_recovery.py",
+    "test_chaos.py", "test_readme_quickstart.py", "test_product_enrichment_runs.py", "test_wire_protocol_audit.py",
+    "test_cli_errors.py", "test_service_config.py", "test_step_semantics_audit.py", "test_approvals_service.py",
+    "test_webhooks.py", "test_projection_kill_restart.py", "test_projection_rebuild.py", "test_golden_event_streams.py",
+)
+SPLIT = frozenset(SLOW_FIRST[:7]) | {"test_cli_errors.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: files stay together
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getoption("dist") != "load":  # another --dist was asked for
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlowFirstScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        """Work units in collection order: one per test of a ``SPLIT`` file, else one per file."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path.rsplit("/", 1)[-1] in SPLIT else path
+
+    config.option.loadscopereorder = False  # keep SLOW_FIRST's order
+    return SlowFirstScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     url = os.environ.get("LANGORCH_TEST_DATABASE_URL")

@@ -34,6 +34,9 @@ from tests.scripted_agent import ScriptedAgent, serving
 pytestmark = pytest.mark.integration
 
 TERMINAL = ("completed", "failed", "canceled")
+# bound of every wait below: each includes a runtime subprocess starting (importing LangGraph and the services),
+# which takes a second on an idle machine and much longer on a loaded one; the tests only wait as long as they must
+DEADLINE_S = 90
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -194,10 +197,10 @@ async def test_sigkill_during_a_loop_of_agent_calls(nats_url: str, database_url:
         procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-a.log"))
         started.extend(procs)
         run_id = await start_run(c, LOOP)
-        await until(lambda: procs[0].poll() is not None, 20, "the kill after the 2nd answer", tmp_path)
+        await until(lambda: procs[0].poll() is not None, DEADLINE_S, "the kill after the 2nd answer", tmp_path)
         assert len(agent.results) == 2
         started.append(start_runtime(nats_url, database_url, tmp_path / "runtime-b.log"))
-        run = await wait_terminal(c, run_id, 25, tmp_path)
+        run = await wait_terminal(c, run_id, DEADLINE_S, tmp_path)
     assert run["status"] == "completed", (run["error"], logs(tmp_path))
     assert run["output_vars"]["results"] == [{"value": v} for v in (10, 20, 30, 40, 50)]
     events = await run_events(nats_url, run_id)
@@ -259,10 +262,10 @@ async def test_sigkill_while_parallel_branches_execute(nats_url: str, database_u
         await register(c, agent, "api")
         procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-a.log"))
         run_id = await start_run(c, PARALLEL)
-        await until(lambda: KILL_MOMENTS[moment](agent), 20, f"the kill moment {moment}", tmp_path)
+        await until(lambda: KILL_MOMENTS[moment](agent), DEADLINE_S, f"the kill moment {moment}", tmp_path)
         kill(procs[0])
         procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-b.log"))
-        run = await wait_terminal(c, run_id, 25, tmp_path)
+        run = await wait_terminal(c, run_id, DEADLINE_S, tmp_path)
     assert run["status"] == "completed", (run["error"], logs(tmp_path))
     assert run["output_vars"] == {"a1": "<l1>", "a2": "<l2:<l1>>", "b1": "<r1>", "b1b": "<r1b>",
                                   "b2": "<r2:<r1>>"}
@@ -316,7 +319,7 @@ async def test_sigkill_while_an_agent_call_is_in_flight(nats_url: str, database_
 
     async def slow(body: dict[str, Any]) -> Any:
         # hold the request until the restarted runtime has asked again with the same key
-        await until(lambda: sum(r["step_id"] == "slow" for r in agent.requests) >= 2, 25,
+        await until(lambda: sum(r["step_id"] == "slow" for r in agent.requests) >= 2, DEADLINE_S,
                     "the restarted runtime to re-send the in-flight key")
         return "slow-result"
 
@@ -327,11 +330,11 @@ async def test_sigkill_while_an_agent_call_is_in_flight(nats_url: str, database_
         await register(c, agent, "api", concurrency_limit=slots)
         procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-a.log"))
         run_id = await start_run(c, IN_FLIGHT)
-        await until(lambda: bool(agent.running), 20, "the slow call to reach the agent", tmp_path)
+        await until(lambda: bool(agent.running), DEADLINE_S, "the slow call to reach the agent", tmp_path)
         kill(procs[0])
         assert list(agent.running) == [f"lo1:{run_id}:work:slow:-:1"]
         procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-b.log"))
-        run = await wait_terminal(c, run_id, 25, tmp_path)
+        run = await wait_terminal(c, run_id, DEADLINE_S, tmp_path)
     assert run["status"] == "completed", (run["error"], logs(tmp_path))
     assert run["output_vars"] == {"s": "slow-result", "q": "quick-result"}
     key = f"lo1:{run_id}:work:slow:-:1"

@@ -15,6 +15,8 @@ from ckp_core.eventstore import EventStore, MemoryEventStore
 from ckp_core.ids import new_id
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
 
+pytestmark = pytest.mark.integration
+
 ACTOR = Actor.system("test")
 
 

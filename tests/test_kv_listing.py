@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from ckp_core.subjects import PRESENCE_BUCKET
 from langorch_infra.jetstream import connect, ensure_topology
 from langorch_infra.kv import kv_keys, kv_live, put_with_ttl
+
+pytestmark = pytest.mark.integration
 
 
 async def test_live_keys_skip_deleted_purged_and_expired_ones(nats_url: str) -> None:

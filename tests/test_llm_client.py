@@ -31,6 +31,8 @@ from langorch_runtime.llm import (
 )
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 
+pytestmark = pytest.mark.unit
+
 USER = [{"role": "user", "content": "Say hello"}]
 
 

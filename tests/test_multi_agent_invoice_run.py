@@ -15,7 +15,9 @@ terminate; an inactive vendor, and an ERP window that never appears (the handler
 only their loop iteration (``continue_on_error``); the runtime SIGKILLed in the middle of the ERP entry and a new
 one resuming from the last checkpoint without executing any call twice.
 
-The document's many ``wait_after_ms`` make one invoice take about 20 s of the run's own pauses.
+The document's many ``wait_after_ms`` make one invoice take about 20 s of the run's own pauses: the runtimes here
+sleep a twentieth of each pause (``LANGORCH_TIME_SCALE``); events still carry the document's delays, and timeouts,
+approval timeouts and the rate limit keep real time.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ pytestmark = pytest.mark.integration
 DOC = example("multi_agent_invoice.ckp.json")
 PID, VERSION = DOC["procedure_id"], DOC["version"]
 DATE = "2026-11-27"
-RUN_TIMEOUT_S = 150  # one invoice is ~20 s of the document's own wait_after_ms
+RUN_TIMEOUT_S = 150  # one invoice is ~20 s of the document's own wait_after_ms at real time
+TIME_SCALE = 0.05  # the runtime sleeps 1 s of them
 
 INVOICES = [
     {"invoice_number": "INV-1001", "vendor": "Acme Supplies", "amount": 1250.5,
@@ -210,7 +213,8 @@ async def platform(nats_url: str, database_url: str, llm: RunningLlmServer,
                    secrets_env: None) -> AsyncIterator[Platform]:
     # the runtime's LLM endpoint is the test server; the document asks for model gpt-4
     async with platform_of(nats_url, database_url, runtime_settings={
-            "llm_base_url": llm.base_url(), "llm_models": MODELS, "llm_default_model": "gpt-4"}) as p:
+            "llm_base_url": llm.base_url(), "llm_models": MODELS, "llm_default_model": "gpt-4",
+            "time_scale": TIME_SCALE}) as p:
         yield p
 
 
@@ -662,6 +666,7 @@ async def test_a_runtime_killed_inside_the_erp_entry_resumes_without_repeating_a
     monkeypatch.setenv("LANGORCH_LLM_BASE_URL", llm.base_url())
     monkeypatch.setenv("LANGORCH_LLM_MODELS", json.dumps(MODELS))
     monkeypatch.setenv("LANGORCH_LLM_DEFAULT_MODEL", "gpt-4")
+    monkeypatch.setenv("LANGORCH_TIME_SCALE", str(TIME_SCALE))
     # the killed runtime's DESKTOP lease outlives it until its TTL (§7.5): 5 s instead of 60 s keeps the wait short
     monkeypatch.setenv("LANGORCH_LEASE_TTL_S", "5")
     one = INVOICES[:1]

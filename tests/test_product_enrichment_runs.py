@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import platform_of
 from tests.helpers import example
-from tests.test_chaos import kill, logs, run_events, runtimes, start_run, start_runtime, wait_terminal
+from tests.test_chaos import DEADLINE_S, kill, logs, run_events, runtimes, start_run, start_runtime, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ BEFORE_PAUSE = ["fetch_product", "quality_check", "premium_enrichment", "premium
 
 
 async def waiting_approval(c: httpx.AsyncClient, run_id: str, tmp_path: Path) -> str:
-    deadline = asyncio.get_running_loop().time() + 30
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S  # a runtime subprocess may start first
     while True:
         run: dict[str, Any] = (await c.get(f"/api/runs/{run_id}")).json()
         waiting = run.get("waiting_on") or {}
@@ -54,7 +54,7 @@ async def test_premium_run_survives_a_runtime_kill_while_waiting_for_approval(
         procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-b.log"))
         r = await c.post(f"/api/approvals/{approval_id}/decision", json={"decision": decision})
         assert r.status_code == 200, r.text
-        run = await wait_terminal(c, run_id, 30, tmp_path)
+        run = await wait_terminal(c, run_id, DEADLINE_S, tmp_path)  # runtime-b starts first
     assert run["status"] == status, (run["error"], logs(tmp_path))
     events = await run_events(nats_url, run_id)
     types = [e.type for e in events]

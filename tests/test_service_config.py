@@ -106,6 +106,7 @@ def test_effective_settings_redact_secrets_headers_and_url_passwords() -> None:
 # -- presence ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_presence_expires_after_its_ttl_and_a_clean_stop_deletes_it(nats_url: str) -> None:
     nc = await connect(nats_url, "test-presence")
     try:
@@ -166,6 +167,7 @@ async def _serving(host: ServiceHost, port: int) -> asyncio.Task[None]:
     return task
 
 
+@pytest.mark.integration
 async def test_each_service_serves_health_ready_and_metrics_on_its_metrics_port(tmp_path: Path,
                                                                                  database_url: str) -> None:
     nats = EmbeddedNats(tmp_path / "nats").start()  # its own server: the test stops it
@@ -230,6 +232,7 @@ async def test_each_service_serves_health_ready_and_metrics_on_its_metrics_port(
         assert not port_open(port)  # a stopped replica closes its endpoint
 
 
+@pytest.mark.integration
 async def test_only_one_replica_lists_a_leader_lock_and_the_other_takes_it_over(nats_url: str,
                                                                                database_url: str) -> None:
     settings = ApprovalsSettings(nats_url=nats_url, database_url=database_url, leader_lock_ttl_s=1, metrics_port=0)
@@ -270,6 +273,7 @@ async def test_only_one_replica_lists_a_leader_lock_and_the_other_takes_it_over(
 # -- langorch up: GET /api/config and the combined /metrics -------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_registry(
         nats_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     metrics_port = free_port()
@@ -356,6 +360,7 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
         await nc.close()
 
 
+@pytest.mark.integration
 async def test_a_replica_whose_metrics_port_is_taken_still_runs(nats_url: str, database_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))

@@ -27,6 +27,8 @@ import pytest
 from langorch.up import REPEAT_WINDOW_S
 from langorch_infra.embedded import free_port
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 START_DEADLINE_S = 120
 

@@ -21,6 +21,8 @@ from langorch_runtime.machine import Dispatcher, DispatchRequest, Machine, RunIn
 from langorch_runtime.steps import MemoryStepStore
 from tests.runtime_unit.harness import compile_ok, doc
 
+pytestmark = pytest.mark.unit
+
 
 def scenario(seed: int) -> tuple[dict[str, Any], dict[str, float], float]:
     rng = random.Random(seed)

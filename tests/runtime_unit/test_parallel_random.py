@@ -15,6 +15,8 @@ from ckp_core.events import ErrorObject
 from langorch_runtime.machine import DispatchRequest, StepError
 from tests.runtime_unit.harness import ScriptedDispatcher, doc, run_doc
 
+pytestmark = pytest.mark.unit
+
 
 def scenario(seed: int) -> tuple[dict[str, Any], dict[str, float], set[str], str, str]:
     """A parallel node of 2–4 branches (any max_concurrency), each a chain of 1–3 agent nodes, under any

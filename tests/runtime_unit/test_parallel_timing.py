@@ -8,8 +8,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from langorch_runtime.machine import DispatchRequest
 from tests.runtime_unit.harness import ScriptedDispatcher, doc, run_doc
+
+pytestmark = pytest.mark.unit
 
 SLOW_S = 1.5
 

@@ -7,8 +7,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
 from ckp_core.events import ErrorObject
 from tests.runtime_unit.harness import ScriptedDispatcher, doc, run_doc
+
+pytestmark = pytest.mark.unit
 
 END = {"type": "terminate"}
 

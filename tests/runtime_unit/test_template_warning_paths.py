@@ -4,7 +4,11 @@ addressed by index (``/steps/1/message``), as in the document, not by their ids;
 
 from __future__ import annotations
 
+import pytest
+
 from tests.runtime_unit.harness import doc, run_doc
+
+pytestmark = pytest.mark.unit
 
 
 async def test_locations_are_json_paths_inside_the_node() -> None:

@@ -110,6 +110,11 @@ class RuntimeSettings(CommonSettings):
                                                    "'{{secrets.<name>}}' references.")
     webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Timeout of one webhook POST; a failed POST "
                                      "is tried once more, then dropped (logged).")
+    time_scale: float = Field(1.0, gt=0, le=1, description="For tests only: factor on the pauses a document "
+                              "asks for (wait steps, wait_after_ms, retry and backoff delays), which are slept "
+                              "for this fraction of their length; events still carry the document's values. "
+                              "Timeouts, SLAs, deadlines and rate limits keep real time. 1 (the default) is "
+                              "real time; refused outside (0, 1].")
 
 
 class ApprovalsSettings(CommonSettings):

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -113,6 +114,17 @@ async def open_checkpointer(database_url: str) -> tuple[AsyncConnectionPool[Any]
     )
     await pool.open()
     return pool, AsyncPostgresSaver(pool)
+
+
+def scaled_sleep(scale: float) -> Callable[[float], Awaitable[None]]:
+    """The machine's sleep for the document's own pauses, shortened by ``LANGORCH_TIME_SCALE`` (tests only)."""
+    if scale == 1:
+        return asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds * scale)
+
+    return sleep
 
 
 class RunBusy(Exception):
@@ -509,7 +521,8 @@ class RuntimeService:
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
                           limiter=self.limiter, llm=self.llm, artifacts=self.artifacts,
                           webhooks=self.webhooks.for_run(run_id, ir.procedure_id, redactor),
-                          recovery_grace_ms=int(self.settings.recovery_grace_s * 1000))
+                          recovery_grace_ms=int(self.settings.recovery_grace_s * 1000),
+                          sleep=scaled_sleep(self.settings.time_scale))
         assert self.saver is not None
         graph = build_graph(machine, self.saver)
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
