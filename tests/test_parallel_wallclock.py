@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import Platform, platform_of
 from tests.helpers import events_of, wait_status
-from tests.scripted_agent import ScriptedAgent, serving
+from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import start
 
 pytestmark = pytest.mark.integration
@@ -136,3 +136,44 @@ async def test_cancel_aborts_the_calls_in_flight_in_every_branch(platform: Platf
         events = await events_of(c, run_id)
         assert not [e for e in events if e["event_type"] == "step_completed"]
         blocked.release.set()
+
+
+async def test_a_branch_that_reaches_its_join_while_a_failed_sibling_is_recorded_is_joined(
+        platform: Platform) -> None:
+    """``all`` + ``branch_failure: continue``: ``bad`` fails while ``good``'s last node (an agent call) is in
+    flight, and that call answers after ``bad`` ended. The next super-step runs the parallel node (which appends
+    ``parallel_branch_completed`` of ``bad`` to the event store) and ``good``'s join together: ``good`` ends during
+    that append. Its end is not lost: the run completes (it stayed ``running`` for ever, with no error)."""
+    c = platform.client
+    asked = asyncio.Event()
+
+    async def answer(body: dict[str, Any]) -> Any:
+        asked.set()
+        await asyncio.sleep(1)  # bad's failure is recorded meanwhile (its branch ends)
+        return "ok"
+
+    async def fail(body: dict[str, Any]) -> Any:
+        await asyncio.wait_for(asked.wait(), 30)  # good's last call is in flight
+        raise AgentFailure("broken", retryable=False)
+
+    agent = ScriptedAgent({"answer": answer, "fail": fail})
+    doc = {"procedure_id": "race_join", "version": "1", "workflow_graph": {"start_node": "fan", "nodes": {
+        "fan": {"type": "parallel", "wait_strategy": "all", "branch_failure": "continue", "next_node": "join",
+                "branches": [{"branch_id": "good", "start_node": "g1"}, {"branch_id": "bad", "start_node": "b1"}]},
+        "g1": {"type": "sequence", "next_node": "g2", "steps": [
+            {"step_id": "prepare", "action": "set_variable", "variable": "prepared", "value": True}]},
+        "g2": {"type": "sequence", "agent": "RACE", "next_node": "join", "steps": [
+            {"step_id": "ask", "action": "answer", "output_variable": "answer"}]},
+        "b1": {"type": "sequence", "agent": "RACE", "next_node": "join", "steps": [
+            {"step_id": "break", "action": "fail", "output_variable": "never"}]},
+        "join": {"type": "terminate", "outputs": {"answer": "{{answer}}",
+                                                  "bad": "{{parallel_results.branches.bad.status}}"}}}}}
+    async with serving(agent):
+        await registered(c, agent, slots=2)
+        run_id = await start(c, doc)
+        run = await wait_status(c, run_id, timeout=30)
+        assert run["status"] == "completed", run["error"]
+        assert run["output_vars"] == {"answer": "ok", "bad": "failed"}
+        events = await events_of(c, run_id)
+        assert [(e["payload"]["branch_id"], e["payload"]["status"]) for e in events
+                if e["event_type"] == "parallel_branch_completed"] == [("bad", "failed"), ("good", "completed")]

@@ -86,11 +86,16 @@ class Run:
 async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
                   dispatcher: Dispatcher | None = None, run_id: str = "run-1",
                   callbacks: CallbackConfig | None = None,
-                  sleep: Callable[[float], Awaitable[None]] | None = None, limiter: Limiter | None = None) -> Run:
+                  sleep: Callable[[float], Awaitable[None]] | None = None, limiter: Limiter | None = None,
+                  appending: Callable[[EventData], Awaitable[None]] | None = None) -> Run:
+    """``appending``: awaited before each event is recorded, as a slow event store append would be (tests that
+    orchestrate what other frames do while a node's event is being appended)."""
     ir = compile_ok(doc)
     events: list[EventData] = []
 
     async def emit(event: EventData) -> int:
+        if appending is not None:
+            await appending(event)
         events.append(event)
         return len(events)
 

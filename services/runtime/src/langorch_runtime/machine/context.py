@@ -61,6 +61,7 @@ class RunContext:
     webhooks: WebhookPoster | None = None  # the server's notification and alert webhooks (scheduled POSTs)
     recovery_grace_ms: int = RECOVERY_GRACE_MS  # LANGORCH_RECOVERY_GRACE_S: the recovery path's time past the deadline
     _in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
+    _woken: set[str] = field(default_factory=set, init=False, repr=False)  # frames a child ended in while running
 
     @property
     def root_run_id(self) -> str:

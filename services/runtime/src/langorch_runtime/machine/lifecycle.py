@@ -45,6 +45,7 @@ class NodeLifecycle(StepRunner):
 
     async def unit(self, state: RunState, frame: Frame) -> None:
         """One node of ``frame``: the one in progress, else the one at its cursor (entered now)."""
+        self._woken.discard(frame["id"])  # the node sees every child frame that ended up to now
         current = frame.get("node")
         if current is None:
             current = await self.enter(state, frame)
@@ -119,7 +120,9 @@ class NodeLifecycle(StepRunner):
         if isinstance(outcome, Routed):
             return
         if isinstance(outcome, Spawn):
-            frame["status"] = "waiting"
+            # a child frame that ended while the node ran found the frame running and woke nothing: the node runs
+            # again (it records that child) instead of waiting for an end that already happened
+            frame["status"] = "running" if frame["id"] in self._woken else "waiting"
             return
         if isinstance(outcome, Pause):
             frame["status"] = "paused"
@@ -247,6 +250,8 @@ class NodeLifecycle(StepRunner):
             parent = state["frames"][parent_id]
             if parent.get("status") == "waiting":
                 parent["status"] = "running"
+            elif parent.get("status") == "running":  # its node may be running now, past looking at this frame
+                self._woken.add(parent_id)
             return
         if frame["kind"] == "main":
             if result["status"] == "completed":

@@ -67,27 +67,35 @@ async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, curren
 
 async def branches_ended(m: StepRunner, state: RunState, node: NodeIR, data: ParallelData, p: ParallelPayload,
                          fs: str) -> None:
-    """Record the branches that finished since the node last ran (``parallel_branch_completed``)."""
-    for bid, fid in data["frames"].items():
-        if bid in data["status"]:
-            continue
-        child = state["frames"][fid]
-        if child.get("status") != "done":
-            continue
-        result = child.get("result") or {}
-        status = result.get("status", "failed")
-        data["status"][bid] = status
-        error = result.get("error")
-        data["errors"][bid] = error
-        await m.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status=status,
-                                             error=ErrorObject.model_validate(error) if error else None))
-        if status == "completed" and p.wait_strategy == "any" and data["winner"] is None:
-            data["winner"] = bid
-        if status == "failed" and p.branch_failure == "fail":
-            await cancel_branches(m, state, node, fs, data)
-            raise NodeFailure(ErrorObject(code="parallel_branch_failed", message=f"Node '{node.id}': branch "
-                                          f"'{bid}' failed", node_id=node.id, frame=fs,
-                                          details={"branch_id": bid}, cause=error))
+    """Record the branches that finished since the node last ran (``parallel_branch_completed``).
+
+    A branch can end while an event of another one is being appended (the node's frame is ``running`` then, so
+    that branch's end wakes nothing): the branches are looked at again until a pass records none, so the node
+    never goes back to waiting on a branch that is already done."""
+    recorded = True
+    while recorded:
+        recorded = False
+        for bid, fid in data["frames"].items():
+            if bid in data["status"]:
+                continue
+            child = state["frames"][fid]
+            if child.get("status") != "done":
+                continue
+            recorded = True
+            result = child.get("result") or {}
+            status = result.get("status", "failed")
+            data["status"][bid] = status
+            error = result.get("error")
+            data["errors"][bid] = error
+            await m.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status=status,
+                                                 error=ErrorObject.model_validate(error) if error else None))
+            if status == "completed" and p.wait_strategy == "any" and data["winner"] is None:
+                data["winner"] = bid
+            if status == "failed" and p.branch_failure == "fail":
+                await cancel_branches(m, state, node, fs, data)
+                raise NodeFailure(ErrorObject(code="parallel_branch_failed", message=f"Node '{node.id}': branch "
+                                              f"'{bid}' failed", node_id=node.id, frame=fs,
+                                              details={"branch_id": bid}, cause=error))
 
 
 async def merge(m: StepRunner, state: RunState, node: NodeIR, data: ParallelData, p: ParallelPayload, fs: str,
@@ -132,16 +140,13 @@ async def merge(m: StepRunner, state: RunState, node: NodeIR, data: ParallelData
 
 
 async def cancel_branches(m: StepRunner, state: RunState, node: NodeIR, fs: str, data: ParallelData) -> None:
-    """Cancel the branches still running (their node tasks aborted) and those never started."""
-    for bid, fid in data["frames"].items():
-        if bid in data["status"]:
-            continue
-        m.cancel_frames(state, [state["frames"][fid]])
+    """Cancel the branches still running (their node tasks aborted) and those never started: all of them before
+    the first ``parallel_branch_completed`` is appended, so no loser goes on while another one's is."""
+    running = [bid for bid in data["frames"] if bid not in data["status"]]
+    m.cancel_frames(state, [state["frames"][data["frames"][bid]] for bid in running])
+    never_started, data["queue"] = data["queue"], []  # max_concurrency: canceled too, and reported like the others
+    for bid in [*running, *never_started]:
         data["status"][bid] = "canceled"
         data["errors"][bid] = None
+    for bid in [*running, *never_started]:
         await m.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status="canceled"))
-    for bid in data["queue"]:  # never started (max_concurrency): canceled too, and reported like the others
-        data["status"][bid] = "canceled"
-        data["errors"][bid] = None
-        await m.emit(ParallelBranchCompleted(node_id=node.id, frame=fs, branch_id=bid, status="canceled"))
-    data["queue"] = []
