@@ -11,7 +11,9 @@ Excluded operations: only the two SSE streams, ``GET /api/runs/{run_id}/stream``
 — a stream never ends, so a request to it never yields a response to check.
 
 ``LANGORCH_SCHEMATHESIS_EXAMPLES`` (default 25) bounds the examples per operation and generation mode (positive
-and negative), which keeps the whole test well under 3 minutes on 2 cores.
+and negative). The operations are fuzzed in ``SHARDS`` tests, each with a platform of its own and every
+``SHARDS``-th operation of the schema, so that pytest-xdist runs them side by side; together they cover every
+operation, each with the same examples as one test would.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ pytestmark = pytest.mark.integration
 EXAMPLES = int(os.environ.get("LANGORCH_SCHEMATHESIS_EXAMPLES", "25"))
 STREAMS = {("GET", "/api/runs/{run_id}/stream"), ("GET", "/api/approvals/stream")}
 REQUEST_TIMEOUT_S = 20
+SHARDS = 4
 
 
 @dataclass
@@ -50,7 +53,8 @@ class Finding:
 
 @dataclass
 class Report:
-    operations: int = 0
+    operations: int = 0  # fuzzed by this shard
+    in_schema: int = 0  # every operation of the schema but the streams
     requests: int = 0
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -73,17 +77,21 @@ def _checker(report: Report, label: str, base_url: str, session: requests.Sessio
     return check
 
 
-def _fuzz(base_url: str, known: dict[str, str]) -> Report:
-    """Drive every operation with schemathesis-generated cases (runs in a worker thread)."""
+def _fuzz(base_url: str, known: dict[str, str], shard: int) -> Report:
+    """Drive every ``SHARDS``-th operation, from the ``shard``-th on, with schemathesis-generated cases (runs in a
+    worker thread)."""
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     report = Report()
     session = requests.Session()
     settings = hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                                    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
                                    suppress_health_check=list(hypothesis.HealthCheck))
-    for result in schema.get_all_operations():
+    for index, result in enumerate(schema.get_all_operations()):
         operation = result.ok()
         if (operation.method.upper(), operation.path) in STREAMS:
+            continue
+        report.in_schema += 1
+        if index % SHARDS != shard:
             continue
         report.operations += 1
         label = f"{operation.method.upper()} {operation.path}"
@@ -105,8 +113,9 @@ def _fuzz(base_url: str, known: dict[str, str]) -> Report:
     return report
 
 
-async def test_no_server_errors_on_any_operation(module_nats_url: str, module_database_url: str) -> None:
-    async with platform_of(module_nats_url, module_database_url) as p:
+@pytest.mark.parametrize("shard", range(SHARDS))
+async def test_no_server_errors_on_any_operation(nats_url: str, database_url: str, shard: int) -> None:
+    async with platform_of(nats_url, database_url) as p:
         c = p.client
         await import_procedure(c, example("internal_variables.ckp.json"))
         r = await c.post("/api/runs", json={"procedure_id": "internal-variables", "procedure_version": "1.0.0"})
@@ -121,11 +130,13 @@ async def test_no_server_errors_on_any_operation(module_nats_url: str, module_da
             known["project_id"] = project_id
 
         started = time.perf_counter()
-        report = await asyncio.to_thread(_fuzz, p.base_url, known)
+        report = await asyncio.to_thread(_fuzz, p.base_url, known, shard)
         elapsed = time.perf_counter() - started
 
-    print(f"schemathesis: {report.operations} operations, {report.requests} requests in {elapsed:.1f}s")
-    assert report.operations >= 50, "the schema lost operations"
+    print(f"schemathesis shard {shard}: {report.operations} of {report.in_schema} operations, {report.requests} "
+          f"requests in {elapsed:.1f}s")
+    assert report.in_schema >= 50, "the schema lost operations"
+    assert report.operations > 0
     assert report.requests >= report.operations * EXAMPLES  # each operation was really exercised
     details = "\n\n".join(f"{f.operation} -> {f.status}: {f.body}\n  {f.curl}" for f in report.findings)
     assert not report.findings, f"{len(report.findings)} server errors:\n{details}"
