@@ -398,16 +398,16 @@ async def test_a_defect_fails_the_run_with_retryable_internal_error(platform: Pl
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """§7.16 ``internal_error`` (retryable): a node that keeps raising an unexpected exception (a defect, injected
     here into the in-process runtime) fails the run after a few deliveries instead of being redelivered for ever."""
-    from langorch_runtime.machine import Machine
+    from langorch_runtime.machine.nodes import verification
 
-    original = Machine.verification
+    original = verification.run
 
-    async def broken(self: Machine, state: Any, frame: Any, node: Any, p: Any) -> Any:
+    async def broken(m: Any, state: Any, frame: Any, node: Any, current: Any, p: Any) -> Any:
         if node.id == "boom":
             raise TypeError("a defect")
-        return await original(self, state, frame, node, p)
+        return await original(m, state, frame, node, current, p)
 
-    monkeypatch.setattr(Machine, "verification", broken)
+    monkeypatch.setattr(verification, "run", broken)
     c = platform.client
     doc = graph("contract_defect", {
         "boom": {"type": "verification", "next_node": "done", "checks": [{"id": "c", "condition": "1 == 1"}]},
@@ -428,18 +428,18 @@ async def test_resume_on_failure_retries_a_run_failed_by_a_defect(platform: Plat
     """§7.12 / §7.16: ``internal_error`` is retryable, so with ``resume_on_failure`` a run failed by a defect is
     retried automatically once, like any run failed with a retryable error (it stayed failed: the flag said
     retryable, the engine never retried). Here the defect lasts for the three deliveries of the start command."""
-    from langorch_runtime.machine import Machine
+    from langorch_runtime.machine.nodes import verification
 
-    original = Machine.verification
+    original = verification.run
     calls = {"n": 0}
 
-    async def broken_three_times(self: Machine, state: Any, frame: Any, node: Any, p: Any) -> Any:
+    async def broken_three_times(m: Any, state: Any, frame: Any, node: Any, current: Any, p: Any) -> Any:
         calls["n"] += 1
         if calls["n"] <= 3:
             raise TypeError("a defect")
-        return await original(self, state, frame, node, p)
+        return await original(m, state, frame, node, current, p)
 
-    monkeypatch.setattr(Machine, "verification", broken_three_times)
+    monkeypatch.setattr(verification, "run", broken_three_times)
     c = platform.client
     doc = graph("contract_defect_retried", {
         "boom": {"type": "verification", "next_node": "done", "checks": [{"id": "c", "condition": "1 == 1"}]},
