@@ -199,10 +199,10 @@ def test_the_readme_command_under_uv_run_stops_gracefully_on_one_ctrl_c(state_di
     up = start_up(state_dir, free_port(), launcher=(uv, "run", "--frozen", "--no-sync"))
     up.wait_ready()
     signaled = up.interrupt()
-    try:
-        code = up.proc.wait(timeout=5)
+    try:  # a graceful stop takes a second or two on an idle machine, longer on a loaded one (the suite in parallel)
+        code = up.proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"uv run langorch up still running 5 s after SIGINT:\n{up.text}")
+        pytest.fail(f"uv run langorch up still running 30 s after SIGINT:\n{up.text}")
     after = up.after(signaled)
     assert code == 0, up.text
     assert any("stopped in" in line for line in after), "\n".join(after)
