@@ -414,7 +414,11 @@ def up(
     except UpError as exc:
         Console(stderr=True).print(f"[red]langorch up[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    raise typer.Exit(code)
+    # everything is stopped and closed: leave without tearing down ~1,900 modules one by one (about a second)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @app.command()

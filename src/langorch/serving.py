@@ -96,12 +96,21 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     for task in tasks:
         if task.get_name() != "gateway":
             task.cancel()
-    # the gateway drains within ``grace``; the canceled services close their NATS and database connections
-    _, late = await asyncio.wait(tasks, timeout=grace + 3)
-    for task in late:
+    # The gateway drains within ``grace``; the canceled services close their NATS and database connections. A
+    # service canceled during its start-up has been seen to swallow that one cancellation and keep its consumers
+    # running (the stop then waited the whole budget), so a service still running is canceled again every 0.5 s.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace + 3
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        _, pending = await asyncio.wait(pending, timeout=min(0.5, max(0.0, deadline - loop.time())))
+        for task in pending:
+            if task.get_name() != "gateway":
+                task.cancel()
+    for task in pending:
         task.cancel()
-    if late:
-        await asyncio.wait(late, timeout=2)
+    if pending:
+        await asyncio.wait(pending, timeout=2)
     for task in tasks:
         if task.done() and not task.cancelled():
             task.exception()  # retrieved, so asyncio does not log it again at exit

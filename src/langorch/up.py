@@ -308,7 +308,11 @@ class Up:
                              grace_s=STOP_GRACE_S)
 
     def stop_servers(self) -> None:
-        # a server leaves the list only once stopped, so a forced stop meanwhile still kills it
+        # both servers stop at once (NATS on SIGTERM while PostgreSQL writes its shutdown checkpoint); a server
+        # leaves the list only once stopped, so a forced stop meanwhile still kills it
+        for server in self.embedded:
+            if hasattr(server, "terminate"):
+                server.terminate()
         while self.embedded:
             with contextlib.suppress(Exception):
                 self.embedded[-1].stop()

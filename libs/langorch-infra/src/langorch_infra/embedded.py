@@ -81,6 +81,11 @@ class EmbeddedNats:
         _wait_port(self.port, 10, self.proc)
         return self
 
+    def terminate(self) -> None:
+        """Ask the server to stop (SIGTERM) without waiting, so that it stops while something else does too."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+
     def stop(self, timeout: float = 10) -> None:
         """Stop the server (SIGTERM: it flushes JetStream and exits); kill it after ``timeout`` seconds."""
         if self.proc is not None and self.proc.poll() is None:
