@@ -23,7 +23,7 @@ from ckp_core.run_events import WorkflowDelegated
 from langorch_infra.callbacks import callback_key, make_token
 from langorch_infra.settings import GatewaySettings
 from tests.conftest import Platform, platform_of
-from tests.helpers import TERMINAL, imported, start_run, wait_status
+from tests.helpers import TERMINAL, imported, start_run, wait_status, wait_until
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register
 from tests.test_async_workflow_runs import hybrid_agent, register_hybrid
@@ -619,7 +619,12 @@ async def test_an_approval_without_context_has_an_empty_context_object(platform:
     run_id = await start_run(c, "audit_bare_gate")
     run = await wait_status(c, run_id, ("waiting_approval", *TERMINAL))
     approval_id = run["waiting_on"]["approval_id"]
-    listed = (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"][0]
+
+    async def approvals_of_run() -> list[dict[str, Any]]:
+        return (await c.get("/api/approvals", params={"run_id": run_id})).json().get("items") or []
+
+    # the run reads waiting_approval before the approvals service's row is projected: wait for the row
+    [listed] = await wait_until(approvals_of_run)
     detail = (await c.get(f"/api/approvals/{approval_id}")).json()
     for view in (listed, detail):
         assert view["context_data"] == {}
