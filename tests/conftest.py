@@ -30,6 +30,7 @@ from langorch_gateway.app import create_app
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
 from langorch_runtime.agents import AgentService
+from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.service import RuntimeService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,7 +209,10 @@ async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
 async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True, agents: bool = True,
                       runtime_settings: dict[str, Any] | None = None,
                       gateway_settings: dict[str, Any] | None = None, approvals: bool = True,
-                      approvals_settings: dict[str, Any] | None = None) -> AsyncIterator[Platform]:
+                      approvals_settings: dict[str, Any] | None = None,
+                      queries: bool = True) -> AsyncIterator[Platform]:
+    # ``queries``: the runtime's read side (checkpoints, step records, leases, agent liveness), which the gateway
+    # asks over NATS; it executes nothing, so it runs unless a test checks the gateway without any runtime
     env = {"nats_url": nats_url, "database_url": database_url}
     port = free_port()
     server, gateway_task, app = await _serve_gateway(GatewaySettings(**env, port=port, **(gateway_settings or {})))
@@ -226,6 +230,11 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
         agent_service = AgentService(RuntimeSettings(**env, **(runtime_settings or {})))
         await agent_service.start()
         tasks.append(asyncio.create_task(agent_service.run()))
+    runtime_queries = None
+    if queries:
+        runtime_queries = RuntimeQueries(RuntimeSettings(**env, **(runtime_settings or {})))
+        await runtime_queries.start()
+        tasks.append(asyncio.create_task(runtime_queries.run()))
     approvals_service = None
     if approvals:
         approvals_service = ApprovalsService(ApprovalsSettings(**env, **(approvals_settings or {})))
@@ -248,6 +257,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                 await _stopping("the agent service", agent_service.stop())
             if approvals_service is not None:
                 await _stopping("the approvals service", approvals_service.stop())
+            if runtime_queries is not None:
+                await _stopping("the runtime queries", runtime_queries.stop())
             await _stopping("the compiler", compiler.stop())
             server.should_exit = True
             await _stopping("the gateway", asyncio.shield(gateway_task))

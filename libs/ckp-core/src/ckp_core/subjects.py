@@ -1,4 +1,4 @@
-"""NATS subject and stream names (DESIGN §3, api.md §16)."""
+"""NATS subject, stream and bucket names (DESIGN §3, api.md §16): the only place they are spelled."""
 
 from __future__ import annotations
 
@@ -14,6 +14,18 @@ LEASES_BUCKET = "lo_leases"
 LOCKS_BUCKET = "lo_locks"
 PRESENCE_BUCKET = "lo_presence"
 RATELIMITS_BUCKET = "lo_ratelimits"
+ARTIFACTS_BUCKET = "lo_artifacts"  # object store of stored artifact content (api.md §5.8)
+
+# Request/reply queries the runtime answers over the NATS services API (core NATS, not a stream): the gateway asks
+# the owner of checkpoints, step records, leases and live agent state instead of reading its storage. Every
+# replica serves them in one queue group, so exactly one answers each request.
+RUNTIME_QUERY_SERVICE = "langorch-runtime"
+RUNTIME_QUERY_GROUP = "langorch-runtime-queries"
+QUERY_RUN_CHECKPOINTS = "lo.qry.run.checkpoints"
+QUERY_RUN_CHECKPOINT = "lo.qry.run.checkpoint"
+QUERY_RUN_DIAGNOSTICS = "lo.qry.run.diagnostics"
+QUERY_LEASES = "lo.qry.lease.list"
+QUERY_AGENTS_LIVE = "lo.qry.agent.live"
 
 
 def event_subject(aggregate: str, aggregate_id: str, event_type: str) -> str:

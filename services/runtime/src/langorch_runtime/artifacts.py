@@ -17,9 +17,10 @@ from nats.js.errors import BadObjectMetaError, BadRequestError, NotFoundError, O
 from nats.js.object_store import ObjectStore
 
 from ckp_core.events import ErrorObject
+from ckp_core.subjects import ARTIFACTS_BUCKET
 from langorch_runtime.errors import StepError
 
-BUCKET = "lo_artifacts"
+BUCKET = ARTIFACTS_BUCKET
 MAX_BYTES = 50 * 1024 * 1024
 
 

@@ -86,6 +86,7 @@ from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
 from langorch_runtime.machine import WAIT_FIELDS, CallbackConfig, Machine, RunInfo
 from langorch_runtime.metrics import RuntimeMetrics
+from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import StepStore
 from langorch_runtime.timers import CallbackTimer
@@ -759,7 +760,8 @@ def host(settings: RuntimeSettings) -> ServiceHost:
     """One runtime replica — runs and the agent/lease side, in one process — with its presence key and its
     /metrics, /health and /ready on ``metrics_port``."""
     service = RuntimeService(settings)
-    return ServiceHost("runtime", VERSION, settings, [service, AgentService(settings, bus=service.bus)],
+    return ServiceHost("runtime", VERSION, settings,
+                       [service, AgentService(settings, bus=service.bus), RuntimeQueries(settings)],
                        service.metrics.registry)
 
 
