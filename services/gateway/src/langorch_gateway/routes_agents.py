@@ -1,6 +1,8 @@
 """Agents, pools and leases (api.md §7, §8). The runtime owns agent aggregates: mutations are commands
-``lo.cmd.agent.*`` awaited until the ``agents`` projection applied them; presence (heartbeats, probe results)
-lives in KV ``lo_presence`` and leases in KV ``lo_leases``, read directly.
+``lo.cmd.agent.*`` awaited until the ``agents`` projection applied them. The runtime also owns the leases and
+judges liveness: an agent's live figures (last heartbeat, last probe, active leases) and the leases themselves are
+asked of it over NATS (``ckp_core.queries``). Heartbeats arrive here and are written to the shared presence
+bucket (docs/decisions.md, "Agent heartbeats"); the circuit's half-open reading is ``ckp_core.agents``' rule.
 
 Literal paths (``probe-capabilities``, ``pools``, ``bootstrap``, ``heartbeat``) are declared before
 ``/api/agents/{agent_id}``.
@@ -13,25 +15,27 @@ import hashlib
 import json
 import re
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from nats.js.errors import KeyNotFoundError, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ckp_core import runs
+from ckp_core.agents import circuit_state
 from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
 from ckp_core.events import ANONYMOUS, Actor, format_time
-from ckp_core.subjects import LEASES_BUCKET, PRESENCE_BUCKET, agent_presence_key, agent_probe_key
+from ckp_core.queries import AgentsLive, AgentsLiveReply, LeaseRecord, Leases, LeasesReply
+from ckp_core.subjects import PRESENCE_BUCKET, agent_presence_key
 from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, fetch_page
-from langorch_infra.kv import kv_live, put_with_ttl
+from langorch_gateway.runtime_queries import ask
+from langorch_infra.kv import put_with_ttl
 from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
@@ -142,62 +146,25 @@ def _capabilities(raw: list[Any], field: str, settings: GatewaySettings) -> list
     return out
 
 
-# -- reading presence and leases ---------------------------------------------------------------------------
+# -- live figures and leases, asked of the runtime -------------------------------------------------------------
 
 
-async def _kv_json(request: Request, bucket: str, key: str) -> dict[str, Any] | None:
-    kv = await request.app.state.js.key_value(bucket)
-    try:
-        entry = await kv.get(key)
-        value = json.loads(entry.value or b"{}")
-    except (KeyNotFoundError, NotFoundError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-async def read_leases(request: Request) -> list[tuple[str, int, dict[str, Any]]]:
-    """Every live lease: (key, revision, value). Reads KV ``lo_leases`` directly, so it is always current."""
-    out: list[tuple[str, int, dict[str, Any]]] = []
-    for key, revision, raw in await kv_live(request.app.state.js, LEASES_BUCKET):
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(value, dict) and value.get("lease_id"):
-            out.append((key, revision, value))
-    return out
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def lease_out(value: dict[str, Any]) -> dict[str, Any]:
-    expires = _parse_time(value.get("expires_at"))
-    out = {k: value.get(k) for k in ("lease_id", "resource_key", "slot", "agent_id", "pool_id", "run_id", "node_id",
-                                     "step_id", "holder", "acquired_at", "renewed_at", "expires_at")}
-    out["is_active"] = expires is None or expires > datetime.now(UTC)
-    return out
+async def read_leases(request: Request, query: Leases | None = None) -> list[LeaseRecord]:
+    """The live leases matching ``query`` (all without one), ascending ``acquired_at``; the runtime answers."""
+    return (await ask(request, query or Leases(), LeasesReply)).leases
 
 
 async def render_agents(request: Request, rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    leases = [v for _, _, v in await read_leases(request)] if rows else []
-    half_open_after = timedelta(seconds=_settings(request).agent_circuit_half_open_s)
+    live = {a.agent_id: a for a in (await ask(request, AgentsLive(agent_ids=[r["agent_id"] for r in rows]),
+                                              AgentsLiveReply)).agents} if rows else {}
+    half_open_after_s = _settings(request).agent_circuit_half_open_s
+    now = datetime.now(UTC)
     out = []
     for row in rows:
-        presence = await _kv_json(request, PRESENCE_BUCKET, agent_presence_key(row["agent_id"])) or {}
-        probe = await _kv_json(request, PRESENCE_BUCKET, agent_probe_key(row["agent_id"])) or {}
-        circuit = row["circuit_state"]
+        figures = live.get(row["agent_id"])
+        heartbeat = figures.heartbeat if figures is not None else None
+        probe = figures.probe if figures is not None else None
         opened = row["circuit_open_at"]
-        if circuit == "open" and opened is not None and datetime.now(UTC) - opened >= half_open_after:
-            circuit = "half_open"
-        active = sum(1 for v in leases if v.get("agent_id") == row["agent_id"] and lease_out(v)["is_active"])
         auth = views._json(row["auth"]) or {}
         out.append({
             "agent_id": row["agent_id"], "name": row["name"], "channel": row["channel"], "protocol": row["protocol"],
@@ -205,12 +172,15 @@ async def render_agents(request: Request, rows: list[asyncpg.Record]) -> list[di
             "resource_key": row["resource_key"], "pool_id": row["pool_id"],
             "capabilities": views._json(row["capabilities"]) or [], "labels": views._json(row["labels"]) or {},
             "auth": {"type": auth.get("type", "none"), "secret_ref": auth.get("secret_ref")},
-            "circuit_state": circuit, "consecutive_failures": max(row["consecutive_failures"],
-                                                                  int(probe.get("consecutive_failures", 0))),
+            "circuit_state": circuit_state(row["circuit_state"] == "open", opened, now, half_open_after_s),
+            "consecutive_failures": max(row["consecutive_failures"], probe.consecutive_failures if probe else 0),
             "circuit_open_at": format_time(opened) if opened else None,
-            "last_heartbeat_at": presence.get("last_heartbeat_at"), "last_probe_at": probe.get("last_probe_at"),
-            "cpu_percent": presence.get("cpu_percent"), "memory_percent": presence.get("memory_percent"),
-            "active_leases": active, "agent_version": presence.get("agent_version"),
+            "last_heartbeat_at": heartbeat.last_heartbeat_at if heartbeat else None,
+            "last_probe_at": probe.last_probe_at if probe else None,
+            "cpu_percent": heartbeat.cpu_percent if heartbeat else None,
+            "memory_percent": heartbeat.memory_percent if heartbeat else None,
+            "active_leases": figures.active_leases if figures is not None else 0,
+            "agent_version": heartbeat.agent_version if heartbeat else None,
             "registered_by": row["registered_by"], "created_at": format_time(row["created_at"]),
             "updated_at": format_time(row["updated_at"]),
         })
@@ -346,14 +316,13 @@ async def list_pools(request: Request, channel: str | None = None, limit: Limit 
     rows, total = await fetch_page(_db(request), source, where, "pool_id", limit, offset)
     agents = await _db(request).fetch("SELECT * FROM agents WHERE pool_id = ANY($1::text[])",
                                       [r["pool_id"] for r in rows])
-    leases = [lease_out(v) for _, _, v in await read_leases(request)] if rows else []
+    leases = await read_leases(request) if rows else []
     waiting = await _waiting_steps(_db(request), [r["pool_id"] for r in rows]) if rows else {}
     items = []
     for r in rows:
         members = [a for a in agents if a["pool_id"] == r["pool_id"]]
         ids = {a["agent_id"] for a in members}
-        active = [x for x in leases
-                  if x["is_active"] and (x.get("pool_id") == r["pool_id"] or x.get("agent_id") in ids)]
+        active = [x for x in leases if x.is_active and (x.pool_id == r["pool_id"] or x.agent_id in ids)]
         usable = [a for a in members if a["status"] == "online" and a["circuit_state"] != "open"]
         breakdown = {"online": 0, "offline": 0, "draining": 0} | {
             k: int(v) for k, v in (views._json(r["status_breakdown"]) or {}).items()}
@@ -363,7 +332,7 @@ async def list_pools(request: Request, channel: str | None = None, limit: Limit 
             "concurrency_limit_total": sum(a["concurrency_limit"] for a in members),
             "active_leases": len(active),
             "available_capacity": max(0, sum(a["concurrency_limit"] for a in usable)
-                                      - sum(1 for x in active if x.get("agent_id") in {a["agent_id"] for a in usable})),
+                                      - sum(1 for x in active if x.agent_id in {a["agent_id"] for a in usable})),
             "waiting_steps": waiting.get(r["pool_id"], 0),
             "circuit_open_count": sum(1 for a in members if a["circuit_state"] == "open"),
         })
@@ -405,7 +374,8 @@ async def bootstrap(request: Request, channel: str) -> dict[str, Any]:
 
 @router.post("/api/agents/heartbeat")
 async def heartbeat(request: Request, body: HeartbeatIn) -> JSONResponse:
-    """Refresh the agent's presence (KV TTL of 3 intervals); a status change also appends an event."""
+    """Refresh the agent's presence (KV TTL of 3 intervals; the gateway is the heartbeat intake of the shared
+    presence bucket); a status change also appends an event."""
     principal = await agent_principal(request)
     if principal is not None and principal != body.agent_id:
         raise ApiProblem("forbidden", "an agent token may only heartbeat its own agent", required_role="operator")
@@ -529,42 +499,37 @@ async def list_leases(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> dict[str, Any]:
-    """Page of leases straight from KV ``lo_leases`` (ascending ``acquired_at``)."""
-    wanted = {"resource_key": resource_key, "agent_id": agent_id, "pool_id": pool_id, "run_id": run_id}
-    leases = [lease_out(v) for _, _, v in await read_leases(request)
-              if all(want is None or want == "" or v.get(k) == want for k, want in wanted.items())]
-    leases.sort(key=lambda x: (str(x.get("acquired_at") or ""), str(x["lease_id"])))
-    return views.page(leases[offset:offset + limit], len(leases), limit, offset)
+    """Page of the live leases (ascending ``acquired_at``), asked of the runtime: always current."""
+    leases = await read_leases(request, Leases(resource_key=resource_key, agent_id=agent_id, pool_id=pool_id,
+                                               run_id=run_id))
+    return views.page([x.lease_out() for x in leases[offset:offset + limit]], len(leases), limit, offset)
 
 
-async def _find_lease(request: Request, lease_id: str) -> tuple[str, int, dict[str, Any]]:
-    for key, revision, value in await read_leases(request):
-        if value.get("lease_id") == lease_id:
-            return key, revision, value
+async def _find_lease(request: Request, lease_id: str) -> LeaseRecord:
+    for lease in await read_leases(request, Leases(lease_id=lease_id)):
+        return lease
     raise ApiProblem("not_found", f"lease {lease_id} not found", resource="lease")
 
 
 @router.get("/api/leases/{lease_id}")
 async def get_lease(request: Request, lease_id: str) -> dict[str, Any]:
-    _, _, value = await _find_lease(request, lease_id)
-    return lease_out(value)
+    return (await _find_lease(request, lease_id)).lease_out()
 
 
 @router.delete("/api/leases/{lease_id}", status_code=204)
 async def release_lease(request: Request, lease_id: str,
                         reason: Annotated[str | None, Query(max_length=2000)] = None) -> Response:
     """Force-release a stuck lease: ``lo.cmd.lease.release`` (runtime), awaited until the key is gone."""
-    key, revision, _ = await _find_lease(request, lease_id)
-    command = ReleaseLease(actor=ANONYMOUS, causation_id=request.state.request_id, lease_id=lease_id, key=key,
-                           revision=revision, reason=reason)
+    lease = await _find_lease(request, lease_id)
+    command = ReleaseLease(actor=ANONYMOUS, causation_id=request.state.request_id, lease_id=lease_id, key=lease.key,
+                           revision=lease.revision, reason=reason)
     outcome = await send(request, "lease", lease_id, command, "release_lease", f"/api/leases/{lease_id}")
     if outcome is None:
         return pending(command.command_id, "release_lease")
     raise_if_rejected(outcome)
     deadline = asyncio.get_running_loop().time() + _settings(request).ryw_timeout_ms / 1000
     while asyncio.get_running_loop().time() < deadline:
-        current = await _kv_json(request, LEASES_BUCKET, key)
-        if current is None or current.get("lease_id") != lease_id:
+        if not await read_leases(request, Leases(lease_id=lease_id)):
             break
         await asyncio.sleep(0.02)
     return Response(status_code=204, headers=accepted_headers(command.command_id, outcome.position))

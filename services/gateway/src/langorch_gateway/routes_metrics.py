@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from langorch_gateway.metrics import CONTENT_TYPE, GatewayMetrics, summary
 from langorch_gateway.problems import ApiProblem
-from langorch_gateway.routes_agents import lease_out, read_leases
+from langorch_gateway.routes_agents import read_leases
 from langorch_gateway.routes_health import audit_lag
 from langorch_infra.settings import GatewaySettings
 
@@ -45,6 +45,6 @@ async def prometheus_alias(request: Request) -> Response:
 async def metrics_summary(request: Request,
                           window_hours: Annotated[int, Query(ge=1, le=720)] = 24) -> dict[str, Any]:
     """Cluster-wide figures over the last ``window_hours``, computed from the projections."""
-    leases = [lease_out(v) for _, _, v in await read_leases(request)]
+    leases = [lease.lease_out() for lease in await read_leases(request)]  # asked of the runtime
     return await summary(request.app.state.pool, request.app.state.js, request.app.state.projector.position,
                          window_hours, leases)

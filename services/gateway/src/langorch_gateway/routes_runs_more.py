@@ -4,8 +4,6 @@ diagnostics; plus the projection of ``run_deleted`` and ``artifact_created`` (ta
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import re
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
@@ -13,9 +11,6 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from langchain_core.runnables import RunnableConfig
-from langgraph.checkpoint.base import CheckpointTuple
-from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,20 +20,26 @@ from ckp_core.errors import CommandRefused, InvalidInputVars
 from ckp_core.events import ANONYMOUS, RunCreated, format_time, make_event
 from ckp_core.eventstore import StoredEvent
 from ckp_core.ids import new_id
-from ckp_core.redaction import Redactor
-from ckp_core.subjects import STEPS_BUCKET
+from ckp_core.queries import (
+    MAX_VALUE_BYTES,
+    RunCheckpoint,
+    RunCheckpointReply,
+    RunCheckpoints,
+    RunCheckpointsReply,
+    RunDiagnostics,
+    RunDiagnosticsReply,
+)
+from ckp_core.subjects import ARTIFACTS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import auditing, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem, problem_response, refused_problem
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page, gather
-from langorch_gateway.routes_agents import lease_out, read_leases
+from langorch_gateway.runtime_queries import ask
 from langorch_infra.jetstream import publish_command
-from langorch_infra.kv import kv_live
 
 router = APIRouter()
 
-ARTIFACT_BUCKET = "lo_artifacts"
 ERROR_EVENTS = ("node_error", "step_failed", "run_failed")
 MAX_CLEANUP = 10_000
 
@@ -302,7 +303,7 @@ async def stored_sha256(request: Request, rows: list[asyncpg.Record]) -> dict[st
     if not wanted:
         return out
     try:
-        store = await request.app.state.js.object_store(ARTIFACT_BUCKET)
+        store = await request.app.state.js.object_store(ARTIFACTS_BUCKET)
     except NotFoundError:
         return out
     for artifact_id in wanted:
@@ -405,7 +406,7 @@ async def _content(request: Request, row: asyncpg.Record) -> Response:
         raise ApiProblem("artifact_external", f"artifact {artifact_id} is a link, not stored content",
                          status=409, uri=row["uri"])
     try:
-        store = await request.app.state.js.object_store(ARTIFACT_BUCKET)
+        store = await request.app.state.js.object_store(ARTIFACTS_BUCKET)
         result = await store.get(artifact_id)
         data: bytes = result.data or b""
     except (NotFoundError, ObjectNotFoundError):
@@ -434,26 +435,6 @@ async def _content(request: Request, row: asyncpg.Record) -> Response:
 # -- diagnostics -----------------------------------------------------------------------------------------------
 
 
-async def _step_entries(request: Request, run_id: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for _key, _revision, raw in await kv_live(request.app.state.js, STEPS_BUCKET, f"{run_id}.>"):
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(value, dict):
-            continue
-        frame = str(value.get("frame") or "")
-        loops = re.findall(r"\[(\d+)\]", frame)
-        out.append({"idempotency_key": value.get("idempotency_key"), "node_id": value.get("node_id"),
-                    "step_id": value.get("step_id"), "iteration": int(loops[-1]) if loops else None,
-                    "attempt": value.get("attempt"), "status": value.get("status"),
-                    "has_cached_result": value.get("status") == "completed" and value.get("result") is not None,
-                    "updated_at": value.get("updated_at")})
-    out.sort(key=lambda e: str(e["updated_at"] or ""))
-    return out
-
-
 @router.get("/api/runs/{run_id}/diagnostics")
 async def diagnostics(request: Request, run_id: str) -> JSONResponse:
     """What an operator needs to see why a run is stuck or failed (api.md §5.8 ``RunDiagnostics``)."""
@@ -464,20 +445,19 @@ async def diagnostics(request: Request, run_id: str) -> JSONResponse:
                             run_id)
     by_type = {r["event_type"]: int(r["n"]) for r in counts}
     last_progress = await db.fetchval("SELECT max(created_at) FROM run_events WHERE run_id = $1", run_id)
-    saved = await _thread(request, run_id, "")  # every checkpoint of the root namespace, newest first (not only
-    # the forced saves that emit checkpoint_saved), as GET …/checkpoints lists them
+    live = await ask(request, RunDiagnostics(run_id=run_id), RunDiagnosticsReply)  # step records, leases and
+    # checkpoints are the runtime's: it answers the live part
     started = await db.fetchrow(
         "SELECT payload FROM run_events WHERE run_id = $1 AND event_type IN ('execution_started', "
         "'execution_resumed', 'execution_recovered') ORDER BY seq DESC LIMIT 1", run_id)
     started_payload = views._json(started["payload"]) if started else {}
     run = views.run_out(row)
-    leases = [lease_out(v) for _, _, v in await read_leases(request) if v.get("run_id") == run_id]
     body = {k: run[k] for k in ("run_id", "thread_id", "status", "last_node_id", "last_step_id", "retry_count",
                                 "waiting_on")}
     body |= {
         "has_retry_event": by_type.get("run_retry_requested", 0) > 0,
-        "idempotency_entries": await _step_entries(request, run_id),
-        "active_leases": [lease for lease in leases if lease["is_active"]],
+        "idempotency_entries": [entry.model_dump() for entry in live.idempotency_entries],
+        "active_leases": [lease.lease_out() for lease in live.active_leases],
         "total_events": sum(by_type.values()),
         "error_events": sum(by_type.get(t, 0) for t in ERROR_EVENTS),
         "events_by_type": by_type,
@@ -485,8 +465,8 @@ async def diagnostics(request: Request, run_id: str) -> JSONResponse:
             "runtime_instance": (started_payload or {}).get("runtime_instance"),
             "delivery_count": 1 + by_type.get("execution_recovered", 0) if started else 0,
             "last_progress_at": views._time(last_progress),
-            "checkpoint_count": len(saved),
-            "last_checkpoint_id": saved[0].checkpoint["id"] if saved else None,
+            "checkpoint_count": live.checkpoint_count,
+            "last_checkpoint_id": live.last_checkpoint_id,
         },
     }
     return JSONResponse(body, headers=headers)
@@ -494,81 +474,15 @@ async def diagnostics(request: Request, run_id: str) -> JSONResponse:
 
 # -- checkpoints -----------------------------------------------------------------------------------------------
 
-MAX_VALUE_BYTES = 1_048_576
-_REDACT = Redactor()
-
-
-def _plain(value: Any) -> Any:
-    """A checkpoint value as JSON (LangGraph may hold non-JSON objects: rendered as strings)."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _checkpoint_ts(checkpoint: dict[str, Any]) -> str | None:
-    ts = checkpoint.get("ts")
-    if not isinstance(ts, str):
-        return None
-    try:
-        return format_time(datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC))
-    except ValueError:
-        return ts
-
-
-def _changed(current: dict[str, Any], parent: dict[str, Any] | None) -> list[str]:
-    parent = parent or {}
-    return sorted(k for k, v in current.items() if not k.startswith("__") and parent.get(k) != v)
-
-
-def checkpoint_summary(tup: CheckpointTuple, parent: CheckpointTuple | None) -> dict[str, Any]:
-    """``CheckpointSummary`` (api.md §5.8): ``writes`` are the channels whose version moved since the parent
-    checkpoint, ``node_ids`` the nodes whose seen versions moved (the nodes of the step that wrote it)."""
-    cp, meta = tup.checkpoint, tup.metadata or {}
-    conf = tup.config["configurable"]
-    pcp = parent.checkpoint if parent is not None else None
-    return {
-        "checkpoint_id": cp["id"], "thread_id": conf.get("thread_id"), "checkpoint_ns": conf.get("checkpoint_ns", ""),
-        "parent_checkpoint_id": (tup.parent_config or {}).get("configurable", {}).get("checkpoint_id"),
-        "step": meta.get("step"), "source": meta.get("source"),
-        "node_ids": _changed(dict(cp.get("versions_seen") or {}),
-                             dict(pcp.get("versions_seen") or {}) if pcp is not None else None),
-        "writes": _changed(dict(cp.get("channel_versions") or {}),
-                           dict(pcp.get("channel_versions") or {}) if pcp is not None else None),
-        "created_at": _checkpoint_ts(dict(cp)),
-    }
-
-
-async def _thread(request: Request, run_id: str, checkpoint_ns: str) -> list[CheckpointTuple]:
-    """Every checkpoint of the run's thread in ``checkpoint_ns``, newest first, through the official saver."""
-    settings = request.app.state.settings
-    config: RunnableConfig = {"configurable": {"thread_id": run_id, "checkpoint_ns": checkpoint_ns}}
-    async with AsyncPostgresSaver.from_conn_string(settings.database_url) as saver:
-        return [t async for t in saver.alist(config)
-                if t.config["configurable"].get("checkpoint_ns", "") == checkpoint_ns]
-
 
 @router.get("/api/runs/{run_id}/checkpoints")
 async def checkpoints(request: Request, run_id: str, checkpoint_ns: str = "", limit: Limit = 100,
                       offset: Offset = 0) -> dict[str, Any]:
-    """Page of the run's LangGraph checkpoints, newest first."""
+    """Page of the run's LangGraph checkpoints, newest first (asked of the runtime, which owns them)."""
     await _run(request, run_id)
-    tuples = await _thread(request, run_id, checkpoint_ns)
-    by_id = {t.checkpoint["id"]: t for t in tuples}
-    items = []
-    for t in tuples[offset:offset + limit]:
-        parent_id = (t.parent_config or {}).get("configurable", {}).get("checkpoint_id")
-        items.append(checkpoint_summary(t, by_id.get(parent_id) if parent_id else None))
-    return views.page(items, len(tuples), limit, offset)
-
-
-def _bounded(values: dict[str, Any], prefix: str, max_bytes: int, truncated: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        raw = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(raw) > max_bytes:
-            out[key] = {"_truncated": True, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-            truncated.append(f"{prefix}.{key}")
-        else:
-            out[key] = value
-    return out
+    reply = await ask(request, RunCheckpoints(run_id=run_id, checkpoint_ns=checkpoint_ns, offset=offset, limit=limit),
+                      RunCheckpointsReply)
+    return views.page([item.model_dump() for item in reply.items], reply.total, limit, offset)
 
 
 @router.get("/api/runs/{run_id}/checkpoints/{checkpoint_id}")
@@ -579,33 +493,15 @@ async def checkpoint_detail(
     checkpoint_ns: str = "",
     max_value_bytes: Annotated[int, Query(ge=1, le=MAX_VALUE_BYTES)] = 65_536,
 ) -> dict[str, Any]:
-    """One checkpoint's state, redacted (api.md §1.7), values above ``max_value_bytes`` truncated."""
+    """One checkpoint's state, redacted (api.md §1.7), values above ``max_value_bytes`` truncated (by the
+    runtime, which owns the checkpoints); each read is audited."""
     await _run(request, run_id)
-    settings = request.app.state.settings
-    config: RunnableConfig = {"configurable": {"thread_id": run_id, "checkpoint_ns": checkpoint_ns,
-                                               "checkpoint_id": checkpoint_id}}
-    async with AsyncPostgresSaver.from_conn_string(settings.database_url) as saver:
-        tup = await saver.aget_tuple(config)
-    if tup is None or tup.checkpoint["id"] != checkpoint_id:
+    reply = await ask(request, RunCheckpoint(run_id=run_id, checkpoint_id=checkpoint_id,
+                                             checkpoint_ns=checkpoint_ns, max_value_bytes=max_value_bytes),
+                      RunCheckpointReply)
+    if reply.checkpoint is None:
         raise ApiProblem("not_found", f"checkpoint {checkpoint_id} of run {run_id} not found", resource="checkpoint")
-    cp = tup.checkpoint
-    truncated: list[str] = []
-    values = _REDACT.redact(_plain(dict(cp.get("channel_values") or {})))
-    writes = []
-    for i, (task_id, channel, value) in enumerate(tup.pending_writes or []):
-        bounded = _bounded({"value": _REDACT.redact(_plain(value))}, f"pending_writes.{i}", max_value_bytes,
-                           truncated)
-        writes.append({"task_id": task_id, "channel": channel, "value": bounded["value"]})
-    metadata = _REDACT.redact(_plain(dict(tup.metadata or {})))
     await auditing.decided(request, "run", "checkpoint_viewed", resource_type="run", resource_id=run_id,
                            meta={"checkpoint_id": checkpoint_id, "checkpoint_ns": checkpoint_ns},
                            correlation_id=run_id)
-    return {
-        "checkpoint_id": cp["id"], "thread_id": run_id, "checkpoint_ns": checkpoint_ns,
-        "parent_checkpoint_id": (tup.parent_config or {}).get("configurable", {}).get("checkpoint_id"),
-        "created_at": _checkpoint_ts(dict(cp)), "step": metadata.get("step"), "source": metadata.get("source"),
-        "channel_values": _bounded(values, "channel_values", max_value_bytes, truncated),
-        "channel_versions": _plain(dict(cp.get("channel_versions") or {})),
-        "versions_seen": _plain(dict(cp.get("versions_seen") or {})),
-        "pending_writes": writes, "metadata": metadata, "truncated_paths": truncated,
-    }
+    return reply.checkpoint.model_dump()
