@@ -1,9 +1,11 @@
-"""The pull-consumer loop every service shares, and the bus metrics of api.md §13.1.
+"""Settling bus messages, and the bus metrics of api.md §13.1.
 
-A handler decides what becomes of each message by returning a :class:`Settle` (ack, nak with an optional
-delay, term, or leave it for JetStream's redelivery); :func:`consume` fetches, calls the handler, settles the
-message and counts it in ``langorch_bus_messages_total{service, kind, outcome}`` and
+A message ends acked, nakked (with an optional delay), terminated, or left for JetStream's redelivery
+(:class:`Settle`), and is counted in ``langorch_bus_messages_total{service, kind, outcome}`` and
 ``langorch_bus_handler_duration_seconds{service, subject}`` (the subject as a template: ids become ``*``).
+The command consumers run on FastStream (:mod:`langorch_infra.messaging`, whose middleware settles and counts
+through this module); a consumer still on nats-py fetches with :func:`fetch` (or loops in :func:`consume`) and
+handles each message with :func:`handle_one`.
 
 ``langorch_event_append_conflicts_total{aggregate}`` counts the expected-sequence conflicts of event appends in
 this process (the event store reports them through :func:`record_append_conflict`); each service registry
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError
+from nats.js.errors import ServiceUnavailableError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -110,15 +114,30 @@ async def handle_one(msg: Msg, handler: Callable[[Msg], Awaitable[Settle]], metr
         metrics.observe(msg.subject, how.outcome, time.monotonic() - started)
 
 
+TRANSIENT_FETCH_ERRORS: tuple[type[Exception], ...] = (
+    TimeoutError, ConnectionClosedError, ConnectionReconnectingError, ServiceUnavailableError, NoRespondersError)
+"""What a fetch may raise while the server fails over or the client reconnects: the next fetch tries again."""
+
+
+async def fetch(sub: Any, batch: int, timeout_s: float) -> list[Msg]:
+    """The next messages of the pull subscription ``sub``; none when the fetch timed out or hit a transient
+    error (logged; a short pause first, so a closed connection does not spin)."""
+    try:
+        return list(await sub.fetch(batch, timeout=timeout_s))
+    except TimeoutError:
+        return []
+    except TRANSIENT_FETCH_ERRORS as exc:
+        log.info("fetch failed (%s); fetching again", type(exc).__name__)
+        await asyncio.sleep(0.5)
+        return []
+
+
 async def consume(sub: Any, handler: Callable[[Msg], Awaitable[Settle]], metrics: BusMetrics | None, *,
                   batch: int = 10, fetch_timeout_s: float = 5.0) -> None:
-    """Fetch from the pull subscription ``sub`` forever, handling its messages one at a time, in order."""
+    """Fetch from the pull subscription ``sub`` forever, handling its messages one at a time, in order (for a
+    consumer not on FastStream); a fetch's transient errors do not end it."""
     while True:
-        try:
-            msgs = await sub.fetch(batch, timeout=fetch_timeout_s)
-        except TimeoutError:
-            continue
-        for msg in msgs:
+        for msg in await fetch(sub, batch, fetch_timeout_s):
             await handle_one(msg, handler, metrics)
 
 

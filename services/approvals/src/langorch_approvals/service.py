@@ -21,14 +21,11 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from ckp_core import runs
@@ -37,6 +34,10 @@ from ckp_core.commands import Command, DecideApproval, RequestApproval, ResumeRu
 from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import (
     Actor,
+    ApprovalCanceled,
+    ApprovalDecided,
+    ApprovalRequested,
+    ApprovalTimedOut,
     CommandRejected,
     EventData,
     EventEnvelope,
@@ -44,28 +45,21 @@ from ckp_core.events import (
     make_event,
     utc_now,
 )
-from ckp_core.run_events import ApprovalCanceled, ApprovalDecided, ApprovalRequested, ApprovalTimedOut
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, LOCKS_BUCKET, aggregate_filter
 from langorch_approvals.metrics import VERSION, ApprovalsMetrics
+from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
-from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
+from langorch_infra.bus import BusMetrics
 from langorch_infra.hosting import ServiceHost, bus_checks
-from langorch_infra.jetstream import (
-    JetStreamEventStore,
-    connect,
-    decode_message,
-    ensure_topology,
-    follow,
-    publish_command,
-)
+from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follow, publish_command
 from langorch_infra.kv import LeaderLock
 from langorch_infra.metrics import ObservedEventStore
 from langorch_infra.settings import ApprovalsSettings
 
 log = logging.getLogger(__name__)
 
-COMMAND_CONSUMER = "approvals"
-RUN_ENDS_CONSUMER = "approvals_run_ends"
+COMMAND_CONSUMER = messaging.APPROVAL_COMMANDS.durable
+RUN_ENDS_CONSUMER = messaging.RUN_ENDS.durable
 ACTOR = Actor.system("approvals")
 
 
@@ -89,36 +83,31 @@ class ApprovalsService:
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics = ApprovalsMetrics()
         self.bus = BusMetrics(self.metrics.registry, "approvals")
+        self.broker = messaging.broker(settings.nats_url, f"langorch-approvals-{self.instance}", self.bus)
+        self.command_subscription = messaging.Subscription(
+            self.broker, messaging.APPROVAL_COMMANDS, ack_wait_s=settings.ack_wait_s).handle(self.handlers)
+        self.run_ends_subscription = messaging.Subscription(self.broker, messaging.RUN_ENDS,
+                                                             conflicts_nak=False).handle(
+            {subject: self._handle_run_end for subject in messaging.RUN_ENDS.messages})
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, f"langorch-approvals-{self.instance}")
+        self.nc = await messaging.connect(self.broker)
         self.js: JetStreamContext = self.nc.jetstream()
         await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.store: JetStreamEventStore = ObservedEventStore(
             self.js, lambda event: self.metrics.observe(event, self._requested_at))
         self.audit = AuditWriter(self.js)
-        commands = ConsumerConfig(durable_name=COMMAND_CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-                                  ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.approval.>")
-        with contextlib.suppress(Exception):
-            await self.js.add_consumer(COMMAND_STREAM, commands)
-        self.commands = await self.js.pull_subscribe_bind(COMMAND_CONSUMER, stream=COMMAND_STREAM)
-        ends = ConsumerConfig(durable_name=RUN_ENDS_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                              deliver_policy=DeliverPolicy.ALL,
-                              filter_subjects=[f"lo.evt.run.*.{t}" for t in runs.END_EVENTS])
-        with contextlib.suppress(Exception):
-            await self.js.add_consumer(EVENT_STREAM, ends)
-        self.run_ends = await self.js.pull_subscribe_bind(RUN_ENDS_CONSUMER, stream=EVENT_STREAM)
         self.lock = LeaderLock(self.js, "approval_timer", self.instance, self.settings.leader_lock_ttl_s)
 
     async def run(self) -> None:
         """Handle commands and run ends, keep the index, hold the timer lock and fire timeouts — until cancelled."""
         self._tasks = [asyncio.create_task(c) for c in (
-            consume(self.commands, self._handle_command, self.bus),
-            consume(self.run_ends, self._handle_run_end, self.bus),
             self._follow_approvals(), self.lock.keep(), self._tick_forever())]
         try:
+            await messaging.start_consuming(self.broker)
             await asyncio.gather(*self._tasks)
         finally:
+            await messaging.stop_consuming(self.broker)
             for t in self._tasks:
                 t.cancel()
             for t in self._tasks:
@@ -128,9 +117,13 @@ class ApprovalsService:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self.lock.release()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+        with contextlib.suppress(Exception):
+            await messaging.close(self.broker)
+
+    @property
+    def commands(self) -> Any:
+        """The command consumer's nats-py pull subscription (``consumer_info()``), once consuming."""
+        return self.command_subscription.pull
 
     def leader_of(self) -> list[str]:
         """The leader locks this replica holds now (its presence lists them)."""
@@ -149,22 +142,11 @@ class ApprovalsService:
     # -- commands ----------------------------------------------------------------------------------------
 
     @property
-    def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:
-        return {
-            "lo.cmd.approval.request": lambda raw: self.on_request(RequestApproval.model_validate_json(raw)),
-            "lo.cmd.approval.decide": lambda raw: self.on_decide(DecideApproval.model_validate_json(raw)),
-        }
-
-    async def _handle_command(self, msg: Msg) -> Settle:
-        handler = self.handlers.get(msg.subject)
-        try:
-            if handler is None:
-                log.error("unknown approval command %s dropped", msg.subject)
-                return TERM
-            await handler(msg.data)
-            return ACK
-        except ConcurrencyError:
-            return nak()  # a decision, timeout or cancel landed first: decide again on redelivery
+    def handlers(self) -> dict[str, messaging.Handler]:
+        """The function of each approval command subject (a ``ConcurrencyError`` naks the command: a decision,
+        timeout or cancel landed first, and the redelivery decides again)."""
+        return {messaging.command_subject_of(RequestApproval): self.on_request,
+                messaging.command_subject_of(DecideApproval): self.on_decide}
 
     async def load(self, approval_id: str, command: Command | None = None
                    ) -> tuple[ApprovalState, EventEnvelope | None]:
@@ -275,13 +257,11 @@ class ApprovalsService:
 
     # -- run ends ------------------------------------------------------------------------------------------
 
-    async def _handle_run_end(self, msg: Msg) -> Settle:
-        stored = decode_message(msg)
-        ev = stored.envelope
+    async def _handle_run_end(self, ev: EventEnvelope) -> None:
+        """Cancel the pending approvals of a run that ended."""
         await self.synced()
         for approval_id in sorted(self.by_run.get(ev.aggregate_id, set())):
             await self.cancel(approval_id, runs.END_EVENTS.get(ev.type, "ended"), causation_id=ev.event_id)
-        return ACK
 
     async def _run_end(self, run_id: str) -> str | None:
         """How the run ended (``completed``/``failed``/``canceled``/``deleted``) when its last event ends it."""

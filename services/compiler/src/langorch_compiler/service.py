@@ -8,16 +8,14 @@ the procedure aggregate's expected position, so two racing imports give one succ
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import date
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from ckp_core.commands import (
@@ -29,7 +27,7 @@ from ckp_core.commands import (
     RollbackProcedure,
     SetProcedureStatus,
 )
-from ckp_core.errors import CommandRefused, ConcurrencyError
+from ckp_core.errors import CommandRefused
 from ckp_core.events import (
     CommandRejected,
     EventData,
@@ -56,15 +54,16 @@ from ckp_core.procedure_lifecycle import (
 )
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, PROCEDURES_BUCKET, procedure_key
 from langorch_compiler.metrics import VERSION, CompilerMetrics
+from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
-from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
+from langorch_infra.bus import BusMetrics
 from langorch_infra.hosting import ServiceHost, bus_checks
-from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology
+from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
 from langorch_infra.settings import CompilerSettings
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "compiler"
+CONSUMER = messaging.PROCEDURE_COMMANDS.durable
 
 
 class CompilerService:
@@ -76,27 +75,28 @@ class CompilerService:
         self.js: JetStreamContext | None = None
         self.metrics = CompilerMetrics()
         self.bus = BusMetrics(self.metrics.registry, "compiler")
+        self.broker = messaging.broker(settings.nats_url, "langorch-compiler", self.bus)
+        self.commands = messaging.Subscription(self.broker, messaging.PROCEDURE_COMMANDS).handle(self.handlers)
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, "langorch-compiler")
+        self.nc = await messaging.connect(self.broker)
         self.js = self.nc.jetstream()
         await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.store = JetStreamEventStore(self.js)
         self.audit = AuditWriter(self.js)
         self.kv = await self.js.key_value(PROCEDURES_BUCKET)
-        cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                             filter_subject="lo.cmd.procedure.>")
-        with contextlib.suppress(Exception):
-            await self.js.add_consumer(COMMAND_STREAM, cfg)
-        self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
 
     async def run(self) -> None:
-        await consume(self.sub, self._handle, self.bus)
+        """Consume the procedure commands (FastStream's pull subscriber on the durable consumer) until cancelled."""
+        await messaging.start_consuming(self.broker)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await messaging.stop_consuming(self.broker)
 
     async def stop(self) -> None:
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+        with contextlib.suppress(Exception):
+            await messaging.close(self.broker)
 
     def leader_of(self) -> list[str]:
         """The compiler holds no leader lock: every replica consumes the same durable consumer."""
@@ -106,28 +106,13 @@ class CompilerService:
         """NATS connected, the command and event streams and the IR bucket present (api.md §3)."""
         return await bus_checks(self.nc, self.js, (EVENT_STREAM, COMMAND_STREAM), (PROCEDURES_BUCKET,))
 
-    async def _handle(self, msg: Msg) -> Settle:
-        verb = msg.subject.rsplit(".", 1)[-1]
-        handler = self.handlers.get(verb)
-        try:
-            if handler is None:
-                log.error("unknown procedure command %s dropped", msg.subject)
-                return TERM
-            await handler(msg.data)
-            return ACK
-        except ConcurrencyError:
-            return nak()  # another command on this procedure landed first: decide again on redelivery
-
     @property
-    def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:
-        return {
-            "import": lambda raw: self.on_import(ImportProcedure.model_validate_json(raw)),
-            "replace": lambda raw: self.on_replace(ReplaceProcedure.model_validate_json(raw)),
-            "delete": lambda raw: self.on_delete(DeleteProcedureVersion.model_validate_json(raw)),
-            "set_status": lambda raw: self.on_set_status(SetProcedureStatus.model_validate_json(raw)),
-            "promote": lambda raw: self.on_promote(PromoteProcedure.model_validate_json(raw)),
-            "rollback": lambda raw: self.on_rollback(RollbackProcedure.model_validate_json(raw)),
-        }
+    def handlers(self) -> dict[str, messaging.Handler]:
+        """The function of each procedure command subject."""
+        return {messaging.command_subject_of(t): f for t, f in (
+            (ImportProcedure, self.on_import), (ReplaceProcedure, self.on_replace),
+            (DeleteProcedureVersion, self.on_delete), (SetProcedureStatus, self.on_set_status),
+            (PromoteProcedure, self.on_promote), (RollbackProcedure, self.on_rollback))}
 
     async def _load(self, procedure_id: str, command: Command) -> tuple[ProcedureState, EventEnvelope | None]:
         """The aggregate's state, and the event this command already caused (a redelivery) if any.

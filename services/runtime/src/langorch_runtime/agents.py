@@ -16,16 +16,15 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from ckp_core.commands import Command, RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
@@ -55,16 +54,17 @@ from ckp_core.subjects import (
     agent_presence_key,
     agent_probe_key,
 )
+from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
-from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
+from langorch_infra.bus import BusMetrics
 from langorch_infra.hosting import bus_checks
-from langorch_infra.jetstream import JetStreamEventStore, connect, decode_message, ensure_topology
+from langorch_infra.jetstream import JetStreamEventStore, decode_message, ensure_topology
 from langorch_infra.kv import LeaderLock, put_with_ttl
 from langorch_infra.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "runtime-agents"
+CONSUMER = messaging.AGENT_COMMANDS.durable
 ACTOR = Actor.system("runtime")
 VERSION = "0.1.0"
 
@@ -143,20 +143,17 @@ class AgentService:
         self.registry_position = 0
         self.polls = 0
         self._tasks: list[asyncio.Task[Any]] = []
+        self.broker = messaging.broker(settings.nats_url, f"langorch-runtime-agents-{self.instance}", bus)
+        self.commands = messaging.Subscription(self.broker, messaging.AGENT_COMMANDS).handle(self.handlers)
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-agents-{self.instance}")
+        self.nc = await messaging.connect(self.broker)
         self.js: JetStreamContext = self.nc.jetstream()
         await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.store = JetStreamEventStore(self.js)
         self.audit = AuditWriter(self.js)
         self.presence = await self.js.key_value(PRESENCE_BUCKET)
         self.leases = await self.js.key_value(LEASES_BUCKET)
-        cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
-                             filter_subjects=["lo.cmd.agent.>", "lo.cmd.lease.>"])
-        with contextlib.suppress(Exception):
-            await self.js.add_consumer(COMMAND_STREAM, cfg)
-        self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
         self.lock = LeaderLock(self.js, "agent_health", self.instance, self.settings.leader_lock_ttl_s)
         self.http = httpx.AsyncClient(follow_redirects=False, timeout=self.settings.agent_probe_timeout_s,
                                       headers={"User-Agent": f"langorch-runtime/{VERSION}",
@@ -175,10 +172,12 @@ class AgentService:
     async def run(self) -> None:
         """Handle commands, follow the registry, hold the leader lock and poll health — until cancelled."""
         self._tasks = [asyncio.create_task(c) for c in
-                       (self._consume(), self._follow_registry(), self.lock.keep(), self._poll_forever())]
+                       (self._follow_registry(), self.lock.keep(), self._poll_forever())]
         try:
+            await messaging.start_consuming(self.broker)
             await asyncio.gather(*self._tasks)
         finally:
+            await messaging.stop_consuming(self.broker)
             for t in self._tasks:
                 t.cancel()
             for t in self._tasks:
@@ -190,34 +189,18 @@ class AgentService:
             await self.lock.release()
         with contextlib.suppress(Exception):
             await self.http.aclose()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()
+        with contextlib.suppress(Exception):
+            await messaging.close(self.broker)
 
     # -- commands ----------------------------------------------------------------------------------------
 
-    async def _consume(self) -> None:
-        await consume(self.sub, self._handle, self.bus)
-
     @property
-    def handlers(self) -> dict[str, Callable[[bytes], Awaitable[None]]]:
-        return {
-            "lo.cmd.agent.register": lambda raw: self.on_register(RegisterAgent.model_validate_json(raw)),
-            "lo.cmd.agent.update": lambda raw: self.on_update(UpdateAgent.model_validate_json(raw)),
-            "lo.cmd.agent.remove": lambda raw: self.on_remove(RemoveAgent.model_validate_json(raw)),
-            "lo.cmd.lease.release": lambda raw: self.on_release_lease(ReleaseLease.model_validate_json(raw)),
-        }
-
-    async def _handle(self, msg: Msg) -> Settle:
-        handler = self.handlers.get(msg.subject)
-        try:
-            if handler is None:
-                log.error("unknown command %s dropped", msg.subject)
-                return TERM
-            await handler(msg.data)
-            return ACK
-        except ConcurrencyError:
-            return nak()  # another writer of this aggregate landed first: decide again on redelivery
+    def handlers(self) -> dict[str, messaging.Handler]:
+        """The function of each agent and lease command subject (a ``ConcurrencyError`` naks the command: another
+        writer of the aggregate landed first, and the redelivery decides again)."""
+        return {messaging.command_subject_of(t): f for t, f in (
+            (RegisterAgent, self.on_register), (UpdateAgent, self.on_update), (RemoveAgent, self.on_remove),
+            (ReleaseLease, self.on_release_lease))}
 
     async def _load(self, agent_id: str, command: Command) -> tuple[AgentState, bool]:
         """The agent's state and whether this command already has its outcome (a redelivery, whose audit record

@@ -1,0 +1,346 @@
+"""LangOrch's NATS interface on FastStream (api.md §16): the durable command consumers, the events services publish,
+the ``lo.ext.>`` intake, and the AsyncAPI document generated from those declarations.
+
+A :class:`Consumer` describes one durable JetStream pull consumer: its name, stream, filter subjects, ack wait and
+the message model of each subject it takes. :class:`Subscription` declares it on a FastStream :class:`NatsBroker`
+(a pull subscriber bound to that durable; created with the same configuration when missing, so an existing
+state directory keeps working) with one handler per subject, typed by the subject's pydantic model, and a last
+handler that terminates a message of any other subject. A service attaches its functions with
+:meth:`Subscription.handle`; :func:`interface_broker` declares the same consumers (and the event publishers) on a
+broker that never connects, for the AsyncAPI document the gateway serves.
+
+Messages are handled one at a time, in order (one message per fetch), as before. Every message goes through
+:class:`BusSettlement`, which keeps the bus metrics and trace context of :mod:`langorch_infra.bus`: a handler
+that returns acks the message (``ack_sync``: the server confirms it before the next fetch); FastStream's
+``NackMessage(delay=…)`` naks it, ``RejectMessage()`` terminates it; any other exception is logged and naks it
+after 2 s. FastStream's own acknowledgement is off (``AckPolicy.MANUAL``): it acks without waiting for the
+server, which a crash right after a handled command must not lose. The fetch loop is FastStream's; it survives
+``TimeoutError``, ``ConnectionClosedError`` and ``ServiceUnavailableError`` of a fetch (a server failover), and
+its task supervisor restarts it after any other error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+from faststream import BaseMiddleware
+from faststream.exceptions import AckMessage, NackMessage, RejectMessage
+from faststream.message import StreamMessage
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.annotations import NatsMessage
+from faststream.nats.subscriber.usecases import LogicSubscriber
+from faststream.specification import AsyncAPI
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy as ConsumerAckPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import BaseModel, Field, create_model
+
+from ckp_core import commands, runs
+from ckp_core.errors import ConcurrencyError
+from ckp_core.events import EVENT_TYPES, EventData, EventEnvelope
+from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM, command_subject
+from langorch_infra import tracing
+from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, nak, settle, subject_template
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 5.0
+Handler = Callable[[Any], Awaitable[None]]
+
+
+# -- settling and metrics ----------------------------------------------------------------------------------------
+
+
+class BusSettlement:
+    """The broker middleware of every LangOrch consumer: a consumer span whose parent is the trace context of the
+    message headers (api.md §1.3), the message settled by the handler's outcome, and the bus metrics of api.md
+    §13.1 (``langorch_bus_messages_total``, ``langorch_bus_handler_duration_seconds``)."""
+
+    def __init__(self, metrics: BusMetrics | None) -> None:
+        self.metrics = metrics
+
+    def __call__(self, msg: Any, /, *, context: Any) -> _Settling:
+        return _Settling(msg, context=context, metrics=self.metrics)
+
+
+class _Settling(BaseMiddleware):
+    def __init__(self, msg: Any, /, *, context: Any, metrics: BusMetrics | None) -> None:
+        super().__init__(msg, context=context)
+        self.metrics = metrics
+
+    async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
+        raw = cast(Msg, msg.raw_message)
+        started = time.monotonic()
+        try:
+            how = await self._outcome(call_next, msg, raw)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handling %s failed; it will be redelivered", raw.subject)
+            how = nak(2.0)
+        try:
+            await settle(raw, how)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("settling %s (%s) failed; it will be redelivered", raw.subject, how.outcome, exc_info=True)
+        if self.metrics is not None:
+            self.metrics.observe(raw.subject, how.outcome, time.monotonic() - started)
+        return None
+
+    @staticmethod
+    async def _outcome(call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], raw: Msg) -> Settle:
+        with tracing.consumer_span(subject_template(raw.subject), raw.headers):
+            try:
+                await call_next(msg)
+            except AckMessage:
+                return ACK
+            except NackMessage as outcome:
+                return nak(outcome.extra_options.get("delay"))
+            except RejectMessage:
+                return TERM
+        return ACK
+
+
+def broker(url: str, name: str, metrics: BusMetrics | None) -> NatsBroker:
+    """A broker on ``url`` whose connection (``await broker.connect()``) is also the service's nats-py client for
+    event appends, KV and ordered replay; reconnects for ever, like :func:`langorch_infra.jetstream.connect`."""
+    return NatsBroker(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
+                      reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL,
+                      middlewares=(BusSettlement(metrics),), logger=logging.getLogger("langorch.faststream"),
+                      log_level=logging.DEBUG, graceful_timeout=None, specification_url=url,
+                      description="LangOrch's NATS interface (api.md §16)")
+
+
+async def connect(b: NatsBroker) -> NATS:
+    """Connect ``b`` (once) and return its nats-py client."""
+    return await b.connect()
+
+
+# -- consumers ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One durable JetStream pull consumer and the message model of each subject it takes."""
+
+    durable: str
+    stream: str
+    filter_subjects: tuple[str, ...]
+    messages: Mapping[str, type[BaseModel]]
+    description: str
+    ack_wait_s: float = 30
+    deliver_all: bool = False
+    owner: str = ""
+    documented_only: bool = field(default=False, compare=False)
+
+    def config(self, ack_wait_s: float | None = None) -> ConsumerConfig:
+        """The consumer's configuration. A single filter is the subscriber's subject, which nats-py sets as
+        ``filter_subject`` when it creates the consumer (as the services always created it)."""
+        return ConsumerConfig(
+            durable_name=self.durable, ack_policy=ConsumerAckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait_s if ack_wait_s is None else ack_wait_s,
+            deliver_policy=DeliverPolicy.ALL if self.deliver_all else None,
+            filter_subjects=list(self.filter_subjects) if len(self.filter_subjects) > 1 else None)
+
+    @property
+    def subject(self) -> str:
+        """The subscriber's subject: the single filter, or none when the consumer has several filters."""
+        return self.filter_subjects[0] if len(self.filter_subjects) == 1 else ""
+
+
+def command_subject_of(command: type[commands.Command]) -> str:
+    """``lo.cmd.<aggregate>.<verb>`` of a command type."""
+    return command_subject(command.AGGREGATE, command.VERB)
+
+
+def _commands(*types: type[commands.Command]) -> dict[str, type[BaseModel]]:
+    return {command_subject_of(t): t for t in types}
+
+
+PROCEDURE_COMMANDS = Consumer(
+    "compiler", COMMAND_STREAM, ("lo.cmd.procedure.>",),
+    _commands(commands.ImportProcedure, commands.ReplaceProcedure, commands.DeleteProcedureVersion,
+              commands.SetProcedureStatus, commands.PromoteProcedure, commands.RollbackProcedure),
+    "Procedure commands, decided by the compiler (owner of the procedure aggregate): each ends in one "
+    "procedure_* event or command_rejected on lo.evt.procedure.<procedure_id>.", owner="compiler")
+APPROVAL_COMMANDS = Consumer(
+    "approvals", COMMAND_STREAM, ("lo.cmd.approval.>",),
+    _commands(commands.RequestApproval, commands.DecideApproval),
+    "Approval commands, decided by the approvals service: approval_requested, approval_decided (then "
+    "lo.cmd.run.resume) or command_rejected on lo.evt.approval.<approval_id>.", owner="approvals")
+AGENT_COMMANDS = Consumer(
+    "runtime-agents", COMMAND_STREAM, ("lo.cmd.agent.>", "lo.cmd.lease.>"),
+    _commands(commands.RegisterAgent, commands.UpdateAgent, commands.RemoveAgent, commands.ReleaseLease),
+    "Agent and lease commands, decided by the runtime: agent_* events, lease_force_released or "
+    "command_rejected on lo.evt.agent.<agent_id> / lo.evt.lease.<lease_id>.", owner="runtime")
+RUN_COMMANDS = Consumer(
+    "runtime", COMMAND_STREAM, ("lo.cmd.run.>",),
+    _commands(commands.StartRun, commands.ResumeRun, commands.RetryRun, commands.CancelRun, commands.DeleteRun),
+    "Run commands, executed by the runtime: a start, resume or retry is acknowledged only when the run ends or "
+    "suspends (progress signals keep it while it runs); run events on lo.evt.run.<run_id>.", owner="runtime",
+    documented_only=True)
+
+
+def _event_envelope(data: type[EventData]) -> type[BaseModel]:
+    """The wire form of one event type: the DESIGN §3 envelope whose ``type`` and ``data`` are that type's."""
+    name = f"{data.__name__}Event"
+    model = create_model(name, __base__=EventEnvelope, __doc__=f"``{data.TYPE}`` in its envelope.",
+                         type=(Literal[data.TYPE], Field(...)), data=(data, Field(...)))  # type: ignore[arg-type]
+    return cast(type[BaseModel], model)
+
+
+RUN_ENDS = Consumer(
+    "approvals_run_ends", EVENT_STREAM, tuple(f"lo.evt.run.*.{t}" for t in runs.END_EVENTS),
+    {f"lo.evt.run.*.{t}": _event_envelope(EVENT_TYPES[t]) for t in runs.END_EVENTS},
+    "Run ends, read by the approvals service: the pending approvals of a run that ended are canceled "
+    "(approval_canceled).", deliver_all=True, owner="approvals")
+CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_ENDS)
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` the rest."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, part in enumerate(want):
+        if part == ">":
+            return len(have) > i
+        if i >= len(have) or part not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
+
+
+class Subscription:
+    """A :class:`Consumer` declared on a broker: one typed handler per subject, dispatched by subject."""
+
+    def __init__(self, b: NatsBroker, consumer: Consumer, *, ack_wait_s: float | None = None,
+                 conflicts_nak: bool = True) -> None:
+        """``conflicts_nak``: a ``ConcurrencyError`` of a function naks its message without delay (another writer
+        of the aggregate landed first: the redelivery decides again); otherwise it is an error like any other."""
+        self.consumer = consumer
+        self.conflicts_nak = conflicts_nak
+        self.functions: dict[str, Handler] = {}
+        self.subscriber: LogicSubscriber[Any] = b.subscriber(
+            consumer.subject, stream=JStream(consumer.stream, declare=False), durable=consumer.durable,
+            config=consumer.config(ack_wait_s), pull_sub=PullSub(batch_size=1, timeout=FETCH_TIMEOUT_S),
+            title=consumer.durable, description=consumer.description)
+        for subject, model in consumer.messages.items():
+            self.subscriber(filter=self._is(subject))(self._typed(subject, model))
+        self.subscriber(self._unknown)
+
+    @staticmethod
+    def _is(subject: str) -> Callable[[StreamMessage[Any]], Awaitable[bool]]:
+        async def matches(msg: StreamMessage[Any]) -> bool:
+            return _matches(subject, cast(Msg, msg.raw_message).subject)
+        return matches
+
+    def _typed(self, subject: str, model: type[BaseModel]) -> Callable[..., Awaitable[None]]:
+        async def handle(body: Any) -> None:
+            function = self.functions.get(subject)
+            if function is None:
+                log.error("no handler for %s in this process; the message is left to another replica", subject)
+                raise NackMessage(delay=5.0)
+            try:
+                await function(body)
+            except ConcurrencyError:
+                if not self.conflicts_nak:
+                    raise
+                # another writer of the aggregate landed first: decide again on redelivery
+                raise NackMessage(delay=None) from None
+
+        handle.__annotations__ = {"body": model, "return": None}
+        handle.__name__ = f"on_{subject.rsplit('.', 1)[-1]}"
+        handle.__doc__ = model.__doc__
+        return handle
+
+    async def _unknown(self, msg: NatsMessage) -> None:
+        log.error("unknown message %s on %s dropped", msg.raw_message.subject, self.consumer.durable)
+        raise RejectMessage()
+
+    def handle(self, functions: Mapping[str, Handler]) -> Subscription:
+        """Attach the service's function of each subject (every subject of the consumer, and no other)."""
+        if set(functions) != set(self.consumer.messages):
+            raise ValueError(f"{self.consumer.durable} takes {sorted(self.consumer.messages)}, "
+                             f"not {sorted(functions)}")
+        self.functions = dict(functions)
+        return self
+
+    @property
+    def pull(self) -> Any:
+        """The nats-py pull subscription once the broker started (``consumer_info()``)."""
+        return getattr(self.subscriber, "subscription", None)
+
+
+async def start_consuming(b: NatsBroker) -> None:
+    """Start ``b``'s subscribers (its connection is already open)."""
+    await b.start()
+
+
+async def stop_consuming(b: NatsBroker) -> None:
+    """Stop ``b``'s subscribers and leave its connection open (a service still releases locks through it)."""
+    for sub in list(b.subscribers):
+        try:
+            await sub.stop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("stopping a subscriber failed", exc_info=True)
+
+
+async def close(b: NatsBroker) -> None:
+    """Stop ``b`` and drain its connection."""
+    await b.stop()
+
+
+# -- the AsyncAPI document ------------------------------------------------------------------------------------------
+
+
+class ExternalEvent(BaseModel):
+    """Any JSON object an external system publishes under ``lo.ext.>`` (api.md §16.3), ideally with a
+    ``Nats-Msg-Id`` header for dedupe; an ``event`` trigger whose ``event_source`` names the subject starts a run
+    with it."""
+
+    model_config = {"extra": "allow"}
+
+
+def _declare_events(b: NatsBroker, aggregates: Sequence[str]) -> None:
+    for type_name, data in sorted(EVENT_TYPES.items()):
+        if data.AGGREGATE not in aggregates:
+            continue
+        b.publisher(f"lo.evt.{data.AGGREGATE}.{{{data.AGGREGATE}_id}}.{type_name}",
+                    stream=JStream(EVENT_STREAM, declare=False), schema=_event_envelope(data), title=type_name,
+                    description=(data.__doc__ or type_name).strip())
+
+
+def interface_broker(url: str = "nats://localhost:4222") -> NatsBroker:
+    """LangOrch's NATS interface as one broker that is never connected: every command consumer, the run and
+    approval events, the ``lo.ext.>`` intake."""
+    b = broker(url, "langorch-interface", None)
+    for consumer in CONSUMERS:
+        Subscription(b, consumer)
+    intake = b.subscriber("", stream=JStream(EXTERNAL_STREAM, declare=False),
+                          config=ConsumerConfig(filter_subjects=["lo.ext.>"]), title="lo.ext",
+                          description="The intake of external events (stream LO_EXT): external systems publish "
+                          "here; event triggers start runs from them (api.md §10.4, §16.3).")
+
+    @intake
+    async def on_external_event(body: ExternalEvent) -> None:
+        raise RejectMessage()  # the interface broker is never started; the triggers service will consume these
+
+    _declare_events(b, ("run", "approval"))
+    return b
+
+
+def asyncapi_document(version: str, url: str = "nats://localhost:4222") -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of LangOrch's NATS interface, generated by FastStream."""
+    spec = AsyncAPI(interface_broker(url), title="LangOrch NATS interface", version=version,
+                    description="Commands (lo.cmd.*, internal: LangOrch services only), run and approval events "
+                    "(lo.evt.*, the DESIGN §3 envelope) and the lo.ext.> intake of external events (api.md §16).",
+                    schema_version="3.0.0")
+    return cast(dict[str, Any], spec.to_specification().to_jsonable())
