@@ -46,7 +46,8 @@ async def test_poison_events_are_dead_lettered_and_skipped(nats_url: str, databa
         assert letters == [("core", garbage.seq, f"lo.evt.run.{garbage_id}.run_created"),
                            ("core", hollow.seq, f"lo.evt.run.{broken.aggregate_id}.run_created")]
         errors = [r["error"] for r in await pool.fetch("SELECT error FROM projection_dead_letters ORDER BY position")]
-        assert "KeyError" in errors[1]
+        assert "ValidationError" in errors[1]
+        assert "procedure_id" in errors[1]  # the field it lacks
         assert await pool.fetchval("SELECT count(*) FROM runs WHERE run_id = $1", broken.aggregate_id) == 0
         assert await pool.fetchval("SELECT count(*) FROM run_events WHERE run_id = $1", broken.aggregate_id) == 0
         live = await dump(pool)

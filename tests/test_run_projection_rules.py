@@ -19,33 +19,41 @@ from langorch_gateway.projector import apply_event, ensure_schema
 pytestmark = pytest.mark.integration
 
 RUNTIME = Actor.system("runtime")
-CREATED = {"procedure_id": "p", "procedure_version": "1", "input_vars": {}}
+# complete payloads of their classes (the projector decodes every event; damaged data is a dead letter)
+CREATED = {"procedure_id": "p", "procedure_version": "1", "input_vars": {}, "root_run_id": "root"}
+STARTED = {"entry_node_id": "start", "execution_mode": "production"}
+RECOVERED = {"delivery_count": 2, "checkpoint_id": None}
 SUSPENDS = {"suspends_run": True}
 RESUMES = {"resumes_run": True}
+APPROVAL = {"approval_id": "a1", "decision_type": "approve_reject"}
+CHILD = {"procedure_id": "child", "version": "1"}
 
 SCRIPTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "approval": [("run_created", CREATED), ("execution_started", {}), ("node_started", {"node_id": "review"}),
-                 ("approval_requested", {"approval_id": "a1", **SUSPENDS}),
-                 ("approval_decision_received", {"approval_id": "a1", **RESUMES}),
+    "approval": [("run_created", CREATED), ("execution_started", STARTED),
+                 ("node_started", {"node_id": "review", "node_type": "human_approval", "node_name": None, "visit": 1}),
+                 ("approval_requested", {**APPROVAL, **SUSPENDS}),
+                 ("approval_decision_received", {"approval_id": "a1", "status": "approved", "source": "human",
+                                                 **RESUMES}),
                  ("execution_resumed", {"resume_reason": "approval_decision"}), ("run_completed", {"outputs": {}}),
-                 ("subflow_completed", {"child_run_id": "late", **RESUMES})],
-    "child_run_resumed_first": [("run_created", CREATED), ("execution_started", {}),
-                                ("subflow_started", {"child_run_id": "c1", **SUSPENDS}),
+                 ("subflow_completed", {"child_run_id": "late", **CHILD, **RESUMES})],
+    "child_run_resumed_first": [("run_created", CREATED), ("execution_started", STARTED),
+                                ("subflow_started", {"child_run_id": "c1", **CHILD, **SUSPENDS}),
                                 ("execution_resumed", {"resume_reason": "subflow"}),
-                                ("subflow_completed", {"child_run_id": "c1", **RESUMES}),
+                                ("subflow_completed", {"child_run_id": "c1", **CHILD, **RESUMES}),
                                 ("run_cancel_requested", {}), ("run_canceled", {})],
     "callback_retry_and_recovery": [
-        ("run_created", CREATED), ("execution_started", {}),
-        ("workflow_delegated", {"node_id": "n", "step_id": "s", "expires_at": "2030-01-01T00:00:00Z", **SUSPENDS}),
+        ("run_created", CREATED), ("execution_started", STARTED),
+        ("workflow_delegated", {"node_id": "n", "step_id": "s", "expires_at": "2030-01-01T00:00:00Z",
+                                "delegation_id": "d1", "action": "invoke", **SUSPENDS}),
         ("run_canceled", {}), ("run_retry_requested", {"retry_count": 1}),
         ("execution_resumed", {"resume_reason": "retry"}),
         ("run_suspended", {"status": "paused", "waiting_on": [{"kind": "callback", "id": "d1", "node_id": "n"}]}),
-        ("callback_timed_out", {"node_id": "n", **RESUMES}), ("execution_recovered", {"delivery_count": 2}),
-        ("run_failed", {"error": {"code": "x", "message": "m"}})],
-    "suspended_without_waits": [("run_created", CREATED), ("execution_started", {}),
-                                ("approval_requested", {"approval_id": "a1", "suspends_run": False}),
+        ("callback_timed_out", {"node_id": "n", "delegation_id": "d1", "timeout_s": 30, **RESUMES}),
+        ("execution_recovered", RECOVERED), ("run_failed", {"error": {"code": "x", "message": "m"}})],
+    "suspended_without_waits": [("run_created", CREATED), ("execution_started", STARTED),
+                                ("approval_requested", {**APPROVAL, "suspends_run": False}),
                                 ("run_suspended", {"status": "waiting_approval", "waiting_on": []}),
-                                ("execution_recovered", {})],
+                                ("execution_recovered", RECOVERED)],
 }
 
 
@@ -85,7 +93,7 @@ async def test_the_projected_status_is_the_aggregates(pool: asyncpg.Pool, script
 async def test_a_suspension_with_no_wait_left_stores_json_null(pool: asyncpg.Pool) -> None:
     """``run_suspended`` with an empty ``waiting_on`` writes JSON ``null`` (not SQL NULL), as it always did."""
     run_id = "run-null"
-    script = [("run_created", CREATED), ("execution_started", {}),
+    script = [("run_created", CREATED), ("execution_started", STARTED),
               ("run_suspended", {"status": "paused", "waiting_on": []})]
     async with pool.acquire() as conn:
         for i, (t, d) in enumerate(script, start=1):

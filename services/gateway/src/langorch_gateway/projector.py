@@ -1,5 +1,6 @@
 """The projectors: ``Projector`` applies ``LO_EVT`` to the projection tables (``TABLES``) exactly once, and
-``AuditProjector`` applies ``LO_AUDIT`` to ``audit_log`` (api.md §12) with its own stored position.
+``AuditProjector`` applies ``LO_AUDIT`` to ``audit_log`` (api.md §12) with its own stored position. What each
+event does to the tables is the projections' (:mod:`langorch_gateway.projections`, handlers keyed by event class).
 
 Each batch of messages is applied in one transaction together with the new stream position, so a crash at
 any point either keeps or loses the whole batch; messages at or below the stored position are skipped.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,29 +21,20 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from ckp_core import runs
 from ckp_core.audit import AuditEntry
+from ckp_core.events import decode, upcast
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import AUDIT_STREAM, EVENT_STREAM
-from langorch_gateway.projections import (
-    apply_agent_event,
-    apply_approval_event,
-    apply_audit_entry,
-    apply_procedure_event,
-    apply_project_event,
-)
-from langorch_gateway.routes_runs_more import apply_run_removal_or_artifact
+from langorch_gateway.projections import PROJECTIONS, Recorded, apply_audit_entry
 from langorch_infra.bus import BusMetrics
 from langorch_infra.jetstream import decode_message, stream_last_position
 
 log = logging.getLogger(__name__)
 
 NAME = "core"
-TABLES = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals",
-          "run_artifacts")
+TABLES = tuple(table for projection in PROJECTIONS for table in projection.tables)
 AUDIT_NAME = "audit"
 AUDIT_TABLES = ("audit_log",)
-LIFTED = ("node_id", "step_id", "attempt")
 BATCH = 500
 
 
@@ -67,99 +58,15 @@ async def drop_schema(pool: asyncpg.Pool) -> None:
                            "projection_dead_letters")
 
 
-def _j(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 async def apply_event(conn: Any, stored: StoredEvent) -> None:
-    """Apply one event to the tables (inside the caller's transaction)."""
-    ev = stored.envelope
-    d = ev.data
-    at = ev.occurred_at
-    if ev.aggregate == "procedure":
-        await apply_procedure_event(conn, stored)
-        return
-    if ev.aggregate == "project":
-        await apply_project_event(conn, stored)
-        return
-    if ev.aggregate == "agent":
-        await apply_agent_event(conn, stored)
-        return
-    if ev.aggregate == "approval":
-        await apply_approval_event(conn, stored)
-        return
-    if ev.aggregate != "run":
-        return
-    run_id = ev.aggregate_id
-    lifted = {k: d.get(k) for k in LIFTED}
-    payload = {k: v for k, v in d.items() if k not in LIFTED}
-    await conn.execute(
-        """INSERT INTO run_events (run_id, seq, event_id, stream_seq, event_type, node_id, step_id, attempt,
-             actor, payload, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10::jsonb,$11)
-           ON CONFLICT DO NOTHING""",
-        run_id, ev.seq, ev.event_id, stored.position, ev.type, lifted["node_id"], lifted["step_id"],
-        lifted["attempt"], ev.actor.render(), _j(payload), at,
-    )
-    if ev.type == "run_created":
-        await conn.execute(
-            """INSERT INTO runs (run_id, procedure_id, procedure_version, release_channel, status, input_vars,
-                 trigger_type, triggered_by, created_by, project_id, parent_run_id, parent_node_id, root_run_id,
-                 rerun_of, created_at, updated_at, seq, position)
-               VALUES ($1,$2,$3,$4,$17,$5::jsonb,$6,$7,$8,$9,$10,$11,$12,$13,$14,$14,$15,$16)
-               ON CONFLICT (run_id) DO NOTHING""",
-            run_id, d["procedure_id"], d["procedure_version"], d.get("release_channel"),
-            _j(d.get("input_vars", {})), d.get("trigger_type", "api"), d.get("triggered_by"), ev.actor.render(),
-            d.get("project_id"), d.get("parent_run_id"), d.get("parent_node_id"), d.get("root_run_id") or run_id,
-            d.get("rerun_of"), at, ev.seq, stored.position, runs.INITIAL_STATUS,
-        )
-        return
-    if ev.type in ("run_deleted", "artifact_created"):
-        await apply_run_removal_or_artifact(conn, stored)
-        return
-    sets = ["updated_at = $2", "seq = $3", "position = $4"]
-    args: list[Any] = [run_id, at, ev.seq, stored.position]
-
-    def put(column: str, value: Any, cast: str = "") -> None:
-        args.append(value)
-        sets.append(f"{column} = ${len(args)}{cast}")
-
-    change = runs.effect(ev.type, d)  # status and waiting_on: the run aggregate's own rule
-    if change.status is not None and change.only_from is None:
-        put("status", change.status)
-    elif change.status is not None and change.only_from is not None:  # only from some statuses (a resume)
-        args.extend([list(change.only_from), change.status])
-        sets.append(f"status = CASE WHEN status = ANY(${len(args) - 1}::text[]) THEN ${len(args)}::text "
-                    "ELSE status END")
-    if change.waiting == "set":
-        put("waiting_on", _j(change.waiting_on), "::jsonb")
-    elif change.waiting == "clear":
-        sets.append("waiting_on = NULL")
-    if ev.type == "execution_started":
-        sets.append("started_at = COALESCE(started_at, $2)")
-    elif ev.type == "llm_usage":
-        sets.append(f"total_prompt_tokens = total_prompt_tokens + {int(d.get('prompt_tokens') or 0)}")
-        sets.append(f"total_completion_tokens = total_completion_tokens + {int(d.get('completion_tokens') or 0)}")
-        sets.append(f"estimated_cost_usd = estimated_cost_usd + {float(d.get('estimated_cost_usd') or 0.0)!r}")
-    elif ev.type == "run_cancel_requested":
-        sets.append("cancel_requested_at = COALESCE(cancel_requested_at, $2)")
-    elif ev.type == "run_canceled":
-        sets.append("ended_at = $2")
-    elif ev.type == "run_retry_requested":
-        put("error", None)
-        sets.append("ended_at = NULL")
-        sets.append("retry_count = retry_count + 1")
-    elif ev.type == "node_started":
-        put("last_node_id", d.get("node_id"))
-    elif ev.type == "step_started":
-        put("last_step_id", d.get("step_id"))
-    elif ev.type == "run_completed":
-        put("output_vars", _j(d.get("outputs", {})), "::jsonb")
-        sets.append("ended_at = $2")
-    elif ev.type == "run_failed":
-        put("output_vars", _j(d.get("outputs", {})), "::jsonb")
-        put("error", _j(d.get("error")), "::jsonb")
-        sets.append("ended_at = $2")
-    await conn.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = $1 AND seq < $3", *args)  # noqa: S608
+    """Apply one event to the tables (inside the caller's transaction): decoded once (upcast to its current schema
+    version), then handed to every projection in order. An event of an unknown type reaches the projections as
+    ``UnknownEvent``; a known one whose data does not validate raises, and the batch makes it a dead letter."""
+    envelope = upcast(stored.envelope)
+    event = decode(envelope)
+    recorded = Recorded(envelope, stored.position)
+    for projection in PROJECTIONS:
+        await projection.apply(conn, event, recorded)
 
 
 class _Positioned(Protocol):

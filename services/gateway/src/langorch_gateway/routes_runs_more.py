@@ -18,7 +18,6 @@ from ckp_core import runs
 from ckp_core.commands import DeleteRun, StartRun
 from ckp_core.errors import CommandRefused, InvalidInputVars
 from ckp_core.events import ANONYMOUS, RunCreated, format_time, make_event
-from ckp_core.eventstore import StoredEvent
 from ckp_core.ids import new_id
 from ckp_core.queries import (
     MAX_VALUE_BYTES,
@@ -42,26 +41,6 @@ router = APIRouter()
 
 ERROR_EVENTS = ("node_error", "step_failed", "run_failed")
 MAX_CLEANUP = 10_000
-
-
-# -- projection ------------------------------------------------------------------------------------------------
-
-
-async def apply_run_removal_or_artifact(conn: Any, stored: StoredEvent) -> None:
-    """``run_deleted`` removes the run from every run table; ``artifact_created`` adds a ``run_artifacts`` row."""
-    ev = stored.envelope
-    d = ev.data
-    if ev.type == "run_deleted":
-        for table in ("run_artifacts", "run_events", "runs"):
-            await conn.execute(f"DELETE FROM {table} WHERE run_id = $1", ev.aggregate_id)  # noqa: S608
-        return
-    await conn.execute(
-        """INSERT INTO run_artifacts (artifact_id, run_id, node_id, step_id, kind, name, uri, mime_type, size_bytes,
-             stored, created_at, position) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)
-           ON CONFLICT (artifact_id) DO NOTHING""",
-        str(d["artifact_id"]), ev.aggregate_id, d.get("node_id"), d.get("step_id"), str(d.get("kind") or "file"),
-        d.get("name"), d.get("uri"), d.get("mime_type"), d.get("size_bytes"), bool(d.get("stored")),
-        ev.occurred_at, stored.position)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
