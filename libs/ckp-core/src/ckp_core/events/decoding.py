@@ -56,6 +56,11 @@ class Upcasters:
 
         return add
 
+    @property
+    def registered(self) -> frozenset[tuple[str, int]]:
+        """Every ``(event type, from_version)`` with an upcaster."""
+        return frozenset(self._steps)
+
     def upcast(self, event_type: str, version: int, data: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """The version and data after every upcaster that applies, in order (``data`` itself is not changed)."""
         current = dict(data)
