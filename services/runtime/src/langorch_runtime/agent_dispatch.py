@@ -46,6 +46,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from ckp_core.agents import accepts_work, circuit_state, current_status, probe_failing
 from ckp_core.events import ErrorObject, format_time
 from ckp_core.ids import new_id
 from ckp_core.ir import SequencePayload
@@ -272,22 +273,18 @@ class AgentDispatcher(Dispatcher):
         return value if isinstance(value, dict) else None
 
     async def _live(self, agent: AgentState) -> bool:
-        """Online with a circuit that is not open, by the registry corrected with KV ``lo_presence``."""
+        """Whether dispatch may use the agent now: ``ckp_core.agents``' liveness rule over the registry, corrected
+        by KV ``lo_presence`` (a fresh heartbeat's status, the elected prober's failures)."""
         heartbeat, probe = await asyncio.gather(self._kv_json(self.presence, agent_presence_key(agent.agent_id)),
                                                 self._kv_json(self.presence, agent_probe_key(agent.agent_id)))
-        status = agent.status
-        if heartbeat is not None and isinstance(heartbeat.get("status"), str):
-            status = heartbeat["status"]  # a fresh heartbeat is the most current word on the agent's status
-        if status != "online":
-            return False
-        failing = probe is not None and not probe.get("ok", True) and \
-            int(probe.get("consecutive_failures", 0)) >= self.settings.agent_circuit_failures
-        if agent.circuit_open or failing:
-            opened = self.circuit_opened_at.get(agent.agent_id)
-            half_open = opened is not None and _now() - opened >= timedelta(
-                seconds=self.settings.agent_circuit_half_open_s)
-            return half_open and not failing
-        return True
+        said = heartbeat.get("status") if heartbeat is not None else None
+        status = current_status(agent.status, said if isinstance(said, str) else None)
+        failing = probe is not None and probe_failing(bool(probe.get("ok", True)),
+                                                      int(probe.get("consecutive_failures", 0)),
+                                                      self.settings.agent_circuit_failures)
+        circuit = circuit_state(agent.circuit_open, self.circuit_opened_at.get(agent.agent_id), _now(),
+                                self.settings.agent_circuit_half_open_s)
+        return accepts_work(status, circuit, failing)
 
     async def free_slots(self, resource_key: str, limit: int) -> int:
         """Slots of ``resource_key`` not held by a lease (KV ``lo_leases``)."""

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from nats.aio.client import Client as NATS
@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
+from ckp_core.agents import probe_failing, status_after_probe
 from ckp_core.commands import Command, RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
 from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import (
@@ -128,15 +129,26 @@ def shares_limit_conflict(agents: Iterable[AgentState], agent_id: str, resource_
     return None
 
 
+class FollowedAgents(Protocol):
+    """A registry of every agent kept current by following ``lo.evt.agent.>`` (with :func:`evolve_agent`)."""
+
+    registry: dict[str, AgentState]
+    registry_position: int
+
+
 # -- the service -------------------------------------------------------------------------------------------
 
 
 class AgentService:
     """Agent and lease commands plus the elected health poller of one runtime replica."""
 
-    def __init__(self, settings: RuntimeSettings, *, bus: BusMetrics | None = None) -> None:
+    def __init__(self, settings: RuntimeSettings, *, bus: BusMetrics | None = None,
+                 followed: FollowedAgents | None = None) -> None:
         self.settings = settings
         self.bus = bus
+        # ``followed``: the registry another component of this process already builds from lo.evt.agent.> (the
+        # runtime's dispatcher), used instead of following the agent events a second time from sequence 0
+        self.followed = followed
         self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.nc: NATS | None = None
         self.registry: dict[str, AgentState] = {}
@@ -172,7 +184,8 @@ class AgentService:
     async def run(self) -> None:
         """Handle commands, follow the registry, hold the leader lock and poll health — until cancelled."""
         self._tasks = [asyncio.create_task(c) for c in
-                       (self._follow_registry(), self.lock.keep(), self._poll_forever())]
+                       (*([self._follow_registry()] if self.followed is None else []), self.lock.keep(),
+                        self._poll_forever())]
         try:
             await messaging.start_consuming(self.broker)
             await asyncio.gather(*self._tasks)
@@ -242,11 +255,12 @@ class AgentService:
             head = int(last.seq or 0)
         except NotFoundError:
             head = 0
+        source: FollowedAgents = self.followed or self
         for _ in range(100):
-            if self.registry_position >= head:
+            if source.registry_position >= head:
                 break
             await asyncio.sleep(0.02)
-        return list(self.registry.values())
+        return list(source.registry.values())
 
     async def on_register(self, cmd: RegisterAgent) -> None:
         state, done = await self._load(cmd.agent_id, cmd)
@@ -383,7 +397,7 @@ class AgentService:
     async def poll_once(self) -> None:
         """Probe every registered agent once (leader only)."""
         self.polls += 1
-        agents = [a for a in self.registry.values() if a.exists]
+        agents = [a for a in (self.followed or self).registry.values() if a.exists]
         await asyncio.gather(*(self._probe(a) for a in agents))
 
     async def _probe(self, agent: AgentState) -> None:
@@ -397,16 +411,16 @@ class AgentService:
         ttl = max(self.settings.agent_health_interval_s * 10, self.settings.agent_heartbeat_interval_s * 3)
         await put_with_ttl(self.js, PRESENCE_BUCKET, agent_probe_key(agent.agent_id), json.dumps(record).encode(),
                            ttl)
-        if not ok and failures >= self.settings.agent_circuit_failures and not agent.circuit_open:
+        if probe_failing(ok, failures, self.settings.agent_circuit_failures) and not agent.circuit_open:
             await self._system_event(agent, AgentCircuitOpened(agent_id=agent.agent_id, consecutive_failures=failures,
                                                                last_error=error))
         elif ok and agent.circuit_open:
             await self._system_event(agent, AgentCircuitClosed(agent_id=agent.agent_id))
         if agent.status == "draining":
-            return  # an operator's choice; health does not override it
+            return  # an operator's choice; health does not override it (nor does status_after_probe)
         heartbeat_fresh = await self._heartbeat_fresh(agent.agent_id)
-        wanted = "online" if ok or heartbeat_fresh else "offline"
-        if wanted != agent.status and (ok or failures >= self.settings.agent_circuit_failures or heartbeat_fresh):
+        wanted = status_after_probe(agent.status, ok, failures, self.settings.agent_circuit_failures, heartbeat_fresh)
+        if wanted is not None:
             reason = "health probe succeeded" if ok else ("heartbeat" if heartbeat_fresh else f"health: {error}")
             await self._system_event(agent, AgentStatusChanged(agent_id=agent.agent_id, from_status=agent.status,
                                                                status=wanted, reason=reason))

@@ -761,7 +761,8 @@ def host(settings: RuntimeSettings) -> ServiceHost:
     /metrics, /health and /ready on ``metrics_port``."""
     service = RuntimeService(settings)
     return ServiceHost("runtime", VERSION, settings,
-                       [service, AgentService(settings, bus=service.bus), RuntimeQueries(settings)],
+                       [service, AgentService(settings, bus=service.bus, followed=service.dispatcher),
+                        RuntimeQueries(settings)],
                        service.metrics.registry)
 
 
