@@ -53,6 +53,7 @@ UNDOCUMENTED = {
     "/docs": "Interactive API documentation (Swagger UI).",
     "/docs/oauth2-redirect": "Part of the Swagger UI.",
     "/redoc": "API documentation (ReDoc).",
+    "/api/asyncapi.json": "The AsyncAPI document of the NATS interface (see the AsyncAPI reference).",
 }
 
 

@@ -4,8 +4,8 @@ the ``lo.ext.>`` intake, and the AsyncAPI document generated from those declarat
 A :class:`Consumer` describes one durable JetStream pull consumer: its name, stream, filter subjects, ack wait and
 the message model of each subject it takes. :class:`Subscription` declares it on a FastStream :class:`NatsBroker`
 (a pull subscriber bound to that durable; created with the same configuration when missing, so an existing
-state directory keeps working) with one handler per subject, typed by the subject's pydantic model, and a last
-handler that terminates a message of any other subject. A service attaches its functions with
+state directory keeps working) with one handler per subject, typed by the subject's pydantic model; a message of
+any other subject is terminated. A service attaches its functions with
 :meth:`Subscription.handle`; :func:`interface_broker` declares the same consumers (and the event publishers) on a
 broker that never connects, for the AsyncAPI document the gateway serves.
 
@@ -24,16 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Literal, cast
 
 from faststream import BaseMiddleware
-from faststream.exceptions import AckMessage, NackMessage, RejectMessage
+from faststream.exceptions import AckMessage, NackMessage, RejectMessage, SubscriberNotFound
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
-from faststream.nats.annotations import NatsMessage
 from faststream.nats.subscriber.usecases import LogicSubscriber
 from faststream.specification import AsyncAPI
 from nats.aio.client import Client as NATS
@@ -45,6 +45,8 @@ from pydantic import BaseModel, Field, create_model
 from ckp_core import commands, runs
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import EVENT_TYPES, EventData, EventEnvelope
+from ckp_core.events import approval as approval_events
+from ckp_core.events import run as run_events
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM, command_subject
 from langorch_infra import tracing
 from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, nak, settle, subject_template
@@ -95,6 +97,21 @@ class _Settling(BaseMiddleware):
             self.metrics.observe(raw.subject, how.outcome, time.monotonic() - started)
         return None
 
+    async def after_processed(self, exc_type: type[BaseException] | None = None,
+                              exc_val: BaseException | None = None, exc_tb: TracebackType | None = None) -> bool:
+        """A message of a subject no handler takes (FastStream's ``SubscriberNotFound``) is terminated."""
+        if not isinstance(exc_val, SubscriberNotFound):
+            return False
+        raw = cast(Msg, self.msg)
+        log.error("unknown message %s dropped", raw.subject)
+        try:
+            await settle(raw, TERM)
+        except Exception:
+            log.warning("terminating %s failed; it will be redelivered", raw.subject, exc_info=True)
+        if self.metrics is not None:
+            self.metrics.observe(raw.subject, "term", 0.0)
+        return True
+
     @staticmethod
     async def _outcome(call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any], raw: Msg) -> Settle:
         with tracing.consumer_span(subject_template(raw.subject), raw.headers):
@@ -116,7 +133,7 @@ def broker(url: str, name: str, metrics: BusMetrics | None) -> NatsBroker:
                       reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL,
                       middlewares=(BusSettlement(metrics),), logger=logging.getLogger("langorch.faststream"),
                       log_level=logging.DEBUG, graceful_timeout=None, specification_url=url,
-                      description="LangOrch's NATS interface (api.md §16)")
+                      description="LangOrch's NATS interface")
 
 
 async def connect(b: NatsBroker) -> NATS:
@@ -190,7 +207,7 @@ RUN_COMMANDS = Consumer(
 
 
 def _event_envelope(data: type[EventData]) -> type[BaseModel]:
-    """The wire form of one event type: the DESIGN §3 envelope whose ``type`` and ``data`` are that type's."""
+    """The wire form of one event type: the event envelope whose ``type`` and ``data`` are that type's."""
     name = f"{data.__name__}Event"
     model = create_model(name, __base__=EventEnvelope, __doc__=f"``{data.TYPE}`` in its envelope.",
                          type=(Literal[data.TYPE], Field(...)), data=(data, Field(...)))  # type: ignore[arg-type]
@@ -232,7 +249,6 @@ class Subscription:
             title=consumer.durable, description=consumer.description)
         for subject, model in consumer.messages.items():
             self.subscriber(filter=self._is(subject))(self._typed(subject, model))
-        self.subscriber(self._unknown)
 
     @staticmethod
     def _is(subject: str) -> Callable[[StreamMessage[Any]], Awaitable[bool]]:
@@ -258,10 +274,6 @@ class Subscription:
         handle.__name__ = f"on_{subject.rsplit('.', 1)[-1]}"
         handle.__doc__ = model.__doc__
         return handle
-
-    async def _unknown(self, msg: NatsMessage) -> None:
-        log.error("unknown message %s on %s dropped", msg.raw_message.subject, self.consumer.durable)
-        raise RejectMessage()
 
     def handle(self, functions: Mapping[str, Handler]) -> Subscription:
         """Attach the service's function of each subject (every subject of the consumer, and no other)."""
@@ -302,20 +314,26 @@ async def close(b: NatsBroker) -> None:
 
 
 class ExternalEvent(BaseModel):
-    """Any JSON object an external system publishes under ``lo.ext.>`` (api.md §16.3), ideally with a
-    ``Nats-Msg-Id`` header for dedupe; an ``event`` trigger whose ``event_source`` names the subject starts a run
-    with it."""
+    """Any JSON object an external system publishes under ``lo.ext.>``, ideally with a ``Nats-Msg-Id`` header for
+    dedupe; an ``event`` trigger whose ``event_source`` names the subject starts a run with it."""
 
     model_config = {"extra": "allow"}
 
 
-def _declare_events(b: NatsBroker, aggregates: Sequence[str]) -> None:
-    for type_name, data in sorted(EVENT_TYPES.items()):
-        if data.AGGREGATE not in aggregates:
-            continue
-        b.publisher(f"lo.evt.{data.AGGREGATE}.{{{data.AGGREGATE}_id}}.{type_name}",
-                    stream=JStream(EVENT_STREAM, declare=False), schema=_event_envelope(data), title=type_name,
-                    description=(data.__doc__ or type_name).strip())
+PUBLISHED_EVENTS: Mapping[str, tuple[type[EventData], ...]] = {
+    "run": run_events.EVENTS,
+    # the approvals service opens an approval aggregate with the payload the runtime records on the run
+    "approval": (run_events.ApprovalRequested, *approval_events.EVENTS),
+}
+"""The events documented as published, by aggregate (``lo.evt.<aggregate>.<id>.<type>``)."""
+
+
+def _declare_events(b: NatsBroker) -> None:
+    for aggregate, types in PUBLISHED_EVENTS.items():
+        for data in sorted(types, key=lambda t: t.TYPE):
+            b.publisher(f"lo.evt.{aggregate}.*.{data.TYPE}", stream=JStream(EVENT_STREAM, declare=False),
+                        schema=_event_envelope(data), title=f"{aggregate}.{data.TYPE}",
+                        description=(data.__doc__ or data.TYPE).strip())
 
 
 def interface_broker(url: str = "nats://localhost:4222") -> NatsBroker:
@@ -326,21 +344,24 @@ def interface_broker(url: str = "nats://localhost:4222") -> NatsBroker:
         Subscription(b, consumer)
     intake = b.subscriber("", stream=JStream(EXTERNAL_STREAM, declare=False),
                           config=ConsumerConfig(filter_subjects=["lo.ext.>"]), title="lo.ext",
-                          description="The intake of external events (stream LO_EXT): external systems publish "
-                          "here; event triggers start runs from them (api.md §10.4, §16.3).")
+                          description="The intake of external events (stream LO_EXT, kept 7 days): external "
+                          "systems publish here. Event triggers will start runs from them once the triggers service "
+                          "exists; until then the messages are stored and nothing consumes them.")
 
     @intake
     async def on_external_event(body: ExternalEvent) -> None:
         raise RejectMessage()  # the interface broker is never started; the triggers service will consume these
 
-    _declare_events(b, ("run", "approval"))
+    _declare_events(b)
     return b
 
 
 def asyncapi_document(version: str, url: str = "nats://localhost:4222") -> dict[str, Any]:
-    """The AsyncAPI 3.0 document of LangOrch's NATS interface, generated by FastStream."""
+    """The AsyncAPI 3.0 document of LangOrch's NATS interface, generated by FastStream from the declarations
+    above (``url`` is the server it names)."""
     spec = AsyncAPI(interface_broker(url), title="LangOrch NATS interface", version=version,
-                    description="Commands (lo.cmd.*, internal: LangOrch services only), run and approval events "
-                    "(lo.evt.*, the DESIGN §3 envelope) and the lo.ext.> intake of external events (api.md §16).",
+                    description="Commands (lo.cmd.*; internal: only LangOrch services publish them), run and "
+                    "approval events (lo.evt.<aggregate>.<id>.<type>, each in the event envelope; the id token is "
+                    "the aggregate id, encoded to be token-safe) and the lo.ext.> intake of external events.",
                     schema_version="3.0.0")
     return cast(dict[str, Any], spec.to_specification().to_jsonable())
