@@ -30,6 +30,7 @@ from langorch_gateway.app import create_app
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
 from langorch_runtime.agents import AgentService
+from langorch_runtime.creation import RunCreation
 from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.service import RuntimeService
 
@@ -210,9 +211,11 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                       runtime_settings: dict[str, Any] | None = None,
                       gateway_settings: dict[str, Any] | None = None, approvals: bool = True,
                       approvals_settings: dict[str, Any] | None = None,
-                      queries: bool = True) -> AsyncIterator[Platform]:
+                      queries: bool = True, creation: bool = True) -> AsyncIterator[Platform]:
     # ``queries``: the runtime's read side (checkpoints, step records, leases, agent liveness), which the gateway
     # asks over NATS; it executes nothing, so it runs unless a test checks the gateway without any runtime
+    # ``creation``: the runtime's run creation (lo.cmd.run.create); it executes nothing either, so runs are created
+    # (and their start commands wait) also without ``runtime``, as when the gateway created them itself
     env = {"nats_url": nats_url, "database_url": database_url}
     port = free_port()
     server, gateway_task, app = await _serve_gateway(GatewaySettings(**env, port=port, **(gateway_settings or {})))
@@ -225,6 +228,11 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                                                          **(runtime_settings or {})))
         await runtime_service.start()
         tasks.append(asyncio.create_task(runtime_service.run()))
+    run_creation = None
+    if creation:
+        run_creation = RunCreation(RuntimeSettings(**env, **(runtime_settings or {})))
+        await run_creation.start()
+        tasks.append(asyncio.create_task(run_creation.run()))
     agent_service = None
     if agents:
         agent_service = AgentService(RuntimeSettings(**env, **(runtime_settings or {})))
@@ -259,6 +267,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                 await _stopping("the approvals service", approvals_service.stop())
             if runtime_queries is not None:
                 await _stopping("the runtime queries", runtime_queries.stop())
+            if run_creation is not None:
+                await _stopping("the run creation", run_creation.stop())
             await _stopping("the compiler", compiler.stop())
             server.should_exit = True
             await _stopping("the gateway", asyncio.shield(gateway_task))

@@ -40,6 +40,49 @@ class StartRun(Command):
     run_id: str
 
 
+class CreateRun(Command):
+    """``lo.cmd.run.create``: create a run (``run_created``) and start it. The runtime, the run's single writer,
+    decides it: the version must exist and be runnable and effective, and ``input_vars`` must validate against
+    its variables; else ``command_rejected`` (``procedure_not_runnable``, ``procedure_not_effective``,
+    ``invalid_input_vars``). Then it publishes the run's ``lo.cmd.run.start`` with THIS command's id, so the
+    run's first events share one causation id whoever submitted the creation (the gateway, a parent run, later
+    a trigger).
+
+    ``procedure_version`` is the version the submitter resolved (a channel's active version, ``latest`` …);
+    ``input_vars`` are the inputs as given (the runtime validates and fills defaults); ``execution_mode`` None
+    runs the version's own mode (a dry-run parent's child says ``dry_run``).
+    """
+
+    AGGREGATE = "run"
+    VERB = "create"
+
+    run_id: str
+    procedure_id: str
+    procedure_version: str
+    release_channel: str | None = None
+    input_vars: dict[str, Any] = Field(default_factory=dict)
+    trigger_type: str = "api"
+    triggered_by: str | None = None
+    parent_run_id: str | None = None
+    parent_node_id: str | None = None
+    root_run_id: str | None = None
+    rerun_of: str | None = None
+    execution_mode: str | None = None
+    project_id: str | None = None
+    call_chain: list[str] | None = None
+
+    @property
+    def msg_id(self) -> str:
+        """``Nats-Msg-Id`` of the creation: a republish is dropped, and the start, which carries the command id as
+        its own message id, is not."""
+        return f"create:{self.command_id}"
+
+    def start(self) -> StartRun:
+        """The run's start command: this command's id, actor and causation (the run's events share them)."""
+        return StartRun(command_id=self.command_id, actor=self.actor, causation_id=self.causation_id,
+                        run_id=self.run_id)
+
+
 class ResumeRun(Command):
     """``lo.cmd.run.resume``: resolve one wait of a suspended run (ckp.md §7.2).
 

@@ -54,6 +54,10 @@ Refusals = Literal["event", "audit"]
 """Where a refusal is recorded: as a ``command_rejected`` event on the aggregate (and its audit record), or only
 in the audit log (commands whose refusals were never events: a cancel of an ended run)."""
 
+AuditMeta = Mapping[str, Any] | Callable[["Handled[S]"], Mapping[str, Any]] | None
+"""Keyword arguments of :func:`ckp_core.audit.command_entry` for a command's record, or a function of its
+outcome returning them (the record of a creation names what was created)."""
+
 MAX_ATTEMPTS = 4
 BACKOFF_S = 0.01
 BACKOFF_CAP_S = 0.2
@@ -156,14 +160,15 @@ class CommandHandler(Generic[S]):
         correlation_id: str | Callable[[S], str | None] | None = None,
         refusals: Refusals = "event",
         audit_as: Command | None = None,
-        audit_meta: Mapping[str, Any] | None = None,
+        audit_meta: AuditMeta[S] = None,
     ) -> Handled[S]:
         """Decide ``command`` on the aggregate ``aggregate_id`` and append its outcome (see the module).
 
         ``command_type`` names the command in ``command_rejected``; the events carry ``actor`` (default: the
         command's), the command's id as ``causation_id`` and ``correlation_id`` (a value, or computed from the
         state after the decision). The audit record is the one of ``audit_as`` (default: the command) with
-        ``audit_meta`` passed to :func:`ckp_core.audit.command_entry` (``sensitive_keys``, ``extra_meta`` …).
+        ``audit_meta`` passed to :func:`ckp_core.audit.command_entry` (``sensitive_keys``, ``extra_meta`` …;
+        or a function of the outcome returning them).
         Raises :class:`ConcurrencyError` when the aggregate kept moving for ``max_attempts`` decisions.
         """
         for attempt in range(1, self.max_attempts + 1):
@@ -212,12 +217,12 @@ class CommandHandler(Generic[S]):
         return base * (0.5 + self.rng.random())
 
     async def _audit(self, command: Command, handled: Handled[S], audit_as: Command | None,
-                     audit_meta: Mapping[str, Any] | None) -> None:
+                     audit_meta: AuditMeta[S]) -> None:
         if self.audit is None:
             return
         subject = audit_as or command
-        kwargs = dict(audit_meta or {})
         try:
+            kwargs = dict((audit_meta(handled) if callable(audit_meta) else audit_meta) or {})
             entry: AuditEntry
             if handled.event is None and handled.refusal is not None:  # refused without an event
                 entry = command_entry(subject, "rejected", code=handled.refusal.code, detail=handled.refusal.message,

@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
     RetentionPolicy,
@@ -100,6 +101,35 @@ async def ensure_topology(js: JetStreamContext, *, audit_retention_days: int | N
                 await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
             except BadRequestError:  # created concurrently by another replica
                 await js.key_value(bucket)
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> ConsumerInfo:
+    """Create the durable consumer ``config.durable_name`` on ``stream``, or bring an existing one to ``config``.
+
+    NATS ≥ 2.10 changes a durable's filter, ack wait and limits in place (its delivery state stays), so a consumer
+    declared by an older version follows the current declaration. A change the server cannot make in place (the
+    deliver or ack policy) raises: drift is not hidden.
+    """
+    return await js.add_consumer(stream, config)
+
+
+async def narrow_consumer(js: JetStreamContext, stream: str, durable: str, filter_subjects: Sequence[str]) -> bool:
+    """Set an existing durable's filter to ``filter_subjects``, keeping the rest of its configuration.
+
+    For a consumer declared by an older version whose filter catches subjects another consumer owns now: on a
+    work-queue stream (``LO_CMD``) the server refuses overlapping filters, so the old one is narrowed before the
+    new one is created. False when ``durable`` does not exist (its owner declares it when it starts).
+    """
+    try:
+        info = await js.consumer_info(stream, durable)
+    except NotFoundError:
+        return False
+    config = info.config
+    current = list(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+    if sorted(current) != sorted(filter_subjects):
+        log.info("consumer %s of %s: filter %s narrowed to %s", durable, stream, current, list(filter_subjects))
+        await js.add_consumer(stream, replace(config, filter_subject=None, filter_subjects=list(filter_subjects)))
+    return True
 
 
 def encode_envelope(envelope: EventEnvelope) -> bytes:

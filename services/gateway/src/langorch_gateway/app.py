@@ -26,9 +26,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from ckp_core import runs
-from ckp_core.commands import StartRun
+from ckp_core.commands import CreateRun
 from ckp_core.errors import InvalidInputVars
-from ckp_core.events import ANONYMOUS, RunCreated, event_json_schemas, format_time, make_event
+from ckp_core.events import ANONYMOUS, event_json_schemas, format_time
 from ckp_core.ids import new_id
 from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
@@ -52,6 +52,7 @@ from langorch_gateway import (
     routes_run_control,
     routes_run_graph,
     routes_runs_more,
+    run_creation,
     views,
 )
 from langorch_gateway.metrics import GatewayMetrics
@@ -65,7 +66,6 @@ from langorch_infra.jetstream import (
     connect,
     ensure_topology,
     follow,
-    publish_command,
 )
 from langorch_infra.presence import Presence, new_instance_id
 from langorch_infra.settings import GatewaySettings
@@ -241,7 +241,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)
     async def create_run(request: Request, body: RunCreate) -> JSONResponse:
-        """Validate inputs, append ``run_created`` and publish ``lo.cmd.run.start``."""
+        """Check the version and the inputs, then submit ``lo.cmd.run.create`` to the runtime (the run's single
+        writer) and wait for its outcome: ``run_created`` (201, the run once projected) or ``command_rejected``
+        (the problem it names); 202 pending when the runtime did not decide in time."""
         if body.case_id is not None:
             raise ApiProblem("unsupported_field", "case_id is reserved for a later version; send null or omit it",
                              errors={"case_id": ["Not supported: must be null"]})
@@ -271,24 +273,16 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                         "procedure_id": row["procedure_id"], "procedure_version": row["version"],
                         "trigger_type": "api", "triggered_by": None, "now": format_time(datetime.now(UTC)),
                         "today": datetime.now(UTC).date().isoformat()}
-            try:
-                inputs = validate_inputs(variables, body.input_vars, builtins)
+            try:  # a pre-check for precise 422s: the runtime validates the inputs again when it decides
+                validate_inputs(variables, body.input_vars, builtins)
             except InvalidInputVars as exc:
                 raise ApiProblem("invalid_input_vars", exc.message, errors=exc.errors) from exc
-        data = RunCreated(procedure_id=row["procedure_id"], procedure_version=row["version"],
-                          release_channel=row["release_channel"] if body.procedure_version is None else None,
-                          input_vars=inputs, trigger_type="api", root_run_id=run_id,
-                          execution_mode=views.execution_mode_of(row), project_id=body.project_id or row["project_id"])
-        command = StartRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
-        event = make_event(data, aggregate_id=run_id, seq=1, actor=ANONYMOUS,
-                           causation_id=command.command_id, correlation_id=run_id)
-        [position] = await request.app.state.store.append([event], expected_position=0)
-        await publish_command(request.app.state.js, command)
-        await ryw(request, position)
-        run = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
-        if run is None:
-            return _pending(command.command_id, "start_run")
-        return _created(views.run_out(run), f"/api/runs/{run_id}", command.command_id, position)
+        command = CreateRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id,
+                            procedure_id=row["procedure_id"], procedure_version=row["version"],
+                            release_channel=row["release_channel"] if body.procedure_version is None else None,
+                            input_vars=body.input_vars, trigger_type="api", root_run_id=run_id,
+                            project_id=body.project_id or row["project_id"])
+        return await run_creation.submit(request, command)
 
     @app.get("/api/runs")
     async def list_runs(
@@ -412,19 +406,6 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                                    background=BackgroundTask(release))
 
     return app
-
-
-def _created(body: dict[str, Any], location: str, command_id: str, position: int) -> JSONResponse:
-    """201 with the resource, where it lives, the command that made it and the stream position it reached."""
-    return JSONResponse(body, status_code=201, headers={
-        "Location": location, "X-LangOrch-Command-ID": command_id, "X-LangOrch-Position": str(position)})
-
-
-def _pending(command_id: str, command_type: str) -> JSONResponse:
-    return JSONResponse(
-        {"command_id": command_id, "command_type": command_type, "status": "pending",
-         "location": f"/api/commands/{command_id}"},
-        status_code=202, headers={"Location": f"/api/commands/{command_id}"})
 
 
 def _filters(values: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -15,9 +15,9 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ckp_core import runs
-from ckp_core.commands import DeleteRun, StartRun
+from ckp_core.commands import CreateRun, DeleteRun
 from ckp_core.errors import CommandRefused, InvalidInputVars
-from ckp_core.events import ANONYMOUS, RunCreated, format_time, make_event
+from ckp_core.events import ANONYMOUS, format_time
 from ckp_core.ids import new_id
 from ckp_core.queries import (
     MAX_VALUE_BYTES,
@@ -30,7 +30,7 @@ from ckp_core.queries import (
 )
 from ckp_core.subjects import ARTIFACTS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import auditing, views
+from langorch_gateway import auditing, run_creation, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem, problem_response, refused_problem
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page, gather
@@ -90,7 +90,8 @@ class RerunIn(BaseModel):
 
 @router.post("/api/runs/{run_id}/rerun", status_code=201)
 async def rerun(request: Request, run_id: str, body: RerunIn | None = None) -> JSONResponse:
-    """A new run of the same procedure (``rerun_of``), the original's version and inputs unless given."""
+    """A new run of the same procedure (``rerun_of``), the original's version and inputs unless given; created
+    by the runtime like every run (``lo.cmd.run.create``)."""
     body = body or RerunIn()
     original = await _run(request, run_id)
     db = _db(request)
@@ -119,29 +120,16 @@ async def rerun(request: Request, run_id: str, body: RerunIn | None = None) -> J
                 "procedure_id": pid, "procedure_version": row["version"], "trigger_type": "api",
                 "triggered_by": f"rerun:{run_id}", "now": format_time(datetime.now(UTC)),
                 "today": datetime.now(UTC).date().isoformat()}
-    try:
-        inputs = validate_inputs(variables, raw_inputs, builtins)
+    try:  # a pre-check for precise 422s: the runtime validates the inputs again when it decides
+        validate_inputs(variables, raw_inputs, builtins)
     except InvalidInputVars as exc:
         raise await auditing.refused_decision(request, "run", "start", "run", None, ApiProblem(
             "invalid_input_vars", exc.message, errors=exc.errors)) from exc
-    data = RunCreated(procedure_id=pid, procedure_version=row["version"], release_channel=None, input_vars=inputs,
-                      trigger_type="api", triggered_by=f"rerun:{run_id}", root_run_id=new_run, rerun_of=run_id,
-                      execution_mode=views.execution_mode_of(row),
-                      project_id=original["project_id"] or row["project_id"])
-    command = StartRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=new_run)
-    fixed_id = getattr(request.state, "command_id", None)
-    if fixed_id:
-        command.command_id = fixed_id
-    event = make_event(data, aggregate_id=new_run, seq=1, actor=ANONYMOUS, causation_id=command.command_id,
-                       correlation_id=new_run)
-    [position] = await request.app.state.store.append([event], expected_position=0)
-    await publish_command(request.app.state.js, command)
-    await ryw(request, position)
-    created = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", new_run)
-    if created is None:
-        return pending(command.command_id, "start_run")
-    return JSONResponse(views.run_out(created), status_code=201, headers={
-        "Location": f"/api/runs/{new_run}", **accepted_headers(command.command_id, position)})
+    command = CreateRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=new_run, procedure_id=pid,
+                        procedure_version=row["version"], input_vars=raw_inputs, trigger_type="api",
+                        triggered_by=f"rerun:{run_id}", root_run_id=new_run, rerun_of=run_id,
+                        project_id=original["project_id"] or row["project_id"])
+    return await run_creation.submit(request, command)
 
 
 # -- delete and cleanup ----------------------------------------------------------------------------------------

@@ -1,37 +1,33 @@
-"""Child runs of subflow nodes (ckp.md §3.9): version resolution, input validation, creation and the
-parent's resumption when a child ends."""
+"""Child runs of subflow nodes (ckp.md §3.9): version resolution, input validation, creation (the run-creation
+decision of :mod:`langorch_runtime.creation`) and the parent's resumption when a child ends."""
 
 from __future__ import annotations
 
-import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NotFoundError
-from nats.js.kv import KeyValue
 
-from ckp_core.commands import ResumeRun, StartRun
-from ckp_core.errors import ConcurrencyError, InvalidInputVars
-from ckp_core.events import Actor, ErrorObject, RunCreated, format_time, make_event
-from ckp_core.eventstore import EventStore
+from ckp_core.commands import CreateRun, ResumeRun
+from ckp_core.errors import InvalidInputVars
+from ckp_core.events import Actor, ErrorObject, format_time
 from ckp_core.ir import ProcedureIR
 from ckp_core.procedure_lifecycle import fold
 from ckp_core.variables import validate_inputs
 from langorch_infra.jetstream import publish_command
+from langorch_runtime.creation import RUNNABLE, RunCreator
 from langorch_runtime.errors import StepError
-
-RUNNABLE = ("draft", "active")
 
 
 class JetStreamChildRuns:
-    """Creates child runs the way the gateway creates API runs: ``run_created`` (expected sequence 0) then
-    ``lo.cmd.run.start``; both steps are idempotent, so a re-executed super-step never starts a second child."""
+    """Creates child runs through the same decision as every other run (:class:`RunCreator`, ``run_created`` at
+    expected position 0, then ``lo.cmd.run.start``); both steps are idempotent, so a re-executed super-step never
+    starts a second child. A child that cannot run is the parent's step error, not a rejected creation: its
+    version and inputs are checked first (``subflow_not_found``, ``subflow_input_invalid``)."""
 
-    def __init__(self, store: EventStore, js: JetStreamContext, procedures: KeyValue, actor: Actor) -> None:
-        self.store = store
-        self.js = js
-        self.procedures = procedures
+    def __init__(self, creator: RunCreator, actor: Actor) -> None:
+        self.creator = creator
+        self.store = creator.store
         self.actor = actor
 
     async def resolve(self, procedure_id: str, version: str | None) -> tuple[str, ProcedureIR]:
@@ -46,12 +42,11 @@ class JetStreamChildRuns:
         if chosen is None:
             raise StepError(ErrorObject(code="subflow_not_found", message=f"no runnable version "
                                         f"'{version or 'newest active'}' of procedure '{procedure_id}'"))
-        try:
-            entry = await self.procedures.get(chosen.ir_key)
-        except (KeyNotFoundError, NotFoundError):
+        ir = await self.creator.load_ir(procedure_id, chosen.version)
+        if ir is None:
             raise StepError(ErrorObject(code="subflow_not_found", message=f"procedure {procedure_id}@"
-                                        f"{chosen.version} has no compiled IR")) from None
-        return chosen.version, ProcedureIR.model_validate_json(entry.value or b"{}")
+                                        f"{chosen.version} has no compiled IR"))
+        return chosen.version, ir
 
     async def start(self, *, parent_run_id: str, parent_node_id: str, root_run_id: str, call_chain: list[str],
                     procedure_id: str, version: str | None, inputs: dict[str, Any], child_run_id: str,
@@ -61,26 +56,29 @@ class JetStreamChildRuns:
             return str(existing[0].envelope.data["procedure_version"])
         chosen, ir = await self.resolve(procedure_id, version)
         now = datetime.now(UTC)
+        triggered_by = f"subflow:{parent_run_id}:{parent_node_id}"
         builtins = {"run_id": child_run_id, "root_run_id": root_run_id, "parent_run_id": parent_run_id,
                     "procedure_id": procedure_id, "procedure_version": chosen, "trigger_type": "subflow",
-                    "triggered_by": f"subflow:{parent_run_id}:{parent_node_id}", "now": format_time(now),
-                    "today": now.date().isoformat()}
+                    "triggered_by": triggered_by, "now": format_time(now), "today": now.date().isoformat()}
         try:
-            values = validate_inputs(ir.variables, inputs, builtins)
+            validate_inputs(ir.variables, inputs, builtins)
         except InvalidInputVars as exc:
             raise StepError(ErrorObject(code="subflow_input_invalid", message=exc.message,
                                         details={"errors": exc.errors})) from exc
-        data = RunCreated(procedure_id=procedure_id, procedure_version=chosen, input_vars=values,
-                          trigger_type="subflow", triggered_by=builtins["triggered_by"], parent_run_id=parent_run_id,
-                          parent_node_id=parent_node_id, root_run_id=root_run_id, rerun_of=rerun_of,
-                          execution_mode="dry_run" if dry_run else ir.global_config.execution_mode,
-                          project_id=project_id, call_chain=call_chain)
-        command = StartRun(actor=self.actor, run_id=child_run_id)
-        event = make_event(data, aggregate_id=child_run_id, seq=1, actor=self.actor,
-                           causation_id=command.command_id, correlation_id=child_run_id)
-        with contextlib.suppress(ConcurrencyError):  # created by an earlier execution of this super-step
-            await self.store.append([event], expected_position=0)
-        await publish_command(self.js, command, msg_id=f"start-{child_run_id}")
+        command = CreateRun(actor=self.actor, run_id=child_run_id, procedure_id=procedure_id,
+                            procedure_version=chosen, input_vars=inputs, trigger_type="subflow",
+                            triggered_by=triggered_by, parent_run_id=parent_run_id, parent_node_id=parent_node_id,
+                            root_run_id=root_run_id, rerun_of=rerun_of, execution_mode="dry_run" if dry_run else None,
+                            project_id=project_id, call_chain=call_chain)
+        handled = await self.creator.create(command, ir=ir, start_msg_id=f"start-{child_run_id}")
+        event = handled.event
+        if event is None:  # created meanwhile by an earlier execution of this super-step
+            created = await self.store.read("run", child_run_id)
+            return str(created[0].envelope.data["procedure_version"]) if created else chosen
+        if event.type == "command_rejected":  # the version changed between the check and the decision
+            code = "subflow_input_invalid" if event.data.get("code") == "invalid_input_vars" else "subflow_not_found"
+            raise StepError(ErrorObject(code=code, message=str(event.data.get("detail")),
+                                        details=dict(event.data.get("extra") or {})))
         return chosen
 
 

@@ -35,14 +35,13 @@ from ckp_core.commands import Command as LoCommand
 from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import (
     Actor,
-    CommandRejected,
     ErrorObject,
+    EventData,
     ExecutionRecovered,
     ExecutionStarted,
     RunCompleted,
     RunFailed,
     format_time,
-    make_event,
     utc_now,
 )
 from ckp_core.eventstore import AggregateHead, StoredEvent
@@ -70,8 +69,9 @@ from ckp_core.subjects import (
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import ACK, LEAVE, BusMetrics, Settle, handle_one, nak
 from langorch_infra.callbacks import callback_key
+from langorch_infra.handling import CommandHandler, Handled
 from langorch_infra.hosting import ServiceHost, bus_checks, probe_check
-from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_topology, publish_command
+from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_consumer, ensure_topology, publish_command
 from langorch_infra.kv import kv_keys
 from langorch_infra.metrics import package_version, register_build_info
 from langorch_infra.secrets import env_secret, grant_key, make_grant
@@ -81,6 +81,16 @@ from langorch_runtime.agents import CONSUMER as AGENTS_CONSUMER
 from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
+from langorch_runtime.creation import (
+    EXECUTE_SUBJECTS,
+    RUN_CONSUMER,
+    RunCreation,
+    RunCreator,
+    fold_run,
+    run_redactor,
+    sensitive_variables,
+    start_meta,
+)
 from langorch_runtime.executor import RunWriter, build_graph, retry_target
 from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
@@ -94,7 +104,7 @@ from langorch_runtime.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
-CONSUMER = "runtime"
+CONSUMER = RUN_CONSUMER
 QUEUE_POLL_S = 5.0
 DEFECT_DELIVERIES = 3  # a run command failing this often on a defect (not the infrastructure) fails its run
 ACTOR = Actor.system("runtime")
@@ -167,7 +177,8 @@ class RuntimeService:
         self.store = JetStreamEventStore(self.js)
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
-        self.children = JetStreamChildRuns(self.store, self.js, self.procedures, ACTOR)
+        self.runs = CommandHandler(self.store, "run", fold_run, audit=self.audit)
+        self.children = JetStreamChildRuns(RunCreator(self.store, self.js, self.procedures, self.audit), ACTOR)
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
         self.artifacts = await ObjectStoreArtifacts.open(self.js)
@@ -176,13 +187,11 @@ class RuntimeService:
         self.webhooks = Webhooks(self.settings, secrets=self.secrets.value)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
-        cfg = ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT,
-                             ack_wait=self.settings.ack_wait_s, filter_subject="lo.cmd.run.>",
-                             max_ack_pending=1000)
-        try:
-            await self.js.add_consumer(COMMAND_STREAM, cfg)
-        except Exception:
-            log.debug("runtime consumer exists", exc_info=True)
+        # every run command but creation (its own consumer, langorch_runtime.creation): a consumer declared by an
+        # older version with lo.cmd.run.> is narrowed in place
+        await ensure_consumer(self.js, COMMAND_STREAM, ConsumerConfig(
+            durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=self.settings.ack_wait_s,
+            filter_subjects=list(EXECUTE_SUBJECTS), max_ack_pending=1000))
         self.sub = await self.js.pull_subscribe_bind(CONSUMER, stream=COMMAND_STREAM)
         self._queues = asyncio.create_task(self._watch_queues(), name="runtime-queue-depth")
 
@@ -369,25 +378,26 @@ class RuntimeService:
         await self.audit.write(command_entry(command, outcome, code=code, detail=detail, **kwargs))
 
     async def cancel(self, command: CancelRun) -> None:
-        """Cancel a run (api.md §5.4): at once when nothing executes it, else through the executing replica."""
-        events = await self.store.read("run", command.run_id)
-        if not events:
-            return await self._audit(command, "rejected", code="not_found", detail=f"run {command.run_id} not found")
-        try:
-            decision = runs.decide_cancel(run_status(events))
-        except CommandRefused as refusal:
-            return await self._audit(command, "rejected", code=refusal.code, detail=refusal.message)
-        await self._audit(command)
-        if decision == "noop":
-            return
-        head = AggregateHead(events[-1].envelope.seq, events[-1].position)
-        writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
+        """Cancel a run (api.md §5.4): at once when nothing executes it, else through the executing replica.
+
+        A refusal (an unknown or ended run) is only audited: a cancel was never a ``command_rejected`` event."""
         requested_by = command.actor.render()
-        if decision == "request":  # it runs: the executing replica stops it and appends run_canceled
-            await writer.emit(RunCancelRequested(reason=command.reason, requested_by=requested_by))
-            return
-        await writer.emit(RunCanceled(reason=command.reason, requested_by=requested_by))
-        if self.js is not None:
+
+        def decide(run: runs.RunState) -> EventData | None:
+            if not run.exists:
+                raise CommandRefused("not_found", f"run {command.run_id} not found")
+            decision = runs.decide_cancel(run.status)
+            if decision == "noop":
+                return None
+            if decision == "request":  # it runs: the executing replica stops it and appends run_canceled
+                return RunCancelRequested(reason=command.reason, requested_by=requested_by)
+            return RunCanceled(reason=command.reason, requested_by=requested_by)
+
+        handled = await self.runs.handle(command.run_id, command, decide, command_type="cancel_run", actor=ACTOR,
+                                         correlation_id=command.run_id, refusals="audit")
+        event = handled.event
+        if event is not None and event.type == "run_canceled" and self.js is not None:  # again on a redelivery
+            events = await self.store.read("run", command.run_id)
             await resume_parent(self.js, events[0].envelope.data, command.run_id, {"status": "canceled"}, {}, ACTOR)
             await self.cancel_open_children(command.run_id, "parent canceled", events)
 
@@ -459,10 +469,8 @@ class RuntimeService:
             return
         head = AggregateHead(events[-1].envelope.seq, events[-1].position)
         ir = await self.load_ir(created["procedure_id"], created["procedure_version"])
-        sensitive = [n for n, s in (ir.variables.items() if ir else []) if s.sensitive]
-        sensitive += decrypt_outputs(ir) if ir else []
-        redactor = Redactor(extra_keys=[*(ir.global_config.redacted_fields if ir else []), *sensitive],
-                            values=[str(created["input_vars"].get(n, "")) for n in sensitive])
+        sensitive = sensitive_variables(ir)
+        redactor = run_redactor(ir, created["input_vars"])
         writer = RunWriter(self.store, run_id, head, redactor, ACTOR, command.command_id)
         await self._audit(command, sensitive_keys=redactor.extra_keys, sensitive_values=redactor.values,
                           extra_meta=run_meta(command, created))
@@ -645,25 +653,25 @@ class RuntimeService:
         """Delete a terminal run (api.md §5.6): ``run_deleted``, then its ``lo_steps`` keys, stored artifacts and
         child runs (one ``lo.cmd.run.delete`` each); a run that is not terminal gets ``command_rejected``."""
         events = await self.store.read("run", command.run_id)
-        if not events:
+        if not events:  # never a command_rejected on a run that does not exist: only audited
             return await self._audit(command, "rejected", code="not_found", detail=f"run {command.run_id} not found")
-        if events[-1].envelope.type == "run_deleted":
-            return await self._audit(command, extra_meta={"noop": True})
-        head = AggregateHead(events[-1].envelope.seq, events[-1].position)
-        try:
-            runs.decide_delete(run_status(events))
-        except CommandRefused as refusal:
-            rejected = make_event(CommandRejected(
-                command_id=command.command_id, command_type="delete_run", code=refusal.code,
-                detail=refusal.message, extra=refusal.extra),
-                aggregate_id=command.run_id, seq=head.seq + 1, actor=ACTOR, causation_id=command.command_id,
-                correlation_id=command.run_id, aggregate="run")
-            await self.store.append([rejected], expected_position=head.position)
-            await self.audit.outcome(command, rejected)
-            return
-        writer = RunWriter(self.store, command.run_id, head, Redactor(), ACTOR, command.command_id)
-        deleted_at = await writer.emit(RunDeleted())
-        await self._audit(command, extra_meta={"procedure_id": events[0].envelope.data.get("procedure_id")})
+        procedure_id = events[0].envelope.data.get("procedure_id")
+
+        def decide(run: runs.RunState) -> EventData | None:
+            if run.deleted:
+                return None  # deleted before: a no-op
+            runs.decide_delete(run.status)
+            return RunDeleted()
+
+        def meta(handled: Handled[runs.RunState]) -> dict[str, Any]:
+            deleted = handled.event is not None and handled.event.type == "run_deleted"
+            return {"extra_meta": {"procedure_id": procedure_id}} if deleted else {}
+
+        handled = await self.runs.handle(command.run_id, command, decide, command_type="delete_run", actor=ACTOR,
+                                         correlation_id=command.run_id, audit_meta=meta)
+        if handled.event is None or handled.event.type != "run_deleted":
+            return  # refused, or a no-op
+        deleted_at = handled.positions[0]  # the clean-up below is repeated on a redelivery: each step is idempotent
         if self.js is not None:  # the run's earlier events go; the run_deleted tombstone stays
             with contextlib.suppress(Exception):
                 await self.js.purge_stream(EVENT_STREAM, subject=aggregate_filter("run", command.run_id),
@@ -693,12 +701,9 @@ CANCELED: dict[str, Any] = {"canceled": True}
 def run_meta(command: StartRun | ResumeRun | RetryRun, created: dict[str, Any]) -> dict[str, Any]:
     """What the audit record of a run command adds to its parameters: the procedure, and for a start the
     inputs (redacted by the caller like the run's events: sensitive variables and redacted fields)."""
-    meta: dict[str, Any] = {"procedure_id": created.get("procedure_id"),
-                            "procedure_version": created.get("procedure_version")}
     if isinstance(command, StartRun):
-        meta["input_vars"] = created.get("input_vars") or {}
-        meta["trigger_type"] = created.get("trigger_type")
-    return meta
+        return start_meta(created)
+    return {"procedure_id": created.get("procedure_id"), "procedure_version": created.get("procedure_version")}
 
 
 def run_status(events: list[StoredEvent]) -> runs.RunStatus:
@@ -718,17 +723,6 @@ class EnvSecrets:
     def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None) -> str:
         return make_grant(self.key, run_id=run_id, secret_name=secret_name, node_id=node_id, step_id=step_id,
                           field=field)
-
-
-def decrypt_outputs(ir: ProcedureIR) -> list[str]:
-    """Variables that receive decrypted plaintext: redacted by key in every event (ckp.md §7.15)."""
-    names: list[str] = []
-    for node in ir.nodes.values():
-        p = node.payload
-        ops: list[Any] = [*getattr(p, "steps", []), *getattr(p, "operations", []),
-                          *getattr(p, "cleanup_actions", []), *getattr(p, "error_actions", [])]
-        names.extend(op.output_variable for op in ops if op.action == "decrypt" and op.output_variable)
-    return names
 
 
 VALIDATION_ONLY_MESSAGE = "Execution skipped (mode=validation_only). CKP compiled and validated successfully."
@@ -761,8 +755,8 @@ def host(settings: RuntimeSettings) -> ServiceHost:
     /metrics, /health and /ready on ``metrics_port``."""
     service = RuntimeService(settings)
     return ServiceHost("runtime", VERSION, settings,
-                       [service, AgentService(settings, bus=service.bus, followed=service.dispatcher),
-                        RuntimeQueries(settings)],
+                       [service, RunCreation(settings, bus=service.bus),
+                        AgentService(settings, bus=service.bus), RuntimeQueries(settings)],
                        service.metrics.registry)
 
 

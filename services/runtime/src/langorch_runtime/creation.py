@@ -1,0 +1,264 @@
+"""Run creation: the runtime, the run aggregate's single writer, decides ``lo.cmd.run.create``.
+
+Whoever wants a run — the gateway (``POST /api/runs``, rerun), a parent run's subflow node, later a trigger —
+submits :class:`~ckp_core.commands.CreateRun`. The decision (:func:`decide_create`) is pure: the version must
+exist in the procedure aggregate and be runnable (draft or active) and effective, and the inputs must validate
+against the version's variables; it gives ``run_created`` (at expected position 0), or a refusal that
+:class:`~langorch_infra.handling.CommandHandler` appends as ``command_rejected`` with the code the gateway
+answers with (``procedure_not_runnable``/``procedure_not_effective`` 409, ``invalid_input_vars`` 422 with
+``errors``). Once the run exists its ``lo.cmd.run.start`` is published with the creating command's id, so
+``run_created`` and ``execution_started`` share one causation id as before.
+
+Creations arrive on their own durable consumer (``runtime-create``, filter ``lo.cmd.run.create``), handled by
+:class:`RunCreation` in milliseconds: the ``runtime`` consumer holds a slot per run until the run ends, so a
+creation queued behind busy slots would wait for a run to finish. :class:`RunCreation` executes nothing (no
+LangGraph, no PostgreSQL), so it also runs where runs are only submitted, not executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from ckp_core import runs
+from ckp_core.commands import CreateRun
+from ckp_core.errors import CommandRefused, ConcurrencyError, InvalidInputVars
+from ckp_core.events import RunCreated, format_time
+from ckp_core.eventstore import EventStore, StoredEvent
+from ckp_core.ir import ProcedureIR
+from ckp_core.procedure_lifecycle import VersionState, fold
+from ckp_core.redaction import Redactor
+from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, PROCEDURES_BUCKET, command_subject, procedure_key
+from ckp_core.variables import validate_inputs
+from langorch_infra.audit import AuditWriter
+from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
+from langorch_infra.handling import AuditSink, CommandHandler, Handled
+from langorch_infra.hosting import bus_checks
+from langorch_infra.jetstream import (
+    JetStreamEventStore,
+    connect,
+    ensure_consumer,
+    ensure_topology,
+    narrow_consumer,
+    publish_command,
+)
+from langorch_infra.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+RUNNABLE = ("draft", "active")
+CREATE_CONSUMER = "runtime-create"
+RUN_CONSUMER = "runtime"
+CREATE_SUBJECTS = (command_subject("run", "create"),)
+"""What ``runtime-create`` takes."""
+EXECUTE_SUBJECTS = tuple(command_subject("run", verb) for verb in ("start", "resume", "retry", "cancel", "delete"))
+"""What the ``runtime`` consumer takes (it took ``lo.cmd.run.>`` before creations were commands)."""
+IR_WAIT_DELIVERIES = 25
+"""The compiler stores a version's IR right after its event: a creation that finds the version but not yet its
+IR is redelivered (every ``IR_WAIT_S``) this many times before it is refused."""
+IR_WAIT_S = 0.2
+
+
+class IrNotStored(Exception):
+    """The version exists but its compiled IR is not in ``lo_procedures`` yet: decide again shortly."""
+
+
+def fold_run(run_id: str, events: Sequence[StoredEvent]) -> runs.RunState:
+    """The run aggregate's state for the command handler."""
+    return runs.fold((e.envelope for e in events), run_id)
+
+
+def decide_create(run: runs.RunState, command: CreateRun, version: VersionState | None, ir: ProcedureIR | None,
+                  now: datetime) -> RunCreated | None:
+    """``run_created`` for ``command``, or the refusal (pure).
+
+    ``version`` is the procedure aggregate's state of ``command.procedure_version`` (None: it does not exist or
+    was deleted) and ``ir`` its compiled IR. A run that already has events (created by another command) is left as
+    it is: None, nothing to create.
+    """
+    if run.seq > 0:
+        return None
+    # the problems the gateway's pre-check answers, word for word (no extension members)
+    if version is None or version.status not in RUNNABLE:
+        status = version.status if version is not None else "deleted"
+        raise CommandRefused("procedure_not_runnable", f"version {command.procedure_version} is {status}")
+    if ir is None:
+        raise CommandRefused("procedure_not_runnable", f"procedure {command.procedure_id}@"
+                             f"{command.procedure_version} is not available to the runtime")
+    today = now.date().isoformat()
+    if ir.effective_date and ir.effective_date > today:
+        raise CommandRefused("procedure_not_effective", f"version {command.procedure_version} is effective from "
+                             f"{ir.effective_date}")
+    root = command.root_run_id or command.run_id
+    builtins = {"run_id": command.run_id, "root_run_id": root, "parent_run_id": command.parent_run_id,
+                "procedure_id": command.procedure_id, "procedure_version": command.procedure_version,
+                "trigger_type": command.trigger_type, "triggered_by": command.triggered_by,
+                "now": format_time(now), "today": today}
+    try:
+        values = validate_inputs(ir.variables, command.input_vars, builtins)
+    except InvalidInputVars as exc:
+        raise CommandRefused("invalid_input_vars", exc.message, errors=exc.errors) from exc
+    extra: dict[str, Any] = {"call_chain": command.call_chain} if command.call_chain is not None else {}
+    return RunCreated(procedure_id=command.procedure_id, procedure_version=command.procedure_version,
+                      release_channel=command.release_channel, input_vars=values, trigger_type=command.trigger_type,
+                      triggered_by=command.triggered_by, parent_run_id=command.parent_run_id,
+                      parent_node_id=command.parent_node_id, root_run_id=root, rerun_of=command.rerun_of,
+                      execution_mode=command.execution_mode or ir.global_config.execution_mode,
+                      project_id=command.project_id, **extra)
+
+
+def decrypt_outputs(ir: ProcedureIR) -> list[str]:
+    """Variables that receive decrypted plaintext: redacted by key in every event (ckp.md §7.15)."""
+    names: list[str] = []
+    for node in ir.nodes.values():
+        p = node.payload
+        ops: list[Any] = [*getattr(p, "steps", []), *getattr(p, "operations", []),
+                          *getattr(p, "cleanup_actions", []), *getattr(p, "error_actions", [])]
+        names.extend(op.output_variable for op in ops if op.action == "decrypt" and op.output_variable)
+    return names
+
+
+def sensitive_variables(ir: ProcedureIR | None) -> list[str]:
+    """Variables whose values are masked wherever they appear: the sensitive ones and those receiving
+    decrypted plaintext."""
+    if ir is None:
+        return []
+    return [*(n for n, s in ir.variables.items() if s.sensitive), *decrypt_outputs(ir)]
+
+
+def run_redactor(ir: ProcedureIR | None, input_vars: Mapping[str, Any]) -> Redactor:
+    """The redaction of one run's events and audit records: the sensitive variables (by key, and by their input
+    values) and the version's ``redacted_fields``."""
+    sensitive = sensitive_variables(ir)
+    return Redactor(extra_keys=[*(ir.global_config.redacted_fields if ir else []), *sensitive],
+                    values=[str(input_vars.get(n, "")) for n in sensitive])
+
+
+def start_meta(created: Mapping[str, Any]) -> dict[str, Any]:
+    """What the audit record of a run's start adds to its parameters: the procedure, the inputs (redacted by the
+    caller like the run's events) and the trigger."""
+    return {"procedure_id": created.get("procedure_id"), "procedure_version": created.get("procedure_version"),
+            "input_vars": created.get("input_vars") or {}, "trigger_type": created.get("trigger_type")}
+
+
+class RunCreator:
+    """Decides creations with the command handler and starts the runs it creates."""
+
+    def __init__(self, store: EventStore, js: JetStreamContext, procedures: KeyValue,
+                 audit: AuditSink | None) -> None:
+        self.store = store
+        self.js = js
+        self.procedures = procedures
+        self.handler: CommandHandler[runs.RunState] = CommandHandler(store, "run", fold_run, audit=audit)
+
+    async def version(self, procedure_id: str, version: str) -> VersionState | None:
+        """The version as the procedure aggregate has it now (None: never imported, or deleted)."""
+        events = await self.store.read("procedure", procedure_id)
+        return fold(procedure_id, ((e.envelope, e.position) for e in events)).versions.get(version)
+
+    async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
+        try:
+            entry = await self.procedures.get(procedure_key(procedure_id, version))
+        except (KeyNotFoundError, NotFoundError):
+            return None
+        return ProcedureIR.model_validate_json(entry.value or b"{}")
+
+    async def create(self, command: CreateRun, *, delivery: int = 1, ir: ProcedureIR | None = None,
+                     start_msg_id: str | None = None) -> Handled[runs.RunState]:
+        """Decide ``command``; a run it created (now, or before this redelivery) and that has not started yet gets
+        its start command (``Nats-Msg-Id`` ``start_msg_id``, by default the command id, so a republish is dropped).
+
+        Raises :class:`IrNotStored` while the version's IR is not stored yet (for ``IR_WAIT_DELIVERIES``
+        deliveries), :class:`ConcurrencyError` when the run kept changing.
+        """
+        version = await self.version(command.procedure_id, command.procedure_version)
+        if ir is None and version is not None and version.status in RUNNABLE:
+            ir = await self.load_ir(command.procedure_id, command.procedure_version)
+            if ir is None and delivery < IR_WAIT_DELIVERIES:
+                raise IrNotStored(f"{command.procedure_id}@{command.procedure_version}")
+        start = command.start()
+
+        def audit_meta(handled: Handled[runs.RunState]) -> dict[str, Any]:
+            """The start's record, as the execution would write it: redacted like the run's events."""
+            event = handled.event
+            if event is None or event.type != "run_created":
+                return {}
+            redactor = run_redactor(ir, event.data.get("input_vars") or {})
+            return {"sensitive_keys": redactor.extra_keys, "sensitive_values": redactor.values,
+                    "extra_meta": start_meta(event.data)}
+
+        now = datetime.now(UTC)
+        handled = await self.handler.handle(
+            command.run_id, command, lambda run: decide_create(run, command, version, ir, now),
+            command_type="create_run", correlation_id=command.run_id, audit_as=start, audit_meta=audit_meta)
+        event = handled.event
+        if event is not None and event.type == "run_created" and (not handled.replayed or handled.state.seq == 1):
+            await publish_command(self.js, start, msg_id=start_msg_id)
+        return handled
+
+
+class RunCreation:
+    """The runtime's creation side: the ``runtime-create`` consumer and its :class:`RunCreator`."""
+
+    def __init__(self, settings: RuntimeSettings, *, bus: BusMetrics | None = None) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-create-{self.instance}")
+        self.js = self.nc.jetstream()
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        store = JetStreamEventStore(self.js)
+        self.creator = RunCreator(store, self.js, await self.js.key_value(PROCEDURES_BUCKET), AuditWriter(self.js))
+        # a ``runtime`` consumer of an older version takes lo.cmd.run.>: narrowed first (LO_CMD is a work queue,
+        # whose consumers may not overlap)
+        await narrow_consumer(self.js, COMMAND_STREAM, RUN_CONSUMER, EXECUTE_SUBJECTS)
+        await ensure_consumer(self.js, COMMAND_STREAM, ConsumerConfig(
+            durable_name=CREATE_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
+            filter_subjects=list(CREATE_SUBJECTS)))
+        self.sub = await self.js.pull_subscribe_bind(CREATE_CONSUMER, stream=COMMAND_STREAM)
+
+    async def run(self) -> None:
+        await consume(self.sub, self._handle, self.bus)
+
+    async def stop(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    def leader_of(self) -> list[str]:
+        """Every replica takes creations from the same durable consumer: no leader lock."""
+        return []
+
+    async def ready_checks(self) -> dict[str, str]:
+        """NATS connected, the command and event streams and the IR bucket present."""
+        return await bus_checks(self.nc, self.js, (EVENT_STREAM, COMMAND_STREAM), (PROCEDURES_BUCKET,))
+
+    async def _handle(self, msg: Msg) -> Settle:
+        if msg.subject not in CREATE_SUBJECTS:
+            log.error("unknown run creation command %s dropped", msg.subject)
+            return TERM
+        command = CreateRun.model_validate_json(msg.data)
+        try:
+            await self.creator.create(command, delivery=msg.metadata.num_delivered or 1)
+        except IrNotStored as missing:
+            log.info("run %s: the IR of %s is not stored yet; decided again shortly", command.run_id, missing)
+            return nak(IR_WAIT_S)
+        except ConcurrencyError:
+            return nak()  # the run aggregate kept changing: decide again on redelivery
+        return ACK
