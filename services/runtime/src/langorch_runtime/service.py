@@ -756,7 +756,7 @@ def host(settings: RuntimeSettings) -> ServiceHost:
     service = RuntimeService(settings)
     return ServiceHost("runtime", VERSION, settings,
                        [service, RunCreation(settings, bus=service.bus),
-                        AgentService(settings, bus=service.bus), RuntimeQueries(settings)],
+                        AgentService(settings, bus=service.bus, followed=service.dispatcher), RuntimeQueries(settings)],
                        service.metrics.registry)
 
 
