@@ -38,9 +38,15 @@ from ckp_core.events import (
     ErrorObject,
     EventData,
     ExecutionRecovered,
+    ExecutionResumed,
     ExecutionStarted,
+    RunCanceled,
+    RunCancelRequested,
     RunCompleted,
+    RunDeleted,
     RunFailed,
+    RunRetryRequested,
+    RunSuspended,
     format_time,
     utc_now,
 )
@@ -48,14 +54,6 @@ from ckp_core.eventstore import AggregateHead, StoredEvent
 from ckp_core.ir import ProcedureIR
 from ckp_core.procedure_lifecycle import fold
 from ckp_core.redaction import Redactor
-from ckp_core.run_events import (
-    ExecutionResumed,
-    RunCanceled,
-    RunCancelRequested,
-    RunDeleted,
-    RunRetryRequested,
-    RunSuspended,
-)
 from ckp_core.subjects import (
     COMMAND_STREAM,
     EVENT_STREAM,
