@@ -17,9 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ckp_core.events import ANONYMOUS, make_event
+from ckp_core.events import ANONYMOUS, WorkflowDelegated, make_event
 from ckp_core.ids import new_id
-from ckp_core.run_events import WorkflowDelegated
 from langorch_infra.callbacks import callback_key, make_token
 from langorch_infra.settings import GatewaySettings
 from tests.conftest import Platform, platform_of

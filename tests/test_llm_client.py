@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from ckp_core.events import EventData
+from ckp_core.events import BudgetExceeded, EventData, LlmUsage
 from ckp_core.ir import AttachmentIR, GlobalConfigIR, LlmActionPayload, TemplateIR
-from ckp_core.run_events import BudgetExceeded, LlmUsage
 from langorch_infra.embedded import free_port
 from langorch_infra.settings import LlmModelConfig, RuntimeSettings
 from langorch_runtime.errors import StepError

@@ -19,9 +19,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ckp_core.events import Log
+from ckp_core.events import Log, NotificationRequested, ScreenshotRequested
 from ckp_core.expressions import MappingScope
-from ckp_core.run_events import NotificationRequested, ScreenshotRequested
 from langorch_runtime.errors import StepError
 from langorch_runtime.operations import (
     ArtifactRequest,

@@ -17,8 +17,16 @@ from ckp_core.approvals import (
     validate_payload,
 )
 from ckp_core.errors import CommandRefused
-from ckp_core.events import Actor, EventEnvelope, format_time, make_event
-from ckp_core.run_events import ApprovalCanceled, ApprovalDecided, ApprovalRequested, ApprovalTimedOut
+from ckp_core.events import (
+    Actor,
+    ApprovalCanceled,
+    ApprovalDecided,
+    ApprovalRequested,
+    ApprovalTimedOut,
+    EventEnvelope,
+    format_time,
+    make_event,
+)
 
 pytestmark = pytest.mark.unit
 

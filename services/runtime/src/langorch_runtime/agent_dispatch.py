@@ -47,10 +47,9 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from ckp_core.agents import accepts_work, circuit_state, current_status, probe_failing
-from ckp_core.events import ErrorObject, format_time
+from ckp_core.events import ErrorObject, PoolSaturated, format_time
 from ckp_core.ids import new_id
 from ckp_core.ir import SequencePayload
-from ckp_core.run_events import PoolSaturated
 from ckp_core.subjects import (
     EVENT_STREAM,
     LEASES_BUCKET,

@@ -19,10 +19,9 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
-from ckp_core.events import Actor, EventData, make_event
+from ckp_core.events import Actor, CheckpointSaved, EventData, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
 from ckp_core.redaction import Redactor, bound_payload
-from ckp_core.run_events import CheckpointSaved
 from langorch_runtime.frames import RunState
 from langorch_runtime.machine import Machine
 

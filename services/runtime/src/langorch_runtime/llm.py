@@ -45,9 +45,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ckp_core.events import ErrorObject, EventData
+from ckp_core.events import BudgetExceeded, ErrorObject, EventData, LlmUsage
 from ckp_core.ir import AttachmentIR, GlobalConfigIR, LlmActionPayload
-from ckp_core.run_events import BudgetExceeded, LlmUsage
 from langorch_infra import tracing
 from langorch_infra.secrets import env_secret
 from langorch_infra.settings import LlmModelConfig, RuntimeSettings

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ckp_core.events import ErrorObject, EventData, Log
+from ckp_core.events import ErrorObject, EventData, Log, NotificationRequested, ScreenshotRequested
 from ckp_core.expressions import (
     MAX_PATTERN_BYTES,
     ExpressionError,
@@ -48,7 +48,6 @@ from ckp_core.expressions import (
 )
 from ckp_core.ids import new_id
 from ckp_core.ir import OperationIR, StepIR
-from ckp_core.run_events import NotificationRequested, ScreenshotRequested
 from langorch_runtime.errors import StepError, expression_failure, failure
 from langorch_runtime.parsers import (
     ParseError,

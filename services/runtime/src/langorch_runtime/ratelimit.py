@@ -19,9 +19,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from ckp_core.events import ErrorObject, EventData
+from ckp_core.events import ErrorObject, EventData, RateLimitWait
 from ckp_core.ir import RateLimitingIR
-from ckp_core.run_events import RateLimitWait
 from ckp_core.subjects import RATELIMITS_BUCKET, kv_token
 from langorch_infra.kv import put_with_ttl
 from langorch_runtime.errors import StepError

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from ckp_core.events import Aggregate, DecodedEvent, EventData, EventEnvelope
+from ckp_core.events import Aggregate, DecodedEvent, EventData, EventEnvelope, UnknownEvent
 
 Conn = Any
 """An asyncpg connection inside the projector's batch transaction."""
@@ -89,7 +89,8 @@ class ByEventClass(Generic[F]):
         return fn
 
     def get(self, event: DecodedEvent) -> F | None:
-        return self._by_class.get(type(event))  # type: ignore[arg-type]
+        """The function registered for the event's class (None for an :class:`UnknownEvent`)."""
+        return None if isinstance(event, UnknownEvent) else self._by_class.get(type(event))
 
     @property
     def classes(self) -> frozenset[type[EventData]]:

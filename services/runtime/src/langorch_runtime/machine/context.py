@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ckp_core.events import ErrorObject, TemplateWarning, format_time
+from ckp_core.events import ErrorObject, StepErrorNotification, TemplateWarning, format_time
 from ckp_core.expressions import ExpressionError, MappingScope, evaluate
 from ckp_core.ir import ExpressionIR, NodeIR, ProcedureIR, TemplateIR
-from ckp_core.run_events import StepErrorNotification
 from ckp_core.templates import render, render_text
 from langorch_runtime.frames import APPROVALS_KEY, Frame, RunState, descendants, loop_context, vars_of
 from langorch_runtime.machine.outcomes import NodeFailure

@@ -12,16 +12,18 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ckp_core.events import ErrorObject, StepStarted, format_time
-from ckp_core.ids import new_id
-from ckp_core.ir import NodeIR, StepIR
-from ckp_core.run_events import (
+from ckp_core.events import (
     ArtifactCreated,
     DryRunStepSkipped,
+    ErrorObject,
     ScreenshotRequested,
     StepMockApplied,
+    StepStarted,
     StepTestOverrideApplied,
+    format_time,
 )
+from ckp_core.ids import new_id
+from ckp_core.ir import NodeIR, StepIR
 from langorch_infra.callbacks import GRACE_S, make_token
 from langorch_runtime.errors import StepError
 from langorch_runtime.machine.context import RunContext

@@ -9,9 +9,17 @@ import asyncio
 import time
 from typing import Any
 
-from ckp_core.events import ErrorObject, NodeCompleted, NodeError, NodeStarted
+from ckp_core.events import (
+    ErrorObject,
+    NodeCompleted,
+    NodeError,
+    NodePaused,
+    NodeStarted,
+    RecoveryStarted,
+    StepErrorNotification,
+    StepEscalated,
+)
 from ckp_core.ir import ErrorHandlerIR, NodeIR
-from ckp_core.run_events import NodePaused, RecoveryStarted, StepErrorNotification, StepEscalated
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import Frame, NodeState, RunState, frame_string, new_frame, vars_of
 from langorch_runtime.machine.nodes import execute

@@ -14,9 +14,8 @@ from typing import Any
 
 import orjson
 
-from ckp_core.events import ErrorObject
+from ckp_core.events import ErrorObject, SlaBreached
 from ckp_core.ir import ErrorHandlerIR, NodeIR, RetryPolicyIR, SlaIR
-from ckp_core.run_events import SlaBreached
 from langorch_runtime.frames import Frame, NodeState, RunState
 
 RECOVERY_GRACE_MS = 60_000  # LANGORCH_RECOVERY_GRACE_S

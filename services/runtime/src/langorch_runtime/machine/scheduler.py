@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckp_core import runs
-from ckp_core.events import ErrorObject, EventData, NodeError
+from ckp_core.events import CallbackTimedOut, ErrorObject, EventData, NodeError, RunSuspended, WorkflowCallbackReceived
 from ckp_core.ir import HumanApprovalPayload
-from ckp_core.run_events import CallbackTimedOut, RunSuspended, WorkflowCallbackReceived
 from langorch_runtime.frames import Frame, RunState, frame_string, new_frame
 from langorch_runtime.machine.lifecycle import NodeLifecycle
 from langorch_runtime.machine.nodes.human_approval import decision_received, decision_record

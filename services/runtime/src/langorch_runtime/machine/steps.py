@@ -16,26 +16,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from ckp_core.events import (
+    CallbackTimedOut,
     ErrorObject,
     NodeError,
     StepCompleted,
+    StepErrorNotification,
+    StepEscalated,
     StepFailed,
     StepReplayed,
+    StepRetrying,
     StepStarted,
+    StepTimeout,
     TemplateWarning,
+    WorkflowCallbackReceived,
+    WorkflowDelegated,
     format_time,
 )
 from ckp_core.ids import new_id
 from ckp_core.ir import ErrorHandlerIR, NodeIR, OperationIR, StepIR
-from ckp_core.run_events import (
-    CallbackTimedOut,
-    StepErrorNotification,
-    StepEscalated,
-    StepRetrying,
-    StepTimeout,
-    WorkflowCallbackReceived,
-    WorkflowDelegated,
-)
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import Frame, NodeState, RunState, frame_string, vars_of
 from langorch_runtime.machine.context import path_in_node

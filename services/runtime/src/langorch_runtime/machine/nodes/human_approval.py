@@ -8,15 +8,15 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ckp_core.events import format_time
-from ckp_core.ids import new_id
-from ckp_core.ir import HumanApprovalPayload, NodeIR
-from ckp_core.run_events import (
+from ckp_core.events import (
     ApprovalAutoResolved,
     ApprovalDecisionReceived,
     ApprovalRequested,
     StepTestOverrideApplied,
+    format_time,
 )
+from ckp_core.ids import new_id
+from ckp_core.ir import HumanApprovalPayload, NodeIR
 from langorch_runtime.frames import APPROVALS_KEY, Frame, NodeState, RunState, frame_string, vars_of
 from langorch_runtime.machine.outcomes import Next, Outcome, Pause
 from langorch_runtime.machine.steps import StepRunner

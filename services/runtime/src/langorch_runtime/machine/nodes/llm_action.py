@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 
-from ckp_core.events import ErrorObject, StepReplayed, TemplateWarning
-from ckp_core.ir import LlmActionPayload, NodeIR
-from ckp_core.run_events import (
+from ckp_core.events import (
     DryRunStepSkipped,
+    ErrorObject,
     LlmRouteSelected,
     StepMockApplied,
+    StepReplayed,
     StepRetrying,
     StepTestOverrideApplied,
+    TemplateWarning,
 )
+from ckp_core.ir import LlmActionPayload, NodeIR
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import Frame, NodeState, RunState, frame_string, vars_of
 from langorch_runtime.llm import LlmResult, build_messages, request_for, resolve_image_artifacts

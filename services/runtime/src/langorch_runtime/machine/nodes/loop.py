@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any, TypedDict, cast
 
-from ckp_core.events import ErrorObject
+from ckp_core.events import ErrorObject, LoopCompleted, LoopIteration, LoopIterationFailed, LoopStarted
 from ckp_core.expressions import format_embedded
 from ckp_core.ir import LoopPayload, NodeIR
-from ckp_core.run_events import LoopCompleted, LoopIteration, LoopIterationFailed, LoopStarted
 from langorch_runtime.frames import Frame, NodeState, RunState, frame_string, new_frame, vars_of
 from langorch_runtime.machine.context import join
 from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome, Spawn, dump

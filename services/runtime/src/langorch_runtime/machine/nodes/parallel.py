@@ -7,9 +7,14 @@ from __future__ import annotations
 import copy
 from typing import Any, TypedDict, cast
 
-from ckp_core.events import ErrorObject
+from ckp_core.events import (
+    ErrorObject,
+    ParallelBranchCompleted,
+    ParallelCompleted,
+    ParallelMergeConflict,
+    ParallelStarted,
+)
 from ckp_core.ir import NodeIR, ParallelPayload
-from ckp_core.run_events import ParallelBranchCompleted, ParallelCompleted, ParallelMergeConflict, ParallelStarted
 from langorch_runtime.frames import (
     APPROVALS_KEY,
     Frame,

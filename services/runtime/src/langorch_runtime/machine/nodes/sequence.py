@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ckp_core.events import ErrorObject
+from ckp_core.events import ErrorObject, ValidationFailed
 from ckp_core.expressions import truthy
 from ckp_core.ir import NodeIR, SequencePayload, ValidationIR
-from ckp_core.run_events import ValidationFailed
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import Frame, NodeState, RunState, frame_string
 from langorch_runtime.machine.context import path_in_node

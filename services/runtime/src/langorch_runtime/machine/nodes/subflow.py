@@ -5,11 +5,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ckp_core.events import ErrorObject, TemplateWarning
+from ckp_core.events import (
+    ErrorObject,
+    StepTestOverrideApplied,
+    SubflowCompleted,
+    SubflowFailed,
+    SubflowStarted,
+    TemplateWarning,
+)
 from ckp_core.expressions import MappingScope, evaluate
 from ckp_core.ids import new_id
 from ckp_core.ir import NodeIR, SubflowPayload
-from ckp_core.run_events import StepTestOverrideApplied, SubflowCompleted, SubflowFailed, SubflowStarted
 from langorch_runtime.frames import APPROVALS_KEY, Frame, NodeState, RunState, frame_string, vars_of
 from langorch_runtime.machine.context import collector
 from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome, Pause, dump

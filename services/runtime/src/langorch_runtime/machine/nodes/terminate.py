@@ -3,9 +3,8 @@ outputs, the final audit entry; the scheduler then ends the run (``Terminate``).
 
 from __future__ import annotations
 
-from ckp_core.events import StepFailed
+from ckp_core.events import AuditLog, StepFailed
 from ckp_core.ir import NodeIR, OperationIR, TerminatePayload
-from ckp_core.run_events import AuditLog
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import Frame, NodeState, RunState, frame_string
 from langorch_runtime.machine.outcomes import NodeFailure, Outcome, Terminate

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ckp_core.events import ErrorObject
+from ckp_core.events import ErrorObject, VerificationWarning
 from ckp_core.expressions import truthy
 from ckp_core.ir import NodeIR, VerificationPayload
-from ckp_core.run_events import VerificationWarning
 from langorch_runtime.frames import Frame, NodeState, RunState, frame_string
 from langorch_runtime.machine.context import path_in_node
 from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome
