@@ -18,7 +18,7 @@ from ckp_core.commands import CreateRun, SetProcedureStatus
 from ckp_core.events import ANONYMOUS, EventEnvelope
 from ckp_core.eventstore import StoredEvent
 from ckp_core.ids import new_id
-from ckp_core.subjects import COMMAND_STREAM
+from ckp_core.subjects import COMMAND_STREAM, PROCEDURES_BUCKET, procedure_key
 from langorch_gateway import app as gateway_app
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, publish_command
 from langorch_infra.settings import RuntimeSettings
@@ -271,3 +271,23 @@ async def test_without_the_creation_side_a_creation_is_pending_then_decided(nats
 
         command: dict[str, Any] = await wait_until(read, lambda body: body["status"] != "pending")
         assert (command["status"], command["command_type"]) == ("accepted", "start_run")
+
+
+async def test_a_creation_waits_for_the_versions_ir_to_be_stored(platform: Platform) -> None:
+    """The compiler stores a version's IR right after its event: a creation that comes in between is decided
+    again shortly (redelivered), not refused."""
+    c = platform.client
+    await imported(c, SIMPLE)
+    js = platform.app.state.js
+    kv = await js.key_value(PROCEDURES_BUCKET)
+    key = procedure_key("rc_simple", "1")
+    ir = (await kv.get(key)).value
+    await kv.delete(key)
+    command = create(input_vars={"n": 6})
+    await publish_command(js, command, msg_id=command.msg_id)
+    await asyncio.sleep(1.0)
+    assert await run_events(platform, command.run_id) == []  # not decided while the IR is missing
+    await kv.put(key, ir)
+    created = await submitted(platform, command)  # (republished: dropped as a duplicate)
+    assert (created.type, created.causation_id) == ("run_created", command.command_id)
+    assert (await wait_status(c, command.run_id))["status"] == "completed"
