@@ -17,7 +17,7 @@ import pytest
 from langgraph.graph import END, START, StateGraph
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.micro.request import ERROR_CODE_HEADER
+from nats.micro.request import ERROR_CODE_HEADER, Request
 
 from ckp_core.events import format_time
 from ckp_core.ids import new_id
@@ -44,6 +44,7 @@ from ckp_core.subjects import (
     agent_probe_key,
     lease_key,
 )
+from langorch_gateway import runtime_queries
 from langorch_infra.jetstream import ensure_topology
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.queries import RuntimeQueries
@@ -232,3 +233,28 @@ async def test_without_a_runtime_the_gateway_answers_503_not_500(nats_url: str, 
             assert "runtime" in body["detail"]
         # what needs nothing of the runtime still answers
         assert (await c.get("/api/agents")).json()["total"] == 0
+
+
+async def test_a_silent_or_failing_runtime_is_503_naming_it(nats_url: str, database_url: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime_queries, "QUERY_TIMEOUT_S", 0.5)
+    async with platform_of(nats_url, database_url, runtime=False, agents=False, approvals=False,
+                           queries=False) as p, client(nats_url) as nc:
+        silent = await nc.subscribe(QUERY_LEASES)  # takes the request, never answers
+        await nc.flush()
+        r = await p.client.get("/api/leases")
+        assert r.status_code == 503, r.text
+        assert r.json()["code"] == "unavailable"
+        assert "did not answer within 0.5 s" in r.json()["detail"]
+        await silent.unsubscribe()
+
+        async def failing(msg: Msg) -> None:  # answers as the runtime does when its read fails
+            await Request(msg).respond_error("500", "OSError", data=QueryError(
+                code="query_failed", detail="OSError answering lo.qry.lease.list").model_dump_json().encode())
+
+        await nc.subscribe(QUERY_LEASES, cb=failing)
+        await nc.flush()
+        r = await p.client.get("/api/leases")
+        assert r.status_code == 503, r.text
+        assert (r.json()["code"], r.json()["service"]) == ("unavailable", "runtime")
+        assert "could not answer: OSError answering lo.qry.lease.list" in r.json()["detail"]

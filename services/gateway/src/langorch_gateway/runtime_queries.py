@@ -26,11 +26,12 @@ def _unavailable(subject: str, why: str) -> ApiProblem:
                       "runtime, which must be running", service="runtime", query=subject)
 
 
-async def ask(request: Request, query: Query, reply_type: type[R], *, timeout_s: float = QUERY_TIMEOUT_S) -> R:
+async def ask(request: Request, query: Query, reply_type: type[R], *, timeout_s: float | None = None) -> R:
     """Send ``query`` to the runtime's query endpoints and return its reply (one replica of the queue group
-    answers)."""
+    answers) within ``timeout_s`` (default ``QUERY_TIMEOUT_S``)."""
     nc: NATS = request.app.state.nc
     subject = query.SUBJECT
+    timeout_s = timeout_s or QUERY_TIMEOUT_S
     try:
         msg = await nc.request(subject, query.model_dump_json().encode(), timeout=timeout_s)
     except NoRespondersError:
