@@ -1,7 +1,8 @@
 """The command consumers on FastStream, in memory: FastStream's ``TestNatsBroker`` delivers each command to the
 service's typed handler, which decides against a real in-memory event store (``MemoryEventStore``); the outcome
 settles the message (ack, nak when the aggregate moved on, term for a subject nobody takes, nak after a failure)
-and is counted in the documented bus metrics; the consumer span continues the trace of the message headers.
+and is counted in the documented bus metrics; the consumer span continues the trace of the message headers; a
+fetch survives a server failover.
 The same handlers run against real NATS in the integration tests (test_procedure_lifecycle_api.py,
 test_approvals_service.py, test_agents_api.py …)."""
 
@@ -13,6 +14,9 @@ from typing import Any
 
 import pytest
 from faststream.nats import TestNatsBroker
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
@@ -22,11 +26,12 @@ from ckp_core.events import Actor, EventEnvelope
 from ckp_core.eventstore import MemoryEventStore
 from langorch_approvals.service import ApprovalsService
 from langorch_compiler.service import CompilerService
-from langorch_infra import messaging, tracing
+from langorch_infra import bus, messaging, tracing
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
 from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
 from langorch_runtime.agents import AgentService
+from langorch_runtime.creation import CREATE_CONSUMER, CREATE_SUBJECTS, EXECUTE_SUBJECTS, RUN_CONSUMER
 from tests.lifecycle_docs import procedure_doc
 
 pytestmark = pytest.mark.unit
@@ -237,10 +242,17 @@ def test_every_consumer_keeps_its_durable_name_and_filters() -> None:
         "compiler": ("LO_CMD", ("lo.cmd.procedure.>",)),
         "approvals": ("LO_CMD", ("lo.cmd.approval.>",)),
         "runtime-agents": ("LO_CMD", ("lo.cmd.agent.>", "lo.cmd.lease.>")),
-        "runtime": ("LO_CMD", ("lo.cmd.run.>",)),
+        "runtime": ("LO_CMD", ("lo.cmd.run.start", "lo.cmd.run.resume", "lo.cmd.run.retry", "lo.cmd.run.cancel",
+                               "lo.cmd.run.delete")),
+        "runtime-create": ("LO_CMD", ("lo.cmd.run.create",)),
         "approvals_run_ends": ("LO_EVT", ("lo.evt.run.*.run_completed", "lo.evt.run.*.run_failed",
                                           "lo.evt.run.*.run_canceled")),
     }
+    # the runtime's own consumers (on nats-py) are documented as they are created
+    assert (messaging.RUN_COMMANDS.durable, messaging.RUN_COMMANDS.filter_subjects) == (RUN_CONSUMER,
+                                                                                        EXECUTE_SUBJECTS)
+    assert (messaging.RUN_CREATIONS.durable, messaging.RUN_CREATIONS.filter_subjects) == (CREATE_CONSUMER,
+                                                                                          CREATE_SUBJECTS)
     single = messaging.PROCEDURE_COMMANDS.config()
     assert (single.durable_name, single.filter_subject, single.filter_subjects, single.ack_wait) == (
         "compiler", None, None, 30)  # nats-py sets filter_subject from the subscriber's subject when it creates it
@@ -248,3 +260,32 @@ def test_every_consumer_keeps_its_durable_name_and_filters() -> None:
     assert (ends.deliver_policy.value if ends.deliver_policy else None, ends.filter_subjects) == (
         "all", list(messaging.RUN_ENDS.filter_subjects))
     assert messaging.APPROVAL_COMMANDS.config(ack_wait_s=7).ack_wait == 7
+
+
+class FailingOverSubscription:
+    """A pull subscription whose fetches fail as during a server failover, then deliver."""
+
+    def __init__(self, failures: list[Exception], messages: list[Any]) -> None:
+        self.failures = failures
+        self.messages = messages
+        self.fetches = 0
+
+    async def fetch(self, batch: int, timeout: float) -> list[Any]:
+        self.fetches += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.messages
+
+
+async def test_a_fetch_survives_a_failover(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ServiceUnavailableError`` (no JetStream leader yet), a closed or reconnecting connection and a timeout
+    are transient: the fetch returns nothing and the consumer fetches again."""
+    monkeypatch.setattr(bus, "FETCH_RETRY_PAUSE_S", 0.0)
+    message: Any = "message"
+    sub = FailingOverSubscription([ServiceUnavailableError(code=503, description="no responders"),
+                                   ConnectionClosedError(), ConnectionReconnectingError(), NatsTimeoutError()],
+                                  [message])
+    assert [await bus.fetch(sub, 1, 0.1) for _ in range(5)] == [[], [], [], [], [message]]
+    assert sub.fetches == 5
+    with pytest.raises(ValueError, match="not transient"):
+        await bus.fetch(FailingOverSubscription([ValueError("not transient")], []), 1, 0.1)

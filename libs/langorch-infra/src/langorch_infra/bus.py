@@ -117,6 +117,7 @@ async def handle_one(msg: Msg, handler: Callable[[Msg], Awaitable[Settle]], metr
 TRANSIENT_FETCH_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError, ConnectionClosedError, ConnectionReconnectingError, ServiceUnavailableError, NoRespondersError)
 """What a fetch may raise while the server fails over or the client reconnects: the next fetch tries again."""
+FETCH_RETRY_PAUSE_S = 0.5
 
 
 async def fetch(sub: Any, batch: int, timeout_s: float) -> list[Msg]:
@@ -128,7 +129,7 @@ async def fetch(sub: Any, batch: int, timeout_s: float) -> list[Msg]:
         return []
     except TRANSIENT_FETCH_ERRORS as exc:
         log.info("fetch failed (%s); fetching again", type(exc).__name__)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(FETCH_RETRY_PAUSE_S)
         return []
 
 

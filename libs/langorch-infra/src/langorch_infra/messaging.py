@@ -157,6 +157,7 @@ class Consumer:
     deliver_all: bool = False
     owner: str = ""
     documented_only: bool = field(default=False, compare=False)
+    """Declared for the AsyncAPI document only: its service consumes it with nats-py (the runtime's)."""
 
     def config(self, ack_wait_s: float | None = None) -> ConsumerConfig:
         """The consumer's configuration. A single filter is the subscriber's subject, which nats-py sets as
@@ -199,11 +200,17 @@ AGENT_COMMANDS = Consumer(
     "Agent and lease commands, decided by the runtime: agent_* events, lease_force_released or "
     "command_rejected on lo.evt.agent.<agent_id> / lo.evt.lease.<lease_id>.", owner="runtime")
 RUN_COMMANDS = Consumer(
-    "runtime", COMMAND_STREAM, ("lo.cmd.run.>",),
+    "runtime", COMMAND_STREAM,
+    tuple(command_subject_of(t) for t in (commands.StartRun, commands.ResumeRun, commands.RetryRun,
+                                          commands.CancelRun, commands.DeleteRun)),
     _commands(commands.StartRun, commands.ResumeRun, commands.RetryRun, commands.CancelRun, commands.DeleteRun),
     "Run commands, executed by the runtime: a start, resume or retry is acknowledged only when the run ends or "
     "suspends (progress signals keep it while it runs); run events on lo.evt.run.<run_id>.", owner="runtime",
     documented_only=True)
+RUN_CREATIONS = Consumer(
+    "runtime-create", COMMAND_STREAM, (command_subject_of(commands.CreateRun),), _commands(commands.CreateRun),
+    "Run creations, decided by the runtime (the run's single writer): run_created then lo.cmd.run.start, or "
+    "command_rejected, on lo.evt.run.<run_id>.", owner="runtime", documented_only=True)
 
 
 def _event_envelope(data: type[EventData]) -> type[BaseModel]:
@@ -219,7 +226,7 @@ RUN_ENDS = Consumer(
     {f"lo.evt.run.*.{t}": _event_envelope(EVENT_TYPES[t]) for t in runs.END_EVENTS},
     "Run ends, read by the approvals service: the pending approvals of a run that ended are canceled "
     "(approval_canceled).", deliver_all=True, owner="approvals")
-CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_ENDS)
+CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_CREATIONS, RUN_ENDS)
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -305,9 +312,13 @@ async def stop_consuming(b: NatsBroker) -> None:
             log.warning("stopping a subscriber failed", exc_info=True)
 
 
-async def close(b: NatsBroker) -> None:
-    """Stop ``b`` and drain its connection."""
-    await b.stop()
+async def close(b: NatsBroker, nc: NATS | None) -> None:
+    """Stop ``b``'s subscribers and close its connection ``nc`` at once. Not ``b.stop()``: it drains the
+    connection, which waits for every subscription (an ordered replay, a pending fetch) up to 30 s, and a
+    stopping replica must leave within its stop budget."""
+    await stop_consuming(b)
+    if nc is not None:
+        await nc.close()
 
 
 # -- the AsyncAPI document ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,26 +31,27 @@ from nats.js.errors import NotFoundError
 
 from ckp_core import runs
 from ckp_core.approvals import ApprovalState, check_decision, evolve, fold, resolution, timeout_outcome
-from ckp_core.commands import Command, DecideApproval, RequestApproval, ResumeRun
-from ckp_core.errors import CommandRefused, ConcurrencyError
+from ckp_core.commands import DecideApproval, RequestApproval, ResumeRun
+from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
     Actor,
     ApprovalCanceled,
     ApprovalDecided,
     ApprovalRequested,
     ApprovalTimedOut,
-    CommandRejected,
     EventData,
     EventEnvelope,
     format_time,
     make_event,
     utc_now,
 )
+from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, LOCKS_BUCKET, aggregate_filter
 from langorch_approvals.metrics import VERSION, ApprovalsMetrics
 from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
+from langorch_infra.handling import CommandHandler, Handled
 from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follow, publish_command
 from langorch_infra.kv import LeaderLock
@@ -118,7 +120,7 @@ class ApprovalsService:
         with contextlib.suppress(Exception):
             await self.lock.release()
         with contextlib.suppress(Exception):
-            await messaging.close(self.broker)
+            await messaging.close(self.broker, self.nc)
 
     @property
     def commands(self) -> Any:
@@ -148,42 +150,40 @@ class ApprovalsService:
         return {messaging.command_subject_of(RequestApproval): self.on_request,
                 messaging.command_subject_of(DecideApproval): self.on_decide}
 
-    async def load(self, approval_id: str, command: Command | None = None
-                   ) -> tuple[ApprovalState, EventEnvelope | None]:
-        """The aggregate's state, and the event ``command`` already caused (a redelivery) if any."""
-        history = await self.store.read("approval", approval_id)
-        state = fold(approval_id, ((e.envelope, e.position) for e in history))
-        done = None
-        if command is not None:
-            done = next((e.envelope for e in history if e.envelope.causation_id == command.command_id), None)
-        return state, done
+    @property
+    def handler(self) -> CommandHandler[ApprovalState]:
+        """Load → decide → append → audit on the approval aggregate; its events correlate to the run."""
+        return CommandHandler(self.store, "approval", _fold, audit=self.audit)
+
+    async def load(self, approval_id: str) -> ApprovalState:
+        """The aggregate's state."""
+        return (await self.handler.load(approval_id)).state
 
     async def _append(self, state: ApprovalState, data: EventData, actor: Actor,
                       causation_id: str | None) -> EventEnvelope:
+        """Append a system event (a cancel, a timeout: no command) and apply it to ``state``."""
         event = make_event(data, aggregate_id=state.approval_id, seq=state.seq + 1, actor=actor,
                            causation_id=causation_id, correlation_id=state.run_id, aggregate="approval")
         [position] = await self.store.append([event], expected_position=state.position)
         evolve(state, event, position)
         return event
 
-    async def _decide(self, state: ApprovalState, data: EventData, command: Command) -> None:
-        """Append a command's outcome and audit it (one record per command)."""
-        await self.audit.outcome(command, await self._append(state, data, command.actor, command.command_id))
-
     async def on_request(self, cmd: RequestApproval) -> None:
         """Open the approval (first event of its aggregate); a redelivery finds it open and changes nothing."""
-        state, done = await self.load(cmd.approval_id, cmd)
-        if done is not None or state.exists:  # a redelivery (or a second request of the same wait)
-            await self.audit.outcome(cmd, done)
-        else:
-            state.run_id = cmd.run_id
-            await self._decide(state, ApprovalRequested(
+
+        def decide(state: ApprovalState) -> ApprovalRequested | None:
+            if state.exists:  # a second request of the same wait
+                return None
+            return ApprovalRequested(
                 approval_id=cmd.approval_id, run_id=cmd.run_id, procedure_id=cmd.procedure_id,
                 procedure_version=cmd.procedure_version, project_id=cmd.project_id, node_id=cmd.node_id,
                 node_name=cmd.node_name, prompt=cmd.prompt, context_data=cmd.context_data,
                 decision_type=cmd.decision_type, options=cmd.options, input_schema=cmd.input_schema,
                 expires_at=cmd.expires_at, timeout_action=cmd.timeout_action, approval_level=cmd.approval_level,
-                escalation_contact=cmd.escalation_contact), cmd)
+                escalation_contact=cmd.escalation_contact)
+
+        state = _after(await self.handler.handle(cmd.approval_id, cmd, decide, command_type="request_approval",
+                                                 correlation_id=cmd.run_id))
         # the run may have ended before this request was handled: then nothing would ever cancel the approval
         ended = await self._run_end(cmd.run_id)
         if ended is not None and state.pending:
@@ -191,25 +191,19 @@ class ApprovalsService:
 
     async def on_decide(self, cmd: DecideApproval) -> None:
         """Record a principal's decision and resume the run, or reject the command with a stable code."""
-        state, done = await self.load(cmd.approval_id, cmd)
-        if done is not None:
-            await self.audit.outcome(cmd, done)  # a redelivery: a duplicate record is dropped
-            if done.type == "approval_decided":
-                await self._resume(state, "approval_decision", "human", cmd.actor, cmd.command_id)
-            return
-        try:
+
+        def decide(state: ApprovalState) -> ApprovalDecided:
             status, decision, payload = check_decision(state, cmd.decision, cmd.payload, datetime.now(UTC))
-        except CommandRefused as refusal:
-            await self._decide(state, CommandRejected(
-                command_id=cmd.command_id, command_type="decide_approval", code=refusal.code,
-                detail=refusal.message, extra=refusal.extra), cmd)
-            return
-        assert state.run_id is not None
-        await self._decide(state, ApprovalDecided(
-            approval_id=state.approval_id, run_id=state.run_id, status=status, decision=decision,
-            decided_by=cmd.actor.render(), decided_at=format_time(utc_now()), comment=cmd.comment,
-            payload=payload), cmd)
-        await self._resume(state, "approval_decision", "human", cmd.actor, cmd.command_id)
+            assert state.run_id is not None
+            return ApprovalDecided(
+                approval_id=state.approval_id, run_id=state.run_id, status=status, decision=decision,
+                decided_by=cmd.actor.render(), decided_at=format_time(utc_now()), comment=cmd.comment,
+                payload=payload)
+
+        handled = await self.handler.handle(cmd.approval_id, cmd, decide, command_type="decide_approval",
+                                            correlation_id=lambda state: state.run_id)
+        if handled.event is not None and handled.event.type == "approval_decided":
+            await self._resume(_after(handled), "approval_decision", "human", cmd.actor, cmd.command_id)
 
     async def _resume(self, state: ApprovalState, reason: str, source: str, actor: Actor,
                       causation_id: str | None) -> None:
@@ -275,7 +269,7 @@ class ApprovalsService:
     async def cancel(self, approval_id: str, run_status: str, *, causation_id: str | None) -> None:
         """Cancel a still-pending approval of an ended run (a racing decision or timeout may win instead)."""
         for _ in range(5):
-            state, _ = await self.load(approval_id)
+            state = await self.load(approval_id)
             if not state.pending:
                 return
             assert state.run_id is not None
@@ -311,7 +305,7 @@ class ApprovalsService:
             expires = indexed.expires()
             if expires is None or expires > now:
                 continue
-            state, _ = await self.load(approval_id)
+            state = await self.load(approval_id)
             if not state.pending:
                 self._forget(state)
                 continue
@@ -336,6 +330,20 @@ class ApprovalsService:
                             approval_id, exc_info=True)
                 self.unresumed[approval_id] = state
         return fired
+
+
+def _fold(approval_id: str, history: Sequence[StoredEvent]) -> ApprovalState:
+    return fold(approval_id, ((e.envelope, e.position) for e in history))
+
+
+def _after(handled: Handled[ApprovalState]) -> ApprovalState:
+    """The approval after a command: the state it was decided on, with the events it appended now applied (a
+    redelivery's state already holds them)."""
+    state = handled.state
+    if not handled.replayed:
+        for event, position in zip(handled.events, handled.positions, strict=True):
+            evolve(state, event, position)
+    return state
 
 
 def host(settings: ApprovalsSettings) -> ServiceHost:

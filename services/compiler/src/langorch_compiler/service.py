@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -19,7 +20,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from ckp_core.commands import (
-    Command,
     DeleteProcedureVersion,
     ImportProcedure,
     PromoteProcedure,
@@ -29,17 +29,14 @@ from ckp_core.commands import (
 )
 from ckp_core.errors import CommandRefused
 from ckp_core.events import (
-    CommandRejected,
-    EventData,
-    EventEnvelope,
     ProcedureImported,
     ProcedurePromoted,
     ProcedureReplaced,
     ProcedureRolledBack,
     ProcedureStatusChanged,
     ProcedureVersionDeleted,
-    make_event,
 )
+from ckp_core.eventstore import StoredEvent
 from ckp_core.ids import new_id
 from ckp_core.ir import ProcedureIR
 from ckp_core.procedure_lifecycle import (
@@ -57,6 +54,7 @@ from langorch_compiler.metrics import VERSION, CompilerMetrics
 from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
+from langorch_infra.handling import CommandHandler
 from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
 from langorch_infra.settings import CompilerSettings
@@ -96,7 +94,7 @@ class CompilerService:
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
-            await messaging.close(self.broker)
+            await messaging.close(self.broker, self.nc)
 
     def leader_of(self) -> list[str]:
         """The compiler holds no leader lock: every replica consumes the same durable consumer."""
@@ -114,31 +112,10 @@ class CompilerService:
             (DeleteProcedureVersion, self.on_delete), (SetProcedureStatus, self.on_set_status),
             (PromoteProcedure, self.on_promote), (RollbackProcedure, self.on_rollback))}
 
-    async def _load(self, procedure_id: str, command: Command) -> tuple[ProcedureState, EventEnvelope | None]:
-        """The aggregate's state, and the event this command already caused (a redelivery) if any.
-
-        A redelivery's audit record is published again: a duplicate is dropped (same ``Nats-Msg-Id``, and the
-        projection keys records by command), and a record lost before the crash is written now.
-        """
-        history = await self.store.read("procedure", procedure_id)
-        state = fold(procedure_id, ((e.envelope, e.position) for e in history))
-        done = next((e.envelope for e in history if e.envelope.causation_id == command.command_id), None)
-        if done is not None:
-            await self.audit.outcome(command, done)
-        return state, done
-
-    async def _append(self, state: ProcedureState, data: EventData, command: Command) -> None:
-        """Append the command's outcome (every procedure command has exactly one) and audit it."""
-        event = make_event(data, aggregate_id=state.procedure_id, seq=state.seq + 1, actor=command.actor,
-                           causation_id=command.command_id, aggregate="procedure")
-        await self.store.append([event], expected_position=state.position)
-        await self.audit.outcome(command, event)
-
-    async def _reject(self, state: ProcedureState, command: Command, command_type: str,
-                      refusal: CommandRefused) -> None:
-        await self._append(state, CommandRejected(command_id=command.command_id, command_type=command_type,
-                                                  code=refusal.code, detail=refusal.message,
-                                                  extra=refusal.extra), command)
+    @property
+    def handler(self) -> CommandHandler[ProcedureState]:
+        """Load → decide → append → audit on the procedure aggregate (one outcome event per command)."""
+        return CommandHandler(self.store, "procedure", _fold, audit=self.audit)
 
     async def _put_ir(self, ir: ProcedureIR) -> None:
         await self.kv.put(procedure_key(ir.procedure_id, ir.version), ir.model_dump_json(by_alias=True).encode())
@@ -151,41 +128,39 @@ class CompilerService:
         """
         result = self.metrics.compile(cmd.ckp_json)
         pid = result.procedure_id or str(cmd.ckp_json.get("procedure_id", "unknown"))
-        state, done = await self._load(pid, cmd)
         ir = result.ir
-        if done is not None:
-            if done.type == "procedure_imported" and ir is not None and ir.version in state.versions:
-                await self._put_ir(ir)
+
+        def decide(state: ProcedureState) -> ProcedureImported:
+            if ir is None:
+                raise CommandRefused("compile_failed", f"{len(result.errors)} compile errors",
+                                     diagnostics=[d.model_dump(mode="json") for d in result.diagnostics])
+            existing = state.versions.get(ir.version)
+            if existing is not None:
+                raise CommandRefused(
+                    "procedure_version_exists", f"procedure {ir.procedure_id} version {ir.version} already exists",
+                    existing_content_hash=existing.content_hash, identical=existing.content_hash == ir.content_hash)
+            trigger = cmd.ckp_json.get("trigger")
+            return ProcedureImported(
+                procedure_id=ir.procedure_id, version=ir.version, name=ir.name, description=ir.description,
+                project_id=cmd.project_id, tags=ir.tags, content_hash=ir.content_hash,
+                compiler_version=ir.compiler_version, ir_key=procedure_key(ir.procedure_id, ir.version),
+                ckp_json=cmd.ckp_json, variables_schema=ir.variables_schema(),
+                trigger=trigger if isinstance(trigger, dict) else None, effective_date=ir.effective_date,
+                diagnostics=[d.model_dump(mode="json") for d in result.diagnostics])
+
+        handled = await self.handler.handle(pid, cmd, decide, command_type="import_procedure")
+        if ir is None or handled.rejected:
             return
-        if ir is None:
-            return await self._reject(state, cmd, "import_procedure", CommandRefused(
-                "compile_failed", f"{len(result.errors)} compile errors",
-                diagnostics=[d.model_dump(mode="json") for d in result.diagnostics]))
-        existing = state.versions.get(ir.version)
-        if existing is not None:
-            return await self._reject(state, cmd, "import_procedure", CommandRefused(
-                "procedure_version_exists", f"procedure {ir.procedure_id} version {ir.version} already exists",
-                existing_content_hash=existing.content_hash, identical=existing.content_hash == ir.content_hash))
-        trigger = cmd.ckp_json.get("trigger")
-        await self._append(state, ProcedureImported(
-            procedure_id=ir.procedure_id, version=ir.version, name=ir.name, description=ir.description,
-            project_id=cmd.project_id, tags=ir.tags, content_hash=ir.content_hash,
-            compiler_version=ir.compiler_version, ir_key=procedure_key(ir.procedure_id, ir.version),
-            ckp_json=cmd.ckp_json, variables_schema=ir.variables_schema(),
-            trigger=trigger if isinstance(trigger, dict) else None, effective_date=ir.effective_date,
-            diagnostics=[d.model_dump(mode="json") for d in result.diagnostics],
-        ), cmd)
+        if handled.replayed and not (handled.event is not None and handled.event.type == "procedure_imported"
+                                     and ir.version in handled.state.versions):
+            return
         await self._put_ir(ir)
 
     async def on_replace(self, cmd: ReplaceProcedure) -> None:
         """Replace a draft's document, compiled like an import (api.md §4.3)."""
-        state, done = await self._load(cmd.procedure_id, cmd)
         result = self.metrics.compile(cmd.ckp_json)
-        if done is not None:
-            if done.type == "procedure_replaced" and result.ir is not None:
-                await self._put_ir(result.ir)
-            return
-        try:
+
+        def decide(state: ProcedureState) -> ProcedureReplaced:
             decide_replace(state, cmd.version, cmd.expected_revision)
             ir = result.ir
             if ir is None:
@@ -194,32 +169,28 @@ class CompilerService:
             if (ir.procedure_id, ir.version) != (cmd.procedure_id, cmd.version):
                 raise CommandRefused("validation_failed", "procedure_id and version inside the document must "
                                      "match the path", errors={"ckp_json.version": ["Must match the path"]})
-        except CommandRefused as refusal:
-            return await self._reject(state, cmd, "replace_procedure", refusal)
-        trigger = cmd.ckp_json.get("trigger")
-        await self._append(state, ProcedureReplaced(
-            procedure_id=ir.procedure_id, version=ir.version, name=ir.name, description=ir.description,
-            tags=ir.tags, content_hash=ir.content_hash, compiler_version=ir.compiler_version,
-            ir_key=procedure_key(ir.procedure_id, ir.version), ckp_json=cmd.ckp_json,
-            variables_schema=ir.variables_schema(), trigger=trigger if isinstance(trigger, dict) else None,
-            effective_date=ir.effective_date, diagnostics=[d.model_dump(mode="json") for d in result.diagnostics],
-        ), cmd)
-        await self._put_ir(ir)
+            trigger = cmd.ckp_json.get("trigger")
+            return ProcedureReplaced(
+                procedure_id=ir.procedure_id, version=ir.version, name=ir.name, description=ir.description,
+                tags=ir.tags, content_hash=ir.content_hash, compiler_version=ir.compiler_version,
+                ir_key=procedure_key(ir.procedure_id, ir.version), ckp_json=cmd.ckp_json,
+                variables_schema=ir.variables_schema(), trigger=trigger if isinstance(trigger, dict) else None,
+                effective_date=ir.effective_date, diagnostics=[d.model_dump(mode="json") for d in result.diagnostics])
+
+        handled = await self.handler.handle(cmd.procedure_id, cmd, decide, command_type="replace_procedure")
+        if result.ir is not None and handled.event is not None and handled.event.type == "procedure_replaced":
+            await self._put_ir(result.ir)  # a redelivery repairs the KV entry
 
     async def on_delete(self, cmd: DeleteProcedureVersion) -> None:
         """Delete a version that is not active; its IR key goes after the event."""
-        state, done = await self._load(cmd.procedure_id, cmd)
-        if done is not None:
-            if done.type == "procedure_version_deleted":
-                await self._delete_ir(done.data["ir_key"])
-            return
-        try:
+
+        def decide(state: ProcedureState) -> ProcedureVersionDeleted:
             v = decide_delete(state, cmd.version, cmd.expected_revision)
-        except CommandRefused as refusal:
-            return await self._reject(state, cmd, "delete_procedure_version", refusal)
-        await self._append(state, ProcedureVersionDeleted(procedure_id=cmd.procedure_id, version=v.version,
-                                                          ir_key=v.ir_key), cmd)
-        await self._delete_ir(v.ir_key)
+            return ProcedureVersionDeleted(procedure_id=cmd.procedure_id, version=v.version, ir_key=v.ir_key)
+
+        handled = await self.handler.handle(cmd.procedure_id, cmd, decide, command_type="delete_procedure_version")
+        if handled.event is not None and handled.event.type == "procedure_version_deleted":
+            await self._delete_ir(handled.event.data["ir_key"])  # a redelivery deletes it again
 
     async def _delete_ir(self, key: str) -> None:
         with contextlib.suppress(KeyNotFoundError, NotFoundError):
@@ -236,45 +207,44 @@ class CompilerService:
 
     async def on_set_status(self, cmd: SetProcedureStatus) -> None:
         """Move a version through §4.4; activation re-compiles and deprecates the channel's active version."""
-        state, done = await self._load(cmd.procedure_id, cmd)
-        if done is not None:
-            return
-        try:
+        compiled: list[ProcedureIR] = []
+
+        def decide(state: ProcedureState) -> ProcedureStatusChanged | None:
             decision = decide_status(state, cmd.version, cmd.status)
             if decision is None:
-                await self.audit.outcome(cmd, None)
-                return  # a no-op appends nothing
+                return None  # a no-op appends nothing
             v, displaced = decision
             ir, diagnostics = self._recompile(v, "compile_failed") if cmd.status == "active" else (None, None)
-        except CommandRefused as refusal:
-            return await self._reject(state, cmd, "set_procedure_status", refusal)
-        await self._append(state, ProcedureStatusChanged(
-            procedure_id=cmd.procedure_id, version=v.version, from_status=v.status, status=cmd.status,
-            release_channel=v.release_channel, reason=cmd.reason, displaced_version=displaced,
-            compiler_version=ir.compiler_version if ir else None, diagnostics=diagnostics), cmd)
-        if ir is not None:
-            await self._put_ir(ir)
+            compiled[:] = [ir] if ir is not None else []
+            return ProcedureStatusChanged(
+                procedure_id=cmd.procedure_id, version=v.version, from_status=v.status, status=cmd.status,
+                release_channel=v.release_channel, reason=cmd.reason, displaced_version=displaced,
+                compiler_version=ir.compiler_version if ir else None, diagnostics=diagnostics)
+
+        handled = await self.handler.handle(cmd.procedure_id, cmd, decide, command_type="set_procedure_status")
+        if not handled.replayed and handled.accepted and compiled:
+            await self._put_ir(compiled[0])
 
     async def on_promote(self, cmd: PromoteProcedure) -> None:
         """Validate and activate a version in a channel (api.md §4.5)."""
-        state, done = await self._load(cmd.procedure_id, cmd)
-        if done is not None:
-            return
-        try:
+        compiled: list[ProcedureIR] = []
+
+        async def decide(state: ProcedureState) -> ProcedurePromoted | None:
             decision = decide_promote(state, cmd.version, cmd.target_channel)
             if decision is None:
-                await self.audit.outcome(cmd, None)
-                return
+                return None
             v, displaced = decision
             ir, diagnostics = await self._promotion_checks(state, v)
-        except CommandRefused as refusal:
-            return await self._reject(state, cmd, "promote_procedure", refusal)
-        await self._append(state, ProcedurePromoted(
-            procedure_id=cmd.procedure_id, version=v.version, deployment_id=new_id(),
-            from_channel=v.release_channel, from_status=v.status, target_channel=cmd.target_channel,
-            displaced_version=displaced, reason=cmd.reason, compiler_version=ir.compiler_version,
-            diagnostics=diagnostics), cmd)
-        await self._put_ir(ir)
+            compiled[:] = [ir]
+            return ProcedurePromoted(
+                procedure_id=cmd.procedure_id, version=v.version, deployment_id=new_id(),
+                from_channel=v.release_channel, from_status=v.status, target_channel=cmd.target_channel,
+                displaced_version=displaced, reason=cmd.reason, compiler_version=ir.compiler_version,
+                diagnostics=diagnostics)
+
+        handled = await self.handler.handle(cmd.procedure_id, cmd, decide, command_type="promote_procedure")
+        if not handled.replayed and handled.accepted and compiled:
+            await self._put_ir(compiled[0])
 
     async def _promotion_checks(self, state: ProcedureState,
                                 v: VersionState) -> tuple[ProcedureIR, list[dict[str, Any]]]:
@@ -293,8 +263,7 @@ class CompilerService:
             pid, version = _ref_identity(ref)
             if pid is None:
                 continue
-            target = state if pid == state.procedure_id else fold(pid, (
-                (e.envelope, e.position) for e in await self.store.read("procedure", pid)))
+            target = state if pid == state.procedure_id else _fold(pid, await self.store.read("procedure", pid))
             if not _runnable(target, version):
                 problems.append(_diagnostic("subflow_not_found", f"subflow target {pid}@{version or 'active'} "
                                             "has no runnable version", _ref_path(ref)))
@@ -305,16 +274,18 @@ class CompilerService:
 
     async def on_rollback(self, cmd: RollbackProcedure) -> None:
         """Deprecate the channel's active version and re-activate an earlier one (api.md §4.5)."""
-        state, done = await self._load(cmd.procedure_id, cmd)
-        if done is not None:
-            return
-        try:
+
+        def decide(state: ProcedureState) -> ProcedureRolledBack:
             target = decide_rollback(state, cmd.version, cmd.target_channel, cmd.rollback_to_version)
-        except CommandRefused as refusal:
-            return await self._reject(state, cmd, "rollback_procedure", refusal)
-        await self._append(state, ProcedureRolledBack(
-            procedure_id=cmd.procedure_id, version=cmd.version, deployment_id=new_id(),
-            target_channel=cmd.target_channel, restored_version=target.version, reason=cmd.reason), cmd)
+            return ProcedureRolledBack(
+                procedure_id=cmd.procedure_id, version=cmd.version, deployment_id=new_id(),
+                target_channel=cmd.target_channel, restored_version=target.version, reason=cmd.reason)
+
+        await self.handler.handle(cmd.procedure_id, cmd, decide, command_type="rollback_procedure")
+
+
+def _fold(procedure_id: str, history: Sequence[StoredEvent]) -> ProcedureState:
+    return fold(procedure_id, ((e.envelope, e.position) for e in history))
 
 
 def _diagnostic(code: str, message: str, path: str) -> dict[str, Any]:

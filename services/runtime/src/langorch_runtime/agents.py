@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from ckp_core.agents import probe_failing, status_after_probe
-from ckp_core.commands import Command, RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
+from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
 from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import (
     Actor,
@@ -40,13 +40,13 @@ from ckp_core.events import (
     AgentStatusChanged,
     AgentTokenRotated,
     AgentUpdated,
-    CommandRejected,
     EventData,
     EventEnvelope,
     LeaseForceReleased,
     format_time,
     make_event,
 )
+from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import (
     COMMAND_STREAM,
     EVENT_STREAM,
@@ -58,6 +58,7 @@ from ckp_core.subjects import (
 from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
+from langorch_infra.handling import CommandHandler
 from langorch_infra.hosting import bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, decode_message, ensure_topology
 from langorch_infra.kv import LeaderLock, put_with_ttl
@@ -203,7 +204,7 @@ class AgentService:
         with contextlib.suppress(Exception):
             await self.http.aclose()
         with contextlib.suppress(Exception):
-            await messaging.close(self.broker)
+            await messaging.close(self.broker, self.nc)
 
     # -- commands ----------------------------------------------------------------------------------------
 
@@ -215,38 +216,23 @@ class AgentService:
             (RegisterAgent, self.on_register), (UpdateAgent, self.on_update), (RemoveAgent, self.on_remove),
             (ReleaseLease, self.on_release_lease))}
 
-    async def _load(self, agent_id: str, command: Command) -> tuple[AgentState, bool]:
-        """The agent's state and whether this command already has its outcome (a redelivery, whose audit record
-        is published again: a duplicate is dropped, a record lost before the crash is written now)."""
-        state = AgentState(agent_id)
-        done: EventEnvelope | None = None
-        for stored in await self.store.read("agent", agent_id):
-            evolve_agent(state, stored.envelope, stored.position)
-            if done is None and stored.envelope.causation_id == command.command_id:
-                done = stored.envelope
-        if done is not None:
-            await self.audit.outcome(command, done)
-        return state, done is not None
+    @property
+    def agents(self) -> CommandHandler[AgentState]:
+        """Load → decide → append → audit on the agent aggregate."""
+        return CommandHandler(self.store, "agent", _fold_agent, audit=self.audit)
+
+    @property
+    def leases_handler(self) -> CommandHandler[None]:
+        """Load → decide → append → audit on the lease aggregate (whose events only record force-releases)."""
+        return CommandHandler(self.store, "lease", lambda lease_id, history: None, audit=self.audit)
 
     async def _append(self, aggregate: str, aggregate_id: str, seq: int, position: int, data: EventData,
                       actor: Actor, causation_id: str | None) -> tuple[EventEnvelope, int]:
+        """Append a system event (health: no command)."""
         event = make_event(data, aggregate_id=aggregate_id, seq=seq + 1, actor=actor, causation_id=causation_id,
                            aggregate=aggregate)
         [appended] = await self.store.append([event], expected_position=position)
         return event, appended
-
-    async def _decide(self, aggregate: str, aggregate_id: str, seq: int, position: int, data: EventData,
-                      command: Command) -> None:
-        """Append a command's outcome and audit it (one record per command)."""
-        event, _ = await self._append(aggregate, aggregate_id, seq, position, data, command.actor,
-                                      command.command_id)
-        await self.audit.outcome(command, event)
-
-    async def _reject(self, aggregate: str, aggregate_id: str, seq: int, position: int, command: Command,
-                      command_type: str, refusal: CommandRefused) -> None:
-        await self._decide(aggregate, aggregate_id, seq, position, CommandRejected(
-            command_id=command.command_id, command_type=command_type, code=refusal.code, detail=refusal.message,
-            extra=refusal.extra), command)
 
     async def _synced_registry(self) -> list[AgentState]:
         """The registry once it has applied every agent event now in the stream (for cross-agent checks)."""
@@ -263,10 +249,7 @@ class AgentService:
         return list(source.registry.values())
 
     async def on_register(self, cmd: RegisterAgent) -> None:
-        state, done = await self._load(cmd.agent_id, cmd)
-        if done:
-            return
-        try:
+        async def decide(state: AgentState) -> AgentRegistered:
             if state.exists:
                 raise CommandRefused("agent_exists", f"agent {cmd.agent_id} is already registered")
             other = shares_limit_conflict(await self._synced_registry(), cmd.agent_id, cmd.resource_key,
@@ -274,77 +257,63 @@ class AgentService:
             if other is not None:
                 raise CommandRefused("resource_limit_conflict", f"agent {other} shares resource_key "
                                      f"{cmd.resource_key} with another concurrency_limit", conflicting_agent=other)
-        except CommandRefused as refusal:
-            return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "register_agent",
-                                      refusal)
-        await self._decide("agent", cmd.agent_id, state.seq, state.position, AgentRegistered(
-            agent_id=cmd.agent_id, name=cmd.name, channel=cmd.channel, protocol=cmd.protocol, base_url=cmd.base_url,
-            status="online", concurrency_limit=cmd.concurrency_limit, resource_key=cmd.resource_key,
-            pool_id=cmd.pool_id, capabilities=cmd.capabilities, labels=cmd.labels,
-            auth=cmd.auth or {"type": "none", "secret_ref": None}, token_sha256=cmd.token_sha256,
-        ), cmd)
+            return AgentRegistered(
+                agent_id=cmd.agent_id, name=cmd.name, channel=cmd.channel, protocol=cmd.protocol,
+                base_url=cmd.base_url, status="online", concurrency_limit=cmd.concurrency_limit,
+                resource_key=cmd.resource_key, pool_id=cmd.pool_id, capabilities=cmd.capabilities, labels=cmd.labels,
+                auth=cmd.auth or {"type": "none", "secret_ref": None}, token_sha256=cmd.token_sha256)
+
+        await self.agents.handle(cmd.agent_id, cmd, decide, command_type="register_agent")
 
     async def on_update(self, cmd: UpdateAgent) -> None:
-        state, done = await self._load(cmd.agent_id, cmd)
-        if done:
-            return
-        data: EventData
-        try:
+        async def decide(state: AgentState) -> EventData:
             if not state.exists:
                 raise CommandRefused("not_found", f"agent {cmd.agent_id} not found", resource="agent")
             if cmd.operation == "sync_capabilities":
-                data = AgentCapabilitiesSynced(agent_id=cmd.agent_id, capabilities=cmd.capabilities or [])
-            elif cmd.operation == "rotate_token" and cmd.token_sha256:
-                data = AgentTokenRotated(agent_id=cmd.agent_id, token_sha256=cmd.token_sha256)
-            elif set(cmd.changes) == {"status"}:
-                data = AgentStatusChanged(agent_id=cmd.agent_id, from_status=state.status,
+                return AgentCapabilitiesSynced(agent_id=cmd.agent_id, capabilities=cmd.capabilities or [])
+            if cmd.operation == "rotate_token" and cmd.token_sha256:
+                return AgentTokenRotated(agent_id=cmd.agent_id, token_sha256=cmd.token_sha256)
+            if set(cmd.changes) == {"status"}:
+                return AgentStatusChanged(agent_id=cmd.agent_id, from_status=state.status,
                                           status=cmd.changes["status"], reason=cmd.reason)
-            else:
-                if "resource_key" in cmd.changes or "concurrency_limit" in cmd.changes:
-                    other = shares_limit_conflict(
-                        await self._synced_registry(), cmd.agent_id,
-                        cmd.changes.get("resource_key", state.resource_key),
-                        int(cmd.changes.get("concurrency_limit", state.concurrency_limit)))
-                    if other is not None:
-                        raise CommandRefused("resource_limit_conflict", f"agent {other} shares the resource_key "
-                                             "with another concurrency_limit", conflicting_agent=other)
-                data = AgentUpdated(agent_id=cmd.agent_id, changes=cmd.changes)
-        except CommandRefused as refusal:
-            return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "update_agent",
-                                      refusal)
-        await self._decide("agent", cmd.agent_id, state.seq, state.position, data, cmd)
+            if "resource_key" in cmd.changes or "concurrency_limit" in cmd.changes:
+                other = shares_limit_conflict(
+                    await self._synced_registry(), cmd.agent_id,
+                    cmd.changes.get("resource_key", state.resource_key),
+                    int(cmd.changes.get("concurrency_limit", state.concurrency_limit)))
+                if other is not None:
+                    raise CommandRefused("resource_limit_conflict", f"agent {other} shares the resource_key "
+                                         "with another concurrency_limit", conflicting_agent=other)
+            return AgentUpdated(agent_id=cmd.agent_id, changes=cmd.changes)
+
+        await self.agents.handle(cmd.agent_id, cmd, decide, command_type="update_agent")
 
     async def on_remove(self, cmd: RemoveAgent) -> None:
-        state, done = await self._load(cmd.agent_id, cmd)
-        if done:
-            return
-        if not state.exists:
-            return await self._reject("agent", cmd.agent_id, state.seq, state.position, cmd, "remove_agent",
-                                      CommandRefused("not_found", f"agent {cmd.agent_id} not found",
-                                                     resource="agent"))
-        await self._decide("agent", cmd.agent_id, state.seq, state.position, AgentRemoved(agent_id=cmd.agent_id),
-                           cmd)
-        with contextlib.suppress(KeyNotFoundError, NotFoundError):
-            await self.presence.delete(agent_presence_key(cmd.agent_id))
+        def decide(state: AgentState) -> AgentRemoved:
+            if not state.exists:
+                raise CommandRefused("not_found", f"agent {cmd.agent_id} not found", resource="agent")
+            return AgentRemoved(agent_id=cmd.agent_id)
+
+        handled = await self.agents.handle(cmd.agent_id, cmd, decide, command_type="remove_agent")
+        if not handled.replayed and handled.accepted:
+            with contextlib.suppress(KeyNotFoundError, NotFoundError):
+                await self.presence.delete(agent_presence_key(cmd.agent_id))
 
     async def on_release_lease(self, cmd: ReleaseLease) -> None:
         """Force-release: the event decides, then the key is deleted revision-checked (redelivery repeats only
         the delete). A key that now holds another lease is left alone: that slot was re-acquired legitimately."""
-        history = await self.store.read("lease", cmd.lease_id)
-        seq = history[-1].envelope.seq if history else 0
-        position = history[-1].position if history else 0
-        done = next((e.envelope for e in history if e.envelope.causation_id == cmd.command_id), None)
-        if done is not None:
-            await self.audit.outcome(cmd, done)
-        else:
+
+        async def decide(_: None) -> LeaseForceReleased:
             lease = await self._lease_at(cmd.key)
             if lease is None or lease[0].get("lease_id") != cmd.lease_id:
-                return await self._reject("lease", cmd.lease_id, seq, position, cmd, "release_lease", CommandRefused(
-                    "not_found", f"lease {cmd.lease_id} not found", resource="lease"))
+                raise CommandRefused("not_found", f"lease {cmd.lease_id} not found", resource="lease")
             value = lease[0]
-            await self._decide("lease", cmd.lease_id, seq, position, LeaseForceReleased(
-                lease_id=cmd.lease_id, resource_key=str(value.get("resource_key", "")), slot=value.get("slot"),
-                run_id=value.get("run_id"), reason=cmd.reason), cmd)
+            return LeaseForceReleased(lease_id=cmd.lease_id, resource_key=str(value.get("resource_key", "")),
+                                      slot=value.get("slot"), run_id=value.get("run_id"), reason=cmd.reason)
+
+        handled = await self.leases_handler.handle(cmd.lease_id, cmd, decide, command_type="release_lease")
+        if handled.rejected and not handled.replayed:
+            return
         for _ in range(5):
             lease = await self._lease_at(cmd.key)
             if lease is None or lease[0].get("lease_id") != cmd.lease_id:
@@ -465,6 +434,13 @@ class AgentService:
             # apply at once, so a second decision of this round (status after circuit) appends at the new head
             # and the next round does not repeat the event before the registry catches up
             evolve_agent(agent, event, position)
+
+
+def _fold_agent(agent_id: str, history: Sequence[StoredEvent]) -> AgentState:
+    state = AgentState(agent_id)
+    for stored in history:
+        evolve_agent(state, stored.envelope, stored.position)
+    return state
 
 
 async def serve(settings: RuntimeSettings) -> None:
