@@ -1,6 +1,6 @@
-"""Fixtures that start real servers: NATS with JetStream and PostgreSQL from the project's own wheels, or
-the servers named by LANGORCH_TEST_NATS_URL / LANGORCH_TEST_DATABASE_URL. Each test gets a fresh JetStream
-store (a new embedded server, or a wiped one) and a fresh database."""
+"""Fixtures that start real servers: NATS with JetStream and PostgreSQL from the project's own wheels (one of each
+per pytest-xdist worker), or the servers named by LANGORCH_TEST_NATS_URL / LANGORCH_TEST_DATABASE_URL. Each test
+gets an empty JetStream (a fresh account, or a wiped server) and a fresh database copied from a migrated template."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,14 +23,17 @@ from typing import Any
 import asyncpg
 import httpx
 import nats
+import psycopg
 import pytest
 import uvicorn
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
 from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
 from langorch_approvals.service import ApprovalsService
 from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
-from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from langorch_gateway.projector import ensure_schema
+from langorch_infra.embedded import EmbeddedPostgres, free_port, nats_server_binary
 from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
 from langorch_runtime.agents import AgentService
 from langorch_runtime.creation import RunCreation
@@ -75,6 +81,144 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return SlowFirstScheduling(config, log)
 
 
+# -- servers: one NATS and one PostgreSQL per pytest-xdist worker (a session), a clean slate per test ----------------
+# Each worker starts one NATS server whose JetStream is split into accounts: every test (or module, for the module
+# fixtures) connects as the user of an account nobody used before, so it sees no stream, KV bucket or object store
+# of another test, and a client left over from an earlier test cannot reach its subjects either. Accounts are
+# declared in batches in the server's configuration file and a reload (SIGHUP) adds the next batch. Each worker
+# also starts one PostgreSQL cluster holding a template database with the projections' tables and LangGraph's
+# checkpoint tables; a test's database is a copy of it (``CREATE DATABASE … TEMPLATE``), so no test migrates.
+# Tests that stop, kill or restart a server start their own (``EmbeddedNats``/``EmbeddedPostgres`` in the test).
+# With LANGORCH_TEST_NATS_URL, a test gets that server with every stream deleted (its accounts are not ours);
+# with LANGORCH_TEST_DATABASE_URL, the template and the test databases are created on that server.
+
+ACCOUNT_BATCH = 64  # accounts declared at a time: a reload adds the next batch once a worker has used them all
+
+
+class NatsAccounts:
+    """A ``nats-server`` whose JetStream-enabled accounts are handed out one at a time (:meth:`account`)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.config = state_dir / "nats-server.conf"
+        self.port = free_port()
+        self.declared = 0
+        self.used = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _write_config(self, accounts: int) -> None:
+        declared = "\n".join(f"  T{i} {{ jetstream: enabled, users: [{{user: t{i}, password: {PASSWORD}}}] }}"
+                             for i in range(accounts))
+        self.config.write_text(f'listen: "127.0.0.1:{self.port}"\n'
+                               f'jetstream {{ store_dir: "{self.state_dir / "jetstream"}" }}\n'
+                               f"accounts {{\n{declared}\n}}\n")
+        self.declared = accounts
+
+    def start(self) -> NatsAccounts:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config(ACCOUNT_BATCH)
+        with open(self.state_dir / "nats-server.log", "ab") as log:
+            self.proc = subprocess.Popen([nats_server_binary(), "-c", str(self.config)], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not port_open(self.port):
+            assert self.proc.poll() is None, f"nats-server exited: see {self.state_dir / 'nats-server.log'}"
+            assert time.monotonic() < deadline, "nats-server does not listen after 30 s"
+            time.sleep(0.02)
+        return self
+
+    def url(self, account: int) -> str:
+        return f"nats://t{account}:{PASSWORD}@127.0.0.1:{self.port}"
+
+    async def account(self) -> str:
+        """The URL of an account no test has used (a reload declares the next batch when all are used)."""
+        if self.used == self.declared:
+            assert self.proc is not None
+            self._write_config(self.declared + ACCOUNT_BATCH)
+            self.proc.send_signal(signal.SIGHUP)
+            await _connectable(self.url(self.declared - 1), "the reloaded NATS configuration's last account")
+        self.used += 1
+        return self.url(self.used - 1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+PASSWORD = "langorch-test"
+
+
+async def _connectable(url: str, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+        except Exception as error:  # refused until the server has reloaded its configuration
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{what} refused for {timeout:g} s") from error
+            await asyncio.sleep(0.05)
+        else:
+            await nc.close()
+            return
+
+
+async def _delete_streams(url: str) -> None:
+    """Delete every stream (KV buckets and object stores are streams too) that ``url``'s account holds."""
+    nc = await nats.connect(url, allow_reconnect=False)
+    try:
+        js = nc.jetstream()
+        for info in await js.streams_info():
+            await js.delete_stream(info.config.name)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="session")
+def nats_accounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsAccounts | None]:
+    """This worker's NATS server (None with LANGORCH_TEST_NATS_URL)."""
+    if os.environ.get("LANGORCH_TEST_NATS_URL"):
+        yield None
+        return
+    server = NatsAccounts(tmp_path_factory.mktemp("nats-accounts")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _clean_nats(accounts: NatsAccounts | None) -> str:
+    if accounts is None:
+        url = os.environ["LANGORCH_TEST_NATS_URL"]
+        await _delete_streams(url)
+        return url
+    return await accounts.account()
+
+
+@pytest.fixture
+async def nats_url(nats_accounts: NatsAccounts | None) -> AsyncIterator[str]:
+    """A NATS server with an empty JetStream for one test: a fresh account of the worker's server."""
+    url = await _clean_nats(nats_accounts)
+    yield url
+    if nats_accounts is not None:  # frees the server's memory and disk; the account is not used again
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_delete_streams(url), 10)
+
+
+@pytest.fixture(scope="module")
+async def module_nats_url(nats_accounts: NatsAccounts | None) -> AsyncIterator[str]:
+    """A NATS server with an empty JetStream shared by the tests of one module: a fresh account."""
+    url = await _clean_nats(nats_accounts)
+    yield url
+    if nats_accounts is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_delete_streams(url), 10)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
@@ -93,79 +237,58 @@ def pg_server_url() -> Iterator[str]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-@pytest.fixture
-async def database_url(pg_server_url: str) -> AsyncIterator[str]:
-    """A fresh, empty database for one test."""
-    name = f"lo_test_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_server_url)
+def _database(server_url: str, name: str) -> str:
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+async def _admin(server_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(server_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
-    conn = await asyncpg.connect(pg_server_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(sql)
     finally:
         await conn.close()
 
 
-async def _wipe_jetstream(url: str) -> None:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    for name in ("LO_EVT", "LO_CMD", "LO_EXT", "LO_AUDIT", "KV_lo_procedures", "KV_lo_steps", "KV_lo_leases",
-                 "KV_lo_locks", "KV_lo_presence",
-                 "KV_lo_ratelimits", "OBJ_lo_artifacts"):
-        with contextlib.suppress(Exception):
-            await js.delete_stream(name)
-    await nc.close()
+@pytest.fixture(scope="session")
+async def pg_template(pg_server_url: str) -> AsyncIterator[str]:
+    """A database with every table the services create at start-up (the gateway's projections, LangGraph's
+    checkpoints), made once per worker by the services' own code; the template of each test's database."""
+    name = f"lo_template_{uuid.uuid4().hex[:12]}"
+    await _admin(pg_server_url, f'CREATE DATABASE "{name}"')
+    url = _database(pg_server_url, name)
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+    try:
+        await ensure_schema(pool)
+    finally:
+        await pool.close()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await AsyncPostgresSaver(conn).setup()  # type: ignore[arg-type]
+    yield name
+    await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def _copy_of_template(pg_server_url: str, template: str, prefix: str) -> AsyncIterator[str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    await _admin(pg_server_url, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield _database(pg_server_url, name)
+    finally:
+        await _admin(pg_server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
-async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
-    """A NATS server with an empty JetStream store for one test."""
-    url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    if url:
-        await _wipe_jetstream(url)
+async def database_url(pg_server_url: str, pg_template: str) -> AsyncIterator[str]:
+    """A fresh database for one test, with the tables the services create at start-up and no data of a test."""
+    async with _copy_of_template(pg_server_url, pg_template, "lo_test") as url:
         yield url
-        return
-    server = EmbeddedNats(tmp_path / "nats").start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
-async def module_database_url(pg_server_url: str) -> AsyncIterator[str]:
+async def module_database_url(pg_server_url: str, pg_template: str) -> AsyncIterator[str]:
     """A fresh database shared by the tests of one module (they must use distinct ids)."""
-    name = f"lo_mod_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(pg_server_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield pg_server_url.rsplit("/", 1)[0] + f"/{name}"
-    conn = await asyncpg.connect(pg_server_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-async def module_nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """A NATS server with an empty JetStream store shared by the tests of one module."""
-    url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    if url:
-        await _wipe_jetstream(url)
+    async with _copy_of_template(pg_server_url, pg_template, "lo_mod") as url:
         yield url
-        return
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats")).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @dataclass
