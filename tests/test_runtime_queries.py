@@ -45,6 +45,7 @@ from ckp_core.subjects import (
     lease_key,
 )
 from langorch_gateway import runtime_queries
+from langorch_gateway.runtime_queries import ask_runtime
 from langorch_infra.jetstream import ensure_topology
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.queries import RuntimeQueries
@@ -195,6 +196,36 @@ async def test_checkpoints_steps_leases_and_liveness_are_answered(nats_url: str,
         refused = await nc.request(QUERY_LEASES, b'{"lease_id": 5}', timeout=10)
         assert (refused.headers or {}).get(ERROR_CODE_HEADER) == "400"
         assert QueryError.model_validate_json(refused.data).code == "bad_query"
+
+
+class Big(TypedDict):
+    a: str
+    b: str
+
+
+def fill(state: Big) -> dict[str, Any]:
+    return {"a": "x" * 700_000, "b": "y" * 700_000}
+
+
+async def test_a_reply_larger_than_one_nats_message_comes_whole(nats_url: str, database_url: str) -> None:
+    run_id = new_id()
+    pool, saver = await open_checkpointer(database_url)
+    try:
+        graph = StateGraph(Big)
+        graph.add_node("fill", fill)
+        graph.add_edge(START, "fill")
+        graph.add_edge("fill", END)
+        await graph.compile(checkpointer=saver).ainvoke({"a": "", "b": ""}, {"configurable": {"thread_id": run_id}})
+    finally:
+        await pool.close()
+    async with replica(nats_url, database_url, "q-big"), client(nats_url) as nc:
+        newest = (await ask_runtime(nc, RunCheckpoints(run_id=run_id, limit=1), RunCheckpointsReply)).items[0]
+        detail = (await ask_runtime(nc, RunCheckpoint(run_id=run_id, checkpoint_id=newest.checkpoint_id,
+                                                      max_value_bytes=1_048_576), RunCheckpointReply)).checkpoint
+        assert nc.max_payload < 1_400_000  # two values of 700 kB do not fit one message
+        assert detail is not None
+        assert (detail.channel_values["a"], detail.channel_values["b"]) == ("x" * 700_000, "y" * 700_000)
+        assert detail.truncated_paths == []
 
 
 async def test_one_replica_of_the_queue_group_answers(nats_url: str, database_url: str) -> None:

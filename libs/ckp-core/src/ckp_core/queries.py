@@ -21,6 +21,10 @@ from ckp_core.subjects import (
 )
 
 MAX_VALUE_BYTES = 1_048_576
+# A reply larger than one NATS message comes as several, in order, each with the header ``LangOrch-Chunk: i/n``;
+# the parts joined are the reply. A reply above MAX_REPLY_BYTES is refused (413).
+CHUNK_HEADER = "LangOrch-Chunk"
+MAX_REPLY_BYTES = 64 * 1_048_576
 
 
 class Reply(BaseModel):
@@ -35,8 +39,8 @@ class Query(BaseModel):
 
 
 class QueryError(BaseModel):
-    """Body of a refused query (``Nats-Service-Error-Code`` header: 400 bad request, 413 reply too large,
-    500 the owner failed)."""
+    """Body of a refused query (``Nats-Service-Error-Code`` header: 400 bad request, 413 reply above
+    ``MAX_REPLY_BYTES``, 500 the owner failed)."""
 
     code: str
     detail: str

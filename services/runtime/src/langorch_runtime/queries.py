@@ -4,7 +4,8 @@ The runtime owns the LangGraph checkpoints (PostgreSQL, read through the officia
 ``lo_steps``), the leases (KV ``lo_leases``) and the agents' live state (heartbeats and probes in KV
 ``lo_presence``). The gateway never reads that storage: it sends a request on ``lo.qry.…`` and one replica answers
 (every replica serves the endpoints in one queue group). A bad request is answered with service error code 400,
-a reply too large for one NATS message with 413, a failure of this replica with 500 — never left to time out.
+a reply above ``MAX_REPLY_BYTES`` with 413, a failure of this replica with 500 — never left to time out. A reply
+larger than one NATS message is sent in parts, in order (header ``CHUNK_HEADER``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from pydantic import ValidationError
 
 from ckp_core.events import format_time
 from ckp_core.queries import (
+    CHUNK_HEADER,
+    MAX_REPLY_BYTES,
     AgentHeartbeat,
     AgentLive,
     AgentProbe,
@@ -80,6 +83,7 @@ log = logging.getLogger(__name__)
 
 VERSION = package_version("langorch-runtime")
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # a KV key token: anything else names no run of this runtime
+CHUNK_ROOM = 1024  # of a NATS message, left for the headers of a reply's chunk
 _REDACT = Redactor()
 
 Answer = Callable[[Any], Awaitable[Reply]]
@@ -307,12 +311,17 @@ class RuntimeQueries:
             await _refuse(request, "500", "query_failed", f"{type(exc).__name__} answering {query_type.SUBJECT}")
             return
         body = reply.model_dump_json().encode()
-        limit = self.nc.max_payload if self.nc is not None else len(body)
-        if len(body) > limit:
+        if len(body) > MAX_REPLY_BYTES:
             await _refuse(request, "413", "reply_too_large",
-                          f"the reply of {len(body)} bytes exceeds the {limit} bytes of one NATS message")
+                          f"the reply of {len(body)} bytes exceeds the {MAX_REPLY_BYTES} bytes a query may answer")
             return
-        await request.respond(body)
+        limit = max(1, (self.nc.max_payload if self.nc is not None else len(body)) - CHUNK_ROOM)
+        if len(body) <= limit:
+            await request.respond(body)
+            return
+        parts = [body[i:i + limit] for i in range(0, len(body), limit)]
+        for n, part in enumerate(parts, 1):  # one publisher to one inbox: NATS delivers them in order
+            await request.respond(part, headers={CHUNK_HEADER: f"{n}/{len(parts)}"})
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
