@@ -103,6 +103,14 @@ def test_an_effective_date_of_today_runs() -> None:
                          compiled({**DOC, "effective_date": "2026-03-01"}), NOW) is not None
 
 
+def test_a_child_of_a_version_not_effective_yet_is_created_for_its_start_gate() -> None:
+    later = compiled({**DOC, "effective_date": "2026-03-02"})
+    with pytest.raises(CommandRefused):
+        decide_create(runs.RunState("c1"), command(input_vars={"n": 1}), version(), later, NOW)
+    assert decide_create(runs.RunState("c1"), command(input_vars={"n": 1}), version(), later, NOW,
+                         effective_gate=False) is not None
+
+
 def test_a_run_that_has_events_is_not_created_again() -> None:
     existing = runs.RunState("r1", seq=1, exists=True)
     assert decide_create(existing, command(input_vars={"n": 1}), version(), compiled(DOC), NOW) is None

@@ -70,7 +70,10 @@ class JetStreamChildRuns:
                             triggered_by=triggered_by, parent_run_id=parent_run_id, parent_node_id=parent_node_id,
                             root_run_id=root_run_id, rerun_of=rerun_of, execution_mode="dry_run" if dry_run else None,
                             project_id=project_id, call_chain=call_chain)
-        handled = await self.creator.create(command, ir=ir, start_msg_id=f"start-{child_run_id}")
+        # a version not effective yet: the child is created and fails at its start gate (procedure_not_effective),
+        # which its parent sees in subflow_failed
+        handled = await self.creator.create(command, ir=ir, start_msg_id=f"start-{child_run_id}",
+                                            effective_gate=False)
         event = handled.event
         if event is None:  # created meanwhile by an earlier execution of this super-step
             created = await self.store.read("run", child_run_id)

@@ -81,12 +81,13 @@ def fold_run(run_id: str, events: Sequence[StoredEvent]) -> runs.RunState:
 
 
 def decide_create(run: runs.RunState, command: CreateRun, version: VersionState | None, ir: ProcedureIR | None,
-                  now: datetime) -> RunCreated | None:
+                  now: datetime, *, effective_gate: bool = True) -> RunCreated | None:
     """``run_created`` for ``command``, or the refusal (pure).
 
     ``version`` is the procedure aggregate's state of ``command.procedure_version`` (None: it does not exist or
     was deleted) and ``ir`` its compiled IR. A run that already has events (created by another command) is left as
-    it is: None, nothing to create.
+    it is: None, nothing to create. Without ``effective_gate`` a version not effective yet is created anyway: a
+    child run of one fails at the start gate instead (ckp.md §7.2 (2)), and its parent sees why.
     """
     if run.seq > 0:
         return None
@@ -98,7 +99,7 @@ def decide_create(run: runs.RunState, command: CreateRun, version: VersionState 
         raise CommandRefused("procedure_not_runnable", f"procedure {command.procedure_id}@"
                              f"{command.procedure_version} is not available to the runtime")
     today = now.date().isoformat()
-    if ir.effective_date and ir.effective_date > today:
+    if effective_gate and ir.effective_date and ir.effective_date > today:
         raise CommandRefused("procedure_not_effective", f"version {command.procedure_version} is effective from "
                              f"{ir.effective_date}")
     root = command.root_run_id or command.run_id
@@ -176,7 +177,7 @@ class RunCreator:
         return ProcedureIR.model_validate_json(entry.value or b"{}")
 
     async def create(self, command: CreateRun, *, delivery: int = 1, ir: ProcedureIR | None = None,
-                     start_msg_id: str | None = None) -> Handled[runs.RunState]:
+                     start_msg_id: str | None = None, effective_gate: bool = True) -> Handled[runs.RunState]:
         """Decide ``command``; a run it created (now, or before this redelivery) and that has not started yet gets
         its start command (``Nats-Msg-Id`` ``start_msg_id``, by default the command id, so a republish is dropped).
 
@@ -201,7 +202,8 @@ class RunCreator:
 
         now = datetime.now(UTC)
         handled = await self.handler.handle(
-            command.run_id, command, lambda run: decide_create(run, command, version, ir, now),
+            command.run_id, command, lambda run: decide_create(run, command, version, ir, now,
+                                                               effective_gate=effective_gate),
             command_type="create_run", correlation_id=command.run_id, audit_as=start, audit_meta=audit_meta)
         event = handled.event
         if event is not None and event.type == "run_created" and (not handled.replayed or handled.state.seq == 1):
