@@ -52,8 +52,8 @@ EXAMPLES = ROOT / "examples"
 # split are only about speed: the tests pass in any order.
 SLOW_FIRST = (
     "test_multi_agent_invoice_run.py", "test_schemathesis.py", "test_up_lifecycle.py", "test_runtime_crash_recovery.py",
-    "test_chaos.py", "test_readme_quickstart.py", "test_product_enrichment_runs.py", "test_wire_protocol_audit.py",
-    "test_cli_errors.py", "test_service_config.py", "test_step_semantics_audit.py", "test_approvals_service.py",
+    "test_chaos.py", "test_readme_quickstart.py", "test_product_enrichment_runs.py", "test_agent_wire_protocol.py",
+    "test_cli_errors.py", "test_service_config.py", "test_step_execution_end_to_end.py", "test_approvals_service.py",
     "test_webhooks.py", "test_projection_kill_restart.py", "test_projection_rebuild.py", "test_golden_event_streams.py",
 )
 SPLIT = frozenset(SLOW_FIRST[:7]) | {"test_cli_errors.py"}

@@ -1,4 +1,4 @@
-"""Acceptance audit of step and runtime semantics (ckp.md §4, §7.4–§7.16, §8) through the real platform.
+"""Step and runtime semantics (ckp.md §4, §7.4–§7.16, §8) through the real platform.
 
 Every procedure here runs end to end: the gateway accepts it, the compiler compiles it, the runtime executes it and
 dispatches to a real HTTP agent; the assertions read the run view and its event timeline (``/api/runs/{id}/events``).

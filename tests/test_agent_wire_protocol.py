@@ -1,4 +1,4 @@
-"""Acceptance audit of what the runtime sends to and accepts from agents (ckp.md §4.5–§4.6, §7.5, §9; api.md §15)
+"""What the runtime sends to and accepts from agents (ckp.md §4.5–§4.6, §7.5, §9; api.md §15)
 through the real platform: malformed, slow and hostile answers of real HTTP agents and MCP servers must end as
 precise step errors, never as a crash or a hung run.
 

@@ -1,4 +1,4 @@
-"""Acceptance audit of the gateway REST API and the approvals service against api.md (§1, §4–§9, §13.2).
+"""Edge cases of the gateway REST API and the approvals service against api.md (§1, §4–§9, §13.2).
 
 Written by an outside checker: each test covers what the per-area contract tests (tests/test_*_api.py,
 tests/test_approvals_*.py) do not — bad query values on every list (a 422 naming ``query.<param>``, never a
