@@ -65,7 +65,7 @@ from ckp_core.subjects import (
     procedure_key,
 )
 from langorch_infra.audit import AuditWriter
-from langorch_infra.bus import ACK, LEAVE, BusMetrics, Settle, handle_one, nak
+from langorch_infra.bus import ACK, LEAVE, BusMetrics, Settle, fetch, handle_one, nak
 from langorch_infra.callbacks import callback_key
 from langorch_infra.handling import CommandHandler, Handled
 from langorch_infra.hosting import ServiceHost, bus_checks, probe_check
@@ -209,12 +209,13 @@ class RuntimeService:
             await asyncio.sleep(QUEUE_POLL_S)
 
     async def run(self) -> None:
-        """Fetch start commands forever, executing up to ``max_concurrent_runs`` at once."""
+        """Fetch start commands forever, executing up to ``max_concurrent_runs`` at once. A slot is taken before
+        the fetch, so a replica only takes a command it can start at once (FastStream's concurrent pull subscriber
+        fetches first and queues); a fetch's transient errors (a failover) are survived by ``fetch``."""
         while True:
             await self.slots.acquire()
-            try:
-                msgs = await self.sub.fetch(1, timeout=5)
-            except TimeoutError:
+            msgs = await fetch(self.sub, 1, 5.0)
+            if not msgs:
                 self.slots.release()
                 continue
             for msg in msgs:
