@@ -32,11 +32,16 @@ from langorch_infra.bus import BusMetrics
 from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
 from langorch_runtime.agents import AgentService
 from langorch_runtime.creation import CREATE_CONSUMER, CREATE_SUBJECTS, EXECUTE_SUBJECTS, RUN_CONSUMER
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import example
 
 pytestmark = pytest.mark.unit
 
 OPERATOR = Actor(kind="user", id="ops")
+
+
+def procedure_doc(procedure_id: str, version: str) -> dict[str, Any]:
+    """The minimal greeting example under another identity."""
+    return {**example("minimal_greeting.ckp.json"), "procedure_id": procedure_id, "version": version}
 
 
 class RecordedPublishes:
