@@ -1,7 +1,8 @@
 """The gateway: FastAPI REST + SSE over the projections, publishing commands to JetStream.
 
 ``create_app(settings)`` is the composition root: it opens NATS and PostgreSQL once in the lifespan, starts
-the projector, and hands the clients to the routes through ``request.app.state``.
+the projector, and keeps the clients on ``app.state``, from where :mod:`langorch_gateway.deps` hands them to the
+routes as typed dependencies.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import (
     auditing,
+    deps,
     dispatch,
     idempotency,
     queries,
@@ -140,6 +142,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.state.settings = settings
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
+    app.state.project_names_lock = asyncio.Lock()  # deps.NamesLock
     install(app)
 
     @app.middleware("http")
@@ -202,12 +205,6 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                                         **refused.extra)
         return await call_next(request)  # type: ignore[no-any-return]
 
-    def pool(request: Request) -> asyncpg.Pool:
-        return request.app.state.pool  # type: ignore[no-any-return]
-
-    async def ryw(request: Request, position: int) -> None:
-        await dispatch.ryw(request, position)
-
     # -- meta ---------------------------------------------------------------------------------------
     @app.get("/api/health")
     async def health() -> dict[str, Any]:
@@ -240,7 +237,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)
-    async def create_run(request: Request, body: RunCreate) -> JSONResponse:
+    async def create_run(request: Request, db: deps.Pool, body: RunCreate) -> JSONResponse:
         """Check the version and the inputs, then submit ``lo.cmd.run.create`` to the runtime (the run's single
         writer) and wait for its outcome: ``run_created`` (201, the run once projected) or ``command_rejected``
         (the problem it names); 202 pending when the runtime did not decide in time."""
@@ -251,7 +248,6 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             raise ApiProblem("validation_failed", "release_channel chooses a version only when procedure_version is "
                              "omitted; send one of them", errors={"release_channel": [
                                  "Only allowed when procedure_version is omitted"]})
-        db = pool(request)
         run_id = new_id()
         # refusals on the procedure's state (409) or on the inputs (422) are decided outcomes: audited
         async with auditing.refusals_audited(request, "run", "start", resource_type="run", resource_id=None,
@@ -287,6 +283,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     @app.get("/api/runs")
     async def list_runs(
         request: Request,
+        db: deps.Pool,
         procedure_id: str | None = None,
         procedure_version: str | None = None,
         status: str | None = None,
@@ -327,16 +324,16 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         if until is not None:
             where.add(f"created_at < {where.arg(until)}")
         key = "(COALESCE(ended_at, now()) - started_at)" if sort == "duration_seconds" else sort
-        rows, total = await queries.fetch_page(pool(request), "runs", where,
+        rows, total = await queries.fetch_page(db, "runs", where,
                                                f"{key} {order.upper()} NULLS LAST, run_id {order.upper()}", limit,
                                                offset)
         return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
 
     @app.get("/api/runs/{run_id}")
-    async def get_run(request: Request, run_id: str) -> JSONResponse:
+    async def get_run(request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
         """One run."""
         headers = await dispatch.min_position(request)
-        row = await pool(request).fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+        row = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
         if row is None:
             raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
         return JSONResponse(views.run_out(row), headers=headers)
@@ -344,6 +341,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     @app.get("/api/runs/{run_id}/events")
     async def run_events(
         request: Request,
+        db: deps.Pool,
         run_id: str,
         event_type: str | None = None,
         node_id: str | None = None,
@@ -353,7 +351,6 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     ) -> JSONResponse:
         """Page of a run's events in ``seq`` order."""
         headers = await dispatch.min_position(request)
-        db = pool(request)
         if await db.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id) is None:
             raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
         types = queries.comma_list("event_type", event_type)
@@ -365,23 +362,24 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     @app.get("/api/runs/{run_id}/stream")
     async def run_stream(
-        request: Request,
+        db: deps.Pool,
+        js: deps.JetStream,
+        store: deps.EventStore,
+        slots: deps.Slots,
         run_id: str,
         after: AfterQuery = None,
         history: bool = True,
         last_event_id: LastEventId = None,
     ) -> EventSourceResponse:
         """Live SSE of a run's events straight from JetStream, resumable with ``Last-Event-ID``."""
-        store: JetStreamEventStore = request.app.state.store
-        known = await pool(request).fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id)
+        known = await db.fetchval("SELECT 1 FROM runs WHERE run_id = $1", run_id)
         if known is None and await store.head("run", run_id) is None:
             raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
         start = after or 0
         if last_event_id is not None:
             start = queries.header_position("Last-Event-ID", last_event_id)
         new_only = last_event_id is None and after is None and not history
-        js = request.app.state.js
-        release = request.app.state.stream_slots.acquire(ANONYMOUS.render())
+        release = slots.acquire(ANONYMOUS.render())
 
         async def events() -> AsyncIterator[ServerSentEvent]:
             metrics.sse.labels(stream="run").inc()

@@ -14,6 +14,7 @@ from fastapi import Request
 from ckp_core.audit import AuditEntry, Outcome, command_entry, record_entry
 from ckp_core.commands import Command
 from ckp_core.events import ANONYMOUS, Actor
+from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.audit import AuditWriter
 
@@ -22,7 +23,7 @@ CONFLICT = 409  # a refusal because of the resource's state: the command was dec
 
 async def write(request: Request, entry: AuditEntry) -> None:
     """Publish one record (best effort: a failure is logged by the writer, never answered as an error)."""
-    await AuditWriter(request.app.state.js).write(entry)
+    await AuditWriter(clients(request).js).write(entry)
 
 
 async def decided(request: Request, category: str, action: str, *, resource_type: str, resource_id: str | None,

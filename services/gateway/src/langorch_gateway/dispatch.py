@@ -17,10 +17,10 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ckp_core.commands import Command
 from ckp_core.events import EventEnvelope
 from ckp_core.subjects import EVENT_STREAM, aggregate_filter
+from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import header_position
 from langorch_infra.jetstream import decode_message, publish_command
-from langorch_infra.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,15 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
     The ordered consumer exists before the command is published, so the outcome cannot be missed. The command
     is logged first (``api_command_log``) so ``GET /api/commands/{id}`` can report it, pending or decided.
     """
-    js = request.app.state.js
-    settings: GatewaySettings = request.app.state.settings
-    metrics = getattr(request.app.state, "metrics", None)
+    app = clients(request)
+    js, settings, metrics = app.js, app.settings, app.metrics
     sub = await js.subscribe(aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
                              config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
     outcome: Outcome | None = None
     fixed_id = getattr(request.state, "command_id", None)
     if fixed_id:  # an idempotent request: the command id (hence Nats-Msg-Id) belongs to its Idempotency-Key
         command.command_id = fixed_id
-    await request.app.state.pool.execute(
+    await app.pool.execute(
         """INSERT INTO api_command_log (command_id, command_type, actor, aggregate, aggregate_id, resource,
              submitted_at) VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (command_id) DO NOTHING""",
         command.command_id, command_type, command.actor.render(), aggregate, aggregate_id, resource)
@@ -70,10 +69,9 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    if metrics is not None:
-        state = "pending" if outcome is None else (
-            "rejected" if outcome.envelope.type == "command_rejected" else "accepted")
-        metrics.commands.labels(command_type=command_type, outcome=state).inc()
+    state = "pending" if outcome is None else (
+        "rejected" if outcome.envelope.type == "command_rejected" else "accepted")
+    metrics.commands.labels(command_type=command_type, outcome=state).inc()
     return outcome
 
 
@@ -88,12 +86,10 @@ def raise_if_rejected(outcome: Outcome) -> None:
 
 async def ryw(request: Request, position: int) -> bool:
     """Wait (bounded) until the projection has applied ``position``; False when it did not in time."""
-    settings: GatewaySettings = request.app.state.settings
+    app = clients(request)
     started = time.monotonic()
-    reached: bool = await request.app.state.projector.wait(position, settings.ryw_timeout_ms / 1000)
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.ryw_wait.observe(time.monotonic() - started)
+    reached = await app.projector.wait(position, app.settings.ryw_timeout_ms / 1000)
+    app.metrics.ryw_wait.observe(time.monotonic() - started)
     if not reached:
         log.warning("projection did not reach %s within the RYW timeout", position)
     return reached
@@ -105,7 +101,7 @@ async def min_position(request: Request) -> dict[str, str]:
     headers: dict[str, str] = {}
     if raw and not await ryw(request, header_position("X-LangOrch-Min-Position", raw)):
         headers["X-LangOrch-Consistency"] = "stale"
-    headers["X-LangOrch-Position"] = str(request.app.state.projector.position)
+    headers["X-LangOrch-Position"] = str(clients(request).projector.position)
     return headers
 
 

@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ckp_core.ids import new_id
+from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 
 IDEMPOTENT = [re.compile(p) for p in (
@@ -51,7 +52,7 @@ async def handle(request: Request, call_next: Callable[[Request], Awaitable[Resp
     if not KEY.match(key):
         raise ApiProblem("validation_failed", "Idempotency-Key must be 1–255 printable ASCII characters",
                          errors={"header.Idempotency-Key": ["Must be 1-255 printable ASCII characters"]})
-    pool: asyncpg.Pool = request.app.state.pool
+    pool = clients(request).pool
     digest = _request_hash(await request.body())
     now = datetime.now(UTC)
     command_id = new_id()

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import asyncpg
 from fastapi import Depends, Query, Request
 
+from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 
 PAGE_SIZE_CEILING = 10_000  # the highest LANGORCH_MAX_PAGE_SIZE may be set to (the limit the OpenAPI shows)
@@ -18,7 +19,7 @@ MAX_BIGINT = 2**63 - 1  # offsets and stream positions reach PostgreSQL as bigin
 def page_limit(request: Request, limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_CEILING)] = 100) -> int:
     """``limit`` of a list: 1…``LANGORCH_MAX_PAGE_SIZE`` (api.md §1.4), out of range → 422, never clamped; when
     not given, 100 or the setting if that is lower."""
-    highest = int(getattr(request.app.state.settings, "max_page_size", 500))
+    highest = clients(request).settings.max_page_size
     if "limit" not in request.query_params:
         return min(limit, highest)
     if limit > highest:

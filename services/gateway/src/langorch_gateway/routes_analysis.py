@@ -17,6 +17,7 @@ from ckp_core import analysis
 from ckp_core.compiler import CompileResult, compile_document
 from ckp_core.ir import SubflowRefIR
 from langorch_gateway import views
+from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import min_position
 from langorch_gateway.problems import ApiProblem
 
@@ -88,11 +89,11 @@ async def stored_lookup(db: asyncpg.Pool, doc: Any) -> StoredLookup:
 
 
 async def compile_with_store(request: Request, doc: dict[str, Any]) -> CompileResult:
-    return compile_document(doc, await stored_lookup(request.app.state.pool, doc))
+    return compile_document(doc, await stored_lookup(clients(request).pool, doc))
 
 
 async def _version_doc(request: Request, procedure_id: str, version: str) -> tuple[asyncpg.Record, dict[str, Any]]:
-    db: asyncpg.Pool = request.app.state.pool
+    db = clients(request).pool
     if version == "latest":
         row = await db.fetchrow(
             "SELECT * FROM procedures WHERE procedure_id = $1 ORDER BY position DESC LIMIT 1", procedure_id)

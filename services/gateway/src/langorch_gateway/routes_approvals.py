@@ -25,6 +25,7 @@ from ckp_core.approvals import STATUSES, ApprovalState, approval_view, evolve, f
 from ckp_core.commands import DecideApproval
 from ckp_core.events import ANONYMOUS, format_time
 from ckp_core.redaction import Redactor
+from langorch_gateway import deps
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import (
@@ -39,8 +40,7 @@ from langorch_gateway.queries import (
     header_position,
 )
 from langorch_gateway.routes_runs_more import parse_query_time
-from langorch_infra.jetstream import JetStreamEventStore, follow
-from langorch_infra.settings import GatewaySettings
+from langorch_infra.jetstream import follow
 
 router = APIRouter()
 
@@ -74,10 +74,6 @@ class DecisionIn(BaseModel):
             raise ApiProblem("validation_failed", "decision, status and resolved_decision disagree",
                              errors={name: ["Disagrees with the other decision members"] for name in given})
         return values.pop()
-
-
-def _db(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool  # type: ignore[no-any-return]
 
 
 def _json(value: Any) -> Any:
@@ -115,8 +111,8 @@ def row_out(row: asyncpg.Record) -> dict[str, Any]:
     return approval_out(state_of(row), row["run_status"])
 
 
-async def _row(request: Request, approval_id: str) -> asyncpg.Record | None:
-    return await _db(request).fetchrow(f"SELECT * FROM {APPROVALS_VIEW} WHERE approval_id = $1",  # noqa: S608
+async def _row(db: asyncpg.Pool, approval_id: str) -> asyncpg.Record | None:
+    return await db.fetchrow(f"SELECT * FROM {APPROVALS_VIEW} WHERE approval_id = $1",  # noqa: S608
                                        approval_id)
 
 
@@ -127,7 +123,7 @@ def _query_time(name: str, raw: str | None) -> datetime | None:
 
 @router.get("/api/approvals")
 async def list_approvals(
-    request: Request,
+    request: Request, db: deps.Pool,
     status: str | None = None,
     run_id: str | None = None,
     procedure_id: str | None = None,
@@ -158,7 +154,7 @@ async def list_approvals(
             where.add(f"{clause} {where.arg(bound)}")
     headers = await min_position(request)
     nulls = " NULLS LAST" if sort == "expires_at" else ""
-    rows, total = await fetch_page(_db(request), APPROVALS_VIEW, where,
+    rows, total = await fetch_page(db, APPROVALS_VIEW, where,
                                    f"{sort} {order}{nulls}, approval_id {order}", limit, offset)
     return JSONResponse({"items": [row_out(r) for r in rows], "total": total, "limit": limit, "offset": offset},
                         headers=headers)
@@ -166,7 +162,12 @@ async def list_approvals(
 
 @router.get("/api/approvals/stream")
 async def approvals_stream(
-    request: Request,
+    db: deps.Pool,
+    js: deps.JetStream,
+    settings: deps.Settings,
+    store: deps.EventStore,
+    metrics: deps.Metrics,
+    slots: deps.Slots,
     status: str | None = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -176,12 +177,7 @@ async def approvals_stream(
     start = after
     if last_event_id is not None:
         start = header_position("Last-Event-ID", last_event_id)
-    js = request.app.state.js
-    store: JetStreamEventStore = request.app.state.store
-    db = _db(request)
-    settings: GatewaySettings = request.app.state.settings
-    metrics = getattr(request.app.state, "metrics", None)
-    release = request.app.state.stream_slots.acquire(ANONYMOUS.render())
+    release = slots.acquire(ANONYMOUS.render())
 
     async def updates() -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(comment="langorch approval stream", retry=3000)
@@ -208,14 +204,12 @@ async def approvals_stream(
                                   id=str(stored.position))
 
     async def counted() -> AsyncIterator[ServerSentEvent]:
-        if metrics is not None:
-            metrics.sse.labels(stream="approvals").inc()
+        metrics.sse.labels(stream="approvals").inc()
         try:
             async for event in updates():
                 yield event
         finally:
-            if metrics is not None:
-                metrics.sse.labels(stream="approvals").dec()
+            metrics.sse.labels(stream="approvals").dec()
             release()
 
     return EventSourceResponse(counted(), ping=settings.sse_keepalive_s, headers={"Cache-Control": "no-cache"},
@@ -223,17 +217,18 @@ async def approvals_stream(
 
 
 @router.get("/api/approvals/{approval_id}")
-async def get_approval(request: Request, approval_id: str) -> JSONResponse:
+async def get_approval(request: Request, db: deps.Pool, approval_id: str) -> JSONResponse:
     """One approval with its run's current status."""
     headers = await min_position(request)
-    row = await _row(request, approval_id)
+    row = await _row(db, approval_id)
     if row is None:
         raise ApiProblem("not_found", f"approval {approval_id} not found", resource="approval")
     return JSONResponse(row_out(row), headers=headers)
 
 
 @router.post("/api/approvals/{approval_id}/decision")
-async def decide(request: Request, approval_id: str, body: DecisionIn) -> JSONResponse:
+async def decide(request: Request, db: deps.Pool, store: deps.EventStore, approval_id: str,
+                 body: DecisionIn) -> JSONResponse:
     """Decide a pending approval; the run resumes asynchronously (``run_status`` may still read
     ``waiting_approval`` in the answer)."""
     principal = ANONYMOUS  # auth is disabled (api.md §2.4): every request is the anonymous principal
@@ -242,8 +237,7 @@ async def decide(request: Request, approval_id: str, body: DecisionIn) -> JSONRe
         raise ApiProblem("decided_by_mismatch", f"decided_by {body.decided_by!r} is not the authenticated "
                          f"principal {principal.render()!r}",
                          errors={"decided_by": ["Must equal the authenticated principal"]})
-    store: JetStreamEventStore = request.app.state.store
-    if await _row(request, approval_id) is None and await store.head("approval", approval_id) is None:
+    if await _row(db, approval_id) is None and await store.head("approval", approval_id) is None:
         raise ApiProblem("not_found", f"approval {approval_id} not found", resource="approval")
     command = DecideApproval(actor=principal, causation_id=request.state.request_id, approval_id=approval_id,
                              decision=decision, comment=body.comment, payload=body.payload)
@@ -253,7 +247,7 @@ async def decide(request: Request, approval_id: str, body: DecisionIn) -> JSONRe
         return pending(command.command_id, "decide_approval")
     raise_if_rejected(outcome)
     await ryw(request, outcome.position)
-    row = await _row(request, approval_id)
+    row = await _row(db, approval_id)
     if row is None:
         return pending(command.command_id, "decide_approval")
     return JSONResponse(row_out(row), headers=accepted_headers(command.command_id, outcome.position))

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
-from langorch_gateway import views
+from langorch_gateway import deps, views
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page
 from langorch_gateway.routes_runs_more import parse_query_time
 
@@ -32,7 +32,7 @@ def audit_out(row: asyncpg.Record) -> dict[str, Any]:
 
 @router.get("/api/audit")
 async def list_audit(
-    request: Request,
+    db: deps.Pool,
     category: Text = None,
     action: Text = None,
     actor: Text = None,
@@ -61,6 +61,5 @@ async def list_audit(
     for clause, bound in (("ts >=", parse_query_time("since", since)), ("ts <", parse_query_time("until", until))):
         if bound is not None:
             where.add(f"{clause} {where.arg(bound)}")
-    db: asyncpg.Pool = request.app.state.pool
     rows, total = await fetch_page(db, "audit_log", where, "ts DESC, event_id DESC", limit, offset)
     return JSONResponse({"items": [audit_out(r) for r in rows], "total": total, "limit": limit, "offset": offset})

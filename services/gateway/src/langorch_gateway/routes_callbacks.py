@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckp_core import runs
 from ckp_core.commands import ResumeRun
 from ckp_core.events import ANONYMOUS, Actor
-from langorch_gateway import auditing
+from langorch_gateway import auditing, deps
 from langorch_gateway.dispatch import accepted_headers, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.callbacks import callback_key, parse_token, verify_token
@@ -46,13 +46,11 @@ class CallbackIn(BaseModel):
 
 @router.post("/api/runs/{run_id}/callback", status_code=202)
 async def run_callback(
-    request: Request, run_id: str, body: CallbackIn,
+    request: Request, db: deps.Pool, settings: deps.Settings, run_id: str, body: CallbackIn,
     token_header: str | None = Header(None, alias="X-LangOrch-Callback-Token"),
     token_query: str | None = Query(None, alias="token"),
 ) -> JSONResponse:
     """Resume a run paused on an async delegation."""
-    settings: GatewaySettings = request.app.state.settings
-    db: asyncpg.Pool = request.app.state.pool
     raw = token_header or token_query
     token = parse_token(raw) if raw else None
     if token is None:
@@ -60,7 +58,7 @@ async def run_callback(
     run = await db.fetchrow("SELECT status FROM runs WHERE run_id = $1", run_id)
     if run is None:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
-    delegated = await _delegation(request, run_id, token.delegation_id,
+    delegated = await _delegation(db, settings, run_id, token.delegation_id,
                                   wait=run["status"] not in runs.TERMINAL_STATUSES)
     key = callback_key(settings.auth_secret_key.get_secret_value())
     if delegated is None or not verify_token(key, token, run_id, delegated["node_id"], delegated["step_id"]):
@@ -72,7 +70,7 @@ async def run_callback(
                                                                     delegated["step_id"]):
         raise ApiProblem("callback_mismatch", f"the token names node {delegated['node_id']} step "
                          f"{delegated['step_id']}", status=400)
-    status = await _settled(request, run_id)
+    status = await _settled(db, settings, run_id)
     if status == runs.DELETED:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
     if status in runs.TERMINAL_STATUSES:
@@ -107,12 +105,10 @@ async def run_callback(
     return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202, headers=headers)
 
 
-async def _settled(request: Request, run_id: str) -> str:
+async def _settled(db: asyncpg.Pool, settings: GatewaySettings, run_id: str) -> str:
     """The run's status once it waits or has ended: a run that has just delegated may still be executing (the
     runtime appends the pausing event after the step, or another parallel branch still runs), so a live status is
     re-read for up to ``LANGORCH_RYW_TIMEOUT_MS``."""
-    db: asyncpg.Pool = request.app.state.pool
-    settings: GatewaySettings = request.app.state.settings
     deadline = time.monotonic() + settings.ryw_timeout_ms / 1000
     while True:
         status = str(await db.fetchval("SELECT status FROM runs WHERE run_id = $1", run_id) or runs.DELETED)
@@ -122,12 +118,11 @@ async def _settled(request: Request, run_id: str) -> str:
         await asyncio.sleep(0.05)
 
 
-async def _delegation(request: Request, run_id: str, delegation_id: str, *, wait: bool) -> asyncpg.Record | None:
+async def _delegation(db: asyncpg.Pool, settings: GatewaySettings, run_id: str, delegation_id: str, *,
+                      wait: bool) -> asyncpg.Record | None:
     """The ``workflow_delegated`` event of ``delegation_id``. An agent may call back before the runtime has appended
     it (the agent answers the dispatch, then calls back at once), so while the run is live the lookup is repeated
     for up to ``LANGORCH_RYW_TIMEOUT_MS`` before the token is refused."""
-    db: asyncpg.Pool = request.app.state.pool
-    settings: GatewaySettings = request.app.state.settings
     deadline = time.monotonic() + (settings.ryw_timeout_ms / 1000 if wait else 0)
     while True:
         row: asyncpg.Record | None = await db.fetchrow(
@@ -139,13 +134,13 @@ async def _delegation(request: Request, run_id: str, delegation_id: str, *, wait
 
 
 @router.get("/api/agent-credentials/{secret_name}")
-async def redeem_credential(request: Request, secret_name: str,
+async def redeem_credential(request: Request, db: deps.Pool, settings: deps.Settings, secret_name: str,
                             authorization: str | None = Header(None)) -> JSONResponse:
     """Exchange a credential grant for the secret's value, resolved from the provider now; every redemption,
     refused or not, is audited (``secret_mgmt/redeem``, actor ``agent:<agent_id>``, never the value)."""
     claims: dict[str, Any] = {}
     try:
-        value = await _redeem(request, secret_name, authorization, claims)
+        value = await _redeem(db, settings, secret_name, authorization, claims)
     except ApiProblem as problem:
         await _audit_redeem(request, secret_name, claims, problem)
         raise
@@ -153,9 +148,9 @@ async def redeem_credential(request: Request, secret_name: str,
     return JSONResponse({"value": value}, headers={"Cache-Control": "no-store"})
 
 
-async def _redeem(request: Request, secret_name: str, authorization: str | None, claims: dict[str, Any]) -> Any:
+async def _redeem(db: asyncpg.Pool, settings: GatewaySettings, secret_name: str, authorization: str | None,
+                  claims: dict[str, Any]) -> Any:
     """The secret's value for a valid grant (``claims`` is filled with the grant's claims once verified)."""
-    settings: GatewaySettings = request.app.state.settings
     token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
     if not token:
         raise ApiProblem("invalid_grant", "a credential grant is required (Authorization: Bearer <grant>)",
@@ -166,7 +161,6 @@ async def _redeem(request: Request, secret_name: str, authorization: str | None,
         raise ApiProblem("invalid_grant", f"invalid or expired grant: {type(exc).__name__}", status=401) from exc
     if claims.get("secret_name") != secret_name:
         raise ApiProblem("forbidden", "the grant is for another secret", status=403)
-    db: asyncpg.Pool = request.app.state.pool
     status = await db.fetchval("SELECT status FROM runs WHERE run_id = $1", claims.get("sub"))
     if status is None or status in runs.TERMINAL_STATUSES:
         raise ApiProblem("forbidden", "the grant's run is no longer active", status=403)

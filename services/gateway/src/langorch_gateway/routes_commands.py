@@ -5,22 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from ckp_core.events import format_time
-from ckp_core.eventstore import EventStore
+from langorch_gateway import deps
 from langorch_gateway.problems import STATUS, TITLES, ApiProblem
 
 router = APIRouter()
 
 
 @router.get("/api/commands/{command_id}")
-async def get_command(request: Request, command_id: str) -> dict[str, Any]:
+async def get_command(db: deps.Pool, store: deps.EventStore, command_id: str) -> dict[str, Any]:
     """The command, and its outcome from the aggregate's events (``pending`` until one exists)."""
-    row = await request.app.state.pool.fetchrow("SELECT * FROM api_command_log WHERE command_id = $1", command_id)
+    row = await db.fetchrow("SELECT * FROM api_command_log WHERE command_id = $1", command_id)
     if row is None:
         raise ApiProblem("not_found", f"command {command_id} not found", resource="command")
-    store: EventStore = request.app.state.store
     outcome = next((e for e in await store.read(row["aggregate"], row["aggregate_id"])
                     if e.envelope.causation_id == command_id), None)
     status, position, problem = "pending", None, None

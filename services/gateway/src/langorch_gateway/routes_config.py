@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
+from langorch_gateway import deps
 from langorch_infra.presence import read_presence
-from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
 
@@ -38,11 +38,10 @@ class ConfigOut(BaseModel):
 
 
 @router.get("/api/config", response_model=ConfigOut)
-async def config(request: Request) -> dict[str, Any]:
+async def config(request: Request, js: deps.JetStream, settings: deps.Settings) -> dict[str, Any]:
     """Effective configuration of every live service replica (read-only; admin)."""
-    settings: GatewaySettings = request.app.state.settings
     replicas = []
-    for value in await read_presence(request.app.state.js):
+    for value in await read_presence(js):
         try:
             replicas.append(ServiceReplica.model_validate(value).model_dump())
         except ValueError:

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from nats.js.errors import NotFoundError
 
 from ckp_core.subjects import AUDIT_STREAM, COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM
+from langorch_gateway.deps import Clients, clients
 from langorch_gateway.metrics import PROJECTIONS
 from langorch_infra.jetstream import stream_last_position
-from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
 
@@ -23,8 +23,8 @@ STREAMS = (EVENT_STREAM, COMMAND_STREAM, EXTERNAL_STREAM, AUDIT_STREAM)
 @router.get("/api/ready")
 async def ready(request: Request) -> JSONResponse:
     """Readiness for traffic; each check is ``"ok"`` or a short reason."""
-    settings: GatewaySettings = request.app.state.settings
-    state = request.app.state
+    state = clients(request)
+    settings = state.settings
     checks: dict[str, str] = {}
     lag: dict[str, int] = {}
     checks["nats"] = "ok" if state.nc.is_connected else "disconnected"
@@ -60,7 +60,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
 
-async def audit_lag(state: Any) -> int | None:
+async def audit_lag(state: Clients) -> int | None:
     """Records of ``LO_AUDIT`` not yet in ``audit_log`` (None when the stream head is unavailable)."""
     try:
         head = await asyncio.wait_for(state.audit_projector.head(), 2)

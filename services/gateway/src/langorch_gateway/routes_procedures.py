@@ -27,7 +27,7 @@ from ckp_core.commands import (
 from ckp_core.compiler import compile_document
 from ckp_core.events import ANONYMOUS
 from ckp_core.procedure_lifecycle import CHANNELS, STATUSES
-from langorch_gateway import auditing, views
+from langorch_gateway import auditing, deps, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, comma_list, fetch_page, gather
@@ -75,12 +75,7 @@ class RollbackIn(BaseModel):
     reason: str | None = Field(None, max_length=2000)
 
 
-def _db(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool  # type: ignore[no-any-return]
-
-
-async def _version_row(request: Request, procedure_id: str, version: str) -> asyncpg.Record:
-    db = _db(request)
+async def _version_row(db: asyncpg.Pool, procedure_id: str, version: str) -> asyncpg.Record:
     if version == "latest":
         row = await db.fetchrow(
             "SELECT * FROM procedures WHERE procedure_id = $1 ORDER BY position DESC LIMIT 1", procedure_id)
@@ -92,8 +87,7 @@ async def _version_row(request: Request, procedure_id: str, version: str) -> asy
     return row
 
 
-async def _procedure_exists(request: Request, procedure_id: str) -> None:
-    db = _db(request)
+async def _procedure_exists(db: asyncpg.Pool, procedure_id: str) -> None:
     known = await db.fetchval(
         """SELECT EXISTS (SELECT 1 FROM procedures WHERE procedure_id = $1)
              OR EXISTS (SELECT 1 FROM procedure_deployments WHERE procedure_id = $1)""", procedure_id)
@@ -143,7 +137,7 @@ def _detail_response(row: asyncpg.Record, status: int = 200, headers: dict[str, 
 
 
 @router.post("/api/procedures", status_code=201)
-async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
+async def import_procedure(request: Request, db: deps.Pool, body: ImportIn) -> JSONResponse:
     """Compile, then import a procedure version through the compiler service (a document that does not compile
     is refused here, and audited as a rejected import)."""
     named = body.ckp_json.get("procedure_id")
@@ -151,9 +145,8 @@ async def import_procedure(request: Request, body: ImportIn) -> JSONResponse:
                                          resource_id=named if isinstance(named, str) else None,
                                          meta={"ckp_json": body.ckp_json, "project_id": body.project_id},
                                          statuses=(422,)):
-        ir = _compile_for_store(body.ckp_json, await stored_lookup(_db(request), body.ckp_json))
+        ir = _compile_for_store(body.ckp_json, await stored_lookup(db, body.ckp_json))
     pid, version = ir.procedure_id, ir.version
-    db = _db(request)
     if body.project_id is not None and await db.fetchval(
             "SELECT 1 FROM projects WHERE project_id = $1", body.project_id) is None:
         raise ApiProblem("not_found", f"project {body.project_id} not found", resource="project")
@@ -184,7 +177,7 @@ SORTS = {"created_at": "created_at {o}, position {o}", "procedure_id": "procedur
 
 @router.get("/api/procedures")
 async def list_procedures(
-    request: Request,
+    request: Request, db: deps.Pool,
     project_id: str | None = None,
     status: str | None = None,
     release_channel: str | None = None,
@@ -220,7 +213,7 @@ async def list_procedures(
         where.add(f"(procedure_id, position) IN (SELECT procedure_id, max(position) "  # noqa: S608
                   f"FROM procedures{inner} GROUP BY procedure_id)")
     order_sql = SORTS[sort].format(o=order) + f", procedure_id {order}, version {order}"
-    rows, total = await fetch_page(_db(request), "procedures", where, order_sql, limit, offset)
+    rows, total = await fetch_page(db, "procedures", where, order_sql, limit, offset)
     return JSONResponse(views.page([views.procedure_out(r) for r in rows], total, limit, offset), headers=headers)
 
 
@@ -228,10 +221,9 @@ async def list_procedures(
 
 
 @router.get("/api/procedures/{procedure_id}")
-async def procedure_summary(request: Request, procedure_id: str) -> JSONResponse:
+async def procedure_summary(request: Request, db: deps.Pool, procedure_id: str) -> JSONResponse:
     """``ProcedureSummary``: versions count, newest version and the active version of each channel."""
     headers = await min_position(request)
-    db = _db(request)
     async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         latest = await conn.fetchrow(
             "SELECT * FROM procedures WHERE procedure_id = $1 ORDER BY position DESC LIMIT 1", procedure_id)
@@ -251,7 +243,7 @@ async def procedure_summary(request: Request, procedure_id: str) -> JSONResponse
 
 @router.get("/api/procedures/{procedure_id}/versions")
 async def procedure_versions(
-    request: Request,
+    request: Request, db: deps.Pool,
     procedure_id: str,
     status: str | None = None,
     release_channel: str | None = None,
@@ -260,18 +252,18 @@ async def procedure_versions(
 ) -> JSONResponse:
     """Page of one procedure's versions, newest first."""
     headers = await min_position(request)
-    await _procedure_exists(request, procedure_id)
+    await _procedure_exists(db, procedure_id)
     where = Where()
     where.eq("procedure_id", procedure_id)
     where.eq("status", comma_list("status", status, STATUSES))
     where.eq("release_channel", comma_list("release_channel", release_channel, CHANNELS))
-    rows, total = await fetch_page(_db(request), "procedures", where, "position DESC, version DESC", limit, offset)
+    rows, total = await fetch_page(db, "procedures", where, "position DESC, version DESC", limit, offset)
     return JSONResponse(views.page([views.procedure_out(r) for r in rows], total, limit, offset), headers=headers)
 
 
 @router.get("/api/procedures/{procedure_id}/deployments")
 async def procedure_deployments(
-    request: Request,
+    request: Request, db: deps.Pool,
     procedure_id: str,
     release_channel: str | None = None,
     action: str | None = None,
@@ -280,12 +272,12 @@ async def procedure_deployments(
 ) -> JSONResponse:
     """Page of promotion and rollback records, newest first."""
     headers = await min_position(request)
-    await _procedure_exists(request, procedure_id)
+    await _procedure_exists(db, procedure_id)
     where = Where()
     where.eq("procedure_id", procedure_id)
     where.eq("target_channel", comma_list("release_channel", release_channel, CHANNELS))
     where.eq("action", comma_list("action", action, ("promote", "rollback")))
-    rows, total = await fetch_page(_db(request), "procedure_deployments", where,
+    rows, total = await fetch_page(db, "procedure_deployments", where,
                                    "position DESC, deployment_id DESC", limit, offset)
     return JSONResponse(views.page([views.deployment_out(r) for r in rows], total, limit, offset), headers=headers)
 
@@ -294,20 +286,20 @@ async def procedure_deployments(
 
 
 @router.get("/api/procedures/{procedure_id}/{version}")
-async def get_procedure(request: Request, procedure_id: str, version: str) -> JSONResponse:
+async def get_procedure(request: Request, db: deps.Pool, procedure_id: str, version: str) -> JSONResponse:
     """One procedure version with its document; ``latest`` is the most recently imported."""
     headers = await min_position(request)
-    return _detail_response(await _version_row(request, procedure_id, version), headers=headers)
+    return _detail_response(await _version_row(db, procedure_id, version), headers=headers)
 
 
 @router.put("/api/procedures/{procedure_id}/{version}")
-async def replace_procedure(request: Request, procedure_id: str, version: str, body: ReplaceIn,
+async def replace_procedure(request: Request, db: deps.Pool, procedure_id: str, version: str, body: ReplaceIn,
                             if_match: IfMatch = None) -> JSONResponse:
     """Replace a draft's document (compiled like an import); ``If-Match`` guards the revision."""
-    row = await _version_row(request, procedure_id, version)
+    row = await _version_row(db, procedure_id, version)
     expected = _revision_of(if_match)
     _check_if_match(row, expected)
-    ir = _compile_for_store(body.ckp_json, await stored_lookup(_db(request), body.ckp_json))
+    ir = _compile_for_store(body.ckp_json, await stored_lookup(db, body.ckp_json))
     mismatch = {f"ckp_json.{k}": ["Must match the path"] for k, a, b in
                 (("procedure_id", ir.procedure_id, procedure_id), ("version", ir.version, version)) if a != b}
     if mismatch:
@@ -315,20 +307,20 @@ async def replace_procedure(request: Request, procedure_id: str, version: str, b
                          errors=mismatch)
     command = ReplaceProcedure(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
                                version=version, ckp_json=body.ckp_json, expected_revision=expected)
-    return await _finish(request, command, "replace_procedure", procedure_id, version, detail=True)
+    return await _finish(request, db, command, "replace_procedure", procedure_id, version, detail=True)
 
 
 @router.delete("/api/procedures/{procedure_id}/{version}")
-async def delete_procedure(request: Request, procedure_id: str, version: str,
+async def delete_procedure(request: Request, db: deps.Pool, procedure_id: str, version: str,
                            if_match: IfMatch = None) -> JSONResponse:
     """Delete a version that is not active and that no non-terminal run uses."""
-    row = await _version_row(request, procedure_id, version)
+    row = await _version_row(db, procedure_id, version)
     expected = _revision_of(if_match)
     _check_if_match(row, expected)
     if row["status"] == "active":
         raise ApiProblem("procedure_version_active", f"version {version} is active in {row['release_channel']}; "
                          "deprecate or archive it first", current_status="active")
-    in_use = await _db(request).fetch(
+    in_use = await db.fetch(
         """SELECT run_id FROM runs WHERE procedure_id = $1 AND procedure_version = $2
              AND status <> ALL($3::text[]) ORDER BY created_at LIMIT 100""",
         procedure_id, version, list(runs.TERMINAL_STATUSES))
@@ -348,20 +340,20 @@ async def delete_procedure(request: Request, procedure_id: str, version: str,
 
 
 @router.patch("/api/procedures/{procedure_id}/{version}/status")
-async def set_status(request: Request, procedure_id: str, version: str, body: StatusIn) -> JSONResponse:
+async def set_status(request: Request, db: deps.Pool, procedure_id: str, version: str, body: StatusIn) -> JSONResponse:
     """Move a version through the lifecycle; a no-op answers 200 and appends nothing."""
-    row = await _version_row(request, procedure_id, version)
+    row = await _version_row(db, procedure_id, version)
     if row["status"] == body.status:
         return JSONResponse(views.procedure_out(row), headers={"ETag": f'"{row["revision"]}"'})
     command = SetProcedureStatus(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
                                  version=version, status=body.status, reason=body.reason)
-    return await _finish(request, command, "set_procedure_status", procedure_id, version, detail=False)
+    return await _finish(request, db, command, "set_procedure_status", procedure_id, version, detail=False)
 
 
 @router.post("/api/procedures/{procedure_id}/{version}/promote")
-async def promote(request: Request, procedure_id: str, version: str, body: PromoteIn) -> JSONResponse:
+async def promote(request: Request, db: deps.Pool, procedure_id: str, version: str, body: PromoteIn) -> JSONResponse:
     """Activate a version in ``target_channel``, deprecating the one active there (api.md §4.5)."""
-    row = await _version_row(request, procedure_id, version)
+    row = await _version_row(db, procedure_id, version)
     if row["status"] == "active" and row["release_channel"] == body.target_channel:
         return JSONResponse({"promoted": views.procedure_out(row), "previous_channel_version": None,
                              "diagnostics": []})
@@ -373,7 +365,7 @@ async def promote(request: Request, procedure_id: str, version: str, body: Promo
         return pending(command.command_id, "promote_procedure")
     raise_if_rejected(outcome)
     projected = await ryw(request, outcome.position)
-    fresh = await _version_row(request, procedure_id, version)
+    fresh = await _version_row(db, procedure_id, version)
     d = outcome.envelope.data
     return JSONResponse({"promoted": views.procedure_out(fresh), "previous_channel_version": d.get("displaced_version"),
                          "diagnostics": d.get("diagnostics", [])},
@@ -381,9 +373,9 @@ async def promote(request: Request, procedure_id: str, version: str, body: Promo
 
 
 @router.post("/api/procedures/{procedure_id}/{version}/rollback")
-async def rollback(request: Request, procedure_id: str, version: str, body: RollbackIn) -> JSONResponse:
+async def rollback(request: Request, db: deps.Pool, procedure_id: str, version: str, body: RollbackIn) -> JSONResponse:
     """Deprecate the channel's active version and restore an earlier one (api.md §4.5)."""
-    await _version_row(request, procedure_id, version)
+    await _version_row(db, procedure_id, version)
     command = RollbackProcedure(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
                                 version=version, target_channel=body.target_channel,
                                 rollback_to_version=body.rollback_to_version, reason=body.reason)
@@ -393,12 +385,12 @@ async def rollback(request: Request, procedure_id: str, version: str, body: Roll
         return pending(command.command_id, "rollback_procedure")
     raise_if_rejected(outcome)
     projected = await ryw(request, outcome.position)
-    restored = await _version_row(request, procedure_id, outcome.envelope.data["restored_version"])
+    restored = await _version_row(db, procedure_id, outcome.envelope.data["restored_version"])
     return JSONResponse({"restored": views.procedure_out(restored), "replaced_version": version},
                         headers=accepted_headers(command.command_id, outcome.position, projected))
 
 
-async def _finish(request: Request, command: ReplaceProcedure | SetProcedureStatus, command_type: str,
+async def _finish(request: Request, db: asyncpg.Pool, command: ReplaceProcedure | SetProcedureStatus, command_type: str,
                   procedure_id: str, version: str, *, detail: bool) -> JSONResponse:
     outcome = await send(request, "procedure", procedure_id, command, command_type,
                          f"/api/procedures/{procedure_id}/{version}")
@@ -406,7 +398,7 @@ async def _finish(request: Request, command: ReplaceProcedure | SetProcedureStat
         return pending(command.command_id, command_type)
     raise_if_rejected(outcome)
     projected = await ryw(request, outcome.position)
-    row = await _version_row(request, procedure_id, version)
+    row = await _version_row(db, procedure_id, version)
     headers = {"ETag": f'"{row["revision"]}"', **accepted_headers(command.command_id, outcome.position, projected)}
     body = views.procedure_detail(row) if detail else views.procedure_out(row)
     return JSONResponse(body, headers=headers)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any, Literal, NamedTuple
 
 import asyncpg
@@ -25,9 +24,9 @@ from ckp_core.events import (
     format_time,
     make_event,
 )
-from ckp_core.eventstore import EventStore
 from ckp_core.ids import new_id
-from langorch_gateway import auditing, views
+from langorch_gateway import auditing, deps, views
+from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import min_position, ryw
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, fetch_page
@@ -61,20 +60,8 @@ class ProjectPatch(BaseModel):
     description: str | None = Field(None, max_length=2000)
 
 
-def _db(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool  # type: ignore[no-any-return]
-
-
-def _names_lock(request: Request) -> asyncio.Lock:
-    """Serialises name checks and appends of this replica (names are unique, case-insensitively)."""
-    lock: asyncio.Lock | None = getattr(request.app.state, "project_names_lock", None)
-    if lock is None:
-        lock = request.app.state.project_names_lock = asyncio.Lock()
-    return lock
-
-
 async def _row(request: Request, project_id: str) -> asyncpg.Record:
-    row = await _db(request).fetchrow(f"SELECT * FROM {PROJECTS_VIEW} WHERE project_id = $1",  # noqa: S608
+    row = await clients(request).pool.fetchrow(f"SELECT * FROM {PROJECTS_VIEW} WHERE project_id = $1",  # noqa: S608
                                       project_id)
     if row is None:
         raise ApiProblem("not_found", f"project {project_id} not found", resource="project")
@@ -82,7 +69,7 @@ async def _row(request: Request, project_id: str) -> asyncpg.Record:
 
 
 async def _name_taken(request: Request, name: str, other_than: str | None = None) -> None:
-    existing = await _db(request).fetchval(
+    existing = await clients(request).pool.fetchval(
         "SELECT project_id FROM projects WHERE lower(name) = lower($1) AND project_id IS DISTINCT FROM $2",
         name.strip(), other_than)
     if existing is not None:
@@ -97,7 +84,7 @@ class Appended(NamedTuple):
 
 async def _append(request: Request, project_id: str, data: EventData) -> Appended:
     """Append one event at the aggregate's head (the check makes concurrent writers serialise), and audit it."""
-    store: EventStore = request.app.state.store
+    store = clients(request).store
     for _ in range(5):
         head = await store.head("project", project_id)
         event = make_event(data, aggregate_id=project_id, seq=(head.seq if head else 0) + 1, actor=ANONYMOUS,
@@ -114,7 +101,7 @@ async def _append(request: Request, project_id: str, data: EventData) -> Appende
 
 @router.get("/api/projects")
 async def list_projects(
-    request: Request,
+    request: Request, db: deps.Pool,
     search: Annotated[str | None, Query(max_length=500)] = None,
     sort: Literal["name", "created_at"] = "created_at",
     order: Order = "desc",
@@ -128,16 +115,16 @@ async def list_projects(
         term = where.arg(search.lower())
         where.add(f"(strpos(lower(name), {term}) > 0 OR strpos(lower(COALESCE(description, '')), {term}) > 0)")
     order_sql = ("lower(name) {o}, " if sort == "name" else "created_at {o}, ").format(o=order) + f"project_id {order}"
-    rows, total = await fetch_page(_db(request), PROJECTS_VIEW, where, order_sql, limit, offset)
+    rows, total = await fetch_page(db, PROJECTS_VIEW, where, order_sql, limit, offset)
     return JSONResponse(views.page([views.project_out(r) for r in rows], total, limit, offset), headers=headers)
 
 
 @router.post("/api/projects", status_code=201)
-async def create_project(request: Request, body: ProjectIn) -> JSONResponse:
+async def create_project(request: Request, names_lock: deps.NamesLock, body: ProjectIn) -> JSONResponse:
     """Create a project (name unique, case-insensitively)."""
     project_id = new_id()
-    async with _names_lock(request), auditing.refusals_audited(request, "project", "create", resource_type="project",
-                                                                resource_id=None, meta=body.model_dump()):
+    async with names_lock, auditing.refusals_audited(request, "project", "create", resource_type="project",
+                                                     resource_id=None, meta=body.model_dump()):
         await _name_taken(request, body.name)
         done = await _append(request, project_id, ProjectCreated(
             project_id=project_id, name=body.name.strip(), description=body.description))
@@ -158,9 +145,9 @@ async def get_project(request: Request, project_id: str) -> JSONResponse:
 
 
 async def _update(request: Request, project_id: str, body: ProjectPatch) -> JSONResponse:
-    async with _names_lock(request), auditing.refusals_audited(request, "project", "update", resource_type="project",
-                                                                resource_id=project_id,
-                                                                meta=body.model_dump(exclude_unset=True)):
+    async with clients(request).names_lock, auditing.refusals_audited(
+            request, "project", "update", resource_type="project", resource_id=project_id,
+            meta=body.model_dump(exclude_unset=True)):
         row = await _row(request, project_id)
         fields = body.model_fields_set
         name = body.name.strip() if "name" in fields and body.name is not None else row["name"]
@@ -208,14 +195,13 @@ async def delete_project(request: Request, project_id: str) -> Response:
 
 @router.get("/api/projects/{project_id}/cost-summary")
 async def cost_summary(
-    request: Request,
+    request: Request, db: deps.Pool,
     project_id: str,
     period_days: Annotated[int, Query(ge=1, le=365)] = 30,
 ) -> JSONResponse:
     """Run count and LLM usage (``llm_usage`` events) of the project's runs created in the window."""
     headers = await min_position(request)
     await _row(request, project_id)
-    db = _db(request)
     window = "r.project_id = $1 AND r.created_at >= now() - make_interval(days => $2)"
     async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         run_count = await conn.fetchval(f"SELECT count(*) FROM runs r WHERE {window}",  # noqa: S608

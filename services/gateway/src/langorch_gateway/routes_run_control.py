@@ -13,7 +13,8 @@ from ckp_core import runs
 from ckp_core.commands import CancelRun, RetryRun
 from ckp_core.errors import CommandRefused
 from ckp_core.events import ANONYMOUS
-from langorch_gateway import auditing, views
+from langorch_gateway import auditing, deps, views
+from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, pending, ryw, send
 from langorch_gateway.problems import ApiProblem, refused_problem
 
@@ -31,7 +32,7 @@ class RetryIn(BaseModel):
 
 
 async def _run(request: Request, run_id: str) -> asyncpg.Record:
-    db: asyncpg.Pool = request.app.state.pool
+    db = clients(request).pool
     row = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
     if row is None:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
@@ -67,7 +68,7 @@ async def cancel_run(request: Request, run_id: str, body: CancelIn | None = None
 
 
 @router.post("/api/runs/{run_id}/retry")
-async def retry_run(request: Request, run_id: str, body: RetryIn | None = None) -> Any:
+async def retry_run(request: Request, db: deps.Pool, run_id: str, body: RetryIn | None = None) -> Any:
     """Retry a failed or canceled run from its failure point (``queued``)."""
     row = await _run(request, run_id)
     status = row["status"]
@@ -76,7 +77,6 @@ async def retry_run(request: Request, run_id: str, body: RetryIn | None = None) 
         runs.decide_retry(status)
     except CommandRefused as refusal:
         raise await auditing.refused(request, command, refused_problem(refusal)) from None
-    db: asyncpg.Pool = request.app.state.pool
     version = await db.fetchval("SELECT status FROM procedures WHERE procedure_id = $1 AND version = $2",
                                 row["procedure_id"], row["procedure_version"])
     if version is None or version == "archived":  # api.md §5.5: the version must exist and not be archived

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 
 from ckp_core.commands import CreateRun
 from langorch_gateway import views
+from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, pending, raise_if_rejected, ryw, send
 
 COMMAND_TYPE = "start_run"
@@ -29,7 +30,7 @@ async def submit(request: Request, command: CreateRun) -> JSONResponse:
         return pending(command.command_id, COMMAND_TYPE)
     raise_if_rejected(outcome)
     await ryw(request, outcome.position)
-    row = await request.app.state.pool.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
+    row = await clients(request).pool.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
     if row is None:
         return pending(command.command_id, COMMAND_TYPE)
     return JSONResponse(views.run_out(row), status_code=201, headers={

@@ -16,6 +16,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import ValidationError
 
 from ckp_core.queries import CHUNK_HEADER, MAX_REPLY_BYTES, Query, QueryError, Reply
+from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 
 R = TypeVar("R", bound=Reply)
@@ -31,8 +32,7 @@ def _unavailable(subject: str, why: str) -> ApiProblem:
 
 async def ask(request: Request, query: Query, reply_type: type[R], *, timeout_s: float | None = None) -> R:
     """:func:`ask_runtime` on the gateway's NATS connection."""
-    nc: NATS = request.app.state.nc
-    return await ask_runtime(nc, query, reply_type, timeout_s=timeout_s)
+    return await ask_runtime(clients(request).nc, query, reply_type, timeout_s=timeout_s)
 
 
 async def ask_runtime(nc: NATS, query: Query, reply_type: type[R], *, timeout_s: float | None = None) -> R:
