@@ -95,7 +95,7 @@ class _Root(TyperGroup):
             return super().invoke(ctx)
         except (typer.TyperException, typer.Exit, typer.Abort, BrokenPipeError):
             raise  # usage errors, explicit exits and a closed stdout: typer's own handling
-        except Exception as exc:
+        except Exception as exc:  # every other failure becomes one error line and its exit code
             code = report(exc, debug=bool(ctx.params.get("debug")) or _STATE.debug)
             raise typer.Exit(code) from None
 
@@ -211,7 +211,7 @@ def _configured_url(kind: str) -> str | None:
     if url is None and _STATE.command in ("serve", "projections"):
         from langorch_infra.settings import CommonSettings
 
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(ValueError):  # invalid settings (pydantic's ValidationError): the URL cannot be told
             url = str(getattr(CommonSettings(), field))
     return redact(url) if url else None
 
@@ -778,7 +778,7 @@ async def connect_nats(url: str, name: str, attempts: int = 10) -> Any:
     try:
         nc = await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=attempts,
                                 reconnect_time_wait=0.5, error_cb=on_error)
-    except Exception as exc:
+    except Exception as exc:  # whatever the client raises, NATS is unreachable; the cause is reported
         cause = failures[-1] if failures else exc
         raise CLIError(f"cannot connect to NATS at {redact(url)}: {_reason(cause)}",
                        ExitCode.UNREACHABLE) from exc

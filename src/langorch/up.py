@@ -206,7 +206,7 @@ class Up:
     def force(self) -> None:
         """The second Ctrl-C: kill the embedded servers and leave now."""
         for server in reversed(self.embedded):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # the second Ctrl-C: one failed kill must not spare the others
                 if hasattr(server, "kill"):
                     server.kill()
                 else:
@@ -314,7 +314,7 @@ class Up:
             if hasattr(server, "terminate"):
                 server.terminate()
         while self.embedded:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # a server that fails to stop must not keep the others running
                 self.embedded[-1].stop()
             self.embedded.pop()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from ckp_core.audit import AuditEntry, outcome_entry
@@ -31,7 +32,7 @@ class AuditWriter:
         try:
             await self.js.publish(audit_subject(entry.category, entry.action), entry.model_dump_json().encode(),
                                   headers={"Nats-Msg-Id": entry.msg_id})
-        except Exception:
+        except (NatsError, OSError, ValueError):  # NATS down or slow, or a record that does not serialise
             log.warning("audit record %s/%s of %s not written", entry.category, entry.action,
                         entry.command_id or entry.event_id, exc_info=True)
             return False

@@ -221,7 +221,7 @@ async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
     finally:
         try:
             await sub.unsubscribe()
-        except Exception:
+        except (nats.errors.Error, OSError):  # the connection may be closed or draining already
             log.debug("unsubscribe after follow failed", exc_info=True)
 
 

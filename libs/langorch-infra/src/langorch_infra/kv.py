@@ -134,7 +134,7 @@ class LeaderLock:
                 await self.try_acquire()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # the lock task must outlive any failure: it tries again a third of the TTL later
                 log.warning("leader lock %s: attempt failed", self.key, exc_info=True)
                 self.revision = None
             await asyncio.sleep(self.ttl_s / 3)

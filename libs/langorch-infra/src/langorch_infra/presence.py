@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from pydantic_settings import BaseSettings
 
@@ -84,18 +85,18 @@ class Presence:
                 last = loop.time()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # the renewal task must outlive any failure: the next put may succeed
                 log.warning("presence %s: put failed", self.key, exc_info=True)
 
     async def stop(self, *, delete: bool = True) -> None:
         """Stop renewing; ``delete`` (a clean shutdown) removes the key at once instead of letting it expire."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await self._task
             self._task = None
         if delete:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(NatsError, OSError):  # the key expires by its TTL anyway
                 kv = await self.js.key_value(PRESENCE_BUCKET)
                 await kv.delete(self.key)
 

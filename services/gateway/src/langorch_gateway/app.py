@@ -133,7 +133,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             except TimeoutError:
                 log.warning("PostgreSQL pool did not close within %s s; terminating its connections", POOL_CLOSE_S)
                 pool.terminate()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await nc.close()
 
     # /docs and /redoc: routes_api_docs serves them from vendored assets (FastAPI's load them from a CDN)

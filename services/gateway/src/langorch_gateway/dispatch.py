@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -67,7 +68,7 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
             if stored.envelope.causation_id == command.command_id:
                 outcome = Outcome(stored.envelope, stored.position)
     finally:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(NatsError, OSError):  # the connection may be closed or draining already
             await sub.unsubscribe()
     state = "pending" if outcome is None else (
         "rejected" if outcome.envelope.type == "command_rejected" else "accepted")

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import asyncpg
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -143,7 +144,7 @@ class StreamProjector(Generic[M]):
     async def apply_batch(self, batch: list[M | Poison]) -> None:
         try:
             await self._apply_batch(batch, isolate=False)
-        except Exception as exc:
+        except Exception as exc:  # a defect of any kind in one message: find it by applying one at a time
             if _connection_trouble(exc):
                 raise
             log.warning("projection %s: a batch failed (%s); applying it message by message", self.NAME, exc)
@@ -169,7 +170,7 @@ class StreamProjector(Generic[M]):
                     try:
                         async with conn.transaction():  # a savepoint: a failure undoes this message only
                             await self.apply(conn, e)
-                    except Exception as exc:
+                    except Exception as exc:  # any failure but the connection's makes this message poison
                         if _connection_trouble(exc):
                             raise
                         await self._dead_letter(conn, e.position, self.subject_of(e), f"{type(exc).__name__}: {exc}")
@@ -196,7 +197,7 @@ class StreamProjector(Generic[M]):
     def _decode(self, msg: Msg) -> M | Poison:
         try:
             return self.decode(msg)
-        except Exception as exc:
+        except Exception as exc:  # whatever a message fails to decode with makes it poison, never stops the projection
             return Poison(msg.metadata.sequence.stream, msg.subject, f"{type(exc).__name__}: {exc}")
 
     async def run(self) -> None:
@@ -206,7 +207,7 @@ class StreamProjector(Generic[M]):
                 await self._consume()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # the consumer resumes from its stored position after any failure
                 log.exception("projection %s failed; resuming from its stored position", self.NAME)
                 await asyncio.sleep(1)
 
@@ -233,7 +234,7 @@ class StreamProjector(Generic[M]):
                     for subject, item in zip(subjects, batch, strict=True):
                         self.bus.observe(subject, "term" if isinstance(item, Poison) else "ack", share)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(NatsError, OSError):  # the connection may be closed or draining already
                 await sub.unsubscribe()
 
     def start(self) -> None:

@@ -43,7 +43,7 @@ async def ready(request: Request) -> JSONResponse:
     try:
         await asyncio.wait_for(state.pool.fetchval("SELECT 1"), 2)
         checks["postgres"] = "ok"
-    except Exception as exc:
+    except Exception as exc:  # any PostgreSQL failure means not ready, never a 500
         checks["postgres"] = f"unavailable: {type(exc).__name__}"
     audit_behind = await audit_lag(state)
     if head is None or audit_behind is None:

@@ -41,6 +41,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -202,15 +203,15 @@ class AgentDispatcher(Dispatcher):
     async def stop(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await self._follower
         for session in list(self._mcp.values()):
             await session.close()
         self._mcp.clear()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.http.aclose()
         if self._nc is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await self._nc.close()
 
     def open_circuits(self) -> list[tuple[str, str]]:
@@ -245,7 +246,7 @@ class AgentDispatcher(Dispatcher):
                 self.registry_position = stored.position
                 self._registry_changed.set()
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(NatsError, OSError):  # the connection may be closed or draining already
                 await sub.unsubscribe()
 
     async def sync_registry(self, timeout_s: float = 2.0) -> bool:
@@ -409,7 +410,7 @@ class AgentDispatcher(Dispatcher):
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except (NatsError, OSError):  # NATS unavailable or slow: the next renewal may succeed
                 log.warning("renewing lease %s failed; trying again", lease.key, exc_info=True)
 
     async def release(self, lease: Lease) -> None:
@@ -420,7 +421,7 @@ class AgentDispatcher(Dispatcher):
             await self.leases.delete(lease.key, last=lease.revision)
         except (KeyWrongLastSequenceError, KeyNotFoundError, NotFoundError):
             pass
-        except Exception:
+        except (NatsError, OSError):
             log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
 
     def _held(self, c: Candidate, lease: Lease, started: float) -> tuple[Candidate, Lease]:
@@ -568,7 +569,7 @@ class AgentDispatcher(Dispatcher):
             for task in (call_task, renew_task):
                 task.cancel()
             for task in (call_task, renew_task):
-                with contextlib.suppress(BaseException):
+                with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                     await task
 
     async def _call(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
@@ -942,9 +943,9 @@ class _McpSession:
         self._closing.set()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), 5.0)
-        except BaseException:
+        except BaseException:  # not closed within 5 s, or it failed: cancelled either way
             self._task.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await self._task
 
 

@@ -240,7 +240,7 @@ class RunCreation:
 
     async def stop(self) -> None:
         if self.nc is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await self.nc.close()
 
     def leader_of(self) -> list[str]:

@@ -264,18 +264,18 @@ class RuntimeQueries:
 
     async def stop(self) -> None:
         if self.service is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await self.service.stop()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await task
         if self._pool is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await self._pool.close()
         if self.nc is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await self.nc.close()
 
     def leader_of(self) -> list[str]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -64,9 +65,9 @@ class ProcedureLimiter:
             yield
         finally:
             renew.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await renew
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(NatsError, OSError):  # the slot's key expires by its TTL anyway
                 await self.kv.delete(key, last=held["revision"])
 
     async def _token(self, procedure_id: str, rate: int, deadline: float) -> float:

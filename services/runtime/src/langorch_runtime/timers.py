@@ -13,6 +13,7 @@ import contextlib
 import logging
 from datetime import UTC, datetime
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from ckp_core.commands import ResumeRun
@@ -46,9 +47,9 @@ class CallbackTimer:
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await task
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(NatsError, OSError):  # the lock expires by its TTL anyway
             await self.lock.release()
 
     async def _follow(self, event_type: str) -> None:
@@ -79,5 +80,5 @@ class CallbackTimer:
                         resolution={"wait_id": delegation, "status": "timed_out"}),
                         msg_id=f"callback-timeout-{delegation}")
                     self.open.pop(delegation, None)
-                except Exception:
+                except (NatsError, OSError):  # NATS unavailable: the next tick tries again
                     log.warning("publishing the callback timeout of %s failed", delegation, exc_info=True)
