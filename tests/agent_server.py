@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.serving import serve_app
+from tests.helpers import serve_app
 
 
 @dataclass

@@ -9,40 +9,28 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import nats
 import psycopg
 import pytest
-import uvicorn
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
-from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
-from langorch_approvals.service import ApprovalsService
-from langorch_compiler.service import CompilerService
-from langorch_gateway.app import create_app
 from langorch_gateway.projector import ensure_schema
 from langorch_infra.embedded import EmbeddedPostgres, free_port, nats_server_binary
-from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
-from langorch_runtime.agents import AgentService
-from langorch_runtime.creation import RunCreation
-from langorch_runtime.queries import RuntimeQueries
-from langorch_runtime.service import RuntimeService
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-
+from tests.helpers import (  # noqa: F401 - Platform, platform_of, langorch_command: re-exported for imports from conftest
+    Platform,
+    langorch_command,
+    platform_of,
+    port_open,
+)
 
 # -- order and distribution over pytest-xdist workers (`-n` in pyproject.toml) -----------------------------------
 # The suite mostly waits (documents' pauses, timeouts, subprocesses starting), so it runs on more workers than cores.
@@ -291,122 +279,7 @@ async def module_database_url(pg_server_url: str, pg_template: str) -> AsyncIter
         yield url
 
 
-@dataclass
-class Platform:
-    """Services of one test, in this process; the gateway serves real HTTP on a free port."""
-
-    base_url: str
-    nats_url: str
-    database_url: str
-    client: httpx.AsyncClient
-    app: Any
-    agent_service: Any = None
-    approvals_service: Any = None
-    runtime_service: Any = None
-    compiler_service: Any = None
-
-
-async def _serve_gateway(settings: GatewaySettings) -> tuple[uvicorn.Server, asyncio.Task[None], Any]:
-    app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    server = ManagedServer(config)
-    task = asyncio.create_task(server.serve())
-    for _ in range(400):
-        if server.started:
-            break
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.025)
-    return server, task, app
-
-
-async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
-    """Await one shutdown step; a step that hangs fails the test naming it, instead of a silent timeout."""
-    try:
-        await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not stop within {timeout_s:g} s") from None
-
-
-@contextlib.asynccontextmanager
-async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True, agents: bool = True,
-                      runtime_settings: dict[str, Any] | None = None,
-                      gateway_settings: dict[str, Any] | None = None, approvals: bool = True,
-                      approvals_settings: dict[str, Any] | None = None,
-                      queries: bool = True, creation: bool = True) -> AsyncIterator[Platform]:
-    # ``queries``: the runtime's read side (checkpoints, step records, leases, agent liveness), which the gateway
-    # asks over NATS; it executes nothing, so it runs unless a test checks the gateway without any runtime
-    # ``creation``: the runtime's run creation (lo.cmd.run.create); it executes nothing either, so runs are created
-    # (and their start commands wait) also without ``runtime``, as when the gateway created them itself
-    env = {"nats_url": nats_url, "database_url": database_url}
-    port = free_port()
-    server, gateway_task, app = await _serve_gateway(GatewaySettings(**env, port=port, **(gateway_settings or {})))
-    compiler = CompilerService(CompilerSettings(**env))
-    await compiler.start()
-    tasks = [asyncio.create_task(compiler.run())]
-    runtime_service = None
-    if runtime:
-        runtime_service = RuntimeService(RuntimeSettings(**env, ack_wait_s=5, public_url=f"http://127.0.0.1:{port}",
-                                                         **(runtime_settings or {})))
-        await runtime_service.start()
-        tasks.append(asyncio.create_task(runtime_service.run()))
-    run_creation = None
-    if creation:
-        run_creation = RunCreation(RuntimeSettings(**env, **(runtime_settings or {})))
-        await run_creation.start()
-        tasks.append(asyncio.create_task(run_creation.run()))
-    agent_service = None
-    if agents:
-        agent_service = AgentService(RuntimeSettings(**env, **(runtime_settings or {})))
-        await agent_service.start()
-        tasks.append(asyncio.create_task(agent_service.run()))
-    runtime_queries = None
-    if queries:
-        runtime_queries = RuntimeQueries(RuntimeSettings(**env, **(runtime_settings or {})))
-        await runtime_queries.start()
-        tasks.append(asyncio.create_task(runtime_queries.run()))
-    approvals_service = None
-    if approvals:
-        approvals_service = ApprovalsService(ApprovalsSettings(**env, **(approvals_settings or {})))
-        await approvals_service.start()
-        tasks.append(asyncio.create_task(approvals_service.run()))
-    base = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-        try:
-            yield Platform(base, nats_url, database_url, client, app, agent_service, approvals_service,
-                           runtime_service, compiler)
-        finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await _stopping("a service task", asyncio.shield(t))
-            if runtime_service is not None:
-                await _stopping("the runtime", runtime_service.stop())
-            if agent_service is not None:
-                await _stopping("the agent service", agent_service.stop())
-            if approvals_service is not None:
-                await _stopping("the approvals service", approvals_service.stop())
-            if runtime_queries is not None:
-                await _stopping("the runtime queries", runtime_queries.stop())
-            if run_creation is not None:
-                await _stopping("the run creation", run_creation.stop())
-            await _stopping("the compiler", compiler.stop())
-            server.should_exit = True
-            await _stopping("the gateway", asyncio.shield(gateway_task))
-
-
 @pytest.fixture
 async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
     async with platform_of(nats_url, database_url) as p:
         yield p
-
-
-def langorch_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "langorch", *args]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0

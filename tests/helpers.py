@@ -1,49 +1,43 @@
-"""Small helpers shared by the cross-service tests."""
+"""What the cross-service tests share: starting the platform and the HTTP servers tests serve, polling with a
+deadline, the HTTP calls most tests make, and the CKP documents they import. The servers that play a part in a test
+(agents, an LLM provider, an MCP server) have their own modules; the fixtures are in conftest.py.
+
+One module for all of it, under the name every test already imports."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import inspect
 import json
-from collections.abc import Awaitable, Callable
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import uvicorn
 from httpx_sse import aconnect_sse
+
+from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
+from langorch_approvals.service import ApprovalsService
+from langorch_compiler.service import CompilerService
+from langorch_gateway.app import create_app
+from langorch_infra.embedded import free_port
+from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
+from langorch_runtime.agents import AgentService
+from langorch_runtime.creation import RunCreation
+from langorch_runtime.queries import RuntimeQueries
+from langorch_runtime.service import RuntimeService
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 T = TypeVar("T")
 
 
-def example(name: str) -> dict[str, Any]:
-    return json.loads((EXAMPLES / name).read_text())  # type: ignore[no-any-return]
-
-
-async def follow_run(client: httpx.AsyncClient, run_id: str, *, last_event_id: int | None = None,
-                     limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
-    """Read a run's SSE stream until ``end`` (or ``limit`` events); returns (events, end status)."""
-    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
-    events: list[dict[str, Any]] = []
-    async with aconnect_sse(client, "GET", f"/api/runs/{run_id}/stream", headers=headers,
-                            timeout=httpx.Timeout(60, read=60)) as source:
-        async for sse in source.aiter_sse():
-            if sse.event == "run_event":
-                event = json.loads(sse.data)
-                assert sse.id == str(event["stream_seq"])
-                events.append(event)
-                if limit is not None and len(events) >= limit:
-                    return events, None
-            elif sse.event == "end":
-                return events, json.loads(sse.data)["status"]
-    return events, None
-
-
-async def import_procedure(client: httpx.AsyncClient, doc: dict[str, Any]) -> dict[str, Any]:
-    r = await client.post("/api/procedures", json={"ckp_json": doc})
-    assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
-
+# -- polling with a deadline ----------------------------------------------------------------------------------------
 
 TERMINAL = ("completed", "failed", "canceled")
 
@@ -87,11 +81,33 @@ async def wait_status(client: httpx.AsyncClient, run_id: str, wanted: tuple[str,
     return await wait_run(client, run_id, lambda body: body.get("status") in wanted, timeout)
 
 
-async def events_of(client: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
-    """A run's events from the projection (first 500)."""
-    r = await client.get(f"/api/runs/{run_id}/events", params={"limit": 500})
-    assert r.status_code == 200, r.text
-    return r.json()["items"]  # type: ignore[no-any-return]
+async def wait_event(client: httpx.AsyncClient, run_id: str, event_type: str, timeout: float = 30) -> dict[str, Any]:
+    """Poll a run's projected events until one of ``event_type`` is there; returns the first one."""
+    found = await wait_until(lambda: events_of(client, run_id),
+                             lambda events: any(e["event_type"] == event_type for e in events), timeout, every=0.1)
+    return next(e for e in found if e["event_type"] == event_type)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "condition",
+                     every: float = 0.05) -> Any:
+    """Await ``check`` until it returns a truthy value, and return it; fails the test naming ``what`` when
+    ``timeout`` passes first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(every)
+
+
+# -- HTTP calls ---------------------------------------------------------------------------------------------------
+
+async def import_procedure(client: httpx.AsyncClient, doc: dict[str, Any]) -> dict[str, Any]:
+    r = await client.post("/api/procedures", json={"ckp_json": doc})
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
 
 
 async def imported(client: httpx.AsyncClient, doc: dict[str, Any]) -> None:
@@ -107,3 +123,193 @@ async def start_run(client: httpx.AsyncClient, procedure_id: str, inputs: dict[s
                                              "input_vars": inputs or {}})
     assert r.status_code == 201, r.text
     return str(r.json()["run_id"])
+
+
+async def events_of(client: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
+    """A run's events from the projection (first 500)."""
+    r = await client.get(f"/api/runs/{run_id}/events", params={"limit": 500})
+    assert r.status_code == 200, r.text
+    return r.json()["items"]  # type: ignore[no-any-return]
+
+
+async def follow_run(client: httpx.AsyncClient, run_id: str, *, last_event_id: int | None = None,
+                     limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """Read a run's SSE stream until ``end`` (or ``limit`` events); returns (events, end status)."""
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    events: list[dict[str, Any]] = []
+    async with aconnect_sse(client, "GET", f"/api/runs/{run_id}/stream", headers=headers,
+                            timeout=httpx.Timeout(60, read=60)) as source:
+        async for sse in source.aiter_sse():
+            if sse.event == "run_event":
+                event = json.loads(sse.data)
+                assert sse.id == str(event["stream_seq"])
+                events.append(event)
+                if limit is not None and len(events) >= limit:
+                    return events, None
+            elif sse.event == "end":
+                return events, json.loads(sse.data)["status"]
+    return events, None
+
+
+def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """Assert an RFC 9457 problem answer: ``status``, the problem+json content type and ``code``; returns the body
+    (files that check more of it do so on the body)."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = r.json()
+    assert body["code"] == code
+    return body
+
+
+# -- CKP documents --------------------------------------------------------------------------------------------------
+
+def example(name: str) -> dict[str, Any]:
+    return json.loads((EXAMPLES / name).read_text())  # type: ignore[no-any-return]
+
+
+def procedure_doc(procedure_id: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+    """minimal_greeting with another identity and optional top-level members (name, retrieval_metadata …)."""
+    doc = copy.deepcopy(example("minimal_greeting.ckp.json"))
+    doc["procedure_id"] = procedure_id
+    doc["version"] = version
+    doc.update(extra)
+    return doc
+
+
+# -- the platform and the HTTP servers tests serve ------------------------------------------------------------------
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def langorch_command(*args: str) -> list[str]:
+    """The ``langorch`` CLI run by this interpreter."""
+    return [sys.executable, "-m", "langorch", *args]
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: Any, port: int | None = None, *, what: str = "a test server", startup_timeout: float = 30,
+                    **config: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app on 127.0.0.1 (a free port unless given) for the block; yields the base URL
+    (``http://127.0.0.1:<port>``) once the server has started. ``config``: more ``uvicorn.Config`` options."""
+    port = port or free_port()
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "off", **config}
+    server = ManagedServer(uvicorn.Config(app, host="127.0.0.1", port=port, **options))
+    task = asyncio.create_task(server.serve())
+    deadline = asyncio.get_running_loop().time() + startup_timeout
+    while not server.started:
+        if task.done():
+            task.result()  # it failed to start: its error
+        assert asyncio.get_running_loop().time() < deadline, f"{what} did not start within {startup_timeout:g} s"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await _stopping(what, asyncio.shield(task))
+
+
+@dataclass
+class Platform:
+    """Services of one test, in this process; the gateway serves real HTTP on a free port."""
+
+    base_url: str
+    nats_url: str
+    database_url: str
+    client: httpx.AsyncClient
+    app: Any
+    agent_service: Any = None
+    approvals_service: Any = None
+    runtime_service: Any = None
+    compiler_service: Any = None
+
+
+async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
+    """Await one shutdown step; a step that hangs fails the test naming it, instead of a silent timeout."""
+    try:
+        await asyncio.wait_for(awaitable, timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not stop within {timeout_s:g} s") from None
+
+
+@contextlib.asynccontextmanager
+async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True, agents: bool = True,
+                      runtime_settings: dict[str, Any] | None = None,
+                      gateway_settings: dict[str, Any] | None = None, approvals: bool = True,
+                      approvals_settings: dict[str, Any] | None = None,
+                      queries: bool = True, creation: bool = True) -> AsyncIterator[Platform]:
+    """The services of one test in this process, the gateway serving real HTTP on a free port (stopped in the
+    reverse order when the block ends).
+
+    ``queries``: the runtime's read side (checkpoints, step records, leases, agent liveness), which the gateway
+    asks over NATS; it executes nothing, so it runs unless a test checks the gateway without any runtime.
+    ``creation``: the runtime's run creation (lo.cmd.run.create); it executes nothing either, so runs are created
+    (and their start commands wait) also without ``runtime``, as when the gateway created them itself."""
+    env = {"nats_url": nats_url, "database_url": database_url}
+    port = free_port()
+    app = create_app(GatewaySettings(**env, port=port, **(gateway_settings or {})))
+    async with (serve_app(app, port, lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, what="the gateway"),
+                _services(env, port, app, runtime=runtime, agents=agents, runtime_settings=runtime_settings,
+                          approvals=approvals, approvals_settings=approvals_settings, queries=queries,
+                          creation=creation) as platform):
+        yield platform
+
+
+@contextlib.asynccontextmanager
+async def _services(env: dict[str, str], port: int, app: Any, *, runtime: bool, agents: bool,
+                    runtime_settings: dict[str, Any] | None, approvals: bool,
+                    approvals_settings: dict[str, Any] | None, queries: bool,
+                    creation: bool) -> AsyncIterator[Platform]:
+    nats_url, database_url = env["nats_url"], env["database_url"]
+    compiler = CompilerService(CompilerSettings(**env))
+    await compiler.start()
+    tasks = [asyncio.create_task(compiler.run())]
+    runtime_service = None
+    if runtime:
+        runtime_service = RuntimeService(RuntimeSettings(**env, ack_wait_s=5, public_url=f"http://127.0.0.1:{port}",
+                                                         **(runtime_settings or {})))
+        await runtime_service.start()
+        tasks.append(asyncio.create_task(runtime_service.run()))
+    run_creation = None
+    if creation:
+        run_creation = RunCreation(RuntimeSettings(**env, **(runtime_settings or {})))
+        await run_creation.start()
+        tasks.append(asyncio.create_task(run_creation.run()))
+    agent_service = None
+    if agents:
+        agent_service = AgentService(RuntimeSettings(**env, **(runtime_settings or {})))
+        await agent_service.start()
+        tasks.append(asyncio.create_task(agent_service.run()))
+    runtime_queries = None
+    if queries:
+        runtime_queries = RuntimeQueries(RuntimeSettings(**env, **(runtime_settings or {})))
+        await runtime_queries.start()
+        tasks.append(asyncio.create_task(runtime_queries.run()))
+    approvals_service = None
+    if approvals:
+        approvals_service = ApprovalsService(ApprovalsSettings(**env, **(approvals_settings or {})))
+        await approvals_service.start()
+        tasks.append(asyncio.create_task(approvals_service.run()))
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        try:
+            yield Platform(base, nats_url, database_url, client, app, agent_service, approvals_service,
+                           runtime_service, compiler)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await _stopping("a service task", asyncio.shield(t))
+            if runtime_service is not None:
+                await _stopping("the runtime", runtime_service.stop())
+            if agent_service is not None:
+                await _stopping("the agent service", agent_service.stop())
+            if approvals_service is not None:
+                await _stopping("the approvals service", approvals_service.stop())
+            if runtime_queries is not None:
+                await _stopping("the runtime queries", runtime_queries.stop())
+            if run_creation is not None:
+                await _stopping("the run creation", run_creation.stop())
+            await _stopping("the compiler", compiler.stop())

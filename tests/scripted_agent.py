@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
-from tests.serving import serve_app
+from tests.helpers import serve_app
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
 

@@ -13,7 +13,7 @@ import pytest
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import AgentService
 from tests.agent_server import AgentBehaviour, running_agent
-from tests.conftest import platform_of
+from tests.helpers import eventually, platform_of
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +32,6 @@ async def poller(nats_url: str, database_url: str, name: str) -> AsyncIterator[A
         with contextlib.suppress(BaseException):
             await task
         await service.stop()
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def test_one_elected_poller_probes_and_drives_circuit_and_status(nats_url: str, database_url: str) -> None:

@@ -10,8 +10,17 @@ import httpx
 import pytest
 
 from tests.agent_server import AgentBehaviour, running_agent
-from tests.conftest import Platform, platform_of
-from tests.helpers import TERMINAL, ended_after_a_retry, events_of, example, wait_run, wait_status, wait_until
+from tests.helpers import (
+    TERMINAL,
+    Platform,
+    ended_after_a_retry,
+    events_of,
+    example,
+    platform_of,
+    wait_run,
+    wait_status,
+    wait_until,
+)
 from tests.mcp_server import PNG, running_mcp
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 

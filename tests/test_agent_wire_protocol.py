@@ -16,9 +16,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.conftest import Platform, platform_of
-from tests.helpers import events_of, wait_status, wait_until
-from tests.serving import serve_app
+from tests.helpers import Platform, events_of, platform_of, serve_app, wait_status, wait_until
 from tests.test_agent_runs import start
 
 pytestmark = pytest.mark.integration

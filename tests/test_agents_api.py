@@ -14,7 +14,7 @@ import pytest
 
 from ckp_core.subjects import PRESENCE_BUCKET, agent_presence_key
 from tests.agent_server import AgentBehaviour, RunningAgent, running_agent
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of, problem
 
 pytestmark = pytest.mark.integration
 
@@ -37,14 +37,6 @@ async def platform(module_nats_url: str, module_database_url: str) -> AsyncItera
 async def agent() -> AsyncIterator[RunningAgent]:
     async with running_agent() as a:
         yield a
-
-
-def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = r.json()
-    assert body["code"] == code
-    return body
 
 
 async def register(c: httpx.AsyncClient, **body: Any) -> dict[str, Any]:

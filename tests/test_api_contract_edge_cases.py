@@ -21,8 +21,7 @@ from ckp_core.events import ANONYMOUS, WorkflowDelegated, make_event
 from ckp_core.ids import new_id
 from langorch_infra.callbacks import callback_key, make_token
 from langorch_infra.settings import GatewaySettings
-from tests.conftest import Platform, platform_of
-from tests.helpers import TERMINAL, imported, start_run, wait_status, wait_until
+from tests.helpers import TERMINAL, Platform, imported, platform_of, start_run, wait_status, wait_until
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register
 from tests.test_async_workflow_runs import hybrid_agent, register_hybrid

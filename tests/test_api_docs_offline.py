@@ -21,7 +21,7 @@ import pytest
 from langorch_gateway.app import create_app
 from langorch_gateway.routes_api_docs import STATIC_DIR
 from langorch_infra.settings import GatewaySettings
-from tests.serving import serve_app
+from tests.helpers import serve_app
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Platform, platform_of
+from tests import helpers
+from tests.helpers import Platform, platform_of
 from tests.test_approvals_end_to_end import decide, pending_approval, procedure, run_until, start
 
 pytestmark = pytest.mark.integration
@@ -52,10 +53,7 @@ async def approvals(platform: Platform) -> dict[str, dict[str, Any]]:
 
 
 def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = r.json()
-    assert body["code"] == code
+    body = helpers.problem(r, status, code)
     assert body["type"] == f"urn:langorch:problem:{code}"
     assert body["status"] == status
     assert body["request_id"] == r.headers["X-Request-ID"]

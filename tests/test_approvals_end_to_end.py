@@ -16,8 +16,7 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from tests.conftest import Platform, platform_of
-from tests.helpers import start_run, wait_run, wait_status
+from tests.helpers import Platform, platform_of, start_run, wait_run, wait_status
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from langorch_approvals.service import ApprovalsService
 from langorch_gateway.projector import rebuild
 from langorch_infra.jetstream import JetStreamEventStore, connect, publish_command
 from langorch_infra.settings import ApprovalsSettings
-from tests.conftest import Platform, langorch_command, platform_of
+from tests.helpers import Platform, langorch_command, platform_of
 from tests.test_approvals_end_to_end import approval_when, decide, pending_approval, procedure, run_until, start
 
 pytestmark = pytest.mark.integration

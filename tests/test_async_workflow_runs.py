@@ -9,8 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Platform, platform_of
-from tests.helpers import example
+from tests.helpers import Platform, example, platform_of
 from tests.scripted_agent import ACCEPTED, ScriptedAgent, serving
 from tests.test_agent_runs import events_of, start, wait_status
 

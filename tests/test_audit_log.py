@@ -20,7 +20,7 @@ from ckp_core.subjects import AUDIT_STREAM
 from langorch_gateway.projector import rebuild
 from langorch_infra.audit import AuditWriter
 from langorch_infra.jetstream import ensure_topology, publish_command
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of
 from tests.test_approvals_end_to_end import decide, pending_approval, run_until
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,7 @@ import pytest
 from langorch_gateway.projector import rebuild
 from langorch_infra.jetstream import connect
 from tests.agent_server import running_agent
-from tests.conftest import platform_of
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import platform_of, procedure_doc
 
 pytestmark = pytest.mark.integration
 

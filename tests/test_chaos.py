@@ -28,7 +28,7 @@ import nats
 import pytest
 
 from langorch_infra.jetstream import JetStreamEventStore
-from tests.conftest import langorch_command, platform_of
+from tests.helpers import langorch_command, platform_of
 from tests.scripted_agent import ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from langorch_infra.embedded import free_port
-from tests.conftest import langorch_command, platform_of
+from tests.helpers import langorch_command, platform_of
 
 FILE_COMMANDS = ("run", "validate", "explain", "graph")
 PARSED_COMMANDS = ("run", "explain", "graph")  # the commands that take FILE as a document (validate checks it)

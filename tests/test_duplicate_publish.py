@@ -7,8 +7,7 @@ import pytest
 from ckp_core.commands import StartRun
 from ckp_core.events import ANONYMOUS
 from langorch_infra.jetstream import JetStreamEventStore, encode_envelope, publish_command
-from tests.conftest import Platform
-from tests.helpers import example, follow_run, import_procedure
+from tests.helpers import Platform, example, follow_run, import_procedure
 
 pytestmark = pytest.mark.integration
 

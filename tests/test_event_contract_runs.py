@@ -14,8 +14,17 @@ import pytest
 
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.service import RuntimeService
-from tests.conftest import Platform, platform_of
-from tests.helpers import ended_after_a_retry, events_of, imported, start_run, wait_run, wait_status, wait_until
+from tests.helpers import (
+    Platform,
+    ended_after_a_retry,
+    events_of,
+    imported,
+    platform_of,
+    start_run,
+    wait_run,
+    wait_status,
+    wait_until,
+)
 from tests.llm_server import LlmServerState, running_llm_server
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import register

@@ -21,7 +21,7 @@ import pytest
 
 import ckp_core.events
 from ckp_core.events import EVENT_TYPES, UPCASTERS, Aggregate, EventData, event_json_schemas
-from tests.conftest import platform_of
+from tests.helpers import platform_of
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "event_schemas.json"
 UPDATE = os.environ.get("LANGORCH_UPDATE_GOLDEN") == "1"

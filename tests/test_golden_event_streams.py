@@ -104,11 +104,9 @@ from fastapi.responses import JSONResponse
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from examples.agents.http_agent import create_app as http_agent_app
-from tests.conftest import Platform, platform_of
-from tests.helpers import example, imported, start_run, wait_status, wait_until
+from tests.helpers import Platform, example, imported, platform_of, serve_app, start_run, wait_status, wait_until
 from tests.llm_server import DEFAULT_USAGE, LlmServerState, RunningLlmServer, running_llm_server
 from tests.scripted_agent import ACCEPTED, AgentFailure, ScriptedAgent, serving
-from tests.serving import serve_app
 
 pytestmark = pytest.mark.integration
 

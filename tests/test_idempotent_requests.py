@@ -10,9 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.agent_server import AgentBehaviour, running_agent
-from tests.conftest import Platform, platform_of
-from tests.helpers import wait_until
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import Platform, platform_of, procedure_doc, wait_until
 
 pytestmark = pytest.mark.integration
 

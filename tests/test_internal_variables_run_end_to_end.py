@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Platform
-from tests.helpers import example, follow_run, import_procedure
+from tests.helpers import Platform, example, follow_run, import_procedure
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
@@ -17,7 +16,7 @@ from ckp_core.events import format_time
 from ckp_core.ids import new_id
 from ckp_core.subjects import LEASES_BUCKET, lease_key
 from tests.agent_server import RunningAgent, running_agent
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of, problem
 
 pytestmark = pytest.mark.integration
 
@@ -51,14 +50,6 @@ async def put_lease(nats_url: str, resource_key: str, slot: int, *, agent_id: st
     finally:
         await nc.close()
     return value
-
-
-def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = r.json()
-    assert body["code"] == code
-    return body
 
 
 async def test_list_get_and_force_release(platform: Platform, agent: RunningAgent) -> None:

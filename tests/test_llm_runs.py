@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 from tests.mcp_server import PNG
 from tests.scripted_agent import ScriptedAgent, serving

@@ -14,9 +14,7 @@ from ckp_core.events import ANONYMOUS, EventEnvelope
 from ckp_core.subjects import LEASES_BUCKET, lease_key
 from langorch_infra.jetstream import JetStreamEventStore, connect
 from tests.agent_server import running_agent
-from tests.conftest import Platform, platform_of
-from tests.helpers import follow_run
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import Platform, follow_run, platform_of, procedure_doc
 from tests.test_approvals_end_to_end import APPROVE_REJECT, TIMED, approval_when, decide, pending_approval, start
 
 pytestmark = pytest.mark.integration

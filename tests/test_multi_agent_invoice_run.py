@@ -40,8 +40,7 @@ import httpx
 import openpyxl
 import pytest
 
-from tests.conftest import Platform, platform_of
-from tests.helpers import events_of, example, imported, start_run, wait_status
+from tests.helpers import Platform, events_of, example, imported, platform_of, start_run, wait_status
 from tests.llm_server import DEFAULT_USAGE, LlmServerState, RunningLlmServer, running_llm_server
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import register

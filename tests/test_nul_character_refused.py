@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from langorch_infra.jetstream import connect, stream_last_position
-from tests.conftest import Platform, platform_of
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import Platform, platform_of, procedure_doc
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Platform, platform_of
-from tests.helpers import events_of, wait_status
+from tests.helpers import Platform, events_of, platform_of, wait_status
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 from tests.test_agent_runs import start
 

@@ -11,8 +11,7 @@ import pytest
 
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import AgentService
-from tests.conftest import platform_of
-from tests.helpers import wait_until
+from tests.helpers import platform_of, wait_until
 
 pytestmark = pytest.mark.integration
 

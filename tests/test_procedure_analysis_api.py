@@ -9,8 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Platform, platform_of
-from tests.helpers import example
+from tests.helpers import Platform, example, platform_of
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Platform, platform_of
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import Platform, platform_of, procedure_doc
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 from nats.js.errors import KeyNotFoundError, NotFoundError
 
 from ckp_core.subjects import PROCEDURES_BUCKET, procedure_key
-from tests.conftest import Platform, platform_of
-from tests.lifecycle_docs import procedure_doc
+from tests import helpers
+from tests.helpers import Platform, platform_of, procedure_doc
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +37,7 @@ async def set_status(c: httpx.AsyncClient, pid: str, version: str, status: str) 
 
 
 def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = r.json()
-    assert body["code"] == code
+    body = helpers.problem(r, status, code)
     assert body["type"] == f"urn:langorch:problem:{code}"
     assert body["instance"] == r.request.url.path
     return body

@@ -16,7 +16,7 @@ from ckp_core.procedure_lifecycle import (
 )
 from langorch_compiler.service import CompilerService
 from langorch_infra.settings import CompilerSettings
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import procedure_doc
 
 pytestmark = pytest.mark.unit
 

@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import platform_of
-from tests.helpers import example
+from tests.helpers import example, platform_of
 from tests.test_chaos import DEADLINE_S, kill, logs, run_events, runtimes, start_run, start_runtime, wait_terminal
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,7 @@ from ckp_core.events import ANONYMOUS, EventEnvelope
 from ckp_core.ids import new_id
 from langorch_gateway.projector import TABLES, rebuild
 from langorch_infra.jetstream import encode_envelope
-from tests.conftest import platform_of
-from tests.helpers import example
+from tests.helpers import example, platform_of
 from tests.test_agent_runs import start, wait_status
 from tests.test_projection_kill_restart import dump
 

@@ -9,8 +9,7 @@ import subprocess
 import asyncpg
 import pytest
 
-from tests.conftest import langorch_command, platform_of
-from tests.helpers import example, follow_run, import_procedure
+from tests.helpers import example, follow_run, import_procedure, langorch_command, platform_of
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,7 @@ import pytest
 
 from ckp_core.events import ANONYMOUS, EventEnvelope
 from langorch_infra.jetstream import JetStreamEventStore, connect
-from tests.conftest import Platform, platform_of
-from tests.lifecycle_docs import procedure_doc
+from tests.helpers import Platform, platform_of, problem, procedure_doc
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +30,6 @@ async def create(c: httpx.AsyncClient, name: str, description: str | None = None
     assert r.status_code == 201, r.text
     assert r.headers["Location"] == f"/api/projects/{r.json()['project_id']}"
     return r.json()  # type: ignore[no-any-return]
-
-
-def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = r.json()
-    assert body["code"] == code
-    return body
 
 
 async def test_create_read_rename_and_delete(platform: Platform) -> None:

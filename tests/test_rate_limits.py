@@ -11,7 +11,7 @@ import pytest
 
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.service import RuntimeService
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import events_of, register, start, wait_status
 

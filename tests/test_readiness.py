@@ -7,7 +7,7 @@ import pytest
 
 from ckp_core.events import EVENT_TYPES
 from langorch_gateway.metrics import PROJECTIONS
-from tests.conftest import platform_of
+from tests.helpers import platform_of
 
 pytestmark = pytest.mark.integration
 

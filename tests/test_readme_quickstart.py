@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from langorch_infra.embedded import free_port
-from tests.conftest import langorch_command
-from tests.helpers import example, follow_run
+from tests.helpers import example, follow_run, langorch_command
 
 pytestmark = pytest.mark.integration
 

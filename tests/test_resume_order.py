@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of
 from tests.test_agent_runs import events_of, start, wait_status
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,8 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.kv import kv_live
-from tests.conftest import Platform, platform_of
+from tests import helpers
+from tests.helpers import Platform, platform_of
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_runs import register, start, wait_status
 
@@ -45,10 +46,7 @@ async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
 
 
 def is_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = r.json()
-    assert body["code"] == code
+    body = helpers.problem(r, status, code)
     assert body["status"] == status
     return body
 

@@ -24,8 +24,7 @@ from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, publi
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.creation import CREATE_CONSUMER, CREATE_SUBJECTS, EXECUTE_SUBJECTS, RUN_CONSUMER
 from langorch_runtime.service import RuntimeService
-from tests.conftest import Platform, platform_of
-from tests.helpers import imported, wait_status, wait_until
+from tests.helpers import Platform, imported, platform_of, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 

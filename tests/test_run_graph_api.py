@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of
 from tests.test_approvals_end_to_end import decide, pending_approval, run_until
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,8 @@ import pytest
 from ckp_core.commands import DeleteRun
 from ckp_core.events import ANONYMOUS
 from langorch_infra.jetstream import publish_command
-from tests.conftest import Platform, platform_of
-from tests.helpers import imported, start_run, wait_status, wait_until
+from tests import helpers
+from tests.helpers import Platform, imported, platform_of, start_run, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,10 +58,7 @@ async def gone(c: httpx.AsyncClient, run_id: str, timeout: float = 30) -> None:
 
 
 def is_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = r.json()
-    assert body["code"] == code
+    body = helpers.problem(r, status, code)
     assert body["status"] == status
     assert body["type"] == f"urn:langorch:problem:{code}"
     return body

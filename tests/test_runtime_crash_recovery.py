@@ -14,8 +14,7 @@ import nats
 import pytest
 
 from langorch_infra.jetstream import JetStreamEventStore
-from tests.conftest import langorch_command, platform_of
-from tests.helpers import follow_run, import_procedure
+from tests.helpers import follow_run, import_procedure, langorch_command, platform_of
 
 pytestmark = pytest.mark.integration
 

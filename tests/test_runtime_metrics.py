@@ -26,7 +26,7 @@ from langorch_runtime.llm import LlmClient, LlmRequest
 from langorch_runtime.metrics import RuntimeMetrics
 from langorch_runtime.service import RuntimeService
 from tests.agent_server import AgentBehaviour, running_agent
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of
 from tests.llm_server import RunningLlmServer, running_llm_server
 from tests.mcp_server import running_mcp
 from tests.scripted_agent import ScriptedAgent, serving

@@ -51,7 +51,7 @@ from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.service import open_checkpointer
 from langorch_runtime.steps import StepRecord, StepStore, now_iso
-from tests.conftest import platform_of
+from tests.helpers import platform_of
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,7 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from tests.conftest import platform_of
-from tests.helpers import example, follow_run, import_procedure
+from tests.helpers import example, follow_run, import_procedure, platform_of
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 
 from langorch_infra.secrets import grant_key, make_grant
 from langorch_infra.settings import GatewaySettings
-from tests.conftest import Platform, platform_of
+from tests.helpers import Platform, platform_of
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -33,8 +32,7 @@ from langorch_infra.settings import (
     redact_url_password,
 )
 from langorch_runtime.service import host as runtime_host
-from tests.conftest import port_open
-from tests.helpers import example, follow_run, import_procedure
+from tests.helpers import eventually, example, follow_run, import_procedure, port_open
 
 SECRETS = {"auth": "auth-secret-9f3a1c77", "llm": "sk-llm-key-7b2e0d15", "header": "hdr-value-41d8aa02",
            "db": "db-pass-5c6e93b4"}
@@ -50,18 +48,6 @@ def with_password(url: str, password: str) -> str:
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``check`` until it returns a truthy value."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 # -- settings ---------------------------------------------------------------------------------------------------
@@ -128,7 +114,7 @@ async def test_presence_expires_after_its_ttl_and_a_clean_stop_deletes_it(nats_u
         async def gone() -> bool:
             return await read_presence(js) == []
 
-        await eventually(gone, timeout=10, what="the presence key to expire")
+        await eventually(gone, timeout=10, what="the presence key to expire", every=0.1)
         assert asyncio.get_running_loop().time() - started < 6
 
         held = ["approval_timer"]
@@ -141,7 +127,7 @@ async def test_presence_expires_after_its_ttl_and_a_clean_stop_deletes_it(nats_u
         async def follower() -> bool:
             return [v["leader_of"] for v in await read_presence(js)] == [[]]
 
-        await eventually(follower, timeout=5, what="leader_of to be republished")
+        await eventually(follower, timeout=5, what="leader_of to be republished", every=0.1)
         await clean.stop()
         assert await read_presence(js) == []
     finally:
@@ -163,7 +149,7 @@ async def _serving(host: ServiceHost, port: int) -> asyncio.Task[None]:
             except httpx.TransportError:
                 return False
 
-    await eventually(ready, what=f"{host.service} to be ready")
+    await eventually(ready, what=f"{host.service} to be ready", every=0.1)
     return task
 
 
@@ -216,7 +202,7 @@ async def test_each_service_serves_health_ready_and_metrics_on_its_metrics_port(
                     r = await c.get(f"{base}/ready")
                     return r.json() if r.status_code == 503 else None
 
-                body = await eventually(not_ready, timeout=10, what=f"{h.service} to report not_ready")
+                body = await eventually(not_ready, timeout=10, what=f"{h.service} to report not_ready", every=0.1)
                 assert body["status"] == "not_ready"
                 assert body["checks"]["nats"] == "disconnected"
                 assert body["checks"]["streams"] == "unknown: not connected"
@@ -249,7 +235,7 @@ async def test_only_one_replica_lists_a_leader_lock_and_the_other_takes_it_over(
             leaders = [v for v in replicas if v["leader_of"] == ["approval_timer"]]
             return replicas if len(replicas) == 2 and len(leaders) == 1 else None
 
-        replicas = await eventually(one_leader, what="two approvals replicas, one holding approval_timer")
+        replicas = await eventually(one_leader, what="two approvals replicas, one holding approval_timer", every=0.1)
         [leader] = [v["instance_id"] for v in replicas if v["leader_of"]]
         tasks[leader].cancel()  # a clean stop: lock released, presence deleted
         with pytest.raises(asyncio.CancelledError):

@@ -13,9 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from examples.agents.http_agent import create_app as http_agent_app
-from tests.conftest import Platform
-from tests.helpers import events_of, example, import_procedure, start_run, wait_status
-from tests.serving import serve_app
+from tests.helpers import Platform, events_of, example, import_procedure, serve_app, start_run, wait_status
 
 pytestmark = pytest.mark.integration
 

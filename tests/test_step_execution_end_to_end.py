@@ -16,10 +16,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.conftest import Platform, platform_of
-from tests.helpers import wait_until
+from tests.helpers import Platform, platform_of, serve_app, wait_until
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
-from tests.serving import serve_app
 from tests.test_agent_runs import events_of, register, start, wait_status
 
 pytestmark = pytest.mark.integration

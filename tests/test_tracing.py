@@ -21,8 +21,7 @@ import httpx
 import pytest
 
 from langorch_infra import jsonlog
-from tests.conftest import Platform, platform_of
-from tests.helpers import wait_status
+from tests.helpers import Platform, platform_of, wait_status
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 from tests.mcp_server import running_mcp
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving

@@ -15,8 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from langorch_infra.embedded import free_port
-from tests.conftest import platform_of
-from tests.serving import serve_app
+from tests.helpers import platform_of, serve_app
 from tests.test_agent_runs import events_of, start, wait_status
 
 pytestmark = pytest.mark.integration

@@ -849,7 +849,7 @@ async def test_node_scope_retry_budget_is_fresh_on_each_new_entry_of_the_node() 
     assert outputs(run) == {"tries": 4}
 
 
-# --- §3.9 subflow (interpreter side; end-to-end runs are in tests/test_node_semantics_audit.py) -------------
+# --- §3.9 subflow (interpreter side; end-to-end runs are in tests/test_subflow_runs.py) -------------
 
 
 class FakeChildren:
