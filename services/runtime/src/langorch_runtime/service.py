@@ -204,7 +204,7 @@ class RuntimeService:
                     self.metrics.state.queue_depth[queue_type] = int(info.num_pending or 0)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except (nats_errors.Error, OSError):  # the gauge keeps its last value until the next poll
                     log.debug("reading consumer %s failed", durable, exc_info=True)
             await asyncio.sleep(QUEUE_POLL_S)
 
@@ -233,20 +233,20 @@ class RuntimeService:
         for task in list(self.tasks):
             task.cancel()
         for task in list(self.tasks):
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await task
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.timer.stop()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.llm.aclose()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.webhooks.aclose()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.dispatcher.stop()
         if self.pool is not None:
             await self.pool.close()
         if self.nc is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await self.nc.close()
 
     def leader_of(self) -> list[str]:
@@ -296,7 +296,7 @@ class RuntimeService:
             return LEAVE
         except asyncio.CancelledError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a defect or an outage: redelivered, and a defect fails the run at last
             defect = not _infrastructure(exc)
             if defect and command is not None and (msg.metadata.num_delivered or 1) >= DEFECT_DELIVERIES:
                 log.exception("run %s failed on a defect %d times: the run fails with internal_error",
@@ -304,7 +304,7 @@ class RuntimeService:
                 try:
                     await self.fail_defect(command, exc)
                     return ACK
-                except Exception:
+                except Exception:  # best effort: the command is redelivered and tried again
                     log.exception("failing run %s with internal_error failed", command.run_id)
             log.exception("run command failed; it will be redelivered")
             return nak(1.0 if defect else 5.0)
@@ -341,7 +341,7 @@ class RuntimeService:
         interval = max(0.2, self.settings.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats_errors.Error, OSError):  # a lost progress signal: the next one may land
                 await msg.in_progress()
 
     async def invoke(self, run_id: str, graph: Any, value: Any, config: dict[str, Any], **kwargs: Any) -> Any:
@@ -361,14 +361,14 @@ class RuntimeService:
             if task in done:
                 return task.result()
             task.cancel()
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await task
             return CANCELED
         finally:
             waiter.cancel()
             if not task.done():
                 task.cancel()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats_errors.Error, OSError):  # the connection may be closed or draining already
                 await sub.unsubscribe()
 
     async def _audit(self, command: LoCommand, outcome: Outcome = "accepted", *, code: str | None = None,
@@ -672,19 +672,19 @@ class RuntimeService:
             return  # refused, or a no-op
         deleted_at = handled.positions[0]  # the clean-up below is repeated on a redelivery: each step is idempotent
         if self.js is not None:  # the run's earlier events go; the run_deleted tombstone stays
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats_errors.Error, OSError):  # best effort: a leftover is only storage
                 await self.js.purge_stream(EVENT_STREAM, subject=aggregate_filter("run", command.run_id),
                                            seq=deleted_at)
         if self.saver is not None:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(psycopg.Error, OSError):  # best effort: a leftover is only storage
                 await self.saver.adelete_thread(command.run_id)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(nats_errors.Error, OSError):  # best effort: a leftover is only storage
             for key in await kv_keys(self.js, STEPS_BUCKET, f"{command.run_id}.>") if self.js is not None else []:
                 await self.steps_kv.purge(key)
         for stored in events:
             d = stored.envelope.data
             if stored.envelope.type == "artifact_created" and d.get("stored"):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(nats_errors.Error, OSError):  # best effort: a leftover is only storage
                     await self.artifacts.store.delete(str(d["artifact_id"]))
         children = sorted({str(e.envelope.data["child_run_id"]) for e in events
                            if e.envelope.type == "subflow_started" and e.envelope.data.get("child_run_id")})
