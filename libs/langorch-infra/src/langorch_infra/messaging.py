@@ -52,6 +52,10 @@ from langorch_infra import tracing
 from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, nak, settle, subject_template
 
 log = logging.getLogger(__name__)
+faststream_log = logging.getLogger("langorch.faststream")
+"""FastStream's own log: its per-message lines at DEBUG; its INFO lines (a task callback per subscriber at every
+stop) say nothing an operator needs, so only its warnings and errors (a consume task restarted) are kept."""
+faststream_log.setLevel(logging.WARNING)
 
 FETCH_TIMEOUT_S = 5.0
 Handler = Callable[[Any], Awaitable[None]]
@@ -131,7 +135,7 @@ def broker(url: str, name: str, metrics: BusMetrics | None) -> NatsBroker:
     event appends, KV and ordered replay; reconnects for ever, like :func:`langorch_infra.jetstream.connect`."""
     return NatsBroker(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
                       reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL,
-                      middlewares=(BusSettlement(metrics),), logger=logging.getLogger("langorch.faststream"),
+                      middlewares=(BusSettlement(metrics),), logger=faststream_log,
                       log_level=logging.DEBUG, graceful_timeout=None, specification_url=url,
                       description="LangOrch's NATS interface")
 
