@@ -45,7 +45,7 @@ def asyncapi_document() -> dict[str, Any]:
         from langorch_gateway.routes_api_docs import nats_interface
 
         document: dict[str, Any] = nats_interface(SERVICE_VERSION)
-    except Exception as exc:
+    except Exception as exc:  # any failure of the generation fails the build with its cause
         raise AsyncApiPageError(f"cannot build the AsyncAPI document: {type(exc).__name__}: {exc}") from exc
     if not document.get("channels"):
         raise AsyncApiPageError("the AsyncAPI document has no channels")
@@ -128,7 +128,7 @@ def on_files(files: Any, config: Any) -> Any:
 
     try:
         document = asyncapi_document()
-    except Exception as exc:
+    except Exception as exc:  # reported as the build's PluginError
         raise _plugin_error(exc) from exc
     _state.update(document=document, rendered=False)
     files.append(File.generated(config, JSON_FILE, content=json.dumps(document, indent=2, ensure_ascii=False) + "\n"))

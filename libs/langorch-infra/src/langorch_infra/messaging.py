@@ -88,14 +88,14 @@ class _Settling(BaseMiddleware):
             how = await self._outcome(call_next, msg, raw)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # the handler boundary: any failure is logged and redelivered, never ends the consumer
             log.exception("handling %s failed; it will be redelivered", raw.subject)
             how = nak(2.0)
         try:
             await settle(raw, how)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # a settle lost with the connection: JetStream redelivers after the ack wait
             log.warning("settling %s (%s) failed; it will be redelivered", raw.subject, how.outcome, exc_info=True)
         if self.metrics is not None:
             self.metrics.observe(raw.subject, how.outcome, time.monotonic() - started)
@@ -110,7 +110,7 @@ class _Settling(BaseMiddleware):
         log.error("unknown message %s dropped", raw.subject)
         try:
             await settle(raw, TERM)
-        except Exception:
+        except Exception:  # as above: the message is redelivered
             log.warning("terminating %s failed; it will be redelivered", raw.subject, exc_info=True)
         if self.metrics is not None:
             self.metrics.observe(raw.subject, "term", 0.0)
@@ -312,7 +312,7 @@ async def stop_consuming(b: NatsBroker) -> None:
             await sub.stop()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # stopping: one subscriber's failure must not keep the others running
             log.warning("stopping a subscriber failed", exc_info=True)
 
 

@@ -119,7 +119,7 @@ class ApprovalsService:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self.lock.release()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutdown: a lost connection has nothing left to close
             await messaging.close(self.broker, self.nc)
 
     @property

@@ -93,7 +93,7 @@ class CompilerService:
             await messaging.stop_consuming(self.broker)
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutdown: a lost connection has nothing left to close
             await messaging.close(self.broker, self.nc)
 
     def leader_of(self) -> list[str]:

@@ -203,7 +203,7 @@ class AgentService:
             await self.lock.release()
         with contextlib.suppress(Exception):
             await self.http.aclose()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutdown: a lost connection has nothing left to close
             await messaging.close(self.broker, self.nc)
 
     # -- commands ----------------------------------------------------------------------------------------
