@@ -53,6 +53,7 @@ from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, nak, settle, subje
 
 log = logging.getLogger(__name__)
 faststream_log = logging.getLogger("langorch.faststream")
+nats_log = logging.getLogger("nats.aio.client")
 """FastStream's own log: its per-message lines at DEBUG; its INFO lines (a task callback per subscriber at every
 stop) say nothing an operator needs, so only its warnings and errors (a consume task restarted) are kept."""
 faststream_log.setLevel(logging.WARNING)
@@ -134,10 +135,17 @@ def broker(url: str, name: str, metrics: BusMetrics | None) -> NatsBroker:
     """A broker on ``url`` whose connection (``await broker.connect()``) is also the service's nats-py client for
     event appends, KV and ordered replay; reconnects for ever, like :func:`langorch_infra.jetstream.connect`."""
     return NatsBroker(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
-                      reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL,
+                      reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL, error_cb=_connection_error,
                       middlewares=(BusSettlement(metrics),), logger=faststream_log,
                       log_level=logging.DEBUG, graceful_timeout=None, specification_url=url,
                       description="LangOrch's NATS interface")
+
+
+async def _connection_error(err: Exception) -> None:
+    """Every connection error on the logger nats-py itself uses, as its own default callback does: FastStream's
+    wrapper logs nothing until the first connection, so a service waiting for NATS would print nothing (the CLI
+    turns these records into one line naming the server)."""
+    nats_log.error("nats: encountered error", exc_info=err)
 
 
 async def connect(b: NatsBroker) -> NATS:
