@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import uvicorn
@@ -32,6 +32,9 @@ from langorch_runtime.agents import AgentService
 from langorch_runtime.creation import RunCreation
 from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.service import RuntimeService
+
+if TYPE_CHECKING:
+    from tests.scripted_agent import ScriptedAgent
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 T = TypeVar("T")
@@ -123,6 +126,25 @@ async def start_run(client: httpx.AsyncClient, procedure_id: str, inputs: dict[s
                                              "input_vars": inputs or {}})
     assert r.status_code == 201, r.text
     return str(r.json()["run_id"])
+
+
+async def start_document(c: httpx.AsyncClient, doc: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
+    """Import ``doc`` (already imported is fine) and start a run of it; returns the run id."""
+    r = await c.post("/api/procedures", json={"ckp_json": doc})
+    assert r.status_code in (201, 409), r.text
+    r = await c.post("/api/runs", json={"procedure_id": doc["procedure_id"], "procedure_version": doc["version"],
+                                        "input_vars": inputs or {}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["run_id"])
+
+
+async def register_agent(c: httpx.AsyncClient, agent: ScriptedAgent, channel: str, name: str = "one") -> None:
+    """Register a scripted agent on ``channel`` with its handlers as capabilities."""
+    r = await c.post("/api/agents", json={"name": name, "channel": channel, "base_url": agent.base_url,
+                                          "capabilities": list(agent.handlers)})
+    # 201: the agent is registered and projected; a dispatch that finds no candidate first waits until the
+    # runtime's registry has applied every agent event (AgentDispatcher.sync_registry), so nothing to wait for here
+    assert r.status_code == 201, r.text
 
 
 async def events_of(client: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.agent_server import AgentBehaviour, running_agent
@@ -17,6 +16,8 @@ from tests.helpers import (
     events_of,
     example,
     platform_of,
+    register_agent,
+    start_document,
     wait_run,
     wait_status,
     wait_until,
@@ -34,27 +35,6 @@ async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
         yield p
 
 
-async def register(c: httpx.AsyncClient, agent: ScriptedAgent, channel: str, name: str = "one") -> None:
-    r = await c.post("/api/agents", json={"name": name, "channel": channel, "base_url": agent.base_url,
-                                          "capabilities": list(agent.handlers)})
-    # 201: the agent is registered and projected; a dispatch that finds no candidate first waits until the
-    # runtime's registry has applied every agent event (AgentDispatcher.sync_registry), so nothing to wait for here
-    assert r.status_code == 201, r.text
-
-
-
-
-
-
-async def start(c: httpx.AsyncClient, doc: dict[str, Any], inputs: dict[str, Any] | None = None) -> str:
-    r = await c.post("/api/procedures", json={"ckp_json": doc})
-    assert r.status_code in (201, 409), r.text
-    r = await c.post("/api/runs", json={"procedure_id": doc["procedure_id"], "procedure_version": doc["version"],
-                                        "input_vars": inputs or {}})
-    assert r.status_code == 201, r.text
-    return str(r.json()["run_id"])
-
-
 def web_agent(title: str) -> ScriptedAgent:
     return ScriptedAgent({"navigate": lambda b: {"url": b["params"]["url"]}, "wait_for_element": lambda b: {},
                           "extract_text": lambda b: title, "screenshot": lambda b: {"uri": "file:///tmp/s.png"}})
@@ -63,8 +43,8 @@ def web_agent(title: str) -> ScriptedAgent:
 async def test_web_title_check_completes_with_the_agent(platform: Platform) -> None:
     c = platform.client
     async with serving(web_agent("Example Domain")) as agent:
-        await register(c, agent, "web")
-        run_id = await start(c, example("web_title_check.ckp.json"))
+        await register_agent(c, agent, "web")
+        run_id = await start_document(c, example("web_title_check.ckp.json"))
         run = await wait_status(c, run_id)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"]["title"] == "Example Domain"
@@ -82,8 +62,8 @@ async def test_web_title_check_completes_with_the_agent(platform: Platform) -> N
 async def test_web_title_check_verification_failure_ends_the_run(platform: Platform) -> None:
     c = platform.client
     async with serving(web_agent("Another title")) as agent:
-        await register(c, agent, "web")
-        run_id = await start(c, example("web_title_check.ckp.json"))
+        await register_agent(c, agent, "web")
+        run_id = await start_document(c, example("web_title_check.ckp.json"))
         run = await wait_status(c, run_id)
     assert run["status"] == "failed"
     assert run["error"]["code"] == "verification_failed"
@@ -106,8 +86,8 @@ async def test_loop_of_three_agent_calls_returns_three_distinct_results(platform
     c = platform.client
     agent = ScriptedAgent({"compute": lambda b: {"value": b["params"]["n"] * 10}})
     async with serving(agent):
-        await register(c, agent, "api")
-        run_id = await start(c, LOOP_DOC)
+        await register_agent(c, agent, "api")
+        run_id = await start_document(c, LOOP_DOC)
         run = await wait_status(c, run_id)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"]["results"] == [{"value": 10}, {"value": 20}, {"value": 30}]
@@ -139,8 +119,8 @@ async def test_retry_resumes_at_the_failure_point(platform: Platform, strategy: 
 
     agent = ScriptedAgent({"first": lambda b: "A", "second": second})
     async with serving(agent):
-        await register(c, agent, "api")
-        run_id = await start(c, {**RETRY_DOC, "global_config": {"checkpoint_strategy": strategy}})
+        await register_agent(c, agent, "api")
+        run_id = await start_document(c, {**RETRY_DOC, "global_config": {"checkpoint_strategy": strategy}})
         failed = await wait_status(c, run_id)
         assert failed["status"] == "failed"
         assert failed["error"]["code"] == "agent_error"
@@ -170,8 +150,8 @@ async def test_cancel_a_running_run_aborts_the_in_flight_call(platform: Platform
 
     agent = ScriptedAgent({"first": slow, "second": lambda b: "never"})
     async with serving(agent):
-        await register(c, agent, "api")
-        run_id = await start(c, RETRY_DOC)
+        await register_agent(c, agent, "api")
+        run_id = await start_document(c, RETRY_DOC)
         await wait_until(lambda: agent.requests)  # the first call is in flight
         r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
         assert r.status_code == 202, r.text
@@ -190,7 +170,7 @@ async def test_cancel_a_suspended_run_is_immediate(platform: Platform) -> None:
     c = platform.client
     doc = {"procedure_id": "gate_only", "version": "1", "workflow_graph": {"start_node": "g", "nodes": {
         "g": {"type": "human_approval", "on_approve": "e", "on_reject": "e"}, "e": {"type": "terminate"}}}}
-    run_id = await start(c, doc)
+    run_id = await start_document(c, doc)
     assert (await wait_status(c, run_id, ("waiting_approval", *TERMINAL)))["status"] == "waiting_approval"
     r = await c.post(f"/api/runs/{run_id}/cancel", json={})
     assert r.status_code in (200, 202), r.text
@@ -212,8 +192,8 @@ async def test_resume_on_failure_retries_a_retryable_failure_once(platform: Plat
            "global_config": {"resume_on_failure": True, "retry_delay_ms": 100}}
     agent = ScriptedAgent({"first": lambda b: "A", "second": second})
     async with serving(agent):
-        await register(c, agent, "api")
-        run_id = await start(c, doc)
+        await register_agent(c, agent, "api")
+        run_id = await start_document(c, doc)
         # failed first (retryable), then retried automatically once (run_retry_requested) and completed
         run = await wait_run(c, run_id, ended_after_a_retry)
     assert run["status"] == "completed", run["error"]
@@ -236,8 +216,8 @@ async def test_inline_artifact_is_stored_and_replaced_in_the_result(platform: Pl
               "steps": [{"step_id": "e", "action": "export", "output_variable": "exported"}]},
         "z": {"type": "terminate", "outputs": {"exported": "{{exported}}"}}}}}
     async with serving(agent):
-        await register(c, agent, "api")
-        run = await wait_status(c, await start(c, doc))
+        await register_agent(c, agent, "api")
+        run = await wait_status(c, await start_document(c, doc))
     assert run["status"] == "completed", run["error"]
     [created] = [e["payload"] for e in await events_of(c, run["run_id"]) if e["event_type"] == "artifact_created"]
     assert (created["stored"], created["size_bytes"], created["name"]) == (True, 11, "r.txt")
@@ -257,7 +237,7 @@ async def test_validation_only_mode_completes_without_running_a_node(platform: P
            "workflow_graph": {"start_node": "a", "nodes": {
                "a": {"type": "sequence", "agent": "API", "next_node": "z", "steps": [{"step_id": "s", "action": "x"}]},
                "z": {"type": "terminate"}}}}
-    run = await wait_status(c, await start(c, doc))
+    run = await wait_status(c, await start_document(c, doc))
     assert run["status"] == "completed"
     events = await events_of(c, run["run_id"])
     assert [e["event_type"] for e in events] == ["run_created", "execution_started", "run_completed"]
@@ -267,7 +247,7 @@ async def test_validation_only_mode_completes_without_running_a_node(platform: P
 
 async def test_web_title_check_without_an_agent_fails_with_no_executor(platform: Platform) -> None:
     c = platform.client
-    run_id = await start(c, example("web_title_check.ckp.json"))
+    run_id = await start_document(c, example("web_title_check.ckp.json"))
     run = await wait_status(c, run_id, timeout=60)
     assert run["status"] == "failed"
     assert run["error"]["code"] == "no_executor", run["error"]
@@ -289,7 +269,7 @@ async def test_mcp_image_and_resource_content_are_stored_artifacts_linked_in_the
         r = await c.post("/api/agents", json={"name": "docs", "channel": "docs", "base_url": server.url,
                                               "protocol": "mcp", "capabilities": ["snapshot"]})
         assert r.status_code == 201, r.text
-        run_id = await start(c, MCP_DOC)
+        run_id = await start_document(c, MCP_DOC)
         run = await wait_status(c, run_id)
     assert run["status"] == "completed", run["error"]
     text, image, page, raw, link = run["output_vars"]["shot"]
@@ -326,8 +306,8 @@ async def test_pool_waiting_steps_count_attempts_waiting_for_a_slot(platform: Pl
             "get": {"type": "sequence", "agent": "SLOWPOOL", "steps": [
                 {"step_id": "t", "action": "extract_text", "output_variable": "out"}], "next_node": "end"},
             "end": {"type": "terminate"}}}}
-        first = await start(c, doc)
-        second = await start(c, doc)
+        first = await start_document(c, doc)
+        second = await start_document(c, doc)
 
         async def waiting() -> int:
             pools = (await c.get("/api/agents/pools", params={"channel": "slowpool"})).json()["items"]

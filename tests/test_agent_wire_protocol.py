@@ -16,8 +16,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tests.helpers import Platform, events_of, platform_of, serve_app, wait_status, wait_until
-from tests.test_agent_runs import start
+from tests.helpers import Platform, events_of, platform_of, serve_app, start_document, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +73,7 @@ def doc_of(pid: str, channel: str, steps: list[dict[str, Any]], outputs: dict[st
 
 
 async def failed_with(c: httpx.AsyncClient, doc: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
-    run = await wait_status(c, await start(c, doc), timeout=timeout)
+    run = await wait_status(c, await start_document(c, doc), timeout=timeout)
     assert run["status"] == "failed", run
     error: dict[str, Any] = run["error"]
     return error
@@ -216,7 +215,7 @@ async def test_canceling_a_run_sends_notifications_cancelled_to_the_mcp_server(p
     seen: list[dict[str, Any]] = []
     async with serve_app(raw_mcp({"slow": lambda rid: _Slow(6)}, seen)) as base_url:
         await register_raw(c, f"{base_url}/mcp", "wm_cancel", ["slow"], protocol="mcp")
-        run_id = await start(c, doc_of("wire_mcp_cancel", "wm_cancel", [{"step_id": "s", "action": "slow",
+        run_id = await start_document(c, doc_of("wire_mcp_cancel", "wm_cancel", [{"step_id": "s", "action": "slow",
                                                                          "timeout_ms": 60_000}]))
         await wait_until(lambda: any(m.get("method") == "tools/call" for m in seen))
         r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
@@ -270,7 +269,7 @@ async def test_workflow_dispatch_mode_is_step_then_node_then_global_then_async(p
         global_sync = doc_of("wire_modes_2", "wf_modes", [{"step_id": "a", "action": "job", "output_variable": "r"}],
                              outputs={"r": "{{r}}"})
         global_sync["global_config"] = {"workflow_dispatch_mode": "sync"}
-        run = await wait_status(c, await start(c, global_sync))
+        run = await wait_status(c, await start_document(c, global_sync))
         assert run["status"] == "completed", run
         assert run["output_vars"]["r"] == {"mode": "sync"}
         assert [s["body"]["dispatch_mode"] for s in seen] == ["sync"]
@@ -319,7 +318,7 @@ async def test_async_dispatch_answered_in_progress_asks_again_after_retry_after(
                JSONResponse({"status": "accepted"}, status_code=202)]
     async with serve_app(workflow_agent(seen, lambda: answers.pop(0))) as base_url:
         await register_workflow(c, base_url, "wf_again")
-        run_id = await start(c, doc_of("wire_async_again", "wf_again", [{"step_id": "a", "action": "job"}]))
+        run_id = await start_document(c, doc_of("wire_async_again", "wf_again", [{"step_id": "a", "action": "job"}]))
         run = await wait_status(c, run_id, ("paused", "failed", "completed"))
         assert run["status"] == "paused", run
         events = await events_of(c, run_id)
@@ -374,7 +373,7 @@ async def test_lease_is_renewed_during_the_call_and_a_force_release_aborts_it(pl
     release = asyncio.Event()
     async with serve_app(slow_agent(seen, release)) as base_url:
         await register_raw(c, base_url, "wl_revoke", ["hold"])
-        run_id = await start(c, doc_of("wire_lease_revoke", "wl_revoke", HOLD))
+        run_id = await start_document(c, doc_of("wire_lease_revoke", "wl_revoke", HOLD))
         lease = await held_lease(c, run_id)
         assert (lease["node_id"], lease["step_id"], lease["is_active"]) == ("work", "s", True)
         for _ in range(100):  # renewed while the call runs (TTL 3 s: every second)
@@ -399,7 +398,7 @@ async def test_canceling_a_run_releases_the_lease_of_its_call(platform: Platform
     release = asyncio.Event()
     async with serve_app(slow_agent(seen, release)) as base_url:
         await register_raw(c, base_url, "wl_cancel", ["hold"])
-        run_id = await start(c, doc_of("wire_lease_cancel", "wl_cancel", HOLD))
+        run_id = await start_document(c, doc_of("wire_lease_cancel", "wl_cancel", HOLD))
         lease = await held_lease(c, run_id)
         r = await c.post(f"/api/runs/{run_id}/cancel", json={"reason": "operator"})
         assert r.status_code == 202, r.text
@@ -443,7 +442,7 @@ async def test_in_progress_is_asked_again_without_a_new_attempt(platform: Platfo
         await register_raw(c, base_url, "wa_again", ["once"])
         doc = doc_of("wire_in_progress", "wa_again", [{"step_id": "s", "action": "once", "output_variable": "r"}],
                      outputs={"r": "{{r}}"})
-        run = await wait_status(c, await start(c, doc))
+        run = await wait_status(c, await start_document(c, doc))
     assert run["status"] == "completed", run
     assert run["output_vars"]["r"] == {"n": 1}
     assert len(seen) == 2
@@ -481,7 +480,7 @@ async def test_success_callback_output_is_stored_or_merged_and_failure_defaults_
         doc = doc_of("wire_callbacks", "wf_cb", [{"step_id": "a", "action": "job", "output_variable": "r"},
                                                  {"step_id": "b", "action": "job"}],
                      outputs={"r": "{{r}}", "x": "{{x}}", "y": "{{y}}"})
-        run_id = await start(c, doc)
+        run_id = await start_document(c, doc)
         await callback_of(c, run_id, seen, 1, {"status": "success", "output": {"first": True}, "node_id": "work",
                                                 "step_id": "a"})
         await callback_of(c, run_id, seen, 2, {"status": "success", "output": {"x": 1, "y": "two"},
@@ -490,7 +489,7 @@ async def test_success_callback_output_is_stored_or_merged_and_failure_defaults_
         assert run["status"] == "completed", run
         assert run["output_vars"] == {"r": {"first": True}, "x": 1, "y": "two"}
 
-        failing = await start(c, doc_of("wire_callback_failure", "wf_cb", [{"step_id": "a", "action": "job"}]))
+        failing = await start_document(c, doc_of("wire_callback_failure", "wf_cb", [{"step_id": "a", "action": "job"}]))
         await callback_of(c, failing, seen, 1, {"status": "failure", "error": "gave up", "node_id": "work",
                                                 "step_id": "a"})
         run = await wait_status(c, failing)
@@ -506,9 +505,9 @@ async def test_a_full_resource_waits_with_one_pool_saturated_then_lease_wait_tim
     release = asyncio.Event()
     async with serve_app(slow_agent(seen, release)) as base_url:
         await register_raw(c, base_url, "wl_full", ["hold"])
-        holder = await start(c, doc_of("wire_lease_holder", "wl_full", HOLD))
+        holder = await start_document(c, doc_of("wire_lease_holder", "wl_full", HOLD))
         await held_lease(c, holder)
-        waiter = await start(c, doc_of("wire_lease_waiter", "wl_full", HOLD))
+        waiter = await start_document(c, doc_of("wire_lease_waiter", "wl_full", HOLD))
         run = await wait_status(c, waiter)
         release.set()
         assert (await wait_status(c, holder))["status"] == "completed"

@@ -21,9 +21,8 @@ from ckp_core.events import ANONYMOUS, WorkflowDelegated, make_event
 from ckp_core.ids import new_id
 from langorch_infra.callbacks import callback_key, make_token
 from langorch_infra.settings import GatewaySettings
-from tests.helpers import TERMINAL, Platform, imported, platform_of, start_run, wait_status, wait_until
+from tests.helpers import TERMINAL, Platform, imported, platform_of, register_agent, start_run, wait_status, wait_until
 from tests.scripted_agent import ScriptedAgent, serving
-from tests.test_agent_runs import register
 from tests.test_async_workflow_runs import hybrid_agent, register_hybrid
 
 pytestmark = pytest.mark.integration
@@ -400,7 +399,7 @@ async def test_stored_artifacts_carry_the_sha256_of_their_content(platform: Plat
     c = platform.client
     agent = ScriptedAgent({"produce": produce})
     async with serving(agent):
-        await register(c, agent, "auditart")
+        await register_agent(c, agent, "auditart")
         await imported(c, doc)
         run_id = await start_run(c, "audit_art")
         assert (await wait_status(c, run_id))["status"] == "completed"

@@ -9,9 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Platform, example, platform_of
+from tests.helpers import Platform, events_of, example, platform_of, start_document, wait_status
 from tests.scripted_agent import ACCEPTED, ScriptedAgent, serving
-from tests.test_agent_runs import events_of, start, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +40,7 @@ async def test_hybrid_dispatch_pauses_for_the_callback_and_resumes_after_the_ste
     c = platform.client
     async with serving(hybrid_agent()) as agent:
         await register_hybrid(c, agent)
-        run_id = await start(c, example("hybrid_dispatch.ckp.json"))
+        run_id = await start_document(c, example("hybrid_dispatch.ckp.json"))
         paused = await wait_status(c, run_id, ("paused", "failed", "completed"))
         assert paused["status"] == "paused", paused["error"]
         assert paused["waiting_on"]["kind"] == "callback"
@@ -79,7 +78,7 @@ async def test_failure_callback_fails_the_step(platform: Platform) -> None:
     c = platform.client
     async with serving(hybrid_agent()) as agent:
         await register_hybrid(c, agent)
-        run_id = await start(c, example("hybrid_dispatch.ckp.json"))
+        run_id = await start_document(c, example("hybrid_dispatch.ckp.json"))
         await wait_status(c, run_id, ("paused",))
         url = agent.requests[1]["params"]["callback_url"]
         async with httpx.AsyncClient() as outside:
@@ -97,7 +96,7 @@ async def test_callback_timeout_fails_the_step_with_callback_timeout(nats_url: s
         c = p.client
         async with serving(hybrid_agent()) as agent:
             await register_hybrid(c, agent)
-            run_id = await start(c, example("hybrid_dispatch.ckp.json"))
+            run_id = await start_document(c, example("hybrid_dispatch.ckp.json"))
             run = await wait_status(c, run_id, timeout=30)
             types = [e["event_type"] for e in await events_of(c, run_id)]
     assert run["status"] == "failed"

@@ -20,6 +20,7 @@ from tests.helpers import (
     events_of,
     imported,
     platform_of,
+    register_agent,
     start_run,
     wait_run,
     wait_status,
@@ -27,7 +28,6 @@ from tests.helpers import (
 )
 from tests.llm_server import LlmServerState, running_llm_server
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
-from tests.test_agent_runs import register
 
 pytestmark = pytest.mark.integration
 
@@ -234,7 +234,7 @@ async def test_rate_limit_wait_over_a_second_is_reported_before_the_attempt_star
         global_config={"rate_limiting": {"enabled": True, "max_concurrent_operations": 1, "max_wait_ms": 10000}})
     agent = ScriptedAgent({"hold": hold})
     async with serving(agent):
-        await register(c, agent, "api", name="holder")
+        await register_agent(c, agent, "api", name="holder")
         await imported(c, doc)
         run = await wait_status(c, await start_run(c, "contract_ratelimit"))
     assert run["status"] == "completed", run
@@ -267,7 +267,7 @@ async def test_automatic_retry_comes_retry_delay_ms_after_the_failure(platform: 
         global_config={"resume_on_failure": True, "retry_delay_ms": 1500})
     agent = ScriptedAgent({"flaky": flaky})
     async with serving(agent):
-        await register(c, agent, "api", name="flaky")
+        await register_agent(c, agent, "api", name="flaky")
         await imported(c, doc)
         run_id = await start_run(c, "contract_auto_retry")
         # failed first (retryable), then retried automatically once and completed
@@ -301,7 +301,7 @@ async def test_recovery_path_past_the_deadline_has_its_grace_then_fails(nats_url
     agent = ScriptedAgent({"slow": slow})
     async with serving(agent), platform_of(nats_url, database_url, runtime_settings={"recovery_grace_s": 0.3}) as p:
         c = p.client
-        await register(c, agent, "api", name="slowpoke")
+        await register_agent(c, agent, "api", name="slowpoke")
         await imported(c, doc)
         run = await wait_status(c, await start_run(c, "contract_grace"))
         events = await events_of(c, run["run_id"])

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Platform, platform_of
+from tests.helpers import Platform, events_of, platform_of, register_agent, start_document, wait_status
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 from tests.mcp_server import PNG
 from tests.scripted_agent import ScriptedAgent, serving
-from tests.test_agent_runs import events_of, register, start, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +54,7 @@ async def test_llm_outputs_routing_usage_and_fallback(platform: Platform, llm: R
     state.model("m-small").script = [(503, None, {})]  # the first call falls back to m-backup
     state.model("m-backup").answer = json.dumps({"vendor": "ACME", "amount": 42})
     state.model("m-small").answer = json.dumps({"_next_node": "big"})
-    run = await wait_status(c, await start(c, DOC))
+    run = await wait_status(c, await start_document(c, DOC))
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"vendor": "ACME", "lane": "big"}
     first = state.requests[0]["body"]
@@ -76,7 +75,7 @@ async def test_llm_non_retryable_error_fails_the_node(platform: Platform, llm: R
     c = platform.client
     llm.state.model("m-small").status = 400
     doc: dict[str, Any] = {**DOC, "procedure_id": "llm_bad"}
-    run = await wait_status(c, await start(c, doc))
+    run = await wait_status(c, await start_document(c, doc))
     assert run["status"] == "failed"
     assert run["error"]["code"] == "llm_error"
     assert [r["model"] for r in llm.state.requests] == ["m-small"]
@@ -87,7 +86,7 @@ async def test_budget_exceeded_before_the_call(platform: Platform, llm: RunningL
     doc: dict[str, Any] = {**DOC, "procedure_id": "llm_budget", "global_config": {"max_cost_usd": 0.000001}}
     doc["workflow_graph"] = json.loads(json.dumps(DOC["workflow_graph"]))
     doc["workflow_graph"]["nodes"]["ask"]["max_tokens"] = 500
-    run = await wait_status(c, await start(c, doc))
+    run = await wait_status(c, await start_document(c, doc))
     assert run["status"] == "failed"
     assert run["error"]["code"] == "budget_exceeded"
     assert llm.state.requests == []
@@ -124,18 +123,18 @@ async def test_llm_image_attachment_from_a_stored_artifact(platform: Platform, l
         return [e["payload"]["artifact_id"] for e in events if e["event_type"] == "artifact_created"]
 
     async with serving(agent):
-        await register(c, agent, "web")
+        await register_agent(c, agent, "web")
         # the second attachment names a missing artifact, then one another run stored: both fail the node
         missing = "0192f7c4-0000-7000-8000-00000000"
-        stored = await refused(await start(c, VISION_DOC, {"image_id": missing}), missing)
-        await refused(await start(c, VISION_DOC, {"image_id": stored[0]}), stored[0])
+        stored = await refused(await start_document(c, VISION_DOC, {"image_id": missing}), missing)
+        await refused(await start_document(c, VISION_DOC, {"image_id": stored[0]}), stored[0])
         assert llm.state.requests == []
         llm.state.model("m-small").answer = "a login form"
         own = copy.deepcopy(VISION_DOC)
         own["procedure_id"] = "llm_vision_own"
         own["workflow_graph"]["nodes"]["look"]["attachments"][1]["source"] = {
             "artifact_id": "{{shot.artifact.artifact_id}}"}
-        run = await wait_status(c, await start(c, own))
+        run = await wait_status(c, await start_document(c, own))
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"answer": "a login form"}
     [request] = llm.state.requests

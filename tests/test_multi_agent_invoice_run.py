@@ -40,10 +40,9 @@ import httpx
 import openpyxl
 import pytest
 
-from tests.helpers import Platform, events_of, example, imported, platform_of, start_run, wait_status
+from tests.helpers import Platform, events_of, example, imported, platform_of, register_agent, start_run, wait_status
 from tests.llm_server import DEFAULT_USAGE, LlmServerState, RunningLlmServer, running_llm_server
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
-from tests.test_agent_runs import register
 from tests.test_chaos import instance, kill, logs, run_events, runtimes, start_runtime, wait_terminal
 
 pytestmark = pytest.mark.integration
@@ -223,7 +222,7 @@ async def agents_of(c: httpx.AsyncClient, channels: Channels) -> AsyncIterator[C
     async with AsyncExitStack() as stack:
         for channel, agent in channels.all():
             await stack.enter_async_context(serving(agent))
-            await register(c, agent, channel, name=f"{channel}-agent")
+            await register_agent(c, agent, channel, name=f"{channel}-agent")
         yield channels
 
 

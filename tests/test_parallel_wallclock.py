@@ -11,9 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Platform, events_of, platform_of, wait_status
+from tests.helpers import Platform, events_of, platform_of, start_document, wait_status
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
-from tests.test_agent_runs import start
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +64,7 @@ async def test_any_winner_is_decided_while_the_losing_agent_call_is_in_flight(pl
     agent = ScriptedAgent({"slow": blocked, "ping": lambda body: "pong"})
     async with serving(agent):
         await registered(c, agent)
-        run_id = await start(c, race("race_any", {"type": "sequence", "next_node": "join", "steps": [
+        run_id = await start_document(c, race("race_any", {"type": "sequence", "next_node": "join", "steps": [
             {"step_id": "s3", "action": "set_variable", "variable": "q", "value": 3}]}))
         run = await wait_status(c, run_id)
         # decided while the slow call was still unanswered
@@ -84,7 +83,7 @@ async def test_any_winner_is_decided_while_the_losing_agent_call_is_in_flight(pl
             "p": {"type": "sequence", "agent": "RACE", "next_node": "end", "steps": [
                 {"step_id": "ping", "action": "ping", "output_variable": "pong"}]},
             "end": {"type": "terminate", "outputs": {"pong": "{{pong}}"}}}}}
-        after = await wait_status(c, await start(c, ping), timeout=15)
+        after = await wait_status(c, await start_document(c, ping), timeout=15)
         assert after["status"] == "completed", after["error"]
         assert after["output_vars"] == {"pong": "pong"}
         assert not blocked.release.is_set()
@@ -97,7 +96,7 @@ async def test_terminate_in_a_branch_does_not_wait_for_the_sibling_call(platform
     agent = ScriptedAgent({"slow": blocked})
     async with serving(agent):
         await registered(c, agent)
-        run_id = await start(c, race("race_terminate", {"type": "terminate", "status": "failed",
+        run_id = await start_document(c, race("race_terminate", {"type": "terminate", "status": "failed",
                                                         "outputs": {"ended_by": "quick"}}, wait_strategy="all"))
         run = await wait_status(c, run_id)
         assert not blocked.release.is_set()
@@ -119,7 +118,7 @@ async def test_cancel_aborts_the_calls_in_flight_in_every_branch(platform: Platf
     doc["workflow_graph"]["nodes"]["q1"] = doc["workflow_graph"]["nodes"]["q3"]  # the quick branch calls at once
     async with serving(agent):
         await registered(c, agent, slots=2)
-        run_id = await start(c, doc)
+        run_id = await start_document(c, doc)
         for _ in range(200):
             if blocked.calls == 2:
                 break
@@ -169,7 +168,7 @@ async def test_a_branch_that_reaches_its_join_while_a_failed_sibling_is_recorded
                                                   "bad": "{{parallel_results.branches.bad.status}}"}}}}}
     async with serving(agent):
         await registered(c, agent, slots=2)
-        run_id = await start(c, doc)
+        run_id = await start_document(c, doc)
         run = await wait_status(c, run_id, timeout=30)
         assert run["status"] == "completed", run["error"]
         assert run["output_vars"] == {"answer": "ok", "bad": "failed"}

@@ -9,8 +9,7 @@ import asyncpg
 import pytest
 
 from langorch_gateway.projector import TABLES, Projector, rebuild
-from tests.helpers import example, import_procedure, platform_of, wait_until
-from tests.test_agent_runs import wait_status
+from tests.helpers import example, import_procedure, platform_of, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 

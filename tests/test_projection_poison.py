@@ -12,8 +12,7 @@ from ckp_core.events import ANONYMOUS, EventEnvelope
 from ckp_core.ids import new_id
 from langorch_gateway.projector import TABLES, rebuild
 from langorch_infra.jetstream import encode_envelope
-from tests.helpers import example, platform_of
-from tests.test_agent_runs import start, wait_status
+from tests.helpers import example, platform_of, start_document, wait_status
 from tests.test_projection_kill_restart import dump
 
 pytestmark = pytest.mark.integration
@@ -33,7 +32,7 @@ async def test_poison_events_are_dead_lettered_and_skipped(nats_url: str, databa
             hollow = await js.publish(f"lo.evt.run.{broken.aggregate_id}.run_created", encode_envelope(broken))
         finally:
             await nc.close()
-        run_id = await start(c, example("internal_variables.ckp.json"))
+        run_id = await start_document(c, example("internal_variables.ckp.json"))
         run = await wait_status(c, run_id)
         assert run["status"] == "completed"
         await p.app.state.projector.catch_up(10)

@@ -11,9 +11,8 @@ import pytest
 
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.service import RuntimeService
-from tests.helpers import Platform, platform_of
+from tests.helpers import Platform, events_of, platform_of, register_agent, start_document, wait_status
 from tests.scripted_agent import ScriptedAgent, serving
-from tests.test_agent_runs import events_of, register, start, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +43,9 @@ async def test_requests_per_minute_hold_across_runs_and_replicas(platform: Platf
     try:
         agent = ScriptedAgent({"ping": lambda b: "pong"})
         async with serving(agent):
-            await register(c, agent, "api")
+            await register_agent(c, agent, "api")
             doc = calls_doc("rpm", 2, {"max_requests_per_minute": 3, "max_wait_ms": 300})
-            runs = [await start(c, doc), await start(c, doc)]
+            runs = [await start_document(c, doc), await start_document(c, doc)]
             finished = [await wait_status(c, r) for r in runs]
     finally:
         task.cancel()
@@ -91,8 +90,8 @@ async def test_concurrent_operations_are_bounded(platform: Platform) -> None:
                "done": {"type": "terminate"}}}}
     agent = ScriptedAgent({"slow": slow})
     async with serving(agent):
-        await register(c, agent, "api", name="slowpoke")
-        run = await wait_status(c, await start(c, doc))
+        await register_agent(c, agent, "api", name="slowpoke")
+        run = await wait_status(c, await start_document(c, doc))
     assert run["status"] == "completed", run["error"]
     assert len(agent.requests) == 3
     assert in_flight["max"] == 1

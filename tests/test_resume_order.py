@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Platform, platform_of
-from tests.test_agent_runs import events_of, start, wait_status
+from tests.helpers import Platform, events_of, platform_of, start_document, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +37,7 @@ REFUND = {
 
 async def test_approval_decision_is_recorded_before_execution_resumes(platform: Platform) -> None:
     c = platform.client
-    run_id = await start(c, REFUND, {"refund_id": "R-7", "amount": 120})
+    run_id = await start_document(c, REFUND, {"refund_id": "R-7", "amount": 120})
     approvals: list[dict[str, Any]] = []
     for _ in range(200):
         approvals = (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"]
@@ -61,8 +60,8 @@ async def test_approval_decision_is_recorded_before_execution_resumes(platform: 
 
 
 async def test_retry_asks_again_for_an_approval_canceled_when_the_run_failed(platform: Platform) -> None:
+    from tests.helpers import register_agent
     from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
-    from tests.test_agent_runs import register
 
     c = platform.client
     calls = {"n": 0}
@@ -81,8 +80,8 @@ async def test_retry_asks_again_for_an_approval_canceled_when_the_run_failed(pla
         "z": {"type": "terminate", "outputs": {"decision": "{{approval.g.decision}}"}}}}}
     agent = ScriptedAgent({"flaky": flaky})
     async with serving(agent):
-        await register(c, agent, "api")
-        run_id = await start(c, doc)
+        await register_agent(c, agent, "api")
+        run_id = await start_document(c, doc)
         failed = await wait_status(c, run_id)
         assert failed["status"] == "failed"
         for _ in range(100):

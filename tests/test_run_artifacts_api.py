@@ -20,9 +20,8 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.kv import kv_live
 from tests import helpers
-from tests.helpers import Platform, platform_of
+from tests.helpers import Platform, platform_of, register_agent, start_document, wait_status
 from tests.scripted_agent import ScriptedAgent, serving
-from tests.test_agent_runs import register, start, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +58,8 @@ async def test_artifacts_content_diagnostics_and_delete(platform: Platform) -> N
     c = platform.client
     agent = ScriptedAgent({"produce": produce})
     async with serving(agent):
-        await register(c, agent, "api")
-        run_id = await start(c, DOC)
+        await register_agent(c, agent, "api")
+        run_id = await start_document(c, DOC)
         run = await wait_status(c, run_id)
     assert run["status"] == "completed", run["error"]
 

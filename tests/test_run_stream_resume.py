@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import Platform, follow_run, import_procedure, start_run
-from tests.test_agent_runs import events_of, wait_status
+from tests.helpers import Platform, events_of, follow_run, import_procedure, start_run, wait_status
 
 pytestmark = pytest.mark.integration
 

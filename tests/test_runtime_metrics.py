@@ -26,12 +26,11 @@ from langorch_runtime.llm import LlmClient, LlmRequest
 from langorch_runtime.metrics import RuntimeMetrics
 from langorch_runtime.service import RuntimeService
 from tests.agent_server import AgentBehaviour, running_agent
-from tests.helpers import Platform, platform_of
+from tests.helpers import Platform, events_of, platform_of, register_agent, start_document, wait_status
 from tests.llm_server import RunningLlmServer, running_llm_server
 from tests.mcp_server import running_mcp
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_dispatch import failure, harness
-from tests.test_agent_runs import events_of, register, start, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -216,8 +215,8 @@ async def platform(nats_url: str, database_url: str) -> AsyncIterator[Platform]:
 async def test_run_records_binding_and_bus_metrics(platform: Platform) -> None:
     c = platform.client
     async with serving(ScriptedAgent({"get_title": lambda body: {"title": "Hello"}})) as agent:
-        await register(c, agent, "web")
-        run = await wait_status(c, await start(c, AGENT_DOC))
+        await register_agent(c, agent, "web")
+        run = await wait_status(c, await start_document(c, AGENT_DOC))
     assert run["status"] == "completed", run["error"]
     events = await events_of(c, run["run_id"])
     [started] = [e["payload"] for e in events if e["event_type"] == "step_started"]
@@ -248,7 +247,7 @@ async def test_queue_depth_counts_commands_waiting_for_a_runtime(nats_url: str, 
         await runtime.start()  # consumer bound, but run() is not fetching: start commands wait
         try:
             for _ in range(2):
-                await start(p.client, {**AGENT_DOC, "procedure_id": "queued"})
+                await start_document(p.client, {**AGENT_DOC, "procedure_id": "queued"})
             for _ in range(100):
                 got = samples(runtime.metrics.registry)
                 if value(got, "langorch_queue_depth", queue_type="run_queue") == 2:

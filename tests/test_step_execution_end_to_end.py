@@ -16,9 +16,17 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from tests.helpers import Platform, platform_of, serve_app, wait_until
+from tests.helpers import (
+    Platform,
+    events_of,
+    platform_of,
+    register_agent,
+    serve_app,
+    start_document,
+    wait_status,
+    wait_until,
+)
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
-from tests.test_agent_runs import events_of, register, start, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +43,7 @@ def of(events: list[dict[str, Any]], kind: str, step_id: str | None = None) -> l
 
 async def finished(c: httpx.AsyncClient, doc: dict[str, Any], inputs: dict[str, Any] | None = None,
                    timeout: float = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    run = await wait_status(c, await start(c, doc, inputs), timeout=timeout)
+    run = await wait_status(c, await start_document(c, doc, inputs), timeout=timeout)
     return run, await events_of(c, run["run_id"])
 
 
@@ -82,7 +90,7 @@ async def test_step_retry_policy_attempts_keys_and_events(platform: Platform) ->
         {"step_id": "call", "action": "fetch", "output_variable": "r",
          "retry_config": {"max_retries": 2, "strategy": "fixed", "delay_ms": 20}}], {"r": "{{r}}"})
     async with serving(agent):
-        await register(c, agent, "rp1", "rp1")
+        await register_agent(c, agent, "rp1", "rp1")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"r": "ok"}
@@ -119,7 +127,7 @@ async def test_every_retry_strategy_gives_the_spec_delays(platform: Platform) ->
     ]
     doc = one_node("audit_strategies", "rp2", steps, {"fixed": "{{fixed}}"}, handlers=[{"action": "ignore"}])
     async with serving(agent):
-        await register(c, agent, "rp2", "rp2")
+        await register_agent(c, agent, "rp2", "rp2")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"fixed": None}  # a suppressed step's output_variable is null (§4.10)
@@ -154,7 +162,7 @@ async def test_effective_policy_takes_each_key_from_step_then_global_policy_then
     ]
     doc = one_node("audit_policy_merge", "rp3", steps, gc=gc, handlers=[{"action": "ignore"}])
     async with serving(agent):
-        await register(c, agent, "rp3", "rp3")
+        await register_agent(c, agent, "rp3", "rp3")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
 
@@ -168,7 +176,7 @@ async def test_effective_policy_takes_each_key_from_step_then_global_policy_then
     zero = one_node("audit_policy_zero", "rp3", [{"step_id": "s", "action": "flaky", "retry_on_failure": True}],
                     gc={"retry_policy": {"max_retries": 0}}, handlers=[{"action": "ignore"}])
     async with serving(agent):
-        await register(c, agent, "rp3", "rp3b")
+        await register_agent(c, agent, "rp3", "rp3b")
         run, events = await finished(c, zero)
     assert run["status"] == "completed", run["error"]
     assert of(events, "step_retrying") == []  # an explicit zero is honoured
@@ -186,7 +194,7 @@ async def test_retry_on_selects_codes_and_non_retryable_errors_are_not_retried(p
     ]
     doc = one_node("audit_retry_on", "rp4", steps, handlers=[{"action": "ignore"}])
     async with serving(agent):
-        await register(c, agent, "rp4", "rp4")
+        await register_agent(c, agent, "rp4", "rp4")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert [b["action"] for b in agent.requests] == ["strict", "picky", "picky", "other"]
@@ -254,7 +262,7 @@ async def test_step_timeout_event_and_retry(platform: Platform) -> None:
          "retry_config": {"max_retries": 1, "delay_ms": 0}}], {"r": "{{r}}"},
         gc={"default_step_timeout_ms": 300})
     async with serving(agent):
-        await register(c, agent, "to1", "to1")
+        await register_agent(c, agent, "to1", "to1")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"r": "fast"}
@@ -286,7 +294,7 @@ async def test_trigger_filters_choose_the_handler_and_metadata_and_notification_
         {"step_id": "after", "action": "after", "output_variable": "later"}],
         {"found": "{{found}}", "later": "{{later}}"}, handlers=handlers)
     async with serving(agent):
-        await register(c, agent, "eh1", "eh1")
+        await register_agent(c, agent, "eh1", "eh1")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"found": None, "later": "after"}
@@ -332,7 +340,7 @@ async def test_escalate_without_fallback_fails_and_is_not_offered_at_node_scope(
     handlers = [{"error_type": "nope", "action": "escalate"}, {"action": "ignore"}]
     doc = one_node("audit_escalate", "eh3", [{"step_id": "go", "action": "go"}], handlers=handlers)
     async with serving(agent):
-        await register(c, agent, "eh3", "eh3")
+        await register_agent(c, agent, "eh3", "eh3")
         run, events = await finished(c, doc)
     assert run["status"] == "failed"
     error = of(events, "run_failed")[0]["payload"]["error"]  # the run view's error is {code, message, node_id, step_id}
@@ -361,7 +369,7 @@ async def test_handler_retry_with_recovery_steps_each_time(platform: Platform) -
                    extra={"rec": {"type": "terminate", "outputs": {"resets": "{{resets}}"}}},
                    gc={"on_failure": "rec"})
     async with serving(agent):
-        await register(c, agent, "eh4", "eh4")
+        await register_agent(c, agent, "eh4", "eh4")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     rid = run["run_id"]
@@ -388,7 +396,7 @@ async def test_retry_node_reruns_completed_steps_under_new_identities(platform: 
                                                {"step_id": "second", "action": "second", "output_variable": "b"}],
                    {"b": "{{b}}"}, handlers=handlers)
     async with serving(agent):
-        await register(c, agent, "eh5", "eh5")
+        await register_agent(c, agent, "eh5", "eh5")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     rid = run["run_id"]
@@ -406,7 +414,7 @@ async def test_screenshot_and_fail_dispatches_to_the_agent_or_requests_one(platf
     doc = one_node("audit_shot_agent", "sh1", [{"step_id": "go", "action": "go"}],
                    handlers=[{"action": "screenshot_and_fail"}])
     async with serving(shooter):
-        await register(c, shooter, "sh1", "sh1")
+        await register_agent(c, shooter, "sh1", "sh1")
         run, events = await finished(c, doc)
     assert run["status"] == "failed"
     assert of(events, "run_failed")[0]["payload"]["error"]["error_code"] == "broken"
@@ -421,7 +429,7 @@ async def test_screenshot_and_fail_dispatches_to_the_agent_or_requests_one(platf
     doc = one_node("audit_shot_request", "sh2", [{"step_id": "go", "action": "go"}],
                    handlers=[{"action": "screenshot_and_fail"}])
     async with serving(blind):
-        await register(c, blind, "sh2", "sh2")
+        await register_agent(c, blind, "sh2", "sh2")
         run, events = await finished(c, doc)
     assert run["status"] == "failed"
     [requested] = of(events, "screenshot_requested", "go")
@@ -436,7 +444,7 @@ async def test_recovery_strategy_fallback_node_is_escalate(platform: Platform) -
     doc = one_node("audit_strategy_alias", "eh6", [{"step_id": "go", "action": "go"}],
                    handlers=[{"recovery_strategy": "fallback_node", "fallback_node": "alt"}], extra=extra)
     async with serving(agent):
-        await register(c, agent, "eh6", "eh6")
+        await register_agent(c, agent, "eh6", "eh6")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"via": "alt", "code": "agent_error"}
@@ -480,7 +488,7 @@ async def test_custom_idempotency_keys_step_node_loop_and_hashing(platform: Plat
                             {"step_id": "big", "action": "long", "idempotency_key": long_key}]},
                "done": {"type": "terminate"}}}}
     async with serving(agent):
-        await register(c, agent, "ik1", "ik1")
+        await register_agent(c, agent, "ik1", "ik1")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     keys = {b["action"] + str(b["params"].get("n", "")): b["idempotency_key"] for b in agent.requests}
@@ -507,7 +515,7 @@ async def test_revisits_and_loop_iterations_get_their_own_frames(platform: Platf
                          "default_next_node": "done"},
                "done": {"type": "terminate", "outputs": {"count": "{{count}}"}}}}}
     async with serving(agent):
-        await register(c, agent, "ik2", "ik2")
+        await register_agent(c, agent, "ik2", "ik2")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     rid = run["run_id"]
@@ -529,7 +537,7 @@ async def test_dry_run_skips_dispatch_runs_internal_operations_and_overrides_win
         {"f": "{{f}}", "s": "{{s}}", "sum": "{{sum}}"},
         gc={"execution_mode": "dry_run", "test_data_overrides": {"store": {"stored": 1}, "calc": 999}})
     async with serving(agent):
-        await register(c, agent, "md1", "md1")
+        await register_agent(c, agent, "md1", "md1")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"f": {"dry_run": True, "skipped_action": "fetch", "channel": "md1"},
@@ -553,7 +561,7 @@ async def test_mock_external_calls_and_override_precedence(platform: Platform) -
         {"step_id": "b", "action": "b", "output_variable": "b"}], {"a": "{{a}}", "b": "{{b}}"},
         gc={"mock_external_calls": True, "test_data_overrides": {"work.b": "node-level", "b": "step-level"}})
     async with serving(agent):
-        await register(c, agent, "md2", "md2")
+        await register_agent(c, agent, "md2", "md2")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"a": {"mocked": True, "action": "a", "channel": "md2"}, "b": "node-level"}
@@ -693,7 +701,7 @@ async def test_sensitive_parameters_are_redacted_in_events_but_reach_the_agent(p
                    {"step_id": "say", "action": "log", "message": "the pin {{pin}} was used"}]},
                "done": {"type": "terminate", "outputs": {"r": "{{r}}"}}}}}
     async with serving(agent):
-        await register(c, agent, "rd1", "rd1")
+        await register_agent(c, agent, "rd1", "rd1")
         run, events = await finished(c, doc, {"pin": "4711-secret"})
     assert run["status"] == "completed", run["error"]
     sent = agent.requests[0]["params"]
@@ -742,7 +750,7 @@ async def test_run_deadline_caps_an_agent_attempt(platform: Platform) -> None:
     doc = one_node("audit_deadline_agent", "dl1", [{"step_id": "call", "action": "slow", "retry_on_failure": True}],
                    gc={"timeout_ms": 500}, handlers=[{"action": "ignore"}])
     async with serving(agent):
-        await register(c, agent, "dl1", "dl1")
+        await register_agent(c, agent, "dl1", "dl1")
         run, events = await finished(c, doc)
     assert run["status"] == "failed"
     assert run["error"]["code"] == "deadline_exceeded"
@@ -759,7 +767,7 @@ async def test_cancel_during_an_internal_wait_runs_no_handler_or_recovery(platfo
                      "steps": [{"step_id": "nap", "action": "wait", "duration_ms": 20000}]},
                "done": {"type": "terminate"},
                "rescue": {"type": "terminate", "outputs": {"rescued": True}}}}}
-    run_id = await start(c, doc)
+    run_id = await start_document(c, doc)
 
     async def napping() -> bool:
         return bool(of(await events_of(c, run_id), "step_started", "nap"))
@@ -788,8 +796,8 @@ async def test_generate_id_is_replayed_with_the_same_value_when_the_run_is_retri
         {"step_id": "use", "action": "use", "oid": "{{oid}}", "output_variable": "u"}],
         {"oid": "{{oid}}", "log": "{{log}}", "u": "{{u}}"})
     async with serving(agent):
-        await register(c, agent, "rr1", "rr1")
-        run_id = await start(c, doc)
+        await register_agent(c, agent, "rr1", "rr1")
+        run_id = await start_document(c, doc)
         failed = await wait_status(c, run_id)
         assert failed["status"] == "failed"
         assert (await c.post(f"/api/runs/{run_id}/retry", json={})).status_code == 200
@@ -821,7 +829,7 @@ async def test_artifact_forms_in_a_step_result(platform: Platform) -> None:
     doc = one_node("audit_artifacts", "ar1", [{"step_id": "e", "action": "export", "output_variable": "x"}],
                    {"x": "{{x}}"})
     async with serving(agent):
-        await register(c, agent, "ar1", "ar1")
+        await register_agent(c, agent, "ar1", "ar1")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     created = [e["payload"] for e in of(events, "artifact_created", "e")]
@@ -847,7 +855,7 @@ async def test_screen_validations_dispatch_per_expected_value(platform: Platform
                        {"id": "els", "check": "element_exists", "expected_values": ["#ok", "#missing"],
                         "message": "element missing"}]})
     async with serving(agent):
-        await register(c, agent, "sv1", "sv1")
+        await register_agent(c, agent, "sv1", "sv1")
         run, events = await finished(c, doc)
     assert run["status"] == "failed"
     assert run["error"]["code"] == "validation_failed"
@@ -890,7 +898,7 @@ async def test_screenshot_on_complete_and_on_fail_reasons(platform: Platform) ->
         {"step_id": "bad", "action": "bad", "retry_config": {"max_retries": 1, "delay_ms": 0}}],
         gc={"screenshot_on_fail": True})
     async with serving(agent):
-        await register(c, agent, "sh3", "sh3")
+        await register_agent(c, agent, "sh3", "sh3")
         run, events = await finished(c, doc)
     assert run["status"] == "failed"
     requested = [(e["step_id"], e["payload"]["reason"]) for e in of(events, "screenshot_requested")]
@@ -941,8 +949,8 @@ async def test_run_retry_discards_recovery_changes_and_resumes_at_the_failure_po
                    {"action": "set_variable", "variable": "flag", "value": "recovered"}]},
                "rescue_end": {"type": "terminate", "status": "failed", "outputs": {"flag": "{{flag}}"}}}}}
     async with serving(agent):
-        await register(c, agent, "rc1", "rc1")
-        run_id = await start(c, doc)
+        await register_agent(c, agent, "rc1", "rc1")
+        run_id = await start_document(c, doc)
         failed = await wait_status(c, run_id)
         assert failed["status"] == "failed"
         events = await events_of(c, run_id)
@@ -972,7 +980,7 @@ async def test_redacted_fields_and_oversized_fields_in_events(platform: Platform
         {"step_id": "upload", "action": "upload", "blob": big}],
         {"r": "{{r}}"}, gc={"audit_config": {"redacted_fields": ["ssn"]}})
     async with serving(agent):
-        await register(c, agent, "rf1", "rf1")
+        await register_agent(c, agent, "rf1", "rf1")
         run, events = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     assert agent.requests[0]["params"]["ssn"] == "123-45-6789"
@@ -1024,7 +1032,7 @@ async def test_dry_run_child_run_and_screen_checks_dispatch_nothing(platform: Pl
                            "output_mapping": {"child_t": "t"}, "next_node": "done"},
                   "done": {"type": "terminate", "outputs": {"child_t": "{{child_t}}"}}}}}
     async with serving(agent):
-        await register(c, agent, "dr9", "dr9")
+        await register_agent(c, agent, "dr9", "dr9")
         run, events = await finished(c, parent)
         assert run["status"] == "completed", run["error"]
         assert run["output_vars"] == {"child_t": {"dry_run": True, "skipped_action": "touch", "channel": "dr9"}}
@@ -1055,7 +1063,7 @@ async def test_screenshot_on_fail_covers_internal_steps_of_a_channel_node(platfo
         {"step_id": "read", "action": "read", "output_variable": "raw"},
         {"step_id": "parse", "action": "parse_json", "source": "{{raw}}"}], gc={"screenshot_on_fail": True})
     async with serving(agent):
-        await register(c, agent, "sh4", "sh4")
+        await register_agent(c, agent, "sh4", "sh4")
         run, events = await finished(c, doc)
     assert run["status"] == "failed"
     assert run["error"]["code"] == "operation_failed"
@@ -1076,7 +1084,7 @@ async def test_binding_default_timeout_is_reported_in_step_timeout(nats_url: str
     agent = ScriptedAgent({"slow": slow})
     doc = one_node("audit_binding_timeout", "bt1", [{"step_id": "call", "action": "slow"}])
     async with platform_of(nats_url, database_url, runtime_settings={"agent_timeout_s": 1}) as p, serving(agent):
-        await register(p.client, agent, "bt1", "bt1")
+        await register_agent(p.client, agent, "bt1", "bt1")
         run, events = await finished(p.client, doc)
     assert run["status"] == "failed"
     assert run["error"]["code"] == "step_timeout"
@@ -1153,7 +1161,7 @@ async def test_frame_strings_of_branches_nested_loops_revisited_loops_and_recove
                "fail": {"type": "sequence", "agent": "FS1", "steps": [{"step_id": "b", "action": "boom"}]},
                "rescue": {"type": "sequence", "agent": "FS1", "steps": [{"step_id": "p", "action": "ping"}]}}}}
     async with serving(agent):
-        await register(c, agent, "fs1", "fs1")
+        await register_agent(c, agent, "fs1", "fs1")
         run, _ = await finished(c, doc)
     assert run["status"] == "completed", run["error"]
     frames = sorted(f"{b['node_id']}@{b['idempotency_key'].split(':')[4]}" for b in agent.requests
@@ -1174,7 +1182,7 @@ async def test_time_suspended_on_an_approval_does_not_count_toward_the_deadline(
                "nap": {"type": "processing", "next_node": "done", "operations": [
                    {"action": "wait", "duration_ms": 800}]},
                "done": {"type": "terminate", "outputs": {"ok": True}}}}}
-    run_id = await start(c, doc)
+    run_id = await start_document(c, doc)
     approval = await pending_approval(c, run_id)
     await asyncio.sleep(2)  # longer than the whole deadline, but suspended
     r = await decide(c, approval["approval_id"], decision="approved")
@@ -1201,7 +1209,7 @@ async def test_retry_budgets_of_an_async_workflow_step_hold_across_its_pauses(pl
         r = await c.post("/api/agents", json={"name": "aw1", "channel": "aw1", "base_url": agent.base_url,
                                               "capabilities": [{"name": "job", "type": "workflow"}]})
         assert r.status_code == 201, r.text
-        run_id = await start(c, doc)
+        run_id = await start_document(c, doc)
         for _ in range(5):
             run = await wait_status(c, run_id, ("paused", "failed", "completed"))
             if run["status"] != "paused":
@@ -1231,8 +1239,8 @@ async def test_a_run_retry_gives_the_failed_step_its_retry_policy_again(platform
         {"step_id": "f", "action": "flaky", "output_variable": "r",
          "retry_config": {"max_retries": 1, "delay_ms": 0}}], {"r": "{{r}}"})
     async with serving(agent):
-        await register(c, agent, "rb1", "rb1")
-        run_id = await start(c, doc)
+        await register_agent(c, agent, "rb1", "rb1")
+        run_id = await start_document(c, doc)
         failed = await wait_status(c, run_id)
         assert failed["status"] == "failed"
         assert (await c.post(f"/api/runs/{run_id}/retry", json={})).status_code == 200
@@ -1248,7 +1256,7 @@ async def test_resume_on_failure_leaves_a_non_retryable_failure_alone(platform: 
     doc = one_node("audit_auto_retry_strict", "ar2", [{"step_id": "s", "action": "strict"}],
                    gc={"resume_on_failure": True, "retry_delay_ms": 50})
     async with serving(agent):
-        await register(c, agent, "ar2", "ar2")
+        await register_agent(c, agent, "ar2", "ar2")
         run, _ = await finished(c, doc)
         await asyncio.sleep(1)  # an automatic retry would have been requested by now
         events = await events_of(c, run["run_id"])

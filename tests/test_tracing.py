@@ -21,11 +21,10 @@ import httpx
 import pytest
 
 from langorch_infra import jsonlog
-from tests.helpers import Platform, platform_of, wait_status
+from tests.helpers import Platform, platform_of, register_agent, wait_status
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 from tests.mcp_server import running_mcp
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
-from tests.test_agent_runs import register
 
 pytestmark = pytest.mark.integration
 
@@ -96,7 +95,7 @@ async def platform(module_nats_url: str, module_database_url: str,
 async def agent(platform: Platform) -> AsyncIterator[ScriptedAgent]:
     scripted = ScriptedAgent({"navigate": lambda b: {"ok": True}, "extract_text": lambda b: "Example"})
     async with serving(scripted) as running:
-        await register(platform.client, running, "web")
+        await register_agent(platform.client, running, "web")
         yield running
 
 
@@ -264,7 +263,7 @@ async def test_a_retried_run_calls_the_agent_in_the_retry_requests_trace(platfor
         return "ok"
 
     async with serving(ScriptedAgent({"flaky": flaky})) as api:
-        await register(c, api, "api", name="flaky")
+        await register_agent(c, api, "api", name="flaky")
         start_parent, start_trace, _ = new_traceparent()
         r = await c.post("/api/runs", json={"procedure_id": "traced_retry", "procedure_version": "1"},
                          headers={"traceparent": start_parent})

@@ -15,8 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from langorch_infra.embedded import free_port
-from tests.helpers import platform_of, serve_app
-from tests.test_agent_runs import events_of, start, wait_status
+from tests.helpers import events_of, platform_of, serve_app, start_document, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -80,13 +79,14 @@ async def test_notify_and_alert_post_to_the_webhooks(nats_url: str, database_url
             "notify_webhook_url": f"{hooks.url}/notify", "alert_webhook_url": f"{hooks.url}/alert",
             "notify_webhook_headers": {"Authorization": "Bearer {{secrets.hook_token}}", "X-Team": "ops"}}) as p:
         c = p.client
-        run_id = await start(c, DOC, {"password": PASSWORD})
+        run_id = await start_document(c, DOC, {"password": PASSWORD})
         run = await wait_status(c, run_id)
         assert run["status"] == "completed", run["error"]
         await wait_posts(hooks, 3)  # the notification (refused once, then posted again) and the alert
         events = await events_of(c, run_id)
         # a dry run posts nothing
-        dry_id = await start(c, {**DOC, "procedure_id": "notify_dry", "global_config": {"execution_mode": "dry_run"}})
+        dry_id = await start_document(c, {**DOC, "procedure_id": "notify_dry",
+                                          "global_config": {"execution_mode": "dry_run"}})
         assert (await wait_status(c, dry_id))["status"] == "completed"
         assert "notification_requested" in [e["event_type"] for e in await events_of(c, dry_id)]
         await asyncio.sleep(0.5)
@@ -122,7 +122,7 @@ async def test_a_hanging_or_missing_webhook_never_holds_up_a_run(nats_url: str, 
         c = p.client
         loop = asyncio.get_running_loop()
         began = loop.time()
-        run = await wait_status(c, await start(c, DOC))
+        run = await wait_status(c, await start_document(c, DOC))
         assert run["status"] == "completed", run["error"]
         assert loop.time() - began < 10  # the webhook timeout (5 s) twice would be more
         await wait_posts(hooks, 1)
