@@ -91,6 +91,39 @@ async def wait_event(client: httpx.AsyncClient, run_id: str, event_type: str, ti
     return next(e for e in found if e["event_type"] == event_type)
 
 
+async def pending_approval(c: httpx.AsyncClient, run_id: str, timeout: float = 30) -> dict[str, Any]:
+    """The run's approval once the approvals service has opened it (the run is waiting on it)."""
+    run = await wait_status(c, run_id, ("waiting_approval", *TERMINAL), timeout)
+    assert run["status"] == "waiting_approval", run
+    assert run["waiting_on"]["kind"] == "approval"
+    approval_id = run["waiting_on"]["approval_id"]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        r = await c.get(f"/api/approvals/{approval_id}")
+        if r.status_code == 200:
+            body: dict[str, Any] = r.json()
+            assert body["run_id"] == run_id
+            return body
+        assert r.status_code == 404, r.text
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def approval_when(c: httpx.AsyncClient, approval_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+    """Poll an approval until it reads ``status``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body: dict[str, Any] = (await c.get(f"/api/approvals/{approval_id}")).json()
+        if body["status"] == status:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+async def decide(c: httpx.AsyncClient, approval_id: str, **body: Any) -> httpx.Response:
+    """``POST /api/approvals/{id}/decision``; the answer is the caller's to check."""
+    return await c.post(f"/api/approvals/{approval_id}/decision", json=body)
+
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "condition",
                      every: float = 0.05) -> Any:
     """Await ``check`` until it returns a truthy value, and return it; fails the test naming ``what`` when

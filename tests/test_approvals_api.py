@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from tests import helpers
-from tests.helpers import Platform, platform_of
-from tests.test_approvals_end_to_end import decide, pending_approval, procedure, run_until, start
+from tests.helpers import Platform, decide, pending_approval, platform_of, start_run, wait_status
+from tests.test_approvals_end_to_end import procedure
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +41,13 @@ async def platform(module_nats_url: str, module_database_url: str) -> AsyncItera
 async def approvals(platform: Platform) -> dict[str, dict[str, Any]]:
     """Three approvals: ``first`` pending (expires in an hour), ``decided`` approved, ``other`` pending."""
     c = platform.client
-    first = await pending_approval(c, await start(c, "c_first", {"amount": 5}))
-    decided_run = await start(c, "c_first", {"amount": 6})
+    first = await pending_approval(c, await start_run(c, "c_first", {"amount": 5}))
+    decided_run = await start_run(c, "c_first", {"amount": 6})
     decided = await pending_approval(c, decided_run)
     r = await decide(c, decided["approval_id"], decision="approved")
     assert r.status_code == 200, r.text
-    await run_until(c, decided_run, ("completed",))
-    other = await pending_approval(c, await start(c, "c_second"))
+    await wait_status(c, decided_run, ("completed",))
+    other = await pending_approval(c, await start_run(c, "c_second"))
     return {"first": first, "decided": (await c.get(f"/api/approvals/{decided['approval_id']}")).json(),
             "other": other}
 
@@ -167,7 +167,7 @@ async def test_decision_problems(platform: Platform, approvals: dict[str, dict[s
 
 async def test_decision_is_idempotent_with_a_key(platform: Platform) -> None:
     c = platform.client
-    run_id = await start(c, "c_second")
+    run_id = await start_run(c, "c_second")
     approval = await pending_approval(c, run_id)
     url = f"/api/approvals/{approval['approval_id']}/decision"
     headers = {"Idempotency-Key": f"decide-{approval['approval_id']}"}
@@ -179,7 +179,7 @@ async def test_decision_is_idempotent_with_a_key(platform: Platform) -> None:
     assert again.json() == first.json()
     assert first.json()["status"] == "decided"
     problem(await c.post(url, json={"decision": "a"}, headers=headers), 422, "idempotency_key_reused")
-    run = await run_until(c, run_id, ("completed",))
+    run = await wait_status(c, run_id, ("completed",))
     assert run["status"] == "completed"
 
 

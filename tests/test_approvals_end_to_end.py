@@ -16,7 +16,16 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from tests.helpers import Platform, platform_of, start_run, wait_run, wait_status
+from tests.helpers import (
+    Platform,
+    approval_when,
+    decide,
+    pending_approval,
+    platform_of,
+    start_run,
+    wait_run,
+    wait_status,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -94,40 +103,8 @@ async def platform(module_nats_url: str, module_database_url: str) -> AsyncItera
         yield p
 
 
-start = start_run  # kept under these names: other test modules import them from here
+start = start_run
 run_until = wait_status
-
-
-async def pending_approval(c: httpx.AsyncClient, run_id: str, timeout: float = 30) -> dict[str, Any]:
-    """The run's approval once the approvals service has opened it (the run is waiting on it)."""
-    run = await run_until(c, run_id, ("waiting_approval", *TERMINAL), timeout)
-    assert run["status"] == "waiting_approval", run
-    assert run["waiting_on"]["kind"] == "approval"
-    approval_id = run["waiting_on"]["approval_id"]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        r = await c.get(f"/api/approvals/{approval_id}")
-        if r.status_code == 200:
-            body: dict[str, Any] = r.json()
-            assert body["run_id"] == run_id
-            return body
-        assert r.status_code == 404, r.text
-        assert asyncio.get_running_loop().time() < deadline
-        await asyncio.sleep(0.05)
-
-
-async def approval_when(c: httpx.AsyncClient, approval_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await c.get(f"/api/approvals/{approval_id}")).json()
-        if body["status"] == status:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
-
-
-async def decide(c: httpx.AsyncClient, approval_id: str, **body: Any) -> httpx.Response:
-    return await c.post(f"/api/approvals/{approval_id}/decision", json=body)
 
 
 async def run_events(c: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:

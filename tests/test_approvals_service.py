@@ -23,8 +23,17 @@ from langorch_approvals.service import ApprovalsService
 from langorch_gateway.projector import rebuild
 from langorch_infra.jetstream import JetStreamEventStore, connect, publish_command
 from langorch_infra.settings import ApprovalsSettings
-from tests.helpers import Platform, langorch_command, platform_of
-from tests.test_approvals_end_to_end import approval_when, decide, pending_approval, procedure, run_until, start
+from tests.helpers import (
+    Platform,
+    approval_when,
+    decide,
+    langorch_command,
+    pending_approval,
+    platform_of,
+    start_run,
+    wait_status,
+)
+from tests.test_approvals_end_to_end import procedure
 
 pytestmark = pytest.mark.integration
 
@@ -69,14 +78,14 @@ async def approval_events(p: Platform, approval_id: str) -> list[str]:
 async def test_a_timer_fires_after_a_restart_from_the_stored_events(platform: Platform) -> None:
     c = platform.client
     async with replica(platform, "first") as first:
-        run_id = await start(c, "svc_timed")
+        run_id = await start_run(c, "svc_timed")
         approval = await pending_approval(c, run_id)
         assert approval["approval_id"] in first.pending
     # no replica runs while the approval expires
     await asyncio.sleep(1.8)
     assert (await c.get(f"/api/approvals/{approval['approval_id']}")).json()["status"] == "pending"
     async with replica(platform, "second"):
-        run = await run_until(c, run_id, ("completed", "failed", "canceled"))
+        run = await wait_status(c, run_id, ("completed", "failed", "canceled"))
     assert run["output_vars"]["route"] == "rejected_end"
     timed_out = await approval_when(c, approval["approval_id"], "timed_out")
     assert (timed_out["decision"], timed_out["decided_by"]) == ("rejected", "system:approvals")
@@ -90,7 +99,7 @@ async def test_only_the_leader_fires_a_timeout(platform: Platform) -> None:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.05)
         assert [a.lock.is_leader, b.lock.is_leader].count(True) == 1
-        run_id = await start(c, "svc_timed")
+        run_id = await start_run(c, "svc_timed")
         approval = await pending_approval(c, run_id)
         for service in (a, b):  # both replicas know the pending approval ...
             deadline = asyncio.get_running_loop().time() + 10
@@ -98,7 +107,7 @@ async def test_only_the_leader_fires_a_timeout(platform: Platform) -> None:
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.05)
         follower = b if a.lock.is_leader else a
-        await run_until(c, run_id, ("completed",))
+        await wait_status(c, run_id, ("completed",))
         # ... only the leader acted; a follower asked directly finds nothing left to fire
         assert await follower.fire_due(datetime.now(UTC)) == 0
     assert await approval_events(platform, approval["approval_id"]) == ["approval_requested", "approval_timed_out"]
@@ -107,7 +116,7 @@ async def test_only_the_leader_fires_a_timeout(platform: Platform) -> None:
 async def test_a_redelivered_request_opens_one_approval(platform: Platform) -> None:
     c = platform.client
     async with replica(platform, "solo") as service:
-        run_id = await start(c, "svc_plain")
+        run_id = await start_run(c, "svc_plain")
         approval = await pending_approval(c, run_id)
         copy = RequestApproval(actor=Actor.system("runtime"), approval_id=approval["approval_id"], run_id=run_id,
                                procedure_id="svc_plain", procedure_version="1", node_id="review", prompt="again?")
@@ -123,16 +132,16 @@ async def test_a_redelivered_request_opens_one_approval(platform: Platform) -> N
         assert (await c.get(f"/api/approvals/{approval['approval_id']}")).json()["prompt"] == "Refund 120 to ACME?"
         r = await decide(c, approval["approval_id"], decision="approved")
         assert r.status_code == 200, r.text
-        await run_until(c, run_id, ("completed",))
+        await wait_status(c, run_id, ("completed",))
 
 
 async def test_a_request_for_an_ended_run_is_canceled_at_once(platform: Platform) -> None:
     c = platform.client
     async with replica(platform, "late") as service:
-        run_id = await start(c, "svc_plain")
+        run_id = await start_run(c, "svc_plain")
         approval = await pending_approval(c, run_id)
         assert (await decide(c, approval["approval_id"], decision="rejected")).status_code == 200
-        await run_until(c, run_id, ("completed",))
+        await wait_status(c, run_id, ("completed",))
         late = RequestApproval(actor=Actor.system("runtime"), approval_id="0192f7c4-aaaa-7000-8000-000000000001",
                                run_id=run_id, procedure_id="svc_plain", procedure_version="1", node_id="review")
         await publish_command(service.js, late)
@@ -163,7 +172,7 @@ async def test_two_approvals_in_branches_and_a_rebuild_gives_identical_rows(nats
         c = p.client
         for doc in (TWO, TIMED, PLAIN):
             assert (await c.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
-        run_id = await start(c, "svc_two")
+        run_id = await start_run(c, "svc_two")
         deadline = asyncio.get_running_loop().time() + 30
         while True:  # both branches wait: the run is suspended on approvals
             page = (await c.get("/api/approvals", params={"run_id": run_id, "status": "pending"})).json()
@@ -177,14 +186,14 @@ async def test_two_approvals_in_branches_and_a_rebuild_gives_identical_rows(nats
         by_node = {a["node_id"]: a["approval_id"] for a in page["items"]}
         assert (await decide(c, by_node["ax"], decision="approved")).status_code == 200
         assert (await decide(c, by_node["ay"], decision="rejected")).status_code == 200
-        run = await run_until(c, run_id, ("completed", "failed", "canceled"))
+        run = await wait_status(c, run_id, ("completed", "failed", "canceled"))
         assert run["output_vars"] == {"x": "approved", "y": "rejected"}
         # more states for the rebuild: a timed-out one, a canceled one, a pending one
-        timed = await start(c, "svc_timed")
-        canceled = await pending_approval(c, await start(c, "svc_plain"))
+        timed = await start_run(c, "svc_timed")
+        canceled = await pending_approval(c, await start_run(c, "svc_plain"))
         assert (await c.post(f"/api/runs/{canceled['run_id']}/cancel", json={})).status_code == 200
-        await pending_approval(c, await start(c, "svc_plain"))
-        await run_until(c, timed, ("completed",))
+        await pending_approval(c, await start_run(c, "svc_plain"))
+        await wait_status(c, timed, ("completed",))
         await approval_when(c, canceled["approval_id"], "canceled")
         await p.app.state.projector.catch_up()
         js = p.app.state.js
@@ -214,11 +223,11 @@ async def test_langorch_serve_approvals_runs_the_service(nats_url: str, database
             proc = subprocess.Popen(langorch_command("serve", "approvals"), env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
         try:
-            run_id = await start(c, "svc_plain")
+            run_id = await start_run(c, "svc_plain")
             approval = await pending_approval(c, run_id)
             r = await decide(c, approval["approval_id"], decision="approved")
             assert r.status_code == 200, r.text
-            run = await run_until(c, run_id, ("completed",))
+            run = await wait_status(c, run_id, ("completed",))
             assert run["output_vars"]["route"] == "approved_end"
         finally:
             proc.send_signal(signal.SIGINT)
@@ -232,7 +241,7 @@ async def test_a_decision_while_the_service_is_down_is_pending_then_applied_once
         c = p.client
         assert (await c.post("/api/procedures", json={"ckp_json": PLAIN})).status_code == 201
         async with replica(p, "before"):
-            run_id = await start(c, "svc_plain")
+            run_id = await start_run(c, "svc_plain")
             approval = await pending_approval(c, run_id)
         r = await decide(c, approval["approval_id"], decision="rejected", comment="while down")
         assert r.status_code == 202, r.text
@@ -241,7 +250,7 @@ async def test_a_decision_while_the_service_is_down_is_pending_then_applied_once
         status = (await c.get(f"/api/commands/{command_id}")).json()
         assert (status["status"], status["resource"]) == ("pending", f"/api/approvals/{approval['approval_id']}")
         async with replica(p, "after"):
-            run = await run_until(c, run_id, ("completed", "failed", "canceled"))
+            run = await wait_status(c, run_id, ("completed", "failed", "canceled"))
         assert run["output_vars"]["route"] == "rejected_end"
         assert (await c.get(f"/api/commands/{command_id}")).json()["status"] == "accepted"
         decided = (await c.get(f"/api/approvals/{approval['approval_id']}")).json()

@@ -20,8 +20,7 @@ from ckp_core.subjects import AUDIT_STREAM
 from langorch_gateway.projector import rebuild
 from langorch_infra.audit import AuditWriter
 from langorch_infra.jetstream import ensure_topology, publish_command
-from tests.helpers import Platform, platform_of
-from tests.test_approvals_end_to_end import decide, pending_approval, run_until
+from tests.helpers import Platform, decide, pending_approval, platform_of, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +72,7 @@ async def run_to_end(c: httpx.AsyncClient, pid: str, inputs: dict[str, Any], req
                      headers={"X-Request-ID": request_id})
     assert r.status_code == 201, r.text
     run_id = str(r.json()["run_id"])
-    await run_until(c, run_id, ("completed", "failed", "canceled"))
+    await wait_status(c, run_id, ("completed", "failed", "canceled"))
     return run_id
 
 

@@ -14,8 +14,17 @@ from ckp_core.events import ANONYMOUS, EventEnvelope
 from ckp_core.subjects import LEASES_BUCKET, lease_key
 from langorch_infra.jetstream import JetStreamEventStore, connect
 from tests.agent_server import running_agent
-from tests.helpers import Platform, follow_run, platform_of, procedure_doc
-from tests.test_approvals_end_to_end import APPROVE_REJECT, TIMED, approval_when, decide, pending_approval, start
+from tests.helpers import (
+    Platform,
+    approval_when,
+    decide,
+    follow_run,
+    pending_approval,
+    platform_of,
+    procedure_doc,
+    start_run,
+)
+from tests.test_approvals_end_to_end import APPROVE_REJECT, TIMED
 
 pytestmark = pytest.mark.integration
 
@@ -149,11 +158,11 @@ async def test_summary_and_gauge_count_approvals(nats_url: str, database_url: st
         c = p.client
         for doc in (APPROVE_REJECT, TIMED["t_reject"]):
             assert (await c.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
-        decided = await pending_approval(c, await start(c, "ar"))
+        decided = await pending_approval(c, await start_run(c, "ar"))
         assert (await decide(c, decided["approval_id"], decision="approved")).status_code == 200
-        expired = await pending_approval(c, await start(c, "t_reject"))
+        expired = await pending_approval(c, await start_run(c, "t_reject"))
         await approval_when(c, expired["approval_id"], "timed_out")
-        await pending_approval(c, await start(c, "ar"))
+        await pending_approval(c, await start_run(c, "ar"))
         s = (await c.get("/api/metrics/summary", params={"window_hours": 1})).json()["approvals"]
         exposition = (await c.get("/metrics")).text
     assert (s["pending"], s["decided"], s["timed_out"]) == (1, 1, 1)

@@ -8,8 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Platform, platform_of
-from tests.test_approvals_end_to_end import decide, pending_approval, run_until
+from tests.helpers import Platform, decide, pending_approval, platform_of, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +70,7 @@ async def test_paused_then_completed(platform: Platform) -> None:
     assert g["current_node_ids"] == ["review"]
 
     assert (await decide(c, approval["approval_id"], decision="approved")).status_code == 200
-    await run_until(c, run_id, ("completed",))
+    await wait_status(c, run_id, ("completed",))
     g = await graph(c, run_id)
     assert {n: s["status"] for n, s in g["node_status"].items()} == {
         "each": "completed", "body": "completed", "review": "completed", "ok": "completed", "no": "skipped"}
@@ -83,7 +82,7 @@ async def test_cancel_while_paused_marks_the_node_canceled(platform: Platform) -
     run_id = await start(c)
     await pending_approval(c, run_id)
     assert (await c.post(f"/api/runs/{run_id}/cancel", json={})).status_code in (200, 202)
-    await run_until(c, run_id, ("canceled",))
+    await wait_status(c, run_id, ("canceled",))
     g = await graph(c, run_id)
     assert g["node_status"]["review"]["status"] == "canceled"
     assert g["node_status"]["ok"]["status"] == "skipped"
@@ -103,7 +102,7 @@ async def test_deleted_version_gives_a_null_graph_with_a_reason(platform: Platfo
     assert (await c.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
     r = await c.post("/api/runs", json={"procedure_id": "rg_gone", "procedure_version": "1"})
     run_id = r.json()["run_id"]
-    await run_until(c, run_id, ("completed",))
+    await wait_status(c, run_id, ("completed",))
     r = await c.delete("/api/procedures/rg_gone/1")
     assert r.status_code == 200, r.text
     g = await graph(c, run_id)

@@ -1173,7 +1173,7 @@ async def test_frame_strings_of_branches_nested_loops_revisited_loops_and_recove
 # -- §7.11 the deadline counts executing time only ------------------------------------------------------------------
 
 async def test_time_suspended_on_an_approval_does_not_count_toward_the_deadline(platform: Platform) -> None:
-    from tests.test_approvals_end_to_end import decide, pending_approval
+    from tests.helpers import decide, pending_approval
 
     c = platform.client
     doc = {"procedure_id": "audit_deadline_suspended", "version": "1", "global_config": {"timeout_ms": 1500},
