@@ -1,4 +1,4 @@
-"""Acceptance audit of the CKP node types (ckp.md §3.2–§3.15), run in-process through the interpreter."""
+"""The CKP node types (ckp.md §3.2–§3.15), run in-process through the interpreter."""
 
 from __future__ import annotations
 
