@@ -30,6 +30,7 @@ from ckp_core.events import ANONYMOUS, Actor, format_time
 from ckp_core.queries import AgentsLive, AgentsLiveReply, LeaseRecord, Leases, LeasesReply
 from ckp_core.subjects import PRESENCE_BUCKET, agent_presence_key
 from langorch_gateway import auditing, views
+from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
 from langorch_gateway.problems import ApiProblem
@@ -96,11 +97,11 @@ class HeartbeatIn(BaseModel):
 
 
 def _db(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool  # type: ignore[no-any-return]
+    return clients(request).pool
 
 
 def _settings(request: Request) -> GatewaySettings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return clients(request).settings
 
 
 def _sha256(token: str) -> str:
@@ -382,7 +383,7 @@ async def heartbeat(request: Request, body: HeartbeatIn) -> JSONResponse:
     row = await _row(request, body.agent_id)
     settings = _settings(request)
     value = body.model_dump() | {"last_heartbeat_at": format_time(datetime.now(UTC))}
-    await put_with_ttl(request.app.state.js, PRESENCE_BUCKET, agent_presence_key(body.agent_id),
+    await put_with_ttl(clients(request).js, PRESENCE_BUCKET, agent_presence_key(body.agent_id),
                        json.dumps(value).encode(), 3 * settings.agent_heartbeat_interval_s)
     answer = {"status": "ok", "agent_id": body.agent_id,
               "heartbeat_interval_seconds": settings.agent_heartbeat_interval_s}

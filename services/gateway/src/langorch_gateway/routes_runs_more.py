@@ -31,6 +31,7 @@ from ckp_core.queries import (
 from ckp_core.subjects import ARTIFACTS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import auditing, run_creation, views
+from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem, problem_response, refused_problem
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page, gather
@@ -47,7 +48,7 @@ MAX_CLEANUP = 10_000
 
 
 def _db(request: Request) -> asyncpg.Pool:
-    return request.app.state.pool  # type: ignore[no-any-return]
+    return clients(request).pool
 
 
 async def _run(request: Request, run_id: str) -> asyncpg.Record:
@@ -210,7 +211,7 @@ async def _cleanup(request: Request, before: datetime, statuses: list[str], proc
                        "statuses": statuses}
     cleanup_id = new_id()
     for r in rows:
-        await publish_command(request.app.state.js, DeleteRun(
+        await publish_command(clients(request).js, DeleteRun(
             actor=ANONYMOUS, causation_id=request.state.request_id, run_id=r["run_id"], cleanup_id=cleanup_id))
     out = base | {"accepted": len(rows), "cleanup_id": cleanup_id}
     await auditing.decided(request, "run", "cleanup", resource_type="run", resource_id=None, event_id=cleanup_id,
@@ -270,7 +271,7 @@ async def stored_sha256(request: Request, rows: list[asyncpg.Record]) -> dict[st
     if not wanted:
         return out
     try:
-        store = await request.app.state.js.object_store(ARTIFACTS_BUCKET)
+        store = await clients(request).js.object_store(ARTIFACTS_BUCKET)
     except NotFoundError:
         return out
     for artifact_id in wanted:
@@ -373,7 +374,7 @@ async def _content(request: Request, row: asyncpg.Record) -> Response:
         raise ApiProblem("artifact_external", f"artifact {artifact_id} is a link, not stored content",
                          status=409, uri=row["uri"])
     try:
-        store = await request.app.state.js.object_store(ARTIFACTS_BUCKET)
+        store = await clients(request).js.object_store(ARTIFACTS_BUCKET)
         result = await store.get(artifact_id)
         data: bytes = result.data or b""
     except (NotFoundError, ObjectNotFoundError):
