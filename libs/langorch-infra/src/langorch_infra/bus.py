@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError
+from nats.errors import Error as NatsError
 from nats.js.errors import ServiceUnavailableError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -101,14 +102,14 @@ async def handle_one(msg: Msg, handler: Callable[[Msg], Awaitable[Settle]], metr
             how = await handler(msg)
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception:  # the handler boundary: any failure is logged and redelivered, never ends the consumer
         log.exception("handling %s failed; it will be redelivered", msg.subject)
         how = nak(2.0)
     try:
         await settle(msg, how)
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except (NatsError, OSError):  # a settle lost with the connection: JetStream redelivers after the ack wait
         log.warning("settling %s (%s) failed; it will be redelivered", msg.subject, how.outcome, exc_info=True)
     if metrics is not None:
         metrics.observe(msg.subject, how.outcome, time.monotonic() - started)

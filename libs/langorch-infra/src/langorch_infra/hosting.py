@@ -83,7 +83,7 @@ async def probe_check(probe: Callable[[], Awaitable[Any]] | None) -> str:
         return "unknown: not connected"
     try:
         await asyncio.wait_for(probe(), CHECK_TIMEOUT_S)
-    except Exception as exc:
+    except Exception as exc:  # any failure of the probe (a database or NATS) means not ready
         return f"unavailable: {type(exc).__name__}"
     return "ok"
 
@@ -116,7 +116,7 @@ class OpsApp:
         if path == "/ready":
             try:
                 checks = await self.checks()
-            except Exception as exc:
+            except Exception as exc:  # a failing check means not ready, never a 500
                 checks = {"service": f"unavailable: {type(exc).__name__}"}
             ok = all(v == "ok" for v in checks.values())
             return _json(200 if ok else 503, {"status": "ready" if ok else "not_ready", "service": self.service,
@@ -160,7 +160,7 @@ class OpsServer:
         if self._task is None:
             return
         self.server.should_exit = True
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(BaseException):  # the server's own error or the 5 s timeout: stopping either way
             await asyncio.wait_for(self._task, 5)
         self._task = None
 
@@ -210,12 +210,12 @@ class ServiceHost:
             for task in tasks:
                 task.cancel()
             for task in tasks:
-                with contextlib.suppress(BaseException):
+                with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                     await task
             if self.presence is not None:
                 await self.presence.stop()
             for component in reversed(self.components):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # one failed stop must not keep the others running
                     await component.stop()
             if self.ops is not None:
                 await self.ops.stop()
