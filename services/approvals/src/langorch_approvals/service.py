@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -113,11 +114,11 @@ class ApprovalsService:
             for t in self._tasks:
                 t.cancel()
             for t in self._tasks:
-                with contextlib.suppress(BaseException):
+                with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                     await t
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(NatsError, OSError):  # the lock expires by its TTL anyway
             await self.lock.release()
         with contextlib.suppress(Exception):  # shutdown: a lost connection has nothing left to close
             await messaging.close(self.broker, self.nc)
@@ -292,7 +293,7 @@ class ApprovalsService:
                 await self.fire_due(datetime.now(UTC))
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # the timer task must outlive any failure: the next round tries again
                 log.exception("approval timer round failed")
 
     async def fire_due(self, now: datetime) -> int:
@@ -325,7 +326,7 @@ class ApprovalsService:
             fired += 1
             try:
                 await self._resume(state, "approval_timeout", "timeout", ACTOR, None)
-            except Exception:
+            except (NatsError, OSError):  # NATS unavailable: the resume is published again next round
                 log.warning("resuming run %s after the timeout of %s failed; retried next round", state.run_id,
                             approval_id, exc_info=True)
                 self.unresumed[approval_id] = state

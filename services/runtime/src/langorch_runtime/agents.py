@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import httpx
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
@@ -195,13 +196,13 @@ class AgentService:
             for t in self._tasks:
                 t.cancel()
             for t in self._tasks:
-                with contextlib.suppress(BaseException):
+                with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                     await t
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(NatsError, OSError):  # the lock expires by its TTL anyway
             await self.lock.release()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.http.aclose()
         with contextlib.suppress(Exception):  # shutdown: a lost connection has nothing left to close
             await messaging.close(self.broker, self.nc)
@@ -348,7 +349,7 @@ class AgentService:
                 evolve_agent(state, ev, stored.position)
                 self.registry_position = stored.position
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(NatsError, OSError):  # the connection may be closed or draining already
                 await sub.unsubscribe()
 
     async def _poll_forever(self) -> None:
@@ -360,7 +361,7 @@ class AgentService:
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception:  # the health task must outlive any failure: the next round tries again
                 log.exception("agent health round failed")
 
     async def poll_once(self) -> None:
