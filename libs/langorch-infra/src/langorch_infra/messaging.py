@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any, Literal, cast
 
@@ -40,6 +40,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy as ConsumerAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 from pydantic import BaseModel, Field, create_model
 
 from ckp_core import commands, runs
@@ -309,8 +310,38 @@ class Subscription:
 
 
 async def start_consuming(b: NatsBroker) -> None:
-    """Start ``b``'s subscribers (its connection is already open)."""
+    """Start ``b``'s subscribers (its connection is already open), on durable consumers as declared
+    (:func:`declare_consumers`)."""
+    await declare_consumers(b)
     await b.start()
+
+
+DRIFT_FIELDS = ("ack_policy", "ack_wait", "deliver_policy", "filter_subject", "filter_subjects")
+
+
+async def declare_consumers(b: NatsBroker) -> None:
+    """Bring every durable consumer of ``b``'s subscribers that exists with another configuration to the declared
+    one. nats-py's pull subscribe (FastStream's) creates a missing durable but binds to an existing one as it is,
+    so a changed ack wait or filter (a new release, a hand edit) would never apply and nothing would say so; a
+    difference the server cannot update fails the start."""
+    js = (await b.connect()).jetstream()
+    declared = {c.durable: c for c in CONSUMERS}
+    for sub in b.subscribers:
+        config = getattr(sub, "config", None)
+        consumer = declared.get(getattr(config, "durable_name", None) or "")
+        if consumer is None or not isinstance(config, ConsumerConfig):
+            continue
+        want = replace(config, filter_subject=consumer.subject or None)
+        try:
+            have = (await js.consumer_info(consumer.stream, consumer.durable)).config
+        except NotFoundError:
+            continue  # the subscriber creates it as declared
+        drift = {f: (getattr(have, f), getattr(want, f)) for f in DRIFT_FIELDS
+                 if getattr(want, f) is not None and getattr(have, f) != getattr(want, f)}
+        if drift:
+            log.warning("consumer %s on %s differs from its declaration (field: (found, declared)) %s; updating it",
+                        consumer.durable, consumer.stream, drift)
+            await js.add_consumer(consumer.stream, want)
 
 
 async def stop_consuming(b: NatsBroker) -> None:
