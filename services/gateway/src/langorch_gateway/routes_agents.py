@@ -29,7 +29,7 @@ from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAg
 from ckp_core.events import ANONYMOUS, Actor, format_time
 from ckp_core.queries import AgentsLive, AgentsLiveReply, LeaseRecord, Leases, LeasesReply
 from ckp_core.subjects import PRESENCE_BUCKET, agent_presence_key
-from langorch_gateway import auditing, views
+from langorch_gateway import auditing, deps, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
@@ -229,6 +229,7 @@ async def _update(request: Request, command: UpdateAgent, command_type: str,
 @router.get("/api/agents")
 async def list_agents(
     request: Request,
+    db: deps.Pool,
     channel: str | None = None,
     status: Status | None = None,
     pool_id: str | None = None,
@@ -249,14 +250,13 @@ async def list_agents(
     if capability:
         where.add(f"capabilities @> {where.arg(json.dumps([{'name': capability}]))}::jsonb")
     order_sql = f"agent_id {order}" if sort == "agent_id" else f"updated_at {order}, agent_id {order}"
-    rows, total = await fetch_page(_db(request), "agents", where, order_sql, limit, offset)
+    rows, total = await fetch_page(db, "agents", where, order_sql, limit, offset)
     return JSONResponse(views.page(await render_agents(request, rows), total, limit, offset), headers=headers)
 
 
 @router.post("/api/agents", status_code=201)
-async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
+async def register_agent(request: Request, db: deps.Pool, settings: deps.Settings, body: AgentIn) -> JSONResponse:
     """Register an agent; without ``capabilities`` they are probed from the agent (api.md §7.3)."""
-    settings = _settings(request)
     channel = body.channel.lower()
     agent_id = body.agent_id or f"{channel}_{body.name.lower().replace(' ', '_')}"
     if not ID_RE.match(agent_id):
@@ -274,7 +274,7 @@ async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
     async with auditing.refusals_audited(request, "agent", "register", resource_type="agent", resource_id=agent_id,
                                           meta={"base_url": body.base_url, "channel": channel,
                                                 "resource_key": resource_key}):
-        if await _db(request).fetchval("SELECT 1 FROM agents WHERE agent_id = $1", agent_id):
+        if await db.fetchval("SELECT 1 FROM agents WHERE agent_id = $1", agent_id):
             raise ApiProblem("agent_exists", f"agent {agent_id} is already registered")
         await _limit_conflict(request, agent_id, resource_key, body.concurrency_limit)
     token = _new_token()
@@ -294,17 +294,16 @@ async def register_agent(request: Request, body: AgentIn) -> JSONResponse:
 
 
 @router.get("/api/agents/probe-capabilities")
-async def probe(request: Request, base_url: Annotated[str, Query(min_length=1, max_length=2000)],
+async def probe(settings: deps.Settings, base_url: Annotated[str, Query(min_length=1, max_length=2000)],
                 protocol: Protocol = "http") -> dict[str, Any]:
     """Fetch an agent's capabilities without storing anything."""
-    settings = _settings(request)
     await check_url(base_url, settings.agent_url_allowlist, field="query.base_url")
     capabilities, info = await probe_capabilities(base_url, protocol, settings.agent_probe_timeout_s)
     return {"capabilities": capabilities, "agent_info": info}
 
 
 @router.get("/api/agents/pools")
-async def list_pools(request: Request, channel: str | None = None, limit: Limit = 100,
+async def list_pools(request: Request, db: deps.Pool, channel: str | None = None, limit: Limit = 100,
                      offset: Offset = 0) -> JSONResponse:
     """Pools with their capacity: agents, slots, active leases and open circuits."""
     headers = await min_position(request)
@@ -314,11 +313,11 @@ async def list_pools(request: Request, channel: str | None = None, limit: Limit 
                    jsonb_object_agg(status, n) AS status_breakdown
                  FROM (SELECT pool_id, channel, status, count(*) OVER (PARTITION BY pool_id, status) AS n
                        FROM agents) a GROUP BY pool_id) AS pools"""
-    rows, total = await fetch_page(_db(request), source, where, "pool_id", limit, offset)
-    agents = await _db(request).fetch("SELECT * FROM agents WHERE pool_id = ANY($1::text[])",
+    rows, total = await fetch_page(db, source, where, "pool_id", limit, offset)
+    agents = await db.fetch("SELECT * FROM agents WHERE pool_id = ANY($1::text[])",
                                       [r["pool_id"] for r in rows])
     leases = await read_leases(request) if rows else []
-    waiting = await _waiting_steps(_db(request), [r["pool_id"] for r in rows]) if rows else {}
+    waiting = await _waiting_steps(db, [r["pool_id"] for r in rows]) if rows else {}
     items = []
     for r in rows:
         members = [a for a in agents if a["pool_id"] == r["pool_id"]]
@@ -360,11 +359,10 @@ async def _waiting_steps(db: Any, pool_ids: list[str]) -> dict[str, int]:
 
 
 @router.get("/api/agents/bootstrap/{channel}")
-async def bootstrap(request: Request, channel: str) -> dict[str, Any]:
+async def bootstrap(settings: deps.Settings, channel: str) -> dict[str, Any]:
     """What a new agent of ``channel`` needs to register and heartbeat, from settings."""
     if not ID_RE.match(channel):
         raise ApiProblem("validation_failed", "invalid channel", errors={"path.channel": [f"Must match {ID_PATTERN}"]})
-    settings = _settings(request)
     base = (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/")
     channel = channel.lower()
     return {"channel": channel, "default_pool": f"{channel}_default",
@@ -374,16 +372,15 @@ async def bootstrap(request: Request, channel: str) -> dict[str, Any]:
 
 
 @router.post("/api/agents/heartbeat")
-async def heartbeat(request: Request, body: HeartbeatIn) -> JSONResponse:
+async def heartbeat(request: Request, js: deps.JetStream, settings: deps.Settings, body: HeartbeatIn) -> JSONResponse:
     """Refresh the agent's presence (KV TTL of 3 intervals; the gateway is the heartbeat intake of the shared
     presence bucket); a status change also appends an event."""
     principal = await agent_principal(request)
     if principal is not None and principal != body.agent_id:
         raise ApiProblem("forbidden", "an agent token may only heartbeat its own agent", required_role="operator")
     row = await _row(request, body.agent_id)
-    settings = _settings(request)
     value = body.model_dump() | {"last_heartbeat_at": format_time(datetime.now(UTC))}
-    await put_with_ttl(clients(request).js, PRESENCE_BUCKET, agent_presence_key(body.agent_id),
+    await put_with_ttl(js, PRESENCE_BUCKET, agent_presence_key(body.agent_id),
                        json.dumps(value).encode(), 3 * settings.agent_heartbeat_interval_s)
     answer = {"status": "ok", "agent_id": body.agent_id,
               "heartbeat_interval_seconds": settings.agent_heartbeat_interval_s}
@@ -466,10 +463,9 @@ async def delete_agent(request: Request, agent_id: str) -> Response:
 
 
 @router.post("/api/agents/{agent_id}/sync-capabilities")
-async def sync_capabilities(request: Request, agent_id: str) -> JSONResponse:
+async def sync_capabilities(request: Request, settings: deps.Settings, agent_id: str) -> JSONResponse:
     """Probe the agent again and store what it reports."""
     row = await _row(request, agent_id)
-    settings = _settings(request)
     await check_url(row["base_url"], settings.agent_url_allowlist)
     capabilities, _ = await probe_capabilities(row["base_url"], row["protocol"], settings.agent_probe_timeout_s)
     command = UpdateAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id,
@@ -518,7 +514,7 @@ async def get_lease(request: Request, lease_id: str) -> dict[str, Any]:
 
 
 @router.delete("/api/leases/{lease_id}", status_code=204)
-async def release_lease(request: Request, lease_id: str,
+async def release_lease(request: Request, settings: deps.Settings, lease_id: str,
                         reason: Annotated[str | None, Query(max_length=2000)] = None) -> Response:
     """Force-release a stuck lease: ``lo.cmd.lease.release`` (runtime), awaited until the key is gone."""
     lease = await _find_lease(request, lease_id)
@@ -528,7 +524,7 @@ async def release_lease(request: Request, lease_id: str,
     if outcome is None:
         return pending(command.command_id, "release_lease")
     raise_if_rejected(outcome)
-    deadline = asyncio.get_running_loop().time() + _settings(request).ryw_timeout_ms / 1000
+    deadline = asyncio.get_running_loop().time() + settings.ryw_timeout_ms / 1000
     while asyncio.get_running_loop().time() < deadline:
         if not await read_leases(request, Leases(lease_id=lease_id)):
             break

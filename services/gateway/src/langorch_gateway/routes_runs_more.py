@@ -30,7 +30,7 @@ from ckp_core.queries import (
 )
 from ckp_core.subjects import ARTIFACTS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import auditing, run_creation, views
+from langorch_gateway import auditing, deps, run_creation, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem, problem_response, refused_problem
@@ -90,12 +90,11 @@ class RerunIn(BaseModel):
 
 
 @router.post("/api/runs/{run_id}/rerun", status_code=201)
-async def rerun(request: Request, run_id: str, body: RerunIn | None = None) -> JSONResponse:
+async def rerun(request: Request, db: deps.Pool, run_id: str, body: RerunIn | None = None) -> JSONResponse:
     """A new run of the same procedure (``rerun_of``), the original's version and inputs unless given; created
     by the runtime like every run (``lo.cmd.run.create``)."""
     body = body or RerunIn()
     original = await _run(request, run_id)
-    db = _db(request)
     version = body.procedure_version or original["procedure_version"]
     pid = original["procedure_id"]
     if version == "latest":
@@ -144,7 +143,7 @@ async def _descendants(db: asyncpg.Pool, run_id: str) -> int:
 
 
 @router.delete("/api/runs/{run_id}")
-async def delete_run(request: Request, run_id: str) -> JSONResponse:
+async def delete_run(request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
     """Delete a terminal run and its children (``lo.cmd.run.delete``); waits for the row to disappear."""
     row = await _run(request, run_id)
     status = row["status"]
@@ -153,7 +152,7 @@ async def delete_run(request: Request, run_id: str) -> JSONResponse:
         runs.decide_delete(status)
     except CommandRefused as refusal:
         raise await auditing.refused(request, command, refused_problem(refusal)) from None
-    children = await _descendants(_db(request), run_id)
+    children = await _descendants(db, run_id)
     outcome = await send(request, "run", run_id, command, "delete_run")
     if outcome is None:
         return pending(command.command_id, "delete_run")
@@ -248,7 +247,7 @@ async def cleanup_history(
 
 
 @router.get("/api/runs/{run_id}/children")
-async def children(request: Request, run_id: str, status: str | None = None, limit: Limit = 100,
+async def children(request: Request, db: deps.Pool, run_id: str, status: str | None = None, limit: Limit = 100,
                    offset: Offset = 0) -> JSONResponse:
     """Page of a run's child runs, oldest first."""
     headers = await min_position(request)
@@ -256,7 +255,7 @@ async def children(request: Request, run_id: str, status: str | None = None, lim
     where = Where()
     where.eq("parent_run_id", run_id)
     where.eq("status", comma_list("status", status, runs.STATUSES, {"cancelled": "canceled"}))
-    rows, total = await fetch_page(_db(request), "runs", where, "created_at, run_id", limit, offset)
+    rows, total = await fetch_page(db, "runs", where, "created_at, run_id", limit, offset)
     return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
 
 
@@ -297,7 +296,7 @@ def artifact_out(row: asyncpg.Record, sha256: str | None = None) -> dict[str, An
 
 
 @router.get("/api/runs/{run_id}/artifacts")
-async def artifacts(request: Request, run_id: str, kind: str | None = None, node_id: str | None = None,
+async def artifacts(request: Request, db: deps.Pool, run_id: str, kind: str | None = None, node_id: str | None = None,
                     limit: Limit = 100, offset: Offset = 0) -> JSONResponse:
     """Page of a run's artifacts in ``created_at`` order."""
     headers = await min_position(request)
@@ -306,7 +305,7 @@ async def artifacts(request: Request, run_id: str, kind: str | None = None, node
     where.eq("run_id", run_id)
     where.eq("kind", comma_list("kind", kind))
     where.eq("node_id", node_id)
-    rows, total = await fetch_page(_db(request), "run_artifacts", where, "created_at, artifact_id", limit, offset)
+    rows, total = await fetch_page(db, "run_artifacts", where, "created_at, artifact_id", limit, offset)
     digests = await stored_sha256(request, rows)
     return JSONResponse(views.page([artifact_out(r, digests.get(r["artifact_id"])) for r in rows], total, limit,
                                    offset), headers=headers)
@@ -356,11 +355,11 @@ async def artifact_content(request: Request, run_id: str, artifact_id: str) -> R
 
 
 @router.get("/api/artifacts/{run_id}/{name}", deprecated=True)
-async def artifact_by_name(request: Request, run_id: str, name: str) -> Response:
+async def artifact_by_name(request: Request, db: deps.Pool, run_id: str, name: str) -> Response:
     """Alias of ``…/artifacts/{artifact_id}/content`` resolved by artifact ``name`` (api.md §1.8); the newest
     artifact of that name when several share it."""
     await _run(request, run_id)
-    row = await _db(request).fetchrow(
+    row = await db.fetchrow(
         "SELECT * FROM run_artifacts WHERE run_id = $1 AND name = $2 ORDER BY created_at DESC, artifact_id DESC "
         "LIMIT 1", run_id, name)
     if row is None:
@@ -404,11 +403,10 @@ async def _content(request: Request, row: asyncpg.Record) -> Response:
 
 
 @router.get("/api/runs/{run_id}/diagnostics")
-async def diagnostics(request: Request, run_id: str) -> JSONResponse:
+async def diagnostics(request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
     """What an operator needs to see why a run is stuck or failed (api.md §5.8 ``RunDiagnostics``)."""
     headers = await min_position(request)
     row = await _run(request, run_id)
-    db = _db(request)
     counts = await db.fetch("SELECT event_type, count(*) AS n FROM run_events WHERE run_id = $1 GROUP BY event_type",
                             run_id)
     by_type = {r["event_type"]: int(r["n"]) for r in counts}
