@@ -19,6 +19,7 @@ from tests.helpers import (
     ended_after_a_retry,
     events_of,
     imported,
+    pending_approval,
     platform_of,
     register_agent,
     start_run,
@@ -143,8 +144,7 @@ async def test_resume_after_an_approval_enters_at_the_approval_node(platform: Pl
         "no": {"type": "terminate", "outputs": {"r": "no"}}}, "review")
     await imported(c, doc)
     run_id = await start_run(c, "contract_resume")
-    await wait_status(c, run_id, ("waiting_approval",))
-    [approval] = (await c.get("/api/approvals", params={"run_id": run_id})).json()["items"]
+    approval = await pending_approval(c, run_id)  # the run may read waiting_approval before its approval row exists
     r = await c.post(f"/api/approvals/{approval['approval_id']}/decision", json={"decision": "approve"})
     assert r.status_code == 200, r.text
     assert (await wait_status(c, run_id))["status"] == "completed"
