@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -102,7 +103,7 @@ def _connection_trouble(exc: BaseException) -> bool:
                             asyncpg.exceptions.InsufficientResourcesError))
 
 
-class StreamProjector(Generic[M]):
+class StreamProjector(ABC, Generic[M]):
     """Follows one stream from the position stored under ``NAME`` in ``projection_positions`` and applies its
     messages in batches; ``wait(position)`` serves read-your-writes. A failing batch is retried from the
     stored position (its transaction was rolled back), so a transient database error does not stop it.
@@ -126,11 +127,13 @@ class StreamProjector(Generic[M]):
         self._task: asyncio.Task[None] | None = None
         self.bus: BusMetrics | None = None  # langorch_bus_* of the gateway (set by the app)
 
+    @abstractmethod
     def decode(self, msg: Msg) -> M:
-        raise NotImplementedError
+        """The stream message as the item this projector applies."""
 
+    @abstractmethod
     async def apply(self, conn: Any, item: M) -> None:
-        raise NotImplementedError
+        """Apply one item in the batch's transaction."""
 
     async def after_batch(self, conn: Any) -> None:
         """Work done with every batch, in its transaction (nothing by default)."""
