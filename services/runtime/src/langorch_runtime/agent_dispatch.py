@@ -65,6 +65,7 @@ from langorch_infra.kv import put_with_ttl
 from langorch_infra.secrets import grant_key, redeem_grants
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
+from langorch_runtime.deadlines import CANCEL_GRACE_S, consume_outcome, within
 from langorch_runtime.errors import StepError
 from langorch_runtime.machine.ports import ContentArtifacts, Delegated, Dispatcher, DispatchRequest
 from langorch_runtime.metrics import RuntimeMetrics
@@ -546,7 +547,7 @@ class AgentDispatcher(Dispatcher):
         if request.timeout_ms is None:
             return await call
         try:
-            return await asyncio.wait_for(call, request.timeout_ms / 1000)
+            return await within(call, request.timeout_ms / 1000, f"step {request.step_id}")
         except TimeoutError:
             raise _error("step_timeout", f"step '{request.step_id}' timed out after {request.timeout_ms} ms",
                          retryable=True, details={"timeout_ms": request.timeout_ms}) from None
@@ -568,9 +569,11 @@ class AgentDispatcher(Dispatcher):
         finally:
             for task in (call_task, renew_task):
                 task.cancel()
+            # the cancelled tasks' CancelledError (or last failure) is theirs; a call that does not stop promptly on
+            # cancellation is left to end in the background (deadlines.within) rather than holding the step
+            await asyncio.wait({call_task, renew_task}, timeout=CANCEL_GRACE_S)
             for task in (call_task, renew_task):
-                with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
-                    await task
+                task.add_done_callback(consume_outcome)
 
     async def _call(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
         kind = c.capability.get("type", "tool")
@@ -613,8 +616,8 @@ class AgentDispatcher(Dispatcher):
             if pause:
                 await asyncio.sleep(pause)
             try:  # the acceptance, body included, within 10 s (httpx's own timeout is per read)
-                r = await asyncio.wait_for(self.http.post(url, json=body, headers=headers,
-                                                          timeout=ASYNC_ACCEPT_TIMEOUT_S), ASYNC_ACCEPT_TIMEOUT_S)
+                r = await within(self.http.post(url, json=body, headers=headers, timeout=ASYNC_ACCEPT_TIMEOUT_S),
+                                 ASYNC_ACCEPT_TIMEOUT_S, f"POST {url}")
             except (httpx.HTTPError, TimeoutError) as exc:
                 last = f"{type(exc).__name__}"
                 continue
@@ -683,9 +686,9 @@ class AgentDispatcher(Dispatcher):
             remaining = ends - time.monotonic()
             if remaining <= 0:
                 raise self._timed_out(request, timeout_s, where)
-            try:  # httpx's timeout is per read: wait_for bounds the whole exchange, a trickling body included
-                r = await asyncio.wait_for(self.http.post(url, json=body, headers=headers, timeout=remaining),
-                                           remaining)
+            try:  # httpx's timeout is per read: within() bounds the whole exchange, a trickling body included
+                r = await within(self.http.post(url, json=body, headers=headers, timeout=remaining), remaining,
+                                 f"POST {url}")
             except (httpx.TimeoutException, TimeoutError):
                 if binding_default:
                     raise self._timed_out(request, timeout_s, where) from None

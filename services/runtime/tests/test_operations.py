@@ -31,7 +31,7 @@ from langorch_runtime.operations import (
     derive_key,
     run_operation,
 )
-from tests.runtime_unit.ir_support import operation, render_params, step
+from runtime_ir_support import operation, render_params, step
 
 pytestmark = pytest.mark.unit
 

@@ -19,7 +19,7 @@ from ckp_core.variables import validate_inputs
 from langorch_runtime.executor import build_graph
 from langorch_runtime.machine import Dispatcher, DispatchRequest, Machine, RunInfo
 from langorch_runtime.steps import MemoryStepStore
-from tests.runtime_unit.harness import compile_ok, doc
+from runtime_harness import compile_ok, doc
 
 pytestmark = pytest.mark.unit
 

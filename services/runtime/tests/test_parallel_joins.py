@@ -22,7 +22,7 @@ from ckp_core.ir import NodeIR
 from langorch_runtime.frames import Frame, NodeState, RunState
 from langorch_runtime.machine import DispatchRequest, Machine, StepError
 from langorch_runtime.machine.outcomes import Outcome, Spawn
-from tests.runtime_unit.harness import Run, ScriptedDispatcher, doc, run_doc
+from runtime_harness import Run, ScriptedDispatcher, doc, run_doc
 
 pytestmark = pytest.mark.unit
 

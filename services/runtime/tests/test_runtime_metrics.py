@@ -8,7 +8,7 @@ import pytest
 
 from ckp_core.events import ErrorObject
 from langorch_runtime.metrics import RuntimeMetrics
-from tests.runtime_unit.harness import ScriptedDispatcher, doc, run_doc
+from runtime_harness import ScriptedDispatcher, doc, run_doc
 
 pytestmark = pytest.mark.unit
 

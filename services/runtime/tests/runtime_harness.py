@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from langgraph.checkpoint.memory import InMemorySaver
@@ -25,6 +26,8 @@ from langorch_runtime.machine import (
     StepError,
 )
 from langorch_runtime.steps import MemoryStepStore
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"  # the repository's examples/
 
 
 def compile_ok(doc: dict[str, Any]) -> ProcedureIR:

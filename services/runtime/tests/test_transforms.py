@@ -9,7 +9,7 @@ import pytest
 from ckp_core.expressions import MappingScope
 from langorch_runtime.errors import StepError
 from langorch_runtime.transforms import ItemScope, field_value, run_transformation
-from tests.runtime_unit.ir_support import render_params, transformation
+from runtime_ir_support import render_params, transformation
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import pytest
 
 from ckp_core.events import ErrorObject
 from langorch_runtime.executor import retry_target
-from tests.runtime_unit.harness import Run, ScriptedDispatcher, doc, run_doc
+from runtime_harness import Run, ScriptedDispatcher, doc, run_doc
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ckp_core.events import EVENT_TYPES, ErrorObject, EventData
-from tests.runtime_unit.harness import Run, ScriptedDispatcher, doc, run_doc
+from runtime_harness import Run, ScriptedDispatcher, doc, run_doc
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from ckp_core.events import ErrorObject
-from tests.helpers import EXAMPLES
-from tests.runtime_unit.harness import ScriptedDispatcher, doc, run_doc
+from runtime_harness import EXAMPLES, ScriptedDispatcher, doc, run_doc
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from langorch_runtime.machine import DispatchRequest
-from tests.runtime_unit.harness import ScriptedDispatcher, doc, run_doc
+from runtime_harness import ScriptedDispatcher, doc, run_doc
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import pytest
 from ckp_core.expressions import MappingScope
 from langorch_runtime.errors import StepError
 from langorch_runtime.mappings import OUTPUT_MAPPING_FAILED, apply_output_mapping
-from tests.runtime_unit.ir_support import output_mapping
+from runtime_ir_support import output_mapping
 
 pytestmark = pytest.mark.unit
 

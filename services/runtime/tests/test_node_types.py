@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.runtime_unit.harness import Run, doc, run_doc
+from runtime_harness import Run, doc, run_doc
 
 pytestmark = pytest.mark.unit
 
@@ -874,7 +874,7 @@ async def run_with_children(document: dict[str, Any], children: FakeChildren,
     from langorch_runtime.executor import build_graph
     from langorch_runtime.machine import Machine, RunInfo
     from langorch_runtime.steps import MemoryStepStore
-    from tests.runtime_unit.harness import compile_ok
+    from runtime_harness import compile_ok
 
     ir = compile_ok(document)
     events: list[EventData] = []

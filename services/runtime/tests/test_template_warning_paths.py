@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.runtime_unit.harness import doc, run_doc
+from runtime_harness import doc, run_doc
 
 pytestmark = pytest.mark.unit
 
