@@ -125,7 +125,7 @@ def build_graph(machine: Machine, checkpointer: BaseCheckpointSaver[Any]) -> Any
     return graph.compile(checkpointer=checkpointer)
 
 
-_STATE_DEFAULTS: dict[str, Any] = {
+_STATE_DEFAULTS: RunState = {
     "vars": {}, "frames": {}, "order": [], "waits": {}, "resolutions": {}, "outcome": None, "warned": [], "seq": 0,
     "recovery": None, "failure_point": None, "executed_ms": 0, "deadline_hit": None,
     "llm": {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}, "affinity": {}, "saves": []}

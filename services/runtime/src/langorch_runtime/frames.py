@@ -4,7 +4,8 @@ The interpreter keeps every path it executes — the main path, loop iterations,
 recovery path — as a *frame* record inside the LangGraph state. Each super-step advances every runnable frame by
 one node, and the state is checkpointed after it (``checkpoint_strategy: every_node``; the other strategies persist
 fewer points, §7.3), so a run resumes exactly where it was (also inside loops and branches) after a crash or a
-pause. Frames are plain JSON-able dicts so the checkpointer stores them as they are.
+pause. Frames are plain JSON-able dicts so the checkpointer stores them as they are: the records below are
+TypedDicts, types for the checker only.
 """
 
 from __future__ import annotations
@@ -13,9 +14,117 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 FrameKind = Literal["main", "iteration", "branch", "recovery"]
 FrameStatus = Literal["running", "waiting", "paused", "done"]
+EndStatus = Literal["completed", "failed", "canceled"]  # how a frame ended (``FrameResult.status``)
+WaitKind = Literal["approval", "callback", "child_run"]
+SaveReason = Literal["is_checkpoint", "set_checkpoint"]
 
 APPROVALS_KEY = "\x00approval"  # approval records live in the namespace (so branch copies merge them) but can
 # never be named by a CKP identifier.
+
+
+class ErrorDict(TypedDict):
+    """An error object (ckp.md §7.16) as the state keeps it: ``ErrorObject.model_dump(mode="json")`` (every field
+    is present; the model allows extra keys, which come along). ``ErrorObject.model_validate`` reads it back."""
+
+    code: str
+    message: str
+    retryable: bool
+    node_id: str | None
+    step_id: str | None
+    frame: str | None
+    attempt: int | None
+    type: str | None
+    error_code: str | None
+    http_status: int | None
+    details: dict[str, Any]
+    cause: dict[str, Any] | None
+
+
+class LoopContext(TypedDict):
+    """An iteration frame's loop values (``Frame.loop``): the built-ins ``loop_index`` and ``loop_item``."""
+
+    index: int
+    item: Any
+
+
+class FrameResult(TypedDict):
+    """How a frame ended (``Frame.result``); ``error`` is None unless it failed."""
+
+    status: EndStatus
+    error: ErrorDict | None
+
+
+class StepBudget(TypedDict):
+    """The retry budget of one step instance (``StepData.retry_budgets``): the run retry ``epoch`` it counts for,
+    the retry-policy retries used and each handler's retries used (handler index → used)."""
+
+    epoch: int
+    policy: int
+    handlers: dict[str, int]
+
+
+class StepData(TypedDict, total=False):
+    """What the step runner keeps in the data of any node it runs steps of (a ``sequence``'s steps, the recovery
+    steps of any node's handlers)."""
+
+    idempotency_key: str  # the node's rendered ``idempotency_key`` (rendered once per visit)
+    retry_budgets: dict[str, StepBudget]  # step identity → its retry budget
+
+
+class SequenceData(StepData, total=False):
+    """A ``sequence`` node's data."""
+
+    index: int  # the step in progress
+
+
+class ApprovalData(StepData, total=False):
+    """A ``human_approval`` node's data."""
+
+    wait_id: str  # the approval id, once asked
+
+
+class SubflowData(StepData, total=False):
+    """A ``subflow`` node's data, once its child run started."""
+
+    child: str  # the child run's id
+    version: str  # the procedure version it runs
+    attempt: int  # 1, then one more per ``on_failure: retry``
+
+
+class LoopError(TypedDict):
+    """A failed iteration in a loop's ``errors_variable`` (``continue_on_error``)."""
+
+    iteration: int
+    error: ErrorDict
+
+
+class LoopData(StepData, total=False):
+    """A ``loop`` node's data between super-steps (set at its first execution of a visit)."""
+
+    items: list[Any]  # the iterator's value
+    n: int  # iterations to run (``max_iterations`` caps it)
+    i: int  # the iteration in progress (or next)
+    collected: list[Any]  # ``collect_variable`` values so far
+    errors: list[LoopError]  # failed iterations (``continue_on_error``)
+    child: str | None  # the frame id of the iteration in progress
+    succeeded: int
+    failed: int
+
+
+class ParallelData(StepData, total=False):
+    """A ``parallel`` node's data between super-steps (set at its first execution of a visit)."""
+
+    snapshot: dict[str, Any]  # the variables when the node started: each branch's copy, the merge's base
+    frames: dict[str, str]  # branch id → its frame id (started branches)
+    queue: list[str]  # branch ids not started yet (``max_concurrency``)
+    status: dict[str, EndStatus]  # branch id → how it ended (finished branches)
+    errors: dict[str, ErrorDict | None]  # branch id → its error
+    winner: str | None  # ``wait_strategy: any``: the first branch that completed
+
+
+# What a node keeps between super-steps, by its kind (the other kinds keep at most the step runner's keys). The
+# data does not say its kind (the node's IR payload does), so a node kind takes its own with a cast.
+NodeData = SequenceData | ApprovalData | SubflowData | LoopData | ParallelData | StepData
 
 
 class NodeState(TypedDict):
@@ -26,7 +135,7 @@ class NodeState(TypedDict):
     id: str
     visit: int
     started: float
-    data: dict[str, Any]
+    data: NodeData
     sla_reported: NotRequired[bool]  # its SLA breach was reported (once per visit)
 
 
@@ -41,12 +150,69 @@ class Frame(TypedDict, total=False):
     visits: dict[str, int]
     status: FrameStatus
     vars: dict[str, Any] | None  # branch frames: private copy of the variables; others: None (shared)
-    error: dict[str, Any] | None  # the built-in ``error`` in this frame (fallback and recovery paths)
-    loop: dict[str, Any] | None  # iteration frames: {"index", "item"}
+    error: ErrorDict | None  # the built-in ``error`` in this frame (fallback and recovery paths)
+    loop: LoopContext | None  # iteration frames
     node: NodeState | None  # the node in progress
-    result: dict[str, Any] | None  # when done: {"status": completed|failed|canceled, "error"}
+    result: FrameResult | None  # when done
     pending: list[str]  # wait ids this frame is paused on
     retries: dict[str, int]  # node-scope retry budgets used ("<node_id>#handler<i>", "<node_id>#validation:<id>")
+
+
+class Wait(TypedDict):
+    """Something a frame is paused on (``RunState.waits``, keyed by ``id``): an approval, the callback of an async
+    workflow step (``id`` is its delegation id) or a child run (``id`` is its run id)."""
+
+    kind: WaitKind
+    id: str
+    node_id: str
+    step_id: str | None  # callbacks: the step's identity step id
+    frame_id: str
+    frame: str  # the node's frame string
+    expires_at: str | None
+    suspends_run: bool  # no other frame could run when it was added
+    announced: NotRequired[bool]  # reported in a ``run_suspended``
+
+
+class RunOutcome(TypedDict):
+    """How the run ended (``RunState.outcome``): its ``run_completed`` / ``run_failed``."""
+
+    status: Literal["completed", "failed"]
+    outputs: dict[str, Any]
+    error: NotRequired[ErrorDict | None]  # failed: the main path's error
+    recovered_via: NotRequired[str | None]  # the recovery path ran: its ``on_failure`` node
+    recovery_error: NotRequired[ErrorDict | None]  # the recovery path failed too: its error
+
+
+class Recovery(TypedDict):
+    """The recovery path (``global_config.on_failure``, §7.12) started at ``node`` for the main path's ``error``."""
+
+    node: str
+    error: ErrorDict | None
+
+
+class FailurePoint(TypedDict):
+    """The node a retry restarts (§7.12). ``restore``: under the strategies that do not persist every node, the
+    state from just before it started (a retry restores it)."""
+
+    node_id: str
+    frame_id: str
+    restore: NotRequired[RunState]
+
+
+class LlmCounters(TypedDict):
+    """The run's LLM usage (§7.13), against ``max_cost_usd``."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+class ForcedSave(TypedDict):
+    """A save asked by a super-step (§7.3): ``checkpoint_saved`` is emitted for it once the state is persisted."""
+
+    reason: SaveReason
+    node_id: str
+    frame: str
 
 
 class RunState(TypedDict, total=False):
@@ -55,23 +221,23 @@ class RunState(TypedDict, total=False):
     vars: dict[str, Any]
     frames: dict[str, Frame]
     order: list[str]
-    waits: dict[str, dict[str, Any]]  # wait id → {kind, node_id, step_id, frame_id, ...}
+    waits: dict[str, Wait]  # wait id → the wait
     resolutions: dict[str, Any]  # wait id → resume payload
-    outcome: dict[str, Any] | None
+    outcome: RunOutcome | None
     warned: list[str]
     seq: int  # frame id counter
-    recovery: dict[str, Any] | None  # {"node", "error"} once the recovery path started
-    failure_point: dict[str, Any] | None
+    recovery: Recovery | None  # once the recovery path started
+    failure_point: FailurePoint | None
     executed_ms: int  # executing time used against the run deadline (§7.11), summed over resumes
     deadline_hit: int | None  # executed_ms when the deadline passed (the recovery path's grace starts there)
-    llm: dict[str, Any]  # the run's LLM counters: prompt_tokens, completion_tokens, cost_usd
+    llm: LlmCounters  # the run's LLM counters
     affinity: dict[str, str]  # channel → the agent this run used there (preferred while healthy and free)
-    saves: list[dict[str, Any]]  # forced saves asked by the last super-step: {"reason", "node_id", "frame"}
+    saves: list[ForcedSave]  # forced saves asked by the last super-step
 
 
 def new_frame(state: RunState, kind: FrameKind, parent: Frame | None, path: str, cursor: str | None,
               stop_at: str | None, vars_: dict[str, Any] | None = None,
-              loop: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> Frame:
+              loop: LoopContext | None = None, error: ErrorDict | None = None) -> Frame:
     seq = state.get("seq", 0) + 1
     state["seq"] = seq
     frame: Frame = {
@@ -106,7 +272,7 @@ def vars_of(state: RunState, frame: Frame) -> dict[str, Any]:
     return state.setdefault("vars", {})
 
 
-def loop_context(state: RunState, frame: Frame) -> dict[str, Any] | None:
+def loop_context(state: RunState, frame: Frame) -> LoopContext | None:
     """The innermost enclosing loop iteration (``loop_index``/``loop_item``)."""
     frames = state["frames"]
     current: Frame | None = frame

@@ -19,7 +19,7 @@ from ckp_core.events import ErrorObject, StepErrorNotification, TemplateWarning,
 from ckp_core.expressions import ExpressionError, MappingScope, evaluate
 from ckp_core.ir import ExpressionIR, NodeIR, ProcedureIR, TemplateIR
 from ckp_core.templates import render, render_text
-from langorch_runtime.frames import APPROVALS_KEY, Frame, RunState, descendants, loop_context, vars_of
+from langorch_runtime.frames import APPROVALS_KEY, Frame, RunState, SaveReason, descendants, loop_context, vars_of
 from langorch_runtime.machine.outcomes import NodeFailure
 from langorch_runtime.machine.policies import RECOVERY_GRACE_MS
 from langorch_runtime.machine.ports import (
@@ -147,7 +147,7 @@ class RunContext:
         return value
 
     # -- forced saves (§7.3) ------------------------------------------------------------------------------------
-    def save(self, state: RunState, reason: str, node_id: str, fs: str) -> None:
+    def save(self, state: RunState, reason: SaveReason, node_id: str, fs: str) -> None:
         """Ask for a save when the super-step ends (``is_checkpoint``, ``set_checkpoint``; none under
         ``disabled``): the graph persists the state, then emits ``checkpoint_saved`` with the saved id."""
         if self.ir.global_config.checkpoint_strategy != "disabled":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Literal
 
 from ckp_core.events import (
     ErrorObject,
@@ -21,7 +21,16 @@ from ckp_core.events import (
 )
 from ckp_core.ir import ErrorHandlerIR, NodeIR
 from langorch_runtime.errors import StepError
-from langorch_runtime.frames import Frame, NodeState, RunState, frame_string, new_frame, vars_of
+from langorch_runtime.frames import (
+    Frame,
+    FrameResult,
+    NodeState,
+    RunOutcome,
+    RunState,
+    frame_string,
+    new_frame,
+    vars_of,
+)
 from langorch_runtime.machine.nodes import execute
 from langorch_runtime.machine.outcomes import (
     Next,
@@ -249,7 +258,7 @@ class NodeLifecycle(StepRunner):
         return None
 
     # -- frames ending ------------------------------------------------------------------------------------------
-    async def finish(self, state: RunState, frame: Frame, result: dict[str, Any]) -> None:
+    async def finish(self, state: RunState, frame: Frame, result: FrameResult) -> None:
         frame["status"] = "done"
         frame["result"] = result
         frame["node"] = None
@@ -275,25 +284,26 @@ class NodeLifecycle(StepRunner):
             state["outcome"] = {"status": "failed", "error": error, "outputs": {}}
             return
         # the recovery frame
-        recovery = state.get("recovery") or {}
+        recovery = state.get("recovery")
+        via, main_error = (recovery.get("node"), recovery.get("error")) if recovery is not None else (None, None)
         if result["status"] == "completed":
-            state["outcome"] = {"status": "completed", "outputs": {}, "recovered_via": recovery.get("node")}
+            state["outcome"] = {"status": "completed", "outputs": {}, "recovered_via": via}
         else:
-            state["outcome"] = {"status": "failed", "error": recovery.get("error"), "outputs": {},
-                                "recovered_via": recovery.get("node"), "recovery_error": result["error"]}
+            state["outcome"] = {"status": "failed", "error": main_error, "outputs": {},
+                                "recovered_via": via, "recovery_error": result["error"]}
 
     async def terminate(self, state: RunState, frame: Frame, node: NodeIR, outcome: Terminate) -> None:
         """A ``terminate`` node completed: every other frame is canceled and the run ends with its status."""
         recovery = state.get("recovery")
         in_recovery = frame["kind"] == "recovery" or any(
             f["kind"] == "recovery" for f in self.ancestors(state, frame))
-        out: dict[str, Any] = {"outputs": outcome.outputs}
+        status: Literal["completed", "failed"] = "completed" if outcome.status == "success" else "failed"
+        out: RunOutcome
         if in_recovery and recovery is not None:
-            out["recovered_via"] = recovery.get("node")
-        if outcome.status == "success":
-            out["status"] = "completed"
+            out = {"outputs": outcome.outputs, "recovered_via": recovery.get("node"), "status": status}
         else:
-            out["status"] = "failed"
+            out = {"outputs": outcome.outputs, "status": status}
+        if status == "failed":
             terminated = ErrorObject(code="terminated_failed", message=f"run ended at terminate node '{node.id}' "
                                      "with status failed", node_id=node.id,
                                      frame=frame_string(frame, node.id, (frame.get("visits") or {}).get(node.id, 1)))

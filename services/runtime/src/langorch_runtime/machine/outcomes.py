@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ckp_core.events import ErrorObject
+from langorch_runtime.frames import ErrorDict
 
 
 class NodeFailure(Exception):
@@ -21,7 +22,7 @@ class NodeFailure(Exception):
 @dataclass
 class Next:
     target: str | None
-    error: dict[str, Any] | None = None  # set the frame's built-in ``error`` (fallback routes)
+    error: ErrorDict | None = None  # set the frame's built-in ``error`` (fallback routes)
 
 
 @dataclass
@@ -56,6 +57,6 @@ class RetryNode:
 Outcome = Next | Pause | Spawn | Terminate | RetryNode | Routed
 
 
-def dump(error: ErrorObject) -> dict[str, Any]:
-    """An error object as the JSON the state keeps (frame ``error``/``result``, failure points)."""
-    return error.model_dump(mode="json")
+def dump(error: ErrorObject) -> ErrorDict:
+    """An error object as the JSON the state keeps (frame ``error``/``result``, the run's outcome)."""
+    return cast(ErrorDict, error.model_dump(mode="json"))  # every field of the model, so ErrorDict's keys

@@ -16,7 +16,7 @@ import orjson
 
 from ckp_core.events import ErrorObject, SlaBreached
 from ckp_core.ir import ErrorHandlerIR, NodeIR, RetryPolicyIR, SlaIR
-from langorch_runtime.frames import Frame, NodeState, RunState
+from langorch_runtime.frames import Frame, NodeState, RunState, StepBudget
 
 RECOVERY_GRACE_MS = 60_000  # LANGORCH_RECOVERY_GRACE_S
 NEVER_RETRIED = frozenset({"canceled", "deadline_exceeded", "budget_exceeded"})
@@ -68,13 +68,13 @@ def after_retry_after(delay: int, error: ErrorObject) -> int:
     return max(delay, min(int(after), 600_000))
 
 
-def step_budget(current: NodeState, identity: str, epoch: int) -> dict[str, Any]:
+def step_budget(current: NodeState, identity: str, epoch: int) -> StepBudget:
     """The retry budget of one step instance: ``{"epoch", "policy": used, "handlers": {index: used}}``.
 
     It lives in the node's persisted data (``retry_budgets``): an async step pauses the run between attempts and
     must not get a fresh budget on every resume (§4.8, §4.10); an accepted run retry (a new ``epoch``) does."""
     books = current.setdefault("data", {}).setdefault("retry_budgets", {})
-    budget: dict[str, Any] | None = books.get(identity)
+    budget = books.get(identity)
     if budget is None or budget.get("epoch") != epoch:
         budget = books[identity] = {"epoch": epoch, "policy": 0, "handlers": {}}
     return budget

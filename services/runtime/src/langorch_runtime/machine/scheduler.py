@@ -9,12 +9,12 @@ import asyncio
 import copy
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from ckp_core import runs
 from ckp_core.events import CallbackTimedOut, ErrorObject, EventData, NodeError, RunSuspended, WorkflowCallbackReceived
 from ckp_core.ir import HumanApprovalPayload
-from langorch_runtime.frames import Frame, RunState, frame_string, new_frame
+from langorch_runtime.frames import ApprovalData, Frame, RunState, frame_string, new_frame
 from langorch_runtime.machine.lifecycle import NodeLifecycle
 from langorch_runtime.machine.nodes.human_approval import decision_received, decision_record
 from langorch_runtime.machine.outcomes import dump
@@ -75,14 +75,17 @@ class Machine(NodeLifecycle):
     def keep_failure_image(state: RunState, starts: dict[str, RunState]) -> None:
         """Attach to the failure point the state from just before the failing node started, when that was
         in this (unpersisted) stretch of super-steps; a retry restores it (:func:`restore_state`)."""
-        point = state.get("failure_point") or {}
-        image = starts.get(point.get("frame_id", ""))
-        frame = (image or {}).get("frames", {}).get(point.get("frame_id", ""))
-        if image is None or frame is None or frame.get("cursor") != point.get("node_id"):
+        point = state.get("failure_point")
+        if not point:
+            return
+        image = starts.get(point["frame_id"])
+        frame = image.get("frames", {}).get(point["frame_id"]) if image is not None else None
+        if image is None or frame is None or frame.get("cursor") != point["node_id"]:
             return
         image = copy.deepcopy(image)
-        if image.get("failure_point"):
-            image["failure_point"] = {k: v for k, v in (image["failure_point"] or {}).items() if k != "restore"}
+        earlier = image.get("failure_point")
+        if earlier:
+            earlier.pop("restore", None)  # the image's own (a copy): only the newest failure point keeps one
         state["failure_point"] = {**point, "restore": image}
 
     async def super_step(self, state: RunState) -> None:
@@ -191,8 +194,8 @@ class Machine(NodeLifecycle):
             if frame is None:
                 continue
             current = frame.get("node")
-            if current and current.get("data"):
-                current["data"].pop("wait_id", None)
+            if current and current.get("data"):  # an approval wait: the node is a human_approval node
+                cast(ApprovalData, current["data"]).pop("wait_id", None)
             frame["pending"] = [w for w in frame.get("pending", []) if w != wait_id]
             if not frame["pending"] and frame.get("status") == "paused":
                 frame["status"] = "running"

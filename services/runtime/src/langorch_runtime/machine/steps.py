@@ -35,7 +35,7 @@ from ckp_core.events import (
 from ckp_core.ids import new_id
 from ckp_core.ir import ErrorHandlerIR, NodeIR, OperationIR, StepIR
 from langorch_runtime.errors import StepError
-from langorch_runtime.frames import Frame, NodeState, RunState, frame_string, vars_of
+from langorch_runtime.frames import Frame, NodeState, RunState, StepBudget, frame_string, vars_of
 from langorch_runtime.machine.context import path_in_node
 from langorch_runtime.machine.dispatch import Announcement, Dispatching
 from langorch_runtime.machine.outcomes import NodeFailure, Outcome, Pause, RetryNode, Routed, dump
@@ -75,7 +75,8 @@ class StepCall:
     key_base: str | None  # ``lo1:<rendered custom key>`` when the step or node has an idempotency_key
     record: StepRecord | None
     attempt: int
-    budget: dict[str, Any] = field(default_factory=dict)  # policies.step_budget
+    # its retry budget (policies.step_budget, kept in the node's data): run_step sets it before the first attempt
+    budget: StepBudget = field(default_factory=lambda: StepBudget(epoch=0, policy=0, handlers={}))
 
     def key(self, run_id: str) -> str:
         """The attempt's Idempotency-Key (§7.4)."""

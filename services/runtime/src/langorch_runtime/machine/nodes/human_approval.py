@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from ckp_core.events import (
     ApprovalAutoResolved,
@@ -17,7 +17,7 @@ from ckp_core.events import (
 )
 from ckp_core.ids import new_id
 from ckp_core.ir import HumanApprovalPayload, NodeIR
-from langorch_runtime.frames import APPROVALS_KEY, Frame, NodeState, RunState, frame_string, vars_of
+from langorch_runtime.frames import APPROVALS_KEY, ApprovalData, Frame, NodeState, RunState, frame_string, vars_of
 from langorch_runtime.machine.outcomes import Next, Outcome, Pause
 from langorch_runtime.machine.steps import StepRunner
 from langorch_runtime.steps import StepRecord, now_iso
@@ -25,7 +25,7 @@ from langorch_runtime.steps import StepRecord, now_iso
 
 async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
               p: HumanApprovalPayload) -> Outcome | None:
-    data = current["data"]  # {"wait_id": the approval id} once asked
+    data = cast(ApprovalData, current["data"])  # the approval id, once asked
     fs = frame_string(frame, node.id, current["visit"])
     gc = m.ir.global_config
     resolution: dict[str, Any] | None = None
@@ -57,7 +57,7 @@ async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, curren
     return Next(route)
 
 
-async def ask(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, data: dict[str, Any],
+async def ask(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, data: ApprovalData,
               p: HumanApprovalPayload, fs: str) -> Outcome:
     """Request the approval (``approval_requested``, ``lo.cmd.approval.request``) and wait for its decision."""
     prompt = await m.render(p.prompt, state, frame, node.id, None, "/prompt", text=True)

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, TypedDict, cast
+from typing import cast
 
 from ckp_core.events import ErrorObject, LoopCompleted, LoopIteration, LoopIterationFailed, LoopStarted
 from ckp_core.expressions import format_embedded
 from ckp_core.ir import LoopPayload, NodeIR
-from langorch_runtime.frames import Frame, NodeState, RunState, frame_string, new_frame, vars_of
+from langorch_runtime.frames import Frame, FrameResult, LoopData, NodeState, RunState, frame_string, new_frame, vars_of
 from langorch_runtime.machine.context import join
 from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome, Spawn, dump
 from langorch_runtime.machine.steps import StepRunner
-
-
-class LoopData(TypedDict, total=False):
-    """A loop node's data between super-steps (set at its first execution of a visit)."""
-
-    items: list[Any]  # the iterator's value
-    n: int  # iterations to run (``max_iterations`` caps it)
-    i: int  # the iteration in progress (or next)
-    collected: list[Any]  # ``collect_variable`` values so far
-    errors: list[dict[str, Any]]  # ``{"iteration", "error"}`` of failed iterations (``continue_on_error``)
-    child: str | None  # the frame id of the iteration in progress
-    succeeded: int
-    failed: int
 
 
 async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
@@ -72,7 +59,7 @@ async def iteration_ended(m: StepRunner, state: RunState, frame: Frame, node: No
     """The iteration frame in progress is done: collect its value, or record (or fail on) its error."""
     child = state["frames"][child_id]
     i = data["i"]
-    result = child.get("result") or {}
+    result = child.get("result") or FrameResult(status="failed", error=None)  # a done frame has its own
     if result.get("status") == "completed":
         data["succeeded"] += 1
         if p.collect_variable:
@@ -89,7 +76,7 @@ async def iteration_ended(m: StepRunner, state: RunState, frame: Frame, node: No
         if not p.continue_on_error:
             raise NodeFailure(ErrorObject(code="loop_iteration_failed", message=f"Node '{node.id}': "
                                           f"iteration {i} failed: {error.message}", node_id=node.id, frame=fs,
-                                          details={"iteration": i}, cause=dump(error)))
+                                          details={"iteration": i}, cause=error.model_dump(mode="json")))
         data["errors"].append({"iteration": i, "error": dump(error)})
     data["i"] = i + 1
     data["child"] = None

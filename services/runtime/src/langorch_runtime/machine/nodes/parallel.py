@@ -5,7 +5,7 @@ fail``: the first failure fails the node), the others canceled; then the branch 
 from __future__ import annotations
 
 import copy
-from typing import Any, TypedDict, cast
+from typing import Any, cast
 
 from ckp_core.events import (
     ErrorObject,
@@ -18,7 +18,9 @@ from ckp_core.ir import NodeIR, ParallelPayload
 from langorch_runtime.frames import (
     APPROVALS_KEY,
     Frame,
+    FrameResult,
     NodeState,
+    ParallelData,
     RunState,
     frame_string,
     json_equal,
@@ -28,17 +30,6 @@ from langorch_runtime.frames import (
 from langorch_runtime.machine.context import join
 from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome, Spawn
 from langorch_runtime.machine.steps import StepRunner
-
-
-class ParallelData(TypedDict, total=False):
-    """A parallel node's data between super-steps (set at its first execution of a visit)."""
-
-    snapshot: dict[str, Any]  # the variables when the node started: each branch's copy, the merge's base
-    frames: dict[str, str]  # branch id → its frame id (started branches)
-    queue: list[str]  # branch ids not started yet (``max_concurrency``)
-    status: dict[str, str]  # branch id → completed | failed | canceled (finished branches)
-    errors: dict[str, dict[str, Any] | None]  # branch id → its error
-    winner: str | None  # ``wait_strategy: any``: the first branch that completed
 
 
 async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
@@ -87,7 +78,7 @@ async def branches_ended(m: StepRunner, state: RunState, node: NodeIR, data: Par
             if child.get("status") != "done":
                 continue
             recorded = True
-            result = child.get("result") or {}
+            result = child.get("result") or FrameResult(status="failed", error=None)  # a done frame has its own
             status = result.get("status", "failed")
             data["status"][bid] = status
             error = result.get("error")
@@ -99,8 +90,8 @@ async def branches_ended(m: StepRunner, state: RunState, node: NodeIR, data: Par
             if status == "failed" and p.branch_failure == "fail":
                 await cancel_branches(m, state, node, fs, data)
                 raise NodeFailure(ErrorObject(code="parallel_branch_failed", message=f"Node '{node.id}': branch "
-                                              f"'{bid}' failed", node_id=node.id, frame=fs,
-                                              details={"branch_id": bid}, cause=error))
+                                              f"'{bid}' failed", node_id=node.id, frame=fs, details={"branch_id": bid},
+                                              cause=dict(error) if error is not None else None))
 
 
 async def merge(m: StepRunner, state: RunState, node: NodeIR, data: ParallelData, p: ParallelPayload, fs: str,

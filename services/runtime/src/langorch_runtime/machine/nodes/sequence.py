@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from ckp_core.events import ErrorObject, ValidationFailed
 from ckp_core.expressions import truthy
 from ckp_core.ir import NodeIR, SequencePayload, ValidationIR
 from langorch_runtime.errors import StepError
-from langorch_runtime.frames import Frame, NodeState, RunState, frame_string
+from langorch_runtime.frames import Frame, NodeState, RunState, SequenceData, frame_string
 from langorch_runtime.machine.context import path_in_node
 from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome, RetryNode
 from langorch_runtime.machine.policies import take_node_retry
@@ -15,7 +17,7 @@ from langorch_runtime.machine.steps import StepRunner
 
 async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
               p: SequencePayload) -> Outcome | None:
-    data = current["data"]  # {"index": the step in progress, …run_step's idempotency_key and retry_budgets}
+    data = cast(SequenceData, current["data"])  # the step in progress (and run_step's own keys)
     start = data.get("index", 0)
     for index in range(start, len(p.steps)):
         data["index"] = index

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 from ckp_core.events import (
     ErrorObject,
@@ -16,9 +16,9 @@ from ckp_core.events import (
 from ckp_core.expressions import MappingScope, evaluate
 from ckp_core.ids import new_id
 from ckp_core.ir import NodeIR, SubflowPayload
-from langorch_runtime.frames import APPROVALS_KEY, Frame, NodeState, RunState, frame_string, vars_of
+from langorch_runtime.frames import APPROVALS_KEY, Frame, NodeState, RunState, SubflowData, frame_string, vars_of
 from langorch_runtime.machine.context import collector
-from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome, Pause, dump
+from langorch_runtime.machine.outcomes import Next, NodeFailure, Outcome, Pause
 from langorch_runtime.machine.steps import StepRunner
 from langorch_runtime.steps import StepRecord, now_iso
 
@@ -30,7 +30,7 @@ async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, curren
     """A child run (§3.9): started once per visit, awaited, its outputs mapped back."""
     fs = frame_string(frame, node.id, current["visit"])
     gc = m.ir.global_config
-    data = current["data"]  # {"child": its run id, "version", "attempt"} once started
+    data = cast(SubflowData, current["data"])  # its child run, once started
     if node.id in gc.test_data_overrides and "child" not in data:
         outputs = gc.test_data_overrides[node.id]
         await m.emit(StepTestOverrideApplied(node_id=node.id, step_id="subflow", frame=fs, override_key=node.id))
@@ -66,14 +66,14 @@ async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, curren
         return await start_child(m, state, frame, node, current, p, fs, rerun_of=child_id)
     raise NodeFailure(ErrorObject(code="subflow_failed", node_id=node.id, frame=fs,
                                   message=f"child run {child_id} of '{p.procedure_id}' {status}: "
-                                  f"{error.message}", cause=dump(error)))
+                                  f"{error.message}", cause=error.model_dump(mode="json")))
 
 
 async def start_child(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, current: NodeState,
                       p: SubflowPayload, fs: str, rerun_of: str | None) -> Outcome:
     """Start the child run of this attempt (idempotently: its id is kept in the step store) and wait for it."""
     assert m.children is not None
-    data = current["data"]
+    data = cast(SubflowData, current["data"])
     chain = list(m.run.run_created.get("call_chain") or [m.ir.procedure_id])
     if p.procedure_id in chain:
         raise NodeFailure(ErrorObject(code="subflow_recursion", node_id=node.id, frame=fs,
