@@ -280,6 +280,11 @@ class Platform:
     compiler_service: Any = None
 
 
+async def _settled(task: asyncio.Task[Any]) -> None:
+    """Wait for a cancelled task to end, whatever it ended with."""
+    await asyncio.wait({task})
+
+
 async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
     """Await one shutdown step; a step that hangs fails the test naming it, instead of a silent timeout."""
     try:
@@ -354,9 +359,8 @@ async def _services(env: dict[str, str], port: int, app: Any, *, runtime: bool, 
         finally:
             for t in tasks:
                 t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await _stopping("a service task", asyncio.shield(t))
+            for t in tasks:  # a task that outlives its cancellation fails the test (it once hid a 60 s hang)
+                await _stopping(f"the service task {t.get_coro()!r}", _settled(t))
             if runtime_service is not None:
                 await _stopping("the runtime", runtime_service.stop())
             if agent_service is not None:

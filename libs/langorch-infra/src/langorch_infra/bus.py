@@ -31,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from langorch_infra import tracing
+from langorch_infra.cancel import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ async def consume(sub: Any, handler: Callable[[Msg], Awaitable[Settle]], metrics
     """Fetch from the pull subscription ``sub`` forever, handling its messages one at a time, in order (for a
     consumer not on FastStream); a fetch's transient errors do not end it."""
     while True:
+        stop_if_cancelled()
         for msg in await fetch(sub, batch, fetch_timeout_s):
             await handle_one(msg, handler, metrics)
 

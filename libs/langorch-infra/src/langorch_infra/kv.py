@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from ckp_core.subjects import LOCKS_BUCKET
+from langorch_infra.cancel import stop_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,7 @@ class LeaderLock:
     async def keep(self) -> None:
         """Try to acquire or renew forever (run as a task)."""
         while True:
+            stop_if_cancelled()
             try:
                 await self.try_acquire()
             except asyncio.CancelledError:

@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings
 
 from ckp_core.events import format_time
 from ckp_core.subjects import PRESENCE_BUCKET, service_presence_key
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.kv import kv_live, put_with_ttl
 from langorch_infra.settings import effective_settings
 
@@ -78,6 +79,7 @@ class Presence:
         last = loop.time()
         while True:
             await asyncio.sleep(min(POLL_S, interval))
+            stop_if_cancelled()
             if loop.time() - last < interval and sorted(self.leader_of()) == self.published:
                 continue
             try:

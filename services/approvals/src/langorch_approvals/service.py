@@ -52,6 +52,7 @@ from langorch_approvals.metrics import VERSION, ApprovalsMetrics
 from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.handling import CommandHandler, Handled
 from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follow, publish_command
@@ -287,6 +288,7 @@ class ApprovalsService:
     async def _tick_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.timer_tick_s)
+            stop_if_cancelled()
             if not self.lock.is_leader:
                 continue
             try:

@@ -29,6 +29,7 @@ from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import AUDIT_STREAM, EVENT_STREAM
 from langorch_gateway.projections import PROJECTIONS, Recorded, apply_audit_entry
 from langorch_infra.bus import BusMetrics
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import decode_message, stream_last_position
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ class StreamProjector(ABC, Generic[M]):
     async def run(self) -> None:
         """Consume forever; after a failure, start again from the stored position a second later."""
         while True:
+            stop_if_cancelled()
             try:
                 await self._consume()
             except asyncio.CancelledError:

@@ -60,6 +60,7 @@ from ckp_core.subjects import (
     lease_key,
 )
 from langorch_infra import tracing
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import connect, decode_message, ensure_topology
 from langorch_infra.kv import put_with_ttl
 from langorch_infra.secrets import grant_key, redeem_grants
@@ -398,6 +399,7 @@ class AgentDispatcher(Dispatcher):
         interval = self.settings.lease_ttl_s / 3
         while True:
             await asyncio.sleep(interval)
+            stop_if_cancelled()
             now = _now()
             value = lease.value | {"renewed_at": format_time(now), "expires_at": format_time(
                 now + timedelta(seconds=self.settings.lease_ttl_s))}

@@ -59,6 +59,7 @@ from ckp_core.subjects import (
 from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.handling import CommandHandler
 from langorch_infra.hosting import bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, decode_message, ensure_topology
@@ -355,6 +356,7 @@ class AgentService:
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.agent_health_interval_s)
+            stop_if_cancelled()
             if not self.lock.is_leader:
                 continue
             try:

@@ -67,6 +67,7 @@ from ckp_core.subjects import (
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import ACK, LEAVE, BusMetrics, Settle, fetch, handle_one, nak
 from langorch_infra.callbacks import callback_key
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.handling import CommandHandler, Handled
 from langorch_infra.hosting import ServiceHost, bus_checks, probe_check
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_consumer, ensure_topology, publish_command
@@ -198,6 +199,7 @@ class RuntimeService:
         agent/lease command consumer (``control``), read every ``QUEUE_POLL_S``."""
         assert self.js is not None
         while True:
+            stop_if_cancelled()
             for queue_type, durable in (("run_queue", CONSUMER), ("control", AGENTS_CONSUMER)):
                 try:
                     info = await self.js.consumer_info(COMMAND_STREAM, durable)
@@ -213,6 +215,7 @@ class RuntimeService:
         the fetch, so a replica only takes a command it can start at once (FastStream's concurrent pull subscriber
         fetches first and queues); a fetch's transient errors (a failover) are survived by ``fetch``."""
         while True:
+            stop_if_cancelled()
             await self.slots.acquire()
             msgs = await fetch(self.sub, 1, 5.0)
             if not msgs:
@@ -341,6 +344,7 @@ class RuntimeService:
         interval = max(0.2, self.settings.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
+            stop_if_cancelled()
             with contextlib.suppress(nats_errors.Error, OSError):  # a lost progress signal: the next one may land
                 await msg.in_progress()
 

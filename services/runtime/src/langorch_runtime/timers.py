@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 
 from ckp_core.commands import ResumeRun
 from ckp_core.events import Actor
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import follow, publish_command
 from langorch_infra.kv import LeaderLock
 
@@ -68,6 +69,7 @@ class CallbackTimer:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
+            stop_if_cancelled()
             if not self.lock.is_leader:
                 continue
             now = datetime.now(UTC)
