@@ -24,12 +24,13 @@ AGENT_TIMEOUT_S = 2.0
 MCP_TIMEOUT_S = 3.0
 LEASE_TTL_S = 3.0  # renewed every second
 LEASE_WAIT_S = 1.5
+ACCEPT_TIMEOUT_S = 2.0  # async acceptance per try (10 s by default)
 
 
 @pytest.fixture(scope="module")
 async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
     settings = {"agent_timeout_s": AGENT_TIMEOUT_S, "mcp_timeout_s": MCP_TIMEOUT_S, "lease_ttl_s": LEASE_TTL_S,
-                "lease_wait_timeout_s": LEASE_WAIT_S}
+                "lease_wait_timeout_s": LEASE_WAIT_S, "agent_async_accept_timeout_s": ACCEPT_TIMEOUT_S}
     async with platform_of(module_nats_url, module_database_url, runtime_settings=settings) as p:
         yield p
 
@@ -523,9 +524,10 @@ async def test_a_full_resource_waits_with_one_pool_saturated_then_lease_wait_tim
     assert len(seen) == 1  # the waiting run never reached the agent
 
 
-async def test_an_async_acceptance_that_trickles_in_is_cut_at_ten_seconds_per_try(platform: Platform) -> None:
-    """api.md §15.2: the acceptance must arrive within 10 s (body included); an agent trickling it is tried 3 times
-    and the step fails with ``dispatch_failed`` instead of the run hanging."""
+async def test_an_async_acceptance_that_trickles_in_is_cut_at_the_acceptance_timeout_per_try(
+        platform: Platform) -> None:
+    """api.md §15.2: the acceptance must arrive within the acceptance timeout (10 s by default; body included); an
+    agent trickling it is tried 3 times and the step fails with ``dispatch_failed`` instead of the run hanging."""
     c = platform.client
     seen: list[dict[str, Any]] = []
     trickle = lambda: drip(b'{"status": "accepted"', 120)  # noqa: E731

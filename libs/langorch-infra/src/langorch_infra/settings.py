@@ -83,6 +83,9 @@ class RuntimeSettings(CommonSettings):
                                    "when neither the step nor global_config sets one (ckp.md §4.9).")
     mcp_timeout_s: float = Field(60.0, gt=0, description="Attempt timeout of MCP tool calls when neither the step "
                                  "nor global_config sets one (ckp.md §4.9).")
+    agent_async_accept_timeout_s: float = Field(10.0, gt=0, description="How long an async workflow agent may "
+                                                "take to accept a step, answer body included, per try (3 tries; "
+                                                "api.md §15.2).")
     agent_strict_response: bool = Field(True, description="A 2xx agent body that is not the response envelope is "
                                         "agent_protocol_error; false takes a bare object as the result.")
     agent_circuit_half_open_s: float = Field(60.0, gt=0, description="An open agent circuit becomes half-open "

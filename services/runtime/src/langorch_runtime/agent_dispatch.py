@@ -81,7 +81,7 @@ AFFINITY_LIMIT = 10_000  # (run, channel) choices remembered
 MCP_CLIENT = mcp_types.Implementation(name="langorch-runtime", version=VERSION)
 
 
-ASYNC_ACCEPT_TIMEOUT_S = 10.0
+
 
 
 def _error(code: str, message: str, *, retryable: bool, **extra: Any) -> StepError:
@@ -618,8 +618,9 @@ class AgentDispatcher(Dispatcher):
             if pause:
                 await asyncio.sleep(pause)
             try:  # the acceptance, body included, within 10 s (httpx's own timeout is per read)
-                r = await within(self.http.post(url, json=body, headers=headers, timeout=ASYNC_ACCEPT_TIMEOUT_S),
-                                 ASYNC_ACCEPT_TIMEOUT_S, f"POST {url}")
+                accept_s = self.settings.agent_async_accept_timeout_s
+                r = await within(self.http.post(url, json=body, headers=headers, timeout=accept_s), accept_s,
+                                 f"POST {url}")
             except (httpx.HTTPError, TimeoutError) as exc:
                 last = f"{type(exc).__name__}"
                 continue
@@ -632,7 +633,8 @@ class AgentDispatcher(Dispatcher):
                 continue
             if r.status_code == 409 and envelope is not None and envelope.get("error_code") == "in_progress":
                 wait = _retry_after_s(r.headers.get("retry-after"))  # the same key is still being dispatched
-                asked_back = min(IN_PROGRESS_DEFAULT_S if wait is None else wait, ASYNC_ACCEPT_TIMEOUT_S)
+                asked_back = min(IN_PROGRESS_DEFAULT_S if wait is None else wait,
+                                 self.settings.agent_async_accept_timeout_s)
                 last = "HTTP 409 in_progress"
                 continue
             return self._interpret(c, r, envelope, where)  # a direct answer or an error ends the dispatch
