@@ -81,9 +81,6 @@ AFFINITY_LIMIT = 10_000  # (run, channel) choices remembered
 MCP_CLIENT = mcp_types.Implementation(name="langorch-runtime", version=VERSION)
 
 
-
-
-
 def _error(code: str, message: str, *, retryable: bool, **extra: Any) -> StepError:
     details = extra.pop("details", {})
     return StepError(ErrorObject(code=code, message=message, retryable=retryable, details=details, **extra))
@@ -617,7 +614,7 @@ class AgentDispatcher(Dispatcher):
                 pause, asked_back = asked_back, None
             if pause:
                 await asyncio.sleep(pause)
-            try:  # the acceptance, body included, within 10 s (httpx's own timeout is per read)
+            try:  # the acceptance, body included, within the acceptance timeout (httpx's own is per read)
                 accept_s = self.settings.agent_async_accept_timeout_s
                 r = await within(self.http.post(url, json=body, headers=headers, timeout=accept_s), accept_s,
                                  f"POST {url}")
