@@ -3,7 +3,9 @@
 event does to the tables is the projections' (:mod:`langorch_gateway.projections`, handlers keyed by event class).
 
 Each batch of messages is applied in one transaction together with the new stream position, so a crash at
-any point either keeps or loses the whole batch; messages at or below the stored position are skipped.
+any point either keeps or loses the whole batch; messages at or below the stored position are skipped. The
+handlers' writes of a batch are collected and sent grouped by statement (:class:`StatementBatch`): a batch takes
+a few round trips to PostgreSQL whatever its size, instead of one or two per event.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -70,6 +74,54 @@ async def apply_event(conn: Any, stored: StoredEvent) -> None:
     recorded = Recorded(envelope, stored.position)
     for projection in PROJECTIONS:
         await projection.apply(conn, event, recorded)
+
+
+TABLE_OF_STATEMENT = re.compile(r"\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)", re.IGNORECASE)
+
+
+class StatementBatch:
+    """The writes of a batch's handlers, collected (``execute`` as on a connection) and then sent in few round trips.
+
+    A statement is keyed by the table it writes and the **owner** of the item being applied (an event's aggregate):
+    a projection writes only rows of the aggregate whose event it applies, and no handler reads, so statements with
+    different keys commute, and only those with the same key keep their order. Each statement goes to the first
+    *wave* after the last one of its key; the statements of a wave are grouped by their SQL text, each group one
+    ``executemany`` (a single pipelined round trip). A statement whose table is not recognised, or one without an
+    owner, is a barrier: alone in its wave, after everything before it and before everything after it.
+    """
+
+    def __init__(self) -> None:
+        self.owner: Hashable | None = None
+        self._waves: list[dict[str, list[tuple[Any, ...]]]] = []
+        self._last: dict[tuple[str, Hashable], int] = {}
+        self._floor = 0
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        """Collect one statement of the item owned by ``owner``."""
+        table = TABLE_OF_STATEMENT.match(sql)
+        if table is None or self.owner is None:
+            wave = len(self._waves)
+            self._floor = wave + 1
+        else:
+            key = (table[1].lower(), self.owner)
+            wave = max(self._floor, self._last.get(key, -1) + 1)
+            self._last[key] = wave
+        while len(self._waves) <= wave:
+            self._waves.append({})
+        self._waves[wave].setdefault(sql, []).append(args)
+
+    async def send(self, conn: Any) -> int:
+        """Execute every collected statement on ``conn`` (in the caller's transaction); the round trips it took."""
+        trips = 0
+        for wave in self._waves:
+            for sql, rows in wave.items():
+                if len(rows) == 1:
+                    await conn.execute(sql, *rows[0])
+                else:
+                    await conn.executemany(sql, rows)
+                trips += 1
+        self._waves, self._last, self._floor = [], {}, 0
+        return trips
 
 
 class _Positioned(Protocol):
@@ -134,7 +186,12 @@ class StreamProjector(ABC, Generic[M]):
 
     @abstractmethod
     async def apply(self, conn: Any, item: M) -> None:
-        """Apply one item in the batch's transaction."""
+        """Apply one item in the batch's transaction (``conn`` is the batch's :class:`StatementBatch`, or the
+        connection itself when a failed batch is applied message by message)."""
+
+    def owner_of(self, item: M) -> Hashable | None:
+        """Whose rows applying ``item`` writes (see :class:`StatementBatch`; None orders it after everything)."""
+        return None
 
     async def after_batch(self, conn: Any) -> None:
         """Work done with every batch, in its transaction (nothing by default)."""
@@ -163,13 +220,15 @@ class StreamProjector(ABC, Generic[M]):
                 "SELECT position FROM projection_positions WHERE name = $1 FOR UPDATE", self.NAME
             )
             floor = int(stored or 0)
+            statements = StatementBatch()
             for e in fresh:
                 if e.position <= floor:
                     continue
                 if isinstance(e, Poison):
                     await self._dead_letter(conn, e.position, e.subject, e.error)
                 elif not isolate:
-                    await self.apply(conn, e)
+                    statements.owner = self.owner_of(e)
+                    await self.apply(statements, e)
                 else:
                     try:
                         async with conn.transaction():  # a savepoint: a failure undoes this message only
@@ -178,6 +237,7 @@ class StreamProjector(ABC, Generic[M]):
                         if _connection_trouble(exc):
                             raise
                         await self._dead_letter(conn, e.position, self.subject_of(e), f"{type(exc).__name__}: {exc}")
+            await statements.send(conn)
             await self.after_batch(conn)
             await conn.execute(
                 """INSERT INTO projection_positions (name, position) VALUES ($1, $2)
@@ -285,6 +345,9 @@ class Projector(StreamProjector[StoredEvent]):
     async def apply(self, conn: Any, item: StoredEvent) -> None:
         await apply_event(conn, item)
 
+    def owner_of(self, item: StoredEvent) -> Hashable:
+        return item.envelope.aggregate, item.envelope.aggregate_id
+
     def subject_of(self, item: StoredEvent) -> str:
         ev = item.envelope
         return f"lo.evt.{ev.aggregate}.{ev.aggregate_id}.{ev.type}"
@@ -315,6 +378,9 @@ class AuditProjector(StreamProjector[StoredAudit]):
 
     async def apply(self, conn: Any, item: StoredAudit) -> None:
         await apply_audit_entry(conn, item.entry, item.position)
+
+    def owner_of(self, item: StoredAudit) -> Hashable:
+        return item.entry.event_id
 
 
 async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, timeout: float = 300,

@@ -22,7 +22,9 @@ from typing import Any, Generic, TypeVar
 from ckp_core.events import Aggregate, DecodedEvent, EventData, EventEnvelope, UnknownEvent
 
 Conn = Any
-"""An asyncpg connection inside the projector's batch transaction."""
+"""Where a handler writes: the projector's :class:`~langorch_gateway.projector.StatementBatch` (or an asyncpg
+connection inside the batch transaction). Handlers only ``execute`` statements, never read, and write only rows of
+the aggregate whose event they apply, so the batch may group the statements of different aggregates."""
 
 
 def to_json(value: Any) -> str:

@@ -44,6 +44,11 @@ class RunUpdate:
         self.args.append(value)
         self.sets.append(f"{column} = ${len(self.args)}{cast}")
 
+    def add(self, column: str, value: Any) -> None:
+        """``column`` grows by ``value`` (a parameter, so every event of the class shares one statement)."""
+        self.args.append(value)
+        self.sets.append(f"{column} = {column} + ${len(self.args)}")
+
     def clause(self, sql: str) -> None:
         """A ``SET`` clause as it is (``$2`` is the event's time)."""
         self.sets.append(sql)
@@ -112,9 +117,9 @@ def started(update: RunUpdate, event: ExecutionStarted) -> None:
 
 @COLUMNS.register
 def llm_usage(update: RunUpdate, event: LlmUsage) -> None:
-    update.clause(f"total_prompt_tokens = total_prompt_tokens + {int(event.prompt_tokens)}")
-    update.clause(f"total_completion_tokens = total_completion_tokens + {int(event.completion_tokens)}")
-    update.clause(f"estimated_cost_usd = estimated_cost_usd + {float(event.estimated_cost_usd or 0.0)!r}")
+    update.add("total_prompt_tokens", int(event.prompt_tokens))
+    update.add("total_completion_tokens", int(event.completion_tokens))
+    update.add("estimated_cost_usd", float(event.estimated_cost_usd or 0.0))
 
 
 @COLUMNS.register
