@@ -7,6 +7,8 @@ references are allowed only where the caller says so (§7.14) and noted for the 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from ckp_core.compiler.fields import Compilation, Read
@@ -38,15 +40,23 @@ def expression(c: Compilation, source: Any, path: str, check_roots: bool = True,
     except RecursionError:
         c.add("error", "expression_syntax_error", f"{path}: expression nested too deeply", path)
         return None
-    uses: list[tuple[str | None, str | None]] = []
-    _secret_uses(expr.ast, uses)
-    if uses:
-        c.add("error", "secret_not_allowed", f"{path}: secrets may only be used in agent parameters and "
-              "encryption keys", path)
-        return None
+    if "secrets" in expr.referenced_roots:  # the roots hold every name of the tree
+        uses: list[tuple[str | None, str | None]] = []
+        _secret_uses(expr.ast, uses)
+        if uses:
+            c.add("error", "secret_not_allowed", f"{path}: secrets may only be used in agent parameters and "
+                  "encryption keys", path)
+            return None
     if check_roots:
         for root in expr.referenced_roots - local_names:
             c.reads.append(Read(root, path, c.node_id, c.step_id))
+    return _expression_ir(source)
+
+
+@lru_cache(maxsize=2048)
+def _expression_ir(source: str) -> ExpressionIR:
+    """The IR of an expression that parses (cached by text like the parser: the IR is immutable)."""
+    expr = parse_expression(source)
     return ExpressionIR(source=source, ast=ast_to_json(expr.ast), roots=sorted(expr.referenced_roots))
 
 
@@ -67,25 +77,25 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
              secret_refs: list[SecretRefIR] | None = None) -> TemplateIR | None:
     """Compile a template field. ``secrets`` (§7.14): ``deny``, ``allow`` (agent parameters) or the set of
     top-level keys where they are allowed (``{"key"}`` for encrypt/decrypt/hash)."""
+    strings: list[dict[str, Any]] = []
+    found: list[tuple[str, _Placeholder]] = []
+    errors: list[tuple[str, str, str]] = []
     try:
-        tpl, errors = compile_template_checked(value)
+        _walk_template(value, "", strings, found, errors)
     except (RecursionError, TemplateSyntaxError):
         c.add("error", "template_syntax_error", f"{path}: template nested too deeply", path)
         return None
-    for exc in errors:
-        where = path + exc.path
-        c.add("error", "template_syntax_error", f"{where}: invalid placeholder '{exc.raw}': {exc.reason}",
-              where)
-    if tpl is None:
+    for at, raw, reason in errors:
+        where = path + at
+        c.add("error", "template_syntax_error", f"{where}: invalid placeholder '{raw}': {reason}", where)
+    if errors:
         return None
     ok = True
-    for ph in tpl.placeholders:
-        where = path + ph.path
-        uses: list[tuple[str | None, str | None]] = []
-        if "secrets" in ph.expression.referenced_roots:
-            _secret_uses(ph.expression.ast, uses)
+    for at, ph in found:
+        where = path + at
+        uses = ph.secret_uses
         allowed = secrets == "allow" or (
-            isinstance(secrets, frozenset) and ph.path.split("/")[1:2] and ph.path.split("/")[1] in secrets)
+            isinstance(secrets, frozenset) and at.split("/")[1:2] and at.split("/")[1] in secrets)
         if uses and not allowed:
             c.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
                   "and encryption keys", where)
@@ -100,12 +110,97 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
             c.secret_uses.append((alias, where, c.node_id, c.step_id))
             if secret_refs is not None:
                 secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
-        for root in ph.expression.referenced_roots - local_names - {"secrets"}:
+        for root in ph.roots - local_names - {"secrets"}:
             c.reads.append(Read(root, where, c.node_id, c.step_id))
     if not ok:
         return None
-    data = template_to_json(tpl)
-    return TemplateIR(source=data["source"], strings=data["strings"])
+    if isinstance(value, str):
+        return _string_template(value)
+    return TemplateIR(source=value, strings=strings)
+
+
+@dataclass(frozen=True, slots=True)
+class _Placeholder:
+    """A placeholder of a template string, as compiled by :mod:`ckp_core.templates`, without its JSON path."""
+
+    ir: dict[str, Any]  # its IR form (templates.template_to_json) without "path"
+    roots: frozenset[str]
+    secret_uses: tuple[tuple[str | None, str | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _String:
+    """A template string with a placeholder or an escaped ``\\{{``, compiled once per text."""
+
+    parts: tuple[str | _Placeholder, ...]
+    placeholders: tuple[_Placeholder, ...]
+    whole: int | None
+    errors: tuple[tuple[str, str], ...]  # (raw placeholder, reason) of each one that does not parse
+
+
+@lru_cache(maxsize=8192)
+def _compiled_string(s: str) -> _String:
+    """Compile one template string (cached by text: templates compile each string independently of where it
+    is, so only the JSON path differs between uses). Raises what :func:`compile_template_checked` raises."""
+    tpl, bad = compile_template_checked(s)
+    if tpl is None:
+        return _String((), (), None, tuple((e.raw, e.reason) for e in bad))
+    (entry,) = template_to_json(tpl)["strings"]
+    placeholders = iter(tpl.placeholders)
+    parts: list[str | _Placeholder] = []
+    for part in entry["parts"]:
+        if isinstance(part, str):
+            parts.append(part)
+            continue
+        expr = next(placeholders).expression
+        uses: list[tuple[str | None, str | None]] = []
+        if "secrets" in expr.referenced_roots:
+            _secret_uses(expr.ast, uses)
+        ir = {k: v for k, v in part["ph"].items() if k != "path"}
+        parts.append(_Placeholder(ir, expr.referenced_roots, tuple(uses)))
+    return _String(tuple(parts), tuple(p for p in parts if isinstance(p, _Placeholder)), entry["whole"], ())
+
+
+@lru_cache(maxsize=8192)
+def _string_parts(s: str, at: str) -> list[Any]:
+    """The IR parts of a template string at a JSON path (shared by its uses: the IR is immutable)."""
+    return [part if isinstance(part, str) else {"ph": {"path": at, **part.ir}}
+            for part in _compiled_string(s).parts]
+
+
+@lru_cache(maxsize=4096)
+def _string_template(s: str) -> TemplateIR:
+    """The IR of a template that is one string that compiles."""
+    strings: list[dict[str, Any]] = []
+    _walk_template(s, "", strings, [], [])
+    return TemplateIR(source=s, strings=strings)
+
+
+def _walk_template(value: Any, at: str, strings: list[dict[str, Any]], found: list[tuple[str, _Placeholder]],
+                   errors: list[tuple[str, str, str]]) -> None:
+    """The compiled strings of a template value in document order (as :func:`compile_template_checked`)."""
+    if isinstance(value, str):
+        if "{{" not in value:  # neither a placeholder nor an escaped one
+            return
+        compiled = _compiled_string(value)
+        if compiled.errors:
+            errors.extend((at, raw, reason) for raw, reason in compiled.errors)
+            return
+        strings.append({"path": at, "parts": _string_parts(value, at), "whole": compiled.whole})
+        found.extend((at, ph) for ph in compiled.placeholders)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(item, str) and "{{" not in item:
+                continue
+            k = str(key)
+            if "~" in k or "/" in k:
+                k = k.replace("~", "~0").replace("/", "~1")
+            _walk_template(item, f"{at}/{k}", strings, found, errors)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, str) and "{{" not in item:
+                continue
+            _walk_template(item, f"{at}/{i}", strings, found, errors)
 
 
 def opt_template(c: Compilation, obj: Mapping[str, Any], key: str, path: str, **kw: Any) -> TemplateIR | None:

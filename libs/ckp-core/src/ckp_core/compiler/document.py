@@ -67,7 +67,11 @@ def canonical_json(value: Any) -> str:
 
 def content_hash(doc: Any) -> str:
     """``sha256:<hex>`` of the canonical JSON of a document."""
-    return "sha256:" + hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+    return _sha256(canonical_json(doc).encode("utf-8"))
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def compile_text(text: str | bytes, lookup: ProcedureLookup | None = None) -> CompileResult:
@@ -89,7 +93,7 @@ def compile_document(doc: Any, lookup: ProcedureLookup | None = None) -> Compile
     if not isinstance(doc, dict):
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
                                          message="CKP document must be a JSON object")])
-    problem = _document_problem(doc)
+    problem, canonical = _document_problem(doc)
     if problem is not None:
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="", message=problem)])
     dialect = _dialect(doc)
@@ -100,29 +104,57 @@ def compile_document(doc: Any, lookup: ProcedureLookup | None = None) -> Compile
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return compile_procedure(strip_object(doc), doc, lookup)
+        return compile_procedure(strip_object(doc), doc, lookup, canonical)
     finally:
         if collecting:
             gc.enable()
 
 
-def _document_problem(doc: Any) -> str | None:
-    """Why a decoded document cannot be stored as canonical JSON: too deep, non-finite numbers, lone surrogates."""
-    stack: list[tuple[Any, int]] = [(doc, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict | list):
-            if depth > MAX_NESTING:
-                return f"CKP document is nested deeper than {MAX_NESTING} levels"
-            items = value.values() if isinstance(value, dict) else value
-            stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+def _document_problem(doc: dict[str, Any]) -> tuple[str | None, bytes | None]:
+    """Why a decoded document cannot be stored as canonical JSON (too deep, non-finite numbers, lone
+    surrogates), or None with the document's canonical JSON as UTF-8 (None when it could not be made here)."""
+    if _too_deep(doc):
+        return f"CKP document is nested deeper than {MAX_NESTING} levels", None
+    # The canonical text serves both as this check and, later, as the content hash. When it fails (or cannot be
+    # sorted), the check is repeated on the text in document order, whose first error is the one reported.
+    try:
+        return None, json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):
+        pass
     try:
         json.dumps(doc, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except ValueError as exc:
-        return f"CKP document holds a value JSON cannot represent: {exc}"
+        return f"CKP document holds a value JSON cannot represent: {exc}", None
     except (TypeError, RecursionError) as exc:
-        return f"CKP document is not JSON data: {exc}"
-    return None
+        return f"CKP document is not JSON data: {exc}", None
+    return None, None
+
+
+def _too_deep(doc: dict[str, Any]) -> bool:
+    """Whether an object or array is nested deeper than MAX_NESTING (the document itself is level 1)."""
+    level: list[Any] = [doc]
+    for _ in range(MAX_NESTING):
+        # One level at a time, in comprehensions. A level this large means shared or circular containers (not
+        # decoded JSON text), where the walk that follows one path at a time finds a cycle sooner.
+        if len(level) > 1_000_000:
+            return _too_deep_by_path(doc)
+        level = [item for value in level for item in (value.values() if isinstance(value, dict) else value)
+                 if isinstance(item, dict | list)]
+        if not level:
+            return False
+    return True
+
+
+def _too_deep_by_path(doc: dict[str, Any]) -> bool:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    return False
 
 
 def _dialect(doc: dict[str, Any]) -> Diagnostic | None:
@@ -143,8 +175,10 @@ def _dialect(doc: dict[str, Any]) -> Diagnostic | None:
     return None
 
 
-def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: ProcedureLookup | None) -> CompileResult:
-    """The passes over a document that passed the dialect check (``doc``: ``original`` without comments)."""
+def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: ProcedureLookup | None,
+                      canonical: bytes | None = None) -> CompileResult:
+    """The passes over a document that passed the dialect check (``doc``: ``original`` without comments;
+    ``canonical``: the canonical JSON of ``original`` when already made)."""
     c = Compilation()
     c.unknown_fields(doc, ROOT_FIELDS, "")
     procedure_id = identity(c, doc, "procedure_id", PROCEDURE_ID_RE, "procedure id")
@@ -181,9 +215,10 @@ def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: Pro
     assert procedure_id is not None
     assert version is not None
     assert start_node is not None
+    digest = content_hash(original) if canonical is None else _sha256(canonical)
     ir = ProcedureIR(
         procedure_id=procedure_id, version=version, name=name or procedure_id, description=description,
-        status=status, effective_date=effective, content_hash=content_hash(original),
+        status=status, effective_date=effective, content_hash=digest,
         compiler_version=COMPILER_VERSION, trigger=trigger_ir, global_config=c.gc, variables=variables,
         secrets=c.secrets, start_node=start_node, nodes=nodes, edges=edges, subflow_refs=subflow_refs,
         retrieval_metadata=retrieval, provenance=provenance, tags=_tags(retrieval), diagnostics=c.diags,
