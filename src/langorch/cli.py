@@ -397,18 +397,21 @@ def up(
     postgres_port: Annotated[int | None, typer.Option(envvar="LANGORCH_POSTGRES_PORT", help="Port of the embedded "
                                                       "PostgreSQL (default: chosen on the first start, then kept).")]
     = None,
+    workers: Annotated[int, typer.Option(envvar="LANGORCH_WORKERS", help="Worker processes running the compiler, "
+                                         "runtime and approvals beside the API's process (0: every service in one "
+                                         "process).")] = 1,
 ) -> None:
-    """Start LangOrch in one process: embedded NATS and PostgreSQL (unless LANGORCH_NATS_URL /
-    LANGORCH_DATABASE_URL name existing servers) and every service. Ctrl-C stops it (a second Ctrl-C forces the
-    stop); the data stays in the state directory. Exit codes: 0 stopped on request, 1 failed while running,
-    2 could not start (port taken, state directory in use)."""
+    """Start LangOrch under one command: embedded NATS and PostgreSQL (unless LANGORCH_NATS_URL /
+    LANGORCH_DATABASE_URL name existing servers), the gateway, and the other services in worker processes. Ctrl-C
+    stops it all (a second Ctrl-C forces the stop); the data stays in the state directory. Exit codes: 0 stopped on
+    request, 1 failed while running, 2 could not start (port taken, state directory in use)."""
     from langorch.up import UpError, UpOptions
     from langorch.up import run as run_up
 
     _logging()
     options = UpOptions(state_dir=state_dir, host=host, port=port, nats_port=nats_port, postgres_port=postgres_port,
                         nats_url=os.environ.get("LANGORCH_NATS_URL") or None,
-                        database_url=os.environ.get("LANGORCH_DATABASE_URL") or None)
+                        database_url=os.environ.get("LANGORCH_DATABASE_URL") or None, workers=workers)
     try:
         code = run_up(options, console)
     except UpError as exc:

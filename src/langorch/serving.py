@@ -1,14 +1,22 @@
-"""Run LangOrch services in this process: every service for ``langorch up``, one for ``langorch serve``."""
+"""Run LangOrch services in this process: every service for ``langorch up --workers 0``, the gateway for ``langorch
+up``, the compiler, runtime and approvals for one of its worker processes, one service for ``langorch serve``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from langorch_infra.hosting import ServiceHost
 
 SERVICES = ("compiler", "runtime", "approvals", "gateway")
+# what a `langorch up` worker process runs: everything but the gateway, which stays in the process of the command
+WORKER_SERVICES = ("compiler", "runtime", "approvals")
 
 
 async def ensure_database(url: str, name: str = "langorch") -> str:
@@ -26,53 +34,110 @@ async def ensure_database(url: str, name: str = "langorch") -> str:
     return f"{base}/{name}"
 
 
+def gateway_url(host: str, port: int) -> str:
+    """The gateway's own address as agents on this machine reach it."""
+    shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def build_hosts(names: Sequence[str], nats_url: str, database_url: str,
+                public_url: str | None = None) -> list[ServiceHost]:
+    """The replicas of the non-gateway services among ``names``; ``public_url`` is the runtime's callback base
+    unless ``LANGORCH_PUBLIC_URL`` sets it."""
+    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
+
+    env: dict[str, Any] = {"nats_url": nats_url, "database_url": database_url}
+    hosts: list[ServiceHost] = []
+    if "compiler" in names:
+        from langorch_compiler.service import host as compiler_host
+
+        hosts.append(compiler_host(CompilerSettings(**env)))
+    if "runtime" in names:
+        from langorch_runtime.service import host as runtime_host
+
+        runtime = RuntimeSettings(**env)
+        if public_url is not None and "public_url" not in runtime.model_fields_set:
+            runtime = RuntimeSettings(**env, public_url=public_url)
+        hosts.append(runtime_host(runtime))  # runs and the agent/lease side
+    if "approvals" in names:
+        from langorch_approvals.service import host as approvals_host
+
+        hosts.append(approvals_host(ApprovalsSettings(**env)))
+    return hosts
+
+
+def import_services(names: Sequence[str]) -> None:
+    """Import the modules of ``names`` now (the slow part of a start, most of it pydantic and LangGraph), so that
+    it can overlap with something else, such as the embedded servers starting."""
+    import importlib
+
+    modules = {"compiler": "langorch_compiler.service", "runtime": "langorch_runtime.service",
+               "approvals": "langorch_approvals.service", "gateway": "langorch_gateway.app"}
+    for name in names:
+        importlib.import_module(modules[name])
+    if "gateway" in names:
+        importlib.import_module("uvicorn")
+
+
+async def stop_tasks(tasks: list[asyncio.Task[Any]], grace: float, keep: str | None = None) -> None:
+    """Cancel ``tasks`` (but ``keep``, which stops by itself within ``grace``) and wait for them, bounded.
+
+    A service canceled during its start-up has been seen to swallow that one cancellation and keep its consumers
+    running (the stop then waited the whole budget), so a service still running is canceled again every 0.5 s.
+    """
+    for task in tasks:
+        if task.get_name() != keep:
+            task.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace + 3
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        _, pending = await asyncio.wait(pending, timeout=min(0.5, max(0.0, deadline - loop.time())))
+        for task in pending:
+            if task.get_name() != keep:
+                task.cancel()
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=2)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it again at exit
+
+
 async def serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str, port: int,
                          on_ready: Callable[[], None] | None = None, stop: asyncio.Event | None = None,
-                         grace_s: float | None = None) -> None:
+                         grace_s: float | None = None,
+                         extra_registries: Sequence[CollectorRegistry] = ()) -> None:
     """Run ``names`` in this process until SIGINT/SIGTERM (or ``stop`` is set, when given).
 
-    With the gateway and other services together (``langorch up``) the gateway's ``GET /metrics`` serves every
-    service's registry as one, and no service opens the metrics port; a single service (``langorch serve``)
-    serves its own ``/metrics``, ``/health`` and ``/ready`` on ``LANGORCH_METRICS_PORT``.
+    With the gateway and other services together the gateway's ``GET /metrics`` serves every service's registry
+    as one, and no service opens the metrics port; a single service (``langorch serve``) serves its own
+    ``/metrics``, ``/health`` and ``/ready`` on ``LANGORCH_METRICS_PORT``. ``extra_registries`` (the worker
+    processes of ``langorch up``) are served by the gateway's ``GET /metrics`` too.
 
     Stopping: the gateway stops accepting requests and gets ``grace_s`` (default ``SHUTDOWN_GRACE_S``) for open
     requests and streams; the other services are canceled at once (a run in progress is picked up again from its
     last checkpoint). The whole stop is bounded by ``grace_s`` plus a few seconds.
     """
     import uvicorn
-    from prometheus_client import CollectorRegistry
 
     from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
-    from langorch_approvals.service import host as approvals_host
-    from langorch_compiler.service import host as compiler_host
-    from langorch_gateway.app import create_app
     from langorch_infra import jsonlog
-    from langorch_infra.hosting import ServiceHost
-    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
-    from langorch_runtime.service import host as runtime_host
+    from langorch_infra.settings import GatewaySettings
 
     grace = SHUTDOWN_GRACE_S if grace_s is None else grace_s
-    env: dict[str, Any] = {"nats_url": nats_url, "database_url": database_url}
-    hosts: list[ServiceHost] = []
-    if "compiler" in names:
-        hosts.append(compiler_host(CompilerSettings(**env)))
-    if "runtime" in names:
-        runtime = RuntimeSettings(**env)
-        if "gateway" in names and "public_url" not in runtime.model_fields_set:
-            # one process: async callbacks go to this gateway's own address unless LANGORCH_PUBLIC_URL says otherwise
-            shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-            runtime = RuntimeSettings(**env, public_url=f"http://{shown}:{port}")
-        hosts.append(runtime_host(runtime))  # runs and the agent/lease side
-    if "approvals" in names:
-        hosts.append(approvals_host(ApprovalsSettings(**env)))
+    hosts = build_hosts(names, nats_url, database_url, gateway_url(host, port) if "gateway" in names else None)
     combined = "gateway" in names and bool(hosts)
     tasks: list[asyncio.Task[Any]] = [asyncio.create_task(h.serve(0 if combined else None), name=h.service)
                                       for h in hosts]
     server = None
     if "gateway" in names:
+        from langorch_gateway.app import create_app
+
         jsonlog.install("langorch_gateway")  # the gateway logs JSON lines, one per request at least
-        settings = GatewaySettings(**env, host=host, port=port)
-        registries: list[CollectorRegistry] = [h.registry for h in hosts]
+        settings = GatewaySettings(nats_url=nats_url, database_url=database_url, host=host, port=port)
+        registries: list[CollectorRegistry] = [*(h.registry for h in hosts), *extra_registries]
         config = uvicorn.Config(create_app(settings, extra_registries=registries), host=host, port=port,
                                 log_level="warning", lifespan="on", timeout_graceful_shutdown=max(1, round(grace)))
         server = ManagedServer(config)
@@ -86,34 +151,15 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     stopper = asyncio.create_task(stop.wait())
     if server is not None:
         while not server.started and not stop.is_set() and not any(t.done() for t in tasks):
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
     if on_ready is not None and not stop.is_set() and not any(t.done() for t in tasks):
         on_ready()
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     failed = [t for t in done if t is not stopper and not t.cancelled() and t.exception() is not None]
     if server is not None:
         server.should_exit = True
-    for task in tasks:
-        if task.get_name() != "gateway":
-            task.cancel()
-    # The gateway drains within ``grace``; the canceled services close their NATS and database connections. A
-    # service canceled during its start-up has been seen to swallow that one cancellation and keep its consumers
-    # running (the stop then waited the whole budget), so a service still running is canceled again every 0.5 s.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace + 3
-    pending = {t for t in tasks if not t.done()}
-    while pending and loop.time() < deadline:
-        _, pending = await asyncio.wait(pending, timeout=min(0.5, max(0.0, deadline - loop.time())))
-        for task in pending:
-            if task.get_name() != "gateway":
-                task.cancel()
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending, timeout=2)
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved, so asyncio does not log it again at exit
+    # The gateway drains within ``grace``; the canceled services close their NATS and database connections.
+    await stop_tasks(tasks, grace, keep="gateway")
     stopper.cancel()
     if failed:
         raise failed[0].exception()  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""``langorch up``: every service in one process, on embedded NATS and PostgreSQL, with a clean start and stop.
+"""``langorch up``: every service under one command, on embedded NATS and PostgreSQL, with a clean start and stop.
 
 1. **Checks before anything starts.** The state directory is locked (one ``langorch up`` per directory), the API
    port must be free, and so must ports given for the embedded servers. A problem is one line and exit code 2.
@@ -6,11 +6,16 @@
    their ports across restarts (chosen free on the first start and remembered in ``<state>/servers.json``), write
    their output to ``<state>/logs/``, and are stopped by this process. A server left running by a killed
    ``langorch up`` is stopped before a new one starts.
-3. **A banner** names the API, docs and metrics URLs, the NATS and PostgreSQL URLs other systems connect to, the
-   state directory and the log files.
-4. **Stop.** The first Ctrl-C (or SIGTERM) stops the services (the gateway drains for ``STOP_GRACE_S``), then
-   NATS, then PostgreSQL. A second one forces the stop: the servers are killed (both recover on their next start)
-   and the process exits with 130.
+3. **Processes.** The gateway runs in this process; the compiler, runtime and approvals run in ``--workers`` worker
+   processes (:mod:`langorch.workers`; ``--workers 0`` runs them here too), so that executing runs and answering
+   the API do not share one event loop. The workers are started first and import their services while this
+   process starts the embedded servers (in a thread) and imports the gateway; a worker that crashes later is
+   reported and started again, and a worker whose parent is gone (even killed) stops by itself.
+4. **A banner** names the API, docs and metrics URLs, the NATS and PostgreSQL URLs other systems connect to, the
+   state directory and the log files, once the gateway serves and every worker runs.
+5. **Stop.** The first Ctrl-C (or SIGTERM) stops the services (the gateway drains for ``STOP_GRACE_S`` while the
+   workers stop), then NATS, then PostgreSQL. A second one forces the stop: the workers and servers are killed
+   (the servers recover on their next start) and the process exits with 130.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +38,8 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
+from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
+
 # how long the gateway waits for open requests and SSE streams when `langorch up` stops
 STOP_GRACE_S = 1.0
 FORCED_EXIT_CODE = 130
@@ -39,6 +47,8 @@ FORCED_EXIT_CODE = 130
 # that the terminal already sent to the whole process group when it has no terminal of its own, so one Ctrl-C
 # (or one `kill -INT -<pgid>`) can arrive twice within milliseconds.
 REPEAT_WINDOW_S = 0.5
+# how long the workers get to stop after the request, before they are killed
+WORKER_STOP_S = 8.0
 
 
 class UpError(Exception):
@@ -58,6 +68,7 @@ class UpOptions:
     postgres_port: int | None = None
     nats_url: str | None = None  # an existing server instead of the embedded one
     database_url: str | None = None
+    workers: int = 1  # worker processes running the compiler, runtime and approvals; 0: all in this process
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -184,6 +195,8 @@ class Up:
     loop: asyncio.AbstractEventLoop | None = None
     stop_event: asyncio.Event | None = None
     notes: list[str] = field(default_factory=list)
+    pool: WorkerPool | None = None
+    failure: str | None = None
 
     def __post_init__(self) -> None:
         self.state = StateDir(self.options.state_dir.absolute())
@@ -204,7 +217,9 @@ class Up:
             raise KeyboardInterrupt  # still starting: unwind, stopping whatever has started
 
     def force(self) -> None:
-        """The second Ctrl-C: kill the embedded servers and leave now."""
+        """The second Ctrl-C: kill the workers and the embedded servers and leave now."""
+        if self.pool is not None:
+            self.pool.kill()
         for server in reversed(self.embedded):
             with contextlib.suppress(Exception):  # the second Ctrl-C: one failed kill must not spare the others
                 if hasattr(server, "kill"):
@@ -231,6 +246,8 @@ class Up:
         o = self.options
         if not 0 < o.port < 65536:
             raise UpError(f"--port {o.port} is not a TCP port (1-65535)")
+        if o.workers < 0:
+            raise UpError(f"--workers {o.workers}: give a number of worker processes, 0 or more")
         self.state.lock()
         if port_in_use(o.host, o.port):
             raise UpError(f"port {o.port} on {o.host} is already in use; start LangOrch on another port with "
@@ -253,10 +270,6 @@ class Up:
 
         o = self.options
         nats_url, database_url = o.nats_url, o.database_url
-        if servers:
-            self.console.print("[dim]starting the embedded "
-                               + " and ".join({"nats": "NATS", "postgres": "PostgreSQL"}[k] for k in servers)
-                               + " servers…[/]", highlight=False)
         if "nats" in servers:
             nats = EmbeddedNats(self.state.path / "nats", servers["nats"]["port"],
                                 log_file=self.state.logs / "nats-server.log")
@@ -299,13 +312,68 @@ class Up:
         from langorch.serving import SERVICES, serve_services
 
         self.loop = asyncio.get_running_loop()
-        self.stop_event = asyncio.Event()
+        self.stop_event = stop = asyncio.Event()
         if self.signals:
-            self.stop_event.set()
+            stop.set()
         o = self.options
-        await serve_services(SERVICES, nats_url, database_url, o.host, o.port,
-                             on_ready=lambda: self.banner(nats_url, database_url, started), stop=self.stop_event,
-                             grace_s=STOP_GRACE_S)
+        pool = self.pool
+        gateway_up = asyncio.Event()
+
+        async def announce() -> None:
+            """The banner once the gateway serves and every worker runs; a worker that cannot start stops all."""
+            await gateway_up.wait()
+            if pool is not None:
+                try:
+                    await pool.wait_ready()
+                except WorkerFailed as exc:
+                    self.failure = str(exc)
+                    stop.set()
+                    return
+            if not stop.is_set():
+                self.banner(nats_url, database_url, started)
+
+        async def stop_workers() -> None:
+            """The workers stop while the gateway drains."""
+            await stop.wait()
+            if pool is not None:
+                pool.terminate()
+
+        helpers = [asyncio.create_task(announce()), asyncio.create_task(stop_workers())]
+        if pool is not None:
+            helpers.append(asyncio.create_task(pool.supervise()))
+        try:
+            await serve_services(("gateway",) if pool is not None else SERVICES, nats_url, database_url, o.host,
+                                 o.port, on_ready=gateway_up.set, stop=stop, grace_s=STOP_GRACE_S,
+                                 extra_registries=[pool.registry()] if pool is not None else ())
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if pool is not None:
+                pool.terminate()
+                await asyncio.to_thread(pool.wait, WORKER_STOP_S)
+        if self.failure is not None:
+            raise UpError(self.failure, 1)
+
+    def _start_servers_in_thread(self, servers: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+        """Start the embedded servers in a thread (they wait on processes and sockets), so that this thread can
+        import the gateway meanwhile; the result or the error is in the returned dict once the thread ends."""
+        result: dict[str, Any] = {}
+
+        def start() -> None:
+            try:
+                result["urls"] = self.start_servers(servers)
+            except BaseException as exc:  # handed to the main thread, which reports it
+                result["error"] = exc
+
+        thread = threading.Thread(target=start, name="langorch-up-servers", daemon=True)
+        thread.start()
+        return thread, result
+
+    def stop_workers(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.wait(WORKER_STOP_S)
 
     def stop_servers(self) -> None:
         # both servers stop at once (NATS on SIGTERM while PostgreSQL writes its shutdown checkpoint); a server
@@ -320,26 +388,53 @@ class Up:
 
     def run(self) -> int:
         """Start, serve until stopped, stop; the exit code."""
+        from langorch.serving import SERVICES, WORKER_SERVICES, gateway_url, import_services
+
         started = time.monotonic()
+        o = self.options
+        starter: threading.Thread | None = None
         with self._signals():
             try:
                 servers = self.check()
-                try:
-                    nats_url, database_url = self.start_servers(servers)
-                except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError) as exc:
-                    if self.signals:
-                        raise KeyboardInterrupt from exc
-                    raise UpError(f"an embedded server did not start ({exc}); its log is in {self.state.logs}",
-                                  1) from exc
+                if o.workers:
+                    # first: the workers import their services on the other cores while this process goes on
+                    self.pool = WorkerPool(o.workers, self.state.path, report=self._report)
+                    self.pool.spawn()
+                if servers:
+                    self.console.print("[dim]starting the embedded "
+                                       + " and ".join({"nats": "NATS", "postgres": "PostgreSQL"}[k] for k in servers)
+                                       + " servers…[/]", highlight=False)
+                starter, result = self._start_servers_in_thread(servers)
+                import_services(("gateway",) if o.workers else SERVICES)
+                if not o.workers:
+                    import_services(WORKER_SERVICES)
+                starter.join()
+                error = result.get("error")
+                if isinstance(error, KeyboardInterrupt) or (error is not None and self.signals):
+                    raise KeyboardInterrupt from error
+                if isinstance(error, RuntimeError | TimeoutError | OSError | subprocess.CalledProcessError):
+                    raise UpError(f"an embedded server did not start ({error}); its log is in {self.state.logs}",
+                                  1) from error
+                if error is not None:
+                    raise error
+                nats_url, database_url = result["urls"]
+                if self.pool is not None:
+                    self.pool.configure(WorkerConfig(nats_url, database_url, gateway_url(o.host, o.port)))
                 asyncio.run(self.serve(nats_url, database_url, started))
             except KeyboardInterrupt:
                 pass
             finally:
+                if starter is not None:
+                    starter.join(60)  # a server still starting is stopped below once it has started
+                self.stop_workers()
                 self.stop_servers()
         if self.signaled_at is not None:
             self.console.print(f"stopped in {time.monotonic() - self.signaled_at:.1f} s; data kept in "
                                f"{self.state.path}", highlight=False)
         return 0
+
+    def _report(self, line: str) -> None:
+        self.console.print(f"[yellow]{line}[/]", highlight=False)
 
 
 def run(options: UpOptions, console: Console) -> int:

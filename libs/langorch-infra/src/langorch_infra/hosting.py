@@ -132,6 +132,7 @@ class OpsServer:
     """:class:`OpsApp` under uvicorn on ``host:port``, started and stopped with the replica."""
 
     def __init__(self, app: OpsApp, port: int, host: str = "0.0.0.0") -> None:
+        """``port`` 0 binds a free port, which :attr:`port` holds once :meth:`start` returned True."""
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         self.server = ManagedServer(config)
         self.host = host
@@ -151,6 +152,7 @@ class OpsServer:
             sock.close()
             log.warning("metrics, health and readiness not served on port %s: %s", self.port, exc)
             return False
+        self.port = int(sock.getsockname()[1])
         self._task = asyncio.create_task(self.server.serve(sockets=[sock]), name=f"ops-http-{self.port}")
         while not self.server.started and not self._task.done():
             await asyncio.sleep(0.01)
@@ -178,6 +180,8 @@ class ServiceHost:
         self.instance_id = settings.instance_id or new_instance_id()
         self.presence: Presence | None = None
         self.ops: OpsServer | None = None
+        # set once every component has started and the presence key is published (the replica does its work)
+        self.started = asyncio.Event()
 
     def leader_of(self) -> list[str]:
         return sorted({name for c in self.components for name in c.leader_of()})
@@ -205,6 +209,7 @@ class ServiceHost:
                                      leader_of=self.leader_of, ttl_s=self.settings.presence_ttl_s)
             await self.presence.start()
             tasks = [asyncio.create_task(c.run(), name=f"{self.service}-{i}") for i, c in enumerate(self.components)]
+            self.started.set()
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:

@@ -1,0 +1,248 @@
+"""Sustained load on `langorch up` through its HTTP API, with a same-run LangGraph baseline.
+
+Starts `python -m langorch up` as a subprocess on a fresh temporary state directory, imports the generated 10-node
+internal procedure of bench/runtime.py section (a) (8 `sequence` nodes of set_variable/calculate/log steps, a
+`logic` node, a `terminate`), then drives it from this process (not the server's) with `--clients` concurrent
+asyncio clients on one httpx connection pool. Each client loops: `POST /api/runs`, then `GET /api/runs/{id}` every
+`--poll-ms` until the run is terminal. The first `--warmup` seconds of load are not counted.
+
+Reported: runs completed (their terminal GET answered) in the `--seconds` window after the warm-up, per second; their
+latency (POST sent to the terminal GET answered) p50/p99; `GET /api/runs/{id}` and
+`POST /api/runs` answer times p50/p99; runs that did not complete; and the baseline of bench/runtime.py, measured
+against the same PostgreSQL right after the load: a bare LangGraph `StateGraph` of 10 trivial async nodes on
+`AsyncPostgresSaver` with `durability="sync"`, N runs at once (N = `--clients`), runs/s.
+
+    uv run python bench/load.py [--clients 40] [--seconds 30] [--poll-ms 100] [--workers N]
+
+`--workers 0` runs every service in the API's process (the process model before `langorch up` had workers).
+Goals: >= 100 completed runs/s, GET p99 <= 50 ms, POST p99 <= 100 ms. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = ("completed", "failed", "canceled")
+
+
+def runtime_bench() -> ModuleType:
+    """bench/runtime.py, for its procedure generator and its LangGraph baseline."""
+    spec = importlib.util.spec_from_file_location("bench_runtime", ROOT / "bench" / "runtime.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 2)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99),
+            "mean": round(statistics.fmean(values), 2) if values else None, "n": len(values)}
+
+
+class Up:
+    """`langorch up` in a subprocess of its own process group, its output kept."""
+
+    def __init__(self, state: Path, port: int, workers: int | None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_")}
+        extra = ["--workers", str(workers)] if workers is not None else []
+        self.port = port
+        self.proc = subprocess.Popen([sys.executable, "-m", "langorch", "up", "--state-dir", str(state), "--port",
+                                      str(port), *extra], cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_up(self, deadline_s: float = 180) -> None:
+        deadline = time.monotonic() + deadline_s
+        while not any("LangOrch is up" in line for line in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("langorch up did not start:\n" + "".join(self.lines))
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+class Load:
+    """The measurements of the clients."""
+
+    def __init__(self, measure_from: float, measure_until: float) -> None:
+        self.measure_from = measure_from
+        self.measure_until = measure_until
+        self.post_ms: list[float] = []
+        self.get_ms: list[float] = []
+        self.run_ms: list[float] = []
+        self.completed = 0
+        self.not_completed: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+
+    def counted(self, started: float) -> bool:
+        return self.measure_from <= started < self.measure_until
+
+
+async def client(c: httpx.AsyncClient, procedure_id: str, poll_s: float, load: Load, stop_at: float) -> None:
+    """Start a run, poll it to its end, again, until ``stop_at``; requests sent in the window are timed, runs that end
+    in it are counted (with their latency)."""
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        try:
+            r = await c.post("/api/runs", json={"procedure_id": procedure_id, "procedure_version": "1"})
+            answered = time.perf_counter()
+            if load.counted(started):
+                load.post_ms.append((answered - started) * 1000)
+            if r.status_code != 201:  # 202: the runtime did not create the run within the gateway's command timeout
+                load.errors[f"POST {r.status_code}"] = load.errors.get(f"POST {r.status_code}", 0) + 1
+                continue
+            run_id = r.json()["run_id"]
+            status = ""
+            while status not in TERMINAL:
+                await asyncio.sleep(poll_s)
+                t = time.perf_counter()
+                g = await c.get(f"/api/runs/{run_id}")
+                done = time.perf_counter()
+                if load.counted(t):
+                    load.get_ms.append((done - t) * 1000)
+                if g.status_code != 200:
+                    load.errors[f"GET {g.status_code}"] = load.errors.get(f"GET {g.status_code}", 0) + 1
+                    continue
+                status = g.json()["status"]
+            if load.counted(done):
+                if status == "completed":
+                    load.completed += 1
+                    load.run_ms.append((done - started) * 1000)
+                else:
+                    load.not_completed[status] = load.not_completed.get(status, 0) + 1
+        except httpx.HTTPError as exc:
+            name = type(exc).__name__
+            load.errors[name] = load.errors.get(name, 0) + 1
+
+
+async def drive(base: str, procedure_id: str, clients: int, seconds: float, warmup: float,
+                poll_ms: float) -> tuple[Load, float]:
+    now = time.perf_counter()
+    load = Load(now + warmup, now + warmup + seconds)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as c:
+        # clients start a run only until the window closes, and then finish the run they have
+        await asyncio.gather(*(client(c, procedure_id, poll_ms / 1000, load, load.measure_until)
+                               for _ in range(clients)))
+    return load, seconds
+
+
+async def prepare(base: str, doc: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        r = await c.post("/api/procedures", json={"ckp_json": doc})
+        assert r.status_code in (200, 201), r.text
+        for _ in range(3):  # one run through, so that every path is warm
+            run = (await c.post("/api/runs", json={"procedure_id": doc["procedure_id"],
+                                                   "procedure_version": "1"})).json()
+            for _ in range(600):
+                if (await c.get(f"/api/runs/{run['run_id']}")).json()["status"] in TERMINAL:
+                    break
+                await asyncio.sleep(0.05)
+
+
+async def main(clients: int, seconds: float, warmup: float, poll_ms: float, workers: int | None) -> dict[str, Any]:
+    rb = runtime_bench()
+    tmp = Path(tempfile.mkdtemp(prefix="langorch-bench-load-"))
+    state = tmp / "state"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    up = Up(state, port, workers)
+    try:
+        up.wait_up()
+        doc = rb.ten_node_procedure()
+        await prepare(base, doc)
+        load, window = await drive(base, doc["procedure_id"], clients, seconds, warmup, poll_ms)
+        servers = json.loads((state / "servers.json").read_text())
+        database_url = f"postgresql://postgres@127.0.0.1:{servers['postgres']['port']}/langorch"
+        baseline = await rb.langgraph_baseline(database_url, clients)
+        restarts = [line.strip() for line in up.lines if "exited with code" in line]
+    finally:
+        up.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    runs_per_s = load.completed / window
+    get, post = summary(load.get_ms), summary(load.post_ms)
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "load_average_1m": round(os.getloadavg()[0], 2)},
+        "command": "python -m langorch up" + (f" --workers {workers}" if workers is not None else ""),
+        "procedure": "bench/runtime.py ten_node_procedure(): 8 sequence nodes x (set_variable, calculate, log) + "
+                     "logic + terminate, checkpoint_strategy every_node",
+        "clients": clients, "seconds": seconds, "warmup_s": warmup, "poll_ms": poll_ms,
+        "completed_runs": load.completed,
+        "completed_runs_per_s": round(runs_per_s, 2),
+        "run_latency_ms": summary(load.run_ms),
+        "get_run_ms": get,
+        "post_runs_ms": post,
+        "not_completed": load.not_completed,
+        "errors": load.errors,
+        "worker_restarts": restarts,
+        "baseline_langgraph_10_nodes_postgres_sync": {
+            "concurrent_runs": clients,
+            "runs_per_s": round(baseline["concurrent_runs_per_s"], 2),
+            "sequential_run_ms_median": round(statistics.median(baseline["ms"]), 2)},
+        "ratio_baseline_to_platform_runs_per_s": round(baseline["concurrent_runs_per_s"] / runs_per_s, 2)
+        if runs_per_s else None,
+        "goals": {"runs_per_s>=100": runs_per_s >= 100,
+                  "get_p99<=50ms": get["p99"] is not None and get["p99"] <= 50,
+                  "post_p99<=100ms": post["p99"] is not None and post["p99"] <= 100},
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=40)
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured window, after the warm-up")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load not counted, first")
+    parser.add_argument("--poll-ms", type=float, default=100.0)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="`langorch up --workers` (default: not given; 0: every service in one process)")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.clients, args.seconds, args.warmup, args.poll_ms, args.workers)),
+                     indent=2))
