@@ -6,20 +6,22 @@ Process model: this process runs the gateway's :class:`~langorch_gateway.project
 other service) on its own event loop, against a fresh database. The events come from a separate writer process
 (``--write``, this same file), as the runtime appends them in production: it appends run events with the JetStream
 event store (``JetStreamEventStore.append``, one event at a time, each with its expected aggregate position) at a
-steady rate paced on absolute ticks, round-robin over ``--lanes`` concurrent runs. Each run is the event mix of a
-small real run (the ``internal_variables`` example, plus a checkpoint and an LLM call): ``run_created``,
-``execution_started``, node and step starts and completions, a ``log``, ``checkpoint_saved``, ``llm_usage`` and
-``run_completed``, built from the real event classes with ``make_event``, so every projection does its real work.
+steady rate paced on absolute ticks, round-robin over ``--lanes`` concurrent runs (at different stages: the first
+run of lane ``k`` stops after ``k`` events, as if still running). Each run is the event mix of a small real run
+(the ``internal_variables`` example, plus a checkpoint and an LLM call): ``run_created``, ``execution_started``,
+node and step starts and completions, a ``log``, ``checkpoint_saved``, ``llm_usage`` and ``run_completed``, built
+from the real event classes with ``make_event``, so every projection does its real work.
 The first ``--warmup`` events are not counted.
 
 Measured, for each counted event: the time from its append (before the publish) until
 
 * the projector reports its stream position applied (``Projector.wait`` of a watcher that always waits for the
   next position: it wakes when a batch's transaction has committed), and
-* **baseline**: a bare ordered JetStream consumer on the same subjects, in this process, receives it. It does no
-  work at all, so its lag is what delivery alone costs on this machine at this moment; measured on the same
-  messages at the same time, it makes runs on a busy shared machine comparable (the projector's own cost is the
-  difference). A bare ``executemany`` of equal row counts would leave out the decoding and the delivery.
+* **baseline**: a bare ordered JetStream consumer of the same subjects, in a process of its own (``--baseline``),
+  receives it. It does no work at all, so its lag is what delivery to a process alone costs on this machine at this
+  moment; measured on the same messages at the same time, it makes runs on a busy shared machine comparable (the
+  projector's own cost is the difference). A bare ``executemany`` of equal row counts would leave out the decoding
+  and the delivery, and would not see the machine's load at the moments the projector does.
 
 ``--profile FILE`` writes the cProfile statistics of this process (the projector's side) during the measured
 phase; profiling slows the projector, so its lag figures are then not the projector's.
@@ -127,8 +129,9 @@ async def write(nats_url: str, rate: float, count: int, lanes: int) -> list[tupl
     started = time.perf_counter() + 0.05
 
     async def lane(k: int) -> None:
-        pending: list[EventEnvelope] = []
-        position = 0
+        # the lanes' runs are at different stages, as concurrent runs are: lane k's first run stops after k events
+        per_run = len(run_events("-"))
+        pending, position = run_events(new_id())[:k % per_run or per_run], 0
         for i in range(k, count, lanes):
             if not pending:
                 pending, position = run_events(new_id()), 0
@@ -166,17 +169,24 @@ class Applied:
         return self.times[bisect_left(self.positions, position)]
 
 
-async def bare_consumer(nats_url: str, start: int, arrived: dict[int, float]) -> Any:
-    """An ordered consumer of ``lo.evt.>`` from ``start`` that only notes when each message arrives."""
+async def bare_consumer(nats_url: str, start: int, count: int) -> dict[int, float]:
+    """An ordered consumer of ``lo.evt.>`` from ``start`` that only notes when each of ``count`` messages arrives."""
     nc = await nats.connect(nats_url)
+    arrived: dict[int, float] = {}
+    done = asyncio.Event()
 
     async def on(msg: Any) -> None:
         arrived[msg.metadata.sequence.stream] = time.perf_counter()
+        if len(arrived) >= count:
+            done.set()
 
     cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
     await nc.jetstream().subscribe("lo.evt.>", ordered_consumer=True, config=cfg, stream=EVENT_STREAM, cb=on,
                                    pending_msgs_limit=100_000)
-    return nc
+    print("ready", flush=True)
+    await asyncio.wait_for(done.wait(), 3600)
+    await nc.close()
+    return arrived
 
 
 async def measure(nats_url: str, db_url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -191,12 +201,17 @@ async def measure(nats_url: str, db_url: str, args: argparse.Namespace) -> dict[
     projector.start()
     applied = Applied(projector)
     watcher = asyncio.create_task(applied.watch())
-    arrived: dict[int, float] = {}
-    bare = await bare_consumer(nats_url, head + 1, arrived)
     total = args.warmup + int(args.rate * args.seconds)
+    bare = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--baseline", nats_url, "--start", str(head + 1), "--count", str(total),
+        stdout=asyncio.subprocess.PIPE)
+    assert bare.stdout is not None
+    await bare.stdout.readline()  # subscribed
+    load_before = os.getloadavg()[0]
     writer = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--write", nats_url, "--rate", str(args.rate), "--count", str(total),
         "--lanes", str(args.lanes), stdout=asyncio.subprocess.PIPE)
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:
         profile.enable()
@@ -211,14 +226,12 @@ async def measure(nats_url: str, db_url: str, args: argparse.Namespace) -> dict[
     if profile is not None:
         profile.disable()
         profile.dump_stats(args.profile)
-    for _ in range(100):  # the baseline consumer's last messages
-        if last in arrived:
-            break
-        await asyncio.sleep(0.01)
+    arrived = {int(k): v for k, v in json.loads((await bare.communicate())[0]).items()}
     watcher.cancel()
     await projector.stop()
-    await bare.close()
     await nc.close()
+    cpu = (time.process_time() - cpu_before) / (time.perf_counter() - wall_before)
+    load_after = os.getloadavg()[0]
     rows = await pool.fetchval("SELECT count(*) FROM run_events")
     await pool.close()
     counted = appended[args.warmup:]
@@ -229,13 +242,16 @@ async def measure(nats_url: str, db_url: str, args: argparse.Namespace) -> dict[
     return {
         "setup": {"cpus": os.cpu_count(), "lanes": args.lanes, "events_per_run": len(run_events("x")),
                   "warmup_events": args.warmup, "profiled": bool(args.profile),
-                  "projector": "gateway Projector alone in this process; writer in a child process"},
+                  "load_average_1min": [round(load_before, 2), round(load_after, 2)],
+                  "projector": "gateway Projector alone in this process",
+                  "children": "the writer, the baseline consumer"},
         "events": len(counted), "target_rate_per_s": args.rate,
         "achieved_rate_per_s": round((len(counted) - 1) / seconds, 1),
         "lag_from_append_ms": summary(lag),
         "lag_from_puback_ms": summary(lag_ack),
         "baseline_bare_consumer_lag_from_append_ms": summary(base),
         "projector_minus_baseline_p99_ms": round(pct(lag, 99) - pct(base, 99), 2),
+        "projector_process_cpu_share": round(cpu, 3),
         "reports": len(applied.times), "events_per_report": round(len(appended) / max(1, len(applied.times)), 1),
         "run_events_rows": rows,
     }
@@ -272,8 +288,12 @@ if __name__ == "__main__":
     parser.add_argument("--profile", help="write cProfile statistics of the projector's process to this file")
     parser.add_argument("--write", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", help=argparse.SUPPRESS)
+    parser.add_argument("--start", type=int, help=argparse.SUPPRESS)
     ns = parser.parse_args()
-    if ns.write:
+    if ns.baseline:
+        print(json.dumps(asyncio.run(bare_consumer(ns.baseline, ns.start, ns.count))))
+    elif ns.write:
         print(json.dumps(asyncio.run(write(ns.write, ns.rate, ns.count, ns.lanes))))
     else:
         print(json.dumps(asyncio.run(main(ns)), indent=2))

@@ -53,24 +53,26 @@ class Recording:
 @pytest.mark.unit
 async def test_statements_keep_their_order_per_table_and_owner_and_share_round_trips_otherwise() -> None:
     batch = StatementBatch()
-    insert, update = "INSERT INTO t (id) VALUES ($1)", "UPDATE t SET n = n + 1 WHERE id = $1"
-    for owner, sql in (("a", insert), ("b", insert), ("a", update), ("c", insert), ("a", update), ("b", update)):
+    insert, update = "INSERT INTO t (id) VALUES ($1)", "UPDATE t SET n = n + $2 WHERE id = $1"
+    for owner, sql, n in (("a", insert, 0), ("b", insert, 0), ("a", update, 1), ("c", insert, 0), ("a", update, 2),
+                          ("b", update, 3), ("c", update, 4), ("c", insert, 5), ("c", update, 6)):
         batch.owner = owner
-        await batch.execute(sql, owner)
+        await batch.execute(sql, owner, n) if sql == update else await batch.execute(sql, owner)
     batch.owner = None  # a statement of no known owner stays between what comes before and after it
-    await batch.execute("UPDATE t SET n = 0", "all")
-    batch.owner = "c"
-    await batch.execute(update, "c")
-    await batch.execute("UPDATE u SET m = 1 WHERE id = $1", "c")  # another table: not after c's update of t
+    await batch.execute("UPDATE t SET n = 0")
+    batch.owner = "a"
+    await batch.execute(update, "a", 7)
+    await batch.execute("UPDATE u SET m = 1 WHERE id = $1", "a")  # another table: not after a's update of t
     conn = Recording()
-    assert await batch.send(conn) == 6
+    assert await batch.send(conn) == 7
     assert conn.sent == [
         ("executemany", insert, [("a",), ("b",), ("c",)]),
-        ("executemany", update, [("a",), ("b",)]),
-        ("execute", update, [("a",)]),
-        ("execute", "UPDATE t SET n = 0", [("all",)]),
-        ("execute", update, [("c",)]),
-        ("execute", "UPDATE u SET m = 1 WHERE id = $1", [("c",)]),
+        ("executemany", update, [("a", 1), ("a", 2), ("b", 3), ("c", 4)]),  # a's two in their order
+        ("execute", insert, [("c",)]),  # after c's update of t, so in the next wave
+        ("execute", update, [("c", 6)]),
+        ("execute", "UPDATE t SET n = 0", [()]),
+        ("execute", update, [("a", 7)]),
+        ("execute", "UPDATE u SET m = 1 WHERE id = $1", [("a",)]),
     ]
     assert await batch.send(conn) == 0  # sending empties it
 

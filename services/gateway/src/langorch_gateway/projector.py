@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -84,16 +84,17 @@ class StatementBatch:
 
     A statement is keyed by the table it writes and the **owner** of the item being applied (an event's aggregate):
     a projection writes only rows of the aggregate whose event it applies, and no handler reads, so statements with
-    different keys commute, and only those with the same key keep their order. Each statement goes to the first
-    *wave* after the last one of its key; the statements of a wave are grouped by their SQL text, each group one
-    ``executemany`` (a single pipelined round trip). A statement whose table is not recognised, or one without an
-    owner, is a barrier: alone in its wave, after everything before it and before everything after it.
+    different keys commute, and only those with the same key keep their order. The statements are sent in *waves*,
+    and in a wave grouped by their SQL text, each group one ``executemany`` (a single pipelined round trip that
+    executes its rows in order). A statement joins the group of the last statement of its key when it has the same
+    SQL text, and otherwise goes to the wave after that statement's. A statement whose table is not recognised, or
+    one without an owner, is a barrier: alone in its wave, after everything before it and before everything after.
     """
 
     def __init__(self) -> None:
         self.owner: Hashable | None = None
         self._waves: list[dict[str, list[tuple[Any, ...]]]] = []
-        self._last: dict[tuple[str, Hashable], int] = {}
+        self._last: dict[tuple[str, Hashable], tuple[int, str]] = {}  # the wave and SQL of each key's last
         self._floor = 0
 
     async def execute(self, sql: str, *args: Any) -> None:
@@ -104,8 +105,14 @@ class StatementBatch:
             self._floor = wave + 1
         else:
             key = (table[1].lower(), self.owner)
-            wave = max(self._floor, self._last.get(key, -1) + 1)
-            self._last[key] = wave
+            last = self._last.get(key)
+            if last is None:
+                wave = self._floor
+            elif last[1] == sql and last[0] >= self._floor:
+                wave = last[0]
+            else:
+                wave = max(self._floor, last[0] + 1)
+            self._last[key] = wave, sql
         while len(self._waves) <= wave:
             self._waves.append({})
         self._waves[wave].setdefault(sql, []).append(args)
@@ -178,6 +185,7 @@ class StreamProjector(ABC, Generic[M]):
         self.position = 0
         self._advanced = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._conn: Any = None  # the connection the consumer holds while it runs (see _consume)
         self.bus: BusMetrics | None = None  # langorch_bus_* of the gateway (set by the app)
 
     @abstractmethod
@@ -215,7 +223,7 @@ class StreamProjector(ABC, Generic[M]):
         fresh = [e for e in batch if e.position > self.position]
         if not fresh:
             return
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             stored = await conn.fetchval(
                 "SELECT position FROM projection_positions WHERE name = $1 FOR UPDATE", self.NAME
             )
@@ -247,6 +255,15 @@ class StreamProjector(ABC, Generic[M]):
         async with self._advanced:
             self.position = fresh[-1].position
             self._advanced.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """The consumer's own connection while it runs, else one of the pool's."""
+        if self._conn is not None:
+            yield self._conn
+        else:
+            async with self.pool.acquire() as conn:
+                yield conn
 
     def subject_of(self, item: M) -> str:
         """The subject an item came from, for a dead letter (the projector's filter when unknown)."""
@@ -283,6 +300,10 @@ class StreamProjector(ABC, Generic[M]):
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
         sub = await self.js.subscribe(self.SUBJECT, ordered_consumer=True, config=cfg, stream=self.STREAM,
                                       pending_msgs_limit=100_000)
+        # one connection for every batch: a pool's release costs a round trip of its own (asyncpg resets the
+        # session); after a connection failure the consumer starts again with a fresh one
+        held = await self.pool.acquire()
+        self._conn = held
         try:
             while True:
                 msg = await sub.next_msg(timeout=None)
@@ -299,8 +320,10 @@ class StreamProjector(ABC, Generic[M]):
                     for subject, item in zip(subjects, batch, strict=True):
                         self.bus.observe(subject, "term" if isinstance(item, Poison) else "ack", share)
         finally:
+            self._conn = None
             with contextlib.suppress(NatsError, OSError):  # the connection may be closed or draining already
                 await sub.unsubscribe()
+            await self.pool.release(held)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name=f"projector-{self.NAME}")

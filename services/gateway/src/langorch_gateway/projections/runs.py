@@ -3,8 +3,9 @@
 Its ``status`` and ``waiting_on`` are the run aggregate's own rule, :func:`ckp_core.runs.effect` (the same effect
 the runtime folds), so the projected status never disagrees with the writer's. Every event of the run after
 ``run_created`` updates the row in one ``UPDATE`` guarded by the row's ``seq`` (a redelivered or older event
-changes nothing): the status and wait it leaves, plus the columns its class sets (:data:`COLUMNS`). An artifact
-leaves the row alone, and ``run_deleted`` removes it.
+changes nothing): the status and wait it leaves, plus the columns its class sets (:data:`COLUMNS`). That
+``UPDATE`` is one statement for every event (:data:`UPDATE`, parameters saying what changes), so the projector
+sends a batch's run updates in one round trip. An artifact leaves the row alone, and ``run_deleted`` removes it.
 """
 
 from __future__ import annotations
@@ -32,43 +33,92 @@ from langorch_gateway.projections.base import ByEventClass, Conn, Projection, Re
 PROJECTION = Projection("runs", "run", ("runs",))
 
 
+SET_COLUMNS = {"last_node_id": "text", "last_step_id": "text", "output_vars": "jsonb", "error": "jsonb"}
+"""The columns an event may set to a value, and their types."""
+TIME_COLUMNS = ("started_at", "cancel_requested_at", "ended_at")
+"""The columns an event may set to its time (``at``), to its time when still empty (``first``), or clear."""
+SUM_COLUMNS = {"retry_count": "integer", "total_prompt_tokens": "bigint", "total_completion_tokens": "bigint",
+               "estimated_cost_usd": "double precision"}
+"""The columns an event may add to, and their types."""
+
+
+def _update() -> str:
+    sets = ["updated_at = $2", "seq = $3", "position = $4",
+            "status = CASE WHEN $5::text IS NULL THEN status WHEN $6::text[] IS NULL OR status = ANY($6::text[]) "
+            "THEN $5::text ELSE status END",
+            "waiting_on = CASE $7::text WHEN 'set' THEN $8::jsonb WHEN 'clear' THEN NULL ELSE waiting_on END"]
+    n = 9  # $9: the SET_COLUMNS the event sets
+    for column, type_ in SET_COLUMNS.items():
+        n += 1
+        sets.append(f"{column} = CASE WHEN '{column}' = ANY($9::text[]) THEN ${n}::{type_} ELSE {column} END")
+    for column in TIME_COLUMNS:
+        n += 1
+        sets.append(f"{column} = CASE ${n}::text WHEN 'at' THEN $2 WHEN 'first' THEN COALESCE({column}, $2) "
+                    f"WHEN 'clear' THEN NULL ELSE {column} END")
+    for column, type_ in SUM_COLUMNS.items():
+        n += 1
+        sets.append(f"{column} = CASE WHEN ${n}::{type_} IS NULL THEN {column} ELSE {column} + ${n}::{type_} END")
+    return f"UPDATE runs SET {', '.join(sets)} WHERE run_id = $1 AND seq < $3"  # noqa: S608
+
+
+UPDATE = _update()
+"""The one statement of every event's update of its run's row, whatever it changes (so a batch of the projector
+sends its runs' updates together): $1 run id, $2 the event's time, $3 its seq, $4 its position, then what changes
+(:meth:`RunUpdate.parameters`); a column the event does not change keeps its value."""
+
+
 class RunUpdate:
-    """The ``SET`` clauses of one event's update of its run's row ($1 run id, $2 time, $3 seq, $4 position)."""
+    """What one event changes on its run's row: the parameters of :data:`UPDATE`."""
 
     def __init__(self, rec: Recorded) -> None:
-        self.sets = ["updated_at = $2", "seq = $3", "position = $4"]
-        self.args: list[Any] = [rec.aggregate_id, rec.at, rec.seq, rec.position]
+        self.rec = rec
+        self.status_to: str | None = None
+        self.status_from: list[str] | None = None
+        self.waiting: str | None = None
+        self.waiting_on: str | None = None
+        self.values: dict[str, Any] = {}
+        self.times: dict[str, str] = {}
+        self.sums: dict[str, int | float] = {}
 
-    def put(self, column: str, value: Any, cast: str = "") -> None:
-        """``column`` takes ``value`` (a parameter)."""
-        self.args.append(value)
-        self.sets.append(f"{column} = ${len(self.args)}{cast}")
+    def put(self, column: str, value: Any) -> None:
+        """``column`` (one of :data:`SET_COLUMNS`; a ``jsonb`` one takes JSON text) takes ``value``."""
+        if column not in SET_COLUMNS:
+            raise ValueError(f"runs.{column} is not set by events")
+        self.values[column] = value
 
-    def add(self, column: str, value: Any) -> None:
-        """``column`` grows by ``value`` (a parameter, so every event of the class shares one statement)."""
-        self.args.append(value)
-        self.sets.append(f"{column} = {column} + ${len(self.args)}")
+    def at(self, column: str, how: str = "at") -> None:
+        """``column`` (one of :data:`TIME_COLUMNS`) takes the event's time (``first``: only when still empty)."""
+        if column not in TIME_COLUMNS:
+            raise ValueError(f"runs.{column} is not a time events set")
+        self.times[column] = how
 
-    def clause(self, sql: str) -> None:
-        """A ``SET`` clause as it is (``$2`` is the event's time)."""
-        self.sets.append(sql)
+    def clear(self, column: str) -> None:
+        """``column`` (one of :data:`TIME_COLUMNS`) becomes NULL."""
+        self.at(column, "clear")
+
+    def add(self, column: str, value: int | float) -> None:
+        """``column`` (one of :data:`SUM_COLUMNS`) grows by ``value``."""
+        if column not in SUM_COLUMNS:
+            raise ValueError(f"runs.{column} is not a sum of events")
+        self.sums[column] = value
 
     def status(self, change: runs.Effect) -> None:
         """The status and ``waiting_on`` an event leaves (a resume changes the status from some statuses only)."""
-        if change.status is not None and change.only_from is None:
-            self.put("status", change.status)
-        elif change.status is not None and change.only_from is not None:
-            self.args.extend([list(change.only_from), change.status])
-            self.clause(f"status = CASE WHEN status = ANY(${len(self.args) - 1}::text[]) THEN ${len(self.args)}::text "
-                        "ELSE status END")
+        self.status_to = change.status
+        self.status_from = list(change.only_from) if change.only_from is not None else None
         if change.waiting == "set":
-            self.put("waiting_on", to_json(change.waiting_on), "::jsonb")
+            self.waiting, self.waiting_on = "set", to_json(change.waiting_on)
         elif change.waiting == "clear":
-            self.clause("waiting_on = NULL")
+            self.waiting = "clear"
+
+    def parameters(self) -> tuple[Any, ...]:
+        rec = self.rec
+        return (rec.aggregate_id, rec.at, rec.seq, rec.position, self.status_to, self.status_from, self.waiting,
+                self.waiting_on, list(self.values), *(self.values.get(c) for c in SET_COLUMNS),
+                *(self.times.get(c) for c in TIME_COLUMNS), *(self.sums.get(c) for c in SUM_COLUMNS))
 
     async def execute(self, conn: Conn) -> None:
-        await conn.execute(f"UPDATE runs SET {', '.join(self.sets)} WHERE run_id = $1 AND seq < $3",  # noqa: S608
-                           *self.args)
+        await conn.execute(UPDATE, *self.parameters())
 
 
 COLUMNS: ByEventClass[Callable[[RunUpdate, Any], None]] = ByEventClass()
@@ -112,7 +162,7 @@ async def changed(conn: Conn, event: Any, rec: Recorded) -> None:
 
 @COLUMNS.register
 def started(update: RunUpdate, event: ExecutionStarted) -> None:
-    update.clause("started_at = COALESCE(started_at, $2)")
+    update.at("started_at", "first")
 
 
 @COLUMNS.register
@@ -124,19 +174,19 @@ def llm_usage(update: RunUpdate, event: LlmUsage) -> None:
 
 @COLUMNS.register
 def cancel_requested(update: RunUpdate, event: RunCancelRequested) -> None:
-    update.clause("cancel_requested_at = COALESCE(cancel_requested_at, $2)")
+    update.at("cancel_requested_at", "first")
 
 
 @COLUMNS.register
 def canceled(update: RunUpdate, event: RunCanceled) -> None:
-    update.clause("ended_at = $2")
+    update.at("ended_at")
 
 
 @COLUMNS.register
 def retry_requested(update: RunUpdate, event: RunRetryRequested) -> None:
     update.put("error", None)
-    update.clause("ended_at = NULL")
-    update.clause("retry_count = retry_count + 1")
+    update.clear("ended_at")
+    update.add("retry_count", 1)
 
 
 @COLUMNS.register
@@ -151,12 +201,12 @@ def step_started(update: RunUpdate, event: StepStarted) -> None:
 
 @COLUMNS.register
 def completed(update: RunUpdate, event: RunCompleted) -> None:
-    update.put("output_vars", to_json(event.outputs), "::jsonb")
-    update.clause("ended_at = $2")
+    update.put("output_vars", to_json(event.outputs))
+    update.at("ended_at")
 
 
 @COLUMNS.register
 def failed(update: RunUpdate, event: RunFailed) -> None:
-    update.put("output_vars", to_json(event.outputs), "::jsonb")
-    update.put("error", to_json(event.error.model_dump(mode="json", exclude_unset=True)), "::jsonb")
-    update.clause("ended_at = $2")
+    update.put("output_vars", to_json(event.outputs))
+    update.put("error", to_json(event.error.model_dump(mode="json", exclude_unset=True)))
+    update.at("ended_at")
