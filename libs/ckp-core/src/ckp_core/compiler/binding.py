@@ -110,7 +110,7 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
             c.secret_uses.append((alias, where, c.node_id, c.step_id))
             if secret_refs is not None:
                 secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
-        for root in ph.roots - local_names - {"secrets"}:
+        for root in ph.reads if not local_names else ph.roots - local_names - {"secrets"}:
             c.reads.append(Read(root, where, c.node_id, c.step_id))
     if not ok:
         return None
@@ -125,6 +125,7 @@ class _Placeholder:
 
     ir: dict[str, Any]  # its IR form (templates.template_to_json) without "path"
     roots: frozenset[str]
+    reads: tuple[str, ...]  # the roots but secrets, in the order of the set difference made for a use
     secret_uses: tuple[tuple[str | None, str | None], ...]
 
 
@@ -157,7 +158,8 @@ def _compiled_string(s: str) -> _String:
         if "secrets" in expr.referenced_roots:
             _secret_uses(expr.ast, uses)
         ir = {k: v for k, v in part["ph"].items() if k != "path"}
-        parts.append(_Placeholder(ir, expr.referenced_roots, tuple(uses)))
+        reads = tuple(expr.referenced_roots - frozenset() - {"secrets"})
+        parts.append(_Placeholder(ir, expr.referenced_roots, reads, tuple(uses)))
     return _String(tuple(parts), tuple(p for p in parts if isinstance(p, _Placeholder)), entry["whole"], ())
 
 

@@ -116,13 +116,13 @@ def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[Ed
 def _ends_path(node: NodeIR) -> bool:
     """Whether the node's normal completion can end its path (terminate, or no successor)."""
     p = node.payload
-    if isinstance(p, TerminatePayload):
+    if type(p) is TerminatePayload:
         return True
-    if isinstance(p, LogicPayload):
+    if type(p) is LogicPayload:
         return False
-    if isinstance(p, HumanApprovalPayload):
+    if type(p) is HumanApprovalPayload:
         return False
-    if isinstance(p, LlmActionPayload) and p.orchestration_mode:
+    if type(p) is LlmActionPayload and p.orchestration_mode:
         return node.next_node is None and not p.branches
     return node.next_node is None
 

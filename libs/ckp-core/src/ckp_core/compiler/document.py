@@ -34,6 +34,7 @@ ROOT_FIELDS = frozenset({
     "$schema",
 })
 RETRIEVAL_ALIASES = {"intents": "primary_intents", "domain": "business_domain"}
+_CONTAINERS = (dict, list)  # a tuple: isinstance with a union type is several times slower
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _too_deep(doc: dict[str, Any]) -> bool:
         if len(level) > 1_000_000:
             return _too_deep_by_path(doc)
         level = [item for value in level for item in (value.values() if isinstance(value, dict) else value)
-                 if isinstance(item, dict | list)]
+                 if isinstance(item, _CONTAINERS)]
         if not level:
             return False
     return True
@@ -203,7 +204,7 @@ def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: Pro
     nodes, start_node, edges, unknown_types, raw_node_ids = graph(c, doc, gc_on_failure)
     finish_subflows(c, nodes, variables, trigger_ir)
     subflow_refs = [SubflowRefIR(node_id=n.id, procedure_id=n.payload.procedure_id, version=n.payload.version)
-                    for n in nodes.values() if isinstance(n.payload, SubflowPayload)]
+                    for n in nodes.values() if type(n.payload) is SubflowPayload]
     subflow_checks(c, lookup, procedure_id, subflow_refs)
     if not unknown_types and start_node is not None and start_node in raw_node_ids:
         reachability(c, start_node, raw_node_ids, edges, nodes)

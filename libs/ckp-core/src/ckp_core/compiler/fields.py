@@ -29,6 +29,13 @@ MISSING = object()
 
 def strip_object(obj: Mapping[str, Any]) -> dict[str, Any]:
     """Drop comment keys (``_…``) and null values (an optional field given as null is absent)."""
+    try:
+        keys = "\0".join(obj)
+    except TypeError:  # a key that is not a string
+        keys = "_"
+    # Most objects have neither: then a copy, made without a loop in Python.
+    if not (keys.startswith("_") or "\0_" in keys or None in obj.values()):
+        return dict(obj)
     return {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_")) and v is not None}
 
 
@@ -127,7 +134,9 @@ class Compilation:
         return out
 
     def unknown_fields(self, obj: Mapping[str, Any], known: Iterable[str], path: str) -> None:
-        known_set = set(known)
+        known_set = known if isinstance(known, (frozenset, set)) else set(known)
+        if known_set.issuperset(obj):
+            return
         for key in obj:
             if key not in known_set:
                 self.add("warning", "unknown_field", f"{path}: unknown field '{key}' is ignored",

@@ -50,6 +50,7 @@ TYPE_FIELDS: dict[str, frozenset[str]] = {
     "terminate": frozenset({"status", "outputs", "cleanup_actions", "error_actions", "final_audit_log"}),
 }
 NO_NEXT_NODE = frozenset({"logic", "human_approval", "terminate"})
+_NODE_FIELDS = {ntype: NODE_COMMON_FIELDS | fields for ntype, fields in TYPE_FIELDS.items()}
 
 
 def is_orchestrator(agent: Any) -> bool:
@@ -116,7 +117,7 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
         c.add("error", "unknown_node_type", f"Node '{node_id}': unknown node type '{ntype}' (expected one of: "
               f"{', '.join(NODE_TYPES)})", f"{path}/type")
         return "unknown"
-    c.unknown_fields(n, NODE_COMMON_FIELDS | TYPE_FIELDS[ntype], path)
+    c.unknown_fields(n, _NODE_FIELDS[ntype], path)
     agent = n.get("agent")
     if agent is not None and not c.expect(agent, (str,), "string", f"{path}/agent"):
         agent = None
@@ -164,19 +165,20 @@ def _edges_of(node: NodeIR) -> list[EdgeIR]:
             out.append(EdgeIR(source=node.id, target=target, kind=kind, label=label, field=f"{base}/{fld}"))
 
     p = node.payload
-    if isinstance(p, LogicPayload):
+    # Exact classes (the payload models have no subclasses): isinstance would go through ABCMeta for each.
+    if type(p) is LogicPayload:
         for i, rule in enumerate(p.rules):
             edge(rule.next_node, "condition", f"rules/{i}/next_node", rule.condition.source)
         edge(p.default_next_node, "default", "default_next_node")
-    elif isinstance(p, LoopPayload):
+    elif type(p) is LoopPayload:
         edge(p.body_node, "loop_body", "body_node")
-    elif isinstance(p, ParallelPayload):
+    elif type(p) is ParallelPayload:
         for i, br in enumerate(p.branches):
             edge(br.start_node, "branch", f"branches/{i}/start_node", br.branch_id)
-    elif isinstance(p, LlmActionPayload) and p.orchestration_mode:
+    elif type(p) is LlmActionPayload and p.orchestration_mode:
         for i, target in enumerate(p.branches):
             edge(target, "condition", f"branches/{i}", "_next_node")
-    elif isinstance(p, HumanApprovalPayload):
+    elif type(p) is HumanApprovalPayload:
         edge(p.on_approve, "approve", "on_approve")
         edge(p.on_reject, "reject", "on_reject")
         edge(p.on_timeout, "timeout", "on_timeout")

@@ -65,6 +65,10 @@ OP_ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("generate_id", "format"): ("uuid4", "uuid7", "short"),
 }
 NAME_FIELDS = ("variable", "array")
+# Per action: its known fields, its required ones in order, its enum fields.
+_KNOWN = {action: required | optional | {"output_variable"} for action, (required, optional) in OP_FIELDS.items()}
+_REQUIRED_SORTED = {action: sorted(required) for action, (required, _) in OP_FIELDS.items()}
+_ENUMS = {action: [(key, values) for (op, key), values in OP_ENUMS.items() if op == action] for action in OP_FIELDS}
 SECRET_KEY_OPERATIONS = frozenset({"encrypt", "decrypt", "hash"})
 
 
@@ -118,10 +122,10 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
         if old in params and new not in params:
             params[new] = params.pop(old)
             c.add("info", "alias_normalised", f"{path}/{old}: '{old}' read as '{new}'", f"{path}/{old}")
-    required, optional = OP_FIELDS[action]
-    c.unknown_fields(params, required | optional | {"output_variable"}, path)
+    required = OP_FIELDS[action][0]
+    c.unknown_fields(params, _KNOWN[action], path)
     ok = True
-    for key in sorted(required):
+    for key in _REQUIRED_SORTED[action]:
         if key not in params:
             c.add("error", "missing_field", f"{path}: required field '{key}' is missing", f"{path}/{key}")
             ok = False
@@ -151,9 +155,8 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
     if action == "calculate" and "expression" in params:
         expr = expression(c, params.pop("expression"), f"{path}/expression")
         ok = ok and expr is not None
-    for (op, key), values in OP_ENUMS.items():
-        if op == action and key in params and not templated(params[key]) \
-                and c.enum(params, key, path, values) is None:
+    for key, values in _ENUMS[action]:
+        if key in params and not templated(params[key]) and c.enum(params, key, path, values) is None:
             ok = False
     ok = operation_checks(c, action, params, path) and ok
     allowed = frozenset({"key"}) if action in SECRET_KEY_OPERATIONS else "deny"

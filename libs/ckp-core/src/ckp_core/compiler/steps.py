@@ -3,6 +3,7 @@ validations of sequence nodes."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import jmespath
@@ -114,14 +115,14 @@ def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) 
         if op is None:
             return None
         tpl, names, expression = op
-        binding = Binding(kind="internal", action=canonical)
+        binding = _internal_binding(canonical)
     else:
         channel_tpl = template(c, params, path, secrets="allow", secret_refs=secret_refs)
         if channel_tpl is None:
             return None
         tpl = channel_tpl
         names, expression = {}, None
-        binding = Binding(kind="channel", channel=ctx.channel, action=action)
+        binding = _channel_binding(ctx.channel, action)
     retry = None
     if retry_enabled:
         retry = c.gc.retry_policy.model_copy(update=step_keys) if step_keys else c.gc.retry_policy
@@ -134,6 +135,16 @@ def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) 
         dispatch_mode=step_dispatch or ctx.dispatch_mode or c.gc.workflow_dispatch_mode,
         screenshot_on_complete=screenshot_on_complete, secrets=secret_refs,
     )
+
+
+@lru_cache(maxsize=256)
+def _internal_binding(action: str) -> Binding:
+    return Binding(kind="internal", action=action)  # immutable: one per operation
+
+
+@lru_cache(maxsize=1024)
+def _channel_binding(channel: str | None, action: str) -> Binding:
+    return Binding(kind="channel", channel=channel, action=action)
 
 
 def output_mappings(c: Compilation, raw: Any, path: str) -> dict[str, OutputMappingIR]:
