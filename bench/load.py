@@ -166,7 +166,8 @@ async def drive(base: str, procedure_id: str, clients: int, seconds: float, warm
                 poll_ms: float) -> tuple[Load, float]:
     now = time.perf_counter()
     load = Load(now + warmup, now + warmup + seconds)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # idle connections expire before the server closes them (uvicorn: 5 s), not in a race with a new request
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as c:
         # clients start a run only until the window closes, and then finish the run they have
         await asyncio.gather(*(client(c, procedure_id, poll_ms / 1000, load, load.measure_until)
