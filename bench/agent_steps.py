@@ -40,7 +40,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
 from bench.runtime import Completions, run_events, start, stats
+from ckp_core.ir import NodeIR, SequencePayload
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
+from langorch_runtime.machine import DispatchRequest
 from tests.conftest import platform_of
 from tests.helpers import import_procedure
 from tests.scripted_agent import ScriptedAgent, serving
@@ -48,6 +50,7 @@ from tests.scripted_agent import ScriptedAgent, serving
 NODES = 40
 AGENT_MS = 10
 PROFILED_RUNS = 3
+DISPATCHES = 100
 
 
 def forty_steps() -> dict[str, Any]:
@@ -100,6 +103,38 @@ def step_ms(events: list[Any]) -> list[float]:
             for e in events if e.type == "step_completed"]
 
 
+async def dispatcher_alone(dispatcher: Any, http: httpx.AsyncClient, base_url: str) -> dict[str, list[float]]:
+    """The runtime's ``AgentDispatcher.dispatch`` on its own (candidates, lease, call, release), the same request
+    as a step's, alternating with a direct POST of it: the dispatch path without the run around it (events, step
+    records, checkpoints). Also the NATS messages the dispatcher's connection sends per dispatch."""
+    node = NodeIR(id="n1", type="sequence", agent="BENCH", channel="bench", orchestrator=False,
+                  payload=SequencePayload())
+    out: dict[str, list[float]] = {"dispatch_ms": [], "direct_ms": [], "nats_messages": []}
+    for i in range(DISPATCHES + 5):
+        key = f"lo1:bench-dispatcher:n1:work:-:{i + 1}"
+        request = DispatchRequest(node=node, step_id="work", action="work", channel="bench", params={"n": i},
+                                  attempt=i + 1, idempotency_key=key, frame="-", timeout_ms=None,
+                                  dispatch_mode="sync", run_id="bench-dispatcher", procedure_id="bench")
+        sent = dispatcher._nc.stats["out_msgs"]
+        t = time.perf_counter()
+        assert await dispatcher.dispatch(request) == {"n": i}
+        elapsed = (time.perf_counter() - t) * 1000
+        messages = dispatcher._nc.stats["out_msgs"] - sent
+        body = {"action": "work", "params": {"n": i}, "run_id": "bench-direct-d", "node_id": "n1", "step_id": "work",
+                "attempt": i + 1, "idempotency_key": key + ":d", "deadline_at": None, "dispatch_mode": "tool",
+                "callback": None}
+        t = time.perf_counter()
+        r = await http.post(f"{base_url}/execute", json=body, headers={"Idempotency-Key": key + ":d"})
+        direct = (time.perf_counter() - t) * 1000
+        assert r.status_code == 200, r.text
+        if i >= 5:
+            out["dispatch_ms"].append(elapsed)
+            out["direct_ms"].append(direct)
+            out["nats_messages"].append(messages)
+    await asyncio.sleep(0.05)  # the last release lands before the servers stop
+    return out
+
+
 async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[str, Any]:
     agent = ScriptedAgent({"work": work})
     async with (serving(agent), platform_of(nats_url, db) as p, Completions(nats_url) as ends,
@@ -143,6 +178,7 @@ async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[
             cpu_floor.append((time.process_time() - cpu) * 1000)
             floor.append(total)
             direct.extend(each)
+        alone = await dispatcher_alone(p.runtime_service.dispatcher, http, agent.base_url)
         if profile:
             profiler = cProfile.Profile()
             profiler.enable()
@@ -168,6 +204,16 @@ async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[
         "ratio_step_to_direct_post_median": round(step_s["median"] / direct_s["median"], 2),
         "ratio_step_to_direct_post_p90": round(step_s["p90"] / direct_s["p90"], 2),
         "goal_ratio_step_to_direct_post": 1.5,
+        "dispatcher_alone": {
+            "what": f"AgentDispatcher.dispatch of the same request {DISPATCHES} times (no run around it), "
+                    "alternating with a direct POST",
+            "dispatch_ms": stats(alone["dispatch_ms"]),
+            "direct_post_ms": stats(alone["direct_ms"]),
+            "ratio_median": round(stats(alone["dispatch_ms"])["median"] / stats(alone["direct_ms"])["median"], 2),
+            "overhead_ms_median": round(stats(alone["dispatch_ms"])["median"] - stats(alone["direct_ms"])["median"],
+                                        3),
+            "nats_messages_per_dispatch": stats(alone["nats_messages"])["median"],
+        },
         "event_gaps_median_ms": {name: round(stats(values)["median"], 3) for name, values in gaps.items() if values},
         "profile": profile,
         "note": "gateway, runtime, agent and the direct client share one process and event loop; run = POST "

@@ -84,6 +84,7 @@ class Harness:
                                procedure_id="proc", emit=self.emit)
 
     async def leases(self) -> dict[str, dict[str, Any]]:
+        await self.dispatcher.settled()  # a dispatch returns before its lease's delete is acknowledged
         out: dict[str, dict[str, Any]] = {}
         try:
             keys = await self.dispatcher.leases.keys()

@@ -9,9 +9,11 @@ One :class:`AgentDispatcher` per runtime replica, shared by every run it execute
   ``agent_circuit_half_open_s``), a capability named like the action or ``*``; the run's previous agent on the
   channel while it is a healthy, free candidate (affinity, in memory), otherwise the most free lease slots,
   ties round-robin;
-* a lease per attempt: KV ``lo_leases`` key ``<resource_key>.<slot>`` created atomically with a per-key TTL,
-  renewed (revision-checked) every TTL/3, deleted (revision-checked) when the attempt ends or is cancelled; a
-  renewal that finds the key gone or changed aborts the call with ``lease_revoked``;
+* a lease per attempt: KV ``lo_leases`` key ``<resource_key>.<slot>`` written with a per-key TTL, conditional on the
+  revision the slot was read free at (one round trip, read together with the agents' liveness), renewed
+  (revision-checked) every TTL/3, deleted (revision-checked) when the attempt ends or is cancelled — in the
+  background: the step's answer does not wait for it, and a crash before it lands leaves the key to its TTL as a
+  crash during the call does; a renewal that finds the key gone or changed aborts the call with ``lease_revoked``;
 * the wire: ``POST <base_url>/execute`` for HTTP agents (one shared ``httpx.AsyncClient``) and ``tools/call``
   through the official MCP SDK over streamable HTTP (one session per server and replica) for MCP servers.
 """
@@ -134,6 +136,7 @@ class Candidate:
     agent: AgentState
     capability: dict[str, Any]
     free_slots: int
+    free: list[tuple[int, int]] = field(default_factory=list)  # (slot, revision to write over) of the free slots
 
     @property
     def agent_id(self) -> str:
@@ -181,6 +184,7 @@ class AgentDispatcher(Dispatcher):
         self._round_robin: dict[str, int] = {}
         self._mcp: dict[tuple[str, str | None], _McpSession] = {}
         self._mcp_lock = asyncio.Lock()
+        self._releases: dict[str, asyncio.Task[None]] = {}  # lease key → its release still on the wire
         self._nc: NATS | None = None
         self._follower: asyncio.Task[None] | None = None
         self._registry_changed = asyncio.Event()
@@ -204,6 +208,8 @@ class AgentDispatcher(Dispatcher):
             self._follower.cancel()
             with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await self._follower
+        if self._releases:  # leases of the last calls: deleted now rather than left to their TTL
+            await asyncio.wait(list(self._releases.values()), timeout=5.0)
         for session in list(self._mcp.values()):
             await session.close()
         self._mcp.clear()
@@ -285,33 +291,45 @@ class AgentDispatcher(Dispatcher):
                                 self.settings.agent_circuit_half_open_s)
         return accepts_work(status, circuit, failing)
 
-    async def free_slots(self, resource_key: str, limit: int) -> int:
-        """Slots of ``resource_key`` not held by a lease (KV ``lo_leases``)."""
+    async def slot_states(self, resource_key: str, limit: int) -> list[tuple[int, int]]:
+        """The free slots of ``resource_key`` (KV ``lo_leases``) as ``(slot, revision)``: the revision a conditional
+        create writes over (0 for a key with no message, else its delete or expiry marker), so taking a slot is one
+        round trip (nats-py's ``create`` over a delete marker takes three)."""
+        await self._released(resource_key, limit)
 
-        async def held(slot: int) -> bool:
+        async def state(slot: int) -> tuple[int, int] | None:
             try:
-                await self.leases.get(lease_key(resource_key, slot))
-            except (KeyNotFoundError, KeyDeletedError, NotFoundError):
-                return False
-            return True
+                entry = await self.leases.get(lease_key(resource_key, slot))
+            except (KeyNotFoundError, KeyDeletedError) as missing:
+                return slot, int(getattr(getattr(missing, "entry", None), "revision", 0) or 0)
+            except NotFoundError:
+                return slot, 0
+            if not entry.value:  # the server's marker of a key that expired by its TTL
+                return slot, int(entry.revision or 0)
+            return None
 
-        return sum(1 for taken in await asyncio.gather(*(held(s) for s in range(limit))) if not taken)
+        return [free for free in await asyncio.gather(*(state(s) for s in range(limit))) if free is not None]
 
     async def candidates(self, channel: str, action: str) -> list[Candidate]:
-        """Agents that may take ``action`` on ``channel`` now, with the free slots of their resources."""
+        """Agents that may take ``action`` on ``channel`` now, with the free slots of their resources. The liveness
+        of every matching agent and the slots of their resources are read in one concurrent round."""
         matching = [(a, cap) for a in list(self.registry.values())
                     if a.exists and str(a.fields.get("channel", "")).lower() == channel
                     and (cap := _capability(a, action)) is not None]
         if not matching:
             return []
-        live = await asyncio.gather(*(self._live(a) for a, _ in matching))
-        chosen = [(a, cap) for (a, cap), ok in zip(matching, live, strict=True) if ok]
-        slots: dict[str, int] = {}
-        for a, _ in chosen:
-            rk = a.resource_key or a.agent_id
-            if rk not in slots:
-                slots[rk] = await self.free_slots(rk, max(1, a.concurrency_limit))
-        return [Candidate(a, cap, slots[a.resource_key or a.agent_id]) for a, cap in chosen]
+        limits: dict[str, int] = {}
+        for a, _ in matching:
+            limits.setdefault(a.resource_key or a.agent_id, max(1, a.concurrency_limit))
+        live, states = await asyncio.gather(asyncio.gather(*(self._live(a) for a, _ in matching)),
+                                            asyncio.gather(*(self.slot_states(rk, n) for rk, n in limits.items())))
+        free = dict(zip(limits, states, strict=True))
+        out = []
+        for (a, cap), ok in zip(matching, live, strict=True):
+            if ok:
+                slots = free[a.resource_key or a.agent_id]
+                out.append(Candidate(a, cap, len(slots), slots))
+        return out
 
     def rank(self, run_id: str, channel: str, found: list[Candidate]) -> list[Candidate]:
         """Candidates in order of preference: affinity while free, then most free slots, ties round-robin."""
@@ -348,16 +366,19 @@ class AgentDispatcher(Dispatcher):
                 "expires_at": format_time(now + timedelta(seconds=self.settings.lease_ttl_s))}
 
     async def try_acquire(self, c: Candidate, request: DispatchRequest) -> Lease | None:
-        """Create a free slot key of the candidate's resource atomically, or None when every slot is held."""
+        """Take a free slot of the candidate's resource, or None when every slot is held: a write conditional on the
+        revision the slot had when it was read free (:meth:`slot_states`), so a slot taken meanwhile is skipped."""
         ttl = max(1, round(self.settings.lease_ttl_s))
-        for slot in range(max(1, c.agent.concurrency_limit)):
+        acquired_at = format_time(_now())
+        for slot, revision in c.free:
             key = lease_key(c.resource_key, slot)
-            value = self._lease_value(c, slot, request, new_id(), format_time(_now()))
+            value = self._lease_value(c, slot, request, new_id(), acquired_at)
             try:
-                revision = await self.leases.create(key, json.dumps(value).encode(), msg_ttl=ttl)
+                written = await put_with_ttl(self.js, LEASES_BUCKET, key, json.dumps(value).encode(), ttl,
+                                             last=revision)
             except KeyWrongLastSequenceError:
-                continue  # held (or taken between our read and write)
-            return Lease(key, int(revision), value)
+                continue  # taken (or released again) since it was read
+            return Lease(key, written, value)
         return None
 
     async def adopt(self, c: Candidate, request: DispatchRequest) -> Lease | None:
@@ -391,12 +412,15 @@ class AgentDispatcher(Dispatcher):
             return Lease(key, revision, value)
         return None
 
-    async def _renew_forever(self, lease: Lease) -> None:
-        """Renew every TTL/3 (revision-checked); return when the key is gone or holds something else."""
+    async def _renew_forever(self, lease: Lease, *, wait_first: bool = True) -> None:
+        """Renew every TTL/3 (revision-checked; at once unless ``wait_first``); return when the key is gone or holds
+        something else."""
         interval = self.settings.lease_ttl_s / 3
         while True:
-            await asyncio.sleep(interval)
-            stop_if_cancelled()
+            if wait_first:
+                await asyncio.sleep(interval)
+                stop_if_cancelled()
+            wait_first = True
             now = _now()
             value = lease.value | {"renewed_at": format_time(now), "expires_at": format_time(
                 now + timedelta(seconds=self.settings.lease_ttl_s))}
@@ -423,6 +447,28 @@ class AgentDispatcher(Dispatcher):
             pass
         except (NatsError, OSError):
             log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
+
+    def _release_soon(self, lease: Lease) -> None:
+        """Release in the background: the step's answer does not wait for the delete. A crash before it lands
+        leaves the key until its TTL, as a crash during the call does; this replica's next read of the resource
+        waits for it (:meth:`_released`), so its own runs never find their last slot still held."""
+        task = asyncio.create_task(self.release(lease), name=f"lease-release {lease.key}")
+        task.add_done_callback(consume_outcome)
+        self._releases[lease.key] = task
+        task.add_done_callback(lambda t: self._releases.pop(lease.key, None) if self._releases.get(lease.key) is t
+                               else None)
+
+    async def settled(self) -> None:
+        """Wait until every lease released so far is deleted (for a reader of ``lo_leases`` right after a call)."""
+        if self._releases:
+            await asyncio.wait(list(self._releases.values()))
+
+    async def _released(self, resource_key: str, limit: int) -> None:
+        """Wait for this replica's releases of ``resource_key``'s slots still on the wire."""
+        if self._releases:
+            pending = [t for s in range(limit) if (t := self._releases.get(lease_key(resource_key, s))) is not None]
+            if pending:
+                await asyncio.wait(pending)
 
     def _held(self, c: Candidate, lease: Lease, started: float) -> tuple[Candidate, Lease]:
         """A slot was taken: record the wait and the active lease of its pool."""
@@ -499,7 +545,7 @@ class AgentDispatcher(Dispatcher):
         finally:
             if self.metrics is not None:
                 self.metrics.leases_active.labels(candidate.pool_id or candidate.agent_id).dec()
-            await asyncio.shield(self.release(lease))
+            self._release_soon(lease)
 
     @staticmethod
     def binding_of(c: Candidate) -> str:
@@ -552,26 +598,33 @@ class AgentDispatcher(Dispatcher):
                          retryable=True, details={"timeout_ms": request.timeout_ms}) from None
 
     async def _under_lease(self, lease: Lease, call: Any) -> Any:
-        """Run ``call`` while renewing the lease; abort it with ``lease_revoked`` when the lease is taken."""
+        """Run ``call`` while renewing the lease; abort it with ``lease_revoked`` when the lease is taken. The
+        renewal task starts when the first renewal is due (TTL/3): a shorter call, the usual one, runs alone."""
         call_task: asyncio.Task[Any] = asyncio.ensure_future(call)
-        renew_task = asyncio.create_task(self._renew_forever(lease))
+        renew_task: asyncio.Task[None] | None = None
         try:
-            await asyncio.wait({call_task, renew_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({call_task}, timeout=self.settings.lease_ttl_s / 3)
+            if not call_task.done():
+                renew_task = asyncio.create_task(self._renew_forever(lease, wait_first=False))
+                await asyncio.wait({call_task, renew_task}, return_when=asyncio.FIRST_COMPLETED)
             if call_task.done():
                 return call_task.result()
-            if renew_task.done() and renew_task.exception() is not None:
+            if renew_task is not None and renew_task.done() and renew_task.exception() is not None:
                 raise renew_task.exception()  # type: ignore[misc]
             raise _error("lease_revoked", f"lease {lease.value['lease_id']} on {lease.key} was force-released "
                          "during the call", retryable=True,
                          details={"lease_id": lease.value["lease_id"], "resource_key": lease.value["resource_key"],
                                   "slot": lease.value["slot"]})
         finally:
-            for task in (call_task, renew_task):
+            tasks = [t for t in (call_task, renew_task) if t is not None]
+            running = [t for t in tasks if not t.done()]
+            for task in running:
                 task.cancel()
-            # the cancelled tasks' CancelledError (or last failure) is theirs; a call that does not stop promptly on
-            # cancellation is left to end in the background (deadlines.within) rather than holding the step
-            await asyncio.wait({call_task, renew_task}, timeout=CANCEL_GRACE_S)
-            for task in (call_task, renew_task):
+            if running:
+                # the cancelled tasks' CancelledError (or last failure) is theirs; a call that does not stop promptly
+                # on cancellation is left to end in the background (deadlines.within) rather than holding the step
+                await asyncio.wait(running, timeout=CANCEL_GRACE_S)
+            for task in tasks:
                 task.add_done_callback(consume_outcome)
 
     async def _call(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
