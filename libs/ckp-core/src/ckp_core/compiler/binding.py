@@ -190,19 +190,26 @@ def _walk_template(value: Any, at: str, strings: list[dict[str, Any]], found: li
             return
         strings.append({"path": at, "parts": _string_parts(value, at), "whole": compiled.whole})
         found.extend((at, ph) for ph in compiled.placeholders)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            if isinstance(item, str) and "{{" not in item:
-                continue
-            k = str(key)
-            if "~" in k or "/" in k:
-                k = k.replace("~", "~0").replace("/", "~1")
-            _walk_template(item, f"{at}/{k}", strings, found, errors)
+    elif isinstance(value, dict):
+        _walk_object(value, at, strings, found, errors)
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             if isinstance(item, str) and "{{" not in item:
                 continue
             _walk_template(item, f"{at}/{i}", strings, found, errors)
+    elif value is not None and not isinstance(value, (int, float)) and isinstance(value, Mapping):
+        _walk_object(value, at, strings, found, errors)  # (the Mapping ABC last: isinstance with it is slow)
+
+
+def _walk_object(value: Mapping[Any, Any], at: str, strings: list[dict[str, Any]],
+                 found: list[tuple[str, _Placeholder]], errors: list[tuple[str, str, str]]) -> None:
+    for key, item in value.items():
+        if isinstance(item, str) and "{{" not in item:
+            continue
+        k = str(key)
+        if "~" in k or "/" in k:
+            k = k.replace("~", "~0").replace("/", "~1")
+        _walk_template(item, f"{at}/{k}", strings, found, errors)
 
 
 def opt_template(c: Compilation, obj: Mapping[str, Any], key: str, path: str, **kw: Any) -> TemplateIR | None:

@@ -24,7 +24,7 @@ def node_sequence(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> Sequen
                 validations.append(v)
     if compiled_steps is None:
         return None
-    return SequencePayload(steps=compiled_steps, validations=validations)
+    return SequencePayload.model_validate({"steps": compiled_steps, "validations": validations})
 
 
 def node_processing(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> ProcessingPayload | None:
