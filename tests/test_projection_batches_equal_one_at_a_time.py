@@ -3,6 +3,7 @@ across tables and aggregates), and the tables end exactly as when every event is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ from ckp_core.events import (
     LlmUsage,
     NodeCompleted,
     NodeStarted,
+    ProcedureImported,
+    ProcedureReplaced,
     ProjectCreated,
     ProjectDeleted,
     ProjectUpdated,
@@ -117,6 +120,12 @@ def stream(seed: int, runs: int = 40) -> list[EventEnvelope]:
         lanes.append([make_event(e, aggregate_id=project_id, seq=i, actor=RUNTIME) for i, e in enumerate(
             (ProjectCreated(project_id=project_id, name="a"), ProjectUpdated(project_id=project_id, name="b"),
              ProjectDeleted(project_id=project_id), ProjectCreated(project_id=project_id, name="c")), start=1)])
+    procedure_id = f"procedure-{seed}"  # each replacement adds one to its revision: applied twice, it shows
+    document = {"procedure_id": procedure_id, "content_hash": "h", "compiler_version": "1", "ir_key": "k",
+                "variables_schema": {}, "name": "p", "description": None}
+    lanes.append([make_event(e, aggregate_id=procedure_id, seq=i, actor=RUNTIME) for i, e in enumerate(
+        [ProcedureImported(**document, version="1", ckp_json={"n": 0}),
+         *(ProcedureReplaced(**document, version="1", ckp_json={"n": n}) for n in range(1, 6))], start=1)])
     out: list[EventEnvelope] = []
     while lanes:
         lane = rng.choice(lanes)
@@ -164,3 +173,29 @@ async def test_batches_give_the_rows_of_one_event_at_a_time(pool: asyncpg.Pool, 
     assert await pool.fetchval("SELECT position FROM projection_positions WHERE name = 'core'") == len(events)
     assert await pool.fetchval("SELECT count(*) FROM projection_dead_letters") == 0
     assert len(one_at_a_time["runs"]) > 30
+
+
+@pytest.mark.integration
+async def test_two_projectors_of_one_name_apply_each_event_once(pool: asyncpg.Pool,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A second gateway replica's projector finds the position moved on by the first at its commit, rolls its batch
+    back and applies only what is left, also when both apply batches at the same time."""
+    events = [StoredEvent(env, position) for position, env in enumerate(stream(4), start=1)]
+    async with pool.acquire() as conn:
+        for stored in events:
+            await apply_event(conn, stored)
+    one_at_a_time = await dump(pool)
+    async with pool.acquire() as conn:
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)}, projection_positions")  # fixed table names
+    first, second = Projector(pool, None), Projector(pool, None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="langorch_gateway.projector"):
+        await first.apply_batch(events[:100])
+        await second.apply_batch(events[:150])  # it holds position 0, the first moved it to 100
+        assert "moved on from 0" in caplog.text
+        for i in range(150, len(events), 40):
+            await asyncio.gather(first.apply_batch(events[i - 50:i + 40]), second.apply_batch(events[i:i + 40]))
+    assert "message by message" not in caplog.text
+    assert await dump(pool) == one_at_a_time
+    assert await pool.fetchval("SELECT revision FROM procedures WHERE procedure_id = 'procedure-4'") == 6
+    assert first.position == second.position == len(events)
+    assert await pool.fetchval("SELECT position FROM projection_positions WHERE name = 'core'") == len(events)

@@ -43,6 +43,10 @@ TABLES = tuple(table for projection in PROJECTIONS for table in projection.table
 AUDIT_NAME = "audit"
 AUDIT_TABLES = ("audit_log",)
 BATCH = 500
+PENDING = 100_000
+"""Messages received and not yet applied, at most (then the consumer's flow control holds the server back)."""
+MOVED_ON = "LO001"
+"""The SQLSTATE a batch's commit fails with when another projector of the same name moved the position on."""
 
 
 def schema_sql() -> str:
@@ -212,14 +216,65 @@ class StreamProjector(ABC, Generic[M]):
 
     async def apply_batch(self, batch: list[M | Poison]) -> None:
         try:
-            await self._apply_batch(batch, isolate=False)
+            await self._apply_grouped(batch)
         except Exception as exc:  # a defect of any kind in one message: find it by applying one at a time
             if _connection_trouble(exc):
                 raise
             log.warning("projection %s: a batch failed (%s); applying it message by message", self.NAME, exc)
-            await self._apply_batch(batch, isolate=True)
+            await self._apply_one_by_one(batch)
 
-    async def _apply_batch(self, batch: list[M | Poison], *, isolate: bool) -> None:
+    async def _apply_grouped(self, batch: list[M | Poison]) -> None:
+        """Apply a batch in one transaction, its writes grouped (:class:`StatementBatch`), in two round trips besides
+        those: the transaction's start with the lock of the position's row, then the new position with the commit.
+        The position must still be the one this projector holds; when another projector of the same name (another
+        gateway replica) moved it on meanwhile, the transaction is rolled back and the batch applied again from the
+        stored position."""
+        while True:
+            held = self.position
+            fresh = [e for e in batch if e.position > held]
+            if not fresh:
+                return
+            async with self._connection() as conn:
+                if await self._transaction(conn, fresh, held):
+                    break
+            log.info("projection %s: position moved on from %s meanwhile; applying from the stored one", self.NAME,
+                     held)
+            await self.load_position()
+        await self._advance(fresh[-1].position)
+
+    async def _transaction(self, conn: Any, fresh: list[M | Poison], held: int) -> bool:
+        # NAME is a class constant and positions are ints: both are written as literals, so that the start and the
+        # end are each one simple query of several statements (one round trip each)
+        begin = f"BEGIN; SELECT 1 FROM projection_positions WHERE name = '{self.NAME}' FOR UPDATE"  # noqa: S608
+        position, name = int(fresh[-1].position), self.NAME
+        commit = f"""DO $$BEGIN
+              INSERT INTO projection_positions AS p (name, position) VALUES ('{name}', {position})
+                ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position WHERE p.position = {int(held)};
+              IF NOT FOUND THEN RAISE EXCEPTION 'projection moved on' USING ERRCODE = '{MOVED_ON}'; END IF;
+            END$$; COMMIT"""  # noqa: S608
+        await conn.execute(begin)
+        try:
+            statements = StatementBatch()
+            for e in fresh:
+                if isinstance(e, Poison):
+                    await self._dead_letter(conn, e.position, e.subject, e.error)
+                else:
+                    statements.owner = self.owner_of(e)
+                    await self.apply(statements, e)
+            await statements.send(conn)
+            await self.after_batch(conn)
+            await conn.execute(commit)
+        except BaseException as exc:
+            if conn.is_in_transaction():
+                with contextlib.suppress(Exception):  # a broken connection is the pool's to discard
+                    await conn.execute("ROLLBACK")
+            if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == MOVED_ON:
+                return False
+            raise
+        return True
+
+    async def _apply_one_by_one(self, batch: list[M | Poison]) -> None:
+        """Apply a batch in one transaction, each message in a savepoint: one that fails is a dead letter."""
         fresh = [e for e in batch if e.position > self.position]
         if not fresh:
             return
@@ -228,32 +283,30 @@ class StreamProjector(ABC, Generic[M]):
                 "SELECT position FROM projection_positions WHERE name = $1 FOR UPDATE", self.NAME
             )
             floor = int(stored or 0)
-            statements = StatementBatch()
             for e in fresh:
                 if e.position <= floor:
                     continue
                 if isinstance(e, Poison):
                     await self._dead_letter(conn, e.position, e.subject, e.error)
-                elif not isolate:
-                    statements.owner = self.owner_of(e)
-                    await self.apply(statements, e)
-                else:
-                    try:
-                        async with conn.transaction():  # a savepoint: a failure undoes this message only
-                            await self.apply(conn, e)
-                    except Exception as exc:  # any failure but the connection's makes this message poison
-                        if _connection_trouble(exc):
-                            raise
-                        await self._dead_letter(conn, e.position, self.subject_of(e), f"{type(exc).__name__}: {exc}")
-            await statements.send(conn)
+                    continue
+                try:
+                    async with conn.transaction():  # a savepoint: a failure undoes this message only
+                        await self.apply(conn, e)
+                except Exception as exc:  # any failure but the connection's makes this message poison
+                    if _connection_trouble(exc):
+                        raise
+                    await self._dead_letter(conn, e.position, self.subject_of(e), f"{type(exc).__name__}: {exc}")
             await self.after_batch(conn)
             await conn.execute(
                 """INSERT INTO projection_positions (name, position) VALUES ($1, $2)
                    ON CONFLICT (name) DO UPDATE SET position = GREATEST(projection_positions.position, $2)""",
                 self.NAME, fresh[-1].position,
             )
+        await self._advance(fresh[-1].position)
+
+    async def _advance(self, position: int) -> None:
         async with self._advanced:
-            self.position = fresh[-1].position
+            self.position = position
             self._advanced.notify_all()
 
     @contextlib.asynccontextmanager
@@ -298,22 +351,29 @@ class StreamProjector(ABC, Generic[M]):
         await self.load_position()
         start = self.position + 1
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-        sub = await self.js.subscribe(self.SUBJECT, ordered_consumer=True, config=cfg, stream=self.STREAM,
-                                      pending_msgs_limit=100_000)
+        # messages are taken (and decoded) as they arrive, also while a batch is being applied: the ordered
+        # consumer's flow control is answered when its messages are delivered, and a subscription read only between
+        # batches held the server's delivery back until the next batch began
+        received: asyncio.Queue[tuple[str, M | Poison]] = asyncio.Queue(maxsize=PENDING)
+
+        async def take(msg: Msg) -> None:
+            await received.put((msg.subject, self._decode(msg)))
+
+        sub = await self.js.subscribe(self.SUBJECT, ordered_consumer=True, config=cfg, stream=self.STREAM, cb=take,
+                                      pending_msgs_limit=PENDING)
         # one connection for every batch: a pool's release costs a round trip of its own (asyncpg resets the
         # session); after a connection failure the consumer starts again with a fresh one
         held = await self.pool.acquire()
         self._conn = held
         try:
             while True:
-                msg = await sub.next_msg(timeout=None)
+                subject, item = await received.get()
                 started = time.monotonic()
-                subjects = [msg.subject]
-                batch = [self._decode(msg)]
-                while len(batch) < BATCH and sub.pending_msgs > 0:
-                    msg = await sub.next_msg()
-                    subjects.append(msg.subject)
-                    batch.append(self._decode(msg))
+                subjects, batch = [subject], [item]
+                while len(batch) < BATCH and not received.empty():
+                    subject, item = received.get_nowait()
+                    subjects.append(subject)
+                    batch.append(item)
                 await self.apply_batch(batch)
                 if self.bus is not None:  # a batch shares one transaction: each message its share of the time
                     share = (time.monotonic() - started) / len(batch)
