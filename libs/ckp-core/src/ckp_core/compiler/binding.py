@@ -164,10 +164,12 @@ def _compiled_string(s: str) -> _String:
 
 
 @lru_cache(maxsize=8192)
-def _string_parts(s: str, at: str) -> list[Any]:
-    """The IR parts of a template string at a JSON path (shared by its uses: the IR is immutable)."""
-    return [part if isinstance(part, str) else {"ph": {"path": at, **part.ir}}
-            for part in _compiled_string(s).parts]
+def _string_entry(s: str, at: str) -> dict[str, Any]:
+    """The IR entry of a template string that compiles, at a JSON path (TemplateIR copies the entries it is
+    given, and the parts are shared by the uses of the text: the IR is immutable)."""
+    compiled = _compiled_string(s)
+    parts = [part if isinstance(part, str) else {"ph": {"path": at, **part.ir}} for part in compiled.parts]
+    return {"path": at, "parts": parts, "whole": compiled.whole}
 
 
 @lru_cache(maxsize=4096)
@@ -188,8 +190,9 @@ def _walk_template(value: Any, at: str, strings: list[dict[str, Any]], found: li
         if compiled.errors:
             errors.extend((at, raw, reason) for raw, reason in compiled.errors)
             return
-        strings.append({"path": at, "parts": _string_parts(value, at), "whole": compiled.whole})
-        found.extend((at, ph) for ph in compiled.placeholders)
+        strings.append(_string_entry(value, at))
+        for ph in compiled.placeholders:
+            found.append((at, ph))
     elif isinstance(value, dict):
         _walk_object(value, at, strings, found, errors)
     elif isinstance(value, (list, tuple)):

@@ -50,6 +50,7 @@ TYPE_FIELDS: dict[str, frozenset[str]] = {
     "terminate": frozenset({"status", "outputs", "cleanup_actions", "error_actions", "final_audit_log"}),
 }
 NO_NEXT_NODE = frozenset({"logic", "human_approval", "terminate"})
+_NODES_PATH = "/workflow_graph/nodes/"
 _NODE_FIELDS = {ntype: NODE_COMMON_FIELDS | fields for ntype, fields in TYPE_FIELDS.items()}
 
 
@@ -103,7 +104,7 @@ def graph(c: Compilation, doc: dict[str, Any],
 
 def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
     """One node: the fields every node has, then the payload of its type (``"unknown"``: no or an unknown type)."""
-    path = pointer("workflow_graph", "nodes", node_id)
+    path = _NODES_PATH + str(node_id).replace("~", "~0").replace("/", "~1")  # pointer(workflow_graph, nodes, id)
     c.node_id, c.step_id = node_id, None
     if not ID_RE.match(node_id):
         c.add("error", "invalid_identifier", f"{path}: '{node_id}' is not a valid node id", path)
@@ -157,7 +158,7 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
 
 
 def _edges_of(node: NodeIR) -> list[EdgeIR]:
-    base = pointer("workflow_graph", "nodes", node.id)
+    base = _NODES_PATH + node.id.replace("~", "~0").replace("/", "~1")
     out: list[EdgeIR] = []
 
     def edge(target: str | None, kind: str, fld: str, label: str | None = None) -> None:
