@@ -38,6 +38,7 @@ STEP_META_FIELDS = frozenset({
     "retry_config", "output_variable", "output_mapping", "idempotency_key", "workflow_dispatch_mode",
     "screenshot_on_complete",
 })
+STEP_OPTIONS = STEP_META_FIELDS - {"step_id", "action"}
 
 
 def steps(c: Compilation, raw: Any, path: str, ctx: NodeContext,
@@ -86,20 +87,25 @@ def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) 
                       "value wins", f"{path}/params/{pointer(k)[1:]}")
             else:
                 params[k] = v
-    timeout = c.integer(s, "timeout_ms", path)
-    wait_ms = c.integer(s, "wait_ms", path) or 0
-    wait_after = c.integer(s, "wait_after_ms", path) or 0
-    retry_enabled = c.boolean(s, "retry_on_failure", path)
     step_keys: dict[str, Any] = {}
-    if "retry_config" in s:
-        retry_enabled = True
-        step_keys = retry_keys(c, s["retry_config"], f"{path}/retry_config")
-    output_variable = c.written_field(s, "output_variable", path)
-    output_mapping = output_mappings(c, s.get("output_mapping"), f"{path}/output_mapping")
-    idem = opt_template(c, s, "idempotency_key", path)
-    step_dispatch = c.dispatch_mode(s, "workflow_dispatch_mode", path)
-    screenshot_on_complete = c.boolean(s, "screenshot_on_complete", path)
-    description = c.string(s, "description", path)
+    if s.keys().isdisjoint(STEP_OPTIONS):  # the common case: none of the readers below has anything to read
+        timeout, wait_ms, wait_after, retry_enabled = None, 0, 0, False
+        output_variable, output_mapping, idem, step_dispatch, screenshot_on_complete = None, {}, None, None, False
+        description = None
+    else:
+        timeout = c.integer(s, "timeout_ms", path)
+        wait_ms = c.integer(s, "wait_ms", path) or 0
+        wait_after = c.integer(s, "wait_after_ms", path) or 0
+        retry_enabled = c.boolean(s, "retry_on_failure", path)
+        if "retry_config" in s:
+            retry_enabled = True
+            step_keys = retry_keys(c, s["retry_config"], f"{path}/retry_config")
+        output_variable = c.written_field(s, "output_variable", path)
+        output_mapping = output_mappings(c, s.get("output_mapping"), f"{path}/output_mapping")
+        idem = opt_template(c, s, "idempotency_key", path)
+        step_dispatch = c.dispatch_mode(s, "workflow_dispatch_mode", path)
+        screenshot_on_complete = c.boolean(s, "screenshot_on_complete", path)
+        description = c.string(s, "description", path)
     if action is None or step_id is None:
         return None
     if action == "restore_checkpoint":
