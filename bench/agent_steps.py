@@ -14,8 +14,9 @@ served in this process like the platform) answers every step after AGENT_MS. Mea
 
     uv run python bench/agent_steps.py [--runs 8] [--profile FILE]
 
-``--profile FILE``: after the measured runs, a few more runs under cProfile (the whole process: gateway, runtime
-and agent share one event loop), stats written to FILE (``python -m pstats FILE``); their times are not reported.
+``--profile FILE``: after the measured runs, a few more runs under cProfile timed by this process's CPU time (the
+whole process: gateway, runtime and agent share one event loop; waiting and other processes' load do not count),
+stats written to FILE (``python -m pstats FILE``); their times are not reported.
 
 Prints one JSON object. Starts its own embedded NATS and PostgreSQL unless LANGORCH_TEST_NATS_URL /
 LANGORCH_TEST_DATABASE_URL are set.
@@ -180,7 +181,7 @@ async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[
             direct.extend(each)
         alone = await dispatcher_alone(p.runtime_service.dispatcher, http, agent.base_url)
         if profile:
-            profiler = cProfile.Profile()
+            profiler = cProfile.Profile(time.process_time)  # CPU time: other processes' load does not count
             profiler.enable()
             for _ in range(PROFILED_RUNS):
                 await one_run()

@@ -68,11 +68,23 @@ def node_started(events: list[Any], node_id: str) -> datetime:
     return next(e.occurred_at for e in events if e.type == "node_started" and e.data["node_id"] == node_id)
 
 
-async def run_start_latency(p: Any, ends: Completions, runs: int) -> dict[str, list[float]]:
+def milestones(events: list[Any], since: datetime, node_id: str, into: dict[str, list[float]]) -> None:
+    """The run's events from ``since`` up to the ``node_started`` of ``node_id``, each as ms after ``since``
+    (added to ``into`` by event type): where the time until the node runs goes."""
+    for e in events:
+        if e.occurred_at >= since:
+            into.setdefault(e.type, []).append(ms_since(e.occurred_at, since))
+            if e.type == "node_started" and e.data["node_id"] == node_id:
+                return
+
+
+async def run_start_latency(p: Any, ends: Completions, runs: int) -> tuple[dict[str, list[float]],
+                                                                          dict[str, list[float]]]:
     c = p.client
     doc = first_node_procedure()
     await import_procedure(c, doc)
     out: dict[str, list[float]] = {"post_ms": [], "response_to_node_started_ms": [], "post_to_node_started_ms": []}
+    steps: dict[str, list[float]] = {}
     for i in range(WARM_UP + runs):
         sent = datetime.now(UTC)
         t = time.perf_counter()
@@ -80,20 +92,24 @@ async def run_start_latency(p: Any, ends: Completions, runs: int) -> dict[str, l
         posted_ms = (time.perf_counter() - t) * 1000
         answered = datetime.now(UTC)
         await ends.wait(run_id)
-        started = node_started(await run_events(p.nats_url, run_id), "first")
+        events = await run_events(p.nats_url, run_id)
+        started = node_started(events, "first")
         if i >= WARM_UP:
+            milestones(events, sent, "first", steps)
             out["post_ms"].append(posted_ms)
             out["response_to_node_started_ms"].append(ms_since(started, answered))
             out["post_to_node_started_ms"].append(ms_since(started, sent))
-    return out
+    return out, steps
 
 
-async def approval_latency(p: Any, ends: Completions, runs: int) -> dict[str, list[float]]:
+async def approval_latency(p: Any, ends: Completions, runs: int) -> tuple[dict[str, list[float]],
+                                                                         dict[str, list[float]]]:
     c = p.client
     doc = approval_procedure()
     await import_procedure(c, doc)
     out: dict[str, list[float]] = {"decision_post_ms": [], "response_to_node_started_ms": [],
                                    "decision_to_node_started_ms": []}
+    steps: dict[str, list[float]] = {}
     for i in range(WARM_UP + runs):
         run_id = await start(c, doc["procedure_id"])
         approval = await pending_approval(c, run_id)
@@ -104,12 +120,20 @@ async def approval_latency(p: Any, ends: Completions, runs: int) -> dict[str, li
         answered = datetime.now(UTC)
         assert r.status_code == 200, r.text
         await ends.wait(run_id)
-        started = node_started(await run_events(p.nats_url, run_id), "after")
+        events = await run_events(p.nats_url, run_id)
+        started = node_started(events, "after")
         if i >= WARM_UP:
+            milestones(events, sent, "after", steps)
             out["decision_post_ms"].append(posted_ms)
             out["response_to_node_started_ms"].append(ms_since(started, answered))
             out["decision_to_node_started_ms"].append(ms_since(started, sent))
-    return out
+    return out, steps
+
+
+def timeline(events: dict[str, list[float]]) -> dict[str, float]:
+    """Median ms after the request of each event type, in that order."""
+    medians = {kind: round(stats(times)["median"], 1) for kind, times in events.items()}
+    return dict(sorted(medians.items(), key=lambda item: item[1]))
 
 
 async def jetstream_hop(nats_url: str, n: int = 100) -> list[float]:
@@ -160,8 +184,8 @@ async def empty_endpoint(n: int = 100) -> list[float]:
 
 async def bench(nats_url: str, db: str, runs: int, approvals: int) -> dict[str, Any]:
     async with platform_of(nats_url, db) as p, Completions(nats_url) as ends:
-        started = await run_start_latency(p, ends, runs)
-        decided = await approval_latency(p, ends, approvals)
+        started, start_events = await run_start_latency(p, ends, runs)
+        decided, decision_events = await approval_latency(p, ends, approvals)
         hop = await jetstream_hop(nats_url)
         endpoint = await empty_endpoint()
     a, b = stats(started["response_to_node_started_ms"]), stats(decided["response_to_node_started_ms"])
@@ -174,6 +198,7 @@ async def bench(nats_url: str, db: str, runs: int, approvals: int) -> dict[str, 
             "post_api_runs_ms": stats(started["post_ms"]),
             "response_to_first_node_started_ms": a,
             "request_to_first_node_started_ms": stats(started["post_to_node_started_ms"]),
+            "run_events_ms_after_request_median": timeline(start_events),
             "goal_ms": 50,
             "ratio_to_jetstream_hop": round(a["median"] / hop_s["median"], 1),
             "ratio_to_empty_endpoint": round(a["median"] / endpoint_s["median"], 1),
@@ -184,6 +209,7 @@ async def bench(nats_url: str, db: str, runs: int, approvals: int) -> dict[str, 
             "post_decision_ms": stats(decided["decision_post_ms"]),
             "response_to_next_node_started_ms": b,
             "request_to_next_node_started_ms": stats(decided["decision_to_node_started_ms"]),
+            "run_events_ms_after_request_median": timeline(decision_events),
             "goal_p50_ms": 50,
             "ratio_to_jetstream_hop": round(b["median"] / hop_s["median"], 1),
             "ratio_to_empty_endpoint": round(b["median"] / endpoint_s["median"], 1),
