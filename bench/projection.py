@@ -148,7 +148,7 @@ async def write(nats_url: str, rate: float, count: int, lanes: int) -> list[tupl
     return out
 
 
-# -- the projector and the baseline (this process) ----------------------------------------------------------
+# -- the projector (this process) and the baseline consumer (a child process) -------------------------------
 
 
 class Applied:
@@ -237,7 +237,7 @@ async def measure(nats_url: str, db_url: str, args: argparse.Namespace) -> dict[
     counted = appended[args.warmup:]
     lag = [(applied.at(p) - sent) * 1000 for p, sent, _ in counted]
     lag_ack = [(applied.at(p) - acked) * 1000 for p, _, acked in counted]
-    base = [(arrived[p] - sent) * 1000 for p, sent, _ in counted]
+    base = [(arrived[p] - sent) * 1000 for p, sent, _ in counted if p in arrived]
     seconds = counted[-1][1] - counted[0][1]
     return {
         "setup": {"cpus": os.cpu_count(), "lanes": args.lanes, "events_per_run": len(run_events("x")),
