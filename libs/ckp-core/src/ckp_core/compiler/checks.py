@@ -21,6 +21,8 @@ from ckp_core.ir import (
 )
 from ckp_core.variables import BUILTIN_NAMES, VariableSpec
 
+_FLOW_KINDS = frozenset({"next", "condition", "default", "approve", "reject", "timeout", "option"})
+
 
 class ProcedureLookup(Protocol):
     """Read-only access to stored procedure versions, for subflow checks (§3.9).
@@ -75,41 +77,48 @@ def find_cycle(lookup: ProcedureLookup, root: str | None, chain: list[str], refs
 def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[EdgeIR],
                  nodes: dict[str, NodeIR]) -> None:
     adjacent: dict[str, list[str]] = {}
+    reverse: dict[str, list[str]] = {}  # along the normal flow only
     for e in edges:
-        adjacent.setdefault(e.source, []).append(e.target)
+        source, target = e.source, e.target
+        if source in adjacent:
+            adjacent[source].append(target)
+        else:
+            adjacent[source] = [target]
+        if e.kind in _FLOW_KINDS:
+            if target in reverse:
+                reverse[target].append(source)
+            else:
+                reverse[target] = [source]
     seen = {start}
     queue = deque([start])
     while queue:
-        for nxt in adjacent.get(queue.popleft(), []):
+        for nxt in adjacent.get(queue.popleft(), ()):
             if nxt not in seen:
                 seen.add(nxt)
                 queue.append(nxt)
-    for node_id in node_ids:
-        if node_id not in seen:
-            c.node_id = node_id
-            c.add("warning", "unreachable_node", f"Node '{node_id}' is unreachable from start_node '{start}'",
-                  pointer("workflow_graph", "nodes", node_id))
+    if not seen.issuperset(node_ids):
+        for node_id in node_ids:
+            if node_id not in seen:
+                c.node_id = node_id
+                c.add("warning", "unreachable_node", f"Node '{node_id}' is unreachable from start_node '{start}'",
+                      pointer("workflow_graph", "nodes", node_id))
     c.node_id = None
     # Dead ends: reachable nodes from which the normal flow can never end the path (a cycle with no exit).
     if len(nodes) != len(node_ids):
         return
-    flow_kinds = {"next", "condition", "default", "approve", "reject", "timeout", "option"}
-    reverse: dict[str, list[str]] = {}
-    for e in edges:
-        if e.kind in flow_kinds:
-            reverse.setdefault(e.target, []).append(e.source)
     can_end = {nid for nid, node in nodes.items() if _ends_path(node)}
     queue = deque(can_end)
     while queue:
-        for prev in reverse.get(queue.popleft(), []):
+        for prev in reverse.get(queue.popleft(), ()):
             if prev not in can_end:
                 can_end.add(prev)
                 queue.append(prev)
-    for node_id in node_ids:
-        if node_id in seen and node_id not in can_end:
-            c.node_id = node_id
-            c.add("warning", "dead_end", f"Node '{node_id}': no route from here ever ends the path; it can only "
-                  "stop at max_hops or through an error", pointer("workflow_graph", "nodes", node_id))
+    if not can_end.issuperset(seen):
+        for node_id in node_ids:
+            if node_id in seen and node_id not in can_end:
+                c.node_id = node_id
+                c.add("warning", "dead_end", f"Node '{node_id}': no route from here ever ends the path; it can "
+                      "only stop at max_hops or through an error", pointer("workflow_graph", "nodes", node_id))
     c.node_id = None
 
 

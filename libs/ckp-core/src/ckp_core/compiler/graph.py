@@ -81,11 +81,11 @@ def graph(c: Compilation, doc: dict[str, Any],
     for node_id in node_ids:
         result = node(c, node_id, raw_nodes[node_id])
         c.node_id = c.step_id = None
-        if result == "unknown":
-            unknown_types = True
-        elif isinstance(result, NodeIR):
+        if type(result) is NodeIR:  # (not result == "unknown" first: a model's __eq__ is Python code)
             nodes[node_id] = result
             edges.extend(_edges_of(result))
+        elif result == "unknown":
+            unknown_types = True
     if on_failure is not None and start_node is not None:
         edges.append(EdgeIR(source=start_node, target=on_failure, kind="on_failure",
                             field="/global_config/on_failure"))
