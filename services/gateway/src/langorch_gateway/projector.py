@@ -252,8 +252,8 @@ class StreamProjector(ABC, Generic[M]):
                 ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position WHERE p.position = {int(held)};
               IF NOT FOUND THEN RAISE EXCEPTION 'projection moved on' USING ERRCODE = '{MOVED_ON}'; END IF;
             END$$; COMMIT"""  # noqa: S608
-        await conn.execute(begin)
         try:
+            await conn.execute(begin)
             statements = StatementBatch()
             for e in fresh:
                 if isinstance(e, Poison):
