@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import httpx
 import pytest
 
 from langorch_infra.embedded import free_port
-from tests.test_up_lifecycle import ROOT, Up, _processes_using, _wait_gone, start_up, state_dir
+from tests.test_up_lifecycle import ROOT, Up, _env, _processes_using, _wait_gone, start_up, state_dir
 
 pytestmark = pytest.mark.integration
 __all__ = ["state_dir"]  # the fixture, shared with test_up_lifecycle
@@ -123,3 +125,15 @@ def test_a_crashed_worker_is_started_again_and_a_killed_up_leaves_no_worker(stat
         assert time.monotonic() < deadline, "the worker outlived a killed langorch up"
         time.sleep(0.1)
     assert not [line for line in _processes_using(state_dir) if "langorch.workers" in line]
+
+
+def test_an_invalid_setting_of_a_worker_service_is_refused_before_anything_starts(state_dir: Path) -> None:
+    env = {**_env(state_dir, free_port()), "LANGORCH_CALLBACK_TIMEOUT_S": "-1"}  # a runtime setting
+    proc = subprocess.run([sys.executable, "-m", "langorch", "up"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "invalid setting: LANGORCH_CALLBACK_TIMEOUT_S" in output, output
+    assert "Traceback" not in output
+    assert not _processes_using(state_dir)
+    assert not (state_dir / "nats").exists(), "NATS was started"

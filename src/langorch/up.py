@@ -397,6 +397,11 @@ class Up:
             try:
                 servers = self.check()
                 if o.workers:
+                    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
+
+                    # an invalid LANGORCH_* setting of theirs is a usage error here, not a worker failing to start
+                    for settings in (CompilerSettings, RuntimeSettings, ApprovalsSettings):
+                        settings()
                     # first: the workers import their services on the other cores while this process goes on
                     self.pool = WorkerPool(o.workers, self.state.path, report=self._report)
                     self.pool.spawn()

@@ -188,7 +188,7 @@ class WorkerPool:
         while not self.stopping:
             for worker in self.workers:
                 code = worker.exit_code()
-                if code is not None and not worker.ready.is_set():
+                if code is not None and not worker.ready.is_set() and worker.starts == 1:
                     raise WorkerFailed(f"{worker.name} (pid {worker.pid}) exited with code {code} before it was "
                                        "ready; its output is above")
             if all(w.ready.is_set() for w in self.workers):
@@ -203,8 +203,8 @@ class WorkerPool:
             await asyncio.sleep(0.2)
             for worker in self.workers:
                 code = worker.exit_code()
-                if code is None or self.stopping:
-                    continue
+                if code is None or self.stopping or (worker.starts == 1 and not worker.ready.is_set()):
+                    continue  # running, stopping, or never ready: :meth:`wait_ready` fails the start
                 now = time.monotonic()
                 if now - last_start[worker.index] > RESTART_RESET_S:
                     delays[worker.index] = 0
