@@ -76,7 +76,12 @@ def _stub(value: Any) -> dict[str, Any]:
 
 def bound_payload(payload: dict[str, Any]) -> dict[str, Any]:
     """Bound an event payload (ckp.md §7.15): a field over 64 KiB becomes ``{"_truncated": true, "bytes",
-    "sha256"}``; a payload still over 256 KiB has its largest fields truncated first until it fits."""
+    "sha256"}``; a payload still over 256 KiB has its largest fields truncated first until it fits.
+
+    A payload of at most 64 KiB as a whole (nearly every one) is returned as is after one measure: none of its
+    fields can be larger than the payload."""
+    if _size(payload) <= FIELD_LIMIT:
+        return dict(payload)
     out = {k: (_stub(v) if _size(v) > FIELD_LIMIT else v) for k, v in payload.items()}
     largest_first = [k for k, _ in sorted(((k, _size(v)) for k, v in out.items()), key=lambda kv: kv[1],
                                           reverse=True)]

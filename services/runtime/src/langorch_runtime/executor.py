@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
+from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
 from ckp_core.events import Actor, CheckpointSaved, EventData, make_event
@@ -74,8 +75,38 @@ class RunWriter:
         return position
 
 
+class RunGraph:
+    """The runs' compiled graph bound to one run's :class:`Machine`: ``ainvoke`` and ``astream`` pass it as the
+    graph's context; everything else (``aget_state``, ``aupdate_state``, …) is the compiled graph's."""
+
+    def __init__(self, graph: Any, machine: Machine) -> None:
+        self.graph = graph
+        self.machine = machine
+
+    def ainvoke(self, value: Any, config: Any = None, **kwargs: Any) -> Any:
+        return self.graph.ainvoke(value, config, context=self.machine, **kwargs)
+
+    def astream(self, value: Any, config: Any = None, **kwargs: Any) -> Any:
+        return self.graph.astream(value, config, context=self.machine, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.graph, name)
+
+
+_COMPILED: weakref.WeakKeyDictionary[BaseCheckpointSaver[Any], Any] = weakref.WeakKeyDictionary()
+
+
 def build_graph(machine: Machine, checkpointer: BaseCheckpointSaver[Any]) -> Any:
-    """The LangGraph graph of one run.
+    """The LangGraph graph of one run: the graph every run shares (compiled once per checkpointer, not per run)
+    bound to the run's machine, which its nodes receive as ``runtime.context``."""
+    compiled = _COMPILED.get(checkpointer)
+    if compiled is None:
+        compiled = _COMPILED[checkpointer] = compile_graph(checkpointer)
+    return RunGraph(compiled, machine)
+
+
+def compile_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
+    """The LangGraph graph of every run, invoked with the run's :class:`Machine` as its context.
 
     ``advance`` executes the run up to its next persisted point (:meth:`Machine.advance`: one super-step under
     ``checkpoint_strategy: every_node``), and LangGraph persists the state after it. When a save was forced
@@ -85,31 +116,31 @@ def build_graph(machine: Machine, checkpointer: BaseCheckpointSaver[Any]) -> Any
     callback or child outcome arrives. Run it with ``durability="sync"``, so a node starts only once the
     previous state is stored.
     """
-    graph: StateGraph[RunState] = StateGraph(RunState)
+    graph: StateGraph[RunState, Machine] = StateGraph(RunState, context_schema=Machine)
 
-    async def advance(state: RunState) -> RunState:
-        return await machine.advance(state)
+    async def advance(state: RunState, runtime: Runtime[Machine]) -> RunState:
+        return await runtime.context.advance(state)
 
-    async def saved(state: RunState, config: RunnableConfig) -> RunState:
-        thread = config.get("configurable", {}).get("thread_id")
+    async def saved(state: RunState, runtime: Runtime[Machine]) -> RunState:
+        thread = runtime.context.run.run_id  # the run's thread
         latest = await checkpointer.aget_tuple({"configurable": {"thread_id": thread, "checkpoint_ns": ""}})
         checkpoint_id = latest.checkpoint["id"] if latest is not None else None
         for save in state.get("saves") or []:
-            await machine.emit(CheckpointSaved(node_id=save.get("node_id"), frame=save.get("frame"),
-                                               reason=save["reason"], checkpoint_id=checkpoint_id))
+            await runtime.context.emit(CheckpointSaved(node_id=save.get("node_id"), frame=save.get("frame"),
+                                                       reason=save["reason"], checkpoint_id=checkpoint_id))
         return {"saves": []}
 
-    async def suspend(state: RunState) -> RunState:
+    async def suspend(state: RunState, runtime: Runtime[Machine]) -> RunState:
         waiting = [{k: v for k, v in w.items() if k != "announced"} for w in state.get("waits", {}).values()]
         resolution = interrupt({"waits": waiting})
-        return machine.resolve(state, resolution if isinstance(resolution, dict) else {})
+        return runtime.context.resolve(state, resolution if isinstance(resolution, dict) else {})
 
     def route(state: RunState) -> str:
         if state.get("saves"):
             return "saved"
         if state.get("outcome") is not None:
             return END
-        if machine.runnable(state):
+        if Machine.runnable(state):
             return "advance"
         if state.get("waits"):
             return "suspend"

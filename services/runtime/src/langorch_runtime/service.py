@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,7 +53,7 @@ from ckp_core.events import (
 )
 from ckp_core.eventstore import AggregateHead, StoredEvent
 from ckp_core.ir import ProcedureIR
-from ckp_core.procedure_lifecycle import fold
+from ckp_core.procedure_lifecycle import ProcedureState, fold
 from ckp_core.redaction import Redactor
 from ckp_core.subjects import (
     COMMAND_STREAM,
@@ -105,6 +106,7 @@ log = logging.getLogger(__name__)
 
 CONSUMER = RUN_CONSUMER
 QUEUE_POLL_S = 5.0
+IR_CACHE_SIZE = 256  # parsed procedure versions kept by a replica
 DEFECT_DELIVERIES = 3  # a run command failing this often on a defect (not the infrastructure) fails its run
 ACTOR = Actor.system("runtime")
 VERSION = package_version("langorch-runtime")
@@ -159,6 +161,8 @@ class RuntimeService:
         self.js: JetStreamContext | None = None
         self.pool: AsyncConnectionPool[Any] | None = None
         self.saver: AsyncPostgresSaver | None = None
+        self.procedures_seen: OrderedDict[str, tuple[int, ProcedureState]] = OrderedDict()  # id → (head position, state)
+        self.irs: OrderedDict[str, tuple[int | None, ProcedureIR]] = OrderedDict()  # KV key → (revision, IR)
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = RuntimeMetrics()
@@ -426,8 +430,7 @@ class RuntimeService:
         ``effective_date`` is still ahead ``procedure_not_effective``; the run fails before it starts. A version
         deprecated meanwhile (a promotion) still runs the runs created before: only new runs are refused on it."""
         procedure_id, version = str(created["procedure_id"]), str(created["procedure_version"])
-        events = await self.store.read("procedure", procedure_id)
-        state = fold(procedure_id, ((e.envelope, e.position) for e in events))
+        state = await self.procedure_state(procedure_id)
         found = state.versions.get(version)
         if found is None or found.status == "archived":
             return ErrorObject(code="procedure_not_runnable", message=f"procedure {procedure_id}@{version} is "
@@ -439,12 +442,36 @@ class RuntimeService:
                                f"effective from {ir.effective_date}", details={"effective_date": ir.effective_date})
         return None
 
+    async def procedure_state(self, procedure_id: str) -> ProcedureState:
+        """The procedure aggregate's state, folded from its events; read again only when its head moved."""
+        head = await self.store.head("procedure", procedure_id)
+        cached = self.procedures_seen.get(procedure_id)
+        if cached is not None and head is not None and cached[0] == head.position:
+            return cached[1]
+        events = await self.store.read("procedure", procedure_id)
+        state = fold(procedure_id, ((e.envelope, e.position) for e in events))
+        if events:
+            self.procedures_seen[procedure_id] = (events[-1].position, state)
+            while len(self.procedures_seen) > IR_CACHE_SIZE:
+                self.procedures_seen.popitem(last=False)
+        return state
+
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
+        """The version's IR from KV; parsed once per KV revision (the runs of one version share it, read-only)."""
+        key = procedure_key(procedure_id, version)
         try:
-            entry = await self.procedures.get(procedure_key(procedure_id, version))
+            entry = await self.procedures.get(key)
         except (KeyNotFoundError, NotFoundError):
             return None
-        return ProcedureIR.model_validate_json(entry.value or b"{}")
+        cached = self.irs.get(key)
+        if cached is not None and cached[0] == entry.revision:
+            self.irs.move_to_end(key)
+            return cached[1]
+        ir = ProcedureIR.model_validate_json(entry.value or b"{}")
+        self.irs[key] = (entry.revision, ir)
+        while len(self.irs) > IR_CACHE_SIZE:
+            self.irs.popitem(last=False)
+        return ir
 
     async def execute(self, command: StartRun | ResumeRun | RetryRun, delivery: int) -> None:
         """Execute (or continue, resume, retry) one run until it is terminal or durably suspended."""
@@ -526,9 +553,10 @@ class RuntimeService:
         callbacks = CallbackConfig(key=callback_key(self.settings.auth_secret_key.get_secret_value()),
                                    public_url=self.settings.public_url, timeout_s=self.settings.callback_timeout_s)
         epoch = len(retries) + (1 if isinstance(command, RetryRun) else 0)
+        steps = StepStore(self.steps_kv, run_id)
         machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at,
                                              retry_epoch=epoch),
-                          emit=writer.emit, steps=StepStore(self.steps_kv, run_id), dispatcher=self.dispatcher,
+                          emit=writer.emit, steps=steps, dispatcher=self.dispatcher,
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
                           limiter=self.limiter, llm=self.llm, artifacts=self.artifacts,
@@ -602,6 +630,7 @@ class RuntimeService:
             await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode,
                                                runtime_instance=self.instance))
             initial = machine.initial_state(dict(created.get("input_vars", {})))
+            steps.start_empty()  # no node ran before execution_started: the run has no step record yet
             final = await self.invoke(run_id, graph, initial, config, durability="sync")
         elif has_checkpoint and suspended:
             return  # durably suspended: a resume command continues it

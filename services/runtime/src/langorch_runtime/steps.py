@@ -44,16 +44,27 @@ def custom_idempotency_key(base: str, attempt: int) -> str:
 
 
 class StepStore:
-    """Claims and records step identities so a completed step is never executed twice."""
+    """Claims and records step identities so a completed step is never executed twice.
+
+    A run's records are written only by the replica executing it. When that execution began with no record (a
+    run's first start: nothing of it ran before, see :meth:`start_empty`), the records it writes are also kept
+    in memory and reads are answered from there, without a KV round trip."""
 
     def __init__(self, kv: KeyValue, run_id: str) -> None:
         self.kv = kv
         self.run_id = run_id
+        self.known: dict[str, StepRecord] | None = None  # every record of the run, when they are all known
+
+    def start_empty(self) -> None:
+        """The run has no record yet (its first execution): from now on this store knows every record of it."""
+        self.known = {}
 
     def key(self, identity: str) -> str:
         return f"{self.run_id}.{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
     async def get(self, identity: str) -> StepRecord | None:
+        if self.known is not None:
+            return self.known.get(identity)
         try:
             entry = await self.kv.get(self.key(identity))
         except KeyNotFoundError:
@@ -64,6 +75,8 @@ class StepStore:
 
     async def put(self, identity: str, record: StepRecord) -> None:
         await self.kv.put(self.key(identity), record.model_dump_json().encode())
+        if self.known is not None:
+            self.known[identity] = record
 
 
 class MemoryStepStore(StepStore):
@@ -71,6 +84,7 @@ class MemoryStepStore(StepStore):
 
     def __init__(self, run_id: str = "run") -> None:
         self.run_id = run_id
+        self.known = None
         self.records: dict[str, StepRecord] = {}
 
     async def get(self, identity: str) -> StepRecord | None:

@@ -154,7 +154,8 @@ class RunContext:
             state.setdefault("saves", []).append({"reason": reason, "node_id": node_id, "frame": fs})
 
     # -- the frame tree and frames ended by another one ------------------------------------------------------------
-    def runnable(self, state: RunState) -> list[Frame]:
+    @staticmethod
+    def runnable(state: RunState) -> list[Frame]:
         return [f for f in (state["frames"][fid] for fid in state.get("order", [])) if f.get("status") == "running"]
 
     def ancestors(self, state: RunState, frame: Frame) -> list[Frame]:

@@ -261,9 +261,11 @@ class StepRunner(Dispatching):
         params = await self.render(step.params, state, frame, node.id, step.step_id, call.base, locals_=layer)
         same = record is not None and record.attempt == attempt and isinstance(record.result, dict)
         delegation_id = str((record.result or {}).get("delegation_id") if same and record else "") or new_id()
-        await self.steps.put(call.identity, StepRecord(
-            status="started", attempt=attempt, idempotency_key=key, node_id=node.id, step_id=step_id,
-            frame=fs, result={"delegation_id": delegation_id}, updated_at=now_iso()))
+        if not internal:  # the claim before a side effect (§7.4); an internal operation has none to guard, and
+            # after a crash its attempt number comes out the same from its records without a `started` one
+            await self.steps.put(call.identity, StepRecord(
+                status="started", attempt=attempt, idempotency_key=key, node_id=node.id, step_id=step_id,
+                frame=fs, result={"delegation_id": delegation_id}, updated_at=now_iso()))
         announce = Announcement(self.emit, StepStarted(
             node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
             binding_kind="internal" if internal else "channel", channel=step.binding.channel, idempotency_key=key,
