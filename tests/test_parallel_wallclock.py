@@ -64,8 +64,13 @@ async def test_any_winner_is_decided_while_the_losing_agent_call_is_in_flight(pl
     agent = ScriptedAgent({"slow": blocked, "ping": lambda body: "pong"})
     async with serving(agent):
         await registered(c, agent)
-        run_id = await start_document(c, race("race_any", {"type": "sequence", "next_node": "join", "steps": [
-            {"step_id": "s3", "action": "set_variable", "variable": "q", "value": 3}]}))
+        doc = race("race_any", {"type": "sequence", "next_node": "join", "steps": [
+            {"step_id": "s3", "action": "set_variable", "variable": "q", "value": 3}]})
+        # the quick branch pauses first, so the slow call is surely on the wire when the quick branch wins (its
+        # internal steps alone may finish before the other branch's agent call goes out)
+        doc["workflow_graph"]["nodes"]["q1"]["steps"].insert(0, {"step_id": "pause", "action": "wait",
+                                                                 "duration_ms": 1000})
+        run_id = await start_document(c, doc)
         run = await wait_status(c, run_id)
         # decided while the slow call was still unanswered
         assert not blocked.release.is_set()

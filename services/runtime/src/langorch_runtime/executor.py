@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
-from ckp_core.events import Actor, CheckpointSaved, EventData, make_event
+from ckp_core.events import Actor, CheckpointSaved, EventData, EventEnvelope, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
 from ckp_core.redaction import Redactor, bound_payload
 from langorch_runtime.frames import RunState
@@ -30,49 +31,96 @@ log = logging.getLogger(__name__)
 
 
 class RunWriter:
-    """Appends a run's events in order, as the run's single writer."""
+    """Appends a run's events in order, as the run's single writer.
+
+    The interpreter emits with :meth:`emit_soon`: the event is built, redacted and numbered at once, and a
+    background task appends the queued events one by one, each with its expected position, while the run goes on
+    computing. :meth:`flush` waits until every queued event is stored; the run calls it before anything outside
+    the run can see or depend on what it did — before each checkpoint (the end of a super-step), before an agent,
+    tool or LLM call, an approval request or a child run, and before the command is acknowledged. So no event is
+    ever behind the state persisted after it, and an append that fails (another writer appended to the run) stops
+    every later one: the run's events never interleave with another writer's. :meth:`emit` appends and waits."""
 
     def __init__(self, store: EventStore, run_id: str, head: AggregateHead, redactor: Redactor,
                  actor: Actor, causation_id: str | None) -> None:
         self.store = store
         self.run_id = run_id
-        self.seq = head.seq
+        self.seq = head.seq  # of the last event stored
         self.position = head.position
+        self.numbered = head.seq  # of the last event queued
         self.redactor = redactor
         self.actor = actor
         self.causation_id = causation_id
-        self.lock = asyncio.Lock()
+        self.queue: deque[tuple[EventEnvelope, EventData, list[asyncio.Task[Any]]]] = deque()
+        self.before: Callable[[], list[asyncio.Task[Any]]] = list  # writes an event must wait for (StepStore.pending)
+        self.appender: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
         self.observer: Callable[[EventData, float], None] | None = None  # metrics, after each append
 
     async def refresh(self) -> None:
-        """Re-read the run's head (another replica appended to it, e.g. ``run_cancel_requested``)."""
+        """Re-read the run's head (another replica appended to it, e.g. ``run_cancel_requested``). Events still
+        queued are appended first; one refused because of that other append is dropped with the rest."""
+        await self._settled()
+        self.queue.clear()
+        self.failure = None
         head = await self.store.head("run", self.run_id)
         if head is not None:
             self.seq, self.position = head.seq, head.position
+        self.numbered = self.seq
 
     async def emit(self, data: EventData) -> int:
-        """Append one event. Shielded: a frame canceled by a sibling (a parallel ``any`` loser, a ``terminate``)
-        may be cut off while it emits, and an append cut off between the store and its acknowledgement would
-        leave this writer behind the stream; the append finishes, the caller sees the cancellation."""
-        return await asyncio.shield(self._locked_emit(data))
+        """Append one event (after those queued before it) and wait until it is stored."""
+        seq = await self.emit_soon(data)
+        await self.flush()
+        return seq
 
-    async def _locked_emit(self, data: EventData) -> int:
-        async with self.lock:
-            return await self._emit(data)
-
-    async def _emit(self, data: EventData) -> int:
-        envelope = make_event(data, aggregate_id=self.run_id, seq=self.seq + 1, actor=self.actor,
+    async def emit_soon(self, data: EventData) -> int:
+        """Queue one event for appending; returns its sequence number in the run."""
+        if self.failure is not None:
+            raise self.failure
+        envelope = make_event(data, aggregate_id=self.run_id, seq=self.numbered + 1, actor=self.actor,
                               causation_id=self.causation_id, correlation_id=self.run_id)
         envelope.data = bound_payload(self.redactor.redact(envelope.data))
-        [position] = await self.store.append([envelope], expected_position=self.position)
-        self.seq += 1
-        self.position = position
-        if self.observer is not None:
+        self.numbered += 1
+        self.queue.append((envelope, data, self.before()))
+        if self.appender is None or self.appender.done():
+            self.appender = asyncio.create_task(self._append_queued(), name=f"append-{self.run_id}")
+        return self.numbered
+
+    async def flush(self) -> None:
+        """Wait until every queued event (and every write it waits for) is stored; raises the failure of one."""
+        await self._settled()
+        if self.failure is not None:
+            raise self.failure
+        for write in self.before():
+            await asyncio.shield(write)
+
+    async def _settled(self) -> None:
+        # shielded: a frame canceled while it waits here (a parallel ``any`` loser) leaves the appends running
+        while self.appender is not None and not self.appender.done():
+            await asyncio.shield(asyncio.wait([self.appender]))
+
+    async def _append_queued(self) -> None:
+        while self.queue:
+            envelope, data, before = self.queue[0]
             try:
-                self.observer(data, time.time())
-            except Exception:  # metrics never break a run
-                log.warning("metrics observer failed on %s", data.TYPE, exc_info=True)
-        return position
+                for write in before:
+                    await write
+                [position] = await self.store.append([envelope], expected_position=self.position)
+            except BaseException as exc:  # any failure is kept for the next emit or flush, which raise it
+                self.failure = exc
+                self.queue.clear()
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                return
+            self.queue.popleft()
+            self.seq += 1
+            self.position = position
+            if self.observer is not None:
+                try:
+                    self.observer(data, time.time())
+                except Exception:  # metrics never break a run
+                    log.warning("metrics observer failed on %s", data.TYPE, exc_info=True)
 
 
 class RunGraph:
@@ -119,7 +167,9 @@ def compile_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     graph: StateGraph[RunState, Machine] = StateGraph(RunState, context_schema=Machine)
 
     async def advance(state: RunState, runtime: Runtime[Machine]) -> RunState:
-        return await runtime.context.advance(state)
+        advanced = await runtime.context.advance(state)
+        await runtime.context.settle()  # the super-step's events are stored before its checkpoint
+        return advanced
 
     async def saved(state: RunState, runtime: Runtime[Machine]) -> RunState:
         thread = runtime.context.run.run_id  # the run's thread
@@ -128,6 +178,7 @@ def compile_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
         for save in state.get("saves") or []:
             await runtime.context.emit(CheckpointSaved(node_id=save.get("node_id"), frame=save.get("frame"),
                                                        reason=save["reason"], checkpoint_id=checkpoint_id))
+        await runtime.context.settle()
         return {"saves": []}
 
     async def suspend(state: RunState, runtime: Runtime[Machine]) -> RunState:

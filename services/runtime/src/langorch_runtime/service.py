@@ -161,7 +161,7 @@ class RuntimeService:
         self.js: JetStreamContext | None = None
         self.pool: AsyncConnectionPool[Any] | None = None
         self.saver: AsyncPostgresSaver | None = None
-        self.procedures_seen: OrderedDict[str, tuple[int, ProcedureState]] = OrderedDict()  # id → (head position, state)
+        self.procedures_seen: OrderedDict[str, tuple[int, ProcedureState]] = OrderedDict()  # id → (head, state)
         self.irs: OrderedDict[str, tuple[int | None, ProcedureIR]] = OrderedDict()  # KV key → (revision, IR)
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -367,6 +367,9 @@ class RuntimeService:
         try:
             done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
+                if task.exception() is not None:  # the events emitted before the failure are stored, as emitted
+                    with contextlib.suppress(Exception):  # an append failure here is secondary to the graph's
+                        await graph.machine.settle()
                 return task.result()
             task.cancel()
             with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
@@ -554,9 +557,10 @@ class RuntimeService:
                                    public_url=self.settings.public_url, timeout_s=self.settings.callback_timeout_s)
         epoch = len(retries) + (1 if isinstance(command, RetryRun) else 0)
         steps = StepStore(self.steps_kv, run_id)
+        writer.before = steps.pending
         machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at,
                                              retry_epoch=epoch),
-                          emit=writer.emit, steps=steps, dispatcher=self.dispatcher,
+                          emit=writer.emit_soon, settle=writer.flush, steps=steps, dispatcher=self.dispatcher,
                           on_approval=request_approval, callbacks=callbacks, children=self.children,
                           secrets=self.secrets, on_sensitive=lambda keys, values: redactor.add(keys, values),
                           limiter=self.limiter, llm=self.llm, artifacts=self.artifacts,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -54,6 +55,8 @@ class StepStore:
         self.kv = kv
         self.run_id = run_id
         self.known: dict[str, StepRecord] | None = None  # every record of the run, when they are all known
+        self.written: dict[str, StepRecord] = {}  # written by this execution, newest per identity
+        self.writing: dict[str, asyncio.Task[Any]] = {}  # identity → its put_soon write, until stored
 
     def start_empty(self) -> None:
         """The run has no record yet (its first execution): from now on this store knows every record of it."""
@@ -65,6 +68,8 @@ class StepStore:
     async def get(self, identity: str) -> StepRecord | None:
         if self.known is not None:
             return self.known.get(identity)
+        if identity in self.written:
+            return self.written[identity]
         try:
             entry = await self.kv.get(self.key(identity))
         except KeyNotFoundError:
@@ -74,7 +79,30 @@ class StepStore:
         return StepRecord.model_validate_json(entry.value)
 
     async def put(self, identity: str, record: StepRecord) -> None:
-        await self.kv.put(self.key(identity), record.model_dump_json().encode())
+        await self._write(identity, record.model_dump_json().encode(), self.writing.get(identity))
+        self._remember(identity, record)
+
+    def put_soon(self, identity: str, record: StepRecord) -> None:
+        """Write a record without waiting for it: reads see it at once, and the run's writer appends no event
+        emitted after this call before the write is stored (:meth:`pending`)."""
+        self._remember(identity, record)
+        task = asyncio.create_task(self._write(identity, record.model_dump_json().encode(),
+                                               self.writing.get(identity)))
+        self.writing[identity] = task
+        task.add_done_callback(lambda done: self.writing.pop(identity, None) if self.writing.get(identity) is done
+                               else None)
+
+    async def _write(self, identity: str, body: bytes, earlier: asyncio.Task[Any] | None) -> None:
+        if earlier is not None:  # writes of one identity land in the order they were made
+            await asyncio.shield(earlier)
+        await self.kv.put(self.key(identity), body)
+
+    def pending(self) -> list[asyncio.Task[Any]]:
+        """The writes of :meth:`put_soon` not stored yet."""
+        return [t for t in self.writing.values() if not t.done()]
+
+    def _remember(self, identity: str, record: StepRecord) -> None:
+        self.written[identity] = record
         if self.known is not None:
             self.known[identity] = record
 
@@ -91,6 +119,9 @@ class MemoryStepStore(StepStore):
         return self.records.get(identity)
 
     async def put(self, identity: str, record: StepRecord) -> None:
+        self.records[identity] = record
+
+    def put_soon(self, identity: str, record: StepRecord) -> None:
         self.records[identity] = record
 
 

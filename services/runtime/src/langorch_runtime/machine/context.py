@@ -38,6 +38,10 @@ from langorch_runtime.machine.ports import (
 )
 
 
+async def _settled() -> None:
+    """The default of ``RunContext.settle``: events emitted through a plain callable are stored already."""
+
+
 @dataclass
 class RunContext:
     """Executes the frames of one run against its IR (the fields of :class:`Machine`)."""
@@ -46,6 +50,9 @@ class RunContext:
     run: RunInfo
     emit: Emit
     steps: StepRecords
+    # waits until every event emitted so far is stored (RunWriter.flush): called before a checkpoint and before any
+    # effect outside the run (an agent, tool or LLM call, an approval request, a child run)
+    settle: Callable[[], Awaitable[None]] = _settled
     dispatcher: Dispatcher = field(default_factory=Dispatcher)
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     on_approval: ApprovalRequest | None = None  # publishes lo.cmd.approval.request

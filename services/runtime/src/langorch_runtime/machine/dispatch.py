@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import copy
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,8 +36,9 @@ class Announcement:
     """``step_started`` of one attempt, emitted once: with the agent chosen for a dispatched step (ckp.md §8),
     or without one when the step fails or completes before any agent is chosen."""
 
-    def __init__(self, emit: Emit, event: StepStarted) -> None:
+    def __init__(self, emit: Emit, event: StepStarted, settle: Callable[[], Awaitable[None]] | None = None) -> None:
         self.emit = emit
+        self.settle = settle  # a dispatched step's announcement is stored before the agent is called
         self.event: StepStarted | None = event
         self.binding_kind = event.binding_kind  # ``channel`` until an agent is chosen (ckp.md §8)
 
@@ -46,6 +48,8 @@ class Announcement:
             if binding_kind:
                 self.binding_kind = binding_kind
             await self.emit(event.model_copy(update={"agent_id": agent_id, "binding_kind": self.binding_kind}))
+            if self.settle is not None:
+                await self.settle()
 
 
 class Dispatching(RunContext):
@@ -95,6 +99,7 @@ class Dispatching(RunContext):
                                   frame=fs, timeout_ms=None, dispatch_mode="sync", run_id=self.run.run_id,
                                   procedure_id=self.ir.procedure_id, emit=self.emit)
         async with self.admitted(node.id, step_id, fs, attempt):
+            await self.settle()
             return await self.dispatcher.dispatch(request), True
 
     # -- a step's dispatch (§4.5, §4.6) --------------------------------------------------------------------------
@@ -140,6 +145,7 @@ class Dispatching(RunContext):
                 self.affinity[channel] = request.agent_id
 
     async def _dispatch(self, request: DispatchRequest, step: StepIR) -> Any:
+        await self.settle()
         if step.timeout_ms is None or getattr(self.dispatcher, "enforces_step_timeout", False):
             return await self.dispatcher.dispatch(request)
         try:

@@ -119,6 +119,8 @@ class StepRecords(Protocol):
 
     async def put(self, identity: str, record: StepRecord) -> None: ...
 
+    def put_soon(self, identity: str, record: StepRecord) -> None: ...
+
 
 # -- child runs (§3.9) ---------------------------------------------------------------------------------------------
 

@@ -269,7 +269,7 @@ class StepRunner(Dispatching):
         announce = Announcement(self.emit, StepStarted(
             node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
             binding_kind="internal" if internal else "channel", channel=step.binding.channel, idempotency_key=key,
-            params=params))
+            params=params), None if internal else self.settle)
         if internal or not self.dispatcher.announces_agent:
             await announce(None)
         try:
@@ -400,9 +400,12 @@ class StepRunner(Dispatching):
                     await self.emit(TemplateWarning(variable=var, reason=w, location={
                         "node_id": node.id, "step_id": step.step_id, "field": f"{call.base}/output_mapping/{var}"}))
         apply_writes(call.namespace, writes)
-        await self.steps.put(call.identity, StepRecord(status="completed", attempt=attempt, idempotency_key=key,
-                                                       node_id=node.id, step_id=step_id, frame=fs, result=result,
-                                                       writes=writes, updated_at=now_iso()))
+        completed = StepRecord(status="completed", attempt=attempt, idempotency_key=key, node_id=node.id,
+                               step_id=step_id, frame=fs, result=result, writes=writes, updated_at=now_iso())
+        if step.binding.kind == "internal":  # stored before step_completed is (the run's writer waits for it)
+            self.steps.put_soon(call.identity, completed)
+        else:
+            await self.steps.put(call.identity, completed)
         await self.emit(StepCompleted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
                                       output_variable=step.output_variable,
                                       duration_ms=int((time.monotonic() - started) * 1000), retry_count=attempt - 1))

@@ -92,6 +92,7 @@ async def ask(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, data: 
             expires_at=expires_at, timeout_action=p.timeout_action, approval_level=p.approval_level,
             escalation_contact=p.escalation_contact, input_schema=input_schema, suspends_run=suspends))
         if m.on_approval is not None:
+            await m.settle()
             await m.on_approval({
                 "approval_id": approval_id, "run_id": m.run.run_id,
                 "procedure_id": m.ir.procedure_id, "procedure_version": m.ir.version,

@@ -107,6 +107,7 @@ async def call(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, p: Ll
                               idempotency_key=key, emit=m.emit, node_id=node.id, frame=fs, attempt=attempt)
         try:
             async with m.admitted(node.id, "llm", fs, attempt):
+                await m.settle()
                 result = await m.llm.complete(request)
             break
         except StepError as exc:

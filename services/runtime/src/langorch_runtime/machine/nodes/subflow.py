@@ -99,6 +99,7 @@ async def start_child(m: StepRunner, state: RunState, frame: Frame, node: NodeIR
         await m.steps.put(identity, StepRecord(status="started", attempt=attempt, idempotency_key=child_id,
                                                node_id=node.id, step_id="subflow", frame=fs,
                                                result={"child_run_id": child_id}, updated_at=now_iso()))
+    await m.settle()
     version = await m.children.start(
         parent_run_id=m.run.run_id, parent_node_id=node.id,
         root_run_id=m.run.run_created.get("root_run_id") or m.run.run_id,
