@@ -6,6 +6,7 @@ share one compiled graph (executor.build_graph)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -168,3 +169,25 @@ def test_runs_share_one_compiled_graph_per_checkpointer() -> None:
     assert first.graph is second.graph
     assert first.machine is not second.machine
     assert build_graph(object(), other).graph is not first.graph  # type: ignore[arg-type]
+
+
+async def test_a_frame_whose_cancellation_was_dropped_stops_at_its_next_flush() -> None:
+    """Python 3.11's ``wait_for`` (inside every nats-py request) can swallow a cancellation; an aborted frame must
+    still stop before its next effect outside the run, which it always precedes with a flush."""
+    w = writer(MemoryEventStore())
+    calls: list[str] = []
+
+    async def frame() -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        current.cancel()  # the abort arrives ...
+        with contextlib.suppress(asyncio.CancelledError):  # ... and a library drops it, as wait_for does when
+            await asyncio.sleep(0)  # its inner future is already done
+        await w.emit_soon(log_event("step_started"))
+        await w.flush()
+        calls.append("agent called")
+
+    task = asyncio.create_task(frame())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == []

@@ -24,6 +24,7 @@ from langgraph.types import interrupt
 from ckp_core.events import Actor, CheckpointSaved, EventData, EventEnvelope, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
 from ckp_core.redaction import Redactor, bound_payload
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_runtime.frames import RunState
 from langorch_runtime.machine import Machine
 
@@ -88,7 +89,11 @@ class RunWriter:
         return self.numbered
 
     async def flush(self) -> None:
-        """Wait until every queued event (and every write it waits for) is stored; raises the failure of one."""
+        """Wait until every queued event (and every write it waits for) is stored; raises the failure of one.
+
+        The run flushes before every effect outside it, so this is also where a frame whose cancellation a library
+        dropped (Python 3.11's ``wait_for`` inside nats-py) stops instead of calling an agent."""
+        stop_if_cancelled()
         await self._settled()
         if self.failure is not None:
             raise self.failure
