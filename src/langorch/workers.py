@@ -168,6 +168,7 @@ class WorkerPool:
     report: Callable[[str], None] = print
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
+    config: WorkerConfig | None = None
 
     def spawn(self) -> None:
         self.workers = [Worker(i + 1, self.state_dir) for i in range(self.count)]
@@ -175,22 +176,30 @@ class WorkerPool:
             worker.spawn()
 
     def configure(self, config: WorkerConfig) -> None:
-        for worker in self.workers:
-            worker.configure(config)
+        """Configure the first worker now, the others once it is ready (:meth:`wait_ready`): the first one creates
+        the runtime's checkpoint tables, and LangGraph's migrations run by two replicas at once on a fresh database
+        deadlock (``pg_advisory_lock`` against ``CREATE INDEX CONCURRENTLY``)."""
+        self.config = config
+        if self.workers:
+            self.workers[0].configure(config)
 
     @property
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers if w.pid is not None]
 
     async def wait_ready(self) -> None:
-        """Until every worker is ready (or the workers are being stopped); :class:`WorkerFailed` when one exits
-        first."""
+        """Until every worker is ready (or the workers are being stopped), configuring the other workers once the
+        first is ready; :class:`WorkerFailed` when one exits first."""
         while not self.stopping:
             for worker in self.workers:
                 code = worker.exit_code()
                 if code is not None and not worker.ready.is_set() and worker.starts == 1:
                     raise WorkerFailed(f"{worker.name} (pid {worker.pid}) exited with code {code} before it was "
                                        "ready; its output is above")
+            if self.workers[0].ready.is_set() and self.config is not None:
+                for worker in self.workers[1:]:
+                    if worker.config is None:
+                        worker.configure(self.config)
             if all(w.ready.is_set() for w in self.workers):
                 return
             await asyncio.sleep(0.02)
