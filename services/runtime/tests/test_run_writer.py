@@ -191,3 +191,15 @@ async def test_a_frame_whose_cancellation_was_dropped_stops_at_its_next_flush() 
     with pytest.raises(asyncio.CancelledError):
         await task
     assert calls == []
+
+
+def test_a_run_keeps_its_checkpoint_lane_and_runs_spread_over_the_lanes() -> None:
+    """The official saver serialises its calls with one lock: a replica spreads its runs over several savers."""
+    from langorch_infra.settings import RuntimeSettings
+    from langorch_runtime.service import SAVER_LANES, RuntimeService
+
+    service = RuntimeService(RuntimeSettings())
+    service.savers = [InMemorySaver() for _ in range(SAVER_LANES)]  # type: ignore[misc,assignment]
+    runs = [f"run-{i}" for i in range(64)]
+    assert all(service.saver_for(r) is service.saver_for(r) for r in runs)
+    assert len({id(service.saver_for(r)) for r in runs}) > SAVER_LANES // 2

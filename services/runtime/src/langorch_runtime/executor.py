@@ -14,7 +14,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import END, START, StateGraph
@@ -172,9 +172,10 @@ def compile_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     graph: StateGraph[RunState, Machine] = StateGraph(RunState, context_schema=Machine)
 
     async def advance(state: RunState, runtime: Runtime[Machine]) -> RunState:
-        advanced = await runtime.context.advance(state)
+        advanced = await runtime.context.advance(state)  # a new state: ``state`` is left as it was
         await runtime.context.settle()  # the super-step's events are stored before its checkpoint
-        return advanced
+        # only the channels that changed: each returned one is a write and a blob of the checkpoint
+        return cast(RunState, {k: v for k, v in advanced.items() if k not in state or state[k] != v})  # type: ignore[literal-required]
 
     async def saved(state: RunState, runtime: Runtime[Machine]) -> RunState:
         thread = runtime.context.run.run_id  # the run's thread

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -106,6 +107,7 @@ log = logging.getLogger(__name__)
 
 CONSUMER = RUN_CONSUMER
 QUEUE_POLL_S = 5.0
+SAVER_LANES = 8  # checkpoint savers per replica (saver_for); the pool has 10 connections
 IR_CACHE_SIZE = 256  # parsed procedure versions kept by a replica
 DEFECT_DELIVERIES = 3  # a run command failing this often on a defect (not the infrastructure) fails its run
 ACTOR = Actor.system("runtime")
@@ -161,6 +163,7 @@ class RuntimeService:
         self.js: JetStreamContext | None = None
         self.pool: AsyncConnectionPool[Any] | None = None
         self.saver: AsyncPostgresSaver | None = None
+        self.savers: list[AsyncPostgresSaver] = []  # the runs' checkpoint lanes (saver_for)
         self.procedures_seen: OrderedDict[str, tuple[int, ProcedureState]] = OrderedDict()  # id → (head, state)
         self.irs: OrderedDict[str, tuple[int | None, ProcedureIR]] = OrderedDict()  # KV key → (revision, IR)
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
@@ -177,6 +180,7 @@ class RuntimeService:
         await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.audit = AuditWriter(self.js)
         self.pool, self.saver = await open_checkpointer(self.settings.database_url)
+        self.savers = [self.saver, *(AsyncPostgresSaver(self.pool) for _ in range(SAVER_LANES - 1))]
         self.store = JetStreamEventStore(self.js)
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
@@ -459,6 +463,13 @@ class RuntimeService:
                 self.procedures_seen.popitem(last=False)
         return state
 
+    def saver_for(self, run_id: str) -> AsyncPostgresSaver:
+        """The checkpoint saver of a run. The official saver passes every call through one lock, so the runs of
+        this replica are spread over ``SAVER_LANES`` savers sharing the connection pool: checkpoints of different
+        runs are written side by side, those of one run (always the same lane) one after the other."""
+        assert self.savers, "the runtime is not started"
+        return self.savers[zlib.crc32(run_id.encode()) % len(self.savers)]
+
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
         """The version's IR from KV; parsed once per KV revision (the runs of one version share it, read-only)."""
         key = procedure_key(procedure_id, version)
@@ -567,8 +578,7 @@ class RuntimeService:
                           webhooks=self.webhooks.for_run(run_id, ir.procedure_id, redactor),
                           recovery_grace_ms=int(self.settings.recovery_grace_s * 1000),
                           sleep=scaled_sleep(self.settings.time_scale))
-        assert self.saver is not None
-        graph = build_graph(machine, self.saver)
+        graph = build_graph(machine, self.saver_for(run_id))
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
         snapshot = await graph.aget_state(config)
         has_checkpoint = bool(snapshot.values)
