@@ -107,6 +107,7 @@ log = logging.getLogger(__name__)
 
 CONSUMER = RUN_CONSUMER
 QUEUE_POLL_S = 5.0
+SETUP_POLL_S = 0.1  # a replica waiting for another's checkpoint migrations asks again this often
 SAVER_LANES = 8  # checkpoint savers per replica (saver_for); the pool has 10 connections
 IR_CACHE_SIZE = 256  # parsed procedure versions kept by a replica
 DEFECT_DELIVERIES = 3  # a run command failing this often on a defect (not the infrastructure) fails its run
@@ -114,10 +115,18 @@ ACTOR = Actor.system("runtime")
 VERSION = package_version("langorch-runtime")
 
 
+async def _try_setup_lock(conn: psycopg.AsyncConnection[Any]) -> bool:
+    row = await (await conn.execute("SELECT pg_try_advisory_lock(72022)")).fetchone()
+    return bool(row and row[0])
+
+
 async def open_checkpointer(database_url: str) -> tuple[AsyncConnectionPool[Any], AsyncPostgresSaver]:
     """Open the pool and the official PostgreSQL saver, creating its tables once (serialised by a lock)."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await conn.execute("SELECT pg_advisory_lock(72022)")
+        # polled, not waited for: a replica waiting in pg_advisory_lock is an open transaction, and the holder's
+        # CREATE INDEX CONCURRENTLY waits for every open transaction (PostgreSQL then reports a deadlock)
+        while not await _try_setup_lock(conn):
+            await asyncio.sleep(SETUP_POLL_S)
         try:
             await AsyncPostgresSaver(conn).setup()  # type: ignore[arg-type]
         finally:
