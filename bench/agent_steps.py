@@ -30,19 +30,17 @@ import cProfile
 import itertools
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
 from bench.runtime import Completions, run_events, start, stats
+from bench.servers import bench_servers
 from ckp_core.ir import NodeIR, SequencePayload
-from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
 from langorch_runtime.machine import DispatchRequest
 from tests.conftest import platform_of
 from tests.helpers import import_procedure
@@ -223,25 +221,8 @@ async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[
 
 
 async def main(runs: int, profile: str | None) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp())
-    nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
-    servers: list[EmbeddedNats | EmbeddedPostgres] = []
-    if not nats_url:
-        servers.append(EmbeddedNats(tmp / "nats").start())
-        nats_url = servers[-1].url
-    if not pg_url:
-        servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
-        pg_url = servers[-1].url
-    conn = await asyncpg.connect(pg_url)
-    await conn.execute("DROP DATABASE IF EXISTS lo_bench_agent_steps WITH (FORCE)")
-    await conn.execute("CREATE DATABASE lo_bench_agent_steps")
-    await conn.close()
-    try:
-        return await bench(nats_url, pg_url.rsplit("/", 1)[0] + "/lo_bench_agent_steps", runs, profile)
-    finally:
-        for s in servers:
-            s.stop()
+    async with bench_servers("lo_bench_agent_steps") as (nats_url, db):
+        return await bench(nats_url, db, runs, profile)
 
 
 if __name__ == "__main__":

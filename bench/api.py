@@ -32,12 +32,10 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import nats
 import uvicorn
@@ -45,10 +43,11 @@ from fastapi import FastAPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
+from bench.servers import bench_servers, fresh_database
 from ckp_core.events import ANONYMOUS, RunCreated, make_event
 from ckp_core.ids import new_id
 from langorch.server import ManagedServer
-from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from langorch_infra.embedded import free_port
 from langorch_infra.jetstream import JetStreamEventStore
 from tests.conftest import platform_of
 from tests.helpers import example, follow_run, import_procedure
@@ -208,23 +207,8 @@ async def projection_lag(nats_url: str, projector: Any, rate: float, seconds: fl
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp())
-    nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
-    servers = []
-    if not nats_url:
-        servers.append(EmbeddedNats(tmp / "nats").start())
-        nats_url = servers[-1].url
-    if not pg_url:
-        servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
-        pg_url = servers[-1].url
-    conn = await asyncpg.connect(pg_url)
-    await conn.execute("DROP DATABASE IF EXISTS lo_bench_api WITH (FORCE)")
-    await conn.execute("CREATE DATABASE lo_bench_api")
-    await conn.close()
-    db = pg_url.rsplit("/", 1)[0] + "/lo_bench_api"
     n, c = args.requests, args.concurrency
-    try:
+    async with bench_servers("lo_bench_api") as (nats_url, db):
         async with platform_of(nats_url, db) as p, serve_empty() as empty:
             await import_procedure(p.client, example("internal_variables.ckp.json"))
             r = await p.client.post("/api/runs", json=RUN_BODY)
@@ -238,17 +222,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await p.app.state.projector.catch_up(120)  # the POSTed runs' events are applied before the lag test
             lag = await projection_lag(nats_url, p.app.state.projector, args.lag_rate, args.lag_seconds)
         # the same POST with no runtime (nor agents, approvals) in the process: the gateway's own cost of a start
-        conn = await asyncpg.connect(pg_url)
-        await conn.execute("DROP DATABASE IF EXISTS lo_bench_api_gw WITH (FORCE)")
-        await conn.execute("CREATE DATABASE lo_bench_api_gw")
-        await conn.close()
-        gw_db = pg_url.rsplit("/", 1)[0] + "/lo_bench_api_gw"
+        gw_db = await fresh_database(db, "lo_bench_api_gw")
         async with platform_of(nats_url, gw_db, runtime=False, agents=False, approvals=False) as p:
             await p.app.state.projector.catch_up(120)
             post_run_gateway_only = await measure(f"{p.base_url}/api/runs", "POST", args.post_requests, c, RUN_BODY)
-    finally:
-        for s in servers:
-            s.stop()
     return {
         "setup": {"concurrency": c, "cpus": os.cpu_count(), "server": "uvicorn, one process, one event loop "
                   "(gateway + services, empty app alongside)", "client": "separate process, httpx"},

@@ -24,13 +24,11 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import nats
 from fastapi import FastAPI
@@ -38,7 +36,7 @@ from fastapi import FastAPI
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
 from bench.runtime import Completions, run_events, start, stats
-from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
+from bench.servers import bench_servers
 from tests.conftest import platform_of
 from tests.helpers import import_procedure, pending_approval, serve_app
 
@@ -222,25 +220,8 @@ async def bench(nats_url: str, db: str, runs: int, approvals: int) -> dict[str, 
 
 
 async def main(runs: int, approvals: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp())
-    nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
-    servers: list[EmbeddedNats | EmbeddedPostgres] = []
-    if not nats_url:
-        servers.append(EmbeddedNats(tmp / "nats").start())
-        nats_url = servers[-1].url
-    if not pg_url:
-        servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
-        pg_url = servers[-1].url
-    conn = await asyncpg.connect(pg_url)
-    await conn.execute("DROP DATABASE IF EXISTS lo_bench_latency WITH (FORCE)")
-    await conn.execute("CREATE DATABASE lo_bench_latency")
-    await conn.close()
-    try:
-        return await bench(nats_url, pg_url.rsplit("/", 1)[0] + "/lo_bench_latency", runs, approvals)
-    finally:
-        for s in servers:
-            s.stop()
+    async with bench_servers("lo_bench_latency") as (nats_url, db):
+        return await bench(nats_url, db, runs, approvals)
 
 
 if __name__ == "__main__":

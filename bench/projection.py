@@ -38,7 +38,6 @@ import cProfile
 import json
 import os
 import sys
-import tempfile
 import time
 from bisect import bisect_left
 from pathlib import Path
@@ -48,6 +47,9 @@ import asyncpg
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.servers
+
+from bench.servers import bench_servers
 from ckp_core.events import (
     Actor,
     CheckpointSaved,
@@ -67,7 +69,6 @@ from ckp_core.events import (
 from ckp_core.ids import new_id
 from ckp_core.subjects import EVENT_STREAM
 from langorch_gateway.projector import Projector, ensure_schema
-from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, stream_last_position
 
 RUNTIME = Actor.system("runtime")
@@ -258,25 +259,8 @@ async def measure(nats_url: str, db_url: str, args: argparse.Namespace) -> dict[
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp())
-    nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
-    servers: list[Any] = []
-    try:
-        if not nats_url:
-            servers.append(EmbeddedNats(tmp / "nats").start())
-            nats_url = servers[-1].url
-        if not pg_url:
-            servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
-            pg_url = servers[-1].url
-        conn = await asyncpg.connect(pg_url)
-        await conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {DATABASE}")
-        await conn.close()
-        return await measure(nats_url, pg_url.rsplit("/", 1)[0] + "/" + DATABASE, args)
-    finally:
-        for s in servers:
-            s.stop()
+    async with bench_servers(DATABASE) as (nats_url, db):
+        return await measure(nats_url, db, args)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
-from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
+from bench.servers import bench_servers
 from tests.conftest import platform_of
 from tests.helpers import example, follow_run, import_procedure
 
@@ -56,22 +54,7 @@ async def baseline_insert(url: str, n: int = 200) -> float:
 
 
 async def main(runs: int) -> dict[str, object]:
-    tmp = Path(tempfile.mkdtemp())
-    nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
-    servers = []
-    if not nats_url:
-        servers.append(EmbeddedNats(tmp / "nats").start())
-        nats_url = servers[-1].url
-    if not pg_url:
-        servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
-        pg_url = servers[-1].url
-    conn = await asyncpg.connect(pg_url)
-    await conn.execute("DROP DATABASE IF EXISTS lo_bench WITH (FORCE)")
-    await conn.execute("CREATE DATABASE lo_bench")
-    await conn.close()
-    db = pg_url.rsplit("/", 1)[0] + "/lo_bench"
-    try:
+    async with bench_servers("lo_bench") as (nats_url, db):
         async with platform_of(nats_url, db) as p:
             await import_procedure(p.client, example("internal_variables.ckp.json"))
             times = []
@@ -86,9 +69,6 @@ async def main(runs: int) -> dict[str, object]:
             n_events = len(events)
         publish_ms = await baseline_publish(nats_url)
         insert_ms = await baseline_insert(db)
-    finally:
-        for s in servers:
-            s.stop()
     median = statistics.median(times)
     return {
         "procedure": "internal_variables (4 nodes, 3 executed, 2 internal steps)",

@@ -24,21 +24,19 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, TypedDict
 
-import asyncpg
 import httpx
 import nats
 from langgraph.graph import END, START, StateGraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
+from bench.servers import bench_servers
 from ckp_core.subjects import event_subject
-from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_runtime.service import open_checkpointer
 from tests.conftest import platform_of
@@ -300,31 +298,13 @@ async def race_bench(p: Any, nats_url: str, runs: int, ends: Completions) -> dic
 
 
 async def main(runs: int, calls: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp())
-    nats_url = os.environ.get("LANGORCH_TEST_NATS_URL")
-    pg_url = os.environ.get("LANGORCH_TEST_DATABASE_URL")
-    servers: list[EmbeddedNats | EmbeddedPostgres] = []
-    if not nats_url:
-        servers.append(EmbeddedNats(tmp / "nats").start())
-        nats_url = servers[-1].url
-    if not pg_url:
-        servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
-        pg_url = servers[-1].url
-    conn = await asyncpg.connect(pg_url)
-    await conn.execute("DROP DATABASE IF EXISTS lo_bench_runtime WITH (FORCE)")
-    await conn.execute("CREATE DATABASE lo_bench_runtime")
-    await conn.close()
-    db = pg_url.rsplit("/", 1)[0] + "/lo_bench_runtime"
-    try:
+    async with bench_servers("lo_bench_runtime") as (nats_url, db):
         async with platform_of(nats_url, db) as p, Completions(nats_url) as ends:
             platform = await platform_bench(p, nats_url, runs, ends)
             unpersisted = await platform_bench(p, nats_url, runs, ends, "disabled")
             dispatch = await dispatch_bench(p, nats_url, calls, ends)
             race = await race_bench(p, nats_url, max(3, runs // 2), ends)
         bare = await langgraph_baseline(db, runs)
-    finally:
-        for s in servers:
-            s.stop()
     e2e, rt, lg = stats(platform["e2e_ms"]), stats(platform["runtime_ms"]), stats(bare["ms"])
     through, direct = stats(dispatch["runtime_ms"]), stats(dispatch["direct_ms"])
     off_e2e, off_rt = stats(unpersisted["e2e_ms"]), stats(unpersisted["runtime_ms"])
