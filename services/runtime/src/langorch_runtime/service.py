@@ -16,7 +16,7 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
@@ -109,7 +109,8 @@ CONSUMER = RUN_CONSUMER
 QUEUE_POLL_S = 5.0
 SETUP_POLL_S = 0.1  # a replica waiting for another's checkpoint migrations asks again this often
 SAVER_LANES = 8  # checkpoint savers per replica (saver_for); the pool has 10 connections
-IR_CACHE_SIZE = 256  # parsed procedure versions kept by a replica
+T = TypeVar("T")
+CACHE_SIZE = 256  # parsed procedure versions and folded procedures kept by a replica
 DEFECT_DELIVERIES = 3  # a run command failing this often on a defect (not the infrastructure) fails its run
 ACTOR = Actor.system("runtime")
 VERSION = package_version("langorch-runtime")
@@ -162,6 +163,29 @@ class RetryNotDue(Exception):
         self.seconds = seconds
 
 
+class Stamped(Generic[T]):
+    """Values computed from something that changes (a procedure's events, a KV entry), each kept with the stamp it
+    was computed at (a stream position, a revision) and given back only for that stamp; beyond ``size`` keys the
+    least recently used is dropped."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[str, tuple[int | None, T]] = OrderedDict()
+
+    def get(self, key: str, stamp: int | None) -> T | None:
+        found = self.entries.get(key)
+        if found is None or found[0] != stamp:
+            return None
+        self.entries.move_to_end(key)
+        return found[1]
+
+    def put(self, key: str, stamp: int | None, value: T) -> None:
+        self.entries[key] = (stamp, value)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
 class RuntimeService:
     """One runtime replica."""
 
@@ -173,8 +197,8 @@ class RuntimeService:
         self.pool: AsyncConnectionPool[Any] | None = None
         self.saver: AsyncPostgresSaver | None = None
         self.savers: list[AsyncPostgresSaver] = []  # the runs' checkpoint lanes (saver_for)
-        self.procedures_seen: OrderedDict[str, tuple[int, ProcedureState]] = OrderedDict()  # id → (head, state)
-        self.irs: OrderedDict[str, tuple[int | None, ProcedureIR]] = OrderedDict()  # KV key → (revision, IR)
+        self.procedures_seen: Stamped[ProcedureState] = Stamped(CACHE_SIZE)  # by procedure id, at its head
+        self.irs: Stamped[ProcedureIR] = Stamped(CACHE_SIZE)  # by KV key, at its revision
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = RuntimeMetrics()
@@ -461,15 +485,13 @@ class RuntimeService:
     async def procedure_state(self, procedure_id: str) -> ProcedureState:
         """The procedure aggregate's state, folded from its events; read again only when its head moved."""
         head = await self.store.head("procedure", procedure_id)
-        cached = self.procedures_seen.get(procedure_id)
-        if cached is not None and head is not None and cached[0] == head.position:
-            return cached[1]
+        cached = self.procedures_seen.get(procedure_id, head.position) if head is not None else None
+        if cached is not None:
+            return cached
         events = await self.store.read("procedure", procedure_id)
         state = fold(procedure_id, ((e.envelope, e.position) for e in events))
         if events:
-            self.procedures_seen[procedure_id] = (events[-1].position, state)
-            while len(self.procedures_seen) > IR_CACHE_SIZE:
-                self.procedures_seen.popitem(last=False)
+            self.procedures_seen.put(procedure_id, events[-1].position, state)
         return state
 
     def saver_for(self, run_id: str) -> AsyncPostgresSaver:
@@ -486,14 +508,10 @@ class RuntimeService:
             entry = await self.procedures.get(key)
         except (KeyNotFoundError, NotFoundError):
             return None
-        cached = self.irs.get(key)
-        if cached is not None and cached[0] == entry.revision:
-            self.irs.move_to_end(key)
-            return cached[1]
-        ir = ProcedureIR.model_validate_json(entry.value or b"{}")
-        self.irs[key] = (entry.revision, ir)
-        while len(self.irs) > IR_CACHE_SIZE:
-            self.irs.popitem(last=False)
+        ir = self.irs.get(key, entry.revision)
+        if ir is None:
+            ir = ProcedureIR.model_validate_json(entry.value or b"{}")
+            self.irs.put(key, entry.revision, ir)
         return ir
 
     async def execute(self, command: StartRun | ResumeRun | RetryRun, delivery: int) -> None:

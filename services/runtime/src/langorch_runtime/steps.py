@@ -54,22 +54,20 @@ class StepStore:
     def __init__(self, kv: KeyValue, run_id: str) -> None:
         self.kv = kv
         self.run_id = run_id
-        self.known: dict[str, StepRecord] | None = None  # every record of the run, when they are all known
         self.written: dict[str, StepRecord] = {}  # written by this execution, newest per identity
+        self.all_written = False  # no record of the run exists but those in ``written`` (start_empty)
         self.writing: dict[str, asyncio.Task[Any]] = {}  # identity → its put_soon write, until stored
 
     def start_empty(self) -> None:
         """The run has no record yet (its first execution): from now on this store knows every record of it."""
-        self.known = {}
+        self.all_written = True
 
     def key(self, identity: str) -> str:
         return f"{self.run_id}.{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
     async def get(self, identity: str) -> StepRecord | None:
-        if self.known is not None:
-            return self.known.get(identity)
-        if identity in self.written:
-            return self.written[identity]
+        if identity in self.written or self.all_written:
+            return self.written.get(identity)
         try:
             entry = await self.kv.get(self.key(identity))
         except KeyNotFoundError:
@@ -80,12 +78,12 @@ class StepStore:
 
     async def put(self, identity: str, record: StepRecord) -> None:
         await self._write(identity, record.model_dump_json().encode(), self.writing.get(identity))
-        self._remember(identity, record)
+        self.written[identity] = record
 
     def put_soon(self, identity: str, record: StepRecord) -> None:
         """Write a record without waiting for it: reads see it at once, and the run's writer appends no event
         emitted after this call before the write is stored (:meth:`pending`)."""
-        self._remember(identity, record)
+        self.written[identity] = record
         task = asyncio.create_task(self._write(identity, record.model_dump_json().encode(),
                                                self.writing.get(identity)))
         self.writing[identity] = task
@@ -101,18 +99,12 @@ class StepStore:
         """The writes of :meth:`put_soon` not stored yet."""
         return [t for t in self.writing.values() if not t.done()]
 
-    def _remember(self, identity: str, record: StepRecord) -> None:
-        self.written[identity] = record
-        if self.known is not None:
-            self.known[identity] = record
-
 
 class MemoryStepStore(StepStore):
     """An in-process step store for unit tests of the interpreter (no NATS)."""
 
     def __init__(self, run_id: str = "run") -> None:
         self.run_id = run_id
-        self.known = None
         self.records: dict[str, StepRecord] = {}
 
     async def get(self, identity: str) -> StepRecord | None:
