@@ -28,7 +28,7 @@ AGENT_FIELDS = {
 @pytest.fixture(scope="module")
 async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
     async with platform_of(module_nats_url, module_database_url, runtime=False,
-                           gateway_settings={"agent_probe_timeout_s": 0.5,
+                           gateway_settings={"agent_probe_timeout_s": 3.0,
                                              "public_url": "https://lo.example"}) as p:
         yield p
 
@@ -154,7 +154,7 @@ async def test_probe_capabilities_http_and_mcp_and_upstream_failures(platform: P
         body = problem(await c.get("/api/agents/probe-capabilities", params={"base_url": redirecting.base_url}),
                        502, "upstream_error")
         assert "redirect" in body["detail"]
-    async with running_agent(AgentBehaviour(capabilities_delay_s=2)) as slow:
+    async with running_agent(AgentBehaviour(capabilities_delay_s=5)) as slow:
         problem(await c.get("/api/agents/probe-capabilities", params={"base_url": slow.base_url}), 504,
                 "upstream_timeout")
     async with running_agent() as gone:
