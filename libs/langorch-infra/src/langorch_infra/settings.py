@@ -134,6 +134,9 @@ class GatewaySettings(CommonSettings):
     """Settings of the gateway (REST/SSE API and projector)."""
 
     host: str = Field("127.0.0.1", description="Bind address of the HTTP API.")
+    auth_enabled: bool = Field(False, description="Require a credential on every endpoint outside the open list "
+                               "(api.md §2.2); false is the loud development mode where requests without one act "
+                               "as 'anonymous' holding every role.")
     port: int = Field(8080, description="Port of the HTTP API.")
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")

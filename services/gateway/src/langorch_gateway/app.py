@@ -57,6 +57,7 @@ from langorch_gateway import (
     run_creation,
     views,
 )
+from langorch_gateway.credentials import GatewayAuthenticator
 from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.problems import ApiProblem, install, internal_problem, problem_response
 from langorch_gateway.projector import AuditProjector, Projector, ensure_schema
@@ -143,6 +144,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
     app.state.project_names_lock = asyncio.Lock()  # deps.NamesLock
+    app.state.authenticator = GatewayAuthenticator()
     install(app)
 
     @app.middleware("http")

@@ -10,7 +10,7 @@ clients through :func:`clients`.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import asyncpg
 from fastapi import Depends, Request
@@ -23,6 +23,9 @@ from langorch_gateway import projector as projector_module
 from langorch_gateway.streams import StreamSlots
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.settings import GatewaySettings
+
+if TYPE_CHECKING:
+    from langorch_gateway.auth import Authenticator
 
 __all__ = [
     "AuditProjector",
@@ -82,6 +85,10 @@ class Clients:
     @property
     def audit_projector(self) -> projector_module.AuditProjector:
         return cast(projector_module.AuditProjector, self._state.audit_projector)
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return cast("Authenticator", self._state.authenticator)
 
     @property
     def store(self) -> JetStreamEventStore:
