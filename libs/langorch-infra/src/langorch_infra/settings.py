@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -33,6 +33,34 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LANGORCH_", extra="ignore")
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server with JetStream enabled.")
+    # NATS credentials (at most one kind) and TLS: passed to every NATS connection of the services and the CLI
+    nats_user: str | None = Field(None, description="NATS user name (with nats_password).")
+    nats_password: SecretStr | None = Field(None, description="Password of nats_user.")
+    nats_token: SecretStr | None = Field(None, description="NATS authentication token (instead of a user).")
+    nats_nkey_seed_file: str | None = Field(None, description="File holding the nkey seed (SU…) NATS "
+                                            "authenticates this client with.")
+    nats_creds_file: str | None = Field(None, description="NATS .creds file (user JWT and nkey seed) of an "
+                                        "operator-mode server.")
+    nats_tls_ca_file: str | None = Field(None, description="CA bundle (PEM) the NATS server's certificate is "
+                                         "checked against (turns TLS on).")
+    nats_tls_cert_file: str | None = Field(None, description="Client certificate (PEM) for NATS TLS, with "
+                                           "nats_tls_key_file.")
+    nats_tls_key_file: str | None = Field(None, description="Private key (PEM) of nats_tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _one_nats_credential(self) -> CommonSettings:
+        """A user goes with a password, one kind of NATS credential at most, a client certificate with its key."""
+        if (self.nats_user is None) != (self.nats_password is None):
+            raise ValueError("nats_user and nats_password go together: set both or neither")
+        kinds = [name for name, value in (("nats_user", self.nats_user), ("nats_token", self.nats_token),
+                                          ("nats_nkey_seed_file", self.nats_nkey_seed_file),
+                                          ("nats_creds_file", self.nats_creds_file)) if value is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"set one kind of NATS credential, not {' and '.join(kinds)}")
+        if (self.nats_tls_cert_file is None) != (self.nats_tls_key_file is None):
+            raise ValueError("nats_tls_cert_file and nats_tls_key_file go together: set both or neither")
+        return self
+
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:5432/langorch",
         description="PostgreSQL for projections and LangGraph checkpoints.",
@@ -48,6 +76,54 @@ class CommonSettings(BaseSettings):
                                   "every third of it); a replica that dies leaves GET /api/config after it.")
     audit_retention_days: int = Field(365, ge=1, description="Days audit records are kept in stream LO_AUDIT "
                                       "(api.md §12).")
+    # secret providers (api.md §11): the runtime resolves secrets at the moment of use, the gateway when an agent
+    # redeems a credential grant and on POST /api/secrets/{name}/check
+    secret_providers: Annotated[list[Literal["env", "vault", "aws", "azure"]], NoDecode] = Field(
+        default_factory=lambda: ["env"], description="Providers tried in order for a secret name without a "
+        "metadata record (comma-separated or a JSON list).")
+    secret_cache_ttl_s: float = Field(30.0, ge=0, description="Seconds a value read from vault, aws or azure is "
+                                      "kept in this process's memory (never persisted; 0: no cache). env is read "
+                                      "at every use.")
+    secret_provider_timeout_s: float = Field(10.0, gt=0, description="Timeout of one call to a secret provider.")
+    vault_addr: str | None = Field(None, description="Vault address, e.g. https://vault.internal:8200 (a "
+                                   "procedure's secrets_config.vault_url overrides it for that procedure).")
+    vault_auth_method: Literal["token", "approle", "kubernetes"] = Field("token", description="How LangOrch "
+                                                                         "logs in to Vault.")
+    vault_token: SecretStr | None = Field(None, description="Vault token (auth method token).")
+    vault_token_path: str | None = Field(None, description="File holding the Vault token (auth method token), "
+                                         "read at each login.")
+    vault_role: str | None = Field(None, description="AppRole role_id (approle) or role name (kubernetes).")
+    vault_secret_id_path: str | None = Field(None, description="File holding the AppRole secret_id (approle).")
+    vault_jwt_path: str = Field("/var/run/secrets/kubernetes.io/serviceaccount/token", description="Service "
+                                "account token sent to Vault's Kubernetes auth (kubernetes).")
+    vault_auth_mount: str | None = Field(None, description="Mount of the auth method (default: approle, "
+                                         "kubernetes).")
+    vault_namespace: str | None = Field(None, description="Vault Enterprise namespace.")
+    vault_ca_bundle: str | None = Field(None, description="CA bundle (PEM file) Vault's certificate is checked "
+                                        "against (default: the system's).")
+    aws_region: str | None = Field(None, description="AWS region of Secrets Manager (default: the SDK's own "
+                                   "configuration, AWS_REGION / profile).")
+    aws_endpoint_url: str | None = Field(None, description="Secrets Manager endpoint URL (a VPC endpoint, a "
+                                         "local emulator); default: the SDK's.")
+    azure_credential: Literal["default", "managed_identity"] = Field("default", description="azure-identity "
+                                                                     "credential: DefaultAzureCredential or "
+                                                                     "ManagedIdentityCredential.")
+    azure_client_id: str | None = Field(None, description="Client id of a user-assigned managed identity.")
+    azure_ca_bundle: str | None = Field(None, description="CA bundle (PEM file) Key Vault's certificate is "
+                                        "checked against (default: the system's).")
+
+    @field_validator("secret_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        """``LANGORCH_SECRET_PROVIDERS=env,vault`` or a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
 
 class CompilerSettings(CommonSettings):
