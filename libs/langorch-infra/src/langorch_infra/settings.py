@@ -30,7 +30,8 @@ class LlmModelConfig(BaseModel):
 class CommonSettings(BaseSettings):
     """Connection settings every service shares."""
 
-    model_config = SettingsConfigDict(env_prefix="LANGORCH_", extra="ignore")
+    # a model-level error would otherwise quote every input, secrets included
+    model_config = SettingsConfigDict(env_prefix="LANGORCH_", extra="ignore", hide_input_in_errors=True)
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server with JetStream enabled.")
     # NATS credentials (at most one kind) and TLS: passed to every NATS connection of the services and the CLI
