@@ -6,8 +6,9 @@ payloads, the registry of event types, and :func:`decode` that reads an envelope
 
 * :mod:`~ckp_core.events.envelope` — ``EventEnvelope``, ``EventData`` (the payloads' base), ``make_event``
 * :mod:`~ckp_core.events.procedure`, :mod:`~ckp_core.events.run`, :mod:`~ckp_core.events.approval`,
-  :mod:`~ckp_core.events.project`, :mod:`~ckp_core.events.agent`, :mod:`~ckp_core.events.lease` — the payloads of
-  each aggregate, listed in its ``EVENTS``
+  :mod:`~ckp_core.events.project`, :mod:`~ckp_core.events.agent`, :mod:`~ckp_core.events.lease`,
+  :mod:`~ckp_core.events.user`, :mod:`~ckp_core.events.api_key` — the payloads of each aggregate, listed in its
+  ``EVENTS``
 * :mod:`~ckp_core.events.registry` — ``EVENT_TYPES`` (type name → class) and their JSON Schemas
 * :mod:`~ckp_core.events.decoding` — ``decode``, ``decode_as``, upcasting by ``schema_version``, ``UnknownEvent``
 """
@@ -22,6 +23,7 @@ from ckp_core.events.agent import (
     AgentTokenRotated,
     AgentUpdated,
 )
+from ckp_core.events.api_key import ApiKeyCreated, ApiKeyRevoked
 from ckp_core.events.approval import (
     ApprovalCanceled,
     ApprovalDecided,
@@ -126,6 +128,16 @@ from ckp_core.events.run import (
     WorkflowCallbackReceived,
     WorkflowDelegated,
 )
+from ckp_core.events.user import (
+    LoginFailed,
+    UserCreated,
+    UserDeactivated,
+    UserDeleted,
+    UserLoggedIn,
+    UserLoggedOut,
+    UserPasswordChanged,
+    UserUpdated,
+)
 
 __all__ = [
     "ANONYMOUS",
@@ -141,6 +153,8 @@ __all__ = [
     "AgentTokenRotated",
     "AgentUpdated",
     "Aggregate",
+    "ApiKeyCreated",
+    "ApiKeyRevoked",
     "ApprovalAutoResolved",
     "ApprovalCanceled",
     "ApprovalDecided",
@@ -166,6 +180,7 @@ __all__ = [
     "LlmRouteSelected",
     "LlmUsage",
     "Log",
+    "LoginFailed",
     "LoopCompleted",
     "LoopIteration",
     "LoopIterationFailed",
@@ -218,6 +233,13 @@ __all__ = [
     "UnknownEvent",
     "Upcaster",
     "Upcasters",
+    "UserCreated",
+    "UserDeactivated",
+    "UserDeleted",
+    "UserLoggedIn",
+    "UserLoggedOut",
+    "UserPasswordChanged",
+    "UserUpdated",
     "ValidationFailed",
     "VerificationWarning",
     "WorkflowCallbackReceived",
