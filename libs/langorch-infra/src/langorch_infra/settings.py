@@ -68,8 +68,10 @@ class CommonSettings(BaseSettings):
     )
     instance_id: str | None = Field(None, description="Name of this replica in logs and events.")
     auth_secret_key: SecretStr = Field(SecretStr("langorch-development-secret-key"), description="Secret the "
-                                       "callback-token key is derived from (HKDF); runtime and gateway must share "
-                                       "it (set it in production).")
+                                       "keys of user tokens, credential grants and callback tokens are derived "
+                                       "from (HKDF); runtime and gateway must share it. The default is a "
+                                       "development placeholder: with auth enabled the gateway refuses to start "
+                                       "unless it is set to at least 32 bytes.")
     metrics_port: int = Field(9464, ge=0, description="Port of this replica's GET /metrics, /health and /ready "
                               "(compiler, runtime, approvals; 0: none). The gateway serves them on its API port, "
                               "and `langorch up` serves one combined /metrics there.")
@@ -112,6 +114,9 @@ class CommonSettings(BaseSettings):
     azure_client_id: str | None = Field(None, description="Client id of a user-assigned managed identity.")
     azure_ca_bundle: str | None = Field(None, description="CA bundle (PEM file) Key Vault's certificate is "
                                         "checked against (default: the system's).")
+    azure_verify_challenge_resource: bool = Field(True, description="Check that the resource of Key Vault's "
+                                                  "authentication challenge belongs to the vault's domain (turn "
+                                                  "off only for a vault reached by IP address or a private name).")
 
     @field_validator("secret_providers", mode="before")
     @classmethod
@@ -214,6 +219,19 @@ class GatewaySettings(CommonSettings):
     auth_enabled: bool = Field(False, description="Require a credential on every endpoint outside the open list "
                                "(api.md §2.2); false is the loud development mode where requests without one act "
                                "as 'anonymous' holding every role.")
+    auth_disabled_allow_remote: bool = Field(False, description="Allow auth_enabled=false while the gateway binds "
+                                             "a non-loopback host (otherwise it refuses to start).")
+    auth_token_expire_minutes: int = Field(60, ge=1, le=60 * 24 * 30, description="Lifetime of the user tokens "
+                                           "and console sessions POST /api/auth/login issues.")
+    auth_role_cache_s: float = Field(30.0, ge=0, le=30, description="Seconds a user's roles and active flag are "
+                                     "cached per gateway replica (a removed role or a deactivated user takes "
+                                     "effect within this time; 0: read at every request).")
+    bootstrap_admin_username: str = Field("admin", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+                                          description="User the gateway creates with the admin role when auth is "
+                                          "enabled and no user exists.")
+    bootstrap_admin_password: SecretStr | None = Field(None, description="Password of the bootstrap admin (at "
+                                                       "least 12 characters); unset: no user is created and a "
+                                                       "warning is logged every minute while none exists.")
     port: int = Field(8080, description="Port of the HTTP API.")
     ryw_timeout_ms: int = Field(5000, description="Longest wait for a projection to reach a command's event.")
     command_timeout_s: float = Field(10.0, description="Longest wait for a command's outcome before 202.")
