@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -43,6 +43,10 @@ from ckp_core.subjects import (
 )
 from langorch_infra import tracing
 from langorch_infra.bus import record_append_conflict
+from langorch_infra.nats_auth import connect_options
+
+if TYPE_CHECKING:
+    from langorch_infra.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,11 @@ STREAMS = (
 BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET, LEASES_BUCKET, LOCKS_BUCKET, PRESENCE_BUCKET, RATELIMITS_BUCKET)
 
 
-async def connect(url: str, name: str) -> NATS:
-    """Connect to NATS, retrying the first connection for a few seconds."""
+async def connect(url: str, name: str, settings: CommonSettings | None = None) -> NATS:
+    """Connect to NATS, retrying the first connection for a few seconds; with ``settings``, as their NATS
+    credential and TLS settings say (:mod:`langorch_infra.nats_auth`)."""
     return await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
-                              reconnect_time_wait=0.5)
+                              reconnect_time_wait=0.5, **connect_options(settings))
 
 
 def _with_retention(cfg: StreamConfig, audit_retention_days: int | None) -> StreamConfig:

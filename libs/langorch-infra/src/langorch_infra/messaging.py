@@ -27,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from faststream import BaseMiddleware
 from faststream.exceptions import AckMessage, NackMessage, RejectMessage, SubscriberNotFound
@@ -51,6 +51,10 @@ from ckp_core.events import run as run_events
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM, command_subject
 from langorch_infra import tracing
 from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, nak, settle, subject_template
+from langorch_infra.nats_auth import broker_security
+
+if TYPE_CHECKING:
+    from langorch_infra.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 faststream_log = logging.getLogger("langorch.faststream")
@@ -132,11 +136,13 @@ class _Settling(BaseMiddleware):
         return ACK
 
 
-def broker(url: str, name: str, metrics: BusMetrics | None) -> NatsBroker:
+def broker(url: str, name: str, metrics: BusMetrics | None, settings: CommonSettings | None = None) -> NatsBroker:
     """A broker on ``url`` whose connection (``await broker.connect()``) is also the service's nats-py client for
-    event appends, KV and ordered replay; reconnects for ever, like :func:`langorch_infra.jetstream.connect`."""
-    return NatsBroker(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
-                      reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL, error_cb=_connection_error,
+    event appends, KV and ordered replay; reconnects for ever, like :func:`langorch_infra.jetstream.connect`, and
+    authenticates as ``settings``' NATS credential and TLS settings say."""
+    return NatsBroker(url, name=name, security=broker_security(settings), connect_timeout=5,
+                      max_reconnect_attempts=-1, reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL,
+                      error_cb=_connection_error,
                       middlewares=(BusSettlement(metrics),), logger=faststream_log,
                       log_level=logging.DEBUG, graceful_timeout=None, specification_url=url,
                       description="LangOrch's NATS interface")

@@ -87,7 +87,8 @@ class ApprovalsService:
         self._tasks: list[asyncio.Task[Any]] = []
         self.metrics = ApprovalsMetrics()
         self.bus = BusMetrics(self.metrics.registry, "approvals")
-        self.broker = messaging.broker(settings.nats_url, f"langorch-approvals-{self.instance}", self.bus)
+        self.broker = messaging.broker(settings.nats_url, f"langorch-approvals-{self.instance}", self.bus,
+                                       settings)
         self.command_subscription = messaging.Subscription(
             self.broker, messaging.APPROVAL_COMMANDS, ack_wait_s=settings.ack_wait_s).handle(self.handlers)
         self.run_ends_subscription = messaging.Subscription(self.broker, messaging.RUN_ENDS,

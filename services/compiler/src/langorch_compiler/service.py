@@ -73,7 +73,7 @@ class CompilerService:
         self.js: JetStreamContext | None = None
         self.metrics = CompilerMetrics()
         self.bus = BusMetrics(self.metrics.registry, "compiler")
-        self.broker = messaging.broker(settings.nats_url, "langorch-compiler", self.bus)
+        self.broker = messaging.broker(settings.nats_url, "langorch-compiler", self.bus, settings)
         self.commands = messaging.Subscription(self.broker, messaging.PROCEDURE_COMMANDS).handle(self.handlers)
 
     async def start(self) -> None:

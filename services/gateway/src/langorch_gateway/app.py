@@ -106,7 +106,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nc = await connect(settings.nats_url, "langorch-gateway")
+        nc = await connect(settings.nats_url, "langorch-gateway", settings)
         js = nc.jetstream()
         await ensure_topology(js, audit_retention_days=settings.audit_retention_days)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)

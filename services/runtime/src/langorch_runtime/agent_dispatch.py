@@ -193,7 +193,8 @@ class AgentDispatcher(Dispatcher):
     # -- life cycle -------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._nc = await connect(self.settings.nats_url, f"langorch-runtime-dispatch-{self.instance}")
+        self._nc = await connect(self.settings.nats_url, f"langorch-runtime-dispatch-{self.instance}",
+                                 self.settings)
         self.js: JetStreamContext = self._nc.jetstream()
         await ensure_topology(self.js)
         self.leases: KeyValue = await self.js.key_value(LEASES_BUCKET)

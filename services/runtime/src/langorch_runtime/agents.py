@@ -158,7 +158,8 @@ class AgentService:
         self.registry_position = 0
         self.polls = 0
         self._tasks: list[asyncio.Task[Any]] = []
-        self.broker = messaging.broker(settings.nats_url, f"langorch-runtime-agents-{self.instance}", bus)
+        self.broker = messaging.broker(settings.nats_url, f"langorch-runtime-agents-{self.instance}", bus,
+                                       settings)
         self.commands = messaging.Subscription(self.broker, messaging.AGENT_COMMANDS).handle(self.handlers)
 
     async def start(self) -> None:

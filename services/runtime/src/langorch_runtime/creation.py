@@ -222,7 +222,7 @@ class RunCreation:
         self.js: JetStreamContext | None = None
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-create-{self.instance}")
+        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-create-{self.instance}", self.settings)
         self.js = self.nc.jetstream()
         await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         store = JetStreamEventStore(self.js)

@@ -245,7 +245,8 @@ class RuntimeQueries:
                 RunDiagnostics: self.run_diagnostics, Leases: self.leases, AgentsLive: self.agents_live}
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-queries-{self.instance}")
+        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-queries-{self.instance}",
+                                self.settings)
         self._js = self.nc.jetstream()
         await ensure_topology(self._js, audit_retention_days=self.settings.audit_retention_days)
         self.presence: KeyValue = await self._js.key_value(PRESENCE_BUCKET)

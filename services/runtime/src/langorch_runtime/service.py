@@ -208,7 +208,7 @@ class RuntimeService:
         self._queues: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}")
+        self.nc = await connect(self.settings.nats_url, f"langorch-runtime-{self.instance}", self.settings)
         self.js = self.nc.jetstream()
         await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
         self.audit = AuditWriter(self.js)
