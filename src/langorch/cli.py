@@ -749,7 +749,7 @@ def projections_rebuild() -> None:
     settings = CommonSettings()
 
     async def main() -> int:
-        nc = await connect_nats(settings.nats_url, "langorch-rebuild")
+        nc = await connect_nats(settings.nats_url, "langorch-rebuild", settings=settings)
         try:
             pool = await connect_postgres(settings.database_url)
             try:
@@ -763,10 +763,18 @@ def projections_rebuild() -> None:
     console.print(f"projections rebuilt up to LO_EVT position {position}")
 
 
-async def connect_nats(url: str, name: str, attempts: int = 10) -> Any:
+async def connect_nats(url: str, name: str, attempts: int = 10, *, settings: Any = None) -> Any:
     """A NATS connection for a one-shot command: a few attempts half a second apart (not the services' endless
-    wait), then a :class:`CLIError` naming the URL (exit 3); connection errors never log tracebacks."""
+    wait), then a :class:`CLIError` naming the URL (exit 3); connection errors never log tracebacks. ``settings``
+    (a ``CommonSettings``) gives the NATS credential and TLS settings; a file they name that is missing is exit 2."""
     import nats
+
+    from langorch_infra.nats_auth import NatsCredentialError, connect_options
+
+    try:
+        options = connect_options(settings)
+    except NatsCredentialError as exc:
+        raise CLIError(str(exc), ExitCode.USAGE) from exc
 
     log = logging.getLogger("langorch.cli")
     failures: list[BaseException] = []
@@ -780,7 +788,7 @@ async def connect_nats(url: str, name: str, attempts: int = 10) -> Any:
 
     try:
         nc = await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=attempts,
-                                reconnect_time_wait=0.5, error_cb=on_error)
+                                reconnect_time_wait=0.5, error_cb=on_error, **options)
     except Exception as exc:  # whatever the client raises, NATS is unreachable; the cause is reported
         cause = failures[-1] if failures else exc
         raise CLIError(f"cannot connect to NATS at {redact(url)}: {_reason(cause)}",
