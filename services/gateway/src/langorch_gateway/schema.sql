@@ -255,3 +255,44 @@ CREATE TABLE IF NOT EXISTS audit_log (
 CREATE INDEX IF NOT EXISTS audit_log_ts ON audit_log (ts DESC, event_id DESC);
 CREATE INDEX IF NOT EXISTS audit_log_resource ON audit_log (resource_type, resource_id);
 CREATE INDEX IF NOT EXISTS audit_log_request ON audit_log (request_id);
+
+-- issue 15: users and API keys (api.md §2.3), gateway-owned aggregates. password_hash (argon2id) is read only to
+-- check a login; no view returns it.
+CREATE TABLE IF NOT EXISTS users (
+    user_id        text PRIMARY KEY,
+    username       text NOT NULL UNIQUE,
+    email          text NOT NULL,
+    full_name      text,
+    roles          jsonb NOT NULL,
+    is_active      boolean NOT NULL,
+    password_hash  text NOT NULL,
+    created_at     timestamptz NOT NULL,
+    created_by     text NOT NULL,
+    updated_at     timestamptz NOT NULL,
+    last_login_at  timestamptz,
+    seq            integer NOT NULL,
+    position       bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS users_created ON users (created_at, user_id);
+
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id       text PRIMARY KEY,
+    name         text NOT NULL,
+    description  text,
+    roles        jsonb NOT NULL,
+    key_sha256   text NOT NULL,
+    created_by   text NOT NULL,
+    created_at   timestamptz NOT NULL,
+    expires_at   timestamptz,
+    revoked_at   timestamptz,
+    seq          integer NOT NULL,
+    position     bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_keys_created ON api_keys (created_at, key_id);
+
+-- Not a projection: when each API key was last used (written at most once a minute per key and replica, no event
+-- per request). Survives `projections rebuild`; losing it loses only last_used_at.
+CREATE TABLE IF NOT EXISTS api_key_usage (
+    key_id        text PRIMARY KEY,
+    last_used_at  timestamptz NOT NULL
+);
