@@ -12,17 +12,27 @@ batch transaction; every row derives from events only, so a rebuild by replay gi
 * :mod:`.run_events` — ``run_events``, the log of each run's events (§5.3)
 * :mod:`.runs` — ``runs`` (§5.1), its status from the run aggregate's rule (:mod:`ckp_core.runs`)
 * :mod:`.run_artifacts` — ``run_artifacts`` (§5.9)
+* :mod:`.users` — ``users``, ``api_keys`` (§2.3)
 * :mod:`.audit` — ``audit_log`` (§12), from ``LO_AUDIT``
 """
 
-from langorch_gateway.projections import agents, approvals, procedures, projects, run_artifacts, run_events, runs
+from langorch_gateway.projections import (
+    agents,
+    approvals,
+    procedures,
+    projects,
+    run_artifacts,
+    run_events,
+    runs,
+    users,
+)
 from langorch_gateway.projections.audit import apply_audit_entry
 from langorch_gateway.projections.base import Projection, Recorded
 from langorch_gateway.projections.procedures import search_text
 
 PROJECTIONS: tuple[Projection, ...] = (
     procedures.PROJECTION, projects.PROJECTION, agents.PROJECTION, approvals.PROJECTION, run_events.PROJECTION,
-    runs.PROJECTION, run_artifacts.PROJECTION,
+    runs.PROJECTION, run_artifacts.PROJECTION, users.USERS, users.API_KEYS,
 )
 """Every projection of ``LO_EVT``, in the order each event is applied to them."""
 
