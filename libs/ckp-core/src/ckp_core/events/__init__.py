@@ -7,8 +7,8 @@ payloads, the registry of event types, and :func:`decode` that reads an envelope
 * :mod:`~ckp_core.events.envelope` — ``EventEnvelope``, ``EventData`` (the payloads' base), ``make_event``
 * :mod:`~ckp_core.events.procedure`, :mod:`~ckp_core.events.run`, :mod:`~ckp_core.events.approval`,
   :mod:`~ckp_core.events.project`, :mod:`~ckp_core.events.agent`, :mod:`~ckp_core.events.lease`,
-  :mod:`~ckp_core.events.user`, :mod:`~ckp_core.events.api_key` — the payloads of each aggregate, listed in its
-  ``EVENTS``
+  :mod:`~ckp_core.events.user`, :mod:`~ckp_core.events.api_key`, :mod:`~ckp_core.events.secret` — the payloads
+  of each aggregate, listed in its ``EVENTS``
 * :mod:`~ckp_core.events.registry` — ``EVENT_TYPES`` (type name → class) and their JSON Schemas
 * :mod:`~ckp_core.events.decoding` — ``decode``, ``decode_as``, upcasting by ``schema_version``, ``UnknownEvent``
 """
@@ -128,6 +128,7 @@ from ckp_core.events.run import (
     WorkflowCallbackReceived,
     WorkflowDelegated,
 )
+from ckp_core.events.secret import SecretChecked, SecretCreated, SecretDeleted, SecretUpdated
 from ckp_core.events.user import (
     LoginFailed,
     UserCreated,
@@ -215,6 +216,10 @@ __all__ = [
     "RunRetryRequested",
     "RunSuspended",
     "ScreenshotRequested",
+    "SecretChecked",
+    "SecretCreated",
+    "SecretDeleted",
+    "SecretUpdated",
     "SlaBreached",
     "StepCompleted",
     "StepErrorNotification",
