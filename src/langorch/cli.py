@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -50,33 +50,9 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from langorch import timeline
+from langorch import accounts, timeline
+from langorch.errors import API_HELP, API_KEY_HELP, DEFAULT_API, EXIT_CODES_HELP, CLIError, ExitCode
 from langorch.serving import SERVICES, serve_services
-
-
-class ExitCode(IntEnum):
-    """The process exit codes of every ``langorch`` command (the module docstring says when each applies)."""
-
-    OK = 0
-    FAILED = 1
-    USAGE = 2
-    UNREACHABLE = 3
-    INTERRUPTED = 130
-
-
-EXIT_CODES_HELP = ("Exit codes: 0 success; 1 failed (procedure rejected, run not completed, invalid --var values, "
-                   "the API answered with an error); 2 usage error (bad option, missing/unreadable/empty/non-JSON "
-                   "file, bad --var syntax); 3 server unreachable or timed out (API, NATS, PostgreSQL); "
-                   "130 interrupted. --debug (LANGORCH_DEBUG=1) shows tracebacks.")
-
-
-class CLIError(Exception):
-    """A user-facing failure: ``message`` (one line) goes to stderr after ``error:``, then exit ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: int = ExitCode.FAILED) -> None:
-        super().__init__(message)
-        self.message = message
-        self.exit_code = int(exit_code)
 
 
 class _State:
@@ -728,14 +704,20 @@ def run(
     var: Annotated[list[str] | None, typer.Option("--var", help="Input variable k=v (JSON values parsed).")]
     = None,
     follow: Annotated[bool, typer.Option("--follow/--no-follow")] = False,
-    api: Annotated[str, typer.Option(envvar="LANGORCH_API_URL")] = "http://127.0.0.1:8080",
+    api: Annotated[str, typer.Option(envvar="LANGORCH_API_URL", help=API_HELP)] = DEFAULT_API,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LANGORCH_API_KEY", help=API_KEY_HELP,
+                                                show_default=False)] = None,
 ) -> None:
     """Import FILE (unless that exact version is already imported), start a run and print its timeline. Exit 1
-    when the API refuses the import or the run, or the followed run ends other than completed; 3 when the API
-    cannot be reached."""
+    when the API refuses the import or the run (a refused credential included: the message says which and what
+    to do), or the followed run ends other than completed; 3 when the API cannot be reached."""
+    from langorch.access import resolve
+
     inputs = _parse_vars(var)
     data, ckp = load_json(file)
-    code = asyncio.run(timeline.import_and_run(api, ckp, inputs, follow, console, document=data))
+    credential = resolve(api, api_key)
+    code = asyncio.run(timeline.import_and_run(api, ckp, inputs, follow, console, document=data,
+                                               credential=credential))
     raise typer.Exit(code)
 
 
@@ -810,6 +792,8 @@ async def connect_postgres(url: str) -> Any:
     assert pool is not None
     return pool
 
+
+accounts.register(app)
 
 for _info in (*app.registered_commands, *projections_app.registered_commands):
     if not _info.epilog:

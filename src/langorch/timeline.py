@@ -8,11 +8,14 @@ An answer that is not what the API promises (an error status, or a body that is 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from httpx_sse import aconnect_sse
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from langorch.access import Credential
 
 STATUS_COLORS = {"completed": "green", "failed": "red", "canceled": "yellow"}
 # what to do about a problem, by its ``code``, when the problem's detail does not say
@@ -35,10 +38,12 @@ class ApiError(Exception):
 
     ``problem`` is the answer's JSON object (an RFC 9457 problem for an error status), None when the body is not
     a JSON object; ``document`` is the CKP file's bytes when the request was its import, so that compile
-    diagnostics can be shown on the source lines.
+    diagnostics can be shown on the source lines. ``credential`` is what the request sent (None: nothing), so that
+    a 401 or 403 says which credential was refused and what to do.
     """
 
-    def __init__(self, action: str, response: httpx.Response, *, document: bytes | None = None) -> None:
+    def __init__(self, action: str, response: httpx.Response, *, document: bytes | None = None,
+                 credential: Credential | None = None) -> None:
         self.action = action
         self.method = response.request.method
         self.url = str(response.request.url)
@@ -47,6 +52,7 @@ class ApiError(Exception):
         self.problem = _problem(response)
         self.body = response.text
         self.document = document
+        self.credential = credential
         super().__init__(self.headline())
 
     @property
@@ -63,7 +69,11 @@ class ApiError(Exception):
             detail = str(self.problem.get("detail") or "").strip()
             said = ": ".join(part for part in (title, detail) if part)
             hint = HINTS.get(str(self.problem.get("code")))
-            return f"{self.action} failed: {where} answered {self.status} {said}" + (f" ({hint})" if hint else "")
+            from langorch.access import auth_hint
+
+            advice = auth_hint(self.status, self.problem, self.credential)
+            return (f"{self.action} failed: {where} answered {self.status} {said}" + (f" ({hint})" if hint else "")
+                    + (f"; {advice}" if advice else ""))
         if self.problem is None:
             kind = self.content_type or "no content type"
             snippet = " ".join(self.body.split())[:80]
@@ -122,10 +132,12 @@ def describe(event: dict[str, Any]) -> str:
 
 
 async def import_and_run(api: str, ckp: Any, inputs: dict[str, Any], follow: bool, console: Console, *,
-                         document: bytes | None = None) -> int:
+                         document: bytes | None = None, credential: Credential | None = None) -> int:
     """Return the process exit code: 0 when the run completed (or was started without --follow), 1 when it ended
-    otherwise. An error answer raises :class:`ApiError` (``document``, the file's bytes, goes with the import's)."""
-    async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+    otherwise. An error answer raises :class:`ApiError` (``document``, the file's bytes, goes with the import's).
+    ``credential`` is sent with every request."""
+    headers = credential.headers() if credential is not None else {}
+    async with httpx.AsyncClient(base_url=api, timeout=30, headers=headers) as client:
         action = "importing the procedure"
         r = await client.post("/api/procedures", json={"ckp_json": ckp})
         if r.status_code == 202:
@@ -136,7 +148,7 @@ async def import_and_run(api: str, ckp: Any, inputs: dict[str, Any], follow: boo
             console.print(f"[dim]{ckp.get('procedure_id')}@{ckp.get('version')} already imported[/]",
                           highlight=False)
         elif r.status_code != 201:
-            raise ApiError(action, r, document=document)
+            raise ApiError(action, r, document=document, credential=credential)
         else:
             _json_object(action, r)
         action = "starting the run"
@@ -148,7 +160,7 @@ async def import_and_run(api: str, ckp: Any, inputs: dict[str, Any], follow: boo
                           f"see GET {api.rstrip('/')}{pending.get('location', '/api/commands')})", highlight=False)
             return 1
         if r.status_code != 201:
-            raise ApiError(action, r)
+            raise ApiError(action, r, credential=credential)
         run = _json_object(action, r)
         if not isinstance(run.get("run_id"), str):
             raise ApiError(action, r)
@@ -162,7 +174,7 @@ async def import_and_run(api: str, ckp: Any, inputs: dict[str, Any], follow: boo
             if response.status_code != 200 or not response.headers.get("content-type", "").startswith(
                     "text/event-stream"):
                 await response.aread()
-                raise ApiError("following the run", response)
+                raise ApiError("following the run", response, credential=credential)
             async for sse in source.aiter_sse():
                 if sse.event == "run_event":
                     console.print(describe(json.loads(sse.data)), highlight=False)
