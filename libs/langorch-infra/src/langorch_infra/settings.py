@@ -27,6 +27,10 @@ class LlmModelConfig(BaseModel):
         return self.prompt_usd_per_1k is not None or self.completion_usd_per_1k is not None
 
 
+SecretProviderName = Literal["env", "vault", "aws", "azure"]
+DEFAULT_SECRET_PROVIDERS: tuple[SecretProviderName, ...] = ("env",)
+
+
 class CommonSettings(BaseSettings):
     """Connection settings every service shares."""
 
@@ -81,9 +85,9 @@ class CommonSettings(BaseSettings):
                                       "(api.md §12).")
     # secret providers (api.md §11): the runtime resolves secrets at the moment of use, the gateway when an agent
     # redeems a credential grant and on POST /api/secrets/{name}/check
-    secret_providers: Annotated[list[Literal["env", "vault", "aws", "azure"]], NoDecode] = Field(
-        default_factory=lambda: ["env"], description="Providers tried in order for a secret name without a "
-        "metadata record (comma-separated or a JSON list).")
+    secret_providers: Annotated[list[SecretProviderName], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_SECRET_PROVIDERS), description="Providers tried in order for a "
+        "secret name without a metadata record (comma-separated or a JSON list).")
     secret_cache_ttl_s: float = Field(30.0, ge=0, description="Seconds a value read from vault, aws or azure is "
                                       "kept in this process's memory (never persisted; 0: no cache). env is read "
                                       "at every use.")
