@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
+from langorch.bootstrap import AuthSetup
 from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
 
 # how long the gateway waits for open requests and SSE streams when `langorch up` stops
@@ -106,9 +107,16 @@ def _hide_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _without_credentials(url: str) -> str:
+    """``nats://user:pw@host:port`` → ``nats://host:port`` (each URL of a comma list)."""
+    return ",".join(part.split("://", 1)[0] + "://" + part.split("://", 1)[1].rpartition("@")[2]
+                    if "://" in part else part for part in url.split(","))
+
+
 @dataclass
 class StateDir:
-    """``<state>``: ``nats/`` and ``postgres/`` data, ``logs/``, ``servers.json`` (ports and pids) and the lock."""
+    """``<state>``: ``nats/`` and ``postgres/`` data, ``logs/``, ``servers.json`` (ports and pids), the embedded
+    NATS server's users (``nats-users.json``) and the lock."""
 
     path: Path
     _lock: TextIO | None = None
@@ -120,6 +128,11 @@ class StateDir:
     @property
     def servers_file(self) -> Path:
         return self.path / "servers.json"
+
+    @property
+    def nats_users_file(self) -> Path:
+        """The embedded NATS server's users and passwords (mode 0600)."""
+        return self.path / "nats-users.json"
 
     def lock(self) -> None:
         """Hold ``<state>/up.lock`` while this process runs; another ``langorch up`` on it is refused."""
@@ -197,6 +210,7 @@ class Up:
     notes: list[str] = field(default_factory=list)
     pool: WorkerPool | None = None
     failure: str | None = None
+    auth: AuthSetup | None = None
 
     def __post_init__(self) -> None:
         self.state = StateDir(self.options.state_dir.absolute())
@@ -266,18 +280,21 @@ class Up:
 
     def start_servers(self, servers: dict[str, Any]) -> tuple[str, str]:
         from langorch.serving import ensure_database
-        from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
+        from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, nats_users
 
         o = self.options
         nats_url, database_url = o.nats_url, o.database_url
         if "nats" in servers:
+            # the server requires users: the services connect as the service user (its password is in the URL
+            # they get, which is never printed), other systems as the example users of <state>/nats-users.json
+            users = nats_users(self.state.nats_users_file)
             nats = EmbeddedNats(self.state.path / "nats", servers["nats"]["port"],
-                                log_file=self.state.logs / "nats-server.log")
+                                log_file=self.state.logs / "nats-server.log", users=users.all)
             self.embedded.append(nats)
             nats.start()
             assert nats.proc is not None
             servers["nats"]["pid"] = nats.proc.pid
-            nats_url = nats.url
+            nats_url = users.service.url(nats.port)
         if "postgres" in servers:
             pg = EmbeddedPostgres(self.state.path / "postgres", servers["postgres"]["port"],
                                   log_file=self.state.logs / "postgresql.log")
@@ -295,12 +312,16 @@ class Up:
         base = f"http://{_display_host(o.host)}:{o.port}"
         rows = [("API", f"{base}/api"), ("API docs", f"{base}/docs  (ReDoc: {base}/redoc)"),
                 ("Metrics", f"{base}/metrics"),
-                ("NATS", nats_url + ("  (embedded, JetStream)" if not o.nats_url else "")),
+                ("NATS", _without_credentials(nats_url) + (f"  (embedded, JetStream; users in "
+                                                           f"{self.state.nats_users_file})" if not o.nats_url else "")),
                 ("PostgreSQL", _hide_password(database_url) + ("  (embedded)" if not o.database_url else "")),
                 ("State", str(self.state.path))]
         logs = [p for p in (self.state.logs / "nats-server.log", self.state.logs / "postgresql.log") if p.exists()]
         if logs:
             rows.append(("Logs", ", ".join(str(p) for p in logs)))
+        from langorch.bootstrap import banner_rows
+
+        rows.extend(banner_rows(self.auth))
         self.console.print(f"[bold green]LangOrch is up[/] in {time.monotonic() - started:.1f} s — "
                            "Ctrl-C stops it; the data is kept", highlight=False)
         for label, value in rows:
@@ -309,7 +330,8 @@ class Up:
             self.console.print(f"  [yellow]note[/]: {note}", highlight=False)
 
     async def serve(self, nats_url: str, database_url: str, started: float) -> None:
-        from langorch.serving import SERVICES, serve_services
+        from langorch import bootstrap
+        from langorch.serving import SERVICES, gateway_url, serve_services
 
         self.loop = asyncio.get_running_loop()
         self.stop_event = stop = asyncio.Event()
@@ -322,6 +344,8 @@ class Up:
         async def announce() -> None:
             """The banner once the gateway serves and every worker runs; a worker that cannot start stops all."""
             await gateway_up.wait()
+            if self.auth is not None:
+                bootstrap.forget_password(self.auth)
             if pool is not None:
                 try:
                     await pool.wait_ready()
@@ -329,6 +353,9 @@ class Up:
                     self.failure = str(exc)
                     stop.set()
                     return
+            if self.auth is not None and not stop.is_set():
+                await bootstrap.finish(self.auth, gateway_url(o.host, o.port))
+                self.notes.extend(self.auth.notes)
             if not stop.is_set():
                 self.banner(nats_url, database_url, started)
 
@@ -396,6 +423,10 @@ class Up:
         with self._signals():
             try:
                 servers = self.check()
+                from langorch import bootstrap
+
+                # the auth secret is in the environment before any service starts (the workers inherit it)
+                self.auth = bootstrap.prepare(self.state.path, gateway_url(o.host, o.port))
                 if o.workers:
                     from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
 
@@ -405,6 +436,7 @@ class Up:
                     # first: the workers import their services on the other cores while this process goes on
                     self.pool = WorkerPool(o.workers, self.state.path, report=self._report)
                     self.pool.spawn()
+                bootstrap.export_password(self.auth)  # for the gateway only: the workers have started
                 if servers:
                     self.console.print("[dim]starting the embedded "
                                        + " and ".join({"nats": "NATS", "postgres": "PostgreSQL"}[k] for k in servers)

