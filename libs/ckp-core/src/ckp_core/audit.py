@@ -160,9 +160,11 @@ def describe(category: str, action: str, resource_type: str | None, resource_id:
 def record_entry(category: str, action: str, actor: Actor, *, outcome: Outcome = "accepted",
                  resource_type: str | None = None, resource_id: str | None = None, request_id: str | None = None,
                  correlation_id: str | None = None, meta: dict[str, Any] | None = None,
-                 code: str | None = None, detail: str | None = None) -> AuditEntry:
+                 code: str | None = None, detail: str | None = None,
+                 auth_disabled: bool | None = None) -> AuditEntry:
     """A record that is not a command outcome: a recorded read (``checkpoint_viewed``), a credential
-    redemption (``secret_mgmt/redeem``), a login."""
+    redemption (``secret_mgmt/redeem``), a login. ``auth_disabled``: whether the gateway served it in
+    auth-disabled mode (api.md §2.4); by default, whether the actor is ``anonymous``."""
     body = bounded_meta(meta or {})
     if outcome == "rejected":
         body["code"] = code
@@ -170,5 +172,6 @@ def record_entry(category: str, action: str, actor: Actor, *, outcome: Outcome =
         category=category, action=action, outcome=outcome, actor=actor.render(), actor_kind=actor.kind,
         description=describe(category, action, resource_type, resource_id, outcome, code, detail),
         resource_type=resource_type, resource_id=resource_id, request_id=request_id,
-        correlation_id=correlation_id, auth_disabled=actor.kind == "anonymous", meta=body,
+        correlation_id=correlation_id,
+        auth_disabled=actor.kind == "anonymous" if auth_disabled is None else auth_disabled, meta=body,
     )

@@ -14,6 +14,7 @@ from fastapi import Request
 from ckp_core.audit import AuditEntry, Outcome, command_entry, record_entry
 from ckp_core.commands import Command
 from ckp_core.events import ANONYMOUS, Actor
+from langorch_gateway.auth import Principal
 from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.audit import AuditWriter
@@ -33,10 +34,19 @@ async def decided(request: Request, category: str, action: str, *, resource_type
     """Record something the gateway decided or served itself."""
     entry = record_entry(category, action, actor, outcome=outcome, resource_type=resource_type,
                          resource_id=resource_id, request_id=request.state.request_id, meta=meta, code=code,
-                         detail=detail, correlation_id=correlation_id)
+                         detail=detail, correlation_id=correlation_id, auth_disabled=auth_disabled(request, actor))
     if event_id is not None:  # the outcome's own id: a record written twice for it is projected once
         entry.event_id = event_id
     await write(request, entry)
+
+
+def auth_disabled(request: Request, actor: Actor) -> bool:
+    """Whether a record of this request is flagged ``auth_disabled`` (api.md §2.4): it was served as the anonymous
+    principal of auth-disabled mode (an anonymous request to an open route counts when auth is off)."""
+    principal = getattr(request.state, "principal", None)
+    if isinstance(principal, Principal):
+        return principal.auth_disabled
+    return actor.kind == "anonymous" and not clients(request).settings.auth_enabled
 
 
 async def refused(request: Request, command: Command, problem: ApiProblem) -> ApiProblem:
