@@ -6,7 +6,7 @@ A command that calls the API sends one credential, the first found of:
 2. the token ``langorch login`` saved for that API (``<config>/credentials.json``, sent as a bearer token);
 3. the admin API key a local ``langorch up`` stored in its state directory (``<state>/api-key``, where ``<state>``
    is ``LANGORCH_STATE_DIR`` or ``./.langorch``), used only for the API address that ``langorch up`` serves
-   (recorded in ``<state>/servers.json``), so it is never sent to another server.
+   (recorded in ``<state>/api.json`` at each start), so it is never sent to another server.
 
 ``<config>`` is ``LANGORCH_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/langorch``, else ``~/.config/langorch``. Every file
 holding a credential is written readable only by its owner (mode 0600; its directory 0700 when created here).
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from langorch.errors import CLIError, ExitCode
 
 STATE_KEY_FILE = "api-key"  # in the state directory: the admin API key `langorch up` created for the CLI
-SERVERS_FILE = "servers.json"  # in the state directory: ports of the servers, and the API URL under "api"
+API_FILE = "api.json"  # in the state directory: {"url": the API URL of the last `langorch up` start}
 LOGINS_FILE = "credentials.json"  # in the config directory: tokens saved by `langorch login`, by API
 _LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""}
 
@@ -131,13 +131,12 @@ def state_key_path(state: Path | None = None) -> Path:
 
 def recorded_api(state: Path | None = None) -> str | None:
     """The API URL the ``langorch up`` of ``state`` serves (last recorded at its start)."""
-    path = (state or state_dir()) / SERVERS_FILE
+    path = (state or state_dir()) / API_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    api = data.get("api") if isinstance(data, dict) else None
-    url = api.get("url") if isinstance(api, dict) else None
+    url = data.get("url") if isinstance(data, dict) else None
     return url if isinstance(url, str) else None
 
 

@@ -38,6 +38,7 @@ from typing import Any, TextIO
 
 from rich.console import Console
 
+from langorch.bootstrap import AuthSetup
 from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
 
 # how long the gateway waits for open requests and SSE streams when `langorch up` stops
@@ -209,6 +210,7 @@ class Up:
     notes: list[str] = field(default_factory=list)
     pool: WorkerPool | None = None
     failure: str | None = None
+    auth: AuthSetup | None = None
 
     def __post_init__(self) -> None:
         self.state = StateDir(self.options.state_dir.absolute())
@@ -317,6 +319,9 @@ class Up:
         logs = [p for p in (self.state.logs / "nats-server.log", self.state.logs / "postgresql.log") if p.exists()]
         if logs:
             rows.append(("Logs", ", ".join(str(p) for p in logs)))
+        from langorch.bootstrap import banner_rows
+
+        rows.extend(banner_rows(self.auth))
         self.console.print(f"[bold green]LangOrch is up[/] in {time.monotonic() - started:.1f} s — "
                            "Ctrl-C stops it; the data is kept", highlight=False)
         for label, value in rows:
@@ -325,7 +330,8 @@ class Up:
             self.console.print(f"  [yellow]note[/]: {note}", highlight=False)
 
     async def serve(self, nats_url: str, database_url: str, started: float) -> None:
-        from langorch.serving import SERVICES, serve_services
+        from langorch import bootstrap
+        from langorch.serving import SERVICES, gateway_url, serve_services
 
         self.loop = asyncio.get_running_loop()
         self.stop_event = stop = asyncio.Event()
@@ -338,6 +344,8 @@ class Up:
         async def announce() -> None:
             """The banner once the gateway serves and every worker runs; a worker that cannot start stops all."""
             await gateway_up.wait()
+            if self.auth is not None:
+                bootstrap.forget_password(self.auth)
             if pool is not None:
                 try:
                     await pool.wait_ready()
@@ -345,6 +353,9 @@ class Up:
                     self.failure = str(exc)
                     stop.set()
                     return
+            if self.auth is not None and not stop.is_set():
+                await bootstrap.finish(self.auth, gateway_url(o.host, o.port))
+                self.notes.extend(self.auth.notes)
             if not stop.is_set():
                 self.banner(nats_url, database_url, started)
 
@@ -412,6 +423,10 @@ class Up:
         with self._signals():
             try:
                 servers = self.check()
+                from langorch import bootstrap
+
+                # the auth secret is in the environment before any service starts (the workers inherit it)
+                self.auth = bootstrap.prepare(self.state.path, gateway_url(o.host, o.port))
                 if o.workers:
                     from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
 
@@ -421,6 +436,7 @@ class Up:
                     # first: the workers import their services on the other cores while this process goes on
                     self.pool = WorkerPool(o.workers, self.state.path, report=self._report)
                     self.pool.spawn()
+                bootstrap.export_password(self.auth)  # for the gateway only: the workers have started
                 if servers:
                     self.console.print("[dim]starting the embedded "
                                        + " and ".join({"nats": "NATS", "postgres": "PostgreSQL"}[k] for k in servers)
