@@ -296,3 +296,18 @@ CREATE TABLE IF NOT EXISTS api_key_usage (
     key_id        text PRIMARY KEY,
     last_used_at  timestamptz NOT NULL
 );
+
+-- issue 15: secret metadata records (api.md §11); never a value
+CREATE TABLE IF NOT EXISTS secrets (
+    name          text PRIMARY KEY,
+    provider      text NOT NULL,
+    provider_ref  text,
+    description   text,
+    tags          jsonb NOT NULL,
+    last_check    jsonb,
+    created_at    timestamptz NOT NULL,
+    created_by    text NOT NULL,
+    updated_at    timestamptz NOT NULL,
+    seq           integer NOT NULL,
+    position      bigint NOT NULL
+);

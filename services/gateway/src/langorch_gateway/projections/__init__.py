@@ -13,6 +13,7 @@ batch transaction; every row derives from events only, so a rebuild by replay gi
 * :mod:`.runs` — ``runs`` (§5.1), its status from the run aggregate's rule (:mod:`ckp_core.runs`)
 * :mod:`.run_artifacts` — ``run_artifacts`` (§5.9)
 * :mod:`.users` — ``users``, ``api_keys`` (§2.3)
+* :mod:`.secrets` — ``secrets``, secret metadata records (§11)
 * :mod:`.audit` — ``audit_log`` (§12), from ``LO_AUDIT``
 """
 
@@ -24,6 +25,7 @@ from langorch_gateway.projections import (
     run_artifacts,
     run_events,
     runs,
+    secrets,
     users,
 )
 from langorch_gateway.projections.audit import apply_audit_entry
@@ -33,6 +35,7 @@ from langorch_gateway.projections.procedures import search_text
 PROJECTIONS: tuple[Projection, ...] = (
     procedures.PROJECTION, projects.PROJECTION, agents.PROJECTION, approvals.PROJECTION, run_events.PROJECTION,
     runs.PROJECTION, run_artifacts.PROJECTION, users.USERS, users.API_KEYS,
+    secrets.PROJECTION,
 )
 """Every projection of ``LO_EVT``, in the order each event is applied to them."""
 
