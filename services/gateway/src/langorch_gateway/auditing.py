@@ -13,7 +13,8 @@ from fastapi import Request
 
 from ckp_core.audit import AuditEntry, Outcome, command_entry, record_entry
 from ckp_core.commands import Command
-from ckp_core.events import ANONYMOUS, Actor
+from ckp_core.events import Actor
+from langorch_gateway import auth
 from langorch_gateway.auth import Principal
 from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
@@ -29,9 +30,10 @@ async def write(request: Request, entry: AuditEntry) -> None:
 
 async def decided(request: Request, category: str, action: str, *, resource_type: str, resource_id: str | None,
                   outcome: Outcome = "accepted", meta: dict[str, Any] | None = None, code: str | None = None,
-                  detail: str | None = None, actor: Actor = ANONYMOUS, event_id: str | None = None,
+                  detail: str | None = None, actor: Actor | None = None, event_id: str | None = None,
                   correlation_id: str | None = None) -> None:
-    """Record something the gateway decided or served itself."""
+    """Record something the gateway decided or served itself (by the request's principal unless ``actor``)."""
+    actor = actor or auth.actor(request)
     entry = record_entry(category, action, actor, outcome=outcome, resource_type=resource_type,
                          resource_id=resource_id, request_id=request.state.request_id, meta=meta, code=code,
                          detail=detail, correlation_id=correlation_id, auth_disabled=auth_disabled(request, actor))

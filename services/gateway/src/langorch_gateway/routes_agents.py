@@ -26,10 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ckp_core import runs
 from ckp_core.agents import circuit_state
 from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAgent
-from ckp_core.events import ANONYMOUS, Actor, format_time
+from ckp_core.events import format_time
 from ckp_core.queries import AgentsLive, AgentsLiveReply, LeaseRecord, Leases, LeasesReply
 from ckp_core.subjects import PRESENCE_BUCKET, agent_presence_key
-from langorch_gateway import auditing, deps, views
+from langorch_gateway import auditing, auth, deps, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
@@ -110,19 +110,6 @@ def _sha256(token: str) -> str:
 
 def _new_token() -> str:
     return "lo_agt_" + secrets.token_urlsafe(32)
-
-
-async def agent_principal(request: Request) -> str | None:
-    """The agent an ``Authorization: Bearer lo_agt_…`` token belongs to; a present but unknown one → 401."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token.startswith("lo_agt_"):
-        return None
-    agent_id = await _db(request).fetchval("SELECT agent_id FROM agents WHERE token_sha256 = $1", _sha256(token))
-    if agent_id is None:
-        raise ApiProblem("invalid_token", "the agent token is not valid (rotated or unknown)")
-    return str(agent_id)
 
 
 def _capabilities(raw: list[Any], field: str, settings: GatewaySettings) -> list[dict[str, Any]]:
@@ -228,6 +215,7 @@ async def _update(request: Request, command: UpdateAgent, command_type: str,
 
 @router.get("/api/agents")
 async def list_agents(
+    principal: auth.Viewer,
     request: Request,
     db: deps.Pool,
     channel: str | None = None,
@@ -255,7 +243,8 @@ async def list_agents(
 
 
 @router.post("/api/agents", status_code=201)
-async def register_agent(request: Request, db: deps.Pool, settings: deps.Settings, body: AgentIn) -> JSONResponse:
+async def register_agent(principal: auth.Operator,
+                         request: Request, db: deps.Pool, settings: deps.Settings, body: AgentIn) -> JSONResponse:
     """Register an agent; without ``capabilities`` they are probed from the agent (api.md §7.3)."""
     channel = body.channel.lower()
     agent_id = body.agent_id or f"{channel}_{body.name.lower().replace(' ', '_')}"
@@ -279,7 +268,8 @@ async def register_agent(request: Request, db: deps.Pool, settings: deps.Setting
         await _limit_conflict(request, agent_id, resource_key, body.concurrency_limit)
     token = _new_token()
     command = RegisterAgent(
-        actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id, name=body.name, channel=channel,
+        actor=principal.actor,
+        causation_id=request.state.request_id, agent_id=agent_id, name=body.name, channel=channel,
         protocol=body.protocol, base_url=body.base_url, concurrency_limit=body.concurrency_limit,
         resource_key=resource_key, pool_id=body.pool_id or f"{channel}_default", capabilities=capabilities,
         labels=body.labels, auth=(body.auth or AgentAuth()).model_dump(), token_sha256=_sha256(token))
@@ -294,7 +284,8 @@ async def register_agent(request: Request, db: deps.Pool, settings: deps.Setting
 
 
 @router.get("/api/agents/probe-capabilities")
-async def probe(settings: deps.Settings, base_url: Annotated[str, Query(min_length=1, max_length=2000)],
+async def probe(principal: auth.Operator,
+                settings: deps.Settings, base_url: Annotated[str, Query(min_length=1, max_length=2000)],
                 protocol: Protocol = "http") -> dict[str, Any]:
     """Fetch an agent's capabilities without storing anything."""
     await check_url(base_url, settings.agent_url_allowlist, field="query.base_url")
@@ -303,7 +294,8 @@ async def probe(settings: deps.Settings, base_url: Annotated[str, Query(min_leng
 
 
 @router.get("/api/agents/pools")
-async def list_pools(request: Request, db: deps.Pool, channel: str | None = None, limit: Limit = 100,
+async def list_pools(principal: auth.Viewer,
+                     request: Request, db: deps.Pool, channel: str | None = None, limit: Limit = 100,
                      offset: Offset = 0) -> JSONResponse:
     """Pools with their capacity: agents, slots, active leases and open circuits."""
     headers = await min_position(request)
@@ -359,7 +351,7 @@ async def _waiting_steps(db: Any, pool_ids: list[str]) -> dict[str, int]:
 
 
 @router.get("/api/agents/bootstrap/{channel}")
-async def bootstrap(settings: deps.Settings, channel: str) -> dict[str, Any]:
+async def bootstrap(principal: auth.Viewer, settings: deps.Settings, channel: str) -> dict[str, Any]:
     """What a new agent of ``channel`` needs to register and heartbeat, from settings."""
     if not ID_RE.match(channel):
         raise ApiProblem("validation_failed", "invalid channel", errors={"path.channel": [f"Must match {ID_PATTERN}"]})
@@ -372,11 +364,11 @@ async def bootstrap(settings: deps.Settings, channel: str) -> dict[str, Any]:
 
 
 @router.post("/api/agents/heartbeat")
-async def heartbeat(request: Request, js: deps.JetStream, settings: deps.Settings, body: HeartbeatIn) -> JSONResponse:
+async def heartbeat(principal: auth.OperatorOrAgent,
+                    request: Request, js: deps.JetStream, settings: deps.Settings, body: HeartbeatIn) -> JSONResponse:
     """Refresh the agent's presence (KV TTL of 3 intervals; the gateway is the heartbeat intake of the shared
     presence bucket); a status change also appends an event."""
-    principal = await agent_principal(request)
-    if principal is not None and principal != body.agent_id:
+    if principal.kind == "agent" and principal.actor.id != body.agent_id:
         raise ApiProblem("forbidden", "an agent token may only heartbeat its own agent", required_role="operator")
     row = await _row(request, body.agent_id)
     value = body.model_dump() | {"last_heartbeat_at": format_time(datetime.now(UTC))}
@@ -385,8 +377,7 @@ async def heartbeat(request: Request, js: deps.JetStream, settings: deps.Setting
     answer = {"status": "ok", "agent_id": body.agent_id,
               "heartbeat_interval_seconds": settings.agent_heartbeat_interval_s}
     if body.status != row["status"]:
-        actor = Actor(kind="agent", id=principal) if principal else ANONYMOUS
-        command = UpdateAgent(actor=actor, causation_id=request.state.request_id, agent_id=body.agent_id,
+        command = UpdateAgent(actor=principal.actor, causation_id=request.state.request_id, agent_id=body.agent_id,
                               changes={"status": body.status}, reason="heartbeat")
         return await _update(request, command, "update_agent", answer)
     return JSONResponse(answer)
@@ -396,16 +387,15 @@ async def heartbeat(request: Request, js: deps.JetStream, settings: deps.Setting
 
 
 @router.get("/api/agents/{agent_id}")
-async def get_agent(request: Request, agent_id: str) -> JSONResponse:
+async def get_agent(principal: auth.Viewer, request: Request, agent_id: str) -> JSONResponse:
     headers = await min_position(request)
     return await _agent_response(request, agent_id, headers=headers)
 
 
-async def _patch(request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
-    principal = await agent_principal(request)
+async def _patch(principal: auth.Principal, request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
     fields = {f for f in body.model_fields_set}
-    if principal is not None:
-        if principal != agent_id:
+    if principal.kind == "agent":
+        if principal.actor.id != agent_id:
             raise ApiProblem("forbidden", "an agent token may only change its own agent", required_role="operator")
         if fields - {"status", "capabilities"}:
             raise ApiProblem("forbidden", "an agent token may change only status and capabilities",
@@ -432,28 +422,29 @@ async def _patch(request: Request, agent_id: str, body: AgentPatch) -> JSONRespo
         await _limit_conflict(request, agent_id, row["resource_key"], changes["concurrency_limit"])
     if not changes:
         return await _agent_response(request, agent_id)
-    actor = Actor(kind="agent", id=principal) if principal else ANONYMOUS
-    command = UpdateAgent(actor=actor, causation_id=request.state.request_id, agent_id=agent_id, changes=changes)
+    command = UpdateAgent(actor=principal.actor, causation_id=request.state.request_id, agent_id=agent_id,
+                          changes=changes)
     return await _update(request, command, "update_agent")
 
 
 @router.patch("/api/agents/{agent_id}")
-async def patch_agent(request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
+async def patch_agent(principal: auth.OperatorOrAgent,
+                      request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
     """Partial update; an agent token may change only its own ``status`` and ``capabilities``."""
-    return await _patch(request, agent_id, body)
+    return await _patch(principal, request, agent_id, body)
 
 
 @router.put("/api/agents/{agent_id}", deprecated=True)
-async def put_agent(request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
+async def put_agent(principal: auth.OperatorOrAgent, request: Request, agent_id: str, body: AgentPatch) -> JSONResponse:
     """Accepted alias of PATCH (api.md §1.8)."""
-    return await _patch(request, agent_id, body)
+    return await _patch(principal, request, agent_id, body)
 
 
 @router.delete("/api/agents/{agent_id}", status_code=204)
-async def delete_agent(request: Request, agent_id: str) -> Response:
+async def delete_agent(principal: auth.Operator, request: Request, agent_id: str) -> Response:
     """Remove an agent (``agent_removed``): dispatched steps finish, nothing new is sent."""
     await _row(request, agent_id)
-    command = RemoveAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id)
+    command = RemoveAgent(actor=principal.actor, causation_id=request.state.request_id, agent_id=agent_id)
     outcome = await send(request, "agent", agent_id, command, "remove_agent", f"/api/agents/{agent_id}")
     if outcome is None:
         return pending(command.command_id, "remove_agent")
@@ -463,22 +454,23 @@ async def delete_agent(request: Request, agent_id: str) -> Response:
 
 
 @router.post("/api/agents/{agent_id}/sync-capabilities")
-async def sync_capabilities(request: Request, settings: deps.Settings, agent_id: str) -> JSONResponse:
+async def sync_capabilities(principal: auth.Operator,
+                            request: Request, settings: deps.Settings, agent_id: str) -> JSONResponse:
     """Probe the agent again and store what it reports."""
     row = await _row(request, agent_id)
     await check_url(row["base_url"], settings.agent_url_allowlist)
     capabilities, _ = await probe_capabilities(row["base_url"], row["protocol"], settings.agent_probe_timeout_s)
-    command = UpdateAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id,
+    command = UpdateAgent(actor=principal.actor, causation_id=request.state.request_id, agent_id=agent_id,
                           operation="sync_capabilities", capabilities=capabilities)
     return await _update(request, command, "update_agent")
 
 
 @router.post("/api/agents/{agent_id}/token")
-async def rotate_token(request: Request, agent_id: str) -> JSONResponse:
+async def rotate_token(principal: auth.Operator, request: Request, agent_id: str) -> JSONResponse:
     """Issue a new agent token; the previous one stops working (only its SHA-256 was ever stored)."""
     await _row(request, agent_id)
     token = _new_token()
-    command = UpdateAgent(actor=ANONYMOUS, causation_id=request.state.request_id, agent_id=agent_id,
+    command = UpdateAgent(actor=principal.actor, causation_id=request.state.request_id, agent_id=agent_id,
                           operation="rotate_token", token_sha256=_sha256(token))
     return await _update(request, command, "update_agent", {"agent_id": agent_id, "agent_token": token})
 
@@ -488,6 +480,7 @@ async def rotate_token(request: Request, agent_id: str) -> JSONResponse:
 
 @router.get("/api/leases")
 async def list_leases(
+    principal: auth.Viewer,
     request: Request,
     resource_key: str | None = None,
     agent_id: str | None = None,
@@ -509,16 +502,17 @@ async def _find_lease(request: Request, lease_id: str) -> LeaseRecord:
 
 
 @router.get("/api/leases/{lease_id}")
-async def get_lease(request: Request, lease_id: str) -> dict[str, Any]:
+async def get_lease(principal: auth.Viewer, request: Request, lease_id: str) -> dict[str, Any]:
     return (await _find_lease(request, lease_id)).lease_out()
 
 
 @router.delete("/api/leases/{lease_id}", status_code=204)
-async def release_lease(request: Request, settings: deps.Settings, lease_id: str,
+async def release_lease(principal: auth.Operator, request: Request, settings: deps.Settings, lease_id: str,
                         reason: Annotated[str | None, Query(max_length=2000)] = None) -> Response:
     """Force-release a stuck lease: ``lo.cmd.lease.release`` (runtime), awaited until the key is gone."""
     lease = await _find_lease(request, lease_id)
-    command = ReleaseLease(actor=ANONYMOUS, causation_id=request.state.request_id, lease_id=lease_id, key=lease.key,
+    command = ReleaseLease(actor=principal.actor,
+                           causation_id=request.state.request_id, lease_id=lease_id, key=lease.key,
                            revision=lease.revision, reason=reason)
     outcome = await send(request, "lease", lease_id, command, "release_lease", f"/api/leases/{lease_id}")
     if outcome is None:

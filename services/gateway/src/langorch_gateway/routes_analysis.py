@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from ckp_core import analysis
 from ckp_core.compiler import CompileResult, compile_document
 from ckp_core.ir import SubflowRefIR
-from langorch_gateway import views
+from langorch_gateway import auth, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import min_position
 from langorch_gateway.problems import ApiProblem
@@ -112,7 +112,7 @@ def _compile_failed(result: CompileResult) -> ApiProblem:
 
 
 @router.post("/api/procedures/validate")
-async def validate_procedure(request: Request, body: ValidateIn) -> JSONResponse:
+async def validate_procedure(principal: auth.Viewer, request: Request, body: ValidateIn) -> JSONResponse:
     """Compile a document without storing it; 200 also when it is invalid."""
     headers = await min_position(request)
     result = await compile_with_store(request, body.ckp_json)
@@ -128,6 +128,7 @@ async def validate_procedure(request: Request, body: ValidateIn) -> JSONResponse
 
 @router.get("/api/procedures/{procedure_id}/diff")
 async def diff_versions(
+    principal: auth.Viewer,
     request: Request, procedure_id: str,
     from_version: str = Query(alias="from", min_length=1, max_length=64),
     to_version: str = Query(alias="to", min_length=1, max_length=64),
@@ -143,7 +144,7 @@ async def diff_versions(
 
 
 @router.get("/api/procedures/{procedure_id}/{version}/graph")
-async def procedure_graph(request: Request, procedure_id: str, version: str) -> JSONResponse:
+async def procedure_graph(principal: auth.Viewer, request: Request, procedure_id: str, version: str) -> JSONResponse:
     """The laid-out graph of a stored version (GraphOut)."""
     headers = await min_position(request)
     _, doc = await _version_doc(request, procedure_id, version)
@@ -154,7 +155,7 @@ async def procedure_graph(request: Request, procedure_id: str, version: str) -> 
 
 
 @router.post("/api/procedures/{procedure_id}/{version}/explain")
-async def explain_procedure(request: Request, procedure_id: str, version: str,
+async def explain_procedure(principal: auth.Viewer, request: Request, procedure_id: str, version: str,
                             body: ExplainIn | None = None) -> JSONResponse:
     """Static analysis of a stored version, or of an unsaved edit of it (``ckp_json``)."""
     headers = await min_position(request)

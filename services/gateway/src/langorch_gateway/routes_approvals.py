@@ -23,9 +23,9 @@ from starlette.background import BackgroundTask
 
 from ckp_core.approvals import STATUSES, ApprovalState, approval_view, evolve, fold, normalise_decision
 from ckp_core.commands import DecideApproval
-from ckp_core.events import ANONYMOUS, format_time
+from ckp_core.events import format_time
 from ckp_core.redaction import Redactor
-from langorch_gateway import deps
+from langorch_gateway import auth, deps
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import (
@@ -123,6 +123,7 @@ def _query_time(name: str, raw: str | None) -> datetime | None:
 
 @router.get("/api/approvals")
 async def list_approvals(
+    principal: auth.Viewer,
     request: Request, db: deps.Pool,
     status: str | None = None,
     run_id: str | None = None,
@@ -162,6 +163,7 @@ async def list_approvals(
 
 @router.get("/api/approvals/stream")
 async def approvals_stream(
+    principal: auth.Viewer,
     db: deps.Pool,
     js: deps.JetStream,
     settings: deps.Settings,
@@ -177,7 +179,7 @@ async def approvals_stream(
     start = after
     if last_event_id is not None:
         start = header_position("Last-Event-ID", last_event_id)
-    release = slots.acquire(ANONYMOUS.render())
+    release = slots.acquire(principal.actor.render())
 
     async def updates() -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(comment="langorch approval stream", retry=3000)
@@ -217,7 +219,7 @@ async def approvals_stream(
 
 
 @router.get("/api/approvals/{approval_id}")
-async def get_approval(request: Request, db: deps.Pool, approval_id: str) -> JSONResponse:
+async def get_approval(principal: auth.Viewer, request: Request, db: deps.Pool, approval_id: str) -> JSONResponse:
     """One approval with its run's current status."""
     headers = await min_position(request)
     row = await _row(db, approval_id)
@@ -227,19 +229,19 @@ async def get_approval(request: Request, db: deps.Pool, approval_id: str) -> JSO
 
 
 @router.post("/api/approvals/{approval_id}/decision")
-async def decide(request: Request, db: deps.Pool, store: deps.EventStore, approval_id: str,
+async def decide(principal: auth.Approver, request: Request, db: deps.Pool, store: deps.EventStore, approval_id: str,
                  body: DecisionIn) -> JSONResponse:
     """Decide a pending approval; the run resumes asynchronously (``run_status`` may still read
     ``waiting_approval`` in the answer)."""
-    principal = ANONYMOUS  # auth is disabled (api.md §2.4): every request is the anonymous principal
+    who = principal.actor
     decision = body.resolved()
-    if body.decided_by is not None and body.decided_by != principal.render():
+    if body.decided_by is not None and body.decided_by != who.render():
         raise ApiProblem("decided_by_mismatch", f"decided_by {body.decided_by!r} is not the authenticated "
-                         f"principal {principal.render()!r}",
+                         f"principal {who.render()!r}",
                          errors={"decided_by": ["Must equal the authenticated principal"]})
     if await _row(db, approval_id) is None and await store.head("approval", approval_id) is None:
         raise ApiProblem("not_found", f"approval {approval_id} not found", resource="approval")
-    command = DecideApproval(actor=principal, causation_id=request.state.request_id, approval_id=approval_id,
+    command = DecideApproval(actor=who, causation_id=request.state.request_id, approval_id=approval_id,
                              decision=decision, comment=body.comment, payload=body.payload)
     outcome = await send(request, "approval", approval_id, command, "decide_approval",
                          resource=f"/api/approvals/{approval_id}")

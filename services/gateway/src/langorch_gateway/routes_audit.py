@@ -9,7 +9,7 @@ import asyncpg
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
-from langorch_gateway import deps, views
+from langorch_gateway import auth, deps, views
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page
 from langorch_gateway.routes_runs_more import parse_query_time
 
@@ -32,6 +32,7 @@ def audit_out(row: asyncpg.Record) -> dict[str, Any]:
 
 @router.get("/api/audit")
 async def list_audit(
+    principal: auth.Viewer,
     db: deps.Pool,
     category: Text = None,
     action: Text = None,

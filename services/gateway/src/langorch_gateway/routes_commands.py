@@ -8,18 +8,20 @@ from typing import Any
 from fastapi import APIRouter
 
 from ckp_core.events import format_time
-from langorch_gateway import deps
+from langorch_gateway import auth, deps
 from langorch_gateway.problems import STATUS, TITLES, ApiProblem
 
 router = APIRouter()
 
 
 @router.get("/api/commands/{command_id}")
-async def get_command(db: deps.Pool, store: deps.EventStore, command_id: str) -> dict[str, Any]:
+async def get_command(principal: auth.Viewer, db: deps.Pool, store: deps.EventStore, command_id: str) -> dict[str, Any]:
     """The command, and its outcome from the aggregate's events (``pending`` until one exists)."""
     row = await db.fetchrow("SELECT * FROM api_command_log WHERE command_id = $1", command_id)
     if row is None:
         raise ApiProblem("not_found", f"command {command_id} not found", resource="command")
+    if not principal.has("admin") and row["actor"] != principal.actor.render():
+        raise ApiProblem("forbidden", "only the command's submitter or an admin may read it", required_role="admin")
     outcome = next((e for e in await store.read(row["aggregate"], row["aggregate_id"])
                     if e.envelope.causation_id == command_id), None)
     status, position, problem = "pending", None, None

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from langorch_gateway import deps
+from langorch_gateway import auth, deps
 from langorch_infra.presence import read_presence
 
 router = APIRouter()
@@ -38,7 +38,8 @@ class ConfigOut(BaseModel):
 
 
 @router.get("/api/config", response_model=ConfigOut)
-async def config(request: Request, js: deps.JetStream, settings: deps.Settings) -> dict[str, Any]:
+async def config(principal: auth.Admin,
+                 request: Request, js: deps.JetStream, settings: deps.Settings) -> dict[str, Any]:
     """Effective configuration of every live service replica (read-only; admin)."""
     replicas = []
     for value in await read_presence(js):

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from langorch_gateway import deps
+from langorch_gateway import auth, deps
 from langorch_gateway.deps import clients
 from langorch_gateway.metrics import CONTENT_TYPE, summary
 from langorch_gateway.problems import ApiProblem
@@ -43,7 +43,8 @@ async def prometheus_alias(request: Request) -> Response:
 
 
 @router.get("/api/metrics/summary")
-async def metrics_summary(request: Request, db: deps.Pool, js: deps.JetStream, projector: deps.Projector,
+async def metrics_summary(principal: auth.Viewer,
+                          request: Request, db: deps.Pool, js: deps.JetStream, projector: deps.Projector,
                           window_hours: Annotated[int, Query(ge=1, le=720)] = 24) -> dict[str, Any]:
     """Cluster-wide figures over the last ``window_hours``, computed from the projections."""
     leases = [lease.lease_out() for lease in await read_leases(request)]  # asked of the runtime

@@ -25,9 +25,8 @@ from ckp_core.commands import (
     SetProcedureStatus,
 )
 from ckp_core.compiler import compile_document
-from ckp_core.events import ANONYMOUS
 from ckp_core.procedure_lifecycle import CHANNELS, STATUSES
-from langorch_gateway import auditing, deps, views
+from langorch_gateway import auditing, auth, deps, views
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Order, Where, comma_list, fetch_page, gather
@@ -137,7 +136,7 @@ def _detail_response(row: asyncpg.Record, status: int = 200, headers: dict[str, 
 
 
 @router.post("/api/procedures", status_code=201)
-async def import_procedure(request: Request, db: deps.Pool, body: ImportIn) -> JSONResponse:
+async def import_procedure(principal: auth.Operator, request: Request, db: deps.Pool, body: ImportIn) -> JSONResponse:
     """Compile, then import a procedure version through the compiler service (a document that does not compile
     is refused here, and audited as a rejected import)."""
     named = body.ckp_json.get("procedure_id")
@@ -152,7 +151,7 @@ async def import_procedure(request: Request, db: deps.Pool, body: ImportIn) -> J
         raise ApiProblem("not_found", f"project {body.project_id} not found", resource="project")
     existing = await db.fetchrow(
         "SELECT content_hash FROM procedures WHERE procedure_id = $1 AND version = $2", pid, version)
-    command = ImportProcedure(actor=ANONYMOUS, causation_id=request.state.request_id,
+    command = ImportProcedure(actor=principal.actor, causation_id=request.state.request_id,
                               ckp_json=body.ckp_json, project_id=body.project_id)
     if existing is not None:
         raise await auditing.refused(request, command, ApiProblem(
@@ -177,6 +176,7 @@ SORTS = {"created_at": "created_at {o}, position {o}", "procedure_id": "procedur
 
 @router.get("/api/procedures")
 async def list_procedures(
+    principal: auth.Viewer,
     request: Request, db: deps.Pool,
     project_id: str | None = None,
     status: str | None = None,
@@ -221,7 +221,7 @@ async def list_procedures(
 
 
 @router.get("/api/procedures/{procedure_id}")
-async def procedure_summary(request: Request, db: deps.Pool, procedure_id: str) -> JSONResponse:
+async def procedure_summary(principal: auth.Viewer, request: Request, db: deps.Pool, procedure_id: str) -> JSONResponse:
     """``ProcedureSummary``: versions count, newest version and the active version of each channel."""
     headers = await min_position(request)
     async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
@@ -243,6 +243,7 @@ async def procedure_summary(request: Request, db: deps.Pool, procedure_id: str) 
 
 @router.get("/api/procedures/{procedure_id}/versions")
 async def procedure_versions(
+    principal: auth.Viewer,
     request: Request, db: deps.Pool,
     procedure_id: str,
     status: str | None = None,
@@ -263,6 +264,7 @@ async def procedure_versions(
 
 @router.get("/api/procedures/{procedure_id}/deployments")
 async def procedure_deployments(
+    principal: auth.Viewer,
     request: Request, db: deps.Pool,
     procedure_id: str,
     release_channel: str | None = None,
@@ -286,14 +288,16 @@ async def procedure_deployments(
 
 
 @router.get("/api/procedures/{procedure_id}/{version}")
-async def get_procedure(request: Request, db: deps.Pool, procedure_id: str, version: str) -> JSONResponse:
+async def get_procedure(principal: auth.Viewer,
+                        request: Request, db: deps.Pool, procedure_id: str, version: str) -> JSONResponse:
     """One procedure version with its document; ``latest`` is the most recently imported."""
     headers = await min_position(request)
     return _detail_response(await _version_row(db, procedure_id, version), headers=headers)
 
 
 @router.put("/api/procedures/{procedure_id}/{version}")
-async def replace_procedure(request: Request, db: deps.Pool, procedure_id: str, version: str, body: ReplaceIn,
+async def replace_procedure(principal: auth.Operator,
+                            request: Request, db: deps.Pool, procedure_id: str, version: str, body: ReplaceIn,
                             if_match: IfMatch = None) -> JSONResponse:
     """Replace a draft's document (compiled like an import); ``If-Match`` guards the revision."""
     row = await _version_row(db, procedure_id, version)
@@ -305,13 +309,13 @@ async def replace_procedure(request: Request, db: deps.Pool, procedure_id: str, 
     if mismatch:
         raise ApiProblem("validation_failed", "procedure_id and version inside the document must match the path",
                          errors=mismatch)
-    command = ReplaceProcedure(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
+    command = ReplaceProcedure(actor=principal.actor, causation_id=request.state.request_id, procedure_id=procedure_id,
                                version=version, ckp_json=body.ckp_json, expected_revision=expected)
     return await _finish(request, db, command, "replace_procedure", procedure_id, version, detail=True)
 
 
 @router.delete("/api/procedures/{procedure_id}/{version}")
-async def delete_procedure(request: Request, db: deps.Pool, procedure_id: str, version: str,
+async def delete_procedure(principal: auth.Operator, request: Request, db: deps.Pool, procedure_id: str, version: str,
                            if_match: IfMatch = None) -> JSONResponse:
     """Delete a version that is not active and that no non-terminal run uses."""
     row = await _version_row(db, procedure_id, version)
@@ -327,7 +331,7 @@ async def delete_procedure(request: Request, db: deps.Pool, procedure_id: str, v
     if in_use:
         raise ApiProblem("procedure_version_in_use", f"{len(in_use)} unfinished run(s) use version {version}",
                          run_ids=[r["run_id"] for r in in_use])
-    command = DeleteProcedureVersion(actor=ANONYMOUS, causation_id=request.state.request_id,
+    command = DeleteProcedureVersion(actor=principal.actor, causation_id=request.state.request_id,
                                      procedure_id=procedure_id, version=version, expected_revision=expected)
     outcome = await send(request, "procedure", procedure_id, command, "delete_procedure_version",
                          f"/api/procedures/{procedure_id}/{version}")
@@ -340,24 +344,34 @@ async def delete_procedure(request: Request, db: deps.Pool, procedure_id: str, v
 
 
 @router.patch("/api/procedures/{procedure_id}/{version}/status")
-async def set_status(request: Request, db: deps.Pool, procedure_id: str, version: str, body: StatusIn) -> JSONResponse:
+async def set_status(principal: auth.Operator,
+                     request: Request, db: deps.Pool, procedure_id: str, version: str, body: StatusIn) -> JSONResponse:
     """Move a version through the lifecycle; a no-op answers 200 and appends nothing."""
     row = await _version_row(db, procedure_id, version)
     if row["status"] == body.status:
         return JSONResponse(views.procedure_out(row), headers={"ETag": f'"{row["revision"]}"'})
-    command = SetProcedureStatus(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
+    command = SetProcedureStatus(actor=principal.actor,
+                                 causation_id=request.state.request_id, procedure_id=procedure_id,
                                  version=version, status=body.status, reason=body.reason)
     return await _finish(request, db, command, "set_procedure_status", procedure_id, version, detail=False)
 
 
+def _prod_needs_admin(principal: auth.Principal, channel: str) -> None:
+    """Promote and roll back are the operator's in ``dev`` and ``qa``, the admin's in ``prod`` (api.md §2.2)."""
+    if channel == "prod" and not principal.has("admin"):
+        raise ApiProblem("forbidden", "promoting or rolling back in prod needs the role 'admin'", required_role="admin")
+
+
 @router.post("/api/procedures/{procedure_id}/{version}/promote")
-async def promote(request: Request, db: deps.Pool, procedure_id: str, version: str, body: PromoteIn) -> JSONResponse:
+async def promote(principal: auth.Operator,
+                  request: Request, db: deps.Pool, procedure_id: str, version: str, body: PromoteIn) -> JSONResponse:
     """Activate a version in ``target_channel``, deprecating the one active there (api.md §4.5)."""
+    _prod_needs_admin(principal, body.target_channel)
     row = await _version_row(db, procedure_id, version)
     if row["status"] == "active" and row["release_channel"] == body.target_channel:
         return JSONResponse({"promoted": views.procedure_out(row), "previous_channel_version": None,
                              "diagnostics": []})
-    command = PromoteProcedure(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
+    command = PromoteProcedure(actor=principal.actor, causation_id=request.state.request_id, procedure_id=procedure_id,
                                version=version, target_channel=body.target_channel, reason=body.reason)
     outcome = await send(request, "procedure", procedure_id, command, "promote_procedure",
                          f"/api/procedures/{procedure_id}/{version}")
@@ -373,10 +387,12 @@ async def promote(request: Request, db: deps.Pool, procedure_id: str, version: s
 
 
 @router.post("/api/procedures/{procedure_id}/{version}/rollback")
-async def rollback(request: Request, db: deps.Pool, procedure_id: str, version: str, body: RollbackIn) -> JSONResponse:
+async def rollback(principal: auth.Operator,
+                   request: Request, db: deps.Pool, procedure_id: str, version: str, body: RollbackIn) -> JSONResponse:
     """Deprecate the channel's active version and restore an earlier one (api.md §4.5)."""
+    _prod_needs_admin(principal, body.target_channel)
     await _version_row(db, procedure_id, version)
-    command = RollbackProcedure(actor=ANONYMOUS, causation_id=request.state.request_id, procedure_id=procedure_id,
+    command = RollbackProcedure(actor=principal.actor, causation_id=request.state.request_id, procedure_id=procedure_id,
                                 version=version, target_channel=body.target_channel,
                                 rollback_to_version=body.rollback_to_version, reason=body.reason)
     outcome = await send(request, "procedure", procedure_id, command, "rollback_procedure",

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckp_core import runs
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import (
-    ANONYMOUS,
     EventData,
     EventEnvelope,
     ProjectCreated,
@@ -25,7 +24,7 @@ from ckp_core.events import (
     make_event,
 )
 from ckp_core.ids import new_id
-from langorch_gateway import auditing, deps, views
+from langorch_gateway import auditing, auth, deps, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import min_position, ryw
 from langorch_gateway.problems import ApiProblem
@@ -87,7 +86,7 @@ async def _append(request: Request, project_id: str, data: EventData) -> Appende
     store = clients(request).store
     for _ in range(5):
         head = await store.head("project", project_id)
-        event = make_event(data, aggregate_id=project_id, seq=(head.seq if head else 0) + 1, actor=ANONYMOUS,
+        event = make_event(data, aggregate_id=project_id, seq=(head.seq if head else 0) + 1, actor=auth.actor(request),
                            causation_id=request.state.request_id)
         try:
             [position] = await store.append([event], expected_position=head.position if head else 0)
@@ -101,6 +100,7 @@ async def _append(request: Request, project_id: str, data: EventData) -> Appende
 
 @router.get("/api/projects")
 async def list_projects(
+    principal: auth.Viewer,
     request: Request, db: deps.Pool,
     search: Annotated[str | None, Query(max_length=500)] = None,
     sort: Literal["name", "created_at"] = "created_at",
@@ -120,7 +120,8 @@ async def list_projects(
 
 
 @router.post("/api/projects", status_code=201)
-async def create_project(request: Request, names_lock: deps.NamesLock, body: ProjectIn) -> JSONResponse:
+async def create_project(principal: auth.Operator,
+                         request: Request, names_lock: deps.NamesLock, body: ProjectIn) -> JSONResponse:
     """Create a project (name unique, case-insensitively)."""
     project_id = new_id()
     async with names_lock, auditing.refusals_audited(request, "project", "create", resource_type="project",
@@ -139,7 +140,7 @@ async def create_project(request: Request, names_lock: deps.NamesLock, body: Pro
 
 
 @router.get("/api/projects/{project_id}")
-async def get_project(request: Request, project_id: str) -> JSONResponse:
+async def get_project(principal: auth.Viewer, request: Request, project_id: str) -> JSONResponse:
     headers = await min_position(request)
     return JSONResponse(views.project_out(await _row(request, project_id)), headers=headers)
 
@@ -169,19 +170,20 @@ async def _update(request: Request, project_id: str, body: ProjectPatch) -> JSON
 
 
 @router.patch("/api/projects/{project_id}")
-async def patch_project(request: Request, project_id: str, body: ProjectPatch) -> JSONResponse:
+async def patch_project(principal: auth.Operator,
+                        request: Request, project_id: str, body: ProjectPatch) -> JSONResponse:
     """Rename or re-describe a project."""
     return await _update(request, project_id, body)
 
 
 @router.put("/api/projects/{project_id}", deprecated=True)
-async def put_project(request: Request, project_id: str, body: ProjectPatch) -> JSONResponse:
+async def put_project(principal: auth.Operator, request: Request, project_id: str, body: ProjectPatch) -> JSONResponse:
     """Accepted alias of PATCH (api.md §1.8)."""
     return await _update(request, project_id, body)
 
 
 @router.delete("/api/projects/{project_id}", status_code=204)
-async def delete_project(request: Request, project_id: str) -> Response:
+async def delete_project(principal: auth.Admin, request: Request, project_id: str) -> Response:
     """Delete a project that no procedure is assigned to."""
     row = await _row(request, project_id)
     if row["procedure_count"]:
@@ -195,6 +197,7 @@ async def delete_project(request: Request, project_id: str) -> Response:
 
 @router.get("/api/projects/{project_id}/cost-summary")
 async def cost_summary(
+    principal: auth.Viewer,
     request: Request, db: deps.Pool,
     project_id: str,
     period_days: Annotated[int, Query(ge=1, le=365)] = 30,

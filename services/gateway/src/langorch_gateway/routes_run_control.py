@@ -12,8 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckp_core import runs
 from ckp_core.commands import CancelRun, RetryRun
 from ckp_core.errors import CommandRefused
-from ckp_core.events import ANONYMOUS
-from langorch_gateway import auditing, deps, views
+from langorch_gateway import auditing, auth, deps, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, pending, ryw, send
 from langorch_gateway.problems import ApiProblem, refused_problem
@@ -47,11 +46,11 @@ async def _after(request: Request, run_id: str, position: int, command_id: str, 
 
 
 @router.post("/api/runs/{run_id}/cancel")
-async def cancel_run(request: Request, run_id: str, body: CancelIn | None = None) -> Any:
+async def cancel_run(principal: auth.Operator, request: Request, run_id: str, body: CancelIn | None = None) -> Any:
     """Cancel: at once when nothing executes the run (200), else ``canceling`` until the runtime stops (202)."""
     row = await _run(request, run_id)
     status = row["status"]
-    command = CancelRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id,
+    command = CancelRun(actor=principal.actor, causation_id=request.state.request_id, run_id=run_id,
                         reason=(body.reason if body else None))
     try:
         decision = runs.decide_cancel(status)
@@ -68,11 +67,12 @@ async def cancel_run(request: Request, run_id: str, body: CancelIn | None = None
 
 
 @router.post("/api/runs/{run_id}/retry")
-async def retry_run(request: Request, db: deps.Pool, run_id: str, body: RetryIn | None = None) -> Any:
+async def retry_run(principal: auth.Operator,
+                    request: Request, db: deps.Pool, run_id: str, body: RetryIn | None = None) -> Any:
     """Retry a failed or canceled run from its failure point (``queued``)."""
     row = await _run(request, run_id)
     status = row["status"]
-    command = RetryRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
+    command = RetryRun(actor=principal.actor, causation_id=request.state.request_id, run_id=run_id)
     try:
         runs.decide_retry(status)
     except CommandRefused as refusal:

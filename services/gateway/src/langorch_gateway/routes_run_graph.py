@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from ckp_core import analysis, runs
 from ckp_core.compiler import compile_document
 from ckp_core.events import format_time
-from langorch_gateway import deps, views
+from langorch_gateway import auth, deps, views
 from langorch_gateway.dispatch import min_position
 from langorch_gateway.problems import ApiProblem
 
@@ -59,7 +59,7 @@ def fold_node_status(events: list[asyncpg.Record] | list[dict[str, Any]], node_i
 
 
 @router.get("/api/runs/{run_id}/graph")
-async def run_graph(request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
+async def run_graph(principal: auth.Viewer, request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
     """RunGraphOut: GraphOut of the run's version (null with a reason once the version is deleted) and node status."""
     headers = await min_position(request)
     async with db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckp_core import runs
 from ckp_core.commands import CreateRun, DeleteRun
 from ckp_core.errors import CommandRefused, InvalidInputVars
-from ckp_core.events import ANONYMOUS, format_time
+from ckp_core.events import format_time
 from ckp_core.ids import new_id
 from ckp_core.queries import (
     MAX_VALUE_BYTES,
@@ -30,7 +30,7 @@ from ckp_core.queries import (
 )
 from ckp_core.subjects import ARTIFACTS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
-from langorch_gateway import auditing, deps, run_creation, views
+from langorch_gateway import auditing, auth, deps, run_creation, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem, problem_response, refused_problem
@@ -90,7 +90,8 @@ class RerunIn(BaseModel):
 
 
 @router.post("/api/runs/{run_id}/rerun", status_code=201)
-async def rerun(request: Request, db: deps.Pool, run_id: str, body: RerunIn | None = None) -> JSONResponse:
+async def rerun(principal: auth.Operator,
+                request: Request, db: deps.Pool, run_id: str, body: RerunIn | None = None) -> JSONResponse:
     """A new run of the same procedure (``rerun_of``), the original's version and inputs unless given; created
     by the runtime like every run (``lo.cmd.run.create``)."""
     body = body or RerunIn()
@@ -125,7 +126,7 @@ async def rerun(request: Request, db: deps.Pool, run_id: str, body: RerunIn | No
     except InvalidInputVars as exc:
         raise await auditing.refused_decision(request, "run", "start", "run", None, ApiProblem(
             "invalid_input_vars", exc.message, errors=exc.errors)) from exc
-    command = CreateRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=new_run, procedure_id=pid,
+    command = CreateRun(actor=principal.actor, causation_id=request.state.request_id, run_id=new_run, procedure_id=pid,
                         procedure_version=row["version"], input_vars=raw_inputs, trigger_type="api",
                         triggered_by=f"rerun:{run_id}", root_run_id=new_run, rerun_of=run_id,
                         project_id=original["project_id"] or row["project_id"])
@@ -143,11 +144,11 @@ async def _descendants(db: asyncpg.Pool, run_id: str) -> int:
 
 
 @router.delete("/api/runs/{run_id}")
-async def delete_run(request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
+async def delete_run(principal: auth.Operator, request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
     """Delete a terminal run and its children (``lo.cmd.run.delete``); waits for the row to disappear."""
     row = await _run(request, run_id)
     status = row["status"]
-    command = DeleteRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id)
+    command = DeleteRun(actor=principal.actor, causation_id=request.state.request_id, run_id=run_id)
     try:
         runs.decide_delete(status)
     except CommandRefused as refusal:
@@ -211,7 +212,8 @@ async def _cleanup(request: Request, before: datetime, statuses: list[str], proc
     cleanup_id = new_id()
     for r in rows:
         await publish_command(clients(request).js, DeleteRun(
-            actor=ANONYMOUS, causation_id=request.state.request_id, run_id=r["run_id"], cleanup_id=cleanup_id))
+            actor=auth.actor(request),
+            causation_id=request.state.request_id, run_id=r["run_id"], cleanup_id=cleanup_id))
     out = base | {"accepted": len(rows), "cleanup_id": cleanup_id}
     await auditing.decided(request, "run", "cleanup", resource_type="run", resource_id=None, event_id=cleanup_id,
                            meta=out | {"before": format_time(before.astimezone(UTC)), "statuses": statuses,
@@ -220,7 +222,7 @@ async def _cleanup(request: Request, before: datetime, statuses: list[str], proc
 
 
 @router.post("/api/runs/cleanup")
-async def cleanup(request: Request, body: CleanupIn) -> JSONResponse:
+async def cleanup(principal: auth.Admin, request: Request, body: CleanupIn) -> JSONResponse:
     """Preview (``dry_run``, 200) or delete (202) terminal runs created before ``before`` (api.md §5.6)."""
     before, statuses = gather(lambda: _body_time("before", body.before),
                               lambda: _terminal_statuses("statuses", body.statuses))
@@ -230,6 +232,7 @@ async def cleanup(request: Request, body: CleanupIn) -> JSONResponse:
 
 @router.delete("/api/runs/cleanup/history", deprecated=True)
 async def cleanup_history(
+    principal: auth.Admin,
     request: Request,
     before: Annotated[str, Query()],
     status: str | None = None,
@@ -247,7 +250,8 @@ async def cleanup_history(
 
 
 @router.get("/api/runs/{run_id}/children")
-async def children(request: Request, db: deps.Pool, run_id: str, status: str | None = None, limit: Limit = 100,
+async def children(principal: auth.Viewer,
+                   request: Request, db: deps.Pool, run_id: str, status: str | None = None, limit: Limit = 100,
                    offset: Offset = 0) -> JSONResponse:
     """Page of a run's child runs, oldest first."""
     headers = await min_position(request)
@@ -296,7 +300,8 @@ def artifact_out(row: asyncpg.Record, sha256: str | None = None) -> dict[str, An
 
 
 @router.get("/api/runs/{run_id}/artifacts")
-async def artifacts(request: Request, db: deps.Pool, run_id: str, kind: str | None = None, node_id: str | None = None,
+async def artifacts(principal: auth.Viewer,
+                    request: Request, db: deps.Pool, run_id: str, kind: str | None = None, node_id: str | None = None,
                     limit: Limit = 100, offset: Offset = 0) -> JSONResponse:
     """Page of a run's artifacts in ``created_at`` order."""
     headers = await min_position(request)
@@ -321,7 +326,7 @@ async def _artifact(request: Request, run_id: str, artifact_id: str) -> asyncpg.
 
 
 @router.get("/api/runs/{run_id}/artifacts/{artifact_id}")
-async def artifact(request: Request, run_id: str, artifact_id: str) -> JSONResponse:
+async def artifact(principal: auth.Viewer, request: Request, run_id: str, artifact_id: str) -> JSONResponse:
     headers = await min_position(request)
     row = await _artifact(request, run_id, artifact_id)
     digests = await stored_sha256(request, [row])
@@ -349,13 +354,13 @@ def _range(header: str, size: int) -> tuple[int, int] | None:
 
 
 @router.get("/api/runs/{run_id}/artifacts/{artifact_id}/content")
-async def artifact_content(request: Request, run_id: str, artifact_id: str) -> Response:
+async def artifact_content(principal: auth.Viewer, request: Request, run_id: str, artifact_id: str) -> Response:
     """The stored bytes (Range supported); a link artifact → 409 ``artifact_external`` with its ``uri``."""
     return await _content(request, await _artifact(request, run_id, artifact_id))
 
 
 @router.get("/api/artifacts/{run_id}/{name}", deprecated=True)
-async def artifact_by_name(request: Request, db: deps.Pool, run_id: str, name: str) -> Response:
+async def artifact_by_name(principal: auth.Viewer, request: Request, db: deps.Pool, run_id: str, name: str) -> Response:
     """Alias of ``…/artifacts/{artifact_id}/content`` resolved by artifact ``name`` (api.md §1.8); the newest
     artifact of that name when several share it."""
     await _run(request, run_id)
@@ -403,7 +408,7 @@ async def _content(request: Request, row: asyncpg.Record) -> Response:
 
 
 @router.get("/api/runs/{run_id}/diagnostics")
-async def diagnostics(request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
+async def diagnostics(principal: auth.Viewer, request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
     """What an operator needs to see why a run is stuck or failed (api.md §5.8 ``RunDiagnostics``)."""
     headers = await min_position(request)
     row = await _run(request, run_id)
@@ -442,7 +447,8 @@ async def diagnostics(request: Request, db: deps.Pool, run_id: str) -> JSONRespo
 
 
 @router.get("/api/runs/{run_id}/checkpoints")
-async def checkpoints(request: Request, run_id: str, checkpoint_ns: str = "", limit: Limit = 100,
+async def checkpoints(principal: auth.Viewer,
+                      request: Request, run_id: str, checkpoint_ns: str = "", limit: Limit = 100,
                       offset: Offset = 0) -> dict[str, Any]:
     """Page of the run's LangGraph checkpoints, newest first (asked of the runtime, which owns them)."""
     await _run(request, run_id)
@@ -453,6 +459,7 @@ async def checkpoints(request: Request, run_id: str, checkpoint_ns: str = "", li
 
 @router.get("/api/runs/{run_id}/checkpoints/{checkpoint_id}")
 async def checkpoint_detail(
+    principal: auth.Operator,
     request: Request,
     run_id: str,
     checkpoint_id: str,
