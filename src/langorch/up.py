@@ -178,6 +178,22 @@ def choose_port(name: str, explicit: int | None, remembered: Any, option: str, n
     return _free_port()
 
 
+NATS_CLIENT_SETTINGS = ("LANGORCH_NATS_USER", "LANGORCH_NATS_PASSWORD", "LANGORCH_NATS_TOKEN",
+                        "LANGORCH_NATS_NKEY_SEED_FILE", "LANGORCH_NATS_CREDS_FILE", "LANGORCH_NATS_TLS_CA_FILE",
+                        "LANGORCH_NATS_TLS_CERT_FILE", "LANGORCH_NATS_TLS_KEY_FILE")
+
+
+def _refuse_nats_credentials() -> None:
+    """The embedded NATS server has users of its own: NATS credential or TLS settings meant for another server
+    would make every service fail to connect to it, so they are refused before anything starts."""
+    given = sorted(k.upper() for k, v in os.environ.items() if k.upper() in NATS_CLIENT_SETTINGS and v)
+    if given:
+        raise UpError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} set, but langorch up starts its own "
+                      "NATS server, whose users are in nats-users.json in the state directory; unset "
+                      f"{'it' if len(given) == 1 else 'them'}, or set LANGORCH_NATS_URL to the server "
+                      f"{'it belongs' if len(given) == 1 else 'they belong'} to")
+
+
 def _stop_orphan_nats(pid: Any, store: Path) -> None:
     """A ``nats-server`` on our store left running by a killed ``langorch up``: stop it."""
     if not isinstance(pid, int) or pid <= 0:
@@ -269,6 +285,7 @@ class Up:
         remembered = self.state.servers()
         servers: dict[str, Any] = {}
         if not o.nats_url:
+            _refuse_nats_credentials()
             _stop_orphan_nats(remembered.get("nats", {}).get("pid"), self.state.path / "nats")
             servers["nats"] = {"port": choose_port("NATS server", o.nats_port, remembered.get("nats", {}).get("port"),
                                                    "--nats-port or LANGORCH_NATS_PORT", self.notes)}
