@@ -35,6 +35,7 @@ from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import (
     auditing,
+    auth,
     deps,
     dispatch,
     idempotency,
@@ -44,6 +45,7 @@ from langorch_gateway import (
     routes_api_docs,
     routes_approvals,
     routes_audit,
+    routes_auth,
     routes_callbacks,
     routes_commands,
     routes_config,
@@ -54,7 +56,9 @@ from langorch_gateway import (
     routes_run_control,
     routes_run_graph,
     routes_runs_more,
+    routes_users,
     run_creation,
+    users,
     views,
 )
 from langorch_gateway.credentials import GatewayAuthenticator
@@ -106,6 +110,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        users.check_startup(settings)  # auth on with a weak key, or off on a non-loopback bind: refuse to start
         nc = await connect(settings.nats_url, "langorch-gateway", settings)
         js = nc.jetstream()
         await ensure_topology(js, audit_retention_days=settings.audit_retention_days)
@@ -123,9 +128,11 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         presence = Presence(js, "gateway", settings.instance_id or new_instance_id(), SERVICE_VERSION, settings,
                             ttl_s=settings.presence_ttl_s)
         await presence.start()
+        auth_task = await users.start(deps.Clients(app.state), authenticator.users_lock)
         try:
             yield
         finally:
+            auth_task.cancel()
             await presence.stop()
             await projector.stop()
             await audit_projector.stop()
@@ -144,7 +151,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
     app.state.project_names_lock = asyncio.Lock()  # deps.NamesLock
-    app.state.authenticator = GatewayAuthenticator()
+    app.state.authenticator = authenticator = GatewayAuthenticator(settings)
+    metrics.auth_disabled.set(0 if settings.auth_enabled else 1)
     install(app)
 
     @app.middleware("http")
@@ -170,11 +178,11 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         response.headers["X-Request-ID"] = request.state.request_id
         response.headers["X-Trace-ID"] = request.state.trace_id
         response.headers["LangOrch-API-Version"] = API_VERSION
-        response.headers["X-LangOrch-Auth"] = "disabled"
+        response.headers["X-LangOrch-Auth"] = "enabled" if settings.auth_enabled else "disabled"
         access_log.info("%s %s %s", request.method, request.url.path, response.status_code, extra={
             "request_id": request.state.request_id, "trace_id": request.state.trace_id,
-            "actor": ANONYMOUS.render(), "method": request.method, "route": template, "path": request.url.path,
-            "status": response.status_code, "duration_ms": round(elapsed * 1000, 3)})
+            "actor": auth.actor(request).render(), "method": request.method, "route": template,
+            "path": request.url.path, "status": response.status_code, "duration_ms": round(elapsed * 1000, 3)})
         return response
 
     async def respond(request: Request, call_next: Any) -> Response:
@@ -211,7 +219,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     @app.get("/api/health")
     async def health() -> dict[str, Any]:
         """Liveness: the process serves HTTP."""
-        return {"status": "ok", "service": "gateway", "version": SERVICE_VERSION, "auth": "disabled"}
+        return {"status": "ok", "service": "gateway", "version": SERVICE_VERSION,
+                "auth": "enabled" if settings.auth_enabled else "disabled"}
 
     @app.get("/api/schemas/events")
     async def schemas() -> dict[str, Any]:
@@ -236,6 +245,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.include_router(routes_health.router)
     app.include_router(routes_api_docs.router)
     app.include_router(routes_audit.router)
+    app.include_router(routes_auth.router)
+    app.include_router(routes_users.router)
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)

@@ -95,9 +95,24 @@ async def handle(request: Request, call_next: Callable[[Request], Awaitable[Resp
         await pool.execute(
             """UPDATE api_commands SET state = 'done', response_status = $3, response_body = $4,
                  response_headers = $5::jsonb WHERE principal = $1 AND idempotency_key = $2""",
-            principal, key, response.status_code, body, json.dumps(kept))
+            principal, key, response.status_code, _withheld(request, body), json.dumps(kept))
     headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
     return Response(body, status_code=response.status_code, headers=headers)
+
+
+def _withheld(request: Request, body: bytes) -> bytes:
+    """The body kept for replays: the members a route named in ``request.state.idempotency_withhold`` (a value
+    shown only once, such as a new API key) are kept as null."""
+    names = getattr(request.state, "idempotency_withhold", ())
+    if not names:
+        return body
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return b""
+    if isinstance(parsed, dict):
+        parsed.update(dict.fromkeys(names))
+    return json.dumps(parsed, separators=(",", ":")).encode()
 
 
 async def _forget(pool: asyncpg.Pool, principal: str, key: str) -> None:

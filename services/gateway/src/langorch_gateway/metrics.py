@@ -24,7 +24,7 @@ from langorch_infra.metrics import combined_registry, register_build_info
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PROJECTIONS = ("procedures", "procedure_deployments", "projects", "agents", "runs", "run_events", "approvals",
-               "run_artifacts")
+               "run_artifacts", "users", "api_keys")
 RUNTIME_CONSUMER = "runtime"
 
 
@@ -50,8 +50,9 @@ class GatewayMetrics:
                                   "position.", registry=r, buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
         self.commands = Counter("langorch_commands", "Commands published, by outcome.", ["command_type", "outcome"],
                                 registry=r)
-        # auth is not implemented yet: every request acts as `anonymous` holding every role (api.md §2.4)
-        Gauge("langorch_auth_disabled", "1 while authentication is disabled.", registry=r).set(1)
+        # set by create_app: 1 in auth-disabled mode (api.md §2.4), else 0
+        self.auth_disabled = Gauge("langorch_auth_disabled", "1 while authentication is disabled.", registry=r)
+        self.auth_disabled.set(1)
         self.bus = BusMetrics(r, "gateway")  # projector messages; the gateway has no pull consumer
         self.runs = Gauge("langorch_runs", "Runs by status (from the runs projection).", ["status"], registry=r)
         self.approvals_pending = Gauge("langorch_approvals_pending", "Pending approvals (from the approvals "

@@ -55,7 +55,8 @@ async def ready(request: Request) -> JSONResponse:
         worst = max(behind, audit_behind)
         checks["projections"] = "ok" if worst <= settings.ready_max_lag else f"{worst} events behind"
     ok = all(v == "ok" for v in checks.values())
-    body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "auth": "disabled", "checks": checks,
+    body: dict[str, Any] = {"status": "ready" if ok else "not_ready",
+                            "auth": "enabled" if settings.auth_enabled else "disabled", "checks": checks,
                             "projection_lag": lag}
     return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
