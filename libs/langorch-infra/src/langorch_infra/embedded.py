@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -82,7 +82,7 @@ class NatsUser:
     replies. ``durable``: the one durable consumer on ``LO_EVT`` an event consumer may create and read."""
 
     user: str
-    password: str
+    password: str = field(repr=False)
     role: str
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
