@@ -56,6 +56,7 @@ from langorch_gateway import (
     routes_run_control,
     routes_run_graph,
     routes_runs_more,
+    routes_secrets,
     routes_users,
     run_creation,
     users,
@@ -75,6 +76,7 @@ from langorch_infra.jetstream import (
     follow,
 )
 from langorch_infra.presence import Presence, new_instance_id
+from langorch_infra.secret_providers import EventStoreRecords, SecretResolver
 from langorch_infra.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         audit_projector.start()
         app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
         app.state.store = JetStreamEventStore(js)
+        # secret records are folded from LO_EVT, as the runtime does: one rule for both (routes_secrets)
+        app.state.secret_resolver = SecretResolver(
+            settings, EventStoreRecords(app.state.store, settings.secret_cache_ttl_s))
         presence = Presence(js, "gateway", settings.instance_id or new_instance_id(), SERVICE_VERSION, settings,
                             ttl_s=settings.presence_ttl_s)
         await presence.start()
@@ -237,6 +242,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.include_router(routes_run_control.router)
     app.include_router(routes_procedures.router)
     app.include_router(routes_projects.router)
+    app.include_router(routes_secrets.router)
     app.include_router(routes_agents.router)
     app.include_router(routes_approvals.router)
     app.include_router(routes_metrics.router)

@@ -22,6 +22,7 @@ from langorch_gateway import metrics as metrics_module
 from langorch_gateway import projector as projector_module
 from langorch_gateway.streams import StreamSlots
 from langorch_infra.jetstream import JetStreamEventStore
+from langorch_infra.secret_providers import SecretResolver
 from langorch_infra.settings import GatewaySettings
 
 if TYPE_CHECKING:
@@ -93,6 +94,11 @@ class Clients:
     @property
     def store(self) -> JetStreamEventStore:
         return cast(JetStreamEventStore, self._state.store)
+
+    @property
+    def secret_resolver(self) -> SecretResolver:
+        """Secret values at the moment of use (grant redemption, ``check``); records from ``LO_EVT``."""
+        return cast(SecretResolver, self._state.secret_resolver)
 
 
 def clients(request: Request) -> Clients:

@@ -25,7 +25,8 @@ from langorch_gateway import auditing, deps
 from langorch_gateway.dispatch import accepted_headers, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.callbacks import callback_key, parse_token, verify_token
-from langorch_infra.secrets import env_secret, grant_key, verify_grant
+from langorch_infra.secret_providers import SecretError, SecretResolver
+from langorch_infra.secrets import grant_key, resolve_grant, verify_grant
 from langorch_infra.settings import GatewaySettings
 
 router = APIRouter()
@@ -140,7 +141,8 @@ async def redeem_credential(request: Request, db: deps.Pool, settings: deps.Sett
     refused or not, is audited (``secret_mgmt/redeem``, actor ``agent:<agent_id>``, never the value)."""
     claims: dict[str, Any] = {}
     try:
-        value = await _redeem(db, settings, secret_name, authorization, claims)
+        value = await _redeem(db, settings, deps.clients(request).secret_resolver, secret_name, authorization,
+                              claims)
     except ApiProblem as problem:
         await _audit_redeem(request, secret_name, claims, problem)
         raise
@@ -148,8 +150,8 @@ async def redeem_credential(request: Request, db: deps.Pool, settings: deps.Sett
     return JSONResponse({"value": value}, headers={"Cache-Control": "no-store"})
 
 
-async def _redeem(db: asyncpg.Pool, settings: GatewaySettings, secret_name: str, authorization: str | None,
-                  claims: dict[str, Any]) -> Any:
+async def _redeem(db: asyncpg.Pool, settings: GatewaySettings, resolver: SecretResolver, secret_name: str,
+                  authorization: str | None, claims: dict[str, Any]) -> Any:
     """The secret's value for a valid grant (``claims`` is filled with the grant's claims once verified)."""
     token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
     if not token:
@@ -164,16 +166,14 @@ async def _redeem(db: asyncpg.Pool, settings: GatewaySettings, secret_name: str,
     status = await db.fetchval("SELECT status FROM runs WHERE run_id = $1", claims.get("sub"))
     if status is None or status in runs.TERMINAL_STATUSES:
         raise ApiProblem("forbidden", "the grant's run is no longer active", status=403)
-    value = env_secret(secret_name)
-    if value is None:
-        raise ApiProblem("not_found", f"secret {secret_name} has no value in the provider", resource="secret")
-    field = claims.get("field")
-    if field:
-        try:
-            value = json.loads(value)[field]
-        except (ValueError, KeyError, TypeError):
-            raise ApiProblem("not_found", f"secret {secret_name} has no field {field}", resource="secret") from None
-    return value
+    try:  # the provider the runtime would have used: the grant's, else the name's record, else the defaults
+        return await resolve_grant(resolver, claims)
+    except SecretError as exc:
+        if exc.code == "secret_not_found":
+            raise ApiProblem("not_found", f"secret {secret_name} has no value: {exc.reason}", resource="secret",
+                             provider=exc.provider) from None
+        raise ApiProblem("upstream_error", f"secret {secret_name}: provider {exc.provider} failed: {exc.reason}",
+                         provider=exc.provider, secret_code=exc.code) from None
 
 
 async def _audit_redeem(request: Request, secret_name: str, claims: dict[str, Any],

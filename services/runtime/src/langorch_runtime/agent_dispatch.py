@@ -65,7 +65,8 @@ from langorch_infra import tracing
 from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import connect, decode_message, ensure_topology
 from langorch_infra.kv import put_with_ttl
-from langorch_infra.secrets import grant_key, redeem_grants
+from langorch_infra.secret_providers import SecretError, SecretResolver
+from langorch_infra.secrets import grant_key, redeem_grants, resolve_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
 from langorch_runtime.deadlines import CANCEL_GRACE_S, consume_outcome, within
@@ -189,6 +190,7 @@ class AgentDispatcher(Dispatcher):
         self._follower: asyncio.Task[None] | None = None
         self._registry_changed = asyncio.Event()
         self.grant_key = grant_key(settings.auth_secret_key.get_secret_value())
+        self.secrets = SecretResolver(settings)  # the service gives it its metadata records
 
     # -- life cycle -------------------------------------------------------------------------------------------
 
@@ -706,6 +708,18 @@ class AgentDispatcher(Dispatcher):
                             "workflow_dispatch_mode": s.dispatch_mode, "output_variable": s.output_variable}
                            for s in steps]}
 
+    async def _redeem(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The grants in an MCP tool's arguments replaced by their values, read from the providers now."""
+        async def value(claims: dict[str, Any]) -> str:
+            return await resolve_grant(self.secrets, claims)
+
+        try:
+            redeemed: dict[str, Any] = await redeem_grants(dict(params), self.grant_key, value)
+        except SecretError as exc:
+            raise _error(exc.code, exc.message, retryable=exc.retryable,
+                         details={"secret_name": exc.name, "provider": exc.provider, "reason": exc.reason}) from None
+        return redeemed
+
     def _auth_header(self, agent: AgentState) -> dict[str, str]:
         auth = agent.fields.get("auth") or {}
         ref = auth.get("secret_ref") if isinstance(auth, Mapping) else None
@@ -841,7 +855,7 @@ class AgentDispatcher(Dispatcher):
             session: _McpSession | None = None
             try:
                 session = await self._mcp_session(c.agent)
-                arguments = redeem_grants(dict(request.params), self.grant_key)  # MCP tools get values
+                arguments = await self._redeem(request.params)  # MCP tools get values
                 result = await session.call(request.action, arguments, meta, timeout_s)
             except MCPError as exc:
                 if again and session is not None and session.lost:

@@ -75,7 +75,8 @@ from langorch_infra.hosting import ServiceHost, bus_checks, probe_check
 from langorch_infra.jetstream import JetStreamEventStore, connect, ensure_consumer, ensure_topology, publish_command
 from langorch_infra.kv import kv_keys
 from langorch_infra.metrics import package_version, register_build_info
-from langorch_infra.secrets import env_secret, grant_key, make_grant
+from langorch_infra.secret_providers import EventStoreRecords, SecretError, SecretResolver
+from langorch_infra.secrets import grant_key, make_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import CONSUMER as AGENTS_CONSUMER
@@ -92,6 +93,7 @@ from langorch_runtime.creation import (
     sensitive_variables,
     start_meta,
 )
+from langorch_runtime.errors import StepError
 from langorch_runtime.executor import RunWriter, build_graph, retry_target
 from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
@@ -222,7 +224,11 @@ class RuntimeService:
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
         self.artifacts = await ObjectStoreArtifacts.open(self.js)
-        self.secrets = EnvSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()))
+        # secret metadata records are folded from the gateway's secret aggregate in LO_EVT (the runtime reads no
+        # projection of the gateway), kept for the provider cache's TTL
+        self.resolver = SecretResolver(self.settings, EventStoreRecords(self.store, self.settings.secret_cache_ttl_s))
+        self.secrets = ProviderSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()), self.resolver)
+        self.dispatcher.secrets = self.resolver
         self.llm = LlmClient(self.settings, secrets=self.secrets.value, metrics=self.metrics)
         self.webhooks = Webhooks(self.settings, secrets=self.secrets.value)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
@@ -784,18 +790,36 @@ def run_status(events: list[StoredEvent]) -> runs.RunStatus:
     return runs.fold(e.envelope for e in events).status
 
 
-class EnvSecrets:
-    """The ``env`` secret provider and HTTP-agent credential grants (ckp.md §7.14, api.md §15.3)."""
+class ProviderSecrets:
+    """Secrets through the configured providers (:mod:`langorch_infra.secret_providers`) and HTTP-agent
+    credential grants (ckp.md §7.14, api.md §15.3)."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, resolver: SecretResolver) -> None:
         self.key = key
+        self.resolver = resolver
 
     async def value(self, name: str) -> str | None:
-        return env_secret(name)
+        try:
+            return await self.resolver.value(name)
+        except SecretError as exc:
+            raise StepError(secret_error(exc)) from None
 
-    def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None) -> str:
+    async def resolve(self, name: str, *, provider: str | None, url: str | None, field: str | None) -> str:
+        try:
+            return await self.resolver.resolve(name, provider=provider, url=url, field=field)
+        except SecretError as exc:
+            raise StepError(secret_error(exc)) from None
+
+    def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None,
+              provider: str | None = None, url: str | None = None) -> str:
         return make_grant(self.key, run_id=run_id, secret_name=secret_name, node_id=node_id, step_id=step_id,
-                          field=field)
+                          field=field, provider=provider, url=url)
+
+
+def secret_error(exc: SecretError) -> ErrorObject:
+    """A provider failure as the step's error (ckp.md §7.14): ``secret_unavailable`` is retryable."""
+    return ErrorObject(code=exc.code, message=exc.message, retryable=exc.retryable,
+                       details={"secret_name": exc.name, "provider": exc.provider, "reason": exc.reason})
 
 
 VALIDATION_ONLY_MESSAGE = "Execution skipped (mode=validation_only). CKP compiled and validated successfully."

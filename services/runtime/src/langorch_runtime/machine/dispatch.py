@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -243,25 +242,22 @@ class Dispatching(RunContext):
         """The ``secrets`` local of a step's parameters: values (internal keys) or grants (agents), masked."""
         layer: dict[str, Any] = {}
         handed: set[str] = set()
+        config = self.ir.global_config.secrets_config
         for ref in step.secrets:
             declared = self.ir.secrets.get(ref.alias)
             name = declared.key if declared else ref.alias
             fld = ref.field or (declared.field if declared else None)
-            if internal or self.secrets is None:
-                raw = await self.secrets.value(name) if self.secrets is not None else None
-                if raw is None:
-                    raise StepError(ErrorObject(code="secret_not_found", message=f"secret '{ref.alias}' "
-                                                f"({name}) has no value in the configured provider"))
-                value: Any = raw
-                if fld is not None:
-                    try:
-                        value = json.loads(raw)[fld]
-                    except (ValueError, KeyError, TypeError):
-                        raise StepError(ErrorObject(code="secret_not_found", message=f"secret '{ref.alias}' has "
-                                                    f"no field '{fld}'")) from None
+            # the reference's provider, else the procedure's; none (or langorch): the name's record decides
+            provider = (declared.provider if declared else None) or config.provider
+            if self.secrets is None:
+                raise StepError(ErrorObject(code="secret_not_found", message=f"secret '{ref.alias}' ({name}) "
+                                            "has no value: no secret provider is configured here"))
+            value: Any
+            if internal:
+                value = await self.secrets.resolve(name, provider=provider, url=config.vault_url, field=fld)
             else:
                 value = self.secrets.grant(run_id=self.run.run_id, secret_name=name, node_id=node.id,
-                                           step_id=step_id, field=fld)
+                                           step_id=step_id, field=fld, provider=provider, url=config.vault_url)
             handed.add(str(value))
             if ref.field is not None:
                 entry = layer.setdefault(ref.alias, {})

@@ -156,7 +156,13 @@ class SecretsAccess(Protocol):
 
     async def value(self, name: str) -> str | None: ...
 
-    def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None) -> str: ...
+    async def resolve(self, name: str, *, provider: str | None, url: str | None, field: str | None) -> str:
+        """The value from its provider now; raises :class:`StepError` ``secret_not_found`` or
+        ``secret_unavailable`` (retryable) with the provider's reason, never the value."""
+        ...
+
+    def grant(self, *, run_id: str, secret_name: str, node_id: str, step_id: str, field: str | None,
+              provider: str | None = None, url: str | None = None) -> str: ...
 
 
 class WebhookPoster(Protocol):
