@@ -54,8 +54,8 @@ ALL_ROLES: tuple[Role, ...] = ("viewer", "operator", "approver", "admin")
 OPEN_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/api/health"), ("GET", "/api/ready"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc"),
     ("GET", "/docs/oauth2-redirect"), ("POST", "/api/auth/login"), ("POST", "/api/runs/{run_id}/callback"),
-    ("GET", "/api/agent-credentials/{secret_name}"), ("GET", "/metrics"),
-    ("POST", "/api/triggers/webhook/{procedure_id}"),
+    ("GET", "/api/agent-credentials/{secret_name}"), ("GET", "/metrics"), ("GET", "/api/metrics"),
+    ("POST", "/api/triggers/webhook/{procedure_id}"), ("GET", "/api/asyncapi.json"),
 })
 
 
