@@ -4,7 +4,6 @@ keys, and the events and audit records the gateway writes for them (never a pass
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,8 +17,8 @@ from tests.helpers import Platform, eventually, platform_of, problem
 
 pytestmark = pytest.mark.integration
 
-SECRET = "test-auth-secret-key-0123456789-abcdefghijklmnop"  # noqa: S105 (a test key, ≥ 32 bytes)
-ADMIN_PASSWORD = "bootstrap-admin-password-1"  # noqa: S105
+SECRET = "test-auth-secret-key-0123456789-abcdefghijklmnop"
+ADMIN_PASSWORD = "bootstrap-admin-password-1"
 AUTH_ON = {"auth_enabled": True, "auth_secret_key": SECRET, "bootstrap_admin_password": ADMIN_PASSWORD}
 
 
@@ -55,7 +54,7 @@ async def user_events(nats_url: str, username: str) -> list[dict[str, Any]]:
             while True:
                 msg = await sub.next_msg(timeout=1)
                 out.append(json.loads(msg.data))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             pass
         await sub.unsubscribe()
         return out
@@ -76,7 +75,8 @@ async def test_the_bootstrap_admin_logs_in_and_reads_who_it_is(platform: Platfor
     me = (await c.get("/api/auth/me", headers=bearer(body["access_token"]))).json()
     assert set(me) == {"identity", "kind", "roles", "user_id", "email", "full_name", "auth_enabled", "expires_at"}
     assert (me["identity"], me["kind"], me["roles"], me["auth_enabled"]) == ("user:admin", "user", ["admin"], True)
-    assert me["user_id"] and me["expires_at"].endswith("Z")
+    assert me["user_id"]
+    assert me["expires_at"].endswith("Z")
     events = await user_events(platform.nats_url, "admin")
     assert [e["type"] for e in events][:2] == ["user_created", "user_logged_in"]
     assert events[0]["actor"] == {"kind": "system", "id": "gateway"}
@@ -85,11 +85,11 @@ async def test_the_bootstrap_admin_logs_in_and_reads_who_it_is(platform: Platfor
 
 async def test_wrong_password_is_401_and_audited_without_the_password(platform: Platform) -> None:
     c = platform.client
-    body = problem(await c.post("/api/auth/login", json={"username": "admin", "password": "not-the-password"}),
-                   401, "invalid_credentials")
-    assert "password" not in body["detail"].lower() or "wrong password" in body["detail"]
-    problem(await c.post("/api/auth/login", json={"username": "nobody-here", "password": "whatever-it-is"}), 401,
-            "invalid_credentials")
+    wrong = problem(await c.post("/api/auth/login", json={"username": "admin", "password": "not-the-password"}),
+                    401, "invalid_credentials")
+    unknown = problem(await c.post("/api/auth/login", json={"username": "nobody-here", "password": "whatever-it-is"}),
+                      401, "invalid_credentials")
+    assert wrong["detail"] == unknown["detail"]  # the answer does not tell which part was wrong
     problem(await c.post("/api/auth/login", json={"username": "admin"}), 422, "validation_failed")
     headers = await admin_headers(c)
 
