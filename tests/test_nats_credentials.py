@@ -7,15 +7,18 @@
   the services (compiler, runtime, approvals, gateway) work as the service user given by the settings
   ``LANGORCH_NATS_USER`` / ``LANGORCH_NATS_PASSWORD``; ``langorch up``'s own start of the server hands the
   services a URL that works and writes the users file readable by the user only.
-* The other kinds of credential on servers configured by hand: a token, an nkey seed file, and TLS with a client
-  certificate, each through the services' connect (``jetstream.connect``) and their FastStream broker.
+* The other kinds of credential on servers configured by hand: a token, an nkey seed file, a ``.creds`` file of
+  an operator-mode server, and TLS with a client certificate, each through the services' connect
+  (``jetstream.connect``) and their FastStream broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
+import json
 import os
 import stat
 import subprocess
@@ -448,3 +451,52 @@ async def test_tls_with_a_client_certificate_and_a_password(tmp_path: Path) -> N
                                     nats_tls_cert_file=str(certs["client_cert"]),
                                     nats_tls_key_file=str(certs["client_key"]))
         assert "certificate" in (await refused(s.url, **connect_options(untrusting))).lower()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _keypair(prefix: int) -> tuple[bytes, Any, str]:
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    pair = nkeys.from_seed(bytearray(seed))
+    return seed, pair, pair.public_key.decode()
+
+
+def _jwt(issuer: Any, issuer_public: str, subject: str, name: str, claims: dict[str, Any]) -> str:
+    """A NATS JWT (ed25519-nkey) signed by ``issuer``, as nsc issues them."""
+    header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps({"jti": _b64(os.urandom(24)), "iat": int(time.time()), "iss": issuer_public,
+                            "name": name, "sub": subject, "nats": {**claims, "version": 2}}).encode())
+    return f"{header}.{body}.{_b64(issuer.sign(f'{header}.{body}'.encode()))}"
+
+
+async def test_a_creds_file_of_an_operator_mode_server(tmp_path: Path) -> None:
+    """Operator mode: an operator, a system account, LangOrch's account (JetStream without limits) and a user whose
+    JWT and seed are in a .creds file, all made here with nkeys (what nsc does)."""
+    import nkeys
+
+    _, operator, operator_public = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, _, system_public = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, account, account_public = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, _, user_public = _keypair(nkeys.PREFIX_BYTE_USER)
+    unlimited = dict.fromkeys(("subs", "data", "payload", "imports", "exports", "conn", "leaf"), -1)
+    operator_jwt = _jwt(operator, operator_public, operator_public, "test operator", {"type": "operator"})
+    system_jwt = _jwt(operator, operator_public, system_public, "SYS",
+                      {"type": "account", "limits": {**unlimited, "wildcards": True}})
+    account_jwt = _jwt(operator, operator_public, account_public, "LANGORCH", {
+        "type": "account", "limits": {**unlimited, "wildcards": True, "mem_storage": -1, "disk_storage": -1,
+                                      "streams": -1, "consumer": -1}})
+    user_jwt = _jwt(account, account_public, user_public, "langorch",
+                    {"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1})
+    creds = tmp_path / "langorch.creds"
+    creds.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                     f"-----BEGIN USER NKEY SEED-----\n{user_seed.decode()}\n------END USER NKEY SEED------\n")
+    creds.chmod(0o600)
+    config = (f'operator: "{operator_jwt}"\nsystem_account: {system_public}\nresolver: MEMORY\n'
+              f'resolver_preload: {{\n  {account_public}: "{account_jwt}"\n  {system_public}: "{system_jwt}"\n}}\n')
+    with ConfiguredNats(tmp_path / "nats", config) as s:
+        await works_as_a_service(s.url, CommonSettings(nats_url=s.url, nats_creds_file=str(creds)))
+        assert "authorization violation" in (await refused(s.url)).lower()
