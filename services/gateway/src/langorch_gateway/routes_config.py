@@ -47,6 +47,6 @@ async def config(principal: auth.Admin,
             replicas.append(ServiceReplica.model_validate(value).model_dump())
         except ValueError:
             continue  # a key some other writer left in the bucket's service.* space
-    return {"version": request.app.version, "auth_enabled": False,
+    return {"version": request.app.version, "auth_enabled": settings.auth_enabled,
             "public_url": (settings.public_url or f"http://{settings.host}:{settings.port}").rstrip("/"),
             "services": replicas}
