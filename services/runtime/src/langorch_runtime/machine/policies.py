@@ -55,7 +55,9 @@ def retry_delay(policy: RetryPolicyIR, n: int) -> int:
         delay = float(b * fib_a)
     delay = min(delay, policy.max_delay_ms)
     if policy.jitter:
-        delay *= 1 - policy.jitter * random.random()
+        jittered = delay * (1 - policy.jitter * random.random())
+        # full jitter draws from (0, delay]: whole milliseconds round down, but never to no wait at all
+        return max(int(jittered), 1) if delay >= 1 else int(jittered)
     return int(delay)
 
 
