@@ -41,6 +41,7 @@ from langorch_infra.nats_auth import NatsCredentialError, connect_options
 from langorch_infra.settings import CommonSettings
 from tests.helpers import (
     decide,
+    langorch_command,
     pending_approval,
     platform_of,
     port_open,
@@ -238,6 +239,30 @@ async def test_the_services_work_as_the_service_user(server: EmbeddedNats, users
         r = await p.client.get(f"/api/runs/{run_id}/checkpoints")
         assert r.status_code == 200, r.text
         assert r.json()["items"], r.text
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("LANGORCH_")}
+    return subprocess.run(langorch_command(*args), capture_output=True, text=True, env={**clean, **env},
+                          timeout=120, check=False)
+
+
+async def test_the_cli_connects_with_the_credential_settings(server: EmbeddedNats, users: NatsUsers,
+                                                             database_url: str) -> None:
+    async with service(server, users):
+        pass  # the streams exist
+    env = {"LANGORCH_NATS_URL": server.url, "LANGORCH_DATABASE_URL": database_url}
+    proc = await asyncio.to_thread(_cli, "projections", "rebuild", **env, LANGORCH_NATS_USER=users.service.user,
+                                   LANGORCH_NATS_PASSWORD=users.service.password)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "projections rebuilt" in proc.stdout
+    assert users.service.password not in proc.stdout + proc.stderr
+
+    proc = await asyncio.to_thread(_cli, "projections", "rebuild", **env,
+                                   LANGORCH_NATS_NKEY_SEED_FILE="/nonexistent/user.nk")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "LANGORCH_NATS_NKEY_SEED_FILE: no such file /nonexistent/user.nk" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_langorch_up_starts_nats_with_the_users_and_hands_the_services_a_working_url(tmp_path: Path) -> None:
