@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 from tests.fake_tls import Answer, Call, LocalServer, ServerCertificates
 
@@ -71,7 +72,7 @@ class FakeKeyVault(LocalServer):
         super().__init__(self.state.vault, tls)
         self.identity = LocalServer(self.state.identity)
 
-    def __enter__(self) -> FakeKeyVault:
+    def __enter__(self) -> Self:
         self.identity.__enter__()
         super().__enter__()
         return self

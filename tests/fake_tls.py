@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
@@ -124,7 +125,7 @@ class LocalServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name=f"fake-server-{self.port}",
                                         daemon=True)
 
-    def __enter__(self) -> LocalServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
