@@ -72,7 +72,7 @@ class ProcedureLimiter:
 
     async def _token(self, procedure_id: str, rate: int, deadline: float) -> float:
         key = f"tokens.{kv_token(procedure_id)}"
-        began = time.monotonic()
+        waited = 0.0  # time spent waiting for a token (not the KV round trips, slow as they may be under load)
         per_second = rate / 60
         while True:
             now = time.time()
@@ -91,7 +91,7 @@ class ProcedureLimiter:
                         await self.kv.update(key, body, last=revision)
                     else:
                         await self.kv.create(key, body)
-                    return time.monotonic() - began
+                    return waited
                 except (KeyWrongLastSequenceError, Exception) as exc:  # lost a race: read again
                     if not _conflict(exc):
                         raise
@@ -102,22 +102,26 @@ class ProcedureLimiter:
                                             f"{procedure_id} is over {rate} requests per minute",
                                             details={"limiter": "requests_per_minute", "retry_after_ms":
                                                      int(wait * 1000)}))
+            slept = time.monotonic()
             await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            waited += time.monotonic() - slept
 
     async def _slot(self, procedure_id: str, limit: int, deadline: float) -> tuple[str, int, float]:
-        began = time.monotonic()
+        waited = 0.0  # time spent waiting for a free slot (not the KV round trips)
         body = json.dumps({"holder": self.holder, "at": time.time()}).encode()
         while True:
             for slot in range(limit):
                 key = f"ops.{kv_token(procedure_id)}.{slot}"
                 with contextlib.suppress(KeyWrongLastSequenceError):  # held (or taken meanwhile)
                     revision = await self.kv.create(key, body, msg_ttl=round(SLOT_TTL_S))
-                    return key, int(revision), time.monotonic() - began
+                    return key, int(revision), waited
             if time.monotonic() >= deadline:
                 raise StepError(ErrorObject(code="rate_limited", retryable=True, message=f"procedure {procedure_id} "
                                             f"already has {limit} external operations in flight",
                                             details={"limiter": "concurrent_operations"}))
+            slept = time.monotonic()
             await asyncio.sleep(POLL_S)
+            waited += time.monotonic() - slept
 
     async def _renew(self, key: str, held: dict[str, int]) -> None:
         body = json.dumps({"holder": self.holder, "at": time.time()}).encode()
