@@ -31,6 +31,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig
+from pydantic import ValidationError
 from rich.console import Console
 
 from langorch.up import Up, UpError, UpOptions
@@ -38,7 +39,7 @@ from langorch_infra import messaging
 from langorch_infra.embedded import EmbeddedNats, NatsUser, NatsUsers, free_port, nats_server_binary, nats_users
 from langorch_infra.jetstream import connect, ensure_topology
 from langorch_infra.nats_auth import NatsCredentialError, connect_options
-from langorch_infra.settings import CommonSettings
+from langorch_infra.settings import CommonSettings, effective_settings
 from tests.helpers import (
     decide,
     langorch_command,
@@ -323,6 +324,25 @@ def test_the_users_file_is_private_and_read_back(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(RuntimeError, match="not a NATS users file"):
         nats_users(path)
+
+
+def test_the_credential_settings_are_secrets_and_one_kind_at_most(tmp_path: Path) -> None:
+    settings = CommonSettings(nats_user="svc", nats_password="pw-never-shown", nats_tls_ca_file="/etc/ca.pem")
+    shown = effective_settings(settings)
+    assert shown["nats_password"] == {"set": True}
+    assert shown["nats_token"] == {"set": False}
+    assert shown["nats_user"] == "svc"
+    assert "pw-never-shown" not in repr(settings) + json.dumps(shown)
+    for wrong, message in (({"nats_user": "svc"}, "nats_user and nats_password go together"),
+                           ({"nats_password": "pw-never-shown"}, "nats_user and nats_password go together"),
+                           ({"nats_user": "svc", "nats_password": "pw-never-shown", "nats_token": "t"},
+                            "set one kind of NATS credential, not nats_user and nats_token"),
+                           ({"nats_token": "t", "nats_creds_file": "/x.creds"},
+                            "set one kind of NATS credential, not nats_token and nats_creds_file"),
+                           ({"nats_tls_cert_file": "/c.pem"}, "nats_tls_cert_file and nats_tls_key_file go together")):
+        with pytest.raises(ValidationError, match=message) as refusal:
+            CommonSettings(**wrong)
+        assert "pw-never-shown" not in str(refusal.value)
 
 
 # -- the other kinds of credential, on servers configured by hand ----------------------------------------------------
