@@ -36,8 +36,8 @@ def _readable(setting: str, path: str) -> str:
 
 
 def tls_context(settings: CommonSettings) -> ssl.SSLContext | None:
-    """The TLS context of the NATS connection, when any ``nats_tls_*`` setting is given (else None: a
-    ``tls://`` URL still gets nats-py's default context)."""
+    """The TLS context of the NATS connection, when any ``nats_tls_*`` setting is given (else None: nats-py's
+    default context). nats-py switches to TLS when the server requires it."""
     ca, cert, key = settings.nats_tls_ca_file, settings.nats_tls_cert_file, settings.nats_tls_key_file
     if ca is None and cert is None and key is None:
         return None
