@@ -47,7 +47,7 @@ class CommonSettings(BaseSettings):
     nats_creds_file: str | None = Field(None, description="NATS .creds file (user JWT and nkey seed) of an "
                                         "operator-mode server.")
     nats_tls_ca_file: str | None = Field(None, description="CA bundle (PEM) the NATS server's certificate is "
-                                         "checked against (turns TLS on).")
+                                         "checked against when the server requires TLS (default: the system's).")
     nats_tls_cert_file: str | None = Field(None, description="Client certificate (PEM) for NATS TLS, with "
                                            "nats_tls_key_file.")
     nats_tls_key_file: str | None = Field(None, description="Private key (PEM) of nats_tls_cert_file.")
