@@ -289,3 +289,15 @@ async def test_api_keys_create_list_use_and_revoke(platform: Platform) -> None:
     assert r2.json()["key_id"] == r1.json()["key_id"]
     assert r1.json()["key"].startswith("lo_")
     assert r2.json()["key"] is None
+    # the key is scoped to the principal: another admin's same key is a new request, and no credential is 401
+    r3 = await c.post("/api/auth/api-keys", headers={"X-API-Key": r1.json()["key"], "Idempotency-Key": "k-1"},
+                      json={"name": "replayed", "roles": ["viewer"]})
+    problem(r3, 403, "forbidden")  # a viewer key: refused, not answered from the admin's replay
+    admin_key = (await c.post("/api/auth/api-keys", headers=h, json={"name": "admin 2", "roles": ["admin"]})).json()
+    r4 = await c.post("/api/auth/api-keys", headers={"X-API-Key": admin_key["key"], "Idempotency-Key": "k-1"},
+                      json={"name": "replayed", "roles": ["viewer"]})
+    assert r4.status_code == 201, r4.text
+    assert "Idempotent-Replayed" not in r4.headers
+    assert r4.json()["key_id"] != r1.json()["key_id"]
+    problem(await c.post("/api/auth/api-keys", headers={"Idempotency-Key": "k-1"},
+                         json={"name": "replayed", "roles": ["viewer"]}), 401, "unauthenticated")

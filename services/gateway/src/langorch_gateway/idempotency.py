@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ckp_core.ids import new_id
+from langorch_gateway import auth
 from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 
@@ -46,8 +47,12 @@ def _request_hash(raw: bytes) -> str:
 
 
 async def handle(request: Request, call_next: Callable[[Request], Awaitable[Response]],
-                 principal: str = "anonymous") -> Response:
-    """Process (or replay) one ⟳ request that carries ``Idempotency-Key``."""
+                 principal: str | None = None) -> Response:
+    """Process (or replay) one ⟳ request that carries ``Idempotency-Key``; the key is scoped to ``principal``, by
+    default the request's authenticated principal (authenticated here, first: a request without a valid
+    credential is refused before it can claim or replay anything)."""
+    if principal is None:
+        principal = (await auth.principal(request)).actor.render()
     key = request.headers["idempotency-key"]
     if not KEY.match(key):
         raise ApiProblem("validation_failed", "Idempotency-Key must be 1–255 printable ASCII characters",
