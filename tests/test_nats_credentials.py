@@ -282,9 +282,16 @@ def test_langorch_up_starts_nats_with_the_users_and_hands_the_services_a_working
             nc = await connect(nats_url, "test-up")  # the URL alone, as the services get it
             try:
                 await ensure_topology(nc.jetstream())
-                kv = await nc.jetstream().key_value("lo_procedures")
+                js = nc.jetstream()
+                kv = await js.key_value("lo_procedures")  # $KV.lo_procedures.>
                 await kv.put("p.1", b"{}")
                 assert (await kv.get("p.1")).value == b"{}"
+                store = await js.create_object_store("lo_artifacts")  # $O.lo_artifacts.>
+                await store.put("a1", b"artifact")
+                assert (await store.get("a1")).data == b"artifact"
+                for subject, stream in (("lo.cmd.run.create", "LO_CMD"), ("lo.evt.run.r1.run_created", "LO_EVT"),
+                                        ("lo.audit.run.create", "LO_AUDIT"), ("lo.ext.orders.created", "LO_EXT")):
+                    assert (await js.publish(subject, b"{}")).stream == stream
             finally:
                 await nc.close()
             assert "authorization violation" in (await refused(f"nats://127.0.0.1:{port}")).lower()
