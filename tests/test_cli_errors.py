@@ -278,7 +278,7 @@ async def test_serve_names_an_unreachable_database_without_a_traceback(nats_url:
     port = free_port()
     url = f"postgresql://lo@127.0.0.1:{port}/lo"
     env = clean_env(LANGORCH_NATS_URL=nats_url, LANGORCH_DATABASE_URL=url.replace("lo@", "lo:s3cret@"),
-                    LANGORCH_METRICS_PORT="0")
+                    LANGORCH_METRICS_PORT="0", LANGORCH_AUTH_SECRET_KEY="serve-test-secret-0f1e2d3c4b5a69788796a5b4")
     proc = await asyncio.to_thread(langorch, "serve", service, "--port", str(free_port()), env=env)
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output, output

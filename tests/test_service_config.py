@@ -34,8 +34,8 @@ from langorch_infra.settings import (
 from langorch_runtime.service import host as runtime_host
 from tests.helpers import eventually, example, follow_run, import_procedure, port_open
 
-SECRETS = {"auth": "auth-secret-9f3a1c77", "llm": "sk-llm-key-7b2e0d15", "header": "hdr-value-41d8aa02",
-           "db": "db-pass-5c6e93b4"}
+SECRETS = {"auth": "auth-secret-9f3a1c77-2b4d6f8a0c1e3a5c7e9b", "llm": "sk-llm-key-7b2e0d15",
+           "header": "hdr-value-41d8aa02", "db": "db-pass-5c6e93b4", "admin": "admin-pass-3e8c1b7f2d90"}
 REDACTED = "***REDACTED***"
 
 
@@ -264,6 +264,7 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
         nats_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     metrics_port = free_port()
     monkeypatch.setenv("LANGORCH_AUTH_SECRET_KEY", SECRETS["auth"])
+    monkeypatch.setenv("LANGORCH_BOOTSTRAP_ADMIN_PASSWORD", SECRETS["admin"])  # authentication is on (the default)
     monkeypatch.setenv("LANGORCH_LLM_API_KEY", SECRETS["llm"])
     monkeypatch.setenv("LANGORCH_LLM_EXTRA_HEADERS", json.dumps({"X-Tenant-Token": SECRETS["header"]}))
     monkeypatch.setenv("LANGORCH_METRICS_PORT", str(metrics_port))
@@ -274,6 +275,19 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
                                              "127.0.0.1", port, stop=stop))
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            async def logged_in() -> str | None:
+                if up.done():
+                    up.result()
+                try:
+                    r = await c.post("/api/auth/login", json={"username": "admin", "password": SECRETS["admin"]})
+                except httpx.TransportError:
+                    return None
+                assert r.status_code == 200, r.text  # the bootstrap admin exists once the gateway serves
+                return str(r.json()["access_token"])
+
+            token = await eventually(logged_in, what="the bootstrap admin's login", every=0.2)
+            c.headers["Authorization"] = f"Bearer {token}"
+
             async def listed() -> httpx.Response | None:
                 if up.done():
                     up.result()
@@ -293,7 +307,7 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
                 assert secret.encode() not in r.content
             body = r.json()
             assert body["version"] == "0.1.0"
-            assert body["auth_enabled"] is False
+            assert body["auth_enabled"] is True
             assert body["public_url"] == f"http://127.0.0.1:{port}"
             by = {s["service"]: s for s in body["services"]}
             assert len(body["services"]) == 4

@@ -39,7 +39,16 @@ class Up:
 
     proc: subprocess.Popen[str]
     port: int
+    state_dir: Path | None = None
     lines: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admin API key this ``langorch up`` stored for the CLI (authentication is on), as a request header."""
+        key_file = self.state_dir / "api-key" if self.state_dir is not None else None
+        if key_file is None or not key_file.exists():
+            return {}
+        return {"X-API-Key": key_file.read_text().strip()}
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -89,7 +98,7 @@ def start_up(state_dir: Path, port: int, *args: str, launcher: tuple[str, ...] =
     proc = subprocess.Popen([*launcher, "langorch", "up", *args], cwd=ROOT, env=_env(state_dir, port),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
                             start_new_session=True)
-    up = Up(proc, port)
+    up = Up(proc, port, state_dir)
     threading.Thread(target=up._read, daemon=True).start()
     return up
 
@@ -149,7 +158,7 @@ def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and
     # async agents call back to this gateway's own port, not to the default 8080
     deadline = time.monotonic() + 30
     while True:
-        replicas = httpx.get(f"http://127.0.0.1:{port}/api/config", timeout=10).json()["services"]
+        replicas = httpx.get(f"http://127.0.0.1:{port}/api/config", headers=up.headers, timeout=10).json()["services"]
         runtime = [r for r in replicas if r["service"] == "runtime"]
         if runtime:
             break
@@ -159,7 +168,7 @@ def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and
 
     # the data survives the stop: import a procedure now, find it after the restart
     doc = json.loads((ROOT / "examples" / "minimal_greeting.ckp.json").read_text())
-    r = httpx.post(f"http://127.0.0.1:{port}/api/procedures", json={"ckp_json": doc}, timeout=30)
+    r = httpx.post(f"http://127.0.0.1:{port}/api/procedures", json={"ckp_json": doc}, headers=up.headers, timeout=30)
     assert r.status_code == 201, r.text
 
     # a second `langorch up` on the same state directory is refused at once, and the first keeps running
@@ -186,7 +195,7 @@ def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and
     again.wait_ready()
     assert f"nats://127.0.0.1:{servers['nats']['port']}" in again.text, "the NATS port changed across a restart"
     assert f"@127.0.0.1:{servers['postgres']['port']}/" in again.text, "the PostgreSQL port changed across a restart"
-    r = httpx.get(f"http://127.0.0.1:{port}/api/procedures/e2e_test_procedure", timeout=30)
+    r = httpx.get(f"http://127.0.0.1:{port}/api/procedures/e2e_test_procedure", headers=again.headers, timeout=30)
     assert r.status_code == 200, r.text
     again.interrupt()
     assert again.proc.wait(timeout=30) == 0, again.text
@@ -216,7 +225,7 @@ def test_a_second_ctrl_c_forces_the_stop(state_dir: Path) -> None:
     up = start_up(state_dir, port)
     up.wait_ready()
     # an open live stream makes the gateway drain for its grace period, so the second Ctrl-C lands mid-stop
-    with httpx.Client(timeout=httpx.Timeout(30, read=None)) as client, \
+    with httpx.Client(timeout=httpx.Timeout(30, read=None), headers=up.headers) as client, \
             client.stream("GET", f"http://127.0.0.1:{port}/api/approvals/stream") as stream:
         assert stream.status_code == 200
         signaled = up.interrupt()

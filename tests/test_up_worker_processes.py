@@ -40,36 +40,36 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _replicas(port: int, dead: frozenset[int] = frozenset()) -> dict[str, int]:
+def _replicas(up: Up, dead: frozenset[int] = frozenset()) -> dict[str, int]:
     """Service → process id of the live replicas in GET /api/config (a replica of a process in ``dead`` is one whose
     presence key has not expired yet)."""
-    body = httpx.get(f"http://127.0.0.1:{port}/api/config", timeout=10).json()
+    body = httpx.get(f"http://127.0.0.1:{up.port}/api/config", headers=up.headers, timeout=10).json()
     return {r["service"]: _pid_of(r["instance_id"]) for r in body["services"]
             if _pid_of(r["instance_id"]) not in dead}
 
 
-def _wait_replicas(port: int, dead: frozenset[int] = frozenset(), deadline_s: float = 60) -> dict[str, int]:
+def _wait_replicas(up: Up, dead: frozenset[int] = frozenset(), deadline_s: float = 60) -> dict[str, int]:
     deadline = time.monotonic() + deadline_s
     while True:
-        found = _replicas(port, dead)
+        found = _replicas(up, dead)
         if {"gateway", "compiler", "runtime", "approvals"} <= set(found):
             return found
         assert time.monotonic() < deadline, found
         time.sleep(0.2)
 
 
-def _run_to_completion(port: int) -> dict[str, object]:
-    base = f"http://127.0.0.1:{port}"
+def _run_to_completion(up: Up) -> dict[str, object]:
+    base = f"http://127.0.0.1:{up.port}"
     doc = json.loads((ROOT / "examples" / "internal_variables.ckp.json").read_text())
-    r = httpx.post(f"{base}/api/procedures", json={"ckp_json": doc}, timeout=30)
+    r = httpx.post(f"{base}/api/procedures", json={"ckp_json": doc}, headers=up.headers, timeout=30)
     assert r.status_code in (200, 201), r.text
     r = httpx.post(f"{base}/api/runs", json={"procedure_id": doc["procedure_id"], "procedure_version": doc["version"]},
-                   timeout=30)
+                   headers=up.headers, timeout=30)
     assert r.status_code == 201, r.text
     run_id = r.json()["run_id"]
     deadline = time.monotonic() + 60
     while True:
-        run = httpx.get(f"{base}/api/runs/{run_id}", timeout=10).json()
+        run = httpx.get(f"{base}/api/runs/{run_id}", headers=up.headers, timeout=10).json()
         if run["status"] in ("completed", "failed", "canceled"):
             return run  # type: ignore[no-any-return]
         assert time.monotonic() < deadline, run
@@ -84,17 +84,17 @@ def _start(state_dir: Path) -> Up:
 
 def test_a_run_completes_in_a_worker_process_and_one_ctrl_c_stops_every_process(state_dir: Path) -> None:
     up = _start(state_dir)
-    replicas = _wait_replicas(up.port)
+    replicas = _wait_replicas(up)
     assert replicas["gateway"] == up.proc.pid, replicas
     worker = replicas["runtime"]
     assert worker != up.proc.pid
     assert _parent_of(worker) == up.proc.pid
     assert replicas["compiler"] == replicas["approvals"] == worker, replicas
 
-    run = _run_to_completion(up.port)
+    run = _run_to_completion(up)
     assert run["status"] == "completed", run
     # the gateway's one /metrics shows the worker's services too
-    metrics = httpx.get(f"http://127.0.0.1:{up.port}/metrics", timeout=10).text
+    metrics = httpx.get(f"http://127.0.0.1:{up.port}/metrics", headers=up.headers, timeout=10).text
     for service in ("gateway", "compiler", "runtime", "approvals"):
         assert f'langorch_build_info{{service="{service}",version="0.1.0"}} 1.0' in metrics, metrics
     assert 'langorch_run_completed_total{status="completed"} 1.0' in metrics
@@ -109,14 +109,14 @@ def test_a_run_completes_in_a_worker_process_and_one_ctrl_c_stops_every_process(
 
 def test_a_crashed_worker_is_started_again_and_a_killed_up_leaves_no_worker(state_dir: Path) -> None:
     up = _start(state_dir)
-    first = _wait_replicas(up.port)["runtime"]
+    first = _wait_replicas(up)["runtime"]
     os.kill(first, signal.SIGKILL)
     up.wait_for_line(f"(pid {first}", 30)
     assert any("exited with code -9" in line and "starting it again" in line for _, line in up.lines), up.text
-    second = _wait_replicas(up.port, dead=frozenset({first}))["runtime"]
+    second = _wait_replicas(up, dead=frozenset({first}))["runtime"]
     assert second != first
     assert _parent_of(second) == up.proc.pid
-    assert _run_to_completion(up.port)["status"] == "completed"
+    assert _run_to_completion(up)["status"] == "completed"
 
     os.kill(up.proc.pid, signal.SIGKILL)  # no stop at all: the worker notices its parent is gone
     up.proc.wait(timeout=10)

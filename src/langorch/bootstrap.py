@@ -58,6 +58,7 @@ class AuthSetup:
     show_password: bool = False  # set once the admin was created with the generated password
     key_created: bool = False
     key_valid: bool | None = None
+    host: str = "127.0.0.1"  # the address the gateway listens on
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -69,16 +70,22 @@ class AuthSetup:
         return self.state / SECRET_FILE
 
 
-def prepare(state: Path, api_url: str) -> AuthSetup:
+class AuthRefused(Exception):
+    """The gateway would refuse to start with these settings (a weak secret with auth on, auth off on a non-loopback
+    address): said before anything starts."""
+
+
+def prepare(state: Path, api_url: str, host: str) -> AuthSetup:
     """Before any service starts: the auth secret in the environment (generated and kept in the state directory
     unless set), the API URL recorded for the CLI, and whether this start bootstraps the first admin. Raises
     pydantic's ``ValidationError`` for invalid gateway settings (a usage error)."""
     from langorch_infra.settings import GatewaySettings
 
-    settings = GatewaySettings()
-    setup = AuthSetup(state, settings.auth_enabled, username=settings.bootstrap_admin_username)
     if not os.environ.get(SECRET_ENV):
-        os.environ[SECRET_ENV] = _secret(setup.secret_file)
+        os.environ[SECRET_ENV] = _secret(state / SECRET_FILE)
+    settings = GatewaySettings(host=host)
+    setup = AuthSetup(state, settings.auth_enabled, username=settings.bootstrap_admin_username)
+    setup.host = host
     write_private(state / API_FILE, json.dumps({"url": api_url}) + "\n")
     if not setup.enabled or setup.key_file.exists():
         return setup
@@ -89,6 +96,17 @@ def prepare(state: Path, api_url: str) -> AuthSetup:
         setup.password = secrets.token_urlsafe(18)
         setup.generated = True
     return setup
+
+
+def check(setup: AuthSetup) -> None:
+    """:class:`AuthRefused` when the gateway would refuse its settings (called once the gateway is imported)."""
+    from langorch_gateway.users import StartupRefused, check_startup
+    from langorch_infra.settings import GatewaySettings
+
+    try:
+        check_startup(GatewaySettings(host=setup.host))
+    except StartupRefused as exc:
+        raise AuthRefused(str(exc)) from exc
 
 
 def _secret(path: Path) -> str:

@@ -414,6 +414,14 @@ def serve(
         raise typer.Exit(2)
     _logging()
     common = CommonSettings()
+    if service == "gateway":  # settings the gateway would refuse at start-up: a usage error, said now
+        from langorch_gateway.users import StartupRefused, check_startup
+        from langorch_infra.settings import GatewaySettings
+
+        try:
+            check_startup(GatewaySettings(host=host, port=port))
+        except StartupRefused as exc:
+            raise CLIError(str(exc), ExitCode.USAGE) from exc
     asyncio.run(serve_services((service,), common.nats_url, common.database_url, host, port))
 
 

@@ -12,7 +12,9 @@
    process starts the embedded servers (in a thread) and imports the gateway; a worker that crashes later is
    reported and started again, and a worker whose parent is gone (even killed) stops by itself.
 4. **A banner** names the API, docs and metrics URLs, the NATS and PostgreSQL URLs other systems connect to, the
-   state directory and the log files, once the gateway serves and every worker runs.
+   state directory and the log files, once the gateway serves and every worker runs. With authentication on it
+   also shows the first admin's generated password (first start only) and where the CLI's API key is
+   (:mod:`langorch.bootstrap` has the flow).
 5. **Stop.** The first Ctrl-C (or SIGTERM) stops the services (the gateway drains for ``STOP_GRACE_S`` while the
    workers stop), then NATS, then PostgreSQL. A second one forces the stop: the workers and servers are killed
    (the servers recover on their next start) and the process exits with 130.
@@ -443,7 +445,7 @@ class Up:
                 from langorch import bootstrap
 
                 # the auth secret is in the environment before any service starts (the workers inherit it)
-                self.auth = bootstrap.prepare(self.state.path, gateway_url(o.host, o.port))
+                self.auth = bootstrap.prepare(self.state.path, gateway_url(o.host, o.port), o.host)
                 if o.workers:
                     from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
 
@@ -460,6 +462,10 @@ class Up:
                                        + " servers…[/]", highlight=False)
                 starter, result = self._start_servers_in_thread(servers)
                 import_services(("gateway",) if o.workers else SERVICES)
+                try:  # a weak auth secret, or auth off on a non-loopback address: refused before the services start
+                    bootstrap.check(self.auth)
+                except bootstrap.AuthRefused as exc:
+                    raise UpError(str(exc)) from exc
                 if not o.workers:
                     import_services(WORKER_SERVICES)
                 starter.join()
