@@ -308,7 +308,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
     (and their start commands wait) also without ``runtime``, as when the gateway created them itself."""
     env = {"nats_url": nats_url, "database_url": database_url}
     port = free_port()
-    app = create_app(GatewaySettings(**env, port=port, **(gateway_settings or {})))
+    # auth off unless the test's gateway_settings turn it on: these tests are about other things than credentials
+    app = create_app(GatewaySettings(**env, port=port, **{"auth_enabled": False, **(gateway_settings or {})}))
     async with (serve_app(app, port, lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, what="the gateway"),
                 _services(env, port, app, runtime=runtime, agents=agents, runtime_settings=runtime_settings,
                           approvals=approvals, approvals_settings=approvals_settings, queries=queries,
