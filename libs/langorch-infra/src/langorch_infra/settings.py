@@ -220,7 +220,7 @@ class GatewaySettings(CommonSettings):
     """Settings of the gateway (REST/SSE API and projector)."""
 
     host: str = Field("127.0.0.1", description="Bind address of the HTTP API.")
-    auth_enabled: bool = Field(False, description="Require a credential on every endpoint outside the open list "
+    auth_enabled: bool = Field(True, description="Require a credential on every endpoint outside the open list "
                                "(api.md §2.2); false is the loud development mode where requests without one act "
                                "as 'anonymous' holding every role.")
     auth_disabled_allow_remote: bool = Field(False, description="Allow auth_enabled=false while the gateway binds "
