@@ -661,7 +661,7 @@ class AgentDispatcher(Dispatcher):
         headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
                    "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
                    "X-LangOrch-Attempt": str(request.attempt), **_trace_headers("agent.execute"),
-                   **self._auth_header(c.agent)}
+                   **(await self._auth_header(c.agent))}
         where = {"agent_id": c.agent_id, "url": url}
         last: str = ""
         asked_back: float | None = None  # the Retry-After of a 409 in_progress, which replaces the back-off
@@ -720,15 +720,19 @@ class AgentDispatcher(Dispatcher):
                          details={"secret_name": exc.name, "provider": exc.provider, "reason": exc.reason}) from None
         return redeemed
 
-    def _auth_header(self, agent: AgentState) -> dict[str, str]:
+    async def _auth_header(self, agent: AgentState) -> dict[str, str]:
+        """``Authorization: Bearer <secret>`` when the agent's registration names a secret, read from its provider
+        now (the name's record, else the default providers)."""
         auth = agent.fields.get("auth") or {}
         ref = auth.get("secret_ref") if isinstance(auth, Mapping) else None
         if not ref or auth.get("type", "bearer") == "none":
             return {}
-        secret = os.environ.get(str(ref))
-        if secret is None:
-            raise _error("secret_not_found", f"secret '{ref}' named by agent {agent.agent_id}'s auth is not set",
-                         retryable=False, details={"agent_id": agent.agent_id, "secret_ref": ref})
+        try:
+            secret = await self.secrets.resolve(str(ref))
+        except SecretError as exc:
+            raise _error(exc.code, f"secret '{ref}' named by agent {agent.agent_id}'s auth: {exc.reason}",
+                         retryable=exc.retryable, details={"agent_id": agent.agent_id, "secret_ref": ref,
+                                                           "provider": exc.provider}) from None
         return {"Authorization": f"Bearer {secret}"}
 
     def _timeout_s(self, request: DispatchRequest, default_s: float) -> tuple[float, bool]:
@@ -747,7 +751,7 @@ class AgentDispatcher(Dispatcher):
         headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
                    "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
                    "X-LangOrch-Attempt": str(request.attempt), **_trace_headers("agent.execute"),
-                   **self._auth_header(c.agent)}
+                   **(await self._auth_header(c.agent))}
         url = f"{c.agent.base_url.rstrip('/')}/execute"
         where = {"agent_id": c.agent_id, "url": url}
         ends = time.monotonic() + timeout_s
@@ -833,7 +837,7 @@ class AgentDispatcher(Dispatcher):
     # -- MCP --------------------------------------------------------------------------------------------------
 
     async def _mcp_session(self, agent: AgentState) -> _McpSession:
-        headers = self._auth_header(agent)
+        headers = await self._auth_header(agent)
         key = (agent.base_url, headers.get("Authorization"))
         async with self._mcp_lock:
             session = self._mcp.get(key)

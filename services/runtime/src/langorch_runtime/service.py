@@ -230,7 +230,7 @@ class RuntimeService:
         self.secrets = ProviderSecrets(grant_key(self.settings.auth_secret_key.get_secret_value()), self.resolver)
         self.dispatcher.secrets = self.resolver
         self.llm = LlmClient(self.settings, secrets=self.secrets.value, metrics=self.metrics)
-        self.webhooks = Webhooks(self.settings, secrets=self.secrets.value)
+        self.webhooks = Webhooks(self.settings, secrets=self.secrets.lookup)
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
         # every run command but creation (its own consumer, langorch_runtime.creation): a consumer declared by an
@@ -803,6 +803,13 @@ class ProviderSecrets:
             return await self.resolver.value(name)
         except SecretError as exc:
             raise StepError(secret_error(exc)) from None
+
+    async def lookup(self, name: str) -> str | None:
+        """``value`` for code outside a step (webhook headers): a provider failure is a ``LookupError``."""
+        try:
+            return await self.resolver.value(name)
+        except SecretError as exc:
+            raise LookupError(exc.message) from None
 
     async def resolve(self, name: str, *, provider: str | None, url: str | None, field: str | None) -> str:
         try:
