@@ -117,6 +117,8 @@ class GatewayAuthenticator:
             raise ApiProblem("invalid_token", "the token was logged out")
         username = str(claims["sub"])
         user = await self.cache.get(app.pool, username)
+        if user is None or user.user_id != claims.get("uid"):  # a user created again since: read it once more
+            user = await self.cache.get(app.pool, username, fresh=True)
         if user is None or user.user_id != claims.get("uid"):
             raise ApiProblem("invalid_token", "the token's user does not exist")
         if not user.is_active:

@@ -239,10 +239,11 @@ class UserCache:
         self.ttl_s = ttl_s
         self._rows: dict[str, tuple[float, UserRecord | None]] = {}
 
-    async def get(self, pool: asyncpg.Pool, username: str) -> UserRecord | None:
+    async def get(self, pool: asyncpg.Pool, username: str, *, fresh: bool = False) -> UserRecord | None:
+        """The user (None: no such user); ``fresh`` reads the projection whatever the cache holds."""
         now = time.monotonic()
         known = self._rows.get(username)
-        if known is not None and now - known[0] < self.ttl_s:
+        if known is not None and now - known[0] < self.ttl_s and not fresh:
             return known[1]
         row = await pool.fetchrow(
             "SELECT user_id, username, email, full_name, roles, is_active FROM users WHERE username = $1", username)
