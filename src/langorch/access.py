@@ -230,8 +230,12 @@ def auth_hint(status: int, problem: dict[str, Any] | None, credential: Credentia
         role = (problem or {}).get("required_role")
         who = credential.where if credential is not None else "this request"
         needed = f"the role '{role}'" if role else "a role it lacks"
-        return (f"{who} lacks {needed}; an admin can grant a user roles with `langorch users set-roles` (an API key "
-                "keeps the roles it was created with: create another with `langorch api-keys create`)")
+        if credential is not None and credential.kind == "api_key":
+            return (f"{who} lacks {needed}; an API key keeps the roles it was created with: an admin can create one "
+                    f"with `langorch api-keys create <name> --role {role or '<role>'}`")
+        user = (credential.identity or "").removeprefix("user:") if credential is not None else ""
+        return (f"{who} lacks {needed}; an admin can grant it with `langorch users set-roles {user or '<user>'} "
+                f"<roles>…`")
     if status == 429 and code == "too_many_login_attempts":
         retry = (problem or {}).get("retry_after_seconds")
         return "too many failed logins for this user from this address" + (

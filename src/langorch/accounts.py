@@ -6,6 +6,7 @@ refused and what to do."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -116,9 +117,14 @@ def _password(prompt: str, from_stdin: bool, *, confirm: bool = False) -> str:
     return password
 
 
+_TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d)T(\d\d:\d\d:\d\d)(?:\.\d+)?Z$")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str) and (stamp := _TIMESTAMP.match(value)):
+        return f"{stamp.group(1)} {stamp.group(2)}Z"  # a table shows times to the second
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "-"
     if isinstance(value, bool):
@@ -220,7 +226,7 @@ def whoami(api: ApiUrl = DEFAULT_API, api_key: ApiKey = None, as_json: AsJson = 
 
 # -- users ----------------------------------------------------------------------------------------------------------
 
-USER_COLUMNS = ("username", "roles", "is_active", "email", "full_name", "created_at", "last_login_at")
+USER_COLUMNS = ("username", "roles", "is_active", "email", "last_login_at")  # --json: every field
 
 
 def _user(client: Api, username: str) -> dict[str, Any]:
@@ -320,7 +326,7 @@ def users_deactivate(
 
 # -- API keys -------------------------------------------------------------------------------------------------------
 
-KEY_COLUMNS = ("key_id", "name", "roles", "created_by", "created_at", "expires_at", "last_used_at", "revoked_at")
+KEY_COLUMNS = ("key_id", "name", "roles", "expires_at", "last_used_at", "revoked_at")  # --json: every field
 
 
 def _expiry(expires_at: str | None, expires_in_days: float | None) -> str | None:
