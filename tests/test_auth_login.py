@@ -205,6 +205,17 @@ async def test_password_change_and_logout(platform: Platform) -> None:
     problem(await c.get("/api/auth/me", headers=bearer(token)), 401, "invalid_token")
     types = [e["type"] for e in await user_events(platform.nats_url, "erin")]
     assert {"user_password_changed", "user_logged_out"} <= set(types)
+
+    async def password_audited() -> list[dict[str, Any]]:
+        page = (await c.get("/api/audit", headers=h, params={"category": "user_mgmt,auth", "limit": 500})).json()
+        return [i for i in page["items"] if i["action"] == "change_password" and i["outcome"] == "accepted"]
+
+    await eventually(password_audited, what="the password change's audit record")
+    views = [(await c.get("/api/audit", headers=h, params={"limit": 500})).text,
+             (await c.get("/api/users", headers=h)).text, (await c.get("/api/users/erin", headers=h)).text]
+    for text in views:  # hashes travel only in the events; no password in any view either
+        assert "$argon2" not in text
+        assert "erin-password-" not in text
     # an API key has no password
     key = (await c.post("/api/auth/api-keys", headers=h, json={"name": "ci", "roles": ["viewer"]})).json()["key"]
     problem(await c.post("/api/auth/password", headers={"X-API-Key": key},
