@@ -246,12 +246,23 @@ def users_create(
     full_name: Annotated[str | None, typer.Option("--full-name", show_default=False)] = None,
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the new user's password from "
                                                  "standard input instead of asking for it twice.")] = False,
+    direct: Annotated[bool, typer.Option("--direct", help="Create the first user without the API, straight in the "
+                                         "event log on LANGORCH_NATS_URL (with its NATS credential settings); "
+                                         "refused once any user exists.")] = False,
     api: ApiUrl = DEFAULT_API, api_key: ApiKey = None, as_json: AsJson = False,
 ) -> None:
-    """Create a user with a password (at least 12 characters) and roles. Needs an admin credential."""
+    """Create a user with a password (at least 12 characters) and roles. Needs an admin credential; the first admin
+    of a gateway without LANGORCH_BOOTSTRAP_ADMIN_PASSWORD is created with --direct --role admin."""
     password = _password("Password for the new user", password_stdin, confirm=True)
-    body: dict[str, Any] = {"username": username, "email": email, "password": password,
-                            "roles": [r.value for r in role or [Role.viewer]]}
+    roles = sorted({r.value for r in role or [Role.viewer]})
+    if direct:
+        import asyncio
+
+        user_id = asyncio.run(_create_first_user(username, email, full_name, roles, password))
+        console.print(f"created user {username} (user_id {user_id}), roles: {', '.join(roles)}; the gateways "
+                      "see it within moments", highlight=False)
+        return
+    body: dict[str, Any] = {"username": username, "email": email, "password": password, "roles": roles}
     if full_name is not None:
         body["full_name"] = full_name
     with _client(api, api_key) as client:
@@ -261,6 +272,47 @@ def users_create(
         return
     console.print(f"created user {user.get('username')} (user_id {user.get('user_id')}), roles: "
                   f"{_cell(user.get('roles'))}", highlight=False)
+
+
+async def _create_first_user(username: str, email: str, full_name: str | None, roles: list[str],
+                             password: str) -> str:
+    """Append ``user_created`` for the first user to the event log over NATS (the gateways' projection picks it
+    up); a :class:`CLIError` once any user event exists. The same rules as the API: the password's length, the
+    user name's pattern, a hash (argon2id) and never the password in the event."""
+    from ckp_core.errors import ConcurrencyError
+    from ckp_core.events import Actor, UserCreated
+    from ckp_core.ids import new_id
+    from langorch.cli import connect_nats
+    from langorch_gateway import users
+    from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
+    from langorch_infra.settings import CommonSettings
+
+    if not users.PASSWORD_MIN <= len(password) <= users.PASSWORD_MAX:
+        raise CLIError(f"the password must have {users.PASSWORD_MIN} to {users.PASSWORD_MAX} characters",
+                       ExitCode.USAGE)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", username):
+        raise CLIError(f"user name {username!r}: letters, digits, _ . - (starting with a letter or digit), at most "
+                       "128", ExitCode.USAGE)
+    settings = CommonSettings()
+    nc = await connect_nats(settings.nats_url, "langorch-users", settings=settings)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js, audit_retention_days=settings.audit_retention_days)
+        if await users.last_user_position(js) > 0:
+            raise CLIError("users exist already: --direct creates only the first one; create this one through the "
+                           "API with an admin's credential (without --direct)")
+        digest = await users.hash_password(password)
+        user_id = new_id()
+        event = UserCreated(user_id=user_id, username=username, email=email, full_name=full_name, roles=roles,
+                            password_hash=digest)
+        try:
+            await users.append(JetStreamEventStore(js), "user", username, None, [event], actor=Actor.system("cli"),
+                               causation_id=None)
+        except ConcurrencyError as exc:
+            raise CLIError(f"a user named {username!r} was created meanwhile") from exc
+        return user_id
+    finally:
+        await nc.close()
 
 
 @users_app.command("list")
