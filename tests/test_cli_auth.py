@@ -373,3 +373,22 @@ async def test_the_first_admin_of_a_gateway_without_a_bootstrap_password_is_crea
         line = await asyncio.to_thread(cli.error, "users", "create", "third", "--email", "t@example.com",
                                        "--direct", "--password-stdin", stdin="short\n", code=2)
         has(line, "12 to")
+
+
+def test_auth_disabled_up_says_so_and_answers_without_a_credential(place: Path) -> None:
+    """``LANGORCH_AUTH_ENABLED=false langorch up``: a red line in the banner, no admin, no CLI key, and the API answers
+    requests without a credential (``X-LangOrch-Auth: disabled``)."""
+    state, port = place / "state", free_port()
+    up = start_up(state, port, base_env(LANGORCH_AUTH_ENABLED="false"))
+    try:
+        up.wait_ready()
+        has(up.text, "DISABLED", "LANGORCH_AUTH_ENABLED=false")
+        assert not PASSWORD_LINE.search(up.text), up.text
+        assert not (state / "api-key").exists()
+        cli = Cli(base_env(LANGORCH_STATE_DIR=str(state), LANGORCH_API_URL=f"http://127.0.0.1:{port}",
+                           LANGORCH_CONFIG_DIR=str(place / "config")))
+        has(cli.ok("whoami"), "anonymous", "authentication is disabled")
+        out = cli.ok("run", str(EXAMPLE), "--follow")
+        has(out, "run ended: completed")
+    finally:
+        up.stop()
