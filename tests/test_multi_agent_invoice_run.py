@@ -65,8 +65,8 @@ METADATA = {
                  "due_date": "2026-12-21", "line_items": [{"sku": "G-9", "qty": 1}], "tax_amount": 156.47},
 }
 CONFIDENCE = {"INV-1001": 96, "INV-1002": 88}
-# the document's secrets resolve through the server's env provider: only that provider exists in this build, so
-# secrets_config.provider azure_keyvault and its vault_url are not consulted (docs/decisions.md, Runtime)
+# the document names Azure Key Vault (secrets_config.provider azure_keyvault); the operator's metadata records of
+# the two names point at the env provider instead, and a record wins over the procedure (docs/operations/secrets.md)
 PORTAL_SECRET = {"username": "ap-robot", "password": "Portal-PW-unique-4711"}
 DB_SECRET = "Server=erp-db;Database=ap;Password=DB-PW-unique-0815"
 GRANT = re.compile(r"^[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}$")
@@ -213,7 +213,15 @@ async def platform(nats_url: str, database_url: str, llm: RunningLlmServer,
     async with platform_of(nats_url, database_url, runtime_settings={
             "llm_base_url": llm.base_url(), "llm_models": MODELS, "llm_default_model": "gpt-4",
             "time_scale": TIME_SCALE}) as p:
+        await env_records(p.client)
         yield p
+
+
+async def env_records(c: httpx.AsyncClient) -> None:
+    """The metadata records that send the document's two secret names to the env provider."""
+    for name in ("vendor-portal-creds", "db_connection"):
+        r = await c.post("/api/secrets", json={"name": name, "provider": "env"})
+        assert r.status_code == 201, r.text
 
 
 @asynccontextmanager
@@ -680,6 +688,7 @@ async def test_a_runtime_killed_inside_the_erp_entry_resumes_without_repeating_a
     async with platform_of(nats_url, database_url, runtime=False) as p, \
             runtimes(nats_url, database_url, tmp_path) as started:
         c = p.client
+        await env_records(c)
         async with agents_of(c, channels):
             procs.append(start_runtime(nats_url, database_url, tmp_path / "runtime-a.log"))
             started.extend(procs)

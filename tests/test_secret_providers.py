@@ -319,6 +319,8 @@ async def test_env_and_names_without_a_record_go_through_the_default_providers(
     resolver = SecretResolver(settings, lookup)
     assert await resolver.resolve("portal-pw") == "env-value"  # LANGORCH_SECRET_<NAME>
     assert await resolver.resolve("by-record") == "other-env-value"  # the record's provider_ref
+    # a record wins over the provider a procedure names
+    assert await resolver.resolve("by-record", provider="vault", url="https://elsewhere") == "other-env-value"
     assert await resolver.resolve("secret/fallback") == VAULT_VALUE  # env has none: vault, name as reference
     error = await failure(resolver, "secret/nothing")
     assert (error.code, error.provider) == ("secret_not_found", "env,vault")

@@ -1,12 +1,12 @@
 """Which provider a secret name resolves through, and the resolution itself (ckp.md §7.14, api.md §11).
 
-* A procedure's reference naming a provider (``env``, ``vault``, ``aws``, ``azure``) is resolved there, its
-  ``key`` being the provider reference.
-* Otherwise (no provider, or ``langorch``) the name's metadata record decides: its provider, and its
-  ``provider_ref`` (default: the name).
-* A name without a record resolves through ``secret_providers`` in order (``langorch`` refuses it instead): the
-  first provider with a value wins; when none has one the error is ``secret_unavailable`` if any provider failed,
-  else ``secret_not_found``.
+* A name with a metadata record resolves through the record: its provider, and its ``provider_ref`` (default:
+  the name), whatever the procedure says (ckp.md §7.14: "a name with a LangOrch secret record uses that
+  record's provider").
+* Otherwise a provider the procedure names (``env``, ``vault``, ``aws``, ``azure``) is asked, the name being the
+  provider reference; ``langorch`` (records only) is ``secret_not_found``.
+* Otherwise ``secret_providers`` are tried in order: the first provider with a value wins; when none has one the
+  error is ``secret_unavailable`` if any provider failed, else ``secret_not_found``.
 
 Values from vault, aws and azure are kept in memory for ``secret_cache_ttl_s``; ``env`` is read at every use.
 Metadata records come from :class:`RecordLookup` — the runtime and the gateway both fold the ``secret``
@@ -129,14 +129,14 @@ class SecretResolver:
     async def plan(self, name: str, *, provider: str | None = None, ref: str | None = None,
                    url: str | None = None) -> list[Resolution]:
         """The resolutions to try for ``name``, in order (one unless the default providers apply)."""
-        if provider is not None and provider != "langorch":
-            return [Resolution(name, provider, ref or name, url)]
         record = await self.records(name) if self.records is not None else None
-        if record is not None:
-            return [Resolution(name, record.provider, record.ref, url)]
+        if record is not None:  # the operator's record wins over what the procedure says (the url is its own)
+            return [Resolution(name, record.provider, record.ref)]
         if provider == "langorch":
             raise SecretError("secret_not_found", name=name, provider="langorch",
                               reason="no LangOrch secret record has this name")
+        if provider is not None:
+            return [Resolution(name, provider, ref or name, url)]
         return [Resolution(name, p, ref or name, url) for p in self.settings.secret_providers]
 
     async def fetch(self, resolution: Resolution, *, cached: bool = True) -> str:
