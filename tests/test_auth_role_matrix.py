@@ -336,3 +336,17 @@ async def test_open_routes_answer_without_a_principal(platform: Platform) -> Non
         assert r.status_code in (200, 503), (path, r.status_code, r.text[:200])  # /api/ready may say not ready
     assert (await c.get("/api/health")).json()["auth"] == "enabled"
     assert (await c.get("/api/health")).headers["X-LangOrch-Auth"] == "enabled"
+
+
+@pytest.mark.unit
+def test_the_api_document_shows_the_credentials_each_operation_takes() -> None:
+    document = create_app(GatewaySettings()).openapi()
+    assert set(document["components"]["securitySchemes"]) == {"ApiKey", "Bearer", "Session"}
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            expected = EXPECTED[(method.upper(), path)]
+            security = operation.get("security")
+            if expected == "open":
+                assert security is None, (method, path)
+            else:
+                assert security == [{"ApiKey": []}, {"Bearer": []}, {"Session": []}], (method, path)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyCookie, APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from ckp_core.events import ANONYMOUS, Actor
 from langorch_gateway.deps import clients
@@ -119,8 +120,21 @@ def actor(request: Request) -> Actor:
     return known.actor if isinstance(known, Principal) else ANONYMOUS
 
 
-def _requiring(role: Role, *, agents: bool = False) -> Callable[[Request], Awaitable[Principal]]:
-    async def check(request: Request) -> Principal:
+# The credentials as OpenAPI security schemes (api.md §2.1), so the API document and Swagger UI show them; the
+# checks themselves are the Authenticator's (these only read the headers, and never refuse on their own).
+API_KEY_SCHEME = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+                              description="An API key, lo_<key_id>_<secret> (also accepted as a bearer token).")
+BEARER_SCHEME = HTTPBearer(scheme_name="Bearer", bearerFormat="JWT", auto_error=False,
+                           description="A user token from POST /api/auth/login, or an API key.")
+SESSION_SCHEME = APIKeyCookie(name="langorch_session", scheme_name="Session", auto_error=False,
+                              description="A console session; unsafe methods also need the X-CSRF-Token header.")
+
+
+def _requiring(role: Role, *, agents: bool = False) -> Callable[..., Awaitable[Principal]]:
+    async def check(request: Request,
+                    _key: Annotated[str | None, Security(API_KEY_SCHEME)] = None,
+                    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER_SCHEME)] = None,
+                    _session: Annotated[str | None, Security(SESSION_SCHEME)] = None) -> Principal:
         who = await principal(request)
         if agents and who.kind == "agent":
             return who
