@@ -29,7 +29,7 @@ from starlette.background import BackgroundTask
 from ckp_core import runs
 from ckp_core.commands import CreateRun
 from ckp_core.errors import InvalidInputVars
-from ckp_core.events import ANONYMOUS, event_json_schemas, format_time
+from ckp_core.events import event_json_schemas, format_time
 from ckp_core.ids import new_id
 from ckp_core.subjects import aggregate_filter
 from ckp_core.variables import VariableSpec, validate_inputs
@@ -228,7 +228,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                 "auth": "enabled" if settings.auth_enabled else "disabled"}
 
     @app.get("/api/schemas/events")
-    async def schemas() -> dict[str, Any]:
+    async def schemas(principal: auth.Viewer) -> dict[str, Any]:
         """JSON Schemas of the event envelope and payloads, generated from ckp-core."""
         return event_json_schemas()
 
@@ -256,7 +256,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)
-    async def create_run(request: Request, db: deps.Pool, body: RunCreate) -> JSONResponse:
+    async def create_run(principal: auth.Operator, request: Request, db: deps.Pool, body: RunCreate) -> JSONResponse:
         """Check the version and the inputs, then submit ``lo.cmd.run.create`` to the runtime (the run's single
         writer) and wait for its outcome: ``run_created`` (201, the run once projected) or ``command_rejected``
         (the problem it names); 202 pending when the runtime did not decide in time."""
@@ -292,7 +292,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                 validate_inputs(variables, body.input_vars, builtins)
             except InvalidInputVars as exc:
                 raise ApiProblem("invalid_input_vars", exc.message, errors=exc.errors) from exc
-        command = CreateRun(actor=ANONYMOUS, causation_id=request.state.request_id, run_id=run_id,
+        command = CreateRun(actor=principal.actor, causation_id=request.state.request_id, run_id=run_id,
                             procedure_id=row["procedure_id"], procedure_version=row["version"],
                             release_channel=row["release_channel"] if body.procedure_version is None else None,
                             input_vars=body.input_vars, trigger_type="api", root_run_id=run_id,
@@ -301,6 +301,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     @app.get("/api/runs")
     async def list_runs(
+        principal: auth.Viewer,
         request: Request,
         db: deps.Pool,
         procedure_id: str | None = None,
@@ -349,7 +350,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         return JSONResponse(views.page([views.run_out(r) for r in rows], total, limit, offset), headers=headers)
 
     @app.get("/api/runs/{run_id}")
-    async def get_run(request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
+    async def get_run(principal: auth.Viewer, request: Request, db: deps.Pool, run_id: str) -> JSONResponse:
         """One run."""
         headers = await dispatch.min_position(request)
         row = await db.fetchrow("SELECT * FROM runs WHERE run_id = $1", run_id)
@@ -359,6 +360,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     @app.get("/api/runs/{run_id}/events")
     async def run_events(
+        principal: auth.Viewer,
         request: Request,
         db: deps.Pool,
         run_id: str,
@@ -381,6 +383,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     @app.get("/api/runs/{run_id}/stream")
     async def run_stream(
+        principal: auth.Viewer,
         db: deps.Pool,
         js: deps.JetStream,
         store: deps.EventStore,
@@ -398,7 +401,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         if last_event_id is not None:
             start = queries.header_position("Last-Event-ID", last_event_id)
         new_only = last_event_id is None and after is None and not history
-        release = slots.acquire(ANONYMOUS.render())
+        release = slots.acquire(principal.actor.render())
 
         async def events() -> AsyncIterator[ServerSentEvent]:
             metrics.sse.labels(stream="run").inc()
