@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from langorch_infra.jetstream import JetStreamEventStore, connect
+from langorch_infra.secrets import grant_key, make_grant
+from langorch_infra.settings import GatewaySettings
 from tests.helpers import Platform, events_of, platform_of, problem, wait_status
 
 pytestmark = pytest.mark.integration
@@ -225,3 +227,26 @@ async def test_runtime_resolves_through_the_record_and_fails_with_secret_unavail
         assert all(e["code"] == "secret_unavailable" and e["retryable"] for e in errors), errors
         assert errors[0]["details"]["provider"] == "vault"
         assert "no Vault address" in run["error"]["message"]
+
+
+async def test_a_grant_redeems_only_a_secret_its_runs_procedure_names(platform: Platform,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    c = platform.client
+    monkeypatch.setenv("LANGORCH_SECRET_GRANTED_ONE", "granted-value")
+    monkeypatch.setenv("LANGORCH_SECRET_NOT_NAMED", "other-value")
+    d = doc("grant_scope", {"g": "granted_one"}, ["g"])
+    assert (await c.post("/api/procedures", json={"ckp_json": d})).status_code == 201
+    r = await c.post("/api/runs", json={"procedure_id": "grant_scope", "procedure_version": "1"})
+    assert r.status_code == 201, r.text  # no runtime in this module: the run stays active
+    run_id = r.json()["run_id"]
+    key = grant_key(GatewaySettings().auth_secret_key.get_secret_value())
+
+    async def redeem(name: str) -> httpx.Response:
+        grant = make_grant(key, run_id=run_id, secret_name=name, node_id="p", step_id="s", agent_id="a1")
+        return await c.get(f"/api/agent-credentials/{name}", headers={"Authorization": f"Bearer {grant}"})
+
+    r = await redeem("granted_one")
+    assert (r.status_code, r.json()) == (200, {"value": "granted-value"})
+    body = problem(await redeem("not_named"), 403, "forbidden")
+    assert "does not name this secret" in body["detail"]
+    assert "other-value" not in body["detail"]

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckp_core import runs
 from ckp_core.commands import ResumeRun
 from ckp_core.events import ANONYMOUS, Actor
-from langorch_gateway import auditing, deps
+from langorch_gateway import auditing, deps, routes_secrets
 from langorch_gateway.dispatch import accepted_headers, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.callbacks import callback_key, parse_token, verify_token
@@ -163,9 +163,13 @@ async def _redeem(db: asyncpg.Pool, settings: GatewaySettings, resolver: SecretR
         raise ApiProblem("invalid_grant", f"invalid or expired grant: {type(exc).__name__}", status=401) from exc
     if claims.get("secret_name") != secret_name:
         raise ApiProblem("forbidden", "the grant is for another secret", status=403)
-    status = await db.fetchval("SELECT status FROM runs WHERE run_id = $1", claims.get("sub"))
-    if status is None or status in runs.TERMINAL_STATUSES:
+    run = await db.fetchrow("SELECT status, procedure_id, procedure_version FROM runs WHERE run_id = $1",
+                            claims.get("sub"))
+    if run is None or run["status"] in runs.TERMINAL_STATUSES:
         raise ApiProblem("forbidden", "the grant's run is no longer active", status=403)
+    named = (await routes_secrets.references(db, [secret_name]))[secret_name]
+    if not any((r["procedure_id"], r["version"]) == (run["procedure_id"], run["procedure_version"]) for r in named):
+        raise ApiProblem("forbidden", "the run's procedure does not name this secret", status=403)
     try:  # the provider the runtime would have used: the grant's, else the name's record, else the defaults
         return await resolve_grant(resolver, claims)
     except SecretError as exc:

@@ -5,7 +5,8 @@ a body is refused with 422 ``secret_value_not_accepted``, and ``check`` resolves
 reports only whether it could.
 
 ``referenced_by`` lists the procedure versions whose document names the secret: a ``secret_references`` entry
-whose key is the name, or a ``{{secrets.<name>}}`` use of an undeclared alias.
+whose key is the name, or a ``secrets.<name>`` use of an undeclared alias (in any placeholder). The grant
+redemption (``routes_callbacks``) uses the same rule to refuse a secret the run's procedure does not name.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ refs AS (
     FROM declared d, jsonb_each(d.refs) r
     UNION
     SELECT d.procedure_id, d.version, m[1] AS alias, m[1] AS name
-    FROM declared d, regexp_matches(d.document, '\{\{\s*secrets\.([A-Za-z0-9_-]+)', 'g') m
+    FROM declared d, regexp_matches(d.document, 'secrets\.([A-Za-z0-9_-]+)', 'g') m
     WHERE NOT d.refs ? m[1])
 SELECT name, procedure_id, version, alias FROM refs WHERE name = ANY($1::text[])
 ORDER BY name, procedure_id, version, alias"""
