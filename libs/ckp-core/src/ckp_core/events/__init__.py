@@ -7,7 +7,8 @@ payloads, the registry of event types, and :func:`decode` that reads an envelope
 * :mod:`~ckp_core.events.envelope` — ``EventEnvelope``, ``EventData`` (the payloads' base), ``make_event``
 * :mod:`~ckp_core.events.procedure`, :mod:`~ckp_core.events.run`, :mod:`~ckp_core.events.approval`,
   :mod:`~ckp_core.events.project`, :mod:`~ckp_core.events.agent`, :mod:`~ckp_core.events.lease`,
-  :mod:`~ckp_core.events.user`, :mod:`~ckp_core.events.api_key`, :mod:`~ckp_core.events.secret` — the payloads
+  :mod:`~ckp_core.events.user`, :mod:`~ckp_core.events.api_key`, :mod:`~ckp_core.events.secret`,
+  :mod:`~ckp_core.events.trigger` — the payloads
   of each aggregate, listed in its ``EVENTS``
 * :mod:`~ckp_core.events.registry` — ``EVENT_TYPES`` (type name → class) and their JSON Schemas
 * :mod:`~ckp_core.events.decoding` — ``decode``, ``decode_as``, upcasting by ``schema_version``, ``UnknownEvent``
@@ -129,6 +130,15 @@ from ckp_core.events.run import (
     WorkflowDelegated,
 )
 from ckp_core.events.secret import SecretChecked, SecretCreated, SecretDeleted, SecretUpdated
+from ckp_core.events.trigger import (
+    TriggerDeleted,
+    TriggerDisabled,
+    TriggerEnabled,
+    TriggerFired,
+    TriggerFireSkipped,
+    TriggerRegistered,
+    TriggerUpdated,
+)
 from ckp_core.events.user import (
     LoginFailed,
     UserCreated,
@@ -235,6 +245,13 @@ __all__ = [
     "SubflowFailed",
     "SubflowStarted",
     "TemplateWarning",
+    "TriggerDeleted",
+    "TriggerDisabled",
+    "TriggerEnabled",
+    "TriggerFireSkipped",
+    "TriggerFired",
+    "TriggerRegistered",
+    "TriggerUpdated",
     "UnknownEvent",
     "Upcaster",
     "Upcasters",

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ckp_core.events import agent, api_key, approval, lease, procedure, project, run, secret, user
+from ckp_core.events import agent, api_key, approval, lease, procedure, project, run, secret, trigger, user
 from ckp_core.events.envelope import EventData, EventEnvelope
 
 
@@ -24,7 +24,7 @@ def _by_type(classes: Iterable[type[EventData]]) -> dict[str, type[EventData]]:
 
 
 EVENT_TYPES: Mapping[str, type[EventData]] = MappingProxyType(_by_type(
-    cls for module in (procedure, run, approval, project, agent, lease, user, api_key, secret)
+    cls for module in (procedure, run, approval, project, agent, lease, user, api_key, secret, trigger)
     for cls in module.EVENTS
 ))
 """Every event type's payload class, by type name."""
