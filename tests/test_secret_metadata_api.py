@@ -139,8 +139,13 @@ async def test_values_and_bad_input_are_refused_precisely(platform: Platform) ->
         assert events == []
     finally:
         await nc.close()
+    refusals = await audit_records(c, 2, category="secret_mgmt", resource_id="v2", outcome="rejected")
+    assert [(a["action"], a["meta"]["code"]) for a in refusals] == [("update", "secret_value_not_accepted")] * 2
+    created = await audit_records(c, 2, category="secret_mgmt", resource_id="v1", outcome="rejected")
+    assert [(a["action"], a["meta"]["code"]) for a in created] == [("create", "secret_value_not_accepted")] * 2
     everything = (await c.get("/api/audit", params={"limit": 500, "category": "secret_mgmt"})).text
     assert VALUE not in everything
+    assert "secret_value_not_accepted" in everything
 
 
 async def test_referenced_by_and_delete_in_use(platform: Platform) -> None:

@@ -112,7 +112,12 @@ async def refuse_values(request: Request) -> None:
     except (ValueError, UnicodeDecodeError):
         return  # the body's own validation answers malformed_json
     if isinstance(body, dict) and "value" in body:
-        raise ApiProblem("secret_value_not_accepted", VALUE_REFUSED, errors={"value": [VALUE_REFUSED]})
+        problem = ApiProblem("secret_value_not_accepted", VALUE_REFUSED, errors={"value": [VALUE_REFUSED]})
+        name = request.path_params.get("name", body.get("name"))
+        await auditing.decided(request, CATEGORY, "create" if request.method == "POST" else "update",
+                               resource_type="secret", resource_id=name if isinstance(name, str) else None,
+                               outcome="rejected", code=problem.code, detail=problem.detail)
+        raise problem
 
 
 NoValue = Annotated[None, Depends(refuse_values)]
