@@ -285,3 +285,84 @@ class DeleteRun(Command):
 
     run_id: str
     cleanup_id: str | None = None
+
+
+class UpsertTrigger(Command):
+    """``lo.cmd.trigger.upsert``: register or replace the trigger of one procedure version (api.md §10.2).
+
+    ``expected_revision`` (from ``If-Match``) must equal the registration's revision, and 0 means "must not
+    exist yet"; None: unconditional."""
+
+    AGGREGATE = "trigger"
+    VERB = "upsert"
+
+    procedure_id: str
+    version: str
+    trigger_type: str
+    schedule: str | None = None
+    timezone: str | None = None
+    webhook_secret: str | None = None
+    signature_scheme: str | None = None
+    event_source: str | None = None
+    input_vars: dict[str, Any] = Field(default_factory=dict)
+    dedupe_window_seconds: int = 0
+    max_concurrent_runs: int | None = None
+    enabled: bool = True
+    source: str = "api"
+    expected_revision: int | None = None
+
+
+class DeleteTrigger(Command):
+    """``lo.cmd.trigger.delete``: remove a registration."""
+
+    AGGREGATE = "trigger"
+    VERB = "delete"
+
+    procedure_id: str
+    version: str
+
+
+class EnableTrigger(Command):
+    """``lo.cmd.trigger.enable``."""
+
+    AGGREGATE = "trigger"
+    VERB = "enable"
+
+    procedure_id: str
+    version: str
+
+
+class DisableTrigger(Command):
+    """``lo.cmd.trigger.disable``."""
+
+    AGGREGATE = "trigger"
+    VERB = "disable"
+
+    procedure_id: str
+    version: str
+
+
+class FireTrigger(Command):
+    """``lo.cmd.trigger.fire``: fire a registration once (api.md §10.2–10.3). The triggers service checks the
+    dedupe window, creates the run through ``lo.cmd.run.create`` (``run_id`` chosen by the submitter, so a
+    redelivery creates the same run) and appends ``trigger_fired`` or ``trigger_fire_skipped``.
+
+    ``trigger_type`` is how the run starts (``manual`` for an operator's fire); ``dedupe_key`` is the delivery's
+    identity for the dedupe window (None: not deduplicated)."""
+
+    AGGREGATE = "trigger"
+    VERB = "fire"
+
+    procedure_id: str
+    version: str
+    run_id: str
+    trigger_type: str = "manual"
+    triggered_by: str | None = None
+    input_vars: dict[str, Any] = Field(default_factory=dict)
+    dedupe_key: str | None = None
+    source_detail: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def msg_id(self) -> str:
+        """``Nats-Msg-Id`` of the fire: ``fire:<command id>``."""
+        return f"fire:{self.command_id}"

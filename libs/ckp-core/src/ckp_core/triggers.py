@@ -1,0 +1,263 @@
+"""The trigger aggregate (api.md §10): one registration per procedure version, its state folded from its events,
+the per-type validation of §10.2 and the decisions on the registration commands.
+
+The triggers service decides with these functions; the gateway renders ``TriggerOut`` from the ``triggers``
+projection, which applies the same events.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+from ckp_core.commands import DeleteTrigger, DisableTrigger, EnableTrigger, UpsertTrigger
+from ckp_core.errors import CommandRefused
+from ckp_core.events import (
+    EventData,
+    EventEnvelope,
+    TriggerDeleted,
+    TriggerDisabled,
+    TriggerEnabled,
+    TriggerRegistered,
+    TriggerUpdated,
+    format_time,
+)
+
+TRIGGER_TYPES = ("scheduled", "webhook", "event", "file_watch")
+SIGNATURE_SCHEMES = ("timestamped", "body")
+SOURCES = ("api", "ckp")
+EVENT_PREFIX = "nats://"
+EVENT_ROOT = "lo.ext."
+CONFIG_FIELDS = ("trigger_type", "schedule", "timezone", "webhook_secret", "signature_scheme", "event_source",
+                 "input_vars", "dedupe_window_seconds", "max_concurrent_runs", "enabled", "source")
+"""The registration's configuration: what ``trigger_registered`` / ``trigger_updated`` carry."""
+MAX_SECRET_NAME = 200
+_CRON_FIELD = re.compile(r"^[A-Za-z0-9*/,\-?]+$")
+_SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$|^\*$|^>$")
+
+
+def trigger_id(procedure_id: str, version: str) -> str:
+    """The aggregate id of a registration: ``<procedure_id>@<version>``."""
+    return f"{procedure_id}@{version}"
+
+
+@dataclass
+class TriggerState:
+    """One registration as its events leave it; ``exists`` is False before registration and after deletion."""
+
+    trigger_id: str
+    seq: int = 0
+    position: int = 0
+    exists: bool = False
+    revision: int = 0
+    procedure_id: str | None = None
+    version: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    created_by: str | None = None
+    updated_at: str | None = None
+    last_fired_at: str | None = None
+    last_run_id: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.config.get("enabled", False))
+
+
+def evolve(state: TriggerState, ev: EventEnvelope, position: int) -> None:
+    """Apply one event of the trigger aggregate. ``revision`` (the ``ETag``) counts the registration's changes
+    since it was (last) created; fires do not change it."""
+    d = ev.data
+    state.seq, state.position = ev.seq, position
+    at = format_time(ev.occurred_at)
+    if ev.type in ("trigger_registered", "trigger_updated"):
+        if ev.type == "trigger_registered" or not state.exists:
+            state.created_at, state.created_by, state.revision = at, ev.actor.render(), 0
+            state.last_fired_at = state.last_run_id = None
+        state.exists = True
+        state.revision += 1
+        state.procedure_id, state.version = d.get("procedure_id"), d.get("version")
+        state.config = {name: d.get(name) for name in CONFIG_FIELDS}
+        state.updated_at = at
+    elif ev.type in ("trigger_enabled", "trigger_disabled") and state.exists:
+        state.config["enabled"] = ev.type == "trigger_enabled"
+        state.revision += 1
+        state.updated_at = at
+    elif ev.type == "trigger_deleted":
+        state.exists = False
+        state.updated_at = at
+    elif ev.type == "trigger_fired":
+        state.last_fired_at, state.last_run_id = at, d.get("run_id")
+
+
+def fold(trigger_id_: str, events: Iterable[tuple[EventEnvelope, int]]) -> TriggerState:
+    state = TriggerState(trigger_id_)
+    for ev, position in events:
+        evolve(state, ev, position)
+    return state
+
+
+# -- validation (api.md §10.2) ----------------------------------------------------------------------------------
+
+
+def valid_cron(expr: str) -> bool:
+    """A 5-field cron expression croniter accepts (names ``MON``…``SUN``, ``JAN``…``DEC`` allowed)."""
+    fields = expr.split()
+    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+        return False
+    try:
+        croniter(" ".join(fields))
+    except (ValueError, KeyError, TypeError):  # croniter's errors for malformed fields
+        return False
+    return True
+
+
+def valid_timezone(name: str) -> bool:
+    """An IANA zone name zoneinfo knows (no paths)."""
+    if not name or name.startswith("/") or ".." in name or name != name.strip():
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def event_subject(source: str) -> str | None:
+    """The subject of a ``nats://lo.ext.<topic…>`` source (``*`` and ``>`` wildcards allowed), else None."""
+    if not source.startswith(EVENT_PREFIX):
+        return None
+    subject = source[len(EVENT_PREFIX):]
+    tokens = subject.split(".")
+    if not subject.startswith(EVENT_ROOT) or len(tokens) < 3:
+        return None
+    if not all(_SUBJECT_TOKEN.match(t) for t in tokens) or ">" in tokens[:-1]:
+        return None
+    return subject
+
+
+def validate(cmd: UpsertTrigger) -> dict[str, Any]:
+    """The registration's configuration, normalised, or :class:`CommandRefused` with every failing field:
+    ``unsupported_event_source`` when that is the only fault, else ``validation_failed`` (422, ``errors`` keyed
+    by field)."""
+    errors: dict[str, list[str]] = {}
+    unsupported = False
+
+    def fail(name: str, message: str) -> None:
+        errors.setdefault(name, []).append(message)
+
+    ttype = cmd.trigger_type
+    config: dict[str, Any] = {"trigger_type": ttype, "schedule": None, "timezone": "UTC", "webhook_secret": None,
+                              "signature_scheme": "timestamped", "event_source": None,
+                              "input_vars": dict(cmd.input_vars), "dedupe_window_seconds": cmd.dedupe_window_seconds,
+                              "max_concurrent_runs": cmd.max_concurrent_runs, "enabled": cmd.enabled,
+                              "source": cmd.source}
+    if ttype not in TRIGGER_TYPES:
+        fail("trigger_type", f"Must be one of: {', '.join(TRIGGER_TYPES)}")
+    if cmd.source not in SOURCES:
+        fail("source", f"Must be one of: {', '.join(SOURCES)}")
+    if cmd.dedupe_window_seconds < 0:
+        fail("dedupe_window_seconds", "Must be 0 (off) or more")
+    if cmd.max_concurrent_runs is not None:
+        if cmd.max_concurrent_runs < 1:
+            fail("max_concurrent_runs", "Must be 1 or more, or null (no limit)")
+        else:
+            fail("max_concurrent_runs", "Concurrency limits on triggers are not implemented yet; leave it null")
+    if ttype == "scheduled":
+        if not cmd.schedule:
+            fail("schedule", "This field is required for a scheduled trigger")
+        elif not valid_cron(cmd.schedule):
+            fail("schedule", "Must be a 5-field cron expression (minute hour day month day_of_week)")
+        else:
+            config["schedule"] = " ".join(cmd.schedule.split())
+        if cmd.timezone is not None:
+            if valid_timezone(cmd.timezone):
+                config["timezone"] = cmd.timezone
+            else:
+                fail("timezone", f"Unknown IANA time zone '{cmd.timezone}'")
+    elif ttype == "webhook":
+        if not cmd.webhook_secret or not cmd.webhook_secret.strip():
+            fail("webhook_secret", "This field is required for a webhook trigger (the name of the signing secret)")
+        elif len(cmd.webhook_secret) > MAX_SECRET_NAME:
+            fail("webhook_secret", f"Must be at most {MAX_SECRET_NAME} characters")
+        else:
+            config["webhook_secret"] = cmd.webhook_secret
+        scheme = cmd.signature_scheme or "timestamped"
+        if scheme not in SIGNATURE_SCHEMES:
+            fail("signature_scheme", f"Must be one of: {', '.join(SIGNATURE_SCHEMES)}")
+        else:
+            config["signature_scheme"] = scheme
+            if scheme == "body" and cmd.dedupe_window_seconds <= 0:
+                fail("dedupe_window_seconds", "Must be greater than 0 with signature_scheme 'body' (replay "
+                     "protection rests on the dedupe window)")
+    elif ttype == "event":
+        if not cmd.event_source:
+            fail("event_source", "This field is required for an event trigger (nats://lo.ext.<topic>)")
+        elif event_subject(cmd.event_source) is None:
+            unsupported = True
+            fail("event_source", "Only nats:// sources under lo.ext.> are supported (e.g. "
+                 "nats://lo.ext.orders.created)")
+        else:
+            config["event_source"] = cmd.event_source
+    elif ttype == "file_watch":
+        if not cmd.event_source or not cmd.event_source.strip():
+            fail("event_source", "This field is required for a file_watch trigger (the watched path)")
+        else:
+            config["event_source"] = cmd.event_source
+    if errors:
+        if unsupported and list(errors) == ["event_source"]:
+            raise CommandRefused("unsupported_event_source", f"event source '{cmd.event_source}' is not supported; "
+                                 "use nats://lo.ext.<topic>", errors=errors)
+        raise CommandRefused("validation_failed", "the trigger registration is invalid", errors=errors)
+    return config
+
+
+# -- decisions ------------------------------------------------------------------------------------------------
+
+
+def _not_found(state: TriggerState) -> CommandRefused:
+    return CommandRefused("not_found", f"no trigger is registered for {state.trigger_id}", resource="trigger")
+
+
+def decide_upsert(state: TriggerState, cmd: UpsertTrigger) -> EventData | None:
+    """``trigger_registered`` (new), ``trigger_updated`` (changed) or nothing (the same configuration).
+    ``expected_revision`` that does not match → ``precondition_failed``."""
+    current = state.revision if state.exists else 0
+    if cmd.expected_revision is not None and cmd.expected_revision != current:
+        raise CommandRefused("precondition_failed", f"the trigger {state.trigger_id} is at revision {current}, "
+                             f"not {cmd.expected_revision}", current_revision=current)
+    config = validate(cmd)
+    if state.exists and state.config == config:
+        return None
+    cls = TriggerUpdated if state.exists else TriggerRegistered
+    return cls(procedure_id=cmd.procedure_id, version=cmd.version, **config)
+
+
+def decide_delete(state: TriggerState, cmd: DeleteTrigger) -> EventData:
+    if not state.exists:
+        raise _not_found(state)
+    return TriggerDeleted(procedure_id=cmd.procedure_id, version=cmd.version)
+
+
+def decide_enable(state: TriggerState, cmd: EnableTrigger) -> EventData | None:
+    """``trigger_enabled``, or nothing when it is enabled already."""
+    if not state.exists:
+        raise _not_found(state)
+    return None if state.enabled else TriggerEnabled(procedure_id=cmd.procedure_id, version=cmd.version)
+
+
+def decide_disable(state: TriggerState, cmd: DisableTrigger) -> EventData | None:
+    """``trigger_disabled``, or nothing when it is disabled already."""
+    if not state.exists:
+        raise _not_found(state)
+    return TriggerDisabled(procedure_id=cmd.procedure_id, version=cmd.version) if state.enabled else None
+
+
+def fire_inputs(state: TriggerState, given: dict[str, Any]) -> dict[str, Any]:
+    """The run's inputs: the registration's static ``input_vars`` with the fire's values over them."""
+    return {**(state.config.get("input_vars") or {}), **given}
