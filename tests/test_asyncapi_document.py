@@ -88,7 +88,9 @@ async def test_every_command_consumer_is_a_receive_operation(document: dict[str,
                 "lo.cmd.lease.>": {"RegisterAgent", "UpdateAgent", "RemoveAgent", "ReleaseLease"},
                 **{f"lo.cmd.run.{verb}": {"StartRun", "ResumeRun", "RetryRun", "CancelRun", "DeleteRun"}
                    for verb in ("start", "resume", "retry", "cancel", "delete")},
-                "lo.cmd.run.create": {"CreateRun"}}
+                "lo.cmd.run.create": {"CreateRun"},
+                "lo.cmd.trigger.>": {"UpsertTrigger", "DeleteTrigger", "EnableTrigger", "DisableTrigger",
+                                     "FireTrigger"}}
     for address, models in consumed.items():
         assert address in received, f"{address} is not consumed in the document"
         assert payload_schemas(document, received[address]) == models

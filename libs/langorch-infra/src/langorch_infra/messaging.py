@@ -213,6 +213,14 @@ APPROVAL_COMMANDS = Consumer(
     _commands(commands.RequestApproval, commands.DecideApproval),
     "Approval commands, decided by the approvals service: approval_requested, approval_decided (then "
     "lo.cmd.run.resume) or command_rejected on lo.evt.approval.<approval_id>.", owner="approvals")
+TRIGGER_COMMANDS = Consumer(
+    "triggers", COMMAND_STREAM, ("lo.cmd.trigger.>",),
+    _commands(commands.UpsertTrigger, commands.DeleteTrigger, commands.EnableTrigger, commands.DisableTrigger,
+              commands.FireTrigger),
+    "Trigger commands, decided by the triggers service (owner of the trigger aggregate): trigger_registered, "
+    "trigger_updated, trigger_deleted, trigger_enabled, trigger_disabled, trigger_fired (after the run's "
+    "lo.cmd.run.create) or trigger_fire_skipped, or command_rejected, on lo.evt.trigger.<trigger_id>.",
+    owner="triggers")
 AGENT_COMMANDS = Consumer(
     "runtime-agents", COMMAND_STREAM, ("lo.cmd.agent.>", "lo.cmd.lease.>"),
     _commands(commands.RegisterAgent, commands.UpdateAgent, commands.RemoveAgent, commands.ReleaseLease),
@@ -245,7 +253,8 @@ RUN_ENDS = Consumer(
     {f"lo.evt.run.*.{t}": _event_envelope(EVENT_TYPES[t]) for t in runs.END_EVENTS},
     "Run ends, read by the approvals service: the pending approvals of a run that ended are canceled "
     "(approval_canceled).", deliver_all=True, owner="approvals")
-CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_CREATIONS, RUN_ENDS)
+CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_CREATIONS, RUN_ENDS,
+             TRIGGER_COMMANDS)
 
 
 def _matches(pattern: str, subject: str) -> bool:

@@ -216,6 +216,14 @@ class ApprovalsSettings(CommonSettings):
     ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait of approval commands.")
 
 
+class TriggersSettings(CommonSettings):
+    """Settings of the triggers service (api.md §10)."""
+
+    ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait of trigger commands.")
+    fire_timeout_s: float = Field(20.0, gt=0, description="How long a fire waits for the run owner's answer to "
+                                  "its run creation before the command is redelivered.")
+
+
 class GatewaySettings(CommonSettings):
     """Settings of the gateway (REST/SSE API and projector)."""
 
