@@ -361,6 +361,7 @@ class FireTrigger(Command):
     input_vars: dict[str, Any] = Field(default_factory=dict)
     dedupe_key: str | None = None
     source_detail: dict[str, Any] = Field(default_factory=dict)
+    project_id: str | None = None
 
     @property
     def msg_id(self) -> str:

@@ -1,0 +1,1 @@
+"""LangOrch triggers service."""

@@ -1,0 +1,231 @@
+"""The triggers service: single writer of trigger aggregates (api.md §10), one per procedure version
+(``<procedure_id>@<version>``).
+
+* ``lo.cmd.trigger.upsert`` / ``.delete`` / ``.enable`` / ``.disable`` → ``trigger_registered``,
+  ``trigger_updated``, ``trigger_deleted``, ``trigger_enabled``, ``trigger_disabled`` | ``command_rejected``
+  (validation of §10.2, ``precondition_failed`` for a stale ``If-Match``, ``not_found``).
+* ``lo.cmd.trigger.fire`` → the dedupe check of §10.3 (key ``dedupe.<trigger>.<key>`` in KV ``lo_locks``, created
+  atomically), then the run's creation through the run owner's ``lo.cmd.run.create`` (the runtime decides it and
+  starts the run), then ``trigger_fired {run_id}`` | ``trigger_fire_skipped {outcome, reason}``.
+
+A fire's run id is chosen by its submitter and the creation carries the fire's command id, so a redelivered fire
+finds the same run (JetStream drops the republished creation) and records the same outcome.
+
+Not in this slice: schedules, webhook intake, the ``LO_EXT`` event consumer, file watches, concurrency slots
+(``max_concurrent_runs`` is refused at registration) and the sync from CKP ``trigger`` blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from ckp_core.commands import CreateRun, DeleteTrigger, DisableTrigger, EnableTrigger, FireTrigger, UpsertTrigger
+from ckp_core.errors import CommandRefused
+from ckp_core.events import EventData, EventEnvelope, TriggerFired, TriggerFireSkipped, format_time
+from ckp_core.eventstore import StoredEvent
+from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, LOCKS_BUCKET, aggregate_filter, kv_token
+from ckp_core.triggers import (
+    TriggerState,
+    decide_delete,
+    decide_disable,
+    decide_enable,
+    decide_upsert,
+    fire_inputs,
+    fold,
+    trigger_id,
+)
+from langorch_infra import messaging
+from langorch_infra.audit import AuditWriter
+from langorch_infra.bus import BusMetrics
+from langorch_infra.handling import CommandHandler
+from langorch_infra.hosting import ServiceHost, bus_checks
+from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follow, publish_command
+from langorch_infra.metrics import ObservedEventStore
+from langorch_infra.settings import TriggersSettings
+from langorch_triggers.metrics import VERSION, TriggersMetrics
+
+log = logging.getLogger(__name__)
+
+
+def dedupe_key(trigger: str, key: str) -> str:
+    """``lo_locks`` key of one delivery in a trigger's dedupe window: ``dedupe.<trigger>.<key>``."""
+    return f"dedupe.{kv_token(trigger)}.{kv_token(key)}"
+
+
+class TriggersService:
+    """One triggers replica."""
+
+    def __init__(self, settings: TriggersSettings) -> None:
+        self.settings = settings
+        self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.nc: NATS | None = None
+        self.metrics = TriggersMetrics()
+        self.bus = BusMetrics(self.metrics.registry, "triggers")
+        self.broker = messaging.broker(settings.nats_url, f"langorch-triggers-{self.instance}", self.bus, settings)
+        self.command_subscription = messaging.Subscription(
+            self.broker, messaging.TRIGGER_COMMANDS, ack_wait_s=settings.ack_wait_s).handle(self.handlers)
+
+    async def start(self) -> None:
+        self.nc = await messaging.connect(self.broker)
+        self.js: JetStreamContext = self.nc.jetstream()
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        self.store: JetStreamEventStore = ObservedEventStore(self.js, self.metrics.observe)
+        self.audit = AuditWriter(self.js)
+        self.locks: KeyValue = await self.js.key_value(LOCKS_BUCKET)
+
+    async def run(self) -> None:
+        """Handle trigger commands until cancelled."""
+        try:
+            await messaging.start_consuming(self.broker)
+            await asyncio.Event().wait()
+        finally:
+            await messaging.stop_consuming(self.broker)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):  # shutdown: a lost connection has nothing left to close
+            await messaging.close(self.broker, self.nc)
+
+    def leader_of(self) -> list[str]:
+        return []
+
+    async def ready_checks(self) -> dict[str, str]:
+        """NATS connected, the event and command streams and the lock bucket present (api.md §3)."""
+        return await bus_checks(self.nc, getattr(self, "js", None), (EVENT_STREAM, COMMAND_STREAM), (LOCKS_BUCKET,))
+
+    @property
+    def handlers(self) -> dict[str, messaging.Handler]:
+        return {messaging.command_subject_of(UpsertTrigger): self.on_upsert,
+                messaging.command_subject_of(DeleteTrigger): self.on_delete,
+                messaging.command_subject_of(EnableTrigger): self.on_enable,
+                messaging.command_subject_of(DisableTrigger): self.on_disable,
+                messaging.command_subject_of(FireTrigger): self.on_fire}
+
+    @property
+    def handler(self) -> CommandHandler[TriggerState]:
+        """Load → decide → append → audit on the trigger aggregate."""
+        return CommandHandler(self.store, "trigger", _fold, audit=self.audit)
+
+    async def load(self, procedure_id: str, version: str) -> TriggerState:
+        return (await self.handler.load(trigger_id(procedure_id, version))).state
+
+    # -- registrations --------------------------------------------------------------------------------------
+
+    async def on_upsert(self, cmd: UpsertTrigger) -> None:
+        await self.handler.handle(trigger_id(cmd.procedure_id, cmd.version), cmd,
+                                  lambda state: decide_upsert(state, cmd), command_type="upsert_trigger")
+
+    async def on_delete(self, cmd: DeleteTrigger) -> None:
+        await self.handler.handle(trigger_id(cmd.procedure_id, cmd.version), cmd,
+                                  lambda state: decide_delete(state, cmd), command_type="delete_trigger")
+
+    async def on_enable(self, cmd: EnableTrigger) -> None:
+        await self.handler.handle(trigger_id(cmd.procedure_id, cmd.version), cmd,
+                                  lambda state: decide_enable(state, cmd), command_type="enable_trigger")
+
+    async def on_disable(self, cmd: DisableTrigger) -> None:
+        await self.handler.handle(trigger_id(cmd.procedure_id, cmd.version), cmd,
+                                  lambda state: decide_disable(state, cmd), command_type="disable_trigger")
+
+    # -- fires ----------------------------------------------------------------------------------------------
+
+    async def on_fire(self, cmd: FireTrigger) -> None:
+        """Fire once: dedupe, create the run through its owner, record the outcome on the trigger."""
+        tid = trigger_id(cmd.procedure_id, cmd.version)
+
+        async def decide(state: TriggerState) -> EventData:
+            if not state.exists:
+                raise CommandRefused("not_found", f"no trigger is registered for {tid}", resource="trigger")
+            common: dict[str, Any] = {
+                "procedure_id": cmd.procedure_id, "version": cmd.version, "fire_id": cmd.command_id,
+                "trigger_type": cmd.trigger_type, "triggered_by": cmd.triggered_by,
+                "source_detail": cmd.source_detail}
+            window = int(state.config.get("dedupe_window_seconds") or 0)
+            claim: tuple[str, int] | None = None
+            if window > 0 and cmd.dedupe_key:
+                first = await self._claim(dedupe_key(tid, cmd.dedupe_key), cmd.run_id, window)
+                if isinstance(first, dict):
+                    return TriggerFireSkipped(
+                        **common, outcome="duplicate", reason="duplicate_delivery", run_id=first["run_id"],
+                        detail=f"the same delivery already started run {first['run_id']}",
+                        extra={"existing_run_id": first["run_id"], "first_seen_at": first["first_seen_at"]})
+                claim = (dedupe_key(tid, cmd.dedupe_key), first)
+            outcome = await self._create_run(state, cmd)
+            if outcome.type == "command_rejected":
+                if claim is not None:  # the delivery started nothing: a corrected retry is not a duplicate
+                    with contextlib.suppress(NatsError):
+                        await self.locks.delete(claim[0], last=claim[1])
+                data = outcome.data
+                return TriggerFireSkipped(**common, outcome="invalid", reason=str(data.get("code")),
+                                          detail=data.get("detail"), extra=dict(data.get("extra") or {}))
+            return TriggerFired(**common, run_id=cmd.run_id)
+
+        await self.handler.handle(tid, cmd, decide, command_type="fire_trigger")
+
+    async def _claim(self, key: str, run_id: str, window_s: int) -> dict[str, Any] | int:
+        """Create the dedupe key for this delivery (its revision), or the first delivery's record when one
+        within the window holds it. An expired record is replaced, revision-checked; a record naming this very
+        run is this fire's own claim (a redelivery)."""
+        value = json.dumps({"run_id": run_id, "first_seen_at": format_time(datetime.now(UTC))}).encode()
+        while True:
+            try:
+                return int(await self.locks.create(key, value))
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self.locks.get(key)
+            except KeyNotFoundError:
+                continue  # deleted meanwhile: create again
+            record: dict[str, Any] = json.loads(entry.value or b"{}")
+            revision = int(entry.revision or 0)
+            if record.get("run_id") == run_id:
+                return revision
+            seen = datetime.fromisoformat(str(record.get("first_seen_at")).replace("Z", "+00:00"))
+            if (datetime.now(UTC) - seen).total_seconds() < window_s:
+                return record
+            try:
+                return int(await self.locks.update(key, value, last=revision))
+            except KeyWrongLastSequenceError:
+                continue  # another delivery replaced it first: read again
+
+    async def _create_run(self, state: TriggerState, cmd: FireTrigger) -> EventEnvelope:
+        """Submit the run's creation to the runtime and return its outcome: ``run_created`` or
+        ``command_rejected`` (the first event of the run's aggregate, caused by this fire)."""
+        create = CreateRun(command_id=cmd.command_id, actor=cmd.actor, causation_id=cmd.causation_id,
+                           run_id=cmd.run_id, procedure_id=cmd.procedure_id, procedure_version=cmd.version,
+                           input_vars=fire_inputs(state, cmd.input_vars), trigger_type=cmd.trigger_type,
+                           triggered_by=cmd.triggered_by, root_run_id=cmd.run_id, project_id=cmd.project_id)
+        await publish_command(self.js, create, msg_id=create.msg_id)
+        async with asyncio.timeout(self.settings.fire_timeout_s):
+            async for stored in follow(self.js, aggregate_filter("run", cmd.run_id)):
+                if stored.envelope.causation_id == cmd.command_id:
+                    return stored.envelope
+        raise AssertionError("unreachable: follow never ends")  # pragma: no cover
+
+
+def _fold(tid: str, history: Sequence[StoredEvent]) -> TriggerState:
+    return fold(tid, ((e.envelope, e.position) for e in history))
+
+
+def host(settings: TriggersSettings) -> ServiceHost:
+    """One triggers replica with its presence key and its /metrics, /health and /ready."""
+    service = TriggersService(settings)
+    return ServiceHost("triggers", VERSION, settings, [service], service.metrics.registry)
+
+
+async def serve(settings: TriggersSettings, *, metrics_port: int | None = None) -> None:
+    """Run one triggers replica until cancelled (``metrics_port`` 0: no HTTP endpoint)."""
+    await host(settings).serve(metrics_port)
