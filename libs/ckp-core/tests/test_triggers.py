@@ -113,12 +113,13 @@ def test_cron_needs_exactly_five_valid_fields() -> None:
     assert not valid_cron("0 25 * * *")
 
 
-def test_a_replacement_is_an_update_and_the_same_configuration_changes_nothing() -> None:
+def test_a_replacement_is_an_update_even_with_the_same_configuration() -> None:
     registered = decide_upsert(TriggerState(TID), upsert(trigger_type="webhook", webhook_secret="hook"))
     assert registered is not None
     state = apply(registered)
     assert (state.exists, state.revision, state.enabled) == (True, 1, True)
-    assert decide_upsert(state, upsert(trigger_type="webhook", webhook_secret="hook")) is None
+    same = decide_upsert(state, upsert(trigger_type="webhook", webhook_secret="hook"))
+    assert same.TYPE == "trigger_updated"
     updated = decide_upsert(state, upsert(trigger_type="webhook", webhook_secret="hook2", expected_revision=1))
     assert updated is not None
     assert updated.TYPE == "trigger_updated"
@@ -143,12 +144,13 @@ def test_enable_disable_and_delete() -> None:
     registered = decide_upsert(TriggerState(TID), upsert(trigger_type="webhook", webhook_secret="hook"))
     assert registered is not None
     state = apply(registered)
-    assert decide_enable(state, EnableTrigger(actor=OPERATOR, procedure_id="invoice", version="1.0.0")) is None
+    assert decide_enable(state, EnableTrigger(actor=OPERATOR, procedure_id="invoice", version="1.0.0")).TYPE == (
+        "trigger_enabled")
     disabled = decide_disable(state, DisableTrigger(actor=OPERATOR, procedure_id="invoice", version="1.0.0"))
     assert disabled is not None
     state = apply(registered, disabled)
     assert (state.enabled, state.revision) == (False, 2)
-    assert decide_disable(state, DisableTrigger(actor=OPERATOR, procedure_id="invoice", version="1.0.0")) is None
+    assert not apply(registered, disabled, disabled).enabled
     deleted = decide_delete(state, DeleteTrigger(actor=OPERATOR, procedure_id="invoice", version="1.0.0"))
     state = apply(registered, disabled, deleted)
     assert not state.exists

@@ -224,16 +224,15 @@ def _not_found(state: TriggerState) -> CommandRefused:
     return CommandRefused("not_found", f"no trigger is registered for {state.trigger_id}", resource="trigger")
 
 
-def decide_upsert(state: TriggerState, cmd: UpsertTrigger) -> EventData | None:
-    """``trigger_registered`` (new), ``trigger_updated`` (changed) or nothing (the same configuration).
-    ``expected_revision`` that does not match → ``precondition_failed``."""
+def decide_upsert(state: TriggerState, cmd: UpsertTrigger) -> EventData:
+    """``trigger_registered`` (new) or ``trigger_updated`` (a replacement, also with the same configuration: every
+    accepted command is an event the submitter can wait for). ``expected_revision`` that does not match →
+    ``precondition_failed``."""
     current = state.revision if state.exists else 0
     if cmd.expected_revision is not None and cmd.expected_revision != current:
         raise CommandRefused("precondition_failed", f"the trigger {state.trigger_id} is at revision {current}, "
                              f"not {cmd.expected_revision}", current_revision=current)
     config = validate(cmd)
-    if state.exists and state.config == config:
-        return None
     cls = TriggerUpdated if state.exists else TriggerRegistered
     return cls(procedure_id=cmd.procedure_id, version=cmd.version, **config)
 
@@ -244,18 +243,18 @@ def decide_delete(state: TriggerState, cmd: DeleteTrigger) -> EventData:
     return TriggerDeleted(procedure_id=cmd.procedure_id, version=cmd.version)
 
 
-def decide_enable(state: TriggerState, cmd: EnableTrigger) -> EventData | None:
-    """``trigger_enabled``, or nothing when it is enabled already."""
+def decide_enable(state: TriggerState, cmd: EnableTrigger) -> EventData:
+    """``trigger_enabled`` (also when it is enabled already: the answer is the same event)."""
     if not state.exists:
         raise _not_found(state)
-    return None if state.enabled else TriggerEnabled(procedure_id=cmd.procedure_id, version=cmd.version)
+    return TriggerEnabled(procedure_id=cmd.procedure_id, version=cmd.version)
 
 
-def decide_disable(state: TriggerState, cmd: DisableTrigger) -> EventData | None:
-    """``trigger_disabled``, or nothing when it is disabled already."""
+def decide_disable(state: TriggerState, cmd: DisableTrigger) -> EventData:
+    """``trigger_disabled`` (also when it is disabled already)."""
     if not state.exists:
         raise _not_found(state)
-    return TriggerDisabled(procedure_id=cmd.procedure_id, version=cmd.version) if state.enabled else None
+    return TriggerDisabled(procedure_id=cmd.procedure_id, version=cmd.version)
 
 
 def fire_inputs(state: TriggerState, given: dict[str, Any]) -> dict[str, Any]:
