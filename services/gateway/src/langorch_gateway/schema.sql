@@ -311,3 +311,43 @@ CREATE TABLE IF NOT EXISTS secrets (
     seq           integer NOT NULL,
     position      bigint NOT NULL
 );
+
+-- issue 16: trigger registrations and their fires (api.md §10), from the trigger aggregate's events
+CREATE TABLE IF NOT EXISTS triggers (
+    trigger_id             text PRIMARY KEY,
+    procedure_id           text NOT NULL,
+    version                text NOT NULL,
+    trigger_type           text NOT NULL,
+    schedule               text,
+    timezone               text NOT NULL,
+    webhook_secret         text,
+    signature_scheme       text NOT NULL,
+    event_source           text,
+    input_vars             jsonb NOT NULL,
+    dedupe_window_seconds  integer NOT NULL,
+    max_concurrent_runs    integer,
+    enabled                boolean NOT NULL,
+    source                 text NOT NULL,
+    revision               integer NOT NULL,
+    created_at             timestamptz NOT NULL,
+    created_by             text NOT NULL,
+    updated_at             timestamptz NOT NULL,
+    last_fired_at          timestamptz,
+    last_run_id            text,
+    seq                    integer NOT NULL,
+    position               bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS triggers_procedure ON triggers (procedure_id, version);
+CREATE TABLE IF NOT EXISTS trigger_fires (
+    fire_id        text PRIMARY KEY,
+    trigger_id     text NOT NULL,
+    fired_at       timestamptz NOT NULL,
+    outcome        text NOT NULL,
+    reason         text,
+    run_id         text,
+    trigger_type   text NOT NULL,
+    triggered_by   text,
+    source_detail  jsonb NOT NULL,
+    position       bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trigger_fires_trigger ON trigger_fires (trigger_id, fired_at DESC, fire_id);
