@@ -14,6 +14,7 @@ batch transaction; every row derives from events only, so a rebuild by replay gi
 * :mod:`.run_artifacts` — ``run_artifacts`` (§5.9)
 * :mod:`.users` — ``users``, ``api_keys`` (§2.3)
 * :mod:`.secrets` — ``secrets``, secret metadata records (§11)
+* :mod:`.triggers` — ``triggers``, ``trigger_fires`` (§10)
 * :mod:`.audit` — ``audit_log`` (§12), from ``LO_AUDIT``
 """
 
@@ -26,6 +27,7 @@ from langorch_gateway.projections import (
     run_events,
     runs,
     secrets,
+    triggers,
     users,
 )
 from langorch_gateway.projections.audit import apply_audit_entry
@@ -35,7 +37,7 @@ from langorch_gateway.projections.procedures import search_text
 PROJECTIONS: tuple[Projection, ...] = (
     procedures.PROJECTION, projects.PROJECTION, agents.PROJECTION, approvals.PROJECTION, run_events.PROJECTION,
     runs.PROJECTION, run_artifacts.PROJECTION, users.USERS, users.API_KEYS,
-    secrets.PROJECTION,
+    secrets.PROJECTION, triggers.PROJECTION,
 )
 """Every projection of ``LO_EVT``, in the order each event is applied to them."""
 
