@@ -9,6 +9,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ckp_core.schedules import (
     MISFIRE_GRACE_S,
@@ -292,3 +294,23 @@ def test_file_watch_unreadable_look_keeps_the_baseline() -> None:
 def test_file_watch_inputs() -> None:
     assert file_watch_inputs("/data/in.csv", 1_767_225_600_123_456_000) == {
         "file_watch_path": "/data/in.csv", "file_mtime": "2026-01-01T00:00:00.123456Z"}
+
+
+# --- properties -------------------------------------------------------------------------------------------------
+
+EXPRESSIONS = ["* * * * *", "*/7 * * * *", "0 * * * *", "30 2 * * *", "15 1,2,3 * * 0"]
+ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(expr=st.sampled_from(EXPRESSIONS), zone=st.sampled_from(ZONES),
+       start=st.integers(min_value=0, max_value=400 * 24 * 3600), gap=st.integers(min_value=1, max_value=6 * 3600))
+def test_property_every_slot_is_either_due_or_missed_exactly_once(expr, zone, start, gap) -> None:
+    schedule = Schedule.parse(expr, zone)
+    last = utc(2026, 1, 1) + timedelta(seconds=start)
+    now = last + timedelta(seconds=gap)
+    plan = plan_slots(schedule, last, now, max_missed=10_000)
+    assert not plan.missed_truncated
+    assert plan.missed + plan.due == schedule.slots_between(last, now)
+    assert all((now - s).total_seconds() <= MISFIRE_GRACE_S for s in plan.due)
+    assert all((now - s).total_seconds() > MISFIRE_GRACE_S for s in plan.missed)

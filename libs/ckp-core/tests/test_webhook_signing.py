@@ -10,6 +10,8 @@ import hmac
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ckp_core.webhook_signing import (
     MAX_SIGNATURE_VALUES,
@@ -290,3 +292,20 @@ def test_event_payload_mapping(payload, expected) -> None:
 
 def test_event_message_id_absent_without_header_or_sequence() -> None:
     assert event_message_inputs("lo.ext.a", b"{}")["event_message_id"] is None
+
+
+# --- properties -------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(secret=st.binary(min_size=1, max_size=64), body=st.binary(max_size=512),
+       ts=st.integers(min_value=0, max_value=10**11), flip=st.integers(min_value=0))
+def test_property_sign_verify_round_trip_and_any_flipped_byte_fails(secret, body, ts, flip) -> None:
+    headers = signature_headers(secret, body, timestamp=ts)
+    digest = hmac.new(secret, f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    assert headers == {TIMESTAMP_HEADER: str(ts), SIGNATURE_HEADER: f"sha256={digest}"}
+    assert verify_signature(secret, body, headers, now=lambda: ts).ok
+    if body:
+        i = flip % len(body)
+        tampered = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1:]
+        assert verify_signature(secret, tampered, headers, now=lambda: ts).problem_code == "invalid_signature"
