@@ -103,6 +103,15 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/api/approvals/stream"): "viewer",
     ("GET", "/api/approvals/{approval_id}"): "viewer",
     ("POST", "/api/approvals/{approval_id}/decision"): "approver",
+    # §10 triggers (sync and the webhook intake are not served yet)
+    ("GET", "/api/triggers"): "viewer",
+    ("GET", "/api/triggers/{procedure_id}/{version}"): "viewer",
+    ("POST", "/api/triggers/{procedure_id}/{version}"): "operator",
+    ("DELETE", "/api/triggers/{procedure_id}/{version}"): "operator",
+    ("POST", "/api/triggers/{procedure_id}/{version}/enable"): "operator",
+    ("POST", "/api/triggers/{procedure_id}/{version}/disable"): "operator",
+    ("POST", "/api/triggers/{procedure_id}/{version}/fire"): "operator",
+    ("GET", "/api/triggers/{procedure_id}/{version}/fires"): "viewer",
     # §7 agents, §8 leases
     ("GET", "/api/agents"): "viewer",
     ("POST", "/api/agents"): "operator",

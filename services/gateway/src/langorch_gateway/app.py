@@ -57,6 +57,7 @@ from langorch_gateway import (
     routes_run_graph,
     routes_runs_more,
     routes_secrets,
+    routes_triggers,
     routes_users,
     run_creation,
     users,
@@ -245,6 +246,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.include_router(routes_secrets.router)
     app.include_router(routes_agents.router)
     app.include_router(routes_approvals.router)
+    app.include_router(routes_triggers.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_commands.router)
     app.include_router(routes_config.router)
