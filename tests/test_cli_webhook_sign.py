@@ -157,3 +157,15 @@ def test_empty_secret_file_and_bad_scheme(tmp_path: Path, body_file: Path) -> No
     result = runner.invoke(app, ["webhook", "sign", "--secret-file", str(empty), "--scheme", "md5", str(body_file)])
     assert result.exit_code == 2
     assert "md5" in result.stderr
+
+
+def test_the_docs_python_snippet_signs_what_the_gateway_verifies() -> None:
+    page = (Path(__file__).parents[1] / "docs" / "operations" / "webhooks-signing.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in page.split("```python\n")[1:]]
+    assert len(blocks) == 1
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], "webhooks-signing.md", "exec"), namespace)
+    headers = namespace["langorch_headers"](SECRET.encode(), BODY)  # type: ignore[operator]
+    assert verify_signature(SECRET, BODY, headers).ok
+    ts = int(headers["X-LangOrch-Timestamp"])
+    assert headers["X-LangOrch-Signature"] == "sha256=" + hexmac(SECRET, f"{ts}.".encode() + BODY)
