@@ -27,11 +27,18 @@ from langorch_approvals.service import ApprovalsService
 from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
 from langorch_infra.embedded import free_port
-from langorch_infra.settings import ApprovalsSettings, CompilerSettings, GatewaySettings, RuntimeSettings
+from langorch_infra.settings import (
+    ApprovalsSettings,
+    CompilerSettings,
+    GatewaySettings,
+    RuntimeSettings,
+    TriggersSettings,
+)
 from langorch_runtime.agents import AgentService
 from langorch_runtime.creation import RunCreation
 from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.service import RuntimeService
+from langorch_triggers.service import TriggersService
 
 if TYPE_CHECKING:
     from tests.scripted_agent import ScriptedAgent
@@ -278,6 +285,7 @@ class Platform:
     approvals_service: Any = None
     runtime_service: Any = None
     compiler_service: Any = None
+    triggers_service: Any = None
 
 
 async def _settled(task: asyncio.Task[Any]) -> None:
@@ -298,14 +306,16 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                       runtime_settings: dict[str, Any] | None = None,
                       gateway_settings: dict[str, Any] | None = None, approvals: bool = True,
                       approvals_settings: dict[str, Any] | None = None,
-                      queries: bool = True, creation: bool = True) -> AsyncIterator[Platform]:
+                      queries: bool = True, creation: bool = True,
+                      triggers: bool = False) -> AsyncIterator[Platform]:
     """The services of one test in this process, the gateway serving real HTTP on a free port (stopped in the
     reverse order when the block ends).
 
     ``queries``: the runtime's read side (checkpoints, step records, leases, agent liveness), which the gateway
     asks over NATS; it executes nothing, so it runs unless a test checks the gateway without any runtime.
     ``creation``: the runtime's run creation (lo.cmd.run.create); it executes nothing either, so runs are created
-    (and their start commands wait) also without ``runtime``, as when the gateway created them itself."""
+    (and their start commands wait) also without ``runtime``, as when the gateway created them itself.
+    ``triggers``: the triggers service (api.md §10), off unless a test is about triggers."""
     env = {"nats_url": nats_url, "database_url": database_url}
     port = free_port()
     # auth off unless the test's gateway_settings turn it on: these tests are about other things than credentials
@@ -313,7 +323,7 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
     async with (serve_app(app, port, lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, what="the gateway"),
                 _services(env, port, app, runtime=runtime, agents=agents, runtime_settings=runtime_settings,
                           approvals=approvals, approvals_settings=approvals_settings, queries=queries,
-                          creation=creation) as platform):
+                          creation=creation, triggers=triggers) as platform):
         yield platform
 
 
@@ -321,7 +331,7 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
 async def _services(env: dict[str, str], port: int, app: Any, *, runtime: bool, agents: bool,
                     runtime_settings: dict[str, Any] | None, approvals: bool,
                     approvals_settings: dict[str, Any] | None, queries: bool,
-                    creation: bool) -> AsyncIterator[Platform]:
+                    creation: bool, triggers: bool = False) -> AsyncIterator[Platform]:
     nats_url, database_url = env["nats_url"], env["database_url"]
     compiler = CompilerService(CompilerSettings(**env))
     await compiler.start()
@@ -352,11 +362,16 @@ async def _services(env: dict[str, str], port: int, app: Any, *, runtime: bool, 
         approvals_service = ApprovalsService(ApprovalsSettings(**env, **(approvals_settings or {})))
         await approvals_service.start()
         tasks.append(asyncio.create_task(approvals_service.run()))
+    triggers_service = None
+    if triggers:
+        triggers_service = TriggersService(TriggersSettings(**env))
+        await triggers_service.start()
+        tasks.append(asyncio.create_task(triggers_service.run()))
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=30) as client:
         try:
             yield Platform(base, nats_url, database_url, client, app, agent_service, approvals_service,
-                           runtime_service, compiler)
+                           runtime_service, compiler, triggers_service)
         finally:
             for t in tasks:
                 t.cancel()
@@ -368,6 +383,8 @@ async def _services(env: dict[str, str], port: int, app: Any, *, runtime: bool, 
                 await _stopping("the agent service", agent_service.stop())
             if approvals_service is not None:
                 await _stopping("the approvals service", approvals_service.stop())
+            if triggers_service is not None:
+                await _stopping("the triggers service", triggers_service.stop())
             if runtime_queries is not None:
                 await _stopping("the runtime queries", runtime_queries.stop())
             if run_creation is not None:
