@@ -294,6 +294,8 @@ def test_file_watch_unreadable_look_keeps_the_baseline() -> None:
 def test_file_watch_inputs() -> None:
     assert file_watch_inputs("/data/in.csv", 1_767_225_600_123_456_000) == {
         "file_watch_path": "/data/in.csv", "file_mtime": "2026-01-01T00:00:00.123456Z"}
+    assert file_watch_inputs("/x", 4_102_444_799_999_999_999)["file_mtime"] == "2099-12-31T23:59:59.999999Z"
+    assert file_watch_inputs("/x", 0)["file_mtime"] == "1970-01-01T00:00:00.000000Z"
 
 
 # --- properties -------------------------------------------------------------------------------------------------

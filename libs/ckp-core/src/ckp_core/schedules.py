@@ -249,5 +249,6 @@ def detect_change(previous: FileState | None, current: FileState) -> FileChange:
 
 def file_watch_inputs(path: str, mtime_ns: int) -> dict[str, str]:
     """The run inputs of a file-watch fire: ``{file_watch_path, file_mtime}`` (RFC 3339 UTC, microseconds)."""
-    mtime = datetime.fromtimestamp(mtime_ns / 1_000_000_000, tz=UTC)
-    return {"file_watch_path": path, "file_mtime": mtime.isoformat().replace("+00:00", "Z")}
+    seconds, nanos = divmod(mtime_ns, 1_000_000_000)  # integer arithmetic: a float loses the microseconds
+    mtime = datetime.fromtimestamp(seconds, tz=UTC) + timedelta(microseconds=nanos // 1000)
+    return {"file_watch_path": path, "file_mtime": mtime.isoformat(timespec="microseconds").replace("+00:00", "Z")}
