@@ -289,6 +289,7 @@ async def status_of(c: httpx.AsyncClient, method: str, path: str, headers: dict[
         return r.status_code, None
 
 
+@pytest.mark.integration
 async def test_every_route_answers_every_principal_as_documented(platform: Platform) -> None:
     c = platform.client
     keys = await role_keys(c)
@@ -325,6 +326,7 @@ async def test_every_route_answers_every_principal_as_documented(platform: Platf
     assert checked == documented * 7
 
 
+@pytest.mark.integration
 async def test_prod_promotion_and_rollback_need_admin(platform: Platform) -> None:
     c = platform.client
     keys = await role_keys(c)
@@ -338,6 +340,7 @@ async def test_prod_promotion_and_rollback_need_admin(platform: Platform) -> Non
         assert r.status_code == 404, r.text
 
 
+@pytest.mark.integration
 async def test_open_routes_answer_without_a_principal(platform: Platform) -> None:
     c = platform.client
     for path in ("/api/health", "/api/ready", "/openapi.json", "/docs", "/redoc", "/metrics"):
