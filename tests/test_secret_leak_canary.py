@@ -1,9 +1,10 @@
 """No secret value leaks (issue 15's acceptance, api.md §1.7): one run uses a unique canary value from each
 provider — env, vault (local HTTPS Vault), aws (moto's server) and azure (local HTTPS Key Vault) — as the key of
-internal operations (the value in memory) and as parameters of an HTTP agent's step (credential grants the agent
-redeems at the gateway). Afterwards no canary appears in any message of any stream of the NATS server (``LO_EVT``,
-``LO_AUDIT``, ``LO_CMD``, every KV bucket and object store), in any table of the test database (LangGraph's
-checkpoints included), or in the captured logs of the services."""
+internal operations (the value in memory), as parameters of an HTTP agent's step (credential grants the agent
+redeems at the gateway) and as the argument of an MCP tool that echoes it in its result. Afterwards no canary
+appears in any message of any stream of the NATS server (``LO_EVT``, ``LO_AUDIT``, ``LO_CMD``, every KV bucket and
+object store), in any table of the test database (LangGraph's checkpoints included), in the captured logs of the
+services, or in the API's answers."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from tests.fake_azure_keyvault import FakeKeyVault
 from tests.fake_tls import ServerCertificates, make_certificates
 from tests.fake_vault import FakeVault
 from tests.helpers import events_of, platform_of, register_agent, wait_status
+from tests.mcp_server import running_mcp
 from tests.scripted_agent import ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration
@@ -54,19 +56,22 @@ def document(azure_url: str) -> dict[str, Any]:
             "env_s": "canary-env", "vault_s": "canary-vault", "azure_s": "canary-azure",
             "aws_s": {"key": "canary-aws", "provider": "aws"}}}},
         "workflow_graph": {"start_node": "crypto", "nodes": {
-            "crypto": {"type": "processing", "next_node": "login", "operations": [
+            "crypto": {"type": "processing", "next_node": "tool", "operations": [
                 *hashes,
                 {"action": "encrypt", "value": "hello", "key": "{{secrets.vault_s}}", "output_variable": "cipher"},
                 {"action": "decrypt", "value": "{{cipher}}", "key": "{{secrets.vault_s}}",
                  "output_variable": "plain"},
                 {"action": "log", "message": "hashed {{h_env}} {{h_vault}} {{h_aws}} {{h_azure}}, got {{plain}}"}]},
+            "tool": {"type": "sequence", "agent": "TOOLS", "next_node": "login", "steps": [
+                {"step_id": "price", "action": "lookup_price", "params": {"sku": "{{secrets.aws_s}}"},
+                 "output_variable": "priced"}]},
             "login": {"type": "sequence", "agent": "PORTAL", "next_node": "done", "steps": [
                 {"step_id": "sign_in", "action": "sign_in", "params": {
                     "env": "{{secrets.env_s}}", "vault": "{{secrets.vault_s}}", "aws": "{{secrets.aws_s}}",
                     "azure": "login with {{secrets.azure_s}} please"}}]},
             "done": {"type": "terminate", "outputs": {
                 "h_env": "{{h_env}}", "h_vault": "{{h_vault}}", "h_aws": "{{h_aws}}", "h_azure": "{{h_azure}}",
-                "plain": "{{plain}}", "login": "{{sign_in_result}}"}},
+                "plain": "{{plain}}", "login": "{{sign_in_result}}", "sku": "{{priced.sku}}"}},
         }},
     }
 
@@ -175,8 +180,11 @@ async def test_canaries_from_every_provider_never_leak(nats_url: str, database_u
             for name in ("canary-vault", "canary-azure"):  # check resolves in the gateway, answers no value
                 r = await c.post(f"/api/secrets/{name}/check")
                 assert (r.status_code, r.json()["ok"]) == (200, True), r.text
-            async with serving(ScriptedAgent({"sign_in": sign_in})) as agent:
+            async with serving(ScriptedAgent({"sign_in": sign_in})) as agent, running_mcp() as tools:
                 await register_agent(c, agent, "PORTAL")
+                r = await c.post("/api/agents", json={"name": "tools", "channel": "TOOLS", "base_url": tools.url,
+                                                      "protocol": "mcp", "capabilities": ["lookup_price"]})
+                assert r.status_code == 201, r.text
                 r = await c.post("/api/procedures", json={"ckp_json": document(key_vault.url)})
                 assert r.status_code == 201, r.text
                 r = await c.post("/api/runs", json={"procedure_id": "canary_run", "procedure_version": "1"})
@@ -188,6 +196,9 @@ async def test_canaries_from_every_provider_never_leak(nats_url: str, database_u
                 assert out[f"h_{provider}"] == hmac.new(canary.encode(), b"data", hashlib.sha256).hexdigest()
             assert out["plain"] == "***REDACTED***"  # a decrypt output is sensitive (ckp.md §7.15)
             assert redeemed == CANARIES
+            # the MCP tool got the value itself (redeemed in memory at dispatch) and echoed it in its result
+            assert [call["arguments"] for call in tools.calls] == [{"sku": CANARIES["aws"]}]
+            assert out["sku"] == "***REDACTED***"  # masked before it became a variable
             [params] = [a["params"] for a in agent.requests]
             assert not any(canary in json.dumps(params) for canary in CANARIES.values())  # grants, not values
             api_answers = json.dumps([await events_of(c, run["run_id"]),

@@ -68,6 +68,7 @@ class RunContext:
     recovery_grace_ms: int = RECOVERY_GRACE_MS  # LANGORCH_RECOVERY_GRACE_S: the recovery path's time past the deadline
     _in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
     _woken: set[str] = field(default_factory=set, init=False, repr=False)  # frames a child ended in while running
+    _secrets_handed: set[str] = field(default_factory=set, init=False, repr=False)  # values and grants (§7.15)
 
     @property
     def root_run_id(self) -> str:

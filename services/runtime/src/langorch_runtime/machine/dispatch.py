@@ -24,6 +24,7 @@ from ckp_core.events import (
 )
 from ckp_core.ids import new_id
 from ckp_core.ir import NodeIR, StepIR
+from ckp_core.redaction import REDACTED
 from langorch_infra.callbacks import GRACE_S, make_token
 from langorch_runtime.errors import StepError
 from langorch_runtime.machine.context import RunContext
@@ -252,10 +253,13 @@ class Dispatching(RunContext):
             if self.secrets is None:
                 raise StepError(ErrorObject(code="secret_not_found", message=f"secret '{ref.alias}' ({name}) "
                                             "has no value: no secret provider is configured here"))
-            value: Any
-            if internal:
-                value = await self.secrets.resolve(name, provider=provider, url=config.vault_url, field=fld)
-            else:
+            # resolved now in both cases: a provider failure fails the step here (secret_not_found or the retryable
+            # secret_unavailable), and the value is masked in the run's events even when an agent's grant or an MCP
+            # tool's argument (redeemed in memory at dispatch) brings it back in a result
+            resolved = await self.secrets.resolve(name, provider=provider, url=config.vault_url, field=fld)
+            handed.add(resolved)
+            value: Any = resolved
+            if not internal:
                 value = self.secrets.grant(run_id=self.run.run_id, secret_name=name, node_id=node.id,
                                            step_id=step_id, field=fld, provider=provider, url=config.vault_url)
             handed.add(str(value))
@@ -265,6 +269,29 @@ class Dispatching(RunContext):
                     entry[ref.field] = value
             else:
                 layer[ref.alias] = value
+        self._secrets_handed.update(h for h in handed if len(h) >= 4)
         if self.on_sensitive is not None:
             self.on_sensitive(set(), handed)
         return {"secrets": layer}
+
+    def mask_secrets(self, value: Any) -> Any:
+        """``value`` with every secret value or grant handed out by this execution replaced by ``***REDACTED***``
+        (ckp.md §7.14: an agent's or MCP tool's answer that echoes one keeps it out of variables, step records and
+        checkpoints, not only out of events)."""
+        if not self._secrets_handed:
+            return value
+        return mask_values(value, sorted(self._secrets_handed, key=len, reverse=True))
+
+
+def mask_values(value: Any, secrets: list[str]) -> Any:
+    """A copy of a JSON value with each of ``secrets`` (longest first) masked inside its strings and keys."""
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {mask_values(k, secrets): mask_values(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_values(v, secrets) for v in value]
+    return value

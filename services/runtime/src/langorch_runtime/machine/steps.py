@@ -384,7 +384,7 @@ class StepRunner(Dispatching):
         """A step succeeded: artifacts, output variable and mappings, the completed record, ``wait_after_ms``."""
         node, step, step_id, fs, attempt = call.node, call.step, call.step_id, call.fs, call.attempt
         if result is not None and step.binding.kind != "internal":
-            result = await self.harvest(node, step_id, fs, attempt, result)
+            result = await self.harvest(node, step_id, fs, attempt, self.mask_secrets(result))
         if step.output_variable:
             writes[step.output_variable] = result
         if step.output_mapping:
@@ -439,7 +439,8 @@ class StepRunner(Dispatching):
                             error: ErrorObject) -> None:
         await self.steps.put(identity, StepRecord(status="failed", attempt=attempt, idempotency_key=key,
                                                   node_id=node.id, step_id=step_id, frame=fs,
-                                                  result={"error": dump(error)}, updated_at=now_iso()))
+                                                  result={"error": self.mask_secrets(dump(error))},
+                                                  updated_at=now_iso()))
 
     # -- error handlers at step scope (§4.10) ------------------------------------------------------------------------
     async def step_handlers(self, state: RunState, frame: Frame, current: NodeState, call: StepCall,
