@@ -274,6 +274,7 @@ async def fire_trigger(principal: auth.Operator, request: Request, db: deps.Pool
         return pending(command.command_id, "fire_trigger")
     raise_if_rejected(outcome)
     data = outcome.envelope.data
+    projected = await ryw(request, outcome.position)  # the fire is in the history when the answer arrives
     if outcome.envelope.type == "trigger_fire_skipped":
         extra: dict[str, Any] = dict(data.get("extra") or {})
         errors = extra.pop("errors", None)
@@ -281,7 +282,6 @@ async def fire_trigger(principal: auth.Operator, request: Request, db: deps.Pool
             raise ApiProblem("duplicate_delivery", str(data.get("detail") or "duplicate delivery"), **extra)
         raise ApiProblem(str(data.get("reason")), str(data.get("detail") or data.get("reason")), errors=errors,
                          **extra)
-    projected = await ryw(request, outcome.position)
     run_id = str(data["run_id"])
     return JSONResponse(
         {"run_id": run_id, "procedure_id": procedure_id, "procedure_version": version, "trigger_type": "manual",
