@@ -552,3 +552,20 @@ async def test_a_creds_file_of_an_operator_mode_server(tmp_path: Path) -> None:
     with ConfiguredNats(tmp_path / "nats", config) as s:
         await works_as_a_service(s.url, CommonSettings(nats_url=s.url, nats_creds_file=str(creds)))
         assert "authorization violation" in (await refused(s.url)).lower()
+
+
+async def test_the_service_user_may_serve_nats_micro_services(server: EmbeddedNats, users: NatsUsers) -> None:
+    """The runtime answers the gateway's queries as NATS micro services, which subscribe to the ``$SRV.``
+    discovery subjects: the service user may, so a start logs no permissions violation."""
+    from nats.micro import add_service
+
+    errors = Errors()
+    async with client(server, users.service, errors) as nc:
+        service = await add_service(nc, name="probe", version="0.0.1")
+        try:
+            reply = await nc.request("$SRV.PING.probe", b"", timeout=5)
+            assert json.loads(reply.data)["name"] == "probe"
+            await nc.flush()
+        finally:
+            await service.stop()
+    assert not [e for e in errors.seen if "permissions violation" in e.lower()], errors.seen

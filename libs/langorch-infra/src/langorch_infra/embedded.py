@@ -69,7 +69,8 @@ EVENT_CONSUMER_FILTERS = ("lo.evt.run.>", "lo.evt.approval.>", "lo.evt.procedure
 # The LangOrch services: every LangOrch subject, the JetStream API, KV buckets and object stores (a subject
 # wildcard is a whole token, so "the lo_* buckets" cannot be written; the account holds LangOrch's buckets only),
 # plus what JetStream itself needs: acks and flow control of consumers, and replies to _INBOX subjects.
-SERVICE_SUBJECTS = ("lo.>", "$JS.API.>", "$KV.>", "$O.>", "_INBOX.>")
+# $SRV.>: the runtime answers the gateway's queries as NATS micro services (their discovery subjects)
+SERVICE_SUBJECTS = ("lo.>", "$JS.API.>", "$KV.>", "$O.>", "$SRV.>", "_INBOX.>")
 SERVICE_PUBLISH_EXTRA = ("$JS.ACK.>", "$JS.FC.>")
 
 
