@@ -250,6 +250,7 @@ def test_every_consumer_keeps_its_durable_name_and_filters() -> None:
         "runtime": ("LO_CMD", ("lo.cmd.run.start", "lo.cmd.run.resume", "lo.cmd.run.retry", "lo.cmd.run.cancel",
                                "lo.cmd.run.delete")),
         "runtime-create": ("LO_CMD", ("lo.cmd.run.create",)),
+        "triggers": ("LO_CMD", ("lo.cmd.trigger.>",)),
         "approvals_run_ends": ("LO_EVT", ("lo.evt.run.*.run_completed", "lo.evt.run.*.run_failed",
                                           "lo.evt.run.*.run_canceled")),
     }
