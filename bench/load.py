@@ -163,20 +163,20 @@ async def client(c: httpx.AsyncClient, procedure_id: str, poll_s: float, load: L
 
 
 async def drive(base: str, procedure_id: str, clients: int, seconds: float, warmup: float,
-                poll_ms: float) -> tuple[Load, float]:
+                poll_ms: float, headers: dict[str, str]) -> tuple[Load, float]:
     now = time.perf_counter()
     load = Load(now + warmup, now + warmup + seconds)
     # idle connections expire before the server closes them (uvicorn: 5 s), not in a race with a new request
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as c:
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=headers) as c:
         # clients start a run only until the window closes, and then finish the run they have
         await asyncio.gather(*(client(c, procedure_id, poll_ms / 1000, load, load.measure_until)
                                for _ in range(clients)))
     return load, seconds
 
 
-async def prepare(base: str, doc: dict[str, Any]) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+async def prepare(base: str, doc: dict[str, Any], headers: dict[str, str]) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers) as c:
         r = await c.post("/api/procedures", json={"ckp_json": doc})
         assert r.status_code in (200, 201), r.text
         for _ in range(3):  # one run through, so that every path is warm
@@ -198,8 +198,10 @@ async def main(clients: int, seconds: float, warmup: float, poll_ms: float, work
     try:
         up.wait_up()
         doc = rb.ten_node_procedure()
-        await prepare(base, doc)
-        load, window = await drive(base, doc["procedure_id"], clients, seconds, warmup, poll_ms)
+        # the admin API key `langorch up` stores for the CLI at its first start (authentication is on)
+        headers = {"X-API-Key": (state / "api-key").read_text().strip()}
+        await prepare(base, doc, headers)
+        load, window = await drive(base, doc["procedure_id"], clients, seconds, warmup, poll_ms, headers)
         servers = json.loads((state / "servers.json").read_text())
         database_url = f"postgresql://postgres@127.0.0.1:{servers['postgres']['port']}/langorch"
         baseline = await rb.langgraph_baseline(database_url, clients)
