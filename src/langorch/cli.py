@@ -402,7 +402,7 @@ def up(
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="compiler, runtime, approvals or gateway")],
+    service: Annotated[str, typer.Argument(help="compiler, runtime, approvals, triggers or gateway")],
     host: Annotated[str, typer.Option(envvar="LANGORCH_HOST")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="LANGORCH_PORT")] = 8080,
 ) -> None:
