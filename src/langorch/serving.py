@@ -1,5 +1,6 @@
 """Run LangOrch services in this process: every service for ``langorch up --workers 0``, the gateway for ``langorch
-up``, the compiler, runtime and approvals for one of its worker processes, one service for ``langorch serve``."""
+up``, the compiler, runtime, approvals and triggers for one of its worker processes, one service for ``langorch
+serve``."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ if TYPE_CHECKING:
 
     from langorch_infra.hosting import ServiceHost
 
-SERVICES = ("compiler", "runtime", "approvals", "gateway")
+SERVICES = ("compiler", "runtime", "approvals", "triggers", "gateway")
 # what a `langorch up` worker process runs: everything but the gateway, which stays in the process of the command
-WORKER_SERVICES = ("compiler", "runtime", "approvals")
+WORKER_SERVICES = ("compiler", "runtime", "approvals", "triggers")
 
 
 async def ensure_database(url: str, name: str = "langorch") -> str:
@@ -44,7 +45,7 @@ def build_hosts(names: Sequence[str], nats_url: str, database_url: str,
                 public_url: str | None = None) -> list[ServiceHost]:
     """The replicas of the non-gateway services among ``names``; ``public_url`` is the runtime's callback base
     unless ``LANGORCH_PUBLIC_URL`` sets it."""
-    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings
+    from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings, TriggersSettings
 
     env: dict[str, Any] = {"nats_url": nats_url, "database_url": database_url}
     hosts: list[ServiceHost] = []
@@ -63,6 +64,10 @@ def build_hosts(names: Sequence[str], nats_url: str, database_url: str,
         from langorch_approvals.service import host as approvals_host
 
         hosts.append(approvals_host(ApprovalsSettings(**env)))
+    if "triggers" in names:
+        from langorch_triggers.service import host as triggers_host
+
+        hosts.append(triggers_host(TriggersSettings(**env)))
     return hosts
 
 
@@ -72,7 +77,8 @@ def import_services(names: Sequence[str]) -> None:
     import importlib
 
     modules = {"compiler": "langorch_compiler.service", "runtime": "langorch_runtime.service",
-               "approvals": "langorch_approvals.service", "gateway": "langorch_gateway.app"}
+               "approvals": "langorch_approvals.service", "triggers": "langorch_triggers.service",
+               "gateway": "langorch_gateway.app"}
     for name in names:
         importlib.import_module(modules[name])
     if "gateway" in names:

@@ -6,11 +6,11 @@
    their ports across restarts (chosen free on the first start and remembered in ``<state>/servers.json``), write
    their output to ``<state>/logs/``, and are stopped by this process. A server left running by a killed
    ``langorch up`` is stopped before a new one starts.
-3. **Processes.** The gateway runs in this process; the compiler, runtime and approvals run in ``--workers`` worker
-   processes (:mod:`langorch.workers`; ``--workers 0`` runs them here too), so that executing runs and answering
-   the API do not share one event loop. The workers are started first and import their services while this
-   process starts the embedded servers (in a thread) and imports the gateway; a worker that crashes later is
-   reported and started again, and a worker whose parent is gone (even killed) stops by itself.
+3. **Processes.** The gateway runs in this process; the compiler, runtime, approvals and triggers run in
+   ``--workers`` worker processes (:mod:`langorch.workers`; ``--workers 0`` runs them here too), so that executing
+   runs and answering the API do not share one event loop. The workers are started first and import their
+   services while this process starts the embedded servers (in a thread) and imports the gateway; a worker that
+   crashes later is reported and started again, and a worker whose parent is gone (even killed) stops by itself.
 4. **A banner** names the API, docs and metrics URLs, the NATS and PostgreSQL URLs other systems connect to, the
    state directory and the log files, once the gateway serves and every worker runs. With authentication on it
    also shows the first admin's generated password (first start only) and where the CLI's API key is
@@ -71,7 +71,7 @@ class UpOptions:
     postgres_port: int | None = None
     nats_url: str | None = None  # an existing server instead of the embedded one
     database_url: str | None = None
-    workers: int = 1  # worker processes running the compiler, runtime and approvals; 0: all in this process
+    workers: int = 1  # worker processes running the compiler, runtime, approvals and triggers; 0: all in this process
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -1,4 +1,5 @@
-"""The worker processes of ``langorch up``: the compiler, runtime and approvals beside the gateway's process.
+"""The worker processes of ``langorch up``: the compiler, runtime, approvals and triggers beside the gateway's
+process.
 
 Executing runs is CPU work on an event loop; sharing one loop with the gateway made API reads wait for the runtime
 and the other way round. ``langorch up`` therefore keeps the gateway in its own process and runs the other
@@ -67,7 +68,7 @@ class WorkerConfig:
     nats_url: str
     database_url: str
     public_url: str
-    names: tuple[str, ...] = ("compiler", "runtime", "approvals")
+    names: tuple[str, ...] = ("compiler", "runtime", "approvals", "triggers")
 
     def line(self) -> bytes:
         return (json.dumps({"nats_url": self.nats_url, "database_url": self.database_url,
@@ -219,8 +220,8 @@ class WorkerPool:
                     delays[worker.index] = 0
                 attempt = delays.get(worker.index, 0)
                 delay = RESTART_DELAYS_S[min(attempt, len(RESTART_DELAYS_S) - 1)]
-                self.report(f"{worker.name} (pid {worker.pid}, the compiler, runtime and approvals) exited with "
-                            f"code {code}; starting it again in {delay:g} s")
+                self.report(f"{worker.name} (pid {worker.pid}, the compiler, runtime, approvals and triggers) exited "
+                            f"with code {code}; starting it again in {delay:g} s")
                 worker.wait(1)
                 await asyncio.sleep(delay)
                 if self.stopping:
