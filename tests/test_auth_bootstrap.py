@@ -65,7 +65,7 @@ async def test_without_a_bootstrap_password_nobody_is_created_and_a_warning_says
             return any("no user exists" in r.getMessage() for r in caplog.records)
 
         await eventually(warned, what="the no-user warning")
-        assert any("langorch users create --role admin" in r.getMessage() for r in caplog.records)
+        assert any("--role admin --direct" in r.getMessage() for r in caplog.records)
         assert await _admin_events(nats_url) == []
 
 

@@ -482,7 +482,8 @@ async def _housekeeping(app: Clients, lock: asyncio.Lock) -> None:
         else:
             log.warning("authentication is enabled and no user exists: set LANGORCH_BOOTSTRAP_ADMIN_PASSWORD "
                         "(the gateway then creates %r with the admin role), or create the first admin with "
-                        "`langorch users create --role admin`", settings.bootstrap_admin_username)
+                        "`langorch users create <name> --email <email> --role admin --direct` (it writes to NATS "
+                        "directly, with this gateway's NATS settings)", settings.bootstrap_admin_username)
         await asyncio.sleep(NO_USER_WARNING_S)
 
 
