@@ -299,10 +299,10 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
                     return None
                 leaders = {s["service"]: s["leader_of"] for s in r.json()["services"]}
                 every = leaders == {"gateway": [], "compiler": [], "approvals": ["approval_timer"],
-                                    "runtime": ["agent_health", "callback_timer"]}
+                                    "runtime": ["agent_health", "callback_timer"], "triggers": []}
                 return r if every else None
 
-            r = await eventually(listed, what="the four services in GET /api/config, leaders elected")
+            r = await eventually(listed, what="the five services in GET /api/config, leaders elected")
             for secret in SECRETS.values():
                 assert secret.encode() not in r.content
             body = r.json()
@@ -310,7 +310,7 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
             assert body["auth_enabled"] is True
             assert body["public_url"] == f"http://127.0.0.1:{port}"
             by = {s["service"]: s for s in body["services"]}
-            assert len(body["services"]) == 4
+            assert len(body["services"]) == 5
             for service, replica in by.items():
                 assert set(replica) == {"service", "instance_id", "version", "started_at", "last_seen_at",
                                         "leader_of", "settings"}
