@@ -181,3 +181,44 @@ async def test_delete_removes_the_registration_and_its_history(platform: Platfor
     assert again.json()["revision"] == 1
     assert again.json()["last_run_id"] is None
     assert (await c.get(f"{url()}/fires")).json()["total"] == 0
+
+
+async def test_sync_registers_active_versions_blocks_and_never_touches_api_registrations(platform: Platform) -> None:
+    c = platform.client
+    scheduled = procedure_doc("trig_sync", "1.0.0", trigger={"type": "scheduled", "schedule": "*/5 * * * *",
+                                                            "timezone": "Europe/Berlin",
+                                                            "input_vars": {"greeting": "tick"}})
+    limited = procedure_doc("trig_sync_limited", "1.0.0", trigger={"type": "webhook", "webhook_secret": "k",
+                                                                  "max_concurrent_runs": 2})
+    by_api = procedure_doc("trig_sync_api", "1.0.0", trigger={"type": "file_watch",
+                                                              "file_watch": {"path": "/tmp/doc.csv"}})
+    for doc in (scheduled, limited, by_api):
+        r = await c.post("/api/procedures", json={"ckp_json": doc})
+        assert r.status_code == 201, r.text
+    mine = await c.post(url(procedure_id="trig_sync_api"), json={"trigger_type": "webhook", "webhook_secret": "x"})
+    assert mine.status_code == 201, mine.text
+    for doc in (scheduled, limited, by_api):
+        r = await c.patch(f"/api/procedures/{doc['procedure_id']}/1.0.0/status", json={"status": "active"})
+        assert r.status_code == 200, r.text
+
+    first = await c.post("/api/triggers/sync")
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["registered"], body["updated"], body["removed"]) == (1, 0, 0), body
+    assert [(e["procedure_id"], [d["path"] for d in e["diagnostics"]]) for e in body["errors"]] == [
+        ("trig_sync_limited", ["/trigger/max_concurrent_runs"])]
+    got = (await c.get(url(procedure_id="trig_sync"))).json()
+    assert (got["source"], got["dormant"], got["schedule"], got["timezone"]) == (
+        "ckp", False, "*/5 * * * *", "Europe/Berlin")
+    assert got["input_vars"] == {"greeting": "tick"}
+    untouched = (await c.get(url(procedure_id="trig_sync_api"))).json()
+    assert (untouched["source"], untouched["trigger_type"], untouched["revision"]) == ("api", "webhook", 1)
+
+    again = (await c.post("/api/triggers/sync")).json()
+    assert (again["registered"], again["updated"], again["removed"]) == (0, 0, 0), again
+    assert (await c.get(url(procedure_id="trig_sync"))).json()["revision"] == 1
+
+    r = await c.patch("/api/procedures/trig_sync/1.0.0/status", json={"status": "deprecated"})
+    assert r.status_code == 200, r.text
+    dormant = await wait_until(lambda: c.get(url(procedure_id="trig_sync")), lambda r: r.json()["dormant"])
+    assert dormant.json()["source"] == "ckp"

@@ -170,3 +170,14 @@ def test_fire_inputs_merge_the_fire_over_the_static_inputs() -> None:
                                                          input_vars={"a": 1, "b": 2}))
     assert registered is not None
     assert fire_inputs(apply(registered), {"b": 3}) == {"a": 1, "b": 3}
+
+
+def test_a_document_never_replaces_an_api_registration() -> None:
+    registered = decide_upsert(TriggerState(TID), upsert(trigger_type="webhook", webhook_secret="hook"))
+    refused = refusal(apply(registered), upsert(trigger_type="webhook", webhook_secret="other", source="ckp"))
+    assert refused.code == "trigger_registered_by_api"
+    from_document = decide_upsert(TriggerState(TID), upsert(trigger_type="webhook", webhook_secret="k",
+                                                            source="ckp"))
+    replaced = decide_upsert(apply(from_document), upsert(trigger_type="webhook", webhook_secret="k2",
+                                                           source="ckp"))
+    assert replaced.model_dump()["source"] == "ckp"

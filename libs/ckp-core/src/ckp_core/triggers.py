@@ -229,6 +229,9 @@ def decide_upsert(state: TriggerState, cmd: UpsertTrigger) -> EventData:
     accepted command is an event the submitter can wait for). ``expected_revision`` that does not match →
     ``precondition_failed``."""
     current = state.revision if state.exists else 0
+    if cmd.source == "ckp" and state.exists and state.config.get("source") == "api":
+        raise CommandRefused("trigger_registered_by_api", f"the trigger {state.trigger_id} was registered through "
+                             "the API; a document's trigger block never replaces it")
     if cmd.expected_revision is not None and cmd.expected_revision != current:
         raise CommandRefused("precondition_failed", f"the trigger {state.trigger_id} is at revision {current}, "
                              f"not {cmd.expected_revision}", current_revision=current)

@@ -6,8 +6,11 @@ the gateway waits for its outcome event and then for the projection, as for ever
 is ``lo.cmd.trigger.fire``: the service creates the run through the runtime's ``lo.cmd.run.create`` and answers
 ``trigger_fired`` once ``run_created`` is appended, so the run is visible when the answer arrives.
 
-Not served yet (no route, so 404/405): ``POST /api/triggers/sync`` and the webhook intake
-``POST /api/triggers/webhook/{procedure_id}``.
+``POST /api/triggers/sync`` reconciles the registrations with ``source: ckp`` with the ``trigger`` blocks of the
+``active`` versions (their compiled IR in ``lo_procedures``), one registration command per change; registrations
+with ``source: api`` are never touched.
+
+Not served yet (no route, so 404/405): the webhook intake ``POST /api/triggers/webhook/{procedure_id}``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckp_core.commands import Command, DeleteTrigger, DisableTrigger, EnableTrigger, FireTrigger, UpsertTrigger
 from ckp_core.events import format_time
 from ckp_core.ids import new_id
+from ckp_core.ir import ProcedureIR
+from ckp_core.subjects import PROCEDURES_BUCKET, procedure_key
 from ckp_core.triggers import trigger_id
 from langorch_gateway import auth, deps
+from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import (
     Outcome,
     accepted_headers,
@@ -305,3 +311,95 @@ async def list_fires(principal: auth.Viewer, request: Request, db: deps.Pool, pr
               "reason": r["reason"], "run_id": r["run_id"], "trigger_type": r["trigger_type"],
               "triggered_by": r["triggered_by"], "source_detail": _json(r["source_detail"]) or {}} for r in rows]
     return JSONResponse({"items": items, "total": total, "limit": limit, "offset": offset}, headers=headers)
+
+
+SYNCED_FIELDS = ("trigger_type", "schedule", "timezone", "webhook_secret", "signature_scheme", "event_source",
+                 "input_vars", "dedupe_window_seconds", "max_concurrent_runs")
+
+
+def _desired(ir: ProcedureIR) -> dict[str, Any] | None:
+    """The registration a version's compiled ``trigger`` block asks for (None: manual, no registration)."""
+    t = ir.trigger
+    if t is None or t.type == "manual":
+        return None
+    scheduled, webhook = t.type == "scheduled", t.type == "webhook"
+    return {"trigger_type": t.type, "schedule": t.schedule if scheduled else None,
+            "timezone": t.timezone if scheduled else "UTC", "webhook_secret": t.webhook_secret if webhook else None,
+            "signature_scheme": t.signature_scheme if webhook else "timestamped",
+            "event_source": t.file_watch_path if t.type == "file_watch" else (
+                t.event_source if t.type == "event" else None),
+            "input_vars": dict(t.input_vars), "dedupe_window_seconds": t.dedupe_window_seconds,
+            "max_concurrent_runs": t.max_concurrent_runs}
+
+
+def _current(row: asyncpg.Record) -> dict[str, Any]:
+    got = {name: row[name] for name in SYNCED_FIELDS}
+    got["input_vars"] = _json(row["input_vars"]) or {}
+    if row["trigger_type"] != "webhook":
+        got["signature_scheme"] = "timestamped"
+    return got
+
+
+def _diagnostics(outcome: Outcome | JSONResponse | None, fallback: str) -> list[dict[str, Any]]:
+    if isinstance(outcome, Outcome) and outcome.envelope.type == "command_rejected":
+        d = outcome.envelope.data
+        errors = (d.get("extra") or {}).get("errors") or {}
+        if errors:
+            return [{"code": d.get("code"), "message": message, "path": f"/trigger/{field}"}
+                    for field, messages in errors.items() for message in messages]
+        return [{"code": d.get("code"), "message": d.get("detail")}]
+    return [{"code": "pending", "message": fallback}]
+
+
+@router.post("/api/triggers/sync")
+async def sync_triggers(principal: auth.Operator, request: Request, db: deps.Pool) -> JSONResponse:
+    """Register, update or remove the ``source: ckp`` registrations so they match the ``trigger`` blocks of the
+    ``active`` versions. A registration of a version that is no longer active stays (``dormant``)."""
+    versions = await db.fetch("SELECT procedure_id, version FROM procedures WHERE status = 'active' "
+                              "ORDER BY procedure_id, version")
+    existing = {r["trigger_id"]: r for r in await db.fetch("SELECT * FROM triggers")}
+    kv = await clients(request).js.key_value(PROCEDURES_BUCKET)
+    counts = {"synced": 0, "registered": 0, "updated": 0, "removed": 0}
+    errors: list[dict[str, Any]] = []
+    for version_row in versions:
+        procedure_id, version = version_row["procedure_id"], version_row["version"]
+        try:
+            entry = await kv.get(procedure_key(procedure_id, version))
+            ir = ProcedureIR.model_validate_json(entry.value or b"{}")
+        except Exception:  # a missing or unreadable IR is reported for that version only
+            errors.append({"procedure_id": procedure_id, "version": version, "diagnostics": [
+                {"code": "ir_not_readable", "message": "the compiled procedure could not be read"}]})
+            continue
+        desired = _desired(ir)
+        row = existing.get(trigger_id(procedure_id, version))
+        if row is not None and row["source"] == "api":
+            continue  # never touched
+        counts["synced"] += 1
+        if desired is None:
+            if row is None:
+                continue
+            command: Command = DeleteTrigger(actor=principal.actor, causation_id=request.state.request_id,
+                                             procedure_id=procedure_id, version=version)
+            outcome = await send(request, "trigger", trigger_id(procedure_id, version), command, "delete_trigger",
+                                 resource=f"/api/triggers/{procedure_id}/{version}")
+            if outcome is not None and outcome.envelope.type == "trigger_deleted":
+                counts["removed"] += 1
+                await ryw(request, outcome.position)
+            else:
+                errors.append({"procedure_id": procedure_id, "version": version,
+                               "diagnostics": _diagnostics(outcome, "the removal is still pending")})
+            continue
+        if row is not None and _current(row) == desired:
+            continue
+        command = UpsertTrigger(actor=principal.actor, causation_id=request.state.request_id,
+                                procedure_id=procedure_id, version=version, source="ckp",
+                                enabled=row["enabled"] if row is not None else True, **desired)
+        outcome = await send(request, "trigger", trigger_id(procedure_id, version), command, "upsert_trigger",
+                             resource=f"/api/triggers/{procedure_id}/{version}")
+        if outcome is not None and outcome.envelope.type in ("trigger_registered", "trigger_updated"):
+            counts["registered" if outcome.envelope.type == "trigger_registered" else "updated"] += 1
+            await ryw(request, outcome.position)
+        else:
+            errors.append({"procedure_id": procedure_id, "version": version,
+                           "diagnostics": _diagnostics(outcome, "the registration is still pending")})
+    return JSONResponse({**counts, "errors": errors})
