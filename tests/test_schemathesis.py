@@ -2,8 +2,8 @@
 schemathesis, asserting that no generated request — valid or invalid — gets a server error (api.md §1.2: a 5xx is
 a defect and is never caused by client input).
 
-The platform (gateway on a free port, compiler, runtime, agents, approvals) runs in this test's event loop; the
-synchronous schemathesis/hypothesis driver runs in a worker thread and talks to it over real HTTP. Data is
+The platform (gateway on a free port, compiler, runtime, agents, approvals, triggers) runs in this test's event
+loop; the synchronous schemathesis/hypothesis driver runs in a worker thread and talks to it over real HTTP. Data is
 seeded first (the internal_variables procedure, a completed run, a project) and path parameters are drawn half of
 the time from those real ids, so the fuzzing also reaches the code behind existing resources.
 
@@ -114,7 +114,7 @@ def _fuzz(base_url: str, known: dict[str, str], shard: int) -> Report:
 
 @pytest.mark.parametrize("shard", range(SHARDS))
 async def test_no_server_errors_on_any_operation(nats_url: str, database_url: str, shard: int) -> None:
-    async with platform_of(nats_url, database_url) as p:
+    async with platform_of(nats_url, database_url, triggers=True) as p:
         c = p.client
         await import_procedure(c, example("internal_variables.ckp.json"))
         r = await c.post("/api/runs", json={"procedure_id": "internal-variables", "procedure_version": "1.0.0"})
