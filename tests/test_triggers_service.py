@@ -69,6 +69,9 @@ async def test_a_redelivered_fire_and_a_resubmitted_creation_start_one_run_each(
             assert types == ["trigger_registered", "trigger_fired", "trigger_fired"], types
         finally:
             await nc.close()
+        registry = p.triggers_service.metrics.registry
+        assert registry.get_sample_value("langorch_trigger_fired_total", {"trigger_type": "manual"}) == 2
+        assert registry.get_sample_value("langorch_trigger_lag_seconds_count", {"trigger_type": "manual"}) == 2
         fires = (await c.get("/api/triggers/trig_svc/1.0.0/fires")).json()
         assert sorted(f["run_id"] for f in fires["items"]) == sorted([fire.run_id, crashed.run_id])
         await p.app.state.projector.catch_up()
@@ -106,7 +109,10 @@ async def test_a_replica_serves_health_ready_and_metrics(nats_url: str, database
             ready = await c.get("/ready")
             assert ready.status_code == 200, ready.text
             assert ready.json()["checks"]["nats"] == "ok"
-            assert "langorch_trigger_fires_total" in (await c.get("/metrics")).text
+            exposition = (await c.get("/metrics")).text
+            for name in ("langorch_trigger_fired_total", "langorch_trigger_rejected_total",
+                         "langorch_trigger_lag_seconds"):
+                assert f"# HELP {name} " in exposition, name
     finally:
         task.cancel()
         await asyncio.wait({task}, timeout=30)

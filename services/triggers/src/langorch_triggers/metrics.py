@@ -1,9 +1,10 @@
-"""Triggers metrics (api.md §13.1), derived from the trigger events this replica appends: fires by how the run was
-started and by outcome (``started`` or the skip's outcome), and registration changes by event type."""
+"""Triggers metrics (api.md §13.1), derived from the trigger events this replica appends: fires that started a run
+and fires that did not (by reason), by how the run was started; the lag from a fire's receipt to its
+``run_created``; and registration changes by event type."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ckp_core.events import EventEnvelope
 from langorch_infra.metrics import package_version, register_build_info
@@ -11,15 +12,24 @@ from langorch_infra.metrics import package_version, register_build_info
 VERSION = package_version("langorch-triggers")
 REGISTRATION_EVENTS = ("trigger_registered", "trigger_updated", "trigger_deleted", "trigger_enabled",
                        "trigger_disabled")
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
+REASONS = {"duplicate_delivery": "duplicate", "max_concurrent_runs": "max_concurrent_runs",
+           "invalid_input_vars": "invalid_input", "procedure_not_runnable": "not_runnable",
+           "procedure_not_effective": "not_runnable", "misfire": "misfire"}
+"""A skipped fire's reason as the metric labels it; any other reason is ``other``."""
 
 
 class TriggersMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         register_build_info(r, "triggers", VERSION)
-        self.fires = Counter("langorch_trigger_fires_total", "Trigger fires, by how the run was started and outcome "
-                             "(started, duplicate, throttled, skipped, invalid)", ["trigger_type", "outcome"],
+        self.fired = Counter("langorch_trigger_fired_total", "Trigger fires that created a run, by how the run "
+                             "was started (manual, scheduled, webhook, event, file_watch)", ["trigger_type"],
                              registry=r)
+        self.rejected = Counter("langorch_trigger_rejected_total", "Trigger fires that created no run, by how the "
+                                "run would have started and why", ["trigger_type", "reason"], registry=r)
+        self.lag = Histogram("langorch_trigger_lag_seconds", "From the fire's receipt by the triggers service to "
+                             "its run_created", ["trigger_type"], buckets=LAG_BUCKETS, registry=r)
         self.registrations = Counter("langorch_trigger_registration_changes_total", "Trigger registration changes, "
                                      "by event type", ["type"], registry=r)
 
@@ -27,8 +37,9 @@ class TriggersMetrics:
         """Count one appended trigger event."""
         data = event.data
         if event.type == "trigger_fired":
-            self.fires.labels(trigger_type=str(data.get("trigger_type")), outcome="started").inc()
+            self.fired.labels(trigger_type=str(data.get("trigger_type"))).inc()
         elif event.type == "trigger_fire_skipped":
-            self.fires.labels(trigger_type=str(data.get("trigger_type")), outcome=str(data.get("outcome"))).inc()
+            reason = REASONS.get(str(data.get("reason")), "other")
+            self.rejected.labels(trigger_type=str(data.get("trigger_type")), reason=reason).inc()
         elif event.type in REGISTRATION_EVENTS:
             self.registrations.labels(type=event.type).inc()

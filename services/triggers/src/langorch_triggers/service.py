@@ -145,6 +145,8 @@ class TriggersService:
     async def on_fire(self, cmd: FireTrigger) -> None:
         """Fire once: dedupe, create the run through its owner, record the outcome on the trigger."""
         tid = trigger_id(cmd.procedure_id, cmd.version)
+        received = datetime.now(UTC)
+        created: list[EventEnvelope] = []
 
         async def decide(state: TriggerState) -> EventData:
             if not state.exists:
@@ -171,9 +173,13 @@ class TriggersService:
                 data = outcome.data
                 return TriggerFireSkipped(**common, outcome="invalid", reason=str(data.get("code")),
                                           detail=data.get("detail"), extra=dict(data.get("extra") or {}))
+            created.append(outcome)
             return TriggerFired(**common, run_id=cmd.run_id)
 
-        await self.handler.handle(tid, cmd, decide, command_type="fire_trigger")
+        handled = await self.handler.handle(tid, cmd, decide, command_type="fire_trigger")
+        if created and not handled.replayed and handled.event is not None and handled.event.type == "trigger_fired":
+            lag = (created[-1].occurred_at - received).total_seconds()
+            self.metrics.lag.labels(trigger_type=cmd.trigger_type).observe(max(0.0, lag))
 
     async def _claim(self, key: str, run_id: str, window_s: int) -> dict[str, Any] | int:
         """Create the dedupe key for this delivery (its revision), or the first delivery's record when one
