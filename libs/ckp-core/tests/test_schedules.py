@@ -25,6 +25,8 @@ from ckp_core.schedules import (
     validate_cron,
 )
 
+pytestmark = pytest.mark.unit
+
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
 

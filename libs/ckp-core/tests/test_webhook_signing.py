@@ -32,6 +32,8 @@ from ckp_core.webhook_signing import (
     webhook_dedupe_key,
 )
 
+pytestmark = pytest.mark.unit
+
 SECRET = "whsec-test-0123456789"
 BODY = b'{"order_id": "A-17", "amount": 12.5}'
 TS = 1_767_225_600  # 2026-01-01T00:00:00Z
