@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, get_args
 
@@ -29,6 +30,16 @@ class LlmModelConfig(BaseModel):
 
 SecretProviderName = Literal["env", "vault", "aws", "azure"]
 DEFAULT_SECRET_PROVIDERS: tuple[SecretProviderName, ...] = ("env",)
+
+
+def split_list(value: Any) -> Any:
+    """A list setting from the environment: comma-separated (``a,b``) or a JSON list; other values as given."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
 
 
 class CommonSettings(BaseSettings):
@@ -126,14 +137,7 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _split_providers(cls, value: Any) -> Any:
         """``LANGORCH_SECRET_PROVIDERS=env,vault`` or a JSON list."""
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return split_list(value)
 
 
 class CompilerSettings(CommonSettings):
@@ -275,14 +279,7 @@ class GatewaySettings(CommonSettings):
     @classmethod
     def _split_allowlist(cls, value: Any) -> Any:
         """``LANGORCH_AGENT_URL_ALLOWLIST=10.0.0.0/8,agents.internal`` or a JSON list."""
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return split_list(value)
 
 
 REDACTED_VALUE = "***REDACTED***"
