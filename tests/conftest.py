@@ -32,6 +32,8 @@ from tests.helpers import (  # noqa: F401 - Platform, platform_of, langorch_comm
     port_open,
 )
 
+pytest_plugins = ["tests.fake_aws"]  # the `moto` fixture (AWS Secrets Manager) of the secret tests
+
 # -- order and distribution over pytest-xdist workers (`-n` in pyproject.toml) -----------------------------------
 # The suite mostly waits (documents' pauses, timeouts, subprocesses starting), so it runs on more workers than cores.
 # The files whose tests take longest go first, so that they overlap with everything else instead of running alone

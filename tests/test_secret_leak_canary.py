@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,8 @@ import boto3
 import httpx
 import jwt
 import pytest
-from moto.server import ThreadedMotoServer
 from nats.js.errors import NotFoundError
 
-from langorch_infra.embedded import free_port
 from langorch_infra.jetstream import connect
 from tests.fake_azure_keyvault import FakeKeyVault
 from tests.fake_tls import ServerCertificates, make_certificates
@@ -79,19 +76,6 @@ def document(azure_url: str) -> dict[str, Any]:
 @pytest.fixture
 def certs(tmp_path: Path) -> ServerCertificates:
     return make_certificates(tmp_path / "tls")
-
-
-@pytest.fixture
-def moto(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 async def every_stream_message(nats_url: str) -> bytes:

@@ -12,7 +12,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from langorch_infra.embedded import free_port
 from langorch_infra.secret_providers import SecretError, SecretRecord, SecretResolver
@@ -196,20 +195,6 @@ async def test_values_are_cached_for_the_ttl_only_and_check_reads_past_the_cache
 
 
 # -- aws ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def moto(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 async def test_aws_secrets_manager_by_name_arn_and_json_key(moto: str) -> None:
