@@ -36,10 +36,6 @@ QUERY_CREDENTIALS = ("access_token", "token", "api_key")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def sha256_hex(text: str) -> str:
-    return users.sha256_hex(text)
-
-
 class GatewayAuthenticator:
     """Checks a request's credentials against the projections; also holds what the auth routes share per replica
     (the user-token key, the user cache, the lock of user changes)."""
@@ -80,7 +76,7 @@ class GatewayAuthenticator:
 
     async def _agent(self, request: Request, token: str) -> Principal:
         agent_id = await clients(request).pool.fetchval(
-            "SELECT agent_id FROM agents WHERE token_sha256 = $1", sha256_hex(token))
+            "SELECT agent_id FROM agents WHERE token_sha256 = $1", users.sha256_hex(token))
         if agent_id is None:
             raise ApiProblem("invalid_token", "the agent token is not valid (rotated or unknown)")
         return Principal(actor=Actor(kind="agent", id=str(agent_id)))
@@ -92,7 +88,7 @@ class GatewayAuthenticator:
         pool = clients(request).pool
         row = await pool.fetchrow("SELECT key_sha256, roles, expires_at, revoked_at FROM api_keys WHERE key_id = $1",
                                   key_id)
-        if row is None or not users.same_digest(row["key_sha256"], sha256_hex(key)):
+        if row is None or not users.same_digest(row["key_sha256"], users.sha256_hex(key)):
             raise ApiProblem("invalid_token", "the API key is not valid")
         if row["revoked_at"] is not None:
             raise ApiProblem("invalid_token", "the API key has been revoked")
@@ -138,7 +134,7 @@ class GatewayAuthenticator:
         header = request.headers.get("x-csrf-token")
         cookie = request.cookies.get(users.CSRF_COOKIE)
         if (not header or not cookie or not users.same_digest(header, cookie) or not isinstance(bound, str)
-                or not users.same_digest(sha256_hex(header), bound)):
+                or not users.same_digest(users.sha256_hex(header), bound)):
             raise ApiProblem("csrf_failed", "a console session's unsafe request needs the X-CSRF-Token header equal "
                              "to the langorch_csrf cookie")
 

@@ -11,7 +11,6 @@ Literal paths (``probe-capabilities``, ``pools``, ``bootstrap``, ``heartbeat``) 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
 import secrets
@@ -29,7 +28,7 @@ from ckp_core.commands import RegisterAgent, ReleaseLease, RemoveAgent, UpdateAg
 from ckp_core.events import format_time
 from ckp_core.queries import AgentsLive, AgentsLiveReply, LeaseRecord, Leases, LeasesReply
 from ckp_core.subjects import PRESENCE_BUCKET, agent_presence_key
-from langorch_gateway import auditing, auth, deps, views
+from langorch_gateway import auditing, auth, deps, users, views
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
 from langorch_gateway.outbound import check_url, normalise_capabilities, probe_capabilities
@@ -102,10 +101,6 @@ def _db(request: Request) -> asyncpg.Pool:
 
 def _settings(request: Request) -> GatewaySettings:
     return clients(request).settings
-
-
-def _sha256(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _new_token() -> str:
@@ -272,7 +267,7 @@ async def register_agent(principal: auth.Operator,
         causation_id=request.state.request_id, agent_id=agent_id, name=body.name, channel=channel,
         protocol=body.protocol, base_url=body.base_url, concurrency_limit=body.concurrency_limit,
         resource_key=resource_key, pool_id=body.pool_id or f"{channel}_default", capabilities=capabilities,
-        labels=body.labels, auth=(body.auth or AgentAuth()).model_dump(), token_sha256=_sha256(token))
+        labels=body.labels, auth=(body.auth or AgentAuth()).model_dump(), token_sha256=users.sha256_hex(token))
     outcome = await send(request, "agent", agent_id, command, "register_agent", f"/api/agents/{agent_id}")
     if outcome is None:
         return pending(command.command_id, "register_agent")
@@ -471,7 +466,7 @@ async def rotate_token(principal: auth.Operator, request: Request, agent_id: str
     await _row(request, agent_id)
     token = _new_token()
     command = UpdateAgent(actor=principal.actor, causation_id=request.state.request_id, agent_id=agent_id,
-                          operation="rotate_token", token_sha256=_sha256(token))
+                          operation="rotate_token", token_sha256=users.sha256_hex(token))
     return await _update(request, command, "update_agent", {"agent_id": agent_id, "agent_token": token})
 
 
