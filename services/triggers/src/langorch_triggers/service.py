@@ -143,7 +143,12 @@ class TriggersService:
     # -- fires ----------------------------------------------------------------------------------------------
 
     async def on_fire(self, cmd: FireTrigger) -> None:
-        """Fire once: dedupe, create the run through its owner, record the outcome on the trigger."""
+        await self.fire(cmd)
+
+    async def fire(self, cmd: FireTrigger) -> EventEnvelope | None:
+        """Fire once: dedupe, create the run through its owner, record the outcome on the trigger. Returns the
+        outcome event (``trigger_fired`` | ``trigger_fire_skipped`` | ``command_rejected``; the recorded one for a
+        repeated command), for the in-process callers (scheduler, event consumer)."""
         tid = trigger_id(cmd.procedure_id, cmd.version)
         received = datetime.now(UTC)
         created: list[EventEnvelope] = []
@@ -180,6 +185,7 @@ class TriggersService:
         if created and not handled.replayed and handled.event is not None and handled.event.type == "trigger_fired":
             lag = (created[-1].occurred_at - received).total_seconds()
             self.metrics.lag.labels(trigger_type=cmd.trigger_type).observe(max(0.0, lag))
+        return handled.event
 
     async def _claim(self, key: str, run_id: str, window_s: int) -> dict[str, Any] | int:
         """Create the dedupe key for this delivery (its revision), or the first delivery's record when one
