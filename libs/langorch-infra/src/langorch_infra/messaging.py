@@ -174,6 +174,8 @@ class Consumer:
     description: str
     ack_wait_s: float = 30
     deliver_all: bool = False
+    max_ack_pending: int | None = None
+    """1: one message in flight across every replica, so the stream's order holds (None: the server's default)."""
     owner: str = ""
     documented_only: bool = field(default=False, compare=False)
     """Declared for the AsyncAPI document only: its service consumes it with nats-py (the runtime's)."""
@@ -184,7 +186,7 @@ class Consumer:
         return ConsumerConfig(
             durable_name=self.durable, ack_policy=ConsumerAckPolicy.EXPLICIT,
             ack_wait=self.ack_wait_s if ack_wait_s is None else ack_wait_s,
-            deliver_policy=DeliverPolicy.ALL if self.deliver_all else None,
+            deliver_policy=DeliverPolicy.ALL if self.deliver_all else None, max_ack_pending=self.max_ack_pending,
             filter_subjects=list(self.filter_subjects) if len(self.filter_subjects) > 1 else None)
 
     @property
@@ -253,8 +255,15 @@ RUN_ENDS = Consumer(
     {f"lo.evt.run.*.{t}": _event_envelope(EVENT_TYPES[t]) for t in runs.END_EVENTS},
     "Run ends, read by the approvals service: the pending approvals of a run that ended are canceled "
     "(approval_canceled).", deliver_all=True, owner="approvals")
+RUN_SLOT_EVENTS = ("run_created", "run_retry_requested", *runs.END_EVENTS)
+RUN_SLOTS = Consumer(
+    "triggers_run_slots", EVENT_STREAM, tuple(f"lo.evt.run.*.{t}" for t in RUN_SLOT_EVENTS),
+    {f"lo.evt.run.*.{t}": _event_envelope(EVENT_TYPES[t]) for t in RUN_SLOT_EVENTS},
+    "Run starts and ends, read by the triggers service: the concurrency slots of each procedure hold its runs "
+    "that have not ended (a creation or a retry takes one, an end releases it), in stream order.",
+    deliver_all=True, max_ack_pending=1, owner="triggers")
 CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_CREATIONS, RUN_ENDS,
-             TRIGGER_COMMANDS)
+             TRIGGER_COMMANDS, RUN_SLOTS)
 
 
 def _matches(pattern: str, subject: str) -> bool:
@@ -331,7 +340,7 @@ async def start_consuming(b: NatsBroker) -> None:
     await b.start()
 
 
-DRIFT_FIELDS = ("ack_policy", "ack_wait", "deliver_policy", "filter_subject", "filter_subjects")
+DRIFT_FIELDS = ("ack_policy", "ack_wait", "deliver_policy", "filter_subject", "filter_subjects", "max_ack_pending")
 
 
 async def declare_consumers(b: NatsBroker) -> None:
