@@ -8,9 +8,9 @@ projection, which applies the same events.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -27,6 +27,7 @@ from ckp_core.events import (
     TriggerUpdated,
     format_time,
 )
+from ckp_core.ir import ProcedureIR
 
 TRIGGER_TYPES = ("scheduled", "webhook", "event", "file_watch")
 SIGNATURE_SCHEMES = ("timestamped", "body")
@@ -36,6 +37,8 @@ EVENT_ROOT = "lo.ext."
 CONFIG_FIELDS = ("trigger_type", "schedule", "timezone", "webhook_secret", "signature_scheme", "event_source",
                  "input_vars", "dedupe_window_seconds", "max_concurrent_runs", "enabled", "source")
 """The registration's configuration: what ``trigger_registered`` / ``trigger_updated`` carry."""
+SYNCED_FIELDS = CONFIG_FIELDS[:-2]
+"""What a document's ``trigger`` block decides (``enabled`` stays as an operator left it; ``source`` is ``ckp``)."""
 MAX_SECRET_NAME = 200
 _CRON_FIELD = re.compile(r"^[A-Za-z0-9*/,\-?]+$")
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$|^\*$|^>$")
@@ -263,3 +266,42 @@ def decide_disable(state: TriggerState, cmd: DisableTrigger) -> EventData:
 def fire_inputs(state: TriggerState, given: dict[str, Any]) -> dict[str, Any]:
     """The run's inputs: the registration's static ``input_vars`` with the fire's values over them."""
     return {**(state.config.get("input_vars") or {}), **given}
+
+
+# -- registrations from documents (api.md §10.1 ``source: ckp``) ----------------------------------------------
+
+
+def desired_registration(ir: ProcedureIR) -> dict[str, Any] | None:
+    """The registration a version's compiled ``trigger`` block asks for (None: manual or no block, so no
+    registration), in the normalised shape of :data:`SYNCED_FIELDS`."""
+    t = ir.trigger
+    if t is None or t.type == "manual":
+        return None
+    scheduled, webhook = t.type == "scheduled", t.type == "webhook"
+    return {"trigger_type": t.type, "schedule": " ".join(t.schedule.split()) if scheduled and t.schedule else None,
+            "timezone": t.timezone if scheduled else "UTC", "webhook_secret": t.webhook_secret if webhook else None,
+            "signature_scheme": t.signature_scheme if webhook else "timestamped",
+            "event_source": t.file_watch_path if t.type == "file_watch" else (
+                t.event_source if t.type == "event" else None),
+            "input_vars": dict(t.input_vars), "dedupe_window_seconds": t.dedupe_window_seconds,
+            "max_concurrent_runs": t.max_concurrent_runs}
+
+
+SyncAction = Literal["keep", "register", "remove"]
+
+
+def sync_action(current: Mapping[str, Any] | None, desired: dict[str, Any] | None) -> SyncAction:
+    """What reconciling one version's registration (``current``: its configuration, None when there is none)
+    with its document's block (``desired``, from :func:`desired_registration`) takes. A ``source: api``
+    registration is always kept: a document never replaces or removes it."""
+    if current is not None and current.get("source") == "api":
+        return "keep"
+    if desired is None:
+        return "keep" if current is None else "remove"
+    if current is None:
+        return "register"
+    got = {name: current.get(name) for name in SYNCED_FIELDS}
+    got["input_vars"] = dict(got["input_vars"] or {})
+    if got["trigger_type"] != "webhook":
+        got["signature_scheme"] = "timestamped"
+    return "keep" if got == desired else "register"

@@ -30,7 +30,7 @@ from ckp_core.events import format_time
 from ckp_core.ids import new_id
 from ckp_core.ir import ProcedureIR
 from ckp_core.subjects import PROCEDURES_BUCKET, procedure_key
-from ckp_core.triggers import trigger_id
+from ckp_core.triggers import desired_registration, sync_action, trigger_id
 from langorch_gateway import auth, deps
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import (
@@ -313,33 +313,6 @@ async def list_fires(principal: auth.Viewer, request: Request, db: deps.Pool, pr
     return JSONResponse({"items": items, "total": total, "limit": limit, "offset": offset}, headers=headers)
 
 
-SYNCED_FIELDS = ("trigger_type", "schedule", "timezone", "webhook_secret", "signature_scheme", "event_source",
-                 "input_vars", "dedupe_window_seconds", "max_concurrent_runs")
-
-
-def _desired(ir: ProcedureIR) -> dict[str, Any] | None:
-    """The registration a version's compiled ``trigger`` block asks for (None: manual, no registration)."""
-    t = ir.trigger
-    if t is None or t.type == "manual":
-        return None
-    scheduled, webhook = t.type == "scheduled", t.type == "webhook"
-    return {"trigger_type": t.type, "schedule": t.schedule if scheduled else None,
-            "timezone": t.timezone if scheduled else "UTC", "webhook_secret": t.webhook_secret if webhook else None,
-            "signature_scheme": t.signature_scheme if webhook else "timestamped",
-            "event_source": t.file_watch_path if t.type == "file_watch" else (
-                t.event_source if t.type == "event" else None),
-            "input_vars": dict(t.input_vars), "dedupe_window_seconds": t.dedupe_window_seconds,
-            "max_concurrent_runs": t.max_concurrent_runs}
-
-
-def _current(row: asyncpg.Record) -> dict[str, Any]:
-    got = {name: row[name] for name in SYNCED_FIELDS}
-    got["input_vars"] = _json(row["input_vars"]) or {}
-    if row["trigger_type"] != "webhook":
-        got["signature_scheme"] = "timestamped"
-    return got
-
-
 def _diagnostics(outcome: Outcome | JSONResponse | None, fallback: str) -> list[dict[str, Any]]:
     if isinstance(outcome, Outcome) and outcome.envelope.type == "command_rejected":
         d = outcome.envelope.data
@@ -370,14 +343,16 @@ async def sync_triggers(principal: auth.Operator, request: Request, db: deps.Poo
             errors.append({"procedure_id": procedure_id, "version": version, "diagnostics": [
                 {"code": "ir_not_readable", "message": "the compiled procedure could not be read"}]})
             continue
-        desired = _desired(ir)
+        desired = desired_registration(ir)
         row = existing.get(trigger_id(procedure_id, version))
         if row is not None and row["source"] == "api":
             continue  # never touched
         counts["synced"] += 1
-        if desired is None:
-            if row is None:
-                continue
+        action = sync_action(None if row is None else {**dict(row), "input_vars": _json(row["input_vars"])},
+                             desired)
+        if action == "keep":
+            continue
+        if action == "remove":
             command: Command = DeleteTrigger(actor=principal.actor, causation_id=request.state.request_id,
                                              procedure_id=procedure_id, version=version)
             outcome = await send(request, "trigger", trigger_id(procedure_id, version), command, "delete_trigger",
@@ -389,8 +364,7 @@ async def sync_triggers(principal: auth.Operator, request: Request, db: deps.Poo
                 errors.append({"procedure_id": procedure_id, "version": version,
                                "diagnostics": _diagnostics(outcome, "the removal is still pending")})
             continue
-        if row is not None and _current(row) == desired:
-            continue
+        assert desired is not None  # "register" has a block to register
         command = UpsertTrigger(actor=principal.actor, causation_id=request.state.request_id,
                                 procedure_id=procedure_id, version=version, source="ckp",
                                 enabled=row["enabled"] if row is not None else True, **desired)
