@@ -274,6 +274,11 @@ class GatewaySettings(CommonSettings):
     metrics_token: SecretStr | None = Field(None, description="Bearer token GET /metrics requires when set.")
     agent_recommended_concurrency: int = Field(1, ge=1, description="Concurrency suggested by the bootstrap "
                                                "endpoint.")
+    webhook_tolerance_s: int = Field(300, ge=1, le=24 * 3600, description="Largest difference between a "
+                                     "webhook's X-LangOrch-Timestamp and the gateway's clock (else 401 "
+                                     "stale_signature).")
+    webhook_max_body_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024, description="Largest webhook "
+                                        "body the gateway reads (more → 413); it stops reading past this.")
 
     @field_validator("agent_url_allowlist", mode="before")
     @classmethod
