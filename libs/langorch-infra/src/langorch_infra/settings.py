@@ -226,6 +226,9 @@ class TriggersSettings(CommonSettings):
     ack_wait_s: float = Field(30.0, gt=0, description="JetStream ack wait of trigger commands.")
     fire_timeout_s: float = Field(20.0, gt=0, description="How long a fire waits for the run owner's answer to "
                                   "its run creation before the command is redelivered.")
+    concurrency_retry_after_s: int = Field(5, ge=1, description="The Retry-After a fire refused at its trigger's "
+                                           "max_concurrent_runs carries (seconds); an event fire is redelivered "
+                                           "after the same delay.")
 
 
 class GatewaySettings(CommonSettings):
