@@ -77,15 +77,17 @@ RETRYABLE = frozenset({"unavailable", "idempotency_key_in_progress", "too_many_s
 
 
 class ApiProblem(Exception):
-    """Raise to answer with a problem response; ``extra`` becomes extension members."""
+    """Raise to answer with a problem response; ``extra`` becomes extension members, ``headers`` response
+    headers (over the defaults, e.g. a computed ``Retry-After``)."""
 
     def __init__(self, code: str, detail: str, *, errors: dict[str, list[str]] | None = None,
-                 status: int | None = None, **extra: Any) -> None:
+                 status: int | None = None, headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.errors = errors
         self.status = status or STATUS.get(code, 400)
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -95,7 +97,8 @@ def refused_problem(refusal: CommandRefused) -> ApiProblem:
 
 
 def problem_response(request: Request, code: str, detail: str, *, status: int | None = None,
-                     errors: dict[str, list[str]] | None = None, **extra: Any) -> JSONResponse:
+                     errors: dict[str, list[str]] | None = None, headers: dict[str, str] | None = None,
+                     **extra: Any) -> JSONResponse:
     status = status or STATUS.get(code, 400)
     request_id = getattr(request.state, "request_id", None)
     body: dict[str, Any] = {
@@ -106,10 +109,11 @@ def problem_response(request: Request, code: str, detail: str, *, status: int | 
     if errors is not None or status == 422:
         body["errors"] = errors or {}
     body.update(extra)
-    headers = {"Retry-After": "1"} if code in RETRYABLE else {}
+    answer_headers = {"Retry-After": "1"} if code in RETRYABLE else {}
     if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
+        answer_headers["WWW-Authenticate"] = "Bearer"
+    answer_headers.update(headers or {})
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=answer_headers)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -130,7 +134,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiProblem)
     async def _problem(request: Request, exc: ApiProblem) -> JSONResponse:
         return problem_response(request, exc.code, exc.detail, status=exc.status, errors=exc.errors,
-                                **exc.extra)
+                                headers=exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
