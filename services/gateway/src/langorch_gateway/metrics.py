@@ -57,6 +57,10 @@ class GatewayMetrics:
         self.runs = Gauge("langorch_runs", "Runs by status (from the runs projection).", ["status"], registry=r)
         self.approvals_pending = Gauge("langorch_approvals_pending", "Pending approvals (from the approvals "
                                        "projection).", registry=r)
+        self.webhook_requests = Counter("langorch_webhook_requests", "Webhook intake requests, by outcome "
+                                        "(accepted, pending, invalid_signature, stale_signature, too_large, "
+                                        "unsupported_media, invalid_input, duplicate, throttled, not_found, "
+                                        "refused).", ["outcome"], registry=r)
 
     async def refresh(self, pool: asyncpg.Pool, js: JetStreamContext, applied: int,
                       audit_lag: int | None = None) -> None:
