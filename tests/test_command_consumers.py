@@ -256,6 +256,9 @@ def test_every_consumer_keeps_its_durable_name_and_filters() -> None:
         "triggers_run_slots": ("LO_EVT", ("lo.evt.run.*.run_created", "lo.evt.run.*.run_retry_requested",
                                           "lo.evt.run.*.run_completed", "lo.evt.run.*.run_failed",
                                           "lo.evt.run.*.run_canceled")),
+        "triggers_sync": ("LO_EVT", ("lo.evt.procedure.*.procedure_status_changed",
+                                     "lo.evt.procedure.*.procedure_promoted",
+                                     "lo.evt.procedure.*.procedure_rolled_back")),
     }
     # the runtime's own consumers (on nats-py) are documented as they are created
     assert (messaging.RUN_COMMANDS.durable, messaging.RUN_COMMANDS.filter_subjects) == (RUN_CONSUMER,

@@ -262,8 +262,15 @@ RUN_SLOTS = Consumer(
     "Run starts and ends, read by the triggers service: the concurrency slots of each procedure hold its runs "
     "that have not ended (a creation or a retry takes one, an end releases it), in stream order.",
     deliver_all=True, max_ack_pending=1, owner="triggers")
+ACTIVATION_EVENTS = ("procedure_status_changed", "procedure_promoted", "procedure_rolled_back")
+PROCEDURE_ACTIVATIONS = Consumer(
+    "triggers_sync", EVENT_STREAM, tuple(f"lo.evt.procedure.*.{t}" for t in ACTIVATION_EVENTS),
+    {f"lo.evt.procedure.*.{t}": _event_envelope(EVENT_TYPES[t]) for t in ACTIVATION_EVENTS},
+    "Procedure lifecycle events that change which versions are active, read by the triggers service: a version "
+    "that became active gets the source:ckp registration its document's trigger block asks for "
+    "(trigger_registered, trigger_updated or trigger_deleted).", deliver_all=True, owner="triggers")
 CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_CREATIONS, RUN_ENDS,
-             TRIGGER_COMMANDS, RUN_SLOTS)
+             TRIGGER_COMMANDS, RUN_SLOTS, PROCEDURE_ACTIVATIONS)
 
 
 def _matches(pattern: str, subject: str) -> bool:
