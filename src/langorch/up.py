@@ -36,12 +36,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 
 from langorch.bootstrap import AuthSetup
 from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
+
+if TYPE_CHECKING:
+    from langorch_infra.embedded import EmbeddedPostgres
 
 # how long the gateway waits for open requests and SSE streams when `langorch up` stops
 STOP_GRACE_S = 1.0
@@ -50,6 +53,8 @@ FORCED_EXIT_CODE = 130
 # that the terminal already sent to the whole process group when it has no terminal of its own, so one Ctrl-C
 # (or one `kill -INT -<pgid>`) can arrive twice within milliseconds.
 REPEAT_WINDOW_S = 0.5
+PORT_ATTEMPTS = 3
+"""Starts of the embedded PostgreSQL on ports LangOrch chose, before ``langorch up`` gives up."""
 # how long the workers get to stop after the request, before they are killed
 WORKER_STOP_S = 8.0
 
@@ -299,7 +304,7 @@ class Up:
 
     def start_servers(self, servers: dict[str, Any]) -> tuple[str, str]:
         from langorch.serving import ensure_database
-        from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres, nats_users
+        from langorch_infra.embedded import EmbeddedNats, nats_users
 
         o = self.options
         nats_url, database_url = o.nats_url, o.database_url
@@ -315,16 +320,37 @@ class Up:
             servers["nats"]["pid"] = nats.proc.pid
             nats_url = users.service.url(nats.port)
         if "postgres" in servers:
-            pg = EmbeddedPostgres(self.state.path / "postgres", servers["postgres"]["port"],
-                                  log_file=self.state.logs / "postgresql.log")
-            pg.stop_orphan()
-            self.embedded.append(pg)
-            pg.start()
+            pg = self._start_postgres(servers)
             database_url = asyncio.run(ensure_database(pg.url))
         self.state.remember(servers)
         assert nats_url is not None
         assert database_url is not None
         return nats_url, database_url
+
+    def _start_postgres(self, servers: dict[str, Any]) -> EmbeddedPostgres:
+        """Start the embedded PostgreSQL. A port LangOrch chose itself can be taken by another program between the
+        check and the server's bind (or the start can outlast ``pg_ctl``'s wait on a loaded machine): the server is
+        then stopped and started again on a fresh port, up to ``PORT_ATTEMPTS`` times. An explicit port is never
+        changed."""
+        from langorch_infra.embedded import EmbeddedPostgres
+
+        explicit = self.options.postgres_port is not None
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            pg = EmbeddedPostgres(self.state.path / "postgres", servers["postgres"]["port"],
+                              log_file=self.state.logs / "postgresql.log")
+            pg.stop_orphan()
+            self.embedded.append(pg)
+            try:
+                return pg.start()
+            except (subprocess.CalledProcessError, TimeoutError):
+                if explicit or attempt == PORT_ATTEMPTS:
+                    raise
+                pg.stop("immediate")  # a server still starting would hold the data directory
+                self.embedded.remove(pg)
+                servers["postgres"]["port"] = _free_port()
+                self.notes.append(f"the embedded PostgreSQL server did not start on port {pg.port} "
+                                  f"(see {pg.log_file}); it listens on {servers['postgres']['port']} instead")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def banner(self, nats_url: str, database_url: str, started: float) -> None:
         o = self.options

@@ -343,7 +343,7 @@ class EmbeddedPostgres:
                           + ([] if self.fsync else ["--no-sync"]))
         self._prepare_log()
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c fsync={'on' if self.fsync else 'off'}"
-        self._command("pg_ctl", ["-w", "-t", "30", "-l", str(self.log_file), "-o", opts, "start"])
+        self._command("pg_ctl", ["-w", "-t", "60", "-l", str(self.log_file), "-o", opts, "start"])
         _wait_port(self.port, 30)
         return self
 
