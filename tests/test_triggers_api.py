@@ -87,7 +87,7 @@ async def test_register_replace_with_if_match_and_read_back(platform: Platform) 
      {"dedupe_window_seconds"}),
     ({"trigger_type": "event", "event_source": "kafka://orders"}, "unsupported_event_source", {"event_source"}),
     ({"trigger_type": "file_watch"}, "validation_failed", {"event_source"}),
-    ({"trigger_type": "webhook", "webhook_secret": "k", "max_concurrent_runs": 1}, "validation_failed",
+    ({"trigger_type": "webhook", "webhook_secret": "k", "max_concurrent_runs": 0}, "validation_failed",
      {"max_concurrent_runs"}),
     ({"trigger_type": "webhook", "webhook_secret": "k", "dedupe_window_seconds": -1}, "validation_failed",
      {"dedupe_window_seconds"}),
@@ -192,21 +192,24 @@ async def test_sync_registers_active_versions_blocks_and_never_touches_api_regis
                                                                   "max_concurrent_runs": 2})
     by_api = procedure_doc("trig_sync_api", "1.0.0", trigger={"type": "file_watch",
                                                               "file_watch": {"path": "/tmp/doc.csv"}})
-    for doc in (scheduled, limited, by_api):
+    refused = procedure_doc("trig_sync_refused", "1.0.0", trigger={"type": "event",
+                                                                  "event_source": "nats://lo.ext.orders.>.created"})
+    for doc in (scheduled, limited, by_api, refused):
         r = await c.post("/api/procedures", json={"ckp_json": doc})
         assert r.status_code == 201, r.text
     mine = await c.post(url(procedure_id="trig_sync_api"), json={"trigger_type": "webhook", "webhook_secret": "x"})
     assert mine.status_code == 201, mine.text
-    for doc in (scheduled, limited, by_api):
+    for doc in (scheduled, limited, by_api, refused):
         r = await c.patch(f"/api/procedures/{doc['procedure_id']}/1.0.0/status", json={"status": "active"})
         assert r.status_code == 200, r.text
 
     first = await c.post("/api/triggers/sync")
     assert first.status_code == 200, first.text
     body = first.json()
-    assert (body["registered"], body["updated"], body["removed"]) == (1, 0, 0), body
+    assert (body["registered"], body["updated"], body["removed"]) == (2, 0, 0), body
     assert [(e["procedure_id"], [d["path"] for d in e["diagnostics"]]) for e in body["errors"]] == [
-        ("trig_sync_limited", ["/trigger/max_concurrent_runs"])]
+        ("trig_sync_refused", ["/trigger/event_source"])]
+    assert (await c.get(url(procedure_id="trig_sync_limited"))).json()["max_concurrent_runs"] == 2
     got = (await c.get(url(procedure_id="trig_sync"))).json()
     assert (got["source"], got["dormant"], got["schedule"], got["timezone"]) == (
         "ckp", False, "*/5 * * * *", "Europe/Berlin")

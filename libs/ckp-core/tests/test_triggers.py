@@ -78,7 +78,7 @@ def test_a_valid_schedule_registers_with_its_zone_and_defaults() -> None:
     ({"trigger_type": "manual"}, "trigger_type", "validation_failed"),
     ({"trigger_type": "webhook", "webhook_secret": "k", "dedupe_window_seconds": -1}, "dedupe_window_seconds",
      "validation_failed"),
-    ({"trigger_type": "webhook", "webhook_secret": "k", "max_concurrent_runs": 2}, "max_concurrent_runs",
+    ({"trigger_type": "webhook", "webhook_secret": "k", "max_concurrent_runs": 0}, "max_concurrent_runs",
      "validation_failed"),
 ])
 def test_each_type_is_validated_with_the_failing_field_named(fields: dict[str, Any], path: str, code: str) -> None:

@@ -166,11 +166,8 @@ def validate(cmd: UpsertTrigger) -> dict[str, Any]:
         fail("source", f"Must be one of: {', '.join(SOURCES)}")
     if cmd.dedupe_window_seconds < 0:
         fail("dedupe_window_seconds", "Must be 0 (off) or more")
-    if cmd.max_concurrent_runs is not None:
-        if cmd.max_concurrent_runs < 1:
-            fail("max_concurrent_runs", "Must be 1 or more, or null (no limit)")
-        else:
-            fail("max_concurrent_runs", "Concurrency limits on triggers are not implemented yet; leave it null")
+    if cmd.max_concurrent_runs is not None and cmd.max_concurrent_runs < 1:
+        fail("max_concurrent_runs", "Must be 1 or more, or null (no limit)")
     if ttype == "scheduled":
         if not cmd.schedule:
             fail("schedule", "This field is required for a scheduled trigger")

@@ -4,7 +4,7 @@ and fires that did not (by reason), by how the run was started; the lag from a f
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ckp_core.events import EventEnvelope
 from langorch_infra.metrics import package_version, register_build_info
@@ -30,6 +30,10 @@ class TriggersMetrics:
                                 "run would have started and why", ["trigger_type", "reason"], registry=r)
         self.lag = Histogram("langorch_trigger_lag_seconds", "From the fire's receipt by the triggers service to "
                              "its run_created", ["trigger_type"], buckets=LAG_BUCKETS, registry=r)
+        self.slots_held = Gauge("langorch_trigger_slots_held", "Runs of a procedure that have not ended, as this "
+                                "replica last wrote or read its concurrency slots (procedures with a trigger's "
+                                "max_concurrent_runs, and every procedure whose runs this replica saw start or "
+                                "end)", ["procedure_id"], registry=r)
         self.registrations = Counter("langorch_trigger_registration_changes_total", "Trigger registration changes, "
                                      "by event type", ["type"], registry=r)
 

@@ -5,14 +5,17 @@
   ``trigger_updated``, ``trigger_deleted``, ``trigger_enabled``, ``trigger_disabled`` | ``command_rejected``
   (validation of §10.2, ``precondition_failed`` for a stale ``If-Match``, ``not_found``).
 * ``lo.cmd.trigger.fire`` → the dedupe check of §10.3 (key ``dedupe.<trigger>.<key>`` in KV ``lo_locks``, created
-  atomically), then the run's creation through the run owner's ``lo.cmd.run.create`` (the runtime decides it and
+  atomically), the concurrency slot of ``max_concurrent_runs`` (:mod:`langorch_triggers.slots`), then the run's
+  creation through the run owner's ``lo.cmd.run.create`` (the runtime decides it and
   starts the run), then ``trigger_fired {run_id}`` | ``trigger_fire_skipped {outcome, reason}``.
+* ``triggers_run_slots`` (runs created, retried and ended, on ``LO_EVT``) → the procedures' concurrency slots: one
+  durable consumer for every replica, one event in flight, so each is applied once and in order.
 
 A fire's run id is chosen by its submitter and the creation carries the fire's command id, so a redelivered fire
 finds the same run (JetStream drops the republished creation) and records the same outcome.
 
-Not in this slice: schedules, webhook intake, the ``LO_EXT`` event consumer, file watches, concurrency slots
-(``max_concurrent_runs`` is refused at registration) and the sync from CKP ``trigger`` blocks.
+Not in this slice: schedules, webhook intake, the ``LO_EXT`` event consumer, file watches and the sync from CKP
+``trigger`` blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from ckp_core import runs
 from ckp_core.commands import CreateRun, DeleteTrigger, DisableTrigger, EnableTrigger, FireTrigger, UpsertTrigger
 from ckp_core.errors import CommandRefused
 from ckp_core.events import EventData, EventEnvelope, TriggerFired, TriggerFireSkipped, format_time
@@ -57,6 +61,7 @@ from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follo
 from langorch_infra.metrics import ObservedEventStore
 from langorch_infra.settings import TriggersSettings
 from langorch_triggers.metrics import VERSION, TriggersMetrics
+from langorch_triggers.slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,9 @@ class TriggersService:
         self.broker = messaging.broker(settings.nats_url, f"langorch-triggers-{self.instance}", self.bus, settings)
         self.command_subscription = messaging.Subscription(
             self.broker, messaging.TRIGGER_COMMANDS, ack_wait_s=settings.ack_wait_s).handle(self.handlers)
+        self.run_slots_subscription = messaging.Subscription(self.broker, messaging.RUN_SLOTS,
+                                                             conflicts_nak=False).handle(
+            {subject: self.on_run_event for subject in messaging.RUN_SLOTS.messages})
 
     async def start(self) -> None:
         self.nc = await messaging.connect(self.broker)
@@ -86,6 +94,9 @@ class TriggersService:
         self.store: JetStreamEventStore = ObservedEventStore(self.js, self.metrics.observe)
         self.audit = AuditWriter(self.js)
         self.locks: KeyValue = await self.js.key_value(LOCKS_BUCKET)
+        # a fire's slot before its run exists: the fire's creation timeout, and once more after a redelivery
+        stale_s = 2 * self.settings.fire_timeout_s + self.settings.ack_wait_s
+        self.slots = Slots(self.js, self.locks, stale_after_s=stale_s)
 
     async def run(self) -> None:
         """Handle trigger commands until cancelled."""
@@ -170,11 +181,22 @@ class TriggersService:
                         detail=f"the same delivery already started run {first['run_id']}",
                         extra={"existing_run_id": first["run_id"], "first_seen_at": first["first_seen_at"]})
                 claim = (dedupe_key(tid, cmd.dedupe_key), first)
+            limit = state.config.get("max_concurrent_runs")
+            if limit:
+                granted, active = await self.slots.acquire(cmd.procedure_id, cmd.run_id, int(limit))
+                self.metrics.slots_held.labels(procedure_id=cmd.procedure_id).set(active)
+                if not granted:
+                    await self._unclaim(claim)
+                    return TriggerFireSkipped(
+                        **common, outcome="throttled", reason="max_concurrent_runs",
+                        detail=f"{active} runs of {cmd.procedure_id} have not ended; the limit is {limit}",
+                        extra={"active_runs": active, "limit": int(limit),
+                               "retry_after_s": self.settings.concurrency_retry_after_s})
             outcome = await self._create_run(state, cmd)
             if outcome.type == "command_rejected":
-                if claim is not None:  # the delivery started nothing: a corrected retry is not a duplicate
-                    with contextlib.suppress(NatsError):
-                        await self.locks.delete(claim[0], last=claim[1])
+                await self._unclaim(claim)
+                if limit:
+                    await self.slots.release(cmd.procedure_id, cmd.run_id)
                 data = outcome.data
                 return TriggerFireSkipped(**common, outcome="invalid", reason=str(data.get("code")),
                                           detail=data.get("detail"), extra=dict(data.get("extra") or {}))
@@ -186,6 +208,12 @@ class TriggersService:
             lag = (created[-1].occurred_at - received).total_seconds()
             self.metrics.lag.labels(trigger_type=cmd.trigger_type).observe(max(0.0, lag))
         return handled.event
+
+    async def _unclaim(self, claim: tuple[str, int] | None) -> None:
+        """Give up a delivery's dedupe claim: the delivery started nothing, so a retry of it is not a duplicate."""
+        if claim is not None:
+            with contextlib.suppress(NatsError):
+                await self.locks.delete(claim[0], last=claim[1])
 
     async def _claim(self, key: str, run_id: str, window_s: int) -> dict[str, Any] | int:
         """Create the dedupe key for this delivery (its revision), or the first delivery's record when one
@@ -226,6 +254,23 @@ class TriggersService:
                 if stored.envelope.causation_id == cmd.command_id:
                     return stored.envelope
         raise AssertionError("unreachable: follow never ends")  # pragma: no cover
+
+    # -- concurrency slots ----------------------------------------------------------------------------------------
+
+    async def on_run_event(self, ev: EventEnvelope) -> None:
+        """A created or retried run takes a slot of its procedure, an ended one frees it (acked after the write)."""
+        if ev.type == "run_created":
+            procedure = str(ev.model_dump()["data"]["procedure_id"])
+        else:
+            found = await self.slots.procedure_of(ev.aggregate_id)
+            if found is None:
+                return  # deleted since: its slot, if any, is freed by the check at the limit
+            procedure = found
+        if ev.type in runs.END_EVENTS:
+            held = await self.slots.release(procedure, ev.aggregate_id)
+        else:
+            held = await self.slots.track(procedure, ev.aggregate_id, ev.occurred_at)
+        self.metrics.slots_held.labels(procedure_id=procedure).set(held)
 
 
 def _fold(tid: str, history: Sequence[StoredEvent]) -> TriggerState:
