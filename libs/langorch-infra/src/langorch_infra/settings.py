@@ -229,6 +229,11 @@ class TriggersSettings(CommonSettings):
     concurrency_retry_after_s: int = Field(5, ge=1, description="The Retry-After a fire refused at its trigger's "
                                            "max_concurrent_runs carries (seconds); an event fire is redelivered "
                                            "after the same delay.")
+    scheduler_lock_ttl_s: float = Field(10.0, ge=1, description="TTL of the scheduler's leader key in lo_locks "
+                                        "(renewed every third of it): a dead scheduler replica is replaced, and "
+                                        "its schedules and file watches resume, within this time.")
+    file_watch_interval_s: float = Field(60.0, gt=0, description="Seconds between two looks of the scheduler "
+                                         "replica at each file_watch registration's path.")
 
 
 class GatewaySettings(CommonSettings):
