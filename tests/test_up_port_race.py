@@ -51,3 +51,21 @@ def test_an_explicit_port_that_is_taken_is_an_error(tmp_path: Path, taken_port: 
         up._start_postgres({"postgres": {"port": taken_port}})
     for pg in up.embedded:
         pg.stop("immediate")
+
+
+def test_the_embedded_nats_moves_too(tmp_path: Path, taken_port: int) -> None:
+    up = Up(UpOptions(state_dir=tmp_path / "state", database_url="postgresql://unused@127.0.0.1:1/x"),
+            Console(quiet=True))
+    up.state.path.mkdir(parents=True)
+    up.state.logs.mkdir()
+    servers: dict[str, dict[str, int]] = {"nats": {"port": taken_port}}
+    try:
+        nats_url, _ = up.start_servers(servers)
+        port = servers["nats"]["port"]
+        assert port != taken_port
+        assert f":{port}" in nats_url
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+    finally:
+        for server in up.embedded:
+            server.kill()

