@@ -203,10 +203,14 @@ async def test_sync_registers_active_versions_blocks_and_never_touches_api_regis
         r = await c.patch(f"/api/procedures/{doc['procedure_id']}/1.0.0/status", json={"status": "active"})
         assert r.status_code == 200, r.text
 
+    # the triggers service registers the blocks on activation; the manual sync repairs a removed registration
+    for pid in ("trig_sync", "trig_sync_limited"):
+        await wait_until(lambda pid=pid: c.get(url(procedure_id=pid)), lambda r: r.status_code == 200)
+    assert (await c.delete(url(procedure_id="trig_sync"))).status_code == 204
     first = await c.post("/api/triggers/sync")
     assert first.status_code == 200, first.text
     body = first.json()
-    assert (body["registered"], body["updated"], body["removed"]) == (2, 0, 0), body
+    assert (body["registered"], body["updated"], body["removed"]) == (1, 0, 0), body
     assert [(e["procedure_id"], [d["path"] for d in e["diagnostics"]]) for e in body["errors"]] == [
         ("trig_sync_refused", ["/trigger/event_source"])]
     assert (await c.get(url(procedure_id="trig_sync_limited"))).json()["max_concurrent_runs"] == 2

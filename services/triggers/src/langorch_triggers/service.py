@@ -10,12 +10,13 @@
   starts the run), then ``trigger_fired {run_id}`` | ``trigger_fire_skipped {outcome, reason}``.
 * ``triggers_run_slots`` (runs created, retried and ended, on ``LO_EVT``) → the procedures' concurrency slots: one
   durable consumer for every replica, one event in flight, so each is applied once and in order.
+* ``triggers_sync`` (versions becoming active, on ``LO_EVT``) → the ``source: ckp`` registration of the
+  version's ``trigger`` block (:mod:`langorch_triggers.sync`).
 
 A fire's run id is chosen by its submitter and the creation carries the fire's command id, so a redelivered fire
 finds the same run (JetStream drops the republished creation) and records the same outcome.
 
-Not in this slice: schedules, webhook intake, the ``LO_EXT`` event consumer, file watches and the sync from CKP
-``trigger`` blocks.
+Not in this slice: schedules, webhook intake, the ``LO_EXT`` event consumer and file watches.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from langorch_infra.metrics import ObservedEventStore
 from langorch_infra.settings import TriggersSettings
 from langorch_triggers.metrics import VERSION, TriggersMetrics
 from langorch_triggers.slots import Slots
+from langorch_triggers.sync import TriggerSync
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class TriggersService:
         self.broker = messaging.broker(settings.nats_url, f"langorch-triggers-{self.instance}", self.bus, settings)
         self.command_subscription = messaging.Subscription(
             self.broker, messaging.TRIGGER_COMMANDS, ack_wait_s=settings.ack_wait_s).handle(self.handlers)
+        self.sync = TriggerSync(self)  # the triggers_sync consumer: trigger blocks on activation
         self.run_slots_subscription = messaging.Subscription(self.broker, messaging.RUN_SLOTS,
                                                              conflicts_nak=False).handle(
             {subject: self.on_run_event for subject in messaging.RUN_SLOTS.messages})
