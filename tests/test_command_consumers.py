@@ -259,6 +259,7 @@ def test_every_consumer_keeps_its_durable_name_and_filters() -> None:
         "triggers_sync": ("LO_EVT", ("lo.evt.procedure.*.procedure_status_changed",
                                      "lo.evt.procedure.*.procedure_promoted",
                                      "lo.evt.procedure.*.procedure_rolled_back")),
+        "triggers_events": ("LO_EXT", ("lo.ext.>",)),
     }
     # the runtime's own consumers (on nats-py) are documented as they are created
     assert (messaging.RUN_COMMANDS.durable, messaging.RUN_COMMANDS.filter_subjects) == (RUN_CONSUMER,

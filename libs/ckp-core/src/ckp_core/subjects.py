@@ -38,6 +38,18 @@ def aggregate_filter(aggregate: str, aggregate_id: str) -> str:
     return f"lo.evt.{aggregate}.{encode_token(aggregate_id)}.>"
 
 
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` matches one token, a final ``>`` one or more (``lo.ext.>`` does not match
+    ``lo.ext``)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, part in enumerate(want):
+        if part == ">":
+            return len(have) > i
+        if i >= len(have) or part not in ("*", have[i]):
+            return False
+    return len(want) == len(have)
+
+
 def command_subject(aggregate: str, verb: str) -> str:
     """``lo.cmd.<aggregate>.<verb>``."""
     return f"lo.cmd.{aggregate}.{verb}"

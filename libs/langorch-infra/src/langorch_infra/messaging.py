@@ -48,7 +48,7 @@ from ckp_core.errors import ConcurrencyError
 from ckp_core.events import EVENT_TYPES, EventData, EventEnvelope
 from ckp_core.events import approval as approval_events
 from ckp_core.events import run as run_events
-from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM, command_subject
+from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM, command_subject, subject_matches
 from langorch_infra import tracing
 from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, nak, settle, subject_template
 from langorch_infra.nats_auth import broker_security
@@ -269,19 +269,25 @@ PROCEDURE_ACTIVATIONS = Consumer(
     "Procedure lifecycle events that change which versions are active, read by the triggers service: a version "
     "that became active gets the source:ckp registration its document's trigger block asks for "
     "(trigger_registered, trigger_updated or trigger_deleted).", deliver_all=True, owner="triggers")
+
+
+class ExternalEvent(BaseModel):
+    """Any JSON object an external system publishes under ``lo.ext.>``, ideally with a ``Nats-Msg-Id`` header for
+    dedupe; an ``event`` trigger whose ``event_source`` names the subject starts a run with it (a payload that is
+    not a JSON object is taken too: api.md §10.4)."""
+
+    model_config = {"extra": "allow"}
+
+
+EXTERNAL_EVENTS = Consumer(
+    "triggers_events", EXTERNAL_STREAM, ("lo.ext.>",), {"lo.ext.>": ExternalEvent},
+    "The intake of external events (stream LO_EXT, kept 7 days), read by the triggers service: each message "
+    "fires every enabled event trigger of an active version whose event_source matches its subject "
+    "(trigger_fired after the run's lo.cmd.run.create, or trigger_fire_skipped), and is acked once every fire is "
+    "decided; at a trigger's max_concurrent_runs it is redelivered later.", owner="triggers",
+    documented_only=True)
 CONSUMERS = (PROCEDURE_COMMANDS, APPROVAL_COMMANDS, AGENT_COMMANDS, RUN_COMMANDS, RUN_CREATIONS, RUN_ENDS,
-             TRIGGER_COMMANDS, RUN_SLOTS, PROCEDURE_ACTIVATIONS)
-
-
-def _matches(pattern: str, subject: str) -> bool:
-    """NATS subject matching: ``*`` one token, ``>`` the rest."""
-    want, have = pattern.split("."), subject.split(".")
-    for i, part in enumerate(want):
-        if part == ">":
-            return len(have) > i
-        if i >= len(have) or part not in ("*", have[i]):
-            return False
-    return len(want) == len(have)
+             TRIGGER_COMMANDS, RUN_SLOTS, PROCEDURE_ACTIVATIONS, EXTERNAL_EVENTS)
 
 
 class Subscription:
@@ -304,7 +310,7 @@ class Subscription:
     @staticmethod
     def _is(subject: str) -> Callable[[StreamMessage[Any]], Awaitable[bool]]:
         async def matches(msg: StreamMessage[Any]) -> bool:
-            return _matches(subject, cast(Msg, msg.raw_message).subject)
+            return subject_matches(subject, cast(Msg, msg.raw_message).subject)
         return matches
 
     def _typed(self, subject: str, model: type[BaseModel]) -> Callable[..., Awaitable[None]]:
@@ -398,13 +404,6 @@ async def close(b: NatsBroker, nc: NATS | None) -> None:
 # -- the AsyncAPI document ------------------------------------------------------------------------------------------
 
 
-class ExternalEvent(BaseModel):
-    """Any JSON object an external system publishes under ``lo.ext.>``, ideally with a ``Nats-Msg-Id`` header for
-    dedupe; an ``event`` trigger whose ``event_source`` names the subject starts a run with it."""
-
-    model_config = {"extra": "allow"}
-
-
 PUBLISHED_EVENTS: Mapping[str, tuple[type[EventData], ...]] = {
     "run": run_events.EVENTS,
     # the approvals service opens an approval aggregate with the payload the runtime records on the run
@@ -427,16 +426,6 @@ def interface_broker(url: str = "nats://localhost:4222") -> NatsBroker:
     b = broker(url, "langorch-interface", None)
     for consumer in CONSUMERS:
         Subscription(b, consumer)
-    intake = b.subscriber("", stream=JStream(EXTERNAL_STREAM, declare=False),
-                          config=ConsumerConfig(filter_subjects=["lo.ext.>"]), title="lo.ext",
-                          description="The intake of external events (stream LO_EXT, kept 7 days): external "
-                          "systems publish here. Event triggers will start runs from them once the triggers service "
-                          "exists; until then the messages are stored and nothing consumes them.")
-
-    @intake
-    async def on_external_event(body: ExternalEvent) -> None:
-        raise RejectMessage()  # the interface broker is never started; the triggers service will consume these
-
     _declare_events(b)
     return b
 
