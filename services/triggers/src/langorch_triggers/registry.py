@@ -42,6 +42,7 @@ class Registry:
         self.js = js
         self.triggers: dict[str, TriggerState] = {}
         self.statuses: dict[tuple[str, str], str] = {}
+        self.projects: dict[tuple[str, str], str | None] = {}
         self.listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -49,6 +50,10 @@ class Registry:
 
     def status_of(self, procedure_id: str, version: str) -> str | None:
         return self.statuses.get((procedure_id, version))
+
+    def project_of(self, procedure_id: str, version: str) -> str | None:
+        """The project a version was imported into (its runs belong to it)."""
+        return self.projects.get((procedure_id, version))
 
     def dormant(self, state: TriggerState) -> bool:
         """Not ``active``: the registration cannot fire by itself (manual fires still can)."""
@@ -148,6 +153,7 @@ class Registry:
 
         if ev.type == "procedure_imported":
             put(version, str(d.get("status") or "draft"))
+            self.projects[(str(procedure_id), version)] = d.get("project_id")
         elif ev.type == "procedure_status_changed":
             put(d.get("displaced_version"), "deprecated")
             put(version, str(d["status"]))
@@ -159,6 +165,7 @@ class Registry:
             put(d.get("restored_version"), "active")
         elif ev.type == "procedure_version_deleted":
             put(version, None)
+            self.projects.pop((str(procedure_id), version), None)
         for pid, v in changed:
             tid = trigger_id(pid, v)
             if tid in self.triggers:
