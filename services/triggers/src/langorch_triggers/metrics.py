@@ -1,6 +1,7 @@
 """Triggers metrics (api.md §13.1), derived from the trigger events this replica appends: fires that started a run
 and fires that did not (by reason), by how the run was started; the lag from a fire's receipt to its
-``run_created``; and registration changes by event type."""
+``run_created``; registration changes by event type; and the ``LO_EXT`` event consumer's deliveries and backlog
+age."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ class TriggersMetrics:
                                 "replica last wrote or read its concurrency slots (procedures with a trigger's "
                                 "max_concurrent_runs, and every procedure whose runs this replica saw start or "
                                 "end)", ["procedure_id"], registry=r)
+        self.events = Counter("langorch_trigger_events_total", "Deliveries of LO_EXT messages to the event "
+                              "consumer, by whether an enabled event trigger of an active version matched their "
+                              "subject (matched, unmatched); a redelivered message counts again", ["result"],
+                              registry=r)
+        self.event_backlog_age = Gauge("langorch_trigger_event_oldest_pending_age_seconds", "Age of the oldest "
+                                       "LO_EXT message the event consumer has not acked (not yet delivered, in "
+                                       "flight or waiting for a redelivery); 0 when none is pending",
+                                       registry=r)
         self.registrations = Counter("langorch_trigger_registration_changes_total", "Trigger registration changes, "
                                      "by event type", ["type"], registry=r)
 
