@@ -22,14 +22,15 @@ async def platform(module_nats_url: str, module_database_url: str) -> AsyncItera
         yield p
 
 
-async def waiting_procedure(p: Platform, limit: int) -> str:
+async def waiting_procedure(p: Platform, limit: int, dedupe_window_seconds: int = 0) -> str:
     """A procedure whose runs wait for an approval, with a webhook trigger limited to ``limit`` runs."""
     pid = f"conc_{new_id().replace('-', '')[-12:]}"
     doc = procedure(pid, {"on_approve": "approved_end", "on_reject": "rejected_end"}, "approved_end",
                     "rejected_end")
     assert (await p.client.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
     r = await p.client.post(f"/api/triggers/{pid}/1", json={"trigger_type": "webhook", "webhook_secret": "k",
-                                                           "max_concurrent_runs": limit})
+                                                           "max_concurrent_runs": limit,
+                                                           "dedupe_window_seconds": dedupe_window_seconds})
     assert r.status_code == 201, r.text
     assert r.json()["max_concurrent_runs"] == limit
     return pid
@@ -45,8 +46,10 @@ def rejected(p: Platform) -> float:
 
 
 async def test_a_run_started_through_the_api_holds_the_slot_until_it_ends(platform: Platform) -> None:
+    """With a dedupe window too: the refused fire gives its dedupe record back, so the same inputs fired once the
+    slot is free start a run instead of answering 409."""
     c = platform.client
-    pid = await waiting_procedure(platform, 1)
+    pid = await waiting_procedure(platform, 1, dedupe_window_seconds=600)
     run_id = await start_run(c, pid)
     await pending_approval(c, run_id)
     await wait_until(lambda: held(platform, pid), lambda runs: runs == {run_id})
@@ -87,3 +90,17 @@ async def test_two_concurrent_fires_at_limit_one_start_exactly_one_run(platform:
     assert await held(platform, pid) == {started}
     runs = (await c.get("/api/runs", params={"procedure_id": pid})).json()
     assert [r["run_id"] for r in runs["items"]] == [started]
+
+
+async def test_a_retried_run_takes_its_slot_again(platform: Platform) -> None:
+    c = platform.client
+    pid = await waiting_procedure(platform, 1)
+    run_id = await start_run(c, pid)
+    await wait_until(lambda: held(platform, pid), lambda runs: runs == {run_id})
+    assert (await c.post(f"/api/runs/{run_id}/cancel", json={})).status_code in (200, 202)
+    await wait_until(lambda: held(platform, pid), lambda runs: not runs)
+
+    retried = await c.post(f"/api/runs/{run_id}/retry", json={})
+    assert retried.status_code in (200, 202), retried.text
+    await wait_until(lambda: held(platform, pid), lambda runs: runs == {run_id})
+    problem(await c.post(f"/api/triggers/{pid}/1/fire", json={}), 429, "max_concurrent_runs")
