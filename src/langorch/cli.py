@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from langorch import accounts, cli_webhook, timeline
+from langorch import accounts, cli_triggers, cli_webhook, timeline
 from langorch.errors import API_HELP, API_KEY_HELP, DEFAULT_API, EXIT_CODES_HELP, CLIError, ExitCode
 from langorch.serving import SERVICES, serve_services
 
@@ -428,13 +428,14 @@ def serve(
 SEVERITY_COLORS = {"error": "red", "warning": "yellow", "info": "blue"}
 
 
-def _parse_vars(items: list[str] | None) -> dict[str, Any]:
-    """``--var k=v`` options; values are parsed as JSON when they are JSON, else kept as strings."""
+def _parse_vars(items: list[str] | None, option: str = "--var") -> dict[str, Any]:
+    """``--var k=v`` options (``option``: their name in errors); values are parsed as JSON when they are JSON, else
+    kept as strings."""
     inputs: dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise CLIError(f"--var {item!r}: expected key=value", ExitCode.USAGE)
+            raise CLIError(f"{option} {item!r}: expected key=value", ExitCode.USAGE)
         try:
             inputs[key] = json.loads(raw)
         except ValueError:
@@ -803,6 +804,7 @@ async def connect_postgres(url: str) -> Any:
 
 accounts.register(app)
 cli_webhook.register(app)
+cli_triggers.register(app)
 
 for _info in (*app.registered_commands, *projections_app.registered_commands):
     if not _info.epilog:
