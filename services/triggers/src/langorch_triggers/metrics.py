@@ -43,6 +43,8 @@ class TriggersMetrics:
                                        "LO_EXT message the event consumer has not acked (not yet delivered, in "
                                        "flight or waiting for a redelivery); 0 when none is pending",
                                        registry=r)
+        self.scheduler_lag = Histogram("langorch_trigger_scheduler_lag_seconds", "From a schedule's slot to the "
+                                       "scheduler replica publishing its fire", buckets=LAG_BUCKETS, registry=r)
         self.registrations = Counter("langorch_trigger_registration_changes_total", "Trigger registration changes, "
                                      "by event type", ["type"], registry=r)
 
