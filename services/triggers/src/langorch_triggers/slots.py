@@ -9,7 +9,9 @@ two fires never both take the last slot. A fire takes its slot before its run is
 A slot whose release was lost (a run ended while its ``run_created`` was not yet seen, a fire that crashed
 between its slot and its creation and was never redelivered) would hold its procedure at the limit for ever, so a
 fire that finds the limit reached checks the holders older than ``verify_after_s`` against their runs' last
-events and frees those whose run ended, or whose run never appeared within ``stale_after_s``.
+events and frees those whose run ended, or whose run never appeared within ``stale_after_s`` (long enough for the
+redeliveries of a fire whose run owner was away: a freed slot whose creation is still pending would let the run
+start over the limit).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _age_s(taken_at: str) -> float:
 class Slots:
     """The slots of every procedure in ``kv`` (``lo_locks``); ``js`` reads runs' events for the checks."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, *, stale_after_s: float,
+    def __init__(self, js: JetStreamContext, kv: KeyValue, *, stale_after_s: float = 600.0,
                  verify_after_s: float = 10.0) -> None:
         self.js = js
         self.kv = kv
