@@ -97,9 +97,7 @@ class TriggersService:
         self.store: JetStreamEventStore = ObservedEventStore(self.js, self.metrics.observe)
         self.audit = AuditWriter(self.js)
         self.locks: KeyValue = await self.js.key_value(LOCKS_BUCKET)
-        # a fire's slot before its run exists: the fire's creation timeout, and once more after a redelivery
-        stale_s = 2 * self.settings.fire_timeout_s + self.settings.ack_wait_s
-        self.slots = Slots(self.js, self.locks, stale_after_s=stale_s)
+        self.slots = Slots(self.js, self.locks)
 
     async def run(self) -> None:
         """Handle trigger commands until cancelled."""
