@@ -62,6 +62,8 @@ from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follo
 from langorch_infra.metrics import ObservedEventStore
 from langorch_infra.settings import TriggersSettings
 from langorch_triggers.metrics import VERSION, TriggersMetrics
+from langorch_triggers.registry import Registry
+from langorch_triggers.scheduler import Scheduler
 from langorch_triggers.slots import Slots
 from langorch_triggers.sync import TriggerSync
 
@@ -98,21 +100,30 @@ class TriggersService:
         self.audit = AuditWriter(self.js)
         self.locks: KeyValue = await self.js.key_value(LOCKS_BUCKET)
         self.slots = Slots(self.js, self.locks)
+        self.registry = Registry(self.js)  # registrations and version statuses, caught up before work starts
+        await self.registry.start()
+        self.scheduler = Scheduler(self)  # schedules and file watches, while this replica holds the lock
 
     async def run(self) -> None:
-        """Handle trigger commands until cancelled."""
+        """Handle trigger commands and run the scheduler until cancelled."""
         try:
             await messaging.start_consuming(self.broker)
-            await asyncio.Event().wait()
+            await self.scheduler.run()
         finally:
             await messaging.stop_consuming(self.broker)
 
     async def stop(self) -> None:
+        if hasattr(self, "scheduler"):
+            await self.scheduler.stop()
+        if hasattr(self, "registry"):
+            await self.registry.stop()
         with contextlib.suppress(Exception):  # shutdown: a lost connection has nothing left to close
             await messaging.close(self.broker, self.nc)
 
     def leader_of(self) -> list[str]:
-        return []
+        """The leader locks this replica holds now (its presence lists them): ``scheduler`` or none."""
+        scheduler: Scheduler | None = getattr(self, "scheduler", None)
+        return scheduler.leader_of() if scheduler is not None else []
 
     async def ready_checks(self) -> dict[str, str]:
         """NATS connected, the event and command streams and the lock bucket present (api.md §3)."""

@@ -1,0 +1,359 @@
+"""The scheduler replica (api.md §10.4): cron schedules and file watches, run by the one triggers replica holding
+``leader.scheduler`` in KV ``lo_locks`` (:class:`~langorch_infra.kv.LeaderLock`, renewed every third of
+``scheduler_lock_ttl_s``; a dead holder's key expires and another replica takes over).
+
+Schedules
+---------
+A heap of ``(next slot, trigger id)`` over the live ``scheduled`` registrations of the :class:`Registry`, built
+when leadership is taken and re-planned for one registration when the registry reports it changed. At a due slot
+the leader publishes a ``FireTrigger`` on ``LO_CMD`` whose identity is the slot: ``Nats-Msg-Id``
+``fire:sched:<trigger id>:<slot>``, and a command id and run id derived from the same string. A slot published
+twice (a new leader re-planning from ``now - 120 s`` after a takeover, or two leaders for a moment) is dropped by
+the stream's duplicate window (600 s, longer than the grace plus a takeover), and past it the command handler finds
+the command's outcome already recorded; either way the slot fires once.
+
+A slot more than :data:`~ckp_core.schedules.MISFIRE_GRACE_S` late (the loop stalled, the clock jumped) starts no
+run: the leader records ``trigger_fire_skipped {outcome: skipped, reason: misfire}`` under the same command id, so
+it is one event per slot whoever records it, and the schedule moves on to its next future slot (no backfill).
+
+File watches
+------------
+Every ``file_watch_interval_s`` the leader looks at the path of each live ``file_watch`` registration
+(:func:`~ckp_core.schedules.observe_file`, on this replica's host). What it saw last is kept in ``lo_locks`` under
+``filewatch.<trigger>`` (with the path), so a new leader neither fires again nor loses the baseline. The first look
+at a path is the baseline; a later different modification time fires once (``Nats-Msg-Id``
+``fire:file:<trigger>:<mtime_ns>``) with the inputs ``{file_watch_path, file_mtime}``. A missing file does not fire
+and becomes the baseline: the file appearing later fires (as a modification would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyNotFoundError
+
+from ckp_core.commands import FireTrigger
+from ckp_core.errors import CommandRefused
+from ckp_core.events import Actor, EventData, TriggerFireSkipped, format_time
+from ckp_core.schedules import (
+    MISFIRE_GRACE_S,
+    FileState,
+    Schedule,
+    detect_change,
+    file_watch_inputs,
+    observe_file,
+    plan_slots,
+)
+from ckp_core.subjects import kv_token
+from ckp_core.triggers import TriggerState
+from langorch_infra.cancel import stop_if_cancelled
+from langorch_infra.jetstream import publish_command
+from langorch_infra.kv import LeaderLock
+
+if TYPE_CHECKING:
+    from langorch_triggers.service import TriggersService
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "scheduler"
+ACTOR = Actor.system("triggers")
+MAX_SLEEP_S = 1.0
+"""Longest wait between two looks at the heap: bounds how late a leadership change or a clock jump is noticed."""
+_IDS = uuid.UUID("0f6f1d2c-58a4-4b8e-9c53-2d7a61e4b3f1")
+"""Namespace of the ids derived from a fire's identity (UUIDv5)."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def slot_key(tid: str, slot: datetime) -> str:
+    """A scheduled fire's identity and ``Nats-Msg-Id``: ``fire:sched:<trigger id>:<slot, ISO UTC>``."""
+    return f"fire:sched:{tid}:{format_time(slot.astimezone(UTC))}"
+
+
+def file_key(tid: str, mtime_ns: int) -> str:
+    """A file-watch fire's identity and ``Nats-Msg-Id``: ``fire:file:<trigger id>:<mtime_ns>``."""
+    return f"fire:file:{tid}:{mtime_ns}"
+
+
+def derived_ids(key: str) -> tuple[str, str]:
+    """The command id and run id of the fire ``key``: the same on every replica and every attempt."""
+    return str(uuid.uuid5(_IDS, f"command:{key}")), str(uuid.uuid5(_IDS, f"run:{key}"))
+
+
+def baseline_key(tid: str) -> str:
+    """``lo_locks`` key of a file watch's last look: ``filewatch.<trigger>``."""
+    return f"filewatch.{kv_token(tid)}"
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
+
+
+@dataclass
+class Plan:
+    """One live ``scheduled`` registration as the heap sees it: slots after ``last_checked`` are still to come."""
+
+    state: TriggerState
+    schedule: Schedule
+    last_checked: datetime
+    generation: int
+
+
+class Scheduler:
+    """The schedules and file watches of one replica, active while it holds the scheduler lock.
+
+    ``now`` is the clock the slots are compared with (tests advance a fake one and call :meth:`wake`)."""
+
+    def __init__(self, service: TriggersService, *, now: Callable[[], datetime] = _utcnow) -> None:
+        self.service = service
+        self.registry = service.registry
+        self.now = now
+        self.lock = LeaderLock(service.js, LOCK_NAME, service.instance, service.settings.scheduler_lock_ttl_s)
+        self.plans: dict[str, Plan] = {}
+        self.heap: list[tuple[datetime, int, str]] = []
+        self.leading = False
+        self.baselines: dict[str, tuple[str, FileState]] = {}
+        self._changed: set[str] = set()
+        self._generation = 0
+        self._wake = asyncio.Event()
+        self.registry.listeners.append(self._on_change)
+
+    def leader_of(self) -> list[str]:
+        return [LOCK_NAME] if self.lock.held else []
+
+    def wake(self) -> None:
+        """Look at the heap now (the clock moved or a registration changed)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Hold or wait for the lock, schedule and watch — until cancelled."""
+        tasks = [asyncio.create_task(c) for c in (self.lock.keep(), self._schedule_forever(), self._watch_forever())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
+                    await t
+
+    async def stop(self) -> None:
+        with contextlib.suppress(NatsError, OSError):  # the lock expires by its TTL anyway
+            await self.lock.release()
+
+    # -- schedules ------------------------------------------------------------------------------------------------
+
+    def _on_change(self, tid: str) -> None:
+        self._changed.add(tid)
+        self._wake.set()
+
+    async def _schedule_forever(self) -> None:
+        while True:
+            stop_if_cancelled()
+            try:
+                delay = await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the scheduler must outlive any failure: the next round tries again
+                log.exception("scheduler round failed")
+                delay = MAX_SLEEP_S
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def tick(self) -> float:
+        """One round: follow leadership, re-plan what changed, fire (or skip) the due slots. Returns how long to
+        wait before the next round (at most :data:`MAX_SLEEP_S`)."""
+        if not self.lock.held:
+            if self.leading:
+                log.info("scheduler: %s no longer leads; its schedules stop here", self.service.instance)
+                self.leading, self.plans, self.heap, self.baselines = False, {}, [], {}
+            return MAX_SLEEP_S
+        now = self.now()
+        if not self.leading:
+            self._take_over(now)
+        changed, self._changed = self._changed, set()
+        for tid in changed:
+            self._replan(tid, now)
+        while self.heap and self.heap[0][0] <= now:
+            _, generation, tid = heapq.heappop(self.heap)
+            plan = self.plans.get(tid)
+            if plan is None or plan.generation != generation:
+                continue  # re-planned or gone since this entry was pushed
+            due = plan_slots(plan.schedule, plan.last_checked, now)
+            for slot in due.missed:
+                await self._misfire(plan, slot, now)
+            for slot in due.due:
+                await self._fire(plan, slot, now)
+            plan.last_checked = now
+            self._push(plan, plan.schedule.next_after(now))
+        if not self.heap:
+            return MAX_SLEEP_S
+        return max(0.0, min(MAX_SLEEP_S, (self.heap[0][0] - self.now()).total_seconds()))
+
+    def _take_over(self, now: datetime) -> None:
+        """Plan every live schedule from ``now - grace``: a slot the previous leader may have missed just before
+        it died still fires (the ones it did fire are duplicates the stream drops). The next slot of each
+        (schedule, time zone) is computed once, so thousands of registrations sharing a few schedules load fast."""
+        self.leading, self.plans, self.heap, self._changed = True, {}, [], set()
+        since = now - timedelta(seconds=MISFIRE_GRACE_S)
+        nexts: dict[tuple[str, str, datetime], datetime] = {}
+        for state in self.registry.live("scheduled"):
+            schedule = self._schedule_of(state)
+            if schedule is None:
+                continue
+            changed_at = _parse_time(state.updated_at)
+            start = max(since, changed_at) if changed_at is not None and changed_at < now else since
+            key = (schedule.expression, schedule.timezone, start)
+            if key not in nexts:
+                nexts[key] = schedule.next_after(start)
+            plan = self._plan(state, schedule, start)
+            self._push(plan, nexts[key])
+        log.info("scheduler: %s leads; %d schedule(s) planned", self.service.instance, len(self.plans))
+
+    def _replan(self, tid: str, now: datetime) -> None:
+        """A registration changed: drop its plan unless it is a live schedule; a new or changed schedule is
+        planned from ``now`` (its change applies to the slots after it)."""
+        state = self.registry.triggers.get(tid)
+        schedule = self._schedule_of(state) if state is not None and self.registry.is_live(tid) else None
+        current = self.plans.get(tid)
+        if schedule is None or state is None:
+            self.plans.pop(tid, None)
+            return
+        if current is not None and current.schedule == schedule:
+            current.state = state  # same slots; inputs and the like are read at the fire
+            return
+        plan = self._plan(state, schedule, now)
+        self._push(plan, schedule.next_after(now))
+
+    @staticmethod
+    def _schedule_of(state: TriggerState) -> Schedule | None:
+        if state.config.get("trigger_type") != "scheduled" or not state.config.get("schedule"):
+            return None
+        # validated at registration; Schedule.parse would validate again, ten times slower
+        return Schedule(str(state.config["schedule"]), str(state.config.get("timezone") or "UTC"))
+
+    def _plan(self, state: TriggerState, schedule: Schedule, last_checked: datetime) -> Plan:
+        self._generation += 1
+        plan = self.plans[state.trigger_id] = Plan(state, schedule, last_checked, self._generation)
+        return plan
+
+    def _push(self, plan: Plan, slot: datetime) -> None:
+        heapq.heappush(self.heap, (slot, plan.generation, plan.state.trigger_id))
+
+    def _command(self, plan: Plan, slot: datetime, now: datetime) -> FireTrigger:
+        state = plan.state
+        command_id, run_id = derived_ids(slot_key(state.trigger_id, slot))
+        procedure_id, version = state.procedure_id or "", state.version or ""
+        lag_ms = int((now - slot).total_seconds() * 1000)
+        return FireTrigger(
+            command_id=command_id, actor=ACTOR, procedure_id=procedure_id, version=version, run_id=run_id,
+            trigger_type="scheduled", triggered_by=plan.schedule.expression,
+            project_id=self.registry.project_of(procedure_id, version),
+            source_detail={"slot": format_time(slot),
+                           "scheduled_for": slot.astimezone(plan.schedule.zone).isoformat(),
+                           "timezone": plan.schedule.timezone, "lag_ms": lag_ms})
+
+    async def _fire(self, plan: Plan, slot: datetime, now: datetime) -> None:
+        cmd = self._command(plan, slot, now)
+        await publish_command(self.service.js, cmd, msg_id=slot_key(plan.state.trigger_id, slot))
+        self.service.metrics.scheduler_lag.observe(max(0.0, (self.now() - slot).total_seconds()))
+
+    async def _misfire(self, plan: Plan, slot: datetime, now: datetime) -> None:
+        """Record the slot as skipped (``misfire``) under the fire's own command id: one event per slot."""
+        cmd = self._command(plan, slot, now)
+        tid = plan.state.trigger_id
+        late_s = (now - slot).total_seconds()
+
+        def decide(state: TriggerState) -> EventData:
+            if not state.exists:
+                raise CommandRefused("not_found", f"no trigger is registered for {tid}", resource="trigger")
+            return TriggerFireSkipped(
+                procedure_id=cmd.procedure_id, version=cmd.version, fire_id=cmd.command_id, outcome="skipped",
+                reason="misfire", trigger_type="scheduled", triggered_by=cmd.triggered_by,
+                source_detail=cmd.source_detail,
+                detail=f"the slot {format_time(slot)} came {late_s:.0f} s late; a schedule's fire more than "
+                       f"{MISFIRE_GRACE_S} s late is skipped")
+
+        await self.service.handler.handle(tid, cmd, decide, command_type="fire_trigger")
+
+    # -- file watches ---------------------------------------------------------------------------------------------
+
+    async def _watch_forever(self) -> None:
+        while True:
+            stop_if_cancelled()
+            if self.lock.held:
+                try:
+                    await self.watch_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the watcher must outlive any failure: the next round tries again
+                    log.exception("file watch round failed")
+            await asyncio.sleep(self.service.settings.file_watch_interval_s)
+
+    async def watch_once(self) -> int:
+        """Look at every live file watch once (leader only); returns how many fired."""
+        fired = 0
+        for state in self.registry.live("file_watch"):
+            path = str(state.config.get("event_source") or "")
+            if not path:
+                continue
+            tid = state.trigger_id
+            previous = await self._baseline(tid, path)
+            current = observe_file(path)
+            change = detect_change(previous, current)
+            if change.reason == "missing" or change.reason == "unreadable":
+                log.debug("file watch %s: %s is %s (%s)", tid, path, change.reason, current.error or "no file")
+            if change.fire and change.state.mtime_ns is not None:
+                await self._fire_file(state, path, change.state.mtime_ns, change.reason)
+                fired += 1
+            if change.state != previous:
+                await self._keep_baseline(tid, path, change.state)
+        return fired
+
+    async def _baseline(self, tid: str, path: str) -> FileState | None:
+        """The last look at ``path`` for this registration (None: never looked, or it watched another path)."""
+        cached = self.baselines.get(tid)
+        if cached is None:
+            try:
+                entry = await self.service.locks.get(baseline_key(tid))
+                raw = json.loads(entry.value or b"{}")
+                cached = (str(raw.get("path")), FileState(bool(raw.get("exists")), raw.get("mtime_ns"),
+                                                          raw.get("error")))
+            except (KeyNotFoundError, ValueError):
+                return None
+            self.baselines[tid] = cached
+        return cached[1] if cached[0] == path else None
+
+    async def _keep_baseline(self, tid: str, path: str, state: FileState) -> None:
+        value = {"path": path, "exists": state.exists, "mtime_ns": state.mtime_ns, "error": state.error}
+        await self.service.locks.put(baseline_key(tid), json.dumps(value).encode())
+        self.baselines[tid] = (path, state)
+
+    async def _fire_file(self, state: TriggerState, path: str, mtime_ns: int, reason: str) -> None:
+        key = file_key(state.trigger_id, mtime_ns)
+        command_id, run_id = derived_ids(key)
+        procedure_id, version = state.procedure_id or "", state.version or ""
+        cmd = FireTrigger(
+            command_id=command_id, actor=ACTOR, procedure_id=procedure_id, version=version, run_id=run_id,
+            trigger_type="file_watch", triggered_by=path, input_vars=file_watch_inputs(path, mtime_ns),
+            project_id=self.registry.project_of(procedure_id, version),
+            source_detail={"file_watch_path": path, "mtime_ns": mtime_ns, "change": reason})
+        await publish_command(self.service.js, cmd, msg_id=key)
