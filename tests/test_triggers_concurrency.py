@@ -40,6 +40,11 @@ async def held(p: Platform, pid: str) -> set[str]:
     return set(await p.triggers_service.slots.held(pid))
 
 
+def slots_gauge(p: Platform, pid: str) -> float | None:
+    return p.triggers_service.metrics.registry.get_sample_value(  # type: ignore[no-any-return]
+        "langorch_trigger_slots_held", {"procedure_id": pid})
+
+
 def rejected(p: Platform) -> float:
     return p.triggers_service.metrics.registry.get_sample_value(  # type: ignore[no-any-return]
         "langorch_trigger_rejected_total", {"trigger_type": "manual", "reason": "max_concurrent_runs"}) or 0.0
@@ -53,6 +58,7 @@ async def test_a_run_started_through_the_api_holds_the_slot_until_it_ends(platfo
     run_id = await start_run(c, pid)
     await pending_approval(c, run_id)
     await wait_until(lambda: held(platform, pid), lambda runs: runs == {run_id})
+    await wait_until(lambda: slots_gauge(platform, pid), lambda value: value == 1)
     before = rejected(platform)
 
     refused = await c.post(f"/api/triggers/{pid}/1/fire", json={"input_vars": {"amount": 7}})
@@ -68,6 +74,7 @@ async def test_a_run_started_through_the_api_holds_the_slot_until_it_ends(platfo
     assert (await c.post(f"/api/runs/{run_id}/cancel", json={})).status_code in (200, 202)
     await wait_status(c, run_id, ("canceled",))
     await wait_until(lambda: held(platform, pid), lambda runs: not runs)
+    await wait_until(lambda: slots_gauge(platform, pid), lambda value: value == 0)
     started = await c.post(f"/api/triggers/{pid}/1/fire", json={"input_vars": {"amount": 7}})
     assert started.status_code == 202, started.text
     fired = started.json()["run_id"]
