@@ -307,7 +307,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
                       gateway_settings: dict[str, Any] | None = None, approvals: bool = True,
                       approvals_settings: dict[str, Any] | None = None,
                       queries: bool = True, creation: bool = True,
-                      triggers: bool = False) -> AsyncIterator[Platform]:
+                      triggers: bool = False,
+                      triggers_settings: dict[str, Any] | None = None) -> AsyncIterator[Platform]:
     """The services of one test in this process, the gateway serving real HTTP on a free port (stopped in the
     reverse order when the block ends).
 
@@ -315,7 +316,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
     asks over NATS; it executes nothing, so it runs unless a test checks the gateway without any runtime.
     ``creation``: the runtime's run creation (lo.cmd.run.create); it executes nothing either, so runs are created
     (and their start commands wait) also without ``runtime``, as when the gateway created them itself.
-    ``triggers``: the triggers service (api.md §10), off unless a test is about triggers."""
+    ``triggers``: the triggers service (api.md §10), off unless a test is about triggers (``triggers_settings``:
+    its settings over the defaults)."""
     env = {"nats_url": nats_url, "database_url": database_url}
     port = free_port()
     # auth off unless the test's gateway_settings turn it on: these tests are about other things than credentials
@@ -323,7 +325,7 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
     async with (serve_app(app, port, lifespan="on", timeout_graceful_shutdown=SHUTDOWN_GRACE_S, what="the gateway"),
                 _services(env, port, app, runtime=runtime, agents=agents, runtime_settings=runtime_settings,
                           approvals=approvals, approvals_settings=approvals_settings, queries=queries,
-                          creation=creation, triggers=triggers) as platform):
+                          creation=creation, triggers=triggers, triggers_settings=triggers_settings) as platform):
         yield platform
 
 
@@ -331,7 +333,8 @@ async def platform_of(nats_url: str, database_url: str, *, runtime: bool = True,
 async def _services(env: dict[str, str], port: int, app: Any, *, runtime: bool, agents: bool,
                     runtime_settings: dict[str, Any] | None, approvals: bool,
                     approvals_settings: dict[str, Any] | None, queries: bool,
-                    creation: bool, triggers: bool = False) -> AsyncIterator[Platform]:
+                    creation: bool, triggers: bool = False,
+                    triggers_settings: dict[str, Any] | None = None) -> AsyncIterator[Platform]:
     nats_url, database_url = env["nats_url"], env["database_url"]
     compiler = CompilerService(CompilerSettings(**env))
     await compiler.start()
@@ -364,7 +367,7 @@ async def _services(env: dict[str, str], port: int, app: Any, *, runtime: bool, 
         tasks.append(asyncio.create_task(approvals_service.run()))
     triggers_service = None
     if triggers:
-        triggers_service = TriggersService(TriggersSettings(**env))
+        triggers_service = TriggersService(TriggersSettings(**env, **(triggers_settings or {})))
         await triggers_service.start()
         tasks.append(asyncio.create_task(triggers_service.run()))
     base = f"http://127.0.0.1:{port}"
