@@ -12,11 +12,13 @@
   durable consumer for every replica, one event in flight, so each is applied once and in order.
 * ``triggers_sync`` (versions becoming active, on ``LO_EVT``) → the ``source: ckp`` registration of the
   version's ``trigger`` block (:mod:`langorch_triggers.sync`).
+* ``triggers_events`` (external messages on ``LO_EXT``) → one fire per matching ``event`` registration
+  (:mod:`langorch_triggers.events`).
 
 A fire's run id is chosen by its submitter and the creation carries the fire's command id, so a redelivered fire
 finds the same run (JetStream drops the republished creation) and records the same outcome.
 
-Not in this slice: schedules, webhook intake, the ``LO_EXT`` event consumer and file watches.
+Not in this slice: schedules, webhook intake and file watches.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follow, publish_command
 from langorch_infra.metrics import ObservedEventStore
 from langorch_infra.settings import TriggersSettings
+from langorch_triggers.events import EventConsumer
 from langorch_triggers.metrics import VERSION, TriggersMetrics
 from langorch_triggers.registry import Registry
 from langorch_triggers.scheduler import Scheduler
@@ -103,12 +106,16 @@ class TriggersService:
         self.registry = Registry(self.js)  # registrations and version statuses, caught up before work starts
         await self.registry.start()
         self.scheduler = Scheduler(self)  # schedules and file watches, while this replica holds the lock
+        self.events = EventConsumer(self)  # event triggers: the LO_EXT consumer
+        await self.events.start()
 
     async def run(self) -> None:
-        """Handle trigger commands and run the scheduler until cancelled."""
+        """Handle trigger commands, run the scheduler and consume LO_EXT until cancelled."""
         try:
             await messaging.start_consuming(self.broker)
-            await self.scheduler.run()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self.scheduler.run())
+                tasks.create_task(self.events.run())
         finally:
             await messaging.stop_consuming(self.broker)
 
