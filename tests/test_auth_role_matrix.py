@@ -103,7 +103,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/api/approvals/stream"): "viewer",
     ("GET", "/api/approvals/{approval_id}"): "viewer",
     ("POST", "/api/approvals/{approval_id}/decision"): "approver",
-    # §10 triggers (the webhook intake is not served yet)
+    # §10 triggers
+    ("POST", "/api/triggers/webhook/{procedure_id}"): "open",  # the HMAC signature (§10.5)
     ("POST", "/api/triggers/sync"): "operator",
     ("GET", "/api/triggers"): "viewer",
     ("GET", "/api/triggers/{procedure_id}/{version}"): "viewer",

@@ -59,6 +59,7 @@ from langorch_gateway import (
     routes_secrets,
     routes_triggers,
     routes_users,
+    routes_webhooks,
     run_creation,
     users,
     views,
@@ -89,6 +90,7 @@ SERVICE_VERSION = "0.1.0"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 LARGE_BODY_PATHS = ("/api/procedures",)
 CALLBACK_PATH = re.compile(r"^/api/runs/[^/]+/callback$")  # agent callbacks carry step outputs up to 10 MiB too
+WEBHOOK_PATH = re.compile(r"^/api/triggers/webhook/[^/]+$")  # raw bodies of any type: routes_webhooks checks them
 TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
 Limit = queries.Limit
 Offset = Annotated[int, Query(ge=0, le=queries.MAX_BIGINT)]
@@ -193,6 +195,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     async def respond(request: Request, call_next: Any) -> Response:
         problem: ApiProblem | None = None
+        if WEBHOOK_PATH.match(request.url.path):  # streamed to the route unread (it caps and verifies the bytes)
+            return await call_next(request)  # type: ignore[no-any-return]
         if request.method in ("POST", "PUT", "PATCH"):
             ctype = request.headers.get("content-type", "")
             raw_length = request.headers.get("content-length")
@@ -246,6 +250,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.include_router(routes_secrets.router)
     app.include_router(routes_agents.router)
     app.include_router(routes_approvals.router)
+    app.include_router(routes_webhooks.router)  # before routes_triggers' /api/triggers/{procedure_id}/{version}
     app.include_router(routes_triggers.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_commands.router)

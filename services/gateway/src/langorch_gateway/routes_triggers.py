@@ -10,7 +10,8 @@ is ``lo.cmd.trigger.fire``: the service creates the run through the runtime's ``
 ``active`` versions (their compiled IR in ``lo_procedures``), one registration command per change; registrations
 with ``source: api`` are never touched.
 
-Not served yet (no route, so 404/405): the webhook intake ``POST /api/triggers/webhook/{procedure_id}``.
+The webhook intake ``POST /api/triggers/webhook/{procedure_id}`` is :mod:`langorch_gateway.routes_webhooks`; both
+fires are answered by :mod:`langorch_gateway.fires`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from langorch_gateway.dispatch import (
     ryw,
     send,
 )
+from langorch_gateway.fires import submit_fire
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Where, fetch_page
 
@@ -271,29 +273,7 @@ async def fire_trigger(principal: auth.Operator, request: Request, db: deps.Pool
                           input_vars=inputs, dedupe_key=manual_dedupe_key(inputs),
                           source_detail={"request_id": request.state.request_id},
                           project_id=procedure["project_id"])
-    fixed_id = getattr(request.state, "command_id", None)
-    if fixed_id:
-        command.command_id = fixed_id
-    outcome = await send(request, "trigger", trigger_id(procedure_id, version), command, "fire_trigger",
-                         resource=f"/api/triggers/{procedure_id}/{version}", msg_id=command.msg_id)
-    if outcome is None:
-        return pending(command.command_id, "fire_trigger")
-    raise_if_rejected(outcome)
-    data = outcome.envelope.data
-    projected = await ryw(request, outcome.position)  # the fire is in the history when the answer arrives
-    if outcome.envelope.type == "trigger_fire_skipped":
-        extra: dict[str, Any] = dict(data.get("extra") or {})
-        errors = extra.pop("errors", None)
-        if data.get("outcome") == "duplicate":
-            raise ApiProblem("duplicate_delivery", str(data.get("detail") or "duplicate delivery"), **extra)
-        raise ApiProblem(str(data.get("reason")), str(data.get("detail") or data.get("reason")), errors=errors,
-                         **extra)
-    run_id = str(data["run_id"])
-    return JSONResponse(
-        {"run_id": run_id, "procedure_id": procedure_id, "procedure_version": version, "trigger_type": "manual",
-         "triggered_by": who, "status": "created"},
-        status_code=202, headers={"Location": f"/api/runs/{run_id}",
-                                  **accepted_headers(command.command_id, outcome.position, projected)})
+    return (await submit_fire(request, command)).response
 
 
 @router.get("/api/triggers/{procedure_id}/{version}/fires")
