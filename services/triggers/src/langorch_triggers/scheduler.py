@@ -105,6 +105,17 @@ def _parse_time(value: str | None) -> datetime | None:
     return None
 
 
+def slot_fire(state: TriggerState, schedule: Schedule, slot: datetime, now: datetime,
+              project_id: str | None) -> FireTrigger:
+    """The fire of one slot of a registration, ``now`` being when it is published; its ids are the slot's."""
+    command_id, run_id = derived_ids(slot_key(state.trigger_id, slot))
+    return FireTrigger(
+        command_id=command_id, actor=ACTOR, procedure_id=state.procedure_id or "", version=state.version or "",
+        run_id=run_id, trigger_type="scheduled", triggered_by=schedule.expression, project_id=project_id,
+        source_detail={"slot": format_time(slot), "scheduled_for": slot.astimezone(schedule.zone).isoformat(),
+                       "timezone": schedule.timezone, "lag_ms": int((now - slot).total_seconds() * 1000)})
+
+
 @dataclass
 class Plan:
     """One live ``scheduled`` registration as the heap sees it: slots after ``last_checked`` are still to come."""
@@ -258,27 +269,24 @@ class Scheduler:
     def _push(self, plan: Plan, slot: datetime) -> None:
         heapq.heappush(self.heap, (slot, plan.generation, plan.state.trigger_id))
 
-    def _command(self, plan: Plan, slot: datetime, now: datetime) -> FireTrigger:
-        state = plan.state
-        command_id, run_id = derived_ids(slot_key(state.trigger_id, slot))
-        procedure_id, version = state.procedure_id or "", state.version or ""
-        lag_ms = int((now - slot).total_seconds() * 1000)
-        return FireTrigger(
-            command_id=command_id, actor=ACTOR, procedure_id=procedure_id, version=version, run_id=run_id,
-            trigger_type="scheduled", triggered_by=plan.schedule.expression,
-            project_id=self.registry.project_of(procedure_id, version),
-            source_detail={"slot": format_time(slot),
-                           "scheduled_for": slot.astimezone(plan.schedule.zone).isoformat(),
-                           "timezone": plan.schedule.timezone, "lag_ms": lag_ms})
+    def next_slot(self, tid: str) -> datetime | None:
+        """The next slot planned for a registration (None: no plan here — not leading, not a live schedule)."""
+        plan = self.plans.get(tid)
+        if plan is None:
+            return None
+        return min((slot for slot, generation, _ in self.heap if generation == plan.generation), default=None)
+
+    def _project_of(self, state: TriggerState) -> str | None:
+        return self.registry.project_of(state.procedure_id or "", state.version or "")
 
     async def _fire(self, plan: Plan, slot: datetime, now: datetime) -> None:
-        cmd = self._command(plan, slot, now)
+        cmd = slot_fire(plan.state, plan.schedule, slot, now, self._project_of(plan.state))
         await publish_command(self.service.js, cmd, msg_id=slot_key(plan.state.trigger_id, slot))
         self.service.metrics.scheduler_lag.observe(max(0.0, (self.now() - slot).total_seconds()))
 
     async def _misfire(self, plan: Plan, slot: datetime, now: datetime) -> None:
         """Record the slot as skipped (``misfire``) under the fire's own command id: one event per slot."""
-        cmd = self._command(plan, slot, now)
+        cmd = slot_fire(plan.state, plan.schedule, slot, now, self._project_of(plan.state))
         tid = plan.state.trigger_id
         late_s = (now - slot).total_seconds()
 
@@ -350,10 +358,9 @@ class Scheduler:
     async def _fire_file(self, state: TriggerState, path: str, mtime_ns: int, reason: str) -> None:
         key = file_key(state.trigger_id, mtime_ns)
         command_id, run_id = derived_ids(key)
-        procedure_id, version = state.procedure_id or "", state.version or ""
         cmd = FireTrigger(
-            command_id=command_id, actor=ACTOR, procedure_id=procedure_id, version=version, run_id=run_id,
-            trigger_type="file_watch", triggered_by=path, input_vars=file_watch_inputs(path, mtime_ns),
-            project_id=self.registry.project_of(procedure_id, version),
+            command_id=command_id, actor=ACTOR, procedure_id=state.procedure_id or "", version=state.version or "",
+            run_id=run_id, trigger_type="file_watch", triggered_by=path, input_vars=file_watch_inputs(path, mtime_ns),
+            project_id=self._project_of(state),
             source_detail={"file_watch_path": path, "mtime_ns": mtime_ns, "change": reason})
         await publish_command(self.service.js, cmd, msg_id=key)
