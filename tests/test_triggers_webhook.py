@@ -17,8 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from ckp_core.subjects import AUDIT_STREAM, COMMAND_STREAM, EVENT_STREAM
 from ckp_core.webhook_signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signature_headers
 from langorch_gateway.fires import DEFAULT_RETRY_AFTER_S, retry_after, skipped_problem
 from langorch_infra.jetstream import connect
@@ -191,24 +193,6 @@ async def test_unsigned_forged_stale_and_unverifiable_webhooks_never_reach_nats(
     request's doing: there must be none, and no fire and no run."""
     async with platform_of(nats_url, database_url, approvals=False, agents=False, triggers=True) as p:
         c = p.client
-        hook = await webhook_procedure(c, monkeypatch, "refused")
-        unknown = await webhook_procedure(c, monkeypatch, "unknown_secret")
-        monkeypatch.delenv(f"LANGORCH_SECRET_{unknown.secret_name.upper()}")
-        body = b'{"greeting": "forged"}'
-        now = int(time.time())
-        forged = Hook(hook.procedure_id, hook.secret_name, "not the registration's secret")
-        cases: list[tuple[str, Hook, dict[str, str], str]] = [
-            ("bad signature", hook, signature_headers(forged.secret, body, timestamp=now), "invalid_signature"),
-            ("stale timestamp", hook, signature_headers(hook.secret, body, timestamp=now - 3600), "stale_signature"),
-            ("future timestamp", hook, signature_headers(hook.secret, body, timestamp=now + 3600),
-             "stale_signature"),
-            ("no signature header", hook, {TIMESTAMP_HEADER: str(now)}, "invalid_signature"),
-            ("no timestamp header", hook, {SIGNATURE_HEADER: signature_headers(hook.secret, body, timestamp=now)[
-                SIGNATURE_HEADER]}, "invalid_signature"),
-            ("malformed signature", hook, {TIMESTAMP_HEADER: str(now), SIGNATURE_HEADER: "sha1=abc"},
-             "invalid_signature"),
-            ("unknown secret", unknown, signature_headers("anything", body, timestamp=now), "invalid_signature"),
-        ]
         nc = await connect(nats_url, "test-webhook-silence")
         try:
             seen: list[Msg] = []
@@ -216,19 +200,15 @@ async def test_unsigned_forged_stale_and_unverifiable_webhooks_never_reach_nats(
             async def record(msg: Msg) -> None:
                 seen.append(msg)
 
-            sub = await nc.subscribe("lo.>", cb=record)
+            await nc.subscribe("lo.>", cb=record)
             await nc.flush()
+            hook = await webhook_procedure(c, monkeypatch, "refused")
+            unknown = await webhook_procedure(c, monkeypatch, "unknown_secret")
             await settled(seen, nc)
-            for what, target, headers, code in cases:
-                seen.clear()
-                with caplog.at_level(logging.WARNING, logger="langorch_gateway.routes_webhooks"):
-                    r = await c.post(target.url, content=body, headers={"Content-Type": "application/json",
-                                                                        **headers})
-                assert r.status_code == 401, (what, r.text)
-                assert problem(r, 401, code)["code"] == code, what
-                await nc.flush()  # every message published before the answer has reached this subscriber
-                assert [m.subject for m in seen] == [], what
-            await sub.unsubscribe()
+            before = await stream_heads(nc)
+            assert {COMMAND_STREAM, EVENT_STREAM, AUDIT_STREAM} <= set(before), before
+            await refuse_all(c, nc, seen, hook, unknown, caplog, monkeypatch)
+            assert await stream_heads(nc) == before  # nothing was stored either
         finally:
             await nc.close()
         assert any(unknown.secret_name in rec.getMessage() for rec in caplog.records), caplog.text
@@ -242,24 +222,50 @@ async def test_unsigned_forged_stale_and_unverifiable_webhooks_never_reach_nats(
         assert counter(text, "stale_signature") == 2
 
 
-async def settled(seen: list[Msg], nc: Any) -> None:
-    """Wait until the set-up's own messages (the registration's events and audit records) have stopped: two
-    consecutive flushes a moment apart with nothing new."""
-    quiet_since = asyncio.get_running_loop().time()
-    count = -1
+async def stream_heads(nc: NATS) -> dict[str, int]:
+    """The last sequence of each ``LO_*`` stream of the test's account (commands, events, audit, external)."""
+    return {name: info.state.last_seq for info in await nc.jetstream().streams_info()
+            if (name := info.config.name or "").startswith("LO_")}
 
-    def quiet() -> bool:
-        nonlocal quiet_since, count
-        now = asyncio.get_running_loop().time()
-        if len(seen) != count:
-            count, quiet_since = len(seen), now
-        return now - quiet_since >= 1.0
 
-    async def flushed() -> bool:
+async def refuse_all(c: httpx.AsyncClient, nc: NATS, seen: list[Msg], hook: Hook, unknown: Hook,
+                     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each refused request, with nothing on ``lo.>`` while it is answered."""
+    monkeypatch.delenv(f"LANGORCH_SECRET_{unknown.secret_name.upper()}")
+    body = b'{"greeting": "forged"}'
+    now = int(time.time())
+    forged = Hook(hook.procedure_id, hook.secret_name, "not the registration's secret")
+    cases: list[tuple[str, Hook, dict[str, str], str]] = [
+        ("bad signature", hook, signature_headers(forged.secret, body, timestamp=now), "invalid_signature"),
+        ("stale timestamp", hook, signature_headers(hook.secret, body, timestamp=now - 3600), "stale_signature"),
+        ("future timestamp", hook, signature_headers(hook.secret, body, timestamp=now + 3600),
+         "stale_signature"),
+        ("no signature header", hook, {TIMESTAMP_HEADER: str(now)}, "invalid_signature"),
+        ("no timestamp header", hook, {SIGNATURE_HEADER: signature_headers(hook.secret, body, timestamp=now)[
+            SIGNATURE_HEADER]}, "invalid_signature"),
+        ("malformed signature", hook, {TIMESTAMP_HEADER: str(now), SIGNATURE_HEADER: "sha1=abc"},
+         "invalid_signature"),
+        ("unknown secret", unknown, signature_headers("anything", body, timestamp=now), "invalid_signature"),
+    ]
+    for what, target, headers, code in cases:
+        seen.clear()
+        with caplog.at_level(logging.WARNING, logger="langorch_gateway.routes_webhooks"):
+            r = await c.post(target.url, content=body, headers={"Content-Type": "application/json", **headers})
+        assert problem(r, 401, code), what
+        await nc.flush()  # what the server routed to this subscriber before the flush has arrived
+        assert [m.subject for m in seen] == [], what
+
+
+async def settled(seen: list[Msg], nc: NATS) -> None:
+    """Wait until the set-up's commands are all decided and audited: each command on ``lo.cmd.>`` has its one
+    audit record on ``lo.audit.>`` (api.md §12), the last message a command causes."""
+    async def audited() -> bool:
         await nc.flush()
-        return quiet()
+        subjects = [m.subject for m in seen]
+        commands = sum(1 for s in subjects if s.startswith("lo.cmd."))
+        return commands > 0 and commands == sum(1 for s in subjects if s.startswith("lo.audit."))
 
-    await wait_until(flushed, timeout=30)
+    await wait_until(audited, timeout=30)
 
 
 # -- dedupe ------------------------------------------------------------------------------------------------------
