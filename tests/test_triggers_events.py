@@ -298,6 +298,7 @@ async def test_at_the_concurrency_limit_the_message_is_redelivered_and_starts_it
     assert (throttled["reason"], throttled["run_id"]) == ("max_concurrent_runs", None)
     assert throttled["source_detail"]["attempt"] == 0
     assert await fires(platform, pid, "started") == []
+    assert await platform.triggers_service.events.backlog_age() > 0  # the message waits for its redelivery
 
     assert (await c.post(f"/api/runs/{active}/cancel", json={})).status_code in (200, 202)
     await wait_status(c, active, ("canceled",))
@@ -309,5 +310,6 @@ async def test_at_the_concurrency_limit_the_message_is_redelivered_and_starts_it
     assert run["input_vars"]["event_payload"] == {"amount": 7}
     await acked(platform, ack.seq)
     assert len(await fires(platform, pid, "started")) == 1
+    await wait_until(platform.triggers_service.events.backlog_age, lambda age: age == 0)
     assert (await c.post(f"/api/runs/{fire['run_id']}/cancel", json={})).status_code in (200, 202)
     await wait_status(c, fire["run_id"], ("canceled",))
