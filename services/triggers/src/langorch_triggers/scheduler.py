@@ -69,6 +69,8 @@ LOCK_NAME = "scheduler"
 ACTOR = Actor.system("triggers")
 MAX_SLEEP_S = 1.0
 """Longest wait between two looks at the heap: bounds how late a leadership change or a clock jump is noticed."""
+FOLLOWER_POLL_S = 0.1
+"""How often a replica without the lock looks whether it has it now (a local check): a new leader starts at once."""
 _IDS = uuid.UUID("0f6f1d2c-58a4-4b8e-9c53-2d7a61e4b3f1")
 """Namespace of the ids derived from a fire's identity (UUIDv5)."""
 
@@ -196,7 +198,7 @@ class Scheduler:
             if self.leading:
                 log.info("scheduler: %s no longer leads; its schedules stop here", self.service.instance)
                 self.leading, self.plans, self.heap, self.baselines = False, {}, [], {}
-            return MAX_SLEEP_S
+            return FOLLOWER_POLL_S
         now = self.now()
         if not self.leading:
             self._take_over(now)
@@ -222,7 +224,8 @@ class Scheduler:
     def _take_over(self, now: datetime) -> None:
         """Plan every live schedule from ``now - grace``: a slot the previous leader may have missed just before
         it died still fires (the ones it did fire are duplicates the stream drops). The next slot of each
-        (schedule, time zone) is computed once, so thousands of registrations sharing a few schedules load fast."""
+        (schedule, time zone, minute to start from) is computed once, so thousands of registrations sharing a few
+        schedules load fast."""
         self.leading, self.plans, self.heap, self._changed = True, {}, [], set()
         since = now - timedelta(seconds=MISFIRE_GRACE_S)
         nexts: dict[tuple[str, str, datetime], datetime] = {}
@@ -232,9 +235,10 @@ class Scheduler:
                 continue
             changed_at = _parse_time(state.updated_at)
             start = max(since, changed_at) if changed_at is not None and changed_at < now else since
-            key = (schedule.expression, schedule.timezone, start)
+            minute = start.replace(second=0, microsecond=0)  # slots are whole minutes: the same next slot
+            key = (schedule.expression, schedule.timezone, minute)
             if key not in nexts:
-                nexts[key] = schedule.next_after(start)
+                nexts[key] = schedule.next_after(minute)
             plan = self._plan(state, schedule, start)
             self._push(plan, nexts[key])
         log.info("scheduler: %s leads; %d schedule(s) planned", self.service.instance, len(self.plans))
