@@ -30,6 +30,8 @@ from ckp_core.events import Actor
 from ckp_core.ids import new_id
 from ckp_core.triggers import trigger_id
 from ckp_core.webhook_signing import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
     WebhookBodyError,
     check_body_size,
     sha256_hex,
@@ -153,9 +155,21 @@ async def intake(request: Request, procedure_id: str) -> JSONResponse:
     return answer.response
 
 
-@router.post("/api/triggers/webhook/{procedure_id}", status_code=202)
+OPENAPI = {  # the route reads the raw body itself, so the API document is told what it takes
+    "requestBody": {"required": False, "description": "The raw body, signed as sent (any content type).",
+                    "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+    "parameters": [
+        {"name": SIGNATURE_HEADER, "in": "header", "required": True, "schema": {"type": "string"},
+         "description": "sha256=<lowercase hex HMAC-SHA256>; several comma-separated values while rotating."},
+        {"name": TIMESTAMP_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+         "description": "Unix seconds, signed with the body (signature_scheme timestamped)."},
+    ],
+}
+
+
+@router.post("/api/triggers/webhook/{procedure_id}", status_code=202, openapi_extra=OPENAPI)
 async def webhook(request: Request, procedure_id: str) -> JSONResponse:
-    """Fire the procedure's webhook registration with a signed body (api.md §10.5): 202 ``FireOut``; 401
+    """Fire the procedure's webhook registration with a signed body: 202 ``FireOut``; 401
     ``invalid_signature`` / ``stale_signature``; 404; 409 ``duplicate_delivery``; 413; 415; 422
     ``invalid_input_vars``; 429 ``max_concurrent_runs``."""
     try:
