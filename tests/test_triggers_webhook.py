@@ -344,6 +344,25 @@ async def test_size_and_media_limits(platform: Platform, monkeypatch: pytest.Mon
 
 
 @pytest.mark.integration
+async def test_a_sender_that_goes_away_mid_body_is_no_server_error(
+        platform: Platform, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    c = platform.client
+    hook = await webhook_procedure(c, monkeypatch, "gone")
+    before = counter(await webhook_counts(c), "refused")
+    host, port = platform.base_url.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST {hook.url} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 1000\r\n\r\n{\"greeting\": ".encode())
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    with caplog.at_level(logging.ERROR, logger="langorch_gateway"):
+        await wait_until(lambda: webhook_counts(c), lambda text: counter(text, "refused") == before + 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert await runs_of(c, hook.procedure_id) == []
+
+
+@pytest.mark.integration
 async def test_inputs_are_validated_after_the_merge(platform: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
     c = platform.client
     hook = await webhook_procedure(c, monkeypatch, "invalid", input_vars={"greeting": "a valid default"})

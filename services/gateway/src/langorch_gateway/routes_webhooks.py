@@ -24,6 +24,7 @@ import re
 import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from ckp_core.commands import FireTrigger
 from ckp_core.events import Actor
@@ -73,9 +74,12 @@ async def read_capped(request: Request, max_bytes: int) -> bytes:
     """The raw body, never holding more than ``max_bytes + 1`` bytes: 413 as soon as it is larger (a body sent
     without ``Content-Length``, or longer than it declared)."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk[:max_bytes + 1 - len(body)]
-        check_body_size(len(body), max_bytes)
+    try:
+        async for chunk in request.stream():
+            body += chunk[:max_bytes + 1 - len(body)]
+            check_body_size(len(body), max_bytes)
+    except ClientDisconnect:  # the sender went away mid-body: nothing to verify, nobody to answer
+        raise ApiProblem("invalid_body", "the body ended before it was complete") from None
     return bytes(body)
 
 
