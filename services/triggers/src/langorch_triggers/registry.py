@@ -102,7 +102,7 @@ class Registry:
                                       config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
         try:
             info = await sub.consumer_info()
-            if info.num_pending == 0 and (info.delivered is None or not info.delivered.stream_seq):
+            if info.num_pending == 0 and (info.delivered is None or not info.delivered.consumer_seq):
                 caught_up.set()  # nothing to replay
             while True:
                 msg = await sub.next_msg(timeout=None)
