@@ -5,12 +5,26 @@ fire at the limit is refused with 429 ``max_concurrent_runs`` (``Retry-After``, 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
+from nats.js.api import DeliverPolicy
 
 from ckp_core.ids import new_id
-from tests.helpers import Platform, pending_approval, platform_of, problem, start_run, wait_status, wait_until
+from langorch_infra.settings import TriggersSettings
+from langorch_triggers.service import TriggersService
+from langorch_triggers.slots import slots_key
+from tests.helpers import (
+    Platform,
+    pending_approval,
+    platform_of,
+    problem,
+    procedure_doc,
+    start_run,
+    wait_status,
+    wait_until,
+)
 from tests.test_approvals_end_to_end import procedure
 
 pytestmark = pytest.mark.integration
@@ -111,3 +125,35 @@ async def test_a_retried_run_takes_its_slot_again(platform: Platform) -> None:
     assert retried.status_code in (200, 202), retried.text
     await wait_until(lambda: held(platform, pid), lambda runs: runs == {run_id})
     problem(await c.post(f"/api/triggers/{pid}/1/fire", json={}), 429, "max_concurrent_runs")
+
+
+async def test_a_new_keeper_counts_the_runs_created_before_its_first_start(nats_url: str, database_url: str) -> None:
+    """The triggers_run_slots consumer starts from the beginning of LO_EVT: runs started while no triggers replica
+    ran hold their slots once one starts, and runs that already ended hold none."""
+    async with platform_of(nats_url, database_url, agents=False) as p:
+        c = p.client
+        waiting = procedure("conc_before", {"on_approve": "approved_end", "on_reject": "rejected_end"},
+                            "approved_end", "rejected_end")
+        done = procedure_doc("conc_done", "1")
+        for doc in (waiting, done):
+            assert (await c.post("/api/procedures", json={"ckp_json": doc})).status_code == 201
+        active = await start_run(c, "conc_before")
+        await pending_approval(c, active)
+        await wait_status(c, await start_run(c, "conc_done"), ("completed",))
+
+        service = TriggersService(TriggersSettings(nats_url=nats_url, database_url=database_url))
+        await service.start()
+        task = asyncio.create_task(service.run())
+        try:
+            await wait_until(lambda: service.slots.held("conc_before"), lambda runs: set(runs) == {active})
+            await wait_until(lambda: service.run_slots_subscription.pull, lambda pull: pull is not None)
+            info = await service.js.consumer_info("LO_EVT", "triggers_run_slots")
+            assert (info.config.deliver_policy, info.config.max_ack_pending) == (DeliverPolicy.ALL, 1)
+            await wait_until(lambda: service.js.consumer_info("LO_EVT", "triggers_run_slots"),
+                             lambda info: info.num_pending == 0 and info.num_ack_pending == 0)
+            entry = await service.locks.get(slots_key("conc_done"))  # taken by run_created, freed by run_completed
+            assert json.loads(entry.value or b"") == {}
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+            await service.stop()
