@@ -4,6 +4,10 @@
   from the API's role tables), and its handler declares exactly that requirement through one of the role
   dependencies of ``langorch_gateway.auth``; an open route takes none and is in ``auth.OPEN_ROUTES``. A new route
   with no requirement, or one that is not documented here, fails this test;
+* the console's pages (``/ui``, api.md §17) take no role dependency: they call the API with the caller's
+  credentials, so the API decides. They are ``"ui:<role>"`` entries — the role of the API calls the page or
+  action makes — and are checked apart: without a valid credential they redirect to the sign-in page, with one
+  they answer, and an action the principal's roles do not allow is 403 like the API's;
 * **against the real stack** with auth on: for every route and every principal — none, an invalid API key, a
   forged token, and an API key of each role — the gateway answers the documented outcome: 401 without or with an
   invalid credential, 403 ``forbidden`` naming ``required_role`` when the role is missing, and neither when it is
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -154,6 +159,24 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/api/config"): "admin",
     # §15.3 credential grants
     ("GET", "/api/agent-credentials/{secret_name}"): "open",  # the grant
+    # §17 web console: pages and form actions over the API ("ui:<role>": the role of the API calls they make)
+    ("GET", "/"): "open",  # redirects to /ui/
+    ("GET", "/ui"): "open",  # redirects to /ui/
+    ("GET", "/ui/login"): "open",
+    ("POST", "/ui/login"): "open",
+    ("POST", "/ui/logout"): "ui:viewer",
+    ("GET", "/ui/"): "ui:viewer",
+    ("GET", "/ui/runs"): "ui:viewer",
+    ("GET", "/ui/runs/{run_id}"): "ui:viewer",
+    ("GET", "/ui/runs/{run_id}/header"): "ui:viewer",
+    ("POST", "/ui/runs/{run_id}/{action}"): "ui:operator",
+    ("GET", "/ui/procedures"): "ui:viewer",
+    ("POST", "/ui/procedures"): "ui:operator",
+    ("GET", "/ui/procedures/{procedure_id}"): "ui:viewer",
+    ("GET", "/ui/procedures/{procedure_id}/{version}"): "ui:viewer",
+    ("POST", "/ui/procedures/{procedure_id}/{version}/runs"): "ui:operator",
+    ("GET", "/ui/approvals"): "ui:viewer",
+    ("POST", "/ui/approvals/{approval_id}/decision"): "ui:approver",
 }
 RULES = {"agent_or_operator": "operator", "self_or_admin": "viewer", "submitter_or_admin": "viewer",
          "any_user": "viewer"}
@@ -210,6 +233,9 @@ def test_every_route_is_documented_and_declares_its_role() -> None:
         if expected == "open":
             if declared or key not in auth.OPEN_ROUTES:
                 wrong.append((key, "open", sorted(declared)))
+        elif expected.startswith("ui:"):
+            if declared or key in auth.OPEN_ROUTES or not key[1].startswith("/ui/"):
+                wrong.append((key, expected, sorted(declared)))
         elif declared != {RULES.get(expected, expected) if expected != "agent_or_operator" else expected}:
             wrong.append((key, expected, sorted(declared)))
     assert not wrong, f"(route, documented, declared): {wrong}"
@@ -270,7 +296,7 @@ async def role_keys(c: httpx.AsyncClient) -> dict[str, str]:
 
 def concrete(path: str) -> str:
     """The path with placeholder ids (nothing by these names exists)."""
-    values = {"run_id": "01900000-0000-7000-8000-000000000000", "version": "1"}
+    values = {"run_id": "01900000-0000-7000-8000-000000000000", "version": "1", "action": "cancel"}
     out = path
     while "{" in out:
         start, end = out.index("{"), out.index("}")
@@ -301,7 +327,7 @@ async def test_every_route_answers_every_principal_as_documented(platform: Platf
     wrong: list[tuple[str, str, str, int, Any]] = []
     for method, path, _ in sorted(routes(), key=lambda x: (x[1], x[0])):
         expected = EXPECTED[(method, path)]
-        if expected == "open":
+        if expected == "open" or expected.startswith("ui:"):
             continue
         role = documented_role(method, path)
         cases: list[tuple[str, dict[str, str]]] = [
@@ -324,8 +350,41 @@ async def test_every_route_answers_every_principal_as_documented(platform: Platf
             if not ok:
                 wrong.append((method, path, who, status, problem))
     assert not wrong, "\n".join(map(str, wrong))
-    documented = sum(1 for v in EXPECTED.values() if v != "open")
+    documented = sum(1 for v in EXPECTED.values() if v != "open" and not v.startswith("ui:"))
     assert checked == documented * 7
+
+
+@pytest.mark.integration
+async def test_console_pages_send_strangers_to_sign_in_and_answer_by_role(platform: Platform) -> None:
+    """Every ``/ui`` page and action: no or an invalid credential → 303 to ``/ui/login?next=…``; a principal
+    holding the role → answered (placeholder ids may be 404); one without it → 403 ``forbidden``."""
+    c = platform.client
+    keys = await role_keys(c)
+    forged = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9."
+    wrong: list[tuple[str, str, str, int, str | None]] = []
+    checked = 0
+    for (method, path), expected in sorted(EXPECTED.items()):
+        if not expected.startswith("ui:"):
+            continue
+        role = expected.removeprefix("ui:")
+        strangers = [("none", {}), ("invalid-key", {"X-API-Key": "lo_nokey_notasecret"}),
+                     ("forged-token", {"Authorization": f"Bearer {forged}"})]
+        for who, headers in [*strangers, *((f"key:{held}", {"X-API-Key": keys[held]}) for held in ROLE_OF_PRINCIPAL)]:
+            r = await c.request(method, concrete(path), headers=headers, data={} if method == "POST" else None)
+            checked += 1
+            location = r.headers.get("location")
+            held = who.removeprefix("key:") if who.startswith("key:") else None
+            to_login = r.status_code == 303 and (location or "").startswith("/ui/login")
+            if held is None:
+                ok = to_login and (method == "POST" or location == f"/ui/login?next={quote(concrete(path), safe='')}")
+            elif held == "admin" or role == "viewer" or held == role:
+                ok = r.status_code not in (401, 403) and not (location or "").startswith("/ui/login?")
+            else:
+                ok = r.status_code == 403 and f"this action needs the role &#39;{role}&#39;" in r.text
+            if not ok:
+                wrong.append((method, path, who, r.status_code, location))
+    assert not wrong, "\n".join(map(str, wrong))
+    assert checked == 7 * sum(1 for v in EXPECTED.values() if v.startswith("ui:"))
 
 
 @pytest.mark.integration

@@ -61,6 +61,7 @@ from langorch_gateway import (
     routes_users,
     routes_webhooks,
     run_creation,
+    ui,
     users,
     views,
 )
@@ -88,7 +89,8 @@ API_VERSION = "1"
 POOL_CLOSE_S = 10.0  # shutdown: wait this long for pooled PostgreSQL connections to be released
 SERVICE_VERSION = "0.1.0"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-LARGE_BODY_PATHS = ("/api/procedures",)
+LARGE_BODY_PATHS = ("/api/procedures", "/ui/procedures")  # the console's import form carries a CKP document too
+CONSOLE_PATH = "/ui/"  # the console's forms post form data; its handlers send them on to the API as JSON
 CALLBACK_PATH = re.compile(r"^/api/runs/[^/]+/callback$")  # agent callbacks carry step outputs up to 10 MiB too
 WEBHOOK_PATH = re.compile(r"^/api/triggers/webhook/[^/]+$")  # raw bodies of any type: routes_webhooks checks them
 TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
@@ -205,7 +207,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
                 await request.body())
             large = request.url.path.startswith(LARGE_BODY_PATHS) or CALLBACK_PATH.match(request.url.path)
             limit = 10 * 1024 * 1024 if large else 1024 * 1024
-            if length and not ctype.split(";")[0].strip().endswith("json"):
+            form_post = request.url.path.startswith(CONSOLE_PATH)
+            if length and not form_post and not ctype.split(";")[0].strip().endswith("json"):
                 problem = ApiProblem("unsupported_media_type", f"content type '{ctype}' is not accepted; "
                                      "send application/json")
             elif length > limit:
@@ -260,6 +263,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.include_router(routes_audit.router)
     app.include_router(routes_auth.router)
     app.include_router(routes_users.router)
+    app.include_router(ui.router)  # the console under /ui, and / opening it
 
     # -- runs ---------------------------------------------------------------------------------------
     @app.post("/api/runs", status_code=201)

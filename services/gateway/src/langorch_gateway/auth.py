@@ -57,6 +57,7 @@ OPEN_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/docs/oauth2-redirect"), ("POST", "/api/auth/login"), ("POST", "/api/runs/{run_id}/callback"),
     ("GET", "/api/agent-credentials/{secret_name}"), ("GET", "/metrics"), ("GET", "/api/metrics"),
     ("POST", "/api/triggers/webhook/{procedure_id}"), ("GET", "/api/asyncapi.json"),
+    ("GET", "/"), ("GET", "/ui"), ("GET", "/ui/login"), ("POST", "/ui/login"),  # the console's entry and sign-in
 })
 
 

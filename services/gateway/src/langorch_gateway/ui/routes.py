@@ -1,0 +1,406 @@
+"""The console's pages under ``/ui`` (api.md §17): sign-in, dashboard, runs, run, procedures, procedure and version
+(with the start-run form), and the approvals inbox.
+
+Pages are server-rendered; every read and every action goes through the public API (:mod:`.console`). A list's
+filters and paging live in the URL query, so a filtered list is a link one can share. Actions post plain forms
+back to the console, which sends them on to the API and answers with a redirect (success) or the page again with
+the API's problem (refusal) — the page works without JavaScript; htmx only keeps the run page live.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote_plus
+
+from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse, Response
+
+from ckp_core import runs
+from langorch_gateway.ui import forms
+from langorch_gateway.ui.console import (
+    Console,
+    api_client,
+    form_errors,
+    page,
+    path_id,
+    problem_of,
+    render,
+    safe_next,
+)
+
+router = APIRouter(include_in_schema=False)
+
+RUN_STATUSES = runs.STATUSES
+TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
+PAGE_SIZES = (25, 50, 100, 200)
+RUNS_PAGE = 50
+EVENTS_PAGE = 500  # the API's largest page: the timeline reads a long run in few requests
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "decided", "timed_out", "escalated", "canceled")
+MAX_IMPORT_BYTES = 10 * 1024 * 1024  # as the API's import limit
+
+
+def _see_other(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The text fields of a posted form (a file field is read separately)."""
+    return {k: v for k, v in (await request.form()).multi_items() if isinstance(v, str)}
+
+
+# -- entry points and sign-in -------------------------------------------------------------------------------------
+
+
+@router.get("/")
+async def root() -> RedirectResponse:
+    """The gateway's root opens the console."""
+    return _see_other("/ui/")
+
+
+@router.get("/ui")
+async def ui_root() -> RedirectResponse:
+    return _see_other("/ui/")
+
+
+@router.get("/ui/login")
+async def login_page(request: Request, next: str | None = None) -> Response:
+    """The sign-in form; a caller who is already signed in goes straight on."""
+    async with api_client(request) as api:
+        me = await api.get("/api/auth/me")
+    if me.status_code == 200 and me.json().get("auth_enabled"):
+        return _see_other(safe_next(next))
+    return render(request, "login.html", next=safe_next(next),
+                  auth_disabled=me.status_code == 200 and not me.json().get("auth_enabled"))
+
+
+@router.post("/ui/login")
+async def login(request: Request) -> Response:
+    """Sign in through ``POST /api/auth/login`` with ``session: true`` and keep the cookies it sets."""
+    form = await _form(request)
+    target = safe_next(form.get("next"))
+    async with api_client(request) as api:
+        answer = await api.post("/api/auth/login", json={"username": form.get("username", ""),
+                                                         "password": form.get("password", ""), "session": True})
+    if answer.status_code != 200:
+        problem = problem_of(answer)
+        message = {"invalid_credentials": "Wrong username or password.",
+                   "too_many_login_attempts": f"Too many failed sign-ins. {problem.get('detail', '')}",
+                   }.get(problem.get("code", ""), problem.get("detail") or "Sign-in failed.")
+        return render(request, "login.html", answer.status_code, next=target, error=message,
+                      username=form.get("username", ""), field_errors=form_errors(problem))
+    response = _see_other(target)
+    for cookie in answer.headers.get_list("set-cookie"):
+        response.headers.append("set-cookie", cookie)
+    return response
+
+
+@router.post("/ui/logout")
+async def logout(request: Request) -> Response:
+    """Sign out through ``POST /api/auth/logout`` (its cookie deletions are passed on)."""
+    form = await _form(request)
+    async with api_client(request) as api:
+        answer = await api.post("/api/auth/logout", headers={"X-CSRF-Token": form.get("csrf_token", "")})
+    if answer.status_code not in (204, 401):
+        return render(request, "error.html", answer.status_code, problem=problem_of(answer))
+    response = _see_other("/ui/login")
+    for cookie in answer.headers.get_list("set-cookie"):
+        response.headers.append("set-cookie", cookie)
+    return response
+
+
+# -- dashboard ----------------------------------------------------------------------------------------------------
+
+
+@router.get("/ui/")
+async def dashboard(request: Request) -> Response:
+    """Runs by status, recent runs and pending approvals: where to look first."""
+
+    async def build(ui: Console) -> Response:
+        counts = {}
+        for status in RUN_STATUSES:
+            counts[status] = (await ui.get("/api/runs", {"status": status, "limit": 1}))["total"]
+        recent = await ui.get("/api/runs", {"limit": 10, "top_level": "true"})
+        pending = await ui.get("/api/approvals", {"status": "pending", "limit": 10, "sort": "created_at",
+                                                  "order": "asc"})
+        return ui.render("dashboard.html", counts=counts, recent=recent, pending=pending, title="Dashboard")
+
+    return await page(request, build)
+
+
+# -- runs ---------------------------------------------------------------------------------------------------------
+
+RUN_FILTERS = ("procedure_id", "procedure_version", "project_id", "created_from", "created_to")
+
+
+def _date_bound(value: str) -> str:
+    """A date filter (``YYYY-MM-DD`` from a date input) as the RFC 3339 time the API wants; anything else as typed,
+    so the API reports it."""
+    return f"{value}T00:00:00Z" if len(value) == 10 and value[4] == "-" and value[7] == "-" else value
+
+
+@router.get("/ui/runs")
+async def runs_page(request: Request) -> Response:
+    """The run list, filtered and paged by the server; the URL holds the whole view."""
+    query = request.query_params
+
+    async def build(ui: Console) -> Response:
+        statuses = [s for s in query.getlist("status") if s]
+        triggers = [t for t in query.getlist("trigger_type") if t]
+        filters = {name: query.get(name, "").strip() for name in RUN_FILTERS}
+        limit = _int(query.get("limit"), RUNS_PAGE)
+        offset = _int(query.get("offset"), 0)
+        params: dict[str, Any] = {name: value for name, value in filters.items() if value}
+        for bound in ("created_from", "created_to"):
+            if bound in params:
+                params[bound] = _date_bound(params[bound])
+        params |= {"status": ",".join(statuses) or None, "trigger_type": ",".join(triggers) or None,
+                   "limit": limit, "offset": offset}
+        answer = await ui.api.get("/api/runs", params={k: v for k, v in params.items() if v not in (None, "")})
+        listing, errors = (answer.json(), {}) if answer.status_code == 200 else (None, form_errors(
+            problem_of(answer)))
+        if answer.status_code not in (200, 422):
+            return ui.render("error.html", answer.status_code, problem=problem_of(answer))
+        return ui.render("runs.html", answer.status_code, listing=listing, errors=errors, statuses=statuses,
+                         triggers=triggers, filters=filters, limit=limit, offset=offset, all_statuses=RUN_STATUSES,
+                         all_triggers=TRIGGER_TYPES, page_sizes=PAGE_SIZES, pages=_pager(request, listing),
+                         title="Runs")
+
+    return await page(request, build)
+
+
+def _int(raw: str | None, default: int) -> int:
+    """A paging number from the URL (a wrong one falls back to the default; the API checks the range)."""
+    return int(raw) if raw is not None and raw.isdigit() and len(raw) < 10 else default
+
+
+def _pager(request: Request, listing: dict[str, Any] | None) -> dict[str, str | None]:
+    """Links to the previous and next page, keeping every other query parameter."""
+    if not listing:
+        return {"previous": None, "next": None}
+    limit, offset, total = listing["limit"], listing["offset"], listing["total"]
+
+    def at(new_offset: int) -> str:
+        items = [(k, v) for k, v in request.query_params.multi_items() if k != "offset"]
+        items.append(("offset", str(new_offset)))
+        return request.url.path + "?" + "&".join(f"{k}={quote_plus(v)}" for k, v in items)
+
+    return {"previous": at(max(offset - limit, 0)) if offset > 0 else None,
+            "next": at(offset + limit) if offset + limit < total else None}
+
+
+async def _run_view(ui: Console, run_id: str) -> dict[str, Any]:
+    run = await ui.get(f"/api/runs/{path_id(run_id)}")
+    return {"run": run, "terminal": run["status"] in runs.TERMINAL_STATUSES,
+            "retryable": run["status"] in runs.RETRYABLE_STATUSES}
+
+
+@router.get("/ui/runs/{run_id}")
+async def run_page(request: Request, run_id: str) -> Response:
+    """A run: header, actions by role, and its timeline (events read so far, then live over SSE)."""
+
+    async def build(ui: Console) -> Response:
+        view = await _run_view(ui, run_id)
+        events: list[dict[str, Any]] = []
+        while True:
+            chunk = await ui.get(f"/api/runs/{path_id(run_id)}/events", {"limit": EVENTS_PAGE,
+                                                                         "offset": len(events)})
+            events.extend(chunk["items"])
+            if not chunk["items"] or len(events) >= chunk["total"]:
+                break
+        after = max((e["stream_seq"] for e in events), default=0)
+        return ui.render("run.html", **view, events=events, after=after, title=f"Run {run_id}",
+                         error=request.query_params.get("error"))
+
+    return await page(request, build)
+
+
+@router.get("/ui/runs/{run_id}/header")
+async def run_header(request: Request, run_id: str) -> Response:
+    """The run page's header alone: htmx refreshes it as the run's events arrive."""
+
+    async def build(ui: Console) -> Response:
+        return ui.render("run_header.html", **await _run_view(ui, run_id))
+
+    return await page(request, build)
+
+
+@router.post("/ui/runs/{run_id}/{action}")
+async def run_action(request: Request, run_id: str, action: str) -> Response:
+    """Cancel, retry or delete a run (the API decides whether the caller may and whether the run's status
+    allows it)."""
+    form = await _form(request)
+
+    async def build(ui: Console) -> Response:
+        path = f"/api/runs/{path_id(run_id)}"
+        if action == "delete":
+            answer = await ui.send("DELETE", path, csrf=form.get("csrf_token"))
+        elif action in ("cancel", "retry"):
+            body = {"reason": form["reason"]} if action == "cancel" and form.get("reason") else {}
+            answer = await ui.send("POST", f"{path}/{action}", body, csrf=form.get("csrf_token"))
+        else:
+            return ui.render("error.html", 404, problem={"status": 404, "title": "Not found",
+                                                         "detail": f"no run action '{action}'"})
+        if answer.status_code >= 400:
+            return ui.render("error.html", answer.status_code, problem=problem_of(answer))
+        return _see_other("/ui/runs" if action == "delete" else f"/ui/runs/{path_id(run_id)}")
+
+    return await page(request, build, needs="operator")
+
+
+# -- procedures ---------------------------------------------------------------------------------------------------
+
+
+@router.get("/ui/procedures")
+async def procedures_page(request: Request) -> Response:
+    """The catalogue (search, status, channel; paged), and the import form."""
+
+    async def build(ui: Console) -> Response:
+        return await _procedures(ui)
+
+    return await page(request, build)
+
+
+async def _procedures(ui: Console, status_code: int = 200, **imported: Any) -> Response:
+    query = ui.request.query_params
+    filters = {name: query.get(name, "").strip() for name in ("search", "status", "release_channel")}
+    limit, offset = _int(query.get("limit"), RUNS_PAGE), _int(query.get("offset"), 0)
+    listing = await ui.get("/api/procedures", filters | {"limit": limit, "offset": offset})
+    return ui.render("procedures.html", status_code, listing=listing, filters=filters,
+                     pages=_pager(ui.request, listing), title="Procedures", **imported)
+
+
+@router.post("/ui/procedures")
+async def import_procedure(request: Request) -> Response:
+    """Import a CKP document (pasted JSON or an uploaded file) through ``POST /api/procedures``; compile
+    diagnostics come back with their JSON paths."""
+    submitted = await request.form()
+    upload = submitted.get("ckp_file")
+    text = str(submitted.get("ckp_text") or "")
+    if upload is not None and not isinstance(upload, str) and upload.filename:
+        raw = await upload.read(MAX_IMPORT_BYTES + 1)
+        text = raw.decode("utf-8", errors="replace")
+    csrf = str(submitted.get("csrf_token") or "")
+    project = str(submitted.get("project_id") or "").strip() or None
+
+    async def build(ui: Console) -> Response:
+        kept = {"ckp_text": text, "project_id": project or ""}
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            return await _procedures(ui, 422, import_errors={"ckp_json": [f"Not valid JSON: {exc}"]}, kept=kept)
+        if not isinstance(document, dict):
+            return await _procedures(ui, 422, import_errors={"ckp_json": ["Must be a JSON object"]}, kept=kept)
+        body: dict[str, Any] = {"ckp_json": document} | ({"project_id": project} if project else {})
+        answer = await ui.send("POST", "/api/procedures", body, csrf=csrf)
+        if answer.status_code == 201:
+            made = answer.json()
+            return _see_other(f"/ui/procedures/{path_id(made['procedure_id'])}/{path_id(made['version'])}")
+        if answer.status_code == 202:
+            return await _procedures(ui, 202, notice="Import accepted; the compiler has not answered yet. "
+                                     "Reload this page in a moment.")
+        problem = problem_of(answer)
+        return await _procedures(ui, answer.status_code, import_problem=problem,
+                                 import_errors=form_errors(problem), diagnostics=problem.get("diagnostics") or [],
+                                 kept=kept)
+
+    return await page(request, build, needs="operator")
+
+
+@router.get("/ui/procedures/{procedure_id}")
+async def procedure_page(request: Request, procedure_id: str) -> Response:
+    """A procedure: its versions with channels and statuses."""
+
+    async def build(ui: Console) -> Response:
+        pid = path_id(procedure_id)
+        summary = await ui.get(f"/api/procedures/{pid}")
+        versions = await ui.get(f"/api/procedures/{pid}/versions", {"limit": 100})
+        return ui.render("procedure.html", summary=summary, versions=versions, title=procedure_id)
+
+    return await page(request, build)
+
+
+async def _version_page(ui: Console, procedure_id: str, version: str, status_code: int = 200,
+                        **started: Any) -> Response:
+    detail = await ui.get(f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}")
+    fields = forms.fields_of(detail.get("variables_schema"))
+    runnable = detail["status"] in ("draft", "active")
+    return ui.render("version.html", status_code, detail=detail, fields=fields, runnable=runnable,
+                     source=json.dumps(detail.get("ckp_json"), indent=2, ensure_ascii=False),
+                     title=f"{procedure_id} {version}", **started)
+
+
+@router.get("/ui/procedures/{procedure_id}/{version}")
+async def version_page(request: Request, procedure_id: str, version: str) -> Response:
+    """A version: overview, diagnostics, the start-run form and the source."""
+
+    async def build(ui: Console) -> Response:
+        return await _version_page(ui, procedure_id, version)
+
+    return await page(request, build)
+
+
+@router.post("/ui/procedures/{procedure_id}/{version}/runs")
+async def start_run(request: Request, procedure_id: str, version: str) -> Response:
+    """Start a run of this version from the generated form (``POST /api/runs``); the API's per-field errors are
+    shown beside their fields."""
+    form = await _form(request)
+
+    async def build(ui: Console) -> Response:
+        detail = await ui.get(f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}")
+        fields = forms.fields_of(detail.get("variables_schema"))
+        values, errors = forms.input_vars(fields, form)
+        if errors:
+            return await _version_page(ui, procedure_id, version, 422, run_errors=errors, submitted=form)
+        answer = await ui.send("POST", "/api/runs", {"procedure_id": procedure_id, "procedure_version": version,
+                                                     "input_vars": values}, csrf=form.get("csrf_token"))
+        if answer.status_code == 201:
+            return _see_other(f"/ui/runs/{path_id(answer.json()['run_id'])}")
+        if answer.status_code == 202:
+            return await _version_page(ui, procedure_id, version, 202, notice="Run accepted; the runtime has "
+                                       "not answered yet. It will appear in the run list.")
+        problem = problem_of(answer)
+        return await _version_page(ui, procedure_id, version, answer.status_code, run_errors=form_errors(problem),
+                                   run_problem=problem, submitted=form)
+
+    return await page(request, build, needs="operator")
+
+
+# -- approvals ----------------------------------------------------------------------------------------------------
+
+
+@router.get("/ui/approvals")
+async def approvals_page(request: Request) -> Response:
+    """The inbox: pending approvals first (oldest first), or any other status through the filter."""
+
+    async def build(ui: Console) -> Response:
+        return await _approvals(ui)
+
+    return await page(request, build)
+
+
+async def _approvals(ui: Console, status_code: int = 200, **decided: Any) -> Response:
+    query = ui.request.query_params
+    status = query.get("status", "pending")
+    limit, offset = _int(query.get("limit"), RUNS_PAGE), _int(query.get("offset"), 0)
+    listing = await ui.get("/api/approvals", {"status": status or None, "limit": limit, "offset": offset,
+                                              "sort": "created_at", "order": "asc" if status == "pending" else "desc"})
+    return ui.render("approvals.html", status_code, listing=listing, status=status, statuses=APPROVAL_STATUSES,
+                     pages=_pager(ui.request, listing), title="Approvals", **decided)
+
+
+@router.post("/ui/approvals/{approval_id}/decision")
+async def decide(request: Request, approval_id: str) -> Response:
+    """Approve, reject or pick an option (``POST /api/approvals/{id}/decision``), with a comment."""
+    form = await _form(request)
+
+    async def build(ui: Console) -> Response:
+        body = {"decision": form.get("decision", "")} | ({"comment": form["comment"]} if form.get("comment") else {})
+        answer = await ui.send("POST", f"/api/approvals/{path_id(approval_id)}/decision", body,
+                               csrf=form.get("csrf_token"))
+        if answer.status_code == 200:
+            return _see_other(f"/ui/approvals?decided={path_id(approval_id)}")
+        return await _approvals(ui, answer.status_code, decision_problem=problem_of(answer),
+                                failed_approval=approval_id)
+
+    return await page(request, build, needs="approver")
