@@ -16,11 +16,24 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from ckp_core.commands import FireTrigger
+from ckp_core.events import Actor, EventEnvelope
 from ckp_core.ids import new_id
 from ckp_core.subjects import subject_matches
 from ckp_core.triggers import TriggerState, trigger_id
+from ckp_core.webhook_signing import event_dedupe_key
+from langorch_infra.bus import ACK, nak
 from langorch_infra.jetstream import connect
-from langorch_triggers.events import CONSUMER, backoff_s, fire_command_id, fire_run_id, matching, message_key
+from langorch_triggers.events import (
+    CONSUMER,
+    EventConsumer,
+    backoff_s,
+    fire_command_id,
+    fire_run_id,
+    matching,
+    message_key,
+)
+from langorch_triggers.metrics import TriggersMetrics
 from tests.helpers import Platform, pending_approval, platform_of, procedure_doc, start_run, wait_status, wait_until
 from tests.test_approvals_end_to_end import procedure as approval_procedure
 
@@ -76,6 +89,89 @@ def test_a_message_s_fire_ids_are_the_same_on_every_delivery_and_differ_per_trig
     assert fire_run_id(key, "a@1") not in attempts
     assert fire_command_id(key, "a@1", 1) == fire_command_id(key, "a@1", 1)
     assert [backoff_s(n) for n in (1, 2, 3, 7, 50)] == [1.0, 2.0, 4.0, 60.0, 60.0]
+
+
+class FakeMsg:
+    """What the consumer reads of a delivered message, and what it was settled with."""
+
+    def __init__(self, subject: str, data: bytes, deliveries: int = 1, headers: dict[str, str] | None = None):
+        self.subject, self.data, self.headers = subject, data, headers
+        self.metadata = SimpleNamespace(sequence=SimpleNamespace(stream=7), num_delivered=deliveries,
+                                        timestamp=datetime(2026, 1, 2, tzinfo=UTC))
+
+    async def in_progress(self) -> None:
+        pass
+
+
+def consumer_of(states: list[TriggerState], fire: Any, history: list[Any] | None = None) -> EventConsumer:
+    """An :class:`EventConsumer` over a stand-in service: its registry holds ``states`` and ``fire`` decides."""
+    service: Any = SimpleNamespace(
+        metrics=TriggersMetrics(), settings=SimpleNamespace(concurrency_retry_after_s=5),
+        registry=SimpleNamespace(live=lambda trigger_type: states, project_of=lambda pid, version: "proj"),
+        store=SimpleNamespace(read=lambda aggregate, aggregate_id: _async(history or [])), fire=fire)
+    return EventConsumer(service)
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+def outcome(event_type: str, **data: Any) -> EventEnvelope:
+    return EventEnvelope(type=event_type, aggregate="trigger", aggregate_id="x@1", seq=1,
+                         actor=Actor.system("triggers"), data=data)
+
+
+@unit
+async def test_a_message_is_acked_once_decided_and_nakked_at_the_limit_or_on_a_failure() -> None:
+    states = [registration("a@1", "nats://lo.ext.orders.*"), registration("b@1", "nats://lo.ext.>")]
+    commands: list[FireTrigger] = []
+
+    async def fired(cmd: FireTrigger) -> EventEnvelope:
+        commands.append(cmd)
+        return outcome("trigger_fired", run_id=cmd.run_id)
+
+    consumer = consumer_of(states, fired)
+    assert await consumer.handle(FakeMsg("lo.ext.orders.created", b'{"id": 1}')) == ACK  # type: ignore[arg-type]
+    assert [(c.procedure_id, c.trigger_type, c.triggered_by, c.project_id) for c in commands] == [
+        ("a", "event", "event:lo.ext.orders.created", "proj"), ("b", "event", "event:lo.ext.orders.created", "proj")]
+    assert commands[0].input_vars["event_payload"] == {"id": 1}
+    assert commands[0].dedupe_key == event_dedupe_key(b'{"id": 1}', {})
+    assert await consumer.handle(FakeMsg("lo.ext.invoices.paid", b"{}")) == ACK  # type: ignore[arg-type]
+    assert len(commands) == 3  # only b@1 matched
+    assert await consumer_of([], fired).handle(FakeMsg("lo.ext.x", b"{}")) == ACK  # type: ignore[arg-type]
+
+    async def throttled(cmd: FireTrigger) -> EventEnvelope:
+        if cmd.procedure_id == "a":
+            return outcome("trigger_fired", run_id=cmd.run_id)
+        return outcome("trigger_fire_skipped", outcome="throttled", extra={"retry_after_s": 9})
+
+    assert await consumer_of(states, throttled).handle(
+        FakeMsg("lo.ext.orders.created", b"{}")) == nak(9.0)  # type: ignore[arg-type]
+
+    async def broken(cmd: FireTrigger) -> EventEnvelope:
+        raise TimeoutError("the runtime did not answer")
+
+    assert await consumer_of(states, broken).handle(
+        FakeMsg("lo.ext.orders.created", b"{}", deliveries=3)) == nak(4.0)  # type: ignore[arg-type]
+
+
+@unit
+async def test_a_redelivery_after_refusals_at_the_limit_is_the_next_attempt_with_the_same_run() -> None:
+    msg = FakeMsg("lo.ext.orders.created", b"{}", deliveries=3)
+    key = message_key(msg)  # type: ignore[arg-type]
+    refusals = [SimpleNamespace(envelope=outcome("trigger_fire_skipped", outcome="throttled").model_copy(
+        update={"causation_id": fire_command_id(key, "a@1", n)})) for n in range(2)]
+    commands: list[FireTrigger] = []
+
+    async def fired(cmd: FireTrigger) -> EventEnvelope:
+        commands.append(cmd)
+        return outcome("trigger_fired", run_id=cmd.run_id)
+
+    consumer = consumer_of([registration("a@1", "nats://lo.ext.orders.created")], fired, refusals)
+    assert await consumer.handle(msg) == ACK  # type: ignore[arg-type]
+    [cmd] = commands
+    assert (cmd.command_id, cmd.run_id) == (fire_command_id(key, "a@1", 2), fire_run_id(key, "a@1"))
+    assert cmd.source_detail["attempt"] == 2
 
 
 # -- the real stack -------------------------------------------------------------------------------------------------

@@ -124,9 +124,10 @@ class EventConsumer:
             return ACK
         retry_after: list[float] = []
         try:
-            for state in matches:
-                with contextlib.suppress(NatsError):
-                    await msg.in_progress()  # each fire may take up to its creation timeout
+            for n, state in enumerate(matches):
+                if n:  # each fire may take up to its creation timeout: the next one gets a fresh ack wait
+                    with contextlib.suppress(NatsError):
+                        await msg.in_progress()
                 outcome = await self.fire(msg, state)
                 if outcome is not None and outcome.type == "trigger_fire_skipped" \
                         and outcome.data.get("outcome") == "throttled":
