@@ -49,6 +49,7 @@ from ckp_core.schedules import (
     MISFIRE_GRACE_S,
     FileState,
     Schedule,
+    SlotPlan,
     detect_change,
     file_watch_inputs,
     observe_file,
@@ -69,6 +70,8 @@ LOCK_NAME = "scheduler"
 ACTOR = Actor.system("triggers")
 MAX_SLEEP_S = 1.0
 """Longest wait between two looks at the heap: bounds how late a leadership change or a clock jump is noticed."""
+PUBLISH_BATCH = 256
+"""Fires published at once (one schedule shared by thousands of registrations fires them all in the same second)."""
 FOLLOWER_POLL_S = 0.1
 """How often a replica without the lock looks whether it has it now (a local check): a new leader starts at once."""
 _IDS = uuid.UUID("0f6f1d2c-58a4-4b8e-9c53-2d7a61e4b3f1")
@@ -97,6 +100,11 @@ def derived_ids(key: str) -> tuple[str, str]:
 def baseline_key(tid: str) -> str:
     """``lo_locks`` key of a file watch's last look: ``filewatch.<trigger>``."""
     return f"filewatch.{kv_token(tid)}"
+
+
+def _minute(at: datetime) -> datetime:
+    """``at`` to the minute: cron slots are whole minutes, so the slots after ``at`` are the slots after this."""
+    return at.replace(second=0, microsecond=0)
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -205,21 +213,50 @@ class Scheduler:
         changed, self._changed = self._changed, set()
         for tid in changed:
             self._replan(tid, now)
+        # registrations sharing a schedule share their slots: each distinct plan is computed once per round
+        slots: dict[tuple[str, str, datetime], SlotPlan] = {}
+        nexts: dict[tuple[str, str], datetime] = {}
+        jobs: list[tuple[tuple[datetime, int, str], Plan, SlotPlan]] = []
         while self.heap and self.heap[0][0] <= now:
-            _, generation, tid = heapq.heappop(self.heap)
-            plan = self.plans.get(tid)
-            if plan is None or plan.generation != generation:
+            entry = heapq.heappop(self.heap)
+            plan = self.plans.get(entry[2])
+            if plan is None or plan.generation != entry[1]:
                 continue  # re-planned or gone since this entry was pushed
-            due = plan_slots(plan.schedule, plan.last_checked, now)
+            key = (plan.schedule.expression, plan.schedule.timezone, _minute(plan.last_checked))
+            if key not in slots:
+                slots[key] = plan_slots(plan.schedule, key[2], now)
+            jobs.append((entry, plan, slots[key]))
+        retry = False
+        for batch in range(0, len(jobs), PUBLISH_BATCH):
+            chunk = jobs[batch:batch + PUBLISH_BATCH]
+            done = await asyncio.gather(*(self._run_due(plan, due, now) for _, plan, due in chunk))
+            for (entry, plan, _), ok in zip(chunk, done, strict=True):
+                if not ok:  # the next round tries these slots again (a repeat is dropped)
+                    heapq.heappush(self.heap, entry)
+                    retry = True
+                    continue
+                plan.last_checked = now
+                key2 = (plan.schedule.expression, plan.schedule.timezone)
+                if key2 not in nexts:
+                    nexts[key2] = plan.schedule.next_after(now)
+                self._push(plan, nexts[key2])
+        if retry:
+            return MAX_SLEEP_S
+        if not self.heap:
+            return MAX_SLEEP_S
+        return max(0.0, min(MAX_SLEEP_S, (self.heap[0][0] - self.now()).total_seconds()))
+
+    async def _run_due(self, plan: Plan, due: SlotPlan, now: datetime) -> bool:
+        """Skip the missed slots and fire the due ones of one registration; False when that failed."""
+        try:
             for slot in due.missed:
                 await self._misfire(plan, slot, now)
             for slot in due.due:
                 await self._fire(plan, slot, now)
-            plan.last_checked = now
-            self._push(plan, plan.schedule.next_after(now))
-        if not self.heap:
-            return MAX_SLEEP_S
-        return max(0.0, min(MAX_SLEEP_S, (self.heap[0][0] - self.now()).total_seconds()))
+        except Exception:  # NATS unreachable…: logged, tried again next round
+            log.exception("scheduler: the fire of %s failed; it is tried again", plan.state.trigger_id)
+            return False
+        return True
 
     def _take_over(self, now: datetime) -> None:
         """Plan every live schedule from ``now - grace``: a slot the previous leader may have missed just before
@@ -235,7 +272,7 @@ class Scheduler:
                 continue
             changed_at = _parse_time(state.updated_at)
             start = max(since, changed_at) if changed_at is not None and changed_at < now else since
-            minute = start.replace(second=0, microsecond=0)  # slots are whole minutes: the same next slot
+            minute = _minute(start)
             key = (schedule.expression, schedule.timezone, minute)
             if key not in nexts:
                 nexts[key] = schedule.next_after(minute)
