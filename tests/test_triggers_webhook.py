@@ -6,22 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import secrets
+import shlex
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from typer.testing import CliRunner
 
 from ckp_core.subjects import AUDIT_STREAM, COMMAND_STREAM, EVENT_STREAM
 from ckp_core.webhook_signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signature_headers
+from langorch.cli import app as cli_app
 from langorch_gateway.fires import DEFAULT_RETRY_AFTER_S, retry_after, skipped_problem
 from langorch_infra.jetstream import connect
 from tests.helpers import Platform, platform_of, problem, procedure_doc, wait_status, wait_until
@@ -136,6 +141,28 @@ async def test_a_signed_webhook_starts_a_run_that_completes_with_the_body_as_inp
                                      "content_type": "application/json",
                                      "body_sha256": hashlib.sha256(body).hexdigest()}
     assert counter(await webhook_counts(c), "accepted") == before + 1
+
+
+@pytest.mark.integration
+async def test_the_curl_command_langorch_webhook_sign_prints_starts_a_run(
+        platform: Platform, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The sender's path of the docs, as written: ``langorch webhook sign --url`` and the curl line it prints."""
+    c = platform.client
+    hook = await webhook_procedure(c, monkeypatch, "cli")
+    body_file = tmp_path / "body.json"
+    body_file.write_bytes(b'{"greeting": "signed by the CLI"}\n')
+    result = CliRunner().invoke(cli_app, ["webhook", "sign", "--secret-env", "SENDER_SECRET", "--url",
+                                          f"{platform.base_url}{hook.url}", str(body_file)],
+                                env={"SENDER_SECRET": hook.secret})
+    assert result.exit_code == 0, result.output
+    curl = shlex.split(result.stdout.splitlines()[-1])
+    assert curl[0] == "curl"
+    process = await asyncio.create_subprocess_exec(*curl, "-w", "\n%{http_code}", stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    answer, status = out.decode().rsplit("\n", 1)
+    assert status == "202", answer
+    done = await wait_status(c, json.loads(answer)["run_id"], timeout=60)
+    assert (done["status"], done["input_vars"]["greeting"]) == ("completed", "signed by the CLI")
 
 
 @pytest.mark.integration
