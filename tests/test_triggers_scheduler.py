@@ -116,6 +116,10 @@ async def test_every_minute_fires_once_per_slot_and_each_fire_starts_its_run(env
     await env.planned(tid)
     first = next_minute(env.clock())
     assert env.scheduler.next_slot(tid) == first
+    shown = (await env.client.get("/api/triggers/sched_minutely/1.0.0")).json()["next_fire_at"]
+    at = datetime.fromisoformat(shown.replace("Z", "+00:00"))  # the gateway's own (real) clock
+    assert (at.second, at.microsecond) == (0, 0)
+    assert timedelta(0) < at - datetime.now(UTC) <= timedelta(minutes=1)
 
     env.move_to(first + timedelta(seconds=1))
     [fired] = await env.outcomes(tid, 1)
@@ -221,6 +225,8 @@ async def test_disabled_and_dormant_registrations_never_fire(env: Env) -> None:
     for tid in (disabled, deprecated):
         await env.planned(tid, None)
     assert dormant not in env.scheduler.plans
+    for pid in ("sched_disabled", "sched_dormant", "sched_deprecated"):
+        assert (await env.client.get(f"/api/triggers/{pid}/1.0.0")).json()["next_fire_at"] is None, pid
 
     slot = next_minute(env.clock())
     env.move_to(slot + timedelta(seconds=1))

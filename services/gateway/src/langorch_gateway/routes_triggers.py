@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import asyncpg
@@ -30,6 +30,7 @@ from ckp_core.commands import Command, DeleteTrigger, DisableTrigger, EnableTrig
 from ckp_core.events import format_time
 from ckp_core.ids import new_id
 from ckp_core.ir import ProcedureIR
+from ckp_core.schedules import Schedule
 from ckp_core.subjects import PROCEDURES_BUCKET, procedure_key
 from ckp_core.triggers import desired_registration, sync_action, trigger_id
 from langorch_gateway import auth, deps
@@ -87,8 +88,15 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def next_fire_at(row: asyncpg.Record) -> str | None:
+    """The next slot of a schedule that fires by itself (enabled, its version active); null for the others."""
+    if row["trigger_type"] != "scheduled" or not row["enabled"] or row["version_status"] != "active":
+        return None
+    return format_time(Schedule(row["schedule"], row["timezone"] or "UTC").next_after(datetime.now(UTC)))
+
+
 def trigger_out(row: asyncpg.Record, public_url: str) -> dict[str, Any]:
-    """``TriggerOut`` (api.md §10.1). ``next_fire_at`` stays null: schedules do not fire yet."""
+    """``TriggerOut`` (api.md §10.1)."""
     webhook = row["trigger_type"] == "webhook"
     return {
         "procedure_id": row["procedure_id"], "version": row["version"], "trigger_type": row["trigger_type"],
@@ -98,7 +106,8 @@ def trigger_out(row: asyncpg.Record, public_url: str) -> dict[str, Any]:
         "event_source": row["event_source"], "input_vars": _json(row["input_vars"]) or {},
         "dedupe_window_seconds": row["dedupe_window_seconds"], "max_concurrent_runs": row["max_concurrent_runs"],
         "enabled": row["enabled"], "dormant": row["version_status"] != "active", "source": row["source"],
-        "next_fire_at": None, "last_fired_at": _time(row["last_fired_at"]), "last_run_id": row["last_run_id"],
+        "next_fire_at": next_fire_at(row), "last_fired_at": _time(row["last_fired_at"]),
+        "last_run_id": row["last_run_id"],
         "revision": row["revision"], "created_at": _time(row["created_at"]), "created_by": row["created_by"],
         "updated_at": _time(row["updated_at"]),
     }
