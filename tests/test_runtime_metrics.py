@@ -266,6 +266,7 @@ def test_subject_templates_hide_ids() -> None:
     assert subject_template("lo.evt.run.01JABC.step_started") == "lo.evt.run.*.step_started"
     assert subject_template("lo.cmd.run.start") == "lo.cmd.run.start"
     assert subject_template("lo.audit.run.start") == "lo.audit.run.start"
+    assert subject_template("lo.ext.orders.A-17.created") == "lo.ext.>"  # external subjects: one label
 
 
 async def test_append_conflicts_are_counted(nats_url: str) -> None:

@@ -59,8 +59,11 @@ def nak(delay_s: float | None = None) -> Settle:
 
 def subject_template(subject: str) -> str:
     """``lo.evt.run.<id>.run_completed`` → ``lo.evt.run.*.run_completed``; command and audit subjects carry no
-    id (``lo.cmd.<aggregate>.<verb>``, ``lo.audit.<category>.<action>``) and stay as they are."""
+    id (``lo.cmd.<aggregate>.<verb>``, ``lo.audit.<category>.<action>``) and stay as they are; the subjects
+    external systems choose under ``lo.ext.`` (which may carry their own ids) are all ``lo.ext.>``."""
     parts = subject.split(".")
+    if len(parts) >= 3 and parts[0] == "lo" and parts[1] == "ext":
+        return "lo.ext.>"
     if len(parts) >= 5 and parts[0] == "lo" and parts[1] == "evt":
         parts[3] = "*"
     return ".".join(parts)
