@@ -14,11 +14,13 @@
   version's ``trigger`` block (:mod:`langorch_triggers.sync`).
 * ``triggers_events`` (external messages on ``LO_EXT``) → one fire per matching ``event`` registration
   (:mod:`langorch_triggers.events`).
+* the scheduler (the replica holding ``leader.scheduler`` in ``lo_locks``) → one ``lo.cmd.trigger.fire`` per cron
+  slot and per file modification, identified by the slot or the modification (:mod:`langorch_triggers.scheduler`).
 
 A fire's run id is chosen by its submitter and the creation carries the fire's command id, so a redelivered fire
 finds the same run (JetStream drops the republished creation) and records the same outcome.
 
-Not in this slice: schedules, webhook intake and file watches.
+The webhook intake is the gateway's (it publishes ``lo.cmd.trigger.fire``).
 """
 
 from __future__ import annotations
