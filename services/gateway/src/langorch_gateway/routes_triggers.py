@@ -316,7 +316,9 @@ def _diagnostics(outcome: Outcome | JSONResponse | None, fallback: str) -> list[
 @router.post("/api/triggers/sync")
 async def sync_triggers(principal: auth.Operator, request: Request, db: deps.Pool) -> JSONResponse:
     """Register, update or remove the ``source: ckp`` registrations so they match the ``trigger`` blocks of the
-    ``active`` versions. A registration of a version that is no longer active stays (``dormant``)."""
+    ``active`` versions. A registration of a version that is no longer active stays (``dormant``). The triggers
+    service does the same for each version as it becomes active (``langorch_triggers.sync``); this reconciles
+    every active version at once and reports the blocks that cannot be registered."""
     versions = await db.fetch("SELECT procedure_id, version FROM procedures WHERE status = 'active' "
                               "ORDER BY procedure_id, version")
     existing = {r["trigger_id"]: r for r in await db.fetch("SELECT * FROM triggers")}
