@@ -53,7 +53,9 @@ PAGE_POLICY = "; ".join((
     "form-action 'self'",
     "frame-ancestors 'none'",
 ))
-FORWARDED = ("cookie", "authorization", "x-api-key")  # the credentials a page passes on to the API
+# what a page passes on to the API: the caller's credentials, and the stream position a live page has seen (the
+# API's read-your-writes: the run page's header is read at least as new as its timeline)
+FORWARDED = ("cookie", "authorization", "x-api-key", "x-langorch-min-position")
 
 
 class ApiFailure(Exception):

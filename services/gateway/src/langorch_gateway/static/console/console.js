@@ -35,7 +35,9 @@
     if (e.payload && Object.keys(e.payload).length) {
       var details = document.createElement("details");
       details.appendChild(text("summary", "", "Payload"));
-      details.appendChild(text("pre", "", JSON.stringify(e.payload, null, 2)));
+      var pre = text("pre", "", JSON.stringify(e.payload, null, 2));
+      pre.tabIndex = 0;  // a scrollable region: reachable by keyboard
+      details.appendChild(pre);
       li.appendChild(details);
     }
     return li;
@@ -55,6 +57,13 @@
     list.appendChild(eventItem(e));
     list.dataset.lastSeq = String(e.seq);
     list.dataset.after = String(e.stream_seq);
+  });
+  // The header is re-read as events arrive: from a projection at least as new as the last event shown.
+  document.addEventListener("htmx:configRequest", function (evt) {
+    var list = timeline();
+    if (list && evt.target.id === "run-header" && Number(list.dataset.after || "0") > 0) {
+      evt.detail.headers["X-LangOrch-Min-Position"] = list.dataset.after;
+    }
   });
   document.addEventListener("htmx:sseOpen", function () { say("Live: new events appear as they happen."); });
   document.addEventListener("htmx:sseError", function () { say("Connection lost; reconnecting…"); });

@@ -1,0 +1,218 @@
+"""The console in a real browser (Playwright driving Debian's chromium) against the real stack with auth on.
+
+The journey: sign in → import the product-enrichment example (a broken copy first: its diagnostic shows with its
+JSON path) → start a run from the generated form (an out-of-range input first: the API's per-field error shows
+beside the field) → the run page's timeline grows live over SSE while the run is approved from the inbox in a
+second tab → the run completes with its outputs. A viewer is offered no mutating action. axe-core (vendored for
+the tests only, tests/assets/) finds no serious or critical violation on any page of this slice.
+
+With ``LANGORCH_CONSOLE_SCREENSHOTS=<folder>`` (the docs use ``docs/assets/console``) each page's screenshot is
+written there under a fixed name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.helpers import Platform, platform_of, wait_until
+
+pytestmark = pytest.mark.integration
+
+ADMIN_PASSWORD = "console-browser-admin-1"
+SECRET_KEY = "console-browser-secret-key-of-at-least-32-bytes"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "product_enrichment_pipeline.ckp.json"
+AXE = Path(__file__).resolve().parent / "assets" / "axe-core-4.14.1" / "axe.min.js"
+LONG = 60_000  # ms: auto-waiting expectations on a slow, shared machine
+SCREENSHOTS = os.environ.get("LANGORCH_CONSOLE_SCREENSHOTS")
+expect.set_options(timeout=LONG)
+
+
+@pytest.fixture(scope="module")
+async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(module_nats_url, module_database_url,
+                           gateway_settings={"auth_enabled": True, "auth_secret_key": SECRET_KEY,
+                                             "bootstrap_admin_password": ADMIN_PASSWORD}) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    executable = shutil.which("chromium")
+    assert executable, "Debian's chromium is needed (apt-get install chromium; .ci/run installs it)"
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=executable)
+        yield launched
+        await launched.close()
+
+
+async def admin_token(platform: Platform) -> str:
+    """The bootstrap admin's bearer token (the admin is created in the background at start-up: retried)."""
+    async def attempt() -> httpx.Response:
+        return await platform.client.post("/api/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD})
+
+    answer = await wait_until(attempt, lambda r: r.status_code == 200, timeout=60)
+    return str(answer.json()["access_token"])
+
+
+async def new_page(browser: Browser, platform: Platform) -> Page:
+    # bypass_csp: the page's policy allows only this origin's script files; axe-core is injected by the test
+    context = await browser.new_context(base_url=platform.base_url, bypass_csp=True)
+    page = await context.new_page()
+    page.set_default_timeout(LONG)
+    return page
+
+
+async def sign_in(page: Page, username: str, password: str, start: str = "/ui/") -> None:
+    await page.goto(start)
+    await expect(page).to_have_url(re.compile(r"/ui/login\?next="))
+    await page.get_by_label("Username").fill(username)
+    await page.get_by_label("Password").fill(password)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_test_id("identity")).to_have_text(f"user:{username}")
+
+
+async def no_serious_violations(page: Page, shot: str | None = None) -> None:
+    """axe-core on the page as it is now: no serious or critical violation."""
+    await page.add_script_tag(path=str(AXE))
+    violations: list[dict[str, Any]] = await page.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
+             .map(v => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.map(n => n.target.join(" "))}))""")
+    serious = [v for v in violations if v["impact"] in ("serious", "critical")]
+    assert not serious, f"{page.url}: {json.dumps(serious, indent=1)}"
+    if SCREENSHOTS and shot:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(Path(SCREENSHOTS) / f"{shot}.png"), full_page=True)
+
+
+async def test_the_operator_journey(platform: Platform, browser: Browser, tmp_path: Path) -> None:
+    document = json.loads(EXAMPLE.read_text())
+    document["procedure_id"] = pid = f"journey-{uuid.uuid4().hex[:8]}"
+    broken = json.loads(json.dumps(document))
+    broken["workflow_graph"]["nodes"]["quality_check"]["type"] = "teleport"
+    upload = tmp_path / "product_enrichment_pipeline.ckp.json"
+    upload.write_text(json.dumps(document))
+    await admin_token(platform)  # the admin exists
+
+    page = await new_page(browser, platform)
+    await page.goto("/ui/login")
+    await no_serious_violations(page, "login")
+    await sign_in(page, "admin", ADMIN_PASSWORD, start="/ui/procedures")
+    await expect(page).to_have_url(re.compile(r"/ui/procedures$"))
+
+    # a broken copy: the compile diagnostic with its JSON path, nothing imported
+    await page.get_by_label("Or paste the CKP JSON").fill(json.dumps(broken, indent=1))
+    await page.get_by_role("button", name="Import").click()
+    diagnostics = page.get_by_test_id("diagnostics")
+    await expect(diagnostics).to_contain_text("/workflow_graph/nodes/quality_check")
+    await no_serious_violations(page, "procedures-import-diagnostics")
+
+    # the real document, uploaded as a file: its version page with the generated start form
+    await page.get_by_label("Or paste the CKP JSON").fill("")
+    await page.get_by_label("CKP file (JSON)").set_input_files(str(upload))
+    await page.get_by_role("button", name="Import").click()
+    await expect(page).to_have_url(re.compile(rf"/ui/procedures/{pid}/1\.0\.0$"))
+    product = page.get_by_label(re.compile(r"^product_id"))
+    await expect(product).to_be_visible()
+    await no_serious_violations(page, "version")
+
+    # an out-of-range input first: the API's message beside the field; then a valid one
+    await product.fill("500")
+    await page.get_by_role("button", name="Start run").click()
+    await expect(page.locator("#err-input_vars-product_id")).to_contain_text("100")
+    await expect(product).to_have_attribute("aria-invalid", "true")
+    await expect(product).to_have_value("500")
+    await no_serious_violations(page, "version-start-errors")
+    await product.fill("7")
+    await page.get_by_role("button", name="Start run").click()
+    await expect(page).to_have_url(re.compile(r"/ui/runs/[0-9a-f-]{36}$"))
+    run_id = page.url.rsplit("/", 1)[1]
+    timeline = page.locator("#timeline")
+
+    # the run pauses for approval: the page shows it without a reload (the SSE stream)
+    await expect(timeline).to_contain_text("approval_requested")
+    await expect(page.get_by_test_id("run-status")).to_have_text("waiting approval")
+    await expect(page.locator("#live-state")).to_contain_text("Live")
+    await no_serious_violations(page, "run-waiting")
+
+    # the inbox, in a second tab of the same session: approve with a comment
+    inbox = await page.context.new_page()
+    await inbox.goto("/ui/approvals")
+    card = inbox.locator("li.card", has=inbox.locator(f'a[href="/ui/runs/{run_id}"]'))
+    await expect(card).to_be_visible()
+    await no_serious_violations(inbox, "approvals")
+    await card.get_by_label("Comment (optional)").fill("looks right")
+    await card.get_by_role("button", name="Approve").click()
+    await expect(inbox.get_by_role("status")).to_have_text("Decision recorded.")
+
+    # back on the run page, never reloaded: the rest of the run arrives live, the header follows
+    await expect(timeline).to_contain_text("approval_decision_received")
+    await expect(timeline).to_contain_text("run_completed")
+    await expect(page.get_by_test_id("run-status")).to_have_text("completed")
+    await expect(page.get_by_test_id("run-outputs")).to_be_visible()
+    await expect(page.locator("#live-state")).to_contain_text("ended")
+    seqs = [int(s) for s in await timeline.locator("li").evaluate_all("items => items.map(i => i.dataset.seq)")]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs  # every event once, in order
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    run = (await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json()
+    assert run["status"] == "completed"
+    assert run["output_vars"] is not None
+    events = (await platform.client.get(f"/api/runs/{run_id}/events", params={"limit": 500}, headers=bearer)).json()
+    assert len(seqs) == events["total"], (seqs, events["total"])  # the page showed them all
+    await no_serious_violations(page, "run-completed")
+
+    # the lists and the dashboard link to it
+    await page.goto(f"/ui/runs?procedure_id={pid}&status=completed")
+    await expect(page.get_by_test_id("runs-table")).to_contain_text(run_id)
+    await expect(page.get_by_test_id("page-range").first).to_contain_text("1–1 of 1")
+    await no_serious_violations(page, "runs")
+    await page.goto("/ui/")
+    await expect(page.get_by_role("heading", name="Runs by status")).to_be_visible()
+    await no_serious_violations(page, "dashboard")
+    await page.goto(f"/ui/procedures/{pid}")
+    await expect(page.get_by_role("link", name="1.0.0")).to_be_visible()
+    await no_serious_violations(page, "procedure")
+    await page.context.close()
+
+
+async def test_a_viewer_is_offered_no_mutating_action(platform: Platform, browser: Browser) -> None:
+    token = await admin_token(platform)
+    name, password = f"viewer{uuid.uuid4().hex[:8]}", "viewer-password-" + uuid.uuid4().hex[:6]
+    r = await platform.client.post("/api/users", json={"username": name, "email": f"{name}@example.com",
+                                                       "password": password, "roles": ["viewer"]},
+                                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.text
+    document = json.loads(EXAMPLE.read_text())
+    document["procedure_id"] = pid = f"viewer-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": document},
+                                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.text
+    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
+                                                      "input_vars": {"product_id": 3}},
+                                   headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
+
+    page = await new_page(browser, platform)
+    await sign_in(page, name, password)
+    for path in ("/ui/", "/ui/runs", "/ui/procedures", f"/ui/procedures/{pid}/1.0.0", f"/ui/runs/{run_id}",
+                 "/ui/approvals?status="):
+        await page.goto(path)
+        await expect(page.get_by_role("heading", level=1)).to_be_visible()
+        posts = await page.locator("form[method=post]").evaluate_all("forms => forms.map(f => f.action)")
+        assert [p.removeprefix(platform.base_url) for p in posts] == ["/ui/logout"], (path, posts)
+        for label in ("Import", "Start run", "Cancel run", "Retry run", "Delete run", "Approve", "Reject"):
+            await expect(page.get_by_role("button", name=label, exact=True)).to_have_count(0)
+        await no_serious_violations(page)
+    await page.context.close()
