@@ -309,3 +309,25 @@ async def _answers(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 6
                 pass
             await asyncio.sleep(0.1)
     return False
+
+
+# -- the image the manifests run ---------------------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_the_dockerfile_builds_every_workspace_member_and_runs_as_the_manifests_user() -> None:
+    """The image cannot be built here (no Docker); its uv steps were run by hand. What can drift is checked: every
+    workspace member's pyproject.toml is copied for the dependency layer, the user is the pods' runAsUser, and
+    the entrypoint is the ``langorch`` the containers' ``serve <service>`` arguments go to."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert len(re.findall(r"^FROM ", text, re.MULTILINE)) == 2
+    members = sorted(str(p.parent.relative_to(ROOT)) for p in [*ROOT.glob("libs/*/pyproject.toml"),
+                                                                 *ROOT.glob("services/*/pyproject.toml")])
+    copied = sorted(re.findall(r"^COPY ((?:libs|services)/[^/]+)/pyproject.toml", text, re.MULTILINE))
+    assert copied == members
+    assert "uv sync --frozen --no-dev --no-editable" in text
+    assert re.search(r"^USER 10001:10001$", text, re.MULTILINE)
+    assert 'ENTRYPOINT ["langorch"]' in text
+    for overlay in OVERLAYS:
+        for _, _, deployment in langorch_containers(rendered(overlay)):
+            security = deployment["spec"]["template"]["spec"]["securityContext"]
+            assert (security["runAsUser"], security["runAsGroup"]) == (10001, 10001)
