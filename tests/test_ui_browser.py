@@ -3,7 +3,8 @@
 The journey: sign in → import the product-enrichment example (a broken copy first: its diagnostic shows with its
 JSON path) → start a run from the generated form (an out-of-range input first: the API's per-field error shows
 beside the field) → the run page's timeline grows live over SSE while the run is approved from the inbox in a
-second tab → the run completes with its outputs. A viewer is offered no mutating action. axe-core (vendored for
+second tab → the run completes with its outputs. A viewer is offered no mutating action, an approver only the
+decision on a pending approval. axe-core (vendored for
 the tests only, tests/assets/) finds no serious or critical violation on any page of this slice.
 
 With ``LANGORCH_CONSOLE_SCREENSHOTS=<folder>`` (the docs use ``docs/assets/console``) each page's screenshot is
@@ -186,33 +187,46 @@ async def test_the_operator_journey(platform: Platform, browser: Browser, tmp_pa
     await page.context.close()
 
 
-async def test_a_viewer_is_offered_no_mutating_action(platform: Platform, browser: Browser) -> None:
-    token = await admin_token(platform)
-    name, password = f"viewer{uuid.uuid4().hex[:8]}", "viewer-password-" + uuid.uuid4().hex[:6]
+@pytest.mark.parametrize("role", ["viewer", "approver"])
+async def test_actions_are_offered_by_role(platform: Platform, browser: Browser, role: str) -> None:
+    """A viewer is offered no mutating action; an approver only the decision on a pending approval."""
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    name, password = f"{role}{uuid.uuid4().hex[:8]}", f"{role}-password-" + uuid.uuid4().hex[:6]
     r = await platform.client.post("/api/users", json={"username": name, "email": f"{name}@example.com",
-                                                       "password": password, "roles": ["viewer"]},
-                                   headers={"Authorization": f"Bearer {token}"})
+                                                       "password": password, "roles": [role]}, headers=bearer)
     assert r.status_code == 201, r.text
     document = json.loads(EXAMPLE.read_text())
-    document["procedure_id"] = pid = f"viewer-{uuid.uuid4().hex[:8]}"
-    r = await platform.client.post("/api/procedures", json={"ckp_json": document},
-                                   headers={"Authorization": f"Bearer {token}"})
+    document["procedure_id"] = pid = f"{role}-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
     assert r.status_code == 201, r.text
     r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
-                                                      "input_vars": {"product_id": 3}},
-                                   headers={"Authorization": f"Bearer {token}"})
+                                                      "input_vars": {"product_id": 3}}, headers=bearer)
     assert r.status_code == 201, r.text
     run_id = r.json()["run_id"]
+
+    async def waiting() -> dict[str, Any]:
+        return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
+
+    await wait_until(waiting, lambda run: run.get("status") == "waiting_approval", timeout=60)
 
     page = await new_page(browser, platform)
     await sign_in(page, name, password)
     for path in ("/ui/", "/ui/runs", "/ui/procedures", f"/ui/procedures/{pid}/1.0.0", f"/ui/runs/{run_id}",
-                 "/ui/approvals?status="):
+                 "/ui/approvals"):
         await page.goto(path)
         await expect(page.get_by_role("heading", level=1)).to_be_visible()
         posts = await page.locator("form[method=post]").evaluate_all("forms => forms.map(f => f.action)")
-        assert [p.removeprefix(platform.base_url) for p in posts] == ["/ui/logout"], (path, posts)
-        for label in ("Import", "Start run", "Cancel run", "Retry run", "Delete run", "Approve", "Reject"):
+        offered = [p.removeprefix(platform.base_url) for p in posts if not p.endswith("/ui/logout")]
+        decisions = [p for p in offered if re.fullmatch(r"/ui/approvals/[0-9a-f-]+/decision", p)]
+        assert offered == decisions, (path, offered)  # nothing but decisions, and those only for an approver
+        for label in ("Import", "Start run", "Cancel run", "Retry run", "Delete run"):
             await expect(page.get_by_role("button", name=label, exact=True)).to_have_count(0)
+        if path == "/ui/approvals":
+            card = page.locator("li.card", has=page.locator(f'a[href="/ui/runs/{run_id}"]'))
+            await expect(card).to_be_visible()
+            await expect(card.get_by_role("button", name="Approve")).to_have_count(1 if role == "approver" else 0)
+            await expect(card.get_by_role("button", name="Reject")).to_have_count(1 if role == "approver" else 0)
+        else:
+            assert not decisions, path
         await no_serious_violations(page)
     await page.context.close()
