@@ -194,6 +194,21 @@ async def test_the_body_scheme_needs_no_timestamp(platform: Platform, monkeypatc
 
 
 @pytest.mark.integration
+async def test_a_repeated_request_id_is_not_a_duplicate_delivery(
+        platform: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender chooses X-Request-ID: two deliveries carrying the same one (dedupe off) are two fires, not one
+    message JetStream drops as a duplicate."""
+    c = platform.client
+    hook = await webhook_procedure(c, monkeypatch, "same_request_id")
+    request_id = f"req-{uuid.uuid4().hex}"
+    answers = [await deliver(c, hook, b'{"greeting": "' + word + b'"}', headers={"X-Request-ID": request_id})
+               for word in (b"first", b"second")]
+    assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
+    assert [a.json().get("status") for a in answers] == ["created", "created"], [a.text for a in answers]
+    assert answers[0].json()["run_id"] != answers[1].json()["run_id"]
+
+
+@pytest.mark.integration
 async def test_a_rotated_pair_passes_when_the_second_signature_matches(
         platform: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
     c = platform.client

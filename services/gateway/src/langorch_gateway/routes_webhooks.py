@@ -154,7 +154,9 @@ async def intake(request: Request, procedure_id: str) -> JSONResponse:
         project_id=row["project_id"], source_detail={"request_id": request_id, "client_ip": ip,
                                                      "content_type": content_type, "body_sha256": sha256_hex(body)})
     carried(command, row["input_vars"], app.nc.max_payload)
-    answer = await submit_fire(request, command, msg_id=f"fire:{request_id}")
+    # the message id is the fire's own (fire:<command id>): a sender's repeated X-Request-ID must not make JetStream
+    # drop a new delivery as a duplicate (the dedupe window is the registration's business)
+    answer = await submit_fire(request, command, msg_id=command.msg_id)
     app.metrics.webhook_requests.labels(outcome="accepted" if answer.started else "pending").inc()
     return answer.response
 
