@@ -283,6 +283,30 @@ async def test_a_message_starts_a_run_whose_inputs_carry_its_payload_and_headers
 
 
 @integration
+async def test_a_message_handled_again_finds_its_fire_instead_of_starting_a_second_run(
+        platform: Platform, producer: JetStreamContext) -> None:
+    """As after a crash between the fire and the ack: the same stored message is the same fire."""
+    subject = f"{topic()}.again"
+    pid = await event_procedure(platform, subject)
+    ack = await producer.publish(subject, b'{"n": 1}')
+    [fire] = await started(platform, pid)
+    await acked(platform, ack.seq)
+
+    reader = await producer.pull_subscribe(subject, stream=CONSUMER.stream)  # the same message, delivered again
+    try:
+        [msg] = await reader.fetch(1, timeout=10)
+    finally:
+        await reader.unsubscribe()
+    assert msg.metadata.sequence.stream == ack.seq
+    state = platform.triggers_service.registry.triggers[trigger_id(pid, "1")]
+    again = await platform.triggers_service.events.fire(msg, state)
+    assert (again.type, again.data["run_id"]) == ("trigger_fired", fire["run_id"])
+    assert [f["run_id"] for f in await fires(platform, pid)] == [fire["run_id"]]
+    runs = (await platform.client.get("/api/runs", params={"procedure_id": pid})).json()
+    assert [r["run_id"] for r in runs["items"]] == [fire["run_id"]]
+
+
+@integration
 async def test_a_payload_that_is_not_json_arrives_as_raw_body_and_other_json_as_value(
         platform: Platform, producer: JetStreamContext) -> None:
     subject = f"{topic()}.note"
