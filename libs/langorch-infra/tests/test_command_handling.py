@@ -5,6 +5,7 @@ redelivery); a redelivered command changes nothing and is audited again under th
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from ckp_core.commands import DeleteRun, StartRun
 from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import ANONYMOUS, Actor, EventData, Log, RunCreated, make_event
 from ckp_core.eventstore import MemoryEventStore, StoredEvent
-from langorch_infra.handling import BACKOFF_CAP_S, CommandHandler, Handled
+from langorch_infra.handling import BACKOFF_CAP_S, AggregateCache, CommandHandler, Handled
 
 pytestmark = pytest.mark.unit
 
@@ -283,3 +284,84 @@ def test_the_handler_needs_one_attempt_at_least() -> None:
     with pytest.raises(ValueError, match="max_attempts"):
         CommandHandler(MemoryEventStore(), "run", fold_tally, max_attempts=0)
 
+
+
+# -- the aggregate cache -------------------------------------------------------------------------------------------
+
+
+def evolve_tally(state: Tally, stored: StoredEvent) -> None:
+    if stored.envelope.type == "log":
+        state.count += 1
+        state.causes.append(stored.envelope.causation_id)
+
+
+class CountingStore(MemoryEventStore):
+    """The in-memory store, counting the events each read returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events_read = 0
+
+    async def read(self, aggregate: str, aggregate_id: str, after_position: int = 0) -> list[StoredEvent]:
+        found = await super().read(aggregate, aggregate_id, after_position)
+        self.events_read += len(found)
+        return found
+
+
+def cached_handler(store: MemoryEventStore, cache: AggregateCache[Tally]) -> CommandHandler[Tally]:
+    return CommandHandler(store, "run", fold_tally, rng=random.Random(7), cache=cache)
+
+
+def tally_cache(max_aggregates: int = 10_000) -> AggregateCache[Tally]:
+    return AggregateCache(Tally, evolve_tally, max_aggregates=max_aggregates)
+
+
+def bump(state: Tally) -> EventData:
+    return log_line(f"bump {state.count + 1}")
+
+
+async def test_a_cached_aggregate_reads_only_the_events_appended_since_and_decides_as_the_full_fold() -> None:
+    store, cache = CountingStore(), tally_cache()
+    commands = [Bump(actor=ANONYMOUS, run_id="t1") for _ in range(50)]
+    for command in commands:
+        await cached_handler(store, cache).handle("t1", command, bump, command_type="bump")
+    # each decision read the one event the previous one appended, not the growing history (50 * 51 / 2 events)
+    assert store.events_read == 49
+    await competing_append(store, "t1", "another writer")  # not through the handler: read before the next decision
+    loaded = await cached_handler(store, cache).load("t1")
+    full = await handler(store).load("t1")
+    assert (loaded.state, loaded.seq, loaded.position) == (full.state, full.seq, full.position)
+    assert loaded.state.count == 51
+
+
+async def test_a_redelivered_command_is_recognised_from_the_cache() -> None:
+    store, cache = MemoryEventStore(), tally_cache()
+    command = Bump(actor=ANONYMOUS, run_id="t2")
+    first = await cached_handler(store, cache).handle("t2", command, bump, command_type="bump")
+    for _ in range(3):
+        await cached_handler(store, cache).handle("t2", Bump(actor=ANONYMOUS, run_id="t2"), bump, command_type="bump")
+    again = await cached_handler(store, cache).handle("t2", command, bump, command_type="bump")
+    assert again.replayed
+    assert [e.event_id for e in again.events] == [e.event_id for e in first.events]
+    assert len(await store.read("run", "t2")) == 4
+
+
+async def test_concurrent_decisions_on_a_cached_aggregate_apply_each_event_once() -> None:
+    store, cache = MemoryEventStore(), tally_cache()
+    await asyncio.gather(*(cached_handler(store, cache).handle("t3", Bump(actor=ANONYMOUS, run_id="t3"), bump,
+                                                               command_type="bump") for _ in range(4)))
+    loaded = await cached_handler(store, cache).load("t3")
+    assert loaded.state.count == len(await store.read("run", "t3")) == 4
+
+
+async def test_the_decision_gets_a_copy_and_the_least_recently_used_aggregate_is_dropped() -> None:
+    store, cache = CountingStore(), tally_cache(max_aggregates=2)
+    for aggregate_id in ("a", "b", "c"):
+        await cached_handler(store, cache).handle(aggregate_id, Bump(actor=ANONYMOUS, run_id=aggregate_id), bump,
+                                                  command_type="bump")
+    loaded = await cached_handler(store, cache).load("c")
+    loaded.state.count = 99  # a decision scribbling on its state does not change the cache
+    assert (await cached_handler(store, cache).load("c")).state.count == 1
+    before = store.events_read
+    assert (await cached_handler(store, cache).load("a")).state.count == 1  # dropped: read in full again
+    assert store.events_read == before + 1

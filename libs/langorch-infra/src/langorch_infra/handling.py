@@ -25,11 +25,13 @@ redelivery, so the owner can do its follow-up work (store an IR, publish a resum
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ckp_core.audit import AuditEntry, command_entry, outcome_entry
@@ -50,6 +52,8 @@ Decide = Callable[[S], Decision | Awaitable[Decision]]
 compiler compiling a document, the registry of other agents) passes a coroutine function."""
 Fold = Callable[[str, Sequence[StoredEvent]], S]
 """Folds an aggregate's stored events (in order) into its state: ``fold(aggregate_id, events)``."""
+Evolve = Callable[[S, StoredEvent], None]
+"""Applies one more stored event to a state in place (what ``fold`` does for each event)."""
 Refusals = Literal["event", "audit"]
 """Where a refusal is recorded: as a ``command_rejected`` event on the aggregate (and its audit record), or only
 in the audit log (commands whose refusals were never events: a cancel of an ended run)."""
@@ -111,6 +115,57 @@ class Handled(Generic[S]):
         return not self.rejected
 
 
+@dataclass
+class _Cached(Generic[S]):
+    state: S
+    seq: int = 0
+    position: int = 0
+    caused: dict[str, list[StoredEvent]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class AggregateCache(Generic[S]):
+    """The states of recently handled aggregates of one type, each brought up to date by reading only the events
+    appended after it (one head look-up when nothing changed), for aggregates whose history keeps growing — a
+    trigger gains an event per fire, so folding its whole history for every fire would slow each fire down with
+    the trigger's age.
+
+    The stream stays the truth: another writer's events are read before every decision, and a conflicting append
+    still makes the handler load again. Every event's ``causation_id`` is remembered, so a redelivered command is
+    recognised as exactly as when the whole history is read. At most ``max_aggregates`` are kept (least recently
+    used go first; a dropped one is read in full the next time).
+    """
+
+    def __init__(self, initial: Callable[[str], S], evolve: Evolve[S], *, max_aggregates: int = 10_000) -> None:
+        self.initial = initial
+        self.evolve = evolve
+        self.max_aggregates = max_aggregates
+        self._entries: OrderedDict[str, _Cached[S]] = OrderedDict()
+
+    def _entry(self, aggregate_id: str) -> _Cached[S]:
+        entry = self._entries.get(aggregate_id)
+        if entry is None:
+            entry = self._entries[aggregate_id] = _Cached(self.initial(aggregate_id))
+            while len(self._entries) > self.max_aggregates:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(aggregate_id)
+        return entry
+
+    async def load(self, store: EventStore, aggregate: str, aggregate_id: str,
+                   command: Command | None = None) -> Loaded[S]:
+        entry = self._entry(aggregate_id)
+        async with entry.lock:  # one refresh at a time: concurrent loads must not apply the same events twice
+            for stored in await store.read(aggregate, aggregate_id, entry.position):
+                self.evolve(entry.state, stored)
+                entry.seq, entry.position = stored.envelope.seq, stored.position
+                if stored.envelope.causation_id:
+                    entry.caused.setdefault(stored.envelope.causation_id, []).append(stored)
+            done = tuple(entry.caused.get(command.command_id, ())) if command is not None else ()
+            # a copy: the decision may take a while (a run's creation), while other loads move the cached state on
+            return Loaded(copy.deepcopy(entry.state), entry.seq, entry.position, done)
+
+
 def rejection(command: Command, command_type: str, refusal: CommandRefused) -> CommandRejected:
     """The ``command_rejected`` payload of a refused command."""
     return CommandRejected(command_id=command.command_id, command_type=command_type, code=refusal.code,
@@ -122,12 +177,14 @@ class CommandHandler(Generic[S]):
 
     ``fold`` builds the state from the aggregate's events; ``audit`` receives the one record per command (None:
     the owner writes no records). ``max_attempts`` decisions are tried on concurrency conflicts, ``backoff_s``
-    doubling between them with ±50 % jitter (capped at ``BACKOFF_CAP_S``).
+    doubling between them with ±50 % jitter (capped at ``BACKOFF_CAP_S``). With a ``cache``
+    (:class:`AggregateCache`) an aggregate is read from where the last decision left it instead of from its start.
     """
 
     def __init__(self, store: EventStore, aggregate: str, fold: Fold[S], *, audit: AuditSink | None = None,
                  max_attempts: int = MAX_ATTEMPTS, backoff_s: float = BACKOFF_S,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: random.Random | None = None) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: random.Random | None = None,
+                 cache: AggregateCache[S] | None = None) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.store = store
@@ -138,9 +195,12 @@ class CommandHandler(Generic[S]):
         self.backoff_s = backoff_s
         self.sleep = sleep
         self.rng = rng or random.Random()
+        self.cache = cache
 
     async def load(self, aggregate_id: str, command: Command | None = None) -> Loaded[S]:
         """The aggregate's state and head, and the events ``command`` already caused (a redelivery)."""
+        if self.cache is not None:
+            return await self.cache.load(self.store, self.aggregate, aggregate_id, command)
         history = await self.store.read(self.aggregate, aggregate_id)
         state = self.fold(aggregate_id, history)
         seq, position = (history[-1].envelope.seq, history[-1].position) if history else (0, 0)

@@ -53,6 +53,7 @@ from ckp_core.triggers import (
     decide_disable,
     decide_enable,
     decide_upsert,
+    evolve,
     fire_inputs,
     fold,
     trigger_id,
@@ -60,7 +61,7 @@ from ckp_core.triggers import (
 from langorch_infra import messaging
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
-from langorch_infra.handling import CommandHandler
+from langorch_infra.handling import AggregateCache, CommandHandler
 from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, follow, publish_command
 from langorch_infra.metrics import ObservedEventStore
@@ -88,6 +89,8 @@ class TriggersService:
         self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.nc: NATS | None = None
         self.metrics = TriggersMetrics()
+        self.states: AggregateCache[TriggerState] = AggregateCache(
+            TriggerState, lambda state, stored: evolve(state, stored.envelope, stored.position))
         self.bus = BusMetrics(self.metrics.registry, "triggers")
         self.broker = messaging.broker(settings.nats_url, f"langorch-triggers-{self.instance}", self.bus, settings)
         self.command_subscription = messaging.Subscription(
@@ -148,8 +151,9 @@ class TriggersService:
 
     @property
     def handler(self) -> CommandHandler[TriggerState]:
-        """Load → decide → append → audit on the trigger aggregate."""
-        return CommandHandler(self.store, "trigger", _fold, audit=self.audit)
+        """Load → decide → append → audit on the trigger aggregate (its state cached: a trigger gains an event per
+        fire, and each decision reads only what was appended since the last one)."""
+        return CommandHandler(self.store, "trigger", _fold, audit=self.audit, cache=self.states)
 
     async def load(self, procedure_id: str, version: str) -> TriggerState:
         return (await self.handler.load(trigger_id(procedure_id, version))).state
