@@ -7,6 +7,8 @@ registration on ``lo.ext.>`` is removed before its test ends."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -24,6 +26,7 @@ from ckp_core.triggers import TriggerState, trigger_id
 from ckp_core.webhook_signing import event_dedupe_key
 from langorch_infra.bus import ACK, nak
 from langorch_infra.jetstream import connect
+from langorch_infra.settings import TriggersSettings
 from langorch_triggers.events import (
     CONSUMER,
     EventConsumer,
@@ -34,6 +37,7 @@ from langorch_triggers.events import (
     message_key,
 )
 from langorch_triggers.metrics import TriggersMetrics
+from langorch_triggers.service import TriggersService
 from tests.helpers import Platform, pending_approval, platform_of, procedure_doc, start_run, wait_status, wait_until
 from tests.test_approvals_end_to_end import procedure as approval_procedure
 
@@ -245,7 +249,11 @@ async def acked(p: Platform, sequence: int, timeout: float = 60) -> None:
 
 
 def counted(p: Platform, result: str) -> float:
-    value = p.triggers_service.metrics.registry.get_sample_value("langorch_trigger_events_total", {"result": result})
+    return counted_in(p.triggers_service, result)
+
+
+def counted_in(service: TriggersService, result: str) -> float:
+    value = service.metrics.registry.get_sample_value("langorch_trigger_events_total", {"result": result})
     return float(value or 0.0)
 
 
@@ -304,6 +312,30 @@ async def test_a_message_handled_again_finds_its_fire_instead_of_starting_a_seco
     assert [f["run_id"] for f in await fires(platform, pid)] == [fire["run_id"]]
     runs = (await platform.client.get("/api/runs", params={"procedure_id": pid})).json()
     assert [r["run_id"] for r in runs["items"]] == [fire["run_id"]]
+
+
+@integration
+async def test_two_replicas_share_the_consumer_and_each_message_starts_one_run(
+        platform: Platform, producer: JetStreamContext) -> None:
+    subject = f"{topic()}.shared"
+    pid = await event_procedure(platform, subject)
+    second = TriggersService(TriggersSettings(nats_url=platform.nats_url, database_url=platform.database_url,
+                                              instance_id=f"second-{pid}"))
+    await second.start()
+    task = asyncio.create_task(second.run())
+    try:
+        await wait_until(lambda: second.registry.is_live(trigger_id(pid, "1")))
+        matched = counted(platform, "matched") + counted_in(second, "matched")
+        acks = [await producer.publish(subject, json.dumps({"n": n}).encode()) for n in range(12)]
+        items = await started(platform, pid, len(acks))
+        await acked(platform, acks[-1].seq)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await second.stop()
+    assert sorted(i["source_detail"]["stream_sequence"] for i in items) == [a.seq for a in acks]
+    assert len({i["run_id"] for i in items}) == len(acks)
+    assert counted(platform, "matched") + counted_in(second, "matched") >= matched + len(acks)
 
 
 @integration
