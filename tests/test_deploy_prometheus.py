@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 import yaml
 
 from langorch_infra.embedded import free_port
 from tests.agent_server import AgentBehaviour, RunningAgent, running_agent
 from tests.deploy_support import DASHBOARDS, ROOT
-from tests.helpers import TERMINAL, decide, pending_approval, wait_status, wait_until
+from tests.helpers import TERMINAL, decide, pending_approval, procedure_doc, wait_status, wait_until
 from tests.llm_server import running_llm_server
 from tests.mcp_server import running_mcp
 
@@ -214,6 +215,9 @@ LEASED = {"procedure_id": "dash_lease", "version": "1", "workflow_graph": {"star
     "call": {"type": "sequence", "agent": "DASHSLOW", "next_node": "done",
              "steps": [{"step_id": "s", "action": "extract_text"}]},
     "done": {"type": "terminate"}}}}
+TRIGGERED = procedure_doc("dash_trig", "1")
+# registered so that it can be fired by hand (an event trigger of a draft version: dormant, never fired by events)
+TRIGGER = {"trigger_type": "event", "event_source": "nats://lo.ext.dash.orders", "dedupe_window_seconds": 600}
 
 
 @dataclass
@@ -231,8 +235,9 @@ async def _post(c: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[s
 
 
 async def setup(c: httpx.AsyncClient, agents: Agents) -> None:
-    for doc in (MAIN, FAILING, LEASED):
+    for doc in (MAIN, FAILING, LEASED, TRIGGERED):
         await _post(c, "/api/procedures", {"ckp_json": doc})
+    await _post(c, "/api/triggers/dash_trig/1", TRIGGER)
     for name, channel, url, extra in (
             ("dash-web", "dashweb", agents.web.base_url, {}),
             ("dash-slow", "dashslow", agents.slow.base_url, {"concurrency_limit": 1}),
@@ -246,17 +251,32 @@ async def run_of(c: httpx.AsyncClient, procedure_id: str) -> str:
     return str((await _post(c, "/api/runs", {"procedure_id": procedure_id, "procedure_version": "1"}))["run_id"])
 
 
-async def workload(c: httpx.AsyncClient, agents: Agents) -> None:
+async def fires(c: httpx.AsyncClient, js: Any, round_no: int) -> str:
+    """A manual fire and its duplicate (the same inputs within the dedupe window); a webhook call for a procedure
+    without a webhook registration; a message on LO_EXT that no event trigger matches."""
+    fire = "/api/triggers/dash_trig/1/fire"
+    body = {"input_vars": {"greeting": f"round {round_no}"}}
+    run_id = str((await _post(c, fire, body))["run_id"])
+    assert (await c.post(fire, json=body)).status_code == 409  # duplicate_delivery
+    assert (await c.post("/api/triggers/webhook/dash_main", json={})).status_code == 404
+    await js.publish("lo.ext.dash.unwatched", json.dumps({"round": round_no}).encode())
+    return run_id
+
+
+async def workload(c: httpx.AsyncClient, agents: Agents, js: Any, round_no: int) -> None:
     """One round: a run through an agent (a retry after a 503), an MCP tool, a priced LLM and an approval; a run
-    that breaches an SLA and fails on a step timeout; two runs competing for a one-slot agent."""
+    that breaches an SLA and fails on a step timeout; two runs competing for a one-slot agent; trigger fires."""
     agents.web.behaviour.execute_script.append((503, {"status": "error", "error": "busy"}, {}))
     main = await run_of(c, "dash_main")
     failing = await run_of(c, "dash_fail")
     leased = [await run_of(c, "dash_lease") for _ in range(2)]
+    fired = await fires(c, js, round_no)
     approval = await pending_approval(c, main, timeout=90)
     assert (await decide(c, approval["approval_id"], decision="approve")).status_code in (200, 202)
-    ended = {run_id: (await wait_status(c, run_id, TERMINAL, 90))["status"] for run_id in (main, failing, *leased)}
-    assert ended == {main: "completed", failing: "failed", leased[0]: "completed", leased[1]: "completed"}, ended
+    runs = (main, failing, *leased, fired)
+    ended = {run_id: (await wait_status(c, run_id, TERMINAL, 90))["status"] for run_id in runs}
+    assert ended == {main: "completed", failing: "failed", leased[0]: "completed", leased[1]: "completed",
+                     fired: "completed"}, ended
 
 
 async def test_every_dashboard_panel_has_data_on_a_live_stack(nats_url: str, database_url: str,
@@ -268,13 +288,18 @@ async def test_every_dashboard_panel_has_data_on_a_live_stack(nats_url: str, dat
                 prometheus(work_dir, base.removeprefix("http://")) as prom,
                 httpx.AsyncClient(base_url=base, timeout=60) as c):
         agents = Agents(web, slow, sick, mcp.url)
-        await setup(c, agents)
-        await workload(c, agents)
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await setup(c, agents)
+            await workload(c, agents, js, 1)
 
-        async def scraped() -> list[dict[str, Any]]:  # the first round's counters, seen by Prometheus
-            return await query(prom, 'langorch_run_completed_total{status="failed"}')
-        await wait_until(scraped, timeout=60, every=0.5)
-        await workload(c, agents)
+            async def scraped() -> list[dict[str, Any]]:  # the first round's counters, seen by Prometheus
+                return await query(prom, 'langorch_run_completed_total{status="failed"}')
+            await wait_until(scraped, timeout=60, every=0.5)
+            await workload(c, agents, js, 2)
+        finally:
+            await nc.close()
 
         async def without_data() -> list[str]:
             empty = []

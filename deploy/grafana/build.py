@@ -120,8 +120,9 @@ OVERVIEW = Dashboard("langorch-overview", "LangOrch / Overview",
 ))
 
 RUNS = Dashboard("langorch-runs-steps", "LangOrch / Runs and steps",
-                 "Runs, steps, retries, failures and SLA breaches. Metrics carry no procedure or node labels "
-                 "(bounded labels): steps are shown by binding kind; a run's own timeline is in the console.", (
+                 "Runs, steps, retries, failures, SLA breaches, approvals and triggers. Metrics carry no procedure or "
+                 "node labels (bounded labels): steps are shown by binding kind; a run's own timeline is in the "
+                 "console.", (
     Row("Runs", (
         ts("Run failures by error code", "Failed runs by the code of their error, in the time range.",
            q(f"sum by (error_code) (increase(langorch_run_failures_total[{RANGE}]))", "{{error_code}}")),
@@ -153,6 +154,22 @@ RUNS = Dashboard("langorch-runs-steps", "LangOrch / Runs and steps",
            q(f"sum by (outcome) (increase(langorch_approval_decisions_total[{RANGE}]))", "{{outcome}}")),
         ts("Approval latency", "p95 of request to decision or timeout, by outcome.",
            q(quantile("langorch_approval_decision_latency_seconds", 0.95, "outcome"), "{{outcome}}"), unit="s"),
+    )),
+    Row("Triggers", (
+        ts("Trigger fires", "Fires that created a run, per second, by how the run was started.",
+           q(f"sum by (trigger_type) (rate(langorch_trigger_fired_total[{RATE}]))", "{{trigger_type}}"),
+           unit="ops"),
+        ts("Fires refused", "Fires that created no run, in the time range, by reason (duplicate, "
+           "max_concurrent_runs, invalid_input, not_runnable, misfire).",
+           q(f"sum by (reason) (increase(langorch_trigger_rejected_total[{RANGE}]))", "{{reason}}")),
+        ts("Fire to run", "p95 from a fire's receipt by the triggers service to its run's creation.",
+           q(quantile("langorch_trigger_lag_seconds", 0.95, "trigger_type"), "{{trigger_type}}"), unit="s"),
+        ts("Webhook intake", "Webhook requests per second by outcome (accepted, duplicate, invalid_signature, "
+           "not_found …).",
+           q(f"sum by (outcome) (rate(langorch_webhook_requests_total[{RATE}]))", "{{outcome}}"), unit="reqps"),
+        ts("Event trigger deliveries", "LO_EXT messages delivered to the event triggers per second, matched by an "
+           "enabled trigger or not.",
+           q(f"sum by (result) (rate(langorch_trigger_events_total[{RATE}]))", "{{result}}"), unit="ops"),
     )),
 ))
 
