@@ -165,3 +165,18 @@ async def test_a_change_re_plans_only_that_registration(published: list[tuple[Fi
     clock.at = START + timedelta(minutes=20)
     await s.tick()
     assert published == []
+
+
+async def test_a_schedule_that_cannot_be_evaluated_does_not_stop_the_others(
+        published: list[tuple[FireTrigger, str]]) -> None:
+    clock = Clock(START + timedelta(seconds=45))
+    registry = registry_of(3, START - timedelta(hours=1), schedule="* * * * *")
+    registry.triggers["plan_0@1"].config["schedule"] = "0 0 31 2 *"  # 31 February: never
+    registry.triggers["plan_1@1"].config["timezone"] = "Mars/Olympus_Mons"
+    s = leading(registry, clock)
+    await s.tick()
+    assert sorted(s.plans) == ["plan_2@1"]
+    published.clear()
+    clock.at = START + timedelta(seconds=51)
+    await s.tick()
+    assert [msg_id for _, msg_id in published] == ["fire:sched:plan_2@1:2026-03-29T00:31:00.000000Z"]

@@ -107,6 +107,17 @@ def _minute(at: datetime) -> datetime:
     return at.replace(second=0, microsecond=0)
 
 
+def _first_slot(schedule: Schedule, after: datetime) -> datetime | None:
+    """The schedule's first slot after ``after``; None (logged) for a schedule that cannot be evaluated, so one
+    bad registration (a time zone this host lacks) does not stop the others."""
+    try:
+        return schedule.next_after(after)
+    except (ValueError, KeyError, OSError) as exc:  # croniter's errors are ValueErrors; a missing zone a KeyError
+        log.warning("scheduler: schedule %r in %s cannot be evaluated (%s); it does not fire",
+                    schedule.expression, schedule.timezone, exc)
+        return None
+
+
 def _parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
@@ -215,7 +226,7 @@ class Scheduler:
             self._replan(tid, now)
         # registrations sharing a schedule share their slots: each distinct plan is computed once per round
         slots: dict[tuple[str, str, datetime], SlotPlan] = {}
-        nexts: dict[tuple[str, str], datetime] = {}
+        nexts: dict[tuple[str, str], datetime | None] = {}
         jobs: list[tuple[tuple[datetime, int, str], Plan, SlotPlan]] = []
         while self.heap and self.heap[0][0] <= now:
             entry = heapq.heappop(self.heap)
@@ -238,8 +249,10 @@ class Scheduler:
                 plan.last_checked = now
                 key2 = (plan.schedule.expression, plan.schedule.timezone)
                 if key2 not in nexts:
-                    nexts[key2] = plan.schedule.next_after(now)
-                self._push(plan, nexts[key2])
+                    nexts[key2] = _first_slot(plan.schedule, now)
+                following = nexts[key2]
+                if following is not None:
+                    self._push(plan, following)
         if retry:
             return MAX_SLEEP_S
         if not self.heap:
@@ -265,19 +278,19 @@ class Scheduler:
         schedules load fast."""
         self.leading, self.plans, self.heap, self._changed = True, {}, [], set()
         since = now - timedelta(seconds=MISFIRE_GRACE_S)
-        nexts: dict[tuple[str, str, datetime], datetime] = {}
+        nexts: dict[tuple[str, str, datetime], datetime | None] = {}
         for state in self.registry.live("scheduled"):
             schedule = self._schedule_of(state)
             if schedule is None:
                 continue
             changed_at = _parse_time(state.updated_at)
             start = max(since, changed_at) if changed_at is not None and changed_at < now else since
-            minute = _minute(start)
-            key = (schedule.expression, schedule.timezone, minute)
+            key = (schedule.expression, schedule.timezone, _minute(start))
             if key not in nexts:
-                nexts[key] = schedule.next_after(minute)
-            plan = self._plan(state, schedule, start)
-            self._push(plan, nexts[key])
+                nexts[key] = _first_slot(schedule, key[2])
+            first = nexts[key]
+            if first is not None:
+                self._push(self._plan(state, schedule, start), first)
         log.info("scheduler: %s leads; %d schedule(s) planned", self.service.instance, len(self.plans))
 
     def _replan(self, tid: str, now: datetime) -> None:
@@ -292,8 +305,10 @@ class Scheduler:
         if current is not None and current.schedule == schedule:
             current.state = state  # same slots; inputs and the like are read at the fire
             return
-        plan = self._plan(state, schedule, now)
-        self._push(plan, schedule.next_after(now))
+        self.plans.pop(tid, None)
+        first = _first_slot(schedule, now)
+        if first is not None:
+            self._push(self._plan(state, schedule, now), first)
 
     @staticmethod
     def _schedule_of(state: TriggerState) -> Schedule | None:
