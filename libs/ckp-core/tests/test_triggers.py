@@ -16,6 +16,7 @@ from ckp_core.triggers import (
     decide_enable,
     decide_upsert,
     event_subject,
+    ever_fires,
     fire_inputs,
     fold,
     trigger_id,
@@ -111,6 +112,13 @@ def test_cron_needs_exactly_five_valid_fields() -> None:
     assert not valid_cron("* * * * * *")
     assert not valid_cron("@hourly")
     assert not valid_cron("0 25 * * *")
+
+
+def test_a_schedule_that_never_fires_is_refused() -> None:
+    assert ever_fires("0 0 29 2 *")  # leap years
+    assert not ever_fires("0 0 31 2 *")
+    refused = refusal(TriggerState(TID), upsert(trigger_type="scheduled", schedule="0 0 31 2 *"))
+    assert refused.extra["errors"] == {"schedule": ["Never fires: no date matches (such as 31 February)"]}
 
 
 def test_a_replacement_is_an_update_even_with_the_same_configuration() -> None:

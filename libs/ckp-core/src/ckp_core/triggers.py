@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -28,6 +29,7 @@ from ckp_core.events import (
     format_time,
 )
 from ckp_core.ir import ProcedureIR
+from ckp_core.schedules import Schedule
 
 TRIGGER_TYPES = ("scheduled", "webhook", "event", "file_watch")
 SIGNATURE_SCHEMES = ("timestamped", "body")
@@ -120,6 +122,15 @@ def valid_cron(expr: str) -> bool:
     return True
 
 
+def ever_fires(expr: str) -> bool:
+    """A valid expression with a slot at all (``0 0 31 2 *`` has none): one the scheduler can plan."""
+    try:
+        Schedule(" ".join(expr.split())).next_after(datetime(2000, 1, 1, tzinfo=UTC))
+    except ValueError:  # croniter's CroniterBadDateError: no match within its search horizon
+        return False
+    return True
+
+
 def valid_timezone(name: str) -> bool:
     """An IANA zone name zoneinfo knows (no paths)."""
     if not name or name.startswith("/") or ".." in name or name != name.strip():
@@ -173,6 +184,8 @@ def validate(cmd: UpsertTrigger) -> dict[str, Any]:
             fail("schedule", "This field is required for a scheduled trigger")
         elif not valid_cron(cmd.schedule):
             fail("schedule", "Must be a 5-field cron expression (minute hour day month day_of_week)")
+        elif not ever_fires(cmd.schedule):
+            fail("schedule", "Never fires: no date matches (such as 31 February)")
         else:
             config["schedule"] = " ".join(cmd.schedule.split())
         if cmd.timezone is not None:
