@@ -2,10 +2,11 @@
 
 The journey: sign in → import the product-enrichment example (a broken copy first: its diagnostic shows with its
 JSON path) → start a run from the generated form (an out-of-range input first: the API's per-field error shows
-beside the field) → the run page's timeline grows live over SSE while the run is approved from the inbox in a
-second tab → the run completes with its outputs. A viewer is offered no mutating action, an approver only the
-decision on a pending approval. axe-core (vendored for
-the tests only, tests/assets/) finds no serious or critical violation on any page of this slice.
+beside the field) → the run page's timeline grows live over SSE → its connection drops (a proxy cuts it and
+refuses new ones) while the run is approved from the inbox in a second tab → when the network is back the
+timeline resumes with what happened meanwhile, every event once, and the run shows completed with its outputs.
+A viewer is offered no mutating action, an approver only the decision on a pending approval. axe-core (vendored
+for the tests only, tests/assets/) finds no serious or critical violation on any page of this slice.
 
 With ``LANGORCH_CONSOLE_SCREENSHOTS=<folder>`` (the docs use ``docs/assets/console``) each page's screenshot is
 written there under a fixed name.
@@ -13,6 +14,8 @@ written there under a fixed name.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -67,9 +70,9 @@ async def admin_token(platform: Platform) -> str:
     return str(answer.json()["access_token"])
 
 
-async def new_page(browser: Browser, platform: Platform) -> Page:
+async def new_page(browser: Browser, base_url: str) -> Page:
     # bypass_csp: the page's policy allows only this origin's script files; axe-core is injected by the test
-    context = await browser.new_context(base_url=platform.base_url, bypass_csp=True)
+    context = await browser.new_context(base_url=base_url, bypass_csp=True)
     page = await context.new_page()
     page.set_default_timeout(LONG)
     return page
@@ -97,6 +100,52 @@ async def no_serious_violations(page: Page, shot: str | None = None) -> None:
         await page.screenshot(path=str(Path(SCREENSHOTS) / f"{shot}.png"), full_page=True)
 
 
+class DroppingProxy:
+    """A TCP proxy in front of the gateway that can cut every connection through it and refuse new ones for a
+    while: a network drop, as the browser sees one."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.held = False
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.drop_and_hold()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.held:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+    def drop_and_hold(self) -> None:
+        self.held = True
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+    def resume(self) -> None:
+        self.held = False
+
+
 async def test_the_operator_journey(platform: Platform, browser: Browser, tmp_path: Path) -> None:
     document = json.loads(EXAMPLE.read_text())
     document["procedure_id"] = pid = f"journey-{uuid.uuid4().hex[:8]}"
@@ -106,7 +155,13 @@ async def test_the_operator_journey(platform: Platform, browser: Browser, tmp_pa
     upload.write_text(json.dumps(document))
     await admin_token(platform)  # the admin exists
 
-    page = await new_page(browser, platform)
+    proxy = DroppingProxy(int(platform.base_url.rsplit(":", 1)[1]))
+    async with proxy as through_proxy:
+        await journey(platform, await new_page(browser, through_proxy), proxy, pid, broken, upload)
+
+
+async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str, broken: dict[str, Any],
+                  upload: Path) -> None:
     await page.goto("/ui/login")
     await no_serious_violations(page, "login")
     await sign_in(page, "admin", ADMIN_PASSWORD, start="/ui/procedures")
@@ -147,17 +202,29 @@ async def test_the_operator_journey(platform: Platform, browser: Browser, tmp_pa
     await expect(page.locator("#live-state")).to_contain_text("Live")
     await no_serious_violations(page, "run-waiting")
 
-    # the inbox, in a second tab of the same session: approve with a comment
+    # the run page's connection drops and stays down while the run is approved from the inbox (a second tab of
+    # the same session, straight to the gateway); when the connection is back, the stream resumes after the last
+    # event shown: what happened meanwhile arrives, nothing twice
+    proxy.drop_and_hold()
+    await expect(page.locator("#live-state")).to_contain_text("reconnecting")
     inbox = await page.context.new_page()
-    await inbox.goto("/ui/approvals")
+    await inbox.goto(f"{platform.base_url}/ui/approvals")
     card = inbox.locator("li.card", has=inbox.locator(f'a[href="/ui/runs/{run_id}"]'))
     await expect(card).to_be_visible()
     await no_serious_violations(inbox, "approvals")
     await card.get_by_label("Comment (optional)").fill("looks right")
     await card.get_by_role("button", name="Approve").click()
     await expect(inbox.get_by_role("status")).to_have_text("Decision recorded.")
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
 
-    # back on the run page, never reloaded: the rest of the run arrives live, the header follows
+    async def status() -> str:
+        return str((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json()["status"])
+
+    await wait_until(status, lambda s: s == "completed", timeout=60)
+    await expect(timeline).not_to_contain_text("approval_decision_received")  # still cut off
+    proxy.resume()
+
+    # back on the run page, never reloaded: the rest of the run arrives, the header follows
     await expect(timeline).to_contain_text("approval_decision_received")
     await expect(timeline).to_contain_text("run_completed")
     await expect(page.get_by_test_id("run-status")).to_have_text("completed")
@@ -165,7 +232,6 @@ async def test_the_operator_journey(platform: Platform, browser: Browser, tmp_pa
     await expect(page.locator("#live-state")).to_contain_text("ended")
     seqs = [int(s) for s in await timeline.locator("li").evaluate_all("items => items.map(i => i.dataset.seq)")]
     assert seqs == list(range(1, len(seqs) + 1)), seqs  # every event once, in order
-    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
     run = (await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json()
     assert run["status"] == "completed"
     assert run["output_vars"] is not None
@@ -209,7 +275,7 @@ async def test_actions_are_offered_by_role(platform: Platform, browser: Browser,
 
     await wait_until(waiting, lambda run: run.get("status") == "waiting_approval", timeout=60)
 
-    page = await new_page(browser, platform)
+    page = await new_page(browser, platform.base_url)
     await sign_in(page, name, password)
     for path in ("/ui/", "/ui/runs", "/ui/procedures", f"/ui/procedures/{pid}/1.0.0", f"/ui/runs/{run_id}",
                  "/ui/approvals"):
