@@ -112,7 +112,8 @@ def consumer_of(states: list[TriggerState], fire: Any, history: list[Any] | None
     service: Any = SimpleNamespace(
         metrics=TriggersMetrics(), settings=SimpleNamespace(concurrency_retry_after_s=5),
         registry=SimpleNamespace(live=lambda trigger_type: states, project_of=lambda pid, version: "proj"),
-        store=SimpleNamespace(read=lambda aggregate, aggregate_id: _async(history or [])), fire=fire)
+        handler=SimpleNamespace(load=lambda tid, cmd: _async(SimpleNamespace(done=[
+            e for e in history or [] if e.envelope.causation_id == cmd.command_id]))), fire=fire)
     return EventConsumer(service)
 
 

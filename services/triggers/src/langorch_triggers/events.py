@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from nats.js.errors import NotFoundError
 
 from ckp_core.commands import FireTrigger
 from ckp_core.events import Actor, EventEnvelope
+from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import EXTERNAL_STREAM, subject_matches
 from ckp_core.triggers import TriggerState, event_subject
 from ckp_core.webhook_signing import event_dedupe_key, event_message_inputs
@@ -144,14 +146,26 @@ class EventConsumer:
         return nak(max(retry_after)) if retry_after else ACK
 
     async def fire(self, msg: Msg, state: TriggerState) -> EventEnvelope | None:
-        """One trigger's fire for ``msg``: its outcome event (recorded now or by an earlier delivery)."""
+        """One trigger's fire for ``msg``: its outcome event (recorded now or by an earlier delivery). A first
+        delivery is attempt 0; a redelivery skips the attempts whose recorded outcome is a refusal at the
+        concurrency limit (the trigger's cached state knows what each command caused)."""
+        redelivered = (msg.metadata.num_delivered or 1) > 1
+        attempt = 0
+        while True:
+            command = self.command(msg, state, attempt)
+            if redelivered and _throttled((await self.service.handler.load(state.trigger_id, command)).done):
+                attempt += 1
+                continue
+            return await self.service.fire(command)
+
+    def command(self, msg: Msg, state: TriggerState, attempt: int) -> FireTrigger:
+        """The fire of ``msg`` through ``state``'s registration, attempt ``attempt``."""
         procedure_id, version = str(state.procedure_id), str(state.version)
         headers = dict(msg.headers or {})
         sequence = msg.metadata.sequence.stream
         message = message_key(msg)
-        attempt = await self._attempt(msg, state.trigger_id, message)
         inputs = event_message_inputs(msg.subject, msg.data, headers, stream_sequence=sequence)
-        command = FireTrigger(
+        return FireTrigger(
             command_id=fire_command_id(message, state.trigger_id, attempt),
             actor=Actor(kind="trigger", id=state.trigger_id), procedure_id=procedure_id, version=version,
             run_id=fire_run_id(message, state.trigger_id), trigger_type="event",
@@ -160,20 +174,6 @@ class EventConsumer:
             source_detail={"subject": msg.subject, "stream_sequence": sequence,
                            "event_message_id": inputs["event_message_id"], "attempt": attempt},
             project_id=self.service.registry.project_of(procedure_id, version))
-        return await self.service.fire(command)
-
-    async def _attempt(self, msg: Msg, tid: str, message: str) -> int:
-        """The attempt this delivery makes: 0 on a first delivery, else one past the attempts already refused at
-        the concurrency limit (their outcomes are on the trigger's aggregate)."""
-        if (msg.metadata.num_delivered or 1) <= 1:
-            return 0
-        history = await self.service.store.read("trigger", tid)
-        throttled = {e.envelope.causation_id for e in history
-                     if e.envelope.type == "trigger_fire_skipped" and e.envelope.data.get("outcome") == "throttled"}
-        attempt = 0
-        while fire_command_id(message, tid, attempt) in throttled:
-            attempt += 1
-        return attempt
 
     async def _sample_backlog(self) -> None:
         while True:
@@ -201,3 +201,8 @@ class EventConsumer:
             return 0.0
         return max(0.0, (datetime.now(UTC) - oldest.time).total_seconds())
 
+
+def _throttled(outcome: Sequence[StoredEvent]) -> bool:
+    """A command's recorded outcome is a refusal at the concurrency limit."""
+    return any(e.envelope.type == "trigger_fire_skipped" and e.envelope.data.get("outcome") == "throttled"
+               for e in outcome)
