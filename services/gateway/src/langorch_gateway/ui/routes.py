@@ -88,7 +88,7 @@ async def login(request: Request) -> Response:
                    "too_many_login_attempts": f"Too many failed sign-ins. {problem.get('detail', '')}",
                    }.get(problem.get("code", ""), problem.get("detail") or "Sign-in failed.")
         return render(request, "login.html", answer.status_code, next=target, error=message,
-                      username=form.get("username", ""), field_errors=form_errors(problem))
+                      username=form.get("username", ""))
     response = _see_other(target)
     for cookie in answer.headers.get_list("set-cookie"):
         response.headers.append("set-cookie", cookie)
