@@ -271,14 +271,15 @@ async def workload(c: httpx.AsyncClient, agents: Agents, js: Any, round_no: int)
     failing = await run_of(c, "dash_fail")
     leased = [await run_of(c, "dash_lease") for _ in range(2)]
     fired = await fires(c, js, round_no)
-    approval = await pending_approval(c, main, timeout=90)
+    approval = await pending_approval(c, main, timeout=180)
     assert (await decide(c, approval["approval_id"], decision="approve")).status_code in (200, 202)
     runs = (main, failing, *leased, fired)
-    ended = {run_id: (await wait_status(c, run_id, TERMINAL, 90))["status"] for run_id in runs}
+    ended = {run_id: (await wait_status(c, run_id, TERMINAL, 180))["status"] for run_id in runs}
     assert ended == {main: "completed", failing: "failed", leased[0]: "completed", leased[1]: "completed",
                      fired: "completed"}, ended
 
 
+@pytest.mark.timeout(900)  # a whole installation, two workload rounds and Prometheus scrapes on a loaded machine
 async def test_every_dashboard_panel_has_data_on_a_live_stack(nats_url: str, database_url: str,
                                                               work_dir: Path) -> None:
     async with (running_llm_server() as llm, running_agent() as web,
@@ -296,7 +297,7 @@ async def test_every_dashboard_panel_has_data_on_a_live_stack(nats_url: str, dat
 
             async def scraped() -> list[dict[str, Any]]:  # the first round's counters, seen by Prometheus
                 return await query(prom, 'langorch_run_completed_total{status="failed"}')
-            await wait_until(scraped, timeout=60, every=0.5)
+            await wait_until(scraped, timeout=180, every=0.5)
             await workload(c, agents, js, 2)
         finally:
             await nc.close()
@@ -311,7 +312,7 @@ async def test_every_dashboard_panel_has_data_on_a_live_stack(nats_url: str, dat
                             empty.append(f"{dashboard.title} / {panel.title}: {expr}")
             return empty
         # every panel has data once the second round's last scrape is in (a deadline, then the panels still empty)
-        await wait_until(without_data, lambda empty: not empty, timeout=60, every=1)
+        await wait_until(without_data, lambda empty: not empty, timeout=180, every=1)
 
         # the alert rules evaluate on the real series without errors
         rules = (await prom.get("/api/v1/rules")).json()["data"]["groups"]
