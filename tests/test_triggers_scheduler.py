@@ -5,6 +5,7 @@ a watched file fires once per modification."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -294,3 +295,43 @@ async def _has_key(locks: Any, key: str) -> bool:
     except Exception:  # not there yet
         return False
     return True
+
+
+async def test_a_watch_registered_again_starts_with_a_baseline(env: Env, tmp_path: Path) -> None:
+    path = tmp_path / "again.csv"
+    path.write_text("1\n")
+    tid = await env.procedure("watch_again")
+    body = {"trigger_type": "file_watch", "event_source": str(path)}
+    await env.register("watch_again", body)
+    locks = env.platform.triggers_service.locks
+    first = await wait_until(lambda: _look(locks, baseline_key(tid)), timeout=30)
+    r = await env.client.delete("/api/triggers/watch_again/1.0.0")
+    assert r.status_code == 204, r.text
+    await wait_until(lambda: _look(locks, baseline_key(tid)), lambda look: look is None, timeout=30)
+
+    later = path.stat().st_mtime_ns + 1_000_000_000  # changed while no registration watched it
+    os.utime(path, ns=(later, later))
+    await env.register("watch_again", body)
+    again = await wait_until(lambda: _look(locks, baseline_key(tid)), timeout=30)
+    assert again["registered_at"] != first["registered_at"]
+    assert again["mtime_ns"] == later
+    newest = later + 1_000_000_000  # the first change after the new baseline: its only fire
+    os.utime(path, ns=(newest, newest))
+
+    def since_registered(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        start = max(i for i, e in enumerate(events) if e["type"] == "trigger_registered")
+        return fire_outcomes(events[start:])
+
+    fired = await wait_until(lambda: env.events(tid), lambda evs: any(
+        f["source_detail"].get("mtime_ns") == newest for f in since_registered(evs)), timeout=60)
+    assert [f["source_detail"]["mtime_ns"] for f in since_registered(fired)] == [newest]
+    r = await env.client.delete("/api/triggers/watch_again/1.0.0")
+    assert r.status_code == 204, r.text
+
+
+async def _look(locks: Any, key: str) -> dict[str, Any] | None:
+    try:
+        entry = await locks.get(key)
+    except Exception:  # not there (yet), or deleted
+        return None
+    return json.loads(entry.value) if entry.value else None

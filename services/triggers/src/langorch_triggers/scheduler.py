@@ -160,8 +160,9 @@ class Scheduler:
         self.plans: dict[str, Plan] = {}
         self.heap: list[tuple[datetime, int, str]] = []
         self.leading = False
-        self.baselines: dict[str, tuple[str, FileState]] = {}
+        self.baselines: dict[str, tuple[tuple[str, str], FileState]] = {}  # (path, registered at), last look
         self._changed: set[str] = set()
+        self._deleted: set[str] = set()  # registrations deleted since: their file-watch baselines go
         self._generation = 0
         self._wake = asyncio.Event()
         self.registry.listeners.append(self._on_change)
@@ -193,6 +194,9 @@ class Scheduler:
 
     def _on_change(self, tid: str) -> None:
         self._changed.add(tid)
+        state = self.registry.triggers.get(tid)
+        if state is not None and not state.exists:
+            self._deleted.add(tid)
         self._wake.set()
 
     async def _schedule_forever(self) -> None:
@@ -374,14 +378,15 @@ class Scheduler:
 
     async def watch_once(self) -> int:
         """Look at every live file watch once (leader only); returns how many fired."""
+        await self._forget_deleted()
+        watches = [(state, str(state.config.get("event_source") or "")) for state in self.registry.live("file_watch")]
+        watches = [(state, path) for state, path in watches if path]
+        # in a worker thread: a path on a slow or hung file system must not stall the schedules
+        looks = await asyncio.to_thread(lambda: [observe_file(path) for _, path in watches])
         fired = 0
-        for state in self.registry.live("file_watch"):
-            path = str(state.config.get("event_source") or "")
-            if not path:
-                continue
+        for (state, path), current in zip(watches, looks, strict=True):
             tid = state.trigger_id
-            previous = await self._baseline(tid, path)
-            current = observe_file(path)
+            previous = await self._baseline(state, path)
             change = detect_change(previous, current)
             if change.reason == "missing" or change.reason == "unreadable":
                 log.debug("file watch %s: %s is %s (%s)", tid, path, change.reason, current.error or "no file")
@@ -389,27 +394,43 @@ class Scheduler:
                 await self._fire_file(state, path, change.state.mtime_ns, change.reason)
                 fired += 1
             if change.state != previous:
-                await self._keep_baseline(tid, path, change.state)
+                await self._keep_baseline(state, path, change.state)
         return fired
 
-    async def _baseline(self, tid: str, path: str) -> FileState | None:
-        """The last look at ``path`` for this registration (None: never looked, or it watched another path)."""
+    async def _forget_deleted(self) -> None:
+        """Drop the stored looks of deleted registrations (a registration made again starts with a baseline
+        anyway: a look is kept with the registration's creation time)."""
+        deleted, self._deleted = self._deleted, set()
+        for tid in deleted:
+            self.baselines.pop(tid, None)
+            state = self.registry.triggers.get(tid)
+            if state is not None and state.exists:
+                continue  # registered again meanwhile
+            with contextlib.suppress(KeyNotFoundError):
+                await self.service.locks.get(baseline_key(tid))  # most deleted registrations watched nothing
+                await self.service.locks.delete(baseline_key(tid))
+
+    async def _baseline(self, state: TriggerState, path: str) -> FileState | None:
+        """The last look at ``path`` for this registration (None: never looked, it watched another path, or it
+        is a registration made again since)."""
+        tid = state.trigger_id
         cached = self.baselines.get(tid)
         if cached is None:
             try:
                 entry = await self.service.locks.get(baseline_key(tid))
                 raw = json.loads(entry.value or b"{}")
-                cached = (str(raw.get("path")), FileState(bool(raw.get("exists")), raw.get("mtime_ns"),
-                                                          raw.get("error")))
             except (KeyNotFoundError, ValueError):
                 return None
-            self.baselines[tid] = cached
-        return cached[1] if cached[0] == path else None
+            cached = self.baselines[tid] = (
+                (str(raw.get("path")), str(raw.get("registered_at"))),
+                FileState(bool(raw.get("exists")), raw.get("mtime_ns"), raw.get("error")))
+        return cached[1] if cached[0] == (path, str(state.created_at)) else None
 
-    async def _keep_baseline(self, tid: str, path: str, state: FileState) -> None:
-        value = {"path": path, "exists": state.exists, "mtime_ns": state.mtime_ns, "error": state.error}
-        await self.service.locks.put(baseline_key(tid), json.dumps(value).encode())
-        self.baselines[tid] = (path, state)
+    async def _keep_baseline(self, state: TriggerState, path: str, look: FileState) -> None:
+        value = {"path": path, "registered_at": state.created_at, "exists": look.exists, "mtime_ns": look.mtime_ns,
+                 "error": look.error}
+        await self.service.locks.put(baseline_key(state.trigger_id), json.dumps(value).encode())
+        self.baselines[state.trigger_id] = ((path, str(state.created_at)), look)
 
     async def _fire_file(self, state: TriggerState, path: str, mtime_ns: int, reason: str) -> None:
         key = file_key(state.trigger_id, mtime_ns)
