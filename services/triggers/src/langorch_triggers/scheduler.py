@@ -10,7 +10,8 @@ the leader publishes a ``FireTrigger`` on ``LO_CMD`` whose identity is the slot:
 ``fire:sched:<trigger id>:<slot>``, and a command id and run id derived from the same string. A slot published
 twice (a new leader re-planning from ``now - 120 s`` after a takeover, or two leaders for a moment) is dropped by
 the stream's duplicate window (600 s, longer than the grace plus a takeover), and past it the command handler finds
-the command's outcome already recorded; either way the slot fires once.
+the command's outcome already recorded; either way the slot fires once. Registrations sharing a schedule share the
+slot computations of a round, and a round's fires are published concurrently in batches.
 
 A slot more than :data:`~ckp_core.schedules.MISFIRE_GRACE_S` late (the loop stalled, the clock jumped) starts no
 run: the leader records ``trigger_fire_skipped {outcome: skipped, reason: misfire}`` under the same command id, so
@@ -20,8 +21,9 @@ File watches
 ------------
 Every ``file_watch_interval_s`` the leader looks at the path of each live ``file_watch`` registration
 (:func:`~ckp_core.schedules.observe_file`, on this replica's host). What it saw last is kept in ``lo_locks`` under
-``filewatch.<trigger>`` (with the path), so a new leader neither fires again nor loses the baseline. The first look
-at a path is the baseline; a later different modification time fires once (``Nats-Msg-Id``
+``filewatch.<trigger>`` (with the path and the registration's creation time, and deleted with the registration),
+so a new leader neither fires again nor loses the baseline. The first look at a path by a registration is the
+baseline; a later different modification time fires once (``Nats-Msg-Id``
 ``fire:file:<trigger>:<mtime_ns>``) with the inputs ``{file_watch_path, file_mtime}``. A missing file does not fire
 and becomes the baseline: the file appearing later fires (as a modification would).
 """
