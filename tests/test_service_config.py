@@ -299,7 +299,7 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
                     return None
                 leaders = {s["service"]: s["leader_of"] for s in r.json()["services"]}
                 every = leaders == {"gateway": [], "compiler": [], "approvals": ["approval_timer"],
-                                    "runtime": ["agent_health", "callback_timer"], "triggers": []}
+                                    "runtime": ["agent_health", "callback_timer"], "triggers": ["scheduler"]}
                 return r if every else None
 
             r = await eventually(listed, what="the five services in GET /api/config, leaders elected")
