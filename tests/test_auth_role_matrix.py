@@ -176,6 +176,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/procedures/{procedure_id}/{version}"): "ui:viewer",
     ("POST", "/ui/procedures/{procedure_id}/{version}/runs"): "ui:operator",
     ("GET", "/ui/approvals"): "ui:viewer",
+    ("GET", "/ui/approvals/{approval_id}"): "ui:viewer",
     ("POST", "/ui/approvals/{approval_id}/decision"): "ui:approver",
 }
 RULES = {"agent_or_operator": "operator", "self_or_admin": "viewer", "submitter_or_admin": "viewer",

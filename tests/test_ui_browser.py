@@ -253,6 +253,53 @@ async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str
     await page.context.close()
 
 
+def asking_for_input(procedure_id: str) -> dict[str, Any]:
+    """A document whose only node asks an approver for input data (``provide_input``)."""
+    return {"procedure_id": procedure_id, "version": "1.0.0", "workflow_graph": {"start_node": "ask", "nodes": {
+        "ask": {"type": "human_approval", "prompt": "Which SKU?", "decision_type": "provide_input",
+                "input_schema": {"sku": {"type": "string", "required": True}}, "input_variable": "given",
+                "on_approve": "done", "on_reject": "done"},
+        "done": {"type": "terminate", "status": "success"}}}}
+
+
+async def test_input_is_provided_on_the_approval_page(platform: Platform, browser: Browser) -> None:
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    pid = f"ask-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": asking_for_input(pid)}, headers=bearer)
+    assert r.status_code == 201, r.text
+    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0"},
+                                   headers=bearer)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
+
+    async def waiting() -> dict[str, Any]:
+        return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
+
+    run = await wait_until(waiting, lambda body: body.get("status") == "waiting_approval", timeout=60)
+    approval_id = run["waiting_on"]["approval_id"]
+
+    page = await new_page(browser, platform.base_url)
+    await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/runs/{run_id}")
+    await page.get_by_role("link", name="an approval").click()
+    await expect(page).to_have_url(re.compile(rf"/ui/approvals/{approval_id}$"))
+    data = page.get_by_label("Input data (JSON)")
+    await data.fill("{oops")
+    await page.get_by_role("button", name="Approve").click()
+    await expect(page.locator("#err-payload")).to_contain_text("Must be valid JSON")
+    await expect(data).to_have_value("{oops")
+    await data.fill("{}")
+    await page.get_by_role("button", name="Approve").click()
+    await expect(page.get_by_role("alert")).to_contain_text("sku")  # the API checks the node's input_schema
+    await no_serious_violations(page, "approval-input-error")
+    await data.fill('{"sku": "A-1"}')
+    await page.get_by_label("Comment (optional)").fill("the usual one")
+    await page.get_by_role("button", name="Approve").click()
+    await expect(page.get_by_test_id("approval-decision")).to_contain_text("approved by user:admin")
+    await expect(page.get_by_text('"sku": "A-1"')).to_be_visible()
+    await no_serious_violations(page, "approval")
+    await page.context.close()
+
+
 @pytest.mark.parametrize("role", ["viewer", "approver"])
 async def test_actions_are_offered_by_role(platform: Platform, browser: Browser, role: str) -> None:
     """A viewer is offered no mutating action; an approver only the decision on a pending approval."""

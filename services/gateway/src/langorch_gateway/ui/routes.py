@@ -389,18 +389,48 @@ async def _approvals(ui: Console, status_code: int = 200, **decided: Any) -> Res
                      pages=_pager(ui.request, listing), title="Approvals", **decided)
 
 
-@router.post("/ui/approvals/{approval_id}/decision")
-async def decide(request: Request, approval_id: str) -> Response:
-    """Approve, reject or pick an option (``POST /api/approvals/{id}/decision``), with a comment."""
-    form = await _form(request)
+@router.get("/ui/approvals/{approval_id}")
+async def approval_page(request: Request, approval_id: str) -> Response:
+    """One approval: prompt, context, who decided what and when, and the decision form (with input data for a
+    ``provide_input`` approval)."""
 
     async def build(ui: Console) -> Response:
-        body = {"decision": form.get("decision", "")} | ({"comment": form["comment"]} if form.get("comment") else {})
+        return await _approval(ui, approval_id)
+
+    return await page(request, build)
+
+
+async def _approval(ui: Console, approval_id: str, status_code: int = 200, **decided: Any) -> Response:
+    approval = await ui.get(f"/api/approvals/{path_id(approval_id)}")
+    return ui.render("approval.html", status_code, a=approval, title="Approval", **decided)
+
+
+@router.post("/ui/approvals/{approval_id}/decision")
+async def decide(request: Request, approval_id: str) -> Response:
+    """Approve, reject, pick an option or provide input (``POST /api/approvals/{id}/decision``), with a comment.
+    From the approval's own page (``from=detail``) the answer is that page again; else the inbox."""
+    form = await _form(request)
+    detail = form.get("from") == "detail"
+
+    async def build(ui: Console) -> Response:
+        body: dict[str, Any] = {"decision": form.get("decision", "")}
+        if form.get("comment"):
+            body["comment"] = form["comment"]
+        if form.get("payload", "").strip():
+            try:
+                body["payload"] = json.loads(form["payload"])
+            except ValueError as exc:
+                return await _approval(ui, approval_id, 422, errors={"payload": [f"Must be valid JSON ({exc})"]},
+                                       kept=form)
         answer = await ui.send("POST", f"/api/approvals/{path_id(approval_id)}/decision", body,
                                csrf=form.get("csrf_token"))
         if answer.status_code == 200:
-            return _see_other(f"/ui/approvals?decided={path_id(approval_id)}")
-        return await _approvals(ui, answer.status_code, decision_problem=problem_of(answer),
-                                failed_approval=approval_id)
+            return _see_other(f"/ui/approvals/{path_id(approval_id)}" if detail
+                              else f"/ui/approvals?decided={path_id(approval_id)}")
+        problem = problem_of(answer)
+        if detail:
+            return await _approval(ui, approval_id, answer.status_code, decision_problem=problem,
+                                   errors=form_errors(problem), kept=form)
+        return await _approvals(ui, answer.status_code, decision_problem=problem)
 
     return await page(request, build, needs="approver")
