@@ -18,7 +18,7 @@ from langorch_infra import messaging
 from langorch_triggers.sync import activated_version, sync_command_id
 from tests.helpers import Platform, platform_of, procedure_doc, wait_until
 
-SCHEDULED = {"type": "scheduled", "schedule": "*/5  * * * *", "timezone": "Europe/Berlin",
+SCHEDULED = {"type": "scheduled", "schedule": "0  6 1 1 *", "timezone": "Europe/Berlin",
              "input_vars": {"greeting": "tick"}}
 WEBHOOK = {"type": "webhook", "webhook_secret": "sync_hook_key", "input_vars": {"greeting": "hook"}}
 EVENT = {"type": "event", "event_source": "nats://lo.ext.sync.orders"}
@@ -82,7 +82,7 @@ async def test_activation_registers_the_block_and_deprecation_makes_it_dormant(p
     await set_status(platform, pid, "1.0.0", "active")
     got = await registration(platform, pid)
     assert (got["source"], got["dormant"], got["enabled"], got["trigger_type"]) == ("ckp", False, True, "scheduled")
-    assert (got["schedule"], got["timezone"], got["input_vars"]) == ("*/5 * * * *", "Europe/Berlin",
+    assert (got["schedule"], got["timezone"], got["input_vars"]) == ("0 6 1 1 *", "Europe/Berlin",
                                                                       {"greeting": "tick"})
     assert got["created_by"] == "system:triggers"
     [registered] = await history(platform, pid, "1.0.0")
