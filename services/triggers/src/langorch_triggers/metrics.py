@@ -36,9 +36,9 @@ class TriggersMetrics:
                                 "max_concurrent_runs, and every procedure whose runs this replica saw start or "
                                 "end)", ["procedure_id"], registry=r)
         self.events = Counter("langorch_trigger_events_total", "Deliveries of LO_EXT messages to the event "
-                              "consumer, by whether an enabled event trigger of an active version matched their "
-                              "subject (matched, unmatched); a redelivered message counts again", ["result"],
-                              registry=r)
+                              "consumer: an enabled event trigger of an active version fired for them (matched), "
+                              "matched their subject but its event_filter said no (filtered), or none matched "
+                              "(unmatched); a redelivered message counts again", ["result"], registry=r)
         self.event_backlog_age = Gauge("langorch_trigger_event_oldest_pending_age_seconds", "Age of the oldest "
                                        "LO_EXT message the event consumer has not acked (not yet delivered, in "
                                        "flight or waiting for a redelivery); 0 when none is pending",
