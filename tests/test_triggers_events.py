@@ -111,7 +111,8 @@ def consumer_of(states: list[TriggerState], fire: Any, history: list[Any] | None
     """An :class:`EventConsumer` over a stand-in service: its registry holds ``states`` and ``fire`` decides."""
     service: Any = SimpleNamespace(
         metrics=TriggersMetrics(), settings=SimpleNamespace(concurrency_retry_after_s=5),
-        registry=SimpleNamespace(live=lambda trigger_type: states, project_of=lambda pid, version: "proj"),
+        registry=SimpleNamespace(live=lambda trigger_type: states, project_of=lambda pid, version: "proj",
+                                 listeners=[]),
         handler=SimpleNamespace(load=lambda tid, cmd: _async(SimpleNamespace(done=[
             e for e in history or [] if e.envelope.causation_id == cmd.command_id]))), fire=fire)
     return EventConsumer(service)
@@ -204,10 +205,10 @@ def topic() -> str:
 
 
 async def event_procedure(p: Platform, source: str, *, doc: dict[str, Any] | None = None, activate: bool = True,
-                          **config: Any) -> str:
-    """Import a procedure (``doc`` or a greeting), activate it and register an event trigger on ``source``; returns
-    the procedure id once the triggers service's registry knows the registration (live unless disabled or
-    dormant)."""
+                          register: bool = True, **config: Any) -> str:
+    """Import a procedure (``doc`` or a greeting), activate it and register an event trigger on ``source`` (or,
+    ``register=False``, leave that to the document's own trigger block); returns the procedure id once the
+    triggers service's registry knows the registration (live unless disabled or dormant)."""
     c = p.client
     pid = f"evt_{new_id().replace('-', '')[-12:]}"
     doc = dict(doc or procedure_doc(pid, "1"), procedure_id=pid)
@@ -216,9 +217,10 @@ async def event_procedure(p: Platform, source: str, *, doc: dict[str, Any] | Non
     if activate:
         r = await c.patch(f"/api/procedures/{pid}/{version}/status", json={"status": "active"})
         assert r.status_code == 200, r.text
-    r = await c.post(f"/api/triggers/{pid}/{version}", json={"trigger_type": "event",
-                                                              "event_source": f"nats://{source}", **config})
-    assert r.status_code == 201, r.text
+    if register:
+        r = await c.post(f"/api/triggers/{pid}/{version}", json={"trigger_type": "event",
+                                                                  "event_source": f"nats://{source}", **config})
+        assert r.status_code == 201, r.text
     registry = p.triggers_service.registry
     tid = trigger_id(pid, version)
     live = activate and config.get("enabled", True)
@@ -337,6 +339,27 @@ async def test_two_replicas_share_the_consumer_and_each_message_starts_one_run(
     assert sorted(i["source_detail"]["stream_sequence"] for i in items) == [a.seq for a in acks]
     assert len({i["run_id"] for i in items}) == len(acks)
     assert counted(platform, "matched") + counted_in(second, "matched") >= matched + len(acks)
+
+
+@integration
+async def test_a_document_s_event_filter_decides_which_messages_fire(
+        platform: Platform, producer: JetStreamContext) -> None:
+    subject = f"{topic()}.orders"
+    doc = procedure_doc("x", "1", trigger={
+        "type": "event", "event_source": f"nats://{subject}",
+        "event_filter": "event_payload.total >= 1000 and event_attributes.region == 'eu'"})
+    pid = await event_procedure(platform, subject, doc=doc, register=False)
+    filtered = counted(platform, "filtered")
+    small = await producer.publish(subject, b'{"total": 5}', headers={"region": "eu"})
+    elsewhere = await producer.publish(subject, b'{"total": 5000}', headers={"region": "us"})
+    big = await producer.publish(subject, b'{"total": 5000}', headers={"region": "eu"})
+    await acked(platform, big.seq)
+    [fire] = await started(platform, pid)
+    assert fire["source_detail"]["stream_sequence"] == big.seq
+    assert counted(platform, "filtered") >= filtered + 2
+    assert len(await fires(platform, pid)) == 1  # a filtered message leaves no row
+    assert {small.seq, elsewhere.seq}.isdisjoint({f["source_detail"]["stream_sequence"]
+                                                  for f in await fires(platform, pid)})
 
 
 @integration

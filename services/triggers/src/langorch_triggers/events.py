@@ -13,7 +13,8 @@ derived from the message (stream sequence and timestamp) and the trigger, and so
 after a crash is the same fire, whose recorded outcome the command handler finds instead of creating a second run.
 
 A message is acked once every match is decided: the run created, a duplicate or refused inputs recorded, or the
-registration gone meanwhile. One no registration matches is acked too (and counted). At a trigger's
+registration gone meanwhile. One no registration matches, or whose matching registrations' ``event_filter``
+(:class:`EventFilters`) all say no, is acked too (and counted). At a trigger's
 ``max_concurrent_runs`` the fire is refused (``throttled``, recorded as every refusal is) and the message nak'ed
 with the outcome's ``retry_after_s``; the redelivery is the next *attempt*, with a command id of its own (the one
 before already has its recorded refusal) and the same run id. Any other failure naks the message with a backoff
@@ -35,11 +36,14 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
 from ckp_core.commands import FireTrigger
 from ckp_core.events import Actor, EventEnvelope
 from ckp_core.eventstore import StoredEvent
-from ckp_core.subjects import EXTERNAL_STREAM, subject_matches
+from ckp_core.expressions import ExpressionError, MappingScope, evaluate_condition
+from ckp_core.ir import ExpressionIR, ProcedureIR
+from ckp_core.subjects import EXTERNAL_STREAM, PROCEDURES_BUCKET, procedure_key, subject_matches
 from ckp_core.triggers import TriggerState, event_subject
 from ckp_core.webhook_signing import event_dedupe_key, event_message_inputs
 from langorch_infra import messaging
@@ -91,6 +95,54 @@ def backoff_s(deliveries: int) -> float:
     return min(MAX_BACKOFF_S, 2.0 ** max(0, deliveries - 1))
 
 
+class EventFilters:
+    """The ``event_filter`` of registrations made from a document's ``trigger`` block (``source: ckp``; the API's
+    registrations have none): read once from the version's compiled document in ``lo_procedures`` (an active
+    version's document does not change) and forgotten when the registration or its version changes. The filter
+    sees the run's event inputs (``event_payload``, ``event_attributes``, ``event_source``, ``event_message_id``);
+    a false value, or an error evaluating it, means the registration does not fire for the message."""
+
+    def __init__(self, service: TriggersService) -> None:
+        self.service = service
+        self._kv: KeyValue | None = None
+        self._known: dict[str, ExpressionIR | None] = {}
+        service.registry.listeners.append(self.forget)
+
+    def forget(self, tid: str) -> None:
+        self._known.pop(tid, None)
+
+    async def passing(self, states: list[TriggerState], msg: Msg) -> list[TriggerState]:
+        """The registrations among ``states`` whose filter (if any) holds for ``msg``."""
+        scope: MappingScope | None = None
+        passed = []
+        for state in states:
+            expr = await self.filter_of(state)
+            if expr is not None:
+                scope = scope or MappingScope(event_message_inputs(
+                    msg.subject, msg.data, dict(msg.headers or {}), stream_sequence=msg.metadata.sequence.stream))
+                try:
+                    if not evaluate_condition(expr.compiled, scope):
+                        continue
+                except ExpressionError as exc:
+                    log.warning("the event_filter of %s failed on %s (LO_EXT %s): %s; not fired", state.trigger_id,
+                                msg.subject, msg.metadata.sequence.stream, exc)
+                    continue
+            passed.append(state)
+        return passed
+
+    async def filter_of(self, state: TriggerState) -> ExpressionIR | None:
+        if state.config.get("source") != "ckp":
+            return None
+        tid = state.trigger_id
+        if tid not in self._known:
+            if self._kv is None:
+                self._kv = await self.service.js.key_value(PROCEDURES_BUCKET)
+            entry = await self._kv.get(procedure_key(str(state.procedure_id), str(state.version)))
+            trigger = ProcedureIR.model_validate_json(entry.value or b"{}").trigger
+            self._known[tid] = trigger.event_filter if trigger is not None else None
+        return self._known[tid]
+
+
 class EventConsumer:
     """The ``triggers_events`` consumer of one replica, firing through ``service``."""
 
@@ -98,6 +150,7 @@ class EventConsumer:
         self.service = service
         self.metrics = service.metrics
         self.sub: JetStreamContext.PullSubscription | None = None
+        self.filters = EventFilters(service)
 
     async def start(self) -> None:
         """Create (or bring to its declaration) the durable consumer and bind to it."""
@@ -119,13 +172,16 @@ class EventConsumer:
 
     async def handle(self, msg: Msg) -> Settle:
         """Fire every matching registration once for ``msg``; ack, or nak at a concurrency limit or a failure."""
-        matches = matching(self.service.registry.live("event"), msg.subject)
-        self.metrics.events.labels(result="matched" if matches else "unmatched").inc()
-        if not matches:
-            log.debug("%s (LO_EXT %s): no event trigger matches", msg.subject, msg.metadata.sequence.stream)
-            return ACK
+        candidates = matching(self.service.registry.live("event"), msg.subject)
         retry_after: list[float] = []
         try:
+            matches = await self.filters.passing(candidates, msg) if candidates else []
+            result = "matched" if matches else "filtered" if candidates else "unmatched"
+            self.metrics.events.labels(result=result).inc()
+            if not matches:
+                log.debug("%s (LO_EXT %s): no event trigger fires (%s)", msg.subject, msg.metadata.sequence.stream,
+                          result)
+                return ACK
             for n, state in enumerate(matches):
                 if n:  # each fire may take up to its creation timeout: the next one gets a fresh ack wait
                     with contextlib.suppress(NatsError):
