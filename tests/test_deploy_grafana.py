@@ -33,7 +33,7 @@ def exported_names() -> set[str]:
 
 def test_committed_files_are_the_builders_output() -> None:
     files = BUILDER.outputs()
-    assert len(files) == len(DASHBOARDS) + 1
+    assert len(files) == len(DASHBOARDS) + 2
     for path, text in files.items():
         assert Path(path).read_text() == text, f"{path} is stale: run python deploy/grafana/build.py"
 
@@ -92,3 +92,8 @@ def test_provisioning_files() -> None:
     assert [m["metadata"]["labels"]["grafana_dashboard"] for m in maps] == ["1"] * len(DASHBOARDS)
     for config_map, dashboard in zip(maps, DASHBOARDS, strict=True):
         assert json.loads(config_map["data"][dashboard.file_name]) == BUILDER.render(dashboard)
+
+
+def test_the_prometheus_rule_holds_the_alert_rules() -> None:
+    rule = yaml.safe_load((ROOT / "deploy/k8s/base/prometheus-rules.yaml").read_text())
+    assert rule["spec"] == yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())

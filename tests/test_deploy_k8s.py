@@ -34,7 +34,7 @@ from tests.deploy_support import ROOT
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"
 VALIDATORS = ROOT / "tests" / "assets" / "crd-validators"
-CRD_KINDS = {"ScaledObject", "ServiceMonitor", "Cluster"}
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule", "Cluster"}
 SERVICES = ("gateway", "compiler", "runtime", "approvals", "triggers")
 OVERLAYS = ("dev", "prod")
 NAMESPACES = {"dev": "langorch-dev", "prod": "langorch"}
@@ -76,7 +76,7 @@ def test_overlay_renders_and_validates_against_the_kubernetes_schemas(overlay: s
     kinds = {o["kind"] for o in objects}
     assert {"Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service", "Ingress", "StatefulSet",
             "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ScaledObject",
-            "ServiceMonitor"} <= kinds
+            "ServiceMonitor", "PrometheusRule"} <= kinds
     assert ("Cluster" in kinds) == (overlay == "prod")  # CloudNativePG in prod, an external database in dev
     assert ("Secret" in kinds) == (overlay == "dev")
     for obj in objects:
@@ -118,6 +118,7 @@ def test_custom_resources_validate_against_their_published_crd_schemas(overlay: 
     checked = {(r["kind"], r["name"]): r["errors"] for r in results}
     assert checked[("ScaledObject", "langorch-runtime")] == []
     assert checked[("ServiceMonitor", "langorch")] == []
+    assert checked[("PrometheusRule", "langorch-alerts")] == []
     # CloudNativePG publishes no validator package these registries carry: its Cluster is not schema-checked
     assert {kind for (kind, _), errors in checked.items() if errors is None} <= {"Cluster"}
 
@@ -128,7 +129,9 @@ def test_the_crd_validators_refuse_a_broken_object() -> None:
     del scaled["spec"]["triggers"][0]["metadata"]
     [monitor] = [copy.deepcopy(o) for o in rendered("dev") if o["kind"] == "ServiceMonitor"]
     monitor["spec"]["endpoints"][0]["port"] = 8080  # a port name, not a number
-    results = validate_crds([scaled, monitor])
+    [rule] = [copy.deepcopy(o) for o in rendered("dev") if o["kind"] == "PrometheusRule"]
+    del rule["spec"]["groups"][0]["rules"][0]["expr"]
+    results = validate_crds([scaled, monitor, rule])
     assert all(r["errors"] for r in results), results
 
 

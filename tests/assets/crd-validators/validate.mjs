@@ -1,9 +1,14 @@
 // Reads a JSON array of Kubernetes objects on stdin and prints, as JSON, the validation errors of each one
 // against its CRD schema ({kind, name, errors: [...]}; an object of a kind without a validator here: errors null).
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
+import { PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
 
-const MODELS = { "keda.sh/v1alpha1/ScaledObject": ScaledObject, "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor };
+const MODELS = {
+  "keda.sh/v1alpha1/ScaledObject": ScaledObject,
+  "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor,
+  "monitoring.coreos.com/v1/PrometheusRule": PrometheusRule,
+};
 
 let input = "";
 for await (const chunk of process.stdin) input += chunk;
