@@ -173,6 +173,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/procedures"): "ui:viewer",
     ("POST", "/ui/procedures"): "ui:operator",
     ("GET", "/ui/procedures/{procedure_id}"): "ui:viewer",
+    ("GET", "/ui/procedures/{procedure_id}/diff"): "ui:viewer",
     ("GET", "/ui/procedures/{procedure_id}/{version}"): "ui:viewer",
     ("POST", "/ui/procedures/{procedure_id}/{version}/runs"): "ui:operator",
     ("GET", "/ui/approvals"): "ui:viewer",

@@ -300,6 +300,36 @@ async def test_input_is_provided_on_the_approval_page(platform: Platform, browse
     await page.context.close()
 
 
+async def test_two_versions_compared(platform: Platform, browser: Browser) -> None:
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    document = json.loads(EXAMPLE.read_text())
+    document["procedure_id"] = pid = f"diff-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
+    assert r.status_code == 201, r.text
+    document["version"] = "1.1.0"
+    document["workflow_graph"]["nodes"]["approval_gate"]["prompt"] = "Publish product {{product_id}}?"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
+    assert r.status_code == 201, r.text
+
+    page = await new_page(browser, platform.base_url)
+    await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/procedures/{pid}")
+    await page.get_by_role("link", name="Compare versions").click()
+    await expect(page).to_have_url(re.compile(rf"/ui/procedures/{pid}/diff$"))
+    await expect(page.get_by_label("From", exact=True)).to_have_value("1.0.0")
+    await expect(page.get_by_label("To", exact=True)).to_have_value("1.1.0")
+    await expect(page.get_by_test_id("diff-summary")).to_contain_text("approval_gate")
+    changed = page.locator("tr.sbs-changed")
+    await expect(changed).to_have_count(2)  # the version and the prompt, each paired with the line it replaces
+    await expect(changed.filter(has_text='"version"')).to_contain_text("1.1.0")
+    await expect(changed.filter(has_text="Publish product")).to_contain_text("Approve enrichment for product")
+    await no_serious_violations(page, "diff")
+    await page.get_by_label("From", exact=True).select_option("1.1.0")
+    await page.get_by_role("button", name="Compare").click()
+    await expect(page).to_have_url(re.compile(r"from=1\.1\.0&to=1\.1\.0$"))  # a link one can share
+    await expect(page.get_by_test_id("diff-identical")).to_be_visible()
+    await page.context.close()
+
+
 @pytest.mark.parametrize("role", ["viewer", "approver"])
 async def test_actions_are_offered_by_role(platform: Platform, browser: Browser, role: str) -> None:
     """A viewer is offered no mutating action; an approver only the decision on a pending approval."""

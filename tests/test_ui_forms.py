@@ -1,11 +1,12 @@
-"""The console's start form from a ``variables_schema`` (the API's flat form): which fields, in which order, with
-which hints and choices, and what a submitted form becomes as ``input_vars``."""
+"""The console's pure parts: the start form from a ``variables_schema`` (the API's flat form) — which fields, in
+which order, with which hints and choices, and what a submitted form becomes as ``input_vars`` — and the
+side-by-side lines of the version diff."""
 
 from __future__ import annotations
 
 import pytest
 
-from langorch_gateway.ui import forms
+from langorch_gateway.ui import forms, textdiff
 
 pytestmark = pytest.mark.unit
 
@@ -41,3 +42,12 @@ def test_submitted_form_becomes_input_vars() -> None:
     assert values == {"product_id": "7", "tags": ["a", "b"]}  # text as typed (the API coerces); empty: left out
     assert list(errors) == ["input_vars.final_payload"]
     assert errors["input_vars.final_payload"][0].startswith("Must be valid JSON")
+
+
+def test_side_by_side_pairs_changed_lines_and_keeps_the_rest() -> None:
+    rows = textdiff.side_by_side("a\nb\nc\nd", "a\nB\nc\nd\ne")
+    assert [(r.kind, r.left_no, r.left, r.right_no, r.right) for r in rows] == [
+        ("same", 1, "a", 1, "a"), ("changed", 2, "b", 2, "B"), ("same", 3, "c", 3, "c"), ("same", 4, "d", 4, "d"),
+        ("added", None, None, 5, "e")]
+    assert [r.kind for r in textdiff.side_by_side("x\ny", "y")] == ["removed", "same"]
+    assert textdiff.side_by_side("", "") == []

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from ckp_core import runs
-from langorch_gateway.ui import forms
+from langorch_gateway.ui import forms, textdiff
 from langorch_gateway.ui.console import (
     Console,
     api_client,
@@ -328,6 +328,30 @@ async def _version_page(ui: Console, procedure_id: str, version: str, status_cod
     return ui.render("version.html", status_code, detail=detail, fields=fields, runnable=runnable,
                      source=json.dumps(detail.get("ckp_json"), indent=2, ensure_ascii=False),
                      title=f"{procedure_id} {version}", **started)
+
+
+@router.get("/ui/procedures/{procedure_id}/diff")
+async def diff_page(request: Request, procedure_id: str) -> Response:
+    """Two versions compared (``?from=&to=``, a shareable link): the API's structural summary and changes, and
+    the two documents side by side."""
+    query = request.query_params
+
+    async def build(ui: Console) -> Response:
+        pid = path_id(procedure_id)
+        versions = await ui.get(f"/api/procedures/{pid}/versions", {"limit": 100})
+        names = [v["version"] for v in versions["items"]]
+        before = query.get("from") or (names[1] if len(names) > 1 else "")
+        after = query.get("to") or (names[0] if names else "")
+        diff = rows = None
+        if before and after:
+            diff = await ui.get(f"/api/procedures/{pid}/diff", {"from": before, "to": after})
+            documents = [await ui.get(f"/api/procedures/{pid}/{path_id(v)}") for v in (before, after)]
+            texts = [json.dumps(d["ckp_json"], indent=2, ensure_ascii=False) for d in documents]
+            rows = textdiff.side_by_side(*texts)
+        return ui.render("diff.html", procedure_id=procedure_id, names=names, before=before, after=after,
+                         diff=diff, rows=rows, title=f"{procedure_id}: compare versions")
+
+    return await page(request, build)
 
 
 @router.get("/ui/procedures/{procedure_id}/{version}")
