@@ -176,6 +176,9 @@ class Consumer:
     deliver_all: bool = False
     max_ack_pending: int | None = None
     """1: one message in flight across every replica, so the stream's order holds (None: the server's default)."""
+    batch_size: int = 1
+    """Messages one replica fetches at once and handles concurrently (FastStream decides a fetched batch in a task
+    group). 1 keeps one replica's messages in order; more lets independent aggregates' commands overlap."""
     owner: str = ""
     documented_only: bool = field(default=False, compare=False)
     """Declared for the AsyncAPI document only: its service consumes it with nats-py (the runtime's)."""
@@ -222,7 +225,7 @@ TRIGGER_COMMANDS = Consumer(
     "Trigger commands, decided by the triggers service (owner of the trigger aggregate): trigger_registered, "
     "trigger_updated, trigger_deleted, trigger_enabled, trigger_disabled, trigger_fired (after the run's "
     "lo.cmd.run.create) or trigger_fire_skipped, or command_rejected, on lo.evt.trigger.<trigger_id>.",
-    owner="triggers")
+    batch_size=16, owner="triggers")  # the fires of one cron slot (or a burst of webhooks) are decided together
 AGENT_COMMANDS = Consumer(
     "runtime-agents", COMMAND_STREAM, ("lo.cmd.agent.>", "lo.cmd.lease.>"),
     _commands(commands.RegisterAgent, commands.UpdateAgent, commands.RemoveAgent, commands.ReleaseLease),
@@ -302,7 +305,8 @@ class Subscription:
         self.functions: dict[str, Handler] = {}
         self.subscriber: LogicSubscriber[Any] = b.subscriber(
             consumer.subject, stream=JStream(consumer.stream, declare=False), durable=consumer.durable,
-            config=consumer.config(ack_wait_s), pull_sub=PullSub(batch_size=1, timeout=FETCH_TIMEOUT_S),
+            config=consumer.config(ack_wait_s),
+            pull_sub=PullSub(batch_size=consumer.batch_size, timeout=FETCH_TIMEOUT_S),
             title=consumer.durable, description=consumer.description)
         for subject, model in consumer.messages.items():
             self.subscriber(filter=self._is(subject))(self._typed(subject, model))
