@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from ckp_core.commands import FireTrigger
 from ckp_core.events import format_time
@@ -19,7 +20,7 @@ from ckp_core.triggers import TriggerState
 from langorch_triggers import scheduler as scheduler_module
 from langorch_triggers.metrics import TriggersMetrics
 from langorch_triggers.registry import Registry
-from langorch_triggers.scheduler import Scheduler, derived_ids, slot_fire, slot_key
+from langorch_triggers.scheduler import CHECKPOINT_KEY, MAX_MISSED, Scheduler, derived_ids, slot_fire, slot_key
 
 pytestmark = pytest.mark.unit
 
@@ -48,10 +49,26 @@ class Clock:
         return self.at
 
 
-def leading(registry: Registry, clock: Clock) -> Scheduler:
+class Locks:
+    """The few ``lo_locks`` calls the scheduler makes, in memory."""
+
+    def __init__(self, values: dict[str, bytes] | None = None) -> None:
+        self.values = dict(values or {})
+
+    async def get(self, key: str) -> Any:
+        if key not in self.values:
+            raise KeyNotFoundError
+        return types.SimpleNamespace(value=self.values[key])
+
+    async def put(self, key: str, value: bytes) -> int:
+        self.values[key] = value
+        return len(self.values)
+
+
+def leading(registry: Registry, clock: Clock, locks: Locks | None = None) -> Scheduler:
     """A scheduler on ``registry`` that holds its lock (without NATS)."""
     service = types.SimpleNamespace(registry=registry, js=None, instance="plan-test", metrics=TriggersMetrics(),
-                                    settings=types.SimpleNamespace(scheduler_lock_ttl_s=60))
+                                    settings=types.SimpleNamespace(scheduler_lock_ttl_s=60), locks=locks or Locks())
     s = Scheduler(service, now=clock)  # type: ignore[arg-type]
     s.lock.revision, s.lock.renewed_at = 1, time.monotonic()
     return s
@@ -180,3 +197,32 @@ async def test_a_schedule_that_cannot_be_evaluated_does_not_stop_the_others(
     clock.at = START + timedelta(seconds=51)
     await s.tick()
     assert [msg_id for _, msg_id in published] == ["fire:sched:plan_2@1:2026-03-29T00:31:00.000000Z"]
+
+
+async def test_a_new_leader_continues_from_the_last_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded: list[tuple[str, str]] = []
+
+    async def record(js: Any, command: FireTrigger, *, msg_id: str) -> int:
+        recorded.append(("fired", command.source_detail["slot"]))
+        return len(recorded)
+
+    async def misfire(self: Scheduler, plan: Any, slot: datetime, now: datetime) -> None:
+        recorded.append(("misfire", format_time(slot)))
+
+    monkeypatch.setattr(scheduler_module, "publish_command", record)
+    monkeypatch.setattr(Scheduler, "_misfire", misfire)
+    # the last leader had handled every slot up to 00:20:10 (then it died); now is 00:30:10
+    locks = Locks({CHECKPOINT_KEY: format_time(START - timedelta(minutes=10)).encode()})
+    clock = Clock(START)
+    s = leading(registry_of(1, START - timedelta(hours=1), schedule="* * * * *"), clock, locks)
+    await s.tick()
+    # 00:21 … 00:28 are more than 120 s late: misfires; 00:29 and 00:30 still fire
+    assert recorded == [("fired", "2026-03-29T00:29:00.000000Z"), ("fired", "2026-03-29T00:30:00.000000Z"),
+                        *(("misfire", f"2026-03-29T00:{m}:00.000000Z") for m in range(21, 29))]
+    assert locks.values[CHECKPOINT_KEY] == format_time(START).encode()
+
+    # a long outage records at most MAX_MISSED misfires per registration
+    recorded.clear()
+    locks.values[CHECKPOINT_KEY] = format_time(START - timedelta(days=1)).encode()
+    await leading(registry_of(1, START - timedelta(days=2), schedule="* * * * *"), clock, locks).tick()
+    assert [kind for kind, _ in recorded].count("misfire") == MAX_MISSED

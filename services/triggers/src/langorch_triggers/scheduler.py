@@ -7,15 +7,17 @@ Schedules
 A heap of ``(next slot, trigger id)`` over the live ``scheduled`` registrations of the :class:`Registry`, built
 when leadership is taken and re-planned for one registration when the registry reports it changed. At a due slot
 the leader publishes a ``FireTrigger`` on ``LO_CMD`` whose identity is the slot: ``Nats-Msg-Id``
-``fire:sched:<trigger id>:<slot>``, and a command id and run id derived from the same string. A slot published
-twice (a new leader re-planning from ``now - 120 s`` after a takeover, or two leaders for a moment) is dropped by
-the stream's duplicate window (600 s, longer than the grace plus a takeover), and past it the command handler finds
-the command's outcome already recorded; either way the slot fires once. Registrations sharing a schedule share the
-slot computations of a round, and a round's fires are published concurrently in batches.
+``fire:sched:<trigger id>:<slot>``, and a command id and run id derived from the same string. The leader records
+how far it has got (``scheduler.checked_at`` in ``lo_locks``, every few seconds) and a new leader continues from
+there. A slot published twice (a new leader re-publishing the last seconds of its predecessor, or two leaders for a
+moment) is dropped by the stream's duplicate window (600 s, longer than the grace plus a takeover), and past it the
+command handler finds the command's outcome already recorded; either way the slot fires once. Registrations sharing
+a schedule share the slot computations of a round, and a round's fires are published concurrently in batches.
 
-A slot more than :data:`~ckp_core.schedules.MISFIRE_GRACE_S` late (the loop stalled, the clock jumped) starts no
-run: the leader records ``trigger_fire_skipped {outcome: skipped, reason: misfire}`` under the same command id, so
-it is one event per slot whoever records it, and the schedule moves on to its next future slot (no backfill).
+A slot more than :data:`~ckp_core.schedules.MISFIRE_GRACE_S` late (no leader ran, the loop stalled, the clock
+jumped) starts no run: the leader records ``trigger_fire_skipped {outcome: skipped, reason: misfire}`` under the
+same command id, so it is one event per slot whoever records it, and the schedule moves on to its next future slot
+(no backfill).
 
 File watches
 ------------
@@ -35,6 +37,7 @@ import contextlib
 import heapq
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +75,12 @@ LOCK_NAME = "scheduler"
 ACTOR = Actor.system("triggers")
 MAX_SLEEP_S = 1.0
 """Longest wait between two looks at the heap: bounds how late a leadership change or a clock jump is noticed."""
+CHECKPOINT_KEY = "scheduler.checked_at"
+"""``lo_locks`` key of the instant up to which the leader has handled every slot: where a new leader starts."""
+CHECKPOINT_S = 5.0
+"""How often the leader writes it (at most): a new leader re-publishes at most these last seconds' fires."""
+MAX_MISSED = 10
+"""Misfires recorded per registration and round; older missed slots of a long outage are skipped without a row."""
 PUBLISH_BATCH = 256
 """Fires published at once (one schedule shared by thousands of registrations fires them all in the same second)."""
 FOLLOWER_POLL_S = 0.1
@@ -166,6 +175,7 @@ class Scheduler:
         self._changed: set[str] = set()
         self._deleted: set[str] = set()  # registrations deleted since: their file-watch baselines go
         self._generation = 0
+        self._checkpointed = 0.0  # monotonic time of the last checkpoint written
         self._wake = asyncio.Event()
         self.registry.listeners.append(self._on_change)
 
@@ -223,10 +233,11 @@ class Scheduler:
             if self.leading:
                 log.info("scheduler: %s no longer leads; its schedules stop here", self.service.instance)
                 self.leading, self.plans, self.heap, self.baselines = False, {}, [], {}
+                self._checkpointed = 0.0
             return FOLLOWER_POLL_S
         now = self.now()
         if not self.leading:
-            self._take_over(now)
+            self._take_over(now, await self._checkpoint())
         changed, self._changed = self._changed, set()
         for tid in changed:
             self._replan(tid, now)
@@ -241,7 +252,7 @@ class Scheduler:
                 continue  # re-planned or gone since this entry was pushed
             key = (plan.schedule.expression, plan.schedule.timezone, _minute(plan.last_checked))
             if key not in slots:
-                slots[key] = plan_slots(plan.schedule, key[2], now)
+                slots[key] = plan_slots(plan.schedule, key[2], now, max_missed=MAX_MISSED)
             jobs.append((entry, plan, slots[key]))
         retry = False
         for batch in range(0, len(jobs), PUBLISH_BATCH):
@@ -260,7 +271,8 @@ class Scheduler:
                 if following is not None:
                     self._push(plan, following)
         if retry:
-            return MAX_SLEEP_S
+            return MAX_SLEEP_S  # no checkpoint past a slot that is still to be fired
+        await self._keep_checkpoint(now)
         if not self.heap:
             return MAX_SLEEP_S
         return max(0.0, min(MAX_SLEEP_S, (self.heap[0][0] - self.now()).total_seconds()))
@@ -268,22 +280,23 @@ class Scheduler:
     async def _run_due(self, plan: Plan, due: SlotPlan, now: datetime) -> bool:
         """Skip the missed slots and fire the due ones of one registration; False when that failed."""
         try:
-            for slot in due.missed:
-                await self._misfire(plan, slot, now)
             for slot in due.due:
                 await self._fire(plan, slot, now)
+            for slot in due.missed:
+                await self._misfire(plan, slot, now)
         except Exception:  # NATS unreachable…: logged, tried again next round
             log.exception("scheduler: the fire of %s failed; it is tried again", plan.state.trigger_id)
             return False
         return True
 
-    def _take_over(self, now: datetime) -> None:
-        """Plan every live schedule from ``now - grace``: a slot the previous leader may have missed just before
-        it died still fires (the ones it did fire are duplicates the stream drops). The next slot of each
-        (schedule, time zone, minute to start from) is computed once, so thousands of registrations sharing a few
-        schedules load fast."""
+    def _take_over(self, now: datetime, checkpoint: datetime | None) -> None:
+        """Plan every live schedule from the previous leader's checkpoint (or, without one, from ``now - grace``):
+        a slot it had not handled when it died still fires, or is a misfire when it is now too late; the few it
+        fired after its last checkpoint are published again and dropped as duplicates. A registration changed
+        since is planned from its change. The next slot of each (schedule, time zone, minute to start from) is
+        computed once, so thousands of registrations sharing a few schedules load fast."""
         self.leading, self.plans, self.heap, self._changed = True, {}, [], set()
-        since = now - timedelta(seconds=MISFIRE_GRACE_S)
+        since = min(checkpoint, now) if checkpoint is not None else now - timedelta(seconds=MISFIRE_GRACE_S)
         nexts: dict[tuple[str, str, datetime], datetime | None] = {}
         for state in self.registry.live("scheduled"):
             schedule = self._schedule_of(state)
@@ -298,6 +311,25 @@ class Scheduler:
             if first is not None:
                 self._push(self._plan(state, schedule, start), first)
         log.info("scheduler: %s leads; %d schedule(s) planned", self.service.instance, len(self.plans))
+
+    async def _checkpoint(self) -> datetime | None:
+        """The instant the last leader had handled every slot up to (None: no leader ever wrote one)."""
+        try:
+            entry = await self.service.locks.get(CHECKPOINT_KEY)
+        except KeyNotFoundError:
+            return None
+        return _parse_time((entry.value or b"").decode())
+
+    async def _keep_checkpoint(self, now: datetime) -> None:
+        """Record that every slot up to ``now`` is handled (every :data:`CHECKPOINT_S` at most)."""
+        if time.monotonic() - self._checkpointed < CHECKPOINT_S:
+            return
+        try:
+            await self.service.locks.put(CHECKPOINT_KEY, format_time(now).encode())
+        except (NatsError, OSError):  # the next round writes it; a new leader meanwhile re-publishes a few more
+            log.warning("scheduler: checkpoint not written", exc_info=True)
+            return
+        self._checkpointed = time.monotonic()
 
     def _replan(self, tid: str, now: datetime) -> None:
         """A registration changed: drop its plan unless it is a live schedule; a new or changed schedule is
