@@ -181,6 +181,7 @@ async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str
     await expect(page).to_have_url(re.compile(rf"/ui/procedures/{pid}/1\.0\.0$"))
     product = page.get_by_label(re.compile(r"^product_id"))
     await expect(product).to_be_visible()
+    await expect(page.locator("#version-graph-title ~ g.node")).to_have_count(len(broken["workflow_graph"]["nodes"]))
     await no_serious_violations(page, "version")
 
     # an out-of-range input first: the API's message beside the field; then a valid one
@@ -200,6 +201,9 @@ async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str
     await expect(timeline).to_contain_text("approval_requested")
     await expect(page.get_by_test_id("run-status")).to_have_text("waiting approval")
     await expect(page.locator("#live-state")).to_contain_text("Live")
+    gate = page.locator('g[data-node="approval_gate"]')
+    await expect(gate).to_have_attribute("data-status", "paused")
+    await expect(page.locator('g[data-node="fetch_product"]')).to_have_attribute("data-status", "completed")
     await no_serious_violations(page, "run-waiting")
 
     # the run page's connection drops and stays down while the run is approved from the inbox (a second tab of
@@ -229,6 +233,8 @@ async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str
     await expect(timeline).to_contain_text("run_completed")
     await expect(page.get_by_test_id("run-status")).to_have_text("completed")
     await expect(page.get_by_test_id("run-outputs")).to_be_visible()
+    await expect(gate).to_have_attribute("data-status", "completed")  # the graph follows the events too
+    await expect(page.locator('g[data-node="publish_results"]')).to_have_attribute("data-status", "completed")
     await expect(page.locator("#live-state")).to_contain_text("ended")
     seqs = [int(s) for s in await timeline.locator("li").evaluate_all("items => items.map(i => i.dataset.seq)")]
     assert seqs == list(range(1, len(seqs) + 1)), seqs  # every event once, in order

@@ -1,12 +1,12 @@
 """The console's pure parts: the start form from a ``variables_schema`` (the API's flat form) — which fields, in
 which order, with which hints and choices, and what a submitted form becomes as ``input_vars`` — and the
-side-by-side lines of the version diff."""
+side-by-side lines of the version diff, and the graph's SVG geometry."""
 
 from __future__ import annotations
 
 import pytest
 
-from langorch_gateway.ui import forms, textdiff
+from langorch_gateway.ui import forms, graph, textdiff
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +51,20 @@ def test_side_by_side_pairs_changed_lines_and_keeps_the_rest() -> None:
         ("added", None, None, 5, "e")]
     assert [r.kind for r in textdiff.side_by_side("x\ny", "y")] == ["removed", "same"]
     assert textdiff.side_by_side("", "") == []
+
+
+def test_graph_geometry_from_the_laid_out_graph() -> None:
+    laid_out = {"start_node": "a", "nodes": [
+        {"id": "a", "type": "sequence", "position": {"x": 0, "y": 0}, "data": {"label": "First step of all of them"}},
+        {"id": "b", "type": "terminate", "position": {"x": 0, "y": 140}, "data": {"label": None}}],
+        "edges": [{"source": "a", "target": "b", "kind": "next", "label": None},
+                  {"source": "b", "target": "a", "kind": "loop_body", "label": "again"},
+                  {"source": "a", "target": "gone", "kind": "next", "label": None}]}
+    drawn = graph.drawing(laid_out, {"a": {"status": "completed"}})
+    assert [(b.id, b.status, b.is_start, b.caption) for b in drawn.boxes] == [
+        ("a", "completed", True, "completed · First step of all…"), ("b", None, False, "b")]
+    down, back = drawn.lines  # the edge to an unknown node is left out
+    assert down.path == "M110,56 C110,98 110,98 110,140"  # bottom centre to top centre
+    assert (down.back, back.back, back.label) == (False, True, "again")
+    assert drawn.view_box == "-150 -40 520 276"
+    assert graph.drawing({}).boxes == []

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from ckp_core import runs
-from langorch_gateway.ui import forms, textdiff
+from langorch_gateway.ui import forms, graph, textdiff
 from langorch_gateway.ui.console import (
     Console,
     api_client,
@@ -189,6 +189,14 @@ def _pager(request: Request, listing: dict[str, Any] | None) -> dict[str, str | 
             "next": at(offset + limit) if offset + limit < total else None}
 
 
+async def _run_graph(ui: Console, run_id: str) -> dict[str, Any]:
+    """The run's graph with its node statuses (``GET /api/runs/{id}/graph``), for ``_graph.html``."""
+    view = await ui.get(f"/api/runs/{path_id(run_id)}/graph")
+    return {"drawing": graph.drawing(view["graph"] or {}, view["node_status"]), "graph_id": "run-graph",
+            "graph_label": f"Graph of {view['procedure_id']} {view['procedure_version']} with this run's node statuses",
+            "graph_unavailable": view.get("graph_unavailable_reason"), "node_status": view["node_status"]}
+
+
 async def _run_view(ui: Console, run_id: str) -> dict[str, Any]:
     run = await ui.get(f"/api/runs/{path_id(run_id)}")
     return {"run": run, "terminal": run["status"] in runs.TERMINAL_STATUSES,
@@ -209,8 +217,8 @@ async def run_page(request: Request, run_id: str) -> Response:
             if not chunk["items"] or len(events) >= chunk["total"]:
                 break
         after = max((e["stream_seq"] for e in events), default=0)
-        return ui.render("run.html", **view, events=events, after=after, title=f"Run {run_id}",
-                         error=request.query_params.get("error"))
+        return ui.render("run.html", **view, **await _run_graph(ui, run_id), events=events, after=after,
+                         title=f"Run {run_id}")
 
     return await page(request, build)
 
@@ -221,6 +229,16 @@ async def run_header(request: Request, run_id: str) -> Response:
 
     async def build(ui: Console) -> Response:
         return ui.render("run_header.html", **await _run_view(ui, run_id))
+
+    return await page(request, build)
+
+
+@router.get("/ui/runs/{run_id}/graph")
+async def run_graph(request: Request, run_id: str) -> Response:
+    """The run page's graph alone: htmx refreshes it as the run's events arrive."""
+
+    async def build(ui: Console) -> Response:
+        return ui.render("_graph.html", **await _run_graph(ui, run_id))
 
     return await page(request, build)
 
@@ -325,7 +343,12 @@ async def _version_page(ui: Console, procedure_id: str, version: str, status_cod
     detail = await ui.get(f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}")
     fields = forms.fields_of(detail.get("variables_schema"))
     runnable = detail["status"] in ("draft", "active")
+    laid_out = await ui.api.get(f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}/graph")
+    unavailable = None if laid_out.status_code == 200 else problem_of(laid_out).get("detail")
+    drawing = graph.drawing(laid_out.json() if laid_out.status_code == 200 else {})
     return ui.render("version.html", status_code, detail=detail, fields=fields, runnable=runnable,
+                     drawing=drawing, graph_id="version-graph", graph_unavailable=unavailable,
+                     graph_label=f"Graph of {procedure_id} {version}",
                      source=json.dumps(detail.get("ckp_json"), indent=2, ensure_ascii=False),
                      title=f"{procedure_id} {version}", **started)
 

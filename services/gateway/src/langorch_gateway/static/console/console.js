@@ -58,10 +58,11 @@
     list.dataset.lastSeq = String(e.seq);
     list.dataset.after = String(e.stream_seq);
   });
-  // The header is re-read as events arrive: from a projection at least as new as the last event shown.
+  // The header and the graph are re-read as events arrive: from projections at least as new as the last event
+  // shown.
   document.addEventListener("htmx:configRequest", function (evt) {
     var list = timeline();
-    if (list && evt.target.id === "run-header" && Number(list.dataset.after || "0") > 0) {
+    if (list && evt.target.hasAttribute("data-follows-timeline") && Number(list.dataset.after || "0") > 0) {
       evt.detail.headers["X-LangOrch-Min-Position"] = list.dataset.after;
     }
   });
