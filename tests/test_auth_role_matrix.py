@@ -167,6 +167,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/ui/logout"): "ui:viewer",
     ("GET", "/ui/"): "ui:viewer",
     ("GET", "/ui/runs"): "ui:viewer",
+    ("POST", "/ui/runs"): "ui:operator",
     ("GET", "/ui/runs/{run_id}"): "ui:viewer",
     ("GET", "/ui/runs/{run_id}/header"): "ui:viewer",
     ("GET", "/ui/runs/{run_id}/graph"): "ui:viewer",

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import Platform, platform_of, wait_until
+from tests.helpers import Platform, platform_of, wait_run, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "product_enrichment
 
 @pytest.fixture(scope="module")
 async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
-    async with platform_of(module_nats_url, module_database_url, runtime=False, agents=False, approvals=False,
+    async with platform_of(module_nats_url, module_database_url, agents=False,
                            gateway_settings={"auth_enabled": True, "auth_secret_key": SECRET_KEY,
                                              "bootstrap_admin_password": ADMIN_PASSWORD}) as p:
         yield p
@@ -179,3 +179,34 @@ async def test_auth_disabled_shows_the_red_banner(nats_url: str, database_url: s
             assert "Authentication is disabled" in r.text
         login = await c.get("/ui/login")
         assert "no sign-in is needed" in login.text
+
+
+async def test_selected_runs_are_canceled_then_deleted_in_bulk(platform: Platform) -> None:
+    document = json.loads(EXAMPLE.read_text())
+    document["procedure_id"] = pid = f"bulk-{uuid.uuid4().hex[:8]}"
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        csrf = {"X-CSRF-Token": c.cookies["langorch_csrf"]}
+        assert (await c.post("/api/procedures", json={"ckp_json": document}, headers=csrf)).status_code == 201
+        run_ids = []
+        for _ in range(2):  # each pauses at the approval gate
+            r = await c.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
+                                                "input_vars": {"product_id": 1}}, headers=csrf)
+            assert r.status_code == 201, r.text
+            run_ids.append(r.json()["run_id"])
+        listing = f"/ui/runs?procedure_id={pid}"
+        page = await c.get(listing)
+        assert all(f'name="run_id" value="{run_id}"' in page.text for run_id in run_ids)
+        async def bulk(action: str) -> str:
+            r = await c.post(listing, data={"run_id": run_ids, "action": action,
+                                              "csrf_token": csrf_of(page.text)})
+            assert r.status_code == 200, r.text[:1000]
+            found = re.search(r'data-testid="bulk-outcomes">\s*<p>([^<]+)</p>', r.text)
+            assert found, r.text[:3000]
+            return found.group(1)
+
+        assert await bulk("delete") == "Deleted 0 of 2 selected runs."  # not ended yet: each refused, reported
+        assert await bulk("cancel") == "Canceled 2 of 2 selected runs."
+        for run_id in run_ids:  # a running run is canceling first (202), then canceled
+            await wait_run(c, run_id, lambda run: run.get("status") == "canceled", timeout=60)
+        assert await bulk("delete") == "Deleted 2 of 2 selected runs."
+        assert "No run matches these filters." in (await c.get(listing)).text

@@ -38,6 +38,7 @@ RUNS_PAGE = 50
 EVENTS_PAGE = 500  # the API's largest page: the timeline reads a long run in few requests
 APPROVAL_STATUSES = ("pending", "approved", "rejected", "decided", "timed_out", "escalated", "canceled")
 MAX_IMPORT_BYTES = 10 * 1024 * 1024  # as the API's import limit
+MAX_BULK = 200  # runs one bulk action handles: a page of the largest size
 
 
 def _see_other(url: str) -> RedirectResponse:
@@ -142,31 +143,60 @@ def _date_bound(value: str) -> str:
 @router.get("/ui/runs")
 async def runs_page(request: Request) -> Response:
     """The run list, filtered and paged by the server; the URL holds the whole view."""
-    query = request.query_params
 
     async def build(ui: Console) -> Response:
-        statuses = [s for s in query.getlist("status") if s]
-        triggers = [t for t in query.getlist("trigger_type") if t]
-        filters = {name: query.get(name, "").strip() for name in RUN_FILTERS}
-        limit = _int(query.get("limit"), RUNS_PAGE)
-        offset = _int(query.get("offset"), 0)
-        params: dict[str, Any] = {name: value for name, value in filters.items() if value}
-        for bound in ("created_from", "created_to"):
-            if bound in params:
-                params[bound] = _date_bound(params[bound])
-        params |= {"status": ",".join(statuses) or None, "trigger_type": ",".join(triggers) or None,
-                   "limit": limit, "offset": offset}
-        answer = await ui.api.get("/api/runs", params={k: v for k, v in params.items() if v not in (None, "")})
-        listing, errors = (answer.json(), {}) if answer.status_code == 200 else (None, form_errors(
-            problem_of(answer)))
-        if answer.status_code not in (200, 422):
-            return ui.render("error.html", answer.status_code, problem=problem_of(answer))
-        return ui.render("runs.html", answer.status_code, listing=listing, errors=errors, statuses=statuses,
-                         triggers=triggers, filters=filters, limit=limit, offset=offset, all_statuses=RUN_STATUSES,
-                         all_triggers=TRIGGER_TYPES, page_sizes=PAGE_SIZES, pages=_pager(request, listing),
-                         title="Runs")
+        return await _runs(ui)
 
     return await page(request, build)
+
+
+async def _runs(ui: Console, **done: Any) -> Response:
+    query = ui.request.query_params
+    statuses = [s for s in query.getlist("status") if s]
+    triggers = [t for t in query.getlist("trigger_type") if t]
+    filters = {name: query.get(name, "").strip() for name in RUN_FILTERS}
+    limit = _int(query.get("limit"), RUNS_PAGE)
+    offset = _int(query.get("offset"), 0)
+    params: dict[str, Any] = {name: value for name, value in filters.items() if value}
+    for bound in ("created_from", "created_to"):
+        if bound in params:
+            params[bound] = _date_bound(params[bound])
+    params |= {"status": ",".join(statuses) or None, "trigger_type": ",".join(triggers) or None,
+               "limit": limit, "offset": offset}
+    answer = await ui.api.get("/api/runs", params={k: v for k, v in params.items() if v not in (None, "")})
+    if answer.status_code not in (200, 422):
+        return ui.render("error.html", answer.status_code, problem=problem_of(answer))
+    listing, errors = (answer.json(), {}) if answer.status_code == 200 else (None, form_errors(problem_of(answer)))
+    return ui.render("runs.html", answer.status_code, listing=listing, errors=errors, statuses=statuses,
+                     triggers=triggers, filters=filters, limit=limit, offset=offset, all_statuses=RUN_STATUSES,
+                     all_triggers=TRIGGER_TYPES, page_sizes=PAGE_SIZES, pages=_pager(ui.request, listing),
+                     title="Runs", **done)
+
+
+@router.post("/ui/runs")
+async def bulk_runs(request: Request) -> Response:
+    """Cancel or delete the selected runs, one API call each; the list comes back (same filters, from the form's
+    address) with what happened to each."""
+    form = await request.form()
+    chosen = [str(v) for v in form.getlist("run_id")][:MAX_BULK]
+    action = str(form.get("action") or "")
+    csrf = str(form.get("csrf_token") or "")
+
+    async def build(ui: Console) -> Response:
+        if action not in ("cancel", "delete"):
+            return ui.render("error.html", 422, problem={"status": 422, "title": "Unknown action",
+                                                         "detail": "choose cancel or delete"})
+        outcomes = []
+        for run_id in chosen:
+            path = f"/api/runs/{path_id(run_id)}"
+            answer = await (ui.send("DELETE", path, csrf=csrf) if action == "delete"
+                            else ui.send("POST", f"{path}/cancel", {}, csrf=csrf))
+            pending = answer.status_code == 202 and answer.json().get("status") == "pending"  # no outcome yet
+            outcomes.append({"run_id": run_id, "ok": answer.status_code < 400, "pending": pending,
+                             "detail": None if answer.status_code < 400 else problem_of(answer).get("detail")})
+        return await _runs(ui, bulk_action=action, outcomes=outcomes)
+
+    return await page(request, build, needs="operator")
 
 
 def _int(raw: str | None, default: int) -> int:
