@@ -218,7 +218,7 @@ async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str
     await no_serious_violations(inbox, "approvals")
     await card.get_by_label("Comment (optional)").fill("looks right")
     await card.get_by_role("button", name="Approve").click()
-    await expect(inbox.get_by_role("status")).to_have_text("Decision recorded.")
+    await expect(inbox.get_by_text("Decision recorded.")).to_be_visible()
     bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
 
     async def status() -> str:
@@ -303,6 +303,30 @@ async def test_input_is_provided_on_the_approval_page(platform: Platform, browse
     await expect(page.get_by_test_id("approval-decision")).to_contain_text("approved by user:admin")
     await expect(page.get_by_text('"sku": "A-1"')).to_be_visible()
     await no_serious_violations(page, "approval")
+    await page.context.close()
+
+
+async def test_the_inbox_is_live(platform: Platform, browser: Browser) -> None:
+    """An approval requested while the inbox is open appears in it, and leaves it when decided elsewhere."""
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    pid = f"live-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": asking_for_input(pid)}, headers=bearer)
+    assert r.status_code == 201, r.text
+    page = await new_page(browser, platform.base_url)
+    await sign_in(page, "admin", ADMIN_PASSWORD, start="/ui/approvals")
+    await expect(page.get_by_role("heading", name="Approvals")).to_be_visible()
+    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0"},
+                                   headers=bearer)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
+    card = page.locator("li.card", has=page.locator(f'a[href="/ui/runs/{run_id}"]'))
+    await expect(card).to_be_visible()  # no reload: the approvals stream said so
+    approval_id = (await card.get_attribute("id") or "").removeprefix("approval-")
+    r = await platform.client.post(f"/api/approvals/{approval_id}/decision",
+                                   json={"decision": "approved", "payload": {"sku": "B-2"}}, headers=bearer)
+    assert r.status_code == 200, r.text
+    await expect(card).to_have_count(0)
+    await no_serious_violations(page)
     await page.context.close()
 
 

@@ -19,6 +19,7 @@ from fastapi.responses import RedirectResponse, Response
 from ckp_core import runs
 from langorch_gateway.ui import forms, graph, textdiff
 from langorch_gateway.ui.console import (
+    ApiFailure,
     Console,
     api_client,
     form_errors,
@@ -460,10 +461,16 @@ async def _approvals(ui: Console, status_code: int = 200, **decided: Any) -> Res
     query = ui.request.query_params
     status = query.get("status", "pending")
     limit, offset = _int(query.get("limit"), RUNS_PAGE), _int(query.get("offset"), 0)
-    listing = await ui.get("/api/approvals", {"status": status or None, "limit": limit, "offset": offset,
-                                              "sort": "created_at", "order": "asc" if status == "pending" else "desc"})
+    params = {"status": status or None, "limit": limit, "offset": offset, "sort": "created_at",
+              "order": "asc" if status == "pending" else "desc"}
+    answer = await ui.api.get("/api/approvals", params={k: v for k, v in params.items() if v is not None})
+    if answer.status_code != 200:
+        raise ApiFailure(answer)
+    listing = answer.json()
+    # the live inbox follows the approvals stream from the position this list was read at: nothing missed between
     return ui.render("approvals.html", status_code, listing=listing, status=status, statuses=APPROVAL_STATUSES,
-                     pages=_pager(ui.request, listing), title="Approvals", **decided)
+                     pages=_pager(ui.request, listing), position=answer.headers.get("X-LangOrch-Position", ""),
+                     title="Approvals", **decided)
 
 
 @router.get("/ui/approvals/{approval_id}")

@@ -58,12 +58,33 @@
     list.dataset.lastSeq = String(e.seq);
     list.dataset.after = String(e.stream_seq);
   });
-  // The header and the graph are re-read as events arrive: from projections at least as new as the last event
-  // shown.
+  // What a stream said is re-read from projections at least as new as it: the run page's header and graph
+  // follow its timeline, a live list the last update it was told about.
+  document.addEventListener("htmx:sseMessage", function (evt) {
+    if (evt.detail && evt.detail.lastEventId && evt.target.dataset) {
+      evt.target.dataset.position = evt.detail.lastEventId;
+    }
+  });
   document.addEventListener("htmx:configRequest", function (evt) {
     var list = timeline();
-    if (list && evt.target.hasAttribute("data-follows-timeline") && Number(list.dataset.after || "0") > 0) {
-      evt.detail.headers["X-LangOrch-Min-Position"] = list.dataset.after;
+    var position = evt.target.dataset ? evt.target.dataset.position : "";
+    if (list && evt.target.hasAttribute("data-follows-timeline")) { position = list.dataset.after; }
+    if (Number(position || "0") > 0) {
+      evt.detail.headers["X-LangOrch-Min-Position"] = position;
+    }
+  });
+
+  // A live list is not replaced under someone typing in it: they are told it changed instead.
+  document.addEventListener("htmx:beforeRequest", function (evt) {
+    var live = evt.target;
+    if (!live.hasAttribute || !live.hasAttribute("data-live-list")) { return; }
+    var busy = Array.prototype.some.call(live.querySelectorAll("input, textarea, select"), function (field) {
+      return field === document.activeElement || (field.type !== "hidden" && field.value);
+    });
+    if (busy) {
+      evt.preventDefault();
+      var state = document.getElementById("inbox-state");
+      if (state) { state.textContent = "The inbox has changed: reload the page to see it."; }
     }
   });
   document.addEventListener("htmx:sseOpen", function () { say("Live: new events appear as they happen."); });
