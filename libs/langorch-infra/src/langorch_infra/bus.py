@@ -139,12 +139,17 @@ async def fetch(sub: Any, batch: int, timeout_s: float) -> list[Msg]:
 
 
 async def consume(sub: Any, handler: Callable[[Msg], Awaitable[Settle]], metrics: BusMetrics | None, *,
-                  batch: int = 10, fetch_timeout_s: float = 5.0) -> None:
+                  batch: int = 10, fetch_timeout_s: float = 5.0, concurrently: bool = False) -> None:
     """Fetch from the pull subscription ``sub`` forever, handling its messages one at a time, in order (for a
-    consumer not on FastStream); a fetch's transient errors do not end it."""
+    consumer not on FastStream), or, ``concurrently``, a fetched batch all at once (for messages about independent
+    aggregates, whose order does not matter); a fetch's transient errors do not end it."""
     while True:
         stop_if_cancelled()
-        for msg in await fetch(sub, batch, fetch_timeout_s):
+        msgs = await fetch(sub, batch, fetch_timeout_s)
+        if concurrently and len(msgs) > 1:
+            await asyncio.gather(*(handle_one(msg, handler, metrics) for msg in msgs))
+            continue
+        for msg in msgs:
             await handle_one(msg, handler, metrics)
 
 

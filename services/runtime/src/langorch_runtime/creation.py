@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,13 +39,13 @@ from ckp_core.errors import CommandRefused, ConcurrencyError, InvalidInputVars
 from ckp_core.events import RunCreated, format_time
 from ckp_core.eventstore import EventStore, StoredEvent
 from ckp_core.ir import ProcedureIR
-from ckp_core.procedure_lifecycle import VersionState, fold
+from ckp_core.procedure_lifecycle import ProcedureState, VersionState, evolve
 from ckp_core.redaction import Redactor
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, PROCEDURES_BUCKET, command_subject, procedure_key
 from ckp_core.variables import validate_inputs
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
-from langorch_infra.handling import AuditSink, CommandHandler, Handled
+from langorch_infra.handling import AggregateCache, AuditSink, CommandHandler, Handled
 from langorch_infra.hosting import bus_checks
 from langorch_infra.jetstream import (
     JetStreamEventStore,
@@ -154,6 +155,10 @@ def start_meta(created: Mapping[str, Any]) -> dict[str, Any]:
             "input_vars": created.get("input_vars") or {}, "trigger_type": created.get("trigger_type")}
 
 
+PROCEDURES_CACHED = 256
+"""Procedures (and version IRs) whose state a runtime replica keeps for its creations."""
+
+
 class RunCreator:
     """Decides creations with the command handler and starts the runs it creates."""
 
@@ -163,18 +168,36 @@ class RunCreator:
         self.js = js
         self.procedures = procedures
         self.handler: CommandHandler[runs.RunState] = CommandHandler(store, "run", fold_run, audit=audit)
+        # every creation looks its version up: the procedure aggregate is read only from where the last look left
+        # it (one head look-up when nothing changed), and an IR is parsed once per stored revision
+        self.procedure_states: AggregateCache[ProcedureState] = AggregateCache(
+            ProcedureState, lambda state, stored: evolve(state, stored.envelope, stored.position),
+            max_aggregates=PROCEDURES_CACHED)
+        self.irs: OrderedDict[str, tuple[int, ProcedureIR]] = OrderedDict()
 
     async def version(self, procedure_id: str, version: str) -> VersionState | None:
         """The version as the procedure aggregate has it now (None: never imported, or deleted)."""
-        events = await self.store.read("procedure", procedure_id)
-        return fold(procedure_id, ((e.envelope, e.position) for e in events)).versions.get(version)
+        loaded = await self.procedure_states.load(self.store, "procedure", procedure_id)
+        return loaded.state.versions.get(version)
 
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
+        """The version's IR as stored now (a draft's is replaced when its document is), parsed once per revision
+        of its key; the creation only reads it."""
+        key = procedure_key(procedure_id, version)
         try:
-            entry = await self.procedures.get(procedure_key(procedure_id, version))
+            entry = await self.procedures.get(key)
         except (KeyNotFoundError, NotFoundError):
             return None
-        return ProcedureIR.model_validate_json(entry.value or b"{}")
+        revision = int(entry.revision or 0)
+        cached = self.irs.get(key)
+        if cached is not None and cached[0] == revision:
+            self.irs.move_to_end(key)
+            return cached[1]
+        ir = ProcedureIR.model_validate_json(entry.value or b"{}")
+        self.irs[key] = (revision, ir)
+        while len(self.irs) > PROCEDURES_CACHED:
+            self.irs.popitem(last=False)
+        return ir
 
     async def create(self, command: CreateRun, *, delivery: int = 1, ir: ProcedureIR | None = None,
                      start_msg_id: str | None = None, effective_gate: bool = True) -> Handled[runs.RunState]:
@@ -236,7 +259,7 @@ class RunCreation:
         self.sub = await self.js.pull_subscribe_bind(CREATE_CONSUMER, stream=COMMAND_STREAM)
 
     async def run(self) -> None:
-        await consume(self.sub, self._handle, self.bus)
+        await consume(self.sub, self._handle, self.bus, concurrently=True)  # creations of different runs
 
     async def stop(self) -> None:
         if self.nc is not None:
