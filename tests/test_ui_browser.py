@@ -245,6 +245,15 @@ async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str
     assert len(seqs) == events["total"], (seqs, events["total"])  # the page showed them all
     await no_serious_violations(page, "run-completed")
 
+    # the run's other views, each a link of its own
+    for tab, expected in (("Checkpoints", "input"), ("Diagnostics", "run_completed"),
+                          ("Child runs", "This run started no child runs."),
+                          ("Artifacts", "This run has no artifacts.")):
+        await page.get_by_role("navigation", name="Run views").get_by_role("link", name=tab).click()
+        await expect(page.get_by_role("link", name=tab)).to_have_attribute("aria-current", "page")
+        await expect(page.locator("main")).to_contain_text(expected)
+        await no_serious_violations(page, f"run-{tab.lower().replace(' ', '-')}")
+
     # the lists and the dashboard link to it
     await page.goto(f"/ui/runs?procedure_id={pid}&status=completed")
     await expect(page.get_by_test_id("runs-table")).to_contain_text(run_id)

@@ -274,6 +274,25 @@ async def run_graph(request: Request, run_id: str) -> Response:
     return await page(request, build)
 
 
+RUN_TABS = ("artifacts", "checkpoints", "children", "diagnostics")
+
+
+@router.get("/ui/runs/{run_id}/{tab}")
+async def run_tab(request: Request, run_id: str, tab: str) -> Response:
+    """A run's artifacts, checkpoints, child runs or diagnostics, under the run's summary (each a stable link)."""
+
+    async def build(ui: Console) -> Response:
+        if tab not in RUN_TABS:
+            return ui.render("error.html", 404, problem={"status": 404, "code": "not_found", "title": "Not found",
+                                                         "detail": f"a run page has no tab '{tab}'"})
+        view = await _run_view(ui, run_id)
+        path = f"/api/runs/{path_id(run_id)}/{tab}"
+        data = await ui.get(path) if tab == "diagnostics" else await ui.get(path, {"limit": 200})
+        return ui.render("run_tab.html", **view, tab=tab, data=data, title=f"Run {run_id}: {tab}")
+
+    return await page(request, build)
+
+
 @router.post("/ui/runs/{run_id}/{action}")
 async def run_action(request: Request, run_id: str, action: str) -> Response:
     """Cancel, retry or delete a run (the API decides whether the caller may and whether the run's status
