@@ -180,6 +180,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/procedures/{procedure_id}/{version}"): "ui:viewer",
     ("POST", "/ui/procedures/{procedure_id}/{version}/runs"): "ui:operator",
     ("GET", "/ui/approvals"): "ui:viewer",
+    ("GET", "/ui/agents"): "ui:viewer",
+    ("GET", "/ui/leases"): "ui:viewer",
+    ("GET", "/ui/projects"): "ui:viewer",
+    ("GET", "/ui/audit"): "ui:viewer",
     ("GET", "/ui/approvals/{approval_id}"): "ui:viewer",
     ("POST", "/ui/approvals/{approval_id}/decision"): "ui:approver",
 }

@@ -210,3 +210,20 @@ async def test_selected_runs_are_canceled_then_deleted_in_bulk(platform: Platfor
             await wait_run(c, run_id, lambda run: run.get("status") == "canceled", timeout=60)
         assert await bulk("delete") == "Deleted 2 of 2 selected runs."
         assert "No run matches these filters." in (await c.get(listing)).text
+
+
+async def test_the_read_only_lists_filter_from_the_url(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        for path in ("/ui/agents", "/ui/leases", "/ui/projects", "/ui/audit"):
+            r = await c.get(path)
+            assert r.status_code == 200, (path, r.text[:500])
+            assert 'data-testid="listing"' in r.text
+        r = await c.get("/ui/audit", params={"category": "auth", "outcome": "accepted"})
+        assert r.status_code == 200
+        assert '<option value="accepted" selected>' in r.text
+        assert "<td>login</td>" in r.text  # this client's own sign-in
+        r = await c.get("/ui/audit", params={"since": "someday"})
+        assert r.status_code == 422
+        assert "query.since" in r.text
+        r = await c.get("/ui/agents", params={"status": "nonsense"})
+        assert r.status_code == 422

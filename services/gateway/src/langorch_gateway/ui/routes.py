@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from ckp_core import runs
-from langorch_gateway.ui import forms, graph, textdiff
+from langorch_gateway.ui import catalogue, forms, graph, textdiff
 from langorch_gateway.ui.console import (
     ApiFailure,
     Console,
@@ -461,6 +461,37 @@ async def start_run(request: Request, procedure_id: str, version: str) -> Respon
                                    run_problem=problem, submitted=form)
 
     return await page(request, build, needs="operator")
+
+
+# -- read-only lists (agents, leases, projects, audit) -----------------------------------------------------------
+
+
+def _listing_route(listing: catalogue.Listing) -> None:
+    async def list_page(request: Request) -> Response:
+        async def build(ui: Console) -> Response:
+            query = request.query_params
+            values = {f.name: query.get(f.name, "").strip() for f in listing.filters}
+            limit, offset = _int(query.get("limit"), RUNS_PAGE), _int(query.get("offset"), 0)
+            params: dict[str, Any] = {"limit": limit, "offset": offset}
+            for f in listing.filters:
+                if values[f.name]:
+                    params[f.name] = _date_bound(values[f.name]) if f.date else values[f.name]
+            answer = await ui.api.get(listing.api, params=params)
+            if answer.status_code not in (200, 422):
+                raise ApiFailure(answer)
+            found = answer.json() if answer.status_code == 200 else None
+            return ui.render("listing.html", answer.status_code, listing=listing, found=found, values=values,
+                             errors={} if found else form_errors(problem_of(answer)), pages=_pager(request, found),
+                             title=listing.title)
+
+        return await page(request, build)
+
+    list_page.__doc__ = f"{listing.title}: ``GET {listing.api}`` as a table, filtered and paged from the URL."
+    router.add_api_route(listing.path, list_page, methods=["GET"], name=listing.path)
+
+
+for _listing in catalogue.LISTINGS:
+    _listing_route(_listing)
 
 
 # -- approvals ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""The console's read-only list pages (agents, leases, projects, audit): each is one API list shown as a table,
+its filters and page in the URL. Described here as data, rendered by one template (``listing.html``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    label: str
+    key: str
+    kind: str = "text"  # text, code, when, status, run (a link to the run page)
+
+
+@dataclass(frozen=True)
+class Filter:
+    name: str  # the query parameter, the same in the console's URL and the API's
+    label: str
+    choices: tuple[str, ...] = ()  # a select with these values; else a text box
+    date: bool = False  # a date box, sent to the API as midnight UTC
+
+
+@dataclass(frozen=True)
+class Listing:
+    path: str
+    api: str
+    title: str
+    columns: tuple[Column, ...]
+    filters: tuple[Filter, ...]
+    empty: str
+    intro: str = ""
+
+
+LISTINGS = (
+    Listing("/ui/agents", "/api/agents", "Agents", (
+        Column("Agent", "agent_id", "code"), Column("Name", "name"), Column("Channel", "channel"),
+        Column("Protocol", "protocol"), Column("Status", "status", "status"), Column("Pool", "pool_id"),
+        Column("Slots", "concurrency_limit"), Column("In use", "active_leases"),
+        Column("Circuit", "circuit_state", "status"), Column("Last heartbeat", "last_heartbeat_at", "when")),
+        (Filter("channel", "Channel"), Filter("status", "Status", ("online", "offline", "draining")),
+         Filter("pool_id", "Pool"), Filter("capability", "Capability")),
+        "No agent matches.", "Agents registered with LangOrch, with their live load and circuit state."),
+    Listing("/ui/leases", "/api/leases", "Leases", (
+        Column("Lease", "lease_id", "code"), Column("Resource", "resource_key"), Column("Slot", "slot"),
+        Column("Agent", "agent_id"), Column("Run", "run_id", "run"), Column("Node", "node_id"),
+        Column("Step", "step_id"), Column("Acquired", "acquired_at", "when"), Column("Expires", "expires_at", "when")),
+        (Filter("resource_key", "Resource"), Filter("agent_id", "Agent"), Filter("run_id", "Run id")),
+        "No lease is held.", "Concurrency slots held right now by steps of running runs."),
+    Listing("/ui/projects", "/api/projects", "Projects", (
+        Column("Project", "project_id", "code"), Column("Name", "name"), Column("Description", "description"),
+        Column("Procedures", "procedure_count"), Column("Active runs", "active_run_count"),
+        Column("Created", "created_at", "when")),
+        (Filter("search", "Search"),),
+        "No project matches."),
+    Listing("/ui/audit", "/api/audit", "Audit log", (
+        Column("Time", "ts", "when"), Column("Category", "category"), Column("Action", "action"),
+        Column("Outcome", "outcome", "status"), Column("Actor", "actor"), Column("Resource", "resource_type"),
+        Column("Resource id", "resource_id", "code"), Column("Description", "description")),
+        (Filter("category", "Category"), Filter("action", "Action"), Filter("actor", "Actor"),
+         Filter("outcome", "Outcome", ("accepted", "rejected")), Filter("resource_type", "Resource type"),
+         Filter("resource_id", "Resource id"), Filter("search", "Description contains"),
+         Filter("since", "From", date=True), Filter("until", "Before", date=True)),
+        "No audit record matches.", "Every command, accepted or rejected, and every sign-in, newest first."),
+)
