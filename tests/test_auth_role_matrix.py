@@ -183,6 +183,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/agents"): "ui:viewer",
     ("GET", "/ui/leases"): "ui:viewer",
     ("GET", "/ui/projects"): "ui:viewer",
+    ("GET", "/ui/triggers"): "ui:viewer",
     ("GET", "/ui/audit"): "ui:viewer",
     ("GET", "/ui/approvals/{approval_id}"): "ui:viewer",
     ("POST", "/ui/approvals/{approval_id}/decision"): "ui:approver",

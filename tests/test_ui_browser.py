@@ -394,7 +394,8 @@ async def test_actions_are_offered_by_role(platform: Platform, browser: Browser,
     page = await new_page(browser, platform.base_url)
     await sign_in(page, name, password)
     for path in ("/ui/", "/ui/runs", "/ui/procedures", f"/ui/procedures/{pid}/1.0.0", f"/ui/runs/{run_id}",
-                 "/ui/approvals", "/ui/agents", "/ui/leases", "/ui/projects", "/ui/audit?category=auth"):
+                 "/ui/approvals", "/ui/agents", "/ui/leases", "/ui/projects", "/ui/triggers",
+                 "/ui/audit?category=auth"):
         await page.goto(path)
         await expect(page.get_by_role("heading", level=1)).to_be_visible()
         posts = await page.locator("form[method=post]").evaluate_all("forms => forms.map(f => f.action)")

@@ -214,7 +214,7 @@ async def test_selected_runs_are_canceled_then_deleted_in_bulk(platform: Platfor
 
 async def test_the_read_only_lists_filter_from_the_url(platform: Platform) -> None:
     async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
-        for path in ("/ui/agents", "/ui/leases", "/ui/projects", "/ui/audit"):
+        for path in ("/ui/agents", "/ui/leases", "/ui/projects", "/ui/triggers", "/ui/audit"):
             r = await c.get(path)
             assert r.status_code == 200, (path, r.text[:500])
             assert 'data-testid="listing"' in r.text

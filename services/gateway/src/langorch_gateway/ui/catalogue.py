@@ -1,5 +1,5 @@
-"""The console's read-only list pages (agents, leases, projects, audit): each is one API list shown as a table,
-its filters and page in the URL. Described here as data, rendered by one template (``listing.html``)."""
+"""The console's read-only list pages (agents, leases, projects, triggers, audit): each is one API list shown as a
+table, its filters and page in the URL. Described here as data, rendered by one template (``listing.html``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Column:
     label: str
     key: str
-    kind: str = "text"  # text, code, when, status, run (a link to the run page)
+    kind: str = "text"  # text, code, when, status, yes_no, run (a link to the run page)
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,18 @@ LISTINGS = (
         Column("Created", "created_at", "when")),
         (Filter("search", "Search"),),
         "No project matches."),
+    Listing("/ui/triggers", "/api/triggers", "Triggers", (
+        Column("Procedure", "procedure_id", "code"), Column("Version", "version"),
+        Column("Type", "trigger_type"), Column("Schedule", "schedule", "code"), Column("Source", "event_source"),
+        Column("Enabled", "enabled", "yes_no"), Column("Dormant", "dormant", "yes_no"),
+        Column("Next fire", "next_fire_at", "when"), Column("Last fired", "last_fired_at", "when"),
+        Column("Last run", "last_run_id", "run")),
+        (Filter("procedure_id", "Procedure id"),
+         Filter("trigger_type", "Type", ("scheduled", "webhook", "event", "file_watch")),
+         Filter("enabled", "Enabled", ("true", "false")), Filter("source", "Registered from", ("api", "ckp"))),
+        "No trigger registration matches.",
+        "Registrations that start runs by schedule, webhook, NATS event or file change. A dormant one belongs to a "
+        "version that is not active, so it does not fire by itself."),
     Listing("/ui/audit", "/api/audit", "Audit log", (
         Column("Time", "ts", "when"), Column("Category", "category"), Column("Action", "action"),
         Column("Outcome", "outcome", "status"), Column("Actor", "actor"), Column("Resource", "resource_type"),
