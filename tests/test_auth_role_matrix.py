@@ -185,6 +185,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/projects"): "ui:viewer",
     ("GET", "/ui/triggers"): "ui:viewer",
     ("GET", "/ui/audit"): "ui:viewer",
+    ("GET", "/ui/settings"): "ui:viewer",  # the admin parts only for admins
     ("GET", "/ui/approvals/{approval_id}"): "ui:viewer",
     ("POST", "/ui/approvals/{approval_id}/decision"): "ui:approver",
 }

@@ -265,6 +265,12 @@ async def journey(platform: Platform, page: Page, proxy: DroppingProxy, pid: str
     await page.goto(f"/ui/procedures/{pid}")
     await expect(page.get_by_role("link", name="1.0.0")).to_be_visible()
     await no_serious_violations(page, "procedure")
+    await page.goto("/ui/settings")
+    await expect(page.get_by_test_id("users")).to_contain_text("admin")
+    await no_serious_violations(page, "settings")
+    await page.goto("/ui/audit?category=auth")
+    await expect(page.get_by_test_id("listing")).to_contain_text("login")
+    await no_serious_violations(page, "audit")
     await page.context.close()
 
 
@@ -395,7 +401,7 @@ async def test_actions_are_offered_by_role(platform: Platform, browser: Browser,
     await sign_in(page, name, password)
     for path in ("/ui/", "/ui/runs", "/ui/procedures", f"/ui/procedures/{pid}/1.0.0", f"/ui/runs/{run_id}",
                  "/ui/approvals", "/ui/agents", "/ui/leases", "/ui/projects", "/ui/triggers",
-                 "/ui/audit?category=auth"):
+                 "/ui/audit?category=auth", "/ui/settings"):
         await page.goto(path)
         await expect(page.get_by_role("heading", level=1)).to_be_visible()
         posts = await page.locator("form[method=post]").evaluate_all("forms => forms.map(f => f.action)")

@@ -227,3 +227,21 @@ async def test_the_read_only_lists_filter_from_the_url(platform: Platform) -> No
         assert "query.since" in r.text
         r = await c.get("/ui/agents", params={"status": "nonsense"})
         assert r.status_code == 422
+
+
+async def test_settings_show_secrets_to_all_and_configuration_to_admins(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as admin:
+        page = await admin.get("/ui/settings")
+        assert page.status_code == 200
+        assert 'data-testid="users"' in page.text
+        assert 'data-testid="api-keys"' in page.text
+        assert "auth_secret_key" in page.text  # listed, its value never
+        assert SECRET_KEY not in page.text
+        assert ADMIN_PASSWORD not in page.text
+        name, password = await user(platform, admin, ["viewer"])
+    async with signed_in(platform, name, password) as viewer:
+        page = await viewer.get("/ui/settings")
+        assert page.status_code == 200
+        assert 'data-testid="secrets"' in page.text
+        assert 'data-testid="users"' not in page.text
+        assert "shown to administrators" in page.text

@@ -1,10 +1,11 @@
-"""The console's pages under ``/ui`` (api.md §17): sign-in, dashboard, runs, run, procedures, procedure and version
-(with the start-run form), and the approvals inbox.
+"""The console's pages under ``/ui`` (api.md §17): sign-in, dashboard, runs (with bulk cancel and delete), run (with
+its graph, timeline and other views), procedures (with import), procedure, version (with the start-run form and
+graph), version comparison, approvals inbox and approval, and the read-only lists of :mod:`.catalogue`.
 
 Pages are server-rendered; every read and every action goes through the public API (:mod:`.console`). A list's
 filters and paging live in the URL query, so a filtered list is a link one can share. Actions post plain forms
 back to the console, which sends them on to the API and answers with a redirect (success) or the page again with
-the API's problem (refusal) — the page works without JavaScript; htmx only keeps the run page live.
+the API's problem (refusal) — the pages work without JavaScript; htmx only keeps the run page and the inbox live.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ async def root() -> RedirectResponse:
 
 @router.get("/ui")
 async def ui_root() -> RedirectResponse:
+    """The dashboard lives at /ui/ (api.md §17); /ui leads there."""
     return _see_other("/ui/")
 
 
@@ -492,6 +494,25 @@ def _listing_route(listing: catalogue.Listing) -> None:
 
 for _listing in catalogue.LISTINGS:
     _listing_route(_listing)
+
+
+# -- settings -----------------------------------------------------------------------------------------------------
+
+
+@router.get("/ui/settings")
+async def settings_page(request: Request) -> Response:
+    """Secret metadata for everyone (never a value); for admins also the effective configuration of every service
+    replica (secret settings only as set or unset), users and API keys."""
+
+    async def build(ui: Console) -> Response:
+        secrets = await ui.get("/api/secrets", {"limit": 200})
+        admin: dict[str, Any] = {}
+        if ui.can("admin"):
+            admin = {"config": await ui.get("/api/config"), "users": await ui.get("/api/users", {"limit": 200}),
+                     "keys": await ui.get("/api/auth/api-keys", {"limit": 200, "revoked": "false"})}
+        return ui.render("settings.html", secrets=secrets, **admin, title="Settings")
+
+    return await page(request, build)
 
 
 # -- approvals ----------------------------------------------------------------------------------------------------
