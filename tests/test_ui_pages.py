@@ -78,6 +78,10 @@ async def test_anonymous_visitors_are_sent_to_sign_in_and_back(platform: Platfor
         assert r.status_code == 401
         assert "Wrong username or password." in r.text
         assert 'value="/ui/"' in r.text  # a next outside the console is never followed
+        r = await c.post("/ui/login", data={"username": "admin", "password": ADMIN_PASSWORD},
+                         headers={"Origin": "https://elsewhere.example"})
+        assert r.status_code == 403  # another site's form cannot sign a visitor in
+        assert "langorch_session" not in r.headers.get("set-cookie", "")
     async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
         r = await c.post("/ui/login", data={"username": "admin", "password": ADMIN_PASSWORD, "next": "/ui/runs"})
         assert (r.status_code, r.headers["location"]) == (303, "/ui/runs")

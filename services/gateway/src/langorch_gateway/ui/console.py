@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 import httpx
 from fastapi import Request
@@ -150,6 +150,14 @@ def login_redirect(request: Request) -> Response:
     if request.headers.get("hx-request"):
         return Response(status_code=204, headers={"HX-Redirect": target})
     return RedirectResponse(target, status_code=303)
+
+
+def cross_site(request: Request) -> bool:
+    """Whether a form post came from another site (its ``Origin`` is not this one). The sign-in form carries no
+    CSRF token yet — there is no session — so this keeps another site from signing a visitor in as someone else."""
+    origin = request.headers.get("origin")
+    # host and port only: behind a TLS-terminating proxy the gateway itself may see plain http
+    return origin is not None and urlsplit(origin).netloc != request.url.netloc
 
 
 def safe_next(target: str | None) -> str:

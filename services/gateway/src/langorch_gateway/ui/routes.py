@@ -23,6 +23,7 @@ from langorch_gateway.ui.console import (
     ApiFailure,
     Console,
     api_client,
+    cross_site,
     form_errors,
     page,
     path_id,
@@ -83,6 +84,8 @@ async def login(request: Request) -> Response:
     """Sign in through ``POST /api/auth/login`` with ``session: true`` and keep the cookies it sets."""
     form = await _form(request)
     target = safe_next(form.get("next"))
+    if cross_site(request):
+        return render(request, "login.html", 403, next=target, error="Sign in from this site's own page.")
     async with api_client(request) as api:
         answer = await api.post("/api/auth/login", json={"username": form.get("username", ""),
                                                          "password": form.get("password", ""), "session": True})
