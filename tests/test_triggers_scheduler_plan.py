@@ -86,13 +86,12 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[tuple[FireTrigger, str]]:
     return sent
 
 
-async def test_a_takeover_plans_ten_thousand_registrations_within_two_seconds(
+async def test_a_takeover_plans_ten_thousand_registrations_in_one_round(
         published: list[tuple[FireTrigger, str]]) -> None:
+    """How long that takes is measured by bench/triggers.py (scheduler_start), not asserted here."""
     clock = Clock(START)
     s = leading(registry_of(10_000, START - timedelta(hours=1)), clock)
-    started = time.perf_counter()
     await s.tick()
-    assert time.perf_counter() - started <= 2.0
     assert len(s.plans) == len(s.heap) == 10_000
     assert s.next_slot("plan_0@1") == START.replace(second=0) + timedelta(minutes=1)  # * * * * * in UTC
     # 0 * * * * in Asia/Kolkata (+05:30): the next local full hour, 07:00, is 01:30 UTC

@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from langorch.up import Up, UpOptions
+from langorch_infra.embedded import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +70,17 @@ def test_the_embedded_nats_moves_too(tmp_path: Path, taken_port: int) -> None:
     finally:
         for server in up.embedded:
             server.kill()
+
+
+def test_a_state_directory_too_deep_for_a_unix_socket_still_starts(tmp_path: Path) -> None:
+    """PostgreSQL refuses socket paths longer than 107 bytes; a deep state directory gets a short socket directory."""
+    deep = tmp_path.joinpath(*(["nested-directory-level"] * 5))
+    up = _up(deep, None)
+    servers = {"postgres": {"port": free_port()}}
+    pg = up._start_postgres(servers)
+    try:
+        assert len(str(pg.state_dir / "pgsock")) > 107 - len("/.s.PGSQL.65535")
+        with socket.create_connection(("127.0.0.1", pg.port), timeout=5):
+            pass
+    finally:
+        pg.stop("immediate")

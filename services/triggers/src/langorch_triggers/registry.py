@@ -92,7 +92,7 @@ class Registry:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # stopping: a follower's last error is moot
                 await task
         self._tasks = []
 
