@@ -48,7 +48,11 @@ class CommonSettings(BaseSettings):
     # a model-level error would otherwise quote every input, secrets included
     model_config = SettingsConfigDict(env_prefix="LANGORCH_", extra="ignore", hide_input_in_errors=True)
 
-    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server with JetStream enabled.")
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server with JetStream enabled; several "
+                          "seed servers of a cluster comma-separated (nats://a:4222,nats://b:4222).")
+    nats_replicas: int = Field(1, ge=1, le=5, description="Replicas of every LangOrch stream, KV bucket and object "
+                               "store (3 on a 3-node JetStream cluster); applied on creation and reconciled at "
+                               "start when it differs.")
     # NATS credentials (at most one kind) and TLS: passed to every NATS connection of the services and the CLI
     nats_user: str | None = Field(None, description="NATS user name (with nats_password).")
     nats_password: SecretStr | None = Field(None, description="Password of nats_user.")
