@@ -86,6 +86,11 @@ class CommonSettings(BaseSettings):
         description="PostgreSQL for projections and LangGraph checkpoints.",
     )
     instance_id: str | None = Field(None, description="Name of this replica in logs and events.")
+    log_format: Literal["json", "console"] | None = Field(None, description="Log lines as JSON objects or as "
+                                                          "console text (default: console for `langorch up` in "
+                                                          "a terminal, json otherwise).")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="Lowest level "
+                                                                                "logged (any case).")
     auth_secret_key: SecretStr = Field(SecretStr("langorch-development-secret-key"), description="Secret the "
                                        "keys of user tokens, credential grants and callback tokens are derived "
                                        "from (HKDF); runtime and gateway must share it. The default is a "
@@ -136,6 +141,12 @@ class CommonSettings(BaseSettings):
     azure_verify_challenge_resource: bool = Field(True, description="Check that the resource of Key Vault's "
                                                   "authentication challenge belongs to the vault's domain (turn "
                                                   "off only for a vault reached by IP address or a private name).")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        """``LANGORCH_LOG_LEVEL=DEBUG`` and ``LANGORCH_LOG_FORMAT=JSON`` are accepted."""
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("secret_providers", mode="before")
     @classmethod
