@@ -297,7 +297,7 @@ async def _create_first_user(username: str, email: str, full_name: str | None, r
     nc = await connect_nats(settings.nats_url, "langorch-users", settings=settings)
     try:
         js = nc.jetstream()
-        await ensure_topology(js, audit_retention_days=settings.audit_retention_days)
+        await ensure_topology(js, audit_retention_days=settings.audit_retention_days, replicas=settings.nats_replicas)
         if await users.last_user_position(js) > 0:
             raise CLIError("users exist already: --direct creates only the first one; create this one through the "
                            "API with an admin's credential (without --direct)")

@@ -16,6 +16,7 @@ from nats.js.api import (
     ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -27,6 +28,7 @@ from ckp_core.errors import ConcurrencyError
 from ckp_core.events import EventEnvelope
 from ckp_core.eventstore import AggregateHead, StoredEvent
 from ckp_core.subjects import (
+    ARTIFACTS_BUCKET,
     AUDIT_STREAM,
     COMMAND_STREAM,
     EVENT_STREAM,
@@ -43,7 +45,7 @@ from ckp_core.subjects import (
 )
 from langorch_infra import tracing
 from langorch_infra.bus import record_append_conflict
-from langorch_infra.nats_auth import connect_options
+from langorch_infra.nats_auth import connect_options, nats_servers
 
 if TYPE_CHECKING:
     from langorch_infra.settings import CommonSettings
@@ -67,9 +69,10 @@ BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET, LEASES_BUCKET, LOCKS_BUCKET, PRESENC
 
 
 async def connect(url: str, name: str, settings: CommonSettings | None = None) -> NATS:
-    """Connect to NATS, retrying the first connection for a few seconds; with ``settings``, as their NATS
-    credential and TLS settings say (:mod:`langorch_infra.nats_auth`)."""
-    return await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
+    """Connect to NATS, retrying the first connection for a few seconds; ``url`` may list several seed servers
+    (comma-separated); with ``settings``, as their NATS credential and TLS settings say
+    (:mod:`langorch_infra.nats_auth`)."""
+    return await nats.connect(nats_servers(url), name=name, connect_timeout=5, max_reconnect_attempts=-1,
                               reconnect_time_wait=0.5, **connect_options(settings))
 
 
@@ -80,32 +83,63 @@ def _with_retention(cfg: StreamConfig, audit_retention_days: int | None) -> Stre
     return replace(cfg, max_age=audit_retention_days * 86400.0)
 
 
-async def ensure_topology(js: JetStreamContext, *, audit_retention_days: int | None = None) -> None:
-    """Create the streams and KV buckets if missing (idempotent; safe from every replica).
+async def ensure_topology(js: JetStreamContext, *, audit_retention_days: int | None = None,
+                          replicas: int | None = None) -> None:
+    """Create the streams, KV buckets and the artifact object store if missing (idempotent; safe from every
+    replica).
 
     ``audit_retention_days`` sets ``LO_AUDIT``'s max age; a caller that passes none leaves an existing
-    ``LO_AUDIT`` as it is (and creates a missing one with the default 365 days).
+    ``LO_AUDIT`` as it is (and creates a missing one with the default 365 days). ``replicas``
+    (``LANGORCH_NATS_REPLICAS``) is the replica count everything is created with, and an existing stream, bucket or
+    store with another count is changed to it (the server moves the data); a caller that passes none creates at R1
+    and changes no count.
     """
     for default in STREAMS:
         cfg = _with_retention(default, audit_retention_days)
         try:
-            await js.stream_info(cfg.name or "")
-            if cfg.name == AUDIT_STREAM and audit_retention_days is None:
-                continue
-            await js.update_stream(cfg)
+            info = await js.stream_info(cfg.name or "")
         except NotFoundError:
             try:
-                await js.add_stream(cfg)
+                await js.add_stream(replace(cfg, num_replicas=replicas or 1))
             except BadRequestError:  # created concurrently by another replica
                 await js.stream_info(cfg.name or "")
+            continue
+        current = info.config.num_replicas or 1
+        target = replicas or current
+        if cfg.name == AUDIT_STREAM and audit_retention_days is None:
+            if target == current:
+                continue
+            cfg = info.config
+        if target != current:
+            log.info("stream %s: replicas %d -> %d", cfg.name, current, target)
+        await js.update_stream(replace(cfg, num_replicas=target))
     for bucket in BUCKETS:
-        try:
-            await js.key_value(bucket)
-        except NotFoundError:
+        if not await _reconcile_replicas(js, f"KV_{bucket}", replicas):
             try:
-                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE,
+                                                         replicas=replicas or 1))
             except BadRequestError:  # created concurrently by another replica
                 await js.key_value(bucket)
+    if not await _reconcile_replicas(js, f"OBJ_{ARTIFACTS_BUCKET}", replicas):
+        try:
+            await js.create_object_store(ARTIFACTS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE,
+                                                                             replicas=replicas or 1))
+        except BadRequestError:  # created concurrently by another replica
+            await js.object_store(ARTIFACTS_BUCKET)
+
+
+async def _reconcile_replicas(js: JetStreamContext, stream: str, replicas: int | None) -> bool:
+    """Bring the existing ``stream`` (a KV bucket's ``KV_<name>``, an object store's ``OBJ_<name>``) to
+    ``replicas``, keeping the rest of its configuration; False when it does not exist."""
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        return False
+    current = info.config.num_replicas or 1
+    if replicas is not None and current != replicas:
+        log.info("stream %s: replicas %d -> %d", stream, current, replicas)
+        await js.update_stream(replace(info.config, num_replicas=replicas))
+    return True
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> ConsumerInfo:
@@ -163,6 +197,7 @@ class JetStreamEventStore:
                 "Nats-Expected-Last-Subject-Sequence": str(expected),
                 "Nats-Expected-Last-Subject-Sequence-Subject": filt,
             }
+            tracing.event_headers(headers)  # the projection's span continues the trace of the append
             try:
                 ack = await self.js.publish(event_subject(ev.aggregate, ev.aggregate_id, ev.type),
                                             encode_envelope(ev), headers=headers)
@@ -234,12 +269,9 @@ async def publish_command(js: JetStreamContext, command: Command, *, msg_id: str
     """Publish a command on ``lo.cmd.<aggregate>.<verb>`` with ``Nats-Msg-Id`` (= command id by default) and the
     current trace context (``traceparent``/``tracestate``, api.md §1.3) when a span is current."""
     headers = {"Nats-Msg-Id": msg_id or command.command_id}
-    tracing.inject(headers)
-    ack = await js.publish(
-        command_subject(command.AGGREGATE, command.VERB),
-        command.model_dump_json().encode(),
-        headers=headers,
-    )
+    subject = command_subject(command.AGGREGATE, command.VERB)
+    with tracing.producer_span(subject, headers):
+        ack = await js.publish(subject, command.model_dump_json().encode(), headers=headers)
     return int(ack.seq)
 
 

@@ -51,7 +51,7 @@ from ckp_core.events import run as run_events
 from ckp_core.subjects import COMMAND_STREAM, EVENT_STREAM, EXTERNAL_STREAM, command_subject, subject_matches
 from langorch_infra import tracing
 from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, nak, settle, subject_template
-from langorch_infra.nats_auth import broker_security
+from langorch_infra.nats_auth import broker_security, nats_servers
 
 if TYPE_CHECKING:
     from langorch_infra.settings import CommonSettings
@@ -137,10 +137,11 @@ class _Settling(BaseMiddleware):
 
 
 def broker(url: str, name: str, metrics: BusMetrics | None, settings: CommonSettings | None = None) -> NatsBroker:
-    """A broker on ``url`` whose connection (``await broker.connect()``) is also the service's nats-py client for
-    event appends, KV and ordered replay; reconnects for ever, like :func:`langorch_infra.jetstream.connect`, and
-    authenticates as ``settings``' NATS credential and TLS settings say."""
-    return NatsBroker(url, name=name, security=broker_security(settings), connect_timeout=5,
+    """A broker on ``url`` (one or several comma-separated seed servers) whose connection (``await
+    broker.connect()``) is also the service's nats-py client for event appends, KV and ordered replay; reconnects
+    for ever, like :func:`langorch_infra.jetstream.connect`, and authenticates as ``settings``' NATS credential
+    and TLS settings say."""
+    return NatsBroker(nats_servers(url), name=name, security=broker_security(settings), connect_timeout=5,
                       max_reconnect_attempts=-1, reconnect_time_wait=cast(int, 0.5), ack_policy=AckPolicy.MANUAL,
                       error_cb=_connection_error,
                       middlewares=(BusSettlement(metrics),), logger=faststream_log,

@@ -48,6 +48,13 @@ def tls_context(settings: CommonSettings) -> ssl.SSLContext | None:
     return context
 
 
+def nats_servers(url: str) -> list[str]:
+    """The seed servers of a NATS URL setting: one URL, or several comma-separated (``nats://a:4222,nats://b:4222``,
+    the members of a cluster); nats-py and FastStream take the list and fail over between them. Each URL keeps its
+    own ``user:password@`` part."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 def connect_options(settings: CommonSettings | None) -> dict[str, Any]:
     """Keyword arguments for ``nats.connect`` (and ``NatsBroker``) carrying ``settings``' credential and TLS
     context; empty without settings or when none is configured. Raises :class:`NatsCredentialError` for a file

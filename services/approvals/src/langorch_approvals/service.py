@@ -98,7 +98,8 @@ class ApprovalsService:
     async def start(self) -> None:
         self.nc = await messaging.connect(self.broker)
         self.js: JetStreamContext = self.nc.jetstream()
-        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days,
+                              replicas=self.settings.nats_replicas)
         self.store: JetStreamEventStore = ObservedEventStore(
             self.js, lambda event: self.metrics.observe(event, self._requested_at))
         self.audit = AuditWriter(self.js)

@@ -79,7 +79,8 @@ class CompilerService:
     async def start(self) -> None:
         self.nc = await messaging.connect(self.broker)
         self.js = self.nc.jetstream()
-        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days,
+                              replicas=self.settings.nats_replicas)
         self.store = JetStreamEventStore(self.js)
         self.audit = AuditWriter(self.js)
         self.kv = await self.js.key_value(PROCEDURES_BUCKET)

@@ -120,7 +120,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         users.check_startup(settings)  # auth on with a weak key, or off on a non-loopback bind: refuse to start
         nc = await connect(settings.nats_url, "langorch-gateway", settings)
         js = nc.jetstream()
-        await ensure_topology(js, audit_retention_days=settings.audit_retention_days)
+        await ensure_topology(js, audit_retention_days=settings.audit_retention_days, replicas=settings.nats_replicas)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
         assert pool is not None
         await ensure_schema(pool)

@@ -165,7 +165,8 @@ class AgentService:
     async def start(self) -> None:
         self.nc = await messaging.connect(self.broker)
         self.js: JetStreamContext = self.nc.jetstream()
-        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days,
+                              replicas=self.settings.nats_replicas)
         self.store = JetStreamEventStore(self.js)
         self.audit = AuditWriter(self.js)
         self.presence = await self.js.key_value(PRESENCE_BUCKET)

@@ -247,7 +247,8 @@ class RunCreation:
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-create-{self.instance}", self.settings)
         self.js = self.nc.jetstream()
-        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days,
+                              replicas=self.settings.nats_replicas)
         store = JetStreamEventStore(self.js)
         self.creator = RunCreator(store, self.js, await self.js.key_value(PROCEDURES_BUCKET), AuditWriter(self.js))
         # a ``runtime`` consumer of an older version takes lo.cmd.run.>: narrowed first (LO_CMD is a work queue,

@@ -248,7 +248,8 @@ class RuntimeQueries:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-queries-{self.instance}",
                                 self.settings)
         self._js = self.nc.jetstream()
-        await ensure_topology(self._js, audit_retention_days=self.settings.audit_retention_days)
+        await ensure_topology(self._js, audit_retention_days=self.settings.audit_retention_days,
+                              replicas=self.settings.nats_replicas)
         self.presence: KeyValue = await self._js.key_value(PRESENCE_BUCKET)
         self.service = await add_service(self.nc, name=RUNTIME_QUERY_SERVICE, version=VERSION,
                                          queue_group=RUNTIME_QUERY_GROUP,

@@ -103,7 +103,8 @@ class TriggersService:
     async def start(self) -> None:
         self.nc = await messaging.connect(self.broker)
         self.js: JetStreamContext = self.nc.jetstream()
-        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days)
+        await ensure_topology(self.js, audit_retention_days=self.settings.audit_retention_days,
+                              replicas=self.settings.nats_replicas)
         self.store: JetStreamEventStore = ObservedEventStore(self.js, self.metrics.observe)
         self.audit = AuditWriter(self.js)
         self.locks: KeyValue = await self.js.key_value(LOCKS_BUCKET)
