@@ -1,0 +1,129 @@
+"""A version's Trigger tab in the console over HTTP (no browser), on the real stack with auth and the triggers
+service: register a webhook (the API's per-field errors first), disable and enable it, fire it from the inputs
+form, receive one signed delivery, and see both fires with their runs; a stale form is refused (412); a viewer
+sees the registration and no action. The browser journey is in tests/test_ui_browser.py."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from ckp_core.webhook_signing import signature_headers
+from tests.helpers import Platform, platform_of, procedure_doc, wait_until
+from tests.test_ui_pages import ADMIN_PASSWORD, SECRET_KEY, csrf_of, signed_in, user
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
+    async with platform_of(module_nats_url, module_database_url, agents=False, approvals=False, triggers=True,
+                           gateway_settings={"auth_enabled": True, "auth_secret_key": SECRET_KEY,
+                                             "bootstrap_admin_password": ADMIN_PASSWORD}) as p:
+        yield p
+
+
+async def active_version(c: httpx.AsyncClient) -> str:
+    """A new procedure (one string input, ``greeting``) with version 1.0.0 active; its id."""
+    procedure_id = f"tab_{uuid.uuid4().hex[:10]}"
+    headers = {"X-CSRF-Token": c.cookies["langorch_csrf"]}
+    r = await c.post("/api/procedures", json={"ckp_json": procedure_doc(procedure_id)}, headers=headers)
+    assert r.status_code == 201, r.text
+    r = await c.patch(f"/api/procedures/{procedure_id}/1.0.0/status", json={"status": "active"}, headers=headers)
+    assert r.status_code == 200, r.text
+    return procedure_id
+
+
+async def test_register_fire_and_receive_a_webhook_from_the_trigger_tab(platform: Platform,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        procedure_id = await active_version(c)
+        tab = f"/ui/procedures/{procedure_id}/1.0.0/trigger"
+        page = await c.get(tab)
+        assert page.status_code == 200
+        assert "This version has no trigger registration." in page.text
+        assert 'aria-current="page">Trigger</a>' in page.text
+        csrf = csrf_of(page.text)
+        form = {"csrf_token": csrf, "trigger_type": "webhook", "enabled": "on", "max_concurrent_runs": "many"}
+        r = await c.post(tab, data=form)  # read by the console: not a number
+        assert r.status_code == 422
+        assert 'id="err-max_concurrent_runs"' in r.text
+        assert "Must be a whole number" in r.text
+        r = await c.post(tab, data=form | {"max_concurrent_runs": "", "input_vars": "[1]"})
+        assert r.status_code == 422
+        assert "Must be a JSON object" in r.text
+        r = await c.post(tab, data=form | {"max_concurrent_runs": ""})  # the API: a webhook needs its secret
+        assert r.status_code == 422
+        assert re.search(r'id="err-webhook_secret">\s*<li>', r.text), r.text
+        assert 'value="webhook" selected' in r.text  # the form keeps what was typed
+
+        secret_name, key = f"{procedure_id}_key", secrets.token_hex(16)
+        monkeypatch.setenv(f"LANGORCH_SECRET_{secret_name.upper()}", key)
+        r = await c.post(tab, data=form | {"max_concurrent_runs": "", "webhook_secret": secret_name,
+                                           "input_vars": '{"greeting": "static"}'})
+        assert (r.status_code, r.headers["location"]) == (303, f"{tab}?saved=1")
+        page = await c.get(r.headers["location"])
+        assert "The registration is saved." in page.text
+        hook_url = f"{platform.base_url}/api/triggers/webhook/{procedure_id}"
+        assert f'<code data-testid="webhook-url">{hook_url}</code>' in page.text
+        assert f"langorch webhook sign body.json --secret-env HOOK_KEY --url {hook_url}" in page.text
+        assert key not in page.text  # the secret's name is shown, never its value
+
+        r = await c.post(f"{tab}/disable", data={"csrf_token": csrf})
+        assert (r.status_code, r.headers["location"]) == (303, f"{tab}?done=disable")
+        assert 'data-testid="trigger-state">disabled' in (await c.get(tab)).text
+        r = await c.post(f"{tab}/enable", data={"csrf_token": csrf})
+        assert r.status_code == 303
+        page = await c.get(tab)
+        assert 'data-testid="trigger-state">enabled' in page.text
+
+        r = await c.post(f"{tab}/fire", data={"csrf_token": csrf, "var.greeting": "fired from the console"})
+        assert r.status_code == 303, r.text
+        manual_run = r.headers["location"].split("fired=")[1]
+        assert (await c.get(f"/api/runs/{manual_run}")).json()["input_vars"]["greeting"] == "fired from the console"
+
+        body = b'{"greeting": "signed delivery"}'
+        delivered = await c.post(hook_url, content=body,
+                                 headers={"Content-Type": "application/json", **signature_headers(key, body)})
+        assert delivered.status_code == 202, delivered.text
+        hook_run = delivered.json()["run_id"]
+
+        async def fires_page() -> str:
+            return (await c.get(tab)).text
+
+        page = await wait_until(fires_page, lambda text: hook_run in text and manual_run in text, timeout=60)
+        rows = re.findall(r"<tr><td>[^<]*</td><td>(\w+)</td><td>([^<]*)</td>", page)
+        assert [kind for kind, _ in rows] == ["webhook", "manual"], rows  # newest first
+        assert rows[1][1] == "user:admin"
+
+        stale = form | {"max_concurrent_runs": "", "webhook_secret": secret_name, "revision": "1"}
+        r = await c.post(tab, data=stale)  # read at revision 1; enable and disable moved it on
+        assert r.status_code == 412
+        assert "precondition_failed" in r.text
+
+        r = await c.post(f"{tab}/delete", data={"csrf_token": csrf})
+        assert r.status_code == 303
+        assert "This version has no trigger registration." in (await c.get(tab)).text
+
+
+async def test_a_viewer_sees_the_registration_and_no_action(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as admin:
+        procedure_id = await active_version(admin)
+        tab = f"/ui/procedures/{procedure_id}/1.0.0/trigger"
+        r = await admin.post(tab, data={"csrf_token": csrf_of((await admin.get(tab)).text),
+                                        "trigger_type": "file_watch", "event_source": "/tmp/watched.csv"})
+        assert r.status_code == 303, r.text
+        name, password = await user(platform, admin, ["viewer"])
+    async with signed_in(platform, name, password) as viewer:
+        page = await viewer.get(tab)
+        assert page.status_code == 200
+        assert 'data-testid="trigger-state">disabled' in page.text  # the box was left unticked
+        assert "<code>/tmp/watched.csv</code>" in page.text
+        assert 'method="post"' not in page.text.split("<main", 1)[1]  # no action at all (sign-out is outside main)
+        r = await viewer.post(f"{tab}/fire", data={"csrf_token": viewer.cookies["langorch_csrf"]})
+        assert r.status_code == 403
