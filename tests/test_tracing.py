@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from langorch_infra import jsonlog
+from langorch_infra import logs
 from tests.helpers import Platform, platform_of, register_agent, wait_status
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 from tests.mcp_server import running_mcp
@@ -313,7 +313,7 @@ async def test_the_gateway_logs_one_json_line_per_request(platform: Platform) ->
     logger = logging.getLogger("langorch_gateway")
     level, propagate, handlers = logger.level, logger.propagate, logger.handlers[:]
     logger.handlers.clear()  # an earlier in-process `langorch up` (another test module) may have installed one
-    jsonlog.install("langorch_gateway", stream)  # what `langorch up` / `langorch serve gateway` do
+    logger.addHandler(logs.handler("json", "gateway", stream))  # what `langorch serve gateway` installs
     logger.setLevel(logging.INFO)
     try:
         traceparent, trace_id, _ = new_traceparent()

@@ -129,25 +129,26 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     import uvicorn
 
     from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
-    from langorch_infra import jsonlog
+    from langorch_infra import logs, tracing
     from langorch_infra.settings import GatewaySettings
 
+    tracing.setup(names)  # OTLP export when the OTEL_* variables ask for it
     grace = SHUTDOWN_GRACE_S if grace_s is None else grace_s
     hosts = build_hosts(names, nats_url, database_url, gateway_url(host, port) if "gateway" in names else None)
     combined = "gateway" in names and bool(hosts)
-    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(h.serve(0 if combined else None), name=h.service)
-                                      for h in hosts]
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(logs.serve_as(h.service, h.serve(0 if combined else None)),
+                                                          name=h.service) for h in hosts]
     server = None
     if "gateway" in names:
         from langorch_gateway.app import create_app
 
-        jsonlog.install("langorch_gateway")  # the gateway logs JSON lines, one per request at least
         settings = GatewaySettings(nats_url=nats_url, database_url=database_url, host=host, port=port)
         registries: list[CollectorRegistry] = [*(h.registry for h in hosts), *extra_registries]
         config = uvicorn.Config(create_app(settings, extra_registries=registries), host=host, port=port,
-                                log_level="warning", lifespan="on", timeout_graceful_shutdown=max(1, round(grace)))
+                                log_level="warning", log_config=None, lifespan="on",
+                                timeout_graceful_shutdown=max(1, round(grace)))
         server = ManagedServer(config)
-        tasks.append(asyncio.create_task(server.serve(), name="gateway"))
+        tasks.append(asyncio.create_task(logs.serve_as("gateway", server.serve()), name="gateway"))
 
     if stop is None:
         stop = asyncio.Event()
@@ -167,5 +168,6 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     # The gateway drains within ``grace``; the canceled services close their NATS and database connections.
     await stop_tasks(tasks, grace, keep="gateway")
     stopper.cancel()
+    await asyncio.to_thread(tracing.shutdown)  # the spans still queued are exported
     if failed:
         raise failed[0].exception()  # type: ignore[misc]

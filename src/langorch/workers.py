@@ -316,6 +316,7 @@ def _watch_parent(stdin: IO[bytes], config: asyncio.Future[dict[str, Any]], stop
 async def serve_worker(status: IO[str]) -> None:
     """Run the services of one worker until SIGTERM, SIGINT or the parent's end."""
     from langorch.serving import build_hosts, stop_tasks
+    from langorch_infra import logs, tracing
     from langorch_infra.hosting import OpsApp, OpsServer
     from langorch_infra.metrics import combined_registry
 
@@ -331,6 +332,7 @@ async def serve_worker(status: IO[str]) -> None:
     if not config.done() or stop.is_set():
         return
     got = config.result()
+    tracing.setup(got["names"])  # OTLP export when the OTEL_* variables ask for it
     hosts = build_hosts(tuple(got["names"]), got["nats_url"], got["database_url"], got["public_url"])
     registry = combined_registry([h.registry for h in hosts])
 
@@ -343,7 +345,8 @@ async def serve_worker(status: IO[str]) -> None:
 
     ops = OpsServer(OpsApp("worker", hosts[0].version, registry, checks), 0, host="127.0.0.1")
     served = await ops.start()
-    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(h.serve(0), name=h.service) for h in hosts]
+    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(logs.serve_as(h.service, h.serve(0)), name=h.service)
+                                      for h in hosts]
 
     async def all_started() -> None:
         for h in hosts:
@@ -393,7 +396,7 @@ def main() -> None:
     from langorch.cli import _logging
     from langorch.serving import WORKER_SERVICES, import_services
 
-    _logging()
+    _logging("worker", terminal_default=True)  # its stderr is the one of `langorch up`
     import_services(WORKER_SERVICES)  # before the configuration arrives: the parent is starting the servers
     code = 0
     try:
@@ -401,6 +404,9 @@ def main() -> None:
     except Exception:  # the worker's failure: logged here, reported by the parent with the exit code
         log.exception("the worker failed")
         code = 1
+    from langorch_infra import tracing
+
+    tracing.shutdown()  # os._exit skips the SDK's exit hook: the spans still queued are exported now
     logging.shutdown()
     sys.stderr.flush()
     os._exit(code)

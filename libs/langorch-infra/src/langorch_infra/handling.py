@@ -39,6 +39,7 @@ from ckp_core.commands import Command
 from ckp_core.errors import CommandRefused, ConcurrencyError
 from ckp_core.events import Actor, CommandRejected, EventData, EventEnvelope, make_event
 from ckp_core.eventstore import EventStore, StoredEvent
+from langorch_infra import logs
 
 log = logging.getLogger(__name__)
 
@@ -231,45 +232,49 @@ class CommandHandler(Generic[S]):
         or a function of the outcome returning them).
         Raises :class:`ConcurrencyError` when the aggregate kept moving for ``max_attempts`` decisions.
         """
-        for attempt in range(1, self.max_attempts + 1):
-            loaded = await self.load(aggregate_id, command)
-            if loaded.done:
-                handled = Handled(loaded.state, tuple(e.envelope for e in loaded.done),
-                                  tuple(e.position for e in loaded.done), loaded.done[-1].position,
-                                  replayed=True, attempts=attempt)
+        ids = {k: getattr(command, k, None) for k in ("run_id", "procedure_id")}
+        if self.aggregate in ("run", "procedure"):
+            ids[f"{self.aggregate}_id"] = aggregate_id
+        with logs.fields(command_id=command.command_id, **ids):  # on the records logged while deciding
+            for attempt in range(1, self.max_attempts + 1):
+                loaded = await self.load(aggregate_id, command)
+                if loaded.done:
+                    handled = Handled(loaded.state, tuple(e.envelope for e in loaded.done),
+                                      tuple(e.position for e in loaded.done), loaded.done[-1].position,
+                                      replayed=True, attempts=attempt)
+                    await self._audit(command, handled, audit_as, audit_meta)
+                    return handled
+                refusal: CommandRefused | None = None
+                try:
+                    decided = decide(loaded.state)
+                    decision = await decided if inspect.isawaitable(decided) else decided
+                except CommandRefused as refused:
+                    refusal = refused
+                    decision = rejection(command, command_type, refused) if refusals == "event" else None
+                payloads = _payloads(decision)
+                if not payloads:
+                    handled = Handled(loaded.state, (), (), loaded.position, refusal=refusal, attempts=attempt)
+                    await self._audit(command, handled, audit_as, audit_meta)
+                    return handled
+                correlation = correlation_id(loaded.state) if callable(correlation_id) else correlation_id
+                events = tuple(
+                    make_event(data, aggregate_id=aggregate_id, seq=loaded.seq + i, actor=actor or command.actor,
+                               causation_id=command.command_id, correlation_id=correlation, aggregate=self.aggregate)
+                    for i, data in enumerate(payloads, start=1))
+                try:
+                    positions = await self.store.append(list(events), expected_position=loaded.position)
+                except ConcurrencyError:
+                    if attempt >= self.max_attempts:
+                        log.info("%s %s kept changing while %s was decided (%d attempts); left to redelivery",
+                                 self.aggregate, aggregate_id, command_type, attempt)
+                        raise
+                    await self.sleep(self._backoff(attempt))
+                    continue
+                handled = Handled(loaded.state, events, tuple(positions), positions[-1], refusal=refusal,
+                                  attempts=attempt)
                 await self._audit(command, handled, audit_as, audit_meta)
                 return handled
-            refusal: CommandRefused | None = None
-            try:
-                decided = decide(loaded.state)
-                decision = await decided if inspect.isawaitable(decided) else decided
-            except CommandRefused as refused:
-                refusal = refused
-                decision = rejection(command, command_type, refused) if refusals == "event" else None
-            payloads = _payloads(decision)
-            if not payloads:
-                handled = Handled(loaded.state, (), (), loaded.position, refusal=refusal, attempts=attempt)
-                await self._audit(command, handled, audit_as, audit_meta)
-                return handled
-            correlation = correlation_id(loaded.state) if callable(correlation_id) else correlation_id
-            events = tuple(
-                make_event(data, aggregate_id=aggregate_id, seq=loaded.seq + i, actor=actor or command.actor,
-                           causation_id=command.command_id, correlation_id=correlation, aggregate=self.aggregate)
-                for i, data in enumerate(payloads, start=1))
-            try:
-                positions = await self.store.append(list(events), expected_position=loaded.position)
-            except ConcurrencyError:
-                if attempt >= self.max_attempts:
-                    log.info("%s %s kept changing while %s was decided (%d attempts); left to redelivery",
-                             self.aggregate, aggregate_id, command_type, attempt)
-                    raise
-                await self.sleep(self._backoff(attempt))
-                continue
-            handled = Handled(loaded.state, events, tuple(positions), positions[-1], refusal=refusal,
-                              attempts=attempt)
-            await self._audit(command, handled, audit_as, audit_meta)
-            return handled
-        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+            raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def _backoff(self, attempt: int) -> float:
         """Seconds before decision ``attempt + 1``: exponential, jittered by ±50 %, capped."""

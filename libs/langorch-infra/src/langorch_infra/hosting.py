@@ -23,6 +23,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from langorch_infra import tracing
 from langorch_infra.presence import Presence, new_instance_id
 from langorch_infra.settings import CommonSettings
 
@@ -133,7 +134,8 @@ class OpsServer:
 
     def __init__(self, app: OpsApp, port: int, host: str = "0.0.0.0") -> None:
         """``port`` 0 binds a free port, which :attr:`port` holds once :meth:`start` returned True."""
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None,
+                                lifespan="off")  # its records go through the process's handler (logs.py)
         self.server = ManagedServer(config)
         self.host = host
         self.port = port
@@ -195,6 +197,7 @@ class ServiceHost:
 
     async def serve(self, metrics_port: int | None = None) -> None:
         """Run until cancelled; ``metrics_port`` overrides the setting (0: no HTTP endpoint)."""
+        tracing.serving(self.service)  # this task's spans, and those of the tasks it starts, are this service's
         port = self.settings.metrics_port if metrics_port is None else metrics_port
         if port:
             self.ops = OpsServer(OpsApp(self.service, self.version, self.registry, self.ready_checks), port)
