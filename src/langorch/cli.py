@@ -350,18 +350,17 @@ class _OneLineConnectionErrors(logging.Filter):
 _CONNECTION_LOGGERS = ("nats.aio.client", "uvicorn.error", "asyncio")
 
 
-def _logging(level: str = "INFO") -> None:
-    from rich.logging import RichHandler
+def _logging(service: str, *, terminal_default: bool = False) -> str:
+    """The process's logging (``langorch_infra.logs``), connection errors on one line; returns its format."""
+    from langorch_infra import logs
 
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
-    for noisy in ("nats", "httpx", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    fmt = logs.setup(service, terminal_default=terminal_default)
     one_line = _OneLineConnectionErrors()
     for name in _CONNECTION_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _OneLineConnectionErrors) for f in logger.filters):
             logger.addFilter(one_line)
+    return fmt
 
 
 @app.command()
@@ -386,12 +385,16 @@ def up(
     from langorch.up import UpError, UpOptions
     from langorch.up import run as run_up
 
-    _logging()
+    out = console
+    if _logging("up", terminal_default=True) == "json":  # what it tells the operator becomes log lines too
+        from langorch_infra.logs import LineLogger
+
+        out = Console(file=LineLogger(logging.getLogger("langorch.up")), width=1000, soft_wrap=True)
     options = UpOptions(state_dir=state_dir, host=host, port=port, nats_port=nats_port, postgres_port=postgres_port,
                         nats_url=os.environ.get("LANGORCH_NATS_URL") or None,
                         database_url=os.environ.get("LANGORCH_DATABASE_URL") or None, workers=workers)
     try:
-        code = run_up(options, console)
+        code = run_up(options, out)
     except UpError as exc:
         Console(stderr=True).print(f"[red]langorch up[/]: {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
@@ -414,7 +417,7 @@ def serve(
     if service not in SERVICES:
         console.print(f"[red]unknown service {service!r}; expected one of {', '.join(SERVICES)}[/]")
         raise typer.Exit(2)
-    _logging()
+    _logging(service)
     common = CommonSettings()
     if service == "gateway":  # settings the gateway would refuse at start-up: a usage error, said now
         from langorch_gateway.users import StartupRefused, check_startup

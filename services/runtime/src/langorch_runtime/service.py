@@ -66,6 +66,7 @@ from ckp_core.subjects import (
     event_subject,
     procedure_key,
 )
+from langorch_infra import logs
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import ACK, LEAVE, BusMetrics, Settle, fetch, handle_one, nak
 from langorch_infra.callbacks import callback_key
@@ -335,7 +336,8 @@ class RuntimeService:
                 command = RetryRun.model_validate_json(msg.data)
             else:
                 command = StartRun.model_validate_json(msg.data)
-            await self.execute(command, msg.metadata.num_delivered or 1)
+            with logs.fields(run_id=command.run_id, command_id=command.command_id):
+                await self.execute(command, msg.metadata.num_delivered or 1)
             return ACK
         except RunBusy:
             return nak(1.0)
@@ -529,6 +531,7 @@ class RuntimeService:
             log.error("command for unknown run %s dropped", run_id)
             return await self._audit(command, "rejected", code="not_found", detail=f"run {run_id} not found")
         created = events[0].envelope.data
+        logs.bind(procedure_id=created.get("procedure_id"))
         status = run_status(events)
         if isinstance(command, RetryRun):
             try:
