@@ -20,10 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 with warnings.catch_warnings():
@@ -202,11 +205,13 @@ class EmbeddedNats:
     """
 
     def __init__(self, state_dir: Path, port: int | None = None, log_file: Path | None = None,
-                 users: Sequence[NatsUser] = ()) -> None:
+                 users: Sequence[NatsUser] = (), *, http_port: int = 0, args: Sequence[str] = ()) -> None:
         self.state_dir = Path(state_dir)
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file is not None else self.state_dir / "nats-server.log"
         self.users = tuple(users)
+        self.http_port = http_port  # the monitoring port (0: any free one, not told)
+        self.args = tuple(args)  # more command-line options (a cluster member's name and routes)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -234,7 +239,7 @@ class EmbeddedNats:
         log = open(self.log_file, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
             [nats_server_binary(), *config, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
-             str(self.state_dir), "--http_port", "0"],
+             str(self.state_dir), "--http_port", str(self.http_port), *self.args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
@@ -263,6 +268,98 @@ class EmbeddedNats:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+class EmbeddedNatsCluster:
+    """``n`` ``nats-server -js`` processes on 127.0.0.1 forming one JetStream cluster (for tests, benchmarks and
+    trying replicas locally): node ``i`` is server ``lo-n<i>`` with its store under ``<state_dir>/n<i>``, a client
+    port, a route port (routes to every other node) and a monitoring port. No users: the nodes accept anyone on
+    loopback. :attr:`url` is the comma-separated seed list LangOrch's ``LANGORCH_NATS_URL`` takes.
+    """
+
+    def __init__(self, state_dir: Path, n: int = 3, cluster_name: str = "langorch") -> None:
+        self.state_dir = Path(state_dir)
+        self.cluster_name = cluster_name
+        route_ports = [free_port() for _ in range(n)]
+        self.nodes: list[EmbeddedNats] = []
+        for i in range(n):
+            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
+            self.nodes.append(EmbeddedNats(
+                self.state_dir / f"n{i}", http_port=free_port(),
+                args=("--name", self.server_name(i), "--cluster_name", cluster_name,
+                      "--cluster", f"nats://127.0.0.1:{route_ports[i]}", "--routes", routes)))
+
+    @staticmethod
+    def server_name(i: int) -> str:
+        return f"lo-n{i}"
+
+    def index_of(self, server_name: str) -> int:
+        """The node of ``server_name`` (as a stream's ``cluster.leader`` names it)."""
+        return [self.server_name(i) for i in range(len(self.nodes))].index(server_name)
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 60) -> EmbeddedNatsCluster:
+        """Start every node and wait until the cluster is ready (:meth:`wait_ready`)."""
+        for node in self.nodes:
+            node.start()
+        self.wait_ready(timeout)
+        return self
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i`` (its store stays; :meth:`restart` brings it back on the same ports)."""
+        self.nodes[i].kill()
+
+    def restart(self, i: int, timeout: float = 60) -> None:
+        self.nodes[i].start()
+        self.wait_ready(timeout)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.terminate()
+        for node in self.nodes:
+            node.stop()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait until every running node reports itself healthy (``/healthz``: JetStream current, its streams
+        caught up) and a JetStream meta leader is elected (``/jsz``); raises :class:`TimeoutError` naming what
+        was missing."""
+        deadline = time.monotonic() + timeout
+        missing = "no node running"
+        while time.monotonic() < deadline:
+            missing = ""
+            for i, node in enumerate(self.nodes):
+                if node.proc is None:
+                    continue
+                if node.proc.poll() is not None:
+                    raise RuntimeError(f"{self.server_name(i)} exited with code {node.proc.returncode}: see "
+                                       f"{node.log_file}")
+                health = _monitor(node.http_port, "healthz")
+                leader = (_monitor(node.http_port, "jsz") or {}).get("meta_cluster", {}).get("leader")
+                if health is None or health.get("status") != "ok" or not leader:
+                    missing = f"{self.server_name(i)}: health {health}, meta leader {leader or 'none'}"
+                    break
+            if not missing:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"the NATS cluster is not ready after {timeout}s ({missing})")
+
+
+def _monitor(port: int, endpoint: str) -> dict[str, Any] | None:
+    """A NATS monitoring endpoint's JSON (None when the server does not answer; its body also on 503)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{endpoint}", timeout=2) as answer:
+            body: dict[str, Any] = json.loads(answer.read())
+            return body
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError):
+            failed: dict[str, Any] = json.loads(exc.read())
+            return failed
+        return None
+    except (OSError, ValueError):
+        return None
 
 
 def _postgres_os_user() -> str | None:
