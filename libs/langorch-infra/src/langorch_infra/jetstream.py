@@ -197,6 +197,7 @@ class JetStreamEventStore:
                 "Nats-Expected-Last-Subject-Sequence": str(expected),
                 "Nats-Expected-Last-Subject-Sequence-Subject": filt,
             }
+            tracing.event_headers(headers)  # the projection's span continues the trace of the append
             try:
                 ack = await self.js.publish(event_subject(ev.aggregate, ev.aggregate_id, ev.type),
                                             encode_envelope(ev), headers=headers)
@@ -268,12 +269,9 @@ async def publish_command(js: JetStreamContext, command: Command, *, msg_id: str
     """Publish a command on ``lo.cmd.<aggregate>.<verb>`` with ``Nats-Msg-Id`` (= command id by default) and the
     current trace context (``traceparent``/``tracestate``, api.md §1.3) when a span is current."""
     headers = {"Nats-Msg-Id": msg_id or command.command_id}
-    tracing.inject(headers)
-    ack = await js.publish(
-        command_subject(command.AGGREGATE, command.VERB),
-        command.model_dump_json().encode(),
-        headers=headers,
-    )
+    subject = command_subject(command.AGGREGATE, command.VERB)
+    with tracing.producer_span(subject, headers):
+        ack = await js.publish(subject, command.model_dump_json().encode(), headers=headers)
     return int(ack.seq)
 
 

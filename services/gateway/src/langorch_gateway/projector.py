@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -26,13 +26,16 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 
 from ckp_core.audit import AuditEntry
 from ckp_core.events import decode, upcast
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import AUDIT_STREAM, EVENT_STREAM
 from langorch_gateway.projections import PROJECTIONS, Recorded, apply_audit_entry
-from langorch_infra.bus import BusMetrics
+from langorch_infra import tracing
+from langorch_infra.bus import BusMetrics, subject_template
 from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import decode_message, stream_last_position
 
@@ -354,10 +357,10 @@ class StreamProjector(ABC, Generic[M]):
         # messages are taken (and decoded) as they arrive, also while a batch is being applied: the ordered
         # consumer's flow control is answered when its messages are delivered, and a subscription read only between
         # batches held the server's delivery back until the next batch began
-        received: asyncio.Queue[tuple[str, M | Poison]] = asyncio.Queue(maxsize=PENDING)
+        received: asyncio.Queue[tuple[str, dict[str, str] | None, M | Poison]] = asyncio.Queue(maxsize=PENDING)
 
         async def take(msg: Msg) -> None:
-            await received.put((msg.subject, self._decode(msg)))
+            await received.put((msg.subject, msg.headers, self._decode(msg)))
 
         sub = await self.js.subscribe(self.SUBJECT, ordered_consumer=True, config=cfg, stream=self.STREAM, cb=take,
                                       pending_msgs_limit=PENDING)
@@ -367,14 +370,16 @@ class StreamProjector(ABC, Generic[M]):
         self._conn = held
         try:
             while True:
-                subject, item = await received.get()
+                subject, headers, item = await received.get()
                 started = time.monotonic()
-                subjects, batch = [subject], [item]
+                subjects, contexts, batch = [subject], [headers], [item]
                 while len(batch) < BATCH and not received.empty():
-                    subject, item = received.get_nowait()
+                    subject, headers, item = received.get_nowait()
                     subjects.append(subject)
+                    contexts.append(headers)
                     batch.append(item)
-                await self.apply_batch(batch)
+                with projection_spans(self.NAME, self.SUBJECT, subjects, contexts):
+                    await self.apply_batch(batch)
                 if self.bus is not None:  # a batch shares one transaction: each message its share of the time
                     share = (time.monotonic() - started) / len(batch)
                     for subject, item in zip(subjects, batch, strict=True):
@@ -413,6 +418,32 @@ class StreamProjector(ABC, Generic[M]):
         head = await self.head()
         if not await self.wait(head, timeout):
             raise TimeoutError(f"projection {self.NAME} stuck at {self.position}, stream head {head}")
+
+
+@contextlib.contextmanager
+def projection_spans(name: str, followed: str, subjects: list[str], headers: list[dict[str, str] | None]
+                     ) -> Iterator[None]:
+    """When spans are exported: a batch's span (``process <subject>``, linked to the trace of every message that
+    carries one), and for each such message a span in its own trace, a child of the span that appended it, lasting
+    as long as the batch, so that a run's trace reaches its projection."""
+    if not tracing.exporting():
+        yield
+        return
+    contexts = [tracing.extract(h) for h in headers]
+    parents = [trace.get_current_span(c).get_span_context() for c in contexts]
+    attributes = {"db.system": "postgresql", "db.system.name": "postgresql", "langorch.projection": name}
+    with tracing.span(f"process {followed}", kind=SpanKind.CONSUMER, links=[Link(p) for p in parents if p.is_valid],
+                      attributes={**attributes, **tracing.messaging_attributes(followed, "process"),
+                                  "messaging.batch.message_count": len(subjects)}) as batch:
+        started = time.time_ns()
+        yield
+    ended, link = time.time_ns(), [Link(batch.get_span_context())]
+    for subject, context, parent in zip(subjects, contexts, parents, strict=True):
+        if parent.is_valid:
+            tracing.tracer().start_span(
+                f"project {subject_template(subject)}", context=context, kind=SpanKind.CONSUMER, links=link,
+                start_time=started, attributes={**attributes, **tracing.messaging_attributes(subject, "process")},
+            ).end(ended)
 
 
 class Projector(StreamProjector[StoredEvent]):

@@ -48,6 +48,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
+from opentelemetry import trace
 
 from ckp_core.agents import accepts_work, circuit_state, current_status, probe_failing
 from ckp_core.events import ErrorObject, PoolSaturated, format_time
@@ -632,17 +633,24 @@ class AgentDispatcher(Dispatcher):
 
     async def _call(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
         kind = c.capability.get("type", "tool")
-        if kind == "workflow" and request.dispatch_mode != "sync":
-            if c.agent.protocol == "mcp" or request.callback is None:
+        if c.agent.protocol == "mcp":
+            if kind == "workflow" and request.dispatch_mode != "sync":
                 raise _error("dispatch_failed", "async workflow dispatch needs an HTTP agent and a callback",
                              retryable=False, details={"agent_id": c.agent_id, "action": request.action})
-            return await self._call_async(c, request, channel)
-        if c.agent.protocol == "mcp":
-            return await self._call_mcp(c, request)
-        params = dict(request.params)
-        if kind == "workflow":
-            params["_workflow_context"] = self.workflow_context(request, channel)
-        return await self._call_http(c, request, params, "sync" if kind == "workflow" else "tool")
+            return await self._call_mcp(c, request)  # the MCP SDK makes the client spans of its requests
+        with tracing.client_span("POST", {  # HTTP client semantic conventions, and which agent did what
+                "http.request.method": "POST", "url.full": f"{c.agent.base_url.rstrip('/')}/execute",
+                "server.address": httpx.URL(c.agent.base_url).host, "langorch.agent_id": c.agent_id,
+                "langorch.action": request.action}):
+            if kind == "workflow" and request.dispatch_mode != "sync":
+                if request.callback is None:
+                    raise _error("dispatch_failed", "async workflow dispatch needs an HTTP agent and a callback",
+                                 retryable=False, details={"agent_id": c.agent_id, "action": request.action})
+                return await self._call_async(c, request, channel)
+            params = dict(request.params)
+            if kind == "workflow":
+                params["_workflow_context"] = self.workflow_context(request, channel)
+            return await self._call_http(c, request, params, "sync" if kind == "workflow" else "tool")
 
     async def _call_async(self, c: Candidate, request: DispatchRequest, channel: str) -> Any:
         """Async workflow dispatch (ckp.md §4.6, api.md §15.2): POST ``/execute`` with the callback and wait at most
@@ -660,7 +668,7 @@ class AgentDispatcher(Dispatcher):
                 "callback": {"url": callback.url, "token": callback.token, "expires_at": callback.expires_at}}
         headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
                    "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
-                   "X-LangOrch-Attempt": str(request.attempt), **_trace_headers("agent.execute"),
+                   "X-LangOrch-Attempt": str(request.attempt), **tracing.inject({}),
                    **(await self._auth_header(c.agent))}
         where = {"agent_id": c.agent_id, "url": url}
         last: str = ""
@@ -677,6 +685,7 @@ class AgentDispatcher(Dispatcher):
             except (httpx.HTTPError, TimeoutError) as exc:
                 last = f"{type(exc).__name__}"
                 continue
+            trace.get_current_span().set_attribute("http.response.status_code", r.status_code)
             envelope = _json_object(r)
             state = envelope.get("status") if envelope is not None else None
             if r.status_code == 202 or (200 <= r.status_code < 300 and state == "accepted"):
@@ -750,7 +759,7 @@ class AgentDispatcher(Dispatcher):
                 "deadline_at": deadline_at, "dispatch_mode": dispatch_mode, "callback": None}
         headers = {"Idempotency-Key": request.idempotency_key, "X-Run-ID": request.run_id,
                    "X-Node-ID": request.node.id, "X-Step-ID": request.step_id,
-                   "X-LangOrch-Attempt": str(request.attempt), **_trace_headers("agent.execute"),
+                   "X-LangOrch-Attempt": str(request.attempt), **tracing.inject({}),
                    **(await self._auth_header(c.agent))}
         url = f"{c.agent.base_url.rstrip('/')}/execute"
         where = {"agent_id": c.agent_id, "url": url}
@@ -771,6 +780,7 @@ class AgentDispatcher(Dispatcher):
                 raise _error("agent_unavailable", f"agent {c.agent_id} could not be reached: "
                              f"{type(exc).__name__}", retryable=True, details=where | {"reason": str(exc)[:300]}) \
                     from None
+            trace.get_current_span().set_attribute("http.response.status_code", r.status_code)
             envelope = _json_object(r)
             if r.status_code == 409 and envelope is not None and envelope.get("error_code") == "in_progress":
                 wait = _retry_after_s(r.headers.get("retry-after"))

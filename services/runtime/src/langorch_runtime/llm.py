@@ -593,8 +593,8 @@ class LlmClient:
         headers["X-Request-ID"] = request.request_id or request.idempotency_key or str(uuid.uuid4())
         if request.traceparent:
             headers["traceparent"] = request.traceparent
-        else:  # the trace of the command the run executes under (api.md §1.3), a span id of this call's own
-            headers.update(tracing.outbound_headers("llm.chat"))
+        else:  # the trace of the command the run executes under (api.md §1.3): this call's span (_measured)
+            tracing.inject(headers)
         return headers
 
     async def _secret(self, name: str) -> str:
@@ -627,7 +627,19 @@ class LlmClient:
 
     async def _measured(self, request: LlmRequest, target: _Target, requested: str,
                         failures: list[dict[str, Any]], probe: bool) -> LlmResult:
-        """:meth:`_call`, counted in ``langorch_llm_requests_total`` and timed (api.md §13.1)."""
+        """:meth:`_call` in a GenAI client span, counted in ``langorch_llm_requests_total`` and timed (api.md
+        §13.1)."""
+        with tracing.client_span(f"chat {target.model}", {
+                "gen_ai.operation.name": "chat", "gen_ai.system": "openai", "gen_ai.request.model": target.model,
+                "server.address": _host(target.base_url) or target.base_url}) as span:
+            result = await self._counted(request, target, requested, failures, probe)
+            span.set_attributes({"gen_ai.response.model": result.provider_model or result.model,
+                                 "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
+                                 "gen_ai.usage.output_tokens": result.usage.completion_tokens})
+            return result
+
+    async def _counted(self, request: LlmRequest, target: _Target, requested: str,
+                       failures: list[dict[str, Any]], probe: bool) -> LlmResult:
         metrics = self.metrics
         if metrics is None:
             return await self._call(request, target, requested, failures, probe)

@@ -20,6 +20,7 @@ from ckp_core.events import (
     StepEscalated,
 )
 from ckp_core.ir import ErrorHandlerIR, NodeIR
+from langorch_infra import tracing
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import (
     Frame,
@@ -61,7 +62,19 @@ class NodeLifecycle(StepRunner):
     """Runs one node of a frame and applies its outcome."""
 
     async def unit(self, state: RunState, frame: Frame) -> None:
-        """One node of ``frame``: the one in progress, else the one at its cursor (entered now)."""
+        """One node of ``frame``: the one in progress, else the one at its cursor (entered now); in a span
+        ``node <id>`` when spans are exported."""
+        current = frame.get("node")
+        node_id = current["id"] if current is not None else frame.get("cursor")
+        if node_id is None:
+            await self.run_unit(state, frame)
+            return
+        with tracing.span(f"node {node_id}", attributes={
+                "langorch.run_id": self.run.run_id, "langorch.node_id": node_id, "langorch.frame": frame["id"],
+                "langorch.node_type": self.ir.nodes[node_id].type if node_id in self.ir.nodes else ""}):
+            await self.run_unit(state, frame)
+
+    async def run_unit(self, state: RunState, frame: Frame) -> None:
         self._woken.discard(frame["id"])  # the node sees every child frame that ended up to now
         current = frame.get("node")
         if current is None:

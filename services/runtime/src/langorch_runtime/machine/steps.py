@@ -34,6 +34,7 @@ from ckp_core.events import (
 )
 from ckp_core.ids import new_id
 from ckp_core.ir import ErrorHandlerIR, NodeIR, OperationIR, StepIR
+from langorch_infra import tracing
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import Frame, NodeState, RunState, StepBudget, frame_string, vars_of
 from langorch_runtime.machine.context import path_in_node
@@ -252,6 +253,14 @@ class StepRunner(Dispatching):
         return preset
 
     async def try_attempt(self, state: RunState, frame: Frame, call: StepCall, key: str) -> Succeeded | Failed | Pause:
+        """One attempt (:meth:`attempt`), in a span ``step <id>`` when spans are exported."""
+        with tracing.span(f"step {call.step_id}", attributes={
+                "langorch.run_id": self.run.run_id, "langorch.node_id": call.node.id,
+                "langorch.step_id": call.step_id, "langorch.action": call.step.action,
+                "langorch.attempt": call.attempt}):
+            return await self.attempt(state, frame, call, key)
+
+    async def attempt(self, state: RunState, frame: Frame, call: StepCall, key: str) -> Succeeded | Failed | Pause:
         """One attempt: parameters rendered (with the step's secrets), the ``started`` record, then its execution
         (:meth:`execute_attempt`); ``step_started`` is emitted once, with the agent when one is chosen."""
         node, step, step_id, fs, attempt, record = call.node, call.step, call.step_id, call.fs, call.attempt, \
