@@ -182,6 +182,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/procedures/{procedure_id}/{version}/trigger"): "ui:viewer",
     ("POST", "/ui/procedures/{procedure_id}/{version}/trigger"): "ui:operator",
     ("POST", "/ui/procedures/{procedure_id}/{version}/trigger/{action}"): "ui:operator",
+    ("POST", "/ui/procedures/{procedure_id}/{version}/lifecycle/{action}"): "ui:operator",
     ("GET", "/ui/approvals"): "ui:viewer",
     ("GET", "/ui/agents"): "ui:viewer",
     ("GET", "/ui/leases"): "ui:viewer",

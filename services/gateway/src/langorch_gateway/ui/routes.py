@@ -401,8 +401,11 @@ async def _version_page(ui: Console, procedure_id: str, version: str, status_cod
     laid_out = await ui.api.get(f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}/graph")
     unavailable = None if laid_out.status_code == 200 else problem_of(laid_out).get("detail")
     drawing = graph.drawing(laid_out.json() if laid_out.status_code == 200 else {})
+    versions = await ui.get(f"/api/procedures/{path_id(procedure_id)}/versions", {"limit": 100})
+    deployments = await ui.get(f"/api/procedures/{path_id(procedure_id)}/deployments", {"limit": 20})
     return ui.render("version.html", status_code, detail=detail, fields=fields, runnable=runnable,
-                     drawing=drawing, graph_id="version-graph", graph_unavailable=unavailable,
+                     versions=versions["items"], deployments=deployments, statuses=LIFECYCLE_STATUSES,
+                     channels=CHANNELS, drawing=drawing, graph_id="version-graph", graph_unavailable=unavailable,
                      graph_label=f"Graph of {procedure_id} {version}",
                      source=json.dumps(detail.get("ckp_json"), indent=2, ensure_ascii=False),
                      title=f"{procedure_id} {version}", **started)
@@ -464,6 +467,40 @@ async def start_run(request: Request, procedure_id: str, version: str) -> Respon
         problem = problem_of(answer)
         return await _version_page(ui, procedure_id, version, answer.status_code, run_errors=form_errors(problem),
                                    run_problem=problem, submitted=form)
+
+    return await page(request, build, needs="operator")
+
+
+LIFECYCLE_STATUSES = ("draft", "active", "deprecated", "archived")
+CHANNELS = ("dev", "qa", "prod")
+LIFECYCLE = ("status", "promote", "rollback")
+
+
+@router.post("/ui/procedures/{procedure_id}/{version}/lifecycle/{action}")
+async def lifecycle(request: Request, procedure_id: str, version: str, action: str) -> Response:
+    """Set the version's status, promote it to a channel or roll its channel back (the API's ``PATCH …/status``,
+    ``POST …/promote``, ``POST …/rollback``); a refusal comes back on the version page with the API's problem —
+    the transitions allowed, or the promotion's validation diagnostics."""
+    form = await _form(request)
+
+    async def build(ui: Console) -> Response:
+        if action not in LIFECYCLE:
+            return ui.render("error.html", 404, problem={"status": 404, "code": "not_found", "title": "Not found",
+                                                         "detail": f"no lifecycle action '{action}'"})
+        body = {"status": form.get("status", "")} if action == "status" else {
+            "target_channel": form.get("target_channel", "")}
+        if action == "rollback" and form.get("rollback_to_version"):
+            body["rollback_to_version"] = form["rollback_to_version"]
+        if form.get("reason", "").strip():
+            body["reason"] = form["reason"].strip()
+        path = f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}"
+        answer = await ui.send("PATCH" if action == "status" else "POST",
+                               f"{path}/status" if action == "status" else f"{path}/{action}", body,
+                               csrf=form.get("csrf_token"))
+        if answer.status_code < 400:
+            return _see_other(f"/ui/procedures/{path_id(procedure_id)}/{path_id(version)}?done={action}")
+        return await _version_page(ui, procedure_id, version, answer.status_code,
+                                   lifecycle_problem=problem_of(answer), lifecycle_action=action)
 
     return await page(request, build, needs="operator")
 

@@ -1,7 +1,10 @@
-"""A version's Trigger tab in the console over HTTP (no browser), on the real stack with auth and the triggers
-service: register a webhook (the API's per-field errors first), disable and enable it, fire it from the inputs
-form, receive one signed delivery, and see both fires with their runs; a stale form is refused (412); a viewer
-sees the registration and no action. The browser journey is in tests/test_ui_browser.py."""
+"""A version's tabs in the console over HTTP (no browser), on the real stack with auth and the triggers service.
+
+Trigger: register a webhook (per-field errors first), disable and enable it, fire it from the inputs form, receive
+one signed delivery, and see both fires with their runs; a stale form is refused (412); a viewer sees the
+registration and no action. Overview: status changes, promote and rollback with the API's refusals (the
+transitions allowed, an invalid rollback target) and the deployment history. The browser journey is in
+tests/test_ui_browser.py."""
 
 from __future__ import annotations
 
@@ -127,3 +130,51 @@ async def test_a_viewer_sees_the_registration_and_no_action(platform: Platform) 
         assert 'method="post"' not in page.text.split("<main", 1)[1]  # no action at all (sign-out is outside main)
         r = await viewer.post(f"{tab}/fire", data={"csrf_token": viewer.cookies["langorch_csrf"]})
         assert r.status_code == 403
+
+
+async def test_lifecycle_actions_show_the_apis_refusals_and_the_deployment_history(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        procedure_id = await active_version(c)  # 1.0.0 active in dev
+        headers = {"X-CSRF-Token": c.cookies["langorch_csrf"]}
+        r = await c.post("/api/procedures", headers=headers,
+                         json={"ckp_json": procedure_doc(procedure_id, "1.1.0", name="second")})
+        assert r.status_code == 201, r.text
+        second = f"/ui/procedures/{procedure_id}/1.1.0"
+        page = await c.get(second)
+        assert "No promotion or rollback yet." in page.text
+        csrf = csrf_of(page.text)
+
+        r = await c.post(f"{second}/lifecycle/status", data={"csrf_token": csrf, "status": "archived"})
+        assert r.status_code == 303  # draft → archived is allowed
+        r = await c.post(f"{second}/lifecycle/status", data={"csrf_token": csrf, "status": "draft"})
+        assert r.status_code == 409
+        assert "invalid_status_transition" in r.text
+        assert "From <strong>archived</strong> a version may become" in r.text
+
+        r = await c.post("/api/procedures", headers=headers,
+                         json={"ckp_json": procedure_doc(procedure_id, "1.2.0", name="third")})
+        assert r.status_code == 201, r.text
+        third = f"/ui/procedures/{procedure_id}/1.2.0"
+        r = await c.post(f"{third}/lifecycle/promote", data={"csrf_token": csrf, "target_channel": "dev",
+                                                              "reason": "ship it"})
+        assert (r.status_code, r.headers["location"]) == (303, f"{third}?done=promote")
+        page = await c.get(r.headers["location"])
+        assert "The version is promoted." in page.text
+        rows = re.findall(r"<tr><td>[^<]*</td><td>(\w+)</td><td>(\w+)</td><td>([\d.]+)</td><td>([^<]*)</td>",
+                          page.text)
+        assert rows == [("promote", "dev", "1.2.0", "1.0.0")], rows
+        assert '<option value="1.0.0">1.0.0 (deprecated)</option>' in page.text  # the rollback picker
+
+        r = await c.post(f"{third}/lifecycle/rollback", data={"csrf_token": csrf, "target_channel": "dev",
+                                                               "rollback_to_version": "1.1.0"})
+        assert r.status_code == 409  # an archived version is no rollback target
+        assert "invalid_rollback" in r.text
+        r = await c.post(f"{third}/lifecycle/rollback", data={"csrf_token": csrf, "target_channel": "dev"})
+        assert r.status_code == 303
+        detail = (await c.get(f"/api/procedures/{procedure_id}/1.0.0")).json()
+        assert detail["status"] == "active"
+        name, password = await user(platform, c, ["viewer"])
+    async with signed_in(platform, name, password) as viewer:
+        page = await viewer.get(f"/ui/procedures/{procedure_id}/1.0.0")
+        assert "<td>rollback</td>" in page.text
+        assert "/lifecycle/" not in page.text  # no lifecycle action for a viewer
