@@ -272,6 +272,8 @@ class CommandHandler(Generic[S]):
                     continue
                 handled = Handled(loaded.state, events, tuple(positions), positions[-1], refusal=refusal,
                                   attempts=attempt)
+                log.debug("%s %s: %s appended %s", self.aggregate, aggregate_id, command_type,
+                          ", ".join(e.type for e in events))
                 await self._audit(command, handled, audit_as, audit_meta)
                 return handled
             raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
