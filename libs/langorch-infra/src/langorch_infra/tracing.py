@@ -1,10 +1,10 @@
 """W3C trace context across the platform (api.md §1.3), on the OpenTelemetry API and SDK.
 
 * The gateway's request span continues an incoming ``traceparent``/``tracestate`` (else starts a trace);
-* :func:`inject` puts the current context into the headers of every command published to NATS, and
-  :func:`consumer_span` runs a message handler in a span whose parent is the context of its headers;
-* :func:`outbound_headers` gives an outbound agent, MCP or LLM call a ``traceparent`` of the current trace with
-  a span id of its own.
+* :func:`producer_span` puts the context of a ``send`` span into the headers of every command published to
+  NATS, and :func:`consumer_span` runs a message handler in a span whose parent is the context of its headers;
+* an agent's ``/execute`` and an LLM request run in a :func:`client_span` whose ``traceparent`` they send;
+  :func:`outbound_headers` gives any other outbound call (MCP's own requests) one with a span id of its own.
 
 The SDK ``TracerProvider`` is installed once per process. Without OpenTelemetry's exporter settings it has no span
 processor: spans get real ids and parents and nothing is exported, and the spans only an exported trace needs
@@ -220,10 +220,6 @@ def outbound_headers(name: str) -> dict[str, str]:
         return headers
     finally:
         span.end()
-
-
-def outbound_traceparent(name: str) -> str:
-    return outbound_headers(name)[TRACEPARENT]
 
 
 @contextlib.contextmanager
