@@ -89,7 +89,8 @@ def place() -> Iterator[Path]:
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_")}
-    return {**env, "COLUMNS": "400", "PYTHONUNBUFFERED": "1", **extra}
+    # the banner as a person at a terminal reads it (without one, `langorch up` would log JSON lines)
+    return {**env, "COLUMNS": "400", "PYTHONUNBUFFERED": "1", "LANGORCH_LOG_FORMAT": "console", **extra}
 
 
 def start_up(state: Path, port: int, env: dict[str, str]) -> Up:

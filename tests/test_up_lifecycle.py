@@ -90,8 +90,9 @@ class Up:
 
 def _env(state_dir: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_")}
+    # the output as a person at a terminal reads it (without one, `langorch up` would log JSON lines)
     return {**env, "LANGORCH_STATE_DIR": str(state_dir), "LANGORCH_PORT": str(port), "COLUMNS": "200",
-            "PYTHONUNBUFFERED": "1"}
+            "PYTHONUNBUFFERED": "1", "LANGORCH_LOG_FORMAT": "console"}
 
 
 def start_up(state_dir: Path, port: int, *args: str, launcher: tuple[str, ...] = (sys.executable, "-m")) -> Up:
