@@ -142,7 +142,7 @@ def _covered(spans: list[ExportedSpan]) -> list[str]:
         "LLM call": lambda s: s.name == "chat m-priced" and s.attributes.get("gen_ai.request.model") == "m-priced"
         and isinstance(s.attributes.get("gen_ai.usage.input_tokens"), int),
         "projection": lambda s: s.name.startswith("project lo.evt.run.")
-        and s.attributes.get("db.system") == "postgresql" and s.service == "langorch-gateway",
+        and s.attributes.get("db.system") == "postgresql" and s.attributes.get("langorch.service") == "gateway",
     }
     return [what for what, check in wanted.items() if not has(check)]
 
@@ -180,8 +180,11 @@ async def test_one_run_leaves_one_connected_trace(nats_url: str, database_url: s
     ids = {s.span_id for s in spans}
     orphans = [(s.name, s.parent_id) for s in spans if s.parent_id and s.parent_id not in ids]
     assert not orphans, orphans
-    # the runtime's spans come from the worker process, named `langorch`, each marked with its service
+    # the runtime's spans come from the worker process, named `langorch`; every span is marked with its service
     assert {s.service for s in spans} == {"langorch-gateway", "langorch"}
+    assert {s.attributes.get("langorch.service") for s in spans if s.service == "langorch-gateway"} == {"gateway"}
+    assert {"runtime", "approvals"} <= {s.attributes.get("langorch.service") for s in spans}
+    assert None not in {s.attributes.get("langorch.service") for s in spans}
     assert all(s.attributes.get("langorch.run_id") == run_id for s in spans if s.name.startswith(("node ", "step ")))
     post = roots[0]
     assert post.attributes["http.route"] == "/api/runs"

@@ -23,7 +23,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from langorch_infra import tracing
 from langorch_infra.presence import Presence, new_instance_id
 from langorch_infra.settings import CommonSettings
 
@@ -197,7 +196,6 @@ class ServiceHost:
 
     async def serve(self, metrics_port: int | None = None) -> None:
         """Run until cancelled; ``metrics_port`` overrides the setting (0: no HTTP endpoint)."""
-        tracing.serving(self.service)  # this task's spans, and those of the tasks it starts, are this service's
         port = self.settings.metrics_port if metrics_port is None else metrics_port
         if port:
             self.ops = OpsServer(OpsApp(self.service, self.version, self.registry, self.ready_checks), port)

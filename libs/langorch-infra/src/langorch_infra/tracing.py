@@ -15,13 +15,13 @@ exports over OTLP/HTTP in batches (the exporter, the sampler, the batch delays a
 
 One process may host several services (``langorch up``): a provider has one resource, so ``service.name`` names
 the process (``langorch-<service>`` for one service, ``langorch`` for several, or ``OTEL_SERVICE_NAME``) and every
-span carries the service it was made in as ``langorch.service`` (:func:`serving`).
+span carries the service it was made for as ``langorch.service``, and the run as ``langorch.run_id`` when one is
+known: the fields :mod:`langorch_infra.logs` binds for log records (``serve_as``, the runtime's run execution).
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 
@@ -36,16 +36,17 @@ from opentelemetry.trace import Link, Span, SpanKind, format_trace_id
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
+from langorch_infra import logs
+
 TRACER_NAME = "langorch"
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
-SERVICE_ATTRIBUTE = "langorch.service"
+SPAN_FIELDS = {"service": "langorch.service", "run_id": "langorch.run_id"}
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 _propagator = TraceContextTextMapPropagator()
 _configured = False
 _exporting = False
-_service: contextvars.ContextVar[str | None] = contextvars.ContextVar("langorch_service", default=None)
 
 
 class _Level1Ids(RandomIdGenerator):
@@ -56,12 +57,12 @@ class _Level1Ids(RandomIdGenerator):
         return False
 
 
-class _ServiceAttribute(SpanProcessor):
-    """Stamps ``langorch.service`` (the service whose task made the span, :func:`serving`) on every span."""
+class _LogFields(SpanProcessor):
+    """Stamps the service and the run bound for log records where a span starts (``SPAN_FIELDS``) on the span."""
 
     def on_start(self, span: SdkSpan, parent_context: otel_context.Context | None = None) -> None:
-        if (service := _service.get()) is not None:
-            span.set_attribute(SERVICE_ATTRIBUTE, service)
+        bound = logs.current_fields()
+        span.set_attributes({attribute: bound[name] for name, attribute in SPAN_FIELDS.items() if name in bound})
 
     def on_end(self, span: ReadableSpan) -> None:
         return None
@@ -92,7 +93,7 @@ def setup(services: Sequence[str], instance_id: str | None = None) -> bool:
     if instance_id is not None:
         attributes[SERVICE_INSTANCE_ID] = instance_id
     provider = TracerProvider(id_generator=_Level1Ids(), resource=Resource.create(attributes))
-    provider.add_span_processor(_ServiceAttribute())
+    provider.add_span_processor(_LogFields())
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         trace.set_tracer_provider(provider)
@@ -110,11 +111,6 @@ def shutdown() -> None:
 
 def exporting() -> bool:
     return _exporting
-
-
-def serving(service: str) -> None:
-    """Name the service the current task (and the tasks it starts) works for: its spans carry ``langorch.service``."""
-    _service.set(service)
 
 
 def configure() -> None:
