@@ -29,7 +29,8 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from tests.helpers import Platform, platform_of, wait_until
+from ckp_core.webhook_signing import signature_headers
+from tests.helpers import Platform, platform_of, procedure_doc, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ expect.set_options(timeout=LONG)
 
 @pytest.fixture(scope="module")
 async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
-    async with platform_of(module_nats_url, module_database_url,
+    async with platform_of(module_nats_url, module_database_url, triggers=True,
                            gateway_settings={"auth_enabled": True, "auth_secret_key": SECRET_KEY,
                                              "bootstrap_admin_password": ADMIN_PASSWORD}) as p:
         yield p
@@ -375,6 +376,60 @@ async def test_two_versions_compared(platform: Platform, browser: Browser) -> No
     await page.context.close()
 
 
+async def test_a_webhook_trigger_created_and_fired(platform: Platform, browser: Browser,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a version's Trigger tab: a webhook registration (its missing secret named first), a manual fire from
+    the inputs form, one signed delivery from outside; both fires are listed with their runs."""
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    pid = f"hook-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": procedure_doc(pid)}, headers=bearer)
+    assert r.status_code == 201, r.text
+    r = await platform.client.patch(f"/api/procedures/{pid}/1.0.0/status", json={"status": "active"},
+                                    headers=bearer)
+    assert r.status_code == 200, r.text
+    secret_name, key = f"{pid.replace('-', '_')}_key", uuid.uuid4().hex
+    monkeypatch.setenv(f"LANGORCH_SECRET_{secret_name.upper()}", key)
+
+    page = await new_page(browser, platform.base_url)
+    await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/procedures/{pid}/1.0.0")
+    await page.get_by_role("navigation", name="Version views").get_by_role("link", name="Trigger").click()
+    await expect(page).to_have_url(re.compile(rf"/ui/procedures/{pid}/1\.0\.0/trigger$"))
+    await expect(page.get_by_test_id("registration")).to_have_text("This version has no trigger registration.")
+    await page.get_by_label("Type").select_option("webhook")
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.locator("#err-webhook_secret")).to_be_visible()  # the API names the missing field
+    await expect(page.get_by_label("Webhook secret name")).to_have_attribute("aria-invalid", "true")
+    await no_serious_violations(page, "version-trigger-errors")
+    await page.get_by_label("Webhook secret name").fill(secret_name)
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.get_by_text("The registration is saved.")).to_be_visible()
+    hook_url = f"{platform.base_url}/api/triggers/webhook/{pid}"
+    await expect(page.get_by_test_id("webhook-url")).to_have_text(hook_url)
+    await expect(page.get_by_test_id("sign-example")).to_contain_text(f"--url {hook_url}")
+
+    await page.get_by_label(re.compile(r"^greeting")).fill("fired in the console")
+    await page.get_by_role("button", name="Fire now").click()
+    fired = page.get_by_test_id("fired")
+    await expect(fired).to_contain_text("was created")
+    manual_run = (await fired.get_by_role("link").text_content() or "").strip()
+
+    body = b'{"greeting": "from a sender"}'
+    async with httpx.AsyncClient() as sender:
+        delivered = await sender.post(hook_url, content=body, headers={"Content-Type": "application/json",
+                                                                       **signature_headers(key, body)})
+    assert delivered.status_code == 202, delivered.text
+    hook_run = delivered.json()["run_id"]
+    await page.reload()
+    fires = page.get_by_test_id("fires")
+    await expect(fires.locator("tbody tr")).to_have_count(2)
+    await expect(fires.locator("tbody tr").nth(0)).to_contain_text(hook_run)  # newest first
+    await expect(fires.locator("tbody tr").nth(1)).to_contain_text(manual_run)
+    await no_serious_violations(page, "version-trigger")
+    await fires.get_by_role("link", name=hook_run).click()
+    await expect(page.get_by_test_id("run-status")).to_have_text("completed")
+    await page.context.close()
+
+
 @pytest.mark.parametrize("role", ["viewer", "approver"])
 async def test_actions_are_offered_by_role(platform: Platform, browser: Browser, role: str) -> None:
     """A viewer is offered no mutating action; an approver only the decision on a pending approval."""
@@ -399,7 +454,8 @@ async def test_actions_are_offered_by_role(platform: Platform, browser: Browser,
 
     page = await new_page(browser, platform.base_url)
     await sign_in(page, name, password)
-    for path in ("/ui/", "/ui/runs", "/ui/procedures", f"/ui/procedures/{pid}/1.0.0", f"/ui/runs/{run_id}",
+    for path in ("/ui/", "/ui/runs", "/ui/procedures", f"/ui/procedures/{pid}/1.0.0",
+                 f"/ui/procedures/{pid}/1.0.0/trigger", f"/ui/runs/{run_id}",
                  "/ui/approvals", "/ui/agents", "/ui/leases", "/ui/projects", "/ui/triggers",
                  "/ui/audit?category=auth", "/ui/settings"):
         await page.goto(path)
