@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from ckp_core.compiler import compile_text
+from ckp_core.compiler import canonical_json, compile_document, compile_text, content_hash
 from tests.helpers import EXAMPLES
 
 pytestmark = pytest.mark.unit
@@ -155,3 +155,23 @@ def test_broken_document_reports_a_problem_for_each_breakage() -> None:
     assert lenient.ir is not None
     assert {"unknown_field", "alias_normalised", "undeclared_variable", "logic_without_default"} <= {
         d.code for d in lenient.diagnostics}
+
+
+TRICKY_VALUES: list[Any] = [
+    "".join(chr(i) for i in range(0x800)) + "\u2028\u2029\ufeff\U0001f600",  # controls, quotes, escapes, non-BMP
+    {"é": 1, "e": 2, "\U0001f600": 3, "z\x00": 4, "Z": 5, "": 6},  # key order by code point
+    [2**63 - 1, -(2**63), 2**64 - 1, 2**64, -(2**64) - 1, 10**40],  # within and beyond 64 bits
+    [0.1, 1.0, 2.5e-7, 1e16, 1e22, 123456789012345680.0, -0.0, 5e-324],  # floats: repr-formatted
+    [True, False, None, [], {}],
+]
+
+
+@pytest.mark.parametrize("value", TRICKY_VALUES)
+def test_content_hash_is_the_sha256_of_canonical_json_for_any_value(value: Any) -> None:
+    """The compiler's faster canonical JSON hashes exactly what :func:`canonical_json` writes."""
+    doc = json.loads((EXAMPLES / "minimal_greeting.ckp.json").read_text(encoding="utf-8"))
+    doc["provenance"] = {"value": value}
+    result = compile_document(doc)
+    assert result.ir is not None
+    expected = "sha256:" + hashlib.sha256(canonical_json(doc).encode("utf-8")).hexdigest()
+    assert result.ir.content_hash == expected == content_hash(doc)

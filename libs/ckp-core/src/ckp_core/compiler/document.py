@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
+import orjson
+
 from ckp_core.compiler.checks import ProcedureLookup, check_secret_aliases, reachability, subflow_checks, undeclared
 from ckp_core.compiler.config import global_config
 from ckp_core.compiler.fields import MISSING, PROCEDURE_ID_RE, Compilation, strip_object
@@ -35,6 +37,7 @@ ROOT_FIELDS = frozenset({
 })
 RETRIEVAL_ALIASES = {"intents": "primary_intents", "domain": "business_domain"}
 _CONTAINERS = (dict, list)  # a tuple: isinstance with a union type is several times slower
+_PLAIN = frozenset({dict, list, str, int, bool, type(None)})
 
 
 @dataclass
@@ -114,10 +117,18 @@ def compile_document(doc: Any, lookup: ProcedureLookup | None = None) -> Compile
 def _document_problem(doc: dict[str, Any]) -> tuple[str | None, bytes | None]:
     """Why a decoded document cannot be stored as canonical JSON (too deep, non-finite numbers, lone
     surrogates), or None with the document's canonical JSON as UTF-8 (None when it could not be made here)."""
-    if _too_deep(doc):
+    too_deep, plain = _shape(doc)
+    if too_deep:
         return f"CKP document is nested deeper than {MAX_NESTING} levels", None
-    # The canonical text serves both as this check and, later, as the content hash. When it fails (or cannot be
-    # sorted), the check is repeated on the text in document order, whose first error is the one reported.
+    # The canonical text serves both as this check and, later, as the content hash. orjson writes plain data
+    # (no floats, whose repr it formats differently) byte for byte as json.dumps does, about 5 times faster.
+    if plain:
+        try:
+            return None, orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS)
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate: json.dumps decides below
+            pass
+    # When json.dumps fails (or cannot sort), the check is repeated on the text in document order, whose first
+    # error is the one reported.
     try:
         return None, json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                                 allow_nan=False).encode("utf-8")
@@ -132,19 +143,22 @@ def _document_problem(doc: dict[str, Any]) -> tuple[str | None, bytes | None]:
     return None, None
 
 
-def _too_deep(doc: dict[str, Any]) -> bool:
-    """Whether an object or array is nested deeper than MAX_NESTING (the document itself is level 1)."""
+def _shape(doc: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether an object or array is nested deeper than MAX_NESTING (the document itself is level 1), and
+    whether every value is plain JSON data without a float (exactly str, int, bool, null, object, array)."""
     level: list[Any] = [doc]
+    plain = True
     for _ in range(MAX_NESTING):
         # One level at a time, in comprehensions. A level this large means shared or circular containers (not
         # decoded JSON text), where the walk that follows one path at a time finds a cycle sooner.
         if len(level) > 1_000_000:
-            return _too_deep_by_path(doc)
-        level = [item for value in level for item in (value.values() if isinstance(value, dict) else value)
-                 if isinstance(item, _CONTAINERS)]
+            return _too_deep_by_path(doc), False
+        items = [item for value in level for item in (value.values() if isinstance(value, dict) else value)]
+        plain = plain and _PLAIN.issuperset(map(type, items))
+        level = [item for item in items if isinstance(item, _CONTAINERS)]
         if not level:
-            return False
-    return True
+            return False, plain and type(doc) is dict
+    return True, False
 
 
 def _too_deep_by_path(doc: dict[str, Any]) -> bool:
