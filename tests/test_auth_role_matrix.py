@@ -171,6 +171,7 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/runs/{run_id}"): "ui:viewer",
     ("GET", "/ui/runs/{run_id}/header"): "ui:viewer",
     ("GET", "/ui/runs/{run_id}/graph"): "ui:viewer",
+    ("GET", "/ui/runs/{run_id}/replay"): "ui:viewer",
     ("GET", "/ui/runs/{run_id}/{tab}"): "ui:viewer",
     ("POST", "/ui/runs/{run_id}/{action}"): "ui:operator",
     ("GET", "/ui/procedures"): "ui:viewer",

@@ -430,6 +430,47 @@ async def test_a_webhook_trigger_created_and_fired(platform: Platform, browser: 
     await page.context.close()
 
 
+async def test_a_run_replayed_with_the_slider(platform: Platform, browser: Browser) -> None:
+    """Moving the replay slider back shows an earlier node status and variable, without leaving the page."""
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    pid = f"replay-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": procedure_doc(pid)}, headers=bearer)
+    assert r.status_code == 201, r.text
+    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
+                                                      "input_vars": {"greeting": "replayed"}}, headers=bearer)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
+
+    async def run() -> dict[str, Any]:
+        return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
+
+    await wait_until(run, lambda body: body.get("status") == "completed", timeout=60)
+    total = (await platform.client.get(f"/api/runs/{run_id}/events", headers=bearer)).json()["total"]
+
+    page = await new_page(browser, platform.base_url)
+    await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/runs/{run_id}")
+    await page.get_by_role("navigation", name="Run views").get_by_role("link", name="Replay").click()
+    await expect(page).to_have_url(re.compile(rf"/ui/runs/{run_id}/replay$"))
+    position = page.get_by_test_id("replay-position")
+    await expect(position).to_contain_text(f"of {total}: run_completed")
+    start = page.locator("#replay-graph-title ~ g.node").first
+    await expect(start).to_have_attribute("data-status", "completed")
+    greeting = page.locator('tr[data-variable="greeting"]')
+    await expect(greeting).to_contain_text('"replayed"')
+    await no_serious_violations(page, "run-replay")
+
+    await page.get_by_role("slider", name="After event").fill("1")  # back to the run's creation, in place (htmx)
+    await expect(position).to_contain_text(f"#1 of {total}: run_created")
+    await expect(start).to_have_attribute("data-status", "not_started")
+    await expect(greeting).to_contain_text("input (event #1)")
+    await expect(page).to_have_url(re.compile(rf"/ui/runs/{run_id}/replay\?at=1$"))  # a link one can share
+    await page.get_by_role("slider", name="After event").fill("0")
+    await expect(position).to_contain_text(f"Before the first event (0 of {total})")
+    await expect(page.get_by_text("No variable is known yet.")).to_be_visible()
+    await no_serious_violations(page)
+    await page.context.close()
+
+
 @pytest.mark.parametrize("role", ["viewer", "approver"])
 async def test_actions_are_offered_by_role(platform: Platform, browser: Browser, role: str) -> None:
     """A viewer is offered no mutating action; an approver only the decision on a pending approval."""

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from ckp_core import runs
-from langorch_gateway.ui import catalogue, forms, graph, textdiff
+from langorch_gateway.ui import catalogue, forms, graph, replay, textdiff
 from langorch_gateway.ui.console import (
     ApiFailure,
     Console,
@@ -239,19 +239,23 @@ async def _run_view(ui: Console, run_id: str) -> dict[str, Any]:
             "retryable": run["status"] in runs.RETRYABLE_STATUSES}
 
 
+async def _run_events(ui: Console, run_id: str) -> list[dict[str, Any]]:
+    """All the run's events so far, in order (``GET /api/runs/{id}/events``, page by page)."""
+    events: list[dict[str, Any]] = []
+    while True:
+        chunk = await ui.get(f"/api/runs/{path_id(run_id)}/events", {"limit": EVENTS_PAGE, "offset": len(events)})
+        events.extend(chunk["items"])
+        if not chunk["items"] or len(events) >= chunk["total"]:
+            return events
+
+
 @router.get("/ui/runs/{run_id}")
 async def run_page(request: Request, run_id: str) -> Response:
     """A run: header, actions by role, and its timeline (events read so far, then live over SSE)."""
 
     async def build(ui: Console) -> Response:
         view = await _run_view(ui, run_id)
-        events: list[dict[str, Any]] = []
-        while True:
-            chunk = await ui.get(f"/api/runs/{path_id(run_id)}/events", {"limit": EVENTS_PAGE,
-                                                                         "offset": len(events)})
-            events.extend(chunk["items"])
-            if not chunk["items"] or len(events) >= chunk["total"]:
-                break
+        events = await _run_events(ui, run_id)
         after = max((e["stream_seq"] for e in events), default=0)
         return ui.render("run.html", **view, **await _run_graph(ui, run_id), events=events, after=after,
                          title=f"Run {run_id}")
@@ -275,6 +279,27 @@ async def run_graph(request: Request, run_id: str) -> Response:
 
     async def build(ui: Console) -> Response:
         return ui.render("_graph.html", **await _run_graph(ui, run_id))
+
+    return await page(request, build)
+
+
+@router.get("/ui/runs/{run_id}/replay")
+async def run_replay(request: Request, run_id: str) -> Response:
+    """The run after its first ``at`` events (all of them by default): node statuses on the graph and the
+    variables, rebuilt here from the events (:mod:`.replay`); a slider moves through them."""
+
+    async def build(ui: Console) -> Response:
+        view = await _run_view(ui, run_id)
+        events = await _run_events(ui, run_id)
+        at = min(_int(request.query_params.get("at"), len(events)), len(events))
+        laid_out = await ui.get(f"/api/runs/{path_id(run_id)}/graph")
+        shape = laid_out["graph"] or {}
+        statuses = replay.node_statuses(events[:at], [n["id"] for n in shape.get("nodes") or []])
+        return ui.render("run_replay.html", **view, tab="replay", at=at, total=len(events),
+                         event=events[at - 1] if at else None, variables=replay.variables(events[:at]),
+                         drawing=graph.drawing(shape, statuses), graph_id="replay-graph",
+                         graph_label=f"Graph of {view['run']['procedure_id']} after event {at} of {len(events)}",
+                         graph_unavailable=laid_out.get("graph_unavailable_reason"), title=f"Run {run_id}: replay")
 
     return await page(request, build)
 
