@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -21,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from ckp_core.commands import Command
 from ckp_core.errors import ConcurrencyError
@@ -92,34 +94,72 @@ async def ensure_topology(js: JetStreamContext, *, audit_retention_days: int | N
     ``LO_AUDIT`` as it is (and creates a missing one with the default 365 days). ``replicas``
     (``LANGORCH_NATS_REPLICAS``) is the replica count everything is created with, and an existing stream, bucket or
     store with another count is changed to it (the server moves the data); a caller that passes none creates at R1
-    and changes no count.
+    and changes no count. JetStream briefly unavailable (a leader being elected, a node restarting, a stream
+    forming its replica group after a change) is waited out: each step is tried again with backoff.
     """
     for default in STREAMS:
         cfg = _with_retention(default, audit_retention_days)
-        try:
-            info = await js.stream_info(cfg.name or "")
-        except NotFoundError:
-            try:
-                await js.add_stream(replace(cfg, num_replicas=replicas or 1))
-            except BadRequestError:  # created concurrently by another replica
-                await js.stream_info(cfg.name or "")
-            continue
-        current = info.config.num_replicas or 1
-        target = replicas or current
-        if cfg.name == AUDIT_STREAM and audit_retention_days is None:
-            if target == current:
-                continue
-            cfg = info.config
-        if target != current:
-            log.info("stream %s: replicas %d -> %d", cfg.name, current, target)
-        await js.update_stream(replace(cfg, num_replicas=target))
+        await _patiently(f"stream {cfg.name}", partial(_ensure_stream, js, cfg, audit_retention_days is None, replicas))
     for bucket in BUCKETS:
-        if not await _reconcile_replicas(js, f"KV_{bucket}", replicas):
-            try:
-                await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE,
-                                                         replicas=replicas or 1))
-            except BadRequestError:  # created concurrently by another replica
-                await js.key_value(bucket)
+        await _patiently(f"KV bucket {bucket}", partial(_ensure_bucket, js, bucket, replicas))
+    await _patiently(f"object store {ARTIFACTS_BUCKET}", partial(_ensure_object_store, js, replicas))
+
+
+TRANSIENT_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
+                    ServiceUnavailableError)
+"""What JetStream answers while a stream or meta leader is being elected or a node restarts."""
+
+
+async def _patiently(what: str, step: Callable[[], Awaitable[None]], give_up_s: float = 60) -> None:
+    """``step`` again with growing pauses while JetStream is briefly unavailable (:data:`TRANSIENT_ERRORS`), so a
+    replica starting during a failover waits instead of exiting; raises after ``give_up_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + give_up_s
+    pause = 0.2
+    while True:
+        try:
+            await step()
+            return
+        except TRANSIENT_ERRORS as exc:
+            if loop.time() + pause > deadline:
+                raise
+            log.warning("%s: JetStream unavailable (%s); trying again in %.1f s", what, type(exc).__name__, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig, keep_audit: bool, replicas: int | None) -> None:
+    """Create ``cfg``'s stream, or bring it to ``cfg`` and ``replicas`` (``LO_AUDIT`` only to ``replicas`` when
+    ``keep_audit``)."""
+    try:
+        info = await js.stream_info(cfg.name or "")
+    except NotFoundError:
+        try:
+            await js.add_stream(replace(cfg, num_replicas=replicas or 1))
+        except BadRequestError:  # created concurrently by another replica
+            await js.stream_info(cfg.name or "")
+        return
+    current = info.config.num_replicas or 1
+    target = replicas or current
+    if cfg.name == AUDIT_STREAM and keep_audit:
+        if target == current:
+            return
+        cfg = info.config
+    if target != current:
+        log.info("stream %s: replicas %d -> %d", cfg.name, current, target)
+    await js.update_stream(replace(cfg, num_replicas=target))
+
+
+async def _ensure_bucket(js: JetStreamContext, bucket: str, replicas: int | None) -> None:
+    if not await _reconcile_replicas(js, f"KV_{bucket}", replicas):
+        try:
+            await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE,
+                                                     replicas=replicas or 1))
+        except BadRequestError:  # created concurrently by another replica
+            await js.key_value(bucket)
+
+
+async def _ensure_object_store(js: JetStreamContext, replicas: int | None) -> None:
     if not await _reconcile_replicas(js, f"OBJ_{ARTIFACTS_BUCKET}", replicas):
         try:
             await js.create_object_store(ARTIFACTS_BUCKET, ObjectStoreConfig(storage=StorageType.FILE,
