@@ -184,6 +184,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("POST", "/ui/procedures/{procedure_id}/{version}/trigger"): "ui:operator",
     ("POST", "/ui/procedures/{procedure_id}/{version}/trigger/{action}"): "ui:operator",
     ("POST", "/ui/procedures/{procedure_id}/{version}/lifecycle/{action}"): "ui:operator",
+    ("POST", "/ui/procedures/{procedure_id}/{version}/source"): "ui:operator",
+    ("GET", "/ui/procedures/{procedure_id}/{version}/explain"): "ui:viewer",
     ("GET", "/ui/approvals"): "ui:viewer",
     ("GET", "/ui/agents"): "ui:viewer",
     ("GET", "/ui/leases"): "ui:viewer",

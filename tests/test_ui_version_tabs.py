@@ -8,6 +8,7 @@ tests/test_ui_browser.py."""
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import uuid
@@ -18,7 +19,7 @@ import pytest
 
 from ckp_core.webhook_signing import signature_headers
 from tests.helpers import Platform, platform_of, procedure_doc, wait_until
-from tests.test_ui_pages import ADMIN_PASSWORD, SECRET_KEY, csrf_of, signed_in, user
+from tests.test_ui_pages import ADMIN_PASSWORD, EXAMPLE, SECRET_KEY, csrf_of, signed_in, user
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +179,48 @@ async def test_lifecycle_actions_show_the_apis_refusals_and_the_deployment_histo
         page = await viewer.get(f"/ui/procedures/{procedure_id}/1.0.0")
         assert "<td>rollback</td>" in page.text
         assert "/lifecycle/" not in page.text  # no lifecycle action for a viewer
+
+
+async def test_explain_with_inputs_in_the_url_and_a_draft_edited_with_diagnostics(platform: Platform) -> None:
+    document = json.loads(EXAMPLE.read_text())
+    document["procedure_id"] = procedure_id = f"tab_{uuid.uuid4().hex[:10]}"
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        r = await c.post("/api/procedures", json={"ckp_json": document},
+                         headers={"X-CSRF-Token": c.cookies["langorch_csrf"]})
+        assert r.status_code == 201, r.text
+        base = f"/ui/procedures/{procedure_id}/1.0.0"
+        page = await c.get(f"{base}/explain")
+        assert page.status_code == 200
+        assert '<dd data-testid="missing-inputs">product_id</dd>' in page.text
+        page = await c.get(f"{base}/explain", params={"var.product_id": "7"})  # a link one can share
+        trace = re.findall(r"<li><code>(\w+)</code>", page.text.split('data-testid="route-trace"')[1])
+        assert trace[:2] == ["fetch_product", "quality_check"], trace
+        assert '<dd data-testid="missing-inputs">—</dd>' in page.text
+        page = await c.get(f"{base}/explain", params={"var.product_id": "500"})
+        assert 'id="err-input_vars-product_id"' in page.text  # the analysis checks the inputs too
+
+        page = await c.get(base)
+        assert 'name="ckp_text"' in page.text  # a draft's source is editable
+        csrf = csrf_of(page.text)
+        broken = json.loads(json.dumps(document))
+        broken["workflow_graph"]["nodes"]["fetch_product"]["type"] = "teleport"
+        r = await c.post(f"{base}/source", data={"csrf_token": csrf, "revision": "1", "ckp_text": json.dumps(broken)})
+        assert r.status_code == 422
+        assert "/workflow_graph/nodes/fetch_product" in r.text.split('data-testid="source-diagnostics"')[1]
+        assert "teleport" in r.text  # the edited text is kept
+        r = await c.post(f"{base}/source", data={"csrf_token": csrf, "ckp_text": "[1]"})
+        assert r.status_code == 422
+        assert "Must be a JSON object" in r.text
+        edited = json.loads(json.dumps(document))
+        edited["description"] = "edited in the console"
+        r = await c.post(f"{base}/source", data={"csrf_token": csrf, "revision": "1", "ckp_text": json.dumps(edited)})
+        assert (r.status_code, r.headers["location"]) == (303, f"{base}?done=source")
+        assert (await c.get(f"/api/procedures/{procedure_id}/1.0.0")).json()["description"] == "edited in the console"
+        r = await c.post(f"{base}/source", data={"csrf_token": csrf, "revision": "1", "ckp_text": json.dumps(edited)})
+        assert r.status_code == 412  # read at revision 1, replaced since
+        r = await c.patch(f"/api/procedures/{procedure_id}/1.0.0/status", json={"status": "active"},
+                          headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 200, r.text
+        page = await c.get(base)
+        assert 'name="ckp_text"' not in page.text
+        assert "only a draft can be edited" in page.text

@@ -530,6 +530,37 @@ async def lifecycle(request: Request, procedure_id: str, version: str, action: s
     return await page(request, build, needs="operator")
 
 
+@router.post("/ui/procedures/{procedure_id}/{version}/source")
+async def replace_source(request: Request, procedure_id: str, version: str) -> Response:
+    """Replace a draft's document (``PUT /api/procedures/{id}/{version}``, the revision the page was read at as
+    ``If-Match``); the compile diagnostics with their JSON paths, or the refusal (not a draft, changed meanwhile),
+    come back on the version page with the edited text kept."""
+    form = await _form(request)
+
+    async def build(ui: Console) -> Response:
+        text = form.get("ckp_text", "")
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            document, problem = None, {"ckp_json": [f"Not valid JSON: {exc}"]}
+        else:
+            problem = {} if isinstance(document, dict) else {"ckp_json": ["Must be a JSON object"]}
+        if problem:
+            return await _version_page(ui, procedure_id, version, 422, source_text=text, source_errors=problem)
+        headers = {"X-CSRF-Token": form.get("csrf_token", "")}
+        if form.get("revision", "").isdigit():
+            headers["If-Match"] = f'"{form["revision"]}"'
+        answer = await ui.api.put(f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}",
+                                  json={"ckp_json": document}, headers=headers)
+        if answer.status_code in (200, 202):
+            return _see_other(f"/ui/procedures/{path_id(procedure_id)}/{path_id(version)}?done=source")
+        refused = problem_of(answer)
+        return await _version_page(ui, procedure_id, version, answer.status_code, source_text=text,
+                                   source_problem=refused, source_errors=form_errors(refused))
+
+    return await page(request, build, needs="operator")
+
+
 # -- read-only lists (agents, leases, projects, audit) -----------------------------------------------------------
 
 
