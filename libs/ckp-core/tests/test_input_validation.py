@@ -76,3 +76,17 @@ def test_template_default_is_rendered_against_inputs_and_builtins() -> None:
 def test_subject_tokens_are_encoded_reversibly(raw: str, encoded: str) -> None:
     assert encode_token(raw) == encoded
     assert decode_token(encoded) == raw
+
+
+def test_an_integer_beyond_a_float_is_an_integer() -> None:
+    """float(10**400) overflows: an int is an integer without converting it (the compiler raised on such a
+    default; hypothesis found it)."""
+    spec = {"type": "integer", "default": 10**400}
+    doc = {"procedure_id": "big", "version": "1", "variables_schema": {"n": spec},
+           "workflow_graph": {"start_node": "end", "nodes": {"end": {"type": "terminate"}}}}
+    result = compile_document(doc)
+    assert result.ir is not None
+    assert validate_inputs(result.ir.variables, {"n": 10**400}) == {"n": 10**400}
+    spec["validation"] = {"max": 5}
+    assert [(d.code, d.path) for d in compile_document(doc).diagnostics] == [
+        ("invalid_default", "/variables_schema/n/default")]

@@ -89,7 +89,7 @@ def coerce(value: Any, vtype: VarType | None) -> tuple[bool, Any, str]:
         candidate: Any = value
         if isinstance(value, str):
             candidate = _numeric_string(value)
-        if _is_number(candidate) and float(candidate).is_integer():
+        if _is_number(candidate) and (isinstance(candidate, int) or float(candidate).is_integer()):
             return True, int(candidate), ""
         return False, None, "Must be an integer"
     if vtype == "boolean":
