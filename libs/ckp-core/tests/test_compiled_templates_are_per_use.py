@@ -68,4 +68,4 @@ def test_the_same_text_is_checked_where_it_is_used() -> None:
     ir = template(c, {"key": text}, "/op", secrets=frozenset({"key"}))
     assert ir is not None
     assert [(use[0], use[1]) for use in c.secret_uses] == [("pw", "/op/key")]
-    assert [(r.root, r.path) for r in c.reads] == [("user", "/op/key")]
+    assert [(root, path) for root, path, _, _ in c.reads] == [("user", "/op/key")]

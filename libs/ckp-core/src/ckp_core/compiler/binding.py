@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from ckp_core.compiler.fields import Compilation, Read
+from ckp_core.compiler.fields import Compilation
 from ckp_core.expressions import (
     Access,
     Const,
@@ -24,7 +24,7 @@ from ckp_core.expressions import (
     parse_expression,
 )
 from ckp_core.expressions import Node as AstNode
-from ckp_core.ir import ExpressionIR, SecretRefIR, TemplateIR
+from ckp_core.ir import ExpressionIR, SecretRefIR, TemplateIR, construct
 from ckp_core.templates import TemplateSyntaxError, compile_template_checked, template_to_json
 
 
@@ -49,7 +49,7 @@ def expression(c: Compilation, source: Any, path: str, check_roots: bool = True,
             return None
     if check_roots:
         for root in expr.referenced_roots - local_names:
-            c.reads.append(Read(root, path, c.node_id, c.step_id))
+            c.reads.append((root, path, c.node_id, c.step_id))
     return _expression_ir(source)
 
 
@@ -111,12 +111,12 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
             if secret_refs is not None:
                 secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
         for root in ph.reads if not local_names else ph.roots - local_names - {"secrets"}:
-            c.reads.append(Read(root, where, c.node_id, c.step_id))
+            c.reads.append((root, where, c.node_id, c.step_id))
     if not ok:
         return None
     if isinstance(value, str):
         return _string_template(value)
-    return TemplateIR(source=value, strings=strings)
+    return construct(TemplateIR, {"source": value, "strings": [dict(entry) for entry in strings]})
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,12 +139,12 @@ def _ends_path(node: NodeIR) -> bool:
 def undeclared(c: Compilation, variables: Mapping[str, VariableSpec], trigger: TriggerIR | None) -> None:
     known = set(variables) | c.produced | BUILTIN_NAMES | set(trigger.input_vars if trigger else ())
     reported: set[tuple[str, str]] = set()
-    for read in c.reads:
-        if read.root not in known and (read.root, read.path) not in reported:
-            reported.add((read.root, read.path))
-            c.node_id, c.step_id = read.node_id, read.step_id
-            c.add("warning", "undeclared_variable", f"{read.path}: '{read.root}' is not declared and no step "
-                  "produces it; it renders as null", read.path)
+    for root, path, node_id, step_id in c.reads:
+        if root not in known and (root, path) not in reported:
+            reported.add((root, path))
+            c.node_id, c.step_id = node_id, step_id
+            c.add("warning", "undeclared_variable", f"{path}: '{root}' is not declared and no step produces it; "
+                  "it renders as null", path)
     c.node_id = c.step_id = None
 
 

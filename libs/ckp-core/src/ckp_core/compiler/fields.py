@@ -77,14 +77,9 @@ class NodeContext(NamedTuple):  # (a tuple: built for every node, faster than a 
     dispatch_mode: str | None
 
 
-@dataclass
-class Read:
-    """A variable an expression or placeholder reads, checked against the known names at the end."""
-
-    root: str
-    path: str
-    node_id: str | None
-    step_id: str | None
+# A variable an expression or placeholder reads, checked against the known names at the end: (root name, JSON
+# Pointer, node id, step id). A plain tuple: there is one per placeholder and expression root.
+Read = tuple[str, str, str | None, str | None]
 
 
 @dataclass

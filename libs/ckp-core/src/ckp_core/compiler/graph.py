@@ -19,6 +19,7 @@ from ckp_core.ir import (
     LoopPayload,
     NodeIR,
     ParallelPayload,
+    construct,
 )
 
 NODE_TYPES = (
@@ -149,12 +150,12 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
     if payload is None:
         return None
     description = c.string(n, "description", path)
-    return NodeIR(
-        id=node_id, type=ntype, description=description, agent=agent, channel=channel,
-        orchestrator=orchestrator, next_node=next_node, error_handlers=handlers,
-        is_checkpoint=c.boolean(n, "is_checkpoint", path), sla=node_sla, telemetry=node_telemetry,
-        idempotency_key=idem, dispatch_mode=dispatch_mode, payload=payload,
-    )
+    return construct(NodeIR, {
+        "id": node_id, "type": ntype, "description": description, "agent": agent, "channel": channel,
+        "orchestrator": orchestrator, "next_node": next_node, "error_handlers": handlers,
+        "is_checkpoint": c.boolean(n, "is_checkpoint", path), "sla": node_sla, "telemetry": node_telemetry,
+        "idempotency_key": idem, "dispatch_mode": dispatch_mode, "payload": payload,
+    })
 
 
 def _edges_of(node: NodeIR) -> list[EdgeIR]:
@@ -163,7 +164,8 @@ def _edges_of(node: NodeIR) -> list[EdgeIR]:
 
     def edge(target: str | None, kind: str, fld: str, label: str | None = None) -> None:
         if target is not None:
-            out.append(EdgeIR(source=node.id, target=target, kind=kind, label=label, field=f"{base}/{fld}"))
+            out.append(construct(EdgeIR, {"source": node.id, "target": target, "kind": kind, "label": label,
+                                          "field": f"{base}/{fld}"}))
 
     p = node.payload
     # Exact classes (the payload models have no subclasses): isinstance would go through ABCMeta for each.

@@ -10,7 +10,7 @@ from ckp_core.compiler.retry import retry_keys
 from ckp_core.compiler.steps import steps
 from ckp_core.diagnostics import pointer
 from ckp_core.expressions import json_type_name
-from ckp_core.ir import CustomMetricIR, ErrorHandlerIR, HandlerTriggerIR, RetryPolicyIR, SlaIR, StepIR, TelemetryIR
+from ckp_core.ir import CustomMetricIR, ErrorHandlerIR, HandlerTriggerIR, RetryPolicyIR, SlaIR, TelemetryIR
 
 HANDLER_FIELDS = frozenset({
     "error_type", "trigger", "action", "recovery_strategy", "max_retries", "delay_ms", "retry_policy",
@@ -59,7 +59,7 @@ def error_handlers(c: Compilation, raw: Any, path: str, orchestrator: bool,
         handler = ErrorHandlerIR(
             index=i, error_type=error_type, trigger=trigger, action=action,
             max_retries=3 if max_retries is None else max_retries, delay_ms=1000 if delay is None else delay,
-            retry_policy=policy, recovery_steps=[StepIR(**fields) for fields in recovery], fallback_node=fallback,
+            retry_policy=policy, recovery_steps=recovery, fallback_node=fallback,
             notify_on_error=c.boolean(h, "notify_on_error", hp), error_metadata=metadata,
         )
         if catch_all_at is not None:

@@ -14,7 +14,7 @@ from ckp_core.compiler.fields import MISSING, Compilation, NodeContext, regex_pr
 from ckp_core.compiler.operations import INTERNAL_OPERATIONS, operation_body
 from ckp_core.compiler.retry import retry_keys
 from ckp_core.diagnostics import pointer
-from ckp_core.ir import Binding, OutputMappingIR, SecretRefIR, ValidationIR
+from ckp_core.ir import Binding, OutputMappingIR, SecretRefIR, StepIR, ValidationIR, construct
 from ckp_core.templates import has_placeholder
 
 # Conventional dispatched actions per channel (§4.4), used for hints by explain and the console.
@@ -42,16 +42,15 @@ STEP_OPTIONS = STEP_META_FIELDS - {"step_id", "action"}
 
 
 def steps(c: Compilation, raw: Any, path: str, ctx: NodeContext,
-          recovery_of: str | None = None) -> list[dict[str, Any]] | None:
-    """A list of steps (a sequence node's, or an error handler's recovery steps) as the fields of their
-    :class:`StepIR`; None if one is invalid.
+          recovery_of: str | None = None) -> list[StepIR] | None:
+    """A list of steps (a sequence node's, or an error handler's recovery steps); None if one is invalid.
 
-    The model that holds the steps validates them into StepIR: one validation of the whole list is about a
-    quarter cheaper than one per step, and steps are the most numerous models of an IR.
+    Steps are the most numerous models of an IR: each is made of the fields :func:`step` checked, without
+    validating them again.
     """
     if not c.expect(raw, (list,), "array", path):
         return None
-    out: list[dict[str, Any]] = []
+    out: list[StepIR] = []
     seen: set[str] = set()
     ok = True
     for i, raw_step in enumerate(raw):
@@ -60,12 +59,12 @@ def steps(c: Compilation, raw: Any, path: str, ctx: NodeContext,
         if compiled is None:
             ok = False
         else:
-            out.append(compiled)
+            out.append(construct(StepIR, compiled))
     return out if ok else None
 
 
 def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) -> dict[str, Any] | None:
-    """One step: the fields of its :class:`StepIR` (see :func:`steps`), or None."""
+    """One step: every field of its :class:`StepIR`, checked, or None."""
     s = c.obj(raw, path)
     if s is None:
         return None

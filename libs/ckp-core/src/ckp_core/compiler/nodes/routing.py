@@ -6,7 +6,7 @@ from typing import Any
 
 from ckp_core.compiler.binding import expression, opt_template
 from ckp_core.compiler.fields import MISSING, Compilation, NodeContext
-from ckp_core.ir import BranchIR, LogicPayload, LoopPayload, ParallelPayload, RuleIR
+from ckp_core.ir import BranchIR, LogicPayload, LoopPayload, ParallelPayload, RuleIR, construct
 
 
 def node_logic(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> LogicPayload | None:
@@ -24,14 +24,14 @@ def node_logic(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> LogicPayl
         target = c.node_ref(r, "next_node", rp, required=True)
         condition = None if cond is MISSING else expression(c, cond, f"{rp}/condition")
         if condition is not None and target is not None:
-            rules.append(RuleIR(condition=condition, next_node=target))
+            rules.append(construct(RuleIR, {"condition": condition, "next_node": target}))
     if not rules_raw and default is None:
         c.add("error", "empty_logic", f"Node '{ctx.node_id}': logic needs at least one rule or a "
               "default_next_node", ctx.path)
     elif default is None:
         c.add("warning", "logic_without_default", f"Node '{ctx.node_id}': no default_next_node; an unmatched "
               "run fails with logic_no_route", ctx.path)
-    return LogicPayload(rules=rules, default_next_node=default)
+    return construct(LogicPayload, {"kind": "logic", "rules": rules, "default_next_node": default})
 
 
 def node_loop(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> LoopPayload | None:

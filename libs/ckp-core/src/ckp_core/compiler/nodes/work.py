@@ -9,7 +9,15 @@ from ckp_core.compiler.binding import expression, opt_template, template
 from ckp_core.compiler.fields import MISSING, Compilation, NodeContext
 from ckp_core.compiler.operations import operations
 from ckp_core.compiler.steps import steps, validation
-from ckp_core.ir import CheckIR, ProcessingPayload, SequencePayload, TerminatePayload, ValidationIR, VerificationPayload
+from ckp_core.ir import (
+    CheckIR,
+    ProcessingPayload,
+    SequencePayload,
+    TerminatePayload,
+    ValidationIR,
+    VerificationPayload,
+    construct,
+)
 
 
 def node_sequence(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> SequencePayload | None:
@@ -24,7 +32,7 @@ def node_sequence(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> Sequen
                 validations.append(v)
     if compiled_steps is None:
         return None
-    return SequencePayload.model_validate({"steps": compiled_steps, "validations": validations})
+    return construct(SequencePayload, {"kind": "sequence", "steps": compiled_steps, "validations": validations})
 
 
 def node_processing(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> ProcessingPayload | None:
@@ -76,5 +84,6 @@ def node_terminate(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> Termi
     audit = opt_template(c, n, "final_audit_log", p)
     if outputs is None or cleanup is None or error_actions is None or ("final_audit_log" in n and audit is None):
         return None
-    return TerminatePayload(status=status or "success", outputs=outputs,
-                            cleanup_actions=cleanup, error_actions=error_actions, final_audit_log=audit)
+    return construct(TerminatePayload, {"kind": "terminate", "status": status or "success", "outputs": outputs,
+                                        "cleanup_actions": cleanup, "error_actions": error_actions,
+                                        "final_audit_log": audit})
