@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from ckp_core.webhook_signing import signature_headers
-from tests.helpers import Platform, platform_of, procedure_doc, wait_until
+from tests.helpers import Platform, platform_of, procedure_doc, wait_status, wait_until
 from tests.test_ui_pages import ADMIN_PASSWORD, EXAMPLE, SECRET_KEY, csrf_of, signed_in, user
 
 pytestmark = pytest.mark.integration
@@ -224,3 +224,51 @@ async def test_explain_with_inputs_in_the_url_and_a_draft_edited_with_diagnostic
         page = await c.get(base)
         assert 'name="ckp_text"' not in page.text
         assert "only a draft can be edited" in page.text
+
+
+async def test_rerun_with_edited_inputs_and_the_admins_history_cleanup(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        procedure_id = await active_version(c)
+        headers = {"X-CSRF-Token": c.cookies["langorch_csrf"]}
+        r = await c.post("/api/runs", json={"procedure_id": procedure_id, "input_vars": {"greeting": "first"}},
+                         headers=headers)
+        assert r.status_code == 201, r.text
+        original = r.json()["run_id"]
+        await wait_status(c, original, timeout=60)
+        assert f'href="/ui/runs/{original}/rerun"' in (await c.get(f"/ui/runs/{original}")).text
+        form = await c.get(f"/ui/runs/{original}/rerun")
+        assert 'name="var.greeting" value="first"' in form.text  # starts from the original's inputs
+        r = await c.post(f"/ui/runs/{original}/rerun", data={"csrf_token": csrf_of(form.text),
+                                                             "var.greeting": "second"})
+        assert r.status_code == 303, r.text
+        rerun = r.headers["location"].rsplit("/", 1)[1]
+        run = (await c.get(f"/api/runs/{rerun}")).json()
+        assert (run["rerun_of"], run["input_vars"]["greeting"]) == (original, "second")
+        await wait_status(c, rerun, timeout=60)
+
+        assert 'href="/ui/runs/cleanup"' in (await c.get("/ui/runs")).text
+        page = await c.get("/ui/runs/cleanup")
+        csrf = csrf_of(page.text)
+        r = await c.post("/ui/runs/cleanup", data={"csrf_token": csrf, "before": "yesterday",
+                                                   "statuses": "completed", "action": "preview"})
+        assert r.status_code == 422
+        assert re.search(r'id="err-before">\s*<li>', r.text), r.text
+        tomorrow = "2999-01-01"
+        r = await c.post("/ui/runs/cleanup", data={"csrf_token": csrf, "before": tomorrow, "statuses": "completed",
+                                                   "procedure_id": procedure_id, "action": "preview"})
+        assert r.status_code == 200
+        assert "<strong>2</strong> runs match" in r.text
+        assert (await c.get(f"/api/runs/{original}")).status_code == 200  # a preview deletes nothing
+        r = await c.post("/ui/runs/cleanup", data={"csrf_token": csrf, "before": tomorrow, "statuses": "completed",
+                                                   "procedure_id": procedure_id, "action": "delete"})
+        assert r.status_code == 200
+        assert "Deleting 2 of 2 matching runs" in r.text
+
+        async def gone() -> list[int]:
+            return [(await c.get(f"/api/runs/{run_id}")).status_code for run_id in (original, rerun)]
+
+        assert await wait_until(gone, lambda codes: codes == [404, 404], timeout=60) == [404, 404]
+        operator, password = await user(platform, c, ["operator"])
+    async with signed_in(platform, operator, password) as op:
+        assert 'href="/ui/runs/cleanup"' not in (await op.get("/ui/runs")).text
+        assert (await op.get("/ui/runs/cleanup")).status_code == 403

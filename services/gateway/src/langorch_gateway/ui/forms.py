@@ -98,3 +98,9 @@ def input_vars(fields: list[Field], form: Mapping[str, str]) -> tuple[dict[str, 
         else:
             values[f.name] = raw
     return values, errors
+
+
+def form_values(fields: list[Field], values: Mapping[str, Any]) -> dict[str, str]:
+    """The form's text for known input values (a rerun's form starts from the original run's inputs): strings as
+    they are, anything else as JSON."""
+    return {f.form_name: _text(values[f.name]) for f in fields if f.name in values}

@@ -239,6 +239,45 @@ async def _run_view(ui: Console, run_id: str) -> dict[str, Any]:
             "retryable": run["status"] in runs.RETRYABLE_STATUSES}
 
 
+@router.get("/ui/runs/cleanup")
+async def cleanup_page(request: Request) -> Response:
+    """History cleanup (admin): which terminal runs to delete, previewed before anything is deleted."""
+
+    async def build(ui: Console) -> Response:
+        return ui.render("cleanup.html", values={"statuses": list(runs.TERMINAL_STATUSES)},
+                         terminal=runs.TERMINAL_STATUSES, title="Runs: history cleanup")
+
+    return await page(request, build, needs="admin")
+
+
+@router.post("/ui/runs/cleanup")
+async def cleanup(request: Request) -> Response:
+    """Preview (``dry_run``) or delete the terminal runs the form selects (``POST /api/runs/cleanup``); the API's
+    per-field errors are shown at their fields."""
+    submitted = await request.form()
+    form = {k: v for k, v in submitted.multi_items() if isinstance(v, str)}
+    statuses = [str(v) for v in submitted.getlist("statuses")]
+
+    async def build(ui: Console) -> Response:
+        body: dict[str, Any] = {"before": _date_bound(form.get("before", "").strip()), "statuses": statuses,
+                                "dry_run": form.get("action") != "delete"}
+        for name in ("procedure_id", "project_id"):
+            if form.get(name, "").strip():
+                body[name] = form[name].strip()
+        if form.get("limit", "").strip():
+            body["limit"] = _int(form["limit"].strip(), 0) or form["limit"]
+        answer = await ui.send("POST", "/api/runs/cleanup", body, csrf=form.get("csrf_token"))
+        values = form | {"statuses": statuses}
+        if answer.status_code >= 400:
+            problem = problem_of(answer)
+            return ui.render("cleanup.html", answer.status_code, values=values, terminal=runs.TERMINAL_STATUSES,
+                             problem=problem, errors=form_errors(problem), title="Runs: history cleanup")
+        return ui.render("cleanup.html", values=values, terminal=runs.TERMINAL_STATUSES, outcome=answer.json(),
+                         title="Runs: history cleanup")
+
+    return await page(request, build, needs="admin")
+
+
 async def _run_events(ui: Console, run_id: str) -> list[dict[str, Any]]:
     """All the run's events so far, in order (``GET /api/runs/{id}/events``, page by page)."""
     events: list[dict[str, Any]] = []
@@ -304,6 +343,42 @@ async def run_replay(request: Request, run_id: str) -> Response:
     return await page(request, build)
 
 
+@router.get("/ui/runs/{run_id}/rerun")
+async def rerun_page(request: Request, run_id: str) -> Response:
+    """A new run of the same version with the inputs edited: the start form, filled with this run's inputs."""
+
+    async def build(ui: Console) -> Response:
+        return await _rerun_form(ui, run_id)
+
+    return await page(request, build, needs="operator")
+
+
+async def _rerun_form(ui: Console, run_id: str, status_code: int = 200, **shown: Any) -> Response:
+    view = await _run_view(ui, run_id)
+    run = view["run"]
+    detail = await ui.get(f"/api/procedures/{path_id(run['procedure_id'])}/{path_id(run['procedure_version'])}")
+    fields = forms.fields_of(detail.get("variables_schema"))
+    shown.setdefault("submitted", forms.form_values(fields, run["input_vars"] or {}))
+    return ui.render("rerun.html", status_code, **view, fields=fields, title=f"Run {run_id}: rerun", **shown)
+
+
+async def _rerun(ui: Console, run_id: str, form: dict[str, str]) -> Response:
+    """``POST /api/runs/{id}/rerun`` with the edited inputs; the new run's page, or the form with the API's
+    per-field errors."""
+    run = (await _run_view(ui, run_id))["run"]
+    detail = await ui.get(f"/api/procedures/{path_id(run['procedure_id'])}/{path_id(run['procedure_version'])}")
+    values, errors = forms.input_vars(forms.fields_of(detail.get("variables_schema")), form)
+    if errors:
+        return await _rerun_form(ui, run_id, 422, errors=errors, submitted=form)
+    answer = await ui.send("POST", f"/api/runs/{path_id(run_id)}/rerun", {"input_vars": values},
+                           csrf=form.get("csrf_token"))
+    if answer.status_code == 201:
+        return _see_other(f"/ui/runs/{path_id(answer.json()['run_id'])}")
+    problem = problem_of(answer)
+    return await _rerun_form(ui, run_id, answer.status_code, problem=problem, errors=form_errors(problem),
+                             submitted=form)
+
+
 RUN_TABS = ("artifacts", "checkpoints", "children", "diagnostics")
 
 
@@ -325,12 +400,14 @@ async def run_tab(request: Request, run_id: str, tab: str) -> Response:
 
 @router.post("/ui/runs/{run_id}/{action}")
 async def run_action(request: Request, run_id: str, action: str) -> Response:
-    """Cancel, retry or delete a run (the API decides whether the caller may and whether the run's status
+    """Cancel, retry, delete or rerun a run (the API decides whether the caller may and whether the run's status
     allows it)."""
     form = await _form(request)
 
     async def build(ui: Console) -> Response:
         path = f"/api/runs/{path_id(run_id)}"
+        if action == "rerun":
+            return await _rerun(ui, run_id, form)
         if action == "delete":
             answer = await ui.send("DELETE", path, csrf=form.get("csrf_token"))
         elif action in ("cancel", "retry"):
