@@ -37,6 +37,11 @@ from tests.test_approvals_end_to_end import procedure
 
 pytestmark = pytest.mark.integration
 
+# The replicas of these tests come and go: a request published while a stopped replica's pull request was still
+# open on the server goes to that replica and is redelivered only after the ack wait (30 s). Waiting for an
+# approval to open allows for that handover.
+REPLICA_HANDOVER_S = 75
+
 TIMED = procedure("svc_timed", {"timeout_ms": 1500, "timeout_action": "auto_reject", "on_approve": "approved_end",
                                 "on_reject": "rejected_end"}, "approved_end", "rejected_end")
 PLAIN = procedure("svc_plain", {"on_approve": "approved_end", "on_reject": "rejected_end"}, "approved_end",
@@ -79,7 +84,7 @@ async def test_a_timer_fires_after_a_restart_from_the_stored_events(platform: Pl
     c = platform.client
     async with replica(platform, "first") as first:
         run_id = await start_run(c, "svc_timed")
-        approval = await pending_approval(c, run_id)
+        approval = await pending_approval(c, run_id, REPLICA_HANDOVER_S)
         assert approval["approval_id"] in first.pending
     # no replica runs while the approval expires
     await asyncio.sleep(1.8)
@@ -100,7 +105,7 @@ async def test_only_the_leader_fires_a_timeout(platform: Platform) -> None:
             await asyncio.sleep(0.05)
         assert [a.lock.is_leader, b.lock.is_leader].count(True) == 1
         run_id = await start_run(c, "svc_timed")
-        approval = await pending_approval(c, run_id)
+        approval = await pending_approval(c, run_id, REPLICA_HANDOVER_S)
         for service in (a, b):  # both replicas know the pending approval ...
             deadline = asyncio.get_running_loop().time() + 10
             while approval["approval_id"] not in service.pending:
@@ -117,7 +122,7 @@ async def test_a_redelivered_request_opens_one_approval(platform: Platform) -> N
     c = platform.client
     async with replica(platform, "solo") as service:
         run_id = await start_run(c, "svc_plain")
-        approval = await pending_approval(c, run_id)
+        approval = await pending_approval(c, run_id, REPLICA_HANDOVER_S)
         copy = RequestApproval(actor=Actor.system("runtime"), approval_id=approval["approval_id"], run_id=run_id,
                                procedure_id="svc_plain", procedure_version="1", node_id="review", prompt="again?")
         await publish_command(service.js, copy)  # a new command id: not dropped by JetStream's dedupe
@@ -139,7 +144,7 @@ async def test_a_request_for_an_ended_run_is_canceled_at_once(platform: Platform
     c = platform.client
     async with replica(platform, "late") as service:
         run_id = await start_run(c, "svc_plain")
-        approval = await pending_approval(c, run_id)
+        approval = await pending_approval(c, run_id, REPLICA_HANDOVER_S)
         assert (await decide(c, approval["approval_id"], decision="rejected")).status_code == 200
         await wait_status(c, run_id, ("completed",))
         late = RequestApproval(actor=Actor.system("runtime"), approval_id="0192f7c4-aaaa-7000-8000-000000000001",
@@ -224,7 +229,7 @@ async def test_langorch_serve_approvals_runs_the_service(nats_url: str, database
                                     stderr=subprocess.STDOUT)
         try:
             run_id = await start_run(c, "svc_plain")
-            approval = await pending_approval(c, run_id)
+            approval = await pending_approval(c, run_id, REPLICA_HANDOVER_S)
             r = await decide(c, approval["approval_id"], decision="approved")
             assert r.status_code == 200, r.text
             run = await wait_status(c, run_id, ("completed",))
@@ -242,7 +247,7 @@ async def test_a_decision_while_the_service_is_down_is_pending_then_applied_once
         assert (await c.post("/api/procedures", json={"ckp_json": PLAIN})).status_code == 201
         async with replica(p, "before"):
             run_id = await start_run(c, "svc_plain")
-            approval = await pending_approval(c, run_id)
+            approval = await pending_approval(c, run_id, REPLICA_HANDOVER_S)
         r = await decide(c, approval["approval_id"], decision="rejected", comment="while down")
         assert r.status_code == 202, r.text
         command_id = r.json()["command_id"]
