@@ -94,9 +94,8 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
     for at, ph in found:
         where = path + at
         uses = ph.secret_uses
-        allowed = secrets == "allow" or (
-            isinstance(secrets, frozenset) and at.split("/")[1:2] and at.split("/")[1] in secrets)
-        if uses and not allowed:
+        if uses and not (secrets == "allow" or (
+                isinstance(secrets, frozenset) and at.split("/")[1:2] and at.split("/")[1] in secrets)):
             c.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
                   "and encryption keys", where)
             ok = False
@@ -180,19 +179,15 @@ def _string_template(s: str) -> TemplateIR:
     return TemplateIR(source=s, strings=strings)
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})  # nothing to walk in them
+
+
 def _walk_template(value: Any, at: str, strings: list[dict[str, Any]], found: list[tuple[str, _Placeholder]],
                    errors: list[tuple[str, str, str]]) -> None:
     """The compiled strings of a template value in document order (as :func:`compile_template_checked`)."""
     if isinstance(value, str):
-        if "{{" not in value:  # neither a placeholder nor an escaped one
-            return
-        compiled = _compiled_string(value)
-        if compiled.errors:
-            errors.extend((at, raw, reason) for raw, reason in compiled.errors)
-            return
-        strings.append(_string_entry(value, at))
-        for ph in compiled.placeholders:
-            found.append((at, ph))
+        if "{{" in value:  # a placeholder or an escaped one
+            _walk_string(value, at, strings, found, errors)
     elif isinstance(value, dict):
         _walk_object(value, at, strings, found, errors)
     elif isinstance(value, (list, tuple)):
@@ -204,15 +199,34 @@ def _walk_template(value: Any, at: str, strings: list[dict[str, Any]], found: li
         _walk_object(value, at, strings, found, errors)  # (the Mapping ABC last: isinstance with it is slow)
 
 
+def _walk_string(value: str, at: str, strings: list[dict[str, Any]], found: list[tuple[str, _Placeholder]],
+                 errors: list[tuple[str, str, str]]) -> None:
+    compiled = _compiled_string(value)
+    if compiled.errors:
+        errors.extend((at, raw, reason) for raw, reason in compiled.errors)
+        return
+    strings.append(_string_entry(value, at))
+    for ph in compiled.placeholders:
+        found.append((at, ph))
+
+
 def _walk_object(value: Mapping[Any, Any], at: str, strings: list[dict[str, Any]],
                  found: list[tuple[str, _Placeholder]], errors: list[tuple[str, str, str]]) -> None:
     for key, item in value.items():
-        if isinstance(item, str) and "{{" not in item:
+        kind = type(item)
+        if kind is str:  # most values: walked here, not by one more call
+            if "{{" not in item:
+                continue
+        elif kind in _SCALARS:
             continue
         k = str(key)
         if "~" in k or "/" in k:
             k = k.replace("~", "~0").replace("/", "~1")
-        _walk_template(item, f"{at}/{k}", strings, found, errors)
+        if kind is str:
+            _walk_string(item, f"{at}/{k}", strings, found, errors)
+        else:
+            _walk_template(item, f"{at}/{k}", strings, found, errors)
+
 
 
 def opt_template(c: Compilation, obj: Mapping[str, Any], key: str, path: str, **kw: Any) -> TemplateIR | None:

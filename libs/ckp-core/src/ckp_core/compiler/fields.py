@@ -113,6 +113,8 @@ class Compilation:
         return f"Node '{self.node_id}', step '{self.step_id}'"
 
     def expect(self, value: Any, kinds: tuple[type, ...], expected: str, path: str) -> bool:
+        if type(value) in kinds:  # the common case, without the bool-is-an-int test
+            return True
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok:
             self.add("error", "invalid_type", f"{path}: expected {expected}, got {json_type_name(value)}", path)
@@ -120,7 +122,7 @@ class Compilation:
 
     def obj(self, value: Any, path: str, known: Iterable[str] | None = None) -> dict[str, Any] | None:
         """An object field: comments and nulls dropped, unknown keys warned about when ``known`` is given."""
-        if not self.expect(value, (dict,), "object", path):
+        if type(value) is not dict and not self.expect(value, (dict,), "object", path):
             return None
         out = strip_object(value)
         if known is not None:
@@ -147,12 +149,16 @@ class Compilation:
         v = self.required(obj, key, path) if required else obj.get(key, MISSING)
         if v is MISSING:
             return None
+        if type(v) is str:  # (the path of a problem is made only for a problem)
+            return v
         return v if self.expect(v, (str,), "string", f"{path}/{key}") else None
 
     def boolean(self, obj: Mapping[str, Any], key: str, path: str, default: bool = False) -> bool:
         v = obj.get(key, MISSING)
         if v is MISSING:
             return default
+        if type(v) is bool:
+            return v
         return bool(v) if self.expect(v, (bool,), "boolean", f"{path}/{key}") else default
 
     def integer(self, obj: Mapping[str, Any], key: str, path: str, minimum: int = 0,
@@ -218,6 +224,8 @@ class Compilation:
         v = self.required(obj, key, path) if required else obj.get(key, MISSING)
         if v is MISSING:
             return None
+        if type(v) is str:
+            return v
         return v if self.expect(v, (str,), "node id (string)", f"{path}/{key}") else None
 
     def written(self, value: Any, path: str) -> str | None:

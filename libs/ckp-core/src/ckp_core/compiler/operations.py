@@ -65,11 +65,14 @@ OP_ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("generate_id", "format"): ("uuid4", "uuid7", "short"),
 }
 NAME_FIELDS = ("variable", "array")
-# Per action: its known fields, its required ones in order, its enum fields.
+# Per action: its known fields, its required ones in order, its enum fields, its required name fields.
 _KNOWN = {action: required | optional | {"output_variable"} for action, (required, optional) in OP_FIELDS.items()}
 _REQUIRED_SORTED = {action: sorted(required) for action, (required, _) in OP_FIELDS.items()}
 _ENUMS = {action: [(key, values) for (op, key), values in OP_ENUMS.items() if op == action] for action in OP_FIELDS}
+_NAMES = {action: [key for key in NAME_FIELDS if key in required] for action, (required, _) in OP_FIELDS.items()}
 SECRET_KEY_OPERATIONS = frozenset({"encrypt", "decrypt", "hash"})
+_SECRET_KEY = frozenset({"key"})
+_FLAG_OPERATIONS = ("parse_csv", "parse_excel_data", "extract_regex")
 
 
 def operations(c: Compilation, raw: Any, path: str, ctx: NodeContext) -> list[OperationIR] | None:
@@ -122,7 +125,6 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
         if old in params and new not in params:
             params[new] = params.pop(old)
             c.add("info", "alias_normalised", f"{path}/{old}: '{old}' read as '{new}'", f"{path}/{old}")
-    required = OP_FIELDS[action][0]
     c.unknown_fields(params, _KNOWN[action], path)
     ok = True
     for key in _REQUIRED_SORTED[action]:
@@ -130,8 +132,8 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
             c.add("error", "missing_field", f"{path}: required field '{key}' is missing", f"{path}/{key}")
             ok = False
     names: dict[str, str] = {}
-    for key in NAME_FIELDS:
-        if key in params and key in required:
+    for key in _NAMES[action]:
+        if key in params:
             value = params.pop(key)
             kp = f"{path}/{key}"
             if action == "set_variable" and isinstance(value, str):
@@ -159,7 +161,7 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
         if key in params and not templated(params[key]) and c.enum(params, key, path, values) is None:
             ok = False
     ok = operation_checks(c, action, params, path) and ok
-    allowed = frozenset({"key"}) if action in SECRET_KEY_OPERATIONS else "deny"
+    allowed = _SECRET_KEY if action in SECRET_KEY_OPERATIONS else "deny"
     tpl = template(c, params, path, secrets=allowed, secret_refs=secret_refs)
     if tpl is None or not ok:
         return None
@@ -207,8 +209,8 @@ def operation_checks(c: Compilation, action: str, params: dict[str, Any], path: 
             ok = False
     elif action == "parse_excel_data" and "header_row" in params and not templated(params["header_row"]):
         ok = c.integer(params, "header_row", path, minimum=1) is not None
-    for key in ("header", "infer_types", "all"):
-        if key in params and not templated(params[key]) and action in ("parse_csv", "parse_excel_data",
-                                                                       "extract_regex"):
-            ok = c.expect(params[key], (bool,), "boolean", f"{path}/{key}") and ok
+    if action in _FLAG_OPERATIONS:
+        for key in ("header", "infer_types", "all"):
+            if key in params and not templated(params[key]):
+                ok = c.expect(params[key], (bool,), "boolean", f"{path}/{key}") and ok
     return ok
