@@ -427,6 +427,15 @@ async def test_a_webhook_trigger_created_and_fired(platform: Platform, browser: 
     await no_serious_violations(page, "version-trigger")
     await fires.get_by_role("link", name=hook_run).click()
     await expect(page.get_by_test_id("run-status")).to_have_text("completed")
+
+    # the triggers list offers the row's actions: disable it there
+    await page.goto(f"/ui/triggers?procedure_id={pid}")
+    await no_serious_violations(page, "triggers-actions")
+    await page.get_by_role("button", name=f"Disable {pid} 1.0.0").click()
+    await expect(page.get_by_test_id("action-done")).to_contain_text("Disable")
+    await expect(page.get_by_role("button", name=f"Enable {pid} 1.0.0")).to_be_visible()
+    await page.goto("/ui/projects")
+    await no_serious_violations(page)
     await page.context.close()
 
 

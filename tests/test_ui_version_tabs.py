@@ -272,3 +272,63 @@ async def test_rerun_with_edited_inputs_and_the_admins_history_cleanup(platform:
     async with signed_in(platform, operator, password) as op:
         assert 'href="/ui/runs/cleanup"' not in (await op.get("/ui/runs")).text
         assert (await op.get("/ui/runs/cleanup")).status_code == 403
+
+
+async def test_list_row_actions_by_role(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        headers = {"X-CSRF-Token": c.cookies["langorch_csrf"]}
+        procedure_id = await active_version(c)
+        r = await c.post(f"/api/triggers/{procedure_id}/1.0.0", headers=headers,
+                         json={"trigger_type": "file_watch", "event_source": "/tmp/row-actions.csv"})
+        assert r.status_code == 201, r.text
+        unique = uuid.uuid4().hex[:8]
+        r = await c.post("/api/projects", json={"name": f"rows {unique}"}, headers=headers)
+        assert r.status_code == 201, r.text
+        project_id = r.json()["project_id"]
+
+        triggers = f"/ui/triggers?procedure_id={procedure_id}"
+        page = await c.get(triggers)
+        csrf = csrf_of(page.text)
+        assert f'aria-label="Disable {procedure_id} 1.0.0"' in page.text
+        assert f'aria-label="Enable {procedure_id} 1.0.0"' not in page.text  # only what the row's state allows
+        row = {"csrf_token": csrf, "procedure_id": procedure_id, "version": "1.0.0"}
+        r = await c.post("/ui/triggers/actions", data=row | {"action": "disable"})
+        assert (r.status_code, r.headers["location"]) == (303, "/ui/triggers?done=Disable")
+        kept = {"action": "enable", "back": f"procedure_id={procedure_id}&done=Disable"}
+        r = await c.post("/ui/triggers/actions", data=row | kept)
+        assert r.headers["location"] == f"/ui/triggers?procedure_id={procedure_id}&done=Enable"  # filters kept
+        r = await c.post("/ui/triggers/actions", data=row | {"action": "disable"})
+        assert r.status_code == 303
+        assert f'aria-label="Enable {procedure_id} 1.0.0"' in (await c.get(triggers)).text
+        r = await c.post("/ui/triggers/actions", data=row | {"action": "fire"})
+        assert r.status_code == 303
+        run_id = r.headers["location"].split("&run=")[1]
+        assert (await c.get(f"/api/runs/{run_id}")).json()["trigger_type"] == "manual"
+        r = await c.post("/ui/triggers/actions", data=row | {"action": "delete"})
+        assert r.status_code == 303
+        assert (await c.get(f"/api/triggers/{procedure_id}/1.0.0")).status_code == 404
+        r = await c.post("/ui/triggers/actions", data=row | {"action": "delete"})
+        assert r.status_code == 404  # the API's refusal, on the list
+        assert 'data-testid="action-problem"' in r.text
+
+        r = await c.post("/ui/projects/actions", data={"csrf_token": csrf, "action": "rename",
+                                                       "project_id": project_id, "field": f"renamed {unique}"})
+        assert r.status_code == 303
+        assert (await c.get(f"/api/projects/{project_id}")).json()["name"] == f"renamed {unique}"
+        r = await c.post("/ui/projects/actions", data={"csrf_token": csrf, "action": "rename",
+                                                       "project_id": project_id, "field": ""})
+        assert r.status_code == 422  # the API: a name is needed
+        operator, operator_password = await user(platform, c, ["operator"])
+        viewer, viewer_password = await user(platform, c, ["viewer"])
+    async with signed_in(platform, operator, operator_password) as op:
+        page = (await op.get(f"/ui/projects?search={unique}")).text
+        assert f'aria-label="Rename {project_id}"' in page
+        assert f'aria-label="Delete {project_id}"' not in page  # deleting a project is the admin's
+        r = await op.post("/ui/projects/actions", data={"csrf_token": csrf_of(page), "action": "delete",
+                                                        "project_id": project_id})
+        assert r.status_code == 403  # and the API says so
+    async with signed_in(platform, viewer, viewer_password) as v:
+        for path in (triggers, "/ui/projects", "/ui/agents", "/ui/leases"):
+            text = (await v.get(path)).text
+            assert "/actions" not in text, path
+            assert "<th scope=\"col\">Actions</th>" not in text, path

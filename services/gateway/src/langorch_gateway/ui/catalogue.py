@@ -1,9 +1,12 @@
-"""The console's read-only list pages (agents, leases, projects, triggers, audit): each is one API list shown as a
-table, its filters and page in the URL. Described here as data, rendered by one template (``listing.html``)."""
+"""The console's list pages (agents, leases, projects, triggers, audit): each is one API list shown as a table, its
+filters and page in the URL, with the row actions the API offers (shown by role; the API decides). Described here
+as data, rendered by one template (``listing.html``)."""
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,34 @@ class Filter:
 
 
 @dataclass(frozen=True)
+class RowAction:
+    """A button on each row: one API call, its path filled from the row (``{field}`` placeholders)."""
+
+    name: str
+    label: str
+    method: str
+    api: str
+    role: str = "operator"
+    body: tuple[tuple[str, Any], ...] = ()  # a fixed JSON body
+    when: tuple[str, Any] | None = None  # shown only on rows whose field has this value
+    unless: tuple[str, Any] | None = None  # shown only on rows whose field has another value
+    field: str | None = None  # a text box on the row: its value goes to the body (or, for DELETE, the query)
+    field_label: str = ""
+    danger: bool = False
+    reveal: str | None = None  # a member of the answer shown once (a new token): never stored, never in a URL
+
+    @property
+    def keys(self) -> list[str]:
+        """The row's fields the API path needs."""
+        return [name for _, name, _, _ in string.Formatter().parse(self.api) if name]
+
+    def shown_on(self, item: dict[str, Any]) -> bool:
+        if self.when is not None and item.get(self.when[0]) != self.when[1]:
+            return False
+        return self.unless is None or item.get(self.unless[0]) != self.unless[1]
+
+
+@dataclass(frozen=True)
 class Listing:
     path: str
     api: str
@@ -30,6 +61,10 @@ class Listing:
     filters: tuple[Filter, ...]
     empty: str
     intro: str = ""
+    actions: tuple[RowAction, ...] = ()
+
+    def action(self, name: str) -> RowAction | None:
+        return next((a for a in self.actions if a.name == name), None)
 
 
 LISTINGS = (
@@ -40,19 +75,31 @@ LISTINGS = (
         Column("Circuit", "circuit_state", "status"), Column("Last heartbeat", "last_heartbeat_at", "when")),
         (Filter("channel", "Channel"), Filter("status", "Status", ("online", "offline", "draining")),
          Filter("pool_id", "Pool"), Filter("capability", "Capability")),
-        "No agent matches.", "Agents registered with LangOrch, with their live load and circuit state."),
+        "No agent matches.", "Agents registered with LangOrch, with their live load and circuit state.", (
+            RowAction("drain", "Drain", "PATCH", "/api/agents/{agent_id}", body=(("status", "draining"),),
+                      unless=("status", "draining")),
+            RowAction("online", "Back online", "PATCH", "/api/agents/{agent_id}", body=(("status", "online"),),
+                      when=("status", "draining")),
+            RowAction("sync", "Re-sync capabilities", "POST", "/api/agents/{agent_id}/sync-capabilities"),
+            RowAction("token", "Rotate token", "POST", "/api/agents/{agent_id}/token", reveal="agent_token"),
+            RowAction("remove", "Remove", "DELETE", "/api/agents/{agent_id}", danger=True))),
     Listing("/ui/leases", "/api/leases", "Leases", (
         Column("Lease", "lease_id", "code"), Column("Resource", "resource_key"), Column("Slot", "slot"),
         Column("Agent", "agent_id"), Column("Run", "run_id", "run"), Column("Node", "node_id"),
         Column("Step", "step_id"), Column("Acquired", "acquired_at", "when"), Column("Expires", "expires_at", "when")),
         (Filter("resource_key", "Resource"), Filter("agent_id", "Agent"), Filter("run_id", "Run id")),
-        "No lease is held.", "Concurrency slots held right now by steps of running runs."),
+        "No lease is held.", "Concurrency slots held right now by steps of running runs.", (
+            RowAction("release", "Force-release", "DELETE", "/api/leases/{lease_id}", field="reason",
+                      field_label="Reason", danger=True),)),
     Listing("/ui/projects", "/api/projects", "Projects", (
         Column("Project", "project_id", "code"), Column("Name", "name"), Column("Description", "description"),
         Column("Procedures", "procedure_count"), Column("Active runs", "active_run_count"),
         Column("Created", "created_at", "when")),
         (Filter("search", "Search"),),
-        "No project matches."),
+        "No project matches.", "", (
+            RowAction("rename", "Rename", "PATCH", "/api/projects/{project_id}", field="name",
+                      field_label="New name"),
+            RowAction("delete", "Delete", "DELETE", "/api/projects/{project_id}", role="admin", danger=True))),
     Listing("/ui/triggers", "/api/triggers", "Triggers", (
         Column("Procedure", "procedure_id", "code"), Column("Version", "version"),
         Column("Type", "trigger_type"), Column("Schedule", "schedule", "code"), Column("Source", "event_source"),
@@ -64,7 +111,13 @@ LISTINGS = (
          Filter("enabled", "Enabled", ("true", "false")), Filter("source", "Registered from", ("api", "ckp"))),
         "No trigger registration matches.",
         "Registrations that start runs by schedule, webhook, NATS event or file change. A dormant one belongs to a "
-        "version that is not active, so it does not fire by itself."),
+        "version that is not active, so it does not fire by itself.", (
+            RowAction("disable", "Disable", "POST", "/api/triggers/{procedure_id}/{version}/disable",
+                      when=("enabled", True)),
+            RowAction("enable", "Enable", "POST", "/api/triggers/{procedure_id}/{version}/enable",
+                      when=("enabled", False)),
+            RowAction("fire", "Fire now", "POST", "/api/triggers/{procedure_id}/{version}/fire"),
+            RowAction("delete", "Delete", "DELETE", "/api/triggers/{procedure_id}/{version}", danger=True))),
     Listing("/ui/audit", "/api/audit", "Audit log", (
         Column("Time", "ts", "when"), Column("Category", "category"), Column("Action", "action"),
         Column("Outcome", "outcome", "status"), Column("Actor", "actor"), Column("Resource", "resource_type"),

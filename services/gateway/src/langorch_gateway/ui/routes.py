@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import parse_qsl, quote_plus, urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
@@ -638,31 +638,69 @@ async def replace_source(request: Request, procedure_id: str, version: str) -> R
     return await page(request, build, needs="operator")
 
 
-# -- read-only lists (agents, leases, projects, audit) -----------------------------------------------------------
+# -- lists with row actions (agents, leases, projects, triggers, audit) -------------------------------------------
+
+
+async def _list(ui: Console, listing: catalogue.Listing, status_code: int = 200, **shown: Any) -> Response:
+    query = ui.request.query_params
+    values = {f.name: query.get(f.name, "").strip() for f in listing.filters}
+    limit, offset = _int(query.get("limit"), RUNS_PAGE), _int(query.get("offset"), 0)
+    params: dict[str, Any] = {"limit": limit, "offset": offset}
+    for f in listing.filters:
+        if values[f.name]:
+            params[f.name] = _date_bound(values[f.name]) if f.date else values[f.name]
+    answer = await ui.api.get(listing.api, params=params)
+    if answer.status_code not in (200, 422):
+        raise ApiFailure(answer)
+    found = answer.json() if answer.status_code == 200 else None
+    actions = [a for a in listing.actions if ui.can(a.role)]
+    return ui.render("listing.html", status_code if found else answer.status_code, listing=listing, found=found,
+                     values=values, errors={} if found else form_errors(problem_of(answer)),
+                     pages=_pager(ui.request, found), actions=actions, title=listing.title, **shown)
 
 
 def _listing_route(listing: catalogue.Listing) -> None:
     async def list_page(request: Request) -> Response:
         async def build(ui: Console) -> Response:
-            query = request.query_params
-            values = {f.name: query.get(f.name, "").strip() for f in listing.filters}
-            limit, offset = _int(query.get("limit"), RUNS_PAGE), _int(query.get("offset"), 0)
-            params: dict[str, Any] = {"limit": limit, "offset": offset}
-            for f in listing.filters:
-                if values[f.name]:
-                    params[f.name] = _date_bound(values[f.name]) if f.date else values[f.name]
-            answer = await ui.api.get(listing.api, params=params)
-            if answer.status_code not in (200, 422):
-                raise ApiFailure(answer)
-            found = answer.json() if answer.status_code == 200 else None
-            return ui.render("listing.html", answer.status_code, listing=listing, found=found, values=values,
-                             errors={} if found else form_errors(problem_of(answer)), pages=_pager(request, found),
-                             title=listing.title)
+            return await _list(ui, listing)
 
         return await page(request, build)
 
+    async def row_action(request: Request) -> Response:
+        form = await _form(request)
+        action = listing.action(form.get("action", ""))
+
+        async def build(ui: Console) -> Response:
+            if action is None or any(not form.get(key) for key in action.keys):
+                return ui.render("error.html", 404, problem={"status": 404, "code": "not_found", "title": "Not found",
+                                                             "detail": "no such action on this list"})
+            path = action.api.format(**{key: path_id(form[key]) for key in action.keys})
+            body: dict[str, Any] | None = dict(action.body) if action.body or action.method != "DELETE" else None
+            typed = form.get("field", "").strip()
+            if action.field and typed and action.method == "DELETE":
+                path += f"?{action.field}={quote_plus(typed)}"
+            elif action.field and body is not None:
+                body[action.field] = typed
+            answer = await ui.send(action.method, path, body, csrf=form.get("csrf_token"))
+            if answer.status_code >= 400:
+                return await _list(ui, listing, answer.status_code, action_problem=problem_of(answer))
+            made = answer.json() if answer.content and "json" in answer.headers.get("content-type", "") else {}
+            if action.reveal:  # shown on this answer only: never in a URL, never stored
+                return await _list(ui, listing, revealed={"label": action.label, "key": form[action.keys[0]],
+                                                          "value": made.get(action.reveal)})
+            kept = [(k, v) for k, v in parse_qsl(form.get("back", "")) if k not in ("done", "run")]  # the filters
+            back = f"{listing.path}?{urlencode([*kept, ('done', action.label)])}"
+            if made.get("run_id"):
+                back += f"&run={quote_plus(made['run_id'])}"
+            return _see_other(back)
+
+        return await page(request, build, needs="operator")
+
     list_page.__doc__ = f"{listing.title}: ``GET {listing.api}`` as a table, filtered and paged from the URL."
+    row_action.__doc__ = f"A row action of {listing.title.lower()}: one API call, the list again (or its refusal)."
     router.add_api_route(listing.path, list_page, methods=["GET"], name=listing.path)
+    if listing.actions:
+        router.add_api_route(f"{listing.path}/actions", row_action, methods=["POST"], name=f"{listing.path}/actions")
 
 
 for _listing in catalogue.LISTINGS:
