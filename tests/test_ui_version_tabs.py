@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 async def platform(module_nats_url: str, module_database_url: str) -> AsyncIterator[Platform]:
-    async with platform_of(module_nats_url, module_database_url, agents=False, approvals=False, triggers=True,
+    async with platform_of(module_nats_url, module_database_url, approvals=False, triggers=True,
                            gateway_settings={"auth_enabled": True, "auth_secret_key": SECRET_KEY,
                                              "bootstrap_admin_password": ADMIN_PASSWORD}) as p:
         yield p
@@ -332,3 +332,33 @@ async def test_list_row_actions_by_role(platform: Platform) -> None:
             text = (await v.get(path)).text
             assert "/actions" not in text, path
             assert "<th scope=\"col\">Actions</th>" not in text, path
+
+
+async def test_agent_row_actions(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        channel = f"rows_{uuid.uuid4().hex[:8]}"
+        r = await c.post("/api/agents", headers={"X-CSRF-Token": c.cookies["langorch_csrf"]},
+                         json={"name": "row actions", "channel": channel, "base_url": "http://127.0.0.1:9",
+                               "capabilities": ["noop"]})
+        assert r.status_code == 201, r.text
+        agent_id = r.json()["agent_id"]
+        listing = f"/ui/agents?channel={channel}"
+        page = await c.get(listing)
+        assert f'aria-label="Drain {agent_id}"' in page.text
+        row = {"csrf_token": csrf_of(page.text), "agent_id": agent_id, "back": f"channel={channel}"}
+        r = await c.post("/ui/agents/actions", data=row | {"action": "drain"})
+        assert (r.status_code, r.headers["location"]) == (303, f"{listing}&done=Drain")
+        page = await c.get(r.headers["location"])
+        assert f'aria-label="Back online {agent_id}"' in page.text
+        assert f'aria-label="Drain {agent_id}"' not in page.text
+        r = await c.post("/ui/agents/actions", data=row | {"action": "token"})
+        assert r.status_code == 200
+        token = re.search(r'data-testid="revealed">.*?<pre tabindex="0">([^<]+)</pre>', r.text, re.DOTALL)
+        assert token, r.text
+        assert "no-store" in r.headers["cache-control"]  # the new token is shown once, never cached
+        check = await c.post("/api/agents/heartbeat", json={"agent_id": agent_id},
+                             headers={"Authorization": f"Bearer {token.group(1)}"})
+        assert check.status_code != 401, check.text  # the token shown is the agent's
+        r = await c.post("/ui/agents/actions", data=row | {"action": "remove"})
+        assert r.status_code == 303
+        assert (await c.get(f"/api/agents/{agent_id}")).status_code == 404
