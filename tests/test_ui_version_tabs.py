@@ -43,6 +43,12 @@ async def active_version(c: httpx.AsyncClient) -> str:
     return procedure_id
 
 
+async def viewer_of(platform: Platform) -> tuple[str, str]:
+    """A new viewer's username and password."""
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as admin:
+        return await user(platform, admin, ["viewer"])
+
+
 async def test_register_fire_and_receive_a_webhook_from_the_trigger_tab(platform: Platform,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
@@ -362,3 +368,31 @@ async def test_agent_row_actions(platform: Platform) -> None:
         r = await c.post("/ui/agents/actions", data=row | {"action": "remove"})
         assert r.status_code == 303
         assert (await c.get(f"/api/agents/{agent_id}")).status_code == 404
+
+
+async def test_create_a_project_and_delete_a_version(platform: Platform) -> None:
+    async with signed_in(platform, "admin", ADMIN_PASSWORD) as c:
+        page = await c.get("/ui/projects")
+        assert "<summary>Create project</summary>" in page.text
+        csrf = csrf_of(page.text)
+        r = await c.post("/ui/projects/actions", data={"csrf_token": csrf, "action": "create", "name": ""})
+        assert r.status_code == 422
+        assert re.search(r'id="err-name">\s*<li>', r.text), r.text  # the API names the missing field
+        name = f"made {uuid.uuid4().hex[:8]}"
+        r = await c.post("/ui/projects/actions", data={"csrf_token": csrf, "action": "create", "name": name})
+        assert (r.status_code, r.headers["location"]) == (303, "/ui/projects?done=Create+project")
+        assert (await c.get("/api/projects", params={"search": name})).json()["total"] == 1
+
+        procedure_id = await active_version(c)
+        r = await c.post("/api/procedures", headers={"X-CSRF-Token": csrf},
+                         json={"ckp_json": procedure_doc(procedure_id, "2.0.0")})
+        assert r.status_code == 201, r.text
+        r = await c.post(f"/ui/procedures/{procedure_id}/1.0.0/lifecycle/delete", data={"csrf_token": csrf})
+        assert r.status_code == 409  # the active version stays
+        assert "procedure_version_active" in r.text
+        r = await c.post(f"/ui/procedures/{procedure_id}/2.0.0/lifecycle/delete", data={"csrf_token": csrf})
+        assert (r.status_code, r.headers["location"]) == (303, f"/ui/procedures/{procedure_id}?deleted=2.0.0")
+        assert "Version 2.0.0 is deleted." in (await c.get(r.headers["location"])).text
+    async with signed_in(platform, *await viewer_of(platform)) as v:
+        text = (await v.get("/ui/projects")).text
+        assert "Create project" not in text

@@ -53,6 +53,15 @@ class RowAction:
 
 
 @dataclass(frozen=True)
+class CreateForm:
+    """A form above the table that creates one item (``POST`` to the list's API with the typed fields)."""
+
+    label: str
+    fields: tuple[tuple[str, str], ...]  # (body member, label); empty ones are left out
+    role: str = "operator"
+
+
+@dataclass(frozen=True)
 class Listing:
     path: str
     api: str
@@ -62,6 +71,7 @@ class Listing:
     empty: str
     intro: str = ""
     actions: tuple[RowAction, ...] = ()
+    create: CreateForm | None = None
 
     def action(self, name: str) -> RowAction | None:
         return next((a for a in self.actions if a.name == name), None)
@@ -99,7 +109,8 @@ LISTINGS = (
         "No project matches.", "", (
             RowAction("rename", "Rename", "PATCH", "/api/projects/{project_id}", field="name",
                       field_label="New name"),
-            RowAction("delete", "Delete", "DELETE", "/api/projects/{project_id}", role="admin", danger=True))),
+            RowAction("delete", "Delete", "DELETE", "/api/projects/{project_id}", role="admin", danger=True)),
+        CreateForm("Create project", (("name", "Name"), ("description", "Description")))),
     Listing("/ui/triggers", "/api/triggers", "Triggers", (
         Column("Procedure", "procedure_id", "code"), Column("Version", "version"),
         Column("Type", "trigger_type"), Column("Schedule", "schedule", "code"), Column("Source", "event_source"),

@@ -575,27 +575,35 @@ async def start_run(request: Request, procedure_id: str, version: str) -> Respon
 
 LIFECYCLE_STATUSES = ("draft", "active", "deprecated", "archived")
 CHANNELS = ("dev", "qa", "prod")
-LIFECYCLE = ("status", "promote", "rollback")
+LIFECYCLE = ("status", "promote", "rollback", "delete")
 
 
 @router.post("/ui/procedures/{procedure_id}/{version}/lifecycle/{action}")
 async def lifecycle(request: Request, procedure_id: str, version: str, action: str) -> Response:
-    """Set the version's status, promote it to a channel or roll its channel back (the API's ``PATCH …/status``,
-    ``POST …/promote``, ``POST …/rollback``); a refusal comes back on the version page with the API's problem —
-    the transitions allowed, or the promotion's validation diagnostics."""
+    """Set the version's status, promote it to a channel, roll its channel back or delete it (the API's
+    ``PATCH …/status``, ``POST …/promote``, ``POST …/rollback``, ``DELETE``); a refusal comes back on the version
+    page with the API's problem — the transitions allowed, or the promotion's validation diagnostics."""
     form = await _form(request)
 
     async def build(ui: Console) -> Response:
         if action not in LIFECYCLE:
             return ui.render("error.html", 404, problem={"status": 404, "code": "not_found", "title": "Not found",
                                                          "detail": f"no lifecycle action '{action}'"})
+        path = f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}"
+        if action == "delete":  # a version that is not active and that no unfinished run uses
+            answer = await ui.send("DELETE", path, csrf=form.get("csrf_token"))
+            if answer.status_code < 400:  # to the procedure's page, unless that was its last version
+                left = await ui.api.get(f"/api/procedures/{path_id(procedure_id)}")
+                return _see_other(f"/ui/procedures/{path_id(procedure_id)}?deleted={path_id(version)}"
+                                  if left.status_code == 200 else "/ui/procedures")
+            return await _version_page(ui, procedure_id, version, answer.status_code,
+                                       lifecycle_problem=problem_of(answer), lifecycle_action=action)
         body = {"status": form.get("status", "")} if action == "status" else {
             "target_channel": form.get("target_channel", "")}
         if action == "rollback" and form.get("rollback_to_version"):
             body["rollback_to_version"] = form["rollback_to_version"]
         if form.get("reason", "").strip():
             body["reason"] = form["reason"].strip()
-        path = f"/api/procedures/{path_id(procedure_id)}/{path_id(version)}"
         answer = await ui.send("PATCH" if action == "status" else "POST",
                                f"{path}/status" if action == "status" else f"{path}/{action}", body,
                                csrf=form.get("csrf_token"))
@@ -654,9 +662,11 @@ async def _list(ui: Console, listing: catalogue.Listing, status_code: int = 200,
         raise ApiFailure(answer)
     found = answer.json() if answer.status_code == 200 else None
     actions = [a for a in listing.actions if ui.can(a.role)]
+    creates = listing.create is not None and ui.can(listing.create.role)
     return ui.render("listing.html", status_code if found else answer.status_code, listing=listing, found=found,
                      values=values, errors={} if found else form_errors(problem_of(answer)),
-                     pages=_pager(ui.request, found), actions=actions, title=listing.title, **shown)
+                     pages=_pager(ui.request, found), actions=actions, creates=creates, title=listing.title,
+                     **shown)
 
 
 def _listing_route(listing: catalogue.Listing) -> None:
@@ -671,6 +681,14 @@ def _listing_route(listing: catalogue.Listing) -> None:
         action = listing.action(form.get("action", ""))
 
         async def build(ui: Console) -> Response:
+            if listing.create and form.get("action") == "create":
+                new = {name: form[name].strip() for name, _ in listing.create.fields if form.get(name, "").strip()}
+                answer = await ui.send("POST", listing.api, new, csrf=form.get("csrf_token"))
+                if answer.status_code >= 400:
+                    refused = problem_of(answer)
+                    return await _list(ui, listing, answer.status_code, create_problem=refused, typed=form,
+                                       create_errors=form_errors(refused))
+                return _see_other(f"{listing.path}?{urlencode([('done', listing.create.label)])}")
             if action is None or any(not form.get(key) for key in action.keys):
                 return ui.render("error.html", 404, problem={"status": 404, "code": "not_found", "title": "Not found",
                                                              "detail": "no such action on this list"})
@@ -699,7 +717,7 @@ def _listing_route(listing: catalogue.Listing) -> None:
     list_page.__doc__ = f"{listing.title}: ``GET {listing.api}`` as a table, filtered and paged from the URL."
     row_action.__doc__ = f"A row action of {listing.title.lower()}: one API call, the list again (or its refusal)."
     router.add_api_route(listing.path, list_page, methods=["GET"], name=listing.path)
-    if listing.actions:
+    if listing.actions or listing.create:
         router.add_api_route(f"{listing.path}/actions", row_action, methods=["POST"], name=f"{listing.path}/actions")
 
 
