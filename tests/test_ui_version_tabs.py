@@ -19,6 +19,7 @@ import pytest
 
 from ckp_core.webhook_signing import signature_headers
 from tests.helpers import Platform, platform_of, procedure_doc, wait_status, wait_until
+from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_ui_pages import ADMIN_PASSWORD, EXAMPLE, SECRET_KEY, csrf_of, signed_in, user
 
 pytestmark = pytest.mark.integration
@@ -396,3 +397,22 @@ async def test_create_a_project_and_delete_a_version(platform: Platform) -> None
     async with signed_in(platform, *await viewer_of(platform)) as v:
         text = (await v.get("/ui/projects")).text
         assert "Create project" not in text
+
+
+async def test_register_an_agent_probed_from_its_url(platform: Platform) -> None:
+    channel = f"probed_{uuid.uuid4().hex[:8]}"
+    async with (serving(ScriptedAgent({"greet": lambda _: {"ok": True}})) as agent,
+                signed_in(platform, "admin", ADMIN_PASSWORD) as c):
+        page = await c.get("/ui/agents")
+        assert "<summary>Register agent</summary>" in page.text
+        form = {"csrf_token": csrf_of(page.text), "action": "create", "name": "probed", "channel": channel}
+        r = await c.post("/ui/agents/actions", data=form)
+        assert r.status_code == 422
+        assert re.search(r'id="err-base_url">\s*<li>', r.text), r.text
+        r = await c.post("/ui/agents/actions", data=form | {"base_url": agent.base_url})
+        assert r.status_code == 200, r.text
+        found = re.search(r'data-testid="revealed">.*?<pre tabindex="0">([^<]*)</pre>', r.text, re.DOTALL)
+        assert found, r.text
+        assert len(found.group(1)) >= 20, found.group(0)
+        listed = (await c.get("/api/agents", params={"channel": channel})).json()["items"]
+        assert [[c["name"] for c in a["capabilities"]] for a in listed] == [["greet"]], listed  # probed from its URL

@@ -59,6 +59,7 @@ class CreateForm:
     label: str
     fields: tuple[tuple[str, str], ...]  # (body member, label); empty ones are left out
     role: str = "operator"
+    reveal: str | None = None  # a member of the answer shown once (a new agent's token)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ LISTINGS = (
                       when=("status", "draining")),
             RowAction("sync", "Re-sync capabilities", "POST", "/api/agents/{agent_id}/sync-capabilities"),
             RowAction("token", "Rotate token", "POST", "/api/agents/{agent_id}/token", reveal="agent_token"),
-            RowAction("remove", "Remove", "DELETE", "/api/agents/{agent_id}", danger=True))),
+            RowAction("remove", "Remove", "DELETE", "/api/agents/{agent_id}", danger=True)),
+        CreateForm("Register agent", (("name", "Name"), ("channel", "Channel"), ("base_url", "Base URL"),
+                                      ("pool_id", "Pool (optional)")), reveal="agent_token")),
     Listing("/ui/leases", "/api/leases", "Leases", (
         Column("Lease", "lease_id", "code"), Column("Resource", "resource_key"), Column("Slot", "slot"),
         Column("Agent", "agent_id"), Column("Run", "run_id", "run"), Column("Node", "node_id"),

@@ -688,6 +688,10 @@ def _listing_route(listing: catalogue.Listing) -> None:
                     refused = problem_of(answer)
                     return await _list(ui, listing, answer.status_code, create_problem=refused, typed=form,
                                        create_errors=form_errors(refused))
+                if listing.create.reveal and answer.status_code == 201:  # a new agent's token: shown once
+                    created = answer.json()
+                    return await _list(ui, listing, revealed={"label": "Token", "key": created.get("name"),
+                                                              "value": created.get(listing.create.reveal)})
                 return _see_other(f"{listing.path}?{urlencode([('done', listing.create.label)])}")
             if action is None or any(not form.get(key) for key in action.keys):
                 return ui.render("error.html", 404, problem={"status": 404, "code": "not_found", "title": "Not found",
