@@ -1,6 +1,8 @@
-"""The console's pages under ``/ui`` (api.md §17): sign-in, dashboard, runs (with bulk cancel and delete), run (with
-its graph, timeline and other views), procedures (with import), procedure, version (with the start-run form and
-graph), version comparison, approvals inbox and approval, and the read-only lists of :mod:`.catalogue`.
+"""The console's pages under ``/ui`` (api.md §17): sign-in, dashboard, runs (with bulk cancel and delete, and the
+admins' history cleanup), run (with its graph, timeline, replay and other views; rerun with edited inputs),
+procedures (with import), procedure, version (start-run form, graph, lifecycle, a draft's source), version
+comparison, approvals inbox and approval, and the lists of :mod:`.catalogue` with their row actions. A version's
+trigger and explain tabs are :mod:`.trigger_tab` and :mod:`.version_tabs`.
 
 Pages are server-rendered; every read and every action goes through the public API (:mod:`.console`). A list's
 filters and paging live in the URL query, so a filtered list is a link one can share. Actions post plain forms
