@@ -318,6 +318,10 @@ async def test_list_row_actions_by_role(platform: Platform) -> None:
         assert r.status_code == 404  # the API's refusal, on the list
         assert 'data-testid="action-problem"' in r.text
 
+        r = await c.post("/ui/triggers/actions", data={"csrf_token": csrf, "page_action": "sync"})
+        assert r.status_code == 200
+        assert "&#34;registered&#34;:" in r.text.split('data-testid="page-outcome"')[1]  # the API's answer, shown
+
         r = await c.post("/ui/projects/actions", data={"csrf_token": csrf, "action": "rename",
                                                        "project_id": project_id, "field": f"renamed {unique}"})
         assert r.status_code == 303
@@ -339,6 +343,7 @@ async def test_list_row_actions_by_role(platform: Platform) -> None:
             text = (await v.get(path)).text
             assert "/actions" not in text, path
             assert "<th scope=\"col\">Actions</th>" not in text, path
+            assert "Sync from procedures" not in text, path
 
 
 async def test_agent_row_actions(platform: Platform) -> None:

@@ -63,6 +63,16 @@ class CreateForm:
 
 
 @dataclass(frozen=True)
+class PageAction:
+    """A button above the table: one ``POST`` without a body; its JSON answer is shown on the list."""
+
+    name: str
+    label: str
+    api: str
+    role: str = "operator"
+
+
+@dataclass(frozen=True)
 class Listing:
     path: str
     api: str
@@ -73,6 +83,7 @@ class Listing:
     intro: str = ""
     actions: tuple[RowAction, ...] = ()
     create: CreateForm | None = None
+    page_actions: tuple[PageAction, ...] = ()
 
     def action(self, name: str) -> RowAction | None:
         return next((a for a in self.actions if a.name == name), None)
@@ -131,7 +142,8 @@ LISTINGS = (
             RowAction("enable", "Enable", "POST", "/api/triggers/{procedure_id}/{version}/enable",
                       when=("enabled", False)),
             RowAction("fire", "Fire now", "POST", "/api/triggers/{procedure_id}/{version}/fire"),
-            RowAction("delete", "Delete", "DELETE", "/api/triggers/{procedure_id}/{version}", danger=True))),
+            RowAction("delete", "Delete", "DELETE", "/api/triggers/{procedure_id}/{version}", danger=True)),
+        page_actions=(PageAction("sync", "Sync from procedures", "/api/triggers/sync"),)),
     Listing("/ui/audit", "/api/audit", "Audit log", (
         Column("Time", "ts", "when"), Column("Category", "category"), Column("Action", "action"),
         Column("Outcome", "outcome", "status"), Column("Actor", "actor"), Column("Resource", "resource_type"),

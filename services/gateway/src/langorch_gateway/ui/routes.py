@@ -665,10 +665,11 @@ async def _list(ui: Console, listing: catalogue.Listing, status_code: int = 200,
     found = answer.json() if answer.status_code == 200 else None
     actions = [a for a in listing.actions if ui.can(a.role)]
     creates = listing.create is not None and ui.can(listing.create.role)
+    whole = [a for a in listing.page_actions if ui.can(a.role)]
     return ui.render("listing.html", status_code if found else answer.status_code, listing=listing, found=found,
                      values=values, errors={} if found else form_errors(problem_of(answer)),
-                     pages=_pager(ui.request, found), actions=actions, creates=creates, title=listing.title,
-                     **shown)
+                     pages=_pager(ui.request, found), actions=actions, creates=creates, page_actions=whole,
+                     title=listing.title, **shown)
 
 
 def _listing_route(listing: catalogue.Listing) -> None:
@@ -695,6 +696,12 @@ def _listing_route(listing: catalogue.Listing) -> None:
                     return await _list(ui, listing, revealed={"label": "Token", "key": created.get("name"),
                                                               "value": created.get(listing.create.reveal)})
                 return _see_other(f"{listing.path}?{urlencode([('done', listing.create.label)])}")
+            whole = next((a for a in listing.page_actions if a.name == form.get("page_action")), None)
+            if whole is not None:
+                answer = await ui.send("POST", whole.api, csrf=form.get("csrf_token"))
+                if answer.status_code >= 400:
+                    return await _list(ui, listing, answer.status_code, action_problem=problem_of(answer))
+                return await _list(ui, listing, page_outcome={"label": whole.label, "answer": answer.json()})
             if action is None or any(not form.get(key) for key in action.keys):
                 return ui.render("error.html", 404, problem={"status": 404, "code": "not_found", "title": "Not found",
                                                              "detail": "no such action on this list"})
@@ -723,7 +730,7 @@ def _listing_route(listing: catalogue.Listing) -> None:
     list_page.__doc__ = f"{listing.title}: ``GET {listing.api}`` as a table, filtered and paged from the URL."
     row_action.__doc__ = f"A row action of {listing.title.lower()}: one API call, the list again (or its refusal)."
     router.add_api_route(listing.path, list_page, methods=["GET"], name=listing.path)
-    if listing.actions or listing.create:
+    if listing.actions or listing.create or listing.page_actions:
         router.add_api_route(f"{listing.path}/actions", row_action, methods=["POST"], name=f"{listing.path}/actions")
 
 
