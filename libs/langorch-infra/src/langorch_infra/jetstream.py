@@ -103,11 +103,29 @@ async def ensure_topology(js: JetStreamContext, *, audit_retention_days: int | N
     for bucket in BUCKETS:
         await _patiently(f"KV bucket {bucket}", partial(_ensure_bucket, js, bucket, replicas))
     await _patiently(f"object store {ARTIFACTS_BUCKET}", partial(_ensure_object_store, js, replicas))
+    for name in TOPOLOGY_STREAMS:
+        await _patiently(f"stream {name}", partial(_led, js, name))
+
+
+TOPOLOGY_STREAMS = (*(s.name or "" for s in STREAMS), *(f"KV_{b}" for b in BUCKETS), f"OBJ_{ARTIFACTS_BUCKET}")
+"""The JetStream streams behind everything :func:`ensure_topology` keeps (buckets and the object store included)."""
+
+
+class NoLeaderYet(Exception):
+    """A stream on a cluster whose replicas have not elected a leader yet (just created, or its replicas changed)."""
 
 
 TRANSIENT_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
-                    ServiceUnavailableError)
+                    ServiceUnavailableError, NoLeaderYet)
 """What JetStream answers while a stream or meta leader is being elected or a node restarts."""
+
+
+async def _led(js: JetStreamContext, stream: str) -> None:
+    """Raise :class:`NoLeaderYet` until ``stream`` has a leader: a publish to a stream still electing one finds no
+    responder, so a service would fail its first write right after creating its topology on a cluster."""
+    info = await js.stream_info(stream)
+    if info.cluster is not None and not info.cluster.leader:
+        raise NoLeaderYet(stream)
 
 
 async def _patiently(what: str, step: Callable[[], Awaitable[None]], give_up_s: float = 60) -> None:
