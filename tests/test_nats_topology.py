@@ -4,7 +4,11 @@ every connection takes, failing over past a dead first one. The R3 side runs on 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -13,10 +17,11 @@ from nats.js import JetStreamContext
 from ckp_core.subjects import ARTIFACTS_BUCKET
 from langorch.cli import redact
 from langorch_infra import messaging
-from langorch_infra.embedded import free_port
+from langorch_infra.embedded import EmbeddedNats, free_port, nats_users
 from langorch_infra.jetstream import BUCKETS, STREAMS, connect, ensure_topology
 from langorch_infra.nats_auth import nats_servers
 from langorch_infra.settings import CommonSettings
+from tests.helpers import langorch_command
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +75,28 @@ async def test_a_seed_list_whose_first_server_is_dead_connects_to_the_next(nats_
         await client.jetstream().account_info()
     finally:
         await messaging.close(broker, client)
+
+
+async def test_credentials_in_each_seed_url_keep_working(tmp_path: Path, database_url: str) -> None:
+    """The embedded server's service user, its password in each URL of the list; the CLI too, never printing it."""
+    users = nats_users(tmp_path / "nats-users.json")
+    server = EmbeddedNats(tmp_path / "nats", users=users.all).start()
+    try:
+        seeds = f"{users.service.url(free_port())},{users.service.url(server.port)}"
+        nc = await connect(seeds, "lo-test-seeds-credentials")
+        try:
+            await ensure_topology(nc.jetstream(), replicas=1)
+        finally:
+            await nc.close()
+        clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("LANGORCH_")}
+        proc = await asyncio.to_thread(
+            subprocess.run, langorch_command("projections", "rebuild"), capture_output=True, text=True,
+            timeout=120, check=False, env={**clean, "LANGORCH_NATS_URL": seeds, "LANGORCH_DATABASE_URL": database_url})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "projections rebuilt" in proc.stdout
+        assert users.service.password not in proc.stdout + proc.stderr
+    finally:
+        server.stop()
 
 
 @pytest.mark.unit
