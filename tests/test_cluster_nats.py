@@ -110,3 +110,14 @@ async def run_through_outage(p: Platform, js: JetStreamContext, cluster: Embedde
     await wait_until(lambda: c.get("/api/ready"), lambda r: r.status_code == 200, timeout=60, every=0.2)
     for run_id in warm + before + during:
         await assert_contiguous(js, run_id)
+
+
+async def test_fewer_replicas_are_reconciled_too(nats_cluster: EmbeddedNatsCluster) -> None:  # noqa: F811
+    nc = await connect(nats_cluster.url, "lo-test-cluster-down")
+    js = nc.jetstream()
+    try:
+        await ensure_topology(js, replicas=3)
+        await ensure_topology(js, replicas=1)
+        assert await replicas_of(js) == dict.fromkeys(ALL_STREAMS, 1)
+    finally:
+        await nc.close()
