@@ -42,6 +42,24 @@ async def leader_of(js: JetStreamContext, stream: str) -> str:
     return await wait_until(read, timeout=30, every=0.2)
 
 
+async def fully_replicated(js: JetStreamContext) -> None:
+    """Wait until every stream has a leader and its other replicas are current: the outage below is the loss of one
+    node of a healthy R3 cluster, not of a replica that is still copying a stream just raised from R1."""
+    async def lagging() -> list[str]:
+        behind = []
+        for name in ALL_STREAMS:
+            try:
+                cluster = (await js.stream_info(name)).cluster
+            except (nats.errors.Error, TimeoutError):
+                behind.append(name)
+                continue
+            peers = (cluster.replicas or []) if cluster is not None else []
+            if cluster is None or not cluster.leader or len(peers) != 2 or not all(p.current for p in peers):
+                behind.append(name)
+        return behind
+    await wait_until(lagging, lambda behind: not behind, timeout=60, every=0.2)
+
+
 async def start(c: httpx.AsyncClient, procedure_id: str) -> str:
     """Start a run, also while NATS fails over: the gateway may answer 202 (its read-your-writes wait ran out; the
     command's record names the run) or 503 with ``Retry-After`` (asked again)."""
@@ -93,6 +111,7 @@ async def run_through_outage(p: Platform, js: JetStreamContext, cluster: Embedde
     for run_id in warm:
         assert (await wait_status(c, run_id, timeout=60))["status"] == "completed"
 
+    await fully_replicated(js)
     before = [await start(c, doc["procedure_id"]) for _ in range(3)]
     victim = cluster.index_of(await leader_of(js, EVENT_STREAM))
     cluster.kill(victim)
