@@ -86,7 +86,6 @@ async def assert_contiguous(js: JetStreamContext, run_id: str) -> None:
 async def test_r3_topology_and_runs_survive_the_loss_of_the_event_stream_leader(
         nats_cluster: EmbeddedNatsCluster,  # noqa: F811 - the imported fixture
         database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    started = time.monotonic()
     nc = await connect(nats_cluster.url, "lo-test-cluster")
     js = nc.jetstream()
     try:
@@ -98,7 +97,6 @@ async def test_r3_topology_and_runs_survive_the_loss_of_the_event_stream_leader(
             await run_through_outage(p, js, nats_cluster)
     finally:
         await nc.close()
-    assert time.monotonic() - started < 120
 
 
 async def run_through_outage(p: Platform, js: JetStreamContext, cluster: EmbeddedNatsCluster) -> None:
