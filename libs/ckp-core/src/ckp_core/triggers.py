@@ -12,11 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
 from ckp_core.commands import DeleteTrigger, DisableTrigger, EnableTrigger, UpsertTrigger
+from ckp_core.compiler.fields import valid_timezone
 from ckp_core.errors import CommandRefused
 from ckp_core.events import (
     EventData,
@@ -127,17 +127,6 @@ def ever_fires(expr: str) -> bool:
     try:
         Schedule(" ".join(expr.split())).next_after(datetime(2000, 1, 1, tzinfo=UTC))
     except ValueError:  # croniter's CroniterBadDateError: no match within its search horizon
-        return False
-    return True
-
-
-def valid_timezone(name: str) -> bool:
-    """An IANA zone name zoneinfo knows (no paths)."""
-    if not name or name.startswith("/") or ".." in name or name != name.strip():
-        return False
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
         return False
     return True
 
