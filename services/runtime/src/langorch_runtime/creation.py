@@ -24,7 +24,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -155,8 +155,32 @@ def start_meta(created: Mapping[str, Any]) -> dict[str, Any]:
             "input_vars": created.get("input_vars") or {}, "trigger_type": created.get("trigger_type")}
 
 
-PROCEDURES_CACHED = 256
-"""Procedures (and version IRs) whose state a runtime replica keeps for its creations."""
+T = TypeVar("T")
+CACHE_SIZE = 256
+"""Procedures (and version IRs) whose state a runtime replica keeps."""
+
+
+class Stamped(Generic[T]):
+    """Values computed from something that changes (a procedure's events, a KV entry), each kept with the stamp it
+    was computed at (a stream position, a revision) and given back only for that stamp; beyond ``size`` keys the
+    least recently used is dropped."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[str, tuple[int | None, T]] = OrderedDict()
+
+    def get(self, key: str, stamp: int | None) -> T | None:
+        found = self.entries.get(key)
+        if found is None or found[0] != stamp:
+            return None
+        self.entries.move_to_end(key)
+        return found[1]
+
+    def put(self, key: str, stamp: int | None, value: T) -> None:
+        self.entries[key] = (stamp, value)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
 
 class RunCreator:
@@ -172,8 +196,8 @@ class RunCreator:
         # it (one head look-up when nothing changed), and an IR is parsed once per stored revision
         self.procedure_states: AggregateCache[ProcedureState] = AggregateCache(
             ProcedureState, lambda state, stored: evolve(state, stored.envelope, stored.position),
-            max_aggregates=PROCEDURES_CACHED)
-        self.irs: OrderedDict[str, tuple[int, ProcedureIR]] = OrderedDict()
+            max_aggregates=CACHE_SIZE)
+        self.irs: Stamped[ProcedureIR] = Stamped(CACHE_SIZE)  # by KV key, at its revision
 
     async def version(self, procedure_id: str, version: str) -> VersionState | None:
         """The version as the procedure aggregate has it now (None: never imported, or deleted)."""
@@ -188,15 +212,10 @@ class RunCreator:
             entry = await self.procedures.get(key)
         except (KeyNotFoundError, NotFoundError):
             return None
-        revision = int(entry.revision or 0)
-        cached = self.irs.get(key)
-        if cached is not None and cached[0] == revision:
-            self.irs.move_to_end(key)
-            return cached[1]
-        ir = ProcedureIR.model_validate_json(entry.value or b"{}")
-        self.irs[key] = (revision, ir)
-        while len(self.irs) > PROCEDURES_CACHED:
-            self.irs.popitem(last=False)
+        ir = self.irs.get(key, entry.revision)
+        if ir is None:
+            ir = ProcedureIR.model_validate_json(entry.value or b"{}")
+            self.irs.put(key, entry.revision, ir)
         return ir
 
     async def create(self, command: CreateRun, *, delivery: int = 1, ir: ProcedureIR | None = None,

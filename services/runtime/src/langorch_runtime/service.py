@@ -14,9 +14,8 @@ import os
 import socket
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import psycopg
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
@@ -26,7 +25,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import KeyNotFoundError, NotFoundError
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -54,7 +52,6 @@ from ckp_core.events import (
 )
 from ckp_core.eventstore import AggregateHead, StoredEvent
 from ckp_core.ir import ProcedureIR
-from ckp_core.procedure_lifecycle import ProcedureState, fold
 from ckp_core.redaction import Redactor
 from ckp_core.subjects import (
     COMMAND_STREAM,
@@ -64,7 +61,6 @@ from ckp_core.subjects import (
     STEPS_BUCKET,
     aggregate_filter,
     event_subject,
-    procedure_key,
 )
 from langorch_infra import logs
 from langorch_infra.audit import AuditWriter
@@ -112,8 +108,6 @@ CONSUMER = RUN_CONSUMER
 QUEUE_POLL_S = 5.0
 SETUP_POLL_S = 0.1  # a replica waiting for another's checkpoint migrations asks again this often
 SAVER_LANES = 8  # checkpoint savers per replica (saver_for); the pool has 10 connections
-T = TypeVar("T")
-CACHE_SIZE = 256  # parsed procedure versions and folded procedures kept by a replica
 DEFECT_DELIVERIES = 3  # a run command failing this often on a defect (not the infrastructure) fails its run
 ACTOR = Actor.system("runtime")
 VERSION = package_version("langorch-runtime")
@@ -166,29 +160,6 @@ class RetryNotDue(Exception):
         self.seconds = seconds
 
 
-class Stamped(Generic[T]):
-    """Values computed from something that changes (a procedure's events, a KV entry), each kept with the stamp it
-    was computed at (a stream position, a revision) and given back only for that stamp; beyond ``size`` keys the
-    least recently used is dropped."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.entries: OrderedDict[str, tuple[int | None, T]] = OrderedDict()
-
-    def get(self, key: str, stamp: int | None) -> T | None:
-        found = self.entries.get(key)
-        if found is None or found[0] != stamp:
-            return None
-        self.entries.move_to_end(key)
-        return found[1]
-
-    def put(self, key: str, stamp: int | None, value: T) -> None:
-        self.entries[key] = (stamp, value)
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-
 class RuntimeService:
     """One runtime replica."""
 
@@ -200,8 +171,6 @@ class RuntimeService:
         self.pool: AsyncConnectionPool[Any] | None = None
         self.saver: AsyncPostgresSaver | None = None
         self.savers: list[AsyncPostgresSaver] = []  # the runs' checkpoint lanes (saver_for)
-        self.procedures_seen: Stamped[ProcedureState] = Stamped(CACHE_SIZE)  # by procedure id, at its head
-        self.irs: Stamped[ProcedureIR] = Stamped(CACHE_SIZE)  # by KV key, at its revision
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = RuntimeMetrics()
@@ -222,7 +191,9 @@ class RuntimeService:
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
         self.runs = CommandHandler(self.store, "run", fold_run, audit=self.audit)
-        self.children = JetStreamChildRuns(RunCreator(self.store, self.js, self.procedures, self.audit), ACTOR)
+        # versions and IRs are read (and cached) by one creator, for child runs as for the start gate
+        self.creator = RunCreator(self.store, self.js, self.procedures, self.audit)
+        self.children = JetStreamChildRuns(self.creator, ACTOR)
         await self.dispatcher.start()
         self.limiter = await ProcedureLimiter.open(self.js, self.instance)
         self.artifacts = await ObjectStoreArtifacts.open(self.js)
@@ -479,8 +450,7 @@ class RuntimeService:
         ``effective_date`` is still ahead ``procedure_not_effective``; the run fails before it starts. A version
         deprecated meanwhile (a promotion) still runs the runs created before: only new runs are refused on it."""
         procedure_id, version = str(created["procedure_id"]), str(created["procedure_version"])
-        state = await self.procedure_state(procedure_id)
-        found = state.versions.get(version)
+        found = await self.creator.version(procedure_id, version)
         if found is None or found.status == "archived":
             return ErrorObject(code="procedure_not_runnable", message=f"procedure {procedure_id}@{version} is "
                                f"{found.status if found else 'deleted'}", details={"status": found.status if found
@@ -491,18 +461,6 @@ class RuntimeService:
                                f"effective from {ir.effective_date}", details={"effective_date": ir.effective_date})
         return None
 
-    async def procedure_state(self, procedure_id: str) -> ProcedureState:
-        """The procedure aggregate's state, folded from its events; read again only when its head moved."""
-        head = await self.store.head("procedure", procedure_id)
-        cached = self.procedures_seen.get(procedure_id, head.position) if head is not None else None
-        if cached is not None:
-            return cached
-        events = await self.store.read("procedure", procedure_id)
-        state = fold(procedure_id, ((e.envelope, e.position) for e in events))
-        if events:
-            self.procedures_seen.put(procedure_id, events[-1].position, state)
-        return state
-
     def saver_for(self, run_id: str) -> AsyncPostgresSaver:
         """The checkpoint saver of a run. The official saver passes every call through one lock, so the runs of
         this replica are spread over ``SAVER_LANES`` savers sharing the connection pool: checkpoints of different
@@ -511,17 +469,8 @@ class RuntimeService:
         return self.savers[zlib.crc32(run_id.encode()) % len(self.savers)]
 
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
-        """The version's IR from KV; parsed once per KV revision (the runs of one version share it, read-only)."""
-        key = procedure_key(procedure_id, version)
-        try:
-            entry = await self.procedures.get(key)
-        except (KeyNotFoundError, NotFoundError):
-            return None
-        ir = self.irs.get(key, entry.revision)
-        if ir is None:
-            ir = ProcedureIR.model_validate_json(entry.value or b"{}")
-            self.irs.put(key, entry.revision, ir)
-        return ir
+        """The version's IR from KV, parsed once per KV revision (see :meth:`RunCreator.load_ir`)."""
+        return await self.creator.load_ir(procedure_id, version)
 
     async def execute(self, command: StartRun | ResumeRun | RetryRun, delivery: int) -> None:
         """Execute (or continue, resume, retry) one run until it is terminal or durably suspended."""
