@@ -1,7 +1,8 @@
 """deploy/k8s: both overlays render with kustomize (``kubectl kustomize``: kustomize v5, built into the kubectl of
 the project's machines); every rendered object validates against the Kubernetes 1.37 JSON schemas
-(kubernetes-validate, strict) and the KEDA and Prometheus Operator objects against validators generated from those
-projects' published CRD schemas (tests/assets/crd-validators, run by node); workloads are hardened, and every probe
+(kubernetes-validate, strict) or, for the KEDA, Prometheus Operator and CloudNativePG objects, against validators
+generated from those projects' published CRD schemas (tests/assets/crd-validators, run by node): an object of any
+other API group fails the test; workloads are hardened, and every probe
 names a path and port the service really serves (the gateway's routes, the services' ops endpoint, a real
 nats-server started from the manifest's configuration)."""
 
@@ -34,7 +35,9 @@ from tests.deploy_support import ROOT
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"
 VALIDATORS = ROOT / "tests" / "assets" / "crd-validators"
-CRD_KINDS = {"ScaledObject", "ServiceMonitor", "PrometheusRule", "Cluster"}
+# the custom resources tests/assets/crd-validators/validate.mjs has a validator for (apiVersion, kind)
+CRD_MODELS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
+              ("monitoring.coreos.com/v1", "PrometheusRule"), ("postgresql.cnpg.io/v1", "Cluster")}
 SERVICES = ("gateway", "compiler", "runtime", "approvals", "triggers")
 OVERLAYS = ("dev", "prod")
 NAMESPACES = {"dev": "langorch-dev", "prod": "langorch"}
@@ -79,16 +82,40 @@ def test_overlay_renders_and_validates_against_the_kubernetes_schemas(overlay: s
             "ServiceMonitor", "PrometheusRule"} <= kinds
     assert ("Cluster" in kinds) == (overlay == "prod")  # CloudNativePG in prod, an external database in dev
     assert ("Secret" in kinds) == (overlay == "dev")
+    custom = custom_resources(objects)  # every other object has validated against the Kubernetes schemas
+    assert {(o["apiVersion"], o["kind"]) for o in custom} == CRD_MODELS - (
+        set() if overlay == "prod" else {("postgresql.cnpg.io/v1", "Cluster")})
     for obj in objects:
-        if obj["kind"] in CRD_KINDS:
-            continue
-        try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == NAMESPACES[overlay]
     assert sorted(service for service, _, _ in langorch_containers(objects)) == sorted(SERVICES)
+
+
+def custom_resources(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects of API groups Kubernetes does not serve itself, after validating every other one against the
+    Kubernetes schemas (strict); each custom resource must be of a kind the CRD validators know."""
+    custom = []
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            custom.append(obj)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    unknown = {(o["apiVersion"], o["kind"]) for o in custom} - CRD_MODELS
+    assert not unknown, f"no schema validates these rendered objects: {sorted(unknown)}"
+    return custom
+
+
+@pytest.mark.unit
+def test_an_object_of_a_group_no_schema_covers_fails_the_validation() -> None:
+    """The control of the test above: a resource of an API group neither Kubernetes nor the CRD validators know
+    (a new operator's resource added to an overlay) is not let through unvalidated."""
+    objects = rendered("dev")
+    objects.append({"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": {"name": "tls"},
+                    "spec": {"secretName": "tls"}})
+    with pytest.raises(AssertionError, match=r"no schema validates these rendered objects.*cert-manager\.io/v1"):
+        custom_resources(objects)
 
 
 @pytest.mark.unit
@@ -113,14 +140,14 @@ def validate_crds(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.mark.integration
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_custom_resources_validate_against_their_published_crd_schemas(overlay: str) -> None:
-    custom = [o for o in rendered(overlay) if o["kind"] in CRD_KINDS]
+    custom = custom_resources(rendered(overlay))
     results = validate_crds(custom)
     checked = {(r["kind"], r["name"]): r["errors"] for r in results}
-    assert checked[("ScaledObject", "langorch-runtime")] == []
-    assert checked[("ServiceMonitor", "langorch")] == []
-    assert checked[("PrometheusRule", "langorch-alerts")] == []
-    # CloudNativePG publishes no validator package these registries carry: its Cluster is not schema-checked
-    assert {kind for (kind, _), errors in checked.items() if errors is None} <= {"Cluster"}
+    expected = {("ScaledObject", "langorch-runtime"), ("ServiceMonitor", "langorch"),
+                ("PrometheusRule", "langorch-alerts")} | ({("Cluster", "langorch-database")} if overlay == "prod"
+                                                          else set())
+    assert set(checked) == expected
+    assert checked == {key: [] for key in expected}  # [] validated; None would be a kind without a validator
 
 
 @pytest.mark.integration
@@ -131,7 +158,10 @@ def test_the_crd_validators_refuse_a_broken_object() -> None:
     monitor["spec"]["endpoints"][0]["port"] = 8080  # a port name, not a number
     [rule] = [copy.deepcopy(o) for o in rendered("dev") if o["kind"] == "PrometheusRule"]
     del rule["spec"]["groups"][0]["rules"][0]["expr"]
-    results = validate_crds([scaled, monitor, rule])
+    [cluster] = [copy.deepcopy(o) for o in rendered("prod") if o["kind"] == "Cluster"]
+    cluster["spec"]["instances"] = "three"
+    results = validate_crds([scaled, monitor, rule, cluster])
+    assert [r["kind"] for r in results] == ["ScaledObject", "ServiceMonitor", "PrometheusRule", "Cluster"]
     assert all(r["errors"] for r in results), results
 
 

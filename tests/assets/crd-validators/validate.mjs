@@ -1,5 +1,6 @@
 // Reads a JSON array of Kubernetes objects on stdin and prints, as JSON, the validation errors of each one
 // against its CRD schema ({kind, name, errors: [...]}; an object of a kind without a validator here: errors null).
+import { Cluster } from "@kubernetes-models/cloudnative-pg/postgresql.cnpg.io/v1/Cluster";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
 import { PrometheusRule } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
@@ -8,6 +9,7 @@ const MODELS = {
   "keda.sh/v1alpha1/ScaledObject": ScaledObject,
   "monitoring.coreos.com/v1/ServiceMonitor": ServiceMonitor,
   "monitoring.coreos.com/v1/PrometheusRule": PrometheusRule,
+  "postgresql.cnpg.io/v1/Cluster": Cluster,
 };
 
 let input = "";
