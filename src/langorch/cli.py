@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
-from langorch import accounts, cli_triggers, cli_webhook, timeline
+from langorch import accounts, cli_cluster, cli_triggers, cli_webhook, timeline
 from langorch.errors import API_HELP, API_KEY_HELP, DEFAULT_API, EXIT_CODES_HELP, CLIError, ExitCode
 from langorch.serving import SERVICES, serve_services
 
@@ -810,6 +810,7 @@ async def connect_postgres(url: str) -> Any:
 accounts.register(app)
 cli_webhook.register(app)
 cli_triggers.register(app)
+cli_cluster.register(app)
 
 for _info in (*app.registered_commands, *projections_app.registered_commands):
     if not _info.epilog:
