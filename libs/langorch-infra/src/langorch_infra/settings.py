@@ -164,7 +164,9 @@ class RuntimeSettings(CommonSettings):
 
     ack_wait_s: float = Field(30.0, description="JetStream ack wait of run commands; a runtime that stops "
                               "signalling progress for this long loses its runs to another replica.")
-    max_concurrent_runs: int = Field(16, ge=1, description="Runs one replica executes at once.")
+    max_concurrent_runs: int = Field(16, ge=1, description="Runs one replica executes at once: it fetches a run "
+                                     "command only while it has a free slot, so the commands beyond every "
+                                     "replica's slots wait in LO_CMD, for whichever replica frees one first.")
     public_url: str = Field("http://127.0.0.1:8080", description="Base URL of the gateway as agents reach it "
                             "(async callbacks go to <public_url>/api/runs/<run_id>/callback).")
     callback_timeout_s: float = Field(3600.0, gt=0, description="How long an async workflow delegation may wait "
@@ -302,6 +304,15 @@ class GatewaySettings(CommonSettings):
                                      "stale_signature).")
     webhook_max_body_bytes: int = Field(1024 * 1024, ge=1, le=64 * 1024 * 1024, description="Largest webhook "
                                         "body the gateway reads (more → 413); it stops reading past this.")
+    admission_max_backlog: int = Field(1000, ge=0, description="Admission control: run creations (POST "
+                                       "/api/runs, rerun, a manual fire, a webhook) are refused with 429 "
+                                       "rate_limited while more than this many run commands wait for the runtime "
+                                       "(creations not yet decided, starts not yet taken by a replica); 0: off.")
+    admission_retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After (seconds) of a creation "
+                                         "refused by admission control.")
+    admission_cache_ms: int = Field(500, ge=0, le=60_000, description="How long a gateway replica reuses its "
+                                    "reading of the runtime's backlog (two JetStream consumer look-ups) before "
+                                    "reading it again; 0: at every creation.")
 
     @field_validator("agent_url_allowlist", mode="before")
     @classmethod
