@@ -70,12 +70,18 @@ STREAMS = (
 BUCKETS = (PROCEDURES_BUCKET, STEPS_BUCKET, LEASES_BUCKET, LOCKS_BUCKET, PRESENCE_BUCKET, RATELIMITS_BUCKET)
 
 
-async def connect(url: str, name: str, settings: CommonSettings | None = None) -> NATS:
+async def connect(url: str, name: str, settings: CommonSettings | None = None, *,
+                  buffer_while_reconnecting: bool = True) -> NATS:
     """Connect to NATS, retrying the first connection for a few seconds; ``url`` may list several seed servers
     (comma-separated); with ``settings``, as their NATS credential and TLS settings say
-    (:mod:`langorch_infra.nats_auth`)."""
+    (:mod:`langorch_infra.nats_auth`).
+
+    Without ``buffer_while_reconnecting``, a publish (a request included) while the connection is down raises
+    ``OutboundBufferLimitError`` at once instead of being kept and sent once the connection is back: for the
+    gateway, whose caller has been told by then that its command was not sent."""
+    buffering = {} if buffer_while_reconnecting else {"pending_size": 0}
     return await nats.connect(nats_servers(url), name=name, connect_timeout=5, max_reconnect_attempts=-1,
-                              reconnect_time_wait=0.5, **connect_options(settings))
+                              reconnect_time_wait=0.5, **buffering, **connect_options(settings))
 
 
 def _with_retention(cfg: StreamConfig, audit_retention_days: int | None) -> StreamConfig:
