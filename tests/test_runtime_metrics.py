@@ -223,7 +223,8 @@ async def test_run_records_binding_and_bus_metrics(platform: Platform) -> None:
     assert started["binding_kind"] == "agent_http"  # ckp.md §8: the binding once the agent is chosen
 
     runtime = samples(platform.runtime_service.metrics.registry)
-    assert value(runtime, "langorch_step_execution_total", binding="agent_http", status="completed") == 1
+    assert value(runtime, "langorch_step_execution_total", binding="agent_http", status="completed",
+                 procedure_id="metered", node_id="fetch") == 1
     assert value(runtime, "langorch_agent_requests_total", channel="web", outcome="success") == 1
     assert value(runtime, "langorch_bus_messages_total", service="runtime", kind="cmd", outcome="ack") >= 1
     assert value(runtime, "langorch_bus_handler_duration_seconds_count", service="runtime",

@@ -344,8 +344,9 @@ async def test_up_lists_every_replica_without_secrets_and_serves_one_combined_re
             got = samples(r.text)  # the parser rejects a family exposed twice
             for service in ("gateway", "compiler", "runtime", "approvals"):
                 assert got[("langorch_build_info", (("service", service), ("version", "0.1.0")))] == 1
-            assert got[("langorch_run_started_total", (("trigger_type", "api"),))] == 1
-            assert got[("langorch_run_completed_total", (("status", "completed"),))] == 1
+            procedure = ("procedure_id", doc["procedure_id"])
+            assert got[("langorch_run_started_total", (procedure, ("trigger_type", "api")))] == 1
+            assert got[("langorch_run_completed_total", (procedure, ("status", "completed")))] == 1
             assert got[("langorch_compile_total", (("outcome", "success"),))] >= 1
             assert ("langorch_http_requests_total", (("method", "GET"), ("route", "/api/config"),
                                                      ("status", "200"))) in got

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,7 +98,8 @@ def test_a_run_completes_in_a_worker_process_and_one_ctrl_c_stops_every_process(
     metrics = httpx.get(f"http://127.0.0.1:{up.port}/metrics", headers=up.headers, timeout=10).text
     for service in ("gateway", "compiler", "runtime", "approvals"):
         assert f'langorch_build_info{{service="{service}",version="0.1.0"}} 1.0' in metrics, metrics
-    assert 'langorch_run_completed_total{status="completed"} 1.0' in metrics
+    assert re.search(r'^langorch_run_completed_total\{(?=.*status="completed")(?=.*procedure_id="internal-variables")'
+                     r'[^}]*\} 1\.0$', metrics, re.MULTILINE), metrics
 
     signaled = up.interrupt()
     assert up.proc.wait(timeout=15) == 0, up.text

@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 WRONG_LAST_SEQUENCE = 10071
 
 STREAMS = (
@@ -122,8 +123,9 @@ class NoLeaderYet(Exception):
 
 
 TRANSIENT_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
-                    ServiceUnavailableError, NoLeaderYet)
-"""What JetStream answers while a stream or meta leader is being elected or a node restarts."""
+                    ServiceUnavailableError, nats.errors.ConnectionReconnectingError, NoLeaderYet)
+"""What JetStream answers while a stream or meta leader is being elected or a node restarts (or the client
+reconnects)."""
 
 
 async def _led(js: JetStreamContext, stream: str) -> None:
@@ -134,22 +136,31 @@ async def _led(js: JetStreamContext, stream: str) -> None:
         raise NoLeaderYet(stream)
 
 
-async def _patiently(what: str, step: Callable[[], Awaitable[None]], give_up_s: float = 60) -> None:
-    """``step`` again with growing pauses while JetStream is briefly unavailable (:data:`TRANSIENT_ERRORS`), so a
-    replica starting during a failover waits instead of exiting; raises after ``give_up_s``."""
+async def _patiently(what: str, step: Callable[[], Awaitable[T]], give_up_s: float = 60,
+                     max_pause_s: float = 5.0) -> T:
+    """``step`` again with growing pauses (up to ``max_pause_s``) while JetStream is briefly unavailable
+    (:data:`TRANSIENT_ERRORS`), so a replica starting during a failover waits instead of exiting; raises after
+    ``give_up_s``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + give_up_s
     pause = 0.2
     while True:
         try:
-            await step()
-            return
+            return await step()
         except TRANSIENT_ERRORS as exc:
             if loop.time() + pause > deadline:
                 raise
             log.warning("%s: JetStream unavailable (%s); trying again in %.1f s", what, type(exc).__name__, pause)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            pause = min(pause * 2, max_pause_s)
+
+
+async def through_blips(what: str, step: Callable[[], Awaitable[T]], patience_s: float) -> T:
+    """``step``, tried again through a NATS blip (a restart, a reconnect, a leader election) for up to
+    ``patience_s``, with short pauses (at most a second) so it goes on soon after NATS is back. For writes that
+    are safe to repeat (a KV put, an append carrying its event id) in work that must not be abandoned because NATS
+    blinked: a step attempt whose agent call is in flight."""
+    return await _patiently(what, step, patience_s, max_pause_s=1.0)
 
 
 async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig, keep_audit: bool, replicas: int | None) -> None:
@@ -246,10 +257,15 @@ def decode_message(msg: Msg) -> StoredEvent:
 
 
 class JetStreamEventStore:
-    """``EventStore`` on ``LO_EVT`` with per-aggregate expected-last-sequence checks."""
+    """``EventStore`` on ``LO_EVT`` with per-aggregate expected-last-sequence checks.
 
-    def __init__(self, js: JetStreamContext) -> None:
+    With ``patience_s``, an append that times out or finds JetStream unavailable is tried again for that long
+    (:func:`through_blips`): the event carries its id, so a first try that landed after all is recognised (by the
+    stream's duplicate window, or as the last event of the aggregate) and not appended twice."""
+
+    def __init__(self, js: JetStreamContext, *, patience_s: float = 0) -> None:
         self.js = js
+        self.patience_s = patience_s
 
     async def append(self, events: Sequence[EventEnvelope], *, expected_position: int) -> list[int]:
         positions: list[int] = []
@@ -262,9 +278,11 @@ class JetStreamEventStore:
                 "Nats-Expected-Last-Subject-Sequence-Subject": filt,
             }
             tracing.event_headers(headers)  # the projection's span continues the trace of the append
+            publish = partial(self.js.publish, event_subject(ev.aggregate, ev.aggregate_id, ev.type),
+                              encode_envelope(ev), headers=headers)
             try:
-                ack = await self.js.publish(event_subject(ev.aggregate, ev.aggregate_id, ev.type),
-                                            encode_envelope(ev), headers=headers)
+                ack = await (through_blips(f"append to {filt}", publish, self.patience_s) if self.patience_s
+                             else publish())
             except APIError as exc:
                 if exc.err_code != WRONG_LAST_SEQUENCE:
                     raise

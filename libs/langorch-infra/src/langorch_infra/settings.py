@@ -220,6 +220,9 @@ class RuntimeSettings(CommonSettings):
                                                    "'{{secrets.<name>}}' references.")
     webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Timeout of one webhook POST; a failed POST "
                                      "is tried once more, then dropped (logged).")
+    metrics_node_labels: bool = Field(True, description="The step and SLA metrics carry a node_id label (with "
+                                      "procedure_id), for per-node dashboards: a series per node of every "
+                                      "procedure. false: node_id is empty, the series are per procedure only.")
     time_scale: float = Field(1.0, gt=0, le=1, description="For tests only: factor on the pauses a document "
                               "asks for (wait steps, wait_after_ms, retry and backoff delays), which are slept "
                               "for this fraction of their length; events still carry the document's values. "

@@ -33,6 +33,7 @@ from collections import OrderedDict
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import anyio
@@ -64,7 +65,7 @@ from ckp_core.subjects import (
 )
 from langorch_infra import tracing
 from langorch_infra.cancel import stop_if_cancelled
-from langorch_infra.jetstream import connect, decode_message, ensure_topology
+from langorch_infra.jetstream import connect, decode_message, ensure_topology, through_blips
 from langorch_infra.kv import put_with_ttl
 from langorch_infra.secret_providers import SecretError, SecretResolver
 from langorch_infra.secrets import grant_key, redeem_grants, resolve_grant
@@ -76,6 +77,7 @@ from langorch_runtime.machine.ports import ContentArtifacts, Delegated, Dispatch
 from langorch_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger(__name__)
+BLIP_PATIENCE_S = 60.0  # how long choosing an agent and taking a lease go on trying while NATS is unavailable
 
 __all__ = ["AgentDispatcher", "Candidate", "Lease"]
 
@@ -489,8 +491,9 @@ class AgentDispatcher(Dispatcher):
         delay = 0.02
         saturated = False
         synced = False
-        while True:
-            found = await self.candidates(channel, request.action)
+        while True:  # NATS briefly unavailable (a restart, a failover) is waited out, never abandons the attempt
+            found = await through_blips("agent candidates", partial(self.candidates, channel, request.action),
+                                        BLIP_PATIENCE_S)
             if not found and not synced:
                 synced = True  # an agent registered a moment ago may not have reached the registry yet
                 if await self.sync_registry():
@@ -503,12 +506,13 @@ class AgentDispatcher(Dispatcher):
             for c in ranked:
                 if c.free_slots <= 0:
                     continue
-                lease = await self.try_acquire(c, request)
+                # a write that landed although its answer was lost leaves the slot held for this attempt: adopted
+                lease = await through_blips("lease", partial(self.try_acquire, c, request), BLIP_PATIENCE_S)
                 if lease is not None:
                     return self._held(c, lease, started)
             if not saturated:
                 for c in ranked:  # every slot is held: one may still be held for this very attempt
-                    lease = await self.adopt(c, request)
+                    lease = await through_blips("lease", partial(self.adopt, c, request), BLIP_PATIENCE_S)
                     if lease is not None:
                         return self._held(c, lease, started)
                 saturated = True

@@ -1,5 +1,7 @@
 """Runtime metrics (api.md §13.1): derived from the run events this replica appends, so every count matches the
-timeline. Labels stay bounded: binding kinds, statuses, error codes and configured metric names only."""
+timeline. Labels stay bounded: binding kinds, statuses, error codes, configured metric names, and the procedure and
+node ids of the run and step metrics (the procedures imported and their nodes; ``node_id`` is left empty when
+``LANGORCH_METRICS_NODE_LABELS`` is off). Run, node and step instance ids are never labels."""
 
 from __future__ import annotations
 
@@ -63,25 +65,30 @@ class _StateCollector:
 
 
 class RuntimeMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, node_labels: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
+        self.node_labels = node_labels  # False: node_id is "" (a label Prometheus drops), per procedure only
         r = self.registry
-        self.run_started = Counter("langorch_run_started_total", "Runs started", ["trigger_type"], registry=r)
-        self.run_completed = Counter("langorch_run_completed_total", "Runs ended", ["status"], registry=r)
+        run, node = ["procedure_id"], ["procedure_id", "node_id"]
+        self.run_started = Counter("langorch_run_started_total", "Runs started", ["trigger_type", *run],
+                                   registry=r)
+        self.run_completed = Counter("langorch_run_completed_total", "Runs ended", ["status", *run], registry=r)
         self.run_duration = Histogram("langorch_run_duration_seconds", "Run duration, first start to end",
-                                      ["status"], buckets=DURATION_BUCKETS, registry=r)
-        self.run_failures = Counter("langorch_run_failures_total", "Failed runs by error code", ["error_code"],
-                                    registry=r)
+                                      ["status", *run], buckets=DURATION_BUCKETS, registry=r)
+        self.run_failures = Counter("langorch_run_failures_total", "Failed runs by error code",
+                                    ["error_code", *run], registry=r)
         self.run_recovered = Counter("langorch_run_recovered_total", "Runs resumed after their replica died",
                                      registry=r)
-        self.steps = Counter("langorch_step_execution_total", "Step executions", ["binding", "status"], registry=r)
-        self.step_duration = Histogram("langorch_step_duration_seconds", "Step attempt duration", ["binding"],
+        self.steps = Counter("langorch_step_execution_total", "Step executions", ["binding", "status", *node],
+                             registry=r)
+        self.step_duration = Histogram("langorch_step_duration_seconds", "Step attempt duration", ["binding", *node],
                                        registry=r)
-        self.step_timeouts = Counter("langorch_step_timeout_total", "Step attempt timeouts", ["binding"], registry=r)
-        self.retries = Counter("langorch_retry_attempts_total", "Step retries", ["binding"], registry=r)
+        self.step_timeouts = Counter("langorch_step_timeout_total", "Step attempt timeouts", ["binding", *node],
+                                     registry=r)
+        self.retries = Counter("langorch_retry_attempts_total", "Step retries", ["binding", *node], registry=r)
         self.llm_tokens = Counter("langorch_llm_tokens_total", "LLM tokens", ["model", "kind"], registry=r)
         self.llm_cost = Counter("langorch_llm_cost_usd_total", "Estimated LLM cost", ["model"], registry=r)
-        self.sla_breaches = Counter("langorch_sla_breach_total", "SLA breaches", ["on_breach"], registry=r)
+        self.sla_breaches = Counter("langorch_sla_breach_total", "SLA breaches", ["on_breach", *node], registry=r)
         self.budget_exceeded = Counter("langorch_budget_exceeded_total", "LLM budgets exceeded", registry=r)
         self.callback_timeouts = Counter("langorch_callback_timeout_total", "Async callbacks that timed out",
                                          ["callback_type"], registry=r)
@@ -139,41 +146,54 @@ class RunObserver:
         self.m = metrics
         self.ir = ir
         self.trigger_type = str(run_created.get("trigger_type") or "api")
+        self.procedure = ir.procedure_id
         self.started_at = started_at
         self.bindings: dict[tuple[Any, Any, Any], str] = {}
 
     def binding(self, data: dict[str, Any]) -> str:
         return self.bindings.get((data.get("node_id"), data.get("step_id"), data.get("frame")), "internal")
 
+    def node(self, data: dict[str, Any]) -> tuple[str, str]:
+        """The ``procedure_id`` and ``node_id`` labels of a step or node event (the IR's own node id: bounded)."""
+        node_id = data.get("node_id")
+        known = self.m.node_labels and isinstance(node_id, str) and node_id in self.ir.nodes
+        return self.procedure, str(node_id) if known else ""
+
+    def step(self, data: dict[str, Any]) -> tuple[str, str, str]:
+        """The ``binding``, ``procedure_id`` and ``node_id`` labels of a step event."""
+        return (self.binding(data), *self.node(data))
+
     def __call__(self, event: EventData, occurred: float) -> None:
         t, d = event.TYPE, event.model_dump(mode="json")
         m = self.m
         if t == "execution_started":
-            m.run_started.labels(self.trigger_type).inc()
+            m.run_started.labels(self.trigger_type, self.procedure).inc()
             self.started_at = occurred
         elif t == "execution_recovered":
             m.run_recovered.inc()
         elif t == "step_started":
             self.bindings[(d.get("node_id"), d.get("step_id"), d.get("frame"))] = binding_label(d)
         elif t == "step_completed":
-            binding = self.binding(d)
-            m.steps.labels(binding, "completed").inc()
-            m.step_duration.labels(binding).observe((d.get("duration_ms") or 0) / 1000)
+            binding, procedure, node = self.step(d)
+            m.steps.labels(binding, "completed", procedure, node).inc()
+            m.step_duration.labels(binding, procedure, node).observe((d.get("duration_ms") or 0) / 1000)
         elif t == "step_replayed":
-            m.steps.labels(self.binding(d), "replayed").inc()
+            binding, procedure, node = self.step(d)
+            m.steps.labels(binding, "replayed", procedure, node).inc()
         elif t == "step_failed":
-            m.steps.labels(self.binding(d), "failed").inc()
+            binding, procedure, node = self.step(d)
+            m.steps.labels(binding, "failed", procedure, node).inc()
         elif t == "step_timeout":
-            m.step_timeouts.labels(self.binding(d)).inc()
+            m.step_timeouts.labels(*self.step(d)).inc()
         elif t == "step_retrying":
-            m.retries.labels(self.binding(d)).inc()
+            m.retries.labels(*self.step(d)).inc()
         elif t == "llm_usage":
             model = str(d.get("model") or "other")
             m.llm_tokens.labels(model, "prompt").inc(d.get("prompt_tokens") or 0)
             m.llm_tokens.labels(model, "completion").inc(d.get("completion_tokens") or 0)
             m.llm_cost.labels(model).inc(d.get("estimated_cost_usd") or 0.0)
         elif t == "sla_breached":
-            m.sla_breaches.labels(str(d.get("on_breach"))).inc()
+            m.sla_breaches.labels(str(d.get("on_breach")), *self.node(d)).inc()
         elif t == "budget_exceeded":
             m.budget_exceeded.inc()
         elif t == "callback_timed_out":
@@ -182,13 +202,14 @@ class RunObserver:
             self.custom_metrics(str(d.get("node_id")))
         elif t in runs.END_EVENTS:
             status = runs.END_EVENTS[t]
-            m.run_completed.labels(status).inc()
+            m.run_completed.labels(status, self.procedure).inc()
             if self.started_at is not None:
-                m.run_duration.labels(status).observe(max(0.0, occurred - self.started_at))
+                m.run_duration.labels(status, self.procedure).observe(max(0.0, occurred - self.started_at))
             if t == "run_failed":
                 code = str((d.get("error") or {}).get("code") or "internal_error")
                 code = "agent_http_4xx" if code.startswith("agent_http_") else code
-                m.run_failures.labels(code if code in FAILURE_CODES or code == "agent_http_4xx" else "other").inc()
+                code = code if code in FAILURE_CODES or code == "agent_http_4xx" else "other"
+                m.run_failures.labels(code, self.procedure).inc()
 
     def custom_metrics(self, node_id: str) -> None:
         node = self.ir.nodes.get(node_id)

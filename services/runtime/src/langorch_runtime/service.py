@@ -98,7 +98,7 @@ from langorch_runtime.machine import WAIT_FIELDS, CallbackConfig, Machine, RunIn
 from langorch_runtime.metrics import RuntimeMetrics
 from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.ratelimit import ProcedureLimiter
-from langorch_runtime.steps import StepStore
+from langorch_runtime.steps import BLIP_PATIENCE_S, StepStore
 from langorch_runtime.timers import CallbackTimer
 from langorch_runtime.webhooks import Webhooks
 
@@ -173,7 +173,7 @@ class RuntimeService:
         self.savers: list[AsyncPostgresSaver] = []  # the runs' checkpoint lanes (saver_for)
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.metrics = RuntimeMetrics()
+        self.metrics = RuntimeMetrics(node_labels=settings.metrics_node_labels)
         register_build_info(self.metrics.registry, "runtime", VERSION)
         self.bus = BusMetrics(self.metrics.registry, "runtime")
         self.dispatcher = AgentDispatcher(settings, instance_id=self.instance, metrics=self.metrics)
@@ -187,7 +187,8 @@ class RuntimeService:
         self.audit = AuditWriter(self.js)
         self.pool, self.saver = await open_checkpointer(self.settings.database_url)
         self.savers = [self.saver, *(AsyncPostgresSaver(self.pool) for _ in range(SAVER_LANES - 1))]
-        self.store = JetStreamEventStore(self.js)
+        # a run's appends are tried again through a NATS blip, as its step records are (StepStore)
+        self.store = JetStreamEventStore(self.js, patience_s=BLIP_PATIENCE_S)
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
         self.steps_kv = await self.js.key_value(STEPS_BUCKET)
         self.runs = CommandHandler(self.store, "run", fold_run, audit=self.audit)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field
+
+from langorch_infra.jetstream import through_blips
+
+BLIP_PATIENCE_S = 60.0
+"""How long a record's read or write is tried again while NATS is unavailable: a step whose call was in flight
+when NATS blinked is recorded when it is back, instead of the attempt being abandoned and sent again."""
 
 
 class StepRecord(BaseModel):
@@ -51,9 +58,10 @@ class StepStore:
     run's first start: nothing of it ran before, see :meth:`start_empty`), the records it writes are also kept
     in memory and reads are answered from there, without a KV round trip."""
 
-    def __init__(self, kv: KeyValue, run_id: str) -> None:
+    def __init__(self, kv: KeyValue, run_id: str, *, patience_s: float = BLIP_PATIENCE_S) -> None:
         self.kv = kv
         self.run_id = run_id
+        self.patience_s = patience_s
         self.written: dict[str, StepRecord] = {}  # written by this execution, newest per identity
         self.all_written = False  # no record of the run exists but those in ``written`` (start_empty)
         self.writing: dict[str, asyncio.Task[Any]] = {}  # identity → its put_soon write, until stored
@@ -69,7 +77,8 @@ class StepStore:
         if identity in self.written or self.all_written:
             return self.written.get(identity)
         try:
-            entry = await self.kv.get(self.key(identity))
+            entry = await through_blips(f"step record of {self.run_id}", partial(self.kv.get, self.key(identity)),
+                                        self.patience_s)
         except KeyNotFoundError:
             return None
         if entry.value is None:
@@ -93,7 +102,8 @@ class StepStore:
     async def _write(self, identity: str, body: bytes, earlier: asyncio.Task[Any] | None) -> None:
         if earlier is not None:  # writes of one identity land in the order they were made
             await asyncio.shield(earlier)
-        await self.kv.put(self.key(identity), body)
+        await through_blips(f"step record of {self.run_id}", partial(self.kv.put, self.key(identity), body),
+                            self.patience_s)
 
     def pending(self) -> list[asyncio.Task[Any]]:
         """The writes of :meth:`put_soon` not stored yet."""
