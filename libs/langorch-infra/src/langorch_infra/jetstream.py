@@ -123,7 +123,8 @@ class NoLeaderYet(Exception):
 
 
 TRANSIENT_ERRORS = (nats.errors.TimeoutError, nats.errors.NoRespondersError, NoStreamResponseError,
-                    ServiceUnavailableError, nats.errors.ConnectionReconnectingError, NoLeaderYet)
+                    ServiceUnavailableError, nats.errors.ConnectionReconnectingError,
+                    nats.errors.OutboundBufferLimitError, NoLeaderYet)
 """What JetStream answers while a stream or meta leader is being elected or a node restarts (or the client
 reconnects)."""
 
@@ -326,25 +327,54 @@ class JetStreamEventStore:
         return out
 
 
+WATCH_S = 0.25
+"""How often a live follower (:func:`follow`, the projectors) looks whether its connection was re-established."""
+RESUBSCRIBE_PATIENCE_S = 60.0
+"""How long a follower tries to subscribe again after a reconnection while JetStream is still starting."""
+
+
+def reconnects(js: JetStreamContext) -> int:
+    """How often the connection behind ``js`` was re-established (0 for a context without one)."""
+    nc = getattr(js, "_nc", None)
+    return int(nc.stats.get("reconnects", 0)) if nc is not None else 0
+
+
 async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
                  *, new_only: bool = False) -> AsyncIterator[StoredEvent]:
-    """Yield events on ``subject`` after ``after_position`` and then live, via an ordered consumer."""
-    if new_only:
-        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    elif after_position > 0:
-        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_position + 1)
-    else:
-        cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    sub = await js.subscribe(subject, ordered_consumer=True, config=cfg, stream=EVENT_STREAM)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=None)
-            yield decode_message(msg)
-    finally:
+    """Yield events on ``subject`` after ``after_position`` and then live, via an ordered consumer.
+
+    The ordered consumer is server state that a NATS restart loses; nats-py notices it only when idle heartbeats
+    stop coming, seconds later. So once the connection is re-established, the follower subscribes again after the
+    last event it yielded (trying for ``RESUBSCRIBE_PATIENCE_S`` while JetStream starts): a live stream resumes
+    as soon as NATS is back."""
+    position, first = after_position, True
+    while True:
+        if new_only and position == after_position:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+        elif position > 0:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=position + 1)
+        else:
+            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        seen = reconnects(js)
+        subscribe = partial(js.subscribe, subject, ordered_consumer=True, config=cfg, stream=EVENT_STREAM)
+        sub = await (subscribe() if first else _patiently(f"following {subject}", subscribe, RESUBSCRIBE_PATIENCE_S,
+                                                           max_pause_s=0.5))
+        first = False
         try:
-            await sub.unsubscribe()
-        except (nats.errors.Error, OSError):  # the connection may be closed or draining already
-            log.debug("unsubscribe after follow failed", exc_info=True)
+            while reconnects(js) == seen:
+                try:
+                    msg = await sub.next_msg(timeout=WATCH_S)
+                except nats.errors.TimeoutError:
+                    continue
+                stored = decode_message(msg)
+                position = stored.position
+                yield stored
+        finally:
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.Error, OSError):  # the connection may be closed or draining already
+                log.debug("unsubscribe after follow failed", exc_info=True)
+        log.info("following %s again after a reconnection, after position %d", subject, position)
 
 
 async def publish_command(js: JetStreamContext, command: Command, *, msg_id: str | None = None) -> int:

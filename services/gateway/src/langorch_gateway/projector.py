@@ -37,7 +37,7 @@ from langorch_gateway.projections import PROJECTIONS, Recorded, apply_audit_entr
 from langorch_infra import tracing
 from langorch_infra.bus import BusMetrics, subject_template
 from langorch_infra.cancel import stop_if_cancelled
-from langorch_infra.jetstream import decode_message, stream_last_position
+from langorch_infra.jetstream import TRANSIENT_ERRORS, WATCH_S, decode_message, reconnects, stream_last_position
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ AUDIT_TABLES = ("audit_log",)
 BATCH = 500
 PENDING = 100_000
 """Messages received and not yet applied, at most (then the consumer's flow control holds the server back)."""
+IDLE_CHECK_S = 2.0
+"""A projector that received nothing for this long compares its position with the stream head: behind means its
+consumer is lost (a NATS restart or a node's loss without a reconnection here), and it subscribes again."""
 MOVED_ON = "LO001"
 """The SQLSTATE a batch's commit fails with when another projector of the same name moved the position on."""
 
@@ -144,6 +147,11 @@ class _Positioned(Protocol):
 
 
 M = TypeVar("M", bound=_Positioned)
+T = TypeVar("T")
+
+
+class Resubscribe(Exception):
+    """The projector's ordered consumer is to be created again from the stored position."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +202,8 @@ class StreamProjector(ABC, Generic[M]):
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None  # the connection the consumer holds while it runs (see _consume)
         self.bus: BusMetrics | None = None  # langorch_bus_* of the gateway (set by the app)
+        # since when the projector is known to be behind without moving (its consumer lost): /api/ready says so
+        self.stalled_since: float | None = None
 
     @abstractmethod
     def decode(self, msg: Msg) -> M:
@@ -308,6 +318,7 @@ class StreamProjector(ABC, Generic[M]):
         await self._advance(fresh[-1].position)
 
     async def _advance(self, position: int) -> None:
+        self.stalled_since = None
         async with self._advanced:
             self.position = position
             self._advanced.notify_all()
@@ -338,16 +349,43 @@ class StreamProjector(ABC, Generic[M]):
             return Poison(msg.metadata.sequence.stream, msg.subject, f"{type(exc).__name__}: {exc}")
 
     async def run(self) -> None:
-        """Consume forever; after a failure, start again from the stored position a second later."""
+        """Consume forever; after a failure, start again from the stored position a second later (at once after
+        a reconnection, and a quarter of a second later while JetStream is still unavailable)."""
         while True:
             stop_if_cancelled()
             try:
                 await self._consume()
             except asyncio.CancelledError:
                 raise
+            except Resubscribe as again:
+                log.info("projection %s: %s; consuming again from its stored position", self.NAME, again)
+            except TRANSIENT_ERRORS as exc:
+                log.info("projection %s: NATS unavailable (%s); trying again", self.NAME, type(exc).__name__)
+                await asyncio.sleep(WATCH_S)
             except Exception:  # the consumer resumes from its stored position after any failure
                 log.exception("projection %s failed; resuming from its stored position", self.NAME)
                 await asyncio.sleep(1)
+
+    async def _next(self, received: asyncio.Queue[T], seen: int) -> T:
+        """The next received message. While none comes: :class:`Resubscribe` once the connection was established
+        again (the ordered consumer went with the server), or when the projector is idle behind the stream head."""
+        loop = asyncio.get_running_loop()
+        idle_since = checked = loop.time()
+        while True:
+            try:
+                return await asyncio.wait_for(received.get(), WATCH_S)
+            except TimeoutError:
+                pass
+            now = loop.time()
+            if reconnects(self.js) != seen:
+                self.stalled_since = self.stalled_since or now
+                raise Resubscribe("the NATS connection was established again")
+            if now - idle_since >= IDLE_CHECK_S and now - checked >= IDLE_CHECK_S:
+                checked = now
+                if await self.head() > self.position:
+                    self.stalled_since = self.stalled_since or idle_since
+                    raise Resubscribe(f"idle at {self.position} behind the stream head")
+                self.stalled_since = None
 
     async def _consume(self) -> None:
         """Consume from the stored position (an ordered consumer; no server-side state to clean)."""
@@ -362,6 +400,7 @@ class StreamProjector(ABC, Generic[M]):
         async def take(msg: Msg) -> None:
             await received.put((msg.subject, msg.headers, self._decode(msg)))
 
+        seen = reconnects(self.js)
         sub = await self.js.subscribe(self.SUBJECT, ordered_consumer=True, config=cfg, stream=self.STREAM, cb=take,
                                       pending_msgs_limit=PENDING)
         # one connection for every batch: a pool's release costs a round trip of its own (asyncpg resets the
@@ -370,7 +409,7 @@ class StreamProjector(ABC, Generic[M]):
         self._conn = held
         try:
             while True:
-                subject, headers, item = await received.get()
+                subject, headers, item = await self._next(received, seen)
                 started = time.monotonic()
                 subjects, contexts, batch = [subject], [headers], [item]
                 while len(batch) < BATCH and not received.empty():

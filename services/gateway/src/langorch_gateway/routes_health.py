@@ -1,5 +1,6 @@
 """``GET /api/ready`` (api.md §3): NATS connected, the four streams present, PostgreSQL answering, and every
-projection within ``ready_max_lag`` events of the stream head. 503 (same document) when any check fails."""
+projection within ``ready_max_lag`` events of the stream head and not stalled behind it (its consumer lost and being
+created again). 503 (same document) when any check fails."""
 
 from __future__ import annotations
 
@@ -53,7 +54,12 @@ async def ready(request: Request) -> JSONResponse:
         lag = dict.fromkeys(PROJECTIONS, behind)  # the tables share the projector's one position
         lag["audit_log"] = audit_behind  # its own stream (LO_AUDIT) and position
         worst = max(behind, audit_behind)
-        checks["projections"] = "ok" if worst <= settings.ready_max_lag else f"{worst} events behind"
+        stalled = [p.NAME for p, lagging in ((state.projector, behind), (state.audit_projector, audit_behind))
+                   if lagging and p.stalled_since is not None]
+        if stalled:  # behind and not moving (its consumer lost, being created again): not ready at any lag
+            checks["projections"] = f"{', '.join(stalled)} behind and not moving ({worst} events behind)"
+        else:
+            checks["projections"] = "ok" if worst <= settings.ready_max_lag else f"{worst} events behind"
     ok = all(v == "ok" for v in checks.values())
     body: dict[str, Any] = {"status": "ready" if ok else "not_ready",
                             "auth": "enabled" if settings.auth_enabled else "disabled", "checks": checks,
