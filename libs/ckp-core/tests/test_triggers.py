@@ -114,6 +114,32 @@ def test_cron_needs_exactly_five_valid_fields() -> None:
     assert not valid_cron("0 25 * * *")
 
 
+@pytest.mark.parametrize(("expr", "valid"), [
+    ("*/5 * * * *", True), ("0 12 * * MON#2", True), ("0 0 L * *", True), ("0 9 ? * mon-fri", True),
+    ("61 * * * *", False), ("0 0 9 * * MON", False), ("@hourly", False), ("0 0 * * MON;", False), ("", False),
+])
+def test_the_registration_the_compiler_and_the_scheduler_accept_the_same_cron(expr: str, valid: bool) -> None:
+    """One rule (``schedules.validate_cron``) for the three places a cron expression is checked; a refused
+    registration names the field at fault as the scheduler would."""
+    from ckp_core.compiler import compile_document
+    from ckp_core.schedules import ScheduleError, validate_cron
+
+    try:
+        validate_cron(expr)
+        scheduler_accepts = True
+    except ScheduleError:
+        scheduler_accepts = False
+    doc = {"procedure_id": "p", "version": "1", "trigger": {"type": "scheduled", "schedule": expr},
+           "workflow_graph": {"start_node": "z", "nodes": {"z": {"type": "terminate"}}}}
+    compiled = [d.code for d in compile_document(doc).diagnostics if d.path == "/trigger/schedule"]
+    assert scheduler_accepts is valid
+    assert valid_cron(expr) is valid
+    assert (not compiled) is valid, compiled
+    if not valid and expr:
+        refused = refusal(TriggerState(TID), upsert(trigger_type="scheduled", schedule=expr))
+        assert list(refused.extra["errors"]) == ["schedule"]
+
+
 def test_a_schedule_that_never_fires_is_refused() -> None:
     assert ever_fires("0 0 29 2 *")  # leap years
     assert not ever_fires("0 0 31 2 *")

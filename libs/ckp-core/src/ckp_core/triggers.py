@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from croniter import croniter
-
 from ckp_core.commands import DeleteTrigger, DisableTrigger, EnableTrigger, UpsertTrigger
 from ckp_core.compiler.fields import valid_timezone
 from ckp_core.errors import CommandRefused
@@ -29,7 +27,7 @@ from ckp_core.events import (
     format_time,
 )
 from ckp_core.ir import ProcedureIR
-from ckp_core.schedules import Schedule
+from ckp_core.schedules import Schedule, ScheduleError, validate_cron
 
 TRIGGER_TYPES = ("scheduled", "webhook", "event", "file_watch")
 SIGNATURE_SCHEMES = ("timestamped", "body")
@@ -42,7 +40,6 @@ CONFIG_FIELDS = ("trigger_type", "schedule", "timezone", "webhook_secret", "sign
 SYNCED_FIELDS = CONFIG_FIELDS[:-2]
 """What a document's ``trigger`` block decides (``enabled`` stays as an operator left it; ``source`` is ``ckp``)."""
 MAX_SECRET_NAME = 200
-_CRON_FIELD = re.compile(r"^[A-Za-z0-9*/,\-?]+$")
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$|^\*$|^>$")
 
 
@@ -111,15 +108,20 @@ def fold(trigger_id_: str, events: Iterable[tuple[EventEnvelope, int]]) -> Trigg
 
 
 def valid_cron(expr: str) -> bool:
-    """A 5-field cron expression croniter accepts (names ``MON``…``SUN``, ``JAN``…``DEC`` allowed)."""
-    fields = expr.split()
-    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
-        return False
+    """A 5-field cron expression the scheduler accepts (:func:`ckp_core.schedules.validate_cron` says why not)."""
     try:
-        croniter(" ".join(fields))
-    except (ValueError, KeyError, TypeError):  # croniter's errors for malformed fields
+        validate_cron(expr)
+    except ScheduleError:
         return False
     return True
+
+
+def _cron_error(expr: str) -> str | None:
+    try:
+        validate_cron(expr)
+    except ScheduleError as exc:
+        return exc.message
+    return None
 
 
 def ever_fires(expr: str) -> bool:
@@ -171,8 +173,8 @@ def validate(cmd: UpsertTrigger) -> dict[str, Any]:
     if ttype == "scheduled":
         if not cmd.schedule:
             fail("schedule", "This field is required for a scheduled trigger")
-        elif not valid_cron(cmd.schedule):
-            fail("schedule", "Must be a 5-field cron expression (minute hour day month day_of_week)")
+        elif (cron_error := _cron_error(cmd.schedule)) is not None:
+            fail("schedule", cron_error)
         elif not ever_fires(cmd.schedule):
             fail("schedule", "Never fires: no date matches (such as 31 February)")
         else:

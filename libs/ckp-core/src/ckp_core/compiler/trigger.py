@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
-
-from croniter import croniter
 
 from ckp_core.compiler.binding import expression
 from ckp_core.compiler.fields import Compilation, valid_timezone
 from ckp_core.diagnostics import pointer
 from ckp_core.expressions import json_type_name
 from ckp_core.ir import TriggerIR
+from ckp_core.schedules import ScheduleError, validate_cron
 
 TRIGGER_TYPES = ("manual", "scheduled", "webhook", "event", "file_watch")
 TRIGGER_FIELDS_BY_TYPE: dict[str, frozenset[str]] = {
@@ -154,16 +152,9 @@ def trigger(c: Compilation, doc: dict[str, Any]) -> TriggerIR | None:
     return TriggerIR(**kw)
 
 
-_CRON_NAMES = re.compile(r"^[A-Za-z0-9*/,\-?LW#]+$")
-
-
 def _valid_cron(expr: Any) -> bool:
-    if not isinstance(expr, str):
-        return False
-    parts = expr.split()
-    if len(parts) != 5 or not all(_CRON_NAMES.match(p) for p in parts):
-        return False
     try:
-        return bool(croniter.is_valid(expr))
-    except Exception:  # croniter raises assorted errors for malformed input
+        validate_cron(expr)
+    except ScheduleError:
         return False
+    return True
