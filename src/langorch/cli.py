@@ -51,7 +51,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from langorch import accounts, cli_cluster, cli_triggers, cli_webhook, timeline
-from langorch.errors import API_HELP, API_KEY_HELP, DEFAULT_API, EXIT_CODES_HELP, CLIError, ExitCode
+from langorch.errors import API_HELP, API_KEY_HELP, DEFAULT_API, EXIT_CODES_HELP, CLIError, ExitCode, read_file
 from langorch.serving import SERVICES, serve_services
 
 
@@ -449,14 +449,8 @@ def _parse_vars(items: list[str] | None, option: str = "--var") -> dict[str, Any
 
 
 def read_input(path: Path) -> bytes:
-    """The bytes of an input file; a path that is missing, a directory or unreadable is a usage error naming
-    it."""
-    if path.is_dir():
-        raise CLIError(f"{path}: is a directory; expected a CKP JSON file", ExitCode.USAGE)
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CLIError(f"cannot read {path}: {exc.strerror or exc}", ExitCode.USAGE) from exc
+    """The bytes of a CKP input file (see :func:`langorch.errors.read_file`)."""
+    return read_file(path, "a CKP JSON file")
 
 
 def load_json(path: Path) -> tuple[bytes, Any]:

@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from ckp_core.webhook_signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, signature_headers
-from langorch.errors import EXIT_CODES_HELP, CLIError, ExitCode
+from langorch.errors import EXIT_CODES_HELP, CLIError, ExitCode, read_file
 
 webhook_app = typer.Typer(help="Webhook helpers for senders: compute the signature headers of a body.",
                           no_args_is_help=True, epilog=EXIT_CODES_HELP)
@@ -58,13 +58,7 @@ def _secret_from_file(path: Path) -> bytes:
 def _read_body(source: str) -> bytes:
     if source == "-":
         return sys.stdin.buffer.read()
-    path = Path(source)
-    if path.is_dir():
-        raise CLIError(f"{path}: is a directory; expected the body file to sign (or - for stdin)", ExitCode.USAGE)
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CLIError(f"cannot read {path}: {exc.strerror or exc}", ExitCode.USAGE) from exc
+    return read_file(Path(source), "the body file to sign (or - for stdin)")
 
 
 def curl_command(url: str, headers: dict[str, str], body_source: str, content_type: str) -> str:

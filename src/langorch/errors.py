@@ -4,6 +4,7 @@ each code applies)."""
 from __future__ import annotations
 
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -29,6 +30,17 @@ class CLIError(Exception):
         super().__init__(message)
         self.message = message
         self.exit_code = int(exit_code)
+
+
+def read_file(path: Path, expected: str) -> bytes:
+    """The bytes of an input file; a path that is missing, a directory or unreadable is a usage error naming it
+    (``expected`` says what the file should have been, e.g. ``a CKP JSON file``)."""
+    if path.is_dir():
+        raise CLIError(f"{path}: is a directory; expected {expected}", ExitCode.USAGE)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror or exc}", ExitCode.USAGE) from exc
 
 
 DEFAULT_API = "http://127.0.0.1:8080"
