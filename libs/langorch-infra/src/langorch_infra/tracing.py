@@ -123,9 +123,18 @@ def configure() -> None:
     _configured = True
 
 
+_tracer: tuple[trace.TracerProvider, trace.Tracer] | None = None
+
+
 def tracer() -> trace.Tracer:
+    """LangOrch's tracer from the installed provider, made once per provider: ``trace.get_tracer`` builds a new one
+    (and sets a warnings filter) at every call, which was a measurable part of every API request."""
+    global _tracer
     configure()
-    return trace.get_tracer(TRACER_NAME)
+    provider = trace.get_tracer_provider()
+    if _tracer is None or _tracer[0] is not provider:
+        _tracer = (provider, provider.get_tracer(TRACER_NAME))
+    return _tracer[1]
 
 
 def extract(carrier: Mapping[str, str] | None) -> otel_context.Context:
