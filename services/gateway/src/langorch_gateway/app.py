@@ -67,6 +67,7 @@ from langorch_gateway import (
 )
 from langorch_gateway.credentials import GatewayAuthenticator
 from langorch_gateway.metrics import GatewayMetrics
+from langorch_gateway.pool import open_pool
 from langorch_gateway.problems import ApiProblem, install, internal_problem, problem_response
 from langorch_gateway.projector import AuditProjector, Projector, ensure_schema
 from langorch_gateway.streams import StreamSlots
@@ -121,7 +122,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         nc = await connect(settings.nats_url, "langorch-gateway", settings)
         js = nc.jetstream()
         await ensure_topology(js, audit_retention_days=settings.audit_retention_days, replicas=settings.nats_replicas)
-        pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
+        pool = await open_pool(settings.database_url)  # no reset round trip per release (pool.py)
         assert pool is not None
         await ensure_schema(pool)
         await idempotency.purge_expired(pool)

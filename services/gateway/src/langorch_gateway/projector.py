@@ -33,6 +33,7 @@ from ckp_core.audit import AuditEntry
 from ckp_core.events import decode, upcast
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import AUDIT_STREAM, EVENT_STREAM
+from langorch_gateway.pool import advisory_lock
 from langorch_gateway.projections import PROJECTIONS, Recorded, apply_audit_entry
 from langorch_infra import tracing
 from langorch_infra.bus import BusMetrics, subject_template
@@ -61,12 +62,8 @@ def schema_sql() -> str:
 
 async def ensure_schema(pool: asyncpg.Pool) -> None:
     """Create the projection tables if missing."""
-    async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock(72021)")
-        try:
-            await conn.execute(schema_sql())
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(72021)")
+    async with pool.acquire() as conn, advisory_lock(conn, 72021):
+        await conn.execute(schema_sql())
 
 
 async def drop_schema(pool: asyncpg.Pool) -> None:

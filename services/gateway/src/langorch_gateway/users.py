@@ -50,6 +50,7 @@ from ckp_core.eventstore import AggregateHead
 from ckp_core.ids import new_id
 from ckp_core.subjects import EVENT_STREAM, LOCKS_BUCKET, RATELIMITS_BUCKET
 from langorch_gateway.deps import Clients
+from langorch_gateway.pool import advisory_lock
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.kv import put_with_ttl
@@ -367,12 +368,8 @@ async def last_user_position(js: JetStreamContext) -> int:
 async def users_locked(pool: asyncpg.Pool, local: asyncio.Lock) -> AsyncIterator[None]:
     """Serialise the user changes of every replica (an in-process lock first, so waiting requests do not each hold
     a pooled connection)."""
-    async with local, pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", USERS_LOCK)
-        try:
-            yield
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", USERS_LOCK)
+    async with local, pool.acquire() as conn, advisory_lock(conn, USERS_LOCK):
+        yield
 
 
 # -- views -----------------------------------------------------------------------------------------------------
