@@ -162,8 +162,9 @@ class CompilerSettings(CommonSettings):
 class RuntimeSettings(CommonSettings):
     """Settings of the runtime service."""
 
-    ack_wait_s: float = Field(30.0, description="JetStream ack wait of run commands; a runtime that stops "
-                              "signalling progress for this long loses its runs to another replica.")
+    ack_wait_s: float = Field(4.0, gt=0, description="JetStream ack wait of run commands; a runtime that stops "
+                              "signalling progress (every third of it) for this long loses its runs to another "
+                              "replica, which takes them over at once when the replica is gone from NATS.")
     max_concurrent_runs: int = Field(16, ge=1, description="Runs one replica executes at once: it fetches a run "
                                      "command only while it has a free slot, so the commands beyond every "
                                      "replica's slots wait in LO_CMD, for whichever replica frees one first.")

@@ -2,7 +2,9 @@
 
 A start message is acknowledged only when its run is terminal; while the run works the replica signals
 progress (``+WPI``) every third of the ack wait, so a replica that dies loses the message to another one,
-which continues from the last LangGraph checkpoint and emits ``execution_recovered``.
+which continues from the last LangGraph checkpoint and emits ``execution_recovered``. The replica executing a
+run owns it (:mod:`langorch_runtime.ownership`): a command of a run that a live replica executes waits, and the
+run of a dead one is taken over at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -96,6 +99,7 @@ from langorch_runtime.frames import APPROVALS_KEY
 from langorch_runtime.llm import LlmClient
 from langorch_runtime.machine import WAIT_FIELDS, CallbackConfig, Machine, RunInfo
 from langorch_runtime.metrics import RuntimeMetrics
+from langorch_runtime.ownership import RunHeld, RunOwnership
 from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.ratelimit import ProcedureLimiter
 from langorch_runtime.steps import BLIP_PATIENCE_S, StepStore
@@ -205,6 +209,8 @@ class RuntimeService:
         self.dispatcher.secrets = self.resolver
         self.llm = LlmClient(self.settings, secrets=self.secrets.value, metrics=self.metrics)
         self.webhooks = Webhooks(self.settings, secrets=self.secrets.lookup)
+        self.ownership = RunOwnership(self.nc, self.js, self.instance)  # one replica executes a run at a time
+        await self.ownership.start()
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
         # every run command but creation (its own consumer, langorch_runtime.creation): a consumer declared by an
@@ -309,8 +315,14 @@ class RuntimeService:
             else:
                 command = StartRun.model_validate_json(msg.data)
             with logs.fields(run_id=command.run_id, command_id=command.command_id):
-                await self.execute(command, msg.metadata.num_delivered or 1)
+                await self.ownership.acquire(command.run_id)
+                try:
+                    await self.execute(command, msg.metadata.num_delivered or 1)
+                finally:
+                    await self.ownership.release(command.run_id)
             return ACK
+        except RunHeld as held:  # another command of the run executes it, here or on a live replica
+            return nak(held.delay_s)
         except RunBusy:
             return nak(1.0)
         except RetryNotDue as exc:
@@ -554,7 +566,7 @@ class RuntimeService:
         callbacks = CallbackConfig(key=callback_key(self.settings.auth_secret_key.get_secret_value()),
                                    public_url=self.settings.public_url, timeout_s=self.settings.callback_timeout_s)
         epoch = len(retries) + (1 if isinstance(command, RetryRun) else 0)
-        steps = StepStore(self.steps_kv, run_id)
+        steps = StepStore(self.steps_kv, run_id, fence=partial(self.ownership.fence, run_id))
         writer.before = steps.pending
         machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created=created, started_at=started_at,
                                              retry_epoch=epoch),

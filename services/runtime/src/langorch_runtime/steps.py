@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
@@ -58,10 +59,12 @@ class StepStore:
     run's first start: nothing of it ran before, see :meth:`start_empty`), the records it writes are also kept
     in memory and reads are answered from there, without a KV round trip."""
 
-    def __init__(self, kv: KeyValue, run_id: str, *, patience_s: float = BLIP_PATIENCE_S) -> None:
+    def __init__(self, kv: KeyValue, run_id: str, *, patience_s: float = BLIP_PATIENCE_S,
+                 fence: Callable[[], Awaitable[None]] | None = None) -> None:
         self.kv = kv
         self.run_id = run_id
         self.patience_s = patience_s
+        self.fence = fence  # raises when this replica no longer owns the run (langorch_runtime.ownership)
         self.written: dict[str, StepRecord] = {}  # written by this execution, newest per identity
         self.all_written = False  # no record of the run exists but those in ``written`` (start_empty)
         self.writing: dict[str, asyncio.Task[Any]] = {}  # identity → its put_soon write, until stored
@@ -86,6 +89,8 @@ class StepStore:
         return StepRecord.model_validate_json(entry.value)
 
     async def put(self, identity: str, record: StepRecord) -> None:
+        if self.fence is not None and record.status == "started":  # the claim before a side effect
+            await self.fence()
         await self._write(identity, record.model_dump_json().encode(), self.writing.get(identity))
         self.written[identity] = record
 
