@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 
 from ckp_core import runs
-from langorch_gateway.ui import catalogue, forms, graph, replay, textdiff
+from langorch_gateway.ui import catalogue, forms, graph, replay, textdiff, timeline
 from langorch_gateway.ui.console import (
     ApiFailure,
     Console,
@@ -280,11 +280,13 @@ async def cleanup(request: Request) -> Response:
     return await page(request, build, needs="admin")
 
 
-async def _run_events(ui: Console, run_id: str) -> list[dict[str, Any]]:
-    """All the run's events so far, in order (``GET /api/runs/{id}/events``, page by page)."""
+async def _run_events(ui: Console, run_id: str, **filters: Any) -> list[dict[str, Any]]:
+    """All the run's events so far (or those the events API's ``filters`` select), in order (``GET
+    /api/runs/{id}/events``, page by page)."""
     events: list[dict[str, Any]] = []
     while True:
-        chunk = await ui.get(f"/api/runs/{path_id(run_id)}/events", {"limit": EVENTS_PAGE, "offset": len(events)})
+        chunk = await ui.get(f"/api/runs/{path_id(run_id)}/events",
+                             {"limit": EVENTS_PAGE, "offset": len(events), **filters})
         events.extend(chunk["items"])
         if not chunk["items"] or len(events) >= chunk["total"]:
             return events
@@ -292,14 +294,17 @@ async def _run_events(ui: Console, run_id: str) -> list[dict[str, Any]]:
 
 @router.get("/ui/runs/{run_id}")
 async def run_page(request: Request, run_id: str) -> Response:
-    """A run: header, actions by role, and its timeline (events read so far, then live over SSE)."""
+    """A run: header, actions by role, and its timeline (events read so far, then live over SSE), filtered by
+    the URL's ``group`` and ``node`` (:mod:`.timeline`)."""
 
     async def build(ui: Console) -> Response:
         view = await _run_view(ui, run_id)
-        events = await _run_events(ui, run_id)
-        after = max((e["stream_seq"] for e in events), default=0)
+        shown = timeline.from_query(request.query_params)
+        whole = await timeline.last_event(ui, run_id) if shown.active else None  # read before the history
+        events = await _run_events(ui, run_id, **shown.api_params())
+        last_seq, after = timeline.last_position(events, whole)
         return ui.render("run.html", **view, **await _run_graph(ui, run_id), events=events, after=after,
-                         title=f"Run {run_id}")
+                         last_seq=last_seq, shown=shown, groups=timeline.GROUPS, title=f"Run {run_id}")
 
     return await page(request, build)
 

@@ -23,6 +23,8 @@
     var li = document.createElement("li");
     li.className = "event event-" + e.event_type;
     li.dataset.seq = String(e.seq);
+    li.dataset.type = e.event_type;  // what the timeline filters look at (timeline_filter.js)
+    li.dataset.node = e.node_id || "";
     li.appendChild(text("span", "seq", "#" + e.seq));
     var time = text("time", "", when(e.created_at));
     time.setAttribute("datetime", e.created_at || "");
