@@ -176,6 +176,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/runs/cleanup"): "ui:admin",
     ("POST", "/ui/runs/cleanup"): "ui:admin",
     ("GET", "/ui/runs/{run_id}/{tab}"): "ui:viewer",
+    ("GET", "/ui/runs/{run_id}/usage"): "ui:viewer",
+    ("GET", "/ui/runs/{run_id}/checkpoints/{checkpoint_id}"): "ui:operator",  # the API's checkpoint state
     ("POST", "/ui/runs/{run_id}/{action}"): "ui:operator",
     ("GET", "/ui/procedures"): "ui:viewer",
     ("POST", "/ui/procedures"): "ui:operator",
@@ -200,6 +202,13 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("GET", "/ui/triggers"): "ui:viewer",
     ("GET", "/ui/audit"): "ui:viewer",
     ("GET", "/ui/settings"): "ui:viewer",  # the admin parts only for admins
+    ("GET", "/ui/settings/users"): "ui:admin",
+    ("POST", "/ui/settings/users"): "ui:admin",
+    ("POST", "/ui/settings/users/{user_id}"): "ui:admin",
+    ("GET", "/ui/settings/api-keys"): "ui:admin",
+    ("POST", "/ui/settings/api-keys"): "ui:admin",
+    ("GET", "/ui/settings/api-keys/{key_id}/revoke"): "ui:admin",
+    ("POST", "/ui/settings/api-keys/{key_id}/revoke"): "ui:admin",
     ("GET", "/ui/approvals/{approval_id}"): "ui:viewer",
     ("POST", "/ui/approvals/{approval_id}/decision"): "ui:approver",
 }
