@@ -174,10 +174,21 @@ def internal_problem(request: Request, exc: Exception) -> JSONResponse:
     """The problem of an unexpected exception: ``unavailable`` when NATS or PostgreSQL is unreachable, else
     ``internal_error`` (logged with its traceback)."""
     from asyncpg import PostgresConnectionError
-    from nats.errors import ConnectionClosedError, NoRespondersError
+    from nats.errors import (
+        ConnectionClosedError,
+        ConnectionReconnectingError,
+        NoRespondersError,
+        OutboundBufferLimitError,
+    )
     from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
-    if isinstance(exc, PostgresConnectionError | ConnectionClosedError | NoRespondersError | NatsTimeout | OSError):
+    # OutboundBufferLimitError: a publish while the gateway's NATS connection is down (it keeps no reconnect buffer);
+    # NoStreamResponseError, ServiceUnavailableError: a stream of a NATS cluster without a leader for a moment (its
+    # node was lost, the others are electing one)
+    if isinstance(exc, PostgresConnectionError | ConnectionClosedError | ConnectionReconnectingError
+                  | OutboundBufferLimitError | NoRespondersError | NatsTimeout | OSError | NoStreamResponseError
+                  | ServiceUnavailableError):
         log.warning("dependency unavailable: %r", exc)
         return problem_response(request, "unavailable", "NATS or PostgreSQL is unreachable; retry later")
     log.error("internal error on %s", request.url.path, exc_info=exc)
