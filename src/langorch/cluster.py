@@ -347,16 +347,18 @@ class LocalCluster:
 
     # -- what the cluster says ------------------------------------------------------------------------------------
 
-    def stream_leader(self, stream: str, timeout: float = 30) -> int:
-        """The index of the NATS node leading ``stream`` (once one is elected), from the nodes' monitoring."""
+    def stream_leader(self, stream: str, timeout: float = 30, *, other_than: int | None = None) -> int:
+        """The index of the NATS node leading ``stream`` (once one is elected), from the nodes' monitoring;
+        ``other_than``: a node just lost, which the others still name as the leader until they have elected
+        another."""
         deadline = time.monotonic() + timeout
         while True:
             for node in self.nats.nodes:
                 if node.proc is None:
                     continue
                 leader = _stream_leader(node.http_port, stream)
-                if leader:
-                    with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError):
+                    if leader and self.nats.index_of(leader) != other_than:
                         return self.nats.index_of(leader)
             if time.monotonic() > deadline:
                 raise ClusterNotReady(f"no leader of stream {stream} after {timeout:g} s")
