@@ -65,6 +65,7 @@ from langorch_gateway import (
     users,
     views,
 )
+from langorch_gateway.admission import Admission
 from langorch_gateway.credentials import GatewayAuthenticator
 from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.pool import open_pool
@@ -119,7 +120,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         users.check_startup(settings)  # auth on with a weak key, or off on a non-loopback bind: refuse to start
-        nc = await connect(settings.nats_url, "langorch-gateway", settings)
+        # no reconnect buffer: a command published while NATS is away fails at once (503) and is never sent later
+        nc = await connect(settings.nats_url, "langorch-gateway", settings, buffer_while_reconnecting=False)
         js = nc.jetstream()
         await ensure_topology(js, audit_retention_days=settings.audit_retention_days, replicas=settings.nats_replicas)
         pool = await open_pool(settings.database_url)  # no reset round trip per release (pool.py)
@@ -161,6 +163,8 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.state.settings = settings
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
+    app.state.admission = Admission(settings.admission_max_backlog, settings.admission_retry_after_s,
+                                    settings.admission_cache_ms / 1000)
     app.state.project_names_lock = asyncio.Lock()  # deps.NamesLock
     app.state.authenticator = authenticator = GatewayAuthenticator(settings)
     metrics.auth_disabled.set(0 if settings.auth_enabled else 1)

@@ -26,6 +26,7 @@ from langorch_infra.secret_providers import SecretResolver
 from langorch_infra.settings import GatewaySettings
 
 if TYPE_CHECKING:
+    from langorch_gateway.admission import Admission
     from langorch_gateway.auth import Authenticator
 
 __all__ = [
@@ -70,6 +71,10 @@ class Clients:
     @property
     def nc(self) -> NATS:
         return cast(NATS, self._state.nc)
+
+    @property
+    def admission(self) -> Admission:
+        return cast("Admission", self._state.admission)
 
     @property
     def js(self) -> JetStreamContext:

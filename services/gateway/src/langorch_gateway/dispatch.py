@@ -42,6 +42,7 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
     is logged first (``api_command_log``) so ``GET /api/commands/{id}`` can report it, pending or decided.
     """
     app = clients(request)
+    require_nats(request)
     js, settings, metrics = app.js, app.settings, app.metrics
     sub = await js.subscribe(aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
                              config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
@@ -74,6 +75,14 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
         "rejected" if outcome.envelope.type == "command_rejected" else "accepted")
     metrics.commands.labels(command_type=command_type, outcome=state).inc()
     return outcome
+
+
+def require_nats(request: Request) -> None:
+    """503 ``unavailable`` at once while the gateway's NATS connection is down, before anything is logged or
+    published: the connection keeps no reconnect buffer, so nothing of this request reaches NATS later (a client
+    told 503 may send it again; with the same ``Idempotency-Key`` a repeat is recognised whatever happened)."""
+    if not clients(request).nc.is_connected:
+        raise ApiProblem("unavailable", "NATS is unreachable; nothing was sent: retry after Retry-After seconds")
 
 
 def raise_if_rejected(outcome: Outcome) -> None:

@@ -32,7 +32,15 @@ from ckp_core.subjects import ARTIFACTS_BUCKET
 from ckp_core.variables import VariableSpec, validate_inputs
 from langorch_gateway import auditing, auth, deps, run_creation, views
 from langorch_gateway.deps import clients
-from langorch_gateway.dispatch import accepted_headers, min_position, pending, raise_if_rejected, ryw, send
+from langorch_gateway.dispatch import (
+    accepted_headers,
+    min_position,
+    pending,
+    raise_if_rejected,
+    require_nats,
+    ryw,
+    send,
+)
 from langorch_gateway.problems import ApiProblem, problem_response, refused_problem
 from langorch_gateway.queries import Limit, Offset, Where, comma_list, fetch_page, gather
 from langorch_gateway.runtime_queries import ask
@@ -210,6 +218,7 @@ async def _cleanup(request: Request, before: datetime, statuses: list[str], proc
         return base | {"sample_run_ids": [r["run_id"] for r in rows], "before": format_time(before.astimezone(UTC)),
                        "statuses": statuses}
     cleanup_id = new_id()
+    require_nats(request)
     for r in rows:
         await publish_command(clients(request).js, DeleteRun(
             actor=auth.actor(request),

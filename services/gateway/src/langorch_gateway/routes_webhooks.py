@@ -58,7 +58,7 @@ METRIC_OUTCOME = {
     "invalid_signature": "invalid_signature", "stale_signature": "stale_signature",
     "payload_too_large": "too_large", "unsupported_media_type": "unsupported_media",
     "invalid_input_vars": "invalid_input", "duplicate_delivery": "duplicate", "max_concurrent_runs": "throttled",
-    "not_found": "not_found",
+    "rate_limited": "throttled", "not_found": "not_found",
 }
 """``langorch_webhook_requests_total{outcome}`` of a refusal by its problem code (any other code: ``refused``)."""
 MESSAGE_ROOM = 16 * 1024
@@ -177,7 +177,8 @@ OPENAPI = {  # the route reads the raw body itself, so the API document is told 
 async def webhook(request: Request, procedure_id: str) -> JSONResponse:
     """Fire the procedure's webhook registration with a signed body: 202 ``FireOut``; 401
     ``invalid_signature`` / ``stale_signature``; 404; 409 ``duplicate_delivery``; 413; 415; 422
-    ``invalid_input_vars``; 429 ``max_concurrent_runs``."""
+    ``invalid_input_vars``; 429 ``max_concurrent_runs``, or ``rate_limited`` while the runtime is behind
+    (admission control)."""
     try:
         return await intake(request, procedure_id)
     except ApiProblem as refused:

@@ -1,0 +1,102 @@
+"""Admission control of run creations: refuse new runs quickly (429 ``rate_limited`` with ``Retry-After``) while
+the runtime is behind, instead of queueing them without bound.
+
+The backlog is what waits for the runtime in ``LO_CMD``: the creations its ``runtime-create`` consumer has not
+decided yet (not delivered, or delivered and not acknowledged) plus the run commands its ``runtime`` consumer has
+not handed to a replica yet (a replica fetches one only while it has a free run slot, so these are the runs
+accepted and not started). Both counts are kept by the JetStream consumers themselves, so every gateway replica
+reads the same numbers, whichever runtime replicas there are; a reading is two consumer look-ups, reused for
+``admission_cache_ms`` (a burst may overshoot the limit by what the gateways accept in that time).
+
+Only creations a client asked for are refused here (``POST /api/runs``, rerun, a manual fire, a webhook). Child
+runs and the triggers service's own fires (schedules, events, file watches) are not: a child belongs to a run
+already admitted, and a trigger has its own ``max_concurrent_runs``. They still count in the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from ckp_core.subjects import COMMAND_STREAM
+from langorch_gateway.deps import clients
+from langorch_gateway.problems import ApiProblem
+
+log = logging.getLogger(__name__)
+
+CREATE_CONSUMER = "runtime-create"
+RUN_CONSUMER = "runtime"
+"""The runtime's durable consumers on ``LO_CMD`` (``langorch_runtime.creation``; the gateway does not import the
+runtime)."""
+READ_TIMEOUT_S = 1.0
+"""Longest wait for one reading: a JetStream that does not answer admits (the publish then decides)."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    backlog: int | None  # None: not readable (NATS unavailable)
+    at: float
+
+
+async def read_backlog(js: JetStreamContext) -> int:
+    """Creations not yet decided plus run commands not yet taken by a replica (a consumer not created yet: 0)."""
+
+    async def count(durable: str, in_flight: bool) -> int:
+        try:
+            info = await js.consumer_info(COMMAND_STREAM, durable)
+        except NotFoundError:
+            return 0
+        return int(info.num_pending or 0) + (int(info.num_ack_pending or 0) if in_flight else 0)
+
+    created, started = await asyncio.gather(count(CREATE_CONSUMER, True), count(RUN_CONSUMER, False))
+    return created + started
+
+
+class Admission:
+    """One gateway replica's admission control (``admission_*`` settings)."""
+
+    def __init__(self, max_backlog: int, retry_after_s: int, cache_s: float) -> None:
+        self.max_backlog = max_backlog
+        self.retry_after_s = retry_after_s
+        self.cache_s = cache_s
+        self.last = Reading(None, float("-inf"))
+        self.lock = asyncio.Lock()
+
+    async def backlog(self, js: JetStreamContext) -> int | None:
+        """The backlog, read at most once per ``cache_s`` (concurrent callers share one reading)."""
+        if time.monotonic() - self.last.at < self.cache_s:
+            return self.last.backlog
+        async with self.lock:
+            if time.monotonic() - self.last.at < self.cache_s:
+                return self.last.backlog
+            try:
+                value: int | None = await asyncio.wait_for(read_backlog(js), READ_TIMEOUT_S)
+            except (NatsError, OSError, TimeoutError) as exc:
+                log.debug("the runtime's backlog could not be read: %r", exc)
+                value = None
+            self.last = Reading(value, time.monotonic())
+            return value
+
+    async def check(self, js: JetStreamContext) -> None:
+        """Raise 429 ``rate_limited`` when the backlog is above the limit (nothing when off or unreadable)."""
+        if self.max_backlog <= 0:
+            return
+        backlog = await self.backlog(js)
+        if backlog is not None and backlog > self.max_backlog:
+            raise ApiProblem("rate_limited", f"the runtime is behind ({backlog} run commands waiting, more than "
+                             f"{self.max_backlog}); no run was created: retry after Retry-After seconds",
+                             headers={"Retry-After": str(self.retry_after_s)}, backlog=backlog,
+                             limit=self.max_backlog, retry_after_seconds=self.retry_after_s)
+
+
+async def admit(request: Request) -> None:
+    """Refuse a run creation while the runtime's backlog is above the limit (before anything is published)."""
+    app = clients(request)
+    await app.admission.check(app.js)
