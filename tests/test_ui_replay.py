@@ -19,12 +19,13 @@ def event(seq: int, kind: str, node: str | None = None, step: str | None = None,
 EVENTS = [
     event(1, "run_created", input_vars={"product_id": 7}),
     event(2, "node_started", "fetch"),
-    event(3, "step_completed", "fetch", "get", output_variable="product"),
-    event(4, "node_completed", "fetch"),
-    event(5, "node_started", "gate"),
-    event(6, "node_paused", "gate"),
-    event(7, "node_completed", "gate"),
-    event(8, "run_completed", outputs={"product": {"name": "lamp"}}),
+    event(3, "step_completed", "fetch", "get", output_variable="product", variables={"product": {"name": "lmap"}}),
+    event(4, "step_completed", "fetch", "fix", variables={"product": {"name": "lamp"}, "fixed": 1}),
+    event(5, "node_completed", "fetch", variables={}),
+    event(6, "node_started", "gate"),
+    event(7, "node_paused", "gate"),
+    event(8, "node_completed", "gate", variables={"decision": "approved", "fixed": 2}),
+    event(9, "run_completed", outputs={"product": {"name": "lamp"}}),
 ]
 NODES = ["fetch", "gate", "never"]
 
@@ -36,19 +37,40 @@ def statuses(at: int) -> dict[str, str]:
 def test_node_statuses_after_each_event() -> None:
     assert statuses(0) == {"fetch": "not_started", "gate": "not_started", "never": "not_started"}
     assert statuses(2) == {"fetch": "running", "gate": "not_started", "never": "not_started"}
-    assert statuses(6) == {"fetch": "completed", "gate": "paused", "never": "not_started"}
-    assert statuses(8) == {"fetch": "completed", "gate": "completed", "never": "skipped"}  # ended: never ran
-    assert replay.node_statuses(EVENTS[:6], NODES)["fetch"]["last_seq"] == 4
+    assert statuses(7) == {"fetch": "completed", "gate": "paused", "never": "not_started"}
+    assert statuses(9) == {"fetch": "completed", "gate": "completed", "never": "skipped"}  # ended: never ran
+    assert replay.node_statuses(EVENTS[:7], NODES)["fetch"]["last_seq"] == 5
 
 
-def test_variables_carry_the_values_the_events_hold_and_who_wrote_the_rest() -> None:
-    assert replay.variables(EVENTS[:0]) == []
-    first = replay.variables(EVENTS[:1])
-    assert [(v.name, v.value, v.known, v.origin, v.seq) for v in first] == [("product_id", 7, True, "input", 1)]
-    written = {v.name: v for v in replay.variables(EVENTS[:3])}["product"]
-    assert (written.known, written.origin, written.seq) == (False, "written by fetch · get", 3)
-    final = {v.name: v for v in replay.variables(EVENTS)}["product"]
-    assert (final.known, final.value, final.origin, final.seq) == (True, {"name": "lamp"}, "written by fetch · get", 3)
+def values(at: int, events: list[dict[str, Any]] = EVENTS) -> dict[str, tuple[Any, str, int | None]]:
+    return {v.name: (v.value if v.known else "?", v.origin, v.seq) for v in replay.variables(events[:at])}
+
+
+def test_each_variable_shows_its_value_after_any_event() -> None:
+    assert values(0) == {}
+    assert values(1) == {"product_id": (7, "input", 1)}
+    assert values(3)["product"] == ({"name": "lmap"}, "written by fetch · get", 3)
+    assert values(4) == {"product_id": (7, "input", 1), "product": ({"name": "lamp"}, "written by fetch · fix", 4),
+                         "fixed": (1, "written by fetch · fix", 4)}
+    assert values(7) == values(4)  # nothing written since
+    assert values(8)["fixed"] == (2, "written by gate", 8)  # a node's own write (an approval's decision…)
+    assert values(8)["decision"] == ("approved", "written by gate", 8)
+    assert values(9)["product"] == ({"name": "lamp"}, "written by fetch · fix", 4)  # the outputs agree
+
+
+def test_events_without_values_name_the_step_that_wrote_the_variable() -> None:
+    older = [event(1, "run_created", input_vars={}), event(2, "step_completed", "fetch", "get",
+                                                           output_variable="product"),
+             event(3, "run_completed", outputs={"product": {"name": "lamp"}})]
+    assert values(2, older) == {"product": ("?", "written by fetch · get", 2)}
+    assert values(3, older) == {"product": ({"name": "lamp"}, "written by fetch · get", 2)}
+
+
+def test_a_value_too_large_for_an_event_shows_its_size() -> None:
+    stub = {"_truncated": True, "bytes": 70000, "sha256": "ab"}
+    [big] = replay.variables([event(1, "step_completed", "n", "s", variables={"blob": stub})])
+    assert big.too_large == 70000
+    assert replay.variables(EVENTS[:1])[0].too_large is None
 
 
 def test_a_retry_with_new_inputs_replaces_their_values() -> None:

@@ -76,18 +76,28 @@ def _stub(value: Any) -> dict[str, Any]:
 
 def bound_payload(payload: dict[str, Any]) -> dict[str, Any]:
     """Bound an event payload (ckp.md §7.15): a field over 64 KiB becomes ``{"_truncated": true, "bytes",
-    "sha256"}``; a payload still over 256 KiB has its largest fields truncated first until it fits.
+    "sha256"}``; a payload still over 256 KiB has its largest fields truncated first until it fits. A ``variables``
+    map (the values a step or node wrote) is bounded variable by variable the same way, to fit one field: one large
+    variable does not hide the others.
 
     A payload of at most 64 KiB as a whole (nearly every one) is returned as is after one measure: none of its
     fields can be larger than the payload."""
     if _size(payload) <= FIELD_LIMIT:
         return dict(payload)
-    out = {k: (_stub(v) if _size(v) > FIELD_LIMIT else v) for k, v in payload.items()}
+    variables = payload.get("variables")
+    if isinstance(variables, dict) and variables:
+        payload = {**payload, "variables": _fit(variables, FIELD_LIMIT)}
+    return _fit(payload, PAYLOAD_LIMIT)
+
+
+def _fit(mapping: dict[str, Any], limit: int) -> dict[str, Any]:
+    """Each entry over 64 KiB truncated, then the largest entries first until the whole is at most ``limit``."""
+    out = {k: (_stub(v) if _size(v) > FIELD_LIMIT else v) for k, v in mapping.items()}
     largest_first = [k for k, _ in sorted(((k, _size(v)) for k, v in out.items()), key=lambda kv: kv[1],
                                           reverse=True)]
     total = _size(out)
     for key in largest_first:
-        if total <= PAYLOAD_LIMIT:
+        if total <= limit:
             break
         if isinstance(out[key], dict) and out[key].get("_truncated"):
             continue

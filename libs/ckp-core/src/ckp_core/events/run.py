@@ -88,6 +88,9 @@ class NodeCompleted(EventData):
     node_type: str
     next_node: str | None
     duration_ms: int
+    # the variables the node changed outside its steps' own ``step_completed`` (transforms, approvals, loops,
+    # subflows, LLM outputs, merges, internal operations): top-level name → value after the node, redacted, bounded
+    variables: dict[str, Any] = Field(default_factory=dict)
 
 
 class NodeError(EventData):
@@ -129,6 +132,9 @@ class StepCompleted(EventData):
     duration_ms: int
     retry_count: int = 0
     suppressed_error: ErrorObject | None = None
+    # the variables the step wrote (output_variable, output_mapping, operation writes): top-level name → value after
+    # the step, redacted and bounded like every payload (a run replay rebuilds the variables from them)
+    variables: dict[str, Any] = Field(default_factory=dict)
 
 
 class StepReplayed(EventData):

@@ -4,10 +4,11 @@
 * Node statuses: the first ``n`` events folded with the rules of the API's run graph
   (:func:`langorch_gateway.routes_run_graph.fold_node_status`); the run counts as ended once a terminal event is
   among them.
-* Variables: what the events say about them. ``run_created`` (and a retry's new inputs) carries the input values; a
-  ``step_completed`` names the variable its step wrote (the value itself stays in the runtime's checkpoints, not in
-  events); ``run_completed`` carries the final outputs. So each variable shows its last known value, or that a step
-  wrote it (which step, at which event) when the value is not in the stream.
+* Variables: folded from what the events carry. ``run_created`` (and a retry's new inputs) carries the input
+  values; ``step_completed`` the variables its step wrote and ``node_completed`` those its node changed otherwise
+  (transforms, approvals, loops, merges…), each with its value after the write, masked like every payload (a
+  sensitive value shows as the mask, a value too large for an event as its size); ``run_completed`` the outputs.
+  Events written before they carried values name only the variable a step wrote: it shows who wrote it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class Variable:
     known: bool = False
     origin: str = ""
     seq: int | None = None
+
+    @property
+    def too_large(self) -> int | None:
+        """The value's size in bytes when it was too large for an event (a ``_truncated`` stub), else None."""
+        value = self.value
+        if self.known and isinstance(value, dict) and value.get("_truncated") is True:
+            return int(value.get("bytes") or 0)
+        return None
 
 
 def node_statuses(events: list[dict[str, Any]], node_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -57,9 +66,12 @@ def variables(events: list[dict[str, Any]]) -> list[Variable]:
             known(payload.get("input_vars"), "input", e["seq"])
         elif kind == "run_retry_requested":
             known(payload.get("input_vars"), "retry input", e["seq"])
-        elif kind == "step_completed" and payload.get("output_variable"):
-            name = payload["output_variable"]
-            found[name] = Variable(name, origin=f"written by {e['node_id']} · {e['step_id']}", seq=e["seq"])
+        elif kind in ("step_completed", "node_completed"):
+            where = f"{e['node_id']} · {e['step_id']}" if kind == "step_completed" else str(e["node_id"])
+            known(payload.get("variables"), f"written by {where}", e["seq"])
+            name = payload.get("output_variable")
+            if name and name not in (payload.get("variables") or {}):  # an event from before values were carried
+                found[name] = Variable(name, origin=f"written by {where}", seq=e["seq"])
         elif kind == "run_completed":
             for name, value in (payload.get("outputs") or {}).items():
                 previous = found.get(name)

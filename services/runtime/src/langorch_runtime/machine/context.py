@@ -19,7 +19,16 @@ from ckp_core.events import ErrorObject, StepErrorNotification, TemplateWarning,
 from ckp_core.expressions import ExpressionError, MappingScope, evaluate
 from ckp_core.ir import ExpressionIR, NodeIR, ProcedureIR, TemplateIR
 from ckp_core.templates import render, render_text
-from langorch_runtime.frames import APPROVALS_KEY, Frame, RunState, SaveReason, descendants, loop_context, vars_of
+from langorch_runtime.frames import (
+    APPROVALS_KEY,
+    Frame,
+    RunState,
+    SaveReason,
+    descendants,
+    json_equal,
+    loop_context,
+    vars_of,
+)
 from langorch_runtime.machine.outcomes import NodeFailure
 from langorch_runtime.machine.policies import RECOVERY_GRACE_MS
 from langorch_runtime.machine.ports import (
@@ -69,6 +78,9 @@ class RunContext:
     _in_flight: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
     _woken: set[str] = field(default_factory=set, init=False, repr=False)  # frames a child ended in while running
     _secrets_handed: set[str] = field(default_factory=set, init=False, repr=False)  # values and grants (§7.15)
+    # frame id → (the frame owning its namespace, the variables as the node in progress found them: a shallow copy,
+    # in memory only), so node_completed carries what the node changed that no step_completed carried
+    _found_vars: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def root_run_id(self) -> str:
@@ -153,6 +165,54 @@ class RunContext:
             raise NodeFailure(expression_error(exc, node_id, step_id)) from exc
         await warnings.flush(self.emit)
         return value
+
+    # -- variables written, for step_completed and node_completed -------------------------------------------------
+    @staticmethod
+    def vars_owner(state: RunState, frame: Frame) -> str:
+        """The frame whose namespace ``frame`` uses (its own, or the nearest ancestor's with one; ``""``: the
+        run's): frames with the same owner share their variables."""
+        current: Frame | None = frame
+        while current is not None:
+            if current.get("vars") is not None:
+                return str(current["id"])
+            parent = current.get("parent")
+            current = state["frames"].get(parent) if parent else None
+        return ""
+
+    def note_vars(self, state: RunState, frame: Frame) -> None:
+        """Remember the frame's variables as the node in progress finds them (unless already remembered: a node
+        continued in this process keeps the copy taken when it began)."""
+        if frame["id"] not in self._found_vars:
+            self._found_vars[frame["id"]] = (self.vars_owner(state, frame), dict(vars_of(state, frame)))
+
+    def reported(self, owner: str, written: Mapping[str, Any]) -> None:
+        """Variables an event just carried: no node in progress over the same namespace reports them again (a
+        loop node does not repeat what the nodes of its iterations reported)."""
+        for shared, found in self._found_vars.values():
+            if shared == owner:
+                found.update(written)
+
+    def step_vars(self, state: RunState, frame: Frame, writes: Mapping[str, Any]) -> dict[str, Any]:
+        """The top-level variables a step's ``writes`` changed, with their values now."""
+        namespace = vars_of(state, frame)
+        names = {path.split(".", 1)[0] for path in writes}
+        written = {name: namespace[name] for name in names if name in namespace}
+        self.reported(self.vars_owner(state, frame), written)
+        return written
+
+    def node_vars(self, state: RunState, frame: Frame) -> dict[str, Any]:
+        """The variables the node ending now changed besides what its steps and inner nodes reported: a value
+        that is neither the object the node found nor equal to it (the state is copied between super-steps, and a
+        parallel merge copies every variable). Forgets the copy."""
+        noted = self._found_vars.pop(frame["id"], None)
+        if noted is None:
+            return {}
+        owner, found = noted
+        changed = {name: value for name, value in vars_of(state, frame).items()
+                   if name != APPROVALS_KEY and (name not in found or (found[name] is not value
+                                                                        and not json_equal(found[name], value)))}
+        self.reported(owner, changed)
+        return changed
 
     # -- forced saves (§7.3) ------------------------------------------------------------------------------------
     def save(self, state: RunState, reason: SaveReason, node_id: str, fs: str) -> None:

@@ -81,6 +81,7 @@ class NodeLifecycle(StepRunner):
             current = await self.enter(state, frame)
             if current is None:
                 return
+        self.note_vars(state, frame)
         node = self.ir.nodes[current["id"]]
         try:
             sla = node.sla
@@ -173,7 +174,7 @@ class NodeLifecycle(StepRunner):
         duration = int((time.time() - current["started"]) * 1000)
         target = outcome.target if isinstance(outcome, Next) else None
         await self.emit(NodeCompleted(node_id=node.id, frame=fs, node_type=node.type, next_node=target,
-                                      duration_ms=duration))
+                                      duration_ms=duration, variables=self.node_vars(state, frame)))
         if node.is_checkpoint:
             self.save(state, "is_checkpoint", node.id, fs)
         frame["node"] = None
@@ -275,6 +276,7 @@ class NodeLifecycle(StepRunner):
         frame["status"] = "done"
         frame["result"] = result
         frame["node"] = None
+        self._found_vars.pop(frame["id"], None)
         parent_id = frame.get("parent")
         if parent_id is not None:
             parent = state["frames"][parent_id]

@@ -148,6 +148,7 @@ class StepRunner(Dispatching):
         again = application is not None and record is not None and record.attempt < application
         if record is not None and record.status == "completed" and not again:
             apply_writes(namespace, record.writes)
+            self.step_vars(state, frame, record.writes)  # reported by the step_completed of its first run
             await self.emit(StepReplayed(node_id=node.id, step_id=step_id, frame=fs, action=step.action,
                                          output_variable=step.output_variable, original_attempt=record.attempt))
             return None
@@ -377,7 +378,7 @@ class StepRunner(Dispatching):
             if isinstance(handled, tuple):
                 kind, value = handled
                 if kind == "suppress":
-                    await self.suppress(call, key, started, error)
+                    await self.suppress(state, frame, call, key, started, error)
                     return None
                 if kind == "route":
                     await self.fail_step(call, key, error)
@@ -417,13 +418,15 @@ class StepRunner(Dispatching):
             await self.steps.put(call.identity, completed)
         await self.emit(StepCompleted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
                                       output_variable=step.output_variable,
-                                      duration_ms=int((time.monotonic() - started) * 1000), retry_count=attempt - 1))
+                                      duration_ms=int((time.monotonic() - started) * 1000), retry_count=attempt - 1,
+                                      variables=self.step_vars(state, frame, writes)))
         if step.screenshot_on_complete:
             await self.screenshot(node, step_id, fs, attempt, "on_complete", None)
         if step.wait_after_ms:
             await self.sleep(step.wait_after_ms / 1000)
 
-    async def suppress(self, call: StepCall, key: str, started: float, error: ErrorObject) -> None:
+    async def suppress(self, state: RunState, frame: Frame, call: StepCall, key: str, started: float,
+                       error: ErrorObject) -> None:
         """A handler ``ignore`` without a fallback: the step completes with a null output (``suppressed_error``)."""
         node, step, step_id, fs, attempt = call.node, call.step, call.step_id, call.fs, call.attempt
         namespace_writes: dict[str, Any] = {}
@@ -436,7 +439,8 @@ class StepRunner(Dispatching):
         await self.emit(StepCompleted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt,
                                       action=step.action, output_variable=step.output_variable,
                                       duration_ms=int((time.monotonic() - started) * 1000),
-                                      retry_count=attempt - 1, suppressed_error=error))
+                                      retry_count=attempt - 1, suppressed_error=error,
+                                      variables=self.step_vars(state, frame, namespace_writes)))
 
     async def fail_step(self, call: StepCall, key: str, error: ErrorObject) -> None:
         """A step failed for good: its record says so and ``step_failed`` is emitted."""
