@@ -31,6 +31,12 @@ def exported_names() -> set[str]:
     return names
 
 
+def is_exported(name: str, exported: set[str]) -> bool:
+    """``name`` is an exported metric, or a series of an exported histogram (``_bucket``, ``_sum``, ``_count``)."""
+    base = next((name.removesuffix(s) for s in HISTOGRAM_SUFFIXES if name.endswith(s)), name)
+    return name in exported or base in exported
+
+
 def test_committed_files_are_the_builders_output() -> None:
     files = BUILDER.outputs()
     assert len(files) == len(DASHBOARDS) + 2
@@ -41,8 +47,11 @@ def test_committed_files_are_the_builders_output() -> None:
 def test_dashboards_use_the_datasource_variable_and_unique_panel_ids() -> None:
     for dashboard in DASHBOARDS:
         model = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / dashboard.file_name).read_text())
-        [variable] = model["templating"]["list"]
+        variable, *others = model["templating"]["list"]
         assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+        assert [v["name"] for v in others] == [v.name for v in dashboard.variables]
+        for other in others:  # label values read through the same data source
+            assert other["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         panels = [p for p in model["panels"] if p["type"] != "row"]
         assert panels
         assert len({p["id"] for p in model["panels"]}) == len(model["panels"])
@@ -55,11 +64,37 @@ def test_the_four_dashboards_cover_the_issue() -> None:
     titles = {d.uid: {p.title for p in d.panels()} for d in DASHBOARDS}
     assert {"Runs started", "Runs ended", "Run duration", "Runtime queue depth", "Projection lag"} <= \
         titles["langorch-overview"]
-    assert {"Steps finished", "Retries", "SLA breaches"} <= titles["langorch-runs-steps"]
+    assert {"Steps finished", "Retries", "SLA breaches", "Runs ended by procedure", "Run duration by procedure",
+            "Steps by node", "Step duration by node", "Retries by node", "SLA breaches by node",
+            "Schedule lag"} <= titles["langorch-runs-steps"]
     assert {"Agent calls", "Agent call errors", "MCP tool calls", "Open circuits", "Leases held", "Pool saturation",
             "LLM tokens", "LLM cost"} <= titles["langorch-agents-llm"]
     assert {"Runtime consumer backlog", "Projection lag", "Messages settled", "Append conflicts"} <= \
         titles["langorch-event-backbone"]
+
+
+def test_runs_and_steps_are_shown_per_procedure_and_node() -> None:
+    """The runs-and-steps dashboard's procedure and node variables list the label values of the runtime's metrics
+    (node: of the procedures picked); its per-procedure and per-node panels filter on them, and no query uses a
+    variable its dashboard does not define."""
+    [runs] = [d for d in DASHBOARDS if d.uid == "langorch-runs-steps"]
+    variables = {v.name: v.query for v in runs.variables}
+    assert variables == {
+        "procedure": "label_values(langorch_run_started_total, procedure_id)",
+        "node": 'label_values(langorch_step_execution_total{procedure_id=~"$procedure"}, node_id)'}
+    for panel in runs.panels():
+        for query in panel.queries:
+            if panel.title.endswith("by procedure"):
+                assert 'procedure_id=~"$procedure"' in query.expr, panel.title
+            if panel.title.endswith("by node"):
+                assert 'procedure_id=~"$procedure", node_id=~"$node"' in query.expr, panel.title
+                assert "node_id" in query.expr.partition(")")[0], panel.title  # grouped by node
+    for dashboard in DASHBOARDS:
+        defined = {v.name for v in dashboard.variables}
+        for panel in dashboard.panels():
+            for query in panel.queries:
+                used = set(re.findall(r"\$([a-z]+)\b", query.expr.replace("$__", "")))
+                assert used <= defined, (dashboard.uid, panel.title, used)
 
 
 def test_panels_query_only_exported_metrics() -> None:
@@ -70,8 +105,7 @@ def test_panels_query_only_exported_metrics() -> None:
         for panel in dashboard.panels():
             for query in panel.queries:
                 for name in METRIC.findall(query.expr):
-                    base = next((name.removesuffix(s) for s in HISTOGRAM_SUFFIXES if name.endswith(s)), name)
-                    assert name in exported or base in exported, f"{panel.title}: {name} is not exported"
+                    assert is_exported(name, exported), f"{panel.title}: {name} is not exported"
 
 
 def test_alert_rules_query_only_exported_metrics() -> None:
@@ -80,7 +114,7 @@ def test_alert_rules_query_only_exported_metrics() -> None:
     for group in rules["groups"]:
         for rule in group["rules"]:
             for name in METRIC.findall(rule["expr"]):
-                assert name in exported, f"{rule['alert']}: {name} is not exported"
+                assert is_exported(name, exported), f"{rule['alert']}: {name} is not exported"
 
 
 def test_provisioning_files() -> None:

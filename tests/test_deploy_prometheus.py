@@ -4,7 +4,9 @@
 live stack: ``langorch up`` as an operator runs it (on the test's NATS and PostgreSQL), real agents, an MCP server
 and an OpenAI-compatible LLM server, and a real Prometheus scraping the stack's ``/metrics`` every second. A small
 workload runs twice (so that counters move between scrapes, as under steady traffic), then every query of every
-dashboard panel is evaluated through Prometheus's HTTP API: each must return at least one finite value.
+dashboard panel is evaluated through Prometheus's HTTP API (with every dashboard variable at All): each must return
+at least one finite value, and every variable's label values query lists values. A cron trigger firing every minute
+gives the scheduler's lag data.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case_and_a_runbook() -> None:
     anchors = {re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
                for line in runbooks.splitlines() if line.startswith("## ")}
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
-    assert len(alerts) == 7
+    assert len(alerts) == 8
     for rule in alerts:
         name = rule["alert"]
         cases = [case for test in tests for case in test["alert_rule_test"] if case["alertname"] == name]
@@ -188,8 +190,19 @@ def finite(result: list[dict[str, Any]]) -> bool:
 
 
 def concrete(expr: str) -> str:
-    """A panel's query with Grafana's interval variables replaced by windows that cover the workload."""
-    return expr.replace("$__rate_interval", RATE_WINDOW).replace("$__range", RANGE_WINDOW)
+    """A panel's query with Grafana's interval variables replaced by windows that cover the workload, and the
+    dashboards' own variables by their All value (any value)."""
+    expr = expr.replace("$__rate_interval", RATE_WINDOW).replace("$__range", RANGE_WINDOW)
+    variables = {v.name for d in DASHBOARDS for v in d.variables}
+    return re.sub(r"\$([a-z_]+)", lambda m: ".*" if m.group(1) in variables else m.group(0), expr)
+
+
+async def variable_values(prom: httpx.AsyncClient, variable: Any) -> set[str]:
+    """The values Grafana lists for a ``label_values(metric{selector}, label)`` variable (all at All)."""
+    r = await prom.get(f"/api/v1/label/{variable.label}/values",
+                       params={"match[]": concrete(f"{variable.metric}{variable.selector}")})
+    assert r.status_code == 200, r.text
+    return {value for value in r.json()["data"] if value}
 
 
 # -- the workload -----------------------------------------------------------------------------------------------
@@ -216,6 +229,7 @@ LEASED = {"procedure_id": "dash_lease", "version": "1", "workflow_graph": {"star
              "steps": [{"step_id": "s", "action": "extract_text"}]},
     "done": {"type": "terminate"}}}}
 TRIGGERED = procedure_doc("dash_trig", "1")
+CRON = procedure_doc("dash_cron", "1")  # active, with a schedule firing every minute (the scheduler's lag)
 # registered so that it can be fired by hand (an event trigger of a draft version: dormant, never fired by events)
 TRIGGER = {"trigger_type": "event", "event_source": "nats://lo.ext.dash.orders", "dedupe_window_seconds": 600}
 
@@ -235,9 +249,12 @@ async def _post(c: httpx.AsyncClient, path: str, body: dict[str, Any]) -> dict[s
 
 
 async def setup(c: httpx.AsyncClient, agents: Agents) -> None:
-    for doc in (MAIN, FAILING, LEASED, TRIGGERED):
+    for doc in (MAIN, FAILING, LEASED, TRIGGERED, CRON):
         await _post(c, "/api/procedures", {"ckp_json": doc})
     await _post(c, "/api/triggers/dash_trig/1", TRIGGER)
+    assert (await c.patch("/api/procedures/dash_cron/1/status", json={"status": "active"})).status_code == 200
+    await _post(c, "/api/triggers/dash_cron/1", {"trigger_type": "scheduled", "schedule": "* * * * *",
+                                                 "input_vars": {"greeting": "on schedule"}})
     for name, channel, url, extra in (
             ("dash-web", "dashweb", agents.web.base_url, {}),
             ("dash-slow", "dashslow", agents.slow.base_url, {"concurrency_limit": 1}),
@@ -311,9 +328,16 @@ async def test_every_dashboard_panel_has_data_on_a_live_stack(nats_url: str, dat
                         if panel.title not in NO_DATA_EXPECTED and not finite(await query(prom, expr)):
                             empty.append(f"{dashboard.title} / {panel.title}: {expr}")
             return empty
-        # every panel has data once the second round's last scrape is in (a deadline, then the panels still empty)
-        await wait_until(without_data, lambda empty: not empty, timeout=180, every=1)
+        # every panel has data once the second round's last scrape is in and the schedule fired (a slot every
+        # minute); a deadline, then the panels still empty
+        await wait_until(without_data, lambda empty: not empty, timeout=240, every=1)
+
+        # the procedure and node variables list the workload's procedures and the nodes of their steps
+        [runs] = [d for d in DASHBOARDS if d.uid == "langorch-runs-steps"]
+        values = {v.name: await variable_values(prom, v) for v in runs.variables}
+        assert {"dash_main", "dash_fail", "dash_lease", "dash_trig"} <= values["procedure"], values
+        assert {"fetch", "tool", "late", "slow", "call"} <= values["node"], values
 
         # the alert rules evaluate on the real series without errors
         rules = (await prom.get("/api/v1/rules")).json()["data"]["groups"]
-        assert [r["health"] for g in rules for r in g["rules"]] == ["ok"] * 7, rules
+        assert [r["health"] for g in rules for r in g["rules"]] == ["ok"] * 8, rules

@@ -52,12 +52,29 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Variable:
+    """A dashboard variable listing the values of ``label`` on ``metric`` (``selector``: its label matchers,
+    which may use the variables before it); several values or All (any value, empty included) may be picked."""
+
+    name: str
+    title: str
+    metric: str
+    label: str
+    selector: str = ""
+
+    @property
+    def query(self) -> str:
+        return f"label_values({self.metric}{self.selector}, {self.label})"
+
+
+@dataclass(frozen=True)
 class Dashboard:
     uid: str
     title: str
     description: str
     rows: tuple[Row, ...]
     tags: tuple[str, ...] = field(default=("langorch",))
+    variables: tuple[Variable, ...] = ()
 
     @property
     def file_name(self) -> str:
@@ -72,10 +89,12 @@ def q(expr: str, legend: str = "") -> Query:
     return Query(expr, legend)
 
 
-def quantile(metric: str, phi: float, by: str = "") -> str:
-    """The ``phi`` quantile of histogram ``metric`` over all replicas (per ``by`` label when given)."""
+def quantile(metric: str, phi: float, by: str = "", where: str = "") -> str:
+    """The ``phi`` quantile of histogram ``metric`` over all replicas (per ``by`` label when given; of the series
+    matching ``where``'s label matchers)."""
     labels = f"le, {by}" if by else "le"
-    return f"histogram_quantile({phi}, sum by ({labels}) (rate({metric}_bucket[{RATE}])))"
+    selector = f"{{{where}}}" if where else ""
+    return f"histogram_quantile({phi}, sum by ({labels}) (rate({metric}_bucket{selector}[{RATE}])))"
 
 
 def ts(title: str, description: str, *queries: Query, unit: str = "short") -> Panel:
@@ -125,10 +144,46 @@ OVERVIEW = Dashboard("langorch-overview", "LangOrch / Overview",
     )),
 ))
 
+# the runs, steps and SLA breaches of the procedures and nodes picked in the runs-and-steps dashboard
+PROCEDURE = 'procedure_id=~"$procedure"'
+NODE = f'{PROCEDURE}, node_id=~"$node"'
+PROCEDURE_VARIABLE = Variable("procedure", "Procedure", "langorch_run_started_total", "procedure_id")
+NODE_VARIABLE = Variable("node", "Node", "langorch_step_execution_total", "node_id", "{" + PROCEDURE + "}")
+
 RUNS = Dashboard("langorch-runs-steps", "LangOrch / Runs and steps",
-                 "Runs, steps, retries, failures, SLA breaches, approvals and triggers. Metrics carry no procedure or "
-                 "node labels (bounded labels): steps are shown by binding kind; a run's own timeline is in the "
-                 "console.", (
+                 "Runs, steps, retries, failures and SLA breaches per procedure and node; approvals and triggers. "
+                 "Pick procedures and nodes above; a run's own timeline is in the console.", (
+    Row("Runs by procedure", (
+        ts("Runs started by procedure", "Runs that began executing, per second, by procedure.",
+           q(f"sum by (procedure_id) (rate(langorch_run_started_total{{{PROCEDURE}}}[{RATE}]))", "{{procedure_id}}"),
+           unit="ops"),
+        ts("Runs ended by procedure", "Runs that ended, per second, by procedure and final status.",
+           q(f"sum by (procedure_id, status) (rate(langorch_run_completed_total{{{PROCEDURE}}}[{RATE}]))",
+             "{{procedure_id}} {{status}}"), unit="ops"),
+        ts("Run duration by procedure", "p95 of the first start to end, by procedure.",
+           q(quantile("langorch_run_duration_seconds", 0.95, "procedure_id", PROCEDURE), "{{procedure_id}}"),
+           unit="s"),
+        ts("Run failures by procedure", "Failed runs in the time range, by procedure and error code.",
+           q(f"sum by (procedure_id, error_code) (increase(langorch_run_failures_total{{{PROCEDURE}}}[{RANGE}]))",
+             "{{procedure_id}} {{error_code}}")),
+    )),
+    Row("Nodes", (
+        ts("Steps by node", "Steps finished per second, by procedure, node and outcome.",
+           q(f"sum by (procedure_id, node_id, status) (rate(langorch_step_execution_total{{{NODE}}}[{RATE}]))",
+             "{{procedure_id}} {{node_id}} {{status}}"), unit="ops"),
+        ts("Step duration by node", "p95 of completed steps, by procedure and node.",
+           q(quantile("langorch_step_duration_seconds", 0.95, "procedure_id, node_id", NODE),
+             "{{procedure_id}} {{node_id}}"), unit="s"),
+        ts("Retries by node", "Step retries in the time range, by procedure and node.",
+           q(f"sum by (procedure_id, node_id) (increase(langorch_retry_attempts_total{{{NODE}}}[{RANGE}]))",
+             "{{procedure_id}} {{node_id}}")),
+        ts("SLA breaches by node", "Node SLA breaches in the time range, by procedure, node and on_breach action.",
+           q(f"sum by (procedure_id, node_id, on_breach) (increase(langorch_sla_breach_total{{{NODE}}}[{RANGE}]))",
+             "{{procedure_id}} {{node_id}} {{on_breach}}")),
+        ts("Step timeouts by node", "Step attempts that timed out in the time range, by procedure and node.",
+           q(f"sum by (procedure_id, node_id) (increase(langorch_step_timeout_total{{{NODE}}}[{RANGE}]))",
+             "{{procedure_id}} {{node_id}}")),
+    )),
     Row("Runs", (
         ts("Run failures by error code", "Failed runs by the code of their error, in the time range.",
            q(f"sum by (error_code) (increase(langorch_run_failures_total[{RANGE}]))", "{{error_code}}")),
@@ -170,6 +225,10 @@ RUNS = Dashboard("langorch-runs-steps", "LangOrch / Runs and steps",
            q(f"sum by (reason) (increase(langorch_trigger_rejected_total[{RANGE}]))", "{{reason}}")),
         ts("Fire to run", "p95 from a fire's receipt by the triggers service to its run's creation.",
            q(quantile("langorch_trigger_lag_seconds", 0.95, "trigger_type"), "{{trigger_type}}"), unit="s"),
+        ts("Schedule lag", "How late the scheduler replica sends the fires of cron schedules: from each slot to "
+           "its fire being published (p50 and p95). A slot more than 120 s late is skipped as a misfire.",
+           q(quantile("langorch_trigger_scheduler_lag_seconds", 0.5), "p50"),
+           q(quantile("langorch_trigger_scheduler_lag_seconds", 0.95), "p95"), unit="s"),
         ts("Webhook intake", "Webhook requests per second by outcome (accepted, duplicate, invalid_signature, "
            "not_found …).",
            q(f"sum by (outcome) (rate(langorch_webhook_requests_total[{RATE}]))", "{{outcome}}"), unit="reqps"),
@@ -177,7 +236,7 @@ RUNS = Dashboard("langorch-runs-steps", "LangOrch / Runs and steps",
            "enabled trigger or not.",
            q(f"sum by (result) (rate(langorch_trigger_events_total[{RATE}]))", "{{result}}"), unit="ops"),
     )),
-))
+), variables=(PROCEDURE_VARIABLE, NODE_VARIABLE))
 
 AGENTS = Dashboard("langorch-agents-llm", "LangOrch / Agents, MCP and LLM",
                    "Calls to HTTP agents, MCP tools and LLMs, their errors, open circuits, lease pools and LLM "
@@ -263,6 +322,13 @@ def _panel_json(panel: Panel, panel_id: int, x: int, y: int, width: int, height:
     return body
 
 
+def _variable_json(variable: Variable) -> dict[str, Any]:
+    return {"name": variable.name, "label": variable.title, "type": "query", "datasource": DATASOURCE,
+            "definition": variable.query, "query": {"query": variable.query, "refId": "LangOrchVariableQuery"},
+            "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*", "current": {}, "sort": 1, "hide": 0,
+            "regex": "", "options": []}
+
+
 def render(dashboard: Dashboard) -> dict[str, Any]:
     """The Grafana JSON model of ``dashboard``: rows of panels, two time series or four stats across."""
     panels: list[dict[str, Any]] = []
@@ -288,7 +354,7 @@ def render(dashboard: Dashboard) -> dict[str, Any]:
         "time": {"from": "now-6h", "to": "now"}, "refresh": "30s", "timezone": "browser",
         "templating": {"list": [{"name": "datasource", "label": "Data source", "type": "datasource",
                                  "query": "prometheus", "current": {}, "hide": 0, "refresh": 1, "regex": "",
-                                 "options": []}]},
+                                 "options": []}, *map(_variable_json, dashboard.variables)]},
         "annotations": {"list": []}, "links": [], "panels": panels,
     }
 
