@@ -20,6 +20,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,6 +32,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from ckp_core.webhook_signing import signature_headers
+from langorch_infra.embedded import free_port
 from tests.helpers import Platform, platform_of, procedure_doc, wait_until
 
 pytestmark = pytest.mark.integration
@@ -478,6 +481,104 @@ async def test_a_run_replayed_with_the_slider(platform: Platform, browser: Brows
     await expect(page.get_by_text("No variable is known yet.")).to_be_visible()
     await no_serious_violations(page)
     await page.context.close()
+
+
+class GatewayProcess:
+    """``langorch serve gateway`` in a process of its own on one fixed port, against the test's NATS and PostgreSQL
+    and with the test platform's auth settings (a session cookie it signed stays valid across restarts): killed
+    without a goodbye to any client (SIGKILL), then started again on the same port."""
+
+    def __init__(self, nats_url: str, database_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_")},
+                    "LANGORCH_NATS_URL": nats_url, "LANGORCH_DATABASE_URL": database_url,
+                    "LANGORCH_PORT": str(self.port), "LANGORCH_AUTH_ENABLED": "true",
+                    "LANGORCH_AUTH_SECRET_KEY": SECRET_KEY, "LANGORCH_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                    "LANGORCH_LOG_LEVEL": "WARNING"}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self.proc = proc = subprocess.Popen([sys.executable, "-m", "langorch", "serve", "gateway"], cwd=ROOT,
+                                            env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            start_new_session=True)
+
+        async def ready() -> int:
+            assert proc.poll() is None, "the gateway process exited"
+            try:
+                async with httpx.AsyncClient(timeout=10) as client:
+                    return (await client.get(f"{self.url}/api/ready")).status_code
+            except httpx.TransportError:
+                return 0
+
+        await wait_until(ready, lambda status: status == 200, timeout=120)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def gated(procedure_id: str) -> dict[str, Any]:
+    """A step, an approval gate, then three steps: what follows the gate happens only once it is decided."""
+    return {"procedure_id": procedure_id, "version": "1.0.0", "workflow_graph": {"start_node": "before", "nodes": {
+        "before": {"type": "sequence", "next_node": "gate",
+                   "steps": [{"step_id": "hello", "action": "log", "message": "before the gate"}]},
+        "gate": {"type": "human_approval", "prompt": "Go on?", "decision_type": "approve_reject",
+                 "on_approve": "after", "on_reject": "after"},
+        "after": {"type": "sequence", "next_node": "done",
+                  "steps": [{"step_id": f"s{i}", "action": "log", "message": f"after {i}"} for i in range(3)]},
+        "done": {"type": "terminate", "status": "success"}}}}
+
+
+async def test_the_timeline_resumes_after_the_gateway_restarts(platform: Platform, browser: Browser,
+                                                               module_nats_url: str, module_database_url: str) -> None:
+    """The gateway process serving the run page is killed while the run waits; the run goes on meanwhile (decided
+    through another gateway); when the process is back on the same port, the page — never reloaded — reconnects
+    after the last event it showed and its timeline ends with every event exactly once, in order."""
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    pid = f"restart-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": gated(pid)}, headers=bearer)
+    assert r.status_code == 201, r.text
+    gateway = GatewayProcess(module_nats_url, module_database_url)
+    try:
+        await gateway.start()
+        page = await new_page(browser, gateway.url)
+        await sign_in(page, "admin", ADMIN_PASSWORD)
+        r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0"},
+                                       headers=bearer)
+        assert r.status_code == 201, r.text
+        run_id = r.json()["run_id"]
+        await page.goto(f"/ui/runs/{run_id}")
+        timeline = page.locator("#timeline")
+        await expect(timeline).to_contain_text("approval_requested")
+        await expect(page.locator("#live-state")).to_contain_text("Live")
+
+        gateway.kill()
+        await expect(page.locator("#live-state")).to_contain_text("reconnecting")
+
+        async def run() -> dict[str, Any]:
+            return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
+
+        waiting = await wait_until(run, lambda body: body.get("status") == "waiting_approval", timeout=60)
+        r = await platform.client.post(f"/api/approvals/{waiting['waiting_on']['approval_id']}/decision",
+                                       json={"decision": "approved"}, headers=bearer)
+        assert r.status_code == 200, r.text
+        await wait_until(run, lambda body: body.get("status") == "completed", timeout=60)
+        await expect(timeline).not_to_contain_text("approval_decision_received")  # the page's server is down
+
+        await gateway.start()
+        await expect(timeline).to_contain_text("run_completed", timeout=2 * LONG)  # the extension's back-off
+        await expect(page.locator("#live-state")).to_contain_text("ended")
+        await expect(page.get_by_test_id("run-status")).to_have_text("completed")
+        seqs = [int(s) for s in await timeline.locator("li").evaluate_all("items => items.map(i => i.dataset.seq)")]
+        events = (await platform.client.get(f"/api/runs/{run_id}/events", params={"limit": 500},
+                                            headers=bearer)).json()
+        assert seqs == list(range(1, events["total"] + 1)), seqs  # every event once, in order, none missing
+        await page.context.close()
+    finally:
+        gateway.kill()
 
 
 @pytest.mark.parametrize("role", ["viewer", "approver"])
