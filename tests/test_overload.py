@@ -135,13 +135,18 @@ async def test_creations_beyond_the_backlog_limit_are_refused_and_every_accepted
             assert body["limit"] == 2
             assert body["backlog"] > 2
             assert body["retry_after_seconds"] == 1
+        # with an Idempotency-Key: the 429 is not kept for the key, so the same key is tried again later
+        problem(await start(c, AGENT_DOC, **{"Idempotency-Key": "ovl-backlog-1"}), 429, "rate_limited")
         assert await run_total(c, "ovl_agent") == len(accepted)  # a refused creation created nothing
 
         release.set()
         for run_id in accepted:
             assert (await wait_status(c, run_id, timeout=90))["status"] == "completed"
-        r = await start(c, AGENT_DOC)  # the backlog is gone: accepted again
+        # the backlog is gone: accepted again, the key refused before included
+        r = await wait_until(lambda: start(c, AGENT_DOC, **{"Idempotency-Key": "ovl-backlog-1"}),
+                             lambda r: r.status_code != 429, timeout=30)
         assert r.status_code == 201, r.text
+        assert "Idempotent-Replayed" not in r.headers
         assert (await wait_status(c, r.json()["run_id"], timeout=60))["status"] == "completed"
 
 

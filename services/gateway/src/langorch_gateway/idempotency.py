@@ -3,8 +3,9 @@
 The first request with a given ``Idempotency-Key`` (scoped to the principal) claims a row in ``api_commands``
 and is processed normally; its command id is fixed by the row (so a republish after a crash carries the same
 ``Nats-Msg-Id`` and is dropped by JetStream). Its response is kept 24 h and replayed for a repeat with the
-same body (``Idempotent-Replayed: true``); a repeat while the first is in flight gets 409
-``idempotency_key_in_progress``; a different body gets 422 ``idempotency_key_reused``.
+same body (``Idempotent-Replayed: true``), unless it was a 5xx or a 429 (nothing done: the key stays free); a
+repeat while the first is in flight gets 409 ``idempotency_key_in_progress``; a different body gets 422
+``idempotency_key_reused``.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ async def handle(request: Request, call_next: Callable[[Request], Awaitable[Resp
         await _forget(pool, principal, key)
         raise
     body = b"".join([chunk async for chunk in response.body_iterator])  # type: ignore[attr-defined]
-    if response.status_code >= 500:
-        await _forget(pool, principal, key)  # a defect or an outage: let the client try again
+    if response.status_code >= 500 or response.status_code == 429:
+        # a defect or an outage, or a refusal to take the request now (429: nothing was done, Retry-After says
+        # when to ask again): the key stays free, so the client tries again with it
+        await _forget(pool, principal, key)
     else:
         kept = {k: v for k, v in response.headers.items() if k.lower() in (
             "content-type", "location", "etag", "x-langorch-command-id", "x-langorch-position")}
