@@ -338,9 +338,10 @@ async def _answers(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 6
 
 @pytest.mark.unit
 def test_the_dockerfile_builds_every_workspace_member_and_runs_as_the_manifests_user() -> None:
-    """The image cannot be built here (no Docker); its uv steps were run by hand. What can drift is checked: every
-    workspace member's pyproject.toml is copied for the dependency layer, the user is the pods' runAsUser, and
-    the entrypoint is the ``langorch`` the containers' ``serve <service>`` arguments go to."""
+    """The image cannot be built here (no Docker); its build stage's steps run in test_deploy_image.py. Here, what
+    can drift between the Dockerfile, the workspace and the manifests: every workspace member's pyproject.toml is
+    copied for the dependency layer, the user is the pods' runAsUser, and the entrypoint is the ``langorch`` the
+    containers' ``serve <service>`` arguments go to."""
     text = (ROOT / "Dockerfile").read_text()
     assert len(re.findall(r"^FROM ", text, re.MULTILINE)) == 2
     members = sorted(str(p.parent.relative_to(ROOT)) for p in [*ROOT.glob("libs/*/pyproject.toml"),
