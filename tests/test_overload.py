@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ from langorch_infra.embedded import EmbeddedNats
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.creation import RUN_CONSUMER
 from langorch_runtime.service import RuntimeService
-from tests.helpers import Platform, imported, platform_of, problem, wait_status, wait_until
+from tests.helpers import Platform, imported, langorch_command, platform_of, problem, wait_status, wait_until
 from tests.scripted_agent import ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration
@@ -39,6 +43,10 @@ AGENT_DOC = {"procedure_id": "ovl_agent", "version": "1", "workflow_graph": {"st
     "call": {"type": "sequence", "agent": "OVL", "next_node": "done", "steps": [
         {"step_id": "work", "action": "work", "output_variable": "r"}]},
     "done": {"type": "terminate", "outputs": {"r": "{{r}}"}}}}}
+SLOW = {"procedure_id": "ovl_slow", "version": "1", "workflow_graph": {"start_node": "w", "nodes": {
+    "w": {"type": "sequence", "next_node": "done", "steps": [{"step_id": "pause", "action": "wait",
+                                                              "duration_ms": 2500}]},
+    "done": {"type": "terminate"}}}}
 FAST_REFUSAL_BOUND_S = 3.0
 """The outage refusal must not wait for a NATS timeout (5 s and more before); measured well under a second."""
 
@@ -250,3 +258,26 @@ async def test_a_runtime_replica_executes_at_most_max_concurrent_runs_and_leaves
                 assert (await wait_status(c, run_id, timeout=90))["status"] == "completed"
         assert most == 3
         assert len(agent.executed) == len(set(agent.executed)) == 5
+
+
+async def test_langorch_run_waits_as_retry_after_says_while_the_api_is_overloaded(
+        nats_url: str, database_url: str, tmp_path: Path) -> None:
+    async with platform_of(nats_url, database_url, runtime_settings={"max_concurrent_runs": 1},
+                           gateway_settings={"admission_max_backlog": 1, "admission_cache_ms": 0,
+                                             "admission_retry_after_s": 1}) as p:
+        c = p.client
+        await imported(c, SLOW)
+        # slow runs on the one slot until the next creation is refused
+        await wait_until(lambda: start(c, SLOW), lambda r: r.status_code == 429, timeout=60, every=0.2)
+        path = tmp_path / "quick.json"
+        path.write_text(json.dumps(QUICK))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_")} | {"COLUMNS": "400"}
+        proc = await asyncio.to_thread(subprocess.run, langorch_command(
+            "run", str(path), "--api", p.base_url, "--retry-for", "120"), capture_output=True, text=True, env=env,
+            timeout=180, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "/api/runs: 429 rate_limited; trying again in 1 s (Retry-After)" in proc.stdout, proc.stdout
+        created = re.search(r"run (\S+) created", proc.stdout)
+        assert created is not None, proc.stdout
+        assert (await wait_status(c, created.group(1), timeout=90))["status"] == "completed"
+        assert await run_total(c, "ovl_quick") == 1  # tried again and again, created once

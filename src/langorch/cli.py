@@ -715,17 +715,22 @@ def run(
     api: Annotated[str, typer.Option(envvar="LANGORCH_API_URL", help=API_HELP)] = DEFAULT_API,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="LANGORCH_API_KEY", help=API_KEY_HELP,
                                                 show_default=False)] = None,
+    retry_for: Annotated[float, typer.Option("--retry-for", min=0, help="Seconds to keep trying the import and "
+                                             "the start while the API refuses them for now (429 overloaded, 503 "
+                                             "unavailable), waiting as its Retry-After says; 0: never.")]
+    = timeline.RETRY_FOR_S,
 ) -> None:
     """Import FILE (unless that exact version is already imported), start a run and print its timeline. Exit 1
     when the API refuses the import or the run (a refused credential included: the message says which and what
-    to do), or the followed run ends other than completed; 3 when the API cannot be reached."""
+    to do), or the followed run ends other than completed; 3 when the API cannot be reached. A 429 or 503 with
+    Retry-After is tried again, with the same Idempotency-Key, for up to --retry-for seconds."""
     from langorch.access import resolve
 
     inputs = _parse_vars(var)
     data, ckp = load_json(file)
     credential = resolve(api, api_key)
     code = asyncio.run(timeline.import_and_run(api, ckp, inputs, follow, console, document=data,
-                                               credential=credential))
+                                               credential=credential, retry_for_s=retry_for))
     raise typer.Exit(code)
 
 

@@ -7,7 +7,10 @@ An answer that is not what the API promises (an error status, or a body that is 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -131,15 +134,50 @@ def describe(event: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+RETRY_FOR_S = 60.0
+"""How long ``langorch run`` keeps trying a request the API refuses for now (429 or 503 with ``Retry-After``)."""
+LONGEST_WAIT_S = 30.0
+"""The longest pause between two tries, whatever ``Retry-After`` says."""
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """The seconds a retryable refusal (429, 503) asks the client to wait (its ``Retry-After`` in seconds, at most
+    :data:`LONGEST_WAIT_S`); None for any other answer, or without a usable ``Retry-After``."""
+    raw = response.headers.get("retry-after", "")
+    if response.status_code not in (429, 503) or not raw.isdigit():
+        return None
+    return min(float(raw), LONGEST_WAIT_S)
+
+
+async def post_patiently(client: httpx.AsyncClient, path: str, body: dict[str, Any], console: Console,
+                         retry_for_s: float) -> httpx.Response:
+    """POST ``body``, and again after ``Retry-After`` while the API refuses it for now (overloaded: 429; NATS or
+    PostgreSQL unreachable: 503), for up to ``retry_for_s`` seconds; the last answer. Every try carries the same
+    ``Idempotency-Key``, so a try whose answer was lost is not acted on twice."""
+    headers = {"Idempotency-Key": f"langorch-cli-{uuid.uuid4()}"}
+    deadline = time.monotonic() + retry_for_s
+    while True:
+        r = await client.post(path, json=body, headers=headers)
+        wait = retry_after(r)
+        if wait is None or time.monotonic() + wait > deadline:
+            return r
+        code = (_problem(r) or {}).get("code", r.status_code)
+        console.print(f"[dim]{path}: {r.status_code} {code}; trying again in {wait:g} s (Retry-After)[/]",
+                      highlight=False)
+        await asyncio.sleep(wait)
+
+
 async def import_and_run(api: str, ckp: Any, inputs: dict[str, Any], follow: bool, console: Console, *,
-                         document: bytes | None = None, credential: Credential | None = None) -> int:
+                         document: bytes | None = None, credential: Credential | None = None,
+                         retry_for_s: float = RETRY_FOR_S) -> int:
     """Return the process exit code: 0 when the run completed (or was started without --follow), 1 when it ended
     otherwise. An error answer raises :class:`ApiError` (``document``, the file's bytes, goes with the import's).
-    ``credential`` is sent with every request."""
+    ``credential`` is sent with every request. The import and the start are tried again after ``Retry-After``
+    while the API refuses them for now, for up to ``retry_for_s`` seconds each."""
     headers = credential.headers() if credential is not None else {}
     async with httpx.AsyncClient(base_url=api, timeout=30, headers=headers) as client:
         action = "importing the procedure"
-        r = await client.post("/api/procedures", json={"ckp_json": ckp})
+        r = await post_patiently(client, "/api/procedures", {"ckp_json": ckp}, console, retry_for_s)
         if r.status_code == 202:
             pending = _json_object(action, r)
             console.print(f"[dim]import accepted, still pending (command {pending.get('command_id')})[/]",
@@ -152,8 +190,9 @@ async def import_and_run(api: str, ckp: Any, inputs: dict[str, Any], follow: boo
         else:
             _json_object(action, r)
         action = "starting the run"
-        r = await client.post("/api/runs", json={"procedure_id": ckp["procedure_id"],
-                                                 "procedure_version": ckp["version"], "input_vars": inputs})
+        r = await post_patiently(client, "/api/runs", {"procedure_id": ckp["procedure_id"],
+                                                       "procedure_version": ckp["version"], "input_vars": inputs},
+                                 console, retry_for_s)
         if r.status_code == 202:
             pending = _json_object(action, r)
             console.print(f"[yellow]run start accepted but still pending[/] (command {pending.get('command_id')}; "
