@@ -370,7 +370,7 @@ class LocalCluster:
             yield (f"nats {self.nats.server_name(i)}: {node.url}  monitoring http://127.0.0.1:{node.http_port}  "
                    f"log {node.log_file}")
         if self.postgres is not None:
-            yield f"postgresql: {self.postgres.url}  log {self.postgres.log_file}"
+            yield f"postgresql: {self.database_url}  log {self.postgres.log_file}"
         for p in self.all_processes():
             what = "API" if p.service == "gateway" else "metrics/ready"
             yield f"{p.name}: {what} {p.url}  pid {p.pid}  log {p.log_file}"
