@@ -443,10 +443,15 @@ async def test_a_webhook_trigger_created_and_fired(platform: Platform, browser: 
 
 
 async def test_a_run_replayed_with_the_slider(platform: Platform, browser: Browser) -> None:
-    """Moving the replay slider back shows an earlier node status and variable, without leaving the page."""
+    """Moving the replay slider back shows an earlier node status and each earlier value of a variable two steps
+    changed, without leaving the page."""
     bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
     pid = f"replay-{uuid.uuid4().hex[:8]}"
-    r = await platform.client.post("/api/procedures", json={"ckp_json": procedure_doc(pid)}, headers=bearer)
+    document = procedure_doc(pid)
+    document["workflow_graph"]["nodes"]["start"]["steps"] += [
+        {"step_id": "one", "action": "set_variable", "variable": "count", "value": 1},
+        {"step_id": "two", "action": "set_variable", "variable": "count", "value": 2}]
+    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
     assert r.status_code == 201, r.text
     r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
                                                       "input_vars": {"greeting": "replayed"}}, headers=bearer)
@@ -457,7 +462,9 @@ async def test_a_run_replayed_with_the_slider(platform: Platform, browser: Brows
         return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
 
     await wait_until(run, lambda body: body.get("status") == "completed", timeout=60)
-    total = (await platform.client.get(f"/api/runs/{run_id}/events", headers=bearer)).json()["total"]
+    events = (await platform.client.get(f"/api/runs/{run_id}/events", headers=bearer)).json()
+    total = events["total"]
+    wrote = {e["step_id"]: e["seq"] for e in events["items"] if e["event_type"] == "step_completed"}
 
     page = await new_page(browser, platform.base_url)
     await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/runs/{run_id}")
@@ -465,18 +472,33 @@ async def test_a_run_replayed_with_the_slider(platform: Platform, browser: Brows
     await expect(page).to_have_url(re.compile(rf"/ui/runs/{run_id}/replay$"))
     position = page.get_by_test_id("replay-position")
     await expect(position).to_contain_text(f"of {total}: run_completed")
-    start = page.locator("#replay-graph-title ~ g.node").first
+    start = page.locator('#replay-graph-title ~ g.node[data-node="start"]')
     await expect(start).to_have_attribute("data-status", "completed")
     greeting = page.locator('tr[data-variable="greeting"]')
     await expect(greeting).to_contain_text('"replayed"')
+    count = page.locator('tr[data-variable="count"]')
+
+    async def counted(value: str, step: str) -> None:
+        await expect(count.locator("td").nth(0)).to_have_text(value)
+        await expect(count.locator("td").nth(1)).to_have_text(f"written by start · {step} (event #{wrote[step]})")
+
+    await counted("2", "two")
     await no_serious_violations(page, "run-replay")
 
-    await page.get_by_role("slider", name="After event").fill("1")  # back to the run's creation, in place (htmx)
+    slider = page.get_by_role("slider", name="After event")
+    await slider.fill(str(wrote["one"]))  # in place (htmx): the value the first step wrote
+    await expect(position).to_contain_text(f"#{wrote['one']} of {total}: step_completed at start · one")
+    await counted("1", "one")
+    await expect(start).to_have_attribute("data-status", "running")
+    await slider.fill(str(wrote["two"]))
+    await counted("2", "two")
+    await slider.fill("1")  # back to the run's creation
     await expect(position).to_contain_text(f"#1 of {total}: run_created")
     await expect(start).to_have_attribute("data-status", "not_started")
     await expect(greeting).to_contain_text("input (event #1)")
+    await expect(count).to_have_count(0)  # not written yet
     await expect(page).to_have_url(re.compile(rf"/ui/runs/{run_id}/replay\?at=1$"))  # a link one can share
-    await page.get_by_role("slider", name="After event").fill("0")
+    await slider.fill("0")
     await expect(position).to_contain_text(f"Before the first event (0 of {total})")
     await expect(page.get_by_text("No variable is known yet.")).to_be_visible()
     await no_serious_violations(page)
