@@ -34,6 +34,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from ckp_core.webhook_signing import signature_headers
 from langorch_infra.embedded import free_port
 from tests.helpers import Platform, platform_of, procedure_doc, wait_until
+from tests.scripted_agent import ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration
 
@@ -502,6 +503,44 @@ async def test_a_run_replayed_with_the_slider(platform: Platform, browser: Brows
     await expect(position).to_contain_text(f"Before the first event (0 of {total})")
     await expect(page.get_by_text("No variable is known yet.")).to_be_visible()
     await no_serious_violations(page)
+    await page.context.close()
+
+
+async def test_the_other_pages_of_the_console(platform: Platform, browser: Browser) -> None:
+    """The pages no journey above passes through, each with content in it: the procedures list, a version's Explain
+    tab, a run's rerun form, the history cleanup, agents (one registered), leases and projects (one created) — axe
+    on each, and each one's screenshot (docs/operations/console-screenshots.md)."""
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    document = json.loads(EXAMPLE.read_text())
+    document["procedure_id"] = pid = f"tour-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
+    assert r.status_code == 201, r.text
+    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
+                                                      "input_vars": {"product_id": 5}}, headers=bearer)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
+    r = await platform.client.post("/api/projects", json={"name": f"Catalogue {pid[5:]}",
+                                                          "description": "Product data pipelines"}, headers=bearer)
+    assert r.status_code == 201, r.text
+    page = await new_page(browser, platform.base_url)
+    await sign_in(page, "admin", ADMIN_PASSWORD)
+    async with serving(ScriptedAgent({"enrich_product": lambda _: {"ok": True}})) as agent:
+        r = await platform.client.post("/api/agents", json={"name": f"enricher-{pid[5:]}", "channel": "tour",
+                                                            "base_url": agent.base_url,
+                                                            "capabilities": list(agent.handlers)}, headers=bearer)
+        assert r.status_code == 201, r.text
+        for path, shown, shot in (
+                ("/ui/procedures", pid, "procedures"),
+                (f"/ui/procedures/{pid}/1.0.0/explain", "approval_gate", "version-explain"),
+                (f"/ui/runs/{run_id}/rerun", "product_id", "run-rerun"),
+                ("/ui/runs/cleanup", "Preview", "runs-cleanup"),
+                ("/ui/agents", f"enricher-{pid[5:]}", "agents"),
+                ("/ui/leases", "Leases", "leases"),
+                ("/ui/projects", f"Catalogue {pid[5:]}", "projects")):
+            await page.goto(path)
+            await expect(page.get_by_role("heading", level=1)).to_be_visible()
+            await expect(page.locator("main")).to_contain_text(shown)
+            await no_serious_violations(page, shot)
     await page.context.close()
 
 
