@@ -13,11 +13,12 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from playwright.async_api import Browser, expect
 
 from tests import test_ui_browser
-from tests.helpers import Platform, platform_of, wait_until
+from tests.helpers import Platform, platform_of, start_document, wait_status, wait_until
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
 from tests.test_ui_browser import admin_token, new_page, no_serious_violations, sign_in
 
@@ -128,19 +129,14 @@ def gated(procedure_id: str) -> dict[str, Any]:
 async def test_a_filtered_timeline_stays_filtered_live_then_usage_and_a_checkpoint(platform: Platform,
                                                                                    browser: Browser) -> None:
     bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
-    pid = f"gated-{uuid.uuid4().hex[:8]}"
-    r = await platform.client.post("/api/procedures", json={"ckp_json": gated(pid)}, headers=bearer)
-    assert r.status_code == 201, r.text
-    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1"},
-                                   headers=bearer)
-    assert r.status_code == 201, r.text
-    run_id = r.json()["run_id"]
+    async with httpx.AsyncClient(base_url=platform.base_url, headers=bearer, timeout=60) as api:
+        run_id = await start_document(api, gated(f"gated-{uuid.uuid4().hex[:8]}"))
+        waiting = await wait_status(api, run_id, ("waiting_approval",), timeout=60)
+        await filtered_live(platform, browser, api, run_id, waiting["waiting_on"]["approval_id"])
 
-    async def run() -> dict[str, Any]:
-        return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
 
-    waiting = await wait_until(run, lambda body: body.get("status") == "waiting_approval", timeout=60)
-
+async def filtered_live(platform: Platform, browser: Browser, api: httpx.AsyncClient, run_id: str,
+                        approval_id: str) -> None:
     page = await new_page(browser, platform.base_url)
     await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/runs/{run_id}")
     filters = page.get_by_test_id("timeline-filters")
@@ -154,13 +150,11 @@ async def test_a_filtered_timeline_stays_filtered_live_then_usage_and_a_checkpoi
     await no_serious_violations(page, "run-timeline-filtered")
 
     # the decision, the LLM call and the end arrive live: only the approval's events stay on the page
-    r = await platform.client.post(f"/api/approvals/{waiting['waiting_on']['approval_id']}/decision",
-                                   json={"decision": "approved"}, headers=bearer)
+    r = await api.post(f"/api/approvals/{approval_id}/decision", json={"decision": "approved"})
     assert r.status_code == 200, r.text
     await expect(timeline).to_contain_text("approval_decision_received")
     await expect(page.get_by_test_id("run-status")).to_have_text("completed")
-    events = (await platform.client.get(f"/api/runs/{run_id}/events", params={"limit": 500},
-                                        headers=bearer)).json()
+    events = (await api.get(f"/api/runs/{run_id}/events", params={"limit": 500})).json()
     await expect(timeline).to_have_attribute("data-last-seq", str(events["total"]))  # every event has arrived
     shown = await timeline.locator("li").evaluate_all("items => items.map(i => i.dataset.type)")
     assert shown == ["approval_requested", "approval_decision_received"], shown
