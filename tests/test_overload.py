@@ -89,10 +89,12 @@ async def test_a_run_creation_during_a_nats_outage_is_refused_at_once_and_never_
                 body = problem(r, 503, "unavailable")
                 assert body["retryable"] is True
                 assert int(r.headers["Retry-After"]) >= 1
+            # a command of another kind goes through the same path: a procedure's import
+            started = time.monotonic()
+            r = await c.post("/api/procedures", json={"ckp_json": {**QUICK, "procedure_id": "ovl_during"}})
+            timings.append(time.monotonic() - started)
+            problem(r, 503, "unavailable")
             assert max(timings) < FAST_REFUSAL_BOUND_S, timings
-            # a command of another kind goes through the same path
-            r = await c.post("/api/runs/unknown-run/cancel", json={})
-            assert r.status_code in (404, 503), r.text
 
             server.start()  # same port and store
             await wait_until(lambda: c.get("/api/ready"), lambda r: r.status_code == 200, timeout=60)
@@ -105,6 +107,7 @@ async def test_a_run_creation_during_a_nats_outage_is_refused_at_once_and_never_
             await wait_until(lambda: run_total(c, "ovl_quick"), lambda n: n == 3, timeout=60)
             await asyncio.sleep(2)  # a buffered command would have been sent on reconnection, long before this
             assert await run_total(c, "ovl_quick") == 3
+            assert (await c.get("/api/procedures/ovl_during")).status_code == 404
     finally:
         server.stop()
 
