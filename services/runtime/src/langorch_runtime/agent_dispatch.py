@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -78,6 +78,7 @@ from langorch_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger(__name__)
 BLIP_PATIENCE_S = 60.0  # how long choosing an agent and taking a lease go on trying while NATS is unavailable
+ADOPT_EVERY_S = 1.0  # while every slot is held, how often the holders are looked at again (a dead one's are taken)
 
 __all__ = ["AgentDispatcher", "Candidate", "Lease"]
 
@@ -181,6 +182,9 @@ class AgentDispatcher(Dispatcher):
         if metrics is not None:
             metrics.state.circuits.append(self.open_circuits)
         self.instance = instance_id or settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.owner: str | None = None  # this replica's run owner id (langorch_runtime.ownership), on its leases
+        # whether a run owner id is gone from NATS: its leases are taken over (adopt)
+        self.holder_gone: Callable[[str], Awaitable[bool]] | None = None
         self.registry: dict[str, AgentState] = {}
         self.registry_position = 0
         self.circuit_opened_at: dict[str, datetime] = {}
@@ -367,7 +371,7 @@ class AgentDispatcher(Dispatcher):
         return {"lease_id": lease_id, "resource_key": c.resource_key, "slot": slot, "agent_id": c.agent_id,
                 "pool_id": c.pool_id, "run_id": request.run_id or None, "node_id": request.node.id,
                 "step_id": request.step_id, "idempotency_key": request.idempotency_key or None,
-                "holder": self.instance, "acquired_at": acquired_at,
+                "holder": self.instance, "owner": self.owner, "acquired_at": acquired_at,
                 "renewed_at": format_time(now),
                 "expires_at": format_time(now + timedelta(seconds=self.settings.lease_ttl_s))}
 
@@ -391,9 +395,11 @@ class AgentDispatcher(Dispatcher):
         """A slot still held for this very attempt — same run and idempotency key — by the replica that executed
         it before a crash (or by this replica before it restarted under the same instance id): the run was
         redelivered here, so that execution is gone (one replica executes a run at a time), and the attempt re-sent
-        with the same key is the same call for the agent (§7.4). Taking the slot
-        over (revision-checked) spares the recovered run a wait of up to the lease TTL for its own lease."""
-        if not request.run_id or not request.idempotency_key:
+        with the same key is the same call for the agent (§7.4). Or a slot held by a replica gone from NATS
+        (``holder_gone``, its run ownership's answer): its call died with it. Taking the slot
+        over (revision-checked) spares the recovered run a wait of up to the lease TTL for its own lease, and the
+        other runs a wait for slots nobody uses."""
+        if (not request.run_id or not request.idempotency_key) and self.holder_gone is None:
             return None
         ttl = max(1, round(self.settings.lease_ttl_s))
         for slot in range(max(1, c.agent.concurrency_limit)):
@@ -403,8 +409,13 @@ class AgentDispatcher(Dispatcher):
                 held = json.loads(entry.value or b"{}")
             except (KeyNotFoundError, KeyDeletedError, NotFoundError, ValueError):
                 continue
-            if not isinstance(held, dict) or held.get("run_id") != request.run_id or \
-                    held.get("idempotency_key") != request.idempotency_key:
+            if not isinstance(held, dict):
+                continue
+            same = bool(request.run_id and request.idempotency_key) and held.get("run_id") == request.run_id and \
+                held.get("idempotency_key") == request.idempotency_key
+            owner = held.get("owner")
+            if not same and not (self.holder_gone is not None and isinstance(owner, str) and owner != self.owner
+                                 and await self.holder_gone(owner)):
                 continue
             value = self._lease_value(c, slot, request, new_id(), format_time(_now())) | {
                 "adopted_from": held.get("holder")}
@@ -491,6 +502,7 @@ class AgentDispatcher(Dispatcher):
         delay = 0.02
         saturated = False
         synced = False
+        adopt_again = 0.0
         while True:  # NATS briefly unavailable (a restart, a failover) is waited out, never abandons the attempt
             found = await through_blips("agent candidates", partial(self.candidates, channel, request.action),
                                         BLIP_PATIENCE_S)
@@ -510,11 +522,14 @@ class AgentDispatcher(Dispatcher):
                 lease = await through_blips("lease", partial(self.try_acquire, c, request), BLIP_PATIENCE_S)
                 if lease is not None:
                     return self._held(c, lease, started)
-            if not saturated:
-                for c in ranked:  # every slot is held: one may still be held for this very attempt
+            if not saturated or (self.holder_gone is not None and time.monotonic() >= adopt_again):
+                # every slot is held: one may still be held for this very attempt, or by a replica that died
+                adopt_again = time.monotonic() + ADOPT_EVERY_S
+                for c in ranked:
                     lease = await through_blips("lease", partial(self.adopt, c, request), BLIP_PATIENCE_S)
                     if lease is not None:
                         return self._held(c, lease, started)
+            if not saturated:
                 saturated = True
                 top = ranked[0]
                 if self.metrics is not None:

@@ -53,6 +53,7 @@ GRACE_S = 1.0  # between the two unanswered questions before an owner is taken f
 RECONNECT_GRACE_S = 3.0  # the same, while this replica's own connection was re-established less than this ago
 HELD_HERE_DELAY_S = 0.25  # redelivery delay of a command whose run this replica executes already
 HELD_ELSEWHERE_DELAY_S = 0.5  # redelivery delay of a command whose run another live replica executes
+ALIVE_CACHE_S = 2.0  # how long an owner that answered is taken for alive without asking again
 PATIENCE_S = 60.0  # the fence's read of the key is tried again for this long while NATS is unavailable
 
 
@@ -83,6 +84,8 @@ class RunOwnership:
         self.checked: dict[str, int] = {}  # run id → reconnection count when its key was last read
         self.kv: KeyValue | None = None
         self.reconnected_at = -RECONNECT_GRACE_S
+        self.gone_owners: set[str] = set()  # owner ids found gone from NATS (an id is never used again)
+        self.alive_owners: dict[str, float] = {}  # owner id → when it last answered (loop time)
         self._reconnects = 0
 
     async def start(self) -> None:
@@ -137,6 +140,7 @@ class RunOwnership:
                 reply = await self.nc.request(f"{OWNER_SUBJECT}.{owner}", run_id.encode(), timeout=ASK_TIMEOUT_S)
             except NoRespondersError:
                 if ask == 2:
+                    self.gone_owners.add(owner)
                     return False
                 await asyncio.sleep(GRACE_S if self._since_reconnect() >= RECONNECT_GRACE_S else RECONNECT_GRACE_S)
                 continue
@@ -144,6 +148,23 @@ class RunOwnership:
                 return True
             return reply.data == b"1"
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def gone(self, owner: str) -> bool:
+        """Whether the replica ``owner`` is gone from NATS (asked as for a run; a gone owner id never comes back,
+        and a live answer is trusted for ``ALIVE_CACHE_S``). For what a dead replica held besides its runs: the
+        agent lease slots of its calls in flight, which would otherwise stay taken until their TTL."""
+        if owner == self.owner_id:
+            return False
+        if owner in self.gone_owners:
+            return True
+        now = asyncio.get_running_loop().time()
+        if now - self.alive_owners.get(owner, -ALIVE_CACHE_S) < ALIVE_CACHE_S:
+            return False
+        await self._holds(owner, "")
+        if owner in self.gone_owners:
+            return True
+        self.alive_owners[owner] = now
+        return False
 
     async def release(self, run_id: str) -> None:
         """Stop owning ``run_id``; a delete lost with the connection leaves the key, which the next owner takes

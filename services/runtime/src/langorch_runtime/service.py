@@ -211,6 +211,8 @@ class RuntimeService:
         self.webhooks = Webhooks(self.settings, secrets=self.secrets.lookup)
         self.ownership = RunOwnership(self.nc, self.js, self.instance)  # one replica executes a run at a time
         await self.ownership.start()
+        # the agent lease slots of a replica gone from NATS are taken over, not left taken until their TTL
+        self.dispatcher.owner, self.dispatcher.holder_gone = self.ownership.owner_id, self.ownership.gone
         self.timer = CallbackTimer(self.js, self.instance, ACTOR, lock_ttl_s=self.settings.leader_lock_ttl_s)
         await self.timer.start()
         # every run command but creation (its own consumer, langorch_runtime.creation): a consumer declared by an
