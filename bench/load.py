@@ -15,6 +15,9 @@ against the same PostgreSQL right after the load: a bare LangGraph `StateGraph` 
     uv run python bench/load.py [--clients 40] [--seconds 30] [--poll-ms 100] [--workers N]
 
 `--workers 0` runs every service in the API's process (the process model before `langorch up` had workers).
+Also reported: the CPU time each process of `langorch up` (API process, worker processes, nats-server, PostgreSQL
+with its backends) spent in the measured window, per completed run — steadier than wall-clock figures on a shared
+machine, and where a run's cost goes.
 Goals: >= 100 completed runs/s, GET p99 <= 50 ms, POST p99 <= 100 ms. Prints one JSON object.
 """
 
@@ -108,6 +111,51 @@ class Up:
                 self.proc.wait()
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_table() -> dict[int, tuple[int, float, str]]:
+    """``pid -> (ppid, CPU seconds used so far, command line)`` of every process readable in /proc."""
+    table: dict[int, tuple[int, float, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, cmdline)
+    return table
+
+
+def _kind(cmdline: str) -> str:
+    if "nats-server" in cmdline:
+        return "nats-server"
+    if "postgres" in cmdline.split(" ", 1)[0] or cmdline.startswith("postgres:"):
+        return "postgresql"
+    if "langorch.workers" in cmdline:
+        return "worker processes"
+    return "API process (langorch up)"
+
+
+def cpu_by_kind(roots: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by the processes under ``roots`` (themselves included), by kind of process."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[str, float] = {}
+    todo = [r for r in roots if r in table]
+    while todo:
+        pid = todo.pop()
+        _, cpu, cmdline = table[pid]
+        out[_kind(cmdline)] = out.get(_kind(cmdline), 0.0) + cpu
+        todo.extend(children.get(pid, []))
+    return out
+
+
 class Load:
     """The measurements of the clients."""
 
@@ -123,6 +171,15 @@ class Load:
 
     def counted(self, started: float) -> bool:
         return self.measure_from <= started < self.measure_until
+
+
+async def sample_cpu(roots: list[int], load: Load) -> dict[str, float]:
+    """The CPU seconds each kind of process used between the window's start and end."""
+    await asyncio.sleep(max(0.0, load.measure_from - time.perf_counter()))
+    before = cpu_by_kind(roots)
+    await asyncio.sleep(max(0.0, load.measure_until - time.perf_counter()))
+    after = cpu_by_kind(roots)
+    return {kind: after[kind] - before.get(kind, 0.0) for kind in after}
 
 
 async def client(c: httpx.AsyncClient, procedure_id: str, poll_s: float, load: Load, stop_at: float) -> None:
@@ -163,16 +220,17 @@ async def client(c: httpx.AsyncClient, procedure_id: str, poll_s: float, load: L
 
 
 async def drive(base: str, procedure_id: str, clients: int, seconds: float, warmup: float,
-                poll_ms: float, headers: dict[str, str]) -> tuple[Load, float]:
+                poll_ms: float, headers: dict[str, str], roots: list[int]) -> tuple[Load, float, dict[str, float]]:
     now = time.perf_counter()
     load = Load(now + warmup, now + warmup + seconds)
+    cpu = asyncio.create_task(sample_cpu(roots, load))
     # idle connections expire before the server closes them (uvicorn: 5 s), not in a race with a new request
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, headers=headers) as c:
         # clients start a run only until the window closes, and then finish the run they have
         await asyncio.gather(*(client(c, procedure_id, poll_ms / 1000, load, load.measure_until)
                                for _ in range(clients)))
-    return load, seconds
+    return load, seconds, await cpu
 
 
 async def prepare(base: str, doc: dict[str, Any], headers: dict[str, str]) -> None:
@@ -201,7 +259,10 @@ async def main(clients: int, seconds: float, warmup: float, poll_ms: float, work
         # the admin API key `langorch up` stores for the CLI at its first start (authentication is on)
         headers = {"X-API-Key": (state / "api-key").read_text().strip()}
         await prepare(base, doc, headers)
-        load, window = await drive(base, doc["procedure_id"], clients, seconds, warmup, poll_ms, headers)
+        # PostgreSQL's postmaster is not a child of langorch up (pg_ctl starts it detached): its pid file names it
+        postmaster = int((state / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
+        load, window, cpu = await drive(base, doc["procedure_id"], clients, seconds, warmup, poll_ms, headers,
+                                        [up.proc.pid, postmaster])
         servers = json.loads((state / "servers.json").read_text())
         database_url = f"postgresql://postgres@127.0.0.1:{servers['postgres']['port']}/langorch"
         baseline = await rb.langgraph_baseline(database_url, clients)
@@ -223,6 +284,10 @@ async def main(clients: int, seconds: float, warmup: float, poll_ms: float, work
         "run_latency_ms": summary(load.run_ms),
         "get_run_ms": get,
         "post_runs_ms": post,
+        "cpu_ms_per_completed_run": {kind: round(seconds_used * 1000 / load.completed, 2) for kind, seconds_used
+                                     in [*sorted(cpu.items()), ("total", sum(cpu.values()))]}
+        if load.completed else None,
+        "cpu_cores_used": round(sum(cpu.values()) / window, 2),
         "not_completed": load.not_completed,
         "errors": load.errors,
         "worker_restarts": restarts,
