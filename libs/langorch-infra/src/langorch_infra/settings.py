@@ -310,8 +310,9 @@ class GatewaySettings(CommonSettings):
                                         "body the gateway reads (more → 413); it stops reading past this.")
     admission_max_backlog: int = Field(1000, ge=0, description="Admission control: run creations (POST "
                                        "/api/runs, rerun, a manual fire, a webhook) are refused with 429 "
-                                       "rate_limited while more than this many run commands wait for the runtime "
-                                       "(creations not yet decided, starts not yet taken by a replica); 0: off.")
+                                       "rate_limited while this many run commands wait for the runtime "
+                                       "(creations not yet decided, starts not yet taken by a replica): at most "
+                                       "this many wait; 0: off.")
     admission_retry_after_s: int = Field(2, ge=1, le=3600, description="Retry-After (seconds) of a creation "
                                          "refused by admission control.")
     admission_cache_ms: int = Field(500, ge=0, le=60_000, description="How long a gateway replica reuses its "
