@@ -144,7 +144,7 @@ async def test_creations_beyond_the_backlog_limit_are_refused_and_every_accepted
             assert r.headers["Retry-After"] == "1"
             assert body["retryable"] is True
             assert body["limit"] == 2
-            assert body["backlog"] > 2
+            assert body["backlog"] >= 2
             assert body["retry_after_seconds"] == 1
         # with an Idempotency-Key: the 429 is not kept for the key, so the same key is tried again later
         problem(await start(c, AGENT_DOC, **{"Idempotency-Key": "ovl-backlog-1"}), 429, "rate_limited")

@@ -16,8 +16,10 @@ already admitted, and a trigger has its own ``max_concurrent_runs``. They still 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -43,6 +45,7 @@ READ_TIMEOUT_S = 1.0
 class Reading:
     backlog: int | None  # None: not readable (NATS unavailable)
     at: float
+    in_flight: int = 0  # this replica's admitted creations not decided yet when the reading was taken
 
 
 async def read_backlog(js: JetStreamContext) -> int:
@@ -60,7 +63,11 @@ async def read_backlog(js: JetStreamContext) -> int:
 
 
 class Admission:
-    """One gateway replica's admission control (``admission_*`` settings)."""
+    """One gateway replica's admission control (``admission_*`` settings).
+
+    Between two readings, what this replica admits is not in the reading yet: it is added (the creations in
+    flight when the reading was taken, and those admitted since), so a burst on one replica does not overshoot the
+    limit by what arrives within ``cache_s``. Other replicas' admissions since their reading are not seen."""
 
     def __init__(self, max_backlog: int, retry_after_s: int, cache_s: float) -> None:
         self.max_backlog = max_backlog
@@ -68,35 +75,54 @@ class Admission:
         self.cache_s = cache_s
         self.last = Reading(None, float("-inf"))
         self.lock = asyncio.Lock()
+        self.in_flight = 0  # admitted, their command not decided yet
+        self.since = 0  # admitted since the last reading
 
-    async def backlog(self, js: JetStreamContext) -> int | None:
+    async def reading(self, js: JetStreamContext) -> Reading:
         """The backlog, read at most once per ``cache_s`` (concurrent callers share one reading)."""
         if time.monotonic() - self.last.at < self.cache_s:
-            return self.last.backlog
+            return self.last
         async with self.lock:
             if time.monotonic() - self.last.at < self.cache_s:
-                return self.last.backlog
+                return self.last
+            in_flight = self.in_flight
             try:
                 value: int | None = await asyncio.wait_for(read_backlog(js), READ_TIMEOUT_S)
             except (NatsError, OSError, TimeoutError) as exc:
                 log.debug("the runtime's backlog could not be read: %r", exc)
                 value = None
-            self.last = Reading(value, time.monotonic())
-            return value
+            self.last = Reading(value, time.monotonic(), in_flight)
+            self.since = 0
+            return self.last
 
     async def check(self, js: JetStreamContext) -> None:
-        """Raise 429 ``rate_limited`` when the backlog is above the limit (nothing when off or unreadable)."""
+        """Raise 429 ``rate_limited`` when the backlog is at or above the limit (nothing when off or unreadable)."""
         if self.max_backlog <= 0:
             return
-        backlog = await self.backlog(js)
-        if backlog is not None and backlog > self.max_backlog:
-            raise ApiProblem("rate_limited", f"the runtime is behind ({backlog} run commands waiting, more than "
-                             f"{self.max_backlog}); no run was created: retry after Retry-After seconds",
+        last = await self.reading(js)
+        if last.backlog is None:
+            return
+        backlog = last.backlog + last.in_flight + self.since
+        if backlog >= self.max_backlog:
+            raise ApiProblem("rate_limited", f"the runtime is behind ({backlog} run commands waiting, "
+                             f"{self.max_backlog} at most); no run was created: retry after Retry-After seconds",
                              headers={"Retry-After": str(self.retry_after_s)}, backlog=backlog,
                              limit=self.max_backlog, retry_after_seconds=self.retry_after_s)
 
+    @contextlib.asynccontextmanager
+    async def admitted(self, js: JetStreamContext) -> AsyncIterator[None]:
+        """:meth:`check`, then the block (publishing the creation and waiting for its outcome) counted as in flight."""
+        await self.check(js)
+        self.in_flight += 1
+        self.since += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
-async def admit(request: Request) -> None:
-    """Refuse a run creation while the runtime's backlog is above the limit (before anything is published)."""
+
+def admitted(request: Request) -> contextlib.AbstractAsyncContextManager[None]:
+    """Refuse a run creation while the runtime's backlog is at the limit (before anything is published); the block
+    publishes it."""
     app = clients(request)
-    await app.admission.check(app.js)
+    return app.admission.admitted(app.js)

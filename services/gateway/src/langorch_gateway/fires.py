@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 
 from ckp_core.commands import FireTrigger
 from ckp_core.triggers import trigger_id
-from langorch_gateway.admission import admit
+from langorch_gateway.admission import admitted
 from langorch_gateway.dispatch import accepted_headers, pending, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 
@@ -61,9 +61,9 @@ async def submit_fire(request: Request, command: FireTrigger, *, msg_id: str | N
     if fixed_id:  # an Idempotency-Key names the command, hence its Nats-Msg-Id
         command.command_id = fixed_id
     procedure_id, version = command.procedure_id, command.version
-    await admit(request)  # a fire creates a run: refused like POST /api/runs while the runtime is behind
-    outcome = await send(request, "trigger", trigger_id(procedure_id, version), command, "fire_trigger",
-                         resource=f"/api/triggers/{procedure_id}/{version}", msg_id=msg_id or command.msg_id)
+    async with admitted(request):  # a fire creates a run: refused like POST /api/runs while the runtime is behind
+        outcome = await send(request, "trigger", trigger_id(procedure_id, version), command, "fire_trigger",
+                             resource=f"/api/triggers/{procedure_id}/{version}", msg_id=msg_id or command.msg_id)
     if outcome is None:
         return FireAnswer(pending(command.command_id, "fire_trigger"), started=False)
     raise_if_rejected(outcome)

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from ckp_core.commands import CreateRun
 from langorch_gateway import views
-from langorch_gateway.admission import admit
+from langorch_gateway.admission import admitted
 from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import accepted_headers, pending, raise_if_rejected, ryw, send
 
@@ -22,13 +22,14 @@ async def submit(request: Request, command: CreateRun) -> JSONResponse:
 
     An idempotent request's command id comes from its ``Idempotency-Key`` (set before the message id is derived
     from it, so a republish after a gateway crash is dropped by JetStream). Refused with 429 first while the
-    runtime's backlog is above the admission limit (:mod:`langorch_gateway.admission`)."""
+    runtime's backlog is at the admission limit (:mod:`langorch_gateway.admission`)."""
     fixed_id = getattr(request.state, "command_id", None)
     if fixed_id:
         command.command_id = fixed_id
     run_id = command.run_id
-    await admit(request)
-    outcome = await send(request, "run", run_id, command, COMMAND_TYPE, f"/api/runs/{run_id}", msg_id=command.msg_id)
+    async with admitted(request):
+        outcome = await send(request, "run", run_id, command, COMMAND_TYPE, f"/api/runs/{run_id}",
+                             msg_id=command.msg_id)
     if outcome is None:
         return pending(command.command_id, COMMAND_TYPE)
     raise_if_rejected(outcome)
