@@ -70,6 +70,7 @@ class Phase:
 
     def __init__(self) -> None:
         self.sent_at: dict[str, float] = {}  # run id -> wall-clock time its POST was sent
+        self.answered_at: dict[str, float] = {}  # run id -> wall-clock time its 201 arrived
         self.accepted = 0
         self.pending = 0  # 202: accepted, the run id not told yet
         self.refused = 0
@@ -92,7 +93,8 @@ async def post(c: httpx.AsyncClient, procedure_id: str, phase: Phase) -> float |
     phase.post_ms.append((time.perf_counter() - started) * 1000)
     if r.status_code == 201:
         phase.accepted += 1
-        phase.sent_at[r.json()["run_id"]] = sent
+        run_id = r.json()["run_id"]
+        phase.sent_at[run_id], phase.answered_at[run_id] = sent, time.time()
     elif r.status_code == 202:
         phase.accepted += 1
         phase.pending += 1
@@ -156,8 +158,12 @@ def seconds_of(stamp: str) -> float:
 
 def report(phase: Phase, runs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     by_id = {r["run_id"]: r for r in runs}
-    latency_s = [seconds_of(by_id[i]["ended_at"]) - sent for i, sent in phase.sent_at.items()
-                 if i in by_id and by_id[i]["status"] == "completed" and by_id[i].get("ended_at")]
+
+    def until_end(since: dict[str, float]) -> list[float]:
+        return [seconds_of(by_id[i]["ended_at"]) - t for i, t in since.items()
+                if i in by_id and by_id[i]["status"] == "completed" and by_id[i].get("ended_at")]
+
+    latency_s, queued_s = until_end(phase.sent_at), until_end(phase.answered_at)
     completed = sum(1 for r in runs if r["status"] == "completed")
     statuses: dict[str, int] = {}
     for r in runs:
@@ -178,6 +184,9 @@ def report(phase: Phase, runs: list[dict[str, Any]], seconds: float) -> dict[str
                                         "p99": load.percentile(latency_s, 0.99),
                                         "max": round(max(latency_s), 2) if latency_s else None,
                                         "n": len(latency_s)},
+        # from the 201 (the run created, its start queued) to its end: what the Little's-law bound covers
+        "latency_answer_to_completed_s": {"p50": load.percentile(queued_s, 0.5),
+                                          "p99": load.percentile(queued_s, 0.99)},
         "post_ms": load.summary(phase.post_ms),
     }
 
