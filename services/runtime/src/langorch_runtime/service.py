@@ -82,6 +82,7 @@ from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import CONSUMER as AGENTS_CONSUMER
 from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
+from langorch_runtime.checkpoints import GroupCommit, GroupCommitSaver
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.creation import (
     EXECUTE_SUBJECTS,
@@ -190,7 +191,8 @@ class RuntimeService:
                               replicas=self.settings.nats_replicas)
         self.audit = AuditWriter(self.js)
         self.pool, self.saver = await open_checkpointer(self.settings.database_url)
-        self.savers = [self.saver, *(AsyncPostgresSaver(self.pool) for _ in range(SAVER_LANES - 1))]
+        group = GroupCommit(self.pool)  # the checkpoints of concurrent runs are committed together
+        self.savers = [GroupCommitSaver(self.pool, group) for _ in range(SAVER_LANES)]
         # a run's appends are tried again through a NATS blip, as its step records are (StepStore)
         self.store = JetStreamEventStore(self.js, patience_s=BLIP_PATIENCE_S)
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
