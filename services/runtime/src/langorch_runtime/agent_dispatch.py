@@ -371,9 +371,10 @@ class AgentDispatcher(Dispatcher):
         return {"lease_id": lease_id, "resource_key": c.resource_key, "slot": slot, "agent_id": c.agent_id,
                 "pool_id": c.pool_id, "run_id": request.run_id or None, "node_id": request.node.id,
                 "step_id": request.step_id, "idempotency_key": request.idempotency_key or None,
-                "holder": self.instance, "owner": self.owner, "acquired_at": acquired_at,
+                "holder": self.instance, "acquired_at": acquired_at,
                 "renewed_at": format_time(now),
-                "expires_at": format_time(now + timedelta(seconds=self.settings.lease_ttl_s))}
+                "expires_at": format_time(now + timedelta(seconds=self.settings.lease_ttl_s)),
+                **({"owner": self.owner} if self.owner else {})}
 
     async def try_acquire(self, c: Candidate, request: DispatchRequest) -> Lease | None:
         """Take a free slot of the candidate's resource, or None when every slot is held: a write conditional on the
