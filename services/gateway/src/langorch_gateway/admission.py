@@ -6,7 +6,8 @@ decided yet (not delivered, or delivered and not acknowledged) plus the run comm
 not handed to a replica yet (a replica fetches one only while it has a free run slot, so these are the runs
 accepted and not started). Both counts are kept by the JetStream consumers themselves, so every gateway replica
 reads the same numbers, whichever runtime replicas there are; a reading is two consumer look-ups, reused for
-``admission_cache_ms`` (a burst may overshoot the limit by what the gateways accept in that time).
+``admission_cache_ms``, with the creations this replica admitted since added (other replicas' are not: with
+several gateways a burst may overshoot the limit by what the others admit in that time).
 
 Only creations a client asked for are refused here (``POST /api/runs``, rerun, a manual fire, a webhook). Child
 runs and the triggers service's own fires (schedules, events, file watches) are not: a child belongs to a run
