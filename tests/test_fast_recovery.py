@@ -283,3 +283,50 @@ async def test_a_service_started_while_nats_is_down_waits_for_it_and_says_why(tm
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+SIMPLE = {"procedure_id": "plain", "version": "1", "workflow_graph": {"start_node": "s", "nodes": {
+    "s": {"type": "sequence", "next_node": "done", "steps": [
+        {"step_id": "x", "action": "set_variable", "variable": "x", "value": 1}]},
+    "done": {"type": "terminate", "outputs": {"x": "{{x}}"}}}}}
+
+
+async def test_a_projection_whose_consumer_is_lost_subscribes_again(nats_url: str, database_url: str) -> None:
+    """The projector's consumer deleted on the server (as a node's loss takes it, with no reconnection here): the
+    projector, idle behind the stream head, subscribes again within seconds (nats-py alone notices after two
+    missed 5 s heartbeats, 10 to 20 s)."""
+    async with platform_of(nats_url, database_url) as p:
+        c = p.client
+        await wait_status(c, await start_document(c, SIMPLE), TERMINAL)
+        js = p.app.state.js
+        for info in await js.consumers_info("LO_EVT"):
+            if not info.config.durable_name:  # the ordered consumers: the projector's among them
+                await js.delete_consumer("LO_EVT", info.name)
+        lost_at = time.monotonic()
+        r = await c.post("/api/runs", json={"procedure_id": "plain", "procedure_version": "1"})
+        assert r.status_code in (201, 202), r.text
+        run = await wait_status(c, r.json()["run_id"], TERMINAL, timeout=DEADLINE_S)
+        projected_after = time.monotonic() - lost_at
+    print(f"\nconsumer lost -> run projected as {run['status']} after {projected_after:.2f} s")
+    assert run["status"] == "completed"
+    assert projected_after <= 8.0  # generous beside the ~2 s idle check, short of nats-py's 10 s at the least
+
+
+async def test_ready_says_a_projection_behind_and_not_moving_is_not_ready(nats_url: str, database_url: str) -> None:
+    async with platform_of(nats_url, database_url) as p:
+        c = p.client
+        await wait_status(c, await start_document(c, SIMPLE), TERMINAL)
+        assert (await c.get("/api/ready")).status_code == 200
+        projector = p.app.state.projector
+        await projector.stop()  # stands still while the run below appends
+        r = await c.post("/api/runs", json={"procedure_id": "plain", "procedure_version": "1"})
+        assert r.status_code in (201, 202), r.text
+        body = (await c.get("/api/ready")).json()
+        assert body["checks"]["projections"] == "ok", body  # behind, but within the lag and not known as stalled
+        projector.stalled_since = time.monotonic()  # what the projector notes when it finds its consumer lost
+        r = await c.get("/api/ready")
+        assert r.status_code == 503, r.text
+        assert r.json()["checks"]["projections"].startswith("core behind and not moving"), r.json()
+        projector.start()
+        await projector.catch_up()
+        assert (await c.get("/api/ready")).status_code == 200
