@@ -31,7 +31,8 @@ shows it at the end; and for each approval the run requested, the events of its 
   event's position in the canonical list of that run, so a ``causation_id`` naming an event stays readable), and
   ``<FIELD-N>`` for any other id, named after the field it first occurs in (``<causation_id-1>``,
   ``<wait_id-1>``…). Equal ids keep equal names, so the causation and correlation structure is part of the golden.
-* Times and durations: RFC 3339 timestamps become ``<time>``; the values of ``duration_ms``, ``latency_ms``,
+* Times and durations: RFC 3339 timestamps and HTTP dates (the ``date`` header of a response a step wrote into a
+  variable, which ``step_completed`` carries) become ``<time>``; the values of ``duration_ms``, ``latency_ms``,
   ``elapsed_ms``, ``waited_ms`` and ``duration_seconds`` become ``<duration>`` (wall-clock measurements). The
   configured delays (``delay_ms`` of ``step_retrying``, ``timeout_ms``…) are kept: no scenario uses jitter.
 * Machine-dependent values: ``runtime_instance`` becomes ``<runtime-instance>`` (host name), the base URLs of the
@@ -88,6 +89,7 @@ import io
 import json
 import os
 import re
+import zipfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -214,8 +216,17 @@ def workbook_b64(rows: list[dict[str, Any]]) -> str:
     sheet.append(columns)
     for row in rows:
         sheet.append([row[c] for c in columns])
-    out = io.BytesIO()
-    book.save(out)
+    raw, out = io.BytesIO(), io.BytesIO()
+    book.save(raw)
+    # the same bytes in every session (step_completed carries the file a step wrote): an XLSX holds the time it was
+    # saved, in its properties and in each member's ZIP header
+    with zipfile.ZipFile(raw) as saved, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as fixed:
+        for name in saved.namelist():
+            data = saved.read(name)
+            if name == "docProps/core.xml":
+                data = re.sub(rb"(<dcterms:(?:created|modified)[^>]*>)[^<]*", rb"\g<1>2026-11-20T00:00:00Z", data)
+            fixed.writestr(zipfile.ZipInfo(name, date_time=(2026, 11, 20, 0, 0, 0)), data,
+                           compress_type=zipfile.ZIP_DEFLATED)
     return base64.b64encode(out.getvalue()).decode()
 
 
@@ -537,6 +548,7 @@ def parallel_block(events: list[dict[str, Any]], start: int) -> tuple[list[dict[
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:\d{2})?")
+HTTP_DATE = re.compile(r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
 TOKEN_PARAM = re.compile(r"([?&]token=)[^&\"\s]+")
 TIMED = {"duration_ms", "latency_ms", "elapsed_ms", "waited_ms", "duration_seconds"}
 MACHINE = {"runtime_instance": "<runtime-instance>"}
@@ -565,7 +577,7 @@ class Names:
             s = s.replace(url, label)
         s = TOKEN_PARAM.sub(r"\1<token>", s)
         s = UUID.sub(lambda m: self.uuid(m[0], key), s)
-        return TIME.sub("<time>", s)
+        return HTTP_DATE.sub("<time>", TIME.sub("<time>", s))
 
     def __call__(self, value: Any, key: str = "id") -> Any:
         if isinstance(value, dict):
