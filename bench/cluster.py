@@ -45,16 +45,10 @@ from ckp_core.subjects import EVENT_STREAM
 from langorch.cluster import ClusterLayout, LocalCluster, ServiceProcess
 from langorch_infra.jetstream import connect
 from tests.scripted_agent import ScriptedAgent, serving
+from tests.test_cluster_failover import AGENTS_DOC
 
 AGENT_MS = 10
-DOC = {
-    "procedure_id": "bench_cluster", "version": "1",
-    "workflow_graph": {"start_node": "work", "nodes": {
-        "work": {"type": "sequence", "agent": "BENCH", "next_node": "done", "steps": [
-            {"step_id": "a", "action": "work", "output_variable": "x"},
-            {"step_id": "b", "action": "work", "output_variable": "y"}]},
-        "done": {"type": "terminate", "outputs": {"x": "{{x}}", "y": "{{y}}"}}}},
-}
+DOC = AGENTS_DOC  # the procedure of the failover tests: one sequence node of two agent steps
 TERMINAL = ("completed", "failed", "canceled")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -156,12 +150,12 @@ async def bench(state: Path, runs: int, clients: int, warmup: int) -> dict[str, 
     layout = ClusterLayout(nodes=3, runtimes=3, gateways=1, approvals=1, compilers=1, triggers=0)
     cluster = LocalCluster(state, layout, auth=False, fsync=False)
     await asyncio.to_thread(cluster.start, 240)
-    agent = ScriptedAgent({"work": lambda body: asyncio.sleep(AGENT_MS / 1000, {"ok": True})})
+    agent = ScriptedAgent({"touch": lambda body: asyncio.sleep(AGENT_MS / 1000, {"ok": True})})
     nc = await connect(cluster.nats_url, "lo-bench-cluster")
     try:
         async with serving(agent), httpx.AsyncClient(base_url=cluster.gateway_url, timeout=60) as c:
-            r = await c.post("/api/agents", json={"name": "bench-agent", "channel": "bench",
-                                                  "base_url": agent.base_url, "capabilities": ["work"],
+            r = await c.post("/api/agents", json={"name": "bench-agent", "channel": "api",
+                                                  "base_url": agent.base_url, "capabilities": ["touch"],
                                                   "concurrency_limit": 100})
             r.raise_for_status()
             (await c.post("/api/procedures", json={"ckp_json": DOC})).raise_for_status()
