@@ -29,6 +29,7 @@ from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.presence import read_presence
 from tests.helpers import (
     TERMINAL,
+    events_of,
     free_port,
     langorch_command,
     platform_of,
@@ -186,16 +187,18 @@ async def test_agent_slots_of_a_sigkilled_runtime_are_taken_over(nats_url: str, 
 
 
 async def test_a_nats_restart_during_an_agent_call(database_url: str, tmp_path: Path) -> None:
-    """NATS SIGKILLed while an agent call is in flight and back 3 s later: the agent sees that call once, and the
-    projection and the run's live stream move again as soon as NATS is back."""
+    """NATS SIGKILLed while an agent call is in flight, the call answered a second later, NATS back 6 s after that:
+    the step's record and events are written once NATS is back, so the agent sees that call once (it was sent
+    again with the same key when those writes failed), and the projection and the run's live stream move again as
+    soon as NATS is back."""
     server = EmbeddedNats(tmp_path / "nats").start()
     in_flight = asyncio.Event()
-    back = asyncio.Event()
+    answer = asyncio.Event()
 
     async def slow(body: dict[str, Any]) -> Any:
         if body["params"]["i"] == 1:
             in_flight.set()
-            await back.wait()  # answered once NATS is back: the step is recorded through the restart
+            await answer.wait()
         return {"i": body["params"]["i"]}
 
     agent = ScriptedAgent({"work": slow})
@@ -219,16 +222,18 @@ async def test_a_nats_restart_during_an_agent_call(database_url: str, tmp_path: 
             reader = asyncio.create_task(stream())
             await asyncio.wait_for(in_flight.wait(), 60)
             server.kill()
-            await asyncio.sleep(3)
+            await asyncio.sleep(1)
+            answer.set()  # the call ends while NATS is away: its record and events wait for NATS
+            await asyncio.sleep(6)  # longer than a JetStream request's 5 s timeout
+            position = p.app.state.projector.position
             server.start()
             back_at = time.monotonic()
-            position = p.app.state.projector.position
-            back.set()
             while p.app.state.projector.position <= position:
                 assert time.monotonic() - back_at < DEADLINE_S, "the projection never moved again"
                 await asyncio.sleep(0.02)
             moved_after = time.monotonic() - back_at
             run = await wait_status(c, run_id, TERMINAL, timeout=DEADLINE_S)
+            types = [e["event_type"] for e in await events_of(c, run_id)]
             await asyncio.wait_for(reader, DEADLINE_S)
             # the consumers outlived the restart: a run started now is created, executed and projected
             after = await wait_status(c, await start_document(c, doc), TERMINAL, timeout=DEADLINE_S)
@@ -240,6 +245,7 @@ async def test_a_nats_restart_during_an_agent_call(database_url: str, tmp_path: 
     assert after["status"] == "completed", after
     calls = [r for r in agent.requests if r["params"]["i"] == 1 and r["run_id"] == run_id]
     assert len(calls) == 1, calls  # the call in flight was not sent again
+    assert "execution_recovered" not in types, types  # nor was the attempt abandoned (which may send it again)
     assert len(agent.requests) == 8
     assert moved_after <= RESUME_BOUND_S
     assert streamed_after <= RESUME_BOUND_S
