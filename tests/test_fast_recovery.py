@@ -29,9 +29,11 @@ from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.presence import read_presence
 from tests.helpers import (
     TERMINAL,
+    decide,
     events_of,
     free_port,
     langorch_command,
+    pending_approval,
     platform_of,
     register_agent,
     start_document,
@@ -54,6 +56,11 @@ STEPS = {
             {"step_id": f"s{i}", "action": "work", "params": {"n": "{{n}}", "i": i}} for i in range(4)]},
         "done": {"type": "terminate", "outputs": {}}}},
 }
+
+
+GATED = {"procedure_id": "gated", "version": "1", "workflow_graph": {"start_node": "ask", "nodes": {
+    "ask": {"type": "human_approval", "prompt": "go?", "on_approve": "done", "on_reject": "done"},
+    "done": {"type": "terminate", "outputs": {}}}}}
 
 
 async def run_events(nats_url: str, run_id: str) -> list[Any]:
@@ -235,14 +242,20 @@ async def test_a_nats_restart_during_an_agent_call(database_url: str, tmp_path: 
             run = await wait_status(c, run_id, TERMINAL, timeout=DEADLINE_S)
             types = [e["event_type"] for e in await events_of(c, run_id)]
             await asyncio.wait_for(reader, DEADLINE_S)
-            # the consumers outlived the restart: a run started now is created, executed and projected
+            # the consumers outlived the restart: a run started now is created, executed and projected, and an
+            # approval is opened, decided and resumes its run (approvals service, runtime resume)
             after = await wait_status(c, await start_document(c, doc), TERMINAL, timeout=DEADLINE_S)
+            gated = await start_document(c, GATED)
+            approval = await pending_approval(c, gated, timeout=DEADLINE_S)
+            assert (await decide(c, approval["approval_id"], decision="approve")).status_code == 200
+            approved = await wait_status(c, gated, TERMINAL, timeout=DEADLINE_S)
     finally:
         server.stop()
     streamed_after = min(t for t, _ in received if t > back_at) - back_at
     print(f"\nNATS back -> projection moving after {moved_after:.2f} s, live stream after {streamed_after:.2f} s")
     assert run["status"] == "completed", run
     assert after["status"] == "completed", after
+    assert approved["status"] == "completed", approved
     calls = [r for r in agent.requests if r["params"]["i"] == 1 and r["run_id"] == run_id]
     assert len(calls) == 1, calls  # the call in flight was not sent again
     assert "execution_recovered" not in types, types  # nor was the attempt abandoned (which may send it again)
