@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import pytest
 from httpx_sse import aconnect_sse
 
 from langorch_infra.embedded import EmbeddedNats
-from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.presence import read_presence
 from tests.helpers import (
     TERMINAL,
@@ -40,6 +38,7 @@ from tests.helpers import (
     wait_status,
 )
 from tests.scripted_agent import ScriptedAgent, serving
+from tests.test_chaos import run_events
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +60,6 @@ STEPS = {
 GATED = {"procedure_id": "gated", "version": "1", "workflow_graph": {"start_node": "ask", "nodes": {
     "ask": {"type": "human_approval", "prompt": "go?", "on_approve": "done", "on_reject": "done"},
     "done": {"type": "terminate", "outputs": {}}}}}
-
-
-async def run_events(nats_url: str, run_id: str) -> list[Any]:
-    """The run's events from the event stream (the source of truth)."""
-    nc = await nats.connect(nats_url)
-    try:
-        return [e.envelope for e in await JetStreamEventStore(nc.jetstream()).read("run", run_id)]
-    finally:
-        await nc.close()
 
 
 async def until(condition: Any, what: str, timeout: float = DEADLINE_S) -> None:
