@@ -75,6 +75,19 @@ async def admin_token(platform: Platform) -> str:
     return str(answer.json()["access_token"])
 
 
+async def example_run(platform: Platform, bearer: dict[str, str], prefix: str) -> tuple[str, str]:
+    """The product-enrichment example imported under a new procedure id, and a run of it started (it will wait for
+    its approval): (procedure id, run id)."""
+    document = json.loads(EXAMPLE.read_text())
+    document["procedure_id"] = pid = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
+    assert r.status_code == 201, r.text
+    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
+                                                      "input_vars": {"product_id": 3}}, headers=bearer)
+    assert r.status_code == 201, r.text
+    return pid, str(r.json()["run_id"])
+
+
 async def new_page(browser: Browser, base_url: str) -> Page:
     # bypass_csp: the page's policy allows only this origin's script files; axe-core is injected by the test
     context = await browser.new_context(base_url=base_url, bypass_csp=True)
@@ -511,14 +524,7 @@ async def test_the_other_pages_of_the_console(platform: Platform, browser: Brows
     tab, a run's rerun form, the history cleanup, agents (one registered), leases and projects (one created) — axe
     on each, and each one's screenshot (docs/operations/console-screenshots.md)."""
     bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
-    document = json.loads(EXAMPLE.read_text())
-    document["procedure_id"] = pid = f"tour-{uuid.uuid4().hex[:8]}"
-    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
-    assert r.status_code == 201, r.text
-    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
-                                                      "input_vars": {"product_id": 5}}, headers=bearer)
-    assert r.status_code == 201, r.text
-    run_id = r.json()["run_id"]
+    pid, run_id = await example_run(platform, bearer, "tour")
     r = await platform.client.post("/api/projects", json={"name": f"Catalogue {pid[5:]}",
                                                           "description": "Product data pipelines"}, headers=bearer)
     assert r.status_code == 201, r.text
@@ -650,14 +656,7 @@ async def test_actions_are_offered_by_role(platform: Platform, browser: Browser,
     r = await platform.client.post("/api/users", json={"username": name, "email": f"{name}@example.com",
                                                        "password": password, "roles": [role]}, headers=bearer)
     assert r.status_code == 201, r.text
-    document = json.loads(EXAMPLE.read_text())
-    document["procedure_id"] = pid = f"{role}-{uuid.uuid4().hex[:8]}"
-    r = await platform.client.post("/api/procedures", json={"ckp_json": document}, headers=bearer)
-    assert r.status_code == 201, r.text
-    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0",
-                                                      "input_vars": {"product_id": 3}}, headers=bearer)
-    assert r.status_code == 201, r.text
-    run_id = r.json()["run_id"]
+    pid, run_id = await example_run(platform, bearer, role)
 
     async def waiting() -> dict[str, Any]:
         return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
