@@ -61,6 +61,29 @@ class Redactor:
         return value
 
 
+def scalar_strings(value: Any) -> list[str]:
+    """The strings, and numbers as text, of a JSON value's leaves: the values to mask once the value is known
+    to be sensitive."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in scalar_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in scalar_strings(v)]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [json.dumps(value)]
+    return []
+
+
+def mask_leaves(value: Any) -> Any:
+    """A copy of a JSON value with every leaf but null replaced by :data:`REDACTED` (its shape kept)."""
+    if isinstance(value, dict):
+        return {k: mask_leaves(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_leaves(v) for v in value]
+    return value if value is None else REDACTED
+
+
 FIELD_LIMIT = 64 * 1024
 PAYLOAD_LIMIT = 256 * 1024
 

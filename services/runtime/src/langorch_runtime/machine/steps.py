@@ -34,7 +34,9 @@ from ckp_core.events import (
 )
 from ckp_core.ids import new_id
 from ckp_core.ir import ErrorHandlerIR, NodeIR, OperationIR, StepIR
+from ckp_core.redaction import mask_leaves, scalar_strings
 from langorch_infra import tracing
+from langorch_runtime.creation import sensitive_variables
 from langorch_runtime.errors import StepError
 from langorch_runtime.frames import Frame, NodeState, RunState, StepBudget, frame_string, vars_of
 from langorch_runtime.machine.context import path_in_node
@@ -269,6 +271,11 @@ class StepRunner(Dispatching):
         internal = step.binding.kind == "internal"
         layer = await self.secret_layer(node, step, step_id, internal) if step.secrets else None
         params = await self.render(step.params, state, frame, node.id, step.step_id, call.base, locals_=layer)
+        announced = params
+        if internal and self.writes_sensitive(step):  # the value written to a sensitive variable is never shown
+            announced = mask_leaves(params)
+            if self.on_sensitive is not None:
+                self.on_sensitive(set(), set(scalar_strings(params)))
         same = record is not None and record.attempt == attempt and isinstance(record.result, dict)
         delegation_id = str((record.result or {}).get("delegation_id") if same and record else "") or new_id()
         if not internal:  # the claim before a side effect (§7.4); an internal operation has none to guard, and
@@ -279,7 +286,7 @@ class StepRunner(Dispatching):
         announce = Announcement(self.emit, StepStarted(
             node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
             binding_kind="internal" if internal else "channel", channel=step.binding.channel, idempotency_key=key,
-            params=params), None if internal else self.settle)
+            params=announced), None if internal else self.settle)
         if internal or not self.dispatcher.announces_agent:
             await announce(None)
         try:
@@ -293,6 +300,16 @@ class StepRunner(Dispatching):
         except Delegated as delegated:
             await announce(None)
             return await self.delegated(state, frame, call, key, delegated)
+
+    def writes_sensitive(self, step: StepIR) -> bool:
+        """The internal step writes a sensitive variable (``variable``/``array`` or ``output_variable``)."""
+        targets = [*step.names.values(), *([step.output_variable] if step.output_variable else [])]
+        if not targets:
+            return False
+        sensitive = self.__dict__.get("_sensitive_names")
+        if sensitive is None:
+            sensitive = self.__dict__["_sensitive_names"] = frozenset(sensitive_variables(self.ir))
+        return any(t.split(".", 1)[0].split("[", 1)[0] in sensitive for t in targets)
 
     async def execute_attempt(self, state: RunState, frame: Frame, call: StepCall, params: dict[str, Any], key: str,
                               delegation_id: str, announce: Announcement | None = None) -> tuple[Any, dict[str, Any]]:
