@@ -157,6 +157,12 @@ class RunBusy(Exception):
     """A resume reached a run that is executing: settle it later."""
 
 
+class RunIncomplete(Exception):
+    """The run's graph stopped with neither an outcome nor a wait: nothing would ever continue the run, so the
+    command is not acknowledged (a defect: redelivered, and the run fails with ``internal_error`` at last) instead
+    of leaving the run ``running`` for ever."""
+
+
 class RetryNotDue(Exception):
     """An automatic retry taken up before ``retry_delay_ms`` passed: redeliver it when it is due."""
 
@@ -673,6 +679,9 @@ class RuntimeService:
         outcome = final.get("outcome")
         if outcome is None:
             waits = list((final.get("waits") or {}).values())
+            if not waits:  # seen after a takeover on the local cluster: the run stayed running, its command acked
+                raise RunIncomplete(f"run {run_id}: the graph stopped without an outcome or a wait "
+                                    f"(checkpoint {_checkpoint_id(snapshot)}, next {tuple(snapshot.next)})")
             if isinstance(command, RetryRun) and waits:
                 # a retry that resumed into waits announced before the cancel (an async callback, a child run)
                 # appends no pausing event of its own: say the run is waiting again (api.md §5.2)
