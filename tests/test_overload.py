@@ -149,6 +149,13 @@ async def test_creations_beyond_the_backlog_limit_are_refused_and_every_accepted
         # with an Idempotency-Key: the 429 is not kept for the key, so the same key is tried again later
         problem(await start(c, AGENT_DOC, **{"Idempotency-Key": "ovl-backlog-1"}), 429, "rate_limited")
         assert await run_total(c, "ovl_agent") == len(accepted)  # a refused creation created nothing
+        metrics = (await c.get("/metrics")).text
+        counted = re.search(r"^langorch_admission_refusals_total (\S+)$", metrics, re.MULTILINE)
+        assert counted is not None, metrics
+        assert float(counted.group(1)) == len(refused) + 1
+        backlog = re.search(r"^langorch_admission_backlog (\S+)$", metrics, re.MULTILINE)
+        assert backlog is not None, metrics
+        assert float(backlog.group(1)) >= 2
 
         release.set()
         for run_id in accepted:

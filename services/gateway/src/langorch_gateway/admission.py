@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 
 from ckp_core.subjects import COMMAND_STREAM
 from langorch_gateway.deps import clients
+from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.problems import ApiProblem
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ class Admission:
     flight when the reading was taken, and those admitted since), so a burst on one replica does not overshoot the
     limit by what arrives within ``cache_s``. Other replicas' admissions since their reading are not seen."""
 
-    def __init__(self, max_backlog: int, retry_after_s: int, cache_s: float) -> None:
+    def __init__(self, max_backlog: int, retry_after_s: int, cache_s: float,
+                 metrics: GatewayMetrics | None = None) -> None:
+        self.metrics = metrics
         self.max_backlog = max_backlog
         self.retry_after_s = retry_after_s
         self.cache_s = cache_s
@@ -94,6 +97,8 @@ class Admission:
                 value = None
             self.last = Reading(value, time.monotonic(), in_flight)
             self.since = 0
+            if value is not None and self.metrics is not None:
+                self.metrics.admission_backlog.set(value)
             return self.last
 
     async def check(self, js: JetStreamContext) -> None:
@@ -105,6 +110,8 @@ class Admission:
             return
         backlog = last.backlog + last.in_flight + self.since
         if backlog >= self.max_backlog:
+            if self.metrics is not None:
+                self.metrics.admission_refusals.inc()
             raise ApiProblem("rate_limited", f"the runtime is behind ({backlog} run commands waiting, "
                              f"{self.max_backlog} at most); no run was created: retry after Retry-After seconds",
                              headers={"Retry-After": str(self.retry_after_s)}, backlog=backlog,

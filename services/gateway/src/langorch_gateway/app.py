@@ -164,7 +164,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
     app.state.admission = Admission(settings.admission_max_backlog, settings.admission_retry_after_s,
-                                    settings.admission_cache_ms / 1000)
+                                    settings.admission_cache_ms / 1000, metrics)
     app.state.project_names_lock = asyncio.Lock()  # deps.NamesLock
     app.state.authenticator = authenticator = GatewayAuthenticator(settings)
     metrics.auth_disabled.set(0 if settings.auth_enabled else 1)

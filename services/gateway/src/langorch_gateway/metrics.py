@@ -61,6 +61,10 @@ class GatewayMetrics:
                                         "(accepted, pending, invalid_signature, stale_signature, too_large, "
                                         "unsupported_media, invalid_input, duplicate, throttled, not_found, "
                                         "refused).", ["outcome"], registry=r)
+        self.admission_backlog = Gauge("langorch_admission_backlog", "Run commands waiting for the runtime, as "
+                                       "admission control last read them.", registry=r)
+        self.admission_refusals = Counter("langorch_admission_refusals", "Run creations refused with 429 "
+                                          "rate_limited by admission control.", registry=r)
 
     async def refresh(self, pool: asyncpg.Pool, js: JetStreamContext, applied: int,
                       audit_lag: int | None = None) -> None:
