@@ -42,7 +42,9 @@ pytest_plugins = ["tests.fake_aws"]  # the `moto` fixture (AWS Secrets Manager) 
 # split are only about speed: the tests pass in any order.
 SLOW_FIRST = (
     "test_multi_agent_invoice_run.py", "test_schemathesis.py", "test_up_lifecycle.py", "test_runtime_crash_recovery.py",
-    "test_chaos.py", "test_readme_quickstart.py", "test_product_enrichment_runs.py", "test_agent_wire_protocol.py",
+    "test_chaos.py", "test_readme_quickstart.py", "test_product_enrichment_runs.py",
+    "test_cluster_failover.py",  # one cluster for its five scenarios (~10 min): early, and not split
+    "test_agent_wire_protocol.py",
     "test_cli_errors.py", "test_service_config.py", "test_step_execution_end_to_end.py", "test_approvals_service.py",
     "test_webhooks.py", "test_projection_kill_restart.py", "test_projection_rebuild.py", "test_golden_event_streams.py",
 )
