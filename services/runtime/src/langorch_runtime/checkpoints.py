@@ -80,7 +80,7 @@ class GroupCommit:
     async def _write_group(self, group: list[tuple[list[Statement], asyncio.Future[None]]]) -> None:
         try:
             await self._transaction([s for statements, _ in group for s in statements])
-        except Exception as exc:
+        except Exception as exc:  # any failure of the shared transaction is retried call by call below
             if len(group) == 1:
                 _settle(group[0][1], exc)
                 return
@@ -88,7 +88,7 @@ class GroupCommit:
             for statements, done in group:
                 try:
                     await self._transaction(statements)
-                except Exception as one:
+                except Exception as one:  # handed to that call's caller, who sees the saver's own error
                     _settle(done, one)
                 else:
                     _settle(done, None)
