@@ -595,6 +595,7 @@ class RuntimeService:
             known = snapshot.values.get("vars") or {}
             redactor.add(values=[v if isinstance(v, str) else str(v) for n, v in known.items() if n in sensitive])
         suspended = tuple(snapshot.next) == ("suspend",)
+        unfinished = _unfinished(snapshot)
         if isinstance(command, RetryRun):
             if command.automatic:  # resume_on_failure: one retry retry_delay_ms after the failure (ckp.md §7.12)
                 ended = next((e.envelope.occurred_at for e in reversed(events) if e.envelope.type == "run_failed"),
@@ -622,7 +623,7 @@ class RuntimeService:
                                       durability="sync")
         elif isinstance(command, ResumeRun):
             if not suspended:
-                if not snapshot.next:
+                if not unfinished:
                     return  # nothing to resume (terminal, or not started yet: the start command runs it)
                 if not any(e.envelope.causation_id == command.command_id for e in events):
                     # not applied yet and the run is not suspended: another command executes it now (a decision
@@ -661,9 +662,9 @@ class RuntimeService:
             await writer.emit(ExecutionRecovered(delivery_count=delivery,
                                                  checkpoint_id=_checkpoint_id(snapshot) if has_checkpoint else None,
                                                  runtime_instance=self.instance))
-            if has_checkpoint and snapshot.next:
+            if has_checkpoint and unfinished:  # LangGraph applies the writes of the super-step's finished tasks
                 final = await self.invoke(run_id, graph, None, config, durability="sync")
-            elif has_checkpoint:
+            elif has_checkpoint:  # the graph's last checkpoint (the replica died before appending the outcome)
                 final = snapshot.values
             else:
                 initial = machine.initial_state(dict(created.get("input_vars", {})))
@@ -679,7 +680,7 @@ class RuntimeService:
         outcome = final.get("outcome")
         if outcome is None:
             waits = list((final.get("waits") or {}).values())
-            if not waits:  # seen after a takeover on the local cluster: the run stayed running, its command acked
+            if not waits:  # a defect: acknowledged, the run would stay running for ever
                 raise RunIncomplete(f"run {run_id}: the graph stopped without an outcome or a wait "
                                     f"(checkpoint {_checkpoint_id(snapshot)}, next {tuple(snapshot.next)})")
             if isinstance(command, RetryRun) and waits:
@@ -826,6 +827,13 @@ async def retry_automatically(js: JetStreamContext, ir: ProcedureIR, error: Erro
 def _infrastructure(exc: BaseException) -> bool:
     """An outage of NATS, PostgreSQL or the network (redelivered until it passes), not a defect."""
     return isinstance(exc, OSError | nats_errors.Error | psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def _unfinished(snapshot: Any) -> bool:
+    """The checkpoint is not the graph's last: its super-step has tasks. A task that finished has its writes stored
+    with the checkpoint (``aput_writes``) and is no longer in ``snapshot.next``; when the replica stopped before the
+    next checkpoint was written, ``next`` is empty although the run goes on (``snapshot.tasks`` still lists it)."""
+    return bool(snapshot.next or snapshot.tasks)
 
 
 def _checkpoint_id(snapshot: Any) -> str | None:
