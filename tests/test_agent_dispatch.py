@@ -574,3 +574,41 @@ async def test_mcp_image_and_resource_content_become_artifact_specs(nats_url: st
     assert base64.b64decode(page["content_base64"]) == b"<h1>home</h1>"
     assert (raw["at"], base64.b64decode(raw["content_base64"])) == (3, b"\x00\x01raw")
     assert (link["at"], link["uri"], "content_base64" in link) == (4, "https://example.com/page.pdf", False)
+
+
+async def test_a_kept_alive_connection_the_agent_closed_is_sent_again_once_with_the_same_key(nats_url: str) -> None:
+    """An agent that closes an idle kept-alive connection just as the runtime reuses it (the request reaches a
+    socket the peer is closing): the request goes again at once on a new connection, with the same
+    Idempotency-Key, instead of failing the attempt with ``agent_unavailable``."""
+    keys: list[str] = []
+    served_on: dict[int, int] = {}
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = id(writer)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            await reader.readexactly(length)
+            if served_on.get(conn):  # a second request on this connection: closed without an answer
+                writer.close()
+                return
+            served_on[conn] = 1
+            keys.append(re.search(rb"(?i)idempotency-key: *(\S+)", head).group(1).decode())  # type: ignore[union-attr]
+            body = json.dumps({"status": "success", "result": {"n": len(keys)}}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with harness(nats_url) as h:
+            await h.register("closing", f"http://127.0.0.1:{port}")
+            assert await h.dispatcher.dispatch(h.request(key="k-first")) == {"n": 1}
+            # the pooled connection is reused for the next call, and the agent closes it under the request
+            assert await h.dispatcher.dispatch(h.request(key="k-second")) == {"n": 2}
+            assert keys == ["k-first", "k-second"]
+            assert len(served_on) == 2  # the second call was answered on a new connection
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -82,6 +82,10 @@ ADOPT_EVERY_S = 1.0  # while every slot is held, how often the holders are looke
 
 __all__ = ["AgentDispatcher", "Candidate", "Lease"]
 
+# a kept-alive connection is dropped before common servers' idle timeouts (uvicorn's 5 s) close it under a request
+KEEPALIVE_EXPIRY_S = 2.0
+# what a request on a connection the peer had closed raises: resent once (connection refused is not one of these)
+STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 IN_PROGRESS_DEFAULT_S = 5.0  # api.md §15.1: wait before asking again about a key still executing
 MAX_RETRY_AFTER_S = 600.0  # ckp.md §4.8: a Retry-After counts up to 600 s
 AFFINITY_LIMIT = 10_000  # (run, channel) choices remembered
@@ -209,7 +213,9 @@ class AgentDispatcher(Dispatcher):
         self.leases: KeyValue = await self.js.key_value(LEASES_BUCKET)
         self.presence: KeyValue = await self.js.key_value(PRESENCE_BUCKET)
         self.http = httpx.AsyncClient(follow_redirects=False, headers={"User-Agent": f"langorch-runtime/{VERSION}"},
-                                      timeout=httpx.Timeout(self.settings.agent_timeout_s, connect=10.0))
+                                      timeout=httpx.Timeout(self.settings.agent_timeout_s, connect=10.0),
+                                      limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                                                          keepalive_expiry=KEEPALIVE_EXPIRY_S))
         self._follower = asyncio.create_task(self._follow_registry(), name="agent-dispatch-registry")
         await self.sync_registry(timeout_s=10.0)
 
@@ -784,6 +790,7 @@ class AgentDispatcher(Dispatcher):
         url = f"{c.agent.base_url.rstrip('/')}/execute"
         where = {"agent_id": c.agent_id, "url": url}
         ends = time.monotonic() + timeout_s
+        resent = False
         while True:
             remaining = ends - time.monotonic()
             if remaining <= 0:
@@ -791,6 +798,17 @@ class AgentDispatcher(Dispatcher):
             try:  # httpx's timeout is per read: within() bounds the whole exchange, a trickling body included
                 r = await within(self.http.post(url, json=body, headers=headers, timeout=remaining), remaining,
                                  f"POST {url}")
+            except STALE_CONNECTION_ERRORS as exc:
+                if resent:
+                    raise _error("agent_unavailable", f"agent {c.agent_id} could not be reached: "
+                                 f"{type(exc).__name__}", retryable=True,
+                                 details=where | {"reason": str(exc)[:300]}) from None
+                # a kept-alive connection the agent closed just as it was reused: sent again at once, on a new
+                # connection, with the same Idempotency-Key (an agent that got the first one answers from its record)
+                resent = True
+                log.info("agent %s: connection closed under the request (%s); sending key %s again", c.agent_id,
+                         type(exc).__name__, request.idempotency_key)
+                continue
             except (httpx.TimeoutException, TimeoutError):
                 if binding_default:
                     raise self._timed_out(request, timeout_s, where) from None
