@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
 
 from ckp_core.commands import RegisterAgent, ReleaseLease, UpdateAgent
 from ckp_core.events import Actor, AgentCircuitOpened, EventData, make_event
@@ -612,3 +612,25 @@ async def test_a_kept_alive_connection_the_agent_closed_is_sent_again_once_with_
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_release_after_a_renewal_it_did_not_see_still_deletes_its_own_lease_only(nats_url: str) -> None:
+    """A renewal canceled with its call can land after the revision the dispatcher knows: the release reads the key
+    again and deletes it while it holds the same lease, and leaves a slot that changed hands alone."""
+    from langorch_infra.kv import put_with_ttl
+    from langorch_runtime.agent_dispatch import LEASES_BUCKET, Lease
+
+    async with harness(nats_url) as h:
+        d = h.dispatcher
+        mine = {"lease_id": "lease-mine", "holder": d.instance}
+        first = await put_with_ttl(d.js, LEASES_BUCKET, "res.0", json.dumps(mine).encode(), 60, last=0)
+        await put_with_ttl(d.js, LEASES_BUCKET, "res.0", json.dumps(mine | {"renewed": 1}).encode(), 60, last=first)
+        await d.release(Lease("res.0", first, mine))
+        with pytest.raises((KeyNotFoundError, KeyDeletedError)):
+            await d.leases.get("res.0")
+
+        first = await put_with_ttl(d.js, LEASES_BUCKET, "res.1", json.dumps(mine).encode(), 60, last=0)
+        theirs = {"lease_id": "lease-theirs", "holder": "another"}
+        await put_with_ttl(d.js, LEASES_BUCKET, "res.1", json.dumps(theirs).encode(), 60, last=first)
+        await d.release(Lease("res.1", first, mine))
+        assert json.loads((await d.leases.get("res.1")).value or b"{}") == theirs

@@ -47,7 +47,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
@@ -65,7 +65,7 @@ from ckp_core.subjects import (
 )
 from langorch_infra import tracing
 from langorch_infra.cancel import stop_if_cancelled
-from langorch_infra.jetstream import connect, decode_message, ensure_topology, through_blips
+from langorch_infra.jetstream import WRONG_LAST_SEQUENCE, connect, decode_message, ensure_topology, through_blips
 from langorch_infra.kv import put_with_ttl
 from langorch_infra.secret_providers import SecretError, SecretResolver
 from langorch_infra.secrets import grant_key, redeem_grants, resolve_grant
@@ -462,15 +462,35 @@ class AgentDispatcher(Dispatcher):
                 log.warning("renewing lease %s failed; trying again", lease.key, exc_info=True)
 
     async def release(self, lease: Lease) -> None:
-        """Delete the lease key unless it changed hands (revision-checked)."""
+        """Delete the lease key unless it changed hands (revision-checked). A renewal canceled with the call may
+        still have landed after the revision this side knows: the key is read again, and deleted at its new
+        revision while it still holds this lease."""
         if lease.revoked.is_set():
             return
-        try:
-            await self.leases.delete(lease.key, last=lease.revision)
-        except (KeyWrongLastSequenceError, KeyNotFoundError, NotFoundError):
-            pass
-        except (NatsError, OSError):
-            log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
+        for _ in range(3):
+            try:
+                await self.leases.delete(lease.key, last=lease.revision)
+                return
+            except (KeyNotFoundError, NotFoundError):
+                return
+            except (KeyWrongLastSequenceError, APIError) as exc:
+                if isinstance(exc, APIError) and exc.err_code not in (WRONG_LAST_SEQUENCE, 10164):
+                    log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
+                    return
+            except (NatsError, OSError):
+                log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
+                return
+            try:
+                entry = await self.leases.get(lease.key)
+                held = json.loads(entry.value or b"{}")
+            except (KeyNotFoundError, KeyDeletedError, NotFoundError, ValueError):
+                return
+            except (NatsError, OSError):
+                log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
+                return
+            if not isinstance(held, dict) or held.get("lease_id") != lease.value["lease_id"]:
+                return  # taken over or released meanwhile: not this side's to delete
+            lease.revision = int(entry.revision or 0)
 
     def _release_soon(self, lease: Lease) -> None:
         """Release in the background: the step's answer does not wait for the delete. A crash before it lands
