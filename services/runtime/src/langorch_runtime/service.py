@@ -604,23 +604,34 @@ class RuntimeService:
                 if due > time.time():  # redelivered when due: no replica slot is held while waiting
                     raise RetryNotDue(due - time.time())
             target = await retry_target(graph, config)
-            if target is None:
+            if target is None and not has_checkpoint:
+                # canceled (or failed) before its first checkpoint: nothing ran, so it continues where it stopped,
+                # at the start (api.md §5.5)
+                await writer.emit(RunRetryRequested(retry_count=len(retries) + 1, automatic=command.automatic,
+                                                    failure_node_id=None))
+                await writer.emit(ExecutionResumed(entry_node_id=ir.start_node, resume_reason="retry",
+                                                  runtime_instance=self.instance))
+                initial = machine.initial_state(dict(created.get("input_vars", {})))
+                final = await self.invoke(run_id, graph, initial, config, durability="sync")
+            elif target is None:
                 log.warning("run %s has no checkpoint to retry from", run_id)
                 return
-            # the failure point is recorded in the failed state (the target is the state before that node ran)
-            point = (snapshot.values.get("failure_point") or target.values.get("failure_point") or {}).get("node_id")
-            failed_at = point or next((e.envelope.data.get("node_id") for e in reversed(events)
-                                       if e.envelope.type == "node_error"), None)
-            await writer.emit(RunRetryRequested(retry_count=len(retries) + 1, automatic=command.automatic,
-                                                failure_node_id=failed_at))
-            await writer.emit(ExecutionResumed(entry_node_id=failed_at, resume_reason="retry",
-                                              runtime_instance=self.instance))
-            retry_config = target.config
-            if any(w.get("kind") == "approval" for w in (target.values.get("waits") or {}).values()):
-                retry_config = await graph.aupdate_state(target.config, machine.renew_approvals(target.values),
-                                                         as_node="advance")
-            final = await self.invoke(run_id, graph, None, {**retry_config, "recursion_limit": RECURSION_LIMIT},
-                                      durability="sync")
+            else:
+                # the failure point is recorded in the failed state (the target is the state before that node ran)
+                point = (snapshot.values.get("failure_point") or target.values.get("failure_point") or {}).get(
+                    "node_id")
+                failed_at = point or next((e.envelope.data.get("node_id") for e in reversed(events)
+                                           if e.envelope.type == "node_error"), None)
+                await writer.emit(RunRetryRequested(retry_count=len(retries) + 1, automatic=command.automatic,
+                                                    failure_node_id=failed_at))
+                await writer.emit(ExecutionResumed(entry_node_id=failed_at, resume_reason="retry",
+                                                  runtime_instance=self.instance))
+                retry_config = target.config
+                if any(w.get("kind") == "approval" for w in (target.values.get("waits") or {}).values()):
+                    retry_config = await graph.aupdate_state(target.config, machine.renew_approvals(target.values),
+                                                             as_node="advance")
+                final = await self.invoke(run_id, graph, None, {**retry_config, "recursion_limit": RECURSION_LIMIT},
+                                          durability="sync")
         elif isinstance(command, ResumeRun):
             if not suspended:
                 if not unfinished:
