@@ -147,6 +147,12 @@ def _covered(spans: list[ExportedSpan]) -> list[str]:
     return [what for what, check in wanted.items() if not has(check)]
 
 
+def _orphans(spans: list[Any]) -> list[tuple[str, str]]:
+    """Spans whose parent is not among the trace's spans received."""
+    ids = {s.span_id for s in spans}
+    return [(s.name, s.parent_id) for s in spans if s.parent_id and s.parent_id not in ids]
+
+
 @pytest.mark.timeout(600)  # an installation started by `langorch up` on a loaded machine
 async def test_one_run_leaves_one_connected_trace(nats_url: str, database_url: str, work_dir: Path,  # noqa: F811
                                                   receiver: tuple[str, Receiver],
@@ -172,14 +178,13 @@ async def test_one_run_leaves_one_connected_trace(nats_url: str, database_url: s
         assert (await decide(c, approval["approval_id"], decision="approve")).status_code in (200, 202)
         assert (await wait_status(c, run_id, TERMINAL, 180))["status"] == "completed"
 
-        spans = await wait_until(lambda: received.trace(trace_id), lambda got: not _covered(got), timeout=120,
-                                 every=0.5)
+        # a span is exported when it ends: a parent (the runtime's command) may end after its children are in
+        spans = await wait_until(lambda: received.trace(trace_id),
+                                 lambda got: not _covered(got) and not _orphans(got), timeout=120, every=0.5)
 
     roots = [s for s in spans if not s.parent_id]
     assert [(s.name, s.service) for s in roots] == [("POST /api/runs", "langorch-gateway")]
-    ids = {s.span_id for s in spans}
-    orphans = [(s.name, s.parent_id) for s in spans if s.parent_id and s.parent_id not in ids]
-    assert not orphans, orphans
+    assert not _orphans(spans), _orphans(spans)
     # the runtime's spans come from the worker process, named `langorch`; every span is marked with its service
     assert {s.service for s in spans} == {"langorch-gateway", "langorch"}
     assert {s.attributes.get("langorch.service") for s in spans if s.service == "langorch-gateway"} == {"gateway"}
