@@ -76,3 +76,14 @@ def test_a_value_too_large_for_an_event_shows_its_size() -> None:
 def test_a_retry_with_new_inputs_replaces_their_values() -> None:
     events = [*EVENTS[:1], event(2, "run_retry_requested", retry_count=1, input_vars={"product_id": 8})]
     assert [(v.value, v.origin) for v in replay.variables(events)] == [(8, "retry input")]
+
+
+def test_a_loops_iterator_variable_shows_each_iterations_item() -> None:
+    events = [event(1, "run_created", input_vars={}),
+              *[event(2 + i, "loop_iteration", "each", iteration=i, total=2, item_preview=str(item),
+                      variables={"sku": item, "position": i}) for i, item in enumerate(({"id": "A"}, {"id": "B"}))],
+              event(4, "loop_iteration", "old", iteration=0, total=1, item_preview="9")]  # an older event: no values
+    assert values(2, events) == {"sku": ({"id": "A"}, "loop each, iteration 1 of 2", 2),
+                                 "position": (0, "loop each, iteration 1 of 2", 2)}
+    assert values(3, events)["sku"] == ({"id": "B"}, "loop each, iteration 2 of 2", 3)
+    assert values(4, events) == values(3, events)

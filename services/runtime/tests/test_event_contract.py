@@ -421,6 +421,7 @@ async def test_loop_and_parallel_payloads() -> None:
     assert (started["total"], started["iterations"]) == (3, 3)
     assert [(i["iteration"], i["total"], i["item_preview"]) for i in payload(run, "loop_iteration")] == [
         (0, 3, "1"), (1, 3, "2"), (2, 3, "3")]
+    assert [i["variables"] for i in payload(run, "loop_iteration")] == [{"x": 1}, {"x": 2}, {"x": 3}]
     [failed] = payload(run, "loop_iteration_failed")
     assert failed["iteration"] == 1
     assert failed["error"]["code"] == "expression_error"

@@ -374,6 +374,9 @@ class LoopIteration(_Positioned):
     iteration: int
     total: int
     item_preview: str | None = None
+    # the loop's iterator variable (and index variable) as the iteration starts: name → value, redacted and bounded
+    # like step_completed's (a run replay shows each iteration's item)
+    variables: dict[str, Any] = Field(default_factory=dict)
 
 
 class LoopIterationFailed(_Positioned):

@@ -7,7 +7,8 @@
 * Variables: folded from what the events carry. ``run_created`` (and a retry's new inputs) carries the input
   values; ``step_completed`` the variables its step wrote and ``node_completed`` those its node changed otherwise
   (transforms, approvals, loops, merges…), each with its value after the write, masked like every payload (a
-  sensitive value shows as the mask, a value too large for an event as its size); ``run_completed`` the outputs.
+  sensitive value shows as the mask, a value too large for an event as its size); ``loop_iteration`` a loop's
+  iterator and index variables for the iteration it starts; ``run_completed`` the outputs.
   Events written before they carried values name only the variable a step wrote: it shows who wrote it.
 """
 
@@ -72,6 +73,9 @@ def variables(events: list[dict[str, Any]]) -> list[Variable]:
             name = payload.get("output_variable")
             if name and name not in (payload.get("variables") or {}):  # an event from before values were carried
                 found[name] = Variable(name, origin=f"written by {where}", seq=e["seq"])
+        elif kind == "loop_iteration":  # the iterator (and index) variable as the iteration starts
+            where = f"loop {e['node_id']}, iteration {int(payload.get('iteration') or 0) + 1} of {payload.get('total')}"
+            known(payload.get("variables"), where, e["seq"])
         elif kind == "run_completed":
             for name, value in (payload.get("outputs") or {}).items():
                 previous = found.get(name)

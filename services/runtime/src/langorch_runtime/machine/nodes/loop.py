@@ -38,8 +38,9 @@ async def run(m: StepRunner, state: RunState, frame: Frame, node: NodeIR, curren
         namespace[p.iterator_variable] = copy.deepcopy(item)
         if p.index_variable:
             namespace[p.index_variable] = i
+        written = {p.iterator_variable: item, **({p.index_variable: i} if p.index_variable else {})}
         await m.emit(LoopIteration(node_id=node.id, frame=fs, iteration=i, total=data["n"],
-                                   item_preview=format_embedded(item)[:256]))
+                                   item_preview=format_embedded(item)[:256], variables=written))
         segment = f"{node.id}{'#' + str(current['visit']) if current['visit'] > 1 else ''}[{i}]"
         child = new_frame(state, "iteration", frame, join(frame.get("path", ""), segment), p.body_node, node.id,
                           loop={"index": i, "item": item})
