@@ -74,3 +74,26 @@ async def test_reappending_the_same_event_is_idempotent(store: EventStore) -> No
     [p2] = await store.append([event], expected_position=0)  # type: ignore[list-item]
     assert p1 == p2
     assert len(await store.read("run", run_id)) == 1
+
+
+async def test_reads_leave_no_consumer_behind(nats_url: str) -> None:
+    """Each read of an aggregate's history uses an ordered consumer; it is deleted when the read ends, not left to
+    expire: nats-server caps a stream at 1,000 consumers by default, and a burst of reads (the runtime reads a run's
+    history for each of its commands) must never hit ``maximum consumers limit reached``."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js)
+        store = JetStreamEventStore(js)
+        run_id = new_id()
+        await store.append([created(run_id)], expected_position=0)  # type: ignore[list-item]
+        before = (await js.stream_info("LO_EVT")).state.consumer_count
+        for _ in range(20):
+            assert [e.envelope.seq for e in await store.read("run", run_id)] == [1]
+        # the consumers are gone as soon as the reads return (they would linger 5 s if only unsubscribed)
+        assert (await js.stream_info("LO_EVT")).state.consumer_count <= before
+        for _ in range(11):  # 1,100 reads within a second or two, 100 at a time: above the cap if they lingered
+            reads = await asyncio.gather(*(store.read("run", run_id) for _ in range(100)))
+            assert all(len(events) == 1 for events in reads)
+    finally:
+        await nc.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -320,10 +321,13 @@ class JetStreamEventStore:
         if head is None or head.position <= after_position:
             return []
         out: list[StoredEvent] = []
-        async for stored in follow(self.js, aggregate_filter(aggregate, aggregate_id), after_position):
-            out.append(stored)
-            if stored.position >= head.position:
-                break
+        # closed on leaving, not when collected: its consumer is deleted before this returns
+        async with contextlib.aclosing(follow(self.js, aggregate_filter(aggregate, aggregate_id),
+                                              after_position)) as events:
+            async for stored in events:
+                out.append(stored)
+                if stored.position >= head.position:
+                    break
         return out
 
 
@@ -370,11 +374,29 @@ async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
                 position = stored.position
                 yield stored
         finally:
-            try:
-                await sub.unsubscribe()
-            except (nats.errors.Error, OSError):  # the connection may be closed or draining already
-                log.debug("unsubscribe after follow failed", exc_info=True)
+            await _end_ordered(js, sub)
         log.info("following %s again after a reconnection, after position %d", subject, position)
+
+
+CONSUMER_DELETE_TIMEOUT_S = 2.0
+
+
+async def _end_ordered(js: JetStreamContext, sub: Any) -> None:
+    """Unsubscribe a follower and delete its ordered consumer at once. Unsubscribing alone leaves the ephemeral
+    consumer on the server until its inactivity threshold (5 s), and nats-server ≥ 2.15 caps a stream at 1,000
+    consumers by default: a burst of short reads (the runtime reads a run's history for each of its commands) would
+    otherwise hit ``maximum consumers limit reached``. Best effort: the server still removes it when inactive."""
+    name = getattr(sub, "_consumer", None)  # nats-py keeps the current name there, also after an ordered reset
+    try:
+        await sub.unsubscribe()
+    except (nats.errors.Error, OSError):  # the connection may be closed or draining already
+        log.debug("unsubscribe after follow failed", exc_info=True)
+    if not name:
+        return
+    try:
+        await asyncio.wait_for(js.delete_consumer(EVENT_STREAM, name), CONSUMER_DELETE_TIMEOUT_S)
+    except (nats.errors.Error, APIError, OSError, TimeoutError):
+        log.debug("deleting the consumer %s after follow failed", name, exc_info=True)
 
 
 async def publish_command(js: JetStreamContext, command: Command, *, msg_id: str | None = None) -> int:
