@@ -43,7 +43,7 @@ from tests.test_chaos import run_events
 pytestmark = pytest.mark.integration
 
 DEADLINE_S = 120.0
-TAKEOVER_BOUND_S = 15.0  # target 5 s
+TAKEOVER_BOUND_S = 8.0  # target 5 s; measured 1.2 to 1.5 s (the owner found gone from NATS, its commands sent back)
 RESUME_BOUND_S = 10.0  # target 2 s
 LEASE_TTL_S = 60.0  # LANGORCH_LEASE_TTL_S's default
 
@@ -168,7 +168,8 @@ async def sigkill_one_of_two(nats_url: str, database_url: str, tmp_path: Path, *
 
 async def test_runs_of_a_sigkilled_runtime_resume_on_the_live_one_within_seconds(
         nats_url: str, database_url: str, tmp_path: Path) -> None:
-    """Slots for every run: what is measured is the takeover itself (the 4 s ack wait, then the owner found gone)."""
+    """Slots for every run: what is measured is the takeover itself (the owner found gone from NATS by the live
+    replica's watch, its keys released and its commands sent back without waiting for their ack wait)."""
     takeover = await sigkill_one_of_two(nats_url, database_url, tmp_path, agent_slots=16, runs_per_replica=8, runs=6)
     assert max(takeover.resumed_after) <= TAKEOVER_BOUND_S, takeover
 

@@ -13,9 +13,20 @@ A replica that receives a command of a run owned by another replica asks that ow
   NATS restart is not taken for dead): the key is taken over, revision-checked, so only one taker wins;
 * the question times out (the owner is alive but slow): the run is left to it.
 
-The run consumer's short ack wait (``LANGORCH_ACK_WAIT_S``, the owner signals progress every third of it) is what
-brings a dead replica's command to a live one; the answer of its presence on NATS is what lets the live one take
-it at once instead of waiting for a lease to expire.
+A dead replica's runs are taken over without waiting for their commands' ack wait: each replica publishes, on
+``lo.runtime.held.<owner id>`` (core NATS, at most every ``HELD_PUBLISH_S`` when it changes and every
+``SNAPSHOT_S`` anyway), the runs it holds with their keys' revisions and their commands' ack subjects. Every
+replica keeps the others' lists and asks each owner that holds runs whether it is there, every ``WATCH_S``. An owner
+that has had no responders for ``GONE_AFTER_S`` (two questions at the least) is gone: its keys are deleted,
+revision-checked (one replica wins each), and the winner sends the command a negative acknowledgement on its ack
+subject, so JetStream hands it to a replica with a free slot at once, which takes the released key. Right after this
+replica's own reconnection (``QUIET_AFTER_RECONNECT_S``) nothing is taken this way: the others may be reconnecting
+too.
+
+The run consumer's short ack wait (``LANGORCH_ACK_WAIT_S``, the owner signals progress every third of it) remains
+the way back for what the lists miss (a run taken a moment before the crash, a replica started after the dead one
+last published); the answer of its presence on NATS is then what lets the live one take it at once instead of
+waiting for a lease to expire.
 
 An owner that was taken for dead although alive (cut off from NATS for longer than the grace) finds out before its
 next side effect: :meth:`RunOwnership.fence`, called before a step's ``started`` record, reads the key again after
@@ -26,10 +37,12 @@ store's expected positions anyway: the new owner's ``execution_recovered`` makes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
 from functools import partial
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -43,11 +56,13 @@ from nats.js.kv import KeyValue
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import format_time, utc_now
 from ckp_core.subjects import LOCKS_BUCKET
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import reconnects, through_blips
 
 log = logging.getLogger(__name__)
 
 OWNER_SUBJECT = "lo.runtime.owner"
+HELD_SUBJECT = "lo.runtime.held"  # .<owner id>: the runs an owner holds (see the module)
 ASK_TIMEOUT_S = 1.0  # an owner that does not answer within this is alive but slow: the run stays its
 GRACE_S = 1.0  # between the two unanswered questions before an owner is taken for dead
 RECONNECT_GRACE_S = 3.0  # the same, while this replica's own connection was re-established less than this ago
@@ -55,6 +70,11 @@ HELD_HERE_DELAY_S = 0.25  # redelivery delay of a command whose run this replica
 HELD_ELSEWHERE_DELAY_S = 0.5  # redelivery delay of a command whose run another live replica executes
 ALIVE_CACHE_S = 2.0  # how long an owner that answered is taken for alive without asking again
 PATIENCE_S = 60.0  # the fence's read of the key is tried again for this long while NATS is unavailable
+HELD_PUBLISH_S = 0.05  # the held runs are published at most this often when they change
+SNAPSHOT_S = 5.0  # and this often anyway (for a replica that started since)
+WATCH_S = 0.5  # how often the owners of runs listed by others are asked whether they are there
+GONE_AFTER_S = 1.0  # an owner with no responders for this long (asked twice at the least) is gone
+QUIET_AFTER_RECONNECT_S = 5.0  # no runs are taken from silent owners this long after this replica reconnected
 
 
 def owner_key(run_id: str) -> str:
@@ -86,12 +106,120 @@ class RunOwnership:
         self.reconnected_at = -RECONNECT_GRACE_S
         self.gone_owners: set[str] = set()  # owner ids found gone from NATS (an id is never used again)
         self.alive_owners: dict[str, float] = {}  # owner id → when it last answered (loop time)
+        self.acks: dict[str, str] = {}  # run id → the ack subject of the command executing it here
+        self.peers: dict[str, dict[str, tuple[int, str]]] = {}  # other owner → run id → (revision, ack subject)
+        self.silent_since: dict[str, float] = {}  # other owner → when it first had no responders (loop time)
+        self.taken_over = 0  # runs whose commands this replica sent back for a gone owner
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[Any] = []
         self._reconnects = 0
 
     async def start(self) -> None:
         self.kv = await self.js.key_value(LOCKS_BUCKET)
         self._reconnects = reconnects(self.js)
-        await self.nc.subscribe(f"{OWNER_SUBJECT}.{self.owner_id}", cb=self._answer)
+        self._subs = [await self.nc.subscribe(f"{OWNER_SUBJECT}.{self.owner_id}", cb=self._answer),
+                      await self.nc.subscribe(f"{HELD_SUBJECT}.*", cb=self._listed)]
+        self._tasks = [asyncio.create_task(self._publish_held(), name="runtime-held-runs"),
+                       asyncio.create_task(self._watch_owners(), name="runtime-owner-watch")]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
+                await task
+        for sub in self._subs:
+            with contextlib.suppress(NatsError, OSError):  # the connection may be closed already
+                await sub.unsubscribe()
+        self._tasks, self._subs = [], []
+
+    async def _listed(self, msg: Msg) -> None:
+        """Another owner's list of the runs it holds (replaces what was known of it)."""
+        owner = msg.subject[len(HELD_SUBJECT) + 1:]
+        if owner == self.owner_id or owner in self.gone_owners:
+            return
+        try:
+            held = {str(run): (int(rev), str(ack)) for run, (rev, ack) in json.loads(msg.data).items()}
+        except (ValueError, TypeError):
+            log.debug("an unreadable list of held runs from %s", owner, exc_info=True)
+            return
+        if held:
+            self.peers[owner] = held
+        else:
+            self.peers.pop(owner, None)
+            self.silent_since.pop(owner, None)
+
+    async def _publish_held(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), SNAPSHOT_S)
+            self._changed.clear()
+            held = {run: [revision, self.acks.get(run, "")] for run, revision in self.held.items()}
+            with contextlib.suppress(NatsError, OSError):  # the next change or snapshot publishes it again
+                await self.nc.publish(f"{HELD_SUBJECT}.{self.owner_id}", json.dumps(held).encode())
+            await asyncio.sleep(HELD_PUBLISH_S)
+
+    async def _watch_owners(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            stop_if_cancelled()
+            try:
+                await self.check_owners()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the watch must outlive any failure: the ack wait brings the commands back anyway
+                log.warning("watching the owners of runs failed", exc_info=True)
+
+    async def check_owners(self) -> None:
+        """Ask every other owner that holds runs whether it is there; take the runs of one gone for
+        ``GONE_AFTER_S`` (see the module)."""
+        quiet = self._since_reconnect() < QUIET_AFTER_RECONNECT_S
+        owners = [owner for owner, held in self.peers.items() if held]
+        if not owners or not self.nc.is_connected:
+            return
+        answers = await asyncio.gather(*(self._ping(owner) for owner in owners))
+        now = asyncio.get_running_loop().time()
+        for owner, there in zip(owners, answers, strict=True):
+            if there is None:  # no answer either way (this replica's connection)
+                continue
+            if there:
+                self.silent_since.pop(owner, None)
+                continue
+            since = self.silent_since.setdefault(owner, now)
+            if now - since >= GONE_AFTER_S and not quiet:
+                await self._take_from(owner)
+
+    async def _ping(self, owner: str) -> bool | None:
+        """True: the owner answered or is slow; False: no responders (gone from NATS); None: not known."""
+        try:
+            await self.nc.request(f"{OWNER_SUBJECT}.{owner}", b"", timeout=ASK_TIMEOUT_S)
+        except NoRespondersError:
+            return False
+        except (NatsTimeoutError, TimeoutError):
+            return True
+        except (NatsError, OSError):
+            return None
+        return True
+
+    async def _take_from(self, owner: str) -> None:
+        """``owner`` is gone: release each of its keys (revision-checked) and send its command back at once."""
+        assert self.kv is not None
+        self.gone_owners.add(owner)
+        self.silent_since.pop(owner, None)
+        held = self.peers.pop(owner, {})
+        log.info("runtime %s is gone from NATS; taking over the %d runs it held", owner, len(held))
+        for run_id, (revision, ack) in sorted(held.items()):
+            try:
+                await self.kv.delete(owner_key(run_id), last=revision)
+            except (NatsError, OSError):  # released, taken by another replica, or NATS unavailable: not this one's
+                log.debug("run %s: its key changed hands", run_id, exc_info=True)
+                continue
+            if ack:
+                with contextlib.suppress(NatsError, OSError):  # the ack wait brings it back anyway
+                    await self.nc.publish(ack, b"-NAK")
+            self.taken_over += 1
+            log.info("run %s: its owner %s is gone, its command is delivered again now", run_id, owner)
 
     async def _answer(self, msg: Msg) -> None:
         try:
@@ -106,8 +234,8 @@ class RunOwnership:
             self._reconnects, self.reconnected_at = count, now
         return now - self.reconnected_at
 
-    async def acquire(self, run_id: str) -> None:
-        """Own ``run_id`` or raise :class:`RunHeld`."""
+    async def acquire(self, run_id: str, ack: str | None = None) -> None:
+        """Own ``run_id`` or raise :class:`RunHeld`; ``ack``: the ack subject of the command (see the module)."""
         if run_id in self.held:
             raise RunHeld(run_id, self.owner_id, HELD_HERE_DELAY_S)
         assert self.kv is not None, "RunOwnership.start() first"
@@ -132,6 +260,9 @@ class RunOwnership:
             log.info("run %s taken over from %s", run_id, owner)
         self.held[run_id] = written
         self.checked[run_id] = reconnects(self.js)
+        if ack:
+            self.acks[run_id] = ack
+        self._changed.set()
 
     async def _holds(self, owner: str, run_id: str) -> bool:
         """Whether the replica ``owner`` says it executes ``run_id`` (see the module for an owner that is silent)."""
@@ -171,6 +302,8 @@ class RunOwnership:
         over after this replica answers that it no longer holds the run."""
         revision = self.held.pop(run_id, None)
         self.checked.pop(run_id, None)
+        self.acks.pop(run_id, None)
+        self._changed.set()
         if revision is None or self.kv is None:
             return
         try:

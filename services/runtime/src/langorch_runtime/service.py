@@ -278,6 +278,8 @@ class RuntimeService:
         with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.timer.stop()
         with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
+            await self.ownership.stop()
+        with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.llm.aclose()
         with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
             await self.webhooks.aclose()
@@ -325,7 +327,7 @@ class RuntimeService:
             else:
                 command = StartRun.model_validate_json(msg.data)
             with logs.fields(run_id=command.run_id, command_id=command.command_id):
-                await self.ownership.acquire(command.run_id)
+                await self.ownership.acquire(command.run_id, msg.reply)
                 try:
                     await self.execute(command, msg.metadata.num_delivered or 1)
                 finally:
