@@ -275,8 +275,9 @@ class TriggersService:
                            input_vars=fire_inputs(state, cmd.input_vars), trigger_type=cmd.trigger_type,
                            triggered_by=cmd.triggered_by, root_run_id=cmd.run_id, project_id=cmd.project_id)
         await publish_command(self.js, create, msg_id=create.msg_id)
-        async with asyncio.timeout(self.settings.fire_timeout_s):
-            async for stored in follow(self.js, aggregate_filter("run", cmd.run_id)):
+        async with (asyncio.timeout(self.settings.fire_timeout_s),
+                    contextlib.aclosing(follow(self.js, aggregate_filter("run", cmd.run_id))) as events):
+            async for stored in events:  # closed on return: its consumer is deleted now, not when collected
                 if stored.envelope.causation_id == cmd.command_id:
                     return stored.envelope
         raise AssertionError("unreachable: follow never ends")  # pragma: no cover
