@@ -36,10 +36,7 @@ from langorch_gateway.deps import clients
 from langorch_gateway.dispatch import min_position, ryw
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import Limit, Offset, Where, fetch_page
-from langorch_infra.secret_providers import SecretError, SecretRecord, fold_record
-from langorch_infra.secret_providers import aws as aws_provider
-from langorch_infra.secret_providers import azure as azure_provider
-from langorch_infra.secret_providers import vault as vault_provider
+from langorch_infra.secret_providers import SecretError, SecretRecord, fold_record, refs
 
 router = APIRouter()
 
@@ -127,11 +124,11 @@ def reference_errors(provider: str, ref: str | None, name: str) -> dict[str, lis
     """A provider reference that cannot resolve, as ``errors`` (422)."""
     try:
         if provider == "vault":
-            vault_provider.parse_ref(ref or name)
+            refs.vault_ref(ref or name)
         elif provider == "aws":
-            aws_provider.parse_ref(ref or name)
+            refs.aws_ref(ref or name)
         elif provider == "azure":
-            azure_provider.parse_ref(ref or "")
+            refs.azure_ref(ref or "")
     except ValueError as exc:
         return {"provider_ref": [str(exc)]}
     return {}

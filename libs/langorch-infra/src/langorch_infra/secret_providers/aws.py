@@ -17,19 +17,13 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from langorch_infra.secret_providers.base import ProviderName, SecretError
+from langorch_infra.secret_providers.refs import aws_ref as parse_ref
 from langorch_infra.settings import CommonSettings
 
 NOT_FOUND = frozenset({"ResourceNotFoundException"})
 # the secret exists but cannot be read as asked (deleted, or the version has no value): no retry helps
 NOT_READABLE = frozenset({"InvalidRequestException", "InvalidParameterException"})
 
-
-def parse_ref(ref: str) -> tuple[str, str | None]:
-    """``<name or ARN>#<json key>`` → (secret id, key); an ARN has colons, never '#'."""
-    secret_id, _, key = ref.partition("#")
-    if not secret_id:
-        raise ValueError("an aws reference is <secret name or ARN>[#<json key>]")
-    return secret_id, key or None
 
 
 class AwsProvider:

@@ -14,7 +14,6 @@ import asyncio
 import json
 import threading
 from typing import Any
-from urllib.parse import urlparse
 
 from azure.core.exceptions import (
     AzureError,
@@ -26,25 +25,11 @@ from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
 from azure.keyvault.secrets import SecretClient
 
 from langorch_infra.secret_providers.base import ProviderName, SecretError
+from langorch_infra.secret_providers.refs import azure_ref as parse_ref
 from langorch_infra.settings import CommonSettings
 
 API_VERSION = "7.4"
 
-
-def parse_ref(ref: str, vault_url: str | None = None) -> tuple[str, str]:
-    """→ (vault url, secret name); raises ValueError when no vault is named."""
-    text = ref.strip()
-    if text.startswith(("https://", "http://")):
-        base, _, secret = text.rstrip("/").rpartition("/")
-        if base.endswith("/secrets"):  # the secret's own URL, as the portal shows it
-            base = base[: -len("/secrets")]
-        if urlparse(base).netloc and secret:
-            return base, secret
-        raise ValueError("an azure reference is <vault url>/<secret name>")
-    if vault_url and text and "/" not in text:
-        return vault_url.rstrip("/"), text
-    raise ValueError("an azure reference is <vault url>/<secret name> (or a secret name with "
-                     "secrets_config.vault_url)")
 
 
 class AzureProvider:

@@ -19,14 +19,11 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from ckp_core.events import EventEnvelope
-from langorch_infra.secret_providers.aws import AwsProvider
-from langorch_infra.secret_providers.azure import AzureProvider
-from langorch_infra.secret_providers.base import PROVIDERS, Provider, SecretError, TtlCache
+from langorch_infra.secret_providers.base import PROVIDERS, Provider, ProviderName, SecretError, TtlCache
 from langorch_infra.secret_providers.env import EnvProvider
-from langorch_infra.secret_providers.vault import VaultProvider
 from langorch_infra.settings import CommonSettings
 
 SECRET_EVENTS = ("secret_created", "secret_updated")
@@ -106,6 +103,30 @@ class Resolution:
     url: str | None = None
 
 
+class LazyProvider:
+    """A provider whose module (and SDK: hvac, boto3, azure-identity) is imported at its first use, not when a
+    process starts: importing the three SDKs cost about a second of every start of the gateway and the workers,
+    most of which never resolve a secret through them."""
+
+    MODULES: ClassVar[dict[str, str]] = {"vault": "VaultProvider", "aws": "AwsProvider", "azure": "AzureProvider"}
+
+    def __init__(self, name: ProviderName, settings: CommonSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self._provider: Provider | None = None
+
+    def provider(self) -> Provider:
+        if self._provider is None:
+            import importlib
+
+            module = importlib.import_module(f"langorch_infra.secret_providers.{self.name}")
+            self._provider = getattr(module, self.MODULES[self.name])(self.settings)
+        return self._provider
+
+    async def fetch(self, name: str, ref: str, *, url: str | None = None) -> str:
+        return await self.provider().fetch(name, ref, url=url)
+
+
 class SecretResolver:
     """Secrets at the moment of use through the configured providers."""
 
@@ -114,8 +135,8 @@ class SecretResolver:
         self.settings = settings
         self.records = records
         self.providers: dict[str, Provider] = providers if providers is not None else {
-            "env": EnvProvider(), "vault": VaultProvider(settings), "aws": AwsProvider(settings),
-            "azure": AzureProvider(settings)}
+            "env": EnvProvider(), "vault": LazyProvider("vault", settings), "aws": LazyProvider("aws", settings),
+            "azure": LazyProvider("azure", settings)}
         self.cache = TtlCache(settings.secret_cache_ttl_s, clock)
 
     def forget(self, name: str) -> None:

@@ -22,16 +22,8 @@ import requests
 from hvac import exceptions as vault_errors
 
 from langorch_infra.secret_providers.base import ProviderName, SecretError
+from langorch_infra.secret_providers.refs import vault_ref as parse_ref
 from langorch_infra.settings import CommonSettings
-
-
-def parse_ref(ref: str) -> tuple[str, str, str | None]:
-    """``<mount>/<path>#<field>`` → (mount, path, field); raises ValueError when malformed."""
-    location, _, field = ref.partition("#")
-    mount, _, path = location.strip("/").partition("/")
-    if not mount or not path:
-        raise ValueError("a vault reference is <mount>/<path>#<field> (e.g. secret/apps/portal#password)")
-    return mount, path, field or None
 
 
 class _Session:
