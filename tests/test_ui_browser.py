@@ -319,7 +319,7 @@ async def test_input_is_provided_on_the_approval_page(platform: Platform, browse
 
     page = await new_page(browser, platform.base_url)
     await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/runs/{run_id}")
-    await page.get_by_role("link", name="an approval").click()
+    await page.get_by_role("link", name="an approval", exact=True).click()
     await expect(page).to_have_url(re.compile(rf"/ui/approvals/{approval_id}$"))
     data = page.get_by_label("Input data (JSON)")
     await data.fill("{oops")
@@ -515,6 +515,169 @@ async def test_a_run_replayed_with_the_slider(platform: Platform, browser: Brows
     await slider.fill("0")
     await expect(position).to_contain_text(f"Before the first event (0 of {total})")
     await expect(page.get_by_text("No variable is known yet.")).to_be_visible()
+    await no_serious_violations(page)
+    await page.context.close()
+
+
+def graph_shape(procedure_id: str) -> dict[str, Any]:
+    """A condition, a loop with its body, an approval whose rejection goes back to the start (a cycle) and a
+    terminate node: the shapes the graph draws."""
+    return {"procedure_id": procedure_id, "version": "1.0.0",
+            "variables_schema": {"mode": {"type": "string", "default": "all"}},
+            "workflow_graph": {"start_node": "prepare", "nodes": {
+                "prepare": {"type": "sequence", "description": "List the SKUs to visit", "next_node": "route",
+                            "steps": [{"step_id": "list", "action": "set_variable", "variable": "skus",
+                                       "value": ["A-1", "B-2", "C-3"]}]},
+                "route": {"type": "logic", "description": "Skip or visit", "default_next_node": "each",
+                          "rules": [{"condition": "{{mode}} == 'skip'", "next_node": "done"}]},
+                "each": {"type": "loop", "description": "Visit every SKU", "iterator": "skus",
+                         "iterator_variable": "sku", "index_variable": "position", "body_node": "visit",
+                         "next_node": "gate"},
+                "visit": {"type": "sequence", "description": "Visit one SKU",
+                          "steps": [{"step_id": "note", "action": "log", "message": "visiting {{sku}}"}]},
+                "gate": {"type": "human_approval", "description": "Ship them?", "prompt": "Ship them?",
+                         "decision_type": "approve_reject", "on_approve": "done", "on_reject": "prepare"},
+                "done": {"type": "terminate", "status": "success"}}}}
+
+
+DRAWN = """container => {
+  const svg = container.querySelector("svg");
+  const number = (el, name) => Number(el.getAttribute(name));
+  return {
+    dagre: window.dagre ? window.dagre.version : null, layout: svg.dataset.layout, role: svg.getAttribute("role"),
+    svgs: container.querySelectorAll("svg").length,
+    nodes: Array.from(svg.querySelectorAll("g.node")).map(g => {
+      const r = g.querySelector("rect");
+      return {id: g.dataset.node, cls: g.getAttribute("class"), x: number(r, "x"), y: number(r, "y"),
+              w: number(r, "width"), h: number(r, "height"), link: g.querySelector("a")?.getAttribute("href")};
+    }),
+    edges: Array.from(svg.querySelectorAll("path.edge")).map(p => ({
+      id: p.dataset.edge, source: p.dataset.source, target: p.dataset.target, cls: p.getAttribute("class"),
+      d: p.getAttribute("d")})),
+    labels: Array.from(svg.querySelectorAll("text.edge-label")).map(t => t.dataset.edgeLabel),
+  };
+}"""
+
+
+async def drawn_graph(page: Page, graph_id: str) -> dict[str, Any]:
+    """The graph as the page drew it (after dagre's layout): nodes with their boxes, edges, edge labels."""
+    container = page.locator(f'[data-graph="{graph_id}"]')
+    await expect(container.locator('svg[data-layout="dagre"]')).to_have_count(1)
+    drawn: dict[str, Any] = await container.evaluate(DRAWN)
+    return drawn
+
+
+def assert_laid_out(drawn: dict[str, Any], api_graph: dict[str, Any]) -> None:
+    """Every node once, no two boxes overlapping, one path per edge of the API's graph, a label per labelled edge."""
+    assert drawn["dagre"] == "3.1.4", drawn  # the vendored dagre laid it out
+    assert drawn["layout"] == "dagre"
+    assert drawn["svgs"] == 1  # the server's drawing was replaced
+    boxes = drawn["nodes"]
+    assert sorted(b["id"] for b in boxes) == sorted(n["id"] for n in api_graph["nodes"])
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            apart = (a["x"] + a["w"] <= b["x"] or b["x"] + b["w"] <= a["x"] or a["y"] + a["h"] <= b["y"]
+                     or b["y"] + b["h"] <= a["y"])
+            assert apart, (a, b)
+    assert sorted((e["id"], e["source"], e["target"]) for e in drawn["edges"]) == sorted(
+        (e["id"], e["source"], e["target"]) for e in api_graph["edges"])
+    assert all(e["d"].startswith("M") for e in drawn["edges"])
+    named = {"default", "approve", "reject", "timeout", "fallback", "on_failure", "loop_body"}  # by their kind
+    assert sorted(drawn["labels"]) == sorted(e["id"] for e in api_graph["edges"] if e["label"] or e["kind"] in named)
+
+
+async def fill_of(page: Page, graph_id: str, node_id: str) -> str:
+    rect = page.locator(f'[data-graph="{graph_id}"] g[data-node="{node_id}"] rect')
+    return str(await rect.evaluate("r => getComputedStyle(r).fill"))
+
+
+async def test_graphs_are_laid_out_by_dagre_and_follow_the_run(platform: Platform, browser: Browser) -> None:
+    """The version's graph and the run's are laid out by the vendored dagre from the API's graph JSON; on the run
+    page a node's status (and colour) changes in place as the run goes on, with keyboard focus kept on the node's
+    link, which leads to the node's events; the replay draws the graph at any position and shows each loop
+    iteration's item."""
+    bearer = {"Authorization": f"Bearer {await admin_token(platform)}"}
+    pid = f"graph-{uuid.uuid4().hex[:8]}"
+    r = await platform.client.post("/api/procedures", json={"ckp_json": graph_shape(pid)}, headers=bearer)
+    assert r.status_code == 201, r.text
+    api_graph = (await platform.client.get(f"/api/procedures/{pid}/1.0.0/graph", headers=bearer)).json()
+    assert {e["kind"] for e in api_graph["edges"]} >= {"condition", "default", "loop_body", "approve", "reject"}
+
+    page = await new_page(browser, platform.base_url)
+    await sign_in(page, "admin", ADMIN_PASSWORD, start=f"/ui/procedures/{pid}/1.0.0")
+    drawn = await drawn_graph(page, "version-graph")
+    assert_laid_out(drawn, api_graph)
+    assert drawn["role"] == "img"
+    assert not any(n["link"] for n in drawn["nodes"])
+    kinds = {(e["source"], e["target"]): e["cls"] for e in drawn["edges"]}
+    assert "edge-back" in kinds[("gate", "prepare")]
+    assert "edge-back" not in kinds[("prepare", "route")]
+    assert "edge-loop_body" in kinds[("each", "visit")]
+    classes = {n["id"]: n["cls"] for n in drawn["nodes"]}
+    assert "node-start" in classes["prepare"]
+    assert "node-terminate" in classes["done"]
+    await no_serious_violations(page)
+    if SCREENSHOTS:
+        await page.locator('[data-graph="version-graph"]').screenshot(path=str(Path(SCREENSHOTS) / "graph-version.png"))
+
+    r = await platform.client.post("/api/runs", json={"procedure_id": pid, "procedure_version": "1.0.0"},
+                                   headers=bearer)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["run_id"]
+
+    async def run() -> dict[str, Any]:
+        return dict((await platform.client.get(f"/api/runs/{run_id}", headers=bearer)).json())
+
+    waiting = await wait_until(run, lambda body: body.get("status") == "waiting_approval", timeout=60)
+    await page.goto(f"/ui/runs/{run_id}")
+    gate = page.locator('[data-graph="run-graph"] g[data-node="gate"]')
+    await expect(gate).to_have_attribute("data-status", "paused")
+    assert_laid_out(await drawn_graph(page, "run-graph"), api_graph)
+    paused_fill = await fill_of(page, "run-graph", "gate")
+    await expect(page.locator('[data-graph="run-graph"] g[data-node="each"]')).to_have_attribute("data-status",
+                                                                                               "completed")
+    link = gate.locator("a")
+    await expect(link).to_have_attribute("href", f"/ui/runs/{run_id}?node=gate#timeline-heading")
+    await link.focus()
+    await page.locator('[data-graph="run-graph"] svg').evaluate("svg => { svg.dataset.mark = 'first'; }")
+    await no_serious_violations(page)
+
+    r = await platform.client.post(f"/api/approvals/{waiting['waiting_on']['approval_id']}/decision",
+                                   json={"decision": "approved"}, headers=bearer)
+    assert r.status_code == 200, r.text
+    await expect(gate).to_have_attribute("data-status", "completed")  # live, over the run's event stream
+    await expect(page.locator('[data-graph="run-graph"] g[data-node="done"]')).to_have_attribute("data-status",
+                                                                                               "completed")
+    assert await fill_of(page, "run-graph", "gate") != paused_fill  # the colour follows the status
+    # changed in place: the same drawing, the focus still on the gate's link
+    await expect(page.locator('[data-graph="run-graph"] svg[data-mark="first"]')).to_have_count(1)
+    assert await link.evaluate("a => document.activeElement === a")
+    await no_serious_violations(page, "run-graph")
+    if SCREENSHOTS:
+        await page.locator('[data-graph="run-graph"]').screenshot(path=str(Path(SCREENSHOTS) / "graph-run.png"))
+    await page.keyboard.press("Enter")  # the node's events
+    await expect(page).to_have_url(re.compile(rf"/ui/runs/{run_id}\?node=gate#timeline-heading$"))
+    await expect(page.locator("#timeline li").first).to_have_attribute("data-node", "gate")
+
+    # the replay: the graph drawn again at each position, and each iteration's item
+    events = (await platform.client.get(f"/api/runs/{run_id}/events", params={"limit": 500},
+                                        headers=bearer)).json()["items"]
+    iterations = [e["seq"] for e in events if e["event_type"] == "loop_iteration"]
+    assert len(iterations) == 3
+    await page.goto(f"/ui/runs/{run_id}/replay?at={iterations[1]}")
+    sku = page.locator('tr[data-variable="sku"]')
+    await expect(sku.locator("td").nth(0)).to_have_text('"B-2"')
+    await expect(sku.locator("td").nth(1)).to_have_text(f"loop each, iteration 2 of 3 (event #{iterations[1]})")
+    await expect(page.locator('tr[data-variable="position"] td').nth(0)).to_have_text("1")
+    assert_laid_out(await drawn_graph(page, "replay-graph"), api_graph)
+    each = page.locator('[data-graph="replay-graph"] g[data-node="each"]')
+    await expect(each).to_have_attribute("data-status", "running")
+    await page.get_by_role("slider", name="After event").fill(str(iterations[2]))  # in place (htmx)
+    await expect(sku.locator("td").nth(0)).to_have_text('"C-3"')
+    await expect(page.locator('[data-graph="replay-graph"] svg[data-layout="dagre"]')).to_have_count(1)
+    await page.get_by_role("slider", name="After event").fill("1")
+    await expect(each).to_have_attribute("data-status", "not_started")
+    await expect(page.locator('[data-graph="replay-graph"] svg[data-layout="dagre"]')).to_have_count(1)
     await no_serious_violations(page)
     await page.context.close()
 

@@ -67,4 +67,10 @@ def test_graph_geometry_from_the_laid_out_graph() -> None:
     assert down.path == "M110,56 C110,98 110,98 110,140"  # bottom centre to top centre
     assert (down.back, back.back, back.label) == (False, True, "again")
     assert drawn.view_box == "-150 -40 520 276"
+    assert drawn.data == {  # what graph.js lays out with dagre: the edge to an unknown node left out there too
+        "start": "a", "status": {"a": "completed"},
+        "nodes": [{"id": "a", "type": "sequence", "label": "First step of all of them"},
+                  {"id": "b", "type": "terminate", "label": "b"}],
+        "edges": [{"id": "a->b#0", "source": "a", "target": "b", "kind": "next", "label": None},
+                  {"id": "b->a#1", "source": "b", "target": "a", "kind": "loop_body", "label": "again"}]}
     assert graph.drawing({}).boxes == []

@@ -1,8 +1,11 @@
-"""A procedure's graph as SVG geometry, from the API's ``GraphOut`` (already laid out by the server, top to bottom:
-each node's ``position`` is the top-left corner of its box), with a run's node statuses when there is a run.
+"""A procedure's graph for the console's pages, from the API's ``GraphOut``, with a run's node statuses when there
+is a run.
 
-No layout library is needed in the browser: the template draws boxes and edges from these numbers, and the run
-page re-renders it as the run's events arrive.
+In the browser, ``static/console/graph.js`` lays the graph out with dagre (vendored, ``static/vendor/``) from
+:attr:`Drawing.data` (the graph's nodes and edges and the statuses, embedded in the page as JSON) and draws it as
+SVG; the run page updates its nodes' statuses in place as the run's events arrive. The SVG geometry computed here
+from the server's own layout (each node's ``position`` is the top-left corner of its box) is what a browser without
+JavaScript shows instead: the page replaces it with dagre's drawing when its script runs.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Drawing:
     view_box: str
     boxes: list[Box]
     lines: list[Line]
+    data: dict[str, Any]  # what graph.js lays out and draws: {start, nodes, edges, status}
 
 
 def drawing(graph: Mapping[str, Any], node_status: Mapping[str, Any] | None = None) -> Drawing:
@@ -70,7 +74,21 @@ def drawing(graph: Mapping[str, Any], node_status: Mapping[str, Any] | None = No
     width = max(xs) - min(xs) + NODE_W * 2 + 2 * MARGIN  # room for loop-back curves beside the boxes
     height = max(ys) - min(ys) + NODE_H + 2 * MARGIN
     return Drawing(width=width, height=height, view_box=f"{left:g} {top:g} {width:g} {height:g}", boxes=boxes,
-                   lines=lines)
+                   lines=lines, data=client_data(graph, statuses))
+
+
+def client_data(graph: Mapping[str, Any], node_status: Mapping[str, Any]) -> dict[str, Any]:
+    """The graph as ``graph.js`` reads it: nodes (id, type, label), edges (id, source, target, kind, label) between
+    known nodes, the start node and each node's status (``{node_id: status}``, empty without a run)."""
+    nodes = [{"id": n["id"], "type": str(n.get("type") or ""),
+              "label": str((n.get("data") or {}).get("label") or n["id"])} for n in graph.get("nodes") or []]
+    known = {n["id"] for n in nodes}
+    edges = [{"id": str(e.get("id") or f"{e['source']}->{e['target']}#{i}"), "source": e["source"],
+              "target": e["target"], "kind": str(e.get("kind") or "next"), "label": e.get("label")}
+             for i, e in enumerate(graph.get("edges") or []) if e["source"] in known and e["target"] in known]
+    status = {node_id: str(state.get("status")) for node_id, state in node_status.items()
+              if node_id in known and isinstance(state, Mapping) and state.get("status")}
+    return {"start": graph.get("start_node"), "nodes": nodes, "edges": edges, "status": status}
 
 
 def _cut(label: str) -> str:

@@ -232,7 +232,8 @@ async def _run_graph(ui: Console, run_id: str) -> dict[str, Any]:
     view = await ui.get(f"/api/runs/{path_id(run_id)}/graph")
     return {"drawing": graph.drawing(view["graph"] or {}, view["node_status"]), "graph_id": "run-graph",
             "graph_label": f"Graph of {view['procedure_id']} {view['procedure_version']} with this run's node statuses",
-            "graph_unavailable": view.get("graph_unavailable_reason"), "node_status": view["node_status"]}
+            "graph_unavailable": view.get("graph_unavailable_reason"), "node_status": view["node_status"],
+            "graph_node_href": f"/ui/runs/{path_id(run_id)}?node="}  # a node links to its events
 
 
 async def _run_view(ui: Console, run_id: str) -> dict[str, Any]:
