@@ -136,6 +136,11 @@ class ServiceProcess:
                 self.proc.kill()
             self.proc.wait()
 
+    def note(self, line: str) -> None:
+        """A line of the harness's own in the replica's log (``--- …``)."""
+        with contextlib.suppress(OSError), self.log_file.open("ab") as log:
+            log.write(f"--- {line}\n".encode())
+
     def log_tail(self, chars: int = 3000) -> str:
         try:
             return self.log_file.read_text(errors="replace")[-chars:]
@@ -322,9 +327,12 @@ class LocalCluster:
             p.kill()
         else:
             p.stop()
+        stopped = time.monotonic()
         p.start()
         self.wait_ready(timeout, [p])
-        return time.monotonic() - began
+        ready = time.monotonic()
+        p.note(f"ready {ready - stopped:.1f} s after its start; stopping took {stopped - began:.1f} s")
+        return ready - began
 
     def kill_node(self, i: int) -> None:
         """SIGKILL NATS node ``i`` (its store stays)."""
