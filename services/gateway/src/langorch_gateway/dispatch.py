@@ -111,7 +111,7 @@ async def min_position(request: Request) -> dict[str, str]:
     headers: dict[str, str] = {}
     if raw and not await ryw(request, header_position("X-LangOrch-Min-Position", raw)):
         headers["X-LangOrch-Consistency"] = "stale"
-    headers["X-LangOrch-Position"] = str(clients(request).projector.position)
+    headers["X-LangOrch-Position"] = str(clients(request).projector.served)
     return headers
 
 

@@ -52,6 +52,11 @@ PENDING = 100_000
 IDLE_CHECK_S = 2.0
 """A projector that received nothing for this long compares its position with the stream head: behind means its
 consumer is lost (a NATS restart or a node's loss without a reconnection here), and it subscribes again."""
+STORED_POLL_S = 0.1  # a read-your-writes wait reads the stored position again this often (see StreamProjector.wait)
+YIELD_EVERY = 64
+"""Messages decoded, or applied to a batch's statements, between two turns given to the rest of the event loop: the
+gateway serves the API on the loop the projector decodes and applies on, and a batch of ``BATCH`` messages handled
+in one go held every request for tens of milliseconds."""
 MOVED_ON = "LO001"
 """The SQLSTATE a batch's commit fails with when another projector of the same name moved the position on."""
 
@@ -201,6 +206,7 @@ class StreamProjector(ABC, Generic[M]):
         self.bus: BusMetrics | None = None  # langorch_bus_* of the gateway (set by the app)
         # since when the projector is known to be behind without moving (its consumer lost): /api/ready says so
         self.stalled_since: float | None = None
+        self.stored_seen = 0  # the highest stored position read by wait() (moved on by any gateway replica)
 
     @abstractmethod
     def decode(self, msg: Msg) -> M:
@@ -265,7 +271,9 @@ class StreamProjector(ABC, Generic[M]):
         try:
             await conn.execute(begin)
             statements = StatementBatch()
-            for e in fresh:
+            for i, e in enumerate(fresh, start=1):
+                if not i % YIELD_EVERY:
+                    await asyncio.sleep(0)  # the API's requests are served between chunks of a large batch
                 if isinstance(e, Poison):
                     await self._dead_letter(conn, e.position, e.subject, e.error)
                 else:
@@ -394,7 +402,14 @@ class StreamProjector(ABC, Generic[M]):
         # batches held the server's delivery back until the next batch began
         received: asyncio.Queue[tuple[str, dict[str, str] | None, M | Poison]] = asyncio.Queue(maxsize=PENDING)
 
+        taken = 0
+
         async def take(msg: Msg) -> None:
+            # nats-py hands the messages it has to this callback one after the other without leaving the loop
+            nonlocal taken
+            taken += 1
+            if not taken % YIELD_EVERY:
+                await asyncio.sleep(0)
             await received.put((msg.subject, msg.headers, self._decode(msg)))
 
         seen = reconnects(self.js)
@@ -436,13 +451,42 @@ class StreamProjector(ABC, Generic[M]):
                 await self._task
 
     async def wait(self, position: int, timeout: float) -> bool:
-        """Wait until the projection has applied ``position``; False on timeout."""
-        async with self._advanced:
-            try:
-                await asyncio.wait_for(self._advanced.wait_for(lambda: self.position >= position), timeout)
-            except TimeoutError:
+        """Wait until the projection has applied ``position``; False on timeout.
+
+        Applied by this projector, or by another gateway replica's projector of the same name: they write the same
+        tables, and the position stored with them says how far they are. So a client that wrote through one replica
+        reads its write through another with the position the first returned (``X-LangOrch-Min-Position``), even
+        while this replica's projector is behind; the stored position is read again every ``STORED_POLL_S``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.position < position:
+            if await self._stored_reached(position):
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 return False
+            async with self._advanced:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._advanced.wait_for(lambda: self.position >= position),
+                                           min(remaining, STORED_POLL_S))
         return True
+
+    async def _stored_reached(self, position: int) -> bool:
+        """Whether the stored position (moved on by any replica) has reached ``position``; False when it cannot be
+        read now (the database unavailable: the wait goes on with this projector's own position)."""
+        try:
+            async with self.pool.acquire() as conn:
+                stored = int(await conn.fetchval(
+                    "SELECT position FROM projection_positions WHERE name = $1", self.NAME) or 0)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            return False
+        self.stored_seen = max(self.stored_seen, stored)
+        return stored >= position
+
+    @property
+    def served(self) -> int:
+        """The position reads are known to reflect: this projector's, or a higher stored one seen by :meth:`wait`."""
+        return max(self.position, self.stored_seen)
 
     async def head(self) -> int:
         """The last sequence of the followed stream (0 when empty)."""
