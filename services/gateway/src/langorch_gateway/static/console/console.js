@@ -1,6 +1,7 @@
 // The run page's live timeline: htmx's SSE extension delivers the run's events (JSON, from the API's stream);
 // this renders each one as a list item, in seq order, skipping any it has already shown (after a reconnect the
-// server replays from the last event id, so nothing is missed and nothing is shown twice).
+// server replays from the last event id, so nothing is missed and nothing is shown twice). A dropped stream is
+// opened again promptly (LiveSource below).
 (function () {
   "use strict";
 
@@ -93,15 +94,78 @@
   document.addEventListener("htmx:sseError", function () { say("Connection lost; reconnecting…"); });
   document.addEventListener("htmx:sseClose", function () { say("The run has ended; the timeline is complete."); });
 
-  // When the extension opens a new EventSource after a failed reconnect, resume after the last event shown
-  // (the browser's own reconnects send Last-Event-ID instead).
-  if (window.htmx) {
-    window.htmx.createEventSource = function (url) {
-      var list = timeline();
-      var after = list ? Number(list.dataset.after || "0") : 0;
-      var target = new URL(url, window.location.href);
-      if (after > 0) { target.searchParams.set("after", String(after)); }
-      return new EventSource(target.toString(), { withCredentials: true });
+  // A new connection resumes after the last event shown (the browser's own reconnects send Last-Event-ID instead).
+  function resumeUrl(url) {
+    var list = timeline();
+    var after = list ? Number(list.dataset.after || "0") : 0;
+    var target = new URL(url, window.location.href);
+    if (after > 0) { target.searchParams.set("after", String(after)); }
+    return target.toString();
+  }
+
+  // The stream the SSE extension listens to. While the server is unreachable the browser reconnects by itself
+  // (every 3 s: the streams' retry field). When the browser gives up instead (an answer that is not a stream:
+  // a 502 from a proxy, a 503 while the gateway starts), the extension's own retries back off up to 64 s; this
+  // one opens a new connection after 0.5 s, 1 s, 2 s, then every 5 s at most, under the same listeners, and
+  // reports the connection as reconnecting (never closed) so that the extension does not start a second one.
+  var MAX_WAIT_MS = 5000;
+
+  function LiveSource(url) {
+    this.url = url;
+    this.listeners = {};
+    this.onopen = null;
+    this.onerror = null;
+    this.readyState = 0;  // EventSource.CONNECTING
+    this.failures = 0;
+    this.closed = false;
+    this.open();
+  }
+  LiveSource.prototype.forward = function (type) {
+    var self = this;
+    return function (event) {
+      (self.listeners[type] || []).slice().forEach(function (listener) { listener.call(self, event); });
     };
+  };
+  LiveSource.prototype.open = function () {
+    var self = this;
+    var source = new EventSource(resumeUrl(self.url), { withCredentials: true });
+    self.source = source;
+    Object.keys(self.listeners).forEach(function (type) { source.addEventListener(type, self.forward(type)); });
+    source.onopen = function (event) {
+      self.failures = 0;
+      self.readyState = 1;  // OPEN
+      if (self.onopen) { self.onopen(event); }
+    };
+    source.onerror = function (event) {
+      if (self.closed) { return; }
+      self.readyState = 0;
+      if (self.onerror) { self.onerror(event); }
+      if (source.readyState === 2) {  // EventSource.CLOSED: the browser will not retry this one
+        var wait = Math.min(500 * Math.pow(2, self.failures), MAX_WAIT_MS);
+        self.failures += 1;
+        self.timer = window.setTimeout(function () { if (!self.closed) { self.open(); } }, wait);
+        say("Connection lost; reconnecting in " + wait / 1000 + " s…");
+      }
+    };
+  };
+  LiveSource.prototype.addEventListener = function (type, listener) {
+    if (!this.listeners[type]) {
+      this.listeners[type] = [];
+      this.source.addEventListener(type, this.forward(type));
+    }
+    this.listeners[type].push(listener);
+  };
+  LiveSource.prototype.removeEventListener = function (type, listener) {
+    this.listeners[type] = (this.listeners[type] || []).filter(function (l) { return l !== listener; });
+  };
+  LiveSource.prototype.close = function () {
+    this.closed = true;
+    this.readyState = 2;
+    window.clearTimeout(this.timer);
+    this.source.close();
+  };
+
+  if (window.htmx) {
+    window.htmx.createEventSource = function (url) { return new LiveSource(url); };
   }
 }());
