@@ -15,6 +15,9 @@ against the same PostgreSQL right after the load: a bare LangGraph `StateGraph` 
     uv run python bench/load.py [--clients 40] [--seconds 30] [--poll-ms 100] [--workers N]
 
 `--workers 0` runs every service in the API's process (the process model before `langorch up` had workers).
+The clients' own answer times include the wait of their one event loop on a machine they share with the server; a
+**probe** in a process of its own (`--probe`, this same file) therefore also reads, one request at a time every
+`--probe-ms`, `GET /api/runs/{id}` of a run that has ended and `GET /api/health`, during the same window.
 Also reported: the CPU time each process of `langorch up` (API process, worker processes, nats-server, PostgreSQL
 with its backends) spent in the measured window, per completed run — steadier than wall-clock figures on a shared
 machine, and where a run's cost goes.
@@ -233,7 +236,27 @@ async def drive(base: str, procedure_id: str, clients: int, seconds: float, warm
     return load, seconds, await cpu
 
 
-async def prepare(base: str, doc: dict[str, Any], headers: dict[str, str]) -> None:
+def probe(base: str, key: str, run_id: str, warmup: float, seconds: float, interval_ms: float) -> dict[str, Any]:
+    """One request at a time from this process, every ``interval_ms``, in the measured window: the answer times of
+    ``GET /api/runs/{run_id}`` and ``GET /api/health``, without the clients' event loop in them."""
+    runs: list[float] = []
+    health: list[float] = []
+    time.sleep(warmup)
+    end = time.perf_counter() + seconds
+    with httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": key}) as c:
+        while time.perf_counter() < end:
+            for path, into in ((f"/api/runs/{run_id}", runs), ("/api/health", health)):
+                t = time.perf_counter()
+                r = c.get(path)
+                into.append((time.perf_counter() - t) * 1000)
+                if r.status_code != 200:
+                    raise RuntimeError(f"probe: GET {path} answered {r.status_code}")
+            time.sleep(interval_ms / 1000)
+    return {"get_run_ms": summary(runs), "get_health_ms": summary(health), "interval_ms": interval_ms}
+
+
+async def prepare(base: str, doc: dict[str, Any], headers: dict[str, str]) -> str:
+    """Import the procedure and run it three times; the id of the last run (ended)."""
     async with httpx.AsyncClient(base_url=base, timeout=60, headers=headers) as c:
         r = await c.post("/api/procedures", json={"ckp_json": doc})
         assert r.status_code in (200, 201), r.text
@@ -244,9 +267,11 @@ async def prepare(base: str, doc: dict[str, Any], headers: dict[str, str]) -> No
                 if (await c.get(f"/api/runs/{run['run_id']}")).json()["status"] in TERMINAL:
                     break
                 await asyncio.sleep(0.05)
+        return str(run["run_id"])
 
 
-async def main(clients: int, seconds: float, warmup: float, poll_ms: float, workers: int | None) -> dict[str, Any]:
+async def main(clients: int, seconds: float, warmup: float, poll_ms: float, workers: int | None,
+               probe_ms: float) -> dict[str, Any]:
     rb = runtime_bench()
     tmp = Path(tempfile.mkdtemp(prefix="langorch-bench-load-"))
     state = tmp / "state"
@@ -258,11 +283,16 @@ async def main(clients: int, seconds: float, warmup: float, poll_ms: float, work
         doc = rb.ten_node_procedure()
         # the admin API key `langorch up` stores for the CLI at its first start (authentication is on)
         headers = {"X-API-Key": (state / "api-key").read_text().strip()}
-        await prepare(base, doc, headers)
+        ended_run = await prepare(base, doc, headers)
+        prober = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--probe", base, "--probe-run", ended_run, "--warmup", str(warmup), "--seconds",
+            str(seconds), "--probe-ms", str(probe_ms), env={**os.environ, "LANGORCH_API_KEY": headers["X-API-Key"]},
+            stdout=asyncio.subprocess.PIPE)
         # PostgreSQL's postmaster is not a child of langorch up (pg_ctl starts it detached): its pid file names it
         postmaster = int((state / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
         load, window, cpu = await drive(base, doc["procedure_id"], clients, seconds, warmup, poll_ms, headers,
                                         [up.proc.pid, postmaster])
+        probed = json.loads((await prober.communicate())[0])
         servers = json.loads((state / "servers.json").read_text())
         database_url = f"postgresql://postgres@127.0.0.1:{servers['postgres']['port']}/langorch"
         baseline = await rb.langgraph_baseline(database_url, clients)
@@ -284,6 +314,7 @@ async def main(clients: int, seconds: float, warmup: float, poll_ms: float, work
         "run_latency_ms": summary(load.run_ms),
         "get_run_ms": get,
         "post_runs_ms": post,
+        "probe_one_request_at_a_time": probed,
         "cpu_ms_per_completed_run": {kind: round(seconds_used * 1000 / load.completed, 2) for kind, seconds_used
                                      in [*sorted(cpu.items()), ("total", sum(cpu.values()))]}
         if load.completed else None,
@@ -311,6 +342,13 @@ if __name__ == "__main__":
     parser.add_argument("--poll-ms", type=float, default=100.0)
     parser.add_argument("--workers", type=int, default=None,
                         help="`langorch up --workers` (default: not given; 0: every service in one process)")
+    parser.add_argument("--probe-ms", type=float, default=50.0, help="the probe's pause between its requests")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-run", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.clients, args.seconds, args.warmup, args.poll_ms, args.workers)),
-                     indent=2))
+    if args.probe:
+        print(json.dumps(probe(args.probe, os.environ["LANGORCH_API_KEY"], args.probe_run, args.warmup, args.seconds,
+                               args.probe_ms)))
+    else:
+        print(json.dumps(asyncio.run(main(args.clients, args.seconds, args.warmup, args.poll_ms, args.workers,
+                                          args.probe_ms)), indent=2))
