@@ -365,3 +365,15 @@ async def test_the_decision_gets_a_copy_and_the_least_recently_used_aggregate_is
     before = store.events_read
     assert (await cached_handler(store, cache).load("a")).state.count == 1  # dropped: read in full again
     assert store.events_read == before + 1
+
+
+async def test_a_view_reads_the_current_state_and_copies_only_what_it_picks() -> None:
+    store, cache = CountingStore(), tally_cache()
+    await competing_append(store, "v1", "one")
+    assert await cache.view(store, "run", "v1", lambda state: state.count) == 1
+    await competing_append(store, "v1", "two")
+    causes = await cache.view(store, "run", "v1", lambda state: list(state.causes))
+    assert len(causes) == 2
+    assert store.events_read == 2
+    causes.append("mine")  # the picked copy is the caller's
+    assert await cache.view(store, "run", "v1", lambda state: len(state.causes)) == 2

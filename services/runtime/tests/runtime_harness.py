@@ -90,9 +90,11 @@ async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
                   dispatcher: Dispatcher | None = None, run_id: str = "run-1",
                   callbacks: CallbackConfig | None = None,
                   sleep: Callable[[float], Awaitable[None]] | None = None, limiter: Limiter | None = None,
-                  appending: Callable[[EventData], Awaitable[None]] | None = None) -> Run:
+                  appending: Callable[[EventData], Awaitable[None]] | None = None,
+                  steps: MemoryStepStore | None = None) -> Run:
     """``appending``: awaited before each event is recorded, as a slow event store append would be (tests that
-    orchestrate what other frames do while a node's event is being appended)."""
+    orchestrate what other frames do while a node's event is being appended). ``steps``: the step store (a fresh
+    :class:`MemoryStepStore` by default)."""
     ir = compile_ok(doc)
     events: list[EventData] = []
 
@@ -108,7 +110,7 @@ async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
     values = validate_inputs(ir.variables, inputs or {}, {"run_id": run_id})
     machine = Machine(ir=ir, run=RunInfo(run_id=run_id, run_created={"input_vars": values, "root_run_id": run_id},
                                          started_at="2026-01-01T00:00:00.000000Z"),
-                      emit=emit, steps=MemoryStepStore(run_id), dispatcher=dispatcher or Dispatcher(),
+                      emit=emit, steps=steps or MemoryStepStore(run_id), dispatcher=dispatcher or Dispatcher(),
                       sleep=sleep or no_sleep, callbacks=callbacks, limiter=limiter)
     graph = build_graph(machine, InMemorySaver())
     config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": 100_000}

@@ -44,6 +44,7 @@ from langorch_infra import logs
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
+T = TypeVar("T")
 
 Decision = EventData | Sequence[EventData] | None
 """What a decide function returns: the payload(s) to append, in order; ``None`` (or ``[]``) accepts the command
@@ -157,14 +158,25 @@ class AggregateCache(Generic[S]):
                    command: Command | None = None) -> Loaded[S]:
         entry = self._entry(aggregate_id)
         async with entry.lock:  # one refresh at a time: concurrent loads must not apply the same events twice
-            for stored in await store.read(aggregate, aggregate_id, entry.position):
-                self.evolve(entry.state, stored)
-                entry.seq, entry.position = stored.envelope.seq, stored.position
-                if stored.envelope.causation_id:
-                    entry.caused.setdefault(stored.envelope.causation_id, []).append(stored)
+            await self._refresh(entry, store, aggregate, aggregate_id)
             done = tuple(entry.caused.get(command.command_id, ())) if command is not None else ()
             # a copy: the decision may take a while (a run's creation), while other loads move the cached state on
             return Loaded(copy.deepcopy(entry.state), entry.seq, entry.position, done)
+
+    async def view(self, store: EventStore, aggregate: str, aggregate_id: str, pick: Callable[[S], T]) -> T:
+        """``pick`` of the aggregate's current state, without copying the whole state as :meth:`load` does:
+        ``pick`` runs under the entry's lock and returns what the caller keeps (a copy of the part it reads)."""
+        entry = self._entry(aggregate_id)
+        async with entry.lock:
+            await self._refresh(entry, store, aggregate, aggregate_id)
+            return pick(entry.state)
+
+    async def _refresh(self, entry: _Cached[S], store: EventStore, aggregate: str, aggregate_id: str) -> None:
+        for stored in await store.read(aggregate, aggregate_id, entry.position):
+            self.evolve(entry.state, stored)
+            entry.seq, entry.position = stored.envelope.seq, stored.position
+            if stored.envelope.causation_id:
+                entry.caused.setdefault(stored.envelope.causation_id, []).append(stored)
 
 
 def rejection(command: Command, command_type: str, refusal: CommandRefused) -> CommandRejected:

@@ -18,6 +18,7 @@ LangGraph, no PostgreSQL), so it also runs where runs are only submitted, not ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -201,8 +202,13 @@ class RunCreator:
 
     async def version(self, procedure_id: str, version: str) -> VersionState | None:
         """The version as the procedure aggregate has it now (None: never imported, or deleted)."""
-        loaded = await self.procedure_states.load(self.store, "procedure", procedure_id)
-        return loaded.state.versions.get(version)
+        def pick(state: ProcedureState) -> VersionState | None:
+            # a copy of that version alone: evolve sets a version's fields anew (its document included, never
+            # changed in place), so later events do not reach it; copying every version's document cost each creation
+            found = state.versions.get(version)
+            return copy.copy(found) if found is not None else None
+
+        return await self.procedure_states.view(self.store, "procedure", procedure_id, pick)
 
     async def load_ir(self, procedure_id: str, version: str) -> ProcedureIR | None:
         """The version's IR as stored now (a draft's is replaced when its document is), parsed once per revision

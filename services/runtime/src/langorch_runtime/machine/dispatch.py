@@ -36,13 +36,31 @@ class Announcement:
     """``step_started`` of one attempt, emitted once: with the agent chosen for a dispatched step (ckp.md §8),
     or without one when the step fails or completes before any agent is chosen."""
 
-    def __init__(self, emit: Emit, event: StepStarted, settle: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(self, emit: Emit, event: StepStarted, settle: Callable[[], Awaitable[None]] | None = None,
+                 claim: asyncio.Future[None] | None = None) -> None:
         self.emit = emit
         self.settle = settle  # a dispatched step's announcement is stored before the agent is called
         self.event: StepStarted | None = event
         self.binding_kind = event.binding_kind  # ``channel`` until an agent is chosen (ckp.md §8)
+        # the attempt's ``started`` record (ckp.md §7.4), written while the agent is chosen and its lease taken:
+        # stored before ``step_started`` is emitted, so before the agent is called, as when it was awaited first
+        self.claim = claim
+
+    async def claimed(self) -> None:
+        """Wait until the attempt's ``started`` record is stored (raises its write's failure)."""
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            await claim
+
+    def abandon(self) -> None:
+        """The attempt ended without announcing (canceled, or a failure that is not a step's): the claim's write
+        goes on, and its failure is not reported as never retrieved."""
+        claim, self.claim = self.claim, None
+        if claim is not None:
+            claim.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def __call__(self, agent_id: str | None, binding_kind: str | None = None) -> None:
+        await self.claimed()
         event, self.event = self.event, None
         if event is not None:
             if binding_kind:

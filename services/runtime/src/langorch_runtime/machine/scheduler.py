@@ -14,7 +14,7 @@ from typing import Any, cast
 from ckp_core import runs
 from ckp_core.events import CallbackTimedOut, ErrorObject, EventData, NodeError, RunSuspended, WorkflowCallbackReceived
 from ckp_core.ir import HumanApprovalPayload
-from langorch_runtime.frames import ApprovalData, Frame, RunState, frame_string, new_frame
+from langorch_runtime.frames import ApprovalData, Frame, RunState, frame_string, new_frame, tree_copy
 from langorch_runtime.machine.lifecycle import NodeLifecycle
 from langorch_runtime.machine.nodes.human_approval import decision_received, decision_record
 from langorch_runtime.machine.outcomes import dump
@@ -48,7 +48,7 @@ class Machine(NodeLifecycle):
         state is persisted: a save was asked (``is_checkpoint``, ``set_checkpoint``), a wait was added (before
         the pause), the run ended or suspended, or a node failed (the failure point, §7.12: the state from
         before that node started travels with it, since a retry restarts the node from there)."""
-        state = copy.deepcopy(state)
+        state = tree_copy(state)
         state["saves"] = []
         self.affinity = state.setdefault("affinity", {})
         if self.ir.global_config.checkpoint_strategy == "every_node":
@@ -58,7 +58,7 @@ class Machine(NodeLifecycle):
         while True:
             starting = [f["id"] for f in self.runnable(state) if f.get("node") is None]
             if starting:
-                before = copy.deepcopy(state)
+                before = tree_copy(state)
                 starts.update((fid, before) for fid in starting)
             waits, point = set(state.get("waits") or {}), state.get("failure_point")
             await self.super_step(state)

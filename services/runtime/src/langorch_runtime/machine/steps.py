@@ -278,28 +278,35 @@ class StepRunner(Dispatching):
                 self.on_sensitive(set(), set(scalar_strings(params)))
         same = record is not None and record.attempt == attempt and isinstance(record.result, dict)
         delegation_id = str((record.result or {}).get("delegation_id") if same and record else "") or new_id()
+        claim: asyncio.Future[None] | None = None
         if not internal:  # the claim before a side effect (§7.4); an internal operation has none to guard, and
-            # after a crash its attempt number comes out the same from its records without a `started` one
-            await self.steps.put(call.identity, StepRecord(
+            # after a crash its attempt number comes out the same from its records without a `started` one.
+            # Written while the agent is chosen; the announcement waits for it, and the agent is called only after
+            # that (Announcement.claimed)
+            claim = asyncio.ensure_future(self.steps.put(call.identity, StepRecord(
                 status="started", attempt=attempt, idempotency_key=key, node_id=node.id, step_id=step_id,
-                frame=fs, result={"delegation_id": delegation_id}, updated_at=now_iso()))
+                frame=fs, result={"delegation_id": delegation_id}, updated_at=now_iso())))
         announce = Announcement(self.emit, StepStarted(
             node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
             binding_kind="internal" if internal else "channel", channel=step.binding.channel, idempotency_key=key,
-            params=announced), None if internal else self.settle)
-        if internal or not self.dispatcher.announces_agent:
-            await announce(None)
+            params=announced), None if internal else self.settle, claim)
         try:
-            result, writes = await self.execute_attempt(state, frame, call, params, key, delegation_id, announce)
-            await announce(None)
-            return Succeeded(result, writes)
-        except StepError as exc:
-            await announce(None)
-            return Failed(exc.error.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
-                                                       "attempt": attempt}), announce.binding_kind)
-        except Delegated as delegated:
-            await announce(None)
-            return await self.delegated(state, frame, call, key, delegated)
+            if internal or not self.dispatcher.announces_agent:
+                await announce(None)
+            try:
+                result, writes = await self.execute_attempt(state, frame, call, params, key, delegation_id,
+                                                            announce)
+                await announce(None)
+                return Succeeded(result, writes)
+            except StepError as exc:
+                await announce(None)
+                return Failed(exc.error.model_copy(update={"node_id": node.id, "step_id": step_id, "frame": fs,
+                                                           "attempt": attempt}), announce.binding_kind)
+            except Delegated as delegated:
+                await announce(None)
+                return await self.delegated(state, frame, call, key, delegated)
+        finally:
+            announce.abandon()
 
     def writes_sensitive(self, step: StepIR) -> bool:
         """The internal step writes a sensitive variable (``variable``/``array`` or ``output_variable``)."""
