@@ -10,7 +10,11 @@
     SLOW_MS) and a quick branch (4 internal nodes), under `wait_strategy: all` and `any`; the run's time in the
     runtime against the slow call alone and against the quick branch run on its own.
 
-    uv run python bench/runtime.py [--runs 20] [--calls 50]
+    uv run python bench/runtime.py [--runs 20] [--calls 50] [--profile FILE]
+
+``--profile FILE``: after the measurements, 20 more sequential runs of (a) under cProfile timed by this process's CPU
+time (gateway, compiler and runtime share its event loop; waiting and other processes' load do not count), stats
+written to FILE (``python -m pstats FILE``); their times are not reported.
 
 Prints one JSON object. Starts its own embedded NATS and PostgreSQL unless LANGORCH_TEST_NATS_URL /
 LANGORCH_TEST_DATABASE_URL are set.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
 import statistics
@@ -297,10 +302,22 @@ async def race_bench(p: Any, nats_url: str, runs: int, ends: Completions) -> dic
     return out
 
 
-async def main(runs: int, calls: int) -> dict[str, Any]:
+async def profile_runs(p: Any, ends: Completions, path: str, runs: int = 20) -> None:
+    doc = ten_node_procedure()
+    profiler = cProfile.Profile(time.process_time)  # CPU time: other processes' load does not count
+    profiler.enable()
+    for _ in range(runs):
+        await ends.wait(await start(p.client, doc["procedure_id"]))
+    profiler.disable()
+    profiler.dump_stats(path)
+
+
+async def main(runs: int, calls: int, profile: str | None = None) -> dict[str, Any]:
     async with bench_servers("lo_bench_runtime") as (nats_url, db):
         async with platform_of(nats_url, db) as p, Completions(nats_url) as ends:
             platform = await platform_bench(p, nats_url, runs, ends)
+            if profile:
+                await profile_runs(p, ends, profile)
             unpersisted = await platform_bench(p, nats_url, runs, ends, "disabled")
             dispatch = await dispatch_bench(p, nats_url, calls, ends)
             race = await race_bench(p, nats_url, max(3, runs // 2), ends)
@@ -367,5 +384,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--profile", metavar="FILE", help="write cProfile stats of 20 more sequential runs to FILE")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.runs, args.calls)), indent=2))
+    print(json.dumps(asyncio.run(main(args.runs, args.calls, args.profile)), indent=2))
