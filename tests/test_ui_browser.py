@@ -659,7 +659,7 @@ async def test_graphs_are_laid_out_by_dagre_and_follow_the_run(platform: Platfor
     # changed in place: the same drawing, the focus still on the gate's link
     await expect(page.locator('[data-graph="run-graph"] svg[data-mark="first"]')).to_have_count(1)
     assert await link.evaluate("a => document.activeElement === a")
-    await no_serious_violations(page, "run-graph")
+    await no_serious_violations(page)
     if SCREENSHOTS:
         await page.locator('[data-graph="run-graph"]').screenshot(path=str(Path(SCREENSHOTS) / "graph-run.png"))
     await page.keyboard.press("Enter")  # the node's events
