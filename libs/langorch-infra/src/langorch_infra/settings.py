@@ -300,6 +300,9 @@ class GatewaySettings(CommonSettings):
     agent_probe_timeout_s: float = Field(5.0, gt=0, description="Timeout of capability probes.")
     ready_max_lag: int = Field(10_000, ge=0, description="GET /api/ready answers 503 while a projection is more "
                                "than this many events behind the stream head.")
+    ready_stall_s: float = Field(10.0, gt=0, description="GET /api/ready answers 503 while a projection has been "
+                                 "applying events for this many seconds without moving (its database writes blocked "
+                                 "or failing).")
     metrics_token: SecretStr | None = Field(None, description="Bearer token GET /metrics requires when set.")
     agent_recommended_concurrency: int = Field(1, ge=1, description="Concurrency suggested by the bootstrap "
                                                "endpoint.")

@@ -207,6 +207,9 @@ class StreamProjector(ABC, Generic[M]):
         # since when the projector is known to be behind without moving (its consumer lost): /api/ready says so
         self.stalled_since: float | None = None
         self.stored_seen = 0  # the highest stored position read by wait() (moved on by any gateway replica)
+        # since when received events are being applied without the position moving (time.monotonic; None when the
+        # last batch was applied): a batch blocked or failing in the database, tried again from the stored position
+        self.busy_since: float | None = None
 
     @abstractmethod
     def decode(self, msg: Msg) -> M:
@@ -227,6 +230,8 @@ class StreamProjector(ABC, Generic[M]):
     async def load_position(self) -> int:
         async with self.pool.acquire() as conn:
             pos = await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1", self.NAME)
+        if int(pos or 0) > self.position:  # moved on (by another replica): not standing still
+            self.busy_since = None
         self.position = int(pos or 0)
         return self.position
 
@@ -323,7 +328,7 @@ class StreamProjector(ABC, Generic[M]):
         await self._advance(fresh[-1].position)
 
     async def _advance(self, position: int) -> None:
-        self.stalled_since = None
+        self.stalled_since = self.busy_since = None
         async with self._advanced:
             self.position = position
             self._advanced.notify_all()
@@ -429,8 +434,10 @@ class StreamProjector(ABC, Generic[M]):
                     subjects.append(subject)
                     contexts.append(headers)
                     batch.append(item)
+                self.busy_since = self.busy_since or started
                 with projection_spans(self.NAME, self.SUBJECT, subjects, contexts):
                     await self.apply_batch(batch)
+                self.busy_since = None
                 if self.bus is not None:  # a batch shares one transaction: each message its share of the time
                     share = (time.monotonic() - started) / len(batch)
                     for subject, item in zip(subjects, batch, strict=True):
@@ -473,15 +480,20 @@ class StreamProjector(ABC, Generic[M]):
 
     async def _stored_reached(self, position: int) -> bool:
         """Whether the stored position (moved on by any replica) has reached ``position``; False when it cannot be
-        read now (the database unavailable: the wait goes on with this projector's own position)."""
+        read now (the database unavailable or slow: the wait goes on with this projector's own position)."""
         try:
-            async with self.pool.acquire() as conn:
-                stored = int(await conn.fetchval(
-                    "SELECT position FROM projection_positions WHERE name = $1", self.NAME) or 0)
+            async with self.pool.acquire(timeout=STORED_POLL_S * 5) as conn:
+                stored = int(await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1",
+                                                 self.NAME, timeout=STORED_POLL_S * 5) or 0)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             return False
         self.stored_seen = max(self.stored_seen, stored)
         return stored >= position
+
+    def not_moving(self, now: float, stall_s: float) -> bool:
+        """Whether this projector is known not to move: its consumer lost (``stalled_since``), or events applied
+        for ``stall_s`` without the position moving (``busy_since``). ``now``: ``time.monotonic()``."""
+        return self.stalled_since is not None or (self.busy_since is not None and now - self.busy_since >= stall_s)
 
     @property
     def served(self) -> int:

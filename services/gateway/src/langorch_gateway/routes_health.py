@@ -1,10 +1,12 @@
 """``GET /api/ready`` (api.md §3): NATS connected, the four streams present, PostgreSQL answering, and every
 projection within ``ready_max_lag`` events of the stream head and not stalled behind it (its consumer lost and being
-created again). 503 (same document) when any check fails."""
+created again, or its database writes blocked or failing for ``ready_stall_s``). 503 (same document) when any check
+fails."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -54,9 +56,10 @@ async def ready(request: Request) -> JSONResponse:
         lag = dict.fromkeys(PROJECTIONS, behind)  # the tables share the projector's one position
         lag["audit_log"] = audit_behind  # its own stream (LO_AUDIT) and position
         worst = max(behind, audit_behind)
+        now = time.monotonic()
         stalled = [p.NAME for p, lagging in ((state.projector, behind), (state.audit_projector, audit_behind))
-                   if lagging and p.stalled_since is not None]
-        if stalled:  # behind and not moving (its consumer lost, being created again): not ready at any lag
+                   if lagging and p.not_moving(now, settings.ready_stall_s)]
+        if stalled:  # behind and not moving (its consumer lost, its writes blocked or failing): not ready at any lag
             checks["projections"] = f"{', '.join(stalled)} behind and not moving ({worst} events behind)"
         else:
             checks["projections"] = "ok" if worst <= settings.ready_max_lag else f"{worst} events behind"
