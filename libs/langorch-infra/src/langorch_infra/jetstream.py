@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -344,18 +344,22 @@ def reconnects(js: JetStreamContext) -> int:
 
 
 async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
-                 *, new_only: bool = False) -> AsyncIterator[StoredEvent]:
+                 *, new_only: bool = False) -> AsyncGenerator[StoredEvent, None]:
     """Yield events on ``subject`` after ``after_position`` and then live, via an ordered consumer.
 
     The ordered consumer is server state that a NATS restart loses; nats-py notices it only when idle heartbeats
     stop coming, seconds later. So once the connection is re-established, the follower subscribes again after the
     last event it yielded (trying for ``RESUBSCRIBE_PATIENCE_S`` while JetStream starts): a live stream resumes
-    as soon as NATS is back."""
+    as soon as NATS is back.
+
+    ``new_only``: only events appended from now on — after the stream's last sequence when the follower starts (not
+    the server's "deliver new", which a subscription made again after a reconnection would apply to its own later
+    moment, losing what was appended while the connection was down)."""
+    if new_only:
+        after_position = await stream_last_position(js)
     position, first = after_position, True
     while True:
-        if new_only and position == after_position:
-            cfg = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-        elif position > 0:
+        if position > 0:
             cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=position + 1)
         else:
             cfg = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
