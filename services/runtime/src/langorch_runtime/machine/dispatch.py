@@ -163,7 +163,10 @@ class Dispatching(RunContext):
                 self.affinity[channel] = request.agent_id
 
     async def _dispatch(self, request: DispatchRequest, step: StepIR) -> Any:
-        await self.settle()
+        if request.on_selected is None or not self.dispatcher.announces_agent:
+            await self.settle()
+        # else the announcement settles once the agent is chosen, before the call: the events before it are
+        # appended while the agent is chosen and its lease taken, as the step's claim is written
         if step.timeout_ms is None or getattr(self.dispatcher, "enforces_step_timeout", False):
             return await self.dispatcher.dispatch(request)
         try:
