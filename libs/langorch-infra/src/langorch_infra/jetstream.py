@@ -46,7 +46,7 @@ from ckp_core.subjects import (
     command_subject,
     event_subject,
 )
-from langorch_infra import tracing
+from langorch_infra import direct_get, tracing
 from langorch_infra.bus import record_append_conflict
 from langorch_infra.nats_auth import connect_options, nats_servers
 
@@ -320,6 +320,12 @@ class JetStreamEventStore:
         head = await self.head(aggregate, aggregate_id)
         if head is None or head.position <= after_position:
             return []
+        nc = getattr(self.js, "_nc", None)
+        if nc is not None:  # one request, no consumer; a replica behind the leader's head answers None
+            found = await direct_get.read_range(nc, EVENT_STREAM, aggregate_filter(aggregate, aggregate_id),
+                                                after_position, head.position)
+            if found is not None:
+                return found
         out: list[StoredEvent] = []
         # closed on leaving, not when collected: its consumer is deleted before this returns
         async with contextlib.aclosing(follow(self.js, aggregate_filter(aggregate, aggregate_id),
