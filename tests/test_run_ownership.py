@@ -57,12 +57,20 @@ async def test_the_runs_of_an_owner_gone_from_nats_are_released_and_their_comman
             acks = await watcher.subscribe(ack)
             await watcher.flush()
             await a.acquire(run_id, ack)
-            await until(lambda: run_id in b.peers.get(a.owner_id, {}), "b to learn what a holds")
+            # and a command whose run a is taking right now (no key of its own yet): sent back as well
+            taking = watcher.new_inbox()
+            takings = await watcher.subscribe(taking)
+            await watcher.flush()
+            a.acquiring.add(taking)
+            a._changed.set()
+            await until(lambda: run_id in b.peers.get(a.owner_id, {}) and b.peer_acquiring.get(a.owner_id),
+                        "b to learn what a holds")
             with pytest.raises(RunHeld):  # a answers that it holds the run
                 await b.acquire(run_id)
             await nc_a.close()  # a SIGKILLed replica: its connection is gone, nobody answers for it
             nak = await acks.next_msg(timeout=DEADLINE_S)
             assert nak.data == b"-NAK"  # JetStream delivers the command again at once
+            assert (await takings.next_msg(timeout=DEADLINE_S)).data == b"-NAK"
             assert a.owner_id in b.gone_owners
             assert b.taken_over == 1
             kv = await b.js.key_value(LOCKS_BUCKET)

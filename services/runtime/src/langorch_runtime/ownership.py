@@ -15,7 +15,8 @@ A replica that receives a command of a run owned by another replica asks that ow
 
 A dead replica's runs are taken over without waiting for their commands' ack wait: each replica publishes, on
 ``lo.runtime.held.<owner id>`` (core NATS, at most every ``HELD_PUBLISH_S`` when it changes and every
-``SNAPSHOT_S`` anyway), the runs it holds with their keys' revisions and their commands' ack subjects. Every
+``SNAPSHOT_S`` anyway), the runs it holds with their keys' revisions and their commands' ack subjects, and the ack
+subjects of the commands whose run it is taking (sent back only: no key is theirs yet). Every
 replica keeps the others' lists and asks each owner that holds runs whether it is there, every ``WATCH_S``. An owner
 that has had no responders for ``GONE_AFTER_S`` (two questions at the least) is gone: its keys are deleted,
 revision-checked (one replica wins each), and the winner sends the command a negative acknowledgement on its ack
@@ -107,7 +108,9 @@ class RunOwnership:
         self.gone_owners: set[str] = set()  # owner ids found gone from NATS (an id is never used again)
         self.alive_owners: dict[str, float] = {}  # owner id → when it last answered (loop time)
         self.acks: dict[str, str] = {}  # run id → the ack subject of the command executing it here
+        self.acquiring: set[str] = set()  # ack subjects of the commands whose run this replica is taking now
         self.peers: dict[str, dict[str, tuple[int, str]]] = {}  # other owner → run id → (revision, ack subject)
+        self.peer_acquiring: dict[str, list[str]] = {}  # other owner → ack subjects of the commands it is taking
         self.silent_since: dict[str, float] = {}  # other owner → when it first had no responders (loop time)
         self.taken_over = 0  # runs whose commands this replica sent back for a gone owner
         self._changed = asyncio.Event()
@@ -140,14 +143,16 @@ class RunOwnership:
         if owner == self.owner_id or owner in self.gone_owners:
             return
         try:
-            held = {str(run): (int(rev), str(ack)) for run, (rev, ack) in json.loads(msg.data).items()}
-        except (ValueError, TypeError):
+            listed = json.loads(msg.data)
+            held = {str(run): (int(rev), str(ack)) for run, (rev, ack) in listed["held"].items()}
+            acquiring = [str(ack) for ack in listed["acquiring"]]
+        except (ValueError, TypeError, KeyError, AttributeError):
             log.debug("an unreadable list of held runs from %s", owner, exc_info=True)
             return
-        if held:
-            self.peers[owner] = held
-        else:
+        self.peers[owner], self.peer_acquiring[owner] = held, acquiring
+        if not held and not acquiring:
             self.peers.pop(owner, None)
+            self.peer_acquiring.pop(owner, None)
             self.silent_since.pop(owner, None)
 
     async def _publish_held(self) -> None:
@@ -156,8 +161,9 @@ class RunOwnership:
                 await asyncio.wait_for(self._changed.wait(), SNAPSHOT_S)
             self._changed.clear()
             held = {run: [revision, self.acks.get(run, "")] for run, revision in self.held.items()}
+            listed = {"held": held, "acquiring": sorted(self.acquiring)}
             with contextlib.suppress(NatsError, OSError):  # the next change or snapshot publishes it again
-                await self.nc.publish(f"{HELD_SUBJECT}.{self.owner_id}", json.dumps(held).encode())
+                await self.nc.publish(f"{HELD_SUBJECT}.{self.owner_id}", json.dumps(listed).encode())
             await asyncio.sleep(HELD_PUBLISH_S)
 
     async def _watch_owners(self) -> None:
@@ -175,7 +181,7 @@ class RunOwnership:
         """Ask every other owner that holds runs whether it is there; take the runs of one gone for
         ``GONE_AFTER_S`` (see the module)."""
         quiet = self._since_reconnect() < QUIET_AFTER_RECONNECT_S
-        owners = [owner for owner, held in self.peers.items() if held]
+        owners = [owner for owner in self.peers if self.peers[owner] or self.peer_acquiring.get(owner)]
         if not owners or not self.nc.is_connected:
             return
         answers = await asyncio.gather(*(self._ping(owner) for owner in owners))
@@ -208,7 +214,11 @@ class RunOwnership:
         self.gone_owners.add(owner)
         self.silent_since.pop(owner, None)
         held = self.peers.pop(owner, {})
+        acquiring = self.peer_acquiring.pop(owner, [])
         log.info("runtime %s is gone from NATS; taking over the %d runs it held", owner, len(held))
+        for ack in acquiring:  # commands it was taking a run for: no key of its own yet, so only sent back
+            with contextlib.suppress(NatsError, OSError):  # the ack wait brings it back anyway
+                await self.nc.publish(ack, b"-NAK")
         for run_id, (revision, ack) in sorted(held.items()):
             try:
                 await self.kv.delete(owner_key(run_id), last=revision)
@@ -238,6 +248,18 @@ class RunOwnership:
         """Own ``run_id`` or raise :class:`RunHeld`; ``ack``: the ack subject of the command (see the module)."""
         if run_id in self.held:
             raise RunHeld(run_id, self.owner_id, HELD_HERE_DELAY_S)
+        if not ack:
+            await self._acquire(run_id, None)
+            return
+        self.acquiring.add(ack)  # listed while the run is taken (asking its owner may take a second or two)
+        self._changed.set()
+        try:
+            await self._acquire(run_id, ack)
+        finally:
+            self.acquiring.discard(ack)
+            self._changed.set()
+
+    async def _acquire(self, run_id: str, ack: str | None) -> None:
         assert self.kv is not None, "RunOwnership.start() first"
         key = owner_key(run_id)
         owner: str | None = None
@@ -262,7 +284,6 @@ class RunOwnership:
         self.checked[run_id] = reconnects(self.js)
         if ack:
             self.acks[run_id] = ack
-        self._changed.set()
 
     async def _holds(self, owner: str, run_id: str) -> bool:
         """Whether the replica ``owner`` says it executes ``run_id`` (see the module for an owner that is silent)."""
