@@ -57,6 +57,7 @@ from langorch_infra.jetstream import (
     publish_command,
 )
 from langorch_infra.settings import RuntimeSettings
+from langorch_runtime.ownership import RunOwnership
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,7 @@ class RunCreation:
         self.instance = settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
+        self.ownership: RunOwnership | None = None
 
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, f"langorch-runtime-create-{self.instance}", self.settings)
@@ -283,11 +285,18 @@ class RunCreation:
             durable_name=CREATE_CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
             filter_subjects=list(CREATE_SUBJECTS)))
         self.sub = await self.js.pull_subscribe_bind(CREATE_CONSUMER, stream=COMMAND_STREAM)
+        # the creations in hand are listed like the runs an executing replica takes (langorch_runtime.ownership): a
+        # replica lost with some has them sent back at once by the others, not after this consumer's 30 s ack wait
+        self.ownership = RunOwnership(self.nc, self.js, f"{self.instance}-create")
+        await self.ownership.start()
 
     async def run(self) -> None:
         await consume(self.sub, self._handle, self.bus, concurrently=True)  # creations of different runs
 
     async def stop(self) -> None:
+        if self.ownership is not None:
+            with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
+                await self.ownership.stop()
         if self.nc is not None:
             with contextlib.suppress(Exception):  # shutting down: nothing is left to do about a failed close
                 await self.nc.close()
@@ -306,7 +315,8 @@ class RunCreation:
             return TERM
         command = CreateRun.model_validate_json(msg.data)
         try:
-            await self.creator.create(command, delivery=msg.metadata.num_delivered or 1)
+            with self.ownership.taking(msg.reply) if self.ownership is not None else contextlib.nullcontext():
+                await self.creator.create(command, delivery=msg.metadata.num_delivered or 1)
         except IrNotStored as missing:
             log.info("run %s: the IR of %s is not stored yet; decided again shortly", command.run_id, missing)
             return nak(IR_WAIT_S)

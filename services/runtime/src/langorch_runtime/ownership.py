@@ -42,6 +42,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -248,13 +249,21 @@ class RunOwnership:
         """Own ``run_id`` or raise :class:`RunHeld`; ``ack``: the ack subject of the command (see the module)."""
         if run_id in self.held:
             raise RunHeld(run_id, self.owner_id, HELD_HERE_DELAY_S)
+        with self.taking(ack):  # listed while the run is taken (asking its owner may take a second or two)
+            await self._acquire(run_id, ack)
+
+    @contextlib.contextmanager
+    def taking(self, ack: str | None) -> Iterator[None]:
+        """List ``ack`` (a command's ack subject) among the commands this replica is working on without a key of
+        theirs, for the block: should the replica be lost meanwhile, another one sends the command back at once.
+        For the run creation too, whose commands hold no key."""
         if not ack:
-            await self._acquire(run_id, None)
+            yield
             return
-        self.acquiring.add(ack)  # listed while the run is taken (asking its owner may take a second or two)
+        self.acquiring.add(ack)
         self._changed.set()
         try:
-            await self._acquire(run_id, ack)
+            yield
         finally:
             self.acquiring.discard(ack)
             self._changed.set()
