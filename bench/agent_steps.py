@@ -12,11 +12,15 @@ served in this process like the platform) answers every step after AGENT_MS. Mea
 * this process's CPU time per run and per 40 direct POSTs (less sensitive to a busy machine than wall time: the
   gateway, runtime and agent all run here; NATS and PostgreSQL are other processes).
 
-    uv run python bench/agent_steps.py [--runs 8] [--profile FILE]
+    uv run python bench/agent_steps.py [--runs 8] [--profile FILE] [--nats-delay-ms MS]
 
 ``--profile FILE``: after the measured runs, a few more runs under cProfile timed by this process's CPU time (the
 whole process: gateway, runtime and agent share one event loop; waiting and other processes' load do not count),
 stats written to FILE (``python -m pstats FILE``); their times are not reported.
+
+``--nats-delay-ms MS``: every NATS request of this process (appends, KV reads and writes, API calls) waits MS more
+before it is sent, as on a network that much slower: the round trips one after the other on a step's path then
+decide its time rather than the machine's load, so a change in their number shows on a busy machine.
 
 Prints one JSON object. Starts its own embedded NATS and PostgreSQL unless LANGORCH_TEST_NATS_URL /
 LANGORCH_TEST_DATABASE_URL are set.
@@ -225,11 +229,29 @@ async def main(runs: int, profile: str | None) -> dict[str, Any]:
         return await bench(nats_url, db, runs, profile)
 
 
+def delay_nats_requests(seconds: float) -> None:
+    """Every ``nats.aio.client.Client.request`` of this process (JetStream publishes, KV and API calls go through
+    it) waits ``seconds`` first."""
+    from nats.aio.client import Client
+
+    request = Client.request
+
+    async def delayed(self: Client, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(seconds)
+        return await request(self, *args, **kwargs)
+
+    Client.request = delayed  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     import json
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=8)
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats of a few more runs to FILE")
+    parser.add_argument("--nats-delay-ms", type=float, default=0.0,
+                        help="add this much latency to every NATS request of this process")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.runs, args.profile)), indent=2))
+    if args.nats_delay_ms > 0:
+        delay_nats_requests(args.nats_delay_ms / 1000)
+    print(json.dumps({**asyncio.run(main(args.runs, args.profile)), "nats_delay_ms": args.nats_delay_ms}, indent=2))
