@@ -41,14 +41,17 @@ pytest_plugins = ["tests.fake_aws"]  # the `moto` fixture (AWS Secrets Manager) 
 # (``SPLIT``). Every other file is one work unit (its module-scoped servers start once per run). The order and the
 # split are only about speed: the tests pass in any order.
 SLOW_FIRST = (
-    "test_multi_agent_invoice_run.py", "test_schemathesis.py", "test_up_lifecycle.py", "test_runtime_crash_recovery.py",
-    "test_chaos.py", "test_readme_quickstart.py", "test_product_enrichment_runs.py",
-    "test_cluster_failover.py",  # one cluster for its five scenarios (~10 min): early, and not split
-    "test_agent_wire_protocol.py",
-    "test_cli_errors.py", "test_service_config.py", "test_step_execution_end_to_end.py", "test_approvals_service.py",
+    "test_cluster_failover.py",  # one 12-process cluster for its five scenarios (~5 min): first, and never split
+    "test_schemathesis.py", "test_multi_agent_invoice_run.py", "test_runtime_crash_recovery.py", "test_chaos.py",
+    "test_fast_recovery.py", "test_triggers_scheduler_failover.py", "test_up_lifecycle.py",
+    "test_readme_quickstart.py", "test_product_enrichment_runs.py",
+    "test_deploy_image.py", "test_ui_browser.py", "test_approvals_service.py", "test_cli_triggers.py",
+    "test_cli_auth.py", "test_deploy_prometheus.py", "test_agent_wire_protocol.py",
+    "test_cli_errors.py", "test_service_config.py", "test_step_execution_end_to_end.py",
     "test_webhooks.py", "test_projection_kill_restart.py", "test_projection_rebuild.py", "test_golden_event_streams.py",
 )
-SPLIT = frozenset(SLOW_FIRST[:7]) | {"test_cli_errors.py"}
+# one work unit per test: files whose tests each start their own servers or subprocesses
+SPLIT = frozenset(SLOW_FIRST[1:10]) | {"test_cli_errors.py", "test_deploy_image.py"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
