@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -85,6 +87,14 @@ def import_services(names: Sequence[str]) -> None:
         importlib.import_module("uvicorn")
 
 
+def _log_stuck(task: asyncio.Task[Any]) -> None:
+    """Log where a service that did not stop within its budget is stuck (its coroutine's stack), to find out why."""
+    out = io.StringIO()
+    task.print_stack(file=out)
+    logging.getLogger("langorch.serving").warning("%s did not stop within its budget; it is at:\n%s",
+                                                  task.get_name(), out.getvalue())
+
+
 async def stop_tasks(tasks: list[asyncio.Task[Any]], grace: float, keep: str | None = None) -> None:
     """Cancel ``tasks`` (but ``keep``, which stops by itself within ``grace``) and wait for them, bounded.
 
@@ -103,6 +113,7 @@ async def stop_tasks(tasks: list[asyncio.Task[Any]], grace: float, keep: str | N
             if task.get_name() != keep:
                 task.cancel()
     for task in pending:
+        _log_stuck(task)
         task.cancel()
     if pending:
         await asyncio.wait(pending, timeout=2)
