@@ -207,6 +207,8 @@ class StreamProjector(ABC, Generic[M]):
         # since when the projector is known to be behind without moving (its consumer lost): /api/ready says so
         self.stalled_since: float | None = None
         self.stored_seen = 0  # the highest stored position read by wait() (moved on by any gateway replica)
+        self._stored_at = -STORED_POLL_S  # when it was last read (time.monotonic)
+        self._stored_lock = asyncio.Lock()
         # since when received events are being applied without the position moving (time.monotonic; None when the
         # last batch was applied): a batch blocked or failing in the database, tried again from the stored position
         self.busy_since: float | None = None
@@ -463,12 +465,11 @@ class StreamProjector(ABC, Generic[M]):
         Applied by this projector, or by another gateway replica's projector of the same name: they write the same
         tables, and the position stored with them says how far they are. So a client that wrote through one replica
         reads its write through another with the position the first returned (``X-LangOrch-Min-Position``), even
-        while this replica's projector is behind; the stored position is read again every ``STORED_POLL_S``."""
+        while this replica's projector is behind. A waiter first gives this projector ``STORED_POLL_S``; the stored
+        position is then read at most once every ``STORED_POLL_S`` for all the waiters of this projector."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.position < position:
-            if await self._stored_reached(position):
-                return True
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
@@ -476,19 +477,25 @@ class StreamProjector(ABC, Generic[M]):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._advanced.wait_for(lambda: self.position >= position),
                                            min(remaining, STORED_POLL_S))
+            if self.position < position and await self._stored() >= position:
+                return True
         return True
 
-    async def _stored_reached(self, position: int) -> bool:
-        """Whether the stored position (moved on by any replica) has reached ``position``; False when it cannot be
-        read now (the database unavailable or slow: the wait goes on with this projector's own position)."""
-        try:
-            async with self.pool.acquire(timeout=STORED_POLL_S * 5) as conn:
-                stored = int(await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1",
-                                                 self.NAME, timeout=STORED_POLL_S * 5) or 0)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
-            return False
-        self.stored_seen = max(self.stored_seen, stored)
-        return stored >= position
+    async def _stored(self) -> int:
+        """The highest stored position seen (moved on by any replica), read again when the last read is older than
+        ``STORED_POLL_S``; a read that fails (the database unavailable or slow) leaves the last one seen."""
+        async with self._stored_lock:
+            if time.monotonic() - self._stored_at < STORED_POLL_S:
+                return self.stored_seen
+            try:
+                async with self.pool.acquire(timeout=STORED_POLL_S * 5) as conn:
+                    stored = int(await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1",
+                                                     self.NAME, timeout=STORED_POLL_S * 5) or 0)
+                self.stored_seen = max(self.stored_seen, stored)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                log.debug("projection %s: reading the stored position failed", self.NAME, exc_info=True)
+            self._stored_at = time.monotonic()
+            return self.stored_seen
 
     def not_moving(self, now: float, stall_s: float) -> bool:
         """Whether this projector is known not to move: its consumer lost (``stalled_since``), or events applied
