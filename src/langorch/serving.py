@@ -95,6 +95,25 @@ def _log_stuck(task: asyncio.Task[Any]) -> None:
                                                   task.get_name(), out.getvalue())
 
 
+STRAGGLER_GRACE_S = 3.0
+
+
+async def stop_stragglers(grace: float = STRAGGLER_GRACE_S) -> None:
+    """Cancel the tasks still alive once the services stopped (left behind by a library or a call abandoned at its
+    deadline) and wait ``grace`` for them; those still running are logged with their stacks. ``asyncio.run`` would
+    cancel them too, but then waits for them without any bound and says nothing: a replica slow to exit after SIGTERM
+    is explained in its log this way."""
+    current = asyncio.current_task()
+    others = {t for t in asyncio.all_tasks() if t is not current and not t.done()}
+    for task in others:
+        task.cancel()
+    if not others:
+        return
+    _, pending = await asyncio.wait(others, timeout=grace)
+    for task in pending:
+        _log_stuck(task)
+
+
 async def stop_tasks(tasks: list[asyncio.Task[Any]], grace: float, keep: str | None = None) -> None:
     """Cancel ``tasks`` (but ``keep``, which stops by itself within ``grace``) and wait for them, bounded.
 
@@ -180,5 +199,6 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     await stop_tasks(tasks, grace, keep="gateway")
     stopper.cancel()
     await asyncio.to_thread(tracing.shutdown)  # the spans still queued are exported
+    await stop_stragglers()
     if failed:
         raise failed[0].exception()  # type: ignore[misc]
