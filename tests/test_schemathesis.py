@@ -29,12 +29,18 @@ import hypothesis.errors
 import pytest
 import requests
 import schemathesis
+import schemathesis.specs.openapi.schemas  # see PREIMPORTED
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
 from tests.helpers import example, follow_run, import_procedure, platform_of
 
 pytestmark = pytest.mark.integration
+
+# imported above, in the main thread: schemathesis imports it on first use, which would be in _fuzz's worker thread
+# while the event loop's thread compiles too, and CPython 3.11 can fail two threads building ASTs at once ("AST
+# constructor recursion depth mismatch", seen once in CI)
+PREIMPORTED = schemathesis.specs.openapi.schemas.__name__
 
 EXAMPLES = int(os.environ.get("LANGORCH_SCHEMATHESIS_EXAMPLES", "25"))
 STREAMS = {("GET", "/api/runs/{run_id}/stream"), ("GET", "/api/approvals/stream")}
