@@ -52,7 +52,7 @@ from typer.core import TyperGroup
 
 from langorch import accounts, cli_cluster, cli_triggers, cli_webhook, timeline
 from langorch.errors import API_HELP, API_KEY_HELP, DEFAULT_API, EXIT_CODES_HELP, CLIError, ExitCode, read_file
-from langorch.serving import SERVICES, serve_services
+from langorch.serving import SERVICES, serve_until_stopped
 
 
 class _State:
@@ -427,7 +427,7 @@ def serve(
             check_startup(GatewaySettings(host=host, port=port))
         except StartupRefused as exc:
             raise CLIError(str(exc), ExitCode.USAGE) from exc
-    asyncio.run(serve_services((service,), common.nats_url, common.database_url, host, port))
+    asyncio.run(serve_until_stopped((service,), common.nats_url, common.database_url, host, port))
 
 
 SEVERITY_COLORS = {"error": "red", "warning": "yellow", "info": "blue"}

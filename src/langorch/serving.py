@@ -102,7 +102,8 @@ async def stop_stragglers(grace: float = STRAGGLER_GRACE_S) -> None:
     """Cancel the tasks still alive once the services stopped (left behind by a library or a call abandoned at its
     deadline) and wait ``grace`` for them; those still running are logged with their stacks. ``asyncio.run`` would
     cancel them too, but then waits for them without any bound and says nothing: a replica slow to exit after SIGTERM
-    is explained in its log this way."""
+    is explained in its log this way. Only for a loop the services own (:func:`serve_until_stopped`): every other
+    task of the loop is canceled."""
     current = asyncio.current_task()
     others = {t for t in asyncio.all_tasks() if t is not current and not t.done()}
     for task in others:
@@ -139,6 +140,15 @@ async def stop_tasks(tasks: list[asyncio.Task[Any]], grace: float, keep: str | N
     for task in tasks:
         if task.done() and not task.cancelled():
             task.exception()  # retrieved, so asyncio does not log it again at exit
+
+
+async def serve_until_stopped(names: tuple[str, ...], nats_url: str, database_url: str, host: str,
+                              port: int) -> None:
+    """``langorch serve``: :func:`serve_services` on an event loop of its own, then :func:`stop_stragglers`."""
+    try:
+        await serve_services(names, nats_url, database_url, host, port)
+    finally:
+        await stop_stragglers()
 
 
 async def serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str, port: int,
@@ -199,6 +209,5 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     await stop_tasks(tasks, grace, keep="gateway")
     stopper.cancel()
     await asyncio.to_thread(tracing.shutdown)  # the spans still queued are exported
-    await stop_stragglers()
     if failed:
         raise failed[0].exception()  # type: ignore[misc]
