@@ -12,6 +12,9 @@ every loop that runs until cancelled calls :func:`stop_if_cancelled` once per ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterable
+from typing import Any
 
 
 def stop_if_cancelled() -> None:
@@ -19,3 +22,14 @@ def stop_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended; their outcomes (the CancelledError, or a last failure) are
+    dropped: a component stopping its own background tasks."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
+            await task

@@ -320,16 +320,15 @@ class JetStreamEventStore:
         head = await self.head(aggregate, aggregate_id)
         if head is None or head.position <= after_position:
             return []
+        filt = aggregate_filter(aggregate, aggregate_id)
         nc = getattr(self.js, "_nc", None)
         if nc is not None:  # one request, no consumer; a replica behind the leader's head answers None
-            found = await direct_get.read_range(nc, EVENT_STREAM, aggregate_filter(aggregate, aggregate_id),
-                                                after_position, head.position)
+            found = await direct_get.read_range(nc, EVENT_STREAM, filt, after_position, head.position)
             if found is not None:
                 return found
         out: list[StoredEvent] = []
         # closed on leaving, not when collected: its consumer is deleted before this returns
-        async with contextlib.aclosing(follow(self.js, aggregate_filter(aggregate, aggregate_id),
-                                              after_position)) as events:
+        async with contextlib.aclosing(follow(self.js, filt, after_position)) as events:
             async for stored in events:
                 out.append(stored)
                 if stored.position >= head.position:

@@ -58,7 +58,7 @@ from nats.js.kv import KeyValue
 from ckp_core.errors import ConcurrencyError
 from ckp_core.events import format_time, utc_now
 from ckp_core.subjects import LOCKS_BUCKET
-from langorch_infra.cancel import stop_if_cancelled
+from langorch_infra.cancel import cancel_and_wait, stop_if_cancelled
 from langorch_infra.jetstream import reconnects, through_blips
 
 log = logging.getLogger(__name__)
@@ -128,11 +128,7 @@ class RunOwnership:
                        asyncio.create_task(self._watch_owners(), name="runtime-owner-watch")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
-                await task
+        await cancel_and_wait(self._tasks)
         for sub in self._subs:
             with contextlib.suppress(NatsError, OSError):  # the connection may be closed already
                 await sub.unsubscribe()

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from ckp_core.commands import ResumeRun
 from ckp_core.events import Actor
-from langorch_infra.cancel import stop_if_cancelled
+from langorch_infra.cancel import cancel_and_wait, stop_if_cancelled
 from langorch_infra.jetstream import follow, publish_command
 from langorch_infra.kv import LeaderLock
 
@@ -45,11 +45,7 @@ class CallbackTimer:
                        asyncio.create_task(self._tick(), name="callback-timer-tick")]
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
-                await task
+        await cancel_and_wait(self.tasks)
         with contextlib.suppress(NatsError, OSError):  # the lock expires by its TTL anyway
             await self.lock.release()
 
