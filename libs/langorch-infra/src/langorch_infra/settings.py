@@ -268,9 +268,10 @@ class GatewaySettings(CommonSettings):
                                              "a non-loopback host (otherwise it refuses to start).")
     auth_token_expire_minutes: int = Field(60, ge=1, le=60 * 24 * 30, description="Lifetime of the user tokens "
                                            "and console sessions POST /api/auth/login issues.")
-    auth_role_cache_s: float = Field(30.0, ge=0, le=30, description="Seconds a user's roles and active flag are "
-                                     "cached per gateway replica (a removed role or a deactivated user takes "
-                                     "effect within this time; 0: read at every request).")
+    auth_role_cache_s: float = Field(30.0, ge=0, le=30, description="Seconds a user's roles and active flag, and "
+                                     "an API key's row, are cached per gateway replica (forgotten when its "
+                                     "projector sees them change; a removed role, a deactivated user or a revoked "
+                                     "key takes effect within this time in any case; 0: read at every request).")
     bootstrap_admin_username: str = Field("admin", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
                                           description="User the gateway creates with the admin role when auth is "
                                           "enabled and no user exists.")

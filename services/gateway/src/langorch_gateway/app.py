@@ -131,6 +131,9 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         await ensure_schema(pool)
         await idempotency.purge_expired(pool)
         projector = Projector(pool, js)
+        # the auth caches forget a user or an API key as soon as the projector sees it change (a revoked key)
+        projector.watch("user", authenticator.cache.changed)
+        projector.watch("api_key", authenticator.keys.changed)
         app.state.audit_projector = audit_projector = AuditProjector(pool, js, settings.audit_retention_days)
         projector.bus = audit_projector.bus = app.state.metrics.bus
         projector.start()

@@ -44,6 +44,7 @@ class GatewayAuthenticator:
         self.settings = settings
         self.token_key = users.user_token_key(settings.auth_secret_key.get_secret_value())
         self.cache = users.UserCache(settings.auth_role_cache_s)
+        self.keys = users.ApiKeyCache(settings.auth_role_cache_s)
         self.users_lock = asyncio.Lock()
         self._key_used: dict[str, float] = {}
 
@@ -86,14 +87,13 @@ class GatewayAuthenticator:
         if key_id is None:
             raise ApiProblem("invalid_token", "the API key is malformed")
         pool = clients(request).pool
-        row = await pool.fetchrow("SELECT key_sha256, roles, expires_at, revoked_at FROM api_keys WHERE key_id = $1",
-                                  key_id)
-        if row is None or not users.same_digest(row["key_sha256"], users.sha256_hex(key)):
+        row = await self.keys.get(pool, key_id)
+        if row is None or not users.same_digest(row.key_sha256, users.sha256_hex(key)):
             raise ApiProblem("invalid_token", "the API key is not valid")
-        if row["revoked_at"] is not None:
+        if row.revoked_at is not None:
             raise ApiProblem("invalid_token", "the API key has been revoked")
         now = datetime.now(UTC)
-        if row["expires_at"] is not None and row["expires_at"] <= now:
+        if row.expires_at is not None and row.expires_at <= now:
             raise ApiProblem("token_expired", "the API key has expired")
         last = self._key_used.get(key_id)
         if last is None or time.monotonic() - last >= users.USAGE_INTERVAL_S:
@@ -103,8 +103,7 @@ class GatewayAuthenticator:
                    ON CONFLICT (key_id) DO UPDATE SET last_used_at = GREATEST(api_key_usage.last_used_at,
                                                                                EXCLUDED.last_used_at)""",
                 key_id, now)
-        return Principal(actor=Actor(kind="api_key", id=key_id), roles=frozenset(users.roles_of(row["roles"])),
-                         expires_at=row["expires_at"])
+        return Principal(actor=Actor(kind="api_key", id=key_id), roles=row.roles, expires_at=row.expires_at)
 
     async def _user_token(self, request: Request, token: str, *, session: bool = False) -> Principal:
         claims = users.decode_token(self.token_key, token)

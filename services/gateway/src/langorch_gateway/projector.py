@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Hashable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -229,6 +229,14 @@ class StreamProjector(ABC, Generic[M]):
     async def after_batch(self, conn: Any) -> None:
         """Work done with every batch, in its transaction (nothing by default)."""
 
+    def applied(self, batch: list[M | Poison]) -> None:
+        """Called once the tables reflect every message of ``batch`` (applied by this projector, or found applied by
+        another replica's), before the waiters of :meth:`wait` are woken (nothing by default)."""
+
+    def subscribing(self) -> None:
+        """Called when the consumer is created (again) from the stored position: the messages another replica's
+        projector applied meanwhile are never received here (nothing by default)."""
+
     async def load_position(self) -> int:
         async with self.pool.acquire() as conn:
             pos = await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1", self.NAME)
@@ -256,6 +264,7 @@ class StreamProjector(ABC, Generic[M]):
             held = self.position
             fresh = [e for e in batch if e.position > held]
             if not fresh:
+                self.applied(batch)
                 return
             async with self._connection() as conn:
                 if await self._transaction(conn, fresh, held):
@@ -263,6 +272,7 @@ class StreamProjector(ABC, Generic[M]):
             log.info("projection %s: position moved on from %s meanwhile; applying from the stored one", self.NAME,
                      held)
             await self.load_position()
+        self.applied(batch)
         await self._advance(fresh[-1].position)
 
     async def _transaction(self, conn: Any, fresh: list[M | Poison], held: int) -> bool:
@@ -302,6 +312,7 @@ class StreamProjector(ABC, Generic[M]):
         """Apply a batch in one transaction, each message in a savepoint: one that fails is a dead letter."""
         fresh = [e for e in batch if e.position > self.position]
         if not fresh:
+            self.applied(batch)
             return
         async with self._connection() as conn, conn.transaction():
             stored = await conn.fetchval(
@@ -327,6 +338,7 @@ class StreamProjector(ABC, Generic[M]):
                    ON CONFLICT (name) DO UPDATE SET position = GREATEST(projection_positions.position, $2)""",
                 self.NAME, fresh[-1].position,
             )
+        self.applied(batch)
         await self._advance(fresh[-1].position)
 
     async def _advance(self, position: int) -> None:
@@ -402,6 +414,7 @@ class StreamProjector(ABC, Generic[M]):
     async def _consume(self) -> None:
         """Consume from the stored position (an ordered consumer; no server-side state to clean)."""
         await self.load_position()
+        self.subscribing()
         start = self.position + 1
         cfg = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
         # messages are taken (and decoded) as they arrive, also while a batch is being applied: the ordered
@@ -551,6 +564,34 @@ class Projector(StreamProjector[StoredEvent]):
     NAME = NAME
     STREAM = EVENT_STREAM
     SUBJECT = "lo.evt.>"
+
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext) -> None:
+        super().__init__(pool, js)
+        self._watchers: dict[str, list[Callable[[str | None], None]]] = {}
+
+    def watch(self, aggregate: str, changed: Callable[[str | None], None]) -> None:
+        """Call ``changed(aggregate_id)`` once the tables reflect an event of ``aggregate`` (whichever replica's
+        projector applied it), before read-your-writes waiters of this projector wake; ``changed(None)`` when the
+        consumer is created again (events applied by another replica meanwhile are never seen here). For the caches
+        of projected rows: a cached row is forgotten when this replica's projector sees it change."""
+        self._watchers.setdefault(aggregate, []).append(changed)
+
+    def applied(self, batch: list[StoredEvent | Poison]) -> None:
+        watchers = self._watchers
+        if not watchers:
+            return
+        for item in batch:
+            if isinstance(item, Poison):
+                continue
+            found = watchers.get(item.envelope.aggregate)
+            if found:
+                for changed in found:
+                    changed(item.envelope.aggregate_id)
+
+    def subscribing(self) -> None:
+        for found in self._watchers.values():
+            for changed in found:
+                changed(None)
 
     def decode(self, msg: Msg) -> StoredEvent:
         return decode_message(msg)

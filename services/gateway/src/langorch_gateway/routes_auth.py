@@ -280,8 +280,10 @@ async def revoke_api_key(request: Request, principal: auth.Admin, key_id: str) -
         [position] = await users.append(app.store, "api_key", key_id, head, [ApiKeyRevoked(key_id=key_id)],
                                         actor=principal.actor, causation_id=request.state.request_id)
     except ConcurrencyError:  # revoked concurrently by another request: it is revoked either way
+        authority(request).keys.forget(key_id)
         return Response(status_code=204)
     await auditing.decided(request, "auth", "api_key_revoke", resource_type="api_key", resource_id=key_id,
                            meta={"name": row["name"]}, actor=principal.actor)
     projected = await ryw(request, position)
+    authority(request).keys.forget(key_id)  # the projector's watch forgets it too (app.py); this replica at once
     return Response(status_code=204, headers={"X-LangOrch-Position": str(position)} | ({} if projected else STALE))

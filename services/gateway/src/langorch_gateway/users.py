@@ -232,30 +232,99 @@ def record_of(row: asyncpg.Record) -> UserRecord:
                       bool(row["is_active"]))
 
 
-class UserCache:
-    """Users by username, each kept at most ``ttl_s`` (api.md §2.1: removing a role or deactivating a user takes
-    effect within that time on every replica; the replica that made the change forgets it at once)."""
+CACHE_MAX = 10_000  # rows a cache keeps at most (then it starts again empty)
+
+
+class ProjectedCache:
+    """Rows of a projection by key, each kept at most ``ttl_s``, and forgotten as soon as this replica's projector
+    sees their aggregate change (:meth:`changed`, registered with ``Projector.watch``) or the replica that made
+    the change forgets them (:meth:`forget`). A row read while something was forgotten is not kept: the read may
+    have started before the change reached the table."""
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self._rows: dict[str, tuple[float, UserRecord | None]] = {}
+        self._rows: dict[str, tuple[float, Any]] = {}
+        self._forgotten = 0  # how many times something was forgotten (a read overlapping one keeps nothing)
+
+    def cached(self, key: str) -> tuple[bool, Any]:
+        """``(True, row)`` when ``key`` is cached and younger than ``ttl_s``, else ``(False, None)``."""
+        known = self._rows.get(key)
+        if known is not None and time.monotonic() - known[0] < self.ttl_s:
+            return True, known[1]
+        return False, None
+
+    def keep(self, key: str, row: Any, since: int) -> None:
+        """Cache ``row``, read after :attr:`generation` was ``since`` (not kept when something was forgotten
+        meanwhile)."""
+        if since != self._forgotten:
+            return
+        if len(self._rows) >= CACHE_MAX:
+            self._rows.clear()
+        self._rows[key] = (time.monotonic(), row)
+
+    @property
+    def generation(self) -> int:
+        return self._forgotten
+
+    def forget(self, key: str) -> None:
+        self._forgotten += 1
+        self._rows.pop(key, None)
+
+    def changed(self, key: str | None) -> None:
+        """The projector saw ``key``'s aggregate change (None: anything may have changed)."""
+        self._forgotten += 1
+        if key is None:
+            self._rows.clear()
+        else:
+            self._rows.pop(key, None)
+
+
+class UserCache(ProjectedCache):
+    """Users by username (api.md §2.1: removing a role or deactivating a user takes effect within ``ttl_s`` on
+    every replica, as soon as its projector sees the change; the replica that made the change forgets it at
+    once)."""
 
     async def get(self, pool: asyncpg.Pool, username: str, *, fresh: bool = False) -> UserRecord | None:
         """The user (None: no such user); ``fresh`` reads the projection whatever the cache holds."""
-        now = time.monotonic()
-        known = self._rows.get(username)
-        if known is not None and now - known[0] < self.ttl_s and not fresh:
-            return known[1]
+        hit, known = self.cached(username)
+        if hit and not fresh:
+            return known  # type: ignore[no-any-return]
+        since = self.generation
         row = await pool.fetchrow(
             "SELECT user_id, username, email, full_name, roles, is_active FROM users WHERE username = $1", username)
         found = record_of(row) if row is not None else None
-        if len(self._rows) > 10_000:
-            self._rows.clear()
-        self._rows[username] = (now, found)
+        self.keep(username, found, since)
         return found
 
-    def forget(self, username: str) -> None:
-        self._rows.pop(username, None)
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """What a request needs of an API key (its row in ``api_keys``)."""
+
+    key_sha256: str
+    roles: frozenset[str]
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCache(ProjectedCache):
+    """API keys by key id, as :class:`UserCache` (a revoked key is refused by a replica as soon as its projector
+    sees the revocation, and within ``ttl_s`` in any case; expiry is checked at every request). Unknown key ids are
+    not cached: a key created on another replica works as soon as its row is written."""
+
+    async def get(self, pool: asyncpg.Pool, key_id: str) -> ApiKeyRecord | None:
+        hit, known = self.cached(key_id)
+        if hit:
+            return known  # type: ignore[no-any-return]
+        since = self.generation
+        row = await pool.fetchrow("SELECT key_sha256, roles, expires_at, revoked_at FROM api_keys WHERE key_id = $1",
+                                  key_id)
+        if row is None:
+            return None
+        found = ApiKeyRecord(row["key_sha256"], frozenset(roles_of(row["roles"])), row["expires_at"],
+                             row["revoked_at"])
+        self.keep(key_id, found, since)
+        return found
 
 
 # -- KV: the logout denylist and the login throttle ------------------------------------------------------------
