@@ -34,7 +34,14 @@ class _Frozen(BaseModel):
 
 
 _M = TypeVar("_M", bound=BaseModel)
-_setattr = object.__setattr__
+# BaseModel's slots, set through their descriptors: object.__setattr__ would look each name up along the MRO.
+_SLOTS = type.__getattribute__(BaseModel, "__dict__")
+_set_dict = _SLOTS["__dict__"].__set__
+_set_fields_set = _SLOTS["__pydantic_fields_set__"].__set__
+_set_extra = _SLOTS["__pydantic_extra__"].__set__
+_set_private = _SLOTS["__pydantic_private__"].__set__
+_new = object.__new__
+_all_fields: dict[type[BaseModel], set[str]] = {}
 
 
 def construct(cls: type[_M], fields: dict[str, Any]) -> _M:
@@ -43,12 +50,17 @@ def construct(cls: type[_M], fields: dict[str, Any]) -> _M:
 
     ``fields`` must hold every field of ``cls`` with exactly what validation would store: the annotated types
     (a float as a float), nested models as models, fresh lists and dicts. The dict becomes the model's own.
+    The models of a class share one set of field names as their ``model_fields_set`` (every field is set):
+    IR models are frozen, and ``model_copy`` copies the set before adding to it.
     """
-    model = cls.__new__(cls)
-    _setattr(model, "__dict__", fields)
-    _setattr(model, "__pydantic_fields_set__", set(fields))
-    _setattr(model, "__pydantic_extra__", None)
-    _setattr(model, "__pydantic_private__", None)
+    model = _new(cls)
+    _set_dict(model, fields)
+    names = _all_fields.get(cls)
+    if names is None:
+        names = _all_fields[cls] = set(cls.model_fields)
+    _set_fields_set(model, names)
+    _set_extra(model, None)
+    _set_private(model, None)
     return model
 
 

@@ -78,10 +78,13 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
     """Compile a template field. ``secrets`` (§7.14): ``deny``, ``allow`` (agent parameters) or the set of
     top-level keys where they are allowed (``{"key"}`` for encrypt/decrypt/hash)."""
     strings: list[dict[str, Any]] = []
-    found: list[tuple[str, _Placeholder]] = []
+    found: list[tuple[str, tuple[_Placeholder, ...]]] = []
     errors: list[tuple[str, str, str]] = []
     try:
-        _walk_template(value, "", strings, found, errors)
+        if type(value) is dict:  # (most templates: an operation's or a step's parameters)
+            _walk_object(value, "", strings, found, errors)
+        else:
+            _walk_template(value, "", strings, found, errors)
     except (RecursionError, TemplateSyntaxError):
         c.add("error", "template_syntax_error", f"{path}: template nested too deeply", path)
         return None
@@ -91,31 +94,36 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
     if errors:
         return None
     ok = True
-    for at, ph in found:
+    read = c.reads.append
+    node_id, step_id = c.node_id, c.step_id
+    for at, placeholders in found:
         where = path + at
-        uses = ph.secret_uses
-        if uses and not (secrets == "allow" or (
-                isinstance(secrets, frozenset) and at.split("/")[1:2] and at.split("/")[1] in secrets)):
-            c.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
-                  "and encryption keys", where)
-            ok = False
-            continue
-        for alias, fld in uses:
-            if alias is None:
-                c.add("error", "secret_not_allowed", f"{where}: secrets must be referenced as "
-                      "secrets.<alias>[.<field>]", where)
-                ok = False
-                continue
-            c.secret_uses.append((alias, where, c.node_id, c.step_id))
-            if secret_refs is not None:
-                secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
-        for root in ph.reads if not local_names else ph.roots - local_names - {"secrets"}:
-            c.reads.append((root, where, c.node_id, c.step_id))
+        for ph in placeholders:
+            uses = ph.secret_uses
+            if uses:
+                if not (secrets == "allow" or (
+                        isinstance(secrets, frozenset) and at.split("/")[1:2] and at.split("/")[1] in secrets)):
+                    c.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
+                          "and encryption keys", where)
+                    ok = False
+                    continue
+                for alias, fld in uses:
+                    if alias is None:
+                        c.add("error", "secret_not_allowed", f"{where}: secrets must be referenced as "
+                              "secrets.<alias>[.<field>]", where)
+                        ok = False
+                        continue
+                    c.secret_uses.append((alias, where, node_id, step_id))
+                    if secret_refs is not None:
+                        secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
+            for root in ph.reads if not local_names else ph.roots - local_names - {"secrets"}:
+                read((root, where, node_id, step_id))
     if not ok:
         return None
     if isinstance(value, str):
         return _string_template(value)
-    return construct(TemplateIR, {"source": value, "strings": [dict(entry) for entry in strings]})
+    # The entries are shared with the cache of each string's entry at its path: the IR is immutable.
+    return construct(TemplateIR, {"source": value, "strings": strings})
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +171,14 @@ def _compiled_string(s: str) -> _String:
 
 
 @lru_cache(maxsize=8192)
-def _string_entry(s: str, at: str) -> dict[str, Any]:
-    """The IR entry of a template string that compiles, at a JSON path (TemplateIR copies the entries it is
-    given, and the parts are shared by the uses of the text: the IR is immutable)."""
+def _string_use(s: str, at: str) -> tuple[_String, dict[str, Any] | None]:
+    """A template string compiled, and its IR entry at a JSON path when it compiles (the entries and their
+    parts are shared by the uses of the text at that path: the IR is immutable)."""
     compiled = _compiled_string(s)
+    if compiled.errors:
+        return compiled, None
     parts = [part if isinstance(part, str) else {"ph": {"path": at, **part.ir}} for part in compiled.parts]
-    return {"path": at, "parts": parts, "whole": compiled.whole}
+    return compiled, {"path": at, "parts": parts, "whole": compiled.whole}
 
 
 @lru_cache(maxsize=4096)
@@ -182,8 +192,8 @@ def _string_template(s: str) -> TemplateIR:
 _SCALARS = frozenset({int, float, bool, type(None)})  # nothing to walk in them
 
 
-def _walk_template(value: Any, at: str, strings: list[dict[str, Any]], found: list[tuple[str, _Placeholder]],
-                   errors: list[tuple[str, str, str]]) -> None:
+def _walk_template(value: Any, at: str, strings: list[dict[str, Any]],
+                   found: list[tuple[str, tuple[_Placeholder, ...]]], errors: list[tuple[str, str, str]]) -> None:
     """The compiled strings of a template value in document order (as :func:`compile_template_checked`)."""
     if isinstance(value, str):
         if "{{" in value:  # a placeholder or an escaped one
@@ -199,19 +209,19 @@ def _walk_template(value: Any, at: str, strings: list[dict[str, Any]], found: li
         _walk_object(value, at, strings, found, errors)  # (the Mapping ABC last: isinstance with it is slow)
 
 
-def _walk_string(value: str, at: str, strings: list[dict[str, Any]], found: list[tuple[str, _Placeholder]],
-                 errors: list[tuple[str, str, str]]) -> None:
-    compiled = _compiled_string(value)
-    if compiled.errors:
+def _walk_string(value: str, at: str, strings: list[dict[str, Any]],
+                 found: list[tuple[str, tuple[_Placeholder, ...]]], errors: list[tuple[str, str, str]]) -> None:
+    compiled, entry = _string_use(value, at)
+    if entry is None:
         errors.extend((at, raw, reason) for raw, reason in compiled.errors)
         return
-    strings.append(_string_entry(value, at))
-    for ph in compiled.placeholders:
-        found.append((at, ph))
+    strings.append(entry)
+    if compiled.placeholders:
+        found.append((at, compiled.placeholders))
 
 
 def _walk_object(value: Mapping[Any, Any], at: str, strings: list[dict[str, Any]],
-                 found: list[tuple[str, _Placeholder]], errors: list[tuple[str, str, str]]) -> None:
+                 found: list[tuple[str, tuple[_Placeholder, ...]]], errors: list[tuple[str, str, str]]) -> None:
     for key, item in value.items():
         kind = type(item)
         if kind is str:  # most values: walked here, not by one more call

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from operator import attrgetter, itemgetter
 from typing import Protocol
 
 from ckp_core.compiler.fields import Compilation
@@ -21,6 +22,8 @@ from ckp_core.ir import (
 )
 from ckp_core.variables import BUILTIN_NAMES, VariableSpec
 
+_ENDS = attrgetter("source", "target", "kind")
+_ROOT = itemgetter(0)
 _FLOW_KINDS = frozenset({"next", "condition", "default", "approve", "reject", "timeout", "option"})
 
 
@@ -78,13 +81,12 @@ def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[Ed
                  nodes: dict[str, NodeIR]) -> None:
     adjacent: dict[str, list[str]] = {}
     reverse: dict[str, list[str]] = {}  # along the normal flow only
-    for e in edges:
-        source, target = e.source, e.target
+    for source, target, kind in map(_ENDS, edges):
         if source in adjacent:
             adjacent[source].append(target)
         else:
             adjacent[source] = [target]
-        if e.kind in _FLOW_KINDS:
+        if kind in _FLOW_KINDS:
             if target in reverse:
                 reverse[target].append(source)
             else:
@@ -138,6 +140,9 @@ def _ends_path(node: NodeIR) -> bool:
 
 def undeclared(c: Compilation, variables: Mapping[str, VariableSpec], trigger: TriggerIR | None) -> None:
     known = set(variables) | c.produced | BUILTIN_NAMES | set(trigger.input_vars if trigger else ())
+    if known.issuperset(map(_ROOT, c.reads)):  # (most documents)
+        c.node_id = c.step_id = None
+        return
     reported: set[tuple[str, str]] = set()
     for root, path, node_id, step_id in c.reads:
         if root not in known and (root, path) not in reported:

@@ -29,14 +29,18 @@ MISSING = object()
 
 def strip_object(obj: Mapping[str, Any]) -> dict[str, Any]:
     """Drop comment keys (``_…``) and null values (an optional field given as null is absent)."""
+    if _plain_object(obj):  # most objects: then a copy, made without a loop in Python
+        return dict(obj)
+    return {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_")) and v is not None}
+
+
+def _plain_object(obj: Mapping[str, Any]) -> bool:
+    """Whether an object has neither comment keys nor null values (what :func:`strip_object` drops)."""
     try:
         keys = "\0".join(obj)
     except TypeError:  # a key that is not a string
-        keys = "_"
-    # Most objects have neither: then a copy, made without a loop in Python.
-    if not (keys.startswith("_") or "\0_" in keys or None in obj.values()):
-        return dict(obj)
-    return {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith("_")) and v is not None}
+        return False
+    return not (keys.startswith("_") or "\0_" in keys or None in obj.values())
 
 
 def templated(value: Any) -> bool:
@@ -128,6 +132,13 @@ class Compilation:
         if known is not None:
             self.unknown_fields(out, known, path)
         return out
+
+    def view(self, value: Any, path: str) -> Mapping[str, Any] | None:
+        """An object field only read, never changed: as :meth:`obj` without ``known``, but the object itself
+        when there is nothing to drop from it (no copy)."""
+        if type(value) is dict and _plain_object(value):
+            return value
+        return self.obj(value, path)
 
     def unknown_fields(self, obj: Mapping[str, Any], known: Iterable[str], path: str) -> None:
         known_set = known if isinstance(known, (frozenset, set)) else set(known)

@@ -3,6 +3,7 @@ the payload of its type, and the edges between nodes (unknown targets reported).
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from ckp_core.compiler.binding import opt_template
@@ -52,6 +53,7 @@ TYPE_FIELDS: dict[str, frozenset[str]] = {
 }
 NO_NEXT_NODE = frozenset({"logic", "human_approval", "terminate"})
 _NODES_PATH = "/workflow_graph/nodes/"
+_TARGET = attrgetter("target")
 _NODE_FIELDS = {ntype: NODE_COMMON_FIELDS | fields for ntype, fields in TYPE_FIELDS.items()}
 
 
@@ -93,6 +95,9 @@ def graph(c: Compilation, doc: dict[str, Any],
     if start_node is not None and start_node not in raw_nodes:
         c.add("error", "unknown_start_node", f"start_node '{start_node}' does not exist in nodes",
               "/workflow_graph/start_node")
+    if set(node_ids).issuperset(map(_TARGET, edges)):  # (the node ids: the keys but comments)
+        c.node_id = None
+        return nodes, start_node, edges, unknown_types, node_ids
     for e in edges:
         if e.target not in raw_nodes or e.target.startswith("_"):
             c.node_id = e.source if e.kind != "on_failure" else None
@@ -159,20 +164,22 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
 
 
 def _edges_of(node: NodeIR) -> list[EdgeIR]:
-    base = _NODES_PATH + node.id.replace("~", "~0").replace("/", "~1")
+    source = node.id
+    base = _NODES_PATH + source.replace("~", "~0").replace("/", "~1")
     out: list[EdgeIR] = []
 
     def edge(target: str | None, kind: str, fld: str, label: str | None = None) -> None:
         if target is not None:
-            out.append(construct(EdgeIR, {"source": node.id, "target": target, "kind": kind, "label": label,
-                                          "field": f"{base}/{fld}"}))
+            out.append(_edge(source, target, kind, label, f"{base}/{fld}"))
 
     p = node.payload
     # Exact classes (the payload models have no subclasses): isinstance would go through ABCMeta for each.
     if type(p) is LogicPayload:
-        for i, rule in enumerate(p.rules):
-            edge(rule.next_node, "condition", f"rules/{i}/next_node", rule.condition.source)
-        edge(p.default_next_node, "default", "default_next_node")
+        for i, rule in enumerate(p.rules):  # (a rule always has a target)
+            out.append(_edge(source, rule.next_node, "condition", rule.condition.source,
+                             f"{base}/rules/{i}/next_node"))
+        if p.default_next_node is not None:
+            out.append(_edge(source, p.default_next_node, "default", None, f"{base}/default_next_node"))
     elif type(p) is LoopPayload:
         edge(p.body_node, "loop_body", "body_node")
     elif type(p) is ParallelPayload:
@@ -187,12 +194,17 @@ def _edges_of(node: NodeIR) -> list[EdgeIR]:
         edge(p.on_timeout, "timeout", "on_timeout")
         for option, target in p.option_routes.items():
             edge(target, "option", f"option_routes/{pointer(option)[1:]}", option)
-    edge(node.next_node, "next", "next_node")
+    if node.next_node is not None:
+        out.append(_edge(source, node.next_node, "next", None, f"{base}/next_node"))
     for h in node.error_handlers:
         edge(h.fallback_node, "fallback", f"error_handlers/{h.index}/fallback_node", h.error_type or "*")
     if node.sla is not None:
         edge(node.sla.escalation_handler, "fallback", "sla/escalation_handler", "sla")
     return out
+
+
+def _edge(source: str, target: str, kind: str, label: str | None, fld: str) -> EdgeIR:
+    return construct(EdgeIR, {"source": source, "target": target, "kind": kind, "label": label, "field": fld})
 
 
 def _edge_field_name(e: EdgeIR) -> str:

@@ -13,6 +13,7 @@ from ckp_core.compiler.binding import expression, template
 from ckp_core.compiler.fields import VAR_RE, Compilation, NodeContext, regex_problem, templated, valid_timezone
 from ckp_core.expressions import json_type_name
 from ckp_core.ir import ExpressionIR, OperationIR, SecretRefIR, TemplateIR
+from ckp_core.variables import BUILTIN_NAMES
 
 INTERNAL_OPERATIONS = frozenset({
     "log", "wait", "set_variable", "append_to_array", "parse_json", "parse_xml", "parse_csv",
@@ -125,27 +126,31 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
         if old in params and new not in params:
             params[new] = params.pop(old)
             c.add("info", "alias_normalised", f"{path}/{old}: '{old}' read as '{new}'", f"{path}/{old}")
-    c.unknown_fields(params, _KNOWN[action], path)
+    if not _KNOWN[action].issuperset(params):
+        c.unknown_fields(params, _KNOWN[action], path)
     ok = True
-    for key in _REQUIRED_SORTED[action]:
-        if key not in params:
-            c.add("error", "missing_field", f"{path}: required field '{key}' is missing", f"{path}/{key}")
-            ok = False
+    if not params.keys() >= OP_FIELDS[action][0]:
+        for key in _REQUIRED_SORTED[action]:
+            if key not in params:
+                c.add("error", "missing_field", f"{path}: required field '{key}' is missing", f"{path}/{key}")
+                ok = False
     names: dict[str, str] = {}
     for key in _NAMES[action]:
         if key in params:
             value = params.pop(key)
-            kp = f"{path}/{key}"
             if action == "set_variable" and isinstance(value, str):
                 root, *rest = value.split(".")
-                if any(not part for part in rest) or not VAR_RE.match(root):
+                if "" in rest or not VAR_RE.match(root):
+                    kp = f"{path}/{key}"
                     c.add("error", "invalid_identifier", f"{kp}: '{value}' is not a valid variable name", kp)
                     ok = False
-                elif c.written(root, kp) is None:
-                    ok = False
-                else:
+                elif root not in BUILTIN_NAMES:  # what c.written checks beyond the pattern just matched
+                    c.produced.add(root)
                     names[key] = value
-            elif c.written(value, kp) is None:
+                else:
+                    c.written(root, f"{path}/{key}")
+                    ok = False
+            elif c.written(value, f"{path}/{key}") is None:
                 ok = False
             else:
                 names[key] = str(value)

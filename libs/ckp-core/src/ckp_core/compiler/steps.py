@@ -10,7 +10,7 @@ import jmespath
 from lxml import etree
 
 from ckp_core.compiler.binding import expression, opt_template, path_expression, template
-from ckp_core.compiler.fields import MISSING, Compilation, NodeContext, regex_problem
+from ckp_core.compiler.fields import ID_RE, MISSING, Compilation, NodeContext, regex_problem
 from ckp_core.compiler.operations import INTERNAL_OPERATIONS, operation_body
 from ckp_core.compiler.retry import retry_keys
 from ckp_core.diagnostics import pointer
@@ -65,18 +65,22 @@ def steps(c: Compilation, raw: Any, path: str, ctx: NodeContext,
 
 def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) -> dict[str, Any] | None:
     """One step: every field of its :class:`StepIR`, checked, or None."""
-    s = c.obj(raw, path)
+    s = c.view(raw, path)
     if s is None:
         return None
-    step_id_raw = c.required(s, "step_id", path)
-    step_id = None if step_id_raw is MISSING else c.identifier(step_id_raw, f"{path}/step_id", "step id")
+    step_id = s.get("step_id")
+    if type(step_id) is not str or not ID_RE.match(step_id):  # (the common case without a reader's call)
+        step_id_raw = c.required(s, "step_id", path)
+        step_id = None if step_id_raw is MISSING else c.identifier(step_id_raw, f"{path}/step_id", "step id")
     c.step_id = step_id
     if step_id is not None:
         if step_id in seen:
             c.add("error", "duplicate_id", f"Node '{ctx.node_id}': duplicate step id '{step_id}'",
                   f"{path}/step_id")
         seen.add(step_id)
-    action = c.string(s, "action", path, required=True)
+    action = s.get("action")
+    if type(action) is not str:
+        action = c.string(s, "action", path, required=True)
     params = {k: v for k, v in s.items() if k not in STEP_META_FIELDS and k != "params"}
     if "params" in s:
         nested = c.obj(s["params"], f"{path}/params")
