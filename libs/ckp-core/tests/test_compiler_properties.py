@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckp_core.compiler import compile_document, compile_text
+from ckp_core.compiler import compile_document, compile_text, content_hash
+from ckp_core.compiler.document import MAX_NESTING
 
 pytestmark = pytest.mark.unit
 
@@ -513,6 +514,37 @@ def test_regression_deep_value_in_ir() -> None:
     # (pydantic: "Maximum serialization depth exceeded"), so it could never be stored.
     text = json.dumps(minimal_document("@")).replace('"@"', "[" * 300 + '"v"' + "]" * 300)
     check_result(compile_text(text))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_nesting_limit_is_the_same_from_text_and_from_a_document(extra: int) -> None:
+    # The document's own levels (6 down to the step) and 122 arrays: 128 levels, the most allowed. compile_text
+    # checks a float-free document while writing its canonical JSON, compile_document by walking it.
+    depth = 122 + extra
+    text = json.dumps(minimal_document("@")).replace('"@"', "[" * depth + '"v"' + "]" * depth)
+    by_text, by_doc = compile_text(text), compile_document(json.loads(text))
+    too_deep = [d.message for d in by_text.diagnostics if d.code == "invalid_document"]
+    assert too_deep == ([f"CKP document is nested deeper than {MAX_NESTING} levels"] if extra else [])
+    assert [d.model_dump() for d in by_text.diagnostics] == [d.model_dump() for d in by_doc.diagnostics]
+    if not extra:
+        assert by_text.ir is not None
+        assert by_doc.ir is not None
+        assert by_text.ir.content_hash == by_doc.ir.content_hash == content_hash(json.loads(text))
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e999", "1.5", "-0.0", "10000000000000000000000"])
+def test_floats_and_constants_in_text_are_checked_as_in_a_document(token: str) -> None:
+    # A text without a float (nor NaN / Infinity) has its canonical JSON written by orjson; these take the
+    # general path, which must give what compile_document gives for the decoded document.
+    text = json.dumps(minimal_document("@")).replace('"@"', token)
+    by_text, by_doc = compile_text(text), compile_document(json.loads(text))
+    assert [d.model_dump() for d in by_text.diagnostics] == [d.model_dump() for d in by_doc.diagnostics]
+    if token in ("NaN", "Infinity", "-Infinity", "1e999"):
+        assert [d.code for d in by_text.diagnostics] == ["invalid_document"]
+    else:
+        assert by_text.ir is not None
+        assert by_doc.ir is not None
+        assert by_text.ir.content_hash == by_doc.ir.content_hash == content_hash(json.loads(text))
 
 
 def test_regression_very_deep_value() -> None:

@@ -38,6 +38,7 @@ ROOT_FIELDS = frozenset({
 RETRIEVAL_ALIASES = {"intents": "primary_intents", "domain": "business_domain"}
 _CONTAINERS = (dict, list)  # a tuple: isinstance with a union type is several times slower
 _PLAIN = frozenset({dict, list, str, int, bool, type(None)})
+_ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
 @dataclass
@@ -84,20 +85,37 @@ def compile_text(text: str | bytes, lookup: ProcedureLookup | None = None) -> Co
     if size > MAX_DOCUMENT_BYTES:
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
                                          message=f"CKP document is {size} bytes; the limit is 10 MiB")])
+    floats = _FloatsSeen()
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_float=floats, parse_constant=floats)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
                                          message=f"CKP document is not valid JSON: {exc}")])
-    return compile_document(doc, lookup)
+    return _compile(doc, lookup, decoded_plain=not floats.seen)
+
+
+class _FloatsSeen:
+    """``parse_float`` and ``parse_constant`` (NaN, Infinity, -Infinity) for ``json.loads``: floats as
+    json.loads makes them, noting that there was one (a document decoded without is plain JSON data: only str,
+    int, bool, null, objects and arrays)."""
+
+    seen = False
+
+    def __call__(self, text: str) -> float:
+        self.seen = True
+        return float(text)
 
 
 def compile_document(doc: Any, lookup: ProcedureLookup | None = None) -> CompileResult:
     """Compile a decoded CKP document. Never raises for bad input: problems come back as diagnostics."""
+    return _compile(doc, lookup)
+
+
+def _compile(doc: Any, lookup: ProcedureLookup | None, decoded_plain: bool = False) -> CompileResult:
     if not isinstance(doc, dict):
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
                                          message="CKP document must be a JSON object")])
-    problem, canonical = _document_problem(doc)
+    problem, canonical = _document_problem(doc, decoded_plain)
     if problem is not None:
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="", message=problem)])
     dialect = _dialect(doc)
@@ -114,9 +132,22 @@ def compile_document(doc: Any, lookup: ProcedureLookup | None = None) -> Compile
             gc.enable()
 
 
-def _document_problem(doc: dict[str, Any]) -> tuple[str | None, bytes | None]:
+def _document_problem(doc: dict[str, Any], decoded_plain: bool = False) -> tuple[str | None, bytes | None]:
     """Why a decoded document cannot be stored as canonical JSON (too deep, non-finite numbers, lone
-    surrogates), or None with the document's canonical JSON as UTF-8 (None when it could not be made here)."""
+    surrogates), or None with the document's canonical JSON as UTF-8 (None when it could not be made here).
+
+    ``decoded_plain``: the document is known to be plain JSON data (decoded from text without a float).
+    """
+    if decoded_plain and _ORJSON_CHECKS_DEPTH:
+        # orjson refuses nesting deeper than _ORJSON_MAX_DEPTH: inside _WRAP arrays, the document is written
+        # only when it is at most MAX_NESTING deep, and the walk of _shape is not needed.
+        wrapped: Any = doc
+        for _ in range(_WRAP):
+            wrapped = [wrapped]
+        try:
+            return None, orjson.dumps(wrapped, option=_ORJSON_OPTIONS)[_WRAP:-_WRAP]
+        except orjson.JSONEncodeError:  # too deep, an integer beyond 64 bits, a lone surrogate: as below
+            pass
     too_deep, plain = _shape(doc)
     if too_deep:
         return f"CKP document is nested deeper than {MAX_NESTING} levels", None
@@ -124,7 +155,7 @@ def _document_problem(doc: dict[str, Any]) -> tuple[str | None, bytes | None]:
     # (no floats, whose repr it formats differently) byte for byte as json.dumps does, about 5 times faster.
     if plain:
         try:
-            return None, orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_SUBCLASS)
+            return None, orjson.dumps(doc, option=_ORJSON_OPTIONS)
         except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate: json.dumps decides below
             pass
     # When json.dumps fails (or cannot sort), the check is repeated on the text in document order, whose first
@@ -159,6 +190,31 @@ def _shape(doc: dict[str, Any]) -> tuple[bool, bool]:
         if not level:
             return False, plain and type(doc) is dict
     return True, False
+
+
+def _nested_arrays(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def _orjson_checks_depth() -> bool:
+    """Whether orjson.dumps writes exactly up to _ORJSON_MAX_DEPTH levels of nesting (true of orjson 3)."""
+    try:
+        orjson.dumps(_nested_arrays(_ORJSON_MAX_DEPTH))
+    except orjson.JSONEncodeError:
+        return False
+    try:
+        orjson.dumps(_nested_arrays(_ORJSON_MAX_DEPTH + 1))
+    except orjson.JSONEncodeError:
+        return True
+    return False
+
+
+_ORJSON_MAX_DEPTH = 254  # orjson: "Recursion limit reached" beyond
+_WRAP = _ORJSON_MAX_DEPTH - MAX_NESTING
+_ORJSON_CHECKS_DEPTH = _orjson_checks_depth()
 
 
 def _too_deep_by_path(doc: dict[str, Any]) -> bool:
