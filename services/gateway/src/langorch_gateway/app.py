@@ -22,6 +22,7 @@ import asyncpg
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -98,6 +99,11 @@ CONSOLE_PATH = "/ui/"  # the console's forms post form data; its handlers send t
 CALLBACK_PATH = re.compile(r"^/api/runs/[^/]+/callback$")  # agent callbacks carry step outputs up to 10 MiB too
 WEBHOOK_PATH = re.compile(r"^/api/triggers/webhook/[^/]+$")  # raw bodies of any type: routes_webhooks checks them
 TRIGGER_TYPES = ("api", "manual", "scheduled", "webhook", "event", "file_watch", "subflow")
+NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+"""FastAPI's own OpenTelemetry instrumentation is off: it turns itself on whenever a tracer provider is installed
+(tracing.py installs the SDK's in every process), and then made a server span of its own besides the gateway's
+(``tracing.server_span``) and a span for the dependencies, the endpoint and the serialisation of every request —
+also when nothing is exported, which the gateway's own spans avoid (``tracing.span``)."""
 Limit = queries.Limit
 Offset = Annotated[int, Query(ge=0, le=queries.MAX_BIGINT)]
 AfterQuery = Annotated[int | None, Query(ge=0, le=queries.MAX_BIGINT)]
@@ -164,7 +170,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     # /docs and /redoc: routes_api_docs serves them from vendored assets (FastAPI's load them from a CDN)
     app = FastAPI(title="LangOrch API", version=SERVICE_VERSION, lifespan=lifespan, docs_url=None,
-                  redoc_url=None)
+                  redoc_url=None, telemetry=NO_FASTAPI_TELEMETRY)
     app.state.settings = settings
     app.state.metrics = metrics = GatewayMetrics(SERVICE_VERSION, extra_registries)
     app.state.stream_slots = StreamSlots(settings.sse_max_per_principal)
