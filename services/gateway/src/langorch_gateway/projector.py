@@ -34,7 +34,7 @@ from ckp_core.events import decode, upcast
 from ckp_core.eventstore import StoredEvent
 from ckp_core.subjects import AUDIT_STREAM, EVENT_STREAM
 from langorch_gateway.pool import advisory_lock
-from langorch_gateway.projections import PROJECTIONS, Recorded, apply_audit_entry
+from langorch_gateway.projections import PROJECTIONS, Projection, Recorded, apply_audit_entry
 from langorch_infra import tracing
 from langorch_infra.bus import BusMetrics, subject_template
 from langorch_infra.cancel import stop_if_cancelled
@@ -77,14 +77,26 @@ async def drop_schema(pool: asyncpg.Pool) -> None:
                            "projection_dead_letters")
 
 
+def _by_aggregate() -> dict[str, tuple[Projection, ...]]:
+    found: dict[str, list[Projection]] = {}
+    for projection in PROJECTIONS:
+        found.setdefault(projection.aggregate, []).append(projection)
+    return {aggregate: tuple(projections) for aggregate, projections in found.items()}
+
+
+BY_AGGREGATE = _by_aggregate()
+"""The projections of each aggregate's events, in the order of :data:`PROJECTIONS` (the others ignore them)."""
+
+
 async def apply_event(conn: Any, stored: StoredEvent) -> None:
     """Apply one event to the tables (inside the caller's transaction): decoded once (upcast to its current schema
-    version), then handed to every projection in order. An event of an unknown type reaches the projections as
-    ``UnknownEvent``; a known one whose data does not validate raises, and the batch makes it a dead letter."""
+    version), then handed to every projection of its aggregate in order. An event of an unknown type reaches the
+    projections as ``UnknownEvent``; a known one whose data does not validate raises, and the batch makes it a dead
+    letter (also when no projection follows its aggregate)."""
     envelope = upcast(stored.envelope)
     event = decode(envelope)
     recorded = Recorded(envelope, stored.position)
-    for projection in PROJECTIONS:
+    for projection in BY_AGGREGATE.get(envelope.aggregate, ()):
         await projection.apply(conn, event, recorded)
 
 
