@@ -9,16 +9,28 @@ one commit, however many runs are in it). A caller returns only once the transac
 committed, so a checkpoint is as durable as before when ``aput`` returns; writes keep their order (one group at a
 time, each in arrival order). A group that fails is written again write by write, so only the failing call sees
 the error. The saver's reads are the official saver's.
+
+**Barriers.** A run's checkpoint must never be ahead of its events: it is committed only once the events the run
+emitted before it are stored. The run used to wait for its events before LangGraph wrote the checkpoint, so the
+appends and the checkpoint's writing came one after the other. A saver can instead be given the run's *barrier*
+(:class:`GroupCommitSaver` ``barriers``: thread id → a function returning an awaitable that ends once everything the
+run has emitted so far is stored, or raises if it never will be). The group then sends its statements to PostgreSQL
+while the events are still being appended, waits for the barriers of its calls, and only then commits: the
+appends and the checkpoint's writing overlap, and the commit still comes after the events. A barrier that fails
+rolls the group back; that call gets the barrier's error and the others are written again without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from psycopg import AsyncCursor
 from psycopg.rows import DictRow
@@ -29,6 +41,12 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 256  # saver calls per transaction
 
 Statement = tuple[str, Any, bool]  # (SQL, parameters, executemany)
+Barrier = Callable[[], Awaitable[None]]  # a run's "everything emitted so far is stored"
+Waiting = tuple[list[Statement], "asyncio.Future[None]", "asyncio.Future[None] | None"]
+
+
+class BarrierFailed(Exception):
+    """A group's barrier failed: the group is rolled back and written again without that call."""
 
 
 class _Recorder:
@@ -50,61 +68,88 @@ class GroupCommit:
     def __init__(self, pool: AsyncConnectionPool[Any], max_group: int = MAX_GROUP) -> None:
         self.pool = pool
         self.max_group = max_group
-        self.waiting: list[tuple[list[Statement], asyncio.Future[None]]] = []
+        self.waiting: list[Waiting] = []
         self.writer: asyncio.Task[None] | None = None
         self.groups = 0  # transactions committed (for tests and benchmarks)
 
-    async def write(self, statements: list[Statement]) -> None:
-        """Write ``statements`` in one transaction (shared with other calls'); returns once it is committed."""
+    async def write(self, statements: list[Statement], barrier: Barrier | None = None) -> None:
+        """Write ``statements`` in one transaction (shared with other calls'); returns once it is committed.
+
+        ``barrier``: the transaction commits only once it has ended (it is awaited from now on, while the
+        statements wait for their group and are sent); if it raises, these statements are not committed and the
+        call raises its error."""
         if not statements:
+            if barrier is not None:
+                await barrier()
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiting.append((statements, done))
+        gate = asyncio.ensure_future(barrier()) if barrier is not None else None
+        self.waiting.append((statements, done, gate))
         if self.writer is None or self.writer.done():
             self.writer = asyncio.create_task(self._write_groups(), name="checkpoint-group-commit")
         await done  # a caller canceled meanwhile: its statements are written with their group all the same
 
     async def _write_groups(self) -> None:
-        group: list[tuple[list[Statement], asyncio.Future[None]]] = []
+        group: list[Waiting] = []
         try:
             while self.waiting:
                 group, self.waiting = self.waiting[:self.max_group], self.waiting[self.max_group:]
                 await self._write_group(group)
         except BaseException:  # the writer itself was canceled (the event loop closes): no caller waits for ever
             stopped = RuntimeError("the checkpoint group writer stopped before this write was known committed")
-            for _, done in [*group, *self.waiting]:
+            for _, done, _gate in [*group, *self.waiting]:
                 _settle(done, stopped)
             self.waiting = []
             raise
 
-    async def _write_group(self, group: list[tuple[list[Statement], asyncio.Future[None]]]) -> None:
+    async def _write_group(self, group: list[Waiting]) -> None:
         try:
-            await self._transaction([s for statements, _ in group for s in statements])
+            await self._transaction([s for statements, _, _ in group for s in statements],
+                                    [gate for _, _, gate in group if gate is not None])
         except Exception as exc:  # any failure of the shared transaction is retried call by call below
             if len(group) == 1:
-                _settle(group[0][1], exc)
+                _settle(group[0][1], _barrier_error(group[0][2]) or exc)
                 return
             log.debug("a checkpoint group of %d failed (%s); writing its calls one by one", len(group), exc)
-            for statements, done in group:
+            for statements, done, gate in group:
+                refused = _barrier_error(gate)
+                if refused is not None:  # its run's events were not all stored: its checkpoint is not written
+                    _settle(done, refused)
+                    continue
                 try:
-                    await self._transaction(statements)
+                    await self._transaction(statements, [gate] if gate is not None else [])
                 except Exception as one:  # handed to that call's caller, who sees the saver's own error
-                    _settle(done, one)
+                    _settle(done, _barrier_error(gate) or one)
                 else:
                     _settle(done, None)
         else:
-            for _, done in group:
+            for _, done, _gate in group:
                 _settle(done, None)
 
-    async def _transaction(self, statements: Sequence[Statement]) -> None:
-        async with self.pool.connection() as conn, conn.pipeline(), conn.transaction(), \
+    async def _transaction(self, statements: Sequence[Statement],
+                           gates: Sequence[asyncio.Future[None]] = ()) -> None:
+        async with self.pool.connection() as conn, conn.pipeline() as pipeline, conn.transaction(), \
                 conn.cursor(binary=True) as cur:
             for query, params, many in statements:
                 if many:
                     await cur.executemany(query, params)
                 else:
                     await cur.execute(query, params)
+            if any(not gate.done() for gate in gates):
+                await pipeline.sync()  # the statements run while the events are still being appended
+                await asyncio.wait(gates)
+            if any(_barrier_error(gate) is not None for gate in gates):
+                raise BarrierFailed("a run's events were not all stored: its checkpoint is not committed")
         self.groups += 1
+
+
+def _barrier_error(gate: asyncio.Future[None] | None) -> BaseException | None:
+    """The failure of a call's barrier, if it has failed."""
+    if gate is None or not gate.done():
+        return None
+    if gate.cancelled():
+        return RuntimeError("the barrier of this checkpoint write was canceled")
+    return gate.exception()
 
 
 def _settle(done: asyncio.Future[None], failure: BaseException | None) -> None:
@@ -116,13 +161,37 @@ def _settle(done: asyncio.Future[None], failure: BaseException | None) -> None:
         done.set_exception(failure)
 
 
+_THREAD: contextvars.ContextVar[str | None] = contextvars.ContextVar("checkpoint_thread", default=None)
+
+
 class GroupCommitSaver(AsyncPostgresSaver):
     """LangGraph's PostgreSQL saver whose writes (``aput``, ``aput_writes``, ``adelete_thread``: its pipelined
-    blocks) go through a :class:`GroupCommit`; it reads as the official saver does."""
+    blocks) go through a :class:`GroupCommit`; it reads as the official saver does.
 
-    def __init__(self, pool: AsyncConnectionPool[Any], group: GroupCommit) -> None:
+    ``barriers`` (thread id → :data:`Barrier`, kept up to date by the runtime for the runs it executes): a write
+    of such a thread commits only once the barrier has ended."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], group: GroupCommit,
+                 barriers: Mapping[str, Barrier] | None = None) -> None:
         super().__init__(pool)
         self.group = group
+        self.barriers: Mapping[str, Barrier] = barriers if barriers is not None else {}
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
+                   new_versions: ChannelVersions) -> RunnableConfig:
+        token = _THREAD.set(str(config["configurable"]["thread_id"]))
+        try:
+            return await super().aput(config, checkpoint, metadata, new_versions)
+        finally:
+            _THREAD.reset(token)
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
+                          task_path: str = "") -> None:
+        token = _THREAD.set(str(config["configurable"]["thread_id"]))
+        try:
+            await super().aput_writes(config, writes, task_id, task_path)
+        finally:
+            _THREAD.reset(token)
 
     @contextlib.asynccontextmanager
     async def _cursor(self, *, pipeline: bool = False) -> AsyncIterator[AsyncCursor[DictRow]]:
@@ -132,4 +201,9 @@ class GroupCommitSaver(AsyncPostgresSaver):
             return
         recorder = _Recorder()
         yield cast(AsyncCursor[DictRow], recorder)
-        await self.group.write(recorder.statements)
+        thread = _THREAD.get()
+        barrier = self.barriers.get(thread) if thread is not None else None
+        if barrier is None:
+            await self.group.write(recorder.statements)
+        else:
+            await self.group.write(recorder.statements, barrier)

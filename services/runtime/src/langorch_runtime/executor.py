@@ -21,6 +21,7 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import interrupt
 
+from ckp_core.errors import ConcurrencyError
 from ckp_core.events import Actor, CheckpointSaved, EventData, EventEnvelope, make_event
 from ckp_core.eventstore import AggregateHead, EventStore
 from ckp_core.redaction import Redactor, bound_payload
@@ -37,10 +38,12 @@ class RunWriter:
     The interpreter emits with :meth:`emit_soon`: the event is built, redacted and numbered at once, and a
     background task appends the queued events one by one, each with its expected position, while the run goes on
     computing. :meth:`flush` waits until every queued event is stored; the run calls it before anything outside
-    the run can see or depend on what it did — before each checkpoint (the end of a super-step), before an agent,
-    tool or LLM call, an approval request or a child run, and before the command is acknowledged. So no event is
-    ever behind the state persisted after it, and an append that fails (another writer appended to the run) stops
-    every later one: the run's events never interleave with another writer's. :meth:`emit` appends and waits."""
+    the run can see or depend on what it did — before an agent, tool or LLM call, an approval request or a child
+    run, and before the command is acknowledged. A checkpoint (the end of a super-step) does not wait for the
+    appends to begin: it is written while they go on and committed once they are done (:meth:`stored`, the run's
+    checkpoint barrier). So no event is ever behind the state persisted after it, and an append that fails
+    (another writer appended to the run) stops every later one and the checkpoint after it: the run's events never
+    interleave with another writer's. :meth:`emit` appends and waits."""
 
     def __init__(self, store: EventStore, run_id: str, head: AggregateHead, redactor: Redactor,
                  actor: Actor, causation_id: str | None) -> None:
@@ -56,6 +59,7 @@ class RunWriter:
         self.before: Callable[[], list[asyncio.Task[Any]]] = list  # writes an event must wait for (StepStore.pending)
         self.appender: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
+        self.epoch = 0  # bumped by refresh(): events queued before it may have been dropped
         self.observer: Callable[[EventData, float], None] | None = None  # metrics, after each append
 
     async def refresh(self) -> None:
@@ -64,6 +68,7 @@ class RunWriter:
         await self._settled()
         self.queue.clear()
         self.failure = None
+        self.epoch += 1
         head = await self.store.head("run", self.run_id)
         if head is not None:
             self.seq, self.position = head.seq, head.position
@@ -98,6 +103,19 @@ class RunWriter:
         if self.failure is not None:
             raise self.failure
         for write in self.before():
+            await asyncio.shield(write)
+
+    async def stored(self) -> None:
+        """The barrier of the run's next checkpoint (:class:`~langorch_runtime.checkpoints.GroupCommitSaver`):
+        ends once every event emitted until now, and every write it waits for, is stored; raises when one of
+        them will not be (an append failed, or :meth:`refresh` dropped what was queued)."""
+        through, epoch, writes = self.numbered, self.epoch, self.before()
+        await self._settled()
+        if self.failure is not None:
+            raise self.failure
+        if self.epoch != epoch or self.seq < through:
+            raise ConcurrencyError(f"run {self.run_id}: events {self.seq + 1}..{through} were not stored")
+        for write in writes:
             await asyncio.shield(write)
 
     async def _settled(self) -> None:
@@ -167,13 +185,15 @@ def compile_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
     checkpoint just written. When no frame can run and waits are pending, ``suspend`` calls ``interrupt()`` —
     the run is durably suspended until a ``Command(resume=…)`` carrying ``{"wait_id": …}`` and the decision,
     callback or child outcome arrives. Run it with ``durability="sync"``, so a node starts only once the
-    previous state is stored.
+    previous state is stored, and with a saver holding the run's barrier (:meth:`RunWriter.stored`), so that
+    state is committed only once the events emitted before it are stored.
     """
     graph: StateGraph[RunState, Machine] = StateGraph(RunState, context_schema=Machine)
 
     async def advance(state: RunState, runtime: Runtime[Machine]) -> RunState:
-        advanced = await runtime.context.advance(state)  # a new state: ``state`` is left as it was
-        await runtime.context.settle()  # the super-step's events are stored before its checkpoint
+        # a new state: ``state`` is left as it was. Its events are still being appended: the checkpoint LangGraph
+        # writes now commits only once they are stored (the run's barrier, GroupCommitSaver)
+        advanced = await runtime.context.advance(state)
         # only the channels that changed: each returned one is a write and a blob of the checkpoint
         return cast(RunState, {k: v for k, v in advanced.items() if k not in state or state[k] != v})  # type: ignore[literal-required]
 

@@ -82,7 +82,7 @@ from langorch_runtime.agent_dispatch import AgentDispatcher
 from langorch_runtime.agents import CONSUMER as AGENTS_CONSUMER
 from langorch_runtime.agents import AgentService
 from langorch_runtime.artifacts import ObjectStoreArtifacts
-from langorch_runtime.checkpoints import GroupCommit, GroupCommitSaver
+from langorch_runtime.checkpoints import Barrier, GroupCommit, GroupCommitSaver
 from langorch_runtime.children import JetStreamChildRuns, resume_parent
 from langorch_runtime.creation import (
     EXECUTE_SUBJECTS,
@@ -182,6 +182,8 @@ class RuntimeService:
         self.pool: AsyncConnectionPool[Any] | None = None
         self.saver: AsyncPostgresSaver | None = None
         self.savers: list[AsyncPostgresSaver] = []  # the runs' checkpoint lanes (saver_for)
+        # the runs executing here: a checkpoint of one commits once the events it emitted before are stored
+        self.barriers: dict[str, Barrier] = {}
         self.slots = asyncio.Semaphore(settings.max_concurrent_runs)
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = RuntimeMetrics(node_labels=settings.metrics_node_labels)
@@ -198,7 +200,7 @@ class RuntimeService:
         self.audit = AuditWriter(self.js)
         self.pool, self.saver = await open_checkpointer(self.settings.database_url)
         group = GroupCommit(self.pool)  # the checkpoints of concurrent runs are committed together
-        self.savers = [GroupCommitSaver(self.pool, group) for _ in range(SAVER_LANES)]
+        self.savers = [GroupCommitSaver(self.pool, group, self.barriers) for _ in range(SAVER_LANES)]
         # a run's appends are tried again through a NATS blip, as its step records are (StepStore)
         self.store = JetStreamEventStore(self.js, patience_s=BLIP_PATIENCE_S)
         self.procedures = await self.js.key_value(PROCEDURES_BUCKET)
@@ -499,6 +501,12 @@ class RuntimeService:
 
     async def execute(self, command: StartRun | ResumeRun | RetryRun, delivery: int) -> None:
         """Execute (or continue, resume, retry) one run until it is terminal or durably suspended."""
+        try:
+            await self._execute(command, delivery)
+        finally:
+            self.barriers.pop(command.run_id, None)
+
+    async def _execute(self, command: StartRun | ResumeRun | RetryRun, delivery: int) -> None:
         run_id = command.run_id
         events = await self.store.read("run", run_id)
         if not events:
@@ -527,6 +535,7 @@ class RuntimeService:
         sensitive = sensitive_variables(ir)
         redactor = run_redactor(ir, created["input_vars"])
         writer = RunWriter(self.store, run_id, head, redactor, ACTOR, command.command_id)
+        self.barriers[run_id] = writer.stored  # its checkpoints commit once its events are stored
         await self._audit(command, sensitive_keys=redactor.extra_keys, sensitive_values=redactor.values,
                           extra_meta=run_meta(command, created))
         if ir is None:
