@@ -27,7 +27,10 @@ from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
+from starlette.datastructures import MutableHeaders
+from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ckp_core import runs
 from ckp_core.commands import CreateRun
@@ -181,35 +184,74 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     metrics.auth_disabled.set(0 if settings.auth_enabled else 1)
     install(app)
 
-    @app.middleware("http")
-    async def envelope(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        rid = request.headers.get("x-request-id")
-        request.state.request_id = rid if rid and REQUEST_ID.match(rid) else new_id()
-        # the request span: a child of a valid incoming traceparent, else a new trace (api.md §1.3)
-        with tracing.server_span(f"{request.method} {request.url.path}", request.headers) as span:
-            request.state.trace_id = tracing.trace_id_of(span) or secrets.token_hex(16)
-            try:
-                response = await respond(request, call_next)
-            except Exception as exc:  # answered here so that it carries the headers below and is logged once
-                response = internal_problem(request, exc)
-            route = request.scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
-            span.update_name(f"{request.method} {template}")
-            span.set_attribute("http.route", template)
-            span.set_attribute("http.response.status_code", response.status_code)
-        elapsed = time.perf_counter() - started
-        metrics.http_requests.labels(method=request.method, route=template, status=str(response.status_code)).inc()
+    class Envelope:
+        """Every HTTP request's envelope: its request id and server span, the common headers of the answer, the
+        request metrics and the access log (taken when the answer starts), and an unexpected exception answered as a
+        problem. Plain ASGI: starlette's ``BaseHTTPMiddleware`` (``app.middleware("http")``) cost about 0.16 ms of
+        CPU per request (a task group and memory streams per call), a sixth of a ``GET /api/runs/{id}``. Only the
+        requests :func:`respond` has more to do for (body checks, idempotency, which snapshots the answer) still go
+        through one; a GET or HEAD is checked for U+0000 (``check_request``) and served directly."""
+
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+            self.checked = BaseHTTPMiddleware(app, dispatch=respond)
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            started = time.perf_counter()
+            request = Request(scope, receive)
+            rid = request.headers.get("x-request-id")
+            request.state.request_id = rid if rid and REQUEST_ID.match(rid) else new_id()
+            answered = False
+            # the request span: a child of a valid incoming traceparent, else a new trace (api.md §1.3)
+            with tracing.server_span(f"{request.method} {request.url.path}", request.headers) as span:
+                request.state.trace_id = tracing.trace_id_of(span) or secrets.token_hex(16)
+
+                async def enveloped(message: Message) -> None:
+                    nonlocal answered
+                    if message["type"] == "http.response.start" and not answered:
+                        answered = True
+                        status = int(message["status"])
+                        headers = MutableHeaders(scope=message)
+                        headers["X-Request-ID"] = request.state.request_id
+                        headers["X-Trace-ID"] = request.state.trace_id
+                        headers["LangOrch-API-Version"] = API_VERSION
+                        headers["X-LangOrch-Auth"] = "enabled" if settings.auth_enabled else "disabled"
+                        observed(request, span, status, time.perf_counter() - started)
+                    await send(message)
+
+                try:
+                    if request.method in ("GET", "HEAD") and not WEBHOOK_PATH.match(request.url.path):
+                        try:
+                            await check_request(request)
+                        except ApiProblem as refused:
+                            await problem_response(request, refused.code, refused.detail, errors=refused.errors)(
+                                scope, receive, enveloped)
+                            return
+                        await self.app(scope, receive, enveloped)
+                    else:
+                        await self.checked(scope, receive, enveloped)
+                except Exception as exc:  # answered here so that it carries the headers and is logged once
+                    if answered:
+                        raise
+                    await internal_problem(request, exc)(scope, receive, enveloped)
+
+    def observed(request: Request, span: Any, status: int, elapsed: float) -> None:
+        route = request.scope.get("route")
+        template = getattr(route, "path", None) or "<unmatched>"
+        span.update_name(f"{request.method} {template}")
+        span.set_attribute("http.route", template)
+        span.set_attribute("http.response.status_code", status)
+        metrics.http_requests.labels(method=request.method, route=template, status=str(status)).inc()
         metrics.http_duration.labels(method=request.method, route=template).observe(elapsed)
-        response.headers["X-Request-ID"] = request.state.request_id
-        response.headers["X-Trace-ID"] = request.state.trace_id
-        response.headers["LangOrch-API-Version"] = API_VERSION
-        response.headers["X-LangOrch-Auth"] = "enabled" if settings.auth_enabled else "disabled"
-        access_log.info("%s %s %s", request.method, request.url.path, response.status_code, extra={
+        access_log.info("%s %s %s", request.method, request.url.path, status, extra={
             "request_id": request.state.request_id, "trace_id": request.state.trace_id,
             "actor": auth.actor(request).render(), "method": request.method, "route": template,
-            "path": request.url.path, "status": response.status_code, "duration_ms": round(elapsed * 1000, 3)})
-        return response
+            "path": request.url.path, "status": status, "duration_ms": round(elapsed * 1000, 3)})
+
+    app.add_middleware(Envelope)
 
     async def respond(request: Request, call_next: Any) -> Response:
         problem: ApiProblem | None = None
