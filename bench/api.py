@@ -2,6 +2,7 @@
 
     uv run python bench/api.py [--requests 3000] [--post-requests 1000] [--concurrency 32]
                                [--lag-rate 200] [--lag-seconds 10]
+    uv run python bench/api.py --in-process [--requests 3000] [--rounds 10] [--profile FILE]
 
 Process model: this process hosts the platform exactly like the tests (``tests.conftest.platform_of``: the
 gateway under uvicorn plus compiler, runtime, agents and approvals on one event loop) and, on the same loop, an
@@ -20,6 +21,11 @@ Measured:
   steady rate (paced on absolute ticks), and for each the time from its append (before the publish, and after the
   PubAck that gives its stream position) until the gateway's projector reports that position applied.
 
+``--in-process`` measures only the CPU of one read instead: ``GET /api/runs/{id}`` of a completed run with an API key
+(authentication on, as ``bench/load.py`` reads), served in this process through httpx's ASGI transport, against
+``GET /empty`` of the empty app through the same transport, in alternating blocks (medians of the blocks; the
+client's share is in both); ``--profile FILE`` then writes the cProfile statistics of ``--requests`` reads.
+
 Prints one JSON object. Starts its own embedded NATS and PostgreSQL unless LANGORCH_TEST_NATS_URL /
 LANGORCH_TEST_DATABASE_URL are set.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import os
 import sys
@@ -113,7 +120,8 @@ async def measure(url: str, method: str, requests: int, concurrency: int, body: 
 
 
 def empty_app() -> FastAPI:
-    app = FastAPI()
+    # FastAPI's own instrumentation off, as in the gateway (it turns itself on when a tracer provider is installed)
+    app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
 
     @app.get("/empty")
     async def get_empty() -> dict[str, Any]:
@@ -203,6 +211,66 @@ async def projection_lag(nats_url: str, projector: Any, rate: float, seconds: fl
     }
 
 
+# -- CPU of one read, in process ---------------------------------------------------------------------------
+
+SECRET_KEY = "bench-api-secret-key-of-at-least-32-bytes"
+PASSWORD = "bench-admin-password-1"
+
+
+async def cpu_per_request(client: httpx.AsyncClient, path: str, requests: int) -> float:
+    """CPU seconds of this process per request (client and server share it)."""
+    started = time.process_time()
+    for _ in range(requests):
+        r = await client.get(path)
+        assert r.status_code == 200, r.text
+    return (time.process_time() - started) / requests
+
+
+async def in_process(requests: int, rounds: int, profile: str | None) -> dict[str, Any]:
+    """The CPU of ``GET /api/runs/{id}`` with an API key (as bench/load.py reads), served in this process through
+    httpx's ASGI transport (no sockets, no other process on the path), against ``GET /empty`` of an empty FastAPI
+    app through the same transport; alternating blocks of both, so the machine's load changes alike for both."""
+    auth_on = {"auth_enabled": True, "auth_secret_key": SECRET_KEY, "bootstrap_admin_password": PASSWORD}
+    async with (bench_servers("lo_bench_api_cpu") as (nats_url, db),
+                platform_of(nats_url, db, agents=False, approvals=False, gateway_settings=auth_on) as p):
+            for _ in range(300):
+                r = await p.client.post("/api/auth/login", json={"username": "admin", "password": PASSWORD})
+                if r.status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            bearer = {"Authorization": f"Bearer {r.json()['access_token']}"}
+            r = await p.client.post("/api/auth/api-keys", json={"name": "bench", "roles": ["operator"]},
+                                    headers=bearer)
+            p.client.headers["X-API-Key"] = r.json()["key"]
+            await import_procedure(p.client, example("internal_variables.ckp.json"))
+            run_id = (await p.client.post("/api/runs", json=RUN_BODY)).json()["run_id"]
+            _, end = await follow_run(p.client, run_id)
+            assert end == "completed", end
+            path = f"/api/runs/{run_id}"
+            gateway = httpx.AsyncClient(transport=httpx.ASGITransport(app=p.app), base_url="http://gateway",
+                                        headers={"X-API-Key": p.client.headers["X-API-Key"]})
+            empty = httpx.AsyncClient(transport=httpx.ASGITransport(app=empty_app()), base_url="http://empty")
+            async with gateway, empty:
+                await cpu_per_request(gateway, path, WARMUP)
+                await cpu_per_request(empty, "/empty", WARMUP)
+                block = max(1, requests // rounds)
+                run_cpu: list[float] = []
+                empty_cpu: list[float] = []
+                for _ in range(rounds):
+                    run_cpu.append(await cpu_per_request(gateway, path, block))
+                    empty_cpu.append(await cpu_per_request(empty, "/empty", block))
+                if profile:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    await cpu_per_request(gateway, path, requests)
+                    profiler.disable()
+                    profiler.dump_stats(profile)
+    get_run, get_empty = sorted(run_cpu)[len(run_cpu) // 2] * 1000, sorted(empty_cpu)[len(empty_cpu) // 2] * 1000
+    return {"request": f"GET /api/runs/{{id}} with an API key, in process, {rounds} blocks of {block}",
+            "get_run_cpu_ms": round(get_run, 3), "get_empty_cpu_ms": round(get_empty, 3),
+            "get_run_vs_empty_cpu": round(get_run / get_empty, 2), "profiled": bool(profile)}
+
+
 # -- main ---------------------------------------------------------------------------------------------------
 
 
@@ -252,11 +320,17 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--lag-rate", type=float, default=200)
     parser.add_argument("--lag-seconds", type=float, default=10)
+    parser.add_argument("--in-process", action="store_true", help="only the CPU of GET /api/runs/{id} served in "
+                        "this process (API key, ASGI transport) against an empty app's GET through the same transport")
+    parser.add_argument("--rounds", type=int, default=10, help="--in-process: alternating blocks")
+    parser.add_argument("--profile", help="--in-process: write cProfile statistics of --requests reads to this file")
     parser.add_argument("--load", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--body", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.load:
         print(json.dumps(asyncio.run(load(ns.load, ns.method, ns.body, ns.requests, ns.concurrency))))
+    elif ns.in_process:
+        print(json.dumps(asyncio.run(in_process(ns.requests, ns.rounds, ns.profile)), indent=2))
     else:
         print(json.dumps(asyncio.run(main(ns)), indent=2))
