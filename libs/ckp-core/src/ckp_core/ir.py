@@ -55,8 +55,9 @@ def construct(cls: type[_M], fields: dict[str, Any]) -> _M:
     """
     model = _new(cls)
     _set_dict(model, fields)
-    names = _all_fields.get(cls)
-    if names is None:
+    try:
+        names = _all_fields[cls]
+    except KeyError:
         names = _all_fields[cls] = set(cls.model_fields)
     _set_fields_set(model, names)
     _set_extra(model, None)

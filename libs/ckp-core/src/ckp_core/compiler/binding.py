@@ -232,8 +232,15 @@ def _walk_object(value: Mapping[Any, Any], at: str, strings: list[dict[str, Any]
         k = str(key)
         if "~" in k or "/" in k:
             k = k.replace("~", "~0").replace("/", "~1")
-        if kind is str:
-            _walk_string(item, f"{at}/{k}", strings, found, errors)
+        if kind is str:  # (as _walk_string, without one more call)
+            item_at = f"{at}/{k}"
+            compiled, entry = _string_use(item, item_at)
+            if entry is None:
+                errors.extend((item_at, raw, reason) for raw, reason in compiled.errors)
+                continue
+            strings.append(entry)
+            if compiled.placeholders:
+                found.append((item_at, compiled.placeholders))
         else:
             _walk_template(item, f"{at}/{k}", strings, found, errors)
 

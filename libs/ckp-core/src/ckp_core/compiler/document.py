@@ -274,7 +274,7 @@ def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: Pro
     nodes, start_node, edges, unknown_types, raw_node_ids = graph(c, doc, gc_on_failure)
     finish_subflows(c, nodes, variables, trigger_ir)
     subflow_refs = [SubflowRefIR(node_id=n.id, procedure_id=n.payload.procedure_id, version=n.payload.version)
-                    for n in nodes.values() if type(n.payload) is SubflowPayload]
+                    for n in nodes.values() if type(n.payload) is SubflowPayload] if c.pending_subflows else []
     subflow_checks(c, lookup, procedure_id, subflow_refs)
     if not unknown_types and start_node is not None and start_node in raw_node_ids:
         reachability(c, start_node, raw_node_ids, edges, nodes)

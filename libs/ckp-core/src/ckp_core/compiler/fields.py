@@ -133,11 +133,16 @@ class Compilation:
             self.unknown_fields(out, known, path)
         return out
 
-    def view(self, value: Any, path: str) -> Mapping[str, Any] | None:
+    def view(self, value: Any, path: str) -> dict[str, Any] | None:
         """An object field only read, never changed: as :meth:`obj` without ``known``, but the object itself
         when there is nothing to drop from it (no copy)."""
-        if type(value) is dict and _plain_object(value):
-            return value
+        if type(value) is dict:  # (as _plain_object, without one more call: there is a view of most objects)
+            try:
+                keys = "\0".join(value)
+            except TypeError:  # a key that is not a string
+                keys = "_"
+            if not (keys.startswith("_") or "\0_" in keys or None in value.values()):
+                return value
         return self.obj(value, path)
 
     def unknown_fields(self, obj: Mapping[str, Any], known: Iterable[str], path: str) -> None:

@@ -52,6 +52,9 @@ TYPE_FIELDS: dict[str, frozenset[str]] = {
     "terminate": frozenset({"status", "outputs", "cleanup_actions", "error_actions", "final_audit_log"}),
 }
 NO_NEXT_NODE = frozenset({"logic", "human_approval", "terminate"})
+# The fields of every node that are often absent: when all are, a node is read without their readers.
+_NODE_OPTIONS = frozenset({"agent", "workflow_dispatch_mode", "dispatch_mode", "error_handlers", "sla", "telemetry",
+                           "idempotency_key", "is_checkpoint"})
 _NODES_PATH = "/workflow_graph/nodes/"
 _TARGET = attrgetter("target")
 _NODE_FIELDS = {ntype: NODE_COMMON_FIELDS | fields for ntype, fields in TYPE_FIELDS.items()}
@@ -114,7 +117,7 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
     c.node_id, c.step_id = node_id, None
     if not ID_RE.match(node_id):
         c.add("error", "invalid_identifier", f"{path}: '{node_id}' is not a valid node id", path)
-    n = c.obj(raw, path)
+    n = c.view(raw, path)  # (copied below before it is changed)
     if n is None:
         return None
     ntype = c.required(n, "type", path)
@@ -124,43 +127,61 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
         c.add("error", "unknown_node_type", f"Node '{node_id}': unknown node type '{ntype}' (expected one of: "
               f"{', '.join(NODE_TYPES)})", f"{path}/type")
         return "unknown"
-    c.unknown_fields(n, _NODE_FIELDS[ntype], path)
-    agent = n.get("agent")
-    if agent is not None and not c.expect(agent, (str,), "string", f"{path}/agent"):
-        agent = None
-    orchestrator = is_orchestrator(agent)
-    channel = None if orchestrator else str(agent).lower()
-    next_node = c.node_ref(n, "next_node", path)
-    if next_node is not None and ntype in NO_NEXT_NODE:
-        c.add("error", "edge_not_allowed", f"Node '{node_id}' ({ntype}) must not have next_node",
-              f"{path}/next_node")
-        next_node = None
-    if "workflow_dispatch_mode" in n and "dispatch_mode" not in n:
-        c.add("info", "alias_normalised", f"{path}/workflow_dispatch_mode: 'workflow_dispatch_mode' read as "
-              "'dispatch_mode'", f"{path}/workflow_dispatch_mode")
-        n["dispatch_mode"] = n.pop("workflow_dispatch_mode")
-    dispatch_mode = c.dispatch_mode(n, "dispatch_mode", path)
+    if not _NODE_FIELDS[ntype].issuperset(n):
+        c.unknown_fields(n, _NODE_FIELDS[ntype], path)
     handlers: list[ErrorHandlerIR] = []
-    if "error_handlers" in n:
-        if ntype == "terminate":
-            c.add("error", "edge_not_allowed", f"Node '{node_id}' (terminate) must not have error_handlers",
-                  f"{path}/error_handlers")
-        else:
-            handlers = error_handlers(c, n["error_handlers"], f"{path}/error_handlers", orchestrator, channel)
-    node_sla = sla(c, n["sla"], f"{path}/sla", ntype) if "sla" in n else None
-    node_telemetry = telemetry(c, n["telemetry"], f"{path}/telemetry") if "telemetry" in n else None
-    idem = opt_template(c, n, "idempotency_key", path)
+    plain = n.keys().isdisjoint(_NODE_OPTIONS)
+    if plain:  # the common case: none of the readers below has anything to read
+        agent = channel = dispatch_mode = node_sla = node_telemetry = idem = None
+        orchestrator = True
+        next_node = n.get("next_node")
+        if next_node is not None and (type(next_node) is not str or ntype in NO_NEXT_NODE):
+            next_node = _next_node(c, n, node_id, ntype, path)
+    else:
+        agent = n.get("agent")
+        if agent is not None and not c.expect(agent, (str,), "string", f"{path}/agent"):
+            agent = None
+        orchestrator = is_orchestrator(agent)
+        channel = None if orchestrator else str(agent).lower()
+        next_node = _next_node(c, n, node_id, ntype, path)
+        if "workflow_dispatch_mode" in n and "dispatch_mode" not in n:
+            c.add("info", "alias_normalised", f"{path}/workflow_dispatch_mode: 'workflow_dispatch_mode' read as "
+                  "'dispatch_mode'", f"{path}/workflow_dispatch_mode")
+            n = dict(n)  # (not the document's object)
+            n["dispatch_mode"] = n.pop("workflow_dispatch_mode")
+        dispatch_mode = c.dispatch_mode(n, "dispatch_mode", path)
+        if "error_handlers" in n:
+            if ntype == "terminate":
+                c.add("error", "edge_not_allowed", f"Node '{node_id}' (terminate) must not have error_handlers",
+                      f"{path}/error_handlers")
+            else:
+                handlers = error_handlers(c, n["error_handlers"], f"{path}/error_handlers", orchestrator, channel)
+        node_sla = sla(c, n["sla"], f"{path}/sla", ntype) if "sla" in n else None
+        node_telemetry = telemetry(c, n["telemetry"], f"{path}/telemetry") if "telemetry" in n else None
+        idem = opt_template(c, n, "idempotency_key", path)
     ctx = NodeContext(node_id, ntype, path, orchestrator, channel, dispatch_mode)
     payload = PAYLOADS[ntype](c, ctx, n)
     if payload is None:
         return None
-    description = c.string(n, "description", path)
+    description = n.get("description")
+    if description is not None and type(description) is not str:
+        description = c.string(n, "description", path)
+    is_checkpoint = False if plain else c.boolean(n, "is_checkpoint", path)
     return construct(NodeIR, {
         "id": node_id, "type": ntype, "description": description, "agent": agent, "channel": channel,
         "orchestrator": orchestrator, "next_node": next_node, "error_handlers": handlers,
-        "is_checkpoint": c.boolean(n, "is_checkpoint", path), "sla": node_sla, "telemetry": node_telemetry,
+        "is_checkpoint": is_checkpoint, "sla": node_sla, "telemetry": node_telemetry,
         "idempotency_key": idem, "dispatch_mode": dispatch_mode, "payload": payload,
     })
+
+
+def _next_node(c: Compilation, n: dict[str, Any], node_id: str, ntype: str, path: str) -> str | None:
+    next_node = c.node_ref(n, "next_node", path)
+    if next_node is not None and ntype in NO_NEXT_NODE:
+        c.add("error", "edge_not_allowed", f"Node '{node_id}' ({ntype}) must not have next_node",
+              f"{path}/next_node")
+        return None
+    return next_node
 
 
 def _edges_of(node: NodeIR) -> list[EdgeIR]:

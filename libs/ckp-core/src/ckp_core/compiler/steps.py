@@ -81,7 +81,13 @@ def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) 
     action = s.get("action")
     if type(action) is not str:
         action = c.string(s, "action", path, required=True)
-    params = {k: v for k, v in s.items() if k not in STEP_META_FIELDS and k != "params"}
+    plain = s.keys().isdisjoint(STEP_OPTIONS)  # the common case: none of the readers below has anything to read
+    if plain and "params" not in s:  # the parameters: every field but step_id and action
+        params = dict(s)
+        params.pop("step_id", None)
+        params.pop("action", None)
+    else:
+        params = {k: v for k, v in s.items() if k not in STEP_META_FIELDS and k != "params"}
     if "params" in s:
         nested = c.obj(s["params"], f"{path}/params")
         for k, v in (nested or {}).items():
@@ -91,7 +97,7 @@ def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) 
             else:
                 params[k] = v
     step_keys: dict[str, Any] = {}
-    if s.keys().isdisjoint(STEP_OPTIONS):  # the common case: none of the readers below has anything to read
+    if plain:
         timeout, wait_ms, wait_after, retry_enabled = None, 0, 0, False
         output_variable, output_mapping, idem, step_dispatch, screenshot_on_complete = None, {}, None, None, False
         description = None

@@ -8,6 +8,8 @@ from ckp_core.compiler.binding import expression, opt_template
 from ckp_core.compiler.fields import MISSING, Compilation, NodeContext
 from ckp_core.ir import BranchIR, LogicPayload, LoopPayload, ParallelPayload, RuleIR, construct
 
+_RULE_FIELDS = frozenset({"condition", "next_node"})
+
 
 def node_logic(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> LogicPayload | None:
     rules_raw = n.get("rules", [])
@@ -17,9 +19,11 @@ def node_logic(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> LogicPayl
     rules: list[RuleIR] = []
     for i, rule in enumerate(rules_raw):
         rp = f"{ctx.path}/rules/{i}"
-        r = c.obj(rule, rp, ("condition", "next_node"))
+        r = c.view(rule, rp)
         if r is None:
             continue
+        if not _RULE_FIELDS.issuperset(r):
+            c.unknown_fields(r, _RULE_FIELDS, rp)
         cond = c.required(r, "condition", rp)
         target = c.node_ref(r, "next_node", rp, required=True)
         condition = None if cond is MISSING else expression(c, cond, f"{rp}/condition")
