@@ -18,11 +18,12 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import psycopg
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-from langgraph.types import Command
+from langgraph.types import Command, StateSnapshot
 from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -600,7 +601,13 @@ class RuntimeService:
                           sleep=scaled_sleep(self.settings.time_scale))
         graph = build_graph(machine, self.saver_for(run_id))
         config: dict[str, Any] = {"configurable": {"thread_id": run_id}, "recursion_limit": RECURSION_LIMIT}
-        snapshot = await graph.aget_state(config)
+        snapshot: Any  # the run's newest checkpoint (a StateSnapshot)
+        if started is None and isinstance(command, StartRun):
+            # execution_started is stored before a run's first checkpoint: a run without it has none to read
+            snapshot = StateSnapshot(values={}, next=(), config=cast(RunnableConfig, config), metadata=None,
+                                     created_at=None, parent_config=None, tasks=(), interrupts=())
+        else:
+            snapshot = await graph.aget_state(config)
         has_checkpoint = bool(snapshot.values)
         if has_checkpoint:  # values of sensitive variables known before a restart stay masked after it
             known = snapshot.values.get("vars") or {}
@@ -673,8 +680,9 @@ class RuntimeService:
                                                   runtime_instance=self.instance))
                 final = await self.invoke(run_id, graph, Command(resume=resolution), config, durability="sync")
         elif started is None:
-            await writer.emit(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode,
-                                               runtime_instance=self.instance))
+            # appended while the graph starts: its first checkpoint commits once it is stored (the run's barrier)
+            await writer.emit_soon(ExecutionStarted(entry_node_id=ir.start_node, execution_mode=mode,
+                                                    runtime_instance=self.instance))
             initial = machine.initial_state(dict(created.get("input_vars", {})))
             steps.start_empty()  # no node ran before execution_started: the run has no step record yet
             final = await self.invoke(run_id, graph, initial, config, durability="sync")
