@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from operator import attrgetter, itemgetter
 from typing import Protocol
@@ -91,13 +90,7 @@ def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[Ed
                 reverse[target].append(source)
             else:
                 reverse[target] = [source]
-    seen = {start}
-    queue = deque([start])
-    while queue:
-        for nxt in adjacent.get(queue.popleft(), ()):
-            if nxt not in seen:
-                seen.add(nxt)
-                queue.append(nxt)
+    seen = _closure({start}, adjacent)
     if not seen.issuperset(node_ids):
         for node_id in node_ids:
             if node_id not in seen:
@@ -108,13 +101,7 @@ def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[Ed
     # Dead ends: reachable nodes from which the normal flow can never end the path (a cycle with no exit).
     if len(nodes) != len(node_ids):
         return
-    can_end = {nid for nid, node in nodes.items() if _ends_path(node)}
-    queue = deque(can_end)
-    while queue:
-        for prev in reverse.get(queue.popleft(), ()):
-            if prev not in can_end:
-                can_end.add(prev)
-                queue.append(prev)
+    can_end = _closure({nid for nid, node in nodes.items() if _ends_path(node)}, reverse)
     if not can_end.issuperset(seen):
         for node_id in node_ids:
             if node_id in seen and node_id not in can_end:
@@ -122,6 +109,19 @@ def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[Ed
                 c.add("warning", "dead_end", f"Node '{node_id}': no route from here ever ends the path; it can "
                       "only stop at max_hops or through an error", pointer("workflow_graph", "nodes", node_id))
     c.node_id = None
+
+
+def _closure(start: set[str], adjacent: dict[str, list[str]]) -> set[str]:
+    """The nodes reached from ``start`` along ``adjacent`` (depth first: the order does not matter here)."""
+    seen = set(start)
+    stack = list(start)
+    get = adjacent.get
+    while stack:
+        for nxt in get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
 
 
 def _ends_path(node: NodeIR) -> bool:

@@ -185,7 +185,8 @@ def _next_node(c: Compilation, n: dict[str, Any], node_id: str, ntype: str, path
 
 
 def _edges_of(node: NodeIR) -> list[EdgeIR]:
-    source = node.id
+    fields = node.__dict__  # (reading a model's attribute goes through pydantic's __getattr__ hook)
+    source = fields["id"]
     base = _NODES_PATH + source.replace("~", "~0").replace("/", "~1")
     out: list[EdgeIR] = []
 
@@ -193,7 +194,7 @@ def _edges_of(node: NodeIR) -> list[EdgeIR]:
         if target is not None:
             out.append(_edge(source, target, kind, label, f"{base}/{fld}"))
 
-    p = node.payload
+    p = fields["payload"]
     # Exact classes (the payload models have no subclasses): isinstance would go through ABCMeta for each.
     if type(p) is LogicPayload:
         for i, rule in enumerate(p.rules):  # (a rule always has a target)
@@ -215,12 +216,13 @@ def _edges_of(node: NodeIR) -> list[EdgeIR]:
         edge(p.on_timeout, "timeout", "on_timeout")
         for option, target in p.option_routes.items():
             edge(target, "option", f"option_routes/{pointer(option)[1:]}", option)
-    if node.next_node is not None:
-        out.append(_edge(source, node.next_node, "next", None, f"{base}/next_node"))
-    for h in node.error_handlers:
+    next_node = fields["next_node"]
+    if next_node is not None:
+        out.append(_edge(source, next_node, "next", None, f"{base}/next_node"))
+    for h in fields["error_handlers"]:
         edge(h.fallback_node, "fallback", f"error_handlers/{h.index}/fallback_node", h.error_type or "*")
-    if node.sla is not None:
-        edge(node.sla.escalation_handler, "fallback", "sla/escalation_handler", "sla")
+    if fields["sla"] is not None:
+        edge(fields["sla"].escalation_handler, "fallback", "sla/escalation_handler", "sla")
     return out
 
 
