@@ -1,6 +1,6 @@
 """The gateway projector's lag behind ``LO_EVT`` at a steady event rate, with a bare JetStream consumer as baseline.
 
-    uv run python bench/projection.py [--rate 1000] [--seconds 10] [--lanes 50] [--profile FILE]
+    uv run python bench/projection.py [--rate 1000] [--seconds 10] [--lanes 50] [--profile FILE] [--gather-ms MS]
 
 Process model: this process runs the gateway's :class:`~langorch_gateway.projector.Projector` alone (no API, no
 other service) on its own event loop, against a fresh database. The events come from a separate writer process
@@ -68,6 +68,7 @@ from ckp_core.events import (
 )
 from ckp_core.ids import new_id
 from ckp_core.subjects import EVENT_STREAM
+from langorch_gateway import projector as projector_module
 from langorch_gateway.projector import Projector, ensure_schema
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, stream_last_position
 
@@ -162,7 +163,8 @@ class Applied:
 
     async def watch(self) -> None:
         while True:
-            if await self.projector.wait(self.projector.position + 1, 3600):
+            # not a request's read-your-writes wait: the projector gathers its batches as it does with none pending
+            if await self.projector.wait(self.projector.position + 1, 3600, hurry=False):
                 self.times.append(time.perf_counter())
                 self.positions.append(self.projector.position)
 
@@ -254,11 +256,13 @@ async def measure(nats_url: str, db_url: str, args: argparse.Namespace) -> dict[
         "projector_minus_baseline_p99_ms": round(pct(lag, 99) - pct(base, 99), 2),
         "projector_process_cpu_share": round(cpu, 3),
         "reports": len(applied.times), "events_per_report": round(len(appended) / max(1, len(applied.times)), 1),
-        "run_events_rows": rows,
+        "run_events_rows": rows, "gather_ms": projector_module.GATHER_S * 1000,
     }
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.gather_ms is not None:
+        projector_module.GATHER_S = args.gather_ms / 1000
     async with bench_servers(DATABASE) as (nats_url, db):
         return await measure(nats_url, db, args)
 
@@ -270,6 +274,8 @@ if __name__ == "__main__":
     parser.add_argument("--lanes", type=int, default=50, help="runs appended concurrently")
     parser.add_argument("--warmup", type=int, default=500, help="events appended first and not counted")
     parser.add_argument("--profile", help="write cProfile statistics of the projector's process to this file")
+    parser.add_argument("--gather-ms", type=float, help="how long a small batch waits for more messages "
+                        "(projector.GATHER_S; 0: applied as soon as received)")
     parser.add_argument("--write", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--baseline", help=argparse.SUPPRESS)

@@ -57,6 +57,13 @@ YIELD_EVERY = 64
 """Messages decoded, or applied to a batch's statements, between two turns given to the rest of the event loop: the
 gateway serves the API on the loop the projector decodes and applies on, and a batch of ``BATCH`` messages handled
 in one go held every request for tens of milliseconds."""
+GATHER_S = 0.005
+GATHER_BELOW = 32
+"""A batch of fewer than ``GATHER_BELOW`` received messages waits up to ``GATHER_S`` for more before it is applied,
+unless a read-your-writes wait (:meth:`StreamProjector.wait`) is pending or begins meanwhile. A batch costs a
+transaction of a few round trips whatever its size, and at moderate rates the batches were of 2-4 events: at 1,000
+events/s (bench/projection.py) the projector used 0.22-0.31 of a core with them, 0.18-0.19 with batches of about 10
+gathered for 5 ms; an event nobody waits for is applied up to 5 ms later."""
 MOVED_ON = "LO001"
 """The SQLSTATE a batch's commit fails with when another projector of the same name moved the position on."""
 
@@ -221,6 +228,8 @@ class StreamProjector(ABC, Generic[M]):
         self.stored_seen = 0  # the highest stored position read by wait() (moved on by any gateway replica)
         self._stored_at = -STORED_POLL_S  # when it was last read (time.monotonic)
         self._stored_lock = asyncio.Lock()
+        self._hurry = asyncio.Event()  # set while a read-your-writes wait is pending: batches are not gathered
+        self._hurrying = 0
         # since when received events are being applied without the position moving (time.monotonic; None when the
         # last batch was applied): a batch blocked or failing in the database, tried again from the stored position
         self.busy_since: float | None = None
@@ -454,6 +463,7 @@ class StreamProjector(ABC, Generic[M]):
         try:
             while True:
                 subject, headers, item = await self._next(received, seen)
+                await self._gather(received)
                 started = time.monotonic()
                 subjects, contexts, batch = [subject], [headers], [item]
                 while len(batch) < BATCH and not received.empty():
@@ -475,6 +485,14 @@ class StreamProjector(ABC, Generic[M]):
                 await sub.unsubscribe()
             await self.pool.release(held)
 
+    async def _gather(self, received: asyncio.Queue[Any]) -> None:
+        """Let a small batch gather more messages for up to ``GATHER_S``, unless a read-your-writes wait is pending
+        or begins meanwhile (the consumer's callback keeps receiving while this waits)."""
+        if GATHER_S <= 0 or self._hurry.is_set() or received.qsize() >= GATHER_BELOW - 1:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), GATHER_S)
+
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name=f"projector-{self.NAME}")
 
@@ -484,14 +502,31 @@ class StreamProjector(ABC, Generic[M]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def wait(self, position: int, timeout: float) -> bool:
+    async def wait(self, position: int, timeout: float, *, hurry: bool = True) -> bool:
         """Wait until the projection has applied ``position``; False on timeout.
 
         Applied by this projector, or by another gateway replica's projector of the same name: they write the same
         tables, and the position stored with them says how far they are. So a client that wrote through one replica
         reads its write through another with the position the first returned (``X-LangOrch-Min-Position``), even
         while this replica's projector is behind. A waiter first gives this projector ``STORED_POLL_S``; the stored
-        position is then read at most once every ``STORED_POLL_S`` for all the waiters of this projector."""
+        position is then read at most once every ``STORED_POLL_S`` for all the waiters of this projector.
+
+        While a waiter with ``hurry`` waits, the projector applies what it receives at once instead of gathering a
+        batch (``GATHER_S``); a watcher that is not a request (a benchmark's) passes ``hurry=False``."""
+        if self.position >= position:
+            return True
+        if not hurry:
+            return await self._wait(position, timeout)
+        self._hurrying += 1
+        self._hurry.set()
+        try:
+            return await self._wait(position, timeout)
+        finally:
+            self._hurrying -= 1
+            if not self._hurrying:
+                self._hurry.clear()
+
+    async def _wait(self, position: int, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.position < position:
