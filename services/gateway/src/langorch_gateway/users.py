@@ -341,12 +341,14 @@ async def denylist(js: JetStreamContext, jti: str, expires_at: datetime) -> None
 
 
 async def denylisted(js: JetStreamContext, jti: str) -> bool:
-    kv = await js.key_value(LOCKS_BUCKET)
+    """Whether ``jti`` was logged out: one get of the key's last message, the request ``KeyValue.get`` makes on
+    the buckets ``ensure_topology`` creates (``js.key_value`` asks for the bucket's stream info first: a second round
+    trip at every user-token request). A delete, purge or TTL-expiry marker has no data: not denylisted."""
     try:
-        entry = await kv.get(_denylist_key(jti))
-    except (KeyNotFoundError, KeyDeletedError, NotFoundError):
+        msg = await js.get_last_msg(f"KV_{LOCKS_BUCKET}", f"$KV.{LOCKS_BUCKET}.{_denylist_key(jti)}")
+    except NotFoundError:
         return False
-    return bool(entry.value)
+    return bool(msg.data)
 
 
 class LoginThrottle:
