@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Protocol
 
 from ckp_core.compiler.fields import Compilation
 from ckp_core.diagnostics import pointer
 from ckp_core.ir import (
-    EdgeIR,
     HumanApprovalPayload,
     LlmActionPayload,
     LogicPayload,
@@ -21,7 +20,6 @@ from ckp_core.ir import (
 )
 from ckp_core.variables import BUILTIN_NAMES, VariableSpec
 
-_ENDS = attrgetter("source", "target", "kind")
 _ROOT = itemgetter(0)
 _FLOW_KINDS = frozenset({"next", "condition", "default", "approve", "reject", "timeout", "option"})
 
@@ -76,11 +74,13 @@ def find_cycle(lookup: ProcedureLookup, root: str | None, chain: list[str], refs
     return None
 
 
-def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[EdgeIR],
-                 nodes: dict[str, NodeIR]) -> None:
+def reachability(c: Compilation, start: str, node_ids: list[str], edge_ends: list[tuple[str, str, str]],
+                 nodes: dict[str, NodeIR], path_ends: list[str]) -> None:
+    """Unreachable nodes and dead ends. ``edge_ends``: (source, target, kind) of every edge; ``path_ends``: the
+    nodes whose normal completion can end their path (:func:`ends_path`)."""
     adjacent: dict[str, list[str]] = {}
     reverse: dict[str, list[str]] = {}  # along the normal flow only
-    for source, target, kind in map(_ENDS, edges):
+    for source, target, kind in edge_ends:
         if source in adjacent:
             adjacent[source].append(target)
         else:
@@ -101,7 +101,7 @@ def reachability(c: Compilation, start: str, node_ids: list[str], edges: list[Ed
     # Dead ends: reachable nodes from which the normal flow can never end the path (a cycle with no exit).
     if len(nodes) != len(node_ids):
         return
-    can_end = _closure({nid for nid, node in nodes.items() if _ends_path(node)}, reverse)
+    can_end = _closure(set(path_ends), reverse)
     if not can_end.issuperset(seen):
         for node_id in node_ids:
             if node_id in seen and node_id not in can_end:
@@ -124,7 +124,7 @@ def _closure(start: set[str], adjacent: dict[str, list[str]]) -> set[str]:
     return seen
 
 
-def _ends_path(node: NodeIR) -> bool:
+def ends_path(node: NodeIR) -> bool:
     """Whether the node's normal completion can end its path (terminate, or no successor)."""
     p = node.payload
     if type(p) is TerminatePayload:

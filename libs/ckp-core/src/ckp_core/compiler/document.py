@@ -271,13 +271,14 @@ def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: Pro
     trigger_ir = trigger(c, doc)
     retrieval = retrieval_metadata(c, doc)
     provenance = c.obj(doc["provenance"], "/provenance") if "provenance" in doc else None
-    nodes, start_node, edges, unknown_types, raw_node_ids = graph(c, doc, gc_on_failure)
+    g = graph(c, doc, gc_on_failure)
+    nodes, start_node, edges, unknown_types, raw_node_ids = g.nodes, g.start_node, g.edges, g.unknown_types, g.node_ids
     finish_subflows(c, nodes, variables, trigger_ir)
     subflow_refs = [SubflowRefIR(node_id=n.id, procedure_id=n.payload.procedure_id, version=n.payload.version)
                     for n in nodes.values() if type(n.payload) is SubflowPayload] if c.pending_subflows else []
     subflow_checks(c, lookup, procedure_id, subflow_refs)
     if not unknown_types and start_node is not None and start_node in raw_node_ids:
-        reachability(c, start_node, raw_node_ids, edges, nodes)
+        reachability(c, start_node, raw_node_ids, g.edge_ends, nodes, g.path_ends)
     undeclared(c, variables, trigger_ir)
     check_secret_aliases(c)
     c.diags.sort(key=sort_key)

@@ -4,9 +4,10 @@ the payload of its type, and the edges between nodes (unknown targets reported).
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from ckp_core.compiler.binding import opt_template
+from ckp_core.compiler.checks import ends_path
 from ckp_core.compiler.fields import ID_RE, MISSING, Compilation, NodeContext
 from ckp_core.compiler.nodes import PAYLOADS
 from ckp_core.compiler.policies import error_handlers, sla, telemetry
@@ -57,6 +58,7 @@ _NODE_OPTIONS = frozenset({"agent", "workflow_dispatch_mode", "dispatch_mode", "
                            "idempotency_key", "is_checkpoint"})
 _NODES_PATH = "/workflow_graph/nodes/"
 _TARGET = attrgetter("target")
+_ENDS = attrgetter("source", "target", "kind")
 _NODE_FIELDS = {ntype: NODE_COMMON_FIELDS | fields for ntype, fields in TYPE_FIELDS.items()}
 
 
@@ -64,21 +66,36 @@ def is_orchestrator(agent: Any) -> bool:
     return agent is None or (isinstance(agent, str) and agent.lower() == "masteragent")
 
 
-def graph(c: Compilation, doc: dict[str, Any],
-          on_failure: str | None) -> tuple[dict[str, NodeIR], str | None, list[EdgeIR], bool, list[str]]:
-    """Every node and edge: (nodes, start_node, edges, whether a node has no or an unknown type, node ids)."""
+class Graph(NamedTuple):
+    """Every node and edge of a document, and what the whole-document checks need of them."""
+
+    nodes: dict[str, NodeIR]
+    start_node: str | None
+    edges: list[EdgeIR]
+    unknown_types: bool  # whether a node has no or an unknown type
+    node_ids: list[str]  # the keys of workflow_graph.nodes but comments
+    # (source, target, kind) of each edge and the nodes that can end a path, read while each node was new in
+    # memory (read again from the models at the end, on a large document, they cost as much again)
+    edge_ends: list[tuple[str, str, str]]
+    path_ends: list[str]
+
+
+def graph(c: Compilation, doc: dict[str, Any], on_failure: str | None) -> Graph:
+    """Every node and edge."""
     nodes: dict[str, NodeIR] = {}
     edges: list[EdgeIR] = []
+    edge_ends: list[tuple[str, str, str]] = []
+    path_ends: list[str] = []
     wg = c.required(doc, "workflow_graph", "")
     if wg is MISSING:
-        return nodes, None, edges, False, []
+        return Graph(nodes, None, edges, False, [], edge_ends, path_ends)
     graph = c.obj(wg, "/workflow_graph", ("start_node", "nodes"))
     if graph is None:
-        return nodes, None, edges, False, []
+        return Graph(nodes, None, edges, False, [], edge_ends, path_ends)
     start_node = c.node_ref(graph, "start_node", "/workflow_graph", required=True)
     raw_nodes = c.required(graph, "nodes", "/workflow_graph")
     if raw_nodes is MISSING or not c.expect(raw_nodes, (dict,), "object", "/workflow_graph/nodes"):
-        return nodes, start_node, edges, False, []
+        return Graph(nodes, start_node, edges, False, [], edge_ends, path_ends)
     node_ids = [k for k in raw_nodes if not k.startswith("_")]
     if not node_ids:
         c.add("error", "invalid_value", "/workflow_graph/nodes: '{}' is not valid; expected at least one node",
@@ -89,18 +106,23 @@ def graph(c: Compilation, doc: dict[str, Any],
         c.node_id = c.step_id = None
         if type(result) is NodeIR:  # (not result == "unknown" first: a model's __eq__ is Python code)
             nodes[node_id] = result
-            edges.extend(_edges_of(result))
+            new = _edges_of(result)
+            edges.extend(new)
+            edge_ends.extend(map(_ENDS, new))
+            if ends_path(result):
+                path_ends.append(node_id)
         elif result == "unknown":
             unknown_types = True
     if on_failure is not None and start_node is not None:
         edges.append(EdgeIR(source=start_node, target=on_failure, kind="on_failure",
                             field="/global_config/on_failure"))
+        edge_ends.append((start_node, on_failure, "on_failure"))
     if start_node is not None and start_node not in raw_nodes:
         c.add("error", "unknown_start_node", f"start_node '{start_node}' does not exist in nodes",
               "/workflow_graph/start_node")
     if set(node_ids).issuperset(map(_TARGET, edges)):  # (the node ids: the keys but comments)
         c.node_id = None
-        return nodes, start_node, edges, unknown_types, node_ids
+        return Graph(nodes, start_node, edges, unknown_types, node_ids, edge_ends, path_ends)
     for e in edges:
         if e.target not in raw_nodes or e.target.startswith("_"):
             c.node_id = e.source if e.kind != "on_failure" else None
@@ -108,7 +130,7 @@ def graph(c: Compilation, doc: dict[str, Any],
             who = f"Node '{e.source}'" if e.kind != "on_failure" else "global_config"
             c.add("error", "unknown_target", f"{who}: {label} '{e.target}' not found", e.field)
     c.node_id = None
-    return nodes, start_node, edges, unknown_types, node_ids
+    return Graph(nodes, start_node, edges, unknown_types, node_ids, edge_ends, path_ends)
 
 
 def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
