@@ -3,7 +3,7 @@ the payload of its type, and the edges between nodes (unknown targets reported).
 
 from __future__ import annotations
 
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, NamedTuple
 
 from ckp_core.compiler.binding import opt_template
@@ -57,7 +57,7 @@ NO_NEXT_NODE = frozenset({"logic", "human_approval", "terminate"})
 _NODE_OPTIONS = frozenset({"agent", "workflow_dispatch_mode", "dispatch_mode", "error_handlers", "sla", "telemetry",
                            "idempotency_key", "is_checkpoint"})
 _NODES_PATH = "/workflow_graph/nodes/"
-_TARGET = attrgetter("target")
+_SECOND = itemgetter(1)  # the target of edge_ends
 _ENDS = attrgetter("source", "target", "kind")
 _NODE_FIELDS = {ntype: NODE_COMMON_FIELDS | fields for ntype, fields in TYPE_FIELDS.items()}
 
@@ -120,7 +120,7 @@ def graph(c: Compilation, doc: dict[str, Any], on_failure: str | None) -> Graph:
     if start_node is not None and start_node not in raw_nodes:
         c.add("error", "unknown_start_node", f"start_node '{start_node}' does not exist in nodes",
               "/workflow_graph/start_node")
-    if set(node_ids).issuperset(map(_TARGET, edges)):  # (the node ids: the keys but comments)
+    if set(node_ids).issuperset(map(_SECOND, edge_ends)):  # (the node ids: the keys but comments)
         c.node_id = None
         return Graph(nodes, start_node, edges, unknown_types, node_ids, edge_ends, path_ends)
     for e in edges:
