@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests pac
 from bench.runtime import Completions, run_events, start, stats
 from bench.servers import bench_servers
 from ckp_core.ir import NodeIR, SequencePayload
+from langorch_infra import loops
 from langorch_runtime.machine import DispatchRequest
 from tests.conftest import platform_of
 from tests.helpers import import_procedure
@@ -254,4 +255,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.nats_delay_ms > 0:
         delay_nats_requests(args.nats_delay_ms / 1000)
-    print(json.dumps({**asyncio.run(main(args.runs, args.profile)), "nats_delay_ms": args.nats_delay_ms}, indent=2))
+    print(json.dumps({**loops.run(main(args.runs, args.profile)), "nats_delay_ms": args.nats_delay_ms,
+                      "event_loop": loops.chosen()}, indent=2))

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests pac
 
 from bench.runtime import Completions, run_events, start, stats
 from bench.servers import bench_servers
+from langorch_infra import loops
 from tests.conftest import platform_of
 from tests.helpers import import_procedure, pending_approval, serve_app
 
@@ -229,4 +230,4 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--approvals", type=int, default=10)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.runs, args.approvals)), indent=2))
+    print(json.dumps({**loops.run(main(args.runs, args.approvals)), "event_loop": loops.chosen()}, indent=2))

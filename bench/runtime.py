@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests pac
 
 from bench.servers import bench_servers
 from ckp_core.subjects import event_subject
+from langorch_infra import loops
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_runtime.service import open_checkpointer
 from tests.conftest import platform_of
@@ -386,4 +387,5 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats of 20 more sequential runs to FILE")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.runs, args.calls, args.profile)), indent=2))
+    print(json.dumps({**loops.run(main(args.runs, args.calls, args.profile)), "event_loop": loops.chosen()},
+                     indent=2))

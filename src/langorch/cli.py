@@ -412,6 +412,7 @@ def serve(
     port: Annotated[int, typer.Option(envvar="LANGORCH_PORT")] = 8080,
 ) -> None:
     """Run one service against LANGORCH_NATS_URL and LANGORCH_DATABASE_URL (what Kubernetes runs)."""
+    from langorch_infra import loops
     from langorch_infra.settings import CommonSettings
 
     if service not in SERVICES:
@@ -427,7 +428,7 @@ def serve(
             check_startup(GatewaySettings(host=host, port=port))
         except StartupRefused as exc:
             raise CLIError(str(exc), ExitCode.USAGE) from exc
-    asyncio.run(serve_until_stopped((service,), common.nats_url, common.database_url, host, port))
+    loops.run(serve_until_stopped((service,), common.nats_url, common.database_url, host, port))
 
 
 SEVERITY_COLORS = {"error": "red", "warning": "yellow", "info": "blue"}

@@ -42,6 +42,7 @@ from rich.console import Console
 
 from langorch.bootstrap import AuthSetup
 from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
+from langorch_infra import loops
 
 if TYPE_CHECKING:
     from langorch_infra.embedded import EmbeddedPostgres
@@ -517,7 +518,7 @@ class Up:
                 nats_url, database_url = result["urls"]
                 if self.pool is not None:
                     self.pool.configure(WorkerConfig(nats_url, database_url, gateway_url(o.host, o.port)))
-                asyncio.run(self.serve(nats_url, database_url, started))
+                loops.run(self.serve(nats_url, database_url, started))
             except KeyboardInterrupt:
                 pass
             finally:

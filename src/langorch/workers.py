@@ -47,6 +47,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from langorch_infra import loops
+
 log = logging.getLogger(__name__)
 
 # after the parent is gone, the longest a worker takes to stop before it exits regardless
@@ -400,7 +402,7 @@ def main() -> None:
     import_services(WORKER_SERVICES)  # before the configuration arrives: the parent is starting the servers
     code = 0
     try:
-        asyncio.run(serve_worker(status))
+        loops.run(serve_worker(status))
     except Exception:  # the worker's failure: logged here, reported by the parent with the exit code
         log.exception("the worker failed")
         code = 1
