@@ -86,12 +86,20 @@ def compile_text(text: str | bytes, lookup: ProcedureLookup | None = None) -> Co
         return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
                                          message=f"CKP document is {size} bytes; the limit is 10 MiB")])
     floats = _FloatsSeen()
+    # The decoded document stays alive until the end as well: the cyclic collector is paused from here (see
+    # _compile), and the collections its decoding would start do not rescan it.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        doc = json.loads(text, parse_float=floats, parse_constant=floats)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
-                                         message=f"CKP document is not valid JSON: {exc}")])
-    return _compile(doc, lookup, decoded_plain=not floats.seen)
+        try:
+            doc = json.loads(text, parse_float=floats, parse_constant=floats)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return CompileResult([Diagnostic(severity="error", code="invalid_document", path="",
+                                             message=f"CKP document is not valid JSON: {exc}")])
+        return _compile(doc, lookup, decoded_plain=not floats.seen)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class _FloatsSeen:
