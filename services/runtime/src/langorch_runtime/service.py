@@ -504,6 +504,9 @@ class RuntimeService:
         """Execute (or continue, resume, retry) one run until it is terminal or durably suspended."""
         try:
             await self._execute(command, delivery)
+            stored = self.barriers.get(command.run_id)
+            if stored is not None:  # whatever the run emitted is stored before its command is acknowledged
+                await stored()
         finally:
             self.barriers.pop(command.run_id, None)
 
@@ -671,13 +674,14 @@ class RuntimeService:
             else:
                 resolution = dict(command.resolution)
                 announced = machine.resume_event(snapshot.values, resolution)
+                # both appended while the graph resumes: its next checkpoint commits once they are stored
                 if announced is not None:  # the decision or callback first moves the run to queued (§7.1)
-                    await writer.emit(announced)
+                    await writer.emit_soon(announced)
                     resolution["_announced"] = True
                 wait = (snapshot.values.get("waits") or {}).get(str(command.resolution.get("wait_id"))) or {}
-                await writer.emit(ExecutionResumed(entry_node_id=wait.get("node_id"),  # the node that continues
-                                                  resume_reason=command.resume_reason,
-                                                  runtime_instance=self.instance))
+                await writer.emit_soon(ExecutionResumed(entry_node_id=wait.get("node_id"),  # the node that continues
+                                                       resume_reason=command.resume_reason,
+                                                       runtime_instance=self.instance))
                 final = await self.invoke(run_id, graph, Command(resume=resolution), config, durability="sync")
         elif started is None:
             # appended while the graph starts: its first checkpoint commits once it is stored (the run's barrier)
