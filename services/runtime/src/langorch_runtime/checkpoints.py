@@ -84,6 +84,8 @@ class GroupCommit:
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         gate = asyncio.ensure_future(barrier()) if barrier is not None else None
+        if gate is not None:  # its failure is handed to this caller; never left "never retrieved"
+            gate.add_done_callback(_barrier_error)
         self.waiting.append((statements, done, gate))
         if self.writer is None or self.writer.done():
             self.writer = asyncio.create_task(self._write_groups(), name="checkpoint-group-commit")
