@@ -239,8 +239,11 @@ async def test_llm_usage_checkpoint_state_and_timeline_filters(platform: Platfor
         assert "***REDACTED***" in variables
         assert SENSITIVE not in state.text
         assert 'data-testid="checkpoint-frames"' in state.text
-        audit = await admin.get("/api/audit", params={"action": "checkpoint_viewed", "limit": 200})
-        assert any(a.get("resource_id") == run_id for a in audit.json()["items"])
+        async def viewed() -> list[dict[str, Any]]:  # the audit record is projected, not read back at once
+            audit = await admin.get("/api/audit", params={"action": "checkpoint_viewed", "limit": 200})
+            return list(audit.json().get("items") or [])
+
+        await wait_until(viewed, lambda items: any(a.get("resource_id") == run_id for a in items))
 
         # timeline filters: in the URL, applied to the history by the API, carried for the live events
         everything = await admin.get(f"/ui/runs/{run_id}")
