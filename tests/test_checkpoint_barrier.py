@@ -9,7 +9,9 @@ LangGraph saver: the checkpoint is then not written at all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -17,7 +19,6 @@ import psycopg
 import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import empty_checkpoint
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ckp_core.errors import ConcurrencyError
@@ -27,17 +28,22 @@ from ckp_core.redaction import Redactor
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
 from langorch_runtime.checkpoints import GroupCommit, GroupCommitSaver
 from langorch_runtime.executor import RunWriter
+from tests.test_checkpoint_group_commit import open_pool
 
 ACTOR = Actor.system("runtime")
 DEADLINE_S = 20.0
 
 
-async def open_pool(database_url: str) -> AsyncConnectionPool[Any]:
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        database_url, min_size=1, max_size=4, open=False,
-        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row})
-    await pool.open()
-    return pool
+@contextlib.asynccontextmanager
+async def probe_pool(database_url: str) -> AsyncIterator[AsyncConnectionPool[Any]]:
+    """A pool like the runtime's, on a database holding the ``barrier_probe`` table the writes go to."""
+    pool = await open_pool(database_url)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("CREATE TABLE barrier_probe (n int PRIMARY KEY)")
+        yield pool
+    finally:
+        await pool.close()
 
 
 async def rows(database_url: str) -> list[int]:
@@ -57,10 +63,7 @@ async def open_transaction_with(database_url: str, text: str) -> bool:
 
 @pytest.mark.integration
 async def test_the_statements_are_sent_at_once_and_committed_after_the_barrier(database_url: str) -> None:
-    pool = await open_pool(database_url)
-    try:
-        async with pool.connection() as conn:
-            await conn.execute("CREATE TABLE barrier_probe (n int PRIMARY KEY)")
+    async with probe_pool(database_url) as pool:
         group = GroupCommit(pool)
         stored = asyncio.Event()
 
@@ -80,16 +83,11 @@ async def test_the_statements_are_sent_at_once_and_committed_after_the_barrier(d
         stored.set()
         await asyncio.wait_for(write, DEADLINE_S)
         assert await rows(database_url) == [1]
-    finally:
-        await pool.close()
 
 
 @pytest.mark.integration
 async def test_a_failed_barrier_keeps_its_write_out_and_the_group_goes_on(database_url: str) -> None:
-    pool = await open_pool(database_url)
-    try:
-        async with pool.connection() as conn:
-            await conn.execute("CREATE TABLE barrier_probe (n int PRIMARY KEY)")
+    async with probe_pool(database_url) as pool:
         group = GroupCommit(pool)
 
         async def refused() -> None:
@@ -105,8 +103,6 @@ async def test_a_failed_barrier_keeps_its_write_out_and_the_group_goes_on(databa
         assert [o is None for o in outcomes] == [True, True, False, True, True]
         assert isinstance(outcomes[2], ConcurrencyError)  # the caller sees why: its run's events were refused
         assert await rows(database_url) == [1, 2, 4, 5]
-    finally:
-        await pool.close()
 
 
 @pytest.mark.integration
@@ -132,7 +128,8 @@ async def test_a_checkpoint_after_a_refused_append_is_not_written(nats_url: str,
             config: RunnableConfig = {"configurable": {"thread_id": run, "checkpoint_ns": ""}}
             return await saver.aput(config, empty_checkpoint(), {"source": "loop", "step": 0, "parents": {}}, {})
 
-        refused, written = await asyncio.gather(checkpoint(lost), checkpoint(kept), return_exceptions=True)
+        outcomes: list[Any] = await asyncio.gather(checkpoint(lost), checkpoint(kept), return_exceptions=True)
+        refused, written = outcomes
         assert isinstance(refused, ConcurrencyError), refused
         assert not isinstance(written, BaseException), written
         assert await saver.aget_tuple({"configurable": {"thread_id": lost, "checkpoint_ns": ""}}) is None
