@@ -55,10 +55,10 @@ async def test_concurrent_runs_share_commits_and_read_back_whole(database_url: s
         calls = 0
         write = group.write
 
-        async def counted(statements: Any) -> None:
+        async def counted(statements: Any, barrier: Any = None) -> None:
             nonlocal calls
             calls += 1
-            await write(statements)
+            await write(statements, barrier)
 
         group.write = counted  # type: ignore[method-assign]
         savers = [GroupCommitSaver(pool, group) for _ in range(4)]

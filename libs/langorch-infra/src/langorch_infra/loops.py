@@ -14,7 +14,7 @@ import asyncio
 import importlib.util
 import os
 from collections.abc import Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ def chosen(environ: dict[str, str] | None = None) -> Loop:
         raise ValueError(f"{ENV}={value!r}: expected 'uvloop' or 'asyncio'")
     if value == "uvloop" and not available:
         raise ValueError(f"{ENV}=uvloop, but uvloop is not installed here: set {ENV}=asyncio or install it")
-    return "uvloop" if value == "uvloop" else "asyncio"
+    return cast(Loop, value)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

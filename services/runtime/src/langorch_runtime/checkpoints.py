@@ -204,8 +204,4 @@ class GroupCommitSaver(AsyncPostgresSaver):
         recorder = _Recorder()
         yield cast(AsyncCursor[DictRow], recorder)
         thread = _THREAD.get()
-        barrier = self.barriers.get(thread) if thread is not None else None
-        if barrier is None:
-            await self.group.write(recorder.statements)
-        else:
-            await self.group.write(recorder.statements, barrier)
+        await self.group.write(recorder.statements, self.barriers.get(thread) if thread is not None else None)

@@ -224,26 +224,15 @@ def _walk_object(value: Mapping[Any, Any], at: str, strings: list[dict[str, Any]
                  found: list[tuple[str, tuple[_Placeholder, ...]]], errors: list[tuple[str, str, str]]) -> None:
     for key, item in value.items():
         kind = type(item)
-        if kind is str:  # most values: walked here, not by one more call
-            if "{{" not in item:
-                continue
-        elif kind in _SCALARS:
+        if (kind is str and "{{" not in item) or kind in _SCALARS:  # most values: nothing to walk
             continue
         k = str(key)
         if "~" in k or "/" in k:
             k = k.replace("~", "~0").replace("/", "~1")
-        if kind is str:  # (as _walk_string, without one more call)
-            item_at = f"{at}/{k}"
-            compiled, entry = _string_use(item, item_at)
-            if entry is None:
-                errors.extend((item_at, raw, reason) for raw, reason in compiled.errors)
-                continue
-            strings.append(entry)
-            if compiled.placeholders:
-                found.append((item_at, compiled.placeholders))
+        if kind is str:
+            _walk_string(item, f"{at}/{k}", strings, found, errors)
         else:
             _walk_template(item, f"{at}/{k}", strings, found, errors)
-
 
 
 def opt_template(c: Compilation, obj: Mapping[str, Any], key: str, path: str, **kw: Any) -> TemplateIR | None:
