@@ -5,12 +5,14 @@ caller."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any, TypedDict
 
 import psycopg
 import pytest
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, interrupt
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -107,5 +109,98 @@ async def test_a_failing_write_fails_only_its_caller(database_url: str) -> None:
         async with pool.connection() as conn:
             rows = await (await conn.execute("SELECT n FROM group_probe ORDER BY n")).fetchall()
         assert [r["n"] for r in rows] == [1, 2, 3, 4, 5]
+    finally:
+        await pool.close()
+
+
+class Asked(TypedDict):
+    n: int
+    notes: dict[str, Any]
+    answer: str | None
+
+
+def asking_graph(saver: AsyncPostgresSaver) -> Any:
+    """Two steps, then one that interrupts and is resumed: blobs, task writes and the interrupt's special writes."""
+    g: StateGraph[Asked] = StateGraph(Asked)
+
+    async def grow(state: Asked) -> dict[str, Any]:
+        return {"n": state["n"] + 1, "notes": {**state["notes"], f"k{state['n']}": [state["n"], "x" * 40]}}
+
+    async def ask(state: Asked) -> dict[str, Any]:
+        return {"answer": interrupt({"question": state["n"]})}
+
+    g.add_node("a", grow)
+    g.add_node("b", grow)
+    g.add_node("ask", ask)
+    g.add_edge(START, "a")
+    g.add_edge("a", "b")
+    g.add_edge("b", "ask")
+    g.add_edge("ask", END)
+    return g.compile(checkpointer=saver)
+
+
+async def stored_rows(pool: AsyncConnectionPool[Any], thread: str) -> dict[str, list[Any]]:
+    """A thread's rows in the saver's three tables, without what differs between two runs (ids, times, thread)."""
+    def counter(version: Any) -> Any:  # a channel version is "<counter>.<random fraction>"
+        return version.split(".", 1)[0] if isinstance(version, str) else version
+
+    def plain(checkpoint: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in checkpoint.items() if k not in ("id", "ts")}
+        out["channel_versions"] = {c: counter(v) for c, v in out["channel_versions"].items()}
+        out["versions_seen"] = {node: {c: counter(v) for c, v in seen.items()}
+                                for node, seen in out["versions_seen"].items()}
+        return out
+
+    async with pool.connection() as conn:
+        checkpoints = await (await conn.execute(
+            "SELECT checkpoint, metadata, parent_checkpoint_id IS NULL AS first FROM checkpoints"
+            " WHERE thread_id = %s ORDER BY checkpoint_id", (thread,))).fetchall()
+        blobs = await (await conn.execute(
+            "SELECT channel, type, blob FROM checkpoint_blobs WHERE thread_id = %s ORDER BY channel, version",
+            (thread,))).fetchall()
+        writes = await (await conn.execute(
+            "SELECT channel, type, blob, idx, task_path FROM checkpoint_writes WHERE thread_id = %s"
+            " ORDER BY checkpoint_id, task_path, idx", (thread,))).fetchall()
+    return {"checkpoints": [(plain(r["checkpoint"]), r["metadata"], r["first"]) for r in checkpoints],
+            "blobs": [tuple(r.values()) for r in blobs],
+            "writes": [tuple(r.values()) for r in writes if r["channel"] != "__interrupt__"],
+            "interrupts": [r["idx"] for r in writes if r["channel"] == "__interrupt__"]}
+
+
+@pytest.mark.integration
+async def test_rows_as_the_official_saver_writes_them_without_a_thread(database_url: str) -> None:
+    """GroupCommitSaver writes checkpoints and task writes itself (serialised on the event loop, not in a
+    thread as the official saver does): the rows it leaves are those the official saver leaves for the same run,
+    an interrupt and its resumption included, and no write hands its serialisation to the loop's executor."""
+    pool = await open_pool(database_url)
+    try:
+        async def run(saver: AsyncPostgresSaver, thread: str) -> dict[str, Any]:
+            app, config = asking_graph(saver), {"configurable": {"thread_id": thread}}
+            await app.ainvoke({"n": 0, "notes": {}, "answer": None}, config, durability="sync")
+            out: dict[str, Any] = await app.ainvoke(Command(resume="yes"), config, durability="sync")
+            return out
+
+        official = await run(AsyncPostgresSaver(pool), "rows-official")
+        loop = asyncio.get_running_loop()
+        handed: list[Any] = []
+        real = loop.run_in_executor
+
+        def counted(executor: Any, func: Any, *args: Any) -> Any:
+            target = func.args[0] if isinstance(func, functools.partial) and func.args else func
+            handed.append(getattr(target, "__name__", repr(target)))
+            return real(executor, func, *args)
+
+        loop.run_in_executor = counted  # type: ignore[method-assign]
+        try:
+            ours = await run(GroupCommitSaver(pool, GroupCommit(pool)), "rows-group")
+        finally:
+            loop.run_in_executor = real  # type: ignore[method-assign]
+        assert ours == official == {"n": 2, "notes": {"k0": [0, "x" * 40], "k1": [1, "x" * 40]}, "answer": "yes"}
+        # the writes' serialisation stays on the loop (reading a resumed thread's pending writes does not)
+        assert [name for name in handed if name.startswith("_dump")] == []
+        expected, written = await stored_rows(pool, "rows-official"), await stored_rows(pool, "rows-group")
+        assert len(expected["checkpoints"]) >= 4 and expected["blobs"] and expected["writes"]
+        assert expected["interrupts"]  # the interrupt's own write (its id differs from run to run)
+        assert written == expected
     finally:
         await pool.close()

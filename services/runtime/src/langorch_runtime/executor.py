@@ -212,7 +212,7 @@ def compile_graph(checkpointer: BaseCheckpointSaver[Any]) -> Any:
         resolution = interrupt({"waits": waiting})
         return runtime.context.resolve(state, resolution if isinstance(resolution, dict) else {})
 
-    def route(state: RunState) -> str:
+    async def route(state: RunState) -> str:  # async: LangGraph runs a synchronous route in a thread
         if state.get("saves"):
             return "saved"
         if state.get("outcome") is not None:

@@ -436,10 +436,9 @@ class StepRunner(Dispatching):
         apply_writes(call.namespace, writes)
         completed = StepRecord(status="completed", attempt=attempt, idempotency_key=key, node_id=node.id,
                                step_id=step_id, frame=fs, result=result, writes=writes, updated_at=now_iso())
-        if step.binding.kind == "internal":  # stored before step_completed is (the run's writer waits for it)
-            self.steps.put_soon(call.identity, completed)
-        else:
-            await self.steps.put(call.identity, completed)
+        # stored before step_completed is: the run's writer waits for it, and the next checkpoint and the next
+        # effect outside the run wait for the writer
+        self.steps.put_soon(call.identity, completed)
         await self.emit(StepCompleted(node_id=node.id, step_id=step_id, frame=fs, attempt=attempt, action=step.action,
                                       output_variable=step.output_variable,
                                       duration_ms=int((time.monotonic() - started) * 1000), retry_count=attempt - 1,
