@@ -78,7 +78,7 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
     """Compile a template field. ``secrets`` (§7.14): ``deny``, ``allow`` (agent parameters) or the set of
     top-level keys where they are allowed (``{"key"}`` for encrypt/decrypt/hash)."""
     strings: list[dict[str, Any]] = []
-    found: list[tuple[str, tuple[_Placeholder, ...]]] = []
+    found: list[tuple[str, _String]] = []
     errors: list[tuple[str, str, str]] = []
     try:
         if type(value) is dict:  # (most templates: an operation's or a step's parameters)
@@ -96,34 +96,48 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
     ok = True
     read = c.reads.append
     node_id, step_id = c.node_id, c.step_id
-    for at, placeholders in found:
+    for at, compiled in found:
         where = path + at
-        for ph in placeholders:
-            uses = ph.secret_uses
-            if uses:
-                if not (secrets == "allow" or (
-                        isinstance(secrets, frozenset) and at.split("/")[1:2] and at.split("/")[1] in secrets)):
-                    c.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
-                          "and encryption keys", where)
-                    ok = False
-                    continue
-                for alias, fld in uses:
-                    if alias is None:
-                        c.add("error", "secret_not_allowed", f"{where}: secrets must be referenced as "
-                              "secrets.<alias>[.<field>]", where)
-                        ok = False
-                        continue
-                    c.secret_uses.append((alias, where, node_id, step_id))
-                    if secret_refs is not None:
-                        secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
-            for root in ph.reads if not local_names else ph.roots - local_names - {"secrets"}:
-                read((root, where, node_id, step_id))
+        if compiled.secret_uses or local_names:
+            ok = _placeholder_uses(c, compiled, at, where, secrets, local_names, secret_refs) and ok
+            continue
+        for root in compiled.reads:  # (most strings: the reads of each placeholder in turn)
+            read((root, where, node_id, step_id))
     if not ok:
         return None
     if isinstance(value, str):
         return _string_template(value)
     # The entries are shared with the cache of each string's entry at its path: the IR is immutable.
     return construct(TemplateIR, {"source": value, "strings": strings})
+
+
+def _placeholder_uses(c: Compilation, compiled: _String, at: str, where: str, secrets: str | frozenset[str],
+                      local_names: frozenset[str], secret_refs: list[SecretRefIR] | None) -> bool:
+    """The variables and secrets the placeholders of a string at ``at`` (``where`` in the document) use, one
+    placeholder at a time: whether its secrets are allowed there."""
+    ok = True
+    node_id, step_id = c.node_id, c.step_id
+    for ph in compiled.placeholders:
+        uses = ph.secret_uses
+        if uses:
+            if not (secrets == "allow" or (
+                    isinstance(secrets, frozenset) and at.split("/")[1:2] and at.split("/")[1] in secrets)):
+                c.add("error", "secret_not_allowed", f"{where}: secrets may only be used in agent parameters "
+                      "and encryption keys", where)
+                ok = False
+                continue
+            for alias, fld in uses:
+                if alias is None:
+                    c.add("error", "secret_not_allowed", f"{where}: secrets must be referenced as "
+                          "secrets.<alias>[.<field>]", where)
+                    ok = False
+                    continue
+                c.secret_uses.append((alias, where, node_id, step_id))
+                if secret_refs is not None:
+                    secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
+        for root in ph.reads if not local_names else ph.roots - local_names - {"secrets"}:
+            c.reads.append((root, where, node_id, step_id))
+    return ok
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +158,8 @@ class _String:
     placeholders: tuple[_Placeholder, ...]
     whole: int | None
     errors: tuple[tuple[str, str], ...]  # (raw placeholder, reason) of each one that does not parse
+    reads: tuple[str, ...] = ()  # the reads of its placeholders, one after the other
+    secret_uses: bool = False  # whether a placeholder uses secrets
 
 
 @lru_cache(maxsize=8192)
@@ -167,7 +183,9 @@ def _compiled_string(s: str) -> _String:
         ir = {k: v for k, v in part["ph"].items() if k != "path"}
         reads = tuple(expr.referenced_roots - frozenset() - {"secrets"})
         parts.append(_Placeholder(ir, expr.referenced_roots, reads, tuple(uses)))
-    return _String(tuple(parts), tuple(p for p in parts if isinstance(p, _Placeholder)), entry["whole"], ())
+    compiled = tuple(p for p in parts if isinstance(p, _Placeholder))
+    return _String(tuple(parts), compiled, entry["whole"], (), tuple(root for p in compiled for root in p.reads),
+                   any(p.secret_uses for p in compiled))
 
 
 @lru_cache(maxsize=8192)
@@ -193,7 +211,7 @@ _SCALARS = frozenset({int, float, bool, type(None)})  # nothing to walk in them
 
 
 def _walk_template(value: Any, at: str, strings: list[dict[str, Any]],
-                   found: list[tuple[str, tuple[_Placeholder, ...]]], errors: list[tuple[str, str, str]]) -> None:
+                   found: list[tuple[str, _String]], errors: list[tuple[str, str, str]]) -> None:
     """The compiled strings of a template value in document order (as :func:`compile_template_checked`)."""
     if isinstance(value, str):
         if "{{" in value:  # a placeholder or an escaped one
@@ -210,18 +228,18 @@ def _walk_template(value: Any, at: str, strings: list[dict[str, Any]],
 
 
 def _walk_string(value: str, at: str, strings: list[dict[str, Any]],
-                 found: list[tuple[str, tuple[_Placeholder, ...]]], errors: list[tuple[str, str, str]]) -> None:
+                 found: list[tuple[str, _String]], errors: list[tuple[str, str, str]]) -> None:
     compiled, entry = _string_use(value, at)
     if entry is None:
         errors.extend((at, raw, reason) for raw, reason in compiled.errors)
         return
     strings.append(entry)
     if compiled.placeholders:
-        found.append((at, compiled.placeholders))
+        found.append((at, compiled))
 
 
 def _walk_object(value: Mapping[Any, Any], at: str, strings: list[dict[str, Any]],
-                 found: list[tuple[str, tuple[_Placeholder, ...]]], errors: list[tuple[str, str, str]]) -> None:
+                 found: list[tuple[str, _String]], errors: list[tuple[str, str, str]]) -> None:
     for key, item in value.items():
         kind = type(item)
         if (kind is str and "{{" not in item) or kind in _SCALARS:  # most values: nothing to walk

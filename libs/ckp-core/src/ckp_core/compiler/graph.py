@@ -3,7 +3,9 @@ the payload of its type, and the edges between nodes (unknown targets reported).
 
 from __future__ import annotations
 
-from operator import attrgetter, itemgetter
+from collections.abc import Callable
+from functools import partial
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from ckp_core.compiler.binding import opt_template
@@ -58,8 +60,8 @@ _NODE_OPTIONS = frozenset({"agent", "workflow_dispatch_mode", "dispatch_mode", "
                            "idempotency_key", "is_checkpoint"})
 _NODES_PATH = "/workflow_graph/nodes/"
 _SECOND = itemgetter(1)  # the target of edge_ends
-_ENDS = attrgetter("source", "target", "kind")
 _NODE_FIELDS = {ntype: NODE_COMMON_FIELDS | fields for ntype, fields in TYPE_FIELDS.items()}
+_context = partial(tuple.__new__, NodeContext)  # NodeContext(*fields) without its __new__ in Python
 
 
 def is_orchestrator(agent: Any) -> bool:
@@ -106,9 +108,7 @@ def graph(c: Compilation, doc: dict[str, Any], on_failure: str | None) -> Graph:
         c.node_id = c.step_id = None
         if type(result) is NodeIR:  # (not result == "unknown" first: a model's __eq__ is Python code)
             nodes[node_id] = result
-            new = _edges_of(result)
-            edges.extend(new)
-            edge_ends.extend(map(_ENDS, new))
+            edges.extend(_edges_of(result, edge_ends))
             if ends_path(result):
                 path_ends.append(node_id)
         elif result == "unknown":
@@ -181,7 +181,7 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
         node_sla = sla(c, n["sla"], f"{path}/sla", ntype) if "sla" in n else None
         node_telemetry = telemetry(c, n["telemetry"], f"{path}/telemetry") if "telemetry" in n else None
         idem = opt_template(c, n, "idempotency_key", path)
-    ctx = NodeContext(node_id, ntype, path, orchestrator, channel, dispatch_mode)
+    ctx = _context((node_id, ntype, path, orchestrator, channel, dispatch_mode))
     payload = PAYLOADS[ntype](c, ctx, n)
     if payload is None:
         return None
@@ -206,50 +206,79 @@ def _next_node(c: Compilation, n: dict[str, Any], node_id: str, ntype: str, path
     return next_node
 
 
-def _edges_of(node: NodeIR) -> list[EdgeIR]:
+def _edges_of(node: NodeIR, ends: list[tuple[str, str, str]]) -> list[EdgeIR]:
+    """The edges a node declares, in the order of its fields; (source, target, kind) of each added to ``ends``."""
     fields = node.__dict__  # (reading a model's attribute goes through pydantic's __getattr__ hook)
     source = fields["id"]
     base = _NODES_PATH + source.replace("~", "~0").replace("/", "~1")
     out: list[EdgeIR] = []
-
-    def edge(target: str | None, kind: str, fld: str, label: str | None = None) -> None:
-        if target is not None:
-            out.append(_edge(source, target, kind, label, f"{base}/{fld}"))
-
     p = fields["payload"]
     # Exact classes (the payload models have no subclasses): isinstance would go through ABCMeta for each.
-    if type(p) is LogicPayload:
-        for i, rule in enumerate(p.rules):  # (a rule always has a target)
-            out.append(_edge(source, rule.next_node, "condition", rule.condition.source,
-                             f"{base}/rules/{i}/next_node"))
-        if p.default_next_node is not None:
-            out.append(_edge(source, p.default_next_node, "default", None, f"{base}/default_next_node"))
-    elif type(p) is LoopPayload:
-        edge(p.body_node, "loop_body", "body_node")
-    elif type(p) is ParallelPayload:
-        for i, br in enumerate(p.branches):
-            edge(br.start_node, "branch", f"branches/{i}/start_node", br.branch_id)
-    elif type(p) is LlmActionPayload and p.orchestration_mode:
-        for i, target in enumerate(p.branches):
-            edge(target, "condition", f"branches/{i}", "_next_node")
-    elif type(p) is HumanApprovalPayload:
-        edge(p.on_approve, "approve", "on_approve")
-        edge(p.on_reject, "reject", "on_reject")
-        edge(p.on_timeout, "timeout", "on_timeout")
-        for option, target in p.option_routes.items():
-            edge(target, "option", f"option_routes/{pointer(option)[1:]}", option)
+    payload_edges = _PAYLOAD_EDGES.get(type(p))
+    if payload_edges is not None:
+        payload_edges(p, source, base, out, ends)
     next_node = fields["next_node"]
     if next_node is not None:
-        out.append(_edge(source, next_node, "next", None, f"{base}/next_node"))
+        _edge(out, ends, source, next_node, "next", None, f"{base}/next_node")
     for h in fields["error_handlers"]:
-        edge(h.fallback_node, "fallback", f"error_handlers/{h.index}/fallback_node", h.error_type or "*")
-    if fields["sla"] is not None:
-        edge(fields["sla"].escalation_handler, "fallback", "sla/escalation_handler", "sla")
+        if h.fallback_node is not None:
+            _edge(out, ends, source, h.fallback_node, "fallback", h.error_type or "*",
+                  f"{base}/error_handlers/{h.index}/fallback_node")
+    if fields["sla"] is not None and fields["sla"].escalation_handler is not None:
+        _edge(out, ends, source, fields["sla"].escalation_handler, "fallback", "sla", f"{base}/sla/escalation_handler")
     return out
 
 
-def _edge(source: str, target: str, kind: str, label: str | None, fld: str) -> EdgeIR:
-    return construct(EdgeIR, {"source": source, "target": target, "kind": kind, "label": label, "field": fld})
+def _logic_edges(p: LogicPayload, source: str, base: str, out: list[EdgeIR], ends: list[tuple[str, str, str]]) -> None:
+    for i, rule in enumerate(p.rules):  # (a rule always has a target)
+        _edge(out, ends, source, rule.next_node, "condition", rule.condition.source, f"{base}/rules/{i}/next_node")
+    if p.default_next_node is not None:
+        _edge(out, ends, source, p.default_next_node, "default", None, f"{base}/default_next_node")
+
+
+def _loop_edges(p: LoopPayload, source: str, base: str, out: list[EdgeIR], ends: list[tuple[str, str, str]]) -> None:
+    if p.body_node is not None:
+        _edge(out, ends, source, p.body_node, "loop_body", None, f"{base}/body_node")
+
+
+def _parallel_edges(p: ParallelPayload, source: str, base: str, out: list[EdgeIR],
+                    ends: list[tuple[str, str, str]]) -> None:
+    for i, br in enumerate(p.branches):
+        if br.start_node is not None:
+            _edge(out, ends, source, br.start_node, "branch", br.branch_id, f"{base}/branches/{i}/start_node")
+
+
+def _llm_action_edges(p: LlmActionPayload, source: str, base: str, out: list[EdgeIR],
+                      ends: list[tuple[str, str, str]]) -> None:
+    if p.orchestration_mode:
+        for i, target in enumerate(p.branches):
+            if target is not None:
+                _edge(out, ends, source, target, "condition", "_next_node", f"{base}/branches/{i}")
+
+
+def _human_approval_edges(p: HumanApprovalPayload, source: str, base: str, out: list[EdgeIR],
+                          ends: list[tuple[str, str, str]]) -> None:
+    for target, kind, fld in ((p.on_approve, "approve", "on_approve"), (p.on_reject, "reject", "on_reject"),
+                              (p.on_timeout, "timeout", "on_timeout")):
+        if target is not None:
+            _edge(out, ends, source, target, kind, None, f"{base}/{fld}")
+    for option, target in p.option_routes.items():
+        _edge(out, ends, source, target, "option", option, f"{base}/option_routes/{pointer(option)[1:]}")
+
+
+_PAYLOAD_EDGES: dict[type, Callable[[Any, str, str, list[EdgeIR], list[tuple[str, str, str]]], None]] = {
+    LogicPayload: _logic_edges,
+    LoopPayload: _loop_edges,
+    ParallelPayload: _parallel_edges,
+    LlmActionPayload: _llm_action_edges,
+    HumanApprovalPayload: _human_approval_edges,
+}
+
+
+def _edge(out: list[EdgeIR], ends: list[tuple[str, str, str]], source: str, target: str, kind: str,
+          label: str | None, fld: str) -> None:
+    out.append(construct(EdgeIR, {"source": source, "target": target, "kind": kind, "label": label, "field": fld}))
+    ends.append((source, target, kind))
 
 
 def _edge_field_name(e: EdgeIR) -> str:

@@ -5,7 +5,7 @@ Used by sequence steps, processing nodes and a terminate node's cleanup and erro
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 
@@ -66,14 +66,42 @@ OP_ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
     ("generate_id", "format"): ("uuid4", "uuid7", "short"),
 }
 NAME_FIELDS = ("variable", "array")
-# Per action: its known fields, its required ones in order, its enum fields, its required name fields.
-_KNOWN = {action: required | optional | {"output_variable"} for action, (required, optional) in OP_FIELDS.items()}
-_REQUIRED_SORTED = {action: sorted(required) for action, (required, _) in OP_FIELDS.items()}
-_ENUMS = {action: [(key, values) for (op, key), values in OP_ENUMS.items() if op == action] for action in OP_FIELDS}
-_NAMES = {action: [key for key in NAME_FIELDS if key in required] for action, (required, _) in OP_FIELDS.items()}
 SECRET_KEY_OPERATIONS = frozenset({"encrypt", "decrypt", "hash"})
 _SECRET_KEY = frozenset({"key"})
 _FLAG_OPERATIONS = ("parse_csv", "parse_excel_data", "extract_regex")
+# The actions operation_checks has a check for (kept next to it, below).
+_CHECKED_OPERATIONS = frozenset({"log", "wait", "extract_regex", "validate_schema", "get_timestamp",
+                                 "parse_excel_data", *_FLAG_OPERATIONS})
+
+
+class _Plan(NamedTuple):
+    """What :func:`operation_body` checks of one action's inputs, worked out once per action."""
+
+    aliases: tuple[tuple[str, str], ...]  # (alias, field)
+    known: frozenset[str]  # its fields, output_variable included
+    required: frozenset[str]
+    required_sorted: tuple[str, ...]  # (the order they are reported in)
+    names: tuple[str, ...]  # its required name fields, never rendered
+    enums: tuple[tuple[str, tuple[str, ...]], ...]  # (field, values)
+    checked: bool  # whether operation_checks has a check for it
+    secrets: str | frozenset[str]  # where its template may use secrets (see binding.template)
+
+
+def _plan(action: str) -> _Plan:
+    required, optional = OP_FIELDS[action]
+    return _Plan(
+        aliases=tuple(OP_ALIASES.get(action, {}).items()),
+        known=required | optional | {"output_variable"},
+        required=required,
+        required_sorted=tuple(sorted(required)),
+        names=tuple(key for key in NAME_FIELDS if key in required),
+        enums=tuple((key, values) for (op, key), values in OP_ENUMS.items() if op == action),
+        checked=action in _CHECKED_OPERATIONS,
+        secrets=_SECRET_KEY if action in SECRET_KEY_OPERATIONS else "deny",
+    )
+
+
+_PLANS = {action: _plan(action) for action in OP_FIELDS}
 
 
 def operations(c: Compilation, raw: Any, path: str, ctx: NodeContext) -> list[OperationIR] | None:
@@ -122,20 +150,21 @@ def operations(c: Compilation, raw: Any, path: str, ctx: NodeContext) -> list[Op
 def operation_body(c: Compilation, action: str, params: dict[str, Any], path: str,
                    secret_refs: list[SecretRefIR]) -> tuple[TemplateIR, dict[str, str], ExpressionIR | None] | None:
     """Check and normalise an internal operation's inputs (§4.3); returns (params, names, expression)."""
-    for old, new in OP_ALIASES.get(action, {}).items():
+    plan = _PLANS[action]
+    for old, new in plan.aliases:
         if old in params and new not in params:
             params[new] = params.pop(old)
             c.add("info", "alias_normalised", f"{path}/{old}: '{old}' read as '{new}'", f"{path}/{old}")
-    if not _KNOWN[action].issuperset(params):
-        c.unknown_fields(params, _KNOWN[action], path)
+    if not plan.known.issuperset(params):
+        c.unknown_fields(params, plan.known, path)
     ok = True
-    if not params.keys() >= OP_FIELDS[action][0]:
-        for key in _REQUIRED_SORTED[action]:
+    if not params.keys() >= plan.required:
+        for key in plan.required_sorted:
             if key not in params:
                 c.add("error", "missing_field", f"{path}: required field '{key}' is missing", f"{path}/{key}")
                 ok = False
     names: dict[str, str] = {}
-    for key in _NAMES[action]:
+    for key in plan.names:
         if key in params:
             value = params.pop(key)
             if action == "set_variable" and isinstance(value, str):
@@ -162,18 +191,19 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
     if action == "calculate" and "expression" in params:
         expr = expression(c, params.pop("expression"), f"{path}/expression")
         ok = ok and expr is not None
-    for key, values in _ENUMS[action]:
+    for key, values in plan.enums:
         if key in params and not templated(params[key]) and c.enum(params, key, path, values) is None:
             ok = False
-    ok = operation_checks(c, action, params, path) and ok
-    allowed = _SECRET_KEY if action in SECRET_KEY_OPERATIONS else "deny"
-    tpl = template(c, params, path, secrets=allowed, secret_refs=secret_refs)
+    if plan.checked:
+        ok = operation_checks(c, action, params, path) and ok
+    tpl = template(c, params, path, secrets=plan.secrets, secret_refs=secret_refs)
     if tpl is None or not ok:
         return None
     return tpl, names, expr
 
 
 def operation_checks(c: Compilation, action: str, params: dict[str, Any], path: str) -> bool:
+    """The checks of particular actions' inputs (those of _CHECKED_OPERATIONS)."""
     ok = True
     if action == "log" and "level" in params and not templated(params["level"]):
         lvl = params["level"]

@@ -23,8 +23,8 @@ from ckp_core.ir import (
 def node_sequence(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> SequencePayload | None:
     compiled_steps = steps(c, n.get("steps", []), f"{ctx.path}/steps", ctx)
     validations: list[ValidationIR] = []
-    raw_validations = n.get("validations", [])
-    if c.expect(raw_validations, (list,), "array", f"{ctx.path}/validations"):
+    raw_validations = n.get("validations")  # (absent: None, the nulls of a node being dropped)
+    if raw_validations is not None and c.expect(raw_validations, (list,), "array", f"{ctx.path}/validations"):
         seen: set[str] = set()
         for i, raw in enumerate(raw_validations):
             v = validation(c, raw, f"{ctx.path}/validations/{i}", ctx, seen)
@@ -79,8 +79,8 @@ def node_terminate(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> Termi
     outputs_raw = n.get("outputs", {})
     outputs = template(c, outputs_raw, f"{p}/outputs") \
         if c.expect(outputs_raw, (dict,), "object", f"{p}/outputs") else None
-    cleanup = operations(c, n.get("cleanup_actions", []), f"{p}/cleanup_actions", ctx)
-    error_actions = operations(c, n.get("error_actions", []), f"{p}/error_actions", ctx)
+    cleanup = operations(c, n["cleanup_actions"], f"{p}/cleanup_actions", ctx) if "cleanup_actions" in n else []
+    error_actions = operations(c, n["error_actions"], f"{p}/error_actions", ctx) if "error_actions" in n else []
     audit = opt_template(c, n, "final_audit_log", p)
     if outputs is None or cleanup is None or error_actions is None or ("final_audit_log" in n and audit is None):
         return None
