@@ -16,7 +16,7 @@ import orjson
 
 from ckp_core.compiler.checks import ProcedureLookup, check_secret_aliases, reachability, subflow_checks, undeclared
 from ckp_core.compiler.config import global_config
-from ckp_core.compiler.fields import MISSING, PROCEDURE_ID_RE, Compilation, strip_object
+from ckp_core.compiler.fields import MISSING, PROCEDURE_ID_RE, Compilation, plain_text, strip_object
 from ckp_core.compiler.graph import graph
 from ckp_core.compiler.nodes.subflow import finish_subflows
 from ckp_core.compiler.trigger import trigger
@@ -258,7 +258,7 @@ def compile_procedure(doc: dict[str, Any], original: dict[str, Any], lookup: Pro
                       canonical: bytes | None = None) -> CompileResult:
     """The passes over a document that passed the dialect check (``doc``: ``original`` without comments;
     ``canonical``: the canonical JSON of ``original`` when already made)."""
-    c = Compilation()
+    c = Compilation(plain=canonical is not None and plain_text(canonical))
     c.unknown_fields(doc, ROOT_FIELDS, "")
     procedure_id = identity(c, doc, "procedure_id", PROCEDURE_ID_RE, "procedure id")
     version = identity(c, doc, "version", VERSION_RE, "version")

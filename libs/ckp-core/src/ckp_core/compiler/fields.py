@@ -43,6 +43,14 @@ def _plain_object(obj: Mapping[str, Any]) -> bool:
     return not (keys.startswith("_") or "\0_" in keys or None in obj.values())
 
 
+def plain_text(canonical: bytes) -> bool:
+    """Whether the canonical JSON of a document (compact, as :func:`~ckp_core.compiler.canonical_json` writes
+    it) shows that none of its objects has a comment key or a null value: every key is written as ``{"`` or
+    ``,"`` and its text, a string's own quotes being escaped, and a null as ``null`` (a string holding that text
+    only makes the answer a cautious no)."""
+    return b"null" not in canonical and b'{"_' not in canonical and b',"_' not in canonical
+
+
 def templated(value: Any) -> bool:
     """Whether a value is a string with a ``{{...}}`` placeholder (its value is only known when rendered)."""
     return isinstance(value, str) and has_placeholder(value)
@@ -104,6 +112,9 @@ class Compilation:
     gc: GlobalConfigIR = field(default_factory=GlobalConfigIR)
     pending_subflows: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
     secrets: dict[str, SecretReferenceIR] = field(default_factory=dict)
+    # Whether no object of the document has a comment key or a null value (see :func:`plain_text`): then
+    # :meth:`view` returns every object as it is, without looking.
+    plain: bool = False
 
     def add(self, severity: Severity, code: str, message: str, path: str, hint: str | None = None) -> None:
         self.diags.append(Diagnostic(severity=severity, code=code, message=message, path=path,
@@ -137,6 +148,8 @@ class Compilation:
         """An object field only read, never changed: as :meth:`obj` without ``known``, but the object itself
         when there is nothing to drop from it (no copy)."""
         if type(value) is dict:  # (as _plain_object, without one more call: there is a view of most objects)
+            if self.plain:
+                return value
             try:
                 keys = "\0".join(value)
             except TypeError:  # a key that is not a string
