@@ -18,6 +18,12 @@ served in this process like the platform) answers every step after AGENT_MS. Mea
 whole process: gateway, runtime and agent share one event loop; waiting and other processes' load do not count),
 stats written to FILE (``python -m pstats FILE``); their times are not reported.
 
+``--up``: the same runs through ``langorch up`` as it is deployed on one machine instead (the gateway in its own
+process, the runtime in its worker process, the agent in a third process: the bench's own ``--serve-agent``),
+started on a fresh state directory; a run is timed from just before its ``POST /api/runs`` to its
+``run_completed`` event's timestamp (one clock: the same machine), read with the run's events once it has ended.
+Reported beside the same baseline of 40 direct POSTs from this process, and each process's CPU time per run.
+
 ``--nats-delay-ms MS``: every NATS request of this process (appends, KV reads and writes, API calls) waits MS more
 before it is sent, as on a network that much slower: the round trips one after the other on a step's path then
 decide its time rather than the machine's load, so a change in their number shows on a busy machine.
@@ -33,8 +39,12 @@ import asyncio
 import cProfile
 import itertools
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
+from bench.load import ROOT, Up, cpu_by_kind, free_port
 from bench.runtime import Completions, run_events, start, stats
 from bench.servers import bench_servers
 from ckp_core.ir import NodeIR, SequencePayload
@@ -225,6 +236,115 @@ async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[
     }
 
 
+def serve_agent() -> None:
+    """``--serve-agent``: the bench's agent in a process of its own; prints its base URL, serves until stdin ends."""
+    async def serve() -> None:
+        agent = ScriptedAgent({"work": work})
+        async with serving(agent):
+            print(agent.base_url, flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    loops.run(serve())
+
+
+async def ended_events(c: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
+    """The run's events once it has ended and its ``run_completed`` is projected (polled every 50 ms: the run is
+    timed by its events' timestamps, not by this loop)."""
+    deadline = time.monotonic() + 120
+    while True:
+        r = await c.get(f"/api/runs/{run_id}/events", params={"limit": 500})
+        events: list[dict[str, Any]] = r.json()["items"] if r.status_code == 200 else []
+        if any(e["event_type"] == "run_completed" for e in events):
+            return events
+        assert not any(e["event_type"] in ("run_failed", "run_canceled") for e in events), events[-3:]
+        assert time.monotonic() < deadline, f"run {run_id} did not complete"
+        await asyncio.sleep(0.05)
+
+
+def _at(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["created_at"].replace("Z", "+00:00")).timestamp()
+
+
+def bench_up(runs: int) -> dict[str, Any]:
+    """The runs through ``langorch up`` (gateway, worker and agent in three processes); see ``--up``."""
+    tmp = Path(tempfile.mkdtemp(prefix="langorch-bench-agent-steps-"))
+    port = free_port()
+    up = Up(tmp / "state", port, [])
+    agent = subprocess.Popen([sys.executable, __file__, "--serve-agent"], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None
+        agent_url = agent.stdout.readline().strip()
+        up.wait_up()
+        measured = loops.run(measure_up(tmp / "state", port, agent_url, [up.proc.pid, agent.pid], runs))
+    finally:
+        up.stop()
+        if agent.stdin is not None:
+            agent.stdin.close()
+        agent.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return measured
+
+
+async def measure_up(state: Path, port: int, agent_url: str, pids: list[int], runs: int) -> dict[str, Any]:
+    headers = {"X-API-Key": (state / "api-key").read_text().strip()}
+    # PostgreSQL's postmaster is not a child of langorch up (pg_ctl starts it detached): its pid file names it
+    roots = [*pids, int((state / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])]
+    async with (httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c,
+                httpx.AsyncClient(timeout=30) as http):
+        r = await c.post("/api/agents", json={"name": "bench-agent", "channel": "bench", "base_url": agent_url,
+                                              "capabilities": ["work"], "concurrency_limit": 4})
+        assert r.status_code == 201, r.text
+        doc = forty_steps()
+        r = await c.post("/api/procedures", json={"ckp_json": doc})
+        assert r.status_code in (200, 201), r.text
+
+        async def one_run() -> tuple[float, list[dict[str, Any]]]:
+            sent = time.time()
+            r = await c.post("/api/runs", json={"procedure_id": doc["procedure_id"], "procedure_version": "1"})
+            assert r.status_code == 201, r.text
+            events = await ended_events(c, r.json()["run_id"])
+            ended = next(e for e in events if e["event_type"] == "run_completed")
+            return (_at(ended) - sent) * 1000, events
+
+        for i in range(2):  # warm-up
+            await one_run()
+            await direct_posts(http, agent_url, f"warm-{i}")
+        e2e: list[float] = []
+        floor: list[float] = []
+        gaps: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in GAPS}
+        cpu: dict[str, float] = {}
+        for i in range(runs):  # alternate, so that a run and its baseline see the same load
+            before = cpu_by_kind(roots)
+            elapsed, events = await one_run()
+            for kind, used in cpu_by_kind(roots).items():
+                cpu[kind] = cpu.get(kind, 0.0) + used - before.get(kind, 0.0)
+            e2e.append(elapsed)
+            typed = [(e["event_type"], _at(e)) for e in events]
+            for (a, at), (b, bt) in itertools.pairwise(typed):
+                if (a, b) in GAPS:
+                    gaps[f"{a}->{b}"].append((bt - at) * 1000)
+            floor.append((await direct_posts(http, agent_url, f"direct-{i}"))[0])
+    e2e_s, floor_s = stats(e2e), stats(floor)
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "load_average_1m": round(os.getloadavg()[0], 2)},
+        "procedure": f"{NODES} sequence nodes x 1 agent step; the agent answers after {AGENT_MS} ms",
+        "through": "python -m langorch up (gateway process + worker process), the agent in a third process",
+        "runs": runs,
+        "run_end_to_end_ms": e2e_s,
+        "baseline_40_direct_posts_ms": floor_s,
+        "overhead_per_step_ms": round((e2e_s["median"] - floor_s["median"]) / NODES, 3),
+        "goal_run_ms": NODES * (AGENT_MS + 5),
+        "ratio_run_to_direct_posts": round(e2e_s["median"] / floor_s["median"], 2),
+        "cpu_ms_per_run": {kind: round(used * 1000 / runs, 1) for kind, used in sorted(cpu.items())},
+        "event_gaps_median_ms": {name: round(stats(values)["median"], 3) for name, values in gaps.items() if values},
+        "note": "run = POST /api/runs sent -> run_completed's timestamp (one machine, one clock); the CPU of "
+                "'API process (langorch up)' includes the agent's process; the bench's polling for the run's end "
+                "(every 50 ms) is in it too",
+    }
+
+
 async def main(runs: int, profile: str | None) -> dict[str, Any]:
     async with bench_servers("lo_bench_agent_steps") as (nats_url, db):
         return await bench(nats_url, db, runs, profile)
@@ -252,7 +372,15 @@ if __name__ == "__main__":
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats of a few more runs to FILE")
     parser.add_argument("--nats-delay-ms", type=float, default=0.0,
                         help="add this much latency to every NATS request of this process")
+    parser.add_argument("--up", action="store_true", help="through langorch up, the agent in a process of its own")
+    parser.add_argument("--serve-agent", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_agent:
+        serve_agent()
+        sys.exit(0)
+    if args.up:
+        print(json.dumps({**bench_up(args.runs), "event_loop": loops.chosen()}, indent=2))
+        sys.exit(0)
     if args.nats_delay_ms > 0:
         delay_nats_requests(args.nats_delay_ms / 1000)
     print(json.dumps({**loops.run(main(args.runs, args.profile)), "nats_delay_ms": args.nats_delay_ms,
