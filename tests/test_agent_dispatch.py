@@ -170,15 +170,20 @@ async def test_live_presence_and_half_open_circuit(nats_url: str) -> None:
     async with running_agent() as agent, harness(nats_url, agent_circuit_half_open_s=0.4) as h:
         await h.register("web1", agent.base_url)
         presence = h.dispatcher.presence
-        # the elected prober's failures count at once, before its circuit event reaches the registry
+
+        async def chosen() -> list[str]:
+            return [c.agent_id for c in await h.dispatcher.candidates("web", "extract_text")]
+
+        # the elected prober's failures count as soon as the dispatcher's view of lo_presence has them, before the
+        # circuit event reaches the registry
         await presence.put(agent_probe_key("web1"), json.dumps({"ok": False, "consecutive_failures": 3}).encode())
-        assert await h.dispatcher.candidates("web", "extract_text") == []
+        await wait_until(chosen, lambda found: found == [], timeout=5)
         await presence.put(agent_probe_key("web1"), json.dumps({"ok": True, "consecutive_failures": 0}).encode())
         # a fresh heartbeat's status is the live one
         await presence.put(agent_presence_key("web1"), json.dumps({"agent_id": "web1", "status": "draining"}).encode())
-        assert await h.dispatcher.candidates("web", "extract_text") == []
+        await wait_until(chosen, lambda found: found == [], timeout=5)
         await presence.put(agent_presence_key("web1"), json.dumps({"agent_id": "web1", "status": "online"}).encode())
-        assert [c.agent_id for c in await h.dispatcher.candidates("web", "extract_text")] == ["web1"]
+        await wait_until(chosen, lambda found: found == ["web1"], timeout=5)
         # an open circuit keeps the agent out until it turns half-open
         state = h.dispatcher.registry["web1"]
         await JetStreamEventStore(h.service.js).append(

@@ -9,8 +9,13 @@ One :class:`AgentDispatcher` per runtime replica, shared by every run it execute
   ``agent_circuit_half_open_s``), a capability named like the action or ``*``; the run's previous agent on the
   channel while it is a healthy, free candidate (affinity, in memory), otherwise the most free lease slots,
   ties round-robin;
+* liveness and free slots from local views of KV ``lo_presence`` and ``lo_leases`` that ordered consumers keep
+  current (:mod:`langorch_runtime.dispatch_view`; this replica's own lease writes and deletes enter them with the
+  revision they got), so choosing needs no read; when the views are not current or show no live candidate with a
+  free slot, or a write over a slot they showed free is refused, the liveness and slots are read afresh in one
+  concurrent round before anything is concluded (saturated, no executor);
 * a lease per attempt: KV ``lo_leases`` key ``<resource_key>.<slot>`` written with a per-key TTL, conditional on the
-  revision the slot was read free at (one round trip, read together with the agents' liveness), renewed
+  revision the slot was seen free at (a stale view cannot double-book a slot: the write is refused), renewed
   (revision-checked) every TTL/3, deleted (revision-checked) when the attempt ends or is cancelled — in the
   background: the step's answer does not wait for it, and a crash before it lands leaves the key to its TTL as a
   crash during the call does; a renewal that finds the key gone or changed aborts the call with ``lease_revoked``;
@@ -72,6 +77,7 @@ from langorch_infra.secrets import grant_key, redeem_grants, resolve_grant
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agents import VERSION, AgentState, evolve_agent
 from langorch_runtime.deadlines import CANCEL_GRACE_S, consume_outcome, within
+from langorch_runtime.dispatch_view import KvView
 from langorch_runtime.errors import StepError
 from langorch_runtime.machine.ports import ContentArtifacts, Delegated, Dispatcher, DispatchRequest
 from langorch_runtime.metrics import RuntimeMetrics
@@ -89,6 +95,7 @@ STALE_CONNECTION_ERRORS = (httpx.RemoteProtocolError, httpx.ReadError, httpx.Wri
 IN_PROGRESS_DEFAULT_S = 5.0  # api.md §15.1: wait before asking again about a key still executing
 MAX_RETRY_AFTER_S = 600.0  # ckp.md §4.8: a Retry-After counts up to 600 s
 AFFINITY_LIMIT = 10_000  # (run, channel) choices remembered
+PENDING_RELEASE = -1  # the revision in Candidate.free of a slot this replica's release of is still on the wire
 MCP_CLIENT = mcp_types.Implementation(name="langorch-runtime", version=VERSION)
 
 
@@ -146,6 +153,7 @@ class Candidate:
     capability: dict[str, Any]
     free_slots: int
     free: list[tuple[int, int]] = field(default_factory=list)  # (slot, revision to write over) of the free slots
+    from_view: bool = False  # chosen from the dispatcher's local view (no read): a failed write reads afresh
 
     @property
     def agent_id(self) -> str:
@@ -200,6 +208,8 @@ class AgentDispatcher(Dispatcher):
         self._nc: NATS | None = None
         self._follower: asyncio.Task[None] | None = None
         self._registry_changed = asyncio.Event()
+        self.presence_view: KvView | None = None  # agents' heartbeats and probes, followed (started by start())
+        self.leases_view: KvView | None = None  # lease slots, followed (started by start())
         self.grant_key = grant_key(settings.auth_secret_key.get_secret_value())
         self.secrets = SecretResolver(settings)  # the service gives it its metadata records
 
@@ -217,13 +227,19 @@ class AgentDispatcher(Dispatcher):
                                       limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
                                                           keepalive_expiry=KEEPALIVE_EXPIRY_S))
         self._follower = asyncio.create_task(self._follow_registry(), name="agent-dispatch-registry")
-        await self.sync_registry(timeout_s=10.0)
+        self.presence_view = KvView(self.js, PRESENCE_BUCKET, ("agent.>", "probe.>"))
+        self.leases_view = KvView(self.js, LEASES_BUCKET)
+        await asyncio.gather(self.sync_registry(timeout_s=10.0), self.presence_view.start(timeout_s=10.0),
+                             self.leases_view.start(timeout_s=10.0))
 
     async def stop(self) -> None:
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
                 await self._follower
+        for view in (self.presence_view, self.leases_view):
+            if view is not None:
+                await view.stop()
         if self._releases:  # leases of the last calls: deleted now rather than left to their TTL
             await asyncio.wait(list(self._releases.values()), timeout=5.0)
         for session in list(self._mcp.values()):
@@ -295,9 +311,17 @@ class AgentDispatcher(Dispatcher):
 
     async def _live(self, agent: AgentState) -> bool:
         """Whether dispatch may use the agent now: ``ckp_core.agents``' liveness rule over the registry, corrected
-        by KV ``lo_presence`` (a fresh heartbeat's status, the elected prober's failures)."""
+        by KV ``lo_presence`` (a fresh heartbeat's status, the elected prober's failures), read afresh."""
         heartbeat, probe = await asyncio.gather(self._kv_json(self.presence, agent_presence_key(agent.agent_id)),
                                                 self._kv_json(self.presence, agent_probe_key(agent.agent_id)))
+        return self._alive(agent, heartbeat, probe)
+
+    def _live_in_view(self, view: KvView, agent: AgentState, now: float) -> bool:
+        """:meth:`_live` over the followed ``lo_presence`` (no read)."""
+        return self._alive(agent, view.json(agent_presence_key(agent.agent_id), now),
+                           view.json(agent_probe_key(agent.agent_id), now))
+
+    def _alive(self, agent: AgentState, heartbeat: dict[str, Any] | None, probe: dict[str, Any] | None) -> bool:
         said = heartbeat.get("status") if heartbeat is not None else None
         status = current_status(agent.status, said if isinstance(said, str) else None)
         failing = probe is not None and probe_failing(bool(probe.get("ok", True)),
@@ -326,9 +350,36 @@ class AgentDispatcher(Dispatcher):
 
         return [free for free in await asyncio.gather(*(state(s) for s in range(limit))) if free is not None]
 
-    async def candidates(self, channel: str, action: str) -> list[Candidate]:
-        """Agents that may take ``action`` on ``channel`` now, with the free slots of their resources. The liveness
-        of every matching agent and the slots of their resources are read in one concurrent round."""
+    def _in_view(self, matching: list[tuple[AgentState, dict[str, Any]]],
+                 limits: dict[str, int]) -> list[Candidate] | None:
+        """The candidates as the followed ``lo_presence`` and ``lo_leases`` show them (no read); None when the views
+        are not current."""
+        presence, leases = self.presence_view, self.leases_view
+        if presence is None or leases is None or not presence.current or not leases.current:
+            return None
+        now = time.monotonic()
+        free: dict[str, list[tuple[int, int]]] = {}
+        out = []
+        for a, cap in matching:
+            if not self._live_in_view(presence, a, now):
+                continue
+            rk = a.resource_key or a.agent_id
+            if rk not in free:
+                slots = [(slot, leases.free_revision(lease_key(rk, slot), now)) for slot in range(limits[rk])]
+                # a slot this replica is releasing counts as free (after the others): its run never finds it held
+                free[rk] = [(slot, rev) for slot, rev in slots if rev is not None] + [
+                    (slot, PENDING_RELEASE) for slot, rev in slots
+                    if rev is None and lease_key(rk, slot) in self._releases]
+            out.append(Candidate(a, cap, len(free[rk]), free[rk], from_view=True))
+        return out
+
+    async def candidates(self, channel: str, action: str, *, fresh: bool = False) -> list[Candidate]:
+        """Agents that may take ``action`` on ``channel`` now, with the free slots of their resources.
+
+        From the followed views when they are current and show a live candidate with a free slot (a slot whose
+        release by this replica is still on the wire counts, as :data:`PENDING_RELEASE`); otherwise, or with
+        ``fresh``, the liveness of every matching agent and the slots of their resources are read in one concurrent
+        round."""
         matching = [(a, cap) for a in list(self.registry.values())
                     if a.exists and str(a.fields.get("channel", "")).lower() == channel
                     and (cap := _capability(a, action)) is not None]
@@ -337,6 +388,10 @@ class AgentDispatcher(Dispatcher):
         limits: dict[str, int] = {}
         for a, _ in matching:
             limits.setdefault(a.resource_key or a.agent_id, max(1, a.concurrency_limit))
+        if not fresh:
+            seen = self._in_view(matching, limits)
+            if seen and any(c.free_slots for c in seen):
+                return seen
         live, states = await asyncio.gather(asyncio.gather(*(self._live(a) for a, _ in matching)),
                                             asyncio.gather(*(self.slot_states(rk, n) for rk, n in limits.items())))
         free = dict(zip(limits, states, strict=True))
@@ -382,17 +437,35 @@ class AgentDispatcher(Dispatcher):
                 "expires_at": format_time(now + timedelta(seconds=self.settings.lease_ttl_s)),
                 **({"owner": self.owner} if self.owner else {})}
 
+    def _wrote(self, key: str, revision: int, data: bytes | None, ttl_s: float | None = None) -> None:
+        """This replica's own write (``data``) or delete (None) of a lease key, into the followed view at once."""
+        if self.leases_view is not None:
+            self.leases_view.apply(key, revision, data, ttl_s)
+
+    async def _put_lease(self, key: str, value: dict[str, Any], ttl: float, last: int) -> int:
+        data = json.dumps(value).encode()
+        written = await put_with_ttl(self.js, LEASES_BUCKET, key, data, ttl, last=last)
+        self._wrote(key, written, data, max(1, round(ttl)))
+        return written
+
     async def try_acquire(self, c: Candidate, request: DispatchRequest) -> Lease | None:
         """Take a free slot of the candidate's resource, or None when every slot is held: a write conditional on the
-        revision the slot had when it was read free (:meth:`slot_states`), so a slot taken meanwhile is skipped."""
+        revision the slot had when it was seen free (:meth:`slot_states` or the followed view), so a slot taken
+        meanwhile is skipped."""
         ttl = max(1, round(self.settings.lease_ttl_s))
         acquired_at = format_time(_now())
         for slot, revision in c.free:
             key = lease_key(c.resource_key, slot)
+            if revision == PENDING_RELEASE:  # this replica's own release: the view learns its marker when it lands
+                if (releasing := self._releases.get(key)) is not None:
+                    await asyncio.wait([releasing])
+                found = self.leases_view.free_revision(key, time.monotonic()) if self.leases_view else None
+                if found is None:
+                    continue  # the release did not delete it (revoked, taken over, failed): held still
+                revision = found
             value = self._lease_value(c, slot, request, new_id(), acquired_at)
             try:
-                written = await put_with_ttl(self.js, LEASES_BUCKET, key, json.dumps(value).encode(), ttl,
-                                             last=revision)
+                written = await self._put_lease(key, value, ttl, revision)
             except KeyWrongLastSequenceError:
                 continue  # taken (or released again) since it was read
             return Lease(key, written, value)
@@ -427,8 +500,7 @@ class AgentDispatcher(Dispatcher):
             value = self._lease_value(c, slot, request, new_id(), format_time(_now())) | {
                 "adopted_from": held.get("holder")}
             try:
-                revision = await put_with_ttl(self.js, LEASES_BUCKET, key, json.dumps(value).encode(), ttl,
-                                              last=int(entry.revision or 0))
+                revision = await self._put_lease(key, value, ttl, int(entry.revision or 0))
             except KeyWrongLastSequenceError:
                 continue
             log.info("lease %s on %s: taken over from %s for the recovered attempt %s", value["lease_id"], key,
@@ -449,8 +521,7 @@ class AgentDispatcher(Dispatcher):
             value = lease.value | {"renewed_at": format_time(now), "expires_at": format_time(
                 now + timedelta(seconds=self.settings.lease_ttl_s))}
             try:
-                lease.revision = await put_with_ttl(self.js, LEASES_BUCKET, lease.key, json.dumps(value).encode(),
-                                                    self.settings.lease_ttl_s, last=lease.revision)
+                lease.revision = await self._put_lease(lease.key, value, self.settings.lease_ttl_s, lease.revision)
                 lease.value = value
             except KeyWrongLastSequenceError:
                 log.warning("lease %s on %s was force-released", lease.value["lease_id"], lease.key)
@@ -469,14 +540,15 @@ class AgentDispatcher(Dispatcher):
             return
         for _ in range(3):
             try:
-                await self.leases.delete(lease.key, last=lease.revision)
+                self._wrote(lease.key, await self._delete_lease(lease.key, lease.revision), None)
                 return
             except (KeyNotFoundError, NotFoundError):
                 return
-            except (KeyWrongLastSequenceError, APIError) as exc:
-                if isinstance(exc, APIError) and exc.err_code not in (WRONG_LAST_SEQUENCE, 10164):
-                    log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
-                    return
+            except KeyWrongLastSequenceError:
+                pass  # renewed meanwhile (or taken over): read again below
+            except APIError:
+                log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
+                return
             except (NatsError, OSError):
                 log.warning("releasing lease %s failed; it expires by TTL", lease.key, exc_info=True)
                 return
@@ -491,6 +563,19 @@ class AgentDispatcher(Dispatcher):
             if not isinstance(held, dict) or held.get("lease_id") != lease.value["lease_id"]:
                 return  # taken over or released meanwhile: not this side's to delete
             lease.revision = int(entry.revision or 0)
+
+    async def _delete_lease(self, key: str, last: int) -> int:
+        """Delete a lease key conditionally on its revision (``last``), as nats-py's ``KeyValue.delete`` does, but
+        answering the delete marker's revision: this replica's view learns the slot free at once, with the revision
+        the next conditional write takes it over at."""
+        headers = {"KV-Operation": "DEL", "Nats-Expected-Last-Subject-Sequence": str(last)}
+        try:
+            ack = await self.js.publish(f"$KV.{LEASES_BUCKET}.{key}", b"", headers=headers)
+        except APIError as exc:
+            if exc.err_code in (WRONG_LAST_SEQUENCE, 10164):
+                raise KeyWrongLastSequenceError(description=exc.description) from exc
+            raise
+        return int(ack.seq)
 
     def _release_soon(self, lease: Lease) -> None:
         """Release in the background: the step's answer does not wait for the delete. A crash before it lands
@@ -530,9 +615,11 @@ class AgentDispatcher(Dispatcher):
         saturated = False
         synced = False
         adopt_again = 0.0
+        fresh = False
         while True:  # NATS briefly unavailable (a restart, a failover) is waited out, never abandons the attempt
-            found = await through_blips("agent candidates", partial(self.candidates, channel, request.action),
-                                        BLIP_PATIENCE_S)
+            found = await through_blips("agent candidates", partial(self.candidates, channel, request.action,
+                                                                    fresh=fresh), BLIP_PATIENCE_S)
+            fresh = False
             if not found and not synced:
                 synced = True  # an agent registered a moment ago may not have reached the registry yet
                 if await self.sync_registry():
@@ -549,6 +636,9 @@ class AgentDispatcher(Dispatcher):
                 lease = await through_blips("lease", partial(self.try_acquire, c, request), BLIP_PATIENCE_S)
                 if lease is not None:
                     return self._held(c, lease, started)
+            if any(c.from_view for c in ranked):
+                fresh = True  # the view was behind a slot taken elsewhere: read afresh before concluding anything
+                continue
             if not saturated or (self.holder_gone is not None and time.monotonic() >= adopt_again):
                 # every slot is held: one may still be held for this very attempt, or by a replica that died
                 adopt_again = time.monotonic() + ADOPT_EVERY_S
