@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -20,8 +21,12 @@ _COUNTERS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
 
 def is_sensitive_key(key: str, extra: frozenset[str] = frozenset()) -> bool:
     """True when a key's value must be redacted wherever it appears."""
-    if key in extra:
-        return True
+    return key in extra or _sensitive_by_rule(key)
+
+
+@functools.lru_cache(maxsize=8192)
+def _sensitive_by_rule(key: str) -> bool:
+    """The built-in rule (remembered per key: every event payload repeats the same few keys)."""
     if key.lower() in _COUNTERS:
         return False
     return bool(_SENSITIVE_KEY.match(key))
