@@ -142,15 +142,17 @@ def node(c: Compilation, node_id: str, raw: Any) -> NodeIR | str | None:
     n = c.view(raw, path)  # (copied below before it is changed)
     if n is None:
         return None
-    ntype = c.required(n, "type", path)
+    ntype = n.get("type", MISSING)
     if ntype is MISSING:
+        c.required(n, "type", path)
         return "unknown"
-    if not isinstance(ntype, str) or ntype not in NODE_TYPES:
+    known = _NODE_FIELDS.get(ntype) if isinstance(ntype, str) else None  # (None: not a node type)
+    if known is None:
         c.add("error", "unknown_node_type", f"Node '{node_id}': unknown node type '{ntype}' (expected one of: "
               f"{', '.join(NODE_TYPES)})", f"{path}/type")
         return "unknown"
-    if not _NODE_FIELDS[ntype].issuperset(n):
-        c.unknown_fields(n, _NODE_FIELDS[ntype], path)
+    if not known.issuperset(n):
+        c.unknown_fields(n, known, path)
     handlers: list[ErrorHandlerIR] = []
     plain = n.keys().isdisjoint(_NODE_OPTIONS)
     if plain:  # the common case: none of the readers below has anything to read

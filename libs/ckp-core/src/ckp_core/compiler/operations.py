@@ -168,7 +168,7 @@ def operation_body(c: Compilation, action: str, params: dict[str, Any], path: st
         if key in params:
             value = params.pop(key)
             if action == "set_variable" and isinstance(value, str):
-                root, *rest = value.split(".")
+                root, *rest = value.split(".") if "." in value else (value,)
                 if "" in rest or not VAR_RE.match(root):
                     kp = f"{path}/{key}"
                     c.add("error", "invalid_identifier", f"{kp}: '{value}' is not a valid variable name", kp)

@@ -48,7 +48,7 @@ def steps(c: Compilation, raw: Any, path: str, ctx: NodeContext,
     Steps are the most numerous models of an IR: each is made of the fields :func:`step` checked, without
     validating them again.
     """
-    if not c.expect(raw, (list,), "array", path):
+    if type(raw) is not list and not c.expect(raw, (list,), "array", path):
         return None
     out: list[StepIR] = []
     seen: set[str] = set()
@@ -136,7 +136,7 @@ def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) 
         if op is None:
             return None
         tpl, names, expression = op
-        binding = _internal_binding(canonical)
+        binding = _INTERNAL_BINDINGS[canonical]
     else:
         channel_tpl = template(c, params, path, secrets="allow", secret_refs=secret_refs)
         if channel_tpl is None:
@@ -158,9 +158,7 @@ def step(c: Compilation, raw: Any, path: str, ctx: NodeContext, seen: set[str]) 
     }
 
 
-@lru_cache(maxsize=256)
-def _internal_binding(action: str) -> Binding:
-    return Binding(kind="internal", action=action)  # immutable: one per operation
+_INTERNAL_BINDINGS = {action: Binding(kind="internal", action=action) for action in INTERNAL_OPERATIONS}  # immutable
 
 
 @lru_cache(maxsize=1024)
