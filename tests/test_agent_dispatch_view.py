@@ -255,3 +255,23 @@ async def test_a_view_follows_again_after_nats_restarts(tmp_path: Path) -> None:
                 with contextlib.suppress(Exception):  # the server may be gone already
                     await nc.close()
         server.stop()
+
+
+async def test_a_view_is_current_at_once_when_only_other_keys_are_in_the_bucket(nats_url: str) -> None:
+    nc = await nats.connect(nats_url)
+    view: KvView | None = None
+    try:
+        js = nc.jetstream()
+        await ensure_topology(js)
+        presence = await js.key_value(PRESENCE_BUCKET)
+        for renewal in range(2):  # a service replica's key, renewed (the bucket's first message is gone)
+            await presence.put("service.runtime.one", json.dumps({"renewal": renewal}).encode())
+        view = KvView(js, PRESENCE_BUCKET, ("agent.>", "probe.>"))
+        assert await view.start(timeout_s=5)
+        assert view.entries == {}
+        await presence.put(agent_presence_key("a"), b'{"status": "online"}')
+        await wait_until(lambda: view.json(agent_presence_key("a")) if view else None, timeout=5)
+    finally:
+        if view is not None:
+            await view.stop()
+        await nc.close()

@@ -191,8 +191,10 @@ class KvView:
         self.entries.clear()
         try:
             info = await sub.consumer_info()
-            if int(info.num_pending or 0) == 0 and int(info.delivered.stream_seq or 0) == 0:
-                self._mark_current()  # nothing to deliver: the bucket holds no matching key
+            # nothing delivered, nothing to deliver: the bucket holds no matching key (the delivered stream sequence
+            # is the consumer's starting point, not a delivery, when the filters match nothing)
+            if int(info.num_pending or 0) == 0 and int(info.delivered.consumer_seq or 0) == 0:
+                self._mark_current()
             while reconnects(self.js) == seen:
                 try:
                     msg = await sub.next_msg(timeout=WATCH_S)
