@@ -94,15 +94,13 @@ def template(c: Compilation, value: Any, path: str, secrets: str | frozenset[str
     if errors:
         return None
     ok = True
-    read = c.reads.append
+    string_read = c.string_reads.append
     node_id, step_id = c.node_id, c.step_id
     for at, compiled in found:
-        where = path + at
         if compiled.secret_uses or local_names:
-            ok = _placeholder_uses(c, compiled, at, where, secrets, local_names, secret_refs) and ok
-            continue
-        for root in compiled.reads:  # (most strings: the reads of each placeholder in turn)
-            read((root, where, node_id, step_id))
+            ok = _placeholder_uses(c, compiled, at, path + at, secrets, local_names, secret_refs) and ok
+        elif compiled.reads:  # (most strings: the reads of each placeholder in turn, noted at once)
+            string_read((compiled.reads, path, at, node_id, step_id))
     if not ok:
         return None
     if isinstance(value, str):

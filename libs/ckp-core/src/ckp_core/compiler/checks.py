@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from itertools import chain
 from operator import itemgetter
 from typing import Protocol
 
-from ckp_core.compiler.fields import Compilation
+from ckp_core.compiler.fields import Compilation, Read, StringRead
 from ckp_core.diagnostics import pointer
 from ckp_core.ir import (
     HumanApprovalPayload,
@@ -140,17 +141,25 @@ def ends_path(node: NodeIR) -> bool:
 
 def undeclared(c: Compilation, variables: Mapping[str, VariableSpec], trigger: TriggerIR | None) -> None:
     known = set(variables) | c.produced | BUILTIN_NAMES | set(trigger.input_vars if trigger else ())
-    if known.issuperset(map(_ROOT, c.reads)):  # (most documents)
-        c.node_id = c.step_id = None
+    if known.issuperset(map(_ROOT, c.reads)) and known.issuperset(chain.from_iterable(map(_ROOT, c.string_reads))):
+        c.node_id = c.step_id = None  # (most documents)
         return
+    # The template strings' reads after the others: the diagnostics are sorted by path, and a path is read either
+    # by an expression or by a template string.
     reported: set[tuple[str, str]] = set()
-    for root, path, node_id, step_id in c.reads:
+    for root, path, node_id, step_id in chain(c.reads, _string_reads(c.string_reads)):
         if root not in known and (root, path) not in reported:
             reported.add((root, path))
             c.node_id, c.step_id = node_id, step_id
             c.add("warning", "undeclared_variable", f"{path}: '{root}' is not declared and no step produces it; "
                   "it renders as null", path)
     c.node_id = c.step_id = None
+
+
+def _string_reads(string_reads: list[StringRead]) -> Iterator[Read]:
+    for roots, path, at, node_id, step_id in string_reads:
+        for root in roots:
+            yield root, path + at, node_id, step_id
 
 
 def check_secret_aliases(c: Compilation) -> None:

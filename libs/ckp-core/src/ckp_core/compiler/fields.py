@@ -92,6 +92,9 @@ class NodeContext(NamedTuple):  # (a tuple: built for every node, faster than a 
 # A variable an expression or placeholder reads, checked against the known names at the end: (root name, JSON
 # Pointer, node id, step id). A plain tuple: there is one per placeholder and expression root.
 Read = tuple[str, str, str | None, str | None]
+# The variables a template string reads, noted once per use of the string: (its roots, the JSON Pointer of the
+# template, the string's pointer inside it, node id, step id); made into Reads only if a root is not known.
+StringRead = tuple[tuple[str, ...], str, str, str | None, str | None]
 
 
 @dataclass
@@ -104,6 +107,7 @@ class Compilation:
 
     diags: list[Diagnostic] = field(default_factory=list)
     reads: list[Read] = field(default_factory=list)
+    string_reads: list[StringRead] = field(default_factory=list)
     produced: set[str] = field(default_factory=set)
     secret_aliases: set[str] = field(default_factory=set)
     secret_uses: list[tuple[str, str, str | None, str | None]] = field(default_factory=list)
