@@ -579,8 +579,9 @@ class AgentDispatcher(Dispatcher):
 
     def _release_soon(self, lease: Lease) -> None:
         """Release in the background: the step's answer does not wait for the delete. A crash before it lands
-        leaves the key until its TTL, as a crash during the call does; this replica's next read of the resource
-        waits for it (:meth:`_released`), so its own runs never find their last slot still held."""
+        leaves the key until its TTL, as a crash during the call does. Its own runs never find their last slot still
+        held: the followed view counts the slot free (:data:`PENDING_RELEASE`, taken once the delete lands, after
+        the slots free already), and a fresh read of the resource waits for it (:meth:`_released`)."""
         task = asyncio.create_task(self.release(lease), name=f"lease-release {lease.key}")
         task.add_done_callback(consume_outcome)
         self._releases[lease.key] = task
