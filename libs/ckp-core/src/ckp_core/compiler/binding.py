@@ -30,7 +30,7 @@ from ckp_core.templates import TemplateSyntaxError, compile_template_checked, te
 
 def expression(c: Compilation, source: Any, path: str, check_roots: bool = True,
                local_names: frozenset[str] = frozenset()) -> ExpressionIR | None:
-    if not c.expect(source, (str,), "string", path):
+    if type(source) is not str and not c.expect(source, (str,), "string", path):
         return None
     try:
         expr = parse_expression(source)

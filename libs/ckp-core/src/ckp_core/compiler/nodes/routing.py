@@ -14,7 +14,7 @@ _RULE_FIELDS = frozenset({"condition", "next_node"})
 def node_logic(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> LogicPayload | None:
     rules_raw = n.get("rules", [])
     default = c.node_ref(n, "default_next_node", ctx.path)
-    if not c.expect(rules_raw, (list,), "array", f"{ctx.path}/rules"):
+    if type(rules_raw) is not list and not c.expect(rules_raw, (list,), "array", f"{ctx.path}/rules"):
         return None
     rules: list[RuleIR] = []
     for i, rule in enumerate(rules_raw):
@@ -24,8 +24,10 @@ def node_logic(c: Compilation, ctx: NodeContext, n: dict[str, Any]) -> LogicPayl
             continue
         if not _RULE_FIELDS.issuperset(r):
             c.unknown_fields(r, _RULE_FIELDS, rp)
-        cond = c.required(r, "condition", rp)
-        target = c.node_ref(r, "next_node", rp, required=True)
+        cond = r["condition"] if "condition" in r else c.required(r, "condition", rp)
+        target = r.get("next_node")
+        if type(target) is not str:  # (the common case without a reader's call)
+            target = c.node_ref(r, "next_node", rp, required=True)
         condition = None if cond is MISSING else expression(c, cond, f"{rp}/condition")
         if condition is not None and target is not None:
             rules.append(construct(RuleIR, {"condition": condition, "next_node": target}))
