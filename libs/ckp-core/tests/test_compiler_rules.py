@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -307,3 +311,22 @@ def test_integers_beyond_a_double_are_diagnosed_not_a_crash() -> None:
     assert ("invalid_value", "/global_config/retry_policy/backoff_multiplier") in errors
     warnings = [(d.code, d.path) for d in result.diagnostics if d.severity == "warning"]
     assert ("invalid_custom_metric", "/workflow_graph/nodes/a/telemetry/custom_metrics/big") in warnings
+
+
+@pytest.mark.parametrize(("source", "order"), [
+    ("{{ghost_z}} {{ghost_a}} {{ghost_m}}", ["ghost_z", "ghost_a", "ghost_m"]),  # the placeholders' order
+    ("{{ghost_z + ghost_a + ghost_m}}", ["ghost_a", "ghost_m", "ghost_z"]),  # one expression's: by name
+])
+def test_undeclared_reads_of_one_string_are_reported_in_one_order_whatever_the_hash_seed(source: str,
+                                                                                          order: list[str]) -> None:
+    """Several undeclared variables read at one path are reported in the same order in every process (a set's
+    order depends on PYTHONHASHSEED)."""
+    script = ("import json, sys; from ckp_core.compiler import compile_document; "
+              "print(json.dumps([d.message for d in compile_document(json.loads(sys.argv[1])).diagnostics]))")
+    document = json.dumps(one(seq({**LOG, "message": source})))
+    runs = {seed: subprocess.run([sys.executable, "-c", script, document], capture_output=True, text=True,
+                                 check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2", "3", "4")}
+    messages = json.loads(runs["1"])
+    assert [m.split("'")[1] for m in messages] == order, messages
+    assert len(set(runs.values())) == 1, runs

@@ -48,7 +48,7 @@ def expression(c: Compilation, source: Any, path: str, check_roots: bool = True,
                   "encryption keys", path)
             return None
     if check_roots:
-        for root in expr.referenced_roots - local_names:
+        for root in sorted(expr.referenced_roots - local_names):  # in one order whatever the hash seed
             c.reads.append((root, path, c.node_id, c.step_id))
     return _expression_ir(source)
 
@@ -133,7 +133,7 @@ def _placeholder_uses(c: Compilation, compiled: _String, at: str, where: str, se
                 c.secret_uses.append((alias, where, node_id, step_id))
                 if secret_refs is not None:
                     secret_refs.append(SecretRefIR(alias=alias, field=fld, path=where))
-        for root in ph.reads if not local_names else ph.roots - local_names - {"secrets"}:
+        for root in ph.reads if not local_names else sorted(ph.roots - local_names - {"secrets"}):
             c.reads.append((root, where, node_id, step_id))
     return ok
 
@@ -179,7 +179,7 @@ def _compiled_string(s: str) -> _String:
         if "secrets" in expr.referenced_roots:
             _secret_uses(expr.ast, uses)
         ir = {k: v for k, v in part["ph"].items() if k != "path"}
-        reads = tuple(expr.referenced_roots - frozenset() - {"secrets"})
+        reads = tuple(sorted(expr.referenced_roots - {"secrets"}))  # in one order whatever the hash seed
         parts.append(_Placeholder(ir, expr.referenced_roots, reads, tuple(uses)))
     compiled = tuple(p for p in parts if isinstance(p, _Placeholder))
     return _String(tuple(parts), compiled, entry["whole"], (), tuple(root for p in compiled for root in p.reads),
