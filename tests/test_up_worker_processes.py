@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from langorch.serving import WORKER_NICE
 from langorch_infra.embedded import free_port
 from tests.test_up_lifecycle import ROOT, Up, _env, _processes_using, _wait_gone, start_up, state_dir
 
@@ -60,10 +59,6 @@ def _wait_replicas(up: Up, dead: frozenset[int] = frozenset(), deadline_s: float
         time.sleep(0.2)
 
 
-def _niceness(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-
-
 def _run_to_completion(up: Up) -> dict[str, object]:
     base = f"http://127.0.0.1:{up.port}"
     doc = json.loads((ROOT / "examples" / "internal_variables.ckp.json").read_text())
@@ -82,8 +77,8 @@ def _run_to_completion(up: Up) -> dict[str, object]:
         time.sleep(0.1)
 
 
-def _start(state_dir: Path, *args: str) -> Up:
-    up = start_up(state_dir, free_port(), *args)
+def _start(state_dir: Path) -> Up:
+    up = start_up(state_dir, free_port())
     up.wait_ready()
     return up
 
@@ -96,9 +91,6 @@ def test_a_run_completes_in_a_worker_process_and_one_ctrl_c_stops_every_process(
     assert worker != up.proc.pid
     assert _parent_of(worker) == up.proc.pid
     assert replicas["compiler"] == replicas["approvals"] == worker, replicas
-    # the worker runs at a lower CPU priority than the process answering the API (the default --worker-nice)
-    assert WORKER_NICE > 0
-    assert _niceness(worker) == min(19, _niceness(up.proc.pid) + WORKER_NICE)
 
     run = _run_to_completion(up)
     assert run["status"] == "completed", run
@@ -118,7 +110,7 @@ def test_a_run_completes_in_a_worker_process_and_one_ctrl_c_stops_every_process(
 
 
 def test_a_crashed_worker_is_started_again_and_a_killed_up_leaves_no_worker(state_dir: Path) -> None:
-    up = _start(state_dir, "--worker-nice", "3")
+    up = _start(state_dir)
     first = _wait_replicas(up)["runtime"]
     os.kill(first, signal.SIGKILL)
     up.wait_for_line(f"(pid {first}", 30)
@@ -126,7 +118,6 @@ def test_a_crashed_worker_is_started_again_and_a_killed_up_leaves_no_worker(stat
     second = _wait_replicas(up, dead=frozenset({first}))["runtime"]
     assert second != first
     assert _parent_of(second) == up.proc.pid
-    assert _niceness(second) == _niceness(up.proc.pid) + 3  # as --worker-nice says, after the restart too
     assert _run_to_completion(up)["status"] == "completed"
 
     os.kill(up.proc.pid, signal.SIGKILL)  # no stop at all: the worker notices its parent is gone
@@ -147,15 +138,4 @@ def test_an_invalid_setting_of_a_worker_service_is_refused_before_anything_start
     assert "invalid setting: LANGORCH_CALLBACK_TIMEOUT_S" in output, output
     assert "Traceback" not in output
     assert not _processes_using(state_dir)
-    assert not (state_dir / "nats").exists(), "NATS was started"
-
-
-@pytest.mark.parametrize("nice", ["-1", "20"])
-def test_a_worker_niceness_out_of_range_is_refused_before_anything_starts(state_dir: Path, nice: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "langorch", "up", "--worker-nice", nice], cwd=ROOT,
-                          env=_env(state_dir, free_port()), capture_output=True, text=True, timeout=60)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 2, output
-    assert f"--worker-nice {nice}: give a niceness increment from 0" in output, output
-    assert "Traceback" not in output
     assert not (state_dir / "nats").exists(), "NATS was started"

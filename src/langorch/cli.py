@@ -52,7 +52,7 @@ from typer.core import TyperGroup
 
 from langorch import accounts, cli_cluster, cli_triggers, cli_webhook, timeline
 from langorch.errors import API_HELP, API_KEY_HELP, DEFAULT_API, EXIT_CODES_HELP, CLIError, ExitCode, read_file
-from langorch.serving import SERVICES, WORKER_NICE, serve_until_stopped
+from langorch.serving import SERVICES, serve_until_stopped
 
 
 class _State:
@@ -377,9 +377,6 @@ def up(
     workers: Annotated[int, typer.Option(envvar="LANGORCH_WORKERS", help="Worker processes running the compiler, "
                                          "runtime and approvals beside the API's process (0: every service in one "
                                          "process).")] = 1,
-    worker_nice: Annotated[int, typer.Option(envvar="LANGORCH_WORKER_NICE", help="How much lower the worker "
-                                             "processes' CPU priority is than the API's (a niceness increment, "
-                                             "0-19): when every core is busy, the API answers first.")] = WORKER_NICE,
 ) -> None:
     """Start LangOrch under one command: embedded NATS and PostgreSQL (unless LANGORCH_NATS_URL /
     LANGORCH_DATABASE_URL name existing servers), the gateway, and the other services in worker processes. Ctrl-C
@@ -395,8 +392,7 @@ def up(
         out = Console(file=LineLogger(logging.getLogger("langorch.up")), width=1000, soft_wrap=True)
     options = UpOptions(state_dir=state_dir, host=host, port=port, nats_port=nats_port, postgres_port=postgres_port,
                         nats_url=os.environ.get("LANGORCH_NATS_URL") or None,
-                        database_url=os.environ.get("LANGORCH_DATABASE_URL") or None, workers=workers,
-                        worker_nice=worker_nice)
+                        database_url=os.environ.get("LANGORCH_DATABASE_URL") or None, workers=workers)
     try:
         code = run_up(options, out)
     except UpError as exc:

@@ -20,10 +20,6 @@ if TYPE_CHECKING:
 SERVICES = ("compiler", "runtime", "approvals", "triggers", "gateway")
 # what a `langorch up` worker process runs: everything but the gateway, which stays in the process of the command
 WORKER_SERVICES = ("compiler", "runtime", "approvals", "triggers")
-# the workers' niceness above the API process's: when every core is busy, the kernel gives the process answering
-# requests about three times the CPU share of one executing runs (the weights of nice 0 and 5), and the runs still
-# get every cycle the API leaves
-WORKER_NICE = 5
 
 
 async def ensure_database(url: str, name: str = "langorch") -> str:

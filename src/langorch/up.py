@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 from rich.console import Console
 
 from langorch.bootstrap import AuthSetup
-from langorch.serving import WORKER_NICE
 from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
 from langorch_infra import loops
 
@@ -79,7 +78,6 @@ class UpOptions:
     nats_url: str | None = None  # an existing server instead of the embedded one
     database_url: str | None = None
     workers: int = 1  # worker processes running the compiler, runtime, approvals and triggers; 0: all in this process
-    worker_nice: int = WORKER_NICE  # how much lower the workers' CPU priority is than this process's
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -288,9 +286,6 @@ class Up:
             raise UpError(f"--port {o.port} is not a TCP port (1-65535)")
         if o.workers < 0:
             raise UpError(f"--workers {o.workers}: give a number of worker processes, 0 or more")
-        if not 0 <= o.worker_nice <= 19:
-            raise UpError(f"--worker-nice {o.worker_nice}: give a niceness increment from 0 (the API's own priority) "
-                          f"to 19 (the lowest)")
         self.state.lock()
         if port_in_use(o.host, o.port):
             raise UpError(f"port {o.port} on {o.host} is already in use; start LangOrch on another port with "
@@ -496,7 +491,7 @@ class Up:
                     for settings in (CompilerSettings, RuntimeSettings, ApprovalsSettings):
                         settings()
                     # first: the workers import their services on the other cores while this process goes on
-                    self.pool = WorkerPool(o.workers, self.state.path, report=self._report, nice=o.worker_nice)
+                    self.pool = WorkerPool(o.workers, self.state.path, report=self._report)
                     self.pool.spawn()
                 bootstrap.export_password(self.auth)  # for the gateway only: the workers have started
                 if servers:

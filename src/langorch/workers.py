@@ -47,7 +47,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from langorch.serving import WORKER_NICE
 from langorch_infra import loops
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,6 @@ class Worker:
 
     index: int
     state_dir: Path
-    nice: int = 0  # added to the parent's niceness in the child
     proc: subprocess.Popen[bytes] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     metrics_port: int | None = None
@@ -102,7 +100,7 @@ class Worker:
         # -X importtime and the like are not passed on; the interpreter and the environment are
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "langorch.workers", "--state-dir", str(self.state_dir), "--index", str(self.index),
-             "--parent", str(os.getpid()), *(["--nice", str(self.nice)] if self.nice else [])],
+             "--parent", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, start_new_session=True)
         self.starts += 1
         threading.Thread(target=self._read_status, args=(self.proc, self.ready), daemon=True,
@@ -174,10 +172,9 @@ class WorkerPool:
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
     config: WorkerConfig | None = None
-    nice: int = WORKER_NICE
 
     def spawn(self) -> None:
-        self.workers = [Worker(i + 1, self.state_dir, self.nice) for i in range(self.count)]
+        self.workers = [Worker(i + 1, self.state_dir) for i in range(self.count)]
         for worker in self.workers:
             worker.spawn()
 
@@ -390,19 +387,10 @@ def _die_with_parent(argv: list[str]) -> None:
             os._exit(1)
 
 
-def _lower_priority(argv: list[str]) -> None:
-    """``--nice <n>``: run at ``n`` more niceness than the parent, so that the API's process comes first when the
-    cores are all busy (where the system refuses, e.g. an unusual container, the worker runs as it is)."""
-    if "--nice" in argv:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            os.nice(int(argv[argv.index("--nice") + 1]))
-
-
 def main() -> None:
-    """``python -m langorch.workers --state-dir <dir> --index <n> --parent <pid> [--nice <n>]`` (started by
-    ``langorch up``; the state directory and index only name the worker in a process list)."""
+    """``python -m langorch.workers --state-dir <dir> --index <n> --parent <pid>`` (started by ``langorch up``; the
+    state directory and index only name the worker in a process list)."""
     _die_with_parent(sys.argv)
-    _lower_priority(sys.argv)
     # stdout is the status pipe; whatever else prints goes to stderr with the logs
     status = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
