@@ -12,10 +12,9 @@ latency (POST sent to the terminal GET answered) p50/p99; `GET /api/runs/{id}` a
 against the same PostgreSQL right after the load: a bare LangGraph `StateGraph` of 10 trivial async nodes on
 `AsyncPostgresSaver` with `durability="sync"`, N runs at once (N = `--clients`), runs/s.
 
-    uv run python bench/load.py [--clients 40] [--seconds 30] [--poll-ms 100] [--workers N] [--worker-nice N]
+    uv run python bench/load.py [--clients 40] [--seconds 30] [--poll-ms 100] [--workers N]
 
-`--workers 0` runs every service in the API's process (the process model before `langorch up` had workers);
-`--worker-nice 0` runs the worker processes at the API process's CPU priority (`langorch up`'s default is lower).
+`--workers 0` runs every service in the API's process (the process model before `langorch up` had workers).
 The clients' own answer times include the wait of their one event loop on a machine they share with the server; a
 **probe** in a process of its own (`--probe`, this same file) therefore also reads, one request at a time every
 `--probe-ms`, `GET /api/runs/{id}` of a run that has ended and `GET /api/health`, during the same window.
@@ -271,14 +270,13 @@ async def prepare(base: str, doc: dict[str, Any], headers: dict[str, str]) -> st
 
 
 async def main(clients: int, seconds: float, warmup: float, poll_ms: float, workers: int | None,
-               probe_ms: float, worker_nice: int | None = None) -> dict[str, Any]:
+               probe_ms: float) -> dict[str, Any]:
     rb = runtime_bench()
     tmp = Path(tempfile.mkdtemp(prefix="langorch-bench-load-"))
     state = tmp / "state"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    extra = [*(["--workers", str(workers)] if workers is not None else []),
-             *(["--worker-nice", str(worker_nice)] if worker_nice is not None else [])]
+    extra = ["--workers", str(workers)] if workers is not None else []
     up = Up(state, port, extra)
     try:
         up.wait_up()
@@ -344,8 +342,6 @@ if __name__ == "__main__":
     parser.add_argument("--poll-ms", type=float, default=100.0)
     parser.add_argument("--workers", type=int, default=None,
                         help="`langorch up --workers` (default: not given; 0: every service in one process)")
-    parser.add_argument("--worker-nice", type=int, default=None,
-                        help="`langorch up --worker-nice` (default: not given, langorch up's own default)")
     parser.add_argument("--probe-ms", type=float, default=50.0, help="the probe's pause between its requests")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-run", help=argparse.SUPPRESS)
@@ -355,4 +351,4 @@ if __name__ == "__main__":
                                args.probe_ms)))
     else:
         print(json.dumps(asyncio.run(main(args.clients, args.seconds, args.warmup, args.poll_ms, args.workers,
-                                          args.probe_ms, args.worker_nice)), indent=2))
+                                          args.probe_ms)), indent=2))
