@@ -199,7 +199,9 @@ async def test_rows_as_the_official_saver_writes_them_without_a_thread(database_
         # the writes' serialisation stays on the loop (reading a resumed thread's pending writes does not)
         assert [name for name in handed if name.startswith("_dump")] == []
         expected, written = await stored_rows(pool, "rows-official"), await stored_rows(pool, "rows-group")
-        assert len(expected["checkpoints"]) >= 4 and expected["blobs"] and expected["writes"]
+        assert len(expected["checkpoints"]) >= 4
+        assert expected["blobs"]
+        assert expected["writes"]
         assert expected["interrupts"]  # the interrupt's own write (its id differs from run to run)
         assert written == expected
     finally:
