@@ -101,13 +101,13 @@ GAPS = (("node_started", "step_started"), ("step_started", "step_completed"), ("
         ("node_completed", "node_started"))
 
 
-def gaps_ms(events: list[Any]) -> dict[str, list[float]]:
-    """The time between consecutive events of each kind in ``GAPS`` (a node's own events, then the next node's
-    start): where a node's time goes."""
+def gaps_ms(events: list[tuple[str, float]]) -> dict[str, list[float]]:
+    """The time between consecutive events (type, timestamp in seconds) of each kind in ``GAPS`` (a node's own
+    events, then the next node's start): where a node's time goes."""
     out: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in GAPS}
-    for before, after in itertools.pairwise(events):
-        if (before.type, after.type) in GAPS:
-            out[f"{before.type}->{after.type}"].append((after.occurred_at - before.occurred_at).total_seconds() * 1000)
+    for (a, at), (b, bt) in itertools.pairwise(events):
+        if (a, b) in GAPS:
+            out[f"{a}->{b}"].append((bt - at) * 1000)
     return out
 
 
@@ -185,7 +185,7 @@ async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[
             e2e.append(elapsed)
             cpu_run.append(cpu)
             per_step.extend(step_ms(events))
-            for name, values in gaps_ms(events).items():
+            for name, values in gaps_ms([(e.type, e.occurred_at.timestamp()) for e in events]).items():
                 gaps[name].extend(values)
             n_events = len(events)
             cpu = time.process_time()
@@ -320,10 +320,8 @@ async def measure_up(state: Path, port: int, agent_url: str, pids: list[int], ru
             for kind, used in cpu_by_kind(roots).items():
                 cpu[kind] = cpu.get(kind, 0.0) + used - before.get(kind, 0.0)
             e2e.append(elapsed)
-            typed = [(e["event_type"], _at(e)) for e in events]
-            for (a, at), (b, bt) in itertools.pairwise(typed):
-                if (a, b) in GAPS:
-                    gaps[f"{a}->{b}"].append((bt - at) * 1000)
+            for name, values in gaps_ms([(e["event_type"], _at(e)) for e in events]).items():
+                gaps[name].extend(values)
             floor.append((await direct_posts(http, agent_url, f"direct-{i}"))[0])
     e2e_s, floor_s = stats(e2e), stats(floor)
     return {
