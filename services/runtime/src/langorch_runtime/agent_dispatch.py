@@ -45,8 +45,6 @@ import anyio
 import httpx
 import httpx2
 import mcp_types
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
@@ -80,6 +78,7 @@ from langorch_runtime.deadlines import CANCEL_GRACE_S, consume_outcome, within
 from langorch_runtime.dispatch_view import KvView
 from langorch_runtime.errors import StepError
 from langorch_runtime.machine.ports import ContentArtifacts, Delegated, Dispatcher, DispatchRequest
+from langorch_runtime.mcp_session import McpSession
 from langorch_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger(__name__)
@@ -96,7 +95,6 @@ IN_PROGRESS_DEFAULT_S = 5.0  # api.md §15.1: wait before asking again about a k
 MAX_RETRY_AFTER_S = 600.0  # ckp.md §4.8: a Retry-After counts up to 600 s
 AFFINITY_LIMIT = 10_000  # (run, channel) choices remembered
 PENDING_RELEASE = -1  # the revision in Candidate.free of a slot this replica's release of is still on the wire
-MCP_CLIENT = mcp_types.Implementation(name="langorch-runtime", version=VERSION)
 
 
 def _error(code: str, message: str, *, retryable: bool, **extra: Any) -> StepError:
@@ -202,7 +200,7 @@ class AgentDispatcher(Dispatcher):
         self.circuit_opened_at: dict[str, datetime] = {}
         self.affinity: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._round_robin: dict[str, int] = {}
-        self._mcp: dict[tuple[str, str | None], _McpSession] = {}
+        self._mcp: dict[tuple[str, str | None], McpSession] = {}
         self._mcp_lock = asyncio.Lock()
         self._releases: dict[str, asyncio.Task[None]] = {}  # lease key → its release still on the wire
         self._nc: NATS | None = None
@@ -995,7 +993,7 @@ class AgentDispatcher(Dispatcher):
 
     # -- MCP --------------------------------------------------------------------------------------------------
 
-    async def _mcp_session(self, agent: AgentState) -> _McpSession:
+    async def _mcp_session(self, agent: AgentState) -> McpSession:
         headers = await self._auth_header(agent)
         key = (agent.base_url, headers.get("Authorization"))
         async with self._mcp_lock:
@@ -1003,7 +1001,7 @@ class AgentDispatcher(Dispatcher):
             if session is None or session.broken:
                 if session is not None:
                     await session.close()
-                session = _McpSession(agent.base_url, headers)
+                session = McpSession(agent.base_url, headers)
                 self._mcp[key] = session
         await session.ready(self.settings.mcp_timeout_s)
         return session
@@ -1015,7 +1013,7 @@ class AgentDispatcher(Dispatcher):
         meta = {"langorch/run_id": request.run_id, "langorch/idempotency_key": request.idempotency_key}
         where = {"agent_id": c.agent_id, "url": c.agent.base_url, "tool": request.action}
         for again in (True, False):
-            session: _McpSession | None = None
+            session: McpSession | None = None
             try:
                 session = await self._mcp_session(c.agent)
                 arguments = await self._redeem(request.params)  # MCP tools get values
@@ -1118,88 +1116,3 @@ def _content_artifact(item: Any) -> dict[str, Any] | None:
         return {"type": "resource_link", "kind": "file", "name": item.name, "uri": str(item.uri),
                 "mime_type": item.mime_type}
     return None
-
-
-class _McpSession:
-    """One MCP session (``initialize`` + ``notifications/initialized``) held open by its own task, so calls from
-    any run can share it and the SDK's task group is entered and left in the same task."""
-
-    def __init__(self, url: str, headers: dict[str, str]) -> None:
-        self.url = url
-        self.headers = headers
-        self.client: Client | None = None
-        self.broken = False
-        self.lost = False  # the server answered 404 to a request carrying our session id
-        self._ready = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._failure: BaseException | None = None
-        self._task = asyncio.create_task(self._hold(), name=f"mcp-session {url}")
-
-    async def _hold(self) -> None:
-        http = httpx2.AsyncClient(
-            follow_redirects=False, timeout=httpx2.Timeout(30.0, read=300.0),
-            headers={"User-Agent": f"langorch-runtime/{VERSION}", **self.headers},
-            event_hooks={"request": [_stamp_request], "response": [self._watch_response]})
-        try:
-            async with http, Client(streamable_http_client(self.url, http_client=http), mode="legacy",
-                                    client_info=MCP_CLIENT) as client:
-                self.client = client
-                self._ready.set()
-                await self._closing.wait()
-        except BaseException as exc:  # reported to the callers waiting for readiness
-            self._failure = exc
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            self.broken = True
-            self.client = None
-            self._ready.set()
-
-    async def _watch_response(self, response: httpx2.Response) -> None:
-        if response.status_code == 404 and response.request.headers.get("mcp-session-id"):
-            self.lost = True
-
-    async def ready(self, timeout_s: float) -> None:
-        await asyncio.wait_for(self._ready.wait(), timeout_s)
-        if self.client is None:
-            failure = self._failure
-            if isinstance(failure, MCPError):
-                raise failure
-            raise ConnectionError(f"MCP session to {self.url} failed: {type(failure).__name__}: {failure}")
-
-    async def call(self, name: str, arguments: dict[str, Any], meta: dict[str, Any],
-                   timeout_s: float) -> mcp_types.CallToolResult:
-        client = self.client
-        if client is None:
-            raise ConnectionError(f"MCP session to {self.url} is closed")
-        return await client.call_tool(name, arguments, read_timeout_seconds=timeout_s, meta=meta)  # type: ignore[arg-type]
-
-    async def close(self) -> None:
-        self._closing.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), 5.0)
-        except BaseException:  # not closed within 5 s, or it failed: cancelled either way
-            self._task.cancel()
-            with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
-                await self._task
-
-
-async def _stamp_request(request: httpx2.Request) -> None:
-    """Per-request headers of MCP calls: ``Idempotency-Key`` and ``traceparent``/``tracestate`` from the
-    ``tools/call`` ``_meta`` (the SDK has no per-call headers; the body is already encoded here); other requests
-    (initialize, notifications) get a ``traceparent`` of their own."""
-    trace_headers: dict[str, str] = {}
-    message: Any = None
-    if request.method == "POST":
-        with contextlib.suppress(ValueError, httpx2.RequestNotRead):
-            message = json.loads(request.content or b"{}")
-    if isinstance(message, dict) and message.get("method") == "tools/call":
-        meta = (message.get("params") or {}).get("_meta") or {}
-        meta = meta if isinstance(meta, dict) else {}
-        key = meta.get("langorch/idempotency_key")
-        if isinstance(key, str):
-            request.headers["Idempotency-Key"] = key
-        trace_headers = {h: v for h in (tracing.TRACEPARENT, tracing.TRACESTATE)
-                         if isinstance(v := meta.get(h), str)}
-    for name, value in (trace_headers or _trace_headers("mcp.request")).items():
-        request.headers.setdefault(name, value)
