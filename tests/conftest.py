@@ -24,13 +24,14 @@ import pytest
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 
 from langorch_gateway.projector import ensure_schema
-from langorch_infra.embedded import EmbeddedPostgres, free_port, nats_server_binary
+from langorch_infra.embedded import EmbeddedPostgres, nats_server_binary
 from tests.helpers import (  # noqa: F401 - Platform, platform_of, langorch_command: re-exported for imports from conftest
     Platform,
     langorch_command,
     platform_of,
     port_open,
 )
+from tests.ports import free_port
 
 pytest_plugins = ["tests.fake_aws"]  # the `moto` fixture (AWS Secrets Manager) of the secret tests
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from langorch_infra.embedded import free_port
+from tests.ports import free_port
 
 
 @pytest.fixture

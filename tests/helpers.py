@@ -26,7 +26,6 @@ from langorch.server import SHUTDOWN_GRACE_S, ManagedServer
 from langorch_approvals.service import ApprovalsService
 from langorch_compiler.service import CompilerService
 from langorch_gateway.app import create_app
-from langorch_infra.embedded import free_port
 from langorch_infra.settings import (
     ApprovalsSettings,
     CompilerSettings,
@@ -39,6 +38,7 @@ from langorch_runtime.creation import RunCreation
 from langorch_runtime.queries import RuntimeQueries
 from langorch_runtime.service import RuntimeService
 from langorch_triggers.service import TriggersService
+from tests.ports import free_port
 
 if TYPE_CHECKING:
     from tests.scripted_agent import ScriptedAgent

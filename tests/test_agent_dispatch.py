@@ -21,7 +21,6 @@ from ckp_core.events import Actor, AgentCircuitOpened, EventData, make_event
 from ckp_core.ids import new_id
 from ckp_core.ir import Binding, NodeIR, SequencePayload, StepIR, TemplateIR
 from ckp_core.subjects import agent_presence_key, agent_probe_key, lease_key
-from langorch_infra.embedded import free_port
 from langorch_infra.jetstream import JetStreamEventStore, publish_command
 from langorch_infra.settings import RuntimeSettings
 from langorch_runtime.agent_dispatch import AgentDispatcher
@@ -32,6 +31,7 @@ from langorch_runtime.metrics import RuntimeMetrics
 from tests.agent_server import AgentBehaviour, running_agent
 from tests.helpers import wait_until
 from tests.mcp_server import PNG, running_mcp
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

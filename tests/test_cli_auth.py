@@ -25,8 +25,8 @@ from typing import ClassVar
 
 import pytest
 
-from langorch_infra.embedded import free_port
 from tests.helpers import platform_of
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from langorch_infra.embedded import free_port
 from tests.helpers import langorch_command, platform_of
+from tests.ports import free_port
 
 FILE_COMMANDS = ("run", "validate", "explain", "graph")
 PARSED_COMMANDS = ("run", "explain", "graph")  # the commands that take FILE as a document (validate checks it)

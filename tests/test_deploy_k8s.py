@@ -27,10 +27,11 @@ from prometheus_client import CollectorRegistry
 from ckp_core.subjects import COMMAND_STREAM
 from langorch_gateway.app import create_app
 from langorch_gateway.metrics import RUNTIME_CONSUMER
-from langorch_infra.embedded import free_port, nats_server_binary
+from langorch_infra.embedded import nats_server_binary
 from langorch_infra.hosting import OpsApp
 from langorch_infra.settings import GatewaySettings, RuntimeSettings
 from tests.deploy_support import ROOT
+from tests.ports import free_port
 
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37.0"

@@ -31,12 +31,12 @@ import nats
 import pytest
 import yaml
 
-from langorch_infra.embedded import free_port
 from tests.agent_server import AgentBehaviour, RunningAgent, running_agent
 from tests.deploy_support import DASHBOARDS, ROOT
 from tests.helpers import TERMINAL, decide, pending_approval, procedure_doc, wait_status, wait_until
 from tests.llm_server import running_llm_server
 from tests.mcp_server import running_mcp
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,6 @@ import pytest
 
 from ckp_core.events import BudgetExceeded, EventData, LlmUsage
 from ckp_core.ir import AttachmentIR, GlobalConfigIR, LlmActionPayload, TemplateIR
-from langorch_infra.embedded import free_port
 from langorch_infra.settings import LlmModelConfig, RuntimeSettings
 from langorch_runtime.errors import StepError
 from langorch_runtime.llm import (
@@ -29,6 +28,7 @@ from langorch_runtime.llm import (
     resolve_image_artifacts,
 )
 from tests.llm_server import LlmServerState, RunningLlmServer, running_llm_server
+from tests.ports import free_port
 
 pytestmark = pytest.mark.unit
 

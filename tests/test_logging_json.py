@@ -29,8 +29,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from langorch_infra import logs
-from langorch_infra.embedded import free_port
 from tests.helpers import decide, langorch_command, pending_approval, wait_status, wait_until
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 START_DEADLINE_S = 240

@@ -36,7 +36,7 @@ from rich.console import Console
 
 from langorch.up import Up, UpError, UpOptions
 from langorch_infra import messaging
-from langorch_infra.embedded import EmbeddedNats, NatsUser, NatsUsers, free_port, nats_server_binary, nats_users
+from langorch_infra.embedded import EmbeddedNats, NatsUser, NatsUsers, nats_server_binary, nats_users
 from langorch_infra.jetstream import connect, ensure_topology
 from langorch_infra.nats_auth import NatsCredentialError, connect_options
 from langorch_infra.settings import CommonSettings, effective_settings
@@ -50,6 +50,7 @@ from tests.helpers import (
     wait_status,
     wait_until,
 )
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -17,11 +17,12 @@ from nats.js import JetStreamContext
 from ckp_core.subjects import ARTIFACTS_BUCKET
 from langorch.cli import redact
 from langorch_infra import messaging
-from langorch_infra.embedded import EmbeddedNats, free_port, nats_users
+from langorch_infra.embedded import EmbeddedNats, nats_users
 from langorch_infra.jetstream import BUCKETS, STREAMS, connect, ensure_topology
 from langorch_infra.nats_auth import nats_servers
 from langorch_infra.settings import CommonSettings
 from tests.helpers import langorch_command
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

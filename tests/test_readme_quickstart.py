@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from langorch_infra.embedded import free_port
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

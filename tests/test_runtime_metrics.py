@@ -17,7 +17,6 @@ from ckp_core.errors import ConcurrencyError
 from ckp_core.events import Actor, AgentCircuitOpened, Log, RunCreated, make_event
 from ckp_core.ids import new_id
 from langorch_infra.bus import BusMetrics, subject_template
-from langorch_infra.embedded import free_port
 from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
 from langorch_infra.settings import LlmModelConfig, RuntimeSettings
 from langorch_runtime import service as runtime_service_module
@@ -29,6 +28,7 @@ from tests.agent_server import AgentBehaviour, running_agent
 from tests.helpers import Platform, events_of, platform_of, register_agent, start_document, wait_status
 from tests.llm_server import RunningLlmServer, running_llm_server
 from tests.mcp_server import running_mcp
+from tests.ports import free_port
 from tests.scripted_agent import ScriptedAgent, serving
 from tests.test_agent_dispatch import failure, harness
 

@@ -7,9 +7,9 @@ import httpx
 import pytest
 
 from langorch_gateway.app import create_app
-from langorch_infra.embedded import free_port
 from langorch_infra.settings import GatewaySettings
 from tests.helpers import platform_of, serve_app
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -13,12 +13,12 @@ from typing import Any
 import boto3
 import pytest
 
-from langorch_infra.embedded import free_port
 from langorch_infra.secret_providers import SecretError, SecretRecord, SecretResolver
 from langorch_infra.settings import RuntimeSettings
 from tests.fake_azure_keyvault import FakeKeyVault
 from tests.fake_tls import ServerCertificates, make_certificates
 from tests.fake_vault import FakeVault
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

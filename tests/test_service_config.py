@@ -19,7 +19,7 @@ from ckp_core.subjects import PRESENCE_BUCKET, service_presence_key
 from langorch.serving import SERVICES, serve_services
 from langorch_approvals.service import host as approvals_host
 from langorch_compiler.service import host as compiler_host
-from langorch_infra.embedded import EmbeddedNats, free_port
+from langorch_infra.embedded import EmbeddedNats
 from langorch_infra.hosting import ServiceHost
 from langorch_infra.jetstream import connect, ensure_topology
 from langorch_infra.presence import Presence, read_presence
@@ -33,6 +33,7 @@ from langorch_infra.settings import (
 )
 from langorch_runtime.service import host as runtime_host
 from tests.helpers import eventually, example, follow_run, import_procedure, port_open
+from tests.ports import free_port
 
 SECRETS = {"auth": "auth-secret-9f3a1c77-2b4d6f8a0c1e3a5c7e9b", "llm": "sk-llm-key-7b2e0d15",
            "header": "hdr-value-41d8aa02", "db": "db-pass-5c6e93b4", "admin": "admin-pass-3e8c1b7f2d90"}

@@ -19,9 +19,9 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from ckp_core.subjects import LOCKS_BUCKET
-from langorch_infra.embedded import free_port
 from langorch_infra.jetstream import JetStreamEventStore, connect
 from tests.helpers import Platform, langorch_command, platform_of, procedure_doc, wait_status, wait_until
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

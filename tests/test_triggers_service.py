@@ -16,11 +16,11 @@ from ckp_core.commands import CreateRun, FireTrigger
 from ckp_core.events import Actor
 from ckp_core.ids import new_id
 from ckp_core.triggers import trigger_id
-from langorch_infra.embedded import free_port
 from langorch_infra.jetstream import JetStreamEventStore, connect, publish_command
 from langorch_infra.settings import TriggersSettings
 from langorch_triggers.service import host
 from tests.helpers import eventually, langorch_command, platform_of, procedure_doc, wait_status
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -32,8 +32,8 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from ckp_core.webhook_signing import signature_headers
-from langorch_infra.embedded import free_port
 from tests.helpers import Platform, platform_of, procedure_doc, wait_until
+from tests.ports import free_port
 from tests.scripted_agent import ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration

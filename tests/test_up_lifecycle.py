@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from langorch.up import REPEAT_WINDOW_S
-from langorch_infra.embedded import free_port
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from langorch.up import Up, UpOptions
-from langorch_infra.embedded import free_port
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from langorch.workers import Worker, WorkerMetrics, WorkerPool
-from langorch_infra.embedded import free_port
 from langorch_infra.metrics import combined_registry, register_build_info
+from tests.ports import free_port
 
 pytestmark = pytest.mark.unit
 

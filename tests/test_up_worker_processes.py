@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from langorch_infra.embedded import free_port
+from tests.ports import free_port
 from tests.test_up_lifecycle import ROOT, Up, _env, _processes_using, _wait_gone, start_up, state_dir
 
 pytestmark = pytest.mark.integration

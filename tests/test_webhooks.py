@@ -14,8 +14,8 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from langorch_infra.embedded import free_port
 from tests.helpers import events_of, platform_of, serve_app, start_document, wait_status
+from tests.ports import free_port
 
 pytestmark = pytest.mark.integration
 
