@@ -151,6 +151,18 @@ async def serve_until_stopped(names: tuple[str, ...], nats_url: str, database_ur
         await stop_stragglers()
 
 
+async def _settle_when_started(hosts: Sequence[ServiceHost], server: Any) -> None:
+    """:func:`~langorch_infra.hosting.settle_heap` once every service of this process has started, the gateway
+    (``server``, when there is one) serving."""
+    from langorch_infra.hosting import settle_heap
+
+    for host in hosts:
+        await host.started.wait()
+    while server is not None and not server.started:
+        await asyncio.sleep(0.05)
+    settle_heap()
+
+
 async def serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str, port: int,
                          on_ready: Callable[[], None] | None = None, stop: asyncio.Event | None = None,
                          grace_s: float | None = None,
@@ -199,6 +211,7 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     if server is not None:
         while not server.started and not stop.is_set() and not any(t.done() for t in tasks):
             await asyncio.sleep(0.01)
+    settling = asyncio.create_task(_settle_when_started(hosts, server))
     if on_ready is not None and not stop.is_set() and not any(t.done() for t in tasks):
         on_ready()
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -208,6 +221,7 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     # The gateway drains within ``grace``; the canceled services close their NATS and database connections.
     await stop_tasks(tasks, grace, keep="gateway")
     stopper.cancel()
+    settling.cancel()
     await asyncio.to_thread(tracing.shutdown)  # the spans still queued are exported
     if failed:
         raise failed[0].exception()  # type: ignore[misc]

@@ -319,7 +319,7 @@ async def serve_worker(status: IO[str]) -> None:
     """Run the services of one worker until SIGTERM, SIGINT or the parent's end."""
     from langorch.serving import build_hosts, stop_tasks
     from langorch_infra import logs, tracing
-    from langorch_infra.hosting import OpsApp, OpsServer
+    from langorch_infra.hosting import OpsApp, OpsServer, settle_heap
     from langorch_infra.metrics import combined_registry
 
     loop = asyncio.get_running_loop()
@@ -358,6 +358,7 @@ async def serve_worker(status: IO[str]) -> None:
     try:
         await asyncio.wait([started, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         if all(h.started.is_set() for h in hosts):
+            settle_heap()
             status.write(f"ready {ops.port if served else 0}\n")
             status.flush()
             await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
