@@ -56,7 +56,7 @@ from bench.load import ROOT, Up, cpu_by_kind, free_port
 from bench.runtime import Completions, run_events, start, stats
 from bench.servers import bench_servers
 from ckp_core.ir import NodeIR, SequencePayload
-from langorch_infra import loops
+from langorch_infra import hosting, loops
 from langorch_runtime.machine import DispatchRequest
 from tests.conftest import platform_of
 from tests.helpers import import_procedure
@@ -154,6 +154,7 @@ async def bench(nats_url: str, db: str, runs: int, profile: str | None) -> dict[
     agent = ScriptedAgent({"work": work})
     async with (serving(agent), platform_of(nats_url, db) as p, Completions(nats_url) as ends,
                 httpx.AsyncClient(timeout=30) as http):
+        settle()
         c = p.client
         r = await c.post("/api/agents", json={"name": "bench-agent", "channel": "bench", "base_url": agent.base_url,
                                               "capabilities": ["work"], "concurrency_limit": 4})
@@ -343,6 +344,15 @@ async def measure_up(state: Path, port: int, agent_url: str, pids: list[int], ru
     }
 
 
+GC = {"settle": True}
+
+
+def settle() -> None:
+    """The garbage collector as in a served process once its services run (unless ``--gc-default``)."""
+    if GC["settle"]:
+        hosting.settle_heap()
+
+
 async def main(runs: int, profile: str | None) -> dict[str, Any]:
     async with bench_servers("lo_bench_agent_steps") as (nats_url, db):
         return await bench(nats_url, db, runs, profile)
@@ -371,6 +381,9 @@ if __name__ == "__main__":
     parser.add_argument("--nats-delay-ms", type=float, default=0.0,
                         help="add this much latency to every NATS request of this process")
     parser.add_argument("--up", action="store_true", help="through langorch up, the agent in a process of its own")
+    parser.add_argument("--gc-default", action="store_true",
+                        help="in process: keep Python's garbage collector settings instead of settling the heap once "
+                             "the services run, as a served process does (langorch_infra.hosting.settle_heap)")
     parser.add_argument("--serve-agent", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_agent:
@@ -381,5 +394,7 @@ if __name__ == "__main__":
         sys.exit(0)
     if args.nats_delay_ms > 0:
         delay_nats_requests(args.nats_delay_ms / 1000)
+    GC["settle"] = not args.gc_default
     print(json.dumps({**loops.run(main(args.runs, args.profile)), "nats_delay_ms": args.nats_delay_ms,
+                      "gc": "python default" if args.gc_default else "settled",
                       "event_loop": loops.chosen()}, indent=2))

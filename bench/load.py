@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -244,6 +245,8 @@ def probe(base: str, key: str, run_id: str, procedure_id: str, warmup: float, se
     runs: list[float] = []
     health: list[float] = []
     posts: list[float] = []
+    to_decision: list[float] = []
+    after_decision: list[float] = []
     time.sleep(warmup)
     end = time.perf_counter() + seconds
     body = {"procedure_id": procedure_id, "procedure_version": "1"}
@@ -257,14 +260,22 @@ def probe(base: str, key: str, run_id: str, procedure_id: str, warmup: float, se
                 if r.status_code != 200:
                     raise RuntimeError(f"probe: GET {path} answered {r.status_code}")
             if rounds % POST_EVERY == 0:
-                t = time.perf_counter()
+                sent, t = time.time(), time.perf_counter()
                 r = c.post("/api/runs", json=body)
                 posts.append((time.perf_counter() - t) * 1000)
+                answered = time.time()
                 if r.status_code != 201:
                     raise RuntimeError(f"probe: POST /api/runs answered {r.status_code}: {r.text}")
+                # where the answer's time went: until the runtime decided (run_created's timestamp), and after
+                first = c.get(f"/api/runs/{r.json()['run_id']}/events", params={"limit": 1}).json()["items"][0]
+                decided = datetime.fromisoformat(first["created_at"].replace("Z", "+00:00")).timestamp()
+                to_decision.append((decided - sent) * 1000)
+                after_decision.append((answered - decided) * 1000)
             rounds += 1
             time.sleep(interval_ms / 1000)
     return {"get_run_ms": summary(runs), "get_health_ms": summary(health), "post_runs_ms": summary(posts),
+            "post_sent_to_run_created_ms": summary(to_decision),
+            "run_created_to_post_answered_ms": summary(after_decision),
             "interval_ms": interval_ms, "post_every_rounds": POST_EVERY}
 
 

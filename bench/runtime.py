@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests pac
 
 from bench.servers import bench_servers
 from ckp_core.subjects import event_subject
-from langorch_infra import loops
+from langorch_infra import hosting, loops
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_runtime.service import open_checkpointer
 from tests.conftest import platform_of
@@ -313,9 +313,19 @@ async def profile_runs(p: Any, ends: Completions, path: str, runs: int = 20) -> 
     profiler.dump_stats(path)
 
 
+GC = {"settle": True}
+
+
+def settle() -> None:
+    """The garbage collector as in a served process once its services run (unless ``--gc-default``)."""
+    if GC["settle"]:
+        hosting.settle_heap()
+
+
 async def main(runs: int, calls: int, profile: str | None = None) -> dict[str, Any]:
     async with bench_servers("lo_bench_runtime") as (nats_url, db):
         async with platform_of(nats_url, db) as p, Completions(nats_url) as ends:
+            settle()
             platform = await platform_bench(p, nats_url, runs, ends)
             if profile:
                 await profile_runs(p, ends, profile)
@@ -386,6 +396,11 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats of 20 more sequential runs to FILE")
+    parser.add_argument("--gc-default", action="store_true",
+                        help="keep Python's garbage collector settings instead of settling the heap once the services "
+                             "run, as a served process does (langorch_infra.hosting.settle_heap)")
     args = parser.parse_args()
-    print(json.dumps({**loops.run(main(args.runs, args.calls, args.profile)), "event_loop": loops.chosen()},
+    GC["settle"] = not args.gc_default
+    print(json.dumps({**loops.run(main(args.runs, args.calls, args.profile)), "event_loop": loops.chosen(),
+                      "gc": "python default" if args.gc_default else "settled"},
                      indent=2))

@@ -19,16 +19,21 @@ from tests.ports import free_port
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     yield
     gc.unfreeze()  # the rest of this pytest worker's tests run as before
+    gc.set_threshold(*thresholds)
 
 
 @pytest.mark.unit
 def test_settle_heap_freezes_what_is_alive(unfrozen: None) -> None:
     assert gc.get_freeze_count() == 0
     alive = [object() for _ in range(10)]
+    young, *older = gc.get_threshold()
     hosting.settle_heap()
     assert gc.get_freeze_count() >= len(alive)
+    assert gc.get_threshold() == (hosting.GC_YOUNG_THRESHOLD, *older)
+    assert young < hosting.GC_YOUNG_THRESHOLD
 
 
 @pytest.mark.integration
