@@ -84,7 +84,8 @@ class Up:
     """`langorch up` in a subprocess of its own process group, its output kept."""
 
     def __init__(self, state: Path, port: int, extra: list[str]) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_")}
+        # none of the caller's settings, but its choice of event loop (LANGORCH_EVENT_LOOP=asyncio: for profilers)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_") or k == "LANGORCH_EVENT_LOOP"}
         self.port = port
         self.proc = subprocess.Popen([sys.executable, "-m", "langorch", "up", "--state-dir", str(state), "--port",
                                       str(port), *extra], cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
