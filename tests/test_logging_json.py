@@ -371,7 +371,8 @@ async def test_up_without_a_terminal_logs_json_lines_from_every_process(
         run_id, trace_id = await _drive_a_run(base, "logs_up_json")
     lines = _parsed(up)
     services = {line["service"] for line in lines}
-    assert {"up", "runtime", "approvals"} <= services, services
+    assert {"up", "runtime", "creation", "approvals"} <= services, services
     assert any(line["message"].startswith("LangOrch is up") for line in lines if line["service"] == "up")
     mine = _about_the_run(lines, run_id, trace_id)
-    assert {"runtime", "approvals"} <= {line["service"] for line in mine}, mine
+    # the run's creation is decided by the creation worker (langorch.workers), its approval by the approvals service
+    assert {"creation", "approvals"} <= {line["service"] for line in mine}, mine

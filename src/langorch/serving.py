@@ -44,9 +44,10 @@ def gateway_url(host: str, port: int) -> str:
 
 
 def build_hosts(names: Sequence[str], nats_url: str, database_url: str,
-                public_url: str | None = None) -> list[ServiceHost]:
+                public_url: str | None = None, *, creation_apart: bool = False) -> list[ServiceHost]:
     """The replicas of the non-gateway services among ``names``; ``public_url`` is the runtime's callback base
-    unless ``LANGORCH_PUBLIC_URL`` sets it."""
+    unless ``LANGORCH_PUBLIC_URL`` sets it. The runtime decides run creations too unless ``creation_apart``;
+    ``creation`` among ``names`` is run creation alone (:func:`langorch_runtime.creation.host`)."""
     from langorch_infra.settings import ApprovalsSettings, CompilerSettings, RuntimeSettings, TriggersSettings
 
     env: dict[str, Any] = {"nats_url": nats_url, "database_url": database_url}
@@ -61,7 +62,11 @@ def build_hosts(names: Sequence[str], nats_url: str, database_url: str,
         runtime = RuntimeSettings(**env)
         if public_url is not None and "public_url" not in runtime.model_fields_set:
             runtime = RuntimeSettings(**env, public_url=public_url)
-        hosts.append(runtime_host(runtime))  # runs and the agent/lease side
+        hosts.append(runtime_host(runtime, creation=not creation_apart))  # runs and the agent/lease side
+    if "creation" in names:
+        from langorch_runtime.creation import host as creation_host
+
+        hosts.append(creation_host(RuntimeSettings(**env)))
     if "approvals" in names:
         from langorch_approvals.service import host as approvals_host
 
@@ -80,7 +85,7 @@ def import_services(names: Sequence[str]) -> None:
 
     modules = {"compiler": "langorch_compiler.service", "runtime": "langorch_runtime.service",
                "approvals": "langorch_approvals.service", "triggers": "langorch_triggers.service",
-               "gateway": "langorch_gateway.app"}
+               "gateway": "langorch_gateway.app", "creation": "langorch_runtime.creation"}
     for name in names:
         importlib.import_module(modules[name])
     if "gateway" in names:

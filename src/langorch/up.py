@@ -8,7 +8,9 @@
    ``langorch up`` is stopped before a new one starts.
 3. **Processes.** The gateway runs in this process; the compiler, runtime, approvals and triggers run in
    ``--workers`` worker processes (:mod:`langorch.workers`; ``--workers 0`` runs them here too), so that executing
-   runs and answering the API do not share one event loop. The workers are started first and import their
+   runs and answering the API do not share one event loop; with one or more workers, one more process, the
+   creation worker, decides run creations alone, so a start does not wait behind executing runs. The workers
+   (that one included) are started first and import their
    services while this process starts the embedded servers (in a thread) and imports the gateway; a worker that
    crashes later is reported and started again, and a worker whose parent is gone (even killed) stops by itself.
 4. **A banner** names the API, docs and metrics URLs, the NATS and PostgreSQL URLs other systems connect to, the

@@ -3,8 +3,12 @@ process.
 
 Executing runs is CPU work on an event loop; sharing one loop with the gateway made API reads wait for the runtime
 and the other way round. ``langorch up`` therefore keeps the gateway in its own process and runs the other
-services in ``--workers`` child processes (``python -m langorch.workers``), each a replica of all three: JetStream
-durable consumers spread the commands over them as over any replicas.
+services in ``--workers`` child processes (``python -m langorch.workers``), each a replica of all of them: JetStream
+durable consumers spread the commands over them as over any replicas. One more child, the **creation worker**
+(``--role creation``), decides run creations alone (``lo.cmd.run.create``: ``POST /api/runs``, reruns, subflows,
+triggers): a start is answered once the runtime has decided it, and a worker executing many runs made that
+decision wait for turns on its busy event loop. The creation worker executes nothing and is mostly idle, so the
+kernel runs it as soon as a creation arrives.
 
 The protocol between the two sides is two pipes:
 
@@ -39,7 +43,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -71,10 +75,18 @@ class WorkerConfig:
     database_url: str
     public_url: str
     names: tuple[str, ...] = ("compiler", "runtime", "approvals", "triggers")
+    creation_apart: bool = False  # the runtime leaves run creations to the creation worker
 
     def line(self) -> bytes:
         return (json.dumps({"nats_url": self.nats_url, "database_url": self.database_url,
-                            "public_url": self.public_url, "names": list(self.names)}) + "\n").encode()
+                            "public_url": self.public_url, "names": list(self.names),
+                            "creation_apart": self.creation_apart}) + "\n").encode()
+
+
+EXECUTING = "services"
+"""A worker's role: the compiler, runtime, approvals and triggers."""
+CREATION = "creation"
+"""A worker's role: run creation alone."""
 
 
 @dataclass
@@ -83,6 +95,7 @@ class Worker:
 
     index: int
     state_dir: Path
+    role: str = EXECUTING
     proc: subprocess.Popen[bytes] | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     metrics_port: int | None = None
@@ -91,7 +104,11 @@ class Worker:
 
     @property
     def name(self) -> str:
-        return f"worker {self.index}"
+        return "the creation worker" if self.role == CREATION else f"worker {self.index}"
+
+    @property
+    def duties(self) -> str:
+        return "run creation" if self.role == CREATION else "the compiler, runtime, approvals and triggers"
 
     def spawn(self) -> None:
         """Start the child now; it imports its services while the parent does something else."""
@@ -100,7 +117,7 @@ class Worker:
         # -X importtime and the like are not passed on; the interpreter and the environment are
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "langorch.workers", "--state-dir", str(self.state_dir), "--index", str(self.index),
-             "--parent", str(os.getpid())],
+             "--parent", str(os.getpid()), "--role", self.role],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, start_new_session=True)
         self.starts += 1
         threading.Thread(target=self._read_status, args=(self.proc, self.ready), daemon=True,
@@ -118,6 +135,8 @@ class Worker:
 
     def configure(self, config: WorkerConfig) -> None:
         """Send the configuration (kept for a restart); the child starts its services when it has it."""
+        if self.role == CREATION:
+            config = replace(config, names=(CREATION,), creation_apart=False)
         self.config = config
         if self.proc is None or self.proc.stdin is None:
             return
@@ -169,22 +188,30 @@ class WorkerPool:
     count: int
     state_dir: Path
     report: Callable[[str], None] = print
+    creation_apart: bool = True  # one more worker, the creation worker
     workers: list[Worker] = field(default_factory=list)
     stopping: bool = False
     config: WorkerConfig | None = None
 
     def spawn(self) -> None:
         self.workers = [Worker(i + 1, self.state_dir) for i in range(self.count)]
+        if self.creation_apart and self.count:
+            self.workers.append(Worker(self.count + 1, self.state_dir, CREATION))
         for worker in self.workers:
             worker.spawn()
 
     def configure(self, config: WorkerConfig) -> None:
         """Configure the first worker now, the others once it is ready (:meth:`wait_ready`): the first one creates
         the runtime's checkpoint tables, and LangGraph's migrations run by two replicas at once on a fresh database
-        deadlock (``pg_advisory_lock`` against ``CREATE INDEX CONCURRENTLY``)."""
+        deadlock (``pg_advisory_lock`` against ``CREATE INDEX CONCURRENTLY``). The creation worker, which touches no
+        table, is configured at once as well."""
+        config = replace(config, creation_apart=self.creation_apart)
         self.config = config
         if self.workers:
             self.workers[0].configure(config)
+        for worker in self.workers[1:]:
+            if worker.role == CREATION:
+                worker.configure(config)
 
     @property
     def pids(self) -> list[int]:
@@ -222,8 +249,8 @@ class WorkerPool:
                     delays[worker.index] = 0
                 attempt = delays.get(worker.index, 0)
                 delay = RESTART_DELAYS_S[min(attempt, len(RESTART_DELAYS_S) - 1)]
-                self.report(f"{worker.name} (pid {worker.pid}, the compiler, runtime, approvals and triggers) exited "
-                            f"with code {code}; starting it again in {delay:g} s")
+                self.report(f"{worker.name} (pid {worker.pid}, {worker.duties}) exited with code {code}; starting it "
+                            f"again in {delay:g} s")
                 worker.wait(1)
                 await asyncio.sleep(delay)
                 if self.stopping:
@@ -335,7 +362,8 @@ async def serve_worker(status: IO[str]) -> None:
         return
     got = config.result()
     tracing.setup(got["names"])  # OTLP export when the OTEL_* variables ask for it
-    hosts = build_hosts(tuple(got["names"]), got["nats_url"], got["database_url"], got["public_url"])
+    hosts = build_hosts(tuple(got["names"]), got["nats_url"], got["database_url"], got["public_url"],
+                        creation_apart=bool(got.get("creation_apart")))
     registry = combined_registry([h.registry for h in hosts])
 
     async def checks() -> dict[str, str]:
@@ -389,8 +417,9 @@ def _die_with_parent(argv: list[str]) -> None:
 
 
 def main() -> None:
-    """``python -m langorch.workers --state-dir <dir> --index <n> --parent <pid>`` (started by ``langorch up``; the
-    state directory and index only name the worker in a process list)."""
+    """``python -m langorch.workers --state-dir <dir> --index <n> --parent <pid> [--role services|creation]``
+    (started by ``langorch up``; the state directory and index only name the worker in a process list, the role
+    says which services it imports ahead of its configuration)."""
     _die_with_parent(sys.argv)
     # stdout is the status pipe; whatever else prints goes to stderr with the logs
     status = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
@@ -400,7 +429,9 @@ def main() -> None:
     from langorch.serving import WORKER_SERVICES, import_services
 
     _logging("worker", terminal_default=True)  # its stderr is the one of `langorch up`
-    import_services(WORKER_SERVICES)  # before the configuration arrives: the parent is starting the servers
+    role = sys.argv[sys.argv.index("--role") + 1] if "--role" in sys.argv[:-1] else EXECUTING
+    # before the configuration arrives: the parent is starting the servers
+    import_services((CREATION,) if role == CREATION else WORKER_SERVICES)
     code = 0
     try:
         loops.run(serve_worker(status))

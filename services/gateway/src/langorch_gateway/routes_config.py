@@ -20,7 +20,8 @@ router = APIRouter()
 
 
 class ServiceReplica(BaseModel):
-    service: str = Field(description="compiler, runtime, approvals or gateway.")
+    service: str = Field(description="compiler, runtime, approvals, triggers or gateway; creation: the run "
+                                     "creation process of `langorch up`.")
     instance_id: str = Field(description="The replica's name (LANGORCH_INSTANCE_ID or hostname-pid-suffix).")
     version: str
     started_at: str

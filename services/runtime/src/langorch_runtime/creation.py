@@ -33,6 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+from prometheus_client import CollectorRegistry
 
 from ckp_core import runs
 from ckp_core.commands import CreateRun
@@ -47,7 +48,7 @@ from ckp_core.variables import validate_inputs
 from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import ACK, TERM, BusMetrics, Settle, consume, nak
 from langorch_infra.handling import AggregateCache, AuditSink, CommandHandler, Handled
-from langorch_infra.hosting import bus_checks
+from langorch_infra.hosting import ServiceHost, bus_checks
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
@@ -323,3 +324,15 @@ class RunCreation:
         except ConcurrencyError:
             return nak()  # the run aggregate kept changing: decide again on redelivery
         return ACK
+
+
+def host(settings: RuntimeSettings) -> ServiceHost:
+    """Run creation alone, as service ``creation``: a replica that decides ``lo.cmd.run.create`` and executes nothing
+    (no LangGraph, no PostgreSQL). ``langorch up`` runs one in a process of its own, so that a start's decision
+    does not wait for a turn on the event loop of a worker busy executing runs: under ``bench/load.py`` the
+    median ``POST /api/runs`` went from 179-253 ms to 66-94 ms. Its bus metrics are the runtime's."""
+    from importlib.metadata import version as package_version
+
+    registry = CollectorRegistry()
+    return ServiceHost("creation", package_version("langorch-runtime"), settings,
+                       [RunCreation(settings, bus=BusMetrics(registry, "runtime"))], registry)

@@ -875,12 +875,14 @@ def _checkpoint_id(snapshot: Any) -> str | None:
     return str(value) if value is not None else None
 
 
-def host(settings: RuntimeSettings) -> ServiceHost:
+def host(settings: RuntimeSettings, *, creation: bool = True) -> ServiceHost:
     """One runtime replica — runs and the agent/lease side, in one process — with its presence key and its
-    /metrics, /health and /ready on ``metrics_port``."""
+    /metrics, /health and /ready on ``metrics_port``. Without ``creation`` it decides no run creations: a process
+    of their own does (:func:`langorch_runtime.creation.host`, ``langorch up``)."""
     service = RuntimeService(settings)
+    creator = [RunCreation(settings, bus=service.bus)] if creation else []
     return ServiceHost("runtime", VERSION, settings,
-                       [service, RunCreation(settings, bus=service.bus),
+                       [service, *creator,
                         AgentService(settings, bus=service.bus, followed=service.dispatcher), RuntimeQueries(settings)],
                        service.metrics.registry)
 
