@@ -185,8 +185,10 @@ async def test_one_run_leaves_one_connected_trace(nats_url: str, database_url: s
     roots = [s for s in spans if not s.parent_id]
     assert [(s.name, s.service) for s in roots] == [("POST /api/runs", "langorch-gateway")]
     assert not _orphans(spans), _orphans(spans)
-    # the runtime's spans come from the worker process, named `langorch`; every span is marked with its service
-    assert {s.service for s in spans} == {"langorch-gateway", "langorch"}
+    # the runtime's spans come from the worker process, named `langorch`, the start's decision from the creation
+    # worker; every span is marked with its service
+    assert {s.service for s in spans} == {"langorch-gateway", "langorch", "langorch-creation"}
+    assert {s.attributes.get("langorch.service") for s in spans if s.service == "langorch-creation"} == {"creation"}
     assert {s.attributes.get("langorch.service") for s in spans if s.service == "langorch-gateway"} == {"gateway"}
     assert {"runtime", "approvals"} <= {s.attributes.get("langorch.service") for s in spans}
     assert None not in {s.attributes.get("langorch.service") for s in spans}
