@@ -157,15 +157,15 @@ async def serve_until_stopped(names: tuple[str, ...], nats_url: str, database_ur
 
 
 async def _settle_when_started(hosts: Sequence[ServiceHost], server: Any) -> None:
-    """:func:`~langorch_infra.hosting.settle_heap` once every service of this process has started, the gateway
-    (``server``, when there is one) serving."""
-    from langorch_infra.hosting import settle_heap
+    """:func:`~langorch_infra.hosting.settle_heap` shortly after every service of this process has started, the
+    gateway (``server``, when there is one) serving."""
+    from langorch_infra.hosting import settle_heap_later
 
     for host in hosts:
         await host.started.wait()
     while server is not None and not server.started:
         await asyncio.sleep(0.05)
-    settle_heap()
+    await settle_heap_later()
 
 
 async def serve_services(names: tuple[str, ...], nats_url: str, database_url: str, host: str, port: int,

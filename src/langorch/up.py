@@ -403,6 +403,8 @@ class Up:
         async def announce() -> None:
             """The banner once the gateway serves and every worker runs; a worker that cannot start stops all."""
             await gateway_up.wait()
+            if pool is not None:
+                pool.spawn_creation()
             if self.auth is not None:
                 bootstrap.forget_password(self.auth)
             if pool is not None:
