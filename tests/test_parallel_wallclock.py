@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import Platform, events_of, platform_of, start_document, wait_status
+from tests.helpers import Platform, events_of, platform_of, start_document, wait_status, wait_until
 from tests.scripted_agent import AgentFailure, ScriptedAgent, serving
 
 pytestmark = pytest.mark.integration
@@ -58,6 +58,15 @@ async def registered(c: httpx.AsyncClient, agent: ScriptedAgent, slots: int = 1)
     assert r.status_code == 201, r.text  # registered: a dispatch syncs the runtime's registry before it looks
 
 
+async def released(c: httpx.AsyncClient, run_id: str) -> None:
+    """The run's leases are gone. A call canceled with its branch releases its lease in the background (the run's
+    end does not wait for the delete), so the list is read until it is empty, for a few seconds at most."""
+    async def leases() -> list[Any]:
+        items: list[Any] = (await c.get("/api/leases", params={"run_id": run_id})).json()["items"]
+        return items
+    await wait_until(leases, lambda items: items == [], timeout=10)
+
+
 async def test_any_winner_is_decided_while_the_losing_agent_call_is_in_flight(platform: Platform) -> None:
     c = platform.client
     blocked = Blocked()
@@ -83,7 +92,7 @@ async def test_any_winner_is_decided_while_the_losing_agent_call_is_in_flight(pl
         assert branches == {"quick": "completed", "slow": "canceled"}
         assert not [e for e in events if e["event_type"] == "step_completed" and e.get("step_id") == "wait"]
         # the aborted call released its lease: the agent's only slot is free for the next run
-        assert (await c.get("/api/leases", params={"run_id": run_id})).json()["items"] == []
+        await released(c, run_id)
         ping = {"procedure_id": "race_ping", "version": "1", "workflow_graph": {"start_node": "p", "nodes": {
             "p": {"type": "sequence", "agent": "RACE", "next_node": "end", "steps": [
                 {"step_id": "ping", "action": "ping", "output_variable": "pong"}]},
@@ -108,7 +117,7 @@ async def test_terminate_in_a_branch_does_not_wait_for_the_sibling_call(platform
         assert run["status"] == "failed"
         assert run["error"]["code"] == "terminated_failed"
         assert run["output_vars"] == {"ended_by": "quick"}
-        assert (await c.get("/api/leases", params={"run_id": run_id})).json()["items"] == []
+        await released(c, run_id)
         blocked.release.set()
 
 
@@ -135,7 +144,7 @@ async def test_cancel_aborts_the_calls_in_flight_in_every_branch(platform: Platf
         run = await wait_status(c, run_id)
         assert not blocked.release.is_set()
         assert run["status"] == "canceled"
-        assert (await c.get("/api/leases", params={"run_id": run_id})).json()["items"] == []
+        await released(c, run_id)
         events = await events_of(c, run_id)
         assert not [e for e in events if e["event_type"] == "step_completed"]
         blocked.release.set()

@@ -82,6 +82,17 @@ def _checker(report: Report, label: str, base_url: str, session: requests.Sessio
     return check
 
 
+def _described(exc: BaseException) -> str:
+    """An error with the errors it groups (hypothesis's FlakyFailure holds the first run's failure), tracebacks
+    included, so that a failure seen once in CI says what it was."""
+    import traceback
+
+    text = f"{type(exc).__name__}: {exc}"
+    for inner in getattr(exc, "exceptions", ()):
+        text += "\n  " + "".join(traceback.format_exception(inner)).replace("\n", "\n  ")
+    return text
+
+
 def _fuzz(base_url: str, known: dict[str, str], shard: int) -> Report:
     """Drive every ``SHARDS``-th operation, from the ``shard``-th on, with schemathesis-generated cases (runs in a
     worker thread)."""
@@ -114,7 +125,7 @@ def _fuzz(base_url: str, known: dict[str, str], shard: int) -> Report:
                 if mode is not schemathesis.GenerationMode.NEGATIVE:
                     raise
             except Exception as exc:  # generation itself failed: report it, do not hide it
-                report.errors.append(f"{label} ({mode.value}): {type(exc).__name__}: {exc}")
+                report.errors.append(f"{label} ({mode.value}): {_described(exc)}")
     return report
 
 
