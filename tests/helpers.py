@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import copy
 import inspect
+import io
 import json
 import socket
 import sys
@@ -294,11 +295,22 @@ async def _settled(task: asyncio.Task[Any]) -> None:
 
 
 async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
-    """Await one shutdown step; a step that hangs fails the test naming it, instead of a silent timeout."""
+    """Await one shutdown step; a step that hangs fails the test naming it, instead of a silent timeout, with
+    where every task of the loop then was (the stuck one among them)."""
     try:
         await asyncio.wait_for(awaitable, timeout_s)
     except TimeoutError:
-        raise AssertionError(f"{what} did not stop within {timeout_s:g} s") from None
+        raise AssertionError(f"{what} did not stop within {timeout_s:g} s; the loop's tasks:\n"
+                             f"{_task_stacks()}") from None
+
+
+def _task_stacks() -> str:
+    """The stack of every unfinished task of the running loop, innermost frame last."""
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        if not task.done():
+            task.print_stack(limit=12, file=out)
+    return out.getvalue()
 
 
 @contextlib.asynccontextmanager

@@ -353,9 +353,16 @@ class Subscription:
 
 async def start_consuming(b: NatsBroker) -> None:
     """Start ``b``'s subscribers (its connection is already open), on durable consumers as declared
-    (:func:`declare_consumers`)."""
+    (:func:`declare_consumers`).
+
+    A cancellation of the calling task while FastStream starts the subscribers can be swallowed on the way (the
+    start then returns as if nothing happened, and a service went on to wait for its inner tasks for ever, its
+    stop hanging): a cancellation requested meanwhile is raised here."""
     await declare_consumers(b)
     await b.start()
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 DRIFT_FIELDS = ("ack_policy", "ack_wait", "deliver_policy", "filter_subject", "filter_subjects", "max_ack_pending")
