@@ -156,15 +156,13 @@ async def serve_until_stopped(names: tuple[str, ...], nats_url: str, database_ur
         await stop_stragglers()
 
 
-async def _settle_when_started(hosts: Sequence[ServiceHost], server: Any) -> None:
-    """:func:`~langorch_infra.hosting.settle_heap` shortly after every service of this process has started, the
-    gateway (``server``, when there is one) serving."""
+async def _settle_when_started(hosts: Sequence[ServiceHost]) -> None:
+    """:func:`~langorch_infra.hosting.settle_heap` shortly after every service of this process has started (the
+    gateway, when there is one, serves already: :func:`serve_services` waited for it)."""
     from langorch_infra.hosting import settle_heap_later
 
     for host in hosts:
         await host.started.wait()
-    while server is not None and not server.started:
-        await asyncio.sleep(0.05)
     await settle_heap_later()
 
 
@@ -216,7 +214,7 @@ async def serve_services(names: tuple[str, ...], nats_url: str, database_url: st
     if server is not None:
         while not server.started and not stop.is_set() and not any(t.done() for t in tasks):
             await asyncio.sleep(0.01)
-    settling = asyncio.create_task(_settle_when_started(hosts, server))
+    settling = asyncio.create_task(_settle_when_started(hosts))
     if on_ready is not None and not stop.is_set() and not any(t.done() for t in tasks):
         on_ready()
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
