@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -81,27 +80,30 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 
 class Up:
-    """`langorch up` in a subprocess of its own process group, its output kept."""
+    """`langorch up` in a subprocess of its own process group, its output written to a file.
+
+    A file, as a log collector would take it, and not a pipe read by a thread of this process: with 40 clients
+    holding this process's interpreter, such a thread drained the pipe late, and the server's log writes (an access
+    log line per request) then waited for room in it, holding the API's event loop."""
 
     def __init__(self, state: Path, port: int, extra: list[str]) -> None:
         # none of the caller's settings, but its choice of event loop (LANGORCH_EVENT_LOOP=asyncio: for profilers)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LANGORCH_") or k == "LANGORCH_EVENT_LOOP"}
         self.port = port
-        self.proc = subprocess.Popen([sys.executable, "-m", "langorch", "up", "--state-dir", str(state), "--port",
-                                      str(port), *extra], cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     text=True, start_new_session=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.output = state.parent / "langorch-up.log"
+        with open(self.output, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "langorch", "up", "--state-dir", str(state),
+                                          "--port", str(port), *extra], cwd=ROOT,
+                                         env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
+    @property
+    def lines(self) -> list[str]:
+        return self.output.read_text(errors="replace").splitlines(keepends=True)
 
     def wait_up(self, deadline_s: float = 180) -> None:
         deadline = time.monotonic() + deadline_s
-        while not any("LangOrch is up" in line for line in self.lines):
+        while "LangOrch is up" not in self.output.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("langorch up did not start:\n" + "".join(self.lines))
             time.sleep(0.05)

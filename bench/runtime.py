@@ -40,7 +40,8 @@ from langgraph.graph import END, START, StateGraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
-from bench.servers import bench_servers
+from bench.load import cpu_by_kind
+from bench.servers import SERVER_PIDS, bench_servers
 from ckp_core.subjects import event_subject
 from langorch_infra import hosting, loops
 from langorch_infra.jetstream import JetStreamEventStore
@@ -164,6 +165,20 @@ def executing_ms(events: list[Any]) -> float:
     return float((ended - started).total_seconds() * 1000)
 
 
+def cpu_now() -> dict[str, float]:
+    """CPU seconds used so far by this process (gateway, runtime, the benchmark's client), nats-server and
+    PostgreSQL (postmaster and backends) when they are the embedded servers of this benchmark."""
+    by_kind = cpu_by_kind([os.getpid(), *SERVER_PIDS])
+    return {("this process" if kind == "API process (langorch up)" else kind): cpu for kind, cpu in by_kind.items()}
+
+
+def cpu_ms_per_run(before: dict[str, float], after: dict[str, float], runs: int) -> dict[str, float]:
+    """CPU milliseconds per run by process between two :func:`cpu_now` readings, and their total."""
+    out = {kind: round((after[kind] - before.get(kind, 0.0)) * 1000 / runs, 2) for kind in sorted(after)}
+    out["total"] = round(sum(out.values()), 2)
+    return out
+
+
 async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions,
                          strategy: str = "every_node") -> dict[str, Any]:
     c = p.client
@@ -173,6 +188,7 @@ async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions,
         await ends.wait(await start(c, doc["procedure_id"]))
     e2e: list[float] = []
     in_runtime: list[float] = []
+    cpu_before = cpu_now()
     for _ in range(runs):
         t = time.perf_counter()
         run_id = await start(c, doc["procedure_id"])
@@ -181,14 +197,17 @@ async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions,
         events = await run_events(nats_url, run_id)
         assert events[-1].data["outputs"] == {"total": 36}, events[-1].data
         in_runtime.append(executing_ms(events))
+    sequential_cpu = cpu_ms_per_run(cpu_before, cpu_now(), runs)  # each run's events read back included
     n_events = len(events)
     # throughput: N runs started together
+    cpu_before = cpu_now()
     t = time.perf_counter()
     ids = await asyncio.gather(*(start(c, doc["procedure_id"]) for _ in range(runs)))
     await asyncio.gather(*(ends.wait(r, timeout=300) for r in ids))
     concurrent_s = time.perf_counter() - t
     return {"e2e_ms": e2e, "runtime_ms": in_runtime, "events_per_run": n_events,
-            "concurrent_runs_per_s": runs / concurrent_s}
+            "concurrent_runs_per_s": runs / concurrent_s, "sequential_cpu": sequential_cpu,
+            "concurrent_cpu": cpu_ms_per_run(cpu_before, cpu_now(), runs)}
 
 
 class BareState(TypedDict):
@@ -219,13 +238,18 @@ async def langgraph_baseline(database_url: str, runs: int) -> dict[str, Any]:
 
         for _ in range(3):
             await one()
+        cpu_before = cpu_now()
         times = [await one() for _ in range(runs)]
+        sequential_cpu = cpu_ms_per_run(cpu_before, cpu_now(), runs)
+        cpu_before = cpu_now()
         t = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(runs)))
         concurrent_s = time.perf_counter() - t
+        concurrent_cpu = cpu_ms_per_run(cpu_before, cpu_now(), runs)
     finally:
         await pool.close()
-    return {"ms": times, "concurrent_runs_per_s": runs / concurrent_s}
+    return {"ms": times, "concurrent_runs_per_s": runs / concurrent_s, "sequential_cpu": sequential_cpu,
+            "concurrent_cpu": concurrent_cpu}
 
 
 async def dispatch_bench(p: Any, nats_url: str, calls: int, ends: Completions) -> dict[str, Any]:
@@ -355,6 +379,14 @@ async def main(runs: int, calls: int, profile: str | None = None) -> dict[str, A
             "ratio_end_to_end_to_baseline": round(e2e["median"] / lg["median"], 2),
             "ratio_concurrent_throughput_baseline_to_platform": round(
                 bare["concurrent_runs_per_s"] / platform["concurrent_runs_per_s"], 2),
+            "cpu_ms_per_run_sequential": platform["sequential_cpu"],
+            "cpu_ms_per_run_concurrent": platform["concurrent_cpu"],
+            "baseline_cpu_ms_per_run_sequential": bare["sequential_cpu"],
+            "baseline_cpu_ms_per_run_concurrent": bare["concurrent_cpu"],
+            "ratio_cpu_per_run_to_baseline_sequential": round(
+                platform["sequential_cpu"]["total"] / bare["sequential_cpu"]["total"], 2),
+            "ratio_cpu_per_run_to_baseline_concurrent": round(
+                platform["concurrent_cpu"]["total"] / bare["concurrent_cpu"]["total"], 2),
         },
         "a2_ten_node_checkpoint_strategy_disabled": {
             "procedure": "the same 10 nodes with checkpoint_strategy: disabled (persisted at the end only)",

@@ -12,6 +12,11 @@ import asyncpg
 
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
 
+SERVER_PIDS: list[int] = []
+"""The processes of the embedded servers of the running benchmark (nats-server, PostgreSQL's postmaster): the roots
+under which a benchmark counts their CPU. PostgreSQL's postmaster is not a child of this process (pg_ctl starts it
+detached): its pid file names it."""
+
 
 async def fresh_database(url: str, name: str) -> str:
     """Create the database ``name`` empty (dropped first when it exists) on the server of ``url``; its URL."""
@@ -35,12 +40,18 @@ async def bench_servers(database: str) -> AsyncIterator[tuple[str, str]]:
     servers: list[EmbeddedNats | EmbeddedPostgres] = []
     try:
         if not nats_url:
-            servers.append(EmbeddedNats(tmp / "nats").start())
-            nats_url = servers[-1].url
+            nats = EmbeddedNats(tmp / "nats").start()
+            servers.append(nats)
+            nats_url = nats.url
+            if nats.proc is not None:
+                SERVER_PIDS.append(nats.proc.pid)
         if not pg_url:
-            servers.append(EmbeddedPostgres(tmp / "pg", fsync=False).start())
-            pg_url = servers[-1].url
+            pg = EmbeddedPostgres(tmp / "pg", fsync=False).start()
+            servers.append(pg)
+            pg_url = pg.url
+            SERVER_PIDS.append(int((pg.pgdata / "postmaster.pid").read_text().split()[0]))
         yield nats_url, await fresh_database(pg_url, database)
     finally:
+        SERVER_PIDS.clear()
         for s in servers:
             s.stop()

