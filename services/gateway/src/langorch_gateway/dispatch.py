@@ -50,11 +50,11 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
     fixed_id = getattr(request.state, "command_id", None)
     if fixed_id:  # an idempotent request: the command id (hence Nats-Msg-Id) belongs to its Idempotency-Key
         command.command_id = fixed_id
-    await app.pool.execute(
-        """INSERT INTO api_command_log (command_id, command_type, actor, aggregate, aggregate_id, resource,
-             submitted_at) VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (command_id) DO NOTHING""",
-        command.command_id, command_type, command.actor.render(), aggregate, aggregate_id, resource)
     try:
+        await app.pool.execute(
+            """INSERT INTO api_command_log (command_id, command_type, actor, aggregate, aggregate_id, resource,
+                 submitted_at) VALUES ($1, $2, $3, $4, $5, $6, now()) ON CONFLICT (command_id) DO NOTHING""",
+            command.command_id, command_type, command.actor.render(), aggregate, aggregate_id, resource)
         await publish_command(js, command, msg_id=msg_id)
         deadline = asyncio.get_running_loop().time() + settings.command_timeout_s
         while outcome is None:
