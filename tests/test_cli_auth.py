@@ -98,7 +98,8 @@ def start_up(state: Path, port: int, env: dict[str, str]) -> Up:
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     up = Up(proc, port)
-    threading.Thread(target=up._read, daemon=True).start()
+    up.reader = threading.Thread(target=up._read, daemon=True)
+    up.reader.start()
     return up
 
 

@@ -101,3 +101,43 @@ async def test_the_compiler_consumes_again_after_nats_restarts(tmp_path: Path) -
                 await task
         await service.stop()
         server.stop()
+
+
+async def test_an_ir_write_that_times_out_is_tried_again_within_the_command(tmp_path: Path) -> None:
+    """The IR's KV put times out once (as right after a restart, while the bucket's stream is not answering yet):
+    the compiler writes it again at once instead of failing the command and waiting for its redelivery."""
+    server = EmbeddedNats(tmp_path / "nats").start()
+    service = CompilerService(CompilerSettings(nats_url=server.url))
+    task: asyncio.Task[None] | None = None
+    try:
+        await service.start()
+        real_put = service.kv.put
+        tries: list[str] = []
+
+        async def timing_out_once(key: str, value: bytes, *args: Any, **kwargs: Any) -> int:
+            tries.append(key)
+            if len(tries) == 1:
+                raise nats.errors.TimeoutError
+            return int(await real_put(key, value, *args, **kwargs))
+
+        service.kv.put = timing_out_once  # type: ignore[method-assign]
+        task = asyncio.create_task(service.run())
+        await publish(server.url, ImportProcedure(actor=OPERATOR, ckp_json=procedure_doc("blip", "1")))
+        assert await imported(server.url, "blip") == ["procedure_imported"]
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            handled = {s.labels["outcome"]: s.value for f in service.metrics.registry.collect() for s in f.samples
+                       if s.name == "langorch_bus_messages_total"}
+            if sum(handled.values()) >= 1 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert handled == {"ack": 1.0}
+        assert len(tries) == 2
+        assert (await real_put.__self__.get(tries[0])).value  # type: ignore[attr-defined]
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await service.stop()
+        server.stop()

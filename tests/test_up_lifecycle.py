@@ -41,6 +41,7 @@ class Up:
     port: int
     state_dir: Path | None = None
     lines: list[tuple[float, str]] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -55,11 +56,19 @@ class Up:
         for line in self.proc.stdout:
             self.lines.append((time.monotonic(), line.rstrip("\n")))
 
+    def _read_to_the_end(self) -> None:
+        """Once the process has exited, let the reader take its last lines: the exit can be seen before the reader
+        thread, behind on a loaded machine, has read what was written just before it."""
+        if self.proc.poll() is not None and self.reader is not None:
+            self.reader.join(timeout=30)
+
     @property
     def text(self) -> str:
+        self._read_to_the_end()
         return "\n".join(line for _, line in self.lines)
 
     def after(self, moment: float) -> list[str]:
+        self._read_to_the_end()
         return [line for t, line in self.lines if t >= moment]
 
     def wait_for_line(self, needle: str, deadline_s: float = START_DEADLINE_S) -> None:
@@ -100,7 +109,8 @@ def start_up(state_dir: Path, port: int, *args: str, launcher: tuple[str, ...] =
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     up = Up(proc, port, state_dir)
-    threading.Thread(target=up._read, daemon=True).start()
+    up.reader = threading.Thread(target=up._read, daemon=True)
+    up.reader.start()
     return up
 
 

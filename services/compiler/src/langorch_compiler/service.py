@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import date
+from functools import partial
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -56,12 +57,14 @@ from langorch_infra.audit import AuditWriter
 from langorch_infra.bus import BusMetrics
 from langorch_infra.handling import CommandHandler
 from langorch_infra.hosting import ServiceHost, bus_checks
-from langorch_infra.jetstream import JetStreamEventStore, ensure_topology
+from langorch_infra.jetstream import JetStreamEventStore, ensure_topology, through_blips
 from langorch_infra.settings import CompilerSettings
 
 log = logging.getLogger(__name__)
 
 CONSUMER = messaging.PROCEDURE_COMMANDS.durable
+IR_WRITE_PATIENCE_S = 10.0
+"""How long a version's IR write is tried again through a NATS blip before the command fails (and is redelivered)."""
 
 
 class CompilerService:
@@ -119,7 +122,11 @@ class CompilerService:
         return CommandHandler(self.store, "procedure", _fold, audit=self.audit)
 
     async def _put_ir(self, ir: ProcedureIR) -> None:
-        await self.kv.put(procedure_key(ir.procedure_id, ir.version), ir.model_dump_json(by_alias=True).encode())
+        """Write the IR, tried again for :data:`IR_WRITE_PATIENCE_S` while JetStream is briefly unavailable (a put
+        is safe to repeat): right after a NATS restart the bucket's stream can answer later than the event stream,
+        and the command would otherwise fail and wait for its redelivery."""
+        key, value = procedure_key(ir.procedure_id, ir.version), ir.model_dump_json(by_alias=True).encode()
+        await through_blips(f"IR {key}", partial(self.kv.put, key, value), IR_WRITE_PATIENCE_S)
 
     async def on_import(self, cmd: ImportProcedure) -> None:
         """Compile and store one version, or reject the command with a stable code.
