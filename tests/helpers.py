@@ -304,6 +304,15 @@ async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
                              f"{_task_stacks()}") from None
 
 
+async def bounded(what: str, awaitable: Any, timeout_s: float = 60.0) -> Any:
+    """``awaitable``'s result; one that hangs fails the test naming it, with where every task of the loop was."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"{what} did not end within {timeout_s:g} s; the loop's tasks:\n"
+                             f"{_task_stacks()}") from None
+
+
 def _task_stacks() -> str:
     """The stack of every unfinished task of the running loop, innermost frame last."""
     out = io.StringIO()

@@ -29,7 +29,7 @@ from langorch_runtime.errors import StepError
 from langorch_runtime.machine import ContentArtifacts, DispatchRequest
 from langorch_runtime.metrics import RuntimeMetrics
 from tests.agent_server import AgentBehaviour, running_agent
-from tests.helpers import wait_until
+from tests.helpers import _stopping, bounded, wait_until
 from tests.mcp_server import PNG, running_mcp
 from tests.ports import free_port
 
@@ -108,11 +108,10 @@ async def harness(nats_url: str, *, metrics: RuntimeMetrics | None = None, **set
     try:
         yield Harness(service, dispatcher)
     finally:
-        await dispatcher.stop()
+        await _stopping("the dispatcher", dispatcher.stop())
         task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        await service.stop()
+        await _stopping("the agent service's run", asyncio.wait({task}))
+        await _stopping("the agent service", service.stop())
 
 
 async def failure(coro: Any) -> Any:
@@ -309,7 +308,7 @@ async def test_response_status_mapping(nats_url: str) -> None:
 async def test_transport_failure_is_agent_unavailable(nats_url: str) -> None:
     async with harness(nats_url) as h:
         await h.register("gone", f"http://127.0.0.1:{free_port()}")
-        error = await failure(h.dispatcher.dispatch(h.request()))
+        error = await bounded("a dispatch to a port nothing listens on", failure(h.dispatcher.dispatch(h.request())))
         assert (error.code, error.retryable) == ("agent_unavailable", True)
         assert error.details["agent_id"] == "gone"
 
