@@ -52,7 +52,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
-from bench.load import ROOT, Up, cpu_by_kind, free_port
+from bench.load import ROOT, Up, cpu_by_kind, free_port, postmaster_pid
 from bench.runtime import Completions, run_events, start, stats
 from bench.servers import bench_servers
 from ckp_core.ir import NodeIR, SequencePayload
@@ -289,8 +289,7 @@ def bench_up(runs: int) -> dict[str, Any]:
 
 async def measure_up(state: Path, port: int, agent_url: str, pids: list[int], runs: int) -> dict[str, Any]:
     headers = {"X-API-Key": (state / "api-key").read_text().strip()}
-    # PostgreSQL's postmaster is not a child of langorch up (pg_ctl starts it detached): its pid file names it
-    roots = [*pids, int((state / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])]
+    roots = [*pids, postmaster_pid(state / "postgres" / "pgdata")]
     async with (httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as c,
                 httpx.AsyncClient(timeout=30) as http):
         r = await c.post("/api/agents", json={"name": "bench-agent", "channel": "bench", "base_url": agent_url,

@@ -147,6 +147,12 @@ def _kind(cmdline: str) -> str:
     return "API process (langorch up)"
 
 
+def postmaster_pid(pgdata: Path) -> int:
+    """The pid of the PostgreSQL server of ``pgdata``, from its pid file: pg_ctl starts it detached, so it is not a
+    child of the process that asked for it, and its CPU is counted from this root."""
+    return int((pgdata / "postmaster.pid").read_text().split()[0])
+
+
 def cpu_by_kind(roots: list[int]) -> dict[str, float]:
     """CPU seconds used so far by the processes under ``roots`` (themselves included), by kind of process."""
     table = _process_table()
@@ -320,8 +326,7 @@ async def main(clients: int, seconds: float, warmup: float, poll_ms: float, work
             doc["procedure_id"], "--warmup", str(warmup), "--seconds",
             str(seconds), "--probe-ms", str(probe_ms), env={**os.environ, "LANGORCH_API_KEY": headers["X-API-Key"]},
             stdout=asyncio.subprocess.PIPE)
-        # PostgreSQL's postmaster is not a child of langorch up (pg_ctl starts it detached): its pid file names it
-        postmaster = int((state / "postgres" / "pgdata" / "postmaster.pid").read_text().split()[0])
+        postmaster = postmaster_pid(state / "postgres" / "pgdata")
         load, window, cpu = await drive(base, doc["procedure_id"], clients, seconds, warmup, poll_ms, headers,
                                         [up.proc.pid, postmaster])
         probed = json.loads((await prober.communicate())[0])

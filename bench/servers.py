@@ -10,12 +10,12 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.load import postmaster_pid
 from langorch_infra.embedded import EmbeddedNats, EmbeddedPostgres
 
 SERVER_PIDS: list[int] = []
 """The processes of the embedded servers of the running benchmark (nats-server, PostgreSQL's postmaster): the roots
-under which a benchmark counts their CPU. PostgreSQL's postmaster is not a child of this process (pg_ctl starts it
-detached): its pid file names it."""
+under which a benchmark counts their CPU."""
 
 
 async def fresh_database(url: str, name: str) -> str:
@@ -49,7 +49,7 @@ async def bench_servers(database: str) -> AsyncIterator[tuple[str, str]]:
             pg = EmbeddedPostgres(tmp / "pg", fsync=False).start()
             servers.append(pg)
             pg_url = pg.url
-            SERVER_PIDS.append(int((pg.pgdata / "postmaster.pid").read_text().split()[0]))
+            SERVER_PIDS.append(postmaster_pid(pg.pgdata))
         yield nats_url, await fresh_database(pg_url, database)
     finally:
         SERVER_PIDS.clear()

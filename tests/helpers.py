@@ -297,19 +297,15 @@ async def _settled(task: asyncio.Task[Any]) -> None:
 async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
     """Await one shutdown step; a step that hangs fails the test naming it, instead of a silent timeout, with
     where every task of the loop then was (the stuck one among them)."""
-    try:
-        await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not stop within {timeout_s:g} s; the loop's tasks:\n"
-                             f"{_task_stacks()}") from None
+    await bounded(what, awaitable, timeout_s, verb="stop")
 
 
-async def bounded(what: str, awaitable: Any, timeout_s: float = 60.0) -> Any:
+async def bounded(what: str, awaitable: Any, timeout_s: float = 60.0, *, verb: str = "end") -> Any:
     """``awaitable``'s result; one that hangs fails the test naming it, with where every task of the loop was."""
     try:
         return await asyncio.wait_for(awaitable, timeout_s)
     except TimeoutError:
-        raise AssertionError(f"{what} did not end within {timeout_s:g} s; the loop's tasks:\n"
+        raise AssertionError(f"{what} did not {verb} within {timeout_s:g} s; the loop's tasks:\n"
                              f"{_task_stacks()}") from None
 
 
