@@ -18,9 +18,13 @@ operation, each with the same examples as one test would.
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +41,30 @@ from tests.helpers import example, follow_run, import_procedure, platform_of
 
 pytestmark = pytest.mark.integration
 
-# imported above, in the main thread: schemathesis imports it on first use, which would be in _fuzz's worker thread
-# while the event loop's thread compiles too, and CPython 3.11 can fail two threads building ASTs at once ("AST
-# constructor recursion depth mismatch", seen once in CI)
+# CPython 3.11 keeps the depth counter of ``ast.parse``'s tree conversion in state shared by all threads: two
+# threads converting at once fail one of them with "SystemError: AST constructor recursion depth mismatch" (seen
+# twice in CI). During the fuzz, hypothesis parses lambdas' sources in _fuzz's worker thread while the event loop's
+# thread may parse too: pytest rewriting a module imported late (hence this import, in the main thread, up front)
+# and Python 3.11's traceback formatting, which parses each source line it underlines (a logged exception).
+# ``serialised_ast_parse`` makes those parses take turns for the duration of the fuzz.
 PREIMPORTED = schemathesis.specs.openapi.schemas.__name__
+
+
+@contextlib.contextmanager
+def serialised_ast_parse() -> Iterator[None]:
+    """``ast.parse`` behind one lock, for every thread of this process, until the block ends."""
+    original = ast.parse
+    lock = threading.Lock()
+
+    def parse(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return original(*args, **kwargs)
+
+    ast.parse = parse
+    try:
+        yield
+    finally:
+        ast.parse = original
 
 EXAMPLES = int(os.environ.get("LANGORCH_SCHEMATHESIS_EXAMPLES", "25"))
 STREAMS = {("GET", "/api/runs/{run_id}/stream"), ("GET", "/api/approvals/stream")}
@@ -149,7 +173,8 @@ async def test_no_server_errors_on_any_operation(nats_url: str, database_url: st
             known["project_id"] = project_id
 
         started = time.perf_counter()
-        report = await asyncio.to_thread(_fuzz, p.base_url, known, shard)
+        with serialised_ast_parse():
+            report = await asyncio.to_thread(_fuzz, p.base_url, known, shard)
         elapsed = time.perf_counter() - started
 
     print(f"schemathesis shard {shard}: {report.operations} of {report.in_schema} operations, {report.requests} "

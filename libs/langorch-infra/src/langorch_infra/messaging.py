@@ -16,7 +16,8 @@ that returns acks the message (``ack_sync``: the server confirms it before the n
 after 2 s. FastStream's own acknowledgement is off (``AckPolicy.MANUAL``): it acks without waiting for the
 server, which a crash right after a handled command must not lose. The fetch loop is FastStream's; it survives
 ``TimeoutError``, ``ConnectionClosedError`` and ``ServiceUnavailableError`` of a fetch (a server failover), and
-its task supervisor restarts it after any other error.
+its task supervisor restarts it after any other error (and after nats-py's own fetch deadline, which it does not
+recognise: :class:`_FetchDeadlineRestart` keeps that restart out of the error log).
 """
 
 from __future__ import annotations
@@ -62,6 +63,28 @@ nats_log = logging.getLogger("nats.aio.client")
 """FastStream's own log: its per-message lines at DEBUG; its INFO lines (a task callback per subscriber at every
 stop) say nothing an operator needs, so only its warnings and errors (a consume task restarted) are kept."""
 faststream_log.setLevel(logging.WARNING)
+
+
+class _FetchDeadlineRestart(logging.Filter):
+    """Drops FastStream's "raised an exception, retrying" error when the exception is nats-py's fetch deadline.
+
+    FastStream's fetch loop suppresses ``nats.errors.TimeoutError``, but nats-py's ``_fetch_n`` raises the builtin
+    ``TimeoutError`` when the server's "no messages" answer to its first pull request arrives at the fetch's
+    deadline — on an idle consumer, about once in a while at the end of a ``FETCH_TIMEOUT_S`` wait. The loop's task
+    then ends, and FastStream's supervisor starts it again at once: what suppressing it would have done. Only its
+    ERROR line, with a traceback, would remain, telling an operator about a failure that is none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc) is not TimeoutError or "raised an exception, retrying" not in record.getMessage():
+            return True
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb is None or tb.tb_frame.f_code.co_name != "_fetch_n"
+
+
+faststream_log.addFilter(_FetchDeadlineRestart())
 
 FETCH_TIMEOUT_S = 5.0
 Handler = Callable[[Any], Awaitable[None]]
