@@ -301,12 +301,26 @@ async def _stopping(what: str, awaitable: Any, timeout_s: float = 60.0) -> None:
 
 
 async def bounded(what: str, awaitable: Any, timeout_s: float = 60.0, *, verb: str = "end") -> Any:
-    """``awaitable``'s result; one that hangs fails the test naming it, with where every task of the loop was."""
+    """``awaitable``'s result; one that hangs fails the test naming it, with where every task of the loop was.
+
+    The stacks are taken before the hung awaitable is cancelled (afterwards its own would be gone), and the test
+    fails even when the awaitable answers its cancellation with a result or another error: ``wait_for`` would
+    hand that on, and a test expecting an error would pass after a hang (seen in CI: a dispatch expected to fail
+    at once "passed" after the whole 60 s)."""
+    task = asyncio.ensure_future(awaitable)
     try:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        raise AssertionError(f"{what} did not {verb} within {timeout_s:g} s; the loop's tasks:\n"
-                             f"{_task_stacks()}") from None
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if done:
+        return task.result()
+    stacks = _task_stacks()
+    task.cancel()
+    await asyncio.wait({task}, timeout=5.0)
+    if task.done() and not task.cancelled():
+        task.exception()  # retrieved: its outcome after the cancellation is not what the test waited for
+    raise AssertionError(f"{what} did not {verb} within {timeout_s:g} s; the loop's tasks:\n{stacks}")
 
 
 def _task_stacks() -> str:

@@ -246,30 +246,38 @@ async def test_retry_after_raises_the_retry_delay(platform: Platform) -> None:
 
 # -- §4.9 timeouts ---------------------------------------------------------------------------------------------------
 
+TIMEOUT_MS = 1500
+
+
 async def test_step_timeout_event_and_retry(platform: Platform) -> None:
     c = platform.client
     calls = {"n": 0}
+    released = asyncio.Event()
 
     async def slow_once(body: dict[str, Any]) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
-            await asyncio.sleep(3)
+            await released.wait()  # the first attempt answers only once the run has ended
         return "fast"
 
     agent = ScriptedAgent({"slow": slow_once})
+    # long enough for the second attempt's call on a loaded machine (300 ms was not, in CI)
     doc = one_node("audit_timeout", "to1", [
         {"step_id": "call", "action": "slow", "output_variable": "r",
          "retry_config": {"max_retries": 1, "delay_ms": 0}}], {"r": "{{r}}"},
-        gc={"default_step_timeout_ms": 300})
+        gc={"default_step_timeout_ms": TIMEOUT_MS})
     async with serving(agent):
         await register_agent(c, agent, "to1", "to1")
-        run, events = await finished(c, doc)
+        try:
+            run, events = await finished(c, doc)
+        finally:
+            released.set()
     assert run["status"] == "completed", run["error"]
     assert run["output_vars"] == {"r": "fast"}
     [timeout] = of(events, "step_timeout", "call")
     assert timeout["attempt"] == 1
     assert timeout["payload"]["action"] == "slow"
-    assert timeout["payload"]["timeout_ms"] == 300
+    assert timeout["payload"]["timeout_ms"] == TIMEOUT_MS
     assert timeout["payload"]["binding_kind"] == "agent_http"
     [retrying] = of(events, "step_retrying", "call")
     assert retrying["payload"]["error"]["code"] == "step_timeout"
