@@ -60,9 +60,12 @@ Refusals = Literal["event", "audit"]
 """Where a refusal is recorded: as a ``command_rejected`` event on the aggregate (and its audit record), or only
 in the audit log (commands whose refusals were never events: a cancel of an ended run)."""
 
-AuditMeta = Mapping[str, Any] | Callable[["Handled[S]"], Mapping[str, Any]] | None
+AuditMeta = (Mapping[str, Any] | Callable[["Handled[S]"], Mapping[str, Any] | Awaitable[Mapping[str, Any]]]
+             | None)
 """Keyword arguments of :func:`ckp_core.audit.command_entry` for a command's record, or a function of its
-outcome returning them (the record of a creation names what was created)."""
+outcome returning them (the record of a creation names what was created), or a coroutine function: what it awaits
+is part of handling the command, so its errors are the command's (a record that cannot be *built* from them is
+only logged)."""
 
 MAX_ATTEMPTS = 4
 BACKOFF_S = 0.01
@@ -301,7 +304,14 @@ class CommandHandler(Generic[S]):
             return
         subject = audit_as or command
         try:
-            kwargs = dict((audit_meta(handled) if callable(audit_meta) else audit_meta) or {})
+            meta = audit_meta(handled) if callable(audit_meta) else audit_meta
+        except Exception:  # a record that cannot be built must not fail the command: its outcome is in LO_EVT
+            log.warning("audit record of command %s not built", command.command_id, exc_info=True)
+            return
+        if inspect.isawaitable(meta):
+            meta = await meta  # what it awaits is part of handling the command: its errors are the command's
+        try:
+            kwargs = dict(meta or {})
             entry: AuditEntry
             if handled.event is None and handled.refusal is not None:  # refused without an event
                 entry = command_entry(subject, "rejected", code=handled.refusal.code, detail=handled.refusal.message,

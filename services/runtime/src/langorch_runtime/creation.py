@@ -17,6 +17,7 @@ LangGraph, no PostgreSQL), so it also runs where runs are only submitted, not ex
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -58,6 +59,7 @@ from langorch_infra.jetstream import (
     publish_command,
 )
 from langorch_infra.settings import RuntimeSettings
+from langorch_runtime.deadlines import consume_outcome
 from langorch_runtime.ownership import RunOwnership
 
 log = logging.getLogger(__name__)
@@ -226,6 +228,20 @@ class RunCreator:
             self.irs.put(key, entry.revision, ir)
         return ir
 
+    async def _lookup(self, command: CreateRun, ir: ProcedureIR | None,
+                      delivery: int) -> tuple[VersionState | None, ProcedureIR | None]:
+        """The version and, unless given, its IR, read at once; :class:`IrNotStored` for a runnable version whose IR
+        is not stored yet (for ``IR_WAIT_DELIVERIES`` deliveries)."""
+        if ir is not None:
+            return await self.version(command.procedure_id, command.procedure_version), ir
+        version, ir = await asyncio.gather(self.version(command.procedure_id, command.procedure_version),
+                                           self.load_ir(command.procedure_id, command.procedure_version))
+        if version is None or version.status not in RUNNABLE:
+            return version, None
+        if ir is None and delivery < IR_WAIT_DELIVERIES:
+            raise IrNotStored(f"{command.procedure_id}@{command.procedure_version}")
+        return version, ir
+
     async def create(self, command: CreateRun, *, delivery: int = 1, ir: ProcedureIR | None = None,
                      start_msg_id: str | None = None, effective_gate: bool = True) -> Handled[runs.RunState]:
         """Decide ``command``; a run it created (now, or before this redelivery) and that has not started yet gets
@@ -234,27 +250,39 @@ class RunCreator:
         Raises :class:`IrNotStored` while the version's IR is not stored yet (for ``IR_WAIT_DELIVERIES``
         deliveries), :class:`ConcurrencyError` when the run kept changing.
         """
-        version = await self.version(command.procedure_id, command.procedure_version)
-        if ir is None and version is not None and version.status in RUNNABLE:
-            ir = await self.load_ir(command.procedure_id, command.procedure_version)
-            if ir is None and delivery < IR_WAIT_DELIVERIES:
-                raise IrNotStored(f"{command.procedure_id}@{command.procedure_version}")
+        # the version and its IR are read while the command handler reads the run's head: the three reads are
+        # independent, and a creation waited for them one after the other (the IR is read before knowing whether
+        # the version is runnable; a creation refused for that is rare, and its IR read is only wasted)
+        lookup = asyncio.ensure_future(self._lookup(command, ir, delivery))
+        lookup.add_done_callback(consume_outcome)  # unused when the run exists already (a redelivery)
         start = command.start()
+        found_ir: list[ProcedureIR | None] = [ir]
 
-        def audit_meta(handled: Handled[runs.RunState]) -> dict[str, Any]:
-            """The start's record, as the execution would write it: redacted like the run's events."""
+        async def decide(run: runs.RunState) -> RunCreated | None:
+            if run.seq > 0:
+                return None  # created by another command: nothing to look up
+            version, found_ir[0] = await lookup
+            return decide_create(run, command, version, found_ir[0], now, effective_gate=effective_gate)
+
+        async def audit_meta(handled: Handled[runs.RunState]) -> dict[str, Any]:
+            """The start's record, as the execution would write it: redacted like the run's events (with the IR's
+            sensitive variables: looked up here too when the run existed already, and the command decided again
+            later while that IR is not stored, as before the reads overlapped)."""
             event = handled.event
             if event is None or event.type != "run_created":
                 return {}
-            redactor = run_redactor(ir, event.data.get("input_vars") or {})
+            if found_ir[0] is None:
+                _, found_ir[0] = await lookup
+            redactor = run_redactor(found_ir[0], event.data.get("input_vars") or {})
             return {"sensitive_keys": redactor.extra_keys, "sensitive_values": redactor.values,
                     "extra_meta": start_meta(event.data)}
 
         now = datetime.now(UTC)
-        handled = await self.handler.handle(
-            command.run_id, command, lambda run: decide_create(run, command, version, ir, now,
-                                                               effective_gate=effective_gate),
-            command_type="create_run", correlation_id=command.run_id, audit_as=start, audit_meta=audit_meta)
+        try:
+            handled = await self.handler.handle(command.run_id, command, decide, command_type="create_run",
+                                                correlation_id=command.run_id, audit_as=start, audit_meta=audit_meta)
+        finally:
+            lookup.cancel()  # a no-op once it is done
         event = handled.event
         if event is not None and event.type == "run_created" and (not handled.replayed or handled.state.seq == 1):
             await publish_command(self.js, start, msg_id=start_msg_id)
