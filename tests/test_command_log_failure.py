@@ -29,6 +29,7 @@ async def test_a_command_that_cannot_be_logged_leaves_no_subscription_and_is_not
         await conn.close()
     assert r.status_code >= 500, r.text
     assert len(nc._subs) == subscriptions_before
+    assert platform.app.state.projector._outcomes == {}  # nor an outcome awaited through the projector
     assert (await js.stream_info("LO_CMD")).state.last_seq == commands_before
     r = await c.post("/api/runs", json={"procedure_id": "e2e_test_procedure", "procedure_version": "1.0.0"})
     assert r.status_code == 201, r.text

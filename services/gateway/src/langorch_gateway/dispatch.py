@@ -38,18 +38,23 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
                command_type: str, resource: str | None = None, *, msg_id: str | None = None) -> Outcome | None:
     """Publish ``command`` and wait for the first event it caused on ``aggregate_id`` (None on timeout).
 
-    The ordered consumer exists before the command is published, so the outcome cannot be missed. The command
-    is logged first (``api_command_log``) so ``GET /api/commands/{id}`` can report it, pending or decided.
+    The outcome is awaited before the command is published, so it cannot be missed: as the gateway's projector
+    receives it when the projector is live (it receives every event anyway), else on an ordered consumer of the
+    aggregate's events created for this command (one JetStream API request more, and a consumer on the server).
+    The command is logged first (``api_command_log``) so ``GET /api/commands/{id}`` can report it, pending or
+    decided.
     """
     app = clients(request)
     require_nats(request)
     js, settings, metrics = app.js, app.settings, app.metrics
-    sub = await js.subscribe(aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
-                             config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
-    outcome: Outcome | None = None
     fixed_id = getattr(request.state, "command_id", None)
     if fixed_id:  # an idempotent request: the command id (hence Nats-Msg-Id) belongs to its Idempotency-Key
         command.command_id = fixed_id
+    expected = app.projector.expect(command.command_id, aggregate, aggregate_id)
+    sub = None if expected is not None else await js.subscribe(
+        aggregate_filter(aggregate, aggregate_id), ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW), stream=EVENT_STREAM)
+    outcome: Outcome | None = None
     try:
         await app.pool.execute(
             """INSERT INTO api_command_log (command_id, command_type, actor, aggregate, aggregate_id, resource,
@@ -57,7 +62,11 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
             command.command_id, command_type, command.actor.render(), aggregate, aggregate_id, resource)
         await publish_command(js, command, msg_id=msg_id)
         deadline = asyncio.get_running_loop().time() + settings.command_timeout_s
-        while outcome is None:
+        if expected is not None:
+            with contextlib.suppress(TimeoutError):
+                stored = await asyncio.wait_for(expected, settings.command_timeout_s)
+                outcome = Outcome(stored.envelope, stored.position)
+        while sub is not None and outcome is None:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break
@@ -69,8 +78,11 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
             if stored.envelope.causation_id == command.command_id:
                 outcome = Outcome(stored.envelope, stored.position)
     finally:
-        with contextlib.suppress(NatsError, OSError):  # the connection may be closed or draining already
-            await sub.unsubscribe()
+        if expected is not None:
+            app.projector.forget(command.command_id, expected)
+        if sub is not None:
+            with contextlib.suppress(NatsError, OSError):  # the connection may be closed or draining already
+                await sub.unsubscribe()
     state = "pending" if outcome is None else (
         "rejected" if outcome.envelope.type == "command_rejected" else "accepted")
     metrics.commands.labels(command_type=command_type, outcome=state).inc()

@@ -49,6 +49,9 @@ AUDIT_TABLES = ("audit_log",)
 BATCH = 500
 PENDING = 100_000
 """Messages received and not yet applied, at most (then the consumer's flow control holds the server back)."""
+LIVE_PENDING = 256
+"""A projector whose last received message left at most this many undelivered is live: a command's outcome is
+received within a few milliseconds of being appended (:meth:`Projector.expect`)."""
 IDLE_CHECK_S = 2.0
 """A projector that received nothing for this long compares its position with the stream head: behind means its
 consumer is lost (a NATS restart or a node's loss without a reconnection here), and it subscribes again."""
@@ -258,6 +261,10 @@ class StreamProjector(ABC, Generic[M]):
         """Called when the consumer is created (again) from the stored position: the messages another replica's
         projector applied meanwhile are never received here (nothing by default)."""
 
+    def received(self, item: M | Poison, pending: int) -> None:
+        """Called for every message as it is received (decoded, not applied yet), with the number of messages the
+        consumer had not delivered yet at that moment (nothing by default)."""
+
     async def load_position(self) -> int:
         async with self.pool.acquire() as conn:
             pos = await conn.fetchval("SELECT position FROM projection_positions WHERE name = $1", self.NAME)
@@ -451,7 +458,9 @@ class StreamProjector(ABC, Generic[M]):
             taken += 1
             if not taken % YIELD_EVERY:
                 await asyncio.sleep(0)
-            await received.put((msg.subject, msg.headers, self._decode(msg)))
+            item = self._decode(msg)
+            self.received(item, msg.metadata.num_pending or 0)
+            await received.put((msg.subject, msg.headers, item))
 
         seen = reconnects(self.js)
         sub = await self.js.subscribe(self.SUBJECT, ordered_consumer=True, config=cfg, stream=self.STREAM, cb=take,
@@ -605,6 +614,15 @@ def projection_spans(name: str, followed: str, subjects: list[str], headers: lis
             ).end(ended)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A command's outcome awaited on one aggregate (:meth:`Projector.expect`)."""
+
+    aggregate: str
+    aggregate_id: str
+    future: asyncio.Future[StoredEvent]
+
+
 class Projector(StreamProjector[StoredEvent]):
     """Follows ``LO_EVT`` and keeps the projection tables current."""
 
@@ -615,6 +633,40 @@ class Projector(StreamProjector[StoredEvent]):
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext) -> None:
         super().__init__(pool, js)
         self._watchers: dict[str, list[Callable[[str | None], None]]] = {}
+        self._outcomes: dict[str, list[Outcome]] = {}
+        self.live = False  # receiving events as they are appended (see expect)
+
+    def expect(self, command_id: str, aggregate: str, aggregate_id: str) -> asyncio.Future[StoredEvent] | None:
+        """A future of the first event ``command_id`` causes on the aggregate, resolved as this projector receives
+        it — before it is applied. None while the projector is not live: catching up from its stored position
+        (after a start, a reconnection, a backlog of more than ``LIVE_PENDING`` messages), when an event appended
+        now would reach it only after everything before it; the caller then follows the aggregate itself. Register
+        before the command is published; :meth:`forget` it afterwards, resolved or not."""
+        if not self.live:
+            return None
+        outcome = Outcome(aggregate, aggregate_id, asyncio.get_running_loop().create_future())
+        self._outcomes.setdefault(command_id, []).append(outcome)
+        return outcome.future
+
+    def forget(self, command_id: str, future: asyncio.Future[StoredEvent]) -> None:
+        waiting = self._outcomes.get(command_id)
+        if waiting is None:
+            return
+        waiting[:] = [o for o in waiting if o.future is not future]
+        if not waiting:
+            del self._outcomes[command_id]
+
+    def received(self, item: StoredEvent | Poison, pending: int) -> None:
+        self.live = pending <= LIVE_PENDING
+        if not self._outcomes or isinstance(item, Poison):
+            return
+        ev = item.envelope
+        waiting = self._outcomes.get(ev.causation_id) if ev.causation_id else None
+        if waiting:
+            for outcome in waiting:
+                if (outcome.aggregate == ev.aggregate and outcome.aggregate_id == ev.aggregate_id
+                        and not outcome.future.done()):
+                    outcome.future.set_result(item)
 
     def watch(self, aggregate: str, changed: Callable[[str | None], None]) -> None:
         """Call ``changed(aggregate_id)`` once the tables reflect an event of ``aggregate`` (whichever replica's
@@ -636,6 +688,7 @@ class Projector(StreamProjector[StoredEvent]):
                     changed(item.envelope.aggregate_id)
 
     def subscribing(self) -> None:
+        self.live = False  # until a message says how far behind the consumer starts
         for found in self._watchers.values():
             for changed in found:
                 changed(None)
