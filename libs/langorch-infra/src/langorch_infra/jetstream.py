@@ -48,6 +48,7 @@ from ckp_core.subjects import (
 )
 from langorch_infra import direct_get, tracing
 from langorch_infra.bus import record_append_conflict
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.nats_auth import connect_options, nats_servers
 
 if TYPE_CHECKING:
@@ -375,6 +376,7 @@ async def follow(js: JetStreamContext, subject: str, after_position: int = 0,
         first = False
         try:
             while reconnects(js) == seen:
+                stop_if_cancelled()
                 try:
                     msg = await sub.next_msg(timeout=WATCH_S)
                 except nats.errors.TimeoutError:

@@ -471,6 +471,7 @@ class StreamProjector(ABC, Generic[M]):
         self._conn = held
         try:
             while True:
+                stop_if_cancelled()  # _next's wait_for drops a cancellation that meets a message
                 subject, headers, item = await self._next(received, seen)
                 await self._gather(received)
                 started = time.monotonic()

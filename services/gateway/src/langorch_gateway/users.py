@@ -52,6 +52,7 @@ from ckp_core.subjects import EVENT_STREAM, LOCKS_BUCKET, RATELIMITS_BUCKET
 from langorch_gateway.deps import Clients
 from langorch_gateway.pool import advisory_lock
 from langorch_gateway.problems import ApiProblem
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.kv import put_with_ttl
 from langorch_infra.settings import GatewaySettings
@@ -540,6 +541,7 @@ async def _housekeeping(app: Clients, lock: asyncio.Lock) -> None:
     if not settings.auth_enabled:
         while True:
             await asyncio.sleep(DISABLED_WARNING_S)
+            stop_if_cancelled()
             _warn_disabled(settings)
     while True:
         try:

@@ -270,6 +270,7 @@ class AgentDispatcher(Dispatcher):
                                       config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
         try:
             while True:
+                stop_if_cancelled()
                 stored = decode_message(await sub.next_msg(timeout=None))
                 ev = stored.envelope
                 state = self.registry.setdefault(ev.aggregate_id, AgentState(ev.aggregate_id))

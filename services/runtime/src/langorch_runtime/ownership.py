@@ -156,6 +156,7 @@ class RunOwnership:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), SNAPSHOT_S)
+            stop_if_cancelled()  # wait_for drops a cancellation that meets a change (CI: a runtime's stop hung)
             self._changed.clear()
             held = {run: [revision, self.acks.get(run, "")] for run, revision in self.held.items()}
             listed = {"held": held, "acquiring": sorted(self.acquiring)}

@@ -23,6 +23,7 @@ from nats.js.kv import KeyValue
 from ckp_core.events import ErrorObject, EventData, RateLimitWait
 from ckp_core.ir import RateLimitingIR
 from ckp_core.subjects import RATELIMITS_BUCKET, kv_token
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.kv import put_with_ttl
 from langorch_runtime.errors import StepError
 
@@ -127,6 +128,7 @@ class ProcedureLimiter:
         body = json.dumps({"holder": self.holder, "at": time.time()}).encode()
         while True:
             await asyncio.sleep(SLOT_TTL_S / 3)
+            stop_if_cancelled()  # a renewal's KV request may have swallowed it: the slot is let go, not renewed on
             held["revision"] = await put_with_ttl(self.js, RATELIMITS_BUCKET, key, body, SLOT_TTL_S,
                                                   last=held["revision"])
 

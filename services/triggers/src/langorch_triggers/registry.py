@@ -26,6 +26,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ckp_core.events import EventEnvelope
 from ckp_core.subjects import EVENT_STREAM
 from ckp_core.triggers import TriggerState, evolve, trigger_id
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import decode_message
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Registry:
             if info.num_pending == 0 and (info.delivered is None or not info.delivered.consumer_seq):
                 caught_up.set()  # nothing to replay
             while True:
+                stop_if_cancelled()
                 msg = await sub.next_msg(timeout=None)
                 try:
                     changed = apply(decode_message(msg).envelope)
