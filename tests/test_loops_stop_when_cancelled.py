@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 
+from langorch_infra.cancel import cancel_and_wait
 from langorch_infra.jetstream import ensure_topology
 from langorch_runtime.ownership import RunOwnership
 
@@ -88,3 +90,41 @@ async def test_the_held_runs_list_stops_when_cancelled_as_a_change_wakes_it(nats
         assert all(task.done() for task in tasks)
     finally:
         await nc.close()
+
+
+@pytest.mark.unit
+async def test_cancel_and_wait_hands_on_the_cancellation_of_its_caller() -> None:
+    release = asyncio.Event()
+
+    async def stubborn() -> None:  # a task that does not stop when cancelled (until released)
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    caller = asyncio.ensure_future(cancel_and_wait([task]))
+    await asyncio.sleep(0.05)
+    caller.cancel()  # as a bounded stop whose time is up
+    done, _ = await asyncio.wait({caller}, timeout=5)
+    ended, cancelled = caller in done, caller.cancelled()
+    release.set()  # let everything end before asserting
+    task.cancel()
+    await asyncio.wait({task, caller}, timeout=5)
+    assert ended
+    assert cancelled  # not returned as if the task had ended
+    assert task.done()
+
+
+@pytest.mark.unit
+async def test_cancel_and_wait_drops_the_outcomes_of_the_tasks() -> None:
+    async def failing() -> None:
+        raise RuntimeError("a last failure")
+
+    async def waiting() -> None:
+        await asyncio.sleep(10)
+
+    tasks = [asyncio.create_task(failing()), asyncio.create_task(waiting())]
+    await asyncio.sleep(0)
+    await cancel_and_wait(tasks)
+    assert all(task.done() for task in tasks)

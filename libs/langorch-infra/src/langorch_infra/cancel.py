@@ -12,7 +12,6 @@ every loop that runs until cancelled calls :func:`stop_if_cancelled` once per ro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,10 +25,14 @@ def stop_if_cancelled() -> None:
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Cancel ``tasks`` and wait until each has ended; their outcomes (the CancelledError, or a last failure) are
-    dropped: a component stopping its own background tasks."""
+    dropped: a component stopping its own background tasks. A cancellation of the caller itself while it waits is
+    not dropped with them (awaiting each task inside ``suppress(BaseException)`` did: a bounded stop whose time was
+    up then returned as if the tasks had ended)."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)  # raises only the caller's own cancellation
     for task in tasks:
-        with contextlib.suppress(BaseException):  # the cancelled task's CancelledError (or its last failure)
-            await task
+        if not task.cancelled():
+            task.exception()  # retrieved: a last failure is dropped, not reported as never retrieved
