@@ -642,3 +642,29 @@ async def test_a_release_after_a_renewal_it_did_not_see_still_deletes_its_own_le
         await put_with_ttl(d.js, LEASES_BUCKET, "res.1", json.dumps(theirs).encode(), 60, last=first)
         await d.release(Lease("res.1", first, mine))
         assert json.loads((await d.leases.get("res.1")).value or b"{}") == theirs
+
+
+async def test_a_lease_written_as_the_dispatch_is_cancelled_is_released(nats_url: str) -> None:
+    """The lease's write lands, and the dispatch is cancelled before its answer arrives (a run canceled, a parallel
+    branch ended by its sibling): the slot is released in the background, not held until its TTL."""
+    async with running_agent() as agent, harness(nats_url) as h:
+        await h.register("web1", agent.base_url)
+        real_put = h.dispatcher._put_lease
+        landed = asyncio.Event()
+
+        async def answer_late(*args: Any, **kwargs: Any) -> int:
+            written = int(await real_put(*args, **kwargs))  # stored on the server
+            landed.set()
+            await asyncio.sleep(30)  # its answer never reaches the dispatch in time
+            return written
+
+        h.dispatcher._put_lease = answer_late  # type: ignore[method-assign]
+        call = asyncio.create_task(h.dispatcher.dispatch(h.request()))
+        await asyncio.wait_for(landed.wait(), 10)
+        assert len(await h.leases()) == 1  # held: the write landed
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await h.until(lambda: not h.dispatcher._releases, timeout=10)
+        assert await h.leases() == {}
+        assert agent.behaviour.executions == []  # the agent was never called

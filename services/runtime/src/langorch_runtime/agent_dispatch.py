@@ -467,8 +467,27 @@ class AgentDispatcher(Dispatcher):
                 written = await self._put_lease(key, value, ttl, revision)
             except KeyWrongLastSequenceError:
                 continue  # taken (or released again) since it was read
+            except asyncio.CancelledError:
+                # the write may have landed although its answer is lost (a step canceled with its run, a branch
+                # with its parallel node): the slot is let go in the background if it holds this lease, rather
+                # than held until its TTL
+                self._in_background(key, self._release_if_written(key, value))
+                raise
             return Lease(key, written, value)
         return None
+
+    async def _release_if_written(self, key: str, value: dict[str, Any]) -> None:
+        """Delete ``key`` if it holds the lease ``value`` (written by a request whose answer was cut off)."""
+        try:
+            entry = await self.leases.get(key)
+            held = json.loads(entry.value or b"{}")
+        except (KeyNotFoundError, KeyDeletedError, NotFoundError, ValueError):
+            return
+        except (NatsError, OSError):
+            log.warning("releasing lease %s failed; it expires by TTL", key, exc_info=True)
+            return
+        if isinstance(held, dict) and held.get("lease_id") == value["lease_id"]:
+            await self.release(Lease(key, int(entry.revision or 0), value))
 
     async def adopt(self, c: Candidate, request: DispatchRequest) -> Lease | None:
         """A slot still held for this very attempt — same run and idempotency key — by the replica that executed
@@ -581,11 +600,14 @@ class AgentDispatcher(Dispatcher):
         leaves the key until its TTL, as a crash during the call does. Its own runs never find their last slot still
         held: the followed view counts the slot free (:data:`PENDING_RELEASE`, taken once the delete lands, after
         the slots free already), and a fresh read of the resource waits for it (:meth:`_released`)."""
-        task = asyncio.create_task(self.release(lease), name=f"lease-release {lease.key}")
+        self._in_background(lease.key, self.release(lease))
+
+    def _in_background(self, key: str, releasing: Coroutine[Any, Any, None]) -> None:
+        """A release of ``key`` as a task of its own, which :meth:`settled` (and a write of the key) waits for."""
+        task = asyncio.create_task(releasing, name=f"lease-release {key}")
         task.add_done_callback(consume_outcome)
-        self._releases[lease.key] = task
-        task.add_done_callback(lambda t: self._releases.pop(lease.key, None) if self._releases.get(lease.key) is t
-                               else None)
+        self._releases[key] = task
+        task.add_done_callback(lambda t: self._releases.pop(key, None) if self._releases.get(key) is t else None)
 
     async def settled(self) -> None:
         """Wait until every lease released so far is deleted (for a reader of ``lo_leases`` right after a call)."""
@@ -678,6 +700,7 @@ class AgentDispatcher(Dispatcher):
         self._remember(request.run_id, channel, candidate.agent_id)
         request.agent_id = candidate.agent_id
         try:
+            stop_if_cancelled()  # a lease write's wait_for may have swallowed it: the slot is released below
             if request.on_selected is not None:
                 await request.on_selected(candidate.agent_id, self.binding_of(candidate))
             call = self._timed(request, self._call(candidate, request, channel))
