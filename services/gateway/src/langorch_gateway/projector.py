@@ -616,7 +616,7 @@ def projection_spans(name: str, followed: str, subjects: list[str], headers: lis
 
 
 @dataclass(frozen=True)
-class Outcome:
+class AwaitedOutcome:
     """A command's outcome awaited on one aggregate (:meth:`Projector.expect`)."""
 
     aggregate: str
@@ -634,7 +634,7 @@ class Projector(StreamProjector[StoredEvent]):
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext) -> None:
         super().__init__(pool, js)
         self._watchers: dict[str, list[Callable[[str | None], None]]] = {}
-        self._outcomes: dict[str, list[Outcome]] = {}
+        self._outcomes: dict[str, list[AwaitedOutcome]] = {}
         self.live = False  # receiving events as they are appended (see expect)
 
     def expect(self, command_id: str, aggregate: str, aggregate_id: str) -> asyncio.Future[StoredEvent] | None:
@@ -645,7 +645,7 @@ class Projector(StreamProjector[StoredEvent]):
         before the command is published; :meth:`forget` it afterwards, resolved or not."""
         if not self.live:
             return None
-        outcome = Outcome(aggregate, aggregate_id, asyncio.get_running_loop().create_future())
+        outcome = AwaitedOutcome(aggregate, aggregate_id, asyncio.get_running_loop().create_future())
         self._outcomes.setdefault(command_id, []).append(outcome)
         return outcome.future
 

@@ -24,9 +24,10 @@ CANCEL_GRACE_S = 1.0  # how long a cancelled call may take to end before the cal
 
 
 def consume_outcome(task: asyncio.Future[Any]) -> None:
-    """Retrieve the outcome of a call left to end in the background (no "exception never retrieved")."""
+    """Retrieve the outcome of a task left to end in the background (a call abandoned at its deadline, a release,
+    a look-up nobody needed in the end): no "exception never retrieved"."""
     if not task.cancelled() and task.exception() is not None:
-        log.debug("a call abandoned at its deadline ended with %r", task.exception())
+        log.debug("a task left to end in the background ended with %r", task.exception())
 
 
 async def within(call: Awaitable[T], seconds: float, what: str = "call") -> T:
