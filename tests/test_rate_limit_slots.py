@@ -133,7 +133,7 @@ async def test_a_call_cancelled_while_its_slot_is_released_still_lets_it_go(limi
 
 async def test_slots_of_one_holder_are_told_apart(limiter: ProcedureLimiter) -> None:
     """Two acquisitions by the same replica write different values: a cut-off write is compared with its own."""
-    values = []
+    values: list[dict[str, Any]] = []
     for _ in range(2):
         async with limiter.admit("proc", LIMITS, None, {}):
             values.extend((await held_slots(limiter)).values())
