@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from ckp_core import expressions
 from ckp_core.compiler import compile_document
 from ckp_core.expressions import MappingScope, evaluate
+from ckp_core.expressions import parser as expression_parser
 from ckp_core.ir import (
     HumanApprovalPayload,
     LogicPayload,
@@ -106,7 +106,7 @@ def test_parsed_trees_evaluate_after_a_json_round_trip_without_parsing(monkeypat
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the runtime must not parse CKP text again")
 
-    monkeypatch.setattr(expressions, "_Parser", refuse)
+    monkeypatch.setattr(expression_parser, "_Parser", refuse)
     scope = MappingScope({"amount": 12.5, "region": "eu"})
     logic = loaded.nodes["a"].payload
     assert isinstance(logic, LogicPayload)
