@@ -40,6 +40,7 @@ import cProfile
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -372,6 +373,8 @@ def delay_nats_requests(seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     import json
 
     parser = argparse.ArgumentParser()

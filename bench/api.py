@@ -38,6 +38,7 @@ import contextlib
 import cProfile
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -314,6 +315,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--post-requests", type=int, default=1000)

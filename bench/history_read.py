@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -104,4 +105,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()

@@ -374,6 +374,8 @@ async def main(clients: int, seconds: float, warmup: float, poll_ms: float, work
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window, after the warm-up")

@@ -37,6 +37,7 @@ import asyncio
 import cProfile
 import json
 import os
+import signal
 import sys
 import time
 from bisect import bisect_left
@@ -268,6 +269,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=1000, help="events per second")
     parser.add_argument("--seconds", type=float, default=10, help="measured seconds (after the warm-up)")

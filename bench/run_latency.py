@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import time
@@ -83,6 +84,8 @@ async def main(runs: int) -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     print(json.dumps(asyncio.run(main(parser.parse_args().runs)), indent=2))

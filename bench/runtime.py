@@ -27,6 +27,7 @@ import asyncio
 import cProfile
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -424,6 +425,8 @@ async def main(runs: int, calls: int, profile: str | None = None) -> dict[str, A
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--calls", type=int, default=50)

@@ -201,6 +201,8 @@ def main(starts: int, workers: int | None, bytecode: bool) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # a SIGTERM (a timeout, `kill`) stops the benchmark as Ctrl-C does, with the servers and processes it started
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--starts", type=int, default=3, help="starts on the existing state after the first")
     parser.add_argument("--workers", type=int, default=None,
