@@ -212,6 +212,51 @@ def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and
     assert again.proc.wait(timeout=30) == 0, again.text
 
 
+def test_requests_open_at_ctrl_c_are_answered(state_dir: Path) -> None:
+    """Starts in flight when Ctrl-C comes are answered (201, or 202 pending when their command was not decided in
+    the gateway's drain), never cut off with a 500: the workers stop only once the gateway has drained."""
+    port = free_port()
+    up = start_up(state_dir, port)
+    up.wait_ready()
+    base = f"http://127.0.0.1:{port}"
+    doc = {"procedure_id": "at_ctrl_c", "version": "1",
+           "workflow_graph": {"start_node": "end", "nodes": {"end": {"type": "terminate"}}}}
+    r = httpx.post(f"{base}/api/procedures", json={"ckp_json": doc}, headers=up.headers, timeout=30)
+    assert r.status_code == 201, r.text
+    statuses: list[int] = []
+    failures: list[str] = []
+
+    def start_runs() -> None:
+        with httpx.Client(base_url=base, headers=up.headers, timeout=30) as c:
+            while True:
+                try:
+                    answer = c.post("/api/runs", json={"procedure_id": "at_ctrl_c", "procedure_version": "1"})
+                except httpx.TransportError:
+                    return  # the gateway no longer accepts requests
+                statuses.append(answer.status_code)
+                if answer.status_code not in (201, 202):
+                    failures.append(f"{answer.status_code} {answer.headers.get('content-type')}: {answer.text}")
+
+    clients = [threading.Thread(target=start_runs, daemon=True) for _ in range(4)]
+    for client in clients:
+        client.start()
+    deadline = time.monotonic() + 60
+    while len(statuses) < 20:  # every client is sending
+        assert not failures, failures
+        assert time.monotonic() < deadline, (statuses, up.text)
+        time.sleep(0.05)
+    up.interrupt()
+    try:
+        up.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"langorch up still running 15 s after SIGINT:\n{up.text}")
+    for client in clients:
+        client.join(timeout=30)
+    assert up.proc.returncode == 0, up.text
+    assert failures == [], failures
+    assert "Traceback" not in up.text, up.text
+
+
 def test_the_readme_command_under_uv_run_stops_gracefully_on_one_ctrl_c(state_dir: Path) -> None:
     """`uv run` relays the group's SIGINT to its child when it has no terminal: one Ctrl-C, not a forced stop."""
     uv = os.environ.get("UV") or shutil.which("uv")

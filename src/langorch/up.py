@@ -17,9 +17,10 @@
    state directory and the log files, once the gateway serves and every worker runs. With authentication on it
    also shows the first admin's generated password (first start only) and where the CLI's API key is
    (:mod:`langorch.bootstrap` has the flow).
-5. **Stop.** The first Ctrl-C (or SIGTERM) stops the services (the gateway drains for ``STOP_GRACE_S`` while the
-   workers stop), then NATS, then PostgreSQL. A second one forces the stop: the workers and servers are killed
-   (the servers recover on their next start) and the process exits with 130.
+5. **Stop.** The first Ctrl-C (or SIGTERM) stops the services (the gateway drains for ``STOP_GRACE_S``, the
+   workers still deciding the commands of its open requests; then the workers stop), then NATS, then PostgreSQL.
+   A second one forces the stop: the workers and servers are killed (the servers recover on their next start) and
+   the process exits with 130.
 """
 
 from __future__ import annotations
@@ -420,13 +421,10 @@ class Up:
             if not stop.is_set():
                 self.banner(nats_url, database_url, started)
 
-        async def stop_workers() -> None:
-            """The workers stop while the gateway drains."""
-            await stop.wait()
-            if pool is not None:
-                pool.terminate()
-
-        helpers = [asyncio.create_task(announce()), asyncio.create_task(stop_workers())]
+        # the workers stop once the gateway has drained (below): a request open at the stop gets its command decided
+        # (a run created, a cancel applied) and is answered as at any other time, where workers stopping meanwhile
+        # left it waiting until the server cut it off
+        helpers = [asyncio.create_task(announce())]
         if pool is not None:
             helpers.append(asyncio.create_task(pool.supervise()))
         try:

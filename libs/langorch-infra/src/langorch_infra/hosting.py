@@ -62,12 +62,72 @@ async def settle_heap_later(delay_s: float = SETTLE_DELAY_S) -> None:
     settle_heap()
 
 
+DRAIN_MARGIN_S = 0.25
+"""How long before the server's graceful-shutdown timeout a draining request's long waits end: its answer is
+written in that time."""
+
+
+class Drain:
+    """A server's stop as the requests it drains see it.
+
+    A request can wait long for something another process does: a command's outcome (up to
+    ``LANGORCH_COMMAND_TIMEOUT_S``), a projection catching up (``LANGORCH_RYW_TIMEOUT_MS``). When the server stops,
+    uvicorn gives open requests ``timeout_graceful_shutdown`` seconds and then cancels them, and a request cancelled
+    before its answer began is answered ``500 Internal Server Error`` in plain text. The waits a request makes
+    through :meth:`settle` end instead :data:`DRAIN_MARGIN_S` before that timeout, so each request is answered as
+    its wait running out says (a command still pending: ``202``; a read that may be stale), by the request itself.
+    An application keeps its ``Drain`` as ``app.state.drain``; :class:`ManagedServer` begins it."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future[None]] = set()
+        self.draining = False
+        self.released = False
+
+    def begin(self, grace_s: float | None) -> None:
+        """The server stops now and cancels what is open after ``grace_s`` (None: it waits as long as it takes)."""
+        if self.draining:
+            return
+        self.draining = True
+        if grace_s is not None:
+            asyncio.get_running_loop().call_later(max(0.0, grace_s - DRAIN_MARGIN_S), self._release)
+
+    def _release(self) -> None:
+        self.released = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def settle(self, fut: asyncio.Future[Any], timeout: float) -> bool:
+        """Wait until ``fut`` is done, ``timeout`` seconds have passed, or the drain's time is up; True when ``fut``
+        is done. ``fut`` is neither cancelled nor awaited (its outcome is the caller's), and a cancellation of the
+        caller is not swallowed."""
+        if fut.done():
+            return True
+        if self.released:
+            return False
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait({fut, waiter}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiters.discard(waiter)
+            waiter.cancel()
+        return fut.done()
+
+
 class ManagedServer(uvicorn.Server):
-    """Leaves SIGINT/SIGTERM to the host process, which stops the server with ``should_exit``."""
+    """Leaves SIGINT/SIGTERM to the host process, which stops the server with ``should_exit``; begins the
+    :class:`Drain` an application keeps as ``app.state.drain`` when it starts to stop."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if isinstance(drain, Drain):
+            drain.begin(self.config.timeout_graceful_shutdown)
+        await super().shutdown(sockets)
 
 
 class Component(Protocol):

@@ -86,6 +86,20 @@ class _FetchDeadlineRestart(logging.Filter):
 
 faststream_log.addFilter(_FetchDeadlineRestart())
 
+
+class _HandlerStopped(logging.Filter):
+    """Drops FastStream's error record of a handler that ended with ``CancelledError``: its consumer was stopped
+    (a service stopping cancels the handlers in progress). Its message was not acknowledged and comes back after the
+    ack wait, here or on another replica, so nothing failed; FastStream logged each such handler at ERROR with a
+    traceback, one per handler cut off by every stop under load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+faststream_log.addFilter(_HandlerStopped())
+
 FETCH_TIMEOUT_S = 5.0
 Handler = Callable[[Any], Awaitable[None]]
 

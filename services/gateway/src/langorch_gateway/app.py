@@ -80,6 +80,7 @@ from langorch_gateway.projector import AuditProjector, Projector, ensure_schema
 from langorch_gateway.streams import StreamSlots
 from langorch_gateway.text_safety import check_request
 from langorch_infra import tracing
+from langorch_infra.hosting import Drain
 from langorch_infra.jetstream import (
     JetStreamEventStore,
     connect,
@@ -180,6 +181,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
     app.state.admission = Admission(settings.admission_max_backlog, settings.admission_retry_after_s,
                                     settings.admission_cache_ms / 1000, metrics)
     app.state.project_names_lock = asyncio.Lock()  # deps.NamesLock
+    app.state.drain = Drain()  # begun by the server when it stops (langorch_infra.hosting.ManagedServer)
     app.state.authenticator = authenticator = GatewayAuthenticator(settings)
     metrics.auth_disabled.set(0 if settings.auth_enabled else 1)
     install(app)

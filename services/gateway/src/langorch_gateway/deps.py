@@ -21,6 +21,7 @@ from starlette.datastructures import State
 from langorch_gateway import metrics as metrics_module
 from langorch_gateway import projector as projector_module
 from langorch_gateway.streams import StreamSlots
+from langorch_infra.hosting import Drain
 from langorch_infra.jetstream import JetStreamEventStore
 from langorch_infra.secret_providers import SecretResolver
 from langorch_infra.settings import GatewaySettings
@@ -59,6 +60,10 @@ class Clients:
     @property
     def metrics(self) -> metrics_module.GatewayMetrics:
         return cast(metrics_module.GatewayMetrics, self._state.metrics)
+
+    @property
+    def drain(self) -> Drain:
+        return cast(Drain, self._state.drain)
 
     @property
     def stream_slots(self) -> StreamSlots:

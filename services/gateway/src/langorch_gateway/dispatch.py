@@ -21,9 +21,13 @@ from ckp_core.subjects import EVENT_STREAM, aggregate_filter
 from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import header_position
+from langorch_infra.cancel import cancel_and_wait
 from langorch_infra.jetstream import decode_message, publish_command
 
 log = logging.getLogger(__name__)
+
+# how long an ordered consumer's wait for an outcome lasts before the gateway's drain is looked at again
+OUTCOME_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -62,18 +66,18 @@ async def send(request: Request, aggregate: str, aggregate_id: str, command: Com
             command.command_id, command_type, command.actor.render(), aggregate, aggregate_id, resource)
         await publish_command(js, command, msg_id=msg_id)
         deadline = asyncio.get_running_loop().time() + settings.command_timeout_s
-        if expected is not None:
-            with contextlib.suppress(TimeoutError):
-                stored = await asyncio.wait_for(expected, settings.command_timeout_s)
-                outcome = Outcome(stored.envelope, stored.position)
-        while sub is not None and outcome is None:
-            remaining = deadline - asyncio.get_running_loop().time()
+        # a gateway that stops answers before the server cuts the request off: still pending, as at the timeout
+        if expected is not None and await app.drain.settle(expected, settings.command_timeout_s):
+            stored = expected.result()
+            outcome = Outcome(stored.envelope, stored.position)
+        while sub is not None and outcome is None and not app.drain.released:
+            remaining = min(deadline - asyncio.get_running_loop().time(), OUTCOME_POLL_S)
             if remaining <= 0:
                 break
             try:
                 msg = await sub.next_msg(timeout=remaining)
             except NatsTimeoutError:
-                break
+                continue  # until the deadline, or the drain's end
             stored = decode_message(msg)
             if stored.envelope.causation_id == command.command_id:
                 outcome = Outcome(stored.envelope, stored.position)
@@ -110,7 +114,16 @@ async def ryw(request: Request, position: int) -> bool:
     """Wait (bounded) until the projection has applied ``position``; False when it did not in time."""
     app = clients(request)
     started = time.monotonic()
-    reached = await app.projector.wait(position, app.settings.ryw_timeout_ms / 1000)
+    if app.projector.position >= position:
+        reached = True
+    else:  # a gateway that stops answers before the server cuts the request off: as at the timeout (stale)
+        timeout = app.settings.ryw_timeout_ms / 1000
+        waiting = asyncio.ensure_future(app.projector.wait(position, timeout))
+        if await app.drain.settle(waiting, timeout + 1):
+            reached = waiting.result()
+        else:
+            await cancel_and_wait([waiting])
+            reached = False
     app.metrics.ryw_wait.observe(time.monotonic() - started)
     if not reached:
         log.warning("projection did not reach %s within the RYW timeout", position)
