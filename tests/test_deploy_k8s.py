@@ -201,6 +201,23 @@ def test_workloads_are_hardened_and_covered_by_disruption_budgets(overlay: str) 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_terminating_gateway_keeps_serving_until_it_is_out_of_the_endpoints_then_drains(overlay: str) -> None:
+    """A rollout refuses no connection: the gateway pod sleeps in preStop while the endpoints forget it, then drains
+    its open requests (``SHUTDOWN_GRACE_S``), all within the pod's termination grace period."""
+    from langorch.server import SHUTDOWN_GRACE_S
+
+    [gateway] = [d for d in of_kind(rendered(overlay), "Deployment") if d["metadata"]["name"] == "langorch-gateway"]
+    pod = gateway["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep", command
+    delay = float(command[1])
+    assert delay >= 3, "endpoints and ingresses take seconds to forget a terminating pod"
+    assert pod["terminationGracePeriodSeconds"] >= delay + SHUTDOWN_GRACE_S + 5
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_config_and_secrets_the_services_read_exist(overlay: str) -> None:
     """Every ConfigMap is in the overlay; Secrets too in dev. prod's database Secret comes from CloudNativePG (the
     Cluster's ``<name>-app``), and langorch-auth (and the ingress certificate) is the operator's to create."""
