@@ -78,3 +78,28 @@ async def test_a_read_waiting_for_its_projection_when_the_gateway_stops_is_serve
     assert answered.status_code == 200, answered.text
     assert answered.headers["X-LangOrch-Consistency"] == "stale"
     assert took < GRACE_S, f"the server stopped after {took:.2f} s, at its timeout: the request was cut off"
+
+
+async def test_an_open_event_stream_ends_when_the_gateway_stops(platform: Platform) -> None:
+    """The stream ends at once (the client's EventSource reconnects with its Last-Event-ID to a replica that
+    serves) instead of holding the stop until the server cuts it off."""
+    stream_grace_s = 10
+    lines: list[str] = []
+    opened = asyncio.Event()
+
+    async def follow(base: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as c, c.stream("GET", f"{base}/api/approvals/stream") as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                lines.append(line)
+                opened.set()
+
+    async with serve_app(platform.app, lifespan="off", timeout_graceful_shutdown=stream_grace_s,
+                         what="the stopping server") as base:
+        following = asyncio.create_task(follow(base))
+        await asyncio.wait_for(opened.wait(), 20)
+        stopping = time.monotonic()
+    took = time.monotonic() - stopping
+    await asyncio.wait_for(following, 10)  # ended, without a transport error
+    assert took < stream_grace_s / 2, f"the server stopped after {took:.2f} s: the stream held it"
+    assert ": langorch approval stream" in lines

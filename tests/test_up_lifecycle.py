@@ -280,10 +280,13 @@ def test_a_second_ctrl_c_forces_the_stop(state_dir: Path) -> None:
     port = free_port()
     up = start_up(state_dir, port)
     up.wait_ready()
-    # an open live stream makes the gateway drain for its grace period, so the second Ctrl-C lands mid-stop
-    with httpx.Client(timeout=httpx.Timeout(30, read=None), headers=up.headers) as client, \
-            client.stream("GET", f"http://127.0.0.1:{port}/api/approvals/stream") as stream:
-        assert stream.status_code == 200
+    # a request whose body is still being sent makes the gateway drain for its grace period (open event streams
+    # end at once when it starts to stop), so the second Ctrl-C lands mid-stop
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+        key = up.headers["X-API-Key"]
+        slow.sendall(f"POST /api/procedures HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
+        time.sleep(0.5)  # the gateway has the request and waits for the rest of its body
         signaled = up.interrupt()
         up.wait_for_line("Ctrl-C again to force", 10)
         # a repeat within REPEAT_WINDOW_S is the same Ctrl-C delivered twice (as `uv run` relays it): ignored

@@ -80,14 +80,25 @@ class Drain:
 
     def __init__(self) -> None:
         self._waiters: set[asyncio.Future[None]] = set()
+        self._stopping: asyncio.Future[None] | None = None
         self.draining = False
         self.released = False
+
+    def stopping(self) -> asyncio.Future[None]:
+        """A future done once the server starts to stop (shared: await it, do not cancel it)."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_future()
+            if self.draining:
+                self._stopping.set_result(None)
+        return self._stopping
 
     def begin(self, grace_s: float | None) -> None:
         """The server stops now and cancels what is open after ``grace_s`` (None: it waits as long as it takes)."""
         if self.draining:
             return
         self.draining = True
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.set_result(None)
         if grace_s is not None:
             asyncio.get_running_loop().call_later(max(0.0, grace_s - DRAIN_MARGIN_S), self._release)
 

@@ -14,7 +14,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
@@ -77,7 +77,7 @@ from langorch_gateway.metrics import GatewayMetrics
 from langorch_gateway.pool import open_pool
 from langorch_gateway.problems import ApiProblem, install, internal_problem, problem_response
 from langorch_gateway.projector import AuditProjector, Projector, ensure_schema
-from langorch_gateway.streams import StreamSlots
+from langorch_gateway.streams import StreamSlots, until_stopping
 from langorch_gateway.text_safety import check_request
 from langorch_infra import tracing
 from langorch_infra.hosting import Drain
@@ -149,6 +149,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         projector.start()
         audit_projector.start()
         app.state.nc, app.state.js, app.state.pool, app.state.projector = nc, js, pool, projector
+        projector.drain = audit_projector.drain = app.state.drain
         app.state.store = JetStreamEventStore(js)
         # secret records are folded from LO_EVT, as the runtime does: one rule for both (routes_secrets)
         app.state.secret_resolver = SecretResolver(
@@ -477,13 +478,13 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
         async def events() -> AsyncIterator[ServerSentEvent]:
             metrics.sse.labels(stream="run").inc()
             try:
-                async for event in run_events_of():
+                async for event in until_stopping(run_events_of(), app.state.drain):
                     yield event
             finally:
                 metrics.sse.labels(stream="run").dec()
                 release()
 
-        async def run_events_of() -> AsyncIterator[ServerSentEvent]:
+        async def run_events_of() -> AsyncGenerator[ServerSentEvent, None]:
             yield ServerSentEvent(comment="langorch run stream", retry=3000)
             async for stored in follow(js, aggregate_filter("run", run_id), start, new_only=new_only):
                 env = stored.envelope

@@ -21,7 +21,6 @@ from ckp_core.subjects import EVENT_STREAM, aggregate_filter
 from langorch_gateway.deps import clients
 from langorch_gateway.problems import ApiProblem
 from langorch_gateway.queries import header_position
-from langorch_infra.cancel import cancel_and_wait
 from langorch_infra.jetstream import decode_message, publish_command
 
 log = logging.getLogger(__name__)
@@ -114,16 +113,8 @@ async def ryw(request: Request, position: int) -> bool:
     """Wait (bounded) until the projection has applied ``position``; False when it did not in time."""
     app = clients(request)
     started = time.monotonic()
-    if app.projector.position >= position:
-        reached = True
-    else:  # a gateway that stops answers before the server cuts the request off: as at the timeout (stale)
-        timeout = app.settings.ryw_timeout_ms / 1000
-        waiting = asyncio.ensure_future(app.projector.wait(position, timeout))
-        if await app.drain.settle(waiting, timeout + 1):
-            reached = waiting.result()
-        else:
-            await cancel_and_wait([waiting])
-            reached = False
+    # a gateway that stops ends the wait before the server cuts the request off: as at the timeout (stale)
+    reached = await app.projector.wait(position, app.settings.ryw_timeout_ms / 1000)
     app.metrics.ryw_wait.observe(time.monotonic() - started)
     if not reached:
         log.warning("projection did not reach %s within the RYW timeout", position)

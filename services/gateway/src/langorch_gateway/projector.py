@@ -38,6 +38,7 @@ from langorch_gateway.projections import PROJECTIONS, Projection, Recorded, appl
 from langorch_infra import tracing
 from langorch_infra.bus import BusMetrics, subject_template
 from langorch_infra.cancel import stop_if_cancelled
+from langorch_infra.hosting import Drain
 from langorch_infra.jetstream import TRANSIENT_ERRORS, WATCH_S, decode_message, reconnects, stream_last_position
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,8 @@ class StreamProjector(ABC, Generic[M]):
         self.pool = pool
         self.js = js
         self.position = 0
+        # the gateway's stop: a read-your-writes wait then ends before the server cuts its request off
+        self.drain: Drain | None = None
         self._advanced = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None  # the connection the consumer holds while it runs (see _consume)
@@ -541,7 +544,7 @@ class StreamProjector(ABC, Generic[M]):
         deadline = loop.time() + timeout
         while self.position < position:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or (self.drain is not None and self.drain.released):
                 return False
             async with self._advanced:
                 with contextlib.suppress(TimeoutError):

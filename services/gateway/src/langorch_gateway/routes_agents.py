@@ -514,7 +514,8 @@ async def release_lease(principal: auth.Operator, request: Request, settings: de
         return pending(command.command_id, "release_lease")
     raise_if_rejected(outcome)
     deadline = asyncio.get_running_loop().time() + settings.ryw_timeout_ms / 1000
-    while asyncio.get_running_loop().time() < deadline:
+    drain = deps.clients(request).drain  # a stopping gateway answers before the server cuts the request off
+    while asyncio.get_running_loop().time() < deadline and not drain.released:
         if not await read_leases(request, Leases(lease_id=lease_id)):
             break
         await asyncio.sleep(0.02)

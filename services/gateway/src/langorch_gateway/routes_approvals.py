@@ -10,7 +10,7 @@ The stream reads ``lo.evt.approval.>`` straight from JetStream and folds each ap
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -40,6 +40,7 @@ from langorch_gateway.queries import (
     header_position,
 )
 from langorch_gateway.routes_runs_more import parse_query_time
+from langorch_gateway.streams import until_stopping
 from langorch_infra.jetstream import follow
 
 router = APIRouter()
@@ -170,6 +171,7 @@ async def approvals_stream(
     store: deps.EventStore,
     metrics: deps.Metrics,
     slots: deps.Slots,
+    request: Request,
     status: str | None = None,
     after: Annotated[int | None, Query(ge=0, le=MAX_BIGINT)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
@@ -180,8 +182,9 @@ async def approvals_stream(
     if last_event_id is not None:
         start = header_position("Last-Event-ID", last_event_id)
     release = slots.acquire(principal.actor.render())
+    drain = deps.clients(request).drain
 
-    async def updates() -> AsyncIterator[ServerSentEvent]:
+    async def updates() -> AsyncGenerator[ServerSentEvent, None]:
         yield ServerSentEvent(comment="langorch approval stream", retry=3000)
         open_states: dict[str, ApprovalState] = {}
         async for stored in follow(js, "lo.evt.approval.>", start or 0, new_only=start is None):
@@ -208,7 +211,7 @@ async def approvals_stream(
     async def counted() -> AsyncIterator[ServerSentEvent]:
         metrics.sse.labels(stream="approvals").inc()
         try:
-            async for event in updates():
+            async for event in until_stopping(updates(), drain):
                 yield event
         finally:
             metrics.sse.labels(stream="approvals").dec()

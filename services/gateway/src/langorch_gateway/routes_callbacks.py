@@ -25,6 +25,7 @@ from langorch_gateway import auditing, deps, routes_secrets
 from langorch_gateway.dispatch import accepted_headers, raise_if_rejected, ryw, send
 from langorch_gateway.problems import ApiProblem
 from langorch_infra.callbacks import callback_key, parse_token, verify_token
+from langorch_infra.hosting import Drain
 from langorch_infra.secret_providers import SecretError, SecretResolver
 from langorch_infra.secrets import grant_key, resolve_grant, verify_grant
 from langorch_infra.settings import GatewaySettings
@@ -59,7 +60,8 @@ async def run_callback(
     run = await db.fetchrow("SELECT status FROM runs WHERE run_id = $1", run_id)
     if run is None:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
-    delegated = await _delegation(db, settings, run_id, token.delegation_id,
+    drain = deps.clients(request).drain  # a stopping gateway answers before the server cuts the request off
+    delegated = await _delegation(db, settings, drain, run_id, token.delegation_id,
                                   wait=run["status"] not in runs.TERMINAL_STATUSES)
     key = callback_key(settings.auth_secret_key.get_secret_value())
     if delegated is None or not verify_token(key, token, run_id, delegated["node_id"], delegated["step_id"]):
@@ -71,7 +73,7 @@ async def run_callback(
                                                                     delegated["step_id"]):
         raise ApiProblem("callback_mismatch", f"the token names node {delegated['node_id']} step "
                          f"{delegated['step_id']}", status=400)
-    status = await _settled(db, settings, run_id)
+    status = await _settled(db, settings, drain, run_id)
     if status == runs.DELETED:
         raise ApiProblem("not_found", f"run {run_id} not found", resource="run")
     if status in runs.TERMINAL_STATUSES:
@@ -106,7 +108,7 @@ async def run_callback(
     return JSONResponse({"resumed": True, "status": "queued", "run_id": run_id}, status_code=202, headers=headers)
 
 
-async def _settled(db: asyncpg.Pool, settings: GatewaySettings, run_id: str) -> str:
+async def _settled(db: asyncpg.Pool, settings: GatewaySettings, drain: Drain, run_id: str) -> str:
     """The run's status once it waits or has ended: a run that has just delegated may still be executing (the
     runtime appends the pausing event after the step, or another parallel branch still runs), so a live status is
     re-read for up to ``LANGORCH_RYW_TIMEOUT_MS``."""
@@ -114,13 +116,13 @@ async def _settled(db: asyncpg.Pool, settings: GatewaySettings, run_id: str) -> 
     while True:
         status = str(await db.fetchval("SELECT status FROM runs WHERE run_id = $1", run_id) or runs.DELETED)
         if (status in runs.WAITING_STATUSES or status in runs.TERMINAL_STATUSES or status == runs.DELETED
-                or time.monotonic() >= deadline):
+                or time.monotonic() >= deadline or drain.released):
             return status
         await asyncio.sleep(0.05)
 
 
-async def _delegation(db: asyncpg.Pool, settings: GatewaySettings, run_id: str, delegation_id: str, *,
-                      wait: bool) -> asyncpg.Record | None:
+async def _delegation(db: asyncpg.Pool, settings: GatewaySettings, drain: Drain, run_id: str, delegation_id: str,
+                      *, wait: bool) -> asyncpg.Record | None:
     """The ``workflow_delegated`` event of ``delegation_id``. An agent may call back before the runtime has appended
     it (the agent answers the dispatch, then calls back at once), so while the run is live the lookup is repeated
     for up to ``LANGORCH_RYW_TIMEOUT_MS`` before the token is refused."""
@@ -129,7 +131,7 @@ async def _delegation(db: asyncpg.Pool, settings: GatewaySettings, run_id: str, 
         row: asyncpg.Record | None = await db.fetchrow(
             """SELECT node_id, step_id FROM run_events WHERE run_id = $1 AND event_type = 'workflow_delegated'
                  AND payload->>'delegation_id' = $2 ORDER BY seq DESC LIMIT 1""", run_id, delegation_id)
-        if row is not None or time.monotonic() >= deadline:
+        if row is not None or time.monotonic() >= deadline or drain.released:
             return row
         await asyncio.sleep(0.05)
 

@@ -1,10 +1,39 @@
-"""Open SSE streams per principal (api.md §5.7 Limits, §6.5): at most ``LANGORCH_SSE_MAX_PER_PRINCIPAL``."""
+"""Open SSE streams: at most ``LANGORCH_SSE_MAX_PER_PRINCIPAL`` per principal (api.md §5.7 Limits, §6.5), each
+ended when the gateway starts to stop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from langorch_gateway.problems import ApiProblem
+from langorch_infra.cancel import cancel_and_wait
+from langorch_infra.hosting import Drain
+
+T = TypeVar("T")
+
+
+async def until_stopping(events: AsyncGenerator[T, None], drain: Drain) -> AsyncIterator[T]:
+    """``events`` until the gateway starts to stop; the stream then ends. A client's EventSource reconnects after
+    the stream's ``retry`` with its ``Last-Event-ID``, to a replica that serves, and misses nothing; an open stream
+    no longer holds the stop until the server cuts it off (``SHUTDOWN_GRACE_S``, 10 s per pod in a rollout)."""
+    stopping = drain.stopping()
+    try:
+        while not stopping.done():
+            following = asyncio.ensure_future(anext(events))
+            either: set[asyncio.Future[Any]] = {following, stopping}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                await cancel_and_wait([following])
+                return
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await events.aclose()
 
 
 class StreamSlots:
