@@ -74,9 +74,10 @@ class Drain:
     ``LANGORCH_COMMAND_TIMEOUT_S``), a projection catching up (``LANGORCH_RYW_TIMEOUT_MS``). When the server stops,
     uvicorn gives open requests ``timeout_graceful_shutdown`` seconds and then cancels them, and a request cancelled
     before its answer began is answered ``500 Internal Server Error`` in plain text. The waits a request makes
-    through :meth:`settle` end instead :data:`DRAIN_MARGIN_S` before that timeout, so each request is answered as
-    its wait running out says (a command still pending: ``202``; a read that may be stale), by the request itself.
-    An application keeps its ``Drain`` as ``app.state.drain``; :class:`ManagedServer` begins it."""
+    through :meth:`settle` (or polls that look at :attr:`released`) end instead :data:`DRAIN_MARGIN_S` before that
+    timeout, so each request is answered as its wait running out says (a command still pending: ``202``; a read
+    that may be stale), by the request itself; event streams end at once (:meth:`stopping`). An application keeps
+    its ``Drain`` as ``app.state.drain``; :class:`ManagedServer` begins it."""
 
     def __init__(self) -> None:
         self._waiters: set[asyncio.Future[None]] = set()

@@ -19,13 +19,17 @@ async def until_stopping(events: AsyncGenerator[T, None], drain: Drain) -> Async
     the stream's ``retry`` with its ``Last-Event-ID``, to a replica that serves, and misses nothing; an open stream
     no longer holds the stop until the server cuts it off (``SHUTDOWN_GRACE_S``, 10 s per pod in a rollout)."""
     stopping = drain.stopping()
+    following: asyncio.Task[T] | None = None
+
+    async def step() -> T:
+        return await anext(events)
+
     try:
         while not stopping.done():
-            following = asyncio.ensure_future(anext(events))
+            following = asyncio.create_task(step())
             either: set[asyncio.Future[Any]] = {following, stopping}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
-                await cancel_and_wait([following])
                 return
             try:
                 item = following.result()
@@ -33,6 +37,9 @@ async def until_stopping(events: AsyncGenerator[T, None], drain: Drain) -> Async
                 return
             yield item
     finally:
+        # the stream ended here (the stop, the client gone): the generator's step in progress first
+        if following is not None and not following.done():
+            await cancel_and_wait([following])
         await events.aclose()
 
 
