@@ -121,3 +121,52 @@ async def run_doc(doc: dict[str, Any], inputs: dict[str, Any] | None = None,
 
 def doc(nodes: dict[str, Any], start: str = "a", **extra: Any) -> dict[str, Any]:
     return {"procedure_id": "p", "version": "1", **extra, "workflow_graph": {"start_node": start, "nodes": nodes}}
+
+
+# -- small builders and outcome readers of the node-type tests ---------------------------------------------
+
+END = {"type": "terminate"}
+
+
+def setv(step_id: str, variable: str, value: Any) -> dict[str, Any]:
+    return {"step_id": step_id, "action": "set_variable", "variable": variable, "value": value}
+
+
+def calc(step_id: str, expression: str, out: str | None = None) -> dict[str, Any]:
+    step: dict[str, Any] = {"step_id": step_id, "action": "calculate", "expression": expression}
+    if out:
+        step["output_variable"] = out
+    return step
+
+
+def outputs(run: Run) -> dict[str, Any]:
+    assert run.outcome is not None, run.final
+    assert run.outcome["status"] == "completed", run.outcome
+    result: dict[str, Any] = run.outcome["outputs"]
+    return result
+
+
+def error(run: Run) -> dict[str, Any]:
+    assert run.outcome is not None, run.final
+    assert run.outcome["status"] == "failed", run.outcome
+    result: dict[str, Any] = run.outcome["error"]
+    return result
+
+
+def fan(**extra: Any) -> dict[str, Any]:
+    return {"type": "parallel", "next_node": "join", **extra,
+            "branches": [{"branch_id": "b1", "start_node": "one"}, {"branch_id": "b2", "start_node": "two"},
+                         {"branch_id": "b3", "start_node": "three"}]}
+
+
+JOIN = {"type": "terminate", "outputs": {"a": "{{a}}", "b": "{{b}}", "c": "{{c}}", "results": "{{parallel_results}}"}}
+
+
+def diagnostics(nodes: dict[str, Any], start: str = "a", **extra: Any) -> list[tuple[str, str, str]]:
+    from ckp_core.compiler import compile_document
+
+    result = compile_document(doc(nodes, start=start, **extra))
+    return [(d.severity, d.code, d.path) for d in result.diagnostics]
+
+
+NODE = "/workflow_graph/nodes"
