@@ -455,6 +455,7 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
 
     @app.get("/api/runs/{run_id}/stream")
     async def run_stream(
+        request: Request,
         principal: auth.Viewer,
         db: deps.Pool,
         js: deps.JetStream,
@@ -474,11 +475,12 @@ def create_app(settings: GatewaySettings, *, extra_registries: Sequence[Collecto
             start = queries.header_position("Last-Event-ID", last_event_id)
         new_only = last_event_id is None and after is None and not history
         release = slots.acquire(principal.actor.render())
+        drain = deps.clients(request).drain
 
         async def events() -> AsyncIterator[ServerSentEvent]:
             metrics.sse.labels(stream="run").inc()
             try:
-                async for event in until_stopping(run_events_of(), app.state.drain):
+                async for event in until_stopping(run_events_of(), drain):
                     yield event
             finally:
                 metrics.sse.labels(stream="run").dec()
