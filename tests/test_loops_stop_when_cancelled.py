@@ -3,8 +3,8 @@ cancellation on the way (Python 3.11's ``asyncio.wait_for`` returns the result o
 cancellation arrived, and the task goes on: ``langorch_infra.cancel``).
 
 The rule the source follows, checked here: in ``libs``, ``services`` and ``src``, a ``while`` loop of a coroutine
-that runs until cancelled (``while True``, awaiting something, with no ``return``, ``break`` or ``raise``) calls
-``stop_if_cancelled()`` in each round.
+that runs until cancelled (``while True``, or any ``while`` that reads a subscription; awaiting something, with no
+``return``, ``break`` or ``raise``) calls ``stop_if_cancelled()`` in each round.
 Then a regression of what CI hit: the runtime's list of held runs, cancelled just as a change woke it, kept its
 stop (and the test's shutdown) waiting for 60 s."""
 
@@ -15,16 +15,20 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 
+from ckp_core.subjects import LEASES_BUCKET
 from langorch_infra.cancel import cancel_and_wait
 from langorch_infra.jetstream import ensure_topology
+from langorch_runtime.dispatch_view import KvView
 from langorch_runtime.ownership import RunOwnership
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE_ROOTS = (ROOT / "libs", ROOT / "services", ROOT / "src")
+FOLLOWING_READS = {"next_msg"}  # nats-py's read of a subscription (through wait_for)
 
 
 def _sources() -> Iterator[Path]:
@@ -41,11 +45,16 @@ def _endless_loops_without_the_check() -> list[str]:
             if not isinstance(function, ast.AsyncFunctionDef):
                 continue
             for loop in ast.walk(function):
-                test = loop.test if isinstance(loop, ast.While) else None
-                endless = isinstance(test, ast.Constant) and test.value is True
-                if not endless:
+                if not isinstance(loop, ast.While):
                     continue
                 inside = list(ast.walk(loop))
+                endless = isinstance(loop.test, ast.Constant) and loop.test.value is True
+                # a loop under another condition that follows a subscription also runs until cancelled (say,
+                # until the connection is re-established), and its reads are where a cancellation is swallowed
+                follows = any(isinstance(n, ast.Await) and isinstance(n.value, ast.Call)
+                              and getattr(n.value.func, "attr", None) in FOLLOWING_READS for n in inside)
+                if not endless and not follows:
+                    continue
                 if not any(isinstance(n, ast.Await) for n in inside):
                     continue
                 if any(isinstance(n, ast.Return | ast.Break | ast.Raise) for n in inside):
@@ -128,3 +137,37 @@ async def test_cancel_and_wait_drops_the_outcomes_of_the_tasks() -> None:
     await asyncio.sleep(0)
     await cancel_and_wait(tasks)
     assert all(task.done() for task in tasks)
+
+
+@pytest.mark.integration
+async def test_a_kv_view_stops_when_a_read_swallows_its_cancellation(nats_url: str) -> None:
+    """CI: the agent dispatcher's view of ``lo_leases`` kept following after its stop cancelled it (its loop runs
+    until the connection is re-established, not ``while True``), and the dispatcher's stop hung for 60 s."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_topology(js)
+    view = KvView(js, LEASES_BUCKET)
+    subscribe = view._subscribe
+
+    async def swallowing_reads() -> Any:
+        sub = await subscribe()
+        read = sub.next_msg
+
+        async def next_msg(timeout: float = 1.0) -> Any:
+            try:
+                return await read(timeout=timeout)
+            except asyncio.CancelledError:  # as wait_for does when the read completed as the cancellation came
+                raise nats.errors.TimeoutError from None
+
+        sub.next_msg = next_msg
+        return sub
+
+    view._subscribe = swallowing_reads  # type: ignore[method-assign]
+    try:
+        await view.start()
+        await asyncio.sleep(0.1)  # the view now waits in a read
+        stopping = asyncio.ensure_future(view.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=10)  # not wait_for: it could swallow this very failure
+        assert stopping in done, "the view did not stop within 10 s"
+    finally:
+        await nc.close()

@@ -87,7 +87,10 @@ async def test_agent_requests_by_outcome_and_duration(nats_url: str) -> None:
             await cancelled
         agent.behaviour.execute_delay_s = 0.0
         await h.register("gone", f"http://127.0.0.1:{free_port()}", channel="void")
-        assert (await failure(h.dispatcher.dispatch(h.request(channel="void")))).code == "agent_unavailable"
+        # refused at once; the step's own timeout (not the binding's 0.5 s) leaves room for the lease and the
+        # registry on a loaded machine (CI once saw step_timeout here)
+        assert (await failure(h.dispatcher.dispatch(h.request(channel="void", timeout_ms=10_000)))).code == \
+            "agent_unavailable"
 
         got = samples(metrics.registry)
         count = "langorch_agent_requests_total"

@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
+from langorch_infra.cancel import stop_if_cancelled
 from langorch_infra.jetstream import RESUBSCRIBE_PATIENCE_S, WATCH_S, _patiently, reconnects
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class KvView:
             if int(info.num_pending or 0) == 0 and int(info.delivered.consumer_seq or 0) == 0:
                 self._mark_current()
             while reconnects(self.js) == seen:
+                stop_if_cancelled()  # a read's wait_for may have swallowed it: the view stops, not follows on
                 try:
                     msg = await sub.next_msg(timeout=WATCH_S)
                 except nats.errors.TimeoutError:
