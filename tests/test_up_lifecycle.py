@@ -115,16 +115,19 @@ def start_up(state_dir: Path, port: int, *args: str, launcher: tuple[str, ...] =
 
 
 def _processes_using(path: Path) -> list[str]:
-    """Command lines of running processes that name ``path`` (the embedded servers do)."""
+    """Command lines of running processes that name ``path`` on their command line (the embedded servers, the
+    workers) or as their ``LANGORCH_STATE_DIR`` (``langorch up`` itself, as these tests start it)."""
     found = []
+    state_dir = f"LANGORCH_STATE_DIR={path}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if str(path) in cmdline and "pytest" not in cmdline:
+        if "pytest" not in cmdline and (str(path) in cmdline or state_dir in environ):
             found.append(f"{entry.name}: {cmdline}")
     return found
 

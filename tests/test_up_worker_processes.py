@@ -164,6 +164,9 @@ def test_run_creations_are_decided_in_a_process_of_their_own(state_dir: Path) ->
     again = _wait_replicas(up, dead=frozenset({creation}))["creation"]
     assert again != creation
     assert _run_to_completion(up)["status"] == "completed"
+    up.interrupt()
+    assert up.proc.wait(timeout=15) == 0, up.text
+    assert not _wait_gone(state_dir), "processes left running after the stop"
 
 
 def test_an_invalid_setting_of_a_worker_service_is_refused_before_anything_starts(state_dir: Path) -> None:
