@@ -80,17 +80,23 @@ class Drain:
     its ``Drain`` as ``app.state.drain``; :class:`ManagedServer` begins it."""
 
     def __init__(self) -> None:
-        self._waiters: set[asyncio.Future[None]] = set()
         self._stopping: asyncio.Future[None] | None = None
+        self._released: asyncio.Future[None] | None = None
         self.draining = False
         self.released = False
 
+    @staticmethod
+    def _shared(future: asyncio.Future[None] | None, done: bool) -> asyncio.Future[None]:
+        """``future``, created on the running loop when it is None (and resolved at once when ``done``)."""
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            if done:
+                future.set_result(None)
+        return future
+
     def stopping(self) -> asyncio.Future[None]:
         """A future done once the server starts to stop (shared: await it, do not cancel it)."""
-        if self._stopping is None:
-            self._stopping = asyncio.get_running_loop().create_future()
-            if self.draining:
-                self._stopping.set_result(None)
+        self._stopping = self._shared(self._stopping, self.draining)
         return self._stopping
 
     def begin(self, grace_s: float | None) -> None:
@@ -98,33 +104,28 @@ class Drain:
         if self.draining:
             return
         self.draining = True
-        if self._stopping is not None and not self._stopping.done():
-            self._stopping.set_result(None)
+        _resolve(self._stopping)
         if grace_s is not None:
             asyncio.get_running_loop().call_later(max(0.0, grace_s - DRAIN_MARGIN_S), self._release)
 
     def _release(self) -> None:
         self.released = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        _resolve(self._released)
 
     async def settle(self, fut: asyncio.Future[Any], timeout: float) -> bool:
         """Wait until ``fut`` is done, ``timeout`` seconds have passed, or the drain's time is up; True when ``fut``
         is done. ``fut`` is neither cancelled nor awaited (its outcome is the caller's), and a cancellation of the
         caller is not swallowed."""
-        if fut.done():
-            return True
-        if self.released:
-            return False
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.add(waiter)
-        try:
-            await asyncio.wait({fut, waiter}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._waiters.discard(waiter)
-            waiter.cancel()
+        if fut.done() or self.released:
+            return fut.done()
+        self._released = self._shared(self._released, self.released)
+        await asyncio.wait({fut, self._released}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
         return fut.done()
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 class ManagedServer(uvicorn.Server):
