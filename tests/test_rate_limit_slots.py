@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
 from ckp_core.ir import RateLimitingIR
 from ckp_core.subjects import RATELIMITS_BUCKET
@@ -42,7 +43,13 @@ async def held_slots(limiter: ProcedureLimiter) -> dict[str, Any]:
         if type(exc).__name__ == "NoKeysError":
             return {}
         raise
-    return {k: json.loads((await kv.get(k)).value or b"{}") for k in keys if k.startswith("ops.")}
+    held: dict[str, Any] = {}
+    for key in (k for k in keys if k.startswith("ops.")):
+        try:  # released between the listing and the read: not held
+            held[key] = json.loads((await kv.get(key)).value or b"{}")
+        except (KeyDeletedError, KeyNotFoundError):
+            continue
+    return held
 
 
 async def until_free(limiter: ProcedureLimiter, timeout: float = 10) -> None:
