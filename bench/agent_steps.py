@@ -12,7 +12,7 @@ served in this process like the platform) answers every step after AGENT_MS. Mea
 * this process's CPU time per run and per 40 direct POSTs (less sensitive to a busy machine than wall time: the
   gateway, runtime and agent all run here; NATS and PostgreSQL are other processes).
 
-    uv run python bench/agent_steps.py [--runs 8] [--profile FILE] [--nats-delay-ms MS]
+    uv run python bench/agent_steps.py [--runs 8] [--profile FILE] [--nats-delay-ms MS] [--up [--nats-sync S]]
 
 ``--profile FILE``: after the measured runs, a few more runs under cProfile timed by this process's CPU time (the
 whole process: gateway, runtime and agent share one event loop; waiting and other processes' load do not count),
@@ -23,6 +23,7 @@ process, the runtime in its worker process, the agent in a third process: the be
 started on a fresh state directory; a run is timed from just before its ``POST /api/runs`` to its
 ``run_completed`` event's timestamp (one clock: the same machine), read with the run's events once it has ended.
 Reported beside the same baseline of 40 direct POSTs from this process, and each process's CPU time per run.
+``--nats-sync`` (with ``--up``) is handed to ``langorch up``: ``always`` (its default) or a duration such as ``2m``.
 
 ``--nats-delay-ms MS``: every NATS request of this process (appends, KV reads and writes, API calls) waits MS more
 before it is sent, as on a network that much slower: the round trips one after the other on a step's path then
@@ -267,11 +268,11 @@ def _at(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["created_at"].replace("Z", "+00:00")).timestamp()
 
 
-def bench_up(runs: int) -> dict[str, Any]:
+def bench_up(runs: int, nats_sync: str = "always") -> dict[str, Any]:
     """The runs through ``langorch up`` (gateway, worker and agent in three processes); see ``--up``."""
     tmp = Path(tempfile.mkdtemp(prefix="langorch-bench-agent-steps-"))
     port = free_port()
-    up = Up(tmp / "state", port, [])
+    up = Up(tmp / "state", port, ["--nats-sync", nats_sync])
     agent = subprocess.Popen([sys.executable, __file__, "--serve-agent"], cwd=ROOT, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:
@@ -285,7 +286,7 @@ def bench_up(runs: int) -> dict[str, Any]:
             agent.stdin.close()
         agent.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
-    return measured
+    return {**measured, "nats_sync": nats_sync}
 
 
 async def measure_up(state: Path, port: int, agent_url: str, pids: list[int], runs: int) -> dict[str, Any]:
@@ -383,6 +384,8 @@ if __name__ == "__main__":
     parser.add_argument("--nats-delay-ms", type=float, default=0.0,
                         help="add this much latency to every NATS request of this process")
     parser.add_argument("--up", action="store_true", help="through langorch up, the agent in a process of its own")
+    parser.add_argument("--nats-sync", default="always",
+                        help="with --up: langorch up's --nats-sync, 'always' (its default) or a duration such as 2m")
     parser.add_argument("--gc-default", action="store_true",
                         help="in process: keep Python's garbage collector settings instead of settling the heap once "
                              "the services run, as a served process does (langorch_infra.hosting.settle_heap)")
@@ -392,7 +395,7 @@ if __name__ == "__main__":
         serve_agent()
         sys.exit(0)
     if args.up:
-        print(json.dumps({**bench_up(args.runs), "event_loop": loops.chosen()}, indent=2))
+        print(json.dumps({**bench_up(args.runs, args.nats_sync), "event_loop": loops.chosen()}, indent=2))
         sys.exit(0)
     if args.nats_delay_ms > 0:
         delay_nats_requests(args.nats_delay_ms / 1000)

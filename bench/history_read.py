@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.servers import BENCH_NATS_SYNC
 from ckp_core.events import Actor, Log, RunCreated, make_event
 from ckp_core.ids import new_id
 from ckp_core.subjects import aggregate_filter
@@ -94,7 +95,7 @@ def main() -> None:
         cluster = EmbeddedNatsCluster(tmp, n=3).start(timeout=90)
         url, stop = cluster.url, cluster.stop
     else:
-        server = EmbeddedNats(tmp / "nats").start()
+        server = EmbeddedNats(tmp / "nats", sync=BENCH_NATS_SYNC).start()
         url, stop = server.url, server.stop
     try:
         result = asyncio.run(measure(url, args.events, args.reads, args.nodes))

@@ -12,9 +12,11 @@ latency (POST sent to the terminal GET answered) p50/p99; `GET /api/runs/{id}` a
 against the same PostgreSQL right after the load: a bare LangGraph `StateGraph` of 10 trivial async nodes on
 `AsyncPostgresSaver` with `durability="sync"`, N runs at once (N = `--clients`), runs/s.
 
-    uv run python bench/load.py [--clients 40] [--seconds 30] [--poll-ms 100] [--workers N]
+    uv run python bench/load.py [--clients 40] [--seconds 30] [--poll-ms 100] [--workers N] [--nats-sync always|2m]
 
 `--workers 0` runs every service in the API's process (the process model before `langorch up` had workers).
+`--nats-sync` is handed to `langorch up`: `always` (its default) flushes every JetStream message to disk before it
+is acknowledged, a duration such as `2m` (NATS's own default) flushes that often; the command printed says which.
 The clients' own answer times include the wait of their one event loop on a machine they share with the server; a
 **probe** in a process of its own (`--probe`, this same file) therefore also reads, one request at a time every
 `--probe-ms`, `GET /api/runs/{id}` of a run that has ended and `GET /api/health`, and every fifth round times a
@@ -307,13 +309,13 @@ async def prepare(base: str, doc: dict[str, Any], headers: dict[str, str]) -> st
 
 
 async def main(clients: int, seconds: float, warmup: float, poll_ms: float, workers: int | None,
-               probe_ms: float) -> dict[str, Any]:
+               probe_ms: float, nats_sync: str = "always") -> dict[str, Any]:
     rb = runtime_bench()
     tmp = Path(tempfile.mkdtemp(prefix="langorch-bench-load-"))
     state = tmp / "state"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    extra = ["--workers", str(workers)] if workers is not None else []
+    extra = [*(["--workers", str(workers)] if workers is not None else []), "--nats-sync", nats_sync]
     up = Up(state, port, extra)
     try:
         up.wait_up()
@@ -384,6 +386,8 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=None,
                         help="`langorch up --workers` (default: not given; 0: every service in one process)")
     parser.add_argument("--probe-ms", type=float, default=50.0, help="the probe's pause between its requests")
+    parser.add_argument("--nats-sync", default="always",
+                        help="langorch up's --nats-sync: 'always' (its default) or a duration such as 2m")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--probe-run", help=argparse.SUPPRESS)
     parser.add_argument("--probe-procedure", help=argparse.SUPPRESS)
@@ -393,4 +397,4 @@ if __name__ == "__main__":
                                args.warmup, args.seconds, args.probe_ms)))
     else:
         print(json.dumps(asyncio.run(main(args.clients, args.seconds, args.warmup, args.poll_ms, args.workers,
-                                          args.probe_ms)), indent=2))
+                                          args.probe_ms, args.nats_sync)), indent=2))

@@ -189,6 +189,8 @@ async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions,
         await ends.wait(await start(c, doc["procedure_id"]))
     e2e: list[float] = []
     in_runtime: list[float] = []
+    group = p.runtime_service.savers[0].group  # the replica's group commit, shared by its savers
+    groups_before = group.groups
     cpu_before = cpu_now()
     for _ in range(runs):
         t = time.perf_counter()
@@ -199,6 +201,7 @@ async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions,
         assert events[-1].data["outputs"] == {"total": 36}, events[-1].data
         in_runtime.append(executing_ms(events))
     sequential_cpu = cpu_ms_per_run(cpu_before, cpu_now(), runs)  # each run's events read back included
+    transactions_per_node = (group.groups - groups_before) / (runs * NODES)
     n_events = len(events)
     # throughput: N runs started together
     cpu_before = cpu_now()
@@ -208,6 +211,7 @@ async def platform_bench(p: Any, nats_url: str, runs: int, ends: Completions,
     concurrent_s = time.perf_counter() - t
     return {"e2e_ms": e2e, "runtime_ms": in_runtime, "events_per_run": n_events,
             "concurrent_runs_per_s": runs / concurrent_s, "sequential_cpu": sequential_cpu,
+            "checkpoint_transactions_per_node": round(transactions_per_node, 2),
             "concurrent_cpu": cpu_ms_per_run(cpu_before, cpu_now(), runs)}
 
 
@@ -380,6 +384,7 @@ async def main(runs: int, calls: int, profile: str | None = None) -> dict[str, A
             "ratio_end_to_end_to_baseline": round(e2e["median"] / lg["median"], 2),
             "ratio_concurrent_throughput_baseline_to_platform": round(
                 bare["concurrent_runs_per_s"] / platform["concurrent_runs_per_s"], 2),
+            "checkpoint_transactions_per_node_sequential": platform["checkpoint_transactions_per_node"],
             "cpu_ms_per_run_sequential": platform["sequential_cpu"],
             "cpu_ms_per_run_concurrent": platform["concurrent_cpu"],
             "baseline_cpu_ms_per_run_sequential": bare["sequential_cpu"],

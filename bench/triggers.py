@@ -48,7 +48,7 @@ from nats.js import JetStreamContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package provides the fixtures
 
-from bench.servers import bench_servers
+from bench.servers import BENCH_NATS_SYNC, bench_servers
 from ckp_core.events import Actor, ProcedureImported, TriggerRegistered, make_event
 from ckp_core.subjects import event_subject, procedure_key
 from ckp_core.triggers import trigger_id
@@ -227,7 +227,7 @@ async def cron(client: httpx.AsyncClient, nc: Any, timeline: RunTimeline, count:
 
 async def scheduler_start(registrations: int, database_url: str) -> dict[str, Any]:
     """A triggers replica starting on a stream that holds ``registrations`` live scheduled registrations."""
-    server = EmbeddedNats(Path(tempfile.mkdtemp()) / "nats").start()
+    server = EmbeddedNats(Path(tempfile.mkdtemp()) / "nats", sync=BENCH_NATS_SYNC).start()
     try:
         nc = await nats.connect(server.url)
         js = nc.jetstream()

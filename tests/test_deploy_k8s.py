@@ -338,6 +338,28 @@ def test_nats_probes_answer_from_a_nats_server_running_the_manifests_configurati
         proc.wait(timeout=30)
 
 
+@pytest.mark.integration
+def test_the_documented_sync_line_makes_a_server_sync_every_write(tmp_path: Path) -> None:
+    """The ConfigMap's commented ``sync_interval: always`` (docs/operations/deploy.md, "Stream replicas"), once
+    uncommented, is a configuration the server accepts and applies."""
+    objects = rendered("prod")
+    conf = _nats_config_for_this_machine(objects, tmp_path, free_port(), monitor := free_port())
+    text = conf.read_text()
+    assert "# sync_interval: always" in text
+    conf.write_text(text.replace("# sync_interval: always", "sync_interval: always"))
+    with (tmp_path / "nats.log").open("wb") as log:
+        proc = subprocess.Popen([nats_server_binary(), "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "POD_NAME": "nats-0"})
+    try:
+        answered = asyncio.run(_answers(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", proc))
+        assert answered, (tmp_path / "nats.log").read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{monitor}", timeout=5) as http:
+            assert http.get("/varz").json()["jetstream"]["config"].get("sync_always") is True
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.unit
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_nats_image_is_the_release_the_tests_run_against(overlay: str) -> None:

@@ -168,6 +168,9 @@ def test_ctrl_c_stops_services_then_servers_quietly_and_a_restart_keeps_data_and
     assert "JetStream" in (state_dir / "logs" / "nats-server.log").read_text()
     servers = json.loads((state_dir / "servers.json").read_text())
     assert f"nats://127.0.0.1:{servers['nats']['port']}" in banner
+    # by default the embedded NATS server syncs every JetStream write to disk before acknowledging it
+    assert "synced to disk at every write" in banner
+    assert 'sync_interval: "always"' in (state_dir / "nats" / "nats-server.conf").read_text()
 
     # async agents call back to this gateway's own port, not to the default 8080
     deadline = time.monotonic() + 30
@@ -324,6 +327,19 @@ def test_a_taken_port_is_refused_before_anything_starts(state_dir: Path) -> None
     assert not (state_dir / "nats").exists(), "NATS was started"
     assert not (state_dir / "postgres").exists(), "PostgreSQL was started"
     assert not _processes_using(state_dir)
+
+
+def test_an_invalid_nats_sync_is_refused_before_anything_starts(state_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "langorch", "up"], cwd=ROOT,
+                          env={**_env(state_dir, free_port()), "LANGORCH_NATS_SYNC": "never"},
+                          capture_output=True, text=True, timeout=60)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    for named in ("--nats-sync", "LANGORCH_NATS_SYNC", "'never'", "always"):
+        assert named in output, output
+    assert "Traceback" not in output
+    assert not (state_dir / "nats").exists(), "NATS was started"
+    assert not (state_dir / "postgres").exists(), "PostgreSQL was started"
 
 
 def test_a_taken_port_for_an_embedded_server_is_refused_by_name(state_dir: Path) -> None:

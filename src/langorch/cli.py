@@ -377,6 +377,10 @@ def up(
     workers: Annotated[int, typer.Option(envvar="LANGORCH_WORKERS", help="Worker processes running the compiler, "
                                          "runtime and approvals beside the API's process (0: every service in one "
                                          "process).")] = 1,
+    nats_sync: Annotated[str, typer.Option(envvar="LANGORCH_NATS_SYNC", help="How often the embedded NATS server "
+                                           "flushes JetStream to disk: 'always' (every message, before it is "
+                                           "acknowledged) or a duration such as 2m (faster; a machine crash can "
+                                           "lose what was acknowledged meanwhile).")] = "always",
 ) -> None:
     """Start LangOrch under one command: embedded NATS and PostgreSQL (unless LANGORCH_NATS_URL /
     LANGORCH_DATABASE_URL name existing servers), the gateway, and the other services in worker processes. Ctrl-C
@@ -392,7 +396,8 @@ def up(
         out = Console(file=LineLogger(logging.getLogger("langorch.up")), width=1000, soft_wrap=True)
     options = UpOptions(state_dir=state_dir, host=host, port=port, nats_port=nats_port, postgres_port=postgres_port,
                         nats_url=os.environ.get("LANGORCH_NATS_URL") or None,
-                        database_url=os.environ.get("LANGORCH_DATABASE_URL") or None, workers=workers)
+                        database_url=os.environ.get("LANGORCH_DATABASE_URL") or None, workers=workers,
+                        nats_sync=nats_sync)
     try:
         code = run_up(options, out)
     except UpError as exc:

