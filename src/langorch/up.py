@@ -46,6 +46,7 @@ from rich.console import Console
 from langorch.bootstrap import AuthSetup
 from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
 from langorch_infra import loops
+from langorch_infra.cancel import stop_if_cancelled
 
 if TYPE_CHECKING:
     from langorch_infra.embedded import EmbeddedPostgres
@@ -58,6 +59,14 @@ FORCED_EXIT_CODE = 130
 # (or one `kill -INT -<pgid>`) can arrive twice within milliseconds.
 REPEAT_WINDOW_S = 0.5
 PORT_ATTEMPTS = 3
+# An embedded server that ends while LangOrch runs (killed, crashed) is started again, on its port and data;
+# after SERVER_RESTARTS restarts within SERVER_RESTART_WINDOW_S, or a restart that fails SERVER_START_ATTEMPTS
+# times, `langorch up` stops with exit code 1 instead
+SERVER_POLL_S = 0.5
+SERVER_RESTARTS = 3
+SERVER_RESTART_WINDOW_S = 60.0
+SERVER_START_ATTEMPTS = 3
+SERVER_START_RETRY_S = 1.0
 """Starts of the embedded PostgreSQL on ports LangOrch chose, before ``langorch up`` gives up."""
 # how long the workers get to stop after the request, before they are killed
 WORKER_STOP_S = 8.0
@@ -438,7 +447,7 @@ class Up:
         # the workers stop once the gateway has drained (below): a request open at the stop gets its command decided
         # (a run created, a cancel applied) and is answered as at any other time, where workers stopping meanwhile
         # left it waiting until the server cut it off
-        helpers = [asyncio.create_task(announce())]
+        helpers = [asyncio.create_task(announce()), asyncio.create_task(self.watch_servers(stop))]
         if pool is not None:
             helpers.append(asyncio.create_task(pool.supervise()))
         try:
@@ -454,6 +463,41 @@ class Up:
                 await asyncio.to_thread(pool.wait, WORKER_STOP_S)
         if self.failure is not None:
             raise UpError(self.failure, 1)
+
+    async def watch_servers(self, stop: asyncio.Event) -> None:
+        """Start an embedded server again when it ends while LangOrch runs (a process killed, a crash): on its port,
+        with its data (both servers recover what they had acknowledged); the services reconnect meanwhile. One that
+        keeps ending, or cannot be started again, stops ``langorch up`` with exit code 1, naming it and its log.
+        Runs until canceled; a restart in progress is finished first, so that the stop after it stops the server."""
+        restarts: dict[int, list[float]] = {}
+        while True:
+            await asyncio.sleep(SERVER_POLL_S)
+            stop_if_cancelled()
+            for server in list(self.embedded):
+                ended = _ended(server)
+                if ended is None or stop.is_set():
+                    continue
+                name, log = _server_name(server), _server_log(server)
+                now = time.monotonic()
+                recent = [t for t in restarts.get(id(server), []) if now - t < SERVER_RESTART_WINDOW_S]
+                if len(recent) >= SERVER_RESTARTS:
+                    self.failure = (f"the embedded {name} {ended} again, after {len(recent)} restarts in "
+                                    f"{SERVER_RESTART_WINDOW_S:g} s; see {log}")
+                    stop.set()
+                    return
+                self._report(f"the embedded {name} {ended}; starting it again (its log: {log})")
+                restart = asyncio.ensure_future(asyncio.to_thread(_start_again, server))
+                try:
+                    await asyncio.shield(restart)
+                except asyncio.CancelledError:
+                    await asyncio.wait([restart])  # the server is running or not, never half started at the stop
+                    raise
+                except Exception as exc:  # any failure to start is reported as such
+                    self.failure = f"the embedded {name} {ended} and did not start again ({exc}); see {log}"
+                    stop.set()
+                    return
+                restarts[id(server)] = [*recent, now]
+                self._report(f"the embedded {name} runs again")
 
     def _start_servers_in_thread(self, servers: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
         """Start the embedded servers in a thread (they wait on processes and sockets), so that this thread can
@@ -549,6 +593,43 @@ class Up:
 
     def _report(self, line: str) -> None:
         self.console.print(f"[yellow]{line}[/]", highlight=False)
+
+
+def _ended(server: Any) -> str | None:
+    """How an embedded server that ended without being stopped ended ("exited with code 1", "was killed by
+    SIGKILL", "is gone"); None while it runs."""
+    if hasattr(server, "exited"):
+        code = server.exited()
+        if code is None:
+            return None
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+    return "is gone" if server.gone() else None
+
+
+def _server_name(server: Any) -> str:
+    return "NATS server" if hasattr(server, "exited") else "PostgreSQL server"
+
+
+def _server_log(server: Any) -> Path:
+    return Path(server.log_file)
+
+
+def _start_again(server: Any) -> None:
+    """Start an embedded server that ended, on its port and data; a few tries (a killed PostgreSQL's backends can
+    hold its shared memory for a moment)."""
+    for attempt in range(1, SERVER_START_ATTEMPTS + 1):
+        try:
+            server.start()
+            return
+        except (RuntimeError, TimeoutError, OSError, subprocess.CalledProcessError):
+            if hasattr(server, "kill"):
+                server.kill()  # a NATS server that did not get ready is not left running
+            if attempt == SERVER_START_ATTEMPTS:
+                raise
+            time.sleep(SERVER_START_RETRY_S)
 
 
 def run(options: UpOptions, console: Console) -> int:

@@ -285,6 +285,11 @@ class EmbeddedNats:
         _wait_nats(self.port, 10, self.proc)
         return self
 
+    def exited(self) -> int | None:
+        """The exit status of a server that was started and has ended without being stopped (a negative status:
+        the signal that killed it); None while it runs, or when it was never started or was stopped."""
+        return None if self.proc is None else self.proc.poll()
+
     def terminate(self) -> None:
         """Ask the server to stop (SIGTERM) without waiting, so that it stops while something else does too."""
         if self.proc is not None and self.proc.poll() is None:
@@ -446,6 +451,7 @@ class EmbeddedPostgres:
         # never inside pgdata: initdb wants it empty, and the commands log is written before initdb runs
         self.log_file = Path(log_file).absolute() if log_file is not None else self.state_dir / "server.log"
         self.user = _postgres_os_user()
+        self.postmaster_pid: int | None = None  # of the server :meth:`start` started, until :meth:`stop`
 
     @property
     def url(self) -> str:
@@ -512,7 +518,30 @@ class EmbeddedPostgres:
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c fsync={'on' if self.fsync else 'off'}"
         self._command("pg_ctl", ["-w", "-t", "60", "-l", str(self.log_file), "-o", opts, "start"])
         _wait_port(self.port, 30)
+        self.postmaster_pid = self._postmaster_pid()
         return self
+
+    def _postmaster_pid(self) -> int | None:
+        """The running server's process id, from the first line of its ``postmaster.pid``."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.pgdata / "postmaster.pid").read_text().splitlines()[0])
+        return None
+
+    def gone(self) -> bool:
+        """Whether the server this object started has ended without being stopped (killed, crashed). The server is
+        not this process's child (``pg_ctl`` leaves it behind), so its process is looked up by id."""
+        pid = self.postmaster_pid
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's (the server user when running as root)
+            return False
+        with contextlib.suppress(OSError, IndexError):  # Linux: a dead process not yet reaped by its parent
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return False
 
     def stop_orphan(self) -> None:
         """Stop a server still running on this data directory (left by a killed parent) before starting anew."""
@@ -528,5 +557,6 @@ class EmbeddedPostgres:
     def stop(self, mode: str = "fast") -> None:
         """``fast``: roll back open transactions and shut down cleanly; ``immediate``: a forced stop (the next
         start recovers from the write-ahead log)."""
+        self.postmaster_pid = None
         with contextlib.suppress(subprocess.CalledProcessError):
             self._command("pg_ctl", ["-w", "-t", "30", "-m", mode, "stop"])

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings
 from ckp_core.events import format_time
 from ckp_core.subjects import PRESENCE_BUCKET, service_presence_key
 from langorch_infra.cancel import stop_if_cancelled
+from langorch_infra.jetstream import TRANSIENT_ERRORS
 from langorch_infra.kv import kv_live, put_with_ttl
 from langorch_infra.settings import effective_settings
 
@@ -87,6 +88,9 @@ class Presence:
                 last = loop.time()
             except asyncio.CancelledError:
                 raise
+            except TRANSIENT_ERRORS as exc:  # NATS restarting or unreachable: one line, not a traceback per put
+                log.warning("presence %s: put failed (NATS unavailable: %s); trying again", self.key,
+                            type(exc).__name__)
             except Exception:  # the renewal task must outlive any failure: the next put may succeed
                 log.warning("presence %s: put failed", self.key, exc_info=True)
 
