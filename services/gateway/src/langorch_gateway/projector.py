@@ -331,8 +331,8 @@ class StreamProjector(ABC, Generic[M]):
             await self.after_batch(conn)
             await conn.execute(commit)
         except BaseException as exc:
-            if conn.is_in_transaction():
-                with contextlib.suppress(Exception):  # a broken connection is the pool's to discard
+            with contextlib.suppress(Exception):  # a broken connection (or one the pool took back) is the pool's
+                if conn.is_in_transaction():
                     await conn.execute("ROLLBACK")
             if isinstance(exc, asyncpg.PostgresError) and exc.sqlstate == MOVED_ON:
                 return False
