@@ -38,7 +38,8 @@ def chosen(environ: dict[str, str] | None = None) -> Loop:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the chosen loop."""
+    """``asyncio.run(main)`` on the chosen loop, the process answering SIGUSR1 and SIGUSR2 with its stacks
+    (:mod:`langorch_infra.stacks`)."""
     try:
         loop = chosen()
     except ValueError:
@@ -47,5 +48,12 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     if loop == "uvloop":
         import uvloop
 
-        return uvloop.run(main)
-    return asyncio.run(main)
+        return uvloop.run(_answering_for_stacks(main))
+    return asyncio.run(_answering_for_stacks(main))
+
+
+async def _answering_for_stacks(main: Coroutine[Any, Any, T]) -> T:
+    from langorch_infra import stacks
+
+    stacks.install(asyncio.get_running_loop())
+    return await main
