@@ -59,6 +59,7 @@ FORCED_EXIT_CODE = 130
 # (or one `kill -INT -<pgid>`) can arrive twice within milliseconds.
 REPEAT_WINDOW_S = 0.5
 PORT_ATTEMPTS = 3
+"""Starts of the embedded PostgreSQL on ports LangOrch chose, before ``langorch up`` gives up."""
 # An embedded server that ends while LangOrch runs (killed, crashed) is started again, on its port and data;
 # after SERVER_RESTARTS restarts within SERVER_RESTART_WINDOW_S, or a restart that fails SERVER_START_ATTEMPTS
 # times, `langorch up` stops with exit code 1 instead
@@ -67,7 +68,6 @@ SERVER_RESTARTS = 3
 SERVER_RESTART_WINDOW_S = 60.0
 SERVER_START_ATTEMPTS = 3
 SERVER_START_RETRY_S = 1.0
-"""Starts of the embedded PostgreSQL on ports LangOrch chose, before ``langorch up`` gives up."""
 # how long the workers get to stop after the request, before they are killed
 WORKER_STOP_S = 8.0
 
