@@ -196,8 +196,10 @@ async def events_of(client: httpx.AsyncClient, run_id: str) -> list[dict[str, An
 
 
 async def follow_run(client: httpx.AsyncClient, run_id: str, *, last_event_id: int | None = None,
-                     limit: int | None = None) -> tuple[list[dict[str, Any]], str | None]:
-    """Read a run's SSE stream until ``end`` (or ``limit`` events); returns (events, end status)."""
+                     limit: int | None = None, until: Callable[[dict[str, Any]], bool] | None = None,
+                     ) -> tuple[list[dict[str, Any]], str | None]:
+    """Read a run's SSE stream until ``end`` (or ``limit`` events, or an event for which ``until`` is true, on one
+    connection); returns (events, end status)."""
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
     events: list[dict[str, Any]] = []
     async with aconnect_sse(client, "GET", f"/api/runs/{run_id}/stream", headers=headers,
@@ -207,7 +209,7 @@ async def follow_run(client: httpx.AsyncClient, run_id: str, *, last_event_id: i
                 event = json.loads(sse.data)
                 assert sse.id == str(event["stream_seq"])
                 events.append(event)
-                if limit is not None and len(events) >= limit:
+                if (limit is not None and len(events) >= limit) or (until is not None and until(event)):
                     return events, None
             elif sse.event == "end":
                 return events, json.loads(sse.data)["status"]

@@ -55,13 +55,11 @@ async def test_second_runtime_finishes_a_run_after_sigkill(nats_url: str, databa
         try:
             r = await c.post("/api/runs", json={"procedure_id": "crash_window", "procedure_version": "1.0.0"})
             run_id = r.json()["run_id"]
-            # read the live stream until the wait step has started: the process is inside the window
-            seen: list[dict[str, object]] = []
-            while not any(e["event_type"] == "step_started" and e["step_id"] == "pause" for e in seen):
-                more, end = await follow_run(c, run_id, last_event_id=seen[-1]["stream_seq"] if seen else None,
-                                             limit=1)
-                assert end is None, "the run ended before the crash window"
-                seen.extend(more)
+            # read the live stream, on one connection, until the wait step has started: the process is inside the
+            # window (a connection per event could take longer than the window on a loaded machine)
+            seen, end = await follow_run(
+                c, run_id, until=lambda e: e["event_type"] == "step_started" and e["step_id"] == "pause")
+            assert end is None, "the run ended before the crash window"
             first.send_signal(signal.SIGKILL)
             first.wait(10)
             second = start_runtime(nats_url, database_url, tmp_path / "runtime-b.log")
