@@ -13,9 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.ports import free_port
+from tests.test_up_lifecycle import _wait_gone, start_up, state_dir
+
 pytestmark = pytest.mark.integration
+__all__ = ["state_dir"]  # the fixture, shared with test_up_lifecycle
 
 ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_S = 30
@@ -103,3 +108,24 @@ def test_sigusr2_answers_while_the_loop_is_held(tmp_path: Path) -> None:
         assert p.proc.poll() is None
     finally:
         p.stop()
+
+
+def test_langorch_up_passes_sigusr1_on_to_its_workers(state_dir: Path) -> None:
+    up = start_up(state_dir, free_port())
+    up.wait_ready()
+    start = len(up.lines)
+    os.kill(up.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        headers = [line for _, line in up.lines[start:] if line.startswith("--- LangOrch process ")]
+        pids = {int(line.split()[3].rstrip(":")) for line in headers}
+        if up.proc.pid in pids and len(pids) >= 2:
+            break  # its own tasks, and those of a worker (the runtime's, the creation worker's)
+        assert time.monotonic() < deadline, "\n".join(line for _, line in up.lines[start:])
+        time.sleep(0.05)
+    worker_tasks = "\n".join(line for _, line in up.lines[start:])
+    assert "task " in worker_tasks
+    assert httpx.get(f"http://127.0.0.1:{up.port}/api/health", timeout=10).status_code == 200  # still serving
+    up.interrupt()
+    assert up.proc.wait(timeout=60) == 0, up.text
+    assert not _wait_gone(state_dir)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import signal
@@ -45,7 +46,7 @@ from rich.console import Console
 
 from langorch.bootstrap import AuthSetup
 from langorch.workers import WorkerConfig, WorkerFailed, WorkerPool
-from langorch_infra import loops
+from langorch_infra import loops, stacks
 from langorch_infra.cancel import stop_if_cancelled
 
 if TYPE_CHECKING:
@@ -450,6 +451,7 @@ class Up:
         helpers = [asyncio.create_task(announce()), asyncio.create_task(self.watch_servers(stop))]
         if pool is not None:
             helpers.append(asyncio.create_task(pool.supervise()))
+            stacks.ALSO.append(forward := functools.partial(pool.send_signal, signal.SIGUSR1))
         try:
             await serve_services(("gateway",) if pool is not None else SERVICES, nats_url, database_url, o.host,
                                  o.port, on_ready=gateway_up.set, stop=stop, grace_s=STOP_GRACE_S,
@@ -459,6 +461,7 @@ class Up:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             if pool is not None:
+                stacks.ALSO.remove(forward)
                 pool.terminate()
                 await asyncio.to_thread(pool.wait, WORKER_STOP_S)
         if self.failure is not None:

@@ -285,6 +285,13 @@ class WorkerPool:
             with contextlib.suppress(Exception):  # a forced stop: one failed kill must not spare the others
                 worker.kill()
 
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to every running worker (SIGUSR1: their stacks, after the parent's)."""
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signum)
+
     def registry(self) -> WorkerMetrics:
         return WorkerMetrics(self)
 

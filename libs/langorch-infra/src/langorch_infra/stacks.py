@@ -8,6 +8,7 @@ answers even when the loop is held by a call that never returns. The process goe
 
 :func:`langorch_infra.loops.run` installs both in every LangOrch process (``langorch up``, its workers,
 ``langorch serve``); a process whose loop does not run in its main thread keeps the default meaning of the signals.
+``langorch up`` passes SIGUSR1 on to its worker processes, which write theirs too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, TextIO
 
+ALSO: list[Callable[[], None]] = []
+"""Called after this process's stacks are written for SIGUSR1 (``langorch up`` passes the signal to its workers)."""
 TASKS_SIGNAL = signal.SIGUSR1
 THREADS_SIGNAL = signal.SIGUSR2
 FRAMES_PER_TASK = 40
@@ -73,6 +77,9 @@ def write_stacks(out: TextIO | None = None) -> None:
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a stream without a file descriptor
         faulthandler.dump_traceback(file=out, all_threads=True)
     out.flush()
+    for also in list(ALSO):
+        with contextlib.suppress(Exception):  # a helper's failure never stops the process that was asked
+            also()
 
 
 def install(loop: asyncio.AbstractEventLoop) -> bool:
