@@ -103,8 +103,12 @@ def test_sigusr1_writes_every_task_s_stack_and_the_process_goes_on(event_loop: s
 def test_sigusr2_answers_while_the_loop_is_held(tmp_path: Path) -> None:
     p = Process(tmp_path / "program.py", "hold", "uvloop")
     try:
-        text = p.written_after(signal.SIGUSR2, "holding_the_loop")
-        assert "most recent call first" in text, text
+        # "ready" is printed just before the loop is held: the first answers can come from before the call
+        deadline = time.monotonic() + DEADLINE_S
+        while "holding_the_loop" not in (text := p.written_after(signal.SIGUSR2, "most recent call first")):
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+        assert "in main" in text, text
         assert p.proc.poll() is None
     finally:
         p.stop()
@@ -129,3 +133,39 @@ def test_langorch_up_passes_sigusr1_on_to_its_workers(state_dir: Path) -> None:
     up.interrupt()
     assert up.proc.wait(timeout=60) == 0, up.text
     assert not _wait_gone(state_dir)
+
+
+def test_sigusr1_before_the_loop_runs_writes_the_threads_and_does_not_end_the_process(tmp_path: Path) -> None:
+    """A process still importing (``langorch`` commands and workers call ``answer_early`` first): SIGUSR1's default
+    would end it."""
+    program = tmp_path / "starting.py"
+    program.write_text(textwrap.dedent("""
+        import sys, time
+        from langorch_infra import stacks
+
+        def still_importing():
+            print("ready", flush=True)
+            time.sleep(3600)
+
+        stacks.answer_early()
+        still_importing()
+    """))
+    proc = subprocess.Popen([sys.executable, str(program)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    err: list[str] = []
+    assert proc.stderr is not None
+    threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True).start()
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + DEADLINE_S
+        while "still_importing" not in (text := "".join(err)):  # the handler runs in the main thread
+            assert proc.poll() is None, f"the process ended ({proc.returncode}):\n{text}"
+            assert time.monotonic() < deadline, text
+            time.sleep(0.02)
+        assert "no event loop yet" in text, text
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=DEADLINE_S)

@@ -92,6 +92,9 @@ def _root(
 ) -> None:
     _STATE.debug = debug
     _STATE.command = ctx.invoked_subcommand
+    from langorch_infra import stacks
+
+    stacks.answer_early()  # SIGUSR1 while starting: the stacks, not the end of the process
 
 
 # -- errors --------------------------------------------------------------------------------------------------

@@ -286,9 +286,10 @@ class WorkerPool:
                 worker.kill()
 
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to every running worker (SIGUSR1: their stacks, after the parent's)."""
+        """Send ``signum`` to every worker that is ready (SIGUSR1: their stacks, after the parent's); one still
+        starting may not answer it yet."""
         for worker in self.workers:
-            if worker.proc is not None and worker.proc.poll() is None:
+            if worker.proc is not None and worker.proc.poll() is None and worker.ready.is_set():
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.send_signal(signum)
 
@@ -439,6 +440,9 @@ def main() -> None:
     (started by ``langorch up``; the state directory and index only name the worker in a process list, the role
     says which services it imports ahead of its configuration)."""
     _die_with_parent(sys.argv)
+    from langorch_infra import stacks
+
+    stacks.answer_early()  # SIGUSR1 while importing: the stacks, not the end of the worker
     # stdout is the status pipe; whatever else prints goes to stderr with the logs
     status = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -82,6 +82,27 @@ def write_stacks(out: TextIO | None = None) -> None:
             also()
 
 
+def answer_early() -> bool:
+    """Until :func:`install` runs (a process still importing or starting its services), SIGUSR1 writes every
+    thread's stack instead of ending the process (the signal's default); SIGUSR2 as always. Call it first thing in
+    a process's entry point; False outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        signal.signal(TASKS_SIGNAL, _threads_now)
+        faulthandler.register(THREADS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    except (ValueError, AttributeError, OSError):
+        return False
+    return True
+
+
+def _threads_now(signum: int, frame: object) -> None:
+    sys.stderr.write(f"--- LangOrch process {os.getpid()}: no event loop yet; its threads ---\n")
+    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
 def install(loop: asyncio.AbstractEventLoop) -> bool:
     """Answer SIGUSR1 (tasks and threads, from ``loop``) and SIGUSR2 (threads, at once); False where signals cannot
     be handled (the loop is not in the main thread, or the platform has no such signals)."""
