@@ -169,3 +169,40 @@ def test_sigusr1_before_the_loop_runs_writes_the_threads_and_does_not_end_the_pr
     finally:
         proc.kill()
         proc.wait(timeout=DEADLINE_S)
+
+
+def test_sigusr1_after_the_loop_has_closed_does_not_end_the_process(tmp_path: Path) -> None:
+    """``langorch up`` stops its servers after its loop has closed: a SIGUSR1 then still writes the threads."""
+    program = tmp_path / "stopping.py"
+    program.write_text(textwrap.dedent("""
+        import asyncio, time
+        from langorch_infra import loops
+
+        async def main():
+            await asyncio.sleep(0)
+
+        def stopping_the_servers():
+            print("ready", flush=True)
+            time.sleep(3600)
+
+        loops.run(main())
+        stopping_the_servers()
+    """))
+    proc = subprocess.Popen([sys.executable, str(program)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    err: list[str] = []
+    assert proc.stderr is not None
+    threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True).start()
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + DEADLINE_S
+        while "stopping_the_servers" not in (text := "".join(err)):
+            assert proc.poll() is None, f"the process ended ({proc.returncode}):\n{text}"
+            assert time.monotonic() < deadline, text
+            time.sleep(0.02)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=DEADLINE_S)

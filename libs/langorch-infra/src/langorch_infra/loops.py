@@ -45,11 +45,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ValueError:
         main.close()  # never started: no "coroutine was never awaited" warning on top of the error
         raise
-    if loop == "uvloop":
-        import uvloop
+    from langorch_infra import stacks
 
-        return uvloop.run(_answering_for_stacks(main))
-    return asyncio.run(_answering_for_stacks(main))
+    try:
+        if loop == "uvloop":
+            import uvloop
+
+            return uvloop.run(_answering_for_stacks(main))
+        return asyncio.run(_answering_for_stacks(main))
+    finally:
+        stacks.answer_early()  # the closed loop gave SIGUSR1 back its default, which would end the process
 
 
 async def _answering_for_stacks(main: Coroutine[Any, Any, T]) -> T:
