@@ -9,6 +9,7 @@ nats-server started from the manifest's configuration)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import importlib.metadata
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +312,23 @@ def _nats_config_for_this_machine(objects: list[dict[str, Any]], tmp_path: Path,
     return path
 
 
+@contextlib.contextmanager
+def _nats_serving(conf: Path, monitor: int, tmp_path: Path) -> Iterator[httpx.Client]:
+    """A nats-server running ``conf`` as the StatefulSet's pod ``nats-0``, once its monitoring port answers: a client
+    of that port."""
+    with (tmp_path / "nats.log").open("wb") as log:
+        proc = subprocess.Popen([nats_server_binary(), "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "POD_NAME": "nats-0"})
+    try:
+        answered = asyncio.run(_answers(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", proc))
+        assert answered, (tmp_path / "nats.log").read_text()
+        with httpx.Client(base_url=f"http://127.0.0.1:{monitor}", timeout=5) as http:
+            yield http
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.integration
 def test_nats_probes_answer_from_a_nats_server_running_the_manifests_configuration(tmp_path: Path) -> None:
     """The StatefulSet's configuration (ports and paths moved onto this machine; the other cluster members do not
@@ -320,22 +339,13 @@ def test_nats_probes_answer_from_a_nats_server_running_the_manifests_configurati
     client, monitor = free_port(), free_port()
     conf = _nats_config_for_this_machine(objects, tmp_path, client, monitor)
     assert _port(container, "monitor") == 8222
-    with (tmp_path / "nats.log").open("wb") as log:
-        proc = subprocess.Popen([nats_server_binary(), "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "POD_NAME": "nats-0"})
-    try:
-        answered = asyncio.run(_answers(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", proc))
-        assert answered, (tmp_path / "nats.log").read_text()
-        with httpx.Client(base_url=f"http://127.0.0.1:{monitor}", timeout=5) as http:
-            for name in ("livenessProbe", "readinessProbe"):
-                path = container[name]["httpGet"]["path"]
-                assert http.get(path).status_code == 200, (name, path)
-            startup = http.get(container["startupProbe"]["httpGet"]["path"])
-            assert startup.status_code in (200, 503)  # served; 503 until the cluster's meta leader is elected
-            assert "status" in startup.json()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with _nats_serving(conf, monitor, tmp_path) as http:
+        for name in ("livenessProbe", "readinessProbe"):
+            path = container[name]["httpGet"]["path"]
+            assert http.get(path).status_code == 200, (name, path)
+        startup = http.get(container["startupProbe"]["httpGet"]["path"])
+        assert startup.status_code in (200, 503)  # served; 503 until the cluster's meta leader is elected
+        assert "status" in startup.json()
 
 
 @pytest.mark.integration
@@ -347,17 +357,8 @@ def test_the_documented_sync_line_makes_a_server_sync_every_write(tmp_path: Path
     text = conf.read_text()
     assert "# sync_interval: always" in text
     conf.write_text(text.replace("# sync_interval: always", "sync_interval: always"))
-    with (tmp_path / "nats.log").open("wb") as log:
-        proc = subprocess.Popen([nats_server_binary(), "--config", str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "POD_NAME": "nats-0"})
-    try:
-        answered = asyncio.run(_answers(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", proc))
-        assert answered, (tmp_path / "nats.log").read_text()
-        with httpx.Client(base_url=f"http://127.0.0.1:{monitor}", timeout=5) as http:
-            assert http.get("/varz").json()["jetstream"]["config"].get("sync_always") is True
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with _nats_serving(conf, monitor, tmp_path) as http:
+        assert http.get("/varz").json()["jetstream"]["config"].get("sync_always") is True
 
 
 @pytest.mark.unit

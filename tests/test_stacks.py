@@ -49,8 +49,11 @@ PROGRAM = textwrap.dedent("""
 
 
 class Process:
-    def __init__(self, program: Path, mode: str, event_loop: str) -> None:
-        program.write_text(PROGRAM)  # a file, so that its source lines can be shown
+    """``text`` run from the file ``program`` (so that its source lines can be shown), its standard error collected;
+    started once it has printed ``ready``."""
+
+    def __init__(self, program: Path, mode: str, event_loop: str, text: str = PROGRAM) -> None:
+        program.write_text(text)
         self.proc = subprocess.Popen([sys.executable, str(program), mode], cwd=ROOT, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, "LANGORCH_EVENT_LOOP": event_loop})
@@ -138,8 +141,7 @@ def test_langorch_up_passes_sigusr1_on_to_its_workers(state_dir: Path) -> None:
 def test_sigusr1_before_the_loop_runs_writes_the_threads_and_does_not_end_the_process(tmp_path: Path) -> None:
     """A process still importing (``langorch`` commands and workers call ``answer_early`` first): SIGUSR1's default
     would end it."""
-    program = tmp_path / "starting.py"
-    program.write_text(textwrap.dedent("""
+    p = Process(tmp_path / "starting.py", "", "uvloop", textwrap.dedent("""
         import sys, time
         from langorch_infra import stacks
 
@@ -150,31 +152,17 @@ def test_sigusr1_before_the_loop_runs_writes_the_threads_and_does_not_end_the_pr
         stacks.answer_early()
         still_importing()
     """))
-    proc = subprocess.Popen([sys.executable, str(program)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    err: list[str] = []
-    assert proc.stderr is not None
-    threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True).start()
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + DEADLINE_S
-        while "still_importing" not in (text := "".join(err)):  # the handler runs in the main thread
-            assert proc.poll() is None, f"the process ended ({proc.returncode}):\n{text}"
-            assert time.monotonic() < deadline, text
-            time.sleep(0.02)
+        text = p.written_after(signal.SIGUSR1, "still_importing")  # the handler runs in the main thread
         assert "no event loop yet" in text, text
-        assert proc.poll() is None
+        assert p.proc.poll() is None
     finally:
-        proc.kill()
-        proc.wait(timeout=DEADLINE_S)
+        p.stop()
 
 
 def test_sigusr1_after_the_loop_has_closed_does_not_end_the_process(tmp_path: Path) -> None:
     """``langorch up`` stops its servers after its loop has closed: a SIGUSR1 then still writes the threads."""
-    program = tmp_path / "stopping.py"
-    program.write_text(textwrap.dedent("""
+    p = Process(tmp_path / "stopping.py", "", "uvloop", textwrap.dedent("""
         import asyncio, time
         from langorch_infra import loops
 
@@ -188,21 +176,8 @@ def test_sigusr1_after_the_loop_has_closed_does_not_end_the_process(tmp_path: Pa
         loops.run(main())
         stopping_the_servers()
     """))
-    proc = subprocess.Popen([sys.executable, str(program)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    err: list[str] = []
-    assert proc.stderr is not None
-    threading.Thread(target=lambda: err.extend(proc.stderr or ()), daemon=True).start()
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + DEADLINE_S
-        while "stopping_the_servers" not in (text := "".join(err)):
-            assert proc.poll() is None, f"the process ended ({proc.returncode}):\n{text}"
-            assert time.monotonic() < deadline, text
-            time.sleep(0.02)
-        assert proc.poll() is None
+        p.written_after(signal.SIGUSR1, "stopping_the_servers")
+        assert p.proc.poll() is None
     finally:
-        proc.kill()
-        proc.wait(timeout=DEADLINE_S)
+        p.stop()
