@@ -477,10 +477,10 @@ class Up:
             await asyncio.sleep(SERVER_POLL_S)
             stop_if_cancelled()
             for server in list(self.embedded):
-                ended = _ended(server)
+                ended = server.ended()
                 if ended is None or stop.is_set():
                     continue
-                name, log = _server_name(server), _server_log(server)
+                name, log = server.name, server.log_file
                 now = time.monotonic()
                 recent = [t for t in restarts.get(id(server), []) if now - t < SERVER_RESTART_WINDOW_S]
                 if len(recent) >= SERVER_RESTARTS:
@@ -596,28 +596,6 @@ class Up:
 
     def _report(self, line: str) -> None:
         self.console.print(f"[yellow]{line}[/]", highlight=False)
-
-
-def _ended(server: Any) -> str | None:
-    """How an embedded server that ended without being stopped ended ("exited with code 1", "was killed by
-    SIGKILL", "is gone"); None while it runs."""
-    if hasattr(server, "exited"):
-        code = server.exited()
-        if code is None:
-            return None
-        if code < 0:
-            with contextlib.suppress(ValueError):
-                return f"was killed by {signal.Signals(-code).name}"
-        return f"exited with code {code}"
-    return "is gone" if server.gone() else None
-
-
-def _server_name(server: Any) -> str:
-    return "NATS server" if hasattr(server, "exited") else "PostgreSQL server"
-
-
-def _server_log(server: Any) -> Path:
-    return Path(server.log_file)
 
 
 def _start_again(server: Any) -> None:

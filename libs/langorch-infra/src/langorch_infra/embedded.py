@@ -20,6 +20,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -285,10 +286,18 @@ class EmbeddedNats:
         _wait_nats(self.port, 10, self.proc)
         return self
 
-    def exited(self) -> int | None:
-        """The exit status of a server that was started and has ended without being stopped (a negative status:
-        the signal that killed it); None while it runs, or when it was never started or was stopped."""
-        return None if self.proc is None else self.proc.poll()
+    name = "NATS server"
+
+    def ended(self) -> str | None:
+        """How a server that was started ended without being stopped ("exited with code 1", "was killed by
+        SIGKILL"); None while it runs, or when it was never started or was stopped."""
+        code = None if self.proc is None else self.proc.poll()
+        if code is None:
+            return None
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
 
     def terminate(self) -> None:
         """Ask the server to stop (SIGTERM) without waiting, so that it stops while something else does too."""
@@ -527,21 +536,25 @@ class EmbeddedPostgres:
             return int((self.pgdata / "postmaster.pid").read_text().splitlines()[0])
         return None
 
-    def gone(self) -> bool:
-        """Whether the server this object started has ended without being stopped (killed, crashed). The server is
-        not this process's child (``pg_ctl`` leaves it behind), so its process is looked up by id."""
+    name = "PostgreSQL server"
+
+    def ended(self) -> str | None:
+        """"is gone" when the server this object started has ended without being stopped (killed, crashed), else
+        None. The server is not this process's child (``pg_ctl`` leaves it behind), so its exit status is unknown
+        and its process is looked up by id."""
         pid = self.postmaster_pid
         if pid is None:
-            return False
+            return None
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return True
+            return "is gone"
         except PermissionError:  # alive, another user's (the server user when running as root)
-            return False
+            return None
         with contextlib.suppress(OSError, IndexError):  # Linux: a dead process not yet reaped by its parent
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        return False
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return "is gone"
+        return None
 
     def stop_orphan(self) -> None:
         """Stop a server still running on this data directory (left by a killed parent) before starting anew."""

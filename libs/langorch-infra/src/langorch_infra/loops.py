@@ -16,6 +16,8 @@ import os
 from collections.abc import Coroutine
 from typing import Any, Literal, TypeVar, cast
 
+from langorch_infra import stacks
+
 T = TypeVar("T")
 
 ENV = "LANGORCH_EVENT_LOOP"
@@ -45,8 +47,6 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ValueError:
         main.close()  # never started: no "coroutine was never awaited" warning on top of the error
         raise
-    from langorch_infra import stacks
-
     try:
         if loop == "uvloop":
             import uvloop
@@ -58,7 +58,5 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 async def _answering_for_stacks(main: Coroutine[Any, Any, T]) -> T:
-    from langorch_infra import stacks
-
     stacks.install(asyncio.get_running_loop())
     return await main

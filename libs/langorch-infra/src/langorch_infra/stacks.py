@@ -40,16 +40,17 @@ def awaiting(task: asyncio.Task[Any]) -> tuple[list[FrameType], object]:
     frames: list[FrameType] = []
     current: Any = task.get_coro()
     while current is not None and len(frames) < FRAMES_PER_TASK:
-        frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None) \
-            or getattr(current, "ag_frame", None)
-        if frame is None and not hasattr(current, "cr_await") and not hasattr(current, "gi_yieldfrom") \
-                and not hasattr(current, "ag_await"):
+        kind = next((k for k in _CHAINS if hasattr(current, k[1])), None)
+        if kind is None:
             return frames, current  # not a coroutine: the future (or other awaitable) it waits for
-        if frame is not None:
+        if (frame := getattr(current, kind[0], None)) is not None:
             frames.append(frame)
-        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None) \
-            or getattr(current, "ag_await", None)
+        current = getattr(current, kind[1], None)
     return frames, current
+
+
+_CHAINS = (("cr_frame", "cr_await"), ("gi_frame", "gi_yieldfrom"), ("ag_frame", "ag_await"))
+"""A coroutine's, a generator's and an async generator's frame and what it awaits."""
 
 
 def write_stacks(out: TextIO | None = None) -> None:
@@ -90,10 +91,14 @@ def answer_early() -> bool:
         return False
     try:
         signal.signal(TASKS_SIGNAL, _threads_now)
-        faulthandler.register(THREADS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+        _threads_on_signal()
     except (ValueError, AttributeError, OSError):
         return False
     return True
+
+
+def _threads_on_signal() -> None:
+    faulthandler.register(THREADS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
 
 
 def _threads_now(signum: int, frame: object) -> None:
@@ -110,7 +115,7 @@ def install(loop: asyncio.AbstractEventLoop) -> bool:
         return False
     try:
         loop.add_signal_handler(TASKS_SIGNAL, write_stacks)
-        faulthandler.register(THREADS_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+        _threads_on_signal()
     except (NotImplementedError, RuntimeError, ValueError, AttributeError, OSError):
         return False
     return True
